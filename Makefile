@@ -1,0 +1,39 @@
+# release-watcher: set-up, tests and the demo. `make test` and `make demo` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint typecheck unit integration bench consul venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+consul:
+	@scripts/install-consul >/dev/null
+
+lint: $(STAMP)
+	$(BIN)/ruff check watcher tests bench scripts
+	$(BIN)/ruff format --check watcher tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) consul lint typecheck
+	scripts/install-system-deps
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/pytest $(PYTEST_ARGS)
+
+demo: $(STAMP) consul
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python -m watcher.demo
+
+bench: $(STAMP) consul
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,506 @@
+"""The configuration file, parsed once into frozen typed objects; every error names its path."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from watcher.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/watcher/watcher.yaml")
+HOOK_PHASES = ("post_release", "post_symlink", "validate", "post_abort")
+PREFETCH_MODES = ("extract", "download", "off")
+VALIDATE_FAILURE_MODES = ("rollback", "hold")
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+               "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    """How to reach the local Consul agent (config file first, then the CONSUL_* variables)."""
+
+    address: str = "127.0.0.1:8500"
+    scheme: str = "http"
+    token: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+    timeout: float = 10.0
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.address}"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where artifacts live."""
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Daemon-wide knobs."""
+
+    state_dir: str = "/var/lib/watcher"
+    session_ttl: float = 15.0
+    listen: str | None = "127.0.0.1:9473"
+    history_keep: int = 50
+    undecided_after: float = 30.0
+    handled_events_keep: int = 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-app timeouts, in seconds."""
+
+    download: float = 900.0
+    hook: float = 300.0
+    prepare: float = 600.0
+    apply: float = 600.0
+    lock: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-app archive limits (anything larger is refused as a bomb)."""
+
+    max_members: int = 200_000
+    max_bytes: int = 20 * 1024**3
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One app on this host."""
+
+    name: str
+    root: str
+    keep_releases: int = 5
+    user: str | None = None
+    group: str | None = None
+    umask: int = 0o022
+    prefetch: str = "extract"
+    on_validate_failure: str = "rollback"
+    shared: tuple[str, ...] = ()
+    artifact_cache_bytes: int = 5 * 1024**3
+    aborted_staging_max_age: float = 7 * 86400.0
+    hooks: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def app_dir(self) -> Path:
+        """``<root>/<app>``: everything of this app on this host lives below it."""
+        return Path(self.root) / self.name
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one watcher."""
+
+    source: str
+    node: str | None
+    kv_prefix: str
+    consul: ConsulSettings
+    s3: S3Settings
+    daemon: DaemonSettings
+    apps: Mapping[str, AppConfig]
+
+    def app(self, name: str) -> AppConfig:
+        try:
+            return self.apps[name]
+        except KeyError:
+            known = ", ".join(sorted(self.apps)) or "none"
+            raise ConfigError(self.source, [f"apps.{name}: no such app (configured: {known})"]
+                              ) from None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the parsed YAML, collecting every problem as ``path: message``."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def section(self, data: Any, path: str, known: set[str]) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            self.fail(path or "<top>", f"must be a mapping, got {_show(data)}")
+            return {}
+        for key in data:
+            if not isinstance(key, str) or key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.fail(where, f"unknown key (known: {', '.join(sorted(known))})")
+        return data
+
+    def get(self, data: dict[str, Any], key: str, path: str, default: T,
+            convert: Callable[[Any], T], expected: str) -> T:
+        if key not in data or data[key] is None:
+            return default
+        try:
+            return convert(data[key])
+        except (TypeError, ValueError):
+            self.fail(_join(path, key), f"must be {expected}, got {_show(data[key])}")
+            return default
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _int_at_least(minimum: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError
+        return value
+    return convert
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError
+
+
+def parse_size(value: Any) -> int:
+    """``1048576``, ``"512M"``, ``"2GiB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds (> 0)."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if not match:
+            raise ValueError
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError
+    if seconds <= 0:
+        raise ValueError
+    return seconds
+
+
+def _umask(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and 0 <= value <= 0o777:
+        return value
+    raise ValueError
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError
+        return str(value)
+    return convert
+
+
+def _address(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(https?://)?[^\s/]+(:\d+)?/?", value):
+        raise ValueError
+    return value
+
+
+def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
+    """A phase's hooks: a path, or a list whose items are a path or an argv list."""
+    if data is None:
+        return ()
+    items = data if isinstance(data, list) else [data]
+    hooks: list[tuple[str, ...]] = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(data, list) else path
+        if isinstance(item, str) and item:
+            argv: tuple[str, ...] = (item,)
+        elif (isinstance(item, list) and item
+              and all(isinstance(a, str) and a for a in item)):
+            argv = tuple(item)
+        else:
+            r.fail(where, f"must be an executable path or a list of arguments, got {_show(item)}")
+            continue
+        if not os.path.isabs(argv[0]):
+            r.fail(where, f'must be an absolute path to an executable, got "{argv[0]}"')
+            continue
+        hooks.append(argv)
+    return tuple(hooks)
+
+
+def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
+    path = f"apps.{name}"
+    if not isinstance(name, str) or not APP_NAME_RE.match(name):
+        r.fail(path, "app names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+        return None
+    d = r.section(data, path, {"root", "keep_releases", "user", "group", "umask", "prefetch",
+                               "on_validate_failure", "shared", "artifact_cache_bytes",
+                               "aborted_staging_max_age", "hooks", "timeouts", "limits"})
+    if data is not None and not isinstance(data, dict):
+        return None
+    root = r.get(d, "root", path, "", _string, "an absolute directory path")
+    if "root" not in d:
+        r.fail(f"{path}.root", "is required")
+    elif root and not os.path.isabs(root):
+        r.fail(f"{path}.root", f'must be an absolute directory path, got "{root}"')
+    shared_raw = d.get("shared") or []
+    shared: list[str] = []
+    if not isinstance(shared_raw, list):
+        r.fail(f"{path}.shared", f"must be a list of relative paths, got {_show(shared_raw)}")
+    else:
+        for i, item in enumerate(shared_raw):
+            parts = Path(item).parts if isinstance(item, str) and item else ()
+            if not parts or os.path.isabs(item) or ".." in parts or parts[0] == ".watcher":
+                r.fail(f"{path}.shared[{i}]",
+                       f"must be a relative path inside the release, got {_show(item)}")
+            else:
+                shared.append(os.path.normpath(item))
+    hooks_d = r.section(d.get("hooks"), f"{path}.hooks", set(HOOK_PHASES))
+    hooks = {phase: _hook_list(r, hooks_d.get(phase), f"{path}.hooks.{phase}")
+             for phase in HOOK_PHASES}
+    t = r.section(d.get("timeouts"), f"{path}.timeouts",
+                  {"download", "hook", "prepare", "apply", "lock"})
+    tp = f"{path}.timeouts"
+    duration = "a duration (seconds, or like \"30s\", \"5m\")"
+    timeouts = Timeouts(
+        download=r.get(t, "download", tp, Timeouts.download, parse_duration, duration),
+        hook=r.get(t, "hook", tp, Timeouts.hook, parse_duration, duration),
+        prepare=r.get(t, "prepare", tp, Timeouts.prepare, parse_duration, duration),
+        apply=r.get(t, "apply", tp, Timeouts.apply, parse_duration, duration),
+        lock=r.get(t, "lock", tp, Timeouts.lock, parse_duration, duration),
+    )
+    lim = r.section(d.get("limits"), f"{path}.limits", {"max_members", "max_bytes"})
+    lp = f"{path}.limits"
+    limits = Limits(
+        max_members=r.get(lim, "max_members", lp, Limits.max_members, _int_at_least(1),
+                          "an integer >= 1"),
+        max_bytes=r.get(lim, "max_bytes", lp, Limits.max_bytes, parse_size,
+                        'a size (bytes, or like "512M", "2GiB")'),
+    )
+    return AppConfig(
+        name=name,
+        root=root,
+        keep_releases=r.get(d, "keep_releases", path, 5, _int_at_least(1), "an integer >= 1"),
+        user=r.get(d, "user", path, None, _string, "a user name"),
+        group=r.get(d, "group", path, None, _string, "a group name"),
+        umask=r.get(d, "umask", path, 0o022, _umask, 'an octal umask like "0022"'),
+        prefetch=r.get(d, "prefetch", path, "extract", _choice(PREFETCH_MODES),
+                       "one of " + ", ".join(PREFETCH_MODES)),
+        on_validate_failure=r.get(d, "on_validate_failure", path, "rollback",
+                                  _choice(VALIDATE_FAILURE_MODES),
+                                  "one of " + ", ".join(VALIDATE_FAILURE_MODES)),
+        shared=tuple(shared),
+        artifact_cache_bytes=r.get(d, "artifact_cache_bytes", path, 5 * 1024**3, parse_size,
+                                   'a size (bytes, or like "512M", "2GiB")'),
+        aborted_staging_max_age=r.get(d, "aborted_staging_max_age", path, 7 * 86400.0,
+                                      parse_duration, duration),
+        hooks=hooks,
+        timeouts=timeouts,
+        limits=limits,
+    )
+
+
+def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The Consul CLI's environment variables, with their usual meaning."""
+    out: dict[str, Any] = {}
+    if env.get("CONSUL_HTTP_ADDR"):
+        out["address"] = env["CONSUL_HTTP_ADDR"]
+    if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true", "yes"):
+        out["scheme"] = "https"
+    if env.get("CONSUL_HTTP_TOKEN"):
+        out["token"] = env["CONSUL_HTTP_TOKEN"]
+    elif env.get("CONSUL_HTTP_TOKEN_FILE"):
+        out["token_file"] = env["CONSUL_HTTP_TOKEN_FILE"]
+    for var, key in (("CONSUL_CACERT", "ca_file"), ("CONSUL_CLIENT_CERT", "cert_file"),
+                     ("CONSUL_CLIENT_KEY", "key_file")):
+        if env.get(var):
+            out[key] = env[var]
+    if env.get("CONSUL_HTTP_SSL_VERIFY"):
+        out["verify"] = env["CONSUL_HTTP_SSL_VERIFY"].lower() not in ("0", "false", "no")
+    return out
+
+
+def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSettings:
+    d = r.section(data, "consul", {"address", "token", "token_file", "ca_file", "cert_file",
+                                   "key_file", "verify", "timeout"})
+    merged: dict[str, Any] = _consul_from_env(env)
+    # The file is like the CLI's flags: an explicit value there wins over the environment.
+    for key in ("address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify",
+                "timeout"):
+        if d.get(key) is not None:
+            merged[key] = d[key]
+            if key == "token":
+                merged.pop("token_file", None)
+            if key == "token_file":
+                merged.pop("token", None)
+    address = r.get(merged, "address", "consul", "127.0.0.1:8500", _address,
+                    'an address like "127.0.0.1:8500" or "https://host:8501"')
+    scheme = str(merged.get("scheme", "http"))
+    if address.startswith(("http://", "https://")):
+        scheme, address = address.split("://", 1)
+    address = address.rstrip("/")
+    token = r.get(merged, "token", "consul", None, _string, "a token string")
+    token_file = r.get(merged, "token_file", "consul", None, _string, "a file path")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip() or None
+        except OSError as exc:
+            r.fail("consul.token_file", f"cannot read {token_file}: {exc.strerror}")
+    files: dict[str, str | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        files[key] = r.get(merged, key, "consul", None, _string, "a file path")
+        if files[key] and not os.access(str(files[key]), os.R_OK):
+            r.fail(f"consul.{key}", f"cannot read {files[key]}")
+    if bool(files["cert_file"]) != bool(files["key_file"]):
+        r.fail("consul", "cert_file and key_file must be given together")
+    return ConsulSettings(
+        address=address, scheme=scheme, token=token,
+        ca_file=files["ca_file"], cert_file=files["cert_file"], key_file=files["key_file"],
+        verify=r.get(merged, "verify", "consul", True, _bool, "true or false"),
+        timeout=r.get(merged, "timeout", "consul", 10.0, parse_duration,
+                      'a duration like "10s"'),
+    )
+
+
+def parse_config(data: Any, *, source: str = "<config>",
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Validate parsed YAML; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    r = _Reader()
+    top = r.section(data, "", {"node", "kv_prefix", "consul", "s3", "daemon", "apps"})
+    if data is None:
+        r.fail("<top>", "the file is empty")
+    node = r.get(top, "node", "", None, _string, "a node name")
+    if node is not None and not NODE_NAME_RE.match(node):
+        r.fail("node", f'must match [A-Za-z0-9][A-Za-z0-9._-]*, got "{node}"')
+    kv_prefix = r.get(top, "kv_prefix", "", "watcher", _string, "a KV path").strip("/")
+    if not KV_PREFIX_RE.match(kv_prefix or "-"):
+        r.fail("kv_prefix", f'must be a KV path like "watcher", got "{kv_prefix}"')
+    consul = _read_consul(r, top.get("consul"), env)
+    s3d = r.section(top.get("s3"), "s3", {"bucket", "prefix", "region", "endpoint_url"})
+    if "s3" not in top or "bucket" not in s3d:
+        r.fail("s3.bucket", "is required")
+    s3 = S3Settings(
+        bucket=r.get(s3d, "bucket", "s3", "", _string, "a bucket name"),
+        prefix=r.get(s3d, "prefix", "s3", "", _text, "a key prefix").strip("/"),
+        region=r.get(s3d, "region", "s3", None, _string, "a region name"),
+        endpoint_url=r.get(s3d, "endpoint_url", "s3", None, _string, "a URL"),
+    )
+    dd = r.section(top.get("daemon"), "daemon", {"state_dir", "session_ttl", "listen",
+                                                 "history_keep", "undecided_after",
+                                                 "handled_events_keep"})
+    listen = DaemonSettings.listen
+    if "listen" in dd:
+        listen = None if dd["listen"] in (None, False, "") else r.get(
+            dd, "listen", "daemon", DaemonSettings.listen, _address, 'an address like '
+            '"127.0.0.1:9473", or null to disable')
+    daemon = DaemonSettings(
+        state_dir=r.get(dd, "state_dir", "daemon", DaemonSettings.state_dir, _string,
+                        "a directory path"),
+        session_ttl=r.get(dd, "session_ttl", "daemon", 15.0, parse_duration,
+                          'a duration like "15s"'),
+        listen=listen,
+        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(1),
+                           "an integer >= 1"),
+        undecided_after=r.get(dd, "undecided_after", "daemon", 30.0, parse_duration,
+                              'a duration like "30s"'),
+        handled_events_keep=r.get(dd, "handled_events_keep", "daemon", 1024,
+                                  _int_at_least(16), "an integer >= 16"),
+    )
+    if not 1 <= daemon.session_ttl <= 86400:
+        r.fail("daemon.session_ttl", "must be between 1s and 24h")
+    apps_raw = top.get("apps")
+    apps: dict[str, AppConfig] = {}
+    if not isinstance(apps_raw, dict) or not apps_raw:
+        r.fail("apps", "must be a mapping with at least one app")
+    else:
+        for name, app_data in apps_raw.items():
+            app = _read_app(r, name, app_data)
+            if app is not None:
+                apps[app.name] = app
+    if r.problems:
+        raise ConfigError(source, r.problems)
+    return Config(source=source, node=node, kv_prefix=kv_prefix, consul=consul, s3=s3,
+                  daemon=daemon, apps=apps)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)."""
+    env = os.environ if env is None else env
+    source = str(path or env.get("WATCHER_CONFIG") or DEFAULT_PATH)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(source, [f"cannot read: {reason}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(source, [f"{where}: invalid YAML: {problem}"]) from None
+    return parse_config(data, source=source, env=env)
