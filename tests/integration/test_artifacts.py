@@ -1,0 +1,350 @@
+"""Artifact fetch against the real S3 test server, directly and through a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.faulty_s3 import FaultyS3Proxy
+from tests.support.s3server import free_port
+from watcher.artifacts import ArtifactCache
+from watcher.config import S3Settings
+from watcher.errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactRefused,
+    S3NotFound,
+    S3Unavailable,
+)
+from watcher.records import ArtifactRecord
+from watcher.s3 import S3Store
+
+SIZE = 1024 * 1024 + 123  # several read chunks, odd size
+
+
+def make_store(settings: S3Settings, endpoint_url: str | None = None) -> S3Store:
+    if endpoint_url is not None:
+        settings = dataclasses.replace(settings, endpoint_url=endpoint_url)
+    return S3Store(settings, connect_timeout=1.0, read_timeout=3.0, retry_deadline=3.0)
+
+
+def publish(
+    store: S3Store, tmp_path: Path, artifact_id: str = "master-15eb13af", size: int = SIZE
+) -> tuple[ArtifactRecord, bytes]:
+    data = os.urandom(size)
+    src = tmp_path / f"{artifact_id}.tar.gz"
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    key = store.key_for("web", artifact_id, "tar.gz")
+    store.upload_file(src, key, sha256=sha)
+    record = ArtifactRecord(id=artifact_id, url=store.url_for(key), sha256=sha, size=size)
+    return record, data
+
+
+def dir_listing(cache: ArtifactCache) -> list[str]:
+    return sorted(p.name for p in cache.dir.iterdir()) if cache.dir.exists() else []
+
+
+@pytest.fixture
+def store(s3_settings: S3Settings) -> S3Store:
+    """A store on a fresh bucket of the real S3 test server, with short timeouts."""
+    return make_store(s3_settings)
+
+
+@pytest.fixture
+def proxy(s3_settings: S3Settings) -> Iterator[FaultyS3Proxy]:
+    """A fault-injecting proxy in front of the S3 test server."""
+    assert s3_settings.endpoint_url
+    with FaultyS3Proxy(s3_settings.endpoint_url) as running:
+        yield running
+
+
+def proxied_cache(
+    s3_settings: S3Settings, proxy: FaultyS3Proxy, app_dir: Path, timeout: float = 10.0
+) -> ArtifactCache:
+    return ArtifactCache(
+        app_dir, make_store(s3_settings, proxy.endpoint_url), max_bytes=100 * SIZE, timeout=timeout
+    )
+
+
+class TestS3Store:
+    def test_upload_reports_progress_and_stores_sha_metadata(
+        self, store: S3Store, tmp_path: Path
+    ) -> None:
+        src = tmp_path / "a.tar.gz"
+        data = os.urandom(300_000)
+        src.write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        key = store.key_for("web", "master-15eb13af", "tar.gz")
+        seen: list[int] = []
+        store.upload_file(src, key, sha256=sha, progress=seen.append)
+        assert key == "artifacts/web/master-15eb13af.tar.gz"
+        assert seen and seen[-1] == len(data) and seen == sorted(seen)
+        head = store.head(key)
+        assert head is not None
+        assert head["size"] == len(data) and head["sha256"] == sha
+
+    def test_head_of_missing_key_is_none(self, store: S3Store) -> None:
+        assert store.head("artifacts/web/nothing.tar.gz") is None
+
+    def test_missing_bucket_is_not_found(self, s3_settings: S3Settings) -> None:
+        other = make_store(dataclasses.replace(s3_settings, bucket="no-such-bucket-here"))
+        with pytest.raises(S3NotFound, match="no-such-bucket-here"):
+            other.open_range("artifacts/web/x.tar.gz")
+
+
+class TestFetch:
+    def test_round_trip_gives_a_verified_file(self, store: S3Store, tmp_path: Path) -> None:
+        record, data = publish(store, tmp_path)
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=10 * SIZE, timeout=10)
+        assert not cache.is_cached(record)
+        path = cache.fetch(record)
+        name = f"master-15eb13af-{record.sha256[:12]}.tar.gz"
+        assert path == tmp_path / "app" / "artifacts" / name
+        assert path.read_bytes() == data
+        assert cache.is_cached(record)
+        assert dir_listing(cache) == [path.name]  # no partial left behind
+
+    def test_cached_artifact_is_not_downloaded_again(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        cache.fetch(record)
+        before = len(proxy.requests)
+        assert cache.fetch(record) == cache.path_for(record)
+        assert len(proxy.requests) == before
+
+    def test_wrong_sha256_is_refused_and_nothing_kept(self, store: S3Store, tmp_path: Path) -> None:
+        record, data = publish(store, tmp_path)
+        wrong = dataclasses.replace(record, sha256="0" * 64)
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=10 * SIZE, timeout=10)
+        with pytest.raises(ArtifactIntegrityError) as info:
+            cache.fetch(wrong)
+        assert "0" * 64 in str(info.value)
+        assert hashlib.sha256(data).hexdigest() in str(info.value)
+        assert dir_listing(cache) == []
+        assert not cache.is_cached(wrong)
+
+    @pytest.mark.parametrize("delta", [-1, +1, +SIZE])
+    def test_wrong_size_is_refused_and_nothing_kept(
+        self, store: S3Store, tmp_path: Path, delta: int
+    ) -> None:
+        record, _ = publish(store, tmp_path)
+        wrong = dataclasses.replace(record, size=record.size + delta)
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=10 * SIZE, timeout=10)
+        with pytest.raises(ArtifactIntegrityError, match="size mismatch") as info:
+            cache.fetch(wrong)
+        assert str(wrong.size) in str(info.value) and str(record.size) in str(info.value)
+        assert dir_listing(cache) == []
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "s3://some-other-bucket/artifacts/web/master-15eb13af.tar.gz",
+            "s3://{bucket}/elsewhere/web/master-15eb13af.tar.gz",
+            "s3://{bucket}/artifacts/../secrets/master-15eb13af.tar.gz",
+            "s3://{bucket}/artifactsx/web/master-15eb13af.tar.gz",
+        ],
+    )
+    def test_url_outside_bucket_or_prefix_is_refused_before_any_request(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path, url: str
+    ) -> None:
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        record = ArtifactRecord(
+            id="master-15eb13af",
+            url=url.format(bucket=s3_settings.bucket),
+            sha256="a" * 64,
+            size=10,
+        )
+        with pytest.raises(ArtifactRefused, match=r"outside|'\.\.'"):
+            cache.fetch(record)
+        assert proxy.requests == []
+        assert dir_listing(cache) == []
+
+    def test_missing_key_is_not_found(self, store: S3Store, tmp_path: Path) -> None:
+        key = store.key_for("web", "master-deadbeef", "tar.gz")
+        record = ArtifactRecord(
+            id="master-deadbeef", url=store.url_for(key), sha256="a" * 64, size=10
+        )
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=10 * SIZE, timeout=10)
+        with pytest.raises(S3NotFound, match=key):
+            cache.fetch(record)
+        assert dir_listing(cache) == []
+
+    def test_unreachable_endpoint_fails_within_the_deadline(
+        self, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        endpoint = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+        store = make_store(s3_settings, endpoint)
+        key = store.key_for("web", "master-15eb13af", "tar.gz")
+        record = ArtifactRecord(
+            id="master-15eb13af", url=store.url_for(key), sha256="a" * 64, size=10
+        )
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=10 * SIZE, timeout=1.5)
+        started = time.monotonic()
+        with pytest.raises(S3Unavailable) as info:
+            cache.fetch(record)
+        assert time.monotonic() - started < 5
+        assert endpoint in str(info.value) and key in str(info.value)
+        assert not cache.path_for(record).exists()
+
+    def test_partial_left_by_an_earlier_process_is_resumed_with_a_range(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        cache.dir.mkdir(parents=True)
+        cache.partial_path_for(record).write_bytes(data[:400_000])
+        assert cache.fetch(record).read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert [r.headers.get("range") for r in gets] == ["bytes=400000-"]
+
+    def test_corrupt_inherited_partial_is_discarded_and_downloaded_again(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        cache.dir.mkdir(parents=True)
+        cache.partial_path_for(record).write_bytes(b"\0" * 400_000)
+        assert cache.fetch(record).read_bytes() == data
+        gets = [r.headers.get("range") for r in proxy.requests if r.method == "GET"]
+        assert gets == ["bytes=400000-", None]
+
+    def test_concurrent_fetches_of_one_artifact_share_one_download(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        caches = [proxied_cache(s3_settings, proxy, tmp_path / "app") for _ in range(4)]
+        results: list[Path | BaseException] = []
+
+        def run(cache: ArtifactCache) -> None:
+            try:
+                results.append(cache.fetch(record))
+            except BaseException as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in caches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert results == [caches[0].path_for(record)] * 4
+        assert caches[0].path_for(record).read_bytes() == data
+        assert len([r for r in proxy.requests if r.method == "GET"]) == 1
+
+    def test_fetch_evicts_older_artifacts_over_budget_but_never_the_new_one(
+        self, store: S3Store, tmp_path: Path
+    ) -> None:
+        first, _ = publish(store, tmp_path, "master-11111111", size=1000)
+        second, _ = publish(store, tmp_path, "master-22222222", size=1000)
+        third, _ = publish(store, tmp_path, "master-33333333", size=1000)
+        cache = ArtifactCache(tmp_path / "app", store, max_bytes=2000, timeout=10)
+        cache.fetch(first)
+        os.utime(cache.path_for(first), (time.time() - 100, time.time() - 100))
+        cache.fetch(second)
+        cache.fetch(third, protect={first.id})
+        assert cache.is_cached(first) and cache.is_cached(third)
+        assert not cache.is_cached(second)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
+def test_disk_full_while_downloading_is_a_clear_error(store: S3Store, tmp_path: Path) -> None:
+    record, _ = publish(store, tmp_path)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(app_dir)], check=True)
+    try:
+        cache = ArtifactCache(app_dir, store, max_bytes=10 * SIZE, timeout=10)
+        with pytest.raises(ArtifactError, match="disk full while downloading master-15eb13af"):
+            cache.fetch(record)
+        assert dir_listing(cache) == []
+    finally:
+        subprocess.run(["umount", str(app_dir)], check=True)
+
+
+class TestFaults:
+    def test_500s_then_success_gives_a_verified_file(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(500, times=3)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        assert cache.fetch(record).read_bytes() == data
+        faults = [r.fault for r in proxy.requests if r.method == "GET"]
+        assert faults == ["status", "status", "status", ""]
+
+    def test_slowdown_is_retried(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.slowdown(times=2)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        assert cache.fetch(record).read_bytes() == data
+        assert [r.fault for r in proxy.requests] == ["slowdown", "slowdown", ""]
+
+    def test_reset_mid_body_resumes_with_a_range_request(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.reset_mid_body(times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        path = cache.fetch(record)
+        assert path.read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert gets[0].fault == "reset" and "range" not in gets[0].headers
+        assert len(gets) == 2
+        assert gets[1].headers.get("range") == f"bytes={SIZE // 2}-"
+        assert dir_listing(cache) == [path.name]
+
+    def test_always_corrupt_is_an_integrity_error_and_no_partial_left(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with pytest.raises(ArtifactIntegrityError, match=f"expected {record.sha256}, got "):
+            cache.fetch(record)
+        assert dir_listing(cache) == []
+
+    def test_persistent_failure_fails_cleanly_after_the_deadline(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(503, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app", timeout=1.5)
+        started = time.monotonic()
+        with pytest.raises(S3Unavailable, match="gave up after") as info:
+            cache.fetch(record)
+        took = time.monotonic() - started
+        assert took < 4.0
+        assert record.url in str(info.value)
+        assert len([r for r in proxy.requests if r.method == "GET"]) >= 2
+        assert not cache.path_for(record).exists()
+        assert dir_listing(cache) == []
+
+    def test_resets_then_500s_still_converge_on_a_verified_file(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.reset_mid_body(times=2)
+        proxy.fail(500, times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        assert cache.fetch(record).read_bytes() == data
+        ranges = [r.headers.get("range") for r in proxy.requests if r.method == "GET"]
+        half = SIZE // 2
+        assert ranges == [
+            None,
+            f"bytes={half}-",
+            f"bytes={half + (SIZE - half) // 2}-",
+            f"bytes={half + (SIZE - half) // 2}-",
+        ]

@@ -1,0 +1,327 @@
+"""The S3 boundary: the only module importing boto3/botocore; maps their errors to watcher's."""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import boto3
+import botocore.exceptions as bexc
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from watcher.config import S3Settings
+from watcher.errors import (
+    ArtifactError,
+    ArtifactRefused,
+    S3AccessDenied,
+    S3Error,
+    S3NotFound,
+    S3Unavailable,
+)
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 256 * 1024
+_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "403",
+        "Forbidden",
+    }
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+        "429",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+    }
+)
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+
+
+def map_s3_error(exc: BaseException, *, endpoint: str, where: str) -> S3Error:
+    """Translate a botocore/urllib3 error into the watcher tree (the caller raises ``from``).
+
+    ``where`` names what was being done, e.g. ``"GET s3://bucket/key"``.
+    """
+    if isinstance(exc, S3Error):
+        return exc
+    if isinstance(exc, Boto3Error) and isinstance(exc.__context__, Exception):
+        # the transfer manager wraps the real failure (S3UploadFailedError ...)
+        return map_s3_error(exc.__context__, endpoint=endpoint, where=where)
+    if isinstance(exc, bexc.ClientError):
+        err = exc.response.get("Error", {}) or {}
+        meta = exc.response.get("ResponseMetadata", {}) or {}
+        code = str(err.get("Code", "") or "")
+        status = int(meta.get("HTTPStatusCode", 0) or 0)
+        message = str(err.get("Message", "") or code or f"HTTP {status}")
+        detail = f"{where} at {endpoint}: {code or status}: {message}"
+        if code in _ACCESS_CODES or status == 403:
+            return S3AccessDenied(f"access denied: {detail}")
+        if code in _MISSING_CODES or status == 404:
+            return S3NotFound(f"not found: {detail}")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return S3Unavailable(f"S3 unavailable: {detail}")
+        return S3Error(f"S3 refused the request: {detail}")
+    if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
+        return S3AccessDenied(f"no usable AWS credentials for {where} at {endpoint}: {exc}")
+    if isinstance(exc, bexc.IncompleteReadError):
+        return S3Unavailable(f"S3 unavailable: truncated body for {where} at {endpoint}: {exc}")
+    if isinstance(exc, bexc.BotoCoreError | OSError | ConnectionError):
+        # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
+        # ResponseStreamingError, urllib3 protocol errors surfaced as OSError ...
+        return S3Unavailable(f"S3 unavailable: {where} at {endpoint}: {type(exc).__name__}: {exc}")
+    return S3Error(f"S3 request failed: {where} at {endpoint}: {type(exc).__name__}: {exc}")
+
+
+class S3Store:
+    """One bucket/prefix of an S3-compatible store.
+
+    Every request has explicit connect/read timeouts; botocore's own retries are off
+    (``total_max_attempts=1``): single calls (``head``, ``upload_file``, ``ensure_bucket``)
+    are retried here on transient errors within ``retry_deadline``; a streamed GET
+    (``open_range``) is never retried here, its caller resumes with a range request.
+    """
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        retry_deadline: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix.strip("/")
+        self.retry_deadline = retry_deadline
+        self.endpoint = settings.endpoint_url or (
+            f"s3.{settings.region}.amazonaws.com" if settings.region else "s3.amazonaws.com"
+        )
+        config = BotoConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"mode": "standard", "total_max_attempts": 1},
+            s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+            region_name=settings.region or None,
+            # Only compute/verify checksums where S3 requires them: S3-compatible stores
+            # differ in their support for the newer flexible checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=settings.endpoint_url or None,
+            region_name=settings.region or None,
+            config=config,
+        )
+
+    # ---- names -------------------------------------------------------------------------
+
+    def key_for(self, app: str, artifact_id: str, ext: str) -> str:
+        """``<prefix>/<app>/<id>.<ext>``."""
+        name = f"{app}/{artifact_id}.{ext.lstrip('.')}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def parse_url(self, url: str) -> str:
+        """The key of ``s3://<bucket>/<key>``; ArtifactRefused unless bucket and prefix match."""
+        if not isinstance(url, str) or not url.startswith("s3://"):
+            raise ArtifactRefused(f"artifact url {url!r} is not s3://bucket/key")
+        bucket, sep, key = url[len("s3://") :].partition("/")
+        if not sep or not key:
+            raise ArtifactRefused(f"artifact url {url!r} has no object key")
+        if bucket != self.bucket:
+            raise ArtifactRefused(
+                f"artifact url {url!r} is outside the configured bucket {self.bucket!r}"
+            )
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
+            raise ArtifactRefused(f"artifact url {url!r} has an empty, '.' or '..' key segment")
+        if posixpath.normpath(key) != key:
+            raise ArtifactRefused(f"artifact url {url!r} has a non-normal key")
+        if self.prefix and not key.startswith(self.prefix + "/"):
+            raise ArtifactRefused(
+                f"artifact url {url!r} is outside the configured prefix "
+                f"s3://{self.bucket}/{self.prefix}/"
+            )
+        return key
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, where: str) -> NoReturn:
+        raise map_s3_error(exc, endpoint=self.endpoint, where=where) from exc
+
+    def _call(self, where: str, fn: Callable[[], T]) -> T:
+        """Run one request, mapping its errors; retried on transient errors to the deadline."""
+
+        def once() -> T:
+            try:
+                return fn()
+            except S3Error:
+                raise
+            except Exception as exc:
+                self._fail(exc, where)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(S3Unavailable),
+            stop=stop_before_delay(self.retry_deadline),
+            wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.3),
+            reraise=True,
+        )
+        return retrying(once)
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """``{"size", "sha256" (object metadata, "" when absent), "etag"}``; None if missing."""
+        where = f"HEAD {self.url_for(key)}"
+        try:
+            resp = self._call(where, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except S3NotFound:
+            return None
+        meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
+        return {
+            "size": int(resp.get("ContentLength", 0)),
+            "sha256": str(meta.get("sha256", "")),
+            "etag": str(resp.get("ETag", "")).strip('"'),
+        }
+
+    def open_range(self, key: str, start: int = 0) -> tuple[Iterator[bytes], int]:
+        """Stream the object from byte ``start``: ``(chunks, total object size)``.
+
+        Not retried. Errors while iterating (reset, timeout, truncated body) raise
+        S3Unavailable; the iterator checks the response carried all its bytes.
+        """
+        where = f"GET {self.url_for(key)}" + (f" from byte {start}" if start else "")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start:
+            kwargs["Range"] = f"bytes={start}-"
+        try:
+            resp = self._client.get_object(**kwargs)
+        except Exception as exc:
+            self._fail(exc, where)
+        length = int(resp.get("ContentLength", 0))
+        total = start + length
+        content_range = str(resp.get("ContentRange") or "")
+        if start:
+            match = _CONTENT_RANGE_RE.match(content_range)
+            if not match or int(match.group(1)) != start:
+                with contextlib.suppress(Exception):
+                    resp["Body"].close()
+                raise S3Error(
+                    f"{where} at {self.endpoint}: server ignored the range request "
+                    f"(Content-Range {content_range!r})"
+                )
+            total = int(match.group(3))
+        return self._chunks(resp["Body"], length, where), total
+
+    def _chunks(self, body: Any, length: int, where: str) -> Iterator[bytes]:
+        got = 0
+        try:
+            while True:
+                try:
+                    chunk = body.read(CHUNK_SIZE)
+                except Exception as exc:
+                    self._fail(exc, where)
+                if not chunk:
+                    break
+                got += len(chunk)
+                yield chunk
+            if got < length:
+                raise S3Unavailable(
+                    f"S3 unavailable: truncated body for {where} at "
+                    f"{self.endpoint}: got {got} of {length} bytes"
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                body.close()
+
+    def upload_file(
+        self,
+        path: str | Path,
+        key: str,
+        *,
+        sha256: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload ``path`` to ``key`` with ``x-amz-meta-sha256``; ``progress(bytes so far)``."""
+        where = f"PUT {self.url_for(key)}"
+        sent = [0]
+
+        def callback(n: int) -> None:
+            sent[0] += n
+            if progress is not None:
+                progress(sent[0])
+
+        def put() -> None:
+            sent[0] = 0
+            self._client.upload_file(
+                str(path),
+                self.bucket,
+                key,
+                ExtraArgs={"Metadata": {"sha256": sha256}},
+                Callback=callback,
+                Config=TransferConfig(use_threads=False),
+            )
+
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot read {path} for upload to {self.url_for(key)}: {exc.strerror or exc}"
+            ) from exc
+        self._call(where, put)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when missing (tests and demos only)."""
+        where = f"CREATE s3://{self.bucket}"
+
+        def create() -> None:
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except bexc.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+            args: dict[str, Any] = {"Bucket": self.bucket}
+            region = self.settings.region
+            if region and region != "us-east-1":
+                args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            self._client.create_bucket(**args)
+
+        self._call(where, create)
