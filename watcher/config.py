@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import yaml
@@ -21,9 +23,22 @@ APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-               "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -128,11 +143,39 @@ class Config:
             return self.apps[name]
         except KeyError:
             known = ", ".join(sorted(self.apps)) or "none"
-            raise ConfigError(self.source, [f"apps.{name}: no such app (configured: {known})"]
-                              ) from None
+            raise ConfigError(
+                self.source, [f"apps.{name}: no such app (configured: {known})"]
+            ) from None
 
 
 T = TypeVar("T")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+
+def _construct_unique_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f'duplicate key "{key}"', key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
 
 
 class _Reader:
@@ -156,8 +199,15 @@ class _Reader:
                 self.fail(where, f"unknown key (known: {', '.join(sorted(known))})")
         return data
 
-    def get(self, data: dict[str, Any], key: str, path: str, default: T,
-            convert: Callable[[Any], T], expected: str) -> T:
+    def get(
+        self,
+        data: dict[str, Any],
+        key: str,
+        path: str,
+        default: T,
+        convert: Callable[[Any], T],
+        expected: str,
+    ) -> T:
         if key not in data or data[key] is None:
             return default
         try:
@@ -186,6 +236,7 @@ def _int_at_least(minimum: int) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError
         return value
+
     return convert
 
 
@@ -236,7 +287,7 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     else:
         raise ValueError
-    if seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError
     return seconds
 
@@ -256,6 +307,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
         if value not in choices:
             raise ValueError
         return str(value)
+
     return convert
 
 
@@ -275,13 +327,12 @@ def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
         where = f"{path}[{i}]" if isinstance(data, list) else path
         if isinstance(item, str) and item:
             argv: tuple[str, ...] = (item,)
-        elif (isinstance(item, list) and item
-              and all(isinstance(a, str) and a for a in item)):
+        elif isinstance(item, list) and item and all(isinstance(a, str) and a for a in item):
             argv = tuple(item)
         else:
             r.fail(where, f"must be an executable path or a list of arguments, got {_show(item)}")
             continue
-        if not os.path.isabs(argv[0]):
+        if not Path(argv[0]).is_absolute():
             r.fail(where, f'must be an absolute path to an executable, got "{argv[0]}"')
             continue
         hooks.append(argv)
@@ -293,15 +344,31 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     if not isinstance(name, str) or not APP_NAME_RE.match(name):
         r.fail(path, "app names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
         return None
-    d = r.section(data, path, {"root", "keep_releases", "user", "group", "umask", "prefetch",
-                               "on_validate_failure", "shared", "artifact_cache_bytes",
-                               "aborted_staging_max_age", "hooks", "timeouts", "limits"})
+    d = r.section(
+        data,
+        path,
+        {
+            "root",
+            "keep_releases",
+            "user",
+            "group",
+            "umask",
+            "prefetch",
+            "on_validate_failure",
+            "shared",
+            "artifact_cache_bytes",
+            "aborted_staging_max_age",
+            "hooks",
+            "timeouts",
+            "limits",
+        },
+    )
     if data is not None and not isinstance(data, dict):
         return None
     root = r.get(d, "root", path, "", _string, "an absolute directory path")
     if "root" not in d:
         r.fail(f"{path}.root", "is required")
-    elif root and not os.path.isabs(root):
+    elif root and not Path(root).is_absolute():
         r.fail(f"{path}.root", f'must be an absolute directory path, got "{root}"')
     shared_raw = d.get("shared") or []
     shared: list[str] = []
@@ -310,18 +377,22 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     else:
         for i, item in enumerate(shared_raw):
             parts = Path(item).parts if isinstance(item, str) and item else ()
-            if not parts or os.path.isabs(item) or ".." in parts or parts[0] == ".watcher":
-                r.fail(f"{path}.shared[{i}]",
-                       f"must be a relative path inside the release, got {_show(item)}")
+            if not parts or Path(item).is_absolute() or ".." in parts or parts[0] == ".watcher":
+                r.fail(
+                    f"{path}.shared[{i}]",
+                    f"must be a relative path inside the release, got {_show(item)}",
+                )
             else:
                 shared.append(os.path.normpath(item))
     hooks_d = r.section(d.get("hooks"), f"{path}.hooks", set(HOOK_PHASES))
-    hooks = {phase: _hook_list(r, hooks_d.get(phase), f"{path}.hooks.{phase}")
-             for phase in HOOK_PHASES}
-    t = r.section(d.get("timeouts"), f"{path}.timeouts",
-                  {"download", "hook", "prepare", "apply", "lock"})
+    hooks = {
+        phase: _hook_list(r, hooks_d.get(phase), f"{path}.hooks.{phase}") for phase in HOOK_PHASES
+    }
+    t = r.section(
+        d.get("timeouts"), f"{path}.timeouts", {"download", "hook", "prepare", "apply", "lock"}
+    )
     tp = f"{path}.timeouts"
-    duration = "a duration (seconds, or like \"30s\", \"5m\")"
+    duration = 'a duration (seconds, or like "30s", "5m")'
     timeouts = Timeouts(
         download=r.get(t, "download", tp, Timeouts.download, parse_duration, duration),
         hook=r.get(t, "hook", tp, Timeouts.hook, parse_duration, duration),
@@ -332,10 +403,17 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     lim = r.section(d.get("limits"), f"{path}.limits", {"max_members", "max_bytes"})
     lp = f"{path}.limits"
     limits = Limits(
-        max_members=r.get(lim, "max_members", lp, Limits.max_members, _int_at_least(1),
-                          "an integer >= 1"),
-        max_bytes=r.get(lim, "max_bytes", lp, Limits.max_bytes, parse_size,
-                        'a size (bytes, or like "512M", "2GiB")'),
+        max_members=r.get(
+            lim, "max_members", lp, Limits.max_members, _int_at_least(1), "an integer >= 1"
+        ),
+        max_bytes=r.get(
+            lim,
+            "max_bytes",
+            lp,
+            Limits.max_bytes,
+            parse_size,
+            'a size (bytes, or like "512M", "2GiB")',
+        ),
     )
     return AppConfig(
         name=name,
@@ -344,17 +422,35 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         user=r.get(d, "user", path, None, _string, "a user name"),
         group=r.get(d, "group", path, None, _string, "a group name"),
         umask=r.get(d, "umask", path, 0o022, _umask, 'an octal umask like "0022"'),
-        prefetch=r.get(d, "prefetch", path, "extract", _choice(PREFETCH_MODES),
-                       "one of " + ", ".join(PREFETCH_MODES)),
-        on_validate_failure=r.get(d, "on_validate_failure", path, "rollback",
-                                  _choice(VALIDATE_FAILURE_MODES),
-                                  "one of " + ", ".join(VALIDATE_FAILURE_MODES)),
+        prefetch=r.get(
+            d,
+            "prefetch",
+            path,
+            "extract",
+            _choice(PREFETCH_MODES),
+            "one of " + ", ".join(PREFETCH_MODES),
+        ),
+        on_validate_failure=r.get(
+            d,
+            "on_validate_failure",
+            path,
+            "rollback",
+            _choice(VALIDATE_FAILURE_MODES),
+            "one of " + ", ".join(VALIDATE_FAILURE_MODES),
+        ),
         shared=tuple(shared),
-        artifact_cache_bytes=r.get(d, "artifact_cache_bytes", path, 5 * 1024**3, parse_size,
-                                   'a size (bytes, or like "512M", "2GiB")'),
-        aborted_staging_max_age=r.get(d, "aborted_staging_max_age", path, 7 * 86400.0,
-                                      parse_duration, duration),
-        hooks=hooks,
+        artifact_cache_bytes=r.get(
+            d,
+            "artifact_cache_bytes",
+            path,
+            5 * 1024**3,
+            parse_size,
+            'a size (bytes, or like "512M", "2GiB")',
+        ),
+        aborted_staging_max_age=r.get(
+            d, "aborted_staging_max_age", path, 7 * 86400.0, parse_duration, duration
+        ),
+        hooks=MappingProxyType(hooks),
         timeouts=timeouts,
         limits=limits,
     )
@@ -365,36 +461,57 @@ def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if env.get("CONSUL_HTTP_ADDR"):
         out["address"] = env["CONSUL_HTTP_ADDR"]
-    if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true", "yes"):
+    if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "t", "true", "yes"):
         out["scheme"] = "https"
-    if env.get("CONSUL_HTTP_TOKEN"):
-        out["token"] = env["CONSUL_HTTP_TOKEN"]
-    elif env.get("CONSUL_HTTP_TOKEN_FILE"):
+    # Consul's own precedence: CONSUL_HTTP_TOKEN_FILE wins over CONSUL_HTTP_TOKEN.
+    if env.get("CONSUL_HTTP_TOKEN_FILE"):
         out["token_file"] = env["CONSUL_HTTP_TOKEN_FILE"]
-    for var, key in (("CONSUL_CACERT", "ca_file"), ("CONSUL_CLIENT_CERT", "cert_file"),
-                     ("CONSUL_CLIENT_KEY", "key_file")):
+    elif env.get("CONSUL_HTTP_TOKEN"):
+        out["token"] = env["CONSUL_HTTP_TOKEN"]
+    for var, key in (
+        ("CONSUL_CACERT", "ca_file"),
+        ("CONSUL_CLIENT_CERT", "cert_file"),
+        ("CONSUL_CLIENT_KEY", "key_file"),
+    ):
         if env.get(var):
             out[key] = env[var]
     if env.get("CONSUL_HTTP_SSL_VERIFY"):
-        out["verify"] = env["CONSUL_HTTP_SSL_VERIFY"].lower() not in ("0", "false", "no")
+        out["verify"] = env["CONSUL_HTTP_SSL_VERIFY"].lower() not in ("0", "f", "false", "no")
     return out
 
 
 def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSettings:
-    d = r.section(data, "consul", {"address", "token", "token_file", "ca_file", "cert_file",
-                                   "key_file", "verify", "timeout"})
+    d = r.section(
+        data,
+        "consul",
+        {"address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify", "timeout"},
+    )
     merged: dict[str, Any] = _consul_from_env(env)
     # The file is like the CLI's flags: an explicit value there wins over the environment.
-    for key in ("address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify",
-                "timeout"):
+    for key in (
+        "address",
+        "token",
+        "token_file",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "verify",
+        "timeout",
+    ):
         if d.get(key) is not None:
             merged[key] = d[key]
             if key == "token":
                 merged.pop("token_file", None)
             if key == "token_file":
                 merged.pop("token", None)
-    address = r.get(merged, "address", "consul", "127.0.0.1:8500", _address,
-                    'an address like "127.0.0.1:8500" or "https://host:8501"')
+    address = r.get(
+        merged,
+        "address",
+        "consul",
+        "127.0.0.1:8500",
+        _address,
+        'an address like "127.0.0.1:8500" or "https://host:8501"',
+    )
     scheme = str(merged.get("scheme", "http"))
     if address.startswith(("http://", "https://")):
         scheme, address = address.split("://", 1)
@@ -414,16 +531,20 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     if bool(files["cert_file"]) != bool(files["key_file"]):
         r.fail("consul", "cert_file and key_file must be given together")
     return ConsulSettings(
-        address=address, scheme=scheme, token=token,
-        ca_file=files["ca_file"], cert_file=files["cert_file"], key_file=files["key_file"],
+        address=address,
+        scheme=scheme,
+        token=token,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
         verify=r.get(merged, "verify", "consul", True, _bool, "true or false"),
-        timeout=r.get(merged, "timeout", "consul", 10.0, parse_duration,
-                      'a duration like "10s"'),
+        timeout=r.get(merged, "timeout", "consul", 10.0, parse_duration, 'a duration like "10s"'),
     )
 
 
-def parse_config(data: Any, *, source: str = "<config>",
-                 env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
     """Validate parsed YAML; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
     r = _Reader()
@@ -446,26 +567,47 @@ def parse_config(data: Any, *, source: str = "<config>",
         region=r.get(s3d, "region", "s3", None, _string, "a region name"),
         endpoint_url=r.get(s3d, "endpoint_url", "s3", None, _string, "a URL"),
     )
-    dd = r.section(top.get("daemon"), "daemon", {"state_dir", "session_ttl", "listen",
-                                                 "history_keep", "undecided_after",
-                                                 "handled_events_keep"})
+    dd = r.section(
+        top.get("daemon"),
+        "daemon",
+        {
+            "state_dir",
+            "session_ttl",
+            "listen",
+            "history_keep",
+            "undecided_after",
+            "handled_events_keep",
+        },
+    )
     listen = DaemonSettings.listen
     if "listen" in dd:
-        listen = None if dd["listen"] in (None, False, "") else r.get(
-            dd, "listen", "daemon", DaemonSettings.listen, _address, 'an address like '
-            '"127.0.0.1:9473", or null to disable')
+        listen = (
+            None
+            if dd["listen"] in (None, False, "")
+            else r.get(
+                dd,
+                "listen",
+                "daemon",
+                DaemonSettings.listen,
+                _address,
+                'an address like "127.0.0.1:9473", or null to disable',
+            )
+        )
     daemon = DaemonSettings(
-        state_dir=r.get(dd, "state_dir", "daemon", DaemonSettings.state_dir, _string,
-                        "a directory path"),
-        session_ttl=r.get(dd, "session_ttl", "daemon", 15.0, parse_duration,
-                          'a duration like "15s"'),
+        state_dir=r.get(
+            dd, "state_dir", "daemon", DaemonSettings.state_dir, _string, "a directory path"
+        ),
+        session_ttl=r.get(
+            dd, "session_ttl", "daemon", 15.0, parse_duration, 'a duration like "15s"'
+        ),
         listen=listen,
-        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(1),
-                           "an integer >= 1"),
-        undecided_after=r.get(dd, "undecided_after", "daemon", 30.0, parse_duration,
-                              'a duration like "30s"'),
-        handled_events_keep=r.get(dd, "handled_events_keep", "daemon", 1024,
-                                  _int_at_least(16), "an integer >= 16"),
+        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(1), "an integer >= 1"),
+        undecided_after=r.get(
+            dd, "undecided_after", "daemon", 30.0, parse_duration, 'a duration like "30s"'
+        ),
+        handled_events_keep=r.get(
+            dd, "handled_events_keep", "daemon", 1024, _int_at_least(16), "an integer >= 16"
+        ),
     )
     if not 1 <= daemon.session_ttl <= 86400:
         r.fail("daemon.session_ttl", "must be between 1s and 24h")
@@ -480,12 +622,20 @@ def parse_config(data: Any, *, source: str = "<config>",
                 apps[app.name] = app
     if r.problems:
         raise ConfigError(source, r.problems)
-    return Config(source=source, node=node, kv_prefix=kv_prefix, consul=consul, s3=s3,
-                  daemon=daemon, apps=apps)
+    return Config(
+        source=source,
+        node=node,
+        kv_prefix=kv_prefix,
+        consul=consul,
+        s3=s3,
+        daemon=daemon,
+        apps=MappingProxyType(apps),
+    )
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     """Read and validate a config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)."""
     env = os.environ if env is None else env
     source = str(path or env.get("WATCHER_CONFIG") or DEFAULT_PATH)
@@ -497,7 +647,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(source, [f"cannot read: {reason}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

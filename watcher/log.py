@@ -8,12 +8,15 @@ from typing import Any
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
-def configure_logging(*, level: str = "info", json: bool | None = None,
-                      stream: Any = None) -> None:
+def configure_logging(*, level: str = "info", json: bool | None = None, stream: Any = None) -> None:
     """Configure structlog for this process.
 
     ``json=None`` picks JSON unless ``stream`` is a TTY. Log events are snake_case names with
@@ -28,8 +31,10 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        processors += [structlog.processors.format_exc_info,
-                       structlog.processors.JSONRenderer(sort_keys=False)]
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
@@ -42,4 +47,4 @@ def configure_logging(*, level: str = "info", json: bool | None = None,
 
 def get_logger(**context: Any) -> Any:
     """A structlog logger bound to ``context``."""
-    return structlog.get_logger("watcher").bind(**context)
+    return structlog.get_logger("watcher", **context)

@@ -1,0 +1,274 @@
+"""`watcher check-config`, the `watcher` entry point, and the example config it validates."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+
+from watcher import daemon_cli
+from watcher.config import (
+    AppConfig,
+    ConsulSettings,
+    DaemonSettings,
+    Limits,
+    Timeouts,
+    load_config,
+    parse_config,
+)
+from watcher.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "systemd" / "watcher.example.yaml"
+WATCHER = Path(sys.executable).parent / "watcher"
+
+MINIMAL = "s3:\n  bucket: b\napps:\n  web:\n    root: /srv/apps\n"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "WATCHER_"))}
+    env.update(extra)
+    return env
+
+
+def run_watcher(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real console script, as an operator runs it."""
+    return subprocess.run(
+        [str(WATCHER), *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_consul_env(monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name in list(os.environ):
+        if name.startswith(("CONSUL_", "WATCHER_")):
+            monkeypatch.delenv(name)
+    yield
+    structlog.reset_defaults()
+
+
+class TestExample:
+    def test_the_console_script_accepts_the_example(self) -> None:
+        proc = run_watcher("check-config", "-c", str(EXAMPLE))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"{EXAMPLE}: OK (2 apps: api, web)\n"
+        assert "Traceback" not in proc.stderr
+        # Only warnings about this machine (no /srv/apps, no hook scripts), never errors.
+        for line in proc.stderr.splitlines():
+            assert line.startswith(f"{EXAMPLE}: warning: "), line
+
+    def test_the_example_shows_every_key_the_parser_knows(self) -> None:
+        example = yaml.safe_load(EXAMPLE.read_text())
+        assert example_keys(example) == parser_keys(example)
+
+    def test_values_shown_as_defaults_are_the_defaults(self) -> None:
+        config = load_config(EXAMPLE, env={})
+        assert config.consul == ConsulSettings()
+        assert config.daemon == DaemonSettings()
+        assert config.node is None
+        assert config.kv_prefix == "watcher"
+        web, api = config.apps["web"], config.apps["api"]
+        assert api == AppConfig(name="api", root="/srv/apps", hooks=api.hooks)
+        assert all(commands == () for commands in api.hooks.values())
+        assert web.timeouts == Timeouts()
+        assert web.limits == Limits()
+        for name in (
+            "keep_releases",
+            "umask",
+            "prefetch",
+            "on_validate_failure",
+            "artifact_cache_bytes",
+            "aborted_staging_max_age",
+        ):
+            assert getattr(web, name) == getattr(api, name), name
+        assert web.hooks["post_release"] == (
+            ("/usr/local/lib/watcher/web/bundle-check",),
+            ("/usr/local/lib/watcher/web/migrate", "--dry-run"),
+        )
+        assert web.hooks["post_abort"] == ()
+        assert web.user == "www-data"
+        assert web.shared == ("log", "public/uploads")
+
+
+def example_keys(data: Any, path: str = "") -> set[str]:
+    """Every key path of the YAML, with app names replaced by ``*``."""
+    keys: set[str] = set()
+    if not isinstance(data, dict):
+        return keys
+    for key, value in data.items():
+        here = "apps.*" if path == "apps" else f"{path}.{key}" if path else key
+        keys.add(here)
+        keys |= example_keys(value, here)
+    return keys
+
+
+def _with_probes(data: Any) -> Any:
+    """A copy of ``data`` with an unknown key added to every mapping."""
+    if isinstance(data, dict):
+        probed = {k: _with_probes(v) for k, v in data.items()}
+        probed["zz_probe"] = 1
+        return probed
+    return data
+
+
+def parser_keys(example: dict[str, Any]) -> set[str]:
+    """The keys config.py accepts, read from its own "unknown key (known: ...)" errors.
+
+    Every mapping of the example gets an unknown key; the parser then names, for each of
+    them, the keys it knows at that level. Levels the example lacks show up as missing keys
+    one level up, so the two sets differ whichever side grows.
+    """
+    probed = _with_probes(example)
+    probed["apps"].pop("zz_probe")  # app names are free-form, not keys
+    with pytest.raises(ConfigError) as info:
+        parse_config(probed, source="probe", env={})
+    keys: set[str] = set()
+    levels = 0
+    for problem in info.value.problems:
+        match = re.fullmatch(r"(.*)zz_probe: unknown key \(known: (.*)\)", problem)
+        assert match, f"unexpected problem while probing: {problem}"
+        parent = re.sub(r"^apps\.[^.]+", "apps.*", match.group(1).rstrip("."))
+        levels += 1
+        for key in match.group(2).split(", "):
+            keys.add(f"{parent}.{key}" if parent else key)
+    assert levels == len(_mapping_paths(example)), "a mapping of the example was not probed"
+    keys.add("apps.*")
+    return keys
+
+
+def _mapping_paths(data: Any, path: str = "") -> list[str]:
+    out = [path] if isinstance(data, dict) and path != "apps" else []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out += _mapping_paths(value, f"{path}.{key}" if path else str(key))
+    return out
+
+
+class TestCheckConfig:
+    def test_every_problem_is_listed_with_its_path(self, tmp_path: Path) -> None:
+        bad = tmp_path / "watcher.yaml"
+        bad.write_text(
+            "s3:\n  bucket: b\n  bukcet: c\n"
+            "apps:\n  web:\n    root: /srv/apps\n    keep_releases: five\n"
+            "    timeouts:\n      hook: soon\n"
+        )
+        proc = run_watcher("check-config", "-c", str(bad))
+        assert proc.returncode == 2
+        assert proc.stdout == ""
+        assert proc.stderr.splitlines() == [
+            f"{bad}: s3.bukcet: unknown key (known: bucket, endpoint_url, prefix, region)",
+            f'{bad}: apps.web.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), '
+            'got "soon"',
+            f'{bad}: apps.web.keep_releases: must be an integer >= 1, got "five"',
+        ]
+
+    def test_malformed_yaml_names_line_and_column(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        bad = tmp_path / "watcher.yaml"
+        bad.write_text("s3:\n  bucket: b\napps:\n  web: {root: /srv\n")
+        assert daemon_cli.main(["check-config", "-c", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            rf"{re.escape(str(bad))}: line \d+, column \d+: invalid YAML: .+\n", err
+        )
+
+    def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        missing = tmp_path / "nope.yaml"
+        assert daemon_cli.main(["check-config", "-c", str(missing)]) == 2
+        assert capsys.readouterr().err == f"{missing}: no such file\n"
+
+    def test_unreadable_file_without_traceback(self, tmp_path: Path) -> None:
+        proc = run_watcher("check-config", "-c", str(tmp_path))  # a directory
+        assert proc.returncode == 2
+        assert proc.stderr == f"{tmp_path}: cannot read: Is a directory\n"
+
+    def test_config_path_before_or_after_the_command_and_from_the_environment(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        good = tmp_path / "w.yaml"
+        good.write_text(MINIMAL)
+        assert daemon_cli.main(["-c", str(good), "check-config"]) == 0
+        assert daemon_cli.main(["check-config", "--config", str(good)]) == 0
+        monkeypatch.setenv("WATCHER_CONFIG", str(good))
+        assert daemon_cli.main(["check-config"]) == 0
+        out = capsys.readouterr().out
+        assert out == f"{good}: OK (1 app: web)\n" * 3
+
+    def test_default_path_is_etc(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        args = daemon_cli.build_parser().parse_args(["check-config"])
+        assert args.config is None
+        assert daemon_cli._default_config_path() == "/etc/watcher/watcher.yaml"
+
+    def test_warnings_do_not_fail(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "hook").write_text("#!/bin/sh\n")  # not executable
+        good = tmp_path / "w.yaml"
+        good.write_text(
+            f"s3: {{bucket: b}}\napps:\n  web:\n    root: {tmp_path}/missing\n"
+            f"    user: no-such-user-xyz\n    hooks:\n      validate: [{tmp_path}/hook]\n"
+        )
+        assert daemon_cli.main(["check-config", "-c", str(good)]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == f"{good}: OK (1 app: web)\n"
+        assert captured.err.splitlines() == [
+            f"{good}: warning: apps.web.root: {tmp_path}/missing does not exist (yet)",
+            f'{good}: warning: apps.web.user: no user "no-such-user-xyz" on this host',
+            f"{good}: warning: apps.web.hooks.validate[0]: {tmp_path}/hook is not executable",
+        ]
+
+    def test_run_refuses_a_bad_config_before_anything_else(self, tmp_path: Path) -> None:
+        bad = tmp_path / "w.yaml"
+        bad.write_text("apps: {}\n")
+        proc = run_watcher("run", "-c", str(bad))
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        assert f"{bad}: apps: must be a mapping with at least one app" in proc.stderr.splitlines()
+
+    def test_unexpected_errors_are_one_line_unless_debug(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def explode(_path: Any) -> Any:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(daemon_cli, "load_config", explode)
+        assert daemon_cli.main(["check-config", "-c", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            "watcher: error: unexpected RuntimeError: boom (run with --debug for the traceback)\n"
+        )
+        with pytest.raises(RuntimeError, match="boom"):
+            daemon_cli.main(["--debug", "check-config", "-c", str(tmp_path / "x")])
+
+    def test_log_format_option(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        good = tmp_path / "w.yaml"
+        good.write_text(MINIMAL)
+        from watcher.log import get_logger
+
+        assert daemon_cli.main(["--log-format", "console", "check-config", "-c", str(good)]) == 0
+        capsys.readouterr()
+        get_logger(app="web").info("config_checked", ok=True)
+        line = capsys.readouterr().out
+        assert "config_checked" in line and "app=web" in line and not line.startswith("{")
+
+        assert daemon_cli.main(["check-config", "--log-format", "json", "-c", str(good)]) == 0
+        capsys.readouterr()
+        get_logger(app="web").debug("hidden")
+        get_logger(app="web").info("config_checked", ok=True)
+        assert '"event": "config_checked"' in capsys.readouterr().out
+
+        assert daemon_cli.main(["--debug", "check-config", "-c", str(good)]) == 0
+        capsys.readouterr()
+        get_logger().debug("shown_in_debug")
+        assert "shown_in_debug" in capsys.readouterr().out

@@ -1,0 +1,688 @@
+"""The configuration file: defaults, every error named by its path, Consul environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from watcher.config import (
+    AppConfig,
+    Config,
+    ConsulSettings,
+    DaemonSettings,
+    Limits,
+    Timeouts,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+from watcher.errors import ConfigError
+
+
+def minimal(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"s3": {"bucket": "artifacts"}, "apps": {"web": {"root": "/srv"}}}
+    data.update(overrides)
+    return data
+
+
+def with_app(**app: Any) -> dict[str, Any]:
+    return minimal(apps={"web": {"root": "/srv", **app}})
+
+
+def problems(data: Any, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="test.yaml", env=env or {})
+    assert info.value.source == "test.yaml"
+    assert str(info.value) == "test.yaml: " + "; ".join(info.value.problems)
+    return info.value.problems
+
+
+def parse(data: Any, env: dict[str, str] | None = None) -> Config:
+    return parse_config(data, source="test.yaml", env=env or {})
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+class TestDefaults:
+    def test_minimal_config(self) -> None:
+        config = parse(minimal())
+        assert config.source == "test.yaml"
+        assert config.node is None
+        assert config.kv_prefix == "watcher"
+        assert config.consul == ConsulSettings()
+        assert config.consul.base_url == "http://127.0.0.1:8500"
+        assert config.s3.bucket == "artifacts"
+        assert (config.s3.prefix, config.s3.region, config.s3.endpoint_url) == ("", None, None)
+        assert config.daemon == DaemonSettings()
+        web = config.app("web")
+        assert web.name == "web"
+        assert web.app_dir == Path("/srv/web")
+        assert web.keep_releases == 5
+        assert (web.user, web.group, web.umask) == (None, None, 0o022)
+        assert (web.prefetch, web.on_validate_failure) == ("extract", "rollback")
+        assert web.shared == ()
+        phases = ("post_release", "post_symlink", "validate", "post_abort")
+        assert dict(web.hooks) == dict.fromkeys(phases, ())
+        assert web.timeouts == Timeouts()
+        assert web.limits == Limits()
+
+    def test_everything_set(self, tmp_path: Path) -> None:
+        token_file = write(tmp_path / "token", "  tok-from-file\n")
+        ca = write(tmp_path / "ca.pem", "x")
+        config = parse(
+            {
+                "node": "host-1",
+                "kv_prefix": "/fleet/watcher/",
+                "consul": {
+                    "address": "https://10.0.0.1:8501",
+                    "token_file": str(token_file),
+                    "ca_file": str(ca),
+                    "verify": False,
+                    "timeout": "3s",
+                },
+                "s3": {
+                    "bucket": "b",
+                    "prefix": "/builds/",
+                    "region": "eu-west-1",
+                    "endpoint_url": "http://127.0.0.1:9000",
+                },
+                "daemon": {
+                    "state_dir": "/tmp/w",
+                    "session_ttl": "2s",
+                    "listen": None,
+                    "history_keep": 3,
+                    "undecided_after": "1m",
+                    "handled_events_keep": 16,
+                },
+                "apps": {
+                    "web": {
+                        "root": "/srv/apps",
+                        "keep_releases": 2,
+                        "user": "www-data",
+                        "group": "www-data",
+                        "umask": "0027",
+                        "prefetch": "download",
+                        "on_validate_failure": "hold",
+                        "shared": ["log", "./public/uploads"],
+                        "artifact_cache_bytes": "1GiB",
+                        "aborted_staging_max_age": "2d",
+                        "hooks": {
+                            "post_release": "/bin/true",
+                            "validate": ["/bin/true", ["/usr/bin/env", "check", "--fast"]],
+                        },
+                        "timeouts": {
+                            "download": 60,
+                            "hook": "90s",
+                            "prepare": "2m",
+                            "apply": "1h",
+                            "lock": "250ms",
+                        },
+                        "limits": {"max_members": 10, "max_bytes": "10MB"},
+                    },
+                    "api": {"root": "/srv/other"},
+                },
+            }
+        )
+        assert config.node == "host-1"
+        assert config.kv_prefix == "fleet/watcher"
+        assert config.consul == ConsulSettings(
+            address="10.0.0.1:8501",
+            scheme="https",
+            token="tok-from-file",
+            ca_file=str(ca),
+            verify=False,
+            timeout=3.0,
+        )
+        assert config.s3.prefix == "builds"
+        assert config.daemon == DaemonSettings(
+            state_dir="/tmp/w",
+            session_ttl=2.0,
+            listen=None,
+            history_keep=3,
+            undecided_after=60.0,
+            handled_events_keep=16,
+        )
+        web = config.apps["web"]
+        assert web.umask == 0o027
+        assert web.shared == ("log", "public/uploads")
+        assert web.artifact_cache_bytes == 1024**3
+        assert web.aborted_staging_max_age == 2 * 86400
+        assert web.hooks["post_release"] == (("/bin/true",),)
+        assert web.hooks["validate"] == (("/bin/true",), ("/usr/bin/env", "check", "--fast"))
+        assert web.hooks["post_symlink"] == ()
+        assert web.timeouts == Timeouts(download=60, hook=90, prepare=120, apply=3600, lock=0.25)
+        assert web.limits == Limits(max_members=10, max_bytes=10_000_000)
+        assert config.apps["api"].app_dir == Path("/srv/other/api")
+        assert sorted(config.apps) == ["api", "web"]
+
+    def test_unknown_app_lookup_names_the_configured_ones(self) -> None:
+        with pytest.raises(ConfigError, match=r"apps\.nope: no such app \(configured: web\)"):
+            parse(minimal()).app("nope")
+
+
+class TestFrozen:
+    def test_attribute_assignment_raises(self) -> None:
+        config = parse(minimal())
+        for obj, name in (
+            (config, "kv_prefix"),
+            (config.consul, "token"),
+            (config.s3, "bucket"),
+            (config.daemon, "session_ttl"),
+            (config.apps["web"], "keep_releases"),
+            (config.apps["web"].timeouts, "hook"),
+            (config.apps["web"].limits, "max_bytes"),
+        ):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(obj, name, 1)
+
+    def test_mappings_are_read_only(self) -> None:
+        config = parse(with_app(hooks={"validate": "/bin/true"}))
+        with pytest.raises(TypeError):
+            config.apps["other"] = config.apps["web"]  # type: ignore[index]
+        with pytest.raises(TypeError):
+            config.apps["web"].hooks["validate"] = ()  # type: ignore[index]
+
+    def test_objects_are_hashable_values(self) -> None:
+        a, b = parse(minimal()), parse(minimal())
+        assert a.consul == b.consul and hash(a.consul) == hash(b.consul)
+        assert a.apps["web"].timeouts == b.apps["web"].timeouts
+
+
+# (input, the one problem it must produce)
+BAD: list[tuple[dict[str, Any], str]] = [
+    (with_app(keep_releases="five"), 'apps.web.keep_releases: must be an integer >= 1, got "five"'),
+    (with_app(keep_releases=0), "apps.web.keep_releases: must be an integer >= 1, got 0"),
+    (with_app(keep_releases=True), "apps.web.keep_releases: must be an integer >= 1, got True"),
+    (with_app(keep_releases=2.5), "apps.web.keep_releases: must be an integer >= 1, got 2.5"),
+    (with_app(root="srv"), 'apps.web.root: must be an absolute directory path, got "srv"'),
+    (with_app(user=1000), "apps.web.user: must be a user name, got 1000"),
+    (with_app(umask="abc"), 'apps.web.umask: must be an octal umask like "0022", got "abc"'),
+    (with_app(umask=0o1777), 'apps.web.umask: must be an octal umask like "0022", got 1023'),
+    (
+        with_app(prefetch="lazy"),
+        'apps.web.prefetch: must be one of extract, download, off, got "lazy"',
+    ),
+    (
+        with_app(on_validate_failure="ignore"),
+        'apps.web.on_validate_failure: must be one of rollback, hold, got "ignore"',
+    ),
+    (with_app(shared="log"), 'apps.web.shared: must be a list of relative paths, got "log"'),
+    (
+        with_app(shared=["log", "/var/log"]),
+        'apps.web.shared[1]: must be a relative path inside the release, got "/var/log"',
+    ),
+    (
+        with_app(shared=["../up"]),
+        'apps.web.shared[0]: must be a relative path inside the release, got "../up"',
+    ),
+    (
+        with_app(shared=[".watcher/x"]),
+        'apps.web.shared[0]: must be a relative path inside the release, got ".watcher/x"',
+    ),
+    (
+        with_app(artifact_cache_bytes="lots"),
+        'apps.web.artifact_cache_bytes: must be a size (bytes, or like "512M", "2GiB"), got "lots"',
+    ),
+    (
+        with_app(aborted_staging_max_age="soon"),
+        'apps.web.aborted_staging_max_age: must be a duration (seconds, or like "30s", "5m"), '
+        'got "soon"',
+    ),
+    (
+        with_app(timeouts={"hook": "0s"}),
+        'apps.web.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "0s"',
+    ),
+    (
+        with_app(timeouts={"lock": -1}),
+        'apps.web.timeouts.lock: must be a duration (seconds, or like "30s", "5m"), got -1',
+    ),
+    (
+        with_app(limits={"max_members": 0}),
+        "apps.web.limits.max_members: must be an integer >= 1, got 0",
+    ),
+    (
+        with_app(limits={"max_bytes": "1 parsec"}),
+        'apps.web.limits.max_bytes: must be a size (bytes, or like "512M", "2GiB"), got "1 parsec"',
+    ),
+    (
+        with_app(hooks={"validate": "check.sh"}),
+        'apps.web.hooks.validate: must be an absolute path to an executable, got "check.sh"',
+    ),
+    (
+        with_app(hooks={"validate": ["/bin/true", "rel/x"]}),
+        'apps.web.hooks.validate[1]: must be an absolute path to an executable, got "rel/x"',
+    ),
+    (
+        with_app(hooks={"post_abort": [[]]}),
+        "apps.web.hooks.post_abort[0]: must be an executable path or a list of arguments, "
+        "got a list",
+    ),
+    (
+        with_app(hooks={"post_abort": [{"cmd": "/bin/x"}]}),
+        "apps.web.hooks.post_abort[0]: must be an executable path or a list of arguments, "
+        "got a mapping",
+    ),
+    (
+        with_app(hooks={"pre_release": "/bin/true"}),
+        "apps.web.hooks.pre_release: unknown key "
+        "(known: post_abort, post_release, post_symlink, validate)",
+    ),
+    (with_app(hooks="/bin/true"), 'apps.web.hooks: must be a mapping, got "/bin/true"'),
+    (with_app(timeouts=[1]), "apps.web.timeouts: must be a mapping, got a list"),
+    (minimal(apps={"web": {}}), "apps.web.root: is required"),
+    (minimal(apps={"web": None}), "apps.web.root: is required"),
+    (minimal(apps={"web": "/srv"}), 'apps.web: must be a mapping, got "/srv"'),
+    (
+        minimal(apps={"we b": {"root": "/srv"}}),
+        "apps.we b: app names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+    ),
+    (minimal(apps={}), "apps: must be a mapping with at least one app"),
+    (minimal(apps=["web"]), "apps: must be a mapping with at least one app"),
+    (minimal(s3={"prefix": "x"}), "s3.bucket: is required"),
+    (minimal(s3={"bucket": ""}), 's3.bucket: must be a bucket name, got ""'),
+    (minimal(s3={"bucket": "b", "region": 5}), "s3.region: must be a region name, got 5"),
+    (minimal(node="bad node"), 'node: must match [A-Za-z0-9][A-Za-z0-9._-]*, got "bad node"'),
+    (minimal(node=7), "node: must be a node name, got 7"),
+    (
+        minimal(kv_prefix="bad prefix!"),
+        'kv_prefix: must be a KV path like "watcher", got "bad prefix!"',
+    ),
+    (minimal(kv_prefix="/"), 'kv_prefix: must be a KV path like "watcher", got ""'),
+    (
+        minimal(consul={"address": "not an address"}),
+        'consul.address: must be an address like "127.0.0.1:8500" or "https://host:8501", '
+        'got "not an address"',
+    ),
+    (minimal(consul={"verify": "yes"}), 'consul.verify: must be true or false, got "yes"'),
+    (
+        minimal(consul={"timeout": "forever"}),
+        'consul.timeout: must be a duration like "10s", got "forever"',
+    ),
+    (
+        minimal(consul={"ca_file": "/nonexistent/ca.pem"}),
+        "consul.ca_file: cannot read /nonexistent/ca.pem",
+    ),
+    (
+        minimal(consul={"token_file": "/nonexistent/token"}),
+        "consul.token_file: cannot read /nonexistent/token: No such file or directory",
+    ),
+    (minimal(consul="127.0.0.1:8500"), 'consul: must be a mapping, got "127.0.0.1:8500"'),
+    (minimal(daemon={"session_ttl": "0.5s"}), "daemon.session_ttl: must be between 1s and 24h"),
+    (
+        minimal(daemon={"history_keep": "all"}),
+        'daemon.history_keep: must be an integer >= 1, got "all"',
+    ),
+    (
+        minimal(daemon={"handled_events_keep": 8}),
+        "daemon.handled_events_keep: must be an integer >= 16, got 8",
+    ),
+    (
+        minimal(daemon={"listen": 9473}),
+        'daemon.listen: must be an address like "127.0.0.1:9473", or null to disable, got 9473',
+    ),
+]
+
+
+class TestErrorsNameTheirPath:
+    @pytest.mark.parametrize(("data", "expected"), BAD, ids=[e for _, e in BAD])
+    def test_one_problem(self, data: dict[str, Any], expected: str) -> None:
+        assert problems(data) == [expected]
+
+    def test_every_problem_is_reported_at_once(self) -> None:
+        found = problems(
+            {
+                "s3": {"bucket": "b"},
+                "daemon": {"history_keep": 0},
+                "apps": {
+                    "web": {"root": "/srv", "keep_releases": "five"},
+                    "api": {"root": "rel", "timeouts": {"hook": "x"}},
+                },
+            }
+        )
+        assert found == [
+            "daemon.history_keep: must be an integer >= 1, got 0",
+            'apps.web.keep_releases: must be an integer >= 1, got "five"',
+            'apps.api.root: must be an absolute directory path, got "rel"',
+            'apps.api.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "x"',
+        ]
+
+    @pytest.mark.parametrize(
+        ("data", "where", "known"),
+        [
+            (minimal(colour="blue"), "colour", "apps, consul, daemon, kv_prefix, node, s3"),
+            (
+                minimal(consul={"addr": "x"}),
+                "consul.addr",
+                "address, ca_file, cert_file, key_file, timeout, token, token_file, verify",
+            ),
+            (
+                minimal(s3={"bucket": "b", "bukcet": "c"}),
+                "s3.bukcet",
+                "bucket, endpoint_url, prefix, region",
+            ),
+            (
+                minimal(daemon={"ttl": 1}),
+                "daemon.ttl",
+                "handled_events_keep, history_keep, listen, session_ttl, state_dir, "
+                "undecided_after",
+            ),
+            (
+                with_app(keep=3),
+                "apps.web.keep",
+                "aborted_staging_max_age, artifact_cache_bytes, group, hooks, keep_releases, "
+                "limits, on_validate_failure, prefetch, root, shared, timeouts, umask, user",
+            ),
+            (
+                with_app(timeouts={"hooks": 1}),
+                "apps.web.timeouts.hooks",
+                "apply, download, hook, lock, prepare",
+            ),
+            (with_app(limits={"members": 1}), "apps.web.limits.members", "max_bytes, max_members"),
+            (minimal(**{"1": 2}), "1", "apps, consul, daemon, kv_prefix, node, s3"),
+        ],
+    )
+    def test_unknown_keys_at_every_level(
+        self, data: dict[str, Any], where: str, known: str
+    ) -> None:
+        assert problems(data) == [f"{where}: unknown key (known: {known})"]
+
+    def test_top_level_must_be_a_mapping(self) -> None:
+        found = problems(["s3", "apps"])
+        assert found[0] == "<top>: must be a mapping, got a list"
+        assert "apps: must be a mapping with at least one app" in found
+
+    def test_listen_can_be_disabled(self) -> None:
+        assert parse(minimal(daemon={"listen": None})).daemon.listen is None
+        assert parse(minimal(daemon={"listen": False})).daemon.listen is None
+        assert parse(minimal(daemon={"listen": "0.0.0.0:1"})).daemon.listen == "0.0.0.0:1"
+
+
+class TestFiles:
+    def test_load_from_a_file(self, tmp_path: Path) -> None:
+        path = write(tmp_path / "w.yaml", "s3:\n  bucket: b\napps:\n  web:\n    root: /srv\n")
+        config = load_config(path, env={})
+        assert config.source == str(path)
+        assert config.apps["web"].root == "/srv"
+
+    def test_path_from_watcher_config_variable(self, tmp_path: Path) -> None:
+        path = write(tmp_path / "w.yaml", "s3: {bucket: b}\napps: {web: {root: /srv}}\n")
+        assert load_config(env={"WATCHER_CONFIG": str(path)}).source == str(path)
+
+    def test_default_path(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(env={})
+        assert info.value.source == "/etc/watcher/watcher.yaml"
+
+    def test_malformed_yaml_names_line_and_column(self, tmp_path: Path) -> None:
+        path = write(tmp_path / "w.yaml", "s3:\n  bucket: b\napps:\n  web: [1\n  api: 2\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        [problem] = info.value.problems
+        assert problem.startswith("line 5, column 6: invalid YAML: ")
+        assert str(info.value).startswith(f"{path}: line 5, column 6: invalid YAML")
+
+    def test_tab_indentation(self, tmp_path: Path) -> None:
+        path = write(tmp_path / "w.yaml", "s3:\n\tbucket: b\n")
+        with pytest.raises(ConfigError, match=r"line 2, column 1: invalid YAML: "):
+            load_config(path, env={})
+
+    def test_duplicate_keys_are_an_error(self, tmp_path: Path) -> None:
+        # YAML silently keeps the last of two equal keys: a second "web:" would replace the
+        # first app without a word.
+        path = write(
+            tmp_path / "w.yaml",
+            "s3: {bucket: b}\napps:\n  web:\n    root: /srv\n  web:\n    root: /opt\n",
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        [problem] = info.value.problems
+        assert problem.startswith("line 5, column 3: ")
+        assert 'duplicate key "web"' in problem
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / "nope.yaml", env={})
+        assert str(info.value) == f"{tmp_path / 'nope.yaml'}: no such file"
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path, env={})
+        assert info.value.problems == ["cannot read: Is a directory"]
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        path = tmp_path / "w.yaml"
+        path.write_bytes(b"s3: {bucket: \xff}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.problems == ["cannot read: not UTF-8 text"]
+
+    def test_empty_file(self, tmp_path: Path) -> None:
+        for text in ("", "# only a comment\n", "---\n"):
+            path = write(tmp_path / "w.yaml", text)
+            with pytest.raises(ConfigError) as info:
+                load_config(path, env={})
+            assert info.value.problems[0] == "<top>: the file is empty"
+
+
+class TestDurationsAndSizes:
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [
+            (30, 30.0),
+            (1.5, 1.5),
+            ("30", 30.0),
+            ("30s", 30.0),
+            ("5m", 300.0),
+            ("1h", 3600.0),
+            ("2d", 172800.0),
+            ("250ms", 0.25),
+            (" 10 s ", 10.0),
+            ("1.5m", 90.0),
+        ],
+    )
+    def test_durations(self, value: Any, seconds: float) -> None:
+        assert parse_duration(value) == seconds
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            0,
+            -1,
+            "0s",
+            "-5s",
+            "5 minutes",
+            "5M",
+            "",
+            "s",
+            True,
+            None,
+            [1],
+            math.inf,
+            math.nan,
+            ".inf",
+        ],
+    )
+    def test_bad_durations(self, value: Any) -> None:
+        with pytest.raises(ValueError):
+            parse_duration(value)
+
+    def test_non_finite_durations_are_refused_in_the_file(self) -> None:
+        data = yaml.safe_load("timeouts: {hook: .inf, apply: .nan}")
+        found = problems(with_app(**data))
+        assert [p.split(":")[0] for p in found] == [
+            "apps.web.timeouts.hook",
+            "apps.web.timeouts.apply",
+        ]
+
+    @pytest.mark.parametrize(
+        ("value", "size"),
+        [
+            (0, 0),
+            (1048576, 1048576),
+            ("100", 100),
+            ("100b", 100),
+            ("512K", 512_000),
+            ("512KiB", 524288),
+            ("512M", 512_000_000),
+            ("512MB", 512_000_000),
+            ("2GiB", 2 * 1024**3),
+            ("1.5G", 1_500_000_000),
+            ("1TiB", 1024**4),
+            ("3 mib", 3 * 1024**2),
+        ],
+    )
+    def test_sizes(self, value: Any, size: int) -> None:
+        assert parse_size(value) == size
+
+    @pytest.mark.parametrize("value", [-1, "-1", "12 parsecs", "M", "", 1.5, True, None, "1e9"])
+    def test_bad_sizes(self, value: Any) -> None:
+        with pytest.raises(ValueError):
+            parse_size(value)
+
+    def test_umask_forms(self) -> None:
+        assert parse(with_app(umask="0027")).apps["web"].umask == 0o027
+        assert parse(with_app(umask="027")).apps["web"].umask == 0o027
+        # YAML 1.1 reads an unquoted leading-zero number as octal.
+        assert parse(with_app(**yaml.safe_load("umask: 0077"))).apps["web"].umask == 0o077
+
+
+class TestConsulEnvironment:
+    def test_address(self) -> None:
+        consul = parse(minimal(), env={"CONSUL_HTTP_ADDR": "10.1.2.3:8500"}).consul
+        assert (consul.scheme, consul.address) == ("http", "10.1.2.3:8500")
+
+    def test_https_scheme_in_the_address(self) -> None:
+        consul = parse(minimal(), env={"CONSUL_HTTP_ADDR": "https://consul.local:8501"}).consul
+        assert (consul.scheme, consul.address) == ("https", "consul.local:8501")
+        assert consul.base_url == "https://consul.local:8501"
+
+    def test_http_scheme_in_the_address(self) -> None:
+        consul = parse(minimal(), env={"CONSUL_HTTP_ADDR": "http://127.0.0.2:8500/"}).consul
+        assert consul.base_url == "http://127.0.0.2:8500"
+
+    def test_http_ssl_variable(self) -> None:
+        env = {"CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_SSL": "true"}
+        assert parse(minimal(), env=env).consul.base_url == "https://127.0.0.1:8501"
+
+    def test_token(self) -> None:
+        assert parse(minimal(), env={"CONSUL_HTTP_TOKEN": "s3cr3t"}).consul.token == "s3cr3t"
+
+    def test_empty_variables_are_unset(self) -> None:
+        env = {"CONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_ADDR": "", "CONSUL_CACERT": ""}
+        assert parse(minimal(), env=env).consul == ConsulSettings()
+
+    def test_token_file(self, tmp_path: Path) -> None:
+        token = write(tmp_path / "token", "\n  from-file \n")
+        env = {"CONSUL_HTTP_TOKEN_FILE": str(token)}
+        assert parse(minimal(), env=env).consul.token == "from-file"
+
+    def test_token_file_wins_over_token_like_consul(self, tmp_path: Path) -> None:
+        # Consul's api.NewClient: "-token-file, -token, CONSUL_HTTP_TOKEN_FILE,
+        # CONSUL_HTTP_TOKEN" in that order of precedence.
+        token = write(tmp_path / "token", "from-file\n")
+        env = {"CONSUL_HTTP_TOKEN": "from-env", "CONSUL_HTTP_TOKEN_FILE": str(token)}
+        assert parse(minimal(), env=env).consul.token == "from-file"
+
+    def test_unreadable_token_file_names_the_key(self, tmp_path: Path) -> None:
+        env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
+        assert problems(minimal(), env=env) == [
+            f"consul.token_file: cannot read {tmp_path / 'missing'}: No such file or directory"
+        ]
+
+    def test_tls_files(self, tmp_path: Path) -> None:
+        ca, cert, key = (write(tmp_path / n, "x") for n in ("ca.pem", "cert.pem", "key.pem"))
+        env = {
+            "CONSUL_CACERT": str(ca),
+            "CONSUL_CLIENT_CERT": str(cert),
+            "CONSUL_CLIENT_KEY": str(key),
+        }
+        consul = parse(minimal(), env=env).consul
+        assert (consul.ca_file, consul.cert_file, consul.key_file) == (str(ca), str(cert), str(key))
+
+    def test_client_cert_needs_its_key(self, tmp_path: Path) -> None:
+        env = {"CONSUL_CLIENT_CERT": str(write(tmp_path / "cert.pem", "x"))}
+        assert problems(minimal(), env=env) == [
+            "consul: cert_file and key_file must be given together"
+        ]
+
+    def test_missing_ca_file(self, tmp_path: Path) -> None:
+        env = {"CONSUL_CACERT": str(tmp_path / "nope.pem")}
+        assert problems(minimal(), env=env) == [f"consul.ca_file: cannot read {tmp_path}/nope.pem"]
+
+    @pytest.mark.parametrize(
+        ("value", "verify"),
+        [
+            ("false", False),
+            ("0", False),
+            ("FALSE", False),
+            ("False", False),
+            ("f", False),
+            ("true", True),
+            ("1", True),
+            ("TRUE", True),
+            ("t", True),
+        ],
+    )
+    def test_ssl_verify(self, value: str, verify: bool) -> None:
+        # Go's strconv.ParseBool, which the Consul CLI uses for CONSUL_HTTP_SSL_VERIFY.
+        env = {"CONSUL_HTTP_SSL_VERIFY": value}
+        assert parse(minimal(), env=env).consul.verify is verify
+
+    def test_the_file_wins_over_the_environment(self, tmp_path: Path) -> None:
+        ca_env, ca_file = write(tmp_path / "env-ca.pem", "x"), write(tmp_path / "ca.pem", "x")
+        token_file = write(tmp_path / "token", "file-token-file\n")
+        env = {
+            "CONSUL_HTTP_ADDR": "https://10.0.0.9:8501",
+            "CONSUL_HTTP_TOKEN": "env-token",
+            "CONSUL_CACERT": str(ca_env),
+            "CONSUL_HTTP_SSL_VERIFY": "false",
+        }
+        consul = parse(
+            minimal(
+                consul={
+                    "address": "127.0.0.5:8500",
+                    "token": "file-token",
+                    "ca_file": str(ca_file),
+                    "verify": True,
+                }
+            ),
+            env=env,
+        ).consul
+        assert consul.base_url == "http://127.0.0.5:8500"
+        assert consul.token == "file-token"
+        assert consul.ca_file == str(ca_file)
+        assert consul.verify is True
+        # The file's token_file beats the environment's token, and vice versa.
+        consul = parse(minimal(consul={"token_file": str(token_file)}), env=env).consul
+        assert consul.token == "file-token-file"
+        env2 = {"CONSUL_HTTP_TOKEN_FILE": str(token_file)}
+        assert parse(minimal(consul={"token": "t"}), env=env2).consul.token == "t"
+
+    def test_environment_fills_what_the_file_leaves_out(self) -> None:
+        env = {"CONSUL_HTTP_TOKEN": "env-token"}
+        consul = parse(minimal(consul={"address": "127.0.0.5:8500"}), env=env).consul
+        assert (consul.address, consul.token) == ("127.0.0.5:8500", "env-token")
+
+    def test_bad_address_from_the_environment_is_reported(self) -> None:
+        found = problems(minimal(), env={"CONSUL_HTTP_ADDR": "not an address"})
+        assert len(found) == 1 and found[0].startswith("consul.address: ")
+        assert "not an address" in found[0]
+
+    def test_process_environment_is_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://127.0.0.9:8501")
+        assert parse_config(minimal()).consul.base_url == "https://127.0.0.9:8501"
+
+
+def test_app_config_is_constructible_directly() -> None:
+    """Other modules' tests build AppConfig by hand; the defaults must stay usable."""
+    app = AppConfig(name="web", root="/srv")
+    assert app.hooks == {} and app.timeouts.hook == 300.0

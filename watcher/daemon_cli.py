@@ -1,0 +1,160 @@
+"""The `watcher` command: `watcher run` (the daemon) and `watcher check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pwd
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from watcher import __version__
+from watcher.config import DEFAULT_PATH, Config, load_config
+from watcher.errors import ConfigError, WatcherError
+from watcher.log import configure_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _default_config_path() -> str:
+    return os.environ.get("WATCHER_CONFIG") or str(DEFAULT_PATH)
+
+
+def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options accepted both before and after the subcommand (`watcher run -c FILE`)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="configuration file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="debug logging, and a traceback on unexpected errors",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default=default,
+        help="log format (default: JSON lines unless stdout is a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watcher",
+        description="release-watcher daemon: all-or-nothing release deploys over Consul",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run the daemon (systemd Type=notify)")
+    _common_options(run, suppress=True)
+    check = sub.add_parser(
+        "check-config", help="validate the configuration file and list every problem"
+    )
+    _common_options(check, suppress=True)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    fmt = {"json": True, "console": False, None: None}[args.log_format]
+    configure_logging(level="debug" if args.debug else "info", json=fmt)
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(f"{exc.source}: {problem}", file=sys.stderr)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Things that are valid but will not work on this host as it stands (warn, don't fail)."""
+    warnings: list[str] = []
+    for name, app in sorted(config.apps.items()):
+        root = Path(app.root)
+        if not root.is_dir():
+            warnings.append(f"apps.{name}.root: {root} does not exist (yet)")
+        if app.user:
+            try:
+                pwd.getpwnam(app.user)
+            except KeyError:
+                warnings.append(f'apps.{name}.user: no user "{app.user}" on this host')
+        for phase, commands in sorted(app.hooks.items()):
+            for i, argv in enumerate(commands):
+                path = Path(argv[0])
+                where = f"apps.{name}.hooks.{phase}[{i}]"
+                if not path.exists():
+                    warnings.append(f"{where}: {path} does not exist")
+                elif not path.is_file() or not os.access(path, os.X_OK):
+                    warnings.append(f"{where}: {path} is not executable")
+    return warnings
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """`watcher check-config`: every problem on stderr, one per line; exit 2 if any."""
+    config = load_config(args.config)
+    for warning in config_warnings(config):
+        print(f"{config.source}: warning: {warning}", file=sys.stderr)
+    names = ", ".join(sorted(config.apps))
+    count = len(config.apps)
+    print(f"{config.source}: OK ({count} app{'s' if count != 1 else ''}: {names})")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    """`watcher run`: load the config and hand over to the daemon loop."""
+    config = load_config(args.config)
+    try:
+        daemon = importlib.import_module("watcher.daemon")  # lazily: check-config needs none of it
+    except ModuleNotFoundError as exc:
+        if exc.name != "watcher.daemon":
+            raise
+        daemon = None
+    run_daemon = getattr(daemon, "run_daemon", None)
+    if run_daemon is None:
+        print("watcher: error: the daemon is not part of this build yet", file=sys.stderr)
+        return EXIT_FAILURE
+    return int(run_daemon(config, args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `watcher` console script."""
+    args = build_parser().parse_args(argv)
+    if args.config is None:
+        args.config = _default_config_path()
+    _configure_logging(args)
+    command = {"run": run, "check-config": check_config}[args.command]
+    try:
+        return command(args)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_CONFIG
+    except WatcherError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"watcher: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"watcher: error: unexpected {type(exc).__name__}: {exc} (run with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
