@@ -55,8 +55,9 @@ def check_artifact_id(value: str) -> str:
 
 def check_release(value: str) -> str:
     if not isinstance(value, str) or not RELEASE_RE.match(value):
-        raise PayloadError(f"invalid release name {value!r}: must look like "
-                           "20261126T143844Z-master-15eb13af")
+        raise PayloadError(
+            f"invalid release name {value!r}: must look like 20261126T143844Z-master-15eb13af"
+        )
     return value
 
 
@@ -200,16 +201,27 @@ class ArtifactRecord(Document):
     created_by: str = ""
 
     def validate(self, label: str) -> None:
-        _need(isinstance(self.id, str) and bool(ARTIFACT_ID_RE.match(self.id)), label,
-              f"invalid id {self.id!r}")
-        _need(isinstance(self.url, str) and self.url.startswith("s3://"), label,
-              f"url must be s3://bucket/key, got {self.url!r}")
-        _need(isinstance(self.sha256, str) and bool(SHA256_RE.match(self.sha256)), label,
-              "sha256 must be 64 lowercase hex digits")
-        _need(isinstance(self.size, int) and not isinstance(self.size, bool)
-              and self.size >= 0, label, "size must be a non-negative integer")
-        _need(self.format in ("tar.gz", "tar.zst", "tar"), label,
-              f"unknown format {self.format!r}")
+        _need(
+            isinstance(self.id, str) and bool(ARTIFACT_ID_RE.match(self.id)),
+            label,
+            f"invalid id {self.id!r}",
+        )
+        _need(
+            isinstance(self.url, str) and self.url.startswith("s3://"),
+            label,
+            f"url must be s3://bucket/key, got {self.url!r}",
+        )
+        _need(
+            isinstance(self.sha256, str) and bool(SHA256_RE.match(self.sha256)),
+            label,
+            "sha256 must be 64 lowercase hex digits",
+        )
+        _need(
+            isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 0,
+            label,
+            "size must be a non-negative integer",
+        )
+        _need(self.format in ("tar.gz", "tar.zst", "tar"), label, f"unknown format {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -222,8 +234,11 @@ class ReleaseRef(Document):
     deploy: str
 
     def validate(self, label: str) -> None:
-        _need(isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)), label,
-              f"invalid release {self.release!r}")
+        _need(
+            isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)),
+            label,
+            f"invalid release {self.release!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -265,13 +280,22 @@ class DeployRecord(Document):
     min_protocol: int = 1
 
     def validate(self, label: str) -> None:
-        _need(isinstance(self.id, str) and bool(DEPLOY_ID_RE.match(self.id)), label,
-              f"invalid deploy id {self.id!r}")
+        _need(
+            isinstance(self.id, str) and bool(DEPLOY_ID_RE.match(self.id)),
+            label,
+            f"invalid deploy id {self.id!r}",
+        )
         _need(self.kind in ("deploy", "rollback"), label, f"unknown kind {self.kind!r}")
-        _need(isinstance(self.expected, list) and all(isinstance(n, str) for n in self.expected),
-              label, "expected must be a list of node names")
-        _need(isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)), label,
-              f"invalid release {self.release!r}")
+        _need(
+            isinstance(self.expected, list) and all(isinstance(n, str) for n in self.expected),
+            label,
+            "expected must be a list of node names",
+        )
+        _need(
+            isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)),
+            label,
+            f"invalid release {self.release!r}",
+        )
         for name in ("requested_at", "prepare_deadline", "apply_deadline"):
             try:
                 parse_iso(getattr(self, name))

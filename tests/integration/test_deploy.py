@@ -1,0 +1,129 @@
+"""The deploy barrier end to end: real Consul agents, one `watcher run` per host, real S3."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import Fleet, wait_for
+from watcher.config import S3Settings
+
+CLUSTER = ClusterSpec(hosts=3)
+
+
+@pytest.fixture
+def fleet(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Fleet]:
+    # Each test gets its own KV prefix, app roots and bucket on the module's cluster.
+    f = Fleet(cluster, s3_settings, tmp_path, kv_prefix=f"w{time.monotonic_ns()}")
+    f.start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+class TestHappyPath:
+    def test_prefetch_then_deploy_all_hosts_live_on_same_release(self, fleet: Fleet) -> None:
+        record = fleet.publish("v1", announce=True)
+        prefetched = [
+            w.app_dir / "prefetched" / f"{record.id}-{record.sha256[:12]}" for w in fleet.watchers
+        ]
+        wait_for(lambda: all(p.is_dir() for p in prefetched), 30, "prefetch on every host", fleet)
+
+        w0 = fleet.watchers[0]
+        result = w0.ctl_json("deploy", "web", record.id)
+        assert result["result"] == "committed", result
+        release = result["release"]
+        assert release.endswith("-" + record.id)
+        assert fleet.currents() == {w.name: release for w in fleet.watchers}
+        for w in fleet.watchers:
+            assert (w.app_dir / "current" / "VERSION").read_text() == "v1\n"
+        assert {h["state"] for h in result["hosts"].values()} == {"live"}
+        fleet.wait_idle()
+
+        status = w0.ctl_json("status", "--fleet")
+        hosts = status["web"]["hosts"]
+        assert status["web"]["current"] == release
+        assert sorted(hosts) == sorted(w.name for w in fleet.watchers)
+        wait_for(
+            lambda: all(
+                h["release"] == release
+                for h in w0.ctl_json("status", "--fleet")["web"]["hosts"].values()
+            ),
+            10,
+            "host records on the release",
+            fleet,
+        )
+
+    def test_second_deploy_while_one_in_flight_is_refused(self, fleet: Fleet) -> None:
+        slow = fleet.watchers[1]
+        hook = slow.root / "slow-hook"
+        hook.write_text("#!/bin/sh\nsleep 4\n")
+        hook.chmod(0o755)
+        fleet.write_config(slow, {"hooks": {"post_release": str(hook)}})
+        slow.stop()
+        slow.start()
+        fleet.wait_members(3)
+        v1 = fleet.publish("v1")
+        first = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
+        second = fleet.watchers[2].ctl("deploy", "web", v1.id, "--no-wait", check=False)
+        assert second.returncode == 4, second
+        assert first["deploy"] in second.stderr and "in flight" in second.stderr
+        outcome = fleet.wait_outcome(first["deploy"])
+        assert outcome["result"] == "committed"
+
+
+class TestFailures:
+    def test_failing_post_release_on_one_host_aborts_everywhere(self, fleet: Fleet) -> None:
+        v1 = fleet.publish("v1")
+        assert fleet.watchers[0].ctl_json("deploy", "web", v1.id)["result"] == "committed"
+        before = fleet.currents()
+
+        marker_dir = fleet.workdir / "markers"
+        marker_dir.mkdir()
+        for w in fleet.watchers:
+            ok = w.root / "post-release-ok"
+            ok.write_text(f"#!/bin/sh\ntouch {marker_dir}/release-{w.name}\n")
+            ok.chmod(0o755)
+            bad = w.root / "post-release-bad"
+            bad.write_text(
+                "#!/bin/sh\nsleep 1\necho 'migrations failed: table locked' >&2\nexit 3\n"
+            )
+            bad.chmod(0o755)
+            abort = w.root / "post-abort"
+            abort.write_text(f"#!/bin/sh\ntouch {marker_dir}/abort-{w.name}\n")
+            abort.chmod(0o755)
+            post = bad if w is fleet.watchers[2] else ok
+            fleet.write_config(w, {"hooks": {"post_release": str(post), "post_abort": str(abort)}})
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+
+        v2 = fleet.publish("v2")
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "aborted"
+        bad_host = fleet.watchers[2].name
+        assert bad_host in summary["reason"] and "status 3" in summary["reason"]
+        assert "migrations failed" in summary["hosts"][bad_host]["output_tail"]
+        fleet.wait_idle()
+        assert fleet.currents() == before
+        for w in fleet.watchers[:2]:
+            assert (marker_dir / f"abort-{w.name}").exists(), "post_abort where post_release ran"
+            assert not (w.app_dir / "releases" / summary["release"]).exists()
+        assert not (marker_dir / f"abort-{bad_host}").exists()
+        states = {n: h["state"] for n, h in summary["hosts"].items()}
+        assert states[bad_host] == "failed"
+        assert all(s == "aborted" for n, s in states.items() if n != bad_host)
+
+    def test_unknown_artifact_is_refused_before_anything_is_written(self, fleet: Fleet) -> None:
+        result = fleet.watchers[0].ctl("deploy", "web", "main-00000000", check=False)
+        assert result.returncode != 0
+        assert "unknown artifact main-00000000" in result.stderr
+        assert fleet.inflight() is None

@@ -1,0 +1,557 @@
+"""What one host does for one app: prepare, apply or abort a deploy, and converge to KV.
+
+`AppAgent.reconcile()` is level-triggered: it reads KV (``inflight``, the deploy's records,
+``current``) and this host's phase journal, and starts at most one slow task (staging,
+hooks, flipping) on the app's worker thread. It never blocks on slow work itself, so the
+daemon's loop stays responsive. After a crash the journal says which phases are done;
+unfinished ones run again (hooks must be idempotent).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watcher import PROTOCOL_VERSION, __version__
+from watcher.barrier import DeployStore, DeployView, evaluate
+from watcher.config import AppConfig, Config
+from watcher.errors import (
+    ArtifactIntegrityError,
+    ArtifactNotFound,
+    ConsulError,
+    DeployRefused,
+    HookError,
+    PayloadError,
+    WatcherError,
+)
+from watcher.fsutil import atomic_write_json
+from watcher.hooks import HookContext, run_hooks
+from watcher.log import get_logger
+from watcher.records import (
+    ABORT,
+    ABORTED,
+    COMMIT,
+    FAILED,
+    FAILED_AFTER_COMMIT,
+    LIVE,
+    NODE_FINAL_STATES,
+    READY,
+    STAGING,
+    ArtifactRecord,
+    CurrentRecord,
+    DeployRecord,
+    HostRecord,
+    iso,
+    utcnow,
+)
+from watcher.releases import ReleaseEngine
+
+JOURNAL_NAME = "deploy.json"
+
+
+def read_journal(state_dir: Path) -> dict[str, Any] | None:
+    """This host's journal of the deploy it is part of (None when idle)."""
+    import json
+
+    try:
+        data = json.loads((state_dir / JOURNAL_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("deploy") else None
+
+
+class Journal:
+    """Phases done for this host's current deploy, in ``.state/deploy.json`` (atomic)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / JOURNAL_NAME
+        self.state_dir = state_dir
+
+    def read(self) -> dict[str, Any] | None:
+        return read_journal(self.state_dir)
+
+    def begin(self, record: DeployRecord) -> dict[str, Any]:
+        current = self.read()
+        if current and current.get("deploy") == record.id:
+            return current
+        data = {
+            "deploy": record.id,
+            "release": record.release,
+            "kind": record.kind,
+            "artifact": record.artifact,
+            "phases": [],
+            "started_at": iso(utcnow()),
+        }
+        self._write(data)
+        return data
+
+    def done(self, phase: str) -> None:
+        data = self.read()
+        if data is None:
+            return
+        if phase not in data["phases"]:
+            data["phases"].append(phase)
+            self._write(data)
+
+    def has(self, phase: str) -> bool:
+        data = self.read()
+        return bool(data and phase in data.get("phases", []))
+
+    def clear(self, deploy_id: str) -> None:
+        data = self.read()
+        if data and data.get("deploy") == deploy_id:
+            self.path.unlink(missing_ok=True)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, data)
+
+
+@dataclass
+class AgentStatus:
+    """What the health endpoint and `watcherctl status` learn from the agent."""
+
+    deploy: str | None = None
+    state: str = ""
+    undecided_since: float | None = None
+    last_outcome: str = ""
+    converge_error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AppAgent:
+    """One app on this host, driven by the daemon's loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        app: AppConfig,
+        engine: ReleaseEngine,
+        store: DeployStore,
+        node: str,
+        *,
+        session: Callable[[], str | None],
+        metrics: Any = None,
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.engine = engine
+        self.store = store
+        self.node = node
+        self.session = session
+        self.metrics = metrics
+        self.journal = Journal(engine.layout.state_dir)
+        self.log = get_logger(app=app.name, node=node)
+        self.status = AgentStatus()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"app-{app.name}")
+        self._task: Future[None] | None = None
+        self._task_key: tuple[str, str] | None = None
+        self._cancel = threading.Event()
+        self._host_written = 0.0
+        self._prefetch_lock = threading.Lock()
+
+    # --- the loop's entry point -------------------------------------------------------
+
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def reconcile(self, members: set[str] | None = None) -> str:
+        """Take the next step for this app; returns a short outcome for the cycle's log."""
+        if self._task is not None and self._task.done():
+            exc = self._task.exception()
+            if exc is not None:
+                self.log.error("task_crashed", task=self._task_key, error=repr(exc))
+            self._task, self._task_key = None, None
+        inflight_id, inflight_index = self.store.inflight()
+        journal = self.journal.read()
+        deploy_id = inflight_id
+        if journal and journal["deploy"] != inflight_id:
+            deploy_id = journal["deploy"]  # finish our part of an older deploy first
+        if deploy_id is None:
+            self.status.deploy, self.status.state = None, ""
+            self.status.undecided_since = None
+            return self._converge()
+        view = self.store.view(deploy_id)
+        if view is None:
+            self.log.warning("deploy_record_missing", deploy=deploy_id)
+            if journal and journal["deploy"] == deploy_id:
+                self.journal.clear(deploy_id)
+            return f"deploy {deploy_id} has no record"
+        if members is None:
+            members = set(self.store.members())
+        outcome = self._drive(view, inflight_id == deploy_id, inflight_index, members)
+        self._note_status(view)
+        return outcome
+
+    def _note_status(self, view: DeployView) -> None:
+        mine = view.nodes.get(self.node)
+        self.status.deploy = view.id
+        self.status.state = mine.state if mine else ""
+        if mine and mine.state == READY and view.decision is None:
+            if self.status.undecided_since is None:
+                self.status.undecided_since = time.monotonic()
+        else:
+            self.status.undecided_since = None
+
+    def _drive(
+        self, view: DeployView, in_flight: bool, inflight_index: int, members: set[str]
+    ) -> str:
+        rec = view.record
+        mine = view.nodes.get(self.node)
+        expected = self.node in rec.expected
+        outcome = "waiting"
+        if expected:
+            outcome = self._host_step(view, mine)
+        if in_flight:
+            session = self.session()
+            is_coord = False
+            if session and self.node in members:
+                is_coord = view.coordinator_session == session or self.store.acquire_coordinator(
+                    rec.id, session, self.node
+                )
+            step = evaluate(
+                self.store,
+                view,
+                node=self.node,
+                session=session,
+                is_coordinator=is_coord,
+                inflight_index=inflight_index,
+                members=members,
+                history_keep=self.config.daemon.history_keep,
+                on_validate_failure=self.app.on_validate_failure,
+            )
+            if step.action != "none":
+                outcome = f"{outcome}; coordinator {step.action} {step.detail}".strip()
+                if self.metrics is not None and step.action in ("committed", "aborted"):
+                    self.metrics.deploys.labels(app=self.app.name, outcome=step.action).inc()
+        return f"deploy {rec.id}: {outcome}"
+
+    def _host_step(self, view: DeployView, mine: Any) -> str:
+        """This host's part: start prepare / apply / abort on the worker if needed."""
+        rec = view.record
+        state = mine.state if mine else ""
+        decision = view.decision
+        if decision is None:
+            if state in ("", STAGING):
+                return self._start("prepare", rec.id, lambda: self._prepare(rec))
+            return state  # ready or failed: wait for the decision
+        if decision.outcome == COMMIT and state == READY:
+            return self._start("apply", rec.id, lambda: self._apply(rec))
+        if decision.outcome == ABORT and state not in NODE_FINAL_STATES:
+            self._cancel.set()
+            return self._start("abort", rec.id, lambda: self._abort(rec, state))
+        if decision.outcome == ABORT and state == FAILED and self.journal.read():
+            return self._start("abort", rec.id, lambda: self._abort(rec, state))
+        if state in NODE_FINAL_STATES or (decision.outcome == COMMIT and state != READY):
+            self.journal.clear(rec.id)
+        return state or decision.outcome
+
+    def _start(self, kind: str, deploy_id: str, fn: Callable[[], None]) -> str:
+        key = (kind, deploy_id)
+        if self.busy():
+            return f"{self._task_key[0] if self._task_key else 'task'} running"
+        if kind != "abort":
+            self._cancel.clear()
+        self._task_key = key
+        self._task = self._worker.submit(self._guard, kind, fn)
+        return f"{kind} started"
+
+    def _guard(self, kind: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except ConsulError as exc:
+            # KV unreachable mid-task: the next reconcile picks up from the journal.
+            self.log.warning("task_interrupted", task=kind, error=str(exc))
+
+    # --- prepare / apply / abort (worker thread) ---------------------------------------
+
+    def _hook_context(self, rec: DeployRecord, artifact: ArtifactRecord | None) -> HookContext:
+        lay = self.engine.layout
+        current = self.engine.current_release()
+        backup = self.engine.backup_release()
+        prev = (
+            backup
+            if backup and backup != rec.release
+            else (current if current != rec.release else self.engine.previous_release())
+        )
+        return HookContext(
+            app=self.app.name,
+            deploy_id=rec.id,
+            kind=rec.kind,
+            artifact=rec.artifact,
+            commit=artifact.commit if artifact else "",
+            branch=artifact.branch if artifact else "",
+            release=rec.release,
+            release_dir=str(lay.release_dir(rec.release)),
+            previous_release_dir=str(lay.release_dir(prev)) if prev else "",
+            current=str(lay.current),
+            current_backup=str(lay.current_backup),
+        )
+
+    def _artifact(self, rec: DeployRecord) -> ArtifactRecord:
+        artifact = self.store.artifact(rec.artifact)
+        if artifact is None:
+            raise ArtifactNotFound(
+                f"unknown artifact {rec.artifact}: no record at "
+                f"{self.store.keys.artifact(rec.artifact)}"
+            )
+        if rec.sha256 and artifact.sha256 != rec.sha256:
+            raise ArtifactIntegrityError(
+                f"artifact {rec.artifact}: record sha256 {artifact.sha256} differs from the "
+                f"deploy's {rec.sha256}"
+            )
+        return artifact
+
+    def _prepare(self, rec: DeployRecord) -> None:
+        started = time.monotonic()
+        self.journal.begin(rec)
+        if not self.store.write_progress(
+            rec.id, self.node, STAGING, timings={"staging_at": iso(utcnow())}
+        ):
+            return
+        try:
+            if rec.min_protocol > PROTOCOL_VERSION:
+                raise DeployRefused(
+                    f"this watcher speaks protocol {PROTOCOL_VERSION}, the "
+                    f"deploy needs {rec.min_protocol}"
+                )
+            hold = self.engine.held()
+            if hold is not None:
+                raise DeployRefused(f"held: {hold.reason} (by {hold.by})")
+            artifact = self._artifact(rec)
+            with self._prefetch_lock, self.engine.lock(owner=f"deploy {rec.id}"):
+                self.engine.stage(artifact, rec.release, rec.id)
+            self._check_cancel()
+            with self.engine.lock(owner=f"deploy {rec.id}"):
+                live = self.engine.current_release()
+                if live and live != rec.release:
+                    self.engine.set_backup(live)
+            self.journal.done("staged")
+            self._check_cancel()
+            run_hooks(self.app, "post_release", self._hook_context(rec, artifact))
+            self.engine.mark_post_release_done(rec.release)
+            self.journal.done("post_release")
+        except _Cancelled:
+            self.log.info("prepare_cancelled", deploy=rec.id)
+            return
+        except WatcherError as exc:
+            self.log.error("prepare_failed", deploy=rec.id, error=str(exc))
+            self.store.write_progress(
+                rec.id,
+                self.node,
+                FAILED,
+                error=str(exc),
+                output_tail=getattr(exc, "output_tail", ""),
+                timings={"failed_at": iso(utcnow())},
+            )
+            self._observe("prepare", started)
+            return
+        self.store.write_progress(rec.id, self.node, READY, timings={"staged_at": iso(utcnow())})
+        self.log.info(
+            "prepare_ready",
+            deploy=rec.id,
+            release=rec.release,
+            took_ms=round((time.monotonic() - started) * 1000),
+        )
+        self._observe("prepare", started)
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled
+
+    def _apply(self, rec: DeployRecord) -> None:
+        started = time.monotonic()
+        self.journal.begin(rec)
+        artifact = None
+        try:
+            artifact = self._artifact(rec)
+        except (ArtifactNotFound, ArtifactIntegrityError, PayloadError) as exc:
+            self.log.warning("artifact_record_unreadable", deploy=rec.id, error=str(exc))
+        ctx = self._hook_context(rec, artifact)
+        flipped_at = iso(utcnow())
+        try:
+            if not self.journal.has("flipped"):
+                with self.engine.lock(owner=f"deploy {rec.id}"):
+                    if self.engine.current_release() != rec.release:
+                        self.engine.flip(rec.release)
+                flipped_at = iso(utcnow())
+                self.journal.done("flipped")
+                self._write_host(rec.release, force=True)
+            if self.metrics is not None:
+                self.metrics.flip_timestamp_seconds.labels(app=self.app.name).set(time.time())
+            if not self.journal.has("post_symlink"):
+                run_hooks(self.app, "post_symlink", ctx)
+                self.journal.done("post_symlink")
+            with self.engine.lock(owner=f"deploy {rec.id}"):
+                self.engine.clear_backup()
+            run_hooks(self.app, "validate", ctx)
+        except WatcherError as exc:
+            self.log.error("apply_failed", deploy=rec.id, error=str(exc))
+            self.store.write_progress(
+                rec.id,
+                self.node,
+                FAILED_AFTER_COMMIT,
+                error=str(exc),
+                output_tail=getattr(exc, "output_tail", ""),
+                timings={"flipped_at": flipped_at, "failed_at": iso(utcnow())},
+            )
+            self.journal.clear(rec.id)
+            return
+        self.store.write_progress(
+            rec.id, self.node, LIVE, timings={"flipped_at": flipped_at, "live_at": iso(utcnow())}
+        )
+        self.journal.clear(rec.id)
+        self._observe("apply", started)
+        self.log.info(
+            "deploy_live",
+            deploy=rec.id,
+            release=rec.release,
+            took_ms=round((time.monotonic() - started) * 1000),
+        )
+
+    def _abort(self, rec: DeployRecord, state: str) -> None:
+        ctx = self._hook_context(rec, None)
+        if self.engine.post_release_done(rec.release) and self.journal.has("post_release"):
+            try:
+                run_hooks(self.app, "post_abort", ctx)
+            except HookError as exc:
+                self.log.error("post_abort_failed", deploy=rec.id, error=str(exc))
+        with self.engine.lock(owner=f"abort {rec.id}"):
+            self.engine.clear_backup()
+            info = self.engine.release_info(rec.release)
+            staged_here = info is not None and info.get("deploy_id") == rec.id
+            if (
+                staged_here
+                and self.journal.has("post_release")
+                and self.engine.current_release() != rec.release
+            ):
+                self.engine.drop_release(rec.release)
+        if state not in NODE_FINAL_STATES and state != "":
+            self.store.write_progress(
+                rec.id, self.node, ABORTED, timings={"aborted_at": iso(utcnow())}
+            )
+        self.journal.clear(rec.id)
+        self.log.info("deploy_aborted_here", deploy=rec.id, release=rec.release)
+
+    def _observe(self, phase: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.deploy_phase_seconds.labels(app=self.app.name, phase=phase).observe(
+                time.monotonic() - started
+            )
+
+    # --- converge --------------------------------------------------------------------
+
+    def _converge(self) -> str:
+        current, _ = self.store.current()
+        local = self.engine.current_release()
+        self._write_host(local)
+        if current is None:
+            return "idle (no committed release yet)"
+        if local == current.release:
+            self.status.converge_error = ""
+            return "idle"
+        if self.engine.held() is not None:
+            return f"held (fleet is on {current.release}, this host on {local})"
+        if self.busy():
+            return "converging"
+        return self._start("converge", current.deploy, lambda: self._converge_to(current))
+
+    def _converge_to(self, current: CurrentRecord) -> None:
+        """Stage and flip to the fleet's committed release, without a new barrier."""
+        rec_like = DeployRecord(
+            id=current.deploy,
+            app=self.app.name,
+            kind="converge",
+            artifact=current.artifact,
+            sha256=current.sha256,
+            release=current.release,
+            requested_by="converge",
+            requested_at=iso(utcnow()),
+            expected=[self.node],
+            prepare_deadline=iso(utcnow()),
+            apply_deadline=iso(utcnow()),
+        )
+        try:
+            artifact = self._artifact(rec_like)
+            with self.engine.lock(owner="converge"):
+                self.engine.stage(artifact, current.release, current.deploy)
+            ctx = self._hook_context(rec_like, artifact)
+            run_hooks(self.app, "post_release", ctx)
+            self.engine.mark_post_release_done(current.release)
+            with self.engine.lock(owner="converge"):
+                self.engine.flip(current.release)
+            run_hooks(self.app, "post_symlink", ctx)
+            run_hooks(self.app, "validate", ctx)
+        except WatcherError as exc:
+            self.status.converge_error = str(exc)
+            self.log.error("converge_failed", release=current.release, error=str(exc))
+            return
+        self.status.converge_error = ""
+        self._write_host(current.release, force=True)
+        self.log.info("converged", release=current.release, deploy=current.deploy)
+
+    # --- host record and prefetch -----------------------------------------------------
+
+    def _write_host(self, release: str | None, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._host_written < 30:
+            return
+        record = HostRecord(
+            node=self.node,
+            release=release,
+            last_seen=iso(utcnow()),
+            watcher_version=__version__,
+            state=self.status.state,
+        )
+        try:
+            self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
+            self._host_written = now
+        except ConsulError as exc:
+            self.log.warning("host_record_not_written", error=str(exc))
+
+    def prefetch(self, artifact_id: str) -> None:
+        """Download, verify and (per config) pre-extract an announced artifact (worker)."""
+        started = time.monotonic()
+        for attempt in range(5):
+            try:
+                record = self.store.artifact(artifact_id)
+            except PayloadError as exc:
+                self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+                return
+            if record is not None:
+                break
+            time.sleep(0.2 * (attempt + 1))
+        else:
+            self.log.error(
+                "prefetch_failed",
+                artifact=artifact_id,
+                error=f"no artifact record at {self.store.keys.artifact(artifact_id)}",
+            )
+            return
+        try:
+            with self._prefetch_lock:
+                self.engine.prefetch(record)
+        except WatcherError as exc:
+            self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+            return
+        self.log.info(
+            "prefetched",
+            artifact=artifact_id,
+            mode=self.app.prefetch,
+            took_ms=round((time.monotonic() - started) * 1000),
+        )
+
+    def shutdown(self, wait: bool) -> None:
+        self._worker.shutdown(wait=wait, cancel_futures=True)
+
+    def has_deploy_in_flight(self) -> bool:
+        return self.journal.read() is not None or self.busy()
+
+
+class _Cancelled(Exception):
+    """The deploy was decided (aborted) while this host was still preparing."""

@@ -1,0 +1,131 @@
+"""`watcherctl`: the operator CLI; argument parsing, output and exit codes for every command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from watcher.config import Config, load_config
+from watcher.errors import (
+    ConfigError,
+    ConsulError,
+    DeployError,
+    LockTimeout,
+    S3Error,
+    WatcherError,
+)
+from watcher.log import configure_logging
+
+# Each module defines `register(subparsers, common)` and sets `func(ctx) -> int` on its parsers.
+COMMAND_MODULES = ("watcher.ctl_local", "watcher.ctl_fleet", "watcher.ctl_publish")
+
+# Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 Consul or S3
+# unreachable or refused, 4 refused because of state (deploy in flight, hold, lock held).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+
+@dataclass
+class CtlContext:
+    """What a command needs: its arguments, and the config loaded on first use."""
+
+    args: argparse.Namespace
+    _config: Config | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.args.config)
+        return self._config
+
+    @property
+    def as_json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    def emit(self, data: Any, human: Callable[[Any], str] | None = None) -> None:
+        """Print ``data`` as JSON with --json, else ``human(data)`` (or the JSON if none)."""
+        if self.as_json or human is None:
+            print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        else:
+            text = human(data)
+            if text:
+                print(text)
+
+
+def user_at_host() -> str:
+    """The invoking operator, for ``requested_by``: ``$SUDO_USER`` or the login, at this host."""
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER")
+    if not user:
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+    return f"{user}@{os.uname().nodename}"
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = argparse.ArgumentParser(
+        prog="watcherctl", description="Operate release-watcher on this host and the fleet."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, common)
+    return parser
+
+
+def exit_code_for(exc: WatcherError) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, ConsulError | S3Error):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, DeployError | LockTimeout):
+        return EXIT_REFUSED
+    return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(level="debug" if args.debug else "warning", stream=sys.stderr)
+    ctx = CtlContext(args)
+    try:
+        code: int = args.func(ctx)
+        return code
+    except WatcherError as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, ConfigError) and len(exc.problems) > 1:
+            for problem in exc.problems:
+                print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
+        else:
+            print(f"watcherctl: error: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        print("watcherctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""`watcherctl` fleet commands: status, deploy, rollback, history, abort."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from watcher.barrier import (
+    DeployStore,
+    DeployView,
+    new_deploy_id,
+    resolve_artifact,
+    rollback_target,
+    summarize_states,
+)
+from watcher.config import AppConfig
+from watcher.consul_api import ConsulClient
+from watcher.ctl import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, CtlContext, table, user_at_host
+from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
+from watcher.records import ABORT, DeployRecord, parse_iso
+from watcher.releases import ReleaseEngine
+
+DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("status", parents=[common], help="this host, or every host with --fleet")
+    p.add_argument("app", nargs="?", help="only this app")
+    p.add_argument("--fleet", action="store_true", help="every member of every app, from KV")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("deploy", parents=[common], help="deploy an artifact to the whole fleet")
+    p.add_argument("app")
+    p.add_argument("artifact", help="artifact id, e.g. master-15eb13af")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="retry the last failed deploy of this artifact under the same release "
+        "name, reusing what hosts already staged",
+    )
+    _deploy_options(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="roll the fleet back to the previous release (or --to RELEASE)",
+    )
+    p.add_argument("app")
+    p.add_argument("--to", dest="to", metavar="RELEASE", help="a release from the history")
+    p.add_argument(
+        "--local", action="store_true", help="flip this host only, and place a hold on it"
+    )
+    _deploy_options(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "history", parents=[common], help="who deployed what, when, and how it ended"
+    )
+    p.add_argument("app")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("abort", parents=[common], help="abort a deploy that is not decided yet")
+    p.add_argument("deploy")
+    p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=cmd_abort)
+
+
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="deploy to the live members even if known hosts have no member key",
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the deploy is started")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the outcome (default: the deploy's deadlines)",
+    )
+
+
+def _consul(ctx: CtlContext) -> ConsulClient:
+    return ConsulClient(ctx.config.consul)
+
+
+def _store(ctx: CtlContext, app: str) -> DeployStore:
+    ctx.config.app(app)  # a clear error for an unknown app
+    return DeployStore(_consul(ctx), ctx.config.kv_prefix, app)
+
+
+# --- deploy / rollback -----------------------------------------------------------------
+
+
+def cmd_deploy(ctx: CtlContext) -> int:
+    args = ctx.args
+    app = ctx.config.app(args.app)
+    store = _store(ctx, args.app)
+    artifact = resolve_artifact(store, args.artifact)
+    release, resume_of = None, None
+    if args.resume:
+        resume_of, release = _resumable(store, args.artifact)
+    expected = store.expected_members(allow_missing=args.allow_missing)
+    record = store.new_record(
+        deploy_id=new_deploy_id(),
+        kind="deploy",
+        artifact=artifact,
+        release=release,
+        requested_by=user_at_host(),
+        expected=expected,
+        prepare_timeout=app.timeouts.prepare,
+        apply_timeout=app.timeouts.apply,
+        resume_of=resume_of,
+    )
+    return _start_and_wait(ctx, store, record)
+
+
+def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
+    for deploy_id in reversed(store.history()):
+        view = store.view(deploy_id)
+        if view is None or view.record.artifact != artifact_id:
+            continue
+        if view.decision is not None and view.decision.outcome == ABORT:
+            return view.id, view.record.release
+        raise DeployRefused(
+            f"app {store.app}: the last deploy of {artifact_id} ({deploy_id}) "
+            "did not fail; nothing to resume"
+        )
+    raise DeployRefused(f"app {store.app}: no failed deploy of {artifact_id} to resume")
+
+
+def cmd_rollback(ctx: CtlContext) -> int:
+    args = ctx.args
+    if args.local:
+        from watcher.ctl_local import rollback_local
+
+        return rollback_local(ctx)
+    app = ctx.config.app(args.app)
+    store = _store(ctx, args.app)
+    target = rollback_target(store, args.to)
+    expected = store.expected_members(allow_missing=args.allow_missing)
+    record = store.new_record(
+        deploy_id=new_deploy_id(),
+        kind="rollback",
+        artifact=target,
+        release=target.release,
+        requested_by=user_at_host(),
+        expected=expected,
+        prepare_timeout=app.timeouts.prepare,
+        apply_timeout=app.timeouts.apply,
+    )
+    return _start_and_wait(ctx, store, record)
+
+
+def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
+    store.start(record, history_keep=ctx.config.daemon.history_keep)
+    payload = json.dumps({"app": store.app, "deploy": record.id}, separators=(",", ":"))
+    try:  # the event is only a doorbell: every daemon already watches `inflight`
+        store.consul.event_fire(record.kind, payload.encode())
+    except ConsulError as exc:
+        if not ctx.as_json:
+            print(
+                f"watcherctl: warning: event not fired ({exc}); daemons learn of the deploy "
+                "from KV anyway"
+            )
+    if not ctx.as_json:
+        print(
+            f"{record.kind} {record.id}: {record.release} to {len(record.expected)} host(s) "
+            f"({', '.join(record.expected)})"
+        )
+    if ctx.args.no_wait:
+        ctx.emit({"deploy": record.id, "release": record.release, "state": "started"}, lambda d: "")
+        return EXIT_OK
+    deadline = (
+        ctx.args.timeout
+        if ctx.args.timeout is not None
+        else (parse_iso(record.apply_deadline) - datetime.now(UTC)).total_seconds() + 30
+    )
+    view = _wait_for_outcome(ctx, store, record.id, deadline)
+    result = view.outcome.result if view and view.outcome else "unknown (still running)"
+    data = _deploy_summary(view) if view else {"deploy": record.id}
+    ctx.emit(data, _human_summary)
+    return EXIT_OK if result == "committed" else EXIT_FAILED
+
+
+def _wait_for_outcome(
+    ctx: CtlContext, store: DeployStore, deploy_id: str, timeout: float
+) -> DeployView | None:
+    end = time.monotonic() + max(timeout, 1.0)
+    seen: dict[str, str] = {}
+    index = 0
+    view = None
+    while time.monotonic() < end:
+        view = store.view(deploy_id)
+        if view is None:
+            return None
+        if not ctx.as_json:
+            for node, progress in sorted(view.nodes.items()):
+                if seen.get(node) != progress.state:
+                    seen[node] = progress.state
+                    detail = f": {progress.error}" if progress.error else ""
+                    print(f"  {node}: {progress.state}{detail}", flush=True)
+            if view.decision and seen.get("<decision>") != view.decision.outcome:
+                seen["<decision>"] = view.decision.outcome
+                print(f"  decision: {view.decision.outcome} ({view.decision.reason})", flush=True)
+        if view.outcome is not None:
+            return view
+        index, _ = store.consul.kv_list_blocking(
+            store.keys.deploy_prefix(deploy_id), index, min(5.0, max(end - time.monotonic(), 0.1))
+        )
+    return view
+
+
+def _deploy_summary(view: DeployView) -> dict[str, Any]:
+    rec = view.record
+    return {
+        "deploy": rec.id,
+        "app": rec.app,
+        "kind": rec.kind,
+        "artifact": rec.artifact,
+        "release": rec.release,
+        "requested_by": rec.requested_by,
+        "requested_at": rec.requested_at,
+        "expected": rec.expected,
+        "resume_of": rec.resume_of,
+        "rollback_of": rec.rollback_of,
+        "decision": (
+            None
+            if view.decision is None
+            else {
+                "outcome": view.decision.outcome,
+                "reason": view.decision.reason,
+                "by": view.decision.by,
+                "at": view.decision.at,
+            }
+        ),
+        "result": view.outcome.result if view.outcome else None,
+        "reason": view.outcome.reason if view.outcome else "",
+        "rollback_deploy": view.outcome.rollback_deploy if view.outcome else None,
+        "hosts": {
+            n: {"state": p.state, "error": p.error, "output_tail": p.output_tail, **p.timings}
+            for n, p in sorted(view.nodes.items())
+        },
+    }
+
+
+def _human_summary(data: dict[str, Any]) -> str:
+    lines = [
+        f"{data.get('kind', 'deploy')} {data['deploy']}: {data.get('result') or 'in progress'}"
+    ]
+    if data.get("reason"):
+        lines.append(f"  reason: {data['reason']}")
+    if data.get("rollback_deploy"):
+        lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
+    return "\n".join(lines)
+
+
+# --- history / abort ---------------------------------------------------------------------
+
+
+def cmd_history(ctx: CtlContext) -> int:
+    store = _store(ctx, ctx.args.app)
+    rows = []
+    for deploy_id in list(reversed(store.history()))[: max(ctx.args.limit, 1)]:
+        try:
+            view = store.view(deploy_id)
+        except PayloadError:
+            continue
+        if view is not None:
+            rows.append(_deploy_summary(view))
+
+    def human(items: list[dict[str, Any]]) -> str:
+        if not items:
+            return f"no deploys of {ctx.args.app} recorded"
+        out = []
+        for d in items:
+            failures = "; ".join(
+                f"{n}: {h['state']} {h['error']}".strip()
+                for n, h in d["hosts"].items()
+                if h["state"] in ("failed", "failed_after_commit")
+            )
+            out.append(
+                [
+                    d["deploy"],
+                    d["kind"],
+                    d["release"],
+                    d["requested_by"],
+                    d["requested_at"],
+                    d["result"] or "in flight",
+                    failures or (d["reason"] if d["result"] != "committed" else ""),
+                ]
+            )
+        return table(out, ["DEPLOY", "KIND", "RELEASE", "BY", "AT", "RESULT", "DETAIL"])
+
+    ctx.emit(rows, human)
+    return EXIT_OK
+
+
+def cmd_abort(ctx: CtlContext) -> int:
+    deploy_id = ctx.args.deploy
+    apps = [ctx.args.app] if ctx.args.app else sorted(ctx.config.apps)
+    for name in apps:
+        store = _store(ctx, name)
+        if store.deploy_record(deploy_id) is None:
+            continue
+        by = user_at_host()
+        reason = f"aborted by {by}" + (f": {ctx.args.reason}" if ctx.args.reason else "")
+        if store.abort(deploy_id, reason, by=by):
+            ctx.emit(
+                {"deploy": deploy_id, "app": name, "aborted": True},
+                lambda d: f"deploy {deploy_id} aborted",
+            )
+            return EXIT_OK
+        view = store.view(deploy_id)
+        decision = view.decision if view else None
+        what = f"{decision.outcome} ({decision.reason})" if decision else "unknown"
+        ctx.emit(
+            {"deploy": deploy_id, "app": name, "aborted": False, "decision": what},
+            lambda d: f"watcherctl: deploy {d['deploy']} is already decided: {d['decision']}",
+        )
+        return EXIT_REFUSED
+    raise DeployRefused(f"no deploy {deploy_id} in app(s) {', '.join(apps)}")
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def daemon_status(state_dir: str) -> dict[str, Any]:
+    """The daemon's own status file, and whether it is running."""
+    path = Path(state_dir) / "status.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {"running": False, "reason": f"no status at {path}"}
+    pid = int(data.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:
+        alive = True
+    age = (datetime.now(UTC) - parse_iso(data["updated_at"])).total_seconds()
+    data["running"] = alive and age < DAEMON_STALE_AFTER
+    data["age_s"] = round(age, 1)
+    if not data["running"]:
+        data["reason"] = "process gone" if not alive else f"no update for {age:.0f}s"
+    return data
+
+
+def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
+    engine = ReleaseEngine(app)
+    releases = engine.list_releases()
+    hold = engine.held()
+    prefetched = []
+    for folder in (engine.layout.prefetched_dir, engine.layout.artifacts_dir):
+        if folder.is_dir():
+            prefetched += sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    return {
+        "current": engine.current_release(),
+        "previous": engine.previous_release(),
+        "backup": engine.backup_release(),
+        "staged": [r.release for r in releases],
+        "hold": hold.to_dict() if hold else None,
+        "prefetched": prefetched,
+        "daemon": daemon.get("apps", {}).get(app.name),
+    }
+
+
+def cmd_status(ctx: CtlContext) -> int:
+    config = ctx.config
+    names = [ctx.args.app] if ctx.args.app else sorted(config.apps)
+    for name in names:
+        config.app(name)
+    if ctx.args.fleet:
+        return _fleet_status(ctx, names)
+    daemon = daemon_status(config.daemon.state_dir)
+    consul = _consul(ctx)
+    node = config.node or daemon.get("node")
+    data: dict[str, Any] = {
+        "node": node,
+        "daemon": daemon,
+        "consul": {"address": config.consul.base_url, "reachable": True, "error": ""},
+        "apps": {},
+    }
+    for name in names:
+        app = config.app(name)
+        entry = _local_app(app, daemon)
+        try:
+            if node is None:
+                node = consul.agent_node_name()
+                data["node"] = node
+            store = DeployStore(consul, config.kv_prefix, name)
+            fleet_current, _ = store.current()
+            entry["fleet_current"] = fleet_current.release if fleet_current else None
+            inflight, _ = store.inflight()
+            entry["deploy"] = None
+            if inflight:
+                view = store.view(inflight)
+                if view is not None:
+                    mine = view.nodes.get(node or "")
+                    state = (
+                        mine.state
+                        if mine
+                        else ("pending" if node in view.record.expected else "not expected")
+                    )
+                    entry["deploy"] = {
+                        "id": inflight,
+                        "kind": view.record.kind,
+                        "release": view.record.release,
+                        "decision": view.decision.outcome if view.decision else None,
+                        "this_host": state,
+                        "states": summarize_states(view),
+                    }
+        except WatcherError as exc:
+            data["consul"].update(reachable=False, error=str(exc))
+        undecided = (entry.get("daemon") or {}).get("undecided")
+        if undecided:
+            entry["undecided"] = undecided
+        data["apps"][name] = entry
+    ctx.emit(data, _human_status)
+    return EXIT_OK
+
+
+def _human_status(data: dict[str, Any]) -> str:
+    d = data["daemon"]
+    daemon = (
+        f"watcher running (pid {d['pid']})"
+        if d.get("running")
+        else f"watcher NOT running ({d.get('reason', '')})"
+    )
+    c = data["consul"]
+    consul = (
+        f"consul reachable at {c['address']}"
+        if c["reachable"]
+        else f"consul UNREACHABLE at {c['address']}: {c['error']}"
+    )
+    lines = [f"host {data['node'] or '?'}: {daemon}; {consul}"]
+    for name, a in data["apps"].items():
+        lines.append(f"app {name}")
+        lines.append(f"  current     {a['current'] or '-'}")
+        lines.append(f"  previous    {a['previous'] or '-'}")
+        if "fleet_current" in a and a["fleet_current"] != a["current"]:
+            lines.append(f"  fleet is on {a['fleet_current'] or '-'} (this host differs)")
+        if a["backup"]:
+            lines.append(f"  backup      {a['backup']}")
+        lines.append(f"  staged      {len(a['staged'])}: {', '.join(a['staged'][-5:]) or '-'}")
+        hold = a["hold"]
+        lines.append(
+            f"  hold        {hold['reason'] + ' (by ' + hold['by'] + ')' if hold else '-'}"
+        )
+        lines.append(f"  prefetched  {', '.join(a['prefetched']) or '-'}")
+        dep = a.get("deploy")
+        if dep:
+            state = "UNDECIDED" if a.get("undecided") else dep["this_host"]
+            lines.append(
+                f"  deploy      {dep['id']} ({dep['kind']} of {dep['release']}): "
+                f"this host {state}; decision {dep['decision'] or 'pending'}"
+            )
+        else:
+            lines.append("  deploy      none in flight")
+    return "\n".join(lines)
+
+
+def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
+    consul = _consul(ctx)
+    data: dict[str, Any] = {}
+    for name in names:
+        store = DeployStore(consul, ctx.config.kv_prefix, name)
+        members = store.members()
+        hosts = store.hosts()
+        current, _ = store.current()
+        inflight, _ = store.inflight()
+        view = store.view(inflight) if inflight else None
+        rows = {}
+        for node in sorted(set(members) | set(hosts)):
+            host = hosts.get(node)
+            state = ""
+            if view is not None:
+                progress = view.nodes.get(node)
+                state = (
+                    progress.state
+                    if progress
+                    else ("pending" if node in view.record.expected else "not expected")
+                )
+            rows[node] = {
+                "node": node,
+                "release": host.release if host else None,
+                "member": node in members,
+                "deploy_state": state,
+                "last_seen": host.last_seen if host else None,
+                "on_fleet_release": bool(host and current and host.release == current.release),
+            }
+        data[name] = {
+            "current": current.release if current else None,
+            "previous": (current.previous or {}).get("release") if current else None,
+            "deploy": (
+                {
+                    "id": view.id,
+                    "kind": view.record.kind,
+                    "release": view.record.release,
+                    "decision": view.decision.outcome if view.decision else None,
+                }
+                if view
+                else None
+            ),
+            "hosts": rows,
+        }
+
+    def human(d: dict[str, Any]) -> str:
+        out = []
+        for name, a in d.items():
+            dep = a["deploy"]
+            head = f"app {name}: fleet on {a['current'] or '-'}"
+            if dep:
+                head += (
+                    f"; {dep['kind']} {dep['id']} of {dep['release']} in flight "
+                    f"(decision {dep['decision'] or 'pending'})"
+                )
+            out.append(head)
+            out.append(
+                table(
+                    [
+                        [
+                            h["node"],
+                            h["release"] or "-",
+                            "alive" if h["member"] else "DOWN",
+                            h["deploy_state"] or "-",
+                            h["last_seen"] or "-",
+                        ]
+                        for h in a["hosts"].values()
+                    ],
+                    ["NODE", "RELEASE", "WATCHER", "DEPLOY", "LAST SEEN"],
+                )
+            )
+        return "\n".join(out)
+
+    ctx.emit(data, human)
+    return EXIT_OK

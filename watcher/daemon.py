@@ -1,0 +1,588 @@
+"""`watcher run`: the daemon's loop, signals, Consul session, watches and events.
+
+Threads: the main loop (reconciles every app on each wake-up or tick), the session keeper
+(renews well inside the TTL, so slow work never starves it), one blocking-query watch per
+small key (``inflight``, ``current``, ``members/``, and ``deploys/<id>/`` of the deploy in
+flight), the event watcher, one worker per app for staging/hooks/flips, and a prefetch pool.
+Signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from watcher import __version__
+from watcher.agent import AppAgent
+from watcher.artifacts import ArtifactCache
+from watcher.barrier import DeployStore
+from watcher.config import Config, load_config
+from watcher.consul_api import ConsulClient, ConsulEvent
+from watcher.errors import ConfigError, ConsulError, PayloadError, WatcherError
+from watcher.events import EventRequest, HandledEvents, parse_event
+from watcher.fsutil import atomic_write_json
+from watcher.health import HealthServer, HealthState, Metrics
+from watcher.log import get_logger
+from watcher.notify import SystemdNotifier
+from watcher.records import READY, iso, utcnow
+from watcher.releases import ReleaseEngine
+from watcher.s3 import S3Store
+
+TICK = 1.0  # seconds between reconciles when nothing wakes the loop (deadlines, retries)
+WATCH_WAIT = 20.0  # blocking query wait
+HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
+STATUS_FILE = "status.json"
+SESSION_FILE = "session.json"
+EVENTS_FILE = "events.json"
+
+log = get_logger(component="daemon")
+
+
+class Flags:
+    """Set by signal handlers; read by the loop."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.wake = threading.Event()
+
+
+class SessionKeeper(threading.Thread):
+    """Owns this daemon's Consul session: reuse after a restart, renew, recreate when lost."""
+
+    def __init__(
+        self,
+        consul: ConsulClient,
+        node: str,
+        ttl: float,
+        state_dir: Path,
+        health: HealthState,
+        metrics: Metrics,
+        on_change: Callable[[], None],
+    ) -> None:
+        super().__init__(name="session", daemon=True)
+        self.consul = consul
+        self.node = node
+        self.ttl = ttl
+        self.path = state_dir / SESSION_FILE
+        self.health = health
+        self.metrics = metrics
+        self.on_change = on_change
+        self.stopping = threading.Event()
+        self._id: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def session_id(self) -> str | None:
+        with self._lock:
+            return self._id
+
+    def _set(self, session_id: str | None) -> None:
+        with self._lock:
+            self._id = session_id
+
+    def obtain(self) -> str:
+        """Reuse the session kept in state_dir while Consul still knows it, else create one."""
+        try:
+            kept = json.loads(self.path.read_text()).get("id")
+        except (FileNotFoundError, ValueError, AttributeError):
+            kept = None
+        if kept:
+            info = self.consul.session_info(str(kept))
+            if info and info.get("Node") == self.node and self.consul.session_renew(str(kept)):
+                log.info("session_reused", session=kept)
+                return str(kept)
+        session_id = self.consul.session_create(
+            f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.path, {"id": session_id, "node": self.node, "created_at": iso(utcnow())}
+        )
+        log.info("session_created", session=session_id, ttl_s=self.ttl)
+        return session_id
+
+    def run(self) -> None:
+        interval = max(self.ttl / 3.0, 0.3)
+        while not self.stopping.is_set():
+            try:
+                current = self.session_id
+                if current is None:
+                    self._set(self.obtain())
+                    self.health.session_ok(str(self.session_id))
+                    self.on_change()
+                elif not self.consul.session_renew(current):
+                    log.warning("session_lost", session=current)
+                    self.health.session_lost(f"session {current} invalidated by Consul")
+                    self._set(None)
+                    self.on_change()
+                    continue
+                else:
+                    self.health.session_ok(current)
+            except ConsulError as exc:
+                self.metrics.session_renew_failures.inc()
+                log.warning("session_renew_failed", error=str(exc))
+                self.stopping.wait(min(1.0, interval))
+                continue
+            self.stopping.wait(interval)
+
+    def destroy(self) -> None:
+        session_id = self.session_id
+        self.stopping.set()
+        if session_id is None:
+            return
+        try:
+            self.consul.session_destroy(session_id)
+            self.path.unlink(missing_ok=True)
+            log.info("session_destroyed", session=session_id)
+        except ConsulError as exc:
+            log.warning("session_not_destroyed", session=session_id, error=str(exc))
+
+
+class Watch(threading.Thread):
+    """Wakes the loop whenever a blocking query on one small key (or prefix) changes."""
+
+    def __init__(
+        self,
+        name: str,
+        fetch: Callable[[int], int],
+        wake: Callable[[], None],
+        stopping: threading.Event,
+    ) -> None:
+        super().__init__(name=f"watch {name}", daemon=True)
+        self.fetch = fetch
+        self.wake = wake
+        self.stopping = stopping
+
+    def run(self) -> None:
+        index = 0
+        while not self.stopping.is_set():
+            try:
+                new = self.fetch(index)
+            except ConsulError:
+                index = 0
+                self.stopping.wait(1.0)
+                continue
+            if self.stopping.is_set():
+                return
+            if new != index:
+                index = new
+                self.wake()
+
+
+def key_watch(consul: ConsulClient, key: str) -> Callable[[int], int]:
+    def fetch(index: int) -> int:
+        new, _ = consul.kv_get_blocking(key, index, WATCH_WAIT)
+        return new
+
+    return fetch
+
+
+def prefix_watch(consul: ConsulClient, prefix: str) -> Callable[[int], int]:
+    def fetch(index: int) -> int:
+        new, _ = consul.kv_list_blocking(prefix, index, WATCH_WAIT)
+        return new
+
+    return fetch
+
+
+class EventWatcher(threading.Thread):
+    """Blocking queries on the local agent's event list; new events go to the loop's queue.
+
+    Events already buffered when the daemon starts are history, not commands: KV says
+    whether anything is still pending.
+    """
+
+    def __init__(
+        self,
+        consul: ConsulClient,
+        handled: HandledEvents,
+        out: queue.Queue[ConsulEvent],
+        wake: Callable[[], None],
+        stopping: threading.Event,
+    ) -> None:
+        super().__init__(name="events", daemon=True)
+        self.consul = consul
+        self.handled = handled
+        self.out = out
+        self.wake = wake
+        self.stopping = stopping
+        self.primed = threading.Event()
+
+    def run(self) -> None:
+        index: str | None = None
+        while not self.stopping.is_set():
+            try:
+                if index is None:
+                    index, events = self.consul.event_list()
+                    self.handled.add(e.id for e in events)
+                    self.primed.set()
+                    log.info("events_primed", buffered=len(events))
+                    continue
+                new_index, events = self.consul.event_list(index=index, wait=WATCH_WAIT)
+            except ConsulError as exc:
+                log.warning("event_watch_failed", error=str(exc))
+                self.stopping.wait(1.0)
+                continue
+            if new_index == index:
+                continue
+            index = new_index
+            fresh = [e for e in events if e.id not in self.handled]
+            if fresh:
+                self.handled.add(e.id for e in fresh)
+                for event in fresh:
+                    self.out.put(event)
+                self.wake()
+
+
+class Daemon:
+    """One watcher process."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.flags = Flags()
+        self.metrics = Metrics()
+        self.health = HealthState(
+            undecided_after=config.daemon.undecided_after, metrics=self.metrics
+        )
+        self.notifier = SystemdNotifier()
+        self.consul = ConsulClient(config.consul)
+        self.state_dir = Path(config.daemon.state_dir)
+        self.events: queue.Queue[ConsulEvent] = queue.Queue()
+        self.agents: dict[str, AppAgent] = {}
+        self.keeper: SessionKeeper | None = None
+        self.node = ""
+        self._deploy_watch: dict[str, tuple[str, threading.Event]] = {}
+        self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
+        self._last_line = ""
+        self._last_logged = 0.0
+        self._status_written = 0.0
+
+    # --- signals ----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.flags.reload.set()
+        else:
+            self.flags.stop.set()
+        self.flags.wake.set()
+
+    def wake(self) -> None:
+        self.flags.wake.set()
+
+    # --- start ------------------------------------------------------------------------
+
+    def _resolve_node(self) -> str:
+        if self.config.node:
+            return self.config.node
+        delay = 0.5
+        while not self.flags.stop.is_set():
+            try:
+                return self.consul.agent_node_name()
+            except ConsulError as exc:
+                log.warning("consul_unreachable_at_start", error=str(exc), retry_in_s=delay)
+                self.flags.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+        return ""
+
+    def _build_agents(self) -> None:
+        store = S3Store(self.config.s3)
+        for name, app in self.config.apps.items():
+            cache = ArtifactCache(
+                app.app_dir,
+                store,
+                max_bytes=app.artifact_cache_bytes,
+                timeout=app.timeouts.download,
+            )
+            engine = ReleaseEngine(app, cache)
+            agent = AppAgent(
+                self.config,
+                app,
+                engine,
+                DeployStore(self.consul, self.config.kv_prefix, name),
+                self.node,
+                session=self._session_id,
+                metrics=self.metrics,
+            )
+            with engine.lock(owner="watcher start"):
+                for action in engine.recover(deploy_in_flight=agent.journal.read() is not None):
+                    log.info("recovered", app=name, action=action)
+            self.metrics.set_current_release(name, engine.current_release())
+            self.agents[name] = agent
+
+    def _session_id(self) -> str | None:
+        return self.keeper.session_id if self.keeper else None
+
+    def _start_watches(self) -> None:
+        stopping = self.flags.stop
+        for name, agent in self.agents.items():
+            keys = agent.store.keys
+            for label, fetch in (
+                (f"{name} inflight", key_watch(self.consul, keys.inflight)),
+                (f"{name} current", key_watch(self.consul, keys.current)),
+                (f"{name} members", prefix_watch(self.consul, keys.members_prefix)),
+            ):
+                Watch(label, fetch, self.wake, stopping).start()
+
+    def _watch_deploy(self, agent: AppAgent) -> None:
+        """Keep one watch on ``deploys/<id>/`` of the deploy this app is in."""
+        name = agent.app.name
+        deploy_id = agent.status.deploy
+        current = self._deploy_watch.get(name)
+        if current is not None and current[0] == deploy_id:
+            return
+        if current is not None:
+            current[1].set()
+            del self._deploy_watch[name]
+        if deploy_id:
+            stop = threading.Event()
+            prefix = agent.store.keys.deploy_prefix(deploy_id)
+            Watch(
+                f"{name} deploy {deploy_id}", prefix_watch(self.consul, prefix), self.wake, stop
+            ).start()
+            self._deploy_watch[name] = (deploy_id, stop)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self.node = self._resolve_node()
+        if not self.node:
+            return 0
+        log.info(
+            "watcher_starting",
+            node=self.node,
+            version=__version__,
+            apps=sorted(self.config.apps),
+            consul=self.config.consul.base_url,
+        )
+        self._build_agents()
+        server = None
+        if self.config.daemon.listen:
+            server = HealthServer(self.config.daemon.listen, self.health.check, self.metrics)
+            server.start()
+        self.keeper = SessionKeeper(
+            self.consul,
+            self.node,
+            self.config.daemon.session_ttl,
+            self.state_dir,
+            self.health,
+            self.metrics,
+            self.wake,
+        )
+        self.keeper.start()
+        handled = HandledEvents(
+            self.state_dir / EVENTS_FILE, self.config.daemon.handled_events_keep
+        )
+        EventWatcher(self.consul, handled, self.events, self.wake, self.flags.stop).start()
+        self._start_watches()
+        self.notifier.ready(f"watching {len(self.agents)} app(s)")
+        watchdog = self.notifier.watchdog_interval()
+        log.info("watcher_ready", node=self.node)
+        while not self.flags.stop.is_set():
+            self.flags.wake.wait(TICK if watchdog is None else min(TICK, watchdog / 2))
+            self.flags.wake.clear()
+            if self.flags.stop.is_set():
+                break
+            if self.flags.reload.is_set():
+                self.flags.reload.clear()
+                self._reload()
+            self._cycle()
+            self.notifier.watchdog()
+        self._shutdown(server)
+        return 0
+
+    def _cycle(self) -> None:
+        parts: list[str] = []
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            parts.append(self._handle_event(event))
+        for name, agent in self.agents.items():
+            parts.append(f"{name}: {self._reconcile(agent)}")
+        self.health.loop_cycle()
+        self.metrics.loop_cycles.inc()
+        line = "; ".join(p for p in parts if p)
+        now = time.monotonic()
+        if line != self._last_line or now - self._last_logged > HEARTBEAT_LOG:
+            log.info("cycle", outcome=line)
+            self._last_line, self._last_logged = line, now
+        if now - self._status_written > 2.0 or line != self._last_line:
+            self._write_status()
+            self._status_written = now
+
+    def _reconcile(self, agent: AppAgent) -> str:
+        name = agent.app.name
+        try:
+            members = self._ensure_member(agent)
+            outcome = agent.reconcile(members)
+            self.health.decision_read(name)
+            self._watch_deploy(agent)
+            self.metrics.set_current_release(name, agent.engine.current_release())
+            return outcome
+        except ConsulError as exc:
+            self.metrics.consul_errors.labels(op="reconcile").inc()
+            if agent.status.state == READY and agent.status.deploy:
+                self.health.waiting_for_decision(name, agent.status.deploy)
+                return f"undecided in {agent.status.deploy}: {exc}"
+            return f"consul unreachable: {exc}"
+        except WatcherError as exc:
+            log.error("reconcile_failed", app=name, error=str(exc))
+            return f"error: {exc}"
+
+    def _ensure_member(self, agent: AppAgent) -> set[str]:
+        """Hold ``members/<node>`` with this daemon's session; returns the live members."""
+        members = agent.store.members()
+        session = self._session_id()
+        mine = members.get(self.node)
+        if session and (mine is None or mine.session != session):
+            body = json.dumps(
+                {"version": 1, "node": self.node, "watcher": __version__, "since": iso(utcnow())}
+            ).encode()
+            if agent.store.consul.kv_put(agent.store.keys.member(self.node), body, acquire=session):
+                log.info("member_key_acquired", app=agent.app.name, session=session)
+                members = agent.store.members()
+            else:
+                log.warning("member_key_not_acquired", app=agent.app.name, session=session)
+        return set(members)
+
+    # --- events -----------------------------------------------------------------------
+
+    def _handle_event(self, event: ConsulEvent) -> str:
+        try:
+            req = parse_event(event.id, event.name, event.ltime, event.payload, self.agents)
+        except PayloadError as exc:
+            log.warning("event_dropped", event_id=event.id, name=event.name, error=str(exc))
+            self.metrics.events_handled.labels(name=event.name, result="invalid").inc()
+            return ""
+        try:
+            result = self._act_on(req)
+        except (ConsulError, PayloadError) as exc:
+            log.error("event_failed", event_id=event.id, name=event.name, error=str(exc))
+            result = f"failed: {exc}"
+        self.metrics.events_handled.labels(name=event.name, result=result.split(":")[0]).inc()
+        log.info("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
+        return f"event {event.name} {event.id[:8]}: {result}"
+
+    def _act_on(self, req: EventRequest) -> str:
+        agent = self.agents[req.app]
+        if req.name == "build-finished":
+            assert req.artifact is not None
+            self._prefetch.submit(agent.prefetch, req.artifact)
+            return "prefetching"
+        if req.deploy:
+            return "joined" if agent.store.deploy_record(req.deploy) else "no such deploy"
+        app = agent.app
+        return agent.store.start_from_event(
+            event_id=req.event_id,
+            ltime=req.ltime,
+            kind=req.name,
+            artifact_id=req.artifact,
+            release=req.release,
+            by=self.node,
+            prepare_timeout=app.timeouts.prepare,
+            apply_timeout=app.timeouts.apply,
+            history_keep=self.config.daemon.history_keep,
+        )
+
+    # --- reload, status, stop -------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            self.notifier.ready()
+            return
+        if set(new.apps) != set(self.config.apps):
+            log.warning(
+                "reload_apps_changed",
+                note="adding or removing apps needs a restart",
+                old=sorted(self.config.apps),
+                new=sorted(new.apps),
+            )
+        for name, agent in self.agents.items():
+            if name in new.apps:
+                agent.app = new.apps[name]
+                agent.engine.app = new.apps[name]
+                agent.config = new
+        self.config = new
+        log.info("config_reloaded", source=new.source)
+        self.notifier.ready()
+
+    def _write_status(self) -> None:
+        apps = {}
+        for name, agent in self.agents.items():
+            undecided = self.health.check()[1]["waiting_for_decision"].get(name)
+            apps[name] = {
+                "deploy": agent.status.deploy,
+                "state": agent.status.state,
+                "undecided": undecided,
+                "converge_error": agent.status.converge_error,
+            }
+        data = {
+            "version": 1,
+            "pid": os.getpid(),
+            "node": self.node,
+            "updated_at": iso(utcnow()),
+            "session": self._session_id(),
+            "healthy": self.health.check()[0],
+            "apps": apps,
+            "last_cycle": self._last_line[:2000],
+        }
+        with contextlib.suppress(OSError):
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.state_dir / STATUS_FILE, data)
+
+    def _shutdown(self, server: HealthServer | None) -> None:
+        self.notifier.stopping()
+        log.info("watcher_stopping")
+        for stop_event in [w[1] for w in self._deploy_watch.values()]:
+            stop_event.set()
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
+        in_flight = False
+        for agent in self.agents.values():
+            if agent.busy():
+                log.info("waiting_for_task", app=agent.app.name)
+            agent.shutdown(wait=True)
+            in_flight = in_flight or agent.has_deploy_in_flight()
+        if self.keeper is not None:
+            if in_flight:
+                # Keep the session: a quick restart reuses it and resumes the deploy.
+                self.keeper.stopping.set()
+                log.info("session_kept", reason="deploy in flight on this host")
+            else:
+                self.keeper.destroy()
+        if server is not None:
+            server.stop()
+        with contextlib.suppress(OSError):
+            (self.state_dir / STATUS_FILE).unlink()
+        log.info("watcher_stopped")
+
+
+def run_daemon(config: Config, args: Any) -> int:
+    """Entry point of `watcher run`."""
+    daemon = Daemon(config, config_path=getattr(args, "config", None))
+    code = daemon.run()
+    # Every state write is atomic and the session is settled, so nothing is lost by not
+    # joining a prefetch download still in progress (a partial download resumes later).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -1,0 +1,112 @@
+"""Consul user events: strict payload validation and the bounded set of handled event IDs."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcher.errors import PayloadError
+from watcher.fsutil import atomic_write_json
+from watcher.records import DEPLOY_ID_RE, check_artifact_id, check_release
+
+EVENT_NAMES = ("build-finished", "deploy", "rollback")
+MAX_PAYLOAD = 512
+
+# name -> (required keys, allowed key sets)
+_SHAPES: dict[str, tuple[frozenset[str], ...]] = {
+    "build-finished": (frozenset({"app", "artifact"}),),
+    "deploy": (frozenset({"app", "artifact"}), frozenset({"app", "deploy"})),
+    "rollback": (frozenset({"app"}), frozenset({"app", "release"})),
+}
+
+
+@dataclass(frozen=True)
+class EventRequest:
+    """A validated event: what it asks for."""
+
+    event_id: str
+    name: str
+    ltime: int
+    app: str
+    artifact: str | None = None
+    deploy: str | None = None
+    release: str | None = None
+
+
+def parse_event(
+    event_id: str, name: str, ltime: int, payload: bytes | None, apps: Iterable[str]
+) -> EventRequest:
+    """Validate one event's payload; PayloadError says what is wrong (size, JSON, app, ids)."""
+    where = f"event {name} {event_id}"
+    if name not in EVENT_NAMES:
+        raise PayloadError(f"{where}: not an event this daemon handles")
+    if payload is None or not payload.strip():
+        raise PayloadError(f"{where}: empty payload")
+    if len(payload) > MAX_PAYLOAD:
+        raise PayloadError(f"{where}: payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise PayloadError(f"{where}: payload is not JSON: {payload[:80]!r}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise PayloadError(f"{where}: payload must be a JSON object of strings")
+    keys = frozenset(data)
+    if keys not in _SHAPES[name]:
+        shapes = " or ".join("{" + ", ".join(sorted(s)) + "}" for s in _SHAPES[name])
+        raise PayloadError(f"{where}: payload keys {sorted(keys)} do not match {shapes}")
+    app = data["app"]
+    if app not in set(apps):
+        raise PayloadError(f"{where}: unknown app {app!r} (not configured on this host)")
+    try:
+        if "artifact" in data:
+            check_artifact_id(data["artifact"])
+        if "release" in data:
+            check_release(data["release"])
+    except PayloadError as exc:
+        raise PayloadError(f"{where}: {exc}") from None
+    if "deploy" in data and not DEPLOY_ID_RE.match(data["deploy"]):
+        raise PayloadError(f"{where}: invalid deploy id {data['deploy']!r}")
+    return EventRequest(
+        event_id=event_id,
+        name=name,
+        ltime=ltime,
+        app=app,
+        artifact=data.get("artifact"),
+        deploy=data.get("deploy"),
+        release=data.get("release"),
+    )
+
+
+class HandledEvents:
+    """IDs of events already handled, oldest dropped past ``keep``; persisted atomically."""
+
+    def __init__(self, path: Path, keep: int) -> None:
+        self.path = path
+        self.keep = keep
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        try:
+            data = json.loads(path.read_text())
+            for event_id in data.get("ids", [])[-keep:]:
+                self._ids[str(event_id)] = None
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_ids: Iterable[str]) -> bool:
+        """Remember ids; True if any was new (then the file is rewritten)."""
+        changed = False
+        for event_id in event_ids:
+            if event_id not in self._ids:
+                self._ids[event_id] = None
+                changed = True
+        while len(self._ids) > self.keep:
+            self._ids.popitem(last=False)
+        if changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"version": 1, "ids": list(self._ids)})
+        return changed
