@@ -19,8 +19,8 @@ consul:
 	@scripts/install-consul >/dev/null
 
 lint: $(STAMP)
-	$(BIN)/ruff check watcher tests bench scripts
-	$(BIN)/ruff format --check watcher tests bench
+	$(BIN)/ruff check watcher tests bench hooks/examples/http-health-check
+	$(BIN)/ruff format --check watcher tests bench hooks/examples/http-health-check
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

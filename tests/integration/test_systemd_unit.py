@@ -1,0 +1,215 @@
+"""The systemd unit passes `systemd-analyze verify`; its directives; the tmpfiles snippet."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "watcher.service"
+TMPFILES = ROOT / "systemd" / "watcher.tmpfiles.conf"
+ENV_EXAMPLE = ROOT / "systemd" / "watcher.env.example"
+INSTALLED_BIN = "/usr/local/bin/watcher"
+
+
+def systemd_tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path is None:
+        pytest.fail(
+            f"{name} not found: install systemd (Debian: apt-get install systemd) to "
+            "check the unit file"
+        )
+    return path
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """{section: {key: [values in order]}}; repeated keys accumulate, as systemd's lists do."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"directive outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a directive: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def console_script() -> Path:
+    """The venv's `watcher` script: an existing executable to stand in for the installed one."""
+    script = Path(sys.executable).parent / "watcher"
+    assert script.exists(), f"{script} missing: run `make venv` (pip install -e .)"
+    return script
+
+
+@pytest.fixture
+def rendered_unit(tmp_path: Path) -> Path:
+    """A copy of the unit, named watcher.service, whose ExecStart exists on this machine."""
+    text = UNIT.read_text()
+    assert INSTALLED_BIN in text
+    path = tmp_path / "watcher.service"
+    path.write_text(text.replace(INSTALLED_BIN, str(console_script())))
+    return path
+
+
+def verify(unit: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [systemd_tool("systemd-analyze"), "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit.parent,
+    )
+
+
+class TestVerify:
+    def test_rendered_unit_verifies_cleanly(self, rendered_unit: Path) -> None:
+        result = verify(rendered_unit)
+        # verify exits 0 on mere parse warnings ("Failed to parse ..., ignoring"), so any
+        # line about our unit counts as a failure too.
+        ours = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if "watcher.service" in line
+        ]
+        assert result.returncode == 0, result.stderr
+        assert ours == []
+
+    def test_verify_catches_a_missing_binary(self, tmp_path: Path) -> None:
+        """The check above is meaningful: verify does look at ExecStart."""
+        path = tmp_path / "watcher.service"
+        path.write_text(UNIT.read_text().replace(INSTALLED_BIN, str(tmp_path / "no-such-bin")))
+        result = verify(path)
+        assert result.returncode != 0
+        assert "no-such-bin" in result.stderr
+
+    def test_security_exposure_is_low(self, rendered_unit: Path) -> None:
+        result = subprocess.run(
+            [
+                systemd_tool("systemd-analyze"),
+                "security",
+                "--offline=true",
+                "--no-pager",
+                str(rendered_unit),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=rendered_unit.parent,
+        )
+        match = re.search(r"Overall exposure level for watcher\.service: (\d+\.\d)", result.stdout)
+        assert match, result.stdout + result.stderr
+        assert float(match.group(1)) <= 3.5, result.stdout
+
+
+class TestDirectives:
+    unit = parse_unit(UNIT.read_text())
+
+    def service(self, key: str) -> list[str]:
+        return self.unit["Service"].get(key, [])
+
+    def test_notify_watchdog_restart(self) -> None:
+        assert self.service("Type") == ["notify"]
+        assert self.service("NotifyAccess") == ["main"]
+        assert self.service("WatchdogSec") == ["60"]
+        assert self.service("Restart") == ["on-failure"]
+        assert self.service("RestartSec") == ["5"]
+        assert self.service("ExecStart") == [f"{INSTALLED_BIN} run -c /etc/watcher/watcher.yaml"]
+        assert self.service("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+        assert self.service("EnvironmentFile") == ["-/etc/watcher/watcher.env"]
+        assert self.service("StateDirectory") == ["watcher"]
+
+    def test_config_errors_are_not_restarted(self) -> None:
+        from watcher.daemon_cli import EXIT_CONFIG
+
+        assert self.service("RestartPreventExitStatus") == [str(EXIT_CONFIG)]
+
+    def test_stop_waits_for_a_hook_in_flight(self) -> None:
+        """TimeoutStopSec covers the default hook timeout with a margin."""
+        assert self.service("KillMode") == ["mixed"]
+        from watcher.config import Timeouts
+
+        assert int(self.service("TimeoutStopSec")[0]) >= Timeouts.hook + 30
+        assert int(self.service("TimeoutStartSec")[0]) >= 60
+
+    def test_sandbox(self) -> None:
+        for key, value in {
+            "ProtectSystem": "strict",
+            "ProtectHome": "true",
+            "PrivateTmp": "true",
+            "PrivateDevices": "true",
+            "NoNewPrivileges": "true",
+            "ProtectKernelTunables": "true",
+            "ProtectKernelModules": "true",
+            "ProtectControlGroups": "true",
+            "RestrictSUIDSGID": "true",
+            "LockPersonality": "true",
+            "RestrictRealtime": "true",
+            "RestrictNamespaces": "true",
+            "SystemCallArchitectures": "native",
+        }.items():
+            assert self.service(key) == [value], key
+        assert "/srv" in self.service("ReadWritePaths")
+        assert "-/etc/nginx/conf.d" in self.service("ReadWritePaths")
+
+    def test_capabilities_are_the_documented_few(self) -> None:
+        caps = {c for line in self.service("CapabilityBoundingSet") for c in line.split()}
+        assert caps == {
+            "CAP_SETUID",
+            "CAP_SETGID",
+            "CAP_CHOWN",
+            "CAP_FOWNER",
+            "CAP_KILL",
+            "CAP_DAC_OVERRIDE",
+        }
+
+    def test_every_capability_and_writable_path_has_a_comment(self) -> None:
+        lines = UNIT.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith(("CapabilityBoundingSet=", "ReadWritePaths=")):
+                assert lines[i - 1].startswith("#"), f"no comment above: {line}"
+
+
+class TestTmpfiles:
+    def test_creates_the_directories(self, tmp_path: Path) -> None:
+        result = subprocess.run(
+            [systemd_tool("systemd-tmpfiles"), "--create", f"--root={tmp_path}", str(TMPFILES)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        modes = {
+            p: (tmp_path / p).stat().st_mode & 0o7777
+            for p in ("var/lib/watcher", "etc/watcher", "srv")
+        }
+        assert modes == {"var/lib/watcher": 0o750, "etc/watcher": 0o750, "srv": 0o755}
+
+
+class TestEnvExample:
+    def test_only_comments_and_key_value_lines(self) -> None:
+        keys = []
+        for line in ENV_EXAMPLE.read_text().splitlines():
+            body = line.lstrip("#").strip() if line.startswith("#") else line
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", body):
+                keys.append(body.split("=", 1)[0])
+            else:
+                assert line.startswith("#") or not line.strip(), f"not KEY=VALUE: {line}"
+        assert {
+            "CONSUL_HTTP_ADDR",
+            "CONSUL_HTTP_TOKEN_FILE",
+            "CONSUL_CACERT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_REGION",
+        } <= set(keys)

@@ -1,0 +1,289 @@
+"""HealthServer over real HTTP on 127.0.0.1, HealthState's rules, and the Metrics registry."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from watcher.errors import ConfigError
+from watcher.health import HealthServer, HealthState, Metrics, parse_listen
+
+
+def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Switch:
+    """A health function whose answer the test flips."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[bool, dict[str, Any]] = (True, {"session": "abc"})
+        self.crash = False
+
+    def __call__(self) -> tuple[bool, dict[str, Any]]:
+        if self.crash:
+            raise RuntimeError("boom")
+        return self.answer
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def health_fn() -> Switch:
+    return Switch()
+
+
+@pytest.fixture
+def server(metrics: Metrics, health_fn: Switch) -> Iterator[HealthServer]:
+    """A started HealthServer on 127.0.0.1 with a free port."""
+    srv = HealthServer("127.0.0.1:0", health_fn, metrics)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class TestHealthServer:
+    def test_healthy_is_200_with_json(self, server: HealthServer) -> None:
+        assert server.port > 0
+        status, headers, body = get(server.port, "/health")
+        assert status == 200
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body) == {"healthy": True, "session": "abc"}
+
+    def test_unhealthy_is_503(self, server: HealthServer, health_fn: Switch) -> None:
+        health_fn.answer = (False, {"problems": ["session lost"]})
+        status, _, body = get(server.port, "/health")
+        assert status == 503
+        assert json.loads(body) == {"healthy": False, "problems": ["session lost"]}
+
+    def test_crashing_health_fn_is_503(self, server: HealthServer, health_fn: Switch) -> None:
+        health_fn.crash = True
+        status, _, body = get(server.port, "/health")
+        assert status == 503
+        assert "boom" in json.loads(body)["problems"][0]
+
+    def test_head_has_no_body(self, server: HealthServer) -> None:
+        status, headers, body = get(server.port, "/health", method="HEAD")
+        assert status == 200
+        assert int(headers["content-length"]) > 0
+        assert body == b""
+
+    def test_metrics_in_prometheus_text_format(
+        self, server: HealthServer, metrics: Metrics
+    ) -> None:
+        metrics.deploys.labels(app="web", outcome="committed").inc()
+        metrics.deploy_phase_seconds.labels(app="web", phase="prepare").observe(2.0)
+        metrics.loop_cycles.inc(3)
+        metrics.set_current_release("web", "20240101T000000Z-master-15eb13af")
+        status, headers, body = get(server.port, "/metrics")
+        assert status == 200
+        assert headers["content-type"].startswith("text/plain; version=")
+        got = samples(body)
+        assert got[("watcher_deploys_total", (("app", "web"), ("outcome", "committed")))] == 1
+        assert got[("watcher_loop_cycles_total", ())] == 3
+        assert (
+            got[("watcher_deploy_phase_seconds_count", (("app", "web"), ("phase", "prepare")))] == 1
+        )
+        assert (
+            got[
+                (
+                    "watcher_deploy_phase_seconds_bucket",
+                    (("app", "web"), ("le", "2.5"), ("phase", "prepare")),
+                )
+            ]
+            == 1
+        )
+        assert (
+            got[
+                (
+                    "watcher_current_release_info",
+                    (("app", "web"), ("release", "20240101T000000Z-master-15eb13af")),
+                )
+            ]
+            == 1
+        )
+
+    def test_unknown_path_is_404(self, server: HealthServer) -> None:
+        status, _, _ = get(server.port, "/nope")
+        assert status == 404
+
+    def test_stop_closes_the_port(self, metrics: Metrics, health_fn: Switch) -> None:
+        srv = HealthServer("127.0.0.1:0", health_fn, metrics)
+        srv.start()
+        port = srv.port
+        assert get(port, "/health")[0] == 200
+        srv.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+
+    def test_port_in_use_is_a_config_error(
+        self, server: HealthServer, metrics: Metrics, health_fn: Switch
+    ) -> None:
+        other = HealthServer(f"127.0.0.1:{server.port}", health_fn, metrics)
+        with pytest.raises(ConfigError, match=r"daemon.listen: cannot listen on 127.0.0.1:\d+"):
+            other.start()
+
+
+class TestParseListen:
+    @pytest.mark.parametrize(
+        ("listen", "expected"),
+        [
+            ("127.0.0.1:9473", ("127.0.0.1", 9473)),
+            ("http://127.0.0.1:9473/", ("127.0.0.1", 9473)),
+            ("[::1]:9473", ("::1", 9473)),
+            ("localhost:0", ("localhost", 0)),
+        ],
+    )
+    def test_valid(self, listen: str, expected: tuple[str, int]) -> None:
+        assert parse_listen(listen) == expected
+
+    @pytest.mark.parametrize("listen", ["127.0.0.1", ":9473", "host:port", "host:70000"])
+    def test_invalid(self, listen: str) -> None:
+        with pytest.raises(ConfigError, match=r"daemon\.listen: must be"):
+            parse_listen(listen)
+
+
+class TestHealthState:
+    def make(self, metrics: Metrics | None = None) -> tuple[HealthState, FakeClock]:
+        clock = FakeClock()
+        state = HealthState(undecided_after=30, loop_stall_after=120, metrics=metrics, clock=clock)
+        return state, clock
+
+    def test_unhealthy_until_it_has_a_session(self) -> None:
+        state, _ = self.make()
+        healthy, details = state.check()
+        assert not healthy
+        assert details["problems"] == ["starting: no Consul session yet"]
+        state.session_ok("sess-1")
+        state.loop_cycle()
+        assert state.check() == (
+            True,
+            {
+                "session": "sess-1",
+                "last_cycle_age_s": 0.0,
+                "waiting_for_decision": {},
+                "problems": [],
+            },
+        )
+
+    def test_session_lost(self) -> None:
+        state, _ = self.make()
+        state.session_ok("sess-1")
+        state.session_lost("session invalidated by Consul")
+        healthy, details = state.check()
+        assert not healthy
+        assert details["problems"] == ["session invalidated by Consul"]
+
+    def test_stuck_loop(self) -> None:
+        state, clock = self.make()
+        state.session_ok("s")
+        state.loop_cycle()
+        clock.now += 119
+        assert state.check()[0]
+        clock.now += 2
+        healthy, details = state.check()
+        assert not healthy
+        assert details["problems"] == ["main loop has not completed a cycle for 121s"]
+
+    def test_undecided_after_the_threshold(self) -> None:
+        metrics = Metrics()
+        state, clock = self.make(metrics)
+        state.session_ok("s")
+        state.loop_cycle()
+        state.waiting_for_decision("web", "d-1")
+        assert metrics.undecided.labels(app="web")._value.get() == 1
+        clock.now += 20
+        state.loop_cycle()
+        state.waiting_for_decision("web", "d-1")  # repeated: keeps the first time
+        clock.now += 11
+        state.loop_cycle()
+        healthy, details = state.check()
+        assert not healthy
+        assert details["waiting_for_decision"] == {"web": {"deploy": "d-1", "waiting_s": 31.0}}
+        assert details["problems"] == [
+            "web: undecided in deploy d-1 for 31s (acked ready, cannot read the decision)"
+        ]
+        state.decision_read("web")
+        assert state.check()[0]
+        assert metrics.undecided.labels(app="web")._value.get() == 0
+
+
+class TestMetrics:
+    def test_own_registry_not_the_global_one(self) -> None:
+        a, b = Metrics(), Metrics()  # a second instance must not clash on names
+        a.loop_cycles.inc()
+        assert samples(b.render())[("watcher_loop_cycles_total", ())] == 0
+        assert REGISTRY.get_sample_value("watcher_loop_cycles_total") is None
+
+    def test_every_daemon_metric_is_exported(self) -> None:
+        m = Metrics()
+        m.flip_timestamp_seconds.labels(app="web").set(1.7e9)
+        m.session_renew_failures.inc()
+        m.consul_errors.labels(op="kv_get").inc()
+        m.artifact_download_bytes.labels(app="web").inc(1024)
+        m.artifact_fetch_seconds.labels(app="web").observe(0.3)
+        m.hook_runs.labels(app="web", phase="post_release", result="ok").inc()
+        m.undecided.labels(app="web").set(0)
+        m.events_handled.labels(name="deploy", result="acted").inc()
+        names = {name for name, _ in samples(m.render())}
+        assert {
+            "watcher_build_info",
+            "watcher_flip_timestamp_seconds",
+            "watcher_session_renew_failures_total",
+            "watcher_consul_errors_total",
+            "watcher_artifact_download_bytes_total",
+            "watcher_artifact_fetch_seconds_count",
+            "watcher_hook_runs_total",
+            "watcher_undecided",
+            "watcher_events_handled_total",
+        } <= names
+
+    def test_current_release_replaces_the_previous_series(self) -> None:
+        m = Metrics()
+        m.set_current_release("web", "r1")
+        m.set_current_release("api", "a1")
+        m.set_current_release("web", "r2")
+        got = samples(m.render())
+        releases = {
+            dict(labels)["release"]
+            for name, labels in got
+            if name == "watcher_current_release_info"
+        }
+        assert releases == {"r2", "a1"}
+        m.set_current_release("web", None)
+        got = samples(m.render())
+        assert [dict(labels) for name, labels in got if name == "watcher_current_release_info"] == [
+            {"app": "api", "release": "a1"}
+        ]

@@ -1,0 +1,339 @@
+"""The daemon's local HTTP endpoint: /health for load balancers, /metrics for Prometheus."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from watcher import __version__
+from watcher.errors import ConfigError
+from watcher.log import get_logger
+
+HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+
+#: Seconds; deploy phases run from well under a second (a prefetched flip) to many minutes.
+PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+FETCH_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+class Metrics:
+    """Every metric the daemon exports, in a registry of its own (never the global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Gauge(
+            "watcher_build_info",
+            "The running watcher's version (always 1)",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.deploys = Counter(
+            "watcher_deploys",
+            "Deploys this host took part in, by outcome "
+            "(committed, aborted, rolled_back, failed_after_commit, expired)",
+            ["app", "outcome"],
+            registry=r,
+        )
+        self.deploy_phase_seconds = Histogram(
+            "watcher_deploy_phase_seconds",
+            "Time this host spent in each deploy phase (prepare, decide, apply)",
+            ["app", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.flip_timestamp_seconds = Gauge(
+            "watcher_flip_timestamp_seconds",
+            "Unix time of this host's last flip of current",
+            ["app"],
+            registry=r,
+        )
+        self.current_release_info = Gauge(
+            "watcher_current_release_info",
+            "The release current points at (always 1)",
+            ["app", "release"],
+            registry=r,
+        )
+        self.session_renew_failures = Counter(
+            "watcher_session_renew_failures", "Consul session renewals that failed", registry=r
+        )
+        self.consul_errors = Counter(
+            "watcher_consul_errors", "Consul calls that failed, by operation", ["op"], registry=r
+        )
+        self.artifact_download_bytes = Counter(
+            "watcher_artifact_download_bytes",
+            "Artifact bytes downloaded from S3",
+            ["app"],
+            registry=r,
+        )
+        self.artifact_fetch_seconds = Histogram(
+            "watcher_artifact_fetch_seconds",
+            "Time to download and verify an artifact",
+            ["app"],
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.hook_runs = Counter(
+            "watcher_hook_runs",
+            "Hook runs by phase and result (ok, failed, timeout)",
+            ["app", "phase", "result"],
+            registry=r,
+        )
+        self.loop_cycles = Counter("watcher_loop_cycles", "Main loop cycles", registry=r)
+        self.undecided = Gauge(
+            "watcher_undecided",
+            "1 while this host has acked ready and not yet read the deploy's decision",
+            ["app"],
+            registry=r,
+        )
+        self.events_handled = Counter(
+            "watcher_events_handled",
+            "Consul events handled, by name and result (acted, duplicate, history, invalid)",
+            ["name", "result"],
+            registry=r,
+        )
+
+    def set_current_release(self, app: str, release: str | None) -> None:
+        """Point ``current_release_info{app}`` at ``release`` (dropping the previous series)."""
+        for sample_labels in self._release_labels(app):
+            if sample_labels != release:
+                self.current_release_info.remove(app, sample_labels)
+        if release is not None:
+            self.current_release_info.labels(app=app, release=release).set(1)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of the registry."""
+        return generate_latest(self.registry)
+
+    def _release_labels(self, app: str) -> list[str]:
+        found: list[str] = []
+        for metric in self.current_release_info.collect():
+            for sample in metric.samples:
+                if sample.labels.get("app") == app:
+                    found.append(sample.labels["release"])
+        return found
+
+
+@dataclass
+class _Waiting:
+    deploy_id: str
+    since: float
+
+
+class HealthState:
+    """What /health reports, updated by the daemon's threads; ``check`` is the HealthFn.
+
+    Unhealthy when: the daemon has no Consul session yet or lost it; the main loop has not
+    completed a cycle for ``loop_stall_after`` seconds; or a host acked ready in a deploy and
+    has not read its decision for ``undecided_after`` seconds (DESIGN.md 6.2 step 4: load
+    balancers must be able to drain a partitioned participant).
+    """
+
+    def __init__(
+        self,
+        *,
+        undecided_after: float,
+        loop_stall_after: float = 120.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.undecided_after = undecided_after
+        self.loop_stall_after = loop_stall_after
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._last_cycle: float | None = None
+        self._session: str | None = None
+        self._session_problem = "starting: no Consul session yet"
+        self._waiting: dict[str, _Waiting] = {}
+
+    def loop_cycle(self) -> None:
+        """The main loop completed a cycle."""
+        with self._lock:
+            self._last_cycle = self._clock()
+
+    def session_ok(self, session_id: str) -> None:
+        with self._lock:
+            self._session, self._session_problem = session_id, ""
+
+    def session_lost(self, reason: str) -> None:
+        with self._lock:
+            self._session, self._session_problem = None, reason or "session lost"
+
+    def waiting_for_decision(self, app: str, deploy_id: str) -> None:
+        """This host acked ready in ``deploy_id`` and now waits for the decision."""
+        with self._lock:
+            current = self._waiting.get(app)
+            if current is None or current.deploy_id != deploy_id:
+                self._waiting[app] = _Waiting(deploy_id, self._clock())
+        if self._metrics is not None:
+            self._metrics.undecided.labels(app=app).set(1)
+
+    def decision_read(self, app: str) -> None:
+        """The decision of the app's deploy was read (or the deploy is over for this host)."""
+        with self._lock:
+            self._waiting.pop(app, None)
+        if self._metrics is not None:
+            self._metrics.undecided.labels(app=app).set(0)
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details) for /health."""
+        with self._lock:
+            now = self._clock()
+            problems: list[str] = []
+            if self._session is None:
+                problems.append(self._session_problem)
+            since = self._last_cycle if self._last_cycle is not None else self._started
+            loop_age = now - since
+            if loop_age > self.loop_stall_after:
+                problems.append(f"main loop has not completed a cycle for {loop_age:.0f}s")
+            undecided: dict[str, Any] = {}
+            for app, waiting in sorted(self._waiting.items()):
+                waited = now - waiting.since
+                undecided[app] = {"deploy": waiting.deploy_id, "waiting_s": round(waited, 1)}
+                if waited > self.undecided_after:
+                    problems.append(
+                        f"{app}: undecided in deploy {waiting.deploy_id} for "
+                        f"{waited:.0f}s (acked ready, cannot read the decision)"
+                    )
+            details: dict[str, Any] = {
+                "session": self._session,
+                "last_cycle_age_s": None if self._last_cycle is None else round(loop_age, 1),
+                "waiting_for_decision": undecided,
+                "problems": problems,
+            }
+        return not problems, details
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9473"``, ``"[::1]:9473"``, ``"localhost:0"`` -> (host, port)."""
+    text = listen.split("://", 1)[-1].rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError("daemon.listen", [f'must be "host:port", got "{listen}"'])
+    return host, int(port_text)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], health_fn: HealthFn, metrics: Metrics) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.health_fn = health_fn
+        self.metrics = metrics
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10.0  # a slow or stuck client holds one thread for at most this long
+    server_version = f"watcher/{__version__}"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            self._health()
+        elif path == "/metrics":
+            self._reply(200, CONTENT_TYPE_LATEST, self.server.metrics.render())
+        else:
+            self._reply(404, "text/plain; charset=utf-8", b"not found: try /health or /metrics\n")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _health(self) -> None:
+        try:
+            healthy, details = self.server.health_fn()
+        except Exception as exc:  # a broken health function must read as unhealthy
+            get_logger(component="health").exception("health_check_crashed")
+            healthy, details = False, {"problems": [f"health check crashed: {exc!r}"]}
+        body = json.dumps({"healthy": healthy, **details}, sort_keys=True, default=str)
+        self._reply(200 if healthy else 503, "application/json", body.encode() + b"\n")
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        get_logger(component="health").debug(
+            "http_request", client=self.client_address[0], request=format % args
+        )
+
+
+class HealthServer:
+    """/health and /metrics on ``listen`` ("host:port"; port 0 picks a free one)."""
+
+    def __init__(self, listen: str, health_fn: HealthFn, metrics: Metrics) -> None:
+        self.listen = listen
+        self._address = parse_listen(listen)
+        self._health_fn = health_fn
+        self._metrics = metrics
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after start())."""
+        if self._server is None:
+            raise RuntimeError("HealthServer.port: not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return self._address[0]
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread; ConfigError when the address cannot be bound."""
+        if self._server is not None:
+            return
+        try:
+            server = _Server(self._address, self._health_fn, self._metrics)
+        except OSError as exc:
+            raise ConfigError(
+                "daemon.listen", [f"cannot listen on {self.listen}: {exc.strerror or exc}"]
+            ) from None
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="health-http",
+            daemon=True,
+        )
+        self._thread.start()
+        get_logger(component="health").info("health_listening", host=self.host, port=self.port)
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
