@@ -1,0 +1,349 @@
+"""Pure logic of the Consul boundary: txn encoding, index and timeout rules, error mapping,
+and the retry policy against a scripted local HTTP server (not a Consul fake: it only
+answers with the statuses a test needs)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from watcher.config import ConsulSettings
+from watcher.consul_api import (
+    MAX_TXN_OPS,
+    ConsulClient,
+    ConsulEvent,
+    KVEntry,
+    TxnOp,
+    blocking_timeout,
+    classify_response,
+    is_transient_status,
+    next_kv_index,
+    request_not_sent,
+)
+from watcher.errors import (
+    ConsulPermissionDenied,
+    ConsulRequestError,
+    ConsulUnavailable,
+)
+
+
+def b64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+class TestTxnOp:
+    def test_set_encodes_value_as_base64(self) -> None:
+        assert TxnOp.set("a/b", b"\x00hi") == {
+            "KV": {"Verb": "set", "Key": "a/b", "Value": b64(b"\x00hi")}
+        }
+
+    def test_cas_carries_index(self) -> None:
+        assert TxnOp.cas("k", b"v", 0) == {
+            "KV": {"Verb": "cas", "Key": "k", "Value": b64(b"v"), "Index": 0}
+        }
+
+    def test_lock_and_unlock_carry_session(self) -> None:
+        assert TxnOp.lock("k", b"", "s1")["KV"] == {
+            "Verb": "lock",
+            "Key": "k",
+            "Value": "",
+            "Session": "s1",
+        }
+        assert TxnOp.unlock("k", b"x", "s1")["KV"]["Verb"] == "unlock"
+
+    def test_checks_and_deletes(self) -> None:
+        assert TxnOp.get("k") == {"KV": {"Verb": "get", "Key": "k"}}
+        assert TxnOp.delete("k") == {"KV": {"Verb": "delete", "Key": "k"}}
+        assert TxnOp.delete_cas("k", 7) == {"KV": {"Verb": "delete-cas", "Key": "k", "Index": 7}}
+        assert TxnOp.delete_tree("p/") == {"KV": {"Verb": "delete-tree", "Key": "p/"}}
+        assert TxnOp.check_index("k", 3) == {"KV": {"Verb": "check-index", "Key": "k", "Index": 3}}
+        assert TxnOp.check_not_exists("k") == {"KV": {"Verb": "check-not-exists", "Key": "k"}}
+        assert TxnOp.check_session("k", "s") == {
+            "KV": {"Verb": "check-session", "Key": "k", "Session": "s"}
+        }
+
+    def test_ops_are_json_serialisable(self) -> None:
+        json.dumps([TxnOp.set("k", b"\xff\xfe"), TxnOp.check_index("k", 1)])
+
+
+class TestDecoding:
+    def test_kv_entry_from_json(self) -> None:
+        entry = KVEntry.from_json(
+            {
+                "Key": "a",
+                "Value": b64(b"v1"),
+                "ModifyIndex": 9,
+                "CreateIndex": 5,
+                "LockIndex": 1,
+                "Session": "s",
+                "Flags": 2,
+            }
+        )
+        assert entry == KVEntry("a", b"v1", 9, 5, 1, "s", 2)
+
+    def test_kv_entry_without_value_or_session(self) -> None:
+        entry = KVEntry.from_json({"Key": "a", "Value": None, "ModifyIndex": 3})
+        assert entry.value is None and entry.session is None and entry.lock_index == 0
+
+    def test_event_from_json_decodes_payload(self) -> None:
+        ev = ConsulEvent.from_json(
+            {
+                "ID": "x",
+                "Name": "deploy",
+                "Payload": b64(b'{"a":1}'),
+                "NodeFilter": "",
+                "ServiceFilter": "",
+                "TagFilter": "",
+                "Version": 1,
+                "LTime": 42,
+            }
+        )
+        assert ev.payload == b'{"a":1}' and ev.ltime == 42 and ev.name == "deploy"
+
+    def test_event_without_payload(self) -> None:
+        assert ConsulEvent.from_json({"ID": "x", "Name": "n", "Payload": None}).payload is None
+
+    def test_undecodable_value_is_a_request_error(self) -> None:
+        with pytest.raises(ConsulRequestError, match="undecodable KV value"):
+            KVEntry.from_json({"Key": "a", "Value": "!!not base64!!"})
+
+
+class TestIndexAndTimeouts:
+    def test_index_moves_forward(self) -> None:
+        assert next_kv_index(10, 12) == 12
+
+    def test_same_index_on_timeout(self) -> None:
+        assert next_kv_index(10, 10) == 10
+
+    def test_index_going_backwards_resets_to_zero(self) -> None:
+        assert next_kv_index(10, 4) == 0
+
+    def test_index_never_below_one(self) -> None:
+        assert next_kv_index(0, 0) == 1
+
+    def test_plain_timeout(self) -> None:
+        assert blocking_timeout(10.0, None) == 10.0
+
+    def test_short_wait_gets_one_second_of_jitter_slack(self) -> None:
+        assert blocking_timeout(10.0, 5.0) == 5.0 + 1.0 + 10.0
+
+    def test_long_wait_gets_a_sixteenth_of_jitter_slack(self) -> None:
+        assert blocking_timeout(10.0, 320.0) == 320.0 + 20.0 + 10.0
+
+
+class TestErrorMapping:
+    addr = "http://127.0.0.9:8500"
+
+    def test_success_maps_to_none(self) -> None:
+        assert classify_response(200, "true", what="kv put k", address=self.addr) is None
+
+    def test_403_names_operation_and_token(self) -> None:
+        err = classify_response(
+            403,
+            "Permission denied: token lacks 'key:write' on \"k\"",
+            what="kv put watcher/k",
+            address=self.addr,
+        )
+        assert isinstance(err, ConsulPermissionDenied)
+        assert "kv put watcher/k" in str(err) and "lacks permission or is unknown" in str(err)
+        assert self.addr in str(err)
+
+    def test_400_is_a_request_error_with_consuls_message(self) -> None:
+        err = classify_response(
+            400, "Request decode failed: bad\nthing", what="txn of 2 ops", address=self.addr
+        )
+        assert isinstance(err, ConsulRequestError)
+        assert "Request decode failed: bad thing" in str(err) and "\n" not in str(err)
+        assert not is_transient_status(400, "x")
+
+    def test_413_says_too_large(self) -> None:
+        err = classify_response(413, "payload too large", what="event fire x", address=self.addr)
+        assert isinstance(err, ConsulRequestError) and "too large" in str(err)
+
+    @pytest.mark.parametrize("status", [500, 502, 503, 429])
+    def test_server_errors_and_throttling_are_transient(self, status: int) -> None:
+        err = classify_response(status, "No cluster leader", what="kv get k", address=self.addr)
+        assert isinstance(err, ConsulUnavailable) and self.addr in str(err)
+        assert is_transient_status(status, "No cluster leader")
+
+    def test_invalid_session_500_is_permanent(self) -> None:
+        body = 'rpc error making call: invalid session "abc"'
+        err = classify_response(500, body, what="kv put k", address=self.addr)
+        assert isinstance(err, ConsulRequestError) and "invalid session" in str(err)
+        assert not is_transient_status(500, body)
+
+    def test_permission_denied_inside_a_500_is_permission_denied(self) -> None:
+        err = classify_response(500, "rpc error: Permission denied", what="x", address=self.addr)
+        assert isinstance(err, ConsulPermissionDenied)
+
+
+@dataclass
+class Script:
+    """What the scripted server answers, in order; the last answer repeats."""
+
+    answers: list[tuple[int, str]]
+    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+    delay: float = 0.0  # seconds to sleep before answering
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[Script, str]]:
+    script = Script(answers=[(200, "true")])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            script.seen.append((self.command, self.path, self.headers.get("X-Consul-Token")))
+            status, body = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
+            time.sleep(script.delay)
+            data = body.encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Consul-Index", "7")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass  # the client gave up (a timeout test)
+
+        do_GET = do_PUT = do_DELETE = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield script, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class TestRetryPolicy:
+    def client(self, address: str, deadline: float = 5.0) -> ConsulClient:
+        return ConsulClient(
+            ConsulSettings(address=address, token="tok-1", timeout=2.0), retry_deadline=deadline
+        )
+
+    def test_5xx_is_retried_until_success(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(503, "busy"), (500, "No cluster leader"), (200, "true")]
+        assert self.client(address).kv_put("k", b"v") is True
+        assert len(script.seen) == 3
+
+    def test_4xx_is_never_retried(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(400, "bad request"), (200, "true")]
+        with pytest.raises(ConsulRequestError, match="bad request"):
+            self.client(address).kv_put("k", b"v")
+        assert len(script.seen) == 1
+
+    def test_403_is_never_retried(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(403, "ACL not found"), (200, "true")]
+        with pytest.raises(ConsulPermissionDenied, match="kv get a/b"):
+            self.client(address).kv_get("a/b")
+        assert len(script.seen) == 1
+
+    def test_persistent_5xx_gives_up_at_the_deadline(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(500, "No cluster leader")]
+        started = time.monotonic()
+        with pytest.raises(ConsulUnavailable, match="No cluster leader"):
+            self.client(address, deadline=1.0).kv_get("k")
+        assert time.monotonic() - started < 2.5
+        assert len(script.seen) >= 3
+
+    def test_txn_over_the_limit_is_refused_before_sending(
+        self, scripted: tuple[Script, str]
+    ) -> None:
+        script, address = scripted
+        ops = [TxnOp.set(f"k{i}", b"") for i in range(MAX_TXN_OPS + 1)]
+        with pytest.raises(ConsulRequestError, match=f"limit of {MAX_TXN_OPS}"):
+            self.client(address).txn(ops)
+        assert script.seen == []
+
+    def test_every_endpoint_sends_the_token(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        c = self.client(address)
+        script.answers = [(200, '[{"Key": "k", "Value": null}]')]
+        c.kv_get("k")
+        c.kv_get_blocking("k", 3, 0.1)
+        c.kv_list("p/")
+        c.kv_list_blocking("p/", 3, 0.1)
+        script.answers = [(200, '["a"]')]
+        c.kv_keys("p/")
+        script.answers = [(200, "true")]
+        c.kv_put("k", b"v")
+        c.kv_delete("k")
+        c.session_destroy("s")
+        script.answers = [(200, '{"Results": [], "Errors": null}')]
+        c.txn([TxnOp.get("k")])
+        script.answers = [(200, '{"ID": "x"}')]
+        c.session_create("n", 2)
+        c.event_fire("e", b"")
+        script.answers = [(200, "[]")]
+        c.event_list("e")
+        c.event_list("e", index="5", wait=0.1)
+        c.session_info("s")
+        script.answers = [(200, '[{"ID": "s"}]')]
+        c.session_renew("s")
+        script.answers = [(200, '{"Config": {"NodeName": "n"}}')]
+        c.agent_node_name()
+        script.answers = [(200, '"127.0.0.1:8300"')]
+        c.leader()
+        script.answers = [(200, '{"AccessorID": "a"}')]
+        c.acl_token_self()
+        assert len(script.seen) == 18
+        assert {token for _, _, token in script.seen} == {"tok-1"}
+
+    def test_blocking_query_sends_index_and_wait(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(404, "")]
+        index, entry = self.client(address).kv_get_blocking("a b", 3, 1.5)
+        assert (index, entry) == (7, None)
+        method, path, _ = script.seen[0]
+        assert method == "GET" and path == "/v1/kv/a%20b?index=3&wait=1500ms"
+
+    def test_a_timed_out_read_is_retried(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.delay = 0.8
+        client = ConsulClient(ConsulSettings(address=address, timeout=0.5), retry_deadline=1.5)
+        with pytest.raises(ConsulUnavailable, match="timed out"):
+            client.kv_get("k")
+        assert len(script.seen) >= 2
+
+    def test_a_timed_out_txn_is_not_retried(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.delay = 0.8
+        client = ConsulClient(ConsulSettings(address=address, timeout=0.5), retry_deadline=1.5)
+        with pytest.raises(ConsulUnavailable, match="may or may not have been applied"):
+            client.txn([TxnOp.check_not_exists("d"), TxnOp.set("d", b"commit")])
+        with pytest.raises(ConsulUnavailable, match="may or may not have been applied"):
+            client.kv_put("k", b"v", cas=3)
+        assert len(script.seen) == 2
+
+    def test_a_refused_connection_was_not_sent(self) -> None:
+        with pytest.raises(requests.exceptions.ConnectionError) as info:
+            requests.get("http://127.0.0.1:9/", timeout=2)
+        assert request_not_sent(info.value)
+        assert not request_not_sent(requests.exceptions.ReadTimeout("read timed out"))
+
+    def test_unreachable_address_fails_fast(self) -> None:
+        started = time.monotonic()
+        with pytest.raises(ConsulUnavailable, match=r"127\.0\.0\.1:9 .*is the agent running"):
+            self.client("127.0.0.1:9", deadline=1.0).kv_get("k")
+        assert time.monotonic() - started < 2.5
