@@ -1,0 +1,205 @@
+"""`make demo`: a 3-host fleet on this machine, deployed, upgraded and rolled back.
+
+Starts a local Consul cluster (one server, three client agents on 127.0.10.x), an S3
+server (moto), one `watcher run` per host with its own root, and a tiny web server per
+host serving that host's `current`. Then publishes v1 and deploys it, publishes v2 and
+deploys it, and rolls back, printing `watcherctl status --fleet` and the served pages
+after each step. It leaves everything running until Ctrl-C (or exits at once with
+--no-keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.cluster import ClusterSpec, ConsulCluster, start_cluster  # noqa: E402
+from tests.support.fleet import Fleet, wait_for  # noqa: E402
+from tests.support.s3server import S3Server, s3_client  # noqa: E402
+from watcher.config import S3Settings  # noqa: E402
+
+LOOPBACK = os.environ.get("DEMO_LOOPBACK", "127.0.10")
+WEB_PORT = 8080
+HEALTH_HOOK = REPO / "hooks" / "examples" / "http-health-check"
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}",
+          flush=True)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve_current(ip: str, current: Path) -> ThreadingHTTPServer:
+    """A web server on ip:8080 serving whatever `current` points at, per request."""
+    handler = partial(QuietHandler, directory=str(current))
+    server = ThreadingHTTPServer((ip, WEB_PORT), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def write_app(src: Path, version: str) -> None:
+    """The sample app's source tree for one version."""
+    if src.exists():
+        shutil.rmtree(src)
+    (src / ".watcher").mkdir(parents=True)
+    (src / "tests").mkdir()
+    (src / "index.html").write_text(
+        f"<!doctype html><title>demo</title><h1>hello from {version}</h1>\n")
+    (src / "health").write_text("ok\n")
+    (src / "tests" / "test_app.txt").write_text("tests stay out of the artifact\n")
+    (src / ".watcher" / "manifest.yaml").write_text(
+        "include: ['**']\nexclude: ['tests/**']\n")
+
+
+def pages(fleet: Fleet) -> str:
+    lines = []
+    for w in fleet.watchers:
+        url = f"http://{w.agent.ip}:{WEB_PORT}/"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
+                body = resp.read().decode().strip().splitlines()[-1]
+        except OSError as exc:
+            body = f"(no answer: {exc})"
+        lines.append(f"  {w.name}  {url}  {body}")
+    return "\n".join(lines)
+
+
+def ctl(fleet: Fleet, *args: str) -> str:
+    w = fleet.watchers[0]
+    result = w.ctl(*args, as_json=False, check=False)
+    out = (result.stdout + result.stderr).rstrip()
+    if result.returncode != 0:
+        raise SystemExit(f"watcherctl {' '.join(args)} failed ({result.returncode}):\n{out}")
+    return out
+
+
+def publish(fleet: Fleet, src: Path, version: str) -> str:
+    write_app(src, version)
+    commit = hashlib.sha256(version.encode()).hexdigest()[:40]
+    out = ctl(fleet, "publish", "web", str(src), "--branch", "main", "--commit", commit,
+              "--build-number", version.lstrip("v"))
+    print(out)
+    return f"main-{commit[:8]}"
+
+
+def show(fleet: Fleet) -> None:
+    print(ctl(fleet, "status", "--fleet"))
+    print("served pages:")
+    print(pages(fleet))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-keep", action="store_true",
+                        help="stop everything after the scripted part")
+    args = parser.parse_args()
+    consul_bin = os.environ.get("CONSUL_BIN") or subprocess.run(
+        [str(REPO / "scripts" / "install-consul")], check=True, capture_output=True,
+        text=True).stdout.strip().splitlines()[-1]
+    workdir = Path(tempfile.mkdtemp(prefix="watcher-demo-"))
+    started = time.monotonic()
+    cluster: ConsulCluster | None = None
+    s3: S3Server | None = None
+    fleet: Fleet | None = None
+    servers: list[ThreadingHTTPServer] = []
+    os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    try:
+        say(f"starting Consul (1 server + 3 hosts on {LOOPBACK}.x) and an S3 server")
+        cluster = start_cluster(ClusterSpec(hosts=3), workdir / "consul", consul_bin,
+                                LOOPBACK)
+        s3 = S3Server(workdir / "moto.log")
+        s3.start()
+        s3_client(s3.endpoint_url).create_bucket(Bucket="demo-artifacts")
+        settings = S3Settings(bucket="demo-artifacts", prefix="artifacts",
+                              region="us-east-1", endpoint_url=s3.endpoint_url)
+        validate = [str(HEALTH_HOOK)]
+        fleet = Fleet(cluster, settings, workdir / "hosts", kv_prefix="watcher",
+                      app_extra={"keep_releases": 3})
+        for w in fleet.watchers:
+            hook = validate + [f"HEALTH_URL=http://{w.agent.ip}:{WEB_PORT}/health",
+                               "HEALTH_TIMEOUT=10"]
+            fleet.write_config(w, {"hooks": {"validate": [hook]}})
+            servers.append(serve_current(w.agent.ip, w.app_dir / "current"))
+        say("starting 3 watchers (one per host)")
+        fleet.start()
+        print(f"  configs: {', '.join(str(w.config_path) for w in fleet.watchers)}")
+
+        src = workdir / "app-src"
+        say("publishing v1 (watcherctl publish: tarball -> S3, record -> KV, build-finished)")
+        v1 = publish(fleet, src, "v1")
+        prefetched = [w.app_dir / "prefetched" for w in fleet.watchers]
+        wait_for(lambda: all(p.is_dir() and any(p.iterdir()) for p in prefetched), 30,
+                 "v1 prefetched everywhere", fleet)
+        say(f"deploying v1 ({v1}) to the fleet")
+        print(ctl(fleet, "deploy", "web", v1))
+        show(fleet)
+
+        say("publishing v2")
+        v2 = publish(fleet, src, "v2")
+        say(f"deploying v2 ({v2})")
+        print(ctl(fleet, "deploy", "web", v2))
+        show(fleet)
+
+        say("rolling the fleet back to the previous release")
+        print(ctl(fleet, "rollback", "web"))
+        show(fleet)
+        say("history")
+        print(ctl(fleet, "history", "web"))
+        took = time.monotonic() - started
+        say(f"scripted part done in {took:.0f}s")
+        if args.no_keep:
+            return 0
+        cfg = fleet.watchers[0].config_path
+        print(f"""
+Everything is still running. Try, from this directory:
+  .venv/bin/watcherctl -c {cfg} status
+  .venv/bin/watcherctl -c {cfg} status --fleet
+  .venv/bin/watcherctl -c {cfg} deploy web {v2}
+  .venv/bin/watcherctl -c {cfg} history web
+  curl http://{fleet.watchers[0].agent.ip}:{WEB_PORT}/
+Watcher logs: {workdir}/hosts/<host>/watcher.log
+Press Ctrl-C to stop everything.""", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        print("\nstopping ...", flush=True)
+        for server in servers:
+            server.shutdown()
+        if fleet is not None:
+            fleet.stop()
+        if s3 is not None:
+            s3.stop()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(main())
