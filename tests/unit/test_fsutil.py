@@ -1,0 +1,141 @@
+"""Atomic writes, directory fsync and the per-app flock, on the real filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import LockTimeout
+from watcher.fsutil import AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
+
+
+class TestAtomicWrite:
+    def test_writes_content_and_mode(self, tmp_path: Path) -> None:
+        target = tmp_path / "state.bin"
+        atomic_write_bytes(target, b"one", mode=0o600)
+        assert target.read_bytes() == b"one"
+        assert target.stat().st_mode & 0o777 == 0o600
+        atomic_write_bytes(target, b"two")
+        assert target.read_bytes() == b"two"
+        assert target.stat().st_mode & 0o777 == 0o644
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
+
+    def test_mode_is_not_narrowed_by_umask(self, tmp_path: Path) -> None:
+        old = os.umask(0o077)
+        try:
+            atomic_write_bytes(tmp_path / "f", b"x", mode=0o644)
+        finally:
+            os.umask(old)
+        assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+
+    def test_json_round_trip(self, tmp_path: Path) -> None:
+        target = tmp_path / "holds.json"
+        atomic_write_json(target, {"b": 1, "a": [1, 2]})
+        assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+        assert target.read_text().endswith("\n")
+
+    def test_failed_rename_leaves_old_content_and_no_temp(self, tmp_path: Path) -> None:
+        target = tmp_path / "adir"
+        target.mkdir()
+        (target / "inside").write_text("keep")
+        with pytest.raises(OSError):
+            atomic_write_bytes(target, b"new")  # cannot rename a file over a non-empty dir
+        assert (target / "inside").read_text() == "keep"
+        assert [p.name for p in tmp_path.iterdir()] == ["adir"]
+
+    def test_missing_directory_raises(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            atomic_write_bytes(tmp_path / "nope" / "f", b"x")
+
+
+class TestFsyncDir:
+    def test_existing_dir(self, tmp_path: Path) -> None:
+        fsync_dir(tmp_path)  # no error is the contract
+
+    def test_missing_dir_raises(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            fsync_dir(tmp_path / "missing")
+
+
+class TestAppLock:
+    def test_second_holder_times_out_naming_path_and_owner(self, tmp_path: Path) -> None:
+        lock_path = tmp_path / ".state" / "lock"
+        with AppLock(lock_path, timeout=1, owner="watcherctl prune") as held:
+            assert held.locked
+            assert lock_path.read_text().strip() == f"{os.getpid()} watcherctl prune"
+            started = time.monotonic()
+            with pytest.raises(LockTimeout) as info:
+                AppLock(lock_path, timeout=0.2, owner="daemon").acquire()
+            assert time.monotonic() - started >= 0.2
+            message = str(info.value)
+            assert str(lock_path) in message
+            assert "watcherctl prune" in message and str(os.getpid()) in message
+        # released: the next one gets it at once
+        with AppLock(lock_path, timeout=0, owner="daemon") as again:
+            assert again.locked
+        assert not again.locked
+
+    def test_accepts_a_layout(self, tmp_path: Path) -> None:
+        class Layout:
+            lock_file = tmp_path / "x" / "lock"
+
+        with AppLock(Layout(), timeout=0, owner="t") as lock:
+            assert lock.path == tmp_path / "x" / "lock"
+            assert lock.path.exists()
+
+    def test_waits_until_holder_releases(self, tmp_path: Path) -> None:
+        lock_path = tmp_path / "lock"
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time; from watcher.fsutil import AppLock\n"
+                f"with AppLock({str(lock_path)!r}, timeout=5, owner='child'):\n"
+                "    print('held', flush=True); time.sleep(0.5)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "held"
+            started = time.monotonic()
+            with AppLock(lock_path, timeout=5, owner="parent"):
+                waited = time.monotonic() - started
+            assert 0.2 < waited < 4
+        finally:
+            child.wait(timeout=10)
+
+    def test_lock_dies_with_a_killed_holder(self, tmp_path: Path) -> None:
+        lock_path = tmp_path / "lock"
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time; from watcher.fsutil import AppLock\n"
+                f"l = AppLock({str(lock_path)!r}, timeout=5, owner='doomed'); l.acquire()\n"
+                "print('held', flush=True); time.sleep(60)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "held"
+            with pytest.raises(LockTimeout, match="doomed"):
+                AppLock(lock_path, timeout=0.1, owner="parent").acquire()
+            child.kill()
+            child.wait(timeout=10)
+            with AppLock(lock_path, timeout=2, owner="parent") as lock:
+                assert lock.locked
+        finally:
+            child.kill()
+            child.wait(timeout=10)

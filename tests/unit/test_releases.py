@@ -1,0 +1,774 @@
+"""The per-host release engine on a real filesystem: staging, flip, recovery, holds, prune."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from watcher.config import AppConfig, Timeouts
+from watcher.errors import (
+    ArchiveRefused,
+    FlipError,
+    ReleaseError,
+    ReleaseNotFound,
+    StagingError,
+)
+from watcher.records import ArtifactRecord
+from watcher.releases import (
+    AppLayout,
+    LinuxProcReader,
+    ReleaseEngine,
+    scan_release_usage,
+)
+
+T0 = datetime(2026, 11, 26, 14, 0, 0, tzinfo=UTC)
+FILES = {
+    "app.txt": b"hello\n",
+    "bin/run.sh": b"#!/bin/sh\necho run\n",
+    "log/from-tarball.txt": b"replaced by the shared link\n",
+    "data/blob.bin": bytes(range(256)) * 16,
+}
+
+
+def build_tarball(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755 if name.startswith("bin/") else 0o644
+            info.mtime = 1_700_000_000
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def record_for(path: Path, artifact: str = "master-15eb13af") -> ArtifactRecord:
+    data = path.read_bytes()
+    return ArtifactRecord(
+        id=artifact,
+        url=f"s3://bucket/artifacts/app/{artifact}.tar.gz",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+
+
+def rel(n: int, artifact: str = "master-15eb13af") -> str:
+    return f"20261126T14{n:02d}00Z-{artifact}"
+
+
+class Clock:
+    """A settable clock for staged_at, pins and ages."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self, seconds: float = 60) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class OnlyPids(LinuxProcReader):
+    """The real /proc, restricted to the given processes (this sandbox's pid 1 is unreadable,
+    which would rightly block every prune; the blocking rule has its own test)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__()
+        self._pids = pids
+
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+
+class FakeProc:
+    """A /proc with scripted answers, for the pure rules of ``scan_release_usage``."""
+
+    def __init__(self, procs: dict[int, dict[str, object]]) -> None:
+        self.procs = procs
+
+    def pids(self) -> list[int]:
+        return sorted(self.procs)
+
+    def _get(self, pid: int, what: str) -> object:
+        value = self.procs[pid].get(what, [] if what != "cwd" else "/")
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def cwd(self, pid: int) -> str:
+        return str(self._get(pid, "cwd"))
+
+    def fd_targets(self, pid: int) -> list[str]:
+        value = self._get(pid, "fds")
+        assert isinstance(value, list)
+        return [str(v) for v in value]
+
+    def mapped_paths(self, pid: int) -> list[str]:
+        value = self._get(pid, "maps")
+        assert isinstance(value, list)
+        return [str(v) for v in value]
+
+
+@pytest.fixture
+def tarball(tmp_path: Path) -> Path:
+    return build_tarball(tmp_path / "build.tar.gz", FILES)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_engine(tmp_path: Path, clock: Clock, **kw: object) -> ReleaseEngine:
+    options: dict[str, object] = {
+        "keep_releases": 2,
+        "shared": ("log", "var/uploads"),
+        "timeouts": Timeouts(lock=5),
+    }
+    options.update(kw)
+    proc = options.pop("proc_reader", OnlyPids([os.getpid()]))
+    app = AppConfig(name="app", root=str(tmp_path / "root"), **options)  # type: ignore[arg-type]
+    engine = ReleaseEngine(app, proc_reader=proc, clock=clock)  # type: ignore[arg-type]
+    engine.layout.ensure()
+    return engine
+
+
+@pytest.fixture
+def engine(tmp_path: Path, clock: Clock) -> ReleaseEngine:
+    return make_engine(tmp_path, clock)
+
+
+def tmp_leftovers(layout: AppLayout) -> list[str]:
+    out = []
+    for d in (layout.app_dir, layout.releases_dir, layout.prefetched_dir, layout.state_dir):
+        out += [str(p) for p in d.iterdir() if p.name.startswith(".tmp-")]
+    return out
+
+
+def assert_current_complete(engine: ReleaseEngine) -> str:
+    cur = engine.current_release()
+    assert cur is not None
+    resolved = engine.layout.current.resolve()
+    assert resolved == engine.layout.release_dir(cur).resolve()
+    meta = json.loads((resolved / ".watcher" / "release.json").read_text())
+    assert meta["release"] == cur
+    assert (resolved / "app.txt").read_bytes() == FILES["app.txt"]
+    return cur
+
+
+class TestLayout:
+    def test_paths(self, tmp_path: Path) -> None:
+        lay = AppLayout(tmp_path / "app")
+        assert lay.releases_dir == tmp_path / "app" / "releases"
+        assert lay.current == tmp_path / "app" / "current"
+        assert lay.lock_file == tmp_path / "app" / ".state" / "lock"
+        assert lay.release_dir(rel(1)) == tmp_path / "app" / "releases" / rel(1)
+        with pytest.raises(Exception, match="invalid release name"):
+            lay.release_dir("../../etc")
+
+
+class TestStaging:
+    def test_stage_writes_tree_and_release_json_last(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        record = record_for(tarball)
+        path = engine.stage_from_file(tarball, record, rel(1), "d-1")
+        assert path == engine.layout.releases_dir / rel(1)
+        assert (path / "app.txt").read_bytes() == FILES["app.txt"]
+        assert (path / "data" / "blob.bin").read_bytes() == FILES["data/blob.bin"]
+        assert os.access(path / "bin" / "run.sh", os.X_OK)
+        assert path.stat().st_mode & 0o777 == 0o755  # umask 022 applied, not mkdtemp's 0700
+        meta = json.loads((path / ".watcher" / "release.json").read_text())
+        assert meta["artifact"] == record.id and meta["sha256"] == record.sha256
+        assert meta["deploy_id"] == "d-1" and meta["release"] == rel(1)
+        assert meta["size"] == record.size and meta["format"] == "tar.gz"
+        assert meta["staged_at"] == "2026-11-26T14:00:00.000Z"
+        assert engine.release_info(rel(1)) == meta
+        assert tmp_leftovers(engine.layout) == []
+        assert engine.current_release() is None  # staging never flips
+
+    def test_shared_paths_are_relative_links_into_shared(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        path = engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        log = path / "log"
+        assert log.is_symlink()
+        assert str(Path(log).readlink()) == "../../shared/log"
+        assert not (engine.layout.shared_dir / "log" / "from-tarball.txt").exists()
+        uploads = path / "var" / "uploads"
+        assert str(Path(uploads).readlink()) == "../../../shared/var/uploads"
+        (log / "app.log").write_text("line\n")
+        assert (engine.layout.shared_dir / "log" / "app.log").read_text() == "line\n"
+        assert uploads.resolve() == (engine.layout.shared_dir / "var" / "uploads").resolve()
+
+    def test_shared_file_is_kept_and_linked(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        engine = make_engine(tmp_path, clock, shared=("config.yml",))
+        (engine.layout.shared_dir / "config.yml").write_text("secret: 1\n")
+        path = engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        assert (path / "config.yml").read_text() == "secret: 1\n"
+        assert (engine.layout.shared_dir / "config.yml").is_file()
+
+    def test_idempotent_same_sha_is_reused_without_extracting(
+        self, engine: ReleaseEngine, tarball: Path, clock: Clock
+    ) -> None:
+        record = record_for(tarball)
+        first = engine.stage_from_file(tarball, record, rel(1), "d-1")
+        before = (first / ".watcher" / "release.json").read_bytes()
+        tarball.unlink()  # a second extraction would fail
+        clock.tick()
+        again = engine.stage_from_file(tarball, record, rel(1), "d-2")
+        assert again == first
+        assert (again / ".watcher" / "release.json").read_bytes() == before
+
+    def test_existing_release_from_another_sha_is_refused(
+        self, engine: ReleaseEngine, tarball: Path, tmp_path: Path
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        other = build_tarball(tmp_path / "other.tar.gz", {"app.txt": b"other\n"})
+        other_record = record_for(other)
+        with pytest.raises(ReleaseError) as info:
+            engine.stage_from_file(other, other_record, rel(1), "d-2")
+        assert record_for(tarball).sha256 in str(info.value)
+        assert other_record.sha256 in str(info.value)
+        assert (engine.layout.release_dir(rel(1)) / "app.txt").read_bytes() == b"hello\n"
+
+    def test_incomplete_release_under_final_name_is_replaced(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        broken = engine.layout.release_dir(rel(1))
+        broken.mkdir()
+        (broken / "junk").write_text("half")
+        path = engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        assert not (path / "junk").exists()
+        assert engine.is_complete(rel(1))
+        assert tmp_leftovers(engine.layout) == []
+
+    def test_refused_archive_leaves_nothing(
+        self, engine: ReleaseEngine, tmp_path: Path, tarball: Path
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        bad = tmp_path / "evil.tar.gz"
+        with tarfile.open(bad, "w:gz") as tf:
+            info = tarfile.TarInfo("../escape.txt")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+        with pytest.raises(ArchiveRefused, match="escape"):
+            engine.stage_from_file(bad, record_for(bad, "evil-00000000"), rel(2), "d-2")
+        assert engine.release_names() == [rel(1)]
+        assert tmp_leftovers(engine.layout) == []
+        assert not (engine.layout.app_dir / "escape.txt").exists()
+        assert engine.current_release() == rel(1)
+
+    def test_failure_while_linking_shared_removes_temp_dir(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        engine = make_engine(tmp_path, clock, shared=("app.txt/sub",))  # parent is a file
+        with pytest.raises(StagingError, match=rel(1)):
+            engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        assert engine.release_names() == []
+        assert tmp_leftovers(engine.layout) == []
+
+    def test_missing_archive_is_a_staging_error(self, engine: ReleaseEngine, tarball: Path) -> None:
+        record = record_for(tarball)
+        tarball.unlink()
+        with pytest.raises(StagingError, match=r"build\.tar\.gz"):
+            engine.stage_from_file(tarball, record, rel(1), "d-1")
+        assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
+
+    def test_stage_without_cache_or_prefetch_says_why(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        with pytest.raises(StagingError, match="no artifact cache"):
+            engine.stage(record_for(tarball), rel(1), "d-1")
+
+    def test_stage_fetches_through_the_cache(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        fetched: list[str] = []
+
+        class LocalCache:  # stands in for ArtifactCache: a verified file on disk
+            def fetch(self, record: ArtifactRecord) -> Path:
+                fetched.append(record.id)
+                return tarball
+
+        engine = make_engine(tmp_path, clock)
+        engine.cache = LocalCache()  # type: ignore[assignment]
+        path = engine.stage(record_for(tarball), rel(1), "d-1")
+        assert fetched == ["master-15eb13af"]
+        assert (path / "app.txt").read_bytes() == FILES["app.txt"]
+
+
+class TestPrefetched:
+    def test_staging_a_prefetched_tree_is_a_rename(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        record = record_for(tarball)
+        pre = engine.prefetch_extract(tarball, record)
+        assert pre == engine.layout.prefetched_dir / f"{record.id}-{record.sha256[:12]}"
+        inode = pre.stat().st_ino
+        tarball.unlink()  # proves no extraction happens while staging
+        path = engine.stage_from_file(tarball, record, rel(1), "d-1")
+        assert path.stat().st_ino == inode
+        assert not pre.exists()
+        assert (path / "app.txt").read_bytes() == FILES["app.txt"]
+        assert str(Path(path / "log").readlink()) == "../../shared/log"
+        assert engine.release_info(rel(1))["sha256"] == record.sha256  # type: ignore[index]
+        assert tmp_leftovers(engine.layout) == []
+        engine.flip(rel(1))
+        assert_current_complete(engine)
+
+    def test_stage_uses_prefetched_without_cache(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        record = record_for(tarball)
+        engine.prefetch_extract(tarball, record)
+        assert engine.stage(record, rel(1), "d-1").is_dir()
+
+    def test_prefetch_extract_is_idempotent(self, engine: ReleaseEngine, tarball: Path) -> None:
+        record = record_for(tarball)
+        first = engine.prefetch_extract(tarball, record)
+        tarball.unlink()
+        assert engine.prefetch_extract(tarball, record) == first
+
+    def test_failed_prefetch_leaves_nothing(self, engine: ReleaseEngine, tmp_path: Path) -> None:
+        junk = tmp_path / "junk.tar.gz"
+        junk.write_bytes(b"not a tarball at all")
+        with pytest.raises(ArchiveRefused):
+            engine.prefetch_extract(junk, record_for(junk))
+        assert list(engine.layout.prefetched_dir.iterdir()) == []
+
+
+class TestFlip:
+    def test_round_trip(
+        self, engine: ReleaseEngine, tarball: Path, tmp_path: Path, clock: Clock
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        assert str(Path(engine.layout.current).readlink()) == f"releases/{rel(1)}"
+        assert assert_current_complete(engine) == rel(1)
+        assert engine.previous_release() is None
+
+        clock.tick()
+        other = build_tarball(tmp_path / "b.tar.gz", {**FILES, "app.txt": FILES["app.txt"]})
+        engine.stage_from_file(
+            other, record_for(other, "master-22222222"), rel(2, "master-22222222"), "d-2"
+        )
+        assert engine.current_release() == rel(1)
+        engine.flip(rel(2, "master-22222222"))
+        assert assert_current_complete(engine) == rel(2, "master-22222222")
+        assert engine.previous_release() == rel(1)
+
+        engine.flip(rel(1))  # flip back
+        assert assert_current_complete(engine) == rel(1)
+        assert engine.previous_release() == rel(2, "master-22222222")
+        assert tmp_leftovers(engine.layout) == []
+
+    def test_flip_to_same_release_keeps_previous(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.stage_from_file(tarball, record, rel(2), "d-2")
+        engine.flip(rel(1))
+        engine.flip(rel(2))
+        engine.flip(rel(2))
+        assert engine.previous_release() == rel(1)
+
+    def test_refuses_incomplete_and_missing(self, engine: ReleaseEngine, tarball: Path) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        half = engine.layout.release_dir(rel(2))
+        half.mkdir()
+        (half / "app.txt").write_text("half")
+        with pytest.raises(FlipError, match="no complete"):
+            engine.flip(rel(2))
+        with pytest.raises(FlipError, match=rel(3)):
+            engine.flip(rel(3))
+        assert engine.current_release() == rel(1)
+        assert engine.previous_release() is None
+
+    def test_refuses_release_json_of_another_release(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        src = engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        copy = engine.layout.release_dir(rel(2))
+        copy.mkdir()
+        (copy / ".watcher").mkdir()
+        (copy / ".watcher" / "release.json").write_bytes(
+            (src / ".watcher" / "release.json").read_bytes()
+        )
+        with pytest.raises(FlipError):
+            engine.flip(rel(2))
+
+    def test_backup(self, engine: ReleaseEngine, tarball: Path) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        engine.set_backup(rel(1))
+        assert str(Path(engine.layout.current_backup).readlink()) == f"releases/{rel(1)}"
+        assert engine.backup_release() == rel(1)
+        with pytest.raises(FlipError):
+            engine.set_backup(rel(2))
+        engine.clear_backup()
+        assert not engine.layout.current_backup.is_symlink()
+        engine.clear_backup()  # idempotent
+        engine.set_backup(rel(1))
+        engine.set_backup(None)
+        assert engine.backup_release() is None
+
+    def test_flip_over_a_directory_fails_cleanly(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.layout.current.mkdir()
+        (engine.layout.current / "x").write_text("legacy")
+        with pytest.raises(FlipError, match="cannot point"):
+            engine.flip(rel(1))
+        assert tmp_leftovers(engine.layout) == []
+
+
+class TestRecover:
+    def test_removes_leftovers(self, engine: ReleaseEngine, tarball: Path) -> None:
+        lay = engine.layout
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        (lay.app_dir / ".tmp-link-abcd").symlink_to(f"releases/{rel(1)}")
+        (lay.releases_dir / f".tmp-stage-{rel(2)}-abcd" / "x").mkdir(parents=True)
+        (lay.releases_dir / f".tmp-prune-{rel(0)}-abcd").mkdir()
+        (lay.prefetched_dir / ".tmp-prefetch-x-1234").mkdir()
+        (lay.state_dir / ".tmp-holds.json-1234").write_text("{")
+        (lay.releases_dir / rel(3)).mkdir()  # incomplete under a final name
+        actions = engine.recover()
+        assert len(actions) == 6
+        assert tmp_leftovers(lay) == []
+        assert engine.release_names() == [rel(1)]
+        assert assert_current_complete(engine) == rel(1)
+        assert engine.recover() == []
+
+    def test_dangling_current_goes_back_to_previous(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.stage_from_file(tarball, record, rel(2), "d-2")
+        engine.flip(rel(1))
+        engine.flip(rel(2))
+        (engine.layout.release_dir(rel(2)) / ".watcher" / "release.json").unlink()
+        actions = engine.recover()
+        assert any(f"pointed it at {rel(1)}" in a for a in actions)
+        assert assert_current_complete(engine) == rel(1)
+        assert engine.release_names() == [rel(1)]  # the broken one went
+
+    def test_dangling_current_without_previous_is_reported(self, engine: ReleaseEngine) -> None:
+        engine.layout.current.symlink_to(f"releases/{rel(1)}")
+        actions = engine.recover()
+        assert any("no complete previous release" in a for a in actions)
+        assert engine.layout.current.is_symlink()
+
+    def test_backup_removed_unless_deploy_in_flight(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        engine.set_backup(rel(1))
+        assert engine.recover(deploy_in_flight=True) == []
+        assert engine.backup_release() == rel(1)
+        assert engine.recover() == [f"removed {engine.layout.current_backup}"]
+        assert not engine.layout.current_backup.is_symlink()
+
+
+class TestHoldsAndPins:
+    def test_hold_round_trip_survives_a_new_engine(self, tmp_path: Path, clock: Clock) -> None:
+        engine = make_engine(tmp_path, clock)
+        assert engine.held() is None
+        hold = engine.hold("rollback --local", "alice")
+        assert hold.at == "2026-11-26T14:00:00.000Z"
+        again = make_engine(tmp_path, clock)
+        assert again.held() == hold
+        assert json.loads(engine.layout.holds_file.read_text())["hold"]["by"] == "alice"
+        assert again.release_hold() == hold
+        assert engine.held() is None
+        assert engine.release_hold() is None
+
+    def test_pin_needs_a_complete_release(self, engine: ReleaseEngine) -> None:
+        with pytest.raises(ReleaseNotFound, match=rel(1)):
+            engine.pin(rel(1), T0)
+
+    def test_pin_is_listed(self, engine: ReleaseEngine, tarball: Path) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.pin(rel(1), T0 + timedelta(days=3))
+        (info,) = engine.list_releases()
+        assert info.pinned_until == "2026-11-29T14:00:00.000Z"
+        assert engine.pinned_until(rel(1)) == T0 + timedelta(days=3)
+        engine.unpin(rel(1))
+        assert engine.pinned_until(rel(1)) is None
+
+
+class TestListReleases:
+    def test_markers(self, engine: ReleaseEngine, tarball: Path, clock: Clock) -> None:
+        record = record_for(tarball)
+        for n in (1, 2, 3):
+            engine.stage_from_file(tarball, record, rel(n), f"d-{n}")
+            clock.tick()
+        engine.mark_post_release_done(rel(1))
+        engine.mark_post_release_done(rel(2))
+        engine.flip(rel(1))
+        engine.flip(rel(2))
+        (engine.layout.releases_dir / rel(9)).mkdir()
+        infos = {i.release: i for i in engine.list_releases()}
+        assert [i.release for i in engine.list_releases()] == [rel(9), rel(1), rel(2), rel(3)]
+        assert infos[rel(2)].is_current and not infos[rel(2)].is_previous
+        assert infos[rel(1)].is_previous and infos[rel(1)].post_release_done
+        assert infos[rel(3)].kept_for_resume and not infos[rel(3)].post_release_done
+        assert not infos[rel(9)].complete and infos[rel(9)].artifact == ""
+        assert infos[rel(1)].size_bytes == record.size
+        assert infos[rel(2)].to_dict()["deploy_id"] == "d-2"
+
+
+class TestDropRelease:
+    def test_drop(self, engine: ReleaseEngine, tarball: Path) -> None:
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.stage_from_file(tarball, record, rel(2), "d-2")
+        engine.flip(rel(1))
+        engine.mark_post_release_done(rel(2))
+        assert engine.drop_release(rel(2)) is True
+        assert engine.release_names() == [rel(1)]
+        assert not engine.post_release_done(rel(2))
+        assert engine.drop_release(rel(2)) is False
+        with pytest.raises(ReleaseError, match="live"):
+            engine.drop_release(rel(1))
+        assert tmp_leftovers(engine.layout) == []
+
+
+@pytest.fixture
+def five(engine: ReleaseEngine, tarball: Path, clock: Clock) -> ReleaseEngine:
+    """rel(1)..rel(5) staged a minute apart, post_release done; keep_releases=2, no flip."""
+    record = record_for(tarball)
+    for n in range(1, 6):
+        engine.stage_from_file(tarball, record, rel(n), f"d-{n}")
+        engine.mark_post_release_done(rel(n))
+        clock.tick()
+    return engine
+
+
+@pytest.fixture
+def child_procs() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def spawn_ready(
+    procs: list[subprocess.Popen[str]], code: str, cwd: Path | None = None
+) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(p)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+class TestPrune:
+    def test_keeps_newest_n_and_current(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        assert five.prune(dry_run=True) == [rel(1), rel(2), rel(3)]
+        assert len(five.release_names()) == 5  # dry run removed nothing
+        assert five.prune() == [rel(1), rel(2), rel(3)]
+        assert five.release_names() == [rel(4), rel(5)]
+        assert tmp_leftovers(five.layout) == []
+
+    def test_never_current(self, five: ReleaseEngine) -> None:
+        five.flip(rel(1))
+        assert five.prune() == [rel(2), rel(3)]
+        assert five.plan_prune().keep[rel(1)] == "current"
+        assert_current_complete(five)
+
+    def test_never_previous(self, five: ReleaseEngine) -> None:
+        five.flip(rel(2))
+        five.flip(rel(5))
+        assert five.prune() == [rel(1), rel(3)]
+        assert five.previous_release() == rel(2)
+        assert rel(2) in five.release_names()
+
+    def test_never_backup(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        five.set_backup(rel(1))
+        assert five.prune() == [rel(2), rel(3)]
+
+    def test_never_pinned_until_expiry(self, five: ReleaseEngine, clock: Clock) -> None:
+        five.flip(rel(5))
+        five.pin(rel(1), clock.now + timedelta(hours=1))
+        five.pin(rel(2), clock.now - timedelta(seconds=1))
+        assert five.prune() == [rel(2), rel(3)]
+        clock.tick(3601)
+        assert five.prune() == [rel(1)]
+        assert five.pinned_until(rel(1)) is None  # the pin went with the release
+
+    def test_never_in_flight(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        assert five.prune(in_flight={rel(1)}) == [rel(2), rel(3)]
+        assert five.plan_prune(in_flight=[rel(4)]).keep[rel(4)] == "in flight"
+
+    def test_never_cwd_of_a_live_process(self, five: ReleaseEngine, child_procs: list) -> None:  # type: ignore[type-arg]
+        five.flip(rel(1))
+        child = spawn_ready(
+            child_procs,
+            "import sys; print('ready', flush=True); sys.stdin.read()",
+            cwd=five.layout.current / "bin",
+        )
+        five.proc_reader = OnlyPids([os.getpid(), child.pid])
+        five.flip(rel(2))
+        five.flip(rel(5))  # current=5, previous=2: only the child's cwd protects rel(1)
+        assert five.plan_prune().keep[rel(1)] == "used by a running process"
+        assert five.prune() == [rel(3)]
+        child.kill()
+        child.wait()
+        assert five.prune() == [rel(1)]
+
+    def test_never_a_file_held_open(
+        self,
+        five: ReleaseEngine,
+        child_procs: list,  # type: ignore[type-arg]
+    ) -> None:
+        five.flip(rel(5))
+        target = five.layout.release_dir(rel(1)) / "data" / "blob.bin"
+        child = spawn_ready(
+            child_procs,
+            f"import sys; f = open({str(target)!r}, 'rb'); "
+            "print('ready', flush=True); sys.stdin.read()",
+        )
+        five.proc_reader = OnlyPids([os.getpid(), child.pid])
+        assert five.prune() == [rel(2), rel(3)]
+        assert target.exists()
+
+    def test_never_a_mapped_file(
+        self,
+        five: ReleaseEngine,
+        child_procs: list,  # type: ignore[type-arg]
+    ) -> None:
+        five.flip(rel(5))
+        target = five.layout.release_dir(rel(2)) / "data" / "blob.bin"
+        child = spawn_ready(
+            child_procs,
+            "import ctypes, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, "
+            "ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n"
+            f"fd = os.open({str(target)!r}, os.O_RDONLY)\n"
+            "addr = libc.mmap(None, 4096, 1, 2, fd, 0)\n"  # PROT_READ, PRIVATE
+            "assert addr not in (None, ctypes.c_void_p(-1).value)\n"
+            "os.close(fd)\n"
+            "print('ready', flush=True); sys.stdin.read()",
+        )
+        reader = OnlyPids([child.pid])
+        assert not any(str(target) in t for t in reader.fd_targets(child.pid))  # fd closed
+        five.proc_reader = reader
+        assert five.prune() == [rel(1), rel(3)]
+
+    def test_unreadable_process_blocks_the_whole_prune(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        five.proc_reader = FakeProc(
+            {
+                10: {"cwd": "/"},
+                42: {"cwd": PermissionError(13, "Permission denied", "/proc/42/cwd")},
+            }
+        )
+        plan = five.plan_prune()
+        assert plan.blocked is not None and "pid 42" in plan.blocked
+        assert five.prune() == []
+        assert five.prune(dry_run=True) == []
+        assert len(five.release_names()) == 5
+
+    def test_exited_process_is_skipped(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        five.proc_reader = FakeProc(
+            {
+                42: {"cwd": FileNotFoundError(2, "gone")},
+                43: {"cwd": "/", "fds": ProcessLookupError()},
+            }
+        )
+        assert five.prune() == [rel(1), rel(2), rel(3)]
+
+    def test_incomplete_releases_are_removed_and_do_not_count(self, five: ReleaseEngine) -> None:
+        five.flip(rel(5))
+        (five.layout.releases_dir / rel(9)).mkdir()
+        assert five.prune() == [rel(1), rel(2), rel(3), rel(9)]
+        assert five.release_names() == [rel(4), rel(5)]
+
+    def test_aborted_staging_kept_for_resume_until_max_age(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        engine = make_engine(tmp_path, clock, aborted_staging_max_age=3600.0)
+        record = record_for(tarball)
+        for n in (1, 2, 3):
+            engine.stage_from_file(tarball, record, rel(n), f"d-{n}")
+            engine.mark_post_release_done(rel(n))
+            clock.tick()
+        engine.flip(rel(3))
+        engine.stage_from_file(tarball, record, rel(4), "d-4")  # post_release never ran
+        clock.tick()
+        plan = engine.plan_prune()
+        assert plan.keep[rel(4)] == "aborted staging kept for resume"
+        assert engine.prune() == [rel(1)]  # rel(4) does not push rel(2) out of keep N=2
+        clock.tick(3600)
+        assert engine.prune() == [rel(4)]
+        assert engine.release_names() == [rel(2), rel(3)]
+
+    def test_stale_prefetched_trees_go(self, five: ReleaseEngine, tmp_path: Path) -> None:
+        five.flip(rel(5))
+        for n in range(4):
+            tb = build_tarball(tmp_path / f"p{n}.tar.gz", {"f": str(n).encode()})
+            path = five.prefetch_extract(tb, record_for(tb, f"feature-{n:08d}"))
+            os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+        five.prune()
+        assert sorted(p.name[:16] for p in five.layout.prefetched_dir.iterdir()) == [
+            "feature-00000002",
+            "feature-00000003",
+        ]
+
+
+class TestScanReleaseUsage:
+    def test_paths_map_to_release_names(self) -> None:
+        reader = FakeProc(
+            {
+                1: {"cwd": "/srv/app/releases/r1/bin"},
+                2: {"cwd": "/", "fds": ["/srv/app/releases/r2/log.txt", "socket:[123]"]},
+                3: {"cwd": "/", "maps": ["/srv/app/releases/r3 (deleted)", "/usr/lib/libc.so"]},
+                4: {"cwd": "/srv/app/releases"},
+                5: {"cwd": "/srv/app/releases-other/r5"},
+            }
+        )
+        assert scan_release_usage(reader, "/srv/app/releases") == ({"r1", "r2", "r3"}, None)
+
+    def test_real_proc_sees_our_own_cwd(self, tmp_path: Path) -> None:
+        releases = tmp_path / "releases"
+        (releases / "r1").mkdir(parents=True)
+        old = Path.cwd()
+        os.chdir(releases / "r1")
+        try:
+            used, blocker = scan_release_usage(OnlyPids([os.getpid()]), str(releases))
+        finally:
+            os.chdir(old)
+        assert (used, blocker) == ({"r1"}, None)

@@ -1,0 +1,148 @@
+"""Crash-safe file primitives: atomic writes, directory fsync, and the per-app flock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from watcher.errors import LockTimeout
+
+TMP_PREFIX = ".tmp-"
+_POLL_INTERVAL = 0.02
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never half.
+
+    The bytes go to ``.tmp-<name>-<random>`` in the same directory, are fsynced, renamed over
+    ``path``, and the directory is fsynced.
+    """
+    target = Path(path)
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the process umask must not narrow the requested mode
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:
+    """``atomic_write_bytes`` of ``obj`` as sorted, indented JSON with a trailing newline."""
+    data = json.dumps(obj, sort_keys=True, indent=2).encode() + b"\n"
+    atomic_write_bytes(path, data, mode)
+
+
+class HasLockFile(Protocol):
+    """Anything that knows where its lock file is (``AppLayout``)."""
+
+    @property
+    def lock_file(self) -> Path: ...
+
+
+class AppLock:
+    """An exclusive ``flock`` on an app's lock file, polled until ``timeout``.
+
+    The holder writes ``"<pid> <owner>"`` into the file so that a waiter that times out can
+    say who holds it. The lock dies with the process (the kernel drops it with the fd).
+    Not reentrant: a second ``AppLock`` on the same file in the same process waits too.
+    """
+
+    def __init__(
+        self, layout_or_path: HasLockFile | str | os.PathLike[str], *, timeout: float, owner: str
+    ) -> None:
+        if isinstance(layout_or_path, str | os.PathLike):
+            self.path = Path(layout_or_path)
+        else:
+            self.path = Path(layout_or_path.lock_file)
+        self.timeout = timeout
+        self.owner = owner
+        self._fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            raise RuntimeError(f"lock {self.path} is already held by this AppLock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"lock {self.path} not acquired within {self.timeout:g}s: "
+                        f"held by {self.holder() or 'an unknown process'}"
+                    )
+                time.sleep(_POLL_INTERVAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.owner}\n".encode(), 0)
+        except OSError:
+            pass  # the owner note is informational; the flock is what excludes
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last fd drops the flock
+
+    def holder(self) -> str:
+        """``"<pid> <owner>"`` as written by the current holder; best effort, may be ""."""
+        try:
+            return self.path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def __enter__(self) -> AppLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

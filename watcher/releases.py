@@ -1,0 +1,900 @@
+"""One app's directory on this host: staging, flipping `current`, recovery, holds, pins, prune."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from watcher.archive import extract_archive, sync_tree
+from watcher.errors import (
+    FlipError,
+    ReleaseError,
+    ReleaseNotFound,
+    StagingError,
+    WatcherError,
+)
+from watcher.fsutil import TMP_PREFIX, AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
+from watcher.log import get_logger
+from watcher.records import SHA256_RE, ArtifactRecord, check_release, iso, parse_iso, utcnow
+
+if TYPE_CHECKING:
+    from watcher.artifacts import ArtifactCache
+    from watcher.config import AppConfig
+
+RELEASE_JSON = Path(".watcher") / "release.json"
+RELEASE_JSON_VERSION = 1
+
+
+class AppLayout:
+    """The paths of ``<root>/<app>/`` (DESIGN.md section 2)."""
+
+    def __init__(self, app_dir: str | os.PathLike[str]) -> None:
+        self.app_dir = Path(app_dir)
+        self.releases_dir = self.app_dir / "releases"
+        self.current = self.app_dir / "current"
+        self.current_backup = self.app_dir / "current_backup"
+        self.shared_dir = self.app_dir / "shared"
+        self.artifacts_dir = self.app_dir / "artifacts"
+        self.prefetched_dir = self.app_dir / "prefetched"
+        self.state_dir = self.app_dir / ".state"
+        self.lock_file = self.state_dir / "lock"
+        self.holds_file = self.state_dir / "holds.json"
+        self.pins_file = self.state_dir / "pins.json"
+        self.previous_file = self.state_dir / "previous"
+        self.post_release_dir = self.state_dir / "post_release"
+        self.journal_dir = self.state_dir / "journal"
+
+    @classmethod
+    def for_app(cls, app: AppConfig) -> AppLayout:
+        return cls(app.app_dir)
+
+    def release_dir(self, release: str) -> Path:
+        return self.releases_dir / check_release(release)
+
+    def link_target(self, release: str) -> str:
+        """What ``current`` holds for ``release``: a path relative to the app directory."""
+        return f"releases/{check_release(release)}"
+
+    def ensure(self) -> None:
+        """Create the directories of the layout that are missing."""
+        for d in (
+            self.app_dir,
+            self.releases_dir,
+            self.shared_dir,
+            self.artifacts_dir,
+            self.prefetched_dir,
+            self.state_dir,
+            self.post_release_dir,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """One directory under ``releases/`` as ``watcherctl releases`` shows it."""
+
+    release: str
+    complete: bool
+    artifact: str = ""
+    sha256: str = ""
+    deploy_id: str = ""
+    staged_at: str = ""
+    size_bytes: int = 0
+    format: str = ""
+    is_current: bool = False
+    is_previous: bool = False
+    is_backup: bool = False
+    pinned_until: str | None = None
+    post_release_done: bool = False
+    kept_for_resume: bool = False  # aborted staging whose post_release never ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An operator's hold: the daemon leaves this app on this host alone until released."""
+
+    reason: str
+    by: str
+    at: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class PrunePlan:
+    """What a prune would do and why the rest stays."""
+
+    remove: list[str] = field(default_factory=list)
+    keep: dict[str, str] = field(default_factory=dict)
+    remove_prefetched: list[str] = field(default_factory=list)
+    blocked: str | None = None  # set: nothing is removed this run, for this reason
+
+
+class ProcReader(Protocol):
+    """Read access to /proc; a seam so the "cannot read" rules can be tested with a fake.
+
+    Each per-process method raises ``FileNotFoundError`` or ``ProcessLookupError`` when the
+    process has exited, and another ``OSError`` (e.g. ``PermissionError``) when its entries
+    cannot be read.
+    """
+
+    def pids(self) -> list[int]: ...
+    def cwd(self, pid: int) -> str: ...
+    def fd_targets(self, pid: int) -> list[str]: ...
+    def mapped_paths(self, pid: int) -> list[str]: ...
+
+
+class LinuxProcReader:
+    """The real /proc."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def pids(self) -> list[int]:
+        return [int(p.name) for p in Path(self.root).iterdir() if p.name.isdigit()]
+
+    def cwd(self, pid: int) -> str:
+        return str(Path(f"{self.root}/{pid}/cwd").readlink())
+
+    def fd_targets(self, pid: int) -> list[str]:
+        out = []
+        for fd in Path(f"{self.root}/{pid}/fd").iterdir():
+            try:
+                out.append(str(fd.readlink()))
+            except FileNotFoundError:
+                continue  # closed between listdir and readlink
+        return out
+
+    def mapped_paths(self, pid: int) -> list[str]:
+        with open(f"{self.root}/{pid}/maps", encoding="utf-8", errors="replace") as fh:
+            paths = []
+            for line in fh:
+                parts = line.rstrip("\n").split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    paths.append(parts[5])
+            return paths
+
+
+def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str], str | None]:
+    """Names of releases under ``releases_dir`` that some process uses (cwd, open, mapped).
+
+    Returns ``(used, blocker)``; ``blocker`` is set when a live process could not be read,
+    which means it might use any release.
+    """
+    prefix = os.path.realpath(releases_dir).rstrip("/") + "/"
+    used: set[str] = set()
+
+    def note(path: str) -> None:
+        if path.startswith(prefix):
+            name = path[len(prefix) :].split("/", 1)[0].removesuffix(" (deleted)")
+            if name:
+                used.add(name)
+
+    try:
+        pids = reader.pids()
+    except OSError as exc:
+        return used, f"cannot list processes: {exc}"
+    for pid in pids:
+        try:
+            note(reader.cwd(pid))
+            for path in reader.fd_targets(pid):
+                note(path)
+            for path in reader.mapped_paths(pid):
+                note(path)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        except OSError as exc:
+            return used, f"cannot read /proc entries of pid {pid}: {exc}"
+    return used, None
+
+
+class ReleaseEngine:
+    """Releases of one app on this host.
+
+    Methods that change the tree assume the caller holds ``self.lock(...)``;
+    ``prefetch_extract`` needs no lock (it only ever renames into a name of its own).
+    """
+
+    def __init__(
+        self,
+        app: AppConfig,
+        cache: ArtifactCache | None = None,
+        *,
+        proc_reader: ProcReader | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.app = app
+        self.cache = cache
+        self.layout = AppLayout.for_app(app)
+        self.proc_reader: ProcReader = proc_reader or LinuxProcReader()
+        self.clock = clock
+        self.log = get_logger(app=app.name)
+
+    # -- locking -------------------------------------------------------------------------
+
+    def lock(self, owner: str = "watcher", timeout: float | None = None) -> AppLock:
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        return AppLock(
+            self.layout, owner=owner, timeout=self.app.timeouts.lock if timeout is None else timeout
+        )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def release_info(self, release: str) -> dict[str, Any] | None:
+        """The release's ``.watcher/release.json`` when it is complete and valid, else None."""
+        return _read_release_json(self.layout.release_dir(release), release)
+
+    def is_complete(self, release: str) -> bool:
+        return self.release_info(release) is not None
+
+    def current_release(self) -> str | None:
+        return _link_release(self.layout.current)
+
+    def backup_release(self) -> str | None:
+        return _link_release(self.layout.current_backup)
+
+    def previous_release(self) -> str | None:
+        """The release ``current`` pointed to before the last flip that changed it."""
+        try:
+            name = self.layout.previous_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def release_names(self) -> list[str]:
+        """Names of every directory under ``releases/`` (complete or not), sorted."""
+        try:
+            entries = list(os.scandir(self.layout.releases_dir))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(TMP_PREFIX) and e.is_dir(follow_symlinks=False)
+        )
+
+    def list_releases(self) -> list[ReleaseInfo]:
+        """Every release on this host, oldest first (by staged_at, incomplete ones first)."""
+        current, previous = self.current_release(), self.previous_release()
+        backup, pins = self.backup_release(), self._read_pins()
+        out = []
+        for name in self.release_names():
+            info = _read_release_json(self.layout.releases_dir / name, name)
+            post = self.post_release_done(name)
+            base = ReleaseInfo(
+                release=name,
+                complete=False,
+                is_current=name == current,
+                is_previous=name == previous,
+                is_backup=name == backup,
+                pinned_until=pins.get(name),
+                post_release_done=post,
+            )
+            if info is None:
+                out.append(base)
+                continue
+            kept = not post and name not in (current, previous, backup)
+            out.append(
+                replace(
+                    base,
+                    complete=True,
+                    artifact=str(info.get("artifact", "")),
+                    sha256=str(info.get("sha256", "")),
+                    deploy_id=str(info.get("deploy_id", "")),
+                    staged_at=str(info.get("staged_at", "")),
+                    size_bytes=_int(info.get("size")),
+                    format=str(info.get("format", "")),
+                    kept_for_resume=kept,
+                )
+            )
+        out.sort(key=lambda r: (r.complete, r.staged_at, r.release))
+        return out
+
+    # -- prefetch and staging ------------------------------------------------------------
+
+    def prefetched_path(self, record: ArtifactRecord) -> Path:
+        return self.layout.prefetched_dir / f"{record.id}-{record.sha256[:12]}"
+
+    def prefetch(self, record: ArtifactRecord) -> None:
+        """Download and verify the artifact; pre-extract it when ``app.prefetch`` says so."""
+        if self.app.prefetch == "off":
+            return
+        if self.app.prefetch == "extract" and self.prefetched_path(record).is_dir():
+            return
+        archive = self._fetch(record)
+        if self.app.prefetch == "extract":
+            self.prefetch_extract(archive, record)
+
+    def prefetch_extract(self, archive_path: Path, record: ArtifactRecord) -> Path:
+        """Extract a verified artifact into ``prefetched/<id>-<sha12>`` (temp dir + rename)."""
+        final = self.prefetched_path(record)
+        if final.is_dir():
+            return final
+        self.layout.prefetched_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._make_tmp_dir(self.layout.prefetched_dir, f"prefetch-{final.name}-")
+        try:
+            self._extract(archive_path, record, tmp)
+            os.utime(tmp)  # mtime = prefetch time (the archive may set the root's), for prune
+            sync_tree(tmp)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                _rmtree(tmp)  # someone else finished the same prefetch first
+                return final
+            fsync_dir(self.layout.prefetched_dir)
+        except OSError as exc:
+            _rmtree(tmp)
+            raise StagingError(f"prefetching {record.id} into {final}: {exc}") from exc
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        self.log.info("artifact_prefetched", artifact=record.id, path=str(final))
+        return final
+
+    def stage(self, record: ArtifactRecord, release: str, deploy_id: str) -> Path:
+        """``releases/<release>`` from the artifact: reused, renamed from prefetched/, or
+        extracted from the (downloaded, verified) artifact."""
+        reused = self._reuse(record, release)
+        if reused is not None:
+            return reused
+        if self.prefetched_path(record).is_dir():
+            staged = self._stage_prefetched(record, release, deploy_id)
+            if staged is not None:
+                return staged
+        return self._stage_extract(self._fetch(record), record, release, deploy_id)
+
+    def stage_from_file(
+        self, archive_path: Path, record: ArtifactRecord, release: str, deploy_id: str
+    ) -> Path:
+        """``stage`` from an already verified local artifact file (no S3)."""
+        reused = self._reuse(record, release)
+        if reused is not None:
+            return reused
+        if self.prefetched_path(record).is_dir():
+            staged = self._stage_prefetched(record, release, deploy_id)
+            if staged is not None:
+                return staged
+        return self._stage_extract(Path(archive_path), record, release, deploy_id)
+
+    def _fetch(self, record: ArtifactRecord) -> Path:
+        if self.cache is None:
+            raise StagingError(
+                f"app {self.app.name}: no artifact cache to fetch {record.id} "
+                "from (and no prefetched tree)"
+            )
+        return self.cache.fetch(record)
+
+    def _reuse(self, record: ArtifactRecord, release: str) -> Path | None:
+        final = self.layout.release_dir(release)
+        if not final.exists() and not final.is_symlink():
+            return None
+        info = _read_release_json(final, release)
+        if info is not None:
+            if info.get("sha256") != record.sha256:
+                raise ReleaseError(
+                    f"release {release} at {final} is staged from sha256 {info.get('sha256')} "
+                    f"(artifact {info.get('artifact')}), not {record.sha256} ({record.id})"
+                )
+            self.log.info("release_reused", release=release, artifact=record.id)
+            return final
+        if release == self.current_release():
+            raise ReleaseError(
+                f"release {release} at {final} is incomplete and is current; run recovery first"
+            )
+        self._remove_tree(final)
+        self.log.warning("incomplete_release_removed", release=release, path=str(final))
+        return None
+
+    def _stage_prefetched(
+        self, record: ArtifactRecord, release: str, deploy_id: str
+    ) -> Path | None:
+        source = self.prefetched_path(record)
+        tmp = self.layout.releases_dir / f"{TMP_PREFIX}stage-{release}-{secrets.token_hex(4)}"
+        self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            source.rename(tmp)
+        except FileNotFoundError:
+            return None  # gone meanwhile: extract instead
+        except OSError as exc:
+            raise StagingError(f"cannot move prefetched {source} to {tmp}: {exc}") from exc
+        fsync_dir(self.layout.prefetched_dir)
+        final = self._finish_stage(tmp, record, release, deploy_id, sync_all=False)
+        self.log.info("release_staged", release=release, artifact=record.id, source="prefetched")
+        return final
+
+    def _stage_extract(
+        self, archive_path: Path, record: ArtifactRecord, release: str, deploy_id: str
+    ) -> Path:
+        self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._make_tmp_dir(self.layout.releases_dir, f"stage-{release}-")
+        try:
+            self._extract(archive_path, record, tmp)
+        except OSError as exc:
+            _rmtree(tmp)
+            raise StagingError(f"extracting {archive_path} for {release}: {exc}") from exc
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        final = self._finish_stage(tmp, record, release, deploy_id, sync_all=True)
+        self.log.info("release_staged", release=release, artifact=record.id, source="archive")
+        return final
+
+    def _finish_stage(
+        self, tmp: Path, record: ArtifactRecord, release: str, deploy_id: str, *, sync_all: bool
+    ) -> Path:
+        """Link shared/, write release.json last, sync, rename into ``releases/<release>``."""
+        final = self.layout.release_dir(release)
+        try:
+            touched = self._link_shared(tmp)
+            meta_dir = tmp / ".watcher"
+            if meta_dir.is_symlink() or (meta_dir.exists() and not meta_dir.is_dir()):
+                raise StagingError(f"{release}: the archive's .watcher is not a directory")
+            meta_dir.mkdir(mode=0o755, exist_ok=True)
+            atomic_write_json(
+                meta_dir / "release.json",
+                {
+                    "version": RELEASE_JSON_VERSION,
+                    "release": release,
+                    "artifact": record.id,
+                    "sha256": record.sha256,
+                    "deploy_id": deploy_id,
+                    "size": record.size,
+                    "format": record.format,
+                    "staged_at": iso(self.clock()),
+                },
+            )
+            if sync_all:
+                sync_tree(tmp)
+            else:
+                for d in {tmp, *touched}:
+                    fsync_dir(d)
+            tmp.rename(final)
+            fsync_dir(self.layout.releases_dir)
+        except OSError as exc:
+            _rmtree(tmp)
+            raise StagingError(f"staging {release} into {final}: {exc}") from exc
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        return final
+
+    def _link_shared(self, tree: Path) -> set[Path]:
+        """Replace each configured shared path in ``tree`` by a relative link into shared/."""
+        touched: set[Path] = set()
+        real_tree = os.path.realpath(tree)
+        for rel in self.app.shared:
+            inside = tree / rel
+            parent = inside.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            real_parent = os.path.realpath(parent)
+            if real_parent != real_tree and not real_parent.startswith(real_tree + "/"):
+                raise StagingError(
+                    f"shared path {rel}: its parent leaves the release via a symlink in the archive"
+                )
+            if inside.is_symlink() or inside.is_file():
+                inside.unlink()
+            elif inside.exists():
+                shutil.rmtree(inside)
+            target = self.layout.shared_dir / rel
+            if not target.exists() and not target.is_symlink():
+                target.mkdir(parents=True, exist_ok=True)
+            # releases/<tmp>/<rel> and releases/<release>/<rel> are at the same depth
+            start = self.layout.releases_dir / "x" / Path(rel).parent
+            inside.symlink_to(os.path.relpath(target, start))
+            touched.add(parent)
+        return touched
+
+    def _extract(self, archive_path: Path, record: ArtifactRecord, dest: Path) -> None:
+        uid, gid = self._owner()
+        extract_archive(
+            Path(archive_path),
+            dest,
+            fmt=record.format,
+            max_members=self.app.limits.max_members,
+            max_bytes=self.app.limits.max_bytes,
+            umask=self.app.umask,
+            uid=uid,
+            gid=gid,
+        )
+
+    def _make_tmp_dir(self, parent: Path, label: str) -> Path:
+        tmp = parent / f"{TMP_PREFIX}{label}{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
+        tmp.chmod(0o777 & ~self.app.umask)
+        uid, gid = self._owner()
+        if uid is not None or gid is not None:
+            os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
+        return tmp
+
+    def _owner(self) -> tuple[int | None, int | None]:
+        uid = gid = None
+        try:
+            if self.app.user:
+                pw = pwd.getpwnam(self.app.user)
+                uid, gid = pw.pw_uid, pw.pw_gid
+            if self.app.group:
+                gid = grp.getgrnam(self.app.group).gr_gid
+        except KeyError as exc:
+            raise StagingError(f"app {self.app.name}: unknown user or group {exc}") from None
+        return uid, gid
+
+    # -- flip ----------------------------------------------------------------------------
+
+    def flip(self, release: str) -> None:
+        """Point ``current`` at ``release`` (complete only) by renaming a fresh symlink."""
+        if not self.is_complete(release):
+            raise FlipError(
+                f"refusing to flip {self.app.name} to {release}: "
+                f"{self.layout.release_dir(release)} has no complete "
+                f"{RELEASE_JSON}"
+            )
+        before = self.current_release()
+        old_previous = self.previous_release()
+        if before is not None and before != release:
+            # written first: a crash before the rename leaves previous == current, and
+            # re-running this flip records the right one
+            atomic_write_bytes(self.layout.previous_file, f"{before}\n".encode())
+        try:
+            self._swap_link(self.layout.current, release)
+        except FlipError:
+            if before is not None and before != release:
+                if old_previous is None:
+                    self.layout.previous_file.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(self.layout.previous_file, f"{old_previous}\n".encode())
+            raise
+        self.log.info("release_flipped", release=release, previous=before)
+
+    def set_backup(self, release: str | None) -> None:
+        """Point ``current_backup`` at ``release`` (None removes it)."""
+        if release is None:
+            self.clear_backup()
+            return
+        if not self.is_complete(release):
+            raise FlipError(
+                f"refusing to point {self.layout.current_backup} at {release}: "
+                "not a complete release"
+            )
+        self._swap_link(self.layout.current_backup, release)
+
+    def clear_backup(self) -> None:
+        try:
+            self.layout.current_backup.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.layout.app_dir)
+
+    def _swap_link(self, link: Path, release: str) -> None:
+        target = self.layout.link_target(release)
+        tmp = self.layout.app_dir / f"{TMP_PREFIX}link-{secrets.token_hex(4)}"
+        try:
+            tmp.symlink_to(target)
+            tmp.rename(link)
+            fsync_dir(self.layout.app_dir)
+            seen = str(link.readlink())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FlipError(f"cannot point {link} at {target}: {exc}") from exc
+        if seen != target:
+            raise FlipError(f"{link} reads back as {seen!r} after pointing it at {target!r}")
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover(self, *, deploy_in_flight: bool = False) -> list[str]:
+        """Clean up after a crash; returns what was done (one line each)."""
+        lay = self.layout
+        lay.ensure()
+        actions: list[str] = []
+        for d in (
+            lay.app_dir,
+            lay.releases_dir,
+            lay.prefetched_dir,
+            lay.state_dir,
+            lay.post_release_dir,
+        ):
+            for entry in sorted(os.scandir(d), key=lambda e: e.name):
+                if entry.name.startswith(TMP_PREFIX):
+                    _remove_any(Path(entry.path))
+                    actions.append(f"removed leftover {entry.path}")
+        if lay.current.is_symlink():
+            cur = self.current_release()
+            if cur is None or not _valid_name(cur) or not self.is_complete(cur):
+                actions.append(self._repair_current(cur))
+        elif lay.current.exists():
+            actions.append(f"{lay.current} is not a symlink; left alone")
+            self.log.error("current_not_a_symlink", path=str(lay.current))
+        if lay.current_backup.is_symlink() or lay.current_backup.exists():
+            backup = self.backup_release()
+            broken = backup is None or not _valid_name(backup) or not self.is_complete(backup)
+            if not deploy_in_flight or broken:
+                _remove_any(lay.current_backup)
+                fsync_dir(lay.app_dir)
+                actions.append(f"removed {lay.current_backup}")
+        current = self.current_release()
+        for name in self.release_names():
+            if name != current and _read_release_json(lay.releases_dir / name, name) is None:
+                self._remove_tree(lay.releases_dir / name)
+                actions.append(f"removed incomplete release {name}")
+        existing = set(self.release_names())
+        for marker in sorted(lay.post_release_dir.iterdir()):
+            if marker.name not in existing:
+                marker.unlink(missing_ok=True)
+        pins = self._read_pins()
+        if any(r not in existing for r in pins):
+            self._write_pins({r: t for r, t in pins.items() if r in existing})
+        for action in actions:
+            self.log.warning("recovery_action", action=action)
+        return actions
+
+    def _repair_current(self, broken: str | None) -> str:
+        candidates = [self.previous_release(), self.backup_release()]
+        for cand in candidates:
+            if cand and cand != broken and _valid_name(cand) and self.is_complete(cand):
+                self._swap_link(self.layout.current, cand)
+                self.log.error("current_repaired", broken=broken, release=cand)
+                return f"current pointed at incomplete {broken}; pointed it at {cand}"
+        self.log.error("current_broken", release=broken)
+        return f"current points at incomplete {broken} and no complete previous release exists"
+
+    # -- holds, pins, post_release bookkeeping -------------------------------------------
+
+    def hold(self, reason: str, by: str) -> Hold:
+        h = Hold(reason=reason, by=by, at=iso(self.clock()))
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.layout.holds_file, {"version": 1, "hold": h.to_dict()})
+        self.log.info("hold_placed", reason=reason, by=by)
+        return h
+
+    def release_hold(self) -> Hold | None:
+        """Remove the hold; returns the one removed (None when there was none)."""
+        h = self.held()
+        if h is not None:
+            self.layout.holds_file.unlink(missing_ok=True)
+            fsync_dir(self.layout.state_dir)
+            self.log.info("hold_released", reason=h.reason, by=h.by)
+        return h
+
+    def held(self) -> Hold | None:
+        data = _read_json(self.layout.holds_file)
+        raw = data.get("hold") if isinstance(data, dict) else None
+        if not isinstance(raw, dict):
+            return None
+        return Hold(
+            reason=str(raw.get("reason", "")), by=str(raw.get("by", "")), at=str(raw.get("at", ""))
+        )
+
+    def pin(self, release: str, keep_until: datetime) -> None:
+        """Protect ``release`` from prune until ``keep_until``."""
+        if not self.is_complete(release):
+            raise ReleaseNotFound(
+                f"cannot pin {release}: not a complete release under {self.layout.releases_dir}"
+            )
+        pins = self._read_pins()
+        pins[release] = iso(keep_until)
+        self._write_pins(pins)
+
+    def unpin(self, release: str) -> None:
+        pins = self._read_pins()
+        if pins.pop(release, None) is not None:
+            self._write_pins(pins)
+
+    def pinned_until(self, release: str) -> datetime | None:
+        raw = self._read_pins().get(release)
+        return _parse_time(raw) if raw else None
+
+    def _read_pins(self) -> dict[str, str]:
+        data = _read_json(self.layout.pins_file)
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def _write_pins(self, pins: dict[str, str]) -> None:
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.layout.pins_file, pins)
+
+    def mark_post_release_done(self, release: str) -> None:
+        check_release(release)
+        self.layout.post_release_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            self.layout.post_release_dir / release, f"{iso(self.clock())}\n".encode()
+        )
+
+    def post_release_done(self, release: str) -> bool:
+        return (self.layout.post_release_dir / release).is_file()
+
+    def drop_release(self, release: str) -> bool:
+        """Remove a staged release (abort after post_release ran); False if it was absent."""
+        if release in (self.current_release(), self.backup_release()):
+            raise ReleaseError(f"refusing to drop {release}: {self.app.name} is live on it")
+        path = self.layout.release_dir(release)
+        existed = path.exists()
+        if existed:
+            self._remove_tree(path)
+        (self.layout.post_release_dir / release).unlink(missing_ok=True)
+        self.unpin(release)
+        if existed:
+            self.log.info("release_dropped", release=release)
+        return existed
+
+    # -- prune ---------------------------------------------------------------------------
+
+    def plan_prune(self, *, in_flight: Iterable[str] = ()) -> PrunePlan:
+        """Decide what prune removes (DESIGN.md section 2, issue 4 item 6)."""
+        plan = PrunePlan()
+        now = self.clock()
+        in_flight = set(in_flight)
+        infos = self.list_releases()
+        used, blocker = scan_release_usage(self.proc_reader, str(self.layout.releases_dir))
+        if blocker is not None:
+            plan.blocked = blocker
+            return plan
+        protected: dict[str, str] = {}
+        for info in infos:
+            name = info.release
+            pin = _parse_time(info.pinned_until) if info.pinned_until else None
+            if info.is_current:
+                protected[name] = "current"
+            elif info.is_backup:
+                protected[name] = "current_backup"
+            elif info.is_previous:
+                protected[name] = "previous"
+            elif name in in_flight:
+                protected[name] = "in flight"
+            elif pin is not None and pin > now:
+                protected[name] = f"pinned until {info.pinned_until}"
+            elif name in used:
+                protected[name] = "used by a running process"
+        counted = [i for i in infos if i.complete and not i.kept_for_resume]
+        counted.sort(key=lambda i: (i.staged_at, i.release), reverse=True)
+        max_age = timedelta(seconds=self.app.aborted_staging_max_age)
+        for rank, info in enumerate(counted):
+            name = info.release
+            if name in protected:
+                plan.keep[name] = protected[name]
+            elif rank < self.app.keep_releases:
+                plan.keep[name] = f"among the newest {self.app.keep_releases}"
+            else:
+                plan.remove.append(name)
+        counted_names = {i.release for i in counted}
+        for info in infos:
+            name = info.release
+            if name in counted_names:
+                continue
+            if name in protected:
+                plan.keep[name] = protected[name]
+            elif not info.complete:
+                plan.remove.append(name)
+            else:
+                staged = _parse_time(info.staged_at)
+                if staged is not None and now - staged < max_age:
+                    plan.keep[name] = "aborted staging kept for resume"
+                else:
+                    plan.remove.append(name)
+        plan.remove.sort()
+        plan.remove_prefetched = self._stale_prefetched()
+        return plan
+
+    def prune(self, *, in_flight: Iterable[str] = (), dry_run: bool = False) -> list[str]:
+        """Remove the releases ``plan_prune`` picks; returns them (what would go if dry)."""
+        plan = self.plan_prune(in_flight=in_flight)
+        if plan.blocked is not None:
+            self.log.warning("prune_blocked", reason=plan.blocked)
+            return []
+        if dry_run:
+            return list(plan.remove)
+        for name in plan.remove:
+            self._remove_tree(self.layout.releases_dir / name)
+            (self.layout.post_release_dir / name).unlink(missing_ok=True)
+            self.unpin(name)
+            self.log.info("release_pruned", release=name)
+        for name in plan.remove_prefetched:
+            self._remove_tree(self.layout.prefetched_dir / name)
+            self.log.info("prefetched_pruned", tree=name)
+        return list(plan.remove)
+
+    def _stale_prefetched(self) -> list[str]:
+        """Pre-extracted trees beyond the newest ``keep_releases`` (never deployed builds)."""
+        try:
+            entries = [
+                e
+                for e in os.scandir(self.layout.prefetched_dir)
+                if not e.name.startswith(TMP_PREFIX) and e.is_dir(follow_symlinks=False)
+            ]
+        except FileNotFoundError:
+            return []
+        entries.sort(
+            key=lambda e: (e.stat(follow_symlinks=False).st_mtime_ns, e.name), reverse=True
+        )
+        return [e.name for e in entries[self.app.keep_releases :]]
+
+    def _remove_tree(self, path: Path) -> None:
+        """Rename to ``.tmp-prune-<name>`` first, so a crash mid-delete leaves no release."""
+        doomed = path.with_name(f"{TMP_PREFIX}prune-{path.name}-{secrets.token_hex(4)}")
+        try:
+            path.rename(doomed)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ReleaseError(f"cannot remove {path}: {exc}") from exc
+        fsync_dir(path.parent)
+        _rmtree(doomed)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _valid_name(release: str) -> bool:
+    try:
+        check_release(release)
+    except WatcherError:
+        return False
+    return True
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_release_json(release_dir: Path, release: str) -> dict[str, Any] | None:
+    if release_dir.is_symlink():
+        return None
+    data = _read_json(release_dir / RELEASE_JSON)
+    if not isinstance(data, dict) or data.get("release") != release:
+        return None
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or not SHA256_RE.match(sha) or not data.get("artifact"):
+        return None
+    return data
+
+
+def _link_release(link: Path) -> str | None:
+    try:
+        target = str(link.readlink())
+    except OSError:
+        return None
+    parts = Path(os.path.normpath(target)).parts
+    if len(parts) >= 2 and parts[-2] == "releases":
+        return parts[-1]
+    return None
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_iso(text)
+    except ValueError:
+        return None
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
