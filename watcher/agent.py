@@ -407,6 +407,7 @@ class AppAgent:
         )
         self.journal.clear(rec.id)
         self._observe("apply", started)
+        self._prune()
         self.log.info(
             "deploy_live",
             deploy=rec.id,
@@ -443,6 +444,14 @@ class AppAgent:
             self.metrics.deploy_phase_seconds.labels(app=self.app.name, phase=phase).observe(
                 time.monotonic() - started
             )
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply)."""
+        try:
+            with self.engine.lock(owner="prune after deploy"):
+                self.engine.prune()
+        except WatcherError as exc:
+            self.log.warning("prune_failed", error=str(exc))
 
     # --- converge --------------------------------------------------------------------
 
@@ -494,6 +503,7 @@ class AppAgent:
         self.status.converge_error = ""
         self._write_host(current.release, force=True)
         self.log.info("converged", release=current.release, deploy=current.deploy)
+        self._prune()
 
     # --- host record and prefetch -----------------------------------------------------
 

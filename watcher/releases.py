@@ -377,7 +377,19 @@ class ReleaseEngine:
                 f"app {self.app.name}: no artifact cache to fetch {record.id} "
                 "from (and no prefetched tree)"
             )
-        return self.cache.fetch(record)
+        return self.cache.fetch(record, protect=self._needed_artifacts())
+
+    def _needed_artifacts(self) -> set[str]:
+        """sha256 of the artifacts behind current, previous, backup and pinned releases:
+        the cache never evicts these (a rollback may have to restage from them)."""
+        names = {self.current_release(), self.previous_release(), self.backup_release()}
+        names |= set(self._read_pins())
+        needed: set[str] = set()
+        for name in names:
+            info = self.release_info(name) if name else None
+            if info and info.get("sha256"):
+                needed.add(str(info["sha256"]))
+        return needed
 
     def _reuse(self, record: ArtifactRecord, release: str) -> Path | None:
         final = self.layout.release_dir(release)
