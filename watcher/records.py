@@ -221,7 +221,7 @@ class ArtifactRecord(Document):
             label,
             "size must be a non-negative integer",
         )
-        _need(self.format in ("tar.gz", "tar.zst", "tar"), label, f"unknown format {self.format!r}")
+        _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,317 @@
+"""A corpus of hostile and broken tar.gz archives, built in memory, for the extraction tests."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import tarfile
+import zipfile
+from dataclasses import dataclass
+
+#: Limits the corpus is meant to be extracted with: the bombs are sized just over them, so the
+#: tests stay fast while the same code path refuses a real multi-gigabyte bomb.
+CORPUS_MAX_MEMBERS = 100
+CORPUS_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One member to put in a test archive."""
+
+    name: str
+    kind: str = "file"  # file | dir | symlink | hardlink | chr | blk | fifo | raw
+    data: bytes = b""
+    mode: int | None = None  # default: 0o755 for a directory, 0o644 otherwise
+    target: str = ""  # symlink / hardlink target
+    size: int | None = None  # header size, when it should lie about ``data``
+    mtime: int = 1_700_000_000
+
+
+_TYPES = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+
+def make_tar(entries: list[Entry], *, end_marker: bool = True) -> bytes:
+    """An uncompressed tar (GNU format) of ``entries``, written header by header.
+
+    Headers are written by hand (``TarInfo.tobuf``) so that they can lie about sizes and keep
+    names tarfile's own writer would clean up (absolute paths, ``..``).
+    """
+    out = io.BytesIO()
+    for e in entries:
+        info = tarfile.TarInfo(e.name)
+        info.type = _TYPES[e.kind]
+        info.mode = e.mode if e.mode is not None else (0o755 if e.kind == "dir" else 0o644)
+        info.mtime = e.mtime
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.linkname = e.target
+        if e.kind in ("chr", "blk"):
+            info.devmajor, info.devminor = 1, 3
+        info.size = len(e.data) if e.size is None else e.size
+        out.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        if e.data:
+            out.write(e.data)
+            pad = -len(e.data) % tarfile.BLOCKSIZE
+            out.write(b"\0" * pad)
+    if end_marker:
+        out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+    return out.getvalue()
+
+
+def make_tar_gz(entries: list[Entry], *, end_marker: bool = True) -> bytes:
+    """``make_tar`` compressed with gzip (fixed mtime, so the bytes are reproducible)."""
+    return gzip_bytes(make_tar(entries, end_marker=end_marker))
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def _gnu_longname_bomb(size: int) -> bytes:
+    """A GNU long-name header announcing ``size`` bytes of name: tarfile would read it whole."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = size
+    body = info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * size
+    return gzip_bytes(body + make_tar([Entry("x", data=b"x")]))
+
+
+def _zip_file() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("app/main.py", "print('hi')\n")
+    return out.getvalue()
+
+
+def _bad_crc() -> bytes:
+    good = bytearray(make_tar_gz([Entry("a.txt", data=b"hello\n")]))
+    good[-8] ^= 0xFF  # the gzip trailer: CRC32, then ISIZE
+    return bytes(good)
+
+
+def _lying_short_header() -> bytes:
+    """The header says 10 bytes, 2048 follow: the rest is read as a (corrupt) header."""
+    return make_tar_gz([Entry("liar", data=b"A" * 2048, size=10), Entry("after", data=b"x")])
+
+
+def _noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def hostile_archives() -> list[tuple[str, bytes, str]]:
+    """(name, tar.gz bytes, fragment the ArchiveRefused message must contain) for each case.
+
+    Extract each with ``max_members=CORPUS_MAX_MEMBERS`` and ``max_bytes=CORPUS_MAX_BYTES``.
+    Paths that escape aim at ``<tmp>/outside`` when extracted into
+    ``<tmp>/root/app/.tmp-stage-x`` (three levels up), so a test can check nothing landed there.
+    """
+    out3 = "../../../outside"
+    good_tar = make_tar([Entry("dir", kind="dir"), Entry("dir/a.txt", data=b"a" * 3000)])
+    return [
+        ("traversal_dotdot", make_tar_gz([Entry(f"{out3}/pwned", data=b"x")]), "'..' component"),
+        (
+            "traversal_nested",
+            make_tar_gz([Entry("a/../../../../outside/pwned", data=b"x")]),
+            "'..' component",
+        ),
+        ("absolute_path", make_tar_gz([Entry("/etc/passwd", data=b"x")]), "absolute path"),
+        (
+            "symlink_escape_relative",
+            make_tar_gz([Entry("link", kind="symlink", target=out3)]),
+            f"symlink 'link' -> '{out3}' leaves the release",
+        ),
+        (
+            "symlink_escape_absolute",
+            make_tar_gz([Entry("link", kind="symlink", target="/etc")]),
+            "symlink 'link' -> '/etc' is absolute",
+        ),
+        (
+            "symlink_then_write_through_absolute",
+            make_tar_gz(
+                [
+                    Entry("link", kind="symlink", target="/tmp"),
+                    Entry("link/evil", data=b"x"),
+                ]
+            ),
+            "symlink 'link' -> '/tmp' is absolute",
+        ),
+        (
+            "write_through_internal_symlink",
+            make_tar_gz(
+                [
+                    Entry("sub", kind="dir"),
+                    Entry("inner", kind="symlink", target="sub"),
+                    Entry("inner/evil", data=b"x"),
+                ]
+            ),
+            "'inner/evil' goes through symlink 'inner'",
+        ),
+        (
+            "symlink_escape_through_other_symlink",
+            make_tar_gz(
+                [
+                    Entry("d", kind="dir"),
+                    Entry("d/up", kind="symlink", target=".."),
+                    Entry("e", kind="symlink", target="d/up/../../outside"),
+                ]
+            ),
+            "leaves the release through other symlinks",
+        ),
+        (
+            "symlink_dotdot_after_missing",
+            make_tar_gz([Entry("x", kind="symlink", target="missing/..")]),
+            "uses '..' after 'missing'",
+        ),
+        (
+            "symlink_loop",
+            make_tar_gz(
+                [
+                    Entry("a", kind="symlink", target="b"),
+                    Entry("b", kind="symlink", target="a"),
+                ]
+            ),
+            "loops",
+        ),
+        (
+            "hardlink_escape_relative",
+            make_tar_gz([Entry("h", kind="hardlink", target=f"{out3}/secret")]),
+            "hardlink 'h' -> '../../../outside/secret' has a '..' component",
+        ),
+        (
+            "hardlink_escape_absolute",
+            make_tar_gz([Entry("h", kind="hardlink", target="/etc/passwd")]),
+            "hardlink 'h' -> '/etc/passwd' is absolute",
+        ),
+        (
+            "hardlink_to_unknown_member",
+            make_tar_gz([Entry("h", kind="hardlink", target="nowhere")]),
+            "not an earlier regular file",
+        ),
+        (
+            "hardlink_to_symlink",
+            make_tar_gz(
+                [
+                    Entry("f", data=b"x"),
+                    Entry("s", kind="symlink", target="f"),
+                    Entry("h", kind="hardlink", target="s"),
+                ]
+            ),
+            "not an earlier regular file",
+        ),
+        ("char_device", make_tar_gz([Entry("dev/null", kind="chr")]), "is a device file"),
+        ("block_device", make_tar_gz([Entry("dev/sda", kind="blk")]), "is a device file"),
+        ("fifo", make_tar_gz([Entry("pipe", kind="fifo")]), "is a FIFO"),
+        (
+            "setuid_file",
+            make_tar_gz([Entry("bin/su", data=b"#!/bin/sh\n", mode=0o4755)]),
+            "'bin/su' has setuid/setgid/sticky bits",
+        ),
+        (
+            "setgid_file",
+            make_tar_gz([Entry("bin/sg", data=b"#!/bin/sh\n", mode=0o2755)]),
+            "setuid/setgid/sticky",
+        ),
+        (
+            "sticky_dir",
+            make_tar_gz([Entry("tmp", kind="dir", mode=0o1777)]),
+            "setuid/setgid/sticky",
+        ),
+        (
+            "bomb_member_count",
+            make_tar_gz([Entry(f"f{i}") for i in range(CORPUS_MAX_MEMBERS + 1)]),
+            f"more than {CORPUS_MAX_MEMBERS} members",
+        ),
+        (
+            "bomb_bytes_one_member",  # 16 MiB of zeros: about 16 KiB of gzip
+            make_tar_gz([Entry("zeros", data=bytes(16 * CORPUS_MAX_BYTES))]),
+            f"declares more than {CORPUS_MAX_BYTES} bytes",
+        ),
+        (
+            "bomb_bytes_many_members",
+            make_tar_gz([Entry(f"z{i}", data=bytes(64 * 1024)) for i in range(20)]),
+            f"declares more than {CORPUS_MAX_BYTES} bytes",
+        ),
+        (
+            "bomb_long_name_header",
+            _gnu_longname_bomb(24 * 1024 * 1024),
+            "header read",
+        ),
+        ("header_lies_size_short", _lying_short_header(), "corrupt tar header"),
+        (
+            "header_lies_size_long",
+            make_tar_gz([Entry("liar", data=b"A" * 100, size=100_000)], end_marker=False),
+            "truncated",
+        ),
+        (
+            "truncated_gzip",
+            make_tar_gz([Entry("a.bin", data=_noise(50_000, 1))])[:20_000],
+            "Compressed file ended before the end-of-stream marker",
+        ),
+        (
+            "truncated_tar_mid_data",
+            gzip_bytes(good_tar[: tarfile.BLOCKSIZE * 2 + 1000]),
+            "truncated",
+        ),
+        (
+            "truncated_tar_on_member_boundary",
+            make_tar_gz([Entry("a.txt", data=b"a")], end_marker=False),
+            "no end-of-archive marker",
+        ),
+        ("gzip_crc_mismatch", _bad_crc(), "CRC check failed"),
+        (
+            "members_hidden_after_end_marker",
+            gzip_bytes(make_tar([Entry("a", data=b"1")]) + make_tar([Entry("b", data=b"2")])),
+            "corrupt tar header or trailing data",
+        ),
+        (
+            "bomb_padding_after_end_marker",  # 24 MiB of zeros after the end: ~24 KiB of gzip
+            gzip_bytes(make_tar([Entry("a", data=b"1")]) + bytes(24 * 1024 * 1024)),
+            "archive inflates past",
+        ),
+        ("random_bytes", _noise(4096, 2), "Not a gzipped file"),
+        ("zip_file", _zip_file(), "Not a gzipped file"),
+        ("gzip_of_garbage", gzip_bytes(_noise(4096, 3)), "not a valid tar.gz archive"),
+        ("empty_file", b"", "empty file"),
+        ("empty_tar", gzip_bytes(bytes(2 * tarfile.BLOCKSIZE)), "no members"),
+        (
+            "reserved_release_json",
+            make_tar_gz(
+                [Entry(".watcher", kind="dir"), Entry(".watcher/release.json", data=b"{}")]
+            ),
+            "'.watcher/release.json' is reserved",
+        ),
+        (
+            "watcher_dir_is_a_symlink",
+            make_tar_gz([Entry(".watcher", kind="symlink", target="elsewhere")]),
+            "'.watcher' must be a directory",
+        ),
+        (
+            "file_replaces_directory",
+            make_tar_gz([Entry("a", kind="dir"), Entry("a/x", data=b"1"), Entry("a", data=b"2")]),
+            "'a' would replace an earlier directory",
+        ),
+        (
+            "directory_replaces_file",
+            make_tar_gz([Entry("a", data=b"1"), Entry("a", kind="dir")]),
+            "'a' (directory) would replace an earlier file",
+        ),
+        (
+            "duplicate_file",
+            make_tar_gz([Entry("a", data=b"1"), Entry("a", data=b"2")]),
+            "duplicate of an earlier file",
+        ),
+        (
+            "path_through_file",
+            make_tar_gz([Entry("a", data=b"1"), Entry("a/b", data=b"2")]),
+            "'a/b' goes through file 'a'",
+        ),
+    ]

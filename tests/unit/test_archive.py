@@ -1,0 +1,320 @@
+"""Safe tar extraction: the hostile corpus is refused without touching anything outside dest."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from tests.support.hostile_archives import (
+    CORPUS_MAX_BYTES,
+    CORPUS_MAX_MEMBERS,
+    Entry,
+    gzip_bytes,
+    hostile_archives,
+    make_tar,
+    make_tar_gz,
+)
+from watcher.archive import ExtractStats, extract_archive, sync_tree
+from watcher.errors import ArchiveRefused, StagingError
+
+CORPUS = hostile_archives()
+MTIME = 1_600_000_000
+
+
+def snapshot(top: Path, *, skip: Path | None = None) -> dict[str, tuple[object, ...]]:
+    """Every entry below ``top`` (not following symlinks): type, mode, size, mtime, target."""
+    seen: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        if skip is not None and here == skip:
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            p = here / name
+            if skip is not None and p == skip:
+                continue
+            st = p.lstat()
+            target = str(p.readlink()) if stat.S_ISLNK(st.st_mode) else None
+            seen[str(p.relative_to(top))] = (st.st_mode, st.st_size, st.st_mtime_ns, target)
+    return seen
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Path, Path]:
+    """(tmp, dest): dest is ``<tmp>/root/app/.tmp-stage-x``, next to a live-looking app dir."""
+    app = tmp_path / "root" / "app"
+    (app / "releases" / "r1").mkdir(parents=True)
+    (app / "releases" / "r1" / "index.html").write_text("live\n")
+    (app / "current").symlink_to("releases/r1")
+    (app / "shared").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("keep\n")
+    dest = app / ".tmp-stage-x"
+    dest.mkdir()
+    return tmp_path, dest
+
+
+def extract(data: bytes, dest: Path, *, fmt: str = "tar.gz", **kw: int) -> ExtractStats:
+    archive = dest.parent.parent.parent / f"archive.{fmt}"
+    archive.write_bytes(data)
+    limits: dict[str, int] = {"max_members": 1000, "max_bytes": 64 * 1024 * 1024, "umask": 0o022}
+    limits.update(kw)
+    return extract_archive(archive, dest, fmt=fmt, **limits)
+
+
+class TestHostileCorpus:
+    def test_corpus_is_large_enough(self) -> None:
+        assert len(CORPUS) >= 20
+        assert len({name for name, _, _ in CORPUS}) == len(CORPUS)
+
+    @pytest.mark.parametrize(("name", "data", "fragment"), CORPUS, ids=[c[0] for c in CORPUS])
+    def test_refused_and_nothing_written_outside(
+        self, sandbox: tuple[Path, Path], name: str, data: bytes, fragment: str
+    ) -> None:
+        tmp, dest = sandbox
+        archive = tmp / "archive.tar.gz"
+        archive.write_bytes(data)
+        before = snapshot(tmp, skip=dest)
+        passwd = Path("/etc/passwd").stat()
+        with pytest.raises(ArchiveRefused) as caught:
+            extract_archive(
+                archive,
+                dest,
+                fmt="tar.gz",
+                max_members=CORPUS_MAX_MEMBERS,
+                max_bytes=CORPUS_MAX_BYTES,
+                umask=0o022,
+            )
+        assert fragment in str(caught.value)
+        assert "\n" not in str(caught.value)
+        assert snapshot(tmp, skip=dest) == before
+        assert sorted(p.name for p in (tmp / "outside").iterdir()) == ["secret"]
+        assert Path("/etc/passwd").stat().st_mtime_ns == passwd.st_mtime_ns
+        assert not Path("/tmp/evil").exists()
+        # whatever was extracted before the refusal stayed inside dest
+        for p in dest.rglob("*"):
+            assert p.is_symlink() or p.resolve().is_relative_to(dest.resolve())
+
+    def test_same_archives_refused_as_plain_tar(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        data = make_tar([Entry("ok", data=b"1"), Entry("../evil", data=b"x")])
+        with pytest.raises(ArchiveRefused, match=r"'\.\./evil' has a '\.\.' component"):
+            extract(data, dest, fmt="tar")
+
+    def test_padding_bomb_refused_under_generous_limits(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        data = gzip_bytes(make_tar([Entry("a", data=b"1")]) + bytes(24 * 1024 * 1024))
+        with pytest.raises(ArchiveRefused, match="bytes of padding after the end of the archive"):
+            extract(data, dest)
+
+    def test_zip_refused_as_plain_tar(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        zip_bytes = next(data for name, data, _ in CORPUS if name == "zip_file")
+        with pytest.raises(ArchiveRefused, match="not a valid tar archive"):
+            extract(zip_bytes, dest, fmt="tar")
+
+
+class TestGoodArchive:
+    def entries(self) -> list[Entry]:
+        return [
+            Entry("./", kind="dir"),
+            Entry("bin", kind="dir", mtime=MTIME),
+            Entry("bin/run", data=b"#!/bin/sh\necho run\n", mode=0o755, mtime=MTIME),
+            Entry("lib/deep/b/c", data=b"payload\n", mode=0o644, mtime=MTIME),
+            Entry("a", kind="symlink", target="lib/deep/b/c"),
+            Entry("lib/deep/up", kind="symlink", target="../../bin/run"),
+            Entry("lib/hard", kind="hardlink", target="lib/deep/b/c"),
+            Entry("secret.key", data=b"k", mode=0o600),
+            Entry("world.txt", data=b"w", mode=0o666),
+            Entry("readonly", kind="dir", mode=0o555, mtime=MTIME),
+            Entry("readonly/file", data=b"r", mode=0o444),
+            Entry(".watcher/hooks/post_release", data=b"#!/bin/sh\n", mode=0o755),
+            Entry("dangling", kind="symlink", target="not/yet/there"),
+        ]
+
+    def test_tree_modes_links_and_stats(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        stats = extract(make_tar_gz(self.entries()), dest, umask=0o022)
+        assert stats == ExtractStats(members=13, bytes=19 + 8 + 1 + 1 + 1 + 10)
+        assert (dest / "bin" / "run").read_bytes() == b"#!/bin/sh\necho run\n"
+        assert stat.S_IMODE((dest / "bin" / "run").stat().st_mode) == 0o755
+        assert stat.S_IMODE((dest / "secret.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((dest / "world.txt").stat().st_mode) == 0o644  # umask applied
+        assert (dest / "a").readlink() == Path("lib/deep/b/c")
+        assert (dest / "a").read_bytes() == b"payload\n"
+        assert (dest / "lib" / "deep" / "up").resolve() == (dest / "bin" / "run").resolve()
+        assert (dest / "dangling").readlink() == Path("not/yet/there")
+        hard, orig = (dest / "lib" / "hard").stat(), (dest / "lib/deep/b/c").stat()
+        assert (hard.st_ino, hard.st_nlink) == (orig.st_ino, 2)
+        # directories keep at least u+rwx, so the engine can still write .watcher/release.json
+        assert stat.S_IMODE((dest / "readonly").stat().st_mode) == 0o755
+        assert stat.S_IMODE((dest / "lib").stat().st_mode) == 0o755  # implicit: 0777 & ~umask
+        assert (dest / ".watcher" / "hooks" / "post_release").stat().st_mode & stat.S_IXUSR
+
+    def test_mtimes_kept_even_for_directories_filled_later(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        _, dest = sandbox
+        extract(make_tar_gz(self.entries()), dest)
+        assert (dest / "bin" / "run").stat().st_mtime == MTIME
+        assert (dest / "bin").stat().st_mtime == MTIME
+        assert (dest / "readonly").stat().st_mtime == MTIME
+
+    def test_strict_umask(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        extract(make_tar_gz(self.entries()), dest, umask=0o077)
+        assert stat.S_IMODE((dest / "bin" / "run").stat().st_mode) == 0o700
+        assert stat.S_IMODE((dest / "world.txt").stat().st_mode) == 0o600
+        assert stat.S_IMODE((dest / "bin").stat().st_mode) == 0o700
+
+    def test_owner_is_this_process_not_the_archive(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        info = tarfile.TarInfo("owned")
+        info.uid, info.gid, info.size = 4242, 4343, 1
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            tar.addfile(info, io.BytesIO(b"o"))
+        extract(out.getvalue(), dest)
+        st = (dest / "owned").stat()
+        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+
+    def test_chown_to_given_user_when_root(self, sandbox: tuple[Path, Path]) -> None:
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown); the test machine runs as root")
+        _, dest = sandbox
+        archive = dest.parent.parent.parent / "a.tar.gz"
+        archive.write_bytes(make_tar_gz(self.entries()))
+        extract_archive(
+            archive,
+            dest,
+            fmt="tar.gz",
+            max_members=100,
+            max_bytes=10**6,
+            umask=0o022,
+            uid=1234,
+            gid=2345,
+        )
+        for p in [dest / "bin", dest / "bin" / "run", dest / "a", dest / "lib" / "hard"]:
+            st = p.lstat()
+            assert (st.st_uid, st.st_gid) == (1234, 2345), p
+
+    def test_system_tar_output_with_dot_prefix(
+        self, sandbox: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        _, dest = sandbox
+        src = tmp_path / "src"
+        (src / "app" / "static").mkdir(parents=True)
+        (src / "app" / "static" / "style.css").write_text("body{}\n")
+        (src / "app" / "run.sh").write_text("#!/bin/sh\n")
+        (src / "app" / "run.sh").chmod(0o755)
+        (src / "app" / "latest.css").symlink_to("static/style.css")
+        os.link(src / "app" / "run.sh", src / "app" / "run-again.sh")
+        archive = tmp_path / "sys.tar.gz"
+        subprocess.run(["tar", "czf", str(archive), "-C", str(src), "."], check=True)
+        stats = extract_archive(
+            archive, dest, fmt="tar.gz", max_members=100, max_bytes=10**6, umask=0o022
+        )
+        assert stats.members == 7
+        assert (dest / "app" / "latest.css").read_text() == "body{}\n"
+        assert (dest / "app" / "run-again.sh").stat().st_ino == (
+            dest / "app" / "run.sh"
+        ).stat().st_ino
+        assert os.access(dest / "app" / "run.sh", os.X_OK)
+
+    def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        stats = extract(make_tar(self.entries()), dest, fmt="tar")
+        assert stats.members == 13
+        assert (dest / "lib" / "deep" / "b" / "c").read_bytes() == b"payload\n"
+
+    @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+    def test_long_names_in_gnu_and_pax_archives(self, sandbox: tuple[Path, Path], fmt: int) -> None:
+        _, dest = sandbox
+        long_dir = "/".join(["node_modules", "x" * 120, "lib"])
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz", format=fmt) as tar:
+            info = tarfile.TarInfo(f"{long_dir}/{'y' * 150}.js")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+            link = tarfile.TarInfo(f"{long_dir}/link")
+            link.type, link.linkname = tarfile.SYMTYPE, f"{'y' * 150}.js"
+            tar.addfile(link)
+        extract(out.getvalue(), dest)
+        assert (dest / long_dir / "link").read_bytes() == b"ok"
+
+    def test_limits_are_inclusive(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        data = make_tar_gz([Entry(f"f{i}", data=b"x" * 100) for i in range(10)])
+        stats = extract(data, dest, max_members=10, max_bytes=1000)
+        assert stats == ExtractStats(members=10, bytes=1000)
+
+    def test_one_byte_over_max_bytes_refused(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        data = make_tar_gz([Entry(f"f{i}", data=b"x" * 100) for i in range(10)])
+        with pytest.raises(ArchiveRefused, match=r"more than 999 bytes .* 'f9'"):
+            extract(data, dest, max_bytes=999)
+
+    def test_large_member_is_streamed(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        size = 48 * 1024 * 1024
+        data = make_tar_gz([Entry("big.bin", data=bytes(size))])
+        tracemalloc.start()
+        try:
+            stats = extract(data, dest, max_bytes=size)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert stats.bytes == size == (dest / "big.bin").stat().st_size
+        assert peak < 8 * 1024 * 1024, f"peak {peak} bytes: a member was held in memory"
+
+    def test_sync_tree_visits_everything(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        extract(make_tar_gz(self.entries()), dest)
+        sync_tree(dest)  # must not trip over symlinks (dangling included) or read-only dirs
+        with pytest.raises(StagingError, match="cannot sync"):
+            sync_tree(dest / "missing")
+
+
+class TestErrors:
+    def test_missing_archive_is_a_staging_error(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        with pytest.raises(StagingError, match=r"cannot read archive .*nope\.tar\.gz"):
+            extract_archive(
+                dest.parent / "nope.tar.gz",
+                dest,
+                fmt="tar.gz",
+                max_members=1,
+                max_bytes=1,
+                umask=0o022,
+            )
+
+    def test_missing_dest_is_a_staging_error(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        with pytest.raises(StagingError, match="cannot open staging directory"):
+            extract(make_tar_gz([Entry("a", data=b"1")]), dest / "missing")
+
+    def test_unknown_format_refused(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        with pytest.raises(ArchiveRefused, match="unsupported archive format 'rar'"):
+            extract(b"x", dest, fmt="rar")
+
+    def test_non_empty_dest_is_never_overwritten(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        (dest / "a").write_text("mine\n")
+        with pytest.raises(StagingError, match="cannot extract 'a'"):
+            extract(make_tar_gz([Entry("a", data=b"theirs")]), dest)
+        assert (dest / "a").read_text() == "mine\n"
+
+    def test_symlink_planted_in_dest_is_not_followed(self, sandbox: tuple[Path, Path]) -> None:
+        tmp, dest = sandbox
+        (dest / "lib").symlink_to(tmp / "outside")  # not from the archive: a racing writer
+        with pytest.raises(StagingError):
+            extract(make_tar_gz([Entry("lib", kind="dir"), Entry("lib/x", data=b"x")]), dest)
+        assert sorted(p.name for p in (tmp / "outside").iterdir()) == ["secret"]

@@ -1,0 +1,712 @@
+"""Safe extraction of release tarballs into a fresh directory; refusals name the member."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import gzip
+import os
+import stat
+import tarfile
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol, cast
+
+from watcher.errors import ArchiveRefused, StagingError
+from watcher.log import get_logger
+
+__all__ = [
+    "FORMATS",
+    "ExtractStats",
+    "TarStream",
+    "extract_archive",
+    "extract_stream",
+    "sync_tree",
+    "sync_tree_each",
+]
+
+#: Archive formats ``extract_archive`` understands, by the name the engine passes as ``fmt``.
+FORMATS = ("tar.gz", "tgz", "tar")
+
+_CHUNK = 1024 * 1024  # bytes read and written at a time: a member is never held in memory whole
+_MAX_READ = 16 * 1024 * 1024  # largest single read tarfile may ask for (pax / GNU long names)
+_HEADER_ALLOWANCE = 16 * 1024  # tar stream bytes allowed per member beyond its data
+_NAME_MAX = 255  # bytes per path component (Linux NAME_MAX)
+_PATH_MAX = 4095  # bytes per member name or link target
+_MAX_LINK_HOPS = 40  # symlinks followed when resolving one target (the kernel's MAXSYMLINKS)
+_FD_CACHE = 64  # directory descriptors kept open while extracting
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+_RESERVED = (".watcher", "release.json")  # written by the release engine, never by the archive
+
+_DIR, _FILE, _SYMLINK = "directory", "file", "symlink"
+_Parts = tuple[str, ...]
+
+log = get_logger(module="archive")
+
+
+class TarStream(Protocol):
+    """An uncompressed tar stream read forward: a file, a ``GzipFile``, a zstd reader."""
+
+    def read(self, size: int = ..., /) -> bytes: ...
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+    def tell(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ExtractStats:
+    """What an extraction produced: every member counted, and the file bytes written."""
+
+    members: int
+    bytes: int
+
+
+def extract_archive(
+    archive: Path,
+    dest: Path,
+    *,
+    fmt: str,
+    max_members: int,
+    max_bytes: int,
+    umask: int,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> ExtractStats:
+    """Extract ``archive`` into the existing, empty directory ``dest``, refusing anything unsafe.
+
+    Members are created one at a time below ``dest`` through directory descriptors, with
+    ``O_EXCL | O_NOFOLLOW``, so nothing is ever written outside it. Owners in the archive are
+    ignored: files belong to this process, or to ``uid``/``gid`` when running as root. Modes
+    are ``mode & 0o777 & ~umask`` (directories keep at least ``u+rwx``); mtimes are kept.
+
+    Raises ``ArchiveRefused`` (naming the member) for a hostile or broken archive and
+    ``StagingError`` when the filesystem fails (disk full, permissions). On error ``dest`` is
+    left partly filled: the caller removes it.
+    """
+    if fmt not in FORMATS:
+        raise ArchiveRefused(
+            f"unsupported archive format {fmt!r} for {archive} (supported: {', '.join(FORMATS)})"
+        )
+    try:
+        raw = open(archive, "rb")  # noqa: SIM115 - closed below, after the stream wrapping it
+    except OSError as exc:
+        raise StagingError(f"cannot read archive {archive}: {exc.strerror or exc}") from exc
+    try:
+        stream: TarStream = raw
+        if fmt in ("tar.gz", "tgz"):
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stats = extract_stream(
+            stream,
+            dest,
+            label="tar" if fmt == "tar" else "tar.gz",
+            source=str(archive),
+            max_members=max_members,
+            max_bytes=max_bytes,
+            umask=umask,
+            uid=uid,
+            gid=gid,
+        )
+    finally:
+        raw.close()
+    return stats
+
+
+def extract_stream(
+    stream: TarStream,
+    dest: Path,
+    *,
+    label: str,
+    source: str,
+    max_members: int,
+    max_bytes: int,
+    umask: int,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> ExtractStats:
+    """Extract an uncompressed tar ``stream`` (read forward only); see ``extract_archive``.
+
+    ``label`` names the format in refusals ("not a valid <label> archive: ...") and ``source``
+    names the archive in errors about reading it.
+    """
+    started = time.monotonic()
+    try:
+        root_fd = os.open(dest, _DIR_FLAGS)
+    except OSError as exc:
+        raise StagingError(f"cannot open staging directory {dest}: {exc.strerror or exc}") from exc
+    chown = os.geteuid() == 0 and (uid is not None or gid is not None)
+    owner = (uid if uid is not None else -1, gid if gid is not None else -1) if chown else None
+    extractor = _Extractor(
+        _LimitedStream(stream, max_bytes + (max_members + 1) * _HEADER_ALLOWANCE),
+        root_fd,
+        dest,
+        label=label,
+        source=source,
+        max_members=max_members,
+        max_bytes=max_bytes,
+        umask=umask,
+        owner=owner,
+    )
+    try:
+        stats = extractor.run()
+    finally:
+        extractor.close()
+    log.debug(
+        "archive_extracted",
+        source=source,
+        dest=str(dest),
+        members=stats.members,
+        bytes=stats.bytes,
+        took_ms=round((time.monotonic() - started) * 1000),
+    )
+    return stats
+
+
+def sync_tree(dest: Path) -> None:
+    """Make everything below ``dest`` durable before the staged tree is renamed into place.
+
+    One ``syncfs(2)`` of the filesystem holding ``dest`` where the C library has it (measured
+    ten times cheaper than an fsync per file for a tree of 6000 files, see
+    bench/bench_extract.py), otherwise an fsync of every regular file and directory. Either
+    way a crash right after the rename never leaves a release with empty or missing files.
+    """
+    try:
+        root_fd = os.open(dest, _DIR_FLAGS)
+    except OSError as exc:
+        raise StagingError(f"cannot sync {dest}: {exc.strerror or exc}") from exc
+    try:
+        if not _syncfs(root_fd, dest):
+            _sync_dir(root_fd, dest)
+    finally:
+        os.close(root_fd)
+
+
+def sync_tree_each(dest: Path) -> None:
+    """``sync_tree`` by an fsync of every regular file and directory (the portable way)."""
+    try:
+        root_fd = os.open(dest, _DIR_FLAGS)
+    except OSError as exc:
+        raise StagingError(f"cannot sync {dest}: {exc.strerror or exc}") from exc
+    try:
+        _sync_dir(root_fd, dest)
+    finally:
+        os.close(root_fd)
+
+
+def _syncfs(fd: int, where: Path) -> bool:
+    """syncfs(2) on ``fd``'s filesystem; False when the C library does not offer it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    if call(fd) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return False
+        raise StagingError(f"cannot sync {where}: {os.strerror(err)}")
+    return True
+
+
+def _sync_dir(dir_fd: int, where: Path) -> None:
+    """fsync the regular files and subdirectories in ``dir_fd`` recursively, then the dir."""
+    try:
+        with os.scandir(dir_fd) as entries:
+            names = [
+                (e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                for e in entries
+            ]
+        for name, is_dir, is_file in names:
+            if not (is_dir or is_file):
+                continue
+            fd = os.open(
+                name,
+                (_DIR_FLAGS if is_dir else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
+                dir_fd=dir_fd,
+            )
+            try:
+                if is_dir:
+                    _sync_dir(fd, where / name)
+                else:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise StagingError(f"cannot sync {where}: {exc.strerror or exc}") from exc
+
+
+class _LimitedStream:
+    """Forward-only view of the decompressed tar that bounds how much tarfile may inflate.
+
+    tarfile reads pax and GNU long-name headers whole, and skips data it does not return
+    by seeking (which inflates it): both are bounded here, before the memory or time is spent.
+    """
+
+    def __init__(self, stream: TarStream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._pos = 0
+        self.last: tuple[int, bytes] = (0, b"")  # (position, bytes) of the latest read
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > _MAX_READ:
+            raise ArchiveRefused(
+                f"archive asks for a {size}-byte header read "
+                f"(over {_MAX_READ}): refusing a header bomb"
+            )
+        data = self._stream.read(size)
+        self.last = (self._pos, data)
+        self._pos += len(data)
+        self._check(self._pos)
+        return data
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            pos += self._pos
+        elif whence != os.SEEK_SET:
+            raise OSError(errno.ESPIPE, "archive stream only seeks forward")
+        if pos != self._pos:
+            if pos < self._pos:
+                raise OSError(errno.ESPIPE, f"archive stream cannot seek back to {pos}")
+            self._check(pos)
+            self._pos = self._stream.seek(pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _check(self, pos: int) -> None:
+        if pos > self._limit:
+            raise ArchiveRefused(
+                f"archive inflates past {self._limit} bytes of tar stream "
+                f"(limit from max_bytes and max_members)"
+            )
+
+
+class _Extractor:
+    """One extraction: walks the members in order, checks each, creates it under ``dest``."""
+
+    def __init__(
+        self,
+        stream: _LimitedStream,
+        root_fd: int,
+        dest: Path,
+        *,
+        label: str,
+        source: str,
+        max_members: int,
+        max_bytes: int,
+        umask: int,
+        owner: tuple[int, int] | None,
+    ) -> None:
+        self.stream = stream
+        self.root_fd = root_fd
+        self.dest = dest
+        self.label = label
+        self.source = source
+        self.max_members = max_members
+        self.max_bytes = max_bytes
+        self.umask = umask
+        self.owner = owner
+        self.kinds: dict[_Parts, str] = {(): _DIR}
+        self.links: dict[_Parts, str] = {}  # symlink -> target, checked again at the end
+        self.dir_meta: dict[_Parts, tuple[int, int | None]] = {}  # dir -> (mode, mtime)
+        self.fds: OrderedDict[_Parts, int] = OrderedDict()
+        self.members = 0
+        self.declared = 0
+        self.written = 0
+        self.last: str | None = None  # the last member read, for "after member" in errors
+
+    # -- the walk -------------------------------------------------------------------------
+
+    def run(self) -> ExtractStats:
+        with self._reading():
+            tar = tarfile.open(fileobj=cast(IO[bytes], self.stream), mode="r:")  # noqa: SIM115
+        while True:
+            with self._reading():
+                member = tar.next()
+            if member is None:
+                break
+            tar.members.clear()  # type: ignore[attr-defined]  # kept by tarfile, unused here
+            self.members += 1
+            if self.members > self.max_members:
+                raise ArchiveRefused(
+                    f"archive has more than {self.max_members} members "
+                    f"(limit max_members); refused at {member.name!r}"
+                )
+            self.last = member.name
+            self._trim_fds()
+            self._extract_member(member)
+        with self._reading():
+            self._check_end(tar.offset)
+        if self.members == 0:
+            raise ArchiveRefused(f"not a valid {self.label} archive: it has no members")
+        for parts, target in self.links.items():
+            self._check_link_resolution(parts, target)
+        self._finish_dirs()
+        return ExtractStats(members=self.members, bytes=self.written)
+
+    def _extract_member(self, m: tarfile.TarInfo) -> None:
+        name = m.name
+        parts = self._member_parts(name)
+        self.declared += max(m.size, 0)
+        if self.declared > self.max_bytes:
+            raise ArchiveRefused(
+                f"archive declares more than {self.max_bytes} bytes "
+                f"(limit max_bytes) at member {name!r}"
+            )
+        if m.ischr() or m.isblk():
+            raise ArchiveRefused(f"member {name!r} is a device file")
+        if m.isfifo():
+            raise ArchiveRefused(f"member {name!r} is a FIFO")
+        if m.issparse():
+            raise ArchiveRefused(f"member {name!r} is a sparse file (not supported)")
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+            raise ArchiveRefused(f"member {name!r} has unsupported type {m.type!r}")
+        if m.mode & _SPECIAL_BITS:
+            raise ArchiveRefused(f"member {name!r} has setuid/setgid/sticky bits (mode {m.mode:o})")
+        if not parts:
+            if m.isdir():
+                return  # "./": the release root itself, which the caller created
+            raise ArchiveRefused(f"member {name!r} has an empty name")
+        if parts[0] == _RESERVED[0]:
+            if parts[:2] == _RESERVED:
+                raise ArchiveRefused(
+                    f"member {name!r} is reserved: the release engine writes {'/'.join(_RESERVED)}"
+                )
+            if len(parts) == 1 and not m.isdir():
+                raise ArchiveRefused(
+                    f"member {name!r} must be a directory ({_RESERVED[0]} "
+                    f"holds the engine's release.json and the hooks)"
+                )
+        self._check_slot(name, parts, is_dir=m.isdir())
+        parent_fd = self._make_parents(name, parts)
+        mtime = _mtime(m)
+        if m.isdir():
+            self._make_dir(name, parts, parent_fd, m.mode, mtime)
+        elif m.issym():
+            self._make_symlink(name, parts, parent_fd, m.linkname, mtime)
+        elif m.islnk():
+            self._make_hardlink(name, parts, parent_fd, m.linkname)
+        else:
+            self._make_file(name, parts, parent_fd, m, mtime)
+
+    def _member_parts(self, name: str) -> _Parts:
+        if "\x00" in name:
+            raise ArchiveRefused(f"member {name!r} has a NUL byte in its name")
+        if name.startswith("/"):
+            raise ArchiveRefused(f"member {name!r} has an absolute path")
+        parts = tuple(p for p in name.split("/") if p not in ("", "."))
+        if ".." in parts:
+            raise ArchiveRefused(f"member {name!r} has a '..' component")
+        _check_length(name, parts, what="member")
+        return parts
+
+    def _check_slot(self, name: str, parts: _Parts, *, is_dir: bool) -> None:
+        """Refuse a path through a non-directory, or one that replaces an earlier member."""
+        for i in range(1, len(parts)):
+            kind = self.kinds.get(parts[:i])
+            if kind not in (None, _DIR):
+                where = "/".join(parts[:i])
+                raise ArchiveRefused(f"member {name!r} goes through {kind} {where!r}")
+        earlier = self.kinds.get(parts)
+        if earlier is None or (earlier == _DIR and is_dir):
+            return
+        if earlier == _DIR:
+            raise ArchiveRefused(f"member {name!r} would replace an earlier directory")
+        if is_dir:
+            raise ArchiveRefused(f"member {name!r} (directory) would replace an earlier {earlier}")
+        raise ArchiveRefused(f"member {name!r} is a duplicate of an earlier {earlier}")
+
+    # -- creating members -----------------------------------------------------------------
+
+    def _make_parents(self, name: str, parts: _Parts) -> int:
+        """Create missing parent directories (u+rwx, mode set at the end); the parent's fd."""
+        for i in range(1, len(parts)):
+            sub = parts[:i]
+            if sub not in self.kinds:
+                with self._writing(name):
+                    os.mkdir(sub[-1], 0o700, dir_fd=self._dir_fd(sub[:-1]))
+                self.kinds[sub] = _DIR
+                self.dir_meta[sub] = (0o777, None)
+        return self._dir_fd(parts[:-1])
+
+    def _make_dir(
+        self, name: str, parts: _Parts, parent_fd: int, mode: int, mtime: int | None
+    ) -> None:
+        if parts not in self.kinds:
+            with self._writing(name):
+                os.mkdir(parts[-1], 0o700, dir_fd=parent_fd)
+            self.kinds[parts] = _DIR
+        self.dir_meta[parts] = (mode, mtime)  # applied by _finish_dirs, deepest first
+
+    def _make_symlink(
+        self, name: str, parts: _Parts, parent_fd: int, target: str, mtime: int | None
+    ) -> None:
+        if not target or "\x00" in target:
+            raise ArchiveRefused(f"symlink {name!r} has an empty or invalid target {target!r}")
+        if target.startswith("/"):
+            raise ArchiveRefused(
+                f"symlink {name!r} -> {target!r} is absolute: it leaves the release"
+            )
+        _check_length(target, tuple(p for p in target.split("/") if p), what="symlink target")
+        depth = len(parts) - 1
+        for p in target.split("/"):
+            depth += -1 if p == ".." else (0 if p in ("", ".") else 1)
+            if depth < 0:
+                raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
+        with self._writing(name):
+            os.symlink(target, parts[-1], dir_fd=parent_fd)
+            if self.owner is not None:
+                os.chown(parts[-1], *self.owner, dir_fd=parent_fd, follow_symlinks=False)
+            if mtime is not None:
+                os.utime(parts[-1], ns=(mtime, mtime), dir_fd=parent_fd, follow_symlinks=False)
+        self.kinds[parts] = _SYMLINK
+        self.links[parts] = target
+
+    def _make_hardlink(self, name: str, parts: _Parts, parent_fd: int, target: str) -> None:
+        if target.startswith("/"):
+            raise ArchiveRefused(
+                f"hardlink {name!r} -> {target!r} is absolute: it leaves the release"
+            )
+        tparts = tuple(p for p in target.split("/") if p not in ("", "."))
+        if ".." in tparts:
+            raise ArchiveRefused(
+                f"hardlink {name!r} -> {target!r} has a '..' component: it leaves the release"
+            )
+        if not tparts or self.kinds.get(tparts) != _FILE:
+            raise ArchiveRefused(
+                f"hardlink {name!r} -> {target!r}: the target is not an "
+                f"earlier regular file of the archive"
+            )
+        with self._writing(name):
+            src_fd = self._dir_fd(tparts[:-1])
+            os.link(
+                tparts[-1],
+                parts[-1],
+                src_dir_fd=src_fd,
+                dst_dir_fd=parent_fd,
+                follow_symlinks=False,
+            )
+        self.kinds[parts] = _FILE
+
+    def _make_file(
+        self, name: str, parts: _Parts, parent_fd: int, m: tarfile.TarInfo, mtime: int | None
+    ) -> None:
+        with self._writing(name):
+            fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        self.kinds[parts] = _FILE
+        try:
+            with self._reading():
+                self.stream.seek(m.offset_data)
+            remaining = m.size
+            while remaining > 0:
+                with self._reading():
+                    chunk = self.stream.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise ArchiveRefused(
+                        f"not a valid {self.label} archive: data of member {name!r} is truncated"
+                    )
+                remaining -= len(chunk)
+                self.written += len(chunk)
+                if self.written > self.max_bytes:  # a header can lie; count what is written
+                    raise ArchiveRefused(
+                        f"archive holds more than {self.max_bytes} bytes "
+                        f"(limit max_bytes) at member {name!r}"
+                    )
+                with self._writing(name):
+                    _write_all(fd, chunk)
+            with self._writing(name):
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+                os.fchmod(fd, m.mode & 0o777 & ~self.umask)
+                if mtime is not None:
+                    os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def _finish_dirs(self) -> None:
+        """Apply directory owners, modes (at least u+rwx) and mtimes, deepest first."""
+        for parts in sorted(self.dir_meta, key=len, reverse=True):
+            mode, mtime = self.dir_meta[parts]
+            self._trim_fds()
+            with self._writing("/".join(parts)):
+                fd = self._dir_fd(parts)
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+                os.fchmod(fd, (mode & 0o777 & ~self.umask) | stat.S_IRWXU)
+                if mtime is not None:
+                    os.utime(fd, ns=(mtime, mtime))
+
+    def _dir_fd(self, parts: _Parts) -> int:
+        """An fd for the extracted directory ``parts``, opened component by component.
+
+        Only the final fd is cached, and the cache is trimmed between members (``_trim_fds``),
+        so every fd handed out stays open while the member that asked for it is created.
+        """
+        if not parts:
+            return self.root_fd
+        fd = self.fds.get(parts)
+        if fd is not None:
+            self.fds.move_to_end(parts)
+            return fd
+        i = len(parts) - 1
+        while i > 0 and parts[:i] not in self.fds:
+            i -= 1
+        fd = self.fds[parts[:i]] if i else self.root_fd
+        for j in range(i, len(parts)):
+            child = os.open(parts[j], _DIR_FLAGS, dir_fd=fd)
+            if j > i:
+                os.close(fd)  # an intermediate directory this call opened
+            fd = child
+        self.fds[parts] = fd
+        return fd
+
+    def _trim_fds(self) -> None:
+        while len(self.fds) > _FD_CACHE:
+            os.close(self.fds.popitem(last=False)[1])
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        os.close(self.root_fd)
+
+    # -- checks over the whole archive ----------------------------------------------------
+
+    def _check_end(self, offset: int) -> None:
+        """After tarfile stops at ``offset``, only zero blocks may follow.
+
+        tarfile ends the archive silently at a corrupt header (e.g. after a member whose
+        header lies about its size) or at a tar cut on a member boundary; both are refused
+        here. Reading to the end also verifies the compression's own checksum and length.
+        """
+        pos = self.stream.tell()
+        tail = b""
+        if pos > offset:  # tarfile already read (part of) the block it stopped at
+            start, data = self.stream.last
+            # start > offset: the block cannot be seen again, so it counts as corrupt
+            tail = b"\x01" if start > offset else data[offset - start : pos - start]
+        zeros = 0
+        while True:
+            if tail.count(0) != len(tail):
+                where = f" after member {self.last!r}" if self.last else ""
+                raise ArchiveRefused(
+                    f"not a valid {self.label} archive: corrupt tar header "
+                    f"or trailing data at offset {offset}{where}"
+                )
+            zeros += len(tail)
+            if zeros > _MAX_READ:
+                raise ArchiveRefused(
+                    f"not a valid {self.label} archive: more than {_MAX_READ} bytes of "
+                    f"padding after the end of the archive"
+                )
+            tail = self.stream.read(_CHUNK)
+            if not tail:
+                break
+        if zeros < tarfile.BLOCKSIZE and self.members:
+            raise ArchiveRefused(
+                f"not a valid {self.label} archive: truncated, no end-of-"
+                f"archive marker after member {self.last!r}"
+            )
+
+    def _check_link_resolution(self, parts: _Parts, target: str) -> None:
+        """Resolve a symlink like the kernel would, through the archive's other symlinks."""
+        name = "/".join(parts)
+        cur = list(parts[:-1])
+        pending = [p for p in reversed(target.split("/")) if p not in ("", ".")]
+        hops = 0
+        while pending:
+            comp = pending.pop()
+            if comp == "..":
+                if not cur:
+                    raise ArchiveRefused(
+                        f"symlink {name!r} -> {target!r} leaves the release through other symlinks"
+                    )
+                cur.pop()
+                continue
+            nxt = (*cur, comp)
+            kind = self.kinds.get(nxt)
+            if kind == _SYMLINK:
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} loops")
+                via = self.links[nxt]
+                if via.startswith("/"):  # pragma: no cover - refused when it was extracted
+                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
+                pending.extend(p for p in reversed(via.split("/")) if p not in ("", "."))
+                continue
+            if kind != _DIR and ".." in pending:
+                raise ArchiveRefused(
+                    f"symlink {name!r} -> {target!r} uses '..' after "
+                    f"{'/'.join(nxt)!r}, which is not a directory of the "
+                    f"release"
+                )
+            cur.append(comp)
+
+    # -- error translation ----------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Broken input -> ArchiveRefused; failing to read the file -> StagingError."""
+        try:
+            yield
+        except ArchiveRefused:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            where = f" (after member {self.last!r})" if self.last else ""
+            raise ArchiveRefused(
+                f"not a valid {self.label} archive: {_reason(exc)}{where}"
+            ) from exc
+        except OSError as exc:
+            raise StagingError(f"cannot read archive {self.source}: {exc.strerror or exc}") from exc
+
+    @contextmanager
+    def _writing(self, member: str) -> Iterator[None]:
+        """Filesystem failures -> StagingError naming the member and the destination."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in _FULL_DISK:
+                raise StagingError(
+                    f"disk full while extracting {member!r} into {self.dest}: "
+                    f"{exc.strerror} (errno {errno.errorcode[exc.errno]})"
+                ) from exc
+            raise StagingError(
+                f"cannot extract {member!r} into {self.dest}: {exc.strerror or exc}"
+            ) from exc
+
+
+def _check_length(name: str, parts: _Parts, *, what: str) -> None:
+    if len(os.fsencode(name)) > _PATH_MAX:
+        raise ArchiveRefused(f"{what} {name[:80]!r}... is longer than {_PATH_MAX} bytes")
+    for p in parts:
+        if len(os.fsencode(p)) > _NAME_MAX:
+            raise ArchiveRefused(f"{what} {name!r} has a component longer than {_NAME_MAX} bytes")
+
+
+def _mtime(m: tarfile.TarInfo) -> int | None:
+    try:
+        ns = int(m.mtime * 1_000_000_000)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return ns if -(2**62) < ns < 2**62 else None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, tarfile.TarError) else f"{type(exc).__name__}: {text}"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
