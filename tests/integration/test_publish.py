@@ -1,0 +1,340 @@
+"""`watcherctl publish` against a real Consul agent and the moto S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.s3server import s3_client
+from watcher.config import Config, S3Settings, parse_config
+from watcher.consul_api import ConsulClient
+from watcher.errors import (
+    ArtifactRefused,
+    ConfigError,
+    ConsulUnavailable,
+    PayloadError,
+    S3Unavailable,
+)
+from watcher.publish import BUILD_FINISHED, publish_artifact
+from watcher.records import ArtifactRecord, Keys
+
+CLUSTER = ClusterSpec(hosts=1)
+COMMIT = "15eb13af0123456789abcdef0123456789abcdef"
+ARTIFACT = "master-15eb13af"
+WATCHERCTL = Path(sys.executable).parent / "watcherctl"
+# Nothing listens here: connections are refused at once.
+DEAD_ADDRESS = "127.0.0.1:9"
+
+
+def write_config(
+    cluster: ConsulCluster, s3: S3Settings, root: Path, **consul: Any
+) -> dict[str, Any]:
+    return {
+        "kv_prefix": "watcher",
+        "consul": {"address": cluster.hosts[0].http_addr, **consul},
+        "s3": {
+            "bucket": s3.bucket,
+            "prefix": s3.prefix,
+            "region": s3.region,
+            "endpoint_url": s3.endpoint_url,
+        },
+        "apps": {"web": {"root": str(root)}},
+    }
+
+
+@pytest.fixture
+def config_data(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> dict[str, Any]:
+    return write_config(cluster, s3_settings, tmp_path / "srv")
+
+
+@pytest.fixture
+def config(config_data: dict[str, Any]) -> Config:
+    return parse_config(config_data, env={})
+
+
+@pytest.fixture
+def consul(cluster: ConsulCluster) -> Any:
+    client = ConsulClient(cluster.hosts[0].consul_settings())
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "checkout"
+    (root / ".watcher/hooks").mkdir(parents=True)
+    (root / "tests").mkdir()
+    (root / "app.py").write_text("print('v1')\n")
+    (root / "tests/test_app.py").write_text("def test(): pass\n")
+    (root / ".watcher/hooks/post_release").write_text("#!/bin/sh\ntrue\n")
+    (root / ".watcher/hooks/post_release").chmod(0o755)
+    (root / ".watcher/manifest.yaml").write_text("exclude: ['tests/**']\n")
+    return root
+
+
+def publish(config: Config, src: Path, **kwargs: Any) -> ArtifactRecord:
+    args: dict[str, Any] = {
+        "branch": "master",
+        "commit": COMMIT,
+        "build_number": "42",
+        "build_url": "https://buildkite.example/acme/web/builds/42",
+        "created_by": "ci@test",
+        "retry_deadline": 1.0,
+    }
+    args.update(kwargs)
+    return publish_artifact(config, "web", src, **args)
+
+
+def events_for(consul: ConsulClient, artifact: str, *, count: int = 0) -> list[dict[str, Any]]:
+    """The agent's ``build-finished`` events for ``artifact``.
+
+    Events reach the agent's list through gossip, a moment after they were fired: wait for
+    ``count`` of them, or (count 0) for a marker fired now, so absent ones are really absent.
+    """
+    marker = f"marker-{uuid.uuid4().hex[:8]}"
+    if not count:
+        consul.event_fire(BUILD_FINISHED, json.dumps({"app": "web", "artifact": marker}).encode())
+    deadline = time.monotonic() + 10
+    while True:
+        _, events = consul.event_list(BUILD_FINISHED)
+        payloads = [json.loads(e.payload or b"{}") for e in events]
+        found = [p for p in payloads if p.get("artifact") == artifact]
+        ready = len(found) >= count if count else any(p["artifact"] == marker for p in payloads)
+        if ready or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def kv_record(consul: ConsulClient, artifact: str) -> ArtifactRecord | None:
+    entry = consul.kv_get(Keys("watcher", "web").artifact(artifact))
+    return None if entry is None else ArtifactRecord.from_json(entry.value)
+
+
+def s3_object(s3: S3Settings, artifact: str) -> dict[str, Any] | None:
+    client = s3_client(s3.endpoint_url)
+    key = f"{s3.prefix}/web/{artifact}.tar.gz"
+    try:
+        got = client.get_object(Bucket=s3.bucket, Key=key)
+    except client.exceptions.NoSuchKey:
+        return None
+    return {"body": got["Body"].read(), "metadata": got["Metadata"]}
+
+
+class TestPublish:
+    def test_publish_uploads_records_and_announces(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        seen: list[tuple[int, int]] = []
+        record = publish(config, src, progress=lambda sent, total: seen.append((sent, total)))
+
+        obj = s3_object(s3_settings, ARTIFACT)
+        assert obj is not None
+        digest = hashlib.sha256(obj["body"]).hexdigest()
+        assert obj["metadata"] == {"sha256": digest}
+        assert seen and seen[-1] == (len(obj["body"]), len(obj["body"]))
+
+        stored = kv_record(consul, ARTIFACT)
+        assert stored == record
+        assert stored.id == ARTIFACT
+        assert stored.url == f"s3://{s3_settings.bucket}/artifacts/web/{ARTIFACT}.tar.gz"
+        assert (stored.sha256, stored.size) == (digest, len(obj["body"]))
+        assert (stored.branch, stored.commit) == ("master", COMMIT)
+        assert stored.build_number == "42"
+        assert stored.build_url == "https://buildkite.example/acme/web/builds/42"
+        assert stored.created_at.endswith("Z") and stored.created_by == "ci@test"
+        assert stored.format == "tar.gz"
+
+        assert events_for(consul, ARTIFACT, count=1) == [{"app": "web", "artifact": ARTIFACT}]
+
+    def test_publishing_the_same_tree_again_is_idempotent(
+        self, config: Config, consul: ConsulClient, src: Path
+    ) -> None:
+        first = publish(config, src, artifact_id="idem-1")
+        (src / "app.py").touch()  # mtimes do not matter
+        again = publish(config, src, artifact_id="idem-1", created_by="someone@else")
+
+        assert again == first  # the original record, created_at and created_by kept
+        assert kv_record(consul, "idem-1") == first
+        assert len(events_for(consul, "idem-1", count=2)) == 2  # re-announced
+
+    def test_other_content_under_an_existing_id_is_refused(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        first = publish(config, src, artifact_id="clash-1")
+        (src / "app.py").write_text("print('v2')\n")
+
+        with pytest.raises(ArtifactRefused) as err:
+            publish(config, src, artifact_id="clash-1")
+
+        message = str(err.value)
+        assert f"already exists with sha256 {first.sha256}" in message
+        assert "this build is " in message
+        theirs = message.rsplit("this build is ", 1)[1]
+        assert len(theirs) == 64 and theirs != first.sha256
+        assert kv_record(consul, "clash-1") == first
+        obj = s3_object(s3_settings, "clash-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == first.sha256
+        assert len(events_for(consul, "clash-1")) == 1  # only the first publish's
+
+    def test_an_unrecorded_object_with_other_content_is_refused(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        s3_client(s3_settings.endpoint_url).put_object(
+            Bucket=s3_settings.bucket,
+            Key="artifacts/web/stray-1.tar.gz",
+            Body=b"not ours",
+            Metadata={"sha256": "0" * 64},
+        )
+        with pytest.raises(ArtifactRefused, match=f"already exists with sha256 {'0' * 64}"):
+            publish(config, src, artifact_id="stray-1")
+        assert kv_record(consul, "stray-1") is None
+        assert events_for(consul, "stray-1") == []
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"artifact_id": "../etc"}, "invalid artifact id '../etc'"),
+            ({"artifact_id": "-x"}, "invalid artifact id '-x'"),
+            ({"commit": "HEAD"}, "commit 'HEAD' is not a hex SHA"),
+        ],
+    )
+    def test_bad_id_is_refused_before_anything_is_written(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        kwargs: dict[str, Any],
+        message: str,
+    ) -> None:
+        before = consul.kv_keys("watcher/", separator=None)
+        with pytest.raises(PayloadError, match=re.escape(message)):
+            publish(config, src, **kwargs)
+        assert consul.kv_keys("watcher/", separator=None) == before
+        listed = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)
+        assert listed["KeyCount"] == 0
+
+    def test_missing_directory_is_a_clear_error(self, config: Config, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'nope'}: no such directory"):
+            publish(config, tmp_path / "nope", artifact_id="missing-1")
+
+    def test_empty_manifest_match_is_a_clear_error(
+        self, config: Config, consul: ConsulClient, src: Path
+    ) -> None:
+        (src / ".watcher/manifest.yaml").write_text("include: ['dist/**']\n")
+        with pytest.raises(ConfigError, match=f"manifest matched no files in {src}"):
+            publish(config, src, artifact_id="empty-1")
+        assert kv_record(consul, "empty-1") is None
+
+    def test_no_s3_access_leaves_no_record_and_no_event(
+        self, config_data: dict[str, Any], consul: ConsulClient, src: Path
+    ) -> None:
+        config_data["s3"]["endpoint_url"] = f"http://{DEAD_ADDRESS}"
+        config = parse_config(config_data, env={})
+
+        with pytest.raises(S3Unavailable, match=DEAD_ADDRESS):
+            publish(config, src, artifact_id="nos3-1")
+
+        assert kv_record(consul, "nos3-1") is None
+        assert events_for(consul, "nos3-1") == []
+
+    def test_no_consul_leaves_no_record_and_no_upload(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+    ) -> None:
+        config_data["consul"]["address"] = DEAD_ADDRESS
+        config = parse_config(config_data, env={})
+
+        with pytest.raises(
+            ConsulUnavailable, match=f"cannot reach Consul at http://{DEAD_ADDRESS}"
+        ):
+            publish(config, src, artifact_id="noconsul-1")
+
+        assert kv_record(consul, "noconsul-1") is None
+        assert events_for(consul, "noconsul-1") == []
+        # Consul is asked before the upload, so nothing is uploaded either; had Consul failed
+        # after the upload, the next publish of the same tree would re-use the object.
+        assert s3_object(s3_settings, "noconsul-1") is None
+
+
+class TestPublishCommand:
+    def test_buildkite_environment_gives_the_defaults(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))  # JSON is YAML
+        env = {
+            **os.environ,
+            "WATCHER_CONFIG": str(config_file),
+            "BUILDKITE": "true",
+            "BUILDKITE_PIPELINE_SLUG": "web-app",
+            "BUILDKITE_BRANCH": "feature/x",
+            "BUILDKITE_COMMIT": COMMIT.upper(),
+            "BUILDKITE_BUILD_NUMBER": "7",
+            "BUILDKITE_BUILD_URL": "https://buildkite.example/b/7",
+        }
+        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [str(WATCHERCTL), "publish", "web", str(src), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["id"] == "feature-x-15eb13af"
+        assert data["commit"] == COMMIT.lower()
+        assert data["created_by"] == "buildkite:web-app#7"
+        assert data["build_url"] == "https://buildkite.example/b/7"
+        assert kv_record(consul, "feature-x-15eb13af") is not None
+
+        human = subprocess.run(
+            [str(WATCHERCTL), "publish", "web", str(src)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert human.returncode == 0, human.stderr
+        assert "published web artifact feature-x-15eb13af" in human.stdout
+        assert f"sha256  {data['sha256']}" in human.stdout
+
+    def test_missing_commit_is_a_usage_error(
+        self, config_data: dict[str, Any], src: Path, tmp_path: Path
+    ) -> None:
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE")}
+        result = subprocess.run(
+            [str(WATCHERCTL), "publish", "-c", str(config_file), "web", str(src)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "--branch (or $BUILDKITE_BRANCH) is required" in result.stderr
+        assert "--commit (or $BUILDKITE_COMMIT) is required" in result.stderr

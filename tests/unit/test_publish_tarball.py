@@ -1,0 +1,226 @@
+"""The publish tarball: manifest globs, determinism, refusals (pure file-system logic)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import ArtifactRefused, ConfigError
+from watcher.publish import Manifest, build_tarball, load_manifest, tty_progress
+
+
+def make_tree(root: Path) -> Path:
+    """A small app checkout: code, an executable, a hook, tests, docs, .git, a symlink."""
+    files = {
+        "app.py": "print('hello')\n",
+        "lib/util.py": "X = 1\n",
+        "bin/run": "#!/bin/sh\nexec python app.py\n",
+        ".watcher/hooks/post_release": "#!/bin/sh\ntrue\n",
+        "tests/test_app.py": "def test(): pass\n",
+        "docs/index.md": "# docs\n",
+        ".git/HEAD": "ref: refs/heads/main\n",
+        "lib/__pycache__/util.cpython-311.pyc": "junk",
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (root / "bin/run").chmod(0o775)
+    (root / ".watcher/hooks/post_release").chmod(0o700)
+    (root / "app.py").chmod(0o600)
+    (root / "current_lib").symlink_to("lib")
+    (root / ".watcher/manifest.yaml").write_text(
+        "include: ['**']\nexclude: ['tests/**', 'docs/**', '__pycache__']\n"
+    )
+    return root
+
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TestLoadManifest:
+    def test_missing_manifest_includes_everything_but_git(self, tmp_path: Path) -> None:
+        manifest = load_manifest(tmp_path)
+        assert manifest.include == ("**",)
+        assert manifest.included("a/b/c.txt")
+        assert not manifest.included(".git/config")
+        assert not manifest.included("sub/.git/config")
+
+    def test_reads_include_and_exclude(self, tmp_path: Path) -> None:
+        (tmp_path / ".watcher").mkdir()
+        (tmp_path / ".watcher/manifest.yaml").write_text(
+            "include: [app/**, bin/*, .watcher/hooks/**]\nexclude: ['*.pyc']\n"
+        )
+        manifest = load_manifest(tmp_path)
+        assert manifest.included("app/x/y.py")
+        assert manifest.included("bin/run")
+        assert manifest.included("bin/sub/run")  # a matched directory brings its content
+        assert not manifest.included("binx/run")
+        assert manifest.included(".watcher/hooks/validate")
+        assert not manifest.included("README.md")
+        assert not manifest.included("app/x/y.pyc")
+
+    @pytest.mark.parametrize(
+        ("text", "problem"),
+        [
+            ("include: app/**\n", "include: must be a list of glob patterns"),
+            ("exclude: [1]\n", "exclude[0]: must be a non-empty glob pattern"),
+            ("include: ['../x']\n", "include[0]: must be relative to the directory"),
+            ("inclde: ['**']\n", "inclde: unknown key"),
+            ("include: []\n", "include: must list at least one pattern"),
+            ("- a\n", "<top>: must be a mapping"),
+            ("include: [a\n", "invalid YAML"),
+        ],
+    )
+    def test_bad_manifest_names_file_and_key(self, tmp_path: Path, text: str, problem: str) -> None:
+        (tmp_path / ".watcher").mkdir()
+        (tmp_path / ".watcher/manifest.yaml").write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_manifest(tmp_path)
+        assert str(tmp_path / ".watcher/manifest.yaml") in str(err.value)
+        assert problem in str(err.value)
+
+
+class TestBuildTarball:
+    def test_excludes_are_honoured_and_modes_normalised(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        out = tmp_path / "a.tar.gz"
+        sha, size, members = build_tarball(src, load_manifest(src), out)
+        assert size == out.stat().st_size
+        assert sha == sha_of(out)
+        assert members == [
+            ".watcher",
+            ".watcher/hooks",
+            ".watcher/hooks/post_release",
+            ".watcher/manifest.yaml",
+            "app.py",
+            "bin",
+            "bin/run",
+            "current_lib",
+            "lib",
+            "lib/util.py",
+        ]
+        with tarfile.open(out) as tar:
+            infos = {m.name: m for m in tar.getmembers()}
+            assert list(infos) == members
+            assert infos["bin/run"].mode == 0o755
+            assert infos[".watcher/hooks/post_release"].mode == 0o755
+            assert infos["app.py"].mode == 0o644
+            assert infos["lib"].isdir() and infos["lib"].mode == 0o755
+            assert infos["current_lib"].issym() and infos["current_lib"].linkname == "lib"
+            for info in infos.values():
+                assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", "")
+                assert info.mtime == 0
+            extracted = tar.extractfile("app.py")
+            assert extracted is not None and extracted.read() == b"print('hello')\n"
+        # gzip header: no file name (FLG 0), mtime 0
+        header = out.read_bytes()[:10]
+        assert header[3] == 0 and header[4:8] == b"\0\0\0\0"
+
+    def test_same_tree_same_sha256_after_touch_and_other_umask(self, tmp_path: Path) -> None:
+        first = make_tree(tmp_path / "one")
+        sha1, _, _ = build_tarball(first, load_manifest(first), tmp_path / "1.tar.gz")
+        sha1_again, _, _ = build_tarball(first, load_manifest(first), tmp_path / "1b.tar.gz")
+        assert sha1 == sha1_again
+        old = os.umask(0o077)
+        try:
+            second = make_tree(tmp_path / "two")
+        finally:
+            os.umask(old)
+        for path in [second, *second.rglob("*")]:
+            os.utime(path, (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+        (second / "app.py").chmod(0o666)
+        sha2, _, _ = build_tarball(second, load_manifest(second), tmp_path / "2.tar.gz")
+        assert sha2 == sha1
+        (second / "app.py").write_text("print('changed')\n")
+        sha3, _, _ = build_tarball(second, load_manifest(second), tmp_path / "3.tar.gz")
+        assert sha3 != sha1
+
+    def test_source_date_epoch_sets_member_mtime(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        src = make_tree(tmp_path / "src")
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+        with tarfile.open(tmp_path / "a.tar.gz") as tar:
+            assert {m.mtime for m in tar.getmembers()} == {1_700_000_000}
+
+    def test_empty_match_is_an_error(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        manifest = Manifest(source="m.yaml", include=("nothing/**",))
+        out = tmp_path / "a.tar.gz"
+        with pytest.raises(ConfigError, match=f"manifest matched no files in {src}"):
+            build_tarball(src, manifest, out)
+        assert not out.exists()
+        assert list(tmp_path.iterdir()) == [src]  # no temp file left behind
+
+    def test_only_empty_directories_is_an_empty_match(self, tmp_path: Path) -> None:
+        (tmp_path / "src/empty").mkdir(parents=True)
+        with pytest.raises(ConfigError, match="manifest matched no files"):
+            build_tarball(tmp_path / "src", Manifest("m"), tmp_path / "a.tar.gz")
+
+    def test_missing_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="no such directory"):
+            build_tarball(tmp_path / "nope", Manifest("m"), tmp_path / "a.tar.gz")
+
+    @pytest.mark.parametrize("target", ["../outside", "/etc/passwd", "lib/../../x"])
+    def test_symlink_escaping_the_tree_is_refused(self, tmp_path: Path, target: str) -> None:
+        src = make_tree(tmp_path / "src")
+        (src / "lib/evil").symlink_to(target if target.startswith("/") else "../" + target)
+        with pytest.raises(ArtifactRefused, match=r"symlink lib/evil -> .* points outside"):
+            build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+
+    def test_excluded_escaping_symlink_is_ignored(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        (src / "docs/evil").symlink_to("/etc/passwd")
+        _, _, members = build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+        assert "docs/evil" not in members
+
+    def test_fifo_is_refused(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        os.mkfifo(src / "lib/pipe")
+        with pytest.raises(ArtifactRefused, match="lib/pipe is not a regular file"):
+            build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+
+    def test_output_is_a_valid_gzip_stream(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        out = tmp_path / "a.tar.gz"
+        build_tarball(src, load_manifest(src), out)
+        with gzip.open(out) as gz:
+            assert len(gz.read()) % 512 == 0
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class TestTtyProgress:
+    def test_draws_a_percentage_line_in_place_on_a_tty(self) -> None:
+        out = FakeTTY()
+        progress = tty_progress(out)
+        assert progress is not None
+        total = 8 * 1024 * 1024
+        for sent in (0, total // 4, total // 4, total // 2, total):
+            progress(sent, total)
+        assert out.getvalue() == (
+            "\rupload   0% (0.0/8.0 MiB)"
+            "\rupload  25% (2.0/8.0 MiB)"
+            "\rupload  50% (4.0/8.0 MiB)"
+            "\rupload 100% (8.0/8.0 MiB)\n"
+        )
+
+    def test_small_uploads_and_non_ttys_show_nothing(self) -> None:
+        out = FakeTTY()
+        progress = tty_progress(out)
+        assert progress is not None
+        progress(10, 100)
+        assert out.getvalue() == ""
+        assert tty_progress(io.StringIO()) is None

@@ -1,0 +1,107 @@
+"""`watcherctl publish`: the CI entry point (Buildkite's variables give the defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from watcher.config import parse_duration
+from watcher.ctl import CtlContext, user_at_host
+from watcher.errors import ConfigError
+from watcher.publish import MANIFEST_PATH, publish_artifact, tty_progress
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "publish",
+        parents=[common],
+        help="build, upload and announce an artifact (used by CI)",
+        description=(
+            f"Build a reproducible tarball of DIR following DIR/{MANIFEST_PATH} (include and "
+            "exclude globs; everything but .git when absent), upload it to S3 with its "
+            "sha256, write the artifact record to Consul KV and fire build-finished. The "
+            "artifact id is <branch>-<first 8 of the commit>. Publishing the same tree "
+            "again is a no-op; other content under an existing id is refused. Flags left "
+            "out default to $BUILDKITE_BRANCH, $BUILDKITE_COMMIT, $BUILDKITE_BUILD_NUMBER "
+            "and $BUILDKITE_BUILD_URL."
+        ),
+    )
+    p.add_argument("app", metavar="APP", help="the app the artifact belongs to")
+    p.add_argument("dir", metavar="DIR", help="the directory to package")
+    p.add_argument("--branch", help="branch built (default $BUILDKITE_BRANCH)")
+    p.add_argument("--commit", help="commit SHA built (default $BUILDKITE_COMMIT)")
+    p.add_argument("--build-number", help="CI build number (default $BUILDKITE_BUILD_NUMBER)")
+    p.add_argument("--build-url", help="CI build URL (default $BUILDKITE_BUILD_URL)")
+    p.add_argument(
+        "--artifact-id",
+        help="use this id instead of <branch>-<commit[:8]> (must match [A-Za-z0-9][A-Za-z0-9._-]*)",
+    )
+    p.add_argument(
+        "--retry-for",
+        default="30s",
+        metavar="DURATION",
+        help="keep retrying an unreachable Consul or S3 this long (default 30s)",
+    )
+    p.set_defaults(func=run_publish)
+
+
+def created_by(env: Mapping[str, str]) -> str:
+    """``buildkite:<pipeline>#<build>`` inside a Buildkite job, else ``user@host``."""
+    if env.get("BUILDKITE") == "true":
+        pipeline = env.get("BUILDKITE_PIPELINE_SLUG") or "unknown-pipeline"
+        return f"buildkite:{pipeline}#{env.get('BUILDKITE_BUILD_NUMBER', '')}"
+    return user_at_host()
+
+
+def run_publish(ctx: CtlContext) -> int:
+    args = ctx.args
+    env = os.environ
+    branch = args.branch if args.branch is not None else env.get("BUILDKITE_BRANCH", "")
+    commit = args.commit if args.commit is not None else env.get("BUILDKITE_COMMIT", "")
+    problems: list[str] = []
+    if args.artifact_id is None:
+        if not branch:
+            problems.append("--branch (or $BUILDKITE_BRANCH) is required without --artifact-id")
+        if not commit:
+            problems.append("--commit (or $BUILDKITE_COMMIT) is required without --artifact-id")
+    try:
+        retry_for = parse_duration(args.retry_for)
+    except ValueError:
+        problems.append(f'--retry-for must be a duration like "30s", got "{args.retry_for}"')
+        retry_for = 30.0
+    if problems:
+        raise ConfigError("watcherctl publish", problems)
+    build_number = args.build_number
+    if build_number is None:
+        build_number = env.get("BUILDKITE_BUILD_NUMBER", "")
+    build_url = args.build_url if args.build_url is not None else env.get("BUILDKITE_BUILD_URL", "")
+    record = publish_artifact(
+        ctx.config,
+        args.app,
+        args.dir,
+        branch=branch,
+        commit=commit,
+        build_number=build_number,
+        build_url=build_url,
+        artifact_id=args.artifact_id,
+        created_by=created_by(env),
+        progress=None if ctx.as_json else tty_progress(),
+        retry_deadline=retry_for,
+    )
+    data = {"app": args.app, **asdict(record)}
+    ctx.emit(data, _human)
+    return 0
+
+
+def _human(data: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"published {data['app']} artifact {data['id']}",
+            f"  sha256  {data['sha256']}",
+            f"  size    {data['size']} bytes",
+            f"  url     {data['url']}",
+        ]
+    )

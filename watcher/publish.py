@@ -1,0 +1,515 @@
+"""`watcherctl publish`: build a deterministic tarball from a manifest, upload it, record it."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import posixpath
+import re
+import stat
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from watcher.config import APP_NAME_RE, Config
+from watcher.consul_api import ConsulClient
+from watcher.errors import ArtifactIntegrityError, ArtifactRefused, ConfigError, PayloadError
+from watcher.log import get_logger
+from watcher.records import (
+    ArtifactRecord,
+    Keys,
+    artifact_id_for,
+    check_artifact_id,
+    iso,
+    utcnow,
+)
+from watcher.s3 import S3Store
+
+MANIFEST_PATH = ".watcher/manifest.yaml"
+ARTIFACT_FORMAT = "tar.gz"
+BUILD_FINISHED = "build-finished"
+# Always left out, whatever the manifest says: version control metadata.
+ALWAYS_EXCLUDED = (".git",)
+# Below this size an upload finishes before a progress line would be worth drawing.
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
+
+# Called as ``progress(bytes_sent, total_bytes)`` while the upload runs.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Which files of a source tree go into the artifact (``.watcher/manifest.yaml``).
+
+    Glob rules (like ``.gitignore``): ``*`` and ``?`` stay within one path segment, ``**``
+    spans any number of segments, ``dir/**`` also matches ``dir`` itself, and a pattern
+    without a ``/`` matches a name at any depth (``*.pyc``). A path is included when it, or
+    one of its parent directories, matches an ``include`` pattern, and none of them matches
+    an ``exclude`` pattern. Without a manifest file everything is included (``.git`` never).
+    """
+
+    source: str
+    include: tuple[str, ...] = ("**",)
+    exclude: tuple[str, ...] = ()
+
+    def excluded(self, rel: str) -> bool:
+        """True when ``rel`` (a ``/``-separated path) or one of its parents is excluded."""
+        patterns = (*ALWAYS_EXCLUDED, *self.exclude)
+        return any(_matches(p, rel) for p in patterns)
+
+    def included(self, rel: str) -> bool:
+        """True when ``rel`` is selected: included (itself or a parent) and not excluded."""
+        return not self.excluded(rel) and any(_matches(p, rel) for p in self.include)
+
+
+def _matches(pattern: str, rel: str) -> bool:
+    rx = _glob_to_regex(pattern)
+    return any(rx.fullmatch(p) for p in _self_and_parents(rel))
+
+
+def _self_and_parents(rel: str) -> list[str]:
+    parts = rel.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Translate a manifest glob into a regex matched against a whole relative path."""
+    anchored = "/" in pattern.rstrip("/")
+    pat = pattern.strip("/")
+    out: list[str] = []
+    i = 0
+    while i < len(pat):
+        if pat.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pat.startswith("/**", i) and i + 3 == len(pat):
+            out.append("(?:/.*)?")
+            i += 3
+        elif pat.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pat[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pat[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pat[i] == "[" and "]" in pat[i + 2 :]:
+            end = pat.index("]", i + 2)
+            body = pat[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pat[i]))
+            i += 1
+    body = "".join(out)
+    return re.compile(body if anchored else f"(?:.*/)?{body}")
+
+
+def _patterns(data: dict[str, Any], key: str, problems: list[str]) -> tuple[str, ...] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        problems.append(f"{key}: must be a list of glob patterns, got {type(value).__name__}")
+        return None
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip("/"):
+            problems.append(f"{key}[{i}]: must be a non-empty glob pattern, got {item!r}")
+        elif item.startswith("/") or ".." in item.split("/"):
+            problems.append(f"{key}[{i}]: must be relative to the directory, got {item!r}")
+        else:
+            out.append(item.removeprefix("./"))
+    return tuple(out)
+
+
+def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
+    """Read ``<src_dir>/.watcher/manifest.yaml``; a missing file means "include everything"."""
+    path = Path(src_dir) / MANIFEST_PATH
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Manifest(source=f"{source} (absent: include everything)")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(source, [f"cannot read: {reason}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(source, [f"{where}: invalid YAML"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"<top>: must be a mapping, got {type(data).__name__}"])
+    problems = [
+        f"{key}: unknown key (known: exclude, include)"
+        for key in data
+        if key not in ("include", "exclude")
+    ]
+    include = _patterns(data, "include", problems)
+    exclude = _patterns(data, "exclude", problems)
+    if include == ():
+        problems.append("include: must list at least one pattern (or be left out for all)")
+    if problems:
+        raise ConfigError(source, problems)
+    return Manifest(source=source, include=include or ("**",), exclude=exclude or ())
+
+
+@dataclass(frozen=True)
+class _Entry:
+    rel: str
+    kind: str  # "dir", "file", "symlink"
+    path: Path
+    size: int = 0
+    mode: int = 0o644
+    target: str = ""
+
+
+def _select(src: Path, manifest: Manifest) -> list[_Entry]:
+    """The members to archive, parents before children, in a stable order."""
+    entries: dict[str, _Entry] = {}
+
+    def add_parents(rel: str) -> None:
+        parts = rel.split("/")[:-1]
+        for i in range(len(parts)):
+            parent = "/".join(parts[: i + 1])
+            if parent not in entries:
+                entries[parent] = _Entry(parent, "dir", src / parent, mode=0o755)
+
+    def walk(directory: Path, prefix: str) -> None:
+        try:
+            children = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            raise ArtifactRefused(f"cannot read {directory}: {exc.strerror or exc}") from None
+        for child in children:
+            rel = f"{prefix}{child.name}"
+            if manifest.excluded(rel):
+                continue
+            st = child.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                if manifest.included(rel) and _is_empty_dir(child.path):
+                    add_parents(rel)
+                    entries[rel] = _Entry(rel, "dir", Path(child.path), mode=0o755)
+                walk(Path(child.path), rel + "/")
+                continue
+            if not manifest.included(rel):
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                target = str(Path(child.path).readlink())
+                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+                if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                    raise ArtifactRefused(
+                        f"refusing to publish {src}: symlink {rel} -> {target} points "
+                        "outside the tree"
+                    )
+                entry = _Entry(rel, "symlink", Path(child.path), mode=0o777, target=target)
+            elif stat.S_ISREG(st.st_mode):
+                mode = 0o755 if st.st_mode & 0o111 else 0o644
+                entry = _Entry(rel, "file", Path(child.path), size=st.st_size, mode=mode)
+            else:
+                raise ArtifactRefused(
+                    f"refusing to publish {src}: {rel} is not a regular file, directory or "
+                    "symlink (exclude it in the manifest)"
+                )
+            add_parents(rel)
+            entries[rel] = entry
+
+    walk(src, "")
+    return [entries[k] for k in sorted(entries, key=lambda r: r.split("/"))]
+
+
+def _is_empty_dir(path: str) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def _source_date_epoch() -> int:
+    try:
+        return max(0, int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
+    except ValueError:
+        return 0
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def build_tarball(
+    src_dir: str | os.PathLike[str], manifest: Manifest, out_path: str | os.PathLike[str]
+) -> tuple[str, int, list[str]]:
+    """Write the selected tree as a reproducible ``.tar.gz``; return (sha256, size, members).
+
+    Members are sorted, owned by 0:0 with empty owner names, dated ``$SOURCE_DATE_EPOCH``
+    (default 0), with modes 0755 (directories, executables) or 0644; the gzip header has no
+    name and mtime 0. The same tree gives the same bytes, whatever its mtimes or umask.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ConfigError(
+            str(src), ["no such directory" if not src.exists() else "not a directory"]
+        )
+    entries = _select(src, manifest)
+    if not any(e.kind != "dir" for e in entries):
+        raise ConfigError(manifest.source, [f"manifest matched no files in {src}"])
+    out = Path(out_path)
+    mtime = _source_date_epoch()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            with (
+                gzip.GzipFile(filename="", mode="wb", fileobj=hashing, mtime=0) as gz,
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for entry in entries:
+                    _add(tar, entry, mtime)
+            raw.flush()
+            os.fsync(raw.fileno())
+        Path(tmp_name).replace(out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return hashing.digest.hexdigest(), hashing.size, [e.rel for e in entries]
+
+
+def _add(tar: tarfile.TarFile, entry: _Entry, mtime: int) -> None:
+    info = tarfile.TarInfo(entry.rel)
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = entry.mode
+    if entry.kind == "dir":
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    elif entry.kind == "symlink":
+        info.type = tarfile.SYMTYPE
+        info.linkname = entry.target
+        tar.addfile(info)
+    else:
+        info.type = tarfile.REGTYPE
+        info.size = entry.size
+        try:
+            with open(entry.path, "rb") as f:
+                tar.addfile(info, f)
+        except OSError as exc:
+            raise ArtifactRefused(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+
+
+def tty_progress(stream: IO[str] | None = None) -> ProgressFn | None:
+    """A progress line redrawn in place on ``stream`` (stderr), or None when it is no TTY."""
+    out = stream if stream is not None else sys.stderr
+    if not (hasattr(out, "isatty") and out.isatty()):
+        return None
+    shown = {"pct": -1}
+
+    def progress(sent: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        pct = min(100, sent * 100 // total)
+        if pct == shown["pct"]:
+            return
+        shown["pct"] = pct
+        mib = 1024 * 1024
+        out.write(f"\rupload {pct:3d}% ({sent / mib:.1f}/{total / mib:.1f} MiB)")
+        if pct >= 100:
+            out.write("\n")
+        out.flush()
+
+    return progress
+
+
+def _refuse_existing(artifact_id: str, theirs: str, ours: str, where: str) -> ArtifactRefused:
+    return ArtifactRefused(
+        f"artifact {artifact_id} already exists with sha256 {theirs} ({where}); "
+        f"this build is {ours}"
+    )
+
+
+def publish_artifact(
+    config: Config,
+    app: str,
+    src_dir: str | os.PathLike[str],
+    *,
+    branch: str,
+    commit: str,
+    build_number: str = "",
+    build_url: str = "",
+    artifact_id: str | None = None,
+    created_by: str,
+    progress: ProgressFn | None = None,
+    retry_deadline: float = 30.0,
+) -> ArtifactRecord:
+    """Build, upload, verify, record and announce one artifact; idempotent for the same tree.
+
+    Order: tarball -> KV record for the id? (other sha256: refuse) -> S3 object? (other
+    sha256: refuse; same: re-use; missing: upload) -> HEAD verifies size and sha256 -> KV
+    record created with cas=0 (a racing publisher of other bytes is refused) ->
+    ``build-finished`` event (fired again by an idempotent re-publish). Nothing is recorded
+    or announced without a complete, verified upload. Consul is asked first, so an
+    unreachable Consul fails before any upload; should Consul fail between the upload and the
+    KV write, the object stays and the next publish of the same tree re-uses it.
+    """
+    if not APP_NAME_RE.match(app):
+        raise ArtifactRefused(f"invalid app name {app!r}: must match {APP_NAME_RE.pattern}")
+    if artifact_id is None:
+        artifact_id = artifact_id_for(branch, commit)
+    else:
+        check_artifact_id(artifact_id)
+        if commit and not COMMIT_RE.fullmatch(commit):
+            raise PayloadError(f"commit {commit!r} is not a hex SHA")
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ConfigError(
+            str(src), ["no such directory" if not src.exists() else "not a directory"]
+        )
+    log = get_logger(app=app, artifact=artifact_id)
+    manifest = load_manifest(src)
+    kv_key = Keys(config.kv_prefix, app).artifact(artifact_id)
+    payload = json.dumps({"app": app, "artifact": artifact_id}, separators=(",", ":")).encode()
+
+    with tempfile.TemporaryDirectory(prefix="watcher-publish-") as tmp:
+        tarball = Path(tmp) / f"{artifact_id}.{ARTIFACT_FORMAT}"
+        sha256, size, members = build_tarball(src, manifest, tarball)
+        log.info("artifact_built", sha256=sha256, size=size, members=len(members))
+
+        consul = ConsulClient(config.consul, retry_deadline=retry_deadline)
+        try:
+            existing = _read_record(consul, kv_key)
+            if existing is not None and existing.sha256 != sha256:
+                raise _refuse_existing(artifact_id, existing.sha256, sha256, kv_key)
+            store = S3Store(config.s3, retry_deadline=retry_deadline)
+            s3_key = (
+                store.parse_url(existing.url)
+                if existing is not None
+                else store.key_for(app, artifact_id, ARTIFACT_FORMAT)
+            )
+            _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
+            if existing is not None:
+                log.info("artifact_already_published", sha256=sha256)
+                record = existing
+            else:
+                record = ArtifactRecord(
+                    id=artifact_id,
+                    url=store.url_for(s3_key),
+                    sha256=sha256,
+                    size=size,
+                    format=ARTIFACT_FORMAT,
+                    branch=branch,
+                    commit=commit.lower(),
+                    build_number=str(build_number or ""),
+                    build_url=build_url,
+                    created_at=iso(utcnow()),
+                    created_by=created_by,
+                )
+                if consul.kv_put(kv_key, record.to_json(), cas=0):
+                    _withdraw_if_overwritten(consul, store, kv_key, s3_key, record)
+                else:
+                    # Another publisher won the race: fine if it published the same bytes.
+                    winner = _read_record(consul, kv_key)
+                    if winner is None or winner.sha256 != sha256:
+                        theirs = winner.sha256 if winner else "(record vanished)"
+                        raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
+                    record = winner
+                log.info("artifact_published", sha256=sha256, size=size, url=record.url)
+            consul.event_fire(BUILD_FINISHED, payload)
+            return record
+        finally:
+            consul.close()
+
+
+def _ensure_uploaded(
+    store: S3Store,
+    s3_key: str,
+    tarball: Path,
+    artifact_id: str,
+    sha256: str,
+    size: int,
+    progress: ProgressFn | None,
+    log: Any,
+) -> None:
+    """Make the object at ``s3_key`` hold exactly this tarball, verified by a HEAD."""
+    url = store.url_for(s3_key)
+    head = store.head(s3_key)
+    if head is not None and head.get("sha256") != sha256:
+        theirs = head.get("sha256") or "(none recorded)"
+        raise _refuse_existing(artifact_id, str(theirs), sha256, url)
+    if head is not None and head.get("size") == size:
+        log.info("artifact_upload_reused", url=url)
+        return
+    store.upload_file(tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size))
+    head = store.head(s3_key)
+    if head is None or head.get("size") != size or head.get("sha256") != sha256:
+        got = "nothing" if head is None else f"size {head.get('size')} sha256 {head.get('sha256')}"
+        raise ArtifactIntegrityError(
+            f"upload of {url} did not verify: expected size {size} sha256 {sha256}, S3 has {got}"
+        )
+    log.info("artifact_uploaded", url=url, size=size)
+
+
+def _withdraw_if_overwritten(
+    consul: ConsulClient, store: S3Store, kv_key: str, s3_key: str, record: ArtifactRecord
+) -> None:
+    """Undo our fresh record if a racing publisher of other bytes overwrote the object.
+
+    S3 has no compare-and-swap here, so two builds of the same id with different content can
+    interleave upload and verify. The record is checked against the object once more after
+    the CAS write; hosts verify every download anyway, so the window only costs a failed
+    fetch, never a wrong release.
+    """
+    head = store.head(s3_key)
+    if head is not None and head.get("sha256") == record.sha256 and head.get("size") == record.size:
+        return
+    entry = consul.kv_get(kv_key)
+    if entry is not None and entry.value == record.to_json():
+        consul.kv_delete(kv_key, cas=entry.modify_index)
+    theirs = "nothing" if head is None else str(head.get("sha256"))
+    raise ArtifactRefused(
+        f"artifact {record.id}: {store.url_for(s3_key)} changed to sha256 {theirs} during the "
+        f"publish (a concurrent build of other content?); this build is {record.sha256}; "
+        "record withdrawn"
+    )
+
+
+def _read_record(consul: ConsulClient, kv_key: str) -> ArtifactRecord | None:
+    entry = consul.kv_get(kv_key)
+    if entry is None:
+        return None
+    return ArtifactRecord.from_json(entry.value, where=kv_key)
+
+
+def _progress_of(progress: ProgressFn | None, total: int) -> Callable[[int], None] | None:
+    """Adapt ``progress(sent, total)`` to S3Store's ``progress(bytes so far)``."""
+    if progress is None:
+        return None
+    return lambda sent: progress(sent, total)
