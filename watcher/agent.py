@@ -153,7 +153,6 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_written = 0.0
-        self._prefetch_lock = threading.Lock()
 
     # --- the loop's entry point -------------------------------------------------------
 
@@ -324,7 +323,8 @@ class AppAgent:
             if hold is not None:
                 raise DeployRefused(f"held: {hold.reason} (by {hold.by})")
             artifact = self._artifact(rec)
-            with self._prefetch_lock, self.engine.lock(owner=f"deploy {rec.id}"):
+            self._download(artifact, rec.release)
+            with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.stage(artifact, rec.release, rec.id)
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -360,6 +360,15 @@ class AppAgent:
         )
         self._observe("prepare", started)
 
+    def _download(self, artifact: ArtifactRecord, release: str) -> None:
+        """Fetch the artifact outside the app lock, so operators are not locked out for the
+        length of a download; staging then finds it in the cache."""
+        if self.engine.cache is None or self.engine.is_complete(release):
+            return
+        if self.engine.prefetched_path(artifact).is_dir():
+            return
+        self.engine.fetch(artifact)
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise _Cancelled
@@ -373,7 +382,7 @@ class AppAgent:
         except (ArtifactNotFound, ArtifactIntegrityError, PayloadError) as exc:
             self.log.warning("artifact_record_unreadable", deploy=rec.id, error=str(exc))
         ctx = self._hook_context(rec, artifact)
-        flipped_at = iso(utcnow())
+        decided_at = flipped_at = iso(utcnow())
         try:
             if not self.journal.has("flipped"):
                 with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -398,12 +407,19 @@ class AppAgent:
                 FAILED_AFTER_COMMIT,
                 error=str(exc),
                 output_tail=getattr(exc, "output_tail", ""),
-                timings={"flipped_at": flipped_at, "failed_at": iso(utcnow())},
+                timings={
+                    "decided_at": decided_at,
+                    "flipped_at": flipped_at,
+                    "failed_at": iso(utcnow()),
+                },
             )
             self.journal.clear(rec.id)
             return
         self.store.write_progress(
-            rec.id, self.node, LIVE, timings={"flipped_at": flipped_at, "live_at": iso(utcnow())}
+            rec.id,
+            self.node,
+            LIVE,
+            timings={"decided_at": decided_at, "flipped_at": flipped_at, "live_at": iso(utcnow())},
         )
         self.journal.clear(rec.id)
         self._observe("apply", started)
@@ -434,7 +450,7 @@ class AppAgent:
                 self.engine.drop_release(rec.release)
         if state not in NODE_FINAL_STATES and state != "":
             self.store.write_progress(
-                rec.id, self.node, ABORTED, timings={"aborted_at": iso(utcnow())}
+                rec.id, self.node, ABORTED, timings={"decided_at": iso(utcnow())}
             )
         self.journal.clear(rec.id)
         self.log.info("deploy_aborted_here", deploy=rec.id, release=rec.release)
@@ -487,12 +503,17 @@ class AppAgent:
         )
         try:
             artifact = self._artifact(rec_like)
+            self._download(artifact, current.release)
             with self.engine.lock(owner="converge"):
                 self.engine.stage(artifact, current.release, current.deploy)
             ctx = self._hook_context(rec_like, artifact)
             run_hooks(self.app, "post_release", ctx)
             self.engine.mark_post_release_done(current.release)
             with self.engine.lock(owner="converge"):
+                hold = self.engine.held()  # an operator may have held it meanwhile
+                if hold is not None:
+                    self.log.info("converge_skipped", reason=f"held: {hold.reason}")
+                    return
                 self.engine.flip(current.release)
             run_hooks(self.app, "post_symlink", ctx)
             run_hooks(self.app, "validate", ctx)
@@ -544,8 +565,7 @@ class AppAgent:
             )
             return
         try:
-            with self._prefetch_lock:
-                self.engine.prefetch(record)
+            self.engine.prefetch(record)
         except WatcherError as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return

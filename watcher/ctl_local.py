@@ -1,17 +1,556 @@
-"""`watcherctl` commands acting on this host only (placeholder until they land)."""
+"""`watcherctl` commands acting on this host only: releases, local rollback, holds, exec, prune."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from watcher.ctl import CtlContext
-from watcher.errors import DeployRefused
+from watcher.agent import read_journal
+from watcher.artifacts import ArtifactCache
+from watcher.barrier import DeployStore
+from watcher.config import AppConfig
+from watcher.consul_api import ConsulClient
+from watcher.ctl import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CtlContext,
+    table,
+    user_at_host,
+)
+from watcher.errors import (
+    ArtifactNotFound,
+    ConsulError,
+    DeployRefused,
+    HookError,
+    PayloadError,
+    ReleaseError,
+    ReleaseNotFound,
+)
+from watcher.hooks import HookContext, run_hooks, run_in_release
+from watcher.records import Keys, check_release, iso, release_name, utcnow
+from watcher.releases import ReleaseEngine, ReleaseInfo
+from watcher.s3 import S3Store
+
+#: How long a command that must ask Consul whether a deploy is decided keeps retrying.
+CONSUL_CHECK_DEADLINE = 3.0
+#: Exit status of ``exec`` when the command cannot be started (like a shell).
+EXIT_CANNOT_RUN = 127
+DEFAULT_KEEP_DAYS = 7.0
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    """No local commands yet."""
+    p = sub.add_parser("releases", parents=[common], help="the releases staged on this host")
+    p.add_argument("app")
+    p.set_defaults(func=cmd_releases)
+
+    p = sub.add_parser(
+        "hold", parents=[common], help="stop the watcher from deploying or converging this app here"
+    )
+    p.add_argument("app")
+    p.add_argument("--reason", default="", help="why (shown by status and releases)")
+    p.set_defaults(func=cmd_hold)
+
+    p = sub.add_parser("release-hold", parents=[common], help="remove this host's hold on an app")
+    p.add_argument("app")
+    p.set_defaults(func=cmd_release_hold)
+
+    p = sub.add_parser(
+        "setup-release",
+        parents=[common],
+        help="stage an artifact here without flipping, pinned against prune",
+    )
+    p.add_argument("app")
+    p.add_argument("artifact", help="artifact id, e.g. master-15eb13af")
+    p.add_argument(
+        "--keep-days",
+        type=_positive_days,
+        default=DEFAULT_KEEP_DAYS,
+        metavar="N",
+        help=f"protect it from prune for N days (default {DEFAULT_KEEP_DAYS:g})",
+    )
+    p.add_argument(
+        "--no-hooks",
+        action="store_true",
+        help="do not run the post_release hooks in the new release",
+    )
+    p.set_defaults(func=cmd_setup_release)
+
+    p = sub.add_parser(
+        "exec",
+        parents=[common],
+        usage="watcherctl exec APP [--release RELEASE] -- CMD [ARG ...]",
+        help="run a command inside a release, with its WATCHER_* environment",
+    )
+    p.add_argument("--release", help="the release to run in (default: current)")
+    p.add_argument("app")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    options = argparse.ArgumentParser(prog="watcherctl exec", parents=[common], add_help=False)
+    options.add_argument("--release")
+    options.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec, exec_options=options)
+
+    p = sub.add_parser("prune", parents=[common], help="remove old releases on this host")
+    p.add_argument("app")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_prune)
+
+
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not days > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 days, got {text}")
+    return days
+
+
+def _engine(ctx: CtlContext, cache: ArtifactCache | None = None) -> ReleaseEngine:
+    return ReleaseEngine(ctx.config.app(ctx.args.app), cache)
+
+
+def _lock_owner(command: str) -> str:
+    return f"watcherctl {command} by {user_at_host()} (pid {os.getpid()})"
+
+
+def _journal_release(engine: ReleaseEngine) -> str | None:
+    journal = read_journal(engine.layout.state_dir)
+    release = journal.get("release") if journal else None
+    return release if isinstance(release, str) and release else None
+
+
+# --- releases ----------------------------------------------------------------------------
+
+
+def cmd_releases(ctx: CtlContext) -> int:
+    engine = _engine(ctx)
+    in_flight = _journal_release(engine)
+    now = utcnow()
+    rows = []
+    for info in engine.list_releases():
+        row = info.to_dict()
+        row["in_flight"] = info.release == in_flight
+        row["markers"] = _markers(info, in_flight, now)
+        rows.append(row)
+
+    def human(items: list[dict[str, Any]]) -> str:
+        if items:
+            cells = [
+                [
+                    r["release"],
+                    r["artifact"] or "-",
+                    r["staged_at"] or "-",
+                    ", ".join(r["markers"]) or "-",
+                    _human_size(r["size_bytes"]) if r["complete"] else "-",
+                ]
+                for r in items
+            ]
+            text = table(cells, ["RELEASE", "ARTIFACT", "STAGED AT", "MARKERS", "SIZE"])
+        else:
+            text = f"no releases of {engine.app.name} under {engine.layout.releases_dir}"
+        hold = engine.held()
+        if hold is not None:
+            text += f"\nheld on this host: {hold.reason} (by {hold.by})"
+        return text
+
+    ctx.emit(rows, human)
+    return EXIT_OK
+
+
+def _markers(info: ReleaseInfo, in_flight: str | None, now: datetime) -> list[str]:
+    out = []
+    if info.is_current:
+        out.append("current")
+    if info.is_previous:
+        out.append("previous")
+    if info.is_backup:
+        out.append("backup")
+    if info.pinned_until:
+        try:
+            expired = datetime.fromisoformat(info.pinned_until.replace("Z", "+00:00")) <= now
+        except ValueError:
+            expired = False
+        out.append(
+            f"pin expired {info.pinned_until}" if expired else f"pinned until {info.pinned_until}"
+        )
+    if not info.complete:
+        out.append("incomplete")
+    elif info.kept_for_resume:
+        out.append("post_release not run")
+    if info.release == in_flight:
+        out.append("in-flight")
+    return out
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# --- hold / release-hold -----------------------------------------------------------------
+
+
+def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: str) -> None:
+    """Refuse while this host has acked ready in a deploy whose decision is not written.
+
+    A hold then would be overtaken by the commit (the daemon applies a committed deploy it
+    acked regardless of holds); if Consul cannot be asked, we cannot know, so refuse too.
+    """
+    journal = read_journal(engine.layout.state_dir)
+    if not journal:
+        return
+    deploy = str(journal["deploy"])
+    phases = journal.get("phases") or []
+    app = engine.app.name
+    if "post_release" not in phases:
+        print(
+            f"watcherctl: warning: this host is preparing deploy {deploy} of {app} "
+            f"(phases done: {', '.join(map(str, phases)) or 'none'}); it will still take "
+            "part in that deploy",
+            file=sys.stderr,
+        )
+        return
+    key = Keys(ctx.config.kv_prefix, app).decision(deploy)
+    consul = ConsulClient(ctx.config.consul, retry_deadline=CONSUL_CHECK_DEADLINE)
+    try:
+        decided = consul.kv_get(key) is not None
+    except ConsulError as exc:
+        raise DeployRefused(
+            f"cannot {action} {app}: this host is ready in deploy {deploy} and whether it "
+            f"is decided cannot be checked ({exc}); retry when Consul is reachable"
+        ) from exc
+    finally:
+        consul.close()
+    if not decided:
+        raise DeployRefused(
+            f"cannot {action} {app}: this host is ready in deploy {deploy}, which is not "
+            f"decided yet (no {key}); wait for it, or `watcherctl abort {deploy}`"
+        )
+
+
+def cmd_hold(ctx: CtlContext) -> int:
+    engine = _engine(ctx)
+    by = user_at_host()
+    reason = ctx.args.reason or f"held by {by}"
+    with engine.lock(owner=_lock_owner("hold")):
+        _refuse_if_ready_undecided(ctx, engine, "hold")
+        replaced = engine.held()
+        hold = engine.hold(reason, by)
+    data = {
+        "app": engine.app.name,
+        "hold": hold.to_dict(),
+        "replaced": replaced.to_dict() if replaced else None,
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [f"hold placed on {d['app']} on this host: {hold.reason} (by {hold.by})"]
+        if replaced:
+            lines.append(f"  replaced the hold: {replaced.reason} (by {replaced.by})")
+        lines.append(
+            f"  the watcher leaves {d['app']} alone here until `watcherctl release-hold {d['app']}`"
+        )
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+    return EXIT_OK
+
+
+def cmd_release_hold(ctx: CtlContext) -> int:
+    engine = _engine(ctx)
+    with engine.lock(owner=_lock_owner("release-hold")):
+        removed = engine.release_hold()
+    data = {"app": engine.app.name, "released": removed.to_dict() if removed else None}
+
+    def human(d: dict[str, Any]) -> str:
+        if removed is None:
+            return f"{d['app']} was not held on this host"
+        return (
+            f"hold on {d['app']} released ({removed.reason}, by {removed.by}); the watcher "
+            "converges it to the fleet's release again"
+        )
+
+    ctx.emit(data, human)
+    return EXIT_OK
+
+
+# --- rollback --local --------------------------------------------------------------------
 
 
 def rollback_local(ctx: CtlContext) -> int:
-    raise DeployRefused("rollback --local is not available yet")
+    """Flip this host only to ``--to`` (default: the previous release) and hold it there."""
+    engine = _engine(ctx)
+    app = engine.app
+    by = user_at_host()
+    with engine.lock(owner=_lock_owner("rollback --local")):
+        _refuse_if_ready_undecided(ctx, engine, "roll back")
+        before = engine.current_release()
+        target = ctx.args.to or engine.previous_release()
+        if target is None:
+            raise ReleaseNotFound(
+                f"app {app.name}: no previous release recorded on this host; name one with "
+                f"--to (see `watcherctl releases {app.name}`)"
+            )
+        _check_target(engine, target)
+        if before != target:
+            engine.flip(target)
+        hold = engine.hold(f"local rollback to {target} by {by}", by)
+    data = {
+        "app": app.name,
+        "from": before,
+        "to": target,
+        "flipped": before != target,
+        "hold": hold.to_dict(),
+        "hooks": "ok",
+    }
+    code = EXIT_OK
+    if before != target:
+        try:
+            _run_after_flip(app, engine, target, before)
+        except HookError as exc:
+            data["hooks"] = str(exc)
+            data["output_tail"] = exc.output_tail
+            code = EXIT_FAILED
+
+    def human(d: dict[str, Any]) -> str:
+        what = (
+            f"{app.name}: rolled back this host from {before or '-'} to {target}"
+            if d["flipped"]
+            else f"{app.name}: this host is already on {target}"
+        )
+        lines = [
+            what,
+            f"  hold placed: {hold.reason}",
+            f"  the watcher leaves {app.name} alone here until "
+            f"`watcherctl release-hold {app.name}`",
+        ]
+        if d["hooks"] != "ok":
+            lines.append(f"  hook FAILED after the flip: {d['hooks']}")
+            if d.get("output_tail"):
+                lines.append("  " + d["output_tail"].replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+    return code
+
+
+def _check_target(engine: ReleaseEngine, target: str) -> None:
+    app = engine.app.name
+    try:
+        check_release(target)
+    except PayloadError as exc:
+        raise ReleaseNotFound(f"app {app}: {exc}") from None
+    path = engine.layout.release_dir(target)
+    if not path.is_dir():
+        staged = [r.release for r in engine.list_releases() if r.complete]
+        raise ReleaseNotFound(
+            f"app {app}: no release {target} at {path} (staged here: {', '.join(staged) or 'none'})"
+        )
+    if not engine.is_complete(target):
+        raise ReleaseError(
+            f"app {app}: refusing {target}: {path} is incomplete (no valid .watcher/release.json)"
+        )
+
+
+def _run_after_flip(app: AppConfig, engine: ReleaseEngine, target: str, before: str | None) -> None:
+    """The post_symlink and validate hooks, as after any flip (DESIGN.md section 7)."""
+    ctx = _hook_context(engine, target, kind="rollback-local", previous=before)
+    run_hooks(app, "post_symlink", ctx)
+    run_hooks(app, "validate", ctx)
+
+
+def _hook_context(
+    engine: ReleaseEngine, release: str, *, kind: str, previous: str | None
+) -> HookContext:
+    lay = engine.layout
+    info = engine.release_info(release) or {}
+    return HookContext(
+        app=engine.app.name,
+        deploy_id=str(info.get("deploy_id", "")),
+        kind=kind,
+        artifact=str(info.get("artifact", "")),
+        release=release,
+        release_dir=str(lay.release_dir(release)),
+        previous_release_dir=str(lay.release_dir(previous)) if previous else "",
+        current=str(lay.current),
+        current_backup=str(lay.current_backup),
+    )
+
+
+# --- setup-release -----------------------------------------------------------------------
+
+
+def cmd_setup_release(ctx: CtlContext) -> int:
+    config = ctx.config
+    app = config.app(ctx.args.app)
+    consul = ConsulClient(config.consul)
+    try:
+        store = DeployStore(consul, config.kv_prefix, app.name)
+        record = store.artifact(ctx.args.artifact)
+    finally:
+        consul.close()
+    if record is None:
+        key = Keys(config.kv_prefix, app.name).artifact(ctx.args.artifact)
+        raise ArtifactNotFound(
+            f"app {app.name}: unknown artifact {ctx.args.artifact} (no record at {key})"
+        )
+    cache = ArtifactCache(
+        app.app_dir,
+        S3Store(config.s3),
+        max_bytes=app.artifact_cache_bytes,
+        timeout=app.timeouts.download,
+    )
+    engine = ReleaseEngine(app, cache)
+    cache.fetch(record)  # the slow part, outside the app lock (the cache locks its partial)
+    now = utcnow()
+    release = release_name(now, record.id)
+    keep_until = now + timedelta(days=ctx.args.keep_days)
+    with engine.lock(owner=_lock_owner("setup-release")):
+        path = engine.stage(record, release, "setup-release")
+        engine.pin(release, keep_until)
+    data: dict[str, Any] = {
+        "app": app.name,
+        "artifact": record.id,
+        "release": release,
+        "path": str(path),
+        "pinned_until": iso(keep_until),
+        "post_release": "skipped" if ctx.args.no_hooks else "ok",
+    }
+    code = EXIT_OK
+    if not ctx.args.no_hooks:
+        try:
+            run_hooks(
+                app,
+                "post_release",
+                _hook_context(
+                    engine, release, kind="setup-release", previous=engine.current_release()
+                ),
+            )
+            engine.mark_post_release_done(release)
+        except HookError as exc:
+            data["post_release"] = str(exc)
+            data["output_tail"] = exc.output_tail
+            code = EXIT_FAILED
+
+    def human(d: dict[str, Any]) -> str:
+        if code != EXIT_OK:
+            tail = ("\n  " + d["output_tail"].replace("\n", "\n  ")) if d.get("output_tail") else ""
+            return (
+                f"staged {d['release']} at {d['path']} (pinned until {d['pinned_until']}), "
+                f"but its post_release hook FAILED: {d['post_release']}{tail}"
+            )
+        return str(d["path"])
+
+    ctx.emit(data, human)
+    return code
+
+
+# --- exec --------------------------------------------------------------------------------
+
+
+def _exec_arguments(ctx: CtlContext) -> list[str]:
+    """Options given between APP and ``--`` are parsed too; returns the command."""
+    command: list[str] = list(ctx.args.command)
+    if command and command[0].startswith("-") and command[0] != "--":
+        options: argparse.ArgumentParser = ctx.args.exec_options
+        parsed = options.parse_args(command)
+        for dest, value in vars(parsed).items():
+            if dest != "command" and value != options.get_default(dest):
+                setattr(ctx.args, dest, value)
+        command = list(parsed.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return command
+
+
+@contextlib.contextmanager
+def _release_open(engine: ReleaseEngine, release: str) -> Iterator[Path]:
+    """Hold the release directory open: prune treats an open release as in use."""
+    path = engine.layout.release_dir(release)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield path
+    finally:
+        os.close(fd)
+
+
+def cmd_exec(ctx: CtlContext) -> int:
+    command = _exec_arguments(ctx)
+    if not command:
+        print(
+            "watcherctl exec: error: no command given (usage: watcherctl exec APP "
+            "[--release RELEASE] -- CMD [ARG ...])",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    engine = _engine(ctx)
+    app = engine.app
+    with contextlib.ExitStack() as stack:
+        with engine.lock(owner=_lock_owner("exec")):
+            release = ctx.args.release or engine.current_release()
+            if release is None:
+                raise ReleaseNotFound(
+                    f"app {app.name}: no current release on this host; pick one with --release"
+                )
+            _check_target(engine, release)
+            path = stack.enter_context(_release_open(engine, release))
+        env = _hook_context(
+            engine, release, kind="exec", previous=engine.previous_release()
+        ).environ("exec")
+        try:
+            return run_in_release(app, path, command, env)
+        except HookError as exc:
+            print(f"watcherctl: error: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+
+
+# --- prune -------------------------------------------------------------------------------
+
+
+def cmd_prune(ctx: CtlContext) -> int:
+    engine = _engine(ctx)
+    dry_run = bool(ctx.args.dry_run)
+    with engine.lock(owner=_lock_owner("prune")):
+        in_flight = _journal_release(engine)
+        protect = {in_flight} if in_flight else set()
+        plan = engine.plan_prune(in_flight=protect)
+        if plan.blocked is None:
+            removed = list(plan.remove) if dry_run else engine.prune(in_flight=protect)
+        else:
+            removed = []
+    data = {
+        "app": engine.app.name,
+        "dry_run": dry_run,
+        "blocked": plan.blocked,
+        "removed": removed,
+        "kept": dict(sorted(plan.keep.items())),
+        "prefetched_removed": [] if plan.blocked else list(plan.remove_prefetched),
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        if d["blocked"]:
+            return f"prune of {d['app']} blocked, nothing removed: {d['blocked']}"
+        verb = "would remove" if dry_run else "removed"
+        lines = [f"{verb}: {', '.join(d['removed']) or 'nothing'}"]
+        if d["prefetched_removed"]:
+            lines.append(f"{verb} pre-extracted: {', '.join(d['prefetched_removed'])}")
+        if d["kept"]:
+            lines.append("kept:")
+            lines.append(
+                table([[name, why] for name, why in d["kept"].items()], ["RELEASE", "WHY"])
+            )
+        return "\n".join(lines)
+
+    ctx.emit(data, human)
+    return EXIT_REFUSED if plan.blocked else EXIT_OK

@@ -371,6 +371,11 @@ class ReleaseEngine:
                 return staged
         return self._stage_extract(Path(archive_path), record, release, deploy_id)
 
+    def fetch(self, record: ArtifactRecord) -> Path:
+        """Download and verify the artifact into the cache (no lock needed: the cache
+        serializes concurrent downloads of one artifact itself)."""
+        return self._fetch(record)
+
     def _fetch(self, record: ArtifactRecord) -> Path:
         if self.cache is None:
             raise StagingError(

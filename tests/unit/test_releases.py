@@ -298,16 +298,23 @@ class TestStaging:
         self, tmp_path: Path, clock: Clock, tarball: Path
     ) -> None:
         fetched: list[str] = []
+        protected: list[set[str]] = []
 
         class LocalCache:  # stands in for ArtifactCache: a verified file on disk
-            def fetch(self, record: ArtifactRecord) -> Path:
+            def fetch(self, record: ArtifactRecord, *, protect: set[str]) -> Path:
                 fetched.append(record.id)
+                protected.append(protect)
                 return tarball
 
         engine = make_engine(tmp_path, clock)
         engine.cache = LocalCache()  # type: ignore[assignment]
         path = engine.stage(record_for(tarball), rel(1), "d-1")
         assert fetched == ["master-15eb13af"]
+        assert protected == [set()]  # nothing live yet: nothing to protect
+        with engine.lock():
+            engine.flip(rel(1))
+        engine.stage(record_for(tarball), rel(2), "d-2")
+        assert protected[-1] == {record_for(tarball).sha256}  # the live release's artifact
         assert (path / "app.txt").read_bytes() == FILES["app.txt"]
 
 

@@ -1,0 +1,461 @@
+"""`watcherctl` local commands (releases, rollback --local, hold, setup-release, exec, prune).
+
+The real `watcherctl` runs as a subprocess against app directories in tmp_path; releases are
+staged with the release engine from real tarballs. setup-release and the hold-vs-undecided
+rule use the real Consul cluster and S3 server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import make_tarball
+from tests.support.s3server import s3_client
+from watcher.agent import JOURNAL_NAME
+from watcher.config import AppConfig, ConsulSettings, S3Settings, parse_config
+from watcher.consul_api import ConsulClient
+from watcher.records import ArtifactRecord, Decision, Keys, iso, parse_iso, utcnow
+from watcher.releases import LinuxProcReader, ReleaseEngine, scan_release_usage
+
+CLUSTER = ClusterSpec(hosts=1)
+WATCHERCTL = Path(sys.executable).parent / "watcherctl"
+DEAD_CONSUL = ConsulSettings(address="127.0.0.1:9")  # nothing listens: refused at once
+UNUSED_S3 = S3Settings(bucket="unused", prefix="artifacts")
+
+
+@cache
+def proc_prefix() -> tuple[str, ...]:
+    """How to run a command whose prune must read every process of /proc.
+
+    Where some process's /proc entries are unreadable (a sandbox's init), prune is blocked by
+    design; the command then runs in its own PID namespace, where every process is its own.
+    """
+    _, blocker = scan_release_usage(LinuxProcReader(), "/nonexistent/releases")
+    if blocker is None:
+        return ()
+    unshare = shutil.which("unshare")
+    assert unshare, f"/proc is not fully readable ({blocker}) and unshare(1) is missing"
+    return (unshare, "--pid", "--fork", "--mount-proc")
+
+
+def release_of(i: int) -> str:
+    return f"20260101T0000{i:02d}Z-build-{i}"
+
+
+class Host:
+    """One host's app `web` under tmp_path, its config file, and a `watcherctl` runner."""
+
+    def __init__(
+        self,
+        root: Path,
+        consul: ConsulSettings = DEAD_CONSUL,
+        s3: S3Settings = UNUSED_S3,
+        keep: int = 2,
+    ) -> None:
+        self.root = root
+        data = {
+            "kv_prefix": "watcher",
+            "consul": {
+                "address": f"{consul.scheme}://{consul.address}",
+                **({"token": consul.token} if consul.token else {}),
+                **({"ca_file": consul.ca_file} if consul.ca_file else {}),
+            },
+            "s3": {
+                k: v
+                for k, v in {
+                    "bucket": s3.bucket,
+                    "prefix": s3.prefix,
+                    "region": s3.region,
+                    "endpoint_url": s3.endpoint_url,
+                }.items()
+                if v
+            },
+            "daemon": {"state_dir": str(root / "state")},
+            "apps": {"web": {"root": str(root / "srv"), "keep_releases": keep}},
+        }
+        self.config_path = root / "watcher.yaml"
+        self.config_path.write_text(yaml.safe_dump(data))
+        self.app: AppConfig = parse_config(data, env={}).app("web")
+        self.engine = ReleaseEngine(self.app)
+        self.engine.layout.ensure()
+        (root / "tarballs").mkdir(exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for var in (
+            "CONSUL_HTTP_ADDR",
+            "CONSUL_HTTP_TOKEN",
+            "CONSUL_HTTP_TOKEN_FILE",
+            "CONSUL_CACERT",
+            "WATCHER_CONFIG",
+        ):
+            env.pop(var, None)
+        return env
+
+    def argv(self, *args: str, own_proc: bool = False) -> list[str]:
+        prefix = proc_prefix() if own_proc else ()
+        # the config option goes right after the command name: after APP, exec's -- ends it
+        return [*prefix, str(WATCHERCTL), args[0], "-c", str(self.config_path), *args[1:]]
+
+    def ctl(self, *args: str, own_proc: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args, own_proc=own_proc),
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=60,
+            check=False,
+        )
+
+    def ctl_json(self, *args: str, own_proc: bool = False, code: int = 0) -> Any:
+        result = self.ctl(*args, "--json", own_proc=own_proc)
+        assert result.returncode == code, result
+        return json.loads(result.stdout)
+
+    def stage(self, i: int, *, post_release: bool = True) -> str:
+        """Stage release ``i`` from a real tarball (as a deploy would, post_release done)."""
+        release = release_of(i)
+        data = make_tarball(
+            {"VERSION": f"v{i}\n", "bin/hello": "#!/bin/sh\necho hello\n"},
+            executable=("bin/hello",),
+        )
+        path = self.root / "tarballs" / f"build-{i}.tar.gz"
+        path.write_bytes(data)
+        record = ArtifactRecord(
+            id=f"build-{i}",
+            url=f"s3://unused/artifacts/web/build-{i}.tar.gz",
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+        )
+        with self.engine.lock(owner="test"):
+            self.engine.stage_from_file(path, record, release, f"deploy-{i}")
+        if post_release:
+            self.engine.mark_post_release_done(release)
+        return release
+
+    def flip(self, release: str) -> None:
+        with self.engine.lock(owner="test"):
+            self.engine.flip(release)
+
+    def write_journal(self, deploy: str, release: str, phases: list[str]) -> None:
+        path = self.engine.layout.state_dir / JOURNAL_NAME
+        path.write_text(
+            json.dumps({"deploy": deploy, "release": release, "kind": "deploy", "phases": phases})
+        )
+
+    def names(self) -> list[str]:
+        return self.engine.release_names()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    """Releases 1..5 staged (post_release done); current 4, previous 3; 5 staged, not live."""
+    h = Host(tmp_path)
+    for i in range(1, 6):
+        h.stage(i)
+    for i in range(1, 5):
+        h.flip(release_of(i))
+    return h
+
+
+class TestReleases:
+    def test_table_and_json_show_every_marker(self, host: Host) -> None:
+        r = [release_of(i) for i in range(6)]
+        with host.engine.lock(owner="test"):
+            host.engine.set_backup(r[2])
+            host.engine.pin(r[1], utcnow() + timedelta(days=2))
+        (host.engine.layout.releases_dir / r[0]).mkdir()  # half-staged: no release.json
+        host.write_journal("20260101T000000Z-abc123", r[5], ["staged"])
+
+        rows = {row["release"]: row for row in host.ctl_json("releases", "web")}
+        assert rows[r[4]]["markers"] == ["current"]
+        assert rows[r[3]]["markers"] == ["previous"]
+        assert rows[r[2]]["markers"] == ["backup"]
+        assert rows[r[1]]["markers"][0].startswith("pinned until ")
+        assert rows[r[0]]["markers"] == ["incomplete"] and rows[r[0]]["complete"] is False
+        assert rows[r[5]]["markers"] == ["in-flight"] and rows[r[5]]["in_flight"] is True
+        assert rows[r[4]]["artifact"] == "build-4" and rows[r[4]]["size_bytes"] > 0
+        assert rows[r[4]]["staged_at"]
+
+        text = host.ctl("releases", "web")
+        assert text.returncode == 0, text
+        lines = text.stdout.splitlines()
+        assert lines[0].split() == ["RELEASE", "ARTIFACT", "STAGED", "AT", "MARKERS", "SIZE"]
+        line4 = next(line for line in lines if line.startswith(r[4]))
+        assert "build-4" in line4 and "current" in line4 and re.search(r"\d+ B\b", line4)
+        assert "incomplete" in next(line for line in lines if line.startswith(r[0]))
+
+    def test_unknown_app_names_the_configured_apps(self, host: Host) -> None:
+        for args in (("releases", "nope"), ("prune", "nope"), ("hold", "nope")):
+            result = host.ctl(*args)
+            assert result.returncode == 2, result
+            assert "nope" in result.stderr and "configured: web" in result.stderr
+
+
+class TestRollbackLocal:
+    def test_flips_to_previous_and_holds(self, host: Host) -> None:
+        result = host.ctl("rollback", "web", "--local")
+        assert result.returncode == 0, result
+        assert host.engine.current_release() == release_of(3)
+        listing = host.ctl("releases", "web").stdout
+        assert f"held on this host: local rollback to {release_of(3)}" in listing
+        hold = host.engine.held()
+        assert hold is not None and hold.reason.startswith(f"local rollback to {release_of(3)} by ")
+        assert "release-hold web" in result.stdout and release_of(4) in result.stdout
+
+        # to an older one, explicitly; JSON says what happened
+        data = host.ctl_json("rollback", "web", "--local", "--to", release_of(1))
+        assert (data["from"], data["to"], data["flipped"]) == (release_of(3), release_of(1), True)
+        assert host.engine.current_release() == release_of(1)
+
+    def test_missing_or_incomplete_target_is_refused(self, host: Host) -> None:
+        missing = "20991231T235959Z-build-99"
+        result = host.ctl("rollback", "web", "--local", "--to", missing)
+        assert result.returncode == 1, result
+        assert f"no release {missing}" in result.stderr and release_of(3) in result.stderr
+        (host.engine.layout.releases_dir / release_of(9)).mkdir()
+        result = host.ctl("rollback", "web", "--local", "--to", release_of(9))
+        assert result.returncode == 1 and "incomplete" in result.stderr, result
+        result = host.ctl("rollback", "web", "--local", "--to", "../../etc")
+        assert result.returncode == 1 and "invalid release name" in result.stderr, result
+        assert host.engine.current_release() == release_of(4)
+        assert host.engine.held() is None
+
+    def test_second_rollback_to_missing_release_keeps_the_first(self, host: Host) -> None:
+        assert host.ctl("rollback", "web", "--local").returncode == 0
+        result = host.ctl("rollback", "web", "--local", "--to", "20991231T235959Z-gone")
+        assert result.returncode == 1 and "no release" in result.stderr, result
+        assert host.engine.current_release() == release_of(3)
+        hold = host.engine.held()
+        assert hold is not None and release_of(3) in hold.reason
+
+
+class TestHold:
+    def test_hold_and_release_hold(self, host: Host) -> None:
+        data = host.ctl_json("hold", "web", "--reason", "investigating a leak")
+        assert data["hold"]["reason"] == "investigating a leak" and data["replaced"] is None
+        hold = host.engine.held()
+        assert hold is not None and hold.reason == "investigating a leak"
+        assert re.fullmatch(r".+@.+", hold.by)
+
+        data = host.ctl_json("hold", "web")
+        assert data["replaced"]["reason"] == "investigating a leak"
+        assert host.engine.held() is not None
+
+        result = host.ctl("release-hold", "web")
+        assert result.returncode == 0 and "released" in result.stdout, result
+        assert host.engine.held() is None
+        result = host.ctl("release-hold", "web")
+        assert result.returncode == 0 and "was not held" in result.stdout, result
+
+    def test_hold_refused_when_ready_and_consul_unreachable(self, host: Host) -> None:
+        host.write_journal("20260101T000000Z-aaaaaa", release_of(5), ["staged", "post_release"])
+        result = host.ctl("hold", "web")
+        assert result.returncode == 4, result
+        assert "20260101T000000Z-aaaaaa" in result.stderr
+        assert "cannot be checked" in result.stderr
+        assert host.engine.held() is None
+
+    def test_hold_while_only_staging_warns(self, host: Host) -> None:
+        host.write_journal("20260101T000000Z-bbbbbb", release_of(5), ["staged"])
+        result = host.ctl("hold", "web")
+        assert result.returncode == 0, result
+        assert "preparing deploy 20260101T000000Z-bbbbbb" in result.stderr
+        assert host.engine.held() is not None
+
+
+class TestExec:
+    def test_runs_in_the_release_with_its_environment(self, host: Host) -> None:
+        script = "pwd; cat VERSION; env | grep ^WATCHER_ | sort; exit 7"
+        result = host.ctl("exec", "web", "--", "sh", "-c", script)
+        assert result.returncode == 7, result
+        lines = result.stdout.splitlines()
+        assert lines[0] == str(host.engine.layout.release_dir(release_of(4)))
+        assert lines[1] == "v4"
+        env = dict(line.split("=", 1) for line in lines[2:])
+        assert env["WATCHER_APP"] == "web"
+        assert env["WATCHER_RELEASE"] == release_of(4)
+        assert env["WATCHER_ARTIFACT"] == "build-4"
+        assert env["WATCHER_PHASE"] == "exec"
+        assert env["WATCHER_RELEASE_DIR"] == lines[0]
+        assert env["WATCHER_CURRENT"] == str(host.engine.layout.current)
+
+    def test_other_release_options_after_app_and_errors(self, host: Host) -> None:
+        result = host.ctl("exec", "web", "--release", release_of(2), "--", "cat", "VERSION")
+        assert result.returncode == 0 and result.stdout == "v2\n", result
+        result = host.ctl("exec", "--release", release_of(1), "web", "--", "bin/hello")
+        assert result.returncode == 0 and result.stdout == "hello\n", result
+        result = host.ctl("exec", "web", "--", "no-such-command-xyz")
+        assert result.returncode == 127 and "no-such-command-xyz" in result.stderr, result
+        result = host.ctl("exec", "web", "--release", "20991231T235959Z-x", "--", "true")
+        assert result.returncode == 1 and "no release" in result.stderr, result
+        result = host.ctl("exec", "web")
+        assert result.returncode == 2 and "no command" in result.stderr, result
+
+
+class TestPrune:
+    def test_dry_run_then_prune_keeps_protected(self, host: Host) -> None:
+        r = [release_of(i) for i in range(7)]
+        with host.engine.lock(owner="test"):
+            host.engine.pin(r[1], utcnow() + timedelta(days=1))
+        (host.engine.layout.releases_dir / r[6]).mkdir()  # a failed staging
+        before = host.names()
+
+        data = host.ctl_json("prune", "web", "--dry-run", own_proc=True)
+        assert data["blocked"] is None and data["dry_run"] is True
+        assert data["removed"] == [r[2], r[6]]
+        assert host.names() == before
+        assert data["kept"][r[4]] == "current" and data["kept"][r[3]] == "previous"
+        assert data["kept"][r[1]].startswith("pinned until")
+        assert data["kept"][r[5]] == "among the newest 2"
+
+        result = host.ctl("prune", "web", own_proc=True)
+        assert result.returncode == 0, result
+        assert f"removed: {r[2]}, {r[6]}" in result.stdout
+        assert "previous" in result.stdout and "pinned until" in result.stdout
+        assert host.names() == [r[1], r[3], r[4], r[5]]
+        assert host.engine.current_release() == r[4]
+
+    def test_in_flight_release_of_the_journal_is_kept(self, host: Host) -> None:
+        host.write_journal("20260101T000000Z-cccccc", release_of(2), ["staged"])
+        data = host.ctl_json("prune", "web", own_proc=True)
+        assert data["removed"] == [release_of(1)]
+        assert data["kept"][release_of(2)] == "in flight"
+
+    def test_prune_waits_for_a_flip_holding_the_lock(self, host: Host) -> None:
+        """The flip happens while prune waits for the lock: prune sees the new current."""
+        r = [release_of(i) for i in range(6)]
+        with host.engine.lock(owner="test flip"):
+            proc = subprocess.Popen(
+                host.argv("prune", "web", "--json", own_proc=True),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=host.env(),
+            )
+            time.sleep(1.5)
+            assert proc.poll() is None, "prune ran while the lock was held"
+            host.engine.flip(r[1])  # r1 would have been pruned before this flip
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        data = json.loads(out)
+        assert data["removed"] == [r[2], r[3]]
+        assert data["kept"][r[1]] == "current" and data["kept"][r[4]] == "previous"
+        assert host.engine.current_release() == r[1] and host.engine.is_complete(r[1])
+
+
+# --- with the real Consul cluster and S3 server ----------------------------------------
+
+
+@pytest.fixture
+def consul(cluster: ConsulCluster) -> Any:
+    client = ConsulClient(cluster.hosts[0].consul_settings())
+    yield client
+    client.close()
+
+
+class TestHoldUndecided:
+    def test_refused_while_ready_and_undecided_allowed_once_decided(
+        self, cluster: ConsulCluster, consul: ConsulClient, tmp_path: Path
+    ) -> None:
+        h = Host(tmp_path, consul=cluster.hosts[0].consul_settings())
+        h.stage(1)
+        h.stage(2)
+        h.flip(release_of(1))
+        h.flip(release_of(2))
+        deploy = f"20260101T000000Z-{uuid.uuid4().hex[:6]}"
+        h.write_journal(deploy, release_of(3), ["staged", "post_release"])
+
+        for args in (("hold", "web"), ("rollback", "web", "--local")):
+            result = h.ctl(*args)
+            assert result.returncode == 4, result
+            assert deploy in result.stderr and "not decided" in result.stderr
+        assert h.engine.held() is None and h.engine.current_release() == release_of(2)
+
+        decision = Decision(outcome="abort", reason="test", by="test", at=iso(utcnow()))
+        assert consul.kv_put(Keys("watcher", "web").decision(deploy), decision.to_json())
+        data = h.ctl_json("hold", "web", "--reason", "after the decision")
+        assert data["hold"]["reason"] == "after the decision"
+        assert h.engine.held() is not None
+
+
+class TestSetupRelease:
+    def test_stages_pins_and_survives_prune(
+        self,
+        cluster: ConsulCluster,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        tmp_path: Path,
+    ) -> None:
+        h = Host(tmp_path, consul=cluster.hosts[0].consul_settings(), s3=s3_settings, keep=1)
+        h.stage(1)
+        h.flip(release_of(1))
+        artifact = f"master-{uuid.uuid4().hex[:8]}"
+        hook = '#!/bin/sh\necho "$WATCHER_RELEASE $WATCHER_KIND" > "$WATCHER_RELEASE_DIR/hooked"\n'
+        data = make_tarball(
+            {"VERSION": "setup\n", ".watcher/hooks/post_release": hook},
+            executable=(".watcher/hooks/post_release",),
+        )
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"{s3_settings.prefix}/web/{artifact}.tar.gz"
+        s3_client(str(s3_settings.endpoint_url)).put_object(
+            Bucket=s3_settings.bucket, Key=key, Body=data, Metadata={"sha256": sha}
+        )
+        record = ArtifactRecord(
+            id=artifact,
+            url=f"s3://{s3_settings.bucket}/{key}",
+            sha256=sha,
+            size=len(data),
+            branch="master",
+        )
+        assert consul.kv_put(Keys("watcher", "web").artifact(artifact), record.to_json())
+
+        started = datetime.now(UTC)
+        out = h.ctl_json("setup-release", "web", artifact, "--keep-days", "3")
+        release = out["release"]
+        assert re.fullmatch(rf"\d{{8}}T\d{{6}}Z-{artifact}", release)
+        path = Path(out["path"])
+        assert path == h.engine.layout.release_dir(release)
+        assert (path / "VERSION").read_text() == "setup\n"
+        assert (path / "hooked").read_text() == f"{release} setup-release\n"
+        info = h.engine.release_info(release)
+        assert info is not None and info["sha256"] == sha
+        pinned = h.engine.pinned_until(release)
+        assert pinned is not None
+        assert abs(pinned - (started + timedelta(days=3))) < timedelta(minutes=1)
+        assert parse_iso(out["pinned_until"]) == pinned
+        assert h.engine.current_release() == release_of(1)  # not flipped
+
+        again = h.ctl("setup-release", "web", artifact, "--no-hooks")
+        assert again.returncode == 0, again
+        assert Path(again.stdout.strip()).is_dir()
+        assert Path(again.stdout.strip()).parent == h.engine.layout.releases_dir
+
+        # a newer build goes live twice; prune keeps the pinned setup release
+        h.stage(2)
+        h.stage(3)
+        h.flip(release_of(2))
+        h.flip(release_of(3))
+        pruned = h.ctl_json("prune", "web", own_proc=True)
+        assert pruned["removed"] == [release_of(1)]
+        assert pruned["kept"][release].startswith("pinned until")
+        assert path.is_dir()
+
+        result = h.ctl("setup-release", "web", "master-deadbeef")
+        assert result.returncode == 1 and "unknown artifact master-deadbeef" in result.stderr
