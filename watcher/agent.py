@@ -210,8 +210,12 @@ class AppAgent:
             session = self.session()
             is_coord = False
             if session and self.node in members:
-                is_coord = view.coordinator_session == session or self.store.acquire_coordinator(
-                    rec.id, session, self.node
+                # Contend only while nobody holds the lock: a held key is released (deleted)
+                # the moment its holder's session dies, and the watch on deploys/<id>/ wakes
+                # every member to take over.
+                is_coord = view.coordinator_session == session or (
+                    view.coordinator_session is None
+                    and self.store.acquire_coordinator(rec.id, session, self.node)
                 )
             step = evaluate(
                 self.store,
@@ -241,10 +245,11 @@ class AppAgent:
             return state  # ready or failed: wait for the decision
         if decision.outcome == COMMIT and state == READY:
             return self._start("apply", rec.id, lambda: self._apply(rec))
-        if decision.outcome == ABORT and state not in NODE_FINAL_STATES:
+        journal = self.journal.read()
+        in_journal = journal is not None and journal.get("deploy") == rec.id
+        if decision.outcome == ABORT and (state in (STAGING, READY) or in_journal):
+            # Clean up what this host did for the deploy: post_abort, drop what it staged.
             self._cancel.set()
-            return self._start("abort", rec.id, lambda: self._abort(rec, state))
-        if decision.outcome == ABORT and state == FAILED and self.journal.read():
             return self._start("abort", rec.id, lambda: self._abort(rec, state))
         if state in NODE_FINAL_STATES or (decision.outcome == COMMIT and state != READY):
             self.journal.clear(rec.id)

@@ -39,7 +39,8 @@ from watcher.records import READY, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
-TICK = 1.0  # seconds between reconciles when nothing wakes the loop (deadlines, retries)
+TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
+TICK_IDLE = 5.0  # ... and when idle: watches wake the loop on every change that matters
 WATCH_WAIT = 20.0  # blocking query wait
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
 STATUS_FILE = "status.json"
@@ -393,7 +394,8 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         log.info("watcher_ready", node=self.node)
         while not self.flags.stop.is_set():
-            self.flags.wake.wait(TICK if watchdog is None else min(TICK, watchdog / 2))
+            tick = TICK if self._active() else TICK_IDLE
+            self.flags.wake.wait(tick if watchdog is None else min(tick, watchdog / 2))
             self.flags.wake.clear()
             if self.flags.stop.is_set():
                 break
@@ -404,6 +406,15 @@ class Daemon:
             self.notifier.watchdog()
         self._shutdown(server)
         return 0
+
+    def _active(self) -> bool:
+        """A deploy in flight, a task running, or a loop outcome that needs retrying."""
+        return (
+            any(
+                a.status.deploy or a.busy() or a.status.converge_error for a in self.agents.values()
+            )
+            or "unreachable" in self._last_line
+        )
 
     def _cycle(self) -> None:
         parts: list[str] = []
