@@ -164,6 +164,8 @@ class Fleet:
     app_extra: dict[str, Any] = field(default_factory=dict)
     daemon_extra: dict[str, Any] = field(default_factory=dict)
     watchers: list[WatcherProc] = field(default_factory=list)
+    # node name -> the ACL token that host's watcher uses (default: the management token)
+    consul_tokens: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for agent in self.cluster.hosts:
@@ -179,8 +181,9 @@ class Fleet:
     def config_for(self, w: WatcherProc, app_extra: dict[str, Any] | None = None) -> dict[str, Any]:
         settings: ConsulSettings = w.agent.consul_settings()
         consul: dict[str, Any] = {"address": f"{settings.scheme}://{settings.address}"}
-        if settings.token:
-            consul["token"] = settings.token
+        token = self.consul_tokens.get(w.name, settings.token)
+        if token:
+            consul["token"] = token
         if settings.ca_file:
             consul["ca_file"] = settings.ca_file
         app = {

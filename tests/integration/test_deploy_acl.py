@@ -1,0 +1,461 @@
+"""Deploys with ACLs on (default deny), each actor holding only the policy docs/acl publishes:
+watchers their per-host watcher token, CI its publish token, watcherctl an operator token."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
+from tests.support.fleet import BIN, Fleet, WatcherProc, wait_for
+from watcher.config import ConsulSettings, S3Settings
+from watcher.consul_api import ConsulClient, TxnOp
+from watcher.errors import ConsulPermissionDenied
+
+CLUSTER = ClusterSpec(hosts=3, acl=True)
+
+ACL_DIR = Path(__file__).resolve().parents[2] / "docs" / "acl"
+RENDER = ACL_DIR / "render-policy"
+# What a watcher logs when Consul refuses it something (ConsulPermissionDenied's message).
+DENIED = re.compile(r"ACL token lacks permission|ACL not found", re.IGNORECASE)
+
+
+def render(role: str, kv_prefix: str, *apps: str, node: str | None = None) -> str:
+    argv = [str(RENDER), role, "--kv-prefix", kv_prefix]
+    if node:
+        argv += ["--node", node]
+    return subprocess.run(
+        [*argv, *apps], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+
+
+def api(agent: Agent, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A call to Consul's ACL HTTP API with the management token."""
+    status, raw = agent.request(method, path, json.dumps(body).encode())
+    assert status == 200, f"{method} {path}: HTTP {status}: {raw[:300]!r}"
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+def create_token(agent: Agent, name: str, rules: str) -> tuple[str, str]:
+    """A policy named ``name`` with ``rules`` and a token holding only it: (secret, accessor)."""
+    api(agent, "PUT", "/v1/acl/policy", {"Name": name, "Rules": rules})
+    token = api(
+        agent,
+        "PUT",
+        "/v1/acl/token",
+        {"Description": f"release-watcher test: {name}", "Policies": [{"Name": name}]},
+    )
+    return str(token["SecretID"]), str(token["AccessorID"])
+
+
+@dataclass
+class Tokens:
+    watchers: dict[str, str]  # node -> its watcher token
+    operator: str
+    ci: str
+    accessors: dict[str, str]  # AccessorID -> who holds it (Consul logs refusals by it)
+
+
+def client(agent: Agent, token: str) -> ConsulClient:
+    base = agent.consul_settings()
+    settings = ConsulSettings(
+        address=base.address, scheme=base.scheme, token=token, ca_file=base.ca_file
+    )
+    return ConsulClient(settings, retry_deadline=2.0)
+
+
+class AclFleet:
+    """A Fleet whose watchers, operator and CI each use their least-privilege token."""
+
+    def __init__(self, fleet: Fleet, tokens: Tokens) -> None:
+        self.fleet = fleet
+        self.tokens = tokens
+        w0 = fleet.watchers[0]
+        # watcherctl for people and CI: host-1's config with another token.
+        self.operator_config = self._config_with(w0, tokens.operator, "operator.yaml")
+        self.ci_config = self._config_with(w0, tokens.ci, "ci.yaml")
+
+    def _config_with(self, w: WatcherProc, token: str, name: str) -> Path:
+        config = self.fleet.config_for(w)
+        config["consul"]["token"] = token
+        path = self.fleet.workdir / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def ctl(self, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [str(BIN / "watcherctl"), *args, "-c", str(config), "--json"]
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=self.fleet.watchers[0].env(),
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"watcherctl {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}\n{result.stderr}\n{self.fleet.logs()}"
+            )
+        return result
+
+    def operator(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ctl(self.operator_config, *args, check=check)
+
+    def publish(self, version: str) -> dict[str, Any]:
+        """`watcherctl publish` with the CI token: upload, artifact record, build-finished."""
+        src = self.fleet.workdir / f"checkout-{version}"
+        src.mkdir()
+        (src / "index.html").write_text(f"<h1>{version}</h1>\n")
+        (src / "VERSION").write_text(version + "\n")
+        commit = uuid.uuid5(uuid.NAMESPACE_URL, version).hex + "01234567"
+        result = self.ctl(
+            self.ci_config, "publish", "web", str(src), "--branch", "main", "--commit", commit
+        )
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def assert_no_denials(self) -> None:
+        """Nothing any actor did was refused: not by the watchers' logs, and not by Consul's,
+        which logs every refusal with the token's AccessorID (even ones a client retries)."""
+        for w in self.fleet.watchers:
+            denied = [line for line in w.log_text().splitlines() if DENIED.search(line)]
+            assert not denied, f"{w.name} was refused something:\n" + "\n".join(denied[:5])
+        for agent in self.fleet.cluster.agents:
+            text = agent.log_path.read_text(errors="replace")
+            refused = [
+                f"{who}: {line}"
+                for line in text.splitlines()
+                if "Permission denied" in line
+                for accessor, who in self.tokens.accessors.items()
+                if accessor in line
+            ]
+            assert not refused, f"{agent.name} refused:\n" + "\n".join(refused[:5])
+
+
+@pytest.fixture
+def acl_fleet(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+) -> Iterator[AclFleet]:
+    # Each test gets its own KV prefix, so its own policies (they name the prefix).
+    prefix = f"w{time.monotonic_ns()}"
+    server = cluster.server
+    made = {
+        a.name: create_token(
+            server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
+        )
+        for a in cluster.hosts
+    }
+    made["operator"] = create_token(server, f"operator-{prefix}", render("operator", prefix, "web"))
+    made["ci"] = create_token(server, f"ci-{prefix}", render("ci", prefix, "web"))
+    tokens = Tokens(
+        watchers={a.name: made[a.name][0] for a in cluster.hosts},
+        operator=made["operator"][0],
+        ci=made["ci"][0],
+        accessors={accessor: who for who, (_, accessor) in made.items()},
+    )
+    fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=prefix, consul_tokens=tokens.watchers)
+    for w in fleet.watchers:
+        assert (
+            yaml.safe_load(w.config_path.read_text())["consul"]["token"] == tokens.watchers[w.name]
+        )
+    fleet.start()
+    try:
+        yield AclFleet(fleet, tokens)
+    finally:
+        fleet.stop()
+
+
+def prefetched(w: WatcherProc, artifact: dict[str, Any]) -> Path:
+    return w.app_dir / "prefetched" / f"{artifact['id']}-{artifact['sha256'][:12]}"
+
+
+class TestWithLeastPrivilege:
+    def test_publish_prefetch_deploy_rollback(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        # CI: upload, record and build-finished with the CI token; every watcher, listing
+        # events with its own token, prefetches.
+        v1 = acl_fleet.publish("v1")
+        wait_for(
+            lambda: all(prefetched(w, v1).is_dir() for w in fleet.watchers),
+            30,
+            "prefetch of v1 on every host",
+            fleet,
+        )
+
+        # Operator: deploy with the operator token; the hosts coordinate, decide and flip
+        # `current` with theirs.
+        result = json.loads(acl_fleet.operator("deploy", "web", v1["id"]).stdout)
+        assert result["result"] == "committed", result
+        release1 = result["release"]
+        assert fleet.currents() == {w.name: release1 for w in fleet.watchers}
+        assert {h["state"] for h in result["hosts"].values()} == {"live"}
+        fleet.wait_idle()
+        wait_for(
+            lambda: (
+                {
+                    h["release"]
+                    for h in json.loads(acl_fleet.operator("status", "--fleet").stdout)["web"][
+                        "hosts"
+                    ].values()
+                }
+                == {release1}
+            ),
+            10,
+            "status --fleet (operator token) shows every host on v1",
+            fleet,
+        )
+        status = json.loads(acl_fleet.operator("status", "--fleet").stdout)["web"]
+        assert status["current"] == release1
+        assert sorted(status["hosts"]) == sorted(w.name for w in fleet.watchers)
+
+        # A raw `consul event` with the operator token: a watcher creates the deploy record
+        # (and advances events_seen) with its own token.
+        v2 = acl_fleet.publish("v2")
+        payload = json.dumps({"app": "web", "artifact": v2["id"]})
+        raw = subprocess.run(
+            [str(fleet.cluster.consul_bin), "event", "-name=deploy", payload],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                **fleet.cluster.hosts[1].env(),
+                "CONSUL_HTTP_TOKEN": acl_fleet.tokens.operator,
+            },
+            timeout=10,
+            check=True,
+        )
+        event_id = re.search(r"Event ID: (\S+)", raw.stdout)
+        assert event_id, raw.stdout
+        outcome = fleet.wait_outcome(event_id.group(1))
+        assert outcome["result"] == "committed", outcome
+        release2 = fleet.currents()[fleet.watchers[0].name]
+        assert release2 and release2.endswith("-" + v2["id"])
+        assert set(fleet.currents().values()) == {release2}
+        fleet.wait_idle()
+
+        # Rollback with the operator token: back to v1 everywhere.
+        back = json.loads(acl_fleet.operator("rollback", "web").stdout)
+        assert back["result"] == "committed", back
+        assert back["release"] == release1
+        assert fleet.currents() == {w.name: release1 for w in fleet.watchers}
+        fleet.wait_idle()
+
+        # SIGTERM: each watcher destroys its own session with its token, so its member key
+        # goes at once (well before the 2x TTL a dead session takes).
+        fleet.stop()
+        assert fleet.members() == set()
+        acl_fleet.assert_no_denials()
+
+    def test_failing_post_release_aborts_everywhere(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        v1 = acl_fleet.publish("v1")
+        assert json.loads(acl_fleet.operator("deploy", "web", v1["id"]).stdout)["result"] == (
+            "committed"
+        )
+        fleet.wait_idle()
+        before = fleet.currents()
+
+        markers = fleet.workdir / "markers"
+        markers.mkdir()
+        bad_host = fleet.watchers[2]
+        for w in fleet.watchers:
+            post = w.root / "post-release"
+            if w is bad_host:
+                post.write_text(
+                    "#!/bin/sh\nsleep 1\necho 'migrations failed: table locked' >&2\nexit 3\n"
+                )
+            else:
+                post.write_text(f"#!/bin/sh\ntouch {markers}/release-{w.name}\n")
+            post.chmod(0o755)
+            abort = w.root / "post-abort"
+            abort.write_text(f"#!/bin/sh\ntouch {markers}/abort-{w.name}\n")
+            abort.chmod(0o755)
+            fleet.write_config(w, {"hooks": {"post_release": str(post), "post_abort": str(abort)}})
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+
+        v2 = acl_fleet.publish("v2")
+        result = acl_fleet.operator("deploy", "web", v2["id"], check=False)
+        assert result.returncode == 1, result
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "aborted"
+        assert bad_host.name in summary["reason"] and "status 3" in summary["reason"]
+        fleet.wait_idle()
+        assert fleet.currents() == before
+        current = fleet.kv.kv_get(fleet.keys.current)
+        assert current is not None and current.value is not None
+        assert json.loads(current.value)["release"] == before[bad_host.name]
+        states = {n: h["state"] for n, h in summary["hosts"].items()}
+        assert states == {w.name: "failed" if w is bad_host else "aborted" for w in fleet.watchers}
+        good = [w for w in fleet.watchers if w is not bad_host]
+        ran = {w.name for w in good if (markers / f"release-{w.name}").exists()}
+        assert ran, "no healthy host got to post_release within the bad hook's 1 s"
+        assert {w.name for w in good if (markers / f"abort-{w.name}").exists()} == ran
+        assert not (markers / f"abort-{bad_host.name}").exists()
+        for w in good:
+            assert not (w.app_dir / "releases" / summary["release"]).exists()
+        fleet.stop()
+        acl_fleet.assert_no_denials()
+
+
+class TestPrivilegeIsLeast:
+    def test_watcher_token_stays_inside_its_app_and_node(
+        self, acl_fleet: AclFleet, cluster: ConsulCluster
+    ) -> None:
+        fleet = acl_fleet.fleet
+        keys = fleet.keys
+        host1, host2 = cluster.hosts[0], cluster.hosts[1]
+        with client(host1, acl_fleet.tokens.watchers[host1.name]) as mine:
+            # Its own agent (the node name when the config sets none) and app keys: yes.
+            assert mine.agent_node_name() == host1.name
+            assert mine.kv_put(keys.deploy("probe"), b"{}")
+            assert mine.kv_get(keys.deploy("probe")) is not None
+            # Outside the prefix, another app, CI's artifact records, other hosts' keys: no.
+            for key in (
+                "elsewhere/x",
+                f"{fleet.kv_prefix}/apps/api/current",
+                f"{fleet.kv_prefix}/apps/web2/current",
+                keys.artifact("main-00000000"),
+                keys.member(host2.name),
+                keys.host(host2.name),
+            ):
+                with pytest.raises(ConsulPermissionDenied):
+                    mine.kv_put(key, b"{}")
+            with pytest.raises(ConsulPermissionDenied):
+                mine.kv_get("elsewhere/x")
+            with pytest.raises(ConsulPermissionDenied):
+                mine.txn([TxnOp.set(keys.inflight, b"x"), TxnOp.set("elsewhere/x", b"x")])
+            with pytest.raises(ConsulPermissionDenied):
+                mine.kv_delete(keys.members_prefix, recurse=True)
+            # Watchers only listen to events.
+            for name in ("deploy", "rollback", "build-finished"):
+                with pytest.raises(ConsulPermissionDenied):
+                    mine.event_fire(name, b'{"app": "web"}')
+        # No session on another node (through that node's agent), nor its agent's config.
+        with client(host2, acl_fleet.tokens.watchers[host1.name]) as foreign:
+            with pytest.raises(ConsulPermissionDenied):
+                foreign.session_create("impostor", 5)
+            with pytest.raises(ConsulPermissionDenied):
+                foreign.agent_node_name()
+        # Nor destroy another host's session (which would drop its member key).
+        member = fleet.kv.kv_get(keys.member(host2.name))
+        assert member is not None and member.session
+        with (
+            client(host1, acl_fleet.tokens.watchers[host1.name]) as mine,
+            pytest.raises(ConsulPermissionDenied),
+        ):
+            mine.session_destroy(member.session)
+        assert fleet.members() == {w.name for w in fleet.watchers}
+
+    def test_ci_token_only_publishes(self, acl_fleet: AclFleet, cluster: ConsulCluster) -> None:
+        keys = acl_fleet.fleet.keys
+        with client(cluster.hosts[0], acl_fleet.tokens.ci) as ci:
+            assert ci.kv_put(keys.artifact("main-11111111"), b"{}", cas=0)
+            assert ci.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
+            for key in (keys.inflight, keys.current, keys.deploy("d1"), keys.member("host-9")):
+                with pytest.raises(ConsulPermissionDenied):
+                    ci.kv_put(key, b"{}")
+            with pytest.raises(ConsulPermissionDenied):
+                ci.txn([TxnOp.cas(keys.inflight, b"d1", 0), TxnOp.set(keys.deploy("d1"), b"{}")])
+            with pytest.raises(ConsulPermissionDenied):
+                ci.kv_get(keys.current)
+            for name in ("deploy", "rollback"):
+                with pytest.raises(ConsulPermissionDenied):
+                    ci.event_fire(name, b'{"app": "web"}')
+        assert acl_fleet.fleet.inflight() is None
+
+    def test_operator_token_cannot_flip_or_forge(
+        self, acl_fleet: AclFleet, cluster: ConsulCluster
+    ) -> None:
+        keys = acl_fleet.fleet.keys
+        with client(cluster.hosts[0], acl_fleet.tokens.operator) as op:
+            assert op.kv_list(keys.members_prefix)  # reads the fleet
+            for key in (keys.current, keys.artifact("main-22222222"), keys.member("host-9")):
+                with pytest.raises(ConsulPermissionDenied):
+                    op.kv_put(key, b"{}")
+            with pytest.raises(ConsulPermissionDenied):
+                op.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
+            with pytest.raises(ConsulPermissionDenied):
+                op.session_create("operator", 5)
+
+
+class TestDocumentedCommands:
+    def test_cli_creates_and_updates_a_watcher_token(self, cluster: ConsulCluster) -> None:
+        # The commands docs/acl.md gives (render | consul acl policy create, token create,
+        # then policy update for a second app), run as written but for jq.
+        node = cluster.hosts[0].name
+        prefix = f"cli{time.monotonic_ns()}"
+        env = {"PATH": "/usr/bin:/bin", **cluster.server.env()}
+        policy = f"release-watcher-{prefix}-{node}"
+
+        def consul(*args: str, rules: str | None = None) -> str:
+            return subprocess.run(
+                [str(cluster.consul_bin), "acl", *args],
+                input=rules,
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+                timeout=10,
+            ).stdout
+
+        consul(
+            "policy",
+            "create",
+            "-name",
+            policy,
+            "-rules",
+            "-",
+            rules=render("watcher", prefix, "web", node=node),
+        )
+        secret = json.loads(consul("token", "create", "-policy-name", policy, "-format", "json"))[
+            "SecretID"
+        ]
+        with client(cluster.hosts[0], secret) as mine, pytest.raises(ConsulPermissionDenied):
+            mine.kv_put(f"{prefix}/apps/api/inflight", b"d1")
+        policy_id = json.loads(consul("policy", "read", "-name", policy, "-format", "json"))["ID"]
+        consul(
+            "policy",
+            "update",
+            "-id",
+            policy_id,
+            "-rules",
+            "-",
+            rules=render("watcher", prefix, "web", "api", node=node),
+        )
+        with client(cluster.hosts[0], secret) as mine:
+            for app in ("web", "api"):
+                assert mine.kv_put(f"{prefix}/apps/{app}/inflight", b"d1", cas=0)
+                with pytest.raises(ConsulPermissionDenied):
+                    mine.kv_put(f"{prefix}/apps/{app}/artifacts/x", b"{}")
+            with pytest.raises(ConsulPermissionDenied):
+                mine.kv_put(f"{prefix}/apps/db/inflight", b"d1")
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["watcher", "web"], "needs --node"),
+            (["watcher", "--node", "host-1"], "at least one app"),
+            (["ci", "--kv-prefix", 'a"b', "web"], "--kv-prefix"),
+            (["operator", "web", "we/b"], 'app "we/b"'),
+            (["watcher", "--node", "host-1;x", "web"], "--node"),
+            (["admin", "web"], "usage"),
+        ],
+    )
+    def test_render_refuses_bad_input(self, argv: list[str], message: str) -> None:
+        result = subprocess.run([str(RENDER), *argv], capture_output=True, text=True, check=False)
+        assert result.returncode == 2
+        assert message in result.stderr and not result.stdout
