@@ -7,8 +7,9 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from watcher.config import Config, load_config
@@ -40,7 +41,7 @@ class CtlContext:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(self.args.config)
+            self._config = operator_token(load_config(self.args.config), os.environ)
         return self._config
 
     @property
@@ -55,6 +56,30 @@ class CtlContext:
             text = human(data)
             if text:
                 print(text)
+
+
+def operator_token(config: Config, env: Mapping[str, str]) -> Config:
+    """watcherctl acts with the operator's own token when one is exported.
+
+    The daemon's config file wins over the environment (like the Consul CLI's flags), but
+    watcherctl usually reads the host's watcher config: an operator who exported
+    CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE means to act as themselves, with their own
+    ACL permissions, not with the host's watcher token.
+    """
+    token: str | None = None
+    if env.get("CONSUL_HTTP_TOKEN_FILE"):
+        path = env["CONSUL_HTTP_TOKEN_FILE"]
+        try:
+            token = Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                "CONSUL_HTTP_TOKEN_FILE", [f"cannot read {path}: {exc.strerror}"]
+            ) from None
+    elif env.get("CONSUL_HTTP_TOKEN"):
+        token = env["CONSUL_HTTP_TOKEN"]
+    if token is None or token == config.consul.token:
+        return config
+    return replace(config, consul=replace(config.consul, token=token))
 
 
 def user_at_host() -> str:

@@ -1,0 +1,55 @@
+"""watcherctl's own plumbing: the operator's token, exit codes, tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watcher.config import Config, parse_config
+from watcher.ctl import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code_for, operator_token
+from watcher.ctl import table as render_table
+from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
+
+
+def config_with_token(token: str | None) -> Config:
+    consul = {"token": token} if token else {}
+    return parse_config(
+        {"consul": consul, "s3": {"bucket": "b"}, "apps": {"web": {"root": "/srv"}}},
+        env={},
+    )
+
+
+class TestOperatorToken:
+    def test_exported_token_replaces_the_watchers(self) -> None:
+        config = operator_token(
+            config_with_token("watcher-token"), {"CONSUL_HTTP_TOKEN": "operator-token"}
+        )
+        assert config.consul.token == "operator-token"
+
+    def test_token_file_wins_over_token_like_consul(self, tmp_path: Path) -> None:
+        path = tmp_path / "token"
+        path.write_text("from-file\n")
+        env = {"CONSUL_HTTP_TOKEN": "from-env", "CONSUL_HTTP_TOKEN_FILE": str(path)}
+        assert operator_token(config_with_token("watcher"), env).consul.token == "from-file"
+
+    def test_without_an_exported_token_the_config_stands(self) -> None:
+        config = config_with_token("watcher-token")
+        assert operator_token(config, {}) is config
+
+    def test_unreadable_token_file_is_a_config_error(self, tmp_path: Path) -> None:
+        env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
+        with pytest.raises(ConfigError, match="cannot read"):
+            operator_token(config_with_token(None), env)
+
+
+class TestExitCodes:
+    def test_codes(self) -> None:
+        assert exit_code_for(ConfigError("x", ["y"])) == EXIT_USAGE
+        assert exit_code_for(ConsulUnavailable("down")) == EXIT_UNAVAILABLE
+        assert exit_code_for(DeployInFlight("busy")) == EXIT_REFUSED
+
+
+def test_table_aligns_columns() -> None:
+    out = render_table([["a", None], ["longer", "x"]], ["NAME", "V"])
+    assert out.splitlines() == ["NAME    V", "a", "longer  x"]
