@@ -1,25 +1,54 @@
-"""The Consul boundary: typed KV, session, event, txn and ACL calls over Consul's HTTP API."""
+"""The Consul boundary: typed KV, session, event, txn and ACL calls through py-consul.
 
-# Every call goes through one ``requests.Session`` that carries the ACL token as the
-# X-Consul-Token header, the TLS settings and an explicit timeout, and every failure is
-# mapped to ``watcher.errors`` here. py-consul (``consul``) is deliberately not used for the
-# calls themselves: 1.8.0 omits the token on ``event.list``, ``txn.put`` and ``agent.self``
-# (with ACLs on, event.list silently returns [] and txn fails 409), refuses session TTLs
-# under 10 s, lets CONSUL_HTTP_TOKEN override an explicitly given token, and reports HTTP
-# statuses only inside exception strings. One HTTP path keeps the token, the timeouts, the
-# retries and the error mapping the same for every endpoint.
+Which calls go through py-consul's endpoint API, and which do not:
+
+* Through py-consul (``consul.Consul``): KV get/put/delete (keys, recurse, cas, acquire,
+  release, blocking index+wait), session renew/destroy/info, event fire and ACL token
+  self, each called with ``token=`` explicitly.
+* Directly, but still through py-consul's own HTTP client (``client.http``: one
+  ``requests`` session, one TLS config, one timeout hook, one error-mapping path) with an
+  explicit X-Consul-Token header, where py-consul 1.8.0 cannot do the job:
+  ``/v1/event/list`` and ``/v1/txn`` (``event.list`` and ``txn.put`` send no token: with
+  ACLs on the list is silently empty and a txn fails 409), ``/v1/agent/self`` and
+  ``/v1/status/leader`` (``agent.self`` and ``status.leader`` take no token), and
+  ``/v1/session/create`` (``session.create`` asserts a TTL of at least 10 s and can only
+  send the deprecated ``Checks`` field; one direct call keeps one tested path for every
+  TTL instead of a second one that only production TTLs would take).
+
+py-consul is set up so that nothing outside ``ConsulSettings`` leaks in: its
+``Consul.__init__`` prefers CONSUL_HTTP_TOKEN from the environment over the token it is
+given, so the token is reset after construction and passed on every call; host, port,
+scheme and verify are always given, so CONSUL_HTTP_ADDR/SSL/SSL_VERIFY are not read; and
+its ``requests`` session gets ``trust_env = False``, so REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
+cannot replace ``verify`` and no HTTP(S)_PROXY captures the traffic to the agent.
+
+py-consul reports HTTP failures as exceptions (``ACLPermissionDenied``, ``NotFound``,
+``ConsulException("500 ...")`` ...) whose messages are the only place most statuses
+appear; the HTTP client here wraps every response callback so the failing response
+(status, headers, body) rides on the exception, and the mapping to ``watcher.errors`` reads
+the status from there (py-consul's message format is parsed only as a fallback, for an
+exception raised outside those callbacks). requests exceptions pass through
+py-consul untouched and are mapped here too. Timeouts, retries (tenacity) and the refusal
+to retry a write that may have landed are this module's, per attempt.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import json
+import re
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import consul
+import consul.base
+import consul.std
 import requests
 import urllib3
 from tenacity import (
@@ -322,6 +351,229 @@ def _reason(exc: BaseException) -> str:
     return " ".join(reason.split())[:300]
 
 
+T = TypeVar("T")
+
+#: The (connect, read) timeout of the request being attempted in this thread; set by
+#: ``ConsulClient._attempt`` and read by ``_HTTPClient.timeout``.
+_ATTEMPT_TIMEOUT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "consul_attempt_timeout", default=None
+)
+
+#: The attribute of a py-consul exception that carries the response it was raised for.
+_RESPONSE_ATTR = "watcher_response"
+
+#: py-consul's exception classes that stand for one HTTP status.
+_STATUS_OF_EXCEPTION: tuple[tuple[type[Exception], int], ...] = (
+    (consul.ACLDisabled, 401),
+    (consul.ACLPermissionDenied, 403),
+    (consul.NotFound, 404),
+)
+
+
+@contextmanager
+def _attempt_timeout(connect: float, read: float) -> Iterator[None]:
+    reset = _ATTEMPT_TIMEOUT.set((connect, read))
+    try:
+        yield
+    finally:
+        _ATTEMPT_TIMEOUT.reset(reset)
+
+
+def _keeping_response(callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a py-consul response callback so an exception it raises carries the response."""
+
+    def run(response: Any) -> Any:
+        try:
+            return callback(response)
+        except consul.ConsulException as exc:
+            setattr(exc, _RESPONSE_ATTR, response)
+            raise
+
+    return run
+
+
+def _raw_answer(allow: tuple[int, ...] = ()) -> Callable[[Any], Any]:
+    """A response callback for the direct calls: the ``consul.base.Response`` itself, or
+    py-consul's ``ConsulException`` for an error status not in ``allow``."""
+
+    def run(response: Any) -> Any:
+        if response.code >= 400 and response.code not in allow:
+            raise consul.ConsulException(f"{response.code} {response.body}")
+        return response
+
+    return run
+
+
+def _failed_status(exc: Exception) -> tuple[int, str] | None:
+    """The HTTP status and body a py-consul exception was raised for, if it was."""
+    response = getattr(exc, _RESPONSE_ATTR, None)
+    if isinstance(response, consul.base.Response):
+        body = response.body
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        return int(response.code), text
+    # Not raised by a callback of ours: fall back on py-consul's own conventions (the class
+    # for 401/403/404, "<status> <body>" as the message of the others).
+    for cls, status in _STATUS_OF_EXCEPTION:
+        if isinstance(exc, cls):
+            return status, str(exc)
+    match = re.fullmatch(r"([45]\d\d) (.*)", str(exc), re.DOTALL)
+    if match:
+        return int(match.group(1)), match.group(2)
+    return None
+
+
+class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is untyped
+    """py-consul's requests-based HTTP client, set up for this project.
+
+    Its ``requests`` session does not trust the environment, pools ``POOL_SIZE``
+    connections, and every response callback keeps the failing response on the exception.
+    The timeout of each request is the one ``ConsulClient`` set for the attempt.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        scheme: str,
+        verify: bool | str,
+        cert: tuple[str, str] | None,
+        *,
+        base_url: str,
+        timeout: float,
+    ) -> None:
+        super().__init__(host, port, scheme, verify, cert, connections_timeout=timeout)
+        # The configured address as given ("[::1]:8500", a name without a port ...).
+        self.base_uri = base_url
+        session: requests.Session = self.session
+        session.trust_env = False
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["User-Agent"] = "release-watcher"
+
+    def timeout(self, params: Any) -> Any:
+        attempt = _ATTEMPT_TIMEOUT.get()
+        return attempt if attempt is not None else super().timeout(params)
+
+    def get(
+        self,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        return super().get(
+            _keeping_response(callback), path, params=params, headers=headers, raw=raw
+        )
+
+    def put(
+        self,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Any = None,
+        data: str | bytes = "",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        return super().put(
+            _keeping_response(callback), path, params=params, data=data, headers=headers
+        )
+
+    def delete(
+        self,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Any = None,
+        data: str | bytes = "",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        return super().delete(
+            _keeping_response(callback), path, params=params, data=data, headers=headers
+        )
+
+    def post(
+        self,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Any = None,
+        data: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        return super().post(
+            _keeping_response(callback), path, params=params, data=data, headers=headers
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class _Consul(consul.Consul):  # type: ignore[misc]  # py-consul is untyped
+    """``consul.Consul`` on ``_HTTPClient``, configured from ``ConsulSettings`` only."""
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        self._base_url = settings.base_url
+        self._timeout = settings.timeout
+        parts = urllib.parse.urlsplit(settings.base_url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        verify: bool | str = True
+        cert: tuple[str, str] | None = None
+        if settings.scheme == "https":
+            verify = (settings.ca_file or True) if settings.verify else False
+            if settings.cert_file and settings.key_file:
+                cert = (settings.cert_file, settings.key_file)
+        # host, port, scheme and verify are all given, so py-consul reads none of
+        # CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
+        super().__init__(
+            host=parts.hostname or "127.0.0.1",
+            port=port or (8501 if settings.scheme == "https" else 8500),
+            token=settings.token,
+            scheme=settings.scheme,
+            verify=verify,
+            cert=cert,
+            connections_timeout=settings.timeout,
+        )
+        # py-consul's __init__ takes CONSUL_HTTP_TOKEN from the environment over the token
+        # it is given; the configuration (which already read that variable) decides.
+        self.token = settings.token
+
+    def http_connect(
+        self,
+        host: str,
+        port: int,
+        scheme: str,
+        verify: bool | str = True,
+        cert: tuple[str, str] | None = None,
+    ) -> _HTTPClient:
+        return _HTTPClient(
+            host, port, scheme, verify, cert, base_url=self._base_url, timeout=self._timeout
+        )
+
+
+def _kv_entry(data: Mapping[str, Any]) -> KVEntry:
+    """A ``KVEntry`` from an entry py-consul returns (its ``Value`` already decoded)."""
+    value = data.get("Value")
+    return KVEntry(
+        key=str(data.get("Key", "")),
+        value=bytes(value) if value is not None else None,
+        modify_index=int(data.get("ModifyIndex") or 0),
+        create_index=int(data.get("CreateIndex") or 0),
+        lock_index=int(data.get("LockIndex") or 0),
+        session=data.get("Session") or None,
+        flags=int(data.get("Flags") or 0),
+    )
+
+
+def _index(value: Any) -> int:
+    """An X-Consul-Index as an int (0 when missing or garbled)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 class ConsulClient:
     """Typed access to one Consul agent's HTTP API (the local agent of this host).
 
@@ -333,57 +585,33 @@ class ConsulClient:
         self.settings = settings
         self.retry_deadline = retry_deadline
         self.address = settings.base_url
-        self._session = requests.Session()
-        # TLS and the token come from ConsulSettings only (CONSUL_CACERT ...), never from
-        # requests' own environment: REQUESTS_CA_BUNDLE would override ``verify``, and an
-        # HTTP(S)_PROXY must not capture the traffic to the local agent.
-        self._session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers["User-Agent"] = "release-watcher"
-        if settings.token:
-            self._session.headers["X-Consul-Token"] = settings.token
-        self._verify: bool | str = True
-        self._cert: tuple[str, str] | None = None
-        if settings.scheme == "https":
-            self._verify = (settings.ca_file or True) if settings.verify else False
-            if settings.cert_file and settings.key_file:
-                self._cert = (settings.cert_file, settings.key_file)
+        self._token = settings.token
+        self._consul = _Consul(settings)
+        self._http: _HTTPClient = self._consul.http
 
     # ----------------------------------------------------------------- plumbing
 
-    def _url(self, path: str) -> str:
-        return self.address + path
+    def _headers(self) -> dict[str, str]:
+        """The headers of a direct call: the token, as py-consul's endpoints send it."""
+        return {"X-Consul-Token": self._token} if self._token else {}
 
     def _attempt(
         self,
-        method: str,
-        path: str,
+        call: Callable[[], T],
         *,
         what: str,
-        params: Mapping[str, Any] | None,
-        data: bytes | None,
         wait: float | None,
-        allow: tuple[int, ...],
         deadline_at: float,
         idempotent: bool,
-    ) -> requests.Response:
+    ) -> T:
         timeout = blocking_timeout(self.settings.timeout, wait)
         if wait is None:
             remaining = deadline_at - time.monotonic()
             timeout = max(min(timeout, remaining), MIN_ATTEMPT_TIMEOUT)
         connect_timeout = min(self.settings.timeout, timeout)
         try:
-            resp = self._session.request(
-                method,
-                self._url(path),
-                params=params,
-                data=data,
-                timeout=(connect_timeout, timeout),
-                verify=self._verify,
-                cert=self._cert,
-            )
+            with _attempt_timeout(connect_timeout, timeout):
+                return call()
         except requests.exceptions.SSLError as exc:
             raise ConsulTLSError(
                 f"TLS connection to Consul at {self.address} failed for {what}: {_reason(exc)}"
@@ -406,29 +634,44 @@ class ConsulClient:
             raise ConsulRequestError(
                 f"request to Consul at {self.address} for {what} failed: {_reason(exc)}"
             ) from exc
-        if resp.status_code < 400 or resp.status_code in allow:
-            return resp
-        body = resp.text
-        mapped = classify_response(resp.status_code, body, what=what, address=self.address)
-        if mapped is None:  # not reached: every status >= 400 maps to an error
-            return resp
-        if is_transient_status(resp.status_code, body):
-            raise _Transient(mapped)
-        raise mapped
+        except consul.Timeout as exc:  # py-consul's asyncio client; kept for completeness
+            if not idempotent:
+                raise ConsulUnavailable(
+                    f"Consul at {self.address} did not answer {what} in time; "
+                    "the write may or may not have been applied"
+                ) from exc
+            raise _Transient(
+                ConsulUnavailable(f"Consul at {self.address} did not answer {what} in time")
+            ) from exc
+        except consul.ConsulException as exc:
+            failed = _failed_status(exc)
+            if failed is None or failed[0] < 400:
+                # py-consul could not use a successful answer (invalid JSON, no index).
+                raise ConsulRequestError(
+                    f"Consul at {self.address} answered {what} with something unusable: "
+                    f"{_consul_message(str(exc))}"
+                ) from exc
+            status, body = failed
+            mapped = classify_response(status, body, what=what, address=self.address)
+            if mapped is None:  # not reached: every status >= 400 maps to an error
+                raise
+            if is_transient_status(status, body):
+                raise _Transient(mapped) from exc
+            raise mapped from exc
+        except binascii.Error as exc:  # py-consul's base64 decoding of KV values
+            raise ConsulRequestError(
+                f"Consul at {self.address} answered {what} with undecodable base64: {exc}"
+            ) from exc
 
-    def _request(
+    def _call(
         self,
-        method: str,
-        path: str,
+        call: Callable[[], T],
         *,
         what: str,
-        params: Mapping[str, Any] | None = None,
-        data: bytes | None = None,
         wait: float | None = None,
-        allow: tuple[int, ...] = (),
         idempotent: bool = True,
-    ) -> requests.Response:
-        """One HTTP call with the retry policy; ``allow`` lists error statuses to return.
+    ) -> T:
+        """Run ``call`` (one request through py-consul) with the retry policy.
 
         Transient failures are retried until ``retry_deadline`` (counted from the first
         attempt, so a blocking query that fails after its wait is not retried). A
@@ -456,46 +699,61 @@ class ConsulClient:
             reraise=True,
         )
         try:
-            return retrying(
+            result: T = retrying(
                 self._attempt,
-                method,
-                path,
+                call,
                 what=what,
-                params=params,
-                data=data,
                 wait=wait,
-                allow=allow,
                 deadline_at=deadline_at,
                 idempotent=idempotent,
             )
         except _Transient as exc:
             raise exc.error from exc.__cause__
+        return result
 
-    def _json(self, resp: requests.Response, what: str) -> Any:
+    def _direct(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        params: list[tuple[str, Any]] | None = None,
+        data: bytes = b"",
+        wait: float | None = None,
+        allow: tuple[int, ...] = (),
+        idempotent: bool = True,
+    ) -> Any:
+        """One request py-consul's endpoint API cannot make, through its HTTP client, with
+        the token; returns the ``consul.base.Response`` (an error status only if in
+        ``allow``)."""
+        callback = _raw_answer(allow)
+        headers = self._headers()
+
+        def call() -> Any:
+            if method == "GET":
+                return self._http.get(callback, path, params=params, headers=headers)
+            return self._http.put(callback, path, params=params, data=data, headers=headers)
+
+        return self._call(call, what=what, wait=wait, idempotent=idempotent)
+
+    def _json(self, response: Any, what: str) -> Any:
         try:
-            return resp.json()
+            return json.loads(response.body)
         except ValueError as exc:
             raise ConsulRequestError(
                 f"Consul at {self.address} answered {what} with invalid JSON: "
-                f"{_consul_message(resp.text)}"
+                f"{_consul_message(str(response.body))}"
             ) from exc
 
     @staticmethod
-    def _kv_path(key: str) -> str:
-        return "/v1/kv/" + urllib.parse.quote(key.lstrip("/"), safe="/")
-
-    @staticmethod
-    def _header_index(resp: requests.Response) -> int:
-        try:
-            return int(resp.headers.get("X-Consul-Index", "0"))
-        except ValueError:
-            return 0
+    def _kv_key(key: str) -> str:
+        return key.lstrip("/")
 
     # ----------------------------------------------------------------- agent
 
     def agent_node_name(self) -> str:
         """The node name of the agent this client talks to."""
-        resp = self._request("GET", "/v1/agent/self", what="agent self")
+        resp = self._direct("GET", "/v1/agent/self", what="agent self")
         data = self._json(resp, "agent self")
         try:
             return str(data["Config"]["NodeName"])
@@ -506,17 +764,18 @@ class ConsulClient:
 
     def leader(self) -> str:
         """The raft leader's address, "" when the cluster has none."""
-        resp = self._request("GET", "/v1/status/leader", what="status leader")
+        resp = self._direct("GET", "/v1/status/leader", what="status leader")
         return str(self._json(resp, "status leader") or "")
 
     # ----------------------------------------------------------------- KV
 
     def kv_get(self, key: str) -> KVEntry | None:
         """The entry at ``key``, None when there is none."""
-        resp = self._request("GET", self._kv_path(key), what=f"kv get {key}", allow=(404,))
-        if resp.status_code == 404:
-            return None
-        return self._first_entry(resp, key)
+        _, data = self._call(
+            lambda: self._consul.kv.get(self._kv_key(key), token=self._token),
+            what=f"kv get {key}",
+        )
+        return _kv_entry(data) if data else None
 
     def kv_get_blocking(self, key: str, index: int, wait: float) -> tuple[int, KVEntry | None]:
         """Wait up to ``wait`` s for ``key`` to change past ``index``; (next index, entry).
@@ -524,65 +783,47 @@ class ConsulClient:
         The returned index follows Consul's rules (see ``next_kv_index``): pass it to the
         next call. On timeout the same entry comes back with an unchanged index.
         """
-        resp = self._request(
-            "GET",
-            self._kv_path(key),
+        returned, data = self._call(
+            lambda: self._consul.kv.get(
+                self._kv_key(key), index=index, wait=_duration(wait), token=self._token
+            ),
             what=f"kv watch {key}",
-            params={"index": index, "wait": _duration(wait)},
             wait=wait,
-            allow=(404,),
         )
-        new_index = next_kv_index(index, self._header_index(resp))
-        if resp.status_code == 404:
-            return new_index, None
-        return new_index, self._first_entry(resp, key)
-
-    def _first_entry(self, resp: requests.Response, key: str) -> KVEntry | None:
-        data = self._json(resp, f"kv get {key}")
-        if not data:
-            return None
-        return KVEntry.from_json(data[0])
+        return next_kv_index(index, _index(returned)), _kv_entry(data) if data else None
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
         """Every entry under ``prefix`` (recursive; end a directory prefix with "/")."""
-        resp = self._request(
-            "GET",
-            self._kv_path(prefix),
+        _, data = self._call(
+            lambda: self._consul.kv.get(self._kv_key(prefix), recurse=True, token=self._token),
             what=f"kv list {prefix}",
-            params={"recurse": ""},
-            allow=(404,),
         )
-        if resp.status_code == 404:
-            return []
-        return [KVEntry.from_json(d) for d in self._json(resp, f"kv list {prefix}") or []]
+        return [_kv_entry(d) for d in data or []]
 
     def kv_list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[KVEntry]]:
         """Blocking ``kv_list``: wait up to ``wait`` s for a change under ``prefix``."""
-        resp = self._request(
-            "GET",
-            self._kv_path(prefix),
+        returned, data = self._call(
+            lambda: self._consul.kv.get(
+                self._kv_key(prefix),
+                index=index,
+                wait=_duration(wait),
+                recurse=True,
+                token=self._token,
+            ),
             what=f"kv watch {prefix}",
-            params={"recurse": "", "index": index, "wait": _duration(wait)},
             wait=wait,
-            allow=(404,),
         )
-        new_index = next_kv_index(index, self._header_index(resp))
-        if resp.status_code == 404:
-            return new_index, []
-        entries = [KVEntry.from_json(d) for d in self._json(resp, f"kv list {prefix}") or []]
-        return new_index, entries
+        return next_kv_index(index, _index(returned)), [_kv_entry(d) for d in data or []]
 
     def kv_keys(self, prefix: str, separator: str | None = "/") -> list[str]:
         """Key names under ``prefix``; with a separator, sub-trees collapse to "dir/"."""
-        params: dict[str, str] = {"keys": ""}
-        if separator:
-            params["separator"] = separator
-        resp = self._request(
-            "GET", self._kv_path(prefix), what=f"kv keys {prefix}", params=params, allow=(404,)
+        _, data = self._call(
+            lambda: self._consul.kv.get(
+                self._kv_key(prefix), keys=True, separator=separator or None, token=self._token
+            ),
+            what=f"kv keys {prefix}",
         )
-        if resp.status_code == 404:
-            return []
-        return [str(k) for k in self._json(resp, f"kv keys {prefix}") or []]
+        return [str(k) for k in data or []]
 
     def kv_put(
         self,
@@ -597,38 +838,30 @@ class ConsulClient:
 
         A CAS or release is not retried once it may have reached Consul (see ``txn``).
         """
-        params: dict[str, Any] = {}
-        if cas is not None:
-            params["cas"] = cas
-        if acquire is not None:
-            params["acquire"] = acquire
-        if release is not None:
-            params["release"] = release
-        resp = self._request(
-            "PUT",
-            self._kv_path(key),
+        result = self._call(
+            lambda: self._consul.kv.put(
+                self._kv_key(key),
+                value,
+                cas=cas,
+                acquire=acquire,
+                release=release,
+                token=self._token,
+            ),
             what=f"kv put {key}",
-            params=params,
-            data=value,
             idempotent=cas is None and release is None,
         )
-        return self._json(resp, f"kv put {key}") is True
+        return result is True
 
     def kv_delete(self, key: str, *, cas: int | None = None, recurse: bool = False) -> bool:
         """Delete ``key`` (or the tree under it); False when the CAS lost."""
-        params: dict[str, Any] = {}
-        if cas is not None:
-            params["cas"] = cas
-        if recurse:
-            params["recurse"] = ""
-        resp = self._request(
-            "DELETE",
-            self._kv_path(key),
+        result = self._call(
+            lambda: self._consul.kv.delete(
+                self._kv_key(key), recurse=recurse or None, cas=cas, token=self._token
+            ),
             what=f"kv delete {key}",
-            params=params,
             idempotent=cas is None,
         )
-        return self._json(resp, f"kv delete {key}") is True
+        return result is True
 
     # ----------------------------------------------------------------- txn
 
@@ -649,10 +882,16 @@ class ConsulClient:
         if not ops:
             return TxnResult(ok=True, entries=[], errors=[])
         what = f"txn of {len(ops)} ops"
-        body = json.dumps(ops).encode()
-        resp = self._request("PUT", "/v1/txn", what=what, data=body, allow=(409,), idempotent=False)
+        resp = self._direct(
+            "PUT",
+            "/v1/txn",
+            what=what,
+            data=json.dumps(ops).encode(),
+            allow=(409,),
+            idempotent=False,
+        )
         data = self._json(resp, what) or {}
-        if resp.status_code == 409:
+        if resp.code == 409:
             errors = [
                 (int(e.get("OpIndex", -1)), str(e.get("What", "")))
                 for e in data.get("Errors") or []
@@ -700,7 +939,7 @@ class ConsulClient:
             "NodeChecks": ["serfHealth"] if checks is None else list(checks),
         }
         what = f"session create {name}"
-        resp = self._request("PUT", "/v1/session/create", what=what, data=json.dumps(body).encode())
+        resp = self._direct("PUT", "/v1/session/create", what=what, data=json.dumps(body).encode())
         data = self._json(resp, what)
         try:
             return str(data["ID"])
@@ -711,34 +950,29 @@ class ConsulClient:
 
     def session_renew(self, session_id: str) -> bool:
         """Renew the session's TTL; False when Consul no longer knows it (404)."""
-        resp = self._request(
-            "PUT",
-            f"/v1/session/renew/{session_id}",
-            what=f"session renew {session_id}",
-            allow=(404,),
-        )
-        if resp.status_code == 404:
-            return False
-        data = self._json(resp, f"session renew {session_id}")
-        return bool(data)
+
+        def renew() -> Any:
+            try:
+                return self._consul.session.renew(session_id, token=self._token)
+            except consul.NotFound:
+                return None
+
+        return bool(self._call(renew, what=f"session renew {session_id}"))
 
     def session_destroy(self, session_id: str) -> None:
         """Destroy the session (its locks follow its behavior); unknown ids are fine."""
-        self._request(
-            "PUT", f"/v1/session/destroy/{session_id}", what=f"session destroy {session_id}"
+        self._call(
+            lambda: self._consul.session.destroy(session_id, token=self._token),
+            what=f"session destroy {session_id}",
         )
 
     def session_info(self, session_id: str) -> dict[str, Any] | None:
         """Consul's record of the session, None when it does not exist (any more)."""
-        resp = self._request(
-            "GET", f"/v1/session/info/{session_id}", what=f"session info {session_id}", allow=(404,)
+        _, data = self._call(
+            lambda: self._consul.session.info(session_id, token=self._token),
+            what=f"session info {session_id}",
         )
-        if resp.status_code == 404:
-            return None
-        data = self._json(resp, f"session info {session_id}")
-        if not data:
-            return None
-        return dict(data[0])
+        return dict(data) if data else None
 
     # ----------------------------------------------------------------- events
 
@@ -749,20 +983,23 @@ class ConsulClient:
         raises ``ConsulRequestError``. Events carry ids, never records.
         """
         what = f"event fire {name}"
-        resp = self._request(
-            "PUT",
-            f"/v1/event/fire/{urllib.parse.quote(name, safe='')}",
-            what=what,
-            data=payload,
-            allow=(413,),
-        )
-        if resp.status_code == 413:
-            raise ConsulRequestError(
-                f"Consul at {self.address} refused {what}: the payload of {len(payload)} "
-                f"bytes is over Consul's user event size limit "
-                f"({_consul_message(resp.text)}); events carry ids, not records"
-            )
-        data = self._json(resp, what)
+        if not name or "/" in name:
+            raise ConsulRequestError(f'event name "{name}" must be non-empty and have no "/"')
+
+        def fire() -> Any:
+            try:
+                return self._consul.event.fire(name, body=payload, token=self._token)
+            except consul.ConsulException as exc:
+                status, body = _failed_status(exc) or (0, "")
+                if status != 413:
+                    raise
+                raise ConsulRequestError(
+                    f"Consul at {self.address} refused {what}: the payload of {len(payload)} "
+                    f"bytes is over Consul's user event size limit "
+                    f"({_consul_message(body)}); events carry ids, not records"
+                ) from exc
+
+        data = self._call(fire, what=what)
         try:
             return str(data["ID"])
         except (KeyError, TypeError) as exc:
@@ -780,24 +1017,24 @@ class ConsulClient:
         change only (never for order), and pass it back as ``index`` to block up to ``wait``
         seconds until the event list changes.
         """
-        params: dict[str, str] = {}
+        params: list[tuple[str, Any]] = []
         if name:
-            params["name"] = name
+            params.append(("name", name))
         if index is not None:
-            params["index"] = index
+            params.append(("index", index))
             if wait is None:
                 wait = DEFAULT_BLOCKING_WAIT
         if wait is not None:
-            params["wait"] = _duration(wait)
+            params.append(("wait", _duration(wait)))
         what = f"event list {name}" if name else "event list"
-        resp = self._request(
+        resp = self._direct(
             "GET",
             "/v1/event/list",
             what=what,
             params=params,
             wait=wait if index is not None else None,
         )
-        new_index = resp.headers.get("X-Consul-Index", "")
+        new_index = str(resp.headers.get("X-Consul-Index", ""))
         events = [ConsulEvent.from_json(d) for d in self._json(resp, what) or []]
         return new_index, events
 
@@ -807,12 +1044,14 @@ class ConsulClient:
         """The ACL token this client uses, as Consul describes it (AccessorID, Description,
         Policies ...). Raises ``ConsulPermissionDenied`` for an unknown token and
         ``ConsulRequestError`` when ACLs are disabled."""
-        resp = self._request("GET", "/v1/acl/token/self", what="acl token self")
-        return dict(self._json(resp, "acl token self"))
+        data = self._call(
+            lambda: self._consul.acl.token.read_self(token=self._token), what="acl token self"
+        )
+        return dict(data or {})
 
     def close(self) -> None:
         """Release the connection pool."""
-        self._session.close()
+        self._http.close()
 
     def __enter__(self) -> ConsulClient:
         return self

@@ -154,6 +154,17 @@ class TestTls:
         with pytest.raises(ConsulTLSError):
             ConsulClient(settings, retry_deadline=2.0).leader()
 
+    def test_ca_bundle_variables_do_not_replace_system_verification(
+        self, cluster: ConsulCluster, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # requests would take REQUESTS_CA_BUNDLE over verify=True if it trusted the env.
+        assert cluster.ca_file is not None
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", cluster.ca_file)
+        monkeypatch.setenv("CURL_CA_BUNDLE", cluster.ca_file)
+        settings = dataclasses.replace(cluster.hosts[0].consul_settings(), ca_file=None)
+        with pytest.raises(ConsulTLSError):
+            ConsulClient(settings, retry_deadline=1.0).leader()
+
     @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
     def test_verify_false_is_honoured(self, cluster: ConsulCluster) -> None:
         settings = dataclasses.replace(

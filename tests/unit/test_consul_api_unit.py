@@ -347,3 +347,85 @@ class TestRetryPolicy:
         with pytest.raises(ConsulUnavailable, match=r"127\.0\.0\.1:9 .*is the agent running"):
             self.client("127.0.0.1:9", deadline=1.0).kv_get("k")
         assert time.monotonic() - started < 2.5
+
+
+class TestSettingsOnly:
+    """py-consul reads CONSUL_HTTP_* itself and requests reads proxies and CA bundles from
+    the environment; the client must use its ConsulSettings and nothing else."""
+
+    def test_env_token_does_not_override_the_configured_one(
+        self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        script, address = scripted
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token")
+        monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:9")
+        monkeypatch.setenv("CONSUL_HTTP_SSL", "true")
+        client = ConsulClient(ConsulSettings(address=address, token="tok-1", timeout=2.0))
+        script.answers = [(200, "true")]
+        assert client.kv_put("k", b"v") is True
+        script.answers = [(200, "[]")]
+        client.event_list()
+        assert [token for _, _, token in script.seen] == ["tok-1", "tok-1"]
+
+    def test_env_token_is_not_used_when_none_is_configured(
+        self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        script, address = scripted
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token")
+        client = ConsulClient(ConsulSettings(address=address, token=None, timeout=2.0))
+        script.answers = [(404, "")]
+        assert client.kv_get("k") is None
+        script.answers = [(200, '{"AccessorID": "a"}')]
+        client.acl_token_self()
+        assert [token for _, _, token in script.seen] == [None, None]
+
+    def test_proxy_variables_are_ignored(
+        self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        script, address = scripted
+        for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        script.answers = [(200, '"127.0.0.1:8300"')]
+        client = ConsulClient(ConsulSettings(address=address, timeout=2.0), retry_deadline=1.0)
+        assert client.leader() == "127.0.0.1:8300"
+        assert len(script.seen) == 1
+
+
+class TestStatusFromPyConsul:
+    """Statuses reach the error mapping from the response py-consul raised for, not from
+    its exception messages."""
+
+    def client(self, address: str) -> ConsulClient:
+        return ConsulClient(
+            ConsulSettings(address=address, token="tok-1", timeout=2.0), retry_deadline=5.0
+        )
+
+    def test_429_from_a_py_consul_endpoint_is_retried(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(429, "rate limit exceeded"), (200, '{"ID": "e1"}')]
+        assert self.client(address).event_fire("deploy", b"x") == "e1"
+        assert len(script.seen) == 2
+
+    def test_unknown_session_renew_is_false(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(404, "Session id 's' not found")]
+        assert self.client(address).session_renew("s") is False
+        assert len(script.seen) == 1
+
+    def test_invalid_json_from_a_py_consul_endpoint_is_a_request_error(
+        self, scripted: tuple[Script, str]
+    ) -> None:
+        script, address = scripted
+        script.answers = [(200, "not json")]
+        with pytest.raises(ConsulRequestError, match="kv list p/"):
+            self.client(address).kv_list("p/")
+        assert len(script.seen) == 1
+
+    def test_oversized_event_payload_names_the_limit(self, scripted: tuple[Script, str]) -> None:
+        script, address = scripted
+        script.answers = [(413, "Payload exceeds 300 bytes")]
+        with pytest.raises(ConsulRequestError, match="over Consul's user event size limit"):
+            self.client(address).event_fire("deploy", b"x" * 400)
+        assert len(script.seen) == 1
