@@ -13,7 +13,8 @@ from watcher.fsutil import atomic_write_json
 from watcher.records import DEPLOY_ID_RE, check_artifact_id, check_release
 
 EVENT_NAMES = ("build-finished", "deploy", "rollback")
-MAX_PAYLOAD = 512
+# Under Consul's own 300-byte user event limit; the largest valid payload is 235 bytes.
+MAX_PAYLOAD = 256
 
 # name -> (required keys, allowed key sets)
 _SHAPES: dict[str, tuple[frozenset[str], ...]] = {

@@ -1,0 +1,736 @@
+"""Operating the deploy barrier: auto-rollback, raw events, bad payloads, replays, abort races,
+holds and status, on a real Consul cluster with one `watcher run` per host."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
+from tests.support.fleet import Fleet, WatcherProc, wait_for
+from watcher.barrier import DeployStore
+from watcher.config import S3Settings
+from watcher.events import MAX_PAYLOAD
+from watcher.records import READY, parse_iso
+
+CLUSTER = ClusterSpec(hosts=3)
+CONSUL_EVENT_LIMIT = 300  # bytes: Consul 1.22 refuses a larger user event payload (HTTP 413)
+
+MakeFleet = Callable[..., Fleet]
+
+
+@pytest.fixture
+def make_fleet(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+) -> Iterator[MakeFleet]:
+    """Builds a fleet on its own KV prefix; ``hosts`` maps a watcher index to app overrides."""
+    fleets: list[Fleet] = []
+
+    def make(
+        *,
+        app_extra: dict[str, Any] | None = None,
+        daemon_extra: dict[str, Any] | None = None,
+        hosts: dict[int, dict[str, Any]] | None = None,
+    ) -> Fleet:
+        f = Fleet(
+            cluster,
+            s3_settings,
+            tmp_path / f"fleet{len(fleets)}",
+            kv_prefix=f"ops{time.monotonic_ns()}",
+            app_extra=app_extra or {},
+            daemon_extra=daemon_extra or {},
+        )
+        for index, extra in (hosts or {}).items():
+            f.write_config(f.watchers[index], extra)
+        fleets.append(f)
+        f.start()
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in fleets:
+            f.stop()
+
+
+def hook(path: Path, body: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def fire(consul_bin: str, agent: Agent, name: str, payload: str | None) -> str:
+    """`consul event -name=NAME PAYLOAD` through the real CLI; returns the event ID."""
+    argv = [consul_bin, "event", f"-http-addr={agent.http_addr}", f"-name={name}"]
+    if payload is not None:
+        argv.append(payload)
+    env = {**os.environ, **agent.env()}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30, check=False)
+    assert result.returncode == 0, f"consul event failed: {result.stdout}{result.stderr}"
+    match = re.search(r"Event ID: (\S+)", result.stdout)
+    assert match, result.stdout
+    return match.group(1)
+
+
+def store_of(fleet: Fleet) -> DeployStore:
+    return DeployStore(fleet.kv, fleet.kv_prefix, fleet.app)
+
+
+def release_of(fleet: Fleet, deploy_id: str) -> str:
+    record = store_of(fleet).deploy_record(deploy_id)
+    assert record is not None, f"no deploy record {deploy_id}"
+    return record.release
+
+
+def fleet_current(fleet: Fleet) -> str | None:
+    current, _ = store_of(fleet).current()
+    return current.release if current else None
+
+
+def all_on(fleet: Fleet, release: str | None) -> dict[str, str | None]:
+    return {w.name: release for w in fleet.watchers}
+
+
+def everyone_on(fleet: Fleet, release: str) -> Callable[[], bool]:
+    return lambda: fleet.currents() == all_on(fleet, release)
+
+
+def history(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    rows = fleet.watchers[0].ctl_json("history", "web")
+    return {row["deploy"]: row for row in rows}
+
+
+def events_named(w: WatcherProc, event: str) -> list[dict[str, Any]]:
+    return [e for e in w.log_events() if e.get("event") == event]
+
+
+def deploy_ok(fleet: Fleet, artifact_id: str) -> str:
+    """A `watcherctl deploy` that must commit; returns the release name."""
+    result = fleet.watchers[0].ctl_json("deploy", "web", artifact_id)
+    assert result["result"] == "committed", result
+    fleet.wait_idle()
+    release = str(result["release"])
+    wait_for(everyone_on(fleet, release), 10, "every host on the release", fleet)
+    return release
+
+
+def raw_deploy_ok(fleet: Fleet, consul_bin: str, payload: dict[str, str], name: str) -> str:
+    """A raw `consul event` that must commit; returns the deploy (= event) id."""
+    event_id = fire(consul_bin, fleet.cluster.hosts[0], name, json.dumps(payload))
+    outcome = fleet.wait_outcome(event_id)
+    assert outcome["result"] == "committed", outcome
+    assert {h["state"] for h in outcome["hosts"].values()} == {"live"}, outcome
+    fleet.wait_idle()
+    release = release_of(fleet, event_id)
+    wait_for(everyone_on(fleet, release), 10, "every host on the release", fleet)
+    return event_id
+
+
+# --- 1. validate fails after the flip ---------------------------------------------------------
+
+
+def validate_fails_on_v2(tmp_path: Path) -> dict[str, Any]:
+    script = hook(
+        tmp_path / "hooks" / "validate-host2",
+        'if grep -q v2 "$WATCHER_RELEASE_DIR/VERSION"; then\n'
+        '  echo "GET /healthz -> 502 Bad Gateway" >&2\n  exit 7\nfi\n',
+    )
+    return {"hooks": {"validate": script}}
+
+
+class TestValidateFailure:
+    def test_validate_failure_on_one_host_rolls_the_fleet_back(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        fleet = make_fleet(hosts={1: validate_fails_on_v2(tmp_path)})
+        bad = fleet.watchers[1].name
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = deploy_ok(fleet, v1.id)
+
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1, result
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "rolled_back", summary
+        rel2 = summary["release"]
+        rollback_id = summary["rollback_deploy"]
+        assert rollback_id, summary
+        # Every host flipped to v2 (it was committed) before the fleet went back.
+        assert summary["hosts"][bad]["state"] == "failed_after_commit"
+        assert all(h["state"] == "live" for n, h in summary["hosts"].items() if n != bad)
+
+        rollback = fleet.wait_outcome(rollback_id)
+        assert rollback["result"] == "committed", rollback
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+        for w in fleet.watchers:
+            assert (w.app_dir / "current" / "VERSION").read_text() == "v1\n"
+        current, _ = store_of(fleet).current()
+        assert current is not None and current.release == rel1 and current.deploy == rollback_id
+        assert current.previous is not None and current.previous["release"] == rel2
+
+        rows = history(fleet)
+        failed = rows[summary["deploy"]]
+        assert failed["result"] == "rolled_back"
+        assert bad in failed["reason"] and "validate" in failed["reason"]
+        assert failed["hosts"][bad]["state"] == "failed_after_commit"
+        assert "502 Bad Gateway" in failed["hosts"][bad]["output_tail"]
+        assert failed["rollback_deploy"] == rollback_id
+        back = rows[rollback_id]
+        assert back["kind"] == "rollback" and back["result"] == "committed"
+        assert back["release"] == rel1 and back["rollback_of"] == summary["deploy"]
+        assert {h["state"] for h in back["hosts"].values()} == {"live"}
+        # A rollback never triggers another one, and nothing else started.
+        assert len(rows) == 3 and fleet.inflight() is None
+
+    def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        fleet = make_fleet(
+            app_extra={"on_validate_failure": "hold"}, hosts={1: validate_fails_on_v2(tmp_path)}
+        )
+        bad = fleet.watchers[1].name
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        deploy_ok(fleet, v1.id)
+
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1, result
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "failed_after_commit", summary
+        assert summary["rollback_deploy"] is None
+        assert bad in summary["reason"]
+        rel2 = summary["release"]
+        fleet.wait_idle()
+        # Nothing moves back: give the fleet a moment to (wrongly) react, then look again.
+        time.sleep(1.5)
+        assert fleet.inflight() is None
+        assert fleet.currents() == all_on(fleet, rel2)
+        assert fleet_current(fleet) == rel2
+        rows = history(fleet)
+        assert len(rows) == 2
+        assert rows[summary["deploy"]]["result"] == "failed_after_commit"
+        assert "502 Bad Gateway" in rows[summary["deploy"]]["hosts"][bad]["output_tail"]
+
+
+# --- 2. raw events and rollback ----------------------------------------------------------------
+
+
+class TestRawEventsAndRollback:
+    def test_raw_deploy_event_then_rollbacks(self, make_fleet: MakeFleet, consul_bin: str) -> None:
+        fleet = make_fleet()
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+
+        e1 = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v1.id}, "deploy")
+        rel1 = release_of(fleet, e1)
+        record = store_of(fleet).deploy_record(e1)
+        assert record is not None
+        assert record.requested_by == f"consul event {e1}" and record.artifact == v1.id
+        assert record.expected == sorted(w.name for w in fleet.watchers)
+        e2 = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v2.id}, "deploy")
+        rel2 = release_of(fleet, e2)
+        assert fleet.currents() == all_on(fleet, rel2)
+
+        back = fleet.watchers[2].ctl_json("rollback", "web")
+        assert back["result"] == "committed" and back["kind"] == "rollback", back
+        assert back["release"] == rel1
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+        assert fleet_current(fleet) == rel1
+
+        # A raw rollback event: back to the previous release, which is now rel2.
+        e3 = raw_deploy_ok(fleet, consul_bin, {"app": "web"}, "rollback")
+        view = store_of(fleet).view(e3)
+        assert view is not None and view.record.kind == "rollback"
+        assert view.record.release == rel2
+        assert fleet.currents() == all_on(fleet, rel2)
+        assert [r["deploy"] for r in reversed(list(history(fleet).values()))] == [
+            e1,
+            e2,
+            back["deploy"],
+            e3,
+        ]
+
+
+# --- 3. bad payloads ---------------------------------------------------------------------------
+
+BAD_PAYLOADS: list[tuple[str, str | None, str]] = [
+    ("deploy", '{"app": "web", "artifact": ', "not JSON"),
+    ("deploy", '["web", "main-1"]', "JSON object"),
+    ("deploy", '{"app": "web", "artifact": 5}', "JSON object of strings"),
+    ("deploy", '{"app": "nope", "artifact": "main-12345678"}', "unknown app"),
+    ("deploy", '{"app": "web", "artifactt": "main-12345678"}', "do not match"),
+    ("deploy", '{"app": "web", "artifact": "main-1", "force": "yes"}', "do not match"),
+    ("rollback", '{"app": "web", "artifact": "main-12345678"}', "do not match"),
+    ("deploy", '{"app": "web", "artifact": "../../etc/passwd"}', "invalid artifact id"),
+    ("build-finished", '{"app": "web", "artifact": "main 1"}', "invalid artifact id"),
+    ("rollback", '{"app": "web", "release": "last-tuesday"}', "release"),
+    ("deploy", '{"app": "web", "deploy": "$(reboot)"}', "invalid deploy id"),
+    ("deploy", None, "empty payload"),
+]
+
+
+def wait_dropped(fleet: Fleet, event_ids: dict[str, str]) -> None:
+    """Every watcher logged event_dropped, with the event ID and the expected reason."""
+
+    def dropped(w: WatcherProc) -> dict[str, str]:
+        return {e["event_id"]: str(e.get("error", "")) for e in events_named(w, "event_dropped")}
+
+    wait_for(
+        lambda: all(set(event_ids) <= set(dropped(w)) for w in fleet.watchers),
+        20,
+        "event_dropped for every bad event on every host",
+        fleet,
+    )
+    for w in fleet.watchers:
+        seen = dropped(w)
+        for event_id, why in event_ids.items():
+            assert why in seen[event_id], (w.name, event_id, seen[event_id], why)
+        handled = {e.get("event_id") for e in events_named(w, "event_handled")}
+        assert not handled & set(event_ids), (w.name, handled & set(event_ids))
+        assert w.running(), f"{w.name} died"
+
+
+class TestBadPayloads:
+    def test_bad_payloads_are_logged_and_dropped_and_the_daemon_keeps_going(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        fleet = make_fleet()
+        agent = fleet.cluster.hosts[1]
+        fired = {fire(consul_bin, agent, name, body): why for name, body, why in BAD_PAYLOADS}
+        wait_dropped(fleet, fired)
+        assert fleet.inflight() is None
+        assert history(fleet) == {}
+        assert fleet.kv.kv_get(fleet.keys.events_seen) is None
+
+        # A well-formed deploy of an artifact nobody published fails at once, on record.
+        unknown = fire(consul_bin, agent, "deploy", '{"app":"web","artifact":"main-deadbeef"}')
+        outcome = fleet.wait_outcome(unknown)
+        assert outcome["result"] == "aborted"
+        assert "unknown artifact main-deadbeef" in outcome["reason"]
+        assert fleet.inflight() is None
+
+        # The daemons kept running: a valid raw deploy still goes through.
+        v1 = fleet.publish("v1")
+        good = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v1.id}, "deploy")
+        assert {h["state"] for h in history(fleet)[good]["hosts"].values()} == {"live"}
+        assert all(w.running() for w in fleet.watchers)
+
+    def test_oversized_payload_is_dropped(self, make_fleet: MakeFleet, consul_bin: str) -> None:
+        # An otherwise valid deploy padded to just under what Consul still delivers: the
+        # daemon's own limit must be below Consul's, or it can never apply.
+        assert MAX_PAYLOAD < CONSUL_EVENT_LIMIT, (
+            f"watcher.events.MAX_PAYLOAD={MAX_PAYLOAD} is above Consul's {CONSUL_EVENT_LIMIT}-"
+            "byte user event limit: the daemon's size check can never trigger"
+        )
+        fleet = make_fleet()
+        v1 = fleet.publish("v1")
+        body = json.dumps({"app": "web", "artifact": v1.id})
+        padded = body[:-1] + " " * (CONSUL_EVENT_LIMIT - 1 - len(body)) + "}"
+        assert MAX_PAYLOAD < len(padded) < CONSUL_EVENT_LIMIT
+        event_id = fire(consul_bin, fleet.cluster.hosts[0], "deploy", padded)
+        wait_dropped(fleet, {event_id: f"over {MAX_PAYLOAD}"})
+        assert fleet.inflight() is None and history(fleet) == {}
+
+
+# --- 4. replays --------------------------------------------------------------------------------
+
+
+class TestReplays:
+    def test_host_with_wiped_state_does_not_replay_buffered_events(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        fleet = make_fleet()
+        v1 = fleet.publish("v1")
+        e1 = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v1.id}, "deploy")
+        rel1 = release_of(fleet, e1)
+
+        w = fleet.watchers[2]
+        w.stop()
+        assert (w.state_dir / "events.json").exists()
+        shutil.rmtree(w.state_dir)
+        shutil.rmtree(w.app_dir / ".state", ignore_errors=True)
+        # Its own agent still buffers the deploy event.
+        _, buffered = fleet.kv.event_list()
+        assert e1 in {e.id for e in buffered}
+        mark = len(w.log_events())
+        w.start()
+        fleet.wait_members(3)
+
+        def after_restart(event: str) -> list[dict[str, Any]]:
+            return [e for e in w.log_events()[mark:] if e.get("event") == event]
+
+        wait_for(lambda: bool(after_restart("events_primed")), 20, "events primed", fleet)
+        assert after_restart("events_primed")[0]["buffered"] >= 1
+        wait_for(
+            lambda: any("idle" in str(e.get("outcome")) for e in after_restart("cycle")),
+            20,
+            "an idle cycle after the restart",
+            fleet,
+        )
+        time.sleep(1.0)  # room for a (wrong) reaction to the buffered event
+        assert not [e for e in after_restart("event_handled") if e.get("event_id") == e1]
+        assert fleet.inflight() is None
+        assert list(history(fleet)) == [e1]
+        assert fleet.currents() == all_on(fleet, rel1)
+
+    def test_old_event_after_history_trim_starts_nothing(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        fleet = make_fleet(daemon_extra={"history_keep": 2})
+        store = store_of(fleet)
+        v1, v2, v3 = fleet.publish("v1"), fleet.publish("v2"), fleet.publish("v3")
+        payload = {"app": "web", "artifact": v1.id}
+        e1 = raw_deploy_ok(fleet, consul_bin, payload, "deploy")
+        ltime = {e.id: e.ltime for e in fleet.kv.event_list()[1]}[e1]
+        deploy_ok(fleet, v2.id)
+        rel3 = deploy_ok(fleet, v3.id)
+        assert e1 not in store.history() and store.deploy_record(e1) is None, "not trimmed"
+
+        def replay(event_id: str, lt: int) -> str:
+            return store.start_from_event(
+                event_id=event_id,
+                ltime=lt,
+                kind="deploy",
+                artifact_id=v1.id,
+                release=None,
+                by=fleet.watchers[1].name,
+                prepare_timeout=60,
+                apply_timeout=60,
+                history_keep=2,
+            )
+
+        assert replay(e1, ltime) == "history"
+        assert fleet.inflight() is None and store.deploy_record(e1) is None
+        assert fleet.currents() == all_on(fleet, rel3)
+
+        # The same payload fired again is a new event (new id, higher LTime): a new deploy.
+        e4 = raw_deploy_ok(fleet, consul_bin, payload, "deploy")
+        assert e4 != e1 and release_of(fleet, e4).endswith(v1.id)
+        ltime4 = {e.id: e.ltime for e in fleet.kv.event_list()[1]}[e4]
+        assert ltime4 > ltime
+        assert replay(e4, ltime4) == "exists"
+        assert replay(e1, ltime) == "history"
+        assert fleet.inflight() is None
+        assert store.history()[-1] == e4
+
+
+# --- 5. abort racing the commit ----------------------------------------------------------------
+
+CTL_SERVER = (
+    "import sys\n"
+    "from watcher.ctl import build_parser, main\n"
+    "build_parser()\n"
+    "print('armed', flush=True)\n"
+    "argv = sys.stdin.readline().split()\n"
+    "sys.exit(main(argv))\n"
+)
+
+
+class ArmedCtl:
+    """A `watcherctl` process already started (imports done) waiting for its argv on stdin,
+    so that the command itself runs within milliseconds of the trigger."""
+
+    def __init__(self, w: WatcherProc) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CTL_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=w.env(),
+        )
+        self.config = str(w.config_path)
+
+    def wait_armed(self) -> None:
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "armed\n", self.proc.stderr
+
+    def run(self, *args: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(" ".join([*args, "-c", self.config, "--json"]) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> tuple[int, Any, str]:
+        out, err = self.proc.communicate(timeout=30)
+        try:
+            data = json.loads(out)
+        except ValueError:
+            data = None
+        return self.proc.returncode, data, err
+
+
+def wait_inflight(fleet: Fleet, timeout: float = 20.0) -> str:
+    """The id of the deploy in flight, as soon as ``inflight`` shows one (blocking queries)."""
+    end = time.monotonic() + timeout
+    index = 0
+    while time.monotonic() < end:
+        index, entry = fleet.kv.kv_get_blocking(fleet.keys.inflight, index, 5.0)
+        if entry is not None and entry.value:
+            return entry.value.decode()
+    raise AssertionError(f"no deploy in flight after {timeout}s")
+
+
+def wait_all_ready(fleet: Fleet, deploy_id: str, timeout: float = 20.0) -> None:
+    """Blocking queries on ``deploys/<id>/nodes/`` until every expected node is ready."""
+    expected = {w.name for w in fleet.watchers}
+    prefix = fleet.keys.nodes_prefix(deploy_id)
+    end = time.monotonic() + timeout
+    index = 0
+    while time.monotonic() < end:
+        index, entries = fleet.kv.kv_list_blocking(prefix, index, 5.0)
+        states = {e.key[len(prefix) :]: json.loads(e.value or b"{}").get("state") for e in entries}
+        if all(states.get(n) == READY for n in expected):
+            return
+        if any(s not in (READY, "staging") for s in states.values()):
+            return  # decided already: nothing left to race
+    raise AssertionError(f"deploy {deploy_id}: not every node ready after {timeout}s")
+
+
+def decisions_logged(fleet: Fleet, deploy_id: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for w in fleet.watchers
+        for e in events_named(w, "deploy_decided")
+        if e.get("deploy") == deploy_id
+    ]
+
+
+class TestAbortRace:
+    ROUNDS = 15
+
+    def test_abort_racing_the_commit_one_decision_every_host_follows(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        fleet = make_fleet()
+        store = store_of(fleet)
+        rng = random.Random(20240605)
+        seen: dict[str, int] = {"commit": 0, "abort": 0}
+        ready_after: list[float] = []  # seconds from the deploy's start to the last ready
+        results: dict[str, str] = {}
+        odd = list(range(self.ROUNDS // 2))
+        rng.shuffle(odd)
+
+        def arm(i: int) -> tuple[ArmedCtl, ArmedCtl]:
+            return ArmedCtl(fleet.watchers[0]), ArmedCtl(fleet.watchers[i % 3])
+
+        armed = arm(0)
+        for i in range(self.ROUNDS):
+            artifact = fleet.publish(f"race-{i}")
+            before, current_before = fleet.currents(), fleet_current(fleet)
+            deployer, aborter = armed
+            deployer.wait_armed()
+            aborter.wait_armed()
+            # Even rounds: abort the instant the last host is ready (what triggers the
+            # coordinator too). Odd rounds: at delays spread from the deploy's start to past
+            # the moment the hosts usually are all ready.
+            typical = sorted(ready_after)[len(ready_after) // 2] if ready_after else 0.2
+            delay = None
+            if i % 2:
+                step = odd.pop() / max(self.ROUNDS // 2 - 1, 1)
+                delay = 1.5 * typical * step + rng.uniform(0.0, 0.02)
+            deployer.run("deploy", "web", artifact.id, "--no-wait")
+            deploy_id = wait_inflight(fleet)
+            if delay is None:
+                wait_all_ready(fleet, deploy_id)
+            else:
+                time.sleep(delay)
+            aborter.run("abort", deploy_id, "--reason", f"race-{i}")
+            code, answer, err = aborter.result()
+            assert code in (0, 4) and answer, (code, answer, err)
+            if i + 1 < self.ROUNDS:
+                armed = arm(i + 1)  # their imports overlap this round's checks
+            started_code, started, started_err = deployer.result()
+            assert started_code == 0 and started, (started_code, started, started_err)
+            assert started["deploy"] == deploy_id
+            release = started["release"]
+
+            outcome = fleet.wait_outcome(deploy_id)
+            fleet.wait_idle()
+            view = store.view(deploy_id)
+            assert view is not None and view.decision is not None
+            decision = view.decision
+            seen[decision.outcome] += 1
+            results[deploy_id] = outcome["result"]
+            staged = [
+                parse_iso(p.timings["staged_at"])
+                for p in view.nodes.values()
+                if "staged_at" in p.timings
+            ]
+            if len(staged) == len(fleet.watchers):
+                ready_after.append(
+                    (max(staged) - parse_iso(view.record.requested_at)).total_seconds()
+                )
+            where = f"round {i} (abort delay {delay}): {decision}, abort answered {answer}"
+            logged = decisions_logged(fleet, deploy_id)
+            if answer["aborted"]:
+                assert code == 0, where
+                assert decision.outcome == "abort" and f"race-{i}" in decision.reason, where
+                assert not logged, f"{where}; a daemon decided too: {logged}"
+            else:
+                assert code == 4, where
+                assert decision.outcome == "commit", where
+                assert [e["outcome"] for e in logged] == ["commit"], (where, logged)
+            states = {n: p.state for n, p in view.nodes.items()}
+            if decision.outcome == "commit":
+                assert outcome["result"] == "committed", (where, outcome)
+                wait_for(
+                    everyone_on(fleet, release),
+                    10,
+                    f"every host on {release} ({where})",
+                    fleet,
+                )
+                assert set(states.values()) == {"live"}, (where, states)
+                assert fleet_current(fleet) == release
+            else:
+                assert outcome["result"] == "aborted", (where, outcome)
+                assert fleet.currents() == before, where
+                assert fleet_current(fleet) == current_before, where
+                assert "live" not in states.values(), (where, states)
+                for w in fleet.watchers:
+                    flips = [
+                        e for e in events_named(w, "release_flipped") if e["release"] == release
+                    ]
+                    assert not flips, f"{w.name} flipped to aborted {release}: {where}"
+        rows = history(fleet)
+        assert {d: rows[d]["result"] for d in results} == results
+        # Both sides of the race were exercised.
+        assert seen["commit"] >= 1 and seen["abort"] >= 1, (seen, ready_after)
+
+
+# --- 6. holds ----------------------------------------------------------------------------------
+
+
+class TestHold:
+    def test_held_host_aborts_the_deploy_and_hold_is_refused_while_ready_undecided(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        flag = tmp_path / "slow"
+        slow = hook(
+            tmp_path / "hooks" / "post-release-slow",
+            f'if [ -e "{flag}" ]; then sleep 4; fi\n',
+        )
+        fleet = make_fleet(hosts={2: {"hooks": {"post_release": slow}}})
+        held, slow_host = fleet.watchers[1], fleet.watchers[2]
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = deploy_ok(fleet, v1.id)
+
+        placed = held.ctl_json("hold", "web", "--reason", "disk maintenance")
+        assert placed["hold"]["reason"] == "disk maintenance"
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1, result
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "aborted"
+        assert held.name in summary["reason"] and "held" in summary["reason"], summary
+        assert summary["hosts"][held.name]["state"] == "failed"
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+        status = held.ctl_json("status")
+        assert status["apps"]["web"]["hold"]["reason"] == "disk maintenance"
+        held.ctl_json("release-hold", "web")
+
+        # Ready in an undecided deploy: `hold` is refused (exit 4), nothing is placed.
+        flag.touch()
+        started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--resume", "--no-wait")
+        deploy_id = started["deploy"]
+        store = store_of(fleet)
+
+        def host_ready() -> bool:
+            view = store.view(deploy_id)
+            mine = view.nodes.get(held.name) if view else None
+            return bool(mine and mine.state == READY and view and view.decision is None)
+
+        wait_for(host_ready, 20, f"{held.name} ready, deploy undecided", fleet)
+        refused = held.ctl("hold", "web", "--reason", "too late", check=False)
+        assert refused.returncode == 4, refused
+        assert deploy_id in refused.stderr and "not decided" in refused.stderr
+        here = held.ctl_json("status")["apps"]["web"]
+        assert here["hold"] is None
+        assert here["deploy"]["id"] == deploy_id and here["deploy"]["this_host"] == READY
+        assert here["deploy"]["decision"] is None
+        fleet_view = held.ctl_json("status", "--fleet")["web"]
+        assert fleet_view["deploy"]["id"] == deploy_id
+        assert fleet_view["hosts"][held.name]["deploy_state"] == READY
+        assert fleet_view["hosts"][slow_host.name]["deploy_state"] == "staging"
+
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        fleet.wait_idle()
+        rel2 = release_of(fleet, deploy_id)
+        assert rel2 == summary["release"], "a resume reuses the release name"
+        assert fleet.currents() == all_on(fleet, rel2)
+        # Once decided, a hold is allowed again.
+        assert held.ctl_json("hold", "web")["hold"] is not None
+        held.ctl_json("release-hold", "web")
+
+
+# --- 7. status -------------------------------------------------------------------------------
+
+
+def timed_ctl(w: WatcherProc, *args: str) -> tuple[float, Any]:
+    """The best of three wall times of a `watcherctl` run (process start included)."""
+    best, data = float("inf"), None
+    for _ in range(3):
+        start = time.monotonic()
+        data = w.ctl_json(*args)
+        best = min(best, time.monotonic() - start)
+    return best, data
+
+
+class TestStatus:
+    def test_status_and_fleet_status_are_right_and_fast(self, make_fleet: MakeFleet) -> None:
+        fleet = make_fleet()
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = deploy_ok(fleet, v1.id)
+        rel2 = deploy_ok(fleet, v2.id)
+        w = fleet.watchers[1]
+
+        took, local = timed_ctl(w, "status")
+        assert took < 1.0, f"watcherctl status took {took:.2f}s"
+        assert local["node"] == w.name
+        assert local["daemon"]["running"] is True
+        assert local["consul"]["reachable"] is True
+        web = local["apps"]["web"]
+        assert web["current"] == rel2 and web["previous"] == rel1
+        assert web["fleet_current"] == rel2
+        assert {rel1, rel2} <= set(web["staged"])
+        assert web["hold"] is None and web["deploy"] is None
+
+        wait_for(
+            lambda: all(
+                h["release"] == rel2
+                for h in w.ctl_json("status", "--fleet")["web"]["hosts"].values()
+            ),
+            10,
+            "host records on rel2",
+            fleet,
+        )
+        took, whole = timed_ctl(w, "status", "--fleet")
+        assert took < 1.0, f"watcherctl status --fleet took {took:.2f}s"
+        app = whole["web"]
+        assert app["current"] == rel2 and app["previous"] == rel1 and app["deploy"] is None
+        assert sorted(app["hosts"]) == sorted(x.name for x in fleet.watchers)
+        for row in app["hosts"].values():
+            assert row["member"] is True and row["on_fleet_release"] is True
+            assert row["last_seen"]
+
+        # A stopped watcher: its own status says so, and the fleet shows it down.
+        down = fleet.watchers[2]
+        down.stop()
+        took, local = timed_ctl(down, "status")
+        assert took < 1.0
+        assert local["daemon"]["running"] is False
+        assert local["apps"]["web"]["current"] == rel2
+        rows = w.ctl_json("status", "--fleet")["web"]["hosts"]
+        assert rows[down.name]["member"] is False and rows[down.name]["release"] == rel2
+        assert all(rows[x.name]["member"] for x in fleet.watchers[:2])
