@@ -255,8 +255,11 @@ class DeployStore:
         *,
         history_keep: int,
         extra_ops: list[dict[str, object]] | None = None,
-    ) -> None:
-        """Create ``inflight`` and the deploy record in one txn; refuse if one is in flight."""
+    ) -> bool:
+        """Create ``inflight`` and the deploy record in one txn; refuse if one is in flight.
+
+        Returns False when this same deploy was already started by someone else.
+        """
         ops = [
             TxnOp.cas(self.keys.inflight, record.id.encode(), 0),
             TxnOp.set(self.keys.deploy(record.id), record.to_json()),
@@ -273,12 +276,12 @@ class DeployStore:
                 release=record.release,
                 expected=len(record.expected),
             )
-            return
+            return True
         current_id, _ = self.inflight()
         if current_id and current_id != record.id:
             raise DeployInFlight(self._inflight_message(current_id))
         if current_id == record.id:
-            return
+            return False
         raise DeployRefused(
             f"app {self.app}: could not start deploy {record.id}: "
             f"{result.errors or 'txn rolled back'}"
@@ -402,8 +405,9 @@ class DeployStore:
                 apply_timeout=apply_timeout,
             )
             try:
-                self.start(rec, history_keep=history_keep, extra_ops=[seen_op])
-                return "started"
+                # Two hosts that see the event at once race; the loser finds it started.
+                created = self.start(rec, history_keep=history_keep, extra_ops=[seen_op])
+                return "started" if created else "exists"
             except DeployInFlight as exc:
                 self.consul.kv_put(
                     self.keys.events_seen,

@@ -9,10 +9,9 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher.agent import read_journal
-from watcher.artifacts import ArtifactCache
 from watcher.barrier import DeployStore
 from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient
@@ -37,7 +36,9 @@ from watcher.errors import (
 from watcher.hooks import HookContext, run_hooks, run_in_release
 from watcher.records import Keys, check_release, iso, release_name, utcnow
 from watcher.releases import ReleaseEngine, ReleaseInfo
-from watcher.s3 import S3Store
+
+if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
+    from watcher.artifacts import ArtifactCache
 
 #: How long a command that must ask Consul whether a deploy is decided keeps retrying.
 CONSUL_CHECK_DEADLINE = 3.0
@@ -405,6 +406,9 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         raise ArtifactNotFound(
             f"app {app.name}: unknown artifact {ctx.args.artifact} (no record at {key})"
         )
+    from watcher.artifacts import ArtifactCache
+    from watcher.s3 import S3Store
+
     cache = ArtifactCache(
         app.app_dir,
         S3Store(config.s3),

@@ -11,7 +11,7 @@ from typing import Any
 from watcher.config import parse_duration
 from watcher.ctl import CtlContext, user_at_host
 from watcher.errors import ConfigError
-from watcher.publish import MANIFEST_PATH, publish_artifact, tty_progress
+from watcher.records import MANIFEST_PATH
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -78,6 +78,8 @@ def run_publish(ctx: CtlContext) -> int:
     if build_number is None:
         build_number = env.get("BUILDKITE_BUILD_NUMBER", "")
     build_url = args.build_url if args.build_url is not None else env.get("BUILDKITE_BUILD_URL", "")
+    from watcher.publish import publish_artifact, tty_progress  # boto3: only when used
+
     record = publish_artifact(
         ctx.config,
         args.app,

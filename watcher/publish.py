@@ -25,6 +25,7 @@ from watcher.consul_api import ConsulClient
 from watcher.errors import ArtifactIntegrityError, ArtifactRefused, ConfigError, PayloadError
 from watcher.log import get_logger
 from watcher.records import (
+    MANIFEST_PATH,
     ArtifactRecord,
     Keys,
     artifact_id_for,
@@ -34,7 +35,6 @@ from watcher.records import (
 )
 from watcher.s3 import S3Store
 
-MANIFEST_PATH = ".watcher/manifest.yaml"
 ARTIFACT_FORMAT = "tar.gz"
 BUILD_FINISHED = "build-finished"
 # Always left out, whatever the manifest says: version control metadata.

@@ -14,6 +14,7 @@ ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
 DOC_VERSION = 1
 
 # Per-node states (forward-only: staging -> ready | failed; ready -> live | aborted |
