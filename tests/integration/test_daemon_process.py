@@ -1,0 +1,153 @@
+"""`watcher run` as systemd sees it: readiness, watchdog, reload, a clean stop, /health."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import Fleet, WatcherProc, wait_for
+from watcher.config import S3Settings
+
+CLUSTER = ClusterSpec(hosts=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NotifyListener:
+    """The systemd side of sd_notify: a datagram socket collecting what the daemon says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                return self.messages
+
+    def saw(self, field: str) -> bool:
+        return any(field in m.split("\n") for m in self.drain())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+) -> Iterator[tuple[Fleet, WatcherProc, NotifyListener, int]]:
+    port = free_port()
+    fleet = Fleet(
+        cluster,
+        s3_settings,
+        tmp_path,
+        kv_prefix=f"p{time.monotonic_ns()}",
+        daemon_extra={"listen": f"127.0.0.1:{port}"},
+    )
+    w = fleet.watchers[0]
+    listener = NotifyListener(tmp_path / "notify.sock")
+    base_env = w.env
+
+    def env() -> dict[str, str]:
+        e = base_env()
+        e.update(NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="2000000")
+        return e
+
+    w.env = env  # type: ignore[method-assign]
+    fleet.start()
+    try:
+        yield fleet, w, listener, port
+    finally:
+        fleet.stop()
+        listener.close()
+
+
+def health(port: int) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class TestSystemdProtocol:
+    def test_ready_watchdog_reload_and_stopping(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int]
+    ) -> None:
+        fleet, w, listener, _ = daemon
+        wait_for(lambda: listener.saw("READY=1"), 20, "READY=1", fleet)
+        # WATCHDOG_USEC=2s: pings at least every second, idle or not
+        listener.messages.clear()
+        time.sleep(2.5)
+        pings = sum(m.split("\n").count("WATCHDOG=1") for m in listener.drain())
+        assert pings >= 2, listener.messages
+
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: listener.saw("RELOADING=1"), 10, "RELOADING=1", fleet)
+        assert any(e.get("event") == "config_reloaded" for e in w.log_events())
+
+        member = fleet.keys.member(w.name)
+        assert fleet.kv.kv_get(member) is not None
+        stopped_at = time.monotonic()
+        assert w.stop() == 0
+        assert listener.saw("STOPPING=1")
+        # no deploy in flight: the session is destroyed, so the member key goes at once
+        assert fleet.kv.kv_get(member) is None
+        assert time.monotonic() - stopped_at < 10
+        assert not (w.state_dir / "session.json").exists()
+
+
+class TestHealthEndpoint:
+    def test_healthy_with_a_session_and_metrics_exported(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int]
+    ) -> None:
+        fleet, w, _, port = daemon
+        wait_for(lambda: health(port)[0] == 200, 20, "healthy", fleet)
+        assert health(port)[0] == 200
+        _, body = health(port)
+        assert body["session"]
+        v1 = fleet.publish("v1")
+        assert w.ctl_json("deploy", "web", v1.id)["result"] == "committed"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'watcher_current_release_info{app="web",release="' in text
+        assert "watcher_loop_cycles_total" in text
+
+    def test_consul_agent_gone_keeps_the_daemon_running(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], cluster: ConsulCluster
+    ) -> None:
+        fleet, w, _, port = daemon
+        wait_for(lambda: health(port)[0] == 200, 20, "healthy", fleet)
+        agent = cluster.hosts[0]
+        cluster.stop(agent)
+        try:
+            time.sleep(3)
+            assert w.running(), "the daemon must survive its Consul agent going away"
+            status = w.ctl("status", check=False)
+            assert status.returncode == 0
+            assert json.loads(status.stdout)["consul"]["reachable"] is False
+        finally:
+            cluster.start(agent)
+        # the session is gone with the agent's restart or TTL: a new one is made
+        wait_for(lambda: health(port)[0] == 200, 60, "healthy again", fleet)
+        fleet.wait_members(1, timeout=30)
+        assert (w.state_dir / "session.json").exists()
