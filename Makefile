@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit integration bench consul venv clean
+.PHONY: test demo lint typecheck bench consul venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,9 @@ demo: $(STAMP) consul
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python -m watcher.demo
 
 bench: $(STAMP) consul
-	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py
+	$(BIN)/python bench/bench_extract.py
+	$(BIN)/python bench/bench_stage.py
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_deploy.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -121,6 +121,8 @@ class AgentStatus:
     undecided_since: float | None = None
     last_outcome: str = ""
     converge_error: str = ""
+    coordinating: bool = False
+    coordinator_unknown: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -153,6 +155,10 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_written = 0.0
+        # The deploy this host acked ready in (set by the worker the moment the ack is
+        # written), until a view with its decision is read: the loop may lose Consul before
+        # it ever reads its own ack back, and must still report the host undecided.
+        self._acked_ready: str | None = None
 
     # --- the loop's entry point -------------------------------------------------------
 
@@ -174,6 +180,7 @@ class AppAgent:
         if deploy_id is None:
             self.status.deploy, self.status.state = None, ""
             self.status.undecided_since = None
+            self._acked_ready = None
             return self._converge()
         view = self.store.view(deploy_id)
         if view is None:
@@ -187,7 +194,15 @@ class AppAgent:
         self._note_status(view)
         return outcome
 
+    def undecided_deploy(self) -> str | None:
+        """The deploy this host acked ready in and has not read a decision of, if any."""
+        if self.status.undecided_since is not None and self.status.deploy:
+            return self.status.deploy
+        return self._acked_ready
+
     def _note_status(self, view: DeployView) -> None:
+        if view.decision is not None or self._acked_ready not in (None, view.id):
+            self._acked_ready = None
         mine = view.nodes.get(self.node)
         self.status.deploy = view.id
         self.status.state = mine.state if mine else ""
@@ -206,6 +221,7 @@ class AppAgent:
         outcome = "waiting"
         if expected:
             outcome = self._host_step(view, mine)
+        self.status.coordinating = self.status.coordinator_unknown = False
         if in_flight:
             session = self.session()
             is_coord = False
@@ -217,6 +233,8 @@ class AppAgent:
                     view.coordinator_session is None
                     and self.store.acquire_coordinator(rec.id, session, self.node)
                 )
+            self.status.coordinating = is_coord
+            self.status.coordinator_unknown = view.coordinator_session is None and not is_coord
             step = evaluate(
                 self.store,
                 view,
@@ -356,7 +374,10 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
-        self.store.write_progress(rec.id, self.node, READY, timings={"staged_at": iso(utcnow())})
+        if self.store.write_progress(
+            rec.id, self.node, READY, timings={"staged_at": iso(utcnow())}
+        ):
+            self._acked_ready = rec.id
         self.log.info(
             "prepare_ready",
             deploy=rec.id,

@@ -35,7 +35,7 @@ from watcher.fsutil import atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
-from watcher.records import READY, iso, utcnow
+from watcher.records import iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
@@ -338,22 +338,35 @@ class Daemon:
                 Watch(label, fetch, self.wake, stopping).start()
 
     def _watch_deploy(self, agent: AppAgent) -> None:
-        """Keep one watch on ``deploys/<id>/`` of the deploy this app is in."""
+        """Watch the deploy this app is in: all of ``deploys/<id>/`` while this host
+        coordinates (or nobody does yet), else only its ``decision`` key.
+
+        Every node record written would otherwise wake every host of the fleet for nothing
+        (20 hosts x 3 writes each = 1200 reconciles per deploy). A coordinator's death is
+        noticed on the 1 s tick that runs while a deploy is in flight.
+        """
         name = agent.app.name
         deploy_id = agent.status.deploy
+        keys = agent.store.keys
+        target = None
+        if deploy_id:
+            whole = agent.status.coordinating or agent.status.coordinator_unknown
+            target = keys.deploy_prefix(deploy_id) if whole else keys.decision(deploy_id)
         current = self._deploy_watch.get(name)
-        if current is not None and current[0] == deploy_id:
+        if current is not None and current[0] == target:
             return
         if current is not None:
             current[1].set()
             del self._deploy_watch[name]
-        if deploy_id:
+        if target is not None:
             stop = threading.Event()
-            prefix = agent.store.keys.deploy_prefix(deploy_id)
-            Watch(
-                f"{name} deploy {deploy_id}", prefix_watch(self.consul, prefix), self.wake, stop
-            ).start()
-            self._deploy_watch[name] = (deploy_id, stop)
+            fetch = (
+                prefix_watch(self.consul, target)
+                if target.endswith("/")
+                else key_watch(self.consul, target)
+            )
+            Watch(f"{name} {target}", fetch, self.wake, stop).start()
+            self._deploy_watch[name] = (target, stop)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -448,9 +461,10 @@ class Daemon:
             return outcome
         except ConsulError as exc:
             self.metrics.consul_errors.labels(op="reconcile").inc()
-            if agent.status.state == READY and agent.status.deploy:
-                self.health.waiting_for_decision(name, agent.status.deploy)
-                return f"undecided in {agent.status.deploy}: {exc}"
+            undecided = agent.undecided_deploy()
+            if undecided:
+                self.health.waiting_for_decision(name, undecided)
+                return f"undecided in {undecided}: {exc}"
             return f"consul unreachable: {exc}"
         except WatcherError as exc:
             log.error("reconcile_failed", app=name, error=str(exc))
