@@ -133,7 +133,8 @@ def exit_code_for(exc: WatcherError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(level="debug" if args.debug else "warning", stream=sys.stderr)
+    # Retries and other warnings are the daemon's business; the CLI says what failed, once.
+    configure_logging(level="debug" if args.debug else "error", stream=sys.stderr)
     ctx = CtlContext(args)
     try:
         code: int = args.func(ctx)

@@ -1,0 +1,99 @@
+"""Bad Consul settings give one clear line naming what and where, and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.support.cluster import ClusterSpec, ConsulCluster, make_ca
+
+CLUSTER = ClusterSpec(hosts=1, acl=True, tls=True)
+BIN = Path(sys.executable).parent
+
+
+def run_ctl(
+    tmp_path: Path, consul: dict[str, object], *args: str, debug: bool = False
+) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "watcher.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "consul": consul,
+                "s3": {"bucket": "b"},
+                "apps": {"web": {"root": str(tmp_path / "srv")}},
+            }
+        )
+    )
+    argv = [str(BIN / "watcherctl"), *args, "-c", str(config)]
+    if debug:
+        argv.append("--debug")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+class TestConsulErrors:
+    def test_wrong_token(self, cluster: ConsulCluster, tmp_path: Path) -> None:
+        agent = cluster.hosts[0]
+        consul = {
+            "address": agent.http_addr,
+            "ca_file": cluster.ca_file,
+            "token": "00000000-0000-0000-0000-000000000000",
+        }
+        result = run_ctl(tmp_path, consul, "history", "web")
+        assert result.returncode == 3
+        line = one_line_error(result)
+        assert "token" in line and agent.http_addr.split("://")[-1] in line
+
+    def test_wrong_ca(self, cluster: ConsulCluster, consul_bin: str, tmp_path: Path) -> None:
+        other_ca, _ = make_ca(consul_bin, tmp_path / "other-ca")
+        agent = cluster.hosts[0]
+        consul = {
+            "address": agent.http_addr,
+            "ca_file": str(other_ca),
+            "token": cluster.management_token,
+        }
+        result = run_ctl(tmp_path, consul, "history", "web")
+        assert result.returncode == 3
+        line = one_line_error(result)
+        assert "TLS" in line or "certificate" in line, line
+
+    def test_unreachable(self, tmp_path: Path) -> None:
+        consul = {"address": "127.0.0.1:1", "timeout": "2s"}
+        result = run_ctl(tmp_path, consul, "deploy", "web", "main-15eb13af", "--no-wait")
+        assert result.returncode == 3
+        assert "127.0.0.1:1" in one_line_error(result)
+
+    def test_debug_shows_the_traceback(self, tmp_path: Path) -> None:
+        consul = {"address": "127.0.0.1:1", "timeout": "2s"}
+        result = run_ctl(tmp_path, consul, "history", "web", debug=True)
+        assert result.returncode != 0
+        assert "Traceback" in result.stderr
+
+    def test_bad_config_names_every_problem(self, tmp_path: Path) -> None:
+        config = tmp_path / "watcher.yaml"
+        config.write_text(
+            "s3: {bucket: b}\napps:\n  web: {root: /srv, keep_releases: five}\n"
+            "  api: {rooot: /srv}\n"
+        )
+        result = subprocess.run(
+            [str(BIN / "watcherctl"), "status", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert 'apps.web.keep_releases: must be an integer >= 1, got "five"' in result.stderr
+        assert "apps.api.rooot: unknown key" in result.stderr
+        assert "apps.api.root: is required" in result.stderr
+        assert "Traceback" not in result.stderr
