@@ -1,0 +1,610 @@
+"""The deploy barrier under faults: killed watchers and coordinators, stopped and cut-off agents."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, consul_for, wait_for
+from watcher.barrier import DeployStore
+from watcher.config import S3Settings
+from watcher.records import ArtifactRecord
+
+CLUSTER = ClusterSpec(hosts=3)
+
+#: What a dead watcher may add to Consul's own grace (2x the session TTL) before the deploy
+#: is aborted: the members watch waking the loop, the coordinator's abort txn, a loaded CI box.
+REACTION = 3.0
+ABORT_BOUND = 2 * SESSION_TTL + REACTION
+
+HOOK = """#!/bin/sh
+# Test hook: $1 = node, $2 = phase. Logs to <ctl>/<node>.log; waits while <ctl>/hold-<node>
+# exists, giving up when the watcher that started it is gone (a SIGKILL leaves it orphaned).
+ctl={ctl}
+node=$1
+phase=$2
+echo "$phase start $WATCHER_DEPLOY_ID $WATCHER_RELEASE" >> "$ctl/$node.log"
+if [ "$phase" = post_release ]; then
+  while [ -e "$ctl/hold-$node" ]; do
+    kill -0 "$PPID" 2>/dev/null || exit 70
+    sleep 0.05
+  done
+fi
+echo "$phase end $WATCHER_DEPLOY_ID $WATCHER_RELEASE" >> "$ctl/$node.log"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CurrentMonitor(threading.Thread):
+    """Samples every host's ``current`` symlink every few ms; records each release seen."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        super().__init__(name="current-monitor", daemon=True)
+        self.fleet = fleet
+        self.seen: dict[str, set[str]] = {w.name: set() for w in fleet.watchers}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for w in self.fleet.watchers:
+                release = w.current()
+                if release is not None:
+                    self.seen[w.name].add(release)
+            self.stopping.wait(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+@dataclass
+class Rig:
+    """A started fleet whose hooks the test steers through files in ``ctl``."""
+
+    cluster: ConsulCluster
+    fleet: Fleet
+    ctl: Path
+    ports: dict[str, int]
+    monitor: CurrentMonitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.monitor = CurrentMonitor(self.fleet)
+        self.store = DeployStore(self.fleet.kv, self.fleet.kv_prefix, self.fleet.app)
+
+    @property
+    def watchers(self) -> list[WatcherProc]:
+        return self.fleet.watchers
+
+    def by_name(self, node: str) -> WatcherProc:
+        return next(w for w in self.watchers if w.name == node)
+
+    # --- steering hooks ---------------------------------------------------------------
+
+    def hold(self, *ws: WatcherProc) -> None:
+        for w in ws:
+            (self.ctl / f"hold-{w.name}").touch()
+
+    def release(self, *ws: WatcherProc) -> None:
+        for w in ws:
+            (self.ctl / f"hold-{w.name}").unlink(missing_ok=True)
+
+    def hook_lines(self, w: WatcherProc, phase: str, deploy_id: str) -> list[str]:
+        try:
+            text = (self.ctl / f"{w.name}.log").read_text()
+        except FileNotFoundError:
+            return []
+        return [
+            line for line in text.splitlines() if line.startswith(f"{phase} ") and deploy_id in line
+        ]
+
+    def wait_hook_started(self, ws: list[WatcherProc], deploy_id: str) -> None:
+        wait_for(
+            lambda: all(self.hook_lines(w, "post_release", deploy_id) for w in ws),
+            30,
+            f"post_release started on {[w.name for w in ws]}",
+            self.fleet,
+        )
+
+    # --- reading KV -------------------------------------------------------------------
+
+    def deploy(self, w: WatcherProc, record: ArtifactRecord, *extra: str) -> tuple[str, str]:
+        """Start a deploy without waiting; (deploy id, release)."""
+        started = w.ctl_json("deploy", "web", record.id, "--no-wait", *extra)
+        return str(started["deploy"]), str(started["release"])
+
+    def states(self, deploy_id: str) -> dict[str, str]:
+        view = self.store.view(deploy_id)
+        return {} if view is None else {n: p.state for n, p in view.nodes.items()}
+
+    def wait_states(self, deploy_id: str, ws: list[WatcherProc], state: str) -> None:
+        wait_for(
+            lambda: all(self.states(deploy_id).get(w.name) == state for w in ws),
+            30,
+            f"{[w.name for w in ws]} {state} in {deploy_id}",
+            self.fleet,
+        )
+
+    def coordinator(self, deploy_id: str) -> WatcherProc:
+        """The watcher whose session holds ``deploys/<id>/coordinator`` (waits for one)."""
+        key = self.fleet.keys.coordinator(deploy_id)
+        holder: list[str] = []
+
+        def held() -> bool:
+            entry = self.fleet.kv.kv_get(key)
+            if entry is None or not entry.session:
+                return False
+            info = self.fleet.kv.session_info(entry.session)
+            if info is None:
+                return False
+            holder[:] = [str(info["Node"])]
+            return True
+
+        wait_for(held, 30, f"a coordinator of {deploy_id}", self.fleet)
+        return self.by_name(holder[0])
+
+    def health(self, w: WatcherProc) -> tuple[int, dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.ports[w.name]}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    # --- invariants -------------------------------------------------------------------
+
+    def check_invariants(self) -> dict[str, dict[str, Any]]:
+        """DESIGN.md 6 invariants over every deploy made; returns {deploy id: summary}."""
+        deploys: dict[str, dict[str, Any]] = {}
+        committed: set[str] = set()
+        for deploy_id in self.store.history():
+            view = self.store.view(deploy_id)
+            assert view is not None, f"deploy {deploy_id} in history has no record"
+            entry = self.fleet.kv.kv_get(self.fleet.keys.decision(deploy_id))
+            assert entry is not None and view.decision is not None, f"{deploy_id}: no decision"
+            assert entry.create_index == entry.modify_index, (
+                f"{deploy_id}: decision key written more than once "
+                f"(create {entry.create_index}, modify {entry.modify_index})"
+            )
+            if view.decision.outcome == "commit":
+                committed.add(view.record.release)
+            deploys[deploy_id] = {
+                "release": view.record.release,
+                "decision": view.decision,
+                "outcome": view.outcome,
+                "states": {n: p.state for n, p in view.nodes.items()},
+            }
+        for node, releases in self.monitor.seen.items():
+            uncommitted = releases - committed
+            assert not uncommitted, f"{node} pointed current at uncommitted {sorted(uncommitted)}"
+        return deploys
+
+
+def write_config(fleet: Fleet, w: WatcherProc, ctl: Path, port: int) -> None:
+    hook = str(ctl / "hook")
+    hooks = {
+        phase: [[hook, w.name, phase]]
+        for phase in ("post_release", "post_symlink", "post_abort", "validate")
+    }
+    config = fleet.config_for(
+        w,
+        {
+            "hooks": hooks,
+            "timeouts": {"prepare": "60s", "apply": "60s", "hook": "45s"},
+        },
+    )
+    config["daemon"]["listen"] = f"127.0.0.1:{port}"
+    w.config_path.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture
+def rig(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Rig]:
+    fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=f"f{time.monotonic_ns()}")
+    # Read KV through the server: the tests stop and cut off client agents.
+    fleet.kv = consul_for(cluster.server)
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    (ctl / "hook").write_text(HOOK.format(ctl=ctl))
+    (ctl / "hook").chmod(0o755)
+    ports = {w.name: free_port() for w in fleet.watchers}
+    for w in fleet.watchers:
+        write_config(fleet, w, ctl, ports[w.name])
+    r = Rig(cluster, fleet, ctl, ports)
+    fleet.start()
+    r.monitor.start()
+    try:
+        yield r
+    finally:
+        r.monitor.stop()
+        for path in ctl.glob("hold-*"):
+            path.unlink()
+        try:
+            for agent in cluster.hosts:  # leave the module's cluster whole for the next test
+                cluster.reconnect(agent)
+                if not agent.running:
+                    cluster.start(agent)
+        finally:
+            fleet.stop()
+
+
+def baseline(rig: Rig, version: str = "v1") -> str:
+    """Deploy ``version`` to every host; returns its release."""
+    record = rig.fleet.publish(version)
+    result = rig.watchers[0].ctl_json("deploy", "web", record.id)
+    assert result["result"] == "committed", result
+    rig.fleet.wait_idle()
+    release = str(result["release"])
+    assert set(rig.fleet.currents().values()) == {release}
+    return release
+
+
+class TestDeadWatcher:
+    def test_sigkill_during_prepare_aborts_within_bound(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        v1 = baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        coordinator = rig.coordinator(deploy_id)
+        victim = next(w for w in rig.watchers if w is not coordinator)
+        others = [w for w in rig.watchers if w is not victim]
+        rig.release(*others)
+        rig.wait_states(deploy_id, others, "ready")
+
+        killed = time.monotonic()
+        victim.kill()
+        member_gone = wait_for(
+            lambda: victim.name not in fleet.members(), 30, "member key gone", fleet
+        )
+        wait_for(
+            lambda: fleet.decision(deploy_id) is not None, 30, "a decision", fleet, interval=0.01
+        )
+        took = time.monotonic() - killed
+        print(
+            f"\nSIGKILLed watcher {victim.name}: member key gone after {member_gone:.2f}s, "
+            f"deploy aborted after {took:.2f}s (bound {ABORT_BOUND:.1f}s = 2x TTL "
+            f"{SESSION_TTL:.0f}s + {REACTION:.0f}s)"
+        )
+        decision = fleet.decision(deploy_id)
+        assert decision is not None and decision["outcome"] == "abort", decision
+        assert victim.name in decision["reason"] and "member key" in decision["reason"]
+        assert took <= ABORT_BOUND, f"abort took {took:.2f}s > {ABORT_BOUND}s"
+
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "aborted" and victim.name in outcome["reason"], outcome
+        fleet.wait_idle()
+        assert fleet.currents() == {w.name: v1 for w in rig.watchers}
+        for w in others:  # post_release ran there, so post_abort did too
+            assert rig.hook_lines(w, "post_abort", deploy_id), w.name
+            assert not (w.app_dir / "releases" / release).exists()
+
+        # The victim comes back: it finishes its part as aborted and never flips.
+        rig.release(victim)
+        victim.start()
+        rig.wait_states(deploy_id, [victim], "aborted")
+        wait_for(lambda: fleet.members() == {w.name for w in rig.watchers}, 30, "members", fleet)
+        assert fleet.currents() == {w.name: v1 for w in rig.watchers}
+        deploys = rig.check_invariants()
+        assert deploys[deploy_id]["states"][victim.name] == "aborted"
+
+
+class TestCoordinatorKilled:
+    def test_before_the_decision_another_host_aborts(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        v1 = baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        coordinator = rig.coordinator(deploy_id)
+        slow, fast = [w for w in rig.watchers if w is not coordinator]
+        # The coordinator and one host ack ready; the slow one holds the decision back.
+        rig.release(coordinator, fast)
+        rig.wait_states(deploy_id, [coordinator, fast], "ready")
+        assert fleet.decision(deploy_id) is None
+        coordinator.kill()
+
+        wait_for(lambda: fleet.decision(deploy_id) is not None, 30, "a decision", fleet)
+        decision = fleet.decision(deploy_id)
+        assert decision is not None and decision["outcome"] == "abort", decision
+        assert decision["by"] != coordinator.name and coordinator.name in decision["reason"]
+        rig.release(slow)  # the deploy ends once the slow host has finished its step
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "aborted" and outcome["by"] != coordinator.name, outcome
+        wait_for(
+            lambda: all(rig.states(deploy_id).get(w.name) == "aborted" for w in (slow, fast)),
+            30,
+            "live hosts aborted",
+            fleet,
+        )
+        # The old coordinator comes back and follows the decision: post_abort, no flip.
+        coordinator.start()
+        rig.wait_states(deploy_id, [coordinator], "aborted")
+        assert fleet.currents() == {w.name: v1 for w in rig.watchers}
+        for w in rig.watchers:
+            assert rig.hook_lines(w, "post_abort", deploy_id), w.name
+            assert not (w.app_dir / "releases" / release).exists(), w.name
+        rig.check_invariants()
+
+    def test_after_the_decision_another_host_ends_the_deploy(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        coordinator = rig.coordinator(deploy_id)
+        others = [w for w in rig.watchers if w is not coordinator]
+        rig.release(*others)
+        rig.wait_states(deploy_id, others, "ready")
+
+        decision_key = fleet.keys.decision(deploy_id)
+        index, _ = fleet.kv.kv_get_blocking(decision_key, 0, 0.1)
+        rig.release(coordinator)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            index, entry = fleet.kv.kv_get_blocking(decision_key, index, 5)
+            if entry is not None:
+                coordinator.kill()
+                break
+        else:
+            raise AssertionError(f"no decision in {deploy_id}\n{fleet.logs()}")
+        decision = json.loads(entry.value or b"{}")
+        assert decision["outcome"] == "commit" and decision["by"] == coordinator.name
+
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        assert outcome["by"] != coordinator.name, "another host ended the deploy"
+        for w in others:
+            assert w.current() == release, w.name
+        assert rig.states(deploy_id)[others[0].name] == "live"
+        # The coordinator comes back and applies the commit it wrote.
+        coordinator.start()
+        wait_for(lambda: coordinator.current() == release, 30, "old coordinator converged", fleet)
+        assert fleet.currents() == {w.name: release for w in rig.watchers}
+        rig.wait_states(deploy_id, rig.watchers, "live")
+        rig.check_invariants()
+
+
+class TestAgentAway:
+    def test_stopped_agent_converges_after_commit_and_never_to_an_abort(self, rig: Rig) -> None:
+        fleet, cluster = rig.fleet, rig.cluster
+        baseline(rig)
+        away = rig.watchers[2]
+        cluster.stop(away.agent)
+        gone = wait_for(lambda: away.name not in fleet.members(), 30, "member key gone", fleet)
+        print(f"\nstopped agent {away.name}: its member key went after {gone:.1f}s")
+
+        v2 = fleet.publish("v2")
+        refused = rig.watchers[0].ctl("deploy", "web", v2.id, "--no-wait", check=False)
+        assert refused.returncode != 0 and away.name in refused.stderr, refused
+        assert "--allow-missing" in refused.stderr
+        result = rig.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing")
+        assert result["result"] == "committed", result
+        committed = result["release"]
+        assert result["expected"] == sorted(w.name for w in rig.watchers if w is not away)
+        assert away.current() != committed
+        assert away.running(), "the watcher survives its agent being away"
+
+        cluster.start(away.agent)
+        wait_for(lambda: away.current() == committed, 60, "the returning host converged", fleet)
+        assert away.running()
+        fleet.wait_members(3)
+
+        # Now the reverse: the host acks ready, its agent stops, the deploy aborts without it.
+        v3 = fleet.publish("v3")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v3)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        waiting = rig.watchers[0]  # held back, so the decision waits for the agent to stop
+        rig.release(*(w for w in rig.watchers if w is not waiting))
+        rig.wait_states(deploy_id, [away], "ready")
+        cluster.stop(away.agent)
+        wait_for(lambda: fleet.decision(deploy_id) is not None, 30, "a decision", fleet)
+        decision = fleet.decision(deploy_id)
+        assert decision is not None and decision["outcome"] == "abort", decision
+        assert away.name in decision["reason"], decision
+        rig.release(waiting)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "aborted" and away.name in outcome["reason"], outcome
+        live = [w for w in rig.watchers if w is not away]
+        wait_for(
+            lambda: all(rig.states(deploy_id).get(w.name) == "aborted" for w in live),
+            30,
+            "live hosts aborted",
+            fleet,
+        )
+        assert away.running()
+        cluster.start(away.agent)
+        rig.wait_states(deploy_id, [away], "aborted")
+        assert fleet.currents() == {w.name: committed for w in rig.watchers}
+        assert not (away.app_dir / "releases" / release).exists()
+        assert rig.hook_lines(away, "post_abort", deploy_id)
+        rig.check_invariants()
+
+
+class TestRestart:
+    def test_restart_replays_no_buffered_event(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        v1 = fleet.publish("v1")
+        payload = json.dumps({"app": "web", "artifact": v1.id}).encode()
+        event_id = consul_for(rig.watchers[1].agent).event_fire("deploy", payload)
+        outcome = fleet.wait_outcome(event_id)
+        assert outcome["result"] == "committed", outcome
+        fleet.wait_idle()
+        assert rig.store.history() == [event_id]
+
+        for w in rig.watchers:
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+
+        def primed(w: WatcherProc) -> list[dict[str, Any]]:
+            return [e for e in w.log_events() if e.get("event") == "events_primed"]
+
+        wait_for(
+            lambda: all(len(primed(w)) == 2 for w in rig.watchers),
+            30,
+            "every restarted watcher primed its events",
+            fleet,
+        )
+        for w in rig.watchers:  # the deploy's events were buffered: history, not commands
+            assert primed(w)[-1]["buffered"] >= 1, primed(w)
+        time.sleep(2.0)  # a couple of loop ticks: long enough for a replay to show
+        assert rig.store.history() == [event_id]
+        assert fleet.inflight() is None
+        handled = [
+            (w.name, e["result"])
+            for w in rig.watchers
+            for e in w.log_events()
+            if e.get("event") == "event_handled" and e.get("event_id") == event_id
+        ]
+        # Handled once by each host before the restarts (one started it), never after them.
+        assert sorted(n for n, _ in handled) == [w.name for w in rig.watchers], handled
+        assert [r for _, r in handled].count("started") == 1, handled
+        rig.check_invariants()
+
+    def test_sigterm_during_prepare_then_start_resumes_the_deploy(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        victim = rig.coordinator(deploy_id)
+        session = json.loads((victim.state_dir / "session.json").read_text())["id"]
+
+        codes: list[int | None] = []
+        stopper = threading.Thread(target=lambda: codes.append(victim.stop(60)))
+        signalled = time.monotonic()
+        stopper.start()
+        wait_for(
+            lambda: any(e.get("event") == "waiting_for_task" for e in victim.log_events()),
+            10,
+            "SIGTERM waiting for the step in progress",
+            fleet,
+        )
+        time.sleep(0.5)
+        assert stopper.is_alive(), "SIGTERM must wait for the hook in progress"
+        rig.release(victim)
+        stopper.join(30)
+        assert codes == [0], codes
+        assert time.monotonic() - signalled >= 0.5
+        events = [e.get("event") for e in victim.log_events()]
+        assert "session_kept" in events and "session_destroyed" not in events
+
+        victim.start()
+        wait_for(
+            lambda: sum(e.get("event") == "session_reused" for e in victim.log_events()) == 1,
+            10,
+            "session reused",
+            fleet,
+        )
+        assert rig.states(deploy_id)[victim.name] == "ready"
+        rig.release(*rig.watchers)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        fleet.wait_idle()
+        assert fleet.currents() == {w.name: release for w in rig.watchers}
+        assert json.loads((victim.state_dir / "session.json").read_text())["id"] == session
+        rig.check_invariants()
+
+    def test_sigkill_and_immediate_restart_reuses_the_session(self, rig: Rig) -> None:
+        fleet = rig.fleet
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        coordinator = rig.coordinator(deploy_id)
+        victim = next(w for w in rig.watchers if w is not coordinator)
+        session = json.loads((victim.state_dir / "session.json").read_text())["id"]
+
+        victim.kill()
+        victim.start()
+        wait_for(
+            lambda: any(e.get("event") == "session_reused" for e in victim.log_events()),
+            10,
+            "session reused",
+            fleet,
+        )
+        assert json.loads((victim.state_dir / "session.json").read_text())["id"] == session
+        wait_for(
+            lambda: len(rig.hook_lines(victim, "post_release start", deploy_id)) == 2,
+            20,
+            "post_release run again after the crash",
+            fleet,
+        )
+        rig.release(*rig.watchers)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        decision = fleet.decision(deploy_id)
+        assert decision is not None and decision["outcome"] == "commit"
+        fleet.wait_idle()
+        assert fleet.currents() == {w.name: release for w in rig.watchers}
+        assert victim.name in fleet.members()
+        rig.check_invariants()
+
+
+class TestPartition:
+    def test_cut_off_after_ready_is_undecided_then_converges(self, rig: Rig) -> None:
+        fleet, cluster = rig.fleet, rig.cluster
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        rig.hold(*rig.watchers)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started(rig.watchers, deploy_id)
+        coordinator = rig.coordinator(deploy_id)
+        victim = next(w for w in rig.watchers[1:] if w is not coordinator)
+        others = [w for w in rig.watchers if w is not victim]
+        rig.release(victim)
+        rig.wait_states(deploy_id, [victim], "ready")
+        assert rig.health(victim)[0] == 200
+
+        cut = time.monotonic()
+        cluster.cut_off(victim.agent)
+        rig.release(*others)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        for w in others:
+            assert w.current() == release
+        assert victim.current() != release
+
+        wait_for(lambda: rig.health(victim)[0] == 503, 60, "victim unhealthy", fleet)
+        unhealthy_after = time.monotonic() - cut
+        code, health = rig.health(victim)
+        assert code == 503 and deploy_id in json.dumps(health["problems"]), health
+        asked = time.monotonic()
+        status = victim.ctl_json("status")
+        print(
+            f"\ncut-off {victim.name}: /health 503 after {unhealthy_after:.1f}s; "
+            f"`status` answered in {time.monotonic() - asked:.1f}s without its agent"
+        )
+        assert status["consul"]["reachable"] is False, status["consul"]
+        web = status["apps"]["web"]
+        assert web["undecided"]["deploy"] == deploy_id, web
+        assert web["current"] != release
+
+        cluster.reconnect(victim.agent)
+        wait_for(lambda: victim.current() == release, 60, "victim converged", fleet)
+        wait_for(lambda: rig.health(victim)[0] == 200, 60, "victim healthy again", fleet)
+        rig.wait_states(deploy_id, [victim], "live")
+        assert fleet.currents() == {w.name: release for w in rig.watchers}
+        rig.check_invariants()
