@@ -9,6 +9,7 @@ unfinished ones run again (hooks must be idempotent).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -52,28 +53,29 @@ from watcher.records import (
 from watcher.releases import ReleaseEngine
 
 JOURNAL_NAME = "deploy.json"
+CONVERGE_JOURNAL_NAME = "converge.json"
+CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 
 
-def read_journal(state_dir: Path) -> dict[str, Any] | None:
+def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | None:
     """This host's journal of the deploy it is part of (None when idle)."""
-    import json
-
     try:
-        data = json.loads((state_dir / JOURNAL_NAME).read_text())
+        data = json.loads((state_dir / name).read_text())
     except (FileNotFoundError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("deploy") else None
 
 
 class Journal:
-    """Phases done for this host's current deploy, in ``.state/deploy.json`` (atomic)."""
+    """Phases done for this host's current deploy (or convergence), written atomically to
+    ``.state/deploy.json`` (or ``.state/converge.json``)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / JOURNAL_NAME
+    def __init__(self, state_dir: Path, name: str = JOURNAL_NAME) -> None:
+        self.path = state_dir / name
         self.state_dir = state_dir
 
     def read(self) -> dict[str, Any] | None:
-        return read_journal(self.state_dir)
+        return read_journal(self.state_dir, self.path.name)
 
     def begin(self, record: DeployRecord) -> dict[str, Any]:
         current = self.read()
@@ -148,6 +150,9 @@ class AppAgent:
         self.session = session
         self.metrics = metrics
         self.journal = Journal(engine.layout.state_dir)
+        self.converge_journal = Journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
+        self._converge_failures = 0
+        self._converge_retry_at = 0.0
         self.log = get_logger(app=app.name, node=node)
         self.status = AgentStatus()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"app-{app.name}")
@@ -190,7 +195,7 @@ class AppAgent:
             return f"deploy {deploy_id} has no record"
         if members is None:
             members = set(self.store.members())
-        outcome = self._drive(view, inflight_id == deploy_id, inflight_index, members)
+        outcome = self._drive(view, inflight_id, inflight_index, members)
         self._note_status(view)
         return outcome
 
@@ -213,14 +218,15 @@ class AppAgent:
             self.status.undecided_since = None
 
     def _drive(
-        self, view: DeployView, in_flight: bool, inflight_index: int, members: set[str]
+        self, view: DeployView, inflight_id: str | None, inflight_index: int, members: set[str]
     ) -> str:
         rec = view.record
         mine = view.nodes.get(self.node)
         expected = self.node in rec.expected
+        in_flight = inflight_id == rec.id
         outcome = "waiting"
         if expected:
-            outcome = self._host_step(view, mine)
+            outcome = self._host_step(view, mine, in_flight, inflight_id)
         self.status.coordinating = self.status.coordinator_unknown = False
         if in_flight:
             session = self.session()
@@ -252,16 +258,23 @@ class AppAgent:
                     self.metrics.deploys.labels(app=self.app.name, outcome=step.action).inc()
         return f"deploy {rec.id}: {outcome}"
 
-    def _host_step(self, view: DeployView, mine: Any) -> str:
+    def _host_step(
+        self, view: DeployView, mine: Any, in_flight: bool, inflight_id: str | None
+    ) -> str:
         """This host's part: start prepare / apply / abort on the worker if needed."""
         rec = view.record
         state = mine.state if mine else ""
         decision = view.decision
         if decision is None:
-            if state in ("", STAGING):
+            if state in ("", STAGING) and in_flight:
                 return self._start("prepare", rec.id, lambda: self._prepare(rec))
             return state  # ready or failed: wait for the decision
         if decision.outcome == COMMIT and state == READY:
+            if not in_flight and not self._fleet_still_on(rec, inflight_id):
+                # The deploy ended without this host (it was away) and the fleet has moved
+                # on (a later deploy, an automatic rollback): never flip to a release the
+                # fleet has left; convergence takes this host where the fleet is.
+                return self._start("abandon", rec.id, lambda: self._abandon(rec))
             return self._start("apply", rec.id, lambda: self._apply(rec))
         journal = self.journal.read()
         in_journal = journal is not None and journal.get("deploy") == rec.id
@@ -289,6 +302,30 @@ class AppAgent:
         except ConsulError as exc:
             # KV unreachable mid-task: the next reconcile picks up from the journal.
             self.log.warning("task_interrupted", task=kind, error=str(exc))
+        except Exception as exc:  # a task must never take the worker thread down
+            self.log.exception("task_failed", task=kind, error=repr(exc))
+        finally:
+            self.engine.in_flight_artifacts.clear()
+
+    def _fleet_still_on(self, rec: DeployRecord, inflight_id: str | None) -> bool:
+        """True when no other deploy is in flight and the fleet's committed release is still
+        the one this (ended) deploy committed."""
+        if inflight_id is not None:
+            return False
+        current, _ = self.store.current()
+        return current is not None and current.deploy == rec.id
+
+    def _abandon(self, rec: DeployRecord) -> None:
+        with self.engine.lock(owner=f"abandon {rec.id}"):
+            if self.engine.backup_release() is not None:
+                self.engine.clear_backup()
+        self.journal.clear(rec.id)
+        self.log.warning(
+            "deploy_superseded_here",
+            deploy=rec.id,
+            release=rec.release,
+            note="ended while this host was away; converging instead",
+        )
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
@@ -346,6 +383,7 @@ class AppAgent:
             if hold is not None:
                 raise DeployRefused(f"held: {hold.reason} (by {hold.by})")
             artifact = self._artifact(rec)
+            self.engine.in_flight_artifacts.add(artifact.sha256)
             self._download(artifact, rec.release)
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.stage(artifact, rec.release, rec.id)
@@ -356,9 +394,10 @@ class AppAgent:
                     self.engine.set_backup(live)
             self.journal.done("staged")
             self._check_cancel()
-            run_hooks(self.app, "post_release", self._hook_context(rec, artifact))
-            self.engine.mark_post_release_done(rec.release)
-            self.journal.done("post_release")
+            if not self.journal.has("post_release"):  # done phases do not run again
+                run_hooks(self.app, "post_release", self._hook_context(rec, artifact))
+                self.engine.mark_post_release_done(rec.release)
+                self.journal.done("post_release")
         except _Cancelled:
             self.log.info("prepare_cancelled", deploy=rec.id)
             return
@@ -374,10 +413,13 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
-        if self.store.write_progress(
+        # Noted before the write: if Consul fails mid-write the ack may have landed, and a
+        # partition that follows must still show this host undecided.
+        self._acked_ready = rec.id
+        if not self.store.write_progress(
             rec.id, self.node, READY, timings={"staged_at": iso(utcnow())}
         ):
-            self._acked_ready = rec.id
+            self._acked_ready = None
         self.log.info(
             "prepare_ready",
             deploy=rec.id,
@@ -409,14 +451,20 @@ class AppAgent:
             self.log.warning("artifact_record_unreadable", deploy=rec.id, error=str(exc))
         ctx = self._hook_context(rec, artifact)
         decided_at = flipped_at = iso(utcnow())
-        try:
-            if not self.journal.has("flipped"):
+        if not self.journal.has("flipped"):
+            try:
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
                         self.engine.flip(rec.release)
-                flipped_at = iso(utcnow())
-                self.journal.done("flipped")
-                self._write_host(rec.release, force=True)
+            except WatcherError as exc:
+                # Nothing changed yet (the lock was busy, the flip refused): not a failure
+                # after commit; the next cycle retries, until the apply deadline.
+                self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
+                return
+            flipped_at = iso(utcnow())
+            self.journal.done("flipped")
+            self._write_host(rec.release, force=True)
+        try:
             if self.metrics is not None:
                 self.metrics.flip_timestamp_seconds.labels(app=self.app.name).set(time.time())
             if not self.journal.has("post_symlink"):
@@ -489,9 +537,11 @@ class AppAgent:
 
     def _prune(self) -> None:
         """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply)."""
+        journal = self.journal.read()
+        in_flight = {str(journal["release"])} if journal else set()
         try:
             with self.engine.lock(owner="prune after deploy"):
-                self.engine.prune()
+                self.engine.prune(in_flight=in_flight)
         except WatcherError as exc:
             self.log.warning("prune_failed", error=str(exc))
 
@@ -503,17 +553,28 @@ class AppAgent:
         self._write_host(local)
         if current is None:
             return "idle (no committed release yet)"
-        if local == current.release:
+        journal = self.converge_journal.read()
+        unfinished = journal is not None and journal.get("release") == current.release
+        if local == current.release and not unfinished:
             self.status.converge_error = ""
+            self._converge_failures = 0
             return "idle"
-        if self.engine.held() is not None:
+        if local != current.release and self.engine.held() is not None:
             return f"held (fleet is on {current.release}, this host on {local})"
         if self.busy():
             return "converging"
+        wait = self._converge_retry_at - time.monotonic()
+        if wait > 0:
+            return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
         return self._start("converge", current.deploy, lambda: self._converge_to(current))
 
     def _converge_to(self, current: CurrentRecord) -> None:
-        """Stage and flip to the fleet's committed release, without a new barrier."""
+        """Stage and flip to the fleet's committed release, without a new barrier.
+
+        Journaled like a deploy (``.state/converge.json``): after a crash, the phases that
+        did not finish run again, and a failing ``validate`` is retried with backoff and
+        shown in `status` until it passes.
+        """
         rec_like = DeployRecord(
             id=current.deploy,
             app=self.app.name,
@@ -527,30 +588,62 @@ class AppAgent:
             prepare_deadline=iso(utcnow()),
             apply_deadline=iso(utcnow()),
         )
+        journal = self.converge_journal
+        journal.begin(rec_like)
         try:
             artifact = self._artifact(rec_like)
-            self._download(artifact, current.release)
-            with self.engine.lock(owner="converge"):
-                self.engine.stage(artifact, current.release, current.deploy)
+            self.engine.in_flight_artifacts.add(artifact.sha256)
             ctx = self._hook_context(rec_like, artifact)
-            run_hooks(self.app, "post_release", ctx)
-            self.engine.mark_post_release_done(current.release)
-            with self.engine.lock(owner="converge"):
-                hold = self.engine.held()  # an operator may have held it meanwhile
-                if hold is not None:
-                    self.log.info("converge_skipped", reason=f"held: {hold.reason}")
-                    return
-                self.engine.flip(current.release)
-            run_hooks(self.app, "post_symlink", ctx)
+            if not journal.has("staged"):
+                self._download(artifact, current.release)
+                with self.engine.lock(owner="converge"):
+                    self.engine.stage(artifact, current.release, current.deploy)
+                journal.done("staged")
+            if not journal.has("post_release"):
+                run_hooks(self.app, "post_release", ctx)
+                self.engine.mark_post_release_done(current.release)
+                journal.done("post_release")
+            if not journal.has("flipped"):
+                with self.engine.lock(owner="converge"):
+                    reason = self._converge_blocked(current)
+                    if reason is not None:
+                        self.log.info("converge_skipped", release=current.release, reason=reason)
+                        journal.clear(current.deploy)
+                        return
+                    self.engine.flip(current.release)
+                journal.done("flipped")
+                self._write_host(current.release, force=True)
+            if not journal.has("post_symlink"):
+                run_hooks(self.app, "post_symlink", ctx)
+                journal.done("post_symlink")
             run_hooks(self.app, "validate", ctx)
         except WatcherError as exc:
-            self.status.converge_error = str(exc)
-            self.log.error("converge_failed", release=current.release, error=str(exc))
+            self._converge_failures += 1
+            delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)
+            self._converge_retry_at = time.monotonic() + delay
+            self.status.converge_error = f"{current.release}: {exc}"
+            self.log.error(
+                "converge_failed", release=current.release, error=str(exc), retry_in_s=delay
+            )
             return
+        journal.clear(current.deploy)
         self.status.converge_error = ""
-        self._write_host(current.release, force=True)
+        self._converge_failures = 0
         self.log.info("converged", release=current.release, deploy=current.deploy)
         self._prune()
+
+    def _converge_blocked(self, current: CurrentRecord) -> str | None:
+        """Why not to flip now (checked under the app lock, just before the flip)."""
+        hold = self.engine.held()
+        if hold is not None:
+            return f"held: {hold.reason}"
+        inflight, _ = self.store.inflight()
+        if inflight is not None:
+            return f"deploy {inflight} started meanwhile"
+        now, _ = self.store.current()
+        if now is None or now.release != current.release:
+            return f"the fleet moved on to {now.release if now else 'nothing'}"
+        return None
 
     # --- host record and prefetch -----------------------------------------------------
 
@@ -606,7 +699,8 @@ class AppAgent:
         self._worker.shutdown(wait=wait, cancel_futures=True)
 
     def has_deploy_in_flight(self) -> bool:
-        return self.journal.read() is not None or self.busy()
+        """Part of a deploy that is not over (expected in it, preparing, or applying)."""
+        return self.journal.read() is not None or self.busy() or self.status.deploy is not None
 
 
 class _Cancelled(Exception):

@@ -342,7 +342,7 @@ class DeployStore:
                 return "exists"
             entry = self.consul.kv_get(self.keys.events_seen)
             raw = entry.value.decode(errors="replace").strip() if entry and entry.value else ""
-            seen = int(raw) if raw.isdigit() else 0
+            seen = int(raw) if raw.isascii() and raw.isdigit() else 0
             if ltime <= seen:
                 return "history"
             seen_op = TxnOp.cas(
@@ -516,12 +516,36 @@ class DeployStore:
 
     def abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
         """`watcherctl abort` and deadline aborts: any actor, same check-not-exists."""
-        view = self.view(deploy_id)
+        try:
+            view = self.view(deploy_id)
+        except PayloadError as exc:
+            return self._end_unreadable(deploy_id, f"{reason}; record unreadable: {exc}", by=by)
         if view is None:
             raise DeployRefused(f"app {self.app}: no deploy {deploy_id}")
         if view.decision is not None:
             return False
         return self.decide(view, ABORT, reason, by=by)
+
+    def _end_unreadable(self, deploy_id: str, reason: str, *, by: str) -> bool:
+        """End a deploy in flight whose record does not parse (no host can act on it)."""
+        inflight, index = self.inflight()
+        if inflight != deploy_id:
+            raise DeployRefused(
+                f"app {self.app}: deploy {deploy_id} is unreadable and not "
+                "in flight; nothing to abort"
+            )
+        outcome = Outcome(result="aborted", at=iso(utcnow()), by=by, reason=reason)
+        ops = [
+            TxnOp.check_index(self.keys.inflight, index),
+            TxnOp.delete(self.keys.inflight),
+            TxnOp.set(self.keys.outcome(deploy_id), outcome.to_json()),
+        ]
+        ok = self.consul.txn(ops).ok
+        if ok:
+            log.warning(
+                "deploy_ended", app=self.app, deploy=deploy_id, result="aborted", reason=reason
+            )
+        return ok
 
     # --- the end ----------------------------------------------------------------------
 
@@ -534,28 +558,28 @@ class DeployStore:
         history_keep: int,
         members: Iterable[str],
         on_validate_failure: str,
-        result: str | None = None,
-    ) -> str | None:
+    ) -> tuple[bool, str | None]:
         """Write ``outcome`` and delete ``inflight`` in one txn (or, after a validate failure,
-        point ``inflight`` at a fleet rollback). Returns the rollback deploy id if one began."""
+        point ``inflight`` at a fleet rollback). Returns (ended, rollback deploy id or None);
+        not ended when ``inflight`` moved under us (someone else ended it)."""
         rec, decision = view.record, view.decision
+        live = sorted(members)
         hosts = {
             n: {"state": p.state, "error": p.error, **p.timings} for n, p in view.nodes.items()
         }
         validate_failed = sorted(n for n, p in view.nodes.items() if p.state == FAILED_AFTER_COMMIT)
-        if result is None:
-            if decision is None:
-                result = "expired"
-            elif decision.outcome == ABORT:
-                result = "aborted"
-            elif validate_failed:
-                result = (
-                    "failed_after_commit"
-                    if on_validate_failure == "hold" or rec.kind == "rollback"
-                    else "rolled_back"
-                )
-            else:
-                result = "committed"
+        if decision is None:  # evaluate() only ends decided deploys; kept for direct callers
+            result = "expired"
+        elif decision.outcome == ABORT:
+            result = "aborted"
+        elif validate_failed:
+            result = (
+                "failed_after_commit"
+                if on_validate_failure == "hold" or rec.kind == "rollback"
+                else "rolled_back"
+            )
+        else:
+            result = "committed"
         reason = decision.reason if decision else "no decision before the apply deadline"
         if validate_failed:
             first = view.nodes[validate_failed[0]]
@@ -564,10 +588,18 @@ class DeployStore:
         rollback_id: str | None = None
         if result == "rolled_back":
             current, _ = self.current()
-            target = current.previous_ref() if current else None
-            if target is None:
+            try:
+                target = current.previous_ref() if current else None
+            except PayloadError as exc:
+                target = None
+                reason += f"; current.previous is unreadable ({exc})"
+            if target is None or not live:
                 result = "failed_after_commit"
-                reason += "; no previous release to roll back to"
+                reason += (
+                    "; no previous release to roll back to"
+                    if target is None
+                    else "; no live member to roll back"
+                )
             else:
                 rollback_id = new_deploy_id()
                 prepare = parse_iso(rec.prepare_deadline) - parse_iso(rec.requested_at)
@@ -578,7 +610,7 @@ class DeployStore:
                     artifact=target,
                     release=target.release,
                     requested_by=f"auto-rollback of {rec.id} by {by}",
-                    expected=sorted(members),
+                    expected=live,
                     prepare_timeout=prepare.total_seconds(),
                     apply_timeout=apply.total_seconds(),
                     rollback_of=rec.id,
@@ -611,8 +643,8 @@ class DeployStore:
                 reason=reason,
                 rollback=rollback_id,
             )
-            return rollback_id
-        return None
+            return True, rollback_id
+        return False, None
 
 
 def _ref_dict(ref: ReleaseRef) -> dict[str, str]:
@@ -657,8 +689,10 @@ def evaluate(
         if reason is not None and (is_coordinator or reason.startswith("prepare deadline")):
             ok = store.decide(view, ABORT, reason, by=node)
             return CoordinatorStep("aborted" if ok else "lost_race", reason)
-        if is_coordinator and all(
-            view.nodes.get(n) and view.nodes[n].state == READY for n in rec.expected
+        if (
+            is_coordinator
+            and rec.expected
+            and all(view.nodes.get(n) and view.nodes[n].state == READY for n in rec.expected)
         ):
             ok = store.decide(
                 view,
@@ -681,7 +715,7 @@ def evaluate(
         pending = [n for n in pending if view.nodes.get(n) is not None]
     past_apply = now >= parse_iso(rec.apply_deadline)
     if (is_coordinator and not pending) or past_apply:
-        rollback = store.end(
+        ended, rollback = store.end(
             view,
             by=node,
             inflight_index=inflight_index,
@@ -689,6 +723,8 @@ def evaluate(
             members=members,
             on_validate_failure=on_validate_failure,
         )
+        if not ended:
+            return CoordinatorStep("lost_race")
         return CoordinatorStep("ended", f"rollback {rollback}" if rollback else "")
     return CoordinatorStep("none", f"waiting for {', '.join(pending)}")
 
@@ -701,9 +737,8 @@ def _abort_reason(view: DeployView, members: set[str], now: datetime) -> str | N
         return f"node {failed[0]} failed: {first.error}" + (
             f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         )
-    aborted = sorted(n for n, p in view.nodes.items() if p.state == ABORTED)
-    if aborted:
-        return f"node {aborted[0]} aborted"
+    if not rec.expected:
+        return "no expected nodes"
     gone = view.missing_expected(members)
     if gone:
         return f"expected node(s) {', '.join(gone)} lost their member key before the decision"
@@ -737,14 +772,20 @@ def rollback_target(store: DeployStore, release: str | None) -> ReleaseRef:
                 return ref
     for deploy_id in reversed(store.history()):
         try:
-            rec = store.deploy_record(deploy_id)
+            view = store.view(deploy_id)
         except PayloadError:
             continue
-        if rec is not None and rec.release == release:
-            return ReleaseRef(
-                release=rec.release, artifact=rec.artifact, sha256=rec.sha256, deploy=rec.id
-            )
-    raise DeployRefused(f"app {store.app}: release {release} is not in the deploy history")
+        if view is None or view.record.release != release:
+            continue
+        if view.decision is None or view.decision.outcome != COMMIT:
+            continue  # only a release the fleet committed is a rollback target
+        rec = view.record
+        return ReleaseRef(
+            release=rec.release, artifact=rec.artifact, sha256=rec.sha256, deploy=rec.id
+        )
+    raise DeployRefused(
+        f"app {store.app}: release {release} was not committed by any deploy in the history"
+    )
 
 
 def resolve_artifact(store: DeployStore, artifact_id: str) -> ArtifactRecord:

@@ -601,12 +601,12 @@ def parse_config(
             dd, "session_ttl", "daemon", 15.0, parse_duration, 'a duration like "15s"'
         ),
         listen=listen,
-        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(1), "an integer >= 1"),
+        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(2), "an integer >= 2"),
         undecided_after=r.get(
             dd, "undecided_after", "daemon", 30.0, parse_duration, 'a duration like "30s"'
         ),
         handled_events_keep=r.get(
-            dd, "handled_events_keep", "daemon", 1024, _int_at_least(16), "an integer >= 16"
+            dd, "handled_events_keep", "daemon", 1024, _int_at_least(256), "an integer >= 256"
         ),
     )
     if not 1 <= daemon.session_ttl <= 86400:

@@ -309,7 +309,11 @@ def cmd_abort(ctx: CtlContext) -> int:
     apps = [ctx.args.app] if ctx.args.app else sorted(ctx.config.apps)
     for name in apps:
         store = _store(ctx, name)
-        if store.deploy_record(deploy_id) is None:
+        try:
+            found = store.deploy_record(deploy_id) is not None
+        except PayloadError:
+            found = True  # unreadable: abort() can still end it if it is in flight
+        if not found:
             continue
         by = user_at_host()
         reason = f"aborted by {by}" + (f": {ctx.args.reason}" if ctx.args.reason else "")

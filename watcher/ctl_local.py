@@ -34,7 +34,7 @@ from watcher.errors import (
     ReleaseNotFound,
 )
 from watcher.hooks import HookContext, run_hooks, run_in_release
-from watcher.records import Keys, check_release, iso, release_name, utcnow
+from watcher.records import COMMIT, Decision, Keys, check_release, iso, release_name, utcnow
 from watcher.releases import ReleaseEngine, ReleaseInfo
 
 if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
@@ -204,7 +204,8 @@ def _human_size(n: int) -> str:
 
 
 def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: str) -> None:
-    """Refuse while this host has acked ready in a deploy whose decision is not written.
+    """Refuse while this host has acked ready in a deploy that is not decided, or that is
+    committed and not yet flipped here.
 
     A hold then would be overtaken by the commit (the daemon applies a committed deploy it
     acked regardless of holds); if Consul cannot be asked, we cannot know, so refuse too.
@@ -226,7 +227,7 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
     key = Keys(ctx.config.kv_prefix, app).decision(deploy)
     consul = ConsulClient(ctx.config.consul, retry_deadline=CONSUL_CHECK_DEADLINE)
     try:
-        decided = consul.kv_get(key) is not None
+        entry = consul.kv_get(key)
     except ConsulError as exc:
         raise DeployRefused(
             f"cannot {action} {app}: this host is ready in deploy {deploy} and whether it "
@@ -234,10 +235,21 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
         ) from exc
     finally:
         consul.close()
-    if not decided:
+    if entry is None:
         raise DeployRefused(
             f"cannot {action} {app}: this host is ready in deploy {deploy}, which is not "
             f"decided yet (no {key}); wait for it, or `watcherctl abort {deploy}`"
+        )
+    try:
+        committed = Decision.from_json(entry.value, where=key).outcome == COMMIT
+    except PayloadError:
+        committed = True  # cannot tell: assume the worst
+    if committed and "flipped" not in phases:
+        # The daemon is about to flip to the committed release: a hold or a local flip now
+        # would be overtaken by it.
+        raise DeployRefused(
+            f"cannot {action} {app}: deploy {deploy} is committed and this host is applying "
+            "it; retry once it is live (`watcherctl status`)"
         )
 
 

@@ -42,6 +42,7 @@ from watcher.s3 import S3Store
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 5.0  # ... and when idle: watches wake the loop on every change that matters
 WATCH_WAIT = 20.0  # blocking query wait
+LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
 STATUS_FILE = "status.json"
 SESSION_FILE = "session.json"
@@ -96,20 +97,30 @@ class SessionKeeper(threading.Thread):
     def obtain(self) -> str:
         """Reuse the session kept in state_dir while Consul still knows it, else create one."""
         try:
-            kept = json.loads(self.path.read_text()).get("id")
-        except (FileNotFoundError, ValueError, AttributeError):
-            kept = None
+            saved = json.loads(self.path.read_text())
+            kept, kept_on = str(saved["id"]), str(saved["consul_node"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            kept, kept_on = "", ""
         if kept:
-            info = self.consul.session_info(str(kept))
-            if info and info.get("Node") == self.node and self.consul.session_renew(str(kept)):
+            # Consul's node of the session (the agent's name, which `node:` in the config
+            # may override for the fleet), so compare with what it was created on.
+            info = self.consul.session_info(kept)
+            if info and info.get("Node") == kept_on and self.consul.session_renew(kept):
                 log.info("session_reused", session=kept)
-                return str(kept)
+                return kept
         session_id = self.consul.session_create(
             f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
         )
+        info = self.consul.session_info(session_id) or {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
-            self.path, {"id": session_id, "node": self.node, "created_at": iso(utcnow())}
+            self.path,
+            {
+                "id": session_id,
+                "node": self.node,
+                "consul_node": info.get("Node", ""),
+                "created_at": iso(utcnow()),
+            },
         )
         log.info("session_created", session=session_id, ttl_s=self.ttl)
         return session_id
@@ -131,7 +142,7 @@ class SessionKeeper(threading.Thread):
                     continue
                 else:
                     self.health.session_ok(current)
-            except ConsulError as exc:
+            except Exception as exc:  # ConsulError, or anything: the keeper must not die
                 self.metrics.session_renew_failures.inc()
                 log.warning("session_renew_failed", error=str(exc))
                 self.stopping.wait(min(1.0, interval))
@@ -171,7 +182,9 @@ class Watch(threading.Thread):
         while not self.stopping.is_set():
             try:
                 new = self.fetch(index)
-            except ConsulError:
+            except Exception as exc:  # a watch thread must not die: back off and retry
+                if not isinstance(exc, ConsulError):
+                    log.warning("watch_failed", watch=self.name, error=repr(exc))
                 index = 0
                 self.stopping.wait(1.0)
                 continue
@@ -219,7 +232,6 @@ class EventWatcher(threading.Thread):
         self.out = out
         self.wake = wake
         self.stopping = stopping
-        self.primed = threading.Event()
 
     def run(self) -> None:
         index: str | None = None
@@ -228,11 +240,10 @@ class EventWatcher(threading.Thread):
                 if index is None:
                     index, events = self.consul.event_list()
                     self.handled.add(e.id for e in events)
-                    self.primed.set()
                     log.info("events_primed", buffered=len(events))
                     continue
                 new_index, events = self.consul.event_list(index=index, wait=WATCH_WAIT)
-            except ConsulError as exc:
+            except Exception as exc:  # e.g. a full disk persisting handled ids: retry
                 log.warning("event_watch_failed", error=str(exc))
                 self.stopping.wait(1.0)
                 continue
@@ -259,7 +270,9 @@ class Daemon:
             undecided_after=config.daemon.undecided_after, metrics=self.metrics
         )
         self.notifier = SystemdNotifier()
-        self.consul = ConsulClient(config.consul)
+        # A short retry deadline: a Consul outage must not stall the loop (and its watchdog
+        # pings) for the client's default 10 s per call; the loop retries every tick anyway.
+        self.consul = ConsulClient(config.consul, retry_deadline=LOOP_RETRY_DEADLINE)
         self.state_dir = Path(config.daemon.state_dir)
         self.events: queue.Queue[ConsulEvent] = queue.Queue()
         self.agents: dict[str, AppAgent] = {}
@@ -443,10 +456,11 @@ class Daemon:
         self.metrics.loop_cycles.inc()
         line = "; ".join(p for p in parts if p)
         now = time.monotonic()
-        if line != self._last_line or now - self._last_logged > HEARTBEAT_LOG:
+        changed = line != self._last_line
+        if changed or now - self._last_logged > HEARTBEAT_LOG:
             log.info("cycle", outcome=line)
             self._last_line, self._last_logged = line, now
-        if now - self._status_written > 2.0 or line != self._last_line:
+        if changed or now - self._status_written > 2.0:
             self._write_status()
             self._status_written = now
 
@@ -469,6 +483,9 @@ class Daemon:
         except WatcherError as exc:
             log.error("reconcile_failed", app=name, error=str(exc))
             return f"error: {exc}"
+        except Exception as exc:  # one app's bug must not stop the others or the loop
+            log.exception("reconcile_crashed", app=name, error=repr(exc))
+            return f"error: {exc!r}"
 
     def _ensure_member(self, agent: AppAgent) -> set[str]:
         """Hold ``members/<node>`` with this daemon's session; returns the live members."""
@@ -542,19 +559,45 @@ class Daemon:
                 old=sorted(self.config.apps),
                 new=sorted(new.apps),
             )
+        fixed = {
+            "kv_prefix": (self.config.kv_prefix, new.kv_prefix),
+            "consul": (self.config.consul, new.consul),
+            "s3": (self.config.s3, new.s3),
+            "node": (self.config.node, new.node),
+            "daemon.state_dir": (self.config.daemon.state_dir, new.daemon.state_dir),
+            "daemon.listen": (self.config.daemon.listen, new.daemon.listen),
+        }
         for name, agent in self.agents.items():
             if name in new.apps:
-                agent.app = new.apps[name]
-                agent.engine.app = new.apps[name]
+                old, app = agent.app, new.apps[name]
+                fixed[f"apps.{name}.root"] = (old.root, app.root)
+                fixed[f"apps.{name}.artifact_cache_bytes"] = (
+                    old.artifact_cache_bytes,
+                    app.artifact_cache_bytes,
+                )
+                fixed[f"apps.{name}.timeouts.download"] = (
+                    old.timeouts.download,
+                    app.timeouts.download,
+                )
+                agent.app = app
+                agent.engine.app = app
                 agent.config = new
+        ignored = sorted(key for key, (old_v, new_v) in fixed.items() if old_v != new_v)
+        if ignored:
+            log.warning(
+                "reload_needs_restart",
+                settings=ignored,
+                note="these settings take effect at the next restart",
+            )
         self.config = new
         log.info("config_reloaded", source=new.source)
         self.notifier.ready()
 
     def _write_status(self) -> None:
+        healthy, details = self.health.check()
         apps = {}
         for name, agent in self.agents.items():
-            undecided = self.health.check()[1]["waiting_for_decision"].get(name)
+            undecided = details["waiting_for_decision"].get(name)
             apps[name] = {
                 "deploy": agent.status.deploy,
                 "state": agent.status.state,
@@ -567,7 +610,7 @@ class Daemon:
             "node": self.node,
             "updated_at": iso(utcnow()),
             "session": self._session_id(),
-            "healthy": self.health.check()[0],
+            "healthy": healthy,
             "apps": apps,
             "last_cycle": self._last_line[:2000],
         }

@@ -20,7 +20,7 @@ MAX_PAYLOAD = 256
 _SHAPES: dict[str, tuple[frozenset[str], ...]] = {
     "build-finished": (frozenset({"app", "artifact"}),),
     "deploy": (frozenset({"app", "artifact"}), frozenset({"app", "deploy"})),
-    "rollback": (frozenset({"app"}), frozenset({"app", "release"})),
+    "rollback": (frozenset({"app"}), frozenset({"app", "release"}), frozenset({"app", "deploy"})),
 }
 
 

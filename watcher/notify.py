@@ -91,8 +91,11 @@ class SystemdNotifier:
         with self._lock:
             try:
                 if self._sock is None:
+                    # Non-blocking: a listener that does not drain its queue must never
+                    # stall the daemon's loop (a full queue drops this one message).
                     self._sock = socket.socket(
-                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                        socket.AF_UNIX,
+                        socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                     )
                 self._sock.sendto(message, self._address)
             except OSError as exc:

@@ -222,6 +222,8 @@ class ReleaseEngine:
         self.proc_reader: ProcReader = proc_reader or LinuxProcReader()
         self.clock = clock
         self.log = get_logger(app=app.name)
+        # sha256 of the artifacts a deploy or convergence in progress needs: never evicted
+        self.in_flight_artifacts: set[str] = set()
 
     # -- locking -------------------------------------------------------------------------
 
@@ -389,7 +391,7 @@ class ReleaseEngine:
         the cache never evicts these (a rollback may have to restage from them)."""
         names = {self.current_release(), self.previous_release(), self.backup_release()}
         names |= set(self._read_pins())
-        needed: set[str] = set()
+        needed: set[str] = set(self.in_flight_artifacts)
         for name in names:
             info = self.release_info(name) if name else None
             if info and info.get("sha256"):

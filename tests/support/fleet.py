@@ -81,6 +81,7 @@ class WatcherProc:
         ):
             env.pop(var, None)
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack into the log
         return env
 
     def start(self) -> None:

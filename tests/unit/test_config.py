@@ -101,7 +101,7 @@ class TestDefaults:
                     "listen": None,
                     "history_keep": 3,
                     "undecided_after": "1m",
-                    "handled_events_keep": 16,
+                    "handled_events_keep": 256,
                 },
                 "apps": {
                     "web": {
@@ -149,7 +149,7 @@ class TestDefaults:
             listen=None,
             history_keep=3,
             undecided_after=60.0,
-            handled_events_keep=16,
+            handled_events_keep=256,
         )
         web = config.apps["web"]
         assert web.umask == 0o027
@@ -319,11 +319,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (minimal(daemon={"session_ttl": "0.5s"}), "daemon.session_ttl: must be between 1s and 24h"),
     (
         minimal(daemon={"history_keep": "all"}),
-        'daemon.history_keep: must be an integer >= 1, got "all"',
+        'daemon.history_keep: must be an integer >= 2, got "all"',
     ),
     (
-        minimal(daemon={"handled_events_keep": 8}),
-        "daemon.handled_events_keep: must be an integer >= 16, got 8",
+        minimal(daemon={"handled_events_keep": 100}),
+        "daemon.handled_events_keep: must be an integer >= 256, got 100",
     ),
     (
         minimal(daemon={"listen": 9473}),
@@ -349,7 +349,7 @@ class TestErrorsNameTheirPath:
             }
         )
         assert found == [
-            "daemon.history_keep: must be an integer >= 1, got 0",
+            "daemon.history_keep: must be an integer >= 2, got 0",
             'apps.web.keep_releases: must be an integer >= 1, got "five"',
             'apps.api.root: must be an absolute directory path, got "rel"',
             'apps.api.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "x"',

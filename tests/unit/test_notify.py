@@ -125,6 +125,19 @@ class TestWithoutSystemd:
         assert logs[0]["socket"] == str(tmp_path / "gone.sock")
         assert logs[0]["message"] == "READY=1"
 
+    def test_a_listener_that_never_drains_does_not_block(self, tmp_path: Path) -> None:
+        stuck = Listener(str(tmp_path / "stuck.sock"))  # never reads
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": stuck.env_value})
+        try:
+            started = time.monotonic()
+            with capture_logs() as logs:
+                results = [notifier.watchdog() for _ in range(2000)]
+            assert time.monotonic() - started < 5
+            assert results[0] is True and results[-1] is False  # the queue filled up
+            assert any(e["event"] == "sd_notify_failed" for e in logs)
+        finally:
+            stuck.close()
+
     def test_recovers_when_the_listener_comes_back(self, tmp_path: Path) -> None:
         path = tmp_path / "late.sock"
         notifier = SystemdNotifier({"NOTIFY_SOCKET": str(path)})
