@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,17 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _consul(ctx: CtlContext) -> ConsulClient:
-    return ConsulClient(ctx.config.consul)
+STATUS_CONSUL_TIMEOUT = 3.0  # status answers from local state quickly when Consul does not
+
+
+def _consul(ctx: CtlContext, *, quick: bool = False) -> ConsulClient:
+    if not quick:
+        return ConsulClient(ctx.config.consul)
+    settings = ctx.config.consul
+    return ConsulClient(
+        replace(settings, timeout=min(settings.timeout, STATUS_CONSUL_TIMEOUT)),
+        retry_deadline=STATUS_CONSUL_TIMEOUT,
+    )
 
 
 def _store(ctx: CtlContext, app: str) -> DeployStore:
@@ -387,7 +397,7 @@ def cmd_status(ctx: CtlContext) -> int:
     if ctx.args.fleet:
         return _fleet_status(ctx, names)
     daemon = daemon_status(config.daemon.state_dir)
-    consul = _consul(ctx)
+    consul = _consul(ctx, quick=True)
     node = config.node or daemon.get("node")
     data: dict[str, Any] = {
         "node": node,
