@@ -753,7 +753,7 @@ class ReleaseEngine:
     # -- prune ---------------------------------------------------------------------------
 
     def plan_prune(self, *, in_flight: Iterable[str] = ()) -> PrunePlan:
-        """Decide what prune removes (DESIGN.md section 2, issue 4 item 6)."""
+        """Decide what prune removes (DESIGN.md section 2)."""
         plan = PrunePlan()
         now = self.clock()
         in_flight = set(in_flight)
