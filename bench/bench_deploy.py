@@ -8,6 +8,8 @@ each agent's blocking /v1/event/list; the flip itself is a rename, ~0.1 ms). Bar
 no hooks. Prints both per round and the medians.
 
     .venv/bin/python bench/bench_deploy.py [--hosts 10] [--rounds 5]
+
+Also times `watcherctl status --fleet` on that fleet.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def barrier_round(fleet: Fleet, version: str) -> tuple[float, float, float]:
     return first, last, last - first
 
 
+def help_time() -> float:
+    """How long starting watcherctl takes at all (imports): the floor under any command."""
+    started = time.monotonic()
+    subprocess.run(
+        [str(Path(sys.executable).parent / "watcherctl"), "--help"], capture_output=True, check=True
+    )
+    return time.monotonic() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=10)
@@ -131,6 +142,11 @@ def main() -> int:
                 ),
                 flush=True,
             )
+        status_s = []
+        for _ in range(5):
+            started = time.monotonic()
+            fleet.watchers[0].ctl("status", "--fleet")
+            status_s.append(time.monotonic() - started)
         med = statistics.median
         print(f"\n{args.hosts} hosts, {args.rounds} rounds (medians):")
         print(
@@ -142,6 +158,10 @@ def main() -> int:
             f"  barrier (KV path):        last host flips after "
             f"{med(b[1] for b in barrier) * 1000:.0f} ms, skew "
             f"{med(b[2] for b in barrier) * 1000:.0f} ms"
+        )
+        print(
+            f"  watcherctl status --fleet: {med(status_s) * 1000:.0f} ms (median of 5, "
+            f"whole process; baseline `watcherctl --help`: {help_time() * 1000:.0f} ms)"
         )
         return 0
     finally:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,9 @@ class AgentStatus:
     deploy: str | None = None
     state: str = ""
     undecided_since: float | None = None
-    last_outcome: str = ""
     converge_error: str = ""
     coordinating: bool = False
     coordinator_unknown: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class AppAgent:
