@@ -35,7 +35,7 @@ from watcher.fsutil import atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
-from watcher.records import iso, utcnow
+from watcher.records import ABORT, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
@@ -530,7 +530,7 @@ class Daemon:
         if req.deploy:
             return "joined" if agent.store.deploy_record(req.deploy) else "no such deploy"
         app = agent.app
-        return agent.store.start_from_event(
+        result = agent.store.start_from_event(
             event_id=req.event_id,
             ltime=req.ltime,
             kind=req.name,
@@ -541,6 +541,13 @@ class Daemon:
             apply_timeout=app.timeouts.apply,
             history_keep=self.config.daemon.history_keep,
         )
+        if result == "exists":
+            # Another host created it first; if it failed at once (unknown artifact), every
+            # host says why, not only the one that wrote it.
+            view = agent.store.view(req.event_id)
+            if view is not None and view.decision is not None and view.decision.outcome == ABORT:
+                return f"failed: {view.decision.reason}"
+        return result
 
     # --- reload, status, stop -------------------------------------------------------------
 

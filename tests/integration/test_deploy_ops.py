@@ -320,6 +320,21 @@ class TestBadPayloads:
         assert "unknown artifact main-deadbeef" in outcome["reason"]
         assert fleet.inflight() is None
 
+        def says_why(w: WatcherProc) -> bool:  # every host logs the reason, not only the first
+            return any(
+                e.get("event") == "event_handled"
+                and e.get("event_id") == unknown
+                and "unknown artifact" in str(e.get("result"))
+                for e in w.log_events()
+            )
+
+        wait_for(
+            lambda: all(says_why(w) for w in fleet.watchers),
+            15,
+            "every host logging why the deploy failed",
+            fleet,
+        )
+
         # The daemons kept running: a valid raw deploy still goes through.
         v1 = fleet.publish("v1")
         good = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v1.id}, "deploy")
