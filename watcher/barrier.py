@@ -20,11 +20,9 @@ from watcher.errors import ArtifactNotFound, DeployInFlight, DeployRefused, Payl
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
-    ABORTED,
     COMMIT,
     FAILED,
     FAILED_AFTER_COMMIT,
-    LIVE,
     NEXT_STATES,
     NODE_FINAL_STATES,
     READY,
@@ -799,8 +797,6 @@ def resolve_artifact(store: DeployStore, artifact_id: str) -> ArtifactRecord:
 
 
 __all__ = [
-    "ABORTED",
-    "LIVE",
     "CoordinatorStep",
     "DeployStore",
     "DeployView",
