@@ -30,7 +30,7 @@ test: $(STAMP) consul lint typecheck
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) consul
-	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python -m watcher.demo
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP) consul
 	$(BIN)/python bench/bench_extract.py

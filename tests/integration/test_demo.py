@@ -36,3 +36,13 @@ def test_demo_deploys_upgrades_and_rolls_back(consul_bin: str) -> None:
     assert out[rollback:].count("hello from v1") == 3
     assert out.count(": committed") >= 3
     assert "scripted part done" in out
+
+
+def test_make_demo_runs_this_script() -> None:
+    """`make demo` (the README's command) must run the script tested above."""
+    dry = subprocess.run(
+        ["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    recipe = [line for line in dry.splitlines() if "demo" in line and "python" in line]
+    assert recipe and "scripts/demo.py" in recipe[-1], dry
+    assert (REPO / "scripts" / "demo.py").is_file()

@@ -171,6 +171,7 @@ class TestDirectives:
             "CAP_FOWNER",
             "CAP_KILL",
             "CAP_DAC_OVERRIDE",
+            "CAP_SYS_PTRACE",
         }
 
     def test_every_capability_and_writable_path_has_a_comment(self) -> None:
