@@ -25,6 +25,7 @@ from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
     ConsulError,
+    ConsulUnavailable,
     DeployRefused,
     HookError,
     PayloadError,
@@ -399,7 +400,9 @@ class AppAgent:
         except _Cancelled:
             self.log.info("prepare_cancelled", deploy=rec.id)
             return
-        except WatcherError as exc:
+        except ConsulUnavailable:
+            raise  # KV unreachable: retried from the journal, not a failure of this host
+        except (WatcherError, OSError) as exc:
             self.log.error("prepare_failed", deploy=rec.id, error=str(exc))
             self.store.write_progress(
                 rec.id,
@@ -454,7 +457,7 @@ class AppAgent:
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
                         self.engine.flip(rec.release)
-            except WatcherError as exc:
+            except (WatcherError, OSError) as exc:
                 # Nothing changed yet (the lock was busy, the flip refused): not a failure
                 # after commit; the next cycle retries, until the apply deadline.
                 self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
@@ -471,7 +474,7 @@ class AppAgent:
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.clear_backup()
             run_hooks(self.app, "validate", ctx)
-        except WatcherError as exc:
+        except (WatcherError, OSError) as exc:
             self.log.error("apply_failed", deploy=rec.id, error=str(exc))
             self.store.write_progress(
                 rec.id,
@@ -540,7 +543,7 @@ class AppAgent:
         try:
             with self.engine.lock(owner="prune after deploy"):
                 self.engine.prune(in_flight=in_flight)
-        except WatcherError as exc:
+        except (WatcherError, OSError) as exc:
             self.log.warning("prune_failed", error=str(exc))
 
     # --- converge --------------------------------------------------------------------
@@ -615,7 +618,7 @@ class AppAgent:
                 run_hooks(self.app, "post_symlink", ctx)
                 journal.done("post_symlink")
             run_hooks(self.app, "validate", ctx)
-        except WatcherError as exc:
+        except (WatcherError, OSError) as exc:
             self._converge_failures += 1
             delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)
             self._converge_retry_at = time.monotonic() + delay
@@ -683,7 +686,7 @@ class AppAgent:
             return
         try:
             self.engine.prefetch(record)
-        except WatcherError as exc:
+        except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
         self.log.info(

@@ -316,9 +316,17 @@ def rollback_local(ctx: CtlContext) -> int:
                 f"--to (see `watcherctl releases {app.name}`)"
             )
         _check_target(engine, target)
-        if before != target:
-            engine.flip(target)
+        # Hold first: if the flip then fails, the host is held where it was (and says so);
+        # the other way round a failed hold would leave a flip the daemon undoes at once.
+        previous_hold = engine.held()
         hold = engine.hold(f"local rollback to {target} by {by}", by)
+        if before != target:
+            try:
+                engine.flip(target)
+            except ReleaseError:
+                if previous_hold is None:
+                    engine.release_hold()
+                raise
     data = {
         "app": app.name,
         "from": before,
@@ -428,7 +436,9 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         timeout=app.timeouts.download,
     )
     engine = ReleaseEngine(app, cache)
-    cache.fetch(record)  # the slow part, outside the app lock (the cache locks its partial)
+    # The slow part, outside the app lock; the engine keeps the artifacts of the live,
+    # previous and pinned releases out of the cache's eviction.
+    engine.fetch(record)
     now = utcnow()
     release = release_name(now, record.id)
     keep_until = now + timedelta(days=ctx.args.keep_days)

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from watcher.errors import LockTimeout
+from watcher.errors import LockTimeout, ReleaseError
 
 TMP_PREFIX = ".tmp-"
 _POLL_INTERVAL = 0.02
@@ -93,8 +93,14 @@ class AppLock:
     def acquire(self) -> None:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this AppLock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ReleaseError(
+                f"cannot open the app lock {self.path}: {exc.strerror or exc}"
+                + (" (run as root, or as the daemon's user?)" if exc.errno == errno.EACCES else "")
+            ) from None
         deadline = time.monotonic() + self.timeout
         try:
             while True:

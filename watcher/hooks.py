@@ -232,9 +232,10 @@ def _run_one(
             umask=app.umask,
             **identity.popen,
         )
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the env
         who = f" as {identity.name}" if identity.popen else ""
-        raise HookError(phase, name, f"cannot start{who}: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise HookError(phase, name, f"cannot start{who}: {reason}") from None
     run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace)
     outcome = run.wait()
     duration = time.monotonic() - started

@@ -202,9 +202,13 @@ def _select(src: Path, manifest: Manifest) -> list[_Entry]:
             rel = f"{prefix}{child.name}"
             if manifest.excluded(rel):
                 continue
-            st = child.stat(follow_symlinks=False)
+            try:
+                st = child.stat(follow_symlinks=False)
+                empty = stat.S_ISDIR(st.st_mode) and _is_empty_dir(child.path)
+            except OSError as exc:
+                raise ArtifactRefused(f"cannot read {child.path}: {exc.strerror or exc}") from None
             if stat.S_ISDIR(st.st_mode):
-                if manifest.included(rel) and _is_empty_dir(child.path):
+                if manifest.included(rel) and empty:
                     add_parents(rel)
                     entries[rel] = _Entry(rel, "dir", Path(child.path), mode=0o755)
                 walk(Path(child.path), rel + "/")

@@ -223,6 +223,13 @@ class ArtifactRecord(Document):
             "size must be a non-negative integer",
         )
         _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
+        for name in ("branch", "commit", "build_number", "build_url", "created_at", "created_by"):
+            value = getattr(self, name)
+            _need(
+                isinstance(value, str) and "\0" not in value,
+                label,
+                f"{name} must be a string without NUL bytes",
+            )
 
 
 @dataclass(frozen=True)

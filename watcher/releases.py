@@ -325,10 +325,17 @@ class ReleaseEngine:
         final = self.prefetched_path(record)
         if final.is_dir():
             return final
-        self.layout.prefetched_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._make_tmp_dir(self.layout.prefetched_dir, f"prefetch-{final.name}-")
+        try:
+            self.layout.prefetched_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._make_tmp_dir(self.layout.prefetched_dir, f"prefetch-{final.name}-")
+        except OSError as exc:
+            raise StagingError(
+                f"prefetching {record.id}: cannot create a directory in "
+                f"{self.layout.prefetched_dir}: {exc}"
+            ) from exc
         try:
             self._extract(archive_path, record, tmp)
+            self._private(tmp)
             os.utime(tmp)  # mtime = prefetch time (the archive may set the root's), for prune
             sync_tree(tmp)
             try:
@@ -424,14 +431,19 @@ class ReleaseEngine:
     ) -> Path | None:
         source = self.prefetched_path(record)
         tmp = self.layout.releases_dir / f"{TMP_PREFIX}stage-{release}-{secrets.token_hex(4)}"
-        self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
             source.rename(tmp)
         except FileNotFoundError:
             return None  # gone meanwhile: extract instead
         except OSError as exc:
             raise StagingError(f"cannot move prefetched {source} to {tmp}: {exc}") from exc
-        fsync_dir(self.layout.prefetched_dir)
+        try:
+            self._private(tmp)
+            fsync_dir(self.layout.prefetched_dir)
+        except OSError as exc:
+            _rmtree(tmp)
+            raise StagingError(f"staging {release} from {source}: {exc}") from exc
         final = self._finish_stage(tmp, record, release, deploy_id, sync_all=False)
         self.log.info("release_staged", release=release, artifact=record.id, source="prefetched")
         return final
@@ -439,10 +451,16 @@ class ReleaseEngine:
     def _stage_extract(
         self, archive_path: Path, record: ArtifactRecord, release: str, deploy_id: str
     ) -> Path:
-        self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._make_tmp_dir(self.layout.releases_dir, f"stage-{release}-")
+        try:
+            self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._make_tmp_dir(self.layout.releases_dir, f"stage-{release}-")
+        except OSError as exc:
+            raise StagingError(
+                f"staging {release}: cannot create a directory in {self.layout.releases_dir}: {exc}"
+            ) from exc
         try:
             self._extract(archive_path, record, tmp)
+            self._private(tmp)
         except OSError as exc:
             _rmtree(tmp)
             raise StagingError(f"extracting {archive_path} for {release}: {exc}") from exc
@@ -477,6 +495,7 @@ class ReleaseEngine:
                     "staged_at": iso(self.clock()),
                 },
             )
+            self._seal(tmp)
             if sync_all:
                 sync_tree(tmp)
             else:
@@ -503,7 +522,7 @@ class ReleaseEngine:
             real_parent = os.path.realpath(parent)
             if real_parent != real_tree and not real_parent.startswith(real_tree + "/"):
                 raise StagingError(
-                    f"shared path {rel}: its parent leaves the release via a symlink in the archive"
+                    f"shared path {rel}: its parent leaves the release through a symlink"
                 )
             if inside.is_symlink() or inside.is_file():
                 inside.unlink()
@@ -532,13 +551,28 @@ class ReleaseEngine:
         )
 
     def _make_tmp_dir(self, parent: Path, label: str) -> Path:
+        """A private (0700, the daemon's own) directory to build a tree in.
+
+        It keeps that mode and owner while it is built and while it waits in prefetched/:
+        the app's user, who owns the files inside, cannot enter it to swap a directory for
+        a symlink under the daemon. ``_seal`` gives it its final owner and mode just before
+        the rename into releases/.
+        """
         tmp = parent / f"{TMP_PREFIX}{label}{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
-        tmp.chmod(0o777 & ~self.app.umask)
-        uid, gid = self._owner()
-        if uid is not None or gid is not None:
-            os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
         return tmp
+
+    def _private(self, tree: Path) -> None:
+        """Take the tree's root back after extraction (an archive's ./ entry may set it)."""
+        os.chown(tree, os.geteuid(), os.getegid())
+        tree.chmod(0o700)
+
+    def _seal(self, tree: Path) -> None:
+        """The staged tree's root gets the app's owner and the umask's mode."""
+        uid, gid = self._owner()
+        tree.chmod(0o777 & ~self.app.umask)
+        if uid is not None or gid is not None:
+            os.chown(tree, -1 if uid is None else uid, -1 if gid is None else gid)
 
     def _owner(self) -> tuple[int | None, int | None]:
         uid = gid = None
@@ -571,7 +605,9 @@ class ReleaseEngine:
         try:
             self._swap_link(self.layout.current, release)
         except FlipError:
-            if before is not None and before != release:
+            # Put `previous` back only if `current` did not move: a failure after the rename
+            # (the directory's fsync, the read-back) leaves the flip done.
+            if before is not None and before != release and self.current_release() == before:
                 if old_previous is None:
                     self.layout.previous_file.unlink(missing_ok=True)
                 else:
@@ -656,6 +692,8 @@ class ReleaseEngine:
         pins = self._read_pins()
         if any(r not in existing for r in pins):
             self._write_pins({r: t for r, t in pins.items() if r in existing})
+        if self.cache is not None:  # downloads given up long ago keep their partial files
+            actions += [f"removed stale partial download {name}" for name in self.cache.cleanup()]
         for action in actions:
             self.log.warning("recovery_action", action=action)
         return actions

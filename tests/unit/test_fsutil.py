@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.errors import LockTimeout
+from watcher.errors import LockTimeout, ReleaseError
 from watcher.fsutil import AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
 
 
@@ -64,6 +64,13 @@ class TestFsyncDir:
 
 
 class TestAppLock:
+    def test_an_unopenable_lock_is_a_clear_error(self, tmp_path: Path) -> None:
+        (tmp_path / "state").write_text("a file where the .state directory should be")
+        lock = AppLock(tmp_path / "state" / "lock", timeout=1, owner="test")
+        with pytest.raises(ReleaseError, match=r"cannot open the app lock .*state/lock"):
+            lock.acquire()
+        assert not lock.locked
+
     def test_second_holder_times_out_naming_path_and_owner(self, tmp_path: Path) -> None:
         lock_path = tmp_path / ".state" / "lock"
         with AppLock(lock_path, timeout=1, owner="watcherctl prune") as held:

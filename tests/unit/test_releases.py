@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import pwd
+import stat
 import subprocess
 import sys
 import tarfile
@@ -336,6 +338,32 @@ class TestPrefetched:
         assert tmp_leftovers(engine.layout) == []
         engine.flip(rel(1))
         assert_current_complete(engine)
+
+    def test_trees_stay_private_until_sealed_with_the_apps_owner(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        # While a tree is built or waits in prefetched/, the app's user (who owns the files
+        # inside) must not be able to enter it and swap a directory for a symlink.
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown to the app's user)")
+        nobody = pwd.getpwnam("nobody")
+        engine = make_engine(tmp_path, clock, user="nobody")
+        record = record_for(tarball)
+        pre = engine.prefetch_extract(tarball, record)
+        st = pre.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+        path = engine.stage(record, rel(1), "d-1")
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, 0o755)
+        assert (path / "app.txt").stat().st_uid == nobody.pw_uid
+
+    def test_unknown_app_user_leaves_no_temporary_tree(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        engine = make_engine(tmp_path, clock, user="no-such-user-here")
+        with pytest.raises(StagingError, match="unknown user"):
+            engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        assert tmp_leftovers(engine.layout) == []
 
     def test_stage_uses_prefetched_without_cache(
         self, engine: ReleaseEngine, tarball: Path
