@@ -265,7 +265,11 @@ class AppAgent:
         state = mine.state if mine else ""
         decision = view.decision
         if decision is None:
-            if state in ("", STAGING) and in_flight:
+            if not in_flight:
+                # Over without a decision (ended by hand, its record unreadable): nothing can
+                # commit it any more, so clean up as for an abort; never stay stuck on it.
+                return self._start("abort", rec.id, lambda: self._abort(rec, state))
+            if state in ("", STAGING):
                 return self._start("prepare", rec.id, lambda: self._prepare(rec))
             return state  # ready or failed: wait for the decision
         if decision.outcome == COMMIT and state == READY:
