@@ -692,26 +692,16 @@ class TestHold:
 # --- 7. status -------------------------------------------------------------------------------
 
 
-def timed_ctl(w: WatcherProc, *args: str) -> tuple[float, Any]:
-    """The best of three wall times of a `watcherctl` run (process start included)."""
-    best, data = float("inf"), None
-    for _ in range(3):
-        start = time.monotonic()
-        data = w.ctl_json(*args)
-        best = min(best, time.monotonic() - start)
-    return best, data
-
-
 class TestStatus:
-    def test_status_and_fleet_status_are_right_and_fast(self, make_fleet: MakeFleet) -> None:
+    # How fast status answers is measured in bench/bench_deploy.py (20 hosts), not here.
+    def test_status_and_fleet_status_are_right(self, make_fleet: MakeFleet) -> None:
         fleet = make_fleet()
         v1, v2 = fleet.publish("v1"), fleet.publish("v2")
         rel1 = deploy_ok(fleet, v1.id)
         rel2 = deploy_ok(fleet, v2.id)
         w = fleet.watchers[1]
 
-        took, local = timed_ctl(w, "status")
-        assert took < 1.0, f"watcherctl status took {took:.2f}s"
+        local = w.ctl_json("status")
         assert local["node"] == w.name
         assert local["daemon"]["running"] is True
         assert local["consul"]["reachable"] is True
@@ -730,8 +720,7 @@ class TestStatus:
             "host records on rel2",
             fleet,
         )
-        took, whole = timed_ctl(w, "status", "--fleet")
-        assert took < 1.0, f"watcherctl status --fleet took {took:.2f}s"
+        whole = w.ctl_json("status", "--fleet")
         app = whole["web"]
         assert app["current"] == rel2 and app["previous"] == rel1 and app["deploy"] is None
         assert sorted(app["hosts"]) == sorted(x.name for x in fleet.watchers)
@@ -742,8 +731,7 @@ class TestStatus:
         # A stopped watcher: its own status says so, and the fleet shows it down.
         down = fleet.watchers[2]
         down.stop()
-        took, local = timed_ctl(down, "status")
-        assert took < 1.0
+        local = down.ctl_json("status")
         assert local["daemon"]["running"] is False
         assert local["apps"]["web"]["current"] == rel2
         rows = w.ctl_json("status", "--fleet")["web"]["hosts"]
