@@ -562,9 +562,11 @@ class _Extractor:
             i -= 1
         fd = self.fds[parts[:i]] if i else self.root_fd
         for j in range(i, len(parts)):
-            child = os.open(parts[j], _DIR_FLAGS, dir_fd=fd)
-            if j > i:
-                os.close(fd)  # an intermediate directory this call opened
+            try:
+                child = os.open(parts[j], _DIR_FLAGS, dir_fd=fd)
+            finally:
+                if j > i:
+                    os.close(fd)  # an intermediate directory this call opened
             fd = child
         self.fds[parts] = fd
         return fd

@@ -395,6 +395,9 @@ class ArtifactCache:
             return  # complete; the caller verifies the digest
         chunks, total = self.store.open_range(key, have)
         if total != record.size:
+            close = getattr(chunks, "close", None)
+            if close is not None:  # give the connection back to the pool
+                close()
             self._discard(partial)
             raise ArtifactIntegrityError(
                 f"artifact {record.id} from {record.url}: size mismatch: expected "

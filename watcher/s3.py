@@ -246,7 +246,7 @@ class S3Store:
                     f"(Content-Range {content_range!r})"
                 )
             total = int(match.group(3))
-        return self._chunks(resp["Body"], length, where), total
+        return _BodyStream(self._chunks(resp["Body"], length, where), resp["Body"]), total
 
     def _chunks(self, body: Any, length: int, where: str) -> Iterator[bytes]:
         got = 0
@@ -325,3 +325,22 @@ class S3Store:
             self._client.create_bucket(**args)
 
         self._call(where, create)
+
+
+class _BodyStream(Iterator[bytes]):
+    """The chunks of a response body; ``close()`` releases the connection even when no chunk
+    was read (closing a generator that never started does not run its ``finally``)."""
+
+    def __init__(self, chunks: Iterator[bytes], body: Any) -> None:
+        self._chunks = chunks
+        self._body = body
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        with contextlib.suppress(Exception):
+            self._body.close()
