@@ -551,10 +551,8 @@ def cmd_prune(ctx: CtlContext) -> int:
         in_flight = _journal_release(engine)
         protect = {in_flight} if in_flight else set()
         plan = engine.plan_prune(in_flight=protect)
-        if plan.blocked is None:
-            removed = list(plan.remove) if dry_run else engine.prune(in_flight=protect)
-        else:
-            removed = []
+        # the plan shown is the plan carried out: one /proc scan, under the lock
+        removed = engine.prune(dry_run=dry_run, plan=plan)  # [] when the plan is blocked
     data = {
         "app": engine.app.name,
         "dry_run": dry_run,

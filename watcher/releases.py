@@ -51,7 +51,6 @@ class AppLayout:
         self.pins_file = self.state_dir / "pins.json"
         self.previous_file = self.state_dir / "previous"
         self.post_release_dir = self.state_dir / "post_release"
-        self.journal_dir = self.state_dir / "journal"
 
     @classmethod
     def for_app(cls, app: AppConfig) -> AppLayout:
@@ -846,9 +845,17 @@ class ReleaseEngine:
         plan.remove_prefetched = self._stale_prefetched()
         return plan
 
-    def prune(self, *, in_flight: Iterable[str] = (), dry_run: bool = False) -> list[str]:
-        """Remove the releases ``plan_prune`` picks; returns them (what would go if dry)."""
-        plan = self.plan_prune(in_flight=in_flight)
+    def prune(
+        self,
+        *,
+        in_flight: Iterable[str] = (),
+        dry_run: bool = False,
+        plan: PrunePlan | None = None,
+    ) -> list[str]:
+        """Remove the releases ``plan_prune`` picks (or those of ``plan``, made under the same
+        lock); returns them (what would go if dry)."""
+        if plan is None:
+            plan = self.plan_prune(in_flight=in_flight)
         if plan.blocked is not None:
             self.log.warning("prune_blocked", reason=plan.blocked)
             return []
