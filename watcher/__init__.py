@@ -5,4 +5,4 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 #: The barrier protocol version this build speaks (deploy records carry ``min_protocol``).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -1,10 +1,14 @@
 """What one host does for one app: prepare, apply or abort a deploy, and converge to KV.
 
-`AppAgent.reconcile()` is level-triggered: it reads KV (``inflight``, the deploy's records,
-``current``) and this host's phase journal, and starts at most one slow task (staging,
-hooks, flipping) on the app's worker thread. It never blocks on slow work itself, so the
-daemon's loop stays responsive. After a crash the journal says which phases are done;
-unfinished ones run again (hooks must be idempotent).
+`AppAgent.reconcile()` is level-triggered: it reads KV and this host's phase journal, and
+starts at most one slow task (staging, hooks, flipping) on the app's worker thread. It
+never blocks on slow work itself, so the daemon's loop stays responsive. After a crash the
+journal says which phases are done; unfinished ones run again (hooks must be idempotent).
+
+Nothing here obeys a single key: before a flip, a ``post_abort`` or dropping a tree the
+host establishes the commit or abort predicate itself in consistent reads of the acks
+(``DeployStore.establish``), journals what it established and never decides that deploy
+again (DESIGN.md 6.4; the rules are in docs/design.md).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher import PROTOCOL_VERSION, __version__
-from watcher.barrier import DeployStore, DeployView, evaluate
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, Verdict
 from watcher.config import AppConfig, Config
 from watcher.errors import (
     ArtifactIntegrityError,
@@ -38,24 +42,31 @@ from watcher.records import (
     ABORT,
     ABORTED,
     COMMIT,
+    COMMITTED,
     FAILED,
     FAILED_AFTER_COMMIT,
     LIVE,
     NODE_FINAL_STATES,
     READY,
+    REFUSED,
     STAGING,
     ArtifactRecord,
-    CurrentRecord,
     DeployRecord,
     HostRecord,
+    NodeProgress,
     iso,
+    parse_iso,
     utcnow,
 )
 from watcher.releases import ReleaseEngine
 
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
+APPLIED_NAME = "applied.json"
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
+# After prepare_deadline plus this grace, a host that has not acked gives up its session
+# (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
+PREPARE_GRACE = 10.0
 
 
 def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | None:
@@ -69,37 +80,41 @@ def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | 
 
 class Journal:
     """Phases done for this host's current deploy (or convergence), written atomically to
-    ``.state/deploy.json`` (or ``.state/converge.json``)."""
+    ``.state/deploy.json`` (or ``.state/converge.json``). Rewritten only when it changes."""
 
     def __init__(self, state_dir: Path, name: str = JOURNAL_NAME) -> None:
         self.path = state_dir / name
         self.state_dir = state_dir
+        self._cache: dict[str, Any] | None = None
+        self._loaded = False
 
     def read(self) -> dict[str, Any] | None:
-        return read_journal(self.state_dir, self.path.name)
+        if not self._loaded:
+            self._cache = read_journal(self.state_dir, self.path.name)
+            self._loaded = True
+        return self._cache
 
-    def begin(self, record: DeployRecord) -> dict[str, Any]:
+    def begin(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
         current = self.read()
-        if current and current.get("deploy") == record.id:
+        if current and current.get("deploy") == deploy_id:
             return current
-        data = {
-            "deploy": record.id,
-            "release": record.release,
-            "kind": record.kind,
-            "artifact": record.artifact,
-            "phases": [],
-            "started_at": iso(utcnow()),
-        }
+        data = {"deploy": deploy_id, "phases": [], "started_at": iso(utcnow()), **fields}
         self._write(data)
         return data
+
+    def update(self, **fields: Any) -> None:
+        data = self.read()
+        if data is None:
+            return
+        if any(data.get(k) != v for k, v in fields.items()):
+            self._write({**data, **fields})
 
     def done(self, phase: str) -> None:
         data = self.read()
         if data is None:
             return
         if phase not in data["phases"]:
-            data["phases"].append(phase)
-            self._write(data)
+            self._write({**data, "phases": [*data["phases"], phase]})
 
     def has(self, phase: str) -> bool:
         data = self.read()
@@ -109,10 +124,13 @@ class Journal:
         data = self.read()
         if data and data.get("deploy") == deploy_id:
             self.path.unlink(missing_ok=True)
+            self._cache = None
 
     def _write(self, data: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, data)
+        self._cache = data
+        self._loaded = True
 
 
 @dataclass
@@ -125,6 +143,8 @@ class AgentStatus:
     converge_error: str = ""
     coordinating: bool = False
     coordinator_unknown: bool = False
+    alarm: str = ""
+    watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
 
 
 class AppAgent:
@@ -140,6 +160,9 @@ class AppAgent:
         *,
         session: Callable[[], str | None],
         metrics: Any = None,
+        health: Any = None,
+        first_index: Callable[[], int] = lambda: 0,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.app = app
@@ -148,6 +171,10 @@ class AppAgent:
         self.node = node
         self.session = session
         self.metrics = metrics
+        self.health = health
+        self._daemon_first_index = first_index
+        self._kv_first_index: int | None = None
+        self._wake = wake
         self.journal = Journal(engine.layout.state_dir)
         self.converge_journal = Journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
         self._converge_failures = 0
@@ -159,143 +186,382 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_written = 0.0
-        # The deploy this host acked ready in (set by the worker the moment the ack is
-        # written), until a view with its decision is read: the loop may lose Consul before
-        # it ever reads its own ack back, and must still report the host undecided.
-        self._acked_ready: str | None = None
+        self._host_release: str | None = None
+        self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
+        self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
+        self._coordinating: str | None = None
+        self._legacy_checked = False
 
     # --- the loop's entry point -------------------------------------------------------
 
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def reconcile(self, members: set[str] | None = None) -> str:
+    def reconcile(
+        self, members: set[str] | None = None, inflight: tuple[str | None, int] | None = None
+    ) -> str:
         """Take the next step for this app; returns a short outcome for the cycle's log."""
         if self._task is not None and self._task.done():
             exc = self._task.exception()
             if exc is not None:
                 self.log.error("task_crashed", task=self._task_key, error=repr(exc))
             self._task, self._task_key = None, None
-        inflight_id, inflight_index = self.store.inflight()
+        if not self._legacy_checked:
+            self._legacy_checked = True
+            if self.store.legacy_layout_found():
+                self.log.warning(
+                    "legacy_layout_ignored",
+                    prefix=self.store.keys.legacy_deploys_prefix,
+                    note="keys of KV layout version 1; this watcher speaks layout 2 and "
+                    "ignores them (delete them once no old watcher runs)",
+                )
+        inflight_id, inflight_index = inflight if inflight is not None else self.store.inflight()
         journal = self.journal.read()
-        deploy_id = inflight_id
-        if journal and journal["deploy"] != inflight_id:
-            deploy_id = journal["deploy"]  # finish our part of an older deploy first
-        if deploy_id is None:
-            self.status.deploy, self.status.state = None, ""
-            self.status.undecided_since = None
-            self._acked_ready = None
+        if journal and not journal.get("finished"):
+            try:
+                joined = Joined.from_journal(journal)
+            except (PayloadError, KeyError, TypeError, ValueError) as exc:
+                self.log.error("journal_unreadable", error=str(exc), path=str(self.journal.path))
+                self.journal.clear(str(journal.get("deploy")))
+                return "journal unreadable; cleared"
+            if inflight_id not in (None, joined.id) and journal.get("established") is None:
+                self._refuse_second(inflight_id, joined)
+            outcome = self._drive(joined, journal, inflight_id, inflight_index)
+            return f"deploy {joined.id}: {outcome}"
+        if inflight_id is None:
+            self._idle_status()
             return self._converge()
-        view = self.store.view(deploy_id)
-        if view is None:
-            self.log.warning("deploy_record_missing", deploy=deploy_id)
-            if journal and journal["deploy"] == deploy_id:
-                self.journal.clear(deploy_id)
-            return f"deploy {deploy_id} has no record"
-        if members is None:
-            members = set(self.store.members())
-        outcome = self._drive(view, inflight_id, inflight_index, members)
-        self._note_status(view)
-        return outcome
+        if journal and journal.get("deploy") == inflight_id:
+            return f"deploy {inflight_id}: {self._after_own_part(inflight_id, inflight_index)}"
+        return self._join(inflight_id, inflight_index)
+
+    def _idle_status(self) -> None:
+        self.status.deploy, self.status.state = None, ""
+        self.status.undecided_since = None
+        self.status.coordinating = self.status.coordinator_unknown = False
+        self.status.watch = ()
+        self._coordinating = None
 
     def undecided_deploy(self) -> str | None:
-        """The deploy this host acked ready in and has not read a decision of, if any."""
+        """The deploy this host acked ready in and has established nothing of, if any."""
         if self.status.undecided_since is not None and self.status.deploy:
             return self.status.deploy
-        return self._acked_ready
+        journal = self.journal.read()
+        if (
+            journal
+            and not journal.get("finished")
+            and not journal.get("established")
+            and self._own.get(str(journal["deploy"])) == READY
+        ):
+            return str(journal["deploy"])
+        return None
 
-    def _note_status(self, view: DeployView) -> None:
-        if view.decision is not None or self._acked_ready not in (None, view.id):
-            self._acked_ready = None
-        mine = view.nodes.get(self.node)
-        self.status.deploy = view.id
-        self.status.state = mine.state if mine else ""
-        if mine and mine.state == READY and view.decision is None:
-            if self.status.undecided_since is None:
-                self.status.undecided_since = time.monotonic()
-        else:
-            self.status.undecided_since = None
+    # --- joining ------------------------------------------------------------------------
+
+    def _join(self, deploy_id: str, inflight_index: int) -> str:
+        """``inflight`` names a deploy this host has not journaled: read its request once."""
+        try:
+            request, entry = self.store.request(deploy_id, consistent=True)
+        except PayloadError as exc:
+            self.store.clear_inflight(
+                deploy_id, inflight_index, f"request does not parse: {exc}", by=self.node
+            )
+            return f"inflight {deploy_id!r}: request unreadable, cleared"
+        if request is None or entry is None:
+            if self.store.rebuild_request(deploy_id) is None:
+                self.store.clear_inflight(
+                    deploy_id, inflight_index, "inflight names no request", by=self.node
+                )
+                return f"inflight {deploy_id!r}: no request, cleared"
+            return f"deploy {deploy_id}: request deleted; following its acks"
+        if self.store.outcome(deploy_id) is not None:
+            self.store.clear_inflight(
+                deploy_id, inflight_index, "deploy already ended", by=self.node
+            )
+            return f"deploy {deploy_id}: already ended, inflight cleared"
+        joined = Joined(request, request.digest(), entry.create_index)
+        self.status.deploy = deploy_id
+        if self.node not in request.expected:
+            self.status.state = "not expected"
+            return f"deploy {deploy_id}: {self._bystander(joined, inflight_index)}"
+        own, _ = self.store.ack(deploy_id, self.node)
+        if own is not None:
+            # This host took part before it lost .state/: its own ack, not the request key
+            # (which may have been rewritten since), says what it journaled.
+            carried = own.embedded_request()
+            if carried is not None:
+                joined = Joined(carried, own.digest, own.create_index)
+            elif own.digest != joined.digest:
+                if own.state == STAGING:
+                    self._ack(joined, FAILED, error="the request changed after this host joined")
+                self._own[deploy_id] = own.state
+                return f"deploy {deploy_id}: request changed since this host joined; vetoed"
+            self._own[deploy_id] = own.state
+        self.journal.begin(deploy_id, **joined.to_journal(), established=None)
+        if entry.modify_index != entry.create_index and own is None:
+            self._ack(joined, REFUSED, error="request was rewritten after it was created")
+            return f"deploy {deploy_id}: refused (request rewritten)"
+        return f"deploy {deploy_id}: " + self._drive(
+            joined, self.journal.read() or {}, deploy_id, inflight_index
+        )
+
+    def _refuse_second(self, inflight_id: str, current: Joined) -> None:
+        """There is one ``current_backup``: while this host is in an undecided deploy it
+        refuses (acks) any other deploy it is expected in."""
+        if inflight_id in self._reported:
+            return
+        self._reported.add(inflight_id)
+        try:
+            request, entry = self.store.request(inflight_id, consistent=True)
+        except PayloadError:
+            return
+        if request is None or entry is None or self.node not in request.expected:
+            return
+        other = Joined(request, request.digest(), entry.create_index)
+        self._ack(other, REFUSED, error=f"this host is still in undecided deploy {current.id}")
+
+    def _bystander(self, joined: Joined, inflight_index: int) -> str:
+        """Not expected: never flips; helps end a deploy past its apply deadline."""
+        self.status.watch = (self.store.keys.decision(joined.id),)
+        if utcnow() < parse_iso(joined.request.apply_deadline):
+            return "not expected; waiting"
+        verdict = self.store.establish(joined)
+        if verdict.outcome == CONTESTED:
+            return "contested; not ending it"
+        ended, _ = self.store.end(
+            joined,
+            verdict,
+            by=self.node,
+            history_keep=self.config.daemon.history_keep,
+            on_validate_failure=self.app.on_validate_failure,
+            expired=True,
+        )
+        return "ended past the apply deadline" if ended else "not expected; waiting"
+
+    # --- this host's part -----------------------------------------------------------------
 
     def _drive(
-        self, view: DeployView, inflight_id: str | None, inflight_index: int, members: set[str]
+        self,
+        joined: Joined,
+        journal: dict[str, Any],
+        inflight_id: str | None,
+        inflight_index: int,
     ) -> str:
-        rec = view.record
-        mine = view.nodes.get(self.node)
-        expected = self.node in rec.expected
-        in_flight = inflight_id == rec.id
-        outcome = "waiting"
-        if expected:
-            outcome = self._host_step(view, mine, in_flight, inflight_id)
-        self.status.coordinating = self.status.coordinator_unknown = False
-        if in_flight:
-            session = self.session()
-            is_coord = False
-            if session and self.node in members:
-                # Contend only while nobody holds the lock: a held key is released (deleted)
-                # the moment its holder's session dies, and the watch on deploys/<id>/ wakes
-                # every member to take over.
-                is_coord = view.coordinator_session == session or (
-                    view.coordinator_session is None
-                    and self.store.acquire_coordinator(rec.id, session, self.node)
-                )
-            self.status.coordinating = is_coord
-            self.status.coordinator_unknown = view.coordinator_session is None and not is_coord
-            step = evaluate(
-                self.store,
-                view,
-                node=self.node,
-                session=session,
-                is_coordinator=is_coord,
-                inflight_index=inflight_index,
-                members=members,
-                history_keep=self.config.daemon.history_keep,
-                on_validate_failure=self.app.on_validate_failure,
-            )
-            if step.action != "none":
-                outcome = f"{outcome}; coordinator {step.action} {step.detail}".strip()
-                if self.metrics is not None and step.action in ("committed", "aborted"):
-                    self.metrics.deploys.labels(app=self.app.name, outcome=step.action).inc()
-        return f"deploy {rec.id}: {outcome}"
+        deploy_id = joined.id
+        keys = self.store.keys
+        self.status.deploy = deploy_id
+        established = journal.get("established")
+        if established == CONTESTED:
+            self.status.state = "contested"
+            return "contested; held, waiting for an operator"
+        if established == COMMIT:
+            if not self.journal.has("applied"):
+                return self._start("apply", deploy_id, lambda: self._apply(joined))
+            return self._finish_part(joined, inflight_id, inflight_index)
+        if established == ABORT:
+            if not self.journal.has("aborted"):
+                self._cancel.set()
+                return self._start("abort", deploy_id, lambda: self._abort(joined))
+            return self._finish_part(joined, inflight_id, inflight_index)
+        self.status.watch = (keys.decision(deploy_id), keys.abort_request(deploy_id))
+        own = self._own.get(deploy_id)
+        if own is None:
+            ack, _ = self.store.ack(deploy_id, self.node)
+            own = ack.state if ack else ""
+            self._own[deploy_id] = own
+        self.status.state = own
+        past_prepare = utcnow() >= parse_iso(joined.request.prepare_deadline)
+        moved = inflight_id != deploy_id and self._inflight_moved(joined)
+        if own in ("", STAGING):
+            if self.busy():
+                if past_prepare or moved or self._abort_seen(joined):
+                    self._cancel.set()
+                return "preparing"
+            if past_prepare or moved:
+                why = "prepare deadline passed" if past_prepare else "inflight moved on"
+                self._ack(joined, FAILED, error=f"{why} before this host was ready")
+                own = self._own.get(deploy_id, own)
+            else:
+                return self._start("prepare", deploy_id, lambda: self._prepare(joined))
+        verdict = self.store.establish(joined)
+        if verdict.outcome == UNDECIDED and inflight_id is None and own == READY:
+            # Someone deleted inflight mid-prepare: hosts that never joined would never ack.
+            # Point it back at this undecided deploy (cas=0) so they join and decide.
+            self.store.consul.kv_put(self.store.keys.inflight, deploy_id.encode(), cas=0)
+        return self._act_on(joined, verdict, own)
 
-    def _host_step(
-        self, view: DeployView, mine: Any, in_flight: bool, inflight_id: str | None
-    ) -> str:
-        """This host's part: start prepare / apply / abort on the worker if needed."""
-        rec = view.record
-        state = mine.state if mine else ""
-        decision = view.decision
-        if decision is None:
-            if not in_flight:
-                # Over without a decision (ended by hand, its record unreadable): nothing can
-                # commit it any more, so clean up as for an abort; never stay stuck on it.
-                return self._start("abort", rec.id, lambda: self._abort(rec, state))
-            if state in ("", STAGING):
-                return self._start("prepare", rec.id, lambda: self._prepare(rec))
-            return state  # ready or failed: wait for the decision
-        if decision.outcome == COMMIT and state == READY:
-            if not in_flight and not self._fleet_still_on(rec, inflight_id):
-                # The deploy ended without this host (it was away) and the fleet has moved
-                # on (a later deploy, an automatic rollback): never flip to a release the
-                # fleet has left; convergence takes this host where the fleet is.
-                return self._start("abandon", rec.id, lambda: self._abandon(rec))
-            return self._start("apply", rec.id, lambda: self._apply(rec))
-        journal = self.journal.read()
-        in_journal = journal is not None and journal.get("deploy") == rec.id
-        if decision.outcome == ABORT and (state in (STAGING, READY) or in_journal):
-            # Clean up what this host did for the deploy: post_abort, drop what it staged.
-            self._cancel.set()
-            return self._start("abort", rec.id, lambda: self._abort(rec, state))
-        if state in NODE_FINAL_STATES or (decision.outcome == COMMIT and state != READY):
-            self.journal.clear(rec.id)
-        return state or decision.outcome
+    def _inflight_moved(self, joined: Joined) -> bool:
+        """``inflight`` names another deploy, in a consistent read (a stale read around an
+        election can answer 404 for a key that exists)."""
+        inflight, _ = self.store.inflight(consistent=True)
+        return inflight is not None and inflight != joined.id
+
+    def _abort_seen(self, joined: Joined) -> bool:
+        """While staging: an abort request, or a recorded abort decision (a wake-up only;
+        staging is cancelled, the host still acks and establishes before acting)."""
+        if self.store.abort_requested(joined.id) is not None:
+            return True
+        entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
+        if entry is None:
+            return False
+        return self.store.establish(joined).outcome == ABORT
+
+    def _act_on(self, joined: Joined, verdict: Verdict, own: str) -> str:
+        deploy_id = joined.id
+        if verdict.outcome == UNDECIDED:
+            if own == READY and self.status.undecided_since is None:
+                self.status.undecided_since = time.monotonic()
+            return f"{own or 'pending'}; {verdict.reason}"
+        self.status.undecided_since = None
+        if verdict.outcome == CONTESTED:
+            self._contested(joined, verdict.reason)
+            return f"contested: {verdict.reason}"
+        verdict = self._confirm(joined, verdict, own)
+        if verdict.outcome == CONTESTED:
+            self._contested(joined, verdict.reason)
+            return f"contested: {verdict.reason}"
+        if verdict.outcome == UNDECIDED:
+            return f"{own or 'pending'}; intent not written, retrying"
+        self.journal.update(established=verdict.outcome, established_at=iso(utcnow()))
+        self.log.info(
+            "deploy_established", deploy=deploy_id, outcome=verdict.outcome, reason=verdict.reason
+        )
+        self.store.record_decision(joined, verdict, node=self.node)
+        if verdict.outcome == COMMIT:
+            return self._start("apply", deploy_id, lambda: self._apply(joined))
+        self._cancel.set()
+        return self._start("abort", deploy_id, lambda: self._abort(joined))
+
+    def _confirm(self, joined: Joined, verdict: Verdict, own: str) -> Verdict:
+        """Write the intent into this host's own ack (``committed`` before a flip,
+        ``aborted`` before a cleanup), then establish again: of two hosts that established
+        opposite verdicts, the one that writes second sees the other's intent and both
+        stop (contested) instead of splitting (docs/design.md R4)."""
+        intent = COMMITTED if verdict.outcome == COMMIT else ABORTED
+        if own in (intent, LIVE, FAILED_AFTER_COMMIT) or (
+            intent == ABORTED and own in (FAILED, REFUSED)
+        ):
+            return verdict  # the intent (or a veto) is already in this host's ack
+        known = (verdict.acks.get(self.node), verdict.indexes.get(self.node, 0))
+        if not self.store.write_progress(
+            joined.id,
+            self.node,
+            intent,
+            joined=joined,
+            timings={f"{intent}_at": iso(utcnow())},
+            known=known,
+        ):
+            self._own.pop(joined.id, None)
+            return Verdict(UNDECIDED, f"could not write {intent}")
+        self._own[joined.id] = intent
+        return self.store.establish(joined)
+
+    def _contested(self, joined: Joined, reason: str) -> None:
+        """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
+        self.journal.update(established=CONTESTED, established_at=iso(utcnow()), reason=reason)
+        message = f"deploy {joined.id} is contested: {reason}"
+        try:
+            with self.engine.lock(owner=f"contested {joined.id}"):
+                if self.engine.held() is None:
+                    self.engine.hold(message, by=f"watcher on {self.node}")
+        except (WatcherError, OSError) as exc:
+            self.log.error("hold_failed", error=str(exc))
+        self._alarm(message)
+
+    def _alarm(self, message: str) -> None:
+        self.status.alarm = message
+        self.log.error("alarm", reason=message)
+        if self.health is not None:
+            self.health.alarm(self.app.name, message)
+
+    def _ack(self, joined: Joined, state: str, *, error: str = "", **extra: Any) -> bool:
+        ok = self.store.write_progress(
+            joined.id,
+            self.node,
+            state,
+            joined=joined,
+            session=self.session(),
+            error=error,
+            **extra,
+        )
+        ack, _ = self.store.ack(joined.id, self.node) if not ok else (None, 0)
+        self._own[joined.id] = state if ok else (ack.state if ack else "")
+        return ok
+
+    def _finish_part(self, joined: Joined, inflight_id: str | None, inflight_index: int) -> str:
+        """This host's part is done: mark the journal finished, help end the deploy."""
+        self.journal.update(finished=True)
+        self.store.trim_own_progress(self.node, keep=[joined.id])
+        return self._after_own_part(joined.id, inflight_index)
+
+    def _after_own_part(self, deploy_id: str, inflight_index: int) -> str:
+        """Coordinator duties once this host is done: the one holding ``coordinator/<id>``
+        ends the deploy when every expected node still holding its named session is final;
+        anyone ends it past the apply deadline."""
+        journal = self.journal.read() or {}
+        try:
+            joined = Joined.from_journal(journal)
+        except (PayloadError, KeyError, TypeError, ValueError):
+            return "done"
+        if self.store.outcome(deploy_id) is not None:
+            # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
+            inflight, index = self.store.inflight(consistent=True)
+            if inflight == deploy_id:
+                self.store.clear_inflight(deploy_id, index, "deploy already ended", by=self.node)
+            self._idle_status()
+            return "done"
+        session = self.session()
+        keys = self.store.keys
+        if (
+            self._coordinating != deploy_id
+            and session
+            and self.store.acquire_coordinator(deploy_id, session, self.node)
+        ):
+            self._coordinating = deploy_id
+        coordinating = self._coordinating == deploy_id
+        self.status.coordinating = coordinating
+        self.status.watch = (
+            (keys.progress_prefix,) if coordinating else (keys.coordinator(deploy_id),)
+        )
+        past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
+        if not coordinating and not past_apply:
+            return "done; waiting for the end"
+        verdict = self.store.establish(joined)
+        if verdict.outcome == CONTESTED:
+            self._contested(joined, verdict.reason)
+            return "contested"
+        pending = [
+            n
+            for n in joined.request.expected
+            if verdict.holds_session(n, joined.request.sessions.get(n))
+            and (
+                ((a := verdict.acks.get(n)) is None and verdict.outcome != ABORT)
+                or (a is not None and a.state not in NODE_FINAL_STATES)
+            )
+        ]
+        if verdict.outcome == UNDECIDED or (pending and not past_apply):
+            return f"done; waiting for {', '.join(pending) or 'the verdict'}"
+        ended, rollback = self.store.end(
+            joined,
+            verdict,
+            by=self.node,
+            history_keep=self.config.daemon.history_keep,
+            on_validate_failure=self.app.on_validate_failure,
+            expired=past_apply,
+        )
+        if ended and self.metrics is not None:
+            self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
+        if ended:
+            self._idle_status()
+            return f"ended ({verdict.outcome})" + (f"; rollback {rollback}" if rollback else "")
+        return "end lost a race; retrying"
 
     def _start(self, kind: str, deploy_id: str, fn: Callable[[], None]) -> str:
-        key = (kind, deploy_id)
         if self.busy():
             return f"{self._task_key[0] if self._task_key else 'task'} running"
-        if kind != "abort":
+        if kind not in ("abort",):
             self._cancel.clear()
-        self._task_key = key
+        self._task_key = (kind, deploy_id)
         self._task = self._worker.submit(self._guard, kind, fn)
         return f"{kind} started"
 
@@ -309,30 +575,11 @@ class AppAgent:
             self.log.exception("task_failed", task=kind, error=repr(exc))
         finally:
             self.engine.in_flight_artifacts.clear()
-
-    def _fleet_still_on(self, rec: DeployRecord, inflight_id: str | None) -> bool:
-        """True when no other deploy is in flight and the fleet's committed release is still
-        the one this (ended) deploy committed."""
-        if inflight_id is not None:
-            return False
-        current, _ = self.store.current()
-        return current is not None and current.deploy == rec.id
-
-    def _abandon(self, rec: DeployRecord) -> None:
-        with self.engine.lock(owner=f"abandon {rec.id}"):
-            if self.engine.backup_release() is not None:
-                self.engine.clear_backup()
-        self.journal.clear(rec.id)
-        self.log.warning(
-            "deploy_superseded_here",
-            deploy=rec.id,
-            release=rec.release,
-            note="ended while this host was away; converging instead",
-        )
+            self._wake()  # the loop takes the next step now, not on its next tick
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
-    def _hook_context(self, rec: DeployRecord, artifact: ArtifactRecord | None) -> HookContext:
+    def _hook_context(self, rec: DeployRecord) -> HookContext:
         lay = self.engine.layout
         current = self.engine.current_release()
         backup = self.engine.backup_release()
@@ -346,8 +593,8 @@ class AppAgent:
             deploy_id=rec.id,
             kind=rec.kind,
             artifact=rec.artifact,
-            commit=artifact.commit if artifact else "",
-            branch=artifact.branch if artifact else "",
+            commit=rec.commit,
+            branch=rec.branch,
             release=rec.release,
             release_dir=str(lay.release_dir(rec.release)),
             previous_release_dir=str(lay.release_dir(prev)) if prev else "",
@@ -355,41 +602,112 @@ class AppAgent:
             current_backup=str(lay.current_backup),
         )
 
-    def _artifact(self, rec: DeployRecord) -> ArtifactRecord:
-        artifact = self.store.artifact(rec.artifact)
-        if artifact is None:
-            raise ArtifactNotFound(
-                f"unknown artifact {rec.artifact}: no record at "
-                f"{self.store.keys.artifact(rec.artifact)}"
+    def _artifact(self, joined: Joined) -> ArtifactRecord:
+        """What to stage, from the acked request itself (url, size, sha256), after checking
+        it against the artifact record and its pin (a deploy) or against the committed
+        target (a rollback)."""
+        rec = joined.request
+        if not rec.sha256 or not rec.url:
+            raise ArtifactNotFound(f"request names no artifact content for {rec.artifact}")
+        if rec.kind == "rollback":
+            target = (
+                self.store.committed(
+                    rec.target_deploy, node=self.node, first_index=self.first_index()
+                )
+                if rec.target_deploy
+                else None
             )
-        if rec.sha256 and artifact.sha256 != rec.sha256:
-            raise ArtifactIntegrityError(
-                f"artifact {rec.artifact}: record sha256 {artifact.sha256} differs from the "
-                f"deploy's {rec.sha256}"
-            )
-        return artifact
+            if target is None:
+                raise DeployRefused(
+                    f"rollback target deploy {rec.target_deploy} is not a committed deploy"
+                )
+            t = target.request
+            if (t.release, t.url, t.size, t.sha256) != (rec.release, rec.url, rec.size, rec.sha256):
+                raise DeployRefused(
+                    f"rollback request differs from committed deploy {t.id}: release "
+                    f"{rec.release} sha256 {rec.sha256} vs {t.release} sha256 {t.sha256}"
+                )
+            self._check_pin_of(rec)
+        else:
+            record = self.store.artifact(rec.artifact)
+            if record is None:
+                raise ArtifactNotFound(
+                    f"unknown artifact {rec.artifact}: no record at "
+                    f"{self.store.keys.artifact(rec.artifact)}"
+                )
+            self.store.check_pin(record)
+            if (record.url, record.size, record.sha256) != (rec.url, rec.size, rec.sha256):
+                raise ArtifactIntegrityError(
+                    f"artifact {rec.artifact}: request says sha256 {rec.sha256} but the record "
+                    f"says sha256 {record.sha256}"
+                )
+        return self._record_of(rec)
 
-    def _prepare(self, rec: DeployRecord) -> None:
+    def _check_pin_of(self, rec: DeployRecord) -> None:
+        """Content that an artifact id was pinned to never changes, on any path."""
+        try:
+            pin = self.store.pin(rec.artifact)
+        except PayloadError as exc:
+            raise ArtifactIntegrityError(
+                f"artifact {rec.artifact}: pin unreadable: {exc}"
+            ) from None
+        if pin is not None and (why := pin.differs(self._record_of(rec))) is not None:
+            raise ArtifactIntegrityError(why)
+
+    @staticmethod
+    def _record_of(rec: DeployRecord) -> ArtifactRecord:
+        return ArtifactRecord(
+            id=rec.artifact,
+            url=rec.url,
+            sha256=rec.sha256,
+            size=rec.size,
+            format=rec.format,
+            branch=rec.branch,
+            commit=rec.commit,
+        )
+
+    def _prepare(self, joined: Joined) -> None:
         started = time.monotonic()
-        self.journal.begin(rec)
-        if not self.store.write_progress(
-            rec.id, self.node, STAGING, timings={"staging_at": iso(utcnow())}
-        ):
+        rec = joined.request
+        ack, _ = self.store.ack(rec.id, self.node)
+        if ack is not None and ack.state != STAGING:
+            self._own[rec.id] = ack.state  # acked before a restart that lost .state/
             return
+        if ack is None and not self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())}):
+            return
+        refused = False
         try:
             if rec.min_protocol > PROTOCOL_VERSION:
+                refused = True
                 raise DeployRefused(
                     f"this watcher speaks protocol {PROTOCOL_VERSION}, the "
                     f"deploy needs {rec.min_protocol}"
                 )
             hold = self.engine.held()
             if hold is not None:
+                refused = True
                 raise DeployRefused(f"held: {hold.reason} (by {hold.by})")
-            artifact = self._artifact(rec)
+            session = self.session()
+            if not session or rec.sessions.get(self.node) != session:
+                refused = True
+                raise DeployRefused(
+                    "the request names another session for this host "
+                    f"({rec.sessions.get(self.node) or 'none'}; this watcher holds "
+                    f"{session or 'none'}): it restarted or lost its session since"
+                )
+            artifact = self._artifact(joined)
             self.engine.in_flight_artifacts.add(artifact.sha256)
             self._download(artifact, rec.release)
+            self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.stage(artifact, rec.release, rec.id)
+            info = self.engine.release_info(rec.release) or {}
+            if info.get("sha256") not in (None, rec.sha256):
+                raise ArtifactIntegrityError(
+                    f"release {rec.release} already exists here with sha256 {info.get('sha256')}, "
+                    f"the request names {rec.sha256}"
+                )
+            self.store.write_pin(artifact, by=self.node)
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()
@@ -398,37 +716,46 @@ class AppAgent:
             self.journal.done("staged")
             self._check_cancel()
             if not self.journal.has("post_release"):  # done phases do not run again
-                run_hooks(self.app, "post_release", self._hook_context(rec, artifact))
+                run_hooks(self.app, "post_release", self._hook_context(rec))
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("post_release")
+            why = self.store.check_sessions(joined)
+            if why is not None:
+                refused = True
+                raise DeployRefused(why)
+            abort = self.store.abort_requested(rec.id)
+            if abort is not None:
+                raise DeployRefused(f"abort requested by {abort.by}: {abort.reason}".rstrip(": "))
+            if utcnow() >= parse_iso(rec.prepare_deadline):
+                raise DeployRefused("prepare deadline passed before this host was ready")
         except _Cancelled:
             self.log.info("prepare_cancelled", deploy=rec.id)
+            self._ack(joined, FAILED, error="staging cancelled (abort or deadline)")
             return
         except ConsulUnavailable:
             raise  # KV unreachable: retried from the journal, not a failure of this host
         except (WatcherError, OSError) as exc:
             self.log.error("prepare_failed", deploy=rec.id, error=str(exc))
-            self.store.write_progress(
-                rec.id,
-                self.node,
-                FAILED,
+            self._ack(
+                joined,
+                REFUSED if refused else FAILED,
                 error=str(exc),
                 output_tail=getattr(exc, "output_tail", ""),
                 timings={"failed_at": iso(utcnow())},
             )
             self._observe("prepare", started)
             return
-        # Noted before the write: if Consul fails mid-write the ack may have landed, and a
-        # partition that follows must still show this host undecided.
-        self._acked_ready = rec.id
-        if not self.store.write_progress(
-            rec.id, self.node, READY, timings={"staged_at": iso(utcnow())}
-        ):
-            self._acked_ready = None
+        self._ack(
+            joined,
+            READY,
+            timings={"staged_at": iso(utcnow())},
+            sha256=rec.sha256,
+        )
         self.log.info(
             "prepare_ready",
             deploy=rec.id,
             release=rec.release,
+            acked=self._own.get(rec.id),
             took_ms=round((time.monotonic() - started) * 1000),
         )
         self._observe("prepare", started)
@@ -446,21 +773,22 @@ class AppAgent:
         if self._cancel.is_set():
             raise _Cancelled
 
-    def _apply(self, rec: DeployRecord) -> None:
+    def _apply(self, joined: Joined) -> None:
         started = time.monotonic()
-        self.journal.begin(rec)
-        artifact = None
-        try:
-            artifact = self._artifact(rec)
-        except (ArtifactNotFound, ArtifactIntegrityError, PayloadError) as exc:
-            self.log.warning("artifact_record_unreadable", deploy=rec.id, error=str(exc))
-        ctx = self._hook_context(rec, artifact)
+        rec = joined.request
+        ctx = self._hook_context(rec)
         decided_at = flipped_at = iso(utcnow())
         if not self.journal.has("flipped"):
             try:
+                if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
+                    artifact = self._record_of(rec)
+                    self._download(artifact, rec.release)
+                    with self.engine.lock(owner=f"deploy {rec.id}"):
+                        self.engine.stage(artifact, rec.release, rec.id)
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
                         self.engine.flip(rec.release)
+                    self._write_applied(joined)
             except (WatcherError, OSError) as exc:
                 # Nothing changed yet (the lock was busy, the flip refused): not a failure
                 # after commit; the next cycle retries, until the apply deadline.
@@ -469,6 +797,7 @@ class AppAgent:
             flipped_at = iso(utcnow())
             self.journal.done("flipped")
             self._write_host(rec.release, force=True)
+        state, error, tail = LIVE, "", ""
         try:
             if self.metrics is not None:
                 self.metrics.flip_timestamp_seconds.labels(app=self.app.name).set(time.time())
@@ -480,38 +809,23 @@ class AppAgent:
             run_hooks(self.app, "validate", ctx)
         except (WatcherError, OSError) as exc:
             self.log.error("apply_failed", deploy=rec.id, error=str(exc))
-            self.store.write_progress(
-                rec.id,
-                self.node,
-                FAILED_AFTER_COMMIT,
-                error=str(exc),
-                output_tail=getattr(exc, "output_tail", ""),
-                timings={
-                    "decided_at": decided_at,
-                    "flipped_at": flipped_at,
-                    "failed_at": iso(utcnow()),
-                },
-            )
-            self.journal.clear(rec.id)
-            return
-        self.store.write_progress(
-            rec.id,
-            self.node,
-            LIVE,
-            timings={"decided_at": decided_at, "flipped_at": flipped_at, "live_at": iso(utcnow())},
-        )
-        self.journal.clear(rec.id)
+            state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
+        timings = {"decided_at": decided_at, "flipped_at": flipped_at}
+        timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
+        self._ack(joined, state, error=error, output_tail=tail, timings=timings)
+        self.journal.done("applied")
         self._observe("apply", started)
         self._prune()
         self.log.info(
-            "deploy_live",
+            "deploy_live" if state == LIVE else "deploy_failed_after_commit",
             deploy=rec.id,
             release=rec.release,
             took_ms=round((time.monotonic() - started) * 1000),
         )
 
-    def _abort(self, rec: DeployRecord, state: str) -> None:
-        ctx = self._hook_context(rec, None)
+    def _abort(self, joined: Joined) -> None:
+        rec = joined.request
+        ctx = self._hook_context(rec)
         if self.engine.post_release_done(rec.release) and self.journal.has("post_release"):
             try:
                 run_hooks(self.app, "post_abort", ctx)
@@ -527,11 +841,7 @@ class AppAgent:
                 and self.engine.current_release() != rec.release
             ):
                 self.engine.drop_release(rec.release)
-        if state not in NODE_FINAL_STATES and state != "":
-            self.store.write_progress(
-                rec.id, self.node, ABORTED, timings={"decided_at": iso(utcnow())}
-            )
-        self.journal.clear(rec.id)
+        self.journal.done("aborted")
         self.log.info("deploy_aborted_here", deploy=rec.id, release=rec.release)
 
     def _observe(self, phase: str, started: float) -> None:
@@ -543,12 +853,33 @@ class AppAgent:
     def _prune(self) -> None:
         """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply)."""
         journal = self.journal.read()
-        in_flight = {str(journal["release"])} if journal else set()
+        in_flight = (
+            {str(journal["request"]["release"])} if journal and "request" in journal else set()
+        )
         try:
             with self.engine.lock(owner="prune after deploy"):
                 self.engine.prune(in_flight=in_flight)
-        except (WatcherError, OSError) as exc:
+        except (WatcherError, OSError, KeyError, TypeError) as exc:
             self.log.warning("prune_failed", error=str(exc))
+
+    def _write_applied(self, joined: Joined) -> None:
+        atomic_write_json(
+            self.engine.layout.state_dir / APPLIED_NAME,
+            {
+                "deploy": joined.id,
+                "create_index": joined.create_index,
+                "release": joined.request.release,
+            },
+        )
+
+    def _applied_index(self) -> int:
+        try:
+            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+            if data.get("release") == self.engine.current_release():
+                return int(data["create_index"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        return 0
 
     # --- converge --------------------------------------------------------------------
 
@@ -571,53 +902,86 @@ class AppAgent:
         wait = self._converge_retry_at - time.monotonic()
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
-        return self._start("converge", current.deploy, lambda: self._converge_to(current))
+        joined = self.store.committed(
+            current.deploy, node=self.node, first_index=self.first_index()
+        )
+        if joined is None:
+            self._report_once(
+                f"current:{current.deploy}",
+                "current_not_obeyed",
+                deploy=current.deploy,
+                reason="its commit predicate does not hold (no complete set of ready acks)",
+            )
+            return f"idle; current names {current.deploy}, which is not committed: not obeyed"
+        if joined.create_index < self._applied_index():
+            self._report_once(
+                f"older:{current.deploy}",
+                "current_not_obeyed",
+                deploy=current.deploy,
+                reason="it is older than the deploy this host is on",
+            )
+            return f"idle; current names an older deploy {current.deploy}: not obeyed"
+        try:
+            self._check_pin_of(joined.request)
+        except ArtifactIntegrityError as exc:
+            self._report_once(
+                f"pin:{joined.id}", "current_not_obeyed", deploy=joined.id, reason=str(exc)
+            )
+            return f"idle; {exc}"
+        return self._start("converge", joined.id, lambda: self._converge_to(joined))
 
-    def _converge_to(self, current: CurrentRecord) -> None:
-        """Stage and flip to the fleet's committed release, without a new barrier.
+    def first_index(self) -> int:
+        """The CreateIndex of this watcher's first session: the smaller of what this daemon
+        remembers and what its host record says (which survives a wiped ``.state/``)."""
+        if self._kv_first_index is None:
+            try:
+                entry = self.store.consul.kv_get(self.store.keys.host(self.node))
+                record = HostRecord.from_json(entry.value) if entry else None
+                self._kv_first_index = record.first_index if record else 0
+            except (ConsulError, PayloadError):
+                return self._daemon_first_index()
+        known = [i for i in (self._daemon_first_index(), self._kv_first_index) if i > 0]
+        return min(known) if known else 0
+
+    def _report_once(self, key: str, event: str, **fields: Any) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.log.error(event, **fields)
+
+    def _converge_to(self, joined: Joined) -> None:
+        """Stage and flip to a committed deploy's release, without a new barrier.
 
         Journaled like a deploy (``.state/converge.json``): after a crash, the phases that
         did not finish run again, and a failing ``validate`` is retried with backoff and
         shown in `status` until it passes.
         """
-        rec_like = DeployRecord(
-            id=current.deploy,
-            app=self.app.name,
-            kind="converge",
-            artifact=current.artifact,
-            sha256=current.sha256,
-            release=current.release,
-            requested_by="converge",
-            requested_at=iso(utcnow()),
-            expected=[self.node],
-            prepare_deadline=iso(utcnow()),
-            apply_deadline=iso(utcnow()),
-        )
+        rec = joined.request
         journal = self.converge_journal
-        journal.begin(rec_like)
+        journal.begin(rec.id, release=rec.release)
         try:
-            artifact = self._artifact(rec_like)
+            artifact = self._record_of(rec)
             self.engine.in_flight_artifacts.add(artifact.sha256)
-            ctx = self._hook_context(rec_like, artifact)
+            ctx = self._hook_context(rec)
             if not journal.has("staged"):
-                self._download(artifact, current.release)
+                self._download(artifact, rec.release)
                 with self.engine.lock(owner="converge"):
-                    self.engine.stage(artifact, current.release, current.deploy)
+                    self.engine.stage(artifact, rec.release, rec.id)
                 journal.done("staged")
             if not journal.has("post_release"):
                 run_hooks(self.app, "post_release", ctx)
-                self.engine.mark_post_release_done(current.release)
+                self.engine.mark_post_release_done(rec.release)
                 journal.done("post_release")
             if not journal.has("flipped"):
                 with self.engine.lock(owner="converge"):
-                    reason = self._converge_blocked(current)
+                    reason = self._converge_blocked(joined)
                     if reason is not None:
-                        self.log.info("converge_skipped", release=current.release, reason=reason)
-                        journal.clear(current.deploy)
+                        self.log.info("converge_skipped", release=rec.release, reason=reason)
+                        journal.clear(rec.id)
                         return
-                    self.engine.flip(current.release)
+                    self.engine.flip(rec.release)
+                    self._write_applied(joined)
                 journal.done("flipped")
-                self._write_host(current.release, force=True)
+                self._write_host(rec.release, force=True)
             if not journal.has("post_symlink"):
                 run_hooks(self.app, "post_symlink", ctx)
                 journal.done("post_symlink")
@@ -626,27 +990,25 @@ class AppAgent:
             self._converge_failures += 1
             delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)
             self._converge_retry_at = time.monotonic() + delay
-            self.status.converge_error = f"{current.release}: {exc}"
-            self.log.error(
-                "converge_failed", release=current.release, error=str(exc), retry_in_s=delay
-            )
+            self.status.converge_error = f"{rec.release}: {exc}"
+            self.log.error("converge_failed", release=rec.release, error=str(exc), retry_in_s=delay)
             return
-        journal.clear(current.deploy)
+        journal.clear(rec.id)
         self.status.converge_error = ""
         self._converge_failures = 0
-        self.log.info("converged", release=current.release, deploy=current.deploy)
+        self.log.info("converged", release=rec.release, deploy=rec.id)
         self._prune()
 
-    def _converge_blocked(self, current: CurrentRecord) -> str | None:
+    def _converge_blocked(self, joined: Joined) -> str | None:
         """Why not to flip now (checked under the app lock, just before the flip)."""
         hold = self.engine.held()
         if hold is not None:
             return f"held: {hold.reason}"
-        inflight, _ = self.store.inflight()
+        inflight, _ = self.store.inflight(consistent=True)
         if inflight is not None:
             return f"deploy {inflight} started meanwhile"
         now, _ = self.store.current()
-        if now is None or now.release != current.release:
+        if now is None or now.deploy != joined.id:
             return f"the fleet moved on to {now.release if now else 'nothing'}"
         return None
 
@@ -654,7 +1016,7 @@ class AppAgent:
 
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._host_written < 30:
+        if not force and release == self._host_release and now - self._host_written < 30:
             return
         record = HostRecord(
             node=self.node,
@@ -662,10 +1024,12 @@ class AppAgent:
             last_seen=iso(utcnow()),
             watcher_version=__version__,
             state=self.status.state,
+            alarm=self.status.alarm,
+            first_index=self.first_index(),
         )
         try:
             self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
-            self._host_written = now
+            self._host_written, self._host_release = now, release
         except ConsulError as exc:
             self.log.warning("host_record_not_written", error=str(exc))
 
@@ -689,7 +1053,9 @@ class AppAgent:
             )
             return
         try:
+            self.store.check_pin(record)
             self.engine.prefetch(record)
+            self.store.write_pin(record, by=self.node)
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
@@ -701,12 +1067,32 @@ class AppAgent:
         )
 
     def shutdown(self, wait: bool) -> None:
+        self._cancel.set()
         self._worker.shutdown(wait=wait, cancel_futures=True)
 
     def has_deploy_in_flight(self) -> bool:
         """Part of a deploy that is not over (expected in it, preparing, or applying)."""
-        return self.journal.read() is not None or self.busy() or self.status.deploy is not None
+        journal = self.journal.read()
+        return (journal is not None and not journal.get("finished")) or self.busy()
+
+    def must_give_up_session(self) -> bool:
+        """Not acked by ``prepare_deadline`` + grace (DESIGN.md 6.4.7): the renewer destroys
+        the session, so a stuck main loop or worker cannot hold a deploy undecided."""
+        journal = self.journal.read()
+        if not journal or journal.get("finished") or journal.get("established"):
+            return False
+        deploy_id = str(journal.get("deploy"))
+        if self._own.get(deploy_id) not in (None, "", STAGING):
+            return False
+        try:
+            deadline = parse_iso(journal["request"]["prepare_deadline"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return (utcnow() - deadline).total_seconds() > PREPARE_GRACE
 
 
 class _Cancelled(Exception):
     """The deploy was decided (aborted) while this host was still preparing."""
+
+
+__all__ = ["AgentStatus", "AppAgent", "Journal", "NodeProgress", "read_journal"]

@@ -1,31 +1,42 @@
-"""The deploy protocol over Consul KV (DESIGN.md 6): records, one decision, the end of a deploy.
+"""The deploy protocol over Consul KV (DESIGN.md 6, layout version 2).
 
-Everything here is a KV operation any actor may run (the daemon's coordinator, any node
-after a deadline, `watcherctl`); the per-host side (staging, flipping, hooks) is in
-``watcher.agent``. Every decision write is one ``/v1/txn`` with ``check-not-exists`` on the
-decision key, so there is exactly one decision per deploy whoever writes it.
+The acks are the decision: each expected host writes its own ``progress/<node>/<id>``
+(forward-only; the ready ack in a txn that checks the session the request named for it),
+and commit and abort are predicates over those acks that every host establishes itself in
+consistent reads before it flips, runs ``post_abort`` or drops a tree (``establish``).
+``decisions/``, ``outcomes/`` and ``current`` are records, wake-ups and caches for readers.
+The per-host side (staging, flipping, hooks) is in ``watcher.agent``; the rules and why
+they hold are in docs/design.md.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from watcher import PROTOCOL_VERSION
-from watcher.consul_api import ConsulClient, KVEntry, TxnOp
-from watcher.errors import ArtifactNotFound, DeployInFlight, DeployRefused, PayloadError
+from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
+from watcher.errors import (
+    ArtifactIntegrityError,
+    ArtifactNotFound,
+    DeployInFlight,
+    DeployRefused,
+    PayloadError,
+)
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
+    ABORT_ACK_STATES,
+    ACKED_READY_STATES,
     COMMIT,
-    FAILED,
     FAILED_AFTER_COMMIT,
     NEXT_STATES,
-    NODE_FINAL_STATES,
     READY,
+    AbortRequest,
     ArtifactRecord,
     CurrentRecord,
     Decision,
@@ -34,7 +45,10 @@ from watcher.records import (
     Keys,
     NodeProgress,
     Outcome,
+    PinRecord,
     ReleaseRef,
+    check_artifact_id,
+    check_deploy_id,
     iso,
     parse_iso,
     release_name,
@@ -43,14 +57,66 @@ from watcher.records import (
 
 log = get_logger(module="barrier")
 
-# Past this many expected nodes, the commit txn relies on the forward-only node records
-# instead of one check-index per node (Consul caps a txn's operations).
-MAX_INDEX_CHECKS = 56
+# Verdicts of ``establish`` (DESIGN.md 6.4.3 and 6.4.4).
+UNDECIDED, CONTESTED = "undecided", "contested"
+# How many history entries one end of a deploy trims at most (the rest go next time).
+TRIM_PER_END = 6
+# How many trimmed ids the history remembers, so that every host deletes its own acks.
+TRIMMED_KEEP = 64
+
+
+def new_deploy_id(now: datetime | None = None) -> str:
+    """A deploy id made by `watcherctl`: sortable timestamp plus randomness."""
+    ts = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
+    return f"{ts}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A request as one host journaled it: the request, its digest and CreateIndex."""
+
+    request: DeployRecord
+    digest: str
+    create_index: int
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def to_journal(self) -> dict[str, Any]:
+        return {
+            "request": self.request.as_dict(),
+            "digest": self.digest,
+            "create_index": self.create_index,
+        }
+
+    @classmethod
+    def from_journal(cls, data: Mapping[str, Any]) -> Joined:
+        request = DeployRecord.from_dict(dict(data["request"]), label="journaled request")
+        digest = str(data["digest"])
+        if request.digest() != digest:
+            raise PayloadError("journaled request does not match its digest")
+        return cls(request, digest, int(data["create_index"]))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one consistent read of the acks establishes."""
+
+    outcome: str  # COMMIT | ABORT | CONTESTED | UNDECIDED
+    reason: str
+    acks: dict[str, NodeProgress] = field(default_factory=dict)
+    indexes: dict[str, int] = field(default_factory=dict)
+    members: dict[str, KVEntry] = field(default_factory=dict)
+
+    def holds_session(self, node: str, session: str | None) -> bool:
+        entry = self.members.get(node)
+        return bool(session) and entry is not None and entry.session == session
 
 
 @dataclass(frozen=True)
 class DeployView:
-    """A deploy as read from KV in one go: the record, its decision, every node's progress."""
+    """A deploy as readers see it: the request, the acks, and the records beside them."""
 
     record: DeployRecord
     decision: Decision | None
@@ -58,6 +124,8 @@ class DeployView:
     node_indexes: dict[str, int]
     outcome: Outcome | None
     coordinator_session: str | None
+    create_index: int = 0
+    abort_requested: AbortRequest | None = None
 
     @property
     def id(self) -> str:
@@ -67,11 +135,63 @@ class DeployView:
         alive = set(members)
         return [n for n in self.record.expected if n not in alive]
 
+    def verdict(self) -> str:
+        """The verdict of the acks read here (for display: not a consistent establish)."""
+        return judge(self.record, self.record.digest(), self.nodes).outcome
 
-def new_deploy_id(now: datetime | None = None) -> str:
-    """A deploy id made by `watcherctl`: sortable timestamp plus randomness."""
-    ts = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
-    return f"{ts}-{secrets.token_hex(3)}"
+
+def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | None]) -> Verdict:
+    """The commit / abort / contested predicate over one read of the acks (pure)."""
+    expected = request.expected
+    ready = [n for n in expected if (a := acks.get(n)) is not None and a.acked_ready(digest)]
+    vetoes = sorted(
+        n for n in expected if (a := acks.get(n)) is not None and a.state in ABORT_ACK_STATES
+    )
+    foreign = sorted(
+        n
+        for n in expected
+        if (a := acks.get(n)) is not None and a.state in ACKED_READY_STATES and a.digest != digest
+    )
+    applied = sorted(
+        n
+        for n in expected
+        if (a := acks.get(n)) is not None
+        and a.digest == digest
+        and a.state in (ACKED_READY_STATES - {READY})
+    )
+    commit_evidence = bool(expected) and len(ready) == len(expected)
+    abort_evidence = bool(vetoes or foreign)
+    if (commit_evidence or applied) and abort_evidence:
+        changed = ", ".join(vetoes + foreign)
+        return Verdict(
+            CONTESTED,
+            f"acks contradict each other: {changed} vetoed or named another request "
+            f"while {', '.join(applied or ready)} acked ready (an ack was rewritten)",
+        )
+    if commit_evidence:
+        return Verdict(COMMIT, f"all {len(expected)} expected nodes acked ready")
+    if vetoes:
+        first = acks[vetoes[0]]
+        assert first is not None
+        why = first.error or first.state
+        more = f" (and {len(vetoes) - 1} more)" if len(vetoes) > 1 else ""
+        return Verdict(ABORT, f"node {vetoes[0]} {first.state}: {why}{more}")
+    if foreign:
+        return Verdict(ABORT, f"node(s) {', '.join(foreign)} acked another request")
+    if not expected:
+        return Verdict(ABORT, "no expected nodes")
+    return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
+
+
+def parse_ack(entry: KVEntry | None) -> NodeProgress | None:
+    """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None."""
+    if entry is None or not entry.value or entry.modify_index == 0:
+        return None
+    try:
+        return NodeProgress.from_json(entry.value, where=entry.key)
+    except PayloadError as exc:
+        log.error("document_skipped", key=entry.key, error=str(exc))
+        return None
 
 
 class DeployStore:
@@ -84,17 +204,23 @@ class DeployStore:
 
     # --- reads ------------------------------------------------------------------------
 
-    def inflight(self) -> tuple[str | None, int]:
+    def inflight(self, *, consistent: bool = False) -> tuple[str | None, int]:
         """The id of the deploy in flight (or None) and the key's modify index (0: absent)."""
-        entry = self.consul.kv_get(self.keys.inflight)
+        entry = self.consul.kv_get(self.keys.inflight, consistent=consistent)
         if entry is None or not entry.value:
             return None, 0
         return entry.value.decode(errors="replace").strip() or None, entry.modify_index
 
-    def members(self) -> dict[str, KVEntry]:
+    def members(self, *, consistent: bool = False) -> dict[str, KVEntry]:
         """Live members: node -> its session-held member key."""
+        if not consistent:
+            return self._members_from(self.consul.kv_list(self.keys.members_prefix))
+        result = self.consul.txn([TxnOp.get_tree(self.keys.members_prefix)], consistent=True)
+        return self._members_from(result.entries)
+
+    def _members_from(self, entries: Iterable[KVEntry]) -> dict[str, KVEntry]:
         out: dict[str, KVEntry] = {}
-        for entry in self.consul.kv_list(self.keys.members_prefix):
+        for entry in entries:
             node = entry.key[len(self.keys.members_prefix) :]
             if node and "/" not in node and entry.session:
                 out[node] = entry
@@ -115,7 +241,41 @@ class DeployStore:
         entry = self.consul.kv_get(self.keys.artifact(artifact_id))
         if entry is None:
             return None
-        return ArtifactRecord.from_json(entry.value, where=entry.key)
+        record = ArtifactRecord.from_json(entry.value, where=entry.key)
+        if record.id != artifact_id:
+            raise PayloadError(f"ArtifactRecord at {entry.key}: names another id {record.id!r}")
+        return record
+
+    def pin(self, artifact_id: str) -> PinRecord | None:
+        entry = self.consul.kv_get(self.keys.pin(artifact_id), consistent=True)
+        if entry is None:
+            return None
+        return PinRecord.from_json(entry.value, where=entry.key)
+
+    def check_pin(self, record: ArtifactRecord) -> None:
+        """Refuse, naming both hashes, a record that differs from the artifact's pin."""
+        try:
+            pin = self.pin(record.id)
+        except PayloadError as exc:
+            raise ArtifactIntegrityError(
+                f"artifact {record.id}: its pin does not parse ({exc}); "
+                "an admin must repair pins/ before it can be deployed"
+            ) from None
+        if pin is not None and (why := pin.differs(record)) is not None:
+            raise ArtifactIntegrityError(why)
+
+    def write_pin(self, record: ArtifactRecord, *, by: str) -> None:
+        """After verifying the bytes: pin the id to them (cas=0; the first host wins)."""
+        pin = PinRecord(
+            artifact=record.id,
+            url=record.url,
+            size=record.size,
+            sha256=record.sha256,
+            by=by,
+            at=iso(utcnow()),
+        )
+        if not self.consul.kv_put(self.keys.pin(record.id), pin.to_json(), cas=0):
+            self.check_pin(record)  # pinned by another host meanwhile: must be the same bytes
 
     def current(self) -> tuple[CurrentRecord | None, int]:
         entry = self.consul.kv_get(self.keys.current)
@@ -127,70 +287,161 @@ class DeployStore:
             log.error("document_skipped", key=entry.key, error=str(exc))
             return None, entry.modify_index
 
+    def request(
+        self, deploy_id: str, *, consistent: bool = False
+    ) -> tuple[DeployRecord | None, KVEntry | None]:
+        """The request and its KV entry (None, None when absent); PayloadError if it does not
+        parse or is not this app's deploy of that id."""
+        entry = self.consul.kv_get(self.keys.request(deploy_id), consistent=consistent)
+        if entry is None:
+            return None, None
+        record = DeployRecord.from_json(entry.value, where=entry.key)
+        if record.id != deploy_id or record.app != self.app:
+            raise PayloadError(
+                f"request at {entry.key} names deploy {record.id!r} of app {record.app!r}"
+            )
+        return record, entry
+
     def deploy_record(self, deploy_id: str) -> DeployRecord | None:
-        entry = self.consul.kv_get(self.keys.deploy(deploy_id))
+        return self.request(deploy_id)[0]
+
+    def abort_requested(self, deploy_id: str) -> AbortRequest | None:
+        entry = self.consul.kv_get(self.keys.abort_request(deploy_id), consistent=True)
         if entry is None:
             return None
-        return DeployRecord.from_json(entry.value, where=entry.key)
+        try:
+            return AbortRequest.from_json(entry.value, where=entry.key)
+        except PayloadError as exc:  # any abort request counts, even one that does not parse
+            return AbortRequest(by="unknown", at="", reason=f"unreadable abort request: {exc}")
+
+    def ack(
+        self, deploy_id: str, node: str, *, consistent: bool = True
+    ) -> tuple[NodeProgress | None, int]:
+        entry = self.consul.kv_get(self.keys.progress(deploy_id, node), consistent=consistent)
+        return parse_ack(entry), entry.modify_index if entry else 0
 
     def view(self, deploy_id: str) -> DeployView | None:
-        """Everything about one deploy from one recursive read of ``deploys/<id>/``."""
-        record = self.deploy_record(deploy_id)
+        """Everything about one deploy for readers: two round trips."""
+        check_deploy_id(deploy_id)
+        rebuilt: DeployRecord | None = None
+        create_index = 0
+        record, entry = self.request(deploy_id)
+        if entry is not None:
+            create_index = entry.create_index
+        keys = [
+            self.keys.decision(deploy_id),
+            self.keys.outcome(deploy_id),
+            self.keys.coordinator(deploy_id),
+            self.keys.abort_request(deploy_id),
+        ]
         if record is None:
-            return None
-        prefix = self.keys.deploy_prefix(deploy_id)
-        nodes_prefix = self.keys.nodes_prefix(deploy_id)
-        decision: Decision | None = None
-        outcome: Outcome | None = None
-        coordinator: str | None = None
+            rebuilt = self.rebuild_request(deploy_id)
+            if rebuilt is None:
+                return None
+            record = rebuilt
+        ops = [TxnOp.get_or_empty(k) for k in keys]
+        ops += [TxnOp.get_or_empty(self.keys.progress(deploy_id, n)) for n in record.expected]
+        entries = self._read_txn(ops)
+        decision = self._doc(Decision, entries[0])
+        outcome = self._doc(Outcome, entries[1])
+        coordinator = entries[2].session if entries[2] and entries[2].modify_index else None
+        abort = self._doc(AbortRequest, entries[3])
         nodes: dict[str, NodeProgress] = {}
         indexes: dict[str, int] = {}
-        for entry in self.consul.kv_list(prefix):
-            try:
-                if entry.key == self.keys.decision(deploy_id):
-                    decision = Decision.from_json(entry.value, where=entry.key)
-                elif entry.key == self.keys.outcome(deploy_id):
-                    outcome = Outcome.from_json(entry.value, where=entry.key)
-                elif entry.key == self.keys.coordinator(deploy_id):
-                    coordinator = entry.session
-                elif entry.key.startswith(nodes_prefix):
-                    progress = NodeProgress.from_json(entry.value, where=entry.key)
-                    node = entry.key[len(nodes_prefix) :]
-                    nodes[node] = progress
-                    indexes[node] = entry.modify_index
-            except PayloadError as exc:
-                log.error("document_skipped", key=entry.key, error=str(exc))
-        return DeployView(record, decision, nodes, indexes, outcome, coordinator)
+        for node, e in zip(record.expected, entries[4:], strict=True):
+            ack = parse_ack(e)
+            if ack is not None and ack.node == node:
+                nodes[node] = ack
+                indexes[node] = e.modify_index if e else 0
+        if rebuilt is not None:
+            create_index = next((a.create_index for a in nodes.values() if a.create_index), 0)
+        return DeployView(
+            record, decision, nodes, indexes, outcome, coordinator, create_index, abort
+        )
+
+    @staticmethod
+    def _doc(cls: Any, entry: KVEntry | None) -> Any:
+        if entry is None or not entry.value or entry.modify_index == 0:
+            return None
+        try:
+            return cls.from_json(entry.value, where=entry.key)
+        except PayloadError as exc:
+            log.error("document_skipped", key=entry.key, error=str(exc))
+            return None
+
+    def _read_txn(
+        self, ops: list[dict[str, Any]], *, consistent: bool = False
+    ) -> list[KVEntry | None]:
+        """Read-only txns of get-or-empty ops, split to the server's limit; one entry per op."""
+        out: list[KVEntry | None] = []
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            chunk = ops[start : start + MAX_TXN_OPS]
+            result = self.consul.txn(chunk, consistent=consistent)
+            if not result.ok:
+                raise PayloadError(f"read-only txn refused: {result.errors}")
+            out += [e if e.modify_index else None for e in result.entries]
+        return out
+
+    def rebuild_request(self, deploy_id: str) -> DeployRecord | None:
+        """A request rebuilt from the acks that carry it (DESIGN.md 6.4.2): a deleted or
+        re-created ``requests/<id>`` changes nothing. Only an ack of a node the embedded
+        request expects counts, and two different requests for one id rebuild nothing."""
+        found = self._embedded_requests(deploy_id)
+        return found[0][0] if len(found) == 1 else None
+
+    def _embedded_requests(self, deploy_id: str) -> list[tuple[DeployRecord, dict[str, KVEntry]]]:
+        """Distinct requests carried by acks of ``deploy_id``, each with the ack entries
+        (of nodes it expects) that carry it."""
+        nodes = [
+            k[len(self.keys.progress_prefix) :].rstrip("/")
+            for k in self.consul.kv_keys(self.keys.progress_prefix, separator="/")
+        ]
+        nodes = [n for n in nodes if n]
+        ops = [TxnOp.get_or_empty(self.keys.progress(deploy_id, n)) for n in nodes]
+        by_digest: dict[str, tuple[DeployRecord, dict[str, KVEntry]]] = {}
+        for node, entry in zip(nodes, self._read_txn(ops, consistent=True), strict=True):
+            ack = parse_ack(entry)
+            request = ack.embedded_request() if ack else None
+            if request is None or entry is None or ack is None or ack.node != node:
+                continue
+            if request.id != deploy_id or request.app != self.app or node not in request.expected:
+                continue
+            by_digest.setdefault(ack.digest, (request, {}))[1][node] = entry
+        if len(by_digest) > 1:
+            log.error(
+                "acks_disagree",
+                deploy=deploy_id,
+                digests=sorted(by_digest),
+                note="acks carry different requests for one id; none is trusted",
+            )
+        return list(by_digest.values())
 
     def history(self) -> list[str]:
         """Deploy ids of this app, oldest first (bounded by ``daemon.history_keep``)."""
         ids, _ = self._history()
         return ids
 
-    def _history(self) -> tuple[list[str], int]:
-        entry = self.consul.kv_get(f"{self.keys.base}/history")
-        if entry is None or not entry.value:
-            return [], 0
-        try:
-            ids = json.loads(entry.value)["deploys"]
-            return [str(i) for i in ids], entry.modify_index
-        except (ValueError, KeyError, TypeError):
-            log.error("document_skipped", key=entry.key, error="history is not valid JSON")
-            return [], entry.modify_index
+    def _history(self, *, consistent: bool = False) -> tuple[list[str], int]:
+        ids, _, index = self._history_doc(consistent=consistent)
+        return ids, index
 
-    def _history_ops(self, add: str, keep: int) -> list[dict[str, object]]:
-        """Txn ops appending ``add`` to the history and trimming what falls out of it."""
-        ids, index = self._history()
-        ids = [i for i in ids if i != add] + [add]
-        dropped, ids = ids[:-keep], ids[-keep:]
-        body = json.dumps({"version": 1, "deploys": ids}).encode()
-        ops: list[dict[str, object]] = [TxnOp.cas(f"{self.keys.base}/history", body, index)]
-        for old in dropped[:8]:  # a handful per end keeps the txn small; the rest go next time
-            ops += [
-                TxnOp.delete(self.keys.deploy(old)),
-                TxnOp.delete_tree(self.keys.deploy_prefix(old)),
-            ]
-        return ops
+    def _history_doc(self, *, consistent: bool = False) -> tuple[list[str], list[str], int]:
+        """(deploy ids oldest first, ids trimmed lately, modify index)."""
+        entry = self.consul.kv_get(self.keys.history, consistent=consistent)
+        if entry is None or not entry.value:
+            return [], [], 0
+        try:
+            data = json.loads(entry.value)
+            ids = [str(i) for i in data["deploys"] if isinstance(i, str)]
+            trimmed = [str(i) for i in data.get("trimmed", []) if isinstance(i, str)]
+            return ids, trimmed, entry.modify_index
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.error("document_skipped", key=entry.key, error="history is not valid JSON")
+            return [], [], entry.modify_index
+
+    def legacy_layout_found(self) -> bool:
+        """Whether keys of layout version 1 (``deploys/``) exist: reported, never read."""
+        return bool(self.consul.kv_keys(self.keys.legacy_deploys_prefix, separator="/"))
 
     # --- start --------------------------------------------------------------------------
 
@@ -202,38 +453,59 @@ class DeployStore:
         artifact: ArtifactRecord | ReleaseRef,
         release: str | None,
         requested_by: str,
-        expected: list[str],
+        expected: Mapping[str, str] | list[str],
         prepare_timeout: float,
         apply_timeout: float,
         now: datetime | None = None,
         resume_of: str | None = None,
         rollback_of: str | None = None,
+        allow_missing: bool = False,
     ) -> DeployRecord:
+        """A request; ``expected`` maps each node to the session holding its member key."""
         now = now or utcnow()
+        sessions = dict(expected) if isinstance(expected, Mapping) else {}
+        target: str | None = None
         if isinstance(artifact, ArtifactRecord):
-            artifact_id, sha = artifact.id, artifact.sha256
+            fields: dict[str, Any] = {
+                "artifact": artifact.id,
+                "sha256": artifact.sha256,
+                "url": artifact.url,
+                "size": artifact.size,
+                "format": artifact.format,
+                "branch": artifact.branch,
+                "commit": artifact.commit,
+            }
         else:
-            artifact_id, sha = artifact.artifact, artifact.sha256
+            target = artifact.deploy
+            fields = {
+                "artifact": artifact.artifact,
+                "sha256": artifact.sha256,
+                "url": artifact.url,
+                "size": artifact.size,
+            }
         return DeployRecord(
-            id=deploy_id,
+            id=check_deploy_id(deploy_id),
             app=self.app,
             kind=kind,
-            artifact=artifact_id,
-            sha256=sha,
-            release=release or release_name(now, artifact_id),
+            release=release or release_name(now, fields["artifact"]),
             requested_by=requested_by,
             requested_at=iso(now),
             expected=sorted(expected),
+            sessions=sessions,
+            allow_missing=allow_missing,
             prepare_deadline=iso(now + timedelta(seconds=prepare_timeout)),
             apply_deadline=iso(now + timedelta(seconds=prepare_timeout + apply_timeout)),
             resume_of=resume_of,
             rollback_of=rollback_of,
+            target_deploy=target if kind == "rollback" else None,
             min_protocol=PROTOCOL_VERSION,
+            **fields,
         )
 
-    def expected_members(self, *, allow_missing: bool) -> list[str]:
-        """The current members; refuses when a known host has no member key (unless allowed)."""
-        members = sorted(self.members())
+    def expected_members(self, *, allow_missing: bool) -> dict[str, str]:
+        """The current members and their sessions; refuses when a known host has no member
+        key (unless allowed)."""
+        members = {n: e.session or "" for n, e in sorted(self.members().items())}
         if not members:
             raise DeployRefused(
                 f"app {self.app}: no watcher holds a member key; is any daemon running?"
@@ -247,23 +519,15 @@ class DeployStore:
             )
         return members
 
-    def start(
-        self,
-        record: DeployRecord,
-        *,
-        history_keep: int,
-        extra_ops: list[dict[str, object]] | None = None,
-    ) -> bool:
-        """Create ``inflight`` and the deploy record in one txn; refuse if one is in flight.
+    def start(self, record: DeployRecord, **_ignored: Any) -> bool:
+        """Create ``inflight`` and the request in one txn; refuse if one is in flight.
 
         Returns False when this same deploy was already started by someone else.
         """
         ops = [
             TxnOp.cas(self.keys.inflight, record.id.encode(), 0),
-            TxnOp.set(self.keys.deploy(record.id), record.to_json()),
+            TxnOp.cas(self.keys.request(record.id), record.to_json(), 0),
         ]
-        ops += extra_ops or []
-        ops += self._history_ops(record.id, history_keep)
         result = self.consul.txn(ops)
         if result.ok:
             log.info(
@@ -288,37 +552,533 @@ class DeployStore:
     def _inflight_message(self, deploy_id: str) -> str:
         try:
             other = self.deploy_record(deploy_id)
-        except PayloadError:
-            other = None
+        except PayloadError as exc:
+            return (
+                f"app {self.app}: inflight names deploy {deploy_id!r}, whose request does not "
+                f"parse ({exc}); any watcher clears it on its next cycle, or run "
+                f"`watcherctl abort {self.app} {deploy_id}`"
+            )
         if other is None:
-            return f"app {self.app}: deploy {deploy_id} is in flight"
+            return (
+                f"app {self.app}: inflight names deploy {deploy_id!r}, which has no request; "
+                "any watcher clears it on its next cycle"
+            )
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
             f"requested by {other.requested_by} at {other.requested_at}) is in flight; "
-            "wait for it or `watcherctl abort " + deploy_id + "`"
+            f"wait for it or `watcherctl abort {self.app} {deploy_id}`"
         )
 
     def record_refused(
-        self,
-        record: DeployRecord,
-        reason: str,
-        *,
-        by: str,
-        history_keep: int,
-        extra_ops: list[dict[str, object]] | None = None,
+        self, record: DeployRecord, reason: str, *, by: str, **_ignored: Any
     ) -> bool:
-        """Write a deploy record with an abort decision and no ``inflight`` (raw event for an
-        unknown artifact): every host sees at once why it failed."""
+        """A request with its refusal and no ``inflight`` (raw event for an unknown artifact):
+        every host and `history` see at once why it failed. Written by a host."""
         decision = Decision(outcome=ABORT, reason=reason, by=by, at=iso(utcnow()))
-        outcome = Outcome(result="aborted", at=decision.at, by=by, reason=reason)
+        outcome = Outcome(result="refused", at=decision.at, by=by, reason=reason)
         ops = [
-            TxnOp.cas(self.keys.deploy(record.id), record.to_json(), 0),
+            TxnOp.cas(self.keys.request(record.id), record.to_json(), 0),
             TxnOp.cas(self.keys.decision(record.id), decision.to_json(), 0),
             TxnOp.set(self.keys.outcome(record.id), outcome.to_json()),
         ]
-        ops += extra_ops or []
-        ops += self._history_ops(record.id, history_keep)
         return self.consul.txn(ops).ok
+
+    def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
+        """`watcherctl abort`: an abort request every expected host honors before it acks
+        ready. False when one already exists."""
+        body = AbortRequest(by=by, at=iso(utcnow()), reason=reason).to_json()
+        return self.consul.kv_put(self.keys.abort_request(deploy_id), body, cas=0)
+
+    # --- per-node acks -------------------------------------------------------------------
+
+    def write_progress(
+        self,
+        deploy_id: str,
+        node: str,
+        state: str,
+        *,
+        joined: Joined | None = None,
+        session: str | None = None,
+        error: str = "",
+        output_tail: str = "",
+        timings: dict[str, str] | None = None,
+        sha256: str = "",
+        staged: tuple[int, int] | None = None,
+        known: tuple[NodeProgress | None, int] | None = None,
+    ) -> bool:
+        """Move this node's ack forward (CAS on the KV record's own index, never on what
+        ``.state/`` remembers); a ready ack also checks ``session`` holds this node's member
+        key. False if not allowed (not forward, lost session)."""
+        key = self.keys.progress(deploy_id, node)
+        for _ in range(5):
+            if known is not None:  # the ack and index an establish just read: no re-read
+                old, old_index = known
+                known = None
+            else:
+                entry = self.consul.kv_get(key, consistent=True)
+                old, old_index = parse_ack(entry), entry.modify_index if entry else 0
+            old_state = old.state if old else ""
+            if old_state == state and staged is None:
+                return True
+            if old_state != state and state not in NEXT_STATES.get(old_state, frozenset()):
+                log.warning(
+                    "progress_not_forward", deploy=deploy_id, node=node, old=old_state, new=state
+                )
+                return False
+            merged = dict(old.timings) if old else {}
+            merged.update(timings or {})
+            keep = old if old is not None and old.state in ACKED_READY_STATES else None
+            digest = keep.digest if keep else (joined.digest if joined else "")
+            index = keep.create_index if keep else (joined.create_index if joined else 0)
+            request = keep.request if keep else None
+            if state == READY and joined is not None:
+                request = joined.request.as_dict()
+            new = NodeProgress(
+                node=node,
+                deploy=deploy_id,
+                state=state,
+                error=error[:2000],
+                output_tail=output_tail[-4000:],
+                timings=merged,
+                digest=digest,
+                create_index=index,
+                release=joined.request.release if joined else (old.release if old else ""),
+                sha256=sha256 or (keep.sha256 if keep else ""),
+                request=request,
+                staged_bytes=staged[0] if staged else (old.staged_bytes if old else 0),
+                staged_members=staged[1] if staged else (old.staged_members if old else 0),
+            )
+            ops = [TxnOp.cas(key, new.to_json(), old_index)]
+            if state == READY:
+                if not session:
+                    return False
+                ops.append(TxnOp.check_session(self.keys.member(node), session))
+            result = self.consul.txn(ops)
+            if result.ok:
+                return True
+            if state == READY and any(i == 1 for i, _ in result.errors):
+                log.warning("ready_ack_refused", deploy=deploy_id, node=node, reason="session")
+                return False
+        return False
+
+    # --- the predicates (DESIGN.md 6.4.3) -----------------------------------------------
+
+    def establish(self, joined: Joined) -> Verdict:
+        """Commit, abort, contested or undecided, from consistent reads of the acks.
+
+        The session clause reads in this order: first confirm a named session is gone
+        (``session/info?consistent``: Consul never revives one), then read that node's ack
+        again; only a not-acked-ready record read after that counts.
+        """
+        request = joined.request
+        ops = [TxnOp.get_tree(self.keys.members_prefix)]
+        ops += [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in request.expected]
+        # get-tree returns one entry per member key; split them from the acks by key.
+        acks: dict[str, NodeProgress | None] = {}
+        indexes: dict[str, int] = {}
+        member_entries: list[KVEntry] = []
+        progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            result = self.consul.txn(ops[start : start + MAX_TXN_OPS], consistent=True)
+            if not result.ok:
+                raise PayloadError(f"read-only txn refused: {result.errors}")
+            for entry in result.entries:
+                node = progress_keys.get(entry.key)
+                if node is not None:
+                    ack = parse_ack(entry)
+                    acks[node] = ack if ack is None or ack.node == node else None
+                    indexes[node] = entry.modify_index
+                elif entry.key.startswith(self.keys.members_prefix):
+                    member_entries.append(entry)
+        members = self._members_from(member_entries)
+        verdict = judge(request, joined.digest, acks)
+        if verdict.outcome == UNDECIDED:
+            verdict = self._session_clause(joined, acks, members) or verdict
+        return Verdict(
+            verdict.outcome,
+            verdict.reason,
+            {n: a for n, a in acks.items() if a is not None},
+            indexes,
+            members,
+        )
+
+    def _session_clause(
+        self,
+        joined: Joined,
+        acks: Mapping[str, NodeProgress | None],
+        members: Mapping[str, KVEntry],
+    ) -> Verdict | None:
+        request = joined.request
+        suspects = [
+            n
+            for n in request.expected
+            if not ((a := acks.get(n)) is not None and a.acked_ready(joined.digest))
+            and (members.get(n) is None or members[n].session != request.sessions.get(n))
+        ]
+        gone = [
+            n
+            for n in suspects
+            if not request.sessions.get(n)
+            or self.consul.session_info(request.sessions[n], consistent=True) is None
+        ]
+        if not gone:
+            return None
+        ops = [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in gone]
+        again = dict(zip(gone, self._read_txn(ops, consistent=True), strict=True))
+        dead = [
+            n
+            for n in gone
+            if not ((a := parse_ack(again[n])) is not None and a.acked_ready(joined.digest))
+        ]
+        if not dead:
+            return None
+        return Verdict(
+            ABORT,
+            f"expected node(s) {', '.join(dead)} lost the session named for them before acking",
+        )
+
+    def record_decision(self, joined: Joined, verdict: Verdict, *, node: str) -> bool:
+        """Write ``decisions/<id>`` (check-not-exists) as a record and a wake-up; the txn also
+        rewrites this node's own ack, so the ACLs vouch for ``by``."""
+        request = joined.request
+        own_key = self.keys.progress(request.id, node)
+        own = verdict.acks.get(node)
+        index = verdict.indexes.get(node, 0)
+        if own is None or not index:
+            return False
+        decision = Decision(
+            outcome=verdict.outcome,
+            reason=verdict.reason,
+            by=node,
+            at=iso(utcnow()),
+            digest=joined.digest,
+            create_index=joined.create_index,
+        )
+        if verdict.outcome == COMMIT:
+            decision = Decision(
+                **{
+                    **decision.__dict__,
+                    "release": request.release,
+                    "artifact": request.artifact,
+                    "url": request.url,
+                    "size": request.size,
+                    "sha256": request.sha256,
+                    "expected": list(request.expected),
+                    "requested_by": request.requested_by,
+                    "requested_at": request.requested_at,
+                }
+            )
+        ops = [
+            TxnOp.cas(self.keys.decision(request.id), decision.to_json(), 0),
+            TxnOp.cas(own_key, own.to_json(), index),
+        ]
+        ok = self.consul.txn(ops).ok
+        if ok:
+            log.info(
+                "deploy_decided",
+                app=self.app,
+                deploy=request.id,
+                outcome=verdict.outcome,
+                reason=verdict.reason,
+                by=node,
+            )
+        return ok
+
+    def committed(self, deploy_id: str, *, node: str = "", first_index: int = 0) -> Joined | None:
+        """The deploy's request, if this host may trust that its commit predicate holds.
+
+        The request is rebuilt from the acks (never read from ``requests/``); the acks must
+        agree on the request's CreateIndex, and that index must be older than every ack
+        key (Consul's own indexes bound what an ack may claim). A deploy that does not
+        expect ``node`` is trusted only if this host did not exist yet when its acks were
+        written (``first_index``, the CreateIndex of its first session): a live host is
+        never left out, so a committed deploy that left it out is forged (DESIGN.md 6.4.5).
+        """
+        found = self._embedded_requests(deploy_id)
+        if len(found) != 1:
+            return None
+        request, entries = found[0]
+        digest = request.digest()
+        claimed = set()
+        for entry in entries.values():
+            ack = parse_ack(entry)
+            if ack is not None:
+                claimed.add(ack.create_index)
+        oldest_ack = min(e.create_index for e in entries.values())
+        if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
+            log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
+            return None
+        if node and node not in request.expected and not (first_index > oldest_ack):
+            log.error(
+                "commit_not_trusted",
+                deploy=deploy_id,
+                node=node,
+                reason="this host was alive when the deploy was made but is not expected "
+                "in it (left out, or forged by one host)",
+            )
+            return None
+        joined = Joined(request, digest, next(iter(claimed)))
+        verdict = self.establish(joined)
+        return joined if verdict.outcome == COMMIT else None
+
+    def check_sessions(self, joined: Joined) -> str | None:
+        """Why the request's expected set cannot be trusted (None: it can): every expected
+        node must be named with a distinct session that holds its member key or no longer
+        exists, and every member key older than the request must be expected."""
+        request = joined.request
+        sessions = [request.sessions.get(n, "") for n in request.expected]
+        if len(set(sessions)) != len(sessions) or not all(sessions):
+            return "the request names a missing or shared session for an expected node"
+        members = self.members(consistent=True)
+        for n in request.expected:
+            held = members.get(n)
+            if held is not None and held.session == request.sessions[n]:
+                continue
+            if self.consul.session_info(request.sessions[n], consistent=True) is not None:
+                return f"the session named for {n} is alive but does not hold its member key"
+        left_out = sorted(
+            n
+            for n, e in members.items()
+            if e.create_index < joined.create_index and n not in request.expected
+        )
+        if left_out:
+            return f"live member(s) {', '.join(left_out)} are not in the request's expected set"
+        return None
+
+    # --- the end ----------------------------------------------------------------------
+
+    def acquire_coordinator(self, deploy_id: str, session: str, node: str) -> bool:
+        return self.consul.kv_put(self.keys.coordinator(deploy_id), node.encode(), acquire=session)
+
+    def end(
+        self,
+        joined: Joined,
+        verdict: Verdict,
+        *,
+        by: str,
+        history_keep: int,
+        on_validate_failure: str,
+        expired: bool = False,
+    ) -> tuple[bool, str | None]:
+        """Write the outcome, clear ``inflight`` if it still names this deploy (or, after a
+        validate failure, point it at a fleet rollback), append to history and trim.
+        Returns (ended, rollback deploy id or None)."""
+        request = joined.request
+        acks = verdict.acks
+        hosts = {
+            n: {"state": a.state, "error": a.error, **a.timings} for n, a in sorted(acks.items())
+        }
+        validate_failed = sorted(n for n, a in acks.items() if a.state == FAILED_AFTER_COMMIT)
+        if verdict.outcome == ABORT:
+            result, reason = "aborted", verdict.reason
+        elif verdict.outcome == CONTESTED:
+            result, reason = "contested", verdict.reason
+        elif verdict.outcome == COMMIT and validate_failed:
+            result = (
+                "failed_after_commit"
+                if on_validate_failure == "hold" or request.kind == "rollback"
+                else "rolled_back"
+            )
+            first = acks[validate_failed[0]]
+            reason = f"validate failed on {', '.join(validate_failed)}: {first.error}".strip()
+        elif verdict.outcome == COMMIT:
+            result, reason = "committed", verdict.reason
+        else:
+            result, reason = "expired", "no verdict before the apply deadline"
+        if expired and verdict.outcome == COMMIT:
+            pending = [n for n in request.expected if acks.get(n) and acks[n].state == READY]
+            if pending:
+                reason += f"; still not live at the apply deadline: {', '.join(pending)}"
+        inflight_id, inflight_index = self.inflight(consistent=True)
+        ops: list[dict[str, Any]] = [TxnOp.check_not_exists(self.keys.outcome(request.id))]
+        rollback_id: str | None = None
+        if result == "rolled_back":
+            rollback_id, rb_ops, note = self._auto_rollback(joined, verdict, by=by)
+            reason += note
+            if rollback_id is None:
+                result = "failed_after_commit"
+            elif inflight_id == request.id:
+                ops += rb_ops
+            else:
+                rollback_id = None
+                result = "failed_after_commit"
+                reason += "; another deploy started meanwhile, no automatic rollback"
+        if inflight_id == request.id and rollback_id is None:
+            ops += [TxnOp.check_index(self.keys.inflight, inflight_index)]
+            ops += [TxnOp.delete(self.keys.inflight)]
+        elif inflight_id == request.id:
+            ops.insert(1, TxnOp.check_index(self.keys.inflight, inflight_index))
+        outcome = Outcome(
+            result=result,
+            at=iso(utcnow()),
+            by=by,
+            reason=reason,
+            hosts=hosts,
+            rollback_deploy=rollback_id,
+        )
+        ops += [
+            TxnOp.set(self.keys.outcome(request.id), outcome.to_json()),
+            TxnOp.delete(self.keys.coordinator(request.id)),
+        ]
+        if verdict.outcome == COMMIT:
+            ops += self._current_ops(joined)
+        ops += self._history_ops(
+            [request.id] + ([rollback_id] if rollback_id else []), history_keep
+        )
+        if not self.consul.txn(ops).ok:
+            return False, None
+        log.info(
+            "deploy_ended",
+            app=self.app,
+            deploy=request.id,
+            result=result,
+            reason=reason,
+            rollback=rollback_id,
+        )
+        return True, rollback_id
+
+    def _current_ops(self, joined: Joined) -> list[dict[str, Any]]:
+        """Point the readers' cache ``current`` at a committed deploy (unless it already names
+        it or a deploy with a higher CreateIndex)."""
+        old, index = self.current()
+        request = joined.request
+        if old is not None and old.deploy == request.id:
+            return []
+        if old is not None and old.release != request.release:
+            previous: dict[str, Any] | None = json.loads(old.ref().to_json())
+        else:
+            previous = old.previous if old else None
+        new = CurrentRecord(
+            release=request.release,
+            artifact=request.artifact,
+            sha256=request.sha256,
+            deploy=request.id,
+            url=request.url,
+            size=request.size,
+            create_index=joined.create_index,
+            digest=joined.digest,
+            previous=previous,
+        )
+        return [TxnOp.cas(self.keys.current, new.to_json(), index)]
+
+    def _auto_rollback(
+        self, joined: Joined, verdict: Verdict, *, by: str
+    ) -> tuple[str | None, list[dict[str, Any]], str]:
+        request = joined.request
+        try:
+            # ``current`` still names the deploy before this one (this end's txn moves it).
+            current, _ = self.current()
+            before = current.ref() if current and current.deploy != request.id else None
+            target = rollback_target(self, None, before=before)
+        except (DeployRefused, PayloadError) as exc:
+            return None, [], f"; no automatic rollback: {exc}"
+        live = {n: e.session or "" for n, e in verdict.members.items()}
+        if not live:
+            return None, [], "; no live member to roll back"
+        rollback_id = new_deploy_id()
+        prepare = parse_iso(request.prepare_deadline) - parse_iso(request.requested_at)
+        apply = parse_iso(request.apply_deadline) - parse_iso(request.prepare_deadline)
+        rb = self.new_record(
+            deploy_id=rollback_id,
+            kind="rollback",
+            artifact=target,
+            release=target.release,
+            requested_by=f"auto-rollback of {request.id} by {by}",
+            expected=live,
+            prepare_timeout=prepare.total_seconds(),
+            apply_timeout=apply.total_seconds(),
+            rollback_of=request.id,
+        )
+        ops = [
+            TxnOp.set(self.keys.inflight, rollback_id.encode()),
+            TxnOp.cas(self.keys.request(rollback_id), rb.to_json(), 0),
+        ]
+        return rollback_id, ops, ""
+
+    def _history_ops(self, add: list[str], keep: int) -> list[dict[str, Any]]:
+        """Append ``add`` to the history and trim what falls out of it (never the deploys
+        ``current`` names): requests, decisions, outcomes and coordinator keys here; each
+        host trims its own progress (``trim_own_progress``)."""
+        ids, trimmed, index = self._history_doc(consistent=True)
+        ids = [i for i in ids if i not in add] + add
+        dropped, ids = ids[:-keep], ids[-keep:]
+        protected = self._protected()
+        keep_back = [d for d in dropped if d in protected]
+        dropped = [d for d in dropped if d not in protected]
+        ids = keep_back + ids
+        later = dropped[TRIM_PER_END:]
+        # Each host deletes its own acks of the ids listed as trimmed (trim_own_progress).
+        trimmed = (trimmed + dropped[:TRIM_PER_END])[-TRIMMED_KEEP:]
+        body = json.dumps({"version": 2, "deploys": later + ids, "trimmed": trimmed}).encode()
+        ops: list[dict[str, Any]] = [TxnOp.cas(self.keys.history, body, index)]
+        for old in dropped[:TRIM_PER_END]:
+            try:
+                check_deploy_id(old)
+            except PayloadError:
+                continue
+            ops += [
+                TxnOp.delete_tree(self.keys.request(old)),
+                TxnOp.delete(self.keys.decision(old)),
+                TxnOp.delete(self.keys.outcome(old)),
+                TxnOp.delete(self.keys.coordinator(old)),
+            ]
+        return ops
+
+    def _protected(self) -> set[str]:
+        entry = self.consul.kv_get(self.keys.current, consistent=True)
+        current = self._doc(CurrentRecord, entry)
+        out: set[str] = set()
+        if current is not None:
+            out.add(current.deploy)
+            prev = current.previous or {}
+            if isinstance(prev.get("deploy"), str):
+                out.add(prev["deploy"])
+        return out
+
+    def trim_own_progress(self, node: str, *, keep: Iterable[str] = ()) -> int:
+        """Delete this node's acks of deploys the end of a deploy trimmed from the history
+        (never those named by ``current`` or ``current.previous``, nor ``keep``: converge
+        and deploys in flight check them)."""
+        _, trimmed, _ = self._history_doc(consistent=True)
+        if not trimmed:
+            return 0
+        spare = set(keep) | self._protected()
+        prefix = self.keys.node_progress_prefix(node)
+        stale = [
+            k
+            for k in self.consul.kv_keys(prefix, separator=None)
+            if k[len(prefix) :] in trimmed and k[len(prefix) :] not in spare
+        ]
+        ops = [TxnOp.delete(k) for k in stale[:MAX_TXN_OPS]]
+        if ops and self.consul.txn(ops).ok:
+            return len(ops)
+        return 0
+
+    def clear_inflight(self, deploy_id: str, index: int, reason: str, *, by: str) -> bool:
+        """Clear an ``inflight`` that names a deploy with an outcome, or a request that is
+        missing or does not parse (any host; garbage there must not block deploys)."""
+        ops: list[dict[str, Any]] = [
+            TxnOp.check_index(self.keys.inflight, index),
+            TxnOp.delete(self.keys.inflight),
+        ]
+        try:
+            check_deploy_id(deploy_id)
+            outcome = Outcome(result="refused", at=iso(utcnow()), by=by, reason=reason)
+            ops += [TxnOp.check_not_exists(self.keys.outcome(deploy_id))]
+            ops += [TxnOp.set(self.keys.outcome(deploy_id), outcome.to_json())]
+        except PayloadError:
+            pass  # not even an id: nothing to record it under
+        ok = self.consul.txn(ops).ok
+        if ok:
+            log.warning("inflight_cleared", app=self.app, deploy=deploy_id, reason=reason, by=by)
+        return ok
+
+    def outcome(self, deploy_id: str) -> Outcome | None:
+        entry = self.consul.kv_get(self.keys.outcome(deploy_id), consistent=True)
+        outcome: Outcome | None = self._doc(Outcome, entry)
+        return outcome
+
+    # --- raw events -----------------------------------------------------------------------
 
     def start_from_event(
         self,
@@ -332,23 +1092,28 @@ class DeployStore:
         prepare_timeout: float,
         apply_timeout: float,
         history_keep: int,
+        max_ltime: int = 0,
     ) -> str:
-        """A raw `consul event` deploy or rollback: the first node to see it writes the record
+        """A raw `consul event` deploy or rollback: the first node to see it writes the request
         (deploy id = event ID) and advances ``events_seen``; returns what happened."""
         for _ in range(3):
             if self.deploy_record(event_id) is not None:
                 return "exists"
             entry = self.consul.kv_get(self.keys.events_seen)
             raw = entry.value.decode(errors="replace").strip() if entry and entry.value else ""
-            seen = int(raw) if raw.isascii() and raw.isdigit() else 0
+            seen = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 20 else 0
+            if max_ltime and seen > max_ltime:
+                # Above every LTime this host has seen: a value no event could have set.
+                log.error("events_seen_ignored", value=seen, highest_seen=max_ltime)
+                seen = 0
             if ltime <= seen:
                 return "history"
             seen_op = TxnOp.cas(
                 self.keys.events_seen, str(ltime).encode(), entry.modify_index if entry else 0
             )
-            members = sorted(self.members())
-            target: ArtifactRecord | ReleaseRef
             try:
+                members = self.expected_members(allow_missing=True)
+                target: ArtifactRecord | ReleaseRef
                 if kind == "rollback":
                     target = rollback_target(self, release)
                 else:
@@ -373,19 +1138,14 @@ class DeployStore:
                             apply_timeout=apply_timeout,
                             now=now,
                         )
-                        if self.record_refused(
-                            rec,
-                            f"unknown artifact {artifact_id}",
-                            by=by,
-                            history_keep=history_keep,
-                            extra_ops=[seen_op],
-                        ):
+                        refused = self._refused_ops(rec, f"unknown artifact {artifact_id}", by)
+                        history = self._history_ops([rec.id], history_keep)
+                        if self.consul.txn([seen_op, *refused, *history]).ok:
                             return "unknown artifact"
                         continue
+                    self.check_pin(found)
                     target = found
-                if not members:
-                    raise DeployRefused(f"app {self.app}: no live members")
-            except (DeployRefused, PayloadError) as exc:
+            except (DeployRefused, PayloadError, ArtifactIntegrityError) as exc:
                 self.consul.kv_put(
                     self.keys.events_seen,
                     str(ltime).encode(),
@@ -401,351 +1161,36 @@ class DeployStore:
                 expected=members,
                 prepare_timeout=prepare_timeout,
                 apply_timeout=apply_timeout,
+                allow_missing=True,
             )
-            try:
-                # Two hosts that see the event at once race; the loser finds it started.
-                created = self.start(rec, history_keep=history_keep, extra_ops=[seen_op])
-                return "started" if created else "exists"
-            except DeployInFlight as exc:
+            ops = [
+                TxnOp.cas(self.keys.inflight, rec.id.encode(), 0),
+                TxnOp.cas(self.keys.request(rec.id), rec.to_json(), 0),
+                seen_op,
+            ]
+            if self.consul.txn(ops).ok:
+                log.info("deploy_started", app=self.app, deploy=rec.id, kind=kind, by=by)
+                return "started"
+            if self.deploy_record(event_id) is not None:
+                return "exists"
+            inflight, _ = self.inflight()
+            if inflight and inflight != event_id:
                 self.consul.kv_put(
                     self.keys.events_seen,
                     str(ltime).encode(),
                     cas=entry.modify_index if entry else 0,
                 )
-                return f"refused: {exc}"
-            except DeployRefused:
-                continue  # events_seen moved under us: read again
+                return f"refused: {self._inflight_message(inflight)}"
         return "lost race"
 
-    # --- per-node progress ----------------------------------------------------------
-
-    def write_progress(
-        self,
-        deploy_id: str,
-        node: str,
-        state: str,
-        *,
-        error: str = "",
-        output_tail: str = "",
-        timings: dict[str, str] | None = None,
-    ) -> bool:
-        """Move this node's record forward (CAS on its own index); False if not allowed."""
-        key = self.keys.node_progress(deploy_id, node)
-        for _ in range(5):
-            entry = self.consul.kv_get(key)
-            old: NodeProgress | None = None
-            if entry is not None:
-                try:
-                    old = NodeProgress.from_json(entry.value, where=key)
-                except PayloadError:
-                    old = None
-            old_state = old.state if old else ""
-            if old_state == state:
-                return True
-            if state not in NEXT_STATES.get(old_state, frozenset()):
-                log.warning(
-                    "progress_not_forward", deploy=deploy_id, node=node, old=old_state, new=state
-                )
-                return False
-            merged = dict(old.timings) if old else {}
-            merged.update(timings or {})
-            new = NodeProgress(
-                node=node,
-                state=state,
-                error=error[:2000],
-                output_tail=output_tail[-4000:],
-                timings=merged,
-            )
-            if self.consul.kv_put(key, new.to_json(), cas=entry.modify_index if entry else 0):
-                return True
-        return False
-
-    # --- the decision ---------------------------------------------------------------
-
-    def acquire_coordinator(self, deploy_id: str, session: str, node: str) -> bool:
-        return self.consul.kv_put(self.keys.coordinator(deploy_id), node.encode(), acquire=session)
-
-    def decide(
-        self, view: DeployView, outcome: str, reason: str, *, by: str, session: str | None = None
-    ) -> bool:
-        """Write the one decision of a deploy. Commit needs the coordinator's session and
-        updates ``apps/<app>/current`` in the same txn. Returns False if someone else decided
-        first (or the coordinator lost its lock / a record moved)."""
-        deploy_id = view.id
-        decision = Decision(outcome=outcome, reason=reason, by=by, at=iso(utcnow()))
-        ops: list[dict[str, object]] = [
-            TxnOp.cas(self.keys.decision(deploy_id), decision.to_json(), 0)
-        ]
-        if outcome == COMMIT:
-            if session is None:
-                raise ValueError("a commit needs the coordinator's session")
-            ops.append(TxnOp.check_session(self.keys.coordinator(deploy_id), session))
-            if len(view.record.expected) <= MAX_INDEX_CHECKS:
-                ops += [
-                    TxnOp.check_index(self.keys.node_progress(deploy_id, n), view.node_indexes[n])
-                    for n in view.record.expected
-                ]
-            old, index = self.current()
-            rec = view.record
-            previous = (
-                old.ref()
-                if old and old.release != rec.release
-                else (old.previous_ref() if old else None)
-            )
-            new = CurrentRecord(
-                release=rec.release,
-                artifact=rec.artifact,
-                sha256=rec.sha256,
-                deploy=rec.id,
-                previous=_ref_dict(previous) if previous else None,
-            )
-            ops.append(TxnOp.cas(self.keys.current, new.to_json(), index))
-        result = self.consul.txn(ops)
-        if result.ok:
-            log.info(
-                "deploy_decided",
-                app=self.app,
-                deploy=deploy_id,
-                outcome=outcome,
-                reason=reason,
-                by=by,
-            )
-        return result.ok
-
-    def abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
-        """`watcherctl abort` and deadline aborts: any actor, same check-not-exists."""
-        try:
-            view = self.view(deploy_id)
-        except PayloadError as exc:
-            return self._end_unreadable(deploy_id, f"{reason}; record unreadable: {exc}", by=by)
-        if view is None:
-            raise DeployRefused(f"app {self.app}: no deploy {deploy_id}")
-        if view.decision is not None:
-            return False
-        return self.decide(view, ABORT, reason, by=by)
-
-    def _end_unreadable(self, deploy_id: str, reason: str, *, by: str) -> bool:
-        """End a deploy in flight whose record does not parse (no host can act on it)."""
-        inflight, index = self.inflight()
-        if inflight != deploy_id:
-            raise DeployRefused(
-                f"app {self.app}: deploy {deploy_id} is unreadable and not "
-                "in flight; nothing to abort"
-            )
-        outcome = Outcome(result="aborted", at=iso(utcnow()), by=by, reason=reason)
-        ops = [
-            TxnOp.check_index(self.keys.inflight, index),
-            TxnOp.delete(self.keys.inflight),
-            TxnOp.set(self.keys.outcome(deploy_id), outcome.to_json()),
-        ]
-        ok = self.consul.txn(ops).ok
-        if ok:
-            log.warning(
-                "deploy_ended", app=self.app, deploy=deploy_id, result="aborted", reason=reason
-            )
-        return ok
-
-    # --- the end ----------------------------------------------------------------------
-
-    def end(
-        self,
-        view: DeployView,
-        *,
-        by: str,
-        inflight_index: int,
-        history_keep: int,
-        members: Iterable[str],
-        on_validate_failure: str,
-    ) -> tuple[bool, str | None]:
-        """Write ``outcome`` and delete ``inflight`` in one txn (or, after a validate failure,
-        point ``inflight`` at a fleet rollback). Returns (ended, rollback deploy id or None);
-        not ended when ``inflight`` moved under us (someone else ended it)."""
-        rec, decision = view.record, view.decision
-        live = sorted(members)
-        hosts = {
-            n: {"state": p.state, "error": p.error, **p.timings} for n, p in view.nodes.items()
-        }
-        validate_failed = sorted(n for n, p in view.nodes.items() if p.state == FAILED_AFTER_COMMIT)
-        if decision is None:  # evaluate() only ends decided deploys; kept for direct callers
-            result = "expired"
-        elif decision.outcome == ABORT:
-            result = "aborted"
-        elif validate_failed:
-            result = (
-                "failed_after_commit"
-                if on_validate_failure == "hold" or rec.kind == "rollback"
-                else "rolled_back"
-            )
-        else:
-            result = "committed"
-        reason = decision.reason if decision else "no decision before the apply deadline"
-        if validate_failed:
-            first = view.nodes[validate_failed[0]]
-            reason = (f"validate failed on {', '.join(validate_failed)}: {first.error}").strip()
-        ops: list[dict[str, object]] = [TxnOp.check_index(self.keys.inflight, inflight_index)]
-        rollback_id: str | None = None
-        if result == "rolled_back":
-            current, _ = self.current()
-            try:
-                target = current.previous_ref() if current else None
-            except PayloadError as exc:
-                target = None
-                reason += f"; current.previous is unreadable ({exc})"
-            if target is None or not live:
-                result = "failed_after_commit"
-                reason += (
-                    "; no previous release to roll back to"
-                    if target is None
-                    else "; no live member to roll back"
-                )
-            else:
-                rollback_id = new_deploy_id()
-                prepare = parse_iso(rec.prepare_deadline) - parse_iso(rec.requested_at)
-                apply = parse_iso(rec.apply_deadline) - parse_iso(rec.prepare_deadline)
-                rb = self.new_record(
-                    deploy_id=rollback_id,
-                    kind="rollback",
-                    artifact=target,
-                    release=target.release,
-                    requested_by=f"auto-rollback of {rec.id} by {by}",
-                    expected=live,
-                    prepare_timeout=prepare.total_seconds(),
-                    apply_timeout=apply.total_seconds(),
-                    rollback_of=rec.id,
-                )
-                ops += [
-                    TxnOp.set(self.keys.inflight, rollback_id.encode()),
-                    TxnOp.set(self.keys.deploy(rollback_id), rb.to_json()),
-                ]
-                ops += self._history_ops(rollback_id, history_keep)
-        if rollback_id is None:
-            ops.append(TxnOp.delete(self.keys.inflight))
-        outcome = Outcome(
-            result=result,
-            at=iso(utcnow()),
-            by=by,
-            reason=reason,
-            hosts=hosts,
-            rollback_deploy=rollback_id,
-        )
-        ops += [
+    def _refused_ops(self, rec: DeployRecord, reason: str, by: str) -> list[dict[str, Any]]:
+        decision = Decision(outcome=ABORT, reason=reason, by=by, at=iso(utcnow()))
+        outcome = Outcome(result="refused", at=decision.at, by=by, reason=reason)
+        return [
+            TxnOp.cas(self.keys.request(rec.id), rec.to_json(), 0),
+            TxnOp.cas(self.keys.decision(rec.id), decision.to_json(), 0),
             TxnOp.set(self.keys.outcome(rec.id), outcome.to_json()),
-            TxnOp.delete(self.keys.coordinator(rec.id)),
         ]
-        if self.consul.txn(ops).ok:
-            log.info(
-                "deploy_ended",
-                app=self.app,
-                deploy=rec.id,
-                result=result,
-                reason=reason,
-                rollback=rollback_id,
-            )
-            return True, rollback_id
-        return False, None
-
-
-def _ref_dict(ref: ReleaseRef) -> dict[str, str]:
-    return {
-        "release": ref.release,
-        "artifact": ref.artifact,
-        "sha256": ref.sha256,
-        "deploy": ref.deploy,
-    }
-
-
-@dataclass(frozen=True)
-class CoordinatorStep:
-    """What the coordinator (or a node past a deadline) did in one evaluation."""
-
-    action: str  # "none" | "committed" | "aborted" | "ended" | "lost_race"
-    detail: str = ""
-
-
-def evaluate(
-    store: DeployStore,
-    view: DeployView,
-    *,
-    node: str,
-    session: str | None,
-    is_coordinator: bool,
-    inflight_index: int,
-    members: set[str],
-    history_keep: int,
-    on_validate_failure: str,
-    now: datetime | None = None,
-) -> CoordinatorStep:
-    """One evaluation of a deploy in flight: decide, or end it, when the rules say so.
-
-    Only the coordinator commits. Anyone may abort past ``prepare_deadline`` and end past
-    ``apply_deadline``; the coordinator aborts on a failed node or a vanished member.
-    """
-    now = now or utcnow()
-    rec = view.record
-    if view.decision is None:
-        reason = _abort_reason(view, members, now)
-        if reason is not None and (is_coordinator or reason.startswith("prepare deadline")):
-            ok = store.decide(view, ABORT, reason, by=node)
-            return CoordinatorStep("aborted" if ok else "lost_race", reason)
-        if (
-            is_coordinator
-            and rec.expected
-            and all(view.nodes.get(n) and view.nodes[n].state == READY for n in rec.expected)
-        ):
-            ok = store.decide(
-                view,
-                COMMIT,
-                f"all {len(rec.expected)} expected nodes ready",
-                by=node,
-                session=session,
-            )
-            return CoordinatorStep("committed" if ok else "lost_race")
-        return CoordinatorStep("none")
-    # Decided: end when every expected node still holding its member key is final.
-    pending = [
-        n
-        for n in rec.expected
-        if n in members
-        and (view.nodes.get(n) is None or view.nodes[n].state not in NODE_FINAL_STATES)
-    ]
-    if view.decision.outcome == ABORT:
-        # An aborted deploy's nodes never staged may have no record at all.
-        pending = [n for n in pending if view.nodes.get(n) is not None]
-    past_apply = now >= parse_iso(rec.apply_deadline)
-    if (is_coordinator and not pending) or past_apply:
-        ended, rollback = store.end(
-            view,
-            by=node,
-            inflight_index=inflight_index,
-            history_keep=history_keep,
-            members=members,
-            on_validate_failure=on_validate_failure,
-        )
-        if not ended:
-            return CoordinatorStep("lost_race")
-        return CoordinatorStep("ended", f"rollback {rollback}" if rollback else "")
-    return CoordinatorStep("none", f"waiting for {', '.join(pending)}")
-
-
-def _abort_reason(view: DeployView, members: set[str], now: datetime) -> str | None:
-    rec = view.record
-    failed = sorted(n for n, p in view.nodes.items() if p.state == FAILED)
-    if failed:
-        first = view.nodes[failed[0]]
-        return f"node {failed[0]} failed: {first.error}" + (
-            f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        )
-    if not rec.expected:
-        return "no expected nodes"
-    gone = view.missing_expected(members)
-    if gone:
-        return f"expected node(s) {', '.join(gone)} lost their member key before the decision"
-    if now >= parse_iso(rec.prepare_deadline):
-        not_ready = [
-            n for n in rec.expected if view.nodes.get(n) is None or view.nodes[n].state != READY
-        ]
-        return f"prepare deadline passed; not ready: {', '.join(not_ready)}"
-    return None
 
 
 def summarize_states(view: DeployView) -> dict[str, int]:
@@ -756,51 +1201,77 @@ def summarize_states(view: DeployView) -> dict[str, int]:
     return counts
 
 
-def rollback_target(store: DeployStore, release: str | None) -> ReleaseRef:
-    """The release a rollback goes to: ``current.previous``, or a named one from history."""
+def rollback_target(
+    store: DeployStore, release: str | None, *, before: ReleaseRef | None = None
+) -> ReleaseRef:
+    """The release a rollback goes to: ``current.previous``, or a named one from history.
+
+    Only a deploy whose commit predicate holds is a target; what is restaged (url, size,
+    sha256) comes from its acked request, never from ``current`` or an artifact record.
+    """
     current, _ = store.current()
+    candidates: list[str] = []
     if release is None:
-        target = current.previous_ref() if current else None
+        target = before or (current.previous_ref() if current else None)
         if target is None:
             raise DeployRefused(f"app {store.app}: no previous release recorded to roll back to")
-        return target
-    if current is not None:
-        for ref in (current.ref(), current.previous_ref()):
-            if ref is not None and ref.release == release:
-                return ref
-    for deploy_id in reversed(store.history()):
-        try:
-            view = store.view(deploy_id)
-        except PayloadError:
+        candidates.append(target.deploy)
+    else:
+        if current is not None:
+            for ref in (current.ref(), current.previous_ref()):
+                if ref is not None and ref.release == release:
+                    candidates.append(ref.deploy)
+        for deploy_id in reversed(store.history()):
+            try:
+                rec = store.deploy_record(deploy_id)
+            except PayloadError:
+                continue
+            if rec is not None and rec.release == release and deploy_id not in candidates:
+                candidates.append(deploy_id)
+    for deploy_id in candidates:
+        joined = store.committed(deploy_id)
+        if joined is None:
             continue
-        if view is None or view.record.release != release:
+        rec = joined.request
+        if release is not None and rec.release != release:
             continue
-        if view.decision is None or view.decision.outcome != COMMIT:
-            continue  # only a release the fleet committed is a rollback target
-        rec = view.record
         return ReleaseRef(
-            release=rec.release, artifact=rec.artifact, sha256=rec.sha256, deploy=rec.id
+            release=rec.release,
+            artifact=rec.artifact,
+            sha256=rec.sha256,
+            deploy=rec.id,
+            url=rec.url,
+            size=rec.size,
+            create_index=joined.create_index,
+            digest=joined.digest,
         )
+    what = f"release {release}" if release else "the previous release"
     raise DeployRefused(
-        f"app {store.app}: release {release} was not committed by any deploy in the history"
+        f"app {store.app}: {what} was not committed by any deploy whose acks are still "
+        "in KV (the history keeps the last history_keep deploys)"
     )
 
 
 def resolve_artifact(store: DeployStore, artifact_id: str) -> ArtifactRecord:
+    check_artifact_id(artifact_id)
     record = store.artifact(artifact_id)
     if record is None:
         raise ArtifactNotFound(
             f"app {store.app}: unknown artifact {artifact_id} (no record at "
             f"{store.keys.artifact(artifact_id)}; was it published?)"
         )
+    store.check_pin(record)
     return record
 
 
 __all__ = [
-    "CoordinatorStep",
+    "CONTESTED",
+    "UNDECIDED",
     "DeployStore",
     "DeployView",
-    "evaluate",
+    "Joined",
+    "Verdict",
+    "judge",
     "new_deploy_id",
     "resolve_artifact",
     "rollback_target",

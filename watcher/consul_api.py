@@ -86,7 +86,7 @@ __all__ = [
 
 #: Most operations one ``ConsulClient.txn`` call accepts. Consul 1.22 allows 128 per
 #: transaction; callers chunk anything larger than this into several transactions.
-MAX_TXN_OPS = 64
+MAX_TXN_OPS = 128  # Consul v1.22 (older servers: 64)
 #: Consul holds a blocking query that names no ``wait`` for five minutes.
 DEFAULT_BLOCKING_WAIT = 300.0
 #: Ceiling of one retry back-off sleep.
@@ -178,6 +178,16 @@ class TxnOp:
     @staticmethod
     def get(key: str) -> dict[str, Any]:
         return TxnOp._kv("get", key)
+
+    @staticmethod
+    def get_or_empty(key: str) -> dict[str, Any]:
+        """Read ``key``; a key that does not exist yields an entry with no value and
+        ModifyIndex 0 instead of failing the txn."""
+        return TxnOp._kv("get-or-empty", key)
+
+    @staticmethod
+    def get_tree(prefix: str) -> dict[str, Any]:
+        return TxnOp._kv("get-tree", prefix)
 
     @staticmethod
     def delete(key: str) -> dict[str, Any]:
@@ -769,10 +779,16 @@ class ConsulClient:
 
     # ----------------------------------------------------------------- KV
 
-    def kv_get(self, key: str) -> KVEntry | None:
-        """The entry at ``key``, None when there is none."""
+    def kv_get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
+        """The entry at ``key``, None when there is none. ``consistent`` makes the leader
+        confirm its leadership first: a read after an election never answers 404 for a key
+        that exists."""
         _, data = self._call(
-            lambda: self._consul.kv.get(self._kv_key(key), token=self._token),
+            lambda: self._consul.kv.get(
+                self._kv_key(key),
+                token=self._token,
+                consistency="consistent" if consistent else None,
+            ),
             what=f"kv get {key}",
         )
         return _kv_entry(data) if data else None
@@ -825,6 +841,22 @@ class ConsulClient:
         )
         return [str(k) for k in data or []]
 
+    def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[str]]:
+        """Blocking ``kv_keys`` (no separator): wakes on any write under ``prefix`` but
+        carries only key names, so a large tree of small acks stays cheap to watch."""
+        returned, data = self._call(
+            lambda: self._consul.kv.get(
+                self._kv_key(prefix),
+                keys=True,
+                index=index,
+                wait=_duration(wait),
+                token=self._token,
+            ),
+            what=f"kv watch keys {prefix}",
+            wait=wait,
+        )
+        return next_kv_index(index, _index(returned)), [str(k) for k in data or []]
+
     def kv_put(
         self,
         key: str,
@@ -865,7 +897,7 @@ class ConsulClient:
 
     # ----------------------------------------------------------------- txn
 
-    def txn(self, ops: list[dict[str, Any]]) -> TxnResult:
+    def txn(self, ops: list[dict[str, Any]], *, consistent: bool = False) -> TxnResult:
         """Run KV operations (``TxnOp``) atomically; at most ``MAX_TXN_OPS`` per call.
 
         A failed check or CAS rolls everything back and returns ``ok=False`` with Consul's
@@ -882,13 +914,15 @@ class ConsulClient:
         if not ops:
             return TxnResult(ok=True, entries=[], errors=[])
         what = f"txn of {len(ops)} ops"
+        read_only = all(op.get("KV", {}).get("Verb", "").startswith(("get", "check")) for op in ops)
         resp = self._direct(
             "PUT",
             "/v1/txn",
             what=what,
+            params=[("consistent", "1")] if consistent and read_only else None,
             data=json.dumps(ops).encode(),
             allow=(409,),
-            idempotent=False,
+            idempotent=read_only,
         )
         data = self._json(resp, what) or {}
         if resp.code == 409:
@@ -966,10 +1000,14 @@ class ConsulClient:
             what=f"session destroy {session_id}",
         )
 
-    def session_info(self, session_id: str) -> dict[str, Any] | None:
-        """Consul's record of the session, None when it does not exist (any more)."""
+    def session_info(self, session_id: str, *, consistent: bool = False) -> dict[str, Any] | None:
+        """Consul's record of the session, None when it does not exist (any more).
+
+        With ``consistent``, a None is proof: Consul never revives a session."""
         _, data = self._call(
-            lambda: self._consul.session.info(session_id, token=self._token),
+            lambda: self._consul.session.info(
+                session_id, token=self._token, consistency="consistent" if consistent else None
+            ),
             what=f"session info {session_id}",
         )
         return dict(data) if data else None

@@ -20,12 +20,13 @@ from watcher.barrier import (
     summarize_states,
 )
 from watcher.config import AppConfig
-from watcher.consul_api import ConsulClient
+from watcher.consul_api import ConsulClient, TxnOp
 from watcher.ctl import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, CtlContext, table, user_at_host
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
-from watcher.records import ABORT, DeployRecord, parse_iso
+from watcher.records import ABORT, COMMIT, DeployRecord, parse_iso
 from watcher.releases import ReleaseEngine
 
+ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
 
 
@@ -223,8 +224,10 @@ def _wait_for_outcome(
                 print(f"  decision: {view.decision.outcome} ({view.decision.reason})", flush=True)
         if view.outcome is not None:
             return view
-        index, _ = store.consul.kv_list_blocking(
-            store.keys.deploy_prefix(deploy_id), index, min(5.0, max(end - time.monotonic(), 0.1))
+        # Any write under the app's keys (acks, decision, outcome) wakes this CLI; the
+        # daemons themselves only watch small keys.
+        index, _ = store.consul.kv_keys_blocking(
+            store.keys.base + "/", index, min(5.0, max(end - time.monotonic(), 0.1))
         )
     return view
 
@@ -315,33 +318,70 @@ def cmd_history(ctx: CtlContext) -> int:
 
 
 def cmd_abort(ctx: CtlContext) -> int:
+    """Write ``requests/<id>/abort``: every expected host honors it before it acks ready.
+    Once every host acked ready the deploy is committed and an abort is too late."""
     deploy_id = ctx.args.deploy
     apps = [ctx.args.app] if ctx.args.app else sorted(ctx.config.apps)
     for name in apps:
         store = _store(ctx, name)
         try:
             found = store.deploy_record(deploy_id) is not None
-        except PayloadError:
-            found = True  # unreadable: abort() can still end it if it is in flight
+        except PayloadError as exc:
+            inflight, index = store.inflight(consistent=True)
+            if inflight != deploy_id:
+                raise DeployRefused(
+                    f"app {name}: deploy {deploy_id} has an unreadable request ({exc}) and is "
+                    "not in flight; nothing to abort"
+                ) from None
+            # Nobody can act on it: operators may clear inflight themselves.
+            store.consul.txn(
+                [TxnOp.check_index(store.keys.inflight, index), TxnOp.delete(store.keys.inflight)]
+            )
+            ctx.emit(
+                {"deploy": deploy_id, "app": name, "aborted": True},
+                lambda d: f"deploy {deploy_id}: unreadable request, inflight cleared",
+            )
+            return EXIT_OK
         if not found:
             continue
         by = user_at_host()
-        reason = f"aborted by {by}" + (f": {ctx.args.reason}" if ctx.args.reason else "")
-        if store.abort(deploy_id, reason, by=by):
+        reason = ctx.args.reason or ""
+        store.request_abort(deploy_id, reason, by=by)
+        view = _wait_for_end(store, deploy_id, ABORT_WAIT)
+        result = view.outcome.result if view and view.outcome else None
+        verdict = view.verdict() if view else "undecided"
+        if result == "aborted" or (result is None and verdict == ABORT):
             ctx.emit(
                 {"deploy": deploy_id, "app": name, "aborted": True},
                 lambda d: f"deploy {deploy_id} aborted",
             )
             return EXIT_OK
-        view = store.view(deploy_id)
-        decision = view.decision if view else None
-        what = f"{decision.outcome} ({decision.reason})" if decision else "unknown"
+        what = result or verdict
         ctx.emit(
             {"deploy": deploy_id, "app": name, "aborted": False, "decision": what},
-            lambda d: f"watcherctl: deploy {d['deploy']} is already decided: {d['decision']}",
+            lambda d: (
+                f"watcherctl: deploy {d['deploy']} is {d['decision']}: the abort request came "
+                "too late (every host had acked ready)"
+                if d["decision"] not in ("undecided",)
+                else f"watcherctl: abort of {d['deploy']} requested; hosts honor it before "
+                "they ack ready (watch `watcherctl history`)"
+            ),
         )
-        return EXIT_REFUSED
+        return EXIT_REFUSED if what not in ("undecided",) else EXIT_OK
     raise DeployRefused(f"no deploy {deploy_id} in app(s) {', '.join(apps)}")
+
+
+def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployView | None:
+    end = time.monotonic() + timeout
+    index = 0
+    view = store.view(deploy_id)
+    while view is not None and view.outcome is None and view.verdict() not in (ABORT, COMMIT):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        index, _ = store.consul.kv_keys_blocking(store.keys.base + "/", index, min(left, 5.0))
+        view = store.view(deploy_id)
+    return view
 
 
 # --- status ------------------------------------------------------------------------------

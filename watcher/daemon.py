@@ -46,6 +46,7 @@ LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before 
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
 STATUS_FILE = "status.json"
 SESSION_FILE = "session.json"
+FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
 
 log = get_logger(component="daemon")
@@ -72,8 +73,10 @@ class SessionKeeper(threading.Thread):
         health: HealthState,
         metrics: Metrics,
         on_change: Callable[[], None],
+        give_up: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(name="session", daemon=True)
+        self.give_up = give_up
         self.consul = consul
         self.node = node
         self.ttl = ttl
@@ -83,6 +86,11 @@ class SessionKeeper(threading.Thread):
         self.on_change = on_change
         self.stopping = threading.Event()
         self._id: str | None = None
+        try:
+            saved_first = json.loads(self.path.with_name(FIRST_INDEX_FILE).read_text())
+            self.first_index = int(saved_first["first_index"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            self.first_index = 0
         self._lock = threading.Lock()
 
     @property
@@ -107,11 +115,13 @@ class SessionKeeper(threading.Thread):
             info = self.consul.session_info(kept)
             if info and info.get("Node") == kept_on and self.consul.session_renew(kept):
                 log.info("session_reused", session=kept)
+                self._note_first_index(info)
                 return kept
         session_id = self.consul.session_create(
             f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
         )
         info = self.consul.session_info(session_id) or {}
+        self._note_first_index(info)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             self.path,
@@ -125,11 +135,29 @@ class SessionKeeper(threading.Thread):
         log.info("session_created", session=session_id, ttl_s=self.ttl)
         return session_id
 
+    def _note_first_index(self, info: dict[str, Any]) -> None:
+        """Remember the CreateIndex of this watcher's first session (DESIGN.md 6.4.5: a host
+        that existed when a deploy was made and is not expected in it was left out)."""
+        index = int(info.get("CreateIndex") or 0)
+        if index and (self.first_index == 0 or index < self.first_index):
+            self.first_index = index
+            with contextlib.suppress(OSError):
+                atomic_write_json(self.path.with_name(FIRST_INDEX_FILE), {"first_index": index})
+
     def run(self) -> None:
         interval = max(self.ttl / 3.0, 0.3)
         while not self.stopping.is_set():
             try:
                 current = self.session_id
+                if current is not None and self.give_up():
+                    # Not acked by the prepare deadline + grace: let the session die so
+                    # the deploy's abort clause fires, whatever the loop is stuck on.
+                    log.warning("session_given_up", session=current, reason="prepare deadline")
+                    self.consul.session_destroy(current)
+                    self.path.unlink(missing_ok=True)
+                    self._set(None)
+                    self.on_change()
+                    continue
                 if current is None:
                     self._set(self.obtain())
                     self.health.session_ok(str(self.session_id))
@@ -211,6 +239,16 @@ def prefix_watch(consul: ConsulClient, prefix: str) -> Callable[[int], int]:
     return fetch
 
 
+def keys_watch(consul: ConsulClient, prefix: str) -> Callable[[int], int]:
+    """A watch on the key names under ``prefix``: wakes on any write there, carries little."""
+
+    def fetch(index: int) -> int:
+        new, _ = consul.kv_keys_blocking(prefix, index, WATCH_WAIT)
+        return new
+
+    return fetch
+
+
 class EventWatcher(threading.Thread):
     """Blocking queries on the local agent's event list; new events go to the loop's queue.
 
@@ -278,7 +316,7 @@ class Daemon:
         self.agents: dict[str, AppAgent] = {}
         self.keeper: SessionKeeper | None = None
         self.node = ""
-        self._deploy_watch: dict[str, tuple[str, threading.Event]] = {}
+        self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._last_line = ""
         self._last_logged = 0.0
@@ -329,6 +367,9 @@ class Daemon:
                 self.node,
                 session=self._session_id,
                 metrics=self.metrics,
+                health=self.health,
+                first_index=lambda: self.keeper.first_index if self.keeper else 0,
+                wake=self.wake,
             )
             with engine.lock(owner="watcher start"):
                 for action in engine.recover(deploy_in_flight=agent.journal.read() is not None):
@@ -351,35 +392,23 @@ class Daemon:
                 Watch(label, fetch, self.wake, stopping).start()
 
     def _watch_deploy(self, agent: AppAgent) -> None:
-        """Watch the deploy this app is in: all of ``deploys/<id>/`` while this host
-        coordinates (or nobody does yet), else only its ``decision`` key.
-
-        Every node record written would otherwise wake every host of the fleet for nothing
-        (20 hosts x 3 writes each = 1200 reconciles per deploy). A coordinator's death is
-        noticed on the 1 s tick that runs while a deploy is in flight.
-        """
+        """Hold blocking queries on the keys the agent's step waits for (its deploy's
+        decision and abort request while preparing; the coordinator lock, or, for the
+        coordinator, the names of the acks). Small keys only: a host that merely waits
+        costs no request until something it waits for changes."""
         name = agent.app.name
-        deploy_id = agent.status.deploy
-        keys = agent.store.keys
-        target = None
-        if deploy_id:
-            whole = agent.status.coordinating or agent.status.coordinator_unknown
-            target = keys.deploy_prefix(deploy_id) if whole else keys.decision(deploy_id)
-        current = self._deploy_watch.get(name)
-        if current is not None and current[0] == target:
-            return
-        if current is not None:
-            current[1].set()
-            del self._deploy_watch[name]
-        if target is not None:
+        wanted = set(agent.status.watch)
+        current = self._deploy_watch.get(name, {})
+        for key in set(current) - wanted:
+            current.pop(key).set()
+        for key in sorted(wanted - set(current)):
             stop = threading.Event()
             fetch = (
-                prefix_watch(self.consul, target)
-                if target.endswith("/")
-                else key_watch(self.consul, target)
+                keys_watch(self.consul, key) if key.endswith("/") else key_watch(self.consul, key)
             )
-            Watch(f"{name} {target}", fetch, self.wake, stop).start()
-            self._deploy_watch[name] = (target, stop)
+            Watch(f"{name} {key}", fetch, self.wake, stop).start()
+            current[key] = stop
+        self._deploy_watch[name] = current
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -409,6 +438,7 @@ class Daemon:
             self.health,
             self.metrics,
             self.wake,
+            give_up=lambda: any(a.must_give_up_session() for a in self.agents.values()),
         )
         self.keeper.start()
         handled = HandledEvents(
@@ -528,7 +558,8 @@ class Daemon:
             self._prefetch.submit(agent.prefetch, req.artifact)
             return "prefetching"
         if req.deploy:
-            return "joined" if agent.store.deploy_record(req.deploy) else "no such deploy"
+            found = agent.store.request(req.deploy)[0] is not None
+            return "joined" if found else "no such deploy"
         app = agent.app
         result = agent.store.start_from_event(
             event_id=req.event_id,
@@ -628,8 +659,9 @@ class Daemon:
     def _shutdown(self, server: HealthServer | None) -> None:
         self.notifier.stopping()
         log.info("watcher_stopping")
-        for stop_event in [w[1] for w in self._deploy_watch.values()]:
-            stop_event.set()
+        for watches in self._deploy_watch.values():
+            for stop_event in watches.values():
+                stop_event.set()
         self._prefetch.shutdown(wait=False, cancel_futures=True)
         in_flight = False
         for agent in self.agents.values():

@@ -51,6 +51,13 @@ class Metrics:
             ["app", "outcome"],
             registry=r,
         )
+        self.alarm = Gauge(
+            "watcher_alarm",
+            "1 while an app on this host is stopped by an alarm (a contested deploy, a "
+            "refused convergence); the reason is in /health and the log",
+            ["app"],
+            registry=r,
+        )
         self.deploy_phase_seconds = Histogram(
             "watcher_deploy_phase_seconds",
             "Time this host spent in each deploy phase (prepare, decide, apply)",
@@ -163,6 +170,20 @@ class HealthState:
         self._session: str | None = None
         self._session_problem = "starting: no Consul session yet"
         self._waiting: dict[str, _Waiting] = {}
+        self._alarms: dict[str, str] = {}
+
+    def alarm(self, app: str, reason: str) -> None:
+        """A contested deploy or a refused convergence: unhealthy until an operator acts."""
+        with self._lock:
+            self._alarms[app] = reason
+        if self._metrics is not None:
+            self._metrics.alarm.labels(app=app).set(1)
+
+    def clear_alarm(self, app: str) -> None:
+        with self._lock:
+            self._alarms.pop(app, None)
+        if self._metrics is not None:
+            self._metrics.alarm.labels(app=app).set(0)
 
     def loop_cycle(self) -> None:
         """The main loop completed a cycle."""
@@ -204,6 +225,7 @@ class HealthState:
             loop_age = now - since
             if loop_age > self.loop_stall_after:
                 problems.append(f"main loop has not completed a cycle for {loop_age:.0f}s")
+            problems += [f"{app}: alarm: {why}" for app, why in sorted(self._alarms.items())]
             undecided: dict[str, Any] = {}
             for app, waiting in sorted(self._waiting.items()):
                 waited = now - waiting.since

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -15,19 +16,38 @@ RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
-DOC_VERSION = 1
+DOC_VERSION = 2
+LAYOUT_VERSION = 2
 
-# Per-node states (forward-only: staging -> ready | failed; ready -> live | aborted |
-# failed_after_commit).
-STAGING, READY, FAILED = "staging", "ready", "failed"
-LIVE, ABORTED, FAILED_AFTER_COMMIT = "live", "aborted", "failed_after_commit"
-NODE_FINAL_STATES = frozenset({FAILED, LIVE, ABORTED, FAILED_AFTER_COMMIT})
+# Per-node states (forward-only: staging -> ready | failed | refused | aborted;
+# ready -> committed | aborted; committed -> live | failed_after_commit). DESIGN.md 6.1, 6.4.
+# ``committed`` and ``aborted`` are intents: a host writes them before it flips or cleans
+# up, then reads the acks again, so two hosts that established opposite verdicts (one ack
+# was rewritten in between) always see each other's intent (docs/design.md R4).
+STAGING, READY, FAILED, REFUSED = "staging", "ready", "failed", "refused"
+COMMITTED, LIVE, ABORTED, FAILED_AFTER_COMMIT = (
+    "committed",
+    "live",
+    "aborted",
+    "failed_after_commit",
+)
+NODE_STATES = frozenset(
+    {STAGING, READY, FAILED, REFUSED, COMMITTED, LIVE, ABORTED, FAILED_AFTER_COMMIT}
+)
+NODE_FINAL_STATES = frozenset({FAILED, REFUSED, LIVE, ABORTED, FAILED_AFTER_COMMIT})
+#: An ack that the node staged the request it names (later states keep the ack's fields).
+ACKED_READY_STATES = frozenset({READY, COMMITTED, LIVE, FAILED_AFTER_COMMIT})
+#: An ack that vetoes the deploy. ``aborted`` is written only after a node established the
+#: abort itself, so counting it as a veto never changes an honest fleet's verdict.
+ABORT_ACK_STATES = frozenset({FAILED, REFUSED, ABORTED})
 NEXT_STATES: dict[str, frozenset[str]] = {
-    "": frozenset({STAGING, FAILED, ABORTED}),
-    STAGING: frozenset({READY, FAILED, ABORTED}),
-    READY: frozenset({LIVE, ABORTED, FAILED_AFTER_COMMIT}),
+    "": frozenset({STAGING, FAILED, REFUSED, ABORTED}),
+    STAGING: frozenset({READY, FAILED, REFUSED, ABORTED}),
+    READY: frozenset({COMMITTED, ABORTED}),
+    COMMITTED: frozenset({LIVE, FAILED_AFTER_COMMIT}),
 }
 COMMIT, ABORT = "commit", "abort"
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def utcnow() -> datetime:
@@ -54,6 +74,12 @@ def check_artifact_id(value: str) -> str:
     return value
 
 
+def check_deploy_id(value: str) -> str:
+    if not isinstance(value, str) or not DEPLOY_ID_RE.match(value):
+        raise PayloadError(f"invalid deploy id {value!r}: must match {DEPLOY_ID_RE.pattern}")
+    return value
+
+
 def check_release(value: str) -> str:
     if not isinstance(value, str) or not RELEASE_RE.match(value):
         raise PayloadError(
@@ -77,17 +103,25 @@ def artifact_id_for(branch: str, commit: str) -> str:
 
 
 class Keys:
-    """KV paths of one app under the configured prefix."""
+    """KV paths of one app under the configured prefix (layout version 2, DESIGN.md 4).
+
+    Every key sits under a prefix whose writers an ACL prefix rule can name: node-owned
+    keys start with ``.../<node>`` and nothing operators write shares a prefix with
+    what only hosts write.
+    """
 
     def __init__(self, prefix: str, app: str) -> None:
         self.base = f"{prefix.strip('/')}/apps/{app}"
 
     def artifact(self, artifact_id: str) -> str:
-        return f"{self.base}/artifacts/{artifact_id}"
+        return f"{self.base}/artifacts/{check_artifact_id(artifact_id)}"
 
     @property
     def artifacts_prefix(self) -> str:
         return f"{self.base}/artifacts/"
+
+    def pin(self, artifact_id: str) -> str:
+        return f"{self.base}/pins/{check_artifact_id(artifact_id)}"
 
     @property
     def members_prefix(self) -> str:
@@ -116,29 +150,46 @@ class Keys:
         return f"{self.base}/events_seen"
 
     @property
-    def deploys_prefix(self) -> str:
-        return f"{self.base}/deploys/"
+    def history(self) -> str:
+        return f"{self.base}/history"
 
-    def deploy(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}"
+    @property
+    def requests_prefix(self) -> str:
+        return f"{self.base}/requests/"
 
-    def deploy_prefix(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/"
+    def request(self, deploy_id: str) -> str:
+        return f"{self.base}/requests/{check_deploy_id(deploy_id)}"
 
-    def nodes_prefix(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/nodes/"
+    def abort_request(self, deploy_id: str) -> str:
+        return f"{self.base}/requests/{check_deploy_id(deploy_id)}/abort"
 
-    def node_progress(self, deploy_id: str, node: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/nodes/{node}"
+    @property
+    def progress_prefix(self) -> str:
+        return f"{self.base}/progress/"
+
+    def node_progress_prefix(self, node: str) -> str:
+        return f"{self.base}/progress/{node}/"
+
+    def progress(self, deploy_id: str, node: str) -> str:
+        return f"{self.base}/progress/{node}/{check_deploy_id(deploy_id)}"
 
     def coordinator(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/coordinator"
+        return f"{self.base}/coordinator/{check_deploy_id(deploy_id)}"
+
+    @property
+    def decisions_prefix(self) -> str:
+        return f"{self.base}/decisions/"
 
     def decision(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/decision"
+        return f"{self.base}/decisions/{check_deploy_id(deploy_id)}"
 
     def outcome(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/outcome"
+        return f"{self.base}/outcomes/{check_deploy_id(deploy_id)}"
+
+    @property
+    def legacy_deploys_prefix(self) -> str:
+        """Layout version 1 kept every deploy under ``deploys/``; v2 only reports it."""
+        return f"{self.base}/deploys/"
 
 
 class Document:
@@ -232,14 +283,22 @@ class ArtifactRecord(Document):
             )
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ReleaseRef(Document):
-    """A release the fleet committed: the pieces needed to restage it anywhere."""
+    """A release the fleet committed: the deploy that committed it and what it holds."""
 
     release: str
     artifact: str
     sha256: str
     deploy: str
+    url: str = ""
+    size: int = 0
+    create_index: int = 0
+    digest: str = ""
 
     def validate(self, label: str) -> None:
         _need(
@@ -247,20 +306,41 @@ class ReleaseRef(Document):
             label,
             f"invalid release {self.release!r}",
         )
+        _need(
+            isinstance(self.deploy, str) and bool(DEPLOY_ID_RE.match(self.deploy)),
+            label,
+            f"invalid deploy id {self.deploy!r}",
+        )
+        _need(_is_int(self.create_index), label, "create_index must be an integer")
 
 
 @dataclass(frozen=True)
 class CurrentRecord(Document):
-    """``apps/<app>/current``: the fleet's committed release and the one before it."""
+    """``apps/<app>/current``: a cache for readers of the fleet's committed release and the
+    one before it. Hosts never obey it alone: they establish the named deploy's commit
+    predicate themselves (DESIGN.md 6.4.6)."""
 
     release: str
     artifact: str
     sha256: str
     deploy: str
-    previous: dict[str, str] | None = None
+    url: str = ""
+    size: int = 0
+    create_index: int = 0
+    digest: str = ""
+    previous: dict[str, Any] | None = None
 
     def ref(self) -> ReleaseRef:
-        return ReleaseRef(self.release, self.artifact, self.sha256, self.deploy)
+        return ReleaseRef(
+            self.release,
+            self.artifact,
+            self.sha256,
+            self.deploy,
+            self.url,
+            self.size,
+            self.create_index,
+            self.digest,
+        )
 
     def previous_ref(self) -> ReleaseRef | None:
         if not self.previous:
@@ -270,7 +350,13 @@ class CurrentRecord(Document):
 
 @dataclass(frozen=True)
 class DeployRecord(Document):
-    """``apps/<app>/deploys/<id>``: what to deploy, to whom, by when."""
+    """``apps/<app>/requests/<id>``: the deploy request (what, to whom, by when).
+
+    Immutable: each host reads it once (its ModifyIndex must equal its CreateIndex),
+    journals it with its digest and CreateIndex, and carries it in its ready ack.
+    ``sessions`` names, for every expected node, the session that held its member key
+    when the request was made.
+    """
 
     id: str
     app: str
@@ -283,9 +369,17 @@ class DeployRecord(Document):
     expected: list[str]
     prepare_deadline: str
     apply_deadline: str
+    url: str = ""
+    size: int = 0
+    format: str = "tar.gz"
+    branch: str = ""
+    commit: str = ""
+    sessions: dict[str, str] = field(default_factory=dict)
+    allow_missing: bool = False
     resume_of: str | None = None
     rollback_of: str | None = None
-    min_protocol: int = 1
+    target_deploy: str | None = None
+    min_protocol: int = 2
 
     def validate(self, label: str) -> None:
         _need(
@@ -293,61 +387,163 @@ class DeployRecord(Document):
             label,
             f"invalid deploy id {self.id!r}",
         )
+        _need(isinstance(self.app, str) and bool(NODE_RE.match(self.app)), label, "invalid app")
         _need(self.kind in ("deploy", "rollback"), label, f"unknown kind {self.kind!r}")
         _need(
-            isinstance(self.expected, list) and all(isinstance(n, str) for n in self.expected),
+            isinstance(self.artifact, str) and bool(ARTIFACT_ID_RE.match(self.artifact)),
+            label,
+            f"invalid artifact id {self.artifact!r}",
+        )
+        _need(
+            isinstance(self.expected, list)
+            and all(isinstance(n, str) and NODE_RE.match(n) for n in self.expected),
             label,
             "expected must be a list of node names",
+        )
+        _need(len(set(self.expected)) == len(self.expected), label, "expected lists a node twice")
+        _need(
+            isinstance(self.sessions, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.sessions.items()),
+            label,
+            "sessions must map node names to session ids",
         )
         _need(
             isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)),
             label,
             f"invalid release {self.release!r}",
         )
+        _need(
+            self.sha256 == ""
+            or (isinstance(self.sha256, str) and bool(SHA256_RE.match(self.sha256))),
+            label,
+            "sha256 must be 64 lowercase hex digits",
+        )
+        _need(_is_int(self.size) and self.size >= 0, label, "size must be a non-negative integer")
+        _need(isinstance(self.url, str), label, "url must be a string")
+        _need(_is_int(self.min_protocol), label, "min_protocol must be an integer")
+        _need(isinstance(self.allow_missing, bool), label, "allow_missing must be a boolean")
+        for name in ("resume_of", "rollback_of", "target_deploy"):
+            value = getattr(self, name)
+            _need(
+                value is None or (isinstance(value, str) and bool(DEPLOY_ID_RE.match(value))),
+                label,
+                f"{name} must be a deploy id",
+            )
+        for name in ("requested_by", "branch", "commit"):
+            _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
         for name in ("requested_at", "prepare_deadline", "apply_deadline"):
             try:
                 parse_iso(getattr(self, name))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError):
                 raise PayloadError(f"{label}: {name} is not a timestamp") from None
+
+    def canonical(self) -> bytes:
+        """The canonical JSON every host hashes: the same bytes for the same request."""
+        return self.to_json()
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.canonical())
+        return data
 
 
 @dataclass(frozen=True)
 class NodeProgress(Document):
-    """``deploys/<id>/nodes/<node>``: one node's progress, forward-only."""
+    """``progress/<node>/<id>``: one node's ack in one deploy, written only by that node.
+
+    Forward-only. A ready ack (and every later state) names the request digest and
+    CreateIndex it journaled and carries the canonical request itself, so a host that
+    did not take part can rebuild the request from any ack (DESIGN.md 6.4.2).
+    """
 
     node: str
     state: str
+    deploy: str = ""
     error: str = ""
     output_tail: str = ""
     timings: dict[str, str] = field(default_factory=dict)
+    digest: str = ""
+    create_index: int = 0
+    release: str = ""
+    sha256: str = ""
+    request: dict[str, Any] | None = None
+    staged_bytes: int = 0
+    staged_members: int = 0
 
     def validate(self, label: str) -> None:
-        known = {STAGING, READY, FAILED, LIVE, ABORTED, FAILED_AFTER_COMMIT}
-        _need(self.state in known, label, f"unknown state {self.state!r}")
+        _need(self.state in NODE_STATES, label, f"unknown state {self.state!r}")
+        _need(isinstance(self.node, str) and bool(NODE_RE.match(self.node)), label, "bad node")
+        _need(_is_int(self.create_index), label, "create_index must be an integer")
+        _need(isinstance(self.digest, str), label, "digest must be a string")
+        _need(
+            isinstance(self.timings, dict)
+            and all(isinstance(v, str) for v in self.timings.values()),
+            label,
+            "timings must map names to strings",
+        )
+        _need(self.request is None or isinstance(self.request, dict), label, "bad request")
+        for name in ("error", "output_tail", "release", "sha256", "deploy"):
+            _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
+
+    def acked_ready(self, digest: str) -> bool:
+        return self.state in ACKED_READY_STATES and self.digest == digest
+
+    def embedded_request(self) -> DeployRecord | None:
+        """The request this ack carries, if it parses and matches the ack's digest."""
+        if not self.request:
+            return None
+        try:
+            request = DeployRecord.from_dict(dict(self.request), label="ack's request")
+        except PayloadError:
+            return None
+        return request if request.digest() == self.digest else None
 
 
 @dataclass(frozen=True)
 class Decision(Document):
-    """``deploys/<id>/decision``: commit or abort, written exactly once."""
+    """``decisions/<id>``: a record and a wake-up of what a host established; never obeyed
+    alone. Written once (check-not-exists) in a txn that also rewrites the writer's own
+    progress key, so the ACLs vouch for ``by``."""
 
     outcome: str
     reason: str
     by: str
     at: str
+    digest: str = ""
+    create_index: int = 0
+    release: str = ""
+    artifact: str = ""
+    url: str = ""
+    size: int = 0
+    sha256: str = ""
+    expected: list[str] = field(default_factory=list)
+    requested_by: str = ""
+    requested_at: str = ""
 
     def validate(self, label: str) -> None:
         _need(self.outcome in (COMMIT, ABORT), label, f"unknown outcome {self.outcome!r}")
 
 
 @dataclass(frozen=True)
+class AbortRequest(Document):
+    """``requests/<id>/abort``: an operator's (or host's) request to abort before the acks."""
+
+    by: str
+    at: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Outcome(Document):
-    """``deploys/<id>/outcome``: how the deploy ended, with a per-host summary."""
+    """``outcomes/<id>``: how the deploy ended, with a per-host summary."""
 
     result: str
     at: str
     by: str
     reason: str = ""
-    hosts: dict[str, dict[str, str]] = field(default_factory=dict)
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollback_deploy: str | None = None
 
 
@@ -360,3 +556,37 @@ class HostRecord(Document):
     last_seen: str
     watcher_version: str = ""
     state: str = ""
+    alarm: str = ""
+    first_index: int = 0  # the CreateIndex of this watcher's first session (6.4.5)
+
+
+@dataclass(frozen=True)
+class PinRecord(Document):
+    """``pins/<artifact-id>``: the url, size and sha256 the first verifying host saw.
+
+    Created once (cas=0) by hosts only; an artifact record that differs is refused."""
+
+    artifact: str
+    url: str
+    size: int
+    sha256: str
+    by: str = ""
+    at: str = ""
+
+    def validate(self, label: str) -> None:
+        _need(
+            isinstance(self.sha256, str) and bool(SHA256_RE.match(self.sha256)),
+            label,
+            "sha256 must be 64 lowercase hex digits",
+        )
+        _need(_is_int(self.size) and self.size >= 0, label, "size must be a non-negative integer")
+
+    def differs(self, record: ArtifactRecord) -> str | None:
+        """Why ``record`` is not the content this id was pinned to (None: it is)."""
+        if (record.sha256, record.size, record.url) == (self.sha256, self.size, self.url):
+            return None
+        return (
+            f"artifact {self.artifact}: record says sha256 {record.sha256} ({record.size} bytes, "
+            f"{record.url}) but it was pinned to sha256 {self.sha256} ({self.size} bytes, "
+            f"{self.url}) when first verified; an artifact id names one content forever"
+        )
