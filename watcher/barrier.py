@@ -31,6 +31,7 @@ from watcher.log import get_logger
 from watcher.records import (
     ABORT,
     ABORT_ACK_STATES,
+    ABORTED,
     ACKED_READY_STATES,
     COMMIT,
     FAILED_AFTER_COMMIT,
@@ -144,8 +145,10 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     """The commit / abort / contested predicate over one read of the acks (pure)."""
     expected = request.expected
     ready = [n for n in expected if (a := acks.get(n)) is not None and a.acked_ready(digest)]
+    # The first veto named is a host's own failure, not the abort intents that follow it.
     vetoes = sorted(
-        n for n in expected if (a := acks.get(n)) is not None and a.state in ABORT_ACK_STATES
+        (n for n in expected if (a := acks.get(n)) is not None and a.state in ABORT_ACK_STATES),
+        key=lambda n: (acks[n].state == ABORTED, n),  # type: ignore[union-attr]
     )
     foreign = sorted(
         n

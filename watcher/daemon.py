@@ -270,6 +270,7 @@ class EventWatcher(threading.Thread):
         self.out = out
         self.wake = wake
         self.stopping = stopping
+        self.max_ltime = 0  # the highest Lamport time of any event this agent showed us
 
     def run(self) -> None:
         index: str | None = None
@@ -277,6 +278,7 @@ class EventWatcher(threading.Thread):
             try:
                 if index is None:
                     index, events = self.consul.event_list()
+                    self.max_ltime = max([self.max_ltime, *(e.ltime for e in events)])
                     self.handled.add(e.id for e in events)
                     log.info("events_primed", buffered=len(events))
                     continue
@@ -288,6 +290,7 @@ class EventWatcher(threading.Thread):
             if new_index == index:
                 continue
             index = new_index
+            self.max_ltime = max([self.max_ltime, *(e.ltime for e in events)])
             fresh = [e for e in events if e.id not in self.handled]
             if fresh:
                 self.handled.add(e.id for e in fresh)
@@ -315,6 +318,7 @@ class Daemon:
         self.events: queue.Queue[ConsulEvent] = queue.Queue()
         self.agents: dict[str, AppAgent] = {}
         self.keeper: SessionKeeper | None = None
+        self.event_watcher: EventWatcher | None = None
         self.node = ""
         self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
@@ -444,7 +448,10 @@ class Daemon:
         handled = HandledEvents(
             self.state_dir / EVENTS_FILE, self.config.daemon.handled_events_keep
         )
-        EventWatcher(self.consul, handled, self.events, self.wake, self.flags.stop).start()
+        self.event_watcher = EventWatcher(
+            self.consul, handled, self.events, self.wake, self.flags.stop
+        )
+        self.event_watcher.start()
         self._start_watches()
         self.notifier.ready(f"watching {len(self.agents)} app(s)")
         watchdog = self.notifier.watchdog_interval()
@@ -564,6 +571,7 @@ class Daemon:
         result = agent.store.start_from_event(
             event_id=req.event_id,
             ltime=req.ltime,
+            max_ltime=max(self.event_watcher.max_ltime, req.ltime) if self.event_watcher else 0,
             kind=req.name,
             artifact_id=req.artifact,
             release=req.release,

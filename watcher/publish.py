@@ -22,12 +22,19 @@ import yaml
 
 from watcher.config import APP_NAME_RE, Config
 from watcher.consul_api import ConsulClient
-from watcher.errors import ArtifactIntegrityError, ArtifactRefused, ConfigError, PayloadError
+from watcher.errors import (
+    ArtifactIntegrityError,
+    ArtifactRefused,
+    ConfigError,
+    PayloadError,
+    WatcherError,
+)
 from watcher.log import get_logger
 from watcher.records import (
     MANIFEST_PATH,
     ArtifactRecord,
     Keys,
+    PinRecord,
     artifact_id_for,
     check_artifact_id,
     iso,
@@ -412,20 +419,15 @@ def publish_artifact(
             existing = _read_record(consul, kv_key)
             if existing is not None and existing.sha256 != sha256:
                 raise _refuse_existing(artifact_id, existing.sha256, sha256, kv_key)
+            _check_pin(consul, Keys(config.kv_prefix, app).pin(artifact_id), artifact_id, sha256)
             store = S3Store(config.s3, retry_deadline=retry_deadline)
-            s3_key = (
-                store.parse_url(existing.url)
-                if existing is not None
-                else store.key_for(app, artifact_id, ARTIFACT_FORMAT)
-            )
-            _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
+            created = False
             if existing is not None:
-                log.info("artifact_already_published", sha256=sha256)
                 record = existing
             else:
                 record = ArtifactRecord(
                     id=artifact_id,
-                    url=store.url_for(s3_key),
+                    url=store.url_for(store.key_for(app, artifact_id, ARTIFACT_FORMAT)),
                     sha256=sha256,
                     size=size,
                     format=ARTIFACT_FORMAT,
@@ -436,8 +438,10 @@ def publish_artifact(
                     created_at=iso(utcnow()),
                     created_by=created_by,
                 )
+                # The record first (cas=0): it is also the permission check, so a token that
+                # may not publish this app uploads nothing.
                 if consul.kv_put(kv_key, record.to_json(), cas=0):
-                    _withdraw_if_overwritten(consul, store, kv_key, s3_key, record)
+                    created = True
                 else:
                     # Another publisher won the race: fine if it published the same bytes.
                     winner = _read_record(consul, kv_key)
@@ -445,11 +449,45 @@ def publish_artifact(
                         theirs = winner.sha256 if winner else "(record vanished)"
                         raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
                     record = winner
+            s3_key = store.parse_url(record.url)
+            try:
+                _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
+            except BaseException:
+                if created:
+                    _withdraw(consul, kv_key, record, log)
+                raise
+            if existing is not None:
+                log.info("artifact_already_published", sha256=sha256)
+            else:
                 log.info("artifact_published", sha256=sha256, size=size, url=record.url)
             consul.event_fire(BUILD_FINISHED, payload)
             return record
         finally:
             consul.close()
+
+
+def _check_pin(consul: ConsulClient, pin_key: str, artifact_id: str, sha256: str) -> None:
+    """Hosts pin the first content they verified under an id: never publish other bytes."""
+    entry = consul.kv_get(pin_key)
+    if entry is None:
+        return
+    try:
+        pin = PinRecord.from_json(entry.value, where=pin_key)
+    except PayloadError:
+        return  # an unreadable pin is the hosts' problem; they refuse and report it
+    if pin.sha256 != sha256:
+        raise _refuse_existing(artifact_id, pin.sha256, sha256, pin_key)
+
+
+def _withdraw(consul: ConsulClient, kv_key: str, record: ArtifactRecord, log: Any) -> None:
+    """Remove the record this publish created, when its upload did not complete."""
+    try:
+        entry = consul.kv_get(kv_key)
+        if entry is not None and entry.value == record.to_json():
+            consul.kv_delete(kv_key, cas=entry.modify_index)
+            log.warning("artifact_record_withdrawn", key=kv_key)
+    except WatcherError as exc:
+        log.error("artifact_record_not_withdrawn", key=kv_key, error=str(exc))
 
 
 def _ensure_uploaded(
@@ -471,38 +509,22 @@ def _ensure_uploaded(
     if head is not None and head.get("size") == size:
         log.info("artifact_upload_reused", url=url)
         return
-    store.upload_file(tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size))
+    # If-None-Match: * never overwrites an object, whoever uploaded it meanwhile.
+    created = store.create_file(
+        tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
+    )
     head = store.head(s3_key)
     if head is None or head.get("size") != size or head.get("sha256") != sha256:
         got = "nothing" if head is None else f"size {head.get('size')} sha256 {head.get('sha256')}"
+        if created:
+            store.delete(s3_key)
         raise ArtifactIntegrityError(
             f"upload of {url} did not verify: expected size {size} sha256 {sha256}, S3 has {got}"
         )
-    log.info("artifact_uploaded", url=url, size=size)
-
-
-def _withdraw_if_overwritten(
-    consul: ConsulClient, store: S3Store, kv_key: str, s3_key: str, record: ArtifactRecord
-) -> None:
-    """Undo our fresh record if a racing publisher of other bytes overwrote the object.
-
-    S3 has no compare-and-swap here, so two builds of the same id with different content can
-    interleave upload and verify. The record is checked against the object once more after
-    the CAS write; hosts verify every download anyway, so the window only costs a failed
-    fetch, never a wrong release.
-    """
-    head = store.head(s3_key)
-    if head is not None and head.get("sha256") == record.sha256 and head.get("size") == record.size:
+    if not created:
+        log.info("artifact_upload_reused", url=url)
         return
-    entry = consul.kv_get(kv_key)
-    if entry is not None and entry.value == record.to_json():
-        consul.kv_delete(kv_key, cas=entry.modify_index)
-    theirs = "nothing" if head is None else str(head.get("sha256"))
-    raise ArtifactRefused(
-        f"artifact {record.id}: {store.url_for(s3_key)} changed to sha256 {theirs} during the "
-        f"publish (a concurrent build of other content?); this build is {record.sha256}; "
-        "record withdrawn"
-    )
+    log.info("artifact_uploaded", url=url, size=size)
 
 
 def _read_record(consul: ConsulClient, kv_key: str) -> ArtifactRecord | None:

@@ -306,6 +306,55 @@ class S3Store:
             ) from exc
         self._call(where, put)
 
+    def create_file(
+        self,
+        path: str | Path,
+        key: str,
+        *,
+        sha256: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Upload ``path`` to ``key`` only if no object is there yet (``If-None-Match: *``);
+        False when one already exists (nothing is overwritten, whoever wrote it)."""
+        where = f"PUT {self.url_for(key)} (If-None-Match: *)"
+
+        def put() -> bool:
+            with open(path, "rb") as fh:
+                body = _CountingReader(fh, progress)
+                try:
+                    self._client.put_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=body,
+                        ContentLength=Path(path).stat().st_size,
+                        Metadata={"sha256": sha256},
+                        IfNoneMatch="*",
+                    )
+                except bexc.ClientError as exc:
+                    code = str(exc.response.get("Error", {}).get("Code", ""))
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                        409,
+                        412,
+                    ):
+                        return False
+                    raise
+            return True
+
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot read {path} for upload to {self.url_for(key)}: {exc.strerror or exc}"
+            ) from exc
+        return self._call(where, put)
+
+    def delete(self, key: str) -> None:
+        """Remove an object this publish created (an upload that did not verify)."""
+        where = f"DELETE {self.url_for(key)}"
+        self._call(where, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
     def ensure_bucket(self) -> None:
         """Create the bucket when missing (tests and demos only)."""
         where = f"CREATE s3://{self.bucket}"
@@ -344,3 +393,29 @@ class _BodyStream(Iterator[bytes]):
             close()
         with contextlib.suppress(Exception):
             self._body.close()
+
+
+class _CountingReader:
+    """A file object for boto3 that reports how many bytes were read."""
+
+    def __init__(self, fh: Any, progress: Callable[[int], None] | None) -> None:
+        self._fh = fh
+        self._progress = progress
+        self._sent = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._fh.read(size)
+        self._sent += len(data)
+        if self._progress is not None and data:
+            self._progress(self._sent)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if offset == 0 and whence == 0:
+            self._sent = 0
+        pos: int = self._fh.seek(offset, whence)
+        return pos
+
+    def tell(self) -> int:
+        pos: int = self._fh.tell()
+        return pos
