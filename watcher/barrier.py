@@ -653,9 +653,12 @@ class DeployStore:
             )
             ops = [TxnOp.cas(key, new.to_json(), old_index)]
             if state == READY:
-                if not session:
+                # The session the request named for this node, not whichever this process
+                # holds now: a successor with a new session can no longer ack ready.
+                named = joined.request.sessions.get(node) if joined else None
+                if not named or session != named:
                     return False
-                ops.append(TxnOp.check_session(self.keys.member(node), session))
+                ops.append(TxnOp.check_session(self.keys.member(node), named))
             result = self.consul.txn(ops)
             if result.ok:
                 return True

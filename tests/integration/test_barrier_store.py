@@ -1,27 +1,27 @@
-"""The barrier's KV operations against a real Consul agent, without daemons."""
+"""The barrier's KV operations and predicates against a real Consul agent, without daemons."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from watcher.barrier import DeployStore, evaluate, rollback_target
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined
 from watcher.consul_api import ConsulClient
-from watcher.errors import DeployInFlight, DeployRefused
+from watcher.errors import DeployInFlight
 from watcher.records import (
     ABORT,
     COMMIT,
+    FAILED,
+    LIVE,
     READY,
+    STAGING,
     ArtifactRecord,
-    CurrentRecord,
-    Decision,
     DeployRecord,
     NodeProgress,
-    iso,
-    utcnow,
 )
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -39,149 +39,228 @@ def artifact(artifact_id: str = "main-15eb13af") -> ArtifactRecord:
     return ArtifactRecord(id=artifact_id, url="s3://b/a/web/x.tar.gz", sha256=SHA, size=1)
 
 
-def start(
-    store: DeployStore, deploy_id: str, expected: list[str], artifact_id: str = "main-15eb13af"
-) -> DeployRecord:
+def member(store: DeployStore, node: str) -> str:
+    """A live member: a session holding ``members/<node>``; returns the session id."""
+    session = store.consul.session_create(f"t {node}", 30, checks=[])
+    assert store.consul.kv_put(store.keys.member(node), b"{}", acquire=session)
+    return session
+
+
+def start(store: DeployStore, deploy_id: str, sessions: dict[str, str]) -> Joined:
     record = store.new_record(
         deploy_id=deploy_id,
         kind="deploy",
-        artifact=artifact(artifact_id),
+        artifact=artifact(),
         release=None,
         requested_by="tests",
-        expected=expected,
+        expected=sessions,
         prepare_timeout=60,
         apply_timeout=60,
     )
-    assert store.start(record, history_keep=10)
-    return record
+    assert store.start(record)
+    request, entry = store.request(deploy_id, consistent=True)
+    assert request is not None and entry is not None
+    return Joined(request, request.digest(), entry.create_index)
 
 
-class TestOneDecision:
-    def test_second_decision_loses_and_second_deploy_is_refused(self, store: DeployStore) -> None:
-        rec = start(store, "d1", ["n1"])
+def ack(store: DeployStore, joined: Joined, node: str, state: str, session: str = "") -> bool:
+    if state == READY:
+        current, _ = store.ack(joined.id, node)
+        if current is None:
+            assert store.write_progress(joined.id, node, STAGING, joined=joined)
+    return store.write_progress(joined.id, node, state, joined=joined, session=session, sha256=SHA)
+
+
+def raw_ack(store: DeployStore, deploy_id: str, node: str, progress: NodeProgress) -> None:
+    """What a host token can do to its own key: write anything, skipping every check."""
+    assert store.consul.kv_put(store.keys.progress(deploy_id, node), progress.to_json())
+
+
+class TestStart:
+    def test_a_second_deploy_is_refused_naming_the_one_in_flight(self, store: DeployStore) -> None:
+        s = member(store, "n1")
+        start(store, "d1", {"n1": s})
         with pytest.raises(DeployInFlight, match="d1"):
-            start(store, "d2", ["n1"])
-        view = store.view("d1")
-        assert view is not None
-        assert store.decide(view, ABORT, "first", by="a")
-        assert not store.decide(view, ABORT, "second", by="b")
-        view = store.view("d1")
-        assert view is not None and view.decision is not None
-        assert view.decision.reason == "first"
-        assert rec.id == "d1"
+            start(store, "d2", {"n1": s})
 
-    def test_commit_needs_the_coordinator_lock(self, store: DeployStore) -> None:
-        start(store, "d1", ["n1"])
-        session = store.consul.session_create("t", 10)
-        try:
-            store.write_progress("d1", "n1", "staging")
-            store.write_progress("d1", "n1", READY)
-            view = store.view("d1")
-            assert view is not None
-            # nobody holds the coordinator key: the check-session fails
-            assert not store.decide(view, COMMIT, "x", by="n1", session=session)
-            assert store.acquire_coordinator("d1", session, "n1")
-            view = store.view("d1")
-            assert view is not None
-            assert store.decide(view, COMMIT, "x", by="n1", session=session)
-            current, _ = store.current()
-            assert current is not None and current.deploy == "d1"
-        finally:
-            store.consul.session_destroy(session)
-
-    def test_no_expected_nodes_never_commits(self, store: DeployStore) -> None:
-        start(store, "d1", [])
-        view = store.view("d1")
-        assert view is not None
-        index = store.consul.kv_get(store.keys.inflight).modify_index  # type: ignore[union-attr]
-        step = evaluate(
-            store,
-            view,
-            node="n1",
-            session=None,
-            is_coordinator=True,
-            inflight_index=index,
-            members={"n1"},
-            history_keep=10,
-            on_validate_failure="rollback",
-        )
-        assert step.action == "aborted" and "no expected nodes" in step.detail
-
-
-class TestRollbackTarget:
-    def test_only_committed_releases_are_targets(self, store: DeployStore) -> None:
-        rec = start(store, "d1", ["n1"], "main-aaaaaaaa")
-        view = store.view("d1")
-        assert view is not None and store.decide(view, ABORT, "failed", by="t")
-        with pytest.raises(DeployRefused, match="not committed"):
-            rollback_target(store, rec.release)
-        # a committed one (the decision written as the coordinator's commit would be)
-        rec2 = store.new_record(
-            deploy_id="d2",
-            kind="deploy",
-            artifact=artifact("main-bbbbbbbb"),
-            release=None,
-            requested_by="t",
-            expected=["n1"],
-            prepare_timeout=60,
-            apply_timeout=60,
-        )
-        store.consul.kv_delete(store.keys.inflight)
-        assert store.start(rec2, history_keep=10)
-        decision = Decision(outcome=COMMIT, reason="ok", by="t", at=iso(utcnow()))
-        store.consul.kv_put(store.keys.decision("d2"), decision.to_json())
-        assert rollback_target(store, rec2.release).deploy == "d2"
-
-    def test_previous_of_current(self, store: DeployStore) -> None:
-        current = CurrentRecord(
-            release="20261126T000000Z-main-bbbbbbbb",
-            artifact="main-bbbbbbbb",
-            sha256=SHA,
-            deploy="d2",
-            previous={
-                "release": "20261125T000000Z-main-aaaaaaaa",
-                "artifact": "main-aaaaaaaa",
-                "sha256": SHA,
-                "deploy": "d1",
-            },
-        )
-        store.consul.kv_put(store.keys.current, current.to_json())
-        assert rollback_target(store, None).release == "20261125T000000Z-main-aaaaaaaa"
-
-
-class TestBadDocuments:
-    def test_unreadable_deploy_in_flight_can_be_aborted(self, store: DeployStore) -> None:
-        store.consul.kv_put(store.keys.inflight, b"dx")
-        store.consul.kv_put(store.keys.deploy("dx"), b"{not json")
-        assert store.abort("dx", "operator", by="t")
+    def test_garbage_inflight_is_cleared_and_recorded(self, store: DeployStore) -> None:
+        assert store.consul.kv_put(store.keys.inflight, b"no-such-deploy")
+        inflight, index = store.inflight(consistent=True)
+        assert inflight == "no-such-deploy"
+        assert store.clear_inflight(inflight, index, "inflight names no request", by="n1")
         assert store.inflight() == (None, 0)
-        outcome = store.consul.kv_get(store.keys.outcome("dx"))
-        assert outcome is not None and b"record unreadable" in (outcome.value or b"")
+        outcome = store.outcome("no-such-deploy")
+        assert outcome is not None and outcome.result == "refused"
 
-    def test_garbled_events_seen_is_treated_as_none(self, store: DeployStore) -> None:
-        store.consul.kv_put(store.keys.events_seen, "²".encode())
-        store.consul.kv_put(store.keys.artifact("main-15eb13af"), artifact().to_json())
-        store.consul.kv_put(store.keys.member("n1"), b"{}")  # no session: not a live member
-        result = store.start_from_event(
-            event_id="e1",
-            ltime=5,
-            kind="deploy",
-            artifact_id="main-15eb13af",
-            release=None,
-            by="n1",
-            prepare_timeout=60,
-            apply_timeout=60,
-            history_keep=10,
+
+class TestAcks:
+    def test_acks_only_move_forward(self, store: DeployStore) -> None:
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        assert ack(store, joined, "n1", STAGING)
+        assert ack(store, joined, "n1", READY, s)
+        assert not ack(store, joined, "n1", STAGING)
+        assert not ack(store, joined, "n1", FAILED)
+        got, _ = store.ack("d1", "n1")
+        assert got is not None and got.state == READY
+        assert got.digest == joined.digest and got.embedded_request() == joined.request
+
+    def test_ready_needs_the_session_the_request_named(self, store: DeployStore) -> None:
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        assert ack(store, joined, "n1", STAGING)
+        # The watcher restarted with a new session and took the member key back.
+        store.consul.session_destroy(s)
+        successor = member(store, "n1")
+        assert not ack(store, joined, "n1", READY, successor)
+        got, _ = store.ack("d1", "n1")
+        assert got is not None and got.state == STAGING
+        assert ack(store, joined, "n1", FAILED)  # saying no needs no session
+
+
+class TestEstablish:
+    def test_commit_when_every_expected_node_acked_ready(self, store: DeployStore) -> None:
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        assert ack(store, joined, "n1", READY, sessions["n1"])
+        assert store.establish(joined).outcome == UNDECIDED
+        assert ack(store, joined, "n2", READY, sessions["n2"])
+        verdict = store.establish(joined)
+        assert verdict.outcome == COMMIT
+        assert store.record_decision(joined, verdict, node="n2")
+        assert not store.record_decision(joined, verdict, node="n1")  # one decision record
+
+    def test_a_dead_named_session_before_its_ack_aborts(self, store: DeployStore) -> None:
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        assert ack(store, joined, "n1", READY, sessions["n1"])
+        store.consul.session_destroy(sessions["n2"])
+        verdict = store.establish(joined)
+        assert verdict.outcome == ABORT
+        assert "n2" in verdict.reason and "session" in verdict.reason
+
+    def test_a_dead_session_after_its_ready_ack_changes_nothing(self, store: DeployStore) -> None:
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        assert ack(store, joined, "n1", READY, sessions["n1"])
+        assert ack(store, joined, "n2", READY, sessions["n2"])
+        store.consul.session_destroy(sessions["n2"])
+        assert store.establish(joined).outcome == COMMIT
+
+    def test_an_ack_rewritten_after_commit_makes_it_contested(self, store: DeployStore) -> None:
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        for n in sessions:
+            assert ack(store, joined, n, READY, sessions[n])
+        assert ack(store, joined, "n1", "committed")
+        assert ack(store, joined, "n1", LIVE)
+        raw_ack(store, "d1", "n2", NodeProgress(node="n2", state=FAILED, digest=joined.digest))
+        assert store.establish(joined).outcome == CONTESTED
+
+
+class TestTrust:
+    def test_a_solo_deploy_forged_by_one_host_is_not_trusted(self, store: DeployStore) -> None:
+        """One host writes a request naming only itself and a live ack for it: hosts that
+        were alive at the time refuse it; it would have had to expect them."""
+        x = member(store, "x")
+        forged = start(store, "evil", {"x": x})
+        raw_ack(
+            store,
+            "evil",
+            "x",
+            NodeProgress(
+                node="x",
+                state=LIVE,
+                digest=forged.digest,
+                create_index=forged.create_index,
+                request=forged.request.as_dict(),
+            ),
         )
-        assert result.startswith("refused: ") and "no live members" in result
-        seen = store.consul.kv_get(store.keys.events_seen)
-        assert seen is not None and seen.value == b"5"
+        assert store.establish(forged).outcome == COMMIT  # x alone satisfies its own set
+        assert store.committed("evil", node="n1", first_index=1) is None
+        # A host that did not exist yet when the acks were written cannot tell: it trusts it.
+        late = store.committed("evil", node="n9", first_index=10**12)
+        assert late is not None and late.request.expected == ["x"]
 
-    def test_forward_only_progress(self, store: DeployStore) -> None:
-        start(store, "d1", ["n1"])
-        assert store.write_progress("d1", "n1", "staging")
-        assert store.write_progress("d1", "n1", READY)
-        assert not store.write_progress("d1", "n1", "staging")
-        entry = store.consul.kv_get(store.keys.node_progress("d1", "n1"))
-        assert entry is not None
-        assert NodeProgress.from_json(entry.value).state == READY
+    def test_two_requests_for_one_id_rebuild_nothing(self, store: DeployStore) -> None:
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        assert ack(store, joined, "n1", READY, sessions["n1"])
+        other = DeployRecord.from_dict(joined.request.as_dict() | {"requested_by": "mallory"})
+        raw_ack(
+            store,
+            "d1",
+            "n2",
+            NodeProgress(
+                node="n2",
+                state=READY,
+                digest=other.digest(),
+                create_index=joined.create_index,
+                request=other.as_dict(),
+            ),
+        )
+        assert store.rebuild_request("d1") is None
+        assert store.committed("d1", node="n1", first_index=1) is None
+
+    def test_an_index_claim_newer_than_the_acks_is_refused(self, store: DeployStore) -> None:
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        raw_ack(
+            store,
+            "d1",
+            "n1",
+            NodeProgress(
+                node="n1",
+                state=LIVE,
+                digest=joined.digest,
+                create_index=10**9,
+                request=joined.request.as_dict(),
+            ),
+        )
+        assert store.committed("d1", node="n1", first_index=1) is None
+
+    def test_a_phantom_node_with_a_borrowed_session_is_refused(self, store: DeployStore) -> None:
+        s1 = member(store, "n1")
+        joined = start(store, "d1", {"n1": s1, "ghost": s1})
+        assert "shared session" in (store.check_sessions(joined) or "")
+        s2 = member(store, "n2")
+        joined = start_other(store, "d2", {"n1": s1, "ghost": s2})
+        assert "ghost" in (store.check_sessions(joined) or "")
+
+    def test_a_live_member_left_out_is_refused(self, store: DeployStore) -> None:
+        s1 = member(store, "n1")
+        member(store, "n2")
+        joined = start(store, "d1", {"n1": s1})
+        assert "n2" in (store.check_sessions(joined) or "")
+
+
+def start_other(store: DeployStore, deploy_id: str, sessions: dict[str, str]) -> Joined:
+    """``start`` after clearing ``inflight`` (the tests above leave one behind)."""
+    store.consul.kv_delete(store.keys.inflight)
+    return start(store, deploy_id, sessions)
+
+
+class TestHistory:
+    def test_end_appends_trims_and_hosts_trim_only_their_trimmed_acks(
+        self, store: DeployStore
+    ) -> None:
+        s = member(store, "n1")
+        ids = []
+        for i in range(4):
+            store.consul.kv_delete(store.keys.inflight)
+            joined = start(store, f"d{i}", {"n1": s})
+            assert ack(store, joined, "n1", READY, s)
+            verdict = store.establish(joined)
+            assert verdict.outcome == COMMIT
+            ended, _ = store.end(
+                joined, verdict, by="n1", history_keep=2, on_validate_failure="rollback"
+            )
+            assert ended
+            ids.append(joined.id)
+        assert store.history() == ids[-2:]
+        doc = json.loads(store.consul.kv_get(store.keys.history).value or b"{}")  # type: ignore[union-attr]
+        assert set(doc["trimmed"]) == {"d0", "d1"}
+        assert store.consul.kv_get(store.keys.request("d0")) is None
+        assert store.trim_own_progress("n1") >= 1
+        assert store.ack("d0", "n1")[0] is None
+        assert store.ack("d3", "n1")[0] is not None

@@ -1,0 +1,154 @@
+"""The commit / abort / contested predicate over one read of the acks (pure logic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from watcher.barrier import CONTESTED, UNDECIDED, judge
+from watcher.errors import PayloadError
+from watcher.records import (
+    ABORT,
+    ABORTED,
+    COMMIT,
+    COMMITTED,
+    FAILED,
+    FAILED_AFTER_COMMIT,
+    LIVE,
+    READY,
+    REFUSED,
+    STAGING,
+    DeployRecord,
+    NodeProgress,
+)
+
+SHA = "b" * 64
+
+
+def request(expected: list[str], **over: Any) -> DeployRecord:
+    fields: dict[str, Any] = {
+        "id": "d1",
+        "app": "web",
+        "kind": "deploy",
+        "artifact": "main-15eb13af",
+        "sha256": SHA,
+        "url": "s3://b/a/web/main-15eb13af.tar.gz",
+        "size": 10,
+        "release": "20261201T000000Z-main-15eb13af",
+        "requested_by": "tests",
+        "requested_at": "2026-12-01T00:00:00.000Z",
+        "expected": expected,
+        "sessions": {n: f"s-{n}" for n in expected},
+        "prepare_deadline": "2026-12-01T00:10:00.000Z",
+        "apply_deadline": "2026-12-01T00:20:00.000Z",
+    }
+    fields.update(over)
+    return DeployRecord(**fields)
+
+
+def ack(node: str, state: str, digest: str) -> NodeProgress:
+    return NodeProgress(node=node, state=state, deploy="d1", digest=digest, create_index=5)
+
+
+class TestJudge:
+    def test_commit_needs_every_expected_node_ready_for_the_same_digest(self) -> None:
+        req = request(["a", "b", "c"])
+        d = req.digest()
+        acks = {n: ack(n, READY, d) for n in ("a", "b")}
+        assert judge(req, d, acks).outcome == UNDECIDED
+        acks["c"] = ack("c", READY, d)
+        assert judge(req, d, acks).outcome == COMMIT
+
+    @pytest.mark.parametrize("later", [COMMITTED, LIVE, FAILED_AFTER_COMMIT])
+    def test_later_states_keep_the_ready_ack(self, later: str) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        assert judge(req, d, {"a": ack("a", later, d), "b": ack("b", READY, d)}).outcome == COMMIT
+
+    @pytest.mark.parametrize("veto", [FAILED, REFUSED, ABORTED])
+    def test_a_veto_aborts(self, veto: str) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        verdict = judge(req, d, {"a": ack("a", READY, d), "b": ack("b", veto, d)})
+        assert verdict.outcome == ABORT
+        assert "node b" in verdict.reason
+
+    def test_the_failing_node_is_named_before_the_abort_intents(self) -> None:
+        req = request(["a", "b", "c"])
+        d = req.digest()
+        acks = {"a": ack("a", ABORTED, d), "b": ack("b", ABORTED, d), "c": ack("c", FAILED, d)}
+        assert judge(req, d, acks).reason.startswith("node c failed")
+
+    def test_an_ack_for_another_digest_aborts(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        verdict = judge(req, d, {"a": ack("a", READY, d), "b": ack("b", READY, "f" * 64)})
+        assert verdict.outcome == ABORT
+        assert "another request" in verdict.reason
+
+    def test_a_complete_ready_set_beside_a_veto_is_contested(self) -> None:
+        # Impossible with honest acks (forward-only): a rewritten ack.
+        req = request(["a", "b"])
+        d = req.digest()
+        acks = {"a": ack("a", LIVE, d), "b": ack("b", FAILED, d)}
+        verdict = judge(req, d, acks)
+        assert verdict.outcome == CONTESTED
+        assert "b" in verdict.reason
+
+    def test_a_commit_intent_beside_an_abort_intent_is_contested(self) -> None:
+        req = request(["a", "b", "c"])
+        d = req.digest()
+        acks = {"a": ack("a", COMMITTED, d), "b": ack("b", ABORTED, d), "c": ack("c", READY, d)}
+        assert judge(req, d, acks).outcome == CONTESTED
+
+    def test_acks_of_nodes_not_expected_count_for_nothing(self) -> None:
+        req = request(["a"])
+        d = req.digest()
+        acks = {"a": ack("a", STAGING, d), "x": ack("x", FAILED, d)}
+        assert judge(req, d, acks).outcome == UNDECIDED
+
+    def test_no_expected_nodes_aborts(self) -> None:
+        req = request([])
+        assert judge(req, req.digest(), {}).outcome == ABORT
+
+
+class TestRequest:
+    def test_digest_is_stable_and_changes_with_any_field(self) -> None:
+        a = request(["a", "b"])
+        assert a.digest() == request(["a", "b"]).digest()
+        assert a.digest() != request(["a", "b"], requested_by="mallory").digest()
+        assert a.digest() != request(["a"]).digest()
+
+    def test_a_node_listed_twice_is_refused(self) -> None:
+        with pytest.raises(PayloadError, match="twice"):
+            DeployRecord.from_dict(request(["a", "a"]).as_dict())
+
+    def test_embedded_request_must_match_the_acks_digest(self) -> None:
+        req = request(["a"])
+        good = NodeProgress(
+            node="a", state=READY, digest=req.digest(), create_index=3, request=req.as_dict()
+        )
+        assert good.embedded_request() == req
+        forged = NodeProgress(
+            node="a", state=READY, digest="e" * 64, create_index=3, request=req.as_dict()
+        )
+        assert forged.embedded_request() is None
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"expected": "a"},
+            {"sessions": {"a": 1}},
+            {"id": "../x"},
+            {"artifact": "a/b"},
+            {"size": -1},
+            {"min_protocol": "2"},
+            {"target_deploy": "x y"},
+            {"prepare_deadline": "soon"},
+        ],
+    )
+    def test_malformed_requests_are_refused_with_the_field(self, bad: dict[str, Any]) -> None:
+        data = request(["a"]).as_dict() | bad
+        with pytest.raises(PayloadError):
+            DeployRecord.from_dict(data)
