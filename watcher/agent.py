@@ -190,6 +190,7 @@ class AppAgent:
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._coordinating: str | None = None
+        self._resumed: set[str] = set()  # deploys whose prepare this process started
         self._legacy_checked = False
 
     # --- the loop's entry point -------------------------------------------------------
@@ -353,7 +354,15 @@ class AppAgent:
         established = journal.get("established")
         if established == CONTESTED:
             self.status.state = "contested"
-            return "contested; held, waiting for an operator"
+            if self.engine.held() is None and self.store.outcome(deploy_id) is not None:
+                # An operator looked and released the hold: this host is done with it.
+                self.journal.update(finished=True)
+                self.status.alarm = ""
+                if self.health is not None:
+                    self.health.clear_alarm(self.app.name)
+                return "contested deploy released by an operator"
+            end = self._after_own_part(deploy_id, inflight_index)
+            return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:
             if not self.journal.has("applied"):
                 return self._start("apply", deploy_id, lambda: self._apply(joined))
@@ -381,7 +390,12 @@ class AppAgent:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
                 self._ack(joined, FAILED, error=f"{why} before this host was ready")
                 own = self._own.get(deploy_id, own)
+            elif own == STAGING and deploy_id not in self._resumed and self._decided(joined):
+                # Back after a crash or restart mid-prepare, and the deploy was decided
+                # meanwhile: follow what the acks establish instead of staging again.
+                own = self._own.get(deploy_id, own)
             else:
+                self._resumed.add(deploy_id)
                 return self._start("prepare", deploy_id, lambda: self._prepare(joined))
         verdict = self.store.establish(joined)
         if verdict.outcome == UNDECIDED and inflight_id is None and own == READY:
@@ -389,6 +403,11 @@ class AppAgent:
             # Point it back at this undecided deploy (cas=0) so they join and decide.
             self.store.consul.kv_put(self.store.keys.inflight, deploy_id.encode(), cas=0)
         return self._act_on(joined, verdict, own)
+
+    def _decided(self, joined: Joined) -> bool:
+        """Whether a decision record exists (a wake-up only; the caller establishes)."""
+        self._resumed.add(joined.id)
+        return self.store.consul.kv_get(self.store.keys.decision(joined.id)) is not None
 
     def _inflight_moved(self, joined: Joined) -> bool:
         """``inflight`` names another deploy, in a consistent read (a stale read around an
@@ -527,18 +546,21 @@ class AppAgent:
         if not coordinating and not past_apply:
             return "done; waiting for the end"
         verdict = self.store.establish(joined)
-        if verdict.outcome == CONTESTED:
+        if verdict.outcome == CONTESTED and self.status.alarm == "":
             self._contested(joined, verdict.reason)
-            return "contested"
-        pending = [
-            n
-            for n in joined.request.expected
-            if verdict.holds_session(n, joined.request.sessions.get(n))
-            and (
-                ((a := verdict.acks.get(n)) is None and verdict.outcome != ABORT)
-                or (a is not None and a.state not in NODE_FINAL_STATES)
-            )
-        ]
+        pending = (
+            []
+            if verdict.outcome == CONTESTED
+            else [
+                n
+                for n in joined.request.expected
+                if verdict.holds_session(n, joined.request.sessions.get(n))
+                and (
+                    ((a := verdict.acks.get(n)) is None and verdict.outcome != ABORT)
+                    or (a is not None and a.state not in NODE_FINAL_STATES)
+                )
+            ]
+        )
         if verdict.outcome == UNDECIDED or (pending and not past_apply):
             return f"done; waiting for {', '.join(pending) or 'the verdict'}"
         ended, rollback = self.store.end(
@@ -1067,7 +1089,7 @@ class AppAgent:
         )
 
     def shutdown(self, wait: bool) -> None:
-        self._cancel.set()
+        # The step in progress finishes (a hook is not interrupted); the journal resumes it.
         self._worker.shutdown(wait=wait, cancel_futures=True)
 
     def has_deploy_in_flight(self) -> bool:

@@ -797,8 +797,10 @@ class DeployStore:
         agree on the request's CreateIndex, and that index must be older than every ack
         key (Consul's own indexes bound what an ack may claim). A deploy that does not
         expect ``node`` is trusted only if this host did not exist yet when its acks were
-        written (``first_index``, the CreateIndex of its first session): a live host is
-        never left out, so a committed deploy that left it out is forged (DESIGN.md 6.4.5).
+        written (``first_index``, the CreateIndex of its first session), or if two or more
+        hosts acked it: every honest expected host checked before its ready ack that no live
+        member was left out (``check_sessions``), and one token speaks for one host only.
+        So a deploy one host forged for itself alone moves nobody else (DESIGN.md 6.4.5).
         """
         found = self._embedded_requests(deploy_id)
         if len(found) != 1:
@@ -814,7 +816,8 @@ class DeployStore:
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
             return None
-        if node and node not in request.expected and not (first_index > oldest_ack):
+        trusted_without_me = len(request.expected) >= 2 or first_index > oldest_ack
+        if node and node not in request.expected and not trusted_without_me:
             log.error(
                 "commit_not_trusted",
                 deploy=deploy_id,

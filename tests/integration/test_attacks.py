@@ -1,0 +1,551 @@
+"""DESIGN.md 6.4's attacks, each with exactly one token acting through raw KV writes.
+
+A real 3-host cluster with ACLs on (default deny), every watcher with its own
+least-privilege token (docs/acl). After each attack: no host runs a release that every
+expected host did not ack, and the next normal deploy works.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noqa: F401
+from tests.support.cluster import ClusterSpec
+from tests.support.fleet import BIN, Fleet, wait_for
+from tests.support.s3server import s3_client
+from watcher.barrier import DeployStore
+from watcher.consul_api import ConsulClient, TxnOp
+from watcher.errors import ConsulPermissionDenied
+from watcher.records import (
+    COMMIT,
+    FAILED,
+    LIVE,
+    ArtifactRecord,
+    CurrentRecord,
+    Decision,
+    DeployRecord,
+    NodeProgress,
+    PinRecord,
+    iso,
+    utcnow,
+)
+
+CLUSTER = ClusterSpec(hosts=3, acl=True)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def deploy(acl: AclFleet, artifact_id: str) -> dict[str, Any]:
+    result = json.loads(acl.operator("deploy", "web", artifact_id).stdout)
+    assert result["result"] == "committed", result
+    acl.fleet.wait_idle()
+    return result
+
+
+def baseline(acl: AclFleet) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """v1 published and committed on every host: (artifact record, deploy summary, release)."""
+    v1 = acl.publish("v1")
+    result = deploy(acl, v1["id"])
+    assert set(acl.fleet.currents().values()) == {result["release"]}
+    return v1, result, result["release"]
+
+
+def next_deploy_works(acl: AclFleet, version: str) -> str:
+    """The invariant after every attack: a normal deploy commits and every host runs it."""
+    art = acl.publish(version)
+    result = deploy(acl, art["id"])
+    assert acl.fleet.currents() == {w.name: result["release"] for w in acl.fleet.watchers}
+    return str(result["release"])
+
+
+def host_client(acl: AclFleet, index: int) -> ConsulClient:
+    w = acl.fleet.watchers[index]
+    return client(w.agent, acl.tokens.watchers[w.name])
+
+
+def operator_client(acl: AclFleet) -> ConsulClient:
+    return client(acl.fleet.watchers[0].agent, acl.tokens.operator)
+
+
+def ci_client(acl: AclFleet) -> ConsulClient:
+    return client(acl.fleet.watchers[0].agent, acl.tokens.ci)
+
+
+def store_with(consul: ConsulClient, fleet: Fleet) -> DeployStore:
+    return DeployStore(consul, fleet.kv_prefix, "web")
+
+
+def forged_request(
+    fleet: Fleet, deploy_id: str, expected: dict[str, str], artifact: dict[str, Any]
+) -> DeployRecord:
+    store = store_with(fleet.kv, fleet)
+    record = ArtifactRecord.from_dict(artifact)
+    return store.new_record(
+        deploy_id=deploy_id,
+        kind="deploy",
+        artifact=record,
+        release=None,
+        requested_by="mallory",
+        expected=expected,
+        prepare_timeout=60,
+        apply_timeout=60,
+    )
+
+
+def sessions(fleet: Fleet) -> dict[str, str]:
+    return {n: e.session or "" for n, e in store_with(fleet.kv, fleet).members().items()}
+
+
+def slow_hook(fleet: Fleet, phase: str, seconds: float, *, fail_on: str | None = None) -> None:
+    """Give every watcher a hook that sleeps (and fails on one host), then restart them."""
+    for w in fleet.watchers:
+        hook = w.root / f"{phase}-hook"
+        code = 3 if w.name == fail_on else 0
+        hook.write_text(f"#!/bin/sh\nsleep {seconds}\nexit {code}\n")
+        hook.chmod(0o755)
+        fleet.write_config(w, {"hooks": {phase: str(hook)}})
+        w.stop()
+        w.start()
+    fleet.wait_members(len(fleet.watchers))
+
+
+def start_deploy_async(acl: AclFleet, artifact_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            str(BIN / "watcherctl"),
+            "deploy",
+            "web",
+            artifact_id,
+            "-c",
+            str(acl.operator_config),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=acl.fleet.watchers[0].env(),
+    )
+
+
+def wait_request(fleet: Fleet) -> str:
+    wait_for(lambda: fleet.inflight() is not None, 30, "a deploy in flight", fleet)
+    deploy_id = fleet.inflight()
+    assert deploy_id is not None
+    return deploy_id
+
+
+def ack_state(fleet: Fleet, deploy_id: str, node: str) -> str:
+    entry = fleet.kv.kv_get(fleet.keys.progress(deploy_id, node))
+    return str(json.loads(entry.value)["state"]) if entry and entry.value else ""
+
+
+def releases_of(fleet: Fleet) -> set[str | None]:
+    return set(fleet.currents().values())
+
+
+# --- operator --------------------------------------------------------------------------------
+
+
+class TestOperatorToken:
+    def test_decision_current_and_acks_are_refused(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, result, release = baseline(acl_fleet)
+        op = operator_client(acl_fleet)
+        forged = Decision(outcome=COMMIT, reason="forged", by="host-1", at=iso(utcnow()))
+        for key, value in (
+            (fleet.keys.decision(result["deploy"]), forged.to_json()),
+            (fleet.keys.current, b"{}"),
+            (fleet.keys.progress(result["deploy"], "host-2"), b"{}"),
+            (fleet.keys.outcome(result["deploy"]), b"{}"),
+            (fleet.keys.history, b"{}"),
+            (fleet.keys.pin("main-00000000"), b"{}"),
+        ):
+            with pytest.raises(ConsulPermissionDenied):
+                op.kv_put(key, value)
+        assert releases_of(fleet) == {release}
+        next_deploy_works(acl_fleet, "v2")
+
+    def test_request_rewritten_or_deleted_after_commit_changes_nothing(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        fleet = acl_fleet.fleet
+        _, result, release = baseline(acl_fleet)
+        op = operator_client(acl_fleet)
+        key = fleet.keys.request(result["deploy"])
+        entry = op.kv_get(key)
+        assert entry is not None and entry.value is not None
+        data = json.loads(entry.value)
+        data["release"] = "20200101T000000Z-evil-00000000"
+        data["sha256"] = "0" * 64
+        assert op.kv_put(key, json.dumps(data).encode())
+        time.sleep(2)
+        assert releases_of(fleet) == {release}
+        assert op.kv_delete(key)
+        for w in fleet.watchers:  # a restart makes every host converge from KV again
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        time.sleep(2)
+        assert releases_of(fleet) == {release}
+        next_deploy_works(acl_fleet, "v2")
+
+    def test_inflight_deleted_mid_prepare_still_decides_one_way(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        slow_hook(fleet, "post_release", 2)
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        assert operator_client(acl_fleet).kv_delete(fleet.keys.inflight)
+        outcome = fleet.wait_outcome(deploy_id, 40)
+        proc.wait(timeout=60)
+        fleet.wait_idle(30)
+        time.sleep(1)
+        expected = outcome["result"] == "committed"
+        releases = releases_of(fleet)
+        assert len(releases) == 1, f"split fleet: {fleet.currents()}"
+        assert (releases != {release1}) == expected, (outcome, fleet.currents())
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_a_live_host_left_out_of_the_request_is_refused(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        live = sessions(fleet)
+        left_out = {n: s for n, s in live.items() if n != "host-3"}
+        rec = forged_request(fleet, "leftout1", left_out, v2)
+        op = operator_client(acl_fleet)
+        assert op.txn(
+            [
+                TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
+                TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
+            ]
+        ).ok
+        outcome = fleet.wait_outcome(rec.id, 40)
+        assert outcome["result"] == "aborted", outcome
+        assert "host-3" in outcome["reason"], outcome
+        assert releases_of(fleet) == {release1}
+        fleet.wait_idle()
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_dormant_request_overwritten_after_a_host_rejoined(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        v1, result, release1 = baseline(acl_fleet)
+        w3 = fleet.watchers[2]
+        w3.stop()
+        shutil.rmtree(w3.app_dir / ".state")
+        w3.start()
+        fleet.wait_members(3)
+        v2 = acl_fleet.publish("v2")
+        op = operator_client(acl_fleet)
+        rec = forged_request(fleet, result["deploy"], sessions(fleet), v2)
+        assert op.kv_put(fleet.keys.request(result["deploy"]), rec.to_json())
+        assert op.kv_put(fleet.keys.inflight, result["deploy"].encode())
+        wait_for(lambda: fleet.inflight() is None, 20, "inflight naming an ended deploy cleared")
+        time.sleep(1)
+        assert releases_of(fleet) == {release1}
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_garbage_in_inflight_is_cleared(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        op = operator_client(acl_fleet)
+        for garbage in (b"../../etc", b"no-such-deploy", b"\xff\xfe"):
+            assert op.kv_put(fleet.keys.inflight, garbage)
+            wait_for(lambda: fleet.inflight() is None, 20, f"inflight {garbage!r} cleared", fleet)
+        next_deploy_works(acl_fleet, "v2")
+
+
+# --- one host ----------------------------------------------------------------------------------
+
+
+def forged_live_ack(fleet: Fleet, rec: DeployRecord, node: str, create_index: int) -> NodeProgress:
+    return NodeProgress(
+        node=node,
+        state=LIVE,
+        deploy=rec.id,
+        digest=rec.digest(),
+        create_index=create_index,
+        release=rec.release,
+        sha256=rec.sha256,
+        request=rec.as_dict(),
+    )
+
+
+class TestOneHostToken:
+    def test_a_solo_deploy_with_commit_and_current_moves_no_other_host(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        x = host_client(acl_fleet, 2)
+        me = "host-3"
+        rec = forged_request(fleet, "solo1", {me: sessions(fleet)[me]}, v2)
+        assert x.kv_put(fleet.keys.request(rec.id), rec.to_json(), cas=0)
+        index = x.kv_get(fleet.keys.request(rec.id)).create_index  # type: ignore[union-attr]
+        ack = forged_live_ack(fleet, rec, me, index)
+        assert x.kv_put(fleet.keys.progress(rec.id, me), ack.to_json())
+        decision = Decision(outcome=COMMIT, reason="forged", by=me, at=iso(utcnow()))
+        assert x.kv_put(fleet.keys.decision(rec.id), decision.to_json())
+        current = CurrentRecord(
+            release=rec.release,
+            artifact=rec.artifact,
+            sha256=rec.sha256,
+            deploy=rec.id,
+            url=rec.url,
+            size=rec.size,
+            create_index=index,
+            digest=rec.digest(),
+        )
+        assert x.kv_put(fleet.keys.current, current.to_json())
+        time.sleep(4)
+        for w in fleet.watchers[:2]:
+            assert w.current() == release1, fleet.currents()
+        assert "commit_not_trusted" in fleet.watchers[0].log_text()
+        # host-3's own daemon may follow its own forgery; the honest hosts never do.
+        x.kv_delete(fleet.keys.current)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_forged_commit_while_others_stage_flips_nobody(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        slow_hook(fleet, "post_release", 2, fail_on="host-2")
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        x = host_client(acl_fleet, 2)
+        decision = Decision(outcome=COMMIT, reason="forged", by="host-3", at=iso(utcnow()))
+        x.kv_put(fleet.keys.decision(deploy_id), decision.to_json(), cas=0)
+        seen: set[str | None] = set()
+        end = time.monotonic() + 30
+        while fleet.outcome(deploy_id) is None and time.monotonic() < end:
+            seen |= releases_of(fleet)
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "aborted", outcome
+        assert seen == {release1}, f"a host ran an uncommitted release: {seen}"
+        fleet.wait_idle()
+        slow_hook(fleet, "post_release", 0)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_commit_decision_replaced_by_an_abort_after_flips(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, result, release1 = baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        assert x.kv_delete(fleet.keys.decision(result["deploy"]))
+        forged = Decision(outcome="abort", reason="forged", by="host-3", at=iso(utcnow()))
+        assert x.kv_put(fleet.keys.decision(result["deploy"]), forged.to_json())
+        for w in fleet.watchers:
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        time.sleep(2)
+        assert releases_of(fleet) == {release1}
+        for w in fleet.watchers:
+            assert (w.app_dir / "releases" / release1).is_dir()
+        next_deploy_works(acl_fleet, "v2")
+
+    def test_current_pointed_at_an_older_deploy_moves_nobody(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        v1, first, release1 = baseline(acl_fleet)
+        release2 = next_deploy_works(acl_fleet, "v2")
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        current = json.loads(entry.value)
+        older = dict(current["previous"])
+        older["previous"] = {**current, "previous": None}
+        older.pop("version", None)
+        assert x.kv_put(fleet.keys.current, json.dumps(older).encode())
+        time.sleep(3)
+        assert releases_of(fleet) == {release2}
+        # current.previous pointed at a deploy that never committed: rollback refuses.
+        bogus = {**current, "previous": {**current, "deploy": "nosuchdeploy", "release": release1}}
+        assert x.kv_put(fleet.keys.current, json.dumps(bogus).encode())
+        refused = acl_fleet.operator("rollback", "web", check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert releases_of(fleet) == {release2}
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_own_ack_rewritten_after_others_flipped_is_contested(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        slow_hook(fleet, "validate", 3)
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        wait_for(
+            lambda: all(
+                ack_state(fleet, deploy_id, w.name) in ("committed", "live") for w in fleet.watchers
+            ),
+            30,
+            "every host committed",
+            fleet,
+        )
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.progress(deploy_id, "host-3"))
+        assert entry is not None and entry.value is not None
+        rewritten = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
+        assert x.kv_put(fleet.keys.progress(deploy_id, "host-3"), json.dumps(rewritten).encode())
+        outcome = fleet.wait_outcome(deploy_id, 40)
+        proc.wait(timeout=60)
+        assert outcome["result"] == "contested", outcome
+        releases = releases_of(fleet)
+        assert len(releases) == 1 and releases != {release1}, fleet.currents()
+        held = [w for w in fleet.watchers if (w.app_dir / ".state" / "holds.json").exists()]
+        assert held, "a contested deploy holds the host that saw it"
+        assert any("alarm" in w.log_text() for w in fleet.watchers)
+        for w in held:
+            w.ctl("release-hold", "web", as_json=False)
+        slow_hook(fleet, "validate", 0)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_old_request_recreated_and_current_pointed_at_it(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        v1, first, release1 = baseline(acl_fleet)
+        release2 = next_deploy_works(acl_fleet, "v2")
+        x = host_client(acl_fleet, 2)
+        v3 = acl_fleet.publish("v3")
+        key = fleet.keys.request(first["deploy"])
+        x.kv_delete(key)
+        rec = forged_request(fleet, first["deploy"], sessions(fleet), v3)
+        assert x.kv_put(key, rec.to_json(), cas=0)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        current = {**json.loads(entry.value), "deploy": first["deploy"], "release": rec.release}
+        assert x.kv_put(fleet.keys.current, json.dumps(current).encode())
+        time.sleep(3)
+        assert releases_of(fleet) == {release2}
+        next_deploy_works(acl_fleet, "v4")
+
+    def test_coordinator_lock_held_forever_delays_only_the_end(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        for w in fleet.watchers:
+            fleet.write_config(w, {"timeouts": {"prepare": "4s", "apply": "4s", "hook": "3s"}})
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        _, _, release1 = baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        session = x.session_create("mallory", 30, checks=[])
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        x.kv_put(fleet.keys.coordinator(deploy_id), b"mallory", acquire=session)
+        wait_for(
+            lambda: len(releases_of(fleet)) == 1 and releases_of(fleet) != {release1},
+            10,
+            "every host flipped without waiting for the coordinator",
+            fleet,
+        )
+        outcome = fleet.wait_outcome(deploy_id, 30)
+        proc.wait(timeout=60)
+        assert outcome["result"] == "committed", outcome
+        x.session_destroy(session)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_events_seen_at_the_maximum_does_not_silence_raw_events(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        assert x.kv_put(fleet.keys.events_seen, str(2**63 - 1).encode())
+        v2 = acl_fleet.publish("v2")
+        payload = json.dumps({"app": "web", "artifact": v2["id"]})
+        raw = subprocess.run(
+            [str(fleet.cluster.consul_bin), "event", "-name=deploy", payload],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                **fleet.cluster.hosts[1].env(),
+                "CONSUL_HTTP_TOKEN": acl_fleet.tokens.operator,
+            },
+            timeout=10,
+            check=True,
+        )
+        event_id = re.search(r"Event ID: (\S+)", raw.stdout)
+        assert event_id, raw.stdout
+        outcome = fleet.wait_outcome(event_id.group(1))
+        assert outcome["result"] == "committed", outcome
+
+    def test_a_wrong_pin_is_a_veto_an_admin_repairs(self, acl_fleet: AclFleet) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        x = host_client(acl_fleet, 2)
+        wrong = PinRecord(artifact=v2["id"], url=v2["url"], size=v2["size"], sha256="f" * 64)
+        x.kv_delete(fleet.keys.pin(v2["id"]))  # the hosts pinned it while prefetching
+        assert x.kv_put(fleet.keys.pin(v2["id"]), wrong.to_json())
+        result = acl_fleet.operator("deploy", "web", v2["id"], check=False)
+        assert result.returncode != 0
+        assert "f" * 64 in result.stdout + result.stderr
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release1}
+        assert fleet.kv.kv_delete(fleet.keys.pin(v2["id"]))  # the admin (management token)
+        deploy(acl_fleet, v2["id"])
+
+
+# --- CI ---------------------------------------------------------------------------------------
+
+
+class TestCiToken:
+    def test_overwritten_record_is_refused_and_rollback_restages_the_original(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        fleet = acl_fleet.fleet
+        v1, _, release1 = baseline(acl_fleet)
+        release2 = next_deploy_works(acl_fleet, "v2")
+        ci = ci_client(acl_fleet)
+        evil = {**v1, "sha256": "e" * 64, "size": v1["size"] + 1}
+        assert ci.kv_put(fleet.keys.artifact(v1["id"]), json.dumps(evil).encode())
+        refused = acl_fleet.operator("deploy", "web", v1["id"], check=False)
+        assert refused.returncode != 0
+        text = refused.stdout + refused.stderr
+        assert v1["sha256"] in text and "e" * 64 in text, text
+        # The rollback takes url, size and sha256 from the committed request: the original
+        # bytes, even with the record overwritten or gone.
+        for w in fleet.watchers:
+            shutil.rmtree(w.app_dir / "releases" / release1, ignore_errors=True)
+        assert ci.kv_delete(fleet.keys.artifact(v1["id"]))
+        back = json.loads(acl_fleet.operator("rollback", "web").stdout)
+        assert back["result"] == "committed", back
+        assert fleet.currents() == {w.name: release1 for w in fleet.watchers}
+        for w in fleet.watchers:
+            assert (w.app_dir / "current" / "VERSION").read_text() == "v1\n"
+        assert release2 != release1
+
+    def test_publish_without_write_on_the_record_uploads_nothing(
+        self, acl_fleet: AclFleet, tmp_path: Path
+    ) -> None:
+        fleet = acl_fleet.fleet
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "VERSION").write_text("x\n")
+        # The operator token may read the app but not write artifacts/.
+        result = acl_fleet.ctl(
+            acl_fleet.operator_config,
+            "publish",
+            "web",
+            str(src),
+            "--branch",
+            "main",
+            "--commit",
+            "ab" * 20,
+            check=False,
+        )
+        assert result.returncode != 0
+        listed = s3_client(fleet.s3.endpoint_url or "").list_objects_v2(Bucket=fleet.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0, listed
