@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.s3server import free_port
@@ -21,6 +22,7 @@ from watcher.errors import (
     ArtifactError,
     ArtifactIntegrityError,
     ArtifactRefused,
+    S3AccessDenied,
     S3NotFound,
     S3Unavailable,
 )
@@ -348,3 +350,68 @@ class TestFaults:
             f"bytes={half + (SIZE - half) // 2}-",
             f"bytes={half + (SIZE - half) // 2}-",
         ]
+
+
+class TestTransientCorruption:
+    """Issue 10 item 7: a mismatch or a 403 gets one fresh download before the host fails."""
+
+    def test_one_corrupt_response_gets_one_fresh_download(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs:
+            path = cache.fetch(record)
+        assert path.read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert [g.fault for g in gets] == ["corrupt", ""]
+        assert "range" not in gets[1].headers  # from byte 0, not a resume
+        events = [e for e in logs if e["event"].startswith("artifact_fetch")]
+        assert [e["event"] for e in events] == ["artifact_fetch_retry_fresh", "artifact_fetched"]
+        assert events[0]["attempt"] == 1
+        assert "sha256 mismatch" in events[0]["error"]
+        assert "sha256 mismatch" in events[1]["retried_after"]
+        assert dir_listing(cache) == [path.name]
+
+    def test_one_403_gets_one_fresh_download(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(403, times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs:
+            assert cache.fetch(record).read_bytes() == data
+        assert [r.fault for r in proxy.requests if r.method == "GET"] == ["status", ""]
+        retry = [e for e in logs if e["event"] == "artifact_fetch_retry_fresh"]
+        assert len(retry) == 1 and "access denied" in retry[0]["error"]
+
+    def test_corrupt_twice_fails_and_names_both_attempts(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=2)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs, pytest.raises(ArtifactIntegrityError) as caught:
+            cache.fetch(record)
+        message = str(caught.value)
+        assert message.count("sha256 mismatch") == 2
+        assert "on a fresh download; the first attempt failed too" in message
+        assert [r.fault for r in proxy.requests if r.method == "GET"] == ["corrupt", "corrupt"]
+        assert [e["event"] for e in logs if e["event"].startswith("artifact_fetch")] == [
+            "artifact_fetch_retry_fresh",
+            "artifact_fetch_failed_twice",
+        ]
+        assert dir_listing(cache) == []
+
+    def test_403_twice_is_access_denied(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(403, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with pytest.raises(S3AccessDenied, match="the first attempt failed too"):
+            cache.fetch(record)
+        assert len([r for r in proxy.requests if r.method == "GET"]) == 2
+        assert dir_listing(cache) == []
+
