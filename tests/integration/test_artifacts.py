@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.s3server import free_port
 from watcher.artifacts import ArtifactCache
-from watcher.config import S3Settings
+from watcher.config import AppConfig, S3Settings
 from watcher.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -25,8 +25,10 @@ from watcher.errors import (
     S3AccessDenied,
     S3NotFound,
     S3Unavailable,
+    StagingCancelled,
 )
 from watcher.records import ArtifactRecord
+from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
 SIZE = 1024 * 1024 + 123  # several read chunks, odd size
@@ -415,3 +417,70 @@ class TestTransientCorruption:
         assert len([r for r in proxy.requests if r.method == "GET"]) == 2
         assert dir_listing(cache) == []
 
+
+class TestEngineOverS3:
+    """The release engine's refusal memory and cancel, with the real S3 server behind it."""
+
+    def engine(self, cache: ArtifactCache, tmp_path: Path) -> ReleaseEngine:
+        app = AppConfig(name="web", root=str(tmp_path))
+        engine = ReleaseEngine(app, cache)
+        engine.layout.ensure()
+        return engine
+
+    def test_refused_download_is_refused_again_without_a_request(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        with pytest.raises(ArtifactIntegrityError, match="first attempt failed too"):
+            engine.prefetch(record)
+        asked = len(proxy.requests)
+        assert asked == 2
+        release = "20261201T120000Z-master-15eb13af"
+        with pytest.raises(ArtifactIntegrityError) as again:
+            engine.stage(record, release, "d1")
+        assert "was refused on this host at" in str(again.value)
+        assert "sha256 mismatch" in str(again.value)
+        assert len(proxy.requests) == asked  # not downloaded again
+        assert engine.release_names() == []
+
+    def test_cancelled_download_stops_and_resumes_later(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path, size=8 * SIZE)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        calls = 0
+
+        def cancel() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls >= 2  # after the first chunk
+
+        with pytest.raises(StagingCancelled, match="kept for a later resume"):
+            cache.fetch(record, cancel=cancel)
+        have = cache.partial_path_for(record).stat().st_size
+        assert 0 < have < record.size
+        assert cache.fetch(record).read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert gets[-1].headers.get("range") == f"bytes={have}-"
+
+    def test_cancel_while_waiting_to_retry_is_seen_at_once(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(503, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app", timeout=60)
+        stop = threading.Event()
+        timer = threading.Timer(0.5, stop.set)
+        timer.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StagingCancelled):
+                cache.fetch(record, cancel=stop.is_set)
+            took = time.monotonic() - started
+        finally:
+            timer.cancel()
+        assert took < 2.5, f"took {took:.2f}s for a cancel at 0.5s"
+        assert dir_listing(cache) == []

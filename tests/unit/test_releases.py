@@ -303,7 +303,9 @@ class TestStaging:
         protected: list[set[str]] = []
 
         class LocalCache:  # stands in for ArtifactCache: a verified file on disk
-            def fetch(self, record: ArtifactRecord, *, protect: set[str]) -> Path:
+            def fetch(
+                self, record: ArtifactRecord, *, protect: set[str], cancel: object = None
+            ) -> Path:
                 fetched.append(record.id)
                 protected.append(protect)
                 return tarball
