@@ -253,6 +253,7 @@ class TestCancel:
 
         thread = threading.Thread(target=aborter)
         thread.start()
+        began = time.monotonic()
         try:
             with pytest.raises(StagingCancelled) as caught:
                 engine.stage_from_file(
@@ -264,6 +265,7 @@ class TestCancel:
             thread.join()
 
         assert took < 1.0, f"stopped {took:.2f}s after the cancel"
+        assert len(reports) <= (time.monotonic() - began) * 4 + 1  # at most 4 a second
         assert "cancelled after 1 members" in str(caught.value)
         assert reports and reports[0][0] > 0 and reports[0][1] == 1
         assert leftovers(engine) == []
@@ -275,3 +277,22 @@ class TestCancel:
         with pytest.raises(StagingCancelled):
             engine.stage_from_file(bomb, record, rel(1), "d1", cancel=stop2.is_set)
         assert leftovers(engine) == []
+
+    def test_cancelled_prefetch_leaves_nothing_and_is_not_a_refusal(self, tmp_path: Path) -> None:
+        bomb = tmp_path / "big.tar.gz"
+        write_zeros_bomb(bomb, 64 * MiB)
+        engine = make_engine(tmp_path / "root", Limits(max_ratio=1e6))
+        record = record_for(bomb)
+        polls = 0
+
+        def cancel() -> bool:  # polled before each member and after each 1 MiB chunk
+            nonlocal polls
+            polls += 1
+            return polls > 5
+
+        with pytest.raises(StagingCancelled, match="cancelled after 1 members and 5242880 bytes"):
+            engine.prefetch_extract(bomb, record, cancel=cancel)
+        assert leftovers(engine) == []
+        assert not engine.prefetched_path(record).exists()
+        assert engine.refusal(record.sha256) is None
+        assert engine.prefetch_extract(bomb, record) == engine.prefetched_path(record)
