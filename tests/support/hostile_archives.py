@@ -319,11 +319,14 @@ def hostile_archives() -> list[tuple[str, bytes, str]]:
     ]
 
 
-def write_zeros_bomb(path: str | os.PathLike[str], size: int, *, name: str = "zeros") -> int:
+def write_zeros_bomb(
+    path: str | os.PathLike[str], size: int, *, name: str = "zeros", level: int = 9
+) -> int:
     """Write a tar.gz holding one member of ``size`` zero bytes to ``path``, streamed.
 
-    Never holds the member in memory: a 1 GiB member costs about 1 MiB on disk and a second
-    or two of CPU. Returns the size of the file written.
+    Never holds the member in memory. At ``level`` 9 a 1 GiB member costs about 1 MiB on
+    disk (1000:1) and 8 s of CPU; level 1 is twice as fast at about 230:1. Returns the size
+    of the file written.
     """
     info = tarfile.TarInfo(name)
     info.size = size
@@ -332,7 +335,7 @@ def write_zeros_bomb(path: str | os.PathLike[str], size: int, *, name: str = "ze
     zeros = bytes(1024 * 1024)
     with (
         open(path, "wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as gz,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
     ):
         gz.write(info.tobuf(format=tarfile.GNU_FORMAT))
         left = size
