@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from watcher.archive import CancelFn, ProgressFn, extract_archive, sync_tree
 from watcher.errors import (
+    ArchiveDoesNotFit,
     ArchiveRefused,
     ArtifactIntegrityError,
     FlipError,
@@ -476,11 +477,34 @@ class ReleaseEngine:
                 f"app {self.app.name}: no artifact cache to fetch {record.id} "
                 "from (and no prefetched tree)"
             )
+        self._check_download_fits(record)
         try:
             return self.cache.fetch(record, protect=self._needed_artifacts(), cancel=cancel)
         except ArtifactIntegrityError as exc:
             self._remember_refusal(record, "integrity", str(exc))
             raise
+
+    def _check_download_fits(self, record: ArtifactRecord) -> None:
+        """Refuse, before any request, a download that would leave less than disk_reserve."""
+        if self.cache is None or self.cache.is_cached(record):
+            return
+        where = self.cache.dir if self.cache.dir.is_dir() else self.layout.app_dir
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            return  # the download itself will say what is wrong with the directory
+        try:
+            have = self.cache.partial_path_for(record).stat().st_size
+        except OSError:
+            have = 0
+        free = st.f_bavail * st.f_frsize
+        reserve = self.app.limits.disk_reserve
+        need = max(record.size - have, 0)
+        if need > free - reserve:
+            raise ArchiveDoesNotFit(
+                f"artifact {record.id} needs {need} more bytes in {where}, which has {free} "
+                f"free; that would leave less than disk_reserve {reserve}"
+            )
 
     # -- refused artifacts ---------------------------------------------------------------
 

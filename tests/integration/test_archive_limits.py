@@ -5,6 +5,7 @@ The disk tests stage onto a 16 MiB tmpfs mounted by the test; the archives live 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.hostile_archives import random_files_tar_gz, write_zeros_bomb
 from watcher.archive import extract_archive
-from watcher.config import AppConfig, Limits
+from watcher.artifacts import ArtifactCache
+from watcher.config import AppConfig, Limits, S3Settings
 from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingCancelled
 from watcher.records import ArtifactRecord
 from watcher.releases import ReleaseEngine
+from watcher.s3 import S3Store
 
 MiB = 1024 * 1024
 DISK_BYTES = 16 * MiB
@@ -168,6 +172,36 @@ class TestDiskBudget:
             )
         assert "'f0.bin'" in str(caught.value)
         assert (dest / "f0.bin").stat().st_size < 4 * MiB  # stopped a chunk or two later
+
+
+class TestDownloadFits:
+    def test_artifact_larger_than_the_disk_allows_is_not_downloaded(
+        self, small_disk: Path, tmp_path: Path, s3_settings: S3Settings
+    ) -> None:
+        archive = tmp_path / "big.tar.gz"
+        archive.write_bytes(random_files_tar_gz([12 * MiB]))
+        store = S3Store(s3_settings)
+        key = store.key_for("web", "master-15eb13af", "tar.gz")
+        record = record_for(archive)
+        store.upload_file(archive, key, sha256=record.sha256)
+        record = ArtifactRecord(
+            id=record.id, url=store.url_for(key), sha256=record.sha256, size=record.size
+        )
+        assert s3_settings.endpoint_url
+        with FaultyS3Proxy(s3_settings.endpoint_url) as proxy:
+            proxied = S3Store(dataclasses.replace(s3_settings, endpoint_url=proxy.endpoint_url))
+            engine = ReleaseEngine(
+                AppConfig(name="web", root=str(small_disk), limits=Limits(disk_reserve=8 * MiB)),
+                ArtifactCache(small_disk / "web", proxied, max_bytes=1024**3, timeout=30),
+            )
+            engine.layout.ensure()
+            with pytest.raises(ArchiveDoesNotFit) as caught:
+                engine.prefetch(record)
+            assert proxy.requests == []  # refused before any request
+        message = str(caught.value)
+        assert f"artifact master-15eb13af needs {record.size} more bytes" in message
+        assert "less than disk_reserve 8388608" in message
+        assert list(engine.cache.dir.iterdir()) == []  # type: ignore[union-attr]
 
 
 class TestRatio:
