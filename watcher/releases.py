@@ -127,11 +127,17 @@ class Refusal:
     at: str
     limits: str = ""
 
-    def error(self, record: ArtifactRecord) -> WatcherError:
-        """The error a new attempt at the same sha256 gets at once: the original reason."""
+    def error(self, record: ArtifactRecord, memory: Path) -> WatcherError:
+        """The error a new attempt at the same sha256 gets at once: the original reason,
+        and how to make this host try again (``memory`` is the refused.json file)."""
+        until = (
+            "for an hour"
+            if self.kind == "integrity"
+            else "until the app's max_members/max_bytes/max_ratio change"
+        )
         message = (
             f"artifact {record.id} (sha256 {self.sha256[:12]}) was refused on this host at "
-            f"{self.at}; not trying again: {self.reason}"
+            f"{self.at}; not trying again {until} (or remove it from {memory}): {self.reason}"
         )
         if self.kind == "integrity":
             return ArtifactIntegrityError(message)
@@ -533,7 +539,7 @@ class ReleaseEngine:
                 kind=entry.kind,
                 refused_at=entry.at,
             )
-            raise entry.error(record)
+            raise entry.error(record, self.layout.refused_file)
 
     def forget_refusal(self, sha256: str) -> bool:
         """Drop a remembered refusal; False when there was none."""

@@ -233,6 +233,7 @@ class TestRatio:
         assert time.monotonic() - started < 1.0
         assert "was refused on this host at" in str(again.value)
         assert "compression ratio over 100" in str(again.value)
+        assert f"or remove it from {engine.layout.refused_file}" in str(again.value)
         # ... and survives a new engine (persisted under .state/)
         with pytest.raises(ArchiveRefused, match="not trying again"):
             make_engine(tmp_path / "root").stage_from_file(bomb, record, rel(3), "d3")
