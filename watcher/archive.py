@@ -11,18 +11,22 @@ import tarfile
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, cast
 
-from watcher.errors import ArchiveRefused, StagingError
+from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingCancelled, StagingError
 from watcher.log import get_logger
 
 __all__ = [
     "FORMATS",
+    "RATIO_FLOOR",
+    "CancelFn",
+    "DiskBudget",
     "ExtractStats",
+    "ProgressFn",
     "TarStream",
     "extract_archive",
     "extract_stream",
@@ -45,6 +49,16 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 _RESERVED = (".watcher", "release.json")  # written by the release engine, never by the archive
+#: Below this many bytes of file data an archive is never refused for its compression ratio:
+#: small trees of text and tar padding compress far better than whole releases do.
+RATIO_FLOOR = 16 * 1024 * 1024
+_FREE_CHECK_EVERY = _CHUNK  # bytes written between two looks at the free space (one fstatvfs)
+_PROGRESS_EVERY = 0.25  # seconds between two calls of ``progress``
+
+#: ``cancel()``: True when the extraction should stop (checked between chunks and members).
+CancelFn = Callable[[], bool]
+#: ``progress(bytes_written, members_so_far)``: at most every 0.25 s, and once at the end.
+ProgressFn = Callable[[int, int], None]
 
 _DIR, _FILE, _SYMLINK = "directory", "file", "symlink"
 _Parts = tuple[str, ...]
@@ -58,6 +72,33 @@ class TarStream(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
     def seek(self, offset: int, whence: int = ..., /) -> int: ...
     def tell(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DiskBudget:
+    """How many bytes of file data one extraction may write on its filesystem.
+
+    ``allowed`` is ``min(free * fraction, free - reserve)`` (never below 0), with ``free``
+    what an unprivileged process may still use (``f_bavail``) when the extraction starts.
+    """
+
+    free: int
+    allowed: int
+    fraction: float
+    reserve: int
+
+    @classmethod
+    def of(cls, fd: int, *, fraction: float, reserve: int) -> DiskBudget:
+        st = os.fstatvfs(fd)
+        free = st.f_bavail * st.f_frsize
+        allowed = max(0, min(int(free * fraction), free - reserve))
+        return cls(free=free, allowed=allowed, fraction=fraction, reserve=reserve)
+
+    def describe(self) -> str:
+        return (
+            f"{self.allowed} bytes may be used: {self.free} free, limits disk_fraction "
+            f"{self.fraction:g} and disk_reserve {self.reserve}"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,6 +119,11 @@ def extract_archive(
     umask: int,
     uid: int | None = None,
     gid: int | None = None,
+    max_ratio: float | None = None,
+    disk_fraction: float | None = None,
+    disk_reserve: int = 0,
+    cancel: CancelFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> ExtractStats:
     """Extract ``archive`` into the existing, empty directory ``dest``, refusing anything unsafe.
 
@@ -86,7 +132,22 @@ def extract_archive(
     ignored: files belong to this process, or to ``uid``/``gid`` when running as root. Modes
     are ``mode & 0o777 & ~umask`` (directories keep at least ``u+rwx``); mtimes are kept.
 
-    Raises ``ArchiveRefused`` (naming the member) for a hostile or broken archive and
+    Limits, each checked the moment it is crossed (declared sizes at each header, written
+    bytes at each chunk), so a bomb is stopped before it costs much:
+
+    - ``max_members``, ``max_bytes``: counts of the archive itself;
+    - ``max_ratio``: file data declared over the archive's size on disk (past
+      ``RATIO_FLOOR`` bytes), refusing highly compressible bombs at their headers;
+    - ``disk_fraction`` / ``disk_reserve``: when ``disk_fraction`` is given, file data may
+      not pass ``DiskBudget.allowed`` of ``dest``'s filesystem, and the extraction stops
+      when the free space falls under ``disk_reserve`` (other writers, block overhead).
+
+    ``cancel`` is called between members and between 1 MiB chunks of a member; when it
+    returns True the extraction stops with ``StagingCancelled``. ``progress`` gets
+    ``(bytes_written, members_so_far)`` at most every 0.25 s and once at the end.
+
+    Raises ``ArchiveRefused`` (naming the member) for a hostile or broken archive,
+    ``ArchiveDoesNotFit`` when it does not fit the disk budget, ``StagingCancelled``, and
     ``StagingError`` when the filesystem fails (disk full, permissions). On error ``dest`` is
     left partly filled: the caller removes it.
     """
@@ -112,6 +173,12 @@ def extract_archive(
             umask=umask,
             uid=uid,
             gid=gid,
+            max_ratio=max_ratio,
+            compressed_size=os.fstat(raw.fileno()).st_size,
+            disk_fraction=disk_fraction,
+            disk_reserve=disk_reserve,
+            cancel=cancel,
+            progress=progress,
         )
     finally:
         raw.close()
@@ -129,11 +196,18 @@ def extract_stream(
     umask: int,
     uid: int | None = None,
     gid: int | None = None,
+    max_ratio: float | None = None,
+    compressed_size: int | None = None,
+    disk_fraction: float | None = None,
+    disk_reserve: int = 0,
+    cancel: CancelFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> ExtractStats:
     """Extract an uncompressed tar ``stream`` (read forward only); see ``extract_archive``.
 
     ``label`` names the format in refusals ("not a valid <label> archive: ...") and ``source``
-    names the archive in errors about reading it.
+    names the archive in errors about reading it. ``max_ratio`` applies only with
+    ``compressed_size`` (the archive's size on disk).
     """
     started = time.monotonic()
     try:
@@ -142,6 +216,16 @@ def extract_stream(
         raise StagingError(f"cannot open staging directory {dest}: {exc.strerror or exc}") from exc
     chown = os.geteuid() == 0 and (uid is not None or gid is not None)
     owner = (uid if uid is not None else -1, gid if gid is not None else -1) if chown else None
+    budget = None
+    if disk_fraction is not None:
+        try:
+            budget = DiskBudget.of(root_fd, fraction=disk_fraction, reserve=disk_reserve)
+        except OSError as exc:
+            os.close(root_fd)
+            raise StagingError(f"cannot stat the filesystem of {dest}: {exc}") from exc
+    ratio_cap = None
+    if max_ratio is not None and compressed_size is not None:
+        ratio_cap = (max_ratio, max(compressed_size, 1))
     extractor = _Extractor(
         _LimitedStream(stream, max_bytes + (max_members + 1) * _HEADER_ALLOWANCE),
         root_fd,
@@ -152,11 +236,17 @@ def extract_stream(
         max_bytes=max_bytes,
         umask=umask,
         owner=owner,
+        ratio_cap=ratio_cap,
+        budget=budget,
+        cancel=cancel,
+        progress=progress,
     )
     try:
         stats = extractor.run()
     finally:
         extractor.close()
+    if progress is not None:
+        progress(stats.bytes, stats.members)
     log.debug(
         "archive_extracted",
         source=source,
@@ -305,8 +395,18 @@ class _Extractor:
         max_bytes: int,
         umask: int,
         owner: tuple[int, int] | None,
+        ratio_cap: tuple[float, int] | None = None,
+        budget: DiskBudget | None = None,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
     ) -> None:
         self.stream = stream
+        self.ratio_cap = ratio_cap  # (max_ratio, compressed size of the archive)
+        self.budget = budget
+        self.cancel = cancel
+        self.progress = progress
+        self.next_progress = time.monotonic() + _PROGRESS_EVERY
+        self.next_free_check = _FREE_CHECK_EVERY
         self.root_fd = root_fd
         self.dest = dest
         self.label = label
@@ -330,6 +430,7 @@ class _Extractor:
         with self._reading():
             tar = tarfile.open(fileobj=cast(IO[bytes], self.stream), mode="r:")  # noqa: SIM115
         while True:
+            self._poll()
             with self._reading():
                 member = tar.next()
             if member is None:
@@ -361,6 +462,19 @@ class _Extractor:
             raise ArchiveRefused(
                 f"archive declares more than {self.max_bytes} bytes "
                 f"(limit max_bytes) at member {name!r}"
+            )
+        if self.ratio_cap is not None:
+            max_ratio, packed = self.ratio_cap
+            if self.declared > RATIO_FLOOR and self.declared > max_ratio * packed:
+                raise ArchiveRefused(
+                    f"archive declares {self.declared} bytes by member {name!r} from "
+                    f"{packed} compressed bytes: a compression ratio over {max_ratio:g} "
+                    f"(limit max_ratio), refusing a bomb"
+                )
+        if self.budget is not None and self.declared > self.budget.allowed:
+            raise ArchiveDoesNotFit(
+                f"archive declares {self.declared} bytes by member {name!r}: it does not "
+                f"fit on the filesystem of {self.dest} ({self.budget.describe()})"
             )
         if m.ischr() or m.isblk():
             raise ArchiveRefused(f"member {name!r} is a device file")
@@ -516,13 +630,10 @@ class _Extractor:
                     )
                 remaining -= len(chunk)
                 self.written += len(chunk)
-                if self.written > self.max_bytes:  # a header can lie; count what is written
-                    raise ArchiveRefused(
-                        f"archive holds more than {self.max_bytes} bytes "
-                        f"(limit max_bytes) at member {name!r}"
-                    )
+                self._check_written(name)  # a header can lie; count what is written
                 with self._writing(name):
                     _write_all(fd, chunk)
+                self._poll()
             with self._writing(name):
                 if self.owner is not None:
                     os.fchown(fd, *self.owner)
@@ -531,6 +642,45 @@ class _Extractor:
                     os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
+
+    def _check_written(self, name: str) -> None:
+        if self.written > self.max_bytes:
+            raise ArchiveRefused(
+                f"archive holds more than {self.max_bytes} bytes "
+                f"(limit max_bytes) at member {name!r}"
+            )
+        budget = self.budget
+        if budget is None:
+            return
+        if self.written > budget.allowed:
+            raise ArchiveDoesNotFit(
+                f"archive wrote {self.written} bytes by member {name!r}: it does not fit "
+                f"on the filesystem of {self.dest} ({budget.describe()})"
+            )
+        if self.written >= self.next_free_check:
+            self.next_free_check = self.written + _FREE_CHECK_EVERY
+            with self._writing(name):
+                st = os.fstatvfs(self.root_fd)
+            free = st.f_bavail * st.f_frsize
+            if free < budget.reserve:
+                raise ArchiveDoesNotFit(
+                    f"free space on the filesystem of {self.dest} fell to {free} bytes, "
+                    f"under disk_reserve {budget.reserve}, after {self.written} bytes "
+                    f"at member {name!r}"
+                )
+
+    def _poll(self) -> None:
+        """Stop when the caller cancels; report progress every ``_PROGRESS_EVERY`` seconds."""
+        if self.cancel is not None and self.cancel():
+            raise StagingCancelled(
+                f"extraction of {self.source} into {self.dest} cancelled after "
+                f"{self.members} members and {self.written} bytes"
+            )
+        if self.progress is not None:
+            now = time.monotonic()
+            if now >= self.next_progress:
+                self.next_progress = now + _PROGRESS_EVERY
+                self.progress(self.written, self.members)
 
     def _finish_dirs(self) -> None:
         """Apply directory owners, modes (at least u+rwx) and mtimes, deepest first."""

@@ -13,6 +13,10 @@ Layout of ``<app_dir>/artifacts/``:
 
 Last use is the file's mtime (set on every fetch); ``evict()`` removes the least recently
 used verified artifacts until the total is within ``max_bytes``, never a protected one.
+
+A download whose size or sha256 does not match (or that S3 answers with 403) gets one fresh
+download from byte 0 before the fetch fails: one corrupted response must not fail a host,
+and so a whole fleet's deploy. Both attempts are logged.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,13 @@ from tenacity import (
     wait_random,
 )
 
-from watcher.errors import ArtifactError, ArtifactIntegrityError, S3Unavailable
+from watcher.errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    S3AccessDenied,
+    S3Unavailable,
+    StagingCancelled,
+)
 from watcher.log import get_logger
 from watcher.records import ArtifactRecord
 from watcher.s3 import S3Store
@@ -67,6 +78,9 @@ class CachedArtifact:
 
 class _Restart(Exception):
     """A resumed partial inherited from an earlier process did not verify: start over once."""
+
+
+_CANCEL_POLL = 0.05  # seconds between two looks at ``cancel`` while waiting
 
 
 def _fsync_dir(path: Path) -> None:
@@ -233,15 +247,21 @@ class ArtifactCache:
     # ---- fetch -------------------------------------------------------------------------
 
     def fetch(
-        self, record: ArtifactRecord, *, protect: set[str] | frozenset[str] = frozenset()
+        self,
+        record: ArtifactRecord,
+        *,
+        protect: set[str] | frozenset[str] = frozenset(),
+        cancel: Callable[[], bool] | None = None,
     ) -> Path:
         """A verified local file for ``record``, downloading (or resuming) it when missing.
 
         Raises ArtifactRefused (URL outside the bucket/prefix, before any request),
-        ArtifactIntegrityError (size/sha256 mismatch; partial removed), S3NotFound,
-        S3AccessDenied, S3Unavailable (gave up at the deadline ``timeout``), ArtifactError
-        (disk full or other local write failure; partial removed). Afterwards evicts LRU
-        artifacts over budget, never this one nor ``protect``.
+        ArtifactIntegrityError (size/sha256 mismatch twice, the second time on a fresh
+        download; partial removed), S3NotFound, S3AccessDenied (twice), S3Unavailable (gave
+        up at the deadline ``timeout``), ArtifactError (disk full or other local write
+        failure; partial removed), StagingCancelled (``cancel()`` said so; checked between
+        chunks and while waiting, the bytes so far stay for a later resume). Afterwards
+        evicts LRU artifacts over budget, never this one nor ``protect``.
         """
         key = self.store.parse_url(record.url)
         final = self.path_for(record)
@@ -250,18 +270,14 @@ class ArtifactCache:
             return final
         self.dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.timeout
-        fd = self._open_locked_partial(record, deadline)
+        fd = self._open_locked_partial(record, deadline, cancel)
         try:
             if self.is_cached(record):  # a concurrent fetch finished while we waited
                 self.touch(record)
                 return final
             try:
-                try:
-                    self._download(record, key, fd, deadline)
-                except _Restart:
-                    os.ftruncate(fd, 0)
-                    self._download(record, key, fd, deadline)
-            except S3Unavailable:
+                self._download_twice(record, key, fd, deadline, cancel)
+            except (S3Unavailable, StagingCancelled):
                 if os.fstat(fd).st_size == 0:
                     self._discard(self.partial_path_for(record))
                 raise  # bytes so far stay in the partial: the next fetch resumes them
@@ -276,7 +292,48 @@ class ArtifactCache:
         self.evict(set(protect) | {record.id, record.sha256})
         return final
 
-    def _open_locked_partial(self, record: ArtifactRecord, deadline: float) -> int:
+    def _download_twice(
+        self,
+        record: ArtifactRecord,
+        key: str,
+        fd: int,
+        deadline: float,
+        cancel: Callable[[], bool] | None,
+    ) -> None:
+        """``_download``; on a mismatch or a 403, once more from byte 0 (both are logged)."""
+        first: str | None = None
+        while True:
+            try:
+                self._download(record, key, fd, deadline, cancel, retried_after=first)
+                return
+            except (_Restart, ArtifactIntegrityError, S3AccessDenied) as exc:
+                reason = str(exc)
+                if first is not None:
+                    log.error(
+                        "artifact_fetch_failed_twice",
+                        artifact=record.id,
+                        attempt=2,
+                        error=reason,
+                        first_error=first,
+                    )
+                    if isinstance(exc, _Restart):  # pragma: no cover - only inherited once
+                        raise
+                    raise type(exc)(
+                        f"{reason} (on a fresh download; the first attempt failed too: {first})"
+                    ) from exc
+                first = reason
+                log.warning(
+                    "artifact_fetch_retry_fresh",
+                    artifact=record.id,
+                    attempt=1,
+                    error=reason,
+                    next="fresh download from byte 0",
+                )
+                os.ftruncate(fd, 0)
+
+    def _open_locked_partial(
+        self, record: ArtifactRecord, deadline: float, cancel: Callable[[], bool] | None = None
+    ) -> int:
         """Open and flock the partial; retried if another writer renamed/removed it meanwhile."""
         partial = self.partial_path_for(record)
         while True:
@@ -291,6 +348,12 @@ class ArtifactCache:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if cancel is not None and cancel():
+                        os.close(fd)
+                        raise StagingCancelled(
+                            f"download of {record.id} cancelled while another process "
+                            f"held {partial}"
+                        ) from None
                     if time.monotonic() > deadline:
                         os.close(fd)
                         raise ArtifactError(
@@ -306,8 +369,16 @@ class ArtifactCache:
                 return fd
             os.close(fd)  # renamed into place or deleted by the previous holder: reopen
 
-    def _download(self, record: ArtifactRecord, key: str, fd: int, deadline: float) -> None:
-        partial = self.partial_path_for(record)
+    def _download(
+        self,
+        record: ArtifactRecord,
+        key: str,
+        fd: int,
+        deadline: float,
+        cancel: Callable[[], bool] | None = None,
+        *,
+        retried_after: str | None = None,
+    ) -> None:
         inherited = os.fstat(fd).st_size
         state = _HashState()
         started = time.monotonic()
@@ -322,11 +393,22 @@ class ArtifactCache:
                 error=str(exc),
             )
 
+        def sleep(seconds: float) -> None:
+            """Wait between retries, in slices, so a cancel is seen within 50 ms."""
+            until = time.monotonic() + seconds
+            while True:
+                _check_cancel(cancel, record, state.length)
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                time.sleep(min(left, _CANCEL_POLL))
+
         retrying = Retrying(
             retry=retry_if_exception_type(S3Unavailable),
             stop=stop_before_delay(max(deadline - time.monotonic(), 0.0)),
             wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.3),
             before_sleep=before_sleep,
+            sleep=sleep,
             reraise=True,
         )
         attempts = 0
@@ -334,7 +416,7 @@ class ArtifactCache:
             for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    self._attempt(record, key, fd, deadline, state)
+                    self._attempt(record, key, fd, deadline, state, cancel)
         except S3Unavailable as exc:
             raise S3Unavailable(
                 f"download of {record.id} from {record.url} gave up after {attempts} "
@@ -351,12 +433,15 @@ class ArtifactCache:
                     expected=record.sha256,
                     actual=digest,
                 )
-                raise _Restart
-            self._discard(partial)
+                raise _Restart(
+                    f"artifact {record.id}: the {inherited} bytes of a partial download "
+                    f"left by an earlier process did not verify (sha256 {digest})"
+                )
             raise ArtifactIntegrityError(
                 f"artifact {record.id} from {record.url}: sha256 mismatch: expected "
                 f"{record.sha256}, got {digest} (size {state.length}); partial removed"
             )
+        partial = self.partial_path_for(record)
         try:
             os.fsync(fd)
         except OSError as exc:
@@ -369,15 +454,21 @@ class ArtifactCache:
             resumed_from=inherited,
             attempts=attempts,
             took_ms=int((time.monotonic() - started) * 1000),
+            **({"retried_after": retried_after} if retried_after else {}),
         )
 
     def _attempt(
-        self, record: ArtifactRecord, key: str, fd: int, deadline: float, state: _HashState
+        self,
+        record: ArtifactRecord,
+        key: str,
+        fd: int,
+        deadline: float,
+        state: _HashState,
+        cancel: Callable[[], bool] | None = None,
     ) -> None:
         partial = self.partial_path_for(record)
         have = os.fstat(fd).st_size
         if have > record.size:
-            self._discard(partial)
             raise ArtifactIntegrityError(
                 f"artifact {record.id} from {record.url}: size mismatch: expected "
                 f"{record.size} bytes, got more ({have}); partial removed"
@@ -398,7 +489,6 @@ class ArtifactCache:
             close = getattr(chunks, "close", None)
             if close is not None:  # give the connection back to the pool
                 close()
-            self._discard(partial)
             raise ArtifactIntegrityError(
                 f"artifact {record.id} from {record.url}: size mismatch: expected "
                 f"{record.size} bytes, the object has {total}; partial removed"
@@ -407,7 +497,6 @@ class ArtifactCache:
         try:
             for chunk in chunks:
                 if state.length + len(chunk) > record.size:
-                    self._discard(partial)
                     raise ArtifactIntegrityError(
                         f"artifact {record.id} from {record.url}: size mismatch: expected "
                         f"{record.size} bytes, got more; partial removed"
@@ -419,6 +508,7 @@ class ArtifactCache:
                         f"deadline of {self.timeout:.0f}s passed while downloading "
                         f"{record.id} ({state.length} of {record.size} bytes)"
                     )
+                _check_cancel(cancel, record, state.length)
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -450,6 +540,14 @@ class ArtifactCache:
     def _discard(partial: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+
+
+def _check_cancel(cancel: Callable[[], bool] | None, record: ArtifactRecord, have: int) -> None:
+    if cancel is not None and cancel():
+        raise StagingCancelled(
+            f"download of {record.id} cancelled at {have} of {record.size} bytes "
+            "(kept for a later resume)"
+        )
 
 
 class _HashState:

@@ -95,10 +95,20 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-app archive limits (anything larger is refused as a bomb)."""
+    """Per-app archive limits (anything larger is refused as a bomb).
+
+    ``max_members``, ``max_bytes`` and ``max_ratio`` judge the archive itself (a refusal is
+    remembered by sha256); ``disk_fraction`` and ``disk_reserve`` judge whether it fits on
+    this host now: an extraction may use at most ``disk_fraction`` of the free space of the
+    app's filesystem, and must leave ``disk_reserve`` bytes free. Why these defaults:
+    docs/design.md, "Archive limits".
+    """
 
     max_members: int = 200_000
     max_bytes: int = 20 * 1024**3
+    max_ratio: float = 100.0
+    disk_fraction: float = 0.5
+    disk_reserve: int = 1024**3
 
 
 @dataclass(frozen=True)
@@ -236,6 +246,20 @@ def _int_at_least(minimum: int) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError
         return value
+
+    return convert
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], float]:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError
+        number = float(value)
+        if math.isnan(number) or number > high or number < low or (low_open and number == low):
+            raise ValueError
+        return number
 
     return convert
 
@@ -400,7 +424,11 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         apply=r.get(t, "apply", tp, Timeouts.apply, parse_duration, duration),
         lock=r.get(t, "lock", tp, Timeouts.lock, parse_duration, duration),
     )
-    lim = r.section(d.get("limits"), f"{path}.limits", {"max_members", "max_bytes"})
+    lim = r.section(
+        d.get("limits"),
+        f"{path}.limits",
+        {"max_members", "max_bytes", "max_ratio", "disk_fraction", "disk_reserve"},
+    )
     lp = f"{path}.limits"
     limits = Limits(
         max_members=r.get(
@@ -411,6 +439,25 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             "max_bytes",
             lp,
             Limits.max_bytes,
+            parse_size,
+            'a size (bytes, or like "512M", "2GiB")',
+        ),
+        max_ratio=r.get(
+            lim, "max_ratio", lp, Limits.max_ratio, _float_in(1.0, math.inf), "a number >= 1"
+        ),
+        disk_fraction=r.get(
+            lim,
+            "disk_fraction",
+            lp,
+            Limits.disk_fraction,
+            _float_in(0.0, 1.0, low_open=True),
+            "a number > 0 and <= 1",
+        ),
+        disk_reserve=r.get(
+            lim,
+            "disk_reserve",
+            lp,
+            Limits.disk_reserve,
             parse_size,
             'a size (bytes, or like "512M", "2GiB")',
         ),

@@ -21,7 +21,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="build, upload and announce an artifact (used by CI)",
         description=(
             f"Build a reproducible tarball of DIR following DIR/{MANIFEST_PATH} (include and "
-            "exclude globs; everything but .git when absent), upload it to S3 with its "
+            "exclude globs; everything but .git and .buildkite when absent), upload it to S3 "
+            "with its "
             "sha256, write the artifact record to Consul KV and fire build-finished. The "
             "artifact id is <branch>-<first 8 of the commit>. Publishing the same tree "
             "again is a no-op; other content under an existing id is refused. Flags left "
@@ -49,10 +50,16 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def created_by(env: Mapping[str, str]) -> str:
-    """``buildkite:<pipeline>#<build>`` inside a Buildkite job, else ``user@host``."""
-    if env.get("BUILDKITE") == "true":
+    """Who built it: inside a Buildkite job the build's creator (``Name <email> via
+    buildkite:<pipeline>#<build>``, or only the build when Buildkite names nobody), else
+    ``user@host`` (in CI that would be the agent's account, not a person)."""
+    name = " ".join(env.get("BUILDKITE_BUILD_CREATOR", "").split())
+    email = " ".join(env.get("BUILDKITE_BUILD_CREATOR_EMAIL", "").split())
+    who = " ".join(part for part in (name, f"<{email}>" if email else "") if part)
+    if env.get("BUILDKITE") == "true" or who:
         pipeline = env.get("BUILDKITE_PIPELINE_SLUG") or "unknown-pipeline"
-        return f"buildkite:{pipeline}#{env.get('BUILDKITE_BUILD_NUMBER', '')}"
+        build = f"buildkite:{pipeline}#{env.get('BUILDKITE_BUILD_NUMBER', '')}"
+        return f"{who} via {build}" if who else build
     return user_at_host()
 
 

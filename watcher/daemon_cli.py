@@ -94,6 +94,8 @@ def config_warnings(config: Config) -> list[str]:
                 where = f"apps.{name}.hooks.{phase}[{i}]"
                 if not path.exists():
                     warnings.append(f"{where}: {path} does not exist")
+                elif path.is_dir():
+                    warnings.append(f"{where}: {path} is a directory, not an executable file")
                 elif not path.is_file() or not os.access(path, os.X_OK):
                     warnings.append(f"{where}: {path} is not executable")
     return warnings

@@ -20,6 +20,8 @@
     ├── ReleaseError                staging, flipping or pruning a release failed
     │   ├── ArchiveRefused          a hostile or broken archive (names the member)
     │   ├── StagingError            extraction failed (disk full, permissions ...)
+    │   │   └── ArchiveDoesNotFit   the archive would not fit in this host's free disk space
+    │   ├── StagingCancelled        the caller cancelled staging (abort, deadline, shutdown)
     │   ├── FlipError               `current` could not be switched
     │   ├── ReleaseNotFound         no such release on this host
     │   └── LockTimeout             another actor holds the app's lock
@@ -109,6 +111,18 @@ class ArchiveRefused(ReleaseError):
 
 class StagingError(ReleaseError):
     """Extraction or staging failed for a reason other than the archive's content."""
+
+
+class ArchiveDoesNotFit(StagingError):
+    """The archive needs more disk than this host may give it now (free space, reserve).
+
+    Not a verdict on the archive: it may fit once space is freed, so it is not remembered
+    as refused.
+    """
+
+
+class StagingCancelled(ReleaseError):
+    """Staging was stopped because the caller's ``cancel()`` said so; nothing is left behind."""
 
 
 class FlipError(ReleaseError):

@@ -99,20 +99,21 @@ def _check_phase(phase: str) -> None:
 def hook_commands(app: AppConfig, phase: str, release_dir: Path) -> list[tuple[str, ...]]:
     """The argv of every hook of ``phase``, in order: the config's, then the release's own.
 
-    A release provides ``.watcher/hooks/<phase>`` and/or the files of
+    A release provides ``.watcher/hooks/<phase>`` and/or the entries of
     ``.watcher/hooks/<phase>.d/`` (sorted by name, dot-files skipped). Whether they are
-    executable is checked when they run, so a broken one fails loudly instead of being skipped.
+    executable files is checked when they run, so a broken one (a directory included) fails
+    loudly instead of being skipped.
     """
     _check_phase(phase)
     commands = [tuple(argv) for argv in app.hooks.get(phase, ())]
     hooks_dir = Path(release_dir) / RELEASE_HOOKS_DIR
     single = hooks_dir / phase
-    if (single.exists() or single.is_symlink()) and not single.is_dir():
+    if single.exists() or single.is_symlink():
         commands.append((str(single),))
     parts = hooks_dir / f"{phase}.d"
     if parts.is_dir():
         for entry in sorted(parts.iterdir(), key=lambda p: p.name):
-            if not entry.name.startswith(".") and not entry.is_dir():
+            if not entry.name.startswith("."):
                 commands.append((str(entry),))
     return commands
 
@@ -198,6 +199,8 @@ def _check_executable(phase: str, name: str, path: Path, release_dir: Path) -> N
         real, root = path.resolve(), release_dir.resolve()
         if real != root and root not in real.parents:
             raise HookError(phase, name, f"resolves outside the release ({real})")
+    if path.is_dir():
+        raise HookError(phase, name, "is a directory, not an executable file")
     if not path.is_file() or not os.access(path, os.X_OK):
         raise HookError(phase, name, "not executable (chmod +x it)")
 

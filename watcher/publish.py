@@ -46,6 +46,9 @@ ARTIFACT_FORMAT = "tar.gz"
 BUILD_FINISHED = "build-finished"
 # Always left out, whatever the manifest says: version control metadata.
 ALWAYS_EXCLUDED = (".git",)
+# Also left out when there is no manifest: CI configuration (Buildkite's pipeline and
+# repository hooks), which has no business on the servers.
+NO_MANIFEST_EXCLUDED = (".buildkite",)
 # Below this size an upload finishes before a progress line would be worth drawing.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
@@ -62,7 +65,8 @@ class Manifest:
     spans any number of segments, ``dir/**`` also matches ``dir`` itself, and a pattern
     without a ``/`` matches a name at any depth (``*.pyc``). A path is included when it, or
     one of its parent directories, matches an ``include`` pattern, and none of them matches
-    an ``exclude`` pattern. Without a manifest file everything is included (``.git`` never).
+    an ``exclude`` pattern. Without a manifest file everything is included but ``.git`` and
+    ``.buildkite`` (``.git`` never, whatever the manifest says).
     """
 
     source: str
@@ -145,13 +149,17 @@ def _patterns(data: dict[str, Any], key: str, problems: list[str]) -> tuple[str,
 
 
 def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
-    """Read ``<src_dir>/.watcher/manifest.yaml``; a missing file means "include everything"."""
+    """Read ``<src_dir>/.watcher/manifest.yaml``; a missing file means "include everything
+    but ``.git`` and ``.buildkite``"."""
     path = Path(src_dir) / MANIFEST_PATH
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Manifest(source=f"{source} (absent: include everything)")
+        return Manifest(
+            source=f"{source} (absent: everything but .git and .buildkite)",
+            exclude=NO_MANIFEST_EXCLUDED,
+        )
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(source, [f"cannot read: {reason}"]) from None

@@ -8,17 +8,22 @@ import os
 import pwd
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from watcher.archive import extract_archive, sync_tree
+from watcher.archive import CancelFn, ProgressFn, extract_archive, sync_tree
 from watcher.errors import (
+    ArchiveDoesNotFit,
+    ArchiveRefused,
+    ArtifactIntegrityError,
     FlipError,
     ReleaseError,
     ReleaseNotFound,
+    StagingCancelled,
     StagingError,
     WatcherError,
 )
@@ -32,6 +37,11 @@ if TYPE_CHECKING:
 
 RELEASE_JSON = Path(".watcher") / "release.json"
 RELEASE_JSON_VERSION = 1
+#: Refused artifacts remembered per app (the oldest are forgotten first).
+REFUSED_KEEP = 64
+#: A download that did not verify (twice) is tried again after this long: S3 may be fixed.
+INTEGRITY_REFUSAL_TTL = 3600.0
+_REFUSED_LOCK = threading.Lock()  # one writer of refused.json at a time in this process
 
 
 class AppLayout:
@@ -51,6 +61,7 @@ class AppLayout:
         self.pins_file = self.state_dir / "pins.json"
         self.previous_file = self.state_dir / "previous"
         self.post_release_dir = self.state_dir / "post_release"
+        self.refused_file = self.state_dir / "refused.json"
 
     @classmethod
     def for_app(cls, app: AppConfig) -> AppLayout:
@@ -98,6 +109,39 @@ class ReleaseInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An artifact this host refused, remembered by sha256 in ``.state/refused.json``.
+
+    ``kind`` is ``"archive"`` (the extractor refused its content: remembered while the
+    app's archive limits stay the same) or ``"integrity"`` (size or sha256 did not match
+    twice: remembered for ``INTEGRITY_REFUSAL_TTL``).
+    """
+
+    sha256: str
+    artifact: str
+    kind: str
+    reason: str
+    at: str
+    limits: str = ""
+
+    def error(self, record: ArtifactRecord, memory: Path) -> WatcherError:
+        """The error a new attempt at the same sha256 gets at once: the original reason,
+        and how to make this host try again (``memory`` is the refused.json file)."""
+        until = (
+            "for an hour"
+            if self.kind == "integrity"
+            else "until the app's max_members/max_bytes/max_ratio change"
+        )
+        message = (
+            f"artifact {record.id} (sha256 {self.sha256[:12]}) was refused on this host at "
+            f"{self.at}; not trying again {until} (or remove it from {memory}): {self.reason}"
+        )
+        if self.kind == "integrity":
+            return ArtifactIntegrityError(message)
+        return ArchiveRefused(message)
 
 
 @dataclass(frozen=True)
@@ -309,21 +353,42 @@ class ReleaseEngine:
     def prefetched_path(self, record: ArtifactRecord) -> Path:
         return self.layout.prefetched_dir / f"{record.id}-{record.sha256[:12]}"
 
-    def prefetch(self, record: ArtifactRecord) -> None:
-        """Download and verify the artifact; pre-extract it when ``app.prefetch`` says so."""
+    def prefetch(
+        self,
+        record: ArtifactRecord,
+        *,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Download and verify the artifact; pre-extract it when ``app.prefetch`` says so.
+
+        ``cancel``/``progress``: as for ``stage``.
+        """
         if self.app.prefetch == "off":
             return
         if self.app.prefetch == "extract" and self.prefetched_path(record).is_dir():
             return
-        archive = self._fetch(record)
+        self.check_not_refused(record)
+        archive = self._fetch(record, cancel)
         if self.app.prefetch == "extract":
-            self.prefetch_extract(archive, record)
+            self.prefetch_extract(archive, record, cancel=cancel, progress=progress)
 
-    def prefetch_extract(self, archive_path: Path, record: ArtifactRecord) -> Path:
-        """Extract a verified artifact into ``prefetched/<id>-<sha12>`` (temp dir + rename)."""
+    def prefetch_extract(
+        self,
+        archive_path: Path,
+        record: ArtifactRecord,
+        *,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Path:
+        """Extract a verified artifact into ``prefetched/<id>-<sha12>`` (temp dir + rename).
+
+        Same limits, refusal memory, ``cancel`` and ``progress`` as ``stage``.
+        """
         final = self.prefetched_path(record)
         if final.is_dir():
             return final
+        self.check_not_refused(record)
         try:
             self.layout.prefetched_dir.mkdir(parents=True, exist_ok=True)
             tmp = self._make_tmp_dir(self.layout.prefetched_dir, f"prefetch-{final.name}-")
@@ -333,9 +398,10 @@ class ReleaseEngine:
                 f"{self.layout.prefetched_dir}: {exc}"
             ) from exc
         try:
-            self._extract(archive_path, record, tmp)
+            self._extract(archive_path, record, tmp, cancel, progress)
             self._private(tmp)
             os.utime(tmp)  # mtime = prefetch time (the archive may set the root's), for prune
+            _check_cancel(cancel, f"prefetch of {record.id}")
             sync_tree(tmp)
             try:
                 tmp.rename(final)
@@ -354,9 +420,24 @@ class ReleaseEngine:
         self.log.info("artifact_prefetched", artifact=record.id, path=str(final))
         return final
 
-    def stage(self, record: ArtifactRecord, release: str, deploy_id: str) -> Path:
+    def stage(
+        self,
+        record: ArtifactRecord,
+        release: str,
+        deploy_id: str,
+        *,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Path:
         """``releases/<release>`` from the artifact: reused, renamed from prefetched/, or
-        extracted from the (downloaded, verified) artifact."""
+        extracted from the (downloaded, verified) artifact.
+
+        ``cancel()`` is polled between download and extraction chunks (well under a second
+        apart); when it returns True, ``StagingCancelled`` is raised and the temp dir is
+        gone. ``progress(bytes_written, members_so_far)`` is called during extraction at
+        most every 0.25 s and once at the end. An artifact this host refused before (by
+        sha256, see ``Refusal``) is refused at once with the original reason.
+        """
         reused = self._reuse(record, release)
         if reused is not None:
             return reused
@@ -364,10 +445,20 @@ class ReleaseEngine:
             staged = self._stage_prefetched(record, release, deploy_id)
             if staged is not None:
                 return staged
-        return self._stage_extract(self._fetch(record), record, release, deploy_id)
+        self.check_not_refused(record)
+        return self._stage_extract(
+            self._fetch(record, cancel), record, release, deploy_id, cancel, progress
+        )
 
     def stage_from_file(
-        self, archive_path: Path, record: ArtifactRecord, release: str, deploy_id: str
+        self,
+        archive_path: Path,
+        record: ArtifactRecord,
+        release: str,
+        deploy_id: str,
+        *,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
     ) -> Path:
         """``stage`` from an already verified local artifact file (no S3)."""
         reused = self._reuse(record, release)
@@ -377,20 +468,142 @@ class ReleaseEngine:
             staged = self._stage_prefetched(record, release, deploy_id)
             if staged is not None:
                 return staged
-        return self._stage_extract(Path(archive_path), record, release, deploy_id)
+        self.check_not_refused(record)
+        return self._stage_extract(Path(archive_path), record, release, deploy_id, cancel, progress)
 
-    def fetch(self, record: ArtifactRecord) -> Path:
+    def fetch(self, record: ArtifactRecord, *, cancel: CancelFn | None = None) -> Path:
         """Download and verify the artifact into the cache (no lock needed: the cache
         serializes concurrent downloads of one artifact itself)."""
-        return self._fetch(record)
+        self.check_not_refused(record)
+        return self._fetch(record, cancel)
 
-    def _fetch(self, record: ArtifactRecord) -> Path:
+    def _fetch(self, record: ArtifactRecord, cancel: CancelFn | None = None) -> Path:
         if self.cache is None:
             raise StagingError(
                 f"app {self.app.name}: no artifact cache to fetch {record.id} "
                 "from (and no prefetched tree)"
             )
-        return self.cache.fetch(record, protect=self._needed_artifacts())
+        self._check_download_fits(record)
+        try:
+            return self.cache.fetch(record, protect=self._needed_artifacts(), cancel=cancel)
+        except ArtifactIntegrityError as exc:
+            self._remember_refusal(record, "integrity", str(exc))
+            raise
+
+    def _check_download_fits(self, record: ArtifactRecord) -> None:
+        """Refuse, before any request, a download that would leave less than disk_reserve."""
+        if self.cache is None or self.cache.is_cached(record):
+            return
+        where = self.cache.dir if self.cache.dir.is_dir() else self.layout.app_dir
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            return  # the download itself will say what is wrong with the directory
+        try:
+            have = self.cache.partial_path_for(record).stat().st_size
+        except OSError:
+            have = 0
+        free = st.f_bavail * st.f_frsize
+        reserve = self.app.limits.disk_reserve
+        need = max(record.size - have, 0)
+        if need > free - reserve:
+            raise ArchiveDoesNotFit(
+                f"artifact {record.id} needs {need} more bytes in {where}, which has {free} "
+                f"free; that would leave less than disk_reserve {reserve}"
+            )
+
+    # -- refused artifacts ---------------------------------------------------------------
+
+    def refusal(self, sha256: str) -> Refusal | None:
+        """The remembered refusal of this sha256, if it still holds (see ``Refusal``)."""
+        entry = self._read_refusals().get(sha256)
+        if entry is None:
+            return None
+        if entry.kind == "archive" and entry.limits != self._limits_key():
+            return None  # the limits changed since: judge the archive again
+        if entry.kind == "integrity":
+            at = _parse_time(entry.at)
+            age = (self.clock() - at).total_seconds() if at else INTEGRITY_REFUSAL_TTL
+            if age >= INTEGRITY_REFUSAL_TTL:
+                return None
+        return entry
+
+    def check_not_refused(self, record: ArtifactRecord) -> None:
+        """Raise the original refusal of ``record.sha256`` when this host remembers one."""
+        entry = self.refusal(record.sha256)
+        if entry is not None:
+            self.log.warning(
+                "artifact_refused_again",
+                artifact=record.id,
+                sha256=record.sha256,
+                kind=entry.kind,
+                refused_at=entry.at,
+            )
+            raise entry.error(record, self.layout.refused_file)
+
+    def forget_refusal(self, sha256: str) -> bool:
+        """Drop a remembered refusal; False when there was none."""
+        with _REFUSED_LOCK:
+            entries = self._read_refusals()
+            if entries.pop(sha256, None) is None:
+                return False
+            self._write_refusals(entries)
+        return True
+
+    def _remember_refusal(self, record: ArtifactRecord, kind: str, reason: str) -> None:
+        entry = Refusal(
+            sha256=record.sha256,
+            artifact=record.id,
+            kind=kind,
+            reason=reason,
+            at=iso(self.clock()),
+            limits=self._limits_key() if kind == "archive" else "",
+        )
+        try:
+            with _REFUSED_LOCK:
+                entries = self._read_refusals()
+                entries.pop(record.sha256, None)
+                entries[record.sha256] = entry  # newest last
+                while len(entries) > REFUSED_KEEP:
+                    entries.pop(next(iter(entries)))
+                self._write_refusals(entries)
+        except OSError as exc:  # the refusal itself still reaches the caller
+            self.log.error("artifact_refusal_not_saved", artifact=record.id, error=str(exc))
+            return
+        self.log.warning(
+            "artifact_refused", artifact=record.id, sha256=record.sha256, kind=kind, reason=reason
+        )
+
+    def _limits_key(self) -> str:
+        lim = self.app.limits
+        return f"members={lim.max_members} bytes={lim.max_bytes} ratio={lim.max_ratio:g}"
+
+    def _read_refusals(self) -> dict[str, Refusal]:
+        data = _read_json(self.layout.refused_file)
+        raw = data.get("refused") if isinstance(data, dict) else None
+        out: dict[str, Refusal] = {}
+        if not isinstance(raw, list):
+            return out
+        for item in raw:
+            if not isinstance(item, dict):
+                continue
+            try:
+                entry = Refusal(
+                    **{k: str(item[k]) for k in ("sha256", "artifact", "kind", "reason", "at")},
+                    limits=str(item.get("limits", "")),
+                )
+            except KeyError:
+                continue
+            if SHA256_RE.match(entry.sha256) and entry.kind in ("archive", "integrity"):
+                out[entry.sha256] = entry
+        return out
+
+    def _write_refusals(self, entries: dict[str, Refusal]) -> None:
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.layout.refused_file,
+            {"version": 1, "refused": [asdict(e) for e in entries.values()]},
+        )
 
     def _needed_artifacts(self) -> set[str]:
         """sha256 of the artifacts behind current, previous, backup and pinned releases:
@@ -448,7 +661,13 @@ class ReleaseEngine:
         return final
 
     def _stage_extract(
-        self, archive_path: Path, record: ArtifactRecord, release: str, deploy_id: str
+        self,
+        archive_path: Path,
+        record: ArtifactRecord,
+        release: str,
+        deploy_id: str,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
     ) -> Path:
         try:
             self.layout.releases_dir.mkdir(parents=True, exist_ok=True)
@@ -458,8 +677,9 @@ class ReleaseEngine:
                 f"staging {release}: cannot create a directory in {self.layout.releases_dir}: {exc}"
             ) from exc
         try:
-            self._extract(archive_path, record, tmp)
+            self._extract(archive_path, record, tmp, cancel, progress)
             self._private(tmp)
+            _check_cancel(cancel, f"staging of {release}")
         except OSError as exc:
             _rmtree(tmp)
             raise StagingError(f"extracting {archive_path} for {release}: {exc}") from exc
@@ -536,18 +756,35 @@ class ReleaseEngine:
             touched.add(parent)
         return touched
 
-    def _extract(self, archive_path: Path, record: ArtifactRecord, dest: Path) -> None:
+    def _extract(
+        self,
+        archive_path: Path,
+        record: ArtifactRecord,
+        dest: Path,
+        cancel: CancelFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
         uid, gid = self._owner()
-        extract_archive(
-            Path(archive_path),
-            dest,
-            fmt=record.format,
-            max_members=self.app.limits.max_members,
-            max_bytes=self.app.limits.max_bytes,
-            umask=self.app.umask,
-            uid=uid,
-            gid=gid,
-        )
+        lim = self.app.limits
+        try:
+            extract_archive(
+                Path(archive_path),
+                dest,
+                fmt=record.format,
+                max_members=lim.max_members,
+                max_bytes=lim.max_bytes,
+                umask=self.app.umask,
+                uid=uid,
+                gid=gid,
+                max_ratio=lim.max_ratio,
+                disk_fraction=lim.disk_fraction,
+                disk_reserve=lim.disk_reserve,
+                cancel=cancel,
+                progress=progress,
+            )
+        except ArchiveRefused as exc:
+            self._remember_refusal(record, "archive", str(exc))
+            raise
 
     def _make_tmp_dir(self, parent: Path, label: str) -> Path:
         """A private (0700, the daemon's own) directory to build a tree in.
@@ -900,6 +1137,11 @@ class ReleaseEngine:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_cancel(cancel: CancelFn | None, what: str) -> None:
+    if cancel is not None and cancel():
+        raise StagingCancelled(f"{what} cancelled")
 
 
 def _valid_name(release: str) -> bool:

@@ -12,19 +12,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.s3server import free_port
 from watcher.artifacts import ArtifactCache
-from watcher.config import S3Settings
+from watcher.config import AppConfig, S3Settings
 from watcher.errors import (
     ArtifactError,
     ArtifactIntegrityError,
     ArtifactRefused,
+    S3AccessDenied,
     S3NotFound,
     S3Unavailable,
+    StagingCancelled,
 )
 from watcher.records import ArtifactRecord
+from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
 SIZE = 1024 * 1024 + 123  # several read chunks, odd size
@@ -348,3 +352,135 @@ class TestFaults:
             f"bytes={half + (SIZE - half) // 2}-",
             f"bytes={half + (SIZE - half) // 2}-",
         ]
+
+
+class TestTransientCorruption:
+    """Issue 10 item 7: a mismatch or a 403 gets one fresh download before the host fails."""
+
+    def test_one_corrupt_response_gets_one_fresh_download(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs:
+            path = cache.fetch(record)
+        assert path.read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert [g.fault for g in gets] == ["corrupt", ""]
+        assert "range" not in gets[1].headers  # from byte 0, not a resume
+        events = [e for e in logs if e["event"].startswith("artifact_fetch")]
+        assert [e["event"] for e in events] == ["artifact_fetch_retry_fresh", "artifact_fetched"]
+        assert events[0]["attempt"] == 1
+        assert "sha256 mismatch" in events[0]["error"]
+        assert "sha256 mismatch" in events[1]["retried_after"]
+        assert dir_listing(cache) == [path.name]
+
+    def test_one_403_gets_one_fresh_download(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(403, times=1)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs:
+            assert cache.fetch(record).read_bytes() == data
+        assert [r.fault for r in proxy.requests if r.method == "GET"] == ["status", ""]
+        retry = [e for e in logs if e["event"] == "artifact_fetch_retry_fresh"]
+        assert len(retry) == 1 and "access denied" in retry[0]["error"]
+
+    def test_corrupt_twice_fails_and_names_both_attempts(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=2)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with capture_logs() as logs, pytest.raises(ArtifactIntegrityError) as caught:
+            cache.fetch(record)
+        message = str(caught.value)
+        assert message.count("sha256 mismatch") == 2
+        assert "on a fresh download; the first attempt failed too" in message
+        assert [r.fault for r in proxy.requests if r.method == "GET"] == ["corrupt", "corrupt"]
+        assert [e["event"] for e in logs if e["event"].startswith("artifact_fetch")] == [
+            "artifact_fetch_retry_fresh",
+            "artifact_fetch_failed_twice",
+        ]
+        assert dir_listing(cache) == []
+
+    def test_403_twice_is_access_denied(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(403, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        with pytest.raises(S3AccessDenied, match="the first attempt failed too"):
+            cache.fetch(record)
+        assert len([r for r in proxy.requests if r.method == "GET"]) == 2
+        assert dir_listing(cache) == []
+
+
+class TestEngineOverS3:
+    """The release engine's refusal memory and cancel, with the real S3 server behind it."""
+
+    def engine(self, cache: ArtifactCache, tmp_path: Path) -> ReleaseEngine:
+        app = AppConfig(name="web", root=str(tmp_path))
+        engine = ReleaseEngine(app, cache)
+        engine.layout.ensure()
+        return engine
+
+    def test_refused_download_is_refused_again_without_a_request(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.corrupt(times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        with pytest.raises(ArtifactIntegrityError, match="first attempt failed too"):
+            engine.prefetch(record)
+        asked = len(proxy.requests)
+        assert asked == 2
+        release = "20261201T120000Z-master-15eb13af"
+        with pytest.raises(ArtifactIntegrityError) as again:
+            engine.stage(record, release, "d1")
+        assert "was refused on this host at" in str(again.value)
+        assert "sha256 mismatch" in str(again.value)
+        assert len(proxy.requests) == asked  # not downloaded again
+        assert engine.release_names() == []
+
+    def test_cancelled_download_stops_and_resumes_later(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path, size=8 * SIZE)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        calls = 0
+
+        def cancel() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls >= 2  # after the first chunk
+
+        with pytest.raises(StagingCancelled, match="kept for a later resume"):
+            cache.fetch(record, cancel=cancel)
+        have = cache.partial_path_for(record).stat().st_size
+        assert 0 < have < record.size
+        assert cache.fetch(record).read_bytes() == data
+        gets = [r for r in proxy.requests if r.method == "GET"]
+        assert gets[-1].headers.get("range") == f"bytes={have}-"
+
+    def test_cancel_while_waiting_to_retry_is_seen_at_once(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(503, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app", timeout=60)
+        stop = threading.Event()
+        timer = threading.Timer(0.5, stop.set)
+        timer.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StagingCancelled):
+                cache.fetch(record, cancel=stop.is_set)
+            took = time.monotonic() - started
+        finally:
+            timer.cancel()
+        assert took < 2.5, f"took {took:.2f}s for a cancel at 0.5s"
+        assert dir_listing(cache) == []

@@ -6,15 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
+from watcher.artifacts import ArtifactCache
 from watcher.config import S3Settings
 from watcher.consul_api import ConsulClient
 from watcher.records import ArtifactRecord, Keys
+from watcher.s3 import S3Store
 
 CLUSTER = ClusterSpec(hosts=1)
 REPO = Path(__file__).resolve().parents[2]
@@ -228,4 +231,73 @@ class TestBuildkitePostCommand:
             result.stderr
         )
         assert record(consul, f"main-{commit[:8]}") is None
+        check_sourced_shell(mode, result)
+
+
+class TestBuildkiteProvenance:
+    """Issue 10 item 9: who built it, what was built, and only a full commit SHA."""
+
+    def test_creator_checkout_path_and_no_ci_files(
+        self,
+        mode: str,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        tmp_path: Path,
+    ) -> None:
+        checkout = tmp_path / "builds" / "agent-1" / "acme" / "web"
+        for rel, text in {
+            "index.html": "<h1>hello</h1>\n",
+            ".buildkite/pipeline.yml": "steps: []\n",
+            ".buildkite/hooks/post-command": "#!/bin/sh\n",
+            ".git/HEAD": "ref: refs/heads/main\n",
+        }.items():
+            (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / rel).write_text(text)
+        elsewhere = tmp_path / "agent-cwd"  # the hook's working directory is not the checkout
+        (elsewhere / "secrets").mkdir(parents=True)
+        (elsewhere / "secrets" / "token").write_text("do not ship\n")
+        commit = ("7" if mode == "executed" else "8") + COMMIT[1:]
+        env = buildkite_env(
+            config_file(tmp_path, cluster, s3_settings),
+            BUILDKITE_COMMIT=commit,
+            BUILDKITE_BUILD_CHECKOUT_PATH=str(checkout),
+            BUILDKITE_BUILD_CREATOR="Jane  Doe",
+            BUILDKITE_BUILD_CREATOR_EMAIL="jane@example.com",
+        )
+
+        result = run_hook(mode, elsewhere, **env)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"publishing web from {checkout}" in result.stdout
+        stored = record(consul, f"main-{commit[:8]}")
+        assert stored is not None
+        assert stored.created_by == "Jane Doe <jane@example.com> via buildkite:web#99"
+        store = S3Store(s3_settings)
+        cache = ArtifactCache(tmp_path / "dl", store, max_bytes=1 << 30, timeout=30)
+        with tarfile.open(cache.fetch(stored)) as tar:
+            names = sorted(n.removeprefix("./") for n in tar.getnames())
+        assert names == ["index.html"]
+        check_sourced_shell(mode, result)
+
+    def test_abbreviated_sha_is_too_short(
+        self,
+        mode: str,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        checkout: Path,
+        tmp_path: Path,
+    ) -> None:
+        short = ("9" if mode == "executed" else "a") + COMMIT[1:7]
+        env = buildkite_env(config_file(tmp_path, cluster, s3_settings), BUILDKITE_COMMIT=short)
+
+        result = run_hook(mode, checkout, **env)
+
+        assert result.returncode != 0
+        assert f"BUILDKITE_COMMIT '{short}' is too short, need the full commit SHA" in (
+            result.stderr
+        )
+        published = consul.kv_keys(Keys("watcher", "web").artifact(""))
+        assert not [k for k in published if short in k]
         check_sourced_shell(mode, result)

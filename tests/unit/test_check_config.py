@@ -214,10 +214,12 @@ class TestCheckConfig:
 
     def test_warnings_do_not_fail(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (tmp_path / "hook").write_text("#!/bin/sh\n")  # not executable
+        (tmp_path / "hooks.d").mkdir()  # a directory
         good = tmp_path / "w.yaml"
         good.write_text(
             f"s3: {{bucket: b}}\napps:\n  web:\n    root: {tmp_path}/missing\n"
             f"    user: no-such-user-xyz\n    hooks:\n      validate: [{tmp_path}/hook]\n"
+            f"      post_symlink: {tmp_path}/hooks.d\n"
         )
         assert daemon_cli.main(["check-config", "-c", str(good)]) == 0
         captured = capsys.readouterr()
@@ -225,6 +227,8 @@ class TestCheckConfig:
         assert captured.err.splitlines() == [
             f"{good}: warning: apps.web.root: {tmp_path}/missing does not exist (yet)",
             f'{good}: warning: apps.web.user: no user "no-such-user-xyz" on this host',
+            f"{good}: warning: apps.web.hooks.post_symlink[0]: {tmp_path}/hooks.d is a "
+            "directory, not an executable file",
             f"{good}: warning: apps.web.hooks.validate[0]: {tmp_path}/hook is not executable",
         ]
 

@@ -126,7 +126,13 @@ class TestDefaults:
                             "apply": "1h",
                             "lock": "250ms",
                         },
-                        "limits": {"max_members": 10, "max_bytes": "10MB"},
+                        "limits": {
+                            "max_members": 10,
+                            "max_bytes": "10MB",
+                            "max_ratio": 40,
+                            "disk_fraction": 0.25,
+                            "disk_reserve": "2GiB",
+                        },
                     },
                     "api": {"root": "/srv/other"},
                 },
@@ -160,7 +166,13 @@ class TestDefaults:
         assert web.hooks["validate"] == (("/bin/true",), ("/usr/bin/env", "check", "--fast"))
         assert web.hooks["post_symlink"] == ()
         assert web.timeouts == Timeouts(download=60, hook=90, prepare=120, apply=3600, lock=0.25)
-        assert web.limits == Limits(max_members=10, max_bytes=10_000_000)
+        assert web.limits == Limits(
+            max_members=10,
+            max_bytes=10_000_000,
+            max_ratio=40.0,
+            disk_fraction=0.25,
+            disk_reserve=2 * 1024**3,
+        )
         assert config.apps["api"].app_dir == Path("/srv/other/api")
         assert sorted(config.apps) == ["api", "web"]
 
@@ -248,6 +260,30 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (
         with_app(limits={"max_members": 0}),
         "apps.web.limits.max_members: must be an integer >= 1, got 0",
+    ),
+    (
+        with_app(limits={"max_ratio": 0.5}),
+        "apps.web.limits.max_ratio: must be a number >= 1, got 0.5",
+    ),
+    (
+        with_app(limits={"max_ratio": float("nan")}),
+        "apps.web.limits.max_ratio: must be a number >= 1, got nan",
+    ),
+    (
+        with_app(limits={"disk_fraction": 0}),
+        "apps.web.limits.disk_fraction: must be a number > 0 and <= 1, got 0",
+    ),
+    (
+        with_app(limits={"disk_fraction": 1.5}),
+        "apps.web.limits.disk_fraction: must be a number > 0 and <= 1, got 1.5",
+    ),
+    (
+        with_app(limits={"disk_fraction": "half"}),
+        'apps.web.limits.disk_fraction: must be a number > 0 and <= 1, got "half"',
+    ),
+    (
+        with_app(limits={"disk_reserve": -1}),
+        'apps.web.limits.disk_reserve: must be a size (bytes, or like "512M", "2GiB"), got -1',
     ),
     (
         with_app(limits={"max_bytes": "1 parsec"}),
@@ -386,7 +422,11 @@ class TestErrorsNameTheirPath:
                 "apps.web.timeouts.hooks",
                 "apply, download, hook, lock, prepare",
             ),
-            (with_app(limits={"members": 1}), "apps.web.limits.members", "max_bytes, max_members"),
+            (
+                with_app(limits={"members": 1}),
+                "apps.web.limits.members",
+                "disk_fraction, disk_reserve, max_bytes, max_members, max_ratio",
+            ),
             (minimal(**{"1": 2}), "1", "apps, consul, daemon, kv_prefix, node, s3"),
         ],
     )

@@ -205,6 +205,30 @@ class TestOrderAndDiscovery:
         assert info.value.phase == "post_release"
         assert info.value.hook == ".watcher/hooks/post_release"
 
+    @pytest.mark.parametrize(
+        "where", [".watcher/hooks/post_release", ".watcher/hooks/post_release.d/10-check"]
+    )
+    def test_release_hook_that_is_a_directory_is_refused_not_skipped(
+        self, tmp_path: Path, release_dir: Path, where: str
+    ) -> None:
+        (release_dir / where).mkdir(parents=True)
+        assert hook_commands(make_app(tmp_path), "post_release", release_dir) == [
+            (str(release_dir / where),)
+        ]
+        with pytest.raises(HookError) as info:
+            run_hooks(make_app(tmp_path), "post_release", make_ctx(release_dir))
+        assert str(info.value) == (
+            f"post_release hook {where}: is a directory, not an executable file"
+        )
+
+    def test_config_hook_that_is_a_directory_is_refused(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        (tmp_path / "hooks.d").mkdir()  # a directory is "executable" (searchable) to access()
+        app = make_app(tmp_path, {"validate": ((str(tmp_path / "hooks.d"),),)})
+        with pytest.raises(HookError, match=r"is a directory, not an executable file$"):
+            run_hooks(app, "validate", make_ctx(release_dir))
+
     def test_missing_config_hook(self, tmp_path: Path, release_dir: Path) -> None:
         app = make_app(tmp_path, {"validate": (("/nonexistent/check",),)})
         with pytest.raises(HookError, match=r"^validate hook /nonexistent/check: not found$"):

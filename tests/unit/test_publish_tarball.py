@@ -46,12 +46,25 @@ def sha_of(path: Path) -> str:
 
 
 class TestLoadManifest:
-    def test_missing_manifest_includes_everything_but_git(self, tmp_path: Path) -> None:
+    def test_missing_manifest_includes_everything_but_git_and_buildkite(
+        self, tmp_path: Path
+    ) -> None:
         manifest = load_manifest(tmp_path)
         assert manifest.include == ("**",)
         assert manifest.included("a/b/c.txt")
         assert not manifest.included(".git/config")
         assert not manifest.included("sub/.git/config")
+        assert not manifest.included(".buildkite/pipeline.yml")
+        assert not manifest.included(".buildkite/hooks/post-command")
+        assert manifest.included("docs/buildkite.md")
+        assert "absent: everything but .git and .buildkite" in manifest.source
+
+    def test_a_manifest_may_include_buildkite_files_but_never_git(self, tmp_path: Path) -> None:
+        (tmp_path / ".watcher").mkdir()
+        (tmp_path / ".watcher/manifest.yaml").write_text("include: ['**']\n")
+        manifest = load_manifest(tmp_path)
+        assert manifest.included(".buildkite/pipeline.yml")
+        assert not manifest.included(".git/config")
 
     def test_reads_include_and_exclude(self, tmp_path: Path) -> None:
         (tmp_path / ".watcher").mkdir()

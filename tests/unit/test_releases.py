@@ -303,7 +303,17 @@ class TestStaging:
         protected: list[set[str]] = []
 
         class LocalCache:  # stands in for ArtifactCache: a verified file on disk
-            def fetch(self, record: ArtifactRecord, *, protect: set[str]) -> Path:
+            dir = tmp_path / "root" / "app" / "artifacts"
+
+            def is_cached(self, record: ArtifactRecord) -> bool:
+                return False
+
+            def partial_path_for(self, record: ArtifactRecord) -> Path:
+                return self.dir / f".partial-{record.id}"
+
+            def fetch(
+                self, record: ArtifactRecord, *, protect: set[str], cancel: object = None
+            ) -> Path:
                 fetched.append(record.id)
                 protected.append(protect)
                 return tarball
