@@ -21,6 +21,8 @@ from watcher.ctl import (
     EXIT_REFUSED,
     EXIT_USAGE,
     CtlContext,
+    artifact_id_argument,
+    release_argument,
     table,
     user_at_host,
 )
@@ -69,7 +71,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="stage an artifact here without flipping, pinned against prune",
     )
     p.add_argument("app")
-    p.add_argument("artifact", help="artifact id, e.g. master-15eb13af")
+    p.add_argument("artifact", type=artifact_id_argument, help="artifact id, e.g. master-15eb13af")
     p.add_argument(
         "--keep-days",
         type=_positive_days,
@@ -90,11 +92,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         usage="watcherctl exec APP [--release RELEASE] -- CMD [ARG ...]",
         help="run a command inside a release, with its WATCHER_* environment",
     )
-    p.add_argument("--release", help="the release to run in (default: current)")
+    p.add_argument(
+        "--release", type=release_argument, help="the release to run in (default: current)"
+    )
     p.add_argument("app")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     options = argparse.ArgumentParser(prog="watcherctl exec", parents=[common], add_help=False)
-    options.add_argument("--release")
+    options.add_argument("--release", type=release_argument)
     options.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_exec, exec_options=options)
 

@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Self
 
+from watcher import ids
 from watcher.errors import PayloadError
 
-ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline ("abc\n" must not pass).
+ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
 DOC_VERSION = 1
@@ -49,17 +51,11 @@ def release_name(requested_at: datetime, artifact: str) -> str:
 
 
 def check_artifact_id(value: str) -> str:
-    if not isinstance(value, str) or not ARTIFACT_ID_RE.match(value):
-        raise PayloadError(f"invalid artifact id {value!r}: must match {ARTIFACT_ID_RE.pattern}")
-    return value
+    return ids.check_artifact_id(value)
 
 
 def check_release(value: str) -> str:
-    if not isinstance(value, str) or not RELEASE_RE.match(value):
-        raise PayloadError(
-            f"invalid release name {value!r}: must look like 20261126T143844Z-master-15eb13af"
-        )
-    return value
+    return ids.check_release_name(value)
 
 
 def sanitize_branch(branch: str) -> str:
@@ -83,7 +79,7 @@ class Keys:
         self.base = f"{prefix.strip('/')}/apps/{app}"
 
     def artifact(self, artifact_id: str) -> str:
-        return f"{self.base}/artifacts/{artifact_id}"
+        return f"{self.base}/artifacts/{ids.check_artifact_id(artifact_id)}"
 
     @property
     def artifacts_prefix(self) -> str:
@@ -120,25 +116,25 @@ class Keys:
         return f"{self.base}/deploys/"
 
     def deploy(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}"
 
     def deploy_prefix(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/"
 
     def nodes_prefix(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/nodes/"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/nodes/"
 
     def node_progress(self, deploy_id: str, node: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/nodes/{node}"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/nodes/{node}"
 
     def coordinator(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/coordinator"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/coordinator"
 
     def decision(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/decision"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/decision"
 
     def outcome(self, deploy_id: str) -> str:
-        return f"{self.base}/deploys/{deploy_id}/outcome"
+        return f"{self.base}/deploys/{ids.check_deploy_id(deploy_id)}/outcome"
 
 
 class Document:
