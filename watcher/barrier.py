@@ -16,7 +16,13 @@ from datetime import datetime, timedelta
 
 from watcher import PROTOCOL_VERSION
 from watcher.consul_api import ConsulClient, KVEntry, TxnOp
-from watcher.errors import ArtifactNotFound, DeployInFlight, DeployRefused, PayloadError
+from watcher.errors import (
+    ArtifactNotFound,
+    ConsulPermissionDenied,
+    DeployInFlight,
+    DeployRefused,
+    PayloadError,
+)
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -94,7 +100,14 @@ class DeployStore:
     def members(self) -> dict[str, KVEntry]:
         """Live members: node -> its session-held member key."""
         out: dict[str, KVEntry] = {}
-        for entry in self.consul.kv_list(self.keys.members_prefix):
+        entries, filtered = self.consul.kv_list_checked(self.keys.members_prefix)
+        if filtered:  # a partial list would leave live hosts out of the expected set
+            raise ConsulPermissionDenied(
+                f"app {self.app}: this Consul token may not read {self.keys.members_prefix} "
+                "(Consul left keys out of the list: ACLs); use a token with read on "
+                f"{self.keys.base}/, e.g. the operator policy of docs/acl.md"
+            )
+        for entry in entries:
             node = entry.key[len(self.keys.members_prefix) :]
             if node and "/" not in node and entry.session:
                 out[node] = entry
