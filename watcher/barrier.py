@@ -115,7 +115,14 @@ class DeployStore:
 
     def hosts(self) -> dict[str, HostRecord]:
         out: dict[str, HostRecord] = {}
-        for entry in self.consul.kv_list(self.keys.hosts_prefix):
+        entries, filtered = self.consul.kv_list_checked(self.keys.hosts_prefix)
+        if filtered:  # a partial list would hide a known host that is down
+            raise ConsulPermissionDenied(
+                f"app {self.app}: this Consul token may not read {self.keys.hosts_prefix} "
+                "(Consul left keys out of the list: ACLs); use a token with read on "
+                f"{self.keys.base}/, e.g. the operator policy of docs/acl.md"
+            )
+        for entry in entries:
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
@@ -128,7 +135,10 @@ class DeployStore:
         entry = self.consul.kv_get(self.keys.artifact(artifact_id))
         if entry is None:
             return None
-        return ArtifactRecord.from_json(entry.value, where=entry.key)
+        record = ArtifactRecord.from_json(entry.value, where=entry.key)
+        if record.id != artifact_id:  # a record copied or planted under another id
+            raise PayloadError(f"{entry.key}: the record there is for artifact {record.id}")
+        return record
 
     def current(self) -> tuple[CurrentRecord | None, int]:
         entry = self.consul.kv_get(self.keys.current)

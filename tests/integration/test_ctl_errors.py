@@ -8,11 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster, make_ca
 from watcher.consul_api import ConsulClient
-from watcher.records import ArtifactRecord
+from watcher.records import ArtifactRecord, HostRecord
 
 CLUSTER = ClusterSpec(hosts=1, acl=True, tls=True)
 BIN = Path(sys.executable).parent
@@ -120,15 +121,16 @@ class TestTokenThatMayNotReadMembers:
     watcherctl must say that, not "is any daemon running?" (and never deploy to a partial
     member list)."""
 
+    @pytest.mark.parametrize("denied", ["members", "hosts"])
     def test_deploy_and_fleet_status_name_the_acl(
-        self, cluster: ConsulCluster, tmp_path: Path
+        self, cluster: ConsulCluster, tmp_path: Path, denied: str
     ) -> None:
         agent = cluster.hosts[0]
         prefix = f"acl{time.monotonic_ns()}"
         app = f"{prefix}/apps/web"
         rules = (
             f'key_prefix "{app}/" {{ policy = "read" }}\n'
-            f'key_prefix "{app}/members/" {{ policy = "deny" }}\n'
+            f'key_prefix "{app}/{denied}/" {{ policy = "deny" }}\n'
             f'key "{app}/inflight" {{ policy = "write" }}\n'
             f'key_prefix "{app}/deploys/" {{ policy = "write" }}\n'
         )
@@ -141,6 +143,8 @@ class TestTokenThatMayNotReadMembers:
         admin.kv_put(f"{app}/artifacts/main-15eb13af", record.to_json())
         session = admin.session_create("test member", 30.0)
         assert admin.kv_put(f"{app}/members/host-1", b"{}", acquire=session)
+        host = HostRecord(node="host-1", release=None, last_seen="2026-01-01T00:00:00.000Z")
+        admin.kv_put(f"{app}/hosts/host-1", host.to_json())
 
         consul = {
             "address": agent.http_addr,
@@ -152,7 +156,7 @@ class TestTokenThatMayNotReadMembers:
             result = run_ctl(tmp_path, consul, *argv, extra=base)
             line = one_line_error(result)
             assert result.returncode == 3, result.stderr
-            assert f"may not read {app}/members/" in line, line
+            assert f"may not read {app}/{denied}/" in line, line
             assert "is any daemon running" not in line
         assert admin.kv_get(f"{app}/inflight") is None  # no deploy was started
         assert admin.kv_list(f"{app}/deploys/") == []

@@ -139,6 +139,16 @@ class TestBadIdsTouchNothing:
             assert "must be" in result.stderr or "need the full" in result.stderr
         assert site.tree() == before  # no deploy record, no inflight, no artifact record
 
+    def test_a_record_planted_under_another_id_is_refused(self, site: Site) -> None:
+        plant_artifact(site, site.keys.artifact("main-aaaaaaaa"), "main-bbbbbbbb")
+        before = site.tree()
+        for argv in (["deploy", "web", "main-aaaaaaaa"], ["setup-release", "web", "main-aaaaaaaa"]):
+            result = site.ctl(*argv)
+            assert result.returncode == 1, result.stderr
+            assert "the record there is for artifact main-bbbbbbbb" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert site.tree() == before
+
     def test_a_valid_id_still_deploys_as_far_as_the_protocol(self, site: Site) -> None:
         """The same config and member key start a deploy for a good id (so the refusals
         above are the ids', not the set-up's)."""
