@@ -314,7 +314,10 @@ class DeployStore:
         except PayloadError:
             other = None
         if other is None:
-            return f"app {self.app}: deploy {deploy_id} is in flight"
+            return (
+                f"app {self.app}: deploy {deploy_id} is in flight, with no readable record; "
+                "`watcherctl status` shows how to clear it"
+            )
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
             f"requested by {other.requested_by} at {other.requested_at}) is in flight; "

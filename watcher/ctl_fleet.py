@@ -410,15 +410,21 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {"running": False, "reason": f"no status at {path}"}
-    pid = int(data.get("pid", 0))
     try:
-        os.kill(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    except PermissionError:
-        alive = True
-    age = (datetime.now(UTC) - parse_iso(data["updated_at"])).total_seconds()
+        pid = int(data.get("pid", 0))
+        updated_at = parse_iso(data["updated_at"])
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        return {"running": False, "reason": f"unreadable status at {path}"}
+    alive = False
+    if pid > 0:  # kill(0 or -n) would probe a process group, not the daemon
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except PermissionError:
+            alive = True
+        except (ProcessLookupError, OverflowError):
+            alive = False
+    age = (datetime.now(UTC) - updated_at).total_seconds()
     data["running"] = alive and age < DAEMON_STALE_AFTER
     data["age_s"] = round(age, 1)
     if not data["running"]:

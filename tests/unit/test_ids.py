@@ -124,6 +124,10 @@ class TestTheCliRefusesBadInputWithExit2:
             (["publish", "web", ".", "--artifact-id", "../x"], "invalid artifact id '../x'"),
             (["publish", "web", ".", "--commit", "15eb13a"], "too short, need the full commit"),
             (["publish", "web", ".", "--commit", "HEAD"], "invalid commit 'HEAD'"),
+            (
+                ["publish", "web", ".", "--branch", "ma\x01in", "--commit", "15eb13af" * 5],
+                "--branch: invalid branch 'ma\\x01in'",
+            ),
             (["deploy", "web", "main-1", "--timeout", "0"], "above 0, got '0'"),
             (["deploy", "web", "main-1", "--timeout", "-5"], "above 0, got '-5'"),
             (["deploy", "web", "main-1", "--timeout", "nan"], "above 0, got 'nan'"),
