@@ -47,6 +47,7 @@ CONSUL_CHECK_DEADLINE = 3.0
 #: Exit status of ``exec`` when the command cannot be started (like a shell).
 EXIT_CANNOT_RUN = 127
 DEFAULT_KEEP_DAYS = 7.0
+MAX_KEEP_DAYS = 36525  # a century: a pin that long is a mistake, a longer one overflows
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -113,8 +114,10 @@ def _positive_days(text: str) -> float:
         days = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if not days > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 days, got {text}")
+    if not 0 < days <= MAX_KEEP_DAYS:  # also refuses nan; inf overflowed the date maths
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_KEEP_DAYS} days, got {text!r}"
+        )
     return days
 
 

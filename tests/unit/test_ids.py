@@ -134,6 +134,8 @@ class TestTheCliRefusesBadInputWithExit2:
             (["deploy", "web", "main-1", "--timeout", "inf"], "above 0, got 'inf'"),
             (["rollback", "web", "--timeout", "nan"], "above 0, got 'nan'"),
             (["history", "web", "--limit", "0"], "must be 1 or more"),
+            (["setup-release", "web", "main-1", "--keep-days", "inf"], "at most 36525 days"),
+            (["setup-release", "web", "main-1", "--keep-days", "nan"], "at most 36525 days"),
         ],
     )
     def test_usage_errors(self, argv: list[str | bytes], message: str) -> None:
