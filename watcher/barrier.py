@@ -27,6 +27,7 @@ from watcher.log import get_logger
 from watcher.records import (
     ABORT,
     COMMIT,
+    DEPLOY_ID_RE,
     FAILED,
     FAILED_AFTER_COMMIT,
     NEXT_STATES,
@@ -196,7 +197,8 @@ class DeployStore:
             return [], 0
         try:
             ids = json.loads(entry.value)["deploys"]
-            return [str(i) for i in ids], entry.modify_index
+            # an entry that is no deploy id names no keys (and is dropped at the next write)
+            return [str(i) for i in ids if DEPLOY_ID_RE.match(str(i))], entry.modify_index
         except (ValueError, KeyError, TypeError):
             log.error("document_skipped", key=entry.key, error="history is not valid JSON")
             return [], entry.modify_index

@@ -160,6 +160,21 @@ class TestBadIdsTouchNothing:
         assert entry is not None and entry.value == deploy.encode()
 
 
+def test_garbage_in_history_names_no_keys(site: Site) -> None:
+    """`history` is written by hosts; ids in it that break the rule are skipped, not turned
+    into keys, and the next deploy rewrites the list without them."""
+    plant_artifact(site, site.keys.artifact(ARTIFACT))
+    garbage = {"version": 1, "deploys": ["../../x", "a/b", "ok\n", 7]}
+    site.kv.kv_put(f"{site.keys.base}/history", json.dumps(garbage).encode())
+    listed = site.ctl("history", "web")
+    assert listed.returncode == 0 and "no deploys of web" in listed.stdout, listed.stderr
+    started = site.ctl("deploy", "web", ARTIFACT, "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    deploy = json.loads(started.stdout)["deploy"]
+    entry = site.kv.kv_get(f"{site.keys.base}/history")
+    assert entry is not None and json.loads(entry.value or b"")["deploys"] == ["7", deploy]
+
+
 class TestBrokenInflight:
     """`inflight` that names no readable deploy blocks every deploy: status must show it and
     how to clear it, and the command it prints must clear it."""
