@@ -107,6 +107,29 @@ def show(fleet: Fleet) -> None:
     print(pages(fleet))
 
 
+def watcherctl_command() -> str:
+    """How to call this installation's watcherctl from the current directory (`make demo`
+    runs from the repository: `.venv/bin/watcherctl`), as printed in the hints."""
+    path = Path(sys.executable).parent / "watcherctl"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def follow_ups(fleet: Fleet, v2: str) -> list[str]:
+    """The commands printed for the user to try; tests/integration/test_demo.py runs each
+    exactly as printed."""
+    ctl = f"{watcherctl_command()} -c {fleet.watchers[0].config_path}"
+    return [
+        f"{ctl} status",
+        f"{ctl} status --fleet",
+        f"{ctl} deploy web {v2}",
+        f"{ctl} history web",
+        f"curl http://{fleet.watchers[0].agent.ip}:{WEB_PORT}/",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-keep", action="store_true",
@@ -169,14 +192,10 @@ def main() -> int:
         say(f"scripted part done in {took:.0f}s")
         if args.no_keep:
             return 0
-        cfg = fleet.watchers[0].config_path
+        hints = "\n".join(f"  {hint}" for hint in follow_ups(fleet, v2))
         print(f"""
-Everything is still running. Try, from this directory:
-  .venv/bin/watcherctl -c {cfg} status
-  .venv/bin/watcherctl -c {cfg} status --fleet
-  .venv/bin/watcherctl -c {cfg} deploy web {v2}
-  .venv/bin/watcherctl -c {cfg} history web
-  curl http://{fleet.watchers[0].agent.ip}:{WEB_PORT}/
+Everything is still running. Try:
+{hints}
 Watcher logs: {workdir}/hosts/<host>/watcher.log
 Press Ctrl-C to stop everything.""", flush=True)
         while True:

@@ -23,6 +23,7 @@ from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
+    ConsulPermissionDenied,
     DeployInFlight,
     DeployRefused,
     PayloadError,
@@ -34,6 +35,7 @@ from watcher.records import (
     ABORTED,
     ACKED_READY_STATES,
     COMMIT,
+    DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
     NEXT_STATES,
     READY,
@@ -217,7 +219,14 @@ class DeployStore:
     def members(self, *, consistent: bool = False) -> dict[str, KVEntry]:
         """Live members: node -> its session-held member key."""
         if not consistent:
-            return self._members_from(self.consul.kv_list(self.keys.members_prefix))
+            entries, filtered = self.consul.kv_list_checked(self.keys.members_prefix)
+            if filtered:  # a partial list would leave live hosts out of the expected set
+                raise ConsulPermissionDenied(
+                    f"app {self.app}: this Consul token may not read {self.keys.members_prefix} "
+                    "(Consul left keys out of the list: ACLs); use a token with read on "
+                    f"{self.keys.base}/, e.g. the operator policy of docs/acl.md"
+                )
+            return self._members_from(entries)
         result = self.consul.txn([TxnOp.get_tree(self.keys.members_prefix)], consistent=True)
         return self._members_from(result.entries)
 
@@ -231,7 +240,14 @@ class DeployStore:
 
     def hosts(self) -> dict[str, HostRecord]:
         out: dict[str, HostRecord] = {}
-        for entry in self.consul.kv_list(self.keys.hosts_prefix):
+        entries, filtered = self.consul.kv_list_checked(self.keys.hosts_prefix)
+        if filtered:  # a partial list would hide a known host that is down
+            raise ConsulPermissionDenied(
+                f"app {self.app}: this Consul token may not read {self.keys.hosts_prefix} "
+                "(Consul left keys out of the list: ACLs); use a token with read on "
+                f"{self.keys.base}/, e.g. the operator policy of docs/acl.md"
+            )
+        for entry in entries:
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
@@ -435,8 +451,11 @@ class DeployStore:
             return [], [], 0
         try:
             data = json.loads(entry.value)
-            ids = [str(i) for i in data["deploys"] if isinstance(i, str)]
-            trimmed = [str(i) for i in data.get("trimmed", []) if isinstance(i, str)]
+            # an entry that is no deploy id names no keys (and is dropped at the next write)
+            ids = [i for i in data["deploys"] if isinstance(i, str) and DEPLOY_ID_RE.match(i)]
+            trimmed = [
+                i for i in data.get("trimmed", []) if isinstance(i, str) and DEPLOY_ID_RE.match(i)
+            ]
             return ids, trimmed, entry.modify_index
         except (ValueError, KeyError, TypeError, AttributeError):
             log.error("document_skipped", key=entry.key, error="history is not valid JSON")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ DEFAULT_PATH = Path("/etc/watcher/watcher.yaml")
 HOOK_PHASES = ("post_release", "post_symlink", "validate", "post_abort")
 PREFETCH_MODES = ("extract", "download", "off")
 VALIDATE_FAILURE_MODES = ("rollback", "hold")
+MAX_NESTING = 32  # levels of YAML collections; a real config needs 6
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -335,10 +337,122 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
-def _address(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"(https?://)?[^\s/]+(:\d+)?/?", value):
+def _url_parts(value: Any) -> urllib.parse.SplitResult:
+    """``host[:port]`` or ``http(s)://host[:port][/]``, split; ValueError for anything else
+    (a bad port, a stray path, user info, spaces, an unclosed IPv6 bracket ...)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         raise ValueError
+    parts = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
+    if parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+        raise ValueError
+    if parts.query or parts.fragment or "@" in parts.netloc or not parts.hostname:
+        raise ValueError
+    _ = parts.port  # raises ValueError for a port that is not a number in 0-65535
+    return parts
+
+
+def _address(value: Any) -> str:
+    """Consul's address: ``host[:port]`` or ``http(s)://host[:port]``."""
+    if _url_parts(value).port == 0:
+        raise ValueError
+    return str(value)
+
+
+def _listen(value: Any) -> str:
+    """``host:port`` to listen on (port 0: any free port)."""
+    if _url_parts(value).port is None:
+        raise ValueError
+    return str(value)
+
+
+def _endpoint_url(value: Any) -> str:
+    """An S3 endpoint: ``http(s)://host[:port][/path]``."""
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise ValueError
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError
+    _ = parts.port
     return value
+
+
+def _key_prefix(value: Any) -> str:
+    """An S3 key prefix: no "." or ".." segment (hosts compare URLs against it)."""
+    text = _text(value).strip("/")
+    if any(part in (".", "..") for part in text.split("/")) or "//" in text:
+        raise ValueError
+    return text
+
+
+def _absolute_dir(value: Any) -> str:
+    text = _string(value)
+    if not Path(text).is_absolute():
+        raise ValueError
+    return text
+
+
+def _text_problems(data: Any, path: str, problems: list[str], seen: set[int]) -> None:
+    """Every string (key or value) holding a NUL byte or a lone surrogate: no path, key or
+    token can carry one, and the calls that would fail on it come long after parsing."""
+    if isinstance(data, str):
+        if "\0" in data:
+            problems.append(f"{path or '<top>'}: contains a NUL byte")
+        elif any(0xD800 <= ord(c) <= 0xDFFF for c in data):
+            problems.append(f"{path or '<top>'}: contains an escaped surrogate, not text")
+        return
+    if not isinstance(data, dict | list) or id(data) in seen:
+        return  # anchors and aliases share objects: visit each once
+    seen.add(id(data))
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            _text_problems(item, f"{path or '<top>'}[{i}]", problems, seen)
+        return
+    for key, item in data.items():
+        where = _join(path, str(key).encode("unicode_escape").decode("ascii"))
+        _text_problems(key, where, problems, seen)
+        _text_problems(item, where, problems, seen)
+
+
+@dataclass
+class _Level:
+    kind: str  # "mapping" or "sequence"
+    path: str
+    next_is_key: bool = True
+    key: str = "?"
+    index: int = 0
+
+
+def nesting_problem(text: str, limit: int = MAX_NESTING) -> str | None:
+    """Where ``text`` nests collections deeper than ``limit``, before PyYAML's recursive
+    composer would run out of stack on it (RecursionError). Reads parser events, which
+    does not recurse."""
+    stack: list[_Level] = []
+    for event in yaml.parse(text, Loader=_UniqueKeyLoader):
+        if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            stack.pop()
+            continue
+        if not isinstance(event, yaml.NodeEvent):
+            continue
+        path = ""
+        if stack:
+            parent = stack[-1]
+            if parent.kind == "sequence":
+                path = f"{parent.path or '<top>'}[{parent.index}]"
+                parent.index += 1
+            elif parent.next_is_key:
+                parent.next_is_key = False
+                parent.key = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+                path = _join(parent.path, "<key>")
+            else:
+                parent.next_is_key = True
+                path = _join(parent.path, str(parent.key))
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= limit:
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                return f"{path or '<top>'}: nested more than {limit} levels deep (line {line})"
+            kind = "mapping" if isinstance(event, yaml.MappingStartEvent) else "sequence"
+            stack.append(_Level(kind, path))
+    return None
 
 
 def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
@@ -356,11 +470,25 @@ def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
         else:
             r.fail(where, f"must be an executable path or a list of arguments, got {_show(item)}")
             continue
+        # [path, arg] where [[path, arg]] was meant: two hooks, the second one an argument
+        flat = i > 0 and isinstance(item, str) and isinstance(items[0], str)
+        if flat and not (Path(item).is_absolute() and _is_executable_file(item)):
+            r.fail(
+                where,
+                f'"{item}" is not an executable file; if it is an argument of '
+                f"{path}[0], write the hook as one list: "
+                f"[[{', '.join(str(x) for x in items)}]]",
+            )
+            continue
         if not Path(argv[0]).is_absolute():
             r.fail(where, f'must be an absolute path to an executable, got "{argv[0]}"')
             continue
         hooks.append(argv)
     return tuple(hooks)
+
+
+def _is_executable_file(path: str) -> bool:
+    return Path(path).is_file() and os.access(path, os.X_OK)
 
 
 def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
@@ -594,6 +722,10 @@ def parse_config(
 ) -> Config:
     """Validate parsed YAML; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
+    text_problems: list[str] = []
+    _text_problems(data, "", text_problems, set())
+    if text_problems:
+        raise ConfigError(source, text_problems)
     r = _Reader()
     top = r.section(data, "", {"node", "kv_prefix", "consul", "s3", "daemon", "apps"})
     if data is None:
@@ -610,9 +742,13 @@ def parse_config(
         r.fail("s3.bucket", "is required")
     s3 = S3Settings(
         bucket=r.get(s3d, "bucket", "s3", "", _string, "a bucket name"),
-        prefix=r.get(s3d, "prefix", "s3", "", _text, "a key prefix").strip("/"),
+        prefix=r.get(
+            s3d, "prefix", "s3", "", _key_prefix, 'a key prefix without "." or ".." parts'
+        ),
         region=r.get(s3d, "region", "s3", None, _string, "a region name"),
-        endpoint_url=r.get(s3d, "endpoint_url", "s3", None, _string, "a URL"),
+        endpoint_url=r.get(
+            s3d, "endpoint_url", "s3", None, _endpoint_url, 'a URL like "https://host:9000"'
+        ),
     )
     dd = r.section(
         top.get("daemon"),
@@ -636,13 +772,18 @@ def parse_config(
                 "listen",
                 "daemon",
                 DaemonSettings.listen,
-                _address,
+                _listen,
                 'an address like "127.0.0.1:9473", or null to disable',
             )
         )
     daemon = DaemonSettings(
         state_dir=r.get(
-            dd, "state_dir", "daemon", DaemonSettings.state_dir, _string, "a directory path"
+            dd,
+            "state_dir",
+            "daemon",
+            DaemonSettings.state_dir,
+            _absolute_dir,
+            "an absolute directory path",
         ),
         session_ttl=r.get(
             dd, "session_ttl", "daemon", 15.0, parse_duration, 'a duration like "15s"'
@@ -694,7 +835,12 @@ def load_config(
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(source, [f"cannot read: {reason}"]) from None
     try:
+        too_deep = nesting_problem(text)
+        if too_deep:
+            raise ConfigError(source, [too_deep])
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # not expected after nesting_problem; never a traceback
+        raise ConfigError(source, ["invalid YAML: nested too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

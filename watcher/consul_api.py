@@ -10,10 +10,12 @@ Which calls go through py-consul's endpoint API, and which do not:
   explicit X-Consul-Token header, where py-consul 1.8.0 cannot do the job:
   ``/v1/event/list`` and ``/v1/txn`` (``event.list`` and ``txn.put`` send no token: with
   ACLs on the list is silently empty and a txn fails 409), ``/v1/agent/self`` and
-  ``/v1/status/leader`` (``agent.self`` and ``status.leader`` take no token), and
-  ``/v1/session/create`` (``session.create`` asserts a TTL of at least 10 s and can only
-  send the deprecated ``Checks`` field; one direct call keeps one tested path for every
-  TTL instead of a second one that only production TTLs would take).
+  ``/v1/status/leader`` (``agent.self`` and ``status.leader`` take no token), a
+  recursive KV read whose ``X-Consul-Results-Filtered-By-Acls`` header matters
+  (``kv.get`` returns no headers), and ``/v1/session/create`` (``session.create``
+  asserts a TTL of at least 10 s and can only send the deprecated ``Checks`` field; one
+  direct call keeps one tested path for every TTL instead of a second one that only
+  production TTLs would take).
 
 py-consul is set up so that nothing outside ``ConsulSettings`` leaks in: its
 ``Consul.__init__`` prefers CONSUL_HTTP_TOKEN from the environment over the token it is
@@ -815,6 +817,27 @@ class ConsulClient:
             what=f"kv list {prefix}",
         )
         return [_kv_entry(d) for d in data or []]
+
+    def kv_list_checked(self, prefix: str) -> tuple[list[KVEntry], bool]:
+        """``kv_list``, and whether Consul left entries out because the token may not read
+        them (its ``X-Consul-Results-Filtered-By-Acls`` header): an empty or short list
+        then says nothing about what exists."""
+        what = f"kv list {prefix}"
+        resp = self._direct(
+            "GET",
+            f"/v1/kv/{self._kv_key(prefix)}",
+            what=what,
+            params=[("recurse", "")],
+            allow=(404,),
+        )
+        headers = {str(k).lower(): str(v) for k, v in dict(resp.headers).items()}
+        filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
+        if resp.code == 404:
+            return [], filtered
+        data = self._json(resp, what)
+        if not isinstance(data, list):
+            raise ConsulRequestError(f"Consul at {self.address} answered {what} with a non-list")
+        return [KVEntry.from_json(d) for d in data], filtered
 
     def kv_list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[KVEntry]]:
         """Blocking ``kv_list``: wait up to ``wait`` s for a change under ``prefix``."""

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from watcher import ids
 from watcher.config import Config, load_config
 from watcher.errors import (
     ConfigError,
     ConsulError,
     DeployError,
     LockTimeout,
+    PayloadError,
     S3Error,
     WatcherError,
 )
@@ -29,6 +31,8 @@ COMMAND_MODULES = ("watcher.ctl_local", "watcher.ctl_fleet", "watcher.ctl_publis
 # Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 Consul or S3
 # unreachable or refused, 4 refused because of state (deploy in flight, hold, lock held).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
+# stdout was closed by its reader: what a shell reports for a tool killed by SIGPIPE.
+EXIT_PIPE = 128 + 13
 
 
 @dataclass
@@ -101,23 +105,65 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """-c, --json and --debug: accepted before the command and after it.
+
+    The copy on each command's parser leaves an option it was not given unset
+    (``SUPPRESS``), so ``watcherctl -c FILE status`` keeps the value given before the
+    command; one given after it wins.
+    """
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
         "-c",
         "--config",
-        default=None,
+        default=default,
         help="config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="show tracebacks and debug logs",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
     parser = argparse.ArgumentParser(
         prog="watcherctl", description="Operate release-watcher on this host and the fleet."
     )
+    _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub, common)
     return parser
+
+
+def name_argument(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse ``type=`` that applies one of ``watcher.ids``' checks: a bad id is a
+    usage error (exit 2, the rule in the message) before any config or Consul is touched."""
+
+    def convert(text: str) -> str:
+        try:
+            return check(text)
+        except PayloadError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__.removeprefix("check_").replace("_", " ")
+    return convert
+
+
+artifact_id_argument = name_argument(ids.check_artifact_id)
+deploy_id_argument = name_argument(ids.check_deploy_id)
+release_argument = name_argument(ids.check_release_name)
+commit_argument = name_argument(ids.check_commit)
 
 
 def exit_code_for(exc: WatcherError) -> int:
@@ -130,14 +176,35 @@ def exit_code_for(exc: WatcherError) -> int:
     return EXIT_FAILED
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``watcherctl history web | head -1``): stop quietly,
+    like a tool killed by SIGPIPE, and keep the interpreter from complaining at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)
+        sys.stdout.flush()
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     # Retries and other warnings are the daemon's business; the CLI says what failed, once.
     configure_logging(level="debug" if args.debug else "error", stream=sys.stderr)
     ctx = CtlContext(args)
     try:
         code: int = args.func(ctx)
+        sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
         return code
     except WatcherError as exc:
         if args.debug:

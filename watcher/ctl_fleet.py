@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from watcher import ids
 from watcher.barrier import (
     DeployStore,
     DeployView,
@@ -21,7 +23,17 @@ from watcher.barrier import (
 )
 from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient, TxnOp
-from watcher.ctl import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, CtlContext, table, user_at_host
+from watcher.ctl import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    CtlContext,
+    artifact_id_argument,
+    deploy_id_argument,
+    release_argument,
+    table,
+    user_at_host,
+)
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
 from watcher.records import ABORT, COMMIT, DeployRecord, parse_iso
 from watcher.releases import ReleaseEngine
@@ -38,7 +50,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("deploy", parents=[common], help="deploy an artifact to the whole fleet")
     p.add_argument("app")
-    p.add_argument("artifact", help="artifact id, e.g. master-15eb13af")
+    p.add_argument("artifact", type=artifact_id_argument, help="artifact id, e.g. master-15eb13af")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -54,7 +66,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="roll the fleet back to the previous release (or --to RELEASE)",
     )
     p.add_argument("app")
-    p.add_argument("--to", dest="to", metavar="RELEASE", help="a release from the history")
+    p.add_argument(
+        "--to",
+        dest="to",
+        metavar="RELEASE",
+        type=release_argument,
+        help="a release from the history",
+    )
     p.add_argument(
         "--local", action="store_true", help="flip this host only, and place a hold on it"
     )
@@ -65,11 +83,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "history", parents=[common], help="who deployed what, when, and how it ended"
     )
     p.add_argument("app")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_positive_int, default=20, help="at most this many deploys")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("abort", parents=[common], help="abort a deploy that is not decided yet")
-    p.add_argument("deploy")
+    p.add_argument("deploy", type=deploy_id_argument)
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
     p.add_argument("--reason", default="")
     p.set_defaults(func=cmd_abort)
@@ -84,10 +102,32 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once the deploy is started")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_timeout_seconds,
         default=None,
         help="seconds to wait for the outcome (default: the deploy's deadlines)",
     )
+
+
+def _timeout_seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0 (nan would return at once while
+    the deploy goes on)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
+    return value
 
 
 STATUS_CONSUL_TIMEOUT = 3.0  # status answers from local state quickly when Consul does not
@@ -343,6 +383,12 @@ def cmd_abort(ctx: CtlContext) -> int:
             )
             return EXIT_OK
         if not found:
+            if _clear_stale_inflight(store, deploy_id):
+                ctx.emit(
+                    {"deploy": deploy_id, "app": name, "aborted": True},
+                    lambda d: f"deploy {deploy_id} had no record; `inflight` cleared",
+                )
+                return EXIT_OK
             continue
         by = user_at_host()
         reason = ctx.args.reason or ""
@@ -384,6 +430,16 @@ def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployV
     return view
 
 
+def _clear_stale_inflight(store: DeployStore, deploy_id: str) -> bool:
+    """Delete ``inflight`` when it names ``deploy_id`` and that deploy has no record (no
+    host can act on it, and it blocks every deploy); True when it was cleared here."""
+    inflight, index = store.inflight()
+    if inflight != deploy_id:
+        return False
+    ops = [TxnOp.check_index(store.keys.inflight, index), TxnOp.delete(store.keys.inflight)]
+    return store.consul.txn(ops).ok
+
+
 # --- status ------------------------------------------------------------------------------
 
 
@@ -394,15 +450,21 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {"running": False, "reason": f"no status at {path}"}
-    pid = int(data.get("pid", 0))
     try:
-        os.kill(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    except PermissionError:
-        alive = True
-    age = (datetime.now(UTC) - parse_iso(data["updated_at"])).total_seconds()
+        pid = int(data.get("pid", 0))
+        updated_at = parse_iso(data["updated_at"])
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        return {"running": False, "reason": f"unreadable status at {path}"}
+    alive = False
+    if pid > 0:  # kill(0 or -n) would probe a process group, not the daemon
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except PermissionError:
+            alive = True
+        except (ProcessLookupError, OverflowError):
+            alive = False
+    age = (datetime.now(UTC) - updated_at).total_seconds()
     data["running"] = alive and age < DAEMON_STALE_AFTER
     data["age_s"] = round(age, 1)
     if not data["running"]:
@@ -457,23 +519,24 @@ def cmd_status(ctx: CtlContext) -> int:
             entry["fleet_current"] = fleet_current.release if fleet_current else None
             inflight, _ = store.inflight()
             entry["deploy"] = None
-            if inflight:
-                view = store.view(inflight)
-                if view is not None:
-                    mine = view.nodes.get(node or "")
-                    state = (
-                        mine.state
-                        if mine
-                        else ("pending" if node in view.record.expected else "not expected")
-                    )
-                    entry["deploy"] = {
-                        "id": inflight,
-                        "kind": view.record.kind,
-                        "release": view.record.release,
-                        "decision": view.decision.outcome if view.decision else None,
-                        "this_host": state,
-                        "states": summarize_states(view),
-                    }
+            view, problem = _inflight_view(store, inflight)
+            if problem is not None:
+                entry["deploy"] = problem
+            elif view is not None:
+                mine = view.nodes.get(node or "")
+                state = (
+                    mine.state
+                    if mine
+                    else ("pending" if node in view.record.expected else "not expected")
+                )
+                entry["deploy"] = {
+                    "id": inflight,
+                    "kind": view.record.kind,
+                    "release": view.record.release,
+                    "decision": view.decision.outcome if view.decision else None,
+                    "this_host": state,
+                    "states": summarize_states(view),
+                }
         except WatcherError as exc:
             data["consul"].update(reachable=False, error=str(exc))
         undecided = (entry.get("daemon") or {}).get("undecided")
@@ -482,6 +545,45 @@ def cmd_status(ctx: CtlContext) -> int:
         data["apps"][name] = entry
     ctx.emit(data, _human_status)
     return EXIT_OK
+
+
+def _inflight_view(
+    store: DeployStore, inflight: str | None
+) -> tuple[DeployView | None, dict[str, Any] | None]:
+    """The deploy ``inflight`` names, or what is wrong with it and how to clear it.
+
+    Every ``deploy`` is refused while ``inflight`` is set, so a value that names no
+    readable deploy must be shown, not taken for "none in flight".
+    """
+    if not inflight:
+        return None, None
+    try:
+        ids.check_deploy_id(inflight)
+    except PayloadError as exc:
+        return None, {
+            "id": inflight,
+            "problem": f"`inflight` holds no deploy id: {exc}",
+            "clear": f"consul kv delete {store.keys.inflight}",
+        }
+    try:
+        view = store.view(inflight)
+    except PayloadError as exc:
+        problem = f"its record does not parse: {exc}"
+    else:
+        if view is not None:
+            return view, None
+        problem = f"it has no request at {store.keys.request(inflight)}"
+    return None, {
+        "id": inflight,
+        "problem": f"`inflight` names deploy {inflight}, but {problem}",
+        "clear": f"watcherctl abort {inflight} --app {store.app}",
+    }
+
+
+def _human_inflight_problem(dep: dict[str, Any]) -> str:
+    return (
+        f"BROKEN: {dep['problem']}; every deploy is refused until it is cleared: `{dep['clear']}`"
+    )
 
 
 def _human_status(data: dict[str, Any]) -> str:
@@ -513,7 +615,9 @@ def _human_status(data: dict[str, Any]) -> str:
         )
         lines.append(f"  prefetched  {', '.join(a['prefetched']) or '-'}")
         dep = a.get("deploy")
-        if dep:
+        if dep and dep.get("problem"):
+            lines.append(f"  deploy      {_human_inflight_problem(dep)}")
+        elif dep:
             state = "UNDECIDED" if a.get("undecided") else dep["this_host"]
             lines.append(
                 f"  deploy      {dep['id']} ({dep['kind']} of {dep['release']}): "
@@ -533,7 +637,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
         hosts = store.hosts()
         current, _ = store.current()
         inflight, _ = store.inflight()
-        view = store.view(inflight) if inflight else None
+        view, problem = _inflight_view(store, inflight)
         rows = {}
         for node in sorted(set(members) | set(hosts)):
             host = hosts.get(node)
@@ -564,7 +668,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     "decision": view.decision.outcome if view.decision else None,
                 }
                 if view
-                else None
+                else problem
             ),
             "hosts": rows,
         }
@@ -574,7 +678,9 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
         for name, a in d.items():
             dep = a["deploy"]
             head = f"app {name}: fleet on {a['current'] or '-'}"
-            if dep:
+            if dep and dep.get("problem"):
+                head += f"; inflight {_human_inflight_problem(dep)}"
+            elif dep:
                 head += (
                     f"; {dep['kind']} {dep['id']} of {dep['release']} in flight "
                     f"(decision {dep['decision'] or 'pending'})"

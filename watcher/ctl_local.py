@@ -21,6 +21,8 @@ from watcher.ctl import (
     EXIT_REFUSED,
     EXIT_USAGE,
     CtlContext,
+    artifact_id_argument,
+    release_argument,
     table,
     user_at_host,
 )
@@ -45,6 +47,7 @@ CONSUL_CHECK_DEADLINE = 3.0
 #: Exit status of ``exec`` when the command cannot be started (like a shell).
 EXIT_CANNOT_RUN = 127
 DEFAULT_KEEP_DAYS = 7.0
+MAX_KEEP_DAYS = 36525  # a century: a pin that long is a mistake, a longer one overflows
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -69,7 +72,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="stage an artifact here without flipping, pinned against prune",
     )
     p.add_argument("app")
-    p.add_argument("artifact", help="artifact id, e.g. master-15eb13af")
+    p.add_argument("artifact", type=artifact_id_argument, help="artifact id, e.g. master-15eb13af")
     p.add_argument(
         "--keep-days",
         type=_positive_days,
@@ -90,11 +93,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         usage="watcherctl exec APP [--release RELEASE] -- CMD [ARG ...]",
         help="run a command inside a release, with its WATCHER_* environment",
     )
-    p.add_argument("--release", help="the release to run in (default: current)")
+    p.add_argument(
+        "--release", type=release_argument, help="the release to run in (default: current)"
+    )
     p.add_argument("app")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     options = argparse.ArgumentParser(prog="watcherctl exec", parents=[common], add_help=False)
-    options.add_argument("--release")
+    options.add_argument("--release", type=release_argument)
     options.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_exec, exec_options=options)
 
@@ -109,8 +114,10 @@ def _positive_days(text: str) -> float:
         days = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if not days > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 days, got {text}")
+    if not 0 < days <= MAX_KEEP_DAYS:  # also refuses nan; inf overflowed the date maths
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_KEEP_DAYS} days, got {text!r}"
+        )
     return days
 
 

@@ -9,8 +9,9 @@ from dataclasses import asdict
 from typing import Any
 
 from watcher.config import parse_duration
-from watcher.ctl import CtlContext, user_at_host
-from watcher.errors import ConfigError
+from watcher.ctl import CtlContext, artifact_id_argument, commit_argument, user_at_host
+from watcher.errors import ConfigError, PayloadError
+from watcher.ids import ARTIFACT_ID_RULE, check_commit, shown
 from watcher.records import MANIFEST_PATH
 
 
@@ -33,12 +34,17 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("app", metavar="APP", help="the app the artifact belongs to")
     p.add_argument("dir", metavar="DIR", help="the directory to package")
     p.add_argument("--branch", help="branch built (default $BUILDKITE_BRANCH)")
-    p.add_argument("--commit", help="commit SHA built (default $BUILDKITE_COMMIT)")
+    p.add_argument(
+        "--commit",
+        type=commit_argument,
+        help="the full commit SHA built (default $BUILDKITE_COMMIT)",
+    )
     p.add_argument("--build-number", help="CI build number (default $BUILDKITE_BUILD_NUMBER)")
     p.add_argument("--build-url", help="CI build URL (default $BUILDKITE_BUILD_URL)")
     p.add_argument(
         "--artifact-id",
-        help="use this id instead of <branch>-<commit[:8]> (must match [A-Za-z0-9][A-Za-z0-9._-]*)",
+        type=artifact_id_argument,
+        help=f"use this id instead of <branch>-<commit[:8]> ({ARTIFACT_ID_RULE})",
     )
     p.add_argument(
         "--retry-for",
@@ -69,6 +75,17 @@ def run_publish(ctx: CtlContext) -> int:
     branch = args.branch if args.branch is not None else env.get("BUILDKITE_BRANCH", "")
     commit = args.commit if args.commit is not None else env.get("BUILDKITE_COMMIT", "")
     problems: list[str] = []
+    if args.commit is None and commit:
+        try:
+            check_commit(commit)
+        except PayloadError as exc:
+            problems.append(f"$BUILDKITE_COMMIT: {exc}")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in branch):
+        where = "--branch" if args.branch is not None else "$BUILDKITE_BRANCH"
+        problems.append(
+            f"{where}: invalid branch {shown(branch)}: control characters or bytes that "
+            "are not UTF-8"
+        )
     if args.artifact_id is None:
         if not branch:
             problems.append("--branch (or $BUILDKITE_BRANCH) is required without --artifact-id")

@@ -136,7 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args)
     command = {"run": run, "check-config": check_config}[args.command]
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # a closed pipe (`check-config | head -1`) shows here
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # quietly, as a tool killed by SIGPIPE
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_CONFIG

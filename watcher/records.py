@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Self
 
+from watcher import ids
 from watcher.errors import PayloadError
 
-ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: "$" also matches before a trailing newline ("abc\n" must not pass).
+ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
 DOC_VERSION = 2
 LAYOUT_VERSION = 2
@@ -47,7 +49,7 @@ NEXT_STATES: dict[str, frozenset[str]] = {
     COMMITTED: frozenset({LIVE, FAILED_AFTER_COMMIT}),
 }
 COMMIT, ABORT = "commit", "abort"
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def utcnow() -> datetime:
@@ -69,23 +71,15 @@ def release_name(requested_at: datetime, artifact: str) -> str:
 
 
 def check_artifact_id(value: str) -> str:
-    if not isinstance(value, str) or not ARTIFACT_ID_RE.match(value):
-        raise PayloadError(f"invalid artifact id {value!r}: must match {ARTIFACT_ID_RE.pattern}")
-    return value
+    return ids.check_artifact_id(value)
 
 
 def check_deploy_id(value: str) -> str:
-    if not isinstance(value, str) or not DEPLOY_ID_RE.match(value):
-        raise PayloadError(f"invalid deploy id {value!r}: must match {DEPLOY_ID_RE.pattern}")
-    return value
+    return ids.check_deploy_id(value)
 
 
 def check_release(value: str) -> str:
-    if not isinstance(value, str) or not RELEASE_RE.match(value):
-        raise PayloadError(
-            f"invalid release name {value!r}: must look like 20261126T143844Z-master-15eb13af"
-        )
-    return value
+    return ids.check_release_name(value)
 
 
 def sanitize_branch(branch: str) -> str:

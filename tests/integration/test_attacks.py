@@ -1,3 +1,4 @@
+# ruff: noqa: F811
 """DESIGN.md 6.4's attacks, each with exactly one token acting through raw KV writes.
 
 A real 3-host cluster with ACLs on (default deny), every watcher with its own
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+# The ACL fleet fixture is shared with test_deploy_acl (its name is a parameter below).
 from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noqa: F401
 from tests.support.cluster import ClusterSpec
 from tests.support.fleet import BIN, Fleet, wait_for
@@ -239,7 +241,7 @@ class TestOperatorToken:
 
     def test_dormant_request_overwritten_after_a_host_rejoined(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
-        v1, result, release1 = baseline(acl_fleet)
+        _v1, result, release1 = baseline(acl_fleet)
         w3 = fleet.watchers[2]
         w3.stop()
         shutil.rmtree(w3.app_dir / ".state")
@@ -358,7 +360,7 @@ class TestOneHostToken:
 
     def test_current_pointed_at_an_older_deploy_moves_nobody(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
-        v1, first, release1 = baseline(acl_fleet)
+        _v1, _first, release1 = baseline(acl_fleet)
         release2 = next_deploy_works(acl_fleet, "v2")
         x = host_client(acl_fleet, 2)
         entry = x.kv_get(fleet.keys.current)
@@ -413,7 +415,7 @@ class TestOneHostToken:
 
     def test_old_request_recreated_and_current_pointed_at_it(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
-        v1, first, release1 = baseline(acl_fleet)
+        _v1, first, _release1 = baseline(acl_fleet)
         release2 = next_deploy_works(acl_fleet, "v2")
         x = host_client(acl_fleet, 2)
         v3 = acl_fleet.publish("v3")

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.support.cluster import ClusterSpec, ConsulCluster, make_ca
+from tests.support.cluster import Agent, ClusterSpec, ConsulCluster, make_ca
+from watcher.consul_api import ConsulClient
+from watcher.records import ArtifactRecord, HostRecord
 
 CLUSTER = ClusterSpec(hosts=1, acl=True, tls=True)
 BIN = Path(sys.executable).parent
 
 
 def run_ctl(
-    tmp_path: Path, consul: dict[str, object], *args: str, debug: bool = False
+    tmp_path: Path,
+    consul: dict[str, object],
+    *args: str,
+    debug: bool = False,
+    extra: dict[str, object] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "watcher.yaml"
     config.write_text(
@@ -24,6 +33,7 @@ def run_ctl(
                 "consul": consul,
                 "s3": {"bucket": "b"},
                 "apps": {"web": {"root": str(tmp_path / "srv")}},
+                **(extra or {}),
             }
         )
     )
@@ -97,3 +107,57 @@ class TestConsulErrors:
         assert "apps.api.rooot: unknown key" in result.stderr
         assert "apps.api.root: is required" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def _acl_api(agent: Agent, path: str, body: dict[str, object]) -> dict[str, object]:
+    status, raw = agent.request("PUT", path, json.dumps(body).encode())
+    assert status == 200, f"PUT {path}: HTTP {status}: {raw[:300]!r}"
+    data: dict[str, object] = json.loads(raw)
+    return data
+
+
+class TestTokenThatMayNotReadMembers:
+    """Consul filters `members/` out of a list for such a token, and says so in a header:
+    watcherctl must say that, not "is any daemon running?" (and never deploy to a partial
+    member list)."""
+
+    @pytest.mark.parametrize("denied", ["members", "hosts"])
+    def test_deploy_and_fleet_status_name_the_acl(
+        self, cluster: ConsulCluster, tmp_path: Path, denied: str
+    ) -> None:
+        agent = cluster.hosts[0]
+        prefix = f"acl{time.monotonic_ns()}"
+        app = f"{prefix}/apps/web"
+        rules = (
+            f'key_prefix "{app}/" {{ policy = "read" }}\n'
+            f'key_prefix "{app}/{denied}/" {{ policy = "deny" }}\n'
+            f'key "{app}/inflight" {{ policy = "write" }}\n'
+            f'key_prefix "{app}/deploys/" {{ policy = "write" }}\n'
+        )
+        _acl_api(agent, "/v1/acl/policy", {"Name": f"no-members-{prefix}", "Rules": rules})
+        token = _acl_api(agent, "/v1/acl/token", {"Policies": [{"Name": f"no-members-{prefix}"}]})
+        admin = ConsulClient(agent.consul_settings())
+        record = ArtifactRecord(
+            id="main-15eb13af", url="s3://b/web/main-15eb13af.tar.gz", sha256="0" * 64, size=1
+        )
+        admin.kv_put(f"{app}/artifacts/main-15eb13af", record.to_json())
+        session = admin.session_create("test member", 30.0)
+        assert admin.kv_put(f"{app}/members/host-1", b"{}", acquire=session)
+        host = HostRecord(node="host-1", release=None, last_seen="2026-01-01T00:00:00.000Z")
+        admin.kv_put(f"{app}/hosts/host-1", host.to_json())
+
+        consul = {
+            "address": agent.http_addr,
+            "ca_file": cluster.ca_file,
+            "token": token["SecretID"],
+        }
+        base = {"kv_prefix": prefix}
+        for argv in (["deploy", "web", "main-15eb13af", "--no-wait"], ["status", "--fleet"]):
+            result = run_ctl(tmp_path, consul, *argv, extra=base)
+            line = one_line_error(result)
+            assert result.returncode == 3, result.stderr
+            assert f"may not read {app}/{denied}/" in line, line
+            assert "is any daemon running" not in line
+        assert admin.kv_get(f"{app}/inflight") is None  # no deploy was started
+        assert admin.kv_list(f"{app}/deploys/") == []
+        admin.session_destroy(session)

@@ -233,7 +233,7 @@ class TestRollbackLocal:
         result = host.ctl("rollback", "web", "--local", "--to", release_of(9))
         assert result.returncode == 1 and "incomplete" in result.stderr, result
         result = host.ctl("rollback", "web", "--local", "--to", "../../etc")
-        assert result.returncode == 1 and "invalid release name" in result.stderr, result
+        assert result.returncode == 2 and "invalid release name" in result.stderr, result
         assert host.engine.current_release() == release_of(4)
         assert host.engine.held() is None
 

@@ -276,3 +276,139 @@ class TestCheckConfig:
         capsys.readouterr()
         get_logger().debug("shown_in_debug")
         assert "shown_in_debug" in capsys.readouterr().out
+
+
+WATCHERCTL = Path(sys.executable).parent / "watcherctl"
+DEEP = 5000  # far past Python's recursion limit: PyYAML's composer raised RecursionError
+
+
+def _with(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "w.yaml"
+    path.write_text(body)
+    return path
+
+
+# Configs `run` used to fail on after check-config said OK, or that crashed check-config:
+# (config text, the one problem reported, starting with the key's path).
+RUN_WOULD_FAIL = [
+    pytest.param(
+        's3: {bucket: b}\napps:\n  web: {root: "/srv/a\\0b"}\n',
+        "apps.web.root: contains a NUL byte",
+        id="nul-in-root",
+    ),
+    pytest.param(
+        's3: {bucket: b}\nconsul: {ca_file: "/etc/ca\\0.pem"}\napps:\n  web: {root: /srv}\n',
+        "consul.ca_file: contains a NUL byte",
+        id="nul-in-ca-file",
+    ),
+    pytest.param(
+        's3: {bucket: b}\nconsul: {address: "http://[::1:8500"}\napps:\n  web: {root: /srv}\n',
+        'consul.address: must be an address like "127.0.0.1:8500" or "https://host:8501", '
+        'got "http://[::1:8500"',
+        id="unclosed-ipv6-bracket",
+    ),
+    pytest.param(
+        "s3: {bucket: b}\nconsul: {address: 'consul:99999'}\napps:\n  web: {root: /srv}\n",
+        'consul.address: must be an address like "127.0.0.1:8500" or "https://host:8501", '
+        'got "consul:99999"',
+        id="port-out-of-range",
+    ),
+    pytest.param(
+        "s3: {bucket: b}\nconsul: {address: 'http://consul:85o0'}\napps:\n  web: {root: /srv}\n",
+        'consul.address: must be an address like "127.0.0.1:8500" or "https://host:8501", '
+        'got "http://consul:85o0"',
+        id="port-not-a-number",
+    ),
+    pytest.param(
+        "s3: {bucket: b, prefix: artifacts/../other}\napps:\n  web: {root: /srv}\n",
+        's3.prefix: must be a key prefix without "." or ".." parts, got "artifacts/../other"',
+        id="s3-prefix-dotdot",
+    ),
+    pytest.param(
+        "s3: {bucket: b, endpoint_url: 'minio:9000'}\napps:\n  web: {root: /srv}\n",
+        's3.endpoint_url: must be a URL like "https://host:9000", got "minio:9000"',
+        id="s3-endpoint-without-scheme",
+    ),
+    pytest.param(
+        "s3: {bucket: b}\ndaemon: {state_dir: var/lib/watcher}\napps:\n  web: {root: /srv}\n",
+        'daemon.state_dir: must be an absolute directory path, got "var/lib/watcher"',
+        id="relative-state-dir",
+    ),
+    pytest.param(
+        "s3: {bucket: b}\napps:\n  web:\n    root: /srv\n    hooks:\n      validate: "
+        + "[" * DEEP
+        + "]" * DEEP
+        + "\n",
+        "apps.web.hooks.validate" + "[0]" * 28 + ": nested more than 32 levels deep (line 6)",
+        id="deeply-nested-yaml",
+    ),
+    pytest.param(
+        "s3: {bucket: b}\napps:\n  web:\n    root: /srv\n    hooks:\n"
+        "      validate: [/bin/true, TMP/site.conf]\n",
+        'apps.web.hooks.validate[1]: "TMP/site.conf" is not an executable file; if it is an '
+        "argument of apps.web.hooks.validate[0], write the hook as one list: "
+        "[[/bin/true, TMP/site.conf]]",
+        id="hook-list-for-hook-with-argument",
+    ),
+]
+
+
+class TestWhatRunWouldFailOn:
+    """check-config refuses (exit 2, the key's path) what `run` would fail on, and `run` and
+    `watcherctl status` say the same in one line, never a traceback."""
+
+    @pytest.mark.parametrize(("body", "problem"), RUN_WOULD_FAIL)
+    def test_check_config_run_and_status_agree(
+        self, tmp_path: Path, body: str, problem: str
+    ) -> None:
+        (tmp_path / "site.conf").write_text("a file, not a program\n")
+        body, problem = body.replace("TMP", str(tmp_path)), problem.replace("TMP", str(tmp_path))
+        config = _with(tmp_path, body)
+        for argv, prefix in (
+            ([str(WATCHER), "check-config", "-c", str(config)], ""),
+            ([str(WATCHER), "run", "-c", str(config)], ""),
+            ([str(WATCHERCTL), "status", "-c", str(config)], "watcherctl: error: "),
+        ):
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, env=clean_env(), timeout=60, check=False
+            )
+            assert proc.returncode == 2, (argv, proc.stderr)
+            assert proc.stderr.splitlines() == [f"{prefix}{config}: {problem}"], argv
+            assert proc.stdout == ""
+
+    def test_hook_with_its_argument_in_one_list_is_fine(self, tmp_path: Path) -> None:
+        ok = "s3: {bucket: b}\napps:\n  web:\n    root: /srv\n    hooks:\n"
+        config = load_config(_with(tmp_path, ok + "      validate: [[/bin/true, /etc/x.conf]]\n"))
+        assert config.apps["web"].hooks["validate"] == (("/bin/true", "/etc/x.conf"),)
+        two = load_config(_with(tmp_path, ok + "      validate: [/bin/true, /bin/false]\n"))
+        assert two.apps["web"].hooks["validate"] == (("/bin/true",), ("/bin/false",))
+
+    def test_nesting_at_the_limit_is_only_a_type_error(self, tmp_path: Path) -> None:
+        body = "s3: {bucket: b}\napps:\n  web: {root: /srv}\nnode: " + "[" * 31 + "]" * 31
+        with pytest.raises(ConfigError) as caught:
+            load_config(_with(tmp_path, body + "\n"))
+        assert caught.value.problems == ["node: must be a node name, got a list"]
+
+    def test_aliases_are_not_expanded_exponentially(self, tmp_path: Path) -> None:
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+        lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+        with pytest.raises(ConfigError) as caught:
+            load_config(_with(tmp_path, "\n".join(lines) + "\n"))
+        assert "a8: unknown key" in "\n".join(caught.value.problems)
+
+    def test_garbage_never_escapes_as_anything_but_config_error(self, tmp_path: Path) -> None:
+        """A small seeded fuzz of the loader (the fuzz suite goes further)."""
+        import random
+
+        rng = random.Random(10)
+        alphabet = "ab: -[]{}&*!|>'\"\\0\n\t#%@`,?~.\x00\u00e9/"
+        base = MINIMAL
+        for _ in range(300):
+            chars = list(base)
+            for _ in range(rng.randint(1, 6)):
+                chars.insert(rng.randrange(len(chars) + 1), rng.choice(alphabet))
+            path = _with(tmp_path, "".join(chars))
+            try:
+                load_config(path)
+            except ConfigError as exc:
+                assert exc.problems and all(isinstance(p, str) for p in exc.problems)

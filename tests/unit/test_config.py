@@ -294,8 +294,13 @@ BAD: list[tuple[dict[str, Any], str]] = [
         'apps.web.hooks.validate: must be an absolute path to an executable, got "check.sh"',
     ),
     (
-        with_app(hooks={"validate": ["/bin/true", "rel/x"]}),
+        with_app(hooks={"validate": [["/bin/true"], "rel/x"]}),
         'apps.web.hooks.validate[1]: must be an absolute path to an executable, got "rel/x"',
+    ),
+    (  # [path, arg] for [[path, arg]]: the error names the nested form
+        with_app(hooks={"validate": ["/bin/true", "rel/x"]}),
+        'apps.web.hooks.validate[1]: "rel/x" is not an executable file; if it is an argument '
+        "of apps.web.hooks.validate[0], write the hook as one list: [[/bin/true, rel/x]]",
     ),
     (
         with_app(hooks={"post_abort": [[]]}),

@@ -53,3 +53,36 @@ class TestExitCodes:
 def test_table_aligns_columns() -> None:
     out = render_table([["a", None], ["longer", "x"]], ["NAME", "V"])
     assert out.splitlines() == ["NAME    V", "a", "longer  x"]
+
+
+class TestDaemonStatusFile:
+    """`status` reads the daemon's status.json: a damaged one is reported, never a crash."""
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "[]",
+            '"x"',
+            "{}",
+            '{"pid": "abc", "updated_at": "2026-01-01T00:00:00.000Z"}',
+            '{"pid": 1, "updated_at": "yesterday"}',
+            '{"pid": 1e400, "updated_at": "2026-01-01T00:00:00.000Z"}',
+            '{"pid": 1, "updated_at": null}',
+        ],
+    )
+    def test_unreadable(self, tmp_path: Path, text: str) -> None:
+        from watcher.ctl_fleet import daemon_status
+
+        (tmp_path / "status.json").write_text(text)
+        status = daemon_status(str(tmp_path))
+        assert status["running"] is False and "status" in status["reason"]
+
+    @pytest.mark.parametrize("pid", [0, -1, 2**70])
+    def test_a_pid_that_names_no_process(self, tmp_path: Path, pid: int) -> None:
+        from watcher.ctl_fleet import daemon_status
+
+        (tmp_path / "status.json").write_text(
+            f'{{"pid": {pid}, "updated_at": "2026-01-01T00:00:00.000Z"}}'
+        )
+        status = daemon_status(str(tmp_path))
+        assert status["running"] is False and status["reason"] == "process gone"

@@ -1,0 +1,311 @@
+"""What a careless user or a hostile caller types at watcherctl, on a real cluster: bad ids
+touch nothing, a broken `inflight` is shown with its cure, a closed stdout ends quietly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
+from tests.support.fleet import BIN
+from watcher.config import S3Settings
+from watcher.consul_api import ConsulClient, KVEntry
+from watcher.records import ArtifactRecord, Keys
+
+CLUSTER = ClusterSpec(hosts=1)
+ARTIFACT = "main-15eb13af"
+COMMIT = "15eb13af" * 5
+
+
+@dataclass
+class Site:
+    """One host's watcherctl config on its own KV prefix, with a member key held for it."""
+
+    agent: Agent
+    kv: ConsulClient
+    keys: Keys
+    prefix: str
+    config: Path
+    root: Path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "WATCHER_"))}
+        env["CONSUL_HTTP_ADDR"] = self.agent.http_addr
+        return env
+
+    def ctl(
+        self, *argv: str | bytes, stdout: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        args = [os.fsencode(a) for a in argv]
+        return subprocess.run(
+            [os.fsencode(BIN / "watcherctl"), *args, b"-c", os.fsencode(self.config)],
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=self.env(),
+            timeout=120,
+            check=False,
+        )
+
+    def tree(self) -> list[tuple[str, bytes | None]]:
+        entries: list[KVEntry] = self.kv.kv_list(f"{self.prefix}/")
+        return sorted((e.key, e.value) for e in entries)
+
+
+@pytest.fixture
+def site(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Site]:
+    agent = cluster.hosts[0]
+    prefix = f"in{time.monotonic_ns()}"
+    config = tmp_path / "watcher.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": agent.name,
+                "kv_prefix": prefix,
+                "consul": {"address": agent.http_addr},
+                "s3": {
+                    "bucket": s3_settings.bucket,
+                    "prefix": s3_settings.prefix,
+                    "region": s3_settings.region,
+                    "endpoint_url": s3_settings.endpoint_url,
+                },
+                "daemon": {"state_dir": str(tmp_path / "state"), "listen": None},
+                "apps": {"web": {"root": str(tmp_path / "srv")}},
+            }
+        )
+    )
+    kv = ConsulClient(agent.consul_settings())
+    keys = Keys(prefix, "web")
+    session = kv.session_create("watcher stand-in", 30.0)
+    assert kv.kv_put(keys.member(agent.name), b"{}", acquire=session)
+    try:
+        yield Site(agent, kv, keys, prefix, config, tmp_path)
+    finally:
+        kv.session_destroy(session)
+        kv.close()
+
+
+def plant_artifact(site: Site, key: str, artifact_id: str = ARTIFACT) -> None:
+    record = ArtifactRecord(
+        id=artifact_id, url=f"s3://b/web/{artifact_id}.tar.gz", sha256="0" * 64, size=1
+    )
+    site.kv.kv_put(key, record.to_json())
+
+
+class TestBadIdsTouchNothing:
+    def test_every_door_refuses_with_exit_2_and_writes_nothing(self, site: Site) -> None:
+        # A record planted under a key that no valid id names, and a valid one.
+        plant_artifact(site, f"{site.keys.base}/artifacts/a/b", "a-b")
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        src = site.root / "src"
+        src.mkdir()
+        (src / "index.html").write_text("hi\n")
+        before = site.tree()
+        doors: list[tuple[list[str | bytes], str]] = [
+            (["deploy", "web", "a/b"], "invalid artifact id 'a/b'"),
+            (["deploy", "web", "../x"], "invalid artifact id '../x'"),
+            (["deploy", "web", "x" * 300], "invalid artifact id"),
+            (["deploy", "web", ""], "invalid artifact id '' (empty)"),
+            (["deploy", "web", f"{ARTIFACT}\n"], "invalid artifact id"),
+            (["deploy", "web", b"main-\xff\xfe"], "invalid artifact id"),
+            (["deploy", "web", ARTIFACT, "--timeout", "nan"], "--timeout"),
+            (["setup-release", "web", "a/b"], "invalid artifact id"),
+            (["abort", "../x"], "invalid deploy id '../x'"),
+            (["abort", "a/b", "--app", "web"], "invalid deploy id 'a/b'"),
+            (["rollback", "web", "--to", "../x"], "invalid release name '../x'"),
+            (["exec", "web", "--release", "../x", "--", "true"], "invalid release name"),
+            (["publish", "web", str(src), "--artifact-id", "a/b"], "invalid artifact id"),
+            (
+                ["publish", "web", str(src), "--branch", "main", "--commit", "15eb13a"],
+                "too short, need the full commit SHA",
+            ),
+        ]
+        for argv, message in doors:
+            result = site.ctl(*argv)
+            assert result.returncode == 2, (argv, result.stderr)
+            assert message in result.stderr, (argv, result.stderr)
+            assert "Traceback" not in result.stderr
+            # the rule comes with the refusal
+            assert "must be" in result.stderr or "need the full" in result.stderr
+        assert site.tree() == before  # no deploy record, no inflight, no artifact record
+
+    def test_a_record_planted_under_another_id_is_refused(self, site: Site) -> None:
+        plant_artifact(site, site.keys.artifact("main-aaaaaaaa"), "main-bbbbbbbb")
+        before = site.tree()
+        for argv in (["deploy", "web", "main-aaaaaaaa"], ["setup-release", "web", "main-aaaaaaaa"]):
+            result = site.ctl(*argv)
+            assert result.returncode == 1, result.stderr
+            assert "the record there is for artifact main-bbbbbbbb" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert site.tree() == before
+
+    def test_a_valid_id_still_deploys_as_far_as_the_protocol(self, site: Site) -> None:
+        """The same config and member key start a deploy for a good id (so the refusals
+        above are the ids', not the set-up's)."""
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        result = site.ctl("deploy", "web", ARTIFACT, "--no-wait", "--json")
+        assert result.returncode == 0, result.stderr
+        deploy = json.loads(result.stdout)["deploy"]
+        entry = site.kv.kv_get(site.keys.inflight)
+        assert entry is not None and entry.value == deploy.encode()
+
+
+def test_garbage_in_history_names_no_keys(site: Site) -> None:
+    """`history` is written by hosts; ids in it that break the rule are skipped, not turned
+    into keys, and the next deploy rewrites the list without them."""
+    plant_artifact(site, site.keys.artifact(ARTIFACT))
+    garbage = {"version": 1, "deploys": ["../../x", "a/b", "ok\n", 7]}
+    site.kv.kv_put(f"{site.keys.base}/history", json.dumps(garbage).encode())
+    listed = site.ctl("history", "web")
+    assert listed.returncode == 0 and "no deploys of web" in listed.stdout, listed.stderr
+    started = site.ctl("deploy", "web", ARTIFACT, "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    deploy = json.loads(started.stdout)["deploy"]
+    entry = site.kv.kv_get(f"{site.keys.base}/history")
+    assert entry is not None and json.loads(entry.value or b"")["deploys"] == ["7", deploy]
+
+
+class TestBrokenInflight:
+    """`inflight` that names no readable deploy blocks every deploy: status must show it and
+    how to clear it, and the command it prints must clear it."""
+
+    def _status(self, site: Site) -> tuple[dict[str, object], str, str]:
+        data = json.loads(site.ctl("status", "--json").stdout)
+        deploy = data["apps"]["web"]["deploy"]
+        human = site.ctl("status").stdout
+        fleet = site.ctl("status", "--fleet").stdout
+        return deploy, human, fleet
+
+    def _run_cure(self, site: Site, consul_bin: str, cure: str) -> None:
+        argv = shlex.split(cure)
+        if argv[0] == "watcherctl":
+            result = site.ctl(*argv[1:])
+        else:
+            assert argv[0] == "consul"
+            result = subprocess.run(
+                [consul_bin, *argv[1:]],
+                capture_output=True,
+                text=True,
+                env=site.env(),
+                timeout=30,
+                check=False,
+            )
+        assert result.returncode == 0, (cure, result.stdout, result.stderr)
+
+    @pytest.mark.parametrize(
+        ("value", "record", "problem"),
+        [
+            ("20260101T000000Z-abc123", b"{not json", "does not parse"),
+            ("20260101T000001Z-def456", None, "has no record"),
+            ("../../x/y", None, "holds no deploy id"),
+        ],
+        ids=["unparseable-record", "missing-record", "garbage"],
+    )
+    def test_status_shows_it_and_the_cure_works(
+        self, site: Site, consul_bin: str, value: str, record: bytes | None, problem: str
+    ) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        if record is not None:
+            site.kv.kv_put(site.keys.deploy(value), record)
+        site.kv.kv_put(site.keys.inflight, value.encode())
+
+        refused = site.ctl("deploy", "web", ARTIFACT, "--no-wait")
+        assert refused.returncode == 4, refused.stderr
+        assert "in flight" in refused.stderr
+
+        deploy, human, fleet = self._status(site)
+        assert isinstance(deploy, dict) and problem in str(deploy["problem"]), deploy
+        cure = str(deploy["clear"])
+        for text in (human, fleet):
+            assert "none in flight" not in text
+            assert "BROKEN" in text and cure in text and problem in text, text
+
+        self._run_cure(site, consul_bin, cure)
+        assert site.kv.kv_get(site.keys.inflight) is None
+        deploy, human, _ = self._status(site)
+        assert deploy is None and "none in flight" in human
+
+
+class TestClosedStdout:
+    """`watcherctl ... | head -1`: when the reader goes away, every command ends quietly."""
+
+    def _closed_pipe(self) -> int:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        return write_end
+
+    def _assert_quiet(
+        self, site: Site, *argv: str, codes: tuple[int, ...] = (141,)
+    ) -> subprocess.CompletedProcess[str]:
+        fd = self._closed_pipe()
+        try:
+            result = site.ctl(*argv, stdout=fd)
+        finally:
+            os.close(fd)
+        for noise in ("Traceback", "BrokenPipe", "Exception ignored"):
+            assert noise not in result.stderr, (argv, result.stderr)
+        assert result.returncode in codes, (argv, result.returncode, result.stderr)
+        return result
+
+    def test_every_command(self, site: Site) -> None:
+        src = site.root / "src"
+        src.mkdir()
+        (src / "index.html").write_text("hi\n")
+        self._assert_quiet(site, "publish", "web", str(src), "--branch", "main", "--commit", COMMIT)
+        assert site.kv.kv_get(site.keys.artifact(ARTIFACT)) is not None  # it did its work
+        self._assert_quiet(site, "setup-release", "web", ARTIFACT, "--no-hooks")
+        self._assert_quiet(site, "deploy", "web", ARTIFACT, "--no-wait")
+        entry = site.kv.kv_get(site.keys.inflight)
+        assert entry is not None and entry.value
+        deploy = entry.value.decode()
+        for argv in (
+            ["status"],
+            ["status", "--fleet"],
+            ["status", "--json"],
+            ["history", "web"],
+            ["releases", "web"],
+            ["hold", "web"],
+            ["release-hold", "web"],
+            ["prune", "web", "--dry-run"],
+            ["abort", deploy],
+        ):
+            self._assert_quiet(site, *argv)
+        # argparse itself drops a help text it cannot write: 0 is as quiet as 141
+        self._assert_quiet(site, "--help", codes=(0, 141))
+        for command in [
+            "status",
+            "deploy",
+            "rollback",
+            "history",
+            "abort",
+            "releases",
+            "hold",
+            "release-hold",
+            "setup-release",
+            "exec",
+            "prune",
+            "publish",
+        ]:
+            self._assert_quiet(site, command, "--help", codes=(0, 141))
+
+    def test_a_real_pipe_into_head(self, site: Site) -> None:
+        cmd = (
+            f"{shlex.quote(str(BIN / 'watcherctl'))} --help -c {shlex.quote(str(site.config))}"
+            " | head -c 1 >/dev/null; echo ${PIPESTATUS[0]}"
+        )
+        for _ in range(3):
+            result = subprocess.run(
+                ["bash", "-c", cmd], capture_output=True, text=True, env=site.env(), timeout=60
+            )
+            assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+            assert result.stdout.strip() in ("0", "141"), result

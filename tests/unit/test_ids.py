@@ -1,0 +1,189 @@
+"""Ids and names are checked at every door: the rules of DESIGN.md section 3, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watcher import ctl, ids
+from watcher.errors import PayloadError
+from watcher.records import ARTIFACT_ID_RE, Keys, check_artifact_id
+
+WATCHERCTL = Path(sys.executable).parent / "watcherctl"
+
+BAD_IDS = [
+    pytest.param("../x", id="dotdot"),
+    pytest.param("a/b", id="slash"),
+    pytest.param("x" * 300, id="300-chars"),
+    pytest.param("", id="empty"),
+    pytest.param("a\nb", id="newline"),
+    pytest.param("master-15eb13af\n", id="trailing-newline"),
+    pytest.param("ab\udcff\udcfe", id="non-utf8-argv"),
+    pytest.param("-x", id="leading-dash"),
+    pytest.param("a b", id="space"),
+    pytest.param("a\x00b", id="nul"),
+]
+
+
+class TestRules:
+    @pytest.mark.parametrize("value", BAD_IDS)
+    def test_bad_artifact_ids(self, value: str) -> None:
+        with pytest.raises(PayloadError, match="invalid artifact id") as caught:
+            ids.check_artifact_id(value)
+        message = str(caught.value)
+        assert "1 to 128 characters" in message and "\n" not in message
+        assert len(message) < 300
+
+    @pytest.mark.parametrize("value", BAD_IDS)
+    def test_bad_deploy_ids(self, value: str) -> None:
+        with pytest.raises(PayloadError, match="invalid deploy id"):
+            ids.check_deploy_id(value)
+
+    @pytest.mark.parametrize("value", ["../x", "20261126T143844Z-a/b", "20261126T143844Z-x\n"])
+    def test_bad_release_names(self, value: str) -> None:
+        with pytest.raises(PayloadError, match="invalid release name"):
+            ids.check_release_name(value)
+
+    def test_good_names(self) -> None:
+        assert ids.check_artifact_id("master-15eb13af") == "master-15eb13af"
+        assert ids.check_artifact_id("a" * 128)
+        assert ids.check_deploy_id("20261126T143844Z-3f9a1c")
+        assert ids.check_release_name("20261126T143844Z-master-15eb13af")
+        assert ids.check_commit("15eb13af" * 5) and ids.check_commit("ab" * 32)
+
+    def test_commit(self) -> None:
+        with pytest.raises(PayloadError, match="too short, need the full commit SHA"):
+            ids.check_commit("15eb13a")
+        for bad in ("HEAD", "g" * 40, "a" * 41, ""):
+            with pytest.raises(PayloadError, match="invalid commit"):
+                ids.check_commit(bad)
+
+    def test_the_records_regex_no_longer_takes_a_trailing_newline(self) -> None:
+        assert ARTIFACT_ID_RE.match("master-15eb13af\n") is None
+        with pytest.raises(PayloadError):
+            check_artifact_id("master-15eb13af\n")
+
+
+class TestKeysRefuseBadIds:
+    """No caller can build a KV key from a bad id (Consul would answer 400, or another key)."""
+
+    @pytest.mark.parametrize("value", BAD_IDS)
+    def test_artifact_key(self, value: str) -> None:
+        with pytest.raises(PayloadError, match="invalid artifact id"):
+            Keys("watcher", "web").artifact(value)
+
+    @pytest.mark.parametrize(
+        "builder", ["deploy", "deploy_prefix", "nodes_prefix", "decision", "outcome"]
+    )
+    def test_deploy_keys(self, builder: str) -> None:
+        with pytest.raises(PayloadError, match="invalid deploy id"):
+            getattr(Keys("watcher", "web"), builder)("../x")
+        with pytest.raises(PayloadError, match="invalid deploy id"):
+            Keys("watcher", "web").node_progress("a/b", "web-1")
+
+    def test_good_keys_are_unchanged(self) -> None:
+        keys = Keys("watcher", "web")
+        assert keys.artifact("main-1") == "watcher/apps/web/artifacts/main-1"
+        assert keys.decision("d-1") == "watcher/apps/web/deploys/d-1/decision"
+
+
+def run_ctl(*argv: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    """watcherctl with a config pointing at a Consul that is not there: any Consul call
+    would exit 3, so exit 2 proves the id was refused first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "WATCHER_"))}
+    env["CONSUL_HTTP_ADDR"] = "127.0.0.1:1"
+    return subprocess.run(
+        [os.fsencode(WATCHERCTL), *(os.fsencode(a) for a in argv)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+class TestTheCliRefusesBadInputWithExit2:
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["deploy", "web", "../x"], "invalid artifact id '../x'"),
+            (["deploy", "web", "a/b"], "invalid artifact id 'a/b'"),
+            (["deploy", "web", "x" * 300], "(300 characters)"),
+            (["deploy", "web", ""], "invalid artifact id '' (empty)"),
+            (["deploy", "web", "a\nb"], "invalid artifact id 'a\\nb'"),
+            (["deploy", "web", b"ab\xff\xfe"], "invalid artifact id 'ab\\udcff\\udcfe'"),
+            (["setup-release", "web", "a/b"], "invalid artifact id 'a/b'"),
+            (["abort", "../x"], "invalid deploy id '../x'"),
+            (["rollback", "web", "--to", "../x"], "invalid release name '../x'"),
+            (["rollback", "web", "--local", "--to", "../x"], "invalid release name '../x'"),
+            (["exec", "web", "--release", "../x", "--", "true"], "invalid release name"),
+            (["exec", "--release", "a/b", "web", "--", "true"], "invalid release name"),
+            (["publish", "web", ".", "--artifact-id", "../x"], "invalid artifact id '../x'"),
+            (["publish", "web", ".", "--commit", "15eb13a"], "too short, need the full commit"),
+            (["publish", "web", ".", "--commit", "HEAD"], "invalid commit 'HEAD'"),
+            (
+                ["publish", "web", ".", "--branch", "ma\x01in", "--commit", "15eb13af" * 5],
+                "--branch: invalid branch 'ma\\x01in'",
+            ),
+            (["deploy", "web", "main-1", "--timeout", "0"], "above 0, got '0'"),
+            (["deploy", "web", "main-1", "--timeout", "-5"], "above 0, got '-5'"),
+            (["deploy", "web", "main-1", "--timeout", "nan"], "above 0, got 'nan'"),
+            (["deploy", "web", "main-1", "--timeout", "inf"], "above 0, got 'inf'"),
+            (["rollback", "web", "--timeout", "nan"], "above 0, got 'nan'"),
+            (["history", "web", "--limit", "0"], "must be 1 or more"),
+            (["setup-release", "web", "main-1", "--keep-days", "inf"], "at most 36525 days"),
+            (["setup-release", "web", "main-1", "--keep-days", "nan"], "at most 36525 days"),
+        ],
+    )
+    def test_usage_errors(self, argv: list[str | bytes], message: str) -> None:
+        result = run_ctl(*argv)
+        err = result.stderr.decode()
+        assert result.returncode == 2, err
+        assert message in err, err
+        assert "Traceback" not in err and result.stdout == b""
+
+    def test_publish_commit_from_the_environment_is_checked_too(self, tmp_path: Path) -> None:
+        config = tmp_path / "w.yaml"
+        config.write_text("s3: {bucket: b}\napps:\n  web: {root: /srv}\n")
+        env = dict(os.environ, BUILDKITE_BRANCH="main", BUILDKITE_COMMIT="15eb13a")
+        result = subprocess.run(
+            [str(WATCHERCTL), "publish", "web", str(tmp_path), "-c", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "$BUILDKITE_COMMIT: invalid commit '15eb13a': too short" in result.stderr
+
+
+class TestGlobalOptions:
+    """-c, --json and --debug before or after the command (`make demo` prints them before)."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["-c", "F", "--json", "--debug", "status", "web"],
+            ["status", "web", "-c", "F", "--json", "--debug"],
+            ["--json", "status", "-c", "F", "web", "--debug"],
+        ],
+    )
+    def test_anywhere(self, argv: list[str]) -> None:
+        args = ctl.build_parser().parse_args(argv)
+        assert (args.config, args.json, args.debug, args.app) == ("F", True, True, "web")
+
+    def test_after_the_command_wins(self) -> None:
+        args = ctl.build_parser().parse_args(["-c", "A", "status", "-c", "B"])
+        assert args.config == "B"
+
+    def test_defaults(self) -> None:
+        args = ctl.build_parser().parse_args(["history", "web"])
+        assert (args.config, args.json, args.debug) == (None, False, False)
+
+    def test_exec_options_before_the_separator(self) -> None:
+        args = ctl.build_parser().parse_args(["-c", "F", "exec", "web", "--", "ls", "-c", "x"])
+        assert args.config == "F" and args.command[-3:] == ["ls", "-c", "x"]

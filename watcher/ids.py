@@ -1,0 +1,80 @@
+"""The rules for ids and names that become KV keys, paths and event payloads (DESIGN.md 3).
+
+One checker per kind of name. Each raises ``InvalidName`` (a ``PayloadError``) whose message
+says what was wrong, shows the value safely (escaped, shortened) and states the rule, so a
+CLI can print it as is and a library caller can never build a key from a bad id.
+"""
+
+from __future__ import annotations
+
+import re
+
+from watcher.errors import PayloadError
+
+ARTIFACT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+DEPLOY_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+RELEASE_PATTERN = r"\d{8}T\d{6}Z-" + ARTIFACT_ID_PATTERN
+COMMIT_LENGTHS = (40, 64)  # SHA-1 and SHA-256 object names
+
+ARTIFACT_ID_RULE = (
+    "1 to 128 characters, letters, digits, '.', '_' or '-', starting with a letter or "
+    "digit, e.g. master-15eb13af"
+)
+DEPLOY_ID_RULE = (
+    "1 to 64 characters, letters, digits, '.', '_' or '-', starting with a letter or "
+    "digit, e.g. 20261126T143844Z-3f9a1c"
+)
+RELEASE_RULE = (
+    "<YYYYmmddTHHMMSSZ>-<artifact id>, e.g. 20261126T143844Z-master-15eb13af "
+    "(see `watcherctl history APP` or `watcherctl releases APP`)"
+)
+COMMIT_RULE = "40 hex digits, or 64 in a SHA-256 repository"
+
+_SHOWN = 48  # characters of a bad value shown in a message
+
+
+class InvalidName(PayloadError):
+    """An id or name that breaks its rule; the message states the rule."""
+
+
+def shown(value: object) -> str:
+    """``value`` safe for a one-line message: escaped (newlines, NUL, undecodable bytes
+    from argv) and cut after a few dozen characters, with its length."""
+    if not isinstance(value, str):
+        return f"of type {type(value).__name__}"
+    if value == "":
+        return "'' (empty)"
+    if len(value) > _SHOWN:
+        return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def _check(value: object, pattern: str, what: str, rule: str) -> str:
+    if isinstance(value, str) and re.fullmatch(pattern, value):
+        return value
+    raise InvalidName(f"invalid {what} {shown(value)}: must be {rule}")
+
+
+def check_artifact_id(value: object) -> str:
+    return _check(value, ARTIFACT_ID_PATTERN, "artifact id", ARTIFACT_ID_RULE)
+
+
+def check_deploy_id(value: object) -> str:
+    return _check(value, DEPLOY_ID_PATTERN, "deploy id", DEPLOY_ID_RULE)
+
+
+def check_release_name(value: object) -> str:
+    return _check(value, RELEASE_PATTERN, "release name", RELEASE_RULE)
+
+
+def check_commit(value: object) -> str:
+    """A full commit SHA; a short one gets "too short" (CI must pass the whole SHA)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]+", value):
+        if len(value) in COMMIT_LENGTHS:
+            return value
+        if len(value) < COMMIT_LENGTHS[0]:
+            raise InvalidName(
+                f"invalid commit {shown(value)}: too short, need the full commit SHA "
+                f"({COMMIT_RULE})"
+            )
+    raise InvalidName(f"invalid commit {shown(value)}: must be the full hex SHA ({COMMIT_RULE})")
