@@ -33,6 +33,7 @@ from watcher.errors import (
     DeployRefused,
     HookError,
     PayloadError,
+    StagingCancelled,
     WatcherError,
 )
 from watcher.fsutil import atomic_write_json
@@ -63,6 +64,7 @@ from watcher.releases import ReleaseEngine
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
 APPLIED_NAME = "applied.json"
+STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
@@ -191,6 +193,7 @@ class AppAgent:
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._coordinating: str | None = None
         self._resumed: set[str] = set()  # deploys whose prepare this process started
+        self._cancel_reason = ""
         self._legacy_checked = False
 
     # --- the loop's entry point -------------------------------------------------------
@@ -383,8 +386,24 @@ class AppAgent:
         moved = inflight_id != deploy_id and self._inflight_moved(joined)
         if own in ("", STAGING):
             if self.busy():
-                if past_prepare or moved or self._abort_seen(joined):
-                    self._cancel.set()
+                if past_prepare:
+                    # Say no now, with what was in progress; the worker stops on its own.
+                    self._stop_staging("the prepare deadline passed")
+                    task = self._task_key[0] if self._task_key else "prepare"
+                    self._ack(
+                        joined,
+                        FAILED,
+                        error=f"prepare deadline passed during {task} "
+                        f"(phases done: {', '.join(journal.get('phases', [])) or 'none'})",
+                    )
+                    own = self._own.get(deploy_id, own)
+                    if own in ("", STAGING):
+                        return "preparing"
+                    return f"{own}; prepare deadline passed"
+                if moved:
+                    self._stop_staging("inflight moved to another deploy")
+                elif self._abort_seen(joined):
+                    self._stop_staging("the deploy was aborted")
                 return "preparing"
             if past_prepare or moved:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
@@ -583,6 +602,7 @@ class AppAgent:
             return f"{self._task_key[0] if self._task_key else 'task'} running"
         if kind not in ("abort",):
             self._cancel.clear()
+            self._cancel_reason = ""
         self._task_key = (kind, deploy_id)
         self._task = self._worker.submit(self._guard, kind, fn)
         return f"{kind} started"
@@ -722,7 +742,13 @@ class AppAgent:
             self._download(artifact, rec.release)
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
-                self.engine.stage(artifact, rec.release, rec.id)
+                self.engine.stage(
+                    artifact,
+                    rec.release,
+                    rec.id,
+                    cancel=self._cancel.is_set,
+                    progress=self._staging_progress(joined),
+                )
             info = self.engine.release_info(rec.release) or {}
             if info.get("sha256") not in (None, rec.sha256):
                 raise ArtifactIntegrityError(
@@ -750,9 +776,10 @@ class AppAgent:
                 raise DeployRefused(f"abort requested by {abort.by}: {abort.reason}".rstrip(": "))
             if utcnow() >= parse_iso(rec.prepare_deadline):
                 raise DeployRefused("prepare deadline passed before this host was ready")
-        except _Cancelled:
-            self.log.info("prepare_cancelled", deploy=rec.id)
-            self._ack(joined, FAILED, error="staging cancelled (abort or deadline)")
+        except (_Cancelled, StagingCancelled):
+            why = self._cancel_reason or "staging cancelled"
+            self.log.info("prepare_cancelled", deploy=rec.id, reason=why)
+            self._ack(joined, FAILED, error=f"staging stopped: {why}")
             return
         except ConsulUnavailable:
             raise  # KV unreachable: retried from the journal, not a failure of this host
@@ -789,7 +816,31 @@ class AppAgent:
             return
         if self.engine.prefetched_path(artifact).is_dir():
             return
-        self.engine.fetch(artifact)
+        self.engine.fetch(artifact, cancel=self._cancel.is_set)
+
+    def _staging_progress(self, joined: Joined) -> Callable[[int, int], None]:
+        """Report bytes and members staged so far in this host's ack, at most every 2 s, so
+        `status` and the web page show a long extraction moving (and where it stopped)."""
+        last = [time.monotonic()]
+
+        def report(written: int, members: int) -> None:
+            now = time.monotonic()
+            if now - last[0] < STAGING_REPORT_EVERY:
+                return
+            last[0] = now
+            try:
+                self.store.write_progress(
+                    joined.id, self.node, STAGING, joined=joined, staged=(written, members)
+                )
+            except ConsulError as exc:
+                self.log.warning("staging_progress_not_written", error=str(exc))
+
+        return report
+
+    def _stop_staging(self, reason: str) -> None:
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
+            self._cancel.set()
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():

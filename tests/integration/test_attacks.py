@@ -1,4 +1,3 @@
-# ruff: noqa: F811
 """DESIGN.md 6.4's attacks, each with exactly one token acting through raw KV writes.
 
 A real 3-host cluster with ACLs on (default deny), every watcher with its own
@@ -6,6 +5,7 @@ least-privilege token (docs/acl). After each attack: no host runs a release that
 expected host did not ack, and the next normal deploy works.
 """
 
+# ruff: noqa: F811  (the shared acl_fleet fixture is imported, then named as a parameter)
 from __future__ import annotations
 
 import json
