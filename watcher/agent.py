@@ -492,7 +492,11 @@ class AppAgent:
             self._own.pop(joined.id, None)
             return Verdict(UNDECIDED, f"could not write {intent}")
         self._own[joined.id] = intent
-        return self.store.establish(joined)
+        again = self.store.establish(joined)
+        if again.outcome != verdict.outcome:
+            return again
+        # Same verdict: keep the reason it was first established for (not our own intent).
+        return Verdict(again.outcome, verdict.reason, again.acks, again.indexes, again.members)
 
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
