@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from watcher import PROTOCOL_VERSION, __version__
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, Verdict
+from watcher.barrier import (
+    CONTESTED,
+    UNDECIDED,
+    DeployStore,
+    Joined,
+    PrepareRead,
+    Verdict,
+    Written,
+)
 from watcher.config import AppConfig, Config
+from watcher.consul_api import TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -52,6 +61,7 @@ from watcher.records import (
     REFUSED,
     STAGING,
     ArtifactRecord,
+    CurrentRecord,
     DeployRecord,
     HostRecord,
     NodeProgress,
@@ -64,6 +74,8 @@ from watcher.releases import ReleaseEngine
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
 APPLIED_NAME = "applied.json"
+ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
+TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
@@ -188,11 +200,15 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_written = 0.0
-        self._host_release: str | None = None
+        self._host_state: tuple[str | None, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._coordinating: str | None = None
         self._resumed: set[str] = set()  # deploys whose prepare this process started
+        self._known: dict[str, tuple[NodeProgress | None, int]] = {}  # own ack, index
+        self._verdicts: dict[str, Verdict] = {}  # read by the ready ack's own txn
+        self._task_started = 0.0
+        self._trimmed_at = 0.0
         self._cancel_reason = ""
         self._legacy_checked = False
 
@@ -202,7 +218,10 @@ class AppAgent:
         return self._task is not None and not self._task.done()
 
     def reconcile(
-        self, members: set[str] | None = None, inflight: tuple[str | None, int] | None = None
+        self,
+        members: set[str] | None = None,
+        inflight: tuple[str | None, int] | None = None,
+        current: tuple[CurrentRecord | None, int] | None = None,
     ) -> str:
         """Take the next step for this app; returns a short outcome for the cycle's log."""
         if self._task is not None and self._task.done():
@@ -234,7 +253,7 @@ class AppAgent:
             return f"deploy {joined.id}: {outcome}"
         if inflight_id is None:
             self._idle_status()
-            return self._converge()
+            return self._converge(current)
         if journal and journal.get("deploy") == inflight_id:
             return f"deploy {inflight_id}: {self._after_own_part(inflight_id, inflight_index)}"
         return self._join(inflight_id, inflight_index)
@@ -263,32 +282,43 @@ class AppAgent:
     # --- joining ------------------------------------------------------------------------
 
     def _join(self, deploy_id: str, inflight_index: int) -> str:
-        """``inflight`` names a deploy this host has not journaled: read its request once."""
+        """``inflight`` names a deploy this host has not journaled: read its request once
+        (with its outcome and this host's own ack, in one consistent read)."""
         try:
-            request, entry = self.store.request(deploy_id, consistent=True)
+            read = self.store.join_read(deploy_id, self.node)
         except PayloadError as exc:
-            self.store.clear_inflight(
-                deploy_id, inflight_index, f"request does not parse: {exc}", by=self.node
-            )
-            return f"inflight {deploy_id!r}: request unreadable, cleared"
-        if request is None or entry is None:
-            if self.store.rebuild_request(deploy_id) is None:
-                self.store.clear_inflight(
-                    deploy_id, inflight_index, "inflight names no request", by=self.node
-                )
-                return f"inflight {deploy_id!r}: no request, cleared"
-            return f"deploy {deploy_id}: request deleted; following its acks"
-        if self.store.outcome(deploy_id) is not None:
+            self.store.clear_inflight(deploy_id, inflight_index, str(exc), by=self.node)
+            return f"inflight {deploy_id!r}: unreadable, cleared"
+        if read.ended:
             self.store.clear_inflight(
                 deploy_id, inflight_index, "deploy already ended", by=self.node
             )
             return f"deploy {deploy_id}: already ended, inflight cleared"
+        if read.problem:
+            self.store.clear_inflight(
+                deploy_id, inflight_index, f"request does not parse: {read.problem}", by=self.node
+            )
+            return f"inflight {deploy_id!r}: request unreadable, cleared"
+        request, entry = read.request, read.entry
+        if request is None or entry is None:
+            rebuilt = self.store.rebuild_request(deploy_id)
+            if rebuilt is None:
+                self.store.clear_inflight(
+                    deploy_id, inflight_index, "inflight names no request", by=self.node
+                )
+                return f"inflight {deploy_id!r}: no request, cleared"
+            if self.node in rebuilt.expected and read.own is None:
+                # Expected, never joined, and the request is gone: say no (a veto needs no
+                # session), so the deploy ends instead of waiting for this host forever.
+                joined = Joined(rebuilt, rebuilt.digest(), 0)
+                self._ack(joined, FAILED, error="the request was deleted before this host read it")
+            return f"deploy {deploy_id}: request deleted; following its acks"
         joined = Joined(request, request.digest(), entry.create_index)
         self.status.deploy = deploy_id
         if self.node not in request.expected:
             self.status.state = "not expected"
             return f"deploy {deploy_id}: {self._bystander(joined, inflight_index)}"
-        own, _ = self.store.ack(deploy_id, self.node)
+        own = read.own
         if own is not None:
             # This host took part before it lost .state/: its own ack, not the request key
             # (which may have been rewritten since), says what it journaled.
@@ -300,7 +330,8 @@ class AppAgent:
                     self._ack(joined, FAILED, error="the request changed after this host joined")
                 self._own[deploy_id] = own.state
                 return f"deploy {deploy_id}: request changed since this host joined; vetoed"
-            self._own[deploy_id] = own.state
+        self._own[deploy_id] = own.state if own else ""
+        self._known[deploy_id] = (own, read.own_index)
         self.journal.begin(deploy_id, **joined.to_journal(), established=None)
         if entry.modify_index != entry.create_index and own is None:
             self._ack(joined, REFUSED, error="request was rewritten after it was created")
@@ -375,7 +406,8 @@ class AppAgent:
                 self._cancel.set()
                 return self._start("abort", deploy_id, lambda: self._abort(joined))
             return self._finish_part(joined, inflight_id, inflight_index)
-        self.status.watch = (keys.decision(deploy_id), keys.abort_request(deploy_id))
+        # The decision record is the wake-up of a host that waits for the others' acks.
+        self.status.watch = (keys.decision(deploy_id),)
         own = self._own.get(deploy_id)
         if own is None:
             ack, _ = self.store.ack(deploy_id, self.node)
@@ -402,7 +434,9 @@ class AppAgent:
                     return f"{own}; prepare deadline passed"
                 if moved:
                     self._stop_staging("inflight moved to another deploy")
-                elif self._abort_seen(joined):
+                elif self._staging_for() > ABORT_POLL_AFTER and self._abort_seen(joined):
+                    # Polled on the loop's 1 s tick, only once staging takes a while: a
+                    # quick prepare checks the abort request just before its ready ack.
                     self._stop_staging("the deploy was aborted")
                 return "preparing"
             if past_prepare or moved:
@@ -416,12 +450,16 @@ class AppAgent:
             else:
                 self._resumed.add(deploy_id)
                 return self._start("prepare", deploy_id, lambda: self._prepare(joined))
-        verdict = self.store.establish(joined)
+        # The ready ack's txn read the acks after writing it: no second read for that.
+        verdict = self._verdicts.pop(deploy_id, None) or self.store.establish(joined)
         if verdict.outcome == UNDECIDED and inflight_id is None and own == READY:
             # Someone deleted inflight mid-prepare: hosts that never joined would never ack.
             # Point it back at this undecided deploy (cas=0) so they join and decide.
             self.store.consul.kv_put(self.store.keys.inflight, deploy_id.encode(), cas=0)
         return self._act_on(joined, verdict, own)
+
+    def _staging_for(self) -> float:
+        return time.monotonic() - self._task_started if self.busy() else 0.0
 
     def _decided(self, joined: Joined) -> bool:
         """Whether a decision record exists (a wake-up only; the caller establishes)."""
@@ -464,7 +502,8 @@ class AppAgent:
         self.log.info(
             "deploy_established", deploy=deploy_id, outcome=verdict.outcome, reason=verdict.reason
         )
-        self.store.record_decision(joined, verdict, node=self.node)
+        if not verdict.decided:  # the first to establish wakes the others with the record
+            self.store.record_decision(joined, verdict, node=self.node)
         if verdict.outcome == COMMIT:
             return self._start("apply", deploy_id, lambda: self._apply(joined))
         self._cancel.set()
@@ -481,22 +520,26 @@ class AppAgent:
         ):
             return verdict  # the intent (or a veto) is already in this host's ack
         known = (verdict.acks.get(self.node), verdict.indexes.get(self.node, 0))
-        if not self.store.write_progress(
-            joined.id,
-            self.node,
-            intent,
-            joined=joined,
-            timings={f"{intent}_at": iso(utcnow())},
-            known=known,
-        ):
+        written = self._ack(
+            joined, intent, timings={f"{intent}_at": iso(utcnow())}, known=known, establish=True
+        )
+        if written is None or written.verdict is None:
             self._own.pop(joined.id, None)
+            self._known.pop(joined.id, None)
             return Verdict(UNDECIDED, f"could not write {intent}")
-        self._own[joined.id] = intent
-        again = self.store.establish(joined)
+        again = written.verdict
         if again.outcome != verdict.outcome:
             return again
         # Same verdict: keep the reason it was first established for (not our own intent).
-        return Verdict(again.outcome, verdict.reason, again.acks, again.indexes, again.members)
+        return Verdict(
+            again.outcome,
+            verdict.reason,
+            again.acks,
+            again.indexes,
+            again.members,
+            decided=again.decided,
+            ended=again.ended,
+        )
 
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
@@ -516,8 +559,12 @@ class AppAgent:
         if self.health is not None:
             self.health.alarm(self.app.name, message)
 
-    def _ack(self, joined: Joined, state: str, *, error: str = "", **extra: Any) -> bool:
-        ok = self.store.write_progress(
+    def _ack(self, joined: Joined, state: str, *, error: str = "", **extra: Any) -> Written | None:
+        """Write this host's ack; remembers the ack and index it wrote, so the next write
+        needs no read (the CAS still checks them against KV)."""
+        if "known" not in extra and joined.id in self._known:
+            extra["known"] = self._known[joined.id]
+        written = self.store.write_progress(
             joined.id,
             self.node,
             state,
@@ -526,14 +573,22 @@ class AppAgent:
             error=error,
             **extra,
         )
-        ack, _ = self.store.ack(joined.id, self.node) if not ok else (None, 0)
-        self._own[joined.id] = state if ok else (ack.state if ack else "")
-        return ok
+        if written is not None:
+            self._own[joined.id] = written.ack.state
+            self._known[joined.id] = (written.ack, written.index)
+        else:
+            ack, index = self.store.ack(joined.id, self.node)
+            self._own[joined.id] = ack.state if ack else ""
+            self._known[joined.id] = (ack, index)
+        return written
 
     def _finish_part(self, joined: Joined, inflight_id: str | None, inflight_index: int) -> str:
         """This host's part is done: mark the journal finished, help end the deploy."""
         self.journal.update(finished=True)
-        self.store.trim_own_progress(self.node, keep=[joined.id])
+        self._known.pop(joined.id, None)
+        if time.monotonic() - self._trimmed_at > TRIM_EVERY:
+            self._trimmed_at = time.monotonic()
+            self.store.trim_own_progress(self.node, keep=[joined.id])
         return self._after_own_part(joined.id, inflight_index)
 
     def _after_own_part(self, deploy_id: str, inflight_index: int) -> str:
@@ -545,13 +600,6 @@ class AppAgent:
             joined = Joined.from_journal(journal)
         except (PayloadError, KeyError, TypeError, ValueError):
             return "done"
-        if self.store.outcome(deploy_id) is not None:
-            # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
-            inflight, index = self.store.inflight(consistent=True)
-            if inflight == deploy_id:
-                self.store.clear_inflight(deploy_id, index, "deploy already ended", by=self.node)
-            self._idle_status()
-            return "done"
         session = self.session()
         keys = self.store.keys
         if (
@@ -562,13 +610,20 @@ class AppAgent:
             self._coordinating = deploy_id
         coordinating = self._coordinating == deploy_id
         self.status.coordinating = coordinating
-        self.status.watch = (
-            (keys.progress_prefix,) if coordinating else (keys.coordinator(deploy_id),)
-        )
+        # The coordinator wakes on every ack; the others on the members watch (a dead
+        # coordinator's member key goes with its lock) and on inflight.
+        self.status.watch = (keys.progress_prefix,) if coordinating else ()
         past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
         if not coordinating and not past_apply:
             return "done; waiting for the end"
-        verdict = self.store.establish(joined)
+        verdict = self.store.establish(joined, outcome=True)
+        if verdict.ended:
+            # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
+            inflight, index = self.store.inflight(consistent=True)
+            if inflight == deploy_id:
+                self.store.clear_inflight(deploy_id, index, "deploy already ended", by=self.node)
+            self._idle_status()
+            return "done"
         if verdict.outcome == CONTESTED and self.status.alarm == "":
             self._contested(joined, verdict.reason)
         pending = (
@@ -608,6 +663,7 @@ class AppAgent:
             self._cancel.clear()
             self._cancel_reason = ""
         self._task_key = (kind, deploy_id)
+        self._task_started = time.monotonic()
         self._task = self._worker.submit(self._guard, kind, fn)
         return f"{kind} started"
 
@@ -648,11 +704,13 @@ class AppAgent:
             current_backup=str(lay.current_backup),
         )
 
-    def _artifact(self, joined: Joined) -> ArtifactRecord:
+    def _artifact(self, joined: Joined, pre: PrepareRead) -> ArtifactRecord:
         """What to stage, from the acked request itself (url, size, sha256), after checking
         it against the artifact record and its pin (a deploy) or against the committed
         target (a rollback)."""
         rec = joined.request
+        if pre.pin is not None and (why := pre.pin.differs(self._record_of(rec))) is not None:
+            raise ArtifactIntegrityError(why)
         if not rec.sha256 or not rec.url:
             raise ArtifactNotFound(f"request names no artifact content for {rec.artifact}")
         if rec.kind == "rollback":
@@ -673,15 +731,15 @@ class AppAgent:
                     f"rollback request differs from committed deploy {t.id}: release "
                     f"{rec.release} sha256 {rec.sha256} vs {t.release} sha256 {t.sha256}"
                 )
-            self._check_pin_of(rec)
         else:
-            record = self.store.artifact(rec.artifact)
+            record = pre.artifact
             if record is None:
                 raise ArtifactNotFound(
                     f"unknown artifact {rec.artifact}: no record at "
                     f"{self.store.keys.artifact(rec.artifact)}"
                 )
-            self.store.check_pin(record)
+            if pre.pin is not None and (why := pre.pin.differs(record)) is not None:
+                raise ArtifactIntegrityError(why)
             if (record.url, record.size, record.sha256) != (rec.url, rec.size, rec.sha256):
                 raise ArtifactIntegrityError(
                     f"artifact {rec.artifact}: request says sha256 {rec.sha256} but the record "
@@ -715,12 +773,13 @@ class AppAgent:
     def _prepare(self, joined: Joined) -> None:
         started = time.monotonic()
         rec = joined.request
-        ack, _ = self.store.ack(rec.id, self.node)
+        ack, index = self._known.get(rec.id) or self.store.ack(rec.id, self.node)
+        self._known[rec.id] = (ack, index)
         if ack is not None and ack.state != STAGING:
             self._own[rec.id] = ack.state  # acked before a restart that lost .state/
             return
-        if ack is None and not self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())}):
-            return
+        # No staging ack yet: a quick prepare acks ready directly; a slow one writes
+        # staging with its progress (_staging_progress).
         refused = False
         try:
             if rec.min_protocol > PROTOCOL_VERSION:
@@ -741,7 +800,8 @@ class AppAgent:
                     f"({rec.sessions.get(self.node) or 'none'}; this watcher holds "
                     f"{session or 'none'}): it restarted or lost its session since"
                 )
-            artifact = self._artifact(joined)
+            pre = self.store.prepare_read(joined)
+            artifact = self._artifact(joined, pre)
             self.engine.in_flight_artifacts.add(artifact.sha256)
             self._download(artifact, rec.release)
             self._check_cancel()
@@ -759,7 +819,8 @@ class AppAgent:
                     f"release {rec.release} already exists here with sha256 {info.get('sha256')}, "
                     f"the request names {rec.sha256}"
                 )
-            self.store.write_pin(artifact, by=self.node)
+            if pre.pin is None:
+                self.store.write_pin(artifact, by=self.node)
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()
@@ -771,11 +832,13 @@ class AppAgent:
                 run_hooks(self.app, "post_release", self._hook_context(rec))
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("post_release")
-            why = self.store.check_sessions(joined)
+            why = self.store.check_sessions(joined, pre.members)
             if why is not None:
                 refused = True
                 raise DeployRefused(why)
-            abort = self.store.abort_requested(rec.id)
+            abort = pre.abort
+            if abort is None and time.monotonic() - started > ABORT_POLL_AFTER:
+                abort = self.store.abort_requested(rec.id)  # one that came while staging
             if abort is not None:
                 raise DeployRefused(f"abort requested by {abort.by}: {abort.reason}".rstrip(": "))
             if utcnow() >= parse_iso(rec.prepare_deadline):
@@ -798,12 +861,15 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
-        self._ack(
+        written = self._ack(
             joined,
             READY,
             timings={"staged_at": iso(utcnow())},
             sha256=rec.sha256,
+            establish=True,
         )
+        if written is not None and written.verdict is not None:
+            self._verdicts[rec.id] = written.verdict
         self.log.info(
             "prepare_ready",
             deploy=rec.id,
@@ -833,9 +899,7 @@ class AppAgent:
                 return
             last[0] = now
             try:
-                self.store.write_progress(
-                    joined.id, self.node, STAGING, joined=joined, staged=(written, members)
-                )
+                self._ack(joined, STAGING, staged=(written, members))
             except ConsulError as exc:
                 self.log.warning("staging_progress_not_written", error=str(exc))
 
@@ -873,7 +937,6 @@ class AppAgent:
                 return
             flipped_at = iso(utcnow())
             self.journal.done("flipped")
-            self._write_host(rec.release, force=True)
         state, error, tail = LIVE, "", ""
         try:
             if self.metrics is not None:
@@ -889,7 +952,18 @@ class AppAgent:
             state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
-        self._ack(joined, state, error=error, output_tail=tail, timings=timings)
+        self.status.state = state
+        host = self._host_record(rec.release)  # the host record rides in the same txn
+        written = self._ack(
+            joined,
+            state,
+            error=error,
+            output_tail=tail,
+            timings=timings,
+            extra_ops=[TxnOp.set(self.store.keys.host(self.node), host.to_json())],
+        )
+        if written is not None:
+            self._host_state = (host.release, host.alarm)
         self.journal.done("applied")
         self._observe("apply", started)
         self._prune()
@@ -960,8 +1034,8 @@ class AppAgent:
 
     # --- converge --------------------------------------------------------------------
 
-    def _converge(self) -> str:
-        current, _ = self.store.current()
+    def _converge(self, cached: tuple[CurrentRecord | None, int] | None = None) -> str:
+        current, _ = cached if cached is not None else self.store.current()
         local = self.engine.current_release()
         self._write_host(local)
         if current is None:
@@ -1093,9 +1167,18 @@ class AppAgent:
 
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and release == self._host_release and now - self._host_written < 30:
-            return
-        record = HostRecord(
+        state = (release, self.status.alarm)
+        if not force and state == self._host_state:
+            return  # written on change only: an idle host sends Consul nothing
+        record = self._host_record(release)
+        try:
+            self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
+            self._host_written, self._host_state = now, state
+        except ConsulError as exc:
+            self.log.warning("host_record_not_written", error=str(exc))
+
+    def _host_record(self, release: str | None) -> HostRecord:
+        return HostRecord(
             node=self.node,
             release=release,
             last_seen=iso(utcnow()),
@@ -1104,11 +1187,6 @@ class AppAgent:
             alarm=self.status.alarm,
             first_index=self.first_index(),
         )
-        try:
-            self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
-            self._host_written, self._host_release = now, release
-        except ConsulError as exc:
-            self.log.warning("host_record_not_written", error=str(exc))
 
     def prefetch(self, artifact_id: str) -> None:
         """Download, verify and (per config) pre-extract an announced artifact (worker)."""

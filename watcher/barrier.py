@@ -111,10 +111,57 @@ class Verdict:
     acks: dict[str, NodeProgress] = field(default_factory=dict)
     indexes: dict[str, int] = field(default_factory=dict)
     members: dict[str, KVEntry] = field(default_factory=dict)
+    decided: bool = False  # a decision record exists (whoever wrote it)
+    ended: bool = False  # an outcome exists (read only when asked for)
 
     def holds_session(self, node: str, session: str | None) -> bool:
         entry = self.members.get(node)
         return bool(session) and entry is not None and entry.session == session
+
+
+@dataclass(frozen=True)
+class JoinRead:
+    """``DeployStore.join_read``: the request (None if absent or unparsable: ``problem``
+    says which), whether the deploy ended, and this host's own ack."""
+
+    request: DeployRecord | None
+    entry: KVEntry | None
+    problem: str
+    ended: bool
+    own: NodeProgress | None
+    own_index: int
+
+
+@dataclass(frozen=True)
+class PrepareRead:
+    """``DeployStore.prepare_read``: what the checks before a ready ack look at."""
+
+    artifact: ArtifactRecord | None
+    pin: PinRecord | None
+    abort: AbortRequest | None
+    members: dict[str, KVEntry]
+
+
+@dataclass(frozen=True)
+class EndRead:
+    """What the end of a deploy reads in one go: ``inflight``, ``current``, ``history``."""
+
+    inflight: str | None
+    inflight_index: int
+    current: CurrentRecord | None
+    current_index: int
+    history: list[str]
+    trimmed: list[str]
+    history_index: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """An ack as written: the record, its new ModifyIndex, and the verdict read with it."""
+
+    ack: NodeProgress
+    index: int
+    verdict: Verdict | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +277,10 @@ class DeployStore:
         result = self.consul.txn([TxnOp.get_tree(self.keys.members_prefix)], consistent=True)
         return self._members_from(result.entries)
 
+    def members_of(self, entries: Iterable[KVEntry]) -> dict[str, KVEntry]:
+        """``members()`` from entries a watch already read."""
+        return self._members_from(entries)
+
     def _members_from(self, entries: Iterable[KVEntry]) -> dict[str, KVEntry]:
         out: dict[str, KVEntry] = {}
         for entry in entries:
@@ -297,7 +348,10 @@ class DeployStore:
             self.check_pin(record)  # pinned by another host meanwhile: must be the same bytes
 
     def current(self) -> tuple[CurrentRecord | None, int]:
-        entry = self.consul.kv_get(self.keys.current)
+        return self.current_of(self.consul.kv_get(self.keys.current))
+
+    def current_of(self, entry: KVEntry | None) -> tuple[CurrentRecord | None, int]:
+        """``current()`` from an entry a watch already read."""
         if entry is None:
             return None, 0
         try:
@@ -320,6 +374,74 @@ class DeployStore:
                 f"request at {entry.key} names deploy {record.id!r} of app {record.app!r}"
             )
         return record, entry
+
+    def join_read(self, deploy_id: str, node: str) -> JoinRead:
+        """What a host needs to join a deploy, in one consistent read: the request (as
+        ``request()`` checks it), whether it already ended, and this host's own ack."""
+        keys = [
+            self.keys.request(deploy_id),
+            self.keys.outcome(deploy_id),
+            self.keys.progress(deploy_id, node),
+        ]
+        request_e, outcome_e, own_e = self._read_txn(
+            [TxnOp.get_or_empty(k) for k in keys], consistent=True
+        )
+        problem = ""
+        request: DeployRecord | None = None
+        if request_e is not None:
+            try:
+                request = DeployRecord.from_json(request_e.value, where=request_e.key)
+                if request.id != deploy_id or request.app != self.app:
+                    raise PayloadError(
+                        f"request at {request_e.key} names deploy {request.id!r} of app "
+                        f"{request.app!r}"
+                    )
+            except PayloadError as exc:
+                request, problem = None, str(exc)
+        return JoinRead(
+            request,
+            request_e,
+            problem,
+            outcome_e is not None,
+            parse_ack(own_e),
+            own_e.modify_index if own_e else 0,
+        )
+
+    def prepare_read(self, joined: Joined) -> PrepareRead:
+        """What a host checks before its ready ack, in one consistent read: the artifact
+        record and its pin, an abort request, and the members."""
+        request = joined.request
+        ops = [
+            TxnOp.get_or_empty(self.keys.artifact(request.artifact)),
+            TxnOp.get_or_empty(self.keys.pin(request.artifact)),
+            TxnOp.get_or_empty(self.keys.abort_request(request.id)),
+            TxnOp.get_tree(self.keys.members_prefix),
+        ]
+        result = self.consul.txn(ops, consistent=True)
+        if not result.ok:
+            raise PayloadError(f"read-only txn refused: {result.errors}")
+        by_key = {e.key: e for e in result.entries if e.modify_index}
+        artifact_e = by_key.get(self.keys.artifact(request.artifact))
+        pin_e = by_key.get(self.keys.pin(request.artifact))
+        abort_e = by_key.get(self.keys.abort_request(request.id))
+        artifact = None
+        if artifact_e is not None:
+            artifact = ArtifactRecord.from_json(artifact_e.value, where=artifact_e.key)
+            if artifact.id != request.artifact:
+                raise PayloadError(
+                    f"{artifact_e.key}: the record there is for artifact {artifact.id}"
+                )
+        abort: AbortRequest | None = None
+        if abort_e is not None:
+            abort = self._doc(AbortRequest, abort_e) or AbortRequest(
+                by="unknown", at="", reason="unreadable abort request"
+            )
+        return PrepareRead(
+            artifact,
+            PinRecord.from_json(pin_e.value, where=pin_e.key) if pin_e is not None else None,
+            abort,
+            self._members_from(result.entries),
+        )
 
     def deploy_record(self, deploy_id: str) -> DeployRecord | None:
         return self.request(deploy_id)[0]
@@ -447,8 +569,12 @@ class DeployStore:
     def _history_doc(self, *, consistent: bool = False) -> tuple[list[str], list[str], int]:
         """(deploy ids oldest first, ids trimmed lately, modify index)."""
         entry = self.consul.kv_get(self.keys.history, consistent=consistent)
+        ids, trimmed = self._history_of(entry)
+        return ids, trimmed, entry.modify_index if entry else 0
+
+    def _history_of(self, entry: KVEntry | None) -> tuple[list[str], list[str]]:
         if entry is None or not entry.value:
-            return [], [], 0
+            return [], []
         try:
             data = json.loads(entry.value)
             # an entry that is no deploy id names no keys (and is dropped at the next write)
@@ -456,10 +582,10 @@ class DeployStore:
             trimmed = [
                 i for i in data.get("trimmed", []) if isinstance(i, str) and DEPLOY_ID_RE.match(i)
             ]
-            return ids, trimmed, entry.modify_index
+            return ids, trimmed
         except (ValueError, KeyError, TypeError, AttributeError):
             log.error("document_skipped", key=entry.key, error="history is not valid JSON")
-            return [], [], entry.modify_index
+            return [], []
 
     def legacy_layout_found(self) -> bool:
         """Whether keys of layout version 1 (``deploys/``) exist: reported, never read."""
@@ -627,26 +753,34 @@ class DeployStore:
         sha256: str = "",
         staged: tuple[int, int] | None = None,
         known: tuple[NodeProgress | None, int] | None = None,
-    ) -> bool:
+        establish: bool = False,
+        extra_ops: list[dict[str, Any]] | None = None,
+    ) -> Written | None:
         """Move this node's ack forward (CAS on the KV record's own index, never on what
-        ``.state/`` remembers); a ready ack also checks ``session`` holds this node's member
-        key. False if not allowed (not forward, lost session)."""
+        ``.state/`` remembers); a ready ack also checks that the session the request named
+        holds this node's member key. None if not allowed (not forward, lost session).
+
+        ``known`` is the ack and index a previous read or write returned (no re-read).
+        With ``establish`` the same txn reads every expected node's ack, the members and
+        the decision record after the write: the verdict comes in the same round trip, and
+        (Raft orders txns) any other host's later read sees this write.
+        """
         key = self.keys.progress(deploy_id, node)
         for _ in range(5):
-            if known is not None:  # the ack and index an establish just read: no re-read
+            if known is not None:
                 old, old_index = known
                 known = None
             else:
                 entry = self.consul.kv_get(key, consistent=True)
                 old, old_index = parse_ack(entry), entry.modify_index if entry else 0
             old_state = old.state if old else ""
-            if old_state == state and staged is None:
-                return True
+            if old_state == state and staged is None and not establish:
+                return Written(old, old_index, None) if old is not None else None
             if old_state != state and state not in NEXT_STATES.get(old_state, frozenset()):
                 log.warning(
                     "progress_not_forward", deploy=deploy_id, node=node, old=old_state, new=state
                 )
-                return False
+                return None
             merged = dict(old.timings) if old else {}
             merged.update(timings or {})
             keep = old if old is not None and old.state in ACKED_READY_STATES else None
@@ -676,45 +810,78 @@ class DeployStore:
                 # holds now: a successor with a new session can no longer ack ready.
                 named = joined.request.sessions.get(node) if joined else None
                 if not named or session != named:
-                    return False
+                    return None
                 ops.append(TxnOp.check_session(self.keys.member(node), named))
-            result = self.consul.txn(ops)
+            ops += extra_ops or []
+            reads = self._verdict_ops(joined) if establish and joined is not None else []
+            if len(ops) + len(reads) > MAX_TXN_OPS:
+                reads = []  # a large fleet: read the verdict in its own txns
+            result = self.consul.txn(ops + reads)
             if result.ok:
-                return True
+                written = next((e for e in result.entries if e.key == key), None)
+                new_index = written.modify_index if written else 0
+                verdict = None
+                if establish and joined is not None:
+                    verdict = (
+                        self._verdict_from(joined, result.entries)
+                        if reads
+                        else self.establish(joined)
+                    )
+                return Written(new, new_index, verdict)
             if state == READY and any(i == 1 for i, _ in result.errors):
                 log.warning("ready_ack_refused", deploy=deploy_id, node=node, reason="session")
-                return False
-        return False
+                return None
+        return None
 
     # --- the predicates (DESIGN.md 6.4.3) -----------------------------------------------
 
-    def establish(self, joined: Joined) -> Verdict:
-        """Commit, abort, contested or undecided, from consistent reads of the acks.
+    def _verdict_ops(self, joined: Joined, *, outcome: bool = False) -> list[dict[str, Any]]:
+        request = joined.request
+        ops = [TxnOp.get_tree(self.keys.members_prefix)]
+        ops += [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in request.expected]
+        ops.append(TxnOp.get_or_empty(self.keys.decision(request.id)))
+        if outcome:
+            ops.append(TxnOp.get_or_empty(self.keys.outcome(request.id)))
+        return ops
+
+    def establish(self, joined: Joined, *, outcome: bool = False) -> Verdict:
+        """Commit, abort, contested or undecided, from consistent reads of the acks (one
+        read-only txn up to ~120 expected nodes).
 
         The session clause reads in this order: first confirm a named session is gone
         (``session/info?consistent``: Consul never revives one), then read that node's ack
         again; only a not-acked-ready record read after that counts.
         """
-        request = joined.request
-        ops = [TxnOp.get_tree(self.keys.members_prefix)]
-        ops += [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in request.expected]
-        # get-tree returns one entry per member key; split them from the acks by key.
-        acks: dict[str, NodeProgress | None] = {}
-        indexes: dict[str, int] = {}
-        member_entries: list[KVEntry] = []
-        progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
+        ops = self._verdict_ops(joined, outcome=outcome)
+        entries: list[KVEntry] = []
         for start in range(0, len(ops), MAX_TXN_OPS):
             result = self.consul.txn(ops[start : start + MAX_TXN_OPS], consistent=True)
             if not result.ok:
                 raise PayloadError(f"read-only txn refused: {result.errors}")
-            for entry in result.entries:
-                node = progress_keys.get(entry.key)
-                if node is not None:
-                    ack = parse_ack(entry)
-                    acks[node] = ack if ack is None or ack.node == node else None
-                    indexes[node] = entry.modify_index
-                elif entry.key.startswith(self.keys.members_prefix):
-                    member_entries.append(entry)
+            entries += result.entries
+        return self._verdict_from(joined, entries)
+
+    def _verdict_from(self, joined: Joined, entries: Iterable[KVEntry]) -> Verdict:
+        """The verdict over entries of one txn (get-tree returns one entry per member key;
+        the acks are told apart by their exact keys)."""
+        request = joined.request
+        acks: dict[str, NodeProgress | None] = {}
+        indexes: dict[str, int] = {}
+        member_entries: list[KVEntry] = []
+        progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
+        decided = ended = False
+        for entry in entries:
+            node = progress_keys.get(entry.key)
+            if node is not None:
+                ack = parse_ack(entry)
+                acks[node] = ack if ack is None or ack.node == node else None
+                indexes[node] = entry.modify_index
+            elif entry.key == self.keys.decision(request.id):
+                decided = entry.modify_index > 0
+            elif entry.key == self.keys.outcome(request.id):
+                ended = entry.modify_index > 0
+            elif entry.key.startswith(self.keys.members_prefix):
+                member_entries.append(entry)
         members = self._members_from(member_entries)
         verdict = judge(request, joined.digest, acks)
         if verdict.outcome == UNDECIDED:
@@ -725,6 +892,8 @@ class DeployStore:
             {n: a for n, a in acks.items() if a is not None},
             indexes,
             members,
+            decided=decided,
+            ended=ended,
         )
 
     def _session_clause(
@@ -849,7 +1018,9 @@ class DeployStore:
         verdict = self.establish(joined)
         return joined if verdict.outcome == COMMIT else None
 
-    def check_sessions(self, joined: Joined) -> str | None:
+    def check_sessions(
+        self, joined: Joined, members: Mapping[str, KVEntry] | None = None
+    ) -> str | None:
         """Why the request's expected set cannot be trusted (None: it can): every expected
         node must be named with a distinct session that holds its member key or no longer
         exists, and every member key older than the request must be expected."""
@@ -857,7 +1028,8 @@ class DeployStore:
         sessions = [request.sessions.get(n, "") for n in request.expected]
         if len(set(sessions)) != len(sessions) or not all(sessions):
             return "the request names a missing or shared session for an expected node"
-        members = self.members(consistent=True)
+        if members is None:
+            members = self.members(consistent=True)
         for n in request.expected:
             held = members.get(n)
             if held is not None and held.session == request.sessions[n]:
@@ -917,7 +1089,8 @@ class DeployStore:
             pending = [n for n in request.expected if acks.get(n) and acks[n].state == READY]
             if pending:
                 reason += f"; still not live at the apply deadline: {', '.join(pending)}"
-        inflight_id, inflight_index = self.inflight(consistent=True)
+        pre = self._end_read()
+        inflight_id, inflight_index = pre.inflight, pre.inflight_index
         ops: list[dict[str, Any]] = [TxnOp.check_not_exists(self.keys.outcome(request.id))]
         rollback_id: str | None = None
         if result == "rolled_back":
@@ -949,9 +1122,9 @@ class DeployStore:
             TxnOp.delete(self.keys.coordinator(request.id)),
         ]
         if verdict.outcome == COMMIT:
-            ops += self._current_ops(joined)
+            ops += self._current_ops(joined, pre)
         ops += self._history_ops(
-            [request.id] + ([rollback_id] if rollback_id else []), history_keep
+            pre, [request.id] + ([rollback_id] if rollback_id else []), history_keep
         )
         if not self.consul.txn(ops).ok:
             return False, None
@@ -965,10 +1138,37 @@ class DeployStore:
         )
         return True, rollback_id
 
-    def _current_ops(self, joined: Joined) -> list[dict[str, Any]]:
+    def _end_read(self) -> EndRead:
+        """``inflight``, ``current`` and ``history`` in one consistent read."""
+        inflight_e, current_e, history_e = self._read_txn(
+            [
+                TxnOp.get_or_empty(self.keys.inflight),
+                TxnOp.get_or_empty(self.keys.current),
+                TxnOp.get_or_empty(self.keys.history),
+            ],
+            consistent=True,
+        )
+        inflight = (
+            inflight_e.value.decode(errors="replace").strip()
+            if inflight_e and inflight_e.value
+            else ""
+        )
+        current, current_index = self.current_of(current_e)
+        ids, trimmed = self._history_of(history_e)
+        return EndRead(
+            inflight or None,
+            inflight_e.modify_index if inflight_e else 0,
+            current,
+            current_index,
+            ids,
+            trimmed,
+            history_e.modify_index if history_e else 0,
+        )
+
+    def _current_ops(self, joined: Joined, pre: EndRead) -> list[dict[str, Any]]:
         """Point the readers' cache ``current`` at a committed deploy (unless it already names
         it or a deploy with a higher CreateIndex)."""
-        old, index = self.current()
+        old, index = pre.current, pre.current_index
         request = joined.request
         if old is not None and old.deploy == request.id:
             return []
@@ -1023,14 +1223,14 @@ class DeployStore:
         ]
         return rollback_id, ops, ""
 
-    def _history_ops(self, add: list[str], keep: int) -> list[dict[str, Any]]:
+    def _history_ops(self, pre: EndRead, add: list[str], keep: int) -> list[dict[str, Any]]:
         """Append ``add`` to the history and trim what falls out of it (never the deploys
         ``current`` names): requests, decisions, outcomes and coordinator keys here; each
         host trims its own progress (``trim_own_progress``)."""
-        ids, trimmed, index = self._history_doc(consistent=True)
+        ids, trimmed, index = pre.history, pre.trimmed, pre.history_index
         ids = [i for i in ids if i not in add] + add
         dropped, ids = ids[:-keep], ids[-keep:]
-        protected = self._protected()
+        protected = self._protected(pre.current)
         keep_back = [d for d in dropped if d in protected]
         dropped = [d for d in dropped if d not in protected]
         ids = keep_back + ids
@@ -1052,9 +1252,7 @@ class DeployStore:
             ]
         return ops
 
-    def _protected(self) -> set[str]:
-        entry = self.consul.kv_get(self.keys.current, consistent=True)
-        current = self._doc(CurrentRecord, entry)
+    def _protected(self, current: CurrentRecord | None) -> set[str]:
         out: set[str] = set()
         if current is not None:
             out.add(current.deploy)
@@ -1070,7 +1268,7 @@ class DeployStore:
         _, trimmed, _ = self._history_doc(consistent=True)
         if not trimmed:
             return 0
-        spare = set(keep) | self._protected()
+        spare = set(keep) | self._protected(self._end_read().current)
         prefix = self.keys.node_progress_prefix(node)
         stale = [
             k
@@ -1167,7 +1365,7 @@ class DeployStore:
                             now=now,
                         )
                         refused = self._refused_ops(rec, f"unknown artifact {artifact_id}", by)
-                        history = self._history_ops([rec.id], history_keep)
+                        history = self._history_ops(self._end_read(), [rec.id], history_keep)
                         if self.consul.txn([seen_op, *refused, *history]).ok:
                             return "unknown artifact"
                         continue

@@ -46,6 +46,7 @@ LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before 
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
 STATUS_FILE = "status.json"
 SESSION_FILE = "session.json"
+STATUS_HEARTBEAT = 10.0  # seconds between rewrites of status.json when nothing changed
 FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
 
@@ -223,17 +224,49 @@ class Watch(threading.Thread):
                 self.wake()
 
 
-def key_watch(consul: ConsulClient, key: str) -> Callable[[int], int]:
+class WatchCache:
+    """What the watches last read, so the loop acts on it without reading it again: a
+    daemon that waits costs Consul nothing but its blocking queries."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._values[key] = value
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self._values.get(key, _MISSING)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+
+_MISSING = object()
+
+
+def key_watch(
+    consul: ConsulClient, key: str, cache: WatchCache | None = None
+) -> Callable[[int], int]:
     def fetch(index: int) -> int:
-        new, _ = consul.kv_get_blocking(key, index, WATCH_WAIT)
+        new, entry = consul.kv_get_blocking(key, index, WATCH_WAIT)
+        if cache is not None:
+            cache.put(key, entry)
         return new
 
     return fetch
 
 
-def prefix_watch(consul: ConsulClient, prefix: str) -> Callable[[int], int]:
+def prefix_watch(
+    consul: ConsulClient, prefix: str, cache: WatchCache | None = None
+) -> Callable[[int], int]:
     def fetch(index: int) -> int:
-        new, _ = consul.kv_list_blocking(prefix, index, WATCH_WAIT)
+        new, entries = consul.kv_list_blocking(prefix, index, WATCH_WAIT)
+        if cache is not None:
+            cache.put(prefix, entries)
         return new
 
     return fetch
@@ -299,6 +332,13 @@ class EventWatcher(threading.Thread):
                 self.wake()
 
 
+def inflight_of(entry: Any) -> tuple[str | None, int]:
+    """``DeployStore.inflight()`` from a watched entry."""
+    if entry is None or not entry.value:
+        return None, 0
+    return entry.value.decode(errors="replace").strip() or None, int(entry.modify_index)
+
+
 class Daemon:
     """One watcher process."""
 
@@ -321,6 +361,7 @@ class Daemon:
         self.event_watcher: EventWatcher | None = None
         self.node = ""
         self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
+        self.cache = WatchCache()
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._last_line = ""
         self._last_logged = 0.0
@@ -389,9 +430,9 @@ class Daemon:
         for name, agent in self.agents.items():
             keys = agent.store.keys
             for label, fetch in (
-                (f"{name} inflight", key_watch(self.consul, keys.inflight)),
-                (f"{name} current", key_watch(self.consul, keys.current)),
-                (f"{name} members", prefix_watch(self.consul, keys.members_prefix)),
+                (f"{name} inflight", key_watch(self.consul, keys.inflight, self.cache)),
+                (f"{name} current", key_watch(self.consul, keys.current, self.cache)),
+                (f"{name} members", prefix_watch(self.consul, keys.members_prefix, self.cache)),
             ):
                 Watch(label, fetch, self.wake, stopping).start()
 
@@ -497,7 +538,7 @@ class Daemon:
         if changed or now - self._last_logged > HEARTBEAT_LOG:
             log.info("cycle", outcome=line)
             self._last_line, self._last_logged = line, now
-        if changed or now - self._status_written > 2.0:
+        if changed or now - self._status_written > STATUS_HEARTBEAT:
             self._write_status()
             self._status_written = now
 
@@ -505,7 +546,14 @@ class Daemon:
         name = agent.app.name
         try:
             members = self._ensure_member(agent)
-            outcome = agent.reconcile(members)
+            keys = agent.store.keys
+            inflight = self.cache.get(keys.inflight)
+            current = self.cache.get(keys.current)
+            outcome = agent.reconcile(
+                members,
+                inflight=None if inflight is _MISSING else inflight_of(inflight),
+                current=None if current is _MISSING else agent.store.current_of(current),
+            )
             self.health.decision_read(name)
             self._watch_deploy(agent)
             self.metrics.set_current_release(name, agent.engine.current_release())
@@ -526,7 +574,8 @@ class Daemon:
 
     def _ensure_member(self, agent: AppAgent) -> set[str]:
         """Hold ``members/<node>`` with this daemon's session; returns the live members."""
-        members = agent.store.members()
+        cached = self.cache.get(agent.store.keys.members_prefix)
+        members = agent.store.members() if cached is _MISSING else agent.store.members_of(cached)
         session = self._session_id()
         mine = members.get(self.node)
         if session and (mine is None or mine.session != session):
@@ -535,6 +584,7 @@ class Daemon:
             ).encode()
             if agent.store.consul.kv_put(agent.store.keys.member(self.node), body, acquire=session):
                 log.info("member_key_acquired", app=agent.app.name, session=session)
+                self.cache.drop(agent.store.keys.members_prefix)
                 members = agent.store.members()
             else:
                 log.warning("member_key_not_acquired", app=agent.app.name, session=session)
@@ -565,8 +615,9 @@ class Daemon:
             self._prefetch.submit(agent.prefetch, req.artifact)
             return "prefetching"
         if req.deploy:
-            found = agent.store.request(req.deploy)[0] is not None
-            return "joined" if found else "no such deploy"
+            # The doorbell `watcherctl` rings after its KV write: the loop reads `inflight`
+            # anyway (the watch usually got there first), so there is nothing to look up.
+            return "woken"
         app = agent.app
         result = agent.store.start_from_event(
             event_id=req.event_id,

@@ -43,7 +43,9 @@ ACKED_READY_STATES = frozenset({READY, COMMITTED, LIVE, FAILED_AFTER_COMMIT})
 #: abort itself, so counting it as a veto never changes an honest fleet's verdict.
 ABORT_ACK_STATES = frozenset({FAILED, REFUSED, ABORTED})
 NEXT_STATES: dict[str, frozenset[str]] = {
-    "": frozenset({STAGING, FAILED, REFUSED, ABORTED}),
+    # A quick prepare acks ready without writing staging first (one write less); a slow
+    # one writes staging with its progress.
+    "": frozenset({STAGING, READY, FAILED, REFUSED, ABORTED}),
     STAGING: frozenset({READY, FAILED, REFUSED, ABORTED}),
     READY: frozenset({COMMITTED, ABORTED}),
     COMMITTED: frozenset({LIVE, FAILED_AFTER_COMMIT}),
