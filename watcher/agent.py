@@ -74,6 +74,7 @@ from watcher.releases import ReleaseEngine
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
 APPLIED_NAME = "applied.json"
+STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
 TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
@@ -291,7 +292,7 @@ class AppAgent:
             return f"inflight {deploy_id!r}: unreadable, cleared"
         if read.ended:
             self.store.clear_inflight(
-                deploy_id, inflight_index, "deploy already ended", by=self.node
+                deploy_id, inflight_index, "deploy already ended", by=self.node, ended=True
             )
             return f"deploy {deploy_id}: already ended, inflight cleared"
         if read.problem:
@@ -432,6 +433,10 @@ class AppAgent:
                     if own in ("", STAGING):
                         return "preparing"
                     return f"{own}; prepare deadline passed"
+                if own == "" and self._staging_for() > STAGING_ACK_AFTER:
+                    # A prepare that takes a while shows as staging (a quick one acks ready
+                    # without it); the CAS makes it lose to a ready ack written meanwhile.
+                    self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())})
                 if moved:
                     self._stop_staging("inflight moved to another deploy")
                 elif self._staging_for() > ABORT_POLL_AFTER and self._abort_seen(joined):
@@ -621,7 +626,9 @@ class AppAgent:
             # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
             inflight, index = self.store.inflight(consistent=True)
             if inflight == deploy_id:
-                self.store.clear_inflight(deploy_id, index, "deploy already ended", by=self.node)
+                self.store.clear_inflight(
+                    deploy_id, index, "deploy already ended", by=self.node, ended=True
+                )
             self._idle_status()
             return "done"
         if verdict.outcome == CONTESTED and self.status.alarm == "":

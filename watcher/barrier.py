@@ -1280,14 +1280,19 @@ class DeployStore:
             return len(ops)
         return 0
 
-    def clear_inflight(self, deploy_id: str, index: int, reason: str, *, by: str) -> bool:
-        """Clear an ``inflight`` that names a deploy with an outcome, or a request that is
-        missing or does not parse (any host; garbage there must not block deploys)."""
+    def clear_inflight(
+        self, deploy_id: str, index: int, reason: str, *, by: str, ended: bool = False
+    ) -> bool:
+        """Clear an ``inflight`` that names a deploy with an outcome (``ended``: the outcome
+        stays as it is), or a request that is missing or does not parse (recorded as a
+        ``refused`` outcome). Any host may; garbage there must not block deploys."""
         ops: list[dict[str, Any]] = [
             TxnOp.check_index(self.keys.inflight, index),
             TxnOp.delete(self.keys.inflight),
         ]
         try:
+            if ended:
+                raise PayloadError("nothing to record")
             check_deploy_id(deploy_id)
             outcome = Outcome(result="refused", at=iso(utcnow()), by=by, reason=reason)
             ops += [TxnOp.check_not_exists(self.keys.outcome(deploy_id))]

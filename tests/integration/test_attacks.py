@@ -433,11 +433,16 @@ class TestOneHostToken:
 
     def test_coordinator_lock_held_forever_delays_only_the_end(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
+        short = {"timeouts": {"prepare": "4s", "apply": "4s", "hook": "3s"}}
+        fleet.app_extra.update(short)  # watchers and the operator's watcherctl alike
         for w in fleet.watchers:
-            fleet.write_config(w, {"timeouts": {"prepare": "4s", "apply": "4s", "hook": "3s"}})
+            fleet.write_config(w)
             w.stop()
             w.start()
         fleet.wait_members(3)
+        acl_fleet.operator_config = acl_fleet._config_with(
+            fleet.watchers[0], acl_fleet.tokens.operator, "operator.yaml"
+        )
         _, _, release1 = baseline(acl_fleet)
         x = host_client(acl_fleet, 2)
         session = x.session_create("mallory", 30, checks=[])

@@ -321,9 +321,21 @@ class TestPrivilegeIsLeast:
         with client(host1, acl_fleet.tokens.watchers[host1.name]) as mine:
             # Its own agent (the node name when the config sets none) and app keys: yes.
             assert mine.agent_node_name() == host1.name
-            assert mine.kv_put(keys.deploy("probe"), b"{}")
-            assert mine.kv_get(keys.deploy("probe")) is not None
-            # Outside the prefix, another app, CI's artifact records, other hosts' keys: no.
+            # Its own acks, and what only hosts write (layout 2): yes.
+            for key in (
+                keys.progress("probe", host1.name),
+                keys.decision("probe"),
+                keys.outcome("probe"),
+                keys.coordinator("probe"),
+                keys.pin("main-00000000"),
+                keys.request("probe"),
+                keys.events_seen,
+                keys.history,
+            ):
+                assert mine.kv_put(key, b"{}"), key
+                mine.kv_delete(key)
+            # Outside the prefix, another app, CI's artifact records, other hosts' keys
+            # (another node's acks included, also one whose name starts like its own): no.
             for key in (
                 "elsewhere/x",
                 f"{fleet.kv_prefix}/apps/api/current",
@@ -331,6 +343,9 @@ class TestPrivilegeIsLeast:
                 keys.artifact("main-00000000"),
                 keys.member(host2.name),
                 keys.host(host2.name),
+                keys.progress("probe", host2.name),
+                keys.progress("probe", host1.name + "0"),
+                f"{keys.base}/deploys/probe",
             ):
                 with pytest.raises(ConsulPermissionDenied):
                     mine.kv_put(key, b"{}")
@@ -365,11 +380,20 @@ class TestPrivilegeIsLeast:
         with client(cluster.hosts[0], acl_fleet.tokens.ci) as ci:
             assert ci.kv_put(keys.artifact("main-11111111"), b"{}", cas=0)
             assert ci.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
-            for key in (keys.inflight, keys.current, keys.deploy("d1"), keys.member("host-9")):
+            for key in (
+                keys.inflight,
+                keys.current,
+                keys.request("d1"),
+                keys.progress("d1", "host-1"),
+                keys.decision("d1"),
+                keys.pin("main-11111111"),
+                keys.member("host-9"),
+            ):
                 with pytest.raises(ConsulPermissionDenied):
                     ci.kv_put(key, b"{}")
             with pytest.raises(ConsulPermissionDenied):
-                ci.txn([TxnOp.cas(keys.inflight, b"d1", 0), TxnOp.set(keys.deploy("d1"), b"{}")])
+                ci.txn([TxnOp.cas(keys.inflight, b"d1", 0), TxnOp.set(keys.request("d1"), b"{}")])
+            assert ci.kv_get(keys.pin("main-11111111")) is None  # it may read the pins
             with pytest.raises(ConsulPermissionDenied):
                 ci.kv_get(keys.current)
             for name in ("deploy", "rollback"):
@@ -383,9 +407,24 @@ class TestPrivilegeIsLeast:
         keys = acl_fleet.fleet.keys
         with client(cluster.hosts[0], acl_fleet.tokens.operator) as op:
             assert op.kv_list(keys.members_prefix)  # reads the fleet
-            for key in (keys.current, keys.artifact("main-22222222"), keys.member("host-9")):
+            for key in (
+                keys.current,
+                keys.artifact("main-22222222"),
+                keys.member("host-9"),
+                keys.decision("d1"),
+                keys.outcome("d1"),
+                keys.progress("d1", "host-1"),
+                keys.pin("main-22222222"),
+                keys.history,
+                keys.events_seen,
+                keys.coordinator("d1"),
+            ):
                 with pytest.raises(ConsulPermissionDenied):
                     op.kv_put(key, b"{}")
+            # What operators do: a request (and its abort request) and inflight.
+            assert op.kv_put(keys.request("d1"), b"{}", cas=0)
+            assert op.kv_put(keys.abort_request("d1"), b"{}", cas=0)
+            op.kv_delete(keys.request("d1"), recurse=True)
             with pytest.raises(ConsulPermissionDenied):
                 op.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
             with pytest.raises(ConsulPermissionDenied):
