@@ -26,6 +26,7 @@ from watcher import PROTOCOL_VERSION, __version__
 from watcher.barrier import (
     CONTESTED,
     UNDECIDED,
+    AbortRequested,
     DeployStore,
     Joined,
     PrepareRead,
@@ -46,7 +47,7 @@ from watcher.errors import (
     WatcherError,
 )
 from watcher.fsutil import atomic_write_json
-from watcher.hooks import HookContext, run_hooks
+from watcher.hooks import HookContext, hook_commands, run_hooks
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -334,6 +335,7 @@ class AppAgent:
         self._own[deploy_id] = own.state if own else ""
         self._known[deploy_id] = (own, read.own_index)
         self.journal.begin(deploy_id, **joined.to_journal(), established=None)
+        self._resumed.add(deploy_id)  # a fresh join: nothing was decided without this host
         if entry.modify_index != entry.create_index and own is None:
             self._ack(joined, REFUSED, error="request was rewritten after it was created")
             return f"deploy {deploy_id}: refused (request rewritten)"
@@ -448,7 +450,7 @@ class AppAgent:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
                 self._ack(joined, FAILED, error=f"{why} before this host was ready")
                 own = self._own.get(deploy_id, own)
-            elif own == STAGING and deploy_id not in self._resumed and self._decided(joined):
+            elif deploy_id not in self._resumed and self._decided(joined):
                 # Back after a crash or restart mid-prepare, and the deploy was decided
                 # meanwhile: follow what the acks establish instead of staging again.
                 own = self._own.get(deploy_id, own)
@@ -526,7 +528,12 @@ class AppAgent:
             return verdict  # the intent (or a veto) is already in this host's ack
         known = (verdict.acks.get(self.node), verdict.indexes.get(self.node, 0))
         written = self._ack(
-            joined, intent, timings={f"{intent}_at": iso(utcnow())}, known=known, establish=True
+            joined,
+            intent,
+            error=verdict.reason if intent == ABORTED else "",  # why, for readers
+            timings={f"{intent}_at": iso(utcnow())},
+            known=known,
+            establish=True,
         )
         if written is None or written.verdict is None:
             self._own.pop(joined.id, None)
@@ -810,6 +817,8 @@ class AppAgent:
             pre = self.store.prepare_read(joined)
             artifact = self._artifact(joined, pre)
             self.engine.in_flight_artifacts.add(artifact.sha256)
+            if not self._quick(artifact, rec.release):
+                self._show_staging(joined)  # a download or an extraction: shown at once
             self._download(artifact, rec.release)
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -835,6 +844,10 @@ class AppAgent:
                     self.engine.set_backup(live)
             self.journal.done("staged")
             self._check_cancel()
+            if not self.journal.has("post_release") and hook_commands(
+                self.app, "post_release", self.engine.layout.release_dir(rec.release)
+            ):
+                self._show_staging(joined)  # hooks take a while: show it at once
             if not self.journal.has("post_release"):  # done phases do not run again
                 run_hooks(self.app, "post_release", self._hook_context(rec))
                 self.engine.mark_post_release_done(rec.release)
@@ -868,13 +881,19 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
-        written = self._ack(
-            joined,
-            READY,
-            timings={"staged_at": iso(utcnow())},
-            sha256=rec.sha256,
-            establish=True,
-        )
+        try:
+            written = self._ack(
+                joined,
+                READY,
+                timings={"staged_at": iso(utcnow())},
+                sha256=rec.sha256,
+                establish=True,
+            )
+        except AbortRequested:
+            abort = self.store.abort_requested(rec.id)
+            who = f" by {abort.by}: {abort.reason}".rstrip(": ") if abort else ""
+            self._ack(joined, FAILED, error=f"abort requested{who}")
+            return
         if written is not None and written.verdict is not None:
             self._verdicts[rec.id] = written.verdict
         self.log.info(
@@ -894,6 +913,14 @@ class AppAgent:
         if self.engine.prefetched_path(artifact).is_dir():
             return
         self.engine.fetch(artifact, cancel=self._cancel.is_set)
+
+    def _quick(self, artifact: ArtifactRecord, release: str) -> bool:
+        """Whether staging is a rename (pre-extracted, or the release is already there)."""
+        return self.engine.is_complete(release) or self.engine.prefetched_path(artifact).is_dir()
+
+    def _show_staging(self, joined: Joined) -> None:
+        if self._own.get(joined.id, "") == "":
+            self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())})
 
     def _staging_progress(self, joined: Joined) -> Callable[[int, int], None]:
         """Report bytes and members staged so far in this host's ack, at most every 2 s, so

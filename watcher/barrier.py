@@ -119,6 +119,10 @@ class Verdict:
         return bool(session) and entry is not None and entry.session == session
 
 
+class AbortRequested(DeployRefused):
+    """A ready ack met an abort request (``requests/<id>/abort``) in its own txn."""
+
+
 @dataclass(frozen=True)
 class JoinRead:
     """``DeployStore.join_read``: the request (None if absent or unparsable: ``problem``
@@ -313,7 +317,7 @@ class DeployStore:
             return None
         record = ArtifactRecord.from_json(entry.value, where=entry.key)
         if record.id != artifact_id:
-            raise PayloadError(f"ArtifactRecord at {entry.key}: names another id {record.id!r}")
+            raise PayloadError(f"{entry.key}: the record there is for artifact {record.id}")
         return record
 
     def pin(self, artifact_id: str) -> PinRecord | None:
@@ -702,14 +706,15 @@ class DeployStore:
             other = self.deploy_record(deploy_id)
         except PayloadError as exc:
             return (
-                f"app {self.app}: inflight names deploy {deploy_id!r}, whose request does not "
+                f"app {self.app}: deploy {deploy_id!r} is in flight, but its request does not "
                 f"parse ({exc}); any watcher clears it on its next cycle, or run "
-                f"`watcherctl abort {self.app} {deploy_id}`"
+                f"`watcherctl abort {deploy_id} --app {self.app}`"
             )
         if other is None:
             return (
-                f"app {self.app}: inflight names deploy {deploy_id!r}, which has no request; "
-                "any watcher clears it on its next cycle"
+                f"app {self.app}: deploy {deploy_id!r} is in flight, but it has no request; "
+                "any watcher clears it on its next cycle (`watcherctl status` shows how to "
+                "clear it now)"
             )
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
@@ -812,6 +817,9 @@ class DeployStore:
                 if not named or session != named:
                     return None
                 ops.append(TxnOp.check_session(self.keys.member(node), named))
+                # An abort request honored up to the last moment: the ready ack and the
+                # request cannot both land (the caller then acks failed).
+                ops.append(TxnOp.check_not_exists(self.keys.abort_request(deploy_id)))
             ops += extra_ops or []
             reads = self._verdict_ops(joined) if establish and joined is not None else []
             if len(ops) + len(reads) > MAX_TXN_OPS:
@@ -831,6 +839,8 @@ class DeployStore:
             if state == READY and any(i == 1 for i, _ in result.errors):
                 log.warning("ready_ack_refused", deploy=deploy_id, node=node, reason="session")
                 return None
+            if state == READY and any(i == 2 for i, _ in result.errors):
+                raise AbortRequested(f"deploy {deploy_id}: an abort was requested")
         return None
 
     # --- the predicates (DESIGN.md 6.4.3) -----------------------------------------------
@@ -1123,8 +1133,12 @@ class DeployStore:
         ]
         if verdict.outcome == COMMIT:
             ops += self._current_ops(joined, pre)
+        # What `current` names once this txn is applied: never trimmed (converge needs it).
+        protected = self._protected(pre.current)
+        if verdict.outcome == COMMIT and (pre.current is None or pre.current.deploy != request.id):
+            protected = {request.id} | ({pre.current.deploy} if pre.current else set())
         ops += self._history_ops(
-            pre, [request.id] + ([rollback_id] if rollback_id else []), history_keep
+            pre, [request.id] + ([rollback_id] if rollback_id else []), history_keep, protected
         )
         if not self.consul.txn(ops).ok:
             return False, None
@@ -1223,14 +1237,17 @@ class DeployStore:
         ]
         return rollback_id, ops, ""
 
-    def _history_ops(self, pre: EndRead, add: list[str], keep: int) -> list[dict[str, Any]]:
+    def _history_ops(
+        self, pre: EndRead, add: list[str], keep: int, protected: set[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Append ``add`` to the history and trim what falls out of it (never the deploys
         ``current`` names): requests, decisions, outcomes and coordinator keys here; each
         host trims its own progress (``trim_own_progress``)."""
         ids, trimmed, index = pre.history, pre.trimmed, pre.history_index
         ids = [i for i in ids if i not in add] + add
         dropped, ids = ids[:-keep], ids[-keep:]
-        protected = self._protected(pre.current)
+        if protected is None:
+            protected = self._protected(pre.current)
         keep_back = [d for d in dropped if d in protected]
         dropped = [d for d in dropped if d not in protected]
         ids = keep_back + ids

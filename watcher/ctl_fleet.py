@@ -572,7 +572,7 @@ def _inflight_view(
     else:
         if view is not None:
             return view, None
-        problem = f"it has no request at {store.keys.request(inflight)}"
+        problem = f"it has no record (no request at {store.keys.request(inflight)})"
     return None, {
         "id": inflight,
         "problem": f"`inflight` names deploy {inflight}, but {problem}",

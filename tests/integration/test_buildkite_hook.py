@@ -298,6 +298,6 @@ class TestBuildkiteProvenance:
         assert f"BUILDKITE_COMMIT '{short}' is too short, need the full commit SHA" in (
             result.stderr
         )
-        published = consul.kv_keys(Keys("watcher", "web").artifact(""))
+        published = consul.kv_keys(Keys("watcher", "web").artifacts_prefix)
         assert not [k for k in published if short in k]
         check_sourced_shell(mode, result)

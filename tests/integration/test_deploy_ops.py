@@ -316,7 +316,7 @@ class TestBadPayloads:
         # A well-formed deploy of an artifact nobody published fails at once, on record.
         unknown = fire(consul_bin, agent, "deploy", '{"app":"web","artifact":"main-deadbeef"}')
         outcome = fleet.wait_outcome(unknown)
-        assert outcome["result"] == "aborted"
+        assert outcome["result"] == "refused"
         assert "unknown artifact main-deadbeef" in outcome["reason"]
         assert fleet.inflight() is None
 
@@ -497,15 +497,19 @@ def wait_inflight(fleet: Fleet, timeout: float = 20.0) -> str:
 
 
 def wait_all_ready(fleet: Fleet, deploy_id: str, timeout: float = 20.0) -> None:
-    """Blocking queries on ``deploys/<id>/nodes/`` until every expected node is ready."""
+    """Blocking queries on the acks (``progress/``) until every expected node acked ready."""
     expected = {w.name for w in fleet.watchers}
-    prefix = fleet.keys.nodes_prefix(deploy_id)
+    prefix = fleet.keys.progress_prefix
     end = time.monotonic() + timeout
     index = 0
     while time.monotonic() < end:
         index, entries = fleet.kv.kv_list_blocking(prefix, index, 5.0)
-        states = {e.key[len(prefix) :]: json.loads(e.value or b"{}").get("state") for e in entries}
-        if all(states.get(n) == READY for n in expected):
+        states = {
+            e.key[len(prefix) :].split("/")[0]: json.loads(e.value or b"{}").get("state")
+            for e in entries
+            if e.key.endswith("/" + deploy_id)
+        }
+        if all(states.get(n) in (READY, "committed", "live") for n in expected):
             return
         if any(s not in (READY, "staging") for s in states.values()):
             return  # decided already: nothing left to race

@@ -290,7 +290,7 @@ class Fleet:
 
     def inflight(self) -> str | None:
         entry = self.kv.kv_get(self.keys.inflight)
-        return entry.value.decode() if entry and entry.value else None
+        return entry.value.decode(errors="replace") if entry and entry.value else None
 
     def outcome(self, deploy_id: str) -> dict[str, Any] | None:
         entry = self.kv.kv_get(self.keys.outcome(deploy_id))

@@ -77,18 +77,19 @@ class TestKeysRefuseBadIds:
             Keys("watcher", "web").artifact(value)
 
     @pytest.mark.parametrize(
-        "builder", ["deploy", "deploy_prefix", "nodes_prefix", "decision", "outcome"]
+        "builder", ["request", "abort_request", "coordinator", "decision", "outcome"]
     )
     def test_deploy_keys(self, builder: str) -> None:
         with pytest.raises(PayloadError, match="invalid deploy id"):
             getattr(Keys("watcher", "web"), builder)("../x")
         with pytest.raises(PayloadError, match="invalid deploy id"):
-            Keys("watcher", "web").node_progress("a/b", "web-1")
+            Keys("watcher", "web").progress("a/b", "web-1")
 
     def test_good_keys_are_unchanged(self) -> None:
         keys = Keys("watcher", "web")
         assert keys.artifact("main-1") == "watcher/apps/web/artifacts/main-1"
-        assert keys.decision("d-1") == "watcher/apps/web/deploys/d-1/decision"
+        assert keys.decision("d-1") == "watcher/apps/web/decisions/d-1"
+        assert keys.progress("d-1", "web-1") == "watcher/apps/web/progress/web-1/d-1"
 
 
 def run_ctl(*argv: str | bytes) -> subprocess.CompletedProcess[bytes]:
