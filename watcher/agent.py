@@ -55,6 +55,7 @@ from watcher.releases import ReleaseEngine
 
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
+PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 
 
@@ -662,12 +663,29 @@ class AppAgent:
             last_seen=iso(utcnow()),
             watcher_version=__version__,
             state=self.status.state,
+            prefetched=self._prefetched_ids(),
+            hold=(h.reason or "held") if (h := self.engine.held()) else "",
         )
         try:
             self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
             self._host_written = now
         except ConsulError as exc:
             self.log.warning("host_record_not_written", error=str(exc))
+
+    def _prefetched_ids(self) -> list[str]:
+        """Artifact ids held verified here (cache file or pre-extracted tree), newest first."""
+        found: list[tuple[float, str]] = []
+        for folder in (self.engine.layout.artifacts_dir, self.engine.layout.prefetched_dir):
+            try:
+                entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+                found += [(p.stat().st_mtime, p.name) for p in entries]
+            except OSError:
+                continue
+        names = (
+            n.removesuffix(".gz").removesuffix(".tar").rsplit("-", 1)[0]
+            for _, n in sorted(found, reverse=True)
+        )
+        return list(dict.fromkeys(names))[:PREFETCHED_LISTED]
 
     def prefetch(self, artifact_id: str) -> None:
         """Download, verify and (per config) pre-extract an announced artifact (worker)."""
