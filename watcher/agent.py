@@ -52,6 +52,7 @@ from watcher.records import (
     utcnow,
 )
 from watcher.releases import ReleaseEngine
+from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
@@ -149,6 +150,7 @@ class AppAgent:
         self.node = node
         self.session = session
         self.metrics = metrics
+        self.notifier = notifier_for(app, metrics)  # chat webhook; None when not configured
         self.journal = Journal(engine.layout.state_dir)
         self.converge_journal = Journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
         self._converge_failures = 0
@@ -230,15 +232,15 @@ class AppAgent:
         self.status.coordinating = self.status.coordinator_unknown = False
         if in_flight:
             session = self.session()
-            is_coord = False
+            is_coord = acquired = False
             if session and self.node in members:
                 # Contend only while nobody holds the lock: a held key is released (deleted)
                 # the moment its holder's session dies, and the watch on deploys/<id>/ wakes
                 # every member to take over.
-                is_coord = view.coordinator_session == session or (
-                    view.coordinator_session is None
-                    and self.store.acquire_coordinator(rec.id, session, self.node)
+                acquired = view.coordinator_session is None and self.store.acquire_coordinator(
+                    rec.id, session, self.node
                 )
+                is_coord = view.coordinator_session == session or acquired
             self.status.coordinating = is_coord
             self.status.coordinator_unknown = view.coordinator_session is None and not is_coord
             step = evaluate(
@@ -252,6 +254,8 @@ class AppAgent:
                 history_keep=self.config.daemon.history_keep,
                 on_validate_failure=self.app.on_validate_failure,
             )
+            if self.notifier is not None:  # webhook: started / committed / aborted / ended
+                self.notifier.step(view, step.action, node=self.node, started=acquired)
             if step.action != "none":
                 outcome = f"{outcome}; coordinator {step.action} {step.detail}".strip()
                 if self.metrics is not None and step.action in ("committed", "aborted"):
