@@ -266,11 +266,13 @@ def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def live_snapshot(store: DeployStore) -> Snapshot:
-    """The deploy in flight (or none), as the live view pushes it."""
+    """The deploy in flight (else the last one), as the live view pushes it."""
     inflight, _ = store.inflight()
     summary = None
-    if inflight:
-        view = store.view(inflight)
+    # With none in flight, the last one (how it ended, host by host) stays on show.
+    shown = inflight or next(reversed(store.history()), None)
+    if shown:
+        view = store.view(shown)
         if view is not None:
             summary = deploy_summary(view)
             summary["states"] = summarize_states(view)
