@@ -294,10 +294,22 @@ def _human_size(size: int) -> str:
     return str(size)
 
 
+def _short_time(value: str | None) -> str:
+    """``2026-12-01T21:13:56.922Z`` -> ``2026-12-01 21:13:56Z`` (the full value is in a title)."""
+    if not value:
+        return "-"
+    return value[:10] + " " + value[11:19] + "Z" if len(value) >= 19 else value
+
+
+def _timeline(host: dict[str, Any]) -> list[tuple[str, str]]:
+    """A host's ``*_at`` timings in the order they happened: [("staged", "21:13:56"), ...]."""
+    marks = [(v, k[:-3]) for k, v in host.items() if k.endswith("_at") and isinstance(v, str)]
+    return [(label, at[11:19]) for at, label in sorted(marks)]
+
+
 def _duration(summary: dict[str, Any]) -> str:
     hosts = summary.get("hosts") or {}
-    ends = [h.get(k) for h in hosts.values() for k in ("live", "aborted", "failed")]
-    ends = [e for e in ends if isinstance(e, str) and e]
+    ends = [v for h in hosts.values() for k, v in h.items() if k.endswith("_at") and v]
     try:
         start = parse_iso(summary["requested_at"])
         end = max(parse_iso(e) for e in ends) if ends else None
@@ -359,6 +371,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["size"] = _human_size
     templates.env.filters["duration"] = _duration
+    templates.env.filters["short_time"] = _short_time
+    templates.env.filters["timeline"] = _timeline
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
