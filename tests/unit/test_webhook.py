@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,49 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.receiver import Receiver
 from watcher.barrier import DeployView
 from watcher.config import WebhookSettings, parse_config
 from watcher.errors import ConfigError
 from watcher.health import Metrics
 from watcher.records import Decision, DeployRecord, NodeProgress
 from watcher.webhook import DeployNotifier, WebhookSender
-
-
-class Receiver:
-    """A chat webhook stand-in on 127.0.0.1: records bodies, answers ``status``, may hang."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.status = 200
-        self.hang = threading.Event()  # set: every request waits until `release` is set
-        self.release = threading.Event()
-        self.arrived = threading.Semaphore(0)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = json.loads(self.rfile.read(length))
-                receiver.arrived.release()
-                if receiver.hang.is_set():
-                    receiver.release.wait(30)
-                receiver.bodies.append(body)
-                self.send_response(receiver.status)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
