@@ -386,6 +386,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         description="Builds, deploys and the fleet; deploy, roll back and abort with your "
         "Consul ACL token.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: the page must work offline.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.web = state
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
