@@ -16,14 +16,16 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 from tests.integration.test_deploy_acl import create_token, render
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, Fleet
 from tests.support.s3server import S3Server, s3_client
 from tests.support.web import WebServer
-from watcher.config import S3Settings
+from watcher.config import S3Settings, load_config
 from watcher.records import Keys
+from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3, acl=True)
 
@@ -344,3 +346,28 @@ class TestDeployApiWithAcls:
         )
         assert "watcher_web_sse_clients" in metrics
         env.fleet.wait_idle()
+
+
+class TestNotOnLoopback:
+    """Bound to another address, every read needs a token with read on that app."""
+
+    def test_reads_need_a_token_that_can_read_the_app(self, env: Env) -> None:
+        app = create_app(load_config(env.web.config), listen_host="192.0.2.10")
+        with TestClient(app) as c:
+            r = c.get("/api/v1/apps/web/fleet")
+            assert r.status_code == 401 and "not bound to loopback" in error_of(r)
+            r = c.get("/api/v1/apps/web/live")
+            assert r.status_code == 401
+            r = c.get("/apps/web")
+            assert r.status_code == 401 and "A token is needed" in r.text
+            auth = {"Authorization": f"Bearer {env.reader}"}
+            r = c.get("/api/v1/apps/web/fleet", headers=auth)
+            assert r.status_code == 200, r.text
+            assert sorted(r.json()["hosts"]) == sorted(w.name for w in env.fleet.watchers)
+            r = c.get("/apps/web", headers=auth)
+            assert r.status_code == 200 and 'id="fleet"' in r.text
+            # A token that may read app api only: Consul refuses it for web.
+            r = c.get("/api/v1/apps/web/deploys", headers={"X-Consul-Token": env.api_operator})
+            assert r.status_code == 403 and "Permission denied" in error_of(r)
+            r = c.get("/api/v1/apps/web/live", headers={"X-Consul-Token": env.api_operator})
+            assert r.status_code == 403

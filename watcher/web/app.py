@@ -190,11 +190,19 @@ class WebState:
             return None
         return self.acls_enabled
 
+    def caller_client(self, request: Request, token: str | None) -> ConsulClient:
+        """A client with the caller's token for this request only (closed after it)."""
+        client = self.client(token)
+        if not hasattr(request.state, "clients"):
+            request.state.clients = []
+        request.state.clients.append(client)
+        return client
+
     def reader(self, request: Request) -> ConsulClient:
         """The client for a read: the server's own token on loopback, else the caller's."""
         token = bearer_token(request)
         if token is not None:
-            return self.client(token)
+            return self.caller_client(request, token)
         if not self.loopback:
             raise ApiError(
                 401,
@@ -216,14 +224,14 @@ class WebState:
                     "Consul has ACLs disabled, so this server cannot tell who you are; "
                     "writes are accepted only when watcher web is bound to loopback",
                 )
-            return Caller(f"{user_at_host()} (web, ACLs off)", self.client(token))
+            return Caller(f"{user_at_host()} (web, ACLs off)", self.caller_client(request, token))
         if token is None:
             raise ApiError(
                 401,
                 "a write needs your Consul ACL token (Authorization: Bearer <token> or "
                 "X-Consul-Token)",
             )
-        consul = self.client(token)
+        consul = self.caller_client(request, token)
         try:
             info = consul.acl_token_self()
         except ConsulPermissionDenied as exc:
@@ -409,7 +417,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 status_code=400,
             )
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            finally:
+                for client in getattr(request.state, "clients", ()):
+                    client.close()
         route = request.scope.get("route")
         path = getattr(route, "path", "<unmatched>")
         state.requests.labels(route=path, method=request.method, status=response.status_code).inc()
@@ -519,7 +531,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             await asyncio.to_thread(state.store(name, reader).inflight)
         feed = state.feeds.get(name)
         if feed is None:
-            feed = state.feeds[name] = LiveFeed(name, state.store(name), _snapshot_with_html)
+            # Its own client: a blocking query holds a connection for up to BLOCK_WAIT.
+            store = state.store(name, state.client(None))
+            feed = state.feeds[name] = LiveFeed(name, store, _snapshot_with_html)
         return StreamingResponse(
             _sse(feed, request),
             media_type="text/event-stream",
