@@ -6,7 +6,9 @@ Each actor holds only the policy docs/acl publishes (or less): an operator token
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,12 +22,15 @@ from fastapi.testclient import TestClient
 
 from tests.integration.test_deploy_acl import create_token, render
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import BIN, Fleet
+from tests.support.fleet import BIN, Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
 from tests.support.web import WebServer
+from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
+from watcher.consul_api import ConsulClient
 from watcher.records import Keys
-from watcher.web.app import create_app
+from watcher.web.app import create_app, live_snapshot
+from watcher.web.live import LiveFeed
 
 CLUSTER = ClusterSpec(hosts=3, acl=True)
 
@@ -191,6 +196,15 @@ class TestDeployApiWithAcls:
         from watcher.records import parse_iso
 
         assert abs(parse_iso(entry["requested_at"]).timestamp() - started) < 60
+        # Every host's record lists what it holds verified: the build list counts them.
+        wait_for(
+            lambda: any(
+                b["id"] == v2.id and b["prefetched_on"] == 3
+                for b in env.web.get("/api/v1/apps/web/builds").json()["builds"]
+            ),
+            40,
+            "v2 counted as prefetched on 3 hosts",
+        )
         # The API's own history says the same.
         [api_entry] = [
             d
@@ -371,3 +385,48 @@ class TestNotOnLoopback:
             assert r.status_code == 403 and "Permission denied" in error_of(r)
             r = c.get("/api/v1/apps/web/live", headers={"X-Consul-Token": env.api_operator})
             assert r.status_code == 403
+
+
+class TestLiveFeed:
+    """One blocking-query watcher per app feeds every client; it does not poll."""
+
+    def test_one_watcher_for_many_clients_and_no_polling(self, env: Env) -> None:
+        config = load_config(env.web.config)
+        store = DeployStore(ConsulClient(config.consul), config.kv_prefix, "web")
+        feed = LiveFeed("web", store, live_snapshot, wait=20)
+        v7 = env.fleet.publish("v7")
+
+        async def scenario() -> tuple[list[Any], int, int]:
+            queues = [feed.subscribe() for _ in range(8)]
+            firsts = [await asyncio.wait_for(q.get(), 20) for q in queues]
+            await asyncio.sleep(1.0)  # let the watcher settle into its blocking query
+            idle_before = feed.wakeups
+            await asyncio.sleep(3.0)  # nothing changes: a poller would wake up here
+            idle_after = feed.wakeups
+            r = await asyncio.to_thread(
+                env.web.post, "/api/v1/apps/web/deploys", {"artifact": v7.id}, env.web_operator
+            )
+            assert r.status_code == 202, r.text
+            deploy = r.json()["deploy"]
+
+            async def until_committed(q: asyncio.Queue[Any]) -> Any:
+                while True:
+                    snap = await asyncio.wait_for(q.get(), 60)
+                    d = snap.get("deploy") or {}
+                    if d.get("deploy") == deploy and d.get("result") == "committed":
+                        return snap
+
+            lasts = await asyncio.gather(*(until_committed(q) for q in queues))
+            assert all(f["app"] == "web" for f in firsts)
+            return lasts, idle_before, idle_after
+
+        try:
+            lasts, idle_before, idle_after = asyncio.run(scenario())
+            watchers = [t for t in threading.enumerate() if t.name == "live-web"]
+        finally:
+            feed.stop()
+        assert len(lasts) == 8
+        assert {h["state"] for h in lasts[0]["deploy"]["hosts"].values()} == {"live"}
+        assert len(watchers) == 1  # one thread, one blocking query, for all 8 clients
+        assert idle_after == idle_before, "the feed woke up with nothing changed (polling?)"
+        env.fleet.wait_idle()
