@@ -398,7 +398,7 @@ class TestLiveFeed:
 
         async def scenario() -> tuple[list[Any], int, int]:
             queues = [feed.subscribe() for _ in range(8)]
-            firsts = [await asyncio.wait_for(q.get(), 20) for q in queues]
+            firsts = [(await asyncio.wait_for(q.get(), 20)).snapshot for q in queues]
             await asyncio.sleep(1.0)  # let the watcher settle into its blocking query
             idle_before = feed.wakeups
             await asyncio.sleep(3.0)  # nothing changes: a poller would wake up here
@@ -411,7 +411,7 @@ class TestLiveFeed:
 
             async def until_committed(q: asyncio.Queue[Any]) -> Any:
                 while True:
-                    snap = await asyncio.wait_for(q.get(), 60)
+                    snap = (await asyncio.wait_for(q.get(), 60)).snapshot
                     d = snap.get("deploy") or {}
                     if d.get("deploy") == deploy and d.get("result") == "committed":
                         return snap

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -555,13 +554,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
                 try:
-                    snap = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                    item = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
                 except TimeoutError:
                     yield ": keepalive\n\n"
                     continue
-                if not snap.get("consul", {}).get("ok", True):
-                    snap = {**snap, "html": ""}
-                yield f"event: live\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n"
+                yield item.event
         finally:
             feed.unsubscribe(queue)
             gauge.dec()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from watcher.barrier import DeployStore
@@ -41,6 +43,19 @@ def wait_for_change(store: DeployStore, deploy_id: str | None, index: int, wait:
 Snapshot = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Published:
+    """A snapshot and its server-sent event, encoded once for every client."""
+
+    snapshot: Snapshot
+    event: str
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> Published:
+        data = json.dumps(snap, separators=(",", ":"))
+        return cls(snap, f"event: live\ndata: {data}\n\n")
+
+
 class LiveFeed:
     """One thread per app: read, publish to subscribers, block until something changes."""
 
@@ -57,16 +72,16 @@ class LiveFeed:
         self._read = read
         self._wait = wait
         self._lock = threading.Lock()
-        self._subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Snapshot]]] = set()
-        self._latest: Snapshot | None = None
+        self._subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Published]]] = set()
+        self._latest: Published | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wakeups = 0  # blocking queries that returned (for tests and the curious)
 
     # --- subscribers (called from the event loop) ----------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[Snapshot]:
-        queue: asyncio.Queue[Snapshot] = asyncio.Queue(CLIENT_QUEUE)
+    def subscribe(self) -> asyncio.Queue[Published]:
+        queue: asyncio.Queue[Published] = asyncio.Queue(CLIENT_QUEUE)
         loop = asyncio.get_running_loop()
         with self._lock:
             self._subscribers.add((loop, queue))
@@ -80,7 +95,7 @@ class LiveFeed:
             queue.put_nowait(latest)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[Snapshot]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Published]) -> None:
         with self._lock:
             self._subscribers = {s for s in self._subscribers if s[1] is not queue}
 
@@ -90,12 +105,13 @@ class LiveFeed:
     # --- the watcher thread ---------------------------------------------------------------
 
     def _publish(self, snap: Snapshot) -> None:
+        item = Published.of(snap)
         with self._lock:
-            self._latest = snap
+            self._latest = item
             targets = list(self._subscribers)
         for loop, queue in targets:
             with contextlib.suppress(RuntimeError):  # that client's loop is closed
-                loop.call_soon_threadsafe(_offer, queue, snap)
+                loop.call_soon_threadsafe(_offer, queue, item)
 
     def _run(self) -> None:
         deploy_id: str | None = None
@@ -107,7 +123,7 @@ class LiveFeed:
                 snap = self._read(self.store)
                 delay = RETRY_MIN
             except (ConsulError, PayloadError) as exc:
-                snap = {"app": self.app, "consul": {"ok": False, "error": str(exc)}}
+                snap = {"app": self.app, "consul": {"ok": False, "error": str(exc)}, "html": ""}
                 if snap != last:
                     log.warning("live_view_consul_error", app=self.app, error=str(exc))
                     self._publish(snap)
@@ -131,9 +147,9 @@ class LiveFeed:
             index = new_index if new_index >= index else 0
 
 
-def _offer(queue: asyncio.Queue[Snapshot], snap: Snapshot) -> None:
+def _offer(queue: asyncio.Queue[Published], item: Published) -> None:
     """Queue a snapshot; a client that lags drops its oldest (only the newest matters)."""
     if queue.full():
         with contextlib.suppress(asyncio.QueueEmpty):
             queue.get_nowait()
-    queue.put_nowait(snap)
+    queue.put_nowait(item)
