@@ -702,6 +702,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         except ConsulError as exc:
             status = 403 if isinstance(exc, ConsulPermissionDenied) else 503
             ctx["error"] = str(exc)
+        except PayloadError as exc:
+            status, ctx["error"] = 502, f"unreadable record in Consul: {exc}"
         return templates.TemplateResponse(request, "app.html", ctx, status_code=status)
 
     return app
