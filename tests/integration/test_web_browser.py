@@ -221,6 +221,24 @@ class TestThePage:
             fleet,
         )
 
+        # Abort from the page while undecided: hosts wait at their gates again.
+        fleet.wait_idle()
+        for gate in gates.values():
+            gate.unlink()
+        build_row.locator("button[data-action=deploy]").click()
+        confirm_write(page, None)
+        expect(page.locator("#live .state-staging")).to_have_count(3)
+        page.locator("#live button[data-action=abort]").click()
+        confirm_write(page, None)
+        expect(page.locator("#message")).to_contain_text("aborted")
+        expect(page.locator("#live .decision")).to_contain_text("abort")
+        for gate in gates.values():
+            gate.touch()
+        fleet.wait_idle()
+        expect(newest.locator(".outcome")).to_contain_text("aborted", timeout=60_000)
+        expect(newest.locator(".outcome")).to_contain_text(f"aborted by {operator_who}")
+        assert set(fleet.currents().values()) == {first["release"]}
+
         # A phone: nothing wider than the screen but the scrolling tables.
         page.set_viewport_size({"width": 390, "height": 800})
         width = page.evaluate("document.documentElement.scrollWidth")
