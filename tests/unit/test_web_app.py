@@ -14,7 +14,14 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from watcher.config import parse_config
-from watcher.web.app import MAX_BODY, _short_time, _timeline, create_app, is_loopback
+from watcher.web.app import (
+    MAX_BODY,
+    _duration,
+    _short_time,
+    _timeline,
+    create_app,
+    is_loopback,
+)
 
 
 def dead_address() -> str:
@@ -112,3 +119,15 @@ class TestHelpers:
             ("staged", "21:13:57"),
             ("live", "21:13:59"),
         ]
+
+    def test_duration_of_ended_deploys_only(self) -> None:
+        deploy = {
+            "requested_at": "2026-12-01T21:13:55Z",
+            "hosts": {
+                "h1": {"live_at": "2026-12-01T21:13:57.5Z"},
+                "h2": {"live_at": "2026-12-01T21:13:56Z"},
+            },
+            "result": "committed",
+        }
+        assert _duration(deploy) == "2.5s"
+        assert _duration({**deploy, "result": None}) == ""

@@ -315,6 +315,9 @@ def _timeline(host: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _duration(summary: dict[str, Any]) -> str:
+    """How long an ended deploy took: request to the last host timing ("" while in flight)."""
+    if not summary.get("result"):
+        return ""
     hosts = summary.get("hosts") or {}
     ends = [v for h in hosts.values() for k, v in h.items() if k.endswith("_at") and v]
     try:
