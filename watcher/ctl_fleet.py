@@ -23,7 +23,7 @@ from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient
 from watcher.ctl import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, CtlContext, table, user_at_host
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
-from watcher.records import ABORT, DeployRecord, parse_iso
+from watcher.records import ABORT, ArtifactRecord, DeployRecord, parse_iso
 from watcher.releases import ReleaseEngine
 
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
@@ -312,6 +312,18 @@ def _human_summary(data: dict[str, Any]) -> str:
 
 
 # --- history / abort ---------------------------------------------------------------------
+
+
+def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
+    """Every readable artifact record of the app, newest first (the web page's builds)."""
+    records: list[ArtifactRecord] = []
+    for entry in store.consul.kv_list(store.keys.artifacts_prefix):
+        try:
+            records.append(ArtifactRecord.from_json(entry.value, where=entry.key))
+        except PayloadError:
+            continue  # a record that does not parse is not a build anyone can deploy
+    records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    return records
 
 
 def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ retries; failures are logged and counted, never raised.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -61,8 +62,9 @@ class WebhookSender:
             message = self._queue.get()
             try:
                 self._post(message)
-            except Exception as exc:  # never let one message end the thread
-                log.error("webhook_failed", app=self.app, error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # never let one message (or a broken log) end the thread
+                with contextlib.suppress(Exception):
+                    log.error("webhook_failed", app=self.app, error=f"{type(exc).__name__}: {exc}")
 
     def _post(self, message: dict[str, Any]) -> bool:
         body = json.dumps(message, separators=(",", ":")).encode()

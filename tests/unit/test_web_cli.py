@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from watcher.daemon_cli import main
 from watcher.web.server import parse_listen
@@ -17,6 +19,13 @@ s3: {bucket: b}
 apps:
   web: {root: /srv}
 """
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """main() points structlog at this test's captured stdout; undo that afterwards."""
+    yield
+    structlog.reset_defaults()
 
 
 class TestListen:

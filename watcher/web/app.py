@@ -34,6 +34,7 @@ from watcher.config import Config
 from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
+    artifact_records,
     deploy_history,
     deploy_request,
     deploy_summary,
@@ -53,7 +54,7 @@ from watcher.errors import (
     PayloadError,
 )
 from watcher.log import get_logger
-from watcher.records import ARTIFACT_ID_RE, DEPLOY_ID_RE, RELEASE_RE, ArtifactRecord, parse_iso
+from watcher.records import ARTIFACT_ID_RE, DEPLOY_ID_RE, RELEASE_RE, parse_iso
 from watcher.web.live import LiveFeed, Snapshot
 
 log = get_logger(module="web")
@@ -249,13 +250,7 @@ def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
     for host in fleet["hosts"].values():
         for artifact_id in host.get("prefetched") or []:
             counts[artifact_id] = counts.get(artifact_id, 0) + 1
-    records: list[ArtifactRecord] = []
-    for entry in store.consul.kv_list(store.keys.artifacts_prefix):
-        try:
-            records.append(ArtifactRecord.from_json(entry.value, where=entry.key))
-        except PayloadError as exc:
-            log.warning("document_skipped", key=entry.key, error=str(exc))
-    records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    records = artifact_records(store)
     return [
         {
             "id": r.id,
