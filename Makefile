@@ -36,6 +36,7 @@ bench: $(STAMP) consul
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_stage.py
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_deploy.py
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_web.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

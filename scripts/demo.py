@@ -2,7 +2,8 @@
 
 Starts a local Consul cluster (one server, three client agents on 127.0.10.x), an S3
 server (moto), one `watcher run` per host with its own root, and a tiny web server per
-host serving that host's `current`. Then publishes v1 and deploys it, publishes v2 and
+host serving that host's `current`, and `watcher web` (the deploy API and page) on
+127.0.0.1:8710 (or a free port when that one is taken). Then publishes v1 and deploys it, publishes v2 and
 deploys it, and rolls back, printing `watcherctl status --fleet` and the served pages
 after each step. It leaves everything running until Ctrl-C (or exits at once with
 --no-keep).
@@ -31,10 +32,12 @@ sys.path.insert(0, str(REPO))
 from tests.support.cluster import ClusterSpec, ConsulCluster, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, wait_for  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
+from tests.support.web import WebServer  # noqa: E402
 from watcher.config import S3Settings  # noqa: E402
 
 LOOPBACK = os.environ.get("DEMO_LOOPBACK", "127.0.10")
 WEB_PORT = 8080
+UI_PORT = 8710  # watcher web, on loopback
 HEALTH_HOOK = REPO / "hooks" / "examples" / "http-health-check"
 
 
@@ -56,6 +59,13 @@ def serve_current(ip: str, current: Path) -> ThreadingHTTPServer:
     return server
 
 
+def port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def write_app(src: Path, version: str) -> None:
     """The sample app's source tree for one version."""
     if src.exists():
@@ -75,7 +85,7 @@ def pages(fleet: Fleet) -> str:
     for w in fleet.watchers:
         url = f"http://{w.agent.ip}:{WEB_PORT}/"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 body = resp.read().decode().strip().splitlines()[-1]
         except OSError as exc:
             body = f"(no answer: {exc})"
@@ -144,6 +154,7 @@ def main() -> int:
     s3: S3Server | None = None
     fleet: Fleet | None = None
     servers: list[ThreadingHTTPServer] = []
+    ui: WebServer | None = None
     os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
     try:
@@ -166,6 +177,14 @@ def main() -> int:
         say("starting 3 watchers (one per host)")
         fleet.start()
         print(f"  configs: {', '.join(str(w.config_path) for w in fleet.watchers)}")
+        say("starting watcher web (deploy API and page) on loopback")
+        ui = WebServer(fleet.watchers[0].config_path, workdir / "web.log")
+        if not port_in_use(UI_PORT):
+            ui.port, ui.url = UI_PORT, f"http://127.0.0.1:{UI_PORT}"
+        ui.start()
+        with urllib.request.urlopen(ui.url + "/apps/web", timeout=10) as resp:  # noqa: S310
+            print(f"  watcher web: {ui.url}/  (page answered {resp.status}; ACLs are off in the "
+                  "demo, so writes need no token on this loopback bind)")
 
         src = workdir / "app-src"
         say("publishing v1 (watcherctl publish: tarball -> S3, record -> KV, build-finished)")
@@ -196,6 +215,7 @@ def main() -> int:
         print(f"""
 Everything is still running. Try:
 {hints}
+The deploy page: {ui.url}/  (API description: {ui.url}/openapi.json)
 Watcher logs: {workdir}/hosts/<host>/watcher.log
 Press Ctrl-C to stop everything.""", flush=True)
         while True:
@@ -204,6 +224,8 @@ Press Ctrl-C to stop everything.""", flush=True)
         return 130
     finally:
         print("\nstopping ...", flush=True)
+        if ui is not None:
+            ui.stop()
         for server in servers:
             server.shutdown()
         if fleet is not None:

@@ -28,6 +28,7 @@ from watcher.barrier import (
     UNDECIDED,
     AbortRequested,
     DeployStore,
+    DeployView,
     Joined,
     PrepareRead,
     Verdict,
@@ -63,6 +64,7 @@ from watcher.records import (
     STAGING,
     ArtifactRecord,
     CurrentRecord,
+    Decision,
     DeployRecord,
     HostRecord,
     NodeProgress,
@@ -71,6 +73,7 @@ from watcher.records import (
     utcnow,
 )
 from watcher.releases import ReleaseEngine
+from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
 CONVERGE_JOURNAL_NAME = "converge.json"
@@ -79,6 +82,7 @@ STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its 
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
 TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
+PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
@@ -191,6 +195,7 @@ class AppAgent:
         self._daemon_first_index = first_index
         self._kv_first_index: int | None = None
         self._wake = wake
+        self.notifier = notifier_for(app, metrics)  # chat webhook; None when not configured
         self.journal = Journal(engine.layout.state_dir)
         self.converge_journal = Journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
         self._converge_failures = 0
@@ -202,7 +207,7 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_written = 0.0
-        self._host_state: tuple[str | None, str] | None = None
+        self._host_state: tuple[str | None, str, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._coordinating: str | None = None
@@ -336,6 +341,9 @@ class AppAgent:
         self._known[deploy_id] = (own, read.own_index)
         self.journal.begin(deploy_id, **joined.to_journal(), established=None)
         self._resumed.add(deploy_id)  # a fresh join: nothing was decided without this host
+        if self.notifier is not None and own is None and self.node == min(request.expected):
+            # "started", once: by the first expected host (no lock, no request for it).
+            self.notifier.started(self._view_for(joined), node=self.node)
         if entry.modify_index != entry.create_index and own is None:
             self._ack(joined, REFUSED, error="request was rewritten after it was created")
             return f"deploy {deploy_id}: refused (request rewritten)"
@@ -366,7 +374,7 @@ class AppAgent:
         verdict = self.store.establish(joined)
         if verdict.outcome == CONTESTED:
             return "contested; not ending it"
-        ended, _ = self.store.end(
+        ended, _, result = self.store.end(
             joined,
             verdict,
             by=self.node,
@@ -374,6 +382,8 @@ class AppAgent:
             on_validate_failure=self.app.on_validate_failure,
             expired=True,
         )
+        if ended:
+            self._notify_end(joined, verdict, result)
         return "ended past the apply deadline" if ended else "not expected; waiting"
 
     # --- this host's part -----------------------------------------------------------------
@@ -553,6 +563,26 @@ class AppAgent:
             ended=again.ended,
         )
 
+    def _view_for(self, joined: Joined, verdict: Verdict | None = None) -> DeployView:
+        """What a webhook message is made of: the request, the acks, the verdict."""
+        decision = None
+        if verdict is not None:
+            outcome = COMMIT if verdict.outcome == COMMIT else ABORT
+            decision = Decision(outcome=outcome, reason=verdict.reason, by=self.node, at="")
+        return DeployView(
+            joined.request,
+            decision,
+            dict(verdict.acks) if verdict else {},
+            dict(verdict.indexes) if verdict else {},
+            None,
+            None,
+            joined.create_index,
+        )
+
+    def _notify_end(self, joined: Joined, verdict: Verdict, result: str) -> None:
+        if self.notifier is not None:  # the host that wrote the outcome: once per deploy
+            self.notifier.ended(self._view_for(joined, verdict), result, node=self.node)
+
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
         self.journal.update(established=CONTESTED, established_at=iso(utcnow()), reason=reason)
@@ -655,7 +685,7 @@ class AppAgent:
         )
         if verdict.outcome == UNDECIDED or (pending and not past_apply):
             return f"done; waiting for {', '.join(pending) or 'the verdict'}"
-        ended, rollback = self.store.end(
+        ended, rollback, result = self.store.end(
             joined,
             verdict,
             by=self.node,
@@ -663,6 +693,8 @@ class AppAgent:
             on_validate_failure=self.app.on_validate_failure,
             expired=past_apply,
         )
+        if ended:
+            self._notify_end(joined, verdict, result)
         if ended and self.metrics is not None:
             self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
         if ended:
@@ -997,7 +1029,7 @@ class AppAgent:
             extra_ops=[TxnOp.set(self.store.keys.host(self.node), host.to_json())],
         )
         if written is not None:
-            self._host_state = (host.release, host.alarm)
+            self._host_state = (host.release, host.alarm, host.hold)
         self.journal.done("applied")
         self._observe("apply", started)
         self._prune()
@@ -1201,7 +1233,8 @@ class AppAgent:
 
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
         now = time.monotonic()
-        state = (release, self.status.alarm)
+        hold = self.engine.held()
+        state = (release, self.status.alarm, hold.reason if hold else "")
         if not force and state == self._host_state:
             return  # written on change only: an idle host sends Consul nothing
         record = self._host_record(release)
@@ -1220,7 +1253,24 @@ class AppAgent:
             state=self.status.state,
             alarm=self.status.alarm,
             first_index=self.first_index(),
+            prefetched=self._prefetched_ids(),
+            hold=(h.reason or "held") if (h := self.engine.held()) else "",
         )
+
+    def _prefetched_ids(self) -> list[str]:
+        """Artifact ids held verified here (cache file or pre-extracted tree), newest first."""
+        found: list[tuple[float, str]] = []
+        for folder in (self.engine.layout.artifacts_dir, self.engine.layout.prefetched_dir):
+            try:
+                entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+                found += [(p.stat().st_mtime, p.name) for p in entries]
+            except OSError:
+                continue
+        names = (
+            n.removesuffix(".gz").removesuffix(".tar").rsplit("-", 1)[0]
+            for _, n in sorted(found, reverse=True)
+        )
+        return list(dict.fromkeys(names))[:PREFETCHED_LISTED]
 
     def prefetch(self, artifact_id: str) -> None:
         """Download, verify and (per config) pre-extract an announced artifact (worker)."""
@@ -1248,6 +1298,7 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
+        self._write_host(self.engine.current_release(), force=True)  # the builds page counts it
         self.log.info(
             "prefetched",
             artifact=artifact_id,

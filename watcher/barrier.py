@@ -1069,10 +1069,10 @@ class DeployStore:
         history_keep: int,
         on_validate_failure: str,
         expired: bool = False,
-    ) -> tuple[bool, str | None]:
+    ) -> tuple[bool, str | None, str]:
         """Write the outcome, clear ``inflight`` if it still names this deploy (or, after a
         validate failure, point it at a fleet rollback), append to history and trim.
-        Returns (ended, rollback deploy id or None)."""
+        Returns (ended, rollback deploy id or None, the outcome's result)."""
         request = joined.request
         acks = verdict.acks
         hosts = {
@@ -1141,7 +1141,7 @@ class DeployStore:
             pre, [request.id] + ([rollback_id] if rollback_id else []), history_keep, protected
         )
         if not self.consul.txn(ops).ok:
-            return False, None
+            return False, None, result
         log.info(
             "deploy_ended",
             app=self.app,
@@ -1150,7 +1150,7 @@ class DeployStore:
             reason=reason,
             rollback=rollback_id,
         )
-        return True, rollback_id
+        return True, rollback_id, result
 
     def _end_read(self) -> EndRead:
         """``inflight``, ``current`` and ``history`` in one consistent read."""

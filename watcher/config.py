@@ -114,6 +114,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """A chat webhook for one app's deploy notifications (JSON POST with a ``text`` field)."""
+
+    url: str
+    timeout: float = 5.0
+    retries: int = 2
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """One app on this host."""
 
@@ -131,6 +140,7 @@ class AppConfig:
     hooks: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    webhook: WebhookSettings | None = None
 
     @property
     def app_dir(self) -> Path:
@@ -513,6 +523,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             "hooks",
             "timeouts",
             "limits",
+            "webhook",
         },
     )
     if data is not None and not isinstance(data, dict):
@@ -628,7 +639,30 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         hooks=MappingProxyType(hooks),
         timeouts=timeouts,
         limits=limits,
+        webhook=_read_webhook(r, d.get("webhook"), f"{path}.webhook"),
     )
+
+
+def _read_webhook(r: _Reader, data: Any, path: str) -> WebhookSettings | None:
+    """``apps.<app>.webhook``: url (http or https), timeout, retries; None when absent."""
+    if data is None:
+        return None
+    d = r.section(data, path, {"url", "timeout", "retries"})
+    if not isinstance(data, dict):
+        return None
+    url = r.get(d, "url", path, "", _string, "an http(s) URL")
+    parsed = urllib.parse.urlsplit(url)
+    if "url" not in d:
+        r.fail(f"{path}.url", "is required")
+    elif parsed.scheme not in ("http", "https") or not parsed.hostname:
+        r.fail(f"{path}.url", f"must be an http:// or https:// URL with a host, got {_show(url)}")
+    timeout = r.get(d, "timeout", path, 5.0, parse_duration, 'a duration like "5s"')
+    if timeout <= 0 or timeout > 60:
+        r.fail(f"{path}.timeout", f"must be between 0 and 60 seconds, got {timeout:g}")
+    retries = r.get(d, "retries", path, 2, _int_at_least(0), "an integer >= 0")
+    if retries > 10:
+        r.fail(f"{path}.retries", f"must be at most 10, got {retries}")
+    return WebhookSettings(url=url, timeout=timeout, retries=retries)
 
 
 def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from watcher.ctl import (
     user_at_host,
 )
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
-from watcher.records import ABORT, COMMIT, DeployRecord, parse_iso
+from watcher.records import ABORT, COMMIT, ArtifactRecord, DeployRecord, parse_iso
 from watcher.releases import ReleaseEngine
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
@@ -155,23 +155,43 @@ def cmd_deploy(ctx: CtlContext) -> int:
     args = ctx.args
     app = ctx.config.app(args.app)
     store = _store(ctx, args.app)
-    artifact = resolve_artifact(store, args.artifact)
+    record = deploy_request(
+        store,
+        app,
+        args.artifact,
+        requested_by=user_at_host(),
+        allow_missing=args.allow_missing,
+        resume=args.resume,
+    )
+    return _start_and_wait(ctx, store, record)
+
+
+def deploy_request(
+    store: DeployStore,
+    app: AppConfig,
+    artifact_id: str,
+    *,
+    requested_by: str,
+    allow_missing: bool,
+    resume: bool = False,
+) -> DeployRecord:
+    """The record of a new deploy of ``artifact_id`` (watcherctl deploy and the web API)."""
+    artifact = resolve_artifact(store, artifact_id)
     release, resume_of = None, None
-    if args.resume:
-        resume_of, release = _resumable(store, args.artifact)
-    expected = store.expected_members(allow_missing=args.allow_missing)
-    record = store.new_record(
+    if resume:
+        resume_of, release = _resumable(store, artifact_id)
+    expected = store.expected_members(allow_missing=allow_missing)
+    return store.new_record(
         deploy_id=new_deploy_id(),
         kind="deploy",
         artifact=artifact,
         release=release,
-        requested_by=user_at_host(),
+        requested_by=requested_by,
         expected=expected,
         prepare_timeout=app.timeouts.prepare,
         apply_timeout=app.timeouts.apply,
         resume_of=resume_of,
     )
-    return _start_and_wait(ctx, store, record)
 
 
 def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
@@ -196,32 +216,50 @@ def cmd_rollback(ctx: CtlContext) -> int:
         return rollback_local(ctx)
     app = ctx.config.app(args.app)
     store = _store(ctx, args.app)
-    target = rollback_target(store, args.to)
-    expected = store.expected_members(allow_missing=args.allow_missing)
-    record = store.new_record(
-        deploy_id=new_deploy_id(),
-        kind="rollback",
-        artifact=target,
-        release=target.release,
-        requested_by=user_at_host(),
-        expected=expected,
-        prepare_timeout=app.timeouts.prepare,
-        apply_timeout=app.timeouts.apply,
+    record = rollback_request(
+        store, app, args.to, requested_by=user_at_host(), allow_missing=args.allow_missing
     )
     return _start_and_wait(ctx, store, record)
 
 
-def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
-    store.start(record, history_keep=ctx.config.daemon.history_keep)
+def rollback_request(
+    store: DeployStore,
+    app: AppConfig,
+    release: str | None,
+    *,
+    requested_by: str,
+    allow_missing: bool,
+) -> DeployRecord:
+    """The record of a fleet rollback to ``release`` (default: the previous one)."""
+    target = rollback_target(store, release)
+    expected = store.expected_members(allow_missing=allow_missing)
+    return store.new_record(
+        deploy_id=new_deploy_id(),
+        kind="rollback",
+        artifact=target,
+        release=target.release,
+        requested_by=requested_by,
+        expected=expected,
+        prepare_timeout=app.timeouts.prepare,
+        apply_timeout=app.timeouts.apply,
+    )
+
+
+def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int) -> str:
+    """Write the deploy (one txn), then ring the doorbell; returns a warning or ""."""
+    store.start(record, history_keep=history_keep)
     payload = json.dumps({"app": store.app, "deploy": record.id}, separators=(",", ":"))
     try:  # the event is only a doorbell: every daemon already watches `inflight`
         store.consul.event_fire(record.kind, payload.encode())
     except ConsulError as exc:
-        if not ctx.as_json:
-            print(
-                f"watcherctl: warning: event not fired ({exc}); daemons learn of the deploy "
-                "from KV anyway"
-            )
+        return f"event not fired ({exc}); daemons learn of the deploy from KV anyway"
+    return ""
+
+
+def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
+    warning = start_deploy(store, record, history_keep=ctx.config.daemon.history_keep)
+    if warning and not ctx.as_json:
+        print(f"watcherctl: warning: {warning}")
     if not ctx.as_json:
         print(
             f"{record.kind} {record.id}: {record.release} to {len(record.expected)} host(s) "
@@ -237,7 +275,7 @@ def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -
     )
     view = _wait_for_outcome(ctx, store, record.id, deadline)
     result = view.outcome.result if view and view.outcome else "unknown (still running)"
-    data = _deploy_summary(view) if view else {"deploy": record.id}
+    data = deploy_summary(view) if view else {"deploy": record.id}
     ctx.emit(data, _human_summary)
     return EXIT_OK if result == "committed" else EXIT_FAILED
 
@@ -272,7 +310,7 @@ def _wait_for_outcome(
     return view
 
 
-def _deploy_summary(view: DeployView) -> dict[str, Any]:
+def deploy_summary(view: DeployView) -> dict[str, Any]:
     rec = view.record
     return {
         "deploy": rec.id,
@@ -319,16 +357,34 @@ def _human_summary(data: dict[str, Any]) -> str:
 # --- history / abort ---------------------------------------------------------------------
 
 
-def cmd_history(ctx: CtlContext) -> int:
-    store = _store(ctx, ctx.args.app)
+def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
+    """Every readable artifact record of the app, newest first (the web page's builds)."""
+    records: list[ArtifactRecord] = []
+    for entry in store.consul.kv_list(store.keys.artifacts_prefix):
+        try:
+            records.append(ArtifactRecord.from_json(entry.value, where=entry.key))
+        except PayloadError:
+            continue  # a record that does not parse is not a build anyone can deploy
+    records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    return records
+
+
+def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` deploys of the app, newest first, as ``deploy_summary`` dicts."""
     rows = []
-    for deploy_id in list(reversed(store.history()))[: max(ctx.args.limit, 1)]:
+    for deploy_id in list(reversed(store.history()))[: max(limit, 1)]:
         try:
             view = store.view(deploy_id)
         except PayloadError:
             continue
         if view is not None:
-            rows.append(_deploy_summary(view))
+            rows.append(deploy_summary(view))
+    return rows
+
+
+def cmd_history(ctx: CtlContext) -> int:
+    store = _store(ctx, ctx.args.app)
+    rows = deploy_history(store, ctx.args.limit)
 
     def human(items: list[dict[str, Any]]) -> str:
         if not items:
@@ -390,31 +446,40 @@ def cmd_abort(ctx: CtlContext) -> int:
                 )
                 return EXIT_OK
             continue
-        by = user_at_host()
-        reason = ctx.args.reason or ""
-        store.request_abort(deploy_id, reason, by=by)
-        view = _wait_for_end(store, deploy_id, ABORT_WAIT)
-        result = view.outcome.result if view and view.outcome else None
-        verdict = view.verdict() if view else "undecided"
-        if result == "aborted" or (result is None and verdict == ABORT):
+        what, _ = abort_deploy(store, deploy_id, ctx.args.reason or "", by=user_at_host())
+        if what == "aborted":
             ctx.emit(
                 {"deploy": deploy_id, "app": name, "aborted": True},
                 lambda d: f"deploy {deploy_id} aborted",
             )
             return EXIT_OK
-        what = result or verdict
         ctx.emit(
             {"deploy": deploy_id, "app": name, "aborted": False, "decision": what},
             lambda d: (
-                f"watcherctl: deploy {d['deploy']} is {d['decision']}: the abort request came "
-                "too late (every host had acked ready)"
-                if d["decision"] not in ("undecided",)
-                else f"watcherctl: abort of {d['deploy']} requested; hosts honor it before "
+                f"watcherctl: abort of {d['deploy']} requested; hosts honor it before "
                 "they ack ready (watch `watcherctl history`)"
+                if d["decision"] == "undecided"
+                else f"watcherctl: deploy {d['deploy']} is {d['decision']}: the abort request "
+                "came too late (every host had acked ready)"
             ),
         )
-        return EXIT_REFUSED if what not in ("undecided",) else EXIT_OK
+        return EXIT_OK if what == "undecided" else EXIT_REFUSED
     raise DeployRefused(f"no deploy {deploy_id} in app(s) {', '.join(apps)}")
+
+
+def abort_deploy(
+    store: DeployStore, deploy_id: str, reason: str, *, by: str, wait: float = ABORT_WAIT
+) -> tuple[str, DeployView | None]:
+    """Request the abort (``requests/<id>/abort``) and wait up to ``wait`` s for the acks to
+    settle: ("aborted" | "committed" | another outcome | "undecided", the deploy). Every
+    expected host honors the request until it acks ready; after that it is too late."""
+    store.request_abort(deploy_id, reason, by=by)
+    view = _wait_for_end(store, deploy_id, wait)
+    result = view.outcome.result if view and view.outcome else None
+    verdict = view.verdict() if view else "undecided"
+    if result == "aborted" or (result is None and verdict == ABORT):
+        return "aborted", view
+    return result or verdict, view
 
 
 def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployView | None:
@@ -628,50 +693,56 @@ def _human_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fleet_status(store: DeployStore) -> dict[str, Any]:
+    """Every member and known host of one app, the fleet's release and the deploy in flight."""
+    members = store.members()
+    hosts = store.hosts()
+    current, _ = store.current()
+    inflight, _ = store.inflight()
+    view, problem = _inflight_view(store, inflight)
+    rows = {}
+    for node in sorted(set(members) | set(hosts)):
+        host = hosts.get(node)
+        state = ""
+        if view is not None:
+            progress = view.nodes.get(node)
+            state = (
+                progress.state
+                if progress
+                else ("pending" if node in view.record.expected else "not expected")
+            )
+        rows[node] = {
+            "node": node,
+            "release": host.release if host else None,
+            "member": node in members,
+            "deploy_state": state,
+            "last_seen": host.last_seen if host else None,
+            "on_fleet_release": bool(host and current and host.release == current.release),
+            "hold": host.hold if host else "",
+            "prefetched": list(host.prefetched) if host else [],
+        }
+    return {
+        "current": current.release if current else None,
+        "previous": (current.previous or {}).get("release") if current else None,
+        "deploy": (
+            {
+                "id": view.id,
+                "kind": view.record.kind,
+                "release": view.record.release,
+                "decision": view.decision.outcome if view.decision else None,
+            }
+            if view
+            else problem
+        ),
+        "hosts": rows,
+    }
+
+
 def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
     consul = _consul(ctx)
     data: dict[str, Any] = {}
     for name in names:
-        store = DeployStore(consul, ctx.config.kv_prefix, name)
-        members = store.members()
-        hosts = store.hosts()
-        current, _ = store.current()
-        inflight, _ = store.inflight()
-        view, problem = _inflight_view(store, inflight)
-        rows = {}
-        for node in sorted(set(members) | set(hosts)):
-            host = hosts.get(node)
-            state = ""
-            if view is not None:
-                progress = view.nodes.get(node)
-                state = (
-                    progress.state
-                    if progress
-                    else ("pending" if node in view.record.expected else "not expected")
-                )
-            rows[node] = {
-                "node": node,
-                "release": host.release if host else None,
-                "member": node in members,
-                "deploy_state": state,
-                "last_seen": host.last_seen if host else None,
-                "on_fleet_release": bool(host and current and host.release == current.release),
-            }
-        data[name] = {
-            "current": current.release if current else None,
-            "previous": (current.previous or {}).get("release") if current else None,
-            "deploy": (
-                {
-                    "id": view.id,
-                    "kind": view.record.kind,
-                    "release": view.record.release,
-                    "decision": view.decision.outcome if view.decision else None,
-                }
-                if view
-                else problem
-            ),
-            "hosts": rows,
-        }
+        data[name] = fleet_status(DeployStore(consul, ctx.config.kv_prefix, name))
 
     def human(d: dict[str, Any]) -> str:
         out = []

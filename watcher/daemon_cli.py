@@ -1,4 +1,4 @@
-"""The `watcher` command: `watcher run` (the daemon) and `watcher check-config`."""
+"""The `watcher` command: `watcher run` (the daemon), `watcher check-config`, `watcher web`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the configuration file and list every problem"
     )
     _common_options(check, suppress=True)
+    web = sub.add_parser("web", help="serve the deploy API and web page (see docs/web.md)")
+    _common_options(web, suppress=True)
+    web.add_argument(
+        "--listen",
+        default="127.0.0.1:8710",
+        metavar="HOST:PORT",
+        help="address to serve on (default: 127.0.0.1:8710, loopback)",
+    )
     return parser
 
 
@@ -128,13 +136,26 @@ def run(args: argparse.Namespace) -> int:
     return int(run_daemon(config, args) or 0)
 
 
+def web(args: argparse.Namespace) -> int:
+    """`watcher web`: FastAPI is imported here only, so the daemon never loads it."""
+    config = load_config(args.config)
+    from watcher.web.server import parse_listen, run_web
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"watcher web: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_web(config, args.listen)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `watcher` console script."""
     args = build_parser().parse_args(argv)
     if args.config is None:
         args.config = _default_config_path()
     _configure_logging(args)
-    command = {"run": run, "check-config": check_config}[args.command]
+    command = {"run": run, "check-config": check_config, "web": web}[args.command]
     try:
         code = command(args)
         sys.stdout.flush()  # a closed pipe (`check-config | head -1`) shows here

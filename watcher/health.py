@@ -109,6 +109,19 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.webhook_sent = Counter(
+            "watcher_webhook_sent",
+            "Deploy notifications the receiver accepted (this host coordinated)",
+            ["app"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "watcher_webhook_failures",
+            "Deploy notifications given up after the retries, by reason (http, network, "
+            "queue_full)",
+            ["app", "reason"],
+            registry=r,
+        )
         self.events_handled = Counter(
             "watcher_events_handled",
             "Consul events handled, by name and result (acted, duplicate, history, invalid)",

@@ -552,6 +552,10 @@ class HostRecord(Document):
     last_seen: str
     watcher_version: str = ""
     state: str = ""
+    # Issue 11 (the web page): artifact ids this host holds verified, newest first (bounded),
+    # and the reason of an operator's hold on the app here ("" when none).
+    prefetched: list[str] = field(default_factory=list)
+    hold: str = ""
     alarm: str = ""
     first_index: int = 0  # the CreateIndex of this watcher's first session (6.4.5)
 

@@ -252,7 +252,7 @@ class TestHistory:
             assert ack(store, joined, "n1", READY, s)
             verdict = store.establish(joined)
             assert verdict.outcome == COMMIT
-            ended, _ = store.end(
+            ended, _, _ = store.end(
                 joined, verdict, by="n1", history_keep=2, on_validate_failure="rollback"
             )
             assert ended

@@ -89,6 +89,7 @@ def test_demo_deploys_upgrades_and_rolls_back(demo: Demo) -> None:
     assert out[rollback:].count("hello from v1") >= 3
     assert out.count(": committed") >= 3
     assert "scripted part done" in out
+    assert "watcher web: http://127.0.0.1:" in out and "(page answered 200;" in out
 
 
 def test_every_printed_hint_works_as_printed(demo: Demo) -> None:

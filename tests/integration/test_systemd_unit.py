@@ -214,3 +214,60 @@ class TestEnvExample:
             "AWS_ACCESS_KEY_ID",
             "AWS_REGION",
         } <= set(keys)
+
+
+WEB_UNIT = ROOT / "systemd" / "watcher-web.service"
+
+
+class TestWebUnit:
+    """systemd/watcher-web.service: verifies, unprivileged, no capabilities, low exposure."""
+
+    unit = parse_unit(WEB_UNIT.read_text())
+
+    def rendered(self, tmp_path: Path) -> Path:
+        path = tmp_path / "watcher-web.service"
+        path.write_text(WEB_UNIT.read_text().replace(INSTALLED_BIN, str(console_script())))
+        return path
+
+    def test_verifies_cleanly(self, tmp_path: Path) -> None:
+        result = verify(self.rendered(tmp_path))
+        ours = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if "watcher-web.service" in line
+        ]
+        assert result.returncode == 0, result.stderr
+        assert ours == []
+
+    def test_security_exposure_is_lower_than_the_daemons(self, tmp_path: Path) -> None:
+        result = subprocess.run(
+            [
+                systemd_tool("systemd-analyze"),
+                "security",
+                "--offline=true",
+                "--no-pager",
+                str(self.rendered(tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        match = re.search(
+            r"Overall exposure level for watcher-web\.service: (\d+\.\d)", result.stdout
+        )
+        assert match, result.stdout + result.stderr
+        assert float(match.group(1)) <= 2.5, result.stdout
+
+    def test_unprivileged_and_no_capabilities(self) -> None:
+        service = self.unit["Service"]
+        assert service["DynamicUser"] == ["true"]
+        assert service["CapabilityBoundingSet"] == [""]
+        assert service["AmbientCapabilities"] == [""]
+        assert service["NoNewPrivileges"] == ["true"]
+        assert service["ProtectSystem"] == ["strict"]
+        assert "User" not in service
+        [start] = service["ExecStart"]
+        assert start.split()[1:4] == ["web", "-c", "${CREDENTIALS_DIRECTORY}/web.yaml"]
+        assert service["LoadCredential"] == ["web.yaml:/etc/watcher/web.yaml"]
+        assert "--listen 127.0.0.1:" in start

@@ -420,7 +420,8 @@ class TestErrorsNameTheirPath:
                 with_app(keep=3),
                 "apps.web.keep",
                 "aborted_staging_max_age, artifact_cache_bytes, group, hooks, keep_releases, "
-                "limits, on_validate_failure, prefetch, root, shared, timeouts, umask, user",
+                "limits, on_validate_failure, prefetch, root, shared, timeouts, umask, user, "
+                "webhook",
             ),
             (
                 with_app(timeouts={"hooks": 1}),

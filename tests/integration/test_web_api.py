@@ -1,0 +1,432 @@
+"""The deploy API of `watcher web` against a real Consul cluster with ACLs on and real daemons.
+
+Each actor holds only the policy docs/acl publishes (or less): an operator token for app
+`web`, one for app `api`, a read-only token; the server reads with the read-only token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from tests.integration.test_deploy_acl import create_token, render
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import BIN, Fleet, wait_for
+from tests.support.s3server import S3Server, s3_client
+from tests.support.web import WebServer
+from watcher.barrier import DeployStore
+from watcher.config import S3Settings, load_config
+from watcher.consul_api import ConsulClient
+from watcher.records import Keys
+from watcher.web.app import create_app, live_snapshot
+from watcher.web.live import LiveFeed
+
+CLUSTER = ClusterSpec(hosts=3, acl=True)
+
+
+@dataclass
+class Env:
+    fleet: Fleet
+    web: WebServer
+    web_operator: str  # operator token for app web (description: "release-watcher test: ...")
+    web_operator_who: str
+    api_operator: str
+    reader: str  # read on every app, no write
+    gate: Path  # while it is missing, post_release waits: a deploy stays undecided
+    operator_config: Path
+
+    def keys(self, app: str = "web") -> Keys:
+        return Keys(self.fleet.kv_prefix, app)
+
+    def written(self, app: str = "web") -> dict[str, int]:
+        """What a write of the API could have touched: inflight, history, deploys/."""
+        keys = self.keys(app)
+        kv = self.fleet.kv
+        out = {e.key: e.modify_index for e in kv.kv_list(keys.deploys_prefix)}
+        for key in (keys.inflight, f"{keys.base}/history"):
+            entry = kv.kv_get(key)
+            if entry is not None:
+                out[key] = entry.modify_index
+        return out
+
+    def history(self) -> list[dict[str, Any]]:
+        import subprocess
+
+        result = subprocess.run(
+            [str(BIN / "watcherctl"), "history", "web", "-c", str(self.operator_config), "--json"],
+            capture_output=True,
+            text=True,
+            env=self.fleet.watchers[0].env(),
+            timeout=60,
+            check=True,
+        )
+        data: list[dict[str, Any]] = json.loads(result.stdout)
+        return data
+
+
+@pytest.fixture(scope="module")
+def env(
+    cluster: ConsulCluster, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
+    workdir = tmp_path_factory.mktemp("web-api")
+    prefix = f"w{time.monotonic_ns()}"
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    s3_client(s3_server.endpoint_url).create_bucket(Bucket=bucket)
+    s3 = S3Settings(
+        bucket=bucket, prefix="artifacts", region="us-east-1", endpoint_url=s3_server.endpoint_url
+    )
+    server = cluster.server
+    watchers = {
+        a.name: create_token(
+            server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
+        )[0]
+        for a in cluster.hosts
+    }
+    web_operator, _ = create_token(server, f"operator-{prefix}", render("operator", prefix, "web"))
+    api_operator, _ = create_token(
+        server, f"api-operator-{prefix}", render("operator", prefix, "api")
+    )
+    reader, _ = create_token(
+        server, f"reader-{prefix}", f'key_prefix "{prefix}/apps/" {{ policy = "read" }}\n'
+    )
+    gate = workdir / "gate"
+    gate.touch()
+    hook = workdir / "post-release"
+    hook.write_text(
+        f"#!/bin/sh\nfor i in $(seq 300); do [ -e {gate} ] && exit 0; sleep 0.1; done\nexit 0\n"
+    )
+    hook.chmod(0o755)
+    fleet = Fleet(
+        cluster,
+        s3,
+        workdir,
+        kv_prefix=prefix,
+        consul_tokens=watchers,
+        app_extra={"hooks": {"post_release": str(hook)}},
+    )
+    config = fleet.config_for(fleet.watchers[0])
+    config["consul"]["token"] = reader
+    config["apps"]["api"] = {"root": str(workdir / "api-root")}
+    web_config = workdir / "web.yaml"
+    web_config.write_text(yaml.safe_dump(config))
+    config["consul"]["token"] = web_operator
+    operator_config = workdir / "operator.yaml"
+    operator_config.write_text(yaml.safe_dump(config))
+    web = WebServer(web_config, workdir / "web.log")
+    fleet.start()
+    web.start()
+    try:
+        yield Env(
+            fleet=fleet,
+            web=web,
+            web_operator=web_operator,
+            web_operator_who=f"release-watcher test: operator-{prefix}",
+            api_operator=api_operator,
+            reader=reader,
+            gate=gate,
+            operator_config=operator_config,
+        )
+    finally:
+        web.stop()
+        fleet.stop()
+
+
+def error_of(response: Any) -> str:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return str(body["error"])
+
+
+class TestDeployApiWithAcls:
+    def test_no_token_unknown_token_and_read_only_change_nothing(self, env: Env) -> None:
+        v1 = env.fleet.publish("v1")
+        before = env.written()
+        path = "/api/v1/apps/web/deploys"
+
+        r = env.web.post(path, {"artifact": v1.id})
+        assert r.status_code == 401 and "needs your Consul ACL token" in error_of(r)
+
+        r = env.web.post(path, {"artifact": v1.id}, token=str(uuid.uuid4()))
+        assert r.status_code == 401 and "ACL not found" in error_of(r), r.text
+
+        r = env.web.post(path, {"artifact": v1.id}, token=env.reader)
+        assert r.status_code == 403, r.text
+        assert "Permission denied" in error_of(r)  # Consul's own words, verbatim
+
+        with env.web.client(**{"X-Consul-Token": env.reader}) as c:
+            r = c.post(path, json={"artifact": v1.id})
+        assert r.status_code == 403, r.text
+        assert env.written() == before
+
+    def test_a_token_for_web_cannot_deploy_api(self, env: Env) -> None:
+        before = env.written("api")
+        r = env.web.post("/api/v1/apps/api/deploys", {"artifact": "main-0000"}, env.web_operator)
+        assert r.status_code == 403, r.text
+        assert "Permission denied" in error_of(r)
+        # The api operator gets past Consul's ACLs, and is refused for a stated reason.
+        r = env.web.post("/api/v1/apps/api/deploys", {"artifact": "main-0000"}, env.api_operator)
+        assert r.status_code == 404, r.text
+        assert "unknown artifact main-0000" in error_of(r)
+        assert env.written("api") == before
+
+    def test_deploy_shows_in_watcherctl_history_with_the_tokens_description(self, env: Env) -> None:
+        v2 = env.fleet.publish("v2")
+        started = time.time()
+        r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v2.id}, env.web_operator)
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body["requested_by"] == env.web_operator_who
+        outcome = env.fleet.wait_outcome(body["deploy"])
+        assert outcome["result"] == "committed", outcome
+        assert set(env.fleet.currents().values()) == {body["release"]}
+        [entry] = [d for d in env.history() if d["deploy"] == body["deploy"]]
+        assert entry["requested_by"] == env.web_operator_who
+        assert entry["result"] == "committed"
+        from watcher.records import parse_iso
+
+        assert abs(parse_iso(entry["requested_at"]).timestamp() - started) < 60
+        # Every host's record lists what it holds verified: the build list counts them.
+        wait_for(
+            lambda: any(
+                b["id"] == v2.id and b["prefetched_on"] == 3
+                for b in env.web.get("/api/v1/apps/web/builds").json()["builds"]
+            ),
+            40,
+            "v2 counted as prefetched on 3 hosts",
+        )
+        # The API's own history says the same.
+        [api_entry] = [
+            d
+            for d in env.web.get("/api/v1/apps/web/deploys").json()["deploys"]
+            if d["deploy"] == body["deploy"]
+        ]
+        assert api_entry["requested_by"] == env.web_operator_who
+        env.fleet.wait_idle()
+
+    def test_read_only_token_cannot_abort_the_operator_can(self, env: Env) -> None:
+        v3 = env.fleet.publish("v3")
+        env.gate.unlink()
+        try:
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v3.id}, env.web_operator)
+            assert r.status_code == 202, r.text
+            deploy = r.json()["deploy"]
+            abort = f"/api/v1/apps/web/deploys/{deploy}/abort"
+            r = env.web.post(abort, {"reason": "no"}, env.reader)
+            assert r.status_code == 403, r.text
+            assert "Permission denied" in error_of(r)
+            assert env.fleet.decision(deploy) is None
+            r = env.web.post(abort, {}, None)
+            assert r.status_code == 401
+            assert env.fleet.decision(deploy) is None
+            r = env.web.post(abort, {"reason": "wrong build"}, env.web_operator)
+            assert r.status_code == 200, r.text
+            decision = env.fleet.decision(deploy)
+            assert decision is not None and decision["outcome"] == "abort"
+            assert (
+                env.web_operator_who in decision["reason"] and "wrong build" in decision["reason"]
+            )
+            r = env.web.post(abort, {}, env.web_operator)
+            assert r.status_code == 409 and "already decided" in error_of(r)
+        finally:
+            env.gate.touch()
+        assert env.fleet.wait_outcome(deploy)["result"] == "aborted"
+        env.fleet.wait_idle()
+
+    def test_rollback_through_the_api(self, env: Env) -> None:
+        v6 = env.fleet.publish("v6")
+        r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v6.id}, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
+        current = env.fleet.kv.kv_get(env.keys().current)
+        assert current is not None and current.value is not None
+        previous = json.loads(current.value)["previous"]["release"]
+        r = env.web.post("/api/v1/apps/web/rollbacks", {}, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert r.json()["release"] == previous and r.json()["kind"] == "rollback"
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        assert set(env.fleet.currents().values()) == {previous}
+        env.fleet.wait_idle()
+
+    def test_bad_input_is_a_clear_4xx_and_writes_nothing(self, env: Env) -> None:
+        before = env.written()
+        tok = env.web_operator
+        deploys = "/api/v1/apps/web/deploys"
+        cases: list[tuple[str, Any, int, str]] = [
+            ("malformed", {"content": b'{"artifact": '}, 400, "malformed JSON body"),
+            ("not an object", {"content": b"[1, 2]"}, 422, "body"),
+            ("missing field", {"json": {}}, 422, "artifact: Field required"),
+            ("bad id", {"json": {"artifact": "../etc"}}, 422, "is not an artifact id"),
+            ("unknown id", {"json": {"artifact": "main-deadbeef"}}, 404, "unknown artifact"),
+            ("oversized", {"content": b'{"artifact": "' + b"a" * 20000 + b'"}'}, 413, "over"),
+        ]
+        with env.web.client(tok, **{"Content-Type": "application/json"}) as c:
+            for what, kw, status, text in cases:
+                r = c.post(deploys, **kw)
+                assert r.status_code == status, f"{what}: {r.status_code} {r.text}"
+                assert text in error_of(r), f"{what}: {r.text}"
+            r = c.post("/api/v1/apps/nope/deploys", json={"artifact": "main-1"})
+            assert r.status_code == 404 and "apps.nope: no such app" in error_of(r)
+            r = c.post("/api/v1/apps/web/rollbacks", json={"release": "yesterday"})
+            assert r.status_code == 422 and "is not a release name" in error_of(r)
+            r = c.post("/api/v1/apps/web/rollbacks", json={"release": "20200101T000000Z-x"})
+            assert r.status_code == 409 and "was not committed" in error_of(r)
+            r = c.post("/api/v1/apps/web/deploys/..%2Fx/abort", json={})
+            assert r.status_code in (404, 422), r.text
+        # A token in the query string: refused before anything else, even a valid one.
+        with env.web.client() as c:
+            r = c.post(f"{deploys}?token={tok}", json={"artifact": "main-1"})
+            assert r.status_code == 400 and "token in the URL is refused" in error_of(r)
+            r = c.get(f"/api/v1/apps/web/fleet?X-Consul-Token={tok}")
+            assert r.status_code == 400
+        assert env.written() == before
+
+    def test_every_route_is_in_the_served_openapi(self, env: Env) -> None:
+        spec = env.web.get("/openapi.json").json()
+        served = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+        expected = {
+            ("/api/v1/apps", "GET"),
+            ("/api/v1/apps/{app}/fleet", "GET"),
+            ("/api/v1/apps/{app}/builds", "GET"),
+            ("/api/v1/apps/{app}/deploys", "GET"),
+            ("/api/v1/apps/{app}/deploys", "POST"),
+            ("/api/v1/apps/{app}/deploys/{deploy_id}", "GET"),
+            ("/api/v1/apps/{app}/deploys/{deploy_id}/abort", "POST"),
+            ("/api/v1/apps/{app}/rollbacks", "POST"),
+            ("/api/v1/apps/{app}/live", "GET"),
+            ("/healthz", "GET"),
+            ("/metrics", "GET"),
+        }
+        assert served == expected
+        # Each documented GET answers (the page's own routes are not part of the API).
+        deploy = env.web.get("/api/v1/apps/web/deploys").json()["deploys"][0]["deploy"]
+        for path, method in sorted(served):
+            if method != "GET" or path.endswith("/live"):
+                continue
+            url = path.replace("{app}", "web").replace("{deploy_id}", deploy)
+            r = env.web.get(url)
+            assert r.status_code == 200, f"{url}: {r.status_code} {r.text[:200]}"
+        # Each POST documents its JSON body.
+        for path, method in served:
+            if method == "POST" and not path.endswith("/abort"):
+                op = spec["paths"][path]["post"]
+                assert "application/json" in op["requestBody"]["content"], path
+        v4 = env.fleet.publish("v4")
+        builds = env.web.get("/api/v1/apps/web/builds").json()["builds"]
+        ids = [b["id"] for b in builds]
+        assert v4.id in ids and len(ids) >= 4
+        [b4] = [b for b in builds if b["id"] == v4.id]
+        assert b4["size"] == v4.size and b4["commit"] == v4.commit and b4["branch"] == "main"
+
+    def test_sse_pushes_the_deploy_in_flight(self, env: Env) -> None:
+        v5 = env.fleet.publish("v5")
+        seen: list[dict[str, Any]] = []
+        with env.web.client() as c, c.stream("GET", "/api/v1/apps/web/live") as stream:
+            lines = stream.iter_lines()
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v5.id}, env.web_operator)
+            assert r.status_code == 202, r.text
+            deploy = r.json()["deploy"]
+            end = time.monotonic() + 60
+            for line in lines:
+                assert time.monotonic() < end, "no live state within 60s"
+                if not line.startswith("data: "):
+                    continue
+                snap = json.loads(line[6:])
+                seen.append(snap)
+                d = snap.get("deploy")
+                if d and d["deploy"] == deploy and d["result"] == "committed":
+                    break
+        states = {
+            h["state"]
+            for s in seen
+            if (s.get("deploy") or {}).get("deploy") == deploy
+            for h in s["deploy"]["hosts"].values()
+        }
+        assert "live" in states, seen[-3:]
+        metrics = env.web.get("/metrics").text
+        assert 'watcher_web_requests_total{method="POST",route="/api/v1/apps/{app}/deploys"' in (
+            metrics
+        )
+        assert "watcher_web_sse_clients" in metrics
+        env.fleet.wait_idle()
+
+
+class TestNotOnLoopback:
+    """Bound to another address, every read needs a token with read on that app."""
+
+    def test_reads_need_a_token_that_can_read_the_app(self, env: Env) -> None:
+        app = create_app(load_config(env.web.config), listen_host="192.0.2.10")
+        with TestClient(app) as c:
+            r = c.get("/api/v1/apps/web/fleet")
+            assert r.status_code == 401 and "not bound to loopback" in error_of(r)
+            r = c.get("/api/v1/apps/web/live")
+            assert r.status_code == 401
+            r = c.get("/apps/web")
+            assert r.status_code == 401 and "A token is needed" in r.text
+            auth = {"Authorization": f"Bearer {env.reader}"}
+            r = c.get("/api/v1/apps/web/fleet", headers=auth)
+            assert r.status_code == 200, r.text
+            assert sorted(r.json()["hosts"]) == sorted(w.name for w in env.fleet.watchers)
+            r = c.get("/apps/web", headers=auth)
+            assert r.status_code == 200 and 'id="fleet"' in r.text
+            # A token that may read app api only: Consul refuses it for web.
+            r = c.get("/api/v1/apps/web/deploys", headers={"X-Consul-Token": env.api_operator})
+            assert r.status_code == 403 and "Permission denied" in error_of(r)
+            r = c.get("/api/v1/apps/web/live", headers={"X-Consul-Token": env.api_operator})
+            assert r.status_code == 403
+
+
+class TestLiveFeed:
+    """One blocking-query watcher per app feeds every client; it does not poll."""
+
+    def test_one_watcher_for_many_clients_and_no_polling(self, env: Env) -> None:
+        config = load_config(env.web.config)
+        store = DeployStore(ConsulClient(config.consul), config.kv_prefix, "web")
+        feed = LiveFeed("web", store, live_snapshot, wait=20)
+        v7 = env.fleet.publish("v7")
+
+        async def scenario() -> tuple[list[Any], int, int]:
+            queues = [feed.subscribe() for _ in range(8)]
+            firsts = [(await asyncio.wait_for(q.get(), 20)).snapshot for q in queues]
+            await asyncio.sleep(1.0)  # let the watcher settle into its blocking query
+            idle_before = feed.wakeups
+            await asyncio.sleep(3.0)  # nothing changes: a poller would wake up here
+            idle_after = feed.wakeups
+            r = await asyncio.to_thread(
+                env.web.post, "/api/v1/apps/web/deploys", {"artifact": v7.id}, env.web_operator
+            )
+            assert r.status_code == 202, r.text
+            deploy = r.json()["deploy"]
+
+            async def until_committed(q: asyncio.Queue[Any]) -> Any:
+                while True:
+                    snap = (await asyncio.wait_for(q.get(), 60)).snapshot
+                    d = snap.get("deploy") or {}
+                    if d.get("deploy") == deploy and d.get("result") == "committed":
+                        return snap
+
+            lasts = await asyncio.gather(*(until_committed(q) for q in queues))
+            assert all(f["app"] == "web" for f in firsts)
+            return lasts, idle_before, idle_after
+
+        try:
+            lasts, idle_before, idle_after = asyncio.run(scenario())
+            watchers = [t for t in threading.enumerate() if t.name == "live-web"]
+        finally:
+            feed.stop()
+        assert len(lasts) == 8
+        assert {h["state"] for h in lasts[0]["deploy"]["hosts"].values()} == {"live"}
+        assert len(watchers) == 1  # one thread, one blocking query, for all 8 clients
+        assert idle_after == idle_before, "the feed woke up with nothing changed (polling?)"
+        env.fleet.wait_idle()

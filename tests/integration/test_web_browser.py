@@ -1,0 +1,256 @@
+"""The page of `watcher web` in a real headless browser (Debian's chromium, driven by Playwright)
+against a real cluster with ACLs on and real daemons. Writes docs/screenshots/*.png."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.integration.test_deploy_acl import create_token, render
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import Fleet, wait_for
+from tests.support.s3server import S3Server, s3_client
+from tests.support.web import WebServer
+from watcher.config import S3Settings
+from watcher.records import parse_iso
+
+CLUSTER = ClusterSpec(hosts=3, acl=True)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Page]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: run scripts/install-system-deps (installs chromium)",
+            pytrace=False,
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def gated_hook(workdir: Path, name: str) -> tuple[Path, Path]:
+    """A post_release hook that waits (up to 60 s) for its gate file: (hook, gate)."""
+    gate = workdir / f"gate-{name}"
+    hook = workdir / f"post-release-{name}"
+    hook.write_text(
+        f"#!/bin/sh\nfor i in $(seq 600); do [ -e {gate} ] && exit 0; sleep 0.1; done\nexit 0\n"
+    )
+    hook.chmod(0o755)
+    return hook, gate
+
+
+def confirm_write(page: Page, token: str | None) -> None:
+    dialog = page.locator("#write-dialog")
+    expect(dialog).to_be_visible()
+    if token is not None:
+        page.fill("#token-input", token)
+    page.click("#write-confirm")
+    expect(dialog).to_be_hidden()
+
+
+class TestThePage:
+    def test_deploy_watch_history_rollback_refusal_and_consul_outage(
+        self,
+        cluster: ConsulCluster,
+        s3_server: S3Server,
+        tmp_path: Path,
+        browser_page: Page,
+    ) -> None:
+        page = browser_page
+        prefix = f"w{time.monotonic_ns()}"
+        bucket = f"test-{uuid.uuid4().hex[:16]}"
+        s3_client(s3_server.endpoint_url).create_bucket(Bucket=bucket)
+        s3 = S3Settings(bucket, "artifacts", "us-east-1", s3_server.endpoint_url)
+        server = cluster.server
+        watchers = {
+            a.name: create_token(
+                server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
+            )[0]
+            for a in cluster.hosts
+        }
+        operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
+        operator_who = f"release-watcher test: alice-{prefix}"
+        reader, _ = create_token(
+            server, f"reader-{prefix}", f'key_prefix "{prefix}/apps/" {{ policy = "read" }}\n'
+        )
+        fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
+        gates = {}
+        for w in fleet.watchers:
+            hook, gates[w.name] = gated_hook(tmp_path, w.name)
+            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+        config = fleet.config_for(fleet.watchers[0])
+        config["consul"]["token"] = reader
+        (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
+        web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
+        fleet.start()
+        web.start()
+        try:
+            self._scenario(page, fleet, web, gates, operator, operator_who, cluster)
+        except BaseException:
+            print(web.log())
+            raise
+        finally:
+            web.stop()
+            fleet.stop()
+
+    def _scenario(
+        self,
+        page: Page,
+        fleet: Fleet,
+        web: WebServer,
+        gates: dict[str, Path],
+        operator: str,
+        operator_who: str,
+        cluster: ConsulCluster,
+    ) -> None:
+        # Two builds, the first one live on the fleet (deployed through the API).
+        builds = []
+        for n, version in enumerate(("v1", "v2"), start=1):
+            record = fleet.publish(version)
+            record = type(record)(
+                **{
+                    **record.__dict__,
+                    "build_number": str(400 + n),
+                    "build_url": f"https://buildkite.example/acme/web/builds/{400 + n}",
+                    "created_by": "ci (buildkite)",
+                }
+            )
+            fleet.kv.kv_put(fleet.keys.artifact(record.id), record.to_json())
+            builds.append(record)
+        for gate in gates.values():
+            gate.touch()
+        r = web.post("/api/v1/apps/web/deploys", {"artifact": builds[0].id}, operator)
+        assert r.status_code == 202, r.text
+        first = r.json()
+        assert fleet.wait_outcome(first["deploy"])["result"] == "committed"
+        fleet.wait_idle()
+        wait_for(
+            lambda: all(
+                h["release"] == first["release"]
+                for h in web.get("/api/v1/apps/web/fleet").json()["hosts"].values()
+            ),
+            40,
+            "every host record on v1",
+            fleet,
+        )
+
+        # The fleet view.
+        page.goto(web.url + "/apps/web")
+        expect(page.locator("#fleet tr.host")).to_have_count(3)
+        expect(page.locator("#fleet")).to_contain_text(first["release"])
+        expect(page.locator("#fleet .tag.ok")).to_have_count(3)
+        build_row = page.locator(f'#builds tr[data-artifact="{builds[1].id}"]')
+        expect(build_row.locator("a")).to_have_attribute("href", builds[1].build_url)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "fleet.png"))
+        page.evaluate("window.__no_reload = 1")
+
+        # A bad token: the page shows Consul's refusal, nothing starts.
+        build_row.locator("button[data-action=deploy]").click()
+        confirm_write(page, str(uuid.uuid4()))
+        expect(page.locator("#message")).to_contain_text("ACL not found")
+        assert fleet.inflight() is None
+
+        # Deploy v2 from its button with the operator's token; hosts wait at their gates.
+        for gate in gates.values():
+            gate.unlink()
+        build_row.locator("button[data-action=deploy]").click()
+        confirm_write(page, operator)
+        expect(page.locator("#message")).to_contain_text(f"started by {operator_who}")
+        live_rows = page.locator("#live tr[data-node]")
+        expect(live_rows).to_have_count(3)
+        expect(page.locator("#live .state-staging")).to_have_count(3)
+        names = sorted(gates)
+        gates[names[0]].touch()
+        expect(page.locator(f'#live tr[data-node="{names[0]}"] .state')).to_have_text("ready")
+        page.locator("#live").scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / "live-deploy.png"))
+        for name in names[1:]:
+            gates[name].touch()
+        expect(page.locator("#live .state-live")).to_have_count(3)
+        assert page.evaluate("window.__no_reload") == 1, "the page reloaded"
+
+        # History: who and when, refreshed without a reload once the deploy ended.
+        newest = page.locator("#history tr.deploy").first
+        expect(newest.locator(".outcome")).to_contain_text("committed")
+        expect(newest.locator(".who")).to_have_text(operator_who)
+        assert newest.locator("td").nth(5).inner_text().endswith("s")  # how long it took
+        when = parse_iso(str(newest.locator(".when").get_attribute("datetime")))
+        assert abs(when.timestamp() - time.time()) < 120
+        fleet.wait_idle()
+        page.set_viewport_size({"width": 1150, "height": 640})
+        page.locator("#history").scroll_into_view_if_needed()
+        page.locator("#history").screenshot(path=str(SCREENSHOTS / "history.png"))
+        page.set_viewport_size({"width": 1000, "height": 640})
+        assert page.evaluate("window.__no_reload") == 1, "the page reloaded"
+
+        # Roll back from the page (the token is kept for this browser session).
+        page.locator("#history button[data-action=rollback]").last.click()
+        confirm_write(page, None)
+        expect(page.locator("#message")).to_contain_text("rollback")
+        expect(newest.locator(".kind")).to_have_text("rollback", timeout=60_000)
+        expect(newest.locator(".outcome")).to_contain_text("committed", timeout=60_000)
+        wait_for(
+            lambda: set(fleet.currents().values()) == {first["release"]},
+            30,
+            "every host back on v1",
+            fleet,
+        )
+
+        # Abort from the page while undecided: hosts wait at their gates again.
+        fleet.wait_idle()
+        for gate in gates.values():
+            gate.unlink()
+        build_row.locator("button[data-action=deploy]").click()
+        confirm_write(page, None)
+        expect(page.locator("#live .state-staging")).to_have_count(3)
+        page.locator("#live button[data-action=abort]").click()
+        confirm_write(page, None)
+        expect(page.locator("#message")).to_contain_text("aborted")
+        expect(page.locator("#live .decision")).to_contain_text("abort")
+        for gate in gates.values():
+            gate.touch()
+        fleet.wait_idle()
+        expect(newest.locator(".outcome")).to_contain_text("aborted", timeout=60_000)
+        expect(newest.locator(".outcome")).to_contain_text(f"aborted by {operator_who}")
+        assert set(fleet.currents().values()) == {first["release"]}
+
+        # A phone: nothing wider than the screen but the scrolling tables.
+        page.set_viewport_size({"width": 390, "height": 800})
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, f"the page is {width}px wide on a 390px screen"
+
+        # Consul goes away: the page says so, and recovers on its own when it returns.
+        agent = fleet.watchers[0].agent
+        cluster.stop(agent)
+        expect(page.locator("#consul-status")).to_contain_text("unreachable", timeout=60_000)
+        r = web.get("/api/v1/apps/web/fleet")
+        assert r.status_code == 503 and "cannot reach Consul" in r.json()["error"]
+        cluster.start(agent)
+        expect(page.locator("#consul-status")).to_be_hidden(timeout=60_000)
+        expect(page.locator("#fleet tr.host")).to_have_count(3)
+        assert page.evaluate("window.__no_reload") == 1, "the page reloaded"

@@ -1,0 +1,131 @@
+"""Deploy notifications from real daemons on a real cluster to a local webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import Fleet, wait_for
+from tests.support.receiver import Receiver
+from watcher.config import S3Settings
+
+CLUSTER = ClusterSpec(hosts=3)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def make_fleet(
+    cluster: ConsulCluster, s3: S3Settings, workdir: Path, receiver: Receiver, timeout: str
+) -> Fleet:
+    return Fleet(
+        cluster,
+        s3,
+        workdir,
+        kv_prefix=f"w{time.monotonic_ns()}",
+        app_extra={"webhook": {"url": receiver.url, "timeout": timeout, "retries": 0}},
+    )
+
+
+def events(receiver: Receiver, deploy: str) -> list[str]:
+    return [b["event"] for b in receiver.bodies if b["deploy"] == deploy]
+
+
+class TestWebhookFromTheCoordinator:
+    def test_one_message_per_outcome(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "5s")
+        bad = fleet.watchers[2]
+        fleet.start()
+        try:
+            v1 = fleet.publish("v1")
+            ok = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
+            assert ok["result"] == "committed", ok
+            fleet.wait_idle()
+            wait_for(lambda: len(events(receiver, ok["deploy"])) >= 2, 20, "two messages")
+            time.sleep(2)  # anything extra (a duplicate) would arrive by now
+            assert events(receiver, ok["deploy"]) == ["started", "committed"]
+            msgs = [b for b in receiver.bodies if b["deploy"] == ok["deploy"]]
+            assert len({m["by"] for m in msgs}) == 1  # the coordinator, and only it
+            assert all(m["release"] == ok["release"] and "text" in m for m in msgs)
+            assert ok["release"] in msgs[1]["text"]
+
+            # A host whose post_release fails: one "aborted" naming it and the reason.
+            hook = tmp_path / "fail"
+            hook.write_text("#!/bin/sh\necho 'migrations failed: table locked' >&2\nexit 3\n")
+            hook.chmod(0o755)
+            fleet.write_config(bad, {"hooks": {"post_release": str(hook)}})
+            bad.stop()
+            bad.start()
+            fleet.wait_members(3)
+            v2 = fleet.publish("v2")
+            result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+            failed: dict[str, Any] = json.loads(result.stdout)
+            assert failed["result"] == "aborted", failed
+            fleet.wait_idle()
+            wait_for(lambda: "aborted" in events(receiver, failed["deploy"]), 20, "aborted")
+            time.sleep(2)
+            assert events(receiver, failed["deploy"]) == ["started", "aborted"]
+            [aborted] = [
+                b
+                for b in receiver.bodies
+                if b["deploy"] == failed["deploy"] and b["event"] == "aborted"
+            ]
+            assert list(aborted["failing_hosts"]) == [bad.name]
+            assert "status 3" in aborted["failing_hosts"][bad.name]
+            assert bad.name in aborted["text"] and "status 3" in aborted["text"]
+
+            # A fleet rollback: "started", then one "rolled_back".
+            fleet.write_config(bad)
+            bad.stop()
+            bad.start()
+            fleet.wait_members(3)
+            again = fleet.watchers[1].ctl_json("deploy", "web", v2.id)
+            assert again["result"] == "committed", again
+            fleet.wait_idle()
+            back = fleet.watchers[1].ctl_json("rollback", "web")
+            assert back["result"] == "committed", back
+            fleet.wait_idle()
+            wait_for(lambda: len(events(receiver, back["deploy"])) >= 2, 20, "rollback messages")
+            time.sleep(2)
+            assert events(receiver, back["deploy"]) == ["started", "rolled_back"]
+            assert events(receiver, again["deploy"]) == ["started", "committed"]
+        finally:
+            fleet.stop()
+
+    def test_a_hanging_receiver_does_not_delay_the_deploy(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        receiver.hang.set()  # every POST waits until the test releases it
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "50s")
+        fleet.start()
+        try:
+            v1 = fleet.publish("v1")
+            started = time.monotonic()
+            result = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--timeout", "40")
+            took = time.monotonic() - started
+            assert result["result"] == "committed", result
+            # The coordinator's "started" POST is still hanging (timeout 50 s), and the
+            # deploy did not wait for it.
+            assert receiver.arrived.acquire(timeout=1)
+            assert receiver.bodies == []
+            assert took < 40, f"deploy took {took:.1f}s"
+            fleet.wait_idle()
+        finally:
+            receiver.release.set()
+            fleet.stop()
+        wait_for(lambda: len(receiver.bodies) == 2, 20, "both messages once released")
+        assert sorted(b["event"] for b in receiver.bodies) == ["committed", "started"]

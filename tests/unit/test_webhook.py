@@ -1,0 +1,152 @@
+"""Deploy notifications: the webhook config, the sender against a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.support.receiver import Receiver
+from watcher.barrier import DeployView
+from watcher.config import WebhookSettings, parse_config
+from watcher.errors import ConfigError
+from watcher.health import Metrics
+from watcher.records import Decision, DeployRecord, NodeProgress
+from watcher.webhook import DeployNotifier, WebhookSender
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def wait_until(cond: Any, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def view(decision: str | None = None, states: dict[str, tuple[str, str]] | None = None) -> Any:
+    rec = DeployRecord(
+        id="20260101T000000Z-abc123",
+        app="web",
+        kind="deploy",
+        artifact="main-15eb13af",
+        sha256="0" * 64,
+        release="20260101T000000Z-main-15eb13af",
+        requested_by="alice (web)",
+        requested_at="2026-01-01T00:00:00Z",
+        expected=["h1", "h2"],
+        prepare_deadline="2026-01-01T00:10:00Z",
+        apply_deadline="2026-01-01T00:20:00Z",
+    )
+    nodes = {n: NodeProgress(node=n, state=s, error=e) for n, (s, e) in (states or {}).items()}
+    dec = None if decision is None else Decision(decision, "why", "h1", "2026-01-01T00:01:00Z")
+    return DeployView(rec, dec, nodes, {}, None, None)
+
+
+class TestWebhookConfig:
+    def parse(self, webhook: Any) -> Any:
+        return parse_config(
+            {"s3": {"bucket": "b"}, "apps": {"web": {"root": "/srv", "webhook": webhook}}}
+        )
+
+    def test_defaults_and_values(self) -> None:
+        assert self.parse(None).apps["web"].webhook is None
+        hook = self.parse({"url": "https://chat.example/hook"}).apps["web"].webhook
+        assert hook == WebhookSettings("https://chat.example/hook", 5.0, 2)
+        hook = self.parse({"url": "http://h/x", "timeout": "2s", "retries": 0}).apps["web"].webhook
+        assert hook == WebhookSettings("http://h/x", 2.0, 0)
+
+    def test_every_problem_named(self) -> None:
+        with pytest.raises(ConfigError) as err:
+            self.parse({"url": "ftp://h/x", "timeout": "5m", "retries": 50, "secret": 1})
+        text = str(err.value)
+        assert "apps.web.webhook.url: must be an http:// or https:// URL" in text
+        assert "apps.web.webhook.timeout: must be between 0 and 60 seconds" in text
+        assert "apps.web.webhook.retries: must be at most 10" in text
+        assert "apps.web.webhook.secret: unknown key" in text
+        with pytest.raises(ConfigError, match=r"apps.web.webhook.url: is required"):
+            self.parse({"timeout": "1s"})
+
+
+class TestWebhookSender:
+    def test_posts_json_with_text(self, receiver: Receiver) -> None:
+        metrics = Metrics()
+        sender = WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web", metrics=metrics)
+        sender.send({"text": "hello", "event": "committed"})
+        wait_until(lambda: len(receiver.bodies) == 1)
+        assert receiver.bodies == [{"text": "hello", "event": "committed"}]
+        wait_until(lambda: metrics.webhook_sent.labels(app="web")._value.get() == 1)
+
+    def test_retries_a_server_error_then_counts_the_failure(self, receiver: Receiver) -> None:
+        receiver.status = 500
+        metrics = Metrics()
+        sender = WebhookSender(WebhookSettings(receiver.url, 2.0, 2), app="web", metrics=metrics)
+        sender.send({"text": "x", "event": "aborted"})
+        failures = metrics.webhook_failures.labels(app="web", reason="http")
+        wait_until(lambda: failures._value.get() == 1)
+        assert len(receiver.bodies) == 3  # the first try and two retries
+
+    def test_a_refusing_receiver_is_counted(self) -> None:
+        metrics = Metrics()
+        # A port nothing listens on: connection refused.
+        server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+        port = server.server_address[1]
+        server.server_close()
+        sender = WebhookSender(
+            WebhookSettings(f"http://127.0.0.1:{port}/", 1.0, 1), app="web", metrics=metrics
+        )
+        sender.send({"text": "x"})
+        wait_until(
+            lambda: metrics.webhook_failures.labels(app="web", reason="network")._value.get() == 1
+        )
+
+    def test_a_hanging_receiver_never_blocks_the_caller(self, receiver: Receiver) -> None:
+        receiver.hang.set()
+        sender = WebhookSender(WebhookSettings(receiver.url, 30.0, 0), app="web")
+        started = time.monotonic()
+        for i in range(5):
+            sender.send({"text": str(i)})
+        took = time.monotonic() - started
+        assert receiver.arrived.acquire(timeout=10)  # the first is being posted (and hangs)
+        assert took < 10, f"send() blocked for {took:.2f}s (the receiver holds each POST 30 s)"
+        receiver.release.set()
+        wait_until(lambda: len(receiver.bodies) == 5)
+        assert [b["text"] for b in receiver.bodies] == ["0", "1", "2", "3", "4"]
+
+
+class TestDeployNotifier:
+    def test_one_message_per_event(self, receiver: Receiver) -> None:
+        notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
+        undecided = view()
+        notifier.step(undecided, "none", node="h1", started=True)
+        notifier.step(undecided, "none", node="h1", started=True)  # same deploy: no second
+        committed = view("commit", {"h1": ("ready", ""), "h2": ("ready", "")})
+        notifier.step(undecided, "committed", node="h1")
+        notifier.step(committed, "ended", node="h1")  # a clean end adds nothing
+        wait_until(lambda: len(receiver.bodies) == 2)
+        time.sleep(0.3)
+        assert [b["event"] for b in receiver.bodies] == ["started", "committed"]
+        assert receiver.bodies[1]["requested_by"] == "alice (web)"
+        assert "committed" in receiver.bodies[1]["text"]
+
+    def test_abort_names_failing_hosts_and_reasons(self, receiver: Receiver) -> None:
+        notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
+        aborted = view("abort", {"h1": ("aborted", ""), "h2": ("failed", "post_release: status 3")})
+        notifier.step(aborted, "ended", node="h1")
+        notifier.step(aborted, "ended", node="h1")
+        wait_until(lambda: len(receiver.bodies) == 1)
+        time.sleep(0.3)
+        [body] = receiver.bodies
+        assert body["event"] == "aborted"
+        assert body["failing_hosts"] == {"h2": "post_release: status 3"}
+        assert "h2: post_release: status 3" in body["text"]

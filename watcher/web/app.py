@@ -1,0 +1,718 @@
+"""The HTTP API and page of `watcher web`: a thin layer over watcherctl's fleet functions."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from watcher import __version__
+from watcher.barrier import DeployStore, summarize_states
+from watcher.config import Config
+from watcher.consul_api import ConsulClient
+from watcher.ctl import user_at_host
+from watcher.ctl_fleet import (
+    abort_deploy,
+    artifact_records,
+    deploy_history,
+    deploy_request,
+    deploy_summary,
+    fleet_status,
+    rollback_request,
+    start_deploy,
+)
+from watcher.errors import (
+    ArtifactError,
+    ConfigError,
+    ConsulError,
+    ConsulPermissionDenied,
+    ConsulRequestError,
+    ConsulTLSError,
+    ConsulUnavailable,
+    DeployError,
+    PayloadError,
+)
+from watcher.log import get_logger
+from watcher.records import ARTIFACT_ID_RE, DEPLOY_ID_RE, RELEASE_RE, parse_iso
+from watcher.web.live import LiveFeed, Snapshot
+
+log = get_logger(module="web")
+
+HERE = Path(__file__).resolve().parent
+MAX_BODY = 16 * 1024  # bytes: a write's JSON body is a few dozen; anything bigger is refused
+HISTORY_LIMIT = 20
+BUILDS_LIMIT = 30
+SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
+WEB_CONSUL_TIMEOUT = 5.0  # a page answers within seconds when Consul does not
+
+
+AppName = Annotated[str, PathParam(description="an app of the server's configuration")]
+
+
+class ApiError(Exception):
+    """An HTTP error with a one-line reason; the JSON body is ``{"error": reason}``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# --- request bodies (the OpenAPI description is generated from these) -----------------------
+
+
+class DeployBody(BaseModel):
+    artifact: str = Field(description="artifact id, e.g. main-15eb13af", max_length=128)
+    allow_missing: bool = Field(
+        default=False, description="deploy to the live members even if known hosts are down"
+    )
+
+
+class RollbackBody(BaseModel):
+    release: str | None = Field(
+        default=None,
+        description="a release the fleet committed (default: the previous one)",
+        max_length=160,
+    )
+    allow_missing: bool = False
+
+
+class AbortBody(BaseModel):
+    reason: str = Field(default="", max_length=500)
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, and the Consul client that acts with their token."""
+
+    requested_by: str
+    consul: ConsulClient
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer_token(request: Request) -> str | None:
+    """The caller's Consul token from ``Authorization: Bearer`` or ``X-Consul-Token``."""
+    auth = request.headers.get("authorization", "")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise ApiError(401, "Authorization header must be 'Bearer <Consul ACL token>'")
+        return value.strip()
+    token = request.headers.get("x-consul-token", "").strip()
+    return token or None
+
+
+class WebState:
+    """What the app shares between requests: config, metrics, the live feeds, ACL mode."""
+
+    def __init__(self, config: Config, *, listen_host: str) -> None:
+        self.config = config
+        self.listen_host = listen_host
+        self.loopback = is_loopback(listen_host)
+        settings = config.consul
+        self.settings = replace(settings, timeout=min(settings.timeout, WEB_CONSUL_TIMEOUT))
+        self.consul = ConsulClient(self.settings, retry_deadline=WEB_CONSUL_TIMEOUT)
+        self.acls_enabled: bool | None = None  # None: not known yet (Consul unreachable)
+        self.feeds: dict[str, LiveFeed] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "watcher_web_requests",
+            "HTTP requests answered by watcher web, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.sse_clients = Gauge(
+            "watcher_web_sse_clients",
+            "Browsers and API clients connected to the live view, by app",
+            ["app"],
+            registry=self.registry,
+        )
+        self.writes = Counter(
+            "watcher_web_writes",
+            "Deploy, rollback and abort requests through the API, by app, action and result",
+            ["app", "action", "result"],
+            registry=self.registry,
+        )
+
+    def client(self, token: str | None) -> ConsulClient:
+        settings = self.settings if token is None else replace(self.settings, token=token)
+        return ConsulClient(settings, retry_deadline=WEB_CONSUL_TIMEOUT)
+
+    def store(self, app: str, consul: ConsulClient | None = None) -> DeployStore:
+        return DeployStore(consul or self.consul, self.config.kv_prefix, app)
+
+    def probe_acls(self) -> bool | None:
+        """Whether Consul enforces ACLs (asked once it answers; None while it does not)."""
+        if self.acls_enabled is not None:
+            return self.acls_enabled
+        try:
+            self.consul.acl_token_self()
+            self.acls_enabled = True
+        except ConsulRequestError as exc:
+            if "disabled" not in str(exc).lower():
+                raise
+            self.acls_enabled = False
+        except ConsulPermissionDenied:
+            self.acls_enabled = True  # the server's own token is unknown, but ACLs are on
+        except (ConsulUnavailable, ConsulTLSError):
+            return None
+        return self.acls_enabled
+
+    def caller_client(self, request: Request, token: str | None) -> ConsulClient:
+        """A client with the caller's token for this request only (closed after it)."""
+        client = self.client(token)
+        if not hasattr(request.state, "clients"):
+            request.state.clients = []
+        request.state.clients.append(client)
+        return client
+
+    def reader(self, request: Request) -> ConsulClient:
+        """The client for a read: the server's own token on loopback, else the caller's."""
+        token = bearer_token(request)
+        if token is not None:
+            return self.caller_client(request, token)
+        if not self.loopback:
+            raise ApiError(
+                401,
+                "this server is not bound to loopback: reads need a Consul ACL token with "
+                "read on the app (Authorization: Bearer <token> or X-Consul-Token)",
+            )
+        return self.consul
+
+    def writer(self, request: Request) -> Caller:
+        """Check the caller's token with Consul; the write is then made with that token."""
+        token = bearer_token(request)
+        acls = self.probe_acls()
+        if acls is None:
+            raise ApiError(503, f"Consul at {self.settings.base_url} is unreachable")
+        if not acls:
+            if not self.loopback:
+                raise ApiError(
+                    403,
+                    "Consul has ACLs disabled, so this server cannot tell who you are; "
+                    "writes are accepted only when watcher web is bound to loopback",
+                )
+            return Caller(f"{user_at_host()} (web, ACLs off)", self.caller_client(request, token))
+        if token is None:
+            raise ApiError(
+                401,
+                "a write needs your Consul ACL token (Authorization: Bearer <token> or "
+                "X-Consul-Token)",
+            )
+        consul = self.caller_client(request, token)
+        try:
+            info = consul.acl_token_self()
+        except ConsulPermissionDenied as exc:
+            raise ApiError(401, f"Consul does not know this token: {exc}") from None
+        who = str(info.get("Description") or "").strip()
+        accessor = str(info.get("AccessorID") or "")
+        return Caller(who or f"token {accessor[:8]}", consul)
+
+
+# --- reads shared by the API, the page and the live feed --------------------------------------
+
+
+def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
+    """Artifact records, newest first, with how many hosts have each prefetched."""
+    counts: dict[str, int] = {}
+    for host in fleet["hosts"].values():
+        for artifact_id in host.get("prefetched") or []:
+            counts[artifact_id] = counts.get(artifact_id, 0) + 1
+    records = artifact_records(store)
+    return [
+        {
+            "id": r.id,
+            "branch": r.branch,
+            "commit": r.commit,
+            "build_number": r.build_number,
+            "build_url": r.build_url if r.build_url.startswith(("https://", "http://")) else "",
+            "created_by": r.created_by,
+            "created_at": r.created_at,
+            "size": r.size,
+            "prefetched_on": counts.get(r.id, 0),
+        }
+        for r in records[:BUILDS_LIMIT]
+    ]
+
+
+def live_snapshot(store: DeployStore) -> Snapshot:
+    """The deploy in flight (else the last one), as the live view pushes it."""
+    inflight, _ = store.inflight()
+    summary = None
+    # With none in flight, the last one (how it ended, host by host) stays on show.
+    shown = inflight or next(reversed(store.history()), None)
+    if shown:
+        view = store.view(shown)
+        if view is not None:
+            summary = deploy_summary(view)
+            summary["states"] = summarize_states(view)
+            summary["undecided"] = view.decision is None
+    return {
+        "app": store.app,
+        "consul": {"ok": True, "error": ""},
+        "inflight": inflight,
+        "deploy": summary,
+    }
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def _short_time(value: str | None) -> str:
+    """``2026-12-01T21:13:56.922Z`` -> ``2026-12-01 21:13:56Z`` (the full value is in a title)."""
+    if not value:
+        return "-"
+    return value[:10] + " " + value[11:19] + "Z" if len(value) >= 19 else value
+
+
+def _timeline(host: dict[str, Any]) -> list[tuple[str, str]]:
+    """A host's ``*_at`` timings in the order they happened: [("staged", "21:13:56"), ...]."""
+    marks = [(v, k[:-3]) for k, v in host.items() if k.endswith("_at") and isinstance(v, str)]
+    return [(label, at[11:19]) for at, label in sorted(marks)]
+
+
+def _duration(summary: dict[str, Any]) -> str:
+    """How long an ended deploy took: request to the last host timing ("" while in flight)."""
+    if not summary.get("result"):
+        return ""
+    hosts = summary.get("hosts") or {}
+    ends = [v for h in hosts.values() for k, v in h.items() if k.endswith("_at") and v]
+    try:
+        start = parse_iso(summary["requested_at"])
+        end = max(parse_iso(e) for e in ends) if ends else None
+    except (KeyError, ValueError, TypeError):
+        return ""
+    return f"{(end - start).total_seconds():.1f}s" if end else ""
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413, whether or not it says its length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = JSONResponse({"error": f"request body over {self.limit} bytes"}, status_code=413)
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await too_big(scope, receive, send)
+            return
+        # Read the whole body first (it is small or refused), then replay it to the app.
+        chunks: list[bytes] = []
+        seen = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await too_big(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body"))
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
+    state = WebState(config, listen_host=listen_host)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["size"] = _human_size
+    templates.env.filters["duration"] = _duration
+    templates.env.filters["short_time"] = _short_time
+    templates.env.filters["timeline"] = _timeline
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for feed in state.feeds.values():
+            feed.stop()
+
+    app = FastAPI(
+        title="release-watcher",
+        version=__version__,
+        description="Builds, deploys and the fleet; deploy, roll back and abort with your "
+        "Consul ACL token.",
+        lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: the page must work offline.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.web = state
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    # --- middleware: tokens never in URLs, request metrics -----------------------------------
+
+    @app.middleware("http")
+    async def guard_and_count(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.monotonic()
+        if any("token" in name.lower() for name in request.query_params):
+            response: Response = JSONResponse(
+                {
+                    "error": "a token in the URL is refused (URLs end up in logs and "
+                    "histories); send it as Authorization: Bearer <token> or X-Consul-Token"
+                },
+                status_code=400,
+            )
+        else:
+            try:
+                response = await call_next(request)
+            finally:
+                for client in getattr(request.state, "clients", ()):
+                    client.close()
+        route = request.scope.get("route")
+        path = getattr(route, "path", "<unmatched>")
+        state.requests.labels(route=path, method=request.method, status=response.status_code).inc()
+        log.debug(
+            "web_request",
+            route=path,
+            method=request.method,
+            status=response.status_code,
+            took_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return response
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    # --- error mapping -----------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            if err.get("type") == "json_invalid":
+                ctx = err.get("ctx") or {}
+                problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
+            else:
+                problems.append(f"{where}: {err.get('msg')}")
+        status = 400 if any(p.startswith("malformed") for p in problems) else 422
+        return JSONResponse({"error": "; ".join(problems)}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(ConsulError)
+    async def consul_error(_: Request, exc: ConsulError) -> JSONResponse:
+        if isinstance(exc, ConsulPermissionDenied):
+            return JSONResponse({"error": str(exc)}, status_code=403)
+        if isinstance(exc, ConsulRequestError):
+            return JSONResponse({"error": str(exc)}, status_code=502)
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
+    @app.exception_handler(DeployError)
+    async def deploy_error(_: Request, exc: DeployError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.exception_handler(ArtifactError)
+    async def artifact_error(_: Request, exc: ArtifactError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(PayloadError)
+    async def payload_error(_: Request, exc: PayloadError) -> JSONResponse:
+        return JSONResponse({"error": f"unreadable record in Consul: {exc}"}, status_code=502)
+
+    def app_name(name: str) -> str:
+        try:
+            config.app(name)
+        except ConfigError as exc:
+            raise ApiError(404, "; ".join(exc.problems)) from None
+        return name
+
+    # --- reads -------------------------------------------------------------------------
+
+    @app.get("/api/v1/apps", summary="The apps this server knows")
+    def list_apps(request: Request) -> dict[str, Any]:
+        state.reader(request)
+        return {"apps": sorted(config.apps)}
+
+    @app.get("/api/v1/apps/{app}/fleet", summary="Every member and known host of an app")
+    def get_fleet(app: AppName, request: Request) -> dict[str, Any]:
+        return fleet_status(state.store(app_name(app), state.reader(request)))
+
+    @app.get("/api/v1/apps/{app}/builds", summary="Artifact records, newest first")
+    def get_builds(app: AppName, request: Request) -> dict[str, Any]:
+        store = state.store(app_name(app), state.reader(request))
+        return {"builds": builds(store, fleet_status(store))}
+
+    @app.get("/api/v1/apps/{app}/deploys", summary="Deploy history, newest first")
+    def get_history(app: AppName, request: Request, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
+        if not 1 <= limit <= 200:
+            raise ApiError(422, f"limit must be between 1 and 200, got {limit}")
+        store = state.store(app_name(app), state.reader(request))
+        return {"deploys": deploy_history(store, limit)}
+
+    @app.get("/api/v1/apps/{app}/deploys/{deploy_id}", summary="One deploy, with every host")
+    def get_deploy(app: AppName, deploy_id: str, request: Request) -> dict[str, Any]:
+        check_deploy_id(deploy_id)
+        store = state.store(app_name(app), state.reader(request))
+        view = store.view(deploy_id)
+        if view is None:
+            raise ApiError(404, f"app {app}: no deploy {deploy_id}")
+        return deploy_summary(view)
+
+    @app.get(
+        "/api/v1/apps/{app}/live",
+        summary="Server-sent events: the deploy in flight, pushed on every change",
+        response_class=StreamingResponse,
+    )
+    async def live(app: AppName, request: Request) -> StreamingResponse:
+        name = app_name(app)
+        if bearer_token(request) is not None or not state.loopback:
+            # Not on loopback: the caller proves read on this app once, with their token.
+            reader = state.reader(request)
+            await asyncio.to_thread(state.store(name, reader).inflight)
+        feed = state.feeds.get(name)
+        if feed is None:
+            # Its own client: a blocking query holds a connection for up to BLOCK_WAIT.
+            store = state.store(name, state.client(None))
+            feed = state.feeds[name] = LiveFeed(name, store, _snapshot_with_html)
+        return StreamingResponse(
+            _sse(feed, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def _snapshot_with_html(store: DeployStore) -> Snapshot:
+        snap = live_snapshot(store)
+        snap["html"] = templates.get_template("_live.html").render(
+            app=store.app, live=snap, loopback=state.loopback
+        )
+        return snap
+
+    async def _sse(feed: LiveFeed, request: Request) -> AsyncIterator[str]:
+        queue = feed.subscribe()
+        gauge = state.sse_clients.labels(app=feed.app)
+        gauge.inc()
+        try:
+            yield "retry: 2000\n\n"
+            while not await request.is_disconnected():
+                try:
+                    item = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                    continue
+                yield item.event
+        finally:
+            feed.unsubscribe(queue)
+            gauge.dec()
+
+    # --- writes ------------------------------------------------------------------------
+
+    @app.post(
+        "/api/v1/apps/{app}/deploys",
+        status_code=202,
+        summary="Deploy an artifact to the whole fleet (with your Consul token)",
+    )
+    def post_deploy(app: AppName, body: DeployBody, request: Request) -> dict[str, Any]:
+        name = app_name(app)
+        if not ARTIFACT_ID_RE.match(body.artifact):
+            raise ApiError(
+                422,
+                f"artifact: {body.artifact!r} is not an artifact id "
+                "(^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, e.g. main-15eb13af)",
+            )
+        caller = state.writer(request)
+        store = state.store(name, caller.consul)
+        record = deploy_request(
+            store,
+            config.app(name),
+            body.artifact,
+            requested_by=caller.requested_by,
+            allow_missing=body.allow_missing,
+        )
+        return _start(store, record, "deploy")
+
+    @app.post(
+        "/api/v1/apps/{app}/rollbacks",
+        status_code=202,
+        summary="Roll the fleet back to the previous release, or to a committed one",
+    )
+    def post_rollback(app: AppName, body: RollbackBody, request: Request) -> dict[str, Any]:
+        name = app_name(app)
+        if body.release is not None and not RELEASE_RE.match(body.release):
+            raise ApiError(
+                422,
+                f"release: {body.release!r} is not a release name (YYYYmmddTHHMMSSZ-<artifact id>)",
+            )
+        caller = state.writer(request)
+        store = state.store(name, caller.consul)
+        record = rollback_request(
+            store,
+            config.app(name),
+            body.release,
+            requested_by=caller.requested_by,
+            allow_missing=body.allow_missing,
+        )
+        return _start(store, record, "rollback")
+
+    def _start(store: DeployStore, record: Any, action: str) -> dict[str, Any]:
+        try:
+            warning = start_deploy(store, record, history_keep=config.daemon.history_keep)
+        except Exception:
+            state.writes.labels(app=store.app, action=action, result="refused").inc()
+            raise
+        state.writes.labels(app=store.app, action=action, result="started").inc()
+        log.info(
+            "web_deploy_started",
+            app=store.app,
+            deploy=record.id,
+            kind=record.kind,
+            release=record.release,
+            requested_by=record.requested_by,
+        )
+        return {
+            "deploy": record.id,
+            "kind": record.kind,
+            "release": record.release,
+            "requested_by": record.requested_by,
+            "requested_at": record.requested_at,
+            "expected": record.expected,
+            "warning": warning,
+        }
+
+    @app.post(
+        "/api/v1/apps/{app}/deploys/{deploy_id}/abort",
+        summary="Abort a deploy that is not decided yet",
+    )
+    def post_abort(
+        app: AppName, deploy_id: str, request: Request, body: AbortBody | None = None
+    ) -> dict[str, Any]:
+        name = app_name(app)
+        check_deploy_id(deploy_id)
+        caller = state.writer(request)
+        store = state.store(name, caller.consul)
+        text = body.reason.strip() if body else ""
+        reason = f"aborted by {caller.requested_by}" + (f": {text}" if text else "")
+        if store.deploy_record(deploy_id) is None:
+            raise ApiError(404, f"app {name}: no deploy {deploy_id}")
+        what, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
+        if what in ("aborted", "undecided"):
+            state.writes.labels(app=name, action="abort", result=what).inc()
+            log.info("web_deploy_aborted", app=name, deploy=deploy_id, by=caller.requested_by)
+            return {"deploy": deploy_id, "aborted": what == "aborted", "result": what}
+        state.writes.labels(app=name, action="abort", result="refused").inc()
+        raise ApiError(
+            409, f"deploy {deploy_id} is {what}: every host had acked ready, too late to abort"
+        )
+
+    # --- the page and the daemon-style endpoints ----------------------------------------
+
+    @app.get("/healthz", summary="The server is up (does not ask Consul)")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__}
+
+    @app.get("/metrics", summary="Prometheus metrics of this server", response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index(request: Request) -> Response:
+        return page(request, sorted(config.apps)[0] if config.apps else "")
+
+    @app.get("/apps/{app}", response_class=HTMLResponse, include_in_schema=False)
+    def app_page(app: AppName, request: Request) -> Response:
+        return page(request, app_name(app))
+
+    def page(request: Request, name: str) -> Response:
+        ctx: dict[str, Any] = {
+            "apps": sorted(config.apps),
+            "app": name,
+            "loopback": state.loopback,
+            "error": "",
+            "needs_token": False,
+        }
+        status = 200
+        try:
+            reader = state.reader(request)
+            store = state.store(name, reader)
+            fleet = fleet_status(store)
+            ctx.update(
+                fleet=fleet,
+                builds=builds(store, fleet),
+                history=deploy_history(store, HISTORY_LIMIT),
+                live=live_snapshot(store),
+            )
+        except ApiError as exc:
+            status, ctx["needs_token"], ctx["error"] = exc.status, exc.status == 401, exc.reason
+        except ConsulError as exc:
+            status = 403 if isinstance(exc, ConsulPermissionDenied) else 503
+            ctx["error"] = str(exc)
+        except PayloadError as exc:
+            status, ctx["error"] = 502, f"unreadable record in Consul: {exc}"
+        return templates.TemplateResponse(request, "app.html", ctx, status_code=status)
+
+    return app
+
+
+def check_deploy_id(deploy_id: str) -> None:
+    if not DEPLOY_ID_RE.match(deploy_id):
+        raise ApiError(422, f"deploy id {deploy_id!r} is not valid")
+
+
+__all__ = ["create_app", "is_loopback", "live_snapshot"]

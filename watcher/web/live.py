@@ -1,0 +1,152 @@
+"""The live view: one Consul blocking-query watcher per app, fanned out to every SSE client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from watcher.barrier import DeployStore
+from watcher.errors import ConsulError, PayloadError
+from watcher.log import get_logger
+
+log = get_logger(module="web.live")
+
+BLOCK_WAIT = 30.0  # seconds a blocking query may wait (Consul adds its own jitter)
+RETRY_MIN, RETRY_MAX = 0.5, 5.0  # back-off while Consul is unreachable
+CLIENT_QUEUE = 16  # snapshots a slow SSE client may lag behind before older ones are dropped
+
+
+def wait_for_change(store: DeployStore, deploy_id: str | None, index: int, wait: float) -> int:
+    """THE one blocking call of the live view: return when ``inflight`` or this deploy's keys
+    change (or after ``wait`` seconds), with the index to pass next time.
+
+    With no deploy in flight, block on the ``inflight`` key. With one, block on the names of
+    the app's keys (KV layout 2 spreads a deploy over ``requests/``, every host's
+    ``progress/<node>/``, ``decisions/`` and ``outcomes/``): a list of names, never values,
+    so one wake-up costs little, and nothing but this function names a key.
+    """
+    if deploy_id is None:
+        new_index, _ = store.consul.kv_get_blocking(store.keys.inflight, index, wait)
+    else:
+        new_index, _ = store.consul.kv_keys_blocking(store.keys.base + "/", index, wait)
+    return new_index
+
+
+Snapshot = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Published:
+    """A snapshot and its server-sent event, encoded once for every client."""
+
+    snapshot: Snapshot
+    event: str
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> Published:
+        data = json.dumps(snap, separators=(",", ":"))
+        return cls(snap, f"event: live\ndata: {data}\n\n")
+
+
+class LiveFeed:
+    """One thread per app: read, publish to subscribers, block until something changes."""
+
+    def __init__(
+        self,
+        app: str,
+        store: DeployStore,
+        read: Callable[[DeployStore], Snapshot],
+        *,
+        wait: float = BLOCK_WAIT,
+    ) -> None:
+        self.app = app
+        self.store = store
+        self._read = read
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Published]]] = set()
+        self._latest: Published | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.wakeups = 0  # blocking queries that returned (for tests and the curious)
+
+    # --- subscribers (called from the event loop) ----------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[Published]:
+        queue: asyncio.Queue[Published] = asyncio.Queue(CLIENT_QUEUE)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._subscribers.add((loop, queue))
+            latest = self._latest
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"live-{self.app}", daemon=True
+                )
+                self._thread.start()
+        if latest is not None:
+            queue.put_nowait(latest)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Published]) -> None:
+        with self._lock:
+            self._subscribers = {s for s in self._subscribers if s[1] is not queue}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the watcher thread ---------------------------------------------------------------
+
+    def _publish(self, snap: Snapshot) -> None:
+        item = Published.of(snap)
+        with self._lock:
+            self._latest = item
+            targets = list(self._subscribers)
+        for loop, queue in targets:
+            with contextlib.suppress(RuntimeError):  # that client's loop is closed
+                loop.call_soon_threadsafe(_offer, queue, item)
+
+    def _run(self) -> None:
+        deploy_id: str | None = None
+        index = 0
+        delay = RETRY_MIN
+        last: Snapshot | None = None
+        while not self._stop.is_set():
+            try:
+                snap = self._read(self.store)
+                delay = RETRY_MIN
+            except (ConsulError, PayloadError) as exc:
+                snap = {"app": self.app, "consul": {"ok": False, "error": str(exc)}, "html": ""}
+                if snap != last:
+                    log.warning("live_view_consul_error", app=self.app, error=str(exc))
+                    self._publish(snap)
+                    last = snap
+                self._stop.wait(delay)  # back-off before the next try, not a poll of KV
+                delay = min(delay * 2, RETRY_MAX)
+                index = 0
+                continue
+            if snap != last:
+                self._publish(snap)
+                last = snap
+            inflight = snap.get("inflight")
+            if inflight != deploy_id:
+                deploy_id, index = inflight, 0
+            try:
+                new_index = wait_for_change(self.store, deploy_id, index, self._wait)
+            except ConsulError:
+                continue  # the next read reports it
+            self.wakeups += 1
+            # Consul may reset an index (snapshot restore): start over from 0 then.
+            index = new_index if new_index >= index else 0
+
+
+def _offer(queue: asyncio.Queue[Published], item: Published) -> None:
+    """Queue a snapshot; a client that lags drops its oldest (only the newest matters)."""
+    if queue.full():
+        with contextlib.suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+    queue.put_nowait(item)

@@ -1,0 +1,180 @@
+// release-watcher web page: live view over server-sent events, writes with the caller's
+// Consul token. Plain JavaScript, no build step. The token lives in sessionStorage only.
+"use strict";
+
+const TOKEN_KEY = "watcher-consul-token";
+const body = document.body;
+const app = body.dataset.app;
+const loopback = body.dataset.loopback === "yes";
+let lastInflight;  // undefined until the first snapshot
+let consulWasDown = false;
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+function authHeaders() { const t = token(); return t ? { "Authorization": "Bearer " + t } : {}; }
+function showTokenState() { document.getElementById("forget-token").hidden = !token(); }
+
+function say(text, isError) {
+  const el = document.getElementById("message");
+  el.textContent = text;
+  el.classList.toggle("error", !!isError);
+  el.hidden = !text;
+}
+
+function consulStatus(text) {
+  const el = document.getElementById("consul-status");
+  el.textContent = text;
+  el.hidden = !text;
+}
+
+// Re-render the fleet, builds and history from the server (same templates as a reload).
+async function refreshSections() {
+  const resp = await fetch(location.pathname, { headers: authHeaders() });
+  const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
+  const fresh = doc.getElementById("content");
+  const here = document.getElementById("content");
+  if (!fresh) return;
+  if (!here.querySelector("#fleet") || !fresh.querySelector("#fleet")) {
+    here.innerHTML = fresh.innerHTML;
+  } else {
+    for (const id of ["fleet", "builds", "history"]) {
+      here.querySelector("#" + id).innerHTML = fresh.querySelector("#" + id).innerHTML;
+    }
+  }
+  const status = doc.getElementById("consul-status");
+  consulStatus(status && !status.hidden ? status.textContent : "");
+}
+
+function onSnapshot(snap) {
+  if (snap.consul && !snap.consul.ok) {
+    consulStatus("Consul is unreachable: " + snap.consul.error + " (retrying)");
+    consulWasDown = true;
+    return;
+  }
+  consulStatus("");
+  const live = document.getElementById("live");
+  if (live) live.innerHTML = snap.html;
+  const changed = lastInflight !== undefined && lastInflight !== snap.inflight;
+  if (changed || consulWasDown) refreshSections();
+  consulWasDown = false;
+  lastInflight = snap.inflight;
+}
+
+// EventSource cannot send headers: on loopback (no token needed to read) use it; otherwise
+// read the same event stream with fetch, which carries the Authorization header.
+function connectLive() {
+  const url = "/api/v1/apps/" + encodeURIComponent(app) + "/live";
+  if (loopback && !token()) {
+    const source = new EventSource(url);
+    source.addEventListener("live", (ev) => onSnapshot(JSON.parse(ev.data)));
+    source.onerror = () => { consulStatus("lost the connection to watcher web; reconnecting"); consulWasDown = true; };
+    return;
+  }
+  streamWithFetch(url);
+}
+
+async function streamWithFetch(url) {
+  for (;;) {
+    try {
+      const resp = await fetch(url, { headers: authHeaders() });
+      if (!resp.ok) {
+        const err = await resp.json().catch(() => ({ error: resp.statusText }));
+        consulStatus(err.error || ("HTTP " + resp.status));
+        if (resp.status === 401 || resp.status === 403) return;
+      } else {
+        const reader = resp.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+            if (data) onSnapshot(JSON.parse(data));
+          }
+        }
+      }
+    } catch (e) {
+      consulStatus("lost the connection to watcher web; reconnecting");
+      consulWasDown = true;
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+// --- writes: confirm, ask for the token once per browser session, show Consul's answer -----
+
+function askDialog(question, wantToken) {
+  const dialog = document.getElementById("write-dialog");
+  document.getElementById("write-what").textContent = question;
+  const label = document.getElementById("token-label");
+  const input = document.getElementById("token-input");
+  label.hidden = !wantToken;
+  input.value = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      if (dialog.returnValue !== "ok") return resolve(false);
+      if (wantToken && input.value.trim()) sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+      showTokenState();
+      resolve(true);
+    }, { once: true });
+    dialog.showModal();
+    (wantToken ? input : document.getElementById("write-confirm")).focus();
+  });
+}
+
+async function write(button) {
+  const action = button.dataset.action;
+  const base = "/api/v1/apps/" + encodeURIComponent(app);
+  let url, payload, question;
+  if (action === "deploy") {
+    url = base + "/deploys"; payload = { artifact: button.dataset.artifact };
+    question = "Deploy " + button.dataset.artifact + " to every host of " + app + "?";
+  } else if (action === "rollback") {
+    url = base + "/rollbacks"; payload = button.dataset.release ? { release: button.dataset.release } : {};
+    question = "Roll " + app + " back to " + (button.dataset.release || "the previous release") + "?";
+  } else {
+    url = base + "/deploys/" + encodeURIComponent(button.dataset.deploy) + "/abort"; payload = {};
+    question = "Abort deploy " + button.dataset.deploy + "?";
+  }
+  if (!(await askDialog(question, !token()))) return;
+  say("sending…");
+  let resp, data;
+  try {
+    resp = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify(payload),
+    });
+    data = await resp.json().catch(() => ({ error: resp.statusText }));
+  } catch (e) {
+    return say("watcher web did not answer: " + e, true);
+  }
+  if (!resp.ok) {
+    if (resp.status === 401 || resp.status === 403) { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
+    return say(data.error || ("HTTP " + resp.status), true);
+  }
+  if (action === "abort") say("deploy " + data.deploy + " aborted");
+  else say(data.kind + " " + data.deploy + " of " + data.release + " started by " + data.requested_by);
+}
+
+document.addEventListener("click", (ev) => {
+  const button = ev.target.closest("button");
+  if (!button) return;
+  if (button.classList.contains("write")) write(button);
+  else if (button.id === "forget-token") { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
+  else if (button.id === "enter-token") {
+    askDialog("Your Consul ACL token, to read " + app + ":", true).then((ok) => {
+      if (ok) { refreshSections(); connectLive(); }
+    });
+  }
+});
+
+showTokenState();
+if (body.dataset.needsToken !== "yes" || token()) {
+  if (body.dataset.needsToken === "yes") refreshSections();
+  connectLive();
+}

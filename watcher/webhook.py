@@ -1,0 +1,177 @@
+"""Chat notifications of deploys: a JSON POST with a ``text`` field, sent off the caller's thread.
+
+The coordinator calls ``DeployNotifier.step`` after each evaluation; it never waits for the
+receiver. Each message is posted by one background thread with the configured timeout and
+retries; failures are logged and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from watcher.config import AppConfig, WebhookSettings
+from watcher.log import get_logger
+from watcher.records import FAILED, FAILED_AFTER_COMMIT
+
+log = get_logger(module="webhook")
+
+QUEUE_MAX = 100  # messages waiting for a slow receiver; past that new ones are dropped (counted)
+RETRY_BASE = 0.5  # seconds before the first retry, doubled each time
+SENT_KEEP = 256  # (deploy, event) pairs remembered so that each event is sent once
+
+
+class WebhookSender:
+    """A bounded queue and one daemon thread that POSTs each message."""
+
+    def __init__(self, settings: WebhookSettings, *, app: str, metrics: Any = None) -> None:
+        self.settings = settings
+        self.app = app
+        self.metrics = metrics
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_MAX)
+        self._thread = threading.Thread(target=self._run, name=f"webhook-{app}", daemon=True)
+        self._thread.start()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue ``message``; returns at once whatever the receiver does."""
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            self._count("webhook_failures", "queue_full")
+            log.error(
+                "webhook_dropped", app=self.app, notice=message.get("event"), why="queue full"
+            )
+
+    def _count(self, name: str, reason: str = "") -> None:
+        counter = getattr(self.metrics, name, None)
+        if counter is None:
+            return
+        if reason:
+            counter.labels(app=self.app, reason=reason).inc()
+        else:
+            counter.labels(app=self.app).inc()
+
+    def _run(self) -> None:
+        while True:
+            message = self._queue.get()
+            try:
+                self._post(message)
+            except Exception as exc:  # never let one message (or a broken log) end the thread
+                with contextlib.suppress(Exception):
+                    log.error("webhook_failed", app=self.app, error=f"{type(exc).__name__}: {exc}")
+
+    def _post(self, message: dict[str, Any]) -> bool:
+        body = json.dumps(message, separators=(",", ":")).encode()
+        error = ""
+        for attempt in range(self.settings.retries + 1):
+            if attempt:
+                time.sleep(RETRY_BASE * 2 ** (attempt - 1))
+            request = urllib.request.Request(  # noqa: S310 - the URL is http(s), checked by config
+                self.settings.url,
+                data=body,
+                headers={"Content-Type": "application/json", "User-Agent": "release-watcher"},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.settings.timeout) as resp:  # noqa: S310
+                    resp.read(1024)
+                self._count("webhook_sent")
+                log.info(
+                    "webhook_sent", app=self.app, notice=message.get("event"), attempts=attempt + 1
+                )
+                return True
+            except urllib.error.HTTPError as exc:
+                error = f"HTTP {exc.code}"
+                if 400 <= exc.code < 500 and exc.code != 429:
+                    break  # the receiver refuses this message; sending it again changes nothing
+            except (OSError, ValueError) as exc:  # refused, reset, timed out, bad answer
+                error = f"{type(exc).__name__}: {exc}"
+        self._count("webhook_failures", "http" if error.startswith("HTTP") else "network")
+        log.error(
+            "webhook_failed",
+            app=self.app,
+            notice=message.get("event"),
+            deploy=message.get("deploy"),
+            error=error,
+            attempts=attempt + 1,
+        )
+        return False
+
+
+class DeployNotifier:
+    """Turns the coordinator's steps into one message per deploy event."""
+
+    def __init__(self, sender: WebhookSender) -> None:
+        self.sender = sender
+        self._sent: dict[tuple[str, str], None] = {}
+
+    def started(self, view: Any, *, node: str) -> None:
+        """A deploy started (sent by the first expected host, when it joins)."""
+        rec = view.record
+        self._emit("started", view, node, f"{rec.kind} of {rec.release} started")
+
+    def ended(self, view: Any, result: str, *, node: str) -> None:
+        """The end of a deploy, sent by the host that wrote its outcome (once per deploy)."""
+        rec = view.record
+        if result == "committed":
+            event = "rolled_back" if rec.kind == "rollback" else "committed"
+            self._emit(event, view, node, f"{rec.kind} of {rec.release} committed")
+        elif result in ("rolled_back", "failed_after_commit"):
+            what = f"{rec.kind} of {rec.release} failed validation after the flip"
+            self._emit("failed_after_commit", view, node, what)
+        elif result == "contested":
+            what = f"{rec.kind} of {rec.release} is CONTESTED (hosts hold; an operator must look)"
+            self._emit("contested", view, node, what)
+        else:
+            self._emit("aborted", view, node, f"{rec.kind} of {rec.release} {result}")
+
+    def _emit(self, event: str, view: Any, node: str, what: str) -> None:
+        rec = view.record
+        key = (rec.id, event)
+        if key in self._sent:
+            return
+        self._sent[key] = None
+        while len(self._sent) > SENT_KEEP:
+            self._sent.pop(next(iter(self._sent)))
+        failing = {
+            n: p.error or p.state
+            for n, p in sorted(view.nodes.items())
+            if p.state in (FAILED, FAILED_AFTER_COMMIT, "refused")  # refused: layout v2
+        }
+        reason = view.decision.reason if view.decision is not None else ""
+        text = f"[{rec.app}] {what} (deploy {rec.id}, requested by {rec.requested_by})"
+        if event in ("aborted", "contested"):
+            text += f": {reason}" if reason else ""
+            if failing:
+                text += "; failing: " + "; ".join(f"{n}: {e}" for n, e in failing.items())
+        self.sender.send(
+            {
+                "text": text,
+                "event": event,
+                "app": rec.app,
+                "deploy": rec.id,
+                "kind": rec.kind,
+                "artifact": rec.artifact,
+                "release": rec.release,
+                "requested_by": rec.requested_by,
+                "requested_at": rec.requested_at,
+                "expected": list(rec.expected),
+                "reason": reason,
+                "failing_hosts": failing,
+                "hosts": {n: p.state for n, p in sorted(view.nodes.items())},
+                "by": node,
+            }
+        )
+
+
+def notifier_for(app: AppConfig, metrics: Any = None) -> DeployNotifier | None:
+    """The app's notifier, or None when it has no ``webhook:``."""
+    if app.webhook is None:
+        return None
+    return DeployNotifier(WebhookSender(app.webhook, app=app.name, metrics=metrics))
