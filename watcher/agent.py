@@ -341,9 +341,20 @@ class AppAgent:
         self._known[deploy_id] = (own, read.own_index)
         self.journal.begin(deploy_id, **joined.to_journal(), established=None)
         self._resumed.add(deploy_id)  # a fresh join: nothing was decided without this host
-        if self.notifier is not None and own is None and self.node == min(request.expected):
-            # "started", once: by the first expected host (no lock, no request for it).
-            self.notifier.started(self._view_for(joined), node=self.node)
+        session = self.session()
+        if (
+            own is None
+            and session
+            and self.node == min(request.expected)
+            and self.store.acquire_coordinator(deploy_id, session, self.node)
+        ):
+            # The first expected host takes the coordinator lock as it joins (the others
+            # contend only once their part is done, or when its holder dies): it says that
+            # the deploy started and, normally, writes its end. A ready fleet still commits
+            # without it; the lock only elects who does the once-per-deploy work.
+            self._coordinating = deploy_id
+            if self.notifier is not None:
+                self.notifier.started(self._view_for(joined), node=self.node)
         if entry.modify_index != entry.create_index and own is None:
             self._ack(joined, REFUSED, error="request was rewritten after it was created")
             return f"deploy {deploy_id}: refused (request rewritten)"
@@ -431,32 +442,33 @@ class AppAgent:
         moved = inflight_id != deploy_id and self._inflight_moved(joined)
         if own in ("", STAGING):
             if self.busy():
+                why = ""
                 if past_prepare:
-                    # Say no now, with what was in progress; the worker stops on its own.
-                    self._stop_staging("the prepare deadline passed")
                     task = self._task_key[0] if self._task_key else "prepare"
-                    self._ack(
-                        joined,
-                        FAILED,
-                        error=f"prepare deadline passed during {task} "
-                        f"(phases done: {', '.join(journal.get('phases', [])) or 'none'})",
-                    )
-                    own = self._own.get(deploy_id, own)
-                    if own in ("", STAGING):
-                        return "preparing"
-                    return f"{own}; prepare deadline passed"
-                if own == "" and self._staging_for() > STAGING_ACK_AFTER:
-                    # A prepare that takes a while shows as staging (a quick one acks ready
-                    # without it); the CAS makes it lose to a ready ack written meanwhile.
-                    self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())})
-                if moved:
-                    self._stop_staging("inflight moved to another deploy")
-                elif self._staging_for() > ABORT_POLL_AFTER and self._abort_seen(joined):
-                    # Polled on the loop's 1 s tick, only once staging takes a while: a
-                    # quick prepare checks the abort request just before its ready ack.
-                    self._stop_staging("the deploy was aborted")
-                return "preparing"
-            if past_prepare or moved:
+                    done = ", ".join(journal.get("phases", [])) or "none"
+                    why = f"prepare deadline passed during {task} (phases done: {done})"
+                elif moved:
+                    why = "inflight moved to another deploy"
+                else:
+                    if own == "" and self._staging_for() > STAGING_ACK_AFTER:
+                        # A prepare that takes a while shows as staging (a quick one acks
+                        # ready without it); the CAS loses to a ready ack written meanwhile.
+                        self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())})
+                    if self._staging_for() > ABORT_POLL_AFTER:
+                        # Polled on the loop's 1 s tick, only once staging takes a while: a
+                        # quick prepare meets the abort request in its ready ack's own txn.
+                        why = self._abort_seen(joined)
+                if not why:
+                    return "preparing"
+                # Not ready yet, so this host may still say no, now: the deploy aborts
+                # without waiting for the hook or extraction in progress (the cleanup runs
+                # when the worker is free).
+                self._stop_staging(why)
+                self._ack(joined, FAILED, error=why)
+                own = self._own.get(deploy_id, own)
+                if own in ("", STAGING):
+                    return "preparing"
+            elif past_prepare or moved:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
                 self._ack(joined, FAILED, error=f"{why} before this host was ready")
                 own = self._own.get(deploy_id, own)
@@ -489,15 +501,16 @@ class AppAgent:
         inflight, _ = self.store.inflight(consistent=True)
         return inflight is not None and inflight != joined.id
 
-    def _abort_seen(self, joined: Joined) -> bool:
-        """While staging: an abort request, or a recorded abort decision (a wake-up only;
-        staging is cancelled, the host still acks and establishes before acting)."""
-        if self.store.abort_requested(joined.id) is not None:
-            return True
+    def _abort_seen(self, joined: Joined) -> str:
+        """While staging: why to stop (an abort request, or an abort this host establishes
+        itself; the decision key is only the wake-up that makes it look), or ""."""
+        abort = self.store.abort_requested(joined.id)
+        if abort is not None:
+            return f"abort requested by {abort.by}: {abort.reason}".rstrip(": ")
         entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
-        if entry is None:
-            return False
-        return self.store.establish(joined).outcome == ABORT
+        if entry is not None and self.store.establish(joined).outcome == ABORT:
+            return "the deploy was aborted"
+        return ""
 
     def _act_on(self, joined: Joined, verdict: Verdict, own: str) -> str:
         deploy_id = joined.id

@@ -50,10 +50,10 @@ class Env:
         return Keys(self.fleet.kv_prefix, app)
 
     def written(self, app: str = "web") -> dict[str, int]:
-        """What a write of the API could have touched: inflight, history, deploys/."""
+        """What a write of the API could have touched: inflight, history, requests/."""
         keys = self.keys(app)
         kv = self.fleet.kv
-        out = {e.key: e.modify_index for e in kv.kv_list(keys.deploys_prefix)}
+        out = {e.key: e.modify_index for e in kv.kv_list(keys.requests_prefix)}
         for key in (keys.inflight, f"{keys.base}/history"):
             entry = kv.kv_get(key)
             if entry is not None:

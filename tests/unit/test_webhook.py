@@ -128,11 +128,11 @@ class TestDeployNotifier:
     def test_one_message_per_event(self, receiver: Receiver) -> None:
         notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
         undecided = view()
-        notifier.step(undecided, "none", node="h1", started=True)
-        notifier.step(undecided, "none", node="h1", started=True)  # same deploy: no second
-        committed = view("commit", {"h1": ("ready", ""), "h2": ("ready", "")})
-        notifier.step(undecided, "committed", node="h1")
-        notifier.step(committed, "ended", node="h1")  # a clean end adds nothing
+        notifier.started(undecided, node="h1")
+        notifier.started(undecided, node="h1")  # same deploy: no second
+        committed = view("commit", {"h1": ("live", ""), "h2": ("live", "")})
+        notifier.ended(committed, "committed", node="h1")
+        notifier.ended(committed, "committed", node="h1")  # once per deploy and event
         wait_until(lambda: len(receiver.bodies) == 2)
         time.sleep(0.3)
         assert [b["event"] for b in receiver.bodies] == ["started", "committed"]
@@ -142,8 +142,8 @@ class TestDeployNotifier:
     def test_abort_names_failing_hosts_and_reasons(self, receiver: Receiver) -> None:
         notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
         aborted = view("abort", {"h1": ("aborted", ""), "h2": ("failed", "post_release: status 3")})
-        notifier.step(aborted, "ended", node="h1")
-        notifier.step(aborted, "ended", node="h1")
+        notifier.ended(aborted, "aborted", node="h1")
+        notifier.ended(aborted, "aborted", node="h1")
         wait_until(lambda: len(receiver.bodies) == 1)
         time.sleep(0.3)
         [body] = receiver.bodies

@@ -649,8 +649,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         store = state.store(name, caller.consul)
         text = body.reason.strip() if body else ""
         reason = f"aborted by {caller.requested_by}" + (f": {text}" if text else "")
-        if store.deploy_record(deploy_id) is None:
+        view = store.view(deploy_id)
+        if view is None:
             raise ApiError(404, f"app {name}: no deploy {deploy_id}")
+        settled = view.outcome.result if view.outcome else view.verdict()
+        if settled not in ("undecided", "contested"):
+            raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
         what, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
         if what in ("aborted", "undecided"):
             state.writes.labels(app=name, action="abort", result=what).inc()
