@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench consul venv clean
+.PHONY: test demo lint typecheck bench fuzz consul venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP) consul lint typecheck
 
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# The parsers of outside input (event payloads, KV records, config) under >= 100,000 inputs.
+fuzz: $(STAMP)
+	WATCHER_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_fuzz_parsers.py
 
 bench: $(STAMP) consul
 	$(BIN)/python bench/bench_extract.py

@@ -158,6 +158,8 @@ class Document:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"{label}: not JSON ({exc})") from None
+        except RecursionError:
+            raise PayloadError(f"{label}: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise PayloadError(f"{label}: not a JSON object")
         return cls.from_dict(data, label=label)
@@ -165,6 +167,8 @@ class Document:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, label: str = "") -> Self:
         label = label or cls.__name__
+        if not isinstance(data, dict):
+            raise PayloadError(f"{label}: not a JSON object")
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name in data:
@@ -305,9 +309,12 @@ class DeployRecord(Document):
             f"invalid release {self.release!r}",
         )
         for name in ("requested_at", "prepare_deadline", "apply_deadline"):
+            value = getattr(self, name)
             try:
-                parse_iso(getattr(self, name))
-            except (TypeError, ValueError):
+                if not isinstance(value, str):
+                    raise TypeError(name)
+                parse_iso(value)
+            except (TypeError, ValueError, OverflowError):
                 raise PayloadError(f"{label}: {name} is not a timestamp") from None
 
 
@@ -323,7 +330,11 @@ class NodeProgress(Document):
 
     def validate(self, label: str) -> None:
         known = {STAGING, READY, FAILED, LIVE, ABORTED, FAILED_AFTER_COMMIT}
-        _need(self.state in known, label, f"unknown state {self.state!r}")
+        _need(
+            isinstance(self.state, str) and self.state in known,
+            label,
+            f"unknown state {self.state!r}",
+        )
 
 
 @dataclass(frozen=True)
