@@ -25,6 +25,17 @@ from watcher.log import configure_logging
 
 # Each module defines `register(subparsers, common)` and sets `func(ctx) -> int` on its parsers.
 COMMAND_MODULES = ("watcher.ctl_local", "watcher.ctl_fleet", "watcher.ctl_publish")
+# The module that registers each command: `watcherctl <command>` imports only that one, so
+# `status --fleet` does not pay for the hooks, archive and S3 code of the others. Any other
+# first argument (--help, a typo) loads them all. A test keeps this in step with the modules.
+COMMANDS = {
+    **dict.fromkeys(("status", "deploy", "rollback", "history", "abort"), "watcher.ctl_fleet"),
+    **dict.fromkeys(
+        ("releases", "hold", "release-hold", "setup-release", "exec", "prune"),
+        "watcher.ctl_local",
+    ),
+    "publish": "watcher.ctl_publish",
+}
 
 # Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 Consul or S3
 # unreachable or refused, 4 refused because of state (deploy in flight, hold, lock held).
@@ -101,7 +112,8 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command``'s module only when it names one."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
@@ -115,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="watcherctl", description="Operate release-watcher on this host and the fleet."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(sub, common)
     return parser
 
@@ -131,7 +144,8 @@ def exit_code_for(exc: WatcherError) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     # Retries and other warnings are the daemon's business; the CLI says what failed, once.
     configure_logging(level="debug" if args.debug else "error", stream=sys.stderr)

@@ -24,7 +24,6 @@ from watcher.consul_api import ConsulClient
 from watcher.ctl import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, CtlContext, table, user_at_host
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
 from watcher.records import ABORT, DeployRecord, parse_iso
-from watcher.releases import ReleaseEngine
 
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
 
@@ -371,6 +370,8 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
 
 
 def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
+    from watcher.releases import ReleaseEngine  # this host's disk: not for status --fleet
+
     engine = ReleaseEngine(app)
     releases = engine.list_releases()
     hold = engine.held()
