@@ -36,10 +36,11 @@ demo: $(STAMP) consul
 fuzz: $(STAMP)
 	WATCHER_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_fuzz_parsers.py
 
+# Every figure beside its baseline, one table; the figures also in bench/results/*.json.
+# BENCH_ARGS="--quick" tries the bench itself out with small sizes.
 bench: $(STAMP) consul
-	$(BIN)/python bench/bench_extract.py
-	$(BIN)/python bench/bench_stage.py
-	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_deploy.py
+	scripts/install-bench-deps
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
