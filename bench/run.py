@@ -182,6 +182,9 @@ def main() -> int:
     path = results.write()
     print()
     print(results.table())
+    for f in results.figures:
+        if f.note:
+            print(f"  {f.name}: {f.note}")
     print(
         f"\n{os.cpu_count()} CPUs, load {results.context['load_at_start']} at start, "
         f"{results.context['load_at_end']} at end; {results.context['took_s']} s; "
