@@ -34,7 +34,8 @@ demo: $(STAMP) consul
 
 # The parsers of outside input (event payloads, KV records, config) under >= 100,000 inputs.
 fuzz: $(STAMP)
-	WATCHER_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_fuzz_parsers.py
+	WATCHER_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 \
+		tests/unit/test_fuzz_parsers.py
 
 # Every figure beside its baseline, one table; the figures also in bench/results/*.json.
 # BENCH_ARGS="--quick" tries the bench itself out with small sizes.

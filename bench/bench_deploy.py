@@ -277,7 +277,7 @@ def idle_section(
         Figure(
             f"idle daemon Consul requests over {seconds:.0f} s (3 apps)",
             "",
-            note="blocking queries and session renewals only",
+            target="blocking queries and renewals only",
         )
     )
     cluster = start_cluster(ClusterSpec(hosts=1), work / "consul-idle", consul_bin, loopback)
@@ -306,27 +306,25 @@ def idle_section(
                 time.sleep(5)  # start-up done: session, member keys, first queries
                 assert w.proc is not None
                 peer = naive.procs[0]
-                c0, p0, r0 = (
+                c0, p0, k0 = (
                     cpu_seconds(w.proc.pid),
                     cpu_seconds(peer.pid, children=True),
-                    sum(fleet.requests(w).values()),
+                    fleet.requests(w),
                 )
                 time.sleep(seconds)
-                c1, p1, r1 = (
+                c1, p1, k1 = (
                     cpu_seconds(w.proc.pid),
                     cpu_seconds(peer.pid, children=True),
-                    sum(fleet.requests(w).values()),
+                    fleet.requests(w),
                 )
+                r0, r1 = sum(k0.values()), sum(k1.values())
                 rss.ours.append(rss_bytes(w.proc.pid) / 1e6)
                 rss.baseline.append(rss_bytes(peer.pid) / 1e6)
                 cpu.ours.append((c1 - c0) * 1000)
                 cpu.baseline.append((p1 - p0) * 1000)
                 reqs.ours.append(r1 - r0)
-                kinds = fleet.requests(w)
-                reqs.note += (
-                    " (by kind at the end: "
-                    + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items()))
-                    + ")"
+                reqs.note = "by kind: " + ", ".join(
+                    f"{k} {k1[k] - k0.get(k, 0):.0f}" for k in sorted(k1) if k1[k] != k0.get(k, 0)
                 )
             finally:
                 w.stop()

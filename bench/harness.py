@@ -70,6 +70,7 @@ class Figure:
     target: str = ""
     failed: str = ""  # why a round failed: then no median at all
     note: str = ""
+    compare: bool = True  # False: the baseline is context, a ratio would mean nothing
 
     def median(self) -> float | None:
         if self.failed or not self.ours:
@@ -83,7 +84,7 @@ class Figure:
 
     def ratio(self) -> float | None:
         ours, base = self.median(), self.baseline_median()
-        if ours is None or base is None or base == 0:
+        if not self.compare or ours is None or base is None or base == 0:
             return None
         return ours / base
 
@@ -156,9 +157,9 @@ def _show(value: float | None, unit: str) -> str:
 def run_rounds(
     figures: Sequence[Figure], rounds: int, one_round: Callable[[int], Sequence[float | None]]
 ) -> None:
-    """Run ``one_round(i)`` ``rounds`` times; sample j goes to figure j's ours (or, where
-    the figure list names it twice, see ``paired``). The first ``RoundFailed`` marks every
-    figure failed and stops: no median of the rounds before it is printed either."""
+    """Run ``one_round(i)`` ``rounds`` times; its j-th sample goes to figure j (None: no
+    sample). The first ``RoundFailed`` marks every figure failed and stops: no median of
+    the rounds before it is printed either."""
     for i in range(rounds):
         try:
             samples = one_round(i)
