@@ -371,3 +371,14 @@ class HostRecord(Document):
     last_seen: str
     watcher_version: str = ""
     state: str = ""
+
+    def validate(self, label: str) -> None:
+        # node is a dict key of every reader (status, the barrier): a list there crashes them
+        _need(isinstance(self.node, str) and bool(self.node), label, "node must be a name")
+        _need(
+            self.release is None or isinstance(self.release, str),
+            label,
+            "release must be a string or null",
+        )
+        for name in ("last_seen", "watcher_version", "state"):
+            _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
