@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.fleetbench import BenchFleet, NaivePeers, kv_fanout, running
+from bench.fleetbench import BenchFleet, NaivePeers, cpu_between, kv_fanout, running
 from bench.harness import Figure, Results, RoundFailed, cpu_seconds, rss_bytes, run_rounds
 from tests.support.cluster import ClusterSpec, start_cluster
 from tests.support.fleet import Fleet, wait_for
@@ -134,9 +134,11 @@ def latency_section(
                 time.sleep(SETTLE)
                 after = fleet.usage()
                 window = time.monotonic() - t0
-                cpu_ms = [(after[n][0] - idle1[n][0]) * 1000 for n in after]
-                req = [after[n][1] - idle1[n][1] for n in after]
-                idle_req = [(idle1[n][1] - idle0[n][1]) * window / idle_s for n in after]
+                cpu_ms = [cpu_between(idle1[n], after[n]) * 1000 for n in after]
+                req = [after[n].requests - idle1[n].requests for n in after]
+                idle_req = [
+                    (idle1[n].requests - idle0[n].requests) * window / idle_s for n in after
+                ]
                 reqs.baseline.append(sum(idle_req) / len(idle_req))
                 return [
                     max(flips) * 1000,
@@ -244,7 +246,7 @@ def scale_section(
                     wait_for(lambda: fleet.fleet.inflight() is None, 120, "deploy over")
                     window = time.monotonic() - t0
                     after = fleet.usage()
-                    total = sum(after[k][1] - before[k][1] for k in after)
+                    total = sum(after[k].requests - before[k].requests for k in after)
                     return [max(flips) * 1000, total / window]
 
                 run_rounds([lat, rps], rounds, one_round)

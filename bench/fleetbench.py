@@ -43,6 +43,21 @@ date +%s.%N > "$dir/flipped-$rel"
 """
 
 
+@dataclass(frozen=True)
+class Usage:
+    """A watcher's CPU seconds just before and just after reading its /metrics (the read
+    costs the daemon CPU too, which no window should count), and its Consul requests."""
+
+    cpu_before_read: float
+    cpu_after_read: float
+    requests: float
+
+
+def cpu_between(start: Usage, end: Usage) -> float:
+    """CPU seconds the watcher spent between two readings, the readings themselves out."""
+    return end.cpu_before_read - start.cpu_after_read
+
+
 @dataclass
 class SharedAgentWatcher(WatcherProc):
     """A watcher whose node name is its own, on an agent other watchers use too."""
@@ -111,12 +126,14 @@ class BenchFleet:
             if s.name == "watcher_consul_requests_total"
         }
 
-    def usage(self) -> dict[str, tuple[float, float]]:
-        """Per watcher: (CPU seconds so far, Consul requests so far)."""
+    def usage(self) -> dict[str, Usage]:
+        """Per watcher: its CPU seconds and Consul requests so far."""
         out = {}
         for w in self.watchers:
             assert w.proc is not None
-            out[w.name] = (cpu_seconds(w.proc.pid), sum(self.requests(w).values()))
+            cpu_before = cpu_seconds(w.proc.pid)
+            requests = sum(self.requests(w).values())
+            out[w.name] = Usage(cpu_before, cpu_seconds(w.proc.pid), requests)
         return out
 
     def publish_prefetched(self, version: str) -> ArtifactRecord:

@@ -76,7 +76,7 @@ class TestDeployRound:
             assert len(flips) == 2
             usage = fleet.usage()
             assert set(usage) == {"host-1", "host-2"}
-            assert all(cpu > 0 and requests > 0 for cpu, requests in usage.values())
+            assert all(u.cpu_after_read > 0 and u.requests > 0 for u in usage.values())
 
             # an artifact id with no record in KV: watcherctl refuses the deploy
             missing = dataclasses.replace(record, id="main-00000000")
