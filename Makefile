@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench consul venv clean
+.PHONY: test demo lint typecheck bench fuzz consul venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,16 @@ test: $(STAMP) consul lint typecheck
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
+# The parsers of outside input (event payloads, KV records, config) under >= 100,000 inputs.
+fuzz: $(STAMP)
+	WATCHER_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 \
+		tests/unit/test_fuzz_parsers.py
+
+# Every figure beside its baseline, one table; the figures also in bench/results/*.json.
+# BENCH_ARGS="--quick" tries the bench itself out with small sizes.
 bench: $(STAMP) consul
-	$(BIN)/python bench/bench_extract.py
-	$(BIN)/python bench/bench_stage.py
-	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_deploy.py
+	scripts/install-bench-deps
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py $(BENCH_ARGS)
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_web.py
 
 clean:

@@ -1,175 +1,338 @@
-"""Deploy latency and flip skew of the barrier, against a no-barrier event handler baseline.
+"""Deploy figures: latency, flip skew, CPU and Consul requests per host, idle cost, scale.
 
-Starts a real Consul cluster (1 server + N client agents on loopback), one watcher per
-host, and an S3 server. Baseline, measured in the same run: a handler that flips as soon
-as its agent delivers a user event (the time for an event fired on one agent to reach
-each agent's blocking /v1/event/list; the flip itself is a rename, ~0.1 ms). Barrier: from
-`watcherctl deploy` starting the deploy to each host's `flipped_at`, prefetched artifact,
-no hooks. Prints both per round and the medians.
-
-    .venv/bin/python bench/bench_deploy.py [--hosts 10] [--rounds 5]
-
-Also times `watcherctl status --fleet` on that fleet.
+Every deploy is a real one: a prefetched artifact, no hooks, `watcherctl deploy` run as a
+process from the first host, daemons started as the product runs them (see fleetbench).
+Latency counts from the moment `watcherctl deploy` is started to each host's flip (its
+``flipped_at``, checked against ``current`` on its disk). Baselines, in the same run:
+the naive peer (``consul watch`` + a shell handler, fired with ``consul event``) and the
+KV fan-out floor (one KV write seen by a blocking query on every agent).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import yaml
 
-from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
-from tests.support.fleet import Fleet, consul_for, wait_for  # noqa: E402
-from tests.support.s3server import S3Server, s3_client  # noqa: E402
-from watcher.config import S3Settings  # noqa: E402
-from watcher.records import parse_iso  # noqa: E402
+from bench.fleetbench import BenchFleet, NaivePeers, cpu_between, kv_fanout, running
+from bench.harness import Figure, Results, RoundFailed, cpu_seconds, rss_bytes, run_rounds
+from tests.support.cluster import ClusterSpec, start_cluster
+from tests.support.fleet import Fleet, wait_for
+from watcher.config import S3Settings
+from watcher.records import parse_iso
 
-
-def event_baseline(fleet: Fleet) -> tuple[float, float]:
-    """(first, last) seconds for one event to reach every agent's blocking event list."""
-    clients = [consul_for(w.agent) for w in fleet.watchers]
-    indexes = [c.event_list(name="bench")[0] for c in clients]
-    arrived: list[float] = []
-    lock = threading.Lock()
-
-    def watch(i: int) -> None:
-        index = indexes[i]
-        while True:
-            new, _ = clients[i].event_list(name="bench", index=index, wait=10)
-            if new != index:
-                with lock:
-                    arrived.append(time.monotonic())
-                return
-
-    threads = [threading.Thread(target=watch, args=(i,)) for i in range(len(clients))]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)  # every watcher is blocked in its query
-    fired = time.monotonic()
-    clients[0].event_fire("bench", b"{}")
-    for t in threads:
-        t.join(15)
-    return min(arrived) - fired, max(arrived) - fired
+# Seconds a deploy's trailing work (outcome, host records) may take after the command
+# returned, before its CPU and requests are read.
+SETTLE = 1.0
+# The daemons run with the product's defaults (the tests' fleet shortens the session TTL to
+# make failures fast; that would triple the idle renewals measured here), metrics on.
+DAEMON = {"listen": "127.0.0.1:0", "session_ttl": "15s", "undecided_after": "30s"}
 
 
-def barrier_round(fleet: Fleet, version: str) -> tuple[float, float, float]:
-    """(to first flip, to last flip, skew) in seconds for one deploy."""
-    record = fleet.publish(version, announce=True)
-    prefetched = [
-        w.app_dir / "prefetched" / f"{record.id}-{record.sha256[:12]}" for w in fleet.watchers
-    ]
-    wait_for(lambda: all(p.is_dir() for p in prefetched), 60, "prefetch", fleet)
-    w0 = fleet.watchers[0]
-    result = w0.ctl_json("deploy", "web", record.id)
-    assert result["result"] == "committed", result
-    start = parse_iso(result["requested_at"])
-    flips = sorted(parse_iso(h["flipped_at"]) for h in result["hosts"].values())
-    first = (flips[0] - start).total_seconds()
-    last = (flips[-1] - start).total_seconds()
-    return first, last, last - first
-
-
-def help_time() -> float:
-    """How long starting watcherctl takes at all (imports): the floor under any command."""
-    started = time.monotonic()
-    subprocess.run(
-        [str(Path(sys.executable).parent / "watcherctl"), "--help"], capture_output=True, check=True
-    )
-    return time.monotonic() - started
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    consul_bin = (
-        os.environ.get("CONSUL_BIN")
-        or subprocess.run(
-            [str(REPO / "scripts" / "install-consul")], check=True, capture_output=True, text=True
+def latency_section(
+    results: Results,
+    *,
+    consul_bin: str,
+    loopback: str,
+    s3: S3Settings,
+    work: Path,
+    hosts: int,
+    rounds: int,
+) -> None:
+    """Deploy latency and skew vs the naive peer and the KV floor; CPU and requests per host
+    per deploy; `watcherctl status --fleet` vs `consul kv get -recurse`."""
+    tag = f"{hosts} hosts"
+    last = results.add(
+        Figure(
+            f"deploy, last flip ({tag})",
+            "ms",
+            baseline_name="naive peer",
+            target="<= 400 ms and <= 0.3x naive at 20 hosts" if hosts == 20 else "",
         )
-        .stdout.strip()
-        .splitlines()[-1]
     )
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+    skew = results.add(
+        Figure(
+            f"deploy, flip skew ({tag})",
+            "ms",
+            baseline_name="naive peer",
+            target="<= 50 ms at 20 hosts" if hosts == 20 else "",
+        )
     )
-    work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    cluster = start_cluster(
-        ClusterSpec(hosts=args.hosts),
-        work / "consul",
-        consul_bin,
-        os.environ.get("BENCH_LOOPBACK", "127.0.12"),
+    from_record = results.add(
+        Figure(
+            f"deploy, last flip after the deploy record ({tag})",
+            "ms",
+            note="from requested_at: without watcherctl's own start-up",
+        )
     )
-    s3 = S3Server(work / "moto.log")
-    fleet = None
+    floor = results.add(
+        Figure(f"KV fan-out floor, last agent ({tag})", "ms", note="one KV write, every agent")
+    )
+    cpu = results.add(
+        Figure(
+            f"CPU per host per deploy, mean ({tag})",
+            "ms",
+            baseline_name="naive peer",
+            target="<= 15 ms",
+        )
+    )
+    cpu_max = results.add(Figure(f"CPU per host per deploy, max ({tag})", "ms"))
+    reqs = results.add(
+        Figure(
+            f"Consul requests per host per deploy, mean ({tag})",
+            "",
+            baseline_name="idle, same time",
+            target="<= 10",
+        )
+    )
+    reqs_max = results.add(Figure(f"Consul requests per host per deploy, max ({tag})", ""))
+    figures = [last, skew, from_record, floor, cpu, cpu_max, reqs, reqs_max]
+
+    cluster = start_cluster(ClusterSpec(hosts=hosts), work / "consul", consul_bin, loopback)
     try:
-        s3.start()
-        s3_client(s3.endpoint_url).create_bucket(Bucket="bench")
-        settings = S3Settings(
-            bucket="bench", prefix="a", region="us-east-1", endpoint_url=s3.endpoint_url
+        fleet = BenchFleet(
+            cluster,
+            Fleet(
+                cluster,
+                s3,
+                work / "hosts",
+                kv_prefix="bench",
+                daemon_extra=DAEMON,
+            ),
         )
-        fleet = Fleet(cluster, settings, work / "hosts", kv_prefix="bench")
-        fleet.start()
-        base, barrier = [], []
-        for i in range(args.rounds):
-            base.append(event_baseline(fleet))
-            barrier.append(barrier_round(fleet, f"v{i}"))
-            print(
-                json.dumps(
-                    {
-                        "round": i,
-                        "event_first_ms": round(base[-1][0] * 1000, 1),
-                        "event_last_ms": round(base[-1][1] * 1000, 1),
-                        "barrier_first_flip_ms": round(barrier[-1][0] * 1000, 1),
-                        "barrier_last_flip_ms": round(barrier[-1][1] * 1000, 1),
-                        "barrier_skew_ms": round(barrier[-1][2] * 1000, 1),
-                    }
-                ),
-                flush=True,
-            )
-        status_s = []
-        for _ in range(5):
-            started = time.monotonic()
-            fleet.watchers[0].ctl("status", "--fleet")
-            status_s.append(time.monotonic() - started)
-        med = statistics.median
-        print(f"\n{args.hosts} hosts, {args.rounds} rounds (medians):")
-        print(
-            f"  no-barrier event handler: last host flips after "
-            f"{med(b[1] for b in base) * 1000:.0f} ms, skew "
-            f"{med(b[1] - b[0] for b in base) * 1000:.0f} ms"
-        )
-        print(
-            f"  barrier (KV path):        last host flips after "
-            f"{med(b[1] for b in barrier) * 1000:.0f} ms, skew "
-            f"{med(b[2] for b in barrier) * 1000:.0f} ms"
-        )
-        print(
-            f"  watcherctl status --fleet: {med(status_s) * 1000:.0f} ms (median of 5, "
-            f"whole process; baseline `watcherctl --help`: {help_time() * 1000:.0f} ms)"
-        )
-        return 0
+        naive = NaivePeers(consul_bin, cluster.hosts, work / "naive")
+        with running(fleet, naive):
+            # one deploy first: every host then has a `current` and the same state
+            fleet.deploy(fleet.publish_prefetched("warm-up"))
+
+            def one_round(i: int) -> list[float | None]:
+                naive_cpu0 = naive.cpu()
+                naive_flips = naive.round(f"r{i:03d}")
+                time.sleep(SETTLE)
+                naive_cpu = [b - a for a, b in zip(naive_cpu0, naive.cpu(), strict=True)]
+                last.baseline.append(max(naive_flips) * 1000)
+                skew.baseline.append((max(naive_flips) - min(naive_flips)) * 1000)
+                cpu.baseline.append(sum(naive_cpu) / len(naive_cpu) * 1000)
+
+                fan = kv_fanout(cluster.hosts, f"bench/fanout/{i}")
+
+                record = fleet.publish_prefetched(f"v{i}")
+                time.sleep(SETTLE)  # the prefetch's own work is done
+                idle0 = fleet.usage()
+                t_idle = time.monotonic()
+                time.sleep(SETTLE)
+                idle1 = fleet.usage()
+                idle_s = time.monotonic() - t_idle
+                t0 = time.monotonic()
+                started, flips, result = fleet.deploy_flips(record)
+                requested = parse_iso(str(result["requested_at"])).timestamp()
+                wait_for(lambda: fleet.fleet.inflight() is None, 60, "deploy over", fleet.fleet)
+                time.sleep(SETTLE)
+                after = fleet.usage()
+                window = time.monotonic() - t0
+                cpu_ms = [cpu_between(idle1[n], after[n]) * 1000 for n in after]
+                req = [after[n].requests - idle1[n].requests for n in after]
+                idle_req = [
+                    (idle1[n].requests - idle0[n].requests) * window / idle_s for n in after
+                ]
+                reqs.baseline.append(sum(idle_req) / len(idle_req))
+                return [
+                    max(flips) * 1000,
+                    (max(flips) - min(flips)) * 1000,
+                    (max(flips) + started - requested) * 1000,
+                    max(fan) * 1000,
+                    sum(cpu_ms) / len(cpu_ms),
+                    max(cpu_ms),
+                    sum(req) / len(req),
+                    max(req),
+                ]
+
+            run_rounds(figures, rounds, one_round)
+            if hosts == min(5, hosts):
+                status_figure(results, fleet, consul_bin, cluster.hosts[0].env(), rounds=7)
     finally:
-        if fleet is not None:
-            fleet.stop()
-        s3.stop()
-        cluster.stop()
+        cluster.stop_all()
+
+
+def status_figure(
+    results: Results, fleet: BenchFleet, consul_bin: str, env: dict[str, str], rounds: int
+) -> None:
+    """`watcherctl status --fleet` as a whole process vs the Consul CLI reading the same KV."""
+    fig = results.add(
+        Figure(
+            f"watcherctl status --fleet ({len(fleet.watchers)} hosts)",
+            "ms",
+            baseline_name="consul kv get -recurse",
+            target="<= 150 ms",
+        )
+    )
+    w0 = fleet.watchers[0]
+    for _ in range(rounds):
+        t = time.perf_counter()
+        result = w0.ctl("status", "--fleet", as_json=False, check=False)
+        ours = time.perf_counter() - t
+        if result.returncode != 0:
+            fig.failed = f"status --fleet exited {result.returncode}: {result.stderr[-200:]}"
+            raise RoundFailed(fig.failed)
+        t = time.perf_counter()
+        subprocess.run(
+            [consul_bin, "kv", "get", "-recurse", "bench/apps/web/"],
+            check=True,
+            capture_output=True,
+            env={**os.environ, **env},
+        )
+        fig.baseline.append((time.perf_counter() - t) * 1000)
+        fig.ours.append(ours * 1000)
+
+
+def scale_section(
+    results: Results,
+    *,
+    consul_bin: str,
+    loopback: str,
+    s3: S3Settings,
+    work: Path,
+    agents: int,
+    sizes: tuple[int, ...],
+    rounds: int,
+) -> None:
+    """Many watchers sharing agents: deploy latency and the fleet's Consul requests/s.
+
+    The smallest size is the baseline of the others: growth no worse than linear means a
+    ratio of at most (size / smallest)."""
+    base_n = sizes[0]
+    per_size: dict[int, tuple[Figure, Figure]] = {}
+    for n in sizes:
+        label = f"{n} watchers on {agents} agents"
+        lat = Figure(f"scale: deploy, last flip ({label})", "ms")
+        rps = Figure(f"scale: Consul requests/s in a deploy ({label})", "/s")
+        if n != base_n:
+            lat.baseline_name = rps.baseline_name = f"{base_n} watchers"
+            lat.target = rps.target = f"ratio <= {n / base_n:.1f}x (linear)"
+        per_size[n] = (results.add(lat), results.add(rps))
+    for n in sizes:
+        if n % agents:
+            raise ValueError(f"{n} watchers do not share {agents} agents evenly")
+        lat, rps = per_size[n]
+        cluster = start_cluster(
+            ClusterSpec(hosts=agents), work / f"consul-{n}", consul_bin, loopback
+        )
+        try:
+            fleet = BenchFleet(
+                cluster,
+                Fleet(
+                    cluster,
+                    s3,
+                    work / f"hosts-{n}",
+                    kv_prefix=f"scale{n}",
+                    daemon_extra=DAEMON,
+                    app_extra={"timeouts": {"prepare": "240s", "apply": "240s", "hook": "20s"}},
+                ),
+                per_agent=n // agents,
+            )
+            with running(fleet):
+                fleet.deploy(fleet.publish_prefetched("warm-up"))
+
+                def one_round(i: int, fleet: BenchFleet = fleet) -> list[float | None]:
+                    record = fleet.publish_prefetched(f"v{i}")
+                    time.sleep(SETTLE)
+                    before = fleet.usage()
+                    t0 = time.monotonic()
+                    _, flips, _ = fleet.deploy_flips(record)
+                    wait_for(lambda: fleet.fleet.inflight() is None, 120, "deploy over")
+                    window = time.monotonic() - t0
+                    after = fleet.usage()
+                    total = sum(after[k].requests - before[k].requests for k in after)
+                    return [max(flips) * 1000, total / window]
+
+                run_rounds([lat, rps], rounds, one_round)
+        finally:
+            cluster.stop_all()
+    base_lat, base_rps = per_size[base_n]
+    for n in sizes[1:]:
+        lat, rps = per_size[n]
+        lat.baseline, rps.baseline = list(base_lat.ours), list(base_rps.ours)
+
+
+def idle_section(
+    results: Results,
+    *,
+    consul_bin: str,
+    loopback: str,
+    s3: S3Settings,
+    work: Path,
+    seconds: float,
+) -> None:
+    """One daemon with 3 apps, idle: RSS, CPU and Consul requests over ``seconds``,
+    beside a naive peer (``consul watch``) on the same agent."""
+    rss = results.add(
+        Figure("idle daemon RSS (3 apps)", "MB", baseline_name="naive peer", target="<= 50 MB")
+    )
+    cpu = results.add(
+        Figure(f"idle daemon CPU over {seconds:.0f} s (3 apps)", "ms", baseline_name="naive peer")
+    )
+    reqs = results.add(
+        Figure(
+            f"idle daemon Consul requests over {seconds:.0f} s (3 apps)",
+            "",
+            target="blocking queries and renewals only",
+        )
+    )
+    cluster = start_cluster(ClusterSpec(hosts=1), work / "consul-idle", consul_bin, loopback)
+    try:
+        fleet = BenchFleet(
+            cluster,
+            Fleet(
+                cluster,
+                s3,
+                work / "hosts-idle",
+                kv_prefix="idle",
+                daemon_extra=DAEMON,
+            ),
+        )
+        w = fleet.watchers[0]
+        config = yaml.safe_load(w.config_path.read_text())
+        web = config["apps"].pop("web")
+        for app in ("web", "api", "worker"):
+            config["apps"][app] = dict(web)
+        w.config_path.write_text(yaml.safe_dump(config))
+        naive = NaivePeers(consul_bin, cluster.hosts, work / "naive-idle")
+        with running(naive):
+            w.start()
+            try:
+                fleet.wait_port(w)
+                time.sleep(5)  # start-up done: session, member keys, first queries
+                assert w.proc is not None
+                peer = naive.procs[0]
+                c0, p0, k0 = (
+                    cpu_seconds(w.proc.pid),
+                    cpu_seconds(peer.pid, children=True),
+                    fleet.requests(w),
+                )
+                time.sleep(seconds)
+                c1, p1, k1 = (
+                    cpu_seconds(w.proc.pid),
+                    cpu_seconds(peer.pid, children=True),
+                    fleet.requests(w),
+                )
+                r0, r1 = sum(k0.values()), sum(k1.values())
+                rss.ours.append(rss_bytes(w.proc.pid) / 1e6)
+                rss.baseline.append(rss_bytes(peer.pid) / 1e6)
+                cpu.ours.append((c1 - c0) * 1000)
+                cpu.baseline.append((p1 - p0) * 1000)
+                reqs.ours.append(r1 - r0)
+                reqs.note = "by kind: " + ", ".join(
+                    f"{k} {k1[k] - k0.get(k, 0):.0f}" for k in sorted(k1) if k1[k] != k0.get(k, 0)
+                )
+            finally:
+                w.stop()
+    finally:
+        cluster.stop_all()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("run `make bench` (bench/run.py), which sets up what this module needs")

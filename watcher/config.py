@@ -234,7 +234,7 @@ class _Reader:
             return default
         try:
             return convert(data[key])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999, 10**400
             self.fail(_join(path, key), f"must be {expected}, got {_show(data[key])}")
             return default
 
@@ -245,7 +245,7 @@ def _join(path: str, key: str) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return f'"{value}"'
+        return '"' + value.replace("\0", "\\0") + '"'
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -277,13 +277,13 @@ def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[A
 
 
 def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise ValueError
     return value
 
 
 def _text(value: Any) -> str:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\0" in value:
         raise ValueError
     return value
 
@@ -465,6 +465,10 @@ def nesting_problem(text: str, limit: int = MAX_NESTING) -> str | None:
     return None
 
 
+def _is_arg(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "\0" not in value
+
+
 def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
     """A phase's hooks: a path, or a list whose items are a path or an argv list."""
     if data is None:
@@ -473,9 +477,9 @@ def _hook_list(r: _Reader, data: Any, path: str) -> tuple[tuple[str, ...], ...]:
     hooks: list[tuple[str, ...]] = []
     for i, item in enumerate(items):
         where = f"{path}[{i}]" if isinstance(data, list) else path
-        if isinstance(item, str) and item:
+        if isinstance(item, str) and item and "\0" not in item:
             argv: tuple[str, ...] = (item,)
-        elif isinstance(item, list) and item and all(isinstance(a, str) and a for a in item):
+        elif isinstance(item, list) and item and all(_is_arg(a) for a in item):
             argv = tuple(item)
         else:
             r.fail(where, f"must be an executable path or a list of arguments, got {_show(item)}")
@@ -539,7 +543,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         r.fail(f"{path}.shared", f"must be a list of relative paths, got {_show(shared_raw)}")
     else:
         for i, item in enumerate(shared_raw):
-            parts = Path(item).parts if isinstance(item, str) and item else ()
+            parts = Path(item).parts if _is_arg(item) else ()
             if not parts or Path(item).is_absolute() or ".." in parts or parts[0] == ".watcher":
                 r.fail(
                     f"{path}.shared[{i}]",
@@ -880,4 +884,9 @@ def load_config(
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(source, [f"{where}: invalid YAML: {problem}"]) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for a well-formed scalar they cannot convert:
+        # a date that does not exist (2001-02-30), an explicit tag on the wrong text
+        # (!!int abc, !!float abc).
+        raise ConfigError(source, [f"invalid YAML value: {exc}"]) from None
     return parse_config(data, source=source, env=env)

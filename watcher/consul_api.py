@@ -41,8 +41,10 @@ import binascii
 import contextvars
 import json
 import re
+import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +85,8 @@ __all__ = [
     "classify_response",
     "is_transient_status",
     "next_kv_index",
+    "request_counts",
+    "request_kind",
     "request_not_sent",
 ]
 
@@ -434,12 +438,62 @@ def _failed_status(exc: Exception) -> tuple[int, str] | None:
     return None
 
 
+_REQUESTS: Counter[str] = Counter()
+_REQUESTS_LOCK = threading.Lock()
+
+
+def request_kind(method: str, path: str, params: Any = None) -> str:
+    """The endpoint kind of one Consul HTTP request, e.g. ``kv_get_blocking``, ``txn``.
+
+    KV reads are told apart by their query parameters: ``index`` makes a blocking query,
+    ``recurse`` a list, ``keys`` a key listing.
+    """
+    names = {p[0] for p in params or () if isinstance(p, tuple | list) and p}
+    if isinstance(params, Mapping):
+        names = set(params)
+    parts = path.split("/")  # "", "v1", "kv", ...
+    area = parts[2] if len(parts) > 2 else ""
+    action = parts[3] if len(parts) > 3 else ""
+    blocking = "_blocking" if "index" in names else ""
+    if area == "kv":
+        if method == "GET":
+            if "keys" in names:
+                return "kv_keys" + blocking
+            return ("kv_list" if "recurse" in names else "kv_get") + blocking
+        return {"PUT": "kv_put", "DELETE": "kv_delete"}.get(method, "kv_other")
+    if area == "txn":
+        return "txn"
+    if area == "session" and action in ("create", "renew", "destroy", "info"):
+        return f"session_{action}"
+    if area == "event" and action in ("fire", "list"):
+        return f"event_{action}" + (blocking if action == "list" else "")
+    if area in ("agent", "status", "acl"):
+        return area
+    return "other"
+
+
+def request_counts() -> dict[str, int]:
+    """Consul HTTP requests this process has sent so far, by ``request_kind``.
+
+    Every attempt counts (a retry is another request), including those that failed.
+    """
+    with _REQUESTS_LOCK:
+        return dict(_REQUESTS)
+
+
+def _count_request(method: str, path: str, params: Any) -> None:
+    kind = request_kind(method, path, params)
+    with _REQUESTS_LOCK:
+        _REQUESTS[kind] += 1
+
+
 class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is untyped
     """py-consul's requests-based HTTP client, set up for this project.
 
     Its ``requests`` session does not trust the environment, pools ``POOL_SIZE``
     connections, and every response callback keeps the failing response on the exception.
-    The timeout of each request is the one ``ConsulClient`` set for the attempt.
+    The timeout of each request is the one ``ConsulClient`` set for the attempt. Every
+    request of the process goes through here and is counted (``request_counts``).
     """
 
     def __init__(
@@ -475,6 +529,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         headers: dict[str, str] | None = None,
         raw: bool = False,
     ) -> Any:
+        _count_request("GET", path, params)
         return super().get(
             _keeping_response(callback), path, params=params, headers=headers, raw=raw
         )
@@ -487,6 +542,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str | bytes = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
+        _count_request("PUT", path, params)
         return super().put(
             _keeping_response(callback), path, params=params, data=data, headers=headers
         )
@@ -499,6 +555,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str | bytes = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
+        _count_request("DELETE", path, params)
         return super().delete(
             _keeping_response(callback), path, params=params, data=data, headers=headers
         )
@@ -511,6 +568,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
+        _count_request("POST", path, params)
         return super().post(
             _keeping_response(callback), path, params=params, data=data, headers=headers
         )

@@ -27,6 +27,17 @@ from watcher.log import configure_logging
 
 # Each module defines `register(subparsers, common)` and sets `func(ctx) -> int` on its parsers.
 COMMAND_MODULES = ("watcher.ctl_local", "watcher.ctl_fleet", "watcher.ctl_publish")
+# The module that registers each command: `watcherctl <command>` imports only that one, so
+# `status --fleet` does not pay for the hooks, archive and S3 code of the others. Any other
+# first argument (--help, a typo) loads them all. A test keeps this in step with the modules.
+COMMANDS = {
+    **dict.fromkeys(("status", "deploy", "rollback", "history", "abort"), "watcher.ctl_fleet"),
+    **dict.fromkeys(
+        ("releases", "hold", "release-hold", "setup-release", "exec", "prune"),
+        "watcher.ctl_local",
+    ),
+    "publish": "watcher.ctl_publish",
+}
 
 # Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 Consul or S3
 # unreachable or refused, 4 refused because of state (deploy in flight, hold, lock held).
@@ -133,7 +144,21 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (global options may come before it), or None."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-c", "--config"):
+            skip = True  # its value
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command``'s module only when it names one."""
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     parser = argparse.ArgumentParser(
@@ -141,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(sub, common)
     return parser
 
@@ -193,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_of(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)

@@ -538,6 +538,7 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
 
 
 def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
+
     engine = ReleaseEngine(app)
     releases = engine.list_releases()
     hold = engine.held()

@@ -41,9 +41,10 @@ def parse_event(
     event_id: str, name: str, ltime: int, payload: bytes | None, apps: Iterable[str]
 ) -> EventRequest:
     """Validate one event's payload; PayloadError says what is wrong (size, JSON, app, ids)."""
-    where = f"event {name} {event_id}"
     if name not in EVENT_NAMES:
-        raise PayloadError(f"{where}: not an event this daemon handles")
+        # repr: the name is outside input and may hold anything, a newline included
+        raise PayloadError(f"event {name!r} {event_id}: not an event this daemon handles")
+    where = f"event {name} {event_id}"
     if payload is None or not payload.strip():
         raise PayloadError(f"{where}: empty payload")
     if len(payload) > MAX_PAYLOAD:

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,8 +19,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from watcher import __version__
+from watcher.consul_api import request_counts
 from watcher.errors import ConfigError
 from watcher.log import get_logger
 
@@ -31,12 +34,34 @@ PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 FETCH_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
+class ConsulRequestsCollector(Collector):
+    """``watcher_consul_requests_total{kind}``: the process's Consul HTTP requests.
+
+    Read at scrape time from the counter every request of ``watcher.consul_api`` goes
+    through, so it covers all of the process's clients (daemon loop, watches, renewals).
+    """
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]] = request_counts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "watcher_consul_requests",
+            "Consul HTTP requests this process sent (every attempt), by endpoint kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._counts().items()):
+            family.add_metric([kind], count)
+        yield family
+
+
 class Metrics:
     """Every metric the daemon exports, in a registry of its own (never the global one)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(ConsulRequestsCollector())
         self.build_info = Gauge(
             "watcher_build_info",
             "The running watcher's version (always 1)",

@@ -205,6 +205,8 @@ class Document:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"{label}: not JSON ({exc})") from None
+        except RecursionError:
+            raise PayloadError(f"{label}: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise PayloadError(f"{label}: not a JSON object")
         return cls.from_dict(data, label=label)
@@ -212,6 +214,8 @@ class Document:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, label: str = "") -> Self:
         label = label or cls.__name__
+        if not isinstance(data, dict):
+            raise PayloadError(f"{label}: not a JSON object")
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name in data:
@@ -428,9 +432,12 @@ class DeployRecord(Document):
         for name in ("requested_by", "branch", "commit"):
             _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
         for name in ("requested_at", "prepare_deadline", "apply_deadline"):
+            value = getattr(self, name)
             try:
-                parse_iso(getattr(self, name))
-            except (TypeError, ValueError, AttributeError):
+                if not isinstance(value, str):
+                    raise TypeError(name)
+                parse_iso(value)
+            except (TypeError, ValueError, OverflowError):
                 raise PayloadError(f"{label}: {name} is not a timestamp") from None
 
     def canonical(self) -> bytes:
@@ -469,7 +476,11 @@ class NodeProgress(Document):
     staged_members: int = 0
 
     def validate(self, label: str) -> None:
-        _need(self.state in NODE_STATES, label, f"unknown state {self.state!r}")
+        _need(
+            isinstance(self.state, str) and self.state in NODE_STATES,
+            label,
+            f"unknown state {self.state!r}",
+        )
         _need(isinstance(self.node, str) and bool(NODE_RE.match(self.node)), label, "bad node")
         _need(_is_int(self.create_index), label, "create_index must be an integer")
         _need(isinstance(self.digest, str), label, "digest must be a string")
@@ -558,6 +569,24 @@ class HostRecord(Document):
     hold: str = ""
     alarm: str = ""
     first_index: int = 0  # the CreateIndex of this watcher's first session (6.4.5)
+
+    def validate(self, label: str) -> None:
+        # node is a dict key of every reader (status, the barrier): a list there crashes them
+        _need(isinstance(self.node, str) and bool(self.node), label, "node must be a name")
+        _need(
+            self.release is None or isinstance(self.release, str),
+            label,
+            "release must be a string or null",
+        )
+        for name in ("last_seen", "watcher_version", "state"):
+            _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
+        _need(
+            isinstance(self.prefetched, list) and all(isinstance(p, str) for p in self.prefetched),
+            label,
+            "prefetched must be a list of artifact ids",
+        )
+        _need(isinstance(self.hold, str) and isinstance(self.alarm, str), label, "bad hold")
+        _need(_is_int(self.first_index), label, "first_index must be an integer")
 
 
 @dataclass(frozen=True)

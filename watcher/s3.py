@@ -1,19 +1,20 @@
-"""The S3 boundary: the only module importing boto3/botocore; maps their errors to watcher's."""
+"""The S3 boundary: the only module importing boto3/botocore; maps their errors to watcher's.
+
+boto3 and botocore are imported on the first S3 request, not with this module: they cost
+~15 MB of RSS and ~0.2 s of start-up, and a daemon with every artifact prefetched, or a
+watcherctl command that never talks to S3, should not pay for them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import posixpath
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import boto3
-import botocore.exceptions as bexc
-from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -75,6 +76,9 @@ def map_s3_error(exc: BaseException, *, endpoint: str, where: str) -> S3Error:
 
     ``where`` names what was being done, e.g. ``"GET s3://bucket/key"``.
     """
+    import botocore.exceptions as bexc
+    from boto3.exceptions import Boto3Error
+
     if isinstance(exc, S3Error):
         return exc
     if isinstance(exc, Boto3Error) and isinstance(exc.__context__, Exception):
@@ -129,6 +133,24 @@ class S3Store:
         self.endpoint = settings.endpoint_url or (
             f"s3.{settings.region}.amazonaws.com" if settings.region else "s3.amazonaws.com"
         )
+        self._timeouts = (connect_timeout, read_timeout)
+        self._client_made: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def _client(self) -> Any:
+        """The boto3 S3 client, made (and boto3 imported) on first use; thread-safe."""
+        with self._client_lock:
+            if self._client_made is None:
+                self._client_made = self._make_client()
+            return self._client_made
+
+    def _make_client(self) -> Any:
+        import boto3.session
+        from botocore.config import Config as BotoConfig
+
+        settings = self.settings
+        connect_timeout, read_timeout = self._timeouts
         config = BotoConfig(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -141,7 +163,7 @@ class S3Store:
             response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
-        self._client: Any = session.client(
+        return session.client(
             "s3",
             endpoint_url=settings.endpoint_url or None,
             region_name=settings.region or None,
@@ -287,6 +309,8 @@ class S3Store:
                 progress(sent[0])
 
         def put() -> None:
+            from boto3.s3.transfer import TransferConfig
+
             sent[0] = 0
             self._client.upload_file(
                 str(path),
@@ -319,6 +343,8 @@ class S3Store:
         where = f"PUT {self.url_for(key)} (If-None-Match: *)"
 
         def put() -> bool:
+            import botocore.exceptions as bexc  # loaded with boto3, on the first S3 call
+
             with open(path, "rb") as fh:
                 body = _CountingReader(fh, progress)
                 try:
@@ -360,6 +386,8 @@ class S3Store:
         where = f"CREATE s3://{self.bucket}"
 
         def create() -> None:
+            import botocore.exceptions as bexc
+
             try:
                 self._client.head_bucket(Bucket=self.bucket)
                 return

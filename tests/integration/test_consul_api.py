@@ -4,6 +4,7 @@ events, error mapping."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from watcher.config import ConsulSettings
-from watcher.consul_api import ConsulClient, TxnOp
+from watcher.consul_api import ConsulClient, TxnOp, request_counts
 from watcher.errors import ConsulRequestError, ConsulUnavailable
 
 CLUSTER = ClusterSpec(hosts=2)
@@ -420,3 +421,71 @@ class TestFailures:
         ):
             client.kv_get("anything")
         assert time.monotonic() - started < 4.0
+
+
+def counted(action: Callable[[], object]) -> dict[str, int]:
+    """The Consul requests ``action`` made, by kind (the process-wide counter's delta)."""
+    before = request_counts()
+    action()
+    after = request_counts()
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class TestRequestCounter:
+    def test_each_request_counted_once_by_kind(self, c1: ConsulClient, prefix: str) -> None:
+        key = prefix + "k"
+
+        def kv_and_txn() -> None:
+            c1.kv_put(key, b"1")
+            entry = c1.kv_get(key)
+            assert entry is not None
+            c1.kv_get_blocking(key, entry.modify_index, wait=0.2)
+            c1.kv_list(prefix)
+            c1.kv_list_blocking(prefix, entry.modify_index, wait=0.2)
+            c1.kv_keys(prefix)
+            assert c1.txn([TxnOp.get(key), TxnOp.set(key, b"2")]).ok
+            c1.kv_delete(key)
+
+        assert counted(kv_and_txn) == {
+            "kv_put": 1,
+            "kv_get": 1,
+            "kv_get_blocking": 1,
+            "kv_list": 1,
+            "kv_list_blocking": 1,
+            "kv_keys": 1,
+            "txn": 1,
+            "kv_delete": 1,
+        }
+
+        def sessions_and_events() -> None:
+            session = c1.session_create("rwtest-count", 10)
+            assert c1.session_renew(session)
+            c1.session_destroy(session)
+            name = f"rwtest-{uuid.uuid4().hex[:8]}"
+            index, _ = c1.event_list(name)
+            c1.event_fire(name, b"x")
+            c1.event_list(name, index=index, wait=0.5)
+
+        assert counted(sessions_and_events) == {
+            "session_create": 1,
+            "session_renew": 1,
+            "session_destroy": 1,
+            "event_list": 1,
+            "event_fire": 1,
+            "event_list_blocking": 1,
+        }
+
+    def test_every_retry_is_another_request(self) -> None:
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        client = ConsulClient(ConsulSettings(address=f"127.0.0.1:{port}"), retry_deadline=1.0)
+
+        def refused() -> None:
+            with pytest.raises(ConsulUnavailable):
+                client.kv_get("rwtest/anything")
+
+        delta = counted(refused)
+        assert set(delta) == {"kv_get"}
+        assert delta["kv_get"] >= 2  # the first attempt and at least one retry
+        client.close()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, wait_for
@@ -131,6 +132,16 @@ class TestHealthEndpoint:
             text = resp.read().decode()
         assert 'watcher_current_release_info{app="web",release="' in text
         assert "watcher_loop_cycles_total" in text
+        # The daemon's own Consul requests, by kind: it made a session and took part in
+        # a deploy, so both show with a count.
+        requests = {
+            s.labels["kind"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "watcher_consul_requests_total"
+        }
+        assert requests.get("session_create", 0) >= 1, requests
+        assert sum(requests.values()) > requests["session_create"], requests
 
     def test_consul_agent_gone_keeps_the_daemon_running(
         self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], cluster: ConsulCluster

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from watcher.config import Config, parse_config
-from watcher.ctl import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code_for, operator_token
+from watcher.ctl import (
+    COMMANDS,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    build_parser,
+    command_of,
+    exit_code_for,
+    main,
+    operator_token,
+)
 from watcher.ctl import table as render_table
 from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
 
@@ -86,3 +99,51 @@ class TestDaemonStatusFile:
         )
         status = daemon_status(str(tmp_path))
         assert status["running"] is False and status["reason"] == "process gone"
+
+
+class TestCommandModules:
+    def test_each_command_is_registered_by_the_module_named_for_it(self) -> None:
+        parser = build_parser()
+        [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        registered = {
+            name: sub.get_default("func").__module__ for name, sub in commands.choices.items()
+        }
+        assert registered == COMMANDS
+
+    def test_a_command_loads_only_its_module(self) -> None:
+        code = (
+            "import sys\n"
+            "from watcher.ctl import build_parser\n"
+            "args = build_parser('status').parse_args(['status', '--fleet'])\n"
+            "assert args.fleet\n"
+            "print(' '.join(sorted(sys.modules)))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert "watcher.ctl_fleet" in out
+        loaded = {m for m in out if m.split(".")[0] in ("boto3", "botocore", "structlog")}
+        assert loaded == set()
+        assert {"watcher.ctl_local", "watcher.ctl_publish", "watcher.hooks"}.isdisjoint(out)
+
+    def test_help_and_unknown_commands_still_see_every_command(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["no-such-command"]) == 2
+        err = capsys.readouterr().err
+        for command in COMMANDS:
+            assert command in err
+
+    @pytest.mark.parametrize(
+        ("argv", "command"),
+        [
+            (["status", "--fleet"], "status"),
+            (["-c", "/etc/w.yaml", "--json", "status"], "status"),
+            (["--config", "deploy", "history", "web"], "history"),
+            (["--json"], None),
+        ],
+    )
+    def test_the_command_is_found_after_global_options(
+        self, argv: list[str], command: str | None
+    ) -> None:
+        assert command_of(argv) == command

@@ -9,11 +9,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from watcher.consul_api import request_kind
 from watcher.errors import ConfigError
-from watcher.health import HealthServer, HealthState, Metrics, parse_listen
+from watcher.health import (
+    ConsulRequestsCollector,
+    HealthServer,
+    HealthState,
+    Metrics,
+    parse_listen,
+)
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -287,3 +294,44 @@ class TestMetrics:
         assert [dict(labels) for name, labels in got if name == "watcher_current_release_info"] == [
             {"app": "api", "release": "a1"}
         ]
+
+
+class TestConsulRequests:
+    def test_exported_by_kind_at_scrape_time(self) -> None:
+        counts = {"txn": 3}
+        registry = CollectorRegistry()
+        registry.register(ConsulRequestsCollector(lambda: counts))
+        assert samples(generate_latest(registry)) == {
+            ("watcher_consul_requests_total", (("kind", "txn"),)): 3.0
+        }
+        counts["session_renew"] = 2
+        counts["txn"] = 5
+        assert samples(generate_latest(registry)) == {
+            ("watcher_consul_requests_total", (("kind", "session_renew"),)): 2.0,
+            ("watcher_consul_requests_total", (("kind", "txn"),)): 5.0,
+        }
+
+    @pytest.mark.parametrize(
+        ("method", "path", "params", "kind"),
+        [
+            ("GET", "/v1/kv/a/b", [], "kv_get"),
+            ("GET", "/v1/kv/a/b", [("index", 5), ("wait", "1s")], "kv_get_blocking"),
+            ("GET", "/v1/kv/a/", [("recurse", "1")], "kv_list"),
+            ("GET", "/v1/kv/a/", [("index", 5), ("recurse", "1")], "kv_list_blocking"),
+            ("GET", "/v1/kv/a/", [("keys", True), ("separator", "/")], "kv_keys"),
+            ("PUT", "/v1/kv/a", [("cas", 3)], "kv_put"),
+            ("DELETE", "/v1/kv/a", None, "kv_delete"),
+            ("PUT", "/v1/txn", None, "txn"),
+            ("PUT", "/v1/session/renew/abc", None, "session_renew"),
+            ("PUT", "/v1/session/create", None, "session_create"),
+            ("GET", "/v1/event/list", [("name", "deploy")], "event_list"),
+            ("GET", "/v1/event/list", [("index", "x"), ("wait", "5s")], "event_list_blocking"),
+            ("PUT", "/v1/event/fire/deploy", {"token": "t"}, "event_fire"),
+            ("GET", "/v1/agent/self", None, "agent"),
+            ("GET", "/v1/status/leader", None, "status"),
+            ("GET", "/v1/acl/token/self", None, "acl"),
+            ("GET", "/v1/catalog/nodes", None, "other"),
+        ],
+    )
+    def test_request_kind(self, method: str, path: str, params: object, kind: str) -> None:
+        assert request_kind(method, path, params) == kind

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +138,32 @@ class TestLevels:
         log.info("quiet")
         log.warning("loud")
         assert [json.loads(line)["event"] for line in lines(out)] == ["loud"]
+
+
+class TestLoadedOnFirstUse:
+    def test_configuration_waits_for_the_first_log_call(self) -> None:
+        # A fresh process: nothing has imported structlog yet.
+        code = (
+            "import io, json, sys\n"
+            "from watcher.log import configure_logging, get_logger\n"
+            "out = io.StringIO()\n"
+            "configure_logging(level='warning', json=True, stream=out)\n"
+            "log = get_logger(component='x')\n"
+            "print('structlog' in sys.modules)\n"
+            "log.info('dropped_below_level')\n"
+            "log.warning('kept', n=1)\n"
+            "print('structlog' in sys.modules)\n"
+            "print(out.getvalue().strip())\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        before, after, line = result.stdout.splitlines()
+        assert (before, after) == ("False", "True")
+        doc = json.loads(line)
+        assert (doc["event"], doc["level"], doc["component"], doc["n"]) == (
+            "kept",
+            "warning",
+            "x",
+            1,
+        )

@@ -1,0 +1,477 @@
+"""Fuzzing of every parser of outside input: event payloads, KV records, the config file.
+
+Each parser either returns a valid object or raises the project's own error (PayloadError,
+ConfigError); any other exception is a crash and fails the test with the input that caused
+it. Inputs are both blind (random bytes and text) and shaped (documents with the right keys
+and wrong, borderline or hostile values), since blind bytes rarely get past ``json.loads``.
+
+How many inputs run is a hypothesis settings profile chosen by $WATCHER_FUZZ_PROFILE:
+``ci`` (the default, a few thousand in all, for `make test`) or ``long`` (at least
+100,000 in all, for `make fuzz`). The total is printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from watcher.config import Config, load_config, parse_config
+from watcher.errors import ConfigError, PayloadError
+from watcher.events import EVENT_NAMES, MAX_PAYLOAD, EventRequest, parse_event
+from watcher.records import (
+    ARTIFACT_ID_RE,
+    DEPLOY_ID_RE,
+    RELEASE_RE,
+    ArtifactRecord,
+    CurrentRecord,
+    Decision,
+    DeployRecord,
+    Document,
+    HostRecord,
+    NodeProgress,
+    Outcome,
+    ReleaseRef,
+)
+
+# Examples per test: 14 tests, so `ci` runs ~4,200 inputs and `long` ~140,000.
+PROFILES = {"ci": 300, "long": 10_000}
+for _name, _examples in PROFILES.items():
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,  # the machine is shared: no per-input time limit
+        database=None,  # nothing written into the work tree
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+PROFILE = os.environ.get("WATCHER_FUZZ_PROFILE", "ci")
+if PROFILE not in PROFILES:
+    raise RuntimeError(f"WATCHER_FUZZ_PROFILE must be one of {sorted(PROFILES)}, got {PROFILE!r}")
+fuzz = settings(settings.get_profile(PROFILE))
+
+RECORD_CLASSES: tuple[type[Document], ...] = (
+    ArtifactRecord,
+    ReleaseRef,
+    CurrentRecord,
+    DeployRecord,
+    NodeProgress,
+    Decision,
+    Outcome,
+    HostRecord,
+)
+
+INPUTS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_inputs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print how many inputs each parser got (the long run's proof of its size)."""
+    yield
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(INPUTS.items()))
+    line = f"fuzz profile {PROFILE}: {sum(INPUTS.values())} inputs ran ({counts})"
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        print("\n" + line, flush=True)
+
+
+def expect_clean(
+    what: str, error: type[Exception], fn: Callable[[], Any], raw: object, *, count: bool = True
+) -> Any | None:
+    """Run ``fn``; its result, or None for a clean ``error``; anything else fails the test.
+
+    ``count``: the input is a generated one (not a re-parse of an accepted record)."""
+    if count:
+        INPUTS[what] += 1
+    try:
+        return fn()
+    except error as exc:
+        assert str(exc).strip(), f"{what}: empty error message for {raw!r}"
+        assert "\n" not in str(exc) or what == "config", f"{what}: multi-line error {exc!r}"
+        return None
+    except Exception as exc:  # a crash: report the input
+        pytest.fail(f"{what} crashed with {type(exc).__name__}: {exc} on input {raw!r}")
+
+
+# ---------------------------------------------------------------- value strategies
+
+ID_CHARS = string.ascii_letters + string.digits + "._-"
+ids = st.text(alphabet=ID_CHARS, min_size=0, max_size=140)
+hostile_text = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "a\x00b",
+        "../..",
+        "/etc/passwd",
+        "\n",
+        "é",
+        "\ud7ff",
+        "9" * 400,
+        "1e999",
+        "NaN",
+        "-1",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "2026-02-30T00:00:00Z",
+        "2026-11-26T14:38:44.123Z",
+        "20261126T143844Z-main-15eb13af",
+        "main-15eb13af",
+        "a" * 300,
+        "0" * 64,
+    ]
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+    ids,
+    hostile_text,
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def valid_release() -> st.SearchStrategy[str]:
+    return st.builds(
+        lambda d, a: f"{d}-{a}",
+        st.sampled_from(["20261126T143844Z", "19700101T000000Z", "99991231T235959Z"]),
+        st.from_regex(ARTIFACT_ID_RE, fullmatch=True),
+    )
+
+
+# ---------------------------------------------------------------- event payloads
+
+
+class TestEventPayloads:
+    APPS = ("web", "api")
+
+    def check(self, name: str, payload: bytes | None) -> None:
+        result = expect_clean(
+            "event",
+            PayloadError,
+            lambda: parse_event("ev-1", name, 7, payload, self.APPS),
+            (name, payload),
+        )
+        if result is None:
+            return
+        # What was accepted is what the daemon relies on.
+        assert isinstance(result, EventRequest)
+        assert result.name in EVENT_NAMES and result.app in self.APPS
+        assert payload is not None and len(payload) <= MAX_PAYLOAD
+        assert result.artifact is None or ARTIFACT_ID_RE.match(result.artifact)
+        assert result.release is None or RELEASE_RE.match(result.release)
+        assert result.deploy is None or DEPLOY_ID_RE.match(result.deploy)
+
+    @fuzz
+    @given(
+        name=st.one_of(st.sampled_from(EVENT_NAMES), st.text(max_size=20)),
+        payload=st.one_of(st.none(), st.binary(max_size=MAX_PAYLOAD + 50)),
+    )
+    def test_raw_bytes(self, name: str, payload: bytes | None) -> None:
+        self.check(name, payload)
+
+    @fuzz
+    @given(
+        name=st.sampled_from(EVENT_NAMES),
+        doc=st.dictionaries(
+            st.one_of(
+                st.sampled_from(["app", "artifact", "deploy", "release"]), st.text(max_size=6)
+            ),
+            st.one_of(
+                json_values,
+                st.sampled_from(["web", "api", "other"]),
+                st.from_regex(ARTIFACT_ID_RE, fullmatch=True),
+                valid_release(),
+            ),
+            max_size=4,
+        ),
+        spaces=st.booleans(),
+    )
+    def test_shaped_documents(self, name: str, doc: dict[str, Any], spaces: bool) -> None:
+        sep = (", ", ": ") if spaces else (",", ":")
+        self.check(name, json.dumps(doc, separators=sep).encode())
+
+
+# ---------------------------------------------------------------- KV records
+
+
+def record_docs(cls: type[Document]) -> st.SearchStrategy[dict[str, Any]]:
+    """Documents with ``cls``'s field names (some missing, some extra) and any values."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    plausible: dict[str, st.SearchStrategy[Any]] = {
+        "id": st.from_regex(ARTIFACT_ID_RE, fullmatch=True),
+        "url": st.sampled_from(["s3://bucket/a/web/x.tar.gz", "s3://", "http://x"]),
+        "sha256": st.sampled_from(["0" * 64, "A" * 64, "0" * 63]),
+        "size": st.integers(min_value=-2, max_value=2**70),
+        "format": st.sampled_from(["tar.gz", "tar", "zip"]),
+        "kind": st.sampled_from(["deploy", "rollback", "other"]),
+        "release": valid_release(),
+        "expected": st.lists(st.text(max_size=10), max_size=3),
+        "state": st.sampled_from(["staging", "ready", "failed", "live", "aborted", "x"]),
+        "outcome": st.sampled_from(["commit", "abort", "maybe"]),
+        "requested_at": hostile_text,
+        "prepare_deadline": hostile_text,
+        "apply_deadline": hostile_text,
+        "previous": st.one_of(json_values, st.fixed_dictionaries({"release": valid_release()})),
+    }
+    values = {n: st.one_of(plausible.get(n, json_values), json_values) for n in names}
+    return st.fixed_dictionaries(
+        {}, optional={**values, "version": json_values, "unknown": json_values}
+    )
+
+
+DEPLOY = {
+    "id": "d1",
+    "app": "web",
+    "kind": "deploy",
+    "artifact": "main-15eb13af",
+    "sha256": "0" * 64,
+    "release": "20261126T143844Z-main-15eb13af",
+    "requested_by": "ops@host",
+    "requested_at": "2026-11-26T14:38:44.123Z",
+    "expected": ["web-1"],
+    "prepare_deadline": "2026-11-26T14:48:44.123Z",
+    "apply_deadline": "2026-11-26T14:58:44.123Z",
+}
+CURRENT = {
+    "release": "20261126T143844Z-main-15eb13af",
+    "artifact": "main-15eb13af",
+    "sha256": "0" * 64,
+    "deploy": "d1",
+}
+
+
+class TestRecords:
+    def check(self, cls: type[Document], raw: bytes | str | None) -> None:
+        what = f"record {cls.__name__}"
+        record = expect_clean(what, PayloadError, lambda: cls.from_json(raw, where="k"), raw)
+        if record is None:
+            return
+        assert isinstance(record, cls)
+        # An accepted record survives its own serialization unchanged.
+        again = expect_clean(
+            what, PayloadError, lambda: cls.from_json(record.to_json()), record, count=False
+        )
+        assert again == record, f"{cls.__name__} does not round-trip: {raw!r}"
+        if isinstance(record, HostRecord):
+            # readers key their table of hosts by the record's node: it must be a name
+            assert isinstance(record.node, str), raw
+        if isinstance(record, CurrentRecord):
+            previous = expect_clean(what, PayloadError, record.previous_ref, raw, count=False)
+            assert previous is None or isinstance(previous, ReleaseRef)
+
+    @fuzz
+    @given(cls=st.sampled_from(RECORD_CLASSES), raw=st.one_of(st.none(), st.binary(max_size=200)))
+    def test_raw_bytes(self, cls: type[Document], raw: bytes | None) -> None:
+        self.check(cls, raw)
+
+    @fuzz
+    @given(
+        cls=st.sampled_from(RECORD_CLASSES),
+        raw=st.one_of(
+            st.text(max_size=200),
+            st.builds(lambda n: "[" * n + "]" * n, st.integers(0, 200_000)),
+            st.builds(lambda n: '{"a":' * n + "1" + "}" * n, st.integers(0, 5_000)),
+            st.sampled_from(["NaN", "Infinity", '{"size": 1e999}', '{"id": "\\ud800"}']),
+        ),
+    )
+    # Crashes found by this fuzzing, kept as fixed examples.
+    @example(cls=NodeProgress, raw='{"node": "a", "state": []}')  # TypeError: unhashable
+    @example(cls=DeployRecord, raw=json.dumps({**DEPLOY, "requested_at": 5}))  # AttributeError
+    @example(  # OverflowError
+        cls=DeployRecord, raw=json.dumps({**DEPLOY, "apply_deadline": "0001-01-01T00:00:00+01:00"})
+    )
+    @example(cls=Decision, raw="[" * 100_000 + "]" * 100_000)  # RecursionError
+    @example(cls=CurrentRecord, raw=json.dumps({**CURRENT, "previous": ["release"]}))  # TypeError
+    @example(cls=HostRecord, raw='{"node": [], "release": null, "last_seen": ""}')  # readers
+    def test_raw_text(self, cls: type[Document], raw: str) -> None:
+        self.check(cls, raw)
+
+    @pytest.mark.parametrize("cls", RECORD_CLASSES, ids=lambda c: c.__name__)
+    @fuzz
+    @given(data=st.data())
+    def test_shaped_documents(self, cls: type[Document], data: st.DataObject) -> None:
+        doc = data.draw(record_docs(cls))
+        self.check(cls, json.dumps(doc))
+
+
+# ---------------------------------------------------------------- the config file
+
+VALID_CONFIG: dict[str, Any] = {
+    "node": "web-1",
+    "kv_prefix": "watcher",
+    "consul": {"address": "127.0.0.1:8500", "timeout": "10s"},
+    "s3": {"bucket": "artifacts", "prefix": "apps", "region": "us-east-1"},
+    "daemon": {"state_dir": "/var/lib/watcher", "session_ttl": "15s", "listen": None},
+    "apps": {
+        "web": {
+            "root": "/srv",
+            "keep_releases": 3,
+            "umask": "0022",
+            "prefetch": "extract",
+            "shared": ["log"],
+            "hooks": {"validate": "/bin/true", "post_release": [["/bin/echo", "x"]]},
+            "timeouts": {"hook": "20s", "prepare": "5m"},
+            "limits": {"max_members": 10, "max_bytes": "1GiB"},
+        }
+    },
+}
+CONSUL_ENV = (
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_CACERT",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+    "CONSUL_HTTP_SSL_VERIFY",
+)
+config_values = st.one_of(
+    json_values,
+    st.sampled_from(["1GiB", "9" * 400 + "G", "0022", "0999", "30s", "0s", "1e999", "/bin/true"]),
+    st.sampled_from([10**400, -1, 0, 2**63, float("inf"), True]),
+    st.dates(),
+    st.binary(max_size=8),
+)
+
+
+def with_app(**app: Any) -> dict[str, Any]:
+    return {**VALID_CONFIG, "apps": {"web": {"root": "/srv", **app}}}
+
+
+@st.composite
+def mutated_configs(draw: st.DrawFn) -> Any:
+    """The valid config with a few values replaced, removed or added at any depth."""
+    doc: Any = json.loads(json.dumps(VALID_CONFIG))
+    for _ in range(draw(st.integers(1, 4))):
+        node = doc
+        while isinstance(node, dict) and node and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(node, key=str)))
+            if not isinstance(node[key], dict):
+                break
+            node = node[key]
+        if not isinstance(node, dict):
+            break
+        action = draw(st.sampled_from(["set", "delete", "add"]))
+        if action == "delete" and node:
+            del node[draw(st.sampled_from(sorted(node, key=str)))]
+        elif action == "set" and node:
+            node[draw(st.sampled_from(sorted(node, key=str)))] = draw(config_values)
+        else:
+            node[draw(st.one_of(st.text(max_size=8), st.integers()))] = draw(config_values)
+    if draw(st.integers(0, 20)) == 0:
+        doc = draw(config_values)  # not even a mapping
+    return doc
+
+
+YAML_FRAGMENTS = [
+    "node: a\n",
+    "apps:\n  web:\n    root: /srv\n",
+    "s3: {bucket: b}\n",
+    "kv_prefix: !!int x\n",
+    "node: !!float abc\n",
+    "node: 2001-02-30\n",
+    "node: !!timestamp 2001-13-01\n",
+    "node: !!binary '@@'\n",
+    "node: &a [*a]\n",
+    "x: *undefined\n",
+    "? [a]\n: 1\n",
+    "node: a\nnode: b\n",
+    "- a\n",
+    "\t",
+    "\x00",
+    "%YAML 9.9\n---\n",
+    "!!python/object:os.system 'true'\n",
+    "node: 0x\n",
+    "node: 1_000_000_000_000_000_000e999\n",
+    "[" * 40,
+    "]",
+    "{",
+    "'",
+    '"',
+    "\\",
+    ": ",
+    "\n",
+    "  ",
+    "#",
+    "---\n",
+    "...\n",
+]
+
+
+class TestConfig:
+    def check_config(self, result: Any, raw: object) -> None:
+        if result is None:
+            return
+        assert isinstance(result, Config), raw
+        assert result.apps, raw
+        for app in result.apps.values():
+            assert Path(app.root).is_absolute() and "\0" not in app.root, raw
+
+    @fuzz
+    @given(
+        doc=mutated_configs(),
+        env=st.dictionaries(
+            st.sampled_from(CONSUL_ENV),
+            st.one_of(st.text(max_size=20), hostile_text),
+            max_size=3,
+        ),
+    )
+    # Crashes found by this fuzzing, kept as fixed examples.
+    @example(doc=with_app(limits={"max_bytes": "9" * 400}), env={})  # OverflowError
+    @example(doc=with_app(timeouts={"hook": 10**400}), env={})  # OverflowError
+    @example(doc={**VALID_CONFIG, "consul": {"token_file": "/a\0b"}}, env={})  # ValueError
+    @example(doc=VALID_CONFIG, env={"CONSUL_CACERT": "/a\0b"})  # ValueError
+    def test_parsed_documents(self, doc: Any, env: dict[str, str]) -> None:
+        result = expect_clean(
+            "config", ConfigError, lambda: parse_config(doc, source="fuzz.yaml", env=env), doc
+        )
+        self.check_config(result, doc)
+
+    @fuzz
+    @given(
+        text=st.one_of(
+            st.lists(st.sampled_from(YAML_FRAGMENTS), max_size=8).map("".join),
+            st.builds(
+                lambda head, tail: head + tail,
+                st.builds(yaml.safe_dump, mutated_configs()),
+                st.lists(st.sampled_from(YAML_FRAGMENTS), max_size=3).map("".join),
+            ),
+            st.text(max_size=120),
+            st.binary(max_size=120).map(lambda b: b.decode("latin-1")),
+        ),
+        as_bytes=st.one_of(st.none(), st.binary(min_size=1, max_size=8)),
+    )
+    @example(text="node: 2001-02-30\n", as_bytes=None)  # ValueError from PyYAML's dates
+    @example(text="node: !!float abc\n", as_bytes=None)  # ValueError
+    @example(text="a: " + "[" * 5000 + "]" * 5000, as_bytes=None)  # RecursionError
+    def test_config_files(
+        self, tmp_path_factory: pytest.TempPathFactory, text: str, as_bytes: bytes | None
+    ) -> None:
+        path = tmp_path_factory.getbasetemp() / "fuzz-watcher.yaml"
+        # Mostly text, sometimes with bytes that are not UTF-8 appended.
+        path.write_bytes(text.encode("utf-8", "surrogatepass") + (as_bytes or b""))
+        result = expect_clean("config", ConfigError, lambda: load_config(path, env={}), text)
+        self.check_config(result, text)

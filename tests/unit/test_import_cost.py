@@ -1,0 +1,58 @@
+"""What the daemon loads before it needs it: boto3/botocore only with the first S3 call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# Fake credentials, and no instance metadata lookup: the request must fail fast on its own.
+ENV = {
+    **os.environ,
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running ``code``."""
+    script = (
+        code + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=ENV
+    ).stdout
+    return set(out.split())
+
+
+class TestBoto3OnlyWhenNeeded:
+    def test_daemon_and_an_s3_store_without_a_request(self) -> None:
+        loaded = modules_after(
+            "import watcher.daemon, watcher.daemon_cli, watcher.artifacts, watcher.publish\n"
+            "from watcher.config import S3Settings\n"
+            "from watcher.s3 import S3Store\n"
+            "store = S3Store(S3Settings(bucket='artifacts', endpoint_url='http://127.0.0.1:1'))\n"
+            "store.key_for('web', 'main-15eb13af', 'tar.gz')\n"
+        )
+        assert "watcher" in loaded
+        assert loaded.isdisjoint({"boto3", "botocore", "s3transfer"})
+
+    def test_the_first_request_loads_it(self) -> None:
+        # A request to a port nothing listens on: it fails, but boto3 had to be loaded.
+        loaded = modules_after(
+            "from watcher.config import S3Settings\n"
+            "from watcher.errors import S3Error\n"
+            "from watcher.s3 import S3Store\n"
+            "store = S3Store(\n"
+            "    S3Settings(bucket='artifacts', endpoint_url='http://127.0.0.1:1'),\n"
+            "    connect_timeout=0.2, retry_deadline=0.1,\n"
+            ")\n"
+            "try:\n"
+            "    store.head('web/x.tar.gz')\n"
+            "except S3Error:\n"
+            "    pass\n"
+            "else:\n"
+            "    raise SystemExit('expected an S3Error')\n"
+        )
+        assert {"boto3", "botocore"} <= loaded
