@@ -1,0 +1,324 @@
+"""The fault campaign's invariant checker: DESIGN.md 6 read from raw KV and the hosts' disks.
+
+Independent of the product on purpose: nothing here imports ``watcher``. KV is read with
+plain HTTP (``Agent.request``), JSON is parsed here, and "committed" is decided here from
+the node records (``committed_deploys``), never by the barrier's own predicate. The one
+function that knows the KV layout is ``committed_deploys``; everything else works on what
+it returns and on the ``current``/``inflight`` keys, which both layouts share.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.cluster import Agent
+
+READY_OR_LATER = frozenset({"ready", "live", "failed_after_commit"})
+
+
+@dataclass(frozen=True)
+class KVItem:
+    """One key of a snapshot: its value and the indexes Consul reported."""
+
+    value: bytes
+    create_index: int
+    modify_index: int
+
+
+#: Keys relative to ``<prefix>/apps/<app>/`` -> their item.
+KVSnapshot = dict[str, KVItem]
+
+
+@dataclass(frozen=True)
+class Violation:
+    """An invariant that did not hold: which one, where, and what was seen."""
+
+    kind: str
+    node: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = f" on {self.node}" if self.node else ""
+        return f"{self.kind}{where}: {self.detail}"
+
+
+def app_base(prefix: str, app: str) -> str:
+    return f"{prefix.strip('/')}/apps/{app}/"
+
+
+def read_snapshot(agent: Agent, prefix: str, app: str, *, timeout: float = 10.0) -> KVSnapshot:
+    """Every key under the app, in one consistent recursive read through ``agent``."""
+    base = app_base(prefix, app)
+    path = "/v1/kv/" + urllib.parse.quote(base) + "?recurse=true&consistent="
+    status, body = agent.request("GET", path, timeout=timeout)
+    if status == 404:
+        return {}
+    if status != 200:
+        raise RuntimeError(f"KV read of {base} through {agent.name} answered {status}: {body!r}")
+    snapshot: KVSnapshot = {}
+    for entry in json.loads(body):
+        raw = entry.get("Value")
+        snapshot[entry["Key"][len(base) :]] = KVItem(
+            base64.b64decode(raw) if raw else b"",
+            int(entry["CreateIndex"]),
+            int(entry["ModifyIndex"]),
+        )
+    return snapshot
+
+
+def _doc(snapshot: KVSnapshot, key: str) -> dict[str, Any] | None:
+    item = snapshot.get(key)
+    if item is None or not item.value:
+        return None
+    try:
+        data = json.loads(item.value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def committed_deploys(snapshot: KVSnapshot) -> dict[str, str]:
+    """Release -> deploy id, for every deploy in ``snapshot`` that this checker calls committed.
+
+    Layout v1 (today): ``deploys/<id>`` is the record (``release``, ``expected``),
+    ``deploys/<id>/nodes/<node>`` each node's progress (``state``), ``deploys/<id>/decision``
+    the decision (``outcome``). Committed = the decision says ``commit`` **and** every
+    expected node's own progress record is ready or later (ready, live,
+    failed_after_commit); a commit decision without every ack is not trusted.
+
+    Layout v2 (DESIGN.md 4, 6.1, 6.4.3), to switch to after the lead's merge: committed =
+    every node in the request's ``expected`` list has ``progress/<node>/<id>`` in state
+    ready, live or failed_after_commit naming **the same request digest** (the sha256 of
+    the canonical request JSON the acks carry), whatever ``decisions/<id>`` says; the
+    release is the one named in that acked request (rebuild it from an ack when
+    ``requests/<id>`` is gone). Only this function changes; the checks that use it don't.
+    """
+    committed: dict[str, str] = {}
+    for key in snapshot:
+        parts = key.split("/")
+        if len(parts) != 2 or parts[0] != "deploys":
+            continue
+        deploy_id = parts[1]
+        record = _doc(snapshot, key)
+        decision = _doc(snapshot, f"{key}/decision")
+        if record is None or decision is None or decision.get("outcome") != "commit":
+            continue
+        expected = record.get("expected")
+        release = record.get("release")
+        if not isinstance(expected, list) or not expected or not isinstance(release, str):
+            continue
+        states = {
+            node: (_doc(snapshot, f"{key}/nodes/{node}") or {}).get("state") for node in expected
+        }
+        if all(state in READY_OR_LATER for state in states.values()):
+            committed[release] = deploy_id
+    return committed
+
+
+def decisions_written_twice(snapshot: KVSnapshot) -> list[Violation]:
+    """A decision key modified after it was created: more than one decision for a deploy."""
+    out = []
+    for key, item in snapshot.items():
+        parts = key.split("/")
+        is_decision = len(parts) == 3 and parts[0] == "deploys" and parts[2] == "decision"
+        if is_decision and item.modify_index != item.create_index:
+            out.append(
+                Violation(
+                    "decision_rewritten",
+                    "",
+                    f"deploy {parts[1]}: decision created at index {item.create_index}, "
+                    f"modified at {item.modify_index}",
+                )
+            )
+    return out
+
+
+def decision_of(snapshot: KVSnapshot, deploy_id: str) -> str | None:
+    """``commit`` / ``abort`` as recorded (for counting only; never trusted for a check)."""
+    decision = _doc(snapshot, f"deploys/{deploy_id}/decision")
+    outcome = decision.get("outcome") if decision else None
+    return outcome if isinstance(outcome, str) else None
+
+
+def fleet_current(snapshot: KVSnapshot) -> str | None:
+    current = _doc(snapshot, "current")
+    release = current.get("release") if current else None
+    return release if isinstance(release, str) else None
+
+
+def inflight(snapshot: KVSnapshot) -> str | None:
+    item = snapshot.get("inflight")
+    return item.value.decode(errors="replace") if item is not None else None
+
+
+# --- the hosts' disks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskView:
+    """What one host's app directory says: where ``current`` points and whether it is whole."""
+
+    node: str
+    current: str | None  # release name, None when there is no ``current``
+    complete: bool  # the target has .watcher/release.json
+    link: str | None  # the raw symlink text
+
+    @classmethod
+    def read(cls, node: str, app_dir: Path) -> DiskView:
+        try:
+            link = (app_dir / "current").readlink()
+        except FileNotFoundError:
+            return cls(node, None, True, None)
+        except OSError as exc:
+            return cls(node, None, False, f"unreadable: {exc}")
+        target = app_dir / link
+        complete = (target / ".watcher" / "release.json").is_file()
+        return cls(node, link.name, complete, str(link))
+
+
+@dataclass
+class CurrentMonitor:
+    """Samples every host's ``current`` every ``interval`` s: each release seen, each hole.
+
+    A flip to an uncommitted release that is undone before the end of a deploy still shows
+    here; so does a ``current`` that points at an incomplete tree, even for a moment.
+    """
+
+    app_dirs: dict[str, Path]
+    interval: float = 0.02
+    seen: dict[str, set[str]] = field(default_factory=dict)
+    incomplete: list[Violation] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sample(self) -> None:
+        for node, app_dir in self.app_dirs.items():
+            view = DiskView.read(node, app_dir)
+            if view.current is None and view.link is None:
+                continue
+            if not view.complete:
+                again = DiskView.read(node, app_dir)  # it may have flipped on meanwhile
+                if again.link == view.link and not again.complete:
+                    with self._lock:
+                        self.incomplete.append(
+                            Violation(
+                                "current_incomplete",
+                                node,
+                                f"current -> {view.link} has no .watcher/release.json",
+                            )
+                        )
+            if view.current is not None:
+                with self._lock:
+                    self.seen.setdefault(node, set()).add(view.current)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="current-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def take(self) -> tuple[dict[str, set[str]], list[Violation]]:
+        """What was seen since the last call (and reset)."""
+        with self._lock:
+            seen, self.seen = self.seen, {}
+            incomplete, self.incomplete = self.incomplete, []
+        return seen, incomplete
+
+
+# --- the checks --------------------------------------------------------------------------
+
+
+def check_seen(seen: dict[str, set[str]], committed: dict[str, str]) -> list[Violation]:
+    """Nobody was ever on an uncommitted release (every sample the monitor took)."""
+    return [
+        Violation("uncommitted_release", node, f"current pointed at {release}, never committed")
+        for node, releases in sorted(seen.items())
+        for release in sorted(releases)
+        if release not in committed
+    ]
+
+
+def check_settled(
+    snapshot: KVSnapshot,
+    committed: dict[str, str],
+    disks: list[DiskView],
+    live: set[str],
+) -> list[Violation]:
+    """The fleet at rest: inflight gone, every live host on a complete, committed ``current``."""
+    out = decisions_written_twice(snapshot)
+    flight = inflight(snapshot)
+    if flight is not None:
+        out.append(Violation("inflight_left", "", f"inflight still names {flight!r}"))
+    fleet = fleet_current(snapshot)
+    if fleet is not None and fleet not in committed:
+        out.append(Violation("fleet_current_uncommitted", "", f"KV current names {fleet}"))
+    for disk in disks:
+        if not disk.complete:
+            out.append(
+                Violation(
+                    "current_incomplete",
+                    disk.node,
+                    f"current -> {disk.link} has no .watcher/release.json",
+                )
+            )
+        if disk.current is not None and disk.current not in committed:
+            out.append(Violation("uncommitted_release", disk.node, f"current is {disk.current}"))
+        if disk.node in live and disk.current != fleet:
+            out.append(
+                Violation(
+                    "not_converged",
+                    disk.node,
+                    f"current is {disk.current}, the fleet's is {fleet}",
+                )
+            )
+    return out
+
+
+def check_status(
+    status: dict[str, Any], app: str, disks: list[DiskView], fleet: str | None
+) -> list[Violation]:
+    """``watcherctl status --fleet --json`` agrees with the disks and with KV."""
+    out: list[Violation] = []
+    data = status.get(app)
+    if not isinstance(data, dict):
+        return [Violation("status_disagrees", "", f"no app {app!r} in status --fleet: {status}")]
+    if data.get("current") != fleet:
+        out.append(
+            Violation(
+                "status_disagrees",
+                "",
+                f"status says the fleet is on {data.get('current')}, KV {fleet}",
+            )
+        )
+    hosts = data.get("hosts") or {}
+    for disk in disks:
+        row = hosts.get(disk.node)
+        if not isinstance(row, dict):
+            out.append(Violation("status_disagrees", disk.node, "host missing from status"))
+            continue
+        if row.get("release") != disk.current:
+            out.append(
+                Violation(
+                    "status_disagrees",
+                    disk.node,
+                    f"status says {row.get('release')}, the disk {disk.current}",
+                )
+            )
+        if not row.get("member"):
+            out.append(Violation("status_disagrees", disk.node, "status shows the watcher down"))
+    return out
