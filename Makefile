@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench consul venv clean
+.PHONY: test demo lint typecheck bench faults consul venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP) consul
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_stage.py
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_deploy.py
+
+# Randomized fault deploys on a real 5-host cluster; FAULTS_ARGS="--deploys 200 --seed N".
+faults: $(STAMP) consul
+	scripts/install-system-deps
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python -m tests.faults.campaign $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -2,14 +2,15 @@
 
 Independent of the product on purpose: nothing here imports ``watcher``. KV is read with
 plain HTTP (``Agent.request``), JSON is parsed here, and "committed" is decided here from
-the node records (``committed_deploys``), never by the barrier's own predicate. The one
-function that knows the KV layout is ``committed_deploys``; everything else works on what
-it returns and on the ``current``/``inflight`` keys, which both layouts share.
+the node records (``deploy_facts``), never by the barrier's own predicate. The one
+function that knows the KV layout is ``deploy_facts``; everything else works on what it
+returns and on the ``current``/``inflight`` keys, which both layouts share.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
 import urllib.parse
@@ -83,57 +84,100 @@ def _doc(snapshot: KVSnapshot, key: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def committed_deploys(snapshot: KVSnapshot) -> dict[str, str]:
-    """Release -> deploy id, for every deploy in ``snapshot`` that this checker calls committed.
+@dataclass(frozen=True)
+class DeployFacts:
+    """What the checker itself establishes about one deploy from raw KV."""
+
+    id: str
+    release: str
+    committed: bool  # by the checker's own predicate, not the decision key's say-so
+    decision: str | None  # what the decision record says (counted, never trusted)
+    decision_rewritten: bool  # the decision key was modified after it was created
+    started: int  # Consul index at which the deploy was created
+    ended: int | None  # Consul index at which its end was recorded (None: not ended)
+
+
+def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
+    """Deploy id -> facts: the ONE function of the checker that knows the KV layout.
 
     Layout v1 (today): ``deploys/<id>`` is the record (``release``, ``expected``),
     ``deploys/<id>/nodes/<node>`` each node's progress (``state``), ``deploys/<id>/decision``
-    the decision (``outcome``). Committed = the decision says ``commit`` **and** every
-    expected node's own progress record is ready or later (ready, live,
-    failed_after_commit); a commit decision without every ack is not trusted.
+    the decision, ``deploys/<id>/outcome`` the end. **Committed** = the decision says
+    ``commit`` and every expected node's own progress record is ready or later (ready,
+    live, failed_after_commit): a commit decision without every ack does not count.
+    Started = the record's CreateIndex, ended = the outcome's CreateIndex.
 
-    Layout v2 (DESIGN.md 4, 6.1, 6.4.3), to switch to after the lead's merge: committed =
-    every node in the request's ``expected`` list has ``progress/<node>/<id>`` in state
-    ready, live or failed_after_commit naming **the same request digest** (the sha256 of
-    the canonical request JSON the acks carry), whatever ``decisions/<id>`` says; the
-    release is the one named in that acked request (rebuild it from an ack when
-    ``requests/<id>`` is gone). Only this function changes; the checks that use it don't.
+    Layout v2 (DESIGN.md 4, 6.1, 6.4.3), to switch to after the lead's merge: the request
+    is ``requests/<id>`` (or, when it is gone, the canonical request any ack carries), the
+    acks ``progress/<node>/<id>``. **Committed** = every node in the request's ``expected``
+    has ``progress/<node>/<id>`` in state ready, live or failed_after_commit naming **the
+    same request digest** (sha256 of the canonical request JSON), whatever
+    ``decisions/<id>`` says; the release is the acked request's. Decision =
+    ``decisions/<id>``, started = the CreateIndex the acks agree on, ended = the
+    CreateIndex of ``outcomes/<id>``. Nothing outside this function changes.
     """
-    committed: dict[str, str] = {}
-    for key in snapshot:
+    facts: dict[str, DeployFacts] = {}
+    for key, item in snapshot.items():
         parts = key.split("/")
         if len(parts) != 2 or parts[0] != "deploys":
             continue
         deploy_id = parts[1]
         record = _doc(snapshot, key)
-        decision = _doc(snapshot, f"{key}/decision")
-        if record is None or decision is None or decision.get("outcome") != "commit":
+        if record is None or not isinstance(record.get("release"), str):
             continue
         expected = record.get("expected")
-        release = record.get("release")
-        if not isinstance(expected, list) or not expected or not isinstance(release, str):
-            continue
-        states = {
-            node: (_doc(snapshot, f"{key}/nodes/{node}") or {}).get("state") for node in expected
-        }
-        if all(state in READY_OR_LATER for state in states.values()):
-            committed[release] = deploy_id
-    return committed
+        decision = _doc(snapshot, f"{key}/decision")
+        outcome = decision.get("outcome") if decision else None
+        acked = (
+            isinstance(expected, list)
+            and bool(expected)
+            and all(
+                (_doc(snapshot, f"{key}/nodes/{node}") or {}).get("state") in READY_OR_LATER
+                for node in expected
+            )
+        )
+        decision_item = snapshot.get(f"{key}/decision")
+        end_item = snapshot.get(f"{key}/outcome")
+        facts[deploy_id] = DeployFacts(
+            id=deploy_id,
+            release=record["release"],
+            committed=outcome == "commit" and acked,
+            decision=outcome if isinstance(outcome, str) else None,
+            decision_rewritten=decision_item is not None
+            and decision_item.modify_index != decision_item.create_index,
+            started=item.create_index,
+            ended=end_item.create_index if end_item is not None else None,
+        )
+    return facts
+
+
+def committed_deploys(snapshot: KVSnapshot) -> dict[str, str]:
+    """Release -> deploy id, for every deploy the checker calls committed (see deploy_facts)."""
+    ordered = sorted(deploy_facts(snapshot).values(), key=lambda f: f.started)
+    return {f.release: f.id for f in ordered if f.committed}
 
 
 def decisions_written_twice(snapshot: KVSnapshot) -> list[Violation]:
-    """A decision key modified after it was created: more than one decision for a deploy."""
+    """A decision modified after it was created: more than one decision for a deploy."""
+    return [
+        Violation("decision_rewritten", "", f"deploy {f.id}: its decision was written again")
+        for f in deploy_facts(snapshot).values()
+        if f.decision_rewritten
+    ]
+
+
+def overlapping_deploys(snapshot: KVSnapshot) -> list[Violation]:
+    """Two deploys of the app in flight at once: one started before the one before it ended."""
+    ordered = sorted(deploy_facts(snapshot).values(), key=lambda f: f.started)
     out = []
-    for key, item in snapshot.items():
-        parts = key.split("/")
-        is_decision = len(parts) == 3 and parts[0] == "deploys" and parts[2] == "decision"
-        if is_decision and item.modify_index != item.create_index:
+    for before, after in itertools.pairwise(ordered):
+        if before.ended is None or after.started < before.ended:
             out.append(
                 Violation(
-                    "decision_rewritten",
+                    "two_in_flight",
                     "",
-                    f"deploy {parts[1]}: decision created at index {item.create_index}, "
-                    f"modified at {item.modify_index}",
+                    f"deploy {after.id} started (index {after.started}) while {before.id} "
+                    f"was in flight (ended at {before.ended})",
                 )
             )
     return out
@@ -141,9 +185,8 @@ def decisions_written_twice(snapshot: KVSnapshot) -> list[Violation]:
 
 def decision_of(snapshot: KVSnapshot, deploy_id: str) -> str | None:
     """``commit`` / ``abort`` as recorded (for counting only; never trusted for a check)."""
-    decision = _doc(snapshot, f"deploys/{deploy_id}/decision")
-    outcome = decision.get("outcome") if decision else None
-    return outcome if isinstance(outcome, str) else None
+    facts = deploy_facts(snapshot).get(deploy_id)
+    return facts.decision if facts else None
 
 
 def fleet_current(snapshot: KVSnapshot) -> str | None:
@@ -260,7 +303,7 @@ def check_settled(
     live: set[str],
 ) -> list[Violation]:
     """The fleet at rest: inflight gone, every live host on a complete, committed ``current``."""
-    out = decisions_written_twice(snapshot)
+    out = decisions_written_twice(snapshot) + overlapping_deploys(snapshot)
     flight = inflight(snapshot)
     if flight is not None:
         out.append(Violation("inflight_left", "", f"inflight still names {flight!r}"))

@@ -50,6 +50,21 @@ class TestCommittedDeploys:
         assert inv.committed_deploys(snap) == {}
 
 
+class TestOverlap:
+    def test_one_after_the_other_is_fine_and_overlap_is_not(self) -> None:
+        snap: inv.KVSnapshot = {}
+        deploy(snap, "d1", R1, {"a": "live"}, "commit")
+        deploy(snap, "d2", R2, {"a": "live"}, "commit")
+        snap["deploys/d1"] = item(json.loads(snap["deploys/d1"].value), create=10)
+        snap["deploys/d1/outcome"] = item({"result": "committed"}, create=20)
+        snap["deploys/d2"] = item(json.loads(snap["deploys/d2"].value), create=21)
+        snap["deploys/d2/outcome"] = item({"result": "committed"}, create=30)
+        assert inv.overlapping_deploys(snap) == []
+        snap["deploys/d2"] = item(json.loads(snap["deploys/d2"].value), create=15)
+        found = inv.overlapping_deploys(snap)
+        assert [v.kind for v in found] == ["two_in_flight"] and "d2" in found[0].detail
+
+
 class TestChecks:
     def test_settled_fleet_passes(self) -> None:
         snap: inv.KVSnapshot = {"current": item({"release": R1})}
@@ -60,8 +75,10 @@ class TestChecks:
         snap: inv.KVSnapshot = {
             "current": item({"release": R2}),
             "inflight": item(b"d9"),
-            "deploys/d1/decision": item({"outcome": "commit"}, create=5, modify=9),
         }
+        deploy(snap, "d1", R1, {"a": "live", "b": "live"}, "commit")
+        snap["deploys/d1/decision"] = item({"outcome": "commit"}, create=5, modify=9)
+        deploy(snap, "d2", R2, {"a": "ready", "b": "staging"}, "")
         disks = [
             inv.DiskView("a", R2, False, f"releases/{R2}"),
             inv.DiskView("b", R1, True, f"releases/{R1}"),
@@ -73,6 +90,7 @@ class TestChecks:
             "fleet_current_uncommitted",
             "inflight_left",
             "not_converged",
+            "two_in_flight",
             "uncommitted_release",
         ]
 
