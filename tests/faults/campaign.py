@@ -193,6 +193,21 @@ class Report:
             "time_to_convergence_s": spread(
                 [r.to_converged for r in self.results if r.to_converged is not None]
             ),
+            "by_fault": {
+                fault: {
+                    "deploys": len(rs),
+                    "commits": sum(r.decision == "commit" for r in rs),
+                    "aborts": sum(r.decision == "abort" for r in rs),
+                    "decision_p50_s": spread(
+                        [r.to_decision for r in rs if r.to_decision is not None]
+                    )["p50"],
+                    "decision_max_s": spread(
+                        [r.to_decision for r in rs if r.to_decision is not None]
+                    )["max"],
+                }
+                for fault in sorted({r.plan.fault for r in self.results})
+                for rs in [[r for r in self.results if r.plan.fault == fault]]
+            },
             "violations": [
                 {"deploy": n, "violation": str(v), "replay": self.replay(n)}
                 for n, v in self.violations
@@ -211,12 +226,25 @@ class Report:
             f"commits {s['commits']}, aborts {s['aborts']}, not started {s['not_started']}",
             "time to decision (s): " + _fmt(s["time_to_decision_s"]),
             "time to convergence (s): " + _fmt(s["time_to_convergence_s"]),
-            f"violations: {len(s['violations'])}",
         ]
+        lines.append(
+            f"  {'fault':<20} {'deploys':>7} {'commits':>7} {'aborts':>6} "
+            f"{'decision p50':>12} {'max':>7}"
+        )
+        for fault, f in s["by_fault"].items():
+            lines.append(
+                f"  {fault:<20} {f['deploys']:>7} {f['commits']:>7} {f['aborts']:>6} "
+                f"{_num(f['decision_p50_s']):>12} {_num(f['decision_max_s']):>7}"
+            )
+        lines.append(f"violations: {len(s['violations'])}")
         lines += [
             f"  deploy {v['deploy']}: {v['violation']}  ({v['replay']})" for v in s["violations"]
         ]
         return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _fmt(spread: dict[str, float | None]) -> str:
@@ -666,6 +694,7 @@ class Campaign:
             report.results.append(result)
             self.log(
                 f"deploy {n}: {result.plan.fault:<20} {result.decision or '-':<6} "
+                f"{result.deploy or '-':<24} "
                 f"decision {_secs(result.to_decision)} converged {_secs(result.to_converged)}"
                 + (f"  [{result.note}]" if result.note else "")
                 + "".join(f"\n  VIOLATION {v}" for v in result.violations)
