@@ -261,6 +261,7 @@ class Campaign:
         workdir: Path,
         seed: int,
         *,
+        prepare_timeout: float = 20.0,
         log: Callable[[str], None] = print,
     ) -> None:
         if len(cluster.hosts) < MIN_HOSTS:
@@ -296,7 +297,11 @@ class Campaign:
                 w,
                 {
                     "hooks": {"post_release": [[str(hook), w.name]]},
-                    "timeouts": {"prepare": "20s", "apply": "30s", "hook": f"{HOOK_TIMEOUT:.0f}s"},
+                    "timeouts": {
+                        "prepare": f"{prepare_timeout:.0f}s",
+                        "apply": "30s",
+                        "hook": f"{HOOK_TIMEOUT:.0f}s",
+                    },
                 },
             )
         # The last host's app root is a small tmpfs, so it can be filled up.

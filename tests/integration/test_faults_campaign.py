@@ -35,7 +35,16 @@ def campaign(
     if not s3_server.running:
         s3_server.start()
     print(f"\nfault campaign seed {SEED} (set WATCHER_FAULTS_SEED={SEED} to replay)")
-    c = Campaign(cluster, s3_server.endpoint_url, tmp_path_factory.mktemp("faults"), SEED)
+    # A 10 s prepare deadline (make faults: 20 s) bounds what a full disk or a persistent S3
+    # error costs (they abort only at the deadline, see docs/reliability.md), so a seed that
+    # draws several of them still ends in well under 5 minutes.
+    c = Campaign(
+        cluster,
+        s3_server.endpoint_url,
+        tmp_path_factory.mktemp("faults"),
+        SEED,
+        prepare_timeout=10.0,
+    )
     try:
         c.start()
         yield c
@@ -64,6 +73,7 @@ def flip_by_hand(w: WatcherProc, release: str) -> None:
 
 
 class TestShortCampaign:
+    @pytest.mark.timeout(420)  # expected ~2 min; a seed heavy in deadline-bound faults ~4
     def test_twenty_fault_deploys_leave_no_violation(self, campaign: Campaign) -> None:
         report = campaign.run(range(1, SHORT_CAMPAIGN + 1))
         print("\n" + report.render())
