@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench fuzz consul venv clean
+.PHONY: test demo lint typecheck bench fuzz faults consul venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP) consul
 	scripts/install-bench-deps
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py $(BENCH_ARGS)
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_web.py
+
+# Randomized fault deploys on a real 5-host cluster; FAULTS_ARGS="--deploys 200 --seed N".
+faults: $(STAMP) consul
+	scripts/install-system-deps
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python -m tests.faults.campaign $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

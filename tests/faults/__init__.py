@@ -1,0 +1,1 @@
+"""`make faults`: the fault campaign runner and its invariant checker."""
