@@ -339,7 +339,13 @@ class AppAgent:
                 return f"deploy {deploy_id}: request changed since this host joined; vetoed"
         self._own[deploy_id] = own.state if own else ""
         self._known[deploy_id] = (own, read.own_index)
-        self.journal.begin(deploy_id, **joined.to_journal(), established=None)
+        try:
+            self.journal.begin(deploy_id, **joined.to_journal(), established=None)
+        except OSError as exc:
+            # No journal, no safe resume (a full disk, a read-only .state/): say no now
+            # rather than leave the fleet waiting for this host until the deadline.
+            self._ack(joined, FAILED, error=f"cannot journal the deploy: {exc}")
+            return f"deploy {deploy_id}: failed, cannot write {self.journal.path}: {exc}"
         self._resumed.add(deploy_id)  # a fresh join: nothing was decided without this host
         session = self.session()
         if (
