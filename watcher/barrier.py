@@ -240,14 +240,29 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
 
 
 def parse_ack(entry: KVEntry | None) -> NodeProgress | None:
-    """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None."""
+    """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None.
+    One that does not parse counts as absent and is reported once per version."""
     if entry is None or not entry.value or entry.modify_index == 0:
         return None
     try:
         return NodeProgress.from_json(entry.value, where=entry.key)
     except PayloadError as exc:
-        log.error("document_skipped", key=entry.key, error=str(exc))
+        report_once(entry, str(exc))
         return None
+
+
+_REPORTED: dict[tuple[str, int], None] = {}
+
+
+def report_once(entry: KVEntry, error: str) -> None:
+    """Log a document that does not parse once per key and version, not on every read."""
+    seen = (entry.key, entry.modify_index)
+    if seen in _REPORTED:
+        return
+    _REPORTED[seen] = None
+    while len(_REPORTED) > 512:
+        _REPORTED.pop(next(iter(_REPORTED)))
+    log.error("document_skipped", key=entry.key, error=error)
 
 
 class DeployStore:
@@ -511,7 +526,7 @@ class DeployStore:
         try:
             return cls.from_json(entry.value, where=entry.key)
         except PayloadError as exc:
-            log.error("document_skipped", key=entry.key, error=str(exc))
+            report_once(entry, str(exc))
             return None
 
     def _read_txn(
