@@ -215,8 +215,8 @@ def main() -> int:
         print(f"""
 Everything is still running. Try:
 {hints}
-The deploy page: {ui.url}/  (API description: {ui.url}/openapi.json)
 Watcher logs: {workdir}/hosts/<host>/watcher.log
+The deploy page: {ui.url}/  (API description: {ui.url}/openapi.json)
 Press Ctrl-C to stop everything.""", flush=True)
         while True:
             time.sleep(3600)

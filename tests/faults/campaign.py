@@ -302,6 +302,9 @@ class Campaign:
                         "apply": "30s",
                         "hook": f"{HOOK_TIMEOUT:.0f}s",
                     },
+                    # The full-disk host's root is a 16 MiB tmpfs: the default reserve
+                    # (1 GiB free) would refuse every artifact there, full or not.
+                    "limits": {"disk_reserve": "1MiB", "disk_fraction": 0.9},
                 },
             )
         # The last host's app root is a small tmpfs, so it can be filled up.
