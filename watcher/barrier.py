@@ -188,15 +188,26 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
 
 
-def parse_ack(entry: KVEntry | None) -> NodeProgress | None:
-    """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None."""
+def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> NodeProgress | None:
+    """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None.
+
+    With ``node`` / ``deploy``: an ack at that node's key that names another node or
+    deploy is no ack of it (reported, then read as absent, so its owner writes over it)."""
     if entry is None or not entry.value or entry.modify_index == 0:
         return None
     try:
-        return NodeProgress.from_json(entry.value, where=entry.key)
+        ack = NodeProgress.from_json(entry.value, where=entry.key)
     except PayloadError as exc:
         log.error("document_skipped", key=entry.key, error=str(exc))
         return None
+    if (node and ack.node != node) or (deploy and ack.deploy not in ("", deploy)):
+        log.error(
+            "document_skipped",
+            key=entry.key,
+            error=f"ack names node {ack.node!r} and deploy {ack.deploy!r}",
+        )
+        return None
+    return ack
 
 
 class DeployStore:
@@ -337,7 +348,7 @@ class DeployStore:
         self, deploy_id: str, node: str, *, consistent: bool = True
     ) -> tuple[NodeProgress | None, int]:
         entry = self.consul.kv_get(self.keys.progress(deploy_id, node), consistent=consistent)
-        return parse_ack(entry), entry.modify_index if entry else 0
+        return parse_ack(entry, node=node, deploy=deploy_id), entry.modify_index if entry else 0
 
     def view(self, deploy_id: str) -> DeployView | None:
         """Everything about one deploy for readers: two round trips."""
@@ -638,7 +649,8 @@ class DeployStore:
                 known = None
             else:
                 entry = self.consul.kv_get(key, consistent=True)
-                old, old_index = parse_ack(entry), entry.modify_index if entry else 0
+                old = parse_ack(entry, node=node, deploy=deploy_id)
+                old_index = entry.modify_index if entry else 0
             old_state = old.state if old else ""
             if old_state == state and staged is None:
                 return True
@@ -753,7 +765,7 @@ class DeployStore:
         dead = [
             n
             for n in gone
-            if not ((a := parse_ack(again[n])) is not None and a.acked_ready(joined.digest))
+            if not ((a := parse_ack(again[n], node=n)) is not None and a.acked_ready(joined.digest))
         ]
         if not dead:
             return None
