@@ -52,11 +52,13 @@ from watcher.records import (
     REFUSED,
     STAGING,
     ArtifactRecord,
+    Decision,
     DeployRecord,
     HostRecord,
     NodeProgress,
     iso,
     parse_iso,
+    release_name,
     utcnow,
 )
 from watcher.releases import ReleaseEngine
@@ -464,11 +466,40 @@ class AppAgent:
         self.log.info(
             "deploy_established", deploy=deploy_id, outcome=verdict.outcome, reason=verdict.reason
         )
-        self.store.record_decision(joined, verdict, node=self.node)
+        if not self.store.record_decision(joined, verdict, node=self.node):
+            self._check_decision_record(joined, verdict)
         if verdict.outcome == COMMIT:
             return self._start("apply", deploy_id, lambda: self._apply(joined))
         self._cancel.set()
         return self._start("abort", deploy_id, lambda: self._abort(joined))
+
+    def _check_decision_record(self, joined: Joined, verdict: Verdict) -> None:
+        """A decision record already there that does not say what the acks established
+        (forged, or garbage) is reported once; nothing ever acts on it."""
+        entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
+        if entry is None:
+            return
+        try:
+            recorded = Decision.from_json(entry.value, where=entry.key)
+        except PayloadError as exc:
+            self._report_once(
+                f"decision:{joined.id}",
+                "decision_not_obeyed",
+                deploy=joined.id,
+                established=verdict.outcome,
+                reason=f"the decision record does not parse: {exc}",
+            )
+            return
+        if recorded.outcome != verdict.outcome or recorded.digest not in ("", joined.digest):
+            self._report_once(
+                f"decision:{joined.id}",
+                "decision_not_obeyed",
+                deploy=joined.id,
+                established=verdict.outcome,
+                recorded=recorded.outcome,
+                recorded_by=recorded.by,
+                reason="the decision record contradicts the acks",
+            )
 
     def _confirm(self, joined: Joined, verdict: Verdict, own: str) -> Verdict:
         """Write the intent into this host's own ack (``committed`` before a flip,
@@ -492,7 +523,11 @@ class AppAgent:
             self._own.pop(joined.id, None)
             return Verdict(UNDECIDED, f"could not write {intent}")
         self._own[joined.id] = intent
-        return self.store.establish(joined)
+        again = self.store.establish(joined)
+        if again.outcome == verdict.outcome:
+            # Keep the cause (e.g. a lost session), not this host's own intent just written.
+            return Verdict(again.outcome, verdict.reason, again.acks, again.indexes, again.members)
+        return again
 
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
@@ -671,6 +706,13 @@ class AppAgent:
                 )
             self._check_pin_of(rec)
         else:
+            if rec.resume_of is None:  # a new deploy's release name is fixed (DESIGN.md 6.1)
+                want = release_name(parse_iso(rec.requested_at), rec.artifact)
+                if rec.release != want:
+                    raise DeployRefused(
+                        f"request names release {rec.release}, but a deploy of {rec.artifact} "
+                        f"requested at {rec.requested_at} is release {want}"
+                    )
             record = self.store.artifact(rec.artifact)
             if record is None:
                 raise ArtifactNotFound(
