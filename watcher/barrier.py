@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -188,6 +190,25 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
 
 
+_SKIPPED: OrderedDict[tuple[str, int], None] = OrderedDict()
+_SKIPPED_LOCK = threading.Lock()
+SKIPPED_KEEP = 1024  # versions of bad keys remembered, so each is logged once
+
+
+def report_skipped(entry: KVEntry, error: str, *, warning: bool = False) -> None:
+    """Log a document that does not parse (or is not what its key says) once per version
+    of its key, however often the loop reads it (DESIGN.md 4: reported, then skipped)."""
+    mark = (entry.key, entry.modify_index)
+    with _SKIPPED_LOCK:
+        if mark in _SKIPPED:
+            return
+        _SKIPPED[mark] = None
+        if len(_SKIPPED) > SKIPPED_KEEP:
+            _SKIPPED.popitem(last=False)
+    emit = log.warning if warning else log.error
+    emit("document_skipped", key=entry.key, index=entry.modify_index, error=error)
+
+
 def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> NodeProgress | None:
     """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None.
 
@@ -198,14 +219,10 @@ def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> Nod
     try:
         ack = NodeProgress.from_json(entry.value, where=entry.key)
     except PayloadError as exc:
-        log.error("document_skipped", key=entry.key, error=str(exc))
+        report_skipped(entry, str(exc))
         return None
     if (node and ack.node != node) or (deploy and ack.deploy not in ("", deploy)):
-        log.error(
-            "document_skipped",
-            key=entry.key,
-            error=f"ack names node {ack.node!r} and deploy {ack.deploy!r}",
-        )
+        report_skipped(entry, f"ack names node {ack.node!r} and deploy {ack.deploy!r}")
         return None
     return ack
 
@@ -262,7 +279,7 @@ class DeployStore:
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
-                log.warning("document_skipped", key=entry.key, error=str(exc))
+                report_skipped(entry, str(exc), warning=True)
                 continue
             out[record.node] = record
         return out
@@ -314,7 +331,7 @@ class DeployStore:
         try:
             return CurrentRecord.from_json(entry.value, where=entry.key), entry.modify_index
         except PayloadError as exc:
-            log.error("document_skipped", key=entry.key, error=str(exc))
+            report_skipped(entry, str(exc))
             return None, entry.modify_index
 
     def request(
@@ -396,7 +413,7 @@ class DeployStore:
         try:
             return cls.from_json(entry.value, where=entry.key)
         except PayloadError as exc:
-            log.error("document_skipped", key=entry.key, error=str(exc))
+            report_skipped(entry, str(exc))
             return None
 
     def _read_txn(
@@ -469,7 +486,7 @@ class DeployStore:
             ]
             return ids, trimmed, entry.modify_index
         except (ValueError, KeyError, TypeError, AttributeError):
-            log.error("document_skipped", key=entry.key, error="history is not valid JSON")
+            report_skipped(entry, "history is not valid JSON")
             return [], [], entry.modify_index
 
     def legacy_layout_found(self) -> bool:

@@ -381,6 +381,13 @@ class TestBadInput:
         fleet.wait_idle(30)
         assert set(fleet.currents().values()) == {rec.release}
         assert any(events(w, "decision_not_obeyed") for w in rig.watchers), fleet.logs()
+        # Reported: each bad version of a key once per host, however often it was read.
+        for w in rig.watchers:
+            skipped = [(e["key"], e["index"]) for e in events(w, "document_skipped")]
+            assert len(skipped) == len(set(skipped)), (w.name, skipped)
+        reported = {e["key"] for w in rig.watchers for e in events(w, "document_skipped")}
+        assert keys.progress(rec.id, "host-1") in reported, reported
+        assert keys.progress(rec.id, "host-2") in reported, reported
         no_crash(rig)
 
     @pytest.mark.parametrize(
