@@ -9,7 +9,9 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 RULE_RE = re.compile(
-    r'^(key_prefix|key|session|agent_prefix|agent|event) "([^"]*)" \{\n\s*policy = "(\w+)"', re.M
+    r"^(key_prefix|key|session_prefix|session|agent_prefix|agent|event)"
+    r' "([^"]*)" \{\n\s*policy = "(\w+)"',
+    re.M,
 )
 APP = "${KV_PREFIX}/apps/${APP}/"
 
