@@ -321,9 +321,11 @@ class TestPrivilegeIsLeast:
         with client(host1, acl_fleet.tokens.watchers[host1.name]) as mine:
             # Its own agent (the node name when the config sets none) and app keys: yes.
             assert mine.agent_node_name() == host1.name
-            assert mine.kv_put(keys.deploy("probe"), b"{}")
-            assert mine.kv_get(keys.deploy("probe")) is not None
-            # Outside the prefix, another app, CI's artifact records, other hosts' keys: no.
+            assert mine.kv_put(keys.request("probe"), b"{}")
+            assert mine.kv_get(keys.request("probe")) is not None
+            assert mine.kv_put(keys.progress("probe", host1.name), b"{}")
+            # Outside the prefix, another app, CI's artifact records, other hosts' keys
+            # (their acks above all: host-1's prefix rule must not cover host-10): no.
             for key in (
                 "elsewhere/x",
                 f"{fleet.kv_prefix}/apps/api/current",
@@ -331,6 +333,8 @@ class TestPrivilegeIsLeast:
                 keys.artifact("main-00000000"),
                 keys.member(host2.name),
                 keys.host(host2.name),
+                keys.progress("probe", host2.name),
+                keys.progress("probe", host1.name + "0"),
             ):
                 with pytest.raises(ConsulPermissionDenied):
                     mine.kv_put(key, b"{}")
@@ -365,11 +369,18 @@ class TestPrivilegeIsLeast:
         with client(cluster.hosts[0], acl_fleet.tokens.ci) as ci:
             assert ci.kv_put(keys.artifact("main-11111111"), b"{}", cas=0)
             assert ci.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
-            for key in (keys.inflight, keys.current, keys.deploy("d1"), keys.member("host-9")):
+            for key in (
+                keys.inflight,
+                keys.current,
+                keys.request("d1"),
+                keys.decision("d1"),
+                keys.pin("main-11111111"),
+                keys.member("host-9"),
+            ):
                 with pytest.raises(ConsulPermissionDenied):
                     ci.kv_put(key, b"{}")
             with pytest.raises(ConsulPermissionDenied):
-                ci.txn([TxnOp.cas(keys.inflight, b"d1", 0), TxnOp.set(keys.deploy("d1"), b"{}")])
+                ci.txn([TxnOp.cas(keys.inflight, b"d1", 0), TxnOp.set(keys.request("d1"), b"{}")])
             with pytest.raises(ConsulPermissionDenied):
                 ci.kv_get(keys.current)
             for name in ("deploy", "rollback"):
