@@ -235,6 +235,19 @@ class AppAgent:
             outcome = self._drive(joined, journal, inflight_id, inflight_index)
             return f"deploy {joined.id}: {outcome}"
         if inflight_id is None:
+            if (
+                journal
+                and not journal.get("ended")
+                and journal.get("established")
+                in (
+                    COMMIT,
+                    ABORT,
+                )
+            ):
+                # ``inflight`` was deleted (a raw delete) after this host's part: the deploy
+                # still needs its outcome, history and ``current``; help end it.
+                deploy_id = str(journal["deploy"])
+                return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
             self._idle_status()
             return self._converge()
         if journal and journal.get("deploy") == inflight_id:
@@ -575,8 +588,10 @@ class AppAgent:
         try:
             joined = Joined.from_journal(journal)
         except (PayloadError, KeyError, TypeError, ValueError):
+            self.journal.update(ended=True)
             return "done"
         if self.store.outcome(deploy_id) is not None:
+            self.journal.update(ended=True)
             # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
             inflight, index = self.store.inflight(consistent=True)
             if inflight == deploy_id:
@@ -628,6 +643,7 @@ class AppAgent:
         if ended and self.metrics is not None:
             self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
         if ended:
+            self.journal.update(ended=True)
             self._idle_status()
             return f"ended ({verdict.outcome})" + (f"; rollback {rollback}" if rollback else "")
         return "end lost a race; retrying"
