@@ -70,6 +70,7 @@ from watcher.records import (
     NodeProgress,
     iso,
     parse_iso,
+    release_name,
     utcnow,
 )
 from watcher.releases import ReleaseEngine
@@ -259,6 +260,20 @@ class AppAgent:
             outcome = self._drive(joined, journal, inflight_id, inflight_index)
             return f"deploy {joined.id}: {outcome}"
         if inflight_id is None:
+            if (
+                journal
+                and journal.get("established") in (COMMIT, ABORT)
+                and not journal.get("ended")
+            ):
+                # ``inflight`` is gone after this host's part: usually the end deleted it
+                # (``current`` names the deploy, or its outcome exists); if someone deleted
+                # it by hand, the deploy still needs its outcome, history and ``current``.
+                deploy_id = str(journal["deploy"])
+                fleet_on = current[0].deploy if current and current[0] else None
+                if fleet_on == deploy_id or self.store.outcome(deploy_id) is not None:
+                    self.journal.update(ended=True)
+                else:
+                    return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
             self._idle_status()
             return self._converge(current)
         if journal and journal.get("deploy") == inflight_id:
@@ -540,10 +555,33 @@ class AppAgent:
         )
         if not verdict.decided:  # the first to establish wakes the others with the record
             self.store.record_decision(joined, verdict, node=self.node)
+        else:
+            self._check_decision_record(joined, verdict)
         if verdict.outcome == COMMIT:
             return self._start("apply", deploy_id, lambda: self._apply(joined))
         self._cancel.set()
         return self._start("abort", deploy_id, lambda: self._abort(joined))
+
+    def _check_decision_record(self, joined: Joined, verdict: Verdict) -> None:
+        """A decision record already there that does not say what the acks established
+        (forged, or garbage) is reported once; nothing ever acts on it. The record came
+        with the verdict's own read: no request for this."""
+        recorded = verdict.record
+        if (
+            recorded is not None
+            and recorded.outcome == verdict.outcome
+            and recorded.digest in ("", joined.digest)
+        ):
+            return
+        self._report_once(
+            f"decision:{joined.id}",
+            "decision_not_obeyed",
+            deploy=joined.id,
+            established=verdict.outcome,
+            recorded=recorded.outcome if recorded else "unreadable",
+            recorded_by=recorded.by if recorded else "",
+            reason="the decision record contradicts the acks or does not parse",
+        )
 
     def _confirm(self, joined: Joined, verdict: Verdict, own: str) -> Verdict:
         """Write the intent into this host's own ack (``committed`` before a flip,
@@ -660,6 +698,7 @@ class AppAgent:
         try:
             joined = Joined.from_journal(journal)
         except (PayloadError, KeyError, TypeError, ValueError):
+            self.journal.update(ended=True)
             return "done"
         session = self.session()
         keys = self.store.keys
@@ -717,6 +756,7 @@ class AppAgent:
         if ended and self.metrics is not None:
             self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
         if ended:
+            self.journal.update(ended=True)
             self._idle_status()
             return f"ended ({verdict.outcome})" + (f"; rollback {rollback}" if rollback else "")
         return "end lost a race; retrying"
@@ -797,6 +837,13 @@ class AppAgent:
                     f"{rec.release} sha256 {rec.sha256} vs {t.release} sha256 {t.sha256}"
                 )
         else:
+            if rec.resume_of is None:  # a new deploy's release name is fixed (DESIGN.md 6.1)
+                want = release_name(parse_iso(rec.requested_at), rec.artifact)
+                if rec.release != want:
+                    raise DeployRefused(
+                        f"request names release {rec.release}, but a deploy of {rec.artifact} "
+                        f"requested at {rec.requested_at} is release {want}"
+                    )
             record = pre.artifact
             if record is None:
                 raise ArtifactNotFound(

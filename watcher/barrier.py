@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -112,6 +114,7 @@ class Verdict:
     indexes: dict[str, int] = field(default_factory=dict)
     members: dict[str, KVEntry] = field(default_factory=dict)
     decided: bool = False  # a decision record exists (whoever wrote it)
+    record: Decision | None = None  # that record, when it parses (reported, never obeyed)
     ended: bool = False  # an outcome exists (read only when asked for)
 
     def holds_session(self, node: str, session: str | None) -> bool:
@@ -239,30 +242,41 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
 
 
-def parse_ack(entry: KVEntry | None) -> NodeProgress | None:
+_SKIPPED: OrderedDict[tuple[str, int], None] = OrderedDict()
+_SKIPPED_LOCK = threading.Lock()
+SKIPPED_KEEP = 1024  # versions of bad keys remembered, so each is logged once
+
+
+def report_skipped(entry: KVEntry, error: str, *, warning: bool = False) -> None:
+    """Log a document that does not parse (or is not what its key says) once per version
+    of its key, however often the loop reads it (DESIGN.md 4: reported, then skipped)."""
+    mark = (entry.key, entry.modify_index)
+    with _SKIPPED_LOCK:
+        if mark in _SKIPPED:
+            return
+        _SKIPPED[mark] = None
+        if len(_SKIPPED) > SKIPPED_KEEP:
+            _SKIPPED.popitem(last=False)
+    emit = log.warning if warning else log.error
+    emit("document_skipped", key=entry.key, index=entry.modify_index, error=error)
+
+
+def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> NodeProgress | None:
     """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None.
-    One that does not parse counts as absent and is reported once per version."""
+
+    With ``node`` / ``deploy``: an ack at that node's key that names another node or
+    deploy is no ack of it (reported, then read as absent, so its owner writes over it)."""
     if entry is None or not entry.value or entry.modify_index == 0:
         return None
     try:
-        return NodeProgress.from_json(entry.value, where=entry.key)
+        ack = NodeProgress.from_json(entry.value, where=entry.key)
     except PayloadError as exc:
-        report_once(entry, str(exc))
+        report_skipped(entry, str(exc))
         return None
-
-
-_REPORTED: dict[tuple[str, int], None] = {}
-
-
-def report_once(entry: KVEntry, error: str) -> None:
-    """Log a document that does not parse once per key and version, not on every read."""
-    seen = (entry.key, entry.modify_index)
-    if seen in _REPORTED:
-        return
-    _REPORTED[seen] = None
-    while len(_REPORTED) > 512:
-        _REPORTED.pop(next(iter(_REPORTED)))
-    log.error("document_skipped", key=entry.key, error=error)
+    if (node and ack.node != node) or (deploy and ack.deploy not in ("", deploy)):
+        report_skipped(entry, f"ack names node {ack.node!r} and deploy {ack.deploy!r}")
+        return None
+    return ack
 
 
 class DeployStore:
@@ -321,7 +335,7 @@ class DeployStore:
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
-                log.warning("document_skipped", key=entry.key, error=str(exc))
+                report_skipped(entry, str(exc), warning=True)
                 continue
             out[record.node] = record
         return out
@@ -376,7 +390,7 @@ class DeployStore:
         try:
             return CurrentRecord.from_json(entry.value, where=entry.key), entry.modify_index
         except PayloadError as exc:
-            log.error("document_skipped", key=entry.key, error=str(exc))
+            report_skipped(entry, str(exc))
             return None, entry.modify_index
 
     def request(
@@ -478,7 +492,7 @@ class DeployStore:
         self, deploy_id: str, node: str, *, consistent: bool = True
     ) -> tuple[NodeProgress | None, int]:
         entry = self.consul.kv_get(self.keys.progress(deploy_id, node), consistent=consistent)
-        return parse_ack(entry), entry.modify_index if entry else 0
+        return parse_ack(entry, node=node, deploy=deploy_id), entry.modify_index if entry else 0
 
     def view(self, deploy_id: str) -> DeployView | None:
         """Everything about one deploy for readers: two round trips."""
@@ -526,7 +540,7 @@ class DeployStore:
         try:
             return cls.from_json(entry.value, where=entry.key)
         except PayloadError as exc:
-            report_once(entry, str(exc))
+            report_skipped(entry, str(exc))
             return None
 
     def _read_txn(
@@ -603,7 +617,7 @@ class DeployStore:
             ]
             return ids, trimmed
         except (ValueError, KeyError, TypeError, AttributeError):
-            log.error("document_skipped", key=entry.key, error="history is not valid JSON")
+            report_skipped(entry, "history is not valid JSON")
             return [], []
 
     def legacy_layout_found(self) -> bool:
@@ -792,7 +806,8 @@ class DeployStore:
                 known = None
             else:
                 entry = self.consul.kv_get(key, consistent=True)
-                old, old_index = parse_ack(entry), entry.modify_index if entry else 0
+                old = parse_ack(entry, node=node, deploy=deploy_id)
+                old_index = entry.modify_index if entry else 0
             old_state = old.state if old else ""
             if old_state == state and staged is None and not establish:
                 return Written(old, old_index, None) if old is not None else None
@@ -895,14 +910,15 @@ class DeployStore:
         member_entries: list[KVEntry] = []
         progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
         decided = ended = False
+        record: Decision | None = None
         for entry in entries:
             node = progress_keys.get(entry.key)
             if node is not None:
-                ack = parse_ack(entry)
-                acks[node] = ack if ack is None or ack.node == node else None
+                acks[node] = parse_ack(entry, node=node, deploy=request.id)
                 indexes[node] = entry.modify_index
             elif entry.key == self.keys.decision(request.id):
                 decided = entry.modify_index > 0
+                record = self._doc(Decision, entry) if decided else None
             elif entry.key == self.keys.outcome(request.id):
                 ended = entry.modify_index > 0
             elif entry.key.startswith(self.keys.members_prefix):
@@ -919,6 +935,7 @@ class DeployStore:
             members,
             decided=decided,
             ended=ended,
+            record=record,
         )
 
     def _session_clause(
@@ -947,7 +964,7 @@ class DeployStore:
         dead = [
             n
             for n in gone
-            if not ((a := parse_ack(again[n])) is not None and a.acked_ready(joined.digest))
+            if not ((a := parse_ack(again[n], node=n)) is not None and a.acked_ready(joined.digest))
         ]
         if not dead:
             return None
