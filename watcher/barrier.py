@@ -436,7 +436,7 @@ class DeployStore:
             request_e,
             problem,
             outcome_e is not None,
-            parse_ack(own_e),
+            parse_ack(own_e, node=node, deploy=deploy_id),
             own_e.modify_index if own_e else 0,
         )
 
