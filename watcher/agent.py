@@ -476,8 +476,13 @@ class AppAgent:
                         # ready without it); the CAS loses to a ready ack written meanwhile.
                         self._ack(joined, STAGING, timings={"staging_at": iso(utcnow())})
                     if self._staging_for() > ABORT_POLL_AFTER:
-                        # Polled on the loop's 1 s tick, only once staging takes a while: a
-                        # quick prepare meets the abort request in its ready ack's own txn.
+                        # Only once staging takes a while (a quick prepare meets the abort
+                        # request in its ready ack's own txn): watch the abort request, so
+                        # it stops the work within moments, and look now.
+                        self.status.watch = (
+                            keys.decision(deploy_id),
+                            keys.abort_request(deploy_id),
+                        )
                         why = self._abort_seen(joined)
                 if not why:
                     return "preparing"
