@@ -344,7 +344,7 @@ class AppAgent:
         if own is not None:
             # This host took part before it lost .state/: its own ack, not the request key
             # (which may have been rewritten since), says what it journaled.
-            carried = own.embedded_request()
+            carried = read.own_request()
             if carried is not None:
                 joined = Joined(carried, own.digest, own.create_index)
             elif own.digest != joined.digest:

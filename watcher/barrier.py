@@ -137,6 +137,10 @@ class JoinRead:
     ended: bool
     own: NodeProgress | None
     own_index: int
+    carried: bytes | None = None  # the request this host's own ready ack carries
+
+    def own_request(self) -> DeployRecord | None:
+        return self.own.embedded_request(self.carried) if self.own else None
 
 
 @dataclass(frozen=True)
@@ -415,8 +419,9 @@ class DeployStore:
             self.keys.request(deploy_id),
             self.keys.outcome(deploy_id),
             self.keys.progress(deploy_id, node),
+            self.keys.carried_request(deploy_id, node),
         ]
-        request_e, outcome_e, own_e = self._read_txn(
+        request_e, outcome_e, own_e, carried_e = self._read_txn(
             [TxnOp.get_or_empty(k) for k in keys], consistent=True
         )
         problem = ""
@@ -438,6 +443,7 @@ class DeployStore:
             outcome_e is not None,
             parse_ack(own_e, node=node, deploy=deploy_id),
             own_e.modify_index if own_e else 0,
+            carried_e.value if carried_e else None,
         )
 
     def prepare_read(self, joined: Joined) -> PrepareRead:
@@ -571,11 +577,16 @@ class DeployStore:
             for k in self.consul.kv_keys(self.keys.progress_prefix, separator="/")
         ]
         nodes = [n for n in nodes if n]
-        ops = [TxnOp.get_or_empty(self.keys.progress(deploy_id, n)) for n in nodes]
+        ops = []
+        for n in nodes:
+            ops.append(TxnOp.get_or_empty(self.keys.progress(deploy_id, n)))
+            ops.append(TxnOp.get_or_empty(self.keys.carried_request(deploy_id, n)))
+        entries = self._read_txn(ops, consistent=True)
         by_digest: dict[str, tuple[DeployRecord, dict[str, KVEntry]]] = {}
-        for node, entry in zip(nodes, self._read_txn(ops, consistent=True), strict=True):
-            ack = parse_ack(entry)
-            request = ack.embedded_request() if ack else None
+        for i, node in enumerate(nodes):
+            entry, carried = entries[2 * i], entries[2 * i + 1]
+            ack = parse_ack(entry, node=node, deploy=deploy_id)
+            request = ack.embedded_request(carried.value if carried else None) if ack else None
             if request is None or entry is None or ack is None or ack.node != node:
                 continue
             if request.id != deploy_id or request.app != self.app or node not in request.expected:
@@ -821,9 +832,7 @@ class DeployStore:
             keep = old if old is not None and old.state in ACKED_READY_STATES else None
             digest = keep.digest if keep else (joined.digest if joined else "")
             index = keep.create_index if keep else (joined.create_index if joined else 0)
-            request = keep.request if keep else None
-            if state == READY and joined is not None:
-                request = joined.request.as_dict()
+            request = None  # carried at Keys.carried_request, written with the ready ack
             new = NodeProgress(
                 node=node,
                 deploy=deploy_id,
@@ -840,6 +849,12 @@ class DeployStore:
                 staged_members=staged[1] if staged else (old.staged_members if old else 0),
             )
             ops = [TxnOp.cas(key, new.to_json(), old_index)]
+            if state == READY and joined is not None:
+                ops.append(
+                    TxnOp.set(
+                        self.keys.carried_request(deploy_id, node), joined.request.canonical()
+                    )
+                )
             if state == READY:
                 # The session the request named for this node, not whichever this process
                 # holds now: a successor with a new session can no longer ack ready.
@@ -866,10 +881,10 @@ class DeployStore:
                         else self.establish(joined)
                     )
                 return Written(new, new_index, verdict)
-            if state == READY and any(i == 1 for i, _ in result.errors):
+            if state == READY and any(i == 2 for i, _ in result.errors):
                 log.warning("ready_ack_refused", deploy=deploy_id, node=node, reason="session")
                 return None
-            if state == READY and any(i == 2 for i, _ in result.errors):
+            if state == READY and any(i == 3 for i, _ in result.errors):
                 raise AbortRequested(f"deploy {deploy_id}: an abort was requested")
         return None
 
@@ -1322,7 +1337,7 @@ class DeployStore:
         stale = [
             k
             for k in self.consul.kv_keys(prefix, separator=None)
-            if k[len(prefix) :] in trimmed and k[len(prefix) :] not in spare
+            if (deploy := k[len(prefix) :].split("/")[0]) in trimmed and deploy not in spare
         ]
         ops = [TxnOp.delete(k) for k in stale[:MAX_TXN_OPS]]
         if ops and self.consul.txn(ops).ok:

@@ -169,6 +169,11 @@ class Keys:
     def progress(self, deploy_id: str, node: str) -> str:
         return f"{self.base}/progress/{node}/{check_deploy_id(deploy_id)}"
 
+    def carried_request(self, deploy_id: str, node: str) -> str:
+        """The request a node's ready ack carries, beside the ack (written in the ack's
+        txn): acks stay small, so establishing reads O(nodes) bytes, not O(nodes^2)."""
+        return f"{self.base}/progress/{node}/{check_deploy_id(deploy_id)}/request"
+
     def coordinator(self, deploy_id: str) -> str:
         return f"{self.base}/coordinator/{check_deploy_id(deploy_id)}"
 
@@ -497,13 +502,19 @@ class NodeProgress(Document):
     def acked_ready(self, digest: str) -> bool:
         return self.state in ACKED_READY_STATES and self.digest == digest
 
-    def embedded_request(self) -> DeployRecord | None:
-        """The request this ack carries, if it parses and matches the ack's digest."""
-        if not self.request:
-            return None
+    def embedded_request(self, carried: bytes | None = None) -> DeployRecord | None:
+        """The request this ack carries (its ``request`` field, or the document stored at
+        ``Keys.carried_request``), if it parses and matches the ack's digest."""
         try:
-            request = DeployRecord.from_dict(dict(self.request), label="ack's request")
+            if carried is not None:
+                request = DeployRecord.from_json(carried, where="carried request")
+            elif self.request:
+                request = DeployRecord.from_dict(dict(self.request), label="ack's request")
+            else:
+                return None
         except PayloadError:
+            return None
+        if self.state not in ACKED_READY_STATES:
             return None
         return request if request.digest() == self.digest else None
 

@@ -103,7 +103,8 @@ def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
 
     Layout 2 (DESIGN.md 4, 6.1, 6.4.3), read here without the product's code: a deploy's
     request is ``requests/<id>``, or, when that key is gone or rewritten, the canonical
-    request an ack carries; each node's ack is ``progress/<node>/<id>``. **Committed** =
+    request a ready ack carries (``progress/<node>/<id>/request``, beside the ack); each
+    node's ack is ``progress/<node>/<id>``. **Committed** =
     every node in the request's ``expected`` has an ack in state ready, committed, live or
     failed_after_commit naming **the same request digest** (sha256 of the canonical request
     JSON, recomputed here), whatever ``decisions/<id>`` says. The release is the acked
@@ -111,12 +112,18 @@ def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
     agree on (else the request key's); ended = the CreateIndex of ``outcomes/<id>``.
     """
     acks: dict[str, dict[str, dict[str, Any]]] = {}  # deploy id -> node -> ack document
+    carried_by: dict[str, dict[str, dict[str, Any]]] = {}  # deploy id -> node -> request
     for key in snapshot:
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "progress":
-            doc = _doc(snapshot, key)
-            if doc is not None:
-                acks.setdefault(parts[2], {})[parts[1]] = doc
+        if parts[0] != "progress" or len(parts) not in (3, 4):
+            continue
+        doc = _doc(snapshot, key)
+        if doc is None:
+            continue
+        if len(parts) == 3:
+            acks.setdefault(parts[2], {})[parts[1]] = doc
+        elif parts[3] == "request":  # the request a ready ack carries, beside it
+            carried_by.setdefault(parts[2], {})[parts[1]] = doc
     requests: dict[str, tuple[dict[str, Any], int]] = {}
     for key, item in snapshot.items():
         parts = key.split("/")
@@ -125,11 +132,11 @@ def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
             if doc is not None:
                 requests[parts[1]] = (doc, item.create_index)
     facts: dict[str, DeployFacts] = {}
-    for deploy_id in set(requests) | set(acks):
+    for deploy_id in sorted(set(requests) | set(acks)):
         carried = [
-            a["request"]
-            for a in acks.get(deploy_id, {}).values()
-            if isinstance(a.get("request"), dict)
+            doc
+            for node, doc in carried_by.get(deploy_id, {}).items()
+            if (acks.get(deploy_id, {}).get(node) or {}).get("digest") == _digest(doc)
         ]
         request, started = requests.get(deploy_id, (None, 0))
         digests = {_digest(r) for r in carried}

@@ -279,7 +279,6 @@ def forged_live_ack(fleet: Fleet, rec: DeployRecord, node: str, create_index: in
         create_index=create_index,
         release=rec.release,
         sha256=rec.sha256,
-        request=rec.as_dict(),
     )
 
 
@@ -297,6 +296,7 @@ class TestOneHostToken:
         index = x.kv_get(fleet.keys.request(rec.id)).create_index  # type: ignore[union-attr]
         ack = forged_live_ack(fleet, rec, me, index)
         assert x.kv_put(fleet.keys.progress(rec.id, me), ack.to_json())
+        assert x.kv_put(fleet.keys.carried_request(rec.id, me), rec.canonical())
         decision = Decision(outcome=COMMIT, reason="forged", by=me, at=iso(utcnow()))
         assert x.kv_put(fleet.keys.decision(rec.id), decision.to_json())
         current = CurrentRecord(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -72,7 +73,12 @@ def ack(store: DeployStore, joined: Joined, node: str, state: str, session: str 
 
 
 def raw_ack(store: DeployStore, deploy_id: str, node: str, progress: NodeProgress) -> None:
-    """What a host token can do to its own key: write anything, skipping every check."""
+    """What a host token can do to its own keys: write anything, skipping every check (a
+    ``request`` given goes where ready acks carry it, beside the ack)."""
+    if progress.request is not None:
+        carried = DeployRecord.from_dict(progress.request).canonical()
+        assert store.consul.kv_put(store.keys.carried_request(deploy_id, node), carried)
+        progress = replace(progress, request=None)
     assert store.consul.kv_put(store.keys.progress(deploy_id, node), progress.to_json())
 
 
