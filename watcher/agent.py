@@ -218,6 +218,7 @@ class AppAgent:
         self._task_started = 0.0
         self._trimmed_at = 0.0
         self._cancel_reason = ""
+        self._members: set[str] = set()  # the live members the loop last saw
         self._legacy_checked = False
 
     # --- the loop's entry point -------------------------------------------------------
@@ -232,6 +233,8 @@ class AppAgent:
         current: tuple[CurrentRecord | None, int] | None = None,
     ) -> str:
         """Take the next step for this app; returns a short outcome for the cycle's log."""
+        if members is not None:
+            self._members = set(members)
         if self._task is not None and self._task.done():
             exc = self._task.exception()
             if exc is not None:
@@ -707,9 +710,15 @@ class AppAgent:
             return "done"
         session = self.session()
         keys = self.store.keys
+        past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
+        first = min(joined.request.expected) if joined.request.expected else ""
+        # The first expected host took the lock as it joined: the others contend only once
+        # its member key is gone (its session died, its lock with it) or past the deadline.
+        contend = first == self.node or first not in self._members or past_apply
         if (
             self._coordinating != deploy_id
             and session
+            and contend
             and self.store.acquire_coordinator(deploy_id, session, self.node)
         ):
             self._coordinating = deploy_id
@@ -718,7 +727,6 @@ class AppAgent:
         # The coordinator wakes on every ack; the others on the members watch (a dead
         # coordinator's member key goes with its lock) and on inflight.
         self.status.watch = (keys.progress_prefix,) if coordinating else ()
-        past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
         if not coordinating and not past_apply:
             return "done; waiting for the end"
         verdict = self.store.establish(joined, outcome=True)

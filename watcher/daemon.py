@@ -713,7 +713,8 @@ class Daemon:
         }
         with contextlib.suppress(OSError):
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.state_dir / STATUS_FILE, data)
+            # A report for `watcherctl status`, rewritten on every change: no fsync.
+            atomic_write_json(self.state_dir / STATUS_FILE, data, durable=False)
 
     def _shutdown(self, server: HealthServer | None) -> None:
         self.notifier.stopping()

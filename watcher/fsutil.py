@@ -28,11 +28,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never half.
 
     The bytes go to ``.tmp-<name>-<random>`` in the same directory, are fsynced, renamed over
-    ``path``, and the directory is fsynced.
+    ``path``, and the directory is fsynced. ``durable=False`` skips both fsyncs, for files
+    that only report (a crash may lose the last version, never leave half of one).
     """
     target = Path(path)
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
@@ -44,20 +47,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: Any, mode: int = 0o644, *, durable: bool = True
+) -> None:
     """``atomic_write_bytes`` of ``obj`` as sorted, indented JSON with a trailing newline."""
     data = json.dumps(obj, sort_keys=True, indent=2).encode() + b"\n"
-    atomic_write_bytes(path, data, mode)
+    atomic_write_bytes(path, data, mode, durable=durable)
 
 
 class HasLockFile(Protocol):
