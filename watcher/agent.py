@@ -77,6 +77,12 @@ from watcher.releases import ReleaseEngine
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
+# What a crash must not lose (fsynced): the hooks that ran, and what was established. The
+# other phases are idempotent steps a restart simply checks again (a staged tree is reused,
+# a flip to the release `current` already names does nothing), so their journal writes are
+# not fsynced: a deploy costs a handful of fsyncs, not a dozen.
+DURABLE_PHASES = frozenset({"post_release", "post_symlink", "aborted"})
+DURABLE_FIELDS = frozenset({"established"})
 CONVERGE_JOURNAL_NAME = "converge.json"
 APPLIED_NAME = "applied.json"
 STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
@@ -128,14 +134,16 @@ class Journal:
         if data is None:
             return
         if any(data.get(k) != v for k, v in fields.items()):
-            self._write({**data, **fields})
+            self._write({**data, **fields}, durable=bool(set(fields) & DURABLE_FIELDS))
 
     def done(self, phase: str) -> None:
         data = self.read()
         if data is None:
             return
         if phase not in data["phases"]:
-            self._write({**data, "phases": [*data["phases"], phase]})
+            self._write(
+                {**data, "phases": [*data["phases"], phase]}, durable=phase in DURABLE_PHASES
+            )
 
     def has(self, phase: str) -> bool:
         data = self.read()
@@ -147,9 +155,9 @@ class Journal:
             self.path.unlink(missing_ok=True)
             self._cache = None
 
-    def _write(self, data: dict[str, Any]) -> None:
+    def _write(self, data: dict[str, Any], *, durable: bool = True) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, data)
+        atomic_write_json(self.path, data, durable=durable)
         self._cache = data
         self._loaded = True
 
