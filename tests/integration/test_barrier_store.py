@@ -109,7 +109,10 @@ class TestAcks:
         assert not ack(store, joined, "n1", FAILED)
         got, _ = store.ack("d1", "n1")
         assert got is not None and got.state == READY
-        assert got.digest == joined.digest and got.embedded_request() == joined.request
+        carried = store.consul.kv_get(store.keys.carried_request("d1", "n1"))
+        assert carried is not None and got.request is None  # beside the ack, not inside
+        assert got.digest == joined.digest
+        assert got.embedded_request(carried.value) == joined.request
 
     def test_ready_needs_the_session_the_request_named(self, store: DeployStore) -> None:
         s = member(store, "n1")
