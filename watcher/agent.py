@@ -215,7 +215,6 @@ class AppAgent:
         self._task: Future[None] | None = None
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
-        self._host_written = 0.0
         self._host_state: tuple[str | None, str, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
@@ -1319,7 +1318,6 @@ class AppAgent:
     # --- host record and prefetch -----------------------------------------------------
 
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
-        now = time.monotonic()
         hold = self.engine.held()
         state = (release, self.status.alarm, hold.reason if hold else "")
         if not force and state == self._host_state:
@@ -1327,7 +1325,7 @@ class AppAgent:
         record = self._host_record(release)
         try:
             self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
-            self._host_written, self._host_state = now, state
+            self._host_state = state
         except ConsulError as exc:
             self.log.warning("host_record_not_written", error=str(exc))
 

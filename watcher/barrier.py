@@ -762,20 +762,6 @@ class DeployStore:
             f"wait for it or `watcherctl abort {self.app} {deploy_id}`"
         )
 
-    def record_refused(
-        self, record: DeployRecord, reason: str, *, by: str, **_ignored: Any
-    ) -> bool:
-        """A request with its refusal and no ``inflight`` (raw event for an unknown artifact):
-        every host and `history` see at once why it failed. Written by a host."""
-        decision = Decision(outcome=ABORT, reason=reason, by=by, at=iso(utcnow()))
-        outcome = Outcome(result="refused", at=decision.at, by=by, reason=reason)
-        ops = [
-            TxnOp.cas(self.keys.request(record.id), record.to_json(), 0),
-            TxnOp.cas(self.keys.decision(record.id), decision.to_json(), 0),
-            TxnOp.set(self.keys.outcome(record.id), outcome.to_json()),
-        ]
-        return self.consul.txn(ops).ok
-
     def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
         """`watcherctl abort`: an abort request every expected host honors before it acks
         ready. False when one already exists."""

@@ -19,7 +19,6 @@ DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
 DOC_VERSION = 2
-LAYOUT_VERSION = 2
 
 # Per-node states (forward-only: staging -> ready | failed | refused | aborted;
 # ready -> committed | aborted; committed -> live | failed_after_commit). DESIGN.md 6.1, 6.4.
