@@ -699,7 +699,8 @@ class AppAgent:
     def _finish_part(self, joined: Joined, inflight_id: str | None, inflight_index: int) -> str:
         """This host's part is done: mark the journal finished, help end the deploy."""
         self.journal.update(finished=True)
-        self._known.pop(joined.id, None)
+        for memo in (self._known, self._own, self._verdicts):
+            memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
             self.store.trim_own_progress(self.node, keep=[joined.id])
