@@ -240,10 +240,6 @@ class WatchCache:
         with self._lock:
             return self._values.get(key, _MISSING)
 
-    def drop(self, key: str) -> None:
-        with self._lock:
-            self._values.pop(key, None)
-
 
 _MISSING = object()
 
@@ -584,7 +580,7 @@ class Daemon:
             ).encode()
             if agent.store.consul.kv_put(agent.store.keys.member(self.node), body, acquire=session):
                 log.info("member_key_acquired", app=agent.app.name, session=session)
-                self.cache.drop(agent.store.keys.members_prefix)
+                # Read once now; the cache stays the watch's (it sees this change itself).
                 members = agent.store.members()
             else:
                 log.warning("member_key_not_acquired", app=agent.app.name, session=session)
