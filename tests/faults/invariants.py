@@ -96,6 +96,9 @@ class DeployFacts:
     decision_rewritten: bool  # the decision key was modified after it was created
     started: int  # Consul index at which the deploy was created
     ended: int | None  # Consul index at which its end was recorded (None: not ended)
+    # False once the history trimmed its request and outcome: only hosts' own acks are left
+    # (each host deletes those later), so when it started and ended is no longer known.
+    kept: bool = True
 
 
 def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
@@ -172,6 +175,7 @@ def deploy_facts(snapshot: KVSnapshot) -> dict[str, DeployFacts]:
             and decision_item.modify_index != decision_item.create_index,
             started=started,
             ended=end_item.create_index if end_item is not None else None,
+            kept=f"requests/{deploy_id}" in snapshot or end_item is not None,
         )
     return facts
 
@@ -184,7 +188,10 @@ def _digest(request: dict[str, Any]) -> str:
 
 def committed_deploys(snapshot: KVSnapshot) -> dict[str, str]:
     """Release -> deploy id, for every deploy the checker calls committed (see deploy_facts)."""
-    ordered = sorted(deploy_facts(snapshot).values(), key=lambda f: f.started)
+    # Deploys the history trimmed were checked while they were still there.
+    ordered = sorted(
+        (f for f in deploy_facts(snapshot).values() if f.kept), key=lambda f: f.started
+    )
     return {f.release: f.id for f in ordered if f.committed}
 
 

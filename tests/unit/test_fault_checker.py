@@ -73,6 +73,17 @@ class TestOverlap:
         found = inv.overlapping_deploys(snap)
         assert [v.kind for v in found] == ["two_in_flight"] and "d2" in found[0].detail
 
+    def test_a_deploy_the_history_trimmed_is_not_taken_for_one_in_flight(self) -> None:
+        snap: inv.KVSnapshot = {}
+        deploy(snap, "d0", R1, {"a": "live"}, "commit")
+        # Trimmed: the request and outcome are gone, the host's own ack and the request it
+        # carries stay until that host deletes them.
+        snap["progress/a/d0/request"] = snap.pop("requests/d0")
+        assert not inv.deploy_facts(snap)["d0"].kept
+        deploy(snap, "d1", R2, {"a": "live"}, "commit")
+        snap["outcomes/d1"] = item({"result": "committed"}, create=5)
+        assert inv.overlapping_deploys(snap) == []
+
 
 class TestChecks:
     def test_settled_fleet_passes(self) -> None:
