@@ -188,10 +188,7 @@ def _digest(request: dict[str, Any]) -> str:
 
 def committed_deploys(snapshot: KVSnapshot) -> dict[str, str]:
     """Release -> deploy id, for every deploy the checker calls committed (see deploy_facts)."""
-    # Deploys the history trimmed were checked while they were still there.
-    ordered = sorted(
-        (f for f in deploy_facts(snapshot).values() if f.kept), key=lambda f: f.started
-    )
+    ordered = sorted(deploy_facts(snapshot).values(), key=lambda f: f.started)
     return {f.release: f.id for f in ordered if f.committed}
 
 
@@ -206,7 +203,9 @@ def decisions_written_twice(snapshot: KVSnapshot) -> list[Violation]:
 
 def overlapping_deploys(snapshot: KVSnapshot) -> list[Violation]:
     """Two deploys of the app in flight at once: one started before the one before it ended."""
-    ordered = sorted(deploy_facts(snapshot).values(), key=lambda f: f.started)
+    # Deploys the history trimmed were checked while they were still there.
+    kept = (f for f in deploy_facts(snapshot).values() if f.kept)
+    ordered = sorted(kept, key=lambda f: f.started)
     out = []
     for before, after in itertools.pairwise(ordered):
         if before.ended is None or after.started < before.ended:
