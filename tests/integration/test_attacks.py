@@ -9,7 +9,6 @@ expected host did not ack, and the next normal deploy works.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -470,22 +469,7 @@ class TestOneHostToken:
         x = host_client(acl_fleet, 2)
         assert x.kv_put(fleet.keys.events_seen, str(2**63 - 1).encode())
         v2 = acl_fleet.publish("v2")
-        payload = json.dumps({"app": "web", "artifact": v2["id"]})
-        raw = subprocess.run(
-            [str(fleet.cluster.consul_bin), "event", "-name=deploy", payload],
-            capture_output=True,
-            text=True,
-            env={
-                "PATH": "/usr/bin:/bin",
-                **fleet.cluster.hosts[1].env(),
-                "CONSUL_HTTP_TOKEN": acl_fleet.tokens.operator,
-            },
-            timeout=10,
-            check=True,
-        )
-        event_id = re.search(r"Event ID: (\S+)", raw.stdout)
-        assert event_id, raw.stdout
-        outcome = fleet.wait_outcome(event_id.group(1))
+        outcome = fleet.wait_outcome(acl_fleet.raw_deploy(v2["id"]))
         assert outcome["result"] == "committed", outcome
 
     def test_a_wrong_pin_is_a_veto_an_admin_repairs(self, acl_fleet: AclFleet) -> None:

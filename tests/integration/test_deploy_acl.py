@@ -113,6 +113,25 @@ class AclFleet:
     def operator(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.ctl(self.operator_config, *args, check=check)
 
+    def raw_deploy(self, artifact_id: str) -> str:
+        """`consul event -name=deploy '{...}'` with the operator token; the event's ID."""
+        payload = json.dumps({"app": "web", "artifact": artifact_id})
+        raw = subprocess.run(
+            [str(self.fleet.cluster.consul_bin), "event", "-name=deploy", payload],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                **self.fleet.cluster.hosts[1].env(),
+                "CONSUL_HTTP_TOKEN": self.tokens.operator,
+            },
+            timeout=10,
+            check=True,
+        )
+        event_id = re.search(r"Event ID: (\S+)", raw.stdout)
+        assert event_id, raw.stdout
+        return event_id.group(1)
+
     def publish(self, version: str) -> dict[str, Any]:
         """`watcherctl publish` with the CI token: upload, artifact record, build-finished."""
         src = self.fleet.workdir / f"checkout-{version}"
@@ -223,22 +242,7 @@ class TestWithLeastPrivilege:
         # A raw `consul event` with the operator token: a watcher creates the deploy record
         # (and advances events_seen) with its own token.
         v2 = acl_fleet.publish("v2")
-        payload = json.dumps({"app": "web", "artifact": v2["id"]})
-        raw = subprocess.run(
-            [str(fleet.cluster.consul_bin), "event", "-name=deploy", payload],
-            capture_output=True,
-            text=True,
-            env={
-                "PATH": "/usr/bin:/bin",
-                **fleet.cluster.hosts[1].env(),
-                "CONSUL_HTTP_TOKEN": acl_fleet.tokens.operator,
-            },
-            timeout=10,
-            check=True,
-        )
-        event_id = re.search(r"Event ID: (\S+)", raw.stdout)
-        assert event_id, raw.stdout
-        outcome = fleet.wait_outcome(event_id.group(1))
+        outcome = fleet.wait_outcome(acl_fleet.raw_deploy(v2["id"]))
         assert outcome["result"] == "committed", outcome
         release2 = fleet.currents()[fleet.watchers[0].name]
         assert release2 and release2.endswith("-" + v2["id"])
