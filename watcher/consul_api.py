@@ -5,8 +5,8 @@ Which calls go through py-consul's endpoint API, and which do not:
 * Through py-consul (``consul.Consul``): KV get/put/delete (keys, recurse, cas, acquire,
   release, blocking index+wait), session renew/destroy/info, event fire and ACL token
   self, each called with ``token=`` explicitly.
-* Directly, but still through py-consul's own HTTP client (``client.http``: one
-  ``requests`` session, one TLS config, one timeout hook, one error-mapping path) with an
+* Directly, but still through py-consul's HTTP client (``client.http``: one transport,
+  one TLS config, one timeout hook, one error-mapping path) with an
   explicit X-Consul-Token header, where py-consul 1.8.0 cannot do the job:
   ``/v1/event/list`` and ``/v1/txn`` (``event.list`` and ``txn.put`` send no token: with
   ACLs on the list is silently empty and a txn fails 409), ``/v1/agent/self`` and
@@ -17,19 +17,23 @@ Which calls go through py-consul's endpoint API, and which do not:
   direct call keeps one tested path for every TTL instead of a second one that only
   production TTLs would take).
 
+py-consul's HTTP client is this project's (``_HTTPClient`` on ``consul_http.Transport``:
+``http.client`` with pooled keep-alive connections) instead of its ``requests`` one, which
+cost several times the CPU per request (the numbers are in ``consul_http``'s docstring).
+
 py-consul is set up so that nothing outside ``ConsulSettings`` leaks in: its
 ``Consul.__init__`` prefers CONSUL_HTTP_TOKEN from the environment over the token it is
 given, so the token is reset after construction and passed on every call; host, port,
 scheme and verify are always given, so CONSUL_HTTP_ADDR/SSL/SSL_VERIFY are not read; and
-its ``requests`` session gets ``trust_env = False``, so REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
-cannot replace ``verify`` and no HTTP(S)_PROXY captures the traffic to the agent.
+the transport reads no proxy or CA-bundle variable, so no HTTP(S)_PROXY captures the
+traffic to the agent and REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE cannot replace ``verify``.
 
 py-consul reports HTTP failures as exceptions (``ACLPermissionDenied``, ``NotFound``,
 ``ConsulException("500 ...")`` ...) whose messages are the only place most statuses
 appear; the HTTP client here wraps every response callback so the failing response
 (status, headers, body) rides on the exception, and the mapping to ``watcher.errors`` reads
 the status from there (py-consul's message format is parsed only as a fallback, for an
-exception raised outside those callbacks). requests exceptions pass through
+exception raised outside those callbacks). Transport failures pass through
 py-consul untouched and are mapped here too. Timeouts, retries (tenacity) and the refusal
 to retry a write that may have landed are this module's, per attempt.
 """
@@ -52,9 +56,6 @@ from typing import Any, TypeVar
 
 import consul
 import consul.base
-import consul.std
-import requests
-import urllib3
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -65,6 +66,7 @@ from tenacity import (
 )
 
 from watcher.config import ConsulSettings
+from watcher.consul_http import Transport, TransportError, TransportTLSError
 from watcher.errors import (
     ConsulError,
     ConsulPermissionDenied,
@@ -99,8 +101,6 @@ DEFAULT_BLOCKING_WAIT = 300.0
 MAX_RETRY_SLEEP = 2.0
 #: Shortest per-attempt timeout when the retry deadline is almost spent.
 MIN_ATTEMPT_TIMEOUT = 0.5
-#: Pooled connections per client: each concurrent blocking query holds one.
-POOL_SIZE = 32
 
 log = get_logger(component="consul")
 
@@ -336,7 +336,7 @@ def is_transient_status(status: int, body: str) -> bool:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it wraps (urllib3 reasons, args, causes)."""
+    """``exc`` and the exceptions it wraps (reasons, args, causes)."""
     out: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and all(current is not e for e in out):
@@ -351,17 +351,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def request_not_sent(exc: BaseException) -> bool:
-    """Whether a requests failure happened before the request could reach the server."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    return any(
-        isinstance(e, urllib3.exceptions.NewConnectionError | ConnectionRefusedError)
-        for e in _chain(exc)
-    )
+    """Whether a transport failure happened before the request could reach the agent."""
+    return any(isinstance(e, TransportError) and not e.sent for e in _chain(exc))
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost readable reason of a requests/urllib3 exception, on one line."""
+    """The innermost readable reason of a transport failure, on one line."""
     texts = [str(e) for e in _chain(exc) if str(e)]
     reason = texts[-1] if texts else type(exc).__name__
     return " ".join(reason.split())[:300]
@@ -487,13 +482,12 @@ def _count_request(method: str, path: str, params: Any) -> None:
         _REQUESTS[kind] += 1
 
 
-class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is untyped
-    """py-consul's requests-based HTTP client, set up for this project.
+class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]  # py-consul is untyped
+    """py-consul's HTTP client interface on this project's ``Transport`` (``consul_http``).
 
-    Its ``requests`` session does not trust the environment, pools ``POOL_SIZE``
-    connections, and every response callback keeps the failing response on the exception.
-    The timeout of each request is the one ``ConsulClient`` set for the attempt. Every
-    request of the process goes through here and is counted (``request_counts``).
+    Every response callback keeps the failing response on the exception. The timeout of
+    each request is the one ``ConsulClient`` set for the attempt. Every request of the
+    process goes through here and is counted (``request_counts``).
     """
 
     def __init__(
@@ -507,19 +501,49 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         base_url: str,
         timeout: float,
     ) -> None:
-        super().__init__(host, port, scheme, verify, cert, connections_timeout=timeout)
+        super().__init__(host, port, scheme, verify, cert)
         # The configured address as given ("[::1]:8500", a name without a port ...).
         self.base_uri = base_url
-        session: requests.Session = self.session
-        session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["User-Agent"] = "release-watcher"
+        self.default_timeout = timeout
+        self.transport = Transport(host, port, scheme, verify=verify, cert=cert)
 
-    def timeout(self, params: Any) -> Any:
+    def timeout(self, params: Any) -> tuple[float, float]:
+        """(connect, read) seconds of the request being attempted in this thread."""
         attempt = _ATTEMPT_TIMEOUT.get()
-        return attempt if attempt is not None else super().timeout(params)
+        if attempt is not None:
+            return attempt
+        names = {p[0] for p in params or () if isinstance(p, tuple | list) and p}
+        wait = DEFAULT_BLOCKING_WAIT if "index" in names else None
+        return self.default_timeout, blocking_timeout(self.default_timeout, wait)
+
+    def _send(
+        self,
+        method: str,
+        callback: Callable[[Any], Any],
+        path: str,
+        params: Any,
+        data: str | bytes | None,
+        headers: dict[str, str] | None,
+        raw: bool = False,
+    ) -> Any:
+        _count_request(method, path, params)
+        target = urllib.parse.quote(path, safe="/:")
+        if params:
+            target = f"{target}?{urllib.parse.urlencode(params)}"
+        body = data.encode() if isinstance(data, str) else data
+        connect, read = self.timeout(params)
+        answer = self.transport.request(
+            method,
+            target,
+            body=body if body or method != "GET" else None,
+            headers={"User-Agent": "release-watcher", **(headers or {})},
+            connect_timeout=connect,
+            read_timeout=read,
+        )
+        content: str | bytes = answer.body if raw else answer.body.decode("utf-8", "replace")
+        return _keeping_response(callback)(
+            consul.base.Response(answer.status, answer.headers, content)
+        )
 
     def get(
         self,
@@ -529,10 +553,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         headers: dict[str, str] | None = None,
         raw: bool = False,
     ) -> Any:
-        _count_request("GET", path, params)
-        return super().get(
-            _keeping_response(callback), path, params=params, headers=headers, raw=raw
-        )
+        return self._send("GET", callback, path, params, None, headers, raw)
 
     def put(
         self,
@@ -542,10 +563,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str | bytes = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
-        _count_request("PUT", path, params)
-        return super().put(
-            _keeping_response(callback), path, params=params, data=data, headers=headers
-        )
+        return self._send("PUT", callback, path, params, data, headers)
 
     def delete(
         self,
@@ -555,10 +573,7 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str | bytes = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
-        _count_request("DELETE", path, params)
-        return super().delete(
-            _keeping_response(callback), path, params=params, data=data, headers=headers
-        )
+        return self._send("DELETE", callback, path, params, data, headers)
 
     def post(
         self,
@@ -568,13 +583,10 @@ class _HTTPClient(consul.std.HTTPClient):  # type: ignore[misc]  # py-consul is 
         data: str = "",
         headers: dict[str, str] | None = None,
     ) -> Any:
-        _count_request("POST", path, params)
-        return super().post(
-            _keeping_response(callback), path, params=params, data=data, headers=headers
-        )
+        return self._send("POST", callback, path, params, data, headers)
 
     def close(self) -> None:
-        self.session.close()
+        self.transport.close()
 
 
 class _Consul(consul.Consul):  # type: ignore[misc]  # py-consul is untyped
@@ -648,7 +660,7 @@ class ConsulClient:
     """Typed access to one Consul agent's HTTP API (the local agent of this host).
 
     One client may be shared by threads (a renewal thread, watches); each concurrent
-    blocking query holds one of ``POOL_SIZE`` pooled connections.
+    blocking query holds a connection of its own.
     """
 
     def __init__(self, settings: ConsulSettings, *, retry_deadline: float = 10.0) -> None:
@@ -682,13 +694,13 @@ class ConsulClient:
         try:
             with _attempt_timeout(connect_timeout, timeout):
                 return call()
-        except requests.exceptions.SSLError as exc:
+        except TransportTLSError as exc:
             raise ConsulTLSError(
                 f"TLS connection to Consul at {self.address} failed for {what}: {_reason(exc)}"
             ) from exc
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "failed"
-            if not idempotent and not request_not_sent(exc):
+        except TransportError as exc:
+            kind = "timed out" if exc.timeout else "failed"
+            if not idempotent and exc.sent:
                 # The agent may have applied the write before the connection broke: a retry
                 # could then report a lost CAS or a failed check for our own success.
                 raise ConsulUnavailable(
@@ -700,10 +712,6 @@ class ConsulClient:
                 f"{_reason(exc)} (is the agent running?)"
             )
             raise _Transient(error) from exc
-        except requests.exceptions.RequestException as exc:
-            raise ConsulRequestError(
-                f"request to Consul at {self.address} for {what} failed: {_reason(exc)}"
-            ) from exc
         except consul.Timeout as exc:  # py-consul's asyncio client; kept for completeness
             if not idempotent:
                 raise ConsulUnavailable(

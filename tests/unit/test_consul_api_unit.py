@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import requests
 
 from watcher.config import ConsulSettings
 from watcher.consul_api import (
@@ -28,6 +27,7 @@ from watcher.consul_api import (
     next_kv_index,
     request_not_sent,
 )
+from watcher.consul_http import Transport, TransportError
 from watcher.errors import (
     ConsulPermissionDenied,
     ConsulRequestError,
@@ -337,10 +337,12 @@ class TestRetryPolicy:
         assert len(script.seen) == 2
 
     def test_a_refused_connection_was_not_sent(self) -> None:
-        with pytest.raises(requests.exceptions.ConnectionError) as info:
-            requests.get("http://127.0.0.1:9/", timeout=2)
+        with pytest.raises(TransportError) as info:
+            Transport("127.0.0.1", 9).request(
+                "PUT", "/v1/txn", body=b"[]", connect_timeout=2, read_timeout=2
+            )
         assert request_not_sent(info.value)
-        assert not request_not_sent(requests.exceptions.ReadTimeout("read timed out"))
+        assert not request_not_sent(TransportError("timed out", sent=True, timeout=True))
 
     def test_unreachable_address_fails_fast(self) -> None:
         started = time.monotonic()
@@ -350,8 +352,8 @@ class TestRetryPolicy:
 
 
 class TestSettingsOnly:
-    """py-consul reads CONSUL_HTTP_* itself and requests reads proxies and CA bundles from
-    the environment; the client must use its ConsulSettings and nothing else."""
+    """py-consul reads CONSUL_HTTP_* itself and HTTP libraries read proxies and CA bundles
+    from the environment; the client must use its ConsulSettings and nothing else."""
 
     def test_env_token_does_not_override_the_configured_one(
         self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
