@@ -280,10 +280,14 @@ class AppAgent:
                 # it by hand, the deploy still needs its outcome, history and ``current``.
                 deploy_id = str(journal["deploy"])
                 fleet_on = current[0].deploy if current and current[0] else None
-                if fleet_on == deploy_id or self.store.outcome(deploy_id) is not None:
-                    self.journal.update(ended=True)
-                else:
-                    return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
+                if fleet_on != deploy_id:
+                    # The watch of `current` may answer after the one of `inflight`: read
+                    # both records of the end at once rather than converge on a stale one.
+                    current, ended = self.store.current_and_outcome(deploy_id)
+                    fleet_on = current[0].deploy if current[0] else None
+                    if fleet_on != deploy_id and ended is None:
+                        return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
+                self.journal.update(ended=True)
             self._idle_status()
             return self._converge(current)
         if journal and journal.get("deploy") == inflight_id:
@@ -461,14 +465,16 @@ class AppAgent:
                 self._cancel.set()
                 return self._start("abort", deploy_id, lambda: self._abort(joined))
             return self._finish_part(joined, inflight_id, inflight_index)
-        # The decision record is the wake-up of a host that waits for the others' acks.
-        self.status.watch = (keys.decision(deploy_id),)
         own = self._own.get(deploy_id)
         if own is None:
             ack, _ = self.store.ack(deploy_id, self.node)
             own = ack.state if ack else ""
             self._own[deploy_id] = own
         self.status.state = own
+        # A quick prepare watches nothing: the worker wakes the loop when it is done, and
+        # the ready ack's own txn reads the verdict (a long one watches below, past
+        # ABORT_POLL_AFTER); a host that waits for the others' acks watches the decision.
+        self.status.watch = ()
         past_prepare = utcnow() >= parse_iso(joined.request.prepare_deadline)
         moved = inflight_id != deploy_id and self._inflight_moved(joined)
         if own in ("", STAGING):
@@ -517,6 +523,9 @@ class AppAgent:
                 return self._start("prepare", deploy_id, lambda: self._prepare(joined))
         # The ready ack's txn read the acks after writing it: no second read for that.
         verdict = self._verdicts.pop(deploy_id, None) or self.store.establish(joined)
+        if verdict.outcome == UNDECIDED:
+            # The decision record is the wake-up of a host that waits for the others' acks.
+            self.status.watch = (keys.decision(deploy_id),)
         if verdict.outcome == UNDECIDED and inflight_id is None and own == READY:
             # Someone deleted inflight mid-prepare: hosts that never joined would never ack.
             # Point it back at this undecided deploy (cas=0) so they join and decide.

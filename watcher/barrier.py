@@ -1354,6 +1354,21 @@ class DeployStore:
             log.warning("inflight_cleared", app=self.app, deploy=deploy_id, reason=reason, by=by)
         return ok
 
+    def current_and_outcome(
+        self, deploy_id: str
+    ) -> tuple[tuple[CurrentRecord | None, int], Outcome | None]:
+        """``current()`` and ``outcome(deploy_id)`` in one consistent read: the end writes
+        both in one txn, so a host that saw ``inflight`` go learns both in one request."""
+        current, outcome = self._read_txn(
+            [
+                TxnOp.get_or_empty(self.keys.current),
+                TxnOp.get_or_empty(self.keys.outcome(deploy_id)),
+            ],
+            consistent=True,
+        )
+        found: Outcome | None = self._doc(Outcome, outcome)
+        return self.current_of(current), found
+
     def outcome(self, deploy_id: str) -> Outcome | None:
         entry = self.consul.kv_get(self.keys.outcome(deploy_id), consistent=True)
         outcome: Outcome | None = self._doc(Outcome, entry)

@@ -10,6 +10,7 @@ Signal handlers only set flags.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -40,8 +41,9 @@ from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
-TICK_IDLE = 5.0  # ... and when idle: watches wake the loop on every change that matters
+TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
 WATCH_WAIT = 20.0  # blocking query wait
+ACK_WATCH_SETTLE = 0.1  # seconds the coordinator lets acks gather before it looks again
 LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
 STATUS_FILE = "status.json"
@@ -146,7 +148,9 @@ class SessionKeeper(threading.Thread):
                 atomic_write_json(self.path.with_name(FIRST_INDEX_FILE), {"first_index": index})
 
     def run(self) -> None:
-        interval = max(self.ttl / 3.0, 0.3)
+        # Every TTL/2, as Consul's own Go API renews: Consul keeps a session at least its
+        # TTL past the last renewal, so one failed renewal still leaves time for another.
+        interval = max(self.ttl / 2.0, 0.3)
         while not self.stopping.is_set():
             try:
                 current = self.session_id
@@ -192,25 +196,42 @@ class SessionKeeper(threading.Thread):
 
 
 class Watch(threading.Thread):
-    """Wakes the loop whenever a blocking query on one small key (or prefix) changes."""
+    """Wakes the loop whenever what a blocking query on one small key (or prefix) returns
+    changes.
+
+    ``fetch(index)`` returns the next index and a marker of what matters (a key's
+    ModifyIndex, None while it is missing). Consul answers a blocking query on a missing
+    key whenever any KV write moves the table's index, so the index alone would wake the
+    loop for every write of a busy deploy; the marker wakes it only when the key itself
+    changed. A ``quiet`` watch takes a missing key at its first read as what the loop
+    already knows (a decision the loop has just found undecided), so only the key's
+    appearance wakes it; any other watch wakes the loop once with its first read. With
+    ``settle``, the watch waits that long after a wake before it asks again.
+    """
 
     def __init__(
         self,
         name: str,
-        fetch: Callable[[int], int],
+        fetch: Callable[[int], tuple[int, object]],
         wake: Callable[[], None],
         stopping: threading.Event,
+        *,
+        quiet: bool = False,
+        settle: float = 0.0,
     ) -> None:
         super().__init__(name=f"watch {name}", daemon=True)
         self.fetch = fetch
         self.wake = wake
         self.stopping = stopping
+        self.quiet = quiet
+        self.settle = settle
 
     def run(self) -> None:
         index = 0
+        seen: object = None if self.quiet else _MISSING
         while not self.stopping.is_set():
             try:
-                new = self.fetch(index)
+                index, marker = self.fetch(index)
             except Exception as exc:  # a watch thread must not die: back off and retry
                 if not isinstance(exc, ConsulError):
                     log.warning("watch_failed", watch=self.name, error=repr(exc))
@@ -219,9 +240,12 @@ class Watch(threading.Thread):
                 continue
             if self.stopping.is_set():
                 return
-            if new != index:
-                index = new
+            if marker != seen:
+                seen = marker
                 self.wake()
+                if self.settle:
+                    # Writes that land meanwhile come back in one answer, not one each.
+                    self.stopping.wait(self.settle)
 
 
 class WatchCache:
@@ -246,34 +270,35 @@ _MISSING = object()
 
 def key_watch(
     consul: ConsulClient, key: str, cache: WatchCache | None = None
-) -> Callable[[int], int]:
-    def fetch(index: int) -> int:
+) -> Callable[[int], tuple[int, object]]:
+    def fetch(index: int) -> tuple[int, object]:
         new, entry = consul.kv_get_blocking(key, index, WATCH_WAIT)
         if cache is not None:
             cache.put(key, entry)
-        return new
+        return new, entry.modify_index if entry is not None else None
 
     return fetch
 
 
 def prefix_watch(
     consul: ConsulClient, prefix: str, cache: WatchCache | None = None
-) -> Callable[[int], int]:
-    def fetch(index: int) -> int:
+) -> Callable[[int], tuple[int, object]]:
+    def fetch(index: int) -> tuple[int, object]:
         new, entries = consul.kv_list_blocking(prefix, index, WATCH_WAIT)
         if cache is not None:
             cache.put(prefix, entries)
-        return new
+        return new, tuple((e.key, e.modify_index) for e in entries)
 
     return fetch
 
 
-def keys_watch(consul: ConsulClient, prefix: str) -> Callable[[int], int]:
-    """A watch on the key names under ``prefix``: wakes on any write there, carries little."""
+def keys_watch(consul: ConsulClient, prefix: str) -> Callable[[int], tuple[int, object]]:
+    """A watch on the key names under ``prefix``: wakes on any write there, carries little
+    (an ack rewritten in place changes the index, not the names: the index is the marker)."""
 
-    def fetch(index: int) -> int:
+    def fetch(index: int) -> tuple[int, object]:
         new, _ = consul.kv_keys_blocking(prefix, index, WATCH_WAIT)
-        return new
+        return new, new
 
     return fetch
 
@@ -444,10 +469,13 @@ class Daemon:
             current.pop(key).set()
         for key in sorted(wanted - set(current)):
             stop = threading.Event()
-            fetch = (
-                keys_watch(self.consul, key) if key.endswith("/") else key_watch(self.consul, key)
-            )
-            Watch(f"{name} {key}", fetch, self.wake, stop).start()
+            if key.endswith("/"):  # the coordinator's acks: one look per burst of writes
+                fetch = keys_watch(self.consul, key)
+                Watch(f"{name} {key}", fetch, self.wake, stop, settle=ACK_WATCH_SETTLE).start()
+            else:  # a decision or an abort request: only its appearance is news
+                Watch(
+                    f"{name} {key}", key_watch(self.consul, key), self.wake, stop, quiet=True
+                ).start()
             current[key] = stop
         self._deploy_watch[name] = current
 
@@ -490,6 +518,9 @@ class Daemon:
         )
         self.event_watcher.start()
         self._start_watches()
+        # Everything built so far (modules, config, clients) lives as long as the process:
+        # out of the collector's sight, a collection scans only what a deploy allocates.
+        gc.freeze()
         self.notifier.ready(f"watching {len(self.agents)} app(s)")
         watchdog = self.notifier.watchdog_interval()
         log.info("watcher_ready", node=self.node)
