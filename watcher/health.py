@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -381,7 +382,9 @@ class HealthServer:
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
-            kwargs={"poll_interval": 0.1},
+            # No timeout: the thread sleeps until a request comes (stop() wakes it), rather
+            # than waking ten times a second for nothing.
+            kwargs={"poll_interval": None},
             name="health-http",
             daemon=True,
         )
@@ -389,10 +392,21 @@ class HealthServer:
         get_logger(component="health").info("health_listening", host=self.host, port=self.port)
 
     def stop(self) -> None:
-        if self._server is None:
+        server = self._server
+        if server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        # shutdown() waits for serve_forever to see its request, which it does only after
+        # select() returns: connect until it has.
+        stopper = threading.Thread(target=server.shutdown, name="health-http-stop", daemon=True)
+        stopper.start()
+        host, port = server.server_address[:2]
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                socket.create_connection((str(host), int(port)), timeout=1).close()
+            stopper.join(0.1)
+            if not stopper.is_alive():
+                break
+        server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None
