@@ -1,25 +1,28 @@
-"""The Consul boundary: typed KV, session, event, txn and ACL calls through py-consul.
+"""The Consul boundary: typed KV, session, event, txn and ACL calls.
 
 Which calls go through py-consul's endpoint API, and which do not:
 
-* Through py-consul (``consul.Consul``): KV get/put/delete (keys, recurse, cas, acquire,
-  release, blocking index+wait), session renew/destroy/info, event fire and ACL token
-  self, each called with ``token=`` explicitly.
-* Directly, but still through py-consul's HTTP client (``client.http``: one transport,
-  one TLS config, one timeout hook, one error-mapping path) with an
-  explicit X-Consul-Token header, where py-consul 1.8.0 cannot do the job:
-  ``/v1/event/list`` and ``/v1/txn`` (``event.list`` and ``txn.put`` send no token: with
-  ACLs on the list is silently empty and a txn fails 409), ``/v1/agent/self`` and
-  ``/v1/status/leader`` (``agent.self`` and ``status.leader`` take no token), a
-  recursive KV read whose ``X-Consul-Results-Filtered-By-Acls`` header matters
-  (``kv.get`` returns no headers), and ``/v1/session/create`` (``session.create``
-  asserts a TTL of at least 10 s and can only send the deprecated ``Checks`` field; one
-  direct call keeps one tested path for every TTL instead of a second one that only
-  production TTLs would take).
+* Through py-consul (``consul.Consul``): KV put/delete (cas, acquire, release), session
+  renew/destroy/info, event fire and ACL token self, each called with ``token=``
+  explicitly. py-consul is imported on first use of one of these (``import consul``
+  imports ``requests``, its stock HTTP client: ~50-100 ms of start-up that a command
+  which only reads never needs).
+* Directly, through the same HTTP client (one transport, one TLS config, one timeout
+  hook, one error-mapping path) with an explicit X-Consul-Token header: KV reads (get,
+  list, keys, blocking index+wait: the same GETs py-consul's ``kv.get`` makes, decoded
+  here), and where py-consul 1.8.0 cannot do the job: ``/v1/event/list`` and ``/v1/txn``
+  (``event.list`` and ``txn.put`` send no token: with ACLs on the list is silently empty
+  and a txn fails 409), ``/v1/agent/self`` and ``/v1/status/leader`` (``agent.self`` and
+  ``status.leader`` take no token), a recursive KV read whose
+  ``X-Consul-Results-Filtered-By-Acls`` header matters (``kv.get`` returns no headers),
+  and ``/v1/session/create`` (``session.create`` asserts a TTL of at least 10 s and can
+  only send the deprecated ``Checks`` field; one direct call keeps one tested path for
+  every TTL instead of a second one that only production TTLs would take).
 
-py-consul's HTTP client is this project's (``_HTTPClient`` on ``consul_http.Transport``:
-``http.client`` with pooled keep-alive connections) instead of its ``requests`` one, which
-cost several times the CPU per request (the numbers are in ``consul_http``'s docstring).
+The HTTP client is this project's (``_HTTPClient`` on ``consul_http.Transport``:
+``http.client`` with pooled keep-alive connections), for py-consul too, instead of
+py-consul's ``requests`` one, which cost several times the CPU per request (the numbers
+are in ``consul_http``'s docstring).
 
 py-consul is set up so that nothing outside ``ConsulSettings`` leaks in: its
 ``Consul.__init__`` prefers CONSUL_HTTP_TOKEN from the environment over the token it is
@@ -42,9 +45,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextvars
 import json
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -54,8 +59,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import consul
-import consul.base
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -374,11 +377,33 @@ _ATTEMPT_TIMEOUT: contextvars.ContextVar[tuple[float, float] | None] = contextva
 _RESPONSE_ATTR = "watcher_response"
 
 #: py-consul's exception classes that stand for one HTTP status.
-_STATUS_OF_EXCEPTION: tuple[tuple[type[Exception], int], ...] = (
-    (consul.ACLDisabled, 401),
-    (consul.ACLPermissionDenied, 403),
-    (consul.NotFound, 404),
+_STATUS_OF_EXCEPTION: tuple[tuple[str, int], ...] = (
+    ("ACLDisabled", 401),
+    ("ACLPermissionDenied", 403),
+    ("NotFound", 404),
 )
+
+#: What py-consul's response callbacks read: ``code``, ``headers``, ``body`` (the same
+#: fields as ``consul.base.Response``).
+_Response = collections.namedtuple("_Response", ["code", "headers", "body"])
+
+
+class _StatusError(Exception):
+    """A direct call answered with an error status it does not allow."""
+
+
+def _py_consul() -> Any:
+    """py-consul, imported on first use: ``import consul`` imports ``requests`` (its stock
+    HTTP client), ~50-100 ms that a command reading KV through the transport never needs."""
+    import consul
+
+    return consul
+
+
+def _is_py_consul_error(exc: BaseException, name: str = "ConsulException") -> bool:
+    module = sys.modules.get("consul")
+    cls = getattr(module, name, None) if module is not None else None
+    return isinstance(cls, type) and isinstance(exc, cls)
 
 
 @contextmanager
@@ -396,7 +421,7 @@ def _keeping_response(callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def run(response: Any) -> Any:
         try:
             return callback(response)
-        except consul.ConsulException as exc:
+        except Exception as exc:
             setattr(exc, _RESPONSE_ATTR, response)
             raise
 
@@ -404,12 +429,12 @@ def _keeping_response(callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _raw_answer(allow: tuple[int, ...] = ()) -> Callable[[Any], Any]:
-    """A response callback for the direct calls: the ``consul.base.Response`` itself, or
-    py-consul's ``ConsulException`` for an error status not in ``allow``."""
+    """A response callback for the direct calls: the response itself, or ``_StatusError``
+    for an error status not in ``allow``."""
 
     def run(response: Any) -> Any:
         if response.code >= 400 and response.code not in allow:
-            raise consul.ConsulException(f"{response.code} {response.body}")
+            raise _StatusError(f"{response.code} {response.body}")
         return response
 
     return run
@@ -418,14 +443,14 @@ def _raw_answer(allow: tuple[int, ...] = ()) -> Callable[[Any], Any]:
 def _failed_status(exc: Exception) -> tuple[int, str] | None:
     """The HTTP status and body a py-consul exception was raised for, if it was."""
     response = getattr(exc, _RESPONSE_ATTR, None)
-    if isinstance(response, consul.base.Response):
+    if isinstance(response, _Response):
         body = response.body
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
         return int(response.code), text
     # Not raised by a callback of ours: fall back on py-consul's own conventions (the class
     # for 401/403/404, "<status> <body>" as the message of the others).
-    for cls, status in _STATUS_OF_EXCEPTION:
-        if isinstance(exc, cls):
+    for name, status in _STATUS_OF_EXCEPTION:
+        if _is_py_consul_error(exc, name):
             return status, str(exc)
     match = re.fullmatch(r"([45]\d\d) (.*)", str(exc), re.DOTALL)
     if match:
@@ -482,8 +507,9 @@ def _count_request(method: str, path: str, params: Any) -> None:
         _REQUESTS[kind] += 1
 
 
-class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]  # py-consul is untyped
-    """py-consul's HTTP client interface on this project's ``Transport`` (``consul_http``).
+class _HTTPClient:
+    """py-consul's HTTP client interface (get/put/delete/post with a response callback)
+    on this project's ``Transport`` (``consul_http``); the direct calls use it too.
 
     Every response callback keeps the failing response on the exception. The timeout of
     each request is the one ``ConsulClient`` set for the attempt. Every request of the
@@ -501,7 +527,8 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]  # py-consul is
         base_url: str,
         timeout: float,
     ) -> None:
-        super().__init__(host, port, scheme, verify, cert)
+        self.host, self.port, self.scheme = host, port, scheme
+        self.verify, self.cert = verify, cert
         # The configured address as given ("[::1]:8500", a name without a port ...).
         self.base_uri = base_url
         self.default_timeout = timeout
@@ -541,9 +568,7 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]  # py-consul is
             read_timeout=read,
         )
         content: str | bytes = answer.body if raw else answer.body.decode("utf-8", "replace")
-        return _keeping_response(callback)(
-            consul.base.Response(answer.status, answer.headers, content)
-        )
+        return _keeping_response(callback)(_Response(answer.status, answer.headers, content))
 
     def get(
         self,
@@ -589,63 +614,52 @@ class _HTTPClient(consul.base.HTTPClient):  # type: ignore[misc]  # py-consul is
         self.transport.close()
 
 
-class _Consul(consul.Consul):  # type: ignore[misc]  # py-consul is untyped
-    """``consul.Consul`` on ``_HTTPClient``, configured from ``ConsulSettings`` only."""
-
-    def __init__(self, settings: ConsulSettings) -> None:
-        self._base_url = settings.base_url
-        self._timeout = settings.timeout
-        parts = urllib.parse.urlsplit(settings.base_url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        verify: bool | str = True
-        cert: tuple[str, str] | None = None
-        if settings.scheme == "https":
-            verify = (settings.ca_file or True) if settings.verify else False
-            if settings.cert_file and settings.key_file:
-                cert = (settings.cert_file, settings.key_file)
-        # host, port, scheme and verify are all given, so py-consul reads none of
-        # CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
-        super().__init__(
-            host=parts.hostname or "127.0.0.1",
-            port=port or (8501 if settings.scheme == "https" else 8500),
-            token=settings.token,
-            scheme=settings.scheme,
-            verify=verify,
-            cert=cert,
-            connections_timeout=settings.timeout,
-        )
-        # py-consul's __init__ takes CONSUL_HTTP_TOKEN from the environment over the token
-        # it is given; the configuration (which already read that variable) decides.
-        self.token = settings.token
-
-    def http_connect(
-        self,
-        host: str,
-        port: int,
-        scheme: str,
-        verify: bool | str = True,
-        cert: tuple[str, str] | None = None,
-    ) -> _HTTPClient:
-        return _HTTPClient(
-            host, port, scheme, verify, cert, base_url=self._base_url, timeout=self._timeout
-        )
-
-
-def _kv_entry(data: Mapping[str, Any]) -> KVEntry:
-    """A ``KVEntry`` from an entry py-consul returns (its ``Value`` already decoded)."""
-    value = data.get("Value")
-    return KVEntry(
-        key=str(data.get("Key", "")),
-        value=bytes(value) if value is not None else None,
-        modify_index=int(data.get("ModifyIndex") or 0),
-        create_index=int(data.get("CreateIndex") or 0),
-        lock_index=int(data.get("LockIndex") or 0),
-        session=data.get("Session") or None,
-        flags=int(data.get("Flags") or 0),
+def _http_client(settings: ConsulSettings) -> _HTTPClient:
+    """The HTTP client of ``settings``: host, port, scheme and TLS files, nothing else."""
+    parts = urllib.parse.urlsplit(settings.base_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    verify: bool | str = True
+    cert: tuple[str, str] | None = None
+    if settings.scheme == "https":
+        verify = (settings.ca_file or True) if settings.verify else False
+        if settings.cert_file and settings.key_file:
+            cert = (settings.cert_file, settings.key_file)
+    return _HTTPClient(
+        parts.hostname or "127.0.0.1",
+        port or (8501 if settings.scheme == "https" else 8500),
+        settings.scheme,
+        verify,
+        cert,
+        base_url=settings.base_url,
+        timeout=settings.timeout,
     )
+
+
+def _py_consul_on(http: _HTTPClient, settings: ConsulSettings) -> Any:
+    """``consul.Consul`` on ``http``, configured from ``settings`` only."""
+    consul = _py_consul()
+
+    class _Consul(consul.Consul):  # type: ignore[misc,name-defined]  # py-consul is untyped
+        def http_connect(self, *args: Any, **kwargs: Any) -> _HTTPClient:
+            return http
+
+    # host, port, scheme and verify are all given, so py-consul reads none of
+    # CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
+    client = _Consul(
+        host=http.host,
+        port=http.port,
+        token=settings.token,
+        scheme=settings.scheme,
+        verify=http.verify,
+        cert=http.cert,
+    )
+    # py-consul's __init__ takes CONSUL_HTTP_TOKEN from the environment over the token it
+    # is given; the configuration (which already read that variable) decides.
+    client.token = settings.token
+    return client
 
 
 def _index(value: Any) -> int:
@@ -668,8 +682,15 @@ class ConsulClient:
         self.retry_deadline = retry_deadline
         self.address = settings.base_url
         self._token = settings.token
-        self._consul = _Consul(settings)
-        self._http: _HTTPClient = self._consul.http
+        self._http = _http_client(settings)
+        self._py: Any = None
+
+    @property
+    def _consul(self) -> Any:
+        """py-consul's client on this client's transport, made on first use."""
+        if self._py is None:
+            self._py = _py_consul_on(self._http, self.settings)
+        return self._py
 
     # ----------------------------------------------------------------- plumbing
 
@@ -712,16 +733,13 @@ class ConsulClient:
                 f"{_reason(exc)} (is the agent running?)"
             )
             raise _Transient(error) from exc
-        except consul.Timeout as exc:  # py-consul's asyncio client; kept for completeness
-            if not idempotent:
-                raise ConsulUnavailable(
-                    f"Consul at {self.address} did not answer {what} in time; "
-                    "the write may or may not have been applied"
-                ) from exc
-            raise _Transient(
-                ConsulUnavailable(f"Consul at {self.address} did not answer {what} in time")
+        except binascii.Error as exc:  # py-consul's base64 decoding of KV values
+            raise ConsulRequestError(
+                f"Consul at {self.address} answered {what} with undecodable base64: {exc}"
             ) from exc
-        except consul.ConsulException as exc:
+        except Exception as exc:
+            if not isinstance(exc, _StatusError) and not _is_py_consul_error(exc):
+                raise
             failed = _failed_status(exc)
             if failed is None or failed[0] < 400:
                 # py-consul could not use a successful answer (invalid JSON, no index).
@@ -736,10 +754,6 @@ class ConsulClient:
             if is_transient_status(status, body):
                 raise _Transient(mapped) from exc
             raise mapped from exc
-        except binascii.Error as exc:  # py-consul's base64 decoding of KV values
-            raise ConsulRequestError(
-                f"Consul at {self.address} answered {what} with undecodable base64: {exc}"
-            ) from exc
 
     def _call(
         self,
@@ -847,19 +861,63 @@ class ConsulClient:
 
     # ----------------------------------------------------------------- KV
 
+    def _kv_read(
+        self,
+        path: str,
+        params: list[tuple[str, Any]],
+        *,
+        what: str,
+        index: int | None = None,
+        wait: float | None = None,
+    ) -> tuple[int, Any]:
+        """One GET of ``/v1/kv/<path>``: (X-Consul-Index, the JSON answer or None on 404).
+
+        KV reads go straight through the transport rather than py-consul's ``kv.get``: the
+        same request, without importing py-consul (and its ``requests``) for a command that
+        only reads."""
+        if index is not None and wait is not None:
+            params = [*params, ("index", index), ("wait", _duration(wait))]
+        resp = self._direct(
+            "GET",
+            f"/v1/kv/{self._kv_key(path)}",
+            what=what,
+            params=params,
+            wait=wait if index is not None else None,
+            allow=(404,),
+        )
+        returned = _index(resp.headers.get("X-Consul-Index"))
+        if resp.code == 404:
+            return returned, None
+        return returned, self._json(resp, what)
+
+    def _entries(self, data: Any, what: str) -> list[KVEntry]:
+        if data is None:
+            return []
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise ConsulRequestError(
+                f"Consul at {self.address} answered {what} with something other than a "
+                "list of KV entries"
+            )
+        return [KVEntry.from_json(d) for d in data]
+
+    def _names(self, data: Any, what: str) -> list[str]:
+        if data is None:
+            return []
+        if not isinstance(data, list) or not all(isinstance(k, str) for k in data):
+            raise ConsulRequestError(
+                f"Consul at {self.address} answered {what} with something other than a "
+                "list of key names"
+            )
+        return list(data)
+
     def kv_get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
         """The entry at ``key``, None when there is none. ``consistent`` makes the leader
         confirm its leadership first: a read after an election never answers 404 for a key
         that exists."""
-        _, data = self._call(
-            lambda: self._consul.kv.get(
-                self._kv_key(key),
-                token=self._token,
-                consistency="consistent" if consistent else None,
-            ),
-            what=f"kv get {key}",
-        )
-        return _kv_entry(data) if data else None
+        what = f"kv get {key}"
+        _, data = self._kv_read(key, [("consistent", "1")] if consistent else [], what=what)
+        entries = self._entries(data, what)
+        return entries[0] if entries else None
 
     def kv_get_blocking(self, key: str, index: int, wait: float) -> tuple[int, KVEntry | None]:
         """Wait up to ``wait`` s for ``key`` to change past ``index``; (next index, entry).
@@ -867,22 +925,16 @@ class ConsulClient:
         The returned index follows Consul's rules (see ``next_kv_index``): pass it to the
         next call. On timeout the same entry comes back with an unchanged index.
         """
-        returned, data = self._call(
-            lambda: self._consul.kv.get(
-                self._kv_key(key), index=index, wait=_duration(wait), token=self._token
-            ),
-            what=f"kv watch {key}",
-            wait=wait,
-        )
-        return next_kv_index(index, _index(returned)), _kv_entry(data) if data else None
+        what = f"kv watch {key}"
+        returned, data = self._kv_read(key, [], what=what, index=index, wait=wait)
+        entries = self._entries(data, what)
+        return next_kv_index(index, returned), entries[0] if entries else None
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
         """Every entry under ``prefix`` (recursive; end a directory prefix with "/")."""
-        _, data = self._call(
-            lambda: self._consul.kv.get(self._kv_key(prefix), recurse=True, token=self._token),
-            what=f"kv list {prefix}",
-        )
-        return [_kv_entry(d) for d in data or []]
+        what = f"kv list {prefix}"
+        _, data = self._kv_read(prefix, [("recurse", "1")], what=what)
+        return self._entries(data, what)
 
     def kv_list_checked(self, prefix: str) -> tuple[list[KVEntry], bool]:
         """``kv_list``, and whether Consul left entries out because the token may not read
@@ -900,51 +952,31 @@ class ConsulClient:
         filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
         if resp.code == 404:
             return [], filtered
-        data = self._json(resp, what)
-        if not isinstance(data, list):
-            raise ConsulRequestError(f"Consul at {self.address} answered {what} with a non-list")
-        return [KVEntry.from_json(d) for d in data], filtered
+        return self._entries(self._json(resp, what), what), filtered
 
     def kv_list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[KVEntry]]:
         """Blocking ``kv_list``: wait up to ``wait`` s for a change under ``prefix``."""
-        returned, data = self._call(
-            lambda: self._consul.kv.get(
-                self._kv_key(prefix),
-                index=index,
-                wait=_duration(wait),
-                recurse=True,
-                token=self._token,
-            ),
-            what=f"kv watch {prefix}",
-            wait=wait,
+        what = f"kv watch {prefix}"
+        returned, data = self._kv_read(
+            prefix, [("recurse", "1")], what=what, index=index, wait=wait
         )
-        return next_kv_index(index, _index(returned)), [_kv_entry(d) for d in data or []]
+        return next_kv_index(index, returned), self._entries(data, what)
 
     def kv_keys(self, prefix: str, separator: str | None = "/") -> list[str]:
         """Key names under ``prefix``; with a separator, sub-trees collapse to "dir/"."""
-        _, data = self._call(
-            lambda: self._consul.kv.get(
-                self._kv_key(prefix), keys=True, separator=separator or None, token=self._token
-            ),
-            what=f"kv keys {prefix}",
-        )
-        return [str(k) for k in data or []]
+        what = f"kv keys {prefix}"
+        params: list[tuple[str, Any]] = [("keys", "1")]
+        if separator:
+            params.append(("separator", separator))
+        _, data = self._kv_read(prefix, params, what=what)
+        return self._names(data, what)
 
     def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[str]]:
         """Blocking ``kv_keys`` (no separator): wakes on any write under ``prefix`` but
         carries only key names, so a large tree of small acks stays cheap to watch."""
-        returned, data = self._call(
-            lambda: self._consul.kv.get(
-                self._kv_key(prefix),
-                keys=True,
-                index=index,
-                wait=_duration(wait),
-                token=self._token,
-            ),
-            what=f"kv watch keys {prefix}",
-            wait=wait,
-        )
-        return next_kv_index(index, _index(returned)), [str(k) for k in data or []]
+        what = f"kv watch keys {prefix}"
+        returned, data = self._kv_read(prefix, [("keys", "1")], what=what, index=index, wait=wait)
+        return next_kv_index(index, returned), self._names(data, what)
 
     def kv_put(
         self,
@@ -1077,8 +1109,10 @@ class ConsulClient:
         def renew() -> Any:
             try:
                 return self._consul.session.renew(session_id, token=self._token)
-            except consul.NotFound:
-                return None
+            except Exception as exc:
+                if _is_py_consul_error(exc, "NotFound"):
+                    return None
+                raise
 
         return bool(self._call(renew, what=f"session renew {session_id}"))
 
@@ -1116,7 +1150,9 @@ class ConsulClient:
         def fire() -> Any:
             try:
                 return self._consul.event.fire(name, body=payload, token=self._token)
-            except consul.ConsulException as exc:
+            except Exception as exc:
+                if not _is_py_consul_error(exc):
+                    raise
                 status, body = _failed_status(exc) or (0, "")
                 if status != 413:
                     raise
