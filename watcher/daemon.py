@@ -43,6 +43,7 @@ from watcher.s3 import S3Store
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
 WATCH_WAIT = 20.0  # blocking query wait
+FIRST_SESSION_WAIT = 15.0  # seconds the loop waits at start for the first session attempt
 ACK_WATCH_SETTLE = 0.1  # seconds the coordinator lets acks gather before it looks again
 LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
@@ -89,6 +90,8 @@ class SessionKeeper(threading.Thread):
         self.on_change = on_change
         self.stopping = threading.Event()
         self._id: str | None = None
+        # Set once the first attempt to obtain a session is over (reused, created or failed).
+        self.first_attempt = threading.Event()
         try:
             saved_first = json.loads(self.path.with_name(FIRST_INDEX_FILE).read_text())
             self.first_index = int(saved_first["first_index"])
@@ -164,7 +167,10 @@ class SessionKeeper(threading.Thread):
                     self.on_change()
                     continue
                 if current is None:
-                    self._set(self.obtain())
+                    try:
+                        self._set(self.obtain())
+                    finally:
+                        self.first_attempt.set()
                     self.health.session_ok(str(self.session_id))
                     self.on_change()
                 elif not self.consul.session_renew(current):
@@ -518,6 +524,9 @@ class Daemon:
         )
         self.event_watcher.start()
         self._start_watches()
+        # A restarted daemon reuses its session: a deploy it resumes before it has it would be
+        # refused as "this watcher holds none" (the request names that very session).
+        self.keeper.first_attempt.wait(FIRST_SESSION_WAIT)
         # Everything built so far (modules, config, clients) lives as long as the process:
         # out of the collector's sight, a collection scans only what a deploy allocates.
         gc.freeze()
