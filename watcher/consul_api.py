@@ -57,16 +57,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_before_delay,
-    wait_exponential,
-    wait_random,
-)
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from watcher.config import ConsulSettings
 from watcher.consul_http import Transport, TransportError, TransportTLSError
@@ -366,6 +357,9 @@ def _reason(exc: BaseException) -> str:
 
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 #: The (connect, read) timeout of the request being attempted in this thread; set by
 #: ``ConsulClient._attempt`` and read by ``_HTTPClient.timeout``.
@@ -770,8 +764,45 @@ class ConsulClient:
         non-``idempotent`` write is retried only when the request surely did not reach
         Consul (connection refused, connect timeout) or Consul answered 429/5xx.
         """
-        started = time.monotonic()
-        deadline_at = started + self.retry_deadline
+        deadline_at = time.monotonic() + self.retry_deadline
+        try:
+            return self._attempt(
+                call, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
+            )
+        except _Transient as exc:
+            first = exc
+        return self._retry(
+            call, first, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
+        )
+
+    def _retry(
+        self,
+        call: Callable[[], T],
+        first: _Transient,
+        *,
+        what: str,
+        wait: float | None,
+        deadline_at: float,
+        idempotent: bool,
+    ) -> T:
+        """The attempts after a first one failed transiently, under tenacity (imported
+        here: a process whose requests all succeed never loads it)."""
+        from tenacity import (
+            Retrying,
+            retry_if_exception_type,
+            stop_before_delay,
+            wait_exponential,
+            wait_random,
+        )
+
+        failed = [first]
+
+        def attempt() -> T:
+            if failed:  # tenacity's first attempt is the one already made
+                raise failed.pop()
+            return self._attempt(
+                call, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
+            )
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -784,21 +815,14 @@ class ConsulClient:
             )
 
         retrying = Retrying(
-            stop=stop_before_delay(self.retry_deadline),
+            stop=stop_before_delay(max(deadline_at - time.monotonic(), 0.0)),
             wait=wait_exponential(multiplier=0.05, max=MAX_RETRY_SLEEP) + wait_random(0, 0.1),
             retry=retry_if_exception_type(_Transient),
             before_sleep=log_retry,
             reraise=True,
         )
         try:
-            result: T = retrying(
-                self._attempt,
-                call,
-                what=what,
-                wait=wait,
-                deadline_at=deadline_at,
-                idempotent=idempotent,
-            )
+            result: T = retrying(attempt)
         except _Transient as exc:
             raise exc.error from exc.__cause__
         return result
