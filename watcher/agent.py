@@ -216,6 +216,9 @@ class AppAgent:
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
         self._host_state: tuple[str | None, str, str] | None = None
+        # The loop and the worker both write the host record: one at a time, and what the
+        # last write said is what _host_state says.
+        self._host_lock = threading.Lock()
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._coordinating: str | None = None
@@ -641,6 +644,7 @@ class AppAgent:
             again.indexes,
             again.members,
             decided=again.decided,
+            record=again.record,
             ended=again.ended,
         )
 
@@ -1125,7 +1129,8 @@ class AppAgent:
             extra_ops=[TxnOp.set(self.store.keys.host(self.node), host.to_json())],
         )
         if written is not None:
-            self._host_state = (host.release, host.alarm, host.hold)
+            with self._host_lock:
+                self._host_state = (host.release, host.alarm, host.hold)
         self.journal.done("applied")
         self._observe("apply", started)
         self._prune()
@@ -1328,16 +1333,18 @@ class AppAgent:
     # --- host record and prefetch -----------------------------------------------------
 
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
-        hold = self.engine.held()
-        state = (release, self.status.alarm, hold.reason if hold else "")
-        if not force and state == self._host_state:
-            return  # written on change only: an idle host sends Consul nothing
-        record = self._host_record(release)
-        try:
-            self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
-            self._host_state = state
-        except ConsulError as exc:
-            self.log.warning("host_record_not_written", error=str(exc))
+        with self._host_lock:
+            hold = self.engine.held()
+            state = (release, self.status.alarm, hold.reason if hold else "")
+            if not force and state == self._host_state:
+                return  # written on change only: an idle host sends Consul nothing
+            record = self._host_record(release)
+            try:
+                self.store.consul.kv_put(self.store.keys.host(self.node), record.to_json())
+                self._host_state = state
+            except ConsulError as exc:
+                self._host_state = None  # unknown now: the next cycle writes it again
+                self.log.warning("host_record_not_written", error=str(exc))
 
     def _host_record(self, release: str | None) -> HostRecord:
         return HostRecord(
@@ -1393,7 +1400,12 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
-        self._write_host(self.engine.current_release(), force=True)  # the builds page counts it
+        # The builds page counts prefetched artifacts: the loop rewrites the host record.
+        # Not from this thread: a release read here may be flipped by a deploy before
+        # this write lands, and a stale record would then stay (written on change only).
+        with self._host_lock:
+            self._host_state = None
+        self._wake()
         self.log.info(
             "prefetched",
             artifact=artifact_id,

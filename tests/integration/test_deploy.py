@@ -59,6 +59,10 @@ class TestHappyPath:
             "host records on the release",
             fleet,
         )
+        # An honest deploy reports no record as forged: the intent txn's re-read carries
+        # the decision record it found, and it says what the acks say.
+        for w in fleet.watchers:
+            assert not [e for e in w.log_events() if e.get("event") == "decision_not_obeyed"], w
 
     def test_second_deploy_while_one_in_flight_is_refused(self, fleet: Fleet) -> None:
         slow = fleet.watchers[1]
