@@ -529,9 +529,13 @@ class TestAbortRace:
     ROUNDS = 15
 
     def test_abort_racing_the_commit_one_decision_every_host_follows(
-        self, make_fleet: MakeFleet
+        self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
-        fleet = make_fleet()
+        # Staging that takes a moment (0.3 s), as real ones do: with a prefetched artifact
+        # and no hook, hosts are all ready ~70 ms after the deploy starts, sooner than an
+        # abort command can land, and the race would never be run.
+        staging = hook(tmp_path / "hooks" / "post-release", "sleep 0.3\n")
+        fleet = make_fleet(app_extra={"hooks": {"post_release": staging}})
         store = store_of(fleet)
         rng = random.Random(20240605)
         seen: dict[str, int] = {"commit": 0, "abort": 0}
