@@ -47,7 +47,7 @@ DEAD_SESSION = 2 * SESSION_TTL  # Consul's grace: a silent session is gone after
 DECISION_WAIT = 60.0  # a deploy with no decision by then is reported, not waited for
 END_WAIT = 120.0  # inflight gone, after every process is back
 CONVERGE_WAIT = 60.0  # every live host on the fleet's current, after the deploy ended
-STATUS_WAIT = 40.0  # status --fleet agrees with the disks (host records refresh every 30 s)
+STATUS_WAIT = 40.0  # status --fleet agrees with the disks (records follow a flip within a tick)
 RESTORE_WAIT = 60.0
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
