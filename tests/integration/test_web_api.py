@@ -231,6 +231,9 @@ class TestDeployApiWithAcls:
             assert env.fleet.decision(deploy) is None
             r = env.web.post(abort, {"reason": "wrong build"}, env.web_operator)
             assert r.status_code == 200, r.text
+            assert r.json()["aborted"] is True, r.text  # what the acks establish
+            # The decision record follows: written by the host that establishes it first.
+            wait_for(lambda: env.fleet.decision(deploy) is not None, 10, "decision record")
             decision = env.fleet.decision(deploy)
             assert decision is not None and decision["outcome"] == "abort"
             assert (
