@@ -265,6 +265,24 @@ def report_skipped(entry: KVEntry, error: str, *, warning: bool = False) -> None
     emit("document_skipped", key=entry.key, index=entry.modify_index, error=error)
 
 
+#: Acks already parsed, by key and exact bytes: every verdict reads every ack of the
+#: deploy again (N hosts, a few reads each), and an ack that did not change need not be
+#: parsed again. NodeProgress is immutable; the bytes are the key, so a rewritten ack (or
+#: a KV restored with other values under the same indexes) is parsed afresh.
+_PARSED_ACKS: dict[tuple[str, bytes], NodeProgress] = {}
+_PARSED_ACKS_MAX = 4096
+
+
+def _parsed_ack(key: str, value: bytes) -> NodeProgress:
+    ack = _PARSED_ACKS.get((key, value))
+    if ack is None:
+        ack = NodeProgress.from_json(value, where=key)
+        if len(_PARSED_ACKS) >= _PARSED_ACKS_MAX:
+            _PARSED_ACKS.clear()
+        _PARSED_ACKS[(key, value)] = ack
+    return ack
+
+
 def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> NodeProgress | None:
     """An ack from a txn or KV read; an absent key (or a get-or-empty's empty) is None.
 
@@ -273,7 +291,7 @@ def parse_ack(entry: KVEntry | None, *, node: str = "", deploy: str = "") -> Nod
     if entry is None or not entry.value or entry.modify_index == 0:
         return None
     try:
-        ack = NodeProgress.from_json(entry.value, where=entry.key)
+        ack = _parsed_ack(entry.key, entry.value)
     except PayloadError as exc:
         report_skipped(entry, str(exc))
         return None
