@@ -21,12 +21,6 @@ from watcher.config import S3Settings
 CLUSTER = ClusterSpec(hosts=1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class NotifyListener:
     """The systemd side of sd_notify: a datagram socket collecting what the daemon says."""
 
@@ -55,13 +49,12 @@ class NotifyListener:
 def daemon(
     cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
 ) -> Iterator[tuple[Fleet, WatcherProc, NotifyListener, int]]:
-    port = free_port()
     fleet = Fleet(
         cluster,
         s3_settings,
         tmp_path,
         kv_prefix=f"p{time.monotonic_ns()}",
-        daemon_extra={"listen": f"127.0.0.1:{port}"},
+        daemon_extra={"listen": "127.0.0.1:0"},  # the port is read from the log
     )
     w = fleet.watchers[0]
     listener = NotifyListener(tmp_path / "notify.sock")
@@ -75,7 +68,7 @@ def daemon(
     w.env = env  # type: ignore[method-assign]
     fleet.start()
     try:
-        yield fleet, w, listener, port
+        yield fleet, w, listener, w.health_port()
     finally:
         fleet.stop()
         listener.close()

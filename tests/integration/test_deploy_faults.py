@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -46,12 +45,6 @@ echo "$phase end $WATCHER_DEPLOY_ID $WATCHER_RELEASE" >> "$ctl/$node.log"
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class CurrentMonitor(threading.Thread):
     """Samples every host's ``current`` symlink every few ms; records each release seen."""
 
@@ -81,7 +74,6 @@ class Rig:
     cluster: ConsulCluster
     fleet: Fleet
     ctl: Path
-    ports: dict[str, int]
     monitor: CurrentMonitor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -148,7 +140,7 @@ class Rig:
         return self.watchers[0]
 
     def health(self, w: WatcherProc) -> tuple[int, dict[str, Any]]:
-        url = f"http://127.0.0.1:{self.ports[w.name]}/health"
+        url = f"http://127.0.0.1:{w.health_port()}/health"
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 return resp.status, json.loads(resp.read())
@@ -188,7 +180,7 @@ class Rig:
         return deploys
 
 
-def write_config(fleet: Fleet, w: WatcherProc, ctl: Path, port: int) -> None:
+def write_config(fleet: Fleet, w: WatcherProc, ctl: Path) -> None:
     hook = str(ctl / "hook")
     hooks = {
         phase: [[hook, w.name, phase]]
@@ -201,7 +193,7 @@ def write_config(fleet: Fleet, w: WatcherProc, ctl: Path, port: int) -> None:
             "timeouts": {"prepare": "60s", "apply": "60s", "hook": "45s"},
         },
     )
-    config["daemon"]["listen"] = f"127.0.0.1:{port}"
+    config["daemon"]["listen"] = "127.0.0.1:0"  # the port is read from the log
     w.config_path.write_text(yaml.safe_dump(config))
 
 
@@ -214,10 +206,9 @@ def rig(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iter
     ctl.mkdir()
     (ctl / "hook").write_text(HOOK.format(ctl=ctl))
     (ctl / "hook").chmod(0o755)
-    ports = {w.name: free_port() for w in fleet.watchers}
     for w in fleet.watchers:
-        write_config(fleet, w, ctl, ports[w.name])
-    r = Rig(cluster, fleet, ctl, ports)
+        write_config(fleet, w, ctl)
+    r = Rig(cluster, fleet, ctl)
     fleet.start()
     r.monitor.start()
     try:

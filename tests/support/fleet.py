@@ -152,6 +152,23 @@ class WatcherProc:
                 out.append(json.loads(line))
         return out
 
+    def health_port(self, timeout: float = 30.0) -> int:
+        """The port of /health and /metrics of the newest start, from its log: a daemon
+        configured with ``listen: 127.0.0.1:0`` binds a free one itself (a port a test
+        picked and closed first can be taken meanwhile by any outgoing connection)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = [
+                int(e["port"]) for e in self.log_events() if e.get("event") == "health_listening"
+            ]
+            if ports:
+                return ports[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name}: no health_listening in its log\n{self.log_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+
 
 @dataclass
 class Fleet:
