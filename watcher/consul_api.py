@@ -914,25 +914,22 @@ class ConsulClient:
             return returned, None
         return returned, self._json(resp, what)
 
-    def _entries(self, data: Any, what: str) -> list[KVEntry]:
+    def _list_of(self, data: Any, item: type, label: str, what: str) -> list[Any]:
+        """A KV answer that must be a list of ``item`` (None, a 404: an empty list)."""
         if data is None:
             return []
-        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        if not isinstance(data, list) or not all(isinstance(d, item) for d in data):
             raise ConsulRequestError(
                 f"Consul at {self.address} answered {what} with something other than a "
-                "list of KV entries"
+                f"list of {label}"
             )
-        return [KVEntry.from_json(d) for d in data]
+        return data
+
+    def _entries(self, data: Any, what: str) -> list[KVEntry]:
+        return [KVEntry.from_json(d) for d in self._list_of(data, dict, "KV entries", what)]
 
     def _names(self, data: Any, what: str) -> list[str]:
-        if data is None:
-            return []
-        if not isinstance(data, list) or not all(isinstance(k, str) for k in data):
-            raise ConsulRequestError(
-                f"Consul at {self.address} answered {what} with something other than a "
-                "list of key names"
-            )
-        return list(data)
+        return list(self._list_of(data, str, "key names", what))
 
     def kv_get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
         """The entry at ``key``, None when there is none. ``consistent`` makes the leader
