@@ -56,3 +56,25 @@ class TestBoto3OnlyWhenNeeded:
             "    raise SystemExit('expected an S3Error')\n"
         )
         assert {"boto3", "botocore"} <= loaded
+
+
+class TestReadOnlyCommandsLoadNoHttpStack:
+    def test_status_fleet_path_loads_neither_requests_nor_py_consul(self) -> None:
+        # `watcherctl status --fleet` reads KV through the transport: py-consul (which
+        # imports requests) and tenacity (only after a failed attempt) stay unloaded.
+        loaded = modules_after(
+            "import watcher.ctl, watcher.ctl_fleet\n"
+            "from watcher.config import ConsulSettings\n"
+            "from watcher.consul_api import ConsulClient\n"
+            "ConsulClient(ConsulSettings(address='127.0.0.1:1'))\n"
+        )
+        assert "watcher" in loaded
+        assert loaded.isdisjoint({"requests", "urllib3", "consul", "tenacity", "boto3"})
+
+    def test_a_write_loads_py_consul_on_first_use(self) -> None:
+        loaded = modules_after(
+            "from watcher.config import ConsulSettings\n"
+            "from watcher.consul_api import ConsulClient\n"
+            "ConsulClient(ConsulSettings(address='127.0.0.1:1'))._consul\n"
+        )
+        assert "consul" in loaded
