@@ -12,10 +12,10 @@ from typing import Any, Self
 from watcher import ids
 from watcher.errors import PayloadError
 
-# \Z, not $: "$" also matches before a trailing newline ("abc\n" must not pass).
-ARTIFACT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-RELEASE_RE = re.compile(r"^\d{8}T\d{6}Z-[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# The rules of watcher.ids; \Z, not $: "$" also matches before a trailing newline.
+ARTIFACT_ID_RE = re.compile(rf"^{ids.ARTIFACT_ID_PATTERN}\Z")
+RELEASE_RE = re.compile(rf"^{ids.RELEASE_PATTERN}\Z")
+DEPLOY_ID_RE = re.compile(rf"^{ids.DEPLOY_ID_PATTERN}\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 MANIFEST_PATH = ".watcher/manifest.yaml"  # in an app's source tree: what `publish` packages
 DOC_VERSION = 2

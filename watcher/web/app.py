@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from watcher import __version__
+from watcher import __version__, ids
 from watcher.barrier import DeployStore, summarize_states
 from watcher.config import Config
 from watcher.consul_api import ConsulClient
@@ -55,7 +55,7 @@ from watcher.errors import (
     PayloadError,
 )
 from watcher.log import get_logger
-from watcher.records import ARTIFACT_ID_RE, DEPLOY_ID_RE, RELEASE_RE, parse_iso
+from watcher.records import parse_iso
 from watcher.web.live import LiveFeed, Snapshot
 
 log = get_logger(module="web")
@@ -571,12 +571,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     def post_deploy(app: AppName, body: DeployBody, request: Request) -> dict[str, Any]:
         name = app_name(app)
-        if not ARTIFACT_ID_RE.match(body.artifact):
-            raise ApiError(
-                422,
-                f"artifact: {body.artifact!r} is not an artifact id "
-                "(^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, e.g. main-15eb13af)",
-            )
+        valid(
+            ids.check_artifact_id, body.artifact, "artifact", "an artifact id", ids.ARTIFACT_ID_RULE
+        )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
         record = deploy_request(
@@ -595,10 +592,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     def post_rollback(app: AppName, body: RollbackBody, request: Request) -> dict[str, Any]:
         name = app_name(app)
-        if body.release is not None and not RELEASE_RE.match(body.release):
-            raise ApiError(
-                422,
-                f"release: {body.release!r} is not a release name (YYYYmmddTHHMMSSZ-<artifact id>)",
+        if body.release is not None:
+            valid(
+                ids.check_release_name, body.release, "release", "a release name", ids.RELEASE_RULE
             )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
@@ -714,9 +710,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     return app
 
 
+def valid(check: Callable[[object], str], value: str, field: str, what: str, rule: str) -> None:
+    """422 for a name that breaks its rule in watcher.ids, the rule in the message."""
+    try:
+        check(value)
+    except ids.InvalidName:
+        raise ApiError(422, f"{field}: {ids.shown(value)} is not {what} (must be {rule})") from None
+
+
 def check_deploy_id(deploy_id: str) -> None:
-    if not DEPLOY_ID_RE.match(deploy_id):
-        raise ApiError(422, f"deploy id {deploy_id!r} is not valid")
+    valid(ids.check_deploy_id, deploy_id, "deploy id", "a valid deploy id", ids.DEPLOY_ID_RULE)
 
 
 __all__ = ["create_app", "is_loopback", "live_snapshot"]
