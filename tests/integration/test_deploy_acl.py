@@ -59,6 +59,16 @@ def create_token(agent: Agent, name: str, rules: str) -> tuple[str, str]:
     return str(token["SecretID"]), str(token["AccessorID"])
 
 
+def watcher_tokens(server: Agent, hosts: list[Agent], prefix: str) -> dict[str, tuple[str, str]]:
+    """Per host, a token of the watcher policy of docs/acl.md for app web: (secret, accessor)."""
+    return {
+        a.name: create_token(
+            server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
+        )
+        for a in hosts
+    }
+
+
 @dataclass
 class Tokens:
     watchers: dict[str, str]  # node -> its watcher token
@@ -170,12 +180,7 @@ def acl_fleet(
     # Each test gets its own KV prefix, so its own policies (they name the prefix).
     prefix = f"w{time.monotonic_ns()}"
     server = cluster.server
-    made = {
-        a.name: create_token(
-            server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
-        )
-        for a in cluster.hosts
-    }
+    made = watcher_tokens(server, cluster.hosts, prefix)
     made["operator"] = create_token(server, f"operator-{prefix}", render("operator", prefix, "web"))
     made["ci"] = create_token(server, f"ci-{prefix}", render("ci", prefix, "web"))
     tokens = Tokens(

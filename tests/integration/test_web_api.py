@@ -20,7 +20,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from tests.integration.test_deploy_acl import create_token, render
+from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
@@ -88,10 +88,7 @@ def env(
     )
     server = cluster.server
     watchers = {
-        a.name: create_token(
-            server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
-        )[0]
-        for a in cluster.hosts
+        n: secret for n, (secret, _) in watcher_tokens(server, cluster.hosts, prefix).items()
     }
     web_operator, _ = create_token(server, f"operator-{prefix}", render("operator", prefix, "web"))
     api_operator, _ = create_token(

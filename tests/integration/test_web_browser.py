@@ -13,7 +13,7 @@ import pytest
 import yaml
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.integration.test_deploy_acl import create_token, render
+from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
@@ -86,12 +86,8 @@ class TestThePage:
         s3_client(s3_server.endpoint_url).create_bucket(Bucket=bucket)
         s3 = S3Settings(bucket, "artifacts", "us-east-1", s3_server.endpoint_url)
         server = cluster.server
-        watchers = {
-            a.name: create_token(
-                server, f"watcher-{prefix}-{a.name}", render("watcher", prefix, "web", node=a.name)
-            )[0]
-            for a in cluster.hosts
-        }
+        made = watcher_tokens(server, cluster.hosts, prefix)
+        watchers = {n: secret for n, (secret, _) in made.items()}
         operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
         operator_who = f"release-watcher test: alice-{prefix}"
         reader, _ = create_token(
