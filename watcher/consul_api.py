@@ -83,7 +83,6 @@ __all__ = [
     "next_kv_index",
     "request_counts",
     "request_kind",
-    "request_not_sent",
 ]
 
 #: Most operations one ``ConsulClient.txn`` call accepts. Consul 1.22 allows 128 per
@@ -342,11 +341,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         nxt = next((a for a in getattr(current, "args", ()) if isinstance(a, BaseException)), None)
         current = nxt or current.__cause__ or current.__context__
     return out
-
-
-def request_not_sent(exc: BaseException) -> bool:
-    """Whether a transport failure happened before the request could reach the agent."""
-    return any(isinstance(e, TransportError) and not e.sent for e in _chain(exc))
 
 
 def _reason(exc: BaseException) -> str:
