@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from watcher.barrier import (
     Written,
 )
 from watcher.config import AppConfig, Config
-from watcher.consul_api import TxnOp
+from watcher.consul_api import KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -67,6 +67,7 @@ from watcher.records import (
     Decision,
     DeployRecord,
     HostRecord,
+    MemberRecord,
     NodeProgress,
     iso,
     parse_iso,
@@ -88,6 +89,15 @@ APPLIED_NAME = "applied.json"
 STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
 TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
+# The end of a commit writes `current` and deletes `inflight` in one txn, and their watches
+# answer a few ms apart: the loop waits this long for the `current` one before it reads.
+END_WATCH_GRACE = 0.5
+# A ready host waiting for the others' acks wakes on the members watch (the decided mark of
+# the host that decides, and the sessions the abort clause looks at): it reads the acks
+# again only when that changed, or after this long. A wait longer than DECISION_WATCH_AFTER
+# also watches the decision key (the record of a decider that could not write its mark).
+WAIT_RECHECK = 15.0
+DECISION_WATCH_AFTER = 1.0
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
@@ -174,6 +184,7 @@ class AgentStatus:
     coordinator_unknown: bool = False
     alarm: str = ""
     watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
+    watch_index: int = 0  # the index a new watch of a prefix there starts from
 
 
 class AppAgent:
@@ -224,7 +235,20 @@ class AppAgent:
         self._coordinating: str | None = None
         self._resumed: set[str] = set()  # deploys whose prepare this process started
         self._known: dict[str, tuple[NodeProgress | None, int]] = {}  # own ack, index
-        self._verdicts: dict[str, Verdict] = {}  # read by the ready ack's own txn
+        # A verdict read by this host's own ack txn, with _wake_marker() taken before it.
+        self._verdicts: dict[str, tuple[Verdict, tuple[Any, ...]]] = {}
+        self._prepared: dict[str, PrepareRead] = {}  # the prepare's read, done with the join
+        self._last_prefetched: str | None = None  # the artifact the join read guesses
+        self._watched: dict[str, KVEntry | None] = {}  # the step's watched keys, as last read
+        self._regrace: tuple[str, float] = ("", 0.0)  # the wait a timer wakes the loop after
+        self._ended_at: tuple[str, float] = ("", 0.0)  # see _just_ended
+        self._last_inflight: str | None = None  # the deploy `inflight` named, while it does
+        self._inflight_gone: tuple[str, float] = ("", 0.0)  # which one went, and when
+        self._lock_with_ack: str | None = None  # take the coordinator lock with this ready ack
+        self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
+        self._inflight_index = 0
+        # (deploy, what woke this host then, when, why undecided): see _still_waiting
+        self._waited: tuple[str, tuple[Any, ...], float, str] = ("", (), 0.0, "")
         self._task_started = 0.0
         self._trimmed_at = 0.0
         self._cancel_reason = ""
@@ -238,13 +262,21 @@ class AppAgent:
 
     def reconcile(
         self,
-        members: set[str] | None = None,
+        members: Mapping[str, KVEntry] | set[str] | None = None,
         inflight: tuple[str | None, int] | None = None,
         current: tuple[CurrentRecord | None, int] | None = None,
+        watched: Mapping[str, KVEntry | None] | None = None,
     ) -> str:
-        """Take the next step for this app; returns a short outcome for the cycle's log."""
+        """Take the next step for this app; returns a short outcome for the cycle's log.
+
+        ``watched``: what the daemon's watches of this step's keys (``status.watch``) last
+        read, by key; a wake-up's content, never acted on alone.
+        """
         if members is not None:
             self._members = set(members)
+            if isinstance(members, Mapping):
+                self._member_entries = dict(members)
+        self._watched = dict(watched or {})
         if self._task is not None and self._task.done():
             exc = self._task.exception()
             if exc is not None:
@@ -260,6 +292,12 @@ class AppAgent:
                     "ignores them (delete them once no old watcher runs)",
                 )
         inflight_id, inflight_index = inflight if inflight is not None else self.store.inflight()
+        if inflight_id is not None:
+            self._last_inflight = inflight_id
+        elif self._last_inflight is not None:
+            self._inflight_gone = (self._last_inflight, time.monotonic())
+            self._last_inflight = None
+        self._inflight_index = inflight_index
         journal = self.journal.read()
         if journal and not journal.get("finished"):
             try:
@@ -273,6 +311,15 @@ class AppAgent:
             outcome = self._drive(joined, journal, inflight_id, inflight_index)
             return f"deploy {joined.id}: {outcome}"
         if inflight_id is None:
+            if (
+                journal
+                and journal.get("established") == COMMIT
+                and (
+                    current is None or current[0] is None or current[0].deploy != journal["deploy"]
+                )
+                and self._awaiting_current(str(journal["deploy"]))
+            ):
+                return f"deploy {journal['deploy']}: done; waiting for the watch of current"
             if (
                 journal
                 and journal.get("established") in (COMMIT, ABORT)
@@ -290,12 +337,42 @@ class AppAgent:
                     fleet_on = current[0].deploy if current[0] else None
                     if fleet_on != deploy_id and ended is None:
                         return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
-                self.journal.update(ended=True)
+                self._mark_ended(deploy_id)
             self._idle_status()
             return self._converge(current)
         if journal and journal.get("deploy") == inflight_id:
+            if journal.get("ended") and self._just_ended(inflight_id):
+                # The watch of `current` answered before the one of `inflight`, which the
+                # end deleted in the same txn: nothing to do until it answers too.
+                return f"deploy {inflight_id}: ended; waiting for the watch of inflight"
             return f"deploy {inflight_id}: {self._after_own_part(inflight_id, inflight_index)}"
         return self._join(inflight_id, inflight_index)
+
+    def _mark_ended(self, deploy_id: str) -> None:
+        self.journal.update(ended=True)
+        self._ended_at = (deploy_id, time.monotonic())
+
+    def _just_ended(self, deploy_id: str) -> bool:
+        """This process saw the deploy end less than END_WATCH_GRACE ago (and the loop will
+        look again then, whatever wakes it)."""
+        return self._within_grace(self._ended_at, deploy_id)
+
+    def _awaiting_current(self, deploy_id: str) -> bool:
+        """Whether to wait for the watch of ``current`` rather than read it (or converge on
+        the value it had before the end): for END_WATCH_GRACE after the loop saw
+        ``inflight`` stop naming the deploy this host committed."""
+        return self._within_grace(self._inflight_gone, deploy_id)
+
+    def _within_grace(self, seen: tuple[str, float], deploy_id: str) -> bool:
+        what, at = seen
+        if what != deploy_id or time.monotonic() - at >= END_WATCH_GRACE:
+            return False
+        if self._regrace != seen:  # one look after the grace, whatever wakes the loop
+            self._regrace = seen
+            timer = threading.Timer(END_WATCH_GRACE, self._wake)
+            timer.daemon = True
+            timer.start()
+        return True
 
     def _idle_status(self) -> None:
         self.status.deploy, self.status.state = None, ""
@@ -323,8 +400,9 @@ class AppAgent:
     def _join(self, deploy_id: str, inflight_index: int) -> str:
         """``inflight`` names a deploy this host has not journaled: read its request once
         (with its outcome and this host's own ack, in one consistent read)."""
+        guess = self._last_prefetched or next(iter(self._prefetched_ids()), None)
         try:
-            read = self.store.join_read(deploy_id, self.node)
+            read = self.store.join_read(deploy_id, self.node, artifact=guess)
         except PayloadError as exc:
             self.store.clear_inflight(deploy_id, inflight_index, str(exc), by=self.node)
             return f"inflight {deploy_id!r}: unreadable, cleared"
@@ -357,6 +435,8 @@ class AppAgent:
         if self.node not in request.expected:
             self.status.state = "not expected"
             return f"deploy {deploy_id}: {self._bystander(joined, inflight_index)}"
+        if read.prepared is not None:
+            self._prepared[deploy_id] = read.prepared
         own = read.own
         if own is not None:
             # This host took part before it lost .state/: its own ack, not the request key
@@ -379,18 +459,13 @@ class AppAgent:
             self._ack(joined, FAILED, error=f"cannot journal the deploy: {exc}")
             return f"deploy {deploy_id}: failed, cannot write {self.journal.path}: {exc}"
         self._resumed.add(deploy_id)  # a fresh join: nothing was decided without this host
-        session = self.session()
-        if (
-            own is None
-            and session
-            and self.node == min(request.expected)
-            and self.store.acquire_coordinator(deploy_id, session, self.node)
-        ):
-            # The first expected host takes the coordinator lock as it joins (the others
-            # contend only once their part is done, or when its holder dies): it says that
-            # the deploy started and, normally, writes its end. A ready fleet still commits
-            # without it; the lock only elects who does the once-per-deploy work.
-            self._coordinating = deploy_id
+        if own is None and self.session() and self.node == min(request.expected):
+            # The first expected host coordinates: it says that the deploy started and,
+            # normally, writes its end. It takes the coordinator lock in its ready ack's txn
+            # (or, if it never acks ready, once its part is done); the others contend only
+            # once its member key is gone or past the apply deadline. A ready fleet still
+            # commits without it; the lock only elects who does the once-per-deploy work.
+            self._lock_with_ack = deploy_id
             if self.notifier is not None:
                 self.notifier.started(self._view_for(joined), node=self.node)
         if entry.modify_index != entry.create_index and own is None:
@@ -524,11 +599,21 @@ class AppAgent:
             else:
                 self._resumed.add(deploy_id)
                 return self._start("prepare", deploy_id, lambda: self._prepare(joined))
-        # The ready ack's txn read the acks after writing it: no second read for that.
-        verdict = self._verdicts.pop(deploy_id, None) or self.store.establish(joined)
+        # The ready ack's txn read the acks after writing it: no second read for that; nor
+        # when another expected host's decided mark names a commit: the intent's txn reads
+        # them; nor while nothing this host watches changed since it last read them.
+        cached = self._verdicts.pop(deploy_id, None)
+        verdict = cached[0] if cached else self._commit_recorded(joined, own)
+        marker = cached[1] if cached else self._wake_marker(deploy_id)
+        if verdict is None:
+            still = self._still_waiting(deploy_id, marker)
+            if still is not None:
+                self._watch_decision_after_a_while(deploy_id)
+                return f"{own or 'pending'}; {still}"
+            verdict = self.store.establish(joined)
         if verdict.outcome == UNDECIDED:
-            # The decision record is the wake-up of a host that waits for the others' acks.
-            self.status.watch = (keys.decision(deploy_id),)
+            self._waited = (deploy_id, marker, time.monotonic(), verdict.reason)
+            self._watch_decision_after_a_while(deploy_id)
         if verdict.outcome == UNDECIDED and inflight_id is None and own == READY:
             # Someone deleted inflight mid-prepare: hosts that never joined would never ack.
             # Point it back at this undecided deploy (cas=0) so they join and decide.
@@ -560,6 +645,49 @@ class AppAgent:
             return "the deploy was aborted"
         return ""
 
+    def _wake_marker(self, deploy_id: str) -> tuple[Any, ...]:
+        """What wakes a host that waits for the others' acks, as the loop last saw it: the
+        members (sessions and decided marks), ``inflight`` and the decision key."""
+        decision = self._watched.get(self.store.keys.decision(deploy_id))
+        members = tuple(
+            sorted((n, e.session, e.modify_index) for n, e in self._member_entries.items())
+        )
+        return (members, self._inflight_index, decision.modify_index if decision else 0)
+
+    def _still_waiting(self, deploy_id: str, marker: tuple[Any, ...]) -> str | None:
+        """Why this host is still undecided, if nothing it watches changed since it last
+        read the acks (within WAIT_RECHECK): no per-second re-reads while it only waits."""
+        waited_on, seen, at, reason = self._waited
+        if waited_on == deploy_id and seen == marker and time.monotonic() - at < WAIT_RECHECK:
+            return reason
+        return None
+
+    def _watch_decision_after_a_while(self, deploy_id: str) -> None:
+        since = self.status.undecided_since
+        if since is not None and time.monotonic() - since >= DECISION_WATCH_AFTER:
+            self.status.watch = (self.store.keys.decision(deploy_id),)
+
+    def _commit_recorded(self, joined: Joined, own: str) -> Verdict | None:
+        """A ready host woken by the decided mark of a commit that another expected host
+        established (its member key's ``decided``, which only that host's token can
+        write; a decision record's ``by`` proves nothing, any host token can write one): a
+        verdict to *write the intent on*, not to act on. ``_confirm`` writes ``committed``
+        and reads every ack in the same txn; the host flips only if that read establishes
+        the commit itself (docs/design.md R4: why the intent may come first)."""
+        ack, index = self._known.get(joined.id) or (None, 0)
+        if own != READY or ack is None:
+            return None
+        for node, member in self._member_entries.items():
+            if node == self.node or node not in joined.request.expected:
+                continue
+            try:
+                decided = MemberRecord.from_json(member.value, where=member.key).decided
+            except PayloadError:
+                continue
+            if decided == {"deploy": joined.id, "outcome": COMMIT, "digest": joined.digest}:
+                return Verdict(COMMIT, "", {self.node: ack}, {self.node: index}, decided=True)
+        return None
+
     def _act_on(self, joined: Joined, verdict: Verdict, own: str) -> str:
         deploy_id = joined.id
         if verdict.outcome == UNDECIDED:
@@ -581,7 +709,9 @@ class AppAgent:
             "deploy_established", deploy=deploy_id, outcome=verdict.outcome, reason=verdict.reason
         )
         if not verdict.decided:  # the first to establish wakes the others with the record
-            self.store.record_decision(joined, verdict, node=self.node)
+            self.store.record_decision(
+                joined, verdict, node=self.node, mark=self._decided_mark(joined, verdict.outcome)
+            )
         else:
             self._check_decision_record(joined, verdict)
         if verdict.outcome == COMMIT:
@@ -621,6 +751,12 @@ class AppAgent:
         ):
             return verdict  # the intent (or a veto) is already in this host's ack
         known = (verdict.acks.get(self.node), verdict.indexes.get(self.node, 0))
+        # The first to establish writes the record and its decided mark (the others'
+        # wake-up) in the same txn.
+        record: list[dict[str, Any]] = []
+        if not verdict.decided:
+            record = [self.store.decision_op(joined, verdict, node=self.node)]
+            record += filter(None, [self._decided_mark(joined, verdict.outcome)])
         written = self._ack(
             joined,
             intent,
@@ -628,7 +764,10 @@ class AppAgent:
             timings={f"{intent}_at": iso(utcnow())},
             known=known,
             establish=True,
+            extra_ops=record,
         )
+        if written is not None and written.extras and record:
+            self.store.log_decided(joined, verdict, node=self.node)
         if written is None or written.verdict is None:
             self._own.pop(joined.id, None)
             self._known.pop(joined.id, None)
@@ -639,13 +778,22 @@ class AppAgent:
         # Same verdict: keep the reason it was first established for (not our own intent).
         return Verdict(
             again.outcome,
-            verdict.reason,
+            verdict.reason or again.reason,
             again.acks,
             again.indexes,
             again.members,
             decided=again.decided,
             record=again.record,
             ended=again.ended,
+        )
+
+    def _decided_mark(self, joined: Joined, outcome: str) -> dict[str, Any] | None:
+        return self.store.decided_mark_op(
+            joined,
+            outcome,
+            node=self.node,
+            session=self.session(),
+            member=self._member_entries.get(self.node),
         )
 
     def _view_for(self, joined: Joined, verdict: Verdict | None = None) -> DeployView:
@@ -712,14 +860,19 @@ class AppAgent:
     def _finish_part(self, joined: Joined, inflight_id: str | None, inflight_index: int) -> str:
         """This host's part is done: mark the journal finished, help end the deploy."""
         self.journal.update(finished=True)
-        for memo in (self._known, self._own, self._verdicts):
+        cached = self._verdicts.get(joined.id)
+        for memo in (self._known, self._own, self._verdicts, self._prepared):
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
             self.store.trim_own_progress(self.node, keep=[joined.id])
-        return self._after_own_part(joined.id, inflight_index)
+        return self._after_own_part(
+            joined.id, inflight_index, cached[0] if cached and cached[0].end_read else None
+        )
 
-    def _after_own_part(self, deploy_id: str, inflight_index: int) -> str:
+    def _after_own_part(
+        self, deploy_id: str, inflight_index: int, read: Verdict | None = None
+    ) -> str:
         """Coordinator duties once this host is done: the one holding ``coordinator/<id>``
         ends the deploy when every expected node still holding its named session is final;
         anyone ends it past the apply deadline."""
@@ -733,11 +886,14 @@ class AppAgent:
         keys = self.store.keys
         past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
         first = min(joined.request.expected) if joined.request.expected else ""
-        # The first expected host took the lock as it joined: the others contend only once
-        # its member key is gone (its session died, its lock with it) or past the deadline.
+        # The first expected host took the lock with its ready ack: the others contend only
+        # once its member key is gone (its session died, its lock with it) or past the
+        # deadline. Nobody contends for a deploy it saw end (the end deleted the lock key).
+        seen_end = bool(journal.get("ended"))
         contend = first == self.node or first not in self._members or past_apply
         if (
-            self._coordinating != deploy_id
+            not seen_end
+            and self._coordinating != deploy_id
             and session
             and contend
             and self.store.acquire_coordinator(deploy_id, session, self.node)
@@ -748,9 +904,10 @@ class AppAgent:
         # The coordinator wakes on every ack; the others on the members watch (a dead
         # coordinator's member key goes with its lock) and on inflight.
         self.status.watch = (keys.progress_prefix,) if coordinating else ()
-        if not coordinating and not past_apply:
+        if not coordinating and not past_apply and not seen_end:
             return "done; waiting for the end"
-        verdict = self.store.establish(joined, outcome=True)
+        # ``read``: the verdict this host's live ack read (the end's reads included).
+        verdict = read or self.store.establish(joined, outcome=True)
         if verdict.ended:
             # Over. An ``inflight`` still (or again) naming it is garbage: clear it.
             inflight, index = self.store.inflight(consistent=True)
@@ -790,7 +947,7 @@ class AppAgent:
         if ended and self.metrics is not None:
             self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
         if ended:
-            self.journal.update(ended=True)
+            self._mark_ended(deploy_id)
             self._idle_status()
             return f"ended ({verdict.outcome})" + (f"; rollback {rollback}" if rollback else "")
         return "end lost a race; retrying"
@@ -946,7 +1103,8 @@ class AppAgent:
                     f"({rec.sessions.get(self.node) or 'none'}; this watcher holds "
                     f"{session or 'none'}): it restarted or lost its session since"
                 )
-            pre = self.store.prepare_read(joined)
+            # Read with the join when it guessed the artifact (checked there), else now.
+            pre = self._prepared.pop(rec.id, None) or self.store.prepare_read(joined)
             artifact = self._artifact(joined, pre)
             self.engine.in_flight_artifacts.add(artifact.sha256)
             if not self._quick(artifact, rec.release):
@@ -1013,6 +1171,11 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
+        marker = self._wake_marker(rec.id)  # before the txn: what its verdict read covers
+        lock = []
+        if self._lock_with_ack == rec.id and (session := self.session()):
+            key = self.store.keys.coordinator(rec.id)
+            lock = [TxnOp.lock(key, self.node.encode(), session)]
         try:
             written = self._ack(
                 joined,
@@ -1020,14 +1183,17 @@ class AppAgent:
                 timings={"staged_at": iso(utcnow())},
                 sha256=rec.sha256,
                 establish=True,
+                extra_ops=lock,
             )
         except AbortRequested:
             abort = self.store.abort_requested(rec.id)
             who = f" by {abort.by}: {abort.reason}".rstrip(": ") if abort else ""
             self._ack(joined, FAILED, error=f"abort requested{who}")
             return
+        if written is not None and written.extras and lock:
+            self._coordinating = rec.id
         if written is not None and written.verdict is not None:
-            self._verdicts[rec.id] = written.verdict
+            self._verdicts[rec.id] = (written.verdict, marker)
         self.log.info(
             "prepare_ready",
             deploy=rec.id,
@@ -1120,6 +1286,11 @@ class AppAgent:
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
         self.status.state = state
         host = self._host_record(rec.release)  # the host record rides in the same txn
+        # The coordinator reads what the end needs in the same txn (the acks, the outcome,
+        # inflight, current, history): it ends the deploy, or watches the others' acks from
+        # this write on, with no read of its own.
+        coordinating = self._coordinating == rec.id
+        marker = self._wake_marker(rec.id)
         written = self._ack(
             joined,
             state,
@@ -1127,10 +1298,15 @@ class AppAgent:
             output_tail=tail,
             timings=timings,
             extra_ops=[TxnOp.set(self.store.keys.host(self.node), host.to_json())],
+            establish=coordinating,
+            outcome=coordinating,
         )
         if written is not None:
             with self._host_lock:
                 self._host_state = (host.release, host.alarm, host.hold)
+            if written.verdict is not None:
+                self._verdicts[rec.id] = (written.verdict, marker)
+                self.status.watch_index = written.index
         self.journal.done("applied")
         self._observe("apply", started)
         self._prune()
@@ -1400,6 +1576,7 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
+        self._last_prefetched = artifact_id  # the likely next deploy: its join reads it
         # The builds page counts prefetched artifacts: the loop rewrites the host record.
         # Not from this thread: a release read here may be flipped by a deploy before
         # this write lands, and a stale record would then stay (written on change only).

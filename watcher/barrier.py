@@ -48,6 +48,7 @@ from watcher.records import (
     DeployRecord,
     HostRecord,
     Keys,
+    MemberRecord,
     NodeProgress,
     Outcome,
     PinRecord,
@@ -116,6 +117,7 @@ class Verdict:
     decided: bool = False  # a decision record exists (whoever wrote it)
     record: Decision | None = None  # that record, when it parses (reported, never obeyed)
     ended: bool = False  # an outcome exists (read only when asked for)
+    end_read: EndRead | None = None  # what the end writes over, read with the outcome
 
     def holds_session(self, node: str, session: str | None) -> bool:
         entry = self.members.get(node)
@@ -138,6 +140,7 @@ class JoinRead:
     own: NodeProgress | None
     own_index: int
     carried: bytes | None = None  # the request this host's own ready ack carries
+    prepared: PrepareRead | None = None  # the prepare's read, when the artifact was guessed
 
     def own_request(self) -> DeployRecord | None:
         return self.own.embedded_request(self.carried) if self.own else None
@@ -173,6 +176,7 @@ class Written:
     ack: NodeProgress
     index: int
     verdict: Verdict | None = None
+    extras: bool = False  # the caller's extra ops were applied with the ack
 
 
 @dataclass(frozen=True)
@@ -430,18 +434,30 @@ class DeployStore:
             )
         return record, entry
 
-    def join_read(self, deploy_id: str, node: str) -> JoinRead:
+    def join_read(self, deploy_id: str, node: str, *, artifact: str | None = None) -> JoinRead:
         """What a host needs to join a deploy, in one consistent read: the request (as
-        ``request()`` checks it), whether it already ended, and this host's own ack."""
-        keys = [
-            self.keys.request(deploy_id),
-            self.keys.outcome(deploy_id),
-            self.keys.progress(deploy_id, node),
-            self.keys.carried_request(deploy_id, node),
+        ``request()`` checks it), whether it already ended, and this host's own ack.
+
+        ``artifact`` is a guess of the artifact the request names (the one this host
+        prefetched last): the same read then also takes what the prepare checks
+        (``prepare_read``), and ``prepared`` holds it when the guess was right, so a
+        prefetched deploy costs one round trip less.
+        """
+        keys = self.keys
+        wanted = [
+            keys.request(deploy_id),
+            keys.outcome(deploy_id),
+            keys.progress(deploy_id, node),
+            keys.carried_request(deploy_id, node),
         ]
-        request_e, outcome_e, own_e, carried_e = self._read_txn(
-            [TxnOp.get_or_empty(k) for k in keys], consistent=True
-        )
+        ops = [TxnOp.get_or_empty(k) for k in wanted]
+        if artifact is not None:
+            ops += self._prepare_ops(deploy_id, artifact)
+        result = self.consul.txn(ops, consistent=True)
+        if not result.ok:
+            raise PayloadError(f"read-only txn refused: {result.errors}")
+        by_key = {e.key: e for e in result.entries if e.modify_index}
+        request_e, outcome_e, own_e, carried_e = (by_key.get(k) for k in wanted)
         problem = ""
         request: DeployRecord | None = None
         if request_e is not None:
@@ -454,6 +470,12 @@ class DeployStore:
                     )
             except PayloadError as exc:
                 request, problem = None, str(exc)
+        prepared = None
+        if request is not None and artifact is not None and request.artifact == artifact:
+            try:
+                prepared = self._prepared_from(request, result.entries)
+            except PayloadError:
+                prepared = None  # the prepare reads it again and fails there, with its reason
         return JoinRead(
             request,
             request_e,
@@ -462,22 +484,28 @@ class DeployStore:
             parse_ack(own_e, node=node, deploy=deploy_id),
             own_e.modify_index if own_e else 0,
             carried_e.value if carried_e else None,
+            prepared,
         )
+
+    def _prepare_ops(self, deploy_id: str, artifact: str) -> list[dict[str, Any]]:
+        return [
+            TxnOp.get_or_empty(self.keys.artifact(artifact)),
+            TxnOp.get_or_empty(self.keys.pin(artifact)),
+            TxnOp.get_or_empty(self.keys.abort_request(deploy_id)),
+            TxnOp.get_tree(self.keys.members_prefix),
+        ]
 
     def prepare_read(self, joined: Joined) -> PrepareRead:
         """What a host checks before its ready ack, in one consistent read: the artifact
         record and its pin, an abort request, and the members."""
         request = joined.request
-        ops = [
-            TxnOp.get_or_empty(self.keys.artifact(request.artifact)),
-            TxnOp.get_or_empty(self.keys.pin(request.artifact)),
-            TxnOp.get_or_empty(self.keys.abort_request(request.id)),
-            TxnOp.get_tree(self.keys.members_prefix),
-        ]
-        result = self.consul.txn(ops, consistent=True)
+        result = self.consul.txn(self._prepare_ops(request.id, request.artifact), consistent=True)
         if not result.ok:
             raise PayloadError(f"read-only txn refused: {result.errors}")
-        by_key = {e.key: e for e in result.entries if e.modify_index}
+        return self._prepared_from(request, result.entries)
+
+    def _prepared_from(self, request: DeployRecord, entries: list[KVEntry]) -> PrepareRead:
+        by_key = {e.key: e for e in entries if e.modify_index}
         artifact_e = by_key.get(self.keys.artifact(request.artifact))
         pin_e = by_key.get(self.keys.pin(request.artifact))
         abort_e = by_key.get(self.keys.abort_request(request.id))
@@ -493,11 +521,12 @@ class DeployStore:
             abort = self._doc(AbortRequest, abort_e) or AbortRequest(
                 by="unknown", at="", reason="unreadable abort request"
             )
+        members = [e for e in entries if e.key.startswith(self.keys.members_prefix)]
         return PrepareRead(
             artifact,
             PinRecord.from_json(pin_e.value, where=pin_e.key) if pin_e is not None else None,
             abort,
-            self._members_from(result.entries),
+            self._members_from(members),
         )
 
     def deploy_record(self, deploy_id: str) -> DeployRecord | None:
@@ -803,6 +832,7 @@ class DeployStore:
         staged: tuple[int, int] | None = None,
         known: tuple[NodeProgress | None, int] | None = None,
         establish: bool = False,
+        outcome: bool = False,
         extra_ops: list[dict[str, Any]] | None = None,
     ) -> Written | None:
         """Move this node's ack forward (CAS on the KV record's own index, never on what
@@ -812,7 +842,9 @@ class DeployStore:
         ``known`` is the ack and index a previous read or write returned (no re-read).
         With ``establish`` the same txn reads every expected node's ack, the members and
         the decision record after the write: the verdict comes in the same round trip, and
-        (Raft orders txns) any other host's later read sees this write.
+        (Raft orders txns) any other host's later read sees this write. ``extra_ops`` ride
+        in the same txn when they can; if one of them is what failed, the ack is written
+        without them (``Written.extras`` says which).
         """
         key = self.keys.progress(deploy_id, node)
         for _ in range(5):
@@ -869,8 +901,13 @@ class DeployStore:
                 # An abort request honored up to the last moment: the ready ack and the
                 # request cannot both land (the caller then acks failed).
                 ops.append(TxnOp.check_not_exists(self.keys.abort_request(deploy_id)))
+            base = len(ops)
             ops += extra_ops or []
-            reads = self._verdict_ops(joined) if establish and joined is not None else []
+            reads = (
+                self._verdict_ops(joined, outcome=outcome)
+                if establish and joined is not None
+                else []
+            )
             if len(ops) + len(reads) > MAX_TXN_OPS:
                 reads = []  # a large fleet: read the verdict in its own txns
             result = self.consul.txn(ops + reads)
@@ -882,9 +919,14 @@ class DeployStore:
                     verdict = (
                         self._verdict_from(joined, result.entries)
                         if reads
-                        else self.establish(joined)
+                        else self.establish(joined, outcome=outcome)
                     )
-                return Written(new, new_index, verdict)
+                return Written(new, new_index, verdict, extras=bool(extra_ops))
+            if extra_ops and any(base <= i < len(ops) for i, _ in result.errors):
+                # Only an extra op failed (a lock held by another, a record already there):
+                # nothing was written, the ack's index stands.
+                extra_ops, known = None, (old, old_index)
+                continue
             if state == READY and any(i == 2 for i, _ in result.errors):
                 log.warning("ready_ack_refused", deploy=deploy_id, node=node, reason="session")
                 return None
@@ -900,7 +942,10 @@ class DeployStore:
         ops += [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in request.expected]
         ops.append(TxnOp.get_or_empty(self.keys.decision(request.id)))
         if outcome:
+            # The end's own read (inflight, current, history) rides along: a host that
+            # finds the deploy over writes the end with no read of its own (CAS-checked).
             ops.append(TxnOp.get_or_empty(self.keys.outcome(request.id)))
+            ops += self._end_ops()
         return ops
 
     def establish(self, joined: Joined, *, outcome: bool = False) -> Verdict:
@@ -930,7 +975,14 @@ class DeployStore:
         progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
         decided = ended = False
         record: Decision | None = None
+        end_keys = {self.keys.inflight: 0, self.keys.current: 1, self.keys.history: 2}
+        end_entries: list[KVEntry | None] = [None, None, None]
+        end_seen = 0
         for entry in entries:
+            if entry.key in end_keys:
+                end_entries[end_keys[entry.key]] = entry if entry.modify_index else None
+                end_seen += 1
+                continue
             node = progress_keys.get(entry.key)
             if node is not None:
                 acks[node] = parse_ack(entry, node=node, deploy=request.id)
@@ -955,6 +1007,7 @@ class DeployStore:
             decided=decided,
             ended=ended,
             record=record,
+            end_read=self._end_read_of(*end_entries) if end_seen == len(end_keys) else None,
         )
 
     def _session_clause(
@@ -992,15 +1045,71 @@ class DeployStore:
             f"expected node(s) {', '.join(dead)} lost the session named for them before acking",
         )
 
-    def record_decision(self, joined: Joined, verdict: Verdict, *, node: str) -> bool:
-        """Write ``decisions/<id>`` (check-not-exists) as a record and a wake-up; the txn also
-        rewrites this node's own ack, so the ACLs vouch for ``by``."""
-        request = joined.request
-        own_key = self.keys.progress(request.id, node)
+    def record_decision(
+        self,
+        joined: Joined,
+        verdict: Verdict,
+        *,
+        node: str,
+        mark: dict[str, Any] | None = None,
+    ) -> bool:
+        """Write ``decisions/<id>`` (check-not-exists) as a record; the txn also rewrites
+        this node's own ack, so the ACLs vouch for ``by``, and writes the decided ``mark``
+        (``decided_mark_op``) if it can. (A host that writes its intent for a verdict no
+        record names yet puts ``decision_op`` and the mark in that txn instead.)"""
+        own_key = self.keys.progress(joined.id, node)
         own = verdict.acks.get(node)
         index = verdict.indexes.get(node, 0)
         if own is None or not index:
             return False
+        ops = [
+            self.decision_op(joined, verdict, node=node),
+            TxnOp.cas(own_key, own.to_json(), index),
+        ]
+        result = self.consul.txn(ops + ([mark] if mark else []))
+        if not result.ok and mark and any(i == len(ops) for i, _ in result.errors):
+            result = self.consul.txn(ops)  # the member key moved: the record all the same
+        if result.ok:
+            self.log_decided(joined, verdict, node=node)
+        return result.ok
+
+    def decided_mark_op(
+        self,
+        joined: Joined,
+        outcome: str,
+        *,
+        node: str,
+        session: str | None,
+        member: KVEntry | None,
+    ) -> dict[str, Any] | None:
+        """The op that rewrites ``node``'s own member key to say what it established
+        (``MemberRecord.decided``): every host watches the members, so all of them wake
+        in the same moment, with no watch of their own on the decision key. None when this
+        node's session does not hold its member key as last seen (the lock would fail)."""
+        if not session or member is None or member.session != session:
+            return None
+        try:
+            base = MemberRecord.from_json(member.value, where=member.key)
+        except PayloadError:
+            base = MemberRecord(node)
+        decided = {"deploy": joined.id, "outcome": outcome, "digest": joined.digest}
+        record = MemberRecord(node, base.watcher, base.since, decided)
+        return TxnOp.lock(self.keys.member(node), record.to_json(), session)
+
+    def log_decided(self, joined: Joined, verdict: Verdict, *, node: str) -> None:
+        log.info(
+            "deploy_decided",
+            app=self.app,
+            deploy=joined.id,
+            outcome=verdict.outcome,
+            reason=verdict.reason,
+            by=node,
+        )
+
+    def decision_op(self, joined: Joined, verdict: Verdict, *, node: str) -> dict[str, Any]:
+        """The txn op that writes ``decisions/<id>`` once (check-not-exists); only in a txn
+        that also writes ``node``'s own progress key."""
+        request = joined.request
         decision = Decision(
             outcome=verdict.outcome,
             reason=verdict.reason,
@@ -1023,21 +1132,7 @@ class DeployStore:
                     "requested_at": request.requested_at,
                 }
             )
-        ops = [
-            TxnOp.cas(self.keys.decision(request.id), decision.to_json(), 0),
-            TxnOp.cas(own_key, own.to_json(), index),
-        ]
-        ok = self.consul.txn(ops).ok
-        if ok:
-            log.info(
-                "deploy_decided",
-                app=self.app,
-                deploy=request.id,
-                outcome=verdict.outcome,
-                reason=verdict.reason,
-                by=node,
-            )
-        return ok
+        return TxnOp.cas(self.keys.decision(request.id), decision.to_json(), 0)
 
     def committed(self, deploy_id: str, *, node: str = "", first_index: int = 0) -> Joined | None:
         """The deploy's request, if this host may trust that its commit predicate holds.
@@ -1150,7 +1245,7 @@ class DeployStore:
             pending = [n for n in request.expected if acks.get(n) and acks[n].state == READY]
             if pending:
                 reason += f"; still not live at the apply deadline: {', '.join(pending)}"
-        pre = self._end_read()
+        pre = verdict.end_read or self._end_read()
         inflight_id, inflight_index = pre.inflight, pre.inflight_index
         ops: list[dict[str, Any]] = [TxnOp.check_not_exists(self.keys.outcome(request.id))]
         rollback_id: str | None = None
@@ -1203,16 +1298,20 @@ class DeployStore:
         )
         return True, rollback_id, result
 
+    def _end_ops(self) -> list[dict[str, Any]]:
+        return [
+            TxnOp.get_or_empty(self.keys.inflight),
+            TxnOp.get_or_empty(self.keys.current),
+            TxnOp.get_or_empty(self.keys.history),
+        ]
+
     def _end_read(self) -> EndRead:
         """``inflight``, ``current`` and ``history`` in one consistent read."""
-        inflight_e, current_e, history_e = self._read_txn(
-            [
-                TxnOp.get_or_empty(self.keys.inflight),
-                TxnOp.get_or_empty(self.keys.current),
-                TxnOp.get_or_empty(self.keys.history),
-            ],
-            consistent=True,
-        )
+        return self._end_read_of(*self._read_txn(self._end_ops(), consistent=True))
+
+    def _end_read_of(
+        self, inflight_e: KVEntry | None, current_e: KVEntry | None, history_e: KVEntry | None
+    ) -> EndRead:
         inflight = (
             inflight_e.value.decode(errors="replace").strip()
             if inflight_e and inflight_e.value

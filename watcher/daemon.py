@@ -29,14 +29,14 @@ from watcher.agent import AppAgent
 from watcher.artifacts import ArtifactCache
 from watcher.barrier import DeployStore
 from watcher.config import Config, load_config
-from watcher.consul_api import ConsulClient, ConsulEvent
+from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import ConfigError, ConsulError, PayloadError, WatcherError
 from watcher.events import EventRequest, HandledEvents, parse_event
 from watcher.fsutil import atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
-from watcher.records import ABORT, iso, utcnow
+from watcher.records import ABORT, MemberRecord, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
@@ -212,7 +212,9 @@ class Watch(threading.Thread):
     changed. A ``quiet`` watch takes a missing key at its first read as what the loop
     already knows (a decision the loop has just found undecided), so only the key's
     appearance wakes it; any other watch wakes the loop once with its first read. With
-    ``settle``, the watch waits that long after a wake before it asks again.
+    ``settle``, the watch waits that long after a wake before it asks again. A ``once``
+    watch ends after its first wake: a decision or an abort request is written once, and
+    a blocking query asked again after it came would only cost a request.
     """
 
     def __init__(
@@ -224,6 +226,8 @@ class Watch(threading.Thread):
         *,
         quiet: bool = False,
         settle: float = 0.0,
+        once: bool = False,
+        start: int = 0,
     ) -> None:
         super().__init__(name=f"watch {name}", daemon=True)
         self.fetch = fetch
@@ -231,9 +235,11 @@ class Watch(threading.Thread):
         self.stopping = stopping
         self.quiet = quiet
         self.settle = settle
+        self.once = once
+        self.start_index = start  # an index already seen: the first answer is news
 
     def run(self) -> None:
-        index = 0
+        index = self.start_index
         seen: object = None if self.quiet else _MISSING
         while not self.stopping.is_set():
             try:
@@ -249,6 +255,8 @@ class Watch(threading.Thread):
             if marker != seen:
                 seen = marker
                 self.wake()
+                if self.once:
+                    return
                 if self.settle:
                     # Writes that land meanwhile come back in one answer, not one each.
                     self.stopping.wait(self.settle)
@@ -262,25 +270,35 @@ class WatchCache:
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {}
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: str, value: Any, *, unless: threading.Event | None = None) -> None:
+        """Keep ``value`` for ``key``, unless ``unless`` is set: a stopped watch whose last
+        answer comes after its key was dropped must not bring the key back."""
         with self._lock:
-            self._values[key] = value
+            if unless is None or not unless.is_set():
+                self._values[key] = value
 
     def get(self, key: str) -> Any:
         with self._lock:
             return self._values.get(key, _MISSING)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._values.pop(key, None)
 
 
 _MISSING = object()
 
 
 def key_watch(
-    consul: ConsulClient, key: str, cache: WatchCache | None = None
+    consul: ConsulClient,
+    key: str,
+    cache: WatchCache | None = None,
+    stop: threading.Event | None = None,
 ) -> Callable[[int], tuple[int, object]]:
     def fetch(index: int) -> tuple[int, object]:
         new, entry = consul.kv_get_blocking(key, index, WATCH_WAIT)
         if cache is not None:
-            cache.put(key, entry)
+            cache.put(key, entry, unless=stop)
         return new, entry.modify_index if entry is not None else None
 
     return fetch
@@ -473,15 +491,26 @@ class Daemon:
         current = self._deploy_watch.get(name, {})
         for key in set(current) - wanted:
             current.pop(key).set()
+            self.cache.drop(key)
         for key in sorted(wanted - set(current)):
             stop = threading.Event()
             if key.endswith("/"):  # the coordinator's acks: one look per burst of writes
+                # From the index of its own last write (it read everything up to there).
                 fetch = keys_watch(self.consul, key)
-                Watch(f"{name} {key}", fetch, self.wake, stop, settle=ACK_WATCH_SETTLE).start()
-            else:  # a decision or an abort request: only its appearance is news
                 Watch(
-                    f"{name} {key}", key_watch(self.consul, key), self.wake, stop, quiet=True
+                    f"{name} {key}",
+                    fetch,
+                    self.wake,
+                    stop,
+                    settle=ACK_WATCH_SETTLE,
+                    start=agent.status.watch_index,
                 ).start()
+            else:
+                # A decision or an abort request: written once, so only its appearance is
+                # news, and the watch ends there. The loop reads what it found (a commit
+                # record lets a ready host write its intent at once: docs/design.md R4).
+                fetch = key_watch(self.consul, key, self.cache, stop)
+                Watch(f"{name} {key}", fetch, self.wake, stop, quiet=True, once=True).start()
             current[key] = stop
         self._deploy_watch[name] = current
 
@@ -585,10 +614,12 @@ class Daemon:
             keys = agent.store.keys
             inflight = self.cache.get(keys.inflight)
             current = self.cache.get(keys.current)
+            seen = {k: self.cache.get(k) for k in agent.status.watch if not k.endswith("/")}
             outcome = agent.reconcile(
                 members,
                 inflight=None if inflight is _MISSING else inflight_of(inflight),
                 current=None if current is _MISSING else agent.store.current_of(current),
+                watched={k: v for k, v in seen.items() if v is not _MISSING},
             )
             self.health.decision_read(name)
             self._watch_deploy(agent)
@@ -608,23 +639,21 @@ class Daemon:
             log.exception("reconcile_crashed", app=name, error=repr(exc))
             return f"error: {exc!r}"
 
-    def _ensure_member(self, agent: AppAgent) -> set[str]:
+    def _ensure_member(self, agent: AppAgent) -> dict[str, KVEntry]:
         """Hold ``members/<node>`` with this daemon's session; returns the live members."""
         cached = self.cache.get(agent.store.keys.members_prefix)
         members = agent.store.members() if cached is _MISSING else agent.store.members_of(cached)
         session = self._session_id()
         mine = members.get(self.node)
         if session and (mine is None or mine.session != session):
-            body = json.dumps(
-                {"version": 1, "node": self.node, "watcher": __version__, "since": iso(utcnow())}
-            ).encode()
+            body = MemberRecord(self.node, __version__, iso(utcnow())).to_json()
             if agent.store.consul.kv_put(agent.store.keys.member(self.node), body, acquire=session):
                 log.info("member_key_acquired", app=agent.app.name, session=session)
                 # Read once now; the cache stays the watch's (it sees this change itself).
                 members = agent.store.members()
             else:
                 log.warning("member_key_not_acquired", app=agent.app.name, session=session)
-        return set(members)
+        return members
 
     # --- events -----------------------------------------------------------------------
 

@@ -600,6 +600,34 @@ class HostRecord(Document):
 
 
 @dataclass(frozen=True)
+class MemberRecord(Document):
+    """``apps/<app>/members/<node>``: held by the node's session (behavior=delete), so its
+    presence is what counts. Its value also carries the decided mark: the node that first
+    establishes a deploy's verdict rewrites its own member key in the txn of its intent
+    (``decided``: deploy, outcome, digest), and every host's members watch answers at once
+    (docs/design.md R4 says what a ready host may do on it: write its intent, not act)."""
+
+    node: str
+    watcher: str = ""
+    since: str = ""
+    decided: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, label: str) -> None:
+        _need(isinstance(self.node, str) and bool(self.node), label, "node must be a name")
+        _need(
+            isinstance(self.watcher, str) and isinstance(self.since, str),
+            label,
+            "watcher and since must be strings",
+        )
+        _need(
+            isinstance(self.decided, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.decided.items()),
+            label,
+            "decided must map names to strings",
+        )
+
+
+@dataclass(frozen=True)
 class PinRecord(Document):
     """``pins/<artifact-id>``: the url, size and sha256 the first verifying host saw.
 

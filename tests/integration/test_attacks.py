@@ -340,6 +340,65 @@ class TestOneHostToken:
         slow_hook(fleet, "post_release", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    def test_a_false_decided_mark_flips_nobody(self, acl_fleet: AclFleet) -> None:
+        """host-3's token marks a commit in its own member key while host-2 still stages
+        (and will fail): a ready host writes its intent on it, but flips only on its own
+        read of every ack; the deploy ends contested (host-3 could do that alone by
+        rewriting its own ack), nobody runs the new release."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        for w in fleet.watchers:  # host-2 stages for 3 s, then its post_release fails
+            slow = w.name == "host-2"
+            hook = w.root / "post_release-hook"
+            hook.write_text(f"#!/bin/sh\nsleep {3 if slow else 0}\nexit {3 if slow else 0}\n")
+            hook.chmod(0o755)
+            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        wait_for(
+            lambda: (
+                ack_state(fleet, deploy_id, "host-1") == "ready"
+                and ack_state(fleet, deploy_id, "host-3") == "ready"
+            ),
+            30,
+            "host-1 and host-3 ready",
+            fleet,
+        )
+        entry = fleet.kv.kv_get(fleet.keys.progress(deploy_id, "host-1"))
+        assert entry is not None and entry.value is not None
+        digest = json.loads(entry.value)["digest"]
+        x = host_client(acl_fleet, 2)
+        member = x.kv_get(fleet.keys.member("host-3"))
+        assert member is not None and member.value is not None
+        rung = {
+            **json.loads(member.value),
+            "decided": {"deploy": deploy_id, "outcome": "commit", "digest": digest},
+        }
+        assert x.kv_put(fleet.keys.member("host-3"), json.dumps(rung).encode())
+        seen: set[str | None] = set()
+        intents: set[str] = set()
+        end = time.monotonic() + 40
+        while fleet.outcome(deploy_id) is None and time.monotonic() < end:
+            seen |= releases_of(fleet)
+            intents.add(ack_state(fleet, deploy_id, "host-1"))
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert "committed" in intents, f"host-1 did not heed the mark: {intents}"
+        assert seen == {release1}, f"a host ran an uncommitted release: {seen}"
+        assert outcome["result"] == "contested", outcome
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release1}
+        for w in fleet.watchers:
+            if (w.app_dir / ".state" / "holds.json").exists():
+                w.ctl("release-hold", "web", as_json=False)
+        slow_hook(fleet, "post_release", 0)
+        next_deploy_works(acl_fleet, "v3")
+
     def test_commit_decision_replaced_by_an_abort_after_flips(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
         _, result, release1 = baseline(acl_fleet)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, wait_for
+from tests.support.fleet import Fleet, WatcherProc, wait_for
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -80,6 +82,78 @@ class TestHappyPath:
         assert first["deploy"] in second.stderr and "in flight" in second.stderr
         outcome = fleet.wait_outcome(first["deploy"])
         assert outcome["result"] == "committed"
+
+    def test_waiting_hosts_hold_blocking_queries_and_wake_on_the_decided_mark(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        """Hosts that acked ready wait for a slow one without re-reading the acks (no txn
+        at all while nothing they watch changes), and the host that decides rings their
+        wakes them: its own member key names the commit, every members watch answers."""
+        f = Fleet(
+            cluster,
+            s3_settings,
+            tmp_path,
+            kv_prefix=f"w{time.monotonic_ns()}",
+            daemon_extra={"listen": "127.0.0.1:0"},
+        )
+        f.start()
+        try:
+            slow = f.watchers[1]
+            hook = slow.root / "slow-hook"
+            hook.write_text("#!/bin/sh\nsleep 5\n")
+            hook.chmod(0o755)
+            f.write_config(slow, {"hooks": {"post_release": str(hook)}})
+            slow.stop()
+            slow.start()
+            f.wait_members(3)
+            v1 = f.publish("v1")
+            deploy_id = f.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
+            waiting = [f.watchers[0], f.watchers[2]]
+
+            def states() -> dict[str, str]:
+                out = {}
+                for w in f.watchers:
+                    e = f.kv.kv_get(f.keys.progress(deploy_id, w.name))
+                    out[w.name] = json.loads(e.value)["state"] if e and e.value else ""
+                return out
+
+            wait_for(lambda: all(states()[w.name] == "ready" for w in waiting), 30, "two ready", f)
+            before = {w.name: consul_requests(w) for w in waiting}
+            time.sleep(2.5)
+            after = {w.name: consul_requests(w) for w in waiting}
+            assert states()[slow.name] in ("", "staging"), "the slow host is still preparing"
+            for w in waiting:
+                spent = {k: after[w.name][k] - before[w.name].get(k, 0) for k in after[w.name]}
+                spent = {k: v for k, v in spent.items() if v}
+                # No read of the acks while only waiting; after a second of it, the decision
+                # key's watch (its first read and the blocking query); session renewals.
+                assert spent.get("txn", 0) == 0, (w.name, spent)
+                kv = sum(v for k, v in spent.items() if not k.startswith("session_"))
+                assert kv <= 2, (w.name, spent)
+            outcome = f.wait_outcome(deploy_id)
+            assert outcome["result"] == "committed", outcome
+            # The last to ack decided: its member key carries the decided mark.
+            member = f.kv.kv_get(f.keys.member(slow.name))
+            assert member is not None and member.value is not None
+            decided = json.loads(member.value)["decided"]
+            assert decided["deploy"] == deploy_id and decided["outcome"] == "commit", decided
+            for w in f.watchers:
+                assert not [e for e in w.log_events() if e.get("event") == "decision_not_obeyed"]
+        finally:
+            f.stop()
+
+
+def consul_requests(w: WatcherProc) -> dict[str, float]:
+    """The daemon's ``watcher_consul_requests_total`` by kind, from its /metrics."""
+    url = f"http://127.0.0.1:{w.health_port()}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        s.labels["kind"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "watcher_consul_requests_total"
+    }
 
 
 class TestFailures:

@@ -39,6 +39,7 @@ from watcher.records import (
     DeployRecord,
     Document,
     HostRecord,
+    MemberRecord,
     NodeProgress,
     Outcome,
     ReleaseRef,
@@ -68,6 +69,7 @@ RECORD_CLASSES: tuple[type[Document], ...] = (
     Decision,
     Outcome,
     HostRecord,
+    MemberRecord,
 )
 
 INPUTS: Counter[str] = Counter()

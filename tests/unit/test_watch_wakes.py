@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from watcher.consul_api import KVEntry
-from watcher.daemon import Watch, key_watch, prefix_watch
+from watcher.daemon import _MISSING, Watch, WatchCache, key_watch, prefix_watch
 
 
 def entry(key: str, modify_index: int) -> KVEntry:
@@ -109,3 +109,37 @@ def test_prefix_watch_marks_keys_and_indexes() -> None:
     assert fetch(1)[1] == first  # nothing under the prefix changed: same marker
     consul.kv["m/a"] = entry("m/a", 9)
     assert fetch(2)[1] != first
+
+
+def test_a_once_watch_ends_after_its_wake_and_asks_no_more() -> None:
+    stop = threading.Event()
+    wakes: list[float] = []
+    script = Script([(10, None), (12, 12), (13, 12), (14, 14)], stop)
+    w = Watch("test", script, lambda: wakes.append(1.0), stop, quiet=True, once=True)
+    w.start()
+    w.join(5)
+    assert not w.is_alive(), "a once watch ends after it woke the loop"
+    assert len(wakes) == 1
+    assert script.asked == [0, 10]  # no blocking query asked again after the key appeared
+    stop.set()
+
+
+def test_a_watch_starts_from_the_index_it_is_given() -> None:
+    stop = threading.Event()
+    script = Script([(31, 31)], stop)
+    assert run(script, stop, start=30) == 1
+    assert script.asked[0] == 30
+
+
+def test_a_stopped_watch_does_not_bring_a_dropped_key_back() -> None:
+    consul = FakeConsul()
+    consul.kv["d/1"] = entry("d/1", 5)
+    cache = WatchCache()
+    stop = threading.Event()
+    fetch = key_watch(consul, "d/1", cache, stop)  # type: ignore[arg-type]
+    fetch(0)
+    assert cache.get("d/1") == consul.kv["d/1"]
+    stop.set()
+    cache.drop("d/1")
+    fetch(1)  # the last answer of a watch that was stopped meanwhile
+    assert cache.get("d/1") is _MISSING
