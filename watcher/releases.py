@@ -1027,15 +1027,27 @@ class ReleaseEngine:
     # -- prune ---------------------------------------------------------------------------
 
     def plan_prune(self, *, in_flight: Iterable[str] = ()) -> PrunePlan:
-        """Decide what prune removes (DESIGN.md section 2)."""
-        plan = PrunePlan()
-        now = self.clock()
+        """Decide what prune removes (DESIGN.md section 2).
+
+        Which releases running processes use (a scan of every process in /proc, a few ms)
+        is looked up only when the other rules would remove something: that protection
+        can only turn a removal into a keep. Most deploys prune nothing.
+        """
         in_flight = set(in_flight)
         infos = self.list_releases()
+        plan = self._plan_prune(infos, in_flight, used=set())
+        if not plan.remove and not plan.remove_prefetched:
+            return plan
         used, blocker = scan_release_usage(self.proc_reader, str(self.layout.releases_dir))
         if blocker is not None:
-            plan.blocked = blocker
-            return plan
+            return PrunePlan(blocked=blocker)
+        return self._plan_prune(infos, in_flight, used=used)
+
+    def _plan_prune(
+        self, infos: list[ReleaseInfo], in_flight: set[str], *, used: set[str]
+    ) -> PrunePlan:
+        plan = PrunePlan()
+        now = self.clock()
         protected: dict[str, str] = {}
         for info in infos:
             name = info.release

@@ -746,6 +746,18 @@ class TestPrune:
         assert five.prune(dry_run=True) == []
         assert len(five.release_names()) == 5
 
+    def test_nothing_to_remove_reads_no_process(self, five: ReleaseEngine) -> None:
+        """The /proc scan (and with it an unreadable process's veto) only matters when
+        something would be removed: a prune with nothing to remove does not look."""
+        five.flip(rel(5))
+        five.proc_reader = FakeProc({})
+        assert five.prune() == [rel(1), rel(2), rel(3)]
+        five.proc_reader = FakeProc({42: {"cwd": PermissionError(13, "Permission denied")}})
+        plan = five.plan_prune()
+        assert plan.blocked is None and plan.remove == [], plan
+        assert five.prune() == []
+        assert five.release_names() == [rel(4), rel(5)]
+
     def test_exited_process_is_skipped(self, five: ReleaseEngine) -> None:
         five.flip(rel(5))
         five.proc_reader = FakeProc(
