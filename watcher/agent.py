@@ -146,13 +146,16 @@ class Journal:
         if any(data.get(k) != v for k, v in fields.items()):
             self._write({**data, **fields}, durable=bool(set(fields) & DURABLE_FIELDS))
 
-    def done(self, phase: str) -> None:
+    def done(self, *phases: str) -> None:
+        """Mark ``phases`` done, in one write (fsynced if one of them is durable)."""
         data = self.read()
         if data is None:
             return
-        if phase not in data["phases"]:
+        new = [p for p in phases if p not in data["phases"]]
+        if new:
             self._write(
-                {**data, "phases": [*data["phases"], phase]}, durable=phase in DURABLE_PHASES
+                {**data, "phases": [*data["phases"], *new]},
+                durable=bool(DURABLE_PHASES.intersection(new)),
             )
 
     def has(self, phase: str) -> bool:
@@ -1132,16 +1135,21 @@ class AppAgent:
                 live = self.engine.current_release()
                 if live and live != rec.release:
                     self.engine.set_backup(live)
-            self.journal.done("staged")
             self._check_cancel()
-            if not self.journal.has("post_release") and hook_commands(
+            hooks = hook_commands(
                 self.app, "post_release", self.engine.layout.release_dir(rec.release)
-            ):
+            )
+            if self.journal.has("post_release"):  # done phases do not run again
+                self.journal.done("staged")
+            elif hooks:
+                self.journal.done("staged")
                 self._show_staging(joined)  # hooks take a while: show it at once
-            if not self.journal.has("post_release"):  # done phases do not run again
                 run_hooks(self.app, "post_release", self._hook_context(rec))
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("post_release")
+            else:  # no hook to run: both phases in one write
+                self.engine.mark_post_release_done(rec.release)
+                self.journal.done("staged", "post_release")
             why = self.store.check_sessions(joined, pre.members)
             if why is not None:
                 refused = True
@@ -1268,7 +1276,11 @@ class AppAgent:
                 self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
                 return
             flipped_at = iso(utcnow())
-            self.journal.done("flipped")
+            release_dir = self.engine.layout.release_dir(rec.release)
+            if hook_commands(self.app, "post_symlink", release_dir):
+                self.journal.done("flipped")
+            else:  # no hook to run: both phases in one write
+                self.journal.done("flipped", "post_symlink")
         state, error, tail = LIVE, "", ""
         try:
             if self.metrics is not None:

@@ -411,6 +411,7 @@ class Daemon:
         self._last_line = ""
         self._last_logged = 0.0
         self._status_written = 0.0
+        self._status_said: tuple[Any, ...] = ()
 
     # --- signals ----------------------------------------------------------------------
 
@@ -603,9 +604,11 @@ class Daemon:
         if changed or now - self._last_logged > HEARTBEAT_LOG:
             log.info("cycle", outcome=line)
             self._last_line, self._last_logged = line, now
-        if changed or now - self._status_written > STATUS_HEARTBEAT:
-            self._write_status()
+        if now - self._status_written > STATUS_HEARTBEAT:
             self._status_written = now
+            self._write_status(force=True)
+        elif changed:
+            self._write_status()
 
     def _reconcile(self, agent: AppAgent) -> str:
         name = agent.app.name
@@ -755,7 +758,10 @@ class Daemon:
         log.info("config_reloaded", source=new.source)
         self.notifier.ready()
 
-    def _write_status(self) -> None:
+    def _write_status(self, *, force: bool = False) -> None:
+        """``status.json`` for `watcherctl status`: rewritten when what it says of the apps,
+        the health or the session changed, and every STATUS_HEARTBEAT (its ``updated_at``
+        tells a live daemon from a stale file); not for every new cycle line."""
         healthy, details = self.health.check()
         apps = {}
         for name, agent in self.agents.items():
@@ -766,12 +772,16 @@ class Daemon:
                 "undecided": undecided,
                 "converge_error": agent.status.converge_error,
             }
+        said = (self._session_id(), healthy, apps)
+        if not force and said == self._status_said:
+            return
+        self._status_said = said
         data = {
             "version": 1,
             "pid": os.getpid(),
             "node": self.node,
             "updated_at": iso(utcnow()),
-            "session": self._session_id(),
+            "session": said[0],
             "healthy": healthy,
             "apps": apps,
             "last_cycle": self._last_line[:2000],
