@@ -188,6 +188,7 @@ class AgentStatus:
     alarm: str = ""
     watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
     watch_index: int = 0  # the index a new watch of a prefix there starts from
+    recheck_at: float | None = None  # monotonic time the loop must look again by
 
 
 class AppAgent:
@@ -243,11 +244,11 @@ class AppAgent:
         self._prepared: dict[str, PrepareRead] = {}  # the prepare's read, done with the join
         self._last_prefetched: str | None = None  # the artifact the join read guesses
         self._watched: dict[str, KVEntry | None] = {}  # the step's watched keys, as last read
-        self._regrace: tuple[str, float] = ("", 0.0)  # the wait a timer wakes the loop after
         self._ended_at: tuple[str, float] = ("", 0.0)  # see _just_ended
         self._last_inflight: str | None = None  # the deploy `inflight` named, while it does
         self._inflight_gone: tuple[str, float] = ("", 0.0)  # which one went, and when
         self._lock_with_ack: str | None = None  # take the coordinator lock with this ready ack
+        self._wake_when_done = True  # the task's end wakes the loop (see _apply)
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
@@ -275,6 +276,7 @@ class AppAgent:
         ``watched``: what the daemon's watches of this step's keys (``status.watch``) last
         read, by key; a wake-up's content, never acted on alone.
         """
+        self.status.recheck_at = None  # set again below while a wait needs it
         if members is not None:
             self._members = set(members)
             if isinstance(members, Mapping):
@@ -370,11 +372,7 @@ class AppAgent:
         what, at = seen
         if what != deploy_id or time.monotonic() - at >= END_WATCH_GRACE:
             return False
-        if self._regrace != seen:  # one look after the grace, whatever wakes the loop
-            self._regrace = seen
-            timer = threading.Timer(END_WATCH_GRACE, self._wake)
-            timer.daemon = True
-            timer.start()
+        self.status.recheck_at = at + END_WATCH_GRACE  # one look then, whatever wakes us
         return True
 
     def _idle_status(self) -> None:
@@ -683,11 +681,11 @@ class AppAgent:
         for node, member in self._member_entries.items():
             if node == self.node or node not in joined.request.expected:
                 continue
-            try:
-                decided = MemberRecord.from_json(member.value, where=member.key).decided
-            except PayloadError:
-                continue
-            if decided == {"deploy": joined.id, "outcome": COMMIT, "digest": joined.digest}:
+            if decided_by(member) == {
+                "deploy": joined.id,
+                "outcome": COMMIT,
+                "digest": joined.digest,
+            }:
                 return Verdict(COMMIT, "", {self.node: ack}, {self.node: index}, decided=True)
         return None
 
@@ -767,6 +765,8 @@ class AppAgent:
             timings={f"{intent}_at": iso(utcnow())},
             known=known,
             establish=True,
+            # A commit needs no session clause (every ack is ready): no members tree to read.
+            members=intent == ABORTED,
             extra_ops=record,
         )
         if written is not None and written.extras and record:
@@ -963,6 +963,7 @@ class AppAgent:
             self._cancel_reason = ""
         self._task_key = (kind, deploy_id)
         self._task_started = time.monotonic()
+        self._wake_when_done = True
         self._task = self._worker.submit(self._guard, kind, fn)
         return f"{kind} started"
 
@@ -976,7 +977,9 @@ class AppAgent:
             self.log.exception("task_failed", task=kind, error=repr(exc))
         finally:
             self.engine.in_flight_artifacts.clear()
-            self._wake()  # the loop takes the next step now, not on its next tick
+            if self._wake_when_done:
+                self._wake()  # the loop takes the next step now, not on its next tick
+            self._wake_when_done = True
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
@@ -1320,6 +1323,10 @@ class AppAgent:
                 self._verdicts[rec.id] = (written.verdict, marker)
                 self.status.watch_index = written.index
         self.journal.done("applied")
+        # Once live, a host that does not coordinate has nothing to do until the deploy
+        # ends (its `inflight` watch) or its coordinator dies (the members watch): no
+        # wake-up of the loop for it (its next tick marks the journal finished).
+        self._wake_when_done = coordinating
         self._observe("apply", started)
         self._prune()
         self.log.info(
@@ -1625,6 +1632,24 @@ class AppAgent:
         except (KeyError, TypeError, ValueError):
             return False
         return (utcnow() - deadline).total_seconds() > PREPARE_GRACE
+
+
+_DECIDED: dict[str, tuple[int, dict[str, str]]] = {}  # member key -> (ModifyIndex, decided)
+
+
+def decided_by(member: KVEntry) -> dict[str, str]:
+    """The decided mark in a member key (parsed once per version of the key)."""
+    known = _DECIDED.get(member.key)
+    if known is not None and known[0] == member.modify_index:
+        return known[1]
+    try:
+        decided = MemberRecord.from_json(member.value, where=member.key).decided
+    except PayloadError:
+        decided = {}
+    if len(_DECIDED) > 4096:
+        _DECIDED.clear()
+    _DECIDED[member.key] = (member.modify_index, decided)
+    return decided
 
 
 class _Cancelled(Exception):

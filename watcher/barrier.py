@@ -833,6 +833,7 @@ class DeployStore:
         known: tuple[NodeProgress | None, int] | None = None,
         establish: bool = False,
         outcome: bool = False,
+        members: bool = True,
         extra_ops: list[dict[str, Any]] | None = None,
     ) -> Written | None:
         """Move this node's ack forward (CAS on the KV record's own index, never on what
@@ -842,7 +843,10 @@ class DeployStore:
         ``known`` is the ack and index a previous read or write returned (no re-read).
         With ``establish`` the same txn reads every expected node's ack, the members and
         the decision record after the write: the verdict comes in the same round trip, and
-        (Raft orders txns) any other host's later read sees this write. ``extra_ops`` ride
+        (Raft orders txns) any other host's later read sees this write. Without ``members``
+        that read skips the members tree, and so the abort clause of lost sessions: for an
+        intent, whose read must only confirm a verdict already established (an undecided
+        answer sends the host back to a full establish). ``extra_ops`` ride
         in the same txn when they can; if one of them is what failed, the ack is written
         without them (``Written.extras`` says which).
         """
@@ -904,7 +908,7 @@ class DeployStore:
             base = len(ops)
             ops += extra_ops or []
             reads = (
-                self._verdict_ops(joined, outcome=outcome)
+                self._verdict_ops(joined, outcome=outcome, members=members)
                 if establish and joined is not None
                 else []
             )
@@ -917,7 +921,7 @@ class DeployStore:
                 verdict = None
                 if establish and joined is not None:
                     verdict = (
-                        self._verdict_from(joined, result.entries)
+                        self._verdict_from(joined, result.entries, session_clause=members)
                         if reads
                         else self.establish(joined, outcome=outcome)
                     )
@@ -936,9 +940,11 @@ class DeployStore:
 
     # --- the predicates (DESIGN.md 6.4.3) -----------------------------------------------
 
-    def _verdict_ops(self, joined: Joined, *, outcome: bool = False) -> list[dict[str, Any]]:
+    def _verdict_ops(
+        self, joined: Joined, *, outcome: bool = False, members: bool = True
+    ) -> list[dict[str, Any]]:
         request = joined.request
-        ops = [TxnOp.get_tree(self.keys.members_prefix)]
+        ops = [TxnOp.get_tree(self.keys.members_prefix)] if members else []
         ops += [TxnOp.get_or_empty(self.keys.progress(request.id, n)) for n in request.expected]
         ops.append(TxnOp.get_or_empty(self.keys.decision(request.id)))
         if outcome:
@@ -965,7 +971,9 @@ class DeployStore:
             entries += result.entries
         return self._verdict_from(joined, entries)
 
-    def _verdict_from(self, joined: Joined, entries: Iterable[KVEntry]) -> Verdict:
+    def _verdict_from(
+        self, joined: Joined, entries: Iterable[KVEntry], *, session_clause: bool = True
+    ) -> Verdict:
         """The verdict over entries of one txn (get-tree returns one entry per member key;
         the acks are told apart by their exact keys)."""
         request = joined.request
@@ -996,7 +1004,7 @@ class DeployStore:
                 member_entries.append(entry)
         members = self._members_from(member_entries)
         verdict = judge(request, joined.digest, acks)
-        if verdict.outcome == UNDECIDED:
+        if verdict.outcome == UNDECIDED and session_clause:
             verdict = self._session_clause(joined, acks, members) or verdict
         return Verdict(
             verdict.outcome,

@@ -412,6 +412,8 @@ class Daemon:
         self._last_logged = 0.0
         self._status_written = 0.0
         self._status_said: tuple[Any, ...] = ()
+        self._wake_lock = threading.Lock()
+        self._dirty = False  # a wake-up other than an event's since the last cycle
 
     # --- signals ----------------------------------------------------------------------
 
@@ -423,6 +425,15 @@ class Daemon:
         self.flags.wake.set()
 
     def wake(self) -> None:
+        """Something the loop acts on changed (a watch, a task, a timer): reconcile."""
+        with self._wake_lock:
+            self._dirty = True
+            self.flags.wake.set()
+
+    def _event_wake(self) -> None:
+        """An event arrived: the cycle handles it, and reconciles only if it asked for
+        that (the `deploy` event `watcherctl` fires after its KV write changes nothing the
+        watches have not already reported)."""
         self.flags.wake.set()
 
     # --- start ------------------------------------------------------------------------
@@ -508,8 +519,8 @@ class Daemon:
                 ).start()
             else:
                 # A decision or an abort request: written once, so only its appearance is
-                # news, and the watch ends there. The loop reads what it found (a commit
-                # record lets a ready host write its intent at once: docs/design.md R4).
+                # news, and the watch ends there. (A waiting host watches the decision key
+                # only after a while: the decider's mark on its member key wakes it first.)
                 fetch = key_watch(self.consul, key, self.cache, stop)
                 Watch(f"{name} {key}", fetch, self.wake, stop, quiet=True, once=True).start()
             current[key] = stop
@@ -550,7 +561,7 @@ class Daemon:
             self.state_dir / EVENTS_FILE, self.config.daemon.handled_events_keep
         )
         self.event_watcher = EventWatcher(
-            self.consul, handled, self.events, self.wake, self.flags.stop
+            self.consul, handled, self.events, self._event_wake, self.flags.stop
         )
         self.event_watcher.start()
         self._start_watches()
@@ -565,14 +576,21 @@ class Daemon:
         log.info("watcher_ready", node=self.node)
         while not self.flags.stop.is_set():
             tick = TICK if self._active() else TICK_IDLE
-            self.flags.wake.wait(tick if watchdog is None else min(tick, watchdog / 2))
-            self.flags.wake.clear()
+            rechecks = [a.status.recheck_at for a in self.agents.values() if a.status.recheck_at]
+            if rechecks:  # an agent waits for a watch, with a deadline of its own
+                tick = max(0.0, min(tick, min(rechecks) - time.monotonic()))
+            woke = self.flags.wake.wait(tick if watchdog is None else min(tick, watchdog / 2))
+            with self._wake_lock:
+                self.flags.wake.clear()
+                dirty, self._dirty = self._dirty, False
             if self.flags.stop.is_set():
                 break
             if self.flags.reload.is_set():
                 self.flags.reload.clear()
                 self._reload()
-            self._cycle()
+                dirty = True
+            # A tick (deadlines, retries) or a signal reconciles like any other wake-up.
+            self._cycle(reconcile=dirty or not woke)
             self.notifier.watchdog()
         self._shutdown(server)
         return 0
@@ -586,16 +604,21 @@ class Daemon:
             or "unreachable" in self._last_line
         )
 
-    def _cycle(self) -> None:
+    def _cycle(self, *, reconcile: bool = True) -> None:
         parts: list[str] = []
+        handled = 0
         while True:
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
                 break
-            parts.append(self._handle_event(event))
-        for name, agent in self.agents.items():
-            parts.append(f"{name}: {self._reconcile(agent)}")
+            part, needs = self._handle_event(event)
+            parts.append(part)
+            handled += 1
+            reconcile = reconcile or needs
+        if reconcile or not handled:
+            for name, agent in self.agents.items():
+                parts.append(f"{name}: {self._reconcile(agent)}")
         self.health.loop_cycle()
         self.metrics.loop_cycles.inc()
         line = "; ".join(p for p in parts if p)
@@ -660,13 +683,14 @@ class Daemon:
 
     # --- events -----------------------------------------------------------------------
 
-    def _handle_event(self, event: ConsulEvent) -> str:
+    def _handle_event(self, event: ConsulEvent) -> tuple[str, bool]:
+        """(what the cycle line says, whether the apps must be reconciled for it)."""
         try:
             req = parse_event(event.id, event.name, event.ltime, event.payload, self.agents)
         except PayloadError as exc:
             log.warning("event_dropped", event_id=event.id, name=event.name, error=str(exc))
             self.metrics.events_handled.labels(name=event.name, result="invalid").inc()
-            return ""
+            return "", False
         try:
             result = self._act_on(req)
         except (ConsulError, PayloadError) as exc:
@@ -674,7 +698,9 @@ class Daemon:
             result = f"failed: {exc}"
         self.metrics.events_handled.labels(name=event.name, result=result.split(":")[0]).inc()
         log.info("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
-        return f"event {event.name} {event.id[:8]}: {result}"
+        # A prefetch wakes the loop itself when done; a deploy id only rang the bell.
+        needs = result not in ("woken", "prefetching")
+        return f"event {event.name} {event.id[:8]}: {result}", needs
 
     def _act_on(self, req: EventRequest) -> str:
         agent = self.agents[req.app]

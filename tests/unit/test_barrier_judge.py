@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
 
-from watcher.barrier import CONTESTED, UNDECIDED, judge
+from watcher.agent import decided_by
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, judge
+from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
 from watcher.records import (
     ABORT,
@@ -20,6 +24,7 @@ from watcher.records import (
     REFUSED,
     STAGING,
     DeployRecord,
+    MemberRecord,
     NodeProgress,
 )
 
@@ -152,3 +157,58 @@ class TestRequest:
         data = request(["a"]).as_dict() | bad
         with pytest.raises(PayloadError):
             DeployRecord.from_dict(data)
+
+
+class TestDecidedMark:
+    """The decider's mark on its own member key (docs/design.md R5): what it writes, when
+    it cannot, and how a reader takes it (pure logic; the real cluster is in
+    tests/integration/test_deploy.py and test_attacks.py)."""
+
+    def store(self) -> DeployStore:
+        return DeployStore(None, "w", "web")  # type: ignore[arg-type]
+
+    def joined(self) -> Joined:
+        req = request(["a", "b"])
+        return Joined(req, req.digest(), 7)
+
+    def member(self, session: str, value: bytes, index: int = 9) -> KVEntry:
+        return KVEntry("w/apps/web/members/a", value, index, 3, 0, session, 0)
+
+    def test_the_mark_keeps_the_member_record_and_names_the_verdict(self) -> None:
+        j = self.joined()
+        base = MemberRecord("a", "0.1.0", "2026-12-01T00:00:00.000Z").to_json()
+        op = self.store().decided_mark_op(
+            j, COMMIT, node="a", session="s-a", member=self.member("s-a", base)
+        )
+        assert op["KV"]["Verb"] == "lock" and op["KV"]["Session"] == "s-a"
+        assert op["KV"]["Key"] == "w/apps/web/members/a"
+        written = json.loads(base64.b64decode(op["KV"]["Value"]))
+        assert written["since"] == "2026-12-01T00:00:00.000Z" and written["watcher"] == "0.1.0"
+        assert written["decided"] == {"deploy": "d1", "outcome": COMMIT, "digest": j.digest}
+
+    @pytest.mark.parametrize("session", [None, "", "s-other"])
+    def test_no_mark_unless_this_session_holds_the_key(self, session: str | None) -> None:
+        entry = self.member("s-a", b"{}")
+        op = self.store().decided_mark_op(
+            self.joined(), COMMIT, node="a", session=session, member=entry
+        )
+        assert op is None
+
+    def test_a_garbage_member_value_still_gets_a_clean_mark(self) -> None:
+        op = self.store().decided_mark_op(
+            self.joined(), ABORT, node="a", session="s-a", member=self.member("s-a", b"\xff[")
+        )
+        assert op is not None
+        written = json.loads(base64.b64decode(op["KV"]["Value"]))
+        assert written["node"] == "a" and written["decided"]["outcome"] == ABORT
+
+    def test_a_reader_parses_each_version_of_a_key_once(self) -> None:
+        mark = {"deploy": "d1", "outcome": COMMIT, "digest": "x"}
+        v1 = MemberRecord("a", decided=mark).to_json()
+        assert decided_by(self.member("s-a", v1, index=11)) == mark
+        # Same ModifyIndex, other bytes: the parse of that version is reused.
+        assert decided_by(self.member("s-a", b"not json", index=11)) == mark
+        # A new version is parsed again; one that does not parse marks nothing.
+        assert decided_by(self.member("s-a", b"not json", index=12)) == {}
+        with pytest.raises(PayloadError):
+            MemberRecord.from_json(b'{"node": "a", "decided": {"deploy": 5}}')
