@@ -632,6 +632,10 @@ class Campaign:
         snap = self.snapshot()
         if result.deploy is not None:
             result.decision = inv.decision_of(snap, result.deploy)
+        if result.decision == "abort":  # why, from the outcome: an abort is not always the fault's
+            raw = self._kv_value(f"outcomes/{result.deploy}")
+            with contextlib.suppress(ValueError, AttributeError):
+                notes.append(f"aborted: {str(json.loads(raw or '{}').get('reason', ''))[:160]}")
         result.note = "; ".join(x for x in notes if x)
         return result
 
