@@ -18,17 +18,21 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench.harness import RoundFailed, cpu_seconds, flip_times
 from tests.support.cluster import Agent, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, consul_for, wait_for
+from tests.support.fleet import (
+    Fleet,
+    WatcherProc,
+    consul_for,
+    consul_requests,
+    metrics_text,
+    wait_for,
+)
 from watcher.records import ArtifactRecord, parse_iso
 
 NAIVE_EVENT = "bench-naive-deploy"  # not a name the watchers act on
@@ -117,14 +121,8 @@ class BenchFleet:
     def requests(self, w: WatcherProc) -> dict[str, float]:
         """The watcher's Consul requests so far, by kind, from its /metrics."""
         port = self._port(w)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        return {
-            s.labels["kind"]: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == "watcher_consul_requests_total"
-        }
+        assert port is not None
+        return consul_requests(metrics_text(port))
 
     def usage(self) -> dict[str, Usage]:
         """Per watcher: its CPU seconds and Consul requests so far."""

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, wait_for
+from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -121,18 +120,12 @@ class TestHealthEndpoint:
         assert body["session"]
         v1 = fleet.publish("v1")
         assert w.ctl_json("deploy", "web", v1.id)["result"] == "committed"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+        text = metrics_text(port)
         assert 'watcher_current_release_info{app="web",release="' in text
         assert "watcher_loop_cycles_total" in text
         # The daemon's own Consul requests, by kind: it made a session and took part in
         # a deploy, so both show with a count.
-        requests = {
-            s.labels["kind"]: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == "watcher_consul_requests_total"
-        }
+        requests = consul_requests(text)
         assert requests.get("session_create", 0) >= 1, requests
         assert sum(requests.values()) > requests["session_create"], requests
 

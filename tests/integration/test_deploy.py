@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, wait_for
+from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -67,14 +65,7 @@ class TestHappyPath:
             assert not [e for e in w.log_events() if e.get("event") == "decision_not_obeyed"], w
 
     def test_second_deploy_while_one_in_flight_is_refused(self, fleet: Fleet) -> None:
-        slow = fleet.watchers[1]
-        hook = slow.root / "slow-hook"
-        hook.write_text("#!/bin/sh\nsleep 4\n")
-        hook.chmod(0o755)
-        fleet.write_config(slow, {"hooks": {"post_release": str(hook)}})
-        slow.stop()
-        slow.start()
-        fleet.wait_members(3)
+        slow_prepare(fleet, fleet.watchers[1], 4)
         v1 = fleet.publish("v1")
         first = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
         second = fleet.watchers[2].ctl("deploy", "web", v1.id, "--no-wait", check=False)
@@ -99,13 +90,7 @@ class TestHappyPath:
         f.start()
         try:
             slow = f.watchers[1]
-            hook = slow.root / "slow-hook"
-            hook.write_text("#!/bin/sh\nsleep 5\n")
-            hook.chmod(0o755)
-            f.write_config(slow, {"hooks": {"post_release": str(hook)}})
-            slow.stop()
-            slow.start()
-            f.wait_members(3)
+            slow_prepare(f, slow, 5)
             v1 = f.publish("v1")
             deploy_id = f.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
             waiting = [f.watchers[0], f.watchers[2]]
@@ -118,9 +103,9 @@ class TestHappyPath:
                 return out
 
             wait_for(lambda: all(states()[w.name] == "ready" for w in waiting), 30, "two ready", f)
-            before = {w.name: consul_requests(w) for w in waiting}
+            before = {w.name: requests_of(w) for w in waiting}
             time.sleep(2.5)
-            after = {w.name: consul_requests(w) for w in waiting}
+            after = {w.name: requests_of(w) for w in waiting}
             assert states()[slow.name] in ("", "staging"), "the slow host is still preparing"
             for w in waiting:
                 spent = {k: after[w.name][k] - before[w.name].get(k, 0) for k in after[w.name]}
@@ -143,17 +128,19 @@ class TestHappyPath:
             f.stop()
 
 
-def consul_requests(w: WatcherProc) -> dict[str, float]:
-    """The daemon's ``watcher_consul_requests_total`` by kind, from its /metrics."""
-    url = f"http://127.0.0.1:{w.health_port()}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        s.labels["kind"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "watcher_consul_requests_total"
-    }
+def slow_prepare(fleet: Fleet, w: WatcherProc, seconds: float) -> None:
+    """Give ``w`` a post_release hook that sleeps, and restart it."""
+    hook = w.root / "slow-hook"
+    hook.write_text(f"#!/bin/sh\nsleep {seconds}\n")
+    hook.chmod(0o755)
+    fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+    w.stop()
+    w.start()
+    fleet.wait_members(len(fleet.watchers))
+
+
+def requests_of(w: WatcherProc) -> dict[str, float]:
+    return consul_requests(metrics_text(w.health_port()))
 
 
 class TestFailures:

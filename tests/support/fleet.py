@@ -12,12 +12,14 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Agent, ConsulCluster
 from tests.support.s3server import s3_client
@@ -27,6 +29,21 @@ from watcher.records import ArtifactRecord, Keys, iso, utcnow
 
 BIN = Path(sys.executable).parent
 SESSION_TTL = 3.0  # seconds: a dead watcher's member key goes after ~2x this
+
+
+def consul_requests(metrics_text: str) -> dict[str, float]:
+    """A daemon's ``watcher_consul_requests_total`` by kind, from its /metrics text."""
+    return {
+        s.labels["kind"]: s.value
+        for family in text_string_to_metric_families(metrics_text)
+        for s in family.samples
+        if s.name == "watcher_consul_requests_total"
+    }
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
 
 
 def consul_for(agent: Agent) -> ConsulClient:
