@@ -118,11 +118,14 @@ class SessionKeeper(threading.Thread):
         if kept:
             # Consul's node of the session (the agent's name, which `node:` in the config
             # may override for the fleet), so compare with what it was created on.
-            info = self.consul.session_info(kept)
+            # Consistent: a stale "no such session" would make this daemon abandon one
+            # that still holds its member key and is named in a deploy it could resume.
+            info = self.consul.session_info(kept, consistent=True)
             if info and info.get("Node") == kept_on and self.consul.session_renew(kept):
                 log.info("session_reused", session=kept)
                 self._note_first_index(info)
                 return kept
+            self._abandon(kept)
         session_id = self.consul.session_create(
             f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
         )
@@ -140,6 +143,26 @@ class SessionKeeper(threading.Thread):
         )
         log.info("session_created", session=session_id, ttl_s=self.ttl)
         return session_id
+
+    def _abandon(self, session_id: str) -> None:
+        """Destroy a session of this daemon's that it will not use again. One that still
+        exists (a renewal answered 404 while a restarted server was replaying its log, a
+        kept id on another agent) would hold the member key until its TTL ran out, and
+        every deploy made meanwhile would name it, so this host would refuse them all."""
+        try:
+            self.consul.session_destroy(session_id)
+            log.info("session_abandoned", session=session_id)
+        except ConsulError as exc:
+            log.warning("session_not_abandoned", session=session_id, error=str(exc))
+
+    def _lost(self, session_id: str) -> bool:
+        """Whether a session whose renewal answered 404 is really gone: a consistent read
+        is proof (Consul serves none before its leader has replayed its log), a renewal
+        is not (a server restarted a moment ago answers it from a state still loading)."""
+        if self.consul.session_info(session_id, consistent=True) is None:
+            return True
+        log.warning("session_renew_not_found_but_alive", session=session_id)
+        return False
 
     def _note_first_index(self, info: dict[str, Any]) -> None:
         """Remember the CreateIndex of this watcher's first session (DESIGN.md 6.4.5: a host
@@ -174,8 +197,12 @@ class SessionKeeper(threading.Thread):
                     self.health.session_ok(str(self.session_id))
                     self.on_change()
                 elif not self.consul.session_renew(current):
+                    if not self._lost(current):
+                        self.stopping.wait(min(1.0, interval))  # renew again soon
+                        continue
                     log.warning("session_lost", session=current)
                     self.health.session_lost(f"session {current} invalidated by Consul")
+                    self.path.unlink(missing_ok=True)
                     self._set(None)
                     self.on_change()
                     continue

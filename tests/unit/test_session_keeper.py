@@ -1,0 +1,127 @@
+"""The daemon's session keeper against a scripted Consul (pure logic; the real agents are
+in tests/integration/test_deploy_faults.py): a session is given up only on proof, and one
+it gives up is never left holding the member key."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from watcher.daemon import SESSION_FILE, SessionKeeper
+from watcher.health import HealthState, Metrics
+
+
+class ScriptedConsul:
+    """Sessions that exist, renewals that answer 404 regardless (a restarted server still
+    replaying its log), and a record of every call."""
+
+    def __init__(self, alive: set[str], renew_404: set[str] | None = None) -> None:
+        self.alive = set(alive)
+        self.renew_404 = set(renew_404 or ())
+        self.calls: list[tuple[str, str]] = []
+        self.created = 0
+        self.renewed = threading.Event()
+
+    def session_info(self, sid: str, *, consistent: bool = False) -> dict[str, Any] | None:
+        self.calls.append(("info" + ("!" if consistent else ""), sid))
+        return {"ID": sid, "Node": "agent-1", "CreateIndex": 5} if sid in self.alive else None
+
+    def session_renew(self, sid: str) -> bool:
+        self.calls.append(("renew", sid))
+        if sid in self.renew_404:
+            self.renew_404.discard(sid)  # once: the server has caught up afterwards
+            return False
+        self.renewed.set()
+        return sid in self.alive
+
+    def session_create(self, name: str, ttl: float, **_: Any) -> str:
+        self.created += 1
+        sid = f"new-{self.created}"
+        self.alive.add(sid)
+        self.calls.append(("create", sid))
+        return sid
+
+    def session_destroy(self, sid: str) -> None:
+        self.calls.append(("destroy", sid))
+        self.alive.discard(sid)
+
+
+def keeper(
+    consul: ScriptedConsul, state: Path, changes: list[str | None] | None = None
+) -> SessionKeeper:
+    k: SessionKeeper
+
+    def changed() -> None:
+        if changes is not None:
+            changes.append(k.session_id)
+
+    k = SessionKeeper(
+        consul,  # type: ignore[arg-type]
+        "host-1",
+        1.0,
+        state,
+        HealthState(undecided_after=30, loop_stall_after=30),
+        Metrics(),
+        changed,
+    )
+    return k
+
+
+def keep(state: Path, sid: str, consul_node: str = "agent-1") -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    (state / SESSION_FILE).write_text(json.dumps({"id": sid, "consul_node": consul_node}))
+
+
+def test_a_404_renewal_of_a_session_that_exists_keeps_it(tmp_path: Path) -> None:
+    consul = ScriptedConsul({"s1"}, renew_404={"s1"})
+    keep(tmp_path, "s1")
+    changes: list[str | None] = []
+    k = keeper(consul, tmp_path, changes)
+    k._set("s1")  # as after obtain(): the loop below renews it
+    k.start()
+    try:
+        assert consul.renewed.wait(5), consul.calls
+    finally:
+        k.stopping.set()
+        k.join(5)
+    assert k.session_id == "s1"
+    assert consul.created == 0, consul.calls
+    assert ("info!", "s1") in consul.calls  # the 404 was checked with a consistent read
+    # Never given up, not even for a moment: the loop was not told of a change, and no
+    # deploy in flight saw this host without its session.
+    assert changes == [], changes
+
+
+def test_a_session_gone_for_good_is_replaced(tmp_path: Path) -> None:
+    consul = ScriptedConsul(set())
+    keep(tmp_path, "s1")
+    k = keeper(consul, tmp_path)
+    k._set("s1")
+    k.start()
+    try:
+        k.first_attempt.wait(5)
+        assert consul.renewed.wait(5), consul.calls
+    finally:
+        k.stopping.set()
+        k.join(5)
+    assert k.session_id == "new-1", consul.calls
+
+
+def test_a_kept_session_not_reused_is_destroyed_first(tmp_path: Path) -> None:
+    """Saved for another Consul node (or not renewable): this daemon will not use it, so it
+    must not keep holding the member key until its TTL runs out."""
+    consul = ScriptedConsul({"s1"})
+    keep(tmp_path, "s1", consul_node="another-agent")
+    sid = keeper(consul, tmp_path).obtain()
+    assert sid == "new-1"
+    assert consul.calls.index(("destroy", "s1")) < consul.calls.index(("create", "new-1"))
+    assert "s1" not in consul.alive
+
+
+def test_a_kept_session_still_good_is_reused(tmp_path: Path) -> None:
+    consul = ScriptedConsul({"s1"})
+    keep(tmp_path, "s1")
+    assert keeper(consul, tmp_path).obtain() == "s1"
+    assert not [c for c in consul.calls if c[0] in ("destroy", "create")], consul.calls
