@@ -31,11 +31,11 @@ BIN = Path(sys.executable).parent
 SESSION_TTL = 3.0  # seconds: a dead watcher's member key goes after ~2x this
 
 
-def consul_requests(metrics_text: str) -> dict[str, float]:
+def consul_requests(text: str) -> dict[str, float]:
     """A daemon's ``watcher_consul_requests_total`` by kind, from its /metrics text."""
     return {
         s.labels["kind"]: s.value
-        for family in text_string_to_metric_families(metrics_text)
+        for family in text_string_to_metric_families(text)
         for s in family.samples
         if s.name == "watcher_consul_requests_total"
     }
