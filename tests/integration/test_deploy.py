@@ -78,8 +78,8 @@ class TestHappyPath:
         self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
     ) -> None:
         """Hosts that acked ready wait for a slow one without re-reading the acks (no txn
-        at all while nothing they watch changes), and the host that decides rings their
-        wakes them: its own member key names the commit, every members watch answers."""
+        at all while nothing they watch changes), and the host that decides wakes them:
+        its own member key names the commit, and every members watch answers."""
         f = Fleet(
             cluster,
             s3_settings,
