@@ -374,11 +374,11 @@ class TestOneHostToken:
         x = host_client(acl_fleet, 2)
         member = x.kv_get(fleet.keys.member("host-3"))
         assert member is not None and member.value is not None
-        rung = {
+        marked = {
             **json.loads(member.value),
             "decided": {"deploy": deploy_id, "outcome": "commit", "digest": digest},
         }
-        assert x.kv_put(fleet.keys.member("host-3"), json.dumps(rung).encode())
+        assert x.kv_put(fleet.keys.member("host-3"), json.dumps(marked).encode())
         seen: set[str | None] = set()
         intents: set[str] = set()
         end = time.monotonic() + 40
