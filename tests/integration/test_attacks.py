@@ -109,13 +109,7 @@ def sessions(fleet: Fleet) -> dict[str, str]:
 def slow_hook(fleet: Fleet, phase: str, seconds: float, *, fail_on: str | None = None) -> None:
     """Give every watcher a hook that sleeps (and fails on one host), then restart them."""
     for w in fleet.watchers:
-        hook = w.root / f"{phase}-hook"
-        code = 3 if w.name == fail_on else 0
-        hook.write_text(f"#!/bin/sh\nsleep {seconds}\nexit {code}\n")
-        hook.chmod(0o755)
-        fleet.write_config(w, {"hooks": {phase: str(hook)}})
-        w.stop()
-        w.start()
+        fleet.give_hook(w, phase, seconds, 3 if w.name == fail_on else 0)
     fleet.wait_members(len(fleet.watchers))
 
 
@@ -349,12 +343,7 @@ class TestOneHostToken:
         _, _, release1 = baseline(acl_fleet)
         for w in fleet.watchers:  # host-2 stages for 3 s, then its post_release fails
             slow = w.name == "host-2"
-            hook = w.root / "post_release-hook"
-            hook.write_text(f"#!/bin/sh\nsleep {3 if slow else 0}\nexit {3 if slow else 0}\n")
-            hook.chmod(0o755)
-            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
-            w.stop()
-            w.start()
+            fleet.give_hook(w, "post_release", 3 if slow else 0, 3 if slow else 0)
         fleet.wait_members(3)
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])

@@ -130,13 +130,7 @@ class TestHappyPath:
 
 
 def slow_prepare(fleet: Fleet, w: WatcherProc, seconds: float) -> None:
-    """Give ``w`` a post_release hook that sleeps, and restart it."""
-    hook = w.root / "slow-hook"
-    hook.write_text(f"#!/bin/sh\nsleep {seconds}\n")
-    hook.chmod(0o755)
-    fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
-    w.stop()
-    w.start()
+    fleet.give_hook(w, "post_release", seconds)
     fleet.wait_members(len(fleet.watchers))
 
 

@@ -253,6 +253,16 @@ class Fleet:
     def write_config(self, w: WatcherProc, app_extra: dict[str, Any] | None = None) -> None:
         w.config_path.write_text(yaml.safe_dump(self.config_for(w, app_extra)))
 
+    def give_hook(self, w: WatcherProc, phase: str, seconds: float, exit_code: int = 0) -> None:
+        """Give ``w`` a ``phase`` hook that sleeps, then exits with ``exit_code``, and
+        restart it (the caller waits for the members)."""
+        hook = w.root / f"{phase}-hook"
+        hook.write_text(f"#!/bin/sh\nsleep {seconds}\nexit {exit_code}\n")
+        hook.chmod(0o755)
+        self.write_config(w, {"hooks": {phase: str(hook)}})
+        w.stop()
+        w.start()
+
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
