@@ -256,7 +256,6 @@ class AppAgent:
         self._task_started = 0.0
         self._trimmed_at = 0.0
         self._cancel_reason = ""
-        self._members: set[str] = set()  # the live members the loop last saw
         self._legacy_checked = False
 
     # --- the loop's entry point -------------------------------------------------------
@@ -266,7 +265,7 @@ class AppAgent:
 
     def reconcile(
         self,
-        members: Mapping[str, KVEntry] | set[str] | None = None,
+        members: Mapping[str, KVEntry] | None = None,
         inflight: tuple[str | None, int] | None = None,
         current: tuple[CurrentRecord | None, int] | None = None,
         watched: Mapping[str, KVEntry | None] | None = None,
@@ -278,9 +277,7 @@ class AppAgent:
         """
         self.status.recheck_at = None  # set again below while a wait needs it
         if members is not None:
-            self._members = set(members)
-            if isinstance(members, Mapping):
-                self._member_entries = dict(members)
+            self._member_entries = dict(members)
         self._watched = dict(watched or {})
         if self._task is not None and self._task.done():
             exc = self._task.exception()
@@ -604,7 +601,7 @@ class AppAgent:
         # when another expected host's decided mark names a commit: the intent's txn reads
         # them; nor while nothing this host watches changed since it last read them.
         cached = self._verdicts.pop(deploy_id, None)
-        verdict = cached[0] if cached else self._commit_recorded(joined, own)
+        verdict = cached[0] if cached else self._commit_marked(joined, own)
         marker = cached[1] if cached else self._wake_marker(deploy_id)
         if verdict is None:
             still = self._still_waiting(deploy_id, marker)
@@ -668,7 +665,7 @@ class AppAgent:
         if since is not None and time.monotonic() - since >= DECISION_WATCH_AFTER:
             self.status.watch = (self.store.keys.decision(deploy_id),)
 
-    def _commit_recorded(self, joined: Joined, own: str) -> Verdict | None:
+    def _commit_marked(self, joined: Joined, own: str) -> Verdict | None:
         """A ready host woken by the decided mark of a commit that another expected host
         established (its member key's ``decided``, which only that host's token can
         write; a decision record's ``by`` proves nothing, any host token can write one): a
@@ -893,7 +890,7 @@ class AppAgent:
         # once its member key is gone (its session died, its lock with it) or past the
         # deadline. Nobody contends for a deploy it saw end (the end deleted the lock key).
         seen_end = bool(journal.get("ended"))
-        contend = first == self.node or first not in self._members or past_apply
+        contend = first == self.node or first not in self._member_entries or past_apply
         if (
             not seen_end
             and self._coordinating != deploy_id
