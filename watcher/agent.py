@@ -311,6 +311,11 @@ class AppAgent:
             if inflight_id not in (None, joined.id) and journal.get("established") is None:
                 self._refuse_second(inflight_id, joined)
             outcome = self._drive(joined, journal, inflight_id, inflight_index)
+            if inflight_id != joined.id and (self.journal.read() or {}).get("finished"):
+                # This part finished in this very step, after `inflight` had already moved
+                # on (the end, whose watch woke us, usually): what follows it (the idle
+                # path, or the next deploy's join) is for the next step, now, not the tick.
+                self.status.recheck_at = time.monotonic()
             return f"deploy {joined.id}: {outcome}"
         if inflight_id is None:
             if (

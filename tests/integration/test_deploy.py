@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,36 @@ class TestHappyPath:
         # the decision record it found, and it says what the acks say.
         for w in fleet.watchers:
             assert not [e for e in w.log_events() if e.get("event") == "decision_not_obeyed"], w
+
+    def test_every_host_goes_idle_when_the_end_lands(self, fleet: Fleet) -> None:
+        """A host that does not coordinate does not wake itself after its apply: it
+        finishes its part in the step the end's watches wake. When `inflight` is already
+        gone in that step, it goes idle in the next one at once, not at the loop's next
+        tick (1 s) with `status` saying "waiting for the end" meanwhile."""
+        late: list[tuple[str, str, float]] = []
+        for n in range(4):
+            record = fleet.publish(f"v{n}")
+            result = fleet.watchers[0].ctl_json("deploy", "web", record.id)
+            assert result["result"] == "committed", result
+            fleet.wait_idle()
+            deploy_id = result["deploy"]
+            time.sleep(1.5)  # past a tick: a host stuck until then has logged its idle line
+            logs = {w.name: w.log_events() for w in fleet.watchers}
+            outcome = fleet.outcome(deploy_id)
+            assert outcome is not None
+            end = _when(outcome["at"])  # taken just before the end's txn
+            for name, events in logs.items():
+                idle = [
+                    _when(e["timestamp"])
+                    for e in events
+                    if e.get("event") == "cycle"
+                    and "web: idle" in e.get("outcome", "")
+                    and _when(e["timestamp"]) >= end
+                ]
+                assert idle, (name, deploy_id)
+                if idle[0] - end > 0.7:
+                    late.append((name, deploy_id, idle[0] - end))
+        assert not late, late
 
     def test_second_deploy_while_one_in_flight_is_refused(self, fleet: Fleet) -> None:
         slow_prepare(fleet, fleet.watchers[1], 4)
@@ -187,3 +218,8 @@ class TestFailures:
         assert result.returncode != 0
         assert "unknown artifact main-00000000" in result.stderr
         assert fleet.inflight() is None
+
+
+def _when(stamp: str) -> float:
+    """Seconds since the epoch of a log line's ISO timestamp."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
