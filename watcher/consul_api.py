@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -1186,14 +1186,20 @@ class ConsulClient:
             ) from exc
 
     def event_list(
-        self, name: str | None = None, *, index: str | None = None, wait: float | None = None
+        self,
+        name: str | None = None,
+        *,
+        index: str | None = None,
+        wait: float | None = None,
+        skip: Container[str] = (),
     ) -> tuple[str, list[ConsulEvent]]:
         """The agent's buffered user events (up to 256, oldest first); (index, events).
 
         The index is Consul's X-Consul-Index for this endpoint, derived from the newest
         event's ID: it is NOT monotonic. Callers compare it with the previous value for
         change only (never for order), and pass it back as ``index`` to block up to ``wait``
-        seconds until the event list changes.
+        seconds until the event list changes. Events whose ID is in ``skip`` (those a
+        caller already handled) are left out, undecoded.
         """
         params: list[tuple[str, Any]] = []
         if name:
@@ -1213,7 +1219,8 @@ class ConsulClient:
             wait=wait if index is not None else None,
         )
         new_index = str(resp.headers.get("X-Consul-Index", ""))
-        events = [ConsulEvent.from_json(d) for d in self._json(resp, what) or []]
+        listed = self._json(resp, what) or []
+        events = [ConsulEvent.from_json(d) for d in listed if str(d.get("ID", "")) not in skip]
         return new_index, events
 
     # ----------------------------------------------------------------- ACL

@@ -387,7 +387,9 @@ class EventWatcher(threading.Thread):
                     self.handled.add(e.id for e in events)
                     log.info("events_primed", buffered=len(events))
                     continue
-                new_index, events = self.consul.event_list(index=index, wait=WATCH_WAIT)
+                new_index, fresh = self.consul.event_list(
+                    index=index, wait=WATCH_WAIT, skip=self.handled
+                )
             except Exception as exc:  # e.g. a full disk persisting handled ids: retry
                 log.warning("event_watch_failed", error=str(exc))
                 self.stopping.wait(1.0)
@@ -395,10 +397,13 @@ class EventWatcher(threading.Thread):
             if new_index == index:
                 continue
             index = new_index
-            self.max_ltime = max([self.max_ltime, *(e.ltime for e in events)])
-            fresh = [e for e in events if e.id not in self.handled]
+            # Handled events (every one seen so far) are left out of the answer undecoded.
+            self.max_ltime = max([self.max_ltime, *(e.ltime for e in fresh)])
             if fresh:
-                self.handled.add(e.id for e in fresh)
+                try:
+                    self.handled.add(e.id for e in fresh)
+                except OSError as exc:  # a full disk: the ids are kept in memory all the same
+                    log.warning("handled_events_not_saved", error=str(exc))
                 for event in fresh:
                     self.out.put(event)
                 self.wake()

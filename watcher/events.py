@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watcher.errors import PayloadError
-from watcher.fsutil import atomic_write_json
+from watcher.fsutil import atomic_write_bytes
 from watcher.records import DEPLOY_ID_RE, check_artifact_id, check_release
 
 EVENT_NAMES = ("build-finished", "deploy", "rollback")
@@ -110,5 +110,11 @@ class HandledEvents:
             self._ids.popitem(last=False)
         if changed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.path, {"version": 1, "ids": list(self._ids)})
+            # No fsync: a crash that loses the newest ids loses nothing, since a starting
+            # watcher takes every event its agent still buffers as history anyway.
+            atomic_write_bytes(
+                self.path,
+                json.dumps({"version": 1, "ids": list(self._ids)}, separators=(",", ":")).encode(),
+                durable=False,
+            )
         return changed

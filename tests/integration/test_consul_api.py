@@ -394,6 +394,11 @@ class TestEvents:
             assert len(events) == i + 1
             seen.add(index)
         assert len(seen) == 3  # compared for change only: the order of the values is arbitrary
+        # Events a caller has handled are left out; the index still says the list changed.
+        first, *rest = events
+        same_index, unhandled = c1.event_list(name, skip={first.id})
+        assert [e.id for e in unhandled] == [e.id for e in rest]
+        assert same_index == index
 
     def test_empty_payload(self, c1: ConsulClient) -> None:
         name = f"rwtest-{uuid.uuid4().hex[:8]}"
