@@ -606,6 +606,10 @@ class AppAgent:
         # when another expected host's decided mark names a commit: the intent's txn reads
         # them; nor while nothing this host watches changed since it last read them.
         cached = self._verdicts.pop(deploy_id, None)
+        if cached and cached[0].outcome == UNDECIDED and cached[1] != self._wake_marker(deploy_id):
+            # Something this host watches changed after that txn read the acks (a decided
+            # mark, usually, whose wake-up this very step consumed): that read is stale.
+            cached = None
         verdict = cached[0] if cached else self._commit_marked(joined, own)
         marker = cached[1] if cached else self._wake_marker(deploy_id)
         if verdict is None:

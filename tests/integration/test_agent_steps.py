@@ -1,0 +1,150 @@
+"""One host's agent in this process, its steps taken by the test, against a real Consul and
+S3: the orders of wake-ups a busy fleet produces, made to happen on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.fleet import make_tarball, wait_for
+from tests.support.s3server import s3_client
+from watcher.agent import AppAgent
+from watcher.artifacts import ArtifactCache
+from watcher.barrier import DeployStore, Joined
+from watcher.config import S3Settings, parse_config
+from watcher.consul_api import ConsulClient
+from watcher.records import COMMIT, COMMITTED, READY, STAGING, ArtifactRecord, MemberRecord
+from watcher.releases import ReleaseEngine
+from watcher.s3 import S3Store
+
+CLUSTER = ClusterSpec(hosts=1)
+HOSTS = ("host-a", "host-b")
+
+
+@pytest.fixture
+def consul(cluster: ConsulCluster) -> Iterator[ConsulClient]:
+    client = ConsulClient(cluster.hosts[0].consul_settings())
+    yield client
+    client.close()
+
+
+def test_a_decided_mark_that_lands_before_the_step_after_the_ready_ack_is_acted_on(
+    cluster: ConsulCluster, consul: ConsulClient, s3_settings: S3Settings, tmp_path: Path
+) -> None:
+    """host-a acks ready while host-b still stages; host-b then acks, establishes the
+    commit and marks its member key, all before host-a's loop takes its next step. That
+    one step sees both the end of host-a's prepare (whose txn read "1 of 2 ready") and the
+    mark: host-a must write its intent at once, not wait for a later wake-up (in a 20-host
+    bench one host in five to eight deploys flipped ~1.3 s after the others)."""
+    prefix = f"s{time.monotonic_ns()}"
+    store = DeployStore(consul, prefix, "web")
+    body = make_tarball({"index.html": "<h1>v1</h1>\n"})
+    key = f"{s3_settings.prefix}/web/main-0a1b2c3d.tar.gz"
+    s3_client(str(s3_settings.endpoint_url)).put_object(
+        Bucket=s3_settings.bucket, Key=key, Body=body
+    )
+    artifact = ArtifactRecord(
+        id="main-0a1b2c3d",
+        url=f"s3://{s3_settings.bucket}/{key}",
+        sha256=hashlib.sha256(body).hexdigest(),
+        size=len(body),
+    )
+    assert consul.kv_put(store.keys.artifact(artifact.id), artifact.to_json())
+    sessions = {}
+    for node in HOSTS:
+        sessions[node] = consul.session_create(f"test {node}", 30, checks=[])
+        member = MemberRecord(node, "test", "2026-12-02T00:00:00.000Z").to_json()
+        assert consul.kv_put(store.keys.member(node), member, acquire=sessions[node])
+
+    config = parse_config(
+        {
+            "node": "host-a",
+            "kv_prefix": prefix,
+            "consul": {"address": f"http://{cluster.hosts[0].consul_settings().address}"},
+            "s3": {
+                "bucket": s3_settings.bucket,
+                "prefix": s3_settings.prefix,
+                "region": s3_settings.region,
+                "endpoint_url": s3_settings.endpoint_url,
+            },
+            "daemon": {"state_dir": str(tmp_path / "state")},
+            "apps": {"web": {"root": str(tmp_path / "srv")}},
+        },
+        source="test",
+        env={},
+    )
+    app = config.apps["web"]
+    cache = ArtifactCache(
+        app.app_dir,
+        S3Store(config.s3),
+        max_bytes=app.artifact_cache_bytes,
+        timeout=app.timeouts.download,
+    )
+    agent = AppAgent(
+        config,
+        app,
+        ReleaseEngine(app, cache),
+        store,
+        "host-a",
+        session=lambda: sessions["host-a"],
+    )
+
+    def step() -> str:
+        inflight = store.inflight()
+        return agent.reconcile(store.members(), inflight=inflight, current=store.current())
+
+    try:
+        record = store.new_record(
+            deploy_id="20261202T000000Z-a1b2c3",
+            kind="deploy",
+            artifact=artifact,
+            release=None,
+            requested_by="tests",
+            expected=sessions,
+            prepare_timeout=60,
+            apply_timeout=60,
+        )
+        assert store.start(record)
+        request, entry = store.request(record.id, consistent=True)
+        assert request is not None and entry is not None
+        joined = Joined(request, request.digest(), entry.create_index)
+        assert store.write_progress(record.id, "host-b", STAGING, joined=joined)
+
+        assert "prepare started" in step()
+        wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+        ack, _ = store.ack(record.id, "host-a")
+        assert ack is not None and ack.state == READY
+
+        # host-b: ready, then the commit it establishes, with its decided mark.
+        session_b = sessions["host-b"]
+        assert store.write_progress(
+            record.id, "host-b", READY, joined=joined, session=session_b, sha256=artifact.sha256
+        )
+        verdict = store.establish(joined)
+        assert verdict.outcome == COMMIT, verdict
+        mark = store.decided_mark_op(
+            joined,
+            COMMIT,
+            node="host-b",
+            session=session_b,
+            member=store.members()["host-b"],
+        )
+        assert mark is not None
+        assert store.write_progress(
+            record.id, "host-b", COMMITTED, joined=joined, session=session_b, extra_ops=[mark]
+        )
+
+        # host-a's next step: its prepare's end and the mark together.
+        outcome = step()
+        assert "apply started" in outcome, outcome
+        ack, _ = store.ack(record.id, "host-a")
+        assert ack is not None and ack.state == COMMITTED
+        wait_for(lambda: not agent.busy(), 30, "host-a's apply")
+        assert agent.engine.current_release() == request.release
+    finally:
+        agent.shutdown(wait=True)
