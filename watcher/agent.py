@@ -565,6 +565,10 @@ class AppAgent:
                     task = self._task_key[0] if self._task_key else "prepare"
                     done = ", ".join(journal.get("phases", [])) or "none"
                     why = f"prepare deadline passed during {task} (phases done: {done})"
+                    cache = self.engine.cache
+                    artifact = joined.request.artifact
+                    if cache is not None and (trouble := cache.retrying.get(artifact)):
+                        why += f"; still downloading {artifact}, {trouble}"
                 elif moved:
                     why = "inflight moved to another deploy"
                 else:

@@ -100,6 +100,9 @@ class ArtifactCache:
         self.store = store
         self.max_bytes = max_bytes
         self.timeout = timeout
+        # Downloads in progress that are retrying: artifact id -> the last attempt's error
+        # (what a prepare deadline that passes meanwhile reports as the reason).
+        self.retrying: dict[str, str] = {}
 
     # ---- names -------------------------------------------------------------------------
 
@@ -385,6 +388,7 @@ class ArtifactCache:
 
         def before_sleep(rs: RetryCallState) -> None:
             exc = rs.outcome.exception() if rs.outcome else None
+            self.retrying[record.id] = f"attempt {rs.attempt_number} failed: {exc}"
             log.warning(
                 "artifact_fetch_retry",
                 artifact=record.id,
@@ -423,6 +427,8 @@ class ArtifactCache:
                 f"attempt(s) in {time.monotonic() - started:.1f}s (deadline "
                 f"{self.timeout:.0f}s): {exc}"
             ) from exc
+        finally:
+            self.retrying.pop(record.id, None)
         digest = state.hasher.hexdigest()
         if state.length != record.size or digest != record.sha256:
             if inherited:

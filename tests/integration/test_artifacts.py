@@ -336,6 +336,35 @@ class TestFaults:
         assert not cache.path_for(record).exists()
         assert dir_listing(cache) == []
 
+    def test_a_retrying_download_says_why_until_it_ends(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        """While S3 keeps failing, the cache says which artifact is retrying and why (a
+        prepare deadline that passes meanwhile reports it); nothing is left once it ends."""
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        proxy.fail(503, times=None)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app", timeout=3.0)
+        seen: list[str] = []
+        failed: list[BaseException] = []
+
+        def fetch() -> None:
+            try:
+                cache.fetch(record)
+            except S3Unavailable as exc:
+                failed.append(exc)
+
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        deadline = time.monotonic() + 3.0
+        while not seen and time.monotonic() < deadline:
+            if trouble := cache.retrying.get(record.id):
+                seen.append(trouble)
+            time.sleep(0.01)
+        worker.join(10)
+        assert seen and seen[0].startswith("attempt "), seen
+        assert "InternalError" in seen[0], seen  # what S3 answered
+        assert failed and cache.retrying == {}
+
     def test_resets_then_500s_still_converge_on_a_verified_file(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
     ) -> None:
