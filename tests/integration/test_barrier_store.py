@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.deploys import start_deploy
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined
 from watcher.consul_api import ConsulClient
 from watcher.errors import DeployInFlight
@@ -48,20 +49,7 @@ def member(store: DeployStore, node: str) -> str:
 
 
 def start(store: DeployStore, deploy_id: str, sessions: dict[str, str]) -> Joined:
-    record = store.new_record(
-        deploy_id=deploy_id,
-        kind="deploy",
-        artifact=artifact(),
-        release=None,
-        requested_by="tests",
-        expected=sessions,
-        prepare_timeout=60,
-        apply_timeout=60,
-    )
-    assert store.start(record)
-    request, entry = store.request(deploy_id, consistent=True)
-    assert request is not None and entry is not None
-    return Joined(request, request.digest(), entry.create_index)
+    return start_deploy(store, deploy_id, sessions, artifact())
 
 
 def ack(store: DeployStore, joined: Joined, node: str, state: str, session: str = "") -> bool:
@@ -69,7 +57,10 @@ def ack(store: DeployStore, joined: Joined, node: str, state: str, session: str 
         current, _ = store.ack(joined.id, node)
         if current is None:
             assert store.write_progress(joined.id, node, STAGING, joined=joined)
-    return store.write_progress(joined.id, node, state, joined=joined, session=session, sha256=SHA)
+    written = store.write_progress(
+        joined.id, node, state, joined=joined, session=session, sha256=SHA
+    )
+    return written is not None
 
 
 def raw_ack(store: DeployStore, deploy_id: str, node: str, progress: NodeProgress) -> None:

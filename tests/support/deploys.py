@@ -1,0 +1,26 @@
+"""A deploy request written straight through the store, for tests that play the hosts."""
+
+from __future__ import annotations
+
+from watcher.barrier import DeployStore, Joined
+from watcher.records import ArtifactRecord
+
+
+def start_deploy(
+    store: DeployStore, deploy_id: str, sessions: dict[str, str], artifact: ArtifactRecord
+) -> Joined:
+    """Write the request for ``sessions``' nodes and `inflight`; return it as a host joins it."""
+    record = store.new_record(
+        deploy_id=deploy_id,
+        kind="deploy",
+        artifact=artifact,
+        release=None,
+        requested_by="tests",
+        expected=sessions,
+        prepare_timeout=60,
+        apply_timeout=60,
+    )
+    assert store.start(record)
+    request, entry = store.request(deploy_id, consistent=True)
+    assert request is not None and entry is not None
+    return Joined(request, request.digest(), entry.create_index)
