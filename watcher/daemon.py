@@ -39,6 +39,7 @@ from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
+from watcher.webhook import notifier_for
 
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
@@ -802,6 +803,9 @@ class Daemon:
                     old.timeouts.download,
                     app.timeouts.download,
                 )
+                if app.webhook != old.webhook:
+                    agent.notifier = notifier_for(app, self.metrics, replacing=agent.notifier)
+                    log.info("webhook_reloaded", app=name, enabled=app.webhook is not None)
                 agent.app = app
                 agent.engine.app = app
                 agent.config = new

@@ -144,7 +144,7 @@ class Metrics:
         self.webhook_failures = Counter(
             "watcher_webhook_failures",
             "Deploy notifications given up after the retries, by reason (http, network, "
-            "queue_full)",
+            "queue_full, reloaded)",
             ["app", "reason"],
             registry=r,
         )

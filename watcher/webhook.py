@@ -27,6 +27,9 @@ RETRY_BASE = 0.5  # seconds before the first retry, doubled each time
 SENT_KEEP = 256  # (deploy, event) pairs remembered so that each event is sent once
 
 
+_CLOSE: dict[str, Any] = {}  # the queue's last item when a sender is closed
+
+
 class WebhookSender:
     """A bounded queue and one daemon thread that POSTs each message."""
 
@@ -35,11 +38,16 @@ class WebhookSender:
         self.app = app
         self.metrics = metrics
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_MAX)
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"webhook-{app}", daemon=True)
         self._thread.start()
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue ``message``; returns at once whatever the receiver does."""
+        if self._closed:
+            self._count("webhook_failures", "reloaded")
+            log.error("webhook_dropped", app=self.app, notice=message.get("event"), why="reloaded")
+            return
         try:
             self._queue.put_nowait(message)
         except queue.Full:
@@ -57,9 +65,17 @@ class WebhookSender:
         else:
             counter.labels(app=self.app).inc()
 
+    def close(self) -> None:
+        """End the thread once the messages already queued are sent (a reload that changed
+        the settings made a new sender; this one must not idle on for good)."""
+        self._closed = True
+        self._queue.put(_CLOSE)
+
     def _run(self) -> None:
         while True:
             message = self._queue.get()
+            if message is _CLOSE:
+                return
             try:
                 self._post(message)
             except Exception as exc:  # never let one message (or a broken log) end the thread
@@ -170,8 +186,17 @@ class DeployNotifier:
         )
 
 
-def notifier_for(app: AppConfig, metrics: Any = None) -> DeployNotifier | None:
-    """The app's notifier, or None when it has no ``webhook:``."""
+def notifier_for(
+    app: AppConfig, metrics: Any = None, *, replacing: DeployNotifier | None = None
+) -> DeployNotifier | None:
+    """The app's notifier, or None when it has no ``webhook:``. ``replacing``: the one
+    it takes over from (a reload): that one's sender ends after what it has queued, and
+    what it sent is remembered, so no event goes out twice."""
+    if replacing is not None:
+        replacing.sender.close()
     if app.webhook is None:
         return None
-    return DeployNotifier(WebhookSender(app.webhook, app=app.name, metrics=metrics))
+    notifier = DeployNotifier(WebhookSender(app.webhook, app=app.name, metrics=metrics))
+    if replacing is not None:
+        notifier._sent = replacing._sent
+    return notifier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,35 @@ class TestWebhookFromTheCoordinator:
             fleet.stop()
         wait_for(lambda: len(receiver.bodies) == 2, 20, "both messages once released")
         assert sorted(b["event"] for b in receiver.bodies) == ["committed", "started"]
+
+
+class TestReload:
+    def test_a_reload_moves_notifications_to_the_new_webhook(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """`systemctl reload watcher` (SIGHUP) after the webhook URL changed: the next
+        deploy's messages go to the new receiver, none to the old one."""
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "5s")
+        fleet.start()
+        moved = Receiver()
+        try:
+            fleet.app_extra = {"webhook": {"url": moved.url, "timeout": "5s", "retries": 0}}
+            for w in fleet.watchers:
+                fleet.write_config(w)
+                w.proc.send_signal(signal.SIGHUP)
+            for w in fleet.watchers:
+                wait_for(
+                    lambda w=w: any(e.get("event") == "config_reloaded" for e in w.log_events()),
+                    20,
+                    f"{w.name} reloaded",
+                )
+            v1 = fleet.publish("v1")
+            ok = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
+            assert ok["result"] == "committed", ok
+            wait_for(lambda: len(events(moved, ok["deploy"])) >= 2, 20, "two messages")
+            time.sleep(1)
+            assert events(moved, ok["deploy"]) == ["started", "committed"]
+            assert events(receiver, ok["deploy"]) == []
+        finally:
+            fleet.stop()
+            moved.stop()

@@ -11,11 +11,11 @@ import pytest
 
 from tests.support.receiver import Receiver
 from watcher.barrier import DeployView
-from watcher.config import WebhookSettings, parse_config
+from watcher.config import AppConfig, WebhookSettings, parse_config
 from watcher.errors import ConfigError
 from watcher.health import Metrics
 from watcher.records import Decision, DeployRecord, NodeProgress
-from watcher.webhook import DeployNotifier, WebhookSender
+from watcher.webhook import DeployNotifier, WebhookSender, notifier_for
 
 
 @pytest.fixture
@@ -122,6 +122,44 @@ class TestWebhookSender:
         receiver.release.set()
         wait_until(lambda: len(receiver.bodies) == 5)
         assert [b["text"] for b in receiver.bodies] == ["0", "1", "2", "3", "4"]
+
+    def test_a_closed_sender_sends_what_it_had_then_ends(self, receiver: Receiver) -> None:
+        metrics = Metrics()
+        sender = WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web", metrics=metrics)
+        sender.send({"text": "queued before"})
+        sender.close()
+        sender.send({"text": "sent after"})
+        sender._thread.join(10)
+        assert not sender._thread.is_alive()
+        assert [b["text"] for b in receiver.bodies] == ["queued before"]
+        assert metrics.webhook_failures.labels(app="web", reason="reloaded")._value.get() == 1
+
+
+class TestReload:
+    def test_a_new_webhook_takes_over_without_sending_an_event_twice(self) -> None:
+        old_r, new_r = Receiver(), Receiver()
+        try:
+            old = notifier_for(AppConfig("web", "/srv", webhook=WebhookSettings(old_r.url, 2.0, 0)))
+            assert old is not None
+            old.started(view(), node="h1")
+            changed = AppConfig("web", "/srv", webhook=WebhookSettings(new_r.url, 2.0, 0))
+            new = notifier_for(changed, replacing=old)
+            assert new is not None
+            new.started(view(), node="h1")  # already sent by the notifier it replaces
+            new.ended(view("commit", {"h1": ("live", "")}), "committed", node="h1")
+            wait_until(lambda: len(new_r.bodies) == 1)
+            old.sender._thread.join(10)
+            assert not old.sender._thread.is_alive()  # no thread left idle per reload
+            time.sleep(0.3)
+            assert [b["event"] for b in old_r.bodies] == ["started"]
+            assert [b["event"] for b in new_r.bodies] == ["committed"]
+            # A reload that removes the webhook ends the sender too.
+            assert notifier_for(AppConfig("web", "/srv"), replacing=new) is None
+            new.sender._thread.join(10)
+            assert not new.sender._thread.is_alive()
+        finally:
+            old_r.stop()
+            new_r.stop()
 
 
 class TestDeployNotifier:
