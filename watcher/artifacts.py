@@ -103,6 +103,18 @@ class ArtifactCache:
         # Downloads in progress that are retrying: artifact id -> the last attempt's error
         # (what a prepare deadline that passes meanwhile reports as the reason).
         self.retrying: dict[str, str] = {}
+        self._downloading: dict[str, tuple[_HashState, int]] = {}
+
+    def busy(self) -> bool:
+        """A download is in progress."""
+        return bool(self._downloading)
+
+    def downloads(self) -> dict[str, dict[str, int]]:
+        """Downloads in progress, by artifact id: bytes verified so far and the size."""
+        return {
+            artifact: {"have": state.length, "size": size}
+            for artifact, (state, size) in list(self._downloading.items())
+        }
 
     # ---- names -------------------------------------------------------------------------
 
@@ -385,6 +397,7 @@ class ArtifactCache:
         inherited = os.fstat(fd).st_size
         state = _HashState()
         started = time.monotonic()
+        self._downloading[record.id] = (state, record.size)
 
         def before_sleep(rs: RetryCallState) -> None:
             exc = rs.outcome.exception() if rs.outcome else None
@@ -429,6 +442,7 @@ class ArtifactCache:
             ) from exc
         finally:
             self.retrying.pop(record.id, None)
+            self._downloading.pop(record.id, None)
         digest = state.hasher.hexdigest()
         if state.length != record.size or digest != record.sha256:
             if inherited:

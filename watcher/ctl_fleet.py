@@ -680,6 +680,9 @@ def _human_status(data: dict[str, Any]) -> str:
             f"  hold        {hold['reason'] + ' (by ' + hold['by'] + ')' if hold else '-'}"
         )
         lines.append(f"  prefetched  {', '.join(a['prefetched']) or '-'}")
+        downloads = (a.get("daemon") or {}).get("downloading") if d.get("running") else None
+        for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
+            lines.append(f"  downloading {artifact}: {_progress(got)}")
         dep = a.get("deploy")
         if dep and dep.get("problem"):
             lines.append(f"  deploy      {_human_inflight_problem(dep)}")
@@ -692,6 +695,17 @@ def _human_status(data: dict[str, Any]) -> str:
         else:
             lines.append("  deploy      none in flight")
     return "\n".join(lines)
+
+
+def _progress(got: Any) -> str:
+    """``{"have": bytes, "size": bytes}`` as "12.0 of 256.0 MB (4%)"; what the daemon wrote
+    is read, not trusted to be well formed."""
+    try:
+        have, size = int(got["have"]), int(got["size"])
+    except (KeyError, TypeError, ValueError):
+        return "in progress"
+    percent = f" ({100 * have // size}%)" if size > 0 else ""
+    return f"{have / 1e6:.1f} of {size / 1e6:.1f} MB{percent}"
 
 
 def fleet_status(store: DeployStore) -> dict[str, Any]:

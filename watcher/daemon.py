@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -441,10 +441,12 @@ class Daemon:
         self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
         self.cache = WatchCache()
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
+        self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
         self._last_logged = 0.0
         self._status_written = 0.0
         self._status_said: tuple[Any, ...] = ()
+        self._downloads_said = False  # the last status.json showed a download
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
 
@@ -629,12 +631,19 @@ class Daemon:
         return 0
 
     def _active(self) -> bool:
-        """A deploy in flight, a task running, or a loop outcome that needs retrying."""
+        """A deploy in flight, a task or prefetch running (status.json shows a download's
+        progress), or a loop outcome that needs retrying."""
         return (
             any(
                 a.status.deploy or a.busy() or a.status.converge_error for a in self.agents.values()
             )
+            or bool(self._prefetches)
             or "unreachable" in self._last_line
+        )
+
+    def _downloading(self) -> bool:
+        return any(
+            a.engine.cache is not None and a.engine.cache.busy() for a in self.agents.values()
         )
 
     def _cycle(self, *, reconcile: bool = True) -> None:
@@ -663,7 +672,9 @@ class Daemon:
         if now - self._status_written > STATUS_HEARTBEAT:
             self._status_written = now
             self._write_status(force=True)
-        elif changed:
+        elif changed or self._downloads_said or self._downloading():
+            # A download's progress changes without the cycle's line: its status is
+            # looked at while one runs, and once more when it is over.
             self._write_status()
 
     def _reconcile(self, agent: AppAgent) -> str:
@@ -739,7 +750,9 @@ class Daemon:
         agent = self.agents[req.app]
         if req.name == "build-finished":
             assert req.artifact is not None
-            self._prefetch.submit(agent.prefetch, req.artifact)
+            future = self._prefetch.submit(agent.prefetch, req.artifact)
+            self._prefetches.add(future)
+            future.add_done_callback(self._prefetches.discard)
             return "prefetching"
         if req.deploy:
             # The doorbell `watcherctl` rings after its KV write: the loop reads `inflight`
@@ -834,6 +847,10 @@ class Daemon:
                 "undecided": undecided,
                 "converge_error": agent.status.converge_error,
             }
+            cache = agent.engine.cache
+            if cache is not None and (downloads := cache.downloads()):
+                apps[name]["downloading"] = downloads  # prefetch or prepare, with progress
+        self._downloads_said = any("downloading" in a for a in apps.values())
         said = (self._session_id(), healthy, apps)
         if not force and said == self._status_said:
             return

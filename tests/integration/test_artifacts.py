@@ -365,6 +365,34 @@ class TestFaults:
         assert "InternalError" in seen[0], seen  # what S3 answered
         assert failed and cache.retrying == {}
 
+    def test_a_download_in_progress_shows_how_far_it_is(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        record, data = publish(make_store(s3_settings), tmp_path)
+        proxy.stall_mid_body()
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
+        assert cache.downloads() == {}
+        worker = threading.Thread(target=cache.fetch, args=(record,))
+        worker.start()
+        try:
+            seen: list[dict[str, dict[str, int]]] = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                now = cache.downloads()
+                seen.append(now)
+                if now and 0 < now[record.id]["have"] < len(data):
+                    break
+                time.sleep(0.01)
+            # The first half arrived (in whole read chunks), the rest is held back.
+            assert seen[-1].keys() == {record.id}, seen[-3:]
+            assert seen[-1][record.id]["size"] == len(data)
+            assert 0 < seen[-1][record.id]["have"] <= len(data) // 2
+        finally:
+            proxy.resume()
+            worker.join(10)
+        assert cache.path_for(record).read_bytes() == data
+        assert cache.downloads() == {}
+
     def test_resets_then_500s_still_converge_on_a_verified_file(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
     ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import socket
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
 from watcher.config import S3Settings
 
@@ -148,3 +151,45 @@ class TestHealthEndpoint:
         wait_for(lambda: health(port)[0] == 200, 60, "healthy again", fleet)
         fleet.wait_members(1, timeout=30)
         assert (w.state_dir / "session.json").exists()
+
+
+class TestDownloadProgress:
+    def test_status_shows_a_prefetch_in_progress(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        """A build being prefetched shows in `watcherctl status` with how far it is, and
+        goes from there once it is done."""
+        with FaultyS3Proxy(str(s3_settings.endpoint_url)) as proxy:
+            via_proxy = dataclasses.replace(s3_settings, endpoint_url=proxy.endpoint_url)
+            fleet = Fleet(cluster, via_proxy, tmp_path, kv_prefix=f"p{time.monotonic_ns()}")
+            w = fleet.watchers[0]
+            fleet.start()
+            try:
+                proxy.stall_mid_body()
+                big = {"index.html": "<h1>v1</h1>\n", "blob": os.urandom(2 * 1024 * 1024)}
+                record = fleet.publish("v1", files=big, announce=True)
+
+                def progress() -> dict[str, int] | None:
+                    app = w.ctl_json("status")["apps"]["web"]
+                    got: dict[str, int] | None = (
+                        (app["daemon"] or {}).get("downloading", {}).get(record.id)
+                    )
+                    return got if got and got["have"] > 0 else None
+
+                wait_for(progress, 30, "the prefetch's progress in status", fleet)
+                got = progress()
+                assert got is not None and 0 < got["have"] < got["size"] == record.size
+                human = w.ctl("status", as_json=False).stdout
+                assert f"downloading {record.id}: " in human and " MB (" in human, human
+                proxy.resume()
+                prefetched = w.app_dir / "prefetched" / f"{record.id}-{record.sha256[:12]}"
+                wait_for(prefetched.is_dir, 30, "the prefetch", fleet)
+                wait_for(
+                    lambda: "downloading" not in (w.ctl_json("status")["apps"]["web"]["daemon"]),
+                    30,
+                    "no download in status",
+                    fleet,
+                )
+            finally:
+                proxy.resume()
+                fleet.stop()

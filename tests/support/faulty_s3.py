@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 # Faults a test can queue; each applies to the next matching requests.
-STATUS, SLOWDOWN, RESET, CORRUPT = "status", "slowdown", "reset", "corrupt"
+STATUS, SLOWDOWN, RESET, CORRUPT, STALL = "status", "slowdown", "reset", "corrupt", "stall"
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -58,6 +58,7 @@ class _State:
     faults: list[Fault] = field(default_factory=list)
     seen: list[SeenRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    resume: threading.Event = field(default_factory=threading.Event)  # ends a stall
 
     def take_fault(self, method: str) -> Fault | None:
         with self.lock:
@@ -148,6 +149,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        if fault is not None and fault.kind == STALL and payload:
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            state.resume.wait(60)
+            self.wfile.write(payload[len(payload) // 2 :])
+            return
         if fault is not None and fault.kind == RESET and payload:
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
@@ -179,9 +186,9 @@ class _Server(ThreadingHTTPServer):
 class FaultyS3Proxy:
     """A threaded proxy on ``host`` (free port) forwarding to ``upstream_url``.
 
-    Queue faults with ``fail``/``slowdown``/``reset_mid_body``/``corrupt``; each applies to
-    the next matching requests (GET by default) in the order queued. ``requests`` lists what
-    was received.
+    Queue faults with ``fail``/``slowdown``/``reset_mid_body``/``stall_mid_body``/``corrupt``;
+    each applies to the next matching requests (GET by default) in the order queued.
+    ``requests`` lists what was received.
     """
 
     def __init__(self, upstream_url: str, *, host: str = "127.0.0.1") -> None:
@@ -206,6 +213,7 @@ class FaultyS3Proxy:
         return self
 
     def stop(self) -> None:
+        self._state.resume.set()  # a stalled answer must not hold its thread
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -241,6 +249,14 @@ class FaultyS3Proxy:
     def reset_mid_body(self, *, times: int | None = 1) -> None:
         """Send the headers (full Content-Length) and half the body, then close."""
         self._add(Fault(RESET, times))
+
+    def stall_mid_body(self, *, times: int | None = 1) -> None:
+        """Send the headers and half the body, then the rest once ``resume()`` is called."""
+        self._state.resume.clear()
+        self._add(Fault(STALL, times))
+
+    def resume(self) -> None:
+        self._state.resume.set()
 
     def corrupt(self, *, times: int | None = 1) -> None:
         """Flip one byte in the middle of the body."""

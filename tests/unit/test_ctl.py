@@ -6,6 +6,7 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from watcher.ctl import (
     operator_token,
 )
 from watcher.ctl import table as render_table
+from watcher.ctl_fleet import _human_status, _progress
 from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
 
 
@@ -147,3 +149,38 @@ class TestCommandModules:
         self, argv: list[str], command: str | None
     ) -> None:
         assert command_of(argv) == command
+
+
+class TestDownloadProgress:
+    @pytest.mark.parametrize(
+        ("got", "text"),
+        [
+            ({"have": 12_000_000, "size": 256_000_000}, "12.0 of 256.0 MB (4%)"),
+            ({"have": 0, "size": 0}, "0.0 of 0.0 MB"),
+            ({"have": "x", "size": 1}, "in progress"),  # a status file is read, not trusted
+            (None, "in progress"),
+        ],
+    )
+    def test_progress(self, got: Any, text: str) -> None:
+        assert _progress(got) == text
+
+    def test_shown_only_while_the_daemon_runs(self) -> None:
+        app = {
+            "current": "r1",
+            "previous": None,
+            "backup": None,
+            "staged": ["r1"],
+            "hold": None,
+            "prefetched": [],
+            "daemon": {"downloading": {"main-15eb13af": {"have": 1_000_000, "size": 2_000_000}}},
+        }
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": True, "pid": 1},
+            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
+            "apps": {"web": app},
+        }
+        line = "  downloading main-15eb13af: 1.0 of 2.0 MB (50%)"
+        assert line in _human_status(data).splitlines()
+        data["daemon"] = {"running": False, "reason": "process gone"}
+        assert "downloading" not in _human_status(data)
