@@ -67,12 +67,16 @@ class WebhookSender:
 
     def close(self) -> None:
         """End the thread once the messages already queued are sent (a reload that changed
-        the settings made a new sender; this one must not idle on for good)."""
+        the settings made a new sender; this one must not idle on for good). Never blocks:
+        with the queue full, the thread ends when it has drained it."""
         self._closed = True
-        self._queue.put(_CLOSE)
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_CLOSE)
 
     def _run(self) -> None:
         while True:
+            if self._closed and self._queue.empty():
+                return
             message = self._queue.get()
             if message is _CLOSE:
                 return

@@ -134,6 +134,21 @@ class TestWebhookSender:
         assert [b["text"] for b in receiver.bodies] == ["queued before"]
         assert metrics.webhook_failures.labels(app="web", reason="reloaded")._value.get() == 1
 
+    def test_close_never_blocks_on_a_full_queue(self, receiver: Receiver) -> None:
+        receiver.hang.set()
+        sender = WebhookSender(WebhookSettings(receiver.url, 30.0, 0), app="web")
+        sender.send({"text": "0"})
+        assert receiver.arrived.acquire(timeout=10)  # the first is being posted (and hangs)
+        for i in range(1, 101):
+            sender.send({"text": str(i)})  # the queue is full now
+        started = time.monotonic()
+        sender.close()
+        assert time.monotonic() - started < 1.0
+        receiver.release.set()
+        sender._thread.join(20)
+        assert not sender._thread.is_alive()
+        assert [b["text"] for b in receiver.bodies] == [str(i) for i in range(101)]
+
 
 class TestReload:
     def test_a_new_webhook_takes_over_without_sending_an_event_twice(self) -> None:
