@@ -1528,7 +1528,9 @@ class DeployStore:
                 log.error("events_seen_ignored", value=seen, highest_seen=max_ltime)
                 seen = 0
             if ltime <= seen:
-                return "history"
+                # Another host may have written this very event's record (and moved
+                # `events_seen` past it, in one txn) since the look above: not history.
+                return "exists" if self.deploy_record(event_id) is not None else "history"
             seen_op = TxnOp.cas(
                 self.keys.events_seen, str(ltime).encode(), entry.modify_index if entry else 0
             )

@@ -90,6 +90,49 @@ class TestStart:
         assert outcome is not None and outcome.result == "refused"
 
 
+class TestRawEvents:
+    def test_an_event_another_host_took_in_the_meantime_is_not_history(
+        self, store: DeployStore
+    ) -> None:
+        """Two hosts handle one raw `deploy` event (of an artifact nobody published). Host
+        B looks for the event's record, finds none, and before it reads `events_seen`, host
+        A writes the record and moves `events_seen` past the event in one txn. B must say
+        the event exists (and so why it failed), not that it is history."""
+        member(store, "a")
+        event_id = "0c7d3a32-5a3b-4a4e-9d3e-8b7c6a5f4e3d"
+
+        def handle(host: DeployStore, by: str) -> str:
+            return host.start_from_event(
+                event_id=event_id,
+                ltime=7,
+                kind="deploy",
+                artifact_id="main-deadbeef",
+                release=None,
+                by=by,
+                prepare_timeout=60,
+                apply_timeout=60,
+                history_keep=10,
+            )
+
+        class LateLook(DeployStore):
+            """Host B: its first look for the record happens before host A's txn."""
+
+            looked = False
+
+            def deploy_record(self, deploy_id: str) -> DeployRecord | None:
+                if not self.looked:
+                    self.looked = True
+                    assert handle(store, "a") == "unknown artifact"  # host A, in between
+                    return None
+                return super().deploy_record(deploy_id)
+
+        prefix = store.keys.base.rsplit("/apps/", 1)[0]
+        b = LateLook(store.consul, prefix, store.app)
+        assert handle(b, "b") == "exists"
+        outcome = store.outcome(event_id)
+        assert outcome is not None and "unknown artifact main-deadbeef" in outcome.reason
+
+
 class TestAcks:
     def test_acks_only_move_forward(self, store: DeployStore) -> None:
         s = member(store, "n1")
