@@ -567,7 +567,7 @@ class AppAgent:
                     why = f"prepare deadline passed during {task} (phases done: {done})"
                     cache = self.engine.cache
                     artifact = joined.request.artifact
-                    if cache is not None and (trouble := cache.retrying.get(artifact)):
+                    if cache is not None and (trouble := cache.trouble(artifact)):
                         why += f"; still downloading {artifact}, {trouble}"
                 elif moved:
                     why = "inflight moved to another deploy"

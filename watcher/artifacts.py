@@ -100,10 +100,7 @@ class ArtifactCache:
         self.store = store
         self.max_bytes = max_bytes
         self.timeout = timeout
-        # Downloads in progress that are retrying: artifact id -> the last attempt's error
-        # (what a prepare deadline that passes meanwhile reports as the reason).
-        self.retrying: dict[str, str] = {}
-        self._downloading: dict[str, tuple[_HashState, int]] = {}
+        self._downloading: dict[str, _Download] = {}  # in progress, by artifact id
 
     def busy(self) -> bool:
         """A download is in progress."""
@@ -112,9 +109,15 @@ class ArtifactCache:
     def downloads(self) -> dict[str, dict[str, int]]:
         """Downloads in progress, by artifact id: bytes verified so far and the size."""
         return {
-            artifact: {"have": state.length, "size": size}
-            for artifact, (state, size) in list(self._downloading.items())
+            artifact: {"have": d.state.length, "size": d.size}
+            for artifact, d in list(self._downloading.items())
         }
+
+    def trouble(self, artifact_id: str) -> str:
+        """Why a download in progress is retrying (its last attempt's error), or "": what a
+        prepare deadline that passes meanwhile reports as the reason."""
+        d = self._downloading.get(artifact_id)
+        return d.trouble if d else ""
 
     # ---- names -------------------------------------------------------------------------
 
@@ -397,11 +400,11 @@ class ArtifactCache:
         inherited = os.fstat(fd).st_size
         state = _HashState()
         started = time.monotonic()
-        self._downloading[record.id] = (state, record.size)
+        download = self._downloading[record.id] = _Download(state, record.size)
 
         def before_sleep(rs: RetryCallState) -> None:
             exc = rs.outcome.exception() if rs.outcome else None
-            self.retrying[record.id] = f"attempt {rs.attempt_number} failed: {exc}"
+            download.trouble = f"attempt {rs.attempt_number} failed: {exc}"
             log.warning(
                 "artifact_fetch_retry",
                 artifact=record.id,
@@ -441,7 +444,6 @@ class ArtifactCache:
                 f"{self.timeout:.0f}s): {exc}"
             ) from exc
         finally:
-            self.retrying.pop(record.id, None)
             self._downloading.pop(record.id, None)
         digest = state.hasher.hexdigest()
         if state.length != record.size or digest != record.sha256:
@@ -568,6 +570,16 @@ def _check_cancel(cancel: Callable[[], bool] | None, record: ArtifactRecord, hav
             f"download of {record.id} cancelled at {have} of {record.size} bytes "
             "(kept for a later resume)"
         )
+
+
+@dataclass
+class _Download:
+    """One download in progress: its running hash (how far it is), the size it must reach,
+    and the last failed attempt's error while it retries."""
+
+    state: _HashState
+    size: int
+    trouble: str = ""
 
 
 class _HashState:

@@ -357,13 +357,13 @@ class TestFaults:
         worker.start()
         deadline = time.monotonic() + 3.0
         while not seen and time.monotonic() < deadline:
-            if trouble := cache.retrying.get(record.id):
+            if trouble := cache.trouble(record.id):
                 seen.append(trouble)
             time.sleep(0.01)
         worker.join(10)
         assert seen and seen[0].startswith("attempt "), seen
         assert "InternalError" in seen[0], seen  # what S3 answered
-        assert failed and cache.retrying == {}
+        assert failed and cache.trouble(record.id) == "" and cache.downloads() == {}
 
     def test_a_download_in_progress_shows_how_far_it_is(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
