@@ -446,7 +446,6 @@ class Daemon:
         self._last_logged = 0.0
         self._status_written = 0.0
         self._status_said: tuple[Any, ...] = ()
-        self._downloads_said = False  # the last status.json showed a download
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
 
@@ -641,10 +640,13 @@ class Daemon:
             or "unreachable" in self._last_line
         )
 
-    def _downloading(self) -> bool:
+    def _download_shown(self) -> bool:
+        """A download runs, or status.json still shows one: its progress changes without
+        the cycle's line, so status.json is looked at while one runs and once after."""
+        shown = self._status_said[2].values() if self._status_said else ()
         return any(
             a.engine.cache is not None and a.engine.cache.busy() for a in self.agents.values()
-        )
+        ) or any("downloading" in app for app in shown)
 
     def _cycle(self, *, reconcile: bool = True) -> None:
         parts: list[str] = []
@@ -672,9 +674,7 @@ class Daemon:
         if now - self._status_written > STATUS_HEARTBEAT:
             self._status_written = now
             self._write_status(force=True)
-        elif changed or self._downloads_said or self._downloading():
-            # A download's progress changes without the cycle's line: its status is
-            # looked at while one runs, and once more when it is over.
+        elif changed or self._download_shown():
             self._write_status()
 
     def _reconcile(self, agent: AppAgent) -> str:
@@ -850,7 +850,6 @@ class Daemon:
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):
                 apps[name]["downloading"] = downloads  # prefetch or prepare, with progress
-        self._downloads_said = any("downloading" in a for a in apps.values())
         said = (self._session_id(), healthy, apps)
         if not force and said == self._status_said:
             return
