@@ -127,9 +127,11 @@ class WebhookSender:
 class DeployNotifier:
     """Turns the coordinator's steps into one message per deploy event."""
 
-    def __init__(self, sender: WebhookSender) -> None:
+    def __init__(
+        self, sender: WebhookSender, sent: dict[tuple[str, str], None] | None = None
+    ) -> None:
         self.sender = sender
-        self._sent: dict[tuple[str, str], None] = {}
+        self._sent: dict[tuple[str, str], None] = {} if sent is None else sent
 
     def started(self, view: Any, *, node: str) -> None:
         """A deploy started (sent by the first expected host, when it joins)."""
@@ -200,7 +202,5 @@ def notifier_for(
         replacing.sender.close()
     if app.webhook is None:
         return None
-    notifier = DeployNotifier(WebhookSender(app.webhook, app=app.name, metrics=metrics))
-    if replacing is not None:
-        notifier._sent = replacing._sent
-    return notifier
+    sender = WebhookSender(app.webhook, app=app.name, metrics=metrics)
+    return DeployNotifier(sender, replacing._sent if replacing is not None else None)
