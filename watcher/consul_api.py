@@ -987,10 +987,16 @@ class ConsulClient:
         return self._names(data, what)
 
     def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[str]]:
-        """Blocking ``kv_keys`` (no separator): wakes on any write under ``prefix`` but
-        carries only key names, so a large tree of small acks stays cheap to watch."""
+        """A watch on a whole tree: wakes on any write or delete under ``prefix``, at any
+        depth, but carries only the names one level down (sub-trees collapse to "dir/").
+
+        Consul's index for a keys read covers every key under the prefix, separator or
+        not; without one the answer would list every key of the tree, and the trees
+        watched this way grow with history (``progress/`` keeps two keys per host per
+        deploy: 10,000 names, ~580 KB, per answer at 100 hosts and 50 deploys kept)."""
         what = f"kv watch keys {prefix}"
-        returned, data = self._kv_read(prefix, [("keys", "1")], what=what, index=index, wait=wait)
+        params: list[tuple[str, Any]] = [("keys", "1"), ("separator", "/")]
+        returned, data = self._kv_read(prefix, params, what=what, index=index, wait=wait)
         return next_kv_index(index, returned), self._names(data, what)
 
     def kv_put(

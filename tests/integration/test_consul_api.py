@@ -177,6 +177,30 @@ class TestBlockingKV:
         assert new_index > index
         assert sorted(e.key for e in entries) == [prefix + "a", prefix + "b"]
 
+    def test_keys_watch_wakes_on_deep_writes_and_carries_one_level(
+        self, c1: ConsulClient, c2: ConsulClient, prefix: str
+    ) -> None:
+        # The shape of progress/<node>/<deploy>[/request]: what the coordinator watches.
+        for node in ("web-1", "web-2"):
+            for deploy in ("d1", "d2"):
+                c1.kv_put(f"{prefix}{node}/{deploy}", b"ack")
+                c1.kv_put(f"{prefix}{node}/{deploy}/request", b"req")
+        index, names = c2.kv_keys_blocking(prefix, 0, 1.0)
+        assert names == [prefix + "web-1/", prefix + "web-2/"]
+        later(0.3, lambda: c1.kv_put(prefix + "web-2/d2", b"ack again"))
+        started = time.monotonic()
+        rewritten, names = c2.kv_keys_blocking(prefix, index, 10.0)
+        assert time.monotonic() - started < 5.0
+        assert rewritten > index and names == [prefix + "web-1/", prefix + "web-2/"]
+        later(0.3, lambda: c1.kv_delete(prefix + "web-1/d1/request"))
+        started = time.monotonic()
+        deleted, _ = c2.kv_keys_blocking(prefix, rewritten, 10.0)
+        assert time.monotonic() - started < 5.0
+        assert deleted > rewritten
+        started = time.monotonic()
+        same, _ = c2.kv_keys_blocking(prefix, deleted, 1.0)
+        assert same == deleted and time.monotonic() - started >= 0.9
+
 
 class TestTxn:
     def test_ok_writes_everything(self, c1: ConsulClient, prefix: str) -> None:
