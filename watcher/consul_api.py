@@ -1162,28 +1162,22 @@ class ConsulClient:
         """Fire a user event through the local agent; returns the event's ID.
 
         Consul 1.22 limits the payload to 300 bytes (HTTP 413 above that): a larger one
-        raises ``ConsulRequestError``. Events carry ids, never records.
+        raises ``ConsulRequestError``. Events carry ids, never records. Straight through the
+        transport (py-consul's ``event.fire`` is the same PUT): `watcherctl deploy` fires
+        one after its KV write, while every daemon is busy with that deploy, and would
+        otherwise import py-consul and ``requests`` (~150 modules) for it.
         """
         what = f"event fire {name}"
         if not name or "/" in name:
             raise ConsulRequestError(f'event name "{name}" must be non-empty and have no "/"')
-
-        def fire() -> Any:
-            try:
-                return self._consul.event.fire(name, body=payload, token=self._token)
-            except Exception as exc:
-                if not _is_py_consul_error(exc):
-                    raise
-                status, body = _failed_status(exc) or (0, "")
-                if status != 413:
-                    raise
-                raise ConsulRequestError(
-                    f"Consul at {self.address} refused {what}: the payload of {len(payload)} "
-                    f"bytes is over Consul's user event size limit "
-                    f"({_consul_message(body)}); events carry ids, not records"
-                ) from exc
-
-        data = self._call(fire, what=what)
+        resp = self._direct("PUT", f"/v1/event/fire/{name}", what=what, data=payload, allow=(413,))
+        if resp.code == 413:
+            raise ConsulRequestError(
+                f"Consul at {self.address} refused {what}: the payload of {len(payload)} "
+                f"bytes is over Consul's user event size limit "
+                f"({_consul_message(str(resp.body))}); events carry ids, not records"
+            )
+        data = self._json(resp, what)
         try:
             return str(data["ID"])
         except (KeyError, TypeError) as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -432,6 +434,34 @@ class TestEvents:
         while not events and time.monotonic() < deadline:
             _, events = c1.event_list(name)
         assert [(e.id, e.payload) for e in events] in ([(event_id, None)], [(event_id, b"")])
+
+    def test_firing_loads_no_second_http_stack(
+        self, cluster: ConsulCluster, c2: ConsulClient
+    ) -> None:
+        # `watcherctl deploy` fires `deploy` while every daemon works on that deploy: the
+        # fire goes through the transport, without py-consul, requests or urllib3.
+        name = f"rwtest-{uuid.uuid4().hex[:8]}"
+        host = cluster.hosts[0]
+        address = f"{host.ip}:{host.port}"
+        code = (
+            "import sys\n"
+            "from watcher.config import ConsulSettings\n"
+            "from watcher.consul_api import ConsulClient\n"
+            f"client = ConsulClient(ConsulSettings(address={address!r}))\n"
+            f'print(client.event_fire({name!r}, b\'{{"app": "web"}}\'))\n'
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.splitlines()
+        event_id, loaded = out[0], set(out[1].split())
+        assert "watcher" in loaded
+        assert loaded.isdisjoint({"consul", "requests", "urllib3", "tenacity"})
+        deadline = time.monotonic() + 10
+        events: list = []
+        while not events and time.monotonic() < deadline:
+            _, events = c2.event_list(name, wait=1.0, index="0")
+        assert [(e.id, e.payload) for e in events] == [(event_id, b'{"app": "web"}')]
 
     def test_oversized_payload_is_refused(self, c1: ConsulClient) -> None:
         started = time.monotonic()
