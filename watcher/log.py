@@ -84,8 +84,37 @@ class _Logger:
 
     def __getattr__(self, name: str) -> Any:
         if self._logger is None:
+            if _below_pending_level(name):
+                return _drop
             self._logger = _structlog().get_logger("watcher", **self._context)
         return getattr(self._logger, name)
+
+
+# The level of each logging method a caller may name.
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "msg": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+def _below_pending_level(method: str) -> bool:
+    """Whether a call of ``method`` before structlog is loaded would be filtered out by
+    the configuration waiting for it: watcherctl logs at "error", so its `info` lines
+    (one per deploy it starts) must not import structlog and asyncio to be dropped."""
+    if _pending is None or method not in _METHOD_LEVELS:
+        return False
+    return _METHOD_LEVELS[method] < _LEVELS.get(_pending["level"], logging.INFO)
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    """A log call below the configured level."""
 
 
 def get_logger(**context: Any) -> Any:
