@@ -124,12 +124,29 @@ class Journal:
         self.state_dir = state_dir
         self._cache: dict[str, Any] | None = None
         self._loaded = False
+        # The last request parsed from the journal: (its dict, digest, CreateIndex, Joined).
+        self._joined: tuple[Any, Any, Any, Joined] | None = None
 
     def read(self) -> dict[str, Any] | None:
         if not self._loaded:
             self._cache = read_journal(self.state_dir, self.path.name)
             self._loaded = True
         return self._cache
+
+    def joined(self) -> Joined:
+        """The journaled request (``Joined.from_journal``: parsed, digest checked), parsed
+        again only when the journal names another request: the loop asks on every cycle,
+        and at 100 expected hosts a parse and its digest cost ~0.25 ms. Raises as
+        ``from_journal`` does (KeyError when there is no journal)."""
+        data = self.read() or {}
+        request, digest, index = data["request"], data.get("digest"), data.get("create_index")
+        last = self._joined
+        # The dict is held here, so "is" cannot match a new dict that took its address.
+        if last is not None and last[0] is request and last[1:3] == (digest, index):
+            return last[3]
+        joined = Joined.from_journal(data)
+        self._joined = (request, digest, index, joined)
+        return joined
 
     def begin(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
         current = self.read()
@@ -303,7 +320,7 @@ class AppAgent:
         journal = self.journal.read()
         if journal and not journal.get("finished"):
             try:
-                joined = Joined.from_journal(journal)
+                joined = self.journal.joined()
             except (PayloadError, KeyError, TypeError, ValueError) as exc:
                 self.log.error("journal_unreadable", error=str(exc), path=str(self.journal.path))
                 self.journal.clear(str(journal.get("deploy")))
@@ -891,7 +908,7 @@ class AppAgent:
         anyone ends it past the apply deadline."""
         journal = self.journal.read() or {}
         try:
-            joined = Joined.from_journal(journal)
+            joined = self.journal.joined()
         except (PayloadError, KeyError, TypeError, ValueError):
             self.journal.update(ended=True)
             return "done"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from watcher.agent import decided_by
+from watcher.agent import Journal, decided_by
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, judge
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
@@ -125,6 +127,17 @@ class TestRequest:
         assert a.digest() != request(["a", "b"], requested_by="mallory").digest()
         assert a.digest() != request(["a"]).digest()
 
+    def test_canonical_bytes_are_made_once_per_record(self) -> None:
+        a = request(["a", "b"])
+        first = a.canonical()
+        assert a.canonical() is first  # not serialised again
+        assert first == a.to_json() and json.loads(first)["expected"] == ["a", "b"]
+        # A changed copy is another record, with its own bytes and digest.
+        b = dataclasses.replace(a, requested_by="mallory")
+        assert json.loads(b.canonical())["requested_by"] == "mallory"
+        assert b.digest() != a.digest()
+        assert a == request(["a", "b"])  # the cached bytes are no field of the record
+
     def test_a_node_listed_twice_is_refused(self) -> None:
         with pytest.raises(PayloadError, match="twice"):
             DeployRecord.from_dict(request(["a", "a"]).as_dict())
@@ -212,3 +225,36 @@ class TestDecidedMark:
         assert decided_by(self.member("s-a", b"not json", index=12)) == {}
         with pytest.raises(PayloadError):
             MemberRecord.from_json(b'{"node": "a", "decided": {"deploy": 5}}')
+
+
+class TestJournaledRequest:
+    def test_parsed_once_while_the_journal_names_it(self, tmp_path: Path) -> None:
+        journal = Journal(tmp_path)
+        req = request(["a", "b"])
+        journal.begin("d1", **Joined(req, req.digest(), 7).to_journal())
+        joined = journal.joined()
+        assert (joined.request, joined.digest, joined.create_index) == (req, req.digest(), 7)
+        journal.update(established=COMMIT)  # other fields change: the same request
+        journal.done("staged")
+        assert journal.joined() is joined
+        # Read back from the file by a new process: parsed again, equal.
+        again = Journal(tmp_path).joined()
+        assert again is not joined and again == joined
+
+    def test_another_request_or_a_bad_journal_is_parsed_again(self, tmp_path: Path) -> None:
+        journal = Journal(tmp_path)
+        first = request(["a"])
+        journal.begin("d1", **Joined(first, first.digest(), 7).to_journal())
+        joined = journal.joined()
+        journal.clear("d1")
+        with pytest.raises(KeyError):
+            journal.joined()
+        second = request(["a"], id="d2")
+        journal.begin("d2", **Joined(second, second.digest(), 9).to_journal())
+        assert journal.joined() is not joined and journal.joined().id == "d2"
+        # A journal whose request does not match its digest is refused every time.
+        bad = Journal(tmp_path / "other")
+        bad.begin("d3", **Joined(first, "e" * 64, 7).to_journal())
+        for _ in range(2):
+            with pytest.raises(PayloadError, match="digest"):
+                bad.joined()
