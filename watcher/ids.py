@@ -59,8 +59,21 @@ def check_artifact_id(value: object) -> str:
     return _check(value, ARTIFACT_ID_PATTERN, "artifact id", ARTIFACT_ID_RULE)
 
 
+# Deploy ids checked lately and found valid (short by their pattern, so the memo stays
+# small): every key of a deploy is built through ``check_deploy_id``, a few hundred times a
+# deploy at 100 hosts (one key per expected host in each txn).
+_VALID_DEPLOY_IDS: dict[str, None] = {}
+_VALID_DEPLOY_IDS_MAX = 64
+
+
 def check_deploy_id(value: object) -> str:
-    return _check(value, DEPLOY_ID_PATTERN, "deploy id", DEPLOY_ID_RULE)
+    if isinstance(value, str) and value in _VALID_DEPLOY_IDS:
+        return value
+    checked = _check(value, DEPLOY_ID_PATTERN, "deploy id", DEPLOY_ID_RULE)
+    if len(_VALID_DEPLOY_IDS) >= _VALID_DEPLOY_IDS_MAX:
+        _VALID_DEPLOY_IDS.clear()
+    _VALID_DEPLOY_IDS[checked] = None
+    return checked
 
 
 def check_release_name(value: object) -> str:
