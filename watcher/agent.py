@@ -1296,16 +1296,20 @@ class AppAgent:
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         self.engine.stage(artifact, rec.release, rec.id)
+                moved_at = None
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
                         self.engine.flip(rec.release)
+                        # When `current` moved (renamed, its directory synced), not after
+                        # the bookkeeping below: applied.json costs two more fsyncs.
+                        moved_at = iso(utcnow())
                     self._write_applied(joined)
             except (WatcherError, OSError) as exc:
                 # Nothing changed yet (the lock was busy, the flip refused): not a failure
                 # after commit; the next cycle retries, until the apply deadline.
                 self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
                 return
-            flipped_at = iso(utcnow())
+            flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
             if hook_commands(self.app, "post_symlink", release_dir):
                 self.journal.done("flipped")

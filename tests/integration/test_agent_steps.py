@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,19 @@ from tests.support.fleet import make_tarball, wait_for
 from tests.support.s3server import s3_client
 from watcher.agent import AppAgent
 from watcher.artifacts import ArtifactCache
-from watcher.barrier import DeployStore
+from watcher.barrier import DeployStore, Joined
 from watcher.config import S3Settings, parse_config
 from watcher.consul_api import ConsulClient
-from watcher.records import COMMIT, COMMITTED, READY, STAGING, ArtifactRecord, MemberRecord
+from watcher.records import (
+    COMMIT,
+    COMMITTED,
+    LIVE,
+    READY,
+    STAGING,
+    ArtifactRecord,
+    MemberRecord,
+    parse_iso,
+)
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
 
@@ -34,14 +44,26 @@ def consul(cluster: ConsulCluster) -> Iterator[ConsulClient]:
     client.close()
 
 
-def test_a_decided_mark_that_lands_before_the_step_after_the_ready_ack_is_acted_on(
+@dataclass
+class Rig:
+    """host-a's agent in this process; host-b is played by the test through the store."""
+
+    store: DeployStore
+    agent: AppAgent
+    sessions: dict[str, str]
+    artifact: ArtifactRecord
+
+    def step(self) -> str:
+        inflight = self.store.inflight()
+        return self.agent.reconcile(
+            self.store.members(), inflight=inflight, current=self.store.current()
+        )
+
+
+@pytest.fixture
+def rig(
     cluster: ConsulCluster, consul: ConsulClient, s3_settings: S3Settings, tmp_path: Path
-) -> None:
-    """host-a acks ready while host-b still stages; host-b then acks, establishes the
-    commit and marks its member key, all before host-a's loop takes its next step. That
-    one step sees both the end of host-a's prepare (whose txn read "1 of 2 ready") and the
-    mark: host-a must write its intent at once, not wait for a later wake-up (in the
-    20-host bench, one round in five to eight had a host flip ~1.3 s after the others)."""
+) -> Iterator[Rig]:
     prefix = f"s{time.monotonic_ns()}"
     store = DeployStore(consul, prefix, "web")
     body = make_tarball({"index.html": "<h1>v1</h1>\n"})
@@ -95,44 +117,87 @@ def test_a_decided_mark_that_lands_before_the_step_after_the_ready_ack_is_acted_
         session=lambda: sessions["host-a"],
     )
 
-    def step() -> str:
-        inflight = store.inflight()
-        return agent.reconcile(store.members(), inflight=inflight, current=store.current())
+    yield Rig(store, agent, sessions, artifact)
+    agent.shutdown(wait=True)
 
-    try:
-        joined = start_deploy(store, "20261202T000000Z-a1b2c3", sessions, artifact)
-        assert store.write_progress(joined.id, "host-b", STAGING, joined=joined)
 
-        assert "prepare started" in step()
-        wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
-        ack, _ = store.ack(joined.id, "host-a")
-        assert ack is not None and ack.state == READY
+def test_a_decided_mark_that_lands_before_the_step_after_the_ready_ack_is_acted_on(
+    rig: Rig,
+) -> None:
+    """host-a acks ready while host-b still stages; host-b then acks, establishes the
+    commit and marks its member key, all before host-a's loop takes its next step. That
+    one step sees both the end of host-a's prepare (whose txn read "1 of 2 ready") and the
+    mark: host-a must write its intent at once, not wait for a later wake-up (in the
+    20-host bench, one round in five to eight had a host flip ~1.3 s after the others)."""
+    store, agent, step = rig.store, rig.agent, rig.step
+    sessions, artifact = rig.sessions, rig.artifact
+    joined = start_deploy(store, "20261202T000000Z-a1b2c3", sessions, artifact)
+    assert store.write_progress(joined.id, "host-b", STAGING, joined=joined)
 
-        # host-b: ready, then the commit it establishes, with its decided mark.
-        session_b = sessions["host-b"]
-        assert store.write_progress(
-            joined.id, "host-b", READY, joined=joined, session=session_b, sha256=artifact.sha256
-        )
-        verdict = store.establish(joined)
-        assert verdict.outcome == COMMIT, verdict
-        mark = store.decided_mark_op(
-            joined,
-            COMMIT,
-            node="host-b",
-            session=session_b,
-            member=store.members()["host-b"],
-        )
-        assert mark is not None
-        assert store.write_progress(
-            joined.id, "host-b", COMMITTED, joined=joined, session=session_b, extra_ops=[mark]
-        )
+    assert "prepare started" in step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == READY
 
-        # host-a's next step: its prepare's end and the mark together.
-        outcome = step()
-        assert "apply started" in outcome, outcome
-        ack, _ = store.ack(joined.id, "host-a")
-        assert ack is not None and ack.state == COMMITTED
-        wait_for(lambda: not agent.busy(), 30, "host-a's apply")
-        assert agent.engine.current_release() == joined.request.release
-    finally:
-        agent.shutdown(wait=True)
+    # host-b: ready, then the commit it establishes, with its decided mark.
+    session_b = sessions["host-b"]
+    assert store.write_progress(
+        joined.id, "host-b", READY, joined=joined, session=session_b, sha256=artifact.sha256
+    )
+    verdict = store.establish(joined)
+    assert verdict.outcome == COMMIT, verdict
+    mark = store.decided_mark_op(
+        joined,
+        COMMIT,
+        node="host-b",
+        session=session_b,
+        member=store.members()["host-b"],
+    )
+    assert mark is not None
+    assert store.write_progress(
+        joined.id, "host-b", COMMITTED, joined=joined, session=session_b, extra_ops=[mark]
+    )
+
+    # host-a's next step: its prepare's end and the mark together.
+    outcome = step()
+    assert "apply started" in outcome, outcome
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == COMMITTED
+    wait_for(lambda: not agent.busy(), 30, "host-a's apply")
+    assert agent.engine.current_release() == joined.request.release
+
+
+def test_the_flip_time_is_when_current_moved_not_after_the_bookkeeping(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flipped_at`` (what `status`, the bench and history read as the flip) is taken
+    when `current` was renamed, not after applied.json is written behind it."""
+    store, agent = rig.store, rig.agent
+    joined = start_deploy(store, "20261202T000000Z-d4e5f6", rig.sessions, rig.artifact)
+    assert store.write_progress(
+        joined.id,
+        "host-b",
+        READY,
+        joined=joined,
+        session=rig.sessions["host-b"],
+        sha256=rig.artifact.sha256,
+    )
+    write_applied = agent._write_applied
+    slow = 0.5
+
+    def slow_write_applied(j: Joined) -> None:
+        time.sleep(slow)  # a disk that is slow to sync, after the rename
+        write_applied(j)
+
+    monkeypatch.setattr(agent, "_write_applied", slow_write_applied)
+    assert "prepare started" in rig.step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+    # host-a's ready txn read host-b's ready ack: it established the commit itself.
+    outcome = rig.step()
+    assert "apply started" in outcome, outcome
+    wait_for(lambda: not agent.busy(), 30, "host-a's apply")
+    assert agent.engine.current_release() == joined.request.release
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == LIVE, ack
+    flipped, live = parse_iso(ack.timings["flipped_at"]), parse_iso(ack.timings["live_at"])
+    assert (live - flipped).total_seconds() >= slow - 0.05, ack.timings
