@@ -15,16 +15,19 @@ from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
 from tests.support.fleet import make_tarball, wait_for
 from tests.support.s3server import s3_client
+from watcher import PROTOCOL_VERSION
 from watcher.agent import AppAgent
 from watcher.artifacts import ArtifactCache
 from watcher.barrier import DeployStore, Joined
 from watcher.config import S3Settings, parse_config
 from watcher.consul_api import ConsulClient
 from watcher.records import (
+    ABORT,
     COMMIT,
     COMMITTED,
     LIVE,
     READY,
+    REFUSED,
     STAGING,
     ArtifactRecord,
     MemberRecord,
@@ -201,3 +204,25 @@ def test_the_flip_time_is_when_current_moved_not_after_the_bookkeeping(
     assert ack is not None and ack.state == LIVE, ack
     flipped, live = parse_iso(ack.timings["flipped_at"]), parse_iso(ack.timings["live_at"])
     assert (live - flipped).total_seconds() >= slow - 0.05, ack.timings
+
+
+def test_a_request_for_a_newer_protocol_is_refused_and_nothing_moves(rig: Rig) -> None:
+    """A fleet mid-upgrade: a newer watcherctl writes a request this watcher's protocol
+    does not speak (``min_protocol``). This host acks refused with both versions named,
+    the deploy aborts, and `current` stays where it was."""
+    store, agent = rig.store, rig.agent
+    newer = PROTOCOL_VERSION + 1
+    joined = start_deploy(
+        store, "20261202T000000Z-0f1e2d", rig.sessions, rig.artifact, min_protocol=newer
+    )
+    assert joined.request.min_protocol == newer
+    assert "prepare started" in rig.step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == REFUSED, ack
+    assert f"speaks protocol {PROTOCOL_VERSION}, the deploy needs {newer}" in ack.error
+    assert store.establish(joined).outcome == ABORT
+    rig.step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's abort")
+    assert agent.engine.current_release() is None
+    assert not agent.engine.layout.release_dir(joined.request.release).exists()

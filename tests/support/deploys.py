@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from watcher.barrier import DeployStore, Joined
 from watcher.records import ArtifactRecord
 
 
 def start_deploy(
-    store: DeployStore, deploy_id: str, sessions: dict[str, str], artifact: ArtifactRecord
+    store: DeployStore,
+    deploy_id: str,
+    sessions: dict[str, str],
+    artifact: ArtifactRecord,
+    **over: Any,
 ) -> Joined:
-    """Write the request for ``sessions``' nodes and `inflight`; return it as a host joins it."""
+    """Write the request for ``sessions``' nodes and `inflight`; return it as a host joins it.
+    ``over``: fields of the request set otherwise (as another watcherctl would write them)."""
     record = store.new_record(
         deploy_id=deploy_id,
         kind="deploy",
@@ -20,6 +28,8 @@ def start_deploy(
         prepare_timeout=60,
         apply_timeout=60,
     )
+    if over:
+        record = dataclasses.replace(record, **over)
     assert store.start(record)
     request, entry = store.request(deploy_id, consistent=True)
     assert request is not None and entry is not None
