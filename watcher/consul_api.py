@@ -1165,7 +1165,7 @@ class ConsulClient:
         raises ``ConsulRequestError``. Events carry ids, never records. Straight through the
         transport (py-consul's ``event.fire`` is the same PUT): `watcherctl deploy` fires
         one after its KV write, while every daemon is busy with that deploy, and would
-        otherwise import py-consul and ``requests`` (~150 modules) for it.
+        otherwise import py-consul and ``requests`` for it (116 more modules in its profile).
         """
         what = f"event fire {name}"
         if not name or "/" in name:
