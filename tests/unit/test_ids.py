@@ -43,17 +43,13 @@ class TestRules:
         with pytest.raises(PayloadError, match="invalid deploy id"):
             ids.check_deploy_id(value)
 
-    def test_deploy_ids_checked_before_are_remembered_only_when_valid(self) -> None:
+    def test_a_valid_deploy_id_seen_first_lets_no_variant_of_it_through(self) -> None:
         good = "20261126T143844Z-3f9a1c"
         assert ids.check_deploy_id(good) == good
-        assert good in ids._VALID_DEPLOY_IDS
         for value in [*(p.values[0] for p in BAD_IDS), good + "\n", good + "/x"]:
             with pytest.raises(PayloadError, match="invalid deploy id"):
                 ids.check_deploy_id(value)
-        assert all(isinstance(v, str) and "\n" not in v for v in ids._VALID_DEPLOY_IDS)
-        for i in range(500):  # bounded, however many ids go by
-            ids.check_deploy_id(f"d{i}")
-        assert len(ids._VALID_DEPLOY_IDS) <= ids._VALID_DEPLOY_IDS_MAX
+        assert ids.check_deploy_id(good) == good
 
     @pytest.mark.parametrize("value", ["../x", "20261126T143844Z-a/b", "20261126T143844Z-x\n"])
     def test_bad_release_names(self, value: str) -> None:
