@@ -124,8 +124,8 @@ class Journal:
         self.state_dir = state_dir
         self._cache: dict[str, Any] | None = None
         self._loaded = False
-        # The last request parsed from the journal: (its dict, digest, CreateIndex, Joined).
-        self._joined: tuple[Any, Any, Any, Joined] | None = None
+        # The last request parsed from the journal: (its dict, the Joined made of it).
+        self._joined: tuple[Any, Joined] | None = None
 
     def read(self) -> dict[str, Any] | None:
         if not self._loaded:
@@ -139,13 +139,17 @@ class Journal:
         and at 100 expected hosts a parse and its digest cost ~0.25 ms. Raises as
         ``from_journal`` does (KeyError when there is no journal)."""
         data = self.read() or {}
-        request, digest, index = data["request"], data.get("digest"), data.get("create_index")
-        last = self._joined
-        # The dict is held here, so "is" cannot match a new dict that took its address.
-        if last is not None and last[0] is request and last[1:3] == (digest, index):
-            return last[3]
+        request = data["request"]
+        if self._joined is not None:
+            # The dict is held here, so "is" cannot match a new dict that took its address.
+            held, joined = self._joined
+            if held is request and (joined.digest, joined.create_index) == (
+                data.get("digest"),
+                data.get("create_index"),
+            ):
+                return joined
         joined = Joined.from_journal(data)
-        self._joined = (request, digest, index, joined)
+        self._joined = (request, joined)
         return joined
 
     def begin(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
