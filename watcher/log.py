@@ -90,14 +90,11 @@ class _Logger:
         return getattr(self._logger, name)
 
 
-# The level of each logging method a caller may name.
+# The level of each logging method a caller may name: the levels' own names and aliases.
 _METHOD_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
+    **_LEVELS,
     "msg": logging.INFO,
-    "warning": logging.WARNING,
     "warn": logging.WARNING,
-    "error": logging.ERROR,
     "exception": logging.ERROR,
     "critical": logging.CRITICAL,
     "fatal": logging.CRITICAL,
