@@ -747,9 +747,29 @@ class AppAgent:
         else:
             self._check_decision_record(joined, verdict)
         if verdict.outcome == COMMIT:
-            return self._start("apply", deploy_id, lambda: self._apply(joined))
+            moment = self._flip_moment(joined, verdict)
+            return self._start("apply", deploy_id, lambda: self._apply(joined, moment))
         self._cancel.set()
         return self._start("abort", deploy_id, lambda: self._abort(joined))
+
+    def _flip_moment(self, joined: Joined, verdict: Verdict) -> float | None:
+        """When this host renames ``current`` (a ``time.time()``): the commit's moment, the
+        newest ``staged_at`` among the expected hosts' acks (the acks every host reads
+        alike once all are ready), plus ``flip_delay``, so that the fleet flips together
+        instead of in the order the hosts got through their intents. Never later than
+        ``flip_delay`` from now (a host whose clock runs ahead holds nobody back); None
+        (at once) when ``flip_delay`` is 0 or no ack says when it was staged."""
+        delay = self.app.flip_delay
+        acks = [verdict.acks.get(node) for node in joined.request.expected] if delay > 0 else []
+        staged: list[float] = []
+        for ack in filter(None, acks):
+            try:
+                staged.append(parse_iso(ack.timings.get("staged_at", "")).timestamp())
+            except ValueError:
+                continue  # absent or unreadable: the other acks still say when
+        if not staged:
+            return None
+        return min(max(staged), time.time()) + delay
 
     def _check_decision_record(self, joined: Joined, verdict: Verdict) -> None:
         """A decision record already there that does not say what the acks established
@@ -1288,7 +1308,9 @@ class AppAgent:
         if self._cancel.is_set():
             raise _Cancelled
 
-    def _apply(self, joined: Joined) -> None:
+    def _apply(self, joined: Joined, flip_at: float | None = None) -> None:
+        """Flip (at ``flip_at`` if it is still ahead: ``_flip_moment``), then the hooks
+        after the flip and the live ack."""
         started = time.monotonic()
         rec = joined.request
         ctx = self._hook_context(rec)
@@ -1303,7 +1325,7 @@ class AppAgent:
                 moved_at = None
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
-                        self.engine.flip(rec.release)
+                        self.engine.flip(rec.release, not_before=flip_at)
                         # When `current` moved (renamed, its directory synced), not after
                         # the bookkeeping below: applied.json costs two more fsyncs.
                         moved_at = iso(utcnow())

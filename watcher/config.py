@@ -20,6 +20,10 @@ DEFAULT_PATH = Path("/etc/watcher/watcher.yaml")
 HOOK_PHASES = ("post_release", "post_symlink", "validate", "post_abort")
 PREFETCH_MODES = ("extract", "download", "off")
 VALIDATE_FAILURE_MODES = ("rollback", "hold")
+# Hosts flip together this long after the commit's moment (docs/design.md, "Flipping
+# together"); more would only delay a deploy, so a larger value is a typo.
+FLIP_DELAY = 0.2
+FLIP_DELAY_MAX = 5.0
 MAX_NESTING = 32  # levels of YAML collections; a real config needs 6
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -137,6 +141,7 @@ class AppConfig:
     shared: tuple[str, ...] = ()
     artifact_cache_bytes: int = 5 * 1024**3
     aborted_staging_max_age: float = 7 * 86400.0
+    flip_delay: float = FLIP_DELAY
     hooks: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -324,6 +329,21 @@ def parse_duration(value: Any) -> float:
     else:
         raise ValueError
     if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError
+    return seconds
+
+
+def parse_flip_delay(value: Any) -> float:
+    """``flip_delay``: a duration from 0 (each host flips as soon as it can) to
+    ``FLIP_DELAY_MAX`` seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if (isinstance(value, int | float) and value == 0) or (
+        isinstance(value, str) and re.fullmatch(r"\s*0+(?:\.0+)?\s*(?:ms|s|m|h|d)?\s*", value)
+    ):
+        return 0.0
+    seconds = parse_duration(value)
+    if seconds > FLIP_DELAY_MAX:
         raise ValueError
     return seconds
 
@@ -524,6 +544,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             "shared",
             "artifact_cache_bytes",
             "aborted_staging_max_age",
+            "flip_delay",
             "hooks",
             "timeouts",
             "limits",
@@ -639,6 +660,14 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         ),
         aborted_staging_max_age=r.get(
             d, "aborted_staging_max_age", path, 7 * 86400.0, parse_duration, duration
+        ),
+        flip_delay=r.get(
+            d,
+            "flip_delay",
+            path,
+            FLIP_DELAY,
+            parse_flip_delay,
+            f'a duration from 0 to {FLIP_DELAY_MAX:g}s (like "100ms"; 0 flips at once)',
         ),
         hooks=MappingProxyType(hooks),
         timeouts=timeouts,

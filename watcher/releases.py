@@ -9,6 +9,7 @@ import pwd
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
@@ -824,8 +825,10 @@ class ReleaseEngine:
 
     # -- flip ----------------------------------------------------------------------------
 
-    def flip(self, release: str) -> None:
-        """Point ``current`` at ``release`` (complete only) by renaming a fresh symlink."""
+    def flip(self, release: str, *, not_before: float | None = None) -> None:
+        """Point ``current`` at ``release`` (complete only) by renaming a fresh symlink;
+        with ``not_before`` (a ``time.time()``), everything but the rename is done first
+        and the rename waits for that moment."""
         if not self.is_complete(release):
             raise FlipError(
                 f"refusing to flip {self.app.name} to {release}: "
@@ -839,7 +842,7 @@ class ReleaseEngine:
             # re-running this flip records the right one
             atomic_write_bytes(self.layout.previous_file, f"{before}\n".encode())
         try:
-            self._swap_link(self.layout.current, release)
+            self._swap_link(self.layout.current, release, not_before=not_before)
         except FlipError:
             # Put `previous` back only if `current` did not move: a failure after the rename
             # (the directory's fsync, the read-back) leaves the flip done.
@@ -870,11 +873,13 @@ class ReleaseEngine:
             return
         fsync_dir(self.layout.app_dir)
 
-    def _swap_link(self, link: Path, release: str) -> None:
+    def _swap_link(self, link: Path, release: str, *, not_before: float | None = None) -> None:
         target = self.layout.link_target(release)
         tmp = self.layout.app_dir / f"{TMP_PREFIX}link-{secrets.token_hex(4)}"
         try:
             tmp.symlink_to(target)
+            if not_before is not None and (wait := not_before - time.time()) > 0:
+                time.sleep(wait)
             tmp.rename(link)
             fsync_dir(self.layout.app_dir)
             seen = str(link.readlink())

@@ -3,10 +3,12 @@ S3: the orders of wake-ups a busy fleet produces, made to happen on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from tests.support.s3server import s3_client
 from watcher import PROTOCOL_VERSION
 from watcher.agent import AppAgent
 from watcher.artifacts import ArtifactCache
-from watcher.barrier import DeployStore, Joined
+from watcher.barrier import DeployStore, Joined, Verdict
 from watcher.config import S3Settings, parse_config
 from watcher.consul_api import ConsulClient
 from watcher.records import (
@@ -31,7 +33,10 @@ from watcher.records import (
     STAGING,
     ArtifactRecord,
     MemberRecord,
+    NodeProgress,
+    iso,
     parse_iso,
+    utcnow,
 )
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
@@ -226,3 +231,78 @@ def test_a_request_for_a_newer_protocol_is_refused_and_nothing_moves(rig: Rig) -
     wait_for(lambda: not agent.busy(), 30, "host-a's abort")
     assert agent.engine.current_release() is None
     assert not agent.engine.layout.release_dir(joined.request.release).exists()
+
+
+def _flip_with_delay(rig: Rig, delay: float, staged_b: str) -> dict[str, str]:
+    """host-b (the test) acks ready with ``staged_b`` as its staged_at; host-a prepares,
+    establishes the commit in its ready txn and flips with ``flip_delay`` = ``delay``.
+    Returns host-a's live ack's timings."""
+    store, agent = rig.store, rig.agent
+    agent.app = dataclasses.replace(agent.app, flip_delay=delay)
+    joined = start_deploy(store, "20261202T000000Z-ab12cd", rig.sessions, rig.artifact)
+    assert store.write_progress(
+        joined.id,
+        "host-b",
+        READY,
+        joined=joined,
+        session=rig.sessions["host-b"],
+        sha256=rig.artifact.sha256,
+        timings={"staged_at": staged_b},
+    )
+    assert "prepare started" in rig.step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+    outcome = rig.step()
+    assert "apply started" in outcome, outcome
+    wait_for(lambda: not agent.busy(), 30, "host-a's apply")
+    assert agent.engine.current_release() == joined.request.release
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == LIVE, ack
+    return ack.timings
+
+
+def test_hosts_flip_at_the_last_ready_ack_plus_the_flip_delay(rig: Rig) -> None:
+    """The fleet flips together: each host renames `current` at the newest staged_at of
+    the expected hosts' acks plus ``flip_delay`` (the same moment on every host), however
+    soon it established the commit itself."""
+    timings = _flip_with_delay(rig, 1.0, iso(utcnow()))
+    staged, decided = parse_iso(timings["staged_at"]), parse_iso(timings["decided_at"])
+    flipped = parse_iso(timings["flipped_at"])
+    assert (flipped - staged).total_seconds() >= 1.0 - 0.002, timings  # ms stamps
+    assert (flipped - decided).total_seconds() >= 0.5, timings  # it waited after deciding
+
+
+def test_an_ack_staged_in_the_future_holds_the_flip_back_by_the_delay_at_most(
+    rig: Rig,
+) -> None:
+    """A host whose clock runs an hour ahead (or whose ack lies about it) cannot hold the
+    fleet: the flip comes ``flip_delay`` after this host established the commit."""
+    ahead = iso(utcnow() + timedelta(hours=1))
+    timings = _flip_with_delay(rig, 1.0, ahead)
+    decided, flipped = parse_iso(timings["decided_at"]), parse_iso(timings["flipped_at"])
+    assert 0.8 <= (flipped - decided).total_seconds() <= 2.5, timings
+
+
+def test_the_flip_moment_reads_only_the_expected_hosts_stamps(rig: Rig) -> None:
+    """What every host computes alike from the acks: an unreadable stamp or one of a
+    host that is not expected moves nothing; no stamp, or a delay of 0: flip at once."""
+    agent = rig.agent
+    joined = start_deploy(rig.store, "20261202T000000Z-ef3456", rig.sessions, rig.artifact)
+    agent.app = dataclasses.replace(agent.app, flip_delay=0.25)
+    base = utcnow() - timedelta(seconds=30)
+
+    def moment(stamps: dict[str, str]) -> float | None:
+        acks = {n: NodeProgress(n, READY, timings={"staged_at": t}) for n, t in stamps.items()}
+        return agent._flip_moment(joined, Verdict(COMMIT, "", acks))
+
+    newest = base + timedelta(seconds=2)
+    assert moment({"host-a": iso(base), "host-b": iso(newest)}) == pytest.approx(
+        newest.timestamp() + 0.25
+    )
+    stray = iso(base + timedelta(seconds=9))  # a host outside the request
+    assert moment({"host-a": iso(base), "host-b": "soon", "host-z": stray}) == pytest.approx(
+        base.timestamp() + 0.25
+    )
+    assert moment({"host-b": ""}) is None
+    assert moment({}) is None
+    agent.app = dataclasses.replace(agent.app, flip_delay=0.0)
+    assert moment({"host-a": iso(base), "host-b": iso(newest)}) is None

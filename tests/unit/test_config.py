@@ -69,6 +69,7 @@ class TestDefaults:
         assert web.keep_releases == 5
         assert (web.user, web.group, web.umask) == (None, None, 0o022)
         assert (web.prefetch, web.on_validate_failure) == ("extract", "rollback")
+        assert web.flip_delay == 0.2
         assert web.shared == ()
         phases = ("post_release", "post_symlink", "validate", "post_abort")
         assert dict(web.hooks) == dict.fromkeys(phases, ())
@@ -250,6 +251,16 @@ BAD: list[tuple[dict[str, Any], str]] = [
         'got "soon"',
     ),
     (
+        with_app(flip_delay="6s"),
+        'apps.web.flip_delay: must be a duration from 0 to 5s (like "100ms"; 0 flips at once), '
+        'got "6s"',
+    ),
+    (
+        with_app(flip_delay=True),
+        'apps.web.flip_delay: must be a duration from 0 to 5s (like "100ms"; 0 flips at once), '
+        "got True",
+    ),
+    (
         with_app(timeouts={"hook": "0s"}),
         'apps.web.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "0s"',
     ),
@@ -419,9 +430,9 @@ class TestErrorsNameTheirPath:
             (
                 with_app(keep=3),
                 "apps.web.keep",
-                "aborted_staging_max_age, artifact_cache_bytes, group, hooks, keep_releases, "
-                "limits, on_validate_failure, prefetch, root, shared, timeouts, umask, user, "
-                "webhook",
+                "aborted_staging_max_age, artifact_cache_bytes, flip_delay, group, hooks, "
+                "keep_releases, limits, on_validate_failure, prefetch, root, shared, timeouts, "
+                "umask, user, webhook",
             ),
             (
                 with_app(timeouts={"hooks": 1}),
@@ -560,6 +571,28 @@ class TestDurationsAndSizes:
     def test_bad_durations(self, value: Any) -> None:
         with pytest.raises(ValueError):
             parse_duration(value)
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [
+            (0, 0.0),
+            ("0", 0.0),
+            ("0ms", 0.0),
+            (0.0, 0.0),
+            ("0.0s", 0.0),
+            ("250ms", 0.25),
+            (5, 5.0),
+            ("1.5s", 1.5),
+        ],
+    )
+    def test_flip_delay(self, value: Any, seconds: float) -> None:
+        assert parse(with_app(flip_delay=value)).app("web").flip_delay == seconds
+
+    @pytest.mark.parametrize("value", [-0.1, "-1s", "5.1s", "1m", "soon", False, math.nan])
+    def test_bad_flip_delays(self, value: Any) -> None:
+        assert [p.split(":")[0] for p in problems(with_app(flip_delay=value))] == [
+            "apps.web.flip_delay"
+        ]
 
     def test_non_finite_durations_are_refused_in_the_file(self) -> None:
         data = yaml.safe_load("timeouts: {hook: .inf, apply: .nan}")

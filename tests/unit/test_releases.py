@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -472,6 +474,35 @@ class TestFlip:
         engine.set_backup(rel(1))
         engine.set_backup(None)
         assert engine.backup_release() is None
+
+    def test_a_timed_flip_renames_at_its_moment(self, engine: ReleaseEngine, tarball: Path) -> None:
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.stage_from_file(tarball, record, rel(2), "d-2")
+        engine.flip(rel(1))
+        moment = time.time() + 0.6
+        flipper = threading.Thread(
+            target=engine.flip, args=(rel(2),), kwargs={"not_before": moment}
+        )
+        flipper.start()
+        time.sleep(0.3)
+        # Waiting: `previous` and the new link are written, `current` has not moved.
+        assert engine.current_release() == rel(1)
+        assert engine.previous_release() == rel(1)
+        assert len(tmp_leftovers(engine.layout)) == 1
+        flipper.join(timeout=5)
+        assert time.time() >= moment
+        assert assert_current_complete(engine) == rel(2)
+        assert tmp_leftovers(engine.layout) == []
+
+    def test_a_flip_whose_moment_passed_goes_at_once(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        started = time.monotonic()
+        engine.flip(rel(1), not_before=time.time() - 3600)
+        assert time.monotonic() - started < 5  # not an hour, nor a wait at all
+        assert assert_current_complete(engine) == rel(1)
 
     def test_flip_over_a_directory_fails_cleanly(
         self, engine: ReleaseEngine, tarball: Path
