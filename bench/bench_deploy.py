@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -42,9 +43,11 @@ def latency_section(
     work: Path,
     hosts: int,
     rounds: int,
+    app: dict[str, Any] | None = None,
 ) -> None:
     """Deploy latency and skew vs the naive peer and the KV floor; CPU and requests per host
-    per deploy; `watcherctl status --fleet` vs `consul kv get -recurse`."""
+    per deploy; `watcherctl status --fleet` vs `consul kv get -recurse`. ``app``: settings
+    of the app beside the product's defaults (``bench/run.py --flip-delay``)."""
     tag = f"{hosts} hosts"
     last = results.add(
         Figure(
@@ -102,6 +105,7 @@ def latency_section(
                 work / "hosts",
                 kv_prefix="bench",
                 daemon_extra=DAEMON,
+                app_extra=dict(app or {}),
             ),
         )
         naive = NaivePeers(consul_bin, cluster.hosts, work / "naive")
@@ -199,6 +203,7 @@ def scale_section(
     agents: int,
     sizes: tuple[int, ...],
     rounds: int,
+    app: dict[str, Any] | None = None,
 ) -> None:
     """Many watchers sharing agents: deploy latency and the fleet's Consul requests/s.
 
@@ -230,7 +235,10 @@ def scale_section(
                     work / f"hosts-{n}",
                     kv_prefix=f"scale{n}",
                     daemon_extra=DAEMON,
-                    app_extra={"timeouts": {"prepare": "240s", "apply": "240s", "hook": "20s"}},
+                    app_extra={
+                        "timeouts": {"prepare": "240s", "apply": "240s", "hook": "20s"},
+                        **(app or {}),
+                    },
                 ),
                 per_agent=n // agents,
             )

@@ -1,6 +1,7 @@
 """`make bench`: every figure beside its baseline measured in the same run, in one table.
 
     .venv/bin/python bench/run.py [--quick] [--only deploy,scale,idle,stage,flips]
+                                  [--flip-delay DURATION]
 
 Sets up what it measures: a Consul cluster per section (on $WATCHER_TEST_LOOPBACK, default
 127.0.0) and one moto S3 server. Prints one table of medians over rounds, with the ratio to
@@ -30,7 +31,7 @@ from bench.bench_flip import flip_section  # noqa: E402
 from bench.bench_stage import stage_section  # noqa: E402
 from bench.harness import Figure, Results, machine  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
-from watcher.config import S3Settings  # noqa: E402
+from watcher.config import S3Settings, parse_flip_delay  # noqa: E402
 from watcher.log import configure_logging  # noqa: E402
 
 SECTIONS = ("deploy", "scale", "idle", "stage", "flips")
@@ -53,11 +54,24 @@ def main() -> int:
         "--only", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--flip-delay",
+        metavar="DURATION",
+        help="the daemons' flip_delay in the deploy and scale sections (default: the "
+        'product\'s); "0" shows the flips without waiting for the agreed moment',
+    )
     args = parser.parse_args()
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {SECTIONS}")
+    app: dict[str, str] = {}
+    if args.flip_delay is not None:
+        try:
+            parse_flip_delay(args.flip_delay)
+        except ValueError:
+            parser.error(f"--flip-delay: not a duration from 0 to 5s: {args.flip_delay!r}")
+        app["flip_delay"] = args.flip_delay
     configure_logging(level="warning")
     q = args.quick
     loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
@@ -70,7 +84,15 @@ def main() -> int:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
     )
-    results = Results(context={**machine(), "quick": q, "sections": only, "loopback": loopback})
+    results = Results(
+        context={
+            **machine(),
+            "quick": q,
+            "sections": only,
+            "loopback": loopback,
+            "flip_delay": args.flip_delay or "the product's default",
+        }
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     s3 = S3Server(work / "moto.log")
     started = time.monotonic()
@@ -92,6 +114,7 @@ def main() -> int:
                     work=w,
                     hosts=hosts,
                     rounds=3 if q else 5,
+                    app=app,
                 )
 
             return run
@@ -111,6 +134,7 @@ def main() -> int:
                     agents=2 if q else 10,
                     sizes=(4, 8) if q else (50, 100),
                     rounds=2 if q else 3,
+                    app=app,
                 ),
             )
         )
