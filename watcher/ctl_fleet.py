@@ -36,7 +36,6 @@ from watcher.ctl import (
 )
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
 from watcher.records import ABORT, COMMIT, ArtifactRecord, DeployRecord, parse_iso
-from watcher.releases import ReleaseEngine
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
@@ -538,6 +537,9 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
 
 
 def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
+    # Only this host's status reads its disk: the fleet commands (deploy, status --fleet,
+    # history) do not load the release engine and its archive code (~16 ms of imports).
+    from watcher.releases import ReleaseEngine
 
     engine = ReleaseEngine(app)
     releases = engine.list_releases()

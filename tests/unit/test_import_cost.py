@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 # Fake credentials, and no instance metadata lookup: the request must fail fast on its own.
 ENV = {
@@ -78,3 +79,38 @@ class TestReadOnlyCommandsLoadNoHttpStack:
             "ConsulClient(ConsulSettings(address='127.0.0.1:1'))._consul\n"
         )
         assert "consul" in loaded
+
+
+def full_modules_after(code: str) -> set[str]:
+    """Every module (dotted names included) a fresh interpreter has loaded after ``code``."""
+    script = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=ENV
+    ).stdout
+    return set(out.split())
+
+
+class TestFleetCommandsLoadNoHostCode:
+    def test_deploy_and_status_fleet_load_no_release_engine(self) -> None:
+        # What `watcherctl deploy` and `status --fleet` import before they run: the
+        # release engine and its archive code are this host's status and rollback --local
+        # only; `logging` and `secrets` were loaded for a few constants and one token.
+        loaded = full_modules_after(
+            "import watcher.ctl, watcher.ctl_fleet\n"
+            "from watcher.barrier import new_deploy_id\n"
+            "from watcher.log import configure_logging, get_logger\n"
+            "configure_logging(level='error')  # as watcherctl does\n"
+            "assert len(new_deploy_id()) == 23\n"
+            "get_logger().info('dropped', x=1)\n"
+        )
+        assert "watcher.ctl_fleet" in loaded
+        absent = {"watcher.releases", "watcher.archive", "tarfile", "logging", "secrets"}
+        assert loaded.isdisjoint(absent), sorted(loaded & absent)
+
+    def test_local_status_loads_it_when_it_reads_the_disk(self, tmp_path: Path) -> None:
+        loaded = full_modules_after(
+            "from watcher.config import AppConfig\n"
+            "from watcher.ctl_fleet import _local_app\n"
+            f"_local_app(AppConfig(name='web', root={str(tmp_path)!r}), {{}})\n"
+        )
+        assert "watcher.releases" in loaded
