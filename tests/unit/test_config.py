@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from watcher import config as config_module
 from watcher.config import (
     AppConfig,
     Config,
@@ -486,6 +487,29 @@ class TestFiles:
         [problem] = info.value.problems
         assert problem.startswith("line 5, column 6: invalid YAML: ")
         assert str(info.value).startswith(f"{path}: line 5, column 6: invalid YAML")
+
+    def test_libyaml_parses_and_the_python_parser_says_where_it_refuses(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # PyYAML's wheels carry LibYAML: every start parses the config with it.
+        assert yaml.__with_libyaml__
+        assert issubclass(config_module._UniqueKeyLoader, yaml.CSafeLoader)
+        seen: list[type] = []
+        parse = yaml.parse
+
+        def spy(text: str, Loader: type) -> Any:
+            seen.append(Loader)
+            return parse(text, Loader=Loader)
+
+        monkeypatch.setattr(yaml, "parse", spy)
+        good = write(tmp_path / "good.yaml", yaml.safe_dump(minimal()))
+        assert load_config(good, env={}).app("web").name == "web"
+        assert seen == [config_module._UniqueKeyLoader]
+        seen.clear()
+        bad = write(tmp_path / "bad.yaml", "s3:\n  bucket: b\napps:\n  web: [1\n  api: 2\n")
+        with pytest.raises(ConfigError, match="line 5, column 6: invalid YAML"):
+            load_config(bad, env={})
+        assert seen == [config_module._UniqueKeyLoader, yaml.SafeLoader]
 
     def test_tab_indentation(self, tmp_path: Path) -> None:
         path = write(tmp_path / "w.yaml", "s3:\n\tbucket: b\n")
