@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,31 @@ class Rig:
     agent: AppAgent
     sessions: dict[str, str]
     artifact: ArtifactRecord
+
+    def ready_b(self, joined: Joined, **extra: Any) -> None:
+        """host-b, played by the test, acks ready (``extra``: e.g. its timings)."""
+        assert self.store.write_progress(
+            joined.id,
+            "host-b",
+            READY,
+            joined=joined,
+            session=self.sessions["host-b"],
+            sha256=self.artifact.sha256,
+            **extra,
+        )
+
+    def prepare_and_apply(self, joined: Joined) -> NodeProgress:
+        """host-a's steps once host-b acked ready: its prepare, whose ready txn reads
+        host-b's ack and establishes the commit, then its apply; its live ack."""
+        assert "prepare started" in self.step()
+        wait_for(lambda: not self.agent.busy(), 30, "host-a's prepare")
+        outcome = self.step()
+        assert "apply started" in outcome, outcome
+        wait_for(lambda: not self.agent.busy(), 30, "host-a's apply")
+        assert self.agent.engine.current_release() == joined.request.release
+        ack, _ = self.store.ack(joined.id, "host-a")
+        assert ack is not None and ack.state == LIVE, ack
+        return ack
 
     def step(self) -> str:
         inflight = self.store.inflight()
@@ -182,14 +208,7 @@ def test_the_flip_time_is_when_current_moved_not_after_the_bookkeeping(
     when `current` was renamed, not after applied.json is written behind it."""
     store, agent = rig.store, rig.agent
     joined = start_deploy(store, "20261202T000000Z-d4e5f6", rig.sessions, rig.artifact)
-    assert store.write_progress(
-        joined.id,
-        "host-b",
-        READY,
-        joined=joined,
-        session=rig.sessions["host-b"],
-        sha256=rig.artifact.sha256,
-    )
+    rig.ready_b(joined)
     write_applied = agent._write_applied
     slow = 0.5
 
@@ -198,15 +217,7 @@ def test_the_flip_time_is_when_current_moved_not_after_the_bookkeeping(
         write_applied(j)
 
     monkeypatch.setattr(agent, "_write_applied", slow_write_applied)
-    assert "prepare started" in rig.step()
-    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
-    # host-a's ready txn read host-b's ready ack: it established the commit itself.
-    outcome = rig.step()
-    assert "apply started" in outcome, outcome
-    wait_for(lambda: not agent.busy(), 30, "host-a's apply")
-    assert agent.engine.current_release() == joined.request.release
-    ack, _ = store.ack(joined.id, "host-a")
-    assert ack is not None and ack.state == LIVE, ack
+    ack = rig.prepare_and_apply(joined)
     flipped, live = parse_iso(ack.timings["flipped_at"]), parse_iso(ack.timings["live_at"])
     assert (live - flipped).total_seconds() >= slow - 0.05, ack.timings
 
@@ -240,24 +251,8 @@ def _flip_with_delay(rig: Rig, delay: float, staged_b: str) -> dict[str, str]:
     store, agent = rig.store, rig.agent
     agent.app = dataclasses.replace(agent.app, flip_delay=delay)
     joined = start_deploy(store, "20261202T000000Z-ab12cd", rig.sessions, rig.artifact)
-    assert store.write_progress(
-        joined.id,
-        "host-b",
-        READY,
-        joined=joined,
-        session=rig.sessions["host-b"],
-        sha256=rig.artifact.sha256,
-        timings={"staged_at": staged_b},
-    )
-    assert "prepare started" in rig.step()
-    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
-    outcome = rig.step()
-    assert "apply started" in outcome, outcome
-    wait_for(lambda: not agent.busy(), 30, "host-a's apply")
-    assert agent.engine.current_release() == joined.request.release
-    ack, _ = store.ack(joined.id, "host-a")
-    assert ack is not None and ack.state == LIVE, ack
-    return ack.timings
+    rig.ready_b(joined, timings={"staged_at": staged_b})
+    return rig.prepare_and_apply(joined).timings
 
 
 def test_hosts_flip_at_the_last_ready_ack_plus_the_flip_delay(rig: Rig) -> None:

@@ -16,15 +16,18 @@ ENV = {
 }
 
 
-def modules_after(code: str) -> set[str]:
-    """The top-level modules a fresh interpreter has loaded after running ``code``."""
-    script = (
-        code + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
+def full_modules_after(code: str) -> set[str]:
+    """Every module (dotted names included) a fresh interpreter has loaded after ``code``."""
+    script = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))\n"
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=ENV
     ).stdout
     return set(out.split())
+
+
+def modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running ``code``."""
+    return {name.split(".")[0] for name in full_modules_after(code)}
 
 
 class TestBoto3OnlyWhenNeeded:
@@ -79,15 +82,6 @@ class TestReadOnlyCommandsLoadNoHttpStack:
             "ConsulClient(ConsulSettings(address='127.0.0.1:1'))._consul\n"
         )
         assert "consul" in loaded
-
-
-def full_modules_after(code: str) -> set[str]:
-    """Every module (dotted names included) a fresh interpreter has loaded after ``code``."""
-    script = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))\n"
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=ENV
-    ).stdout
-    return set(out.split())
 
 
 class TestFleetCommandsLoadNoHostCode:
