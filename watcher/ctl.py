@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -226,6 +227,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)
         sys.stdout.flush()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if not gc.isenabled():  # the console script (ctl_script) loaded all this without it
+        gc.freeze()
+        gc.enable()
     # Retries and other warnings are the daemon's business; the CLI says what failed, once.
     configure_logging(level="debug" if args.debug else "error", stream=sys.stderr)
     ctx = CtlContext(args)

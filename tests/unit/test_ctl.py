@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,47 @@ class TestDownloadProgress:
         assert line in _human_status(data).splitlines()
         data["daemon"] = {"running": False, "reason": "process gone"}
         assert "downloading" not in _human_status(data)
+
+
+class TestConsoleScript:
+    """`watcherctl` as installed: ``watcher.ctl_script.run``, which loads with the
+    collector off and leaves through ``os._exit`` once stdout and stderr are flushed."""
+
+    @staticmethod
+    def script(argv: list[str], before: str = "") -> subprocess.CompletedProcess[str]:
+        code = (
+            "import sys\n"
+            + before
+            + f"sys.argv = ['watcherctl', *{argv!r}]\n"
+            + "from watcher.ctl_script import run\n"
+            + "run()\n"
+            + "raise SystemExit('run() returned')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    def test_a_buffered_pipe_gets_every_line_and_the_exit_code_is_kept(self) -> None:
+        # stdout is a pipe, block-buffered: os._exit would drop what was not flushed.
+        done = self.script(["--help"])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: watcherctl")
+        assert done.stdout.rstrip().endswith(build_parser().format_help().rstrip()[-40:])
+        assert "run() returned" not in done.stderr
+        bad = self.script(["status", "-c", "/nonexistent/watcher.yaml"])
+        assert bad.returncode == EXIT_USAGE
+        assert bad.stderr == "watcherctl: error: /nonexistent/watcher.yaml: no such file\n"
+
+    def test_the_command_runs_with_the_collector_on_and_the_start_frozen(self) -> None:
+        spy = (
+            "import gc\n"
+            "import watcher.ctl as ctl\n"
+            "real = ctl.configure_logging\n"
+            "def spy(**kw):\n"
+            "    print('gc', gc.isenabled(), gc.get_freeze_count() > 1000)\n"
+            "    real(**kw)\n"
+            "ctl.configure_logging = spy\n"
+        )
+        done = self.script(["status", "-c", "/nonexistent/watcher.yaml"], before=spy)
+        assert done.stdout == "gc True True\n", done.stderr
