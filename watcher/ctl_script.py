@@ -9,13 +9,14 @@ interpreter that a command run once does not need.
   (``web``, a ``deploy`` waiting for its outcome) then collects as usual.
 - **Tearing the interpreter down.** At exit Python clears every module and frees every
   object one by one. The script flushes stdout and stderr and leaves with ``os._exit``:
-  no atexit handler of this package's or its libraries' is left to run by then (files
-  are written atomically and closed where they are written, threads are joined by the
-  commands that start them).
+  nothing a command leaves behind needs the interpreter's exit (its files are written
+  atomically and closed where they are written, `publish`'s temporary files are removed
+  in their ``with`` blocks, no command leaves a thread or logging handler running).
 
 On the 2-core development VMs, `status --fleet` of 5 hosts as a whole process: 144-165
-ms -> 110-124 ms (medians of three interleaved pairs of 15 runs). This module imports nothing but the standard library's ``gc``, ``os`` and ``sys`` before
-it turns the collector off.
+ms -> 110-124 ms (medians of three interleaved pairs of 15 runs). This module imports
+nothing but the standard library's ``gc``, ``os`` and ``sys`` before it turns the
+collector off.
 """
 
 from __future__ import annotations
