@@ -190,8 +190,21 @@ class Journal:
             self._cache = None
 
     def _write(self, data: dict[str, Any], *, durable: bool = True) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, data, durable=durable)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, data, durable=durable)
+        except OSError as exc:
+            if durable:
+                raise
+            # Bookkeeping that is not fsynced (a crash may lose it anyway, and redoing what
+            # it records is harmless) and that the disk refused, a full one usually: kept
+            # here, as if written and then lost, and on disk with the next write that
+            # succeeds. A full disk must not hold this host in a deploy whose part it has
+            # done (`finished` unwritten: it would not join the next deploy, which then
+            # waited for its prepare deadline instead of hearing "cannot journal").
+            get_logger().warning(
+                "journal_write_deferred", path=str(self.path), error=str(exc), fields=sorted(data)
+            )
         self._cache = data
         self._loaded = True
 

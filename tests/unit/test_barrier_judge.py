@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from watcher import agent as agent_module
 from watcher.agent import Journal, decided_by
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, judge
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
+from watcher.fsutil import atomic_write_json
 from watcher.records import (
     ABORT,
     ABORTED,
@@ -258,3 +261,41 @@ class TestJournaledRequest:
         for _ in range(2):
             with pytest.raises(PayloadError, match="digest"):
                 bad.joined()
+
+
+class TestJournalOnAFullDisk:
+    """A write the disk refuses (ENOSPC), faked here: the campaign's `disk_full` does it
+    for real (docs/reliability.md)."""
+
+    @pytest.fixture
+    def journal(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Journal:
+        journal = Journal(tmp_path)
+        req = request(["a", "b"])
+        journal.begin("d1", **Joined(req, req.digest(), 7).to_journal())
+        journal.update(established=COMMIT)
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(agent_module, "atomic_write_json", full)
+        return journal
+
+    def test_bookkeeping_is_kept_in_memory_and_written_with_the_next_write(
+        self, journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        journal.done("flipped", "applied")
+        journal.update(finished=True)  # this host's part is done: the next deploy may come
+        assert journal.has("applied") and (journal.read() or {}).get("finished")
+        on_disk = Journal(tmp_path).read() or {}
+        assert "applied" not in on_disk["phases"] and "finished" not in on_disk
+        monkeypatch.setattr(agent_module, "atomic_write_json", atomic_write_json)
+        journal.update(ended=True)  # the disk has room again
+        on_disk = Journal(tmp_path).read() or {}
+        assert on_disk["finished"] and on_disk["ended"] and "applied" in on_disk["phases"]
+
+    def test_what_must_be_durable_still_fails(self, journal: Journal) -> None:
+        with pytest.raises(OSError):
+            journal.done("post_symlink")
+        with pytest.raises(OSError):
+            journal.begin("d2")
+        assert journal.read() is not None and journal.read()["deploy"] == "d1"
