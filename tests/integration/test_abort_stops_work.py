@@ -104,8 +104,7 @@ def test_abort_stops_extraction_within_a_second_and_the_next_deploy_starts(
     outcome = fleet.wait_outcome(deploy_id, 30)
     assert outcome["result"] == "aborted" and "too big" in outcome["reason"], outcome
     fleet.wait_idle(30)
-    for w in fleet.watchers:
-        assert not (w.app_dir / "releases" / started["release"]).exists()
+    fleet.wait_dropped(fleet.watchers, started["release"])
 
     # The workers are free: the next deploy does not wait for a busy host.
     t = time.monotonic()

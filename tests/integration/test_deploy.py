@@ -205,9 +205,9 @@ class TestFailures:
         assert "migrations failed" in summary["hosts"][bad_host]["output_tail"]
         fleet.wait_idle()
         assert fleet.currents() == before
+        fleet.wait_dropped(fleet.watchers[:2], summary["release"])  # after their post_abort
         for w in fleet.watchers[:2]:
             assert (marker_dir / f"abort-{w.name}").exists(), "post_abort where post_release ran"
-            assert not (w.app_dir / "releases" / summary["release"]).exists()
         assert not (marker_dir / f"abort-{bad_host}").exists()
         states = {n: h["state"] for n, h in summary["hosts"].items()}
         assert states[bad_host] == "failed"

@@ -358,6 +358,19 @@ class Fleet:
     def wait_idle(self, timeout: float = 60.0) -> None:
         wait_for(lambda: self.inflight() is None, timeout, "no deploy in flight", self)
 
+    def wait_dropped(
+        self, watchers: list[WatcherProc], release: str, timeout: float = 10.0
+    ) -> None:
+        """Each of ``watchers`` drops an aborted deploy's staged ``release`` after its
+        post_abort hook, which runs once its own ``aborted`` intent is written: a moment
+        after the deploy may have ended (``wait_idle``). Wait for that, bounded."""
+        wait_for(
+            lambda: not any((w.app_dir / "releases" / release).exists() for w in watchers),
+            timeout,
+            f"{release} dropped on {', '.join(w.name for w in watchers)}",
+            self,
+        )
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {w.name} ---\n" + "\n".join(w.log_text().splitlines()[-60:])
