@@ -325,8 +325,9 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-def parse_duration(value: Any) -> float:
-    """``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds (> 0)."""
+def parse_duration(value: Any, *, zero: bool = False) -> float:
+    """``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds (> 0, or >= 0 with
+    ``zero``)."""
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, int | float):
@@ -338,7 +339,7 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     else:
         raise ValueError
-    if not math.isfinite(seconds) or seconds <= 0:
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
         raise ValueError
     return seconds
 
@@ -346,13 +347,7 @@ def parse_duration(value: Any) -> float:
 def parse_flip_delay(value: Any) -> float:
     """``flip_delay``: a duration from 0 (each host flips as soon as it can) to
     ``FLIP_DELAY_MAX`` seconds."""
-    if isinstance(value, bool):
-        raise ValueError
-    if (isinstance(value, int | float) and value == 0) or (
-        isinstance(value, str) and re.fullmatch(r"\s*0+(?:\.0+)?\s*(?:ms|s|m|h|d)?\s*", value)
-    ):
-        return 0.0
-    seconds = parse_duration(value)
+    seconds = parse_duration(value, zero=True)
     if seconds > FLIP_DELAY_MAX:
         raise ValueError
     return seconds
