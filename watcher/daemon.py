@@ -39,7 +39,7 @@ from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
-from watcher.webhook import notifier_for
+from watcher.webhook import DRAIN_AT_STOP, notifier_for
 
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
@@ -889,11 +889,23 @@ class Daemon:
                 log.info("session_kept", reason="deploy in flight on this host")
             else:
                 self.keeper.destroy()
+        self._drain_webhooks()
         if server is not None:
             server.stop()
         with contextlib.suppress(OSError):
             (self.state_dir / STATUS_FILE).unlink()
         log.info("watcher_stopped")
+
+    def _drain_webhooks(self) -> None:
+        """Give queued chat messages (a deploy's "committed" most often) DRAIN_AT_STOP
+        seconds, all apps together, before the process exits without them."""
+        end = time.monotonic() + DRAIN_AT_STOP
+        for name, agent in self.agents.items():
+            if agent.notifier is None:
+                continue
+            left = agent.notifier.sender.drain(end - time.monotonic())
+            if left:
+                log.error("webhook_unsent_at_stop", app=name, messages=left, waited=DRAIN_AT_STOP)
 
 
 def run_daemon(config: Config, args: Any) -> int:

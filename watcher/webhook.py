@@ -25,6 +25,7 @@ log = get_logger(module="webhook")
 QUEUE_MAX = 100  # messages waiting for a slow receiver; past that new ones are dropped (counted)
 RETRY_BASE = 0.5  # seconds before the first retry, doubled each time
 SENT_KEEP = 256  # (deploy, event) pairs remembered so that each event is sent once
+DRAIN_AT_STOP = 5.0  # seconds a stopping daemon gives its queued messages, all apps together
 
 
 _CLOSE: dict[str, Any] = {}  # the queue's last item when a sender is closed
@@ -39,6 +40,8 @@ class WebhookSender:
         self.metrics = metrics
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_MAX)
         self._closed = False
+        self._pending = 0  # queued or being posted; read by drain()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"webhook-{app}", daemon=True)
         self._thread.start()
 
@@ -49,7 +52,9 @@ class WebhookSender:
             log.error("webhook_dropped", app=self.app, notice=message.get("event"), why="reloaded")
             return
         try:
-            self._queue.put_nowait(message)
+            with self._lock:
+                self._queue.put_nowait(message)
+                self._pending += 1
         except queue.Full:
             self._count("webhook_failures", "queue_full")
             log.error(
@@ -85,6 +90,18 @@ class WebhookSender:
             except Exception as exc:  # never let one message (or a broken log) end the thread
                 with contextlib.suppress(Exception):
                     log.error("webhook_failed", app=self.app, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def drain(self, timeout: float) -> int:
+        """Close, then wait up to ``timeout`` seconds for the queued messages to be posted
+        (a daemon that stops right after a deploy still says how it ended). Returns how
+        many were left unsent: the process exits without them."""
+        self.close()
+        self._thread.join(max(0.0, timeout))
+        with self._lock:
+            return self._pending if self._thread.is_alive() else 0
 
     def _post(self, message: dict[str, Any]) -> bool:
         body = json.dumps(message, separators=(",", ":")).encode()

@@ -15,6 +15,7 @@ from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, wait_for
 from tests.support.receiver import Receiver
 from watcher.config import S3Settings
+from watcher.webhook import DRAIN_AT_STOP
 
 CLUSTER = ClusterSpec(hosts=3)
 
@@ -128,8 +129,33 @@ class TestWebhookFromTheCoordinator:
         finally:
             receiver.release.set()
             fleet.stop()
-        wait_for(lambda: len(receiver.bodies) == 2, 20, "both messages once released")
+        # A stopping daemon gives what it has queued a few seconds: both were posted
+        # before the coordinator's process exited, the "committed" one included.
         assert sorted(b["event"] for b in receiver.bodies) == ["committed", "started"]
+
+    def test_a_stop_gives_a_hanging_receiver_a_bounded_wait(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        receiver.hang.set()
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "50s")
+        fleet.start()
+        try:
+            v1 = fleet.publish("v1")
+            result = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--timeout", "40")
+            assert result["result"] == "committed", result
+            fleet.wait_idle()
+            assert receiver.arrived.acquire(timeout=5)
+            started = time.monotonic()
+            fleet.stop()
+            took = time.monotonic() - started
+        finally:
+            receiver.release.set()
+            fleet.stop()
+        # The coordinator waited for its two messages, then gave up; nobody waited 50 s.
+        assert DRAIN_AT_STOP - 0.5 < took < DRAIN_AT_STOP + 15, f"stopping took {took:.1f}s"
+        logged = [e for w in fleet.watchers for e in w.log_events()]
+        unsent = [e for e in logged if e["event"] == "webhook_unsent_at_stop"]
+        assert len(unsent) == 1 and unsent[0]["messages"] == 2, unsent
 
 
 class TestReload:

@@ -149,6 +149,34 @@ class TestWebhookSender:
         assert not sender._thread.is_alive()
         assert [b["text"] for b in receiver.bodies] == [str(i) for i in range(101)]
 
+    def test_drain_sends_what_is_queued_before_returning(self, receiver: Receiver) -> None:
+        receiver.hang.set()
+        sender = WebhookSender(WebhookSettings(receiver.url, 30.0, 0), app="web")
+        for i in range(3):
+            sender.send({"text": str(i)})
+        assert receiver.arrived.acquire(timeout=10)  # the first is being posted (and hangs)
+        receiver.release.set()
+        assert sender.drain(10.0) == 0
+        # Returned only once all three were answered: nothing is left for the exit to lose.
+        assert [b["text"] for b in receiver.bodies] == ["0", "1", "2"]
+        assert not sender._thread.is_alive()
+
+    def test_drain_gives_up_at_its_timeout_and_counts_what_is_left(
+        self, receiver: Receiver
+    ) -> None:
+        receiver.hang.set()
+        sender = WebhookSender(WebhookSettings(receiver.url, 30.0, 0), app="web")
+        for i in range(3):
+            sender.send({"text": str(i)})
+        assert receiver.arrived.acquire(timeout=10)
+        started = time.monotonic()
+        assert sender.drain(0.5) == 3  # one hanging in its POST, two behind it
+        assert 0.4 < time.monotonic() - started < 5.0
+        sender.send({"text": "after"})  # a drained sender takes nothing new
+        receiver.release.set()
+        wait_until(lambda: not sender._thread.is_alive(), 20)
+        assert [b["text"] for b in receiver.bodies] == ["0", "1", "2"]
+
 
 class TestReload:
     def test_a_new_webhook_takes_over_without_sending_an_event_twice(self) -> None:
