@@ -283,6 +283,7 @@ class AppAgent:
         self._inflight_gone: tuple[str, float] = ("", 0.0)  # which one went, and when
         self._lock_with_ack: str | None = None  # take the coordinator lock with this ready ack
         self._wake_when_done = True  # the task's end wakes the loop (see _apply)
+        self._looked_while_busy = False  # a step saw the task running: its end wakes the loop
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
@@ -318,6 +319,12 @@ class AppAgent:
             if exc is not None:
                 self.log.error("task_crashed", task=self._task_key, error=repr(exc))
             self._task, self._task_key = None, None
+        if self._task is not None and not self._looked_while_busy:
+            # What woke this step (the end of the deploy, usually, for a host still in the
+            # bookkeeping after its live ack) may need a step once the task is done, even
+            # when the task itself would not wake the loop; else it waits for the tick.
+            self._looked_while_busy = True
+            self._task.add_done_callback(lambda _task: self._wake())
         if not self._legacy_checked:
             self._legacy_checked = True
             if self.store.legacy_layout_found():
@@ -1028,6 +1035,7 @@ class AppAgent:
         self._task_key = (kind, deploy_id)
         self._task_started = time.monotonic()
         self._wake_when_done = True
+        self._looked_while_busy = False
         self._task = self._worker.submit(self._guard, kind, fn)
         return f"{kind} started"
 
