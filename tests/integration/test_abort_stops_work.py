@@ -97,9 +97,15 @@ def test_abort_stops_extraction_within_a_second_and_the_next_deploy_starts(
         "every host said no",
         fleet,
     )
-    wait_for(lambda: not temp_dirs(fleet), 10, "the temporary directories removed", fleet)
     stopped = time.monotonic() - asked
-    print(f"\nabort of an extraction in progress: stopped and cleaned up after {stopped:.2f}s")
+    # Removing the half-extracted trees (tens of thousands of files on each host, all
+    # hosts on the same two cores here) is bounded apart from the stop itself.
+    wait_for(lambda: not temp_dirs(fleet), 10, "the temporary directories removed", fleet)
+    cleaned = time.monotonic() - asked
+    print(
+        f"\nabort of an extraction in progress: every host stopped after {stopped:.2f}s, "
+        f"its temporary tree removed after {cleaned:.2f}s"
+    )
     assert stopped < 3.0, f"staging went on {stopped:.1f}s after the abort"
     outcome = fleet.wait_outcome(deploy_id, 30)
     assert outcome["result"] == "aborted" and "too big" in outcome["reason"], outcome

@@ -306,7 +306,12 @@ class TestOneHostToken:
         time.sleep(4)
         for w in fleet.watchers[:2]:
             assert w.current() == release1, fleet.currents()
-        assert "commit_not_trusted" in fleet.watchers[0].log_text()
+        wait_for(
+            lambda: "commit_not_trusted" in fleet.watchers[0].log_text(),
+            20,
+            "commit_not_trusted",
+            fleet,
+        )
         # host-3's own daemon may follow its own forgery; the honest hosts never do.
         x.kv_delete(fleet.keys.current)
         next_deploy_works(acl_fleet, "v3")
@@ -341,9 +346,11 @@ class TestOneHostToken:
         rewriting its own ack), nobody runs the new release."""
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        for w in fleet.watchers:  # host-2 stages for 3 s, then its post_release fails
+        # host-2 stages for 6 s (the window host-1 needs to heed the mark on a loaded
+        # machine), then its post_release fails.
+        for w in fleet.watchers:
             slow = w.name == "host-2"
-            fleet.give_hook(w, "post_release", 3 if slow else 0, 3 if slow else 0)
+            fleet.give_hook(w, "post_release", 6 if slow else 0, 3 if slow else 0)
         fleet.wait_members(3)
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])
@@ -430,7 +437,7 @@ class TestOneHostToken:
     def test_own_ack_rewritten_after_others_flipped_is_contested(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        slow_hook(fleet, "validate", 3)
+        slow_hook(fleet, "validate", 6)  # the forged ack must land while hosts validate
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])
         deploy_id = wait_request(fleet)

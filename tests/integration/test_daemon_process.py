@@ -99,7 +99,12 @@ class TestSystemdProtocol:
         assert w.proc is not None
         w.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: listener.saw("RELOADING=1"), 10, "RELOADING=1", fleet)
-        assert any(e.get("event") == "config_reloaded" for e in w.log_events())
+        wait_for(  # logged once the new config is in place, after RELOADING=1
+            lambda: any(e.get("event") == "config_reloaded" for e in w.log_events()),
+            10,
+            "config_reloaded",
+            fleet,
+        )
 
         member = fleet.keys.member(w.name)
         assert fleet.kv.kv_get(member) is not None

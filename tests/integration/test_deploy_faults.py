@@ -275,7 +275,13 @@ class TestDeadWatcher:
         fleet.wait_idle()
         assert fleet.currents() == {w.name: v1 for w in rig.watchers}
         for w in others:  # post_release ran there, so post_abort did too
-            assert rig.hook_lines(w, "post_abort", deploy_id), w.name
+            # It runs after the host's `aborted` ack, which may be what ended the deploy.
+            wait_for(
+                lambda w=w: bool(rig.hook_lines(w, "post_abort", deploy_id)),
+                10,
+                f"{w.name} ran post_abort",
+                fleet,
+            )
             # The `aborted` intent is in the ack before the cleanup runs (docs/design.md
             # R4), so the deploy may end while a host still removes its tree.
             tree = w.app_dir / "releases" / release

@@ -642,7 +642,7 @@ class TestHold:
         flag = tmp_path / "slow"
         slow = hook(
             tmp_path / "hooks" / "post-release-slow",
-            f'if [ -e "{flag}" ]; then sleep 4; fi\n',
+            f'if [ -e "{flag}" ]; then sleep 8; fi\n',  # the window the checks below need
         )
         fleet = make_fleet(hosts={2: {"hooks": {"post_release": slow}}})
         held, slow_host = fleet.watchers[1], fleet.watchers[2]

@@ -256,9 +256,7 @@ class TestWatcherKilled:
             assert fleet.currents() == {w.name: release1 for w in rig.watchers}
             # Where post_release ran, the aborted tree is gone; the victim's post_release
             # never finished, so its tree is kept for a resume (DESIGN.md 6.3).
-            for w in rig.watchers:
-                if w is not victim:
-                    assert not (w.app_dir / "releases" / release).exists(), w.name
+            fleet.wait_dropped([w for w in rig.watchers if w is not victim], release)
         session_now = json.loads((victim.state_dir / "session.json").read_text())["id"]
         assert (session_now == named) == ("kept" in case), (case, named, session_now)
         allowed = {release1} | ({release} if expected == "committed" else set())

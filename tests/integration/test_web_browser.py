@@ -47,6 +47,9 @@ def browser_page() -> Iterator[Page]:
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 640})
             page.set_default_timeout(60_000)
+            # The page's actions wait 60 s; its assertions wait 5 s unless told: a deploy's
+            # steps on a loaded 2-core machine can take longer than that.
+            expect.set_options(timeout=30_000)
             yield page
         finally:
             browser.close()
