@@ -1366,6 +1366,9 @@ class AppAgent:
         try:
             if self.metrics is not None:
                 self.metrics.flip_timestamp_seconds.labels(app=self.app.name).set(time.time())
+                # At the flip, not at the loop's next step: a scrape after this host's
+                # live ack (after `deploy` said committed) names the new release.
+                self.metrics.set_current_release(self.app.name, rec.release)
             if not self.journal.has("post_symlink"):
                 run_hooks(self.app, "post_symlink", ctx)
                 self.journal.done("post_symlink")

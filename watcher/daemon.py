@@ -693,7 +693,7 @@ class Daemon:
             )
             self.health.decision_read(name)
             self._watch_deploy(agent)
-            self.metrics.set_current_release(name, agent.engine.current_release())
+            self.metrics.read_current_release(name, agent.engine.current_release)
             return outcome
         except ConsulError as exc:
             self.metrics.consul_errors.labels(op="reconcile").inc()

@@ -61,6 +61,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._release_lock = threading.Lock()  # the loop and a flip both set the release
         r = self.registry
         r.register(ConsulRequestsCollector())
         self.build_info = Gauge(
@@ -157,6 +158,16 @@ class Metrics:
 
     def set_current_release(self, app: str, release: str | None) -> None:
         """Point ``current_release_info{app}`` at ``release`` (dropping the previous series)."""
+        with self._release_lock:
+            self._point_release(app, release)
+
+    def read_current_release(self, app: str, read: Callable[[], str | None]) -> None:
+        """Point it at what ``read()`` finds, read under the lock: a flip's own
+        ``set_current_release`` (after its rename) never loses to a read from before it."""
+        with self._release_lock:
+            self._point_release(app, read())
+
+    def _point_release(self, app: str, release: str | None) -> None:
         for sample_labels in self._release_labels(app):
             if sample_labels != release:
                 self.current_release_info.remove(app, sample_labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -294,6 +295,34 @@ class TestMetrics:
         assert [dict(labels) for name, labels in got if name == "watcher_current_release_info"] == [
             {"app": "api", "release": "a1"}
         ]
+
+    def test_a_flip_never_loses_to_the_loop_reading_the_disk_before_it(self) -> None:
+        """The loop reads `current` from disk after each step; the worker sets the new
+        release right after its rename. A read from before the rename that is set after
+        the worker's value would name the old release until the next step."""
+        m = Metrics()
+        m.set_current_release("web", "old")
+        reading, renamed = threading.Event(), threading.Event()
+
+        def read_before_the_rename() -> str:
+            reading.set()
+            renamed.wait(5)  # the worker renames meanwhile and sets its value
+            return "old"
+
+        loop = threading.Thread(target=m.read_current_release, args=("web", read_before_the_rename))
+        loop.start()
+        assert reading.wait(5)
+        worker = threading.Thread(target=m.set_current_release, args=("web", "new"))
+        worker.start()
+        worker.join(0.2)
+        assert worker.is_alive()  # the flip's set waits for the read under way
+        renamed.set()
+        loop.join(5)
+        worker.join(5)
+        got = samples(m.render())
+        assert [
+            dict(labels)["release"] for name, labels in got if name.endswith("release_info")
+        ] == ["new"]
 
 
 class TestConsulRequests:
