@@ -100,7 +100,7 @@ class TestSystemdProtocol:
         w.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: listener.saw("RELOADING=1"), 10, "RELOADING=1", fleet)
         wait_for(  # logged once the new config is in place, after RELOADING=1
-            lambda: any(e.get("event") == "config_reloaded" for e in w.log_events()),
+            lambda: bool(w.log_events("config_reloaded")),
             10,
             "config_reloaded",
             fleet,

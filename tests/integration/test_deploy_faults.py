@@ -432,7 +432,7 @@ class TestRestart:
         fleet.wait_members(3)
 
         def primed(w: WatcherProc) -> list[dict[str, Any]]:
-            return [e for e in w.log_events() if e.get("event") == "events_primed"]
+            return w.log_events("events_primed")
 
         wait_for(
             lambda: all(len(primed(w)) == 2 for w in rig.watchers),
@@ -471,7 +471,7 @@ class TestRestart:
         signalled = time.monotonic()
         stopper.start()
         wait_for(
-            lambda: any(e.get("event") == "waiting_for_task" for e in victim.log_events()),
+            lambda: bool(victim.log_events("waiting_for_task")),
             10,
             "SIGTERM waiting for the step in progress",
             fleet,
@@ -487,7 +487,7 @@ class TestRestart:
 
         victim.start()
         wait_for(
-            lambda: sum(e.get("event") == "session_reused" for e in victim.log_events()) == 1,
+            lambda: len(victim.log_events("session_reused")) == 1,
             10,
             "session reused",
             fleet,
@@ -515,7 +515,7 @@ class TestRestart:
         victim.kill()
         victim.start()
         wait_for(
-            lambda: any(e.get("event") == "session_reused" for e in victim.log_events()),
+            lambda: bool(victim.log_events("session_reused")),
             10,
             "session reused",
             fleet,

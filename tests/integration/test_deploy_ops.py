@@ -113,7 +113,7 @@ def history(fleet: Fleet) -> dict[str, dict[str, Any]]:
 
 
 def events_named(w: WatcherProc, event: str) -> list[dict[str, Any]]:
-    return [e for e in w.log_events() if e.get("event") == event]
+    return w.log_events(event)
 
 
 def deploy_ok(fleet: Fleet, artifact_id: str) -> str:

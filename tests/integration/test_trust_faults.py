@@ -54,7 +54,7 @@ DECIDED_WITHIN = 20.0
 
 
 def events(w: WatcherProc, name: str) -> list[dict[str, Any]]:
-    return [e for e in w.log_events() if e.get("event") == name]
+    return w.log_events(name)
 
 
 def no_crash(rig: Rig) -> None:

@@ -153,8 +153,7 @@ class TestWebhookFromTheCoordinator:
             fleet.stop()
         # The coordinator waited for its two messages, then gave up; nobody waited 50 s.
         assert DRAIN_AT_STOP - 0.5 < took < DRAIN_AT_STOP + 15, f"stopping took {took:.1f}s"
-        logged = [e for w in fleet.watchers for e in w.log_events()]
-        unsent = [e for e in logged if e["event"] == "webhook_unsent_at_stop"]
+        unsent = [e for w in fleet.watchers for e in w.log_events("webhook_unsent_at_stop")]
         assert len(unsent) == 1 and unsent[0]["messages"] == 2, unsent
 
 
@@ -174,7 +173,7 @@ class TestReload:
                 w.proc.send_signal(signal.SIGHUP)
             for w in fleet.watchers:
                 wait_for(
-                    lambda w=w: any(e.get("event") == "config_reloaded" for e in w.log_events()),
+                    lambda w=w: bool(w.log_events("config_reloaded")),
                     20,
                     f"{w.name} reloaded",
                 )

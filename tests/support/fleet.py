@@ -162,12 +162,13 @@ class WatcherProc:
         except FileNotFoundError:
             return ""
 
-    def log_events(self) -> list[dict[str, Any]]:
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON lines of its log, in order; only those of ``event`` when given."""
         out = []
         for line in self.log_text().splitlines():
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-        return out
+        return out if event is None else [e for e in out if e.get("event") == event]
 
     def health_port(self, timeout: float = 30.0) -> int:
         """The port of /health and /metrics of the newest start, from its log: a daemon
@@ -175,9 +176,7 @@ class WatcherProc:
         picked and closed first can be taken meanwhile by any outgoing connection)."""
         deadline = time.monotonic() + timeout
         while True:
-            ports = [
-                int(e["port"]) for e in self.log_events() if e.get("event") == "health_listening"
-            ]
+            ports = [int(e["port"]) for e in self.log_events("health_listening")]
             if ports:
                 return ports[-1]
             if time.monotonic() > deadline:
