@@ -39,7 +39,7 @@ from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow
 from watcher.releases import ReleaseEngine
 from watcher.s3 import S3Store
-from watcher.webhook import DRAIN_AT_STOP, notifier_for
+from watcher.webhook import DRAIN_AT_STOP, WebhookSender, notifier_for
 
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
@@ -443,6 +443,8 @@ class Daemon:
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
+        # Senders a reload replaced, with messages still queued: a stop drains them too.
+        self._retired: list[tuple[str, WebhookSender]] = []
         self._last_logged = 0.0
         self._status_written = 0.0
         self._status_said: tuple[Any, ...] = ()
@@ -817,6 +819,9 @@ class Daemon:
                     app.timeouts.download,
                 )
                 if app.webhook != old.webhook:
+                    if agent.notifier is not None:
+                        self._retired = [(n, w) for n, w in self._retired if not w.done]
+                        self._retired.append((name, agent.notifier.sender))
                     agent.notifier = notifier_for(app, self.metrics, replacing=agent.notifier)
                     log.info("webhook_reloaded", app=name, enabled=app.webhook is not None)
                 agent.app = app
@@ -900,10 +905,10 @@ class Daemon:
         """Give queued chat messages (a deploy's "committed" most often) DRAIN_AT_STOP
         seconds, all apps together, before the process exits without them."""
         end = time.monotonic() + DRAIN_AT_STOP
-        for name, agent in self.agents.items():
-            if agent.notifier is None:
-                continue
-            left = agent.notifier.sender.drain(end - time.monotonic())
+        senders = list(self._retired)  # oldest first: their messages were queued earlier
+        senders += [(n, a.notifier.sender) for n, a in self.agents.items() if a.notifier]
+        for name, sender in senders:
+            left = sender.drain(end - time.monotonic())
             if left:
                 log.error("webhook_unsent_at_stop", app=name, messages=left, waited=DRAIN_AT_STOP)
 

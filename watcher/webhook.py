@@ -94,6 +94,11 @@ class WebhookSender:
                 with self._lock:
                     self._pending -= 1
 
+    @property
+    def done(self) -> bool:
+        """The thread has ended: closed, and nothing left to post."""
+        return not self._thread.is_alive()
+
     def drain(self, timeout: float) -> int:
         """Close, then wait up to ``timeout`` seconds for the queued messages to be posted
         (a daemon that stops right after a deploy still says how it ended). Returns how

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,36 @@ class TestReload:
         finally:
             fleet.stop()
             moved.stop()
+
+    def test_a_stop_after_a_reload_still_sends_what_the_old_webhook_had_queued(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """A reload replaces the sender while the deploy's messages wait behind a slow
+        receiver; a stop right after gives them its bounded wait too, not only the new
+        sender's (which has nothing queued)."""
+        receiver.hang.set()
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "50s")
+        fleet.start()
+        moved = Receiver()
+        try:
+            v1 = fleet.publish("v1")
+            ok = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--timeout", "40")
+            assert ok["result"] == "committed", ok
+            fleet.wait_idle()
+            assert receiver.arrived.acquire(timeout=5)  # "started" hangs, "committed" waits
+            fleet.app_extra = {"webhook": {"url": moved.url, "timeout": "5s", "retries": 0}}
+            for w in fleet.watchers:
+                fleet.write_config(w)
+                w.proc.send_signal(signal.SIGHUP)
+            for w in fleet.watchers:
+                wait_for(lambda w=w: bool(w.log_events("webhook_reloaded")), 20, f"{w.name}")
+            # The slow receiver answers 2 s into the stop, within the stop's wait.
+            threading.Timer(2.0, receiver.release.set).start()
+            fleet.stop()
+        finally:
+            receiver.release.set()
+            fleet.stop()
+            moved.stop()
+        assert events(receiver, ok["deploy"]) == ["started", "committed"]
+        assert moved.bodies == []
+        assert not [e for w in fleet.watchers for e in w.log_events("webhook_unsent_at_stop")]
