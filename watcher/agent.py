@@ -632,7 +632,7 @@ class AppAgent:
                 # without waiting for the hook or extraction in progress (the cleanup runs
                 # when the worker is free).
                 self._stop_staging(why)
-                self._ack(joined, FAILED, error=why)
+                self._ack(joined, _stopped_state(why), error=why)
                 own = self._own.get(deploy_id, own)
                 if own in ("", STAGING):
                     return "preparing"
@@ -694,7 +694,7 @@ class AppAgent:
             return f"abort requested by {abort.by}: {abort.reason}".rstrip(": ")
         entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
         if entry is not None and self.store.establish(joined).outcome == ABORT:
-            return "the deploy was aborted"
+            return ABORT_ESTABLISHED
         return ""
 
     def _wake_marker(self, deploy_id: str) -> tuple[Any, ...]:
@@ -1237,9 +1237,10 @@ class AppAgent:
             if utcnow() >= parse_iso(rec.prepare_deadline):
                 raise DeployRefused("prepare deadline passed before this host was ready")
         except (_Cancelled, StagingCancelled):
-            why = self._cancel_reason or "staging cancelled"
+            # Without a reason the loop cancelled it on an abort it established.
+            why = self._cancel_reason or ABORT_ESTABLISHED
             self.log.info("prepare_cancelled", deploy=rec.id, reason=why)
-            self._ack(joined, FAILED, error=f"staging stopped: {why}")
+            self._ack(joined, _stopped_state(why), error=f"staging stopped: {why}")
             return
         except ConsulUnavailable:
             raise  # KV unreachable: retried from the journal, not a failure of this host
@@ -1731,6 +1732,16 @@ def decided_by(member: KVEntry) -> dict[str, str]:
         _DECIDED.clear()
     _DECIDED[member.key] = (member.modify_index, decided)
     return decided
+
+
+ABORT_ESTABLISHED = "the deploy was aborted"  # why a host stops staging: others said no
+
+
+def _stopped_state(why: str) -> str:
+    """The ack of a host that stops staging: ``aborted`` when the acks already establish
+    the abort (this host did not fail, and is not named as failing), ``failed`` when its
+    own "no" is what aborts the deploy (an abort request, a deadline, inflight moved)."""
+    return ABORTED if why == ABORT_ESTABLISHED else FAILED
 
 
 class _Cancelled(Exception):

@@ -109,6 +109,41 @@ class TestWebhookFromTheCoordinator:
         finally:
             fleet.stop()
 
+    def test_hosts_the_abort_stopped_are_not_named_failing(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """One host fails at once while the others are still in a slow post_release: those
+        stop because the deploy was aborted, and say so (``aborted``); the message names
+        only the host that failed."""
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "5s")
+        bad, slow = fleet.watchers[2], fleet.watchers[:2]
+        fleet.give_hook(bad, "post_release", 0, exit_code=3)
+        for w in slow:
+            fleet.give_hook(w, "post_release", 6)
+        fleet.start()
+        try:
+            v1 = fleet.publish("v1")
+            result = fleet.watchers[0].ctl("deploy", "web", v1.id, check=False)
+            done: dict[str, Any] = json.loads(result.stdout)
+            assert done["result"] == "aborted", done
+            fleet.wait_idle()
+            states = {
+                w.name: json.loads(entry.value)["state"]
+                for w in fleet.watchers
+                if (entry := fleet.kv.kv_get(fleet.keys.progress(done["deploy"], w.name)))
+            }
+            assert states == {bad.name: "failed", **{w.name: "aborted" for w in slow}}, states
+            wait_for(lambda: "aborted" in events(receiver, done["deploy"]), 20, "aborted")
+            [body] = [
+                b
+                for b in receiver.bodies
+                if b["deploy"] == done["deploy"] and b["event"] == "aborted"
+            ]
+            assert list(body["failing_hosts"]) == [bad.name], body
+            assert all(body["hosts"][w.name] == "aborted" for w in slow), body
+        finally:
+            fleet.stop()
+
     def test_a_hanging_receiver_does_not_delay_the_deploy(
         self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
     ) -> None:
