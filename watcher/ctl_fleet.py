@@ -393,7 +393,7 @@ def cmd_history(ctx: CtlContext) -> int:
             failures = "; ".join(
                 f"{n}: {h['state']} {h['error']}".strip()
                 for n, h in d["hosts"].items()
-                if h["state"] in ("failed", "failed_after_commit")
+                if h["state"] in ("failed", "refused", "failed_after_commit")
             )
             out.append(
                 [
