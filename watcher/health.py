@@ -62,6 +62,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._release_lock = threading.Lock()  # the loop and a flip both set the release
+        self._pointed: dict[str, str | None] = {}  # app -> its series' release ("" never is)
         r = self.registry
         r.register(ConsulRequestsCollector())
         self.build_info = Gauge(
@@ -168,6 +169,9 @@ class Metrics:
             self._point_release(app, read())
 
     def _point_release(self, app: str, release: str | None) -> None:
+        if self._pointed.get(app, "") == release:
+            return  # the loop's refresh on every step: nothing moved (the usual case)
+        self._pointed[app] = release
         for sample_labels in self._release_labels(app):
             if sample_labels != release:
                 self.current_release_info.remove(app, sample_labels)

@@ -296,6 +296,26 @@ class TestMetrics:
             {"app": "api", "release": "a1"}
         ]
 
+    def test_the_loops_refresh_walks_the_series_only_when_the_release_moved(self) -> None:
+        """The loop refreshes the release after every step; walking every series each time
+        is work for nothing while it stays the same."""
+        m = Metrics()
+        walked: list[str] = []
+        real = m._release_labels
+
+        def counting(app: str) -> list[str]:
+            walked.append(app)
+            return real(app)
+
+        m._release_labels = counting  # type: ignore[method-assign]
+        for _ in range(5):
+            m.read_current_release("web", lambda: "r1")
+        m.read_current_release("web", lambda: "r2")
+        m.read_current_release("web", lambda: None)
+        m.read_current_release("web", lambda: None)
+        assert walked == ["web", "web", "web"]
+        assert not [s for s in samples(m.render()) if s[0] == "watcher_current_release_info"]
+
     def test_a_flip_never_loses_to_the_loop_reading_the_disk_before_it(self) -> None:
         """The loop reads `current` from disk after each step; the worker sets the new
         release right after its rename. A read from before the rename that is set after
