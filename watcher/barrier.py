@@ -241,7 +241,9 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
         first = acks[vetoes[0]]
         assert first is not None
         why = first.error or first.state
-        more = f" (and {len(vetoes) - 1} more)" if len(vetoes) > 1 else ""
+        # Hosts that said no themselves; not the ``aborted`` intents of those that followed.
+        others = len([n for n in vetoes[1:] if (a := acks.get(n)) and a.state != ABORTED])
+        more = f" (and {others} more)" if others else ""
         return Verdict(ABORT, f"node {vetoes[0]} {first.state}: {why}{more}")
     if foreign:
         return Verdict(ABORT, f"node(s) {', '.join(foreign)} acked another request")

@@ -89,6 +89,10 @@ class TestJudge:
         d = req.digest()
         acks = {"a": ack("a", ABORTED, d), "b": ack("b", ABORTED, d), "c": ack("c", FAILED, d)}
         assert judge(req, d, acks).reason.startswith("node c failed")
+        # ... and the hosts that only followed are not counted as more that said no.
+        assert "more" not in judge(req, d, acks).reason
+        acks["b"] = ack("b", REFUSED, d)
+        assert judge(req, d, acks).reason.endswith("(and 1 more)")
 
     def test_an_ack_for_another_digest_aborts(self) -> None:
         req = request(["a", "b"])
