@@ -35,7 +35,14 @@ from watcher.ctl import (
     user_at_host,
 )
 from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
-from watcher.records import ABORT, COMMIT, ArtifactRecord, DeployRecord, parse_iso
+from watcher.records import (
+    ABORT,
+    COMMIT,
+    FAILING_STATES,
+    ArtifactRecord,
+    DeployRecord,
+    parse_iso,
+)
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
@@ -393,7 +400,7 @@ def cmd_history(ctx: CtlContext) -> int:
             failures = "; ".join(
                 f"{n}: {h['state']} {h['error']}".strip()
                 for n, h in d["hosts"].items()
-                if h["state"] in ("failed", "refused", "failed_after_commit")
+                if h["state"] in FAILING_STATES
             )
             out.append(
                 [

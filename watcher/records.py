@@ -41,6 +41,9 @@ ACKED_READY_STATES = frozenset({READY, COMMITTED, LIVE, FAILED_AFTER_COMMIT})
 #: An ack that vetoes the deploy. ``aborted`` is written only after a node established the
 #: abort itself, so counting it as a veto never changes an honest fleet's verdict.
 ABORT_ACK_STATES = frozenset({FAILED, REFUSED, ABORTED})
+#: A host that failed or said no itself: what `history` and the chat message name. Not
+#: ``aborted``: that host only followed an abort another host's ack caused.
+FAILING_STATES = frozenset({FAILED, REFUSED, FAILED_AFTER_COMMIT})
 NEXT_STATES: dict[str, frozenset[str]] = {
     # A quick prepare acks ready without writing staging first (one write less); a slow
     # one writes staging with its progress.

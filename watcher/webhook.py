@@ -18,7 +18,7 @@ from typing import Any
 
 from watcher.config import AppConfig, WebhookSettings
 from watcher.log import get_logger
-from watcher.records import FAILED, FAILED_AFTER_COMMIT
+from watcher.records import FAILING_STATES
 
 log = get_logger(module="webhook")
 
@@ -186,7 +186,7 @@ class DeployNotifier:
         failing = {
             n: p.error or p.state
             for n, p in sorted(view.nodes.items())
-            if p.state in (FAILED, FAILED_AFTER_COMMIT, "refused")  # refused: layout v2
+            if p.state in FAILING_STATES
         }
         reason = view.decision.reason if view.decision is not None else ""
         text = f"[{rec.app}] {what} (deploy {rec.id}, requested by {rec.requested_by})"
