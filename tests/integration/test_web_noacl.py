@@ -47,7 +47,9 @@ class TestAclsOff:
             assert "ACLs disabled" in r.json()["error"] and "loopback" in r.json()["error"]
         assert fleet.inflight() is None
 
-        with TestClient(create_app(config, listen_host="127.0.0.1")) as c:
+        with TestClient(
+            create_app(config, listen_host="127.0.0.1"), base_url="http://127.0.0.1:8710"
+        ) as c:
             r = c.post("/api/v1/apps/web/deploys", json={"artifact": v1.id})
             assert r.status_code == 202, r.text
             assert r.json()["requested_by"].endswith("(web, ACLs off)")

@@ -6,6 +6,7 @@ tests/integration/test_web_api.py; here Consul's address answers nothing.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -14,14 +15,24 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from watcher.config import parse_config
+from watcher.errors import ConsulUnavailable
 from watcher.web.app import (
     MAX_BODY,
+    SECURITY_HEADERS,
+    SSE_MAX_STREAMS,
     _duration,
     _short_time,
     _timeline,
     create_app,
+    host_name,
     is_loopback,
+    same_origin,
 )
+from watcher.web.live import LiveFeed
+
+
+LOCAL = "http://127.0.0.1:8710"
+FLEET = "/api/v1/apps/web/fleet"
 
 
 def dead_address() -> str:
@@ -40,7 +51,9 @@ def client() -> Iterator[TestClient]:
         },
         env={},
     )
-    with TestClient(create_app(config, listen_host="127.0.0.1")) as c:
+    # As a browser on this host would ask: for a loopback name (TestClient's default Host,
+    # "testserver", is not one, and a loopback bind trusts only requests for one).
+    with TestClient(create_app(config, listen_host="127.0.0.1"), base_url=LOCAL) as c:
         yield c
 
 
@@ -96,6 +109,172 @@ class TestRefusedBeforeConsul:
         }
         assert served == routes
         assert all(p.startswith(("/api/v1/", "/healthz", "/metrics")) for p, _ in served)
+
+
+class TestWhoIsLocal:
+    """A loopback bind trusts a request only when it came straight from this host to a
+    loopback name: what reaches Consul (here a 503: nothing answers) was trusted."""
+
+    @pytest.mark.parametrize(
+        "host", ["127.0.0.1:8710", "localhost:8710", "[::1]:8710", "127.0.0.1"]
+    )
+    def test_loopback_names_are_trusted(self, client: TestClient, host: str) -> None:
+        # /api/v1/apps checks who may read, then answers without Consul.
+        r = client.get("/api/v1/apps", headers={"Host": host})
+        assert r.status_code == 200 and r.json() == {"apps": ["web"]}, r.text
+
+    @pytest.mark.parametrize("host", ["attacker.example:8710", "attacker.example", "192.0.2.1"])
+    def test_a_rebound_name_is_not(self, client: TestClient, host: str) -> None:
+        # A page whose own name now resolves to 127.0.0.1 still sends its own name.
+        assert client.get("/api/v1/apps", headers={"Host": host}).status_code == 401
+        r = client.get(FLEET, headers={"Host": host})
+        assert r.status_code == 401, r.text
+        assert "not addressed to a loopback name" in r.json()["error"]
+        page = client.get("/apps/web", headers={"Host": host})
+        assert page.status_code == 401 and "A token is needed" in page.text
+        assert 'data-loopback="no"' in page.text
+        r = client.post(
+            "/api/v1/apps/web/deploys", json={"artifact": "main-1"}, headers={"Host": host}
+        )
+        assert r.status_code == 401 and "needs your Consul ACL token" in r.json()["error"]
+        assert client.get("/api/v1/apps/web/live", headers={"Host": host}).status_code == 401
+
+    @pytest.mark.parametrize(
+        "header", ["X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host"]
+    )
+    def test_a_proxied_request_is_not(self, client: TestClient, header: str) -> None:
+        r = client.get(FLEET, headers={header: "for=192.0.2.7"})
+        assert r.status_code == 401 and "through a proxy" in r.json()["error"]
+
+    def test_a_write_from_another_origin_is_refused_before_anything(
+        self, client: TestClient
+    ) -> None:
+        for path, body in (
+            ("/api/v1/apps/web/deploys", {"artifact": "main-1"}),
+            ("/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort", None),
+        ):
+            r = client.post(path, json=body, headers={"Origin": "http://evil.example"})
+            assert r.status_code == 403 and "another origin" in r.json()["error"], r.text
+            r = client.post(path, json=body, headers={"Origin": "null"})
+            assert r.status_code == 403
+        # The page's own origin goes on (to Consul, which does not answer here).
+        r = client.post(
+            "/api/v1/apps/web/deploys",
+            json={"artifact": "main-1"},
+            headers={"Origin": "http://127.0.0.1:8710"},
+        )
+        assert r.status_code == 503, r.text
+
+    def test_a_form_post_is_refused(self, client: TestClient) -> None:
+        # A plain HTML form can post without CORS; the API takes JSON only.
+        r = client.post(
+            "/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort",
+            content=b"",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+
+    def test_every_answer_refuses_framing(self, client: TestClient) -> None:
+        for path in ("/healthz", "/api/v1/apps", FLEET, "/nowhere"):
+            r = client.get(path, headers={"Host": "elsewhere.example"})
+            for name, value in SECURITY_HEADERS.items():
+                assert r.headers.get(name) == value, (path, name)
+
+    def test_odd_methods_share_one_metric_label(self, client: TestClient) -> None:
+        for i in range(5):
+            client.request(f"FOO{i}", "/healthz")
+        metrics = client.get("/metrics").text
+        assert 'method="other"' in metrics and "FOO" not in metrics
+
+    def test_live_streams_are_capped(self, client: TestClient) -> None:
+        state = client.app.state.web  # type: ignore[attr-defined]
+        state.streams = SSE_MAX_STREAMS
+        try:
+            r = client.get("/api/v1/apps/web/live")
+            assert r.status_code == 503 and "live streams are open" in r.json()["error"]
+        finally:
+            state.streams = 0
+
+    def test_host_and_origin_parsing(self) -> None:
+        assert host_name("[::1]:8710") == "::1" and host_name("LocalHost:80") == "localhost"
+        assert host_name("127.0.0.1") == "127.0.0.1" and host_name("") == ""
+        assert same_origin("http://127.0.0.1:8710", "127.0.0.1:8710")
+        assert same_origin("https://web.example", "WEB.example")
+        assert not same_origin("http://127.0.0.1:8711", "127.0.0.1:8710")
+        assert not same_origin("null", "127.0.0.1:8710")
+        assert not same_origin("file://x", "x")
+
+
+class _Blocking:
+    """A Consul whose blocking queries fail while reads answer (e.g. a token without list)."""
+
+    def __init__(self) -> None:
+        self.blocking_calls = 0
+
+    def kv_get_blocking(self, key: str, index: int, wait: float) -> tuple[int, None]:
+        self.blocking_calls += 1
+        raise ConsulUnavailable("blocking query refused")
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.consul = _Blocking()
+        self.keys = type("Keys", (), {"inflight": "w/web/inflight", "base": "w/web"})()
+
+
+class TestLiveFeed:
+    def test_a_failing_blocking_query_backs_off(self) -> None:
+        store = _Store()
+        reads = []
+
+        def read(_: object) -> dict[str, object]:
+            reads.append(1)
+            return {"app": "web", "inflight": None, "n": len(reads)}
+
+        feed = LiveFeed("web", store, read)  # type: ignore[arg-type]
+
+        async def watch() -> None:
+            feed.subscribe()
+            await asyncio.sleep(1.2)
+
+        asyncio.run(watch())
+        feed.stop()
+        # 0.5 s then 1 s of back-off: 2 or 3 rounds, not a tight loop of reads.
+        assert 1 <= store.consul.blocking_calls <= 3, store.consul.blocking_calls
+        assert (
+            len(reads) == store.consul.blocking_calls
+            or len(reads) == store.consul.blocking_calls + 1
+        )
+
+    def test_a_crashed_feed_says_so_and_the_next_client_restarts_it(self) -> None:
+        store = _Store()
+        calls = []
+
+        def read(_: object) -> dict[str, object]:
+            calls.append(1)
+            raise ValueError("a bug in a template")
+
+        feed = LiveFeed("web", store, read)  # type: ignore[arg-type]
+
+        async def watch() -> str:
+            queue = feed.subscribe()
+            first = await asyncio.wait_for(queue.get(), 5)
+            feed.unsubscribe(queue)
+            for _ in range(500):  # the thread ends right after it says so
+                if not feed._thread or not feed._thread.is_alive():
+                    break
+                await asyncio.sleep(0.01)
+            feed.subscribe()  # the thread is dead: a new one starts and reads again
+            for _ in range(500):
+                if len(calls) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            return str(first.snapshot["consul"]["error"])
+
+        error = asyncio.run(watch())
+        feed.stop()
+        assert "live view failed" in error and "a bug in a template" in error
+        assert len(calls) == 2
 
 
 class TestHelpers:

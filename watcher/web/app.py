@@ -65,6 +65,17 @@ MAX_BODY = 16 * 1024  # bytes: a write's JSON body is a few dozen; anything bigg
 HISTORY_LIMIT = 20
 BUILDS_LIMIT = 30
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
+SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
+# Headers a proxy adds: a request that carries one came through a proxy, not from this host.
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
+METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Every answer: never framed (no clickjacking of the buttons), types never sniffed.
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 WEB_CONSUL_TIMEOUT = 5.0  # a page answers within seconds when Consul does not
 
 
@@ -123,6 +134,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_name(host_header: str) -> str:
+    """The name in a Host header: ``[::1]:8710`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.partition(":")[0]
+
+
+def same_origin(origin: str, host_header: str) -> bool:
+    """An ``Origin`` header names this server (scheme aside) as the ``Host`` header does."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    return bool(sep) and scheme in ("http", "https") and rest == host_header.strip().lower()
+
+
 def bearer_token(request: Request) -> str | None:
     """The caller's Consul token from ``Authorization: Bearer`` or ``X-Consul-Token``."""
     auth = request.headers.get("authorization", "")
@@ -147,6 +172,7 @@ class WebState:
         self.consul = ConsulClient(self.settings, retry_deadline=WEB_CONSUL_TIMEOUT)
         self.acls_enabled: bool | None = None  # None: not known yet (Consul unreachable)
         self.feeds: dict[str, LiveFeed] = {}
+        self.streams = 0  # live streams open (changed on the event loop only)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "watcher_web_requests",
@@ -166,6 +192,17 @@ class WebState:
             ["app", "action", "result"],
             registry=self.registry,
         )
+
+    def is_local(self, request: Request) -> bool:
+        """Whether the loopback trust applies to this request: the server is bound to loopback,
+        the browser or client asked for a loopback name (a page that rebinds its own DNS name
+        to 127.0.0.1 sends its own name) and no proxy forwarded it (a proxy on this host makes
+        every one of its clients look local)."""
+        if not self.loopback:
+            return False
+        if any(name in request.headers for name in FORWARDING_HEADERS):
+            return False
+        return is_loopback(host_name(request.headers.get("host", "")))
 
     def client(self, token: str | None) -> ConsulClient:
         settings = self.settings if token is None else replace(self.settings, token=token)
@@ -204,26 +241,41 @@ class WebState:
         token = bearer_token(request)
         if token is not None:
             return self.caller_client(request, token)
-        if not self.loopback:
+        if not self.is_local(request):
             raise ApiError(
                 401,
-                "this server is not bound to loopback: reads need a Consul ACL token with "
+                f"{self.not_local_because(request)}: reads need a Consul ACL token with "
                 "read on the app (Authorization: Bearer <token> or X-Consul-Token)",
             )
         return self.consul
 
+    def not_local_because(self, request: Request) -> str:
+        if not self.loopback:
+            return "this server is not bound to loopback"
+        if any(name in request.headers for name in FORWARDING_HEADERS):
+            return "this request came through a proxy (it carries a forwarding header)"
+        return "this request was not addressed to a loopback name (Host header)"
+
     def writer(self, request: Request) -> Caller:
         """Check the caller's token with Consul; the write is then made with that token."""
         token = bearer_token(request)
+        local = self.is_local(request)
+        if token is None and not local:
+            raise ApiError(
+                401,
+                "a write needs your Consul ACL token (Authorization: Bearer <token> or "
+                "X-Consul-Token)",
+            )
         acls = self.probe_acls()
         if acls is None:
             raise ApiError(503, f"Consul at {self.settings.base_url} is unreachable")
         if not acls:
-            if not self.loopback:
+            if not local:
                 raise ApiError(
                     403,
                     "Consul has ACLs disabled, so this server cannot tell who you are; "
-                    "writes are accepted only when watcher web is bound to loopback",
+                    "writes are accepted only from this host to a loopback bind "
+                    f"({self.not_local_because(request)})",
                 )
             return Caller(f"{user_at_host()} (web, ACLs off)", self.caller_client(request, token))
         if token is None:
@@ -406,14 +458,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         started = time.monotonic()
-        if any("token" in name.lower() for name in request.query_params):
-            response: Response = JSONResponse(
-                {
-                    "error": "a token in the URL is refused (URLs end up in logs and "
-                    "histories); send it as Authorization: Bearer <token> or X-Consul-Token"
-                },
-                status_code=400,
-            )
+        refused = refusal(request)
+        if refused is not None:
+            response: Response = JSONResponse({"error": refused[1]}, status_code=refused[0])
         else:
             try:
                 response = await call_next(request)
@@ -422,7 +469,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                     client.close()
         route = request.scope.get("route")
         path = getattr(route, "path", "<unmatched>")
-        state.requests.labels(route=path, method=request.method, status=response.status_code).inc()
+        method = request.method if request.method in METHODS else "other"
+        state.requests.labels(route=path, method=method, status=response.status_code).inc()
+        response.headers.update(SECURITY_HEADERS)
         log.debug(
             "web_request",
             route=path,
@@ -433,6 +482,24 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    def refusal(request: Request) -> tuple[int, str] | None:
+        """What is refused before any route runs: tokens in URLs, cross-site writes."""
+        if any("token" in name.lower() for name in request.query_params):
+            return 400, (
+                "a token in the URL is refused (URLs end up in logs and histories); "
+                "send it as Authorization: Bearer <token> or X-Consul-Token"
+            )
+        if request.method in SAFE_METHODS:
+            return None
+        origin = request.headers.get("origin")
+        if origin is not None and not same_origin(origin, request.headers.get("host", "")):
+            # A browser sends Origin with every POST: another site's page cannot write here.
+            return 403, f"a write from another origin ({ids.shown(origin)}) is refused"
+        ctype = request.headers.get("content-type")
+        if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
+            return 415, f"a write's body must be application/json, got {ids.shown(ctype)}"
+        return None
 
     # --- error mapping -----------------------------------------------------------------
 
@@ -523,10 +590,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     async def live(app: AppName, request: Request) -> StreamingResponse:
         name = app_name(app)
-        if bearer_token(request) is not None or not state.loopback:
-            # Not on loopback: the caller proves read on this app once, with their token.
+        if bearer_token(request) is not None or not state.is_local(request):
+            # Not local: the caller proves read on this app once, with their token.
             reader = state.reader(request)
             await asyncio.to_thread(state.store(name, reader).inflight)
+        if state.streams >= SSE_MAX_STREAMS:
+            raise ApiError(503, f"{SSE_MAX_STREAMS} live streams are open; try again later")
         feed = state.feeds.get(name)
         if feed is None:
             # Its own client: a blocking query holds a connection for up to BLOCK_WAIT.
@@ -549,6 +618,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         queue = feed.subscribe()
         gauge = state.sse_clients.labels(app=feed.app)
         gauge.inc()
+        state.streams += 1
         try:
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
@@ -561,6 +631,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         finally:
             feed.unsubscribe(queue)
             gauge.dec()
+            state.streams -= 1
 
     # --- writes ------------------------------------------------------------------------
 
@@ -664,11 +735,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     # --- the page and the daemon-style endpoints ----------------------------------------
 
     @app.get("/healthz", summary="The server is up (does not ask Consul)")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
 
     @app.get("/metrics", summary="Prometheus metrics of this server", response_class=Response)
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -683,7 +754,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         ctx: dict[str, Any] = {
             "apps": sorted(config.apps),
             "app": name,
-            "loopback": state.loopback,
+            "loopback": state.is_local(request),
             "error": "",
             "needs_token": False,
         }

@@ -83,7 +83,7 @@ class LiveFeed:
         with self._lock:
             self._subscribers.add((loop, queue))
             latest = self._latest
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name=f"live-{self.app}", daemon=True
                 )
@@ -111,6 +111,19 @@ class LiveFeed:
                 loop.call_soon_threadsafe(_offer, queue, item)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception as exc:  # the next subscriber starts a new thread
+            log.exception("live_view_failed", app=self.app, error=repr(exc))
+            self._publish(
+                {
+                    "app": self.app,
+                    "consul": {"ok": False, "error": f"live view failed: {exc!r}"},
+                    "html": "",
+                }
+            )
+
+    def _watch(self) -> None:
         deploy_id: str | None = None
         index = 0
         delay = RETRY_MIN
@@ -118,7 +131,6 @@ class LiveFeed:
         while not self._stop.is_set():
             try:
                 snap = self._read(self.store)
-                delay = RETRY_MIN
             except (ConsulError, PayloadError) as exc:
                 snap = {"app": self.app, "consul": {"ok": False, "error": str(exc)}, "html": ""}
                 if snap != last:
@@ -137,9 +149,16 @@ class LiveFeed:
                 deploy_id, index = inflight, 0
             try:
                 new_index = wait_for_change(self.store, deploy_id, index, self._wait)
-            except ConsulError:
-                continue  # the next read reports it
+            except ConsulError as exc:
+                # The reads answered but the blocking query did not (e.g. a token without
+                # list): back off as for a failed read, never a tight loop of reads.
+                log.warning("live_view_watch_error", app=self.app, error=str(exc))
+                self._stop.wait(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                index = 0
+                continue
             self.wakeups += 1
+            delay = RETRY_MIN  # a read and a blocking query answered: Consul is back
             # Consul may reset an index (snapshot restore): start over from 0 then.
             index = new_index if new_index >= index else 0
 
