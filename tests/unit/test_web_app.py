@@ -30,7 +30,6 @@ from watcher.web.app import (
 )
 from watcher.web.live import LiveFeed
 
-
 LOCAL = "http://127.0.0.1:8710"
 FLEET = "/api/v1/apps/web/fleet"
 
