@@ -18,7 +18,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from watcher.barrier import (
     Verdict,
     Written,
 )
-from watcher.config import AppConfig, Config
+from watcher.config import AppConfig, Config, Timeouts
 from watcher.consul_api import KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
@@ -104,6 +105,9 @@ CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergen
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
 PREPARE_GRACE = 10.0
+# A request dated further ahead of this host's clock is refused: its deadlines are clamped
+# from requested_at (DESIGN.md 6.1), and hosts need NTP (README.md, "Deadlines").
+MAX_REQUEST_AHEAD = 300.0
 
 
 def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | None:
@@ -537,7 +541,7 @@ class AppAgent:
     def _bystander(self, joined: Joined, inflight_index: int) -> str:
         """Not expected: never flips; helps end a deploy past its apply deadline."""
         self.status.watch = (self.store.keys.decision(joined.id),)
-        if utcnow() < parse_iso(joined.request.apply_deadline):
+        if utcnow() < self._deadlines(joined.request)[1]:
             return "not expected; waiting"
         verdict = self.store.establish(joined)
         if verdict.outcome == CONTESTED:
@@ -597,7 +601,7 @@ class AppAgent:
         # the ready ack's own txn reads the verdict (a long one watches below, past
         # ABORT_POLL_AFTER); a host that waits for the others' acks watches the decision.
         self.status.watch = ()
-        past_prepare = utcnow() >= parse_iso(joined.request.prepare_deadline)
+        past_prepare = utcnow() >= self._deadlines(joined.request)[0]
         moved = inflight_id != deploy_id and self._inflight_moved(joined)
         if own in ("", STAGING):
             if self.busy():
@@ -958,7 +962,7 @@ class AppAgent:
             return "done"
         session = self.session()
         keys = self.store.keys
-        past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)
+        past_apply = utcnow() >= self._deadlines(joined.request)[1]
         first = min(joined.request.expected) if joined.request.expected else ""
         # The first expected host took the lock with its ready ack: the others contend only
         # once its member key is gone (its session died, its lock with it) or past the
@@ -1083,6 +1087,13 @@ class AppAgent:
         it against the artifact record and its pin (a deploy) or against the committed
         target (a rollback)."""
         rec = joined.request
+        ahead = (parse_iso(rec.requested_at) - utcnow()).total_seconds()
+        if ahead > MAX_REQUEST_AHEAD:
+            raise DeployRefused(
+                f"request {rec.id} is dated {rec.requested_at}, {ahead:.0f} s ahead of this "
+                f"host's clock (more than {MAX_REQUEST_AHEAD:.0f} s): the clocks disagree, or "
+                "the request was not written by watcherctl"
+            )
         if pre.pin is not None and (why := pre.pin.differs(self._record_of(rec))) is not None:
             raise ArtifactIntegrityError(why)
         if not rec.sha256 or not rec.url:
@@ -1105,6 +1116,9 @@ class AppAgent:
                     f"rollback request differs from committed deploy {t.id}: release "
                     f"{rec.release} sha256 {rec.sha256} vs {t.release} sha256 {t.sha256}"
                 )
+            # The content is read as the committed deploy read it (a rollback request
+            # carries no format of its own).
+            return replace(self._record_of(rec), format=t.format)
         else:
             if rec.resume_of is None:  # a new deploy's release name is fixed (DESIGN.md 6.1)
                 want = release_name(parse_iso(rec.requested_at), rec.artifact)
@@ -1121,10 +1135,17 @@ class AppAgent:
                 )
             if pre.pin is not None and (why := pre.pin.differs(record)) is not None:
                 raise ArtifactIntegrityError(why)
-            if (record.url, record.size, record.sha256) != (rec.url, rec.size, rec.sha256):
+            if (record.url, record.size, record.sha256, record.format) != (
+                rec.url,
+                rec.size,
+                rec.sha256,
+                rec.format,
+            ):
+                # The format too: read as the wrong format, good bytes would be refused,
+                # and a refusal is remembered by content.
                 raise ArtifactIntegrityError(
-                    f"artifact {rec.artifact}: request says sha256 {rec.sha256} but the record "
-                    f"says sha256 {record.sha256}"
+                    f"artifact {rec.artifact}: request says sha256 {rec.sha256} ({rec.format}) "
+                    f"but the record says sha256 {record.sha256} ({record.format})"
                 )
         return self._record_of(rec)
 
@@ -1234,7 +1255,7 @@ class AppAgent:
                 abort = self.store.abort_requested(rec.id)  # one that came while staging
             if abort is not None:
                 raise DeployRefused(f"abort requested by {abort.by}: {abort.reason}".rstrip(": "))
-            if utcnow() >= parse_iso(rec.prepare_deadline):
+            if utcnow() >= self._deadlines(rec)[0]:
                 raise DeployRefused("prepare deadline passed before this host was ready")
         except (_Cancelled, StagingCancelled):
             # Without a reason the loop cancelled it on an abort it established.
@@ -1710,10 +1731,34 @@ class AppAgent:
         if self._own.get(deploy_id) not in (None, "", STAGING):
             return False
         try:
-            deadline = parse_iso(journal["request"]["prepare_deadline"])
-        except (KeyError, TypeError, ValueError):
+            request = journal["request"]
+            deadline = clamped_deadlines(
+                request["requested_at"],
+                request["prepare_deadline"],
+                request["apply_deadline"],
+                self.app.timeouts,
+            )[0]
+        except (KeyError, TypeError, ValueError, OverflowError):
             return False
         return (utcnow() - deadline).total_seconds() > PREPARE_GRACE
+
+    def _deadlines(self, rec: DeployRecord) -> tuple[datetime, datetime]:
+        return clamped_deadlines(
+            rec.requested_at, rec.prepare_deadline, rec.apply_deadline, self.app.timeouts
+        )
+
+
+def clamped_deadlines(
+    requested_at: str, prepare_deadline: str, apply_deadline: str, timeouts: Timeouts
+) -> tuple[datetime, datetime]:
+    """A request's (prepare, apply) deadlines, clamped to this host's configured maxima
+    (DESIGN.md 6.1): at most ``timeouts.prepare`` after ``requested_at``, and the apply
+    deadline at most ``timeouts.apply`` after that. A request that names a deadline years
+    away cannot keep a stuck deploy undecided (and ``inflight`` taken) for years."""
+    requested = parse_iso(requested_at)
+    prepare = min(parse_iso(prepare_deadline), requested + timedelta(seconds=timeouts.prepare))
+    apply = min(parse_iso(apply_deadline), prepare + timedelta(seconds=timeouts.apply))
+    return prepare, apply
 
 
 _DECIDED: dict[str, tuple[int, dict[str, str]]] = {}  # member key -> (ModifyIndex, decided)

@@ -427,6 +427,7 @@ class DeployRecord(Document):
         )
         _need(_is_int(self.size) and self.size >= 0, label, "size must be a non-negative integer")
         _need(isinstance(self.url, str), label, "url must be a string")
+        _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
         _need(_is_int(self.min_protocol), label, "min_protocol must be an integer")
         _need(isinstance(self.allow_missing, bool), label, "allow_missing must be a boolean")
         for name in ("resume_of", "rollback_of", "target_deploy"):

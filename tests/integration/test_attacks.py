@@ -12,6 +12,8 @@ import json
 import shutil
 import subprocess
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,68 @@ class TestOperatorToken:
         outcome = fleet.wait_outcome(rec.id, 40)
         assert outcome["result"] == "aborted", outcome
         assert "host-3" in outcome["reason"], outcome
+        assert releases_of(fleet) == {release1}
+        fleet.wait_idle()
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_a_wrong_format_is_refused_and_not_held_against_the_content(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        # Read as plain tar, good tar.gz bytes would be refused, and a refusal is remembered
+        # by content: the next honest deploy of the same artifact would be refused too.
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        rec = replace(forged_request(fleet, "wrongfmt1", sessions(fleet), v2), format="tar")
+        assert (
+            operator_client(acl_fleet)
+            .txn(
+                [
+                    TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
+                    TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
+                ]
+            )
+            .ok
+        )
+        outcome = fleet.wait_outcome(rec.id, 40)
+        assert outcome["result"] == "aborted", outcome
+        assert "(tar)" in outcome["reason"] and "(tar.gz)" in outcome["reason"], outcome
+        assert releases_of(fleet) == {release1}
+        fleet.wait_idle()
+        result = deploy(acl_fleet, v2["id"])
+        assert releases_of(fleet) == {result["release"]}
+
+    def test_a_request_dated_ahead_of_the_hosts_clocks_is_refused(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        store = store_with(fleet.kv, fleet)
+        rec = store.new_record(
+            deploy_id="ahead1",
+            kind="deploy",
+            artifact=ArtifactRecord.from_dict(v2),
+            release=None,
+            requested_by="mallory",
+            expected=sessions(fleet),
+            prepare_timeout=60,
+            apply_timeout=60,
+            now=utcnow() + timedelta(hours=1),
+        )
+        assert (
+            operator_client(acl_fleet)
+            .txn(
+                [
+                    TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
+                    TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
+                ]
+            )
+            .ok
+        )
+        outcome = fleet.wait_outcome(rec.id, 40)
+        assert outcome["result"] == "aborted", outcome
+        assert "ahead of this host's clock" in outcome["reason"], outcome
         assert releases_of(fleet) == {release1}
         fleet.wait_idle()
         next_deploy_works(acl_fleet, "v3")

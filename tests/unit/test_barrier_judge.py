@@ -14,6 +14,7 @@ import pytest
 from watcher import agent as agent_module
 from watcher.agent import Journal, decided_by
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, judge
+from watcher.config import Timeouts
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
 from watcher.fsutil import atomic_write_json
@@ -31,6 +32,7 @@ from watcher.records import (
     DeployRecord,
     MemberRecord,
     NodeProgress,
+    parse_iso,
 )
 
 SHA = "b" * 64
@@ -171,12 +173,31 @@ class TestRequest:
             {"min_protocol": "2"},
             {"target_deploy": "x y"},
             {"prepare_deadline": "soon"},
+            {"format": "zip"},
+            {"format": None},
         ],
     )
     def test_malformed_requests_are_refused_with_the_field(self, bad: dict[str, Any]) -> None:
         data = request(["a"]).as_dict() | bad
-        with pytest.raises(PayloadError):
+        with pytest.raises(PayloadError, match=next(iter(bad))):
             DeployRecord.from_dict(data)
+
+    def test_deadlines_are_clamped_to_the_hosts_timeouts(self) -> None:
+        rec = request(["a"])  # requested 00:00, prepare by 00:10, apply by 00:20
+        short = Timeouts(prepare=60, apply=120)
+        assert agent_module.clamped_deadlines(
+            rec.requested_at, rec.prepare_deadline, rec.apply_deadline, short
+        ) == (parse_iso("2026-12-01T00:01:00Z"), parse_iso("2026-12-01T00:03:00Z"))
+        # Deadlines within the host's maxima are the request's own.
+        assert agent_module.clamped_deadlines(
+            rec.requested_at, rec.prepare_deadline, rec.apply_deadline, Timeouts()
+        ) == (parse_iso(rec.prepare_deadline), parse_iso(rec.apply_deadline))
+        far = request(
+            ["a"], prepare_deadline="9999-12-31T00:00:00Z", apply_deadline="9999-12-31T00:00:00Z"
+        )
+        assert agent_module.clamped_deadlines(
+            far.requested_at, far.prepare_deadline, far.apply_deadline, Timeouts()
+        ) == (parse_iso("2026-12-01T00:10:00Z"), parse_iso("2026-12-01T00:20:00Z"))
 
 
 class TestDecidedMark:
