@@ -25,9 +25,11 @@ VALIDATE_FAILURE_MODES = ("rollback", "hold")
 FLIP_DELAY = 0.2
 FLIP_DELAY_MAX = 5.0
 MAX_NESTING = 32  # levels of YAML collections; a real config needs 6
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a final newline ("web\n" would pass).
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}\Z")
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # one word of printable ASCII: a SecretID
 
 _SIZE_UNITS = {
     "": 1,
@@ -260,7 +262,11 @@ def _join(path: str, key: str) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return '"' + value.replace("\0", "\\0") + '"'
+        # Control characters escaped: an error message is one line, whatever the value.
+        shown = "".join(
+            c if c.isprintable() else "\\0" if c == "\0" else repr(c)[1:-1] for c in value
+        )
+        return '"' + shown + '"'
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -587,7 +593,21 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
                     f"must be a relative path inside the release, got {_show(item)}",
                 )
             else:
-                shared.append(os.path.normpath(item))
+                item = os.path.normpath(item)
+                other = next(
+                    (
+                        o
+                        for o in shared
+                        if item == o or item.startswith(o + "/") or o.startswith(item + "/")
+                    ),
+                    None,
+                )
+                if other is not None:
+                    # One would be linked inside the other's shared directory: every staging
+                    # would then fail, so say it here.
+                    r.fail(f"{path}.shared[{i}]", f'"{item}" overlaps "{other}" listed before it')
+                else:
+                    shared.append(item)
     hooks_d = r.section(d.get("hooks"), f"{path}.hooks", set(HOOK_PHASES))
     hooks = {
         phase: _hook_list(r, hooks_d.get(phase), f"{path}.hooks.{phase}") for phase in HOOK_PHASES
@@ -776,11 +796,24 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     address = address.rstrip("/")
     token = r.get(merged, "token", "consul", None, _string, "a token string")
     token_file = r.get(merged, "token_file", "consul", None, _string, "a file path")
+    where = "consul.token"
     if token_file:
+        where = f"consul.token_file ({token_file})"
         try:
             token = Path(token_file).read_text().strip() or None
         except OSError as exc:
             r.fail("consul.token_file", f"cannot read {token_file}: {exc.strerror}")
+        except UnicodeDecodeError:
+            r.fail("consul.token_file", f"{token_file} is not text (a token is one line)")
+    if token is not None and not TOKEN_RE.fullmatch(token):
+        # Never echoed: it is a secret, and it would end up in the journal.
+        r.fail(
+            where,
+            "the token holds spaces, line breaks or other characters a Consul SecretID "
+            "does not have (save the SecretID alone, not the whole `consul acl token "
+            "create` output)",
+        )
+        token = None
     files: dict[str, str | None] = {}
     for key in ("ca_file", "cert_file", "key_file"):
         files[key] = r.get(merged, key, "consul", None, _string, "a file path")
@@ -815,7 +848,7 @@ def parse_config(
         r.fail("<top>", "the file is empty")
     node = r.get(top, "node", "", None, _string, "a node name")
     if node is not None and not NODE_NAME_RE.match(node):
-        r.fail("node", f'must match [A-Za-z0-9][A-Za-z0-9._-]*, got "{node}"')
+        r.fail("node", f"must match [A-Za-z0-9][A-Za-z0-9._-]*, got {_show(node)}")
     kv_prefix = r.get(top, "kv_prefix", "", "watcher", _string, "a KV path").strip("/")
     if not KV_PREFIX_RE.match(kv_prefix or "-"):
         r.fail("kv_prefix", f'must be a KV path like "watcher", got "{kv_prefix}"')

@@ -243,6 +243,15 @@ BAD: list[tuple[dict[str, Any], str]] = [
         'apps.web.shared[0]: must be a relative path inside the release, got ".watcher/x"',
     ),
     (
+        with_app(shared=["log", "log/app"]),
+        'apps.web.shared[1]: "log/app" overlaps "log" listed before it',
+    ),
+    (
+        with_app(shared=["log/app", "./log"]),
+        'apps.web.shared[1]: "log" overlaps "log/app" listed before it',
+    ),
+    (with_app(shared=["log", "log/"]), 'apps.web.shared[1]: "log" overlaps "log" listed before it'),
+    (
         with_app(artifact_cache_bytes="lots"),
         'apps.web.artifact_cache_bytes: must be a size (bytes, or like "512M", "2GiB"), got "lots"',
     ),
@@ -345,6 +354,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (minimal(s3={"bucket": "b", "region": 5}), "s3.region: must be a region name, got 5"),
     (minimal(node="bad node"), 'node: must match [A-Za-z0-9][A-Za-z0-9._-]*, got "bad node"'),
     (minimal(node=7), "node: must be a node name, got 7"),
+    (minimal(node="web-1\n"), 'node: must match [A-Za-z0-9][A-Za-z0-9._-]*, got "web-1\\n"'),
     (
         minimal(kv_prefix="bad prefix!"),
         'kv_prefix: must be a KV path like "watcher", got "bad prefix!"',
@@ -699,6 +709,23 @@ class TestConsulEnvironment:
         env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
         assert problems(minimal(), env=env) == [
             f"consul.token_file: cannot read {tmp_path / 'missing'}: No such file or directory"
+        ]
+
+    def test_a_token_file_holding_more_than_the_secret_is_refused_unechoed(
+        self, tmp_path: Path
+    ) -> None:
+        # `consul acl token create` prints a table; saved whole, it would reach an HTTP
+        # header, and the error naming the header would print the secret.
+        table = write(tmp_path / "token", "AccessorID: abc\nSecretID:   0d1e-secret\n")
+        (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(table)})
+        assert problem.startswith(f"consul.token_file ({table}): the token holds spaces")
+        assert "secret" not in problem.replace("SecretID", "")
+        (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN": "a b"})
+        assert problem.startswith("consul.token: the token holds spaces")
+        binary = tmp_path / "binary"
+        binary.write_bytes(b"\xff\xfe\x00")
+        assert problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(binary)}) == [
+            f"consul.token_file: {binary} is not text (a token is one line)"
         ]
 
     def test_tls_files(self, tmp_path: Path) -> None:
