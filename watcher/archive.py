@@ -22,6 +22,7 @@ from watcher.log import get_logger
 
 __all__ = [
     "FORMATS",
+    "MAX_PATH_DEPTH",
     "RATIO_FLOOR",
     "CancelFn",
     "DiskBudget",
@@ -42,6 +43,10 @@ _MAX_READ = 16 * 1024 * 1024  # largest single read tarfile may ask for (pax / G
 _HEADER_ALLOWANCE = 16 * 1024  # tar stream bytes allowed per member beyond its data
 _NAME_MAX = 255  # bytes per path component (Linux NAME_MAX)
 _PATH_MAX = 4095  # bytes per member name or link target
+#: Path components a member name or a symlink target may have. Real trees stay far below it
+#: (a deep node_modules is a few dozen); a hostile one thousands of levels deep would cost
+#: quadratic time to check and overflow every recursive walk of the tree (removal, sync).
+MAX_PATH_DEPTH = 128
 _MAX_LINK_HOPS = 40  # symlinks followed when resolving one target (the kernel's MAXSYMLINKS)
 _FD_CACHE = 64  # directory descriptors kept open while extracting
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
@@ -346,7 +351,11 @@ class _LimitedStream:
         self.last: tuple[int, bytes] = (0, b"")  # (position, bytes) of the latest read
 
     def read(self, size: int = -1) -> bytes:
-        if size < 0 or size > _MAX_READ:
+        if size < 0:
+            raise ArchiveRefused(
+                f"archive asks for a header read of {size} bytes: a header declares a negative size"
+            )
+        if size > _MAX_READ:
             raise ArchiveRefused(
                 f"archive asks for a {size}-byte header read "
                 f"(over {_MAX_READ}): refusing a header bomb"
@@ -457,7 +466,10 @@ class _Extractor:
     def _extract_member(self, m: tarfile.TarInfo) -> None:
         name = m.name
         parts = self._member_parts(name)
-        self.declared += max(m.size, 0)
+        if m.size < 0:
+            # tarfile would seek back by it to find the next header
+            raise ArchiveRefused(f"member {_shown(name)} declares a negative size ({m.size})")
+        self.declared += m.size
         if self.declared > self.max_bytes:
             raise ArchiveRefused(
                 f"archive declares more than {self.max_bytes} bytes "
@@ -521,15 +533,31 @@ class _Extractor:
         if ".." in parts:
             raise ArchiveRefused(f"member {name!r} has a '..' component")
         _check_length(name, parts, what="member")
+        if len(parts) > MAX_PATH_DEPTH:
+            raise ArchiveRefused(
+                f"member {_shown(name)} is {len(parts)} path components deep "
+                f"(limit {MAX_PATH_DEPTH} components)"
+            )
         return parts
+
+    def _known_prefix(self, parts: _Parts) -> int:
+        """Length of the longest proper prefix of ``parts`` already in ``kinds`` (0: none).
+
+        Every path in ``kinds`` has all its proper prefixes there as directories, so only
+        this one prefix can be something other than a directory.
+        """
+        i = len(parts) - 1
+        while i > 0 and parts[:i] not in self.kinds:
+            i -= 1
+        return i
 
     def _check_slot(self, name: str, parts: _Parts, *, is_dir: bool) -> None:
         """Refuse a path through a non-directory, or one that replaces an earlier member."""
-        for i in range(1, len(parts)):
-            kind = self.kinds.get(parts[:i])
-            if kind not in (None, _DIR):
-                where = "/".join(parts[:i])
-                raise ArchiveRefused(f"member {name!r} goes through {kind} {where!r}")
+        known = self._known_prefix(parts)
+        kind = self.kinds[parts[:known]]
+        if kind != _DIR:
+            where = "/".join(parts[:known])
+            raise ArchiveRefused(f"member {name!r} goes through {kind} {where!r}")
         earlier = self.kinds.get(parts)
         if earlier is None or (earlier == _DIR and is_dir):
             return
@@ -543,13 +571,12 @@ class _Extractor:
 
     def _make_parents(self, name: str, parts: _Parts) -> int:
         """Create missing parent directories (u+rwx, mode set at the end); the parent's fd."""
-        for i in range(1, len(parts)):
+        for i in range(self._known_prefix(parts) + 1, len(parts)):
             sub = parts[:i]
-            if sub not in self.kinds:
-                with self._writing(name):
-                    os.mkdir(sub[-1], 0o700, dir_fd=self._dir_fd(sub[:-1]))
-                self.kinds[sub] = _DIR
-                self.dir_meta[sub] = (0o777, None)
+            with self._writing(name):
+                os.mkdir(sub[-1], 0o700, dir_fd=self._dir_fd(sub[:-1]))
+            self.kinds[sub] = _DIR
+            self.dir_meta[sub] = (0o777, None)
         return self._dir_fd(parts[:-1])
 
     def _make_dir(
@@ -571,6 +598,12 @@ class _Extractor:
                 f"symlink {name!r} -> {target!r} is absolute: it leaves the release"
             )
         _check_length(target, tuple(p for p in target.split("/") if p), what="symlink target")
+        steps = sum(1 for p in target.split("/") if p not in ("", "."))
+        if steps > MAX_PATH_DEPTH:
+            raise ArchiveRefused(
+                f"symlink {name!r} -> {_shown(target)} has {steps} path components "
+                f"(limit {MAX_PATH_DEPTH} components)"
+            )
         depth = len(parts) - 1
         for p in target.split("/"):
             depth += -1 if p == ".." else (0 if p in ("", ".") else 1)
@@ -698,7 +731,9 @@ class _Extractor:
     def _dir_fd(self, parts: _Parts) -> int:
         """An fd for the extracted directory ``parts``, opened component by component.
 
-        Only the final fd is cached, and the cache is trimmed between members (``_trim_fds``),
+        Opened from the deepest directory above it already cached; every directory opened on
+        the way is cached too (least recently used dropped first), so siblings deep in one
+        tree cost one open each. The cache is trimmed only between members (``_trim_fds``),
         so every fd handed out stays open while the member that asked for it is created.
         """
         if not parts:
@@ -710,15 +745,14 @@ class _Extractor:
         i = len(parts) - 1
         while i > 0 and parts[:i] not in self.fds:
             i -= 1
-        fd = self.fds[parts[:i]] if i else self.root_fd
+        if i:
+            fd = self.fds[parts[:i]]
+            self.fds.move_to_end(parts[:i])
+        else:
+            fd = self.root_fd
         for j in range(i, len(parts)):
-            try:
-                child = os.open(parts[j], _DIR_FLAGS, dir_fd=fd)
-            finally:
-                if j > i:
-                    os.close(fd)  # an intermediate directory this call opened
-            fd = child
-        self.fds[parts] = fd
+            fd = os.open(parts[j], _DIR_FLAGS, dir_fd=fd)
+            self.fds[parts[: j + 1]] = fd
         return fd
 
     def _trim_fds(self) -> None:
@@ -812,6 +846,14 @@ class _Extractor:
             yield
         except ArchiveRefused:
             raise
+        except RecursionError as exc:
+            # tarfile reads a GNU long-name or pax header by reading the header it applies
+            # to recursively: thousands of them chained up overflow the stack
+            where = f" after member {self.last!r}" if self.last else ""
+            raise ArchiveRefused(
+                f"not a valid {self.label} archive: its headers nest too deep (a chain of "
+                f"GNU long-name or pax headers{where})"
+            ) from exc
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             where = f" (after member {self.last!r})" if self.last else ""
             raise ArchiveRefused(
@@ -842,6 +884,11 @@ def _check_length(name: str, parts: _Parts, *, what: str) -> None:
     for p in parts:
         if len(os.fsencode(p)) > _NAME_MAX:
             raise ArchiveRefused(f"{what} {name!r} has a component longer than {_NAME_MAX} bytes")
+
+
+def _shown(name: str) -> str:
+    """``name`` quoted for a message; a very long one cut to its first 120 characters."""
+    return repr(name) if len(name) <= 120 else f"{name[:120]!r}..."
 
 
 def _mtime(m: tarfile.TarInfo) -> int | None:

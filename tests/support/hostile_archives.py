@@ -11,6 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from watcher.archive import MAX_PATH_DEPTH
+
 #: Limits the corpus is meant to be extracted with: the bombs are sized just over them, so the
 #: tests stay fast while the same code path refuses a real multi-gigabyte bomb.
 CORPUS_MAX_MEMBERS = 100
@@ -85,6 +87,35 @@ def _gnu_longname_bomb(size: int) -> bytes:
     info.size = size
     body = info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * size
     return gzip_bytes(body + make_tar([Entry("x", data=b"x")]))
+
+
+def _chained_headers(kind: str, count: int) -> bytes:
+    """``count`` GNU long-name (``kind="gnu"``) or pax (``"pax"``) headers in a row, then one
+    member: each header applies to the next one, which tarfile reads recursively."""
+    if kind == "gnu":
+        info = tarfile.TarInfo("././@LongLink")
+        info.type = tarfile.GNUTYPE_LONGNAME
+        body = b"name\0"
+    else:
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type = tarfile.XHDTYPE
+        body = b"13 path=name\n"  # a pax record's length counts its own digits
+    info.size = len(body)
+    block = info.tobuf(format=tarfile.USTAR_FORMAT) + body.ljust(tarfile.BLOCKSIZE, b"\0")
+    return gzip_bytes(block * count + make_tar([Entry("x", data=b"x")]))
+
+
+def deep_path(depth: int) -> str:
+    """A relative path of ``depth`` one-letter components: ``d/d/.../d``."""
+    return "/".join(["d"] * depth)
+
+
+def _negative_long_name() -> bytes:
+    """A GNU long-name header whose size is -1024 (base-256)."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = -1024
+    return info.tobuf(format=tarfile.GNU_FORMAT)
 
 
 def _zip_file() -> bytes:
@@ -248,6 +279,33 @@ def hostile_archives() -> list[tuple[str, bytes, str]]:
             "header read",
         ),
         ("header_lies_size_short", _lying_short_header(), "corrupt tar header"),
+        (
+            "negative_member_size",  # base-256 -1024: tarfile would seek back to the next header
+            make_tar_gz([Entry("neg", size=-1024), Entry("after", data=b"x")]),
+            "member 'neg' declares a negative size (-1024)",
+        ),
+        (
+            "negative_long_name_size",
+            gzip_bytes(_negative_long_name() + make_tar([Entry("x", data=b"x")])),
+            "a header declares a negative size",
+        ),
+        (
+            "chained_gnu_long_name_headers",  # about 12 KB of gzip
+            _chained_headers("gnu", 3000),
+            "its headers nest too deep",
+        ),
+        ("chained_pax_headers", _chained_headers("pax", 3000), "its headers nest too deep"),
+        (
+            "deep_directory_tree",  # 2000 levels from two directory members
+            make_tar_gz([Entry(deep_path(1000), kind="dir"), Entry(deep_path(2000), kind="dir")]),
+            f"is 1000 path components deep (limit {MAX_PATH_DEPTH} components)",
+        ),
+        (
+            "deep_symlink_target",
+            make_tar_gz([Entry("link", kind="symlink", target=deep_path(MAX_PATH_DEPTH + 1))]),
+            f"symlink 'link' -> {deep_path(MAX_PATH_DEPTH + 1)[:120]!r}... has "
+            f"{MAX_PATH_DEPTH + 1} path components (limit {MAX_PATH_DEPTH} components)",
+        ),
         (
             "header_lies_size_long",
             make_tar_gz([Entry("liar", data=b"A" * 100, size=100_000)], end_marker=False),

@@ -16,12 +16,13 @@ from tests.support.hostile_archives import (
     CORPUS_MAX_BYTES,
     CORPUS_MAX_MEMBERS,
     Entry,
+    deep_path,
     gzip_bytes,
     hostile_archives,
     make_tar,
     make_tar_gz,
 )
-from watcher.archive import ExtractStats, extract_archive, sync_tree
+from watcher.archive import MAX_PATH_DEPTH, ExtractStats, extract_archive, sync_tree
 from watcher.errors import ArchiveRefused, StagingError
 
 CORPUS = hostile_archives()
@@ -280,6 +281,42 @@ class TestGoodArchive:
         sync_tree(dest)  # must not trip over symlinks (dangling included) or read-only dirs
         with pytest.raises(StagingError, match="cannot sync"):
             sync_tree(dest / "missing")
+
+
+class TestPathDepth:
+    def test_paths_and_link_targets_at_the_limit_are_extracted(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        _, dest = sandbox
+        deepest = f"{deep_path(MAX_PATH_DEPTH - 1)}/f"
+        data = make_tar_gz(
+            [
+                Entry(deepest, data=b"deep\n"),
+                Entry("link", kind="symlink", target=deepest),
+                Entry(f"{deep_path(MAX_PATH_DEPTH - 1)}/up", kind="symlink", target="../" * 127),
+            ]
+        )
+        assert extract(data, dest).members == 3
+        assert (dest / "link").read_bytes() == b"deep\n"
+        assert (dest / deep_path(MAX_PATH_DEPTH - 1) / "up").resolve() == dest.resolve()
+
+    def test_one_component_over_the_limit_is_refused_naming_member_and_limit(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        _, dest = sandbox
+        name = f"{deep_path(MAX_PATH_DEPTH)}/f"
+        with pytest.raises(ArchiveRefused) as caught:
+            extract(make_tar_gz([Entry("ok", data=b"1"), Entry(name, data=b"x")]), dest)
+        assert str(caught.value) == (
+            f"member {name[:120]!r}... is {MAX_PATH_DEPTH + 1} path components deep "
+            f"(limit {MAX_PATH_DEPTH} components)"
+        )
+        assert not (dest / "d").exists()  # refused before any of its directories was made
+
+    def test_dot_components_do_not_count(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        name = "./" + "/./".join(["d"] * MAX_PATH_DEPTH)
+        assert extract(make_tar_gz([Entry(name, kind="dir")]), dest).members == 1
 
 
 class TestErrors:
