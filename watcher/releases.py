@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
 import pwd
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +41,12 @@ if TYPE_CHECKING:
 
 RELEASE_JSON = Path(".watcher") / "release.json"
 RELEASE_JSON_VERSION = 1
+#: Largest ``.watcher/release.json`` read: the engine writes a few hundred bytes, and the app's
+#: user (who owns the release tree) must not make the daemon read without end.
+RELEASE_JSON_MAX_BYTES = 256 * 1024
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_RMTREE_OPEN_DIRS = 64  # directories ``_rmtree`` holds open at once, however deep the tree
 #: Refused artifacts remembered per app (the oldest are forgotten first).
 REFUSED_KEEP = 64
 #: A download that did not verify (twice) is tried again after this long: S3 may be fixed.
@@ -281,7 +290,18 @@ class ReleaseEngine:
 
     def release_info(self, release: str) -> dict[str, Any] | None:
         """The release's ``.watcher/release.json`` when it is complete and valid, else None."""
-        return _read_release_json(self.layout.release_dir(release), release)
+        return self._release_json(self.layout.release_dir(release), release)
+
+    def _release_json(self, release_dir: Path, release: str) -> dict[str, Any] | None:
+        """``release.json`` of the tree ``release_dir``; None (logged unless simply missing)
+        when it cannot be read or is not this release's."""
+        try:
+            return _load_release_json(release_dir, release)
+        except FileNotFoundError:
+            return None  # an incomplete tree: staging writes release.json last
+        except ReleaseError as exc:
+            self.log.warning("release_json_invalid", release=release, error=str(exc))
+            return None
 
     def is_complete(self, release: str) -> bool:
         return self.release_info(release) is not None
@@ -318,7 +338,7 @@ class ReleaseEngine:
         backup, pins = self.backup_release(), self._read_pins()
         out = []
         for name in self.release_names():
-            info = _read_release_json(self.layout.releases_dir / name, name)
+            info = self._release_json(self.layout.releases_dir / name, name)
             post = self.post_release_done(name)
             base = ReleaseInfo(
                 release=name,
@@ -622,7 +642,7 @@ class ReleaseEngine:
         final = self.layout.release_dir(release)
         if not final.exists() and not final.is_symlink():
             return None
-        info = _read_release_json(final, release)
+        info = self._release_json(final, release)
         if info is not None:
             if info.get("sha256") != record.sha256:
                 raise ReleaseError(
@@ -892,10 +912,27 @@ class ReleaseEngine:
     # -- recovery ------------------------------------------------------------------------
 
     def recover(self, *, deploy_in_flight: bool = False) -> list[str]:
-        """Clean up after a crash; returns what was done (one line each)."""
+        """Clean up after a crash; returns what was done (one line each).
+
+        Each entry is handled on its own: one that cannot be (a tree that will not go, a
+        link that cannot be repaired) is logged and reported in the list, and the others
+        are still recovered, so a bad entry never stops the daemon from starting.
+        """
         lay = self.layout
         lay.ensure()
         actions: list[str] = []
+
+        def attempt(what: str, step: Callable[[], str | None]) -> None:
+            try:
+                done = step()
+            except Exception as exc:  # logged and reported: recovery goes on with the rest
+                done = f"could not {what}: {exc}"
+                self.log.error(
+                    "recovery_step_failed", step=what, error=str(exc), type=type(exc).__name__
+                )
+            if done:
+                actions.append(done)
+
         for d in (
             lay.app_dir,
             lay.releases_dir,
@@ -905,12 +942,12 @@ class ReleaseEngine:
         ):
             for entry in sorted(os.scandir(d), key=lambda e: e.name):
                 if entry.name.startswith(TMP_PREFIX):
-                    _remove_any(Path(entry.path))
-                    actions.append(f"removed leftover {entry.path}")
+                    path = Path(entry.path)
+                    attempt(f"remove leftover {path}", partial(_remove_or_raise, path, "leftover"))
         if lay.current.is_symlink():
             cur = self.current_release()
             if cur is None or not _valid_name(cur) or not self.is_complete(cur):
-                actions.append(self._repair_current(cur))
+                attempt(f"repair {lay.current}", lambda: self._repair_current(cur))
         elif lay.current.exists():
             actions.append(f"{lay.current} is not a symlink; left alone")
             self.log.error("current_not_a_symlink", path=str(lay.current))
@@ -918,26 +955,35 @@ class ReleaseEngine:
             backup = self.backup_release()
             broken = backup is None or not _valid_name(backup) or not self.is_complete(backup)
             if not deploy_in_flight or broken:
-                _remove_any(lay.current_backup)
-                fsync_dir(lay.app_dir)
-                actions.append(f"removed {lay.current_backup}")
+                attempt(f"remove {lay.current_backup}", self._remove_backup)
         current = self.current_release()
         for name in self.release_names():
-            if name != current and _read_release_json(lay.releases_dir / name, name) is None:
-                self._remove_tree(lay.releases_dir / name)
-                actions.append(f"removed incomplete release {name}")
+            if name != current and self._release_json(lay.releases_dir / name, name) is None:
+                attempt(f"remove incomplete release {name}", partial(self._remove_incomplete, name))
         existing = set(self.release_names())
         for marker in sorted(lay.post_release_dir.iterdir()):
             if marker.name not in existing:
-                marker.unlink(missing_ok=True)
+                attempt(f"remove {marker}", partial(marker.unlink, missing_ok=True))
         pins = self._read_pins()
         if any(r not in existing for r in pins):
-            self._write_pins({r: t for r, t in pins.items() if r in existing})
+            attempt(
+                f"drop pins of missing releases from {lay.pins_file}",
+                lambda: self._write_pins({r: t for r, t in pins.items() if r in existing}),
+            )
         if self.cache is not None:  # downloads given up long ago keep their partial files
             actions += [f"removed stale partial download {name}" for name in self.cache.cleanup()]
         for action in actions:
             self.log.warning("recovery_action", action=action)
         return actions
+
+    def _remove_backup(self) -> str:
+        done = _remove_or_raise(self.layout.current_backup)
+        fsync_dir(self.layout.app_dir)
+        return done
+
+    def _remove_incomplete(self, name: str) -> str:
+        self._remove_tree(self.layout.releases_dir / name)
+        return f"removed incomplete release {name}"
 
     def _repair_current(self, broken: str | None) -> str:
         candidates = [self.previous_release(), self.backup_release()]
@@ -1150,7 +1196,9 @@ class ReleaseEngine:
         except OSError as exc:
             raise ReleaseError(f"cannot remove {path}: {exc}") from exc
         fsync_dir(path.parent)
-        _rmtree(doomed)
+        problem = _rmtree(doomed)
+        if problem is not None:  # what is left goes with the next recovery's leftovers
+            self.log.warning("tree_not_fully_removed", path=str(doomed), error=problem)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -1176,16 +1224,87 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_release_json(release_dir: Path, release: str) -> dict[str, Any] | None:
-    if release_dir.is_symlink():
-        return None
-    data = _read_json(release_dir / RELEASE_JSON)
-    if not isinstance(data, dict) or data.get("release") != release:
-        return None
+def _load_release_json(release_dir: Path, release: str) -> dict[str, Any]:
+    """``<release_dir>/.watcher/release.json``, read without trusting the tree it is in.
+
+    The app's user owns a staged tree (``_seal``) and may have replaced anything in it: each
+    component is opened without following a symlink, the open never waits (a FIFO), and
+    only a regular file of at most ``RELEASE_JSON_MAX_BYTES`` is read. Raises
+    ``FileNotFoundError`` when the tree or the file is missing (a tree still being staged)
+    and ``ReleaseError``, naming the path and what is wrong with it, for anything else.
+    """
+    path = release_dir / RELEASE_JSON
+    fds: list[int] = []
+    where = release_dir
+    try:
+        fds.append(os.open(release_dir, _DIR_OPEN))
+        for part in RELEASE_JSON.parts[:-1]:
+            where = where / part
+            fds.append(os.open(part, _DIR_OPEN, dir_fd=fds[-1]))
+        where = path
+        fds.append(os.open(RELEASE_JSON.name, _FILE_OPEN, dir_fd=fds[-1]))
+        st = os.fstat(fds[-1])
+        if not stat.S_ISREG(st.st_mode):
+            raise ReleaseError(f"{path} is not a regular file but a {_file_kind(st.st_mode)}")
+        if st.st_size > RELEASE_JSON_MAX_BYTES:
+            raise ReleaseError(
+                f"{path} is {st.st_size} bytes, over the {RELEASE_JSON_MAX_BYTES} a "
+                f"release.json may have"
+            )
+        raw = _read_at_most(fds[-1], RELEASE_JSON_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # O_NOFOLLOW met a symlink, or a file
+            what = "a symlink" if where.is_symlink() else "not a directory"
+            raise ReleaseError(f"cannot read {path}: {where} is {what}") from exc
+        raise ReleaseError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if len(raw) > RELEASE_JSON_MAX_BYTES:
+        raise ReleaseError(f"{path} grew past {RELEASE_JSON_MAX_BYTES} bytes while it was read")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
+        raise ReleaseError(f"{path} is not valid JSON: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReleaseError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    if data.get("release") != release:
+        raise ReleaseError(
+            f"{path} is the release.json of {data.get('release')!r}, not {release!r}"
+        )
     sha = data.get("sha256")
-    if not isinstance(sha, str) or not SHA256_RE.match(sha) or not data.get("artifact"):
-        return None
+    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+        raise ReleaseError(f"{path} has no valid sha256 (found {sha!r})")
+    if not data.get("artifact"):
+        raise ReleaseError(f"{path} names no artifact")
     return data
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return f"file of mode {mode:o}"
 
 
 def _link_release(link: Path) -> str | None:
@@ -1208,15 +1327,117 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
 
 
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _rmtree(path: Path) -> str | None:
+    """Remove the directory ``path`` and everything below it, as far as it can.
+
+    Like ``shutil.rmtree``, it never follows a symlink (each directory is opened by name
+    below a held descriptor with ``O_NOFOLLOW``, so an app user swapping one for a symlink
+    meanwhile cannot aim the removal outside the tree) and it goes on past errors. Unlike
+    it, it does not recurse: a tree of any depth (an app user can make one by hand) is
+    removed with at most ``_RMTREE_OPEN_DIRS`` directories open, a directory found deeper
+    than that being moved up into ``path`` and removed from there. Returns None when
+    ``path`` is gone, else the first failure ("remove <what>: <why>").
+    """
+    failures: list[str] = []
+
+    def failed(what: Path, exc: OSError) -> None:
+        failures.append(f"remove {what}: {exc.strerror or exc}")
+
+    try:
+        top = os.open(path, _DIR_OPEN)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"remove {path}: {exc.strerror or exc}"
+    # the directories open, top first: (fd, path for messages, entries still to remove)
+    stack: list[tuple[int, Path, list[tuple[str, bool]]]] = []
+    moved = 0
+    try:
+        stack.append((top, path, []))
+        _list_entries(top, path, stack[-1][2], failed)
+        while stack:
+            fd, where, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                os.close(fd)
+                try:
+                    if stack:
+                        os.rmdir(where.name, dir_fd=stack[-1][0])
+                    else:
+                        path.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    failed(where, exc)
+                continue
+            name, is_dir = entries.pop()
+            if not is_dir:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    failed(where / name, exc)
+                continue
+            if len(stack) >= _RMTREE_OPEN_DIRS:
+                moved += 1
+                up = f"{TMP_PREFIX}deep-{moved}-{secrets.token_hex(4)}"
+                try:
+                    os.rename(name, up, src_dir_fd=fd, dst_dir_fd=top)
+                except OSError as exc:
+                    failed(where / name, exc)
+                    continue
+                stack[0][2].append((up, True))
+                continue
+            try:
+                child = os.open(name, _DIR_OPEN, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # not a directory any more
+                    entries.append((name, False))
+                else:
+                    failed(where / name, exc)
+                continue
+            stack.append((child, where / name, []))
+            _list_entries(child, where / name, stack[-1][2], failed)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    return failures[0] if failures else None
 
 
-def _remove_any(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _list_entries(
+    fd: int, where: Path, into: list[tuple[str, bool]], failed: Callable[[Path, OSError], None]
+) -> None:
+    """Append ``(name, is a directory)`` for each entry of the directory ``fd``."""
+    try:
+        with os.scandir(fd) as it:
+            into.extend((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+    except OSError as exc:
+        failed(where, exc)
+
+
+def _remove_any(path: Path) -> str | None:
+    """Remove ``path`` whatever it is (a tree, a symlink, a file); None when it is gone,
+    else what could not be removed and why."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            return _rmtree(path)
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"remove {path}: {exc.strerror or exc}"
+    return None
+
+
+def _remove_or_raise(path: Path, what: str = "") -> str:
+    """``_remove_any`` that raises ``ReleaseError`` naming what is left and why."""
+    problem = _remove_any(path)
+    if problem is not None:
+        raise ReleaseError(f"cannot {problem}")
+    return f"removed {what} {path}" if what else f"removed {path}"
 
 
 def _int(value: Any) -> int:

@@ -18,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from tests.support.hostile_archives import hostile_archives
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import (
     ArchiveRefused,
@@ -29,6 +31,7 @@ from watcher.errors import (
 )
 from watcher.records import ArtifactRecord
 from watcher.releases import (
+    RELEASE_JSON_MAX_BYTES,
     AppLayout,
     LinuxProcReader,
     ReleaseEngine,
@@ -150,6 +153,35 @@ def make_engine(tmp_path: Path, clock: Clock, **kw: object) -> ReleaseEngine:
 @pytest.fixture
 def engine(tmp_path: Path, clock: Clock) -> ReleaseEngine:
     return make_engine(tmp_path, clock)
+
+
+DEEP = 3000  # levels of a tree made by hand: far past MAX_PATH_DEPTH and the recursion limit
+
+
+def make_deep_chain(top: Path, depth: int = DEEP) -> None:
+    """``top/d/d/.../d`` ``depth`` levels deep (a file at every 500th level), made the way an
+    app user could by hand: each directory made below the last, never by its full path."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if level % 500 == 0:
+                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def deep_trees() -> Iterator[list[Path]]:
+    """Directories the test may leave deep trees in: removed afterwards by GNU rm, which
+    handles any depth (one left behind would break pytest's removal of its temp dirs)."""
+    tops: list[Path] = []
+    yield tops
+    for top in tops:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=True)
 
 
 def tmp_leftovers(layout: AppLayout) -> list[str]:
@@ -564,6 +596,52 @@ class TestRecover:
         assert engine.recover() == [f"removed {engine.layout.current_backup}"]
         assert not engine.layout.current_backup.is_symlink()
 
+    def test_a_leftover_of_any_depth_goes_without_following_its_symlinks(
+        self, engine: ReleaseEngine, tmp_path: Path, deep_trees: list[Path]
+    ) -> None:
+        deep_trees.append(engine.layout.app_dir)
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "keep").write_text("keep\n")
+        leftover = engine.layout.releases_dir / f".tmp-stage-{rel(1)}-abcd"
+        leftover.mkdir()
+        make_deep_chain(leftover)
+        (leftover / "out").symlink_to(outside)
+        (leftover / "/".join(["d"] * 100) / "out").symlink_to(outside)
+        assert engine.recover() == [f"removed leftover {leftover}"]
+        assert tmp_leftovers(engine.layout) == []
+        assert [p.name for p in outside.iterdir()] == ["keep"]
+
+    def test_an_entry_it_cannot_handle_is_reported_and_the_rest_recovered(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (a tmpfs mount); the test machine runs as root")
+        lay = engine.layout
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        stuck = lay.releases_dir / rel(2)  # incomplete, and a mount point: cannot be renamed
+        stuck.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(stuck)], check=True)
+        try:
+            leftover = lay.releases_dir / f".tmp-stage-{rel(3)}-abcd"
+            (leftover / "x").mkdir(parents=True)
+            (lay.post_release_dir / rel(4)).write_text("gone\n")
+            with capture_logs() as logs:
+                actions = engine.recover()
+        finally:
+            subprocess.run(["umount", str(stuck)], check=True)
+        assert actions[0] == f"removed leftover {leftover}"
+        assert actions[1].startswith(
+            f"could not remove incomplete release {rel(2)}: cannot remove {stuck}: "
+        )
+        assert "Device or resource busy" in actions[1]
+        assert len(actions) == 2
+        assert not (lay.post_release_dir / rel(4)).exists()  # the steps after it still ran
+        [failed] = [e for e in logs if e["event"] == "recovery_step_failed"]
+        assert failed["log_level"] == "error" and str(stuck) in failed["error"]
+        assert assert_current_complete(engine) == rel(1)
+
 
 class TestHoldsAndPins:
     def test_hold_round_trip_survives_a_new_engine(self, tmp_path: Path, clock: Clock) -> None:
@@ -627,6 +705,161 @@ class TestDropRelease:
         with pytest.raises(ReleaseError, match="live"):
             engine.drop_release(rel(1))
         assert tmp_leftovers(engine.layout) == []
+
+    def test_a_tree_deeper_than_any_archive_may_make_is_dropped(
+        self, engine: ReleaseEngine, tarball: Path, deep_trees: list[Path]
+    ) -> None:
+        deep_trees.append(engine.layout.app_dir)
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.stage_from_file(tarball, record, rel(2), "d-2")
+        engine.flip(rel(1))
+        make_deep_chain(engine.layout.release_dir(rel(2)))  # the app's user owns the tree
+        assert engine.drop_release(rel(2)) is True
+        assert engine.release_names() == [rel(1)]
+        assert tmp_leftovers(engine.layout) == []
+
+
+class TestReleaseJsonFromTheAppsUser:
+    """The app's user owns a staged tree and may replace its .watcher/release.json."""
+
+    @staticmethod
+    def staged(engine: ReleaseEngine, tarball: Path, n: int = 1) -> Path:
+        engine.stage_from_file(tarball, record_for(tarball), rel(n), f"d-{n}")
+        return engine.layout.release_dir(rel(n)) / ".watcher" / "release.json"
+
+    @staticmethod
+    def info_in_thread(call: object, fifo: Path) -> dict[str, object]:
+        """Run ``call`` in a thread; fail (after letting it go) if it is still blocked at 5 s."""
+        result: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: result.update(value=call()), daemon=True)  # type: ignore[operator]
+        thread.start()
+        thread.join(5)
+        if thread.is_alive():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer lets the read go
+            thread.join(5)
+            pytest.fail(f"the daemon blocked reading the FIFO {fifo}")
+        return result
+
+    def test_a_fifo_is_not_opened_for_a_blocking_read(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        path = self.staged(engine, tarball)
+        path.unlink()
+        os.mkfifo(path)
+        with capture_logs() as logs:
+            result = self.info_in_thread(lambda: engine.release_info(rel(1)), path)
+        assert result == {"value": None}
+        [invalid] = [e for e in logs if e["event"] == "release_json_invalid"]
+        assert invalid["error"] == f"{path} is not a regular file but a FIFO"
+        with pytest.raises(FlipError, match="no complete"):
+            engine.flip(rel(1))
+
+    def test_current_whose_release_json_is_a_fifo_is_repaired_at_start(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        self.staged(engine, tarball, 1)
+        path = self.staged(engine, tarball, 2)
+        engine.flip(rel(1))
+        engine.flip(rel(2))
+        path.unlink()
+        os.mkfifo(path)
+        result = self.info_in_thread(engine.recover, path)
+        actions = result["value"]
+        assert isinstance(actions, list)
+        assert any(f"pointed it at {rel(1)}" in a for a in actions)
+        assert assert_current_complete(engine) == rel(1)
+
+    @pytest.mark.parametrize("target", ["/dev/zero", "elsewhere.json"])
+    def test_a_symlink_is_not_followed(
+        self, engine: ReleaseEngine, tarball: Path, tmp_path: Path, target: str
+    ) -> None:
+        path = self.staged(engine, tarball)
+        elsewhere = tmp_path / target
+        if target == "elsewhere.json":  # a valid copy: only where it is makes it wrong
+            elsewhere.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(elsewhere)
+        with capture_logs() as logs:
+            assert engine.release_info(rel(1)) is None
+        [invalid] = [e for e in logs if e["event"] == "release_json_invalid"]
+        assert invalid["error"] == f"cannot read {path}: {path} is a symlink"
+
+    def test_a_symlinked_watcher_directory_is_not_followed(
+        self, engine: ReleaseEngine, tarball: Path, tmp_path: Path
+    ) -> None:
+        path = self.staged(engine, tarball)
+        path.parent.rename(tmp_path / "meta")
+        path.parent.symlink_to(tmp_path / "meta")
+        with capture_logs() as logs:
+            assert engine.release_info(rel(1)) is None
+        [invalid] = [e for e in logs if e["event"] == "release_json_invalid"]
+        assert invalid["error"] == f"cannot read {path}: {path.parent} is a symlink"
+
+    def test_size_is_capped(self, engine: ReleaseEngine, tarball: Path) -> None:
+        path = self.staged(engine, tarball)
+        text = path.read_bytes().rstrip()
+        path.write_bytes(text.ljust(RELEASE_JSON_MAX_BYTES))  # JSON allows trailing spaces
+        assert engine.release_info(rel(1)) is not None
+        path.write_bytes(text.ljust(RELEASE_JSON_MAX_BYTES + 1))
+        with capture_logs() as logs:
+            assert engine.release_info(rel(1)) is None
+        [invalid] = [e for e in logs if e["event"] == "release_json_invalid"]
+        assert invalid["error"] == (
+            f"{path} is {RELEASE_JSON_MAX_BYTES + 1} bytes, over the "
+            f"{RELEASE_JSON_MAX_BYTES} a release.json may have"
+        )
+
+    def test_json_nested_too_deep_is_invalid_not_a_crash(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        path = self.staged(engine, tarball)
+        path.write_bytes(b"[" * 100_000)
+        with capture_logs() as logs:
+            assert engine.release_info(rel(1)) is None
+            assert engine.recover() == [f"removed incomplete release {rel(1)}"]
+        assert any(
+            e["event"] == "release_json_invalid" and "is not valid JSON" in e["error"] for e in logs
+        )
+
+
+@pytest.fixture(scope="module")
+def hostile() -> dict[str, tuple[bytes, str]]:
+    return {name: (data, fragment) for name, data, fragment in hostile_archives()}
+
+
+class TestRefusedArchivesAreRemembered:
+    @pytest.mark.parametrize(
+        "case",
+        [
+            "chained_gnu_long_name_headers",
+            "chained_pax_headers",
+            "negative_member_size",
+            "deep_directory_tree",
+        ],
+    )
+    def test_refused_remembered_and_refused_again_at_once(
+        self,
+        engine: ReleaseEngine,
+        tmp_path: Path,
+        hostile: dict[str, tuple[bytes, str]],
+        deep_trees: list[Path],
+        case: str,
+    ) -> None:
+        deep_trees.append(engine.layout.app_dir)
+        data, fragment = hostile[case]
+        archive = tmp_path / f"{case}.tar.gz"
+        archive.write_bytes(data)
+        record = record_for(archive)
+        with pytest.raises(ArchiveRefused) as caught:
+            engine.stage_from_file(archive, record, rel(1), "d-1")
+        assert fragment in str(caught.value)
+        refusal = engine.refusal(record.sha256)
+        assert refusal is not None and refusal.kind == "archive"
+        assert fragment in refusal.reason
+        assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
+        with pytest.raises(ArchiveRefused, match="was refused on this host"):
+            engine.stage_from_file(archive, record, rel(2), "d-2")
 
 
 @pytest.fixture
