@@ -10,11 +10,14 @@ from pathlib import Path
 
 from watcher.errors import PayloadError
 from watcher.fsutil import atomic_write_bytes
+from watcher.log import get_logger
 from watcher.records import DEPLOY_ID_RE, check_artifact_id, check_release
 
 EVENT_NAMES = ("build-finished", "deploy", "rollback")
 # Under Consul's own 300-byte user event limit; the largest valid payload is 235 bytes.
 MAX_PAYLOAD = 256
+
+log = get_logger(module="events")
 
 # name -> (required keys, allowed key sets)
 _SHAPES: dict[str, tuple[frozenset[str], ...]] = {
@@ -83,18 +86,36 @@ def parse_event(
 
 
 class HandledEvents:
-    """IDs of events already handled, oldest dropped past ``keep``; persisted atomically."""
+    """IDs of events already handled, oldest dropped past ``keep``; persisted atomically.
+
+    A file that cannot be read or is not ``{"ids": [<string>, ...]}`` is logged and taken
+    as empty: it only spares a restarted watcher re-reading events it handled, so losing it
+    costs nothing (see ``add``), while refusing to start over it would stop the host.
+    """
 
     def __init__(self, path: Path, keep: int) -> None:
         self.path = path
         self.keep = keep
         self._ids: OrderedDict[str, None] = OrderedDict()
+        for event_id in self._load()[-keep:]:
+            self._ids[event_id] = None
+
+    def _load(self) -> list[str]:
         try:
-            data = json.loads(path.read_text())
-            for event_id in data.get("ids", [])[-keep:]:
-                self._ids[str(event_id)] = None
-        except (FileNotFoundError, ValueError, AttributeError):
-            pass
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            problem = f"cannot read it: {exc.strerror or exc}"
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            problem = f"not JSON: {type(exc).__name__}: {exc}"
+        else:
+            ids = data.get("ids") if isinstance(data, dict) else None
+            if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+                return ids
+            problem = 'not {"ids": [<event id>, ...]}'
+        log.warning("handled_events_file_ignored", path=str(self.path), problem=problem)
+        return []
 
     def __contains__(self, event_id: object) -> bool:
         return event_id in self._ids

@@ -7,6 +7,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+from structlog.testing import capture_logs
+
 from watcher.consul_api import ConsulEvent
 from watcher.daemon import EventWatcher
 from watcher.events import HandledEvents
@@ -77,3 +80,58 @@ def test_handled_ids_are_bounded(tmp_path: Path) -> None:
     handled.add(f"id-{n}" for n in range(300))
     again = HandledEvents(tmp_path / "events.json", 256)
     assert "id-43" not in again and "id-44" in again and "id-299" in again
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"ids": 5}',
+        b"null",
+        b"{}",
+        b"[1, 2]",
+        b'{"ids": {"id-1": 1}}',
+        b'{"ids": ["id-1", null]}',
+        b'{"ids": "id-1"}',
+        b"\xff\xfe not even text",
+        b"",
+        b"[" * 100_000,
+    ],
+    ids=[
+        "ids-a-number",
+        "null",
+        "empty-object",
+        "a-list",
+        "ids-an-object",
+        "ids-not-strings",
+        "ids-a-string",
+        "binary",
+        "empty-file",
+        "nested-too-deep",
+    ],
+)
+def test_a_corrupt_or_foreign_file_is_logged_and_taken_as_empty(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "events.json"
+    path.write_bytes(content)
+    with capture_logs() as logs:
+        handled = HandledEvents(path, 256)
+    assert "id-1" not in handled
+    ignored = [e for e in logs if e["event"] == "handled_events_file_ignored"]
+    assert len(ignored) == 1 and ignored[0]["path"] == str(path)
+    assert ignored[0]["log_level"] == "warning"
+    # the next write replaces it with a good file
+    assert handled.add(["id-1"]) is True
+    assert "id-1" in HandledEvents(path, 256)
+
+
+def test_a_directory_where_the_file_should_be_is_logged_and_taken_as_empty(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.json"
+    path.mkdir()
+    with capture_logs() as logs:
+        handled = HandledEvents(path, 256)
+    assert "id-1" not in handled
+    [ignored] = [e for e in logs if e["event"] == "handled_events_file_ignored"]
+    assert ignored["path"] == str(path) and "cannot read it: Is a directory" in ignored["problem"]
