@@ -1276,6 +1276,18 @@ class AppAgent:
             )
             self._observe("prepare", started)
             return
+        except Exception as exc:
+            # A bug, not a verdict on the release: still a "no" (nobody flips), and acked, so
+            # the loop does not start the same prepare again and again until the deadline.
+            self.log.exception("prepare_crashed", deploy=rec.id, error=repr(exc))
+            self._ack(
+                joined,
+                FAILED,
+                error=f"internal error while staging: {exc!r}",
+                timings={"failed_at": iso(utcnow())},
+            )
+            self._observe("prepare", started)
+            return
         marker = self._wake_marker(rec.id)  # before the txn: what its verdict read covers
         lock = []
         if self._lock_with_ack == rec.id and (session := self.session()):

@@ -29,6 +29,7 @@ from watcher.records import (
     ABORT,
     COMMIT,
     COMMITTED,
+    FAILED,
     LIVE,
     READY,
     REFUSED,
@@ -352,3 +353,27 @@ def test_a_step_that_finds_the_apply_still_running_is_taken_again_when_it_ends(
     go_on.set()
     wait_for(lambda: not agent.busy(), 30, "host-a's apply")
     assert rig.woke.wait(5), "the apply's end did not wake the loop"
+
+
+def test_a_crash_in_the_prepare_is_a_failed_ack_not_a_retry_loop(rig: Rig) -> None:
+    """A bug in staging (here the engine raising what no handler expects) must still end
+    in this host's "no": acked failed with the error, once, and the deploy aborts, rather
+    than the loop starting the same prepare again and again until the deadline."""
+    store, agent = rig.store, rig.agent
+    calls = []
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    agent.engine.stage = crash  # type: ignore[method-assign]
+    joined = start_deploy(store, "20261202T000000Z-c0ffee", rig.sessions, rig.artifact)
+    assert "prepare started" in rig.step()
+    wait_for(lambda: not agent.busy(), 30, "host-a's prepare")
+    ack, _ = store.ack(joined.id, "host-a")
+    assert ack is not None and ack.state == FAILED, ack
+    assert "internal error while staging: RuntimeError('boom')" in ack.error
+    assert "prepare started" not in rig.step()
+    assert calls == [1]
+    assert store.establish(joined).outcome == ABORT
+    assert agent.engine.current_release() is None
