@@ -1710,6 +1710,9 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
+        except Exception as exc:  # a bug: said here, since the pool's future is never read
+            self.log.exception("prefetch_crashed", artifact=artifact_id, error=repr(exc))
+            return
         self._last_prefetched = artifact_id  # the likely next deploy: its join reads it
         # The builds page counts prefetched artifacts: the loop rewrites the host record.
         # Not from this thread: a release read here may be flipped by a deploy before

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
@@ -377,3 +378,16 @@ def test_a_crash_in_the_prepare_is_a_failed_ack_not_a_retry_loop(rig: Rig) -> No
     assert calls == [1]
     assert store.establish(joined).outcome == ABORT
     assert agent.engine.current_release() is None
+
+
+def test_a_crash_in_a_prefetch_is_logged(rig: Rig) -> None:
+    """Prefetches run in a pool whose futures nobody reads: a bug must still be said."""
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    rig.agent.engine.prefetch = crash  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        rig.agent.prefetch(rig.artifact.id)
+    crashed = [e for e in logs if e["event"] == "prefetch_crashed"]
+    assert crashed and crashed[0]["error"] == "RuntimeError('boom')", logs
