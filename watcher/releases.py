@@ -535,13 +535,16 @@ class ReleaseEngine:
 
     # -- refused artifacts ---------------------------------------------------------------
 
-    def refusal(self, sha256: str) -> Refusal | None:
-        """The remembered refusal of this sha256, if it still holds (see ``Refusal``)."""
+    def refusal(self, sha256: str, fmt: str = "tar.gz") -> Refusal | None:
+        """The remembered refusal of this sha256 read as ``fmt``, if it still holds (see
+        ``Refusal``)."""
         entry = self._read_refusals().get(sha256)
         if entry is None:
             return None
-        if entry.kind == "archive" and entry.limits != self._limits_key():
-            return None  # the limits changed since: judge the archive again
+        if entry.kind == "archive" and entry.limits != self._limits_key(fmt):
+            # The limits changed since, or the same bytes are now read as another format
+            # (a record that named the wrong one was fixed): judge the archive again.
+            return None
         if entry.kind == "integrity":
             at = _parse_time(entry.at)
             age = (self.clock() - at).total_seconds() if at else INTEGRITY_REFUSAL_TTL
@@ -551,7 +554,7 @@ class ReleaseEngine:
 
     def check_not_refused(self, record: ArtifactRecord) -> None:
         """Raise the original refusal of ``record.sha256`` when this host remembers one."""
-        entry = self.refusal(record.sha256)
+        entry = self.refusal(record.sha256, record.format)
         if entry is not None:
             self.log.warning(
                 "artifact_refused_again",
@@ -578,7 +581,7 @@ class ReleaseEngine:
             kind=kind,
             reason=reason,
             at=iso(self.clock()),
-            limits=self._limits_key() if kind == "archive" else "",
+            limits=self._limits_key(record.format) if kind == "archive" else "",
         )
         try:
             with _REFUSED_LOCK:
@@ -595,9 +598,11 @@ class ReleaseEngine:
             "artifact_refused", artifact=record.id, sha256=record.sha256, kind=kind, reason=reason
         )
 
-    def _limits_key(self) -> str:
+    def _limits_key(self, fmt: str) -> str:
         lim = self.app.limits
-        return f"members={lim.max_members} bytes={lim.max_bytes} ratio={lim.max_ratio:g}"
+        return (
+            f"format={fmt} members={lim.max_members} bytes={lim.max_bytes} ratio={lim.max_ratio:g}"
+        )
 
     def _read_refusals(self) -> dict[str, Refusal]:
         data = _read_json(self.layout.refused_file)

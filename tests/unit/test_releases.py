@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -860,6 +861,22 @@ class TestRefusedArchivesAreRemembered:
         assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
         with pytest.raises(ArchiveRefused, match="was refused on this host"):
             engine.stage_from_file(archive, record, rel(2), "d-2")
+
+    def test_bytes_refused_as_one_format_are_judged_again_as_another(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        # A record that named the wrong format made good bytes look broken; the record
+        # fixed, the same content must stage, not meet the old refusal.
+        wrong = dataclasses.replace(record_for(tarball), format="tar")
+        with pytest.raises(ArchiveRefused):
+            engine.stage_from_file(tarball, wrong, rel(1), "d-1")
+        assert engine.refusal(wrong.sha256, "tar") is not None
+        with pytest.raises(ArchiveRefused, match="was refused on this host"):
+            engine.stage_from_file(tarball, wrong, rel(2), "d-2")
+        fixed = record_for(tarball)
+        assert engine.refusal(fixed.sha256, fixed.format) is None
+        engine.stage_from_file(tarball, fixed, rel(3), "d-3")
+        assert rel(3) in engine.release_names()
 
 
 @pytest.fixture
