@@ -808,7 +808,7 @@ class DeployStore:
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
             f"requested by {other.requested_by} at {other.requested_at}) is in flight; "
-            f"wait for it or `watcherctl abort {self.app} {deploy_id}`"
+            f"wait for it or `watcherctl abort {deploy_id} --app {self.app}`"
         )
 
     def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:

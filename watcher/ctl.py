@@ -7,14 +7,16 @@ import gc
 import importlib
 import json
 import os
+import shlex
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from watcher import ids
-from watcher.config import Config, load_config
+from watcher import __version__, ids
+from watcher.config import AppConfig, Config, load_config
 from watcher.errors import (
     ConfigError,
     ConsulError,
@@ -40,11 +42,30 @@ COMMANDS = {
     "publish": "watcher.ctl_publish",
 }
 
-# Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 Consul or S3
-# unreachable or refused, 4 refused because of state (deploy in flight, hold, lock held).
+# Exit codes: 0 ok, 1 the operation failed (also a path it cannot use, or a bug), 2 bad
+# usage or config, 3 Consul or S3 unreachable or refused, 4 refused because of state
+# (deploy in flight, hold, lock held), 5 the wait for a deploy ended while it still runs.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
-# stdout was closed by its reader: what a shell reports for a tool killed by SIGPIPE.
+EXIT_STILL_RUNNING = 5
+# Ctrl-C, and stdout closed by its reader: what a shell reports for SIGINT and SIGPIPE.
+EXIT_INTERRUPTED = 128 + 2
 EXIT_PIPE = 128 + 13
+# The commands that write to Consul: under sudo without an exported token, they act with
+# the config's token (the host's), so they say so (`rollback --local` writes nothing there).
+CONSUL_WRITERS = frozenset({"deploy", "rollback", "abort", "publish"})
+
+
+class UnknownApp(ConfigError):
+    """A command names an app the config does not have: the user's typo, not the file's."""
+
+    def __init__(self, name: str, config: Config) -> None:
+        known = ", ".join(sorted(config.apps)) or "none"
+        super().__init__(
+            config.source, [f"no app {name!r} in {config.source} (configured: {known})"]
+        )
+
+    def __str__(self) -> str:
+        return self.problems[0]
 
 
 @dataclass
@@ -57,8 +78,33 @@ class CtlContext:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = operator_token(load_config(self.args.config), os.environ)
+            config = load_config(self.args.config)
+            warning = sudo_token_warning(config, os.environ) if self.writes_consul else None
+            if warning:
+                print(f"watcherctl: warning: {warning}", file=sys.stderr, flush=True)
+            self._config = operator_token(config, os.environ)
         return self._config
+
+    @property
+    def writes_consul(self) -> bool:
+        command = getattr(self.args, "command", None)  # exec's own `command` is its argv
+        if not isinstance(command, str) or command not in CONSUL_WRITERS:
+            return False
+        return not getattr(self.args, "local", False)
+
+    def app(self, name: str) -> AppConfig:
+        """The app's config; an app the config does not have is the user's typo (exit 2)."""
+        config = self.config
+        if name not in config.apps:
+            raise UnknownApp(name, config)
+        return config.apps[name]
+
+    def command_line(self, *argv: str) -> str:
+        """``watcherctl ARGV...`` as the user can paste it, with the -c they gave."""
+        words = ["watcherctl", *argv]
+        if getattr(self.args, "config", None):
+            words += ["-c", self.args.config]
+        return shlex.join(words)
 
     @property
     def as_json(self) -> bool:
@@ -96,6 +142,23 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
     if token is None or token == config.consul.token:
         return config
     return replace(config, consul=replace(config.consul, token=token))
+
+
+def sudo_token_warning(config: Config, env: Mapping[str, str]) -> str | None:
+    """What to tell an operator who runs a command that writes to Consul through sudo with
+    no token in the environment (sudo's env_reset drops CONSUL_HTTP_TOKEN and
+    CONSUL_HTTP_TOKEN_FILE): it acts with the config's token, usually the host's watcher
+    token, while ``requested_by`` names them. None when there is nothing to say."""
+    sudo_user = env.get("SUDO_USER")
+    if not sudo_user or env.get("CONSUL_HTTP_TOKEN") or env.get("CONSUL_HTTP_TOKEN_FILE"):
+        return None
+    acting = f"the token of {config.source}" if config.consul.token else "no token (anonymous)"
+    return (
+        f"running under sudo for {sudo_user} with no CONSUL_HTTP_TOKEN or "
+        f"CONSUL_HTTP_TOKEN_FILE (sudo drops them): Consul sees {acting}, not "
+        f"{sudo_user}'s; keep yours with `sudo --preserve-env=CONSUL_HTTP_TOKEN,"
+        "CONSUL_HTTP_TOKEN_FILE watcherctl ...`"
+    )
 
 
 def user_at_host() -> str:
@@ -165,6 +228,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watcherctl", description="Operate release-watcher on this host and the fleet."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
@@ -186,6 +250,24 @@ def name_argument(check: Callable[[str], str]) -> Callable[[str], str]:
     convert.__name__ = check.__name__.removeprefix("check_").replace("_", " ")
     return convert
 
+
+def free_text_argument(text: str) -> str:
+    """An argparse ``type=`` for free text that is stored and shown later (``--reason``):
+    no surrogates (bytes of argv that are not UTF-8) and no control characters but tab,
+    which would break the JSON, the terminal or the log of whoever reads it."""
+    for char in text:
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            raise argparse.ArgumentTypeError(
+                f"not valid UTF-8 text: {text!r} (check the terminal's encoding)"
+            )
+        if char != "\t" and unicodedata.category(char) == "Cc":
+            raise argparse.ArgumentTypeError(
+                f"control character {char!r} in {text!r}: give one line of printable text"
+            )
+    return text
+
+
+free_text_argument.__name__ = "free text"
 
 artifact_id_argument = name_argument(ids.check_artifact_id)
 deploy_id_argument = name_argument(ids.check_deploy_id)
@@ -212,11 +294,24 @@ def _stdout_gone() -> int:
     return EXIT_PIPE
 
 
+def _never_crash_on_encoding() -> None:
+    """What watcherctl prints comes partly from others (a hold's reason, a release name, an
+    error's path): a character the terminal cannot show is written as an escape (an ASCII
+    locale, a surrogate from undecodable bytes), never a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        _never_crash_on_encoding()
         return _main(argv)
     except BrokenPipeError:
         return _stdout_gone()
+    except KeyboardInterrupt:  # Ctrl-C while loading the command: nothing was done yet
+        return EXIT_INTERRUPTED
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -248,7 +343,31 @@ def _main(argv: Sequence[str] | None) -> int:
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("watcherctl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a path the command cannot use: root's files without sudo ...
+        if args.debug:
+            raise
+        print(f"watcherctl: error: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"watcherctl: error: unexpected {type(exc).__name__}: {exc} (run with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+def _os_error(exc: OSError) -> str:
+    """``PATH: Permission denied``, like the tools an operator knows."""
+    if exc.filename is None:
+        return str(exc)
+    what = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{what}: {exc.strerror or exc}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,16 +26,29 @@ from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.ctl import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_STILL_RUNNING,
     CtlContext,
     artifact_id_argument,
     deploy_id_argument,
+    exit_code_for,
+    free_text_argument,
     release_argument,
     table,
     user_at_host,
 )
-from watcher.errors import ConsulError, DeployRefused, PayloadError, WatcherError
+from watcher.errors import (
+    ConsulError,
+    ConsulPermissionDenied,
+    ConsulRequestError,
+    ConsulTLSError,
+    ConsulUnavailable,
+    DeployRefused,
+    PayloadError,
+    WatcherError,
+)
 from watcher.records import (
     ABORT,
     COMMIT,
@@ -95,7 +109,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("abort", parents=[common], help="abort a deploy that is not decided yet")
     p.add_argument("deploy", type=deploy_id_argument)
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
-    p.add_argument("--reason", default="")
+    p.add_argument(
+        "--reason", default="", type=free_text_argument, help="why (kept in the deploy's record)"
+    )
     p.set_defaults(func=cmd_abort)
 
 
@@ -150,7 +166,7 @@ def _consul(ctx: CtlContext, *, quick: bool = False) -> ConsulClient:
 
 
 def _store(ctx: CtlContext, app: str) -> DeployStore:
-    ctx.config.app(app)  # a clear error for an unknown app
+    ctx.app(app)  # a clear error for an unknown app
     return DeployStore(_consul(ctx), ctx.config.kv_prefix, app)
 
 
@@ -159,7 +175,7 @@ def _store(ctx: CtlContext, app: str) -> DeployStore:
 
 def cmd_deploy(ctx: CtlContext) -> int:
     args = ctx.args
-    app = ctx.config.app(args.app)
+    app = ctx.app(args.app)
     store = _store(ctx, args.app)
     record = deploy_request(
         store,
@@ -220,7 +236,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
         from watcher.ctl_local import rollback_local
 
         return rollback_local(ctx)
-    app = ctx.config.app(args.app)
+    app = ctx.app(args.app)
     store = _store(ctx, args.app)
     record = rollback_request(
         store, app, args.to, requested_by=user_at_host(), allow_missing=args.allow_missing
@@ -264,26 +280,68 @@ def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int)
 
 def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
     warning = start_deploy(store, record, history_keep=ctx.config.daemon.history_keep)
-    if warning and not ctx.as_json:
-        print(f"watcherctl: warning: {warning}")
-    if not ctx.as_json:
+    # From here on the deploy runs on every host whatever this process does: the user must
+    # always learn its id, and how to follow and abort it.
+    try:
+        return _wait_after_start(ctx, store, record, warning)
+    except KeyboardInterrupt:
         print(
-            f"{record.kind} {record.id}: {record.release} to {len(record.expected)} host(s) "
-            f"({', '.join(record.expected)})"
+            f"watcherctl: interrupted; {record.kind} {record.id} goes on across the fleet; "
+            f"{_follow_or_abort(ctx, record)}",
+            file=sys.stderr,
+            flush=True,
         )
+        return EXIT_INTERRUPTED
+
+
+def _follow_or_abort(ctx: CtlContext, record: DeployRecord) -> str:
+    follow = ctx.command_line("status", record.app, "--fleet")
+    abort = ctx.command_line("abort", record.id, "--app", record.app)
+    return f"follow it with `{follow}`, abort it with `{abort}`"
+
+
+def _wait_after_start(
+    ctx: CtlContext, store: DeployStore, record: DeployRecord, warning: str
+) -> int:
+    if warning:
+        print(f"watcherctl: warning: {warning}", file=sys.stderr, flush=True)
+    started = (
+        f"{record.kind} {record.id}: {record.release} to {len(record.expected)} host(s) "
+        f"({', '.join(record.expected)})"
+    )
     if ctx.args.no_wait:
+        if not ctx.as_json:
+            print(started)
         ctx.emit({"deploy": record.id, "release": record.release, "state": "started"}, lambda d: "")
         return EXIT_OK
+    if ctx.as_json:  # stdout says nothing until the end: the id goes to stderr at once
+        print(f"watcherctl: started {started}", file=sys.stderr, flush=True)
+    else:
+        print(started, flush=True)
     deadline = (
         ctx.args.timeout
         if ctx.args.timeout is not None
         else (parse_iso(record.apply_deadline) - datetime.now(UTC)).total_seconds() + 30
     )
     view = _wait_for_outcome(ctx, store, record.id, deadline)
-    result = view.outcome.result if view and view.outcome else "unknown (still running)"
-    data = deploy_summary(view) if view else {"deploy": record.id}
+    if view is None:
+        gone = {"deploy": record.id, "kind": record.kind, "result": None}
+        ctx.emit({**gone, "reason": "its request is gone from Consul"}, _human_summary)
+        return EXIT_FAILED
+    data = deploy_summary(view)
+    if view.outcome is None:  # the wait ran out, not the deploy
+        hint = (
+            f"watcherctl: the wait ended, {record.kind} {record.id} is still running; "
+            f"{_follow_or_abort(ctx, record)}"
+        )
+        if ctx.as_json:
+            ctx.emit(data)
+            print(hint, file=sys.stderr)
+        else:
+            print(f"{_human_summary(data)}\n{hint}")
+        return EXIT_STILL_RUNNING
     ctx.emit(data, _human_summary)
-    return EXIT_OK if result == "committed" else EXIT_FAILED
+    return EXIT_OK if view.outcome.result == "committed" else EXIT_FAILED
 
 
 def _wait_for_outcome(
@@ -351,7 +409,7 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
 
 def _human_summary(data: dict[str, Any]) -> str:
     lines = [
-        f"{data.get('kind', 'deploy')} {data['deploy']}: {data.get('result') or 'in progress'}"
+        f"{data.get('kind', 'deploy')} {data['deploy']}: {data.get('result') or 'still running'}"
     ]
     if data.get("reason"):
         lines.append(f"  reason: {data['reason']}")
@@ -521,6 +579,8 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return {"running": False, "reason": f"no status at {path}"}
+    except OSError as exc:  # a directory, root's file without sudo: say so, show the rest
+        return {"running": False, "reason": f"cannot read {path}: {exc.strerror or exc}"}
     try:
         pid = int(data.get("pid", 0))
         updated_at = parse_iso(data["updated_at"])
@@ -566,11 +626,34 @@ def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What went wrong with Consul, in a few words (unreachable is not refused), and how the
+# first line of `status` shouts it.
+CONSUL_PROBLEMS = {
+    "Consul unreachable": "UNREACHABLE",
+    "TLS to Consul failed": "TLS FAILED",
+    "Consul refused the token": "REFUSED THE TOKEN",
+    "Consul refused the request": "REFUSED A REQUEST",
+}
+
+
+def consul_problem(exc: ConsulError) -> str:
+    if isinstance(exc, ConsulUnavailable):
+        return "Consul unreachable"
+    if isinstance(exc, ConsulTLSError):
+        return "TLS to Consul failed"
+    if isinstance(exc, ConsulPermissionDenied):
+        return "Consul refused the token"
+    return "Consul refused the request"
+
+
 def cmd_status(ctx: CtlContext) -> int:
+    """This host's part (its disk, its daemon) always; the fleet's part (KV) when Consul
+    answers. When it cannot be read, it is shown as unknown, never as "none", and the exit
+    code says why (3: Consul), after the local part is printed."""
     config = ctx.config
     names = [ctx.args.app] if ctx.args.app else sorted(config.apps)
     for name in names:
-        config.app(name)
+        ctx.app(name)
     if ctx.args.fleet:
         return _fleet_status(ctx, names)
     daemon = daemon_status(config.daemon.state_dir)
@@ -579,47 +662,68 @@ def cmd_status(ctx: CtlContext) -> int:
     data: dict[str, Any] = {
         "node": node,
         "daemon": daemon,
-        "consul": {"address": config.consul.base_url, "reachable": True, "error": ""},
+        "consul": {
+            "address": config.consul.base_url,
+            "reachable": True,
+            "error": "",
+            "problem": "",
+        },
         "apps": {},
     }
+    failure: WatcherError | None = None
     for name in names:
-        app = config.app(name)
-        entry = _local_app(app, daemon)
-        try:
-            if node is None:
-                node = consul.agent_node_name()
-                data["node"] = node
-            store = DeployStore(consul, config.kv_prefix, name)
-            fleet_current, _ = store.current()
-            entry["fleet_current"] = fleet_current.release if fleet_current else None
-            inflight, _ = store.inflight()
-            entry["deploy"] = None
-            view, problem = _inflight_view(store, inflight)
-            if problem is not None:
-                entry["deploy"] = problem
-            elif view is not None:
-                mine = view.nodes.get(node or "")
-                state = (
-                    mine.state
-                    if mine
-                    else ("pending" if node in view.record.expected else "not expected")
+        entry = _local_app(config.apps[name], daemon)
+        # Unknown until read: the keys are always there, null with the reason when unread.
+        entry.update(fleet_current=None, deploy=None, fleet_error=None)
+        if isinstance(failure, ConsulError):  # one wait for an unreachable Consul is enough
+            entry["fleet_error"] = data["consul"]["problem"]
+        else:
+            try:
+                if node is None:
+                    node = consul.agent_node_name()
+                    data["node"] = node
+                _fleet_part(DeployStore(consul, config.kv_prefix, name), node, entry)
+            except ConsulError as exc:
+                failure = exc
+                problem = consul_problem(exc)
+                data["consul"].update(
+                    reachable=isinstance(exc, ConsulPermissionDenied | ConsulRequestError),
+                    error=str(exc),
+                    problem=problem,
                 )
-                entry["deploy"] = {
-                    "id": inflight,
-                    "kind": view.record.kind,
-                    "release": view.record.release,
-                    "decision": view.decision.outcome if view.decision else None,
-                    "this_host": state,
-                    "states": summarize_states(view),
-                }
-        except WatcherError as exc:
-            data["consul"].update(reachable=False, error=str(exc))
+                entry.update(fleet_current=None, deploy=None, fleet_error=problem)
+            except WatcherError as exc:  # Consul answered; what it holds could not be read
+                failure = failure or exc
+                entry.update(fleet_current=None, deploy=None, fleet_error=str(exc))
         undecided = (entry.get("daemon") or {}).get("undecided")
         if undecided:
             entry["undecided"] = undecided
         data["apps"][name] = entry
     ctx.emit(data, _human_status)
-    return EXIT_OK
+    return EXIT_OK if failure is None else exit_code_for(failure)
+
+
+def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> None:
+    """The app's fleet release and the deploy in flight, as this host takes part in it."""
+    fleet_current, _ = store.current()
+    entry["fleet_current"] = fleet_current.release if fleet_current else None
+    inflight, _ = store.inflight()
+    view, problem = _inflight_view(store, inflight)
+    if problem is not None:
+        entry["deploy"] = problem
+    elif view is not None:
+        mine = view.nodes.get(node or "")
+        state = (
+            mine.state if mine else ("pending" if node in view.record.expected else "not expected")
+        )
+        entry["deploy"] = {
+            "id": inflight,
+            "kind": view.record.kind,
+            "release": view.record.release,
+            "decision": view.decision.outcome if view.decision else None,
+            "this_host": state,
+            "states": summarize_states(view),
+        }
 
 
 def _inflight_view(
@@ -669,17 +773,18 @@ def _human_status(data: dict[str, Any]) -> str:
         else f"watcher NOT running ({d.get('reason', '')})"
     )
     c = data["consul"]
+    problem = c.get("problem") or ("" if c["reachable"] else "Consul unreachable")
     consul = (
-        f"consul reachable at {c['address']}"
-        if c["reachable"]
-        else f"consul UNREACHABLE at {c['address']}: {c['error']}"
+        f"consul {CONSUL_PROBLEMS.get(problem, 'FAILED')} at {c['address']}: {c['error']}"
+        if problem
+        else f"consul reachable at {c['address']}"
     )
     lines = [f"host {data['node'] or '?'}: {daemon}; {consul}"]
     for name, a in data["apps"].items():
         lines.append(f"app {name}")
         lines.append(f"  current     {a['current'] or '-'}")
         lines.append(f"  previous    {a['previous'] or '-'}")
-        if "fleet_current" in a and a["fleet_current"] != a["current"]:
+        if not a.get("fleet_error") and "fleet_current" in a and a["fleet_current"] != a["current"]:
             lines.append(f"  fleet is on {a['fleet_current'] or '-'} (this host differs)")
         if a["backup"]:
             lines.append(f"  backup      {a['backup']}")
@@ -693,7 +798,9 @@ def _human_status(data: dict[str, Any]) -> str:
         for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
             lines.append(f"  downloading {artifact}: {_progress(got)}")
         dep = a.get("deploy")
-        if dep and dep.get("problem"):
+        if a.get("fleet_error"):
+            lines.append(f"  deploy      unknown ({a['fleet_error']})")
+        elif dep and dep.get("problem"):
             lines.append(f"  deploy      {_human_inflight_problem(dep)}")
         elif dep:
             state = "UNDECIDED" if a.get("undecided") else dep["this_host"]

@@ -22,6 +22,7 @@ from watcher.ctl import (
     EXIT_USAGE,
     CtlContext,
     artifact_id_argument,
+    free_text_argument,
     release_argument,
     table,
     user_at_host,
@@ -59,7 +60,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "hold", parents=[common], help="stop the watcher from deploying or converging this app here"
     )
     p.add_argument("app")
-    p.add_argument("--reason", default="", help="why (shown by status and releases)")
+    p.add_argument(
+        "--reason", default="", type=free_text_argument, help="why (shown by status and releases)"
+    )
     p.set_defaults(func=cmd_hold)
 
     p = sub.add_parser("release-hold", parents=[common], help="remove this host's hold on an app")
@@ -122,7 +125,7 @@ def _positive_days(text: str) -> float:
 
 
 def _engine(ctx: CtlContext, cache: ArtifactCache | None = None) -> ReleaseEngine:
-    return ReleaseEngine(ctx.config.app(ctx.args.app), cache)
+    return ReleaseEngine(ctx.app(ctx.args.app), cache)
 
 
 def _lock_owner(command: str) -> str:
@@ -421,7 +424,7 @@ def _hook_context(
 
 def cmd_setup_release(ctx: CtlContext) -> int:
     config = ctx.config
-    app = config.app(ctx.args.app)
+    app = ctx.app(ctx.args.app)
     consul = ConsulClient(config.consul)
     try:
         store = DeployStore(consul, config.kv_prefix, app.name)

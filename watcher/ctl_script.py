@@ -25,12 +25,18 @@ import gc
 import os
 import sys
 
+EXIT_INTERRUPTED = 128 + 2  # watcher.ctl's, before it is loaded
+EXIT_PIPE = 128 + 13
+
 
 def run() -> None:
     gc.disable()
-    from watcher.ctl import EXIT_PIPE, main  # after the collector is off
+    try:
+        from watcher.ctl import main  # after the collector is off
 
-    code = main()
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while Python loads watcherctl: quietly, like main()
+        code = EXIT_INTERRUPTED
     try:
         sys.stdout.flush()
         sys.stderr.flush()

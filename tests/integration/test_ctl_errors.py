@@ -83,6 +83,27 @@ class TestConsulErrors:
         assert result.returncode == 3
         assert "127.0.0.1:1" in one_line_error(result)
 
+    def test_status_names_a_refused_token_as_such(
+        self, cluster: ConsulCluster, tmp_path: Path
+    ) -> None:
+        """A 403 is not "unreachable": `status` says what Consul answered, shows this host's
+        part, and exits 3 without claiming that no deploy is in flight."""
+        agent = cluster.hosts[0]
+        consul = {
+            "address": agent.http_addr,
+            "ca_file": cluster.ca_file,
+            "token": "00000000-0000-0000-0000-000000000000",
+        }
+        result = run_ctl(tmp_path, consul, "status")
+        assert result.returncode == 3, result
+        assert "UNREACHABLE" not in result.stdout, result.stdout
+        assert f"consul REFUSED THE TOKEN at {agent.http_addr}" in result.stdout
+        assert "  deploy      unknown (Consul refused the token)" in result.stdout
+        assert "none in flight" not in result.stdout and "Traceback" not in result.stderr
+        data = json.loads(run_ctl(tmp_path, consul, "status", "--json").stdout)
+        assert data["consul"]["reachable"] is True
+        assert data["apps"]["web"]["fleet_error"] == "Consul refused the token"
+
     def test_debug_shows_the_traceback(self, tmp_path: Path) -> None:
         consul = {"address": "127.0.0.1:1", "timeout": "2s"}
         result = run_ctl(tmp_path, consul, "history", "web", debug=True)
@@ -114,6 +135,57 @@ def _acl_api(agent: Agent, path: str, body: dict[str, object]) -> dict[str, obje
     assert status == 200, f"PUT {path}: HTTP {status}: {raw[:300]!r}"
     data: dict[str, object] = json.loads(raw)
     return data
+
+
+class TestEventNotFired:
+    """A token that may write the deploy but not fire the doorbell event: the deploy starts,
+    and the warning goes to stderr (stdout stays the command's output, JSON included)."""
+
+    def test_the_warning_goes_to_stderr(self, cluster: ConsulCluster, tmp_path: Path) -> None:
+        agent = cluster.hosts[0]
+        admin = ConsulClient(agent.consul_settings())
+        session = admin.session_create("test member", 30.0)
+        try:
+            for as_json in (False, True):
+                prefix = f"ev{time.monotonic_ns()}"
+                app = f"{prefix}/apps/web"
+                name = f"no-events-{prefix}"
+                _acl_api(
+                    agent,
+                    "/v1/acl/policy",
+                    {"Name": name, "Rules": f'key_prefix "{app}/" {{ policy = "write" }}\n'},
+                )
+                token = _acl_api(agent, "/v1/acl/token", {"Policies": [{"Name": name}]})
+                record = ArtifactRecord(
+                    id="main-15eb13af",
+                    url="s3://b/web/main-15eb13af.tar.gz",
+                    sha256="0" * 64,
+                    size=1,
+                )
+                admin.kv_put(f"{app}/artifacts/main-15eb13af", record.to_json())
+                assert admin.kv_put(f"{app}/members/host-1", b"{}", acquire=session)
+                consul = {
+                    "address": agent.http_addr,
+                    "ca_file": cluster.ca_file,
+                    "token": token["SecretID"],
+                }
+                argv = ["deploy", "web", "main-15eb13af", "--no-wait"]
+                result = run_ctl(
+                    tmp_path,
+                    consul,
+                    *argv,
+                    *(["--json"] if as_json else []),
+                    extra={"kv_prefix": prefix},
+                )
+                assert result.returncode == 0, result.stderr
+                [warning] = result.stderr.splitlines()
+                assert warning.startswith("watcherctl: warning: event not fired"), warning
+                assert "warning" not in result.stdout
+                if as_json:
+                    assert json.loads(result.stdout)["state"] == "started"
+                assert admin.kv_get(f"{app}/inflight") is not None
+        finally:
+            admin.session_destroy(session)
 
 
 class TestTokenThatMayNotReadMembers:

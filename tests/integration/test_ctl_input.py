@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN
 from watcher.config import S3Settings
 from watcher.consul_api import ConsulClient, KVEntry
+from watcher.ctl import build_parser
 from watcher.records import ArtifactRecord, Keys
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -42,17 +46,20 @@ class Site:
         env["CONSUL_HTTP_ADDR"] = self.agent.http_addr
         return env
 
-    def ctl(
-        self, *argv: str | bytes, stdout: int | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    def argv(self, *argv: str | bytes) -> list[bytes]:
         args = [os.fsencode(a) for a in argv]
+        return [os.fsencode(BIN / "watcherctl"), *args, b"-c", os.fsencode(self.config)]
+
+    def ctl(
+        self, *argv: str | bytes, stdout: int | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [os.fsencode(BIN / "watcherctl"), *args, b"-c", os.fsencode(self.config)],
+            self.argv(*argv),
             stdout=subprocess.PIPE if stdout is None else stdout,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            env=self.env(),
+            env={**self.env(), **(env or {})},
             timeout=120,
             check=False,
         )
@@ -236,6 +243,116 @@ class TestBrokenInflight:
         assert site.kv.kv_get(site.keys.inflight) is None
         deploy, human, _ = self._status(site)
         assert deploy is None and "none in flight" in human
+
+
+def suggested(text: str, command: str) -> list[str]:
+    """The argv of the one `watcherctl COMMAND ...` that ``text`` tells the user to run,
+    checked with the real argument parser."""
+    found = re.findall(rf"(?:`|: )(watcherctl {command}\b[^`\n]*)", text)
+    assert len(set(found)) == 1, (command, text)
+    argv = shlex.split(found[0])[1:]
+    build_parser(argv[0]).parse_args(argv)  # exits 2 on a command argparse rejects
+    return argv
+
+
+def start_deploy(site: Site) -> str:
+    plant_artifact(site, site.keys.artifact(ARTIFACT))
+    started = site.ctl("deploy", "web", ARTIFACT, "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    deploy: str = json.loads(started.stdout)["deploy"]
+    return deploy
+
+
+class TestWhatTheMessagesSuggest:
+    """Every command a message tells the user to run is one watcherctl accepts and does."""
+
+    def test_the_in_flight_refusal_names_an_abort_that_works(self, site: Site) -> None:
+        deploy = start_deploy(site)
+        refused = site.ctl("deploy", "web", ARTIFACT, "--no-wait")
+        assert refused.returncode == 4, refused.stderr
+        argv = suggested(refused.stderr, "abort")
+        assert deploy in argv and "web" in argv
+        aborted = site.ctl(*argv)
+        assert aborted.returncode == 0, aborted.stderr
+        assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
+
+    def test_a_wait_that_runs_out_is_still_running_not_failed(self, site: Site) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        result = site.ctl("deploy", "web", ARTIFACT, "--timeout", "1")
+        assert result.returncode == 5, (result.stdout, result.stderr)
+        entry = site.kv.kv_get(site.keys.inflight)
+        assert entry is not None and entry.value
+        deploy = entry.value.decode()
+        assert f"deploy {deploy}: still running" in result.stdout
+        assert deploy in suggested(result.stdout, "abort")
+        follow = site.ctl(*suggested(result.stdout, "status"))
+        assert follow.returncode == 0 and deploy in follow.stdout, follow.stderr
+
+        site.kv.kv_delete(site.keys.inflight)
+        as_json = site.ctl("deploy", "web", ARTIFACT, "--timeout", "1", "--json")
+        assert as_json.returncode == 5, as_json.stderr
+        data = json.loads(as_json.stdout)
+        assert data["result"] is None and data["deploy"] in as_json.stderr
+        assert "still running" in as_json.stderr
+
+    @pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
+    def test_ctrl_c_while_waiting_says_the_deploy_goes_on(self, site: Site, as_json: bool) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        argv = site.argv("deploy", "web", ARTIFACT, *(["--json"] if as_json else []))
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=site.env()
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while site.kv.kv_get(site.keys.inflight) is None:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)  # it prints what it started, then waits
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        entry = site.kv.kv_get(site.keys.inflight)
+        assert entry is not None and entry.value
+        deploy = entry.value.decode()
+        assert proc.returncode == 130, (out, err)
+        assert "Traceback" not in err
+        assert f"deploy {deploy} goes on" in err, err
+        if as_json:
+            assert out == ""
+            assert err.index(deploy) < err.index("interrupted")  # said before the wait
+        follow = site.ctl(*suggested(err, "status"))
+        assert follow.returncode == 0 and deploy in follow.stdout, follow.stderr
+        abort = suggested(err, "abort")
+        assert deploy in abort and "web" in abort
+        if as_json:  # the abort waits up to 10 s for hosts: run it once
+            aborted = site.ctl(*abort)
+            assert aborted.returncode == 0, aborted.stderr
+            assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
+
+
+class TestUnderSudo:
+    """sudo drops CONSUL_HTTP_TOKEN(_FILE): a command that writes to Consul warns that it
+    acts with the config's token, not the operator's."""
+
+    def test_a_write_warns_a_read_does_not(self, site: Site) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        sudo = {"SUDO_USER": "alice"}
+        started = site.ctl("deploy", "web", ARTIFACT, "--no-wait", "--json", env=sudo)
+        assert started.returncode == 0, started.stderr
+        [warning] = started.stderr.splitlines()
+        assert warning.startswith("watcherctl: warning: ") and "alice" in warning
+        assert "sudo --preserve-env=CONSUL_HTTP_TOKEN,CONSUL_HTTP_TOKEN_FILE" in warning
+        deploy = json.loads(started.stdout)["deploy"]
+        request = site.kv.kv_get(site.keys.request(deploy))
+        assert request is not None and b'"alice@' in (request.value or b"")
+
+        status = site.ctl("status", "web", "--fleet", env=sudo)
+        assert status.returncode == 0 and status.stderr == "", status.stderr
+        site.kv.kv_delete(site.keys.inflight)
+        token = {**sudo, "CONSUL_HTTP_TOKEN": str(uuid.uuid4())}  # no ACLs here
+        again = site.ctl("deploy", "web", ARTIFACT, "--no-wait", env=token)
+        assert again.returncode == 0 and again.stderr == "", again.stderr
 
 
 class TestClosedStdout:

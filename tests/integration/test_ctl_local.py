@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -358,6 +359,132 @@ class TestPrune:
         assert data["removed"] == [r[2], r[3]]
         assert data["kept"][r[1]] == "current" and data["kept"][r[4]] == "previous"
         assert host.engine.current_release() == r[1] and host.engine.is_complete(r[1])
+
+
+class TestStatusWithoutConsul:
+    """Consul down: `status` still shows this host, says the fleet part is unknown (never
+    "none in flight") and exits 3."""
+
+    def test_local_part_unknown_fleet_part_exit_3(self, host: Host) -> None:
+        result = host.ctl("status")
+        assert result.returncode == 3, result
+        lines = result.stdout.splitlines()
+        assert f"  current     {release_of(4)}" in lines
+        assert f"  previous    {release_of(3)}" in lines
+        assert "  deploy      unknown (Consul unreachable)" in lines, result.stdout
+        assert "none in flight" not in result.stdout
+        assert "consul UNREACHABLE at http://127.0.0.1:9" in result.stdout
+        assert "Traceback" not in result.stderr
+
+        data = host.ctl_json("status", code=3)
+        web = data["apps"]["web"]
+        assert web["current"] == release_of(4)
+        assert web["deploy"] is None and web["fleet_current"] is None
+        assert web["fleet_error"] == "Consul unreachable"
+        assert data["consul"]["reachable"] is False and "127.0.0.1:9" in data["consul"]["error"]
+
+    def test_a_mistyped_app_names_the_configured_ones(self, host: Host) -> None:
+        for argv in (("status", "webb"), ("releases", "webb")):
+            result = host.ctl(*argv)
+            assert result.returncode == 2, result
+            assert result.stderr == (
+                f"watcherctl: error: no app 'webb' in {host.config_path} (configured: web)\n"
+            )
+
+
+class TestHostileText:
+    """Free text is checked on the way in, and output never crashes on encoding."""
+
+    def test_a_surrogate_or_control_character_in_reason_is_refused(self, host: Host) -> None:
+        for reason in (b"caf\xe9", b"\x1b[2Jgone", b"line\rover"):
+            result = subprocess.run(
+                [*map(os.fsencode, host.argv("hold", "web")), b"--reason", reason],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                env=host.env(),
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 2, result
+            assert "argument --reason" in result.stderr and "Traceback" not in result.stderr
+        assert host.engine.held() is None
+
+    def test_an_ascii_terminal_gets_escapes_not_a_crash(self, host: Host) -> None:
+        env = {**host.env(), "PYTHONIOENCODING": "ascii"}
+        argv = host.argv("hold", "web", "--reason", "café")
+        held = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert held.returncode == 0, held
+        assert "caf\\xe9" in held.stdout
+        for args, code in ((("releases", "web"), 0), (("status",), 3)):
+            result = subprocess.run(
+                host.argv(*args), capture_output=True, text=True, env=env, timeout=60
+            )
+            assert result.returncode == code, result
+            assert "caf\\xe9" in result.stdout and "Traceback" not in result.stderr
+
+    def test_a_surrogate_stored_before_is_shown_escaped(self, host: Host) -> None:
+        with host.engine.lock(owner="test"):
+            host.engine.hold("caf\udce9", "someone@host")
+        # a UTF-8 locale's stdout is strict (only the C locale's escapes surrogates)
+        env = {**host.env(), "PYTHONIOENCODING": "utf-8"}
+        for args, code in ((("releases", "web"), 0), (("status",), 3)):
+            result = subprocess.run(
+                host.argv(*args), capture_output=True, text=True, env=env, timeout=60
+            )
+            assert result.returncode == code, result
+            assert "caf\\udce9" in result.stdout and "Traceback" not in result.stderr
+
+
+class TestUnusablePaths:
+    """A path the command cannot use is one line naming it, exit 1, no traceback."""
+
+    def test_releases_is_a_file(self, host: Host) -> None:
+        releases = host.engine.layout.releases_dir
+        shutil.rmtree(releases)
+        releases.write_text("not a directory\n")
+        result = host.ctl("releases", "web")
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("watcherctl: error: ")
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert str(releases) in result.stderr and "Not a directory" in result.stderr
+
+    def test_status_json_is_a_directory(self, host: Host) -> None:
+        status = host.root / "state" / "status.json"
+        status.mkdir(parents=True)
+        result = host.ctl("status")
+        assert result.returncode == 3, result  # Consul is down; the local part is shown
+        assert "Traceback" not in result.stderr
+        assert f"watcher NOT running (cannot read {status}: Is a directory)" in result.stdout
+
+    def test_a_directory_this_user_may_not_read(self, tmp_path: Path) -> None:
+        """The operator forgot sudo: root's 0700 app directory."""
+        with tempfile.TemporaryDirectory() as shared:
+            base = Path(shared)
+            base.chmod(0o755)
+            h = Host(base)
+            h.config_path.chmod(0o644)
+            app_dir = base / "srv"
+            if os.geteuid() == 0:  # run watcherctl as nobody
+                prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+                app_dir.chmod(0o700)
+            else:
+                prefix = []
+                app_dir.chmod(0o000)
+            try:
+                result = subprocess.run(
+                    [*prefix, *h.argv("releases", "web")],
+                    capture_output=True,
+                    text=True,
+                    env={**h.env(), "HOME": shared},
+                    timeout=60,
+                    check=False,
+                )
+            finally:
+                app_dir.chmod(0o755)
+        assert result.returncode == 1, result
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert "Permission denied" in result.stderr and str(app_dir) in result.stderr
 
 
 # --- with the real Consul cluster and S3 server ----------------------------------------

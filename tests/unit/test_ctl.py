@@ -11,17 +11,20 @@ from typing import Any
 
 import pytest
 
+from watcher import __version__
 from watcher.config import Config, parse_config
 from watcher.ctl import (
     COMMANDS,
     EXIT_REFUSED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    CtlContext,
     build_parser,
     command_of,
     exit_code_for,
     main,
     operator_token,
+    sudo_token_warning,
 )
 from watcher.ctl import table as render_table
 from watcher.ctl_fleet import _human_status, _progress
@@ -57,6 +60,74 @@ class TestOperatorToken:
         env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
         with pytest.raises(ConfigError, match="cannot read"):
             operator_token(config_with_token(None), env)
+
+
+class TestSudoWithoutAnExportedToken:
+    """sudo's env_reset drops CONSUL_HTTP_TOKEN(_FILE): watcherctl then acts with the
+    config's (the host's) token while ``requested_by`` names $SUDO_USER; it says so."""
+
+    def test_warns_under_sudo_without_a_token(self) -> None:
+        warning = sudo_token_warning(config_with_token("host-token"), {"SUDO_USER": "alice"})
+        assert warning is not None and "\n" not in warning
+        assert "alice" in warning and "<config>" in warning
+        assert "sudo --preserve-env=CONSUL_HTTP_TOKEN,CONSUL_HTTP_TOKEN_FILE" in warning
+
+    def test_says_anonymous_when_the_config_has_no_token(self) -> None:
+        warning = sudo_token_warning(config_with_token(None), {"SUDO_USER": "alice"})
+        assert warning is not None and "no token" in warning
+
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {},
+            {"SUDO_USER": "alice", "CONSUL_HTTP_TOKEN": "mine"},
+            {"SUDO_USER": "alice", "CONSUL_HTTP_TOKEN_FILE": "/home/alice/.consul-token"},
+        ],
+    )
+    def test_silent_without_sudo_or_with_a_token(self, env: dict[str, str]) -> None:
+        assert sudo_token_warning(config_with_token("host-token"), env) is None
+
+    @pytest.mark.parametrize(
+        ("argv", "writes"),
+        [
+            (["deploy", "web", "main-15eb13af"], True),
+            (["rollback", "web"], True),
+            (["rollback", "web", "--local"], False),
+            (["abort", "20260101T000000Z-abc123"], True),
+            (["status", "--fleet"], False),
+            (["history", "web"], False),
+            (["hold", "web"], False),
+        ],
+    )
+    def test_only_commands_that_write_to_consul(self, argv: list[str], writes: bool) -> None:
+        args = build_parser(argv[0]).parse_args(argv)
+        assert CtlContext(args).writes_consul is writes
+
+
+class TestFreeText:
+    """--reason is stored and shown later: a surrogate (an undecodable byte of argv) or a
+    control character is refused at once, naming the option."""
+
+    @pytest.mark.parametrize(
+        "reason", ["caf\udce9", "red \x1b[31malert", "two\nlines", "nul\x00", "bell\x07"]
+    )
+    @pytest.mark.parametrize("command", [["hold", "web"], ["abort", "20260101T000000Z-abc123"]])
+    def test_refused_with_exit_2(
+        self, capsys: pytest.CaptureFixture[str], command: list[str], reason: str
+    ) -> None:
+        assert main([*command, "--reason", reason, "-c", "/nonexistent/w.yaml"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "argument --reason" in err and "Traceback" not in err
+
+    @pytest.mark.parametrize("reason", ["café ☕ deploy", "tabs\tare fine", ""])
+    def test_accepted(self, reason: str) -> None:
+        args = build_parser("hold").parse_args(["hold", "web", "--reason", reason])
+        assert args.reason == reason
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"watcherctl {__version__}\n"
 
 
 class TestExitCodes:
@@ -187,6 +258,57 @@ class TestDownloadProgress:
         assert "downloading" not in _human_status(data)
 
 
+class TestStatusWithoutTheFleet:
+    """When the fleet part could not be read, `status` says it does not know: never "none in
+    flight", never a fleet release."""
+
+    def test_unknown_is_not_none(self) -> None:
+        app = {
+            "current": "r1",
+            "previous": None,
+            "backup": None,
+            "staged": ["r1"],
+            "hold": None,
+            "prefetched": [],
+            "daemon": None,
+            "fleet_current": None,
+            "deploy": None,
+            "fleet_error": "Consul unreachable",
+        }
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": False, "reason": "process gone"},
+            "consul": {
+                "address": "http://127.0.0.1:8500",
+                "reachable": False,
+                "error": "connection refused",
+                "problem": "Consul unreachable",
+            },
+            "apps": {"web": app},
+        }
+        text = _human_status(data)
+        assert "  deploy      unknown (Consul unreachable)" in text.splitlines()
+        assert "consul UNREACHABLE at http://127.0.0.1:8500: connection refused" in text
+        assert "none in flight" not in text and "fleet is on" not in text
+        assert "  current     r1" in text.splitlines()
+
+    def test_a_refusal_is_not_called_unreachable(self) -> None:
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": False, "reason": "process gone"},
+            "consul": {
+                "address": "http://127.0.0.1:8500",
+                "reachable": True,
+                "error": "ACL not found",
+                "problem": "Consul refused the token",
+            },
+            "apps": {},
+        }
+        text = _human_status(data)
+        assert "UNREACHABLE" not in text
+        assert "consul REFUSED THE TOKEN at http://127.0.0.1:8500: ACL not found" in text
+
+
 class TestConsoleScript:
     """`watcherctl` as installed: ``watcher.ctl_script.run``, which loads with the
     collector off and leaves through ``os._exit`` once stdout and stderr are flushed."""
@@ -229,3 +351,74 @@ class TestConsoleScript:
         )
         done = self.script(["status", "-c", "/nonexistent/watcher.yaml"], before=spy)
         assert done.stdout == "gc True True\n", done.stderr
+
+    def test_ctrl_c_while_loading_exits_130_quietly(self) -> None:
+        # A real SIGINT, delivered while the command's modules are being imported.
+        interrupt = (
+            "import importlib.abc, os, signal\n"
+            "class Interrupt(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'watcher.config':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+        )
+        done = self.script(["status", "-c", "/nonexistent/watcher.yaml"], before=interrupt)
+        assert done.returncode == 130, done.stderr
+        assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+
+    def test_an_ascii_stdout_does_not_crash(self) -> None:
+        code = (
+            "import sys\n"
+            "from watcher.ctl import main\n"
+            "import watcher.ctl_local as local\n"
+            "local.cmd_releases = lambda ctx: print('caf\\xe9 caf\\udce9') or 0\n"
+            "sys.exit(main(['releases', 'web', '-c', '/nonexistent/w.yaml']))\n"
+        )
+        env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+
+
+class TestUnexpectedErrors:
+    """An OSError (or, last, any exception) is one line naming what failed, not a
+    traceback; --debug shows the traceback."""
+
+    @pytest.fixture(autouse=True)
+    def _logging_untouched(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """main() points the logs at this test's captured stderr, which is closed after it:
+        later tests in this process would log into a closed file."""
+        monkeypatch.setattr("watcher.ctl.configure_logging", lambda **_: None)
+
+    @staticmethod
+    def failing(exc: BaseException) -> Any:
+        def command(ctx: CtlContext) -> int:
+            raise exc
+
+        return command
+
+    def test_os_error_names_the_path(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        import watcher.ctl_local as local
+
+        exc = PermissionError(13, "Permission denied", "/var/lib/watcher/web")
+        monkeypatch.setattr(local, "cmd_releases", self.failing(exc))
+        assert main(["releases", "web"]) == 1
+        err = capsys.readouterr().err
+        assert err == "watcherctl: error: /var/lib/watcher/web: Permission denied\n"
+
+    def test_any_other_exception(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        import watcher.ctl_local as local
+
+        monkeypatch.setattr(local, "cmd_releases", self.failing(RuntimeError("boom")))
+        assert main(["releases", "web"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("watcherctl: error: unexpected RuntimeError: boom")
+        assert "--debug" in err and len(err.splitlines()) == 1
+        with pytest.raises(RuntimeError):
+            main(["releases", "web", "--debug"])
