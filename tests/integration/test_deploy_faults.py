@@ -567,7 +567,9 @@ class TestPartition:
         code, health = rig.health(victim)
         assert code == 503 and deploy_id in json.dumps(health["problems"]), health
         asked = time.monotonic()
-        status = victim.ctl_json("status")
+        answer = victim.ctl("status", check=False)
+        assert answer.returncode == 3, answer  # Consul unreachable, said by the exit code
+        status = json.loads(answer.stdout)
         print(
             f"\ncut-off {victim.name}: /health 503 after {unhealthy_after:.1f}s; "
             f"`status` answered in {time.monotonic() - asked:.1f}s without its agent"
