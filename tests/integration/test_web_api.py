@@ -22,13 +22,14 @@ from fastapi.testclient import TestClient
 
 from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
 from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.deploys import start_deploy
 from tests.support.fleet import BIN, Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
 from tests.support.web import WebServer
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
 from watcher.consul_api import ConsulClient
-from watcher.records import Keys
+from watcher.records import FAILED, LIVE, ArtifactRecord, Keys, NodeProgress
 from watcher.web.app import create_app, live_snapshot
 from watcher.web.live import LiveFeed
 
@@ -242,6 +243,29 @@ class TestDeployApiWithAcls:
             env.gate.touch()
         assert env.fleet.wait_outcome(deploy)["result"] == "aborted"
         env.fleet.wait_idle()
+
+    def test_abort_of_a_contested_deploy_says_so_and_writes_nothing(self, env: Env) -> None:
+        # App api has no daemons: the test writes a deploy whose acks contradict each
+        # other (one host live, the other's ack rewritten to failed).
+        kv = env.fleet.kv
+        store = DeployStore(kv, env.fleet.kv_prefix, "api")
+        artifact = ArtifactRecord(
+            id="main-c0c0a0a0",
+            url="s3://b/artifacts/api/main-c0c0a0a0.tar.gz",
+            sha256="c" * 64,
+            size=1,
+        )
+        joined = start_deploy(store, "20261202T000000Z-c0c0a0", {"h1": "", "h2": ""}, artifact)
+        try:
+            for node, state in (("h1", LIVE), ("h2", FAILED)):
+                ack = NodeProgress(node=node, state=state, deploy=joined.id, digest=joined.digest)
+                assert kv.kv_put(store.keys.progress(joined.id, node), ack.to_json())
+            r = env.web.post(f"/api/v1/apps/api/deploys/{joined.id}/abort", {}, env.api_operator)
+            assert r.status_code == 409, r.text
+            assert f"deploy {joined.id} is contested" in r.json()["error"]
+            assert kv.kv_get(store.keys.abort_request(joined.id)) is None
+        finally:
+            kv.kv_delete(store.keys.base + "/", recurse=True)
 
     def test_rollback_through_the_api(self, env: Env) -> None:
         v6 = env.fleet.publish("v6")

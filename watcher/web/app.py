@@ -720,7 +720,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if view is None:
             raise ApiError(404, f"app {name}: no deploy {deploy_id}")
         settled = view.outcome.result if view.outcome else view.verdict()
-        if settled not in ("undecided", "contested"):
+        if settled == "contested":
+            raise ApiError(409, contested_reason(deploy_id))
+        if settled != "undecided":
             raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
         what, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
         if what in ("aborted", "undecided"):
@@ -728,6 +730,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             log.info("web_deploy_aborted", app=name, deploy=deploy_id, by=caller.requested_by)
             return {"deploy": deploy_id, "aborted": what == "aborted", "result": what}
         state.writes.labels(app=name, action="abort", result="refused").inc()
+        if what == "contested":
+            raise ApiError(409, contested_reason(deploy_id))
         raise ApiError(
             409, f"deploy {deploy_id} is {what}: every host had acked ready, too late to abort"
         )
@@ -787,6 +791,14 @@ def valid(check: Callable[[object], str], value: str, field: str, what: str, rul
         check(value)
     except ids.InvalidName:
         raise ApiError(422, f"{field}: {ids.shown(value)} is not {what} (must be {rule})") from None
+
+
+def contested_reason(deploy_id: str) -> str:
+    return (
+        f"deploy {deploy_id} is contested: a host's ack changed after others acted on it; "
+        "every host that saw it stopped where it stands and holds the app, and an abort "
+        "changes nothing (README.md, 'A deploy is contested')"
+    )
 
 
 def check_deploy_id(deploy_id: str) -> None:
