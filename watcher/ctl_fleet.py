@@ -15,6 +15,7 @@ from typing import Any
 
 from watcher import ids
 from watcher.barrier import (
+    CONTESTED,
     DeployStore,
     DeployView,
     new_deploy_id,
@@ -523,6 +524,8 @@ def cmd_abort(ctx: CtlContext) -> int:
                 f"watcherctl: abort of {d['deploy']} requested; hosts honor it before "
                 "they ack ready (watch `watcherctl history`)"
                 if d["decision"] == "undecided"
+                else f"watcherctl: {contested_reason(d['deploy'])}"
+                if d["decision"] == CONTESTED
                 else f"watcherctl: deploy {d['deploy']} is {d['decision']}: the abort request "
                 "came too late (every host had acked ready)"
             ),
@@ -536,7 +539,12 @@ def abort_deploy(
 ) -> tuple[str, DeployView | None]:
     """Request the abort (``requests/<id>/abort``) and wait up to ``wait`` s for the acks to
     settle: ("aborted" | "committed" | another outcome | "undecided", the deploy). Every
-    expected host honors the request until it acks ready; after that it is too late."""
+    expected host honors the request until it acks ready; after that it is too late.
+    A contested deploy ("contested") is left alone: it has stopped, and an abort changes
+    nothing there."""
+    before = store.view(deploy_id)
+    if before is not None and before.outcome is None and before.verdict() == CONTESTED:
+        return CONTESTED, before
     store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
     result = view.outcome.result if view and view.outcome else None
@@ -544,6 +552,14 @@ def abort_deploy(
     if result == "aborted" or (result is None and verdict == ABORT):
         return "aborted", view
     return result or verdict, view
+
+
+def contested_reason(deploy_id: str) -> str:
+    return (
+        f"deploy {deploy_id} is contested: a host's ack changed after others acted on it; "
+        "every host that saw it stopped where it stands and holds the app, and an abort "
+        "changes nothing (README.md, 'A deploy is contested')"
+    )
 
 
 def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployView | None:

@@ -29,6 +29,7 @@ from tests.support.web import WebServer
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
 from watcher.consul_api import ConsulClient
+from watcher.ctl_fleet import abort_deploy
 from watcher.records import FAILED, LIVE, ArtifactRecord, Keys, NodeProgress
 from watcher.web.app import create_app, live_snapshot
 from watcher.web.live import LiveFeed
@@ -263,6 +264,8 @@ class TestDeployApiWithAcls:
             r = env.web.post(f"/api/v1/apps/api/deploys/{joined.id}/abort", {}, env.api_operator)
             assert r.status_code == 409, r.text
             assert f"deploy {joined.id} is contested" in r.json()["error"]
+            # watcherctl abort goes through the same function: it leaves it alone too.
+            assert abort_deploy(store, joined.id, "", by="tests", wait=1.0)[0] == "contested"
             assert kv.kv_get(store.keys.abort_request(joined.id)) is None
         finally:
             kv.kv_delete(store.keys.base + "/", recurse=True)

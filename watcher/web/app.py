@@ -36,6 +36,7 @@ from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
     artifact_records,
+    contested_reason,
     deploy_history,
     deploy_request,
     deploy_summary,
@@ -791,14 +792,6 @@ def valid(check: Callable[[object], str], value: str, field: str, what: str, rul
         check(value)
     except ids.InvalidName:
         raise ApiError(422, f"{field}: {ids.shown(value)} is not {what} (must be {rule})") from None
-
-
-def contested_reason(deploy_id: str) -> str:
-    return (
-        f"deploy {deploy_id} is contested: a host's ack changed after others acted on it; "
-        "every host that saw it stopped where it stands and holds the app, and an abort "
-        "changes nothing (README.md, 'A deploy is contested')"
-    )
 
 
 def check_deploy_id(deploy_id: str) -> None:
