@@ -580,7 +580,9 @@ class Daemon:
         self._build_agents()
         server = None
         if self.config.daemon.listen:
-            server = HealthServer(self.config.daemon.listen, self.health.check, self.metrics)
+            server = HealthServer(
+                self.config.daemon.listen, self.health.check, self.metrics, self.health.serving
+            )
             server.start()
         self.keeper = SessionKeeper(
             self.consul,

@@ -1,8 +1,10 @@
-"""The daemon's local HTTP endpoint: /health for load balancers, /metrics for Prometheus."""
+"""The daemon's local HTTP endpoint: /health (the watcher), /health/serving (for load
+balancers), /metrics for Prometheus."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -33,6 +35,8 @@ HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 #: Seconds; deploy phases run from well under a second (a prefetched flip) to many minutes.
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 FETCH_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+REQUEST_DEADLINE = 5.0  # seconds a client has to send its whole request, however slowly
+MAX_CONNECTIONS = 64  # served at once; one more gets a 503 without a thread of its own
 
 
 class ConsulRequestsCollector(Collector):
@@ -297,6 +301,19 @@ class HealthState:
             }
         return not problems, details
 
+    def serving(self) -> tuple[bool, dict[str, Any]]:
+        """(should serve, details) for /health/serving, what a load balancer asks: false only
+        while this host is undecided past ``undecided_after`` (DESIGN.md 6.2: it may be the
+        one host left on the old release). Never because of Consul, the session or the
+        watcher itself: those fail on every host at once, and draining on them would take
+        the whole fleet out of the load balancer while the app is fine."""
+        _, details = self.check()
+        problems = [p for p in details["problems"] if ": undecided in deploy " in p]
+        return not problems, {
+            "waiting_for_decision": details["waiting_for_decision"],
+            "problems": problems,
+        }
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:9473"``, ``"[::1]:9473"``, ``"localhost:0"`` -> (host, port)."""
@@ -312,35 +329,96 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # a burst of probes waits in the backlog, not in SYN retries
 
-    def __init__(self, address: tuple[str, int], health_fn: HealthFn, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        health_fn: HealthFn,
+        metrics: Metrics,
+        serving_fn: HealthFn | None = None,
+    ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.health_fn = health_fn
+        self.serving_fn = serving_fn or health_fn
         self.metrics = metrics
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # Over the cap (slow clients holding every slot): no thread, a short answer.
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only what is left of one deadline for the request:
+    a client sending a byte every few seconds is cut off, not served for minutes."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not complete within its deadline")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = 10.0  # a slow or stuck client holds one thread for at most this long
+    timeout = REQUEST_DEADLINE  # and the whole request within REQUEST_DEADLINE (setup)
     server_version = f"watcher/{__version__}"
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + REQUEST_DEADLINE
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/health":
-            self._health()
+            self._health(self.server.health_fn)
+        elif path == "/health/serving":
+            self._health(self.server.serving_fn)
         elif path == "/metrics":
             self._reply(200, CONTENT_TYPE_LATEST, self.server.metrics.render())
         else:
-            self._reply(404, "text/plain; charset=utf-8", b"not found: try /health or /metrics\n")
+            self._reply(
+                404,
+                "text/plain; charset=utf-8",
+                b"not found: try /health, /health/serving or /metrics\n",
+            )
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
-    def _health(self) -> None:
+    def _health(self, fn: HealthFn) -> None:
         try:
-            healthy, details = self.server.health_fn()
+            healthy, details = fn()
         except Exception as exc:  # a broken health function must read as unhealthy
             get_logger(component="health").exception("health_check_crashed")
             healthy, details = False, {"problems": [f"health check crashed: {exc!r}"]}
@@ -365,10 +443,17 @@ class _Handler(BaseHTTPRequestHandler):
 class HealthServer:
     """/health and /metrics on ``listen`` ("host:port"; port 0 picks a free one)."""
 
-    def __init__(self, listen: str, health_fn: HealthFn, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        listen: str,
+        health_fn: HealthFn,
+        metrics: Metrics,
+        serving_fn: HealthFn | None = None,
+    ) -> None:
         self.listen = listen
         self._address = parse_listen(listen)
         self._health_fn = health_fn
+        self._serving_fn = serving_fn
         self._metrics = metrics
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -389,7 +474,7 @@ class HealthServer:
         if self._server is not None:
             return
         try:
-            server = _Server(self._address, self._health_fn, self._metrics)
+            server = _Server(self._address, self._health_fn, self._metrics, self._serving_fn)
         except OSError as exc:
             raise ConfigError(
                 "daemon.listen", [f"cannot listen on {self.listen}: {exc.strerror or exc}"]

@@ -76,9 +76,9 @@ def daemon(
         listener.close()
 
 
-def health(port: int) -> tuple[int, dict[str, object]]:
+def health(port: int, path: str = "/health") -> tuple[int, dict[str, object]]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -147,6 +147,11 @@ class TestHealthEndpoint:
         try:
             time.sleep(3)
             assert w.running(), "the daemon must survive its Consul agent going away"
+            # Consul is gone, the app is not: a load balancer keeps the host.
+            assert health(port, "/health/serving") == (
+                200,
+                {"healthy": True, "problems": [], "waiting_for_decision": {}},
+            )
             status = w.ctl("status", check=False)
             assert status.returncode == 3, status  # the local part shown, Consul's unknown
             assert json.loads(status.stdout)["consul"]["reachable"] is False

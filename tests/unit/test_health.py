@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from watcher import health
 from watcher.consul_api import request_kind
 from watcher.errors import ConfigError
 from watcher.health import (
@@ -162,6 +164,92 @@ class TestHealthServer:
         other = HealthServer(f"127.0.0.1:{server.port}", health_fn, metrics)
         with pytest.raises(ConfigError, match=r"daemon.listen: cannot listen on 127.0.0.1:\d+"):
             other.start()
+
+
+class TestWhatALoadBalancerAsks:
+    def test_serving_fails_only_for_an_undecided_host(self, metrics: Metrics) -> None:
+        clock = FakeClock()
+        state = HealthState(undecided_after=30, metrics=metrics, clock=clock)
+        srv = HealthServer("127.0.0.1:0", state.check, metrics, state.serving)
+        srv.start()
+        try:
+            # Starting, then Consul gone: the watcher is unwell on every host at once, the
+            # app is not; a load balancer must not drain the whole fleet for it.
+            assert get(srv.port, "/health")[0] == 503
+            assert get(srv.port, "/health/serving")[0] == 200
+            state.session_ok("s")
+            state.loop_cycle()
+            state.session_lost("renewal failed: consul unreachable")
+            clock.now += 500  # and the loop stalled
+            assert get(srv.port, "/health")[0] == 503
+            status, _, body = get(srv.port, "/health/serving")
+            assert status == 200 and json.loads(body)["problems"] == []
+            # Acked ready and cannot read the decision: this host may be the one left on
+            # the old release, so it is drained.
+            state.waiting_for_decision("web", "d-1")
+            clock.now += 31
+            status, _, body = get(srv.port, "/health/serving")
+            assert status == 503, body
+            assert json.loads(body)["problems"] == [
+                "web: undecided in deploy d-1 for 31s (acked ready, cannot read the decision)"
+            ]
+            state.decision_read("web")
+            assert get(srv.port, "/health/serving")[0] == 200
+        finally:
+            srv.stop()
+
+    def test_a_slow_client_is_cut_off_at_the_request_deadline(
+        self, metrics: Metrics, health_fn: Switch, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(health, "REQUEST_DEADLINE", 1.0)
+        srv = HealthServer("127.0.0.1:0", health_fn, metrics)
+        srv.start()
+        try:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                started = time.monotonic()
+                closed = False
+                for byte in b"GET /health HTTP/1.0\r\nX-Slow: " + b"a" * 40:
+                    try:
+                        sock.sendall(bytes([byte]))  # a byte every 0.2 s: each read is quick
+                    except OSError:
+                        closed = True
+                        break
+                    time.sleep(0.2)
+                    if time.monotonic() - started > 4:
+                        break
+                if not closed:
+                    sock.settimeout(3)
+                    try:
+                        closed = sock.recv(100) == b""
+                    except OSError:
+                        closed = True
+                assert closed and time.monotonic() - started < 4
+            assert get(srv.port, "/health")[0] == 200
+        finally:
+            srv.stop()
+
+    def test_connections_over_the_cap_get_a_quick_503(
+        self, metrics: Metrics, health_fn: Switch, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(health, "MAX_CONNECTIONS", 2)
+        srv = HealthServer("127.0.0.1:0", health_fn, metrics)
+        srv.start()
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.3)  # both accepted and holding a slot
+            started = time.monotonic()
+            assert get(srv.port, "/health")[0] == 503
+            assert time.monotonic() - started < 1
+            for sock in idle:
+                sock.close()
+            deadline = time.monotonic() + 10
+            while get(srv.port, "/health")[0] != 200:  # slots freed as the handlers end
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            for sock in idle:
+                sock.close()
+            srv.stop()
 
 
 class TestParseListen:
