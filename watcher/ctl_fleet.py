@@ -271,6 +271,11 @@ def rollback_request(
 def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int) -> str:
     """Write the deploy (one txn), then ring the doorbell; returns a warning or ""."""
     store.start(record, history_keep=history_keep)
+    return ring_doorbell(store, record)
+
+
+def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
+    """Fire the deploy's event; returns a warning or ""."""
     payload = json.dumps({"app": store.app, "deploy": record.id}, separators=(",", ":"))
     try:  # the event is only a doorbell: every daemon already watches `inflight`
         store.consul.event_fire(record.kind, payload.encode())
@@ -280,11 +285,12 @@ def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int)
 
 
 def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
-    warning = start_deploy(store, record, history_keep=ctx.config.daemon.history_keep)
+    store.start(record, history_keep=ctx.config.daemon.history_keep)
     # From here on the deploy runs on every host whatever this process does: the user must
-    # always learn its id, and how to follow and abort it.
+    # always learn its id, and how to follow and abort it (firing the event included: it
+    # can take a moment, and an interrupt there stops nothing either).
     try:
-        return _wait_after_start(ctx, store, record, warning)
+        return _wait_after_start(ctx, store, record, ring_doorbell(store, record))
     except KeyboardInterrupt:
         print(
             f"watcherctl: interrupted; {record.kind} {record.id} goes on across the fleet; "
