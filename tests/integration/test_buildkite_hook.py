@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -90,6 +91,7 @@ def buildkite_env(config: Path, **over: str) -> dict[str, str]:
         "BUILDKITE": "true",
         "BUILDKITE_COMMAND_EXIT_STATUS": "0",
         "BUILDKITE_BRANCH": "main",
+        "BUILDKITE_PULL_REQUEST": "false",  # what Buildkite sets for a build that is no PR
         "BUILDKITE_COMMIT": COMMIT,
         "BUILDKITE_BUILD_NUMBER": "99",
         "BUILDKITE_BUILD_URL": "https://buildkite.example/acme/web/builds/99",
@@ -188,6 +190,81 @@ class TestBuildkitePostCommand:
         assert result.returncode == 0, result.stderr
         assert "branch 'feature/login' is not in WATCHER_PUBLISH_BRANCHES" in result.stdout
         assert record(consul, f"feature-login-4{COMMIT[1:8]}") is None
+        check_sourced_shell(mode, result)
+
+    def test_pull_request_build_does_nothing(
+        self,
+        mode: str,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        checkout: Path,
+        tmp_path: Path,
+    ) -> None:
+        # A fork's pull request from its own `main`: Buildkite's branch is the PR's head.
+        commit = ("b" if mode == "executed" else "c") + COMMIT[1:]
+        env = buildkite_env(
+            config_file(tmp_path, cluster, s3_settings),
+            BUILDKITE_COMMIT=commit,
+            BUILDKITE_PULL_REQUEST="17",
+            BUILDKITE_PULL_REQUEST_REPO="https://github.com/someone/web.git",
+        )
+        result = run_hook(mode, checkout, **env)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (
+            "release-watcher: this is a build of pull request #17 (branch 'main');"
+            " not publishing (WATCHER_PUBLISH_PULL_REQUESTS is not true)"
+        ) in result.stdout
+        assert record(consul, f"main-{commit[:8]}") is None
+        check_sourced_shell(mode, result)
+
+    @pytest.mark.parametrize("opt_in", ["", "false", "yes"])
+    def test_only_true_opts_pull_requests_in(
+        self,
+        opt_in: str,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        checkout: Path,
+        tmp_path: Path,
+    ) -> None:
+        commit = hashlib.sha256(f"opt-in {opt_in}".encode()).hexdigest()[:40]
+        env = buildkite_env(
+            config_file(tmp_path, cluster, s3_settings),
+            BUILDKITE_COMMIT=commit,
+            BUILDKITE_PULL_REQUEST="18",
+            WATCHER_PUBLISH_PULL_REQUESTS=opt_in,
+        )
+        result = run_hook("executed", checkout, **env)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "pull request #18 (branch 'main'); not publishing" in result.stdout
+        assert record(consul, f"main-{commit[:8]}") is None
+
+    def test_pull_request_build_publishes_when_opted_in(
+        self,
+        mode: str,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        checkout: Path,
+        tmp_path: Path,
+    ) -> None:
+        commit = ("e" if mode == "executed" else "f") + COMMIT[1:]
+        env = buildkite_env(
+            config_file(tmp_path, cluster, s3_settings),
+            BUILDKITE_BRANCH="release/2.0",
+            BUILDKITE_COMMIT=commit,
+            BUILDKITE_PULL_REQUEST="19",
+            WATCHER_PUBLISH_BRANCHES="release/*",
+            WATCHER_PUBLISH_PULL_REQUESTS="true",
+        )
+        result = run_hook(mode, checkout, **env)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"published web artifact release-2.0-{commit[:8]}" in result.stdout
+        assert record(consul, f"release-2.0-{commit[:8]}") is not None
         check_sourced_shell(mode, result)
 
     def test_commit_that_is_not_a_sha_is_refused(
