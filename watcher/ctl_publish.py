@@ -4,15 +4,61 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
 from watcher.config import parse_duration
-from watcher.ctl import CtlContext, artifact_id_argument, commit_argument, user_at_host
+from watcher.ctl import (
+    CtlContext,
+    artifact_id_argument,
+    commit_argument,
+    free_text_argument,
+    user_at_host,
+)
 from watcher.errors import ConfigError, PayloadError
 from watcher.ids import ARTIFACT_ID_RULE, check_commit, shown
 from watcher.records import MANIFEST_PATH
+
+
+def branch_argument(text: str) -> str:
+    """A branch name: free text (``free_text_argument``), and no tab either (git refuses
+    one in a ref name; the name goes into the artifact id, KV, the web page and chat)."""
+    try:
+        if "\t" in text:
+            raise argparse.ArgumentTypeError("tab")
+        return free_text_argument(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"invalid branch {shown(text)}: control characters or bytes that are not UTF-8"
+        ) from None
+
+
+branch_argument.__name__ = "branch"
+
+
+def build_url_argument(text: str) -> str:
+    """The CI build's URL: free text that is an http(s) URL with a host and no whitespace,
+    or empty. The web page and chat messages make a link of it."""
+    free_text_argument(text)
+    if not text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme.lower() not in ("http", "https")
+        or not parts.netloc
+        or any(c.isspace() for c in text)
+    ):
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL or empty, got {shown(text)}")
+    return text
+
+
+build_url_argument.__name__ = "build URL"
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -33,14 +79,24 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("app", metavar="APP", help="the app the artifact belongs to")
     p.add_argument("dir", metavar="DIR", help="the directory to package")
-    p.add_argument("--branch", help="branch built (default $BUILDKITE_BRANCH)")
+    p.add_argument(
+        "--branch", type=branch_argument, help="branch built (default $BUILDKITE_BRANCH)"
+    )
     p.add_argument(
         "--commit",
         type=commit_argument,
         help="the full commit SHA built (default $BUILDKITE_COMMIT)",
     )
-    p.add_argument("--build-number", help="CI build number (default $BUILDKITE_BUILD_NUMBER)")
-    p.add_argument("--build-url", help="CI build URL (default $BUILDKITE_BUILD_URL)")
+    p.add_argument(
+        "--build-number",
+        type=free_text_argument,
+        help="CI build number (default $BUILDKITE_BUILD_NUMBER)",
+    )
+    p.add_argument(
+        "--build-url",
+        type=build_url_argument,
+        help="CI build URL, http(s) or empty (default $BUILDKITE_BUILD_URL)",
+    )
     p.add_argument(
         "--artifact-id",
         type=artifact_id_argument,
@@ -69,25 +125,43 @@ def created_by(env: Mapping[str, str]) -> str:
     return user_at_host()
 
 
+def _from_env(
+    env: Mapping[str, str],
+    name: str,
+    check: Callable[[str], str],
+    problems: list[str],
+) -> str | None:
+    """``$name`` (Buildkite's default for an option left out) checked like the option;
+    None, with the problem added to ``problems``, when it does not pass."""
+    value = env.get(name, "")
+    try:
+        return check(value)
+    except argparse.ArgumentTypeError as exc:
+        problems.append(f"${name}: {exc}")
+        return None
+
+
 def run_publish(ctx: CtlContext) -> int:
     args = ctx.args
     env = os.environ
-    branch = args.branch if args.branch is not None else env.get("BUILDKITE_BRANCH", "")
-    commit = args.commit if args.commit is not None else env.get("BUILDKITE_COMMIT", "")
     problems: list[str] = []
+    branch = args.branch
+    if branch is None:
+        branch = _from_env(env, "BUILDKITE_BRANCH", branch_argument, problems)
+    build_number = args.build_number
+    if build_number is None:
+        build_number = _from_env(env, "BUILDKITE_BUILD_NUMBER", free_text_argument, problems)
+    build_url = args.build_url
+    if build_url is None:
+        build_url = _from_env(env, "BUILDKITE_BUILD_URL", build_url_argument, problems)
+    commit = args.commit if args.commit is not None else env.get("BUILDKITE_COMMIT", "")
     if args.commit is None and commit:
         try:
             check_commit(commit)
         except PayloadError as exc:
             problems.append(f"$BUILDKITE_COMMIT: {exc}")
-    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in branch):
-        where = "--branch" if args.branch is not None else "$BUILDKITE_BRANCH"
-        problems.append(
-            f"{where}: invalid branch {shown(branch)}: control characters or bytes that "
-            "are not UTF-8"
-        )
     if args.artifact_id is None:
-        if not branch:
+        if branch == "":
             problems.append("--branch (or $BUILDKITE_BRANCH) is required without --artifact-id")
         if not commit:
             problems.append("--commit (or $BUILDKITE_COMMIT) is required without --artifact-id")
@@ -98,20 +172,16 @@ def run_publish(ctx: CtlContext) -> int:
         retry_for = 30.0
     if problems:
         raise ConfigError("watcherctl publish", problems)
-    build_number = args.build_number
-    if build_number is None:
-        build_number = env.get("BUILDKITE_BUILD_NUMBER", "")
-    build_url = args.build_url if args.build_url is not None else env.get("BUILDKITE_BUILD_URL", "")
     from watcher.publish import publish_artifact, tty_progress  # boto3: only when used
 
     record = publish_artifact(
         ctx.config,
         args.app,
         args.dir,
-        branch=branch,
+        branch=branch or "",
         commit=commit,
-        build_number=build_number,
-        build_url=build_url,
+        build_number=build_number or "",
+        build_url=build_url or "",
         artifact_id=args.artifact_id,
         created_by=created_by(env),
         progress=None if ctx.as_json else tty_progress(),

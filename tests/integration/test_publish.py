@@ -338,3 +338,107 @@ class TestPublishCommand:
         assert result.returncode == 2
         assert "--branch (or $BUILDKITE_BRANCH) is required" in result.stderr
         assert "--commit (or $BUILDKITE_COMMIT) is required" in result.stderr
+
+
+class TestPublishFreeText:
+    """--branch, --build-number and --build-url end up in KV, the web page and chat."""
+
+    @pytest.mark.parametrize(
+        ("option", "value", "message"),
+        [
+            ("--branch", "main\x7f", "argument --branch: invalid branch"),
+            ("--branch", "main\x85", "argument --branch: invalid branch"),
+            ("--build-number", "42\n", "argument --build-number: control character"),
+            ("--build-number", "4\udcff2", "argument --build-number: not valid UTF-8"),
+            ("--build-url", "https://ci/\x1b[31m", "argument --build-url: control character"),
+            ("--build-url", "javascript:alert(1)", "argument --build-url: must be an http"),
+            ("--build-url", "ci.example/b/1", "argument --build-url: must be an http"),
+            ("--build-url", "https://ci.example/b 1", "argument --build-url: must be an http"),
+        ],
+    )
+    def test_bad_free_text_is_a_usage_error(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        src: Path,
+        tmp_path: Path,
+        option: str,
+        value: str,
+        message: str,
+    ) -> None:
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE")}
+        argv = [str(WATCHERCTL), "publish", "-c", str(config_file), "web", str(src)]
+        artifact = f"text-{uuid.uuid4().hex[:8]}"
+        argv += ["--artifact-id", artifact, "--commit", COMMIT, option, value]
+        result = subprocess.run(
+            [os.fsencode(a) for a in argv],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        stderr = result.stderr.decode("utf-8", "backslashreplace")
+        assert result.returncode == 2, stderr
+        assert message in stderr
+        assert kv_record(consul, artifact) is None
+
+    @pytest.mark.parametrize(
+        ("name", "value", "message"),
+        [
+            ("BUILDKITE_BRANCH", "\x7f", "$BUILDKITE_BRANCH: invalid branch"),
+            ("BUILDKITE_BUILD_NUMBER", "7\x1b", "$BUILDKITE_BUILD_NUMBER: control character"),
+            ("BUILDKITE_BUILD_URL", "ftp://ci/7", "$BUILDKITE_BUILD_URL: must be an http"),
+        ],
+    )
+    def test_bad_buildkite_variables_are_refused(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        src: Path,
+        tmp_path: Path,
+        name: str,
+        value: str,
+        message: str,
+    ) -> None:
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE")}
+        branch = f"env-{uuid.uuid4().hex[:8]}"
+        env.update(BUILDKITE_BRANCH=branch, BUILDKITE_COMMIT=COMMIT, BUILDKITE_BUILD_NUMBER="7")
+        env.update(BUILDKITE_BUILD_URL="https://buildkite.example/b/7")
+        env[name] = branch + value if name == "BUILDKITE_BRANCH" else value
+        result = subprocess.run(
+            [str(WATCHERCTL), "publish", "-c", str(config_file), "web", str(src)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        published = consul.kv_keys(Keys("watcher", "web").artifacts_prefix)
+        assert not [key for key in published if branch in key]
+
+    def test_plain_values_and_an_empty_url_are_kept(
+        self, config_data: dict[str, Any], consul: ConsulClient, src: Path, tmp_path: Path
+    ) -> None:
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE")}
+        argv = [str(WATCHERCTL), "publish", "-c", str(config_file), "web", str(src)]
+        argv += ["--branch", "release/café", "--commit", COMMIT, "--build-number", "42 (retry)"]
+        argv += ["--build-url", "", "--artifact-id", "text-2", "--json"]
+        result = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        stored = kv_record(consul, "text-2")
+        assert stored is not None
+        assert (stored.branch, stored.build_number, stored.build_url) == (
+            "release/café",
+            "42 (retry)",
+            "",
+        )
