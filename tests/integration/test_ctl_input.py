@@ -300,7 +300,14 @@ class TestWhatTheMessagesSuggest:
         plant_artifact(site, site.keys.artifact(ARTIFACT))
         argv = site.argv("deploy", "web", ARTIFACT, *(["--json"] if as_json else []))
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=site.env()
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=site.env(),
+            # A suite started in the background inherits SIGINT ignored: give the child the
+            # disposition a terminal gives it, or the interrupt below never arrives.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             # It says what it started (stderr with --json, else stdout), then waits: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -309,6 +310,13 @@ class TestStatusWithoutTheFleet:
         assert "consul REFUSED THE TOKEN at http://127.0.0.1:8500: ACL not found" in text
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it. A test suite started in the
+    background (``cmd &`` in a script) inherits SIGINT ignored, and Python then leaves it
+    ignored, so the interrupt a test sends would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TestConsoleScript:
     """`watcherctl` as installed: ``watcher.ctl_script.run``, which loads with the
     collector off and leaves through ``os._exit`` once stdout and stderr are flushed."""
@@ -325,7 +333,12 @@ class TestConsoleScript:
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         return subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            preexec_fn=default_sigint,
         )
 
     def test_a_buffered_pipe_gets_every_line_and_the_exit_code_is_kept(self) -> None:
