@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -172,21 +173,40 @@ def run_publish(ctx: CtlContext) -> int:
         retry_for = 30.0
     if problems:
         raise ConfigError("watcherctl publish", problems)
-    from watcher.publish import publish_artifact, tty_progress  # boto3: only when used
-
-    record = publish_artifact(
-        ctx.config,
-        args.app,
-        args.dir,
-        branch=branch or "",
-        commit=commit,
-        build_number=build_number or "",
-        build_url=build_url or "",
-        artifact_id=args.artifact_id,
-        created_by=created_by(env),
-        progress=None if ctx.as_json else tty_progress(),
-        retry_deadline=retry_for,
+    from watcher.publish import (  # boto3: only when used
+        PublishInterrupted,
+        publish_artifact,
+        signals_interrupt_publish,
+        tty_progress,
     )
+
+    record = None
+    try:
+        # A Buildkite cancel or job timeout sends SIGTERM: the record written before the
+        # upload is withdrawn on the way out instead of staying without its object.
+        with signals_interrupt_publish():
+            record = publish_artifact(
+                ctx.config,
+                args.app,
+                args.dir,
+                branch=branch or "",
+                commit=commit,
+                build_number=build_number or "",
+                build_url=build_url or "",
+                artifact_id=args.artifact_id,
+                created_by=created_by(env),
+                progress=None if ctx.as_json else tty_progress(),
+                retry_deadline=retry_for,
+            )
+    except PublishInterrupted as exc:
+        if record is None:  # else it came after the publish finished: report that
+            what = f"{args.app} artifact {exc.artifact}" if exc.artifact else args.app
+            outcome = exc.outcome or "it had written nothing to Consul"
+            print(
+                f"watcherctl: publish of {what} stopped by {exc.signal_name}; {outcome}",
+                file=sys.stderr,
+            )
+            return 128 + exc.signum
     data = {"app": args.app, **asdict(record)}
     ctx.emit(data, _human)
     return 0

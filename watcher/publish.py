@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -9,19 +10,21 @@ import json
 import os
 import posixpath
 import re
+import signal
 import stat
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import yaml
 
 from watcher.config import APP_NAME_RE, Config
-from watcher.consul_api import ConsulClient
+from watcher.consul_api import ConsulClient, KVEntry
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactRefused,
@@ -55,6 +58,50 @@ COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
 
 # Called as ``progress(bytes_sent, total_bytes)`` while the upload runs.
 ProgressFn = Callable[[int, int], None]
+# What a CI cancel or job timeout (SIGTERM), a lost terminal (SIGHUP) or Ctrl-C sends.
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class PublishInterrupted(BaseException):
+    """A signal stopped a publish (``signals_interrupt_publish``).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on its way
+    (botocore's, the retry loops') takes it for a failed request. ``outcome`` says what the
+    publish did about its record before it stopped, in words for the operator.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.artifact = ""
+        self.outcome = ""
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+@contextlib.contextmanager
+def signals_interrupt_publish() -> Iterator[None]:
+    """While the block runs, SIGTERM, SIGHUP and SIGINT raise ``PublishInterrupted`` (the
+    first one only: later ones wait for its clean-up), so that a cancelled CI job withdraws
+    the record it wrote before its upload instead of dying with it in place. A signal this
+    process ignores (``nohup``) stays ignored. Main thread only, like ``signal.signal``."""
+    raised = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal raised
+        if raised:
+            return
+        raised = True
+        raise PublishInterrupted(signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        for sig in INTERRUPTING_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @dataclass(frozen=True)
@@ -391,13 +438,18 @@ def publish_artifact(
 ) -> ArtifactRecord:
     """Build, upload, verify, record and announce one artifact; idempotent for the same tree.
 
-    Order: tarball -> KV record for the id? (other sha256: refuse) -> S3 object? (other
-    sha256: refuse; same: re-use; missing: upload) -> HEAD verifies size and sha256 -> KV
-    record created with cas=0 (a racing publisher of other bytes is refused) ->
-    ``build-finished`` event (fired again by an idempotent re-publish). Nothing is recorded
-    or announced without a complete, verified upload. Consul is asked first, so an
-    unreachable Consul fails before any upload; should Consul fail between the upload and the
-    KV write, the object stays and the next publish of the same tree re-uses it.
+    Order: tarball -> KV record for the id? (same sha256: re-use it; other sha256: refuse,
+    unless it is stale, below) -> pin for the id? (other sha256: refuse) -> KV record
+    written (cas=0; it is also the permission check, so a refused token uploads nothing) ->
+    S3 object? (other sha256: refuse; same: re-use; missing: upload with If-None-Match: *)
+    -> HEAD verifies size and sha256 -> ``build-finished`` (fired again by an idempotent
+    re-publish). If anything fails or a signal stops it (``signals_interrupt_publish``)
+    between the record write and a verified upload, the record it wrote is withdrawn.
+
+    A record of other bytes is *stale* when its S3 object is missing and no host pinned the
+    id (``pins/<id>``): a publish killed mid-upload (SIGKILL, a lost agent) left it. It is
+    replaced (cas on its index), and put back if this publish fails in turn, so a publish
+    that was only slow, not dead, keeps its record whoever wins the object.
     """
     if not APP_NAME_RE.match(app):
         raise ArtifactRefused(f"invalid app name {app!r}: must match {APP_NAME_RE.pattern}")
@@ -407,15 +459,50 @@ def publish_artifact(
         check_artifact_id(artifact_id)
         if commit and not COMMIT_RE.fullmatch(commit):
             raise PayloadError(f"commit {commit!r} is not a hex SHA")
-    src = Path(src_dir)
+    try:
+        return _publish(
+            config,
+            app,
+            Path(src_dir),
+            artifact_id,
+            branch=branch,
+            commit=commit,
+            build_number=build_number,
+            build_url=build_url,
+            created_by=created_by,
+            progress=progress,
+            retry_deadline=retry_deadline,
+        )
+    except PublishInterrupted as exc:
+        exc.artifact = artifact_id
+        raise
+
+
+def _publish(
+    config: Config,
+    app: str,
+    src: Path,
+    artifact_id: str,
+    *,
+    branch: str,
+    commit: str,
+    build_number: str,
+    build_url: str,
+    created_by: str,
+    progress: ProgressFn | None,
+    retry_deadline: float,
+) -> ArtifactRecord:
     if not src.is_dir():
         raise ConfigError(
             str(src), ["no such directory" if not src.exists() else "not a directory"]
         )
     log = get_logger(app=app, artifact=artifact_id)
     manifest = load_manifest(src)
-    kv_key = Keys(config.kv_prefix, app).artifact(artifact_id)
+    keys = Keys(config.kv_prefix, app)
+    kv_key = keys.artifact(artifact_id)
     payload = json.dumps({"app": app, "artifact": artifact_id}, separators=(",", ":")).encode()
+    # What this publish has done about its record, for a signal that stops it.
+    done = "it had written nothing to Consul"
 
     with tempfile.TemporaryDirectory(prefix="watcher-publish-") as tmp:
         tarball = Path(tmp) / f"{artifact_id}.{ARTIFACT_FORMAT}"
@@ -424,54 +511,124 @@ def publish_artifact(
 
         consul = ConsulClient(config.consul, retry_deadline=retry_deadline)
         try:
-            existing = _read_record(consul, kv_key)
-            if existing is not None and existing.sha256 != sha256:
-                raise _refuse_existing(artifact_id, existing.sha256, sha256, kv_key)
-            _check_pin(consul, Keys(config.kv_prefix, app).pin(artifact_id), artifact_id, sha256)
             store = S3Store(config.s3, retry_deadline=retry_deadline)
-            created = False
-            if existing is not None:
-                record = existing
-            else:
-                record = ArtifactRecord(
-                    id=artifact_id,
-                    url=store.url_for(store.key_for(app, artifact_id, ARTIFACT_FORMAT)),
-                    sha256=sha256,
-                    size=size,
-                    format=ARTIFACT_FORMAT,
-                    branch=branch,
-                    commit=commit.lower(),
-                    build_number=str(build_number or ""),
-                    build_url=build_url,
-                    created_at=iso(utcnow()),
-                    created_by=created_by,
-                )
-                # The record first (cas=0): it is also the permission check, so a token that
-                # may not publish this app uploads nothing.
-                if consul.kv_put(kv_key, record.to_json(), cas=0):
-                    created = True
-                else:
-                    # Another publisher won the race: fine if it published the same bytes.
-                    winner = _read_record(consul, kv_key)
-                    if winner is None or winner.sha256 != sha256:
-                        theirs = winner.sha256 if winner else "(record vanished)"
-                        raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
-                    record = winner
-            s3_key = store.parse_url(record.url)
+            entry = consul.kv_get(kv_key)
+            existing = _record_of(entry, kv_key)
+            stale: KVEntry | None = None
+            if entry is not None and existing is not None and existing.sha256 != sha256:
+                _check_stale(consul, store, existing, keys.pin(artifact_id), kv_key, sha256)
+                stale, existing = entry, None
+            _check_pin(consul, keys.pin(artifact_id), artifact_id, sha256)
+            # Whether this publish wrote the record (``writing``: the write may have reached
+            # Consul, whose answer a signal cut off).
+            writing = wrote = False
+            record = existing
             try:
+                if record is not None:
+                    done = f"it left the existing record {kv_key} as it was"
+                else:
+                    record = ArtifactRecord(
+                        id=artifact_id,
+                        url=store.url_for(store.key_for(app, artifact_id, ARTIFACT_FORMAT)),
+                        sha256=sha256,
+                        size=size,
+                        format=ARTIFACT_FORMAT,
+                        branch=branch,
+                        commit=commit.lower(),
+                        build_number=str(build_number or ""),
+                        build_url=build_url,
+                        created_at=iso(utcnow()),
+                        created_by=created_by,
+                    )
+                    writing = True
+                    wrote = _write_record(consul, kv_key, record, stale, log)
+                    writing = False
+                    if not wrote:
+                        # Another publisher won the race: fine if it published the same bytes.
+                        winner = _read_record(consul, kv_key)
+                        if winner is None or winner.sha256 != sha256:
+                            theirs = winner.sha256 if winner else "(record vanished)"
+                            raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
+                        record = winner
+                        done = f"it left the existing record {kv_key} as it was"
+                s3_key = store.parse_url(record.url)
                 _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
-            except BaseException:
-                if created:
-                    _withdraw(consul, kv_key, record, log)
+            except BaseException as exc:
+                if record is not None and (
+                    wrote or (writing and isinstance(exc, PublishInterrupted))
+                ):
+                    previous = None if stale is None else stale.value
+                    done = _withdraw_despite_signals(consul, kv_key, record, previous, log)
+                    if isinstance(exc, PublishInterrupted):
+                        exc.outcome = done
                 raise
+            done = (
+                f"its record {kv_key} and its object were complete; build-finished may not "
+                "have been fired (publish it again to announce it)"
+            )
             if existing is not None:
                 log.info("artifact_already_published", sha256=sha256)
             else:
                 log.info("artifact_published", sha256=sha256, size=size, url=record.url)
             consul.event_fire(BUILD_FINISHED, payload)
             return record
+        except PublishInterrupted as exc:
+            exc.outcome = exc.outcome or done
+            raise
         finally:
             consul.close()
+
+
+def _record_of(entry: KVEntry | None, kv_key: str) -> ArtifactRecord | None:
+    if entry is None:
+        return None
+    return ArtifactRecord.from_json(entry.value, where=kv_key)
+
+
+def _check_stale(
+    consul: ConsulClient,
+    store: S3Store,
+    record: ArtifactRecord,
+    pin_key: str,
+    kv_key: str,
+    sha256: str,
+) -> None:
+    """Refuse to replace ``record`` (other bytes) unless it is stale: its object is missing
+    and no host pinned the id, so nobody has or can have verified its bytes."""
+    refusal = _refuse_existing(record.id, record.sha256, sha256, kv_key)
+    if consul.kv_get(pin_key) is not None:
+        raise refusal
+    try:
+        s3_key = store.parse_url(record.url)
+    except ArtifactRefused:
+        raise refusal from None
+    if store.head(s3_key) is not None:
+        raise refusal
+
+
+def _write_record(
+    consul: ConsulClient,
+    kv_key: str,
+    record: ArtifactRecord,
+    stale: KVEntry | None,
+    log: Any,
+) -> bool:
+    """Create the record (cas=0), or replace ``stale`` (cas on its index); False when
+    another publisher changed the key first."""
+    if stale is None:
+        return consul.kv_put(kv_key, record.to_json(), cas=0)
+    # The CI policy's write on artifacts/ covers this as it covers the create: Consul's
+    # rules cannot tell them apart, so a token that may publish may replace.
+    replaced = consul.kv_put(kv_key, record.to_json(), cas=stale.modify_index)
+    if replaced:
+        theirs = _record_of(stale, kv_key)
+        log.warning(
+            "artifact_record_replaced",
+            key=kv_key,
+            stale_sha256=theirs.sha256 if theirs else "",
+            reason="its object is missing and no host pinned it",
+        )
+    return replaced
 
 
 def _check_pin(consul: ConsulClient, pin_key: str, artifact_id: str, sha256: str) -> None:
@@ -487,15 +644,55 @@ def _check_pin(consul: ConsulClient, pin_key: str, artifact_id: str, sha256: str
         raise _refuse_existing(artifact_id, pin.sha256, sha256, pin_key)
 
 
-def _withdraw(consul: ConsulClient, kv_key: str, record: ArtifactRecord, log: Any) -> None:
-    """Remove the record this publish created, when its upload did not complete."""
+def _withdraw_despite_signals(
+    consul: ConsulClient,
+    kv_key: str,
+    record: ArtifactRecord,
+    previous: bytes | None,
+    log: Any,
+) -> str:
+    """``_withdraw``, run to its end even when a signal arrives during it: it is raised
+    once at most (``signals_interrupt_publish``), afterwards, with the outcome."""
+    interrupted: PublishInterrupted | None = None
+    while True:
+        try:
+            outcome = _withdraw(consul, kv_key, record, previous, log)
+            break
+        except PublishInterrupted as exc:
+            interrupted = exc
+    if interrupted is not None:
+        interrupted.outcome = outcome
+        raise interrupted
+    return outcome
+
+
+def _withdraw(
+    consul: ConsulClient,
+    kv_key: str,
+    record: ArtifactRecord,
+    previous: bytes | None,
+    log: Any,
+) -> str:
+    """Remove the record this publish wrote (or put back the stale one it replaced) when
+    its upload did not complete; what it did, in words for the operator."""
     try:
         entry = consul.kv_get(kv_key)
-        if entry is not None and entry.value == record.to_json():
-            consul.kv_delete(kv_key, cas=entry.modify_index)
-            log.warning("artifact_record_withdrawn", key=kv_key)
+        if entry is None or entry.value != record.to_json():
+            return f"{kv_key} did not hold its record: nothing to withdraw"
+        if previous is None:
+            if consul.kv_delete(kv_key, cas=entry.modify_index):
+                log.warning("artifact_record_withdrawn", key=kv_key)
+                return f"withdrew its record {kv_key}"
+        elif consul.kv_put(kv_key, previous, cas=entry.modify_index):
+            log.warning("artifact_record_restored", key=kv_key)
+            return f"put back the record it replaced at {kv_key}"
+        return f"{kv_key} changed meanwhile: left it alone"
     except WatcherError as exc:
         log.error("artifact_record_not_withdrawn", key=kv_key, error=str(exc))
+        return (
+            f"could not withdraw its record {kv_key} ({exc}); the next publish of this id "
+            f"replaces it, or delete it: consul kv delete {kv_key}"
+        )
 
 
 def _ensure_uploaded(

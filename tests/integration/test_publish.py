@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -338,6 +343,230 @@ class TestPublishCommand:
         assert result.returncode == 2
         assert "--branch (or $BUILDKITE_BRANCH) is required" in result.stderr
         assert "--commit (or $BUILDKITE_COMMIT) is required" in result.stderr
+
+
+class StallingS3:
+    """A proxy to the S3 test server that takes every PUT's body and never answers it: an
+    upload that is still running when a signal reaches watcherctl. Everything else is
+    forwarded as it is."""
+
+    def __init__(self, upstream_url: str) -> None:
+        parts = urlsplit(upstream_url)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.put_started = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet."""
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.put_started.set()
+                proxy.release.wait(60)
+                self.close_connection = True
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                try:
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() not in ("connection", "content-length")
+                    }
+                    headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    payload = resp.read()
+                    answer = [
+                        (k, v)
+                        for k, v in resp.getheaders()
+                        if k.lower() not in ("connection", "transfer-encoding", "content-length")
+                    ]
+                    length_header = resp.getheader("Content-Length", "0")
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for key, value in answer:
+                    self.send_header(key, value)
+                head = self.command == "HEAD"
+                self.send_header("Content-Length", length_header if head else str(len(payload)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(payload)
+
+            do_GET = do_HEAD = do_POST = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> StallingS3:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_publish(
+    config_data: dict[str, Any], tmp_path: Path, src: Path, artifact: str
+) -> subprocess.Popen[str]:
+    """`watcherctl publish` in a process of its own, as the Buildkite hook runs it."""
+    config_file = tmp_path / f"watcher-{uuid.uuid4().hex[:8]}.yaml"
+    config_file.write_text(json.dumps(config_data))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDKITE", "CONSUL_"))}
+    argv = [str(WATCHERCTL), "publish", "-c", str(config_file), "web", str(src)]
+    argv += ["--artifact-id", artifact, "--commit", COMMIT, "--branch", "master"]
+    argv += ["--retry-for", "30s"]
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def stale_record(s3: S3Settings, artifact: str) -> ArtifactRecord:
+    """A record whose object was never uploaded (its publisher was killed mid-upload)."""
+    return ArtifactRecord(
+        id=artifact,
+        url=f"s3://{s3.bucket}/{s3.prefix}/web/{artifact}.tar.gz",
+        sha256="ab" * 32,
+        size=1234,
+        format="tar.gz",
+        branch="master",
+        commit=COMMIT,
+        build_number="41",
+        build_url="",
+        created_at="2024-01-01T00:00:00Z",
+        created_by="ci@test",
+    )
+
+
+class TestPublishInterrupted:
+    """A Buildkite cancel or job timeout sends SIGTERM in the middle of the upload: the record
+    written before the upload must not stay behind without its object."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+    def test_a_signal_mid_upload_withdraws_the_record(
+        self,
+        signum: signal.Signals,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        artifact = f"sig-{signum.name.lower()}"
+        with StallingS3(s3_settings.endpoint_url or "") as slow:
+            config_data["s3"]["endpoint_url"] = slow.endpoint_url
+            proc = start_publish(config_data, tmp_path, src, artifact)
+            try:
+                assert slow.put_started.wait(30), "the upload never started"
+                assert kv_record(consul, artifact) is not None  # written before the upload
+                proc.send_signal(signum)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        assert proc.returncode == 128 + signum, err
+        assert f"publish of web artifact {artifact} stopped by {signum.name}" in err
+        assert f"withdrew its record watcher/apps/web/artifacts/{artifact}" in err
+        assert kv_record(consul, artifact) is None
+        assert s3_object(s3_settings, artifact) is None
+        assert events_for(consul, artifact) == []
+
+    def test_a_record_left_by_a_killed_publish_is_replaced_by_the_next(
+        self,
+        config_data: dict[str, Any],
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        with StallingS3(s3_settings.endpoint_url or "") as slow:
+            proc = start_publish(
+                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
+                tmp_path,
+                src,
+                "killed-1",
+            )
+            try:
+                assert slow.put_started.wait(30), "the upload never started"
+            finally:
+                proc.kill()  # SIGKILL: nothing of watcherctl runs any more
+                proc.wait()
+        left = kv_record(consul, "killed-1")
+        assert left is not None and s3_object(s3_settings, "killed-1") is None
+
+        (src / "app.py").write_text("print('v1, built again')\n")  # other bytes, same id
+        record = publish(config, src, artifact_id="killed-1")
+
+        assert record.sha256 != left.sha256
+        assert kv_record(consul, "killed-1") == record
+        obj = s3_object(s3_settings, "killed-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
+        assert events_for(consul, "killed-1", count=1) == [{"app": "web", "artifact": "killed-1"}]
+
+    def test_a_stale_record_that_a_host_pinned_is_not_replaced(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        stale = stale_record(s3_settings, "pinned-1")
+        keys = Keys("watcher", "web")
+        consul.kv_put(keys.artifact("pinned-1"), stale.to_json())
+        pin = {"version": 1, "artifact": "pinned-1", "url": stale.url, "size": stale.size}
+        consul.kv_put(keys.pin("pinned-1"), json.dumps({**pin, "sha256": stale.sha256}).encode())
+
+        with pytest.raises(ArtifactRefused, match=f"already exists with sha256 {stale.sha256}"):
+            publish(config, src, artifact_id="pinned-1")
+
+        assert kv_record(consul, "pinned-1") == stale
+        assert s3_object(s3_settings, "pinned-1") is None
+
+    def test_an_interrupted_replacement_puts_the_stale_record_back(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        stale = stale_record(s3_settings, "stale-2")
+        consul.kv_put(Keys("watcher", "web").artifact("stale-2"), stale.to_json())
+
+        with StallingS3(s3_settings.endpoint_url or "") as slow:
+            config_data["s3"]["endpoint_url"] = slow.endpoint_url
+            proc = start_publish(config_data, tmp_path, src, "stale-2")
+            try:
+                assert slow.put_started.wait(30), "the upload never started: " + str(
+                    proc.communicate(timeout=30) if proc.poll() is not None else ""
+                )
+                replaced = kv_record(consul, "stale-2")
+                assert replaced is not None and replaced.sha256 != stale.sha256
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        assert proc.returncode == 143, err
+        assert "put back the record it replaced at watcher/apps/web/artifacts/stale-2" in err
+        assert kv_record(consul, "stale-2") == stale
 
 
 class TestPublishFreeText:

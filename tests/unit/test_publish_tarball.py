@@ -1,4 +1,5 @@
-"""The publish tarball: manifest globs, determinism, refusals (pure file-system logic)."""
+"""The publish tarball: manifest globs, determinism, refusals (pure file-system logic); and
+how a publish turns signals into an exception it can clean up after."""
 
 from __future__ import annotations
 
@@ -6,13 +7,22 @@ import gzip
 import hashlib
 import io
 import os
+import signal
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from watcher.errors import ArtifactRefused, ConfigError
-from watcher.publish import Manifest, build_tarball, load_manifest, tty_progress
+from watcher.publish import (
+    Manifest,
+    PublishInterrupted,
+    build_tarball,
+    load_manifest,
+    signals_interrupt_publish,
+    tty_progress,
+)
 
 
 def make_tree(root: Path) -> Path:
@@ -237,3 +247,39 @@ class TestTtyProgress:
         progress(10, 100)
         assert out.getvalue() == ""
         assert tty_progress(io.StringIO()) is None
+
+
+class TestSignalsInterruptPublish:
+    """Real signals sent to this process: the first raises, later ones wait for the clean-up."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+    def test_the_first_signal_raises_and_later_ones_do_not(self, signum: int) -> None:
+        cleaned_up = False
+        with pytest.raises(PublishInterrupted) as stopped, signals_interrupt_publish():
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler runs here at the latest
+                raise AssertionError("the signal did not interrupt")
+            finally:
+                os.kill(os.getpid(), signum)  # a second one, during the clean-up
+                time.sleep(0.05)
+                cleaned_up = True
+        assert cleaned_up
+        assert stopped.value.signum == signum
+        assert stopped.value.signal_name == signal.Signals(signum).name
+
+    def test_handlers_are_restored_and_ignored_signals_stay_ignored(self) -> None:
+        seen: list[int] = []
+        before_term = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+        before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with signals_interrupt_publish():
+                os.kill(os.getpid(), signal.SIGHUP)  # nohup'ed: no exception
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == [signal.SIGTERM]
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGTERM, before_term)
+            signal.signal(signal.SIGHUP, before_hup)
