@@ -433,8 +433,21 @@ def start_publish(
     argv += ["--artifact-id", artifact, "--commit", COMMIT, "--branch", "master"]
     argv += ["--retry-for", "30s"]
     return subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A suite started under nohup or in the background inherits SIGHUP or SIGINT
+        # ignored (and watcherctl leaves an ignored signal ignored): give the child the
+        # dispositions a CI agent's job has.
+        preexec_fn=default_signals,
     )
+
+
+def default_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def stale_record(s3: S3Settings, artifact: str) -> ArtifactRecord:

@@ -255,15 +255,22 @@ class TestSignalsInterruptPublish:
     @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
     def test_the_first_signal_raises_and_later_ones_do_not(self, signum: int) -> None:
         cleaned_up = False
-        with pytest.raises(PublishInterrupted) as stopped, signals_interrupt_publish():
-            try:
-                os.kill(os.getpid(), signum)
-                time.sleep(5)  # the handler runs here at the latest
-                raise AssertionError("the signal did not interrupt")
-            finally:
-                os.kill(os.getpid(), signum)  # a second one, during the clean-up
-                time.sleep(0.05)
-                cleaned_up = True
+        # A suite started under nohup or in the background has SIGHUP or SIGINT ignored,
+        # and an ignored signal stays ignored: start from the default, as a CI job does.
+        before = signal.signal(signum, signal.SIG_DFL)
+        try:
+            with pytest.raises(PublishInterrupted) as stopped, signals_interrupt_publish():
+                try:
+                    os.kill(os.getpid(), signum)
+                    time.sleep(5)  # the handler runs here at the latest
+                    raise AssertionError("the signal did not interrupt")
+                finally:
+                    os.kill(os.getpid(), signum)  # a second one, during the clean-up
+                    time.sleep(0.05)
+                    cleaned_up = True
+            assert signal.getsignal(signum) is signal.SIG_DFL
+        finally:
+            signal.signal(signum, before)
         assert cleaned_up
         assert stopped.value.signum == signum
         assert stopped.value.signal_name == signal.Signals(signum).name
