@@ -633,10 +633,28 @@ def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
     engine = ReleaseEngine(app)
     releases = engine.list_releases()
     hold = engine.held()
-    prefetched = []
-    for folder in (engine.layout.prefetched_dir, engine.layout.artifacts_dir):
-        if folder.is_dir():
-            prefetched += sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    # Artifact ids, newest first, as the host record and `status --fleet` name them (the
+    # files are <id>-<sha256 prefix>.tar.gz in artifacts/, trees <id>-<prefix> in
+    # prefetched/), and which of them are pre-extracted (a deploy of those is a rename).
+    found: list[tuple[float, str, bool]] = []
+    for folder, extracted in (
+        (engine.layout.prefetched_dir, True),
+        (engine.layout.artifacts_dir, False),
+    ):
+        try:
+            for p in folder.iterdir():
+                if not p.name.startswith("."):
+                    found.append((p.stat().st_mtime, p.name, extracted))
+        except OSError:  # no such folder yet, or gone while listed
+            continue
+    prefetched: list[str] = []
+    extracted_ids: set[str] = set()
+    for _, name, extracted in sorted(found, reverse=True):
+        artifact_id = name.removesuffix(".gz").removesuffix(".tar").rsplit("-", 1)[0]
+        if artifact_id not in prefetched:
+            prefetched.append(artifact_id)
+        if extracted:
+            extracted_ids.add(artifact_id)
     return {
         "current": engine.current_release(),
         "previous": engine.previous_release(),
@@ -644,6 +662,7 @@ def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
         "staged": [r.release for r in releases],
         "hold": hold.to_dict() if hold else None,
         "prefetched": prefetched,
+        "pre_extracted": [a for a in prefetched if a in extracted_ids],
         "daemon": daemon.get("apps", {}).get(app.name),
     }
 
@@ -815,7 +834,10 @@ def _human_status(data: dict[str, Any]) -> str:
         lines.append(
             f"  hold        {hold['reason'] + ' (by ' + hold['by'] + ')' if hold else '-'}"
         )
-        lines.append(f"  prefetched  {', '.join(a['prefetched']) or '-'}")
+        shown = [
+            f"{i} (extracted)" if i in a.get("pre_extracted", ()) else i for i in a["prefetched"]
+        ]
+        lines.append(f"  prefetched  {', '.join(shown) or '-'}")
         downloads = (a.get("daemon") or {}).get("downloading") if d.get("running") else None
         for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
             lines.append(f"  downloading {artifact}: {_progress(got)}")

@@ -28,7 +28,7 @@ from watcher.ctl import (
     sudo_token_warning,
 )
 from watcher.ctl import table as render_table
-from watcher.ctl_fleet import _human_status, _progress
+from watcher.ctl_fleet import _human_status, _local_app, _progress
 from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
 
 
@@ -257,6 +257,38 @@ class TestDownloadProgress:
         assert line in _human_status(data).splitlines()
         data["daemon"] = {"running": False, "reason": "process gone"}
         assert "downloading" not in _human_status(data)
+
+
+class TestPrefetchedOnThisHost:
+    def test_named_by_artifact_id_newest_first_extracted_marked(self, tmp_path: Path) -> None:
+        config = parse_config(
+            {"s3": {"bucket": "b"}, "apps": {"web": {"root": str(tmp_path)}}}, env={}
+        )
+        app_dir = tmp_path / "web"
+        (app_dir / "artifacts").mkdir(parents=True)
+        (app_dir / "prefetched").mkdir()
+        files = [
+            (app_dir / "artifacts" / "main-0a0a0a0a-09b84e234807.tar.gz", 100),
+            (app_dir / "artifacts" / "main-1b1b1b1b-1cf7225bd4fc.tar.gz", 200),
+            (app_dir / "prefetched" / "main-1b1b1b1b-1cf7225bd4fc", 300),
+            (app_dir / "artifacts" / ".partial-main-2c2c2c2c", 400),  # not yet verified
+        ]
+        for path, mtime in files:
+            path.mkdir() if path.parent.name == "prefetched" else path.write_bytes(b"x")
+            os.utime(path, (mtime, mtime))
+        local = _local_app(config.apps["web"], {})
+        assert local["prefetched"] == ["main-1b1b1b1b", "main-0a0a0a0a"]
+        assert local["pre_extracted"] == ["main-1b1b1b1b"]
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": False, "reason": "not started"},
+            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
+            "apps": {"web": {**local, "fleet_current": None, "deploy": None}},
+        }
+        assert (
+            "  prefetched  main-1b1b1b1b (extracted), main-0a0a0a0a"
+            in _human_status(data).splitlines()
+        )
 
 
 class TestStatusWithoutTheFleet:
