@@ -1707,6 +1707,8 @@ class AppAgent:
             self.store.check_pin(record)
             self.engine.prefetch(record)
             self.store.write_pin(record, by=self.node)
+            if self.app.prefetch == "extract":
+                self.engine.drop_stale_prefetched()
         except (WatcherError, OSError) as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return

@@ -569,12 +569,16 @@ def cmd_prune(ctx: CtlContext) -> int:
         "blocked": plan.blocked,
         "removed": removed,
         "kept": dict(sorted(plan.keep.items())),
-        "prefetched_removed": [] if plan.blocked else list(plan.remove_prefetched),
+        "prefetched_removed": list(plan.remove_prefetched),
     }
 
     def human(d: dict[str, Any]) -> str:
         if d["blocked"]:
-            return f"prune of {d['app']} blocked, nothing removed: {d['blocked']}"
+            gone = d["prefetched_removed"]
+            extra = f"; {'would remove' if dry_run else 'removed'} pre-extracted: " if gone else ""
+            return f"prune of {d['app']} blocked, no release removed: {d['blocked']}" + (
+                extra + ", ".join(gone) if gone else ""
+            )
         verb = "would remove" if dry_run else "removed"
         lines = [f"{verb}: {', '.join(d['removed']) or 'nothing'}"]
         if d["prefetched_removed"]:

@@ -25,6 +25,7 @@ from watcher.errors import (
     ArchiveRefused,
     ArtifactIntegrityError,
     FlipError,
+    LockTimeout,
     ReleaseError,
     ReleaseNotFound,
     StagingCancelled,
@@ -1099,11 +1100,14 @@ class ReleaseEngine:
         in_flight = set(in_flight)
         infos = self.list_releases()
         plan = self._plan_prune(infos, in_flight, used=set())
-        if not plan.remove and not plan.remove_prefetched:
-            return plan
+        if not plan.remove:
+            return plan  # pre-extracted trees need no scan: nothing runs from them
         used, blocker = scan_release_usage(self.proc_reader, str(self.layout.releases_dir))
         if blocker is not None:
-            return PrunePlan(blocked=blocker)
+            # No release goes (any may be in use), but stale pre-extracted trees still do:
+            # where /proc cannot be read (a container without CAP_SYS_PTRACE) they would
+            # otherwise pile up with every build.
+            return PrunePlan(blocked=blocker, remove_prefetched=plan.remove_prefetched)
         return self._plan_prune(infos, in_flight, used=used)
 
     def _plan_prune(
@@ -1170,10 +1174,10 @@ class ReleaseEngine:
             plan = self.plan_prune(in_flight=in_flight)
         if plan.blocked is not None:
             self.log.warning("prune_blocked", reason=plan.blocked)
-            return []
+        removed = [] if plan.blocked is not None else list(plan.remove)
         if dry_run:
-            return list(plan.remove)
-        for name in plan.remove:
+            return removed
+        for name in removed:
             self._remove_tree(self.layout.releases_dir / name)
             (self.layout.post_release_dir / name).unlink(missing_ok=True)
             self.unpin(name)
@@ -1181,7 +1185,28 @@ class ReleaseEngine:
         for name in plan.remove_prefetched:
             self._remove_tree(self.layout.prefetched_dir / name)
             self.log.info("prefetched_pruned", tree=name)
-        return list(plan.remove)
+        return removed
+
+    def drop_stale_prefetched(self) -> list[str]:
+        """After a prefetch: remove pre-extracted trees beyond the newest ``keep_releases``,
+        so builds announced between deploys do not fill the disk (or its inodes) with
+        trees nobody deploys. Skipped while another holder has the app lock (a deploy in
+        progress; its prune after the deploy does the same), and never a tree of an
+        artifact a task is using."""
+        try:
+            lock = self.lock(owner="prefetch clean-up", timeout=0)
+            lock.acquire()
+        except LockTimeout:
+            return []  # a deploy holds it: its prune does the same
+        try:
+            busy = {sha[:12] for sha in self.in_flight_artifacts}
+            stale = [n for n in self._stale_prefetched() if n.rsplit("-", 1)[-1] not in busy]
+            for name in stale:
+                self._remove_tree(self.layout.prefetched_dir / name)
+                self.log.info("prefetched_pruned", tree=name)
+            return stale
+        finally:
+            lock.release()
 
     def _stale_prefetched(self) -> list[str]:
         """Pre-extracted trees beyond the newest ``keep_releases`` (never deployed builds)."""

@@ -1086,6 +1086,47 @@ class TestPrune:
             "feature-00000003",
         ]
 
+    def test_stale_prefetched_trees_go_even_when_the_scan_blocks_releases(
+        self, five: ReleaseEngine, tmp_path: Path
+    ) -> None:
+        # A container without CAP_SYS_PTRACE cannot read every process: no release may go,
+        # but nothing runs from a pre-extracted tree, and they would pile up with builds.
+        five.flip(rel(5))
+        for n in range(4):
+            tb = build_tarball(tmp_path / f"p{n}.tar.gz", {"f": str(n).encode()})
+            path = five.prefetch_extract(tb, record_for(tb, f"feature-{n:08d}"))
+            os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+        five.proc_reader = FakeProc({42: {"cwd": PermissionError(13, "Permission denied")}})
+        plan = five.plan_prune()
+        assert plan.blocked is not None and len(plan.remove_prefetched) == 2
+        assert five.prune(dry_run=True) == []
+        assert len(list(five.layout.prefetched_dir.iterdir())) == 4
+        assert five.prune() == []
+        assert len(five.release_names()) == 5
+        assert sorted(p.name[:16] for p in five.layout.prefetched_dir.iterdir()) == [
+            "feature-00000002",
+            "feature-00000003",
+        ]
+
+    def test_a_prefetch_drops_stale_trees_unless_the_lock_is_taken(
+        self, five: ReleaseEngine, tmp_path: Path
+    ) -> None:
+        def prefetched() -> list[str]:
+            return sorted(p.name[:16] for p in five.layout.prefetched_dir.iterdir())
+
+        records = []
+        for n in range(4):
+            tb = build_tarball(tmp_path / f"p{n}.tar.gz", {"f": str(n).encode()})
+            records.append(record_for(tb, f"feature-{n:08d}"))
+            path = five.prefetch_extract(tb, records[-1])
+            os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+        five.in_flight_artifacts.add(records[0].sha256)  # a task uses the oldest one
+        with five.lock(owner="a deploy"):
+            assert five.drop_stale_prefetched() == []  # never waits for a deploy
+        assert len(prefetched()) == 4
+        assert five.drop_stale_prefetched() == [f"feature-00000001-{records[1].sha256[:12]}"]
+        assert prefetched() == ["feature-00000000", "feature-00000002", "feature-00000003"]
+
 
 class TestScanReleaseUsage:
     def test_paths_map_to_release_names(self) -> None:
