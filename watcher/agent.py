@@ -13,6 +13,7 @@ again (DESIGN.md 6.4; the rules are in docs/design.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -541,7 +542,10 @@ class AppAgent:
     def _bystander(self, joined: Joined, inflight_index: int) -> str:
         """Not expected: never flips; helps end a deploy past its apply deadline."""
         self.status.watch = (self.store.keys.decision(joined.id),)
-        if utcnow() < self._deadlines(joined.request)[1]:
+        # The request's own deadline, not this host's clamp: ending an undecided deploy
+        # speaks for everyone, and a host with shorter timeouts must not end it while the
+        # expected hosts may still commit it.
+        if utcnow() < parse_iso(joined.request.apply_deadline):
             return "not expected; waiting"
         verdict = self.store.establish(joined)
         if verdict.outcome == CONTESTED:
@@ -962,7 +966,7 @@ class AppAgent:
             return "done"
         session = self.session()
         keys = self.store.keys
-        past_apply = utcnow() >= self._deadlines(joined.request)[1]
+        past_apply = utcnow() >= parse_iso(joined.request.apply_deadline)  # as in _bystander
         first = min(joined.request.expected) if joined.request.expected else ""
         # The first expected host took the lock with its ready ack: the others contend only
         # once its member key is gone (its session died, its lock with it) or past the
@@ -1771,10 +1775,19 @@ def clamped_deadlines(
     """A request's (prepare, apply) deadlines, clamped to this host's configured maxima
     (DESIGN.md 6.1): at most ``timeouts.prepare`` after ``requested_at``, and the apply
     deadline at most ``timeouts.apply`` after that. A request that names a deadline years
-    away cannot keep a stuck deploy undecided (and ``inflight`` taken) for years."""
+    away cannot keep a stuck deploy undecided (and ``inflight`` taken) for years.
+
+    Only for this host's own "no" (it stops staging, refuses, gives up its session): each
+    of those can only abort the deploy. Ending an undecided deploy uses the request's own
+    apply deadline, the same on every host. A date near the end of the calendar leaves the
+    request's deadline as it is (this host refuses such a request: dated ahead)."""
     requested = parse_iso(requested_at)
-    prepare = min(parse_iso(prepare_deadline), requested + timedelta(seconds=timeouts.prepare))
-    apply = min(parse_iso(apply_deadline), prepare + timedelta(seconds=timeouts.apply))
+    prepare = parse_iso(prepare_deadline)
+    apply = parse_iso(apply_deadline)
+    with contextlib.suppress(OverflowError):
+        prepare = min(prepare, requested + timedelta(seconds=timeouts.prepare))
+    with contextlib.suppress(OverflowError):
+        apply = min(apply, prepare + timedelta(seconds=timeouts.apply))
     return prepare, apply
 
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -261,15 +261,16 @@ class TestOperatorToken:
         result = deploy(acl_fleet, v2["id"])
         assert releases_of(fleet) == {result["release"]}
 
+    @pytest.mark.parametrize("dated", ["an hour ahead", "at the end of the calendar"])
     def test_a_request_dated_ahead_of_the_hosts_clocks_is_refused(
-        self, acl_fleet: AclFleet
+        self, acl_fleet: AclFleet, dated: str
     ) -> None:
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
         v2 = acl_fleet.publish("v2")
         store = store_with(fleet.kv, fleet)
         rec = store.new_record(
-            deploy_id="ahead1",
+            deploy_id="ahead1" if dated == "an hour ahead" else "ahead2",
             kind="deploy",
             artifact=ArtifactRecord.from_dict(v2),
             release=None,
@@ -277,7 +278,11 @@ class TestOperatorToken:
             expected=sessions(fleet),
             prepare_timeout=60,
             apply_timeout=60,
-            now=utcnow() + timedelta(hours=1),
+            now=(
+                utcnow() + timedelta(hours=1)
+                if dated == "an hour ahead"
+                else datetime(9999, 12, 31, 23, 57, 30, tzinfo=UTC)  # + timeouts overflows
+            ),
         )
         assert (
             operator_client(acl_fleet)

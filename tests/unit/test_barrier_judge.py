@@ -198,6 +198,13 @@ class TestRequest:
         assert agent_module.clamped_deadlines(
             far.requested_at, far.prepare_deadline, far.apply_deadline, Timeouts()
         ) == (parse_iso("2026-12-01T00:10:00Z"), parse_iso("2026-12-01T00:20:00Z"))
+        # A date at the end of the calendar: no overflow, the request's own deadlines (the
+        # host refuses such a request as dated ahead of its clock).
+        end = "9999-12-31T23:59:00Z"
+        assert agent_module.clamped_deadlines(end, end, end, Timeouts()) == (
+            parse_iso(end),
+            parse_iso(end),
+        )
 
 
 class TestDecidedMark:
