@@ -723,6 +723,7 @@ class DeployStore:
                 "sha256": artifact.sha256,
                 "url": artifact.url,
                 "size": artifact.size,
+                "format": artifact.format,  # a rollback of a rollback reads it right too
             }
         return DeployRecord(
             id=check_deploy_id(deploy_id),
@@ -1669,6 +1670,7 @@ def rollback_target(
             size=rec.size,
             create_index=joined.create_index,
             digest=joined.digest,
+            format=rec.format,
         )
     what = f"release {release}" if release else "the previous release"
     raise DeployRefused(

@@ -306,8 +306,10 @@ class ReleaseRef(Document):
     size: int = 0
     create_index: int = 0
     digest: str = ""
+    format: str = "tar.gz"
 
     def validate(self, label: str) -> None:
+        _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
         _need(
             isinstance(self.release, str) and bool(RELEASE_RE.match(self.release)),
             label,

@@ -32,6 +32,7 @@ from watcher.records import (
     DeployRecord,
     MemberRecord,
     NodeProgress,
+    ReleaseRef,
     parse_iso,
 )
 
@@ -181,6 +182,33 @@ class TestRequest:
         data = request(["a"]).as_dict() | bad
         with pytest.raises(PayloadError, match=next(iter(bad))):
             DeployRecord.from_dict(data)
+
+    def test_a_rollback_request_carries_its_targets_format(self) -> None:
+        # Rolling back to a rollback of a plain-tar artifact must still read it as tar.
+        store = DeployStore(None, "w", "web")  # type: ignore[arg-type]  # no call to Consul
+        target = ReleaseRef(
+            release="20261201T000000Z-main-15eb13af",
+            artifact="main-15eb13af",
+            sha256=SHA,
+            deploy="d0",
+            url="s3://b/a/web/main-15eb13af.tar",
+            size=10,
+            format="tar",
+        )
+        rb = store.new_record(
+            deploy_id="d2",
+            kind="rollback",
+            artifact=target,
+            release=target.release,
+            requested_by="tests",
+            expected=["a"],
+            prepare_timeout=60,
+            apply_timeout=60,
+        )
+        assert rb.format == "tar"
+        assert DeployRecord.from_json(rb.to_json()).format == "tar"
+        with pytest.raises(PayloadError, match="format"):
+            ReleaseRef.from_dict({**json.loads(target.to_json()), "format": "zip"})
 
     def test_deadlines_are_clamped_to_the_hosts_timeouts(self) -> None:
         rec = request(["a"])  # requested 00:00, prepare by 00:10, apply by 00:20
