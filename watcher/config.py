@@ -30,6 +30,17 @@ APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}\Z")
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # one word of printable ASCII: a SecretID
+ONE_WORD_RULE = (
+    "the token holds spaces, line breaks or other characters a Consul SecretID does not "
+    "have (save the SecretID alone, not the whole `consul acl token create` output)"
+)
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a Consul token (never echoing it: it is a secret, and it
+    would end up in a log), or None."""
+    return None if TOKEN_RE.fullmatch(token) else ONE_WORD_RULE
+
 
 _SIZE_UNITS = {
     "": 1,
@@ -807,12 +818,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
             r.fail("consul.token_file", f"{token_file} is not text (a token is one line)")
     if token is not None and not TOKEN_RE.fullmatch(token):
         # Never echoed: it is a secret, and it would end up in the journal.
-        r.fail(
-            where,
-            "the token holds spaces, line breaks or other characters a Consul SecretID "
-            "does not have (save the SecretID alone, not the whole `consul acl token "
-            "create` output)",
-        )
+        r.fail(where, ONE_WORD_RULE)
         token = None
     files: dict[str, str | None] = {}
     for key in ("ca_file", "cert_file", "key_file"):

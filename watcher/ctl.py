@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher import __version__, ids
-from watcher.config import AppConfig, Config, load_config
+from watcher.config import AppConfig, Config, load_config, token_problem
 from watcher.errors import (
     ConfigError,
     ConsulError,
@@ -129,16 +129,24 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
     ACL permissions, not with the host's watcher token.
     """
     token: str | None = None
+    where = "CONSUL_HTTP_TOKEN"
     if env.get("CONSUL_HTTP_TOKEN_FILE"):
         path = env["CONSUL_HTTP_TOKEN_FILE"]
+        where = f"CONSUL_HTTP_TOKEN_FILE ({path})"
         try:
             token = Path(path).read_text().strip() or None
         except OSError as exc:
             raise ConfigError(
                 "CONSUL_HTTP_TOKEN_FILE", [f"cannot read {path}: {exc.strerror}"]
             ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                "CONSUL_HTTP_TOKEN_FILE", [f"{path} is not text (a token is one line)"]
+            ) from None
     elif env.get("CONSUL_HTTP_TOKEN"):
         token = env["CONSUL_HTTP_TOKEN"]
+    if token is not None and (problem := token_problem(token)) is not None:
+        raise ConfigError(where, [problem])
     if token is None or token == config.consul.token:
         return config
     return replace(config, consul=replace(config.consul, token=token))

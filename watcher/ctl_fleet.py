@@ -285,7 +285,18 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
 
 
 def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
-    store.start(record, history_keep=ctx.config.daemon.history_keep)
+    try:
+        store.start(record, history_keep=ctx.config.daemon.history_keep)
+    except KeyboardInterrupt:
+        # The write may have reached Consul before its answer did: say which id to look for.
+        print(
+            f"watcherctl: interrupted while starting {record.kind} {record.id}; it may have "
+            f"started: if `{ctx.command_line('status', record.app, '--fleet')}` shows it, "
+            f"abort it with `{ctx.command_line('abort', record.id, '--app', record.app)}`",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     # From here on the deploy runs on every host whatever this process does: the user must
     # always learn its id, and how to follow and abort it (firing the event included: it
     # can take a moment, and an interrupt there stops nothing either).

@@ -62,6 +62,23 @@ class TestOperatorToken:
         with pytest.raises(ConfigError, match="cannot read"):
             operator_token(config_with_token(None), env)
 
+    def test_an_exported_token_holding_more_than_the_secret_is_refused_unechoed(
+        self, tmp_path: Path
+    ) -> None:
+        # The config has its own token, so only watcherctl reads the exported one.
+        table = tmp_path / "token"
+        table.write_text("AccessorID: abc\nSecretID:   0d1e-supersecret\n")
+        with pytest.raises(ConfigError) as caught:
+            operator_token(config_with_token("watcher"), {"CONSUL_HTTP_TOKEN_FILE": str(table)})
+        assert str(caught.value).startswith(f"CONSUL_HTTP_TOKEN_FILE ({table}): the token holds")
+        assert "supersecret" not in str(caught.value)
+        with pytest.raises(ConfigError, match="the token holds spaces"):
+            operator_token(config_with_token("watcher"), {"CONSUL_HTTP_TOKEN": "a b"})
+        binary = tmp_path / "binary"
+        binary.write_bytes(b"\xff\xfe")
+        with pytest.raises(ConfigError, match="is not text"):
+            operator_token(config_with_token("watcher"), {"CONSUL_HTTP_TOKEN_FILE": str(binary)})
+
 
 class TestSudoWithoutAnExportedToken:
     """sudo's env_reset drops CONSUL_HTTP_TOKEN(_FILE): watcherctl then acts with the
@@ -425,6 +442,9 @@ class TestConsoleScript:
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
         )
         assert "Traceback" not in done.stderr, done.stderr
+        # Printed, escaped: not an error caught on the way out.
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "caf\\xe9 caf\\udce9", done.stdout
 
 
 class TestUnexpectedErrors:
