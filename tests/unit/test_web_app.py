@@ -7,7 +7,9 @@ tests/integration/test_web_api.py; here Consul's address answers nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -193,6 +195,37 @@ class TestWhoIsLocal:
             assert r.status_code == 503 and "live streams are open" in r.json()["error"]
         finally:
             state.streams = 0
+
+    def test_a_proxy_that_rewrites_host_keeps_the_pages_own_writes(
+        self, client: TestClient
+    ) -> None:
+        # nginx sends Host: <upstream> by default; the browser's name is X-Forwarded-Host.
+        headers = {
+            "Host": "127.0.0.1:8710",
+            "X-Forwarded-Host": "deploy.example.com",
+            "Origin": "https://deploy.example.com",
+        }
+        r = client.post("/api/v1/apps/web/deploys", json={"artifact": "main-1"}, headers=headers)
+        assert r.status_code == 401, r.text  # past the origin check; proxied, so a token
+        headers["Origin"] = "https://evil.example"
+        r = client.post("/api/v1/apps/web/deploys", json={"artifact": "main-1"}, headers=headers)
+        assert r.status_code == 403 and "another origin" in r.json()["error"]
+
+    def test_a_closed_stream_gives_its_slot_back(self, client: TestClient) -> None:
+        state = client.app.state.web  # type: ignore[attr-defined]
+        assert state.streams == 0
+        for _ in range(3):
+            with client.stream("GET", "/api/v1/apps/web/live") as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                assert next(lines) == "retry: 2000"
+                assert state.streams == 1
+        for _ in range(100):
+            if state.streams == 0:
+                break
+            gc.collect()
+            time.sleep(0.05)
+        assert state.streams == 0
 
     def test_host_and_origin_parsing(self) -> None:
         assert host_name("[::1]:8710") == "::1" and host_name("LocalHost:80") == "localhost"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -494,7 +495,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if request.method in SAFE_METHODS:
             return None
         origin = request.headers.get("origin")
-        if origin is not None and not same_origin(origin, request.headers.get("host", "")):
+        # Behind a proxy that rewrites Host (nginx's default), the name the browser used is
+        # in X-Forwarded-Host; another site's page cannot add that header without a CORS
+        # preflight, which this server never grants.
+        names = (request.headers.get("host", ""), request.headers.get("x-forwarded-host", ""))
+        if origin is not None and not any(n and same_origin(origin, n) for n in names):
             # A browser sends Origin with every POST: another site's page cannot write here.
             return 403, f"a write from another origin ({ids.shown(origin)}) is refused"
         ctype = request.headers.get("content-type")
@@ -597,13 +602,27 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             await asyncio.to_thread(state.store(name, reader).inflight)
         if state.streams >= SSE_MAX_STREAMS:
             raise ApiError(503, f"{SSE_MAX_STREAMS} live streams are open; try again later")
+        # The slot is taken here, before the response starts (a burst of connects could all
+        # pass the check otherwise), and given back once: by the stream when it ends, or
+        # when the stream object is dropped without ever running.
         feed = state.feeds.get(name)
         if feed is None:
             # Its own client: a blocking query holds a connection for up to BLOCK_WAIT.
             store = state.store(name, state.client(None))
             feed = state.feeds[name] = LiveFeed(name, store, _snapshot_with_html)
+        state.streams += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.streams -= 1
+
+        stream = _sse(feed, request, release)
+        weakref.finalize(stream, release)
         return StreamingResponse(
-            _sse(feed, request),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -615,11 +634,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         )
         return snap
 
-    async def _sse(feed: LiveFeed, request: Request) -> AsyncIterator[str]:
+    async def _sse(
+        feed: LiveFeed, request: Request, release: Callable[[], None]
+    ) -> AsyncIterator[str]:
         queue = feed.subscribe()
         gauge = state.sse_clients.labels(app=feed.app)
         gauge.inc()
-        state.streams += 1
         try:
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
@@ -632,7 +652,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         finally:
             feed.unsubscribe(queue)
             gauge.dec()
-            state.streams -= 1
+            release()
 
     # --- writes ------------------------------------------------------------------------
 
