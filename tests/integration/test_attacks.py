@@ -104,6 +104,22 @@ def forged_request(
     )
 
 
+def start_as_operator(acl: AclFleet, rec: DeployRecord) -> None:
+    """Write ``rec`` and ``inflight`` in one txn with the operator's token, as a watcherctl
+    of someone else's would (no check of what the request says)."""
+    keys = acl.fleet.keys
+    assert (
+        operator_client(acl)
+        .txn(
+            [
+                TxnOp.cas(keys.inflight, rec.id.encode(), 0),
+                TxnOp.cas(keys.request(rec.id), rec.to_json(), 0),
+            ]
+        )
+        .ok
+    )
+
+
 def sessions(fleet: Fleet) -> dict[str, str]:
     return {n: e.session or "" for n, e in store_with(fleet.kv, fleet).members().items()}
 
@@ -220,13 +236,7 @@ class TestOperatorToken:
         live = sessions(fleet)
         left_out = {n: s for n, s in live.items() if n != "host-3"}
         rec = forged_request(fleet, "leftout1", left_out, v2)
-        op = operator_client(acl_fleet)
-        assert op.txn(
-            [
-                TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
-                TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
-            ]
-        ).ok
+        start_as_operator(acl_fleet, rec)
         outcome = fleet.wait_outcome(rec.id, 40)
         assert outcome["result"] == "aborted", outcome
         assert "host-3" in outcome["reason"], outcome
@@ -243,16 +253,7 @@ class TestOperatorToken:
         _, _, release1 = baseline(acl_fleet)
         v2 = acl_fleet.publish("v2")
         rec = replace(forged_request(fleet, "wrongfmt1", sessions(fleet), v2), format="tar")
-        assert (
-            operator_client(acl_fleet)
-            .txn(
-                [
-                    TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
-                    TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
-                ]
-            )
-            .ok
-        )
+        start_as_operator(acl_fleet, rec)
         outcome = fleet.wait_outcome(rec.id, 40)
         assert outcome["result"] == "aborted", outcome
         assert "(tar)" in outcome["reason"] and "(tar.gz)" in outcome["reason"], outcome
@@ -284,16 +285,7 @@ class TestOperatorToken:
                 else datetime(9999, 12, 31, 23, 57, 30, tzinfo=UTC)  # + timeouts overflows
             ),
         )
-        assert (
-            operator_client(acl_fleet)
-            .txn(
-                [
-                    TxnOp.cas(fleet.keys.inflight, rec.id.encode(), 0),
-                    TxnOp.cas(fleet.keys.request(rec.id), rec.to_json(), 0),
-                ]
-            )
-            .ok
-        )
+        start_as_operator(acl_fleet, rec)
         outcome = fleet.wait_outcome(rec.id, 40)
         assert outcome["result"] == "aborted", outcome
         assert "ahead of this host's clock" in outcome["reason"], outcome
