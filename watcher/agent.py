@@ -1244,7 +1244,16 @@ class AppAgent:
             elif hooks:
                 self.journal.done("staged")
                 self._show_staging(joined)  # hooks take a while: show it at once
-                run_hooks(self.app, "post_release", self._hook_context(rec))
+                try:
+                    run_hooks(
+                        self.app,
+                        "post_release",
+                        self._hook_context(rec),
+                        cancel=self._cancel.is_set,
+                    )
+                except HookError:
+                    self._check_cancel()  # stopped: the deploy no longer needs it
+                    raise
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("post_release")
             else:  # no hook to run: both phases in one write

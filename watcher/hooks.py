@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RELEASE_HOOKS_DIR = Path(".watcher") / "hooks"
 #: After SIGTERM to a hook's process group, how long before SIGKILL.
 KILL_GRACE = 5.0
+#: What a hook stopped by ``run_hooks``'s ``cancel`` reports.
+CANCELLED = "the deploy no longer needs it"
 #: After a hook's main process exits, how long its children may keep the output pipe open.
 PIPE_GRACE = 2.0
 #: A failure keeps at most this much of the end of the output (lines, then characters).
@@ -173,9 +175,20 @@ def _hook_name(argv0: str, release_dir: Path) -> str:
 
 
 def run_hooks(
-    app: AppConfig, phase: str, ctx: HookContext, *, kill_grace: float = KILL_GRACE
+    app: AppConfig,
+    phase: str,
+    ctx: HookContext,
+    *,
+    kill_grace: float = KILL_GRACE,
+    cancel: Callable[[], bool] | None = None,
 ) -> list[HookResult]:
-    """Run every hook of ``phase`` in order; raise HookError at the first failure."""
+    """Run every hook of ``phase`` in order; raise HookError at the first failure.
+
+    ``cancel``: asked while a hook runs (about every 50 ms) and before each one; once it
+    says yes, the running hook's group is stopped as at its timeout (SIGTERM, then SIGKILL
+    after ``kill_grace``) and HookError says so. A deploy that no longer needs the phase
+    (aborted, or past this host's prepare deadline) does not leave its hook running.
+    """
     _check_phase(phase)
     release_dir = Path(ctx.release_dir)
     commands = hook_commands(app, phase, release_dir)
@@ -186,8 +199,13 @@ def run_hooks(
     env.update(ctx.environ(phase))
     results = []
     for argv in commands:
+        if cancel is not None and cancel():
+            name = _hook_name(argv[0], release_dir)
+            raise HookError(phase, name, f"not started: {CANCELLED}")
         results.append(
-            _run_one(app, phase, argv, release_dir, env, identity, app.timeouts.hook, kill_grace)
+            _run_one(
+                app, phase, argv, release_dir, env, identity, app.timeouts.hook, kill_grace, cancel
+            )
         )
     return results
 
@@ -214,6 +232,7 @@ def _run_one(
     identity: _Identity,
     timeout: float,
     kill_grace: float,
+    cancel: Callable[[], bool] | None = None,
 ) -> HookResult:
     name = _hook_name(argv[0], release_dir)
     log = get_logger(app=app.name, phase=phase, hook=name)
@@ -239,7 +258,7 @@ def _run_one(
         who = f" as {identity.name}" if identity.popen else ""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise HookError(phase, name, f"cannot start{who}: {reason}") from None
-    run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace)
+    run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace, cancel=cancel)
     outcome = run.wait()
     duration = time.monotonic() - started
     tail = run.tail()
@@ -265,12 +284,19 @@ class _HookProcess:
     """Streams a hook's merged output to the log and enforces its timeout on the whole group."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], log: Any, *, timeout: float, kill_grace: float
+        self,
+        proc: subprocess.Popen[bytes],
+        log: Any,
+        *,
+        timeout: float,
+        kill_grace: float,
+        cancel: Callable[[], bool] | None = None,
     ) -> None:
         self.proc = proc
         self.log = log
         self.timeout = timeout
         self.kill_grace = kill_grace
+        self.cancel = cancel
         self.lines = 0
         self._partial = b""
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -319,6 +345,17 @@ class _HookProcess:
                 now = time.monotonic()
                 if exited and exited_at is None:
                     exited_at = now
+                if (
+                    stopped is None
+                    and not exited
+                    and self.cancel is not None
+                    and self.cancel()
+                    and not self._exited()  # a hook that ended meanwhile ended by itself
+                ):
+                    stopped = f"stopped: {CANCELLED}"
+                    self.log.warning("hook_cancelled")
+                    self._signal_group(signal.SIGTERM)
+                    term_at = now
                 if stopped is None and now >= deadline:
                     stopped = f"timed out after {self.timeout:g}s"
                     self.log.warning("hook_timeout", timeout=self.timeout)

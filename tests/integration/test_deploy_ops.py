@@ -631,6 +631,47 @@ class TestAbortRace:
         # Both sides of the race were exercised.
         assert seen["commit"] >= 1 and seen["abort"] >= 1, (seen, ready_after)
 
+    def test_an_abort_stops_a_post_release_hook_still_running(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        # One host's post_release hook would run for a minute (its timeout is longer): the
+        # abort ends the deploy at once, and the hook with it, not a minute later.
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        slow = hook(
+            tmp_path / "hooks" / "post-release-slow",
+            f'sleep 120 &\necho $! > "{marks}/child.pid"\necho $$ > "{marks}/hook.pid"\nwait\n',
+        )
+        timeouts = {"prepare": "60s", "apply": "60s", "hook": "90s"}
+        fleet = make_fleet(hosts={1: {"hooks": {"post_release": slow}, "timeouts": timeouts}})
+        slow_host = fleet.watchers[1]
+        v1 = fleet.publish("v1")
+        started = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
+        deploy_id = started["deploy"]
+        wait_for(lambda: (marks / "child.pid").exists(), 20, "the slow hook started", fleet)
+        pids = [int((marks / n).read_text()) for n in ("hook.pid", "child.pid")]
+        t0 = time.monotonic()
+        answer = fleet.watchers[0].ctl_json("abort", deploy_id, "--reason", "wrong build")
+        assert answer["aborted"], answer
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "aborted", outcome
+
+        def gone(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return True
+            return state == "Z"
+
+        wait_for(lambda: all(gone(p) for p in pids), 15, "the hook and its child stopped", fleet)
+        assert time.monotonic() - t0 < 15
+        fleet.wait_idle(timeout=20)
+        stopped = [
+            e for e in events_named(slow_host, "hook_cancelled") if e.get("phase") == "post_release"
+        ]
+        assert stopped, "the daemon did not say it stopped the hook"
+        assert fleet.currents() == all_on(fleet, None)
+
 
 # --- 6. holds ----------------------------------------------------------------------------------
 

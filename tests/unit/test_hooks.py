@@ -298,6 +298,58 @@ class TestFailures:
         grandchild = int((release_dir / "grandchild.pid").read_text())
         assert wait_dead(grandchild), f"grandchild {grandchild} survived the timeout"
 
+    def test_cancel_stops_the_running_hook_and_its_group(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        hook = write_script(
+            tmp_path / "hooks" / "slow",
+            "sleep 1000 &\necho $! > grandchild.pid\necho staging\nsleep 1000\n",
+        )
+        after = write_script(tmp_path / "hooks" / "after", "touch ran-after\n")
+        app = make_app(tmp_path, {"post_release": ((str(hook),), (str(after),))})
+        started = time.monotonic()
+
+        def cancel() -> bool:  # an abort the loop saw half a second in
+            return time.monotonic() - started > 0.5
+
+        with pytest.raises(HookError) as info:
+            run_hooks(app, "post_release", make_ctx(release_dir), kill_grace=1.0, cancel=cancel)
+        took = time.monotonic() - started
+        assert str(info.value) == (
+            f"post_release hook {hook}: stopped: the deploy no longer needs it"
+        )
+        assert info.value.output_tail == "staging"
+        assert 0.5 <= took < 2.5, took  # not at the hook's 10 s timeout
+        grandchild = int((release_dir / "grandchild.pid").read_text())
+        assert wait_dead(grandchild), f"grandchild {grandchild} survived the cancel"
+        assert not (release_dir / "ran-after").exists(), "the next hook of the phase ran"
+
+    def test_cancelled_before_a_hook_starts_it_does_not_run(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        hook = write_script(tmp_path / "hooks" / "mark", "touch ran\n")
+        app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+        with pytest.raises(HookError, match=r"not started: the deploy no longer needs it$"):
+            run_hooks(app, "post_release", make_ctx(release_dir), cancel=lambda: True)
+        assert not (release_dir / "ran").exists()
+
+    def test_a_hook_that_ended_by_itself_is_not_reported_cancelled(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        hook = write_script(tmp_path / "hooks" / "quick", "echo $$ > hook.pid\necho done\n")
+        app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+
+        def cancel() -> bool:  # yes once the hook has exited (a zombie not yet reaped)
+            try:
+                pid = int((release_dir / "hook.pid").read_text())
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, ValueError):
+                return False
+            return state == "Z"
+
+        results = run_hooks(app, "post_release", make_ctx(release_dir), cancel=cancel)
+        assert [r.output_lines for r in results] == [1]
+
     def test_timeout_escalates_to_sigkill(self, tmp_path: Path, release_dir: Path) -> None:
         hook = write_script(
             tmp_path / "hooks" / "stubborn",
