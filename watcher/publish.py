@@ -23,7 +23,8 @@ from typing import IO, Any
 
 import yaml
 
-from watcher.config import APP_NAME_RE, Config
+from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
+from watcher.config import APP_NAME_RE, Config, Limits
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.errors import (
     ArtifactIntegrityError,
@@ -332,13 +333,21 @@ class _HashingWriter:
 
 
 def build_tarball(
-    src_dir: str | os.PathLike[str], manifest: Manifest, out_path: str | os.PathLike[str]
+    src_dir: str | os.PathLike[str],
+    manifest: Manifest,
+    out_path: str | os.PathLike[str],
+    *,
+    limits: Limits | None = None,
+    limits_from: str = "",
 ) -> tuple[str, int, list[str]]:
     """Write the selected tree as a reproducible ``.tar.gz``; return (sha256, size, members).
 
     Members are sorted, owned by 0:0 with empty owner names, dated ``$SOURCE_DATE_EPOCH``
     (default 0), with modes 0755 (directories, executables) or 0644; the gzip header has no
     name and mtime 0. The same tree gives the same bytes, whatever its mtimes or umask.
+
+    ``limits``: the hosts' archive limits (``limits_from`` says whose, for the error); a
+    tree the hosts would refuse to extract is refused here, before anything is uploaded.
     """
     src = Path(src_dir)
     if not src.is_dir():
@@ -348,6 +357,8 @@ def build_tarball(
     entries = _select(src, manifest)
     if not any(e.kind != "dir" for e in entries):
         raise ConfigError(manifest.source, [f"manifest matched no files in {src}"])
+    if limits is not None:
+        _check_tree_limits(src, entries, limits, limits_from)
     out = Path(out_path)
     mtime = _source_date_epoch()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -366,7 +377,38 @@ def build_tarball(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    if limits is not None:
+        declared = sum(e.size for e in entries)
+        packed = max(hashing.size, 1)
+        if declared > RATIO_FLOOR and declared > limits.max_ratio * packed:
+            out.unlink(missing_ok=True)
+            raise ArtifactRefused(
+                f"refusing to publish {src}: {declared} bytes of files compress to {packed} "
+                f"bytes, a ratio over {limits.max_ratio:g}: hosts refuse such an archive as a "
+                f"bomb (limits.max_ratio{limits_from})"
+            )
     return hashing.digest.hexdigest(), hashing.size, [e.rel for e in entries]
+
+
+def _check_tree_limits(src: Path, entries: list[_Entry], limits: Limits, whose: str) -> None:
+    """Refuse a tree whose archive the hosts would refuse (``extract_stream``'s checks)."""
+    if len(entries) > limits.max_members:
+        raise ArtifactRefused(
+            f"refusing to publish {src}: {len(entries)} members, over the "
+            f"{limits.max_members} hosts extract (limits.max_members{whose})"
+        )
+    declared = sum(e.size for e in entries)
+    if declared > limits.max_bytes:
+        raise ArtifactRefused(
+            f"refusing to publish {src}: {declared} bytes of files, over the "
+            f"{limits.max_bytes} hosts extract (limits.max_bytes{whose})"
+        )
+    deep = next((e.rel for e in entries if e.rel.count("/") + 1 > MAX_PATH_DEPTH), None)
+    if deep is not None:
+        raise ArtifactRefused(
+            f"refusing to publish {src}: {deep[:200]!r} is nested more than "
+            f"{MAX_PATH_DEPTH} directories deep, which hosts refuse to extract"
+        )
 
 
 def _add(tar: tarfile.TarFile, entry: _Entry, mtime: int) -> None:
@@ -506,7 +548,16 @@ def _publish(
 
     with tempfile.TemporaryDirectory(prefix="watcher-publish-") as tmp:
         tarball = Path(tmp) / f"{artifact_id}.{ARTIFACT_FORMAT}"
-        sha256, size, members = build_tarball(src, manifest, tarball)
+        app_config = config.apps.get(app)
+        limits = app_config.limits if app_config is not None else Limits()
+        whose = (
+            f" of app {app} in this config"
+            if app_config is not None
+            else ", the hosts' default: set the app's limits in this config if its hosts allow more"
+        )
+        sha256, size, members = build_tarball(
+            src, manifest, tarball, limits=limits, limits_from=whose
+        )
         log.info("artifact_built", sha256=sha256, size=size, members=len(members))
 
         consul = ConsulClient(config.consul, retry_deadline=retry_deadline)

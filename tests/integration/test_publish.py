@@ -230,6 +230,23 @@ class TestPublish:
         listed = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)
         assert listed["KeyCount"] == 0
 
+    def test_a_tree_the_hosts_would_refuse_is_refused_before_anything_is_written(
+        self,
+        config_data: dict[str, Any],
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+    ) -> None:
+        config_data["apps"]["web"]["limits"] = {"max_members": 2}
+        config = parse_config(config_data, env={})
+        before = consul.kv_keys("watcher/", separator=None)
+        with pytest.raises(ArtifactRefused, match=r"limits.max_members of app web in this config"):
+            publish(config, src, artifact_id="toobig-1")
+        assert consul.kv_keys("watcher/", separator=None) == before
+        listed = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)
+        assert listed["KeyCount"] == 0
+        assert events_for(consul, "toobig-1") == []
+
     def test_missing_directory_is_a_clear_error(self, config: Config, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"{tmp_path / 'nope'}: no such directory"):
             publish(config, tmp_path / "nope", artifact_id="missing-1")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
+from watcher.config import Limits
 from watcher.errors import ArtifactRefused, ConfigError
 from watcher.publish import (
     Manifest,
@@ -211,6 +213,58 @@ class TestBuildTarball:
         os.mkfifo(src / "lib/pipe")
         with pytest.raises(ArtifactRefused, match="lib/pipe is not a regular file"):
             build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+
+    def test_more_members_than_hosts_extract_is_refused_before_writing(
+        self, tmp_path: Path
+    ) -> None:
+        src = make_tree(tmp_path / "src")
+        out = tmp_path / "a.tar.gz"
+        members = build_tarball(src, load_manifest(src), out)[2]
+        out.unlink()
+        fits = Limits(max_members=len(members))
+        assert build_tarball(src, load_manifest(src), out, limits=fits)[2] == members
+        out.unlink()
+        with pytest.raises(
+            ArtifactRefused,
+            match=rf"{len(members)} members, over the {len(members) - 1} hosts extract "
+            r"\(limits.max_members of app web\)",
+        ):
+            build_tarball(
+                src,
+                load_manifest(src),
+                out,
+                limits=Limits(max_members=len(members) - 1),
+                limits_from=" of app web",
+            )
+        assert not out.exists()
+
+    def test_more_bytes_than_hosts_extract_is_refused(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        (src / "lib/big.bin").write_bytes(b"x" * 5000)
+        with pytest.raises(ArtifactRefused, match=r"over the 4096 hosts extract"):
+            build_tarball(
+                src, load_manifest(src), tmp_path / "a.tar.gz", limits=Limits(max_bytes=4096)
+            )
+
+    def test_a_tree_nested_deeper_than_hosts_extract_is_refused(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        deep = src.joinpath(*["d"] * MAX_PATH_DEPTH)
+        deep.mkdir(parents=True)
+        (deep / "f").write_text("x")
+        with pytest.raises(ArtifactRefused, match=rf"more than {MAX_PATH_DEPTH} directories"):
+            build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz", limits=Limits())
+
+    def test_a_compression_ratio_hosts_call_a_bomb_is_refused(self, tmp_path: Path) -> None:
+        src = make_tree(tmp_path / "src")
+        with open(src / "zeros.bin", "wb") as f:  # sparse: no disk written for it
+            f.truncate(RATIO_FLOOR + 1024 * 1024)
+        out = tmp_path / "a.tar.gz"
+        with pytest.raises(ArtifactRefused, match=r"a ratio over 100: hosts refuse"):
+            build_tarball(src, load_manifest(src), out, limits=Limits())
+        assert not out.exists()
+        # Where the hosts allow it, so does publish.
+        build_tarball(src, load_manifest(src), out, limits=Limits(max_ratio=10_000))
+        assert out.exists()
 
     def test_output_is_a_valid_gzip_stream(self, tmp_path: Path) -> None:
         src = make_tree(tmp_path / "src")
