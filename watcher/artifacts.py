@@ -94,10 +94,19 @@ def _fsync_dir(path: Path) -> None:
 class ArtifactCache:
     """Verified artifacts of one app under ``<app_dir>/artifacts/``."""
 
-    def __init__(self, app_dir: Path, store: S3Store, *, max_bytes: int, timeout: float) -> None:
+    def __init__(
+        self,
+        app_dir: Path,
+        store: S3Store,
+        *,
+        max_bytes: int,
+        timeout: float,
+        app: str | None = None,
+    ) -> None:
         self.app_dir = Path(app_dir)
         self.dir = self.app_dir / "artifacts"
         self.store = store
+        self.app = app  # when set, an artifact's object must be under <prefix>/<app>/
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._downloading: dict[str, _Download] = {}  # in progress, by artifact id
@@ -273,7 +282,7 @@ class ArtifactCache:
     ) -> Path:
         """A verified local file for ``record``, downloading (or resuming) it when missing.
 
-        Raises ArtifactRefused (URL outside the bucket/prefix, before any request),
+        Raises ArtifactRefused (URL outside the bucket/prefix/app, before any request),
         ArtifactIntegrityError (size/sha256 mismatch twice, the second time on a fresh
         download; partial removed), S3NotFound, S3AccessDenied (twice), S3Unavailable (gave
         up at the deadline ``timeout``), ArtifactError (disk full or other local write
@@ -281,7 +290,7 @@ class ArtifactCache:
         chunks and while waiting, the bytes so far stay for a later resume). Afterwards
         evicts LRU artifacts over budget, never this one nor ``protect``.
         """
-        key = self.store.parse_url(record.url)
+        key = self.store.parse_url(record.url, app=self.app)
         final = self.path_for(record)
         if self.is_cached(record):
             self.touch(record)

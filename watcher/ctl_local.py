@@ -444,6 +444,7 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         S3Store(config.s3),
         max_bytes=app.artifact_cache_bytes,
         timeout=app.timeouts.download,
+        app=app.name,
     )
     engine = ReleaseEngine(app, cache)
     # The slow part, outside the app lock; the engine keeps the artifacts of the live,

@@ -495,6 +495,7 @@ class Daemon:
                 store,
                 max_bytes=app.artifact_cache_bytes,
                 timeout=app.timeouts.download,
+                app=name,
             )
             engine = ReleaseEngine(app, cache)
             agent = AppAgent(

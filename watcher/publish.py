@@ -602,7 +602,7 @@ def _publish(
                             raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
-                s3_key = store.parse_url(record.url)
+                s3_key = store.parse_url(record.url, app=app)
                 _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
             except BaseException as exc:
                 if record is not None and (

@@ -180,8 +180,10 @@ class S3Store:
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def parse_url(self, url: str) -> str:
-        """The key of ``s3://<bucket>/<key>``; ArtifactRefused unless bucket and prefix match."""
+    def parse_url(self, url: str, *, app: str | None = None) -> str:
+        """The key of ``s3://<bucket>/<key>``; ArtifactRefused unless bucket and prefix match,
+        and, given ``app``, unless the key is under ``<prefix>/<app>/`` (where publish puts
+        that app's artifacts: a record must not make one app's hosts fetch another's)."""
         if not isinstance(url, str) or not url.startswith("s3://"):
             raise ArtifactRefused(f"artifact url {url!r} is not s3://bucket/key")
         bucket, sep, key = url[len("s3://") :].partition("/")
@@ -201,6 +203,13 @@ class S3Store:
                 f"artifact url {url!r} is outside the configured prefix "
                 f"s3://{self.bucket}/{self.prefix}/"
             )
+        if app is not None:
+            home = f"{self.prefix}/{app}/" if self.prefix else f"{app}/"
+            if not key.startswith(home) or "/" in key[len(home) :]:
+                raise ArtifactRefused(
+                    f"artifact url {url!r} is not an object of app {app} "
+                    f"(s3://{self.bucket}/{home}<file>)"
+                )
         return key
 
     # ---- requests ----------------------------------------------------------------------

@@ -174,6 +174,34 @@ class TestFetch:
         assert proxy.requests == []
         assert dir_listing(cache) == []
 
+    def test_another_apps_object_is_refused_before_any_request(
+        self, s3_settings: S3Settings, store: S3Store, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        # A real object of app "api", in the bucket and under the prefix, with its true
+        # sha256: a record of app "web" that names it still fetches nothing.
+        data = os.urandom(1000)
+        src = tmp_path / "api.tar.gz"
+        src.write_bytes(data)
+        key = store.key_for("api", "master-15eb13af", "tar.gz")
+        store.upload_file(src, key, sha256=hashlib.sha256(data).hexdigest())
+        cache = ArtifactCache(
+            tmp_path / "web",
+            make_store(s3_settings, proxy.endpoint_url),
+            max_bytes=100 * SIZE,
+            timeout=10,
+            app="web",
+        )
+        record = ArtifactRecord(
+            id="master-15eb13af",
+            url=store.url_for(key),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+        )
+        with pytest.raises(ArtifactRefused, match="is not an object of app web"):
+            cache.fetch(record)
+        assert proxy.requests == []
+        assert dir_listing(cache) == []
+
     def test_missing_key_is_not_found(self, store: S3Store, tmp_path: Path) -> None:
         key = store.key_for("web", "master-deadbeef", "tar.gz")
         record = ArtifactRecord(

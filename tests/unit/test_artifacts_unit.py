@@ -106,6 +106,25 @@ class TestS3Names:
             store.parse_url(url)
         assert why in str(info.value) and url in str(info.value)
 
+    def test_given_an_app_the_key_must_be_one_of_its_objects(self, store: S3Store) -> None:
+        own = "s3://builds/artifacts/web/master-15eb13af.tar.gz"
+        assert store.parse_url(own, app="web") == "artifacts/web/master-15eb13af.tar.gz"
+        for url in (
+            "s3://builds/artifacts/api/master-15eb13af.tar.gz",  # another app's object
+            "s3://builds/artifacts/webx/a.tar.gz",
+            "s3://builds/artifacts/web/sub/a.tar.gz",
+            "s3://builds/artifacts/a.tar.gz",
+        ):
+            with pytest.raises(
+                ArtifactRefused, match=r"is not an object of app web \(s3://builds/"
+            ):
+                store.parse_url(url, app="web")
+            store.parse_url(url)  # in bucket and prefix: only the app's check refuses it
+        bare = S3Store(S3Settings(bucket="builds", endpoint_url=DEAD_ENDPOINT))
+        assert bare.parse_url("s3://builds/web/a.tar", app="web") == "web/a.tar"
+        with pytest.raises(ArtifactRefused, match="not an object of app web"):
+            bare.parse_url("s3://builds/api/a.tar", app="web")
+
 
 def client_error(code: str, status: int) -> ClientError:
     return ClientError(
