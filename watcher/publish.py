@@ -406,8 +406,8 @@ def _check_tree_limits(src: Path, entries: list[_Entry], limits: Limits, whose: 
     deep = next((e.rel for e in entries if e.rel.count("/") + 1 > MAX_PATH_DEPTH), None)
     if deep is not None:
         raise ArtifactRefused(
-            f"refusing to publish {src}: {deep[:200]!r} is nested more than "
-            f"{MAX_PATH_DEPTH} directories deep, which hosts refuse to extract"
+            f"refusing to publish {src}: {deep[:200]!r} has more than {MAX_PATH_DEPTH} path "
+            "components, which hosts refuse to extract"
         )
 
 
