@@ -360,12 +360,21 @@ class DeployStore:
                 f"{self.keys.base}/, e.g. the operator policy of docs/acl.md"
             )
         for entry in entries:
+            # The node is the one the key names: only that node's token may write it. A
+            # record that names another node speaks for nobody (host X must not show up
+            # as host Y in status, nor hide Y's own record).
+            node = entry.key[len(self.keys.hosts_prefix) :]
+            if not node or "/" in node:
+                continue
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
                 report_skipped(entry, str(exc), warning=True)
                 continue
-            out[record.node] = record
+            if record.node != node:
+                report_skipped(entry, f"host record names node {record.node!r}", warning=True)
+                continue
+            out[node] = record
         return out
 
     def artifact(self, artifact_id: str) -> ArtifactRecord | None:

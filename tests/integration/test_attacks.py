@@ -656,3 +656,38 @@ class TestCiToken:
         assert result.returncode != 0
         listed = s3_client(fleet.s3.endpoint_url or "").list_objects_v2(Bucket=fleet.s3.bucket)
         assert listed.get("KeyCount", 0) == 0, listed
+
+
+class TestReadersOfHostRecords:
+    def test_a_host_record_naming_another_host_speaks_for_no_other_host(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """host-3's token writes its own host record (``hosts/host-3``) saying it is
+        host-2's, while host-2 is down: status --fleet must still show host-2's own record
+        (not a release host-2 never ran), and deploy still sees host-2 as a known host
+        without a member key."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        fleet.watchers[1].stop()
+        fleet.wait_members(2)
+        forged = {
+            "node": "host-2",
+            "release": "20990101T000000Z-evil-00000000",
+            "last_seen": iso(utcnow()),
+        }
+        assert x.kv_put(fleet.keys.host("host-3"), json.dumps(forged).encode())
+        status = json.loads(acl_fleet.operator("status", "web", "--fleet").stdout)
+        rows = status["web"]["hosts"]
+        assert rows["host-2"]["release"] == release1, rows
+        assert rows["host-2"]["member"] is False, rows
+        assert rows["host-3"]["release"] is None, rows  # its own record says nothing of it
+        v2 = acl_fleet.publish("v2")
+        refused = acl_fleet.operator("deploy", "web", v2["id"], check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert "host-2" in refused.stdout + refused.stderr
+        assert fleet.inflight() is None
+        fleet.watchers[1].start()
+        fleet.wait_members(3)
+        x.kv_delete(fleet.keys.host("host-3"))
+        next_deploy_works(acl_fleet, "v3")
