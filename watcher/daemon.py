@@ -30,14 +30,14 @@ from watcher.artifacts import ArtifactCache
 from watcher.barrier import DeployStore
 from watcher.config import Config, load_config
 from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
-from watcher.errors import ConfigError, ConsulError, PayloadError, WatcherError
+from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, WatcherError
 from watcher.events import EventRequest, HandledEvents, parse_event
-from watcher.fsutil import atomic_write_json
+from watcher.fsutil import AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow
-from watcher.releases import ReleaseEngine
+from watcher.releases import AppLayout, ReleaseEngine
 from watcher.s3 import S3Store
 from watcher.webhook import DRAIN_AT_STOP, WebhookSender, notifier_for
 
@@ -53,6 +53,8 @@ SESSION_FILE = "session.json"
 STATUS_HEARTBEAT = 10.0  # seconds between rewrites of status.json when nothing changed
 FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
+#: Held (flock) by the running daemon in its state_dir and in each app's ``.state/``.
+INSTANCE_LOCK = "daemon.lock"
 
 log = get_logger(component="daemon")
 
@@ -433,6 +435,7 @@ class Daemon:
         # pings) for the client's default 10 s per call; the loop retries every tick anyway.
         self.consul = ConsulClient(config.consul, retry_deadline=LOOP_RETRY_DEADLINE)
         self.state_dir = Path(config.daemon.state_dir)
+        self._instance_locks: list[AppLock] = []
         self.events: queue.Queue[ConsulEvent] = queue.Queue()
         self.agents: dict[str, AppAgent] = {}
         self.keeper: SessionKeeper | None = None
@@ -565,7 +568,35 @@ class Daemon:
 
     # --- the loop ---------------------------------------------------------------------
 
+    def _hold_instance_locks(self) -> list[AppLock]:
+        """One daemon per state_dir and per app root, for the life of the process (the
+        kernel drops the locks with it, even on SIGKILL). A second `watcher run` with the
+        same config would reuse this one's session, take part in its deploys a second time
+        and, when stopped, destroy the session this one holds: it stops here, before any
+        request to Consul."""
+        paths = [self.state_dir / INSTANCE_LOCK] + [
+            AppLayout.for_app(app).state_dir / INSTANCE_LOCK for app in self.config.apps.values()
+        ]
+        held: list[AppLock] = []
+        for path in paths:
+            lock = AppLock(path, timeout=0, owner="watcher run")
+            try:
+                lock.acquire()
+            except LockTimeout:
+                for other in held:
+                    other.release()
+                holder = lock.holder().split(" ", 1)[0]
+                who = f"pid {holder}" if holder.isdigit() else "another process"
+                raise WatcherError(
+                    f"another watcher ({who}) already runs with {path.parent} "
+                    f"(it holds {path}): stop it first (systemctl stop watcher), or give "
+                    "this one its own daemon.state_dir and app roots"
+                ) from None
+            held.append(lock)
+        return held
+
     def run(self) -> int:
+        self._instance_locks = self._hold_instance_locks()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self.node = self._resolve_node()

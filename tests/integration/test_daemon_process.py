@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.faulty_s3 import FaultyS3Proxy
-from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
+from tests.support.fleet import BIN, Fleet, WatcherProc, consul_requests, metrics_text, wait_for
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -115,6 +117,51 @@ class TestSystemdProtocol:
         assert fleet.kv.kv_get(member) is None
         assert time.monotonic() - stopped_at < 10
         assert not (w.state_dir / "session.json").exists()
+
+
+class TestOneDaemonPerHost:
+    def test_a_second_watcher_run_stops_before_touching_the_first_ones_session(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
+    ) -> None:
+        fleet, w, _, port = daemon
+        wait_for(lambda: health(port)[0] == 200, 20, "healthy", fleet)
+        assert w.proc is not None
+        member = fleet.keys.member(w.name)
+        held = fleet.kv.kv_get(member)
+        assert held is not None and held.session
+
+        def second(config: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(BIN / "watcher"), "--log-format", "json", "run", "-c", str(config)],
+                env=w.env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+
+        # The same config (systemd's unit and a manual run, say).
+        result = second(w.config_path)
+        assert result.returncode == 1, result
+        assert (
+            f"another watcher (pid {w.proc.pid}) already runs with {w.state_dir}" in result.stderr
+        ), result.stderr
+        # Another state_dir, the same app root: refused at the app's lock.
+        data = yaml.safe_load(w.config_path.read_text())
+        data["daemon"]["state_dir"] = str(tmp_path / "other-state")
+        other = tmp_path / "other.yaml"
+        other.write_text(yaml.safe_dump(data))
+        result = second(other)
+        assert result.returncode == 1, result
+        assert f"already runs with {w.app_dir / '.state'}" in result.stderr, result.stderr
+        assert not (tmp_path / "other-state" / "session.json").exists()
+
+        # The first daemon kept its session and its member key, and is healthy.
+        again = fleet.kv.kv_get(member)
+        assert again is not None and again.session == held.session
+        assert again.modify_index == held.modify_index
+        assert health(port)[0] == 200
+        assert not w.log_events("session_lost")
 
 
 class TestHealthEndpoint:
