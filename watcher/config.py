@@ -809,13 +809,21 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     token_file = r.get(merged, "token_file", "consul", None, _string, "a file path")
     where = "consul.token"
     if token_file:
-        where = f"consul.token_file ({token_file})"
+        # Named by the environment (CONSUL_HTTP_TOKEN_FILE) unless the file set it.
+        key = "consul.token_file" if d.get("token_file") else "CONSUL_HTTP_TOKEN_FILE"
+        where = f"{key} ({token_file})"
         try:
-            token = Path(token_file).read_text().strip() or None
+            token = Path(token_file).read_text().strip()
         except OSError as exc:
-            r.fail("consul.token_file", f"cannot read {token_file}: {exc.strerror}")
+            r.fail(key, f"cannot read {token_file}: {exc.strerror}")
         except UnicodeDecodeError:
-            r.fail("consul.token_file", f"{token_file} is not text (a token is one line)")
+            r.fail(key, f"{token_file} is not text (a token is one line)")
+        else:
+            if not token:
+                # What `consul acl token create ... > file` leaves when the create failed:
+                # without a token every request would be the agent's anonymous one.
+                r.fail(key, f"{token_file} is empty (it should hold the token's SecretID)")
+                token = None
     if token is not None and not TOKEN_RE.fullmatch(token):
         # Never echoed: it is a secret, and it would end up in the journal.
         r.fail(where, ONE_WORD_RULE)

@@ -134,7 +134,7 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
         path = env["CONSUL_HTTP_TOKEN_FILE"]
         where = f"CONSUL_HTTP_TOKEN_FILE ({path})"
         try:
-            token = Path(path).read_text().strip() or None
+            token = Path(path).read_text().strip()
         except OSError as exc:
             raise ConfigError(
                 "CONSUL_HTTP_TOKEN_FILE", [f"cannot read {path}: {exc.strerror}"]
@@ -143,6 +143,11 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
             raise ConfigError(
                 "CONSUL_HTTP_TOKEN_FILE", [f"{path} is not text (a token is one line)"]
             ) from None
+        if not token:  # not "no token": the host's own token would act for the operator
+            raise ConfigError(
+                "CONSUL_HTTP_TOKEN_FILE",
+                [f"{path} is empty (it should hold the token's SecretID)"],
+            )
     elif env.get("CONSUL_HTTP_TOKEN"):
         token = env["CONSUL_HTTP_TOKEN"]
     if token is not None and (problem := token_problem(token)) is not None:

@@ -705,10 +705,22 @@ class TestConsulEnvironment:
         env = {"CONSUL_HTTP_TOKEN": "from-env", "CONSUL_HTTP_TOKEN_FILE": str(token)}
         assert parse(minimal(), env=env).consul.token == "from-file"
 
-    def test_unreadable_token_file_names_the_key(self, tmp_path: Path) -> None:
+    def test_unreadable_token_file_names_the_variable_that_named_it(self, tmp_path: Path) -> None:
         env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
         assert problems(minimal(), env=env) == [
-            f"consul.token_file: cannot read {tmp_path / 'missing'}: No such file or directory"
+            f"CONSUL_HTTP_TOKEN_FILE: cannot read {tmp_path / 'missing'}: "
+            "No such file or directory"
+        ]
+
+    def test_an_empty_token_file_is_refused(self, tmp_path: Path) -> None:
+        # `consul acl token create ... | jq -r .SecretID > file` after a failed create:
+        # taken as "no token", every request would run with the agent's anonymous token.
+        empty = write(tmp_path / "token", "\n  \n")
+        assert problems(minimal(consul={"token_file": str(empty)}), env={}) == [
+            f"consul.token_file: {empty} is empty (it should hold the token's SecretID)"
+        ]
+        assert problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(empty)}) == [
+            f"CONSUL_HTTP_TOKEN_FILE: {empty} is empty (it should hold the token's SecretID)"
         ]
 
     def test_a_token_file_holding_more_than_the_secret_is_refused_unechoed(
@@ -718,14 +730,14 @@ class TestConsulEnvironment:
         # header, and the error naming the header would print the secret.
         table = write(tmp_path / "token", "AccessorID: abc\nSecretID:   0d1e-secret\n")
         (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(table)})
-        assert problem.startswith(f"consul.token_file ({table}): the token holds spaces")
+        assert problem.startswith(f"CONSUL_HTTP_TOKEN_FILE ({table}): the token holds spaces")
         assert "secret" not in problem.replace("SecretID", "")
         (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN": "a b"})
         assert problem.startswith("consul.token: the token holds spaces")
         binary = tmp_path / "binary"
         binary.write_bytes(b"\xff\xfe\x00")
         assert problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(binary)}) == [
-            f"consul.token_file: {binary} is not text (a token is one line)"
+            f"CONSUL_HTTP_TOKEN_FILE: {binary} is not text (a token is one line)"
         ]
 
     def test_tls_files(self, tmp_path: Path) -> None:

@@ -62,6 +62,16 @@ class TestOperatorToken:
         with pytest.raises(ConfigError, match="cannot read"):
             operator_token(config_with_token(None), env)
 
+    def test_an_empty_exported_token_file_does_not_fall_back_to_the_hosts_token(
+        self, tmp_path: Path
+    ) -> None:
+        # An operator's failed `... | jq -r .SecretID > alice.token`: acting with the
+        # host's watcher token in their name would be the wrong identity, not no identity.
+        empty = tmp_path / "alice.token"
+        empty.write_text("\n")
+        with pytest.raises(ConfigError, match=r"alice.token is empty \(it should hold"):
+            operator_token(config_with_token("watcher"), {"CONSUL_HTTP_TOKEN_FILE": str(empty)})
+
     def test_an_exported_token_holding_more_than_the_secret_is_refused_unechoed(
         self, tmp_path: Path
     ) -> None:
