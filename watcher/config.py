@@ -228,6 +228,22 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
+class _DecimalInt(int):
+    """An integer the YAML file wrote in decimal (``27``, not ``027``): for a umask, where
+    ``umask: 27`` would silently mean 0o33, not 0o027."""
+
+
+def _construct_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> int:
+    value: int = loader.construct_yaml_int(node)
+    digits = str(node.value).replace("_", "").lstrip("+-")
+    if digits.isdigit() and not (len(digits) > 1 and digits.startswith("0")):
+        return _DecimalInt(value)
+    return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 class _Reader:
     """Walks the parsed YAML, collecting every problem as ``path: message``."""
 
@@ -375,8 +391,10 @@ def _umask(value: Any) -> int:
         raise ValueError
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
+    if isinstance(value, _DecimalInt) and value > 7:
+        raise ValueError  # `umask: 27` in YAML is twenty-seven (0o33), not 0o027
     if isinstance(value, int) and 0 <= value <= 0o777:
-        return value
+        return int(value)
     raise ValueError
 
 
@@ -679,7 +697,14 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         keep_releases=r.get(d, "keep_releases", path, 5, _int_at_least(1), "an integer >= 1"),
         user=r.get(d, "user", path, None, _string, "a user name"),
         group=r.get(d, "group", path, None, _string, "a group name"),
-        umask=r.get(d, "umask", path, 0o022, _umask, 'an octal umask like "0022"'),
+        umask=r.get(
+            d,
+            "umask",
+            path,
+            0o022,
+            _umask,
+            'an octal umask like "0022" (quoted: YAML reads 27 as twenty-seven)',
+        ),
         prefetch=r.get(
             d,
             "prefetch",

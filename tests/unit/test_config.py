@@ -219,8 +219,16 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (with_app(keep_releases=2.5), "apps.web.keep_releases: must be an integer >= 1, got 2.5"),
     (with_app(root="srv"), 'apps.web.root: must be an absolute directory path, got "srv"'),
     (with_app(user=1000), "apps.web.user: must be a user name, got 1000"),
-    (with_app(umask="abc"), 'apps.web.umask: must be an octal umask like "0022", got "abc"'),
-    (with_app(umask=0o1777), 'apps.web.umask: must be an octal umask like "0022", got 1023'),
+    (
+        with_app(umask="abc"),
+        'apps.web.umask: must be an octal umask like "0022" (quoted: YAML reads 27 as '
+        'twenty-seven), got "abc"',
+    ),
+    (
+        with_app(umask=0o1777),
+        'apps.web.umask: must be an octal umask like "0022" (quoted: YAML reads 27 as '
+        "twenty-seven), got 1023",
+    ),
     (
         with_app(prefetch="lazy"),
         'apps.web.prefetch: must be one of extract, download, off, got "lazy"',
@@ -667,6 +675,23 @@ class TestDurationsAndSizes:
         # YAML 1.1 reads an unquoted leading-zero number as octal.
         assert parse(with_app(**yaml.safe_load("umask: 0077"))).apps["web"].umask == 0o077
 
+    def test_an_unquoted_decimal_umask_in_the_file_is_refused(self, tmp_path: Path) -> None:
+        # `umask: 27` is twenty-seven to YAML (0o33: files world-readable), not 0o027.
+        text = "s3: {bucket: b}\napps:\n  web: {root: /srv, umask: %s}\n"
+        path = write(tmp_path / "w.yaml", text % "27")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.problems == [
+            'apps.web.umask: must be an octal umask like "0022" (quoted: YAML reads 27 as '
+            "twenty-seven), got 27"
+        ]
+        for written, umask in (("027", 0o027), ('"0027"', 0o027), ("0", 0), ("7", 7)):
+            path.write_text(text % written)
+            assert load_config(path, env={}).apps["web"].umask == umask, written
+        # Other integers of the file are plain integers to everything else.
+        path.write_text(text % "022" + "daemon: {handled_events_keep: 300}\n")
+        assert load_config(path, env={}).daemon.handled_events_keep == 300
+
 
 class TestConsulEnvironment:
     def test_address(self) -> None:
@@ -708,8 +733,7 @@ class TestConsulEnvironment:
     def test_unreadable_token_file_names_the_variable_that_named_it(self, tmp_path: Path) -> None:
         env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
         assert problems(minimal(), env=env) == [
-            f"CONSUL_HTTP_TOKEN_FILE: cannot read {tmp_path / 'missing'}: "
-            "No such file or directory"
+            f"CONSUL_HTTP_TOKEN_FILE: cannot read {tmp_path / 'missing'}: No such file or directory"
         ]
 
     def test_an_empty_token_file_is_refused(self, tmp_path: Path) -> None:
