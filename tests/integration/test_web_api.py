@@ -305,6 +305,19 @@ class TestDeployApiWithAcls:
                 assert text in error_of(r), f"{what}: {r.text}"
             r = c.post("/api/v1/apps/nope/deploys", json={"artifact": "main-1"})
             assert r.status_code == 404 and "apps.nope: no such app" in error_of(r)
+            # A typo or a "yes" is refused, not read as a rollback to `previous` / true.
+            r = c.post(
+                "/api/v1/apps/web/rollbacks",
+                json={"relase": "20261203T052701Z-main-3bfc2695", "x": 1},
+            )
+            assert r.status_code == 422 and "relase: unknown field" in error_of(r), r.text
+            assert "x: unknown field" in error_of(r), r.text
+            r = c.post("/api/v1/apps/web/rollbacks", json={"allow_missing": "yes"})
+            assert r.status_code == 422 and "allow_missing:" in error_of(r), r.text
+            r = c.post(deploys, json={"artifact": "main-1", "allow_missing": 1})
+            assert r.status_code == 422 and "allow_missing:" in error_of(r), r.text
+            r = c.post("/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort", json={"why": "x"})
+            assert r.status_code == 422 and "why: unknown field" in error_of(r), r.text
             r = c.post("/api/v1/apps/web/rollbacks", json={"release": "yesterday"})
             assert r.status_code == 422 and "is not a release name" in error_of(r)
             r = c.post("/api/v1/apps/web/rollbacks", json={"release": "20200101T000000Z-x"})

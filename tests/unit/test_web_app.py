@@ -34,6 +34,8 @@ from watcher.web.live import LiveFeed
 
 LOCAL = "http://127.0.0.1:8710"
 FLEET = "/api/v1/apps/web/fleet"
+DEPLOYS = "/api/v1/apps/web/deploys"
+ABORT = "/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort"
 
 
 def dead_address() -> str:
@@ -92,6 +94,54 @@ class TestRefusedBeforeConsul:
         r = client.post("/api/v1/apps/web/deploys", json={"artifact": 5, "allow_missing": "x"})
         assert r.status_code == 422
         assert "artifact:" in r.json()["error"] and "allow_missing:" in r.json()["error"]
+
+    @pytest.mark.parametrize(
+        ("path", "body", "named"),
+        [
+            # The review's case: a typo must not roll the fleet back to "previous".
+            (
+                "/api/v1/apps/web/rollbacks",
+                {"relase": "20261203T052701Z-main-3bfc2695", "x": 1},
+                ["relase: unknown field", "x: unknown field", "takes: allow_missing, release"],
+            ),
+            (
+                DEPLOYS,
+                {"artifact": "main-1", "allow-missing": True},
+                ["allow-missing: unknown field", "takes: allow_missing, artifact"],
+            ),
+            (ABORT, {"reasn": "typo"}, ["reasn: unknown field", "takes: reason"]),
+        ],
+    )
+    def test_an_unknown_field_is_a_422_naming_it(
+        self, client: TestClient, path: str, body: dict[str, object], named: list[str]
+    ) -> None:
+        r = client.post(path, json=body)
+        assert r.status_code == 422, r.text
+        assert set(r.json()) == {"error"}
+        for text in named:
+            assert text in r.json()["error"], r.text
+
+    @pytest.mark.parametrize(
+        ("path", "body", "field"),
+        [
+            ("/api/v1/apps/web/rollbacks", {"allow_missing": "yes"}, "allow_missing"),
+            ("/api/v1/apps/web/rollbacks", {"allow_missing": 1}, "allow_missing"),
+            ("/api/v1/apps/web/rollbacks", {"allow_missing": "false"}, "allow_missing"),
+            ("/api/v1/apps/web/rollbacks", {"release": 20261203}, "release"),
+            (DEPLOYS, {"artifact": "main-1", "allow_missing": 0}, "allow_missing"),
+            (DEPLOYS, {"artifact": "main-1", "allow_missing": None}, "allow_missing"),
+            (DEPLOYS, {"artifact": 123}, "artifact"),
+            (ABORT, {"reason": 5}, "reason"),
+            (ABORT, {"reason": ["a"]}, "reason"),
+        ],
+    )
+    def test_values_are_not_coerced(
+        self, client: TestClient, path: str, body: dict[str, object], field: str
+    ) -> None:
+        # "yes", 1, "false": a JSON boolean or nothing; 20261203 is not a release name string.
+        r = client.post(path, json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith(f"{field}: Input should be a valid"), r.text
 
     def test_consul_down_is_a_503_with_the_reason(self, client: TestClient) -> None:
         r = client.get("/api/v1/apps/web/fleet")

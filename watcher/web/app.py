@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import typing
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,14 +97,22 @@ class ApiError(Exception):
 # --- request bodies (the OpenAPI description is generated from these) -----------------------
 
 
-class DeployBody(BaseModel):
+class WriteBody(BaseModel):
+    """A write's body: a field it does not know (a typo: ``relase``) is a 422 naming it, not
+    silently dropped, and a value must already be of its JSON type (``"yes"`` is not true,
+    ``5`` is not an artifact id): nothing is coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DeployBody(WriteBody):
     artifact: str = Field(description="artifact id, e.g. main-15eb13af", max_length=128)
     allow_missing: bool = Field(
         default=False, description="deploy to the live members even if known hosts are down"
     )
 
 
-class RollbackBody(BaseModel):
+class RollbackBody(WriteBody):
     release: str | None = Field(
         default=None,
         description="a release the fleet committed (default: the previous one)",
@@ -112,8 +121,21 @@ class RollbackBody(BaseModel):
     allow_missing: bool = False
 
 
-class AbortBody(BaseModel):
+class AbortBody(WriteBody):
     reason: str = Field(default="", max_length=500)
+
+
+def body_fields(request: Request) -> list[str]:
+    """The fields the body of the route `request` matched takes, for an unknown field's 422."""
+    endpoint = getattr(request.scope.get("route"), "endpoint", None)
+    try:
+        hint = typing.get_type_hints(endpoint).get("body") if endpoint is not None else None
+    except (NameError, TypeError):
+        return []
+    for model in typing.get_args(hint) or (hint,):
+        if isinstance(model, type) and issubclass(model, WriteBody):
+            return sorted(model.model_fields)
+    return []
 
 
 # --- auth -----------------------------------------------------------------------------------
@@ -514,15 +536,21 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        unknown = False  # a field the body does not take (a typo): say which ones it takes
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             if err.get("type") == "json_invalid":
                 ctx = err.get("ctx") or {}
                 problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
+            elif err.get("type") == "extra_forbidden":
+                unknown = True
+                problems.append(f"{where}: unknown field")
             else:
                 problems.append(f"{where}: {err.get('msg')}")
+        if unknown:
+            problems.append(f"the body takes: {', '.join(body_fields(request)) or 'no field'}")
         status = 400 if any(p.startswith("malformed") for p in problems) else 422
         return JSONResponse({"error": "; ".join(problems)}, status_code=status)
 
