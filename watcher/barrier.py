@@ -1636,6 +1636,22 @@ def summarize_states(view: DeployView) -> dict[str, int]:
     return counts
 
 
+def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
+    """A plain "roll back" after an automatic rollback would go to the release the fleet
+    was just rolled back from (``current.previous`` is the failed one): refused, so the
+    operator names the release. The outcome record is only a reader's copy (6.4), which
+    is enough to decline a request the operator can repeat with ``--to``."""
+    outcome = store.outcome(rec.id)
+    if outcome is None or outcome.result not in ("rolled_back", "failed_after_commit"):
+        return
+    raise DeployRefused(
+        f"app {store.app}: the previous release {rec.release} is the one deploy {rec.id} "
+        f"ended {outcome.result} with ({outcome.reason[:300]}); name the release to roll "
+        f"back to (`watcherctl rollback {store.app} --to RELEASE`; `watcherctl history "
+        f"{store.app}` lists them), or --to {rec.release} to go back to it all the same"
+    )
+
+
 def rollback_target(
     store: DeployStore, release: str | None, *, before: ReleaseRef | None = None
 ) -> ReleaseRef:
@@ -1670,6 +1686,8 @@ def rollback_target(
         rec = joined.request
         if release is not None and rec.release != release:
             continue
+        if release is None and before is None:
+            _refuse_a_failed_previous(store, rec)
         return ReleaseRef(
             release=rec.release,
             artifact=rec.artifact,

@@ -194,6 +194,18 @@ class TestValidateFailure:
         # A rollback never triggers another one, and nothing else started.
         assert len(rows) == 3 and fleet.inflight() is None
 
+        # `current.previous` is now the failed release: a plain "roll back" (the runbook's
+        # first command) would put the fleet on it again. It is refused, naming it.
+        again = fleet.watchers[0].ctl("rollback", "web", check=False, as_json=False)
+        assert again.returncode == 4, again
+        assert (
+            f"the previous release {rel2} is the one deploy {summary['deploy']} ended "
+            "rolled_back" in again.stderr
+        ), again.stderr
+        assert f"--to {rel2}" in again.stderr
+        assert fleet.inflight() is None and len(history(fleet)) == 3
+        assert fleet.currents() == all_on(fleet, rel1)
+
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
