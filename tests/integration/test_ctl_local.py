@@ -154,11 +154,10 @@ class Host:
         with self.engine.lock(owner="test"):
             self.engine.flip(release)
 
-    def write_journal(self, deploy: str, release: str, phases: list[str]) -> None:
+    def write_journal(self, deploy: str, release: str, phases: list[str], **more: Any) -> None:
         path = self.engine.layout.state_dir / JOURNAL_NAME
-        path.write_text(
-            json.dumps({"deploy": deploy, "release": release, "kind": "deploy", "phases": phases})
-        )
+        data = {"deploy": deploy, "release": release, "kind": "deploy", "phases": phases}
+        path.write_text(json.dumps({**data, **more}))
 
     def names(self) -> list[str]:
         return self.engine.release_names()
@@ -279,6 +278,19 @@ class TestHold:
         assert result.returncode == 0, result
         assert "preparing deploy 20260101T000000Z-bbbbbb" in result.stderr
         assert host.engine.held() is not None
+
+    @pytest.mark.parametrize("done", [{"finished": True}, {"ended": True}])
+    def test_a_deploy_this_host_is_done_with_neither_warns_nor_refuses(
+        self, host: Host, done: dict[str, bool]
+    ) -> None:
+        # Aborted while staging (no post_release), and ready then aborted: over either way.
+        for phases in (["staged", "aborted"], ["staged", "post_release", "aborted"]):
+            host.write_journal("20260101T000000Z-cccccc", release_of(5), phases, **done)
+            result = host.ctl("hold", "web")
+            assert result.returncode == 0, result
+            assert "20260101T000000Z-cccccc" not in result.stderr, result.stderr
+            assert host.engine.held() is not None
+            host.ctl("release-hold", "web")
 
 
 class TestExec:
