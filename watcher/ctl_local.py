@@ -221,8 +221,8 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
     acked regardless of holds); if Consul cannot be asked, we cannot know, so refuse too.
     """
     journal = read_journal(engine.layout.state_dir)
-    if not journal:
-        return
+    if not journal or journal.get("finished") or journal.get("ended"):
+        return  # no deploy, or this host's part in the last one is over
     deploy = str(journal["deploy"])
     phases = journal.get("phases") or []
     app = engine.app.name
