@@ -29,7 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.cluster import ClusterSpec, ConsulCluster, start_cluster  # noqa: E402
+from tests.support.cluster import (  # noqa: E402
+    ClusterError,
+    ClusterSpec,
+    ConsulCluster,
+    start_cluster,
+)
 from tests.support.fleet import Fleet, wait_for  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from tests.support.web import WebServer  # noqa: E402
@@ -127,15 +132,19 @@ def watcherctl_command() -> str:
         return str(path)
 
 
-def follow_ups(fleet: Fleet, v2: str) -> list[str]:
+def follow_ups(fleet: Fleet, v2: str, src: Path) -> list[str]:
     """The commands printed for the user to try; tests/integration/test_demo.py runs each
     exactly as printed."""
     ctl = f"{watcherctl_command()} -c {fleet.watchers[0].config_path}"
+    commit = hashlib.sha256(b"your build").hexdigest()[:40]
+    # The demo's S3 server takes any credentials, but boto3 wants some to sign with.
+    aws = "env AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_DEFAULT_REGION=us-east-1"
     return [
         f"{ctl} status",
         f"{ctl} status --fleet",
         f"{ctl} deploy web {v2}",
         f"{ctl} history web",
+        f"{aws} {ctl} publish web {src} --branch main --commit {commit}",
         f"curl http://{fleet.watchers[0].agent.ip}:{WEB_PORT}/",
     ]
 
@@ -159,8 +168,16 @@ def main() -> int:
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
     try:
         say(f"starting Consul (1 server + 3 hosts on {LOOPBACK}.x) and an S3 server")
-        cluster = start_cluster(ClusterSpec(hosts=3), workdir / "consul", consul_bin,
-                                LOOPBACK)
+        try:
+            cluster = start_cluster(ClusterSpec(hosts=3), workdir / "consul", consul_bin,
+                                    LOOPBACK)
+        except ClusterError as exc:
+            if "already in use" not in str(exc):
+                raise
+            print(f"demo: {str(exc).split(' (')[0]}: another demo (or test run) uses "
+                  f"{LOOPBACK}.x; stop it, or pick another base: "
+                  "DEMO_LOOPBACK=127.0.20 make demo", file=sys.stderr)
+            return 1
         s3 = S3Server(workdir / "moto.log")
         s3.start()
         s3_client(s3.endpoint_url).create_bucket(Bucket="demo-artifacts")
@@ -211,7 +228,7 @@ def main() -> int:
         say(f"scripted part done in {took:.0f}s")
         if args.no_keep:
             return 0
-        hints = "\n".join(f"  {hint}" for hint in follow_ups(fleet, v2))
+        hints = "\n".join(f"  {hint}" for hint in follow_ups(fleet, v2, src))
         print(f"""
 Everything is still running. Try:
 {hints}
