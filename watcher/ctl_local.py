@@ -37,7 +37,16 @@ from watcher.errors import (
     ReleaseNotFound,
 )
 from watcher.hooks import HookContext, run_hooks, run_in_release
-from watcher.records import COMMIT, Decision, Keys, check_release, iso, release_name, utcnow
+from watcher.records import (
+    COMMIT,
+    ArtifactRecord,
+    Decision,
+    Keys,
+    check_release,
+    iso,
+    release_name,
+    utcnow,
+)
 from watcher.releases import ReleaseEngine, ReleaseInfo
 
 if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
@@ -447,25 +456,39 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         app=app.name,
     )
     engine = ReleaseEngine(app, cache)
-    # The slow part, outside the app lock; the engine keeps the artifacts of the live,
-    # previous and pinned releases out of the cache's eviction.
-    engine.fetch(record)
     now = utcnow()
-    release = release_name(now, record.id)
     keep_until = now + timedelta(days=ctx.args.keep_days)
+    reused = _staged_release_of(engine, record)
+    if reused is None:
+        # The slow part, outside the app lock; the engine keeps the artifacts of the live,
+        # previous and pinned releases out of the cache's eviction.
+        engine.fetch(record)
     with engine.lock(owner=_lock_owner("setup-release")):
-        path = engine.stage(record, release, "setup-release")
+        if reused is not None and _staged_release_of(engine, record) != reused:
+            reused = None  # pruned meanwhile: stage it after all
+            engine.fetch(record)
+        if reused is None:
+            release = release_name(now, record.id)
+            path = engine.stage(record, release, "setup-release")
+        else:
+            # The same bytes are already staged: a second copy would only fill the disk.
+            # Its pin is extended, never shortened.
+            release, path = reused.release, engine.layout.release_dir(reused.release)
+            pinned = engine.pinned_until(release)
+            keep_until = max(keep_until, pinned) if pinned is not None else keep_until
         engine.pin(release, keep_until)
+    post_done = reused is not None and reused.post_release_done
     data: dict[str, Any] = {
         "app": app.name,
         "artifact": record.id,
         "release": release,
         "path": str(path),
         "pinned_until": iso(keep_until),
-        "post_release": "skipped" if ctx.args.no_hooks else "ok",
+        "reused": reused is not None,
+        "post_release": ("skipped" if ctx.args.no_hooks else "done before" if post_done else "ok"),
     }
     code = EXIT_OK
-    if not ctx.args.no_hooks:
+    if not ctx.args.no_hooks and not post_done:
         try:
             run_hooks(
                 app,
@@ -487,10 +510,24 @@ def cmd_setup_release(ctx: CtlContext) -> int:
                 f"staged {d['release']} at {d['path']} (pinned until {d['pinned_until']}), "
                 f"but its post_release hook FAILED: {d['post_release']}{tail}"
             )
+        if d["reused"]:  # stdout stays the path, for scripts
+            print(
+                f"watcherctl: {d['release']} already holds these bytes: reused, pinned until "
+                f"{d['pinned_until']} (post_release: {d['post_release']})",
+                file=sys.stderr,
+            )
         return str(d["path"])
 
     ctx.emit(data, human)
     return code
+
+
+def _staged_release_of(engine: ReleaseEngine, record: ArtifactRecord) -> ReleaseInfo | None:
+    """The newest complete release of ``record``'s artifact and bytes on this host."""
+    for info in reversed(engine.list_releases()):
+        if info.complete and info.artifact == record.id and info.sha256 == record.sha256:
+            return info
+    return None
 
 
 # --- exec --------------------------------------------------------------------------------

@@ -581,10 +581,21 @@ class TestSetupRelease:
         assert parse_iso(out["pinned_until"]) == pinned
         assert h.engine.current_release() == release_of(1)  # not flipped
 
-        again = h.ctl("setup-release", "web", artifact, "--no-hooks")
+        assert out["reused"] is False and out["post_release"] == "ok"
+        # The same artifact again: the staged copy is reused (no second copy on disk), its
+        # pin extended to the later date, its post_release hook not run twice.
+        (path / "hooked").unlink()
+        again = h.ctl("setup-release", "web", artifact, "--keep-days", "5")
         assert again.returncode == 0, again
-        assert Path(again.stdout.strip()).is_dir()
-        assert Path(again.stdout.strip()).parent == h.engine.layout.releases_dir
+        assert Path(again.stdout.strip()) == path
+        assert f"{release} already holds these bytes: reused" in again.stderr, again.stderr
+        assert [n for n in h.names() if artifact in n] == [release]
+        assert not (path / "hooked").exists()
+        later = h.engine.pinned_until(release)
+        assert later is not None and later - pinned > timedelta(days=1, hours=23)
+        shorter = h.ctl_json("setup-release", "web", artifact, "--keep-days", "1", "--no-hooks")
+        assert shorter["reused"] is True and shorter["release"] == release
+        assert h.engine.pinned_until(release) == later  # never shortened
 
         # a newer build goes live twice; prune keeps the pinned setup release
         h.stage(2)
