@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,6 +50,50 @@ class TestListen:
         config.write_text(CONFIG.replace("{root: /srv}", "{root: /srv, webhook: {url: 'ftp://x'}}"))
         assert main(["web", "-c", str(config)]) == 2
         assert "apps.web.webhook.url" in capsys.readouterr().err
+
+
+class TestCannotListen:
+    """A port in use or an address not on this host: one line saying so, exit 2 (as
+    `watcher run` with its daemon.listen), and never "serving" first."""
+
+    @pytest.fixture
+    def config(self, tmp_path: Path) -> str:
+        path = tmp_path / "w.yaml"
+        path.write_text(CONFIG)
+        return str(path)
+
+    def test_a_port_in_use(self, config: str, capsys: pytest.CaptureFixture[str]) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            listen = f"127.0.0.1:{taken.getsockname()[1]}"
+            assert main(["web", "-c", config, "--listen", listen]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"watcher web: error: cannot listen on {listen}: address already in use "
+            "(choose another with --listen)\n"
+        )
+
+    def test_an_address_not_on_this_host(
+        self, config: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["web", "-c", config, "--listen", "192.0.2.1:8719"]) == 2  # TEST-NET-1
+        err = capsys.readouterr().err
+        assert err.startswith("watcher web: error: cannot listen on 192.0.2.1:8719: "), err
+        assert "serving" not in err and err.count("\n") == 1, err
+
+    def test_the_bound_socket_is_the_one_served(self) -> None:
+        from watcher.web.server import bind_listen
+
+        sockets = bind_listen("127.0.0.1", 0)
+        try:
+            assert len(sockets) == 1
+            port = sockets[0].getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass  # it listens already: nothing else can take the port meanwhile
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 def test_the_daemon_does_not_import_the_web_stack() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sys
 
 import uvicorn
 
 from watcher.config import Config
+from watcher.daemon_cli import EXIT_CONFIG
 from watcher.log import get_logger
 from watcher.web.app import create_app, is_loopback
 
@@ -21,8 +24,56 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def bind_listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address HOST resolves to, bound as uvicorn would bind them
+    (asyncio's create_server: SO_REUSEADDR, IPv6 only on an IPv6 socket); OSError when one
+    cannot be bound (in use, not an address of this host, a name that does not resolve)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)  # uvicorn's default backlog
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def cannot_listen(listen: str, exc: OSError) -> str:
+    """``cannot listen on 127.0.0.1:8710: address already in use (choose another ...)``."""
+    why = exc.strerror or str(exc)
+    return f"cannot listen on {listen}: {why[:1].lower()}{why[1:]} (choose another with --listen)"
+
+
 def run_web(config: Config, listen: str) -> int:
+    """Serve until stopped; EXIT_CONFIG, having said why, when ``listen`` cannot be bound.
+
+    The socket is bound here, before anything is announced, and handed to uvicorn: bound by
+    uvicorn, a port in use would be reported after "serving" in uvicorn's own words, with
+    its exit 3 (which watcherctl's exit codes give to an unreachable Consul)."""
     host, port = parse_listen(listen)
+    try:
+        sockets = bind_listen(host, port)
+    except OSError as exc:
+        print(f"watcher web: error: {cannot_listen(listen, exc)}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    try:
+        return _serve(config, listen, host, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket]) -> int:
     app = create_app(config, listen_host=host)
     state = app.state.web
     acls = state.probe_acls()
@@ -50,13 +101,15 @@ def run_web(config: Config, listen: str) -> int:
         )
     log.info("web_listening", url=f"http://{listen}/", acls=acls, loopback=loopback)
     print(f"watcher web: serving http://{listen}/", file=sys.stderr, flush=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=3,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=3,
+        )
     )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it, as uvicorn.run() took it
+        server.run(sockets=sockets)
     return 0
