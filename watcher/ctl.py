@@ -330,6 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(command_of(argv))
+    if command_of(argv) is None and not {"-h", "--help", "--version"} & set(argv):
+        # No command at all (a first try): the commands, not only "COMMAND is required".
+        print(parser.format_help(), file=sys.stderr)
+        print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)

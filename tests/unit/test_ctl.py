@@ -158,6 +158,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"watcherctl {__version__}\n"
 
 
+@pytest.mark.parametrize("argv", [[], ["--json"], ["-c", "/etc/watcher/other.yaml"]])
+def test_no_command_lists_the_commands(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert main(argv) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for command in COMMANDS:
+        assert f"\n    {command} " in captured.err, command
+    assert captured.err.endswith("watcherctl: error: name a COMMAND (above)\n")
+
+
 class TestExitCodes:
     def test_codes(self) -> None:
         assert exit_code_for(ConfigError("x", ["y"])) == EXIT_USAGE
