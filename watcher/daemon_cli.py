@@ -151,7 +151,14 @@ def web(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `watcher` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not {"run", "check-config", "web", "-h", "--help", "--version"} & set(argv):
+        # No command at all (a first try): the commands, not only "COMMAND is required".
+        print(parser.format_help(), file=sys.stderr)
+        print("watcher: error: name a COMMAND (above)", file=sys.stderr)
+        return EXIT_CONFIG
+    args = parser.parse_args(argv)
     if args.config is None:
         args.config = _default_config_path()
     _configure_logging(args)

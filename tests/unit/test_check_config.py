@@ -185,6 +185,16 @@ class TestCheckConfig:
             rf"{re.escape(str(bad))}: line \d+, column \d+: invalid YAML: .+\n", err
         )
 
+    @pytest.mark.parametrize("argv", [[], ["--debug"], ["-c", "/etc/watcher/other.yaml"]])
+    def test_no_command_lists_the_commands(
+        self, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        assert daemon_cli.main(argv) == 2
+        err = capsys.readouterr().err
+        for command in ("run", "check-config", "web"):
+            assert f"\n    {command} " in err, err
+        assert err.endswith("watcher: error: name a COMMAND (above)\n")
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         missing = tmp_path / "nope.yaml"
         assert daemon_cli.main(["check-config", "-c", str(missing)]) == 2
