@@ -144,7 +144,8 @@ class HookError(WatcherError):
         self.phase = phase
         self.hook = hook
         self.output_tail = output_tail
-        super().__init__(f"{phase} hook {hook}: {message}")
+        what = "command" if phase == "exec" else f"{phase} hook"  # `watcherctl exec` runs no hook
+        super().__init__(f"{what} {hook}: {message}")
 
 
 class PayloadError(WatcherError):

@@ -568,5 +568,8 @@ class TestRunInRelease:
         assert not ignored & (1 << (2 - 1)), "the command inherited an ignored SIGINT"
 
     def test_missing_command(self, tmp_path: Path, release_dir: Path) -> None:
-        with pytest.raises(HookError, match="cannot start"):
+        with pytest.raises(HookError) as info:
             run_in_release(make_app(tmp_path), release_dir, ["no-such-command-xyz"])
+        assert str(info.value) == (
+            "command no-such-command-xyz: cannot start: No such file or directory"
+        )
