@@ -93,10 +93,12 @@ class TestExample:
             "aborted_staging_max_age",
         ):
             assert getattr(web, name) == getattr(api, name), name
-        assert web.hooks["post_release"] == (
-            ("/usr/local/lib/watcher/web/bundle-check",),
-            ("/usr/local/lib/watcher/web/migrate", "--dry-run"),
-        )
+        # The hooks README's step 5 installs, from hooks/examples/.
+        assert web.hooks["post_release"] == (("/usr/local/lib/watcher/hooks/python-venv",),)
+        for phase in ("post_release", "post_symlink", "validate"):
+            for argv in web.hooks[phase]:
+                assert argv[0].startswith("/usr/local/lib/watcher/hooks/"), argv
+                assert (REPO / "hooks" / "examples" / Path(argv[0]).name).is_file(), argv
         assert web.hooks["post_abort"] == ()
         assert web.user == "www-data"
         assert web.shared == ("log", "public/uploads")
