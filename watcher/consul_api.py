@@ -665,8 +665,18 @@ class ConsulClient:
     blocking query holds a connection of its own.
     """
 
-    def __init__(self, settings: ConsulSettings, *, retry_deadline: float = 10.0) -> None:
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        *,
+        retry_deadline: float = 10.0,
+        on_retry: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``on_retry(error, seconds left)``: called at the first retry of this client's
+        requests only (``watcherctl`` prints it: a command that waits out the retry
+        deadline in silence looks hung)."""
         self.settings = settings
+        self._on_retry = on_retry
         self.retry_deadline = retry_deadline
         self.address = settings.base_url
         self._token = settings.token
@@ -800,6 +810,10 @@ class ConsulClient:
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
+            notice, self._on_retry = self._on_retry, None
+            if notice is not None:
+                error = exc.error if isinstance(exc, _Transient) else exc
+                notice(str(error), max(deadline_at - time.monotonic(), 0.0))
             log.warning(
                 "consul_retry",
                 what=what,

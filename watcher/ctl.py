@@ -99,6 +99,16 @@ class CtlContext:
             raise UnknownApp(name, config)
         return config.apps[name]
 
+    @staticmethod
+    def consul_retry_notice(error: str, seconds_left: float) -> None:
+        """A command's first Consul retry, on stderr (``ConsulClient``'s ``on_retry``): the
+        retries can take seconds, and a silent command looks hung."""
+        print(
+            f"watcherctl: {error}; retrying for up to {seconds_left:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def command_line(self, *argv: str) -> str:
         """``watcherctl ARGV...`` as the user can paste it, with the -c they gave."""
         words = ["watcherctl", *argv]

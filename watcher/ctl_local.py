@@ -244,7 +244,11 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
         )
         return
     key = Keys(ctx.config.kv_prefix, app).decision(deploy)
-    consul = ConsulClient(ctx.config.consul, retry_deadline=CONSUL_CHECK_DEADLINE)
+    consul = ConsulClient(
+        ctx.config.consul,
+        retry_deadline=CONSUL_CHECK_DEADLINE,
+        on_retry=ctx.consul_retry_notice,
+    )
     try:
         entry = consul.kv_get(key)
     except ConsulError as exc:
@@ -434,7 +438,7 @@ def _hook_context(
 def cmd_setup_release(ctx: CtlContext) -> int:
     config = ctx.config
     app = ctx.app(ctx.args.app)
-    consul = ConsulClient(config.consul)
+    consul = ConsulClient(config.consul, on_retry=ctx.consul_retry_notice)
     try:
         store = DeployStore(consul, config.kv_prefix, app.name)
         record = store.artifact(ctx.args.artifact)

@@ -343,6 +343,20 @@ class TestRetryPolicy:
         assert "may or may not have been applied" not in str(info.value)
         assert request_counts()["txn"] - before >= 2
 
+    def test_on_retry_is_told_once_what_failed_and_how_long_retries_go_on(self) -> None:
+        told: list[tuple[str, float]] = []
+        client = ConsulClient(
+            ConsulSettings(address="127.0.0.1:9", timeout=0.5),
+            retry_deadline=1.0,
+            on_retry=lambda error, left: told.append((error, left)),
+        )
+        for _ in range(2):
+            with pytest.raises(ConsulUnavailable):
+                client.kv_get("k")
+        [(error, left)] = told  # once for the client, not per attempt nor per request
+        assert error.startswith("cannot reach Consul at http://127.0.0.1:9 for kv get k")
+        assert 0.0 < left <= 1.0
+
     def test_unreachable_address_fails_fast(self) -> None:
         started = time.monotonic()
         with pytest.raises(ConsulUnavailable, match=r"127\.0\.0\.1:9 .*is the agent running"):
