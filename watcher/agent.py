@@ -456,6 +456,26 @@ class AppAgent:
             self.store.clear_inflight(deploy_id, inflight_index, str(exc), by=self.node)
             return f"inflight {deploy_id!r}: unreadable, cleared"
         if read.ended:
+            request, entry = read.request, read.entry
+            if (
+                request is not None
+                and entry is not None
+                and self.node in request.expected
+                and read.own is None
+            ):
+                # An outcome, but no ack of this expected host: no honest host ended it
+                # with a commit, and any host's token can write an outcome (a record,
+                # never obeyed: DESIGN.md 6.4.3). Say no (a veto needs no session), or
+                # the hosts that acked ready would wait for this host forever, refusing
+                # every later deploy.
+                self.log.warning("outcome_not_obeyed", deploy=deploy_id)
+                joined = Joined(request, request.digest(), entry.create_index)
+                self._ack(
+                    joined,
+                    REFUSED,
+                    error="the deploy had an outcome record before this host joined",
+                    known=(None, read.own_index),
+                )
             self.store.clear_inflight(
                 deploy_id, inflight_index, "deploy already ended", by=self.node, ended=True
             )

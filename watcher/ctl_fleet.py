@@ -16,8 +16,10 @@ from typing import Any
 from watcher import ids
 from watcher.barrier import (
     CONTESTED,
+    UNDECIDED,
     DeployStore,
     DeployView,
+    judge,
     new_deploy_id,
     resolve_artifact,
     rollback_target,
@@ -53,9 +55,12 @@ from watcher.errors import (
 from watcher.records import (
     ABORT,
     COMMIT,
+    FAILED_AFTER_COMMIT,
     FAILING_STATES,
+    NODE_FINAL_STATES,
     ArtifactRecord,
     DeployRecord,
+    Outcome,
     parse_iso,
 )
 
@@ -341,7 +346,7 @@ def _wait_after_start(
         if ctx.args.timeout is not None
         else (parse_iso(record.apply_deadline) - datetime.now(UTC)).total_seconds() + 30
     )
-    view = _wait_for_outcome(ctx, store, record.id, deadline)
+    view = _wait_for_outcome(ctx, store, record, deadline)
     if view is None:
         gone = {"deploy": record.id, "kind": record.kind, "result": None}
         ctx.emit({**gone, "reason": "its request is gone from Consul"}, _human_summary)
@@ -363,8 +368,9 @@ def _wait_after_start(
 
 
 def _wait_for_outcome(
-    ctx: CtlContext, store: DeployStore, deploy_id: str, timeout: float
+    ctx: CtlContext, store: DeployStore, record: DeployRecord, timeout: float
 ) -> DeployView | None:
+    deploy_id = record.id
     end = time.monotonic() + max(timeout, 1.0)
     seen: dict[str, str] = {}
     index = 0
@@ -383,13 +389,58 @@ def _wait_for_outcome(
                 seen["<decision>"] = view.decision.outcome
                 print(f"  decision: {view.decision.outcome} ({view.decision.reason})", flush=True)
         if view.outcome is not None:
-            return view
+            settled = settled_view(view, record)
+            if settled is not None:
+                return settled
         # Any write under the app's keys (acks, decision, outcome) wakes this CLI; the
         # daemons themselves only watch small keys.
         index, _ = store.consul.kv_keys_blocking(
             store.keys.base + "/", index, min(5.0, max(end - time.monotonic(), 0.1))
         )
-    return view
+    return replace(view, outcome=None) if view is not None and view.outcome else view
+
+
+#: The verdict of the acks (DESIGN.md 6.4.3) behind each result an honest host writes.
+OUTCOME_VERDICTS = {
+    "committed": COMMIT,
+    "rolled_back": COMMIT,
+    "failed_after_commit": COMMIT,
+    "aborted": ABORT,
+    "contested": CONTESTED,
+    "expired": UNDECIDED,
+    "refused": UNDECIDED,
+}
+
+
+def settled_view(view: DeployView, record: DeployRecord) -> DeployView | None:
+    """``view`` if its outcome record agrees with the acks read with it, judged against
+    ``record`` (the request this watcherctl wrote: the one in KV may have been rewritten
+    since); None while it does not. Any host's token can write ``outcomes/<id>`` (a commit
+    while another host still stages, an abort while they flip), so what `deploy` reports
+    (and its exit code) comes from the acks: a contradicted record is reported, never
+    believed, and once every expected host's ack is final the acks' own verdict is the
+    result."""
+    outcome = view.outcome
+    if outcome is None:
+        return None
+    verdict = judge(record, record.digest(), view.nodes).outcome
+    if OUTCOME_VERDICTS.get(outcome.result) == verdict:
+        return view
+    acks = [view.nodes.get(n) for n in record.expected]
+    if verdict == UNDECIDED or not all(
+        a is not None and a.state in NODE_FINAL_STATES for a in acks
+    ):
+        return None
+    if verdict == COMMIT:
+        failed = any(a is not None and a.state == FAILED_AFTER_COMMIT for a in acks)
+        result = "failed_after_commit" if failed else "committed"
+    else:
+        result = "aborted" if verdict == ABORT else CONTESTED
+    why = (
+        f"the acks say {verdict}; the outcome record (result {outcome.result!r}, by "
+        f"{outcome.by!r}) contradicts them and is not trusted"
+    )
+    return replace(view, outcome=Outcome(result=result, at=outcome.at, by="", reason=why))
 
 
 def deploy_summary(view: DeployView) -> dict[str, Any]:

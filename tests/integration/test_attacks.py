@@ -9,7 +9,9 @@ expected host did not ack, and the next normal deploy works.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import replace
@@ -36,6 +38,7 @@ from watcher.records import (
     Decision,
     DeployRecord,
     NodeProgress,
+    Outcome,
     PinRecord,
     iso,
     utcnow,
@@ -690,4 +693,100 @@ class TestReadersOfHostRecords:
         fleet.watchers[1].start()
         fleet.wait_members(3)
         x.kv_delete(fleet.keys.host("host-3"))
+        next_deploy_works(acl_fleet, "v3")
+
+
+class TestReadersOfOutcomes:
+    @pytest.mark.parametrize("forged", ["committed", "aborted"])
+    def test_a_forged_outcome_is_not_what_deploy_reports(
+        self, acl_fleet: AclFleet, forged: str
+    ) -> None:
+        """host-3's token writes ``outcomes/<id>`` while the hosts still stage: a commit
+        while host-2 will fail, or an abort while every host will ack ready. The daemons
+        never obey it; `watcherctl deploy` (its result and exit code, what a pipeline
+        acts on) must say what the acks say, not what the record says."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        slow_hook(fleet, "post_release", 3, fail_on="host-2" if forged == "committed" else None)
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        wait_for(  # all joined (one that had not says no: test_..._before_a_host_joined)
+            lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
+            20,
+            "every host staging",
+            fleet,
+        )
+        x = host_client(acl_fleet, 2)
+        record = Outcome(result=forged, at=iso(utcnow()), by="host-1", reason="forged")
+        assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json(), cas=0)
+        out, err = proc.communicate(timeout=90)
+        result = json.loads(out)
+        wait_for(
+            lambda: all(
+                ack_state(fleet, deploy_id, w.name) in ("live", "failed", "aborted")
+                for w in fleet.watchers
+            ),
+            30,
+            "every host final",
+            fleet,
+        )
+        if forged == "committed":
+            assert releases_of(fleet) == {release1}, fleet.currents()
+            assert proc.returncode != 0, (out, err)
+            assert result["result"] == "aborted", result
+        else:
+            assert releases_of(fleet) == {result["release"]} != {release1}, fleet.currents()
+            assert proc.returncode == 0, (out, err)
+            assert result["result"] == "committed", result
+        assert "not trusted" in result["reason"], result
+        # The forged record blocks the end's own outcome (check-not-exists): inflight goes
+        # all the same, and the next deploy works.
+        wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
+        slow_hook(fleet, "post_release", 0)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_an_outcome_written_before_a_host_joined_stalls_nobody(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """host-3's token writes ``outcomes/<id>`` once host-2 and host-3 acked ready and
+        before host-1 read the request (host-1 is stopped for that moment, as any host
+        that is a few milliseconds late). host-1 must not take the record for the end:
+        it says no, the ready hosts abort, and the next deploy works (it used to find
+        host-2 still ready in the undecided deploy, refusing every later one)."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        x = host_client(acl_fleet, 2)
+        late = fleet.watchers[0]
+        assert late.proc is not None
+        os.killpg(late.proc.pid, signal.SIGSTOP)
+        try:
+            proc = start_deploy_async(acl_fleet, v2["id"])
+            deploy_id = wait_request(fleet)
+            wait_for(
+                lambda: all(
+                    ack_state(fleet, deploy_id, n) == "ready" for n in ("host-2", "host-3")
+                ),
+                20,
+                "host-2 and host-3 ready",
+                fleet,
+            )
+            record = Outcome(result="aborted", at=iso(utcnow()), by="host-1", reason="forged")
+            assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json(), cas=0)
+        finally:
+            os.killpg(late.proc.pid, signal.SIGCONT)
+        wait_for(
+            lambda: (
+                ack_state(fleet, deploy_id, "host-1") == "refused"
+                and ack_state(fleet, deploy_id, "host-2") == "aborted"
+            ),
+            30,
+            "host-1 says no and the ready host-2 aborts",
+            fleet,
+        )
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode != 0 and json.loads(out)["result"] == "aborted", out
+        assert releases_of(fleet) == {release1}
+        fleet.wait_idle()
         next_deploy_works(acl_fleet, "v3")
