@@ -311,12 +311,15 @@ class TestForgedWithoutAcls:
         rig.wait_states(deploy_id, rig.watchers[:2], "ready")
         time.sleep(2)
         assert fleet.currents() == {w.name: release1 for w in rig.watchers}
-        # The third host is asked to abort before it is ready: the acks decide abort.
+        # The third host is asked to abort before it is ready: the acks decide abort. Its
+        # post_release hook, still held, is stopped by the abort (not left running).
+        third = rig.watchers[2]
         rig.watchers[0].ctl("abort", deploy_id, "--app", "web", as_json=False)
-        rig.release(rig.watchers[2])
         outcome = fleet.wait_outcome(deploy_id, 40)
         assert outcome["result"] == "aborted", outcome
         fleet.wait_idle(30)
+        wait_for(lambda: bool(events(third, "hook_cancelled")), 20, "hook stopped", fleet)
+        rig.release(third)  # for the deploys below
         # Idle hosts look at `current` (still the forged one) and refuse to follow it.
         wait_for(
             lambda: all(events(w, "current_not_obeyed") for w in rig.watchers),
@@ -325,8 +328,12 @@ class TestForgedWithoutAcls:
             fleet,
         )
         assert fleet.currents() == {w.name: release1 for w in rig.watchers}
-        for w in rig.watchers:
+        for w in rig.watchers[:2]:  # post_release done, then aborted: dropped
             assert not (w.app_dir / "releases" / release).exists(), w.name
+        # A staging cut short before its post_release ended is kept for a resume (until
+        # aborted_staging_max_age), never current.
+        kept = {r["release"]: r for r in third.ctl_json("releases", "web")}
+        assert kept[release]["kept_for_resume"] and not kept[release]["is_current"], kept
         # The forged commit record contradicts what the acks established: reported.
         assert any(events(w, "decision_not_obeyed") for w in rig.watchers), fleet.logs()
         assert seen_releases(rig) == {release1}, rig.monitor.seen
