@@ -305,16 +305,35 @@ def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -
     # From here on the deploy runs on every host whatever this process does: the user must
     # always learn its id, and how to follow and abort it (firing the event included: it
     # can take a moment, and an interrupt there stops nothing either).
+    seen: dict[str, str] = {}  # what the wait has shown so far, for an interrupt
     try:
-        return _wait_after_start(ctx, store, record, ring_doorbell(store, record))
+        return _wait_after_start(ctx, store, record, ring_doorbell(store, record), seen)
     except KeyboardInterrupt:
         print(
-            f"watcherctl: interrupted; {record.kind} {record.id} goes on across the fleet; "
-            f"{_follow_or_abort(ctx, record)}",
+            f"watcherctl: interrupted; {_interrupted_at(ctx, record, seen.get(VERDICT))}",
             file=sys.stderr,
             flush=True,
         )
         return EXIT_INTERRUPTED
+
+
+#: The key of the wait's ``seen`` holding the verdict of the acks it read last.
+VERDICT = "<verdict>"
+
+
+def _interrupted_at(ctx: CtlContext, record: DeployRecord, verdict: str | None) -> str:
+    """What a Ctrl-C during the wait leaves, by what the acks said at the last look."""
+    follow = ctx.command_line("status", record.app, "--fleet")
+    if verdict == COMMIT:
+        back = ctx.command_line("rollback", record.app)
+        return (
+            f"{record.kind} {record.id} is committed (every host acked ready) and goes on: it "
+            f"can no longer be aborted; follow it with `{follow}`, undo it afterwards with "
+            f"`{back}`"
+        )
+    if verdict == ABORT:
+        return f"{record.kind} {record.id} is aborted: no host flips; see `{follow}`"
+    return f"{record.kind} {record.id} goes on across the fleet; {_follow_or_abort(ctx, record)}"
 
 
 def _follow_or_abort(ctx: CtlContext, record: DeployRecord) -> str:
@@ -324,7 +343,11 @@ def _follow_or_abort(ctx: CtlContext, record: DeployRecord) -> str:
 
 
 def _wait_after_start(
-    ctx: CtlContext, store: DeployStore, record: DeployRecord, warning: str
+    ctx: CtlContext,
+    store: DeployStore,
+    record: DeployRecord,
+    warning: str,
+    seen: dict[str, str] | None = None,
 ) -> int:
     if warning:
         print(f"watcherctl: warning: {warning}", file=sys.stderr, flush=True)
@@ -346,7 +369,7 @@ def _wait_after_start(
         if ctx.args.timeout is not None
         else (parse_iso(record.apply_deadline) - datetime.now(UTC)).total_seconds() + 30
     )
-    view = _wait_for_outcome(ctx, store, record, deadline)
+    view = _wait_for_outcome(ctx, store, record, deadline, {} if seen is None else seen)
     if view is None:
         gone = {"deploy": record.id, "kind": record.kind, "result": None}
         ctx.emit({**gone, "reason": "its request is gone from Consul"}, _human_summary)
@@ -368,17 +391,21 @@ def _wait_after_start(
 
 
 def _wait_for_outcome(
-    ctx: CtlContext, store: DeployStore, record: DeployRecord, timeout: float
+    ctx: CtlContext,
+    store: DeployStore,
+    record: DeployRecord,
+    timeout: float,
+    seen: dict[str, str],
 ) -> DeployView | None:
     deploy_id = record.id
     end = time.monotonic() + max(timeout, 1.0)
-    seen: dict[str, str] = {}
     index = 0
     view = None
     while time.monotonic() < end:
         view = store.view(deploy_id)
         if view is None:
             return None
+        seen[VERDICT] = judge(record, record.digest(), view.nodes).outcome
         if not ctx.as_json:
             for node, progress in sorted(view.nodes.items()):
                 if seen.get(node) != progress.state:

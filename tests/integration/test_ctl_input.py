@@ -20,10 +20,11 @@ import yaml
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN
+from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.ctl import build_parser
-from watcher.records import ArtifactRecord, Keys
+from watcher.records import ArtifactRecord, Keys, NodeProgress
 
 CLUSTER = ClusterSpec(hosts=1)
 ARTIFACT = "main-15eb13af"
@@ -336,6 +337,47 @@ class TestWhatTheMessagesSuggest:
             aborted = site.ctl(*abort)
             assert aborted.returncode == 0, aborted.stderr
             assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
+
+    def test_ctrl_c_after_the_commit_says_it_cannot_be_aborted(self, site: Site) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        proc = subprocess.Popen(
+            site.argv("deploy", "web", ARTIFACT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=site.env(),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            said = proc.stdout.readline()  # type: ignore[union-attr]
+            assert ARTIFACT in said, said
+            entry = site.kv.kv_get(site.keys.inflight)
+            assert entry is not None and entry.value
+            deploy = entry.value.decode()
+            record = DeployStore(site.kv, site.prefix, "web").deploy_record(deploy)
+            assert record is not None
+            # Every expected host (the one member) acks ready: the acks say commit.
+            for node in record.expected:
+                ack = NodeProgress(node=node, state="ready", deploy=deploy, digest=record.digest())
+                assert site.kv.kv_put(site.keys.progress(deploy, node), ack.to_json())
+            wait_for_line = time.monotonic() + 10
+            line = ""
+            while "ready" not in line and time.monotonic() < wait_for_line:
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert "ready" in line, line  # the wait has read the acks
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert f"deploy {deploy} is committed (every host acked ready)" in err, err
+        assert "can no longer be aborted" in err and "abort" not in suggested_words(err)
+        assert suggested(err, "rollback") == ["rollback", "web", "-c", str(site.config)]
+
+
+def suggested_words(text: str) -> list[str]:
+    """The watcherctl commands ``text`` names, by their first word."""
+    return [m.split()[1] for m in re.findall(r"`(watcherctl [^`]*)`", text)]
 
 
 class TestUnderSudo:
