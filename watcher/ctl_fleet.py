@@ -785,7 +785,20 @@ def cmd_status(ctx: CtlContext) -> int:
     for name in names:
         ctx.app(name)
     if ctx.args.fleet:
-        return _fleet_status(ctx, names)
+        try:
+            return _fleet_status(ctx, names)
+        except ConsulUnavailable as exc:
+            # The fleet cannot be read: this host's part, as plain `status` shows it.
+            return _host_status(ctx, names, unreachable=exc)
+    return _host_status(ctx, names)
+
+
+def _host_status(
+    ctx: CtlContext, names: list[str], *, unreachable: ConsulUnavailable | None = None
+) -> int:
+    """`status`: this host's part, and the fleet's as far as Consul answers (not asked
+    again when ``unreachable`` already says it does not)."""
+    config = ctx.config
     daemon = daemon_status(config.daemon.state_dir)
     consul = _consul(ctx, quick=True)
     node = config.node or daemon.get("node")
@@ -794,13 +807,13 @@ def cmd_status(ctx: CtlContext) -> int:
         "daemon": daemon,
         "consul": {
             "address": config.consul.base_url,
-            "reachable": True,
-            "error": "",
-            "problem": "",
+            "reachable": unreachable is None,
+            "error": "" if unreachable is None else str(unreachable),
+            "problem": "" if unreachable is None else consul_problem(unreachable),
         },
         "apps": {},
     }
-    failure: WatcherError | None = None
+    failure: WatcherError | None = unreachable
     for name in names:
         entry = _local_app(config.apps[name], daemon)
         # Unknown until read: the keys are always there, null with the reason when unread.
@@ -1003,7 +1016,7 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
 
 
 def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
-    consul = _consul(ctx)
+    consul = _consul(ctx, quick=True)
     data: dict[str, Any] = {}
     for name in names:
         data[name] = fleet_status(DeployStore(consul, ctx.config.kv_prefix, name))

@@ -395,6 +395,20 @@ class TestStatusWithoutConsul:
         assert web["fleet_error"] == "Consul unreachable"
         assert data["consul"]["reachable"] is False and "127.0.0.1:9" in data["consul"]["error"]
 
+    def test_fleet_status_shows_this_host_within_seconds(self, host: Host) -> None:
+        started = time.monotonic()
+        result = host.ctl("status", "--fleet")
+        assert time.monotonic() - started < 8, "waited out the full retry deadline"
+        assert result.returncode == 3, result
+        lines = result.stdout.splitlines()
+        assert f"  current     {release_of(4)}" in lines, result.stdout
+        assert "  deploy      unknown (Consul unreachable)" in lines, result.stdout
+        assert "consul UNREACHABLE at http://127.0.0.1:9" in result.stdout
+        assert "Traceback" not in result.stderr
+        data = host.ctl_json("status", "--fleet", code=3)
+        assert data["apps"]["web"]["fleet_error"] == "Consul unreachable"
+        assert data["apps"]["web"]["current"] == release_of(4)
+
     def test_a_mistyped_app_names_the_configured_ones(self, host: Host) -> None:
         for argv in (("status", "webb"), ("releases", "webb")):
             result = host.ctl(*argv)
