@@ -163,7 +163,7 @@ STATUS_CONSUL_TIMEOUT = 3.0  # status answers from local state quickly when Cons
 
 def _consul(ctx: CtlContext, *, quick: bool = False) -> ConsulClient:
     if not quick:
-        return ConsulClient(ctx.config.consul)
+        return ConsulClient(ctx.config.consul, on_retry=ctx.consul_retry_notice)
     settings = ctx.config.consul
     return ConsulClient(
         replace(settings, timeout=min(settings.timeout, STATUS_CONSUL_TIMEOUT)),
