@@ -412,6 +412,8 @@ def _wait_for_outcome(
                     seen[node] = progress.state
                     detail = f": {progress.error}" if progress.error else ""
                     print(f"  {node}: {progress.state}{detail}", flush=True)
+                    for line in _tail_lines(progress.output_tail):
+                        print(f"    | {line}", flush=True)
             if view.decision and seen.get("<decision>") != view.decision.outcome:
                 seen["<decision>"] = view.decision.outcome
                 print(f"  decision: {view.decision.outcome} ({view.decision.reason})", flush=True)
@@ -501,6 +503,22 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
             for n, p in sorted(view.nodes.items())
         },
     }
+
+
+#: Lines of a failed hook's output shown under the host's line while `deploy` waits (the
+#: whole tail is in `history --json`).
+TAIL_SHOWN = 3
+
+
+def _tail_lines(tail: str) -> list[str]:
+    """The last TAIL_SHOWN non-empty lines of a hook's output, each cut short, control
+    characters escaped (a hook's output must not drive the operator's terminal)."""
+    lines = [
+        "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line[:200])
+        for line in tail.splitlines()
+        if line.strip()
+    ]
+    return lines[-TAIL_SHOWN:]
 
 
 def _human_summary(data: dict[str, Any]) -> str:

@@ -233,6 +233,11 @@ class TestValidateFailure:
         assert len(rows) == 2
         assert rows[summary["deploy"]]["result"] == "failed_after_commit"
         assert "502 Bad Gateway" in rows[summary["deploy"]]["hosts"][bad]["output_tail"]
+        # While it waits, `deploy` shows why the hook failed, not only its exit status.
+        again = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False, as_json=False)
+        assert again.returncode == 1, again
+        assert f"  {bad}: failed_after_commit: validate hook " in again.stdout, again.stdout
+        assert "    | GET /healthz -> 502 Bad Gateway\n" in again.stdout, again.stdout
 
 
 # --- 2. raw events and rollback ----------------------------------------------------------------

@@ -28,7 +28,7 @@ from watcher.ctl import (
     sudo_token_warning,
 )
 from watcher.ctl import table as render_table
-from watcher.ctl_fleet import _human_status, _local_app, _progress
+from watcher.ctl_fleet import _human_status, _local_app, _progress, _tail_lines
 from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
 
 
@@ -166,6 +166,16 @@ def test_no_command_lists_the_commands(capsys: pytest.CaptureFixture[str], argv:
     for command in COMMANDS:
         assert f"\n    {command} " in captured.err, command
     assert captured.err.endswith("watcherctl: error: name a COMMAND (above)\n")
+
+
+def test_a_failed_hooks_tail_is_shown_short_and_inert() -> None:
+    tail = "starting\n\nGET /health\nHTTP 502 \x1b[31mBad Gateway\x1b[0m\n" + "x" * 500 + "\n"
+    assert _tail_lines(tail) == [
+        "GET /health",
+        "HTTP 502 \\x1b[31mBad Gateway\\x1b[0m",  # an escape sequence cannot color a terminal
+        "x" * 200,
+    ]
+    assert _tail_lines("") == [] and _tail_lines("\n \n") == []
 
 
 class TestExitCodes:
