@@ -1052,6 +1052,13 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     f"(decision {dep['decision'] or 'pending'})"
                 )
             out.append(head)
+            if not a["hosts"]:
+                base = f"{ctx.config.kv_prefix}/apps/{name}/"
+                out.append(
+                    f"  no host under {base}: no watcher has joined this app with kv_prefix "
+                    f"{ctx.config.kv_prefix!r} (is it the one in the hosts' config?)"
+                )
+                continue
             out.append(
                 table(
                     [

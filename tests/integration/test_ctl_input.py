@@ -375,6 +375,24 @@ class TestWhatTheMessagesSuggest:
         assert suggested(err, "rollback") == ["rollback", "web", "-c", str(site.config)]
 
 
+def test_a_kv_prefix_nobody_uses_is_not_shown_as_an_empty_fleet(site: Site) -> None:
+    data = yaml.safe_load(site.config.read_text())
+    data["kv_prefix"] = "watchr"
+    typo = site.root / "typo.yaml"
+    typo.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [str(BIN / "watcherctl"), "-c", str(typo), "status", "--fleet"],
+        capture_output=True,
+        text=True,
+        env=site.env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    assert "no host under watchr/apps/web/" in result.stdout, result.stdout
+    assert "kv_prefix 'watchr' (is it the one in the hosts' config?)" in result.stdout
+
+
 def suggested_words(text: str) -> list[str]:
     """The watcherctl commands ``text`` names, by their first word."""
     return [m.split()[1] for m in re.findall(r"`(watcherctl [^`]*)`", text)]
