@@ -299,17 +299,7 @@ class TestWhatTheMessagesSuggest:
     @pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
     def test_ctrl_c_while_waiting_says_the_deploy_goes_on(self, site: Site, as_json: bool) -> None:
         plant_artifact(site, site.keys.artifact(ARTIFACT))
-        argv = site.argv("deploy", "web", ARTIFACT, *(["--json"] if as_json else []))
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=site.env(),
-            # A suite started in the background inherits SIGINT ignored: give the child the
-            # disposition a terminal gives it, or the interrupt below never arrives.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        proc = interruptible(site, "deploy", "web", ARTIFACT, *(["--json"] if as_json else []))
         try:
             # It says what it started (stderr with --json, else stdout), then waits: the
             # interrupt comes once it said so.
@@ -340,14 +330,7 @@ class TestWhatTheMessagesSuggest:
 
     def test_ctrl_c_after_the_commit_says_it_cannot_be_aborted(self, site: Site) -> None:
         plant_artifact(site, site.keys.artifact(ARTIFACT))
-        proc = subprocess.Popen(
-            site.argv("deploy", "web", ARTIFACT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=site.env(),
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        proc = interruptible(site, "deploy", "web", ARTIFACT)
         try:
             said = proc.stdout.readline()  # type: ignore[union-attr]
             assert ARTIFACT in said, said
@@ -391,6 +374,20 @@ def test_a_kv_prefix_nobody_uses_is_not_shown_as_an_empty_fleet(site: Site) -> N
     assert result.returncode == 0, result
     assert "no host under watchr/apps/web/" in result.stdout, result.stdout
     assert "kv_prefix 'watchr' (is it the one in the hosts' config?)" in result.stdout
+
+
+def interruptible(site: Site, *argv: str) -> subprocess.Popen[str]:
+    """watcherctl started with pipes, as a terminal would start it for a Ctrl-C."""
+    return subprocess.Popen(
+        site.argv(*argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=site.env(),
+        # A suite started in the background inherits SIGINT ignored: give the child the
+        # disposition a terminal gives it, or the interrupt never arrives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def suggested_words(text: str) -> list[str]:

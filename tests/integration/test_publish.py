@@ -136,6 +136,13 @@ def s3_object(s3: S3Settings, artifact: str) -> dict[str, Any] | None:
     return {"body": got["Body"].read(), "metadata": got["Metadata"]}
 
 
+def nothing_written(consul: ConsulClient, s3: S3Settings, keys_before: list[str]) -> None:
+    """No key added under the prefix since ``keys_before``, and no object in the bucket."""
+    assert consul.kv_keys("watcher/", separator=None) == keys_before
+    listed = s3_client(s3.endpoint_url).list_objects_v2(Bucket=s3.bucket)
+    assert listed["KeyCount"] == 0
+
+
 class TestPublish:
     def test_publish_uploads_records_and_announces(
         self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
@@ -226,9 +233,7 @@ class TestPublish:
         before = consul.kv_keys("watcher/", separator=None)
         with pytest.raises(PayloadError, match=re.escape(message)):
             publish(config, src, **kwargs)
-        assert consul.kv_keys("watcher/", separator=None) == before
-        listed = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)
-        assert listed["KeyCount"] == 0
+        nothing_written(consul, s3_settings, before)
 
     def test_a_tree_the_hosts_would_refuse_is_refused_before_anything_is_written(
         self,
@@ -242,9 +247,7 @@ class TestPublish:
         before = consul.kv_keys("watcher/", separator=None)
         with pytest.raises(ArtifactRefused, match=r"limits.max_members of app web in this config"):
             publish(config, src, artifact_id="toobig-1")
-        assert consul.kv_keys("watcher/", separator=None) == before
-        listed = s3_client(s3_settings.endpoint_url).list_objects_v2(Bucket=s3_settings.bucket)
-        assert listed["KeyCount"] == 0
+        nothing_written(consul, s3_settings, before)
         assert events_for(consul, "toobig-1") == []
 
     def test_missing_directory_is_a_clear_error(self, config: Config, tmp_path: Path) -> None:
