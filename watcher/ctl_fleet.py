@@ -1059,13 +1059,19 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     f"{ctx.config.kv_prefix!r} (is it the one in the hosts' config?)"
                 )
                 continue
+            # A host off the fleet's release is marked, and a hold said where it is.
+            drift = bool(a["current"]) and any(
+                not h["on_fleet_release"] for h in a["hosts"].values()
+            )
             out.append(
                 table(
                     [
                         [
                             h["node"],
-                            h["release"] or "-",
-                            "alive" if h["member"] else "DOWN",
+                            (h["release"] or "-")
+                            + (" *" if a["current"] and not h["on_fleet_release"] else ""),
+                            ("alive" if h["member"] else "DOWN")
+                            + (", held" if h.get("hold") else ""),
                             h["deploy_state"] or "-",
                             h["last_seen"] or "-",
                         ]
@@ -1074,6 +1080,8 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     ["NODE", "RELEASE", "WATCHER", "DEPLOY", "LAST SEEN"],
                 )
             )
+            if drift:
+                out.append("  * not on the fleet's release")
         return "\n".join(out)
 
     ctx.emit(data, human)

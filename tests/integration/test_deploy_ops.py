@@ -807,3 +807,19 @@ class TestStatus:
         rows = w.ctl_json("status", "--fleet")["web"]["hosts"]
         assert rows[down.name]["member"] is False and rows[down.name]["release"] == rel2
         assert all(rows[x.name]["member"] for x in fleet.watchers[:2])
+
+        # A host rolled back alone (and so held): the table marks it off the fleet's release
+        # and held, where the JSON says on_fleet_release false and its hold.
+        alone = fleet.watchers[0]
+        alone.ctl("rollback", "web", "--local", as_json=False)
+
+        def alone_row() -> dict[str, Any]:
+            return dict(w.ctl_json("status", "--fleet")["web"]["hosts"][alone.name])
+
+        wait_for(lambda: alone_row()["release"] == rel1 and alone_row()["hold"], 15, "held", fleet)
+        text = w.ctl("status", "--fleet", as_json=False).stdout
+        row = next(line for line in text.splitlines() if line.startswith(alone.name + " "))
+        assert f"{rel1} *" in row and "alive, held" in row, text
+        others = [line for line in text.splitlines() if line.startswith(w.name + " ")]
+        assert others and " *" not in others[0] and "held" not in others[0], text
+        assert "  * not on the fleet's release" in text
