@@ -728,7 +728,12 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
     data["running"] = alive and age < DAEMON_STALE_AFTER
     data["age_s"] = round(age, 1)
     if not data["running"]:
-        data["reason"] = "process gone" if not alive else f"no update for {age:.0f}s"
+        data["reason"] = (
+            "process gone"
+            if not alive
+            else f"pid {pid} exists but has not updated its status for {age:.0f}s: stopped or stuck"
+        )
+        data["stuck"] = alive
     return data
 
 
@@ -931,6 +936,8 @@ def _human_status(data: dict[str, Any]) -> str:
     daemon = (
         f"watcher running (pid {d['pid']})"
         if d.get("running")
+        else f"watcher NOT RESPONDING ({d.get('reason', '')})"
+        if d.get("stuck")
         else f"watcher NOT running ({d.get('reason', '')})"
     )
     c = data["consul"]

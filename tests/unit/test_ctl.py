@@ -222,6 +222,24 @@ class TestDaemonStatusFile:
         status = daemon_status(str(tmp_path))
         assert status["running"] is False and status["reason"] == "process gone"
 
+    def test_a_live_pid_with_an_old_status_is_not_responding_not_gone(self, tmp_path: Path) -> None:
+        # A SIGSTOPped or stuck daemon: its process exists, its status.json is old.
+        from watcher.ctl_fleet import daemon_status
+
+        (tmp_path / "status.json").write_text(
+            f'{{"pid": {os.getpid()}, "updated_at": "2026-01-01T00:00:00.000Z"}}'
+        )
+        status = daemon_status(str(tmp_path))
+        assert status["running"] is False and status["stuck"] is True
+        assert status["reason"].startswith(f"pid {os.getpid()} exists but has not updated")
+        data = {
+            "node": "h",
+            "daemon": status,
+            "consul": {"address": "x", "reachable": True, "error": "", "problem": ""},
+            "apps": {},
+        }
+        assert _human_status(data).startswith("host h: watcher NOT RESPONDING (pid ")
+
 
 class TestCommandModules:
     def test_each_command_is_registered_by_the_module_named_for_it(self) -> None:
