@@ -42,6 +42,22 @@ def token_problem(token: str) -> str | None:
     return None if TOKEN_RE.fullmatch(token) else ONE_WORD_RULE
 
 
+def read_token_file(path: str) -> str:
+    """The token a token file holds, stripped; ValueError saying what is wrong with the
+    file: unreadable, not text, or empty (what ``consul acl token create ... > file``
+    leaves when the create failed: taken as "no token", every request would run with
+    someone else's rights, the agent's anonymous token or the host's)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not text (a token is one line)") from None
+    if not token:
+        raise ValueError(f"{path} is empty (it should hold the token's SecretID)")
+    return token
+
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -838,17 +854,10 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         key = "consul.token_file" if d.get("token_file") else "CONSUL_HTTP_TOKEN_FILE"
         where = f"{key} ({token_file})"
         try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            r.fail(key, f"cannot read {token_file}: {exc.strerror}")
-        except UnicodeDecodeError:
-            r.fail(key, f"{token_file} is not text (a token is one line)")
-        else:
-            if not token:
-                # What `consul acl token create ... > file` leaves when the create failed:
-                # without a token every request would be the agent's anonymous one.
-                r.fail(key, f"{token_file} is empty (it should hold the token's SecretID)")
-                token = None
+            token = read_token_file(token_file)
+        except ValueError as exc:
+            r.fail(key, str(exc))
+            token = None
     if token is not None and not TOKEN_RE.fullmatch(token):
         # Never echoed: it is a secret, and it would end up in the journal.
         r.fail(where, ONE_WORD_RULE)

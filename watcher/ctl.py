@@ -12,11 +12,10 @@ import sys
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from watcher import __version__, ids
-from watcher.config import AppConfig, Config, load_config, token_problem
+from watcher.config import AppConfig, Config, load_config, read_token_file, token_problem
 from watcher.errors import (
     ConfigError,
     ConsulError,
@@ -143,21 +142,10 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
     if env.get("CONSUL_HTTP_TOKEN_FILE"):
         path = env["CONSUL_HTTP_TOKEN_FILE"]
         where = f"CONSUL_HTTP_TOKEN_FILE ({path})"
-        try:
-            token = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "CONSUL_HTTP_TOKEN_FILE", [f"cannot read {path}: {exc.strerror}"]
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigError(
-                "CONSUL_HTTP_TOKEN_FILE", [f"{path} is not text (a token is one line)"]
-            ) from None
-        if not token:  # not "no token": the host's own token would act for the operator
-            raise ConfigError(
-                "CONSUL_HTTP_TOKEN_FILE",
-                [f"{path} is empty (it should hold the token's SecretID)"],
-            )
+        try:  # an empty file is not "no token": the host's token would act for the operator
+            token = read_token_file(path)
+        except ValueError as exc:
+            raise ConfigError("CONSUL_HTTP_TOKEN_FILE", [str(exc)]) from None
     elif env.get("CONSUL_HTTP_TOKEN"):
         token = env["CONSUL_HTTP_TOKEN"]
     if token is not None and (problem := token_problem(token)) is not None:
@@ -339,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(command_of(argv))
-    if command_of(argv) is None and not {"-h", "--help", "--version"} & set(argv):
+    command = command_of(argv)
+    parser = build_parser(command)
+    if command is None and not {"-h", "--help", "--version"} & set(argv):
         # No command at all (a first try): the commands, not only "COMMAND is required".
         print(parser.format_help(), file=sys.stderr)
         print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)
