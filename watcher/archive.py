@@ -31,6 +31,7 @@ __all__ = [
     "TarStream",
     "extract_archive",
     "extract_stream",
+    "over_ratio",
     "sync_tree",
     "sync_tree_each",
 ]
@@ -57,6 +58,14 @@ _RESERVED = (".watcher", "release.json")  # written by the release engine, never
 #: Below this many bytes of file data an archive is never refused for its compression ratio:
 #: small trees of text and tar padding compress far better than whole releases do.
 RATIO_FLOOR = 16 * 1024 * 1024
+
+
+def over_ratio(declared: int, packed: int, max_ratio: float) -> bool:
+    """Whether ``declared`` bytes of file data from a ``packed``-byte archive is a bomb by
+    ``limits.max_ratio`` (never under RATIO_FLOOR): the extractor's rule, and publish's."""
+    return declared > RATIO_FLOOR and declared > max_ratio * packed
+
+
 _FREE_CHECK_EVERY = _CHUNK  # bytes written between two looks at the free space (one fstatvfs)
 _PROGRESS_EVERY = 0.25  # seconds between two calls of ``progress``
 
@@ -477,7 +486,7 @@ class _Extractor:
             )
         if self.ratio_cap is not None:
             max_ratio, packed = self.ratio_cap
-            if self.declared > RATIO_FLOOR and self.declared > max_ratio * packed:
+            if over_ratio(self.declared, packed, max_ratio):
                 raise ArchiveRefused(
                     f"archive declares {self.declared} bytes by member {name!r} from "
                     f"{packed} compressed bytes: a compression ratio over {max_ratio:g} "

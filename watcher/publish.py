@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import yaml
 
-from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
+from watcher.archive import MAX_PATH_DEPTH, over_ratio
 from watcher.config import APP_NAME_RE, Config, Limits
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.errors import (
@@ -357,8 +357,9 @@ def build_tarball(
     entries = _select(src, manifest)
     if not any(e.kind != "dir" for e in entries):
         raise ConfigError(manifest.source, [f"manifest matched no files in {src}"])
+    declared = sum(e.size for e in entries)  # bytes of file data
     if limits is not None:
-        _check_tree_limits(src, entries, limits, limits_from)
+        _check_tree_limits(src, entries, declared, limits, limits_from)
     out = Path(out_path)
     mtime = _source_date_epoch()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -378,9 +379,8 @@ def build_tarball(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     if limits is not None:
-        declared = sum(e.size for e in entries)
         packed = max(hashing.size, 1)
-        if declared > RATIO_FLOOR and declared > limits.max_ratio * packed:
+        if over_ratio(declared, packed, limits.max_ratio):
             out.unlink(missing_ok=True)
             raise ArtifactRefused(
                 f"refusing to publish {src}: {declared} bytes of files compress to {packed} "
@@ -390,14 +390,15 @@ def build_tarball(
     return hashing.digest.hexdigest(), hashing.size, [e.rel for e in entries]
 
 
-def _check_tree_limits(src: Path, entries: list[_Entry], limits: Limits, whose: str) -> None:
+def _check_tree_limits(
+    src: Path, entries: list[_Entry], declared: int, limits: Limits, whose: str
+) -> None:
     """Refuse a tree whose archive the hosts would refuse (``extract_stream``'s checks)."""
     if len(entries) > limits.max_members:
         raise ArtifactRefused(
             f"refusing to publish {src}: {len(entries)} members, over the "
             f"{limits.max_members} hosts extract (limits.max_members{whose})"
         )
-    declared = sum(e.size for e in entries)
     if declared > limits.max_bytes:
         raise ArtifactRefused(
             f"refusing to publish {src}: {declared} bytes of files, over the "
