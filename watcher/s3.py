@@ -172,10 +172,13 @@ class S3Store:
 
     # ---- names -------------------------------------------------------------------------
 
+    def app_prefix(self, app: str) -> str:
+        """``<prefix>/<app>/``: where publish puts the app's artifacts."""
+        return f"{self.prefix}/{app}/" if self.prefix else f"{app}/"
+
     def key_for(self, app: str, artifact_id: str, ext: str) -> str:
         """``<prefix>/<app>/<id>.<ext>``."""
-        name = f"{app}/{artifact_id}.{ext.lstrip('.')}"
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return f"{self.app_prefix(app)}{artifact_id}.{ext.lstrip('.')}"
 
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -204,7 +207,7 @@ class S3Store:
                 f"s3://{self.bucket}/{self.prefix}/"
             )
         if app is not None:
-            home = f"{self.prefix}/{app}/" if self.prefix else f"{app}/"
+            home = self.app_prefix(app)
             if not key.startswith(home) or "/" in key[len(home) :]:
                 raise ArtifactRefused(
                     f"artifact url {url!r} is not an object of app {app} "
