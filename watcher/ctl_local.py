@@ -468,7 +468,8 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         # previous and pinned releases out of the cache's eviction.
         engine.fetch(record)
     with engine.lock(owner=_lock_owner("setup-release")):
-        if reused is not None and _staged_release_of(engine, record) != reused:
+        info = engine.release_info(reused.release) if reused is not None else None
+        if reused is not None and (info is None or info.get("sha256") != record.sha256):
             reused = None  # pruned meanwhile: stage it after all
             engine.fetch(record)
         if reused is None:
