@@ -149,11 +149,14 @@ def web(args: argparse.Namespace) -> int:
     return run_web(config, args.listen)
 
 
+COMMANDS = {"run": run, "check-config": check_config, "web": web}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `watcher` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not {"run", "check-config", "web", "-h", "--help", "--version"} & set(argv):
+    if not {*COMMANDS, "-h", "--help", "--version"} & set(argv):
         # No command at all (a first try): the commands, not only "COMMAND is required".
         print(parser.format_help(), file=sys.stderr)
         print("watcher: error: name a COMMAND (above)", file=sys.stderr)
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         args.config = _default_config_path()
     _configure_logging(args)
-    command = {"run": run, "check-config": check_config, "web": web}[args.command]
+    command = COMMANDS[args.command]
     try:
         code = command(args)
         sys.stdout.flush()  # a closed pipe (`check-config | head -1`) shows here
