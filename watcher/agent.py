@@ -388,7 +388,11 @@ class AppAgent:
                     # both records of the end at once rather than converge on a stale one.
                     current, ended = self.store.current_and_outcome(deploy_id)
                     fleet_on = current[0].deploy if current[0] else None
-                    if fleet_on != deploy_id and ended is None:
+                    # A commit's end names it in ``current``: an outcome record alone may be
+                    # anyone's (DESIGN.md 6.4.3), and the end must still be written.
+                    if fleet_on != deploy_id and (
+                        ended is None or journal.get("established") == COMMIT
+                    ):
                         return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
                 self._mark_ended(deploy_id)
             self._idle_status()
@@ -1017,6 +1021,7 @@ class AppAgent:
                 self.store.clear_inflight(
                     deploy_id, index, "deploy already ended", by=self.node, ended=True
                 )
+            self._mark_ended(deploy_id)
             self._idle_status()
             return "done"
         if verdict.outcome == CONTESTED and self.status.alarm == "":

@@ -116,8 +116,13 @@ class Verdict:
     members: dict[str, KVEntry] = field(default_factory=dict)
     decided: bool = False  # a decision record exists (whoever wrote it)
     record: Decision | None = None  # that record, when it parses (reported, never obeyed)
-    ended: bool = False  # an outcome exists (read only when asked for)
+    #: The end is written (read only when asked for): an outcome record, the deploy in the
+    #: history, and for a commit ``current`` naming it (or a later deploy). Not the outcome
+    #: record alone: any host's token can write that one first (DESIGN.md 6.4.3), and an
+    #: end skipped for it would leave ``current`` and the history without the deploy.
+    ended: bool = False
     end_read: EndRead | None = None  # what the end writes over, read with the outcome
+    outcome_index: int = 0  # the outcome record's ModifyIndex in that read (0: none)
 
     def holds_session(self, node: str, session: str | None) -> bool:
         entry = self.members.get(node)
@@ -994,6 +999,7 @@ class DeployStore:
         member_entries: list[KVEntry] = []
         progress_keys = {self.keys.progress(request.id, n): n for n in request.expected}
         decided = ended = False
+        outcome_index = 0
         record: Decision | None = None
         end_keys = {self.keys.inflight: 0, self.keys.current: 1, self.keys.history: 2}
         end_entries: list[KVEntry | None] = [None, None, None]
@@ -1011,13 +1017,16 @@ class DeployStore:
                 decided = entry.modify_index > 0
                 record = self._doc(Decision, entry) if decided else None
             elif entry.key == self.keys.outcome(request.id):
-                ended = entry.modify_index > 0
+                outcome_index = entry.modify_index
             elif entry.key.startswith(self.keys.members_prefix):
                 member_entries.append(entry)
         members = self._members_from(member_entries)
         verdict = judge(request, joined.digest, acks)
         if verdict.outcome == UNDECIDED and session_clause:
             verdict = self._session_clause(joined, acks, members) or verdict
+        end_read = self._end_read_of(*end_entries) if end_seen == len(end_keys) else None
+        if end_read is not None and outcome_index:
+            ended = self._end_written(joined, verdict.outcome, end_read)
         return Verdict(
             verdict.outcome,
             verdict.reason,
@@ -1027,8 +1036,22 @@ class DeployStore:
             decided=decided,
             ended=ended,
             record=record,
-            end_read=self._end_read_of(*end_entries) if end_seen == len(end_keys) else None,
+            end_read=end_read,
+            outcome_index=outcome_index,
         )
+
+    @staticmethod
+    def _end_written(joined: Joined, outcome: str, pre: EndRead) -> bool:
+        """Whether the end's txn (outcome, history, ``current``) was applied, as far as
+        ``pre`` shows: the deploy is in the history (or trimmed from it), and a committed
+        one is named by ``current`` or overtaken by a later deploy there."""
+        deploy_id = joined.id
+        if deploy_id not in pre.history and deploy_id not in pre.trimmed:
+            return False
+        if outcome != COMMIT:
+            return True
+        on = pre.current
+        return on is not None and (on.deploy == deploy_id or on.create_index > joined.create_index)
 
     def _session_clause(
         self,
@@ -1265,9 +1288,23 @@ class DeployStore:
             pending = [n for n in request.expected if acks.get(n) and acks[n].state == READY]
             if pending:
                 reason += f"; still not live at the apply deadline: {', '.join(pending)}"
-        pre = verdict.end_read or self._end_read()
+        if verdict.end_read is not None:
+            pre, outcome_index = verdict.end_read, verdict.outcome_index
+        else:
+            pre = self._end_read()
+            found = self.consul.kv_get(self.keys.outcome(request.id), consistent=True)
+            outcome_index = found.modify_index if found else 0
+        if outcome_index and self._end_written(joined, verdict.outcome, pre):
+            return False, None, result  # another host's end got there first
         inflight_id, inflight_index = pre.inflight, pre.inflight_index
-        ops: list[dict[str, Any]] = [TxnOp.check_not_exists(self.keys.outcome(request.id))]
+        # An outcome record already there without the end's other writes was not written by
+        # an end (any host's token can write one): written over, checked against its index
+        # (two hosts ending at once: the history's CAS lets one of them through).
+        ops: list[dict[str, Any]] = [
+            TxnOp.check_index(self.keys.outcome(request.id), outcome_index)
+            if outcome_index
+            else TxnOp.check_not_exists(self.keys.outcome(request.id))
+        ]
         rollback_id: str | None = None
         if result == "rolled_back":
             rollback_id, rb_ops, note = self._auto_rollback(joined, verdict, by=by)
