@@ -16,7 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,6 +40,7 @@ from watcher.records import (
     DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
     NEXT_STATES,
+    NODE_FINAL_STATES,
     READY,
     AbortRequest,
     ArtifactRecord,
@@ -196,6 +197,8 @@ class DeployView:
     coordinator_session: str | None
     create_index: int = 0
     abort_requested: AbortRequest | None = None
+    #: What ``checked`` found in ``decision`` / ``outcome`` that the acks contradict.
+    distrusted: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -208,6 +211,78 @@ class DeployView:
     def verdict(self) -> str:
         """The verdict of the acks read here (for display: not a consistent establish)."""
         return judge(self.record, self.record.digest(), self.nodes).outcome
+
+    def checked(self, record: DeployRecord | None = None) -> DeployView:
+        """This deploy as readers report it (DESIGN.md 6.4.3): ``decisions/`` and
+        ``outcomes/`` are records any host's token can write, so each is held against the
+        acks read with it (judged against ``record``, by default the request read here).
+        A record the acks contradict is replaced by what the acks say, or dropped while
+        they say nothing yet, and the contradiction is kept in ``distrusted`` to be shown.
+        Once every expected host's ack is final, the acks' verdict is the result even
+        without an outcome record. Never a consistent establish: for display and exit
+        codes, not for acting on a host."""
+        record = record or self.record
+        verdict = judge(record, record.digest(), self.nodes)
+        notes: list[str] = []
+        decision = self.decision
+        if decision is not None and (
+            (
+                decision.outcome != verdict.outcome
+                and (decision.outcome == COMMIT or verdict.outcome != UNDECIDED)
+            )
+            or decision.digest not in ("", record.digest())
+        ):
+            # An abort the acks do not show yet may be honest (a host whose named session
+            # died, a request refused at its start): only a reader of sessions could tell.
+            notes.append(
+                f"the decision record ({decision.outcome}, by {decision.by!r}) contradicts "
+                f"the acks ({verdict.outcome}: {verdict.reason}) and is not trusted"
+            )
+            decision = None
+        if decision is None and verdict.outcome in (COMMIT, ABORT):
+            decision = Decision(outcome=verdict.outcome, reason=verdict.reason, by="", at="")
+        outcome = self.outcome
+        final = all(
+            (a := self.nodes.get(n)) is not None and a.state in NODE_FINAL_STATES
+            for n in record.expected
+        )
+        if outcome is not None and verdict.outcome not in OUTCOME_VERDICTS.get(outcome.result, ()):
+            notes.append(
+                f"the outcome record ({outcome.result!r}, by {outcome.by!r}) contradicts the "
+                f"acks ({verdict.outcome}: {verdict.reason}) and is not trusted"
+            )
+            outcome = None
+        settled = final or verdict.outcome == CONTESTED
+        if outcome is None and verdict.outcome != UNDECIDED and settled:
+            failed = any(
+                (a := self.nodes.get(n)) is not None and a.state == FAILED_AFTER_COMMIT
+                for n in record.expected
+            )
+            result = {
+                COMMIT: "failed_after_commit" if failed else "committed",
+                ABORT: "aborted",
+                CONTESTED: CONTESTED,
+            }[verdict.outcome]
+            why = f"the acks say {verdict.outcome}: {verdict.reason}"
+            at = self.outcome.at if self.outcome is not None else ""
+            outcome = Outcome(result=result, at=at, by="", reason="; ".join([why, *notes]))
+        if notes == list(self.distrusted) and outcome is self.outcome and decision is self.decision:
+            return self
+        return replace(self, decision=decision, outcome=outcome, distrusted=tuple(notes))
+
+
+#: The verdicts of the acks (DESIGN.md 6.4.3) behind each result an honest host writes.
+OUTCOME_VERDICTS: dict[str, frozenset[str]] = {
+    "committed": frozenset({COMMIT}),
+    "rolled_back": frozenset({COMMIT}),
+    "failed_after_commit": frozenset({COMMIT}),
+    "aborted": frozenset({ABORT}),
+    "contested": frozenset({CONTESTED}),
+    # Ended without every host's ack: the deadline passed, or the request was refused at
+    # its start (no expected host acked, or none was expected).
+    "expired": frozenset({UNDECIDED, ABORT}),
+    "refused": frozenset({UNDECIDED, ABORT}),
+}
 
 
 def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | None]) -> Verdict:
@@ -435,6 +510,41 @@ class DeployStore:
             report_skipped(entry, str(exc))
             return None, entry.modify_index
 
+    def check_current(self, current: CurrentRecord | None) -> dict[str, str]:
+        """What the acks say against ``current`` (DESIGN.md 6.4.6: a cache for readers that
+        any host's token can rewrite): for "current" and "previous", a problem when the
+        deploy it names is not a committed deploy of the release it names; {} when both
+        agree. Two round trips per deploy named."""
+        if current is None:
+            return {}
+        problems: dict[str, str] = {}
+        try:
+            refs = {"current": current.ref(), "previous": current.previous_ref()}
+        except PayloadError as exc:
+            return {"previous": f"`current.previous` does not parse: {exc}"}
+        for what, ref in refs.items():
+            if ref is None:
+                continue
+            named = f"`{what}` names release {ref.release} of deploy {ref.deploy}"
+            try:
+                view = self.view(ref.deploy)
+            except PayloadError as exc:
+                problems[what] = f"{named}, which cannot be read: {exc}"
+                continue
+            if view is None:
+                problems[what] = f"{named}, which has no request and no acks"
+                continue
+            verdict = judge(view.record, view.record.digest(), view.nodes)
+            rec = view.record
+            if verdict.outcome != COMMIT:
+                problems[what] = f"{named}, which the acks do not commit ({verdict.outcome})"
+            elif (rec.release, rec.artifact, rec.sha256) != (ref.release, ref.artifact, ref.sha256):
+                problems[what] = (
+                    f"{named}, but that deploy's acked request is release {rec.release} "
+                    f"(artifact {rec.artifact})"
+                )
+        return problems
+
     def request(
         self, deploy_id: str, *, consistent: bool = False
     ) -> tuple[DeployRecord | None, KVEntry | None]:
@@ -564,13 +674,33 @@ class DeployStore:
         return parse_ack(entry, node=node, deploy=deploy_id), entry.modify_index if entry else 0
 
     def view(self, deploy_id: str) -> DeployView | None:
-        """Everything about one deploy for readers: two round trips."""
+        """Everything about one deploy for readers: two round trips.
+
+        ``requests/<id>`` is what operators and hosts may rewrite or re-create; once the
+        acks name another request than the one there, the request they carry is the
+        deploy (DESIGN.md 6.4.2), as the hosts themselves read it."""
         check_deploy_id(deploy_id)
-        rebuilt: DeployRecord | None = None
-        create_index = 0
         record, entry = self.request(deploy_id)
-        if entry is not None:
-            create_index = entry.create_index
+        view = self._view(deploy_id, record, entry.create_index if entry else 0)
+        if view is None or record is None:
+            return view
+        digest = record.digest()
+        rewritten = entry is not None and entry.modify_index != entry.create_index
+        if rewritten or any(
+            a.state in ACKED_READY_STATES and a.digest != digest for a in view.nodes.values()
+        ):
+            acked = self.rebuild_request(deploy_id)
+            if acked is not None and acked.digest() != digest:
+                return self._view(deploy_id, None, 0, acked)
+        return view
+
+    def _view(
+        self,
+        deploy_id: str,
+        record: DeployRecord | None,
+        create_index: int,
+        rebuilt: DeployRecord | None = None,
+    ) -> DeployView | None:
         keys = [
             self.keys.decision(deploy_id),
             self.keys.outcome(deploy_id),
@@ -578,7 +708,7 @@ class DeployStore:
             self.keys.abort_request(deploy_id),
         ]
         if record is None:
-            rebuilt = self.rebuild_request(deploy_id)
+            rebuilt = rebuilt or self.rebuild_request(deploy_id)
             if rebuilt is None:
                 return None
             record = rebuilt

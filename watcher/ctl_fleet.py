@@ -33,6 +33,7 @@ from watcher.ctl import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_STILL_RUNNING,
+    EXIT_UNAVAILABLE,
     CtlContext,
     artifact_id_argument,
     deploy_id_argument,
@@ -55,12 +56,9 @@ from watcher.errors import (
 from watcher.records import (
     ABORT,
     COMMIT,
-    FAILED_AFTER_COMMIT,
     FAILING_STATES,
-    NODE_FINAL_STATES,
     ArtifactRecord,
     DeployRecord,
-    Outcome,
     parse_iso,
 )
 
@@ -227,6 +225,7 @@ def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
         view = store.view(deploy_id)
         if view is None or view.record.artifact != artifact_id:
             continue
+        view = view.checked()
         if view.decision is not None and view.decision.outcome == ABORT:
             return view.id, view.record.release
         raise DeployRefused(
@@ -429,50 +428,22 @@ def _wait_for_outcome(
     return replace(view, outcome=None) if view is not None and view.outcome else view
 
 
-#: The verdict of the acks (DESIGN.md 6.4.3) behind each result an honest host writes.
-OUTCOME_VERDICTS = {
-    "committed": COMMIT,
-    "rolled_back": COMMIT,
-    "failed_after_commit": COMMIT,
-    "aborted": ABORT,
-    "contested": CONTESTED,
-    "expired": UNDECIDED,
-    "refused": UNDECIDED,
-}
-
-
 def settled_view(view: DeployView, record: DeployRecord) -> DeployView | None:
-    """``view`` if its outcome record agrees with the acks read with it, judged against
-    ``record`` (the request this watcherctl wrote: the one in KV may have been rewritten
-    since); None while it does not. Any host's token can write ``outcomes/<id>`` (a commit
-    while another host still stages, an abort while they flip), so what `deploy` reports
-    (and its exit code) comes from the acks: a contradicted record is reported, never
-    believed, and once every expected host's ack is final the acks' own verdict is the
-    result."""
-    outcome = view.outcome
-    if outcome is None:
+    """``view`` once its outcome record is written and the acks read with it (judged against
+    ``record``, the request this watcherctl wrote: the one in KV may have been rewritten
+    since) agree with it or are final; None while they do not. Any host's token can write
+    ``outcomes/<id>`` (a commit while another host still stages, an abort while they flip),
+    so what `deploy` reports (and its exit code) comes from the acks: a contradicted record
+    is reported, never believed (``DeployView.checked``)."""
+    if view.outcome is None:
         return None
-    verdict = judge(record, record.digest(), view.nodes).outcome
-    if OUTCOME_VERDICTS.get(outcome.result) == verdict:
-        return view
-    acks = [view.nodes.get(n) for n in record.expected]
-    if verdict == UNDECIDED or not all(
-        a is not None and a.state in NODE_FINAL_STATES for a in acks
-    ):
-        return None
-    if verdict == COMMIT:
-        failed = any(a is not None and a.state == FAILED_AFTER_COMMIT for a in acks)
-        result = "failed_after_commit" if failed else "committed"
-    else:
-        result = "aborted" if verdict == ABORT else CONTESTED
-    why = (
-        f"the acks say {verdict}; the outcome record (result {outcome.result!r}, by "
-        f"{outcome.by!r}) contradicts them and is not trusted"
-    )
-    return replace(view, outcome=Outcome(result=result, at=outcome.at, by="", reason=why))
+    checked = view.checked(record)
+    return checked if checked.outcome is not None else None
 
 
 def deploy_summary(view: DeployView) -> dict[str, Any]:
+    """The deploy as `deploy --json`, `history` and the web API report it: ``view`` is a
+    checked one (``DeployView.checked``)."""
     rec = view.record
     return {
         "deploy": rec.id,
@@ -498,6 +469,8 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         "result": view.outcome.result if view.outcome else None,
         "reason": view.outcome.reason if view.outcome else "",
         "rollback_deploy": view.outcome.rollback_deploy if view.outcome else None,
+        # Records under decisions/ or outcomes/ that the acks contradict (DESIGN.md 6.4.3).
+        "distrusted": list(view.distrusted),
         "hosts": {
             n: {"state": p.state, "error": p.error, "output_tail": p.output_tail, **p.timings}
             for n, p in sorted(view.nodes.items())
@@ -556,7 +529,7 @@ def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:
         except PayloadError:
             continue
         if view is not None:
-            rows.append(deploy_summary(view))
+            rows.append(deploy_summary(view.checked()))
     return rows
 
 
@@ -582,13 +555,21 @@ def cmd_history(ctx: CtlContext) -> int:
                     d["requested_by"],
                     d["requested_at"],
                     d["result"] or "in flight",
-                    failures or (d["reason"] if d["result"] != "committed" else ""),
+                    _detail(d, failures),
                 ]
             )
         return table(out, ["DEPLOY", "KIND", "RELEASE", "BY", "AT", "RESULT", "DETAIL"])
 
     ctx.emit(rows, human)
     return EXIT_OK
+
+
+def _detail(d: dict[str, Any], failures: str) -> str:
+    """History's DETAIL: the failing hosts, else why it did not commit, and any record
+    that contradicts the acks."""
+    parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
+    parts += [n for n in d["distrusted"] if n not in parts[0]]
+    return "; ".join(p for p in parts if p)
 
 
 def cmd_abort(ctx: CtlContext) -> int:
@@ -656,12 +637,12 @@ def abort_deploy(
     A contested deploy ("contested") is left alone: it has stopped, and an abort changes
     nothing there."""
     before = store.view(deploy_id)
-    if before is not None and before.outcome is None and before.verdict() == CONTESTED:
-        return CONTESTED, before
+    if before is not None and before.verdict() == CONTESTED:
+        return CONTESTED, before.checked()
     store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
     result = view.outcome.result if view and view.outcome else None
-    verdict = view.verdict() if view else "undecided"
+    verdict = view.verdict() if view else UNDECIDED
     if result == "aborted" or (result is None and verdict == ABORT):
         return "aborted", view
     return result or verdict, view
@@ -676,16 +657,23 @@ def contested_reason(deploy_id: str) -> str:
 
 
 def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployView | None:
+    """The deploy (checked against its acks) once they decide it or it ended, else when
+    ``timeout`` runs out."""
     end = time.monotonic() + timeout
     index = 0
-    view = store.view(deploy_id)
+    view = _checked_view(store, deploy_id)
     while view is not None and view.outcome is None and view.verdict() not in (ABORT, COMMIT):
         left = end - time.monotonic()
         if left <= 0:
             break
         index, _ = store.consul.kv_keys_blocking(store.keys.base + "/", index, min(left, 5.0))
-        view = store.view(deploy_id)
+        view = _checked_view(store, deploy_id)
     return view
+
+
+def _checked_view(store: DeployStore, deploy_id: str) -> DeployView | None:
+    view = store.view(deploy_id)
+    return view.checked() if view is not None else None
 
 
 def _clear_stale_inflight(store: DeployStore, deploy_id: str) -> bool:
@@ -866,13 +854,42 @@ def _host_status(
             entry["undecided"] = undecided
         data["apps"][name] = entry
     ctx.emit(data, _human_status)
-    return EXIT_OK if failure is None else exit_code_for(failure)
+    if failure is not None:
+        return exit_code_for(failure)
+    # A daemon that is not running (or not answering) is this host's failure: a monitoring
+    # check or a script must not read "ok" from it (3, as `systemctl status` says).
+    return EXIT_OK if daemon.get("running") else EXIT_UNAVAILABLE
+
+
+def fleet_release(store: DeployStore) -> dict[str, Any]:
+    """The fleet's release and the one before it, as `current` names them, each only
+    when the acks of the deploy named commit that release (``DeployStore.check_current``):
+    any host's token can rewrite `current`, and a reader must not report the fleet "on" a
+    release no host acked. ``current_problems`` says what did not agree."""
+    current, _ = store.current()
+    problems = store.check_current(current)
+    previous = current.previous_ref() if current and "previous" not in problems else None
+    return {
+        "current": current.release if current and "current" not in problems else None,
+        "previous": previous.release if previous else None,
+        "current_problems": problems,
+    }
+
+
+def shown_decision(view: DeployView) -> str | None:
+    """A checked view's decision as status shows it: commit or abort once the acks say
+    it, "contested" when they contradict each other, None while undecided."""
+    if view.decision is not None:
+        return view.decision.outcome
+    return CONTESTED if view.verdict() == CONTESTED else None
 
 
 def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> None:
     """The app's fleet release and the deploy in flight, as this host takes part in it."""
-    fleet_current, _ = store.current()
-    entry["fleet_current"] = fleet_current.release if fleet_current else None
+    fleet = fleet_release(store)
+    entry["fleet_current"] = fleet["current"]
+    if fleet["current_problems"]:
+        entry["fleet_problems"] = fleet["current_problems"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)
     if problem is not None:
@@ -886,9 +903,10 @@ def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> 
             "id": inflight,
             "kind": view.record.kind,
             "release": view.record.release,
-            "decision": view.decision.outcome if view.decision else None,
+            "decision": shown_decision(view),
             "this_host": state,
             "states": summarize_states(view),
+            "distrusted": list(view.distrusted),
         }
 
 
@@ -916,7 +934,7 @@ def _inflight_view(
         problem = f"its record does not parse: {exc}"
     else:
         if view is not None:
-            return view, None
+            return view.checked(), None
         problem = f"it has no record (no request at {store.keys.request(inflight)})"
     return None, {
         "id": inflight,
@@ -952,7 +970,14 @@ def _human_status(data: dict[str, Any]) -> str:
         lines.append(f"app {name}")
         lines.append(f"  current     {a['current'] or '-'}")
         lines.append(f"  previous    {a['previous'] or '-'}")
-        if not a.get("fleet_error") and "fleet_current" in a and a["fleet_current"] != a["current"]:
+        for what, problem in (a.get("fleet_problems") or {}).items():
+            lines.append(f"  fleet {what:<9} NOT TRUSTED: {problem}")
+        if (
+            not a.get("fleet_error")
+            and "fleet_current" in a
+            and not (a.get("fleet_problems") or {}).get("current")
+            and a["fleet_current"] != a["current"]
+        ):
             lines.append(f"  fleet is on {a['fleet_current'] or '-'} (this host differs)")
         if a["backup"]:
             lines.append(f"  backup      {a['backup']}")
@@ -979,6 +1004,7 @@ def _human_status(data: dict[str, Any]) -> str:
                 f"  deploy      {dep['id']} ({dep['kind']} of {dep['release']}): "
                 f"this host {state}; decision {dep['decision'] or 'pending'}"
             )
+            lines += [f"              NOT TRUSTED: {n}" for n in dep.get("distrusted", ())]
         else:
             lines.append("  deploy      none in flight")
     return "\n".join(lines)
@@ -999,7 +1025,8 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
     """Every member and known host of one app, the fleet's release and the deploy in flight."""
     members = store.members()
     hosts = store.hosts()
-    current, _ = store.current()
+    fleet = fleet_release(store)
+    current = fleet["current"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)
     rows = {}
@@ -1019,19 +1046,19 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
             "member": node in members,
             "deploy_state": state,
             "last_seen": host.last_seen if host else None,
-            "on_fleet_release": bool(host and current and host.release == current.release),
+            "on_fleet_release": bool(host and current and host.release == current),
             "hold": host.hold if host else "",
             "prefetched": list(host.prefetched) if host else [],
         }
     return {
-        "current": current.release if current else None,
-        "previous": (current.previous or {}).get("release") if current else None,
+        **fleet,
         "deploy": (
             {
                 "id": view.id,
                 "kind": view.record.kind,
                 "release": view.record.release,
-                "decision": view.decision.outcome if view.decision else None,
+                "decision": shown_decision(view),
+                "distrusted": list(view.distrusted),
             }
             if view
             else problem
@@ -1050,7 +1077,12 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
         out = []
         for name, a in d.items():
             dep = a["deploy"]
-            head = f"app {name}: fleet on {a['current'] or '-'}"
+            problems = a["current_problems"]
+            head = (
+                f"app {name}: fleet release UNKNOWN"
+                if "current" in problems
+                else f"app {name}: fleet on {a['current'] or '-'}"
+            )
             if dep and dep.get("problem"):
                 head += f"; inflight {_human_inflight_problem(dep)}"
             elif dep:
@@ -1059,6 +1091,9 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     f"(decision {dep['decision'] or 'pending'})"
                 )
             out.append(head)
+            # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
+            out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
+            out += [f"  NOT TRUSTED: {n}" for n in (dep or {}).get("distrusted", ())]
             if not a["hosts"]:
                 base = f"{ctx.config.kv_prefix}/apps/{name}/"
                 out.append(

@@ -811,6 +811,7 @@ class Daemon:
             # Another host created it first; if it failed at once (unknown artifact), every
             # host says why, not only the one that wrote it.
             view = agent.store.view(req.event_id)
+            view = view.checked() if view is not None else None
             if view is not None and view.decision is not None and view.decision.outcome == ABORT:
                 return f"failed: {view.decision.reason}"
         return result

@@ -168,6 +168,23 @@ def releases_of(fleet: Fleet) -> set[str | None]:
     return set(fleet.currents().values())
 
 
+def fleet_status(acl: AclFleet) -> dict[str, Any]:
+    """`watcherctl status --fleet` as an operator reads it: the app's part."""
+    return dict(json.loads(acl.operator("status", "web", "--fleet").stdout)["web"])
+
+
+def history_row_or_none(acl: AclFleet, deploy_id: str) -> dict[str, Any] | None:
+    """`watcherctl history` of one deploy, as an operator reads it."""
+    rows = json.loads(acl.operator("history", "web").stdout)
+    return next((dict(r) for r in rows if r["deploy"] == deploy_id), None)
+
+
+def history_row(acl: AclFleet, deploy_id: str) -> dict[str, Any]:
+    row = history_row_or_none(acl, deploy_id)
+    assert row is not None, f"deploy {deploy_id} is not in the history"
+    return row
+
+
 # --- operator --------------------------------------------------------------------------------
 
 
@@ -205,6 +222,11 @@ class TestOperatorToken:
         assert op.kv_put(key, json.dumps(data).encode())
         time.sleep(2)
         assert releases_of(fleet) == {release}
+        # Readers too take the request the acks carry, not the rewritten one.
+        row = history_row(acl_fleet, result["deploy"])
+        assert (row["result"], row["release"]) == ("committed", release), row
+        status = fleet_status(acl_fleet)
+        assert (status["current"], status["current_problems"]) == (release, {}), status
         assert op.kv_delete(key)
         for w in fleet.watchers:  # a restart makes every host converge from KV again
             w.stop()
@@ -212,6 +234,8 @@ class TestOperatorToken:
         fleet.wait_members(3)
         time.sleep(2)
         assert releases_of(fleet) == {release}
+        row = history_row(acl_fleet, result["deploy"])
+        assert (row["result"], row["release"]) == ("committed", release), row
         next_deploy_works(acl_fleet, "v2")
 
     def test_inflight_deleted_mid_prepare_still_decides_one_way(self, acl_fleet: AclFleet) -> None:
@@ -474,6 +498,10 @@ class TestOneHostToken:
         assert releases_of(fleet) == {release1}
         for w in fleet.watchers:
             assert (w.app_dir / "releases" / release1).is_dir()
+        row = history_row(acl_fleet, result["deploy"])
+        assert row["result"] == "committed", row
+        assert row["decision"]["outcome"] == COMMIT, row
+        assert any("decision record (abort" in n for n in row["distrusted"]), row
         next_deploy_works(acl_fleet, "v2")
 
     def test_current_pointed_at_an_older_deploy_moves_nobody(self, acl_fleet: AclFleet) -> None:
@@ -493,6 +521,9 @@ class TestOneHostToken:
         # current.previous pointed at a deploy that never committed: rollback refuses.
         bogus = {**current, "previous": {**current, "deploy": "nosuchdeploy", "release": release1}}
         assert x.kv_put(fleet.keys.current, json.dumps(bogus).encode())
+        status = fleet_status(acl_fleet)
+        assert (status["current"], status["previous"]) == (release2, None), status
+        assert "nosuchdeploy" in status["current_problems"]["previous"], status
         refused = acl_fleet.operator("rollback", "web", check=False)
         assert refused.returncode != 0, refused.stdout
         assert releases_of(fleet) == {release2}
@@ -547,6 +578,12 @@ class TestOneHostToken:
         assert x.kv_put(fleet.keys.current, json.dumps(current).encode())
         time.sleep(3)
         assert releases_of(fleet) == {release2}
+        # No reader reports the fleet on the forged release: the acks of that deploy
+        # carry v1's request, not the re-created one.
+        status = fleet_status(acl_fleet)
+        assert status["current"] is None, status
+        assert first["release"] in status["current_problems"]["current"], status
+        assert history_row(acl_fleet, first["deploy"])["release"] == first["release"]
         next_deploy_works(acl_fleet, "v4")
 
     def test_coordinator_lock_held_forever_delays_only_the_end(self, acl_fleet: AclFleet) -> None:
@@ -740,8 +777,60 @@ class TestReadersOfOutcomes:
             assert proc.returncode == 0, (out, err)
             assert result["result"] == "committed", result
         assert "not trusted" in result["reason"], result
-        # The forged record blocks the end's own outcome (check-not-exists): inflight goes
-        # all the same, and the next deploy works.
+        # The end is written all the same, over the forged record: the outcome, the
+        # history, and after a commit `current` (it used to be skipped for the forged
+        # record, leaving `current` on the old deploy: a host that joined later would
+        # have converged to the old release).
+        wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
+        wait_for(
+            lambda: (
+                fleet_status(acl_fleet)["current"] == result["release"]
+                if forged == "aborted"
+                else history_row_or_none(acl_fleet, deploy_id) is not None
+            ),
+            30,
+            "the end written",
+            fleet,
+        )
+        row = history_row(acl_fleet, deploy_id)  # history says what deploy said
+        assert (row["result"], row["distrusted"]) == (result["result"], []), row
+        status = fleet_status(acl_fleet)
+        assert status["current"] == (release1 if forged == "committed" else result["release"])
+        assert status["current_problems"] == {}, status
+        slow_hook(fleet, "post_release", 0)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_an_abort_is_not_too_late_for_a_forged_commit_record(self, acl_fleet: AclFleet) -> None:
+        """host-3's token writes a "committed" outcome and decision while the hosts still
+        stage: `watcherctl abort` must not believe them ("too late: committed"), it must
+        abort the deploy it can still abort."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        slow_hook(fleet, "post_release", 4)
+        v2 = acl_fleet.publish("v2")
+        proc = start_deploy_async(acl_fleet, v2["id"])
+        deploy_id = wait_request(fleet)
+        wait_for(  # all joined (one that had not says no: test_..._before_a_host_joined)
+            lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
+            20,
+            "every host staging",
+            fleet,
+        )
+        x = host_client(acl_fleet, 2)
+        now = iso(utcnow())
+        outcome = Outcome(result="committed", at=now, by="host-1", reason="forged")
+        decision = Decision(outcome=COMMIT, reason="forged", by="host-1", at=now)
+        assert x.kv_put(fleet.keys.outcome(deploy_id), outcome.to_json(), cas=0)
+        assert x.kv_put(fleet.keys.decision(deploy_id), decision.to_json(), cas=0)
+        status = fleet_status(acl_fleet)
+        assert status["deploy"]["decision"] is None, status  # the acks say nothing yet
+        assert len(status["deploy"]["distrusted"]) == 2, status
+        aborted = acl_fleet.operator("abort", deploy_id, "--app", "web", check=False)
+        assert aborted.returncode == 0, (aborted.stdout, aborted.stderr)
+        assert json.loads(aborted.stdout)["aborted"] is True, aborted.stdout
+        out, _ = proc.communicate(timeout=90)
+        assert json.loads(out)["result"] == "aborted", out
+        assert releases_of(fleet) == {release1}
         wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
         slow_hook(fleet, "post_release", 0)
         next_deploy_works(acl_fleet, "v3")
@@ -790,3 +879,36 @@ class TestReadersOfOutcomes:
         assert releases_of(fleet) == {release1}
         fleet.wait_idle()
         next_deploy_works(acl_fleet, "v3")
+
+
+class TestReadersOfCurrent:
+    def test_current_rewritten_to_another_release_is_not_reported_as_the_fleets(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """host-3's token rewrites ``current`` to name a release no host acked, under the
+        deploy that committed v1. No host moves (test_current_pointed_at_...), and no
+        reader may say the fleet is on it: `status --fleet`, a host's `status` and the web
+        API show the fleet's release as unknown, with what did not agree."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        evil = "20990101T000000Z-evil-00000000"
+        assert x.kv_put(
+            fleet.keys.current, json.dumps({**json.loads(entry.value), "release": evil}).encode()
+        )
+        status = fleet_status(acl_fleet)
+        assert status["current"] is None, status
+        assert release1 in status["current_problems"]["current"], status
+        assert not any(h["on_fleet_release"] for h in status["hosts"].values()), status
+        human = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False).stdout
+        assert "fleet release UNKNOWN" in human and "NOT TRUSTED" in human, human
+        assert evil not in human.split("NOT TRUSTED")[0], human
+        here = fleet.watchers[0].ctl("status", "web", as_json=False).stdout
+        assert "NOT TRUSTED" in here and "fleet is on" not in here, here
+        assert releases_of(fleet) == {release1}
+        next_deploy_works(acl_fleet, "v2")  # the next commit writes `current` anew
+        # (its `previous` is the record it replaced: still reported, never obeyed)
+        problems = fleet_status(acl_fleet)["current_problems"]
+        assert "current" not in problems and evil in problems["previous"], problems

@@ -801,7 +801,9 @@ class TestStatus:
         # A stopped watcher: its own status says so, and the fleet shows it down.
         down = fleet.watchers[2]
         down.stop()
-        local = down.ctl_json("status")
+        stopped = down.ctl("status", check=False)
+        assert stopped.returncode == 3, stopped  # a monitoring check must not read "ok"
+        local = json.loads(stopped.stdout)
         assert local["daemon"]["running"] is False
         assert local["apps"]["web"]["current"] == rel2
         rows = w.ctl_json("status", "--fleet")["web"]["hosts"]

@@ -13,7 +13,7 @@ import pytest
 
 from watcher import agent as agent_module
 from watcher.agent import Journal, decided_by
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, judge
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, DeployView, Joined, judge
 from watcher.config import Timeouts
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
@@ -29,9 +29,11 @@ from watcher.records import (
     READY,
     REFUSED,
     STAGING,
+    Decision,
     DeployRecord,
     MemberRecord,
     NodeProgress,
+    Outcome,
     ReleaseRef,
     parse_iso,
 )
@@ -128,6 +130,84 @@ class TestJudge:
     def test_no_expected_nodes_aborts(self) -> None:
         req = request([])
         assert judge(req, req.digest(), {}).outcome == ABORT
+
+
+def view(
+    req: DeployRecord,
+    acks: dict[str, NodeProgress],
+    *,
+    decision: str | None = None,
+    outcome: str | None = None,
+) -> DeployView:
+    return DeployView(
+        record=req,
+        decision=Decision(outcome=decision, reason="r", by="host-x", at="t") if decision else None,
+        nodes=acks,
+        node_indexes={},
+        outcome=Outcome(result=outcome, at="t", by="host-x") if outcome else None,
+        coordinator_session=None,
+    )
+
+
+class TestCheckedView:
+    """What readers report (status, history, the web page, abort, deploy's result): the
+    decision and outcome records as far as the acks back them."""
+
+    def test_records_the_acks_back_are_shown_as_written(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        v = view(req, {n: ack(n, LIVE, d) for n in "ab"}, decision=COMMIT, outcome="committed")
+        assert v.checked() is v
+
+    def test_a_commit_no_ack_backs_is_dropped_and_reported(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        v = view(req, {"a": ack("a", READY, d)}, decision=COMMIT, outcome="committed").checked()
+        assert v.decision is None and v.outcome is None
+        assert len(v.distrusted) == 2 and all("not trusted" in n for n in v.distrusted)
+
+    def test_final_acks_are_the_result_whatever_the_record_says(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        acks = {"a": ack("a", FAILED, d), "b": ack("b", ABORTED, d)}
+        v = view(req, acks, decision=COMMIT, outcome="committed").checked()
+        assert v.outcome is not None and v.outcome.result == "aborted"
+        assert v.decision is not None and v.decision.outcome == ABORT
+        assert "contradicts" in v.outcome.reason
+
+    def test_final_acks_without_an_outcome_record_are_the_result(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        acks = {"a": ack("a", LIVE, d), "b": ack("b", FAILED_AFTER_COMMIT, d)}
+        v = view(req, acks).checked()
+        assert v.outcome is not None and v.outcome.result == "failed_after_commit"
+        assert v.distrusted == ()
+
+    def test_an_abort_record_the_acks_do_not_show_yet_is_kept(self) -> None:
+        """A host whose named session died makes an abort no ack shows; only a reader of
+        sessions could tell, and an abort moves nobody."""
+        req = request(["a", "b"])
+        v = view(req, {"a": ack("a", READY, req.digest())}, decision=ABORT)
+        assert v.checked().decision == v.decision
+
+    def test_a_decision_for_another_request_is_not_this_deploys(self) -> None:
+        req = request(["a", "b"])
+        other = request(["a"]).digest()
+        decision = Decision(outcome=ABORT, reason="r", by="host-x", at="t", digest=other)
+        forged = dataclasses.replace(view(req, {}), decision=decision)
+        assert forged.checked().decision is None
+
+    def test_a_refused_request_keeps_its_outcome(self) -> None:
+        v = view(request(["a"]), {}, decision=ABORT, outcome="refused")
+        assert v.checked() is v
+
+    def test_contested_acks_are_contested_whatever_the_records_say(self) -> None:
+        req = request(["a", "b"])
+        d = req.digest()
+        acks = {"a": ack("a", LIVE, d), "b": ack("b", FAILED, d)}
+        v = view(req, acks, decision=COMMIT, outcome="committed").checked()
+        assert v.outcome is not None and v.outcome.result == CONTESTED
+        assert v.decision is None
 
 
 class TestRequest:

@@ -353,6 +353,7 @@ def live_snapshot(store: DeployStore) -> Snapshot:
     if shown:
         view = store.view(shown)
         if view is not None:
+            view = view.checked()
             summary = deploy_summary(view)
             summary["states"] = summarize_states(view)
             summary["undecided"] = view.decision is None
@@ -615,7 +616,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         view = store.view(deploy_id)
         if view is None:
             raise ApiError(404, f"app {app}: no deploy {deploy_id}")
-        return deploy_summary(view)
+        return deploy_summary(view.checked())
 
     @app.get(
         "/api/v1/apps/{app}/live",
@@ -768,6 +769,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         view = store.view(deploy_id)
         if view is None:
             raise ApiError(404, f"app {name}: no deploy {deploy_id}")
+        view = view.checked()
         settled = view.outcome.result if view.outcome else view.verdict()
         if settled == "contested":
             raise ApiError(409, contested_reason(deploy_id))
