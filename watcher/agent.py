@@ -467,17 +467,16 @@ class AppAgent:
                 and self.node in request.expected
                 and read.own is None
             ):
-                # An outcome, but no ack of this expected host: no honest host ended it
-                # with a commit, and any host's token can write an outcome (a record,
-                # never obeyed: DESIGN.md 6.4.3). Say no (a veto needs no session), or
-                # the hosts that acked ready would wait for this host forever, refusing
-                # every later deploy.
-                self.log.warning("outcome_not_obeyed", deploy=deploy_id)
+                # Ended without an ack of this expected host: not a commit, and past its
+                # apply deadline the hosts that acked ready may still be undecided. Say no
+                # (a veto needs no session), so they abort rather than wait for this host
+                # forever, refusing every later deploy.
+                self.log.warning("ended_before_join", deploy=deploy_id)
                 joined = Joined(request, request.digest(), entry.create_index)
                 self._ack(
                     joined,
                     REFUSED,
-                    error="the deploy had an outcome record before this host joined",
+                    error="the deploy had ended before this host joined",
                     known=(None, read.own_index),
                 )
             self.store.clear_inflight(

@@ -137,7 +137,8 @@ class AbortRequested(DeployRefused):
 @dataclass(frozen=True)
 class JoinRead:
     """``DeployStore.join_read``: the request (None if absent or unparsable: ``problem``
-    says which), whether the deploy ended, and this host's own ack."""
+    says which), whether the deploy ended (its end written: outcome and history entry),
+    and this host's own ack."""
 
     request: DeployRecord | None
     entry: KVEntry | None
@@ -575,6 +576,7 @@ class DeployStore:
             keys.outcome(deploy_id),
             keys.progress(deploy_id, node),
             keys.carried_request(deploy_id, node),
+            keys.history,
         ]
         ops = [TxnOp.get_or_empty(k) for k in wanted]
         if artifact is not None:
@@ -583,7 +585,11 @@ class DeployStore:
         if not result.ok:
             raise PayloadError(f"read-only txn refused: {result.errors}")
         by_key = {e.key: e for e in result.entries if e.modify_index}
-        request_e, outcome_e, own_e, carried_e = (by_key.get(k) for k in wanted)
+        request_e, outcome_e, own_e, carried_e, history_e = (by_key.get(k) for k in wanted)
+        # Ended means the end was written (its outcome and history entry in one txn), not
+        # an outcome record alone: any host's token can write one before the acks.
+        listed, trimmed = self._history_of(history_e)
+        ended = outcome_e is not None and (deploy_id in listed or deploy_id in trimmed)
         problem = ""
         request: DeployRecord | None = None
         if request_e is not None:
@@ -606,7 +612,7 @@ class DeployStore:
             request,
             request_e,
             problem,
-            outcome_e is not None,
+            ended,
             parse_ack(own_e, node=node, deploy=deploy_id),
             own_e.modify_index if own_e else 0,
             carried_e.value if carried_e else None,
