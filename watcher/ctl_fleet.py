@@ -413,9 +413,16 @@ def _wait_for_outcome(
                     print(f"  {node}: {progress.state}{detail}", flush=True)
                     for line in _tail_lines(progress.output_tail):
                         print(f"    | {line}", flush=True)
-            if view.decision and seen.get("<decision>") != view.decision.outcome:
-                seen["<decision>"] = view.decision.outcome
-                print(f"  decision: {view.decision.outcome} ({view.decision.reason})", flush=True)
+            # What the acks say, never a decision record alone (any host's token writes one).
+            checked = view.checked(record)
+            decision = checked.decision
+            if decision and seen.get("<decision>") != decision.outcome:
+                seen["<decision>"] = decision.outcome
+                print(f"  decision: {decision.outcome} ({decision.reason})", flush=True)
+            for note in checked.distrusted:
+                if f"<distrusted> {note}" not in seen:
+                    seen[f"<distrusted> {note}"] = "shown"
+                    print(f"  NOT TRUSTED: {note}", flush=True)
         if view.outcome is not None:
             settled = settled_view(view, record)
             if settled is not None:

@@ -134,7 +134,9 @@ def slow_hook(fleet: Fleet, phase: str, seconds: float, *, fail_on: str | None =
     fleet.wait_members(len(fleet.watchers))
 
 
-def start_deploy_async(acl: AclFleet, artifact_id: str) -> subprocess.Popen[str]:
+def start_deploy_async(
+    acl: AclFleet, artifact_id: str, *, human: bool = False
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             str(BIN / "watcherctl"),
@@ -143,7 +145,7 @@ def start_deploy_async(acl: AclFleet, artifact_id: str) -> subprocess.Popen[str]
             artifact_id,
             "-c",
             str(acl.operator_config),
-            "--json",
+            *([] if human else ["--json"]),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -808,7 +810,7 @@ class TestReadersOfOutcomes:
         _, _, release1 = baseline(acl_fleet)
         slow_hook(fleet, "post_release", 4)
         v2 = acl_fleet.publish("v2")
-        proc = start_deploy_async(acl_fleet, v2["id"])
+        proc = start_deploy_async(acl_fleet, v2["id"], human=True)
         deploy_id = wait_request(fleet)
         wait_for(  # every host joined: the record lands while they stage
             lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
@@ -829,7 +831,9 @@ class TestReadersOfOutcomes:
         assert aborted.returncode == 0, (aborted.stdout, aborted.stderr)
         assert json.loads(aborted.stdout)["aborted"] is True, aborted.stdout
         out, _ = proc.communicate(timeout=90)
-        assert json.loads(out)["result"] == "aborted", out
+        # While it waited, `deploy` showed what the acks said, never the forged commit.
+        assert proc.returncode == 1 and "decision: commit" not in out, out
+        assert "decision: abort" in out and "NOT TRUSTED: the decision record" in out, out
         assert releases_of(fleet) == {release1}
         wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
         slow_hook(fleet, "post_release", 0)

@@ -286,6 +286,30 @@ class TestDeployApiWithAcls:
         assert set(env.fleet.currents().values()) == {previous}
         env.fleet.wait_idle()
 
+    def test_a_rewritten_current_is_shown_as_not_trusted(self, env: Env) -> None:
+        """Any host's token can rewrite `current`: the API and the page must not report
+        the fleet on a release the acks of its deploy did not commit."""
+        if env.fleet.kv.kv_get(env.keys().current) is None:
+            v = env.fleet.publish("v-current")
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v.id}, env.web_operator)
+            assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+            env.fleet.wait_idle()
+        entry = env.fleet.kv.kv_get(env.keys().current)
+        assert entry is not None and entry.value is not None
+        evil = "20990101T000000Z-evil-00000000"
+        forged = {**json.loads(entry.value), "release": evil}
+        assert env.fleet.kv.kv_put(env.keys().current, json.dumps(forged).encode())
+        try:
+            fleet = env.web.get("/api/v1/apps/web/fleet", env.reader).json()
+            assert fleet["current"] is None, fleet
+            assert evil in fleet["current_problems"]["current"], fleet
+            page = env.web.get("/apps/web", env.reader).text
+            assert 'Fleet release <strong class="release">unknown</strong>' in page
+            assert "Not trusted: `current` names release " + evil in page
+        finally:
+            assert env.fleet.kv.kv_put(env.keys().current, entry.value)
+        assert env.web.get("/api/v1/apps/web/fleet", env.reader).json()["current_problems"] == {}
+
     def test_bad_input_is_a_clear_4xx_and_writes_nothing(self, env: Env) -> None:
         before = env.written()
         tok = env.web_operator
