@@ -1427,8 +1427,9 @@ class DeployStore:
         if verdict.end_read is not None:
             pre, outcome_index = verdict.end_read, verdict.outcome_index
         else:
-            pre = self._end_read()
-            found = self.consul.kv_get(self.keys.outcome(request.id), consistent=True)
+            reads = [*self._end_ops(), TxnOp.get_or_empty(self.keys.outcome(request.id))]
+            *end_entries, found = self._read_txn(reads, consistent=True)
+            pre = self._end_read_of(*end_entries)
             outcome_index = found.modify_index if found else 0
         if outcome_index and self._end_written(joined, verdict.outcome, pre):
             return False, None, result  # another host's end got there first

@@ -690,6 +690,42 @@ class TestAbortRace:
         assert fleet.currents() == all_on(fleet, None)
 
 
+class TestExpired:
+    def test_a_member_that_never_acks_is_ended_past_the_apply_deadline_by_a_bystander(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """A member key held by a session with no daemon behind it (a host's token alone
+        can make one) never acks: the ready hosts stay undecided, and past the request's
+        apply deadline a host that is not expected ends the deploy as expired, once
+        (outcome, history, `inflight` cleared); nobody flips."""
+        fleet = make_fleet(app_extra={"timeouts": {"prepare": 3, "apply": 6}})
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        bystander = fleet.watchers[2]
+        bystander.stop()
+        fleet.wait_members(2)
+        session = fleet.kv.session_create("silent member", 60, checks=[])
+        member = fleet.keys.member("silent-1")
+        assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
+        try:
+            v2 = fleet.publish("v2")
+            started = fleet.watchers[0].ctl_json(
+                "deploy", "web", v2.id, "--allow-missing", "--no-wait"
+            )
+            deploy_id = started["deploy"]
+            bystander.start()
+            outcome = fleet.wait_outcome(deploy_id, timeout=40)
+            assert (outcome["result"], outcome["by"]) == ("expired", bystander.name), outcome
+            fleet.wait_idle(timeout=20)
+            assert store_of(fleet).history().count(deploy_id) == 1
+            row = history(fleet)[deploy_id]
+            assert (row["result"], row["distrusted"]) == ("expired", []), row
+            assert fleet.currents() == all_on(fleet, rel1)
+            ended = [e for w in fleet.watchers for e in events_named(w, "deploy_ended")]
+            assert [e["deploy"] for e in ended].count(deploy_id) == 1, ended
+        finally:
+            fleet.kv.session_destroy(session)
+
+
 # --- 6. holds ----------------------------------------------------------------------------------
 
 
