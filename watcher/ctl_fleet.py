@@ -401,9 +401,15 @@ def _wait_for_outcome(
     index = 0
     view = None
     while time.monotonic() < end:
-        view = store.view(deploy_id)
-        if view is None:
+        read = store.view(deploy_id)
+        if read is None:
             return None
+        # What `deploy` shows and reports (and its exit code) comes from the acks, judged
+        # against the request this watcherctl wrote (the one in KV may have been rewritten
+        # since): any host's token can write a decision or outcome record (a commit while
+        # another host still stages, an abort while they flip); one the acks contradict is
+        # named, never believed (``DeployView.checked``).
+        view = read.checked(record)
         seen[VERDICT] = judge(record, record.digest(), view.nodes).outcome
         if not ctx.as_json:
             for node, progress in sorted(view.nodes.items()):
@@ -413,39 +419,24 @@ def _wait_for_outcome(
                     print(f"  {node}: {progress.state}{detail}", flush=True)
                     for line in _tail_lines(progress.output_tail):
                         print(f"    | {line}", flush=True)
-            # What the acks say, never a decision record alone (any host's token writes one).
-            checked = view.checked(record)
-            decision = checked.decision
+            decision = view.decision
             if decision and seen.get("<decision>") != decision.outcome:
                 seen["<decision>"] = decision.outcome
                 print(f"  decision: {decision.outcome} ({decision.reason})", flush=True)
-            for note in checked.distrusted:
+            for note in view.distrusted:
                 if f"<distrusted> {note}" not in seen:
                     seen[f"<distrusted> {note}"] = "shown"
                     print(f"  NOT TRUSTED: {note}", flush=True)
-        if view.outcome is not None:
-            settled = settled_view(view, record)
-            if settled is not None:
-                return settled
+        # Over once the hosts wrote the outcome and it agrees with the acks (or they are
+        # final, and say otherwise).
+        if read.outcome is not None and view.outcome is not None:
+            return view
         # Any write under the app's keys (acks, decision, outcome) wakes this CLI; the
         # daemons themselves only watch small keys.
         index, _ = store.consul.kv_keys_blocking(
             store.keys.base + "/", index, min(5.0, max(end - time.monotonic(), 0.1))
         )
     return replace(view, outcome=None) if view is not None and view.outcome else view
-
-
-def settled_view(view: DeployView, record: DeployRecord) -> DeployView | None:
-    """``view`` once its outcome record is written and the acks read with it (judged against
-    ``record``, the request this watcherctl wrote: the one in KV may have been rewritten
-    since) agree with it or are final; None while they do not. Any host's token can write
-    ``outcomes/<id>`` (a commit while another host still stages, an abort while they flip),
-    so what `deploy` reports (and its exit code) comes from the acks: a contradicted record
-    is reported, never believed (``DeployView.checked``)."""
-    if view.outcome is None:
-        return None
-    checked = view.checked(record)
-    return checked if checked.outcome is not None else None
 
 
 def deploy_summary(view: DeployView) -> dict[str, Any]:
