@@ -385,14 +385,18 @@ class AppAgent:
                 fleet_on = current[0].deploy if current and current[0] else None
                 if fleet_on != deploy_id:
                     # The watch of `current` may answer after the one of `inflight`: read
-                    # both records of the end at once rather than converge on a stale one.
-                    current, ended = self.store.current_and_outcome(deploy_id)
+                    # the records of the end at once rather than converge on a stale one.
+                    # Not over on an outcome record alone: any host's token writes one
+                    # (DESIGN.md 6.4.3), and the end must still be written.
+                    try:
+                        create_index = self.journal.joined().create_index
+                    except (PayloadError, KeyError, TypeError, ValueError):
+                        create_index = 0
+                    current, over = self.store.end_seen(
+                        deploy_id, create_index, str(journal.get("established"))
+                    )
                     fleet_on = current[0].deploy if current[0] else None
-                    # A commit's end names it in ``current``: an outcome record alone may be
-                    # anyone's (DESIGN.md 6.4.3), and the end must still be written.
-                    if fleet_on != deploy_id and (
-                        ended is None or journal.get("established") == COMMIT
-                    ):
+                    if fleet_on != deploy_id and not over:
                         return f"deploy {deploy_id}: {self._after_own_part(deploy_id, 0)}"
                 self._mark_ended(deploy_id)
             self._idle_status()

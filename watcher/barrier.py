@@ -1162,7 +1162,7 @@ class DeployStore:
             verdict = self._session_clause(joined, acks, members) or verdict
         end_read = self._end_read_of(*end_entries) if end_seen == len(end_keys) else None
         if end_read is not None and outcome_index:
-            ended = self._end_written(joined, verdict.outcome, end_read)
+            ended = self._end_written(joined.id, joined.create_index, verdict.outcome, end_read)
         return Verdict(
             verdict.outcome,
             verdict.reason,
@@ -1177,17 +1177,17 @@ class DeployStore:
         )
 
     @staticmethod
-    def _end_written(joined: Joined, outcome: str, pre: EndRead) -> bool:
+    def _end_written(deploy_id: str, create_index: int, outcome: str, pre: EndRead) -> bool:
         """Whether the end's txn (outcome, history, ``current``) was applied, as far as
-        ``pre`` shows: the deploy is in the history (or trimmed from it), and a committed
-        one is named by ``current`` or overtaken by a later deploy there."""
-        deploy_id = joined.id
+        ``pre`` (read with an outcome record) shows: the deploy is in the history (or
+        trimmed from it), and a committed one is named by ``current`` or overtaken there
+        by a deploy with a higher CreateIndex."""
         if deploy_id not in pre.history and deploy_id not in pre.trimmed:
             return False
         if outcome != COMMIT:
             return True
         on = pre.current
-        return on is not None and (on.deploy == deploy_id or on.create_index > joined.create_index)
+        return on is not None and (on.deploy == deploy_id or _overtaken(on, create_index))
 
     def _session_clause(
         self,
@@ -1431,7 +1431,9 @@ class DeployStore:
             *end_entries, found = self._read_txn(reads, consistent=True)
             pre = self._end_read_of(*end_entries)
             outcome_index = found.modify_index if found else 0
-        if outcome_index and self._end_written(joined, verdict.outcome, pre):
+        if outcome_index and self._end_written(
+            joined.id, joined.create_index, verdict.outcome, pre
+        ):
             return False, None, result  # another host's end got there first
         inflight_id, inflight_index = pre.inflight, pre.inflight_index
         # An outcome record already there without the end's other writes was not written by
@@ -1477,9 +1479,9 @@ class DeployStore:
         protected = self._protected(pre.current)
         if verdict.outcome == COMMIT and (pre.current is None or pre.current.deploy != request.id):
             protected = {request.id} | ({pre.current.deploy} if pre.current else set())
-        ops += self._history_ops(
-            pre, [request.id] + ([rollback_id] if rollback_id else []), history_keep, protected
-        )
+        # Only this deploy: an automatic rollback enters the history at its own end (the
+        # history is what says an end was written).
+        ops += self._history_ops(pre, [request.id], history_keep, protected)
         if not self.consul.txn(ops).ok:
             return False, None, result
         log.info(
@@ -1528,7 +1530,7 @@ class DeployStore:
         it or a deploy with a higher CreateIndex)."""
         old, index = pre.current, pre.current_index
         request = joined.request
-        if old is not None and old.deploy == request.id:
+        if old is not None and (old.deploy == request.id or _overtaken(old, joined.create_index)):
             return []
         if old is not None and old.release != request.release:
             previous: dict[str, Any] | None = json.loads(old.ref().to_json())
@@ -1661,24 +1663,30 @@ class DeployStore:
         except PayloadError:
             pass  # not even an id: nothing to record it under
         ok = self.consul.txn(ops).ok
+        if not ok and len(ops) > 2:
+            # An outcome record is already there (any host's token can write one, and a
+            # refused one stays when the same id is put back in ``inflight``): clear
+            # ``inflight`` all the same, without a record of our own.
+            ok = self.consul.txn(ops[:2]).ok
         if ok:
             log.warning("inflight_cleared", app=self.app, deploy=deploy_id, reason=reason, by=by)
         return ok
 
-    def current_and_outcome(
-        self, deploy_id: str
-    ) -> tuple[tuple[CurrentRecord | None, int], Outcome | None]:
-        """``current()`` and ``outcome(deploy_id)`` in one consistent read: the end writes
-        both in one txn, so a host that saw ``inflight`` go learns both in one request."""
-        current, outcome = self._read_txn(
-            [
-                TxnOp.get_or_empty(self.keys.current),
-                TxnOp.get_or_empty(self.keys.outcome(deploy_id)),
-            ],
-            consistent=True,
+    def end_seen(
+        self, deploy_id: str, create_index: int, established: str
+    ) -> tuple[tuple[CurrentRecord | None, int], bool]:
+        """``current()`` and whether this host may take ``deploy_id`` (which it established
+        as ``established``) for over, in one consistent read: its end is written
+        (``_end_written``), or ``current`` names a later committed deploy. The end writes
+        all of these in one txn, so a host that saw ``inflight`` go learns it in one
+        request; an outcome record alone is not the end (any host's token writes one)."""
+        reads = [*self._end_ops(), TxnOp.get_or_empty(self.keys.outcome(deploy_id))]
+        *end_entries, outcome = self._read_txn(reads, consistent=True)
+        pre = self._end_read_of(*end_entries)
+        over = (pre.current is not None and _overtaken(pre.current, create_index)) or (
+            outcome is not None and self._end_written(deploy_id, create_index, established, pre)
         )
-        found: Outcome | None = self._doc(Outcome, outcome)
-        return self.current_of(current), found
+        return (pre.current, pre.current_index), over
 
     def outcome(self, deploy_id: str) -> Outcome | None:
         entry = self.consul.kv_get(self.keys.outcome(deploy_id), consistent=True)
@@ -1800,6 +1808,11 @@ class DeployStore:
             TxnOp.cas(self.keys.decision(rec.id), decision.to_json(), 0),
             TxnOp.set(self.keys.outcome(rec.id), outcome.to_json()),
         ]
+
+
+def _overtaken(current: CurrentRecord, create_index: int) -> bool:
+    """``current`` names a deploy later than the one of ``create_index`` (0: not known)."""
+    return bool(create_index) and current.create_index > create_index
 
 
 def summarize_states(view: DeployView) -> dict[str, int]:

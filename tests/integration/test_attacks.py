@@ -26,7 +26,7 @@ from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noq
 from tests.support.cluster import ClusterSpec
 from tests.support.fleet import BIN, Fleet, wait_for
 from tests.support.s3server import s3_client
-from watcher.barrier import DeployStore
+from watcher.barrier import DeployStore, new_deploy_id
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import ConsulPermissionDenied
 from watcher.records import (
@@ -339,6 +339,20 @@ class TestOperatorToken:
         time.sleep(1)
         assert releases_of(fleet) == {release1}
         next_deploy_works(acl_fleet, "v3")
+
+    def test_a_cleared_id_put_back_in_inflight_is_cleared_again(self, acl_fleet: AclFleet) -> None:
+        """An id with no request in `inflight` is cleared with a "refused" outcome; the
+        same id put back must be cleared again (the outcome is there now, and the end of
+        a deploy is no longer an outcome record alone: it stayed, refusing every deploy)."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        op = operator_client(acl_fleet)
+        ghost = new_deploy_id()
+        for _ in range(2):
+            assert op.kv_put(fleet.keys.inflight, ghost.encode())
+            wait_for(lambda: fleet.inflight() is None, 20, "the ghost in inflight cleared", fleet)
+            assert fleet.kv.kv_get(fleet.keys.outcome(ghost)) is not None
+        next_deploy_works(acl_fleet, "v2")
 
     def test_garbage_in_inflight_is_cleared(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
