@@ -200,6 +200,10 @@ class DeployView:
     abort_requested: AbortRequest | None = None
     #: What ``checked`` found in ``decision`` / ``outcome`` that the acks contradict.
     distrusted: tuple[str, ...] = ()
+    #: Why the abort clause on sessions holds (an expected node's named session is gone
+    #: before it acked), when ``DeployStore.view`` looked: only for an abort record that
+    #: no ack shows (the clause needs session reads; readers do them only then).
+    session_abort: str = ""
 
     @property
     def id(self) -> str:
@@ -224,17 +228,21 @@ class DeployView:
         codes, not for acting on a host."""
         record = record or self.record
         verdict = judge(record, record.digest(), self.nodes)
+        if verdict.outcome == UNDECIDED and self.session_abort:
+            verdict = Verdict(ABORT, self.session_abort)
         notes: list[str] = []
         decision = self.decision
-        if decision is not None and (
+        # A request refused at its start has an abort record and no ack at all.
+        refused_at_start = not self.nodes
+        if verdict.outcome == CONTESTED:
+            decision = None  # records written before an ack changed: the verdict says it
+        elif decision is not None and (
             (
                 decision.outcome != verdict.outcome
-                and (decision.outcome == COMMIT or verdict.outcome != UNDECIDED)
+                and not (decision.outcome == ABORT and refused_at_start)
             )
             or decision.digest not in ("", record.digest())
         ):
-            # An abort the acks do not show yet may be honest (a host whose named session
-            # died, a request refused at its start): only a reader of sessions could tell.
             notes.append(
                 f"the decision record ({decision.outcome}, by {decision.by!r}) contradicts "
                 f"the acks ({verdict.outcome}: {verdict.reason}) and is not trusted"
@@ -247,7 +255,9 @@ class DeployView:
             (a := self.nodes.get(n)) is not None and a.state in NODE_FINAL_STATES
             for n in record.expected
         )
-        if outcome is not None and verdict.outcome not in OUTCOME_VERDICTS.get(outcome.result, ()):
+        if outcome is not None and not _outcome_agrees(
+            outcome.result, verdict.outcome, record, refused_at_start
+        ):
             notes.append(
                 f"the outcome record ({outcome.result!r}, by {outcome.by!r}) contradicts the "
                 f"acks ({verdict.outcome}: {verdict.reason}) and is not trusted"
@@ -279,11 +289,25 @@ OUTCOME_VERDICTS: dict[str, frozenset[str]] = {
     "failed_after_commit": frozenset({COMMIT}),
     "aborted": frozenset({ABORT}),
     "contested": frozenset({CONTESTED}),
-    # Ended without every host's ack: the deadline passed, or the request was refused at
-    # its start (no expected host acked, or none was expected).
+    # Ended without every host's ack: past the apply deadline, or the request was refused
+    # at its start (``_outcome_agrees`` checks which).
     "expired": frozenset({UNDECIDED, ABORT}),
     "refused": frozenset({UNDECIDED, ABORT}),
 }
+
+
+def _outcome_agrees(result: str, verdict: str, record: DeployRecord, no_acks: bool) -> bool:
+    """Whether an outcome record's ``result`` can be an honest end of a deploy whose acks
+    say ``verdict``: "expired" only once the request's apply deadline passed, "refused"
+    only while no host acked anything."""
+    if verdict not in OUTCOME_VERDICTS.get(result, ()):
+        return False
+    if result == "expired":
+        try:
+            return utcnow() >= parse_iso(record.apply_deadline)
+        except ValueError:
+            return False
+    return result != "refused" or no_acks
 
 
 def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | None]) -> Verdict:
@@ -697,8 +721,21 @@ class DeployStore:
         ):
             acked = self.rebuild_request(deploy_id)
             if acked is not None and acked.digest() != digest:
-                return self._view(deploy_id, None, 0, acked)
-        return view
+                view = self._view(deploy_id, None, 0, acked)
+        return self._with_session_clause(view) if view is not None else None
+
+    def _with_session_clause(self, view: DeployView) -> DeployView:
+        """``view`` with ``session_abort`` set when an abort record (decision or outcome)
+        that no ack shows is backed by the abort clause on sessions, read as hosts read it.
+        Only then: the clause costs a read of the members and of each named session."""
+        recorded_abort = (view.decision is not None and view.decision.outcome == ABORT) or (
+            view.outcome is not None and view.outcome.result == "aborted"
+        )
+        if not recorded_abort or view.verdict() != UNDECIDED:
+            return view
+        joined = Joined(view.record, view.record.digest(), view.create_index)
+        lost = self._session_clause(joined, view.nodes, self.members())
+        return replace(view, session_abort=lost.reason) if lost is not None else view
 
     def _view(
         self,

@@ -725,6 +725,38 @@ class TestExpired:
         finally:
             fleet.kv.session_destroy(session)
 
+    def test_an_abort_only_the_sessions_show_is_reported_as_the_end(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """The only expected member's session goes before it acked: no ack shows the abort,
+        the host that ends it (not expected) establishes it on the session clause, and
+        `history` must report "aborted" (its reader reads the sessions as hosts do), not a
+        record it cannot trust."""
+        fleet = make_fleet(app_extra={"timeouts": {"prepare": 3, "apply": 6}})
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        for w in fleet.watchers:
+            w.stop()
+        fleet.wait_members(0)
+        session = fleet.kv.session_create("silent member", 60, checks=[])
+        member = fleet.keys.member("silent-1")
+        assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
+        v2 = fleet.publish("v2")
+        started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing", "--no-wait")
+        deploy_id = started["deploy"]
+        record = store_of(fleet).deploy_record(deploy_id)
+        assert record is not None and record.expected == ["silent-1"], record
+        fleet.kv.session_destroy(session)
+        fleet.watchers[1].start()
+        outcome = fleet.wait_outcome(deploy_id, timeout=40)
+        assert outcome["result"] == "aborted", outcome
+        row = fleet.watchers[1].ctl_json("history", "web")[0]
+        assert row["deploy"] == deploy_id, row
+        assert (row["result"], row["distrusted"]) == ("aborted", []), row
+        assert "lost the session" in row["decision"]["reason"], row
+        fleet.start()
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+
 
 # --- 6. holds ----------------------------------------------------------------------------------
 

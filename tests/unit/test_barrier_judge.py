@@ -183,12 +183,35 @@ class TestCheckedView:
         assert v.outcome is not None and v.outcome.result == "failed_after_commit"
         assert v.distrusted == ()
 
-    def test_an_abort_record_the_acks_do_not_show_yet_is_kept(self) -> None:
-        """A host whose named session died makes an abort no ack shows; only a reader of
-        sessions could tell, and an abort moves nobody."""
+    def test_an_abort_no_ack_shows_is_kept_when_a_named_session_is_gone(self) -> None:
+        """The only expected host died before acking; a host not expected ended the deploy
+        "aborted" on the session clause. DeployStore.view reads the sessions for such a
+        record (session_abort); without that, the record is not trusted."""
+        req = request(["a"])
+        v = view(req, {}, decision=ABORT, outcome="aborted")
+        lost = dataclasses.replace(v, session_abort="expected node(s) a lost the session")
+        assert lost.checked().distrusted == ()
+        assert lost.checked().outcome == v.outcome and lost.checked().decision == v.decision
+        staging = dataclasses.replace(v, nodes={"a": ack("a", STAGING, req.digest())})
+        assert staging.checked().outcome is None and len(staging.checked().distrusted) == 2
+
+    def test_a_refused_start_keeps_its_abort_records_until_a_host_acks(self) -> None:
         req = request(["a", "b"])
-        v = view(req, {"a": ack("a", READY, req.digest())}, decision=ABORT)
-        assert v.checked().decision == v.decision
+        v = view(req, {}, decision=ABORT, outcome="refused")
+        assert v.checked() is v
+        acked = dataclasses.replace(v, nodes={"a": ack("a", READY, req.digest())}).checked()
+        assert acked.outcome is None and acked.decision is None
+        assert len(acked.distrusted) == 2
+
+    def test_expired_before_the_apply_deadline_is_not_trusted(self) -> None:
+        far = "2999-01-01T00:00:00.000Z"
+        req = request(["a", "b"], apply_deadline=far)
+        d = req.digest()
+        acks = {"a": ack("a", READY, d), "b": ack("b", STAGING, d)}
+        v = view(req, acks, outcome="expired").checked()
+        assert v.outcome is None and "expired" in v.distrusted[0]
+        past = view(request(["a", "b"]), acks, outcome="expired")  # its deadline passed
+        assert past.checked().outcome == past.outcome
 
     def test_a_decision_for_another_request_is_not_this_deploys(self) -> None:
         req = request(["a", "b"])
@@ -197,10 +220,6 @@ class TestCheckedView:
         forged = dataclasses.replace(view(req, {}), decision=decision)
         assert forged.checked().decision is None
 
-    def test_a_refused_request_keeps_its_outcome(self) -> None:
-        v = view(request(["a"]), {}, decision=ABORT, outcome="refused")
-        assert v.checked() is v
-
     def test_contested_acks_are_contested_whatever_the_records_say(self) -> None:
         req = request(["a", "b"])
         d = req.digest()
@@ -208,6 +227,16 @@ class TestCheckedView:
         v = view(req, acks, decision=COMMIT, outcome="committed").checked()
         assert v.outcome is not None and v.outcome.result == CONTESTED
         assert v.decision is None
+
+    def test_an_honest_contested_deploy_distrusts_no_record(self) -> None:
+        """The first host's commit record was true when written; the contested verdict
+        says what changed, not that the record was forged."""
+        req = request(["a", "b"])
+        d = req.digest()
+        acks = {"a": ack("a", LIVE, d), "b": ack("b", FAILED, d)}
+        v = view(req, acks, decision=COMMIT, outcome="contested").checked()
+        assert v.distrusted == () and v.decision is None
+        assert v.outcome is not None and v.outcome.result == CONTESTED
 
 
 class TestRequest:
