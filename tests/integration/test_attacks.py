@@ -166,6 +166,15 @@ def ack_state(fleet: Fleet, deploy_id: str, node: str) -> str:
     return str(json.loads(entry.value)["state"]) if entry and entry.value else ""
 
 
+def every_host_joined(fleet: Fleet, deploy_id: str) -> None:
+    wait_for(
+        lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
+        20,
+        "every host staging",
+        fleet,
+    )
+
+
 def releases_of(fleet: Fleet) -> set[str | None]:
     return set(fleet.currents().values())
 
@@ -764,12 +773,7 @@ class TestReadersOfOutcomes:
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])
         deploy_id = wait_request(fleet)
-        wait_for(  # every host joined: the record lands while they stage
-            lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
-            20,
-            "every host staging",
-            fleet,
-        )
+        every_host_joined(fleet, deploy_id)  # a record then lands while they stage
         x = host_client(acl_fleet, 2)
         record = Outcome(result=forged, at=iso(utcnow()), by="host-1", reason="forged")
         assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json(), cas=0)
@@ -826,12 +830,7 @@ class TestReadersOfOutcomes:
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"], human=True)
         deploy_id = wait_request(fleet)
-        wait_for(  # every host joined: the record lands while they stage
-            lambda: all(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers),
-            20,
-            "every host staging",
-            fleet,
-        )
+        every_host_joined(fleet, deploy_id)  # a record then lands while they stage
         x = host_client(acl_fleet, 2)
         now = iso(utcnow())
         outcome = Outcome(result="committed", at=now, by="host-1", reason="forged")
