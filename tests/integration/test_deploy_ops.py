@@ -690,6 +690,15 @@ class TestAbortRace:
         assert fleet.currents() == all_on(fleet, None)
 
 
+def silent_member(fleet: Fleet) -> str:
+    """Member key ``silent-1`` held by a TTL-only session with no daemon behind it (what a
+    host's token alone can make); returns the session."""
+    session = fleet.kv.session_create("silent member", 60, checks=[])
+    member = fleet.keys.member("silent-1")
+    assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
+    return session
+
+
 class TestExpired:
     def test_a_member_that_never_acks_is_ended_past_the_apply_deadline_by_a_bystander(
         self, make_fleet: MakeFleet
@@ -703,9 +712,7 @@ class TestExpired:
         bystander = fleet.watchers[2]
         bystander.stop()
         fleet.wait_members(2)
-        session = fleet.kv.session_create("silent member", 60, checks=[])
-        member = fleet.keys.member("silent-1")
-        assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
+        session = silent_member(fleet)
         try:
             v2 = fleet.publish("v2")
             started = fleet.watchers[0].ctl_json(
@@ -737,9 +744,7 @@ class TestExpired:
         for w in fleet.watchers:
             w.stop()
         fleet.wait_members(0)
-        session = fleet.kv.session_create("silent member", 60, checks=[])
-        member = fleet.keys.member("silent-1")
-        assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
+        session = silent_member(fleet)
         v2 = fleet.publish("v2")
         started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing", "--no-wait")
         deploy_id = started["deploy"]
