@@ -733,8 +733,15 @@ class DeployStore:
         )
         if not recorded_abort or view.verdict() != UNDECIDED:
             return view
+        members = self.members()
+        # Consul answers "no such session" for one this token may not read (an operator's
+        # or a page reader's has no session rule): a live member's own session must be
+        # visible, or an absent one proves nothing and the record stays unconfirmed.
+        live = next((e.session for e in members.values() if e.session), None)
+        if live is None or self.consul.session_info(live, consistent=True) is None:
+            return view
         joined = Joined(view.record, view.record.digest(), view.create_index)
-        lost = self._session_clause(joined, view.nodes, self.members())
+        lost = self._session_clause(joined, view.nodes, members)
         return replace(view, session_abort=lost.reason) if lost is not None else view
 
     def _view(
