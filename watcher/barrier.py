@@ -1471,10 +1471,7 @@ class DeployStore:
         if verdict.end_read is not None:
             pre, outcome_index = verdict.end_read, verdict.outcome_index
         else:
-            reads = [*self._end_ops(), TxnOp.get_or_empty(self.keys.outcome(request.id))]
-            *end_entries, found = self._read_txn(reads, consistent=True)
-            pre = self._end_read_of(*end_entries)
-            outcome_index = found.modify_index if found else 0
+            pre, outcome_index = self._end_read_with_outcome(request.id)
         if outcome_index and self._end_written(
             joined.id, joined.create_index, verdict.outcome, pre
         ):
@@ -1548,6 +1545,13 @@ class DeployStore:
     def _end_read(self) -> EndRead:
         """``inflight``, ``current`` and ``history`` in one consistent read."""
         return self._end_read_of(*self._read_txn(self._end_ops(), consistent=True))
+
+    def _end_read_with_outcome(self, deploy_id: str) -> tuple[EndRead, int]:
+        """``_end_read`` and the ModifyIndex of ``deploy_id``'s outcome record (0: none),
+        in one consistent read."""
+        reads = [*self._end_ops(), TxnOp.get_or_empty(self.keys.outcome(deploy_id))]
+        *end_entries, outcome = self._read_txn(reads, consistent=True)
+        return self._end_read_of(*end_entries), outcome.modify_index if outcome else 0
 
     def _end_read_of(
         self, inflight_e: KVEntry | None, current_e: KVEntry | None, history_e: KVEntry | None
@@ -1724,11 +1728,9 @@ class DeployStore:
         (``_end_written``), or ``current`` names a later committed deploy. The end writes
         all of these in one txn, so a host that saw ``inflight`` go learns it in one
         request; an outcome record alone is not the end (any host's token writes one)."""
-        reads = [*self._end_ops(), TxnOp.get_or_empty(self.keys.outcome(deploy_id))]
-        *end_entries, outcome = self._read_txn(reads, consistent=True)
-        pre = self._end_read_of(*end_entries)
+        pre, outcome_index = self._end_read_with_outcome(deploy_id)
         over = (pre.current is not None and _overtaken(pre.current, create_index)) or (
-            outcome is not None and self._end_written(deploy_id, create_index, established, pre)
+            outcome_index > 0 and self._end_written(deploy_id, create_index, established, pre)
         )
         return (pre.current, pre.current_index), over
 
