@@ -20,7 +20,7 @@ Which calls go through py-consul's endpoint API, and which do not:
   every TTL instead of a second one that only production TTLs would take).
 
 The HTTP client is this project's (``_HTTPClient`` on ``consul_http.Transport``:
-``http.client`` with pooled keep-alive connections), for py-consul too, instead of
+a small HTTP/1.1 client with pooled keep-alive connections), for py-consul too, instead of
 py-consul's ``requests`` one, which cost several times the CPU per request (the numbers
 are in ``consul_http``'s docstring).
 
