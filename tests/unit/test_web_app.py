@@ -16,6 +16,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from watcher import ids
 from watcher.config import parse_config
 from watcher.errors import ConsulUnavailable
 from watcher.web.app import (
@@ -160,6 +161,126 @@ class TestRefusedBeforeConsul:
         }
         assert served == routes
         assert all(p.startswith(("/api/v1/", "/healthz", "/metrics")) for p, _ in served)
+
+
+class TestTheDescriptionTellsTheTruth:
+    """What /openapi.json promises is what the routes answer: every error a client can get
+    is listed for its operation with its body ({"error": ...}), and the parameters carry the
+    rules the routes apply. (A schemathesis run against the demo found each of these
+    missing: docs/web.md.)"""
+
+    # (method, path, operation, request keywords, status): answers that need no Consul.
+    CASES = [
+        ("GET", "/api/v1/apps/web/fleet?consul_token=x", "/api/v1/apps/{app}/fleet", {}, 400),
+        ("GET", "/healthz?token=x", "/healthz", {}, 400),
+        ("GET", "/metrics?token=x", "/metrics", {}, 400),
+        ("GET", "/api/v1/apps/nope/fleet", "/api/v1/apps/{app}/fleet", {}, 404),
+        ("GET", "/api/v1/apps/web/deploys?limit=0", "/api/v1/apps/{app}/deploys", {}, 422),
+        ("GET", "/api/v1/apps/web/deploys/-x", "/api/v1/apps/{app}/deploys/{deploy_id}", {}, 422),
+        ("GET", "/api/v1/apps/web/fleet", "/api/v1/apps/{app}/fleet", {}, 503),
+        ("GET", "/api/v1/apps/web/builds", "/api/v1/apps/{app}/builds", {}, 503),
+        (
+            "GET",
+            "/api/v1/apps/web/fleet",
+            "/api/v1/apps/{app}/fleet",
+            {"headers": {"Authorization": "Basic eA=="}},
+            401,
+        ),
+        (
+            "POST",
+            DEPLOYS,
+            "/api/v1/apps/{app}/deploys",
+            {"content": b"\x00", "headers": {"Content-Type": "application/json"}},
+            400,
+        ),
+        ("POST", DEPLOYS, "/api/v1/apps/{app}/deploys", {"json": {"artifact": ""}}, 422),
+        (
+            "POST",
+            DEPLOYS,
+            "/api/v1/apps/{app}/deploys",
+            {"json": {"artifact": "a"}, "headers": {"Origin": "https://evil.example"}},
+            403,
+        ),
+        (
+            "POST",
+            DEPLOYS,
+            "/api/v1/apps/{app}/deploys",
+            {"content": b"artifact=a", "headers": {"Content-Type": "text/plain"}},
+            415,
+        ),
+        (
+            "POST",
+            DEPLOYS,
+            "/api/v1/apps/{app}/deploys",
+            {"content": b" " * (MAX_BODY + 1)},
+            413,
+        ),
+        ("POST", "/api/v1/apps/web/rollbacks", "/api/v1/apps/{app}/rollbacks", {"json": {}}, 503),
+        ("POST", ABORT, "/api/v1/apps/{app}/deploys/{deploy_id}/abort", {"json": {}}, 503),
+    ]
+
+    @pytest.mark.parametrize(("method", "url", "operation", "kw", "status"), CASES)
+    def test_each_error_is_documented_for_its_operation(
+        self,
+        client: TestClient,
+        method: str,
+        url: str,
+        operation: str,
+        kw: dict[str, object],
+        status: int,
+    ) -> None:
+        r = client.request(method, url, **kw)  # type: ignore[arg-type]
+        assert r.status_code == status, r.text
+        assert set(r.json()) == {"error"} and r.json()["error"]
+        spec = client.get("/openapi.json").json()
+        documented = spec["paths"][operation][method.lower()]["responses"]
+        assert str(status) in documented, f"{method} {operation}: {status} not documented"
+        schema = documented[str(status)]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+
+    def test_the_parameters_carry_the_rules(self, client: TestClient) -> None:
+        spec = client.get("/openapi.json").json()
+        params = {
+            (path, p["name"]): p["schema"]
+            for path, ops in spec["paths"].items()
+            for op in ops.values()
+            for p in op.get("parameters", ())
+        }
+        apps = [
+            p["schema"]
+            for ops in spec["paths"].values()
+            for op in ops.values()
+            for p in op.get("parameters", ())
+            if p["name"] == "app"
+        ]
+        assert len(apps) == 8 and all(s["enum"] == ["web"] for s in apps)
+        deploy_id = params[("/api/v1/apps/{app}/deploys/{deploy_id}", "deploy_id")]
+        assert deploy_id["pattern"] == f"^{ids.DEPLOY_ID_PATTERN}$"
+        limit = params[("/api/v1/apps/{app}/deploys", "limit")]
+        assert (limit["minimum"], limit["maximum"]) == (1, 200)
+        bodies = spec["components"]["schemas"]
+        assert bodies["DeployBody"]["properties"]["artifact"]["pattern"] == (
+            f"^{ids.ARTIFACT_ID_PATTERN}$"
+        )
+        assert bodies["RollbackBody"]["properties"]["release"]["pattern"] == (
+            f"^{ids.RELEASE_PATTERN}$"
+        )
+
+    @pytest.mark.parametrize(
+        ("method", "path", "allow"),
+        [
+            ("PUT", DEPLOYS, "GET, POST"),
+            ("DELETE", "/api/v1/apps/web/fleet", "GET"),
+            ("GET", ABORT, "POST"),
+            ("TRACE", "/healthz", "GET"),
+        ],
+    )
+    def test_a_method_the_path_does_not_take_names_those_it_does(
+        self, client: TestClient, method: str, path: str, allow: str
+    ) -> None:
+        r = client.request(method, path)
+        assert r.status_code == 405
+        assert r.headers["allow"] == allow
 
 
 class TestWhoIsLocal:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
@@ -83,6 +84,52 @@ WEB_CONSUL_TIMEOUT = 5.0  # a page answers within seconds when Consul does not
 
 
 AppName = Annotated[str, PathParam(description="an app of the server's configuration")]
+# The id's rule is in the description for clients; the route checks it itself, so that a bad
+# id gets the project's message (what was wrong and the rule), not a generic one.
+DeployId = Annotated[
+    str,
+    PathParam(
+        description=f"a deploy id: {ids.DEPLOY_ID_RULE}",
+        json_schema_extra={"pattern": f"^{ids.DEPLOY_ID_PATTERN}$"},
+    ),
+]
+Limit = Annotated[
+    int,
+    Query(
+        description="how many deploys, newest first (1 to 200)",
+        json_schema_extra={"minimum": 1, "maximum": 200},
+    ),
+]
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="what was wrong, and where")
+
+
+# What each error status means here; each route lists the ones it can answer.
+ERROR_MEANINGS = {
+    400: "a token in the URL (refused on every path), or a body that is not JSON",
+    401: "a token is needed (the request did not come from this host), or Consul does not know it",
+    403: "Consul refused the token, or a write came from another origin",
+    404: "no such app, deploy or artifact",
+    409: "refused because of state: a deploy in flight, a hold, a deploy already decided",
+    413: f"a body over {MAX_BODY} bytes",
+    415: "a write's body that is not application/json",
+    422: "a parameter or body field that breaks its rule (the message states the rule)",
+    502: "Consul answered with an error, or a record in Consul does not parse",
+    503: "Consul cannot be reached (or, for the live feed, too many streams are open)",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses ``codes``."""
+    return {c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]} for c in codes}
+
+
+READ_ERRORS = errors(400, 401, 403, 404, 422, 502, 503)
+WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 502, 503)
 
 
 class ApiError(Exception):
@@ -106,7 +153,11 @@ class WriteBody(BaseModel):
 
 
 class DeployBody(WriteBody):
-    artifact: str = Field(description="artifact id, e.g. main-15eb13af", max_length=128)
+    artifact: str = Field(
+        description=f"an artifact id: {ids.ARTIFACT_ID_RULE}",
+        max_length=128,
+        json_schema_extra={"pattern": f"^{ids.ARTIFACT_ID_PATTERN}$"},
+    )
     allow_missing: bool = Field(
         default=False, description="deploy to the live members even if known hosts are down"
     )
@@ -115,8 +166,10 @@ class DeployBody(WriteBody):
 class RollbackBody(WriteBody):
     release: str | None = Field(
         default=None,
-        description="a release the fleet committed (default: the previous one)",
+        description="a release the fleet committed (default: the previous one): "
+        + ids.RELEASE_RULE,
         max_length=160,
+        json_schema_extra={"pattern": f"^{ids.RELEASE_PATTERN}$"},
     )
     allow_missing: bool = False
 
@@ -474,6 +527,21 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         redoc_url=None,
     )
     app.state.web = state
+    generated = app.openapi
+
+    def openapi_with_app_names() -> dict[str, Any]:
+        """The generated description, with the configured apps as the ``app`` parameter's
+        only values: a client learns them from the description, not from 404s."""
+        if app.openapi_schema is None:
+            spec = generated()
+            for operation in (op for ops in spec["paths"].values() for op in ops.values()):
+                for param in operation.get("parameters", ()):
+                    if param.get("in") == "path" and param.get("name") == "app":
+                        param["schema"]["enum"] = sorted(config.apps)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi_with_app_names  # type: ignore[method-assign]
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # --- middleware: tokens never in URLs, request metrics -----------------------------------
@@ -556,8 +624,25 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return JSONResponse({"error": "; ".join(problems)}, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Every method the path takes (RFC 9110: Allow), not only those of the first
+            # route that matched it: GET and POST of one path are two routes.
+            headers["Allow"] = ", ".join(allowed_methods(request.url.path))
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
+        )
+
+    def allowed_methods(path: str) -> list[str]:
+        return sorted(
+            {
+                method
+                for route in app.routes
+                if isinstance(route, Route) and route.path_regex.fullmatch(path)
+                for method in route.methods or ()
+            }
+        )
 
     @app.exception_handler(ConsulError)
     async def consul_error(_: Request, exc: ConsulError) -> JSONResponse:
@@ -588,29 +673,43 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     # --- reads -------------------------------------------------------------------------
 
-    @app.get("/api/v1/apps", summary="The apps this server knows")
+    @app.get(
+        "/api/v1/apps", summary="The apps this server knows", responses=errors(400, 401, 403, 503)
+    )
     def list_apps(request: Request) -> dict[str, Any]:
         state.reader(request)
         return {"apps": sorted(config.apps)}
 
-    @app.get("/api/v1/apps/{app}/fleet", summary="Every member and known host of an app")
+    @app.get(
+        "/api/v1/apps/{app}/fleet",
+        summary="Every member and known host of an app",
+        responses=READ_ERRORS,
+    )
     def get_fleet(app: AppName, request: Request) -> dict[str, Any]:
         return fleet_status(state.store(app_name(app), state.reader(request)))
 
-    @app.get("/api/v1/apps/{app}/builds", summary="Artifact records, newest first")
+    @app.get(
+        "/api/v1/apps/{app}/builds", summary="Artifact records, newest first", responses=READ_ERRORS
+    )
     def get_builds(app: AppName, request: Request) -> dict[str, Any]:
         store = state.store(app_name(app), state.reader(request))
         return {"builds": builds(store, fleet_status(store))}
 
-    @app.get("/api/v1/apps/{app}/deploys", summary="Deploy history, newest first")
-    def get_history(app: AppName, request: Request, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
+    @app.get(
+        "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
+    )
+    def get_history(app: AppName, request: Request, limit: Limit = HISTORY_LIMIT) -> dict[str, Any]:
         if not 1 <= limit <= 200:
             raise ApiError(422, f"limit must be between 1 and 200, got {limit}")
         store = state.store(app_name(app), state.reader(request))
         return {"deploys": deploy_history(store, limit)}
 
-    @app.get("/api/v1/apps/{app}/deploys/{deploy_id}", summary="One deploy, with every host")
-    def get_deploy(app: AppName, deploy_id: str, request: Request) -> dict[str, Any]:
+    @app.get(
+        "/api/v1/apps/{app}/deploys/{deploy_id}",
+        summary="One deploy, with every host",
+        responses=READ_ERRORS,
+    )
+    def get_deploy(app: AppName, deploy_id: DeployId, request: Request) -> dict[str, Any]:
         check_deploy_id(deploy_id)
         store = state.store(app_name(app), state.reader(request))
         view = store.view(deploy_id)
@@ -622,6 +721,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/live",
         summary="Server-sent events: the deploy in flight, pushed on every change",
         response_class=StreamingResponse,
+        responses=READ_ERRORS,
     )
     async def live(app: AppName, request: Request) -> StreamingResponse:
         name = app_name(app)
@@ -689,6 +789,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/deploys",
         status_code=202,
         summary="Deploy an artifact to the whole fleet (with your Consul token)",
+        responses=WRITE_ERRORS,
     )
     def post_deploy(app: AppName, body: DeployBody, request: Request) -> dict[str, Any]:
         name = app_name(app)
@@ -710,6 +811,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/rollbacks",
         status_code=202,
         summary="Roll the fleet back to the previous release, or to a committed one",
+        responses=WRITE_ERRORS,
     )
     def post_rollback(app: AppName, body: RollbackBody, request: Request) -> dict[str, Any]:
         name = app_name(app)
@@ -756,9 +858,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     @app.post(
         "/api/v1/apps/{app}/deploys/{deploy_id}/abort",
         summary="Abort a deploy that is not decided yet",
+        responses=WRITE_ERRORS,
     )
     def post_abort(
-        app: AppName, deploy_id: str, request: Request, body: AbortBody | None = None
+        app: AppName, deploy_id: DeployId, request: Request, body: AbortBody | None = None
     ) -> dict[str, Any]:
         name = app_name(app)
         check_deploy_id(deploy_id)
@@ -789,11 +892,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     # --- the page and the daemon-style endpoints ----------------------------------------
 
-    @app.get("/healthz", summary="The server is up (does not ask Consul)")
+    @app.get("/healthz", summary="The server is up (does not ask Consul)", responses=errors(400))
     async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
 
-    @app.get("/metrics", summary="Prometheus metrics of this server", response_class=Response)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics of this server",
+        response_class=Response,
+        responses=errors(400),
+    )
     async def metrics() -> Response:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
