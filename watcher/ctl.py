@@ -17,9 +17,11 @@ from typing import Any
 from watcher import __version__, ids
 from watcher.config import AppConfig, Config, load_config, read_token_file, token_problem
 from watcher.errors import (
+    ArtifactNotFound,
     ConfigError,
     ConsulError,
     DeployError,
+    DeployNotFound,
     LockTimeout,
     PayloadError,
     S3Error,
@@ -287,7 +289,8 @@ commit_argument = name_argument(ids.check_commit)
 
 
 def exit_code_for(exc: WatcherError) -> int:
-    if isinstance(exc, ConfigError):
+    # A name that does not exist is bad input, like an unknown app: 2.
+    if isinstance(exc, ConfigError | ArtifactNotFound | DeployNotFound):
         return EXIT_USAGE
     if isinstance(exc, ConsulError | S3Error):
         return EXIT_UNAVAILABLE

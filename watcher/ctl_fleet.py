@@ -34,6 +34,7 @@ from watcher.ctl import (
     EXIT_REFUSED,
     EXIT_STILL_RUNNING,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     CtlContext,
     artifact_id_argument,
     deploy_id_argument,
@@ -49,6 +50,7 @@ from watcher.errors import (
     ConsulRequestError,
     ConsulTLSError,
     ConsulUnavailable,
+    DeployNotFound,
     DeployRefused,
     PayloadError,
     WatcherError,
@@ -110,8 +112,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive_int, default=20, help="at most this many deploys")
     p.set_defaults(func=cmd_history)
 
-    p = sub.add_parser("abort", parents=[common], help="abort a deploy that is not decided yet")
-    p.add_argument("deploy", type=deploy_id_argument)
+    p = sub.add_parser(
+        "abort",
+        parents=[common],
+        help="abort a deploy that is not decided yet",
+        usage="%(prog)s [options] [APP] DEPLOY",
+    )
+    # `abort DEPLOY` (the app is found) or `abort APP DEPLOY`, like every command that
+    # takes an app first; the second positional is checked in cmd_abort.
+    p.add_argument("deploy", metavar="[APP] DEPLOY", type=deploy_id_argument)
+    p.add_argument("second", nargs="?", type=deploy_id_argument, help=argparse.SUPPRESS)
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
     p.add_argument(
         "--reason", default="", type=free_text_argument, help="why (kept in the deploy's record)"
@@ -573,8 +583,17 @@ def _detail(d: dict[str, Any], failures: str) -> str:
 def cmd_abort(ctx: CtlContext) -> int:
     """Write ``requests/<id>/abort``: every expected host honors it before it acks ready.
     Once every host acked ready the deploy is committed and an abort is too late."""
-    deploy_id = ctx.args.deploy
-    apps = [ctx.args.app] if ctx.args.app else sorted(ctx.config.apps)
+    deploy_id, app = ctx.args.deploy, ctx.args.app
+    if ctx.args.second is not None:  # `abort APP DEPLOY`
+        if app is not None and app != deploy_id:
+            print(
+                f"watcherctl abort: error: two apps given: {deploy_id} and --app {app} "
+                "(usage: watcherctl abort [APP] DEPLOY)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        app, deploy_id = deploy_id, ctx.args.second
+    apps = [app] if app else sorted(ctx.config.apps)
     for name in apps:
         store = _store(ctx, name)
         try:
@@ -623,7 +642,22 @@ def cmd_abort(ctx: CtlContext) -> int:
             ),
         )
         return EXIT_OK if what == "undecided" else EXIT_REFUSED
-    raise DeployRefused(f"no deploy {deploy_id} in app(s) {', '.join(apps)}")
+    raise DeployNotFound(
+        f"no deploy {deploy_id} in app(s) {', '.join(apps)}{_app_hint(ctx, deploy_id)}"
+    )
+
+
+def _app_hint(ctx: CtlContext, name: str) -> str:
+    """What `abort web` meant, when ``name`` is an app and not a deploy: the deploy in
+    flight of that app, and the command that aborts it."""
+    if name not in ctx.config.apps:
+        return ""
+    inflight, _ = _store(ctx, name).inflight()
+    usage = "abort takes [APP] DEPLOY, the deploy's id"
+    if inflight is None:
+        return f"; {name} is an app, not a deploy: {usage}, and no deploy of {name} is in flight"
+    command = ctx.command_line("abort", name, inflight)
+    return f"; {name} is an app, not a deploy: {usage}; its deploy in flight: `{command}`"
 
 
 def abort_deploy(

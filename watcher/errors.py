@@ -29,7 +29,8 @@
     ├── PayloadError                an event payload or KV document that does not validate
     └── DeployError                 a deploy request that cannot be carried out
         ├── DeployInFlight          another deploy of the app is in flight
-        └── DeployRefused           refused for a stated reason (missing hosts, hold ...)
+        ├── DeployRefused           refused for a stated reason (missing hosts, hold ...)
+        └── DeployNotFound          no such deploy
 """
 
 from __future__ import annotations
@@ -162,3 +163,7 @@ class DeployInFlight(DeployError):
 
 class DeployRefused(DeployError):
     """The deploy was refused for the stated reason."""
+
+
+class DeployNotFound(DeployError):
+    """No deploy of that id (a name that does not exist: bad input, not refused state)."""

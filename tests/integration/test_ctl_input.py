@@ -277,6 +277,34 @@ class TestWhatTheMessagesSuggest:
         assert aborted.returncode == 0, aborted.stderr
         assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
 
+    def test_abort_of_an_app_names_its_deploy_in_flight(self, site: Site) -> None:
+        # `abort web`: "web" is a valid deploy id, but it is the app; say so, and what to run.
+        none = site.ctl("abort", "web")
+        assert none.returncode == 2, none.stderr
+        assert "web is an app, not a deploy" in none.stderr
+        assert "no deploy of web is in flight" in none.stderr
+        deploy = start_deploy(site)
+        result = site.ctl("abort", "web")
+        assert result.returncode == 2, result.stderr
+        argv = suggested(result.stderr, "abort")
+        assert argv[:3] == ["abort", "web", deploy], argv
+        aborted = site.ctl(*argv)  # `abort APP DEPLOY`, like every command that takes an app
+        assert aborted.returncode == 0, aborted.stderr
+        assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
+
+    def test_a_name_that_does_not_exist_is_bad_input(self, site: Site) -> None:
+        for argv, says in (
+            (["abort", "20991231T000000Z-abcdef"], "no deploy 20991231T000000Z-abcdef"),
+            (["abort", "web", "20991231T000000Z-abcdef"], "no deploy 20991231T000000Z-abcdef"),
+            (["deploy", "web", "main-00000000"], "unknown artifact main-00000000"),
+            (["abort", "api", "20991231T000000Z-abcdef"], "no app 'api'"),
+            (["abort", "web", "20991231T000000Z-abcdef", "--app", "api"], "two apps given"),
+        ):
+            result = site.ctl(*argv)
+            assert result.returncode == 2, (argv, result.stderr)
+            assert says in result.stderr, (argv, result.stderr)
+        assert site.kv.kv_get(site.keys.inflight) is None  # nothing was started
+
     def test_a_wait_that_runs_out_is_still_running_not_failed(self, site: Site) -> None:
         plant_artifact(site, site.keys.artifact(ARTIFACT))
         result = site.ctl("deploy", "web", ARTIFACT, "--timeout", "1")

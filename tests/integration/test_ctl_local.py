@@ -622,4 +622,4 @@ class TestSetupRelease:
         assert path.is_dir()
 
         result = h.ctl("setup-release", "web", "master-deadbeef")
-        assert result.returncode == 1 and "unknown artifact master-deadbeef" in result.stderr
+        assert result.returncode == 2 and "unknown artifact master-deadbeef" in result.stderr
