@@ -600,7 +600,11 @@ def cmd_exec(ctx: CtlContext) -> int:
 def cmd_prune(ctx: CtlContext) -> int:
     engine = _engine(ctx)
     dry_run = bool(ctx.args.dry_run)
-    with engine.lock(owner=_lock_owner("prune")):
+    # A dry run writes nothing, not even the lock file (a user who may not write the app's
+    # .state/ can still ask): it plans without the lock, and a real prune plans again
+    # under it.
+    lock = contextlib.nullcontext() if dry_run else engine.lock(owner=_lock_owner("prune"))
+    with lock:
         in_flight = _journal_release(engine)
         protect = {in_flight} if in_flight else set()
         plan = engine.plan_prune(in_flight=protect)

@@ -330,10 +330,13 @@ class TestPrune:
         (host.engine.layout.releases_dir / r[6]).mkdir()  # a failed staging
         before = host.names()
 
+        lock = host.engine.layout.lock_file
+        lock.unlink()  # a dry run writes nothing, not even the lock file
         data = host.ctl_json("prune", "web", "--dry-run", own_proc=True)
         assert data["blocked"] is None and data["dry_run"] is True
         assert data["removed"] == [r[2], r[6]]
         assert host.names() == before
+        assert not lock.exists()
         assert data["kept"][r[4]] == "current" and data["kept"][r[3]] == "previous"
         assert data["kept"][r[1]].startswith("pinned until")
         assert data["kept"][r[5]] == "among the newest 2"
