@@ -28,11 +28,14 @@ from __future__ import annotations
 import re
 import select
 import socket
-import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["Answer", "Headers", "Transport", "TransportError", "TransportTLSError"]
 
@@ -95,6 +98,14 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _tls_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of ``ssl``'s. The module is imported only where TLS is used
+    (``Transport._tls_context``): a plain-HTTP process never loads it, ~7-12 ms of every
+    watcherctl start on the project's machines; where it is not loaded no TLS error can be."""
+    module = sys.modules.get("ssl")
+    return module is not None and isinstance(exc, module.SSLError)
+
+
 class _Connection:
     """One keep-alive connection: its socket, and the bytes read but not yet parsed."""
 
@@ -113,7 +124,8 @@ class _Connection:
         is outstanding (the agent closed it, or sent something unasked)."""
         if self._buf or self._closed or self.sock.fileno() < 0:
             return True
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes decrypted, not yet read
+        if pending is not None and pending():
             return True
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
@@ -129,8 +141,11 @@ class _Connection:
             return False
         try:
             data = self.sock.recv(READ_SIZE)
-        except ssl.SSLZeroReturnError:
-            data = b""
+        except OSError as exc:
+            tls = sys.modules.get("ssl")
+            if tls is None or not isinstance(exc, tls.SSLZeroReturnError):
+                raise
+            data = b""  # the peer closed the TLS session
         if not data:
             self._closed = True
             return False
@@ -321,6 +336,8 @@ class Transport:
 
     @staticmethod
     def _tls_context(verify: bool | str, cert: tuple[str, str] | None) -> ssl.SSLContext:
+        import ssl
+
         if isinstance(verify, str):
             context = ssl.create_default_context(cafile=verify)
         else:
@@ -363,14 +380,14 @@ class Transport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
                 sock = self._context.wrap_socket(sock, server_hostname=host)
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            sock.close()
-            raise TransportTLSError(f"TLS handshake failed: {_describe(exc)}", sent=False) from exc
-        except TimeoutError as exc:
-            sock.close()
-            raise TransportError("connect timed out", sent=False, timeout=True) from exc
         except OSError as exc:
             sock.close()
+            if _tls_error(exc):  # a certificate check among them
+                raise TransportTLSError(
+                    f"TLS handshake failed: {_describe(exc)}", sent=False
+                ) from exc
+            if isinstance(exc, TimeoutError):
+                raise TransportError("connect timed out", sent=False, timeout=True) from exc
             raise TransportError(_describe(exc), sent=False) from exc
         return _Connection(sock)
 
@@ -426,10 +443,9 @@ class Transport:
             raise TransportError(
                 "timed out waiting for the answer", sent=True, timeout=True
             ) from exc
-        except ssl.SSLError as exc:
-            raise TransportError(f"TLS error: {_describe(exc)}", sent=True) from exc
         except OSError as exc:
-            raise TransportError(_describe(exc), sent=True) from exc
+            what = f"TLS error: {_describe(exc)}" if _tls_error(exc) else _describe(exc)
+            raise TransportError(what, sent=True) from exc
 
     def close(self) -> None:
         """Close the idle connections; those in use close when they come back."""

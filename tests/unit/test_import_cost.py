@@ -75,6 +75,24 @@ class TestReadOnlyCommandsLoadNoHttpStack:
         assert "watcher" in loaded
         assert loaded.isdisjoint({"requests", "urllib3", "consul", "tenacity", "boto3"})
 
+    def test_plain_http_loads_no_ssl_and_no_email_parser(self) -> None:
+        # A request over plain HTTP (here refused) needs neither ssl (~7-12 ms of a start
+        # here) nor http.client and its email parser: the transport frames answers itself.
+        request = (
+            "from watcher.consul_http import Transport, TransportError\n"
+            "try:\n"
+            "    Transport('127.0.0.1', 1).request('GET', '/', connect_timeout=1, read_timeout=1)\n"
+            "except TransportError:\n"
+            "    pass\n"
+        )
+        loaded = full_modules_after(request)
+        assert "watcher.consul_http" in loaded
+        assert loaded.isdisjoint({"ssl", "http.client", "email.parser"})
+        tls = full_modules_after(
+            request.replace("Transport('127.0.0.1', 1)", "Transport('127.0.0.1', 1, 'https')")
+        )
+        assert "ssl" in tls
+
     def test_a_write_loads_py_consul_on_first_use(self) -> None:
         loaded = modules_after(
             "from watcher.config import ConsulSettings\n"
