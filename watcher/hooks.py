@@ -300,6 +300,9 @@ class _HookProcess:
         self.lines = 0
         self._partial = b""
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        # What the hook started outside its group (setsid, or a new process group), found
+        # when it is stopped: pid -> start time (a pid reused since is not signalled).
+        self._escaped: dict[int, int] = {}
 
     def tail(self) -> str:
         text = "\n".join(self._tail)
@@ -318,6 +321,25 @@ class _HookProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+        for pid, started in self._escaped.items():
+            if _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    def _stop(self, sig: signal.Signals) -> None:
+        """Signal the hook's group and every process below the hook, in its group or not
+        (a `setsid cmd &` leaves the group: a timeout must stop it too). The tree is read
+        while the hook's main process lives (its children still name it as parent)."""
+        if not self._exited():
+            self._escaped.update(_descendants(self.proc.pid))
+        self._signal_group(sig)
+
+    def _kill_pipe_holders(self, pipe: Any) -> None:
+        """SIGKILL what still holds the hook's output pipe once the hook and its group are
+        gone: a writer that left the group and outlived its parent (no tree leads to it)."""
+        for pid, started in _holders_of(pipe.fileno()).items():
+            self._escaped[pid] = started
+        self._signal_group(signal.SIGKILL)
 
     def wait(self) -> str | None:
         """Run to the end; None when the hook ended by itself, else why it was stopped."""
@@ -354,12 +376,12 @@ class _HookProcess:
                 ):
                     stopped = f"stopped: {CANCELLED}"
                     self.log.warning("hook_cancelled")
-                    self._signal_group(signal.SIGTERM)
+                    self._stop(signal.SIGTERM)
                     term_at = now
                 if stopped is None and now >= deadline:
                     stopped = f"timed out after {self.timeout:g}s"
                     self.log.warning("hook_timeout", timeout=self.timeout)
-                    self._signal_group(signal.SIGTERM)
+                    self._stop(signal.SIGTERM)
                     term_at = now
                 if killed_at is None and (
                     (term_at is not None and now >= term_at + self.kill_grace)
@@ -368,16 +390,17 @@ class _HookProcess:
                     if term_at is None:
                         # The hook is done, but something it started still holds the pipe.
                         self.log.warning("hook_children_killed", grace=PIPE_GRACE)
-                    self._signal_group(signal.SIGKILL)
+                    self._stop(signal.SIGKILL)
                     killed_at = now
                 if killed_at is not None and exited and now >= killed_at + 1.0:
-                    # A writer that left the group (setsid) must not keep us waiting.
+                    # A writer that left the group (setsid) and outlived its parent.
+                    self._kill_pipe_holders(pipe)
                     self._drain(pipe)
                     break
         finally:
             sel.close()
             if (stopped is not None and killed_at is None) or not exited:
-                self._signal_group(signal.SIGKILL)
+                self._stop(signal.SIGKILL)
             self.proc.wait()
             pipe.close()
         if self._partial:
@@ -422,6 +445,66 @@ class _HookProcess:
             self._tail.append(line)
             if self.lines <= MAX_LOGGED_LINES:
                 self.log.info("hook_output", line=line)
+
+
+def _proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces and
+    parentheses): [state, ppid, pgrp, session, ...]; None when the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Every process below ``root`` now, by their parent links: pid -> start time."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(entry.name)
+        if fields is None or len(fields) <= 19:
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for pid, started in children.get(todo.pop(), ()):
+            if pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
+def _holders_of(fd: int) -> dict[int, int]:
+    """Other processes that hold the pipe ``fd`` is an end of: pid -> start time."""
+    name = f"pipe:[{os.fstat(fd).st_ino}]"
+    found: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fds = list(os.scandir(f"/proc/{entry.name}/fd"))  # not ours to read: skipped
+        except OSError:
+            continue
+        if any(_link(fd.path) == name for fd in fds):
+            started = _start_time(int(entry.name))
+            if started is not None:
+                found[int(entry.name)] = started
+    return found
+
+
+def _link(path: str) -> str | None:
+    try:
+        return str(Path(path).readlink())
+    except OSError:  # closed meanwhile
+        return None
 
 
 def _readable(pipe: Any) -> bool:

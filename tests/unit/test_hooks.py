@@ -379,6 +379,42 @@ class TestFailures:
         assert wait_dead(int((release_dir / "child.pid").read_text()))
         assert any(e["event"] == "hook_children_killed" for e in logs)
 
+    def test_a_timeout_stops_what_the_hook_started_outside_its_group(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        # setsid: a new session and group, beyond killpg; one with its output sent away
+        # (nothing ties it to the hook but its parent) and one in a group of its own.
+        hook = write_script(
+            tmp_path / "hooks" / "escape",
+            "setsid sleep 1000 >/dev/null 2>&1 < /dev/null &\necho $! > setsid.pid\n"
+            "set -m\nsleep 1000 >/dev/null 2>&1 &\necho $! > group.pid\nset +m\n"
+            "echo waiting\nsleep 1000\n",
+        )
+        app = make_app(tmp_path, {"post_symlink": ((str(hook),),)}, hook_timeout=1.0)
+        with pytest.raises(HookError, match=r"timed out after 1s"):
+            run_hooks(app, "post_symlink", make_ctx(release_dir), kill_grace=1.0)
+        for name in ("setsid.pid", "group.pid"):
+            pid = int((release_dir / name).read_text())
+            assert wait_dead(pid), f"{name}: {pid} survived the timeout"
+
+    def test_an_escaped_writer_of_the_pipe_is_killed_after_the_hook_exits(
+        self, tmp_path: Path, release_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A double fork into a new session: its parent is gone, only the pipe leads to it.
+        monkeypatch.setattr(hooks, "PIPE_GRACE", 0.3)
+        hook = write_script(
+            tmp_path / "hooks" / "orphan",
+            "( setsid sh -c 'echo $$ > orphan.pid; exec sleep 1000' & ) \n"
+            "while [ ! -s orphan.pid ]; do sleep 0.05; done\necho done\n",
+        )
+        app = make_app(tmp_path, {"post_symlink": ((str(hook),),)})
+        started = time.monotonic()
+        results = run_hooks(app, "post_symlink", make_ctx(release_dir))
+        assert time.monotonic() - started < 4.0
+        assert results[0].output_lines == 1
+        orphan = int((release_dir / "orphan.pid").read_text())
+        assert wait_dead(orphan), f"the orphan {orphan} holding the pipe survived"
+
     def test_detached_children_that_closed_the_pipe_are_left_alone(
         self, tmp_path: Path, release_dir: Path
     ) -> None:
