@@ -238,6 +238,22 @@ class TestTheDescriptionTellsTheTruth:
         schema = documented[str(status)]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorBody"}
 
+    @pytest.mark.parametrize(
+        ("body", "status", "says"),
+        [
+            (b'{"artifact": "main-1"}', 503, "unreachable"),  # read as JSON, then Consul
+            (b"{bad", 400, "malformed JSON body"),
+            (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
+        ],
+    )
+    def test_a_write_without_a_content_type_is_read_as_json(
+        self, client: TestClient, body: bytes, status: int, says: str
+    ) -> None:
+        r = client.post(DEPLOYS, content=body)
+        assert "content-type" not in r.request.headers
+        assert r.status_code == status, r.text
+        assert says in r.json()["error"], r.text
+
     def test_the_parameters_carry_the_rules(self, client: TestClient) -> None:
         spec = client.get("/openapi.json").json()
         params = {

@@ -552,6 +552,17 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     ) -> Response:
         started = time.monotonic()
         refused = refusal(request)
+        if (
+            refused is None
+            and request.method not in SAFE_METHODS
+            and "content-type" not in request.headers
+        ):
+            # A write without a Content-Type is read as JSON (docs/web.md); FastAPI would
+            # hand its body over unparsed, a 422 that says nothing of the cause.
+            request.scope["headers"] = [
+                *request.scope["headers"],
+                (b"content-type", b"application/json"),
+            ]
         if refused is not None:
             response: Response = JSONResponse({"error": refused[1]}, status_code=refused[0])
         else:
