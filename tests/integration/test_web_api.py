@@ -370,6 +370,7 @@ class TestDeployApiWithAcls:
             ("/api/v1/apps/{app}/rollbacks", "POST"),
             ("/api/v1/apps/{app}/live", "GET"),
             ("/healthz", "GET"),
+            ("/healthz", "HEAD"),
             ("/metrics", "GET"),
         }
         assert served == expected
@@ -381,6 +382,9 @@ class TestDeployApiWithAcls:
             url = path.replace("{app}", "web").replace("{deploy_id}", deploy)
             r = env.web.get(url)
             assert r.status_code == 200, f"{url}: {r.status_code} {r.text[:200]}"
+        with env.web.client() as c:  # the real server answers HEAD with no body
+            head = c.head("/healthz")
+        assert head.status_code == 200 and head.content == b"", head
         # Each POST documents its JSON body.
         for path, method in served:
             if method == "POST" and not path.endswith("/abort"):

@@ -238,6 +238,10 @@ class TestTheDescriptionTellsTheTruth:
         schema = documented[str(status)]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorBody"}
 
+    def test_healthz_answers_head(self, client: TestClient) -> None:
+        r = client.head("/healthz")
+        assert r.status_code == 200 and r.content == b""
+
     @pytest.mark.parametrize(
         ("body", "status", "says"),
         [
@@ -288,7 +292,7 @@ class TestTheDescriptionTellsTheTruth:
             ("PUT", DEPLOYS, "GET, POST"),
             ("DELETE", "/api/v1/apps/web/fleet", "GET"),
             ("GET", ABORT, "POST"),
-            ("TRACE", "/healthz", "GET"),
+            ("TRACE", "/healthz", "GET, HEAD"),
         ],
     )
     def test_a_method_the_path_does_not_take_names_those_it_does(

@@ -903,7 +903,13 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     # --- the page and the daemon-style endpoints ----------------------------------------
 
-    @app.get("/healthz", summary="The server is up (does not ask Consul)", responses=errors(400))
+    # HEAD too: load balancers and `curl -I` probe with it.
+    @app.api_route(
+        "/healthz",
+        methods=["GET", "HEAD"],
+        summary="The server is up (does not ask Consul)",
+        responses=errors(400),
+    )
     async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
 
