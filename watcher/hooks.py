@@ -20,6 +20,7 @@ from typing import Any
 from watcher.config import HOOK_PHASES, AppConfig
 from watcher.errors import HookError
 from watcher.log import get_logger
+from watcher.releases import LinuxProcReader
 
 #: The PATH hooks get: the daemon's own environment is never passed through.
 HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -447,31 +448,25 @@ class _HookProcess:
                 self.log.info("hook_output", line=line)
 
 
-def _proc_stat(pid: int | str) -> list[bytes] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces and
-    parentheses): [state, ppid, pgrp, session, ...]; None when the process is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rfind(b")") + 2 :].split()
+_PROC = LinuxProcReader()
 
 
 def _start_time(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
+    try:
+        return _PROC.parent_and_start(pid)[1]
+    except (OSError, ValueError):  # gone
+        return None
 
 
 def _descendants(root: int) -> dict[int, int]:
     """Every process below ``root`` now, by their parent links: pid -> start time."""
     children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for pid in _PROC.pids():
+        try:
+            parent, started = _PROC.parent_and_start(pid)
+        except (OSError, ValueError):  # exited meanwhile
             continue
-        fields = _proc_stat(entry.name)
-        if fields is None or len(fields) <= 19:
-            continue
-        children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+        children.setdefault(parent, []).append((pid, started))
     found: dict[int, int] = {}
     todo = [root]
     while todo:
@@ -486,25 +481,15 @@ def _holders_of(fd: int) -> dict[int, int]:
     """Other processes that hold the pipe ``fd`` is an end of: pid -> start time."""
     name = f"pipe:[{os.fstat(fd).st_ino}]"
     found: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in _PROC.pids():
         try:
-            fds = list(os.scandir(f"/proc/{entry.name}/fd"))  # not ours to read: skipped
-        except OSError:
+            held = pid != os.getpid() and name in _PROC.fd_targets(pid)
+        except OSError:  # exited, or not ours to read
             continue
-        if any(_link(fd.path) == name for fd in fds):
-            started = _start_time(int(entry.name))
-            if started is not None:
-                found[int(entry.name)] = started
+        started = _start_time(pid) if held else None
+        if started is not None:
+            found[pid] = started
     return found
-
-
-def _link(path: str) -> str | None:
-    try:
-        return str(Path(path).readlink())
-    except OSError:  # closed meanwhile
-        return None
 
 
 def _readable(pipe: Any) -> bool:

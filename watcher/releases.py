@@ -217,6 +217,16 @@ class LinuxProcReader:
                 continue  # closed between listdir and readlink
         return out
 
+    def parent_and_start(self, pid: int) -> tuple[int, int]:
+        """(parent pid, start time in clock ticks since boot) from ``stat``: the start time
+        tells a process from a later one that reuses its pid. ValueError if unreadable."""
+        with open(f"{self.root}/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        fields = raw[raw.rfind(b")") + 2 :].split()  # the name may hold spaces and ")"
+        if len(fields) < 20:
+            raise ValueError(f"short {self.root}/{pid}/stat")
+        return int(fields[1]), int(fields[19])
+
     def mapped_paths(self, pid: int) -> list[str]:
         with open(f"{self.root}/{pid}/maps", "rb") as fh:
             data = fh.read()
