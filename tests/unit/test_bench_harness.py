@@ -91,3 +91,19 @@ class TestRounds:
         fig = Figure("x", "ms", ours=[10.0, 30.0, 20.0], baseline=[40.0, 80.0, 90.0])
         assert fig.ratio() == pytest.approx(0.25)
         assert "0.25x" in Results(figures=[fig]).table()
+
+
+class TestMixedFleetHalves:
+    """bench/bench_mixed.py: which hosts run the other revision."""
+
+    def test_the_first_host_runs_this_checkout_and_the_rest_alternate(self) -> None:
+        from bench.bench_mixed import BASE, THIS, assign
+
+        names = [f"host-{i}" for i in range(1, 8)]
+        plain, swapped = assign(names, False), assign(names, True)
+        assert plain["host-1"] == swapped["host-1"] == THIS
+        measured = names[1:]
+        assert [plain[n] for n in measured].count(BASE) == 3
+        assert [plain[n] for n in measured].count(THIS) == 3
+        # swapping gives every measured host the other half
+        assert all(plain[n] != swapped[n] for n in measured)
