@@ -62,8 +62,12 @@ def atomic_write_bytes(
 def atomic_write_json(
     path: str | os.PathLike[str], obj: Any, mode: int = 0o644, *, durable: bool = True
 ) -> None:
-    """``atomic_write_bytes`` of ``obj`` as sorted, indented JSON with a trailing newline."""
-    data = json.dumps(obj, sort_keys=True, indent=2).encode() + b"\n"
+    """``atomic_write_bytes`` of ``obj`` as sorted JSON on one line, with a trailing newline.
+
+    One line because ``indent`` makes ``json`` use its pure-Python encoder: the journal and
+    ``status.json`` are written several times a deploy (``jq .`` indents them for a reader).
+    """
+    data = json.dumps(obj, sort_keys=True).encode() + b"\n"
     atomic_write_bytes(path, data, mode, durable=durable)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -195,11 +195,23 @@ class Keys:
         return f"{self.base}/deploys/"
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
 class Document:
     """A versioned JSON document: unknown fields are ignored, missing required ones refused."""
 
     def to_json(self) -> bytes:
-        data = asdict(self)  # type: ignore[call-overload]
+        # A shallow dict: the fields are JSON values (no nested dataclass), so the bytes are
+        # those of ``asdict``, without its deep copy of every list and dict.
+        data = {name: getattr(self, name) for name in _field_names(type(self))}
         data["version"] = DOC_VERSION
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
@@ -224,9 +236,9 @@ class Document:
         if not isinstance(data, dict):
             raise PayloadError(f"{label}: not a JSON object")
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name in data:
-                kwargs[f.name] = data[f.name]
+        for name in _field_names(cls):
+            if name in data:
+                kwargs[name] = data[name]
         try:
             obj = cls(**kwargs)
         except TypeError as exc:

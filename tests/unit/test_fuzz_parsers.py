@@ -17,7 +17,7 @@ import os
 import string
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from watcher.events import EVENT_NAMES, MAX_PAYLOAD, EventRequest, parse_event
 from watcher.records import (
     ARTIFACT_ID_RE,
     DEPLOY_ID_RE,
+    DOC_VERSION,
     RELEASE_RE,
     ArtifactRecord,
     CurrentRecord,
@@ -277,6 +278,13 @@ class TestRecords:
             what, PayloadError, lambda: cls.from_json(record.to_json()), record, count=False
         )
         assert again == record, f"{cls.__name__} does not round-trip: {raw!r}"
+        # to_json builds its dict without asdict's deep copy: the bytes (which hosts hash
+        # into a request's digest) must stay exactly those of asdict.
+        as_asdict = {**asdict(record), "version": DOC_VERSION}
+        assert (
+            record.to_json()
+            == json.dumps(as_asdict, sort_keys=True, separators=(",", ":")).encode()
+        ), raw
         if isinstance(record, HostRecord):
             # readers key their table of hosts by the record's node: it must be a name
             assert isinstance(record.node, str), raw
