@@ -196,8 +196,7 @@ class Journal:
 
     def _write(self, data: dict[str, Any], *, durable: bool = True) -> None:
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.path, data, durable=durable)
+            atomic_write_json(self.path, data, durable=durable, parents=True)
         except OSError as exc:
             if durable:
                 raise

@@ -29,17 +29,31 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, durable: bool = True
+    path: str | os.PathLike[str],
+    data: bytes,
+    mode: int = 0o644,
+    *,
+    durable: bool = True,
+    parents: bool = False,
 ) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never half.
 
     The bytes go to ``.tmp-<name>-<random>`` in the same directory, are fsynced, renamed over
     ``path``, and the directory is fsynced. ``durable=False`` skips both fsyncs, for files
     that only report (a crash may lose the last version, never leave half of one).
+    ``parents``: create the directory when it is missing (only then: a ``mkdir`` of an
+    existing directory before every write is a system call for nothing).
     """
     target = Path(path)
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileNotFoundError:
+        if not parents:
+            raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, mode)
     try:
         try:
             os.fchmod(fd, mode)  # the process umask must not narrow the requested mode
@@ -60,7 +74,12 @@ def atomic_write_bytes(
 
 
 def atomic_write_json(
-    path: str | os.PathLike[str], obj: Any, mode: int = 0o644, *, durable: bool = True
+    path: str | os.PathLike[str],
+    obj: Any,
+    mode: int = 0o644,
+    *,
+    durable: bool = True,
+    parents: bool = False,
 ) -> None:
     """``atomic_write_bytes`` of ``obj`` as sorted JSON on one line, with a trailing newline.
 
@@ -68,7 +87,7 @@ def atomic_write_json(
     ``status.json`` are written several times a deploy (``jq .`` indents them for a reader).
     """
     data = json.dumps(obj, sort_keys=True).encode() + b"\n"
-    atomic_write_bytes(path, data, mode, durable=durable)
+    atomic_write_bytes(path, data, mode, durable=durable, parents=parents)
 
 
 class HasLockFile(Protocol):
@@ -104,9 +123,13 @@ class AppLock:
     def acquire(self) -> None:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this AppLock")
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:  # the first lock of a new app: make its directory
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             raise ReleaseError(
                 f"cannot open the app lock {self.path}: {exc.strerror or exc}"

@@ -299,7 +299,7 @@ class ReleaseEngine:
     # -- locking -------------------------------------------------------------------------
 
     def lock(self, owner: str = "watcher", timeout: float | None = None) -> AppLock:
-        self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        # AppLock makes the state directory when it is missing
         return AppLock(
             self.layout, owner=owner, timeout=self.app.timeouts.lock if timeout is None else timeout
         )

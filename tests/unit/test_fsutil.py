@@ -53,6 +53,20 @@ class TestAtomicWrite:
         with pytest.raises(FileNotFoundError):
             atomic_write_bytes(tmp_path / "nope" / "f", b"x")
 
+    def test_parents_makes_the_directory_only_when_it_is_missing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        target = tmp_path / "state" / "deep" / "f.json"
+        atomic_write_json(target, {"a": 1}, parents=True)
+        assert json.loads(target.read_text()) == {"a": 1}
+
+        def no_mkdir(*args: object, **kwargs: object) -> None:
+            raise AssertionError("mkdir of a directory that exists")
+
+        monkeypatch.setattr(Path, "mkdir", no_mkdir)
+        atomic_write_json(target, {"a": 2}, parents=True)
+        assert json.loads(target.read_text()) == {"a": 2}
+
 
 class TestFsyncDir:
     def test_existing_dir(self, tmp_path: Path) -> None:
@@ -87,6 +101,20 @@ class TestAppLock:
         with AppLock(lock_path, timeout=0, owner="daemon") as again:
             assert again.locked
         assert not again.locked
+
+    def test_makes_its_directory_only_when_it_is_missing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_path = tmp_path / "app" / ".state" / "lock"
+        with AppLock(lock_path, timeout=0, owner="t"):
+            assert lock_path.exists()
+
+        def no_mkdir(*args: object, **kwargs: object) -> None:
+            raise AssertionError("mkdir of a directory that exists")
+
+        monkeypatch.setattr(Path, "mkdir", no_mkdir)
+        with AppLock(lock_path, timeout=0, owner="t") as again:
+            assert again.locked
 
     def test_accepts_a_layout(self, tmp_path: Path) -> None:
         class Layout:

@@ -1,0 +1,120 @@
+"""status.json: what `watcherctl status` reads of the daemon, and how often it is rewritten."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from watcher.config import parse_config
+from watcher.daemon import STATUS_FILE, STATUS_MIN_INTERVAL, Daemon
+
+
+@dataclass
+class FakeStatus:
+    deploy: str | None = None
+    state: str = "idle"
+    converge_error: str | None = None
+    recheck_at: float | None = None
+
+
+@dataclass
+class FakeEngine:
+    cache: Any = None
+
+
+@dataclass
+class FakeAgent:
+    """What the daemon's status code reads of an app's agent."""
+
+    status: FakeStatus = field(default_factory=FakeStatus)
+    engine: FakeEngine = field(default_factory=FakeEngine)
+
+    def busy(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Daemon:
+    config = parse_config(
+        {
+            "daemon": {"state_dir": str(tmp_path / "state")},
+            "s3": {"bucket": "b"},
+            "apps": {"web": {"root": str(tmp_path / "srv")}},
+        },
+        env={},
+    )
+    d = Daemon(config)
+    d.agents = {"web": FakeAgent()}  # type: ignore[dict-item]
+    return d
+
+
+def written(d: Daemon) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((d.state_dir / STATUS_FILE).read_text())
+    return data["apps"]["web"]
+
+
+class TestStatusFile:
+    def test_its_directory_is_made_when_missing(self, daemon: Daemon) -> None:
+        assert not daemon.state_dir.exists()
+        daemon._write_status()
+        assert written(daemon)["state"] == "idle"
+
+    def test_a_deploy_s_changes_are_written_at_most_every_interval(self, daemon: Daemon) -> None:
+        agent = daemon.agents["web"]
+        agent.status.deploy, agent.status.state = "d1", "staging"
+        daemon._write_status()
+        assert written(daemon) == {
+            "deploy": "d1",
+            "state": "staging",
+            "undecided": None,
+            "converge_error": None,
+        }
+        # a change right after: held back, and the loop is told to come back for it
+        agent.status.state = "ready"
+        daemon._write_status()
+        assert written(daemon)["state"] == "staging"
+        assert daemon._status_held
+        # the next cycle past the interval writes it, even with the same outcome line
+        daemon._reconcile = lambda agent: "waiting"  # type: ignore[method-assign]
+        daemon._status_written = time.monotonic()  # the heartbeat rewrite is not due
+        daemon._cycle()
+        assert written(daemon)["state"] == "staging"
+        daemon._status_at -= STATUS_MIN_INTERVAL
+        daemon._cycle()
+        assert written(daemon)["state"] == "ready"
+        assert not daemon._status_held
+
+    def test_the_end_of_a_deploy_is_written_at_once(self, daemon: Daemon) -> None:
+        agent = daemon.agents["web"]
+        agent.status.deploy, agent.status.state = "d1", "live"
+        daemon._write_status()
+        # idle again (no deploy, nothing running): nothing to wait for, written now
+        agent.status.deploy, agent.status.state = None, "idle"
+        daemon._write_status()
+        assert written(daemon)["state"] == "idle"
+
+    def test_a_change_undone_before_it_was_written_is_not_held(self, daemon: Daemon) -> None:
+        agent = daemon.agents["web"]
+        agent.status.deploy, agent.status.state = "d1", "staging"
+        daemon._write_status()
+        agent.status.state = "ready"
+        daemon._write_status()
+        assert daemon._status_held
+        agent.status.state = "staging"
+        daemon._write_status()
+        assert not daemon._status_held
+
+    def test_a_change_of_health_is_written_at_once_even_in_a_deploy(self, daemon: Daemon) -> None:
+        agent = daemon.agents["web"]
+        agent.status.deploy, agent.status.state = "d1", "ready"
+        daemon._write_status()
+        assert json.loads((daemon.state_dir / STATUS_FILE).read_text())["healthy"] is False
+        daemon.health.session_ok("s1")  # healthy now: `watcherctl status` must say so
+        daemon._write_status()
+        data = json.loads((daemon.state_dir / STATUS_FILE).read_text())
+        assert data["healthy"] is True
