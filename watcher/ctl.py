@@ -24,6 +24,7 @@ from watcher.errors import (
     DeployNotFound,
     LockTimeout,
     PayloadError,
+    ReleaseNotFound,
     S3Error,
     WatcherError,
 )
@@ -290,7 +291,7 @@ commit_argument = name_argument(ids.check_commit)
 
 def exit_code_for(exc: WatcherError) -> int:
     # A name that does not exist is bad input, like an unknown app: 2.
-    if isinstance(exc, ConfigError | ArtifactNotFound | DeployNotFound):
+    if isinstance(exc, ConfigError | ArtifactNotFound | DeployNotFound | ReleaseNotFound):
         return EXIT_USAGE
     if isinstance(exc, ConsulError | S3Error):
         return EXIT_UNAVAILABLE

@@ -227,7 +227,7 @@ class TestRollbackLocal:
     def test_missing_or_incomplete_target_is_refused(self, host: Host) -> None:
         missing = "20991231T235959Z-build-99"
         result = host.ctl("rollback", "web", "--local", "--to", missing)
-        assert result.returncode == 1, result
+        assert result.returncode == 2, result  # a name that does not exist: bad input
         assert f"no release {missing}" in result.stderr and release_of(3) in result.stderr
         (host.engine.layout.releases_dir / release_of(9)).mkdir()
         result = host.ctl("rollback", "web", "--local", "--to", release_of(9))
@@ -240,7 +240,7 @@ class TestRollbackLocal:
     def test_second_rollback_to_missing_release_keeps_the_first(self, host: Host) -> None:
         assert host.ctl("rollback", "web", "--local").returncode == 0
         result = host.ctl("rollback", "web", "--local", "--to", "20991231T235959Z-gone")
-        assert result.returncode == 1 and "no release" in result.stderr, result
+        assert result.returncode == 2 and "no release" in result.stderr, result
         assert host.engine.current_release() == release_of(3)
         hold = host.engine.held()
         assert hold is not None and release_of(3) in hold.reason
@@ -317,7 +317,7 @@ class TestExec:
         result = host.ctl("exec", "web", "--", "no-such-command-xyz")
         assert result.returncode == 127 and "no-such-command-xyz" in result.stderr, result
         result = host.ctl("exec", "web", "--release", "20991231T235959Z-x", "--", "true")
-        assert result.returncode == 1 and "no release" in result.stderr, result
+        assert result.returncode == 2 and "no release" in result.stderr, result
         result = host.ctl("exec", "web")
         assert result.returncode == 2 and "no command" in result.stderr, result
 

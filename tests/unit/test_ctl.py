@@ -16,6 +16,7 @@ from watcher import __version__
 from watcher.config import Config, parse_config
 from watcher.ctl import (
     COMMANDS,
+    EXIT_FAILED,
     EXIT_REFUSED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -29,7 +30,13 @@ from watcher.ctl import (
 )
 from watcher.ctl import table as render_table
 from watcher.ctl_fleet import _human_status, _local_app, _progress, _tail_lines
-from watcher.errors import ConfigError, ConsulUnavailable, DeployInFlight
+from watcher.errors import (
+    ConfigError,
+    ConsulUnavailable,
+    DeployInFlight,
+    ReleaseError,
+    ReleaseNotFound,
+)
 
 
 def config_with_token(token: str | None) -> Config:
@@ -183,6 +190,10 @@ class TestExitCodes:
         assert exit_code_for(ConfigError("x", ["y"])) == EXIT_USAGE
         assert exit_code_for(ConsulUnavailable("down")) == EXIT_UNAVAILABLE
         assert exit_code_for(DeployInFlight("busy")) == EXIT_REFUSED
+        # a release name that is not on this host is bad input, like an unknown artifact;
+        # a release that is there but incomplete is not
+        assert exit_code_for(ReleaseNotFound("no release r")) == EXIT_USAGE
+        assert exit_code_for(ReleaseError("r is incomplete")) == EXIT_FAILED
 
 
 def test_table_aligns_columns() -> None:
