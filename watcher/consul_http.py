@@ -98,12 +98,13 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _tls_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is one of ``ssl``'s. The module is imported only where TLS is used
-    (``Transport._tls_context``): a plain-HTTP process never loads it, ~7-12 ms of every
-    watcherctl start on the project's machines; where it is not loaded no TLS error can be."""
+def _tls_error(exc: BaseException, kind: str = "SSLError") -> bool:
+    """Whether ``exc`` is ``ssl``'s ``kind`` of error. The module is imported only where TLS
+    is used (``Transport._tls_context``): a plain-HTTP process never loads it, ~7-12 ms of
+    every watcherctl start on the project's machines; where it is not loaded no TLS error
+    can be."""
     module = sys.modules.get("ssl")
-    return module is not None and isinstance(exc, module.SSLError)
+    return module is not None and isinstance(exc, getattr(module, kind))
 
 
 class _Connection:
@@ -142,8 +143,7 @@ class _Connection:
         try:
             data = self.sock.recv(READ_SIZE)
         except OSError as exc:
-            tls = sys.modules.get("ssl")
-            if tls is None or not isinstance(exc, tls.SSLZeroReturnError):
+            if not _tls_error(exc, "SSLZeroReturnError"):
                 raise
             data = b""  # the peer closed the TLS session
         if not data:

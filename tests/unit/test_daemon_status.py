@@ -58,6 +58,14 @@ def written(d: Daemon) -> dict[str, Any]:
     return data["apps"]["web"]
 
 
+def in_deploy(d: Daemon, state: str) -> FakeAgent:
+    """The app in deploy d1 at ``state``, and status.json saying so."""
+    agent: FakeAgent = d.agents["web"]  # type: ignore[assignment]
+    agent.status.deploy, agent.status.state = "d1", state
+    d._write_status()
+    return agent
+
+
 class TestStatusFile:
     def test_its_directory_is_made_when_missing(self, daemon: Daemon) -> None:
         assert not daemon.state_dir.exists()
@@ -65,9 +73,7 @@ class TestStatusFile:
         assert written(daemon)["state"] == "idle"
 
     def test_a_deploy_s_changes_are_written_at_most_every_interval(self, daemon: Daemon) -> None:
-        agent = daemon.agents["web"]
-        agent.status.deploy, agent.status.state = "d1", "staging"
-        daemon._write_status()
+        agent = in_deploy(daemon, "staging")
         assert written(daemon) == {
             "deploy": "d1",
             "state": "staging",
@@ -90,18 +96,14 @@ class TestStatusFile:
         assert not daemon._status_held
 
     def test_the_end_of_a_deploy_is_written_at_once(self, daemon: Daemon) -> None:
-        agent = daemon.agents["web"]
-        agent.status.deploy, agent.status.state = "d1", "live"
-        daemon._write_status()
+        agent = in_deploy(daemon, "live")
         # idle again (no deploy, nothing running): nothing to wait for, written now
         agent.status.deploy, agent.status.state = None, "idle"
         daemon._write_status()
         assert written(daemon)["state"] == "idle"
 
     def test_a_change_undone_before_it_was_written_is_not_held(self, daemon: Daemon) -> None:
-        agent = daemon.agents["web"]
-        agent.status.deploy, agent.status.state = "d1", "staging"
-        daemon._write_status()
+        agent = in_deploy(daemon, "staging")
         agent.status.state = "ready"
         daemon._write_status()
         assert daemon._status_held
@@ -110,9 +112,7 @@ class TestStatusFile:
         assert not daemon._status_held
 
     def test_a_change_of_health_is_written_at_once_even_in_a_deploy(self, daemon: Daemon) -> None:
-        agent = daemon.agents["web"]
-        agent.status.deploy, agent.status.state = "d1", "ready"
-        daemon._write_status()
+        in_deploy(daemon, "ready")
         assert json.loads((daemon.state_dir / STATUS_FILE).read_text())["healthy"] is False
         daemon.health.session_ok("s1")  # healthy now: `watcherctl status` must say so
         daemon._write_status()

@@ -67,6 +67,7 @@ log = get_logger(module="web")
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 16 * 1024  # bytes: a write's JSON body is a few dozen; anything bigger is refused
 HISTORY_LIMIT = 20
+HISTORY_MAX = 200  # the most deploys one history request may ask for
 BUILDS_LIMIT = 30
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
 SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
@@ -96,8 +97,8 @@ DeployId = Annotated[
 Limit = Annotated[
     int,
     Query(
-        description="how many deploys, newest first (1 to 200)",
-        json_schema_extra={"minimum": 1, "maximum": 200},
+        description=f"how many deploys, newest first (1 to {HISTORY_MAX})",
+        json_schema_extra={"minimum": 1, "maximum": HISTORY_MAX},
     ),
 ]
 
@@ -710,8 +711,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
     )
     def get_history(app: AppName, request: Request, limit: Limit = HISTORY_LIMIT) -> dict[str, Any]:
-        if not 1 <= limit <= 200:
-            raise ApiError(422, f"limit must be between 1 and 200, got {limit}")
+        if not 1 <= limit <= HISTORY_MAX:
+            raise ApiError(422, f"limit must be between 1 and {HISTORY_MAX}, got {limit}")
         store = state.store(app_name(app), state.reader(request))
         return {"deploys": deploy_history(store, limit)}
 
