@@ -1514,12 +1514,12 @@ class DeployStore:
             TxnOp.set(self.keys.outcome(request.id), outcome.to_json()),
             TxnOp.delete(self.keys.coordinator(request.id)),
         ]
-        if verdict.outcome == COMMIT:
-            ops += self._current_ops(joined, pre)
-        # What `current` names once this txn is applied: never trimmed (converge needs it).
+        # What `current` names once this txn is applied: never trimmed (converge and
+        # rollbacks need it).
         protected = self._protected(pre.current)
-        if verdict.outcome == COMMIT and (pre.current is None or pre.current.deploy != request.id):
-            protected = {request.id} | ({pre.current.deploy} if pre.current else set())
+        if verdict.outcome == COMMIT and (nxt := self._next_current(joined, pre)) is not None:
+            ops += [TxnOp.cas(self.keys.current, nxt.to_json(), pre.current_index)]
+            protected = self._protected(nxt)
         # Only this deploy: an automatic rollback enters the history at its own end (the
         # history is what says an end was written).
         ops += self._history_ops(pre, [request.id], history_keep, protected)
@@ -1573,18 +1573,19 @@ class DeployStore:
             history_e.modify_index if history_e else 0,
         )
 
-    def _current_ops(self, joined: Joined, pre: EndRead) -> list[dict[str, Any]]:
-        """Point the readers' cache ``current`` at a committed deploy (unless it already names
-        it or a deploy with a higher CreateIndex)."""
-        old, index = pre.current, pre.current_index
+    def _next_current(self, joined: Joined, pre: EndRead) -> CurrentRecord | None:
+        """What the readers' cache ``current`` becomes once ``joined`` commits; None when it
+        already names it or a deploy with a higher CreateIndex. ``previous`` moves only when
+        the release changes: redeploying the live release keeps the one a rollback goes to."""
+        old = pre.current
         request = joined.request
         if old is not None and (old.deploy == request.id or _overtaken(old, joined.create_index)):
-            return []
+            return None
         if old is not None and old.release != request.release:
             previous: dict[str, Any] | None = json.loads(old.ref().to_json())
         else:
             previous = old.previous if old else None
-        new = CurrentRecord(
+        return CurrentRecord(
             release=request.release,
             artifact=request.artifact,
             sha256=request.sha256,
@@ -1595,7 +1596,6 @@ class DeployStore:
             digest=joined.digest,
             previous=previous,
         )
-        return [TxnOp.cas(self.keys.current, new.to_json(), index)]
 
     def _auto_rollback(
         self, joined: Joined, verdict: Verdict, *, by: str

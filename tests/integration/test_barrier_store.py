@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, rollback_target
 from watcher.consul_api import ConsulClient
 from watcher.errors import DeployInFlight
 from watcher.records import (
@@ -283,27 +283,76 @@ def start_other(store: DeployStore, deploy_id: str, sessions: dict[str, str]) ->
     return start(store, deploy_id, sessions)
 
 
+def acked_deploys(store: DeployStore, node: str) -> set[str]:
+    """The deploys ``node`` has keys of its own under (its acks and what they carry)."""
+    prefix = store.keys.node_progress_prefix(node)
+    return {k[len(prefix) :].split("/")[0] for k in store.consul.kv_keys(prefix, separator=None)}
+
+
 class TestHistory:
-    def test_end_appends_trims_and_hosts_trim_only_their_trimmed_acks(
-        self, store: DeployStore
-    ) -> None:
+    @staticmethod
+    def deploy_n(store: DeployStore, n: int, *, keep: int, redeploy: bool = False) -> list[str]:
+        """``n`` committed deploys by one member ``n1``, each of its own release (a release
+        named like the live one does not move ``current.previous``); with ``redeploy``,
+        every one after the second redeploys the second's release."""
         s = member(store, "n1")
-        ids = []
-        for i in range(4):
+        ids: list[str] = []
+        over: dict[str, str] = {}
+        for i in range(n):
             store.consul.kv_delete(store.keys.inflight)
-            joined = start(store, f"d{i}", {"n1": s})
+            art = artifact(f"main-{min(i, 1) if redeploy else i:08x}")
+            joined = start_deploy(store, f"d{i}", {"n1": s}, art, **over)
+            if redeploy and i == 1:
+                over = {"release": joined.request.release}
             assert ack(store, joined, "n1", READY, s)
             verdict = store.establish(joined)
             assert verdict.outcome == COMMIT
             ended, _, _ = store.end(
-                joined, verdict, by="n1", history_keep=2, on_validate_failure="rollback"
+                joined, verdict, by="n1", history_keep=keep, on_validate_failure="rollback"
             )
             assert ended
             ids.append(joined.id)
+        return ids
+
+    def test_end_appends_trims_and_hosts_trim_only_their_trimmed_acks(
+        self, store: DeployStore
+    ) -> None:
+        ids = self.deploy_n(store, 4, keep=2)
         assert store.history() == ids[-2:]
         doc = json.loads(store.consul.kv_get(store.keys.history).value or b"{}")  # type: ignore[union-attr]
         assert set(doc["trimmed"]) == {"d0", "d1"}
         assert store.consul.kv_get(store.keys.request("d0")) is None
-        assert store.trim_own_progress("n1") >= 1
+        assert store.trim_own_progress("n1") >= 2
+        assert acked_deploys(store, "n1") == {"d2", "d3"}
         assert store.ack("d0", "n1")[0] is None
         assert store.ack("d3", "n1")[0] is not None
+
+    def test_acks_current_and_current_previous_name_are_never_trimmed(
+        self, store: DeployStore
+    ) -> None:
+        """The ends keep both in the history; a history that lists them as trimmed all the
+        same (an older end's, a hand-edited one) still does not make a host delete them."""
+        self.deploy_n(store, 4, keep=1)
+        current, _ = store.current()
+        assert current is not None and current.deploy == "d3"
+        assert (current.previous or {}).get("deploy") == "d2"
+        assert store.history() == ["d2", "d3"]
+        body = {"version": 2, "deploys": ["d3"], "trimmed": ["d0", "d1", "d2", "d3"]}
+        assert store.consul.kv_put(store.keys.history, json.dumps(body).encode())
+        assert store.trim_own_progress("n1") >= 2
+        assert acked_deploys(store, "n1") == {"d2", "d3"}
+
+    def test_the_release_a_rollback_goes_to_stays_through_redeploys_of_the_live_one(
+        self, store: DeployStore
+    ) -> None:
+        """d1 moves ``current.previous`` to d0; redeploys of d1's release (d2, d3) keep it
+        there, so the ends keep d0 in the history and each host keeps its ack."""
+        self.deploy_n(store, 4, keep=1, redeploy=True)
+        current, _ = store.current()
+        assert current is not None and current.deploy == "d3"
+        assert (current.previous or {}).get("deploy") == "d0"
+        assert "d0" in store.history()
+        assert store.deploy_record("d0") is not None
+        store.trim_own_progress("n1")
+        assert "d0" in acked_deploys(store, "n1")
+        assert rollback_target(store, None).deploy == "d0"
