@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     fmt = {"json": True, "console": False, None: None}[args.log_format]
-    configure_logging(level="debug" if args.debug else "info", json=fmt)
+    # `run` is the daemon: it configures logging once for its life (see configure_logging).
+    final = args.command == "run"
+    configure_logging(level="debug" if args.debug else "info", json=fmt, final=final)
 
 
 def _print_config_error(exc: ConfigError) -> None:

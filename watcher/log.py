@@ -20,14 +20,19 @@ _LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
 _pending: dict[str, Any] | None = None
 
 
-def configure_logging(*, level: str = "info", json: bool | None = None, stream: Any = None) -> None:
+def configure_logging(
+    *, level: str = "info", json: bool | None = None, stream: Any = None, final: bool = False
+) -> None:
     """Configure structlog for this process.
 
     ``json=None`` picks JSON unless ``stream`` is a TTY. Log events are snake_case names with
-    key=value context; a bound ``log`` carries the context of the caller.
+    key=value context; a bound ``log`` carries the context of the caller. ``final``: this
+    process configures logging once for its life (the daemon), so each logger is bound on
+    its first call and kept (~44 -> ~18 us a line here); a later configuration, or
+    structlog's ``capture_logs``, would not reach a logger already used.
     """
     global _pending
-    settings = {"level": level, "json": json, "stream": stream}
+    settings = {"level": level, "json": json, "stream": stream, "final": final}
     if "structlog" in sys.modules:
         _apply(sys.modules["structlog"], **settings)
         _pending = None
@@ -35,7 +40,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None, stream: 
         _pending = settings
 
 
-def _apply(structlog: ModuleType, *, level: str, json: bool | None, stream: Any) -> None:
+def _apply(
+    structlog: ModuleType, *, level: str, json: bool | None, stream: Any, final: bool
+) -> None:
     out = stream if stream is not None else sys.stdout
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
@@ -55,7 +62,7 @@ def _apply(structlog: ModuleType, *, level: str, json: bool | None, stream: Any)
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=final,
     )
 
 

@@ -75,6 +75,23 @@ class TestJSON:
         get_logger(app="web").info("node_ready")
         assert json.loads(lines(out)[0])["deploy_id"] == "d-1"
 
+    def test_a_final_configuration_binds_each_logger_once(self) -> None:
+        """The daemon's: context variables still reach every line, and a later configuration
+        no longer reaches a logger already used (it was bound once, not on every call)."""
+        out = io.StringIO()
+        configure_logging(stream=out, json=True, final=True)
+        log = get_logger(app="web")
+        log.info("first")
+        structlog.contextvars.bind_contextvars(deploy_id="d-2")
+        log.info("second")
+        other = io.StringIO()
+        configure_logging(stream=other, json=True)
+        log.info("third")
+        docs = [json.loads(line) for line in lines(out)]
+        assert [d["event"] for d in docs] == ["first", "second", "third"]
+        assert "deploy_id" not in docs[0] and docs[1]["deploy_id"] == "d-2"
+        assert other.getvalue() == ""
+
     def test_default_stream_is_stdout(self, capsys: pytest.CaptureFixture[str]) -> None:
         configure_logging()
         get_logger().info("daemon_started", version="0.1.0")
