@@ -919,8 +919,19 @@ class ConsulClient:
         )
         returned = _index(resp.headers.get("X-Consul-Index"))
         if resp.code == 404:
+            self._check_not_found(resp, what)
             return returned, None
         return returned, self._json(resp, what)
+
+    def _check_not_found(self, resp: Any, what: str) -> None:
+        """A KV 404 is "no such key" only from Consul, which sends ``X-Consul-Index`` with
+        it: from any other server (an app's port, a proxy) it would read as an empty KV,
+        "no deploy in flight", with exit 0."""
+        if resp.headers.get("X-Consul-Index") is None:
+            raise ConsulRequestError(
+                f"{self.address} answered {what} with 404 and without the X-Consul-Index "
+                f"header every Consul agent sends: is it a Consul agent's HTTP API address?"
+            )
 
     def _list_of(self, data: Any, item: type, label: str, what: str) -> list[Any]:
         """A KV answer that must be a list of ``item`` (None, a 404: an empty list)."""
@@ -980,6 +991,7 @@ class ConsulClient:
         headers = {str(k).lower(): str(v) for k, v in dict(resp.headers).items()}
         filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
         if resp.code == 404:
+            self._check_not_found(resp, what)
             return [], filtered
         return self._entries(self._json(resp, what), what), filtered
 

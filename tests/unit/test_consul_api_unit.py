@@ -191,6 +191,7 @@ class Script:
     answers: list[tuple[int, str]]
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)
     delay: float = 0.0  # seconds to sleep before answering
+    index: str | None = "7"  # the X-Consul-Index header sent (None: none, as a non-Consul server)
 
 
 @pytest.fixture
@@ -209,7 +210,8 @@ def scripted() -> Iterator[tuple[Script, str]]:
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("X-Consul-Index", "7")
+                if script.index is not None:
+                    self.send_header("X-Consul-Index", script.index)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -256,6 +258,24 @@ class TestRetryPolicy:
         with pytest.raises(ConsulPermissionDenied, match="kv get a/b"):
             self.client(address).kv_get("a/b")
         assert len(script.seen) == 1
+
+    def test_a_404_is_an_empty_kv_only_from_consul(self, scripted: tuple[Script, str]) -> None:
+        """Consul sends X-Consul-Index with a KV 404; another server's 404 (the address of
+        an app, a proxy) must not read as "no such key", "no deploy in flight"."""
+        script, address = scripted
+        script.answers = [(404, "")]
+        client = self.client(address)
+        assert client.kv_get("a/b") is None
+        assert client.kv_list_checked("a/") == ([], False)
+        script.index = None
+        for read in (
+            lambda: client.kv_get("a/b"),
+            lambda: client.kv_list("a/"),
+            lambda: client.kv_list_checked("a/"),
+            lambda: client.kv_keys("a/"),
+        ):
+            with pytest.raises(ConsulRequestError, match="without the X-Consul-Index header"):
+                read()
 
     def test_persistent_5xx_gives_up_at_the_deadline(self, scripted: tuple[Script, str]) -> None:
         script, address = scripted
