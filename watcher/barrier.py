@@ -29,6 +29,7 @@ from watcher.errors import (
     DeployInFlight,
     DeployRefused,
     PayloadError,
+    RollbackTargetUnknown,
 )
 from watcher.log import get_logger
 from watcher.records import (
@@ -977,12 +978,18 @@ class DeployStore:
             return True
         current_id, _ = self.inflight()
         if current_id and current_id != record.id:
-            raise DeployInFlight(self._inflight_message(current_id))
+            raise self._in_flight(current_id)
         if current_id == record.id:
             return False
         raise DeployRefused(
             f"app {self.app}: could not start deploy {record.id}: "
             f"{result.errors or 'txn rolled back'}"
+        )
+
+    def _in_flight(self, deploy_id: str) -> DeployInFlight:
+        """The refusal of a deploy while ``deploy_id`` is in flight, naming how to abort it."""
+        return DeployInFlight(
+            self._inflight_message(deploy_id), abort=("abort", deploy_id, "--app", self.app)
         )
 
     def _inflight_message(self, deploy_id: str) -> str:
@@ -992,7 +999,7 @@ class DeployStore:
             return (
                 f"app {self.app}: deploy {deploy_id!r} is in flight, but its request does not "
                 f"parse ({exc}); any watcher clears it on its next cycle, or run "
-                f"`watcherctl abort {deploy_id} --app {self.app}`"
+                f"`{DeployInFlight.ABORT_COMMAND}`"
             )
         if other is None:
             return (
@@ -1003,7 +1010,7 @@ class DeployStore:
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
             f"requested by {other.requested_by} at {other.requested_at}) is in flight; "
-            f"wait for it or `watcherctl abort {deploy_id} --app {self.app}`"
+            f"wait for it or `{DeployInFlight.ABORT_COMMAND}`"
         )
 
     def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
@@ -1843,7 +1850,7 @@ class DeployStore:
                     str(ltime).encode(),
                     cas=entry.modify_index if entry else 0,
                 )
-                return f"refused: {self._inflight_message(inflight)}"
+                return f"refused: {self._in_flight(inflight)}"
         return "lost race"
 
     def _refused_ops(self, rec: DeployRecord, reason: str, by: str) -> list[dict[str, Any]]:
@@ -1931,6 +1938,11 @@ def rollback_target(
             create_index=joined.create_index,
             digest=joined.digest,
             format=rec.format,
+        )
+    if release is not None and not candidates:
+        raise RollbackTargetUnknown(
+            f"app {store.app}: unknown release {release}: neither `current` nor any deploy "
+            f"in the history names it (`watcherctl history {store.app}` lists them)"
         )
     what = f"release {release}" if release else "the previous release"
     raise DeployRefused(

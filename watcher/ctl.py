@@ -21,10 +21,12 @@ from watcher.errors import (
     ConfigError,
     ConsulError,
     DeployError,
+    DeployInFlight,
     DeployNotFound,
     LockTimeout,
     PayloadError,
     ReleaseNotFound,
+    RollbackTargetUnknown,
     S3Error,
     WatcherError,
 )
@@ -291,7 +293,10 @@ commit_argument = name_argument(ids.check_commit)
 
 def exit_code_for(exc: WatcherError) -> int:
     # A name that does not exist is bad input, like an unknown app: 2.
-    if isinstance(exc, ConfigError | ArtifactNotFound | DeployNotFound | ReleaseNotFound):
+    if isinstance(
+        exc,
+        ConfigError | ArtifactNotFound | DeployNotFound | ReleaseNotFound | RollbackTargetUnknown,
+    ):
         return EXIT_USAGE
     if isinstance(exc, ConsulError | S3Error):
         return EXIT_UNAVAILABLE
@@ -329,6 +334,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _traceback_if(debug: bool) -> None:
+    """--debug adds the traceback of the error being handled; the message and the exit code
+    stay what they are without it (a script run with --debug must see the same codes)."""
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = command_of(argv)
@@ -354,11 +368,12 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
         return code
     except WatcherError as exc:
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         if isinstance(exc, ConfigError) and len(exc.problems) > 1:
             for problem in exc.problems:
                 print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
+        elif isinstance(exc, DeployInFlight):  # its abort command with the -c given
+            print(f"watcherctl: error: {exc.with_command(ctx.command_line)}", file=sys.stderr)
         else:
             print(f"watcherctl: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)
@@ -368,8 +383,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:
         raise
     except OSError as exc:  # a path the command cannot use: root's files without sudo ...
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         print(f"watcherctl: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:

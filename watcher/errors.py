@@ -30,10 +30,13 @@
     └── DeployError                 a deploy request that cannot be carried out
         ├── DeployInFlight          another deploy of the app is in flight
         ├── DeployRefused           refused for a stated reason (missing hosts, hold ...)
+        │   └── RollbackTargetUnknown   a rollback to a release nothing in KV names
         └── DeployNotFound          no such deploy
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class WatcherError(Exception):
@@ -158,11 +161,29 @@ class DeployError(WatcherError):
 
 
 class DeployInFlight(DeployError):
-    """Another deploy of the app is in flight."""
+    """Another deploy of the app is in flight. ``abort``: the arguments of the watcherctl
+    command that aborts it, named in the message where ``ABORT_COMMAND`` stands (watcherctl
+    prints it with the ``-c`` it was given: ``with_command``)."""
+
+    ABORT_COMMAND = "<abort command>"
+
+    def __init__(self, text: str, *, abort: tuple[str, ...] = ()) -> None:
+        self.text, self.abort = text, abort
+        super().__init__(self.with_command(lambda *argv: " ".join(["watcherctl", *argv])))
+
+    def with_command(self, command_line: Callable[..., str]) -> str:
+        if not self.abort:
+            return self.text
+        return self.text.replace(self.ABORT_COMMAND, command_line(*self.abort))
 
 
 class DeployRefused(DeployError):
     """The deploy was refused for the stated reason."""
+
+
+class RollbackTargetUnknown(DeployRefused):
+    """A rollback names a release that no deploy in KV names (bad input, like an unknown
+    artifact; a refusal to whatever catches refusals)."""
 
 
 class DeployNotFound(DeployError):

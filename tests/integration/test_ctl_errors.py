@@ -113,7 +113,7 @@ class TestConsulErrors:
     def test_debug_shows_the_traceback(self, tmp_path: Path) -> None:
         consul = {"address": "127.0.0.1:1", "timeout": "2s"}
         result = run_ctl(tmp_path, consul, "history", "web", debug=True)
-        assert result.returncode != 0
+        assert result.returncode == 3  # as without --debug
         assert "Traceback" in result.stderr
 
     def test_bad_config_names_every_problem(self, tmp_path: Path) -> None:

@@ -157,6 +157,15 @@ class TestBadIdsTouchNothing:
             assert "Traceback" not in result.stderr
         assert site.tree() == before
 
+    def test_a_release_no_deploy_names_is_bad_input(self, site: Site) -> None:
+        """Exit 2, like an unknown artifact: nothing in KV names it (a typo, usually)."""
+        before = site.tree()
+        result = site.ctl("rollback", "web", "--to", "20200101T000000Z-nope")
+        assert result.returncode == 2, result.stderr
+        assert "unknown release 20200101T000000Z-nope" in result.stderr
+        assert "watcherctl history web" in result.stderr
+        assert site.tree() == before
+
     def test_a_valid_id_still_deploys_as_far_as_the_protocol(self, site: Site) -> None:
         """The same config and member key start a deploy for a good id (so the refusals
         above are the ids', not the set-up's)."""
@@ -273,6 +282,8 @@ class TestWhatTheMessagesSuggest:
         assert refused.returncode == 4, refused.stderr
         argv = suggested(refused.stderr, "abort")
         assert deploy in argv and "web" in argv
+        # with the -c given: pasted on a host whose config is elsewhere, it still works
+        assert argv[argv.index("-c") + 1] == str(site.config), argv
         aborted = site.ctl(*argv)
         assert aborted.returncode == 0, aborted.stderr
         assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None

@@ -34,6 +34,7 @@ from watcher.errors import (
     ConfigError,
     ConsulUnavailable,
     DeployInFlight,
+    DeployRefused,
     ReleaseError,
     ReleaseNotFound,
 )
@@ -533,6 +534,31 @@ class TestUnexpectedErrors:
         assert main(["releases", "web"]) == 1
         err = capsys.readouterr().err
         assert err == "watcherctl: error: /var/lib/watcher/web: Permission denied\n"
+
+    @pytest.mark.parametrize(
+        ("exc", "code"),
+        [
+            (ReleaseNotFound("no release r here"), 2),
+            (ConsulUnavailable("Consul at x: connection refused"), 3),
+            (DeployRefused("held"), 4),
+            (PermissionError(13, "Permission denied", "/var/lib/watcher/web"), 1),
+        ],
+    )
+    def test_debug_adds_the_traceback_and_keeps_the_exit_code(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        exc: Exception,
+        code: int,
+    ) -> None:
+        import watcher.ctl_local as local
+
+        monkeypatch.setattr(local, "cmd_releases", self.failing(exc))
+        assert main(["releases", "web"]) == code
+        plain = capsys.readouterr().err
+        assert main(["releases", "web", "--debug"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback") and err.endswith(plain)
 
     def test_any_other_exception(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

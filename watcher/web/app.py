@@ -57,6 +57,7 @@ from watcher.errors import (
     ConsulUnavailable,
     DeployError,
     PayloadError,
+    RollbackTargetUnknown,
 )
 from watcher.log import get_logger
 from watcher.records import parse_iso
@@ -114,7 +115,7 @@ ERROR_MEANINGS = {
     400: "a token in the URL (refused on every path), or a body that is not JSON",
     401: "a token is needed (the request did not come from this host), or Consul does not know it",
     403: "Consul refused the token, or a write came from another origin",
-    404: "no such app, deploy or artifact",
+    404: "no such app, deploy, artifact or release",
     409: "refused because of state: a deploy in flight, a hold, a deploy already decided",
     413: f"a body over {MAX_BODY} bytes",
     415: "a write's body that is not application/json",
@@ -667,6 +668,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     @app.exception_handler(DeployError)
     async def deploy_error(_: Request, exc: DeployError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.exception_handler(RollbackTargetUnknown)
+    async def unknown_release(_: Request, exc: RollbackTargetUnknown) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404)
 
     @app.exception_handler(ArtifactError)
     async def artifact_error(_: Request, exc: ArtifactError) -> JSONResponse:
