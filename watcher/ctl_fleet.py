@@ -629,19 +629,27 @@ def cmd_abort(ctx: CtlContext) -> int:
                 lambda d: f"deploy {deploy_id} aborted",
             )
             return EXIT_OK
-        ctx.emit(
-            {"deploy": deploy_id, "app": name, "aborted": False, "decision": what},
-            lambda d: (
-                f"watcherctl: abort of {d['deploy']} requested; hosts honor it before "
-                "they ack ready (watch `watcherctl history`)"
-                if d["decision"] == "undecided"
-                else f"watcherctl: {contested_reason(d['deploy'])}"
-                if d["decision"] == CONTESTED
-                else f"watcherctl: deploy {d['deploy']} is {d['decision']}: the abort request "
-                "came too late (every host had acked ready)"
-            ),
-        )
-        return EXIT_OK if what == "undecided" else EXIT_REFUSED
+        data = {"deploy": deploy_id, "app": name, "aborted": False, "decision": what}
+        if what == UNDECIDED:
+            ctx.emit(
+                data,
+                lambda d: (
+                    f"watcherctl: abort of {d['deploy']} requested; hosts honor it "
+                    "before they ack ready (watch `watcherctl history`)"
+                ),
+            )
+            return EXIT_OK
+        if ctx.as_json:
+            ctx.emit(data)
+        else:  # a refusal: stderr, as every error
+            print(
+                f"watcherctl: {contested_reason(deploy_id)}"
+                if what == CONTESTED
+                else f"watcherctl: deploy {deploy_id} is {what}: too late to abort (every "
+                "host had acked ready)",
+                file=sys.stderr,
+            )
+        return EXIT_REFUSED
     raise DeployNotFound(
         f"no deploy {deploy_id} in app(s) {', '.join(apps)}{_app_hint(ctx, deploy_id)}"
     )
@@ -671,13 +679,21 @@ def abort_deploy(
     before = store.view(deploy_id)
     if before is not None and before.verdict() == CONTESTED:
         return CONTESTED, before.checked()
+    if before is not None and (decided := _decided(before.checked())) is not None:
+        # Nothing to ask: no abort record written (a read-only token gets the answer too).
+        return decided, before.checked()
     store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
+    return _decided(view) or UNDECIDED, view
+
+
+def _decided(view: DeployView | None) -> str | None:
+    """ "aborted", the outcome or the acks' decision; None while the deploy is undecided."""
     result = view.outcome.result if view and view.outcome else None
     verdict = view.verdict() if view else UNDECIDED
     if result == "aborted" or (result is None and verdict == ABORT):
-        return "aborted", view
-    return result or verdict, view
+        return "aborted"
+    return result or (verdict if verdict != UNDECIDED else None)
 
 
 def contested_reason(deploy_id: str) -> str:

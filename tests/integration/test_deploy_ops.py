@@ -844,6 +844,15 @@ class TestStatus:
         rel2 = deploy_ok(fleet, v2.id)
         w = fleet.watchers[1]
 
+        # An abort of a committed deploy: refused on stderr (exit 4), nothing written.
+        history = fleet.kv.kv_get(fleet.keys.history)
+        assert history is not None
+        done = json.loads(history.value or b"{}")["deploys"][-1]
+        late = w.ctl("abort", done, "--reason", "late", as_json=False, check=False)
+        assert late.returncode == 4 and late.stdout == "", late
+        assert f"deploy {done} is committed: too late to abort" in late.stderr
+        assert fleet.kv.kv_get(fleet.keys.abort_request(done)) is None
+
         local = w.ctl_json("status")
         assert local["node"] == w.name
         assert local["daemon"]["running"] is True
