@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import sys
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -269,18 +268,11 @@ def name_argument(check: Callable[[str], str]) -> Callable[[str], str]:
 
 def free_text_argument(text: str) -> str:
     """An argparse ``type=`` for free text that is stored and shown later (``--reason``):
-    no surrogates (bytes of argv that are not UTF-8) and no control characters but tab,
-    which would break the JSON, the terminal or the log of whoever reads it."""
-    for char in text:
-        if 0xD800 <= ord(char) <= 0xDFFF:
-            raise argparse.ArgumentTypeError(
-                f"not valid UTF-8 text: {text!r} (check the terminal's encoding)"
-            )
-        if char != "\t" and unicodedata.category(char) == "Cc":
-            raise argparse.ArgumentTypeError(
-                f"control character {char!r} in {text!r}: give one line of printable text"
-            )
-    return text
+    ``ids.check_free_text``."""
+    try:
+        return ids.check_free_text(text)
+    except PayloadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 free_text_argument.__name__ = "free text"
@@ -324,14 +316,35 @@ def _never_crash_on_encoding() -> None:
             reconfigure(errors="backslashreplace")
 
 
+class _Printable:
+    """A text stream that writes what it is given with control characters escaped
+    (``ids.printable``): much of what watcherctl prints comes from KV, where any host's
+    token writes (errors, hook output, reasons), and an escape sequence there must not
+    clear an operator's screen or forge lines. JSON output is already escaped by ``json``.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(ids.printable(text)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
     try:
         _never_crash_on_encoding()
+        sys.stdout, sys.stderr = _Printable(out), _Printable(err)
         return _main(argv)
     except BrokenPipeError:
         return _stdout_gone()
     except KeyboardInterrupt:  # Ctrl-C while loading the command: nothing was done yet
         return EXIT_INTERRUPTED
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 def _traceback_if(debug: bool) -> None:

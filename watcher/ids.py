@@ -8,6 +8,7 @@ CLI can print it as is and a library caller can never build a key from a bad id.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from watcher.errors import PayloadError
 
@@ -85,3 +86,31 @@ def check_commit(value: object) -> str:
                 f"({COMMIT_RULE})"
             )
     raise InvalidName(f"invalid commit {shown(value)}: must be the full hex SHA ({COMMIT_RULE})")
+
+
+def check_free_text(value: str) -> str:
+    """Free text that is stored and shown to others later (an abort's or a hold's
+    reason): no surrogates (argv bytes that are not UTF-8) and no control character but
+    tab, which would break the JSON, the terminal or the log of whoever reads it."""
+    for char in value:
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            raise PayloadError(
+                f"not valid UTF-8 text: {shown(value)} (check the terminal's encoding)"
+            )
+        if char != "\t" and unicodedata.category(char) == "Cc":
+            raise PayloadError(
+                f"control character {char!r} in {shown(value)}: give one line of printable text"
+            )
+    return value
+
+
+# C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b").
+_UNPRINTABLE = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)
+}
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: what others wrote into KV (a host's error, a forged
+    reason) can carry escape sequences that would clear the screen or forge lines."""
+    return text.translate(_UNPRINTABLE)

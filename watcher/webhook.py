@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from watcher import ids
 from watcher.config import AppConfig, WebhookSettings
 from watcher.log import get_logger
 from watcher.records import FAILING_STATES
@@ -196,7 +197,7 @@ class DeployNotifier:
                 text += "; failing: " + "; ".join(f"{n}: {e}" for n, e in failing.items())
         self.sender.send(
             {
-                "text": text,
+                "text": chat_text(text),
                 "event": event,
                 "app": rec.app,
                 "deploy": rec.id,
@@ -226,3 +227,11 @@ def notifier_for(
         return None
     sender = WebhookSender(app.webhook, app=app.name, metrics=metrics)
     return DeployNotifier(sender, replacing._sent if replacing is not None else None)
+
+
+def chat_text(text: str) -> str:
+    """``text`` as Slack-compatible chats read it: ``&``, ``<`` and ``>`` escaped (else a
+    reason or a host's error written into KV could say ``<!channel>`` or hide a link as
+    ``<url|text>``), control characters escaped as a terminal gets them."""
+    safe = ids.printable(text)
+    return safe.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -342,6 +342,9 @@ class TestDeployApiWithAcls:
             assert r.status_code == 422 and "allow_missing:" in error_of(r), r.text
             r = c.post("/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort", json={"why": "x"})
             assert r.status_code == 422 and "why: unknown field" in error_of(r), r.text
+            forged = {"reason": "\x1b[2Jfleet compromised\nhost-1: live"}
+            r = c.post("/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort", json=forged)
+            assert r.status_code == 422 and "control character '\\x1b'" in error_of(r), r.text
             r = c.post("/api/v1/apps/web/rollbacks", json={"release": "yesterday"})
             assert r.status_code == 422 and "is not a release name" in error_of(r)
             r = c.post("/api/v1/apps/web/rollbacks", json={"release": "20200101T000000Z-x"})

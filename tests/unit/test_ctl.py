@@ -560,6 +560,27 @@ class TestUnexpectedErrors:
         err = capsys.readouterr().err
         assert err.startswith("Traceback") and err.endswith(plain)
 
+    def test_control_characters_from_kv_reach_no_terminal(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """What a host's token wrote (an error, a reason) is printed with its escape
+        sequences escaped, on stdout and on stderr; newlines and tabs stay."""
+        import watcher.ctl_local as local
+
+        forged = "\x1b[2J\x1b[31mFLEET COMPROMISED\x1b[0m\rhost-1: live\tok\x9b"
+
+        def command(ctx: CtlContext) -> int:
+            print(forged)
+            raise ReleaseError(forged)
+
+        monkeypatch.setattr(local, "cmd_releases", command)
+        assert main(["releases", "web"]) == 1
+        out, err = capsys.readouterr()
+        escaped = "\\x1b[2J\\x1b[31mFLEET COMPROMISED\\x1b[0m\\x0dhost-1: live\tok\\x9b"
+        assert out == escaped + "\n"
+        assert err == f"watcherctl: error: {escaped}\n"
+        assert sys.stdout is not None and "_Printable" not in type(sys.stdout).__name__
+
     def test_any_other_exception(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

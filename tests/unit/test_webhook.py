@@ -231,3 +231,20 @@ class TestDeployNotifier:
         assert body["event"] == "aborted"
         assert body["failing_hosts"] == {"h2": "post_release: status 3"}
         assert "h2: post_release: status 3" in body["text"]
+
+    def test_what_hosts_wrote_is_escaped_in_the_chat_text(self, receiver: Receiver) -> None:
+        """A host's error (any host's token writes its own) cannot ping the channel, hide a
+        link or carry a terminal escape in the text chats show; the structured fields keep
+        the raw values for programs."""
+        notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
+        error = "\x1b[2J<!channel> <https://evil.example|details> & more"
+        aborted = view("abort", {"h1": ("aborted", ""), "h2": ("failed", error)})
+        notifier.ended(aborted, "aborted", node="h1")
+        wait_until(lambda: len(receiver.bodies) == 1)
+        [body] = receiver.bodies
+        assert body["failing_hosts"] == {"h2": error}
+        assert (
+            "h2: \\x1b[2J&lt;!channel&gt; &lt;https://evil.example|details&gt; &amp; more"
+            in body["text"]
+        )
+        assert "<" not in body["text"] and "\x1b" not in body["text"]

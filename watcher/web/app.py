@@ -26,7 +26,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -177,7 +177,21 @@ class RollbackBody(WriteBody):
 
 
 class AbortBody(WriteBody):
-    reason: str = Field(default="", max_length=500)
+    reason: str = Field(
+        default="",
+        max_length=500,
+        description="why, one line of printable text (no control character but tab)",
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        """Kept in KV and shown later by watcherctl, the page and chat: an escape sequence
+        there would reach an operator's terminal."""
+        try:
+            return ids.check_free_text(value)
+        except PayloadError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def body_fields(request: Request) -> list[str]:
