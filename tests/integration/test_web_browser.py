@@ -157,7 +157,17 @@ class TestThePage:
             fleet,
         )
 
-        # The fleet view.
+        # The fleet view. Its first live stream is refused as when the server's streams
+        # are all taken: the page retries, and the live view below still follows the deploy.
+        page.route(
+            "**/api/v1/apps/web/live",
+            lambda route: route.fulfill(
+                status=503,
+                content_type="application/json",
+                body='{"error": "200 live streams already open; retry later"}',
+            ),
+            times=1,
+        )
         page.goto(web.url + "/apps/web")
         expect(page.locator("#fleet tr.host")).to_have_count(3)
         expect(page.locator("#fleet")).to_contain_text(first["release"])

@@ -324,7 +324,7 @@ class TestWhoIsLocal:
         assert "not addressed to a loopback name" in r.json()["error"]
         page = client.get("/apps/web", headers={"Host": host})
         assert page.status_code == 401 and "A token is needed" in page.text
-        assert 'data-loopback="no"' in page.text
+        assert 'data-needs-token="yes"' in page.text
         r = client.post(
             "/api/v1/apps/web/deploys", json={"artifact": "main-1"}, headers={"Host": host}
         )

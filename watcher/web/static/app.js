@@ -5,9 +5,8 @@
 const TOKEN_KEY = "watcher-consul-token";
 const body = document.body;
 const app = body.dataset.app;
-const loopback = body.dataset.loopback === "yes";
 let lastInflight;  // undefined until the first snapshot
-let consulWasDown = false;
+let stale = false;  // the sections may have missed a change (Consul was down, the stream broke)
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 function authHeaders() { const t = token(); return t ? { "Authorization": "Bearer " + t } : {}; }
@@ -47,29 +46,23 @@ async function refreshSections() {
 function onSnapshot(snap) {
   if (snap.consul && !snap.consul.ok) {
     consulStatus("Consul is unreachable: " + snap.consul.error + " (retrying)");
-    consulWasDown = true;
+    stale = true;
     return;
   }
   consulStatus("");
   const live = document.getElementById("live");
   if (live) live.innerHTML = snap.html;
   const changed = lastInflight !== undefined && lastInflight !== snap.inflight;
-  if (changed || consulWasDown) refreshSections();
-  consulWasDown = false;
+  if (changed || stale) refreshSections();
+  stale = false;
   lastInflight = snap.inflight;
 }
 
-// EventSource cannot send headers: on loopback (no token needed to read) use it; otherwise
-// read the same event stream with fetch, which carries the Authorization header.
+// The live view reads the event stream with fetch, not EventSource: fetch sends the
+// Authorization header, and EventSource gives up for good on the first answer that is not
+// a 200 (a 503 when the server's streams are all taken) while this loop retries.
 function connectLive() {
-  const url = "/api/v1/apps/" + encodeURIComponent(app) + "/live";
-  if (loopback && !token()) {
-    const source = new EventSource(url);
-    source.addEventListener("live", (ev) => onSnapshot(JSON.parse(ev.data)));
-    source.onerror = () => { consulStatus("lost the connection to watcher web; reconnecting"); consulWasDown = true; };
-    return;
-  }
-  streamWithFetch(url);
+  streamWithFetch("/api/v1/apps/" + encodeURIComponent(app) + "/live");
 }
 
 async function streamWithFetch(url) {
@@ -79,6 +72,7 @@ async function streamWithFetch(url) {
       if (!resp.ok) {
         const err = await resp.json().catch(() => ({ error: resp.statusText }));
         consulStatus(err.error || ("HTTP " + resp.status));
+        stale = true;
         if (resp.status === 401 || resp.status === 403) return;
       } else {
         const reader = resp.body.getReader();
@@ -86,7 +80,7 @@ async function streamWithFetch(url) {
         let buffer = "";
         for (;;) {
           const { value, done } = await reader.read();
-          if (done) break;
+          if (done) { stale = true; break; }  // what changed meanwhile: refresh
           buffer += decoder.decode(value, { stream: true });
           let cut;
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -99,7 +93,7 @@ async function streamWithFetch(url) {
       }
     } catch (e) {
       consulStatus("lost the connection to watcher web; reconnecting");
-      consulWasDown = true;
+      stale = true;
     }
     await new Promise((r) => setTimeout(r, 2000));
   }
