@@ -432,6 +432,31 @@ class TestDeployApiWithAcls:
         assert "watcher_web_sse_clients" in metrics
         env.fleet.wait_idle()
 
+    def test_an_unreadable_request_in_the_history_is_named_not_fatal(self, env: Env) -> None:
+        """Any host's token writes `history`: a request there that does not parse is named
+        on the page, which shows the deploy before it (the page answered 502 before)."""
+        kv, keys = env.fleet.kv, env.keys()
+        if kv.kv_get(keys.history) is None:
+            v = env.fleet.publish("v-history")
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v.id}, env.web_operator)
+            assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
+        entry = kv.kv_get(keys.history)
+        assert entry is not None and entry.value is not None
+        before = json.loads(entry.value)
+        bad = {"id": "zz1", "kind": "deploy", "requested_at": "not-a-date"}
+        assert kv.kv_put(keys.request("zz1"), json.dumps(bad).encode())
+        doc = {**before, "deploys": [*before["deploys"], "zz1"]}
+        assert kv.kv_put(keys.history, json.dumps(doc).encode())
+        try:
+            page = env.web.get("/apps/web", env.reader)
+            assert page.status_code == 200, page.text
+            assert "Unreadable record: deploy zz1 cannot be read" in page.text
+            assert f'data-deploy="{before["deploys"][-1]}"' in page.text
+        finally:
+            assert kv.kv_put(keys.history, entry.value)
+            kv.kv_delete(keys.request("zz1"))
+
 
 class TestNotOnLoopback:
     """Bound to another address, every read needs a token with read on that app."""

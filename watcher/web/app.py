@@ -69,6 +69,7 @@ HERE = Path(__file__).resolve().parent
 MAX_BODY = 16 * 1024  # bytes: a write's JSON body is a few dozen; anything bigger is refused
 HISTORY_LIMIT = 20
 HISTORY_MAX = 200  # the most deploys one history request may ask for
+LIVE_LOOKBACK = 5  # deploys of the history the live view tries when the newest cannot be read
 BUILDS_LIMIT = 30
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
 SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
@@ -414,23 +415,35 @@ def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def live_snapshot(store: DeployStore) -> Snapshot:
-    """The deploy in flight (else the last one), as the live view pushes it."""
+    """The deploy in flight (else the last one), as the live view pushes it.
+
+    A request that does not parse (any host's token writes `history`, an operator's
+    `requests/`) is named in ``unreadable``, and with none in flight the newest readable
+    one of the last few is shown instead: one bad record must not take the page down or
+    pass for Consul being unreachable."""
     inflight, _ = store.inflight()
     summary = None
+    unreadable = ""
     # With none in flight, the last one (how it ended, host by host) stays on show.
-    shown = inflight or next(reversed(store.history()), None)
-    if shown:
-        view = store.view(shown)
+    shown = [inflight] if inflight else list(reversed(store.history()))[:LIVE_LOOKBACK]
+    for deploy_id in shown:
+        try:
+            view = store.view(deploy_id)
+        except PayloadError as exc:
+            unreadable = unreadable or f"deploy {deploy_id} cannot be read: {exc}"
+            continue
         if view is not None:
             view = view.checked()
             summary = deploy_summary(view)
             summary["states"] = summarize_states(view)
             summary["undecided"] = view.decision is None
+            break
     return {
         "app": store.app,
         "consul": {"ok": True, "error": ""},
         "inflight": inflight,
         "deploy": summary,
+        "unreadable": unreadable,
     }
 
 
