@@ -372,6 +372,25 @@ class TestWhoIsLocal:
             for name, value in SECURITY_HEADERS.items():
                 assert r.headers.get(name) == value, (path, name)
 
+    def test_nothing_read_with_a_token_is_kept_in_a_cache(self, client: TestClient) -> None:
+        for path in ("/apps/web", "/api/v1/apps", FLEET, "/healthz", "/nowhere"):
+            r = client.get(path, headers={"Authorization": "Bearer x"})
+            assert r.headers.get("cache-control") == "no-store", (path, r.headers)
+        assert client.get("/static/app.js").headers.get("cache-control") != "no-store"
+        csp = SECURITY_HEADERS["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp
+
+    @pytest.mark.parametrize("token", ["a\x01b", "tok en", "x" * 300, "caf\xe9"])
+    def test_a_malformed_token_is_the_callers_401(self, client: TestClient, token: str) -> None:
+        """Not Consul's 400 as a 502: the header never reaches Consul."""
+        for headers in ({"X-Consul-Token": token}, {"Authorization": f"Bearer {token}"}):
+            try:
+                r = client.get("/api/v1/apps", headers=headers)
+            except UnicodeEncodeError:
+                continue  # the client itself cannot send a non-ASCII header
+            assert r.status_code == 401, (headers, r.text)
+            assert "visible ASCII" in r.json()["error"]
+
     def test_odd_methods_share_one_metric_label(self, client: TestClient) -> None:
         for i in range(5):
             client.request(f"FOO{i}", "/healthz")
