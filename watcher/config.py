@@ -289,13 +289,16 @@ class _Reader:
         default: T,
         convert: Callable[[Any], T],
         expected: str,
+        *,
+        name: str | None = None,
     ) -> T:
+        """``data[key]`` converted; a problem is named ``name`` (default: path.key)."""
         if key not in data or data[key] is None:
             return default
         try:
             return convert(data[key])
         except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999, 10**400
-            self.fail(_join(path, key), f"must be {expected}, got {_show(data[key])}")
+            self.fail(name or _join(path, key), f"must be {expected}, got {_show(data[key])}")
             return default
 
 
@@ -786,6 +789,19 @@ def _read_webhook(r: _Reader, data: Any, path: str) -> WebhookSettings | None:
     return WebhookSettings(url=url, timeout=timeout, retries=retries)
 
 
+# The Consul CLI's variable behind each key of the consul section (_consul_from_env).
+CONSUL_ENV_NAMES = {
+    "address": "CONSUL_HTTP_ADDR",
+    "scheme": "CONSUL_HTTP_SSL",
+    "token": "CONSUL_HTTP_TOKEN",
+    "token_file": "CONSUL_HTTP_TOKEN_FILE",
+    "ca_file": "CONSUL_CACERT",
+    "cert_file": "CONSUL_CLIENT_CERT",
+    "key_file": "CONSUL_CLIENT_KEY",
+    "verify": "CONSUL_HTTP_SSL_VERIFY",
+}
+
+
 def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """The Consul CLI's environment variables, with their usual meaning."""
     out: dict[str, Any] = {}
@@ -817,6 +833,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         {"address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify", "timeout"},
     )
     merged: dict[str, Any] = _consul_from_env(env)
+    from_env = set(merged)
     # The file is like the CLI's flags: an explicit value there wins over the environment.
     for key in (
         "address",
@@ -830,10 +847,18 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     ):
         if d.get(key) is not None:
             merged[key] = d[key]
+            from_env.discard(key)
             if key == "token":
                 merged.pop("token_file", None)
             if key == "token_file":
                 merged.pop("token", None)
+
+    def name(key: str) -> str:
+        """Where a value came from, for its error: the file's key or the variable."""
+        if key in from_env:
+            return f"{CONSUL_ENV_NAMES[key]} (from the environment)"
+        return f"consul.{key}"
+
     address = r.get(
         merged,
         "address",
@@ -841,6 +866,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         "127.0.0.1:8500",
         _address,
         'an address like "127.0.0.1:8500" or "https://host:8501"',
+        name=name("address"),
     )
     scheme = str(merged.get("scheme", "http"))
     if address.startswith(("http://", "https://")):
@@ -848,7 +874,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     address = address.rstrip("/")
     token = r.get(merged, "token", "consul", None, _string, "a token string")
     token_file = r.get(merged, "token_file", "consul", None, _string, "a file path")
-    where = "consul.token"
+    where = name("token")
     if token_file:
         # Named by the environment (CONSUL_HTTP_TOKEN_FILE) unless the file set it.
         key = "consul.token_file" if d.get("token_file") else "CONSUL_HTTP_TOKEN_FILE"
@@ -864,9 +890,9 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         token = None
     files: dict[str, str | None] = {}
     for key in ("ca_file", "cert_file", "key_file"):
-        files[key] = r.get(merged, key, "consul", None, _string, "a file path")
+        files[key] = r.get(merged, key, "consul", None, _string, "a file path", name=name(key))
         if files[key] and not os.access(str(files[key]), os.R_OK):
-            r.fail(f"consul.{key}", f"cannot read {files[key]}")
+            r.fail(name(key), f"cannot read {files[key]}")
     if bool(files["cert_file"]) != bool(files["key_file"]):
         r.fail("consul", "cert_file and key_file must be given together")
     return ConsulSettings(

@@ -757,6 +757,10 @@ class TestConsulEnvironment:
         assert problem.startswith(f"CONSUL_HTTP_TOKEN_FILE ({table}): the token holds spaces")
         assert "secret" not in problem.replace("SecretID", "")
         (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN": "a b"})
+        assert problem.startswith("CONSUL_HTTP_TOKEN (from the environment): the token holds")
+        data = minimal()
+        data["consul"] = {"token": "a b"}
+        (problem,) = problems(data, env={"CONSUL_HTTP_TOKEN": "fine"})
         assert problem.startswith("consul.token: the token holds spaces")
         binary = tmp_path / "binary"
         binary.write_bytes(b"\xff\xfe\x00")
@@ -782,7 +786,9 @@ class TestConsulEnvironment:
 
     def test_missing_ca_file(self, tmp_path: Path) -> None:
         env = {"CONSUL_CACERT": str(tmp_path / "nope.pem")}
-        assert problems(minimal(), env=env) == [f"consul.ca_file: cannot read {tmp_path}/nope.pem"]
+        assert problems(minimal(), env=env) == [
+            f"CONSUL_CACERT (from the environment): cannot read {tmp_path}/nope.pem"
+        ]
 
     @pytest.mark.parametrize(
         ("value", "verify"),
@@ -839,9 +845,15 @@ class TestConsulEnvironment:
         assert (consul.address, consul.token) == ("127.0.0.5:8500", "env-token")
 
     def test_bad_address_from_the_environment_is_reported(self) -> None:
+        # Named by its variable: the value is not in the file the error is about.
         found = problems(minimal(), env={"CONSUL_HTTP_ADDR": "not an address"})
-        assert len(found) == 1 and found[0].startswith("consul.address: ")
+        assert len(found) == 1
+        assert found[0].startswith("CONSUL_HTTP_ADDR (from the environment): must be")
         assert "not an address" in found[0]
+        data = minimal()
+        data["consul"] = {"address": "not an address"}
+        found = problems(data, env={"CONSUL_HTTP_ADDR": "127.0.0.1:8500"})
+        assert len(found) == 1 and found[0].startswith("consul.address: must be")
 
     def test_process_environment_is_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://127.0.0.9:8501")
