@@ -154,12 +154,26 @@ def web(args: argparse.Namespace) -> int:
 COMMANDS = {"run": run, "check-config": check_config, "web": web}
 
 
+def _words(argv: list[str]) -> list[str]:
+    """The arguments that are neither options nor an option's value."""
+    words, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-c", "--config", "--log-format"):
+            skip = True
+        elif not arg.startswith("-"):
+            words.append(arg)
+    return words
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `watcher` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not {*COMMANDS, "-h", "--help", "--version"} & set(argv):
+    if not {*COMMANDS, "-h", "--help", "--version"} & set(argv) and not _words(argv):
         # No command at all (a first try): the commands, not only "COMMAND is required".
+        # A word that is not one (a typo) is argparse's "invalid choice", naming them.
         print(parser.format_help(), file=sys.stderr)
         print("watcher: error: name a COMMAND (above)", file=sys.stderr)
         return EXIT_CONFIG

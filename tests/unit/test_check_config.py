@@ -197,6 +197,16 @@ class TestCheckConfig:
             assert f"\n    {command} " in err, err
         assert err.endswith("watcher: error: name a COMMAND (above)\n")
 
+    @pytest.mark.parametrize("argv", [["chek-config"], ["-c", "/x.yaml", "rn"]])
+    def test_a_mistyped_command_is_named(
+        self, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        with pytest.raises(SystemExit) as exited:
+            daemon_cli.main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"invalid choice: '{argv[-1]}'" in err and "name a COMMAND" not in err
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         missing = tmp_path / "nope.yaml"
         assert daemon_cli.main(["check-config", "-c", str(missing)]) == 2
