@@ -551,7 +551,7 @@ def cmd_history(ctx: CtlContext) -> int:
         out = []
         for d in items:
             failures = "; ".join(
-                f"{n}: {h['state']} {h['error']}".strip()
+                f"{n}: {h['state']}" + (f": {h['error']}" if h["error"] else "")
                 for n, h in d["hosts"].items()
                 if h["state"] in FAILING_STATES
             )
@@ -770,6 +770,8 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
             else f"pid {pid} exists but has not updated its status for {age:.0f}s: stopped or stuck"
         )
         data["stuck"] = alive
+        # What the file said of its health was true when written, not now.
+        data["healthy"] = False
     return data
 
 
@@ -1029,7 +1031,10 @@ def _human_status(data: dict[str, Any]) -> str:
             lines.append(f"  fleet is on {a['fleet_current'] or '-'} (this host differs)")
         if a["backup"]:
             lines.append(f"  backup      {a['backup']}")
-        lines.append(f"  staged      {len(a['staged'])}: {', '.join(a['staged'][-5:]) or '-'}")
+        staged = a["staged"]
+        listed = ", ".join(staged[-5:]) or "-"
+        more = f" (the newest 5; `watcherctl releases {name}` lists all)" if len(staged) > 5 else ""
+        lines.append(f"  staged      {len(staged)}: {listed}{more}")
         hold = a["hold"]
         lines.append(
             f"  hold        {hold['reason'] + ' (by ' + hold['by'] + ')' if hold else '-'}"

@@ -342,7 +342,7 @@ def rollback_local(ctx: CtlContext) -> int:
         # Hold first: if the flip then fails, the host is held where it was (and says so);
         # the other way round a failed hold would leave a flip the daemon undoes at once.
         previous_hold = engine.held()
-        hold = engine.hold(f"local rollback to {target} by {by}", by)
+        hold = engine.hold(f"local rollback to {target}", by)
         if before != target:
             try:
                 engine.flip(target)

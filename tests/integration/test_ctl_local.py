@@ -216,7 +216,8 @@ class TestRollbackLocal:
         listing = host.ctl("releases", "web").stdout
         assert f"held on this host: local rollback to {release_of(3)}" in listing
         hold = host.engine.held()
-        assert hold is not None and hold.reason.startswith(f"local rollback to {release_of(3)} by ")
+        assert hold is not None and hold.reason == f"local rollback to {release_of(3)}"
+        assert hold.by  # who, once: `status` shows "<reason> (by <who>)"
         assert "release-hold web" in result.stdout and release_of(4) in result.stdout
 
         # to an older one, explicitly; JSON says what happened

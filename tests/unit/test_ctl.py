@@ -229,10 +229,12 @@ class TestDaemonStatusFile:
         from watcher.ctl_fleet import daemon_status
 
         (tmp_path / "status.json").write_text(
-            f'{{"pid": {pid}, "updated_at": "2026-01-01T00:00:00.000Z"}}'
+            f'{{"pid": {pid}, "updated_at": "2026-01-01T00:00:00.000Z", "healthy": true}}'
         )
         status = daemon_status(str(tmp_path))
         assert status["running"] is False and status["reason"] == "process gone"
+        # What a killed daemon's last write said of its health is not its health now.
+        assert status["healthy"] is False
 
     def test_a_live_pid_with_an_old_status_is_not_responding_not_gone(self, tmp_path: Path) -> None:
         # A SIGSTOPped or stuck daemon: its process exists, its status.json is old.
