@@ -298,7 +298,27 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
     return ""
 
 
+def _held_warning(store: DeployStore, record: DeployRecord) -> str:
+    """The expected hosts whose last host record shows a hold: each refuses its part, so
+    the deploy aborts. A warning, not a refusal: the record lags a `release-hold` by up to
+    a daemon cycle, and a stale one must not block the deploy that follows it."""
+    try:
+        held = {n: r.hold for n, r in store.hosts().items() if r.hold and n in record.expected}
+    except (ConsulError, PayloadError):
+        return ""  # the deploy itself will say what is wrong
+    if not held:
+        return ""
+    names = ", ".join(f"{n} ({reason})" for n, reason in sorted(held.items()))
+    return (
+        f"held, by their last record: {names}; a held host refuses its part and the "
+        f"{record.kind} aborts (`watcherctl release-hold {store.app}` on the host lifts it)"
+    )
+
+
 def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
+    held = _held_warning(store, record)
+    if held:
+        print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:
         store.start(record, history_keep=ctx.config.daemon.history_keep)
     except KeyboardInterrupt:
