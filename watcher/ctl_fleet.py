@@ -248,6 +248,22 @@ def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
 def cmd_rollback(ctx: CtlContext) -> int:
     args = ctx.args
     if args.local:
+        fleet_only = [
+            flag
+            for flag, given in (
+                ("--allow-missing", args.allow_missing),
+                ("--no-wait", args.no_wait),
+                ("--timeout", args.timeout is not None),
+            )
+            if given
+        ]
+        if fleet_only:
+            print(
+                f"watcherctl rollback: error: {', '.join(fleet_only)} apply to a fleet rollback, "
+                "not to --local (which flips this host at once)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         from watcher.ctl_local import rollback_local
 
         return rollback_local(ctx)

@@ -235,6 +235,9 @@ class TestRollbackLocal:
         assert result.returncode == 1 and "incomplete" in result.stderr, result
         result = host.ctl("rollback", "web", "--local", "--to", "../../etc")
         assert result.returncode == 2 and "invalid release name" in result.stderr, result
+        for flag in (["--no-wait"], ["--timeout", "5"], ["--allow-missing"]):
+            result = host.ctl("rollback", "web", "--local", *flag)
+            assert result.returncode == 2 and "not to --local" in result.stderr, result
         assert host.engine.current_release() == release_of(4)
         assert host.engine.held() is None
 
