@@ -1706,7 +1706,8 @@ class AppAgent:
             alarm=self.status.alarm,
             first_index=self.first_index(),
             prefetched=self._prefetched_ids(),
-            hold=(h.reason or "held") if (h := self.engine.held()) else "",
+            # who placed it too: `status --fleet`, the page and deploy's warning show it
+            hold=f"{h.reason or 'held'} (by {h.by})" if (h := self.engine.held()) else "",
         )
 
     def _prefetched_ids(self) -> list[str]:

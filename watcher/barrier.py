@@ -1522,11 +1522,12 @@ class DeployStore:
             TxnOp.delete(self.keys.coordinator(request.id)),
         ]
         # What `current` names once this txn is applied: never trimmed (converge and
-        # rollbacks need it).
+        # rollbacks need it), nor the deploy it named before (an automatic rollback started
+        # here goes there; a plain one later goes to what `current.previous` will name).
         protected = self._protected(pre.current)
         if verdict.outcome == COMMIT and (nxt := self._next_current(joined, pre)) is not None:
             ops += [TxnOp.cas(self.keys.current, nxt.to_json(), pre.current_index)]
-            protected = self._protected(nxt)
+            protected = self._protected(nxt) | ({pre.current.deploy} if pre.current else set())
         # Only this deploy: an automatic rollback enters the history at its own end (the
         # history is what says an end was written).
         ops += self._history_ops(pre, [request.id], history_keep, protected)
@@ -1942,7 +1943,8 @@ def rollback_target(
     if release is not None and not candidates:
         raise RollbackTargetUnknown(
             f"app {store.app}: unknown release {release}: neither `current` nor any deploy "
-            f"in the history names it (`watcherctl history {store.app}` lists them)"
+            f"in the history names it (the history keeps the last history_keep deploys; "
+            f"`watcherctl history {store.app}` lists them)"
         )
     what = f"release {release}" if release else "the previous release"
     raise DeployRefused(

@@ -187,8 +187,10 @@ def user_at_host() -> str:
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain aligned text table."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    """A plain aligned text table, each cell on its one line (``ids.one_line``: a newline in
+    a value from KV would start a forged row)."""
+    cells = [[str(h) for h in headers]]
+    cells += [["" if c is None else ids.one_line(str(c)) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -325,6 +327,7 @@ class _Printable:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.raw = stream  # for what watcherctl itself draws (publish's "\r" progress line)
 
     def write(self, text: str) -> int:
         return int(self._stream.write(ids.printable(text)))

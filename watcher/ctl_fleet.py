@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -314,7 +315,9 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
     return ""
 
 
-def _held_warning(store: DeployStore, record: DeployRecord) -> str:
+def _held_warning(
+    store: DeployStore, record: DeployRecord, command_line: Callable[..., str]
+) -> str:
     """The expected hosts whose last host record shows a hold: each refuses its part, so
     the deploy aborts. A warning, not a refusal: the record lags a `release-hold` by up to
     a daemon cycle, and a stale one must not block the deploy that follows it."""
@@ -324,15 +327,16 @@ def _held_warning(store: DeployStore, record: DeployRecord) -> str:
         return ""  # the deploy itself will say what is wrong
     if not held:
         return ""
-    names = ", ".join(f"{n} ({reason})" for n, reason in sorted(held.items()))
+    names = "; ".join(f"{n}: {ids.one_line(reason)}" for n, reason in sorted(held.items()))
     return (
-        f"held, by their last record: {names}; a held host refuses its part and the "
-        f"{record.kind} aborts (`watcherctl release-hold {store.app}` on the host lifts it)"
+        f"held, by their last records: {names}. A held host refuses its part and the "
+        f"{record.kind} aborts (`{command_line('release-hold', store.app)}` on the host "
+        "lifts it)"
     )
 
 
 def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
-    held = _held_warning(store, record)
+    held = _held_warning(store, record, ctx.command_line)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:
@@ -461,18 +465,19 @@ def _wait_for_outcome(
             for node, progress in sorted(view.nodes.items()):
                 if seen.get(node) != progress.state:
                     seen[node] = progress.state
-                    detail = f": {progress.error}" if progress.error else ""
+                    detail = f": {ids.one_line(progress.error)}" if progress.error else ""
                     print(f"  {node}: {progress.state}{detail}", flush=True)
                     for line in _tail_lines(progress.output_tail):
                         print(f"    | {line}", flush=True)
             decision = view.decision
             if decision and seen.get("<decision>") != decision.outcome:
                 seen["<decision>"] = decision.outcome
-                print(f"  decision: {decision.outcome} ({decision.reason})", flush=True)
+                reason = ids.one_line(decision.reason)
+                print(f"  decision: {decision.outcome} ({reason})", flush=True)
             for note in view.distrusted:
                 if f"<distrusted> {note}" not in seen:
                     seen[f"<distrusted> {note}"] = "shown"
-                    print(f"  NOT TRUSTED: {note}", flush=True)
+                    print(f"  NOT TRUSTED: {ids.one_line(note)}", flush=True)
         # Over once the hosts wrote the outcome and it agrees with the acks (or they are
         # final, and say otherwise).
         if read.outcome is not None and view.outcome is not None:
@@ -682,7 +687,9 @@ def cmd_abort(ctx: CtlContext) -> int:
                 f"watcherctl: {contested_reason(deploy_id)}"
                 if what == CONTESTED
                 else f"watcherctl: deploy {deploy_id} is {what}: too late to abort (every "
-                "host had acked ready)",
+                "host had acked ready)"
+                if what in ("commit", "committed")
+                else f"watcherctl: deploy {deploy_id} has ended ({what}): nothing to abort",
                 file=sys.stderr,
             )
         return EXIT_REFUSED

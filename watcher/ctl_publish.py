@@ -195,7 +195,9 @@ def run_publish(ctx: CtlContext) -> int:
                 build_url=build_url or "",
                 artifact_id=args.artifact_id,
                 created_by=created_by(env),
-                progress=None if ctx.as_json else tty_progress(),
+                # Drawn on the real stderr: its "\r" redraws the line, which the escaping
+                # stream watcherctl prints through would print as "\x0d".
+                progress=None if ctx.as_json else tty_progress(getattr(sys.stderr, "raw", None)),
                 retry_deadline=retry_for,
             )
     except PublishInterrupted as exc:

@@ -160,7 +160,7 @@ def _words(argv: list[str]) -> list[str]:
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("-c", "--config", "--log-format"):
+        elif arg in ("-c", "--config", "--log-format", "--listen"):
             skip = True
         elif not arg.startswith("-"):
             words.append(arg)

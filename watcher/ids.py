@@ -104,13 +104,22 @@ def check_free_text(value: str) -> str:
     return value
 
 
-# C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b").
+# C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b"),
+# and the bidirectional overrides and isolates, which reorder what a terminal shows.
 _UNPRINTABLE = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)},
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
 }
+_ONE_LINE = {**_UNPRINTABLE, 0x0A: "\\n"}
 
 
 def printable(text: str) -> str:
     """``text`` for a terminal: what others wrote into KV (a host's error, a forged
     reason) can carry escape sequences that would clear the screen or forge lines."""
     return text.translate(_UNPRINTABLE)
+
+
+def one_line(text: str) -> str:
+    """``printable``, and a newline escaped too: for a field shown on one line of a
+    table or a progress list (an error, a reason), where one would start a forged line."""
+    return text.translate(_ONE_LINE)

@@ -600,7 +600,7 @@ class HostRecord(Document):
     watcher_version: str = ""
     state: str = ""
     # Issue 11 (the web page): artifact ids this host holds verified, newest first (bounded),
-    # and the reason of an operator's hold on the app here ("" when none).
+    # and the reason of an operator's hold on the app here and who placed it ("" when none).
     prefetched: list[str] = field(default_factory=list)
     hold: str = ""
     alarm: str = ""

@@ -353,6 +353,9 @@ class TestHistory:
         assert (current.previous or {}).get("deploy") == "d0"
         assert "d0" in store.history()
         assert store.deploy_record("d0") is not None
+        # and the deploy `current` named before d3's end (where an automatic rollback of a
+        # d3 that failed validation would have gone) stays too
+        assert "d2" in store.history()
         store.trim_own_progress("n1")
         assert "d0" in acked_deploys(store, "n1")
         assert rollback_target(store, None).deploy == "d0"

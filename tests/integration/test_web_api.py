@@ -404,6 +404,7 @@ class TestDeployApiWithAcls:
         v5 = env.fleet.publish("v5")
         seen: list[dict[str, Any]] = []
         with env.web.client() as c, c.stream("GET", "/api/v1/apps/web/live") as stream:
+            assert stream.headers["cache-control"] == "no-store"  # fleet state, read with a token
             lines = stream.iter_lines()
             r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v5.id}, env.web_operator)
             assert r.status_code == 202, r.text

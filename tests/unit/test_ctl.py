@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import subprocess
@@ -38,6 +39,11 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def config_with_token(token: str | None) -> Config:
@@ -200,6 +206,13 @@ class TestExitCodes:
 def test_table_aligns_columns() -> None:
     out = render_table([["a", None], ["longer", "x"]], ["NAME", "V"])
     assert out.splitlines() == ["NAME    V", "a", "longer  x"]
+
+
+def test_a_value_from_kv_cannot_forge_a_row_or_reorder_one() -> None:
+    """A host's error is one cell: its newline and a right-to-left override are escaped."""
+    forged = "boom\nhost-2   live\u202e"
+    out = render_table([["host-1", forged]], ["HOST", "ERROR"])
+    assert out.splitlines() == ["HOST    ERROR", "host-1  boom\\nhost-2   live\\u202e"]
 
 
 class TestDaemonStatusFile:
@@ -582,6 +595,28 @@ class TestUnexpectedErrors:
         assert out == escaped + "\n"
         assert err == f"watcherctl: error: {escaped}\n"
         assert sys.stdout is not None and "_Printable" not in type(sys.stdout).__name__
+
+    def test_publishs_progress_line_still_redraws_itself(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """watcherctl's own "\\r" (publish's upload progress on a terminal) is written raw,
+        not escaped with what others wrote."""
+        import watcher.publish as publish
+
+        def fake_publish(*args: Any, progress: Any, **kw: Any) -> Any:
+            assert progress is not None, "stderr is a terminal: progress is drawn"
+            progress(50 * 2**20, 100 * 2**20)
+            raise ReleaseError("stop here")
+
+        monkeypatch.setattr(publish, "publish_artifact", fake_publish)
+        err = TTY()
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        config = tmp_path / "w.yaml"
+        config.write_text(f"s3: {{bucket: b}}\napps: {{web: {{root: {tmp_path}}}}}\n")
+        argv = ["publish", "web", str(tmp_path), "--artifact-id", "main-1", "-c", str(config)]
+        assert main(argv) == 1
+        assert err.getvalue().startswith("\rupload  50% (50.0/100.0 MiB)"), err.getvalue()
 
     def test_any_other_exception(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -120,7 +120,8 @@ class ErrorBody(BaseModel):
 # What each error status means here; each route lists the ones it can answer.
 ERROR_MEANINGS = {
     400: "a token in the URL (refused on every path), or a body that is not JSON",
-    401: "a token is needed (the request did not come from this host), or Consul does not know it",
+    401: "a token is needed (the request did not come from this host), it is malformed, or "
+    "Consul does not know it",
     403: "Consul refused the token, or a write came from another origin",
     404: "no such app, deploy, artifact or release",
     409: "refused because of state: a deploy in flight, a hold, a deploy already decided",
@@ -814,7 +815,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return StreamingResponse(
             stream,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
     def _snapshot_with_html(store: DeployStore) -> Snapshot:
