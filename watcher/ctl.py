@@ -330,7 +330,8 @@ class _Printable:
         self.raw = stream  # for what watcherctl itself draws (publish's "\r" progress line)
 
     def write(self, text: str) -> int:
-        return int(self._stream.write(ids.printable(text)))
+        self._stream.write(ids.printable(text))
+        return len(text)  # what the caller gave (some streams answer None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

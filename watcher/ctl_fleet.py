@@ -731,7 +731,8 @@ def abort_deploy(
 
 
 def _decided(view: DeployView | None) -> str | None:
-    """ "aborted", the outcome or the acks' decision; None while the deploy is undecided."""
+    """What abort reports of a deploy: "aborted", its outcome or the acks' decision; None
+    while it is undecided."""
     result = view.outcome.result if view and view.outcome else None
     verdict = view.verdict() if view else UNDECIDED
     if result == "aborted" or (result is None and verdict == ABORT):
