@@ -947,7 +947,7 @@ def _host_status(
         if undecided:
             entry["undecided"] = undecided
         data["apps"][name] = entry
-    ctx.emit(data, _human_status)
+    ctx.emit(data, lambda d: _human_status(d, ctx.command_line))
     if failure is not None:
         return exit_code_for(failure)
     # A daemon that is not running (or not answering) is this host's failure: a monitoring
@@ -1043,7 +1043,13 @@ def _human_inflight_problem(dep: dict[str, Any]) -> str:
     )
 
 
-def _human_status(data: dict[str, Any]) -> str:
+def _plain_command_line(*argv: str) -> str:
+    return " ".join(["watcherctl", *argv])
+
+
+def _human_status(
+    data: dict[str, Any], command_line: Callable[..., str] = _plain_command_line
+) -> str:
     d = data["daemon"]
     daemon = (
         f"watcher running (pid {d['pid']})"
@@ -1077,7 +1083,8 @@ def _human_status(data: dict[str, Any]) -> str:
             lines.append(f"  backup      {a['backup']}")
         staged = a["staged"]
         listed = ", ".join(staged[-5:]) or "-"
-        more = f" (the newest 5; `watcherctl releases {name}` lists all)" if len(staged) > 5 else ""
+        releases = command_line("releases", name)
+        more = f" (the newest 5; `{releases}` lists all)" if len(staged) > 5 else ""
         lines.append(f"  staged      {len(staged)}: {listed}{more}")
         hold = a["hold"]
         lines.append(

@@ -416,6 +416,12 @@ class TestStatusWithoutTheFleet:
         assert "consul UNREACHABLE at http://127.0.0.1:8500: connection refused" in text
         assert "none in flight" not in text and "fleet is on" not in text
         assert "  current     r1" in text.splitlines()
+        # More than five staged: the newest five, and the command that lists all (as the
+        # user can paste it, with their -c).
+        app["staged"] = [f"r{i}" for i in range(1, 9)]
+        text = _human_status(data, lambda *argv: "watcherctl " + " ".join([*argv, "-c", "w"]))
+        line = "  staged      8: r4, r5, r6, r7, r8 (the newest 5; `watcherctl releases web -c w`"
+        assert any(x.startswith(line) for x in text.splitlines()), text
 
     def test_a_refusal_is_not_called_unreachable(self) -> None:
         data: dict[str, Any] = {
