@@ -720,11 +720,13 @@ def abort_deploy(
     A contested deploy ("contested") is left alone: it has stopped, and an abort changes
     nothing there."""
     before = store.view(deploy_id)
-    if before is not None and before.verdict() == CONTESTED:
-        return CONTESTED, before.checked()
-    if before is not None and (decided := _decided(before.checked())) is not None:
-        # Nothing to ask: no abort record written (a read-only token gets the answer too).
-        return decided, before.checked()
+    if before is not None:
+        checked = before.checked()
+        if before.verdict() == CONTESTED:
+            return CONTESTED, checked
+        if (decided := _decided(checked)) is not None:
+            # Nothing to ask: no abort record written (a read-only token gets the answer too).
+            return decided, checked
     store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
     return _decided(view) or UNDECIDED, view
