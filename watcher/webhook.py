@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -229,9 +230,19 @@ def notifier_for(
     return DeployNotifier(sender, replacing._sent if replacing is not None else None)
 
 
+# What Mattermost-like chats read in a webhook's text beside Slack's markup: a mention
+# of everyone (``@channel``, ``@all``, ``@here``; Slack too when the hook links names) and
+# a Markdown link ``[text](url)``. A zero-width space after the ``@`` or between ``]``
+# and ``(`` leaves them shown as written, inert.
+_CHAT_MENTION = re.compile(r"(?<!\w)@(?=(?:channel|all|here|everyone)\b)", re.IGNORECASE)
+_ZWSP = "\u200b"
+
+
 def chat_text(text: str) -> str:
     """``text`` as Slack-compatible chats read it: ``&``, ``<`` and ``>`` escaped (else a
     reason or a host's error written into KV could say ``<!channel>`` or hide a link as
-    ``<url|text>``), control characters escaped as a terminal gets them."""
+    ``<url|text>``), a mention of everyone and a Markdown link made inert (Mattermost),
+    control characters escaped as a terminal gets them."""
     safe = ids.printable(text)
-    return safe.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    safe = safe.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _CHAT_MENTION.sub("@" + _ZWSP, safe).replace("](", "]" + _ZWSP + "(")

@@ -15,7 +15,7 @@ from watcher.config import AppConfig, WebhookSettings, parse_config
 from watcher.errors import ConfigError
 from watcher.health import Metrics
 from watcher.records import Decision, DeployRecord, NodeProgress
-from watcher.webhook import DeployNotifier, WebhookSender, notifier_for
+from watcher.webhook import DeployNotifier, WebhookSender, chat_text, notifier_for
 
 
 @pytest.fixture
@@ -248,3 +248,14 @@ class TestDeployNotifier:
             in body["text"]
         )
         assert "<" not in body["text"] and "\x1b" not in body["text"]
+
+    def test_mentions_of_everyone_and_markdown_links_are_inert(self) -> None:
+        """Mattermost (and Slack, when a hook links names) pings a whole channel for
+        ``@channel``/``@all``/``@here`` and renders ``[text](url)`` as a hidden link:
+        anything a reason or a host's error says is shown as written, and does neither."""
+        text = chat_text("@channel @ALL see @here: [details](https://evil.example) @alice")
+        assert text == (
+            "@\u200bchannel @\u200bALL see @\u200bhere: "
+            "[details]\u200b(https://evil.example) @alice"
+        )
+        assert chat_text("mail ops@all.example, @channels") == "mail ops@all.example, @channels"
