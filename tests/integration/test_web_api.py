@@ -386,8 +386,10 @@ class TestDeployApiWithAcls:
             r = env.web.get(url)
             assert r.status_code == 200, f"{url}: {r.status_code} {r.text[:200]}"
         with env.web.client() as c:  # the real server answers HEAD with no body
-            head = c.head("/healthz")
-        assert head.status_code == 200 and head.content == b"", head
+            heads = [c.head(path) for path in ("/healthz", "/", "/apps/web")]
+        for head in heads:
+            assert head.status_code == 200 and head.content == b"", (head.url, head)
+        assert heads[1].headers["content-type"].startswith("text/html"), heads[1].headers
         # Each POST documents its JSON body.
         for path, method in served:
             if method == "POST" and not path.endswith("/abort"):

@@ -973,11 +973,17 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # The page answers HEAD too (`curl -I`, an uptime check): its status says what a GET's
+    # would (401 without a token where one is needed, 503 when Consul does not answer).
+    @app.api_route(
+        "/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False
+    )
     def index(request: Request) -> Response:
         return page(request, sorted(config.apps)[0] if config.apps else "")
 
-    @app.get("/apps/{app}", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route(
+        "/apps/{app}", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False
+    )
     def app_page(app: AppName, request: Request) -> Response:
         return page(request, app_name(app))
 
