@@ -7,6 +7,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,8 @@ COMMANDS = {
 # (deploy in flight, hold, lock held), 5 the wait for a deploy ended while it still runs.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_STILL_RUNNING = 5
+# A watcherctl command a message suggests, between backquotes.
+_SUGGESTED = re.compile(r"`(watcherctl [^`]+)`")
 # Ctrl-C, and stdout closed by its reader: what a shell reports for SIGINT and SIGPIPE.
 EXIT_INTERRUPTED = 128 + 2
 EXIT_PIPE = 128 + 13
@@ -118,6 +121,19 @@ class CtlContext:
         if getattr(self.args, "config", None):
             words += ["-c", self.args.config]
         return shlex.join(words)
+
+    def with_config(self, text: str) -> str:
+        """``text`` with each `` `watcherctl ...` `` it suggests given the -c of this command,
+        so a hint pasted as printed reads the same config (one that has a -c is left as
+        it is)."""
+        config = getattr(self.args, "config", None)
+        if not config:
+            return text
+        suffix = " -c " + shlex.quote(config)
+        return _SUGGESTED.sub(
+            lambda m: m[0] if " -c " in m[0] else f"`{m[1]}{suffix}`",
+            text,
+        )
 
     @property
     def as_json(self) -> bool:
@@ -389,10 +405,11 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(exc, ConfigError) and len(exc.problems) > 1:
             for problem in exc.problems:
                 print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
-        elif isinstance(exc, DeployInFlight):  # its abort command with the -c given
-            print(f"watcherctl: error: {exc.with_command(ctx.command_line)}", file=sys.stderr)
-        else:
-            print(f"watcherctl: error: {exc}", file=sys.stderr)
+        else:  # every command it suggests with the -c given
+            text = str(exc)
+            if isinstance(exc, DeployInFlight):
+                text = exc.with_command(ctx.command_line)
+            print(f"watcherctl: error: {ctx.with_config(text)}", file=sys.stderr)
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("watcherctl: interrupted", file=sys.stderr)

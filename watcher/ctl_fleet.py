@@ -676,7 +676,7 @@ def cmd_abort(ctx: CtlContext) -> int:
                 data,
                 lambda d: (
                     f"watcherctl: abort of {d['deploy']} requested; hosts honor it "
-                    "before they ack ready (watch `watcherctl history`)"
+                    f"before they ack ready (watch `{ctx.command_line('history', d['app'])}`)"
                 ),
             )
             return EXIT_OK
@@ -949,12 +949,30 @@ def _host_status(
         if undecided:
             entry["undecided"] = undecided
         data["apps"][name] = entry
-    ctx.emit(data, lambda d: _human_status(d, ctx.command_line))
+    ctx.emit(data, lambda d: ctx.with_config(_human_status(d, ctx.command_line)))
     if failure is not None:
         return exit_code_for(failure)
     # A daemon that is not running (or not answering) is this host's failure: a monitoring
     # check or a script must not read "ok" from it (3, as `systemctl status` says).
-    return EXIT_OK if daemon.get("running") else EXIT_UNAVAILABLE
+    if not daemon.get("running"):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED if any(map(_in_doubt, data["apps"].values())) else EXIT_OK
+
+
+def _in_doubt(app: dict[str, Any]) -> bool:
+    """Whether what one app's status shows includes a record shown NOT TRUSTED (the
+    acks contradict it), acks that contradict each other, or a BROKEN ``inflight``: never
+    the state of a fleet left alone, so a script or a monitoring check must not read "ok"
+    (exit 1, after everything is printed). Takes this host's (``fleet_problems``) and the
+    fleet's (``current_problems``) shape."""
+    dep = app.get("deploy") or {}
+    return bool(
+        app.get("fleet_problems")
+        or app.get("current_problems")
+        or dep.get("problem")
+        or dep.get("distrusted")
+        or dep.get("decision") == CONTESTED
+    )
 
 
 def fleet_release(store: DeployStore) -> dict[str, Any]:
@@ -1232,5 +1250,5 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                 out.append("  * not on the fleet's release")
         return "\n".join(out)
 
-    ctx.emit(data, human)
-    return EXIT_OK
+    ctx.emit(data, lambda d: ctx.with_config(human(d)))
+    return EXIT_FAILED if any(map(_in_doubt, data.values())) else EXIT_OK

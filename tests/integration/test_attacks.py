@@ -180,8 +180,17 @@ def releases_of(fleet: Fleet) -> set[str | None]:
 
 
 def fleet_status(acl: AclFleet) -> dict[str, Any]:
-    """`watcherctl status --fleet` as an operator reads it: the app's part."""
-    return dict(json.loads(acl.operator("status", "web", "--fleet").stdout)["web"])
+    """`watcherctl status --fleet` as an operator reads it: the app's part. Its exit code
+    must say what it shows: 1 with a record NOT TRUSTED (or acks that contradict each
+    other), 0 with none, so a script cannot read "ok" from a forged fleet."""
+    result = acl.operator("status", "web", "--fleet", check=False)
+    app = dict(json.loads(result.stdout)["web"])
+    deploy = app["deploy"] or {}
+    doubt = bool(
+        app["current_problems"] or deploy.get("distrusted") or deploy.get("decision") == "contested"
+    )
+    assert result.returncode == (1 if doubt else 0), (result.returncode, app, result.stderr)
+    return app
 
 
 def history_row_or_none(acl: AclFleet, deploy_id: str) -> dict[str, Any] | None:
@@ -742,8 +751,7 @@ class TestReadersOfHostRecords:
             "last_seen": iso(utcnow()),
         }
         assert x.kv_put(fleet.keys.host("host-3"), json.dumps(forged).encode())
-        status = json.loads(acl_fleet.operator("status", "web", "--fleet").stdout)
-        rows = status["web"]["hosts"]
+        rows = fleet_status(acl_fleet)["hosts"]
         assert rows["host-2"]["release"] == release1, rows
         assert rows["host-2"]["member"] is False, rows
         assert rows["host-3"]["release"] is None, rows  # its own record says nothing of it
@@ -916,11 +924,15 @@ class TestReadersOfCurrent:
         assert status["current"] is None, status
         assert release1 in status["current_problems"]["current"], status
         assert not any(h["on_fleet_release"] for h in status["hosts"].values()), status
-        human = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False).stdout
+        shown = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False, check=False)
+        human = shown.stdout
         assert "fleet release UNKNOWN" in human and "NOT TRUSTED" in human, human
         assert evil not in human.split("NOT TRUSTED")[0], human
-        here = fleet.watchers[0].ctl("status", "web", as_json=False).stdout
+        assert shown.returncode == 1, (human, shown.stderr)  # a script must not read "ok"
+        shown = fleet.watchers[0].ctl("status", "web", as_json=False, check=False)
+        here = shown.stdout
         assert "NOT TRUSTED" in here and "fleet is on" not in here, here
+        assert shown.returncode == 1, (here, shown.stderr)
         assert releases_of(fleet) == {release1}
         next_deploy_works(acl_fleet, "v2")  # the next commit writes `current` anew
         # (its `previous` is the record it replaced: still reported, never obeyed)

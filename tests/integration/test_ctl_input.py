@@ -163,7 +163,8 @@ class TestBadIdsTouchNothing:
         result = site.ctl("rollback", "web", "--to", "20200101T000000Z-nope")
         assert result.returncode == 2, result.stderr
         assert "unknown release 20200101T000000Z-nope" in result.stderr
-        assert "watcherctl history web" in result.stderr
+        # The command it suggests reads the config this one was given (-c).
+        assert f"`watcherctl history web -c {site.config}`" in result.stderr, result.stderr
         assert site.tree() == before
 
     def test_a_valid_id_still_deploys_as_far_as_the_protocol(self, site: Site) -> None:
@@ -199,11 +200,16 @@ class TestBrokenInflight:
     how to clear it, and the command it prints must clear it."""
 
     def _status(self, site: Site) -> tuple[dict[str, object], str, str]:
-        data = json.loads(site.ctl("status", "--json").stdout)
-        deploy = data["apps"]["web"]["deploy"]
-        human = site.ctl("status").stdout
-        fleet = site.ctl("status", "--fleet").stdout
-        return deploy, human, fleet
+        """`status` (JSON and text: exit 3, no watcher runs here) and `status --fleet`,
+        which exits 1 while ``inflight`` is broken (a script must not read "ok"), 0 once
+        it is not."""
+        runs = [site.ctl(*argv) for argv in (("status", "--json"), ("status",))]
+        assert [r.returncode for r in runs] == [3, 3], [(r.stdout, r.stderr) for r in runs]
+        deploy = json.loads(runs[0].stdout)["apps"]["web"]["deploy"]
+        fleet = site.ctl("status", "--fleet")
+        broken = isinstance(deploy, dict) and "problem" in deploy
+        assert fleet.returncode == (1 if broken else 0), (fleet.stdout, fleet.stderr)
+        return deploy, runs[1].stdout, fleet.stdout
 
     def _run_cure(self, site: Site, consul_bin: str, cure: str) -> None:
         argv = shlex.split(cure)
@@ -245,9 +251,11 @@ class TestBrokenInflight:
         deploy, human, fleet = self._status(site)
         assert isinstance(deploy, dict) and problem in str(deploy["problem"]), deploy
         cure = str(deploy["clear"])
+        # As printed for a person, a watcherctl cure reads the config given with -c.
+        shown = f"{cure} -c {site.config}" if cure.startswith("watcherctl ") else cure
         for text in (human, fleet):
             assert "none in flight" not in text
-            assert "BROKEN" in text and cure in text and problem in text, text
+            assert "BROKEN" in text and f"`{shown}`" in text and problem in text, text
 
         self._run_cure(site, consul_bin, cure)
         assert site.kv.kv_get(site.keys.inflight) is None

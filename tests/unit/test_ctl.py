@@ -146,6 +146,23 @@ class TestSudoWithoutAnExportedToken:
         assert CtlContext(args).writes_consul is writes
 
 
+def test_suggested_commands_read_the_config_given() -> None:
+    """A hint pasted as printed must act on the same config: each `watcherctl ...` in a
+    message gets the -c given (quoted for a shell), one that has a -c is left alone, and
+    without -c nothing changes."""
+    text = (
+        "see `watcherctl history web`; or `watcherctl abort X --app web -c /a.yaml`; "
+        "or `consul kv delete w/x`"
+    )
+    given = CtlContext(build_parser("status").parse_args(["status", "-c", "/etc/my w.yaml"]))
+    assert given.with_config(text) == (
+        "see `watcherctl history web -c '/etc/my w.yaml'`; or "
+        "`watcherctl abort X --app web -c /a.yaml`; or `consul kv delete w/x`"
+    )
+    plain = CtlContext(build_parser("status").parse_args(["status"]))
+    assert plain.with_config(text) == text
+
+
 class TestFreeText:
     """--reason is stored and shown later: a surrogate (an undecodable byte of argv) or a
     control character is refused at once, naming the option."""
