@@ -988,9 +988,7 @@ class DeployStore:
 
     def _in_flight(self, deploy_id: str) -> DeployInFlight:
         """The refusal of a deploy while ``deploy_id`` is in flight, naming how to abort it."""
-        return DeployInFlight(
-            self._inflight_message(deploy_id), abort=("abort", deploy_id, "--app", self.app)
-        )
+        return DeployInFlight(self._inflight_message(deploy_id))
 
     def _inflight_message(self, deploy_id: str) -> str:
         try:
@@ -999,7 +997,7 @@ class DeployStore:
             return (
                 f"app {self.app}: deploy {deploy_id!r} is in flight, but its request does not "
                 f"parse ({exc}); any watcher clears it on its next cycle, or run "
-                f"`{DeployInFlight.ABORT_COMMAND}`"
+                f"`watcherctl abort {deploy_id} --app {self.app}`"
             )
         if other is None:
             return (
@@ -1010,7 +1008,7 @@ class DeployStore:
         return (
             f"app {self.app}: deploy {deploy_id} ({other.kind} of {other.release}, "
             f"requested by {other.requested_by} at {other.requested_at}) is in flight; "
-            f"wait for it or `{DeployInFlight.ABORT_COMMAND}`"
+            f"wait for it or `watcherctl abort {deploy_id} --app {self.app}`"
         )
 
     def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:

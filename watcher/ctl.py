@@ -21,7 +21,6 @@ from watcher.errors import (
     ConfigError,
     ConsulError,
     DeployError,
-    DeployInFlight,
     DeployNotFound,
     LockTimeout,
     PayloadError,
@@ -406,10 +405,7 @@ def _main(argv: Sequence[str] | None) -> int:
             for problem in exc.problems:
                 print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
         else:  # every command it suggests with the -c given
-            text = str(exc)
-            if isinstance(exc, DeployInFlight):
-                text = exc.with_command(ctx.command_line)
-            print(f"watcherctl: error: {ctx.with_config(text)}", file=sys.stderr)
+            print(f"watcherctl: error: {ctx.with_config(str(exc))}", file=sys.stderr)
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("watcherctl: interrupted", file=sys.stderr)

@@ -949,7 +949,7 @@ def _host_status(
         if undecided:
             entry["undecided"] = undecided
         data["apps"][name] = entry
-    ctx.emit(data, lambda d: ctx.with_config(_human_status(d, ctx.command_line)))
+    ctx.emit(data, lambda d: ctx.with_config(_human_status(d)))
     if failure is not None:
         return exit_code_for(failure)
     # A daemon that is not running (or not answering) is this host's failure: a monitoring
@@ -1063,13 +1063,9 @@ def _human_inflight_problem(dep: dict[str, Any]) -> str:
     )
 
 
-def _plain_command_line(*argv: str) -> str:
-    return " ".join(["watcherctl", *argv])
-
-
-def _human_status(
-    data: dict[str, Any], command_line: Callable[..., str] = _plain_command_line
-) -> str:
+def _human_status(data: dict[str, Any]) -> str:
+    """This host's status for a person; the commands it suggests are plain (watcherctl
+    adds the -c given: ``CtlContext.with_config``)."""
     d = data["daemon"]
     daemon = (
         f"watcher running (pid {d['pid']})"
@@ -1103,7 +1099,7 @@ def _human_status(
             lines.append(f"  backup      {a['backup']}")
         staged = a["staged"]
         listed = ", ".join(staged[-5:]) or "-"
-        releases = command_line("releases", name)
+        releases = f"watcherctl releases {name}"
         more = f" (the newest 5; `{releases}` lists all)" if len(staged) > 5 else ""
         lines.append(f"  staged      {len(staged)}: {listed}{more}")
         hold = a["hold"]

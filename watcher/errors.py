@@ -36,8 +36,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 
 class WatcherError(Exception):
     """Base of every error the project raises on purpose; ``str()`` is a one-line message."""
@@ -161,20 +159,7 @@ class DeployError(WatcherError):
 
 
 class DeployInFlight(DeployError):
-    """Another deploy of the app is in flight. ``abort``: the arguments of the watcherctl
-    command that aborts it, named in the message where ``ABORT_COMMAND`` stands (watcherctl
-    prints it with the ``-c`` it was given: ``with_command``)."""
-
-    ABORT_COMMAND = "<abort command>"
-
-    def __init__(self, text: str, *, abort: tuple[str, ...] = ()) -> None:
-        self.text, self.abort = text, abort
-        super().__init__(self.with_command(lambda *argv: " ".join(["watcherctl", *argv])))
-
-    def with_command(self, command_line: Callable[..., str]) -> str:
-        if not self.abort:
-            return self.text
-        return self.text.replace(self.ABORT_COMMAND, command_line(*self.abort))
+    """Another deploy of the app is in flight (the message names how to abort it)."""
 
 
 class DeployRefused(DeployError):

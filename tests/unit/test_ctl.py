@@ -436,7 +436,8 @@ class TestStatusWithoutTheFleet:
         # More than five staged: the newest five, and the command that lists all (as the
         # user can paste it, with their -c).
         app["staged"] = [f"r{i}" for i in range(1, 9)]
-        text = _human_status(data, lambda *argv: "watcherctl " + " ".join([*argv, "-c", "w"]))
+        ctx = CtlContext(build_parser("status").parse_args(["status", "-c", "w"]))
+        text = ctx.with_config(_human_status(data))
         line = "  staged      8: r4, r5, r6, r7, r8 (the newest 5; `watcherctl releases web -c w`"
         assert any(x.startswith(line) for x in text.splitlines()), text
 
