@@ -61,7 +61,9 @@ def _apply(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write a line (print writes the line and its newline apart: two system calls
+        # a line where the stream is unbuffered, as PYTHONUNBUFFERED in the unit makes it).
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=final,
     )
 

@@ -56,6 +56,24 @@ class TestJSON:
         assert first["path"] in ("/srv", "PosixPath('/srv')")
         assert (first["level"], second["level"]) == ("warning", "error")
 
+    def test_each_line_is_one_write(self) -> None:
+        """Under the unit (PYTHONUNBUFFERED) each write is a system call: a line and its
+        newline go out together, one call a line."""
+        writes: list[str] = []
+
+        class Unbuffered(io.StringIO):
+            def write(self, text: str) -> int:
+                writes.append(text)
+                return super().write(text)
+
+        out = Unbuffered()
+        configure_logging(stream=out, json=True)
+        log = get_logger(app="web")
+        log.info("first")
+        log.warning("second", n=2)
+        assert len(writes) == 2 and all(w.endswith("}\n") for w in writes), writes
+        assert [json.loads(w)["event"] for w in writes] == ["first", "second"]
+
     def test_exceptions_are_rendered_into_the_line(self) -> None:
         out = io.StringIO()
         configure_logging(stream=out, json=True)
