@@ -22,6 +22,7 @@ from watcher.errors import ConsulUnavailable
 from watcher.web.app import (
     MAX_BODY,
     SECURITY_HEADERS,
+    SSE_MAX_PER_CALLER,
     SSE_MAX_STREAMS,
     _duration,
     _short_time,
@@ -406,6 +407,21 @@ class TestWhoIsLocal:
         finally:
             state.streams = 0
 
+    def test_one_caller_cannot_take_every_live_stream(self, client: TestClient) -> None:
+        """This host's callers without a token hold at most SSE_MAX_PER_CALLER streams,
+        far fewer than the server's cap: one more is refused, saying whose they are."""
+        state = client.app.state.web  # type: ignore[attr-defined]
+        assert SSE_MAX_PER_CALLER < SSE_MAX_STREAMS
+        state.streams_of["local"] = SSE_MAX_PER_CALLER
+        try:
+            r = client.get("/api/v1/apps/web/live")
+            assert r.status_code == 503, r.text
+            assert "live streams of this caller are open" in r.json()["error"]
+        finally:
+            state.streams_of.clear()
+        with client.stream("GET", "/api/v1/apps/web/live") as r:  # below it: served
+            assert r.status_code == 200
+
     def test_a_proxy_that_rewrites_host_keeps_the_pages_own_writes(
         self, client: TestClient
     ) -> None:
@@ -435,7 +451,7 @@ class TestWhoIsLocal:
                 break
             gc.collect()
             time.sleep(0.05)
-        assert state.streams == 0
+        assert state.streams == 0 and state.streams_of == {}
 
     def test_host_and_origin_parsing(self) -> None:
         assert host_name("[::1]:8710") == "::1" and host_name("LocalHost:80") == "localhost"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import time
 import typing
@@ -73,6 +74,9 @@ LIVE_LOOKBACK = 5  # deploys of the history the live view tries when the newest 
 BUILDS_LIMIT = 30
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
 SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
+# Live streams one caller (one token; or this host's callers without one) may hold at once:
+# a reader cannot take every slot and leave the on-call's page without its live view.
+SSE_MAX_PER_CALLER = 20
 # Headers a proxy adds: a request that carries one came through a proxy, not from this host.
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
@@ -282,6 +286,7 @@ class WebState:
         self.acls_enabled: bool | None = None  # None: not known yet (Consul unreachable)
         self.feeds: dict[str, LiveFeed] = {}
         self.streams = 0  # live streams open (changed on the event loop only)
+        self.streams_of: dict[str, int] = {}  # the same, by caller (see live)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "watcher_web_requests",
@@ -791,6 +796,15 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             # Not local: the caller proves read on this app once, with their token.
             reader = state.reader(request)
             await asyncio.to_thread(state.store(name, reader).inflight)
+        token = bearer_token(request)
+        # A caller is its token (hashed: never kept as a key), or this host without one.
+        caller = "local" if token is None else hashlib.sha256(token.encode()).hexdigest()
+        if state.streams_of.get(caller, 0) >= SSE_MAX_PER_CALLER:
+            raise ApiError(
+                503,
+                f"{SSE_MAX_PER_CALLER} live streams of this caller are open (one per page "
+                "is enough); close one and try again",
+            )
         if state.streams >= SSE_MAX_STREAMS:
             raise ApiError(503, f"{SSE_MAX_STREAMS} live streams are open; try again later")
         # The slot is taken here, before the response starts (a burst of connects could all
@@ -802,6 +816,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             store = state.store(name, state.client(None))
             feed = state.feeds[name] = LiveFeed(name, store, _snapshot_with_html)
         state.streams += 1
+        state.streams_of[caller] = state.streams_of.get(caller, 0) + 1
         released = False
 
         def release() -> None:
@@ -809,6 +824,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             if not released:
                 released = True
                 state.streams -= 1
+                left = state.streams_of.pop(caller) - 1
+                if left:
+                    state.streams_of[caller] = left
 
         stream = _sse(feed, request, release)
         weakref.finalize(stream, release)
