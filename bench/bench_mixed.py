@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_deploy import DAEMON, SETTLE  # noqa: E402
 from bench.fleetbench import BenchFleet, running  # noqa: E402
-from bench.harness import RESULTS_DIR, RoundFailed, machine  # noqa: E402
+from bench.harness import RESULTS_DIR, RoundFailed, compile_package, machine  # noqa: E402
 from bench.run import consul_binary  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, WatcherProc, wait_for  # noqa: E402
@@ -162,6 +162,7 @@ def main() -> int:
         parser.error("--hosts must be at least 3, --deploys and --runs at least 1")
     loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
     consul_bin = consul_binary()
+    compile_package()  # this checkout's half, as export() compiles the other
     work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     base_commit = export(args.base, work / "base")
     s3 = S3Server(work / "moto.log")

@@ -20,6 +20,18 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "watcher"
+
+
+def compile_package(package: Path = PACKAGE_DIR) -> None:
+    """Write the package's bytecode, as a pip install does, before anything is timed.
+    Without it, and with PYTHONDONTWRITEBYTECODE set, every process the bench starts
+    (each `watcherctl`, each daemon) compiles what it imports again: `status --fleet` was
+    measured at 199 ms against 130 ms that way. Cheap when the bytecode is up to date."""
+    import compileall
+
+    if not compileall.compile_dir(str(package), quiet=1):
+        raise RuntimeError(f"compiling {package} failed")
 
 
 class RoundFailed(Exception):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_deploy import idle_section, latency_section, scale_section  # noqa: E402
 from bench.bench_flip import flip_section  # noqa: E402
 from bench.bench_stage import stage_section  # noqa: E402
-from bench.harness import Figure, Results, machine  # noqa: E402
+from bench.harness import Figure, Results, compile_package, machine  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from watcher.config import S3Settings, parse_flip_delay  # noqa: E402
 from watcher.log import configure_logging  # noqa: E402
@@ -73,6 +73,7 @@ def main() -> int:
             parser.error(f"--flip-delay: not a duration from 0 to 5s: {args.flip_delay!r}")
         app["flip_delay"] = args.flip_delay
     configure_logging(level="warning")
+    compile_package()
     q = args.quick
     loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
     consul_bin = consul_binary()

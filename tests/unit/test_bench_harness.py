@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import Figure, Results, RoundFailed, flip_times, run_rounds
+from bench.harness import (
+    Figure,
+    Results,
+    RoundFailed,
+    compile_package,
+    flip_times,
+    run_rounds,
+)
 
 HOSTS = ["host-1", "host-2", "host-3"]
 
@@ -107,3 +114,21 @@ class TestMixedFleetHalves:
         assert [plain[n] for n in measured].count(THIS) == 3
         # swapping gives every measured host the other half
         assert all(plain[n] != swapped[n] for n in measured)
+
+
+def test_the_package_is_compiled_before_anything_is_timed(tmp_path: Path) -> None:
+    """Each process the bench starts must find the bytecode written (else it compiles
+    what it imports, with PYTHONDONTWRITEBYTECODE, inside the figures); a module that
+    does not compile stops the bench instead of being timed half-loaded."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text("X = 1\n")
+    compile_package(package)
+    assert sorted(p.name.split(".")[0] for p in (package / "__pycache__").iterdir()) == [
+        "__init__",
+        "mod",
+    ]
+    (package / "bad.py").write_text("def (:\n")
+    with pytest.raises(RuntimeError, match="compiling"):
+        compile_package(package)
