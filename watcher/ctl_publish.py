@@ -173,6 +173,17 @@ def run_publish(ctx: CtlContext) -> int:
         retry_for = 30.0
     if problems:
         raise ConfigError("watcherctl publish", problems)
+    apps = ctx.config.apps
+    if apps and args.app not in apps:
+        # A CI config may list no app at all (publish needs none); one that lists some and
+        # not this one is, most often, a typo that would publish where no host looks.
+        print(
+            f"watcherctl: warning: no app {args.app!r} in {ctx.config.source} (configured: "
+            f"{', '.join(sorted(apps))}); hosts prefetch and deploy only the apps in their "
+            f"own config: publishing to {ctx.config.kv_prefix}/apps/{args.app}/ all the same",
+            file=sys.stderr,
+            flush=True,
+        )
     from watcher.publish import (  # boto3: only when used
         PublishInterrupted,
         publish_artifact,

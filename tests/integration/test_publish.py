@@ -346,6 +346,32 @@ class TestPublishCommand:
         assert "published web artifact feature-x-15eb13af" in human.stdout
         assert f"sha256  {data['sha256']}" in human.stdout
 
+    def test_an_app_the_config_does_not_list_is_published_with_a_warning(
+        self, config_data: dict[str, Any], consul: ConsulClient, src: Path, tmp_path: Path
+    ) -> None:
+        """A config that lists apps, and not this one: most often a typo that would publish
+        where no host looks. It is published (a CI config need not list the hosts' apps),
+        and stderr says so, naming the apps it does list; one the config lists: no warning."""
+        config_file = tmp_path / "watcher.yaml"
+        config_file.write_text(json.dumps(config_data))
+        base = [str(WATCHERCTL), "publish", "-c", str(config_file), "--commit", COMMIT]
+        runs = {
+            app: subprocess.run(
+                [*base, "--branch", "app-check", app, str(src)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for app in ("wbe", "web")
+        }
+        typo, listed = runs["wbe"], runs["web"]
+        assert typo.returncode == 0, typo.stderr
+        assert "warning: no app 'wbe'" in typo.stderr and "(configured: web)" in typo.stderr
+        prefix = config_data["kv_prefix"]
+        assert consul.kv_get(f"{prefix}/apps/wbe/artifacts/app-check-15eb13af") is not None
+        assert listed.returncode == 0 and "warning" not in listed.stderr, listed.stderr
+
     def test_missing_commit_is_a_usage_error(
         self, config_data: dict[str, Any], src: Path, tmp_path: Path
     ) -> None:
