@@ -205,6 +205,9 @@ class DeployView:
     #: before it acked), when ``DeployStore.view`` looked: only for an abort record that
     #: no ack shows (the clause needs session reads; readers do them only then).
     session_abort: str = ""
+    #: The CreateIndex of ``decision``'s key: a refusal at the start writes the request
+    #: and its abort records in one txn (one index), which a record forged later cannot.
+    decision_index: int = 0
 
     @property
     def id(self) -> str:
@@ -233,8 +236,13 @@ class DeployView:
             verdict = Verdict(ABORT, self.session_abort)
         notes: list[str] = []
         decision = self.decision
-        # A request refused at its start has an abort record and no ack at all.
-        refused_at_start = not self.nodes
+        # A request refused at its start has an abort record, written in the request's own
+        # txn, and no ack at all. Not any abort record before the first ack: a host's token
+        # could write one while every host prepares, and readers (`deploy`'s wait among
+        # them) would report an abort the acks then overrule.
+        refused_at_start = (
+            not self.nodes and self.decision_index != 0 and self.decision_index == self.create_index
+        )
         if verdict.outcome == CONTESTED:
             decision = None  # records written before an ack changed: the verdict says it
         elif decision is not None and (
@@ -780,7 +788,15 @@ class DeployStore:
         if rebuilt is not None:
             create_index = next((a.create_index for a in nodes.values() if a.create_index), 0)
         return DeployView(
-            record, decision, nodes, indexes, outcome, coordinator, create_index, abort
+            record,
+            decision,
+            nodes,
+            indexes,
+            outcome,
+            coordinator,
+            create_index,
+            abort,
+            decision_index=entries[0].create_index if decision is not None and entries[0] else 0,
         )
 
     @staticmethod

@@ -30,6 +30,7 @@ from watcher.barrier import DeployStore, new_deploy_id
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import ConsulPermissionDenied
 from watcher.records import (
+    ABORT,
     COMMIT,
     FAILED,
     LIVE,
@@ -859,6 +860,44 @@ class TestReadersOfOutcomes:
         wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
         slow_hook(fleet, "post_release", 0)
         next_deploy_works(acl_fleet, "v3")
+
+    def test_an_abort_written_before_any_ack_is_no_refusal(self, acl_fleet: AclFleet) -> None:
+        """host-3's token writes an abort decision and a "refused" outcome the moment the
+        deploy starts, before any host read it (every watcher stopped for that moment):
+        a refusal's records come in the request's own txn, these do not. Readers must
+        not report it refused, and `deploy`'s wait (which exits 1 on an abort) must go on
+        to the commit the acks make once the hosts run again."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        x = host_client(acl_fleet, 2)
+        pids = [w.proc.pid for w in fleet.watchers if w.proc is not None]
+        assert len(pids) == len(fleet.watchers)
+        for pid in pids:
+            os.killpg(pid, signal.SIGSTOP)
+        try:
+            proc = start_deploy_async(acl_fleet, v2["id"], human=True)
+            deploy_id = wait_request(fleet)
+            now = iso(utcnow())
+            decision = Decision(outcome=ABORT, reason="forged", by="host-3", at=now)
+            outcome = Outcome(result="refused", at=now, by="host-3", reason="forged")
+            assert x.kv_put(fleet.keys.decision(deploy_id), decision.to_json(), cas=0)
+            assert x.kv_put(fleet.keys.outcome(deploy_id), outcome.to_json(), cas=0)
+            assert not any(ack_state(fleet, deploy_id, w.name) for w in fleet.watchers)
+            status = fleet_status(acl_fleet)  # and exit 1: NOT TRUSTED
+            assert status["deploy"]["decision"] is None, status
+            assert len(status["deploy"]["distrusted"]) == 2, status
+            time.sleep(1.5)  # `deploy`'s wait has read the records by now
+            assert proc.poll() is None, proc.communicate()
+        finally:
+            for pid in pids:
+                os.killpg(pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0 and f"deploy {deploy_id}: committed" in out, (out, err)
+        assert "decision: abort" not in out, out
+        fleet.wait_idle()
+        assert releases_of(fleet) != {release1}
+        assert history_row(acl_fleet, deploy_id)["result"] == "committed"
 
     def test_an_outcome_written_before_a_host_joined_is_not_the_end(
         self, acl_fleet: AclFleet

@@ -336,6 +336,12 @@ class TestBadPayloads:
         assert outcome["result"] == "refused"
         assert "unknown artifact main-deadbeef" in outcome["reason"]
         assert fleet.inflight() is None
+        # Readers trust the refusal: its records came in the request's own txn.
+        view = store_of(fleet).view(unknown)
+        assert view is not None and view.decision_index == view.create_index != 0, view
+        shown = view.checked()
+        assert shown.outcome is not None and shown.outcome.result == "refused", shown
+        assert shown.distrusted == (), shown
 
         def says_why(w: WatcherProc) -> bool:  # every host logs the reason, not only the first
             return any(

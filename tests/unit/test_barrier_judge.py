@@ -138,6 +138,7 @@ def view(
     *,
     decision: str | None = None,
     outcome: str | None = None,
+    decision_index: int = 0,
 ) -> DeployView:
     return DeployView(
         record=req,
@@ -146,6 +147,8 @@ def view(
         node_indexes={},
         outcome=Outcome(result=outcome, at="t", by="host-x") if outcome else None,
         coordinator_session=None,
+        create_index=40,
+        decision_index=decision_index,
     )
 
 
@@ -196,12 +199,23 @@ class TestCheckedView:
         assert staging.checked().outcome is None and len(staging.checked().distrusted) == 2
 
     def test_a_refused_start_keeps_its_abort_records_until_a_host_acks(self) -> None:
+        """Written in the request's own txn (the same CreateIndex, 40 here)."""
         req = request(["a", "b"])
-        v = view(req, {}, decision=ABORT, outcome="refused")
+        v = view(req, {}, decision=ABORT, outcome="refused", decision_index=40)
         assert v.checked() is v
         acked = dataclasses.replace(v, nodes={"a": ack("a", READY, req.digest())}).checked()
         assert acked.outcome is None and acked.decision is None
         assert len(acked.distrusted) == 2
+
+    def test_an_abort_written_after_the_start_is_no_refusal_even_before_any_ack(self) -> None:
+        """A host's token writes an abort decision (and a "refused" outcome) while every
+        host still prepares: readers must not report the deploy refused or aborted, which
+        `deploy`'s wait would print and exit 1 on, while the acks go on to commit."""
+        req = request(["a", "b"])
+        for index in (41, 0):  # after the request's txn; or not known
+            v = view(req, {}, decision=ABORT, outcome="refused", decision_index=index).checked()
+            assert v.decision is None and v.outcome is None, index
+            assert len(v.distrusted) == 2 and all("not trusted" in n for n in v.distrusted)
 
     def test_expired_before_the_apply_deadline_is_not_trusted(self) -> None:
         far = "2999-01-01T00:00:00.000Z"
