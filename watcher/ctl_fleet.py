@@ -896,15 +896,20 @@ def cmd_status(ctx: CtlContext) -> int:
             return _fleet_status(ctx, names)
         except ConsulUnavailable as exc:
             # The fleet cannot be read: this host's part, as plain `status` shows it.
-            return _host_status(ctx, names, unreachable=exc)
+            return _host_status(ctx, names, unreachable=exc, fleet_shape=True)
     return _host_status(ctx, names)
 
 
 def _host_status(
-    ctx: CtlContext, names: list[str], *, unreachable: ConsulUnavailable | None = None
+    ctx: CtlContext,
+    names: list[str],
+    *,
+    unreachable: ConsulUnavailable | None = None,
+    fleet_shape: bool = False,
 ) -> int:
     """`status`: this host's part, and the fleet's as far as Consul answers (not asked
-    again when ``unreachable`` already says it does not)."""
+    again when ``unreachable`` already says it does not). ``fleet_shape``: `status --fleet`
+    that could not read the fleet; its JSON keeps the fleet's shape (``_unread_fleet``)."""
     config = ctx.config
     daemon = daemon_status(config.daemon.state_dir)
     consul = _consul(ctx, quick=True)
@@ -949,7 +954,8 @@ def _host_status(
         if undecided:
             entry["undecided"] = undecided
         data["apps"][name] = entry
-    ctx.emit(data, lambda d: ctx.with_config(_human_status(d)))
+    shown = _unread_fleet(data) if fleet_shape and ctx.as_json else data
+    ctx.emit(shown, lambda _: ctx.with_config(_human_status(data)))
     if failure is not None:
         return exit_code_for(failure)
     # A daemon that is not running (or not answering) is this host's failure: a monitoring
@@ -957,6 +963,26 @@ def _host_status(
     if not daemon.get("running"):
         return EXIT_UNAVAILABLE
     return EXIT_FAILED if any(map(_in_doubt, data["apps"].values())) else EXIT_OK
+
+
+def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
+    """`status --fleet --json` when Consul did not answer: the shape of ``fleet_status``
+    for each app (a script reads the same keys either way), every fleet figure null,
+    ``fleet_error`` saying why, and this host's part, as `status` shows it, under
+    ``this_host``."""
+    host = {k: v for k, v in data.items() if k != "apps"}
+    return {
+        name: {
+            "current": None,
+            "previous": None,
+            "current_problems": {},
+            "deploy": None,
+            "hosts": None,
+            "fleet_error": entry["fleet_error"],
+            "this_host": {**host, "app": entry},
+        }
+        for name, entry in data["apps"].items()
+    }
 
 
 def _in_doubt(app: dict[str, Any]) -> bool:

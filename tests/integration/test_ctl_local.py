@@ -412,9 +412,14 @@ class TestStatusWithoutConsul:
         assert "  deploy      unknown (Consul unreachable)" in lines, result.stdout
         assert "consul UNREACHABLE at http://127.0.0.1:9" in result.stdout
         assert "Traceback" not in result.stderr
+        # The JSON keeps the fleet's shape (a script reads the same keys), fleet unknown.
         data = host.ctl_json("status", "--fleet", code=3)
-        assert data["apps"]["web"]["fleet_error"] == "Consul unreachable"
-        assert data["apps"]["web"]["current"] == release_of(4)
+        assert set(data) == {"web"}
+        web = data["web"]
+        assert web["current"] is None and web["hosts"] is None and web["deploy"] is None
+        assert web["fleet_error"] == "Consul unreachable"
+        assert web["this_host"]["app"]["current"] == release_of(4)
+        assert web["this_host"]["consul"]["reachable"] is False
 
     def test_a_mistyped_app_names_the_configured_ones(self, host: Host) -> None:
         for argv in (("status", "webb"), ("releases", "webb")):
