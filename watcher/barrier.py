@@ -955,16 +955,20 @@ class DeployStore:
             **fields,
         )
 
-    def expected_members(self, *, allow_missing: bool) -> dict[str, str]:
+    def expected_members(
+        self, *, allow_missing: bool, hosts: Mapping[str, HostRecord] | None = None
+    ) -> dict[str, str]:
         """The current members and their sessions; refuses when a known host has no member
-        key (unless allowed)."""
+        key (unless allowed). ``hosts``: the host records when the caller read them."""
         members = {n: e.session or "" for n, e in sorted(self.members().items())}
         if not members:
             raise DeployRefused(
                 f"app {self.app}: no watcher holds a member key; is any daemon running?"
             )
-        missing = sorted(set(self.hosts()) - set(members))
-        if missing and not allow_missing:
+        if allow_missing:
+            return members
+        missing = sorted(set(self.hosts() if hosts is None else hosts) - set(members))
+        if missing:
             raise DeployRefused(
                 f"app {self.app}: known host(s) {', '.join(missing)} have no member key "
                 "(watcher down or cut off); start them or pass --allow-missing to deploy "

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,7 @@ from watcher.records import (
     FAILING_STATES,
     ArtifactRecord,
     DeployRecord,
+    HostRecord,
     parse_iso,
 )
 
@@ -192,6 +193,7 @@ def cmd_deploy(ctx: CtlContext) -> int:
     args = ctx.args
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
+    hosts = _host_records(store)
     record = deploy_request(
         store,
         app,
@@ -199,8 +201,9 @@ def cmd_deploy(ctx: CtlContext) -> int:
         requested_by=user_at_host(),
         allow_missing=args.allow_missing,
         resume=args.resume,
+        hosts=hosts,
     )
-    return _start_and_wait(ctx, store, record)
+    return _start_and_wait(ctx, store, record, hosts)
 
 
 def deploy_request(
@@ -211,13 +214,15 @@ def deploy_request(
     requested_by: str,
     allow_missing: bool,
     resume: bool = False,
+    hosts: Mapping[str, HostRecord] | None = None,
 ) -> DeployRecord:
-    """The record of a new deploy of ``artifact_id`` (watcherctl deploy and the web API)."""
+    """The record of a new deploy of ``artifact_id`` (watcherctl deploy and the web API);
+    ``hosts``: the host records when the caller read them."""
     artifact = resolve_artifact(store, artifact_id)
     release, resume_of = None, None
     if resume:
         resume_of, release = _resumable(store, artifact_id)
-    expected = store.expected_members(allow_missing=allow_missing)
+    expected = store.expected_members(allow_missing=allow_missing, hosts=hosts)
     return store.new_record(
         deploy_id=new_deploy_id(),
         kind="deploy",
@@ -270,10 +275,16 @@ def cmd_rollback(ctx: CtlContext) -> int:
         return rollback_local(ctx)
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
+    hosts = _host_records(store)
     record = rollback_request(
-        store, app, args.to, requested_by=user_at_host(), allow_missing=args.allow_missing
+        store,
+        app,
+        args.to,
+        requested_by=user_at_host(),
+        allow_missing=args.allow_missing,
+        hosts=hosts,
     )
-    return _start_and_wait(ctx, store, record)
+    return _start_and_wait(ctx, store, record, hosts)
 
 
 def rollback_request(
@@ -283,10 +294,11 @@ def rollback_request(
     *,
     requested_by: str,
     allow_missing: bool,
+    hosts: Mapping[str, HostRecord] | None = None,
 ) -> DeployRecord:
     """The record of a fleet rollback to ``release`` (default: the previous one)."""
     target = rollback_target(store, release)
-    expected = store.expected_members(allow_missing=allow_missing)
+    expected = store.expected_members(allow_missing=allow_missing, hosts=hosts)
     return store.new_record(
         deploy_id=new_deploy_id(),
         kind="rollback",
@@ -315,28 +327,42 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
     return ""
 
 
+def _host_records(store: DeployStore) -> dict[str, HostRecord] | None:
+    """The app's host records, read once for a deploy or rollback (the known-host check and
+    the held-host warning); None when they cannot be read: the check reads them again and
+    says what is wrong."""
+    try:
+        return store.hosts()
+    except (ConsulError, PayloadError):
+        return None
+
+
 def _held_warning(
-    store: DeployStore, record: DeployRecord, command_line: Callable[..., str]
+    hosts: Mapping[str, HostRecord] | None,
+    record: DeployRecord,
+    command_line: Callable[..., str],
 ) -> str:
     """The expected hosts whose last host record shows a hold: each refuses its part, so
     the deploy aborts. A warning, not a refusal: the record lags a `release-hold` by up to
     a daemon cycle, and a stale one must not block the deploy that follows it."""
-    try:
-        held = {n: r.hold for n, r in store.hosts().items() if r.hold and n in record.expected}
-    except (ConsulError, PayloadError):
-        return ""  # the deploy itself will say what is wrong
+    held = {n: r.hold for n, r in (hosts or {}).items() if r.hold and n in record.expected}
     if not held:
         return ""
     names = "; ".join(f"{n}: {ids.one_line(reason)}" for n, reason in sorted(held.items()))
     return (
         f"held, by their last records: {names}. A held host refuses its part and the "
-        f"{record.kind} aborts (`{command_line('release-hold', store.app)}` on the host "
+        f"{record.kind} aborts (`{command_line('release-hold', record.app)}` on the host "
         "lifts it)"
     )
 
 
-def _start_and_wait(ctx: CtlContext, store: DeployStore, record: DeployRecord) -> int:
-    held = _held_warning(store, record, ctx.command_line)
+def _start_and_wait(
+    ctx: CtlContext,
+    store: DeployStore,
+    record: DeployRecord,
+    hosts: Mapping[str, HostRecord] | None,
+) -> int:
+    held = _held_warning(hosts, record, ctx.command_line)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:

@@ -21,6 +21,7 @@ from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
+from watcher.ctl import main as ctl_main
 from watcher.events import MAX_PAYLOAD
 from watcher.records import READY, parse_iso
 
@@ -773,6 +774,32 @@ class TestExpired:
 
 
 class TestHold:
+    def test_deploy_and_rollback_read_the_host_records_once(
+        self, make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The known-host check and the held-host warning share one read of `hosts/`: the
+        command's reads come before the deploy record, in every deploy's latency."""
+        fleet = make_fleet()
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        deploy_ok(fleet, v1.id)
+        w = fleet.watchers[0]
+        for var in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"):
+            monkeypatch.delenv(var, raising=False)
+        reads: list[str] = []
+        real = DeployStore.hosts
+
+        def counted(store: DeployStore) -> dict[str, Any]:
+            reads.append(store.app)
+            return real(store)
+
+        monkeypatch.setattr(DeployStore, "hosts", counted)
+        config = ["-c", str(w.config_path), "--json"]
+        for argv in (["deploy", "web", v2.id], ["rollback", "web"]):
+            reads.clear()
+            assert ctl_main([*argv, *config]) == 0, argv
+            assert reads == ["web"], (argv, reads)
+            fleet.wait_idle()
+
     def test_held_host_aborts_the_deploy_and_hold_is_refused_while_ready_undecided(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
