@@ -58,8 +58,12 @@ from watcher.errors import (
 )
 from watcher.records import (
     ABORT,
+    ABORTED,
     COMMIT,
+    COMMITTED,
+    FAILED_AFTER_COMMIT,
     FAILING_STATES,
+    LIVE,
     ArtifactRecord,
     DeployRecord,
     HostRecord,
@@ -488,22 +492,8 @@ def _wait_for_outcome(
         view = read.checked(record)
         seen[VERDICT] = judge(record, record.digest(), view.nodes).outcome
         if not ctx.as_json:
-            for node, progress in sorted(view.nodes.items()):
-                if seen.get(node) != progress.state:
-                    seen[node] = progress.state
-                    detail = f": {ids.one_line(progress.error)}" if progress.error else ""
-                    print(f"  {node}: {progress.state}{detail}", flush=True)
-                    for line in _tail_lines(progress.output_tail):
-                        print(f"    | {line}", flush=True)
-            decision = view.decision
-            if decision and seen.get("<decision>") != decision.outcome:
-                seen["<decision>"] = decision.outcome
-                reason = ids.one_line(decision.reason)
-                print(f"  decision: {decision.outcome} ({reason})", flush=True)
-            for note in view.distrusted:
-                if f"<distrusted> {note}" not in seen:
-                    seen[f"<distrusted> {note}"] = "shown"
-                    print(f"  NOT TRUSTED: {ids.one_line(note)}", flush=True)
+            for line in progress_lines(view, seen):
+                print(line, flush=True)
         # Over once the hosts wrote the outcome and it agrees with the acks (or they are
         # final, and say otherwise).
         if read.outcome is not None and view.outcome is not None:
@@ -556,6 +546,38 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
 #: Lines of a failed hook's output shown under the host's line while `deploy` waits (the
 #: whole tail is in `history --json`).
 TAIL_SHOWN = 3
+
+
+#: A host's states that follow the decision: shown after its line, not before.
+_AFTER_DECISION = frozenset({COMMITTED, LIVE, ABORTED, FAILED_AFTER_COMMIT})
+
+
+def progress_lines(view: DeployView, seen: dict[str, str]) -> list[str]:
+    """What `deploy`'s wait prints of ``view`` that ``seen`` (updated) has not shown: each
+    host's new state, the decision, records shown NOT TRUSTED. One read often brings the
+    decision and a host's intent that follows it (the decider writes both in one txn):
+    the decision line comes first, as it happened."""
+    decision = view.decision
+    new_decision = decision is not None and seen.get("<decision>") != decision.outcome
+    before: list[str] = []
+    after: list[str] = []
+    for node, progress in sorted(view.nodes.items()):
+        if seen.get(node) == progress.state:
+            continue
+        seen[node] = progress.state
+        detail = f": {ids.one_line(progress.error)}" if progress.error else ""
+        lines = [f"  {node}: {progress.state}{detail}"]
+        lines += [f"    | {line}" for line in _tail_lines(progress.output_tail)]
+        (after if new_decision and progress.state in _AFTER_DECISION else before).extend(lines)
+    if decision is not None and new_decision:
+        seen["<decision>"] = decision.outcome
+        before.append(f"  decision: {decision.outcome} ({ids.one_line(decision.reason)})")
+    out = before + after
+    for note in view.distrusted:
+        if f"<distrusted> {note}" not in seen:
+            seen[f"<distrusted> {note}"] = "shown"
+            out.append(f"  NOT TRUSTED: {ids.one_line(note)}")
+    return out
 
 
 def _tail_lines(tail: str) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from watcher import __version__
+from watcher.barrier import DeployView
 from watcher.config import Config, parse_config
 from watcher.ctl import (
     COMMANDS,
@@ -30,7 +31,7 @@ from watcher.ctl import (
     sudo_token_warning,
 )
 from watcher.ctl import table as render_table
-from watcher.ctl_fleet import _human_status, _local_app, _progress, _tail_lines
+from watcher.ctl_fleet import _human_status, _local_app, _progress, _tail_lines, progress_lines
 from watcher.errors import (
     ConfigError,
     ConsulUnavailable,
@@ -39,6 +40,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
+from watcher.records import Decision, DeployRecord, NodeProgress
 
 
 class TTY(io.StringIO):
@@ -207,6 +209,55 @@ def test_a_failed_hooks_tail_is_shown_short_and_inert() -> None:
         "x" * 200,
     ]
     assert _tail_lines("") == [] and _tail_lines("\n \n") == []
+
+
+def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None:
+    """One read often brings the decision and the decider's commit intent (one txn): the
+    decision line comes before every state that follows it, after those that led to it."""
+    rec = DeployRecord(
+        id="20260101T000000Z-abc123",
+        app="web",
+        kind="deploy",
+        artifact="main-15eb13af",
+        sha256="0" * 64,
+        release="20260101T000000Z-main-15eb13af",
+        requested_by="alice",
+        requested_at="2026-01-01T00:00:00Z",
+        expected=["a", "b", "c"],
+        prepare_deadline="2026-01-01T00:10:00Z",
+        apply_deadline="2026-01-01T00:20:00Z",
+    )
+
+    def view(states: dict[str, str], decision: str | None) -> DeployView:
+        nodes = {n: NodeProgress(node=n, state=s) for n, s in states.items()}
+        dec = Decision(decision, "every host ready", "a", "t") if decision else None
+        return DeployView(rec, dec, nodes, {}, None, None)
+
+    seen: dict[str, str] = {}
+    assert progress_lines(view({"a": "ready", "b": "staging"}, None), seen) == [
+        "  a: ready",
+        "  b: staging",
+    ]
+    shown = progress_lines(view({"a": "committed", "b": "ready", "c": "ready"}, "commit"), seen)
+    assert shown == [
+        "  b: ready",
+        "  c: ready",
+        "  decision: commit (every host ready)",
+        "  a: committed",
+    ]
+    assert progress_lines(view({"a": "live", "b": "committed", "c": "ready"}, "commit"), seen) == [
+        "  a: live",
+        "  b: committed",
+    ]
+    # An abort: the failure that caused it first, then the decision, then who followed it.
+    seen = {}
+    failed = progress_lines(view({"a": "failed", "b": "aborted", "c": "ready"}, "abort"), seen)
+    assert failed == [
+        "  a: failed",
+        "  c: ready",
+        "  decision: abort (every host ready)",
+        "  b: aborted",
+    ]
 
 
 class TestExitCodes:
