@@ -31,6 +31,7 @@ from watcher.errors import (
     PayloadError,
     RollbackTargetUnknown,
 )
+from watcher.ids import shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -1011,6 +1012,17 @@ class DeployStore:
         return DeployInFlight(self._inflight_message(deploy_id))
 
     def _inflight_message(self, deploy_id: str) -> str:
+        # ``inflight`` is free text any operator's or host's token can write: a value that
+        # is no deploy id goes into no suggested command (it would be pasted into a shell).
+        try:
+            check_deploy_id(deploy_id)
+        except PayloadError:
+            value = shown(deploy_id).replace("`", "\\x60")  # no backquoted text of its own
+            return (
+                f"app {self.app}: `inflight` holds {value}, which is "
+                "no deploy id; any watcher clears it on its next cycle, or clear it now with "
+                f"`consul kv delete {self.keys.inflight}`"
+            )
         try:
             other = self.deploy_record(deploy_id)
         except PayloadError as exc:

@@ -233,8 +233,9 @@ class TestBrokenInflight:
             ("20260101T000000Z-abc123", b"{not json", "does not parse"),
             ("20260101T000001Z-def456", None, "has no record"),
             ("../../x/y", None, "holds no deploy id"),
+            ("x $(touch /tmp/rw-pwned) `id`", None, "holds no deploy id"),
         ],
-        ids=["unparseable-record", "missing-record", "garbage"],
+        ids=["unparseable-record", "missing-record", "garbage", "shell"],
     )
     def test_status_shows_it_and_the_cure_works(
         self, site: Site, consul_bin: str, value: str, record: bytes | None, problem: str
@@ -246,7 +247,13 @@ class TestBrokenInflight:
 
         refused = site.ctl("deploy", "web", ARTIFACT, "--no-wait")
         assert refused.returncode == 4, refused.stderr
-        assert "in flight" in refused.stderr
+        if problem == "holds no deploy id":
+            # Free text any token can write goes into no command to paste: the cure is
+            # Consul's, on our key, and the value shows no backquote of its own.
+            suggested = re.findall(r"`([^`]*)`", refused.stderr)
+            assert suggested == ["inflight", f"consul kv delete {site.keys.inflight}"], refused
+        else:
+            assert f"deploy {value!r} is in flight" in refused.stderr, refused.stderr
 
         deploy, human, fleet = self._status(site)
         assert isinstance(deploy, dict) and problem in str(deploy["problem"]), deploy
