@@ -847,6 +847,17 @@ class Daemon:
             "node": (self.config.node, new.node),
             "daemon.state_dir": (self.config.daemon.state_dir, new.daemon.state_dir),
             "daemon.listen": (self.config.daemon.listen, new.daemon.listen),
+            # Read once at start: the session keeper's TTL, /health's undecided threshold
+            # and the handled-events file's size.
+            "daemon.session_ttl": (self.config.daemon.session_ttl, new.daemon.session_ttl),
+            "daemon.undecided_after": (
+                self.config.daemon.undecided_after,
+                new.daemon.undecided_after,
+            ),
+            "daemon.handled_events_keep": (
+                self.config.daemon.handled_events_keep,
+                new.daemon.handled_events_keep,
+            ),
         }
         for name, agent in self.agents.items():
             if name in new.apps:
