@@ -1090,7 +1090,9 @@ class AppAgent:
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
-    def _hook_context(self, rec: DeployRecord) -> HookContext:
+    def _hook_context(self, rec: DeployRecord, *, kind: str | None = None) -> HookContext:
+        """What the hooks of ``rec`` are told; ``kind`` overrides the request's (a
+        convergence runs the hooks of a deploy it missed as ``converge``)."""
         lay = self.engine.layout
         current = self.engine.current_release()
         backup = self.engine.backup_release()
@@ -1102,7 +1104,7 @@ class AppAgent:
         return HookContext(
             app=self.app.name,
             deploy_id=rec.id,
-            kind=rec.kind,
+            kind=kind or rec.kind,
             artifact=rec.artifact,
             commit=rec.commit,
             branch=rec.branch,
@@ -1629,7 +1631,8 @@ class AppAgent:
         try:
             artifact = self._record_of(rec)
             self.engine.in_flight_artifacts.add(artifact.sha256)
-            ctx = self._hook_context(rec)
+            # A late catch-up, not the live deploy: hooks can tell the two apart.
+            ctx = self._hook_context(rec, kind="converge")
             if not journal.has("staged"):
                 self._download(artifact, rec.release)
                 with self.engine.lock(owner="converge"):

@@ -224,3 +224,58 @@ class TestFailures:
 def _when(stamp: str) -> float:
     """Seconds since the epoch of a log line's ISO timestamp."""
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+KIND_HOOK = '#!/bin/sh\necho "$WATCHER_PHASE $WATCHER_KIND $WATCHER_DEPLOY_ID" >> {log}\n'
+
+
+def hooks_logging_kind(fleet: Fleet, w: WatcherProc) -> Path:
+    """Give ``w`` post_release, post_symlink and validate hooks that append their phase,
+    ``WATCHER_KIND`` and deploy id to a file (returned); the caller (re)starts it."""
+    log = w.root / "hook-kinds.log"
+    hook = w.root / "log-kind"
+    hook.write_text(KIND_HOOK.format(log=log))
+    hook.chmod(0o755)
+    phases = ("post_release", "post_symlink", "validate")
+    fleet.write_config(w, {"hooks": {phase: str(hook) for phase in phases}})
+    return log
+
+
+class TestConverge:
+    def test_a_host_that_missed_a_deploy_runs_its_hooks_as_converge(self, fleet: Fleet) -> None:
+        """Hooks can tell a late catch-up from the live deploy: the hosts in the deploy
+        run them with WATCHER_KIND=deploy, the host that was down and converges to the
+        fleet's release afterwards with WATCHER_KIND=converge."""
+        logs = {w.name: hooks_logging_kind(fleet, w) for w in fleet.watchers}
+        for w in fleet.watchers:
+            w.stop()
+        late = fleet.watchers[2]
+        live = fleet.watchers[:2]
+        for w in live:
+            w.start()
+        fleet.wait_members(2)
+
+        v1 = fleet.publish("v1")
+        result = live[0].ctl_json("deploy", "web", v1.id, "--allow-missing")
+        assert result["result"] == "committed", result
+        deploy_id, release = result["deploy"], result["release"]
+        phases = ["post_release", "post_symlink", "validate"]
+        for w in live:
+            lines = logs[w.name].read_text().splitlines()
+            assert lines == [f"{p} deploy {deploy_id}" for p in phases], (w.name, lines)
+        assert not logs[late.name].exists()
+
+        late.start()
+        wait_for(lambda: late.current() == release, 60, "the late host converged", fleet)
+        wait_for(
+            lambda: (
+                len(logs[late.name].read_text().splitlines()) == 3
+                if logs[late.name].exists()
+                else False
+            ),
+            20,
+            "the late host's validate hook",
+            fleet,
+        )
+        lines = logs[late.name].read_text().splitlines()
+        assert lines == [f"{p} converge {deploy_id}" for p in phases], lines
