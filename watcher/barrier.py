@@ -222,7 +222,7 @@ class DeployView:
         """The verdict of the acks read here (for display: not a consistent establish)."""
         return judge(self.record, self.record.digest(), self.nodes).outcome
 
-    def checked(self, record: DeployRecord | None = None) -> DeployView:
+    def checked(self, record: DeployRecord | None = None, *, ours: bool = False) -> DeployView:
         """This deploy as readers report it (DESIGN.md 6.4.3): ``decisions/`` and
         ``outcomes/`` are records any host's token can write, so each is held against the
         acks read with it (judged against ``record``, by default the request read here).
@@ -230,7 +230,9 @@ class DeployView:
         they say nothing yet, and the contradiction is kept in ``distrusted`` to be shown.
         Once every expected host's ack is final, the acks' verdict is the result even
         without an outcome record. Never a consistent establish: for display and exit
-        codes, not for acting on a host."""
+        codes, not for acting on a host. ``ours``: the reader wrote ``record`` itself
+        without a refusal (`deploy`'s wait), so no abort record is a refusal at its start,
+        even one whose txn re-created the request (which a host's token can do)."""
         record = record or self.record
         verdict = judge(record, record.digest(), self.nodes)
         if verdict.outcome == UNDECIDED and self.session_abort:
@@ -242,7 +244,10 @@ class DeployView:
         # could write one while every host prepares, and readers (`deploy`'s wait among
         # them) would report an abort the acks then overrule.
         refused_at_start = (
-            not self.nodes and self.decision_index != 0 and self.decision_index == self.create_index
+            not ours
+            and not self.nodes
+            and self.decision_index != 0
+            and self.decision_index == self.create_index
         )
         if verdict.outcome == CONTESTED:
             decision = None  # records written before an ack changed: the verdict says it

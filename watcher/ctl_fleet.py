@@ -489,7 +489,7 @@ def _wait_for_outcome(
         # since): any host's token can write a decision or outcome record (a commit while
         # another host still stages, an abort while they flip); one the acks contradict is
         # named, never believed (``DeployView.checked``).
-        view = read.checked(record)
+        view = read.checked(record, ours=True)
         seen[VERDICT] = judge(record, record.digest(), view.nodes).outcome
         if not ctx.as_json:
             for line in progress_lines(view, seen):
