@@ -234,7 +234,11 @@ def notifier_for(
 # of everyone (``@channel``, ``@all``, ``@here``; Slack too when the hook links names) and
 # a Markdown link ``[text](url)``. A zero-width space after the ``@`` or between ``]``
 # and ``(`` leaves them shown as written, inert.
-_CHAT_MENTION = re.compile(r"(?<!\w)@(?=(?:channel|all|here|everyone)\b)", re.IGNORECASE)
+# Letters and digits only around it: Mattermost trims ``_`` and punctuation off a mention
+# (``_@channel_`` pings), so ``\w`` and ``\b``, which take ``_`` for a letter, fall short.
+_CHAT_MENTION = re.compile(
+    r"(?<![A-Za-z0-9])@(?=(?:channel|all|here|everyone)(?![A-Za-z0-9]))", re.IGNORECASE
+)
 _ZWSP = "\u200b"
 
 
@@ -242,7 +246,8 @@ def chat_text(text: str) -> str:
     """``text`` as Slack-compatible chats read it: ``&``, ``<`` and ``>`` escaped (else a
     reason or a host's error written into KV could say ``<!channel>`` or hide a link as
     ``<url|text>``), a mention of everyone and a Markdown link made inert (Mattermost),
-    control characters escaped as a terminal gets them."""
-    safe = ids.printable(text)
+    control characters and newlines escaped (one line: no line of its own can start a
+    Markdown link definition, ``[r]: url``, that a ``[text][r]`` elsewhere would use)."""
+    safe = ids.one_line(text)
     safe = safe.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _CHAT_MENTION.sub("@" + _ZWSP, safe).replace("](", "]" + _ZWSP + "(")

@@ -259,3 +259,10 @@ class TestDeployNotifier:
             "[details]\u200b(https://evil.example) @alice"
         )
         assert chat_text("mail ops@all.example, @channels") == "mail ops@all.example, @channels"
+        # Mattermost trims underscores off a mention: those ping too.
+        assert chat_text("_@channel @here__ (@all)") == (
+            "_@\u200bchannel @\u200bhere__ (@\u200ball)"
+        )
+        # A line of its own would define a hidden reference link: kept on one line.
+        error = "disk full\n[r]: https://evil.example\nsee [details][r]"
+        assert chat_text(error) == "disk full\\n[r]: https://evil.example\\nsee [details][r]"
