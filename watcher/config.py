@@ -908,9 +908,15 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
 
 
 def parse_config(
-    data: Any, *, source: str = "<config>", env: Mapping[str, str] | None = None
+    data: Any,
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    apps_required: bool = True,
 ) -> Config:
-    """Validate parsed YAML; raise ConfigError listing every problem."""
+    """Validate parsed YAML; raise ConfigError listing every problem. ``apps_required``:
+    the daemon and the web server need at least one app; watcherctl does not (a CI
+    machine's config for `publish` needs only `consul` and `s3`)."""
     env = os.environ if env is None else env
     text_problems: list[str] = []
     _text_problems(data, "", text_problems, set())
@@ -991,8 +997,11 @@ def parse_config(
         r.fail("daemon.session_ttl", "must be between 1s and 24h")
     apps_raw = top.get("apps")
     apps: dict[str, AppConfig] = {}
-    if not isinstance(apps_raw, dict) or not apps_raw:
-        r.fail("apps", "must be a mapping with at least one app")
+    if apps_raw is None and not apps_required:
+        pass  # no `apps:`: a CI machine's config
+    elif not isinstance(apps_raw, dict) or (not apps_raw and apps_required):
+        what = "with at least one app" if apps_required else "of app names to their settings"
+        r.fail("apps", f"must be a mapping {what}")
     else:
         for name, app_data in apps_raw.items():
             app = _read_app(r, name, app_data)
@@ -1012,9 +1021,13 @@ def parse_config(
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    apps_required: bool = True,
 ) -> Config:
-    """Read and validate a config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml)."""
+    """Read and validate a config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml);
+    ``apps_required`` as in ``parse_config``."""
     env = os.environ if env is None else env
     source = str(path or env.get("WATCHER_CONFIG") or DEFAULT_PATH)
     try:
@@ -1041,4 +1054,4 @@ def load_config(
         # a date that does not exist (2001-02-30), an explicit tag on the wrong text
         # (!!int abc, !!float abc).
         raise ConfigError(source, [f"invalid YAML value: {exc}"]) from None
-    return parse_config(data, source=source, env=env)
+    return parse_config(data, source=source, env=env, apps_required=apps_required)

@@ -83,7 +83,7 @@ class CtlContext:
     @property
     def config(self) -> Config:
         if self._config is None:
-            config = load_config(self.args.config)
+            config = load_config(self.args.config, apps_required=False)
             warning = sudo_token_warning(config, os.environ) if self.writes_consul else None
             if warning:
                 print(f"watcherctl: warning: {warning}", file=sys.stderr, flush=True)

@@ -372,6 +372,35 @@ class TestPublishCommand:
         assert consul.kv_get(f"{prefix}/apps/wbe/artifacts/app-check-15eb13af") is not None
         assert listed.returncode == 0 and "warning" not in listed.stderr, listed.stderr
 
+    def test_a_ci_config_without_apps_publishes(
+        self, config_data: dict[str, Any], consul: ConsulClient, src: Path, tmp_path: Path
+    ) -> None:
+        """A CI machine's config needs `consul` and `s3` only: no `apps:` to make up, no
+        warning. The daemon still refuses such a config (it would watch nothing)."""
+        ci = {k: v for k, v in config_data.items() if k != "apps"}
+        config_file = tmp_path / "ci.yaml"
+        config_file.write_text(json.dumps(ci))
+        argv = [str(WATCHERCTL), "publish", "-c", str(config_file), "--commit", COMMIT]
+        result = subprocess.run(
+            [*argv, "--branch", "ci-only", "web", str(src)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+        prefix = config_data["kv_prefix"]
+        assert consul.kv_get(f"{prefix}/apps/web/artifacts/ci-only-15eb13af") is not None
+        check = subprocess.run(
+            [str(WATCHERCTL.parent / "watcher"), "check-config", "-c", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert check.returncode == 2, check
+        assert "apps: must be a mapping with at least one app" in check.stderr
+
     def test_missing_commit_is_a_usage_error(
         self, config_data: dict[str, Any], src: Path, tmp_path: Path
     ) -> None:

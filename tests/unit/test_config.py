@@ -476,6 +476,17 @@ class TestErrorsNameTheirPath:
         assert found[0] == "<top>: must be a mapping, got a list"
         assert "apps: must be a mapping with at least one app" in found
 
+    def test_watcherctl_takes_a_config_without_apps(self) -> None:
+        """A CI machine's config (consul, s3): watcherctl reads it, the daemon does not."""
+        data = minimal()
+        del data["apps"]
+        assert parse_config(data, apps_required=False).apps == {}
+        assert problems(data) == ["apps: must be a mapping with at least one app"]
+        assert problems(minimal(apps=["web"])) == ["apps: must be a mapping with at least one app"]
+        with pytest.raises(ConfigError) as caught:
+            parse_config(minimal(apps=["web"]), apps_required=False)
+        assert caught.value.problems == ["apps: must be a mapping of app names to their settings"]
+
     def test_listen_can_be_disabled(self) -> None:
         assert parse(minimal(daemon={"listen": None})).daemon.listen is None
         assert parse(minimal(daemon={"listen": False})).daemon.listen is None
