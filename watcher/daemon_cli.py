@@ -86,9 +86,19 @@ def _print_config_error(exc: ConfigError) -> None:
         print(f"{exc.source}: {problem}", file=sys.stderr)
 
 
+#: Consul's default ``session_ttl_min`` (seconds): a shorter TTL is refused by its servers.
+CONSUL_SESSION_TTL_MIN = 10.0
+
+
 def config_warnings(config: Config) -> list[str]:
     """Things that are valid but will not work on this host as it stands (warn, don't fail)."""
     warnings: list[str] = []
+    if config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN:
+        warnings.append(
+            f"daemon.session_ttl: {config.daemon.session_ttl:g}s is below Consul's default "
+            f"session_ttl_min ({CONSUL_SESSION_TTL_MIN:g}s): Consul refuses such a session "
+            '("Invalid Session TTL") unless its servers set session_ttl_min lower'
+        )
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
         if not root.is_dir():

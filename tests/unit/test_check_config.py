@@ -239,7 +239,8 @@ class TestCheckConfig:
         (tmp_path / "hooks.d").mkdir()  # a directory
         good = tmp_path / "w.yaml"
         good.write_text(
-            f"s3: {{bucket: b}}\napps:\n  web:\n    root: {tmp_path}/missing\n"
+            f"s3: {{bucket: b}}\ndaemon: {{session_ttl: 5s}}\n"
+            f"apps:\n  web:\n    root: {tmp_path}/missing\n"
             f"    user: no-such-user-xyz\n    hooks:\n      validate: [{tmp_path}/hook]\n"
             f"      post_symlink: {tmp_path}/hooks.d\n"
         )
@@ -247,6 +248,9 @@ class TestCheckConfig:
         captured = capsys.readouterr()
         assert captured.out == f"{good}: OK (1 app: web)\n"
         assert captured.err.splitlines() == [
+            f"{good}: warning: daemon.session_ttl: 5s is below Consul's default "
+            'session_ttl_min (10s): Consul refuses such a session ("Invalid Session TTL") '
+            "unless its servers set session_ttl_min lower",
             f"{good}: warning: apps.web.root: {tmp_path}/missing does not exist (yet)",
             f'{good}: warning: apps.web.user: no user "no-such-user-xyz" on this host',
             f"{good}: warning: apps.web.hooks.post_symlink[0]: {tmp_path}/hooks.d is a "
