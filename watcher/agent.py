@@ -1090,6 +1090,22 @@ class AppAgent:
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
+    def _run_hooks(
+        self, phase: str, ctx: HookContext, *, cancel: Callable[[], bool] | None = None
+    ) -> None:
+        """``run_hooks`` for this app, each hook's end counted in ``watcher_hook_runs``."""
+        run_hooks(self.app, phase, ctx, cancel=cancel, on_result=self._count_hook(phase))
+
+    def _count_hook(self, phase: str) -> Callable[[str], None] | None:
+        if self.metrics is None:
+            return None
+        runs = self.metrics.hook_runs
+
+        def count(result: str) -> None:
+            runs.labels(app=self.app.name, phase=phase, result=result).inc()
+
+        return count
+
     def _hook_context(self, rec: DeployRecord, *, kind: str | None = None) -> HookContext:
         """What the hooks of ``rec`` are told; ``kind`` overrides the request's (a
         convergence runs the hooks of a deploy it missed as ``converge``)."""
@@ -1274,11 +1290,8 @@ class AppAgent:
                 self.journal.done("staged")
                 self._show_staging(joined)  # hooks take a while: show it at once
                 try:
-                    run_hooks(
-                        self.app,
-                        "post_release",
-                        self._hook_context(rec),
-                        cancel=self._cancel.is_set,
+                    self._run_hooks(
+                        "post_release", self._hook_context(rec), cancel=self._cancel.is_set
                     )
                 except HookError:
                     self._check_cancel()  # stopped: the deploy no longer needs it
@@ -1446,11 +1459,11 @@ class AppAgent:
                 # live ack (after `deploy` said committed) names the new release.
                 self.metrics.set_current_release(self.app.name, rec.release)
             if not self.journal.has("post_symlink"):
-                run_hooks(self.app, "post_symlink", ctx)
+                self._run_hooks("post_symlink", ctx)
                 self.journal.done("post_symlink")
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.clear_backup()
-            run_hooks(self.app, "validate", ctx)
+            self._run_hooks("validate", ctx)
         except (WatcherError, OSError) as exc:
             self.log.error("apply_failed", deploy=rec.id, error=str(exc))
             state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
@@ -1498,7 +1511,7 @@ class AppAgent:
         ctx = self._hook_context(rec)
         if self.engine.post_release_done(rec.release) and self.journal.has("post_release"):
             try:
-                run_hooks(self.app, "post_abort", ctx)
+                self._run_hooks("post_abort", ctx)
             except HookError as exc:
                 self.log.error("post_abort_failed", deploy=rec.id, error=str(exc))
         with self.engine.lock(owner=f"abort {rec.id}"):
@@ -1639,7 +1652,7 @@ class AppAgent:
                     self.engine.stage(artifact, rec.release, rec.id)
                 journal.done("staged")
             if not journal.has("post_release"):
-                run_hooks(self.app, "post_release", ctx)
+                self._run_hooks("post_release", ctx)
                 self.engine.mark_post_release_done(rec.release)
                 journal.done("post_release")
             if not journal.has("flipped"):
@@ -1654,9 +1667,9 @@ class AppAgent:
                 journal.done("flipped")
                 self._write_host(rec.release, force=True)
             if not journal.has("post_symlink"):
-                run_hooks(self.app, "post_symlink", ctx)
+                self._run_hooks("post_symlink", ctx)
                 journal.done("post_symlink")
-            run_hooks(self.app, "validate", ctx)
+            self._run_hooks("validate", ctx)
         except (WatcherError, OSError) as exc:
             self._converge_failures += 1
             delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)

@@ -102,8 +102,15 @@ class ArtifactCache:
         max_bytes: int,
         timeout: float,
         app: str | None = None,
+        on_bytes: Callable[[float], None] | None = None,
+        on_fetched: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_bytes(n)``: n more bytes came from S3 (every attempt's, as they arrive);
+        ``on_fetched(seconds)``: a download ended verified in the cache, after that long
+        (a cache hit is no fetch). The daemon's metrics."""
         self.app_dir = Path(app_dir)
+        self._on_bytes = on_bytes
+        self._on_fetched = on_fetched
         self.dir = self.app_dir / "artifacts"
         self.store = store
         self.app = app  # when set, an artifact's object must be under <prefix>/<app>/
@@ -296,7 +303,8 @@ class ArtifactCache:
             self.touch(record)
             return final
         self.dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         fd = self._open_locked_partial(record, deadline, cancel)
         try:
             if self.is_cached(record):  # a concurrent fetch finished while we waited
@@ -315,6 +323,8 @@ class ArtifactCache:
             _fsync_dir(self.dir)
         finally:
             os.close(fd)
+        if self._on_fetched is not None:
+            self._on_fetched(time.monotonic() - started)
         self.touch(record)
         self.evict(set(protect) | {record.id, record.sha256})
         return final
@@ -534,6 +544,8 @@ class ArtifactCache:
                     )
                 self._write_all(fd, chunk, record, partial)
                 state.update(chunk)
+                if self._on_bytes is not None:
+                    self._on_bytes(len(chunk))
                 if time.monotonic() > deadline:
                     raise S3Unavailable(
                         f"deadline of {self.timeout:.0f}s passed while downloading "

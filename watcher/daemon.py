@@ -506,6 +506,8 @@ class Daemon:
                 max_bytes=app.artifact_cache_bytes,
                 timeout=app.timeouts.download,
                 app=name,
+                on_bytes=self.metrics.artifact_download_bytes.labels(app=name).inc,
+                on_fetched=self.metrics.artifact_fetch_seconds.labels(app=name).observe,
             )
             engine = ReleaseEngine(app, cache)
             agent = AppAgent(

@@ -140,12 +140,21 @@ class LockTimeout(ReleaseError):
 
 
 class HookError(WatcherError):
-    """A hook failed or timed out."""
+    """A hook failed or timed out; ``result`` says which (``watcher.hooks.HOOK_RESULTS``)."""
 
-    def __init__(self, phase: str, hook: str, message: str, output_tail: str = "") -> None:
+    def __init__(
+        self,
+        phase: str,
+        hook: str,
+        message: str,
+        output_tail: str = "",
+        *,
+        result: str = "failed",
+    ) -> None:
         self.phase = phase
         self.hook = hook
         self.output_tail = output_tail
+        self.result = result
         what = "command" if phase == "exec" else f"{phase} hook"  # `watcherctl exec` runs no hook
         super().__init__(f"{what} {hook}: {message}")
 

@@ -123,14 +123,14 @@ class Metrics:
         )
         self.artifact_fetch_seconds = Histogram(
             "watcher_artifact_fetch_seconds",
-            "Time to download and verify an artifact",
+            "Time to download and verify an artifact (downloads that ended verified)",
             ["app"],
             buckets=FETCH_BUCKETS,
             registry=r,
         )
         self.hook_runs = Counter(
             "watcher_hook_runs",
-            "Hook runs by phase and result (ok, failed, timeout)",
+            "Hook runs by phase and result (ok, failed, timeout, cancelled)",
             ["app", "phase", "result"],
             registry=r,
         )

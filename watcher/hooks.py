@@ -39,6 +39,11 @@ TAIL_CHARS = 4096
 #: rate-limits a unit anyway), the rest is counted and the tail is still kept.
 MAX_LINE_BYTES = 4096
 MAX_LOGGED_LINES = 10_000
+#: How a hook that was started ended (``run_hooks``'s ``on_result``; a metric label): by
+#: itself with status 0, by itself otherwise (or it could not start), at its timeout, or
+#: stopped by ``cancel``.
+HOOK_OK, HOOK_FAILED, HOOK_TIMEOUT, HOOK_CANCELLED = "ok", "failed", "timeout", "cancelled"
+HOOK_RESULTS = (HOOK_OK, HOOK_FAILED, HOOK_TIMEOUT, HOOK_CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -182,8 +187,12 @@ def run_hooks(
     *,
     kill_grace: float = KILL_GRACE,
     cancel: Callable[[], bool] | None = None,
+    on_result: Callable[[str], None] | None = None,
 ) -> list[HookResult]:
     """Run every hook of ``phase`` in order; raise HookError at the first failure.
+
+    ``on_result``: told how each hook it tried ended (one of HOOK_RESULTS), before a
+    failure is raised; a hook not started because of ``cancel`` is not one.
 
     ``cancel``: asked while a hook runs (about every 50 ms) and before each one; once it
     says yes, the running hook's group is stopped as at its timeout (SIGTERM, then SIGKILL
@@ -195,7 +204,12 @@ def run_hooks(
     commands = hook_commands(app, phase, release_dir)
     if not commands:
         return []
-    identity = _identity(app, phase)
+    try:
+        identity = _identity(app, phase)
+    except HookError as exc:  # no hook can run (no such user): the first one failed
+        if on_result is not None:
+            on_result(exc.result)
+        raise
     env = base_environ(identity.home, identity.name)
     env.update(ctx.environ(phase))
     results = []
@@ -203,11 +217,26 @@ def run_hooks(
         if cancel is not None and cancel():
             name = _hook_name(argv[0], release_dir)
             raise HookError(phase, name, f"not started: {CANCELLED}")
-        results.append(
-            _run_one(
-                app, phase, argv, release_dir, env, identity, app.timeouts.hook, kill_grace, cancel
+        try:
+            results.append(
+                _run_one(
+                    app,
+                    phase,
+                    argv,
+                    release_dir,
+                    env,
+                    identity,
+                    app.timeouts.hook,
+                    kill_grace,
+                    cancel,
+                )
             )
-        )
+        except HookError as exc:
+            if on_result is not None:
+                on_result(exc.result)
+            raise
+        if on_result is not None:
+            on_result(HOOK_OK)
     return results
 
 
@@ -264,10 +293,11 @@ def _run_one(
     duration = time.monotonic() - started
     tail = run.tail()
     if outcome is not None or proc.returncode != 0:
+        result = run.stopped_by or HOOK_FAILED
         if outcome is None:
             outcome = _describe_status(proc.returncode)
         log.warning("hook_failed", reason=outcome, took_ms=round(duration * 1000))
-        raise HookError(phase, name, outcome, output_tail=tail)
+        raise HookError(phase, name, outcome, output_tail=tail, result=result)
     log.info("hook_finished", took_ms=round(duration * 1000), output_lines=run.lines)
     return HookResult(phase=phase, hook=name, duration=duration, output_lines=run.lines)
 
@@ -299,6 +329,7 @@ class _HookProcess:
         self.kill_grace = kill_grace
         self.cancel = cancel
         self.lines = 0
+        self.stopped_by = ""  # HOOK_TIMEOUT or HOOK_CANCELLED once ``wait`` stopped it
         self._partial = b""
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         # What the hook started outside its group (setsid, or a new process group), found
@@ -376,11 +407,13 @@ class _HookProcess:
                     and not self._exited()  # a hook that ended meanwhile ended by itself
                 ):
                     stopped = f"stopped: {CANCELLED}"
+                    self.stopped_by = HOOK_CANCELLED
                     self.log.warning("hook_cancelled")
                     self._stop(signal.SIGTERM)
                     term_at = now
                 if stopped is None and now >= deadline:
                     stopped = f"timed out after {self.timeout:g}s"
+                    self.stopped_by = HOOK_TIMEOUT
                     self.log.warning("hook_timeout", timeout=self.timeout)
                     self._stop(signal.SIGTERM)
                     term_at = now

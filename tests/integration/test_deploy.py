@@ -7,8 +7,10 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
@@ -159,6 +161,69 @@ class TestHappyPath:
                 assert not w.log_events("decision_not_obeyed")
         finally:
             f.stop()
+
+
+class TestMetrics:
+    def test_a_prefetched_deploy_with_hooks_shows_in_every_host_s_metrics(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        """docs/metrics.md's promises after a prefetch and a deploy with a hook in each
+        phase it runs: every host counts its hook runs, the bytes it downloaded once (at
+        the prefetch; the deploy finds the tree) and that one fetch's time."""
+        hook = tmp_path / "ok-hook"
+        hook.write_text("#!/bin/sh\nexit 0\n")
+        hook.chmod(0o755)
+        phases = ("post_release", "post_symlink", "validate")
+        f = Fleet(
+            cluster,
+            s3_settings,
+            tmp_path,
+            kv_prefix=f"w{time.monotonic_ns()}",
+            daemon_extra={"listen": "127.0.0.1:0"},
+            app_extra={"hooks": {phase: str(hook) for phase in phases}},
+        )
+        f.start()
+        try:
+            record = f.publish("v1", announce=True)
+            prefetched = [
+                w.app_dir / "prefetched" / f"{record.id}-{record.sha256[:12]}" for w in f.watchers
+            ]
+            wait_for(lambda: all(p.is_dir() for p in prefetched), 30, "prefetch everywhere", f)
+            result = f.watchers[0].ctl_json("deploy", "web", record.id)
+            assert result["result"] == "committed", result
+            f.wait_idle()
+            for w in f.watchers:
+                got = samples(metrics_text(w.health_port()))
+                for phase in phases:
+                    key = (
+                        "watcher_hook_runs_total",
+                        ("app", "web"),
+                        ("phase", phase),
+                        ("result", "ok"),
+                    )
+                    assert got.get(key) == 1, (w.name, phase, runs_of(got))
+                assert not [
+                    k for k in got if k[0] == "watcher_hook_runs_total" and k[3] != ("result", "ok")
+                ]
+                web = (("app", "web"),)
+                assert got[("watcher_artifact_download_bytes_total", *web)] == record.size, w.name
+                assert got[("watcher_artifact_fetch_seconds_count", *web)] == 1, w.name
+                assert 0 < got[("watcher_artifact_fetch_seconds_sum", *web)] < 30, w.name
+        finally:
+            f.stop()
+
+
+def samples(text: str) -> dict[tuple[Any, ...], float]:
+    """A /metrics text's samples: (name, *sorted label pairs) -> value."""
+    return {
+        (s.name, *sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def runs_of(got: dict[tuple[Any, ...], float]) -> dict[tuple[Any, ...], float]:
+    return {k: v for k, v in got.items() if k[0] == "watcher_hook_runs_total"}
 
 
 def slow_prepare(fleet: Fleet, w: WatcherProc, seconds: float) -> None:

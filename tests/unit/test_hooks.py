@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -431,6 +432,45 @@ class TestFailures:
             assert pid_alive(child)
         finally:
             os.kill(child, 9)
+
+
+class TestResults:
+    """``on_result``: how each hook that was tried ended (``watcher_hook_runs_total``)."""
+
+    def run(self, app: AppConfig, phase: str, release_dir: Path, **kw: Any) -> list[str]:
+        seen: list[str] = []
+        with contextlib.suppress(HookError):
+            run_hooks(app, phase, make_ctx(release_dir), on_result=seen.append, **kw)
+        return seen
+
+    def test_each_hook_is_told_until_the_first_failure(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        ok = write_script(tmp_path / "hooks" / "ok", "exit 0\n")
+        bad = write_script(tmp_path / "hooks" / "bad", "exit 3\n")
+        app = make_app(tmp_path, {"validate": ((str(ok),), (str(bad),), (str(ok),))})
+        assert self.run(app, "validate", release_dir) == ["ok", "failed"]
+
+    def test_a_hook_that_cannot_start_failed(self, tmp_path: Path, release_dir: Path) -> None:
+        app = make_app(tmp_path, {"validate": ((str(tmp_path / "missing"),),)})
+        assert self.run(app, "validate", release_dir) == ["failed"]
+
+    def test_a_timeout_and_a_cancel_are_told_apart(self, tmp_path: Path, release_dir: Path) -> None:
+        hang = write_script(tmp_path / "hooks" / "hang", "exec sleep 1000\n")
+        app = make_app(tmp_path, {"post_release": ((str(hang),),)}, hook_timeout=0.3)
+        assert self.run(app, "post_release", release_dir, kill_grace=0.5) == ["timeout"]
+        started = time.monotonic()
+        slow = make_app(tmp_path, {"post_release": ((str(hang),),)})
+        cancelled = self.run(
+            slow,
+            "post_release",
+            release_dir,
+            kill_grace=0.5,
+            cancel=lambda: time.monotonic() - started > 0.2,
+        )
+        assert cancelled == ["cancelled"]
+        # Not started because of the cancel: no run to tell.
+        assert self.run(slow, "post_release", release_dir, cancel=lambda: True) == []
 
 
 class TestOutput:
