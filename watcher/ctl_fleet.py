@@ -1313,7 +1313,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                         ]
                         for h in a["hosts"].values()
                     ],
-                    ["NODE", "RELEASE", "WATCHER", "DEPLOY", "LAST SEEN"],
+                    ["NODE", "RELEASE", "WATCHER", "DEPLOY", "RECORD UPDATED"],
                 )
             )
             if drift:
