@@ -605,6 +605,7 @@ class AppAgent:
             self.status.state = "contested"
             if self.engine.held() is None and self.store.outcome(deploy_id) is not None:
                 # An operator looked and released the hold: this host is done with it.
+                self._count_part(joined, CONTESTED)
                 self.journal.update(finished=True)
                 self.status.alarm = ""
                 if self.health is not None:
@@ -967,6 +968,7 @@ class AppAgent:
 
     def _finish_part(self, joined: Joined, inflight_id: str | None, inflight_index: int) -> str:
         """This host's part is done: mark the journal finished, help end the deploy."""
+        self._count_part(joined, str((self.journal.read() or {}).get("established")))
         self.journal.update(finished=True)
         cached = self._verdicts.get(joined.id)
         for memo in (self._known, self._own, self._verdicts, self._prepared):
@@ -977,6 +979,24 @@ class AppAgent:
         return self._after_own_part(
             joined.id, inflight_index, cached[0] if cached and cached[0].end_read else None
         )
+
+    def _count_part(self, joined: Joined, established: str) -> None:
+        """``watcher_deploys_total``: once per deploy this host was expected in, when its
+        part is done, by how it ended here. Every host counts its own part (not only the
+        one that writes the end), so a fleet's dashboard sums the hosts' counters."""
+        if self.metrics is None:
+            return
+        if established == COMMIT:
+            own = self._own.get(joined.id)
+            if own is None:  # restarted since its live ack: the ack says how it went
+                ack, _ = self.store.ack(joined.id, self.node)
+                own = ack.state if ack else ""
+            outcome = FAILED_AFTER_COMMIT if own == FAILED_AFTER_COMMIT else COMMITTED
+        elif established == ABORT:
+            outcome = ABORTED
+        else:
+            outcome = CONTESTED
+        self.metrics.deploys.labels(app=self.app.name, outcome=outcome).inc()
 
     def _after_own_part(
         self, deploy_id: str, inflight_index: int, read: Verdict | None = None
@@ -1053,8 +1073,6 @@ class AppAgent:
         )
         if ended:
             self._notify_end(joined, verdict, result)
-        if ended and self.metrics is not None:
-            self.metrics.deploys.labels(app=self.app.name, outcome=verdict.outcome).inc()
         if ended:
             self._mark_ended(deploy_id)
             self._idle_status()

@@ -78,8 +78,8 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         self.deploys = Counter(
             "watcher_deploys",
-            "Deploys this host took part in, by outcome "
-            "(committed, aborted, rolled_back, failed_after_commit, expired)",
+            "Deploys this host was expected in, once its part is done, by how it ended "
+            "here (committed, failed_after_commit, aborted, contested)",
             ["app", "outcome"],
             registry=r,
         )

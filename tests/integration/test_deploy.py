@@ -169,9 +169,10 @@ class TestMetrics:
     ) -> None:
         """docs/metrics.md's promises after a prefetch and a deploy with a hook in each
         phase it runs: every host counts its hook runs, the bytes it downloaded once (at
-        the prefetch; the deploy finds the tree) and that one fetch's time."""
+        the prefetch; the deploy finds the tree) and that one fetch's time; and each host
+        counts the deploy it took part in by how it ended there, the coordinator or not."""
         hook = tmp_path / "ok-hook"
-        hook.write_text("#!/bin/sh\nexit 0\n")
+        hook.write_text(f'#!/bin/sh\n[ -e "{tmp_path}/fail-$WATCHER_PHASE" ] && exit 3\nexit 0\n')
         hook.chmod(0o755)
         phases = ("post_release", "post_symlink", "validate")
         f = Fleet(
@@ -209,6 +210,30 @@ class TestMetrics:
                 assert got[("watcher_artifact_download_bytes_total", *web)] == record.size, w.name
                 assert got[("watcher_artifact_fetch_seconds_count", *web)] == 1, w.name
                 assert 0 < got[("watcher_artifact_fetch_seconds_sum", *web)] < 30, w.name
+            # Every host counts its part (once it is done: a moment after the end).
+            wait_for(
+                lambda: all(deploys_of(w) == {"committed": 1} for w in f.watchers),
+                10,
+                "one committed deploy counted on every host",
+                f,
+            )
+
+            (tmp_path / "fail-post_release").touch()  # every host's post_release fails
+            v2 = f.publish("v2")
+            result = f.watchers[0].ctl("deploy", "web", v2.id, check=False)
+            assert json.loads(result.stdout)["result"] == "aborted", result
+            f.wait_idle()
+            wait_for(
+                lambda: all(deploys_of(w) == {"committed": 1, "aborted": 1} for w in f.watchers),
+                10,
+                "the aborted deploy counted on every host",
+                f,
+            )
+            for w in f.watchers:
+                runs = runs_of(samples(metrics_text(w.health_port())))
+                key = ("watcher_hook_runs_total", ("app", "web"), ("phase", "post_release"))
+                assert runs[(*key, ("result", "failed"))] == 1, (w.name, runs)
+                assert runs[(*key, ("result", "ok"))] == 1, (w.name, runs)
         finally:
             f.stop()
 
@@ -219,6 +244,16 @@ def samples(text: str) -> dict[tuple[Any, ...], float]:
         (s.name, *sorted(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
+    }
+
+
+def deploys_of(w: WatcherProc) -> dict[str, float]:
+    """``watcher_deploys_total{app="web"}`` of ``w``, by outcome."""
+    got = samples(metrics_text(w.health_port()))
+    return {
+        dict(k[1:])["outcome"]: v
+        for k, v in got.items()
+        if k[0] == "watcher_deploys_total" and dict(k[1:])["app"] == "web"
     }
 
 
