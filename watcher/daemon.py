@@ -412,7 +412,9 @@ class EventWatcher(threading.Thread):
                     self.handled.add(e.id for e in fresh)
                 except OSError as exc:  # a full disk: the ids are kept in memory all the same
                     log.warning("handled_events_not_saved", error=str(exc))
-                for event in fresh:
+                # In Lamport order: the agent lists events as gossip brought them, and one
+                # handled first would make an older one of the batch "history" (events_seen).
+                for event in sorted(fresh, key=lambda e: e.ltime):
                     self.out.put(event)
                 self.wake()
 

@@ -64,6 +64,25 @@ def test_buffered_events_are_history_and_handled_ones_are_not_asked_for_again(
     assert all(f"id-{n}" in again for n in range(1, 5))
 
 
+def test_a_batch_is_handed_over_in_lamport_order(tmp_path: Path) -> None:
+    """The agent lists events as gossip brought them, not by Lamport time: the one with
+    the highest handled first would make the others of its batch history."""
+
+    class BatchAgent(ScriptedAgent):
+        def event_list(
+            self, *, index: str | None = None, wait: float | None = None, skip: Any = ()
+        ) -> tuple[str, list[ConsulEvent]]:
+            if index is not None and self.arriving:
+                self.buffer += self.arriving  # all of them in one answer
+                self.arriving = []
+                return "i-batch", [e for e in self.buffer if e.id not in skip]
+            return super().event_list(index=index, wait=wait, skip=skip)
+
+    agent = BatchAgent([], [event(7), event(5), event(6)])
+    got = run(agent, HandledEvents(tmp_path / "events.json", 256))
+    assert [e.ltime for e in got] == [5, 6, 7]
+
+
 def test_a_full_disk_does_not_stop_the_watcher(tmp_path: Path) -> None:
     blocker = tmp_path / "state"
     handled = HandledEvents(blocker / "events.json", 256)
