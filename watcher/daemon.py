@@ -31,7 +31,7 @@ from watcher.barrier import DeployStore
 from watcher.config import Config, load_config
 from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, WatcherError
-from watcher.events import EventRequest, HandledEvents, parse_event
+from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
 from watcher.fsutil import AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.log import get_logger
@@ -60,6 +60,21 @@ FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
 #: Held (flock) by the running daemon in its state_dir and in each app's ``.state/``.
 INSTANCE_LOCK = "daemon.lock"
+#: How this host handled an event (``watcher_events_handled_total{result}``): it did what
+#: the event asks (started the prefetch, woke the loop, started the deploy), another host
+#: had started its deploy, the fleet had already acted on a later event, the deploy could
+#: not start (unknown artifact, one in flight), Consul failed meanwhile, the event does
+#: not parse. Its ``name`` label is the event's name, or "other" for a name no daemon
+#: handles (any agent can fire one: never a label of its own).
+EVENT_ACTED, EVENT_DUPLICATE, EVENT_HISTORY = "acted", "duplicate", "history"
+EVENT_REFUSED, EVENT_FAILED, EVENT_INVALID = "refused", "failed", "invalid"
+_STARTED_AS = {
+    "started": EVENT_ACTED,
+    "exists": EVENT_DUPLICATE,
+    "history": EVENT_HISTORY,
+    "unknown artifact": EVENT_REFUSED,
+    "refused": EVENT_REFUSED,
+}
 
 log = get_logger(component="daemon")
 
@@ -776,35 +791,37 @@ class Daemon:
 
     def _handle_event(self, event: ConsulEvent) -> tuple[str, bool]:
         """(what the cycle line says, whether the apps must be reconciled for it)."""
+        name = event.name if event.name in EVENT_NAMES else "other"
         try:
             req = parse_event(event.id, event.name, event.ltime, event.payload, self.agents)
         except PayloadError as exc:
             log.warning("event_dropped", event_id=event.id, name=event.name, error=str(exc))
-            self.metrics.events_handled.labels(name=event.name, result="invalid").inc()
+            self.metrics.events_handled.labels(name=name, result=EVENT_INVALID).inc()
             return "", False
         try:
-            result = self._act_on(req)
+            counted, result = self._act_on(req)
         except (ConsulError, PayloadError) as exc:
             log.error("event_failed", event_id=event.id, name=event.name, error=str(exc))
-            result = f"failed: {exc}"
-        self.metrics.events_handled.labels(name=event.name, result=result.split(":")[0]).inc()
+            counted, result = EVENT_FAILED, f"failed: {exc}"
+        self.metrics.events_handled.labels(name=name, result=counted).inc()
         log.info("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
         # A prefetch wakes the loop itself when done; a deploy id only rang the bell.
         needs = result not in ("woken", "prefetching")
         return f"event {event.name} {event.id[:8]}: {result}", needs
 
-    def _act_on(self, req: EventRequest) -> str:
+    def _act_on(self, req: EventRequest) -> tuple[str, str]:
+        """(how it was handled, one of the EVENT_* results; what the cycle line says)."""
         agent = self.agents[req.app]
         if req.name == "build-finished":
             assert req.artifact is not None
             future = self._prefetch.submit(agent.prefetch, req.artifact)
             self._prefetches.add(future)
             future.add_done_callback(self._prefetches.discard)
-            return "prefetching"
+            return EVENT_ACTED, "prefetching"
         if req.deploy:
             # The doorbell `watcherctl` rings after its KV write: the loop reads `inflight`
             # anyway (the watch usually got there first), so there is nothing to look up.
-            return "woken"
+            return EVENT_ACTED, "woken"
         app = agent.app
         result = agent.store.start_from_event(
             event_id=req.event_id,
@@ -818,14 +835,15 @@ class Daemon:
             apply_timeout=app.timeouts.apply,
             history_keep=self.config.daemon.history_keep,
         )
+        counted = _STARTED_AS.get(result.split(":")[0], EVENT_FAILED)  # "lost race": failed
         if result == "exists":
             # Another host created it first; if it failed at once (unknown artifact), every
             # host says why, not only the one that wrote it.
             view = agent.store.view(req.event_id)
             view = view.checked() if view is not None else None
             if view is not None and view.decision is not None and view.decision.outcome == ABORT:
-                return f"failed: {view.decision.reason}"
-        return result
+                return counted, f"failed: {view.decision.reason}"
+        return counted, result
 
     # --- reload, status, stop -------------------------------------------------------------
 

@@ -156,7 +156,8 @@ class Metrics:
         )
         self.events_handled = Counter(
             "watcher_events_handled",
-            "Consul events handled, by name and result (acted, duplicate, history, invalid)",
+            "Consul events handled, by name and result (acted, duplicate, history, refused, "
+            "failed, invalid)",
             ["name", "result"],
             registry=r,
         )
