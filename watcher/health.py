@@ -92,7 +92,7 @@ class Metrics:
         )
         self.deploy_phase_seconds = Histogram(
             "watcher_deploy_phase_seconds",
-            "Time this host spent in each deploy phase (prepare, decide, apply)",
+            "Time this host spent in each deploy phase (prepare, apply)",
             ["app", "phase"],
             buckets=PHASE_BUCKETS,
             registry=r,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from watcher import daemon, hooks
 from watcher.config import parse_config
 from watcher.health import Metrics
 from watcher.web.app import WebState
@@ -26,3 +27,40 @@ def test_every_metric_is_documented_once() -> None:
     documented = {(name, where) for name, _, where in rows}
     assert len(rows) == len(documented), "a metric is listed twice"
     assert documented == {(n, "daemon") for n in daemon} | {(n, "web") for n in web}
+
+
+def doc_row(metric: str) -> str:
+    rows = [line for line in DOC.read_text().splitlines() if line.startswith(f"| `{metric}` |")]
+    assert len(rows) == 1, metric
+    return rows[0]
+
+
+def test_label_values_are_the_ones_the_code_uses() -> None:
+    """The values a dashboard matches on: every one the code emits is in the docs, and
+    the docs promise none the code never emits."""
+    events = doc_row("watcher_events_handled_total")
+    for value in (
+        daemon.EVENT_ACTED,
+        daemon.EVENT_DUPLICATE,
+        daemon.EVENT_HISTORY,
+        daemon.EVENT_REFUSED,
+        daemon.EVENT_FAILED,
+        daemon.EVENT_INVALID,
+    ):
+        assert f"`{value}`" in events, value
+    hook_runs = doc_row("watcher_hook_runs_total")
+    assert all(f"`{value}`" in hook_runs for value in hooks.HOOK_RESULTS), hook_runs
+    # Observed: prepare and apply (agent._observe); no "decide" phase.
+    phases = doc_row("watcher_deploy_phase_seconds")
+    assert (
+        "`prepare`" in phases
+        and "`apply`" in phases
+        and "`decide`" not in phases
+        and "decide," not in phases
+    )
+    # An abort that was not established within the request's wait answers "undecided".
+    assert "`undecided`" in doc_row("watcher_web_writes_total")
+    assert "`reconcile`" in doc_row("watcher_consul_errors_total")
+    deploys = doc_row("watcher_deploys_total")
+    for value in ("committed", "failed_after_commit", "aborted", "contested"):
+        assert f"`{value}`" in deploys, value
