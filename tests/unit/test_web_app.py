@@ -162,6 +162,10 @@ class TestRefusedBeforeConsul:
         }
         assert served == routes
         assert all(p.startswith(("/api/v1/", "/healthz", "/metrics")) for p, _ in served)
+        # OpenAPI wants each operationId once: client generators refuse a duplicate.
+        ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+        assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+        assert client.head("/healthz").status_code == 200
 
 
 class TestTheDescriptionTellsTheTruth:

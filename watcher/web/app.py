@@ -973,14 +973,17 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     # --- the page and the daemon-style endpoints ----------------------------------------
 
     # HEAD too: load balancers and `curl -I` probe with it.
-    @app.api_route(
+    @app.get(
         "/healthz",
-        methods=["GET", "HEAD"],
         summary="The server is up (does not ask Consul)",
         responses=errors(400),
     )
     async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
+
+    # HEAD as its own route, out of the schema: one route with both methods gave both
+    # operations one operationId, which OpenAPI forbids (client generators stop there).
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics",
