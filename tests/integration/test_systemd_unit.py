@@ -271,3 +271,5 @@ class TestWebUnit:
         assert start.split()[1:4] == ["web", "-c", "${CREDENTIALS_DIRECTORY}/web.yaml"]
         assert service["LoadCredential"] == ["web.yaml:/etc/watcher/web.yaml"]
         assert "--listen 127.0.0.1:" in start
+        # Not the daemon's environment: it holds the host's token and S3 credentials.
+        assert service["EnvironmentFile"] == ["-/etc/watcher/web.env"]
