@@ -263,3 +263,15 @@ class TestThePage:
         expect(page.locator("#consul-status")).to_be_hidden(timeout=60_000)
         expect(page.locator("#fleet tr.host")).to_have_count(3)
         assert page.evaluate("window.__no_reload") == 1, "the page reloaded"
+
+        # A watcher stops, and starts again: the fleet table follows, no deploy involved.
+        fleet.wait_idle()
+        stopped = fleet.watchers[2]
+        expect(page.locator("#fleet .tag.ok")).to_have_count(3, timeout=60_000)
+        stopped.stop()
+        row = page.locator(f'#fleet tr.host[data-node="{stopped.name}"]')
+        expect(row.locator(".tag.bad")).to_have_text("down", timeout=60_000)
+        expect(page.locator("#fleet .tag.ok")).to_have_count(2)
+        stopped.start()
+        expect(row.locator(".tag.ok")).to_have_text("alive", timeout=60_000)
+        assert page.evaluate("window.__no_reload") == 1, "the page reloaded"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import time
 import typing
 import weakref
@@ -467,6 +468,24 @@ def live_snapshot(store: DeployStore) -> Snapshot:
     }
 
 
+def sections_mark(store: DeployStore) -> str:
+    """A digest of what the page's fleet and builds sections show (each watcher alive or
+    not, each host's release, hold, alarm and prefetched builds, the builds there are): the
+    live view sends it, and the page fetches those sections again when it changes (a host
+    going down or coming back, a new build), not on every ack of a deploy."""
+    members = store.members()
+    hosts = store.hosts()
+    rows = [
+        [n, n in members, h.release, h.hold, h.alarm, list(h.prefetched)]
+        if (h := hosts.get(n))
+        else [n, True]
+        for n in sorted(set(members) | set(hosts))
+    ]
+    names = store.consul.kv_keys(store.keys.artifacts_prefix)
+    text = json.dumps([rows, names], separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _human_size(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -838,6 +857,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     def _snapshot_with_html(store: DeployStore) -> Snapshot:
         snap = live_snapshot(store)
+        snap["sections"] = sections_mark(store)
         snap["html"] = templates.get_template("_live.html").render(
             app=store.app, live=snap, loopback=state.loopback
         )

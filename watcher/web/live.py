@@ -21,19 +21,18 @@ RETRY_MIN, RETRY_MAX = 0.5, 5.0  # back-off while Consul is unreachable
 CLIENT_QUEUE = 16  # snapshots a slow SSE client may lag behind before older ones are dropped
 
 
-def wait_for_change(store: DeployStore, deploy_id: str | None, index: int, wait: float) -> int:
-    """THE one blocking call of the live view: return when ``inflight`` or this deploy's keys
-    change (or after ``wait`` seconds), with the index to pass next time.
+def wait_for_change(store: DeployStore, index: int, wait: float) -> int:
+    """THE one blocking call of the live view: return when any key of the app changes (or
+    after ``wait`` seconds), with the index to pass next time.
 
-    With no deploy in flight, block on the ``inflight`` key. With one, block on the names of
-    the app's keys (KV layout 2 spreads a deploy over ``requests/``, every host's
-    ``progress/<node>/``, ``decisions/`` and ``outcomes/``): a list of names, never values,
-    so one wake-up costs little, and nothing but this function names a key.
+    It blocks on the names of the app's keys: KV layout 2 spreads a deploy over
+    ``requests/``, every host's ``progress/<node>/``, ``decisions/`` and ``outcomes/``, and
+    what the page's other sections show changes elsewhere (a watcher's member key going
+    with its session, a host record, a new build, ``history``). A list of names (one level:
+    Consul's index covers the whole tree), never values, so one wake-up costs little; an
+    idle app changes nothing, and nothing but this function names a key.
     """
-    if deploy_id is None:
-        new_index, _ = store.consul.kv_get_blocking(store.keys.inflight, index, wait)
-    else:
-        new_index, _ = store.consul.kv_keys_blocking(store.keys.base + "/", index, wait)
+    new_index, _ = store.consul.kv_keys_blocking(store.keys.base + "/", index, wait)
     return new_index
 
 
@@ -124,7 +123,6 @@ class LiveFeed:
             )
 
     def _watch(self) -> None:
-        deploy_id: str | None = None
         index = 0
         delay = RETRY_MIN
         last: Snapshot | None = None
@@ -144,11 +142,8 @@ class LiveFeed:
             if snap != last:
                 self._publish(snap)
                 last = snap
-            inflight = snap.get("inflight")
-            if inflight != deploy_id:
-                deploy_id, index = inflight, 0
             try:
-                new_index = wait_for_change(self.store, deploy_id, index, self._wait)
+                new_index = wait_for_change(self.store, index, self._wait)
             except ConsulError as exc:
                 # The reads answered but the blocking query did not (e.g. a token without
                 # list): back off as for a failed read, never a tight loop of reads.

@@ -6,6 +6,7 @@ const TOKEN_KEY = "watcher-consul-token";
 const body = document.body;
 const app = body.dataset.app;
 let lastInflight;  // undefined until the first snapshot
+let lastSections;  // the digest of the fleet and builds sections the server last sent
 let stale = false;  // the sections may have missed a change (Consul was down, the stream broke)
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
@@ -53,9 +54,12 @@ function onSnapshot(snap) {
   const live = document.getElementById("live");
   if (live) live.innerHTML = snap.html;
   const changed = lastInflight !== undefined && lastInflight !== snap.inflight;
-  if (changed || stale) refreshSections();
+  // A host went down or came back, a new build: not a deploy's ack (those are in `live`).
+  const moved = lastSections !== undefined && lastSections !== snap.sections;
+  if (changed || moved || stale) refreshSections();
   stale = false;
   lastInflight = snap.inflight;
+  lastSections = snap.sections;
 }
 
 // The live view reads the event stream with fetch, not EventSource: fetch sends the
