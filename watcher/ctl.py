@@ -32,7 +32,12 @@ from watcher.errors import (
 from watcher.log import configure_logging
 
 # Each module defines `register(subparsers, common)` and sets `func(ctx) -> int` on its parsers.
-COMMAND_MODULES = ("watcher.ctl_local", "watcher.ctl_fleet", "watcher.ctl_publish")
+COMMAND_MODULES = (
+    "watcher.ctl_local",
+    "watcher.ctl_fleet",
+    "watcher.ctl_publish",
+    "watcher.ctl_gc",
+)
 # The module that registers each command: `watcherctl <command>` imports only that one, so
 # `status --fleet` does not pay for the hooks, archive and S3 code of the others. Any other
 # first argument (--help, a typo) loads them all. A test keeps this in step with the modules.
@@ -43,6 +48,7 @@ COMMANDS = {
         "watcher.ctl_local",
     ),
     "publish": "watcher.ctl_publish",
+    "gc": "watcher.ctl_gc",
 }
 
 # Exit codes: 0 ok, 1 the operation failed (also a path it cannot use, or a bug), 2 bad
@@ -56,8 +62,9 @@ _SUGGESTED = re.compile(r"`(watcherctl [^`]+)`")
 EXIT_INTERRUPTED = 128 + 2
 EXIT_PIPE = 128 + 13
 # The commands that write to Consul: under sudo without an exported token, they act with
-# the config's token (the host's), so they say so (`rollback --local` writes nothing there).
-CONSUL_WRITERS = frozenset({"deploy", "rollback", "abort", "publish"})
+# the config's token (the host's), so they say so (`rollback --local` writes nothing there,
+# nor `gc` without a node or with --dry-run).
+CONSUL_WRITERS = frozenset({"deploy", "rollback", "abort", "publish", "gc"})
 
 
 class UnknownApp(ConfigError):
@@ -95,6 +102,8 @@ class CtlContext:
         command = getattr(self.args, "command", None)  # exec's own `command` is its argv
         if not isinstance(command, str) or command not in CONSUL_WRITERS:
             return False
+        if command == "gc":  # only forgetting a node writes
+            return bool(getattr(self.args, "nodes", None)) and not self.args.dry_run
         return not getattr(self.args, "local", False)
 
     def app(self, name: str) -> AppConfig:
