@@ -171,6 +171,10 @@ class AppConfig:
     artifact_cache_bytes: int = 5 * 1024**3
     aborted_staging_max_age: float = 7 * 86400.0
     flip_delay: float = FLIP_DELAY
+    #: Whether a raw `consul event -name=deploy|rollback` may start a deploy of this app
+    #: (a doorbell naming an existing request is always heard). Consul's event rules are
+    #: not per app: with per-app operator tokens, turn it off on every host of the app.
+    raw_events: bool = True
     hooks: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -615,6 +619,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             "artifact_cache_bytes",
             "aborted_staging_max_age",
             "flip_delay",
+            "raw_events",
             "hooks",
             "timeouts",
             "limits",
@@ -760,6 +765,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             parse_flip_delay,
             f'a duration from 0 to {FLIP_DELAY_MAX:g}s (like "100ms"; 0 flips at once)',
         ),
+        raw_events=r.get(d, "raw_events", path, True, _bool, "true or false"),
         hooks=MappingProxyType(hooks),
         timeouts=timeouts,
         limits=limits,

@@ -292,7 +292,7 @@ def list_gone(ctx: CtlContext, store: DeployStore) -> int:
                     ]
                     for r in rows
                 ],
-                ["NODE", "LAST SEEN", "RELEASE", "ACKS"],
+                ["NODE", "RECORD UPDATED", "RELEASE", "ACKS"],
             ),
         ]
         if unreadable:

@@ -823,6 +823,20 @@ class Daemon:
             # anyway (the watch usually got there first), so there is nothing to look up.
             return EVENT_ACTED, "woken"
         app = agent.app
+        if not app.raw_events:
+            # Consul's event ACLs are not per app: a token that may fire `deploy` for one
+            # app could otherwise start a deploy of any (the host writes the request).
+            log.warning(
+                "raw_event_refused",
+                event_id=req.event_id,
+                name=req.name,
+                app=req.app,
+                reason=f"apps.{req.app}.raw_events is false",
+            )
+            return EVENT_REFUSED, (
+                f"refused: raw {req.name} events are off for app {req.app} "
+                f"(apps.{req.app}.raw_events); use watcherctl {req.name}"
+            )
         result = agent.store.start_from_event(
             event_id=req.event_id,
             ltime=req.ltime,

@@ -279,6 +279,33 @@ class TestRawEventsAndRollback:
             e3,
         ]
 
+    def test_raw_events_off_start_nothing_and_watcherctl_still_deploys(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        """``raw_events: false``: Consul's event ACLs are not per app, so a token that may
+        fire `deploy` for another app must not start one of this app; the doorbell of
+        `watcherctl deploy`, which names a request written with KV permissions, is heard."""
+        fleet = make_fleet(app_extra={"raw_events": False})
+        v1 = fleet.publish("v1")
+        before = history(fleet)
+        for name, payload in (
+            ("deploy", {"app": "web", "artifact": v1.id}),
+            ("rollback", {"app": "web"}),
+        ):
+            event_id = fire(consul_bin, fleet.cluster.hosts[0], name, json.dumps(payload))
+            wait_for(
+                lambda event_id=event_id: all(  # type: ignore[misc]
+                    any(e.get("event_id") == event_id for e in events_named(w, "raw_event_refused"))
+                    for w in fleet.watchers
+                ),
+                20,
+                f"every host refused raw {name} {event_id}",
+                fleet,
+            )
+        assert fleet.inflight() is None and history(fleet) == before
+        assert store_of(fleet).deploy_record(event_id) is None
+        deploy_ok(fleet, v1.id)
+
 
 # --- 3. bad payloads ---------------------------------------------------------------------------
 

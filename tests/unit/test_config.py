@@ -450,8 +450,8 @@ class TestErrorsNameTheirPath:
                 with_app(keep=3),
                 "apps.web.keep",
                 "aborted_staging_max_age, artifact_cache_bytes, flip_delay, group, hooks, "
-                "keep_releases, limits, on_validate_failure, prefetch, root, shared, timeouts, "
-                "umask, user, webhook",
+                "keep_releases, limits, on_validate_failure, prefetch, raw_events, root, shared, "
+                "timeouts, umask, user, webhook",
             ),
             (
                 with_app(timeouts={"hooks": 1}),
@@ -486,6 +486,13 @@ class TestErrorsNameTheirPath:
         with pytest.raises(ConfigError) as caught:
             parse_config(minimal(apps=["web"]), apps_required=False)
         assert caught.value.problems == ["apps: must be a mapping of app names to their settings"]
+
+    def test_raw_events_default_on_and_take_a_boolean(self) -> None:
+        assert parse(minimal()).apps["web"].raw_events is True
+        assert parse(with_app(raw_events=False)).apps["web"].raw_events is False
+        assert problems(with_app(raw_events="no")) == [
+            'apps.web.raw_events: must be true or false, got "no"'
+        ]
 
     def test_listen_can_be_disabled(self) -> None:
         assert parse(minimal(daemon={"listen": None})).daemon.listen is None
