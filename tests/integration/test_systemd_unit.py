@@ -273,3 +273,5 @@ class TestWebUnit:
         assert "--listen 127.0.0.1:" in start
         # Not the daemon's environment: it holds the host's token and S3 credentials.
         assert service["EnvironmentFile"] == ["-/etc/watcher/web.env"]
+        # Half-open connections must not exhaust the default 1024 files.
+        assert int(service["LimitNOFILE"][0]) >= 16384
