@@ -473,7 +473,7 @@ class _Blocking:
     def __init__(self) -> None:
         self.blocking_calls = 0
 
-    def kv_get_blocking(self, key: str, index: int, wait: float) -> tuple[int, None]:
+    def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, None]:
         self.blocking_calls += 1
         raise ConsulUnavailable("blocking query refused")
 
