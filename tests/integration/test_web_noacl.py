@@ -45,7 +45,19 @@ class TestAclsOff:
             )
             assert r.status_code == 403, r.text
             assert "ACLs disabled" in r.json()["error"] and "loopback" in r.json()["error"]
+            # A made-up token reads nothing either: Consul would take any.
+            for path in ("/api/v1/apps/web/deploys", "/api/v1/apps/web/fleet"):
+                r = c.get(path, headers={"X-Consul-Token": "made-up"})
+                assert r.status_code == 403, (path, r.text)
+                assert "ACLs disabled, so a token proves nothing" in r.json()["error"]
         assert fleet.inflight() is None
+
+        # Nor does a page whose DNS name was rebound to a loopback bind (Host: its name).
+        with TestClient(
+            create_app(config, listen_host="127.0.0.1"), base_url="http://rebind.example:8710"
+        ) as c:
+            r = c.get("/api/v1/apps/web/deploys", headers={"X-Consul-Token": "made-up"})
+            assert r.status_code == 403, r.text
 
         with TestClient(
             create_app(config, listen_host="127.0.0.1"), base_url="http://127.0.0.1:8710"
@@ -53,6 +65,8 @@ class TestAclsOff:
             r = c.post("/api/v1/apps/web/deploys", json={"artifact": v1.id})
             assert r.status_code == 202, r.text
             assert r.json()["requested_by"].endswith("(web, ACLs off)")
+            # The page asks for no token on a write: there is none to give.
+            assert 'data-acls="off"' in c.get("/apps/web").text
         assert fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
         fleet.wait_idle()
 

@@ -355,6 +355,14 @@ class WebState:
         """The client for a read: the server's own token on loopback, else the caller's."""
         token = bearer_token(request)
         if token is not None:
+            if not self.is_local(request) and self.probe_acls() is False:
+                # Consul takes any token then: one made up (or set by a page a DNS name
+                # rebound to this server) would read what only local callers may.
+                raise ApiError(
+                    403,
+                    "Consul has ACLs disabled, so a token proves nothing; reads are served "
+                    f"only to requests from this host ({self.not_local_because(request)})",
+                )
             return self.caller_client(request, token)
         if not self.is_local(request):
             raise ApiError(
@@ -1035,6 +1043,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             "loopback": state.is_local(request),
             "error": "",
             "needs_token": False,
+            # ACLs off: writes take no token (local only), so the page asks for none.
+            "acls_off": state.acls_enabled is False,
         }
         status = 200
         try:
