@@ -1772,10 +1772,12 @@ class AppAgent:
                 break
             time.sleep(0.2 * (attempt + 1))
         else:
-            self.log.error(
-                "prefetch_failed",
+            # A warning, not an error: anyone who may fire `build-finished` can name a build
+            # that does not exist, and every host would log it; nothing here is broken.
+            self.log.warning(
+                "prefetch_skipped",
                 artifact=artifact_id,
-                error=f"no artifact record at {self.store.keys.artifact(artifact_id)}",
+                reason=f"no artifact record at {self.store.keys.artifact(artifact_id)}",
             )
             return
         try:

@@ -306,6 +306,25 @@ class TestRawEventsAndRollback:
         assert store_of(fleet).deploy_record(event_id) is None
         deploy_ok(fleet, v1.id)
 
+    def test_a_build_that_does_not_exist_is_a_warning_not_an_error(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        """Anyone who may fire `build-finished` can name a build nobody published: every
+        host says so once, as a warning, and nothing else happens."""
+        fleet = make_fleet()
+        payload = json.dumps({"app": "web", "artifact": "main-0badc0de"})
+        fire(consul_bin, fleet.cluster.hosts[0], "build-finished", payload)
+        wait_for(
+            lambda: all(events_named(w, "prefetch_skipped") for w in fleet.watchers),
+            30,
+            "every host skipped the prefetch",
+            fleet,
+        )
+        for w in fleet.watchers:
+            [skipped] = events_named(w, "prefetch_skipped")
+            assert skipped["level"] == "warning" and "main-0badc0de" in skipped["reason"]
+            assert not events_named(w, "prefetch_failed")
+
 
 # --- 3. bad payloads ---------------------------------------------------------------------------
 
