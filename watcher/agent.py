@@ -726,7 +726,7 @@ class AppAgent:
         itself; the decision key is only the wake-up that makes it look), or ""."""
         abort = self.store.abort_requested(joined.id)
         if abort is not None:
-            return f"abort requested by {abort.by}: {abort.reason}".rstrip(": ")
+            return f"{ABORT_REQUESTED} by {abort.by}: {abort.reason}".rstrip(": ")
         entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
         if entry is not None and self.store.establish(joined).outcome == ABORT:
             return ABORT_ESTABLISHED
@@ -1327,7 +1327,11 @@ class AppAgent:
             if abort is None and time.monotonic() - started > ABORT_POLL_AFTER:
                 abort = self.store.abort_requested(rec.id)  # one that came while staging
             if abort is not None:
-                raise DeployRefused(f"abort requested by {abort.by}: {abort.reason}".rstrip(": "))
+                why = f"{ABORT_REQUESTED} by {abort.by}: {abort.reason}".rstrip(": ")
+                self.log.info("prepare_stopped", deploy=rec.id, reason=why)
+                self._ack(joined, ABORTED, error=why, timings={"failed_at": iso(utcnow())})
+                self._observe("prepare", started)
+                return
             if utcnow() >= self._deadlines(rec)[0]:
                 raise DeployRefused("prepare deadline passed before this host was ready")
         except (_Cancelled, StagingCancelled):
@@ -1378,7 +1382,7 @@ class AppAgent:
         except AbortRequested:
             abort = self.store.abort_requested(rec.id)
             who = f" by {abort.by}: {abort.reason}".rstrip(": ") if abort else ""
-            self._ack(joined, FAILED, error=f"abort requested{who}")
+            self._ack(joined, ABORTED, error=f"{ABORT_REQUESTED}{who}")
             return
         if written is not None and written.extras and lock:
             self._coordinating = rec.id
@@ -1883,13 +1887,15 @@ def decided_by(member: KVEntry) -> dict[str, str]:
 
 
 ABORT_ESTABLISHED = "the deploy was aborted"  # why a host stops staging: others said no
+ABORT_REQUESTED = "abort requested"  # ... or an operator asked (`watcherctl abort`, the API)
 
 
 def _stopped_state(why: str) -> str:
     """The ack of a host that stops staging: ``aborted`` when the acks already establish
-    the abort (this host did not fail, and is not named as failing), ``failed`` when its
-    own "no" is what aborts the deploy (an abort request, a deadline, inflight moved)."""
-    return ABORTED if why == ABORT_ESTABLISHED else FAILED
+    the abort or an operator asked for it (this host did not fail, and is not named as
+    failing: an alert on failing hosts must not page for a deliberate abort), ``failed``
+    when its own "no" is what aborts the deploy (a deadline, inflight moved)."""
+    return ABORTED if why == ABORT_ESTABLISHED or why.startswith(ABORT_REQUESTED) else FAILED
 
 
 class _Cancelled(Exception):

@@ -144,6 +144,42 @@ class TestWebhookFromTheCoordinator:
         finally:
             fleet.stop()
 
+    def test_an_operators_abort_names_no_host_failing(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """`watcherctl abort` while every host is in a slow post_release: no host failed,
+        so each acks ``aborted`` with the operator's reason, and the message names no
+        failing host (an alert on failing hosts must not page for a deliberate abort)."""
+        fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "5s")
+        for w in fleet.watchers:
+            fleet.give_hook(w, "post_release", 4)
+        fleet.start()
+        try:
+            v1 = fleet.publish("v1")
+            started = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
+            deploy_id = started["deploy"]
+            wait_for(lambda: "started" in events(receiver, deploy_id), 20, "started")
+            answer = fleet.watchers[0].ctl_json("abort", deploy_id, "--reason", "wrong build")
+            assert answer["aborted"], answer
+            assert fleet.wait_outcome(deploy_id)["result"] == "aborted"
+            fleet.wait_idle()
+            acks = [
+                json.loads(entry.value)
+                for w in fleet.watchers
+                if (entry := fleet.kv.kv_get(fleet.keys.progress(deploy_id, w.name)))
+            ]
+            assert len(acks) == 3 and {a["state"] for a in acks} == {"aborted"}, acks
+            assert all("abort requested by" in a["error"] for a in acks), acks
+            assert all(a["error"].endswith("wrong build") for a in acks), acks
+            wait_for(lambda: "aborted" in events(receiver, deploy_id), 20, "aborted")
+            [body] = [
+                b for b in receiver.bodies if b["deploy"] == deploy_id and b["event"] == "aborted"
+            ]
+            assert body["failing_hosts"] == {}, body
+            assert "wrong build" in body["reason"] and "(and" not in body["reason"], body
+        finally:
+            fleet.stop()
+
     def test_a_hanging_receiver_does_not_delay_the_deploy(
         self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, receiver: Receiver
     ) -> None:
