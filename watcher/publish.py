@@ -458,10 +458,22 @@ def tty_progress(stream: IO[str] | None = None) -> ProgressFn | None:
     return progress
 
 
-def _refuse_existing(artifact_id: str, theirs: str, ours: str, where: str) -> ArtifactRefused:
+def _refuse_existing(
+    artifact_id: str, theirs: str, ours: str, where: str, branches: tuple[str, str] = ("", "")
+) -> ArtifactRefused:
+    """The refusal of an id already published with other bytes; ``branches``: the existing
+    record's branch and this build's, when known: two branch names can give one id."""
+    hint = ""
+    their_branch, our_branch = branches
+    if their_branch and our_branch and their_branch != our_branch:
+        hint = (
+            f"; it was published from branch {their_branch!r}, and this build's branch "
+            f"{our_branch!r} gives the same id (every character outside [A-Za-z0-9._-] "
+            "becomes '-'): name this one with --artifact-id"
+        )
     return ArtifactRefused(
         f"artifact {artifact_id} already exists with sha256 {theirs} ({where}); "
-        f"this build is {ours}"
+        f"this build is {ours}{hint}"
     )
 
 
@@ -568,7 +580,7 @@ def _publish(
             existing = _record_of(entry, kv_key)
             stale: KVEntry | None = None
             if entry is not None and existing is not None and existing.sha256 != sha256:
-                _check_stale(consul, store, existing, keys.pin(artifact_id), kv_key, sha256)
+                _check_stale(consul, store, existing, keys.pin(artifact_id), kv_key, sha256, branch)
                 stale, existing = entry, None
             _check_pin(consul, keys.pin(artifact_id), artifact_id, sha256)
             # Whether this publish wrote the record (``writing``: the write may have reached
@@ -600,7 +612,13 @@ def _publish(
                         winner = _read_record(consul, kv_key)
                         if winner is None or winner.sha256 != sha256:
                             theirs = winner.sha256 if winner else "(record vanished)"
-                            raise _refuse_existing(artifact_id, theirs, sha256, kv_key)
+                            raise _refuse_existing(
+                                artifact_id,
+                                theirs,
+                                sha256,
+                                kv_key,
+                                (winner.branch if winner else "", branch),
+                            )
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
                 s3_key = store.parse_url(record.url, app=app)
@@ -644,10 +662,11 @@ def _check_stale(
     pin_key: str,
     kv_key: str,
     sha256: str,
+    branch: str = "",
 ) -> None:
     """Refuse to replace ``record`` (other bytes) unless it is stale: its object is missing
     and no host pinned the id, so nobody has or can have verified its bytes."""
-    refusal = _refuse_existing(record.id, record.sha256, sha256, kv_key)
+    refusal = _refuse_existing(record.id, record.sha256, sha256, kv_key, (record.branch, branch))
     if consul.kv_get(pin_key) is not None:
         raise refusal
     try:

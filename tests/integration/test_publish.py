@@ -199,6 +199,21 @@ class TestPublish:
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == first.sha256
         assert len(events_for(consul, "clash-1")) == 1  # only the first publish's
 
+    def test_two_branches_that_give_one_id_are_told_apart_in_the_refusal(
+        self, config: Config, consul: ConsulClient, src: Path
+    ) -> None:
+        """`release/1.2` and `release-1.2` at one commit both become `release-1.2-<sha>`: the
+        refusal says so and how to publish the second (otherwise it reads as a mystery)."""
+        first = publish(config, src, branch="release/1.2")
+        assert first.id == f"release-1.2-{COMMIT[:8]}"
+        (src / "app.py").write_text("print('the other branch')\n")
+        with pytest.raises(ArtifactRefused) as err:
+            publish(config, src, branch="release-1.2")
+        message = str(err.value)
+        assert "published from branch 'release/1.2', and this build's branch" in message
+        assert "'release-1.2' gives the same id" in message and "--artifact-id" in message
+        assert kv_record(consul, first.id) == first
+
     def test_an_unrecorded_object_with_other_content_is_refused(
         self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
     ) -> None:
