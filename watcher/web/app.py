@@ -269,8 +269,14 @@ def bearer_token(request: Request) -> str | None:
 def _token_shape(token: str) -> str:
     """A token goes into a header to Consul: one that is not visible ASCII is the caller's
     mistake (a 401 here), not a 502 from Consul's 400."""
-    if len(token) > 256 or not all("!" <= c <= "~" for c in token):
-        raise ApiError(401, "the Consul ACL token must be at most 256 visible ASCII characters")
+    if len(token) > 256:
+        raise ApiError(401, f"the Consul ACL token is {len(token)} characters, over 256")
+    bad = next((c for c in token if not "!" <= c <= "~"), None)
+    if bad is not None:
+        what = "a space" if bad == " " else f"the character {bad!a}"
+        raise ApiError(
+            401, f"the Consul ACL token holds {what}: it must be visible ASCII characters only"
+        )
     return token
 
 
