@@ -835,8 +835,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if state.streams_of.get(caller, 0) >= SSE_MAX_PER_CALLER:
             raise ApiError(
                 503,
-                f"{SSE_MAX_PER_CALLER} live streams of this caller are open (one per page "
-                "is enough); close one and try again",
+                f"{SSE_MAX_PER_CALLER} live streams of this caller are open (a caller is "
+                "its token, or every caller on this host without one; a page holds one, "
+                "and one whose client is gone is freed when a write to it fails, minutes "
+                "later for a peer that vanished from the network); close one and try again",
             )
         if state.streams >= SSE_MAX_STREAMS:
             raise ApiError(503, f"{SSE_MAX_STREAMS} live streams are open; try again later")
