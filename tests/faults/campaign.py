@@ -153,6 +153,9 @@ class DeployResult:
     to_converged: float | None = None
     note: str = ""
     violations: list[inv.Violation] = field(default_factory=list)
+    #: `status --fleet` still exited 1 (it shows something it does not trust) once the
+    #: fleet had settled: not a violation of DESIGN.md 6, but never a healthy fleet's state.
+    status_in_doubt: str = ""
 
 
 @dataclass
@@ -187,6 +190,9 @@ class Report:
             "commits": sum(r.decision == "commit" for r in self.results),
             "aborts": sum(r.decision == "abort" for r in self.results),
             "not_started": sum(r.deploy is None for r in self.results),
+            "status_in_doubt": [
+                {"deploy": r.n, "why": r.status_in_doubt} for r in self.results if r.status_in_doubt
+            ],
             "time_to_decision_s": spread(
                 [r.to_decision for r in self.results if r.to_decision is not None]
             ),
@@ -224,6 +230,8 @@ class Report:
             f"in {s['wall_s']} s",
             "faults: " + ", ".join(f"{k} {v}" for k, v in s["faults"].items()),
             f"commits {s['commits']}, aborts {s['aborts']}, not started {s['not_started']}",
+            f"status --fleet in doubt (exit 1) after settling: {len(s['status_in_doubt'])}"
+            + "".join(f"\n  deploy {d['deploy']}: {d['why']}" for d in s["status_in_doubt"]),
             "time to decision (s): " + _fmt(s["time_to_decision_s"]),
             "time to convergence (s): " + _fmt(s["time_to_convergence_s"]),
         ]
@@ -241,6 +249,19 @@ class Report:
             f"  deploy {v['deploy']}: {v['violation']}  ({v['replay']})" for v in s["violations"]
         ]
         return "\n".join(lines)
+
+
+def _doubt_of(data: dict[str, Any]) -> str:
+    """What made `status --fleet` exit 1, from its JSON: the records it did not trust, a
+    contested or BROKEN deploy."""
+    app = data.get(APP) or {}
+    dep = app.get("deploy") or {}
+    said = [*(app.get("current_problems") or {}).values(), *(dep.get("distrusted") or ())]
+    if dep.get("problem"):
+        said.append(str(dep["problem"]))
+    if dep.get("decision") == "contested":
+        said.append(f"deploy {dep.get('id')} contested")
+    return "; ".join(str(x) for x in said)[:300] or "exit 1 with nothing named"
 
 
 def _num(value: float | None) -> str:
@@ -285,6 +306,7 @@ class Campaign:
             endpoint_url=self.proxy.endpoint_url,
         )
         self.prefix = f"faults{seed}x{uuid.uuid4().hex[:6]}"
+        self.status_doubt = ""  # why the last `status --fleet` exited 1, if it did
         self.fleet = Fleet(cluster, settings, workdir, app=APP, kv_prefix=self.prefix)
         self.fleet.kv = consul_for(cluster.server)  # client agents get killed and cut off
         self.ctl = workdir / "ctl"
@@ -629,6 +651,9 @@ class Campaign:
         self.restore()
         result.violations += self._wait_settled(started, result)
         result.violations += self.check()
+        if self.status_doubt:
+            result.status_in_doubt = self.status_doubt
+            notes.append(f"status --fleet exited 1: {self.status_doubt}")
         snap = self.snapshot()
         if result.deploy is not None:
             result.decision = inv.decision_of(snap, result.deploy)
@@ -673,13 +698,18 @@ class Campaign:
         w = via or random.choice(self.watchers)
         result = w.ctl("status", "--fleet", check=False)
         # 1 with the fleet printed: it shows something not trusted (a BROKEN `inflight`, a
-        # record the acks contradict), which the checks below judge for themselves.
+        # record the acks contradict), which the checks below judge for themselves; what it
+        # was is kept, and reported when it stays once the fleet settled.
+        self.status_doubt = ""
         if result.returncode in (0, 1):
             try:
                 data: dict[str, Any] = json.loads(result.stdout)
-                return data
             except ValueError:
                 pass
+            else:
+                if result.returncode == 1:
+                    self.status_doubt = _doubt_of(data)
+                return data
         return {"error": f"status --fleet on {w.name} exited {result.returncode}: {result.stderr}"}
 
     def check(self, *, status_wait: float = STATUS_WAIT) -> list[inv.Violation]:

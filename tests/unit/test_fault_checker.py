@@ -125,3 +125,31 @@ class TestChecks:
         found = inv.check_status(status, "web", disks, R1)
         assert [(v.kind, v.node) for v in found] == [("status_disagrees", "a")]
         assert R2 in found[0].detail
+
+
+class TestStatusInDoubt:
+    """The campaign reports a settled fleet whose `status --fleet` still exited 1, naming
+    what it did not trust (a healthy fleet never does that)."""
+
+    def test_what_made_status_exit_1_is_named_and_reported(self) -> None:
+        from tests.faults.campaign import APP, DeployResult, Plan, Report, _doubt_of
+
+        data = {
+            APP: {
+                "current_problems": {"current": "current names d9, which no ack commits"},
+                "deploy": {"id": "d2", "decision": "contested", "distrusted": ["the outcome"]},
+            }
+        }
+        why = _doubt_of(data)
+        assert why == "current names d9, which no ack commits; the outcome; deploy d2 contested"
+        assert _doubt_of({APP: {"deploy": {"problem": "`inflight` holds no deploy id"}}}) == (
+            "`inflight` holds no deploy id"
+        )
+        report = Report(seed=7, hosts=5)
+        plan = Plan(
+            n=3, fault="none", victim=0, coordinator=False, delay=0, hold=0, starter=0, times=None
+        )
+        report.results.append(DeployResult(n=3, plan=plan, status_in_doubt=why))
+        text = report.render()
+        assert "status --fleet in doubt (exit 1) after settling: 1" in text
+        assert f"  deploy 3: {why}" in text
