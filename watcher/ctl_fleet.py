@@ -1010,7 +1010,10 @@ def _host_status(
     # check or a script must not read "ok" from it (3, as `systemctl status` says).
     if not daemon.get("running"):
         return EXIT_UNAVAILABLE
-    return EXIT_FAILED if any(map(_in_doubt, data["apps"].values())) else EXIT_OK
+    # Running and unhealthy (no session it can get, an alarm, undecided past its limit):
+    # not a host left alone in a good state, whatever the fleet's part says.
+    unhealthy = daemon.get("healthy") is False
+    return EXIT_FAILED if unhealthy or any(map(_in_doubt, data["apps"].values())) else EXIT_OK
 
 
 def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
@@ -1141,8 +1144,11 @@ def _human_status(data: dict[str, Any]) -> str:
     """This host's status for a person; the commands it suggests are plain (watcherctl
     adds the -c given: ``CtlContext.with_config``)."""
     d = data["daemon"]
+    problems = "; ".join(map(ids.one_line, d.get("problems") or ())) or "see its /health"
     daemon = (
-        f"watcher running (pid {d['pid']})"
+        f"watcher running (pid {d['pid']}) but UNHEALTHY: {problems}"
+        if d.get("running") and d.get("healthy") is False
+        else f"watcher running (pid {d['pid']})"
         if d.get("running")
         else f"watcher NOT RESPONDING ({d.get('reason', '')})"
         if d.get("stuck")

@@ -34,6 +34,7 @@ from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, 
 from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
 from watcher.fsutil import AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
+from watcher.ids import one_line
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow
@@ -234,6 +235,10 @@ class SessionKeeper(threading.Thread):
             except Exception as exc:  # ConsulError, or anything: the keeper must not die
                 self.metrics.session_renew_failures.inc()
                 log.warning("session_renew_failed", error=str(exc))
+                if self.session_id is None:
+                    # /health and `watcherctl status` say why this host cannot join (Consul
+                    # refusing the TTL or the token), not only "no session yet".
+                    self.health.session_lost(f"no Consul session: {one_line(str(exc))}")
                 self.stopping.wait(min(1.0, interval))
                 continue
             self.stopping.wait(interval)
@@ -945,7 +950,7 @@ class Daemon:
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):
                 apps[name]["downloading"] = downloads  # prefetch or prepare, with progress
-        said = (self._session_id(), healthy, apps)
+        said = (self._session_id(), healthy, apps, details["problems"])
         if not force and said == self._status_said:
             self._status_held = False
             return
@@ -963,6 +968,7 @@ class Daemon:
             "updated_at": iso(utcnow()),
             "session": said[0],
             "healthy": healthy,
+            "problems": details["problems"],  # what /health says is wrong, for status
             "apps": apps,
             "last_cycle": self._last_line[:2000],
         }

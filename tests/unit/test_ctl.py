@@ -508,6 +508,23 @@ class TestStatusWithoutTheFleet:
         assert "UNREACHABLE" not in text
         assert "consul REFUSED THE TOKEN at http://127.0.0.1:8500: ACL not found" in text
 
+    def test_a_running_daemon_that_is_unhealthy_says_why(self) -> None:
+        """Running is not working: a daemon Consul refuses a session (a TTL below the
+        server's minimum, a token for another node) never joins a deploy."""
+        problem = (
+            "no Consul session: Invalid Session TTL '3000000000', must be between [10s=24h0m0s]"
+        )
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": True, "pid": 42, "healthy": False, "problems": [problem]},
+            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
+            "apps": {},
+        }
+        first = _human_status(data).splitlines()[0]
+        assert first.startswith(f"host h1: watcher running (pid 42) but UNHEALTHY: {problem};")
+        data["daemon"] = {"running": True, "pid": 42, "healthy": True, "problems": []}
+        assert _human_status(data).startswith("host h1: watcher running (pid 42); consul")
+
 
 def default_sigint() -> None:
     """In the child: SIGINT as a terminal delivers it. A test suite started in the

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from watcher.daemon import SESSION_FILE, SessionKeeper
+from watcher.errors import ConsulRequestError
 from watcher.health import HealthState, Metrics
 
 
@@ -125,3 +127,33 @@ def test_a_kept_session_still_good_is_reused(tmp_path: Path) -> None:
     keep(tmp_path, "s1")
     assert keeper(consul, tmp_path).obtain() == "s1"
     assert not [c for c in consul.calls if c[0] in ("destroy", "create")], consul.calls
+
+
+def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
+    """Consul refusing the session (a TTL below its session_ttl_min, a token for another
+    node): /health and `watcherctl status` name Consul's reason, not "no session yet"."""
+
+    class Refusing(ScriptedConsul):
+        def session_create(self, name: str, ttl: float, **_: Any) -> str:
+            self.calls.append(("create", "refused"))
+            raise ConsulRequestError(
+                "Invalid Session TTL '3000000000', must be between [10s=24h0m0s]"
+            )
+
+    consul = Refusing(set())
+    k = keeper(consul, tmp_path)
+    k.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ("create", "refused") not in consul.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.1)
+        healthy, details = k.health.check()
+    finally:
+        k.stopping.set()
+        k.join(5)
+    assert not healthy
+    assert details["problems"] == [
+        "no Consul session: Invalid Session TTL '3000000000', must be between [10s=24h0m0s]"
+    ]
