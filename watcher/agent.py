@@ -667,13 +667,15 @@ class AppAgent:
                 # without waiting for the hook or extraction in progress (the cleanup runs
                 # when the worker is free).
                 self._stop_staging(why)
-                self._ack(joined, _stopped_state(why), error=why)
+                self._ack(joined, _stopped_state(why), error=why, before_ready=True)
                 own = self._own.get(deploy_id, own)
                 if own in ("", STAGING):
                     return "preparing"
             elif past_prepare or moved:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
-                self._ack(joined, FAILED, error=f"{why} before this host was ready")
+                self._ack(
+                    joined, FAILED, error=f"{why} before this host was ready", before_ready=True
+                )
                 own = self._own.get(deploy_id, own)
             elif deploy_id not in self._resumed and self._decided(joined):
                 # Back after a crash or restart mid-prepare, and the deploy was decided
@@ -1329,7 +1331,13 @@ class AppAgent:
             if abort is not None:
                 why = f"{ABORT_REQUESTED} by {abort.by}: {abort.reason}".rstrip(": ")
                 self.log.info("prepare_stopped", deploy=rec.id, reason=why)
-                self._ack(joined, ABORTED, error=why, timings={"failed_at": iso(utcnow())})
+                self._ack(
+                    joined,
+                    ABORTED,
+                    error=why,
+                    timings={"failed_at": iso(utcnow())},
+                    before_ready=True,
+                )
                 self._observe("prepare", started)
                 return
             if utcnow() >= self._deadlines(rec)[0]:
@@ -1338,7 +1346,9 @@ class AppAgent:
             # Without a reason the loop cancelled it on an abort it established.
             why = self._cancel_reason or ABORT_ESTABLISHED
             self.log.info("prepare_cancelled", deploy=rec.id, reason=why)
-            self._ack(joined, _stopped_state(why), error=f"staging stopped: {why}")
+            self._ack(
+                joined, _stopped_state(why), error=f"staging stopped: {why}", before_ready=True
+            )
             return
         except ConsulUnavailable:
             raise  # KV unreachable: retried from the journal, not a failure of this host
@@ -1382,7 +1392,7 @@ class AppAgent:
         except AbortRequested:
             abort = self.store.abort_requested(rec.id)
             who = f" by {abort.by}: {abort.reason}".rstrip(": ") if abort else ""
-            self._ack(joined, ABORTED, error=f"{ABORT_REQUESTED}{who}")
+            self._ack(joined, ABORTED, error=f"{ABORT_REQUESTED}{who}", before_ready=True)
             return
         if written is not None and written.extras and lock:
             self._coordinating = rec.id

@@ -44,6 +44,7 @@ from watcher.records import (
     NEXT_STATES,
     NODE_FINAL_STATES,
     READY,
+    STAGING,
     AbortRequest,
     ArtifactRecord,
     CurrentRecord,
@@ -1074,10 +1075,17 @@ class DeployStore:
         outcome: bool = False,
         members: bool = True,
         extra_ops: list[dict[str, Any]] | None = None,
+        before_ready: bool = False,
     ) -> Written | None:
         """Move this node's ack forward (CAS on the KV record's own index, never on what
         ``.state/`` remembers); a ready ack also checks that the session the request named
         holds this node's member key. None if not allowed (not forward, lost session).
+
+        ``before_ready``: a "no" this host says while it prepares (an abort request, a
+        deadline, a cancelled staging), written only over no ack or ``staging``. ``ready ->
+        aborted`` is allowed for the intent of an established abort, but a "no" that lost
+        its CAS to this host's own ready ack must not replace it: the commit predicate may
+        already hold on that ready (docs/design.md R4).
 
         ``known`` is the ack and index a previous read or write returned (no re-read).
         With ``establish`` the same txn reads every expected node's ack, the members and
@@ -1101,6 +1109,11 @@ class DeployStore:
             old_state = old.state if old else ""
             if old_state == state and staged is None and not establish:
                 return Written(old, old_index, None) if old is not None else None
+            if before_ready and old_state not in ("", STAGING):
+                log.info(
+                    "progress_veto_too_late", deploy=deploy_id, node=node, old=old_state, new=state
+                )
+                return None
             if old_state != state and state not in NEXT_STATES.get(old_state, frozenset()):
                 log.warning(
                     "progress_not_forward", deploy=deploy_id, node=node, old=old_state, new=state

@@ -38,8 +38,10 @@ NODE_STATES = frozenset(
 NODE_FINAL_STATES = frozenset({FAILED, REFUSED, LIVE, ABORTED, FAILED_AFTER_COMMIT})
 #: An ack that the node staged the request it names (later states keep the ack's fields).
 ACKED_READY_STATES = frozenset({READY, COMMITTED, LIVE, FAILED_AFTER_COMMIT})
-#: An ack that vetoes the deploy. ``aborted`` is written only after a node established the
-#: abort itself, so counting it as a veto never changes an honest fleet's verdict.
+#: An ack that vetoes the deploy. ``aborted`` is written after a node established the abort
+#: itself (over its ready ack: the intent), or before it acked ready, for an operator's
+#: abort request (``write_progress(before_ready=True)``): never over a ready ack that the
+#: commit predicate may already count.
 ABORT_ACK_STATES = frozenset({FAILED, REFUSED, ABORTED})
 #: A host that failed or said no itself: what `history` and the chat message name. Not
 #: ``aborted``: that host only followed an abort another host's ack caused.

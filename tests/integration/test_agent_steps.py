@@ -391,3 +391,54 @@ def test_a_crash_in_a_prefetch_is_logged(rig: Rig) -> None:
         rig.agent.prefetch(rig.artifact.id)
     crashed = [e for e in logs if e["event"] == "prefetch_crashed"]
     assert crashed and crashed[0]["error"] == "RuntimeError('boom')", logs
+
+
+def test_an_abort_request_seen_after_the_own_ready_ack_leaves_it_ready(rig: Rig) -> None:
+    """The loop sees an operator's abort request while the worker's ready ack has just
+    landed (before the worker noted it): the loop's "no" loses its CAS to that ready ack
+    and must not replace it. `ready -> aborted` is allowed for the intent of an
+    established abort; here nothing was established, the commit predicate already held,
+    and host-b, which read it, has flipped. Replacing the ready ack made the deploy
+    contested (found by a review)."""
+    joined = start_deploy(rig.store, "d1", rig.sessions, rig.artifact)
+    rig.ready_b(joined)
+    gate = threading.Event()
+    real_stage = rig.agent.engine.stage
+
+    def held_stage(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(30)
+        return real_stage(*args, **kwargs)
+
+    rig.agent.engine.stage = held_stage  # type: ignore[method-assign]
+    try:
+        assert "prepare started" in rig.step()
+        time.sleep(1.2)  # staging "takes a while": the loop now looks for abort requests
+        rig.step()
+        # host-a's ready ack lands, as the worker's txn would write it ...
+        assert rig.store.write_progress(
+            joined.id,
+            "host-a",
+            READY,
+            joined=joined,
+            session=rig.sessions["host-a"],
+            sha256=rig.artifact.sha256,
+        )
+        # ... host-b reads every ack ready and writes its commit intent ...
+        intent = rig.store.write_progress(
+            joined.id, "host-b", COMMITTED, joined=joined, establish=True
+        )
+        assert intent is not None and intent.verdict is not None
+        assert intent.verdict.outcome == COMMIT
+        # ... and an operator's abort request comes a moment too late.
+        assert rig.store.request_abort(joined.id, "stop it", by="op@laptop")
+        with capture_logs() as logs:
+            rig.step()
+        ack, _ = rig.store.ack(joined.id, "host-a")
+        # Still ready, or already its own commit intent (the same step may follow host-b's
+        # decided mark): never a "no".
+        assert ack is not None and ack.state in (READY, COMMITTED), ack
+        assert any(e["event"] == "progress_veto_too_late" for e in logs), logs
+        assert rig.store.establish(joined).outcome == COMMIT
+    finally:
+        gate.set()
+        wait_for(lambda: not rig.agent.busy(), 30, "host-a's prepare")
