@@ -106,6 +106,20 @@ class CtlContext:
             return bool(getattr(self.args, "nodes", None)) and not self.args.dry_run
         return not getattr(self.args, "local", False)
 
+    def app_names(self, what: str) -> list[str]:
+        """Every configured app, for a command that takes all of them when none is named;
+        a config that lists none (a CI machine's) is refused with what to do (exit 2)."""
+        names = sorted(self.config.apps)
+        if not names:
+            raise ConfigError(
+                self.config.source,
+                [
+                    f"lists no apps, so {what} has nothing to look at: name an app, or use a "
+                    "host's config"
+                ],
+            )
+        return names
+
     def app(self, name: str) -> AppConfig:
         """The app's config; an app the config does not have is the user's typo (exit 2)."""
         config = self.config

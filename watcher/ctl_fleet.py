@@ -682,7 +682,7 @@ def cmd_abort(ctx: CtlContext) -> int:
             )
             return EXIT_USAGE
         app, deploy_id = deploy_id, ctx.args.second
-    apps = [app] if app else sorted(ctx.config.apps)
+    apps = [app] if app else ctx.app_names("abort without --app")
     for name in apps:
         store = _store(ctx, name)
         try:
@@ -935,8 +935,7 @@ def cmd_status(ctx: CtlContext) -> int:
     """This host's part (its disk, its daemon) always; the fleet's part (KV) when Consul
     answers. When it cannot be read, it is shown as unknown, never as "none", and the exit
     code says why (3: Consul), after the local part is printed."""
-    config = ctx.config
-    names = [ctx.args.app] if ctx.args.app else sorted(config.apps)
+    names = [ctx.args.app] if ctx.args.app else ctx.app_names("status")
     for name in names:
         ctx.app(name)
     if ctx.args.fleet:
@@ -960,6 +959,12 @@ def _host_status(
     that could not read the fleet; its JSON keeps the fleet's shape (``_unread_fleet``)."""
     config = ctx.config
     daemon = daemon_status(config.daemon.state_dir)
+    others = set(config.apps) - set(names)
+    if others and daemon.get("problems"):
+        # `status APP`: another app's alarm or undecided deploy is not this app's (each of
+        # those problems starts with its app); the session and the loop are everyone's.
+        mine = [p for p in daemon["problems"] if str(p).split(": ", 1)[0] not in others]
+        daemon.update(problems=mine, healthy=not mine)
     consul = _consul(ctx, quick=True)
     node = config.node or daemon.get("node")
     data: dict[str, Any] = {

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -546,3 +547,50 @@ class TestClosedStdout:
             )
             assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
             assert result.stdout.strip() in ("0", "141"), result
+
+
+class TestAnUnhealthyWatcher:
+    def test_status_names_why_and_only_the_app_asked_about_counts(self, site: Site) -> None:
+        """A running watcher whose /health fails: `status` says why on its first line and
+        exits 1. `status APP` counts the daemon's problems (session, loop) and that app's
+        own (alarm, undecided), not another app's alarm."""
+        data = yaml.safe_load(site.config.read_text())
+        data["apps"]["api"] = {"root": str(site.root / "srv-api")}
+        site.config.write_text(yaml.safe_dump(data))
+        state = site.root / "state"
+        state.mkdir(exist_ok=True)
+
+        def daemon_says(problems: list[str]) -> None:
+            status = {
+                "version": 1,
+                "pid": os.getpid(),  # alive: this test's own process stands in for it
+                "node": site.agent.name,
+                "updated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "session": None if problems and problems[0].startswith("no Consul") else "s",
+                "healthy": not problems,
+                "problems": problems,
+                "apps": {},
+            }
+            (state / "status.json").write_text(json.dumps(status))
+
+        daemon_says(["api: alarm: deploy d1 is contested"])
+        web = site.ctl("status", "web")
+        assert web.returncode == 0, (web.stdout, web.stderr)
+        assert "UNHEALTHY" not in web.stdout and "contested" not in web.stdout
+        api = site.ctl("status", "api")
+        assert api.returncode == 1, (api.stdout, api.stderr)
+        assert "but UNHEALTHY: api: alarm: deploy d1 is contested" in api.stdout.splitlines()[0]
+        daemon_says(["no Consul session: Invalid Session TTL '3000000000'"])
+        web = site.ctl("status", "web")
+        assert web.returncode == 1 and "UNHEALTHY: no Consul session" in web.stdout
+
+    def test_a_config_without_apps_is_told_to_name_one(self, site: Site) -> None:
+        """A CI machine's config (no `apps:`): `status` and `abort` without an app have
+        nothing to look at, and say so (exit 2) instead of printing nothing with 0."""
+        data = yaml.safe_load(site.config.read_text())
+        del data["apps"]
+        site.config.write_text(yaml.safe_dump(data))
+        for argv in (("status",), ("status", "--fleet"), ("abort", "20260101T000000Z-abc123")):
+            result = site.ctl(*argv)
+            assert result.returncode == 2, (argv, result.stdout, result.stderr)
+            assert "lists no apps" in result.stderr and not result.stdout, (argv, result)
