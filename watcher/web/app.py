@@ -73,6 +73,7 @@ HISTORY_LIMIT = 20
 HISTORY_MAX = 200  # the most deploys one history request may ask for
 LIVE_LOOKBACK = 5  # deploys of the history the live view tries when the newest cannot be read
 BUILDS_LIMIT = 30
+SECTIONS_EVERY = 2.0  # seconds between reads of the fleet/builds digest during a deploy
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
 SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
 # Live streams one caller (one token; or this host's callers without one) may hold at once:
@@ -871,9 +872,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    marks: dict[str, tuple[float, str]] = {}  # app -> (when, the sections' digest)
+
     def _snapshot_with_html(store: DeployStore) -> Snapshot:
         snap = live_snapshot(store)
-        snap["sections"] = sections_mark(store)
+        # While a deploy runs, every ack wakes the feed: the digest (three list reads) is
+        # read again at most every SECTIONS_EVERY seconds; at once when none is in flight.
+        when, mark = marks.get(store.app, (0.0, ""))
+        now = time.monotonic()
+        if not mark or not snap["inflight"] or now - when >= SECTIONS_EVERY:
+            when, mark = now, sections_mark(store)
+            marks[store.app] = (when, mark)
+        snap["sections"] = mark
         snap["html"] = templates.get_template("_live.html").render(
             app=store.app, live=snap, loopback=state.loopback
         )

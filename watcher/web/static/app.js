@@ -27,7 +27,23 @@ function consulStatus(text) {
 }
 
 // Re-render the fleet, builds and history from the server (same templates as a reload).
-async function refreshSections() {
+// One fetch at a time, and one more after it when asked meanwhile: a burst of changes (every
+// host flipping) costs two fetches, and an older answer never lands after a newer one.
+let refreshing = null;
+let refreshAgain = false;
+function refreshSections() {
+  if (refreshing) { refreshAgain = true; return refreshing; }
+  refreshing = (async () => {
+    try {
+      do { refreshAgain = false; await refreshOnce(); } while (refreshAgain);
+    } finally {
+      refreshing = null;
+    }
+  })();
+  return refreshing;
+}
+
+async function refreshOnce() {
   const resp = await fetch(location.pathname, { headers: authHeaders() });
   const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
   const fresh = doc.getElementById("content");
