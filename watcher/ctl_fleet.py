@@ -568,7 +568,12 @@ def progress_lines(view: DeployView, seen: dict[str, str]) -> list[str]:
         detail = f": {ids.one_line(progress.error)}" if progress.error else ""
         lines = [f"  {node}: {progress.state}{detail}"]
         lines += [f"    | {line}" for line in _tail_lines(progress.output_tail)]
-        (after if new_decision and progress.state in _AFTER_DECISION else before).extend(lines)
+        # A host that stopped for an operator's abort request acks `aborted` before any
+        # decision: that "no" is what the decision follows.
+        follows = progress.state in _AFTER_DECISION and not (
+            progress.state == ABORTED and progress.error.startswith("abort requested")
+        )
+        (after if new_decision and follows else before).extend(lines)
     if decision is not None and new_decision:
         seen["<decision>"] = decision.outcome
         before.append(f"  decision: {decision.outcome} ({ids.one_line(decision.reason)})")

@@ -249,6 +249,19 @@ def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None
         "  a: live",
         "  b: committed",
     ]
+    # An operator's abort request: the hosts' "no" (aborted, with the request) comes first.
+    seen = {}
+    asked = view({"a": "ready", "b": "staging", "c": "staging"}, None)
+    asked.nodes["b"] = NodeProgress(node="b", state="aborted", error="abort requested by op")
+    asked = DeployView(
+        rec, Decision("abort", "node b aborted", "b", "t"), asked.nodes, {}, None, None
+    )
+    assert progress_lines(asked, seen) == [
+        "  a: ready",
+        "  b: aborted: abort requested by op",
+        "  c: staging",
+        "  decision: abort (node b aborted)",
+    ]
     # An abort: the failure that caused it first, then the decision, then who followed it.
     seen = {}
     failed = progress_lines(view({"a": "failed", "b": "aborted", "c": "ready"}, "abort"), seen)
