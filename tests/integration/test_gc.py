@@ -2,66 +2,29 @@
 with one `watcher run` per host: the list, what is deleted and kept, the refusals, the
 guards against a host coming back or a deploy starting, and the token it needs."""
 
-# ruff: noqa: F811  (the shared acl_fleet fixture is imported, then named as a parameter)
+# ruff: noqa: F811  (the shared fixtures are imported, then named as parameters)
 
 from __future__ import annotations
 
 import json
 import shlex
 import subprocess
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.integration.test_deploy_acl import AclFleet, acl_fleet, create_token  # noqa: F401
+from tests.integration.test_deploy_ops import MakeFleet, make_fleet  # noqa: F401
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, wait_for
 from watcher import ctl_gc
 from watcher.barrier import DeployStore
-from watcher.config import S3Settings
 from watcher.records import READY
 
 # ACLs on, so the operator's refusal is real; the other fleets act with the management token.
 CLUSTER = ClusterSpec(hosts=3, acl=True)
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-MakeFleet = Callable[..., Fleet]
-
-
-@pytest.fixture
-def make_fleet(
-    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
-) -> Iterator[MakeFleet]:
-    """Builds a fleet on its own KV prefix; ``hosts`` maps a watcher index to app overrides."""
-    fleets: list[Fleet] = []
-
-    def make(
-        *,
-        daemon_extra: dict[str, Any] | None = None,
-        hosts: dict[int, dict[str, Any]] | None = None,
-    ) -> Fleet:
-        f = Fleet(
-            cluster,
-            s3_settings,
-            tmp_path / f"fleet{len(fleets)}",
-            kv_prefix=f"gc{time.monotonic_ns()}",
-            daemon_extra=daemon_extra or {},
-        )
-        for index, extra in (hosts or {}).items():
-            f.write_config(f.watchers[index], extra)
-        fleets.append(f)
-        f.start()
-        return f
-
-    try:
-        yield make
-    finally:
-        for f in fleets:
-            f.stop()
 
 
 def store_of(fleet: Fleet) -> DeployStore:
