@@ -699,10 +699,17 @@ def cmd_abort(ctx: CtlContext) -> int:
                     f"app {name}: deploy {deploy_id} has an unreadable request ({exc}) and is "
                     "not in flight; nothing to abort"
                 ) from None
-            # Nobody can act on it: operators may clear inflight themselves.
-            store.consul.txn(
+            # Nobody can act on it: operators may clear inflight themselves, but only the
+            # `inflight` read here (a deploy started since then is not ours to end).
+            cleared = store.consul.txn(
                 [TxnOp.check_index(store.keys.inflight, index), TxnOp.delete(store.keys.inflight)]
-            )
+            ).ok
+            if not cleared:
+                raise DeployRefused(
+                    f"app {name}: deploy {deploy_id} has an unreadable request ({exc}); "
+                    "`inflight` changed while it was being cleared and was left alone (run "
+                    f"`{ctx.command_line('status', name)}` to see what is in flight now)"
+                ) from None
             ctx.emit(
                 {"deploy": deploy_id, "app": name, "aborted": True},
                 lambda d: f"deploy {deploy_id}: unreadable request, inflight cleared",

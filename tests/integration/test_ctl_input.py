@@ -25,6 +25,7 @@ from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.ctl import build_parser
+from watcher.ctl import main as ctl_main
 from watcher.records import ArtifactRecord, Keys, NodeProgress
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -287,6 +288,48 @@ def start_deploy(site: Site) -> str:
     assert started.returncode == 0, started.stderr
     deploy: str = json.loads(started.stdout)["deploy"]
     return deploy
+
+
+class TestAbortOfAnUnreadableRequest:
+    """`abort` of a deploy whose request nobody can read clears `inflight` itself, and only
+    the `inflight` it read: a deploy started meanwhile is not cleared, nor reported so."""
+
+    def plant(self, site: Site) -> str:
+        deploy = "20261204T070000Z-0badba"
+        assert site.kv.kv_put(site.keys.request(deploy), b"{not json")
+        assert site.kv.kv_put(site.keys.inflight, deploy.encode())
+        return deploy
+
+    def test_it_is_cleared(self, site: Site) -> None:
+        deploy = self.plant(site)
+        result = site.ctl("abort", "web", deploy)
+        assert result.returncode == 0, result.stderr
+        assert "unreadable request, inflight cleared" in result.stdout
+        assert site.kv.kv_get(site.keys.inflight) is None
+
+    def test_a_deploy_started_meanwhile_is_left_alone(
+        self, site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        deploy = self.plant(site)
+        newer = "20261204T070001Z-c0ffee"
+        read = DeployStore.inflight
+
+        def then_another_deploy_starts(
+            store: DeployStore, *, consistent: bool = False
+        ) -> tuple[str | None, int]:
+            seen = read(store, consistent=consistent)
+            # between abort's read and its delete, the real KV moves on
+            assert site.kv.kv_put(site.keys.inflight, newer.encode())
+            return seen
+
+        monkeypatch.setattr(DeployStore, "inflight", then_another_deploy_starts)
+        code = ctl_main(["abort", "web", deploy, "-c", str(site.config)])
+        out, err = capsys.readouterr()
+        assert code == 4, (out, err)
+        assert "inflight cleared" not in out
+        assert "changed while it was being cleared and was left alone" in err, err
+        entry = site.kv.kv_get(site.keys.inflight)
+        assert entry is not None and entry.value == newer.encode()
 
 
 class TestWhatTheMessagesSuggest:
