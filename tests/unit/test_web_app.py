@@ -252,6 +252,7 @@ class TestTheDescriptionTellsTheTruth:
         [
             (b'{"artifact": "main-1"}', 503, "unreachable"),  # read as JSON, then Consul
             (b"{bad", 400, "malformed JSON body"),
+            (b"", 400, "malformed JSON body: empty; the body is a JSON object with the fields: "),
             (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
         ],
     )
@@ -412,6 +413,23 @@ class TestWhoIsLocal:
             client.request(f"FOO{i}", "/healthz")
         metrics = client.get("/metrics").text
         assert 'method="other"' in metrics and "FOO" not in metrics
+
+    def test_a_refused_request_is_counted_under_its_route(self, client: TestClient) -> None:
+        # Refused before routing (another origin, not JSON, a token in the URL): still the
+        # route it was for, so a dashboard sees which door is being knocked on.
+        client.post(DEPLOYS, content=b"{}", headers={"Origin": "http://evil.example"})
+        client.post(ABORT, content=b"x", headers={"Content-Type": "text/plain"})
+        client.get(FLEET, params={"token": "x"})
+        client.get("/nowhere", params={"token": "x"})
+        metrics = client.get("/metrics").text
+        for route, method, status in (
+            ("/api/v1/apps/{app}/deploys", "POST", 403),
+            ("/api/v1/apps/{app}/deploys/{deploy_id}/abort", "POST", 415),
+            ("/api/v1/apps/{app}/fleet", "GET", 400),
+            ("<unmatched>", "GET", 400),
+        ):
+            label = f'method="{method}",route="{route}",status="{status}"'
+            assert f"watcher_web_requests_total{{{label}}}" in metrics, (label, metrics)
 
     def test_live_streams_are_capped(self, client: TestClient) -> None:
         state = client.app.state.web  # type: ignore[attr-defined]

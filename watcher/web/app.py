@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
@@ -654,7 +654,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             finally:
                 for client in getattr(request.state, "clients", ()):
                     client.close()
-        route = request.scope.get("route")
+        route = request.scope.get("route") or (route_of(request.scope) if refused else None)
         path = getattr(route, "path", "<unmatched>")
         method = request.method if request.method in METHODS else "other"
         state.requests.labels(route=path, method=method, status=response.status_code).inc()
@@ -672,6 +672,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    def route_of(scope: Scope) -> Any:
+        """The route a request refused before routing would have reached (its metric label):
+        the first whose path matches, whatever its method; None for an unknown path."""
+        partial = None
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route
+            if match == Match.PARTIAL and partial is None:
+                partial = route
+        return partial
 
     def refusal(request: Request) -> tuple[int, str] | None:
         """What is refused before any route runs: tokens in URLs, cross-site writes."""
@@ -710,6 +722,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             if err.get("type") == "json_invalid":
                 ctx = err.get("ctx") or {}
                 problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
+            elif err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+                # No body at all (or `null`): as malformed as a broken one, and a 400 too.
+                problems.append(
+                    "malformed JSON body: empty; the body is a JSON object with the fields: "
+                    + (", ".join(body_fields(request)) or "none")
+                )
             elif err.get("type") == "extra_forbidden":
                 unknown = True
                 problems.append(f"{where}: unknown field")
