@@ -389,6 +389,11 @@ class TestDeployApiWithAcls:
             assert r.status_code == 200, f"{url}: {r.status_code} {r.text[:200]}"
         with env.web.client() as c:  # the real server answers HEAD with no body
             heads = [c.head(path) for path in ("/healthz", "/", "/apps/web")]
+            heads += [
+                c.head(path.replace("{app}", "web").replace("{deploy_id}", deploy))
+                for path, method in sorted(served)
+                if method == "GET" and not path.endswith("/live")
+            ]
         for head in heads:
             assert head.status_code == 200 and head.content == b"", (head.url, head)
         assert heads[1].headers["content-type"].startswith("text/html"), heads[1].headers

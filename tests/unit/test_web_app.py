@@ -247,6 +247,30 @@ class TestTheDescriptionTellsTheTruth:
         r = client.head("/healthz")
         assert r.status_code == 200 and r.content == b""
 
+    def test_every_get_but_the_live_stream_answers_head_as_a_get_would(
+        self, client: TestClient
+    ) -> None:
+        gets = [
+            r.path
+            for r in client.app.routes  # type: ignore[attr-defined]
+            if isinstance(r, APIRoute) and "GET" in r.methods and r.include_in_schema
+        ]  # the page's routes are tested in tests/integration/test_web_api.py
+        assert "/api/v1/apps/{app}/fleet" in gets
+        # An unknown app is answered before Consul is asked; the real cluster's 200s are
+        # tests/integration/test_web_api.py's. Here Consul is dead: a GET's 503 is
+        # test_consul_down_is_a_503_with_the_reason's, a HEAD's is below.
+        urls = [p.replace("{deploy_id}", "20261202T224412Z-abcdef") for p in gets]
+        urls = [u.replace("{app}", "nope") for u in urls]
+        for url in sorted(set(urls)):
+            head = client.head(url)
+            if url.endswith("/live"):  # a HEAD would hold a stream's slot for nothing
+                assert head.status_code == 405 and head.headers["allow"] == "GET", url
+                continue
+            got = client.get(url)
+            assert head.status_code == got.status_code, (url, head, got)
+            assert head.content == b"", url
+        assert client.head("/api/v1/apps/web/fleet").status_code == 503
+
     @pytest.mark.parametrize(
         ("body", "status", "says"),
         [
@@ -295,8 +319,9 @@ class TestTheDescriptionTellsTheTruth:
     @pytest.mark.parametrize(
         ("method", "path", "allow"),
         [
-            ("PUT", DEPLOYS, "GET, POST"),
-            ("DELETE", "/api/v1/apps/web/fleet", "GET"),
+            ("PUT", DEPLOYS, "GET, HEAD, POST"),
+            ("DELETE", "/api/v1/apps/web/fleet", "GET, HEAD"),
+            ("POST", "/api/v1/apps/web/live", "GET"),
             ("GET", ABORT, "POST"),
             ("TRACE", "/healthz", "GET, HEAD"),
         ],

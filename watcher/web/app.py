@@ -19,6 +19,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import (
@@ -83,6 +84,7 @@ SSE_MAX_PER_CALLER = 20
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LIVE = "/api/v1/apps/{app}/live"  # the server-sent events: no HEAD
 # Every answer: never framed (no clickjacking of the buttons), types never sniffed.
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
@@ -837,7 +839,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return deploy_summary(view.checked())
 
     @app.get(
-        "/api/v1/apps/{app}/live",
+        LIVE,
         summary="Server-sent events: the deploy in flight, pushed on every change",
         response_class=StreamingResponse,
         responses=READ_ERRORS,
@@ -1045,10 +1047,6 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
 
-    # HEAD as its own route, out of the schema: one route with both methods gave both
-    # operations one operationId, which OpenAPI forbids (client generators stop there).
-    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
-
     @app.get(
         "/metrics",
         summary="Prometheus metrics of this server",
@@ -1102,6 +1100,21 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             status, ctx["error"] = 502, f"unreadable record in Consul: {exc}"
         return templates.TemplateResponse(request, "app.html", ctx, status_code=status)
 
+    # HEAD wherever GET is (RFC 9110 wants it of every server: `curl -I`, uptime checks),
+    # with the status a GET would get; uvicorn sends no body. Each its own route, out of
+    # the schema: one route with both methods gave both operations one operationId, which
+    # OpenAPI forbids (client generators stop there). Not the live stream: a HEAD would
+    # take a stream's slot for an answer that carries nothing.
+    for route in list(app.routes):
+        if isinstance(route, APIRoute) and route.methods == {"GET"} and route.path != LIVE:
+            app.add_api_route(
+                route.path,
+                route.endpoint,
+                methods=["HEAD"],
+                include_in_schema=False,
+                response_class=route.response_class,
+                status_code=route.status_code,
+            )
     return app
 
 
