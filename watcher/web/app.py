@@ -725,7 +725,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 ctx = err.get("ctx") or {}
                 problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
             elif err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
-                # No body at all (or `null`): as malformed as a broken one, and a 400 too.
+                # No body at all: as malformed as a broken one, and a 400 too.
                 problems.append(
                     "malformed JSON body: empty; the body is a JSON object with the fields: "
                     + (", ".join(body_fields(request)) or "none")
