@@ -707,7 +707,8 @@ def cmd_abort(ctx: CtlContext) -> int:
             if not cleared:
                 raise DeployRefused(
                     f"app {name}: deploy {deploy_id} has an unreadable request ({exc}); "
-                    "`inflight` changed while it was being cleared and was left alone (run "
+                    "`inflight` no longer held it when it was to be cleared (another deploy, or "
+                    "cleared by someone else) and nothing was deleted (run "
                     f"`{ctx.command_line('status', name)}` to see what is in flight now)"
                 ) from None
             ctx.emit(

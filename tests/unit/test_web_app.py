@@ -276,7 +276,12 @@ class TestTheDescriptionTellsTheTruth:
         [
             (b'{"artifact": "main-1"}', 503, "unreachable"),  # read as JSON, then Consul
             (b"{bad", 400, "malformed JSON body"),
-            (b"", 400, "malformed JSON body: empty; the body is a JSON object with the fields: "),
+            (
+                b"",
+                400,
+                "malformed JSON body: empty; the body is a JSON object with the fields: "
+                "allow_missing, artifact",
+            ),
             (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
         ],
     )
@@ -446,12 +451,14 @@ class TestWhoIsLocal:
         client.post(ABORT, content=b"x", headers={"Content-Type": "text/plain"})
         client.get(FLEET, params={"token": "x"})
         client.get("/nowhere", params={"token": "x"})
+        client.get("/openapi.json")  # answered, but no API route sets scope["route"]
         metrics = client.get("/metrics").text
         for route, method, status in (
             ("/api/v1/apps/{app}/deploys", "POST", 403),
             ("/api/v1/apps/{app}/deploys/{deploy_id}/abort", "POST", 415),
             ("/api/v1/apps/{app}/fleet", "GET", 400),
             ("<unmatched>", "GET", 400),
+            ("/openapi.json", "GET", 200),
         ):
             label = f'method="{method}",route="{route}",status="{status}"'
             assert f"watcher_web_requests_total{{{label}}}" in metrics, (label, metrics)

@@ -656,7 +656,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             finally:
                 for client in getattr(request.state, "clients", ()):
                     client.close()
-        route = request.scope.get("route") or (route_of(request.scope) if refused else None)
+        route = request.scope.get("route") or route_of(request.scope)
         path = getattr(route, "path", "<unmatched>")
         method = request.method if request.method in METHODS else "other"
         state.requests.labels(route=path, method=method, status=response.status_code).inc()
@@ -676,8 +676,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     def route_of(scope: Scope) -> Any:
-        """The route a request refused before routing would have reached (its metric label):
-        the first whose path matches, whatever its method; None for an unknown path."""
+        """The route a request's metric label names when routing set none (a request refused
+        before routing, the static files' mount, /openapi.json): the first whose path
+        matches, whatever its method; None for an unknown path."""
         partial = None
         for route in app.router.routes:
             match, _ = route.matches(scope)
@@ -1114,6 +1115,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 include_in_schema=False,
                 response_class=route.response_class,
                 status_code=route.status_code,
+                dependencies=route.dependencies,  # whatever guards the GET guards the HEAD
             )
     return app
 
