@@ -73,6 +73,10 @@ UNDECIDED, CONTESTED = "undecided", "contested"
 TRIM_PER_END = 6
 # How many trimmed ids the history remembers, so that every host deletes its own acks.
 TRIMMED_KEEP = 64
+# How many entries of the history refusals may hold at most (and at most half of it): a
+# raw `deploy` event of an unknown artifact writes one, and anyone who may fire events
+# must not push the deploys, the targets of `rollback --to`, out of the history with them.
+REFUSALS_KEPT = 10
 
 
 def new_deploy_id(now: datetime | None = None) -> str:
@@ -1688,14 +1692,22 @@ class DeployStore:
         return rollback_id, ops, ""
 
     def _history_ops(
-        self, pre: EndRead, add: list[str], keep: int, protected: set[str] | None = None
+        self,
+        pre: EndRead,
+        add: list[str],
+        keep: int,
+        protected: set[str] | None = None,
+        evict: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
-        """Append ``add`` to the history and trim what falls out of it (never the deploys
-        ``current`` names): requests, decisions, outcomes and coordinator keys here; each
-        host trims its own progress (``trim_own_progress``)."""
+        """Append ``add`` to the history and trim what falls out of it, ``evict`` first
+        (never the deploys ``current`` names): requests, decisions, outcomes and
+        coordinator keys here; each host trims its own progress (``trim_own_progress``)."""
         ids, trimmed, index = pre.history, pre.trimmed, pre.history_index
         ids = [i for i in ids if i not in add] + add
-        dropped, ids = ids[:-keep], ids[-keep:]
+        evict = set(evict) - set(add)
+        gone = [i for i in ids if i in evict]
+        ids = [i for i in ids if i not in evict]
+        dropped, ids = gone + ids[:-keep], ids[-keep:]
         if protected is None:
             protected = self._protected(pre.current)
         keep_back = [d for d in dropped if d in protected]
@@ -1718,6 +1730,29 @@ class DeployStore:
                 TxnOp.delete(self.keys.coordinator(old)),
             ]
         return ops
+
+    def _surplus_refusals(self, history: list[str], new: str, keep: int) -> list[str]:
+        """The oldest refusals of ``history`` (deploys whose outcome is ``refused``: they
+        never started) past what the history lets them hold once ``new``, one more, is in
+        it. One read of the listed ids' outcomes; only a refusal pays for it."""
+        allowed = max(1, min(REFUSALS_KEPT, keep // 2))
+        listed = []
+        for deploy_id in history:
+            try:
+                check_deploy_id(deploy_id)
+            except PayloadError:
+                continue  # never a key to read; the trim skips it too
+            if deploy_id != new:
+                listed.append(deploy_id)
+        ops = [TxnOp.get_or_empty(self.keys.outcome(i)) for i in listed]
+        entries = self._read_txn(ops) if ops else []
+        refused = []
+        for deploy_id, entry in zip(listed, entries, strict=True):
+            outcome = self._doc(Outcome, entry)
+            if outcome is not None and outcome.result == "refused":
+                refused.append(deploy_id)
+        surplus = len(refused) + 1 - allowed
+        return refused[:surplus] if surplus > 0 else []
 
     def _protected(self, current: CurrentRecord | None) -> set[str]:
         out: set[str] = set()
@@ -1858,7 +1893,13 @@ class DeployStore:
                             now=now,
                         )
                         refused = self._refused_ops(rec, f"unknown artifact {artifact_id}", by)
-                        history = self._history_ops(self._end_read(), [rec.id], history_keep)
+                        pre = self._end_read()
+                        history = self._history_ops(
+                            pre,
+                            [rec.id],
+                            history_keep,
+                            evict=self._surplus_refusals(pre.history, rec.id, history_keep),
+                        )
                         if self.consul.txn([seen_op, *refused, *history]).ok:
                             return "unknown artifact"
                         continue

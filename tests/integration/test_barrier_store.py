@@ -359,3 +359,37 @@ class TestHistory:
         store.trim_own_progress("n1")
         assert "d0" in acked_deploys(store, "n1")
         assert rollback_target(store, None).deploy == "d0"
+
+    def test_raw_events_of_unknown_artifacts_never_push_the_deploys_out(
+        self, store: DeployStore
+    ) -> None:
+        """Anyone who may fire a `deploy` event writes a refusal into the history with an
+        artifact nobody published; a flood of them must cost only the oldest refusals
+        (their records deleted too), never the deploys `rollback --to` goes to."""
+        keep = 12  # refusals may hold min(REFUSALS_KEPT, keep // 2) = 6 entries of it
+        ids = self.deploy_n(store, 5, keep=keep)
+        events = [f"0c7d3a32-5a3b-4a4e-9d3e-8b7c6a5f{i:04x}" for i in range(15)]
+        for ltime, event_id in enumerate(events, start=1):
+            result = store.start_from_event(
+                event_id=event_id,
+                ltime=ltime,
+                kind="deploy",
+                artifact_id=f"junk-{ltime:04x}",
+                release=None,
+                by="n1",
+                prepare_timeout=60,
+                apply_timeout=60,
+                history_keep=keep,
+            )
+            assert result == "unknown artifact"
+        history = store.history()
+        assert [i for i in history if i in ids] == ids  # every deploy is still listed
+        assert [i for i in history if i in events] == events[-6:]
+        assert len(history) == 11
+        # the evicted refusals' records went with them, in the ends' batches of TRIM_PER_END
+        assert store.consul.kv_get(store.keys.outcome(events[-7])) is None
+        assert store.consul.kv_get(store.keys.request(events[-7])) is None
+        assert store.outcome(events[-6]) is not None
+        first = store.deploy_record(ids[0])
+        assert first is not None and first.release is not None
+        assert rollback_target(store, first.release).deploy == ids[0]
