@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -36,6 +37,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
+from watcher.fsutil import INSTANCE_LOCK, signal_watcher
 from watcher.hooks import HookContext, run_hooks, run_in_release
 from watcher.records import (
     COMMIT,
@@ -288,6 +290,7 @@ def cmd_hold(ctx: CtlContext) -> int:
         "app": engine.app.name,
         "hold": hold.to_dict(),
         "replaced": replaced.to_dict() if replaced else None,
+        "watcher_told": _tell_watcher(engine),
     }
 
     def human(d: dict[str, Any]) -> str:
@@ -297,6 +300,7 @@ def cmd_hold(ctx: CtlContext) -> int:
         lines.append(
             f"  the watcher leaves {d['app']} alone here until `watcherctl release-hold {d['app']}`"
         )
+        lines.append(_told_line(d["watcher_told"]))
         return "\n".join(lines)
 
     ctx.emit(data, human)
@@ -307,18 +311,38 @@ def cmd_release_hold(ctx: CtlContext) -> int:
     engine = _engine(ctx)
     with engine.lock(owner=_lock_owner("release-hold")):
         removed = engine.release_hold()
-    data = {"app": engine.app.name, "released": removed.to_dict() if removed else None}
+    data = {
+        "app": engine.app.name,
+        "released": removed.to_dict() if removed else None,
+        "watcher_told": _tell_watcher(engine) if removed else False,
+    }
 
     def human(d: dict[str, Any]) -> str:
         if removed is None:
             return f"{d['app']} was not held on this host"
         return (
             f"hold on {d['app']} released ({removed.reason}, by {removed.by}); the watcher "
-            "converges it to the fleet's release again"
+            f"converges it to the fleet's release again\n{_told_line(d['watcher_told'])}"
         )
 
     ctx.emit(data, human)
     return EXIT_OK
+
+
+def _tell_watcher(engine: ReleaseEngine) -> bool:
+    """Ask the watcher running this app (if any) to look now: its host record, which
+    `deploy` and `status --fleet` read, then shows a hold or its release at once, not at
+    its next idle tick (15 s)."""
+    return signal_watcher(engine.layout.state_dir / INSTANCE_LOCK, signal.SIGUSR1) is not None
+
+
+def _told_line(told: bool) -> str:
+    if told:
+        return "  told the running watcher: the fleet sees it in its host record now"
+    return (
+        "  no running watcher here could be told (none runs, or it is another user's): the "
+        "fleet sees it in the host record when the watcher next looks (within 15 s)"
+    )
 
 
 # --- rollback --local --------------------------------------------------------------------
@@ -357,6 +381,7 @@ def rollback_local(ctx: CtlContext) -> int:
         "flipped": before != target,
         "hold": hold.to_dict(),
         "hooks": "ok",
+        "watcher_told": False,
     }
     code = EXIT_OK
     if before != target:
@@ -366,6 +391,7 @@ def rollback_local(ctx: CtlContext) -> int:
             data["hooks"] = str(exc)
             data["output_tail"] = exc.output_tail
             code = EXIT_FAILED
+    data["watcher_told"] = _tell_watcher(engine)  # after the hooks: the record names both
 
     def human(d: dict[str, Any]) -> str:
         what = (
@@ -383,6 +409,7 @@ def rollback_local(ctx: CtlContext) -> int:
             lines.append(f"  hook FAILED after the flip: {d['hooks']}")
             if d.get("output_tail"):
                 lines.append("  " + d["output_tail"].replace("\n", "\n  "))
+        lines.append(_told_line(d["watcher_told"]))
         return "\n".join(lines)
 
     ctx.emit(data, human)

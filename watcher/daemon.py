@@ -32,7 +32,7 @@ from watcher.config import Config, load_config
 from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, WatcherError
 from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
-from watcher.fsutil import AppLock, atomic_write_json
+from watcher.fsutil import INSTANCE_LOCK, AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.ids import one_line
 from watcher.log import get_logger
@@ -60,7 +60,6 @@ STATUS_MIN_INTERVAL = 0.5
 FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
 #: Held (flock) by the running daemon in its state_dir and in each app's ``.state/``.
-INSTANCE_LOCK = "daemon.lock"
 #: How this host handled an event (``watcher_events_handled_total{result}``): it did what
 #: the event asks (started the prefetch, woke the loop, started the deploy), another host
 #: had started its deploy, the fleet had already acted on a later event, the deploy could
@@ -482,15 +481,51 @@ class Daemon:
         self._status_said: tuple[Any, ...] = ()
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
+        self._signal_fd = -1  # the handlers' end of the pipe to the signal relay
 
     # --- signals ----------------------------------------------------------------------
 
+    def _install_signals(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads, SIGUSR1 makes the loop look now (what
+        `watcherctl hold` sends, so the host record shows a hold at once, not at the tick).
+
+        Installed before the instance locks are taken: `watcherctl` signals only the holder
+        of ``daemon.lock``, and SIGUSR1's default action would end a daemon not yet able to
+        take it. The handler runs in the main thread between any two bytecodes, perhaps
+        while that thread holds the lock inside an Event of ``Flags``: it only writes the
+        signal's number down a pipe, and a thread of its own sets the flags."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(write_fd, False)
+        self._signal_fd = write_fd
+        threading.Thread(
+            target=self._relay_signals, args=(read_fd,), name="signals", daemon=True
+        ).start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self.flags.reload.set()
-        else:
-            self.flags.stop.set()
-        self.flags.wake.set()
+        # OSError: the pipe is full (a storm of signals), and the relay has work queued
+        with contextlib.suppress(OSError):
+            os.write(self._signal_fd, bytes([signum]))
+
+    def _relay_signals(self, read_fd: int) -> None:
+        while True:
+            try:
+                received = os.read(read_fd, 64)
+            except InterruptedError:
+                continue
+            if not received:
+                return
+            for signum in received:
+                if signum == signal.SIGHUP:
+                    self.flags.reload.set()
+                elif signum == signal.SIGUSR1:
+                    log.info("woken_by_signal", signal="SIGUSR1")
+                    self.wake()
+                    continue
+                else:
+                    self.flags.stop.set()
+                self.flags.wake.set()
 
     def wake(self) -> None:
         """Something the loop acts on changed (a watch, a task, a timer): reconcile."""
@@ -627,9 +662,8 @@ class Daemon:
         return held
 
     def run(self) -> int:
+        self._install_signals()
         self._instance_locks = self._hold_instance_locks()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
         self.node = self._resolve_node()
         if not self.node:
             return 0

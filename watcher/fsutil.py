@@ -17,6 +17,9 @@ from watcher.errors import LockTimeout, ReleaseError
 
 TMP_PREFIX = ".tmp-"
 _POLL_INTERVAL = 0.02
+# The lock a running `watcher run` holds for its life in its state_dir and in each app's
+# ``.state/`` (one daemon per directory); the file names its pid.
+INSTANCE_LOCK = "daemon.lock"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -186,3 +189,36 @@ class AppLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None:
+    """Send ``signum`` to the `watcher run` that holds ``lock_path`` (an INSTANCE_LOCK);
+    returns its pid, or None when none could be told (none runs, another user's).
+
+    The pid comes from the lock file, and the process must still be a `watcher run`
+    (its command line): after a SIGKILL the file keeps a pid that another process may
+    have taken since, and the default action of most signals would end that one. The
+    lock itself is not tried: a probe, however brief, could make a daemon that starts
+    meanwhile fail to take it.
+    """
+    try:
+        with open(lock_path, "rb") as fh:
+            first = fh.read(64).split(b" ", 1)[0]
+    except OSError:
+        return None
+    if not first.isdigit() or int(first) <= 1 or int(first) == os.getpid():
+        return None
+    pid = int(first)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read(65536).split(b"\0")
+    except OSError:
+        return None
+    names = [a.rsplit(b"/", 1)[-1] for a in argv]
+    if b"run" not in argv or not any(n == b"watcher" or n.startswith(b"watcher") for n in names):
+        return None
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        return None
+    return pid

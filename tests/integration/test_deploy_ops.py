@@ -22,6 +22,7 @@ from tests.support.fleet import Fleet, WatcherProc, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.ctl import main as ctl_main
+from watcher.daemon import TICK_IDLE
 from watcher.events import MAX_PAYLOAD
 from watcher.records import READY, parse_iso
 
@@ -845,6 +846,36 @@ class TestHold:
             assert ctl_main([*argv, *config]) == 0, argv
             assert reads == ["web"], (argv, reads)
             fleet.wait_idle()
+
+    def test_a_hold_reaches_the_host_record_at_once_not_at_the_idle_tick(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """`deploy` warns of a hold it reads in the host records, and `status --fleet` shows
+        it: `hold` tells the running watcher (SIGUSR1), which writes its record now rather
+        than at its next idle tick (TICK_IDLE, 15 s), and so does `release-hold`."""
+        fleet = make_fleet()
+        w = fleet.watchers[1]
+        deploy_ok(fleet, fleet.publish("v1").id)
+        fleet.wait_idle()
+        pid = w.proc.pid
+        placed = w.ctl_json("hold", "web", "--reason", "disk check")
+        assert placed["watcher_told"] is True
+        bound = TICK_IDLE / 3  # the tick would take up to 15 s
+
+        def record_hold() -> str:
+            return store_of(fleet).hosts()[w.name].hold
+
+        wait_for(lambda: record_hold().startswith("disk check (by "), bound, "hold shown", fleet)
+        released = w.ctl("release-hold", "web", as_json=False).stdout
+        assert "told the running watcher" in released, released
+        wait_for(lambda: record_hold() == "", bound, "hold gone from the record", fleet)
+        assert w.proc.pid == pid and w.proc.poll() is None  # SIGUSR1 ended nothing
+        assert len(w.log_events("woken_by_signal")) == 2
+        # with no watcher running, `hold` still holds, and says that nobody was told
+        w.stop()
+        alone = w.ctl("hold", "web", "--reason", "later", as_json=False).stdout
+        assert "no running watcher here could be told" in alone, alone
+        assert w.ctl_json("release-hold", "web")["released"]["reason"] == "later"
 
     def test_held_host_aborts_the_deploy_and_hold_is_refused_while_ready_undecided(
         self, make_fleet: MakeFleet, tmp_path: Path

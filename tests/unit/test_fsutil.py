@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from watcher.errors import LockTimeout, ReleaseError
-from watcher.fsutil import AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
+from watcher.fsutil import (
+    AppLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    signal_watcher,
+)
 
 
 class TestAtomicWrite:
@@ -174,3 +181,67 @@ class TestAppLock:
         finally:
             child.kill()
             child.wait(timeout=10)
+
+
+class TestSignalWatcher:
+    """`watcherctl hold` wakes the watcher through the pid its instance lock names; a pid
+    that another process took since must not get the signal (SIGUSR1 would end it)."""
+
+    @staticmethod
+    def process(tmp_path: Path, *argv: str) -> subprocess.Popen[bytes]:
+        """A process that records a SIGUSR1 in ``got`` and lives until killed; ``argv``
+        after the code (what /proc/<pid>/cmdline shows)."""
+        code = (
+            "import signal, sys, time\n"
+            "def h(*_):\n"
+            f"    open({str(tmp_path / 'got')!r}, 'w').write('usr1')\n"
+            "signal.signal(signal.SIGUSR1, h)\n"
+            f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+            "while True: time.sleep(0.05)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, *argv])
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        return proc
+
+    def test_the_watcher_the_lock_names_gets_it(self, tmp_path: Path) -> None:
+        proc = self.process(tmp_path, "/usr/local/bin/watcher", "run", "-c", "x.yaml")
+        try:
+            lock = tmp_path / "daemon.lock"
+            lock.write_text(f"{proc.pid} watcher run\n")
+            assert signal_watcher(lock, signal.SIGUSR1) == proc.pid
+            deadline = time.monotonic() + 10
+            while not (tmp_path / "got").exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    @pytest.mark.parametrize(
+        "argv",
+        [("sleep-like", "60"), ("/usr/local/bin/watcher", "web"), ("/opt/x/run",)],
+        ids=["another program", "watcher web", "run but no watcher"],
+    )
+    def test_a_pid_that_is_not_a_watcher_run_gets_nothing(
+        self, tmp_path: Path, argv: tuple[str, ...]
+    ) -> None:
+        proc = self.process(tmp_path, *argv)
+        try:
+            lock = tmp_path / "daemon.lock"
+            lock.write_text(f"{proc.pid} watcher run\n")
+            assert signal_watcher(lock, signal.SIGUSR1) is None
+            time.sleep(0.2)
+            assert not (tmp_path / "got").exists() and proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
+
+    @pytest.mark.parametrize("content", ["", "\n", "abc watcher run", "1 init", "-5 x"])
+    def test_an_empty_or_odd_lock_file_names_nobody(self, tmp_path: Path, content: str) -> None:
+        lock = tmp_path / "daemon.lock"
+        lock.write_text(content)
+        assert signal_watcher(lock, signal.SIGUSR1) is None
+        assert signal_watcher(tmp_path / "absent.lock", signal.SIGUSR1) is None
