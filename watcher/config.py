@@ -938,6 +938,14 @@ def parse_config(
     kv_prefix = r.get(top, "kv_prefix", "", "watcher", _string, "a KV path").strip("/")
     if not KV_PREFIX_RE.match(kv_prefix or "-"):
         r.fail("kv_prefix", f'must be a KV path like "watcher", got "{kv_prefix}"')
+    elif any(part in ("", ".", "..") for part in kv_prefix.split("/")):
+        # Consul's HTTP server answers such a path with a redirect to the cleaned one,
+        # which every request would then fail on as "invalid JSON from Consul".
+        r.fail(
+            "kv_prefix",
+            f'must be a KV path like "watcher/prod": no empty, "." or ".." part between '
+            f'its slashes, got "{kv_prefix}"',
+        )
     consul = _read_consul(r, top.get("consul"), env)
     s3d = r.section(top.get("s3"), "s3", {"bucket", "prefix", "region", "endpoint_url"})
     if "s3" not in top or "bucket" not in s3d:

@@ -368,6 +368,14 @@ BAD: list[tuple[dict[str, Any], str]] = [
         'kv_prefix: must be a KV path like "watcher", got "bad prefix!"',
     ),
     (minimal(kv_prefix="/"), 'kv_prefix: must be a KV path like "watcher", got ""'),
+    *[
+        (
+            minimal(kv_prefix=bad),
+            'kv_prefix: must be a KV path like "watcher/prod": no empty, "." or ".." part '
+            f'between its slashes, got "{bad.strip("/")}"',
+        )
+        for bad in ("x/../watcher", "/watcher/../x", "a//b", "a/./b", "a/..", "w/.")
+    ],
     (
         minimal(consul={"address": "not an address"}),
         'consul.address: must be an address like "127.0.0.1:8500" or "https://host:8501", '
