@@ -7,6 +7,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import stat
@@ -122,6 +123,11 @@ class ReleaseInfo:
         return asdict(self)
 
 
+# An archive refused for going over one of the app's limits says "(limit max_...)": raising
+# the limit lets it through; any other refusal is of what the archive holds.
+_OVER_A_SETTING = re.compile(r"\(limit (from )?max_")
+
+
 @dataclass(frozen=True)
 class Refusal:
     """An artifact this host refused, remembered by sha256 in ``.state/refused.json``.
@@ -140,16 +146,24 @@ class Refusal:
 
     def error(self, record: ArtifactRecord, memory: Path) -> WatcherError:
         """The error a new attempt at the same sha256 gets at once: the original reason,
-        and how to make this host try again (``memory`` is the refused.json file)."""
-        until = (
-            "for an hour"
-            if self.kind == "integrity"
-            else "until the app's max_members/max_bytes/max_ratio change"
-        )
-        message = (
-            f"artifact {record.id} (sha256 {self.sha256[:12]}) was refused on this host at "
-            f"{self.at}; not trying again {until} (or remove it from {memory}): {self.reason}"
-        )
+        and, where a setting or time lets it pass, how (``memory``: the refused.json file)."""
+        if self.kind == "integrity":
+            until = "for an hour"
+        elif _OVER_A_SETTING.search(self.reason):
+            until = "until the app's max_members/max_bytes/max_ratio change"
+        else:  # what the archive holds (a path out of the release, a device file, ...)
+            until = ""
+        refused = f"artifact {record.id} (sha256 {self.sha256[:12]}) was refused on this host"
+        if until:
+            message = (
+                f"{refused} at {self.at}; not trying again {until} (or remove it from "
+                f"{memory}): {self.reason}"
+            )
+        else:
+            message = (
+                f"{refused} at {self.at} for what it holds, which no setting allows: "
+                f"{self.reason}; publish a fixed build"
+            )
         if self.kind == "integrity":
             return ArtifactIntegrityError(message)
         return ArchiveRefused(message)

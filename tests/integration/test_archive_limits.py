@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -240,6 +241,27 @@ class TestRatio:
         # other limits: judged again (here: the file is gone, so it cannot be re-read)
         looser = make_engine(tmp_path / "root", Limits(max_ratio=10_000.0))
         assert looser.refusal(record.sha256) is None
+
+    def test_a_refusal_of_what_the_archive_holds_does_not_point_at_the_limits(
+        self, tmp_path: Path
+    ) -> None:
+        """A symlink out of the release is refused whatever max_members/max_bytes/max_ratio
+        say: the remembered refusal must say so, not send the operator to the limits."""
+        evil = tmp_path / "evil.tar.gz"
+        with tarfile.open(evil, "w:gz") as tar:
+            link = tarfile.TarInfo("a")
+            link.type, link.linkname = tarfile.SYMTYPE, "../../.."
+            tar.addfile(link)
+        engine = make_engine(tmp_path / "root")
+        record = record_for(evil)
+        with pytest.raises(ArchiveRefused, match="leaves the release"):
+            engine.stage_from_file(evil, record, rel(1), "d1")
+        with pytest.raises(ArchiveRefused) as again:
+            engine.stage_from_file(evil, record, rel(2), "d2")
+        message = str(again.value)
+        assert "for what it holds, which no setting allows" in message, message
+        assert "leaves the release" in message and message.endswith("publish a fixed build")
+        assert "max_ratio" not in message and "refused.json" not in message
 
     def test_prefetch_obeys_the_same_limits_and_stage_then_refuses_at_once(
         self, tmp_path: Path
