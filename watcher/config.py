@@ -929,9 +929,14 @@ def parse_config(
     if text_problems:
         raise ConfigError(source, text_problems)
     r = _Reader()
+    if data is None or not isinstance(data, dict):
+        # Nothing below could be read: what each required key would say is only noise.
+        r.fail(
+            "<top>",
+            "the file is empty" if data is None else f"must be a mapping, got {_show(data)}",
+        )
+        raise ConfigError(source, r.problems)
     top = r.section(data, "", {"node", "kv_prefix", "consul", "s3", "daemon", "apps"})
-    if data is None:
-        r.fail("<top>", "the file is empty")
     node = r.get(top, "node", "", None, _string, "a node name")
     if node is not None and not NODE_NAME_RE.match(node):
         r.fail("node", f"must match [A-Za-z0-9][A-Za-z0-9._-]*, got {_show(node)}")

@@ -480,9 +480,9 @@ class TestErrorsNameTheirPath:
         assert problems(data) == [f"{where}: unknown key (known: {known})"]
 
     def test_top_level_must_be_a_mapping(self) -> None:
-        found = problems(["s3", "apps"])
-        assert found[0] == "<top>: must be a mapping, got a list"
-        assert "apps: must be a mapping with at least one app" in found
+        # only that: every required key would be missing too, which is only noise
+        assert problems(["s3", "apps"]) == ["<top>: must be a mapping, got a list"]
+        assert problems("s3") == ['<top>: must be a mapping, got "s3"']
 
     def test_watcherctl_takes_a_config_without_apps(self) -> None:
         """A CI machine's config (consul, s3): watcherctl reads it, the daemon does not."""
@@ -595,7 +595,7 @@ class TestFiles:
             path = write(tmp_path / "w.yaml", text)
             with pytest.raises(ConfigError) as info:
                 load_config(path, env={})
-            assert info.value.problems[0] == "<top>: the file is empty"
+            assert info.value.problems == ["<top>: the file is empty"]
 
 
 class TestDurationsAndSizes:
