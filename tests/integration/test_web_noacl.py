@@ -45,6 +45,10 @@ class TestAclsOff:
             )
             assert r.status_code == 403, r.text
             assert "ACLs disabled" in r.json()["error"] and "loopback" in r.json()["error"]
+            # Without a token: the same 403, not a 401 asking for a token that cannot help.
+            r = c.post("/api/v1/apps/web/deploys", json={"artifact": v1.id})
+            assert r.status_code == 403, r.text
+            assert "ACLs disabled" in r.json()["error"]
             # A made-up token reads nothing either: Consul would take any.
             for path in ("/api/v1/apps/web/deploys", "/api/v1/apps/web/fleet"):
                 r = c.get(path, headers={"X-Consul-Token": "made-up"})

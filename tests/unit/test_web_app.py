@@ -283,6 +283,8 @@ class TestTheDescriptionTellsTheTruth:
                 "allow_missing, artifact",
             ),
             (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
+            # deeper than Python's json takes (RecursionError), within MAX_BODY
+            (b"[" * 5000 + b"]" * 5000, 400, "malformed JSON body: it does not parse"),
         ],
     )
     def test_a_write_without_a_content_type_is_read_as_json(
@@ -521,6 +523,8 @@ class TestWhoIsLocal:
     def test_host_and_origin_parsing(self) -> None:
         assert host_name("[::1]:8710") == "::1" and host_name("LocalHost:80") == "localhost"
         assert host_name("127.0.0.1") == "127.0.0.1" and host_name("") == ""
+        for odd in ("127.0.0.1:8710@evil.example", "127.0.0.1 x", "[::1", "127.0.0.1:80:80"):
+            assert host_name(odd) == "", odd
         assert same_origin("http://127.0.0.1:8710", "127.0.0.1:8710")
         assert same_origin("https://web.example", "WEB.example")
         assert not same_origin("http://127.0.0.1:8711", "127.0.0.1:8710")

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import re
 import time
 import typing
 import weakref
@@ -74,6 +75,8 @@ HISTORY_LIMIT = 20
 HISTORY_MAX = 200  # the most deploys one history request may ask for
 LIVE_LOOKBACK = 5  # deploys of the history the live view tries when the newest cannot be read
 BUILDS_LIMIT = 30
+# FastAPI's 400 detail when parsing the body raised anything but a JSON decode error.
+UNPARSED_BODY = "There was an error parsing the body"
 SECTIONS_EVERY = 2.0  # seconds between reads of the fleet/builds digest during a deploy
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle stream (proxies drop silent ones)
 SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not another task
@@ -243,12 +246,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# RFC 9110's Host: a name or an IPv4 address, or an IPv6 one in brackets, then a port.
+_HOST_HEADER = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::[0-9]{1,5})?")
+
+
 def host_name(host_header: str) -> str:
-    """The name in a Host header: ``[::1]:8710`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.partition(":")[0]
+    """The name in a Host header: ``[::1]:8710`` -> ``::1``, ``localhost:80`` -> ``localhost``;
+    "" for anything else (``127.0.0.1:8710@evil.example`` is nobody's name, never local)."""
+    found = _HOST_HEADER.fullmatch(host_header.strip().lower())
+    return (found.group(1) or found.group(2)) if found else ""
 
 
 def same_origin(origin: str, host_header: str) -> bool:
@@ -392,7 +398,8 @@ class WebState:
         """Check the caller's token with Consul; the write is then made with that token."""
         token = bearer_token(request)
         local = self.is_local(request)
-        if token is None and not local:
+        # With ACLs known to be off, no token would help: the 403 below says why.
+        if token is None and not local and self.acls_enabled is not False:
             raise ApiError(
                 401,
                 "a write needs your Consul ACL token (Authorization: Bearer <token> or "
@@ -744,13 +751,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == UNPARSED_BODY:
+            # FastAPI's answer when the parser raised something other than a JSON error:
+            # RecursionError, for a body nested deeper than Python's json takes.
+            detail = "malformed JSON body: it does not parse (nested too deeply?)"
         if exc.status_code == 405:
             # Every method the path takes (RFC 9110: Allow), not only those of the first
             # route that matched it: GET and POST of one path are two routes.
             headers["Allow"] = ", ".join(allowed_methods(request.url.path))
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
-        )
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
 
     def allowed_methods(path: str) -> list[str]:
         return sorted(
