@@ -32,7 +32,7 @@ from watcher.config import Config, load_config
 from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, WatcherError
 from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
-from watcher.fsutil import INSTANCE_LOCK, AppLock, atomic_write_json
+from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER, AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.ids import one_line
 from watcher.log import get_logger
@@ -509,23 +509,27 @@ class Daemon:
             os.write(self._signal_fd, bytes([signum]))
 
     def _relay_signals(self, read_fd: int) -> None:
+        """The flags for each signal the handler passed on. Nothing here may end this
+        thread: without it the daemon would no longer hear SIGTERM (a log line that cannot
+        be written, a full disk or a closed journal pipe, is only skipped)."""
         while True:
             try:
                 received = os.read(read_fd, 64)
-            except InterruptedError:
-                continue
+            except OSError:
+                continue  # EINTR is retried by Python itself; nothing else is expected
             if not received:
                 return
             for signum in received:
                 if signum == signal.SIGHUP:
                     self.flags.reload.set()
                 elif signum == signal.SIGUSR1:
-                    log.info("woken_by_signal", signal="SIGUSR1")
                     self.wake()
-                    continue
                 else:
                     self.flags.stop.set()
                 self.flags.wake.set()
+                if signum == signal.SIGUSR1:
+                    with contextlib.suppress(Exception):
+                        log.info("woken_by_signal", signal="SIGUSR1")
 
     def wake(self) -> None:
         """Something the loop acts on changed (a watch, a task, a timer): reconcile."""
@@ -645,7 +649,7 @@ class Daemon:
         ]
         held: list[AppLock] = []
         for path in paths:
-            lock = AppLock(path, timeout=0, owner="watcher run")
+            lock = AppLock(path, timeout=0, owner=WATCHER_RUN_OWNER)
             try:
                 lock.acquire()
             except LockTimeout:

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from types import TracebackType
@@ -18,8 +19,10 @@ from watcher.errors import LockTimeout, ReleaseError
 TMP_PREFIX = ".tmp-"
 _POLL_INTERVAL = 0.02
 # The lock a running `watcher run` holds for its life in its state_dir and in each app's
-# ``.state/`` (one daemon per directory); the file names its pid.
+# ``.state/`` (one daemon per directory); the file names its pid and WATCHER_RUN_OWNER,
+# which says it takes SIGUSR1 as "look now" (`watcherctl hold` sends it).
 INSTANCE_LOCK = "daemon.lock"
+WATCHER_RUN_OWNER = "watcher run (SIGUSR1: look now)"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -191,34 +194,57 @@ class AppLock:
         self.release()
 
 
-def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None:
-    """Send ``signum`` to the `watcher run` that holds ``lock_path`` (an INSTANCE_LOCK);
-    returns its pid, or None when none could be told (none runs, another user's).
+def flock_holders(path: str | os.PathLike[str], locks: str = "/proc/locks") -> set[int]:
+    """Pids holding an exclusive ``flock`` on the file ``path`` (as ``/proc/locks`` lists
+    them, by device and inode): who holds it, read without trying to take it. A probe,
+    however brief, could make a daemon that starts meanwhile fail to take its lock."""
+    st = Path(path).stat()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    with open(locks, encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF" ("->" marks a waiter)
+            fields = line.split()
+            if (
+                len(fields) >= 6
+                and fields[1:4:2] == ["FLOCK", "WRITE"]
+                and fields[5] == where
+                and fields[4].isdigit()
+            ):
+                holders.add(int(fields[4]))
+    return holders
 
-    The pid comes from the lock file, and the process must still be a `watcher run`
-    (its command line): after a SIGKILL the file keeps a pid that another process may
-    have taken since, and the default action of most signals would end that one. The
-    lock itself is not tried: a probe, however brief, could make a daemon that starts
-    meanwhile fail to take it.
+
+def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None:
+    """Send ``signum`` to the `watcher run` that holds ``lock_path`` (an INSTANCE_LOCK) and
+    says it takes it; returns its pid, or None when none could be told (none runs, an older
+    version, another user's).
+
+    Three things must agree: the lock file names the pid and WATCHER_RUN_OWNER (a daemon
+    older than SIGUSR1's handler writes another owner, and the signal's default action
+    would end it); ``/proc/locks`` shows that pid holding the lock (a stopped daemon leaves
+    its pid in the file, and another process may have taken the number since); and, once
+    a pidfd pins the process, it still holds it. The signal goes through the pidfd, so it
+    cannot reach a process that took the number in between.
     """
     try:
         with open(lock_path, "rb") as fh:
-            first = fh.read(64).split(b" ", 1)[0]
-    except OSError:
-        return None
-    if not first.isdigit() or int(first) <= 1 or int(first) == os.getpid():
-        return None
-    pid = int(first)
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read(65536).split(b"\0")
-    except OSError:
-        return None
-    names = [a.rsplit(b"/", 1)[-1] for a in argv]
-    if b"run" not in argv or not any(n == b"watcher" or n.startswith(b"watcher") for n in names):
+            content = fh.read(256).decode("utf-8", "replace").strip()
+        pid_text, _, owner = content.partition(" ")
+        if owner != WATCHER_RUN_OWNER or not pid_text.isdigit():
+            return None
+        pid = int(pid_text)
+        if pid <= 1 or pid == os.getpid() or pid not in flock_holders(lock_path):
+            return None
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
         return None
     try:
-        os.kill(pid, signum)
+        if pid not in flock_holders(lock_path):
+            return None
+        signal.pidfd_send_signal(pidfd, signum)
     except OSError:
         return None
+    finally:
+        os.close(pidfd)
     return pid

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from watcher import daemon as daemon_module
 from watcher.config import load_config
 from watcher.daemon import Daemon
 
@@ -63,3 +67,40 @@ class TestReload:
         logs = reload_with(tmp_path, {"history_keep": 10})
         assert restart_needed(logs) == []
         assert "config_reloaded" in [e["event"] for e in logs]
+
+
+class TestSignalRelay:
+    """The handlers only write the signal's number to a pipe; a thread of the daemon sets
+    the flags. That thread must outlive anything it does, or SIGTERM goes unheard."""
+
+    def test_a_log_line_that_cannot_be_written_does_not_deafen_the_daemon(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "watcher.yaml"
+        path.write_text(yaml.safe_dump(base(tmp_path)))
+        daemon = Daemon(load_config(path), config_path=str(path))
+
+        class Unwritable:
+            """A logger whose every line fails, as with a closed journal pipe."""
+
+            def __getattr__(self, _name: str) -> Any:
+                def write(*_: Any, **__: Any) -> None:
+                    raise BrokenPipeError(32, "the journal's pipe is gone")
+
+                return write
+
+        monkeypatch.setattr(daemon_module, "log", Unwritable())
+        read_fd, write_fd = os.pipe()
+        relay = threading.Thread(target=daemon._relay_signals, args=(read_fd,), daemon=True)
+        relay.start()
+        try:
+            os.write(write_fd, bytes([signal.SIGUSR1]))
+            assert daemon.flags.wake.wait(5)
+            os.write(write_fd, bytes([signal.SIGHUP, signal.SIGTERM]))
+            assert daemon.flags.stop.wait(5) and daemon.flags.reload.is_set()
+            assert relay.is_alive()
+        finally:
+            os.close(write_fd)
+            relay.join(5)
+            os.close(read_fd)
+        assert not relay.is_alive()  # ends with the pipe

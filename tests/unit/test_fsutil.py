@@ -9,14 +9,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
 from watcher.errors import LockTimeout, ReleaseError
 from watcher.fsutil import (
+    WATCHER_RUN_OWNER,
     AppLock,
     atomic_write_bytes,
     atomic_write_json,
+    flock_holders,
     fsync_dir,
     signal_watcher,
 )
@@ -184,62 +187,96 @@ class TestAppLock:
 
 
 class TestSignalWatcher:
-    """`watcherctl hold` wakes the watcher through the pid its instance lock names; a pid
-    that another process took since must not get the signal (SIGUSR1 would end it)."""
+    """`watcherctl hold` wakes the watcher that holds the app's instance lock and says it
+    takes SIGUSR1; anything else must not get the signal (its default action ends a
+    process: an older watcher, a process that took a stopped daemon's pid since)."""
 
     @staticmethod
-    def process(tmp_path: Path, *argv: str) -> subprocess.Popen[bytes]:
-        """A process that records a SIGUSR1 in ``got`` and lives until killed; ``argv``
-        after the code (what /proc/<pid>/cmdline shows)."""
+    def process(tmp_path: Path, lock: Path | None, owner: str = WATCHER_RUN_OWNER) -> Popen:
+        """A process that records a SIGUSR1 in ``got``; with ``lock``, it holds it as a
+        `watcher run` does (flock, then its pid and ``owner`` written into it)."""
         code = (
-            "import signal, sys, time\n"
+            "import fcntl, os, signal, sys, time\n"
             "def h(*_):\n"
             f"    open({str(tmp_path / 'got')!r}, 'w').write('usr1')\n"
             "signal.signal(signal.SIGUSR1, h)\n"
+            f"lock = {str(lock) if lock else ''!r}\n"
+            "if lock:\n"
+            "    fd = os.open(lock, os.O_RDWR | os.O_CREAT)\n"
+            "    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            f"    os.write(fd, f'{{os.getpid()}} {owner}\\n'.encode())\n"
             f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
             "while True: time.sleep(0.05)\n"
         )
-        proc = subprocess.Popen([sys.executable, "-c", code, *argv])
+        proc = subprocess.Popen([sys.executable, "-c", code])
         deadline = time.monotonic() + 10
         while not (tmp_path / "ready").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
         return proc
 
-    def test_the_watcher_the_lock_names_gets_it(self, tmp_path: Path) -> None:
-        proc = self.process(tmp_path, "/usr/local/bin/watcher", "run", "-c", "x.yaml")
+    @staticmethod
+    def got_it(tmp_path: Path, proc: Popen) -> bool:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not (tmp_path / "got").exists():
+            time.sleep(0.02)
+        assert proc.poll() is None  # alive either way
+        return (tmp_path / "got").exists()
+
+    def test_the_holder_that_says_it_takes_the_signal_gets_it(self, tmp_path: Path) -> None:
+        lock = tmp_path / "daemon.lock"
+        proc = self.process(tmp_path, lock)
         try:
-            lock = tmp_path / "daemon.lock"
-            lock.write_text(f"{proc.pid} watcher run\n")
+            assert flock_holders(lock) == {proc.pid}
             assert signal_watcher(lock, signal.SIGUSR1) == proc.pid
-            deadline = time.monotonic() + 10
-            while not (tmp_path / "got").exists():
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            assert self.got_it(tmp_path, proc)
         finally:
             proc.kill()
             proc.wait()
+
+    def test_an_older_watcher_gets_nothing(self, tmp_path: Path) -> None:
+        """The owner a watcher wrote before it took SIGUSR1: it would die of it."""
+        lock = tmp_path / "daemon.lock"
+        proc = self.process(tmp_path, lock, owner="watcher run")
+        try:
+            assert signal_watcher(lock, signal.SIGUSR1) is None
+            assert not self.got_it(tmp_path, proc)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def test_a_pid_left_in_the_file_by_a_stopped_watcher_gets_nothing(self, tmp_path: Path) -> None:
+        """The file names a live process that does not hold the lock (the number was
+        taken since): no signal."""
+        proc = self.process(tmp_path, None)
+        try:
+            lock = tmp_path / "daemon.lock"
+            lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")
+            assert flock_holders(lock) == set()
+            assert signal_watcher(lock, signal.SIGUSR1) is None
+            assert not self.got_it(tmp_path, proc)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def test_a_file_naming_another_pid_than_the_holder_gets_nothing(self, tmp_path: Path) -> None:
+        lock = tmp_path / "daemon.lock"
+        holder = self.process(tmp_path, lock)
+        (tmp_path / "other").mkdir()
+        other = self.process(tmp_path / "other", None)
+        try:
+            lock.write_text(f"{other.pid} {WATCHER_RUN_OWNER}\n")
+            assert signal_watcher(lock, signal.SIGUSR1) is None
+            assert not self.got_it(tmp_path, holder)
+            assert not (tmp_path / "other" / "got").exists() and other.poll() is None
+        finally:
+            for p in (holder, other):
+                p.kill()
+                p.wait()
 
     @pytest.mark.parametrize(
-        "argv",
-        [("sleep-like", "60"), ("/usr/local/bin/watcher", "web"), ("/opt/x/run",)],
-        ids=["another program", "watcher web", "run but no watcher"],
+        "content", ["", "\n", f"abc {WATCHER_RUN_OWNER}", f"1 {WATCHER_RUN_OWNER}", "-5 x"]
     )
-    def test_a_pid_that_is_not_a_watcher_run_gets_nothing(
-        self, tmp_path: Path, argv: tuple[str, ...]
-    ) -> None:
-        proc = self.process(tmp_path, *argv)
-        try:
-            lock = tmp_path / "daemon.lock"
-            lock.write_text(f"{proc.pid} watcher run\n")
-            assert signal_watcher(lock, signal.SIGUSR1) is None
-            time.sleep(0.2)
-            assert not (tmp_path / "got").exists() and proc.poll() is None
-        finally:
-            proc.kill()
-            proc.wait()
-
-    @pytest.mark.parametrize("content", ["", "\n", "abc watcher run", "1 init", "-5 x"])
     def test_an_empty_or_odd_lock_file_names_nobody(self, tmp_path: Path, content: str) -> None:
         lock = tmp_path / "daemon.lock"
         lock.write_text(content)
