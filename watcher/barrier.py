@@ -77,6 +77,8 @@ TRIMMED_KEEP = 64
 # raw `deploy` event of an unknown artifact writes one, and anyone who may fire events
 # must not push the deploys, the targets of `rollback --to`, out of the history with them.
 REFUSALS_KEPT = 10
+# The reason of the abort decision such a refusal is written with, and how one is told.
+UNKNOWN_ARTIFACT = "unknown artifact"
 
 
 def new_deploy_id(now: datetime | None = None) -> str:
@@ -1715,7 +1717,8 @@ class DeployStore:
         ids = keep_back + ids
         later = dropped[TRIM_PER_END:]
         # Each host deletes its own acks of the ids listed as trimmed (trim_own_progress).
-        trimmed = (trimmed + dropped[:TRIM_PER_END])[-TRIMMED_KEEP:]
+        # (an evicted refusal has no acks: listing it would only push real ids out)
+        trimmed = (trimmed + [d for d in dropped[:TRIM_PER_END] if d not in evict])[-TRIMMED_KEEP:]
         body = json.dumps({"version": 2, "deploys": later + ids, "trimmed": trimmed}).encode()
         ops: list[dict[str, Any]] = [TxnOp.cas(self.keys.history, body, index)]
         for old in dropped[:TRIM_PER_END]:
@@ -1732,9 +1735,11 @@ class DeployStore:
         return ops
 
     def _surplus_refusals(self, history: list[str], new: str, keep: int) -> list[str]:
-        """The oldest refusals of ``history`` (deploys whose outcome is ``refused``: they
-        never started) past what the history lets them hold once ``new``, one more, is in
-        it. One read of the listed ids' outcomes; only a refusal pays for it."""
+        """The oldest refusals of ``history`` (raw events of an unknown artifact: their
+        decision, written with the refusal, says so; they never started, and no host has
+        an ack of them) past what the history lets them hold once ``new``, one more, is
+        in it. One read of the listed ids' decisions, small documents; only a refusal pays
+        for it."""
         allowed = max(1, min(REFUSALS_KEPT, keep // 2))
         listed = []
         for deploy_id in history:
@@ -1744,12 +1749,16 @@ class DeployStore:
                 continue  # never a key to read; the trim skips it too
             if deploy_id != new:
                 listed.append(deploy_id)
-        ops = [TxnOp.get_or_empty(self.keys.outcome(i)) for i in listed]
+        ops = [TxnOp.get_or_empty(self.keys.decision(i)) for i in listed]
         entries = self._read_txn(ops) if ops else []
         refused = []
         for deploy_id, entry in zip(listed, entries, strict=True):
-            outcome = self._doc(Outcome, entry)
-            if outcome is not None and outcome.result == "refused":
+            decision = self._doc(Decision, entry)
+            if (
+                decision is not None
+                and decision.outcome == ABORT
+                and decision.reason.startswith(f"{UNKNOWN_ARTIFACT} ")
+            ):
                 refused.append(deploy_id)
         surplus = len(refused) + 1 - allowed
         return refused[:surplus] if surplus > 0 else []
@@ -1892,7 +1901,7 @@ class DeployStore:
                             apply_timeout=apply_timeout,
                             now=now,
                         )
-                        refused = self._refused_ops(rec, f"unknown artifact {artifact_id}", by)
+                        refused = self._refused_ops(rec, f"{UNKNOWN_ARTIFACT} {artifact_id}", by)
                         pre = self._end_read()
                         history = self._history_ops(
                             pre,

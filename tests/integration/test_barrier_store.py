@@ -390,6 +390,9 @@ class TestHistory:
         assert store.consul.kv_get(store.keys.outcome(events[-7])) is None
         assert store.consul.kv_get(store.keys.request(events[-7])) is None
         assert store.outcome(events[-6]) is not None
+        # no host has an ack of a refusal: none is listed for the hosts to trim theirs
+        doc = json.loads(store.consul.kv_get(store.keys.history).value or b"{}")  # type: ignore[union-attr]
+        assert not set(doc["trimmed"]) & set(events)
         first = store.deploy_record(ids[0])
         assert first is not None and first.release is not None
         assert rollback_target(store, first.release).deploy == ids[0]
