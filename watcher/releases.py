@@ -162,7 +162,8 @@ class Refusal:
         else:
             message = (
                 f"{refused} at {self.at} for what it holds, which no setting allows: "
-                f"{self.reason}; publish a fixed build"
+                f"{self.reason}; publish a fixed build (to have this host judge these bytes "
+                f"again, after an upgrade of the watcher, remove them from {memory})"
             )
         if self.kind == "integrity":
             return ArtifactIntegrityError(message)

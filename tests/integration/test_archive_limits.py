@@ -260,8 +260,9 @@ class TestRatio:
             engine.stage_from_file(evil, record, rel(2), "d2")
         message = str(again.value)
         assert "for what it holds, which no setting allows" in message, message
-        assert "leaves the release" in message and message.endswith("publish a fixed build")
-        assert "max_ratio" not in message and "refused.json" not in message
+        assert "leaves the release; publish a fixed build (to have this host" in message
+        assert f"remove them from {engine.layout.refused_file})" in message
+        assert "max_ratio" not in message
 
     def test_prefetch_obeys_the_same_limits_and_stage_then_refuses_at_once(
         self, tmp_path: Path
