@@ -59,7 +59,6 @@ STATUS_HEARTBEAT = 10.0  # seconds between rewrites of status.json when nothing 
 STATUS_MIN_INTERVAL = 0.5
 FIRST_INDEX_FILE = "first_index.json"
 EVENTS_FILE = "events.json"
-#: Held (flock) by the running daemon in its state_dir and in each app's ``.state/``.
 #: How this host handled an event (``watcher_events_handled_total{result}``): it did what
 #: the event asks (started the prefetch, woke the loop, started the deploy), another host
 #: had started its deploy, the fleet had already acted on a later event, the deploy could

@@ -234,7 +234,8 @@ def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None
         if owner != WATCHER_RUN_OWNER or not pid_text.isdigit():
             return None
         pid = int(pid_text)
-        if pid <= 1 or pid == os.getpid() or pid not in flock_holders(lock_path):
+        # pid 1 may well be the watcher: a container's entrypoint
+        if pid < 1 or pid == os.getpid() or pid not in flock_holders(lock_path):
             return None
         pidfd = os.pidfd_open(pid)
     except (OSError, ValueError):

@@ -275,7 +275,8 @@ class TestSignalWatcher:
                 p.wait()
 
     @pytest.mark.parametrize(
-        "content", ["", "\n", f"abc {WATCHER_RUN_OWNER}", f"1 {WATCHER_RUN_OWNER}", "-5 x"]
+        "content",
+        ["", "\n", f"abc {WATCHER_RUN_OWNER}", f"1 {WATCHER_RUN_OWNER}", f"0 {WATCHER_RUN_OWNER}"],
     )
     def test_an_empty_or_odd_lock_file_names_nobody(self, tmp_path: Path, content: str) -> None:
         lock = tmp_path / "daemon.lock"
