@@ -1738,8 +1738,8 @@ class DeployStore:
         """The oldest refusals of ``history`` (raw events of an unknown artifact: their
         decision, written with the refusal, says so; they never started, and no host has
         an ack of them) past what the history lets them hold once ``new``, one more, is
-        in it. One read of the listed ids' decisions, small documents; only a refusal pays
-        for it."""
+        in it. One read of the listed ids' decisions (smaller than their outcomes, which
+        carry a summary per host); only a refusal pays for it."""
         allowed = max(1, min(REFUSALS_KEPT, keep // 2))
         listed = []
         for deploy_id in history:

@@ -481,6 +481,8 @@ class Daemon:
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
         self._signal_fd = -1  # the handlers' end of the pipe to the signal relay
+        self._stop_asked = False  # SIGTERM/SIGINT, set by the handler itself
+        self._woken_by_signal = False  # SIGUSR1 since the loop last said so
 
     # --- signals ----------------------------------------------------------------------
 
@@ -503,32 +505,33 @@ class Daemon:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            # Also a plain attribute, which the loop reads at its next wake-up or tick:
+            # a stop must not depend on the pipe having room or on the relay.
+            self._stop_asked = True
         # OSError: the pipe is full (a storm of signals), and the relay has work queued
         with contextlib.suppress(OSError):
             os.write(self._signal_fd, bytes([signum]))
 
     def _relay_signals(self, read_fd: int) -> None:
-        """The flags for each signal the handler passed on. Nothing here may end this
-        thread: without it the daemon would no longer hear SIGTERM (a log line that cannot
-        be written, a full disk or a closed journal pipe, is only skipped)."""
+        """The flags for each signal the handler passed on. Nothing here writes a log
+        line or may end this thread (a log write can block on a stalled journal, or fail):
+        the loop says what woke it."""
         while True:
             try:
-                received = os.read(read_fd, 64)
+                received = os.read(read_fd, 4096)
             except OSError:
                 continue  # EINTR is retried by Python itself; nothing else is expected
             if not received:
                 return
-            for signum in received:
-                if signum == signal.SIGHUP:
-                    self.flags.reload.set()
-                elif signum == signal.SIGUSR1:
-                    self.wake()
-                else:
-                    self.flags.stop.set()
-                self.flags.wake.set()
-                if signum == signal.SIGUSR1:
-                    with contextlib.suppress(Exception):
-                        log.info("woken_by_signal", signal="SIGUSR1")
+            if signal.SIGUSR1 in received:
+                self._woken_by_signal = True
+                self.wake()
+            if signal.SIGHUP in received:
+                self.flags.reload.set()
+            if signal.SIGTERM in received or signal.SIGINT in received:
+                self.flags.stop.set()
+            self.flags.wake.set()
 
     def wake(self) -> None:
         """Something the loop acts on changed (a watch, a task, a timer): reconcile."""
@@ -712,7 +715,7 @@ class Daemon:
         self.notifier.ready(f"watching {len(self.agents)} app(s)")
         watchdog = self.notifier.watchdog_interval()
         log.info("watcher_ready", node=self.node)
-        while not self.flags.stop.is_set():
+        while not (self.flags.stop.is_set() or self._stop_asked):
             tick = TICK if self._active() or self._status_held else TICK_IDLE
             rechecks = [a.status.recheck_at for a in self.agents.values() if a.status.recheck_at]
             if rechecks:  # an agent waits for a watch, with a deadline of its own
@@ -721,8 +724,11 @@ class Daemon:
             with self._wake_lock:
                 self.flags.wake.clear()
                 dirty, self._dirty = self._dirty, False
-            if self.flags.stop.is_set():
+            if self.flags.stop.is_set() or self._stop_asked:
                 break
+            if self._woken_by_signal:
+                self._woken_by_signal = False
+                log.info("woken_by_signal", signal="SIGUSR1")
             if self.flags.reload.is_set():
                 self.flags.reload.clear()
                 self._reload()

@@ -194,25 +194,30 @@ class AppLock:
         self.release()
 
 
-def flock_holders(path: str | os.PathLike[str], locks: str = "/proc/locks") -> set[int]:
-    """Pids holding an exclusive ``flock`` on the file ``path`` (as ``/proc/locks`` lists
-    them, by device and inode): who holds it, read without trying to take it. A probe,
-    however brief, could make a daemon that starts meanwhile fail to take its lock."""
-    st = Path(path).stat()
-    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = set()
-    with open(locks, encoding="ascii", errors="replace") as fh:
-        for line in fh:
-            # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF" ("->" marks a waiter)
+def holds_flock(pid: int, path: str | os.PathLike[str], proc: str = "/proc") -> bool:
+    """Whether process ``pid`` holds an exclusive ``flock`` on the file ``path``: one of its
+    open files is that file (same device and inode, as ``stat`` tells them apart) and its
+    ``fdinfo`` lists the lock. Read without trying to take it: a probe, however brief,
+    could make a daemon that starts meanwhile fail to take its lock. (``/proc/locks`` also
+    names holders, but by the superblock's device number, which on btrfs subvolumes and
+    some overlayfs mounts is not the one ``stat`` gives.)"""
+    want = Path(path).stat()
+    base = f"{proc}/{pid}"
+    for fd in os.listdir(f"{base}/fd"):  # noqa: PTH208
+        try:
+            st = os.stat(f"{base}/fd/{fd}")  # noqa: PTH116 - follows the link to the file
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                continue
+            with open(f"{base}/fdinfo/{fd}", encoding="ascii", errors="replace") as fh:
+                info = fh.read()
+        except OSError:
+            continue  # closed meanwhile, or not ours to read
+        for line in info.splitlines():
+            # "lock:\t1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF"
             fields = line.split()
-            if (
-                len(fields) >= 6
-                and fields[1:4:2] == ["FLOCK", "WRITE"]
-                and fields[5] == where
-                and fields[4].isdigit()
-            ):
-                holders.add(int(fields[4]))
-    return holders
+            if fields[:1] == ["lock:"] and fields[2:5:2] == ["FLOCK", "WRITE"]:
+                return True
+    return False
 
 
 def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None:
@@ -220,28 +225,30 @@ def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None
     says it takes it; returns its pid, or None when none could be told (none runs, an older
     version, another user's).
 
-    Three things must agree: the lock file names the pid and WATCHER_RUN_OWNER (a daemon
-    older than SIGUSR1's handler writes another owner, and the signal's default action
-    would end it); ``/proc/locks`` shows that pid holding the lock (a stopped daemon leaves
-    its pid in the file, and another process may have taken the number since); and, once
-    a pidfd pins the process, it still holds it. The signal goes through the pidfd, so it
-    cannot reach a process that took the number in between.
+    The lock file must name the pid and WATCHER_RUN_OWNER (a daemon older than SIGUSR1's
+    handler writes another owner, and the signal's default action would end it). A pidfd
+    then pins that process, and only if it holds the lock (``holds_flock``: a stopped
+    daemon leaves its pid in the file, and another process may have taken the number
+    since) does the signal go, through the pidfd, so it cannot reach a process that took
+    the number in between. ``/proc`` must be of this process's pid namespace, or its
+    numbers would name other processes than ``pidfd_open``'s.
     """
     try:
+        if os.readlink("/proc/self") != str(os.getpid()):  # noqa: PTH115
+            return None
         with open(lock_path, "rb") as fh:
             content = fh.read(256).decode("utf-8", "replace").strip()
         pid_text, _, owner = content.partition(" ")
         if owner != WATCHER_RUN_OWNER or not pid_text.isdigit():
             return None
         pid = int(pid_text)
-        # pid 1 may well be the watcher: a container's entrypoint
-        if pid < 1 or pid == os.getpid() or pid not in flock_holders(lock_path):
+        if pid < 1 or pid == os.getpid():  # (pid 1 may be the watcher: in a container)
             return None
         pidfd = os.pidfd_open(pid)
     except (OSError, ValueError):
         return None
     try:
-        if pid not in flock_holders(lock_path):
+        if not holds_flock(pid, lock_path):
             return None
         signal.pidfd_send_signal(pidfd, signum)
     except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -71,36 +72,60 @@ class TestReload:
 
 class TestSignalRelay:
     """The handlers only write the signal's number to a pipe; a thread of the daemon sets
-    the flags. That thread must outlive anything it does, or SIGTERM goes unheard."""
+    the flags. Nothing may keep a SIGTERM from reaching the loop: not a log line that
+    blocks (a stalled journal) or fails, not a pipe full of signals."""
 
-    def test_a_log_line_that_cannot_be_written_does_not_deafen_the_daemon(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    @staticmethod
+    def daemon(tmp_path: Path) -> Daemon:
         path = tmp_path / "watcher.yaml"
         path.write_text(yaml.safe_dump(base(tmp_path)))
-        daemon = Daemon(load_config(path), config_path=str(path))
+        return Daemon(load_config(path), config_path=str(path))
 
-        class Unwritable:
-            """A logger whose every line fails, as with a closed journal pipe."""
+    def test_a_log_that_blocks_or_fails_does_not_deafen_the_daemon(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        daemon = self.daemon(tmp_path)
+        stalled = threading.Event()
+
+        class Stalled:
+            """A logger whose first line blocks (a full journal pipe), the rest fail."""
 
             def __getattr__(self, _name: str) -> Any:
                 def write(*_: Any, **__: Any) -> None:
+                    if not stalled.is_set():
+                        stalled.set()
+                        threading.Event().wait(30)
                     raise BrokenPipeError(32, "the journal's pipe is gone")
 
                 return write
 
-        monkeypatch.setattr(daemon_module, "log", Unwritable())
+        monkeypatch.setattr(daemon_module, "log", Stalled())
         read_fd, write_fd = os.pipe()
         relay = threading.Thread(target=daemon._relay_signals, args=(read_fd,), daemon=True)
         relay.start()
         try:
             os.write(write_fd, bytes([signal.SIGUSR1]))
-            assert daemon.flags.wake.wait(5)
-            os.write(write_fd, bytes([signal.SIGHUP, signal.SIGTERM]))
+            assert daemon.flags.wake.wait(5) and daemon._woken_by_signal
+            os.write(write_fd, bytes([signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM]))
             assert daemon.flags.stop.wait(5) and daemon.flags.reload.is_set()
-            assert relay.is_alive()
+            assert relay.is_alive() and not stalled.is_set()  # the relay logs nothing
         finally:
             os.close(write_fd)
             relay.join(5)
             os.close(read_fd)
         assert not relay.is_alive()  # ends with the pipe
+
+    def test_a_sigterm_into_a_full_pipe_still_stops_the_loop(self, tmp_path: Path) -> None:
+        daemon = self.daemon(tmp_path)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        daemon._signal_fd = write_fd
+        try:
+            with contextlib.suppress(BlockingIOError):
+                while True:  # nobody reads: a relay that is stuck, or a storm of signals
+                    os.write(write_fd, bytes([signal.SIGUSR1]) * 4096)
+            daemon._on_signal(signal.SIGTERM, None)  # the write fails: dropped
+            assert daemon._stop_asked and not daemon.flags.stop.is_set()
+        finally:
+            os.close(write_fd)
+            os.close(read_fd)

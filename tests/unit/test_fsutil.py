@@ -19,8 +19,8 @@ from watcher.fsutil import (
     AppLock,
     atomic_write_bytes,
     atomic_write_json,
-    flock_holders,
     fsync_dir,
+    holds_flock,
     signal_watcher,
 )
 
@@ -227,7 +227,7 @@ class TestSignalWatcher:
         lock = tmp_path / "daemon.lock"
         proc = self.process(tmp_path, lock)
         try:
-            assert flock_holders(lock) == {proc.pid}
+            assert holds_flock(proc.pid, lock) and not holds_flock(os.getpid(), lock)
             assert signal_watcher(lock, signal.SIGUSR1) == proc.pid
             assert self.got_it(tmp_path, proc)
         finally:
@@ -252,7 +252,7 @@ class TestSignalWatcher:
         try:
             lock = tmp_path / "daemon.lock"
             lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")
-            assert flock_holders(lock) == set()
+            assert not holds_flock(proc.pid, lock)
             assert signal_watcher(lock, signal.SIGUSR1) is None
             assert not self.got_it(tmp_path, proc)
         finally:
