@@ -929,7 +929,7 @@ def parse_config(
     if text_problems:
         raise ConfigError(source, text_problems)
     r = _Reader()
-    if data is None or not isinstance(data, dict):
+    if not isinstance(data, dict):
         # Nothing below could be read: what each required key would say is only noise.
         r.fail(
             "<top>",

@@ -520,8 +520,8 @@ class Daemon:
         while True:
             try:
                 received = os.read(read_fd, 4096)
-            except OSError:
-                continue  # EINTR is retried by Python itself; nothing else is expected
+            except OSError:  # EINTR is retried by Python; anything else would repeat
+                return  # (a stop still reaches the loop: ``_stop_asked``)
             if not received:
                 return
             if signal.SIGUSR1 in received:

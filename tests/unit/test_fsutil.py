@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
 
@@ -191,29 +192,39 @@ class TestSignalWatcher:
     takes SIGUSR1; anything else must not get the signal (its default action ends a
     process: an older watcher, a process that took a stopped daemon's pid since)."""
 
-    @staticmethod
-    def process(tmp_path: Path, lock: Path | None, owner: str = WATCHER_RUN_OWNER) -> Popen:
-        """A process that records a SIGUSR1 in ``got``; with ``lock``, it holds it as a
-        `watcher run` does (flock, then its pid and ``owner`` written into it)."""
-        code = (
-            "import fcntl, os, signal, sys, time\n"
-            "def h(*_):\n"
-            f"    open({str(tmp_path / 'got')!r}, 'w').write('usr1')\n"
-            "signal.signal(signal.SIGUSR1, h)\n"
-            f"lock = {str(lock) if lock else ''!r}\n"
-            "if lock:\n"
-            "    fd = os.open(lock, os.O_RDWR | os.O_CREAT)\n"
-            "    fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            f"    os.write(fd, f'{{os.getpid()}} {owner}\\n'.encode())\n"
-            f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
-            "while True: time.sleep(0.05)\n"
-        )
-        proc = subprocess.Popen([sys.executable, "-c", code])
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "ready").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        return proc
+    @pytest.fixture
+    def spawn(self) -> Iterator[Callable[..., Popen]]:
+        """Start processes that record a SIGUSR1 in ``<where>/got``; each, given ``lock``,
+        holds it as a `watcher run` does (flock, then its pid and ``owner`` written into
+        it). All are killed when the test ends."""
+        started: list[Popen] = []
+
+        def start(where: Path, lock: Path | None, owner: str = WATCHER_RUN_OWNER) -> Popen:
+            code = (
+                "import fcntl, os, signal, sys, time\n"
+                "def h(*_):\n"
+                f"    open({str(where / 'got')!r}, 'w').write('usr1')\n"
+                "signal.signal(signal.SIGUSR1, h)\n"
+                f"lock = {str(lock) if lock else ''!r}\n"
+                "if lock:\n"
+                "    fd = os.open(lock, os.O_RDWR | os.O_CREAT)\n"
+                "    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                f"    os.write(fd, f'{{os.getpid()}} {owner}\\n'.encode())\n"
+                f"open({str(where / 'ready')!r}, 'w').close()\n"
+                "while True: time.sleep(0.05)\n"
+            )
+            proc = subprocess.Popen([sys.executable, "-c", code])
+            started.append(proc)
+            deadline = time.monotonic() + 10
+            while not (where / "ready").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            return proc
+
+        yield start
+        for proc in started:
+            proc.kill()
+            proc.wait()
 
     @staticmethod
     def got_it(tmp_path: Path, proc: Popen) -> bool:
@@ -223,56 +234,47 @@ class TestSignalWatcher:
         assert proc.poll() is None  # alive either way
         return (tmp_path / "got").exists()
 
-    def test_the_holder_that_says_it_takes_the_signal_gets_it(self, tmp_path: Path) -> None:
+    def test_the_holder_that_says_it_takes_the_signal_gets_it(
+        self, tmp_path: Path, spawn: Callable[..., Popen]
+    ) -> None:
         lock = tmp_path / "daemon.lock"
-        proc = self.process(tmp_path, lock)
-        try:
-            assert holds_flock(proc.pid, lock) and not holds_flock(os.getpid(), lock)
-            assert signal_watcher(lock, signal.SIGUSR1) == proc.pid
-            assert self.got_it(tmp_path, proc)
-        finally:
-            proc.kill()
-            proc.wait()
+        proc = spawn(tmp_path, lock)
+        assert holds_flock(proc.pid, lock) and not holds_flock(os.getpid(), lock)
+        assert signal_watcher(lock, signal.SIGUSR1) == proc.pid
+        assert self.got_it(tmp_path, proc)
 
-    def test_an_older_watcher_gets_nothing(self, tmp_path: Path) -> None:
+    def test_an_older_watcher_gets_nothing(
+        self, tmp_path: Path, spawn: Callable[..., Popen]
+    ) -> None:
         """The owner a watcher wrote before it took SIGUSR1: it would die of it."""
         lock = tmp_path / "daemon.lock"
-        proc = self.process(tmp_path, lock, owner="watcher run")
-        try:
-            assert signal_watcher(lock, signal.SIGUSR1) is None
-            assert not self.got_it(tmp_path, proc)
-        finally:
-            proc.kill()
-            proc.wait()
+        proc = spawn(tmp_path, lock, owner="watcher run")
+        assert signal_watcher(lock, signal.SIGUSR1) is None
+        assert not self.got_it(tmp_path, proc)
 
-    def test_a_pid_left_in_the_file_by_a_stopped_watcher_gets_nothing(self, tmp_path: Path) -> None:
+    def test_a_pid_left_in_the_file_by_a_stopped_watcher_gets_nothing(
+        self, tmp_path: Path, spawn: Callable[..., Popen]
+    ) -> None:
         """The file names a live process that does not hold the lock (the number was
         taken since): no signal."""
-        proc = self.process(tmp_path, None)
-        try:
-            lock = tmp_path / "daemon.lock"
-            lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")
-            assert not holds_flock(proc.pid, lock)
-            assert signal_watcher(lock, signal.SIGUSR1) is None
-            assert not self.got_it(tmp_path, proc)
-        finally:
-            proc.kill()
-            proc.wait()
-
-    def test_a_file_naming_another_pid_than_the_holder_gets_nothing(self, tmp_path: Path) -> None:
+        proc = spawn(tmp_path, None)
         lock = tmp_path / "daemon.lock"
-        holder = self.process(tmp_path, lock)
+        lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")
+        assert not holds_flock(proc.pid, lock)
+        assert signal_watcher(lock, signal.SIGUSR1) is None
+        assert not self.got_it(tmp_path, proc)
+
+    def test_a_file_naming_another_pid_than_the_holder_gets_nothing(
+        self, tmp_path: Path, spawn: Callable[..., Popen]
+    ) -> None:
+        lock = tmp_path / "daemon.lock"
+        holder = spawn(tmp_path, lock)
         (tmp_path / "other").mkdir()
-        other = self.process(tmp_path / "other", None)
-        try:
-            lock.write_text(f"{other.pid} {WATCHER_RUN_OWNER}\n")
-            assert signal_watcher(lock, signal.SIGUSR1) is None
-            assert not self.got_it(tmp_path, holder)
-            assert not (tmp_path / "other" / "got").exists() and other.poll() is None
-        finally:
-            for p in (holder, other):
-                p.kill()
-                p.wait()
+        other = spawn(tmp_path / "other", None)
+        lock.write_text(f"{other.pid} {WATCHER_RUN_OWNER}\n")
+        assert signal_watcher(lock, signal.SIGUSR1) is None
+        assert not self.got_it(tmp_path, holder)
+        assert not (tmp_path / "other" / "got").exists() and other.poll() is None
 
     @pytest.mark.parametrize(
         "content",
