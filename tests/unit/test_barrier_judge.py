@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from watcher import agent as agent_module
-from watcher.agent import Journal, decided_by
+from watcher.agent import JOURNAL_NAME, Journal, decided_by, parse_journal
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, DeployView, Joined, judge
 from watcher.config import Timeouts
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
-from watcher.fsutil import atomic_write_json
+from watcher.fsutil import append_bytes, atomic_write_json
 from watcher.records import (
     ABORT,
     ABORTED,
@@ -446,6 +446,85 @@ class TestJournaledRequest:
                 bad.joined()
 
 
+class TestJournalFile:
+    """The journal is written whole at ``begin`` and then appended to, a line per write."""
+
+    def started(self, tmp_path: Path) -> Journal:
+        journal = Journal(tmp_path)
+        req = request(["a", "b"])
+        journal.begin("d1", **Joined(req, req.digest(), 7).to_journal())
+        return journal
+
+    def test_each_write_appends_what_changed_and_a_reader_merges_the_lines(
+        self, tmp_path: Path
+    ) -> None:
+        journal = self.started(tmp_path)
+        journal.done("staged")
+        journal.update(established=COMMIT)
+        journal.done("flipped", "applied")
+        journal.update(established=COMMIT)  # no change: nothing written
+        lines = (tmp_path / JOURNAL_NAME).read_bytes().splitlines()
+        assert len(lines) == 4
+        assert json.loads(lines[2]) == {"established": COMMIT}  # not the request again
+        assert json.loads(lines[3]) == {"phases": ["staged", "flipped", "applied"]}
+        again = Journal(tmp_path)
+        assert again.read() == journal.read()
+        assert again.joined() == journal.joined()
+
+    def test_a_new_process_and_a_new_deploy_write_the_file_whole(self, tmp_path: Path) -> None:
+        self.started(tmp_path).done("staged")
+        restarted = Journal(tmp_path)
+        restarted.done("flipped")  # its first write: it does not know what the file holds
+        assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n") == 1
+        restarted.done("applied")
+        assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n") == 2
+        second = request(["a"], id="d2")
+        restarted.begin("d2", **Joined(second, second.digest(), 9).to_journal())
+        raw = (tmp_path / JOURNAL_NAME).read_bytes()
+        assert raw.count(b"\n") == 1 and (parse_journal(raw) or {})["phases"] == []
+
+    def test_a_long_journal_is_written_whole_again(self, tmp_path: Path) -> None:
+        journal = self.started(tmp_path)
+        for i in range(Journal.APPENDS_BEFORE_REWRITE + 3):
+            journal.update(attempt=i)
+        # APPENDS_BEFORE_REWRITE appends, the next write whole, then two appends.
+        assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n") == 3
+        assert (Journal(tmp_path).read() or {})["attempt"] == Journal.APPENDS_BEFORE_REWRITE + 2
+
+    def test_a_journal_removed_behind_its_back_is_written_whole(self, tmp_path: Path) -> None:
+        journal = self.started(tmp_path)
+        (tmp_path / JOURNAL_NAME).unlink()
+        journal.update(established=COMMIT)
+        on_disk = Journal(tmp_path).read() or {}
+        assert on_disk["established"] == COMMIT and on_disk["request"]
+
+    def test_a_line_cut_short_counts_as_never_written(self) -> None:
+        whole = b'{"deploy": "d1", "phases": []}\n{"phases": ["staged"]}\n'
+        assert parse_journal(whole) == {"deploy": "d1", "phases": ["staged"]}
+        for cut in (whole + b'{"phases": ["staged", "fl', whole + b'{"finished": true}'):
+            assert parse_journal(cut) == {"deploy": "d1", "phases": ["staged"]}
+        # A line that does not parse ends the journal there, whatever follows it.
+        assert parse_journal(whole + b"\0\0\n" + b'{"finished": true}\n') == {
+            "deploy": "d1",
+            "phases": ["staged"],
+        }
+
+    @pytest.mark.parametrize(
+        "raw",
+        [b"", b"\n", b'{"deploy": "d1"', b"[1]\n", b'{"phases": []}\n', b"\xff\n", b'"x"\n'],
+    )
+    def test_no_journal(self, raw: bytes) -> None:
+        assert parse_journal(raw) is None
+
+    @pytest.mark.parametrize("indent", [None, 2])
+    @pytest.mark.parametrize("end", ["\n", ""])
+    def test_a_single_document_is_read(self, tmp_path: Path, indent: int | None, end: str) -> None:
+        """An older version's journal, or one written by hand."""
+        data = {"deploy": "d1", "phases": ["staged"], "established": COMMIT}
+        (tmp_path / JOURNAL_NAME).write_text(json.dumps(data, indent=indent) + end)
+        assert Journal(tmp_path).read() == data
+
+
 class TestJournalOnAFullDisk:
     """A write the disk refuses (ENOSPC), faked here: the campaign's `disk_full` does it
     for real (docs/reliability.md)."""
@@ -461,6 +540,7 @@ class TestJournalOnAFullDisk:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(agent_module, "atomic_write_json", full)
+        monkeypatch.setattr(agent_module, "append_bytes", full)
         return journal
 
     def test_bookkeeping_is_kept_in_memory_and_written_with_the_next_write(
@@ -472,9 +552,13 @@ class TestJournalOnAFullDisk:
         on_disk = Journal(tmp_path).read() or {}
         assert "applied" not in on_disk["phases"] and "finished" not in on_disk
         monkeypatch.setattr(agent_module, "atomic_write_json", atomic_write_json)
+        monkeypatch.setattr(agent_module, "append_bytes", append_bytes)
         journal.update(ended=True)  # the disk has room again
         on_disk = Journal(tmp_path).read() or {}
         assert on_disk["finished"] and on_disk["ended"] and "applied" in on_disk["phases"]
+        # After a refused write the file is written whole again: nothing refers to a line
+        # the disk may have cut short.
+        assert (tmp_path / agent_module.JOURNAL_NAME).read_bytes().count(b"\n") == 1
 
     def test_what_must_be_durable_still_fails(self, journal: Journal) -> None:
         with pytest.raises(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from watcher.errors import LockTimeout, ReleaseError
 from watcher.fsutil import (
     WATCHER_RUN_OWNER,
     AppLock,
+    append_bytes,
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
@@ -77,6 +79,54 @@ class TestAtomicWrite:
         monkeypatch.setattr(Path, "mkdir", no_mkdir)
         atomic_write_json(target, {"a": 2}, parents=True)
         assert json.loads(target.read_text()) == {"a": 2}
+
+
+APPEND_UNDER_A_SIZE_LIMIT = """
+import resource, signal, sys
+from watcher.fsutil import append_bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    append_bytes(sys.argv[1], b"y" * 100 + b"\\n", durable=True)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+class TestAppend:
+    def test_appends_to_what_is_there(self, tmp_path: Path) -> None:
+        target = tmp_path / "journal"
+        atomic_write_bytes(target, b"one\n")
+        append_bytes(target, b"two\n", durable=True)
+        append_bytes(target, b"three\n", durable=False)
+        assert target.read_bytes() == b"one\ntwo\nthree\n"
+
+    def test_a_missing_file_is_not_created(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            append_bytes(tmp_path / "journal", b"x\n", durable=True)
+        assert not (tmp_path / "journal").exists()
+
+    def test_a_symlink_is_not_followed(self, tmp_path: Path) -> None:
+        (tmp_path / "elsewhere").write_bytes(b"keep\n")
+        (tmp_path / "journal").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(OSError):
+            append_bytes(tmp_path / "journal", b"x\n", durable=True)
+        assert (tmp_path / "elsewhere").read_bytes() == b"keep\n"
+
+    def test_a_write_the_disk_cuts_short_is_taken_back(self, tmp_path: Path) -> None:
+        """A real short write: the file size limit lets the kernel write 30 of the 101
+        bytes and refuse the rest, as a disk that fills up halfway would."""
+        target = tmp_path / "journal"
+        target.write_bytes(b"x" * 49 + b"\n")
+        done = subprocess.run(
+            [sys.executable, "-c", APPEND_UNDER_A_SIZE_LIMIT, str(target), "80"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert done.stdout.strip() == str(errno.EFBIG), done.stderr
+        assert target.read_bytes() == b"x" * 49 + b"\n"
 
 
 class TestFsyncDir:

@@ -26,6 +26,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from watcher.agent import parse_journal
 from watcher.config import Config, load_config, parse_config
 from watcher.errors import ConfigError, PayloadError
 from watcher.events import EVENT_NAMES, MAX_PAYLOAD, EventRequest, parse_event
@@ -429,6 +430,31 @@ YAML_FRAGMENTS = [
     "---\n",
     "...\n",
 ]
+
+
+class TestJournal:
+    """The phase journal a host reads back after a crash: any bytes give a journal or
+    None, never an exception (a crash can leave any tail)."""
+
+    @fuzz
+    @given(
+        lines=st.lists(
+            st.one_of(
+                st.binary(max_size=40),
+                st.dictionaries(
+                    st.sampled_from(["deploy", "phases", "x"]), st.text(max_size=5)
+                ).map(lambda d: json.dumps(d).encode()),
+                st.builds(lambda n: b"[" * n + b"]" * n, st.integers(0, 100_000)),
+            ),
+            max_size=5,
+        ),
+        tail=st.binary(max_size=20),
+    )
+    @example(lines=[b"[" * 100_000 + b"]" * 100_000], tail=b"")  # RecursionError
+    def test_any_bytes(self, lines: list[bytes], tail: bytes) -> None:
+        raw = b"\n".join(lines) + b"\n" + tail
+        data = parse_journal(raw)
+        assert data is None or (isinstance(data, dict) and data.get("deploy")), raw
 
 
 class TestConfig:
