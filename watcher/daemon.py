@@ -58,7 +58,7 @@ STATUS_HEARTBEAT = 10.0  # seconds between rewrites of status.json when nothing 
 # once when the daemon goes idle.
 STATUS_MIN_INTERVAL = 0.5
 FIRST_INDEX_FILE = "first_index.json"
-EVENTS_FILE = "events.json"
+OLD_EVENTS_FILE = "events.json"  # no longer written
 #: How this host handled an event (``watcher_events_handled_total{result}``): it did what
 #: the event asks (started the prefetch, woke the loop, started the deploy), another host
 #: had started its deploy, the fleet had already acted on a later event, the deploy could
@@ -416,7 +416,7 @@ class EventWatcher(threading.Thread):
                 new_index, fresh = self.consul.event_list(
                     index=index, wait=WATCH_WAIT, skip=self.handled
                 )
-            except Exception as exc:  # e.g. a full disk persisting handled ids: retry
+            except Exception as exc:  # Consul unreachable, or anything: retry
                 log.warning("event_watch_failed", error=str(exc))
                 self.stopping.wait(1.0)
                 continue
@@ -426,10 +426,7 @@ class EventWatcher(threading.Thread):
             # Handled events (every one seen so far) are left out of the answer undecoded.
             self.max_ltime = max([self.max_ltime, *(e.ltime for e in fresh)])
             if fresh:
-                try:
-                    self.handled.add(e.id for e in fresh)
-                except OSError as exc:  # a full disk: the ids are kept in memory all the same
-                    log.warning("handled_events_not_saved", error=str(exc))
+                self.handled.add(e.id for e in fresh)
                 # In Lamport order: the agent lists events as gossip brought them, and one
                 # handled first would make an older one of the batch "history" (events_seen).
                 for event in sorted(fresh, key=lambda e: e.ltime):
@@ -698,9 +695,9 @@ class Daemon:
             give_up=lambda: any(a.must_give_up_session() for a in self.agents.values()),
         )
         self.keeper.start()
-        handled = HandledEvents(
-            self.state_dir / EVENTS_FILE, self.config.daemon.handled_events_keep
-        )
+        handled = HandledEvents(self.config.daemon.handled_events_keep)
+        with contextlib.suppress(OSError):  # what earlier versions wrote (HandledEvents)
+            (self.state_dir / OLD_EVENTS_FILE).unlink(missing_ok=True)
         self.event_watcher = EventWatcher(
             self.consul, handled, self.events, self._event_wake, self.flags.stop
         )

@@ -443,9 +443,11 @@ class TestReplays:
 
         w = fleet.watchers[2]
         w.stop()
-        assert (w.state_dir / "events.json").exists()
         shutil.rmtree(w.state_dir)
         shutil.rmtree(w.app_dir / ".state", ignore_errors=True)
+        # What earlier versions kept there, removed at start (HandledEvents).
+        w.state_dir.mkdir()
+        (w.state_dir / "events.json").write_text('{"version": 1, "ids": []}')
         # Its own agent still buffers the deploy event.
         _, buffered = fleet.kv.event_list()
         assert e1 in {e.id for e in buffered}
@@ -469,6 +471,7 @@ class TestReplays:
         assert fleet.inflight() is None
         assert list(history(fleet)) == [e1]
         assert fleet.currents() == all_on(fleet, rel1)
+        assert not (w.state_dir / "events.json").exists()
 
     def test_old_event_after_history_trim_starts_nothing(
         self, make_fleet: MakeFleet, consul_bin: str
