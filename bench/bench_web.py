@@ -34,9 +34,17 @@ from tests.support.web import WebServer  # noqa: E402
 from watcher.config import S3Settings  # noqa: E402
 
 
-def sse_client(url: str, ready: threading.Event, want: list[str], seen: dict[str, float]) -> None:
-    """Read the live stream; note when a snapshot first names the deploy in ``want[0]``."""
-    with httpx.Client(timeout=120) as c, c.stream("GET", url) as stream:
+def sse_client(
+    url: str, token: str, ready: threading.Event, want: list[str], seen: dict[str, float]
+) -> None:
+    """Read the live stream as the caller of ``token``; note when a snapshot first names
+    the deploy in ``want[0]`` (a refused stream is noted under "refused")."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(timeout=120) as c, c.stream("GET", url, headers=headers) as stream:
+        if stream.status_code != 200:
+            seen["refused"] = float(stream.status_code)
+            ready.set()
+            return
         for line in stream.iter_lines():
             if line.startswith("data: "):
                 ready.set()
@@ -54,13 +62,20 @@ def bare_watch(fleet: Fleet, index: int, out: list[float]) -> None:
 
 def one_round(
     fleet: Fleet, web: WebServer, clients: int, artifact: str
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, list[int]]:
     url = web.url + "/api/v1/apps/web/live"
     want: list[str] = []
     seen_by: list[dict[str, float]] = [{} for _ in range(clients)]
     readies = [threading.Event() for _ in range(clients)]
+    # One caller each, as many people's pages would be: the web API holds at most
+    # SSE_MAX_PER_CALLER streams per caller (per token; every token-less caller on the
+    # host is one). With ACLs off, as here, Consul takes any token.
     threads = [
-        threading.Thread(target=sse_client, args=(url, readies[i], want, seen_by[i]), daemon=True)
+        threading.Thread(
+            target=sse_client,
+            args=(url, f"bench-reader-{i}", readies[i], want, seen_by[i]),
+            daemon=True,
+        )
         for i in range(clients)
     ]
     for t in threads:
@@ -85,7 +100,8 @@ def one_round(
     fleet.wait_idle()
     # The API answers after its txn; measure from the POST's start (an upper bound).
     lat = [s[deploy] - started for s in seen_by if deploy in s]
-    return lat, (bare[0] - started) if bare else float("nan")
+    refused = [int(s["refused"]) for s in seen_by if "refused" in s]
+    return lat, (bare[0] - started) if bare else float("nan"), refused
 
 
 def median_ms(fn: object, n: int = 20) -> float:
@@ -142,8 +158,9 @@ def main() -> int:
             all_lat: list[float] = []
             bares: list[float] = []
             for _ in range(args.rounds):
-                lat, bare = one_round(fleet, web, clients, artifacts[n % 2])
+                lat, bare, refused = one_round(fleet, web, clients, artifacts[n % 2])
                 n += 1
+                assert not refused, f"{len(refused)} of {clients} streams refused: {refused}"
                 assert len(lat) == clients, f"only {len(lat)} of {clients} clients saw it"
                 all_lat += lat
                 bares.append(bare)
