@@ -34,7 +34,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_deploy import DAEMON, SETTLE  # noqa: E402
 from bench.fleetbench import BenchFleet, running  # noqa: E402
-from bench.harness import RESULTS_DIR, RoundFailed, compile_package, machine  # noqa: E402
+from bench.harness import (  # noqa: E402
+    RESULTS_DIR,
+    RoundFailed,
+    compile_package,
+    machine,
+    thread_cpu_ns,
+)
 from bench.run import consul_binary  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, WatcherProc, wait_for  # noqa: E402
@@ -74,18 +80,6 @@ def export(rev: str, into: Path) -> str:
     if not Path(found).is_relative_to(into):
         raise SystemExit(f"PYTHONPATH={into} imports {found}, not the exported {rev}")
     return commit
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU nanoseconds of ``pid``'s live threads (schedstat): /proc/<pid>/stat counts in
-    clock ticks of 10 ms, as much as a daemon spends on a whole deploy."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended between the listing and the read
-    return total
 
 
 def assign(names: list[str], swapped: bool) -> dict[str, str]:
@@ -134,7 +128,7 @@ def one_run(
             for i in range(deploys):
                 record = fleet.publish_prefetched(f"v{i}")
                 time.sleep(SETTLE)  # the prefetch's own work is done
-                before = {w.name: cpu_ns(w.proc.pid) for w in fleet.watchers[1:] if w.proc}
+                before = {w.name: thread_cpu_ns(w.proc.pid) for w in fleet.watchers[1:] if w.proc}
                 fleet.deploy_flips(record)
                 wait_for(lambda: fleet.fleet.inflight() is None, 60, "deploy over", fleet.fleet)
                 time.sleep(SETTLE)
@@ -142,7 +136,7 @@ def one_run(
                     assert w.proc is not None
                     if w.proc.poll() is not None:
                         raise RoundFailed(f"{w.name} exited {w.proc.returncode}")
-                    spent[w.name] += (cpu_ns(w.proc.pid) - before[w.name]) / 1e9
+                    spent[w.name] += (thread_cpu_ns(w.proc.pid) - before[w.name]) / 1e9
         out: dict[str, list[float]] = {BASE: [], THIS: []}
         for name, seconds in spent.items():
             out[halves[name]].append(seconds / deploys * 1000)

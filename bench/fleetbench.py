@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import RoundFailed, cpu_seconds, flip_times
+from bench.harness import RoundFailed, cpu_seconds, flip_times, thread_cpu_ns
 from tests.support.cluster import Agent, ConsulCluster
 from tests.support.fleet import (
     Fleet,
@@ -55,11 +55,18 @@ class Usage:
     cpu_before_read: float
     cpu_after_read: float
     requests: float
+    ns_before_read: int = 0  # the same from its threads' schedstat, in nanoseconds
+    ns_after_read: int = 0
 
 
 def cpu_between(start: Usage, end: Usage) -> float:
     """CPU seconds the watcher spent between two readings, the readings themselves out."""
     return end.cpu_before_read - start.cpu_after_read
+
+
+def ns_between(start: Usage, end: Usage) -> float:
+    """``cpu_between`` from the threads' schedstat: in seconds, to the nanosecond."""
+    return (end.ns_before_read - start.ns_after_read) / 1e9
 
 
 @dataclass
@@ -129,9 +136,15 @@ class BenchFleet:
         out = {}
         for w in self.watchers:
             assert w.proc is not None
-            cpu_before = cpu_seconds(w.proc.pid)
+            cpu_before, ns_before = cpu_seconds(w.proc.pid), thread_cpu_ns(w.proc.pid)
             requests = sum(self.requests(w).values())
-            out[w.name] = Usage(cpu_before, cpu_seconds(w.proc.pid), requests)
+            out[w.name] = Usage(
+                cpu_before,
+                cpu_seconds(w.proc.pid),
+                requests,
+                ns_before,
+                thread_cpu_ns(w.proc.pid),
+            )
         return out
 
     def publish_prefetched(self, version: str) -> ArtifactRecord:

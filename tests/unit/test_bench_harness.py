@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from bench.harness import (
     compile_package,
     flip_times,
     run_rounds,
+    thread_cpu_ns,
 )
 
 HOSTS = ["host-1", "host-2", "host-3"]
@@ -132,3 +136,26 @@ def test_the_package_is_compiled_before_anything_is_timed(tmp_path: Path) -> Non
     (package / "bad.py").write_text("def (:\n")
     with pytest.raises(RuntimeError, match="compiling"):
         compile_package(package)
+
+
+def test_thread_cpu_counts_every_live_thread_to_the_nanosecond() -> None:
+    """4 ms of CPU in a thread other than the main one is counted: less than one tick of
+    /proc/<pid>/stat, the figure the bench reads beside it."""
+    done, stop = threading.Event(), threading.Event()
+
+    def spin_then_wait() -> None:
+        end = time.thread_time() + 0.004
+        while time.thread_time() < end:
+            pass
+        done.set()
+        stop.wait(10)  # alive while read: an ended thread's time is not counted
+
+    start = thread_cpu_ns(os.getpid())
+    worker = threading.Thread(target=spin_then_wait)
+    worker.start()
+    try:
+        assert done.wait(10)
+        assert thread_cpu_ns(os.getpid()) - start >= 4_000_000
+    finally:
+        stop.set()
+        worker.join()
