@@ -122,10 +122,11 @@ def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | 
 
 def parse_journal(raw: bytes) -> dict[str, Any] | None:
     """The journal a file holds: JSON lines, the first the whole journal (written by a
-    rename, so always complete), each further one the fields a write changed, in the order
-    written. An appended line without its newline was cut short by a crash or a full disk
-    and counts as never written, and so does everything after a line that does not parse:
-    an append only ever follows a complete one (``append_bytes``). A file that is one JSON
+    rename, so always complete), each further one the fields a write changed and the
+    deploy, in the order written. An appended line without its newline was cut short by a
+    crash or a full disk and counts as never written, and so does everything after a line
+    that does not parse or names another deploy: an append only ever follows a complete
+    line of the same deploy (``append_bytes``). A file that is one JSON
     document (an older version's journal, or one written by hand) is read as it is. None
     when the file holds no journal."""
     first, _, rest = raw.partition(b"\n")
@@ -144,7 +145,7 @@ def parse_journal(raw: bytes) -> dict[str, Any] | None:
             part = json.loads(line)
         except (ValueError, RecursionError):
             break
-        if not isinstance(part, dict):
+        if not isinstance(part, dict) or part.get("deploy") != data.get("deploy"):
             break
         data.update(part)
     return data if data.get("deploy") else None
@@ -173,7 +174,10 @@ class Journal:
         # what differs from it. None: the next write rewrites the file.
         self._on_disk: dict[str, Any] | None = None
         self._appends = 0
-        self._writing = threading.Lock()  # one write at a time (the loop and the worker)
+        # One change at a time, from the read to the write: the loop and the app's worker
+        # both write (a stopped staging's abort and a hook's phase can meet), and a change
+        # built from what the other was replacing would drop the other's.
+        self._changing = threading.RLock()
         # The last request parsed from the journal: (its dict, the Joined made of it).
         self._joined: tuple[Any, Joined] | None = None
 
@@ -203,46 +207,50 @@ class Journal:
         return joined
 
     def begin(self, deploy_id: str, **fields: Any) -> dict[str, Any]:
-        current = self.read()
-        if current and current.get("deploy") == deploy_id:
-            return current
-        data = {"deploy": deploy_id, "phases": [], "started_at": iso(utcnow()), **fields}
-        self._write(data)
-        return data
+        with self._changing:
+            current = self.read()
+            if current and current.get("deploy") == deploy_id:
+                return current
+            data = {"deploy": deploy_id, "phases": [], "started_at": iso(utcnow()), **fields}
+            self._write(data)
+            return data
 
     def update(self, **fields: Any) -> None:
-        data = self.read()
-        if data is None:
-            return
-        if any(data.get(k) != v for k, v in fields.items()):
-            self._write({**data, **fields}, durable=bool(set(fields) & DURABLE_FIELDS))
+        with self._changing:
+            data = self.read()
+            if data is None:
+                return
+            if any(data.get(k) != v for k, v in fields.items()):
+                self._write({**data, **fields}, durable=bool(set(fields) & DURABLE_FIELDS))
 
     def done(self, *phases: str) -> None:
         """Mark ``phases`` done, in one write (fsynced if one of them is durable)."""
-        data = self.read()
-        if data is None:
-            return
-        new = [p for p in phases if p not in data["phases"]]
-        if new:
-            self._write(
-                {**data, "phases": [*data["phases"], *new]},
-                durable=bool(DURABLE_PHASES.intersection(new)),
-            )
+        with self._changing:
+            data = self.read()
+            if data is None:
+                return
+            new = [p for p in phases if p not in data["phases"]]
+            if new:
+                self._write(
+                    {**data, "phases": [*data["phases"], *new]},
+                    durable=bool(DURABLE_PHASES.intersection(new)),
+                )
 
     def has(self, phase: str) -> bool:
         data = self.read()
         return bool(data and phase in data.get("phases", []))
 
     def clear(self, deploy_id: str) -> None:
-        data = self.read()
-        if data and data.get("deploy") == deploy_id:
-            self.path.unlink(missing_ok=True)
-            self._cache = None
-            self._on_disk = None
+        with self._changing:
+            data = self.read()
+            if data and data.get("deploy") == deploy_id:
+                self.path.unlink(missing_ok=True)
+                self._cache = None
+                self._on_disk = None
 
     def _write(self, data: dict[str, Any], *, durable: bool = True) -> None:
         try:
-            with self._writing:
+            with self._changing:
                 self._put(data, durable=durable)
         except OSError as exc:
             if durable:
@@ -268,6 +276,10 @@ class Journal:
             and before.keys() <= data.keys()
         ):
             changed = {k: v for k, v in data.items() if k not in before or not _same(before[k], v)}
+            # Every line names its deploy: a reader stops at one of another deploy's (a
+            # file system that can keep a file's new length without its new bytes could
+            # show an old journal's freed block there after a crash).
+            changed["deploy"] = data["deploy"]
             line = json.dumps(changed, sort_keys=True).encode() + b"\n"
             try:
                 append_bytes(self.path, line, durable=durable)

@@ -6,6 +6,9 @@ import base64
 import dataclasses
 import errno
 import json
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -465,8 +468,9 @@ class TestJournalFile:
         journal.update(established=COMMIT)  # no change: nothing written
         lines = (tmp_path / JOURNAL_NAME).read_bytes().splitlines()
         assert len(lines) == 4
-        assert json.loads(lines[2]) == {"established": COMMIT}  # not the request again
-        assert json.loads(lines[3]) == {"phases": ["staged", "flipped", "applied"]}
+        # What changed and the deploy, not the request again.
+        assert json.loads(lines[2]) == {"deploy": "d1", "established": COMMIT}
+        assert json.loads(lines[3]) == {"deploy": "d1", "phases": ["staged", "flipped", "applied"]}
         again = Journal(tmp_path)
         assert again.read() == journal.read()
         assert again.joined() == journal.joined()
@@ -499,15 +503,60 @@ class TestJournalFile:
         assert on_disk["established"] == COMMIT and on_disk["request"]
 
     def test_a_line_cut_short_counts_as_never_written(self) -> None:
-        whole = b'{"deploy": "d1", "phases": []}\n{"phases": ["staged"]}\n'
+        whole = b'{"deploy": "d1", "phases": []}\n{"deploy": "d1", "phases": ["staged"]}\n'
         assert parse_journal(whole) == {"deploy": "d1", "phases": ["staged"]}
-        for cut in (whole + b'{"phases": ["staged", "fl', whole + b'{"finished": true}'):
+        for cut in (
+            whole + b'{"deploy": "d1", "phases": ["staged", "fl',
+            whole + b'{"deploy": "d1", "finished": true}',
+        ):
             assert parse_journal(cut) == {"deploy": "d1", "phases": ["staged"]}
-        # A line that does not parse ends the journal there, whatever follows it.
-        assert parse_journal(whole + b"\0\0\n" + b'{"finished": true}\n') == {
-            "deploy": "d1",
-            "phases": ["staged"],
-        }
+        # A line that does not parse, or is another deploy's (an old journal's block after
+        # a crash), ends the journal there, whatever follows it.
+        later = b'{"deploy": "d1", "finished": true}\n'
+        for bad in (b"\0\0\n", b'{"deploy": "d0", "established": "abort"}\n', b'{"x": 1}\n'):
+            assert parse_journal(whole + bad + later) == {"deploy": "d1", "phases": ["staged"]}
+
+    def test_a_durable_write_is_synced_and_bookkeeping_is_not(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        journal = self.started(tmp_path)
+        synced: list[int] = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+        journal.done("staged")  # not durable: a restart stages again
+        assert synced == []
+        journal.update(established=COMMIT)
+        journal.done("post_release")
+        assert len(synced) == 2
+
+    def test_the_loop_and_the_worker_writing_at_once_lose_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One thread's change is built while the other's write is on its way to the disk:
+        each must see the other's (a durable phase reported written, then lost, would skip
+        a post_abort)."""
+        journal = self.started(tmp_path)
+        writing, go_on = threading.Event(), threading.Event()
+        real = agent_module.append_bytes
+
+        def slow(*args: Any, **kwargs: Any) -> None:
+            real(*args, **kwargs)
+            if threading.current_thread().name == "worker":
+                writing.set()
+                go_on.wait(5)  # written, and not yet known to be
+
+        monkeypatch.setattr(agent_module, "append_bytes", slow)
+        worker = threading.Thread(target=journal.done, args=("post_release",), name="worker")
+        worker.start()
+        assert writing.wait(5)
+        loop = threading.Thread(target=journal.update, kwargs={"established": "abort"})
+        loop.start()
+        time.sleep(0.1)  # the loop's change waits for the worker's
+        go_on.set()
+        worker.join(5)
+        loop.join(5)
+        for seen in (journal.read() or {}, Journal(tmp_path).read() or {}):
+            assert "post_release" in seen["phases"] and seen["established"] == "abort"
 
     @pytest.mark.parametrize(
         "raw",
