@@ -126,9 +126,9 @@ def parse_journal(raw: bytes) -> dict[str, Any] | None:
     deploy, in the order written. An appended line without its newline was cut short by a
     crash or a full disk and counts as never written, and so does everything after a line
     that does not parse or names another deploy: an append only ever follows a complete
-    line of the same deploy (``append_bytes``). A file that is one JSON
-    document (an older version's journal, or one written by hand) is read as it is. None
-    when the file holds no journal."""
+    line of the same deploy (``append_bytes``). A file that is one JSON document (an
+    older version's journal, or one written by hand) is read as it is. None when the file
+    holds no journal."""
     first, _, rest = raw.partition(b"\n")
     try:
         data = json.loads(first)
