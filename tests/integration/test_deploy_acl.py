@@ -254,6 +254,14 @@ class TestWithLeastPrivilege:
         assert set(fleet.currents().values()) == {release2}
         fleet.wait_idle()
 
+        # A raw `deploy` of an artifact nobody published: a watcher writes the refusal
+        # (request, decision, outcome, history) with its own token, and nobody moves.
+        refused = fleet.wait_outcome(acl_fleet.raw_deploy("main-deadbeef"))
+        assert refused["result"] == "refused", refused
+        assert "unknown artifact main-deadbeef" in refused["reason"]
+        assert set(fleet.currents().values()) == {release2}
+        fleet.wait_idle()
+
         # Rollback with the operator token: back to v1 everywhere.
         back = json.loads(acl_fleet.operator("rollback", "web").stdout)
         assert back["result"] == "committed", back
