@@ -175,8 +175,10 @@ class AclFleet:
 
 @pytest.fixture
 def acl_fleet(
-    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[AclFleet]:
+    """The fleet with least-privilege tokens; an indirect parameter is the watchers' extra
+    ``daemon`` settings."""
     # Each test gets its own KV prefix, so its own policies (they name the prefix).
     prefix = f"w{time.monotonic_ns()}"
     server = cluster.server
@@ -189,7 +191,14 @@ def acl_fleet(
         ci=made["ci"][0],
         accessors={accessor: who for who, (_, accessor) in made.items()},
     )
-    fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=prefix, consul_tokens=tokens.watchers)
+    fleet = Fleet(
+        cluster,
+        s3_settings,
+        tmp_path,
+        kv_prefix=prefix,
+        consul_tokens=tokens.watchers,
+        daemon_extra=getattr(request, "param", {}),
+    )
     for w in fleet.watchers:
         assert (
             yaml.safe_load(w.config_path.read_text())["consul"]["token"] == tokens.watchers[w.name]
@@ -273,6 +282,36 @@ class TestWithLeastPrivilege:
         # goes at once (well before the 2x TTL a dead session takes).
         fleet.stop()
         assert fleet.members() == set()
+        acl_fleet.assert_no_denials()
+
+    @pytest.mark.parametrize("acl_fleet", [{"history_keep": 4}], indirect=True)
+    def test_refusals_past_the_cap_are_evicted_with_host_tokens(self, acl_fleet: AclFleet) -> None:
+        """Raw `deploy` events of unknown artifacts: the refusal cap (history_keep 4 lets
+        refusals hold min(REFUSALS_KEPT, 4 // 2) = 2 entries) deletes the oldest refusal's
+        request, decision and outcome in the txn that writes the newest, with the token of
+        whichever watcher heard the event."""
+        fleet = acl_fleet.fleet
+        refusals = []
+        for n in range(3):
+            event_id = acl_fleet.raw_deploy(f"main-dead{n:04x}")
+            refused = fleet.wait_outcome(event_id)
+            assert refused["result"] == "refused", refused
+            fleet.wait_idle()
+            refusals.append(event_id)
+        entry = fleet.kv.kv_get(fleet.keys.history)
+        assert entry is not None and entry.value is not None
+        listed = json.loads(entry.value)["deploys"]
+        assert [i for i in listed if i in refusals] == refusals[1:], listed
+        first = refusals[0]
+        for key in (
+            fleet.keys.request(first),
+            fleet.keys.decision(first),
+            fleet.keys.outcome(first),
+        ):
+            assert fleet.kv.kv_get(key) is None, f"{key} outlived its eviction"
+        assert fleet.outcome(refusals[1]) is not None
+        assert fleet.currents() == {w.name: None for w in fleet.watchers}
+        fleet.stop()
         acl_fleet.assert_no_denials()
 
     def test_failing_post_release_aborts_everywhere(self, acl_fleet: AclFleet) -> None:
