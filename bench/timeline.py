@@ -12,7 +12,8 @@ It reads every ``watcher.log`` (the daemon's JSON lines) under the directory giv
 per host. A host's prepare began ``took_ms`` before its ``prepare_ready`` line, which also
 ties the deploy to its release (``release_staged`` and ``release_flipped`` name only the
 release). Every host runs on one machine in the bench, so their clocks agree. The first
-deploy of a fleet is its warm-up and is left out (``--skip``).
+deploy of a fleet is its warm-up and is left out (``--skip``), and so is a deploy for which
+a host staged nothing (a rollback to a release it still has).
 """
 
 from __future__ import annotations
@@ -51,25 +52,27 @@ def host_marks(log: Path) -> dict[str, dict[str, float]]:
             continue
         if isinstance(line, dict) and isinstance(line.get("timestamp"), str):
             lines.append(line)
+    # release_staged comes before the prepare_ready that names its deploy, release_flipped
+    # after it (a rollback's release may have been another deploy's before)
+    staged: dict[str, float] = {}
     deploy_of: dict[str, str] = {}
-    for line in lines:
-        if line.get("event") == "prepare_ready" and line.get("release"):
-            deploy_of[str(line["release"])] = str(line["deploy"])
     marks: dict[str, dict[str, float]] = defaultdict(dict)
     for line in lines:
         event, at = line.get("event"), _at(line["timestamp"])
-        deploy = None
-        if event == "prepare_ready":
-            deploy = str(line["deploy"])
-            marks[deploy].setdefault("prepare", at - float(line.get("took_ms", 0)) / 1000)
-            step = "ready"
-        elif event == "deploy_established" and line.get("outcome") == "commit":
-            deploy, step = str(line["deploy"]), "established"
-        elif event in ("release_staged", "release_flipped"):
-            deploy = deploy_of.get(str(line.get("release")))
-            step = "staged" if event == "release_staged" else "flipped"
-        if deploy is not None:
-            marks[deploy].setdefault(step, at)
+        release, deploy = str(line.get("release", "")), str(line.get("deploy", ""))
+        if event == "release_staged":
+            staged[release] = at
+        elif event == "prepare_ready" and deploy:
+            mark = marks[deploy]
+            mark.setdefault("prepare", at - float(line.get("took_ms", 0)) / 1000)
+            mark.setdefault("ready", at)
+            if release in staged:
+                mark.setdefault("staged", staged.pop(release))
+            deploy_of[release] = deploy
+        elif event == "deploy_established" and deploy and line.get("outcome") == "commit":
+            marks[deploy].setdefault("established", at)
+        elif event == "release_flipped" and release in deploy_of:
+            marks[deploy_of[release]].setdefault("flipped", at)
     return marks
 
 

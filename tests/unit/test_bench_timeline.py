@@ -65,3 +65,19 @@ class TestTimeline:
         host_log(tmp_path, "host-2", "d2", "r2", 2000)
         host_log(tmp_path, "host-1", "d2", "r2", 2000)
         assert [deploy for deploy, _ in timeline(tmp_path, skip=0)] == ["d2"]
+
+    def test_a_rollback_to_a_release_does_not_move_the_first_deploy_of_it(
+        self, tmp_path: Path
+    ) -> None:
+        for host in ("host-1", "host-2"):
+            host_log(tmp_path, host, "d1", "r1", 0)
+            host_log(tmp_path, host, "d2", "r2", 2000)
+            # d3 rolls back to r1, still on disk: nothing staged, r1 flipped again
+            log = tmp_path / host / "watcher.log"
+            with log.open("a") as fh:
+                fh.write(line(4020, "prepare_ready", deploy="d3", release="r1", took_ms=20) + "\n")
+                fh.write(line(4040, "deploy_established", deploy="d3", outcome="commit") + "\n")
+                fh.write(line(4100, "release_flipped", release="r1") + "\n")
+        rows = dict(timeline(tmp_path, skip=0))
+        assert sorted(rows) == ["d1", "d2"]  # d3 staged nothing: no row
+        assert round(rows["d1"]["last flip"]) == 100
