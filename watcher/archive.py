@@ -24,6 +24,7 @@ __all__ = [
     "FORMATS",
     "MAX_PATH_DEPTH",
     "RATIO_FLOOR",
+    "RULES",
     "CancelFn",
     "DiskBudget",
     "ExtractStats",
@@ -38,6 +39,10 @@ __all__ = [
 
 #: Archive formats ``extract_archive`` understands, by the name the engine passes as ``fmt``.
 FORMATS = ("tar.gz", "tgz", "tar")
+#: The version of what an archive may hold, raised with every change to it: a refusal a host
+#: remembers (releases.py) holds only under the rules and limits that made it.
+#: 2: a directory's setgid, sticky and setuid bits are dropped, not refused.
+RULES = 2
 
 _CHUNK = 1024 * 1024  # bytes read and written at a time: a member is never held in memory whole
 _MAX_READ = 16 * 1024 * 1024  # largest single read tarfile may ask for (pax / GNU long names)
@@ -144,7 +149,8 @@ def extract_archive(
     Members are created one at a time below ``dest`` through directory descriptors, with
     ``O_EXCL | O_NOFOLLOW``, so nothing is ever written outside it. Owners in the archive are
     ignored: files belong to this process, or to ``uid``/``gid`` when running as root. Modes
-    are ``mode & 0o777 & ~umask`` (directories keep at least ``u+rwx``); mtimes are kept.
+    are ``mode & 0o777 & ~umask`` (directories keep at least ``u+rwx``; a directory's
+    setgid, sticky or setuid bit is dropped, a file's refused); mtimes are kept.
 
     Limits, each checked the moment it is crossed (declared sizes at each header, written
     bytes at each chunk), so a bomb is stopped before it costs much:
@@ -505,8 +511,14 @@ class _Extractor:
             raise ArchiveRefused(f"member {name!r} is a sparse file (not supported)")
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
             raise ArchiveRefused(f"member {name!r} has unsupported type {m.type!r}")
-        if m.mode & _SPECIAL_BITS:
-            raise ArchiveRefused(f"member {name!r} has setuid/setgid/sticky bits (mode {m.mode:o})")
+        if m.mode & _SPECIAL_BITS and not m.isdir():
+            # A directory's are dropped with every bit outside 0o777 (a tree packed in a
+            # setgid build directory carries them; they grant nothing). A file's are not:
+            # stripped, a binary that needs them would fail in ways nobody expects.
+            raise ArchiveRefused(
+                f"member {name!r} has setuid/setgid/sticky bits (mode {m.mode:o}); a release "
+                "holds none: pack it without them (GNU tar: --mode=ug-s,o-t)"
+            )
         if not parts:
             if m.isdir():
                 return  # "./": the release root itself, which the caller created

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from watcher.archive import CancelFn, ProgressFn, extract_archive, sync_tree
+from watcher.archive import RULES, CancelFn, ProgressFn, extract_archive, sync_tree
 from watcher.errors import (
     ArchiveDoesNotFit,
     ArchiveRefused,
@@ -133,8 +133,9 @@ class Refusal:
     """An artifact this host refused, remembered by sha256 in ``.state/refused.json``.
 
     ``kind`` is ``"archive"`` (the extractor refused its content: remembered while the
-    app's archive limits stay the same) or ``"integrity"`` (size or sha256 did not match
-    twice: remembered for ``INTEGRITY_REFUSAL_TTL``).
+    app's archive limits and the extractor's rules, ``archive.RULES``, stay the same) or
+    ``"integrity"`` (size or sha256 did not match twice: remembered for
+    ``INTEGRITY_REFUSAL_TTL``).
     """
 
     sha256: str
@@ -575,7 +576,8 @@ class ReleaseEngine:
         if entry is None:
             return None
         if entry.kind == "archive" and entry.limits != self._limits_key(fmt):
-            # The limits changed since, or the same bytes are now read as another format
+            # The limits or the rules (archive.RULES: this version accepts what an older
+            # one refused) changed since, or the same bytes are now read as another format
             # (a record that named the wrong one was fixed): judge the archive again.
             return None
         if entry.kind == "integrity":
@@ -634,7 +636,8 @@ class ReleaseEngine:
     def _limits_key(self, fmt: str) -> str:
         lim = self.app.limits
         return (
-            f"format={fmt} members={lim.max_members} bytes={lim.max_bytes} ratio={lim.max_ratio:g}"
+            f"rules={RULES} format={fmt} members={lim.max_members} bytes={lim.max_bytes} "
+            f"ratio={lim.max_ratio:g}"
         )
 
     def _read_refusals(self) -> dict[str, Refusal]:

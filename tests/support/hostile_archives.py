@@ -254,11 +254,6 @@ def hostile_archives() -> list[tuple[str, bytes, str]]:
             "setuid/setgid/sticky",
         ),
         (
-            "sticky_dir",
-            make_tar_gz([Entry("tmp", kind="dir", mode=0o1777)]),
-            "setuid/setgid/sticky",
-        ),
-        (
             "bomb_member_count",
             make_tar_gz([Entry(f"f{i}") for i in range(CORPUS_MAX_MEMBERS + 1)]),
             f"more than {CORPUS_MAX_MEMBERS} members",

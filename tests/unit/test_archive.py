@@ -229,6 +229,51 @@ class TestGoodArchive:
         ).stat().st_ino
         assert os.access(dest / "app" / "run.sh", os.X_OK)
 
+    def test_a_directorys_special_bits_are_dropped(self, sandbox: tuple[Path, Path]) -> None:
+        _, dest = sandbox
+        data = make_tar(
+            [
+                Entry("tmp", kind="dir", mode=0o1777),
+                Entry("shared", kind="dir", mode=0o2775),
+                Entry("odd", kind="dir", mode=0o4755),
+                Entry("shared/f", data=b"x"),
+            ]
+        )
+        extract(data, dest, fmt="tar")
+        for name in ("tmp", "shared", "odd"):
+            mode = (dest / name).stat().st_mode
+            assert stat.S_IMODE(mode) == 0o755, (name, oct(mode))  # umask 022, no special bit
+        assert (dest / "shared" / "f").read_bytes() == b"x"
+
+    def test_a_files_special_bits_are_refused_with_how_to_pack_it(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        _, dest = sandbox
+        data = make_tar([Entry("bin/tool", data=b"#!/bin/sh\n", mode=0o2755)])
+        with pytest.raises(ArchiveRefused, match=r"'bin/tool' has .* \(mode 2755\); .*ug-s"):
+            extract(data, dest, fmt="tar")
+
+    def test_system_tar_of_a_tree_in_a_setgid_directory(
+        self, sandbox: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        """A tree checked out below a group's setgid directory (``chmod g+s``): GNU tar
+        records the bit on every directory, the root ``./`` included."""
+        _, dest = sandbox
+        src = tmp_path / "workspace"
+        (src / "site" / "css").mkdir(parents=True)
+        for d in (src, src / "site", src / "site" / "css"):
+            d.chmod(0o2775)
+        (src / "site" / "index.html").write_text("<h1>hi</h1>\n")
+        archive = tmp_path / "setgid.tar.gz"
+        subprocess.run(["tar", "czf", str(archive), "-C", str(src), "."], check=True)
+        listed = subprocess.run(
+            ["tar", "tvzf", str(archive)], check=True, capture_output=True, text=True
+        ).stdout
+        assert "drwxrwsr-x" in listed  # what this test is about: the bits are in the archive
+        extract_archive(archive, dest, fmt="tar.gz", max_members=100, max_bytes=10**6, umask=0o022)
+        assert (dest / "site" / "index.html").read_text() == "<h1>hi</h1>\n"
+        assert not (dest / "site" / "css").stat().st_mode & (stat.S_ISGID | stat.S_ISVTX)
+
     def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
         _, dest = sandbox
         stats = extract(make_tar(self.entries()), dest, fmt="tar")

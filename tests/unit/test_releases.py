@@ -22,6 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support.hostile_archives import hostile_archives
+from watcher.archive import RULES
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import (
     ArchiveRefused,
@@ -877,6 +878,45 @@ class TestRefusedArchivesAreRemembered:
         assert engine.refusal(fixed.sha256, fixed.format) is None
         engine.stage_from_file(tarball, fixed, rel(3), "d-3")
         assert rel(3) in engine.release_names()
+
+    def test_a_refusal_of_older_rules_is_judged_again(
+        self, engine: ReleaseEngine, tmp_path: Path
+    ) -> None:
+        """A tree packed in a setgid directory, refused by a version that refused a
+        directory's setgid bit (its refusal remembered without ``rules=``), stages once the
+        host runs this one: the rules that made the refusal are not the rules now."""
+        src = tmp_path / "src"
+        (src / "site").mkdir(parents=True)
+        (src / "site" / "index.html").write_text("hi\n")
+        for d in (src, src / "site"):
+            d.chmod(0o2775)
+        archive = tmp_path / "setgid.tar.gz"
+        subprocess.run(["tar", "czf", str(archive), "-C", str(src), "."], check=True)
+        record = record_for(archive)
+        # the key as versions before archive.RULES wrote it: the limits alone
+        old_key = engine._limits_key(record.format).removeprefix(f"rules={RULES} ")
+        assert old_key.startswith("format=tar.gz members=")
+        engine.layout.state_dir.mkdir(parents=True, exist_ok=True)
+        engine.layout.refused_file.write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "refused": [
+                        {
+                            "sha256": record.sha256,
+                            "artifact": record.id,
+                            "kind": "archive",
+                            "reason": "member '.' has setuid/setgid/sticky bits (mode 2775)",
+                            "at": "2026-12-01T00:00:00Z",
+                            "limits": old_key,
+                        }
+                    ],
+                }
+            )
+        )
+        assert engine.refusal(record.sha256) is None
+        engine.stage_from_file(archive, record, rel(1), "d-1")
+        assert engine.release_info(rel(1)) is not None
 
 
 @pytest.fixture
