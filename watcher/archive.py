@@ -586,7 +586,10 @@ class _Extractor:
             raise ArchiveRefused(f"member {name!r} would replace an earlier directory")
         if is_dir:
             raise ArchiveRefused(f"member {name!r} (directory) would replace an earlier {earlier}")
-        raise ArchiveRefused(f"member {name!r} is a duplicate of an earlier {earlier}")
+        raise ArchiveRefused(
+            f"member {name!r} is a duplicate of an earlier {earlier} (GNU tar stores a "
+            "path twice when its command line names it twice: a directory and a file in it)"
+        )
 
     # -- creating members -----------------------------------------------------------------
 

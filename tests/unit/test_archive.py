@@ -274,6 +274,24 @@ class TestGoodArchive:
         assert (dest / "site" / "index.html").read_text() == "<h1>hi</h1>\n"
         assert not (dest / "site" / "css").stat().st_mode & (stat.S_ISGID | stat.S_ISVTX)
 
+    def test_system_tar_naming_a_file_twice_is_refused_saying_why(
+        self, sandbox: tuple[Path, Path], tmp_path: Path
+    ) -> None:
+        """``tar czf x build build/index.html``: GNU tar stores build/index.html twice (a
+        later copy could replace what an earlier one showed: refused, with the cause)."""
+        _, dest = sandbox
+        (tmp_path / "src" / "build").mkdir(parents=True)
+        (tmp_path / "src" / "build" / "index.html").write_text("1\n")
+        archive = tmp_path / "twice.tar.gz"
+        subprocess.run(
+            ["tar", "czf", str(archive), "-C", str(tmp_path / "src"), "build", "build/index.html"],
+            check=True,
+        )
+        with pytest.raises(ArchiveRefused, match=r"'build/index.html' is a duplicate .* names it"):
+            extract_archive(
+                archive, dest, fmt="tar.gz", max_members=100, max_bytes=10**6, umask=0o022
+            )
+
     def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
         _, dest = sandbox
         stats = extract(make_tar(self.entries()), dest, fmt="tar")
