@@ -508,7 +508,10 @@ class _Extractor:
         if m.isfifo():
             raise ArchiveRefused(f"member {name!r} is a FIFO")
         if m.issparse():
-            raise ArchiveRefused(f"member {name!r} is a sparse file (not supported)")
+            raise ArchiveRefused(
+                f"member {name!r} is a sparse file (not supported): pack the tree without "
+                "sparse files (GNU tar: no --sparse/-S; bsdtar, macOS's tar: --no-read-sparse)"
+            )
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
             raise ArchiveRefused(f"member {name!r} has unsupported type {m.type!r}")
         if m.mode & _SPECIAL_BITS and not m.isdir():

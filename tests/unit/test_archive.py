@@ -292,6 +292,46 @@ class TestGoodArchive:
                 archive, dest, fmt="tar.gz", max_members=100, max_bytes=10**6, umask=0o022
             )
 
+    @pytest.mark.parametrize("fmt", ["gnu", "pax"])
+    def test_system_tar_sparse_member_is_refused_saying_how_to_pack_it(
+        self, sandbox: tuple[Path, Path], tmp_path: Path, fmt: str
+    ) -> None:
+        """``tar --sparse`` (and bsdtar, macOS's tar, by default) stores a file with holes
+        as a sparse member, whose data in the archive is not the file: refused, with how
+        to pack the tree so that it is accepted."""
+        _, dest = sandbox
+        (tmp_path / "src").mkdir()
+        with open(tmp_path / "src" / "db.bin", "wb") as fh:
+            fh.seek(4 * 1024 * 1024)
+            fh.write(b"end")
+        sparse = tmp_path / "sparse.tar.gz"
+        subprocess.run(
+            [
+                "tar",
+                f"--format={fmt}",
+                "--sparse",
+                "-czf",
+                str(sparse),
+                "-C",
+                str(tmp_path / "src"),
+                ".",
+            ],
+            check=True,
+        )
+        with pytest.raises(ArchiveRefused, match=r"'./db.bin' is a sparse file .*--no-read-sparse"):
+            extract_archive(
+                sparse, dest, fmt="tar.gz", max_members=10, max_bytes=10**8, umask=0o022
+            )
+        plain = tmp_path / "plain.tar.gz"
+        subprocess.run(
+            ["tar", f"--format={fmt}", "-czf", str(plain), "-C", str(tmp_path / "src"), "."],
+            check=True,
+        )
+        for leftover in dest.iterdir():
+            leftover.unlink()
+        extract_archive(plain, dest, fmt="tar.gz", max_members=10, max_bytes=10**8, umask=0o022)
+        assert (dest / "db.bin").stat().st_size == 4 * 1024 * 1024 + 3
+
     def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
         _, dest = sandbox
         stats = extract(make_tar(self.entries()), dest, fmt="tar")
