@@ -180,8 +180,10 @@ def extract_archive(
     except OSError as exc:
         raise StagingError(f"cannot read archive {archive}: {exc.strerror or exc}") from exc
     try:
+        compressed = fmt in ("tar.gz", "tgz")
+        _check_kind(archive, raw, "gzip" if compressed else "tar", "tar" if fmt == "tar" else fmt)
         stream: TarStream = raw
-        if fmt in ("tar.gz", "tgz"):
+        if compressed:
             stream = gzip.GzipFile(fileobj=raw, mode="rb")
         stats = extract_stream(
             stream,
@@ -924,6 +926,38 @@ def _mtime(m: tarfile.TarInfo) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return ns if -(2**62) < ns < 2**62 else None
+
+
+#: The first bytes of files that are often uploaded in place of a tar.gz or a tar.
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"PK\x03\x04", "zip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+)
+_SAID = {"gzip": "gzip-compressed", "tar": "an uncompressed tar", "xz": "an xz file"}
+
+
+def _check_kind(archive: Path, raw: IO[bytes], expected: str, fmt: str) -> None:
+    """Refuse at once, saying what it is, a file that plainly is not ``expected`` (a zip,
+    an xz, a tar.gz where a tar was declared...); anything else is left to the reader."""
+    try:
+        head = os.pread(raw.fileno(), 512, 0)
+    except OSError as exc:
+        raise StagingError(f"cannot read archive {archive}: {exc.strerror or exc}") from exc
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head[257:262] == b"ustar":
+        kind = "tar"
+    if kind is None or kind == expected:
+        return
+    said = _SAID.get(kind, f"a {kind} file")
+    if kind in ("tar", "gzip"):
+        hint = f"its artifact record's format should be {'tar' if kind == 'tar' else 'tar.gz'}"
+    else:
+        hint = f"only {', '.join(FORMATS)} are accepted"
+    raise ArchiveRefused(f"not a valid {fmt} archive: {archive} is {said} ({hint})")
 
 
 def _reason(exc: BaseException) -> str:

@@ -333,7 +333,7 @@ def hostile_archives() -> list[tuple[str, bytes, str]]:
             "archive inflates past",
         ),
         ("random_bytes", _noise(4096, 2), "Not a gzipped file"),
-        ("zip_file", _zip_file(), "Not a gzipped file"),
+        ("zip_file", _zip_file(), "is a zip file (only tar.gz, tgz, tar are accepted)"),
         ("gzip_of_garbage", gzip_bytes(_noise(4096, 3)), "not a valid tar.gz archive"),
         ("empty_file", b"", "empty file"),
         ("empty_tar", gzip_bytes(bytes(2 * tarfile.BLOCKSIZE)), "no members"),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
 import io
+import lzma
 import os
+import re
 import stat
 import subprocess
 import tarfile
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -331,6 +335,46 @@ class TestGoodArchive:
             leftover.unlink()
         extract_archive(plain, dest, fmt="tar.gz", max_members=10, max_bytes=10**8, umask=0o022)
         assert (dest / "db.bin").stat().st_size == 4 * 1024 * 1024 + 3
+
+    @pytest.mark.parametrize(
+        ("label", "compress", "fmt", "said"),
+        [
+            ("xz", lambda b: lzma.compress(b), "tar.gz", "is an xz file (only tar.gz, tgz, tar"),
+            ("bzip2", lambda b: bz2.compress(b), "tgz", "is a bzip2 file (only"),
+            ("zstd", lambda b: b"\x28\xb5\x2f\xfd" + b, "tar.gz", "is a zstd file (only"),
+            (
+                "tar",
+                lambda b: b,
+                "tar.gz",
+                "is an uncompressed tar (its artifact record's format should be tar)",
+            ),
+            (
+                "gzip",
+                gzip_bytes,
+                "tar",
+                "is gzip-compressed (its artifact record's format should be tar.gz)",
+            ),
+        ],
+        ids=lambda v: v if isinstance(v, str) else "",
+    )
+    def test_another_kind_of_file_is_named(
+        self,
+        sandbox: tuple[Path, Path],
+        label: str,
+        compress: Any,
+        fmt: str,
+        said: str,
+    ) -> None:
+        """An artifact compressed another way than its record says, or not at all: the
+        refusal says what the file is (its first bytes), not only that gzip could not read
+        it."""
+        _, dest = sandbox
+        data = compress(make_tar(self.entries()))
+        with pytest.raises(
+            ArchiveRefused, match=rf"not a valid {fmt} archive: .* {re.escape(said)}"
+        ):
+            extract(data, dest, fmt=fmt)
+        assert list(dest.iterdir()) == []
 
     def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
         _, dest = sandbox
