@@ -934,7 +934,6 @@ _MAGIC = (
     (b"PK\x03\x04", "zip"),
     (b"\xfd7zXZ\x00", "xz"),
     (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"BZh", "bzip2"),
     (b"7z\xbc\xaf\x27\x1c", "7z"),
 )
 _SAID = {"gzip": "gzip-compressed", "tar": "an uncompressed tar", "xz": "an xz file"}
@@ -947,9 +946,12 @@ def _check_kind(archive: Path, raw: IO[bytes], expected: str, fmt: str) -> None:
         head = os.pread(raw.fileno(), 512, 0)
     except OSError as exc:
         raise StagingError(f"cannot read archive {archive}: {exc.strerror or exc}") from exc
-    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
-    if kind is None and head[257:262] == b"ustar":
-        kind = "tar"
+    if head[257:262] == b"ustar":  # first: a tar's first bytes are its first member's name
+        kind: str | None = "tar"
+    elif head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] == b"1AY&SY":
+        kind = "bzip2"
+    else:
+        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
     if kind is None or kind == expected:
         return
     said = _SAID.get(kind, f"a {kind} file")

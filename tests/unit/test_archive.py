@@ -376,6 +376,14 @@ class TestGoodArchive:
             extract(data, dest, fmt=fmt)
         assert list(dest.iterdir()) == []
 
+    def test_a_tar_whose_first_name_looks_like_a_magic_number_is_a_tar(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        _, dest = sandbox
+        data = make_tar([Entry("BZh91AY&SY.txt", data=b"a"), Entry("PK\x03\x04", data=b"b")])
+        extract(data, dest, fmt="tar")
+        assert (dest / "BZh91AY&SY.txt").read_bytes() == b"a"
+
     def test_plain_tar_format(self, sandbox: tuple[Path, Path]) -> None:
         _, dest = sandbox
         stats = extract(make_tar(self.entries()), dest, fmt="tar")
