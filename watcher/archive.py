@@ -180,10 +180,9 @@ def extract_archive(
     except OSError as exc:
         raise StagingError(f"cannot read archive {archive}: {exc.strerror or exc}") from exc
     try:
-        compressed = fmt in ("tar.gz", "tgz")
-        _check_kind(archive, raw, "gzip" if compressed else "tar", "tar" if fmt == "tar" else fmt)
+        _check_kind(archive, raw, fmt)
         stream: TarStream = raw
-        if compressed:
+        if fmt in ("tar.gz", "tgz"):
             stream = gzip.GzipFile(fileobj=raw, mode="rb")
         stats = extract_stream(
             stream,
@@ -939,9 +938,10 @@ _MAGIC = (
 _SAID = {"gzip": "gzip-compressed", "tar": "an uncompressed tar", "xz": "an xz file"}
 
 
-def _check_kind(archive: Path, raw: IO[bytes], expected: str, fmt: str) -> None:
-    """Refuse at once, saying what it is, a file that plainly is not ``expected`` (a zip,
-    an xz, a tar.gz where a tar was declared...); anything else is left to the reader."""
+def _check_kind(archive: Path, raw: IO[bytes], fmt: str) -> None:
+    """Refuse at once, saying what it is, a file that plainly is not of ``fmt`` (a zip, an
+    xz, a tar.gz where a tar was declared...); anything else is left to the reader."""
+    expected = "tar" if fmt == "tar" else "gzip"
     try:
         head = os.pread(raw.fileno(), 512, 0)
     except OSError as exc:
