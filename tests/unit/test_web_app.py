@@ -637,3 +637,15 @@ class TestHelpers:
         }
         assert _duration(deploy) == "2.5s"
         assert _duration({**deploy, "result": None}) == ""
+
+    def test_duration_of_an_abort_ends_at_its_decision(self) -> None:
+        # Hosts that stopped staging for another host's failure have no later timing.
+        deploy = {
+            "requested_at": "2026-12-01T21:13:55Z",
+            "hosts": {"h1": {"staging_at": "2026-12-01T21:13:55.1Z"}, "h2": {}},
+            "decision": {"outcome": "abort", "at": "2026-12-01T21:14:00Z"},
+            "result": "aborted",
+        }
+        assert _duration(deploy) == "5.0s"
+        refused = {**deploy, "hosts": {}, "result": "refused"}
+        assert _duration(refused) == "5.0s"

@@ -533,11 +533,15 @@ def _timeline(host: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _duration(summary: dict[str, Any]) -> str:
-    """How long an ended deploy took: request to the last host timing ("" while in flight)."""
+    """How long an ended deploy took: request to the later of its decision and the last
+    host timing ("" while in flight). An abort's hosts may have no timing after their
+    staging began, and a refused deploy's none at all: the decision is its end."""
     if not summary.get("result"):
         return ""
     hosts = summary.get("hosts") or {}
     ends = [v for h in hosts.values() for k, v in h.items() if k.endswith("_at") and v]
+    if summary.get("decision") and summary["decision"].get("at"):
+        ends.append(summary["decision"]["at"])
     try:
         start = parse_iso(summary["requested_at"])
         end = max(parse_iso(e) for e in ends) if ends else None
