@@ -724,11 +724,21 @@ def cmd_abort(ctx: CtlContext) -> int:
                 )
                 return EXIT_OK
             continue
-        what, _ = abort_deploy(store, deploy_id, ctx.args.reason or "", by=user_at_host())
+        what, view, asked = abort_deploy(store, deploy_id, ctx.args.reason or "", by=user_at_host())
         if what == "aborted":
+            # Aborted before this command asked: said so (with who and why), still exit 0:
+            # what the operator wanted holds.
+            earlier = view.decision if view is not None and not asked else None
+            said = (
+                f"deploy {deploy_id} aborted"
+                if asked
+                else f"deploy {deploy_id} was already aborted"
+                + (f" (by {earlier.by}: {earlier.reason})" if earlier else "")
+                + ": nothing to do"
+            )
             ctx.emit(
-                {"deploy": deploy_id, "app": name, "aborted": True},
-                lambda d: f"deploy {deploy_id} aborted",
+                {"deploy": deploy_id, "app": name, "aborted": True, "already": not asked},
+                lambda _: said,  # noqa: B023 (called before the loop moves on)
             )
             return EXIT_OK
         data = {"deploy": deploy_id, "app": name, "aborted": False, "decision": what}
@@ -755,42 +765,43 @@ def cmd_abort(ctx: CtlContext) -> int:
             )
         return EXIT_REFUSED
     raise DeployNotFound(
-        f"no deploy {deploy_id} in app(s) {', '.join(apps)}{_app_hint(ctx, deploy_id)}"
+        _app_hint(ctx, deploy_id) or f"no deploy {deploy_id} in app(s) {', '.join(apps)}"
     )
 
 
 def _app_hint(ctx: CtlContext, name: str) -> str:
     """What `abort web` meant, when ``name`` is an app and not a deploy: the deploy in
-    flight of that app, and the command that aborts it."""
+    flight of that app, and the command that aborts it ("" when it is no app)."""
     if name not in ctx.config.apps:
         return ""
     inflight, _ = _store(ctx, name).inflight()
-    usage = "abort takes [APP] DEPLOY, the deploy's id"
+    usage = f"{name} is an app, not a deploy: abort takes [APP] DEPLOY, the deploy's id"
     if inflight is None:
-        return f"; {name} is an app, not a deploy: {usage}, and no deploy of {name} is in flight"
+        return f"{usage}; no deploy of {name} is in flight, nothing to abort"
     command = ctx.command_line("abort", name, inflight)
-    return f"; {name} is an app, not a deploy: {usage}; its deploy in flight: `{command}`"
+    return f"{usage}; to abort its deploy in flight: `{command}`"
 
 
 def abort_deploy(
     store: DeployStore, deploy_id: str, reason: str, *, by: str, wait: float = ABORT_WAIT
-) -> tuple[str, DeployView | None]:
+) -> tuple[str, DeployView | None, bool]:
     """Request the abort (``requests/<id>/abort``) and wait up to ``wait`` s for the acks to
-    settle: ("aborted" | "committed" | another outcome | "undecided", the deploy). Every
-    expected host honors the request until it acks ready; after that it is too late.
-    A contested deploy ("contested") is left alone: it has stopped, and an abort changes
-    nothing there."""
+    settle: ("aborted" | "committed" | another outcome | "undecided", the deploy, whether
+    the abort was requested: False when the deploy was decided before). Every expected
+    host honors the request until it acks ready; after that it is too late. A contested
+    deploy ("contested") is left alone: it has stopped, and an abort changes nothing
+    there."""
     before = store.view(deploy_id)
     if before is not None:
         checked = before.checked()
         if before.verdict() == CONTESTED:
-            return CONTESTED, checked
+            return CONTESTED, checked, False
         if (decided := _decided(checked)) is not None:
             # Nothing to ask: no abort record written (a read-only token gets the answer too).
-            return decided, checked
+            return decided, checked, False
     store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
-    return _decided(view) or UNDECIDED, view
+    return _decided(view) or UNDECIDED, view, True
 
 
 def _decided(view: DeployView | None) -> str | None:

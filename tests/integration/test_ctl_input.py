@@ -354,6 +354,8 @@ class TestWhatTheMessagesSuggest:
         assert none.returncode == 2, none.stderr
         assert "web is an app, not a deploy" in none.stderr
         assert "no deploy of web is in flight" in none.stderr
+        # not "no deploy web": that reads as if the command looked for a deploy named so
+        assert "no deploy web" not in none.stderr, none.stderr
         deploy = start_deploy(site)
         result = site.ctl("abort", "web")
         assert result.returncode == 2, result.stderr

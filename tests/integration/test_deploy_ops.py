@@ -729,6 +729,12 @@ class TestAbortRace:
         assert answer["aborted"], answer
         outcome = fleet.wait_outcome(deploy_id)
         assert outcome["result"] == "aborted", outcome
+        # Asked again: said to be aborted already, by whom and why; nothing written.
+        again = fleet.watchers[2].ctl("abort", deploy_id, as_json=False, check=False)
+        assert again.returncode == 0, again.stderr
+        assert f"deploy {deploy_id} was already aborted (by " in again.stdout, again.stdout
+        assert "wrong build" in again.stdout and "nothing to do" in again.stdout, again.stdout
+        assert fleet.watchers[2].ctl_json("abort", deploy_id)["already"] is True
 
         def gone(pid: int) -> bool:
             try:

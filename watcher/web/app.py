@@ -1039,7 +1039,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             raise ApiError(409, contested_reason(deploy_id))
         if settled != "undecided":
             raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
-        what, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
+        what, _, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
         if what in ("aborted", "undecided"):
             state.writes.labels(app=name, action="abort", result=what).inc()
             log.info("web_deploy_aborted", app=name, deploy=deploy_id, by=caller.requested_by)
