@@ -311,6 +311,9 @@ class AgentStatus:
     coordinating: bool = False
     coordinator_unknown: bool = False
     alarm: str = ""
+    # Why the last prune after a deploy removed no release although some were past
+    # `keep_releases` ("" when it could): releases pile up on this host while it is set.
+    prune_blocked: str = ""
     watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
     watch_index: int = 0  # the index a new watch of a prefix there starts from
     recheck_at: float | None = None  # monotonic time the loop must look again by
@@ -1660,9 +1663,17 @@ class AppAgent:
         )
         try:
             with self.engine.lock(owner="prune after deploy"):
-                self.engine.prune(in_flight=in_flight)
+                plan = self.engine.plan_prune(in_flight=in_flight)
+                self.engine.prune(plan=plan)
         except (WatcherError, OSError, KeyError, TypeError) as exc:
             self.log.warning("prune_failed", error=str(exc))
+            return
+        blocked = plan.blocked or ""
+        if blocked:
+            blocked = f"{blocked}; {len(plan.held_back)} old release(s) kept that would go"
+        self.status.prune_blocked = blocked
+        if self.metrics is not None:
+            self.metrics.prune_blocked.labels(app=self.app.name).set(1 if blocked else 0)
 
     def _write_applied(self, joined: Joined) -> None:
         atomic_write_json(

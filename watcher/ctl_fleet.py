@@ -1211,6 +1211,9 @@ def _human_status(data: dict[str, Any]) -> str:
         releases = f"watcherctl releases {name}"
         more = f" (the newest 5; `{releases}` lists all)" if len(staged) > 5 else ""
         lines.append(f"  staged      {len(staged)}: {listed}{more}")
+        blocked = (a.get("daemon") or {}).get("prune_blocked") if d.get("running") else None
+        if blocked and isinstance(blocked, str):
+            lines.append(f"  prune       BLOCKED: {blocked[:300]}")
         hold = a["hold"]
         lines.append(
             f"  hold        {hold['reason'] + ' (by ' + hold['by'] + ')' if hold else '-'}"

@@ -986,6 +986,7 @@ class Daemon:
                 "state": agent.status.state,
                 "undecided": undecided,
                 "converge_error": agent.status.converge_error,
+                "prune_blocked": agent.status.prune_blocked,
             }
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):

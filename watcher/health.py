@@ -134,6 +134,13 @@ class Metrics:
             ["app", "phase", "result"],
             registry=r,
         )
+        self.prune_blocked = Gauge(
+            "watcher_prune_blocked",
+            "1 while the last prune after a deploy removed nothing because a process's /proc "
+            "entries could not be read (releases pile up; `watcherctl status` says why)",
+            ["app"],
+            registry=r,
+        )
         self.loop_cycles = Counter("watcher_loop_cycles", "Main loop cycles", registry=r)
         self.undecided = Gauge(
             "watcher_undecided",

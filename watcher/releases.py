@@ -191,6 +191,7 @@ class PrunePlan:
     keep: dict[str, str] = field(default_factory=dict)
     remove_prefetched: list[str] = field(default_factory=list)
     blocked: str | None = None  # set: nothing is removed this run, for this reason
+    held_back: list[str] = field(default_factory=list)  # what would go, were it not blocked
 
 
 class ProcReader(Protocol):
@@ -1135,7 +1136,9 @@ class ReleaseEngine:
             # No release goes (any may be in use), but stale pre-extracted trees still do:
             # where /proc cannot be read (a container without CAP_SYS_PTRACE) they would
             # otherwise pile up with every build.
-            return PrunePlan(blocked=blocker, remove_prefetched=plan.remove_prefetched)
+            return PrunePlan(
+                blocked=blocker, remove_prefetched=plan.remove_prefetched, held_back=plan.remove
+            )
         return self._plan_prune(infos, in_flight, used=used)
 
     def _plan_prune(

@@ -962,6 +962,30 @@ class TestHold:
 # --- 7. status -------------------------------------------------------------------------------
 
 
+class TestPruneBlocked:
+    def test_status_says_why_old_releases_stay(self, make_fleet: MakeFleet) -> None:
+        # A daemon without CAP_SYS_PTRACE (a container that lacks it) cannot read the /proc
+        # entries of a process with more capabilities (this test's own, root's): its prune
+        # removes nothing, which `status` and the metric must say, not only the log.
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv(1) (util-linux) is needed"
+        assert os.geteuid() == 0, "the suite runs as root"
+        fleet = make_fleet(app_extra={"keep_releases": 1}, daemon_extra={"listen": None})
+        w = fleet.watchers[1]
+        w.stop()
+        w.prefix = (setpriv, "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--")
+        w.start()
+        fleet.wait_members(len(fleet.watchers))
+        releases = [deploy_ok(fleet, fleet.publish(f"v{i}").id) for i in range(3)]
+        local = w.ctl_json("status")["apps"]["web"]
+        blocked = local["daemon"]["prune_blocked"]
+        assert "cannot read /proc entries of pid" in blocked, local
+        assert "1 old release(s) kept that would go" in blocked, blocked
+        assert releases[0] in local["staged"]  # the one that would have gone
+        human = w.ctl("status", as_json=False).stdout
+        assert "  prune       BLOCKED: cannot read /proc entries of pid" in human, human
+
+
 class TestStatus:
     # How fast status answers is measured in bench/bench_deploy.py (20 hosts), not here.
     def test_status_and_fleet_status_are_right(self, make_fleet: MakeFleet) -> None:

@@ -74,6 +74,8 @@ class WatcherProc:
     log_path: Path
     app: str
     proc: subprocess.Popen[bytes] | None = None
+    # run the daemon through this command (e.g. setpriv with fewer capabilities)
+    prefix: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -104,7 +106,11 @@ class WatcherProc:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "watcher"), "--log-format", "json", "run", "-c", str(self.config_path)],
+                [
+                    *self.prefix,
+                    str(BIN / "watcher"),
+                    *("--log-format", "json", "run", "-c", str(self.config_path)),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env(),

@@ -1063,6 +1063,7 @@ class TestPrune:
         )
         plan = five.plan_prune()
         assert plan.blocked is not None and "pid 42" in plan.blocked
+        assert plan.remove == [] and plan.held_back == [rel(1), rel(2), rel(3)], plan
         assert five.prune() == []
         assert five.prune(dry_run=True) == []
         assert len(five.release_names()) == 5
