@@ -20,6 +20,7 @@ class FakeStatus:
     state: str = "idle"
     converge_error: str | None = None
     recheck_at: float | None = None
+    prune_blocked: str = ""
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TestStatusFile:
             "state": "staging",
             "undecided": None,
             "converge_error": None,
+            "prune_blocked": "",
         }
         # a change right after: held back, and the loop is told to come back for it
         agent.status.state = "ready"
