@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -223,7 +224,10 @@ class Document:
         if raw is None:
             raise PayloadError(f"{label}: empty")
         try:
-            data = json.loads(raw)
+            # NaN and Infinity are not JSON (RFC 8259); Python's parser takes them, and a
+            # record carrying one would reach readers that pass it on: a browser's
+            # JSON.parse refuses the live view's event that holds it, for good.
+            data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"{label}: not JSON ({exc})") from None
         except RecursionError:
@@ -255,6 +259,32 @@ class Document:
 def _need(cond: bool, label: str, message: str) -> None:
     if not cond:
         raise PayloadError(f"{label}: {message}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _need_strings(doc: object, label: str, *names: str) -> None:
+    """Each named field is a string: readers format, compare and search in them (a list
+    or a number there crashed the history page and `watcherctl history`)."""
+    for name in names:
+        _need(isinstance(getattr(doc, name), str), label, f"{name} must be a string")
+
+
+def _need_deploy_id(value: object, label: str, name: str) -> None:
+    _need(
+        value is None or (isinstance(value, str) and bool(DEPLOY_ID_RE.match(value))),
+        label,
+        f"{name} must be a deploy id",
+    )
 
 
 @dataclass(frozen=True)
@@ -352,6 +382,13 @@ class CurrentRecord(Document):
     create_index: int = 0
     digest: str = ""
     previous: dict[str, Any] | None = None
+
+    def validate(self, label: str) -> None:
+        # The fields of a ReleaseRef, checked as one (a host token can write `current`).
+        self.ref().validate(label)
+        _need_strings(self, label, "artifact", "sha256", "url", "digest")
+        _need(_is_int(self.size), label, "size must be an integer")
+        _need(self.previous is None or isinstance(self.previous, dict), label, "bad previous")
 
     def ref(self) -> ReleaseRef:
         return ReleaseRef(
@@ -569,6 +606,18 @@ class Decision(Document):
 
     def validate(self, label: str) -> None:
         _need(self.outcome in (COMMIT, ABORT), label, f"unknown outcome {self.outcome!r}")
+        _need_strings(
+            self,
+            label,
+            *("reason", "by", "at", "digest", "release", "artifact", "url", "sha256"),
+            *("requested_by", "requested_at"),
+        )
+        _need(_is_int(self.create_index) and _is_int(self.size), label, "bad create_index")
+        _need(
+            isinstance(self.expected, list) and all(isinstance(n, str) for n in self.expected),
+            label,
+            "expected must be a list of node names",
+        )
 
 
 @dataclass(frozen=True)
@@ -578,6 +627,9 @@ class AbortRequest(Document):
     by: str
     at: str
     reason: str = ""
+
+    def validate(self, label: str) -> None:
+        _need_strings(self, label, "by", "at", "reason")
 
 
 @dataclass(frozen=True)
@@ -590,6 +642,15 @@ class Outcome(Document):
     reason: str = ""
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollback_deploy: str | None = None
+
+    def validate(self, label: str) -> None:
+        _need_strings(self, label, "result", "at", "by", "reason")
+        _need(
+            isinstance(self.hosts, dict) and all(isinstance(h, dict) for h in self.hosts.values()),
+            label,
+            "hosts must map node names to objects",
+        )
+        _need_deploy_id(self.rollback_deploy, label, "rollback_deploy")
 
 
 @dataclass(frozen=True)
@@ -675,6 +736,7 @@ class PinRecord(Document):
             "sha256 must be 64 lowercase hex digits",
         )
         _need(_is_int(self.size) and self.size >= 0, label, "size must be a non-negative integer")
+        _need_strings(self, label, "artifact", "url", "by", "at")
 
     def differs(self, record: ArtifactRecord) -> str | None:
         """Why ``record`` is not the content this id was pinned to (None: it is)."""

@@ -467,6 +467,42 @@ class TestDeployApiWithAcls:
             assert kv.kv_put(keys.history, entry.value)
             kv.kv_delete(keys.request("zz1"))
 
+    def test_records_a_host_may_write_cannot_break_the_page_or_history(self, env: Env) -> None:
+        """Any host's token writes `outcomes/` and its own acks: an outcome whose result is a
+        list or whose reason is NaN, or an ack timing past year 9999 in UTC, answered 500 on
+        the page, the history API and `watcherctl history` before."""
+        kv, keys = env.fleet.kv, env.keys()
+        v = env.fleet.publish("v-forged")
+        r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v.id}, env.web_operator)
+        deploy = r.json()["deploy"]
+        assert env.fleet.wait_outcome(deploy)["result"] == "committed"
+        env.fleet.wait_idle()
+        outcome = kv.kv_get(keys.outcome(deploy))
+        host = env.fleet.watchers[1].name
+        ack = kv.kv_get(keys.progress(deploy, host))
+        assert outcome is not None and outcome.value and ack is not None and ack.value
+        forged_ack = json.loads(ack.value)
+        forged_ack["timings"] = {**forged_ack["timings"], "live_at": "9999-12-31T23:59:59-01:00"}
+        for forged in (
+            {**json.loads(outcome.value), "result": ["x"]},
+            json.dumps({**json.loads(outcome.value), "reason": 0.5}).replace("0.5", "NaN"),
+        ):
+            raw = forged if isinstance(forged, str) else json.dumps(forged)
+            assert kv.kv_put(keys.outcome(deploy), raw.encode())
+            assert kv.kv_put(keys.progress(deploy, host), json.dumps(forged_ack).encode())
+            try:
+                for path in ("/api/v1/apps/web/deploys", f"/api/v1/apps/web/deploys/{deploy}"):
+                    answer = env.web.get(path, env.reader)
+                    assert answer.status_code == 200, (raw, path, answer.text)
+                    assert "NaN" not in answer.text
+                page = env.web.get("/apps/web", env.reader)
+                assert page.status_code == 200, (raw, page.text)
+                assert f'data-deploy="{deploy}"' in page.text
+                assert any(d["deploy"] == deploy for d in env.history())
+            finally:
+                assert kv.kv_put(keys.outcome(deploy), outcome.value)
+                assert kv.kv_put(keys.progress(deploy, host), ack.value)
+
 
 class TestNotOnLoopback:
     """Bound to another address, every read needs a token with read on that app."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import string
+import types
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
@@ -267,6 +269,28 @@ CURRENT = {
 }
 
 
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the declared type ``hint`` (the kinds records use)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if origin is list:
+        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items()
+        )
+    raise AssertionError(f"no check for {hint!r}")
+
+
 class TestRecords:
     def check(self, cls: type[Document], raw: bytes | str | None) -> None:
         what = f"record {cls.__name__}"
@@ -274,6 +298,12 @@ class TestRecords:
         if record is None:
             return
         assert isinstance(record, cls)
+        # Every field of an accepted record has its declared type: readers format, compare
+        # and hash them (a list in Outcome.result crashed the history page and API).
+        for name, hint in typing.get_type_hints(cls).items():
+            if name in {f.name for f in fields(cls)}:
+                value = getattr(record, name)
+                assert conforms(value, hint), f"{cls.__name__}.{name} = {value!r}: {raw!r}"
         # An accepted record survives its own serialization unchanged.
         again = expect_clean(
             what, PayloadError, lambda: cls.from_json(record.to_json()), record, count=False
@@ -317,6 +347,9 @@ class TestRecords:
     @example(cls=Decision, raw="[" * 100_000 + "]" * 100_000)  # RecursionError
     @example(cls=CurrentRecord, raw=json.dumps({**CURRENT, "previous": ["release"]}))  # TypeError
     @example(cls=HostRecord, raw='{"node": [], "release": null, "last_seen": ""}')  # readers
+    @example(cls=Outcome, raw='{"result": ["x"], "at": "", "by": "h"}')  # the history page
+    @example(cls=Decision, raw='{"outcome": "abort", "reason": 5, "by": "h", "at": ""}')
+    @example(cls=Outcome, raw='{"result": "aborted", "at": "", "by": "h", "reason": NaN}')
     def test_raw_text(self, cls: type[Document], raw: str) -> None:
         self.check(cls, raw)
 
