@@ -227,7 +227,9 @@ class Document:
             # NaN and Infinity are not JSON (RFC 8259); Python's parser takes them, and a
             # record carrying one would reach readers that pass it on: a browser's
             # JSON.parse refuses the live view's event that holds it, for good.
-            data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+            if isinstance(raw, bytes):
+                raw = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads
+            data = _DECODER.decode(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"{label}: not JSON ({exc})") from None
         except RecursionError:
@@ -270,6 +272,10 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"number {text[:40]} is out of range")
     return value
+
+
+# One decoder for every record (json.loads with these hooks would build one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
 def _need_strings(doc: object, label: str, *names: str) -> None:
