@@ -58,7 +58,7 @@ STALE_PARTIAL_AGE = 24 * 3600.0
 FILE_MODE = 0o640
 HASH_CHUNK = 1024 * 1024
 FINAL_RE = re.compile(
-    r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,127})-(?P<sha>[0-9a-f]{12})\.(?P<fmt>tar\.gz|tar\.zst|tar)$"
+    r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,127})-(?P<sha>[0-9a-f]{12})\.(?P<fmt>tar\.gz|tar\.zst|tar)\Z"
 )
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 

@@ -375,7 +375,7 @@ def parse_size(value: Any) -> int:
         return value
     if not isinstance(value, str):
         raise ValueError
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value, re.ASCII)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -389,7 +389,7 @@ def parse_duration(value: Any, *, zero: bool = False) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*", value, re.ASCII)
         if not match:
             raise ValueError
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]

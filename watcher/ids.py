@@ -14,7 +14,7 @@ from watcher.errors import PayloadError
 
 ARTIFACT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 DEPLOY_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-RELEASE_PATTERN = r"\d{8}T\d{6}Z-" + ARTIFACT_ID_PATTERN
+RELEASE_PATTERN = r"[0-9]{8}T[0-9]{6}Z-" + ARTIFACT_ID_PATTERN  # ASCII: \d takes any digit
 COMMIT_LENGTHS = (40, 64)  # SHA-1 and SHA-256 object names
 
 ARTIFACT_ID_RULE = (

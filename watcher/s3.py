@@ -68,7 +68,7 @@ _TRANSIENT_CODES = frozenset(
         "TooManyRequests",
     }
 )
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
 
 
 def map_s3_error(exc: BaseException, *, endpoint: str, where: str) -> S3Error:

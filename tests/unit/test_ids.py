@@ -51,7 +51,15 @@ class TestRules:
                 ids.check_deploy_id(value)
         assert ids.check_deploy_id(good) == good
 
-    @pytest.mark.parametrize("value", ["../x", "20261126T143844Z-a/b", "20261126T143844Z-x\n"])
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "../x",
+            "20261126T143844Z-a/b",
+            "20261126T143844Z-x\n",
+            "\u0662\u0660\u0662\u0666\u0661\u0661\u0662\u0666T143844Z-x",  # Arabic-Indic digits
+        ],
+    )
     def test_bad_release_names(self, value: str) -> None:
         with pytest.raises(PayloadError, match="invalid release name"):
             ids.check_release_name(value)
