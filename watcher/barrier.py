@@ -41,6 +41,7 @@ from watcher.records import (
     COMMIT,
     DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
+    MAX_EXPECTED,
     NEXT_STATES,
     NODE_FINAL_STATES,
     READY,
@@ -977,6 +978,11 @@ class DeployStore:
         if not members:
             raise DeployRefused(
                 f"app {self.app}: no watcher holds a member key; is any daemon running?"
+            )
+        if len(members) > MAX_EXPECTED:
+            raise DeployRefused(
+                f"app {self.app}: {len(members)} watchers hold member keys, more than the "
+                f"{MAX_EXPECTED} hosts one deploy may expect; split the fleet into apps"
             )
         if allow_missing:
             return members

@@ -57,6 +57,10 @@ NEXT_STATES: dict[str, frozenset[str]] = {
 }
 COMMIT, ABORT = "commit", "abort"
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+#: The most hosts one deploy may expect. Every reader of a deploy reads one progress key per
+#: expected host (a txn per 128), so a request a token wrote with 20,000 names made each
+#: page load and each verdict send hundreds of Consul requests. A fleet is hundreds.
+MAX_EXPECTED = 1000
 
 
 def utcnow() -> datetime:
@@ -468,6 +472,11 @@ class DeployRecord(Document):
         )
         _need(len(set(self.expected)) == len(self.expected), label, "expected lists a node twice")
         _need(
+            len(self.expected) <= MAX_EXPECTED,
+            label,
+            f"expected lists {len(self.expected)} nodes, more than {MAX_EXPECTED}",
+        )
+        _need(
             isinstance(self.sessions, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in self.sessions.items()),
             label,
@@ -620,9 +629,11 @@ class Decision(Document):
         )
         _need(_is_int(self.create_index) and _is_int(self.size), label, "bad create_index")
         _need(
-            isinstance(self.expected, list) and all(isinstance(n, str) for n in self.expected),
+            isinstance(self.expected, list)
+            and len(self.expected) <= MAX_EXPECTED
+            and all(isinstance(n, str) for n in self.expected),
             label,
-            "expected must be a list of node names",
+            f"expected must be a list of at most {MAX_EXPECTED} node names",
         )
 
 

@@ -12,13 +12,14 @@ import pytest
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
 from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, rollback_target
-from watcher.consul_api import ConsulClient
-from watcher.errors import DeployInFlight
+from watcher.consul_api import ConsulClient, TxnOp
+from watcher.errors import DeployInFlight, DeployRefused
 from watcher.records import (
     ABORT,
     COMMIT,
     FAILED,
     LIVE,
+    MAX_EXPECTED,
     READY,
     STAGING,
     ArtifactRecord,
@@ -79,6 +80,19 @@ class TestStart:
         start(store, "d1", {"n1": s})
         with pytest.raises(DeployInFlight, match="d1"):
             start(store, "d2", {"n1": s})
+
+    def test_more_members_than_a_request_may_name_are_refused_before_any_write(
+        self, store: DeployStore
+    ) -> None:
+        session = store.consul.session_create("t many", 60, checks=[])
+        ops = [
+            TxnOp.lock(store.keys.member(f"n{i}"), b"{}", session) for i in range(MAX_EXPECTED + 1)
+        ]
+        for at in range(0, len(ops), 64):  # Consul's limit of ops per txn
+            assert store.consul.txn(ops[at : at + 64]).ok
+        with pytest.raises(DeployRefused, match=f"more than the {MAX_EXPECTED} hosts"):
+            store.expected_members(allow_missing=True)
+        assert store.inflight() == (None, 0)
 
     def test_garbage_inflight_is_cleared_and_recorded(self, store: DeployStore) -> None:
         assert store.consul.kv_put(store.keys.inflight, b"no-such-deploy")

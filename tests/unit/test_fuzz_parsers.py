@@ -36,6 +36,7 @@ from watcher.records import (
     ARTIFACT_ID_RE,
     DEPLOY_ID_RE,
     DOC_VERSION,
+    MAX_EXPECTED,
     RELEASE_RE,
     ArtifactRecord,
     CurrentRecord,
@@ -352,6 +353,18 @@ class TestRecords:
     @example(cls=Outcome, raw='{"result": "aborted", "at": "", "by": "h", "reason": NaN}')
     def test_raw_text(self, cls: type[Document], raw: str) -> None:
         self.check(cls, raw)
+
+    def test_a_request_names_at_most_max_expected_hosts(self) -> None:
+        # Every reader of a deploy reads one key per expected host: a token's request with
+        # 20,000 names made each page load send hundreds of Consul requests.
+        names = [f"web-{i}" for i in range(MAX_EXPECTED + 1)]
+        for cls, doc in (
+            (DeployRecord, DEPLOY),
+            (Decision, {"outcome": "abort", "reason": "", "by": "h", "at": ""}),
+        ):
+            assert cls.from_json(json.dumps({**doc, "expected": names[:-1]}))
+            with pytest.raises(PayloadError, match=f"more than {MAX_EXPECTED}|at most"):
+                cls.from_json(json.dumps({**doc, "expected": names}))
 
     @pytest.mark.parametrize("cls", RECORD_CLASSES, ids=lambda c: c.__name__)
     @fuzz
