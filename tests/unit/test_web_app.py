@@ -11,6 +11,7 @@ import gc
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
@@ -24,6 +25,7 @@ from watcher.web.app import (
     SECURITY_HEADERS,
     SSE_MAX_PER_CALLER,
     SSE_MAX_STREAMS,
+    WebState,
     _duration,
     _short_time,
     _timeline,
@@ -82,6 +84,26 @@ class TestRefusedBeforeConsul:
 
         r = client.post("/api/v1/apps/web/deploys", content=chunks())
         assert r.status_code == 413
+        # refused outside the guard that adds them: the headers every answer carries
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+    def test_the_anonymous_token_names_nobody(self, client: TestClient) -> None:
+        for header in ({"Authorization": "Bearer anonymous"}, {"X-Consul-Token": "anonymous"}):
+            r = client.get("/api/v1/apps/web/fleet", headers=header)
+            assert r.status_code == 401 and "anonymous token" in r.json()["error"], r.text
+
+    def test_a_crash_is_a_json_500_with_the_headers(
+        self, client: TestClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def broken(*_: Any, **__: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(WebState, "store", broken)
+        r = client.get("/api/v1/apps/web/fleet")
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal error (RuntimeError); the server's log has it"}
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
 
     def test_a_malformed_authorization_header(self, client: TestClient) -> None:
         r = client.get("/api/v1/apps/web/fleet", headers={"Authorization": "Basic dXNlcjpw"})

@@ -280,6 +280,12 @@ def _token_shape(token: str) -> str:
     mistake (a 401 here), not a 502 from Consul's 400."""
     if len(token) > 256:
         raise ApiError(401, f"the Consul ACL token is {len(token)} characters, over 256")
+    if token == "anonymous":  # noqa: S105 (a well-known name, not a secret)
+        # Consul's SecretID of its anonymous token: what anyone may use, so it names no
+        # caller (a write would be recorded as "Anonymous Token"; a read needs no token).
+        raise ApiError(
+            401, "'anonymous' is Consul's anonymous token, which names nobody: send your own"
+        )
     bad = next((c for c in token if not "!" <= c <= "~"), None)
     if bad is not None:
         what = "a space" if bad == " " else f"the character {bad!a}"
@@ -566,7 +572,11 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_big = JSONResponse({"error": f"request body over {self.limit} bytes"}, status_code=413)
+        too_big = JSONResponse(
+            {"error": f"request body over {self.limit} bytes"},
+            status_code=413,
+            headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},  # outside the guard
+        )
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await too_big(scope, receive, send)
             return
@@ -664,6 +674,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         else:
             try:
                 response = await call_next(request)
+            except Exception as exc:  # a bug: JSON like every other error, with the headers
+                log.exception("web_request_crashed", path=request.url.path, error=repr(exc))
+                response = JSONResponse(
+                    {"error": f"internal error ({type(exc).__name__}); the server's log has it"},
+                    status_code=500,
+                )
             finally:
                 for client in getattr(request.state, "clients", ()):
                     client.close()
