@@ -101,7 +101,19 @@ def check_free_text(value: str) -> str:
             raise PayloadError(
                 f"control character {char!r} in {shown(value)}: give one line of printable text"
             )
+        if ord(char) in _BIDI_CONTROLS:
+            # They reorder what a page or a terminal shows after them ("aborted by" could
+            # read as something else); printable() escapes them for terminals, a page
+            # shows them as they are.
+            raise PayloadError(
+                f"bidirectional control character U+{ord(char):04X} in {shown(value)}: "
+                "give plain text"
+            )
     return value
+
+
+# The embeddings, overrides and isolates (Trojan Source, CVE-2021-42574).
+_BIDI_CONTROLS = frozenset((*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
 
 
 # C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b"),

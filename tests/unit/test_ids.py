@@ -71,6 +71,15 @@ class TestRules:
         assert ids.check_release_name("20261126T143844Z-master-15eb13af")
         assert ids.check_commit("15eb13af" * 5) and ids.check_commit("ab" * 32)
 
+    def test_free_text_takes_no_bidirectional_controls(self) -> None:
+        # A reason shown on the page would read reordered after an override (U+202E).
+        for char in ("\u202e", "\u2066", "\u202a"):
+            with pytest.raises(PayloadError, match=f"U\\+{ord(char):04X}"):
+                ids.check_free_text(f"wrong build {char}dliub")
+        # Other format characters stay: an emoji's zero-width joiner, Arabic text.
+        kept = "rollback \U0001f468\u200d\U0001f4bb \u0645\u0631\u062d\u0628\u0627\tok"
+        assert ids.check_free_text(kept) == kept
+
     def test_commit(self) -> None:
         with pytest.raises(PayloadError, match="too short, need the full commit SHA"):
             ids.check_commit("15eb13a")
