@@ -87,6 +87,7 @@ function connectLive() {
 
 async function streamWithFetch(url) {
   for (;;) {
+    let reader = null;
     try {
       const resp = await fetch(url, { headers: authHeaders() });
       if (!resp.ok) {
@@ -95,7 +96,7 @@ async function streamWithFetch(url) {
         stale = true;
         if (resp.status === 401 || resp.status === 403) return;
       } else {
-        const reader = resp.body.getReader();
+        reader = resp.body.getReader();
         const decoder = new TextDecoder();
         let buffer = "";
         for (;;) {
@@ -114,6 +115,10 @@ async function streamWithFetch(url) {
     } catch (e) {
       consulStatus("lost the connection to watcher web; reconnecting");
       stale = true;
+    } finally {
+      // An event that did not parse leaves the stream open: close it before the next one,
+      // or every retry would hold one of the server's per-caller slots (and the browser's).
+      if (reader) reader.cancel().catch(() => {});
     }
     await new Promise((r) => setTimeout(r, 2000));
   }
