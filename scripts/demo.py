@@ -123,13 +123,9 @@ def show(fleet: Fleet) -> None:
 
 
 def watcherctl_command() -> str:
-    """How to call this installation's watcherctl from the current directory (`make demo`
-    runs from the repository: `.venv/bin/watcherctl`), as printed in the hints."""
-    path = Path(sys.executable).parent / "watcherctl"
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    """This installation's watcherctl as the hints name it: its absolute path, so that a
+    hint pasted in any directory works (the virtualenv's bin/ is not on PATH)."""
+    return str(Path(sys.executable).parent / "watcherctl")
 
 
 def follow_ups(fleet: Fleet, v2: str, src: Path) -> list[str]:
@@ -234,11 +230,13 @@ Everything is still running. Try:
 {hints}
 Watcher logs: {workdir}/hosts/<host>/watcher.log
 The deploy page: {ui.url}/  (API description: {ui.url}/openapi.json)
+The commands watcherctl itself suggests say `watcherctl`; to paste them as printed:
+  export PATH={Path(watcherctl_command()).parent}:$PATH
 Press Ctrl-C to stop everything.""", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        return 130
+        return 0 if _stop_asked else 130  # SIGTERM: the stop a script asks for, not an error
     finally:
         print("\nstopping ...", flush=True)
         if ui is not None:
@@ -254,10 +252,18 @@ Press Ctrl-C to stop everything.""", flush=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+_stop_asked = False
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    global _stop_asked
+    _stop_asked = True
     raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
+    # Started in the background by a non-interactive shell (`make demo &` in a script),
+    # Python inherits SIGINT ignored and `kill -INT` would do nothing: Ctrl-C's handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

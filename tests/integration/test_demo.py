@@ -48,6 +48,9 @@ def demo(consul_bin: str, loopback_base: str) -> Iterator[Demo]:
         text=True,
         env=env,
         start_new_session=True,
+        # as `make demo &` in a script starts it: a background job of a non-interactive
+        # shell inherits SIGINT ignored, and `kill -INT` must still stop it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     running = Demo(proc)
     ready = threading.Event()
@@ -92,8 +95,8 @@ def test_demo_deploys_upgrades_and_rolls_back(demo: Demo) -> None:
     assert "watcher web: http://127.0.0.1:" in out and "(page answered 200;" in out
 
 
-def test_every_printed_hint_works_as_printed(demo: Demo) -> None:
-    """A new user copies each line into a shell in the repository (where `make demo` ran)."""
+def test_every_printed_hint_works_as_printed(demo: Demo, tmp_path: Path) -> None:
+    """A new user copies each line into a shell, in the repository or anywhere else."""
     hints = demo.hints()
     assert len(hints) >= 5, demo.text()
     assert any(" -c " in h and h.split()[1] == "-c" for h in hints if "watcherctl" in h), hints
@@ -102,7 +105,7 @@ def test_every_printed_hint_works_as_printed(demo: Demo) -> None:
         started = time.monotonic()
         result = subprocess.run(
             shlex.split(hint),
-            cwd=REPO,
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             env=env,
@@ -127,8 +130,9 @@ def test_every_printed_hint_works_as_printed(demo: Demo) -> None:
 
 
 def test_demo_stops_cleanly_on_ctrl_c(demo: Demo) -> None:
-    """Runs last in this module: SIGTERM (the demo's Ctrl-C) stops everything."""
-    demo.proc.send_signal(signal.SIGTERM)
+    """Runs last in this module: SIGINT (Ctrl-C, or `kill -INT` of a demo started in the
+    background, which inherited it ignored) stops everything."""
+    demo.proc.send_signal(signal.SIGINT)
     code = demo.proc.wait(120)
     assert code == 130, demo.text()[-2000:]
     assert "stopping ..." in demo.text()
