@@ -1019,7 +1019,14 @@ def parse_config(
     if apps_raw is None and not apps_required:
         pass  # no `apps:`: a CI machine's config
     elif not isinstance(apps_raw, dict) or (not apps_raw and apps_required):
-        what = "with at least one app" if apps_required else "of app names to their settings"
+        what = (
+            "with at least one app (watcher runs a host's apps; a config that only "
+            "`watcherctl publish` reads, a CI machine's, needs none and is not for watcher)"
+            if apps_required and apps_raw is None
+            else "with at least one app"
+            if apps_required
+            else "of app names to their settings"
+        )
         r.fail("apps", f"must be a mapping {what}")
     else:
         for name, app_data in apps_raw.items():

@@ -67,13 +67,25 @@ EXIT_PIPE = 128 + 13
 CONSUL_WRITERS = frozenset({"deploy", "rollback", "abort", "publish", "gc"})
 
 
+# What a config without `apps:` is for, and what to give instead.
+NO_APPS_HINT = (
+    "a config without apps, a CI machine's, serves `watcherctl publish` only; for this "
+    "command give a host's config: -c /etc/watcher/watcher.yaml"
+)
+
+
 class UnknownApp(ConfigError):
     """A command names an app the config does not have: the user's typo, not the file's."""
 
     def __init__(self, name: str, config: Config) -> None:
-        known = ", ".join(sorted(config.apps)) or "none"
+        known = ", ".join(sorted(config.apps))
         super().__init__(
-            config.source, [f"no app {name!r} in {config.source} (configured: {known})"]
+            config.source,
+            [
+                f"no app {name!r} in {config.source} (configured: {known})"
+                if known
+                else f"no app {name!r} in {config.source}: it lists no apps ({NO_APPS_HINT})"
+            ],
         )
 
     def __str__(self) -> str:
@@ -113,10 +125,7 @@ class CtlContext:
         if not names:
             raise ConfigError(
                 self.config.source,
-                [
-                    f"lists no apps, so {what} has nothing to look at: name an app, or use a "
-                    "host's config"
-                ],
+                [f"lists no apps, so {what} has nothing to look at ({NO_APPS_HINT})"],
             )
         return names
 

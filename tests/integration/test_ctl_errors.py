@@ -135,6 +135,34 @@ class TestConsulErrors:
         assert "apps.api.root: is required" in result.stderr
         assert "Traceback" not in result.stderr
 
+    def test_a_ci_config_without_apps_says_what_it_is_for(self, tmp_path: Path) -> None:
+        # A CI machine's config (consul and s3 only) given to a host's command: every
+        # answer says what such a config serves and what to give instead; none sends the
+        # user round in circles ("name an app" -> "no app 'web' (configured: none)").
+        config = tmp_path / "ci.yaml"
+        config.write_text("consul: {address: '127.0.0.1:1'}\ns3: {bucket: b}\n")
+        for argv in (["watcherctl", "status"], ["watcherctl", "status", "web"]):
+            result = subprocess.run(
+                [str(BIN / argv[0]), *argv[1:], "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 2, (argv, result)
+            assert "serves `watcherctl publish" in result.stderr, (argv, result.stderr)
+            assert "-c /etc/watcher/watcher.yaml" in result.stderr, result.stderr
+            assert "name an app" not in result.stderr and "configured: none" not in result.stderr
+        checked = subprocess.run(
+            [str(BIN / "watcher"), "check-config", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert checked.returncode == 2, checked
+        assert "only `watcherctl publish` reads" in checked.stderr, checked.stderr
+
 
 def _acl_api(agent: Agent, path: str, body: dict[str, object]) -> dict[str, object]:
     status, raw = agent.request("PUT", path, json.dumps(body).encode())

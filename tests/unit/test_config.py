@@ -489,7 +489,11 @@ class TestErrorsNameTheirPath:
         data = minimal()
         del data["apps"]
         assert parse_config(data, apps_required=False).apps == {}
-        assert problems(data) == ["apps: must be a mapping with at least one app"]
+        assert problems(data) == [
+            "apps: must be a mapping with at least one app (watcher runs a host's apps; a "
+            "config that only `watcherctl publish` reads, a CI machine's, needs none and is "
+            "not for watcher)"
+        ]
         assert problems(minimal(apps=["web"])) == ["apps: must be a mapping with at least one app"]
         with pytest.raises(ConfigError) as caught:
             parse_config(minimal(apps=["web"]), apps_required=False)
