@@ -288,7 +288,27 @@ def cmd_rollback(ctx: CtlContext) -> int:
         allow_missing=args.allow_missing,
         hosts=hosts,
     )
+    live = already_live(store, record)
+    if live:
+        print(f"watcherctl: warning: {live}", file=sys.stderr, flush=True)
     return _start_and_wait(ctx, store, record, hosts)
+
+
+def already_live(store: DeployStore, record: DeployRecord) -> str:
+    """A warning when a rollback goes to the release `current` already names: it runs a
+    whole round (staging, acks, a flip to the same tree) for nothing, usually a slip of
+    the operator's (the wrong release pasted from `history`). Not a refusal: `current`
+    is a reader's copy (DESIGN.md 6.4), and a host that is not on it converges anyway."""
+    try:
+        current, _ = store.current()
+    except (ConsulError, PayloadError):
+        return ""
+    if current is None or current.release != record.release:
+        return ""
+    return (
+        f"the fleet is already on {record.release} (by `current`): this rollback stages and "
+        "flips to the same release; abort it if that was not meant"
+    )
 
 
 def rollback_request(

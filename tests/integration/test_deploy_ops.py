@@ -207,6 +207,10 @@ class TestValidateFailure:
         assert f"--to {rel2}" in again.stderr
         assert fleet.inflight() is None and len(history(fleet)) == 3
         assert fleet.currents() == all_on(fleet, rel1)
+        # `--to` the release the fleet is on: a whole round for nothing, said as it starts.
+        same = fleet.watchers[0].ctl("rollback", "web", "--to", rel1, as_json=False)
+        assert f"warning: the fleet is already on {rel1}" in same.stderr, same.stderr
+        assert ": committed" in same.stdout, same.stdout
 
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path

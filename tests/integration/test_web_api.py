@@ -282,8 +282,17 @@ class TestDeployApiWithAcls:
         r = env.web.post("/api/v1/apps/web/rollbacks", {}, env.web_operator)
         assert r.status_code == 202, r.text
         assert r.json()["release"] == previous and r.json()["kind"] == "rollback"
+        assert r.json()["warning"] == "", r.json()
         assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
         assert set(env.fleet.currents().values()) == {previous}
+        env.fleet.wait_idle()
+        # To the release the fleet is on: started (a host off `current` would converge
+        # anyway), with a warning that says so.
+        again = {"release": previous}
+        r = env.web.post("/api/v1/apps/web/rollbacks", again, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert f"the fleet is already on {previous}" in r.json()["warning"], r.json()
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
         env.fleet.wait_idle()
 
     def test_a_rewritten_current_is_shown_as_not_trusted(self, env: Env) -> None:

@@ -42,6 +42,7 @@ from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
+    already_live,
     artifact_records,
     contested_reason,
     deploy_history,
@@ -1005,11 +1006,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             requested_by=caller.requested_by,
             allow_missing=body.allow_missing,
         )
-        return _start(store, record, "rollback")
+        return _start(store, record, "rollback", already_live(store, record))
 
-    def _start(store: DeployStore, record: Any, action: str) -> dict[str, Any]:
+    def _start(store: DeployStore, record: Any, action: str, note: str = "") -> dict[str, Any]:
         try:
             warning = start_deploy(store, record, history_keep=config.daemon.history_keep)
+            warning = "; ".join(w for w in (note, warning) if w)
         except Exception:
             state.writes.labels(app=store.app, action=action, result="refused").inc()
             raise
