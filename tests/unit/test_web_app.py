@@ -110,9 +110,15 @@ class TestRefusedBeforeConsul:
         assert r.status_code == 401 and "Bearer" in r.json()["error"]
 
     def test_unknown_route_and_app(self, client: TestClient) -> None:
-        assert client.get("/api/v1/nothing").status_code == 404
+        r = client.get("/api/v1/nothing")
+        assert r.status_code == 404
+        assert "no such path: '/api/v1/nothing' (the API is under /api/v1/" in r.json()["error"]
         r = client.get("/api/v1/apps/api/fleet")
         assert r.status_code == 404 and "apps.api: no such app" in r.json()["error"]
+        # a browser's typo gets the page, saying so, not a JSON document; nothing streams
+        r = client.get("/apps/api")
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+        assert "apps.api: no such app" in r.text and 'data-app=""' in r.text
 
     def test_wrong_types_name_the_field(self, client: TestClient) -> None:
         r = client.post("/api/v1/apps/web/deploys", json={"artifact": 5, "allow_missing": "x"})

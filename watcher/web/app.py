@@ -777,6 +777,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             # FastAPI's answer when the parser raised something other than a JSON error:
             # RecursionError, for a body nested deeper than Python's json takes.
             detail = "malformed JSON body: it does not parse (nested too deeply?)"
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = (
+                f"no such path: {ids.shown(request.url.path)} (the API is under /api/v1/, "
+                "described at /openapi.json; the page is / and /apps/<app>)"
+            )
         if exc.status_code == 405:
             # Every method the path takes (RFC 9110: Allow), not only those of the first
             # route that matched it: GET and POST of one path are two routes.
@@ -1101,12 +1106,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/apps/{app}", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False
     )
     def app_page(app: AppName, request: Request) -> Response:
-        return page(request, app_name(app))
+        return page(request, app, known=False)
 
-    def page(request: Request, name: str) -> Response:
+    def page(request: Request, name: str, *, known: bool = True) -> Response:
+        """The page of app ``name``; ``known``: a configured app's (else a browser that
+        asked for another gets the page, saying so, not a JSON 404)."""
         ctx: dict[str, Any] = {
             "apps": sorted(config.apps),
-            "app": name,
+            "app": name if known or name in config.apps else "",
             "loopback": state.is_local(request),
             "error": "",
             "needs_token": False,
@@ -1115,6 +1122,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         }
         status = 200
         try:
+            if not known:
+                app_name(name)
             reader = state.reader(request)
             store = state.store(name, reader)
             fleet = fleet_status(store)

@@ -94,7 +94,7 @@ async function streamWithFetch(url) {
         const err = await resp.json().catch(() => ({ error: resp.statusText }));
         consulStatus(err.error || ("HTTP " + resp.status));
         stale = true;
-        if (resp.status === 401 || resp.status === 403) return;
+        if (resp.status === 401 || resp.status === 403 || resp.status === 404) return;
       } else {
         reader = resp.body.getReader();
         const decoder = new TextDecoder();
@@ -194,7 +194,8 @@ document.addEventListener("click", (ev) => {
 });
 
 showTokenState();
-if (body.dataset.needsToken !== "yes" || token()) {
+// No app (an unknown one was asked for, or none is configured): nothing to stream.
+if (app && (body.dataset.needsToken !== "yes" || token())) {
   if (body.dataset.needsToken === "yes") refreshSections();
   connectLive();
 }
