@@ -17,6 +17,7 @@ from typing import Any
 from watcher import __version__, ids
 from watcher.config import AppConfig, Config, load_config, read_token_file, token_problem
 from watcher.errors import (
+    ArtifactIdTaken,
     ArtifactNotFound,
     ConfigError,
     ConsulError,
@@ -341,7 +342,7 @@ def exit_code_for(exc: WatcherError) -> int:
         return EXIT_USAGE
     if isinstance(exc, ConsulError | S3Error):
         return EXIT_UNAVAILABLE
-    if isinstance(exc, DeployError | LockTimeout):
+    if isinstance(exc, DeployError | LockTimeout | ArtifactIdTaken):
         return EXIT_REFUSED
     return EXIT_FAILED
 

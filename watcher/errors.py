@@ -99,6 +99,11 @@ class ArtifactRefused(ArtifactError):
     """The artifact record is invalid or points outside the configured bucket/prefix."""
 
 
+class ArtifactIdTaken(ArtifactRefused):
+    """An artifact id already published with other bytes: refused because of state (an id
+    names one content forever), not a failure of this publish (exit 4)."""
+
+
 class ArtifactIntegrityError(ArtifactError):
     """The downloaded bytes do not match the record's size or sha256."""
 

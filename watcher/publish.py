@@ -27,6 +27,7 @@ from watcher.archive import MAX_PATH_DEPTH, over_ratio
 from watcher.config import APP_NAME_RE, Config, Limits
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.errors import (
+    ArtifactIdTaken,
     ArtifactIntegrityError,
     ArtifactRefused,
     ConfigError,
@@ -460,10 +461,13 @@ def tty_progress(stream: IO[str] | None = None) -> ProgressFn | None:
 
 def _refuse_existing(
     artifact_id: str, theirs: str, ours: str, where: str, branches: tuple[str, str] = ("", "")
-) -> ArtifactRefused:
+) -> ArtifactIdTaken:
     """The refusal of an id already published with other bytes; ``branches``: the existing
     record's branch and this build's, when known: two branch names can give one id."""
-    hint = ""
+    hint = (
+        "; an artifact id names one content forever: publish this build under another id "
+        "(--artifact-id), or make the build give the same bytes for the same commit"
+    )
     their_branch, our_branch = branches
     if their_branch and our_branch and their_branch != our_branch:
         hint = (
@@ -471,7 +475,7 @@ def _refuse_existing(
             f"{our_branch!r} gives the same id (every character outside [A-Za-z0-9._-] "
             "becomes '-'): name this one with --artifact-id"
         )
-    return ArtifactRefused(
+    return ArtifactIdTaken(
         f"artifact {artifact_id} already exists with sha256 {theirs} ({where}); "
         f"this build is {ours}{hint}"
     )

@@ -192,7 +192,7 @@ class TestPublish:
         message = str(err.value)
         assert f"already exists with sha256 {first.sha256}" in message
         assert "this build is " in message
-        theirs = message.rsplit("this build is ", 1)[1]
+        theirs = message.rsplit("this build is ", 1)[1][:64]
         assert len(theirs) == 64 and theirs != first.sha256
         assert kv_record(consul, "clash-1") == first
         obj = s3_object(s3_settings, "clash-1")
@@ -360,6 +360,21 @@ class TestPublishCommand:
         assert human.returncode == 0, human.stderr
         assert "published web artifact feature-x-15eb13af" in human.stdout
         assert f"sha256  {data['sha256']}" in human.stdout
+
+        # The same id with other bytes: refused because of state (4, not 1: nothing failed),
+        # saying how to publish this build after all.
+        (src / "app.py").write_text("print('changed')\n")
+        clash = subprocess.run(
+            [str(WATCHERCTL), "publish", "web", str(src)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert clash.returncode == 4, clash
+        assert "already exists with sha256" in clash.stderr, clash.stderr
+        assert "publish this build under another id (--artifact-id)" in clash.stderr
 
     def test_an_app_the_config_does_not_list_is_published_with_a_warning(
         self, config_data: dict[str, Any], consul: ConsulClient, src: Path, tmp_path: Path
