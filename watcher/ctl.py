@@ -418,7 +418,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # Said with the command's own usage (`history web extra`), not the top level's.
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)
         sys.stdout.flush()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -162,6 +162,9 @@ class TestTheCliRefusesBadInputWithExit2:
             (["history", "web", "--limit", "0"], "must be 1 or more"),
             (["setup-release", "web", "main-1", "--keep-days", "inf"], "at most 36525 days"),
             (["setup-release", "web", "main-1", "--keep-days", "nan"], "at most 36525 days"),
+            # an extra word is the command's error, with its usage (not the top level's)
+            (["history", "web", "extra"], "watcherctl history: error: unrecognized arguments"),
+            (["status", "--lmit", "3"], "usage: watcherctl status"),
         ],
     )
     def test_usage_errors(self, argv: list[str | bytes], message: str) -> None:
