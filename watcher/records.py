@@ -231,7 +231,7 @@ class Document:
             # NaN and Infinity are not JSON (RFC 8259); Python's parser takes them, and a
             # record carrying one would reach readers that pass it on: a browser's
             # JSON.parse refuses the live view's event that holds it, for good.
-            if isinstance(raw, bytes):
+            if isinstance(raw, bytes | bytearray):
                 raw = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads
             data = _DECODER.decode(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -375,6 +375,8 @@ class ReleaseRef(Document):
             f"invalid deploy id {self.deploy!r}",
         )
         _need(_is_int(self.create_index), label, "create_index must be an integer")
+        _need_strings(self, label, "artifact", "sha256", "url", "digest")
+        _need(_is_int(self.size), label, "size must be an integer")
 
 
 @dataclass(frozen=True)
@@ -396,8 +398,6 @@ class CurrentRecord(Document):
     def validate(self, label: str) -> None:
         # The fields of a ReleaseRef, checked as one (a host token can write `current`).
         self.ref().validate(label)
-        _need_strings(self, label, "artifact", "sha256", "url", "digest")
-        _need(_is_int(self.size), label, "size must be an integer")
         _need(self.previous is None or isinstance(self.previous, dict), label, "bad previous")
 
     def ref(self) -> ReleaseRef:
@@ -465,17 +465,17 @@ class DeployRecord(Document):
             f"invalid artifact id {self.artifact!r}",
         )
         _need(
+            not isinstance(self.expected, list) or len(self.expected) <= MAX_EXPECTED,
+            label,
+            f"expected lists {len(self.expected)} nodes, more than {MAX_EXPECTED}",
+        )
+        _need(
             isinstance(self.expected, list)
             and all(isinstance(n, str) and NODE_RE.match(n) for n in self.expected),
             label,
             "expected must be a list of node names",
         )
         _need(len(set(self.expected)) == len(self.expected), label, "expected lists a node twice")
-        _need(
-            len(self.expected) <= MAX_EXPECTED,
-            label,
-            f"expected lists {len(self.expected)} nodes, more than {MAX_EXPECTED}",
-        )
         _need(
             isinstance(self.sessions, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in self.sessions.items()),

@@ -349,6 +349,7 @@ class TestRecords:
     @example(cls=CurrentRecord, raw=json.dumps({**CURRENT, "previous": ["release"]}))  # TypeError
     @example(cls=HostRecord, raw='{"node": [], "release": null, "last_seen": ""}')  # readers
     @example(cls=Outcome, raw='{"result": ["x"], "at": "", "by": "h"}')  # the history page
+    @example(cls=ReleaseRef, raw=json.dumps({**CURRENT, "artifact": 5}))  # current.previous
     @example(cls=Decision, raw='{"outcome": "abort", "reason": 5, "by": "h", "at": ""}')
     @example(cls=Outcome, raw='{"result": "aborted", "at": "", "by": "h", "reason": NaN}')
     def test_raw_text(self, cls: type[Document], raw: str) -> None:
@@ -362,7 +363,7 @@ class TestRecords:
             (DeployRecord, DEPLOY),
             (Decision, {"outcome": "abort", "reason": "", "by": "h", "at": ""}),
         ):
-            assert cls.from_json(json.dumps({**doc, "expected": names[:-1]}))
+            assert isinstance(cls.from_json(json.dumps({**doc, "expected": names[:-1]})), cls)
             with pytest.raises(PayloadError, match=f"more than {MAX_EXPECTED}|at most"):
                 cls.from_json(json.dumps({**doc, "expected": names}))
 
