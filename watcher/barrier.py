@@ -1679,6 +1679,8 @@ class DeployStore:
         live = {n: e.session or "" for n, e in verdict.members.items()}
         if not live:
             return None, [], "; no live member to roll back"
+        if len(live) > MAX_EXPECTED:  # a request no host could read
+            return None, [], f"; no automatic rollback: more than {MAX_EXPECTED} live members"
         rollback_id = new_deploy_id()
         prepare = parse_iso(request.prepare_deadline) - parse_iso(request.requested_at)
         apply = parse_iso(request.apply_deadline) - parse_iso(request.prepare_deadline)
