@@ -614,14 +614,16 @@ def _publish(
                     if not wrote:
                         # Another publisher won the race: fine if it published the same bytes.
                         winner = _read_record(consul, kv_key)
-                        if winner is None or winner.sha256 != sha256:
-                            theirs = winner.sha256 if winner else "(record vanished)"
+                        if winner is None:
+                            # Written and withdrawn by a publish that failed meanwhile: the id
+                            # is free again, a retry of this publish can take it.
+                            raise ArtifactRefused(
+                                f"artifact {artifact_id}: another publish wrote {kv_key} first "
+                                "and withdrew it again; publish again"
+                            )
+                        if winner.sha256 != sha256:
                             raise _refuse_existing(
-                                artifact_id,
-                                theirs,
-                                sha256,
-                                kv_key,
-                                (winner.branch if winner else "", branch),
+                                artifact_id, winner.sha256, sha256, kv_key, (winner.branch, branch)
                             )
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
