@@ -748,13 +748,10 @@ def cmd_abort(ctx: CtlContext) -> int:
         if what == "aborted":
             # Aborted before this command asked: said so (with who and why), still exit 0:
             # what the operator wanted holds.
-            earlier = view.decision if view is not None and not asked else None
             said = (
                 f"deploy {deploy_id} aborted"
                 if asked
-                else f"deploy {deploy_id} was already aborted"
-                + (f" (by {earlier.by}: {earlier.reason})" if earlier else "")
-                + ": nothing to do"
+                else f"deploy {deploy_id} was already aborted{_why_aborted(view)}: nothing to do"
             )
             ctx.emit(
                 {"deploy": deploy_id, "app": name, "aborted": True, "already": not asked},
@@ -787,6 +784,18 @@ def cmd_abort(ctx: CtlContext) -> int:
     raise DeployNotFound(
         _app_hint(ctx, deploy_id) or f"no deploy {deploy_id} in app(s) {', '.join(apps)}"
     )
+
+
+def _why_aborted(view: DeployView | None) -> str:
+    """ " (by WHO: WHY)" of the abort someone asked for, else " (WHY)" of the decision."""
+    if view is None:
+        return ""
+    if view.abort_requested is not None:
+        reason = ids.one_line(view.abort_requested.reason)
+        return f" (by {ids.one_line(view.abort_requested.by)}" + (f": {reason})" if reason else ")")
+    if view.decision is not None and view.decision.reason:
+        return f" ({ids.one_line(view.decision.reason)})"
+    return ""
 
 
 def _app_hint(ctx: CtlContext, name: str) -> str:
