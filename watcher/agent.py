@@ -1655,16 +1655,21 @@ class AppAgent:
                 time.monotonic() - started
             )
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply)."""
+    def _prune(self, *, dry_run: bool = False) -> None:
+        """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply).
+        ``dry_run``: only learn whether a prune would be blocked (at start: releases left
+        piling up by an earlier run are shown before the next deploy)."""
         journal = self.journal.read()
         in_flight = (
             {str(journal["request"]["release"])} if journal and "request" in journal else set()
         )
         try:
-            with self.engine.lock(owner="prune after deploy"):
-                plan = self.engine.plan_prune(in_flight=in_flight)
-                self.engine.prune(plan=plan)
+            if dry_run:
+                plan = self.engine.plan_prune(in_flight=in_flight)  # reads only: no lock
+            else:
+                with self.engine.lock(owner="prune after deploy"):
+                    plan = self.engine.plan_prune(in_flight=in_flight)
+                    self.engine.prune(plan=plan)
         except (WatcherError, OSError, KeyError, TypeError) as exc:
             self.log.warning("prune_failed", error=str(exc))
             return
@@ -1674,6 +1679,10 @@ class AppAgent:
         self.status.prune_blocked = blocked
         if self.metrics is not None:
             self.metrics.prune_blocked.labels(app=self.app.name).set(1 if blocked else 0)
+
+    def check_prune(self) -> None:
+        """At start: whether a prune would be blocked now (status and the metric say so)."""
+        self._prune(dry_run=True)
 
     def _write_applied(self, joined: Joined) -> None:
         atomic_write_json(

@@ -586,6 +586,7 @@ class Daemon:
                 for action in engine.recover(deploy_in_flight=agent.journal.read() is not None):
                     log.info("recovered", app=name, action=action)
             self.metrics.set_current_release(name, engine.current_release())
+            agent.check_prune()
             self.agents[name] = agent
 
     def _session_id(self) -> str | None:

@@ -3,6 +3,7 @@ holds and status, on a real Consul cluster with one `watcher run` per host."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import random
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, wait_for
+from tests.support.fleet import Fleet, WatcherProc, metrics_text, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.ctl import main as ctl_main
@@ -738,6 +740,7 @@ class TestAbortRace:
         assert again.returncode == 0, again.stderr
         assert f"deploy {deploy_id} was already aborted (by " in again.stdout, again.stdout
         assert "wrong build" in again.stdout and "nothing to do" in again.stdout, again.stdout
+        assert f"(by {getpass.getuser()}@" in again.stdout, again.stdout  # who asked, not a host
         assert fleet.watchers[2].ctl_json("abort", deploy_id)["already"] is True
 
         def gone(pid: int) -> bool:
@@ -974,20 +977,36 @@ class TestPruneBlocked:
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv(1) (util-linux) is needed"
         assert os.geteuid() == 0, "the suite runs as root"
-        fleet = make_fleet(app_extra={"keep_releases": 1}, daemon_extra={"listen": None})
+        fleet = make_fleet(app_extra={"keep_releases": 1})
         w = fleet.watchers[1]
         w.stop()
+        fleet.write_config(w)
+        config = yaml.safe_load(w.config_path.read_text())
+        config["daemon"]["listen"] = "127.0.0.1:0"  # /metrics, on a port it picks
+        w.config_path.write_text(yaml.safe_dump(config))
         w.prefix = (setpriv, "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--")
         w.start()
         fleet.wait_members(len(fleet.watchers))
         releases = [deploy_ok(fleet, fleet.publish(f"v{i}").id) for i in range(3)]
-        local = w.ctl_json("status")["apps"]["web"]
-        blocked = local["daemon"]["prune_blocked"]
-        assert "cannot read /proc entries of pid" in blocked, local
-        assert "1 old release(s) kept that would go" in blocked, blocked
-        assert releases[0] in local["staged"]  # the one that would have gone
-        human = w.ctl("status", as_json=False).stdout
-        assert "  prune       BLOCKED: cannot read /proc entries of pid" in human, human
+
+        def says_blocked() -> None:
+            local = w.ctl_json("status")["apps"]["web"]
+            blocked = local["daemon"]["prune_blocked"]
+            assert "cannot read /proc entries of pid" in blocked, local
+            assert "1 old release(s) kept that would go" in blocked, blocked
+            assert releases[0] in local["staged"]  # the one that would have gone
+            human = w.ctl("status", as_json=False).stdout
+            assert "  prune       BLOCKED: cannot read /proc entries of pid" in human, human
+            text = metrics_text(w.health_port())
+            assert 'watcher_prune_blocked{app="web"} 1.0' in text, text
+
+        says_blocked()
+        # A restarted daemon says so before any deploy: the releases still pile up.
+        w.stop()
+        w.start()
+        fleet.wait_members(len(fleet.watchers))
+        wait_for(lambda: w.ctl_json("status")["daemon"].get("running"), 20, "status.json", fleet)
+        says_blocked()
 
 
 class TestStatus:
