@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -231,7 +232,7 @@ Everything is still running. Try:
 Watcher logs: {workdir}/hosts/<host>/watcher.log
 The deploy page: {ui.url}/  (API description: {ui.url}/openapi.json)
 The commands watcherctl itself suggests say `watcherctl`; to paste them as printed:
-  export PATH={Path(watcherctl_command()).parent}:$PATH
+  export PATH={shlex.quote(str(Path(watcherctl_command()).parent))}:"$PATH"
 Press Ctrl-C to stop everything.""", flush=True)
         while True:
             time.sleep(3600)
