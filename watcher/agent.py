@@ -311,8 +311,8 @@ class AgentStatus:
     coordinating: bool = False
     coordinator_unknown: bool = False
     alarm: str = ""
-    # Why the last prune after a deploy removed no release although some were past
-    # `keep_releases` ("" when it could): releases pile up on this host while it is set.
+    # Why the last prune (after a deploy, or planned at start) removed no release although
+    # some were past `keep_releases` ("" when it could): releases pile up while it is set.
     prune_blocked: str = ""
     watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
     watch_index: int = 0  # the index a new watch of a prefix there starts from

@@ -136,8 +136,9 @@ class Metrics:
         )
         self.prune_blocked = Gauge(
             "watcher_prune_blocked",
-            "1 while the last prune after a deploy removed nothing because a process's /proc "
-            "entries could not be read (releases pile up; `watcherctl status` says why)",
+            "1 while the last prune (after a deploy, or planned at start) removed nothing because "
+            "a process's /proc entries could not be read (releases pile up; `watcherctl status` "
+            "says why)",
             ["app"],
             registry=r,
         )
