@@ -464,11 +464,10 @@ class DeployRecord(Document):
             label,
             f"invalid artifact id {self.artifact!r}",
         )
-        _need(
-            not isinstance(self.expected, list) or len(self.expected) <= MAX_EXPECTED,
-            label,
-            f"expected lists {len(self.expected)} nodes, more than {MAX_EXPECTED}",
-        )
+        if isinstance(self.expected, list) and len(self.expected) > MAX_EXPECTED:
+            raise PayloadError(
+                f"{label}: expected lists {len(self.expected)} nodes, more than {MAX_EXPECTED}"
+            )
         _need(
             isinstance(self.expected, list)
             and all(isinstance(n, str) and NODE_RE.match(n) for n in self.expected),

@@ -350,6 +350,7 @@ class TestRecords:
     @example(cls=HostRecord, raw='{"node": [], "release": null, "last_seen": ""}')  # readers
     @example(cls=Outcome, raw='{"result": ["x"], "at": "", "by": "h"}')  # the history page
     @example(cls=ReleaseRef, raw=json.dumps({**CURRENT, "artifact": 5}))  # current.previous
+    @example(cls=DeployRecord, raw=json.dumps({**DEPLOY, "expected": 5}))  # TypeError: len()
     @example(cls=Decision, raw='{"outcome": "abort", "reason": 5, "by": "h", "at": ""}')
     @example(cls=Outcome, raw='{"result": "aborted", "at": "", "by": "h", "reason": NaN}')
     def test_raw_text(self, cls: type[Document], raw: str) -> None:
