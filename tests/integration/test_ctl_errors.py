@@ -141,25 +141,18 @@ class TestConsulErrors:
         # user round in circles ("name an app" -> "no app 'web' (configured: none)").
         config = tmp_path / "ci.yaml"
         config.write_text("consul: {address: '127.0.0.1:1'}\ns3: {bucket: b}\n")
-        for argv in (["watcherctl", "status"], ["watcherctl", "status", "web"]):
-            result = subprocess.run(
-                [str(BIN / argv[0]), *argv[1:], "-c", str(config)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+
+        def run(command: str, *args: str) -> subprocess.CompletedProcess[str]:
+            argv = [str(BIN / command), *args, "-c", str(config)]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+        for argv in (["status"], ["status", "web"]):
+            result = run("watcherctl", *argv)
             assert result.returncode == 2, (argv, result)
             assert "serves `watcherctl publish" in result.stderr, (argv, result.stderr)
             assert "-c /etc/watcher/watcher.yaml" in result.stderr, result.stderr
             assert "name an app" not in result.stderr and "configured: none" not in result.stderr
-        checked = subprocess.run(
-            [str(BIN / "watcher"), "check-config", "-c", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        checked = run("watcher", "check-config")
         assert checked.returncode == 2, checked
         assert "only `watcherctl publish` reads" in checked.stderr, checked.stderr
 

@@ -349,14 +349,13 @@ class TestPublishCommand:
         assert data["build_url"] == "https://buildkite.example/b/7"
         assert kv_record(consul, "feature-x-15eb13af") is not None
 
-        human = subprocess.run(
-            [str(WATCHERCTL), "publish", "web", str(src)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        def publish_human() -> subprocess.CompletedProcess[str]:
+            argv = [str(WATCHERCTL), "publish", "web", str(src)]
+            return subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+
+        human = publish_human()
         assert human.returncode == 0, human.stderr
         assert "published web artifact feature-x-15eb13af" in human.stdout
         assert f"sha256  {data['sha256']}" in human.stdout
@@ -364,14 +363,7 @@ class TestPublishCommand:
         # The same id with other bytes: refused because of state (4, not 1: nothing failed),
         # saying how to publish this build after all.
         (src / "app.py").write_text("print('changed')\n")
-        clash = subprocess.run(
-            [str(WATCHERCTL), "publish", "web", str(src)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        clash = publish_human()
         assert clash.returncode == 4, clash
         assert "already exists with sha256" in clash.stderr, clash.stderr
         assert "publish this build under another id (--artifact-id)" in clash.stderr
