@@ -112,15 +112,14 @@ def check_free_text(value: str) -> str:
     return value
 
 
-# The embeddings, overrides and isolates (Trojan Source, CVE-2021-42574).
+# The bidirectional embeddings, overrides and isolates (Trojan Source, CVE-2021-42574).
 _BIDI_CONTROLS = frozenset((*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
 
-
 # C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b"),
-# and the bidirectional overrides and isolates, which reorder what a terminal shows.
+# and the bidirectional controls, which reorder what a terminal shows.
 _UNPRINTABLE = {
     **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)},
-    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+    **{c: f"\\u{c:04x}" for c in _BIDI_CONTROLS},
 }
 _ONE_LINE = {**_UNPRINTABLE, 0x0A: "\\n"}
 
