@@ -40,6 +40,7 @@ from bench.harness import (  # noqa: E402
     compile_package,
     machine,
     thread_cpu_ns,
+    use_bench_s3_credentials,
 )
 from bench.run import consul_binary  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
@@ -156,16 +157,7 @@ def main() -> int:
         parser.error("--hosts must be at least 3, --deploys and --runs at least 1")
     loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
     consul_bin = consul_binary()
-    # The test S3 server takes any credentials, but boto3 in the daemons wants some to sign
-    # with (as bench/run.py sets them): run from a plain shell, every prefetch failed.
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    use_bench_s3_credentials()
     compile_package()  # this checkout's half, as export() compiles the other
     work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     base_commit = export(args.base, work / "base")

@@ -27,6 +27,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.harness import use_bench_s3_credentials  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, consul_for  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
@@ -120,14 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="bench-web-"))
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    use_bench_s3_credentials()
     consul_bin = os.environ["CONSUL_BIN"]
     cluster = start_cluster(
         ClusterSpec(hosts=3),

@@ -34,6 +34,20 @@ def compile_package(package: Path = PACKAGE_DIR) -> None:
         raise RuntimeError(f"compiling {package} failed")
 
 
+def use_bench_s3_credentials() -> None:
+    """Credentials for the test S3 server, in this process's environment and so in every
+    daemon it starts: the server takes any, but boto3 wants some to sign with (without
+    them every prefetch fails with "no usable AWS credentials")."""
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+
+
 class RoundFailed(Exception):
     """A round did not do what it measures; no sample may come out of it."""
 

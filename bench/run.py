@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_deploy import idle_section, latency_section, scale_section  # noqa: E402
 from bench.bench_flip import flip_section  # noqa: E402
 from bench.bench_stage import stage_section  # noqa: E402
-from bench.harness import Figure, Results, compile_package, machine  # noqa: E402
+from bench.harness import Figure, Results, compile_package, machine, use_bench_s3_credentials  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from watcher.config import S3Settings, parse_flip_delay  # noqa: E402
 from watcher.log import configure_logging  # noqa: E402
@@ -77,14 +77,7 @@ def main() -> int:
     q = args.quick
     loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
     consul_bin = consul_binary()
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    use_bench_s3_credentials()
     results = Results(
         context={
             **machine(),

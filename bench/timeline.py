@@ -23,8 +23,9 @@ import json
 import statistics
 import sys
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
+
+from watcher.records import parse_iso
 
 STEPS = ("prepare", "staged", "ready", "established", "flipped")
 COLUMNS = (
@@ -36,10 +37,6 @@ COLUMNS = (
     "first flip",
     "last flip",
 )
-
-
-def _at(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def host_marks(log: Path) -> dict[str, dict[str, float]]:
@@ -58,7 +55,7 @@ def host_marks(log: Path) -> dict[str, dict[str, float]]:
     deploy_of: dict[str, str] = {}
     marks: dict[str, dict[str, float]] = defaultdict(dict)
     for line in lines:
-        event, at = line.get("event"), _at(line["timestamp"])
+        event, at = line.get("event"), parse_iso(line["timestamp"]).timestamp()
         release, deploy = str(line.get("release", "")), str(line.get("deploy", ""))
         if event == "release_staged":
             staged[release] = at
