@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, metrics_text, wait_for
@@ -977,13 +976,10 @@ class TestPruneBlocked:
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv(1) (util-linux) is needed"
         assert os.geteuid() == 0, "the suite runs as root"
-        fleet = make_fleet(app_extra={"keep_releases": 1})
+        # /metrics on a port each daemon picks
+        fleet = make_fleet(app_extra={"keep_releases": 1}, daemon_extra={"listen": "127.0.0.1:0"})
         w = fleet.watchers[1]
         w.stop()
-        fleet.write_config(w)
-        config = yaml.safe_load(w.config_path.read_text())
-        config["daemon"]["listen"] = "127.0.0.1:0"  # /metrics, on a port it picks
-        w.config_path.write_text(yaml.safe_dump(config))
         w.prefix = (setpriv, "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--")
         w.start()
         fleet.wait_members(len(fleet.watchers))
