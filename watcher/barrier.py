@@ -1673,7 +1673,7 @@ class DeployStore:
             # ``current`` still names the deploy before this one (this end's txn moves it).
             current, _ = self.current()
             before = current.ref() if current and current.deploy != request.id else None
-            target = rollback_target(self, None, before=before)
+            target = rollback_target(self, None, before=before, current=current)
         except (DeployRefused, PayloadError) as exc:
             return None, [], f"; no automatic rollback: {exc}"
         live = {n: e.session or "" for n, e in verdict.members.items()}
@@ -1999,15 +1999,24 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
     )
 
 
+_READ: Any = object()  # rollback_target's ``current`` when the caller has not read it
+
+
 def rollback_target(
-    store: DeployStore, release: str | None, *, before: ReleaseRef | None = None
+    store: DeployStore,
+    release: str | None,
+    *,
+    before: ReleaseRef | None = None,
+    current: CurrentRecord | None = _READ,
 ) -> ReleaseRef:
-    """The release a rollback goes to: ``current.previous``, or a named one from history.
+    """The release a rollback goes to: ``current.previous``, or a named one from history
+    (``current``: the record when the caller has just read it).
 
     Only a deploy whose commit predicate holds is a target; what is restaged (url, size,
     sha256) comes from its acked request, never from ``current`` or an artifact record.
     """
-    current, _ = store.current()
+    if current is _READ:
+        current, _ = store.current()
     candidates: list[str] = []
     if release is None:
         target = before or (current.previous_ref() if current else None)

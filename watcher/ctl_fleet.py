@@ -280,7 +280,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
     hosts = _host_records(store)
-    record = rollback_request(
+    record, live = rollback_request(
         store,
         app,
         args.to,
@@ -288,27 +288,9 @@ def cmd_rollback(ctx: CtlContext) -> int:
         allow_missing=args.allow_missing,
         hosts=hosts,
     )
-    live = already_live(store, record)
     if live:
         print(f"watcherctl: warning: {live}", file=sys.stderr, flush=True)
     return _start_and_wait(ctx, store, record, hosts)
-
-
-def already_live(store: DeployStore, record: DeployRecord) -> str:
-    """A warning when a rollback goes to the release `current` already names: it runs a
-    whole round (staging, acks, a flip to the same tree) for nothing, usually a slip of
-    the operator's (the wrong release pasted from `history`). Not a refusal: `current`
-    is a reader's copy (DESIGN.md 6.4), and a host that is not on it converges anyway."""
-    try:
-        current, _ = store.current()
-    except (ConsulError, PayloadError):
-        return ""
-    if current is None or current.release != record.release:
-        return ""
-    return (
-        f"the fleet is already on {record.release} (by `current`): this rollback stages and "
-        "flips to the same release; abort it if that was not meant"
-    )
 
 
 def rollback_request(
@@ -319,11 +301,16 @@ def rollback_request(
     requested_by: str,
     allow_missing: bool,
     hosts: Mapping[str, HostRecord] | None = None,
-) -> DeployRecord:
-    """The record of a fleet rollback to ``release`` (default: the previous one)."""
-    target = rollback_target(store, release)
+) -> tuple[DeployRecord, str]:
+    """The record of a fleet rollback to ``release`` (default: the previous one), and a
+    warning when that is the release `current` already names: a whole round (staging,
+    acks, a flip to the same tree) for nothing, usually a slip of the operator's (the
+    wrong release pasted from `history`). Not a refusal: `current` is a reader's copy
+    (DESIGN.md 6.4), and a host that is not on it converges anyway."""
+    current, _ = store.current()
+    target = rollback_target(store, release, current=current)
     expected = store.expected_members(allow_missing=allow_missing, hosts=hosts)
-    return store.new_record(
+    record = store.new_record(
         deploy_id=new_deploy_id(),
         kind="rollback",
         artifact=target,
@@ -333,6 +320,13 @@ def rollback_request(
         prepare_timeout=app.timeouts.prepare,
         apply_timeout=app.timeouts.apply,
     )
+    live = (
+        f"the fleet is already on {record.release} (by `current`): this rollback stages and "
+        "flips to the same release; abort it if that was not meant"
+        if current is not None and current.release == record.release
+        else ""
+    )
+    return record, live
 
 
 def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int) -> str:

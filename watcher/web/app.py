@@ -42,7 +42,6 @@ from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
-    already_live,
     artifact_records,
     contested_reason,
     deploy_history,
@@ -1004,14 +1003,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
-        record = rollback_request(
+        record, live = rollback_request(
             store,
             config.app(name),
             body.release,
             requested_by=caller.requested_by,
             allow_missing=body.allow_missing,
         )
-        return _start(store, record, "rollback", already_live(store, record))
+        return _start(store, record, "rollback", live)
 
     def _start(store: DeployStore, record: Any, action: str, note: str = "") -> dict[str, Any]:
         try:
