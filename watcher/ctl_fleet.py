@@ -193,8 +193,23 @@ def _store(ctx: CtlContext, app: str) -> DeployStore:
 # --- deploy / rollback -----------------------------------------------------------------
 
 
+def _wait_conflict(ctx: CtlContext, command: str) -> bool:
+    """``--no-wait`` with ``--timeout``: a timeout that would never be waited for is a
+    mistake to report, not to ignore (the operator expects the command to wait)."""
+    if ctx.args.no_wait and ctx.args.timeout is not None:
+        print(
+            f"watcherctl {command}: error: --timeout is how long to wait for the outcome; "
+            "with --no-wait nothing waits (give one or the other)",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
 def cmd_deploy(ctx: CtlContext) -> int:
     args = ctx.args
+    if _wait_conflict(ctx, "deploy"):
+        return EXIT_USAGE
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
     hosts = _host_records(store)
@@ -277,6 +292,8 @@ def cmd_rollback(ctx: CtlContext) -> int:
         from watcher.ctl_local import rollback_local
 
         return rollback_local(ctx)
+    if _wait_conflict(ctx, "rollback"):
+        return EXIT_USAGE
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
     hosts = _host_records(store)
