@@ -329,7 +329,8 @@ free_text_argument.__name__ = "free text"
 
 artifact_id_argument = name_argument(ids.check_artifact_id)
 deploy_id_argument = name_argument(ids.check_deploy_id)
-release_argument = name_argument(ids.check_release_name)
+release_argument = name_argument(ids.check_release_input)
+release_argument.__name__ = "release name"
 commit_argument = name_argument(ids.check_commit)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import datetime
 
 from watcher.errors import PayloadError
 
@@ -73,6 +74,23 @@ def check_deploy_id(value: object) -> str:
 
 def check_release_name(value: object) -> str:
     return _check(value, _RELEASE, "release name", RELEASE_RULE)
+
+
+def check_release_input(value: object) -> str:
+    """A release name typed by an operator (``--to``, ``--release``, the API's rollback):
+    ``check_release_name``, and its time must be one that exists, since no deploy can have
+    named a release after 2026-13-45 (records from KV get the pattern check only: it is
+    cheaper, and a host that names an impossible release is refused elsewhere)."""
+    name = check_release_name(value)
+    stamp = name[:16]
+    try:
+        datetime.strptime(stamp, "%Y%m%dT%H%M%SZ")
+    except ValueError:
+        raise InvalidName(
+            f"invalid release name {shown(value)}: {stamp} is not a date and time "
+            f"(YYYYmmddTHHMMSSZ, UTC); must be {RELEASE_RULE}"
+        ) from None
+    return name
 
 
 def check_commit(value: object) -> str:

@@ -64,11 +64,21 @@ class TestRules:
         with pytest.raises(PayloadError, match="invalid release name"):
             ids.check_release_name(value)
 
+    @pytest.mark.parametrize(
+        "value",
+        ["20261399T000000Z-x", "20260229T000000Z-x", "20261126T250000Z-x", "00000101T000000Z-x"],
+    )
+    def test_a_typed_release_needs_a_time_that_exists(self, value: str) -> None:
+        assert ids.check_release_name(value) == value  # the pattern alone, as records get
+        with pytest.raises(PayloadError, match="is not a date and time"):
+            ids.check_release_input(value)
+
     def test_good_names(self) -> None:
         assert ids.check_artifact_id("master-15eb13af") == "master-15eb13af"
         assert ids.check_artifact_id("a" * 128)
         assert ids.check_deploy_id("20261126T143844Z-3f9a1c")
         assert ids.check_release_name("20261126T143844Z-master-15eb13af")
+        assert ids.check_release_input("20280229T235959Z-master-15eb13af")
         assert ids.check_commit("15eb13af" * 5) and ids.check_commit("ab" * 32)
 
     def test_free_text_takes_no_bidirectional_controls(self) -> None:
@@ -145,6 +155,18 @@ class TestTheCliRefusesBadInputWithExit2:
             (["abort", "../x"], "invalid deploy id '../x'"),
             (["rollback", "web", "--to", "../x"], "invalid release name '../x'"),
             (["rollback", "web", "--local", "--to", "../x"], "invalid release name '../x'"),
+            (
+                ["rollback", "web", "--to", "20261399T256161Z-main-1"],
+                "20261399T256161Z is not a date and time",
+            ),
+            (
+                ["exec", "web", "--release", "20260230T000000Z-main-1", "--", "true"],
+                "20260230T000000Z is not a date and time",
+            ),
+            (
+                ["deploy", "web", "main-1", "--no-wait", "--timeout", "9"],
+                "with --no-wait nothing waits",
+            ),
             (["exec", "web", "--release", "../x", "--", "true"], "invalid release name"),
             (["exec", "--release", "a/b", "web", "--", "true"], "invalid release name"),
             (["publish", "web", ".", "--artifact-id", "../x"], "invalid artifact id '../x'"),

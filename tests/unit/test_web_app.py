@@ -173,6 +173,15 @@ class TestRefusedBeforeConsul:
         assert r.status_code == 422, r.text
         assert r.json()["error"].startswith(f"{field}: Input should be a valid"), r.text
 
+    @pytest.mark.parametrize("release", ["yesterday", "20261399T000000Z-main-1"])
+    def test_a_rollback_target_that_no_deploy_can_have_named_is_a_422(
+        self, client: TestClient, release: str
+    ) -> None:
+        # Before any read: this client's Consul is down, so a read would answer 503.
+        r = client.post("/api/v1/apps/web/rollbacks", json={"release": release})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith(f"release: '{release}' is not a release name")
+
     def test_consul_down_is_a_503_with_the_reason(self, client: TestClient) -> None:
         r = client.get("/api/v1/apps/web/fleet")
         assert r.status_code == 503 and "cannot reach Consul" in r.json()["error"]

@@ -999,7 +999,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         name = app_name(app)
         if body.release is not None:
             valid(
-                ids.check_release_name, body.release, "release", "a release name", ids.RELEASE_RULE
+                ids.check_release_input, body.release, "release", "a release name", ids.RELEASE_RULE
             )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
