@@ -1005,8 +1005,9 @@ def cmd_status(ctx: CtlContext) -> int:
     if ctx.args.fleet:
         try:
             return _fleet_status(ctx, names)
-        except ConsulUnavailable as exc:
-            # The fleet cannot be read: this host's part, as plain `status` shows it.
+        except ConsulError as exc:
+            # The fleet cannot be read (Consul down, a refused token, an address that is not
+            # Consul's): this host's part, as plain `status` shows it, then why.
             return _host_status(ctx, names, unreachable=exc, fleet_shape=True)
     return _host_status(ctx, names)
 
@@ -1015,7 +1016,7 @@ def _host_status(
     ctx: CtlContext,
     names: list[str],
     *,
-    unreachable: ConsulUnavailable | None = None,
+    unreachable: ConsulError | None = None,
     fleet_shape: bool = False,
 ) -> int:
     """`status`: this host's part, and the fleet's as far as Consul answers (not asked
@@ -1036,12 +1037,14 @@ def _host_status(
         "daemon": daemon,
         "consul": {
             "address": config.consul.base_url,
-            "reachable": unreachable is None,
-            "error": "" if unreachable is None else str(unreachable),
-            "problem": "" if unreachable is None else consul_problem(unreachable),
+            "reachable": True,
+            "error": "",
+            "problem": "",
         },
         "apps": {},
     }
+    if unreachable is not None:
+        data["consul"].update(_consul_failure(unreachable))
     failure: WatcherError | None = unreachable
     for name in names:
         entry = _local_app(config.apps[name], daemon)
@@ -1057,13 +1060,8 @@ def _host_status(
                 _fleet_part(DeployStore(consul, config.kv_prefix, name), node, entry)
             except ConsulError as exc:
                 failure = exc
-                problem = consul_problem(exc)
-                data["consul"].update(
-                    reachable=isinstance(exc, ConsulPermissionDenied | ConsulRequestError),
-                    error=str(exc),
-                    problem=problem,
-                )
-                entry.update(fleet_current=None, deploy=None, fleet_error=problem)
+                data["consul"].update(_consul_failure(exc))
+                entry.update(fleet_current=None, deploy=None, fleet_error=data["consul"]["problem"])
             except WatcherError as exc:  # Consul answered; what it holds could not be read
                 failure = failure or exc
                 entry.update(fleet_current=None, deploy=None, fleet_error=str(exc))
@@ -1083,6 +1081,16 @@ def _host_status(
     # not a host left alone in a good state, whatever the fleet's part says.
     unhealthy = daemon.get("healthy") is False
     return EXIT_FAILED if unhealthy or any(map(_in_doubt, data["apps"].values())) else EXIT_OK
+
+
+def _consul_failure(exc: ConsulError) -> dict[str, Any]:
+    """What `status` says of Consul after ``exc``: it answered (a refused token or request)
+    or it did not."""
+    return {
+        "reachable": isinstance(exc, ConsulPermissionDenied | ConsulRequestError),
+        "error": str(exc),
+        "problem": consul_problem(exc),
+    }
 
 
 def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:

@@ -251,12 +251,20 @@ class TestTokenThatMayNotReadMembers:
             "token": token["SecretID"],
         }
         base = {"kv_prefix": prefix}
-        for argv in (["deploy", "web", "main-15eb13af", "--no-wait"], ["status", "--fleet"]):
-            result = run_ctl(tmp_path, consul, *argv, extra=base)
-            line = one_line_error(result)
-            assert result.returncode == 3, result.stderr
-            assert f"may not read {app}/{denied}/" in line, line
-            assert "is any daemon running" not in line
+        result = run_ctl(
+            tmp_path, consul, "deploy", "web", "main-15eb13af", "--no-wait", extra=base
+        )
+        line = one_line_error(result)
+        assert result.returncode == 3, result.stderr
+        assert f"may not read {app}/{denied}/" in line, line
+        assert "is any daemon running" not in line
+        # `status --fleet` shows this host's part, as `status` does, then why the fleet's is not.
+        result = run_ctl(tmp_path, consul, "status", "--fleet", extra=base)
+        assert result.returncode == 3, result
+        assert f"consul REFUSED THE TOKEN at {agent.http_addr}" in result.stdout, result.stdout
+        assert f"may not read {app}/{denied}/" in result.stdout, result.stdout
+        assert "  deploy      unknown (Consul refused the token)" in result.stdout
+        assert "is any daemon running" not in result.stdout and result.stderr == ""
         assert admin.kv_get(f"{app}/inflight") is None  # no deploy was started
         assert admin.kv_list(f"{app}/deploys/") == []
         admin.session_destroy(session)

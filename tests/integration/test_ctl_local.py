@@ -15,10 +15,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +382,18 @@ class TestPrune:
         assert host.engine.current_release() == r[1] and host.engine.is_complete(r[1])
 
 
+class NotFound(BaseHTTPRequestHandler):
+    """A web server's answer to every request: 404, as a static file server gives."""
+
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    do_PUT = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 class TestStatusWithoutConsul:
     """Consul down: `status` still shows this host, says the fleet part is unknown (never
     "none in flight") and exits 3."""
@@ -420,6 +434,39 @@ class TestStatusWithoutConsul:
         assert web["fleet_error"] == "Consul unreachable"
         assert web["this_host"]["app"]["current"] == release_of(4)
         assert web["this_host"]["consul"]["reachable"] is False
+
+    def test_an_address_that_answers_but_is_not_consul_shows_this_host_too(
+        self, host: Host
+    ) -> None:
+        # A web server where Consul should be: it answers every request with a 404.
+        server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        data = yaml.safe_load(host.config_path.read_text())
+        data["consul"]["address"] = f"http://127.0.0.1:{server.server_address[1]}"
+        config = host.root / "not-consul.yaml"
+        config.write_text(yaml.safe_dump(data))
+        argv = [str(WATCHERCTL), "status", "-c", str(config), "--fleet"]
+        try:
+            result = subprocess.run(
+                argv, capture_output=True, text=True, env=host.env(), timeout=60
+            )
+            as_json = subprocess.run(
+                [*argv, "--json"], capture_output=True, text=True, env=host.env(), timeout=60
+            )
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert result.returncode == 3, result
+        lines = result.stdout.splitlines()
+        assert f"  current     {release_of(4)}" in lines, result.stdout
+        assert "  deploy      unknown (Consul refused the request)" in lines, result.stdout
+        assert "is it a Consul agent's HTTP API address?" in result.stdout
+        assert result.stderr == "", result.stderr
+        assert as_json.returncode == 3, as_json
+        web = json.loads(as_json.stdout)["web"]
+        assert web["hosts"] is None and web["fleet_error"] == "Consul refused the request"
+        assert web["this_host"]["app"]["current"] == release_of(4)
+        assert web["this_host"]["consul"]["reachable"] is True
 
     def test_a_mistyped_app_names_the_configured_ones(self, host: Host) -> None:
         for argv in (("status", "webb"), ("releases", "webb")):
