@@ -138,6 +138,46 @@ def test_demo_stops_cleanly_on_ctrl_c(demo: Demo) -> None:
     assert "stopping ..." in demo.text()
 
 
+def test_sigterm_while_starting_stops_everything_with_exit_0(
+    consul_bin: str, loopback_base: str
+) -> None:
+    """`kill` (SIGTERM, what a script or systemd sends) is the stop asked for: exit 0, not
+    130, and what was started so far is gone, its work directory too. After the test
+    above, which freed the demo's addresses."""
+    env = dict(os.environ, CONSUL_BIN=consul_bin, DEMO_LOOPBACK=loopback_base)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "demo.py")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the watchers run: Consul, S3 and 3 daemons are up
+            out.append(line)
+            if line.startswith("  configs: "):
+                break
+        configs = "".join(out).split("  configs: ")[-1].split(", ")
+        workdir = Path(configs[0]).parents[2]
+        assert (workdir / "consul").is_dir(), "".join(out)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-2000:]
+    assert "stopping ..." in text and "Traceback" not in text, text[-2000:]
+    assert not workdir.exists(), f"{workdir} left behind"
+    left = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert left.stdout == "", f"processes left: {left.stdout}"
+
+
 def test_make_demo_runs_this_script() -> None:
     """`make demo` (the README's command) must run the script tested above."""
     dry = subprocess.run(
