@@ -22,9 +22,11 @@ import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.s3server import s3_client
+from watcher import publish as publish_module
 from watcher.config import Config, S3Settings, parse_config
 from watcher.consul_api import ConsulClient
 from watcher.errors import (
+    ArtifactIdTaken,
     ArtifactRefused,
     ConfigError,
     ConsulUnavailable,
@@ -198,6 +200,39 @@ class TestPublish:
         obj = s3_object(s3_settings, "clash-1")
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == first.sha256
         assert len(events_for(consul, "clash-1")) == 1  # only the first publish's
+
+    def test_a_rival_that_wrote_the_record_and_withdrew_it_is_told_apart(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Another publish creates the record just before this one's create (which then
+        fails), and withdraws it again (its upload failed) before this one reads the
+        winner: nothing to compare with, so "publish again", not "already exists"."""
+        key = Keys("watcher", "web").artifact("race-1")
+        real = publish_module._write_record
+
+        def rival_around(*args: Any, **kwargs: Any) -> bool:
+            assert consul.kv_put(key, b'{"rival": true}', cas=0)
+            wrote = real(*args, **kwargs)
+            consul.kv_delete(key)
+            return wrote
+
+        monkeypatch.setattr(publish_module, "_write_record", rival_around)
+        before = consul.kv_keys("watcher/", separator=None)
+        with pytest.raises(ArtifactRefused) as err:
+            publish(config, src, artifact_id="race-1")
+        assert not isinstance(err.value, ArtifactIdTaken)
+        assert str(err.value) == (
+            f"artifact race-1: another publish wrote {key} first and withdrew it again; "
+            "publish again"
+        )
+        nothing_written(consul, s3_settings, before)
+        monkeypatch.undo()
+        assert publish(config, src, artifact_id="race-1") == kv_record(consul, "race-1")
 
     def test_two_branches_that_give_one_id_are_told_apart_in_the_refusal(
         self, config: Config, consul: ConsulClient, src: Path
