@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily
@@ -64,6 +65,10 @@ class Metrics:
     """Every metric the daemon exports, in a registry of its own (never the global one)."""
 
     def __init__(self) -> None:
+        # No `*_created` series beside each counter and histogram (a timestamp per label
+        # set that doubles the series and that no alert reads); process-wide, and the web
+        # server does the same.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self._release_lock = threading.Lock()  # the loop and a flip both set the release
         self._pointed: dict[str, str | None] = {}  # app -> its series' release ("" never is)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from watcher import daemon, hooks
 from watcher.config import parse_config
@@ -27,6 +27,26 @@ def test_every_metric_is_documented_once() -> None:
     documented = {(name, where) for name, _, where in rows}
     assert len(rows) == len(documented), "a metric is listed twice"
     assert documented == {(n, "daemon") for n in daemon} | {(n, "web") for n in web}
+
+
+def test_no_series_beyond_the_documented_suffixes() -> None:
+    """Only `_total`, `_bucket`, `_sum`, `_count` beside the names (no `_created`), as the
+    docs say, in the text both processes serve once each metric has a sample."""
+    config = parse_config({"s3": {"bucket": "b"}, "apps": {"web": {"root": "/srv"}}})
+    metrics = Metrics()
+    metrics.deploy_phase_seconds.labels(app="web", phase="prepare").observe(0.2)
+    web = WebState(config, listen_host="127.0.0.1")
+    web.requests.labels(route="/healthz", method="GET", status=200).inc()
+    for registry in (metrics.registry, web.registry):
+        names = {
+            line.split("{")[0].split(" ")[0]
+            for line in generate_latest(registry).decode().splitlines()
+            if line and not line.startswith("#")
+        }
+        base = exposed(registry)
+        stems = {n.removesuffix("_total") for n in base}
+        allowed = base | {f"{s}{x}" for s in stems for x in ("_bucket", "_sum", "_count")}
+        assert names and names <= allowed, sorted(names - allowed)
 
 
 def doc_row(metric: str) -> str:

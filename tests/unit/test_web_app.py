@@ -491,6 +491,9 @@ class TestWhoIsLocal:
         client.get(FLEET, params={"token": "x"})
         client.get("/nowhere", params={"token": "x"})
         client.get("/openapi.json")  # answered, but no API route sets scope["route"]
+        client.get("/static/app.js")  # the page's files: one label for the mount
+        client.head("/static/style.css")
+        client.get("/static/nope.js")
         metrics = client.get("/metrics").text
         for route, method, status in (
             ("/api/v1/apps/{app}/deploys", "POST", 403),
@@ -498,6 +501,9 @@ class TestWhoIsLocal:
             ("/api/v1/apps/{app}/fleet", "GET", 400),
             ("<unmatched>", "GET", 400),
             ("/openapi.json", "GET", 200),
+            ("/static", "GET", 200),
+            ("/static", "HEAD", 200),
+            ("/static", "GET", 404),
         ):
             label = f'method="{method}",route="{route}",status="{status}"'
             assert f"watcher_web_requests_total{{{label}}}" in metrics, (label, metrics)

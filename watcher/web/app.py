@@ -28,6 +28,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    disable_created_metrics,
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -309,6 +310,7 @@ class WebState:
         self.feeds: dict[str, LiveFeed] = {}
         self.streams = 0  # live streams open (changed on the event loop only)
         self.streams_of: dict[str, int] = {}  # the same, by caller (see live)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # as the daemon
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "watcher_web_requests",
@@ -669,6 +671,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 *request.scope["headers"],
                 (b"content-type", b"application/json"),
             ]
+        # Matched before routing runs: a mount (the page's files) rewrites the scope's
+        # root_path, after which its own path no longer matches it.
+        before = route_of(request.scope)
         if refused is not None:
             response: Response = JSONResponse({"error": refused[1]}, status_code=refused[0])
         else:
@@ -683,7 +688,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             finally:
                 for client in getattr(request.state, "clients", ()):
                     client.close()
-        route = request.scope.get("route") or route_of(request.scope)
+        route = request.scope.get("route") or before
         path = getattr(route, "path", "<unmatched>")
         method = request.method if request.method in METHODS else "other"
         state.requests.labels(route=path, method=method, status=response.status_code).inc()
