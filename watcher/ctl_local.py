@@ -643,18 +643,20 @@ def cmd_prune(ctx: CtlContext) -> int:
         "blocked": plan.blocked,
         "removed": removed,
         "kept": dict(sorted(plan.keep.items())),
+        "held_back": list(plan.held_back),
         "prefetched_removed": list(plan.remove_prefetched),
     }
 
     def human(d: dict[str, Any]) -> str:
-        if d["blocked"]:
-            gone = d["prefetched_removed"]
-            extra = f"; {'would remove' if dry_run else 'removed'} pre-extracted: " if gone else ""
-            return f"prune of {d['app']} blocked, no release removed: {d['blocked']}" + (
-                extra + ", ".join(gone) if gone else ""
-            )
         verb = "would remove" if dry_run else "removed"
-        lines = [f"{verb}: {', '.join(d['removed']) or 'nothing'}"]
+        if d["blocked"]:
+            lines = [
+                f"prune of {d['app']} blocked, no release removed: {d['blocked']}",
+                f"held back (would go once every process can be read): "
+                f"{', '.join(d['held_back']) or 'nothing'}",
+            ]
+        else:
+            lines = [f"{verb}: {', '.join(d['removed']) or 'nothing'}"]
         if d["prefetched_removed"]:
             lines.append(f"{verb} pre-extracted: {', '.join(d['prefetched_removed'])}")
         if d["kept"]:

@@ -1137,7 +1137,10 @@ class ReleaseEngine:
             # where /proc cannot be read (a container without CAP_SYS_PTRACE) they would
             # otherwise pile up with every build.
             return PrunePlan(
-                blocked=blocker, remove_prefetched=plan.remove_prefetched, held_back=plan.remove
+                keep=plan.keep,
+                blocked=blocker,
+                remove_prefetched=plan.remove_prefetched,
+                held_back=plan.remove,
             )
         return self._plan_prune(infos, in_flight, used=used)
 

@@ -354,6 +354,42 @@ class TestPrune:
         assert host.names() == [r[1], r[3], r[4], r[5]]
         assert host.engine.current_release() == r[4]
 
+    def test_a_blocked_dry_run_still_shows_what_would_go_and_why_the_rest_stays(
+        self, host: Host
+    ) -> None:
+        # Without CAP_SYS_PTRACE, root cannot read the /proc entries of a process with more
+        # capabilities (this test's own): any release might be in use, nothing goes (exit 4).
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv(1) (util-linux) is needed"
+        assert os.geteuid() == 0, "the suite runs as root"
+        capless = (setpriv, "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--")
+        r = [release_of(i) for i in range(6)]
+        before = host.names()
+        result = subprocess.run(
+            [*capless, *host.argv("prune", "web", "--dry-run")],
+            capture_output=True,
+            text=True,
+            env=host.env(),
+            timeout=60,
+        )
+        assert result.returncode == 4, result
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("prune of web blocked, no release removed: cannot read"), lines
+        assert lines[1] == f"held back (would go once every process can be read): {r[1]}, {r[2]}"
+        assert "kept:" in lines and "previous" in result.stdout, result.stdout
+        data = json.loads(
+            subprocess.run(
+                [*capless, *host.argv("prune", "web", "--dry-run", "--json")],
+                capture_output=True,
+                text=True,
+                env=host.env(),
+                timeout=60,
+            ).stdout
+        )
+        assert data["blocked"] and data["removed"] == [] and data["held_back"] == [r[1], r[2]]
+        assert data["kept"][r[4]] == "current" and data["kept"][r[3]] == "previous"
+        assert host.names() == before
+
     def test_in_flight_release_of_the_journal_is_kept(self, host: Host) -> None:
         host.write_journal("20260101T000000Z-cccccc", release_of(2), ["staged"])
         data = host.ctl_json("prune", "web", own_proc=True)
