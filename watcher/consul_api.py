@@ -521,6 +521,11 @@ class _HTTPClient:
         self.base_uri = base_url
         self.default_timeout = timeout
         self.transport = Transport(host, port, scheme, verify=verify, cert=cert)
+        #: time.monotonic() of the agent's last answer that was not a server error (0:
+        #: none yet): how long Consul has not been readable through it (a paused agent keeps
+        #: connections open and answers nothing until each request's timeout; one cut off
+        #: from its servers answers 500s).
+        self.last_answer = 0.0
 
     def timeout(self, params: Any) -> tuple[float, float]:
         """(connect, read) seconds of the request being attempted in this thread."""
@@ -555,6 +560,8 @@ class _HTTPClient:
             connect_timeout=connect,
             read_timeout=read,
         )
+        if answer.status < 500:
+            self.last_answer = time.monotonic()
         content: str | bytes = answer.body if raw else answer.body.decode("utf-8", "replace")
         return _keeping_response(callback)(_Response(answer.status, answer.headers, content))
 
@@ -682,6 +689,12 @@ class ConsulClient:
         self._token = settings.token
         self._http = _http_client(settings)
         self._py: Any = None
+
+    @property
+    def last_answer(self) -> float:
+        """``time.monotonic()`` of the agent's last answer (not a 5xx) to any request of
+        this client (0.0: none yet)."""
+        return self._http.last_answer
 
     @property
     def _consul(self) -> Any:

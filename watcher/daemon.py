@@ -807,7 +807,12 @@ class Daemon:
             self.metrics.consul_errors.labels(op="reconcile").inc()
             undecided = agent.undecided_deploy()
             if undecided:
-                self.health.waiting_for_decision(name, undecided)
+                # Counted from the agent's last answer, not from this error: a paused or
+                # cut-off agent answers nothing until each request's timeout (consul.timeout,
+                # and retries), which would add itself to undecided_after. Not before this
+                # host was waiting, though.
+                since = max(self.consul.last_answer, agent.status.undecided_since or 0.0)
+                self.health.waiting_for_decision(name, undecided, since=since)
                 return f"undecided in {undecided}: {exc}"
             return f"consul unreachable: {exc}"
         except WatcherError as exc:

@@ -270,12 +270,14 @@ class HealthState:
         with self._lock:
             self._session, self._session_problem = None, reason or "session lost"
 
-    def waiting_for_decision(self, app: str, deploy_id: str) -> None:
-        """This host acked ready in ``deploy_id`` and now waits for the decision."""
+    def waiting_for_decision(self, app: str, deploy_id: str, *, since: float = 0.0) -> None:
+        """This host acked ready in ``deploy_id`` and cannot read the decision: since
+        ``since`` (the clock's time Consul last answered, when known), else since now."""
         with self._lock:
             current = self._waiting.get(app)
             if current is None or current.deploy_id != deploy_id:
-                self._waiting[app] = _Waiting(deploy_id, self._clock())
+                now = self._clock()
+                self._waiting[app] = _Waiting(deploy_id, min(since, now) if since else now)
         if self._metrics is not None:
             self._metrics.undecided.labels(app=app).set(1)
 

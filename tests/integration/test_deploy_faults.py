@@ -566,6 +566,11 @@ class TestPartition:
         unhealthy_after = time.monotonic() - cut
         code, health = rig.health(victim)
         assert code == 503 and deploy_id in json.dumps(health["problems"]), health
+        # Undecided since its agent last answered (before the cut), not since the first
+        # request that timed out: that wait (consul.timeout and the loop's retries) would
+        # otherwise come on top of undecided_after.
+        waited = health["waiting_for_decision"]["web"]["waiting_s"]
+        assert waited >= unhealthy_after - 1, (waited, unhealthy_after)
         asked = time.monotonic()
         answer = victim.ctl("status", check=False)
         assert answer.returncode == 3, answer  # Consul unreachable, said by the exit code

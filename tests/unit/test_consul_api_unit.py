@@ -277,6 +277,24 @@ class TestRetryPolicy:
             with pytest.raises(ConsulRequestError, match="without the X-Consul-Index header"):
                 read()
 
+    def test_last_answer_is_the_last_one_that_was_not_a_server_error(
+        self, scripted: tuple[Script, str]
+    ) -> None:
+        script, address = scripted
+        client = self.client(address, deadline=0.5)
+        assert client.last_answer == 0.0
+        before = time.monotonic()
+        assert client.kv_put("a/b", b"v") is True
+        answered = client.last_answer
+        assert before <= answered <= time.monotonic()
+        script.answers = [(500, "No cluster leader")]
+        with pytest.raises(ConsulUnavailable):
+            client.kv_get("k")
+        assert client.last_answer == answered  # an agent cut off from its servers
+        script.answers = [(404, "")]
+        assert client.kv_get("k") is None
+        assert client.last_answer > answered  # "no such key" is an answer
+
     def test_persistent_5xx_gives_up_at_the_deadline(self, scripted: tuple[Script, str]) -> None:
         script, address = scripted
         script.answers = [(500, "No cluster leader")]

@@ -335,6 +335,23 @@ class TestHealthState:
         assert state.check()[0]
         assert metrics.undecided.labels(app="web")._value.get() == 0
 
+    def test_undecided_counts_from_the_last_answer_when_given(self) -> None:
+        # The first error came 17 s after the agent last answered: the host has not been
+        # able to read the decision for 17 s, not for 0.
+        state, clock = self.make()
+        state.session_ok("s")
+        state.loop_cycle()
+        state.waiting_for_decision("web", "d-1", since=clock.now - 17)
+        healthy, details = state.check()
+        assert details["waiting_for_decision"]["web"]["waiting_s"] == 17.0
+        assert healthy  # under the 30 s threshold
+        clock.now += 14
+        state.loop_cycle()
+        assert not state.check()[0]
+        state.decision_read("web")
+        state.waiting_for_decision("web", "d-2", since=clock.now + 5)  # not in the future
+        assert state.check()[1]["waiting_for_decision"]["web"]["waiting_s"] == 0.0
+
 
 class TestMetrics:
     def test_own_registry_not_the_global_one(self) -> None:
