@@ -591,6 +591,15 @@ class DeployStore:
                     f"{named}, but that deploy's acked request is release {rec.release} "
                     f"(artifact {rec.artifact})"
                 )
+            elif ref.create_index and ref.create_index not in (
+                acked := {a.create_index for a in view.nodes.values()}
+            ):
+                # The end of a later deploy keeps a `current` with a higher CreateIndex: a
+                # forged one would look later than every deploy to come.
+                problems[what] = (
+                    f"{named} with CreateIndex {ref.create_index}, but its acks say "
+                    f"{', '.join(map(str, sorted(acked)))}"
+                )
         return problems
 
     def request(
@@ -1647,8 +1656,25 @@ class DeployStore:
         the release changes: redeploying the live release keeps the one a rollback goes to."""
         old = pre.current
         request = joined.request
-        if old is not None and (old.deploy == request.id or _overtaken(old, joined.create_index)):
+        if old is not None and old.deploy == request.id:
             return None
+        if old is not None and _overtaken(old, joined.create_index):
+            # ``current`` claims a deploy later than this one: true only if that deploy's
+            # acks say so (the CreateIndex written in it is any host's word, DESIGN.md
+            # 6.4.6; a forged high one must not keep every later end from writing it anew).
+            acked = self.committed(old.deploy)
+            if acked is not None and acked.create_index > joined.create_index:
+                return None  # later indeed (what else it says, status reports)
+            log.error(
+                "current_not_trusted",
+                app=self.app,
+                deploy=old.deploy,
+                claimed_create_index=old.create_index,
+                acked_create_index=acked.create_index if acked else None,
+                note="`current` claims a later deploy than its acks say: written anew",
+            )
+            # Its claim is not carried on as ``previous``'s CreateIndex either.
+            old = replace(old, create_index=acked.create_index if acked else 0)
         if old is not None and old.release != request.release:
             previous: dict[str, Any] | None = json.loads(old.ref().to_json())
         else:

@@ -564,6 +564,44 @@ class TestOneHostToken:
         assert releases_of(fleet) == {release2}
         next_deploy_works(acl_fleet, "v3")
 
+    def test_current_claiming_a_later_create_index_is_written_anew(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """One host's token rewrites `current` with a CreateIndex higher than any deploy's:
+        the next deploy's end must still write `current` (it is the pointer a host that was
+        away converges to), and status says the record is not what its acks say."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        release2 = next_deploy_works(acl_fleet, "v2")
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        forged = {**json.loads(entry.value), "create_index": 10**12}
+        assert x.kv_put(fleet.keys.current, json.dumps(forged).encode())
+        status = fleet_status(acl_fleet)
+        assert "with CreateIndex 1000000000000, but its acks say" in str(
+            status["current_problems"].get("current")
+        ), status
+        away = fleet.watchers[1]
+        away.stop()
+        v3 = acl_fleet.publish("v3")
+        started = json.loads(
+            acl_fleet.operator("deploy", "web", v3["id"], "--allow-missing").stdout
+        )
+        assert started["result"] == "committed", started
+        current = fleet_status(acl_fleet)
+        assert current["current"] == started["release"] and not current["current_problems"]
+        assert fleet.currents()[away.name] == release2
+        away.start()
+        fleet.wait_members(3)
+        wait_for(
+            lambda: fleet.currents()[away.name] == started["release"],
+            30,
+            "the host that was away converged to the new `current`",
+            fleet,
+        )
+        assert any("current_not_trusted" in w.log_text() for w in fleet.watchers)
+
     def test_own_ack_rewritten_after_others_flipped_is_contested(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
