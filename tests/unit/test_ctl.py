@@ -186,21 +186,6 @@ class TestFreeText:
         assert args.reason == reason
 
 
-@pytest.mark.parametrize("command", [["deploy", "web", "main-15eb13af"], ["rollback", "web"]])
-def test_no_wait_with_a_timeout_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], command: list[str]
-) -> None:
-    """A timeout nothing would wait for is reported before anything is read or written
-    (the config here does not exist: without the check, that is the error)."""
-    config = ["-c", "/nonexistent/w.yaml"]
-    assert main([*command, "--no-wait", "--timeout", "5", *config]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert f"watcherctl {command[0]}: error: --timeout" in err and "--no-wait" in err
-    assert main([*command, "--no-wait", *config]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "/nonexistent/w.yaml: no such file" in err and "--timeout" not in err
-
-
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"watcherctl {__version__}\n"

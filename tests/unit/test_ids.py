@@ -165,7 +165,12 @@ class TestTheCliRefusesBadInputWithExit2:
             ),
             (
                 ["deploy", "web", "main-1", "--no-wait", "--timeout", "9"],
+                "watcherctl deploy: error: --timeout is how long to wait for the outcome; "
                 "with --no-wait nothing waits",
+            ),
+            (
+                ["rollback", "web", "--timeout", "9", "--no-wait"],
+                "watcherctl rollback: error: --timeout is how long",
             ),
             (["exec", "web", "--release", "../x", "--", "true"], "invalid release name"),
             (["exec", "--release", "a/b", "web", "--", "true"], "invalid release name"),
