@@ -33,8 +33,12 @@ class WebServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until it serves. Ready means *this* process said it serves
+        (after binding): another process on the same port would answer /healthz too."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
         env["PYTHONUNBUFFERED"] = "1"
+        serving = f"watcher web: serving {self.url}/".encode()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -57,9 +61,10 @@ class WebServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"watcher web exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                ours = serving in self.log_path.read_bytes()[offset:]
+                if ours and httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return
-            except httpx.HTTPError:
+            except (OSError, httpx.HTTPError):
                 pass
             time.sleep(0.1)
         raise AssertionError(f"watcher web did not answer in {timeout}s:\n{self.log()}")

@@ -106,3 +106,39 @@ def test_the_daemon_does_not_import_the_web_stack() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+class TestTheTestsOwnServer:
+    """tests/support/web.py (the demo's and the integration tests' `watcher web`) must not
+    take another server on its port for its own: the demo printed another fleet's page as
+    its own when two demos started at once."""
+
+    def test_another_server_on_the_port_is_not_taken_for_it(self, tmp_path: Path) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from threading import Thread
+
+        from tests.support.web import WebServer
+
+        class Healthy(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        impostor = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+        Thread(target=impostor.serve_forever, daemon=True).start()
+        config = tmp_path / "w.yaml"
+        config.write_text(CONFIG)
+        server = WebServer(config, tmp_path / "web.log")
+        server.port = impostor.server_address[1]
+        server.url = f"http://127.0.0.1:{server.port}"
+        try:
+            with pytest.raises(AssertionError, match="address already in use"):
+                server.start(timeout=20)
+        finally:
+            server.stop()
+            impostor.shutdown()
+            impostor.server_close()
