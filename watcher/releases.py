@@ -847,7 +847,20 @@ class ReleaseEngine:
             )
         except ArchiveRefused as exc:
             self._remember_refusal(record, "archive", str(exc))
+            self._drop_cached(record, Path(archive_path))
             raise
+
+    def _drop_cached(self, record: ArtifactRecord, archive_path: Path) -> None:
+        """Remove the cache's verified copy of an archive this host refused: it can never
+        be staged under these limits (the refusal memory answers a second try without a
+        download), and status and the host record list the cache as prefetched. Only the
+        cache's own file, never a file a caller named."""
+        if self.cache is None or archive_path != self.cache.path_for(record):
+            return
+        try:
+            archive_path.unlink(missing_ok=True)
+        except OSError as exc:
+            self.log.warning("refused_artifact_kept", artifact=record.id, error=str(exc))
 
     def _make_tmp_dir(self, parent: Path, label: str) -> Path:
         """A private (0700, the daemon's own) directory to build a tree in.

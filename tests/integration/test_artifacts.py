@@ -19,6 +19,7 @@ from tests.support.s3server import free_port
 from watcher.artifacts import ArtifactCache
 from watcher.config import AppConfig, S3Settings
 from watcher.errors import (
+    ArchiveRefused,
     ArtifactError,
     ArtifactIntegrityError,
     ArtifactRefused,
@@ -530,6 +531,25 @@ class TestEngineOverS3:
         assert "sha256 mismatch" in str(again.value)
         assert len(proxy.requests) == asked  # not downloaded again
         assert engine.release_names() == []
+
+    def test_a_refused_archive_leaves_no_verified_copy_behind(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        """Bytes that match their sha256 but are no archive this host extracts: the copy in
+        the cache goes with the refusal (status and the host record list the cache as
+        "prefetched"), and the refusal memory still spares a second download."""
+        record, _ = publish(make_store(s3_settings), tmp_path)  # random bytes, not gzip
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        assert engine.app.prefetch == "extract"
+        with pytest.raises(ArchiveRefused, match="gzip"):
+            engine.prefetch(record)
+        assert dir_listing(cache) == []
+        asked = len(proxy.requests)
+        with pytest.raises(ArchiveRefused, match="was refused on this host"):
+            engine.prefetch(record)
+        assert len(proxy.requests) == asked
+        assert not any(engine.layout.prefetched_dir.iterdir())
 
     def test_cancelled_download_stops_and_resumes_later(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
