@@ -383,7 +383,7 @@ def _held_warning(
     held = {n: r.hold for n, r in (hosts or {}).items() if r.hold and n in record.expected}
     if not held:
         return ""
-    names = "; ".join(f"{n}: {ids.one_line(reason)}" for n, reason in sorted(held.items()))
+    names = "; ".join(f"{n}: {ids.one_line_short(why)}" for n, why in sorted(held.items()))
     return (
         f"held, by their last records: {names}. A held host refuses its part and the "
         f"{record.kind} aborts (`{command_line('release-hold', record.app)}` on the host "

@@ -148,6 +148,14 @@ def printable(text: str) -> str:
     return text.translate(_UNPRINTABLE)
 
 
+def one_line_short(text: str, limit: int = 200) -> str:
+    """``one_line``, cut after ``limit`` characters with the length said: for text another
+    host wrote (a hold's reason in its record) shown inside a message of our own."""
+    if len(text) <= limit:
+        return one_line(text)
+    return f"{one_line(text[:limit])}... ({len(text)} characters)"
+
+
 def one_line(text: str) -> str:
     """``printable``, and a newline escaped too: for a field shown on one line of a
     table or a progress list (an error, a reason), where one would start a forged line."""

@@ -186,6 +186,24 @@ class TestFreeText:
         assert args.reason == reason
 
 
+def test_a_hold_reason_from_a_host_record_is_shown_short_and_inert() -> None:
+    """A host's token writes its record: a 500 KB reason (or an escape) in it must not
+    become 500 KB of warning on the operator's terminal."""
+    from types import SimpleNamespace
+
+    from watcher.ctl_fleet import _held_warning
+    from watcher.records import HostRecord
+
+    hosts = {
+        "host-1": HostRecord(node="host-1", release=None, last_seen="", hold="x" * 500_000),
+        "host-2": HostRecord(node="host-2", release=None, last_seen="", hold="\x1b[2Jdisk"),
+    }
+    record = SimpleNamespace(expected=["host-1", "host-2"], kind="deploy", app="web")
+    warning = _held_warning(hosts, record, lambda *a: " ".join(a))  # type: ignore[arg-type]
+    assert len(warning) < 1000, len(warning)
+    assert f"host-1: {'x' * 200}... (500000 characters); host-2: \\x1b[2Jdisk" in warning
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"watcherctl {__version__}\n"
