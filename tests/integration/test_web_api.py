@@ -238,6 +238,8 @@ class TestDeployApiWithAcls:
             assert (
                 env.web_operator_who in decision["reason"] and "wrong build" in decision["reason"]
             )
+            # Who asked, once: the request names them, its reason is the operator's text.
+            assert decision["reason"].count(env.web_operator_who) == 1, decision["reason"]
             r = env.web.post(abort, {}, env.web_operator)
             assert r.status_code == 409 and "already decided" in error_of(r)
         finally:

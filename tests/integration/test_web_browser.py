@@ -245,7 +245,10 @@ class TestThePage:
             gate.touch()
         fleet.wait_idle()
         expect(newest.locator(".outcome")).to_contain_text("aborted", timeout=60_000)
-        expect(newest.locator(".outcome")).to_contain_text(f"aborted by {operator_who}")
+        # Who asked, once (the request names them; the reason does not repeat it).
+        expect(newest.locator(".outcome")).to_contain_text(f"abort requested by {operator_who}")
+        outcome_text = newest.locator(".outcome").inner_text()
+        assert outcome_text.count(operator_who) == 1, outcome_text
         assert set(fleet.currents().values()) == {first["release"]}
 
         # A phone: nothing wider than the screen but the scrolling tables.

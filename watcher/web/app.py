@@ -1055,8 +1055,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         check_deploy_id(deploy_id)
         caller = state.writer(request)
         store = state.store(name, caller.consul)
-        text = body.reason.strip() if body else ""
-        reason = f"aborted by {caller.requested_by}" + (f": {text}" if text else "")
+        # The request names who (``by``): every reader says "by WHO: WHY" from the two.
+        reason = body.reason.strip() if body else ""
         view = store.view(deploy_id)
         if view is None:
             raise ApiError(404, f"app {name}: no deploy {deploy_id}")
