@@ -36,7 +36,10 @@ _SHOWN = 48  # characters of a bad value shown in a message
 
 
 class InvalidName(PayloadError):
-    """An id or name that breaks its rule; the message states the rule."""
+    """An id or name that breaks its rule; the message states the rule. ``detail``: what
+    is wrong when the value looks right at a glance (a time that does not exist)."""
+
+    detail = ""
 
 
 def shown(value: object) -> str:
@@ -86,10 +89,12 @@ def check_release_input(value: object) -> str:
     try:
         datetime.strptime(stamp, "%Y%m%dT%H%M%SZ")
     except ValueError:
-        raise InvalidName(
-            f"invalid release name {shown(value)}: {stamp} is not a date and time "
-            f"(YYYYmmddTHHMMSSZ, UTC); must be {RELEASE_RULE}"
-        ) from None
+        detail = f"{stamp} is not a date and time (YYYYmmddTHHMMSSZ, UTC)"
+        error = InvalidName(
+            f"invalid release name {shown(value)}: {detail}; must be {RELEASE_RULE}"
+        )
+        error.detail = detail
+        raise error from None
     return name
 
 

@@ -181,6 +181,8 @@ class TestRefusedBeforeConsul:
         r = client.post("/api/v1/apps/web/rollbacks", json={"release": release})
         assert r.status_code == 422, r.text
         assert r.json()["error"].startswith(f"release: '{release}' is not a release name")
+        if release[0].isdigit():  # it looks right: the message says what is wrong
+            assert ": 20261399T000000Z is not a date and time" in r.json()["error"], r.text
 
     def test_consul_down_is_a_503_with_the_reason(self, client: TestClient) -> None:
         r = client.get("/api/v1/apps/web/fleet")

@@ -1169,8 +1169,11 @@ def valid(check: Callable[[object], str], value: str, field: str, what: str, rul
     """422 for a name that breaks its rule in watcher.ids, the rule in the message."""
     try:
         check(value)
-    except ids.InvalidName:
-        raise ApiError(422, f"{field}: {ids.shown(value)} is not {what} (must be {rule})") from None
+    except ids.InvalidName as exc:
+        detail = f": {exc.detail}" if exc.detail else ""
+        raise ApiError(
+            422, f"{field}: {ids.shown(value)} is not {what}{detail} (must be {rule})"
+        ) from None
 
 
 def check_deploy_id(deploy_id: str) -> None:
