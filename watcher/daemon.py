@@ -684,7 +684,12 @@ class Daemon:
             server = HealthServer(
                 self.config.daemon.listen, self.health.check, self.metrics, self.health.serving
             )
-            server.start()
+            try:
+                server.start()
+            except ConfigError as exc:  # said as every config error: the file, then the key
+                raise ConfigError(
+                    self.config.source, [f"{exc.source}: {p}" for p in exc.problems]
+                ) from None
         self.keeper = SessionKeeper(
             self.consul,
             self.node,

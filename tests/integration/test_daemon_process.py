@@ -156,6 +156,19 @@ class TestOneDaemonPerHost:
         assert f"already runs with {w.app_dir / '.state'}" in result.stderr, result.stderr
         assert not (tmp_path / "other-state" / "session.json").exists()
 
+        # Its own state and app, the first one's health port: said as a config error,
+        # the file first (exit 2: a restart cannot fix it).
+        data["daemon"]["listen"] = f"127.0.0.1:{port}"
+        data["apps"]["web"]["root"] = str(tmp_path / "other-root")
+        data["daemon"]["state_dir"] = str(tmp_path / "third-state")
+        third = tmp_path / "third.yaml"
+        third.write_text(yaml.safe_dump(data))
+        result = second(third)
+        assert result.returncode == 2, result
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"{third}: daemon.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+        ), result.stderr
+
         # The first daemon kept its session and its member key, and is healthy.
         again = fleet.kv.kv_get(member)
         assert again is not None and again.session == held.session
