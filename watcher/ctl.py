@@ -439,7 +439,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return code
     except WatcherError as exc:
         _traceback_if(args.debug)
-        if isinstance(exc, ConfigError) and len(exc.problems) > 1:
+        if isinstance(exc, ConfigError) and exc.source.startswith("watcherctl "):
+            # A command's own options (publish's, checked after argparse): as argparse says
+            # its errors, "watcherctl publish: error: ...".
+            for problem in exc.problems:
+                print(f"{exc.source}: error: {problem}", file=sys.stderr)
+        elif isinstance(exc, ConfigError) and len(exc.problems) > 1:
             for problem in exc.problems:
                 print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
         else:  # every command it suggests with the -c given

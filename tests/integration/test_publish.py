@@ -473,8 +473,12 @@ class TestPublishCommand:
             check=False,
         )
         assert result.returncode == 2
-        assert "--branch (or $BUILDKITE_BRANCH) is required" in result.stderr
-        assert "--commit (or $BUILDKITE_COMMIT) is required" in result.stderr
+        assert result.stderr.splitlines() == [
+            "watcherctl publish: error: --branch (or $BUILDKITE_BRANCH) is required without "
+            "--artifact-id",
+            "watcherctl publish: error: --commit (or $BUILDKITE_COMMIT) is required without "
+            "--artifact-id",
+        ], result.stderr
 
 
 class StallingS3:
