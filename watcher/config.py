@@ -1059,7 +1059,14 @@ def load_config(
     try:
         text = Path(source).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(source, ["no such file"]) from None
+        # A newcomer's first command runs without -c: say where the name came from.
+        if path:
+            missing = "no such file"
+        elif env.get("WATCHER_CONFIG"):
+            missing = "no such file (named by $WATCHER_CONFIG)"
+        else:
+            missing = "no such file (the default; give a config with -c FILE or $WATCHER_CONFIG)"
+        raise ConfigError(source, [missing]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(source, [f"cannot read: {reason}"]) from None

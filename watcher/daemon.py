@@ -1069,7 +1069,7 @@ class Daemon:
 
 def run_daemon(config: Config, args: Any) -> int:
     """Entry point of `watcher run`."""
-    daemon = Daemon(config, config_path=getattr(args, "config", None))
+    daemon = Daemon(config, config_path=getattr(args, "config", None) or config.source)
     code = daemon.run()
     # Every state write is atomic and the session is settled, so nothing is lost by not
     # joining a prefetch download still in progress (a partial download resumes later).

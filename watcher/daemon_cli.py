@@ -12,17 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from watcher import __version__
-from watcher.config import DEFAULT_PATH, Config, load_config
+from watcher.config import Config, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.log import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-
-def _default_config_path() -> str:
-    return os.environ.get("WATCHER_CONFIG") or str(DEFAULT_PATH)
 
 
 def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -188,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("watcher: error: name a COMMAND (above)", file=sys.stderr)
         return EXIT_CONFIG
     args = parser.parse_args(argv)
-    if args.config is None:
-        args.config = _default_config_path()
+    # args.config None: load_config takes $WATCHER_CONFIG or the default itself, and says
+    # which when the file is missing.
     _configure_logging(args)
     command = COMMANDS[args.command]
     try:

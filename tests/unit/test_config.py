@@ -577,10 +577,20 @@ class TestFiles:
         assert problem.startswith("line 5, column 3: ")
         assert 'duplicate key "web"' in problem
 
-    def test_missing_file(self, tmp_path: Path) -> None:
+    def test_missing_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(tmp_path / "nope.yaml", env={})
         assert str(info.value) == f"{tmp_path / 'nope.yaml'}: no such file"
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={"WATCHER_CONFIG": str(tmp_path / "env.yaml")})
+        assert str(info.value).endswith("env.yaml: no such file (named by $WATCHER_CONFIG)")
+        monkeypatch.setattr("watcher.config.DEFAULT_PATH", tmp_path / "default.yaml")
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={})
+        assert str(info.value) == (
+            f"{tmp_path / 'default.yaml'}: no such file (the default; give a config with "
+            "-c FILE or $WATCHER_CONFIG)"
+        )
 
     def test_unreadable_file(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
