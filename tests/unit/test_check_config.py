@@ -15,6 +15,7 @@ import yaml
 
 from watcher import daemon_cli
 from watcher.config import (
+    DEFAULT_PATH,
     AppConfig,
     ConsulSettings,
     DaemonSettings,
@@ -229,10 +230,19 @@ class TestCheckConfig:
         out = capsys.readouterr().out
         assert out == f"{good}: OK (1 app: web)\n" * 3
 
-    def test_default_path_is_etc(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_default_path_is_etc(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         args = daemon_cli.build_parser().parse_args(["check-config"])
         assert args.config is None
-        assert daemon_cli._default_config_path() == "/etc/watcher/watcher.yaml"
+        assert str(DEFAULT_PATH) == "/etc/watcher/watcher.yaml"
+        monkeypatch.delenv("WATCHER_CONFIG", raising=False)
+        monkeypatch.setattr("watcher.config.DEFAULT_PATH", Path("/nonexistent/watcher.yaml"))
+        assert daemon_cli.main(["check-config"]) == 2
+        assert capsys.readouterr().err == (
+            "/nonexistent/watcher.yaml: no such file (the default; give a config with "
+            "-c FILE or $WATCHER_CONFIG)\n"
+        )
 
     def test_warnings_do_not_fail(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (tmp_path / "hook").write_text("#!/bin/sh\n")  # not executable
