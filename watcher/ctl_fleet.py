@@ -126,7 +126,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     # `abort DEPLOY` (the app is found) or `abort APP DEPLOY`, like every command that
     # takes an app first; the second positional is checked in cmd_abort.
-    p.add_argument("deploy", metavar="[APP] DEPLOY", type=deploy_id_argument)
+    p.add_argument(
+        "deploy",
+        metavar="[APP] DEPLOY",
+        type=deploy_id_argument,
+        help="the deploy's id (as `deploy` printed it, or from `history APP`), after its app "
+        "or alone",
+    )
     p.add_argument("second", nargs="?", type=deploy_id_argument, help=argparse.SUPPRESS)
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
     p.add_argument(

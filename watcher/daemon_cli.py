@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import importlib
 import os
 import pwd
@@ -104,6 +105,11 @@ def config_warnings(config: Config) -> list[str]:
                 pwd.getpwnam(app.user)
             except KeyError:
                 warnings.append(f'apps.{name}.user: no user "{app.user}" on this host')
+        if app.group:
+            try:
+                grp.getgrnam(app.group)
+            except KeyError:
+                warnings.append(f'apps.{name}.group: no group "{app.group}" on this host')
         for phase, commands in sorted(app.hooks.items()):
             for i, argv in enumerate(commands):
                 path = Path(argv[0])

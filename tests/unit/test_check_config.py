@@ -251,7 +251,8 @@ class TestCheckConfig:
         good.write_text(
             f"s3: {{bucket: b}}\ndaemon: {{session_ttl: 5s}}\n"
             f"apps:\n  web:\n    root: {tmp_path}/missing\n"
-            f"    user: no-such-user-xyz\n    hooks:\n      validate: [{tmp_path}/hook]\n"
+            f"    user: no-such-user-xyz\n    group: no-such-group-xyz\n"
+            f"    hooks:\n      validate: [{tmp_path}/hook]\n"
             f"      post_symlink: {tmp_path}/hooks.d\n"
         )
         assert daemon_cli.main(["check-config", "-c", str(good)]) == 0
@@ -263,6 +264,7 @@ class TestCheckConfig:
             "unless its servers set session_ttl_min lower",
             f"{good}: warning: apps.web.root: {tmp_path}/missing does not exist (yet)",
             f'{good}: warning: apps.web.user: no user "no-such-user-xyz" on this host',
+            f'{good}: warning: apps.web.group: no group "no-such-group-xyz" on this host',
             f"{good}: warning: apps.web.hooks.post_symlink[0]: {tmp_path}/hooks.d is a "
             "directory, not an executable file",
             f"{good}: warning: apps.web.hooks.validate[0]: {tmp_path}/hook is not executable",
