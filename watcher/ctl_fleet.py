@@ -269,9 +269,12 @@ def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
         view = view.checked()
         if view.decision is not None and view.decision.outcome == ABORT:
             return view.id, view.record.release
+        ended = view.outcome.result if view.outcome else view.verdict()
+        what = "rollback" if view.record.kind == "rollback" else "deploy"
         raise DeployRefused(
-            f"app {store.app}: the last deploy of {artifact_id} ({deploy_id}) "
-            "did not fail; nothing to resume"
+            f"app {store.app}: the last deploy of {artifact_id} ({what} {deploy_id}) ended "
+            f"{ended}, not aborted: only an aborted deploy is resumed (its staged trees "
+            "reused); deploy it again without --resume"
         )
     raise DeployRefused(f"app {store.app}: no failed deploy of {artifact_id} to resume")
 

@@ -959,6 +959,10 @@ class TestHold:
         fleet.wait_idle()
         rel2 = release_of(fleet, deploy_id)
         assert rel2 == summary["release"], "a resume reuses the release name"
+        # The last deploy of v2 committed: nothing to resume, and the refusal says why.
+        again = fleet.watchers[0].ctl("deploy", "web", v2.id, "--resume", check=False)
+        assert again.returncode == 4, again
+        assert f"(deploy {deploy_id}) ended committed, not aborted" in again.stderr, again.stderr
         assert fleet.currents() == all_on(fleet, rel2)
         # Once decided, a hold is allowed again.
         assert held.ctl_json("hold", "web")["hold"] is not None
