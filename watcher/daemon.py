@@ -30,7 +30,14 @@ from watcher.artifacts import ArtifactCache
 from watcher.barrier import DeployStore
 from watcher.config import Config, load_config
 from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
-from watcher.errors import ConfigError, ConsulError, LockTimeout, PayloadError, WatcherError
+from watcher.errors import (
+    ConfigError,
+    ConsulError,
+    ConsulUnavailable,
+    LockTimeout,
+    PayloadError,
+    WatcherError,
+)
 from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
 from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER, AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
@@ -819,7 +826,10 @@ class Daemon:
                 since = max(self.consul.last_answer, agent.status.undecided_since or 0.0)
                 self.health.waiting_for_decision(name, undecided, since=since)
                 return f"undecided in {undecided}: {exc}"
-            return f"consul unreachable: {exc}"
+            # Unreachable only when it did not answer: a refused request (an invalidated
+            # session, a token) came from a Consul that is there.
+            unreachable = isinstance(exc, ConsulUnavailable)
+            return f"consul {'unreachable' if unreachable else 'refused'}: {exc}"
         except WatcherError as exc:
             log.error("reconcile_failed", app=name, error=str(exc))
             return f"error: {exc}"

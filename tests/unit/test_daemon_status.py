@@ -6,12 +6,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from watcher.config import parse_config
 from watcher.daemon import STATUS_FILE, STATUS_MIN_INTERVAL, Daemon
+from watcher.errors import ConsulPermissionDenied, ConsulRequestError, ConsulUnavailable
 
 
 @dataclass
@@ -120,3 +122,28 @@ class TestStatusFile:
         daemon._write_status()
         data = json.loads((daemon.state_dir / STATUS_FILE).read_text())
         assert data["healthy"] is True
+
+
+class TestCycleLine:
+    """What a cycle's log line says when Consul fails: unreachable only when it did not
+    answer (a refused request came from a Consul that is there)."""
+
+    @pytest.mark.parametrize(
+        ("error", "said"),
+        [
+            (ConsulUnavailable("cannot reach Consul at http://127.0.0.1:8500"), "unreachable"),
+            (ConsulRequestError('Consul refused: invalid session "abc"'), "refused"),
+            (ConsulPermissionDenied("ACL not found"), "refused"),
+        ],
+    )
+    def test_the_label_follows_the_error(
+        self, daemon: Daemon, error: Exception, said: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        agent = SimpleNamespace(app=SimpleNamespace(name="web"), undecided_deploy=lambda: None)
+
+        def fail(_: Any) -> Any:
+            raise error
+
+        monkeypatch.setattr(daemon, "_ensure_member", fail)
+        line = daemon._reconcile(agent)  # type: ignore[arg-type]
+        assert line == f"consul {said}: {error}"
