@@ -1283,7 +1283,14 @@ def _human_status(data: dict[str, Any]) -> str:
         for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
             lines.append(f"  downloading {artifact}: {_progress(got)}")
         dep = a.get("deploy")
-        if a.get("fleet_error"):
+        undecided = a.get("undecided")
+        if a.get("fleet_error") and isinstance(undecided, dict) and undecided.get("deploy"):
+            # What this host's daemon knows without Consul: it is the partitioned one.
+            lines.append(
+                f"  deploy      {ids.one_line(str(undecided['deploy']))}: this host UNDECIDED "
+                f"(acked ready, cannot read the decision); the rest unknown ({a['fleet_error']})"
+            )
+        elif a.get("fleet_error"):
             lines.append(f"  deploy      unknown ({a['fleet_error']})")
         elif dep and dep.get("problem"):
             lines.append(f"  deploy      {_human_inflight_problem(dep)}")

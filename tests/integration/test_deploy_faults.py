@@ -583,6 +583,8 @@ class TestPartition:
         web = status["apps"]["web"]
         assert web["undecided"]["deploy"] == deploy_id, web
         assert web["current"] != release
+        human = victim.ctl("status", as_json=False, check=False).stdout
+        assert f"  deploy      {deploy_id}: this host UNDECIDED (acked ready" in human, human
 
         cluster.reconnect(victim.agent)
         wait_for(lambda: victim.current() == release, 60, "victim converged", fleet)
