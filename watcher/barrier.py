@@ -31,7 +31,7 @@ from watcher.errors import (
     PayloadError,
     RollbackTargetUnknown,
 )
-from watcher.ids import shown
+from watcher.ids import one_line_short, shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -1896,7 +1896,11 @@ class DeployStore:
                 return "exists"
             entry = self.consul.kv_get(self.keys.events_seen)
             raw = entry.value.decode(errors="replace").strip() if entry and entry.value else ""
-            seen = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 20 else 0
+            number = raw.isascii() and raw.isdigit() and len(raw) < 20
+            seen = int(raw) if number else 0
+            if raw and not number:
+                # Read as 0 (no event is history) and written over below: said, not silent.
+                log.warning("events_seen_unreadable", value=one_line_short(raw, 80))
             if max_ltime and seen > max_ltime:
                 # Above every LTime this host has seen: a value no event could have set.
                 log.error("events_seen_ignored", value=seen, highest_seen=max_ltime)

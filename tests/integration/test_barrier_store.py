@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
@@ -145,6 +146,29 @@ class TestRawEvents:
         assert handle(b, "b") == "exists"
         outcome = store.outcome(event_id)
         assert outcome is not None and "unknown artifact main-deadbeef" in outcome.reason
+
+    def test_an_events_seen_that_is_no_number_is_said_and_written_over(
+        self, store: DeployStore
+    ) -> None:
+        member(store, "a")
+        store.consul.kv_put(store.keys.events_seen, b"abc")
+        with capture_logs() as logs:
+            result = store.start_from_event(
+                event_id="5b1e0f6a-3c2d-4e5f-8a9b-0c1d2e3f4a5b",
+                ltime=3,
+                kind="deploy",
+                artifact_id="main-deadbeef",
+                release=None,
+                by="a",
+                prepare_timeout=60,
+                apply_timeout=60,
+                history_keep=10,
+            )
+        assert result == "unknown artifact"  # acted on, not taken for history
+        said = [e for e in logs if e["event"] == "events_seen_unreadable"]
+        assert said and said[0]["value"] == "abc", logs
+        entry = store.consul.kv_get(store.keys.events_seen)
+        assert entry is not None and entry.value == b"3"
 
 
 class TestAcks:
