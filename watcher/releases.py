@@ -610,7 +610,8 @@ class ReleaseEngine:
             self._write_refusals(entries)
         return True
 
-    def _remember_refusal(self, record: ArtifactRecord, kind: str, reason: str) -> None:
+    def _remember_refusal(self, record: ArtifactRecord, kind: str, reason: str) -> bool:
+        """Keep the refusal in ``.state/refused.json``; False when it could not be saved."""
         entry = Refusal(
             sha256=record.sha256,
             artifact=record.id,
@@ -629,10 +630,11 @@ class ReleaseEngine:
                 self._write_refusals(entries)
         except OSError as exc:  # the refusal itself still reaches the caller
             self.log.error("artifact_refusal_not_saved", artifact=record.id, error=str(exc))
-            return
+            return False
         self.log.warning(
             "artifact_refused", artifact=record.id, sha256=record.sha256, kind=kind, reason=reason
         )
+        return True
 
     def _limits_key(self, fmt: str) -> str:
         lim = self.app.limits
@@ -846,8 +848,10 @@ class ReleaseEngine:
                 progress=progress,
             )
         except ArchiveRefused as exc:
-            self._remember_refusal(record, "archive", str(exc))
-            self._drop_cached(record, Path(archive_path))
+            if self._remember_refusal(record, "archive", str(exc)):
+                # Not when the memory could not be saved: every later try would download
+                # the whole artifact again to refuse it again.
+                self._drop_cached(record, Path(archive_path))
             raise
 
     def _drop_cached(self, record: ArtifactRecord, archive_path: Path) -> None:

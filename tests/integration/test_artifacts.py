@@ -551,6 +551,23 @@ class TestEngineOverS3:
         assert len(proxy.requests) == asked
         assert not any(engine.layout.prefetched_dir.iterdir())
 
+    def test_a_refusal_that_cannot_be_remembered_keeps_the_verified_copy(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        """Without the memory (its file cannot be written), the copy is what spares every
+        later try a download of the whole artifact."""
+        record, _ = publish(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        engine.layout.refused_file.mkdir(parents=True)  # not a file: cannot be written
+        with pytest.raises(ArchiveRefused, match="gzip"):
+            engine.prefetch(record)
+        assert dir_listing(cache) == [cache.file_name(record)]
+        asked = len(proxy.requests)
+        with pytest.raises(ArchiveRefused, match="gzip"):
+            engine.prefetch(record)
+        assert len(proxy.requests) == asked  # judged again from the copy, not downloaded
+
     def test_cancelled_download_stops_and_resumes_later(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
     ) -> None:
