@@ -482,7 +482,7 @@ class AppAgent:
                     except (PayloadError, KeyError, TypeError, ValueError):
                         create_index = 0
                     current, over = self.store.end_seen(
-                        deploy_id, create_index, str(journal.get("established"))
+                        deploy_id, create_index, str(journal.get("established")), node=self.node
                     )
                     fleet_on = current[0].deploy if current[0] else None
                     if fleet_on != deploy_id and not over:

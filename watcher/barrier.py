@@ -1594,7 +1594,7 @@ class DeployStore:
         # rollbacks need it), nor the deploy it named before (an automatic rollback started
         # here goes there; a plain one later goes to what `current.previous` will name).
         protected = self._protected(pre.current)
-        if verdict.outcome == COMMIT and (nxt := self._next_current(joined, pre)) is not None:
+        if verdict.outcome == COMMIT and (nxt := self._next_current(joined, pre, by)) is not None:
             ops += [TxnOp.cas(self.keys.current, nxt.to_json(), pre.current_index)]
             protected = self._protected(nxt) | ({pre.current.deploy} if pre.current else set())
         # Only this deploy: an automatic rollback enters the history at its own end (the
@@ -1650,7 +1650,7 @@ class DeployStore:
             history_e.modify_index if history_e else 0,
         )
 
-    def _next_current(self, joined: Joined, pre: EndRead) -> CurrentRecord | None:
+    def _next_current(self, joined: Joined, pre: EndRead, node: str) -> CurrentRecord | None:
         """What the readers' cache ``current`` becomes once ``joined`` commits; None when it
         already names it or a deploy with a higher CreateIndex. ``previous`` moves only when
         the release changes: redeploying the live release keeps the one a rollback goes to."""
@@ -1659,11 +1659,8 @@ class DeployStore:
         if old is not None and old.deploy == request.id:
             return None
         if old is not None and _overtaken(old, joined.create_index):
-            # ``current`` claims a deploy later than this one: true only if that deploy's
-            # acks say so (the CreateIndex written in it is any host's word, DESIGN.md
-            # 6.4.6; a forged high one must not keep every later end from writing it anew).
-            acked = self.committed(old.deploy)
-            if acked is not None and acked.create_index > joined.create_index:
+            later, acked = self._later_by_acks(old, joined.create_index, node)
+            if later:
                 return None  # later indeed (what else it says, status reports)
             log.error(
                 "current_not_trusted",
@@ -1690,6 +1687,21 @@ class DeployStore:
             digest=joined.digest,
             previous=previous,
         )
+
+    def _later_by_acks(
+        self, current: CurrentRecord, create_index: int, node: str
+    ) -> tuple[bool, Joined | None]:
+        """Whether ``current`` names a committed deploy later than the one of
+        ``create_index``, by that deploy's acks, and the deploy as they give it. The
+        CreateIndex written in ``current`` is any host's word (DESIGN.md 6.4.6): a forged
+        high one must not keep every later end from writing ``current``, nor make a host
+        take its deploy for over. Reads only when ``current`` claims to be later (a deploy
+        that ended after a newer one, or a forged record); as ``node`` (a deploy one host
+        made for itself alone commits nothing for the others, 6.4.5)."""
+        if not _overtaken(current, create_index):
+            return False, None
+        acked = self.committed(current.deploy, node=node)
+        return acked is not None and acked.create_index > create_index, acked
 
     def _auto_rollback(
         self, joined: Joined, verdict: Verdict, *, by: str
@@ -1855,7 +1867,7 @@ class DeployStore:
         return ok
 
     def end_seen(
-        self, deploy_id: str, create_index: int, established: str
+        self, deploy_id: str, create_index: int, established: str, *, node: str = ""
     ) -> tuple[tuple[CurrentRecord | None, int], bool]:
         """``current()`` and whether this host may take ``deploy_id`` (which it established
         as ``established``) for over, in one consistent read: its end is written
@@ -1863,9 +1875,9 @@ class DeployStore:
         all of these in one txn, so a host that saw ``inflight`` go learns it in one
         request; an outcome record alone is not the end (any host's token writes one)."""
         pre, outcome_index = self._end_read_with_outcome(deploy_id)
-        over = (pre.current is not None and _overtaken(pre.current, create_index)) or (
-            outcome_index > 0 and self._end_written(deploy_id, create_index, established, pre)
-        )
+        over = (
+            pre.current is not None and self._later_by_acks(pre.current, create_index, node)[0]
+        ) or (outcome_index > 0 and self._end_written(deploy_id, create_index, established, pre))
         return (pre.current, pre.current_index), over
 
     def outcome(self, deploy_id: str) -> Outcome | None:

@@ -365,6 +365,32 @@ class TestHistory:
         assert store.ack("d0", "n1")[0] is None
         assert store.ack("d3", "n1")[0] is not None
 
+    def test_a_late_end_leaves_current_on_the_later_deploy(self, store: DeployStore) -> None:
+        """Deploy A commits, someone deletes ``inflight`` before A's end, B commits and
+        ends; A's end, written late, must not point ``current`` back at A (B is later by
+        its acks), and a host done with A takes it for over."""
+        s = member(store, "n1")
+        store.consul.kv_delete(store.keys.inflight)
+        a = start_deploy(store, "da", {"n1": s}, artifact("main-0000000a"))
+        assert ack(store, a, "n1", READY, s)
+        assert store.establish(a).outcome == COMMIT
+        store.consul.kv_delete(store.keys.inflight)  # by hand, before A's end
+        b = start_deploy(store, "db", {"n1": s}, artifact("main-0000000b"))
+        assert b.create_index > a.create_index
+        assert ack(store, b, "n1", READY, s)
+        assert store.end(
+            b, store.establish(b), by="n1", history_keep=10, on_validate_failure="rollback"
+        )[0]
+        ended, _, result = store.end(
+            a, store.establish(a), by="n1", history_keep=10, on_validate_failure="rollback"
+        )
+        assert ended and result == "committed"
+        current, _ = store.current()
+        assert current is not None and current.deploy == "db", current
+        assert store.check_current(current) == {}
+        (_, _), over = store.end_seen("da", a.create_index, COMMIT, node="n1")
+        assert over
+
     def test_acks_current_and_current_previous_name_are_never_trimmed(
         self, store: DeployStore
     ) -> None:
