@@ -269,8 +269,13 @@ def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
         view = view.checked()
         if view.decision is not None and view.decision.outcome == ABORT:
             return view.id, view.record.release
-        ended = view.outcome.result if view.outcome else view.verdict()
         what = "rollback" if view.record.kind == "rollback" else "deploy"
+        if view.outcome is None and view.verdict() == UNDECIDED:
+            raise DeployRefused(
+                f"app {store.app}: the last deploy of {artifact_id} ({what} {deploy_id}) is "
+                "still in flight: nothing to resume (follow it with `history`, or abort it)"
+            )
+        ended = view.outcome.result if view.outcome else view.verdict()
         raise DeployRefused(
             f"app {store.app}: the last deploy of {artifact_id} ({what} {deploy_id}) ended "
             f"{ended}, not aborted: only an aborted deploy is resumed (its staged trees "
@@ -1283,7 +1288,8 @@ def _human_status(data: dict[str, Any]) -> str:
         for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
             lines.append(f"  downloading {artifact}: {_progress(got)}")
         dep = a.get("deploy")
-        undecided = a.get("undecided")
+        # Only from a running daemon: a stopped one's last status.json is history.
+        undecided = a.get("undecided") if d.get("running") else None
         if a.get("fleet_error") and isinstance(undecided, dict) and undecided.get("deploy"):
             # What this host's daemon knows without Consul: it is the partitioned one.
             lines.append(

@@ -33,6 +33,7 @@ from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import (
     ConfigError,
     ConsulError,
+    ConsulTLSError,
     ConsulUnavailable,
     LockTimeout,
     PayloadError,
@@ -240,6 +241,12 @@ class SessionKeeper(threading.Thread):
             except Exception as exc:  # ConsulError, or anything: the keeper must not die
                 self.metrics.session_renew_failures.inc()
                 log.warning("session_renew_failed", error=str(exc))
+                if (
+                    isinstance(exc, ConsulError)
+                    and self.session_id is not None
+                    and self.health.renewal_failed(exc.started_at or time.monotonic())
+                ):
+                    self.on_change()  # the loop rewrites status.json: `status` shows it
                 if self.session_id is None:
                     # /health and `watcherctl status` say why this host cannot join (Consul
                     # refusing the TTL or the token), not only "no session yet".
@@ -799,6 +806,7 @@ class Daemon:
 
     def _reconcile(self, agent: AppAgent) -> str:
         name = agent.app.name
+        started = time.monotonic()
         try:
             members = self._ensure_member(agent)
             keys = agent.store.keys
@@ -812,6 +820,8 @@ class Daemon:
                 watched={k: v for k, v in seen.items() if v is not _MISSING},
             )
             self.health.decision_read(name)
+            waiting = agent.status.undecided_since
+            self.health.ready_waiting(name, agent.status.deploy if waiting else None, waiting)
             self._watch_deploy(agent)
             self.metrics.read_current_release(name, agent.engine.current_release)
             return outcome
@@ -819,17 +829,25 @@ class Daemon:
             self.metrics.consul_errors.labels(op="reconcile").inc()
             undecided = agent.undecided_deploy()
             if undecided:
-                # Counted from the agent's last answer, not from this error: a paused or
-                # cut-off agent answers nothing until each request's timeout (consul.timeout,
-                # and retries), which would add itself to undecided_after. Not before this
-                # host was waiting, though.
-                since = max(self.consul.last_answer, agent.status.undecided_since or 0.0)
+                # Counted from when this attempt to read began (this reconcile, or the
+                # failing call if earlier), not from its error: a paused or cut-off agent
+                # answers nothing until each call's timeout (consul.timeout and retries, and
+                # a reconcile may wait out more than one), which would add itself to
+                # undecided_after. Not before this host was waiting, though.
+                began = min(started, exc.started_at or started)
+                since = max(began, agent.status.undecided_since or 0.0)
                 self.health.waiting_for_decision(name, undecided, since=since)
                 return f"undecided in {undecided}: {exc}"
             # Unreachable only when it did not answer: a refused request (an invalidated
             # session, a token) came from a Consul that is there.
-            unreachable = isinstance(exc, ConsulUnavailable)
-            return f"consul {'unreachable' if unreachable else 'refused'}: {exc}"
+            said = (
+                "unreachable"
+                if isinstance(exc, ConsulUnavailable)
+                else "TLS failed"
+                if isinstance(exc, ConsulTLSError)
+                else "refused"
+            )
+            return f"consul {said}: {exc}"
         except WatcherError as exc:
             log.error("reconcile_failed", app=name, error=str(exc))
             return f"error: {exc}"

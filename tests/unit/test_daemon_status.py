@@ -13,7 +13,12 @@ import pytest
 
 from watcher.config import parse_config
 from watcher.daemon import STATUS_FILE, STATUS_MIN_INTERVAL, Daemon
-from watcher.errors import ConsulPermissionDenied, ConsulRequestError, ConsulUnavailable
+from watcher.errors import (
+    ConsulPermissionDenied,
+    ConsulRequestError,
+    ConsulTLSError,
+    ConsulUnavailable,
+)
 
 
 @dataclass
@@ -134,6 +139,7 @@ class TestCycleLine:
             (ConsulUnavailable("cannot reach Consul at http://127.0.0.1:8500"), "unreachable"),
             (ConsulRequestError('Consul refused: invalid session "abc"'), "refused"),
             (ConsulPermissionDenied("ACL not found"), "refused"),
+            (ConsulTLSError("certificate verify failed"), "TLS failed"),
         ],
     )
     def test_the_label_follows_the_error(
