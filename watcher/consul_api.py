@@ -521,11 +521,6 @@ class _HTTPClient:
         self.base_uri = base_url
         self.default_timeout = timeout
         self.transport = Transport(host, port, scheme, verify=verify, cert=cert)
-        #: time.monotonic() of the agent's last answer that was not a server error (0:
-        #: none yet): how long Consul has not been readable through it (a paused agent keeps
-        #: connections open and answers nothing until each request's timeout; one cut off
-        #: from its servers answers 500s).
-        self.last_answer = 0.0
 
     def timeout(self, params: Any) -> tuple[float, float]:
         """(connect, read) seconds of the request being attempted in this thread."""
@@ -560,8 +555,6 @@ class _HTTPClient:
             connect_timeout=connect,
             read_timeout=read,
         )
-        if answer.status < 500:
-            self.last_answer = time.monotonic()
         content: str | bytes = answer.body if raw else answer.body.decode("utf-8", "replace")
         return _keeping_response(callback)(_Response(answer.status, answer.headers, content))
 
@@ -691,12 +684,6 @@ class ConsulClient:
         self._py: Any = None
 
     @property
-    def last_answer(self) -> float:
-        """``time.monotonic()`` of the agent's last answer (not a 5xx) to any request of
-        this client (0.0: none yet)."""
-        return self._http.last_answer
-
-    @property
     def _consul(self) -> Any:
         """py-consul's client on this client's transport, made on first use."""
         if self._py is None:
@@ -781,16 +768,23 @@ class ConsulClient:
         non-``idempotent`` write is retried only when the request surely did not reach
         Consul (connection refused, connect timeout) or Consul answered 429/5xx.
         """
-        deadline_at = time.monotonic() + self.retry_deadline
+        started = time.monotonic()
+        deadline_at = started + self.retry_deadline
         try:
-            return self._attempt(
-                call, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
+            try:
+                return self._attempt(
+                    call, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
+                )
+            except _Transient as exc:
+                first = exc
+            return self._retry(
+                call, first, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
             )
-        except _Transient as exc:
-            first = exc
-        return self._retry(
-            call, first, what=what, wait=wait, deadline_at=deadline_at, idempotent=idempotent
-        )
+        except ConsulError as exc:
+            # When the failing call began: a paused or cut-off agent answers nothing until
+            # the timeout, and that wait is part of how long Consul could not be read.
+            exc.started_at = exc.started_at or started
+            raise
 
     def _retry(
         self,

@@ -54,6 +54,10 @@ class ConfigError(WatcherError):
 class ConsulError(WatcherError):
     """Talking to Consul failed."""
 
+    #: ``time.monotonic()`` when the call that failed began (retries included; 0.0: not
+    #: known), set by ``ConsulClient``.
+    started_at: float = 0.0
+
 
 class ConsulUnavailable(ConsulError):
     """Consul could not be reached or answered with a server error."""

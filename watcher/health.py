@@ -213,6 +213,9 @@ class Metrics:
 class _Waiting:
     deploy_id: str
     since: float
+    #: Set from the session renewals failing (the loop had not tried to read yet): lifted
+    #: by the next renewal that succeeds, not only by the loop's next good read.
+    from_renewal: bool = False
 
 
 class HealthState:
@@ -242,6 +245,10 @@ class HealthState:
         self._session: str | None = None
         self._session_problem = "starting: no Consul session yet"
         self._waiting: dict[str, _Waiting] = {}
+        # Apps that acked ready and wait for the others, as the loop last read them: a host
+        # that only waits reads again on its watches' answers (or after WAIT_RECHECK), so a
+        # cut-off agent shows first in the session renewals, every TTL/2.
+        self._ready: dict[str, _Waiting] = {}
         self._alarms: dict[str, str] = {}
 
     def alarm(self, app: str, reason: str) -> None:
@@ -265,6 +272,46 @@ class HealthState:
     def session_ok(self, session_id: str) -> None:
         with self._lock:
             self._session, self._session_problem = session_id, ""
+            lifted = [a for a, w in self._waiting.items() if w.from_renewal]
+            for app in lifted:
+                del self._waiting[app]
+        if self._metrics is not None:
+            for app in lifted:
+                self._metrics.undecided.labels(app=app).set(0)
+
+    def ready_waiting(self, app: str, deploy_id: str | None, since: float | None = None) -> None:
+        """After a good read: ``app`` acked ready in ``deploy_id`` and waits for the others
+        (since ``since``), or (None) it does not."""
+        lifted = False
+        with self._lock:
+            if deploy_id is None:
+                self._ready.pop(app, None)
+                waiting = self._waiting.get(app)
+                if waiting is not None and waiting.from_renewal:
+                    del self._waiting[app]  # decided, or over for this host
+                    lifted = True
+            elif (w := self._ready.get(app)) is None or w.deploy_id != deploy_id:
+                self._ready[app] = _Waiting(deploy_id, since or self._clock())
+        if lifted and self._metrics is not None:
+            self._metrics.undecided.labels(app=app).set(0)
+
+    def renewal_failed(self, since: float) -> bool:
+        """A session renewal failed; the call began at ``since``. A host that waits for a
+        decision cannot read it either: undecided from then (or from when it began to wait),
+        without waiting for the loop's next read to time out as well. True when that started
+        a wait (status.json should say so)."""
+        started: list[str] = []
+        with self._lock:
+            for app, ready in self._ready.items():
+                if app not in self._waiting:
+                    self._waiting[app] = _Waiting(
+                        ready.deploy_id, max(since, ready.since), from_renewal=True
+                    )
+                    started.append(app)
+        if self._metrics is not None:
+            for app in started:
+                self._metrics.undecided.labels(app=app).set(1)
+        return bool(started)
 
     def session_lost(self, reason: str) -> None:
         with self._lock:
@@ -272,7 +319,7 @@ class HealthState:
 
     def waiting_for_decision(self, app: str, deploy_id: str, *, since: float = 0.0) -> None:
         """This host acked ready in ``deploy_id`` and cannot read the decision: since
-        ``since`` (the clock's time Consul last answered, when known), else since now."""
+        ``since`` (the clock's time the failing read began, when known), else since now."""
         with self._lock:
             current = self._waiting.get(app)
             if current is None or current.deploy_id != deploy_id:
@@ -282,9 +329,14 @@ class HealthState:
             self._metrics.undecided.labels(app=app).set(1)
 
     def decision_read(self, app: str) -> None:
-        """The decision of the app's deploy was read (or the deploy is over for this host)."""
+        """The loop's reconcile of the app went through without a Consul error. A wait the
+        renewals started stays: a host that only waits reconciles without reading KV (its
+        watches have not answered); the next good renewal or the deploy's end lifts it."""
         with self._lock:
-            self._waiting.pop(app, None)
+            waiting = self._waiting.get(app)
+            if waiting is None or waiting.from_renewal:
+                return
+            del self._waiting[app]
         if self._metrics is not None:
             self._metrics.undecided.labels(app=app).set(0)
 

@@ -335,9 +335,9 @@ class TestHealthState:
         assert state.check()[0]
         assert metrics.undecided.labels(app="web")._value.get() == 0
 
-    def test_undecided_counts_from_the_last_answer_when_given(self) -> None:
-        # The first error came 17 s after the agent last answered: the host has not been
-        # able to read the decision for 17 s, not for 0.
+    def test_undecided_counts_from_the_failing_read_s_start_when_given(self) -> None:
+        # The error came 17 s after the failing read began (a timeout): the host has not
+        # been able to read the decision for 17 s, not for 0.
         state, clock = self.make()
         state.session_ok("s")
         state.loop_cycle()
@@ -351,6 +351,36 @@ class TestHealthState:
         state.decision_read("web")
         state.waiting_for_decision("web", "d-2", since=clock.now + 5)  # not in the future
         assert state.check()[1]["waiting_for_decision"]["web"]["waiting_s"] == 0.0
+
+    def test_a_failing_renewal_makes_a_waiting_host_undecided(self) -> None:
+        """A host that only waits does not read KV until its watches answer: the session
+        renewals (every TTL/2) are the first to find its agent gone."""
+        metrics = Metrics()
+        state, clock = self.make(metrics)
+        state.session_ok("s")
+        state.loop_cycle()
+        state.ready_waiting("web", "d-1", since=clock.now)
+        clock.now += 40  # a long wait for a slow peer, Consul fine: healthy
+        assert state.check()[0]
+        # A renewal that began 5 s ago has just failed (a timeout): undecided from then.
+        assert state.renewal_failed(clock.now - 5)  # True: a wait started
+        assert metrics.undecided.labels(app="web")._value.get() == 1
+        assert state.check()[1]["waiting_for_decision"]["web"]["waiting_s"] == 5.0
+        clock.now += 26
+        state.loop_cycle()
+        state.decision_read("web")  # the loop's cycle without a read: still undecided
+        healthy, details = state.check()
+        assert not healthy and "undecided in deploy d-1 for 31s" in details["problems"][0]
+        state.session_ok("s")  # a renewal went through: Consul answers again
+        assert state.check()[0]
+        assert metrics.undecided.labels(app="web")._value.get() == 0
+        # Not before the host began to wait; and a decided deploy lifts it too.
+        state.ready_waiting("web", "d-2", since=clock.now)
+        assert state.renewal_failed(clock.now - 60)
+        assert state.check()[1]["waiting_for_decision"]["web"]["waiting_s"] == 0.0
+        state.ready_waiting("web", None)
+        assert state.check()[1]["waiting_for_decision"] == {}
+        assert not state.renewal_failed(clock.now)  # nothing waits: nothing starts
 
 
 class TestMetrics:
