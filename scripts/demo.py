@@ -257,7 +257,25 @@ Press Ctrl-C to stop everything.""", flush=True)
             s3.stop()
         if cluster is not None:
             cluster.stop()
+        kill_leftovers(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kill_leftovers(workdir: Path) -> None:
+    """SIGKILL what still runs with the work directory in its command line: a stop that
+    came while a process was being started (inside Popen, before its handle was kept)
+    leaves one that no stop() knows of. The directory is a fresh mkdtemp: nothing else
+    names it."""
+    mark = os.fsencode(str(workdir))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if mark in f.read():
+                    os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or not ours to read
 
 
 _stop_asked = False
