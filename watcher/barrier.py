@@ -2104,9 +2104,11 @@ def rollback_target(
             f"`watcherctl history {store.app}` lists them)"
         )
     what = f"release {release}" if release else "the previous release"
+    named = ", ".join(candidates[:5])
     raise DeployRefused(
-        f"app {store.app}: {what} was not committed by any deploy whose acks are still "
-        "in KV (the history keeps the last history_keep deploys)"
+        f"app {store.app}: {what} is named by deploy {named}, but the acks commit none of "
+        "them (aborted, contested, or acks trimmed with the history: it keeps the last "
+        "history_keep deploys); roll back to another release with --to"
     )
 
 

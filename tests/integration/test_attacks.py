@@ -561,6 +561,7 @@ class TestOneHostToken:
         assert "nosuchdeploy" in status["current_problems"]["previous"], status
         refused = acl_fleet.operator("rollback", "web", check=False)
         assert refused.returncode != 0, refused.stdout
+        assert "named by deploy nosuchdeploy, but the acks commit none" in refused.stderr
         assert releases_of(fleet) == {release2}
         next_deploy_works(acl_fleet, "v3")
 
