@@ -482,7 +482,11 @@ class AppAgent:
                     except (PayloadError, KeyError, TypeError, ValueError):
                         create_index = 0
                     current, over = self.store.end_seen(
-                        deploy_id, create_index, str(journal.get("established")), node=self.node
+                        deploy_id,
+                        create_index,
+                        str(journal.get("established")),
+                        node=self.node,
+                        first_index=self.first_index(),
                     )
                     fleet_on = current[0].deploy if current[0] else None
                     if fleet_on != deploy_id and not over:
@@ -673,6 +677,7 @@ class AppAgent:
             history_keep=self.config.daemon.history_keep,
             on_validate_failure=self.app.on_validate_failure,
             expired=True,
+            first_index=self.first_index(),
         )
         if ended:
             self._notify_end(joined, verdict, result)
@@ -1162,6 +1167,7 @@ class AppAgent:
             history_keep=self.config.daemon.history_keep,
             on_validate_failure=self.app.on_validate_failure,
             expired=past_apply,
+            first_index=self.first_index(),
         )
         if ended:
             self._notify_end(joined, verdict, result)

@@ -1514,10 +1514,12 @@ class DeployStore:
         history_keep: int,
         on_validate_failure: str,
         expired: bool = False,
+        first_index: int = 0,
     ) -> tuple[bool, str | None, str]:
         """Write the outcome, clear ``inflight`` if it still names this deploy (or, after a
         validate failure, point it at a fleet rollback), append to history and trim.
-        Returns (ended, rollback deploy id or None, the outcome's result)."""
+        Returns (ended, rollback deploy id or None, the outcome's result). ``first_index``:
+        the CreateIndex of ``by``'s first session (``committed``), when known."""
         request = joined.request
         acks = verdict.acks
         hosts = {
@@ -1594,7 +1596,10 @@ class DeployStore:
         # rollbacks need it), nor the deploy it named before (an automatic rollback started
         # here goes there; a plain one later goes to what `current.previous` will name).
         protected = self._protected(pre.current)
-        if verdict.outcome == COMMIT and (nxt := self._next_current(joined, pre, by)) is not None:
+        nxt = (
+            self._next_current(joined, pre, by, first_index) if verdict.outcome == COMMIT else None
+        )
+        if nxt is not None:
             ops += [TxnOp.cas(self.keys.current, nxt.to_json(), pre.current_index)]
             protected = self._protected(nxt) | ({pre.current.deploy} if pre.current else set())
         # Only this deploy: an automatic rollback enters the history at its own end (the
@@ -1650,7 +1655,9 @@ class DeployStore:
             history_e.modify_index if history_e else 0,
         )
 
-    def _next_current(self, joined: Joined, pre: EndRead, node: str) -> CurrentRecord | None:
+    def _next_current(
+        self, joined: Joined, pre: EndRead, node: str, first_index: int = 0
+    ) -> CurrentRecord | None:
         """What the readers' cache ``current`` becomes once ``joined`` commits; None when it
         already names it or a deploy with a higher CreateIndex. ``previous`` moves only when
         the release changes: redeploying the live release keeps the one a rollback goes to."""
@@ -1659,7 +1666,7 @@ class DeployStore:
         if old is not None and old.deploy == request.id:
             return None
         if old is not None and _overtaken(old, joined.create_index):
-            later, acked = self._later_by_acks(old, joined.create_index, node)
+            later, acked = self._later_by_acks(old, joined.create_index, node, first_index)
             if later:
                 return None  # later indeed (what else it says, status reports)
             log.error(
@@ -1689,18 +1696,19 @@ class DeployStore:
         )
 
     def _later_by_acks(
-        self, current: CurrentRecord, create_index: int, node: str
+        self, current: CurrentRecord, create_index: int, node: str, first_index: int = 0
     ) -> tuple[bool, Joined | None]:
         """Whether ``current`` names a committed deploy later than the one of
         ``create_index``, by that deploy's acks, and the deploy as they give it. The
         CreateIndex written in ``current`` is any host's word (DESIGN.md 6.4.6): a forged
         high one must not keep every later end from writing ``current``, nor make a host
         take its deploy for over. Reads only when ``current`` claims to be later (a deploy
-        that ended after a newer one, or a forged record); as ``node`` (a deploy one host
-        made for itself alone commits nothing for the others, 6.4.5)."""
+        that ended after a newer one, or a forged record); as ``node`` reads a commit it is
+        not expected in (6.4.5: a deploy one host made for itself alone commits nothing for
+        the others)."""
         if not _overtaken(current, create_index):
             return False, None
-        acked = self.committed(current.deploy, node=node)
+        acked = self.committed(current.deploy, node=node, first_index=first_index)
         return acked is not None and acked.create_index > create_index, acked
 
     def _auto_rollback(
@@ -1867,7 +1875,13 @@ class DeployStore:
         return ok
 
     def end_seen(
-        self, deploy_id: str, create_index: int, established: str, *, node: str = ""
+        self,
+        deploy_id: str,
+        create_index: int,
+        established: str,
+        *,
+        node: str = "",
+        first_index: int = 0,
     ) -> tuple[tuple[CurrentRecord | None, int], bool]:
         """``current()`` and whether this host may take ``deploy_id`` (which it established
         as ``established``) for over, in one consistent read: its end is written
@@ -1876,7 +1890,8 @@ class DeployStore:
         request; an outcome record alone is not the end (any host's token writes one)."""
         pre, outcome_index = self._end_read_with_outcome(deploy_id)
         over = (
-            pre.current is not None and self._later_by_acks(pre.current, create_index, node)[0]
+            pre.current is not None
+            and self._later_by_acks(pre.current, create_index, node, first_index)[0]
         ) or (outcome_index > 0 and self._end_written(deploy_id, create_index, established, pre))
         return (pre.current, pre.current_index), over
 
