@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,22 +35,30 @@ class Demo:
         return [line.strip() for line in lines[start + 1 : end] if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def demo(consul_bin: str, loopback_base: str) -> Iterator[Demo]:
-    """The demo as `make demo` runs it (from the repository, kept running), until it has
-    printed its follow-up commands; stopped with SIGTERM (what Ctrl-C does) afterwards."""
-    env = dict(os.environ, CONSUL_BIN=consul_bin, DEMO_LOOPBACK=loopback_base)
-    proc = subprocess.Popen(
+def start_demo(
+    consul_bin: str, loopback_base: str, preexec: Callable[[], object] | None = None
+) -> subprocess.Popen[str]:
+    """scripts/demo.py as `make demo` runs it, from the repository, in a session of its own."""
+    return subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "demo.py")],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=dict(os.environ, CONSUL_BIN=consul_bin, DEMO_LOOPBACK=loopback_base),
         start_new_session=True,
-        # as `make demo &` in a script starts it: a background job of a non-interactive
-        # shell inherits SIGINT ignored, and `kill -INT` must still stop it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=preexec,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(consul_bin: str, loopback_base: str) -> Iterator[Demo]:
+    """The demo as `make demo` runs it (from the repository, kept running), until it has
+    printed its follow-up commands; stopped with SIGTERM (what Ctrl-C does) afterwards."""
+    # as `make demo &` in a script starts it: a background job of a non-interactive shell
+    # inherits SIGINT ignored, and `kill -INT` must still stop it
+    proc = start_demo(
+        consul_bin, loopback_base, lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
     )
     running = Demo(proc)
     ready = threading.Event()
@@ -144,16 +152,7 @@ def test_sigterm_while_starting_stops_everything_with_exit_0(
     """`kill` (SIGTERM, what a script or systemd sends) is the stop asked for: exit 0, not
     130, and what was started so far is gone, its work directory too. After the test
     above, which freed the demo's addresses."""
-    env = dict(os.environ, CONSUL_BIN=consul_bin, DEMO_LOOPBACK=loopback_base)
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "demo.py")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    proc = start_demo(consul_bin, loopback_base)
     out: list[str] = []
     try:
         assert proc.stdout is not None
