@@ -1560,6 +1560,13 @@ class AppAgent:
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         self.engine.stage(artifact, rec.release, rec.id)
+                if not self.journal.has("post_release") and (
+                    failed := self._post_release_before_flip(joined, ctx)
+                ):
+                    # `current` stays where it is: the ack says so, convergence retries.
+                    timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
+                    self._applied(joined, started, FAILED_AFTER_COMMIT, failed, "", timings)
+                    return
                 moved_at = None
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     if self.engine.current_release() != rec.release:
@@ -1597,8 +1604,23 @@ class AppAgent:
             state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
+        self._applied(joined, started, state, error, tail, timings)
+
+    def _applied(
+        self,
+        joined: Joined,
+        started: float,
+        state: str,
+        error: str,
+        tail: str,
+        timings: dict[str, str],
+    ) -> None:
+        """The end of this host's apply: its live (or failed_after_commit) ack, with its
+        host record in the same txn, then the prune."""
+        rec = joined.request
         self.status.state = state
-        host = self._host_record(rec.release)  # the host record rides in the same txn
+        # The host record rides in the same txn; it names what `current` is on here.
+        host = self._host_record(self.engine.current_release())
         # The coordinator reads what the end needs in the same txn (the acks, the outcome,
         # inflight, current, history): it ends the deploy, or watches the others' acks from
         # this write on, with no read of its own.
@@ -1633,6 +1655,41 @@ class AppAgent:
             release=rec.release,
             took_ms=round((time.monotonic() - started) * 1000),
         )
+
+    def _post_release_before_flip(self, joined: Joined, ctx: HookContext) -> str:
+        """Run ``post_release`` on a tree this host did not run it on in this deploy, before
+        the flip, as convergence does; the error if it failed, else "".
+
+        Its ready ack says it ran, but its journal does not: it lost ``.state/`` after
+        acking, or another holder of its token acked in its name. Either way the release is
+        not what the other hosts checked until the hook has run here."""
+        rec = joined.request
+        if 0 < self._daemon_first_index() < joined.create_index:
+            # This watcher's state recorded a session before the request was made, and it
+            # journals a deploy before it acks in it: the ack is not its own, unless the
+            # journal was removed since.
+            self._report_once(
+                f"ack:{rec.id}",
+                "own_ack_not_journaled",
+                deploy=rec.id,
+                reason=(
+                    "a ready ack in this host's name that this watcher has no journal of: "
+                    "another holder of its token wrote it, or .state/ was removed"
+                ),
+            )
+        if not hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
+            self.engine.mark_post_release_done(rec.release)
+            self.journal.done("post_release")
+            return ""
+        self.log.warning("post_release_before_flip", deploy=rec.id, release=rec.release)
+        try:
+            self._run_hooks("post_release", ctx)
+        except HookError as exc:
+            self.log.error("post_release_failed_after_commit", deploy=rec.id, error=str(exc))
+            return f"post_release failed before the flip, current not moved: {exc}"
+        self.engine.mark_post_release_done(rec.release)
+        self.journal.done("post_release")
+        return ""
 
     def _abort(self, joined: Joined) -> None:
         rec = joined.request

@@ -636,6 +636,86 @@ class TestOneHostToken:
         slow_hook(fleet, "validate", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    @pytest.mark.parametrize("hook_fails", [False, True], ids=["hook-passes", "hook-fails"])
+    def test_a_ready_ack_in_a_stopped_hosts_name_runs_its_post_release_first(
+        self, acl_fleet: AclFleet, tmp_path: Path, hook_fails: bool
+    ) -> None:
+        """host-3's token acks ready in host-3's name (a copy of host-2's ready ack) while
+        host-3's watcher is stopped and has not read the request: the others commit. Its
+        watcher never ran ``post_release`` on that tree; it runs it before it flips (the
+        first version flipped without it) and reports the ack it did not write. If the
+        hook fails there, ``current`` stays where it was: the ack says
+        failed_after_commit, and the fleet rolls back as for a failing ``validate``."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        me = fleet.watchers[2]
+        ran, fail = tmp_path / "post_release.log", tmp_path / "fail"
+        for w in fleet.watchers:  # a hook that notes where `current` was when it ran
+            hook = tmp_path / f"post_release-{w.name}"
+            hook.write_text(
+                "#!/bin/sh\n"
+                f'echo "$WATCHER_DEPLOY_ID $(basename "$(readlink "$WATCHER_CURRENT")")" '
+                f">> {ran}.{w.name}\n"
+                f'test "$(cat {fail}.{w.name} 2>/dev/null)" != "$WATCHER_ARTIFACT"\n'
+            )
+            hook.chmod(0o755)
+            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+            w.stop()
+            w.start()
+        fleet.wait_members(len(fleet.watchers))
+        v2 = acl_fleet.publish("v2")
+        if hook_fails:  # on host-3, for v2 only
+            Path(f"{fail}.{me.name}").write_text(v2["id"])
+        x = host_client(acl_fleet, 2)
+        assert me.proc is not None
+        os.killpg(me.proc.pid, signal.SIGSTOP)
+        try:
+            proc = start_deploy_async(acl_fleet, v2["id"])
+            deploy_id = wait_request(fleet)
+            others = [w.name for w in fleet.watchers if w is not me]
+            wait_for(
+                lambda: all(ack_state(fleet, deploy_id, n) == "ready" for n in others),
+                30,
+                "the other hosts ready",
+                fleet,
+            )
+            keys = fleet.keys
+            theirs = fleet.kv.kv_get(keys.progress(deploy_id, others[-1]))
+            carried = fleet.kv.kv_get(keys.carried_request(deploy_id, others[-1]))
+            assert theirs is not None and carried is not None and carried.value
+            forged = replace(NodeProgress.from_json(theirs.value), node=me.name)
+            ops = [
+                TxnOp.set(keys.progress(deploy_id, me.name), forged.to_json()),
+                TxnOp.set(keys.carried_request(deploy_id, me.name), carried.value),
+            ]
+            assert x.txn(ops).ok
+            release2 = str(forged.release)
+        finally:
+            # Well within its session's TTL: the deploy's end waits for host-3's part.
+            os.killpg(me.proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=90)
+        result = json.loads(out)
+        fleet.wait_idle()
+        lines = Path(f"{ran}.{me.name}").read_text().splitlines()
+        # It ran on host-3 for this deploy, while `current` was still on v1.
+        assert f"{deploy_id} {release1}" in lines, lines
+        assert me.log_events("own_ack_not_journaled"), me.log_text()[-3000:]
+        flips = [e["release"] for e in me.log_events("release_flipped")]
+        if hook_fails:
+            assert result["result"] == "rolled_back", (out, err)
+            host = result["hosts"][me.name]
+            assert host["state"] == "failed_after_commit", host
+            assert "post_release failed before the flip" in host["error"], host
+            assert release2 not in flips, flips
+            assert fleet.wait_outcome(result["rollback_deploy"])["result"] == "committed"
+            fleet.wait_idle()
+            assert releases_of(fleet) == {release1}
+        else:
+            assert proc.returncode == 0 and result["result"] == "committed", (out, err)
+            assert release2 in flips, flips
+            assert releases_of(fleet) == {release2}
+        next_deploy_works(acl_fleet, "v3")
+
     def test_old_request_recreated_and_current_pointed_at_it(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
         _v1, first, _release1 = baseline(acl_fleet)
