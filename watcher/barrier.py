@@ -479,7 +479,13 @@ class DeployStore:
         return out
 
     def hosts(self) -> dict[str, HostRecord]:
+        return self.hosts_checked()[0]
+
+    def hosts_checked(self) -> tuple[dict[str, HostRecord], dict[str, str]]:
+        """The host records by node, and for each record that cannot be used (it does not
+        parse, or names another node), the node its key names and why."""
         out: dict[str, HostRecord] = {}
+        bad: dict[str, str] = {}
         entries, filtered = self.consul.kv_list_checked(self.keys.hosts_prefix)
         if filtered:  # a partial list would hide a known host that is down
             raise ConsulPermissionDenied(
@@ -498,12 +504,14 @@ class DeployStore:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
                 report_skipped(entry, str(exc), warning=True)
+                bad[node] = str(exc)
                 continue
             if record.node != node:
-                report_skipped(entry, f"host record names node {record.node!r}", warning=True)
+                bad[node] = f"{entry.key}: the record names node {record.node!r}"
+                report_skipped(entry, bad[node], warning=True)
                 continue
             out[node] = record
-        return out
+        return out, bad
 
     def artifact(self, artifact_id: str) -> ArtifactRecord | None:
         entry = self.consul.kv_get(self.keys.artifact(artifact_id))

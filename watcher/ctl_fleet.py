@@ -1326,13 +1326,13 @@ def _progress(got: Any) -> str:
 def fleet_status(store: DeployStore) -> dict[str, Any]:
     """Every member and known host of one app, the fleet's release and the deploy in flight."""
     members = store.members()
-    hosts = store.hosts()
+    hosts, unreadable = store.hosts_checked()
     fleet = fleet_release(store)
     current = fleet["current"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)
     rows = {}
-    for node in sorted(set(members) | set(hosts)):
+    for node in sorted(set(members) | set(hosts) | set(unreadable)):
         host = hosts.get(node)
         state = ""
         if view is not None:
@@ -1351,6 +1351,8 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
             "on_fleet_release": bool(host and current and host.release == current),
             "hold": host.hold if host else "",
             "prefetched": list(host.prefetched) if host else [],
+            # Why its host record was skipped: its row then says nothing of its release.
+            "record_problem": unreadable.get(node, ""),
         }
     return {
         **fleet,
@@ -1426,6 +1428,11 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             )
             if drift:
                 out.append("  * not on the fleet's release")
+            out += [
+                f"  UNREADABLE host record of {h['node']}: {h['record_problem']}"
+                for h in a["hosts"].values()
+                if h.get("record_problem")
+            ]
         return "\n".join(out)
 
     ctx.emit(data, lambda d: ctx.with_config(human(d)))

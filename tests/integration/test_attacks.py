@@ -194,6 +194,15 @@ def fleet_status(acl: AclFleet) -> dict[str, Any]:
     return app
 
 
+def human_fleet_status(acl: AclFleet) -> str:
+    """`watcherctl status --fleet` as a person reads it (the operator's token)."""
+    argv = [str(BIN / "watcherctl"), "status", "web", "--fleet", "-c", str(acl.operator_config)]
+    env = acl.fleet.watchers[0].env()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode in (0, 1), (result.stdout, result.stderr)
+    return result.stdout
+
+
 def history_row_or_none(acl: AclFleet, deploy_id: str) -> dict[str, Any] | None:
     """`watcherctl history` of one deploy, as an operator reads it."""
     rows = json.loads(acl.operator("history", "web").stdout)
@@ -875,6 +884,17 @@ class TestReadersOfHostRecords:
         assert rows["host-2"]["release"] == release1, rows
         assert rows["host-2"]["member"] is False, rows
         assert rows["host-3"]["release"] is None, rows  # its own record says nothing of it
+        # ... and its row says why, as does the table (it used to be a bare "-").
+        assert "the record names node 'host-2'" in rows["host-3"]["record_problem"], rows
+        assert rows["host-2"]["record_problem"] == "", rows
+        assert "UNREADABLE host record of host-3: " in human_fleet_status(acl_fleet)
+        assert x.kv_put(fleet.keys.host("host-3"), b"{not json")
+        rows = fleet_status(acl_fleet)["hosts"]
+        assert rows["host-3"]["release"] is None and rows["host-3"]["member"], rows
+        assert ": not JSON" in rows["host-3"]["record_problem"], rows
+        text = human_fleet_status(acl_fleet)
+        key = fleet.keys.host("host-3")
+        assert f"UNREADABLE host record of host-3: HostRecord at {key}: not JSON" in text, text
         v2 = acl_fleet.publish("v2")
         refused = acl_fleet.operator("deploy", "web", v2["id"], check=False)
         assert refused.returncode != 0, refused.stdout

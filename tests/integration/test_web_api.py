@@ -513,6 +513,18 @@ class TestDeployApiWithAcls:
             finally:
                 assert kv.kv_put(keys.outcome(deploy), outcome.value)
                 assert kv.kv_put(keys.progress(deploy, host), ack.value)
+        # Its own host record that does not parse: its row says so (it was a bare "-").
+        record = kv.kv_get(keys.host(host))
+        assert record is not None and record.value
+        assert kv.kv_put(keys.host(host), b"\xff not json")
+        try:
+            rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
+            assert "not JSON" in rows[host]["record_problem"] and rows[host]["member"], rows
+            page = env.web.get("/apps/web", env.reader)
+            assert page.status_code == 200, page.text
+            assert 'class="tag bad record-problem"' in page.text, page.text
+        finally:
+            assert kv.kv_put(keys.host(host), record.value)
 
 
 class TestNotOnLoopback:
