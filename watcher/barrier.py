@@ -78,8 +78,10 @@ TRIMMED_KEEP = 64
 # raw `deploy` event of an unknown artifact writes one, and anyone who may fire events
 # must not push the deploys, the targets of `rollback --to`, out of the history with them.
 REFUSALS_KEPT = 10
-# The reason of the abort decision such a refusal is written with, and how one is told.
+# The reasons of the abort decision such a refusal is written with, and how one is told:
+# an unknown artifact, or one whose record differs from its pin.
 UNKNOWN_ARTIFACT = "unknown artifact"
+REFUSED_ARTIFACT = "artifact refused"
 
 
 def new_deploy_id(now: datetime | None = None) -> str:
@@ -1797,8 +1799,8 @@ class DeployStore:
         return ops
 
     def _surplus_refusals(self, history: list[str], new: str, keep: int) -> list[str]:
-        """The oldest refusals of ``history`` (raw events of an unknown artifact: their
-        decision, written with the refusal, says so; they never started, and no host has
+        """The oldest refusals of ``history`` (raw events of an unknown or refused artifact:
+        their decision, written with the refusal, says so; they never started, and no host has
         an ack of them) past what the history lets them hold once ``new``, one more, is
         in it. One read of the listed ids' decisions (smaller than their outcomes, which
         carry a summary per host); only a refusal pays for it."""
@@ -1819,7 +1821,7 @@ class DeployStore:
             if (
                 decision is not None
                 and decision.outcome == ABORT
-                and decision.reason.startswith(f"{UNKNOWN_ARTIFACT} ")
+                and decision.reason.startswith((f"{UNKNOWN_ARTIFACT} ", f"{REFUSED_ARTIFACT}: "))
             ):
                 refused.append(deploy_id)
         surplus = len(refused) + 1 - allowed
@@ -1955,7 +1957,15 @@ class DeployStore:
                 else:
                     assert artifact_id is not None
                     found = self.artifact(artifact_id)
-                    if found is None:
+                    # Refused for what it names: a record with the reason, as for an
+                    # unknown artifact, so history and every host say why, not only the
+                    # host that read the event first.
+                    reason = (
+                        f"{UNKNOWN_ARTIFACT} {artifact_id}"
+                        if found is None
+                        else self._pin_refusal(found)
+                    )
+                    if found is None or reason:
                         now = utcnow()
                         ref = ReleaseRef(
                             release=release_name(now, artifact_id),
@@ -1974,7 +1984,7 @@ class DeployStore:
                             apply_timeout=apply_timeout,
                             now=now,
                         )
-                        refused = self._refused_ops(rec, f"{UNKNOWN_ARTIFACT} {artifact_id}", by)
+                        refused = self._refused_ops(rec, reason, by)
                         pre = self._end_read()
                         history = self._history_ops(
                             pre,
@@ -1983,9 +1993,8 @@ class DeployStore:
                             evict=self._surplus_refusals(pre.history, rec.id, history_keep),
                         )
                         if self.consul.txn([seen_op, *refused, *history]).ok:
-                            return "unknown artifact"
+                            return UNKNOWN_ARTIFACT if found is None else f"refused: {reason}"
                         continue
-                    self.check_pin(found)
                     target = found
             except (DeployRefused, PayloadError, ArtifactIntegrityError) as exc:
                 self.consul.kv_put(
@@ -2024,6 +2033,14 @@ class DeployStore:
                 )
                 return f"refused: {self._in_flight(inflight)}"
         return "lost race"
+
+    def _pin_refusal(self, record: ArtifactRecord) -> str:
+        """Why ``record`` may not be deployed (its sha256 is not the one pinned), or ""."""
+        try:
+            self.check_pin(record)
+        except ArtifactIntegrityError as exc:
+            return f"{REFUSED_ARTIFACT}: {exc}"
+        return ""
 
     def _refused_ops(self, rec: DeployRecord, reason: str, by: str) -> list[dict[str, Any]]:
         decision = Decision(outcome=ABORT, reason=reason, by=by, at=iso(utcnow()))

@@ -804,6 +804,16 @@ class TestOneHostToken:
         assert "f" * 64 in result.stdout + result.stderr
         fleet.wait_idle()
         assert releases_of(fleet) == {release1}
+        # A raw `deploy` event of it is refused too, with a record that history and every
+        # host show (it was only in the log of the host that read the event first).
+        event_id = acl_fleet.raw_deploy(v2["id"])
+        refused = fleet.wait_outcome(event_id)
+        assert refused["result"] == "refused", refused
+        assert refused["reason"].startswith("artifact refused: "), refused
+        assert "f" * 64 in refused["reason"], refused
+        assert history_row(acl_fleet, event_id)["result"] == "refused"
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release1}
         assert fleet.kv.kv_delete(fleet.keys.pin(v2["id"]))  # the admin (management token)
         deploy(acl_fleet, v2["id"])
 

@@ -26,6 +26,7 @@ from watcher.records import (
     ArtifactRecord,
     DeployRecord,
     NodeProgress,
+    PinRecord,
 )
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -428,24 +429,36 @@ class TestHistory:
         self, store: DeployStore
     ) -> None:
         """Anyone who may fire a `deploy` event writes a refusal into the history with an
-        artifact nobody published; a flood of them must cost only the oldest refusals
-        (their records deleted too), never the deploys `rollback --to` goes to."""
+        artifact nobody published, or one whose record differs from its pin; a flood of
+        them must cost only the oldest refusals (their records deleted too), never the
+        deploys `rollback --to` goes to."""
         keep = 12  # refusals may hold min(REFUSALS_KEPT, keep // 2) = 6 entries of it
         ids = self.deploy_n(store, 5, keep=keep)
         events = [f"0c7d3a32-5a3b-4a4e-9d3e-8b7c6a5f{i:04x}" for i in range(15)]
         for ltime, event_id in enumerate(events, start=1):
+            artifact_id = f"junk-{ltime:04x}"
+            if ltime % 2:  # published, then pinned to other bytes
+                record = artifact(artifact_id)
+                store.consul.kv_put(store.keys.artifact(artifact_id), record.to_json())
+                pin = PinRecord(
+                    artifact=artifact_id, url=record.url, size=record.size, sha256="f" * 64
+                )
+                store.consul.kv_put(store.keys.pin(artifact_id), pin.to_json())
             result = store.start_from_event(
                 event_id=event_id,
                 ltime=ltime,
                 kind="deploy",
-                artifact_id=f"junk-{ltime:04x}",
+                artifact_id=artifact_id,
                 release=None,
                 by="n1",
                 prepare_timeout=60,
                 apply_timeout=60,
                 history_keep=keep,
             )
-            assert result == "unknown artifact"
+            if ltime % 2:
+                assert result.startswith("refused: artifact refused: "), result
+            else:
+                assert result == "unknown artifact"
         history = store.history()
         assert [i for i in history if i in ids] == ids  # every deploy is still listed
         assert [i for i in history if i in events] == events[-6:]
