@@ -108,9 +108,11 @@ class SessionKeeper(threading.Thread):
         metrics: Metrics,
         on_change: Callable[[], None],
         give_up: Callable[[], bool] = lambda: False,
+        on_renew_failed: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="session", daemon=True)
         self.give_up = give_up
+        self.on_renew_failed = on_renew_failed
         self.consul = consul
         self.node = node
         self.ttl = ttl
@@ -251,6 +253,10 @@ class SessionKeeper(threading.Thread):
                     # /health and `watcherctl status` say why this host cannot join (Consul
                     # refusing the TTL or the token), not only "no session yet".
                     self.health.session_lost(f"no Consul session: {one_line(str(exc))}")
+                # The loop may itself wait out a call to the same agent: status.json must
+                # not lag /health by that long (it turns undecided by time, undecided_after
+                # past the first failure, with no other wake-up).
+                self.on_renew_failed()
                 self.stopping.wait(min(1.0, interval))
                 continue
             self.stopping.wait(interval)
@@ -489,6 +495,9 @@ class Daemon:
         self._status_at = -STATUS_MIN_INTERVAL  # the last rewrite of any kind
         self._status_held = False  # a change not written yet (STATUS_MIN_INTERVAL)
         self._status_said: tuple[Any, ...] = ()
+        # The loop writes status.json; the session keeper too, while renewals fail.
+        self._status_lock = threading.Lock()
+        self._status_closed = False
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
         self._signal_fd = -1  # the handlers' end of the pipe to the signal relay
@@ -713,6 +722,7 @@ class Daemon:
             self.metrics,
             self.wake,
             give_up=lambda: any(a.must_give_up_session() for a in self.agents.values()),
+            on_renew_failed=self._write_status,
         )
         self.keeper.start()
         handled = HandledEvents(self.config.daemon.handled_events_keep)
@@ -1015,7 +1025,13 @@ class Daemon:
         """``status.json`` for `watcherctl status`: rewritten when what it says of the apps,
         the health or the session changed (while a deploy runs, a change of the apps'
         states alone at most every STATUS_MIN_INTERVAL), and every STATUS_HEARTBEAT (its
-        ``updated_at`` tells a live daemon from a stale file); not for every cycle line."""
+        ``updated_at`` tells a live daemon from a stale file); not for every cycle line.
+        Called by the loop, and by the session keeper after a failed renewal."""
+        with self._status_lock:
+            if not self._status_closed:
+                self._write_status_locked(force=force)
+
+    def _write_status_locked(self, *, force: bool) -> None:
         healthy, details = self.health.check()
         apps = {}
         for name, agent in self.agents.items():
@@ -1079,7 +1095,8 @@ class Daemon:
         self._drain_webhooks()
         if server is not None:
             server.stop()
-        with contextlib.suppress(OSError):
+        with self._status_lock, contextlib.suppress(OSError):
+            self._status_closed = True  # no keeper's write after this
             (self.state_dir / STATUS_FILE).unlink()
         log.info("watcher_stopped")
 
