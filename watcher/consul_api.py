@@ -272,6 +272,21 @@ class _Transient(Exception):
         self.error = error
 
 
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+
+
+def go_duration(text: str) -> float:
+    """A Go ``time.Duration`` as Consul prints it (``1s``, ``1m30s``, ``500ms``, ``0s``) in
+    seconds; ValueError for anything else."""
+    if text in ("0", "0s"):
+        return 0.0
+    parts = _GO_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
+
+
 # Consul answers 500 for a few requests that will never succeed when repeated.
 _PERMANENT_500 = (
     "invalid session",
@@ -892,6 +907,16 @@ class ConsulClient:
             raise ConsulRequestError(
                 f"Consul at {self.address}: /v1/agent/self has no Config.NodeName"
             ) from exc
+
+    def agent_session_ttl_min(self) -> float | None:
+        """The agent's ``session_ttl_min`` in seconds (its ``DebugConfig``), None when it
+        does not say (another version's shape)."""
+        resp = self._direct("GET", "/v1/agent/self", what="agent self")
+        data = self._json(resp, "agent self")
+        try:
+            return go_duration(str(data["DebugConfig"]["SessionTTLMin"]))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def leader(self) -> str:
         """The raft leader's address, "" when the cluster has none."""

@@ -87,12 +87,46 @@ def _print_config_error(exc: ConfigError) -> None:
 CONSUL_SESSION_TTL_MIN = 10.0
 
 
-def config_warnings(config: Config) -> list[str]:
-    """Things that are valid but will not work on this host as it stands (warn, don't fail)."""
+#: How long `check-config` waits for the Consul agent when it asks it anything.
+AGENT_LOOK_TIMEOUT = 2.0
+
+
+def agent_session_ttl_min(config: Config) -> float | None:
+    """The ``session_ttl_min`` of the Consul agent the config names, None when it cannot
+    be asked (not running here, a token without agent read) or does not say."""
+    from dataclasses import replace
+
+    from watcher.consul_api import ConsulClient
+    from watcher.errors import ConsulError
+
+    settings = replace(config.consul, timeout=min(config.consul.timeout, AGENT_LOOK_TIMEOUT))
+    try:
+        client = ConsulClient(settings, retry_deadline=0)  # one attempt, nothing logged
+    except (ConsulError, OSError, ValueError):
+        return None
+    try:
+        return client.agent_session_ttl_min()
+    except (ConsulError, OSError):
+        return None
+    finally:
+        client.close()
+
+
+def config_warnings(config: Config, *, agent_ttl_min: float | None = None) -> list[str]:
+    """Things that are valid but will not work on this host as it stands (warn, don't fail).
+    ``agent_ttl_min``: the Consul agent's ``session_ttl_min``, when it could be asked."""
     warnings: list[str] = []
-    if config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN:
+    ttl = config.daemon.session_ttl
+    if agent_ttl_min is not None:
+        if ttl < agent_ttl_min:
+            warnings.append(
+                f"daemon.session_ttl: {ttl:g}s is below the session_ttl_min of the Consul "
+                f"agent at {config.consul.base_url} ({agent_ttl_min:g}s): it refuses such a "
+                'session ("Invalid Session TTL")'
+            )
+    elif ttl < CONSUL_SESSION_TTL_MIN:
         warnings.append(
-            f"daemon.session_ttl: {config.daemon.session_ttl:g}s is below Consul's default "
+            f"daemon.session_ttl: {ttl:g}s is below Consul's default "
             f"session_ttl_min ({CONSUL_SESSION_TTL_MIN:g}s): Consul refuses such a session "
             '("Invalid Session TTL") unless its servers set session_ttl_min lower'
         )
@@ -126,7 +160,11 @@ def config_warnings(config: Config) -> list[str]:
 def check_config(args: argparse.Namespace) -> int:
     """`watcher check-config`: every problem on stderr, one per line; exit 2 if any."""
     config = load_config(args.config)
-    for warning in config_warnings(config):
+    # A TTL below Consul's default minimum is fine where the agent allows it (the demo's,
+    # and any cluster that lowered it): ask the agent rather than warn on a guess.
+    short_ttl = config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN
+    agent_ttl_min = agent_session_ttl_min(config) if short_ttl else None
+    for warning in config_warnings(config, agent_ttl_min=agent_ttl_min):
         print(f"{config.source}: warning: {warning}", file=sys.stderr)
     names = ", ".join(sorted(config.apps))
     count = len(config.apps)

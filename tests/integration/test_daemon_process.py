@@ -263,3 +263,45 @@ class TestDownloadProgress:
             finally:
                 proxy.resume()
                 fleet.stop()
+
+
+class TestCheckConfigAsksTheAgent:
+    def test_a_short_ttl_is_checked_against_the_agents_own_minimum(
+        self, cluster: ConsulCluster, tmp_path: Path
+    ) -> None:
+        """The test agents (as the demo's) set session_ttl_min 1s: a 3 s session TTL is
+        fine there, and check-config no longer warns of Consul's default 10 s when the
+        agent it names says otherwise. An agent that does not answer: the warning stays."""
+        settings = cluster.hosts[0].consul_settings()
+        (tmp_path / "web").mkdir()
+
+        def check(address: str) -> subprocess.CompletedProcess[str]:
+            config = tmp_path / "w.yaml"
+            consul = {"address": address, **({"token": settings.token} if settings.token else {})}
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "consul": consul,
+                        "s3": {"bucket": "b"},
+                        "daemon": {"session_ttl": "3s"},
+                        "apps": {"web": {"root": str(tmp_path)}},
+                    }
+                )
+            )
+            return subprocess.run(
+                [str(BIN / "watcher"), "check-config", "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        answered = check(settings.address)
+        assert answered.returncode == 0, answered
+        assert answered.stderr == "", answered.stderr
+        with socket.socket() as unused:  # a port nothing listens on
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        silent = check(f"127.0.0.1:{port}")
+        assert silent.returncode == 0, silent
+        assert "is below Consul's default session_ttl_min (10s)" in silent.stderr, silent.stderr

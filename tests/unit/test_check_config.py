@@ -270,6 +270,22 @@ class TestCheckConfig:
             f"{good}: warning: apps.web.hooks.validate[0]: {tmp_path}/hook is not executable",
         ]
 
+    def test_the_ttl_is_checked_against_the_agents_minimum_when_known(self) -> None:
+        config = parse_config(
+            {
+                "s3": {"bucket": "b"},
+                "daemon": {"session_ttl": "3s"},
+                "apps": {"web": {"root": "/"}},
+            },
+            env={},
+        )
+        assert daemon_cli.config_warnings(config, agent_ttl_min=1.0) == []
+        assert daemon_cli.config_warnings(config, agent_ttl_min=5.0) == [
+            "daemon.session_ttl: 3s is below the session_ttl_min of the Consul agent at "
+            'http://127.0.0.1:8500 (5s): it refuses such a session ("Invalid Session TTL")'
+        ]
+        assert "Consul's default session_ttl_min (10s)" in daemon_cli.config_warnings(config)[0]
+
     def test_run_refuses_a_bad_config_before_anything_else(self, tmp_path: Path) -> None:
         bad = tmp_path / "w.yaml"
         bad.write_text("apps: {}\n")

@@ -23,6 +23,7 @@ from watcher.consul_api import (
     TxnOp,
     blocking_timeout,
     classify_response,
+    go_duration,
     is_transient_status,
     next_kv_index,
     request_counts,
@@ -36,6 +37,28 @@ from watcher.errors import (
 
 def b64(value: bytes) -> str:
     return base64.b64encode(value).decode()
+
+
+class TestGoDuration:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [
+            ("1s", 1.0),
+            ("0s", 0.0),
+            ("10s", 10.0),
+            ("1m30s", 90.0),
+            ("500ms", 0.5),
+            ("1h0m0s", 3600.0),
+            ("1.5s", 1.5),
+        ],
+    )
+    def test_what_consul_prints(self, text: str, seconds: float) -> None:
+        assert go_duration(text) == pytest.approx(seconds)
+
+    @pytest.mark.parametrize("text", ["", "1", "s", "1x", "1s ", "-1s", "1s2", "None"])
+    def test_anything_else_is_refused(self, text: str) -> None:
+        with pytest.raises(ValueError):
+            go_duration(text)
 
 
 class TestTxnOp:
