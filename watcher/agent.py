@@ -1564,8 +1564,11 @@ class AppAgent:
                     failed := self._post_release_before_flip(joined, ctx)
                 ):
                     # `current` stays where it is: the ack says so, convergence retries.
+                    error = f"post_release failed before the flip, current not moved: {failed}"
                     timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
-                    self._applied(joined, started, FAILED_AFTER_COMMIT, failed, "", timings)
+                    self._applied(
+                        joined, started, FAILED_AFTER_COMMIT, error, failed.output_tail, timings
+                    )
                     return
                 moved_at = None
                 with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -1656,9 +1659,9 @@ class AppAgent:
             took_ms=round((time.monotonic() - started) * 1000),
         )
 
-    def _post_release_before_flip(self, joined: Joined, ctx: HookContext) -> str:
+    def _post_release_before_flip(self, joined: Joined, ctx: HookContext) -> HookError | None:
         """Run ``post_release`` on a tree this host did not run it on in this deploy, before
-        the flip, as convergence does; the error if it failed, else "".
+        the flip, as convergence does; its error if it failed.
 
         Its ready ack says it ran, but its journal does not: it lost ``.state/`` after
         acking, or another holder of its token acked in its name. Either way the release is
@@ -1677,19 +1680,16 @@ class AppAgent:
                     "another holder of its token wrote it, or .state/ was removed"
                 ),
             )
-        if not hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
-            self.engine.mark_post_release_done(rec.release)
-            self.journal.done("post_release")
-            return ""
-        self.log.warning("post_release_before_flip", deploy=rec.id, release=rec.release)
-        try:
-            self._run_hooks("post_release", ctx)
-        except HookError as exc:
-            self.log.error("post_release_failed_after_commit", deploy=rec.id, error=str(exc))
-            return f"post_release failed before the flip, current not moved: {exc}"
+        if hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
+            self.log.warning("post_release_before_flip", deploy=rec.id, release=rec.release)
+            try:
+                self._run_hooks("post_release", ctx)
+            except HookError as exc:
+                self.log.error("post_release_failed_after_commit", deploy=rec.id, error=str(exc))
+                return exc
         self.engine.mark_post_release_done(rec.release)
         self.journal.done("post_release")
-        return ""
+        return None
 
     def _abort(self, joined: Joined) -> None:
         rec = joined.request

@@ -256,7 +256,10 @@ class SessionKeeper(threading.Thread):
                 # The loop may itself wait out a call to the same agent: status.json must
                 # not lag /health by that long (it turns undecided by time, undecided_after
                 # past the first failure, with no other wake-up).
-                self.on_renew_failed()
+                try:
+                    self.on_renew_failed()
+                except Exception as report_exc:  # a report must never stop the renewals
+                    log.warning("status_not_written", error=str(report_exc))
                 self.stopping.wait(min(1.0, interval))
                 continue
             self.stopping.wait(interval)
