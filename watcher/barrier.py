@@ -920,8 +920,9 @@ class DeployStore:
                 i for i in data.get("trimmed", []) if isinstance(i, str) and DEPLOY_ID_RE.match(i)
             ]
             return ids, trimmed
-        except (ValueError, KeyError, TypeError, AttributeError):
-            report_skipped(entry, "history is not valid JSON")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            # RecursionError: arrays nested thousands deep, which any host's token can write
+            report_skipped(entry, "history is not a JSON object with a list of deploy ids")
             return [], []
 
     def legacy_layout_found(self) -> bool:

@@ -425,6 +425,17 @@ class TestHistory:
         assert "d0" in acked_deploys(store, "n1")
         assert rollback_target(store, None).deploy == "d0"
 
+    def test_a_history_nested_thousands_deep_is_skipped_not_a_crash(
+        self, store: DeployStore
+    ) -> None:
+        """Any host's token may write ``history``: arrays nested 100,000 deep made every
+        host's join raise RecursionError, cycle after cycle, so no deploy could start."""
+        deep = b'{"deploys":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert store.consul.kv_put(store.keys.history, deep)
+        assert store.history() == []
+        read = store.join_read("20261205T000000Z-abcdef", "n1")
+        assert read.request is None and not read.ended
+
     def test_raw_events_of_unknown_artifacts_never_push_the_deploys_out(
         self, store: DeployStore
     ) -> None:
