@@ -234,6 +234,8 @@ class Document:
             if isinstance(raw, bytes | bytearray):
                 raw = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads
             data = _DECODER.decode(raw)
+            if _SURROGATE_HINT.search(raw):
+                data = _scrub(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PayloadError(f"{label}: not JSON ({exc})") from None
         except RecursionError:
@@ -275,6 +277,25 @@ def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+# A lone surrogate (an escape such as "\ud800" without its pair, or one in the bytes) is
+# not text: a page or a JSON answer holding one cannot be sent as UTF-8 (500). The hint
+# finds the documents that may hold one; the decoder joins escaped pairs, so any surrogate
+# left in a decoded string is lone and becomes U+FFFD. A host's own error messages can
+# carry one (a path that is not UTF-8), so they are replaced, not refused.
+_SURROGATE_HINT = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\N{REPLACEMENT CHARACTER}", value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
     return value
 
 

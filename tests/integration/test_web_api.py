@@ -523,8 +523,24 @@ class TestDeployApiWithAcls:
             page = env.web.get("/apps/web", env.reader)
             assert page.status_code == 200, page.text
             assert 'class="tag bad record-problem"' in page.text, page.text
+            # A lone surrogate in its hold (and in its ack's error): no longer a 500.
+            lone = json.loads(record.value)
+            lone["hold"] = "HOLD-\ud800"
+            assert kv.kv_put(keys.host(host), json.dumps(lone).encode())
+            forged_ack = {**json.loads(ack.value), "error": "bad \udcff path"}
+            assert kv.kv_put(keys.progress(deploy, host), json.dumps(forged_ack).encode())
+            for path in (
+                "/api/v1/apps/web/fleet",
+                "/apps/web",
+                f"/api/v1/apps/web/deploys/{deploy}",
+            ):
+                answer = env.web.get(path, env.reader)
+                assert answer.status_code == 200, (path, answer.text)
+            rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
+            assert rows[host]["hold"] == "HOLD-\ufffd", rows
         finally:
             assert kv.kv_put(keys.host(host), record.value)
+            assert kv.kv_put(keys.progress(deploy, host), ack.value)
 
 
 class TestNotOnLoopback:
