@@ -581,8 +581,15 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         "rollback_deploy": view.outcome.rollback_deploy if view.outcome else None,
         # Records under decisions/ or outcomes/ that the acks contradict (DESIGN.md 6.4.3).
         "distrusted": list(view.distrusted),
+        # A host writes its own timings: only their "*_at" names, and never over the fields
+        # that say what its ack is (a "state" among them made a failed host show live).
         "hosts": {
-            n: {"state": p.state, "error": p.error, "output_tail": p.output_tail, **p.timings}
+            n: {
+                **{k: v for k, v in p.timings.items() if k.endswith("_at")},
+                "state": p.state,
+                "error": p.error,
+                "output_tail": p.output_tail,
+            }
             for n, p in sorted(view.nodes.items())
         },
     }

@@ -528,6 +528,8 @@ class TestDeployApiWithAcls:
             lone["hold"] = "HOLD-\ud800"
             assert kv.kv_put(keys.host(host), json.dumps(lone).encode())
             forged_ack = {**json.loads(ack.value), "error": "bad \udcff path"}
+            # ... and timings named like the ack's own fields: they must not override them.
+            forged_ack["timings"] = {**forged_ack["timings"], "state": "failed", "output_tail": "x"}
             assert kv.kv_put(keys.progress(deploy, host), json.dumps(forged_ack).encode())
             for path in (
                 "/api/v1/apps/web/fleet",
@@ -538,6 +540,9 @@ class TestDeployApiWithAcls:
                 assert answer.status_code == 200, (path, answer.text)
             rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
             assert rows[host]["hold"] == "HOLD-\ufffd", rows
+            shown = env.web.get(f"/api/v1/apps/web/deploys/{deploy}", env.reader).json()
+            assert shown["hosts"][host]["state"] == "live", shown["hosts"][host]
+            assert shown["hosts"][host]["output_tail"] == "", shown["hosts"][host]
         finally:
             assert kv.kv_put(keys.host(host), record.value)
             assert kv.kv_put(keys.progress(deploy, host), ack.value)
