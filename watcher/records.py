@@ -350,11 +350,7 @@ class ArtifactRecord(Document):
             label,
             "sha256 must be 64 lowercase hex digits",
         )
-        _need(
-            isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 0,
-            label,
-            "size must be a non-negative integer",
-        )
+        _need(_is_int(self.size) and self.size >= 0, label, "size must be a non-negative integer")
         _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
         for name in ("branch", "commit", "build_number", "build_url", "created_at", "created_by"):
             value = getattr(self, name)
@@ -365,8 +361,13 @@ class ArtifactRecord(Document):
             )
 
 
+#: Integers in records are sizes, counts and Consul's indexes (uint64): anything past this
+#: is garbage, and an int too large for a float crashed the readers that format it.
+INT_LIMIT = 2**64
+
+
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT < value < INT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -595,6 +596,11 @@ class NodeProgress(Document):
             "timings must map names to strings",
         )
         _need(self.request is None or isinstance(self.request, dict), label, "bad request")
+        _need(
+            _is_int(self.staged_bytes) and _is_int(self.staged_members),
+            label,
+            "staged_bytes and staged_members must be integers",
+        )
         for name in ("error", "output_tail", "release", "sha256", "deploy"):
             _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
 
