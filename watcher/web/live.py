@@ -112,7 +112,7 @@ class LiveFeed:
     def _run(self) -> None:
         try:
             self._watch()
-        except Exception as exc:  # the next subscriber starts a new thread
+        except Exception as exc:  # outside the reads; the next subscriber starts a new thread
             log.exception("live_view_failed", app=self.app, error=repr(exc))
             self._publish(
                 {
@@ -129,10 +129,18 @@ class LiveFeed:
         while not self._stop.is_set():
             try:
                 snap = self._read(self.store)
-            except (ConsulError, PayloadError) as exc:
-                snap = {"app": self.app, "consul": {"ok": False, "error": str(exc)}, "html": ""}
+            except Exception as exc:
+                # Consul away, a record no parser refused, a reader's bug: the open pages
+                # are told, and the feed goes on trying (it used to end here, and pages
+                # already open stayed on a dead feed after the cause was gone).
+                known = isinstance(exc, ConsulError | PayloadError)
+                error = str(exc) if known else f"live view failed: {exc!r}"
+                snap = {"app": self.app, "consul": {"ok": False, "error": error}, "html": ""}
                 if snap != last:
-                    log.warning("live_view_consul_error", app=self.app, error=str(exc))
+                    if known:
+                        log.warning("live_view_consul_error", app=self.app, error=error)
+                    else:
+                        log.exception("live_view_read_failed", app=self.app, error=repr(exc))
                     self._publish(snap)
                     last = snap
                 self._stop.wait(delay)  # back-off before the next try, not a poll of KV
