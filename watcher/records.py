@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from watcher import ids
 from watcher.errors import PayloadError
@@ -215,6 +215,12 @@ def _field_names(cls: type) -> tuple[str, ...]:
 class Document:
     """A versioned JSON document: unknown fields are ignored, missing required ones refused."""
 
+    #: Free text fields and the most of each a reader takes (a host's token can write a
+    #: 500 KB error, which the page and the live feed would send to every open page, more
+    #: than once escaped). Cut at the end, or at the start for a ``TAIL_FIELDS`` one.
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {}
+    TAIL_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
     def to_json(self) -> bytes:
         # A shallow dict: the fields are JSON values (no nested dataclass), so the bytes are
         # those of ``asdict``, without its deep copy of every list and dict.
@@ -253,6 +259,13 @@ class Document:
         for name in _field_names(cls):
             if name in data:
                 kwargs[name] = data[name]
+        for name, limit in cls.TEXT_LIMITS.items():
+            value = kwargs.get(name)
+            if isinstance(value, str) and len(value) > limit:
+                tail = name in cls.TAIL_FIELDS
+                kwargs[name] = (
+                    f"{CUT_MARK} {value[-limit:]}" if tail else f"{value[:limit]} {CUT_MARK}"
+                )
         try:
             obj = cls(**kwargs)
         except TypeError as exc:
@@ -360,6 +373,9 @@ class ArtifactRecord(Document):
                 f"{name} must be a string without NUL bytes",
             )
 
+
+#: What stands for the part of a free text field a reader did not take.
+CUT_MARK = "[cut]"
 
 #: Integers in records are sizes, counts and Consul's indexes (uint64): anything past this
 #: is garbage, and an int too large for a float crashed the readers that format it.
@@ -566,6 +582,10 @@ class NodeProgress(Document):
     did not take part can rebuild the request from any ack (DESIGN.md 6.4.2).
     """
 
+    # The daemon writes at most 2,000 and 4,000 characters (``write_progress``).
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {"error": 4000, "output_tail": 8000}
+    TAIL_FIELDS: ClassVar[frozenset[str]] = frozenset({"output_tail"})
+
     node: str
     state: str
     deploy: str = ""
@@ -630,6 +650,8 @@ class Decision(Document):
     alone. Written once (check-not-exists) in a txn that also rewrites the writer's own
     progress key, so the ACLs vouch for ``by``."""
 
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {"reason": 8000}
+
     outcome: str
     reason: str
     by: str
@@ -679,6 +701,8 @@ class AbortRequest(Document):
 class Outcome(Document):
     """``outcomes/<id>``: how the deploy ended, with a per-host summary."""
 
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {"reason": 8000}
+
     result: str
     at: str
     by: str
@@ -699,6 +723,8 @@ class Outcome(Document):
 @dataclass(frozen=True)
 class HostRecord(Document):
     """``apps/<app>/hosts/<node>``: persistent, so a dead host still shows in status."""
+
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {"hold": 2000, "alarm": 2000}
 
     node: str
     release: str | None

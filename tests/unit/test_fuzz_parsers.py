@@ -372,6 +372,29 @@ class TestRecords:
     def test_raw_text(self, cls: type[Document], raw: str) -> None:
         self.check(cls, raw)
 
+    def test_free_text_is_cut_to_what_a_reader_takes(self) -> None:
+        """A host's token can write a 500 KB error or hold: the page and the live feed sent
+        it (escaped, more than once) to every open page on every change."""
+        ack = NodeProgress.from_json(
+            json.dumps(
+                {
+                    "node": "a",
+                    "state": "failed",
+                    "error": "e" * 500_000,
+                    "output_tail": "x" + "t" * 9_000,
+                }
+            )
+        )
+        assert ack.error == "e" * 4000 + " [cut]"
+        assert ack.output_tail == "[cut] " + "t" * 8000  # the end of a tail is what matters
+        host = HostRecord.from_json(
+            json.dumps({"node": "a", "release": None, "last_seen": "", "hold": "h" * 3000})
+        )
+        assert host.hold == "h" * 2000 + " [cut]"
+        assert NodeProgress.from_json(ack.to_json()) == ack  # cut once, not again
+        short = NodeProgress.from_json(json.dumps({"node": "a", "state": "failed", "error": "e"}))
+        assert short.error == "e"
+
     def test_a_request_names_at_most_max_expected_hosts(self) -> None:
         # Every reader of a deploy reads one key per expected host: a token's request with
         # 20,000 names made each page load send hundreds of Consul requests.
