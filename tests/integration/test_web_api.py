@@ -540,6 +540,12 @@ class TestDeployApiWithAcls:
                 assert answer.status_code == 200, (path, answer.text)
             rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
             assert rows[host]["hold"] == "HOLD-\ufffd", rows
+            # Control and bidirectional characters are shown escaped, as watcherctl does.
+            lone["hold"] = "by \u202eevil\x1b[31m red"
+            assert kv.kv_put(keys.host(host), json.dumps(lone).encode())
+            page = env.web.get("/apps/web", env.reader).text
+            assert "by \\u202eevil\\x1b[31m red" in page, page
+            assert "\u202e" not in page and "\x1b" not in page
             shown = env.web.get(f"/api/v1/apps/web/deploys/{deploy}", env.reader).json()
             assert shown["hosts"][host]["state"] == "live", shown["hosts"][host]
             assert shown["hosts"][host]["output_tail"] == "", shown["hosts"][host]

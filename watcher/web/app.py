@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -518,6 +519,14 @@ def sections_mark(store: DeployStore) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _printable(value: Any) -> Any:
+    """Every ``{{ }}`` of the templates: plain text gets ``ids.printable``; markup built
+    by the code (already escaped) and other values go as they are."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return ids.printable(value)
+    return value
+
+
 def _human_size(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -617,6 +626,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     templates.env.filters["duration"] = _duration
     templates.env.filters["short_time"] = _short_time
     templates.env.filters["timeline"] = _timeline
+    # Text from KV (a host's error, hold or hook output, a forged reason) is shown with its
+    # control and bidirectional characters escaped, as watcherctl shows it: raw, an ESC or
+    # a U+202E reorders or hides what the page says around it.
+    templates.env.finalize = _printable
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
