@@ -916,9 +916,20 @@ class DeployStore:
         ids, trimmed = self._history_of(entry)
         return ids, trimmed, entry.modify_index if entry else 0
 
+    def history_checked(self) -> tuple[list[str], str]:
+        """``history()``, and why the record was read as empty when it does not parse
+        ("" when it does): readers say so instead of "no deploys recorded"."""
+        entry = self.consul.kv_get(self.keys.history)
+        ids, _, problem = self._history_parse(entry)
+        return ids, problem
+
     def _history_of(self, entry: KVEntry | None) -> tuple[list[str], list[str]]:
+        ids, trimmed, _ = self._history_parse(entry)
+        return ids, trimmed
+
+    def _history_parse(self, entry: KVEntry | None) -> tuple[list[str], list[str], str]:
         if entry is None or not entry.value:
-            return [], []
+            return [], [], ""
         try:
             data = json.loads(entry.value)
             # an entry that is no deploy id names no keys (and is dropped at the next write)
@@ -926,11 +937,12 @@ class DeployStore:
             trimmed = [
                 i for i in data.get("trimmed", []) if isinstance(i, str) and DEPLOY_ID_RE.match(i)
             ]
-            return ids, trimmed
+            return ids, trimmed, ""
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             # RecursionError: arrays nested thousands deep, which any host's token can write
-            report_skipped(entry, "history is not a JSON object with a list of deploy ids")
-            return [], []
+            problem = f"{entry.key} is not a JSON object with a list of deploy ids"
+            report_skipped(entry, problem)
+            return [], [], problem
 
     def legacy_layout_found(self) -> bool:
         """Whether keys of layout version 1 (``deploys/``) exist: reported, never read."""

@@ -676,24 +676,36 @@ def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
 
 def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` deploys of the app, newest first, as ``deploy_summary`` dicts."""
+    return deploy_history_checked(store, limit)[0]
+
+
+def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[str, Any]], str]:
+    """``deploy_history``, and why the history record was read as empty ("" if it was not)."""
+    ids, problem = store.history_checked()
     rows = []
-    for deploy_id in list(reversed(store.history()))[: max(limit, 1)]:
+    for deploy_id in list(reversed(ids))[: max(limit, 1)]:
         try:
             view = store.view(deploy_id)
         except PayloadError:
             continue
         if view is not None:
             rows.append(deploy_summary(view.checked()))
-    return rows
+    return rows, problem
 
 
 def cmd_history(ctx: CtlContext) -> int:
     store = _store(ctx, ctx.args.app)
-    rows = deploy_history(store, ctx.args.limit)
+    rows, problem = deploy_history_checked(store, ctx.args.limit)
+    if problem:  # not "no deploys recorded": the list is unknown (exit 1, as for distrust)
+        print(
+            f"watcherctl: warning: the history of {ctx.args.app} cannot be read ({problem}); "
+            "no deploy can be listed until the next deploy's end writes it anew",
+            file=sys.stderr,
+        )
 
     def human(items: list[dict[str, Any]]) -> str:
         if not items:
-            return f"no deploys of {ctx.args.app} recorded"
+            return f"no deploys of {ctx.args.app} recorded" if not problem else ""
         out = []
         for d in items:
             failures = "; ".join(
@@ -715,7 +727,7 @@ def cmd_history(ctx: CtlContext) -> int:
         return table(out, ["DEPLOY", "KIND", "RELEASE", "BY", "AT", "RESULT", "DETAIL"])
 
     ctx.emit(rows, human)
-    return EXIT_OK
+    return EXIT_FAILED if problem else EXIT_OK
 
 
 def _detail(d: dict[str, Any], failures: str) -> str:

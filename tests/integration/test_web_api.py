@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -552,6 +553,25 @@ class TestDeployApiWithAcls:
         finally:
             assert kv.kv_put(keys.host(host), record.value)
             assert kv.kv_put(keys.progress(deploy, host), ack.value)
+        # A history that does not parse: said, not "no deploy recorded".
+        history = kv.kv_get(keys.history)
+        assert history is not None and history.value
+        assert kv.kv_put(keys.history, b"not json")
+        try:
+            listed = env.web.get("/api/v1/apps/web/deploys", env.reader).json()
+            assert listed["deploys"] == [] and keys.history in listed["problem"], listed
+            page = env.web.get("/apps/web", env.reader).text
+            assert 'class="banner error history-problem"' in page, page
+            argv = [str(BIN / "watcherctl"), "history", "web", "-c", str(env.operator_config)]
+            ctl = subprocess.run(
+                argv, capture_output=True, text=True, env=env.fleet.watchers[0].env(), timeout=60
+            )
+            assert ctl.returncode == 1, (ctl.stdout, ctl.stderr)
+            assert "the history of web cannot be read" in ctl.stderr, ctl.stderr
+            assert "no deploys of web recorded" not in ctl.stdout, ctl.stdout
+        finally:
+            assert kv.kv_put(keys.history, history.value)
+        assert env.web.get("/api/v1/apps/web/deploys", env.reader).json()["problem"] == ""
 
 
 class TestNotOnLoopback:

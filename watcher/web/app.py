@@ -46,7 +46,7 @@ from watcher.ctl_fleet import (
     abort_deploy,
     artifact_records,
     contested_reason,
-    deploy_history,
+    deploy_history_checked,
     deploy_request,
     deploy_summary,
     fleet_status,
@@ -877,7 +877,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if not 1 <= limit <= HISTORY_MAX:
             raise ApiError(422, f"limit must be between 1 and {HISTORY_MAX}, got {limit}")
         store = state.store(app_name(app), state.reader(request))
-        return {"deploys": deploy_history(store, limit)}
+        rows, problem = deploy_history_checked(store, limit)
+        return {"deploys": rows, "problem": problem}
 
     @app.get(
         "/api/v1/apps/{app}/deploys/{deploy_id}",
@@ -1144,10 +1145,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             reader = state.reader(request)
             store = state.store(name, reader)
             fleet = fleet_status(store)
+            history, history_problem = deploy_history_checked(store, HISTORY_LIMIT)
             ctx.update(
                 fleet=fleet,
                 builds=builds(store, fleet),
-                history=deploy_history(store, HISTORY_LIMIT),
+                history=history,
+                history_problem=history_problem,
                 live=live_snapshot(store),
             )
         except ApiError as exc:
