@@ -910,13 +910,15 @@ class ConsulClient:
 
     def agent_session_ttl_min(self) -> float | None:
         """The agent's ``session_ttl_min`` in seconds (its ``DebugConfig``), None when it
-        does not say (another version's shape)."""
+        does not say (another version's shape) or says 0s: not set, so Consul's servers
+        use their default (10 s)."""
         resp = self._direct("GET", "/v1/agent/self", what="agent self")
         data = self._json(resp, "agent self")
         try:
-            return go_duration(str(data["DebugConfig"]["SessionTTLMin"]))
+            seconds = go_duration(str(data["DebugConfig"]["SessionTTLMin"]))
         except (KeyError, TypeError, ValueError):
             return None
+        return seconds or None
 
     def leader(self) -> str:
         """The raft leader's address, "" when the cluster has none."""

@@ -120,9 +120,9 @@ def config_warnings(config: Config, *, agent_ttl_min: float | None = None) -> li
     if agent_ttl_min is not None:
         if ttl < agent_ttl_min:
             warnings.append(
-                f"daemon.session_ttl: {ttl:g}s is below the session_ttl_min of the Consul "
-                f"agent at {config.consul.base_url} ({agent_ttl_min:g}s): it refuses such a "
-                'session ("Invalid Session TTL")'
+                f"daemon.session_ttl: {ttl:g}s is below the session_ttl_min the Consul agent "
+                f"at {config.consul.base_url} is set to ({agent_ttl_min:g}s): Consul refuses "
+                'such a session ("Invalid Session TTL")'
             )
     elif ttl < CONSUL_SESSION_TTL_MIN:
         warnings.append(

@@ -244,7 +244,11 @@ class TestCheckConfig:
             "-c FILE or $WATCHER_CONFIG)\n"
         )
 
-    def test_warnings_do_not_fail(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_warnings_do_not_fail(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # No agent to ask (whatever listens on this machine): the default's warning.
+        monkeypatch.setattr(daemon_cli, "agent_session_ttl_min", lambda _config: None)
         (tmp_path / "hook").write_text("#!/bin/sh\n")  # not executable
         (tmp_path / "hooks.d").mkdir()  # a directory
         good = tmp_path / "w.yaml"
@@ -281,8 +285,9 @@ class TestCheckConfig:
         )
         assert daemon_cli.config_warnings(config, agent_ttl_min=1.0) == []
         assert daemon_cli.config_warnings(config, agent_ttl_min=5.0) == [
-            "daemon.session_ttl: 3s is below the session_ttl_min of the Consul agent at "
-            'http://127.0.0.1:8500 (5s): it refuses such a session ("Invalid Session TTL")'
+            "daemon.session_ttl: 3s is below the session_ttl_min the Consul agent at "
+            "http://127.0.0.1:8500 is set to (5s): Consul refuses such a session "
+            '("Invalid Session TTL")'
         ]
         assert "Consul's default session_ttl_min (10s)" in daemon_cli.config_warnings(config)[0]
 

@@ -55,6 +55,21 @@ class TestGoDuration:
     def test_what_consul_prints(self, text: str, seconds: float) -> None:
         assert go_duration(text) == pytest.approx(seconds)
 
+    @pytest.mark.parametrize(
+        ("said", "seconds"),
+        [("1s", 1.0), ("15s", 15.0), ("0s", None), (None, None), ("soon", None)],
+    )
+    def test_the_agents_session_ttl_min(
+        self, monkeypatch: pytest.MonkeyPatch, said: str | None, seconds: float | None
+    ) -> None:
+        """A stock agent says "0s" (not set: its servers use their 10 s default), which
+        must not read as "any TTL goes" (what 0.0 would)."""
+        client = ConsulClient(ConsulSettings())
+        body = json.dumps({"DebugConfig": {} if said is None else {"SessionTTLMin": said}})
+        monkeypatch.setattr(client, "_direct", lambda *a, **k: type("R", (), {"body": body})())
+        assert client.agent_session_ttl_min() == seconds
+        client.close()
+
     @pytest.mark.parametrize("text", ["", "1", "s", "1x", "1s ", "-1s", "1s2", "None"])
     def test_anything_else_is_refused(self, text: str) -> None:
         with pytest.raises(ValueError):
