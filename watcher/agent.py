@@ -364,6 +364,7 @@ class AppAgent:
         self._host_lock = threading.Lock()
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
+        self._request_index: dict[str, int] = {}  # deploy -> its request key's CreateIndex
         self._coordinating: str | None = None
         self._resumed: set[str] = set()  # deploys whose prepare this process started
         self._known: dict[str, tuple[NodeProgress | None, int]] = {}  # own ack, index
@@ -620,6 +621,9 @@ class AppAgent:
                 return f"deploy {deploy_id}: request changed since this host joined; vetoed"
         self._own[deploy_id] = own.state if own else ""
         self._known[deploy_id] = (own, read.own_index)
+        self._request_index[deploy_id] = entry.create_index
+        while len(self._request_index) > 8:  # only deploys this host is in matter
+            del self._request_index[next(iter(self._request_index))]
         try:
             self.journal.begin(deploy_id, **joined.to_journal(), established=None)
         except OSError as exc:
@@ -1553,6 +1557,7 @@ class AppAgent:
         rec = joined.request
         ctx = self._hook_context(rec)
         decided_at = flipped_at = iso(utcnow())
+        failed: HookError | None = None
         if not self.journal.has("flipped"):
             try:
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
@@ -1560,28 +1565,31 @@ class AppAgent:
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         self.engine.stage(artifact, rec.release, rec.id)
-                if not self.journal.has("post_release") and (
-                    failed := self._post_release_before_flip(joined, ctx)
-                ):
-                    # `current` stays where it is: the ack says so, convergence retries.
-                    error = f"post_release failed before the flip, current not moved: {failed}"
-                    timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
-                    self._applied(
-                        joined, started, FAILED_AFTER_COMMIT, error, failed.output_tail, timings
-                    )
-                    return
+                if not self.journal.has("post_release"):
+                    failed = self._post_release_before_flip(joined, ctx)
                 moved_at = None
-                with self.engine.lock(owner=f"deploy {rec.id}"):
-                    if self.engine.current_release() != rec.release:
-                        self.engine.flip(rec.release, not_before=flip_at)
-                        # When `current` moved (renamed, its directory synced), not after
-                        # the bookkeeping below: applied.json costs two more fsyncs.
-                        moved_at = iso(utcnow())
-                    self._write_applied(joined)
+                if failed is None:
+                    with self.engine.lock(owner=f"deploy {rec.id}"):
+                        if self.engine.current_release() != rec.release:
+                            self.engine.flip(rec.release, not_before=flip_at)
+                            # When `current` moved (renamed, its directory synced), not
+                            # after the bookkeeping below: applied.json costs two fsyncs.
+                            moved_at = iso(utcnow())
+                        self._write_applied(joined)
             except (WatcherError, OSError) as exc:
-                # Nothing changed yet (the lock was busy, the flip refused): not a failure
-                # after commit; the next cycle retries, until the apply deadline.
+                # Nothing changed yet (S3 unreachable, the lock busy, the flip refused):
+                # not a failure after commit; the next cycle retries, until the apply
+                # deadline.
                 self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
+                return
+            if failed is not None:
+                # `current` stays where it is: the ack says so, convergence retries. Not
+                # in the retry above: a failed write of this ack is the task's failure,
+                # not a reason to run the hook again and flip.
+                error = f"post_release failed before the flip, current not moved: {failed}"
+                timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
+                tail = failed.output_tail
+                self._applied(joined, started, FAILED_AFTER_COMMIT, error, tail, timings)
                 return
             flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
@@ -1667,7 +1675,10 @@ class AppAgent:
         acking, or another holder of its token acked in its name. Either way the release is
         not what the other hosts checked until the hook has run here."""
         rec = joined.request
-        if 0 < self._daemon_first_index() < joined.create_index:
+        # The request key's own CreateIndex when this host read it: the ack's (which gave
+        # ``joined.create_index``) is what the forger wrote.
+        made_at = self._request_index.get(rec.id) or joined.create_index
+        if 0 < self._daemon_first_index() < made_at:
             # This watcher's state recorded a session before the request was made, and it
             # journals a deploy before it acks in it: the ack is not its own, unless the
             # journal was removed since.

@@ -722,6 +722,9 @@ class TestOneHostToken:
         else:
             assert proc.returncode == 0 and result["result"] == "committed", (out, err)
             assert release2 in flips, flips
+            assert [line for line in lines if line.startswith(deploy_id)] == [
+                f"{deploy_id} {release1}"
+            ], lines  # once, before the flip
             assert releases_of(fleet) == {release2}
         next_deploy_works(acl_fleet, "v3")
 
