@@ -1448,7 +1448,8 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             if drift:
                 out.append("  * not on the fleet's release")
             out += [
-                f"  UNREADABLE host record of {h['node']}: {h['record_problem']}"
+                f"  UNREADABLE host record of {ids.one_line(h['node'])}: "
+                f"{ids.one_line(h['record_problem'])}"
                 for h in a["hosts"].values()
                 if h.get("record_problem")
             ]

@@ -126,8 +126,8 @@ def check_free_text(value: str) -> str:
             )
         if ord(char) in _BIDI_CONTROLS:
             # They reorder what a page or a terminal shows after them ("aborted by" could
-            # read as something else); printable() escapes them for terminals, a page
-            # shows them as they are.
+            # read as something else); printable() escapes them where text is shown
+            # (terminals, the page), but the JSON API passes text on as it is.
             raise PayloadError(
                 f"bidirectional control character U+{ord(char):04X} in {shown(value)}: "
                 "give plain text"

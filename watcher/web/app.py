@@ -507,12 +507,12 @@ def sections_mark(store: DeployStore) -> str:
     live view sends it, and the page fetches those sections again when it changes (a host
     going down or coming back, a new build), not on every ack of a deploy."""
     members = store.members()
-    hosts = store.hosts()
+    hosts, unreadable = store.hosts_checked()
     rows = [
         [n, n in members, h.release, h.hold, h.alarm, list(h.prefetched)]
         if (h := hosts.get(n))
-        else [n, True]
-        for n in sorted(set(members) | set(hosts))
+        else [n, n in members, unreadable.get(n, "")]
+        for n in sorted(set(members) | set(hosts) | set(unreadable))
     ]
     names = store.consul.kv_keys(store.keys.artifacts_prefix)
     text = json.dumps([rows, names], separators=(",", ":"), default=str)

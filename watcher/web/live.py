@@ -117,7 +117,11 @@ class LiveFeed:
             self._publish(
                 {
                     "app": self.app,
-                    "consul": {"ok": False, "error": f"live view failed: {exc!r}"},
+                    "consul": {
+                        "ok": False,
+                        "error": f"live view failed: {exc!r}",
+                        "unreachable": False,
+                    },
                     "html": "",
                 }
             )
@@ -135,7 +139,11 @@ class LiveFeed:
                 # already open stayed on a dead feed after the cause was gone).
                 known = isinstance(exc, ConsulError | PayloadError)
                 error = str(exc) if known else f"live view failed: {exc!r}"
-                snap = {"app": self.app, "consul": {"ok": False, "error": error}, "html": ""}
+                # "unreachable": Consul did not answer (the page says so); else it answered
+                # and the app's records could not be read or shown.
+                unreachable = isinstance(exc, ConsulError)
+                consul = {"ok": False, "error": error, "unreachable": unreachable}
+                snap = {"app": self.app, "consul": consul, "html": ""}
                 if snap != last:
                     if known:
                         log.warning("live_view_consul_error", app=self.app, error=error)

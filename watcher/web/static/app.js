@@ -62,7 +62,8 @@ async function refreshOnce() {
 
 function onSnapshot(snap) {
   if (snap.consul && !snap.consul.ok) {
-    consulStatus("Consul is unreachable: " + snap.consul.error + " (retrying)");
+    const what = snap.consul.unreachable === false ? "The live view cannot read this app: " : "Consul is unreachable: ";
+    consulStatus(what + snap.consul.error + " (retrying)");
     stale = true;
     return;
   }
