@@ -2088,9 +2088,11 @@ def summarize_states(view: DeployView) -> dict[str, int]:
 def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
     """A plain "roll back" after an automatic rollback would go to the release the fleet
     was just rolled back from (``current.previous`` is the failed one): refused, so the
-    operator names the release. The outcome record is only a reader's copy (6.4), which
-    is enough to decline a request the operator can repeat with ``--to``."""
-    outcome = store.outcome(rec.id)
+    operator names the release. The outcome as the acks vouch for it (``checked``): any
+    host's token can write the record, and a forged failure must not block the plain
+    rollback (nor a deleted record hide a real one)."""
+    view = store.view(rec.id)
+    outcome = view.checked().outcome if view is not None else None
     if outcome is None or outcome.result not in ("rolled_back", "failed_after_commit"):
         return
     raise DeployRefused(

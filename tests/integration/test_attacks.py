@@ -1002,6 +1002,26 @@ class TestReadersOfOutcomes:
         assert "evil.example" not in row["reason"], row
         next_deploy_works(acl_fleet, "v2")
 
+    def test_a_forged_failure_of_the_previous_deploy_does_not_block_rollback(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """A plain `rollback` refuses to go back to a release whose deploy ended rolled
+        back (it failed after commit). host-3's token writes such an outcome over the
+        deploy of v1, which every host went live in: the refusal read the raw record, so
+        the runbook's first command was refused; the acks say committed."""
+        fleet = acl_fleet.fleet
+        _, done, release1 = baseline(acl_fleet)
+        next_deploy_works(acl_fleet, "v2")
+        x = host_client(acl_fleet, 2)
+        record = Outcome(result="rolled_back", at=iso(utcnow()), by="host-1", reason="forged")
+        assert x.kv_put(fleet.keys.outcome(str(done["deploy"])), record.to_json())
+        back = acl_fleet.operator("rollback", "web", check=False)
+        assert back.returncode == 0, (back.stdout, back.stderr)
+        result = json.loads(back.stdout)
+        assert (result["result"], result["release"]) == ("committed", release1), result
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release1}
+
     def test_an_abort_is_not_too_late_for_a_forged_commit_record(self, acl_fleet: AclFleet) -> None:
         """host-3's token writes a "committed" outcome and decision while the hosts still
         stage: `watcherctl abort` must not believe them ("too late: committed"), it must
