@@ -1693,14 +1693,21 @@ class AppAgent:
             )
         if hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
             self.log.warning("post_release_before_flip", deploy=rec.id, release=rec.release)
-            try:
-                self._run_hooks("post_release", ctx)
-            except HookError as exc:
-                self.log.error("post_release_failed_after_commit", deploy=rec.id, error=str(exc))
-                return exc
-        self.engine.mark_post_release_done(rec.release)
-        self.journal.done("post_release")
+        try:
+            self._post_release(rec, ctx, self.journal)
+        except HookError as exc:
+            self.log.error("post_release_failed_after_commit", deploy=rec.id, error=str(exc))
+            return exc
         return None
+
+    def _post_release(self, rec: DeployRecord, ctx: HookContext, journal: Journal) -> None:
+        """Run ``post_release`` (if the app or the release has one), then mark it done on
+        the tree and in ``journal``: a convergence's, or a deploy's apply that finds it was
+        never run here. The prepare runs it itself (it can be cancelled, and journals it
+        together with the staging when there is no hook)."""
+        self._run_hooks("post_release", ctx)
+        self.engine.mark_post_release_done(rec.release)
+        journal.done("post_release")
 
     def _abort(self, joined: Joined) -> None:
         rec = joined.request
@@ -1865,9 +1872,7 @@ class AppAgent:
                     self.engine.stage(artifact, rec.release, rec.id)
                 journal.done("staged")
             if not journal.has("post_release"):
-                self._run_hooks("post_release", ctx)
-                self.engine.mark_post_release_done(rec.release)
-                journal.done("post_release")
+                self._post_release(rec, ctx, journal)
             if not journal.has("flipped"):
                 with self.engine.lock(owner="converge"):
                     reason = self._converge_blocked(joined)

@@ -897,10 +897,13 @@ class ConsulClient:
 
     # ----------------------------------------------------------------- agent
 
+    def _agent_self(self) -> Any:
+        """``/v1/agent/self``, decoded."""
+        return self._json(self._direct("GET", "/v1/agent/self", what="agent self"), "agent self")
+
     def agent_node_name(self) -> str:
         """The node name of the agent this client talks to."""
-        resp = self._direct("GET", "/v1/agent/self", what="agent self")
-        data = self._json(resp, "agent self")
+        data = self._agent_self()
         try:
             return str(data["Config"]["NodeName"])
         except (KeyError, TypeError) as exc:
@@ -912,8 +915,7 @@ class ConsulClient:
         """The agent's ``session_ttl_min`` in seconds (its ``DebugConfig``), None when it
         does not say (another version's shape) or says 0s: not set, so Consul's servers
         use their default (10 s)."""
-        resp = self._direct("GET", "/v1/agent/self", what="agent self")
-        data = self._json(resp, "agent self")
+        data = self._agent_self()
         try:
             seconds = go_duration(str(data["DebugConfig"]["SessionTTLMin"]))
         except (KeyError, TypeError, ValueError):
