@@ -645,17 +645,25 @@ class TestOneHostToken:
         slow_hook(fleet, "validate", 0)
         next_deploy_works(acl_fleet, "v3")
 
-    @pytest.mark.parametrize("hook_fails", [False, True], ids=["hook-passes", "hook-fails"])
+    @pytest.mark.parametrize(
+        ("hook_fails", "on_validate_failure"),
+        [(False, "rollback"), (True, "rollback"), (True, "hold")],
+        ids=["hook-passes", "hook-fails", "hook-fails-hold"],
+    )
     def test_a_ready_ack_in_a_stopped_hosts_name_runs_its_post_release_first(
-        self, acl_fleet: AclFleet, tmp_path: Path, hook_fails: bool
+        self, acl_fleet: AclFleet, tmp_path: Path, hook_fails: bool, on_validate_failure: str
     ) -> None:
         """host-3's token acks ready in host-3's name (a copy of host-2's ready ack) while
         host-3's watcher is stopped and has not read the request: the others commit. Its
         watcher never ran ``post_release`` on that tree; it runs it before it flips (the
         first version flipped without it) and reports the ack it did not write. If the
         hook fails there, ``current`` stays where it was: the ack says
-        failed_after_commit, and the fleet rolls back as for a failing ``validate``."""
+        failed_after_commit, and the fleet rolls back as for a failing ``validate``; with
+        ``on_validate_failure: hold`` the others stay on the new release and host-3, on
+        the old one, tries again by convergence (which runs the hook again), and gets
+        there once the hook passes."""
         fleet = acl_fleet.fleet
+        fleet.app_extra["on_validate_failure"] = on_validate_failure
         _, _, release1 = baseline(acl_fleet)
         me = fleet.watchers[2]
         ran, fail = tmp_path / "post_release.log", tmp_path / "fail"
@@ -710,7 +718,42 @@ class TestOneHostToken:
         assert f"{deploy_id} {release1}" in lines, lines
         assert me.log_events("own_ack_not_journaled"), me.log_text()[-3000:]
         flips = [e["release"] for e in me.log_events("release_flipped")]
-        if hook_fails:
+        if hook_fails and on_validate_failure == "hold":
+            assert proc.returncode != 0 and result["result"] == "failed_after_commit", (out, err)
+            host = result["hosts"][me.name]
+            assert host["state"] == "failed_after_commit", host
+            assert "post_release failed before the flip" in host["error"], host
+            assert "rollback_deploy" not in result or not result["rollback_deploy"], result
+            assert release2 not in flips, flips
+            assert fleet.currents()[me.name] == release1
+            assert {fleet.currents()[n] for n in others} == {release2}
+            status = fleet_status(acl_fleet)
+            assert status["current"] == release2, status
+            # Convergence runs the hook again (with `current` still on v1) until it passes.
+            wait_for(
+                lambda: (
+                    len(
+                        [
+                            x
+                            for x in Path(f"{ran}.{me.name}").read_text().splitlines()
+                            if x == f"{deploy_id} {release1}"
+                        ]
+                    )
+                    >= 2
+                ),
+                60,
+                "host-3 ran post_release again by convergence",
+                fleet,
+            )
+            assert fleet.currents()[me.name] == release1
+            Path(f"{fail}.{me.name}").unlink()
+            wait_for(
+                lambda: fleet.currents()[me.name] == release2,
+                90,
+                "host-3 converged once the hook passed",
+                fleet,
+            )
+        elif hook_fails:
             assert result["result"] == "rolled_back", (out, err)
             host = result["hosts"][me.name]
             assert host["state"] == "failed_after_commit", host
