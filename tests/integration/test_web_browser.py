@@ -3,6 +3,7 @@ against a real cluster with ACLs on and real daemons. Writes docs/screenshots/*.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -278,3 +279,28 @@ class TestThePage:
         stopped.start()
         expect(row.locator(".tag.ok")).to_have_text("alive", timeout=60_000)
         assert page.evaluate("window.__no_reload") == 1, "the page reloaded"
+
+        # A host's token rewrites its record without pause (40 times in ~2 s): the page
+        # follows, fetching itself about once a second, not once per change.
+        fleet.wait_idle()
+        key = fleet.keys.host(stopped.name)
+        entry = fleet.kv.kv_get(key)
+        assert entry is not None and entry.value is not None
+        record = json.loads(entry.value)
+        since = page.evaluate("performance.now()")
+        started = time.monotonic()
+        for n in range(40):
+            fleet.kv.kv_put(key, json.dumps({**record, "hold": f"rewritten {n}"}).encode())
+            time.sleep(0.05)
+        expect(row).to_contain_text("rewritten 39")
+        time.sleep(1.5)  # the page's last fetch, if one was still due
+        took = time.monotonic() - started
+        fetches = page.evaluate(
+            """(since) => performance.getEntriesByType("resource")
+                .filter((e) => e.startTime > since && new URL(e.name).pathname === "/apps/web")
+                .map((e) => Math.round(e.startTime - since))""",
+            since,
+        )
+        print("page fetches (ms after the first rewrite):", fetches)
+        assert 1 <= len(fetches) <= 2 + took, (fetches, took)
+        fleet.kv.kv_put(key, entry.value)

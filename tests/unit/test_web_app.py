@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import socket
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from watcher.web.app import (
     is_loopback,
     same_origin,
 )
-from watcher.web.live import LiveFeed
+from watcher.web.live import MIN_READ_INTERVAL, LiveFeed
 
 LOCAL = "http://127.0.0.1:8710"
 FLEET = "/api/v1/apps/web/fleet"
@@ -588,9 +589,20 @@ class _Blocking:
         raise ConsulUnavailable("blocking query refused")
 
 
-class _Store:
+class _Changing:
+    """A Consul where something changes all the time (a host rewriting its own record)."""
+
     def __init__(self) -> None:
-        self.consul = _Blocking()
+        self.index = 0
+
+    def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, None]:
+        self.index += 1
+        return self.index, None
+
+
+class _Store:
+    def __init__(self, consul: object | None = None) -> None:
+        self.consul = consul or _Blocking()
         self.keys = type("Keys", (), {"inflight": "w/web/inflight", "base": "w/web"})()
 
 
@@ -617,6 +629,32 @@ class TestLiveFeed:
             len(reads) == store.consul.blocking_calls
             or len(reads) == store.consul.blocking_calls + 1
         )
+
+    def test_changes_without_pause_are_read_at_a_bounded_rate(self) -> None:
+        """Each read makes a snapshot, and a snapshot whose sections changed makes every
+        open page fetch itself again: a key that changes without pause (any host's token
+        can rewrite its own record) is read at most once per MIN_READ_INTERVAL, the first
+        change at once."""
+        consul = _Changing()
+        reads: list[float] = []
+
+        def read(_: object) -> dict[str, object]:
+            reads.append(time.monotonic())
+            return {"app": "web", "inflight": None, "n": len(reads)}
+
+        feed = LiveFeed("web", _Store(consul), read)  # type: ignore[arg-type]
+
+        async def watch() -> None:
+            queue = feed.subscribe()
+            await asyncio.wait_for(queue.get(), 5)
+            await asyncio.sleep(1.0)
+
+        asyncio.run(watch())
+        feed.stop()
+        gaps = [b - a for a, b in itertools.pairwise(reads)]
+        assert len(reads) >= 2 and consul.index >= 1, reads
+        assert min(gaps) >= MIN_READ_INTERVAL * 0.95, gaps
+        assert len(reads) <= 2 + 1.0 / MIN_READ_INTERVAL + 1, len(reads)
 
     def test_a_failing_read_is_said_and_the_feed_recovers_by_itself(self) -> None:
         """A read that raises (a reader's bug, a record no parser refused) is told to the

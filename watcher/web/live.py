@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,11 @@ log = get_logger(module="web.live")
 BLOCK_WAIT = 30.0  # seconds a blocking query may wait (Consul adds its own jitter)
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # back-off while Consul is unreachable
 CLIENT_QUEUE = 16  # snapshots a slow SSE client may lag behind before older ones are dropped
+# At most one read (and one snapshot to the pages) per this many seconds: the first change
+# after a quiet spell is read at once, a burst is read once more at the end of the interval.
+# A host's token can rewrite its own record as often as it likes, and each snapshot whose
+# sections changed makes every open page fetch itself again (a render and a few reads).
+MIN_READ_INTERVAL = 0.25
 
 
 def wait_for_change(store: DeployStore, index: int, wait: float) -> int:
@@ -130,7 +136,12 @@ class LiveFeed:
         index = 0
         delay = RETRY_MIN
         last: Snapshot | None = None
+        read_at = -MIN_READ_INTERVAL
         while not self._stop.is_set():
+            too_soon = read_at + MIN_READ_INTERVAL - time.monotonic()
+            if too_soon > 0 and self._stop.wait(too_soon):
+                break
+            read_at = time.monotonic()
             try:
                 snap = self._read(self.store)
             except Exception as exc:

@@ -28,14 +28,26 @@ function consulStatus(text) {
 
 // Re-render the fleet, builds and history from the server (same templates as a reload).
 // One fetch at a time, and one more after it when asked meanwhile: a burst of changes (every
-// host flipping) costs two fetches, and an older answer never lands after a newer one.
+// host flipping) costs two fetches, and an older answer never lands after a newer one. The
+// next one starts REFRESH_SPACING_MS after the one before it at the earliest: a key that
+// changes without pause (a host's token can rewrite its own record) costs the server one
+// page render a second per open page, not one per change.
+const REFRESH_SPACING_MS = 1000;
 let refreshing = null;
 let refreshAgain = false;
+let lastRefresh = -Infinity;  // performance.now() when the last fetch started
 function refreshSections() {
   if (refreshing) { refreshAgain = true; return refreshing; }
   refreshing = (async () => {
     try {
-      do { refreshAgain = false; await refreshOnce(); } while (refreshAgain);
+      do {
+        refreshAgain = false;
+        const rest = lastRefresh + REFRESH_SPACING_MS - performance.now();
+        if (rest > 0) await new Promise((r) => setTimeout(r, rest));
+        refreshAgain = false;  // this fetch covers what was asked while it waited
+        lastRefresh = performance.now();
+        await refreshOnce();
+      } while (refreshAgain);
     } finally {
       refreshing = null;
     }
