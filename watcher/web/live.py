@@ -20,11 +20,12 @@ log = get_logger(module="web.live")
 BLOCK_WAIT = 30.0  # seconds a blocking query may wait (Consul adds its own jitter)
 RETRY_MIN, RETRY_MAX = 0.5, 5.0  # back-off while Consul is unreachable
 CLIENT_QUEUE = 16  # snapshots a slow SSE client may lag behind before older ones are dropped
-# At most one read (and one snapshot to the pages) per this many seconds: the first change
-# after a quiet spell is read at once, a burst is read once more at the end of the interval.
-# A host's token can rewrite its own record as often as it likes, and each snapshot whose
-# sections changed makes every open page fetch itself again (a render and a few reads).
-MIN_READ_INTERVAL = 0.25
+# Reads of an app (each one a snapshot to every page) are paced by a token bucket: up to
+# READ_BURST without a pause (a deploy's start, acks and flips come within a few hundred ms,
+# and the pages show each), then READ_RATE a second while changes keep coming. A host's
+# token can rewrite its own record as often as it likes: without this the feed read and
+# rendered the app once per write (the pages space their own fetches, in app.js).
+READ_BURST, READ_RATE = 20, 10.0
 
 
 def wait_for_change(store: DeployStore, index: int, wait: float) -> int:
@@ -136,12 +137,14 @@ class LiveFeed:
         index = 0
         delay = RETRY_MIN
         last: Snapshot | None = None
-        read_at = -MIN_READ_INTERVAL
+        tokens, filled_at = float(READ_BURST), time.monotonic()
         while not self._stop.is_set():
-            too_soon = read_at + MIN_READ_INTERVAL - time.monotonic()
-            if too_soon > 0 and self._stop.wait(too_soon):
+            now = time.monotonic()
+            tokens = min(float(READ_BURST), tokens + (now - filled_at) * READ_RATE)
+            filled_at = now
+            if tokens < 1.0 and self._stop.wait((1.0 - tokens) / READ_RATE):
                 break
-            read_at = time.monotonic()
+            tokens -= 1.0  # (negative after a wait: refilled from the wait's start)
             try:
                 snap = self._read(self.store)
             except Exception as exc:
