@@ -1399,7 +1399,14 @@ class AppAgent:
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()
                 if live and live != rec.release:
-                    self.engine.set_backup(live)
+                    problem = self.engine.live_problem(live)
+                    if problem is None:
+                        self.engine.set_backup(live)
+                    else:
+                        # Nothing to come back to: this deploy is what repairs the host
+                        # (refusing here made every deploy abort on it).
+                        self.log.warning("live_release_broken", release=live, problem=problem)
+                        self.engine.clear_backup()
             self._check_cancel()
             hooks = hook_commands(
                 self.app, "post_release", self.engine.layout.release_dir(rec.release)
@@ -1794,11 +1801,17 @@ class AppAgent:
             return "idle (no committed release yet)"
         journal = self.converge_journal.read()
         unfinished = journal is not None and journal.get("release") == current.release
-        if local == current.release and not unfinished:
+        # `current` names the fleet's release but its tree is gone or incomplete (removed
+        # by hand, a disk repaired): the host serves nothing, and every deploy would abort
+        # on it. Staged again from the committed deploy, like any host that is behind.
+        broken = local == current.release and local is not None and self._live_broken(local)
+        if local == current.release and not unfinished and not broken:
             self.status.converge_error = ""
             self._converge_failures = 0
             return "idle"
-        if local != current.release and self.engine.held() is not None:
+        if (local != current.release or broken) and self.engine.held() is not None:
+            if broken:
+                return f"held; the live release {local} is not complete here"
             return f"held (fleet is on {current.release}, this host on {local})"
         if self.busy():
             return "converging"
@@ -1832,6 +1845,18 @@ class AppAgent:
             )
             return f"idle; {exc}"
         return self._start("converge", joined.id, lambda: self._converge_to(joined))
+
+    def _live_broken(self, release: str) -> bool:
+        """Whether the release ``current`` names has no complete tree here (reported once
+        per release)."""
+        problem = self.engine.live_problem(release)
+        if problem is not None:
+            self._report_once(
+                f"broken:{release}", "live_release_broken", release=release, problem=problem
+            )
+            return True
+        self._reported.discard(f"broken:{release}")
+        return False
 
     def first_index(self) -> int:
         """The CreateIndex of this watcher's first session: the smaller of what this daemon

@@ -998,6 +998,9 @@ def _local_app(app: AppConfig, daemon: dict[str, Any]) -> dict[str, Any]:
             extracted_ids.add(artifact_id)
     return {
         "current": engine.current_release(),
+        # `current` dangling or on a tree without its release.json: this host serves
+        # nothing (the watcher stages it again from the fleet's committed deploy)
+        "current_problem": engine.live_problem(),
         "previous": engine.previous_release(),
         "backup": engine.backup_release(),
         "staged": [r.release for r in releases],
@@ -1148,7 +1151,8 @@ def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
 
 def _in_doubt(app: dict[str, Any]) -> bool:
     """Whether what one app's status shows includes a record shown NOT TRUSTED (the
-    acks contradict it), acks that contradict each other, or a BROKEN ``inflight``: never
+    acks contradict it), acks that contradict each other, a BROKEN ``inflight`` or a
+    ``current`` on this host whose tree is gone (``current_problem``): never
     the state of a fleet left alone, so a script or a monitoring check must not read "ok"
     (exit 1, after everything is printed). Takes this host's (``fleet_problems``) and the
     fleet's (``current_problems``) shape."""
@@ -1156,6 +1160,7 @@ def _in_doubt(app: dict[str, Any]) -> bool:
     return bool(
         app.get("fleet_problems")
         or app.get("current_problems")
+        or app.get("current_problem")
         or dep.get("problem")
         or dep.get("distrusted")
         or dep.get("decision") == CONTESTED
@@ -1275,6 +1280,11 @@ def _human_status(data: dict[str, Any]) -> str:
     for name, a in data["apps"].items():
         lines.append(f"app {name}")
         lines.append(f"  current     {a['current'] or '-'}")
+        if a.get("current_problem"):
+            lines.append(
+                f"              BROKEN: {a['current_problem']} (nothing is served from it; "
+                "the watcher stages it again from the fleet's current)"
+            )
         lines.append(f"  previous    {a['previous'] or '-'}")
         for what, problem in (a.get("fleet_problems") or {}).items():
             lines.append(f"  fleet {what:<9} NOT TRUSTED: {problem}")

@@ -344,6 +344,17 @@ class ReleaseEngine:
     def current_release(self) -> str | None:
         return _link_release(self.layout.current)
 
+    def live_problem(self, release: str | None = None) -> str | None:
+        """Why the release ``current`` names (or ``release``) is not a complete tree here,
+        or None: a directory removed or emptied by hand leaves ``current`` dangling."""
+        release = release if release is not None else self.current_release()
+        if release is None or self.is_complete(release):
+            return None
+        where = self.layout.release_dir(release)
+        if not where.exists():
+            return f"{where} does not exist"
+        return f"{where} has no complete {RELEASE_JSON}"
+
     def backup_release(self) -> str | None:
         return _link_release(self.layout.current_backup)
 
@@ -695,10 +706,9 @@ class ReleaseEngine:
                 )
             self.log.info("release_reused", release=release, artifact=record.id)
             return final
-        if release == self.current_release():
-            raise ReleaseError(
-                f"release {release} at {final} is incomplete and is current; run recovery first"
-            )
+        # Also when `current` names it: a tree without its release.json was removed or
+        # emptied by hand (staging renames complete trees into place), and the host already
+        # serves nothing from it; the fresh tree takes its name and `current` resolves again.
         self._remove_tree(final)
         self.log.warning("incomplete_release_removed", release=release, path=str(final))
         return None

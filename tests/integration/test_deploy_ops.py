@@ -1009,6 +1009,55 @@ class TestPruneBlocked:
         says_blocked()
 
 
+class TestLiveTreeRemovedByHand:
+    """The tree `current` names, removed or emptied by hand: the host served nothing,
+    `status` said all was well, and every later deploy aborted on that host (its backup of
+    the live release was refused)."""
+
+    def test_status_says_so_and_the_watcher_stages_it_again(self, make_fleet: MakeFleet) -> None:
+        fleet = make_fleet()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        w = fleet.watchers[2]
+        w.stop()
+        shutil.rmtree(w.app_dir / "releases" / rel1)
+        stopped = w.ctl("status", check=False)
+        local = json.loads(stopped.stdout)["apps"]["web"]
+        assert local["current"] == rel1 and "does not exist" in local["current_problem"], local
+        human = w.ctl("status", as_json=False, check=False).stdout
+        assert "BROKEN:" in human and "does not exist" in human, human
+        w.start()
+        fleet.wait_members(len(fleet.watchers))
+        index = w.app_dir / "current" / "index.html"
+        wait_for(index.exists, 30, "host-3's live tree staged again", fleet)
+        assert w.current() == rel1
+        assert w.log_events("live_release_broken"), w.log_text()[-3000:]
+        healthy = w.ctl("status")  # exit 0 again
+        assert json.loads(healthy.stdout)["apps"]["web"]["current_problem"] is None
+
+        # Emptied while the watcher runs: found at the latest at the idle tick.
+        (w.app_dir / "releases" / rel1 / ".watcher" / "release.json").unlink()
+        wait_for(
+            lambda: (w.app_dir / "releases" / rel1 / ".watcher" / "release.json").exists(),
+            TICK_IDLE + 30,
+            "host-3's emptied live tree staged again",
+            fleet,
+        )
+        assert w.current() == rel1
+        deploy_ok(fleet, fleet.publish("v2").id)
+
+    def test_a_deploy_started_on_a_broken_live_tree_commits(self, make_fleet: MakeFleet) -> None:
+        fleet = make_fleet()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        v2 = fleet.publish("v2")
+        w = fleet.watchers[2]
+        # Right before the deploy (the idle tick, up to 15 s away, would stage it again):
+        # the deploy itself repairs this host.
+        shutil.rmtree(w.app_dir / "releases" / rel1)
+        rel2 = deploy_ok(fleet, v2.id)
+        assert w.current() == rel2 and (w.app_dir / "current" / "index.html").exists()
+        assert not (w.app_dir / "current_backup").exists()
+
+
 class TestStatus:
     # How fast status answers is measured in bench/bench_deploy.py (20 hosts), not here.
     def test_status_and_fleet_status_are_right(self, make_fleet: MakeFleet) -> None:
