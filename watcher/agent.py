@@ -383,6 +383,9 @@ class AppAgent:
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
         self._waited: tuple[str, tuple[Any, ...], float, str] = ("", (), 0.0, "")
+        # (deploy, expected nodes whose named session the members watch no longer shows,
+        # when) a staging host last established on that: see _named_session_gone
+        self._sessions_looked: tuple[str, tuple[str, ...], float] = ("", (), 0.0)
         self._task_started = 0.0
         self._trimmed_at = 0.0
         self._cancel_reason = ""
@@ -824,14 +827,51 @@ class AppAgent:
 
     def _abort_seen(self, joined: Joined) -> str:
         """While staging: why to stop (an abort request, or an abort this host establishes
-        itself; the decision key is only the wake-up that makes it look), or ""."""
+        itself; the decision key, or an expected node's member key gone or held by another
+        session than the request names, is only the wake-up that makes it look), or ""."""
         abort = self.store.abort_requested(joined.id)
         if abort is not None:
             return f"{ABORT_REQUESTED} by {abort.by}: {abort.reason}".rstrip(": ")
         entry = self.store.consul.kv_get(self.store.keys.decision(joined.id))
-        if entry is not None and self.store.establish(joined).outcome == ABORT:
-            return ABORT_ESTABLISHED
+        if entry is not None or self._named_session_gone(joined):
+            verdict = self.store.establish(joined)
+            if verdict.outcome == ABORT:
+                # why, for the ack and the outcome: "node host-1 aborted" alone says nothing
+                return (
+                    f"{ABORT_ESTABLISHED}: {verdict.reason}"
+                    if verdict.reason
+                    else ABORT_ESTABLISHED
+                )
         return ""
+
+    def _named_session_gone(self, joined: Joined) -> bool:
+        """Whether the members watch shows another expected node's member key gone or held
+        by another session than the request named, and that is news since this host last
+        looked: while every live host still runs its post_release hook nobody else
+        establishes, and the abort clause of a dead node's session (DESIGN.md 6.4.3) would
+        wait for the slowest hook. Proof needs the session gone (``establish`` asks); the
+        same nodes are looked at again after WAIT_RECHECK (a key deleted by hand while its
+        session lived, that session ending later, changes nothing the watch shows)."""
+        request = joined.request
+        missing = tuple(
+            sorted(
+                node
+                for node in request.expected
+                if node != self.node
+                and (
+                    (member := self._member_entries.get(node)) is None
+                    or member.session != request.sessions.get(node)
+                )
+            )
+        )
+        looked_on, looked_at, at = self._sessions_looked
+        now = time.monotonic()
+        if not missing or (
+            (looked_on, looked_at) == (joined.id, missing) and now - at < WAIT_RECHECK
+        ):
+            return False
+        self._sessions_looked = (joined.id, missing, now)
+        return True
 
     def _wake_marker(self, deploy_id: str) -> tuple[Any, ...]:
         """What wakes a host that waits for the others' acks, as the loop last saw it: the
@@ -2116,7 +2156,7 @@ def _stopped_state(why: str) -> str:
     the abort or an operator asked for it (this host did not fail, and is not named as
     failing: an alert on failing hosts must not page for a deliberate abort), ``failed``
     when its own "no" is what aborts the deploy (a deadline, inflight moved)."""
-    return ABORTED if why == ABORT_ESTABLISHED or why.startswith(ABORT_REQUESTED) else FAILED
+    return ABORTED if why.startswith((ABORT_ESTABLISHED, ABORT_REQUESTED)) else FAILED
 
 
 class _Cancelled(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, metrics_text, wait_for
+from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.ctl import main as ctl_main
@@ -757,6 +757,56 @@ class TestAbortRace:
         ]
         assert stopped, "the daemon did not say it stopped the hook"
         assert fleet.currents() == all_on(fleet, None)
+
+    def test_a_dead_hosts_abort_does_not_wait_for_the_others_hooks(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """Every host runs a post_release hook that waits for a gate; host-3's watcher is
+        killed meanwhile. Its session goes (about twice the TTL), the others see its member
+        key go, establish the abort themselves and stop their hooks: the deploy used to
+        stay undecided until the slowest hook ended (nobody else establishes while every
+        live host is staging)."""
+        marks, gate = tmp_path / "marks", tmp_path / "gate"
+        marks.mkdir()
+        gated = hook(
+            tmp_path / "hooks" / "post-release-gated",
+            f'touch "{marks}/$$"\n'
+            f'for i in $(seq 1200); do [ -e "{gate}" ] && exit 0; sleep 0.1; done\n',
+        )
+        timeouts = {"prepare": "150s", "apply": "60s", "hook": "140s"}
+        fleet = make_fleet(app_extra={"hooks": {"post_release": gated}, "timeouts": timeouts})
+        v1 = fleet.publish("v1")
+        started = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
+        deploy_id = started["deploy"]
+        wait_for(
+            lambda: len(list(marks.iterdir())) == len(fleet.watchers),
+            30,
+            "every host in its post_release hook",
+            fleet,
+        )
+        dead = fleet.watchers[2]
+        dead.kill()
+        t0 = time.monotonic()
+        outcome = fleet.wait_outcome(deploy_id, timeout=60)  # the gate stays shut: 120 s
+        took = time.monotonic() - t0
+        assert outcome["result"] == "aborted", outcome
+        assert dead.name in outcome["reason"] and "session" in outcome["reason"], outcome
+        for w in fleet.watchers[:2]:  # its ack may come before the hook is reaped
+            wait_for(
+                lambda w=w: any(
+                    e.get("phase") == "post_release" for e in events_named(w, "hook_cancelled")
+                ),
+                15,
+                f"{w.name} stopped its hook",
+                fleet,
+            )
+        gate.touch()
+        fleet.wait_idle(timeout=30)
+        assert fleet.currents() == all_on(fleet, None)
+        print(f"aborted {took:.1f} s after the kill (session TTL {SESSION_TTL} s)")
+        dead.start()
+        fleet.wait_members(len(fleet.watchers))
+        deploy_ok(fleet, fleet.publish("v2").id)  # the gate is open now
 
 
 def silent_member(fleet: Fleet) -> str:
