@@ -112,10 +112,11 @@ class Manifest:
 
     Glob rules (like ``.gitignore``): ``*`` and ``?`` stay within one path segment, ``**``
     spans any number of segments, ``dir/**`` also matches ``dir`` itself, and a pattern
-    without a ``/`` matches a name at any depth (``*.pyc``). A path is included when it, or
-    one of its parent directories, matches an ``include`` pattern, and none of them matches
-    an ``exclude`` pattern. Without a manifest file everything is included but ``.git`` and
-    ``.buildkite`` (``.git`` never, whatever the manifest says).
+    without a ``/`` matches a name at any depth (``*.pyc``); a newline in a name is an
+    ordinary character, matched by ``*``, ``?`` and ``**`` like any other. A path is
+    included when it, or one of its parent directories, matches an ``include`` pattern, and
+    none of them matches an ``exclude`` pattern. Without a manifest file everything is
+    included but ``.git`` and ``.buildkite`` (``.git`` never, whatever the manifest says).
     """
 
     source: str
@@ -176,7 +177,9 @@ def _glob_to_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(pat[i]))
             i += 1
     body = "".join(out)
-    return re.compile(body if anchored else f"(?:.*/)?{body}")
+    # DOTALL: a newline is an ordinary character of a file name, matched by ``*`` and ``**``
+    # like any other (without it ``.*`` stops at one, dropping or un-excluding such files).
+    return re.compile(body if anchored else f"(?:.*/)?{body}", re.DOTALL)
 
 
 def _patterns(data: dict[str, Any], key: str, problems: list[str]) -> tuple[str, ...] | None:

@@ -266,6 +266,29 @@ class TestBuildTarball:
         build_tarball(src, load_manifest(src), out, limits=Limits(max_ratio=10_000))
         assert out.exists()
 
+    def test_a_newline_in_a_name_is_an_ordinary_character_without_a_manifest(
+        self, tmp_path: Path
+    ) -> None:
+        src = tmp_path / "src"
+        (src / "dir\nname").mkdir(parents=True)
+        (src / "new\nline.txt").write_text("x")
+        (src / "dir\nname/f").write_text("y")
+        _, _, members = build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+        assert members == ["dir\nname", "dir\nname/f", "new\nline.txt"]
+
+    def test_an_exclude_glob_matches_across_a_newline_in_a_parent(self, tmp_path: Path) -> None:
+        src = tmp_path / "src"
+        (src / ".watcher").mkdir(parents=True)
+        (src / ".watcher/manifest.yaml").write_text("include: ['*']\nexclude: ['*.pem']\n")
+        (src / "conf\nx").mkdir()
+        (src / "conf\nx/key.pem").write_text("secret")
+        (src / "conf\nx/app.conf").write_text("ok")
+        manifest = load_manifest(src)
+        assert manifest.excluded("conf\nx/key.pem")
+        _, _, members = build_tarball(src, manifest, tmp_path / "a.tar.gz")
+        assert "conf\nx/key.pem" not in members
+        assert "conf\nx/app.conf" in members
+
     def test_output_is_a_valid_gzip_stream(self, tmp_path: Path) -> None:
         src = make_tree(tmp_path / "src")
         out = tmp_path / "a.tar.gz"
