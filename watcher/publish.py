@@ -196,7 +196,13 @@ def _patterns(data: dict[str, Any], key: str, problems: list[str]) -> tuple[str,
         elif item.startswith("/") or ".." in item.split("/"):
             problems.append(f"{key}[{i}]: must be relative to the directory, got {item!r}")
         else:
-            out.append(item.removeprefix("./"))
+            pattern = item.removeprefix("./")
+            try:
+                _glob_to_regex(pattern)
+            except re.error as exc:  # a bracket expression like [z-a] or [!]
+                problems.append(f"{key}[{i}]: invalid glob pattern {item!r}: {exc.msg}")
+                continue
+            out.append(pattern)
     return tuple(out)
 
 

@@ -102,6 +102,9 @@ class TestLoadManifest:
             ("include: []\n", "include: must list at least one pattern"),
             ("- a\n", "<top>: must be a mapping"),
             ("include: [a\n", "invalid YAML"),
+            ("include: ['[z-a]']\n", "include[0]: invalid glob pattern '[z-a]': bad character"),
+            ("include: ['[!]']\n", "include[0]: invalid glob pattern '[!]'"),
+            ("exclude: ['ok', 'a/[b-a]/**']\n", "exclude[1]: invalid glob pattern"),
         ],
     )
     def test_bad_manifest_names_file_and_key(self, tmp_path: Path, text: str, problem: str) -> None:
