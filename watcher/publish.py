@@ -255,9 +255,18 @@ class _Entry:
     target: str = ""
 
 
-def _select(src: Path, manifest: Manifest) -> list[_Entry]:
-    """The members to archive, parents before children, in a stable order."""
+def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_Entry]:
+    """The members to archive, parents before children, in a stable order; ``skip``: a
+    directory left out as if it were not there (publish's scratch directory, which a
+    ``$TMPDIR`` inside the tree puts in it)."""
     entries: dict[str, _Entry] = {}
+    skipped: tuple[int, int] | None = None
+    if skip is not None:
+        try:
+            st = skip.lstat()
+            skipped = (st.st_dev, st.st_ino)
+        except OSError:
+            skipped = None
 
     def add_parents(rel: str) -> None:
         parts = rel.split("/")[:-1]
@@ -277,7 +286,9 @@ def _select(src: Path, manifest: Manifest) -> list[_Entry]:
                 continue
             try:
                 st = child.stat(follow_symlinks=False)
-                empty = stat.S_ISDIR(st.st_mode) and _is_empty_dir(child.path)
+                if (st.st_dev, st.st_ino) == skipped:
+                    continue
+                empty = stat.S_ISDIR(st.st_mode) and _is_empty_dir(child.path, skipped)
             except OSError as exc:
                 raise ArtifactRefused(f"cannot read {child.path}: {exc.strerror or exc}") from None
             if stat.S_ISDIR(st.st_mode):
@@ -312,9 +323,16 @@ def _select(src: Path, manifest: Manifest) -> list[_Entry]:
     return [entries[k] for k in sorted(entries, key=lambda r: r.split("/"))]
 
 
-def _is_empty_dir(path: str) -> bool:
+def _is_empty_dir(path: str, skipped: tuple[int, int] | None = None) -> bool:
+    """Whether ``path`` holds nothing (but the skipped directory, ``(st_dev, st_ino)``)."""
     with os.scandir(path) as it:
-        return next(it, None) is None
+        for child in it:
+            if skipped is None or child.inode() != skipped[1]:
+                return False
+            st = child.stat(follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != skipped:
+                return False
+        return True
 
 
 def _source_date_epoch() -> int:
@@ -349,6 +367,7 @@ def build_tarball(
     *,
     limits: Limits | None = None,
     limits_from: str = "",
+    skip: str | os.PathLike[str] | None = None,
 ) -> tuple[str, int, list[str]]:
     """Write the selected tree as a reproducible ``.tar.gz``; return (sha256, size, members).
 
@@ -358,13 +377,17 @@ def build_tarball(
 
     ``limits``: the hosts' archive limits (``limits_from`` says whose, for the error); a
     tree the hosts would refuse to extract is refused here, before anything is uploaded.
+
+    ``skip``: a directory never archived, even inside the tree (publish's scratch directory,
+    where ``out_path`` is written: a ``$TMPDIR`` inside the tree would put it there, and
+    its random name would make every build of the same tree a different artifact).
     """
     src = Path(src_dir)
     if not src.is_dir():
         raise ConfigError(
             str(src), ["no such directory" if not src.exists() else "not a directory"]
         )
-    entries = _select(src, manifest)
+    entries = _select(src, manifest, None if skip is None else Path(skip))
     if not any(e.kind != "dir" for e in entries):
         raise ConfigError(manifest.source, [f"manifest matched no files in {src}"])
     declared = sum(e.size for e in entries)  # bytes of file data
@@ -582,7 +605,7 @@ def _publish(
             else ", the hosts' default: set the app's limits in this config if its hosts allow more"
         )
         sha256, size, members = build_tarball(
-            src, manifest, tarball, limits=limits, limits_from=whose
+            src, manifest, tarball, limits=limits, limits_from=whose, skip=tmp
         )
         log.info("artifact_built", sha256=sha256, size=size, members=len(members))
 

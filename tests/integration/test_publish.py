@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -262,6 +265,28 @@ class TestPublish:
             publish(config, src, artifact_id="stray-1")
         assert kv_record(consul, "stray-1") is None
         assert events_for(consul, "stray-1") == []
+
+    def test_a_tmpdir_inside_the_tree_keeps_publish_scratch_out_of_the_artifact(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """CI sets TMPDIR to a directory of the checkout: publish's scratch directory (a
+        random name) must not become a member, or every retry is another artifact."""
+        (src / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(src / "tmp"))
+        first = publish(config, src, artifact_id="tmpdir-1")
+        again = publish(config, src, artifact_id="tmpdir-1")  # a retry of the same build
+        assert again == first
+        obj = s3_object(s3_settings, "tmpdir-1")
+        assert obj is not None
+        with tarfile.open(fileobj=io.BytesIO(obj["body"])) as tar:
+            names = tar.getnames()
+        assert not [n for n in names if n.startswith("tmp/")], names
+        assert "app.py" in names
 
     @pytest.mark.parametrize(
         ("kwargs", "message"),
