@@ -11,7 +11,7 @@ import tarfile
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ __all__ = [
     "ExtractStats",
     "ProgressFn",
     "TarStream",
+    "check_members",
     "extract_archive",
     "extract_stream",
     "over_ratio",
@@ -405,7 +406,163 @@ class _LimitedStream:
             )
 
 
-class _Extractor:
+class _TreeRules:
+    """What an archive's members may be, as far as their names, kinds and symlink targets
+    tell: the extractor's rules that need no file system, which ``check_members`` applies
+    to a member list (publish, before it uploads anything)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[_Parts, str] = {(): _DIR}
+        self.links: dict[_Parts, str] = {}  # symlink -> target, checked again at the end
+
+    def _member_parts(self, name: str) -> _Parts:
+        if "\x00" in name:
+            raise ArchiveRefused(f"member {name!r} has a NUL byte in its name")
+        if name.startswith("/"):
+            raise ArchiveRefused(f"member {name!r} has an absolute path")
+        parts = tuple(p for p in name.split("/") if p not in ("", "."))
+        if ".." in parts:
+            raise ArchiveRefused(f"member {name!r} has a '..' component")
+        _check_length(name, parts, what="member")
+        if len(parts) > MAX_PATH_DEPTH:
+            raise ArchiveRefused(
+                f"member {_shown(name)} is {len(parts)} path components deep "
+                f"(limit {MAX_PATH_DEPTH} components)"
+            )
+        return parts
+
+    def _check_reserved(self, name: str, parts: _Parts, *, is_dir: bool) -> None:
+        """Refuse what the release engine writes, and a ``.watcher`` that is no directory."""
+        if parts[0] == _RESERVED[0]:
+            if parts[:2] == _RESERVED:
+                raise ArchiveRefused(
+                    f"member {name!r} is reserved: the release engine writes {'/'.join(_RESERVED)}"
+                )
+            if len(parts) == 1 and not is_dir:
+                raise ArchiveRefused(
+                    f"member {name!r} must be a directory ({_RESERVED[0]} "
+                    f"holds the engine's release.json and the hooks)"
+                )
+
+    def _known_prefix(self, parts: _Parts) -> int:
+        """Length of the longest proper prefix of ``parts`` already in ``kinds`` (0: none).
+
+        Every path in ``kinds`` has all its proper prefixes there as directories, so only
+        this one prefix can be something other than a directory.
+        """
+        i = len(parts) - 1
+        while i > 0 and parts[:i] not in self.kinds:
+            i -= 1
+        return i
+
+    def _check_slot(self, name: str, parts: _Parts, *, is_dir: bool) -> None:
+        """Refuse a path through a non-directory, or one that replaces an earlier member."""
+        known = self._known_prefix(parts)
+        kind = self.kinds[parts[:known]]
+        if kind != _DIR:
+            where = "/".join(parts[:known])
+            raise ArchiveRefused(f"member {name!r} goes through {kind} {where!r}")
+        earlier = self.kinds.get(parts)
+        if earlier is None or (earlier == _DIR and is_dir):
+            return
+        if earlier == _DIR:
+            raise ArchiveRefused(f"member {name!r} would replace an earlier directory")
+        if is_dir:
+            raise ArchiveRefused(f"member {name!r} (directory) would replace an earlier {earlier}")
+        raise ArchiveRefused(
+            f"member {name!r} is a duplicate of an earlier {earlier} (GNU tar stores a "
+            "path twice when its command line names it twice: a directory and a file in it)"
+        )
+
+    def _check_symlink(self, name: str, parts: _Parts, target: str) -> None:
+        """Refuse a symlink target that is empty, absolute, too long or climbs out by itself
+        (through other symlinks: ``_check_link_resolution``, once every member is known)."""
+        if not target or "\x00" in target:
+            raise ArchiveRefused(f"symlink {name!r} has an empty or invalid target {target!r}")
+        if target.startswith("/"):
+            raise ArchiveRefused(
+                f"symlink {name!r} -> {target!r} is absolute: it leaves the release"
+            )
+        _check_length(target, tuple(p for p in target.split("/") if p), what="symlink target")
+        steps = sum(1 for p in target.split("/") if p not in ("", "."))
+        if steps > MAX_PATH_DEPTH:
+            raise ArchiveRefused(
+                f"symlink {name!r} -> {_shown(target)} has {steps} path components "
+                f"(limit {MAX_PATH_DEPTH} components)"
+            )
+        depth = len(parts) - 1
+        for p in target.split("/"):
+            depth += -1 if p == ".." else (0 if p in ("", ".") else 1)
+            if depth < 0:
+                raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
+
+    def _check_links(self) -> None:
+        """Resolve every symlink through the others, now that every member is known."""
+        for parts, target in self.links.items():
+            self._check_link_resolution(parts, target)
+
+    def _check_link_resolution(self, parts: _Parts, target: str) -> None:
+        """Resolve a symlink like the kernel would, through the archive's other symlinks."""
+        name = "/".join(parts)
+        cur = list(parts[:-1])
+        pending = [p for p in reversed(target.split("/")) if p not in ("", ".")]
+        hops = 0
+        while pending:
+            comp = pending.pop()
+            if comp == "..":
+                if not cur:
+                    raise ArchiveRefused(
+                        f"symlink {name!r} -> {target!r} leaves the release through other symlinks"
+                    )
+                cur.pop()
+                continue
+            nxt = (*cur, comp)
+            kind = self.kinds.get(nxt)
+            if kind == _SYMLINK:
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} loops")
+                via = self.links[nxt]
+                if via.startswith("/"):  # pragma: no cover - refused when it was extracted
+                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
+                pending.extend(p for p in reversed(via.split("/")) if p not in ("", "."))
+                continue
+            if kind != _DIR and ".." in pending:
+                raise ArchiveRefused(
+                    f"symlink {name!r} -> {target!r} uses '..' after "
+                    f"{'/'.join(nxt)!r}, which is not a directory of the "
+                    f"release"
+                )
+            cur.append(comp)
+
+
+def check_members(members: Iterable[tuple[str, str, str]]) -> None:
+    """Apply the extractor's rules on names, reserved paths, slots and symlinks (resolved
+    through each other: loops, ``..`` after a non-directory, leaving the release) to the
+    members of an archive, in order: ``(name, kind, symlink target)`` with kind
+    ``"directory"``, ``"file"`` or ``"symlink"``. Raises ``ArchiveRefused`` naming the
+    member, with the message a host's extraction would give.
+    """
+    tree = _TreeRules()
+    for name, kind, target in members:
+        parts = tree._member_parts(name)
+        is_dir = kind == _DIR
+        if not parts:
+            if is_dir:
+                continue
+            raise ArchiveRefused(f"member {name!r} has an empty name")
+        tree._check_reserved(name, parts, is_dir=is_dir)
+        tree._check_slot(name, parts, is_dir=is_dir)
+        for i in range(tree._known_prefix(parts) + 1, len(parts)):
+            tree.kinds[parts[:i]] = _DIR
+        if kind == _SYMLINK:
+            tree._check_symlink(name, parts, target)
+            tree.links[parts] = target
+        tree.kinds[parts] = kind
+    tree._check_links()
+
+
+class _Extractor(_TreeRules):
     """One extraction: walks the members in order, checks each, creates it under ``dest``."""
 
     def __init__(
@@ -440,8 +597,7 @@ class _Extractor:
         self.max_bytes = max_bytes
         self.umask = umask
         self.owner = owner
-        self.kinds: dict[_Parts, str] = {(): _DIR}
-        self.links: dict[_Parts, str] = {}  # symlink -> target, checked again at the end
+        super().__init__()
         self.dir_meta: dict[_Parts, tuple[int, int | None]] = {}  # dir -> (mode, mtime)
         self.fds: OrderedDict[_Parts, int] = OrderedDict()
         self.members = 0
@@ -474,8 +630,7 @@ class _Extractor:
             self._check_end(tar.offset)
         if self.members == 0:
             raise ArchiveRefused(f"not a valid {self.label} archive: it has no members")
-        for parts, target in self.links.items():
-            self._check_link_resolution(parts, target)
+        self._check_links()
         self._finish_dirs()
         return ExtractStats(members=self.members, bytes=self.written)
 
@@ -527,16 +682,7 @@ class _Extractor:
             if m.isdir():
                 return  # "./": the release root itself, which the caller created
             raise ArchiveRefused(f"member {name!r} has an empty name")
-        if parts[0] == _RESERVED[0]:
-            if parts[:2] == _RESERVED:
-                raise ArchiveRefused(
-                    f"member {name!r} is reserved: the release engine writes {'/'.join(_RESERVED)}"
-                )
-            if len(parts) == 1 and not m.isdir():
-                raise ArchiveRefused(
-                    f"member {name!r} must be a directory ({_RESERVED[0]} "
-                    f"holds the engine's release.json and the hooks)"
-                )
+        self._check_reserved(name, parts, is_dir=m.isdir())
         self._check_slot(name, parts, is_dir=m.isdir())
         parent_fd = self._make_parents(name, parts)
         mtime = _mtime(m)
@@ -548,52 +694,6 @@ class _Extractor:
             self._make_hardlink(name, parts, parent_fd, m.linkname)
         else:
             self._make_file(name, parts, parent_fd, m, mtime)
-
-    def _member_parts(self, name: str) -> _Parts:
-        if "\x00" in name:
-            raise ArchiveRefused(f"member {name!r} has a NUL byte in its name")
-        if name.startswith("/"):
-            raise ArchiveRefused(f"member {name!r} has an absolute path")
-        parts = tuple(p for p in name.split("/") if p not in ("", "."))
-        if ".." in parts:
-            raise ArchiveRefused(f"member {name!r} has a '..' component")
-        _check_length(name, parts, what="member")
-        if len(parts) > MAX_PATH_DEPTH:
-            raise ArchiveRefused(
-                f"member {_shown(name)} is {len(parts)} path components deep "
-                f"(limit {MAX_PATH_DEPTH} components)"
-            )
-        return parts
-
-    def _known_prefix(self, parts: _Parts) -> int:
-        """Length of the longest proper prefix of ``parts`` already in ``kinds`` (0: none).
-
-        Every path in ``kinds`` has all its proper prefixes there as directories, so only
-        this one prefix can be something other than a directory.
-        """
-        i = len(parts) - 1
-        while i > 0 and parts[:i] not in self.kinds:
-            i -= 1
-        return i
-
-    def _check_slot(self, name: str, parts: _Parts, *, is_dir: bool) -> None:
-        """Refuse a path through a non-directory, or one that replaces an earlier member."""
-        known = self._known_prefix(parts)
-        kind = self.kinds[parts[:known]]
-        if kind != _DIR:
-            where = "/".join(parts[:known])
-            raise ArchiveRefused(f"member {name!r} goes through {kind} {where!r}")
-        earlier = self.kinds.get(parts)
-        if earlier is None or (earlier == _DIR and is_dir):
-            return
-        if earlier == _DIR:
-            raise ArchiveRefused(f"member {name!r} would replace an earlier directory")
-        if is_dir:
-            raise ArchiveRefused(f"member {name!r} (directory) would replace an earlier {earlier}")
-        raise ArchiveRefused(
-            f"member {name!r} is a duplicate of an earlier {earlier} (GNU tar stores a "
-            "path twice when its command line names it twice: a directory and a file in it)"
-        )
 
     # -- creating members -----------------------------------------------------------------
 
@@ -619,24 +719,7 @@ class _Extractor:
     def _make_symlink(
         self, name: str, parts: _Parts, parent_fd: int, target: str, mtime: int | None
     ) -> None:
-        if not target or "\x00" in target:
-            raise ArchiveRefused(f"symlink {name!r} has an empty or invalid target {target!r}")
-        if target.startswith("/"):
-            raise ArchiveRefused(
-                f"symlink {name!r} -> {target!r} is absolute: it leaves the release"
-            )
-        _check_length(target, tuple(p for p in target.split("/") if p), what="symlink target")
-        steps = sum(1 for p in target.split("/") if p not in ("", "."))
-        if steps > MAX_PATH_DEPTH:
-            raise ArchiveRefused(
-                f"symlink {name!r} -> {_shown(target)} has {steps} path components "
-                f"(limit {MAX_PATH_DEPTH} components)"
-            )
-        depth = len(parts) - 1
-        for p in target.split("/"):
-            depth += -1 if p == ".." else (0 if p in ("", ".") else 1)
-            if depth < 0:
-                raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
+        self._check_symlink(name, parts, target)
         with self._writing(name):
             os.symlink(target, parts[-1], dir_fd=parent_fd)
             if self.owner is not None:
@@ -830,40 +913,6 @@ class _Extractor:
                 f"not a valid {self.label} archive: truncated, no end-of-"
                 f"archive marker after member {self.last!r}"
             )
-
-    def _check_link_resolution(self, parts: _Parts, target: str) -> None:
-        """Resolve a symlink like the kernel would, through the archive's other symlinks."""
-        name = "/".join(parts)
-        cur = list(parts[:-1])
-        pending = [p for p in reversed(target.split("/")) if p not in ("", ".")]
-        hops = 0
-        while pending:
-            comp = pending.pop()
-            if comp == "..":
-                if not cur:
-                    raise ArchiveRefused(
-                        f"symlink {name!r} -> {target!r} leaves the release through other symlinks"
-                    )
-                cur.pop()
-                continue
-            nxt = (*cur, comp)
-            kind = self.kinds.get(nxt)
-            if kind == _SYMLINK:
-                hops += 1
-                if hops > _MAX_LINK_HOPS:
-                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} loops")
-                via = self.links[nxt]
-                if via.startswith("/"):  # pragma: no cover - refused when it was extracted
-                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
-                pending.extend(p for p in reversed(via.split("/")) if p not in ("", "."))
-                continue
-            if kind != _DIR and ".." in pending:
-                raise ArchiveRefused(
-                    f"symlink {name!r} -> {target!r} uses '..' after "
-                    f"{'/'.join(nxt)!r}, which is not a directory of the "
-                    f"release"
-                )
-            cur.append(comp)
 
     # -- error translation ----------------------------------------------------------------
 

@@ -23,10 +23,11 @@ from typing import IO, Any
 
 import yaml
 
-from watcher.archive import MAX_PATH_DEPTH, over_ratio
+from watcher.archive import MAX_PATH_DEPTH, check_members, over_ratio
 from watcher.config import APP_NAME_RE, Config, Limits
 from watcher.consul_api import ConsulClient, KVEntry
 from watcher.errors import (
+    ArchiveRefused,
     ArtifactIdTaken,
     ArtifactIntegrityError,
     ArtifactRefused,
@@ -393,6 +394,7 @@ def build_tarball(
     declared = sum(e.size for e in entries)  # bytes of file data
     if limits is not None:
         _check_tree_limits(src, entries, declared, limits, limits_from)
+    _check_members(src, entries)
     out = Path(out_path)
     mtime = _source_date_epoch()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -421,6 +423,23 @@ def build_tarball(
                 f"bomb (limits.max_ratio{limits_from})"
             )
     return hashing.digest.hexdigest(), hashing.size, [e.rel for e in entries]
+
+
+#: The extractor's name (watcher/archive.py) for each kind of ``_Entry``.
+_ARCHIVE_KINDS = {"dir": "directory", "file": "file", "symlink": "symlink"}
+
+
+def _check_members(src: Path, entries: list[_Entry]) -> None:
+    """Refuse a tree every host would refuse to extract by the extractor's own rules on
+    names, reserved paths and symlinks (``archive.check_members``): a symlink that leaves
+    the tree through other symlinks, '..' after a non-directory, a loop, a checked-in
+    ``.watcher/release.json``. Refused here, the id is not burnt for nothing."""
+    try:
+        check_members((e.rel, _ARCHIVE_KINDS[e.kind], e.target) for e in entries)
+    except ArchiveRefused as exc:
+        raise ArtifactRefused(
+            f"refusing to publish {src}: hosts refuse to extract it: {exc}"
+        ) from None
 
 
 def _check_tree_limits(

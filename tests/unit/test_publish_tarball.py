@@ -205,6 +205,47 @@ class TestBuildTarball:
         with pytest.raises(ArtifactRefused, match=r"symlink lib/evil -> .* points outside"):
             build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
 
+    @pytest.mark.parametrize(
+        ("links", "files", "message"),
+        [
+            (
+                {"a/b/up": "../..", "e": "a/b/up/.."},
+                {},
+                "symlink 'e' -> 'a/b/up/..' leaves the release through other symlinks",
+            ),
+            (
+                {"x": "index.html/.."},
+                {"index.html": "<p>"},
+                "symlink 'x' -> 'index.html/..' uses '..' after 'index.html', which is not a "
+                "directory",
+            ),
+            ({"l1": "l2", "l2": "l1"}, {}, "symlink 'l1' -> 'l2' loops"),
+            (
+                {},
+                {".watcher/release.json": "{}"},
+                "member '.watcher/release.json' is reserved",
+            ),
+        ],
+    )
+    def test_a_tree_the_hosts_extractor_refuses_is_refused_naming_the_member(
+        self, tmp_path: Path, links: dict[str, str], files: dict[str, str], message: str
+    ) -> None:
+        """The extractor's own rules (watcher/archive.py), not an approximation of them:
+        each of these passed publish and was then refused by every host, burning the id."""
+        src = make_tree(tmp_path / "src")
+        for rel, text in files.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_text(text)
+        for rel, target in links.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).symlink_to(target)
+        out = tmp_path / "a.tar.gz"
+        with pytest.raises(ArtifactRefused) as err:
+            build_tarball(src, load_manifest(src), out, limits=Limits())
+        assert str(err.value).startswith(f"refusing to publish {src}: hosts refuse to extract")
+        assert message in str(err.value)
+        assert not out.exists()
+
     def test_excluded_escaping_symlink_is_ignored(self, tmp_path: Path) -> None:
         src = make_tree(tmp_path / "src")
         (src / "docs/evil").symlink_to("/etc/passwd")
