@@ -551,15 +551,17 @@ def publish_artifact(
     Order: tarball -> KV record for the id? (same sha256: re-use it; other sha256: refuse,
     unless it is stale, below) -> pin for the id? (other sha256: refuse) -> KV record
     written (cas=0; it is also the permission check, so a refused token uploads nothing) ->
-    S3 object? (other sha256: refuse; same: re-use; missing: upload with If-None-Match: *)
+    S3 object? (same: re-use; missing: upload with If-None-Match: *; other sha256: an
+    orphan of a failed publish, replaced with If-Match on its ETag when no pin appeared
+    meanwhile; it is refused only where this publish does not hold the record it wrote)
     -> HEAD verifies size and sha256 -> ``build-finished`` (fired again by an idempotent
     re-publish). If anything fails or a signal stops it (``signals_interrupt_publish``)
     between the record write and a verified upload, the record it wrote is withdrawn.
 
-    A record of other bytes is *stale* when its S3 object is missing and no host pinned the
-    id (``pins/<id>``): a publish killed mid-upload (SIGKILL, a lost agent) left it. It is
-    replaced (cas on its index), and put back if this publish fails in turn, so a publish
-    that was only slow, not dead, keeps its record whoever wins the object.
+    A record of other bytes is *stale* when its S3 object is missing (or holds other bytes
+    than the record says) and no host pinned the id (``pins/<id>``): a publish killed
+    mid-upload (SIGKILL, a lost agent) left it. It is replaced (cas on its index), and put
+    back if this publish fails in turn.
     """
     if not APP_NAME_RE.match(app):
         raise ArtifactRefused(f"invalid app name {app!r}: must match {APP_NAME_RE.pattern}")
@@ -679,7 +681,25 @@ def _publish(
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
                 s3_key = store.parse_url(record.url, app=app)
-                _ensure_uploaded(store, s3_key, tarball, artifact_id, sha256, size, progress, log)
+                # Holding the record it wrote, with no pin of other bytes, this publish may
+                # replace an object of other bytes: an orphan of a failed or cancelled
+                # publish (its record withdrawn), which no host can have verified.
+                pin_key = keys.pin(artifact_id)
+                _ensure_uploaded(
+                    store,
+                    s3_key,
+                    tarball,
+                    artifact_id,
+                    sha256,
+                    size,
+                    progress,
+                    log,
+                    replace_orphan=(
+                        (lambda: _check_pin(consul, pin_key, artifact_id, sha256))
+                        if wrote
+                        else None
+                    ),
+                )
             except BaseException as exc:
                 if record is not None and (
                     wrote or (writing and isinstance(exc, PublishInterrupted))
@@ -688,6 +708,8 @@ def _publish(
                     done = _withdraw_despite_signals(consul, kv_key, record, previous, log)
                     if isinstance(exc, PublishInterrupted):
                         exc.outcome = done
+                    elif isinstance(exc, WatcherError) and len(exc.args) == 1:
+                        exc.args = (f"{exc.args[0]}; {done}",)  # what the operator sees
                 raise
             done = (
                 f"its record {kv_key} and its object were complete; build-finished may not "
@@ -722,7 +744,9 @@ def _check_stale(
     branch: str = "",
 ) -> None:
     """Refuse to replace ``record`` (other bytes) unless it is stale: its object is missing
-    and no host pinned the id, so nobody has or can have verified its bytes."""
+    or holds other bytes than the record says (an orphan of a publish that failed after
+    putting the record back), and no host pinned the id, so nobody has or can have verified
+    its bytes."""
     refusal = _refuse_existing(record.id, record.sha256, sha256, kv_key, (record.branch, branch))
     if consul.kv_get(pin_key) is not None:
         raise refusal
@@ -730,7 +754,8 @@ def _check_stale(
         s3_key = store.parse_url(record.url)
     except ArtifactRefused:
         raise refusal from None
-    if store.head(s3_key) is not None:
+    head = store.head(s3_key)
+    if head is not None and head.get("sha256") == record.sha256:
         raise refusal
 
 
@@ -807,13 +832,18 @@ def _withdraw(
         entry = consul.kv_get(kv_key)
         if entry is None or entry.value != record.to_json():
             return f"{kv_key} did not hold its record: nothing to withdraw"
+        # The upload may have reached S3 all the same (its answer or the HEAD after it lost).
+        remains = (
+            f"; its object {record.url} may remain: the next publish of this id re-uses it "
+            "(same bytes) or replaces it"
+        )
         if previous is None:
             if consul.kv_delete(kv_key, cas=entry.modify_index):
                 log.warning("artifact_record_withdrawn", key=kv_key)
-                return f"withdrew its record {kv_key}"
+                return f"withdrew its record {kv_key}{remains}"
         elif consul.kv_put(kv_key, previous, cas=entry.modify_index):
             log.warning("artifact_record_restored", key=kv_key)
-            return f"put back the record it replaced at {kv_key}"
+            return f"put back the record it replaced at {kv_key}{remains}"
         return f"{kv_key} changed meanwhile: left it alone"
     except WatcherError as exc:
         log.error("artifact_record_not_withdrawn", key=kv_key, error=str(exc))
@@ -832,24 +862,58 @@ def _ensure_uploaded(
     size: int,
     progress: ProgressFn | None,
     log: Any,
+    *,
+    replace_orphan: Callable[[], None] | None = None,
 ) -> None:
-    """Make the object at ``s3_key`` hold exactly this tarball, verified by a HEAD."""
+    """Make the object at ``s3_key`` hold exactly this tarball, verified by a HEAD.
+
+    ``replace_orphan``: given when this publish holds the record it wrote and no host
+    pinned the id; an object of other bytes is then an orphan (a failed or cancelled
+    publish uploaded it, then withdrew its record) that nobody can have verified: it is
+    replaced, after ``replace_orphan()`` checked again that no pin appeared (it raises
+    the refusal if one did). Without it, an object of other bytes is refused.
+    """
     url = store.url_for(s3_key)
     head = store.head(s3_key)
-    if head is not None and head.get("sha256") != sha256:
-        theirs = head.get("sha256") or "(none recorded)"
-        raise _refuse_existing(artifact_id, str(theirs), sha256, url)
-    if head is not None and head.get("size") == size:
+    theirs = str((head or {}).get("sha256") or "(none recorded)")
+    same = head is not None and head.get("sha256") == sha256 and head.get("size") == size
+    if head is not None and not same and replace_orphan is not None:
+        replace_orphan()
+        log.warning(
+            "artifact_orphan_replaced",
+            url=url,
+            orphan_sha256=theirs,
+            orphan_size=head.get("size"),
+            reason="no record or pin names its bytes: a failed or cancelled publish left it",
+        )
+        # If-Match: only the orphan just looked at, not what another writer put there since.
+        created = store.replace_file(
+            tarball,
+            s3_key,
+            etag=str(head.get("etag", "")),
+            sha256=sha256,
+            progress=_progress_of(progress, size),
+        )
+        if not created:
+            raise ArtifactRefused(
+                f"artifact {artifact_id}: {url} changed while this publish replaced it; "
+                "publish again"
+            )
+    elif head is not None and head.get("sha256") != sha256:
+        raise _refuse_existing(artifact_id, theirs, sha256, url)
+    elif same:
         log.info("artifact_upload_reused", url=url)
         return
-    # If-None-Match: * never overwrites an object, whoever uploaded it meanwhile.
-    created = store.create_file(
-        tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
-    )
+    else:
+        # If-None-Match: * never overwrites an object, whoever uploaded it meanwhile.
+        created = store.create_file(
+            tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
+        )
     head = store.head(s3_key)
     if head is None or head.get("size") != size or head.get("sha256") != sha256:
         got = "nothing" if head is None else f"size {head.get('size')} sha256 {head.get('sha256')}"
-        if created:
+        if created and head is not None and head.get("sha256") == sha256:
+            # Ours but broken; other bytes are another writer's, theirs to keep.
             store.delete(s3_key)
         raise ArtifactIntegrityError(
             f"upload of {url} did not verify: expected size {size} sha256 {sha256}, S3 has {got}"

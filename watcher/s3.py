@@ -352,7 +352,37 @@ class S3Store:
     ) -> bool:
         """Upload ``path`` to ``key`` only if no object is there yet (``If-None-Match: *``);
         False when one already exists (nothing is overwritten, whoever wrote it)."""
-        where = f"PUT {self.url_for(key)} (If-None-Match: *)"
+        return self._put_if(path, key, sha256=sha256, progress=progress, if_none_match="*")
+
+    def replace_file(
+        self,
+        path: str | Path,
+        key: str,
+        *,
+        etag: str,
+        sha256: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Overwrite the object at ``key`` with ``path`` only if it is still the one with
+        ``etag`` (``If-Match``); False when it changed or went away meanwhile."""
+        return self._put_if(path, key, sha256=sha256, progress=progress, if_match=etag)
+
+    def _put_if(
+        self,
+        path: str | Path,
+        key: str,
+        *,
+        sha256: str,
+        progress: Callable[[int], None] | None,
+        if_none_match: str = "",
+        if_match: str = "",
+    ) -> bool:
+        """One conditional PUT of ``path``; False when its condition does not hold."""
+        condition = f"If-None-Match: {if_none_match}" if if_none_match else f"If-Match: {if_match}"
+        where = f"PUT {self.url_for(key)} ({condition})"
+        extra: dict[str, Any] = {"IfNoneMatch": if_none_match} if if_none_match else {}
+        if if_match:
+            extra["IfMatch"] = if_match if if_match.startswith('"') else f'"{if_match}"'
 
         def put() -> bool:
             import botocore.exceptions as bexc  # loaded with boto3, on the first S3 call
@@ -366,7 +396,7 @@ class S3Store:
                         Body=body,
                         ContentLength=Path(path).stat().st_size,
                         Metadata={"sha256": sha256},
-                        IfNoneMatch="*",
+                        **extra,
                     )
                 except bexc.ClientError as exc:
                     code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -376,6 +406,8 @@ class S3Store:
                         412,
                     ):
                         return False
+                    if if_match and (code in _MISSING_CODES or status == 404):
+                        return False  # If-Match on an object that is gone
                     raise
             return True
 

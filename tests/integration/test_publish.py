@@ -38,6 +38,7 @@ from watcher.errors import (
 )
 from watcher.publish import BUILD_FINISHED, publish_artifact
 from watcher.records import ArtifactRecord, Keys
+from watcher.s3 import S3Store
 
 CLUSTER = ClusterSpec(hosts=1)
 COMMIT = "15eb13af0123456789abcdef0123456789abcdef"
@@ -252,19 +253,78 @@ class TestPublish:
         assert "'release-1.2' gives the same id" in message and "--artifact-id" in message
         assert kv_record(consul, first.id) == first
 
-    def test_an_unrecorded_object_with_other_content_is_refused(
+    def test_an_unrecorded_object_with_other_content_is_replaced(
         self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
     ) -> None:
+        """No record and no pin names it: an orphan of a failed publish, nobody can have
+        verified it; the publish that holds the record replaces it."""
         s3_client(s3_settings.endpoint_url).put_object(
             Bucket=s3_settings.bucket,
             Key="artifacts/web/stray-1.tar.gz",
             Body=b"not ours",
             Metadata={"sha256": "0" * 64},
         )
+        record = publish(config, src, artifact_id="stray-1")
+        assert kv_record(consul, "stray-1") == record
+        obj = s3_object(s3_settings, "stray-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
+        assert obj["metadata"] == {"sha256": record.sha256}
+        assert events_for(consul, "stray-1", count=1) == [{"app": "web", "artifact": "stray-1"}]
+
+    def test_an_orphan_a_host_pinned_is_not_replaced(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        s3_client(s3_settings.endpoint_url).put_object(
+            Bucket=s3_settings.bucket,
+            Key="artifacts/web/stray-2.tar.gz",
+            Body=b"not ours",
+            Metadata={"sha256": "0" * 64},
+        )
+        pin = {"version": 1, "artifact": "stray-2", "sha256": "0" * 64, "size": 8}
+        pin["url"] = f"s3://{s3_settings.bucket}/artifacts/web/stray-2.tar.gz"
+        consul.kv_put(Keys("watcher", "web").pin("stray-2"), json.dumps(pin).encode())
         with pytest.raises(ArtifactRefused, match=f"already exists with sha256 {'0' * 64}"):
-            publish(config, src, artifact_id="stray-1")
-        assert kv_record(consul, "stray-1") is None
-        assert events_for(consul, "stray-1") == []
+            publish(config, src, artifact_id="stray-2")
+        assert kv_record(consul, "stray-2") is None
+        obj = s3_object(s3_settings, "stray-2")
+        assert obj is not None and obj["body"] == b"not ours"
+
+    def test_a_failed_verification_leaves_an_object_the_next_build_replaces(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """S3 answers 503 to the HEAD that verifies a PUT that succeeded: the record is
+        withdrawn, the object stays. A rebuild with other bytes was refused forever."""
+        real_head = S3Store.head
+        calls: list[str] = []
+
+        def head_503_after_put(self: S3Store, key: str) -> dict[str, Any] | None:
+            calls.append(key)
+            if len(calls) == 2:  # the verifying HEAD
+                raise S3Unavailable("S3 unavailable: HEAD: 503: Service Unavailable")
+            return real_head(self, key)
+
+        monkeypatch.setattr(S3Store, "head", head_503_after_put)
+        with pytest.raises(S3Unavailable) as err:
+            publish(config, src, artifact_id="orphan-1")
+        key = Keys("watcher", "web").artifact("orphan-1")
+        assert f"withdrew its record {key}; its object" in str(err.value)
+        assert "may remain: the next publish of this id re-uses it" in str(err.value)
+        assert kv_record(consul, "orphan-1") is None
+        left = s3_object(s3_settings, "orphan-1")
+        assert left is not None
+        monkeypatch.undo()
+
+        (src / "app.py").write_text("print('v1, built again')\n")  # other bytes, same id
+        record = publish(config, src, artifact_id="orphan-1")
+        assert record.sha256 != hashlib.sha256(left["body"]).hexdigest()
+        assert kv_record(consul, "orphan-1") == record
+        obj = s3_object(s3_settings, "orphan-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
 
     def test_a_tmpdir_inside_the_tree_keeps_publish_scratch_out_of_the_artifact(
         self,
@@ -710,6 +770,24 @@ class TestPublishInterrupted:
 
         assert kv_record(consul, "pinned-1") == stale
         assert s3_object(s3_settings, "pinned-1") is None
+
+    def test_a_stale_record_whose_object_holds_other_bytes_is_replaced(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        """A put-back record and the object of the publish that failed after replacing it:
+        the object's bytes are not the record's, so no host can have verified either."""
+        stale = stale_record(s3_settings, "stale-3")
+        consul.kv_put(Keys("watcher", "web").artifact("stale-3"), stale.to_json())
+        s3_client(s3_settings.endpoint_url).put_object(
+            Bucket=s3_settings.bucket,
+            Key="artifacts/web/stale-3.tar.gz",
+            Body=b"a failed publish's",
+            Metadata={"sha256": "cd" * 32},
+        )
+        record = publish(config, src, artifact_id="stale-3")
+        assert kv_record(consul, "stale-3") == record
+        obj = s3_object(s3_settings, "stale-3")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
 
     def test_an_interrupted_replacement_puts_the_stale_record_back(
         self,
