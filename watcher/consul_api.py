@@ -162,9 +162,12 @@ class TxnOp:
         return TxnOp._kv("set", key, Value=_b64encode(value))
 
     @staticmethod
-    def cas(key: str, value: bytes, index: int) -> dict[str, Any]:
-        """Set ``key`` if its ModifyIndex is ``index``; index 0 means it must not exist."""
-        return TxnOp._kv("cas", key, Value=_b64encode(value), Index=index)
+    def cas(key: str, value: bytes, index: int, flags: int = 0) -> dict[str, Any]:
+        """Set ``key`` (and its ``flags``) if its ModifyIndex is ``index``; index 0 means it
+        must not exist. Consul leaves the ModifyIndex alone when value and flags are those
+        the key holds already (seen with 1.22): change the flags to make a write count."""
+        fields: dict[str, Any] = {"Flags": flags} if flags else {}
+        return TxnOp._kv("cas", key, Value=_b64encode(value), Index=index, **fields)
 
     @staticmethod
     def lock(key: str, value: bytes, session: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import yaml
 
 from watcher.archive import MAX_PATH_DEPTH, check_members, over_ratio
 from watcher.config import APP_NAME_RE, Config, Limits
-from watcher.consul_api import ConsulClient, KVEntry
+from watcher.consul_api import ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArchiveRefused,
     ArtifactIdTaken,
@@ -548,12 +548,14 @@ def publish_artifact(
 ) -> ArtifactRecord:
     """Build, upload, verify, record and announce one artifact; idempotent for the same tree.
 
-    Order: tarball -> KV record for the id? (same sha256: re-use it; other sha256: refuse,
-    unless it is stale, below) -> pin for the id? (other sha256: refuse) -> KV record
-    written (cas=0; it is also the permission check, so a refused token uploads nothing) ->
-    S3 object? (same: re-use; missing: upload with If-None-Match: *; other sha256: an
-    orphan of a failed publish, replaced with If-Match on its ETag when no pin appeared
-    meanwhile; it is refused only where this publish does not hold the record it wrote)
+    Order: tarball -> KV record for the id? (same sha256: take it over, written again with
+    a CAS on its index (``_adopt``), so that the publish that wrote it, cancelled now,
+    leaves it; other sha256: refuse, unless it is stale, below) -> pin for the id? (other
+    sha256: refuse) -> KV record written (cas=0; it is also the permission check, so a
+    refused token uploads nothing) -> S3 object? (same: re-use; missing: upload with
+    If-None-Match: *; other sha256: an orphan of a failed publish, replaced with If-Match
+    on its ETag when no pin appeared meanwhile; refused where this publish does not hold
+    the record it wrote)
     -> HEAD verifies size and sha256 -> ``build-finished`` (fired again by an idempotent
     re-publish). If anything fails or a signal stops it (``signals_interrupt_publish``)
     between the record write and a verified upload, the record it wrote is withdrawn.
@@ -643,9 +645,13 @@ def _publish(
             # Whether this publish wrote the record (``writing``: the write may have reached
             # Consul, whose answer a signal cut off).
             writing = wrote = False
+            # The ModifyIndex of the record this publish wrote (0: none, or not known): the
+            # withdrawal deletes or restores only that write, never a later one.
+            written = 0
             record = existing
             try:
-                if record is not None:
+                if record is not None and entry is not None:
+                    _adopt(consul, kv_key, entry, artifact_id)
                     done = f"it left the existing record {kv_key} as it was"
                 else:
                     record = ArtifactRecord(
@@ -662,12 +668,14 @@ def _publish(
                         created_by=created_by,
                     )
                     writing = True
-                    wrote = _write_record(consul, kv_key, record, stale, log)
+                    written = _write_record(consul, kv_key, record, stale, log)
+                    wrote = bool(written)
                     writing = False
                     if not wrote:
                         # Another publisher won the race: fine if it published the same bytes.
-                        winner = _read_record(consul, kv_key)
-                        if winner is None:
+                        won = consul.kv_get(kv_key)
+                        winner = _record_of(won, kv_key)
+                        if won is None or winner is None:
                             # Written and withdrawn by a publish that failed meanwhile: the id
                             # is free again, a retry of this publish can take it.
                             raise ArtifactRefused(
@@ -678,6 +686,7 @@ def _publish(
                             raise _refuse_existing(
                                 artifact_id, winner.sha256, sha256, kv_key, (winner.branch, branch)
                             )
+                        _adopt(consul, kv_key, won, artifact_id)
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
                 s3_key = store.parse_url(record.url, app=app)
@@ -705,7 +714,7 @@ def _publish(
                     wrote or (writing and isinstance(exc, PublishInterrupted))
                 ):
                     previous = None if stale is None else stale.value
-                    done = _withdraw_despite_signals(consul, kv_key, record, previous, log)
+                    done = _withdraw_despite_signals(consul, kv_key, record, previous, written, log)
                     if isinstance(exc, PublishInterrupted):
                         exc.outcome = done
                     elif isinstance(exc, WatcherError) and len(exc.args) == 1:
@@ -759,20 +768,43 @@ def _check_stale(
         raise refusal
 
 
+def _cas(consul: ConsulClient, kv_key: str, value: bytes, index: int, flags: int = 0) -> int:
+    """Write ``value`` if the key's ModifyIndex is ``index`` (0: absent); the ModifyIndex
+    of the write, 0 when the CAS lost. A txn, because a KV PUT does not say the index."""
+    result = consul.txn([TxnOp.cas(kv_key, value, index, flags)])
+    if not result.ok:
+        return 0
+    return result.entries[0].modify_index if result.entries else 0
+
+
+def _adopt(consul: ConsulClient, kv_key: str, entry: KVEntry, artifact_id: str) -> None:
+    """Take over another publish's record of the same bytes: write it again as it is, with a
+    CAS on its index, so that the publish that wrote it, stopped by a signal or a failure,
+    no longer withdraws it (``_withdraw`` deletes only its own write): this publish reports
+    the record as published, and it stays. The entry's flags (read by nobody) count the
+    adoptions: Consul keeps the ModifyIndex of a write of the same value and flags."""
+    flags = (entry.flags + 1) % 2**64 or 1
+    if entry.value is None or not _cas(consul, kv_key, entry.value, entry.modify_index, flags):
+        raise ArtifactRefused(
+            f"artifact {artifact_id}: another publish changed {kv_key} while this one took "
+            "it over; publish again"
+        )
+
+
 def _write_record(
     consul: ConsulClient,
     kv_key: str,
     record: ArtifactRecord,
     stale: KVEntry | None,
     log: Any,
-) -> bool:
-    """Create the record (cas=0), or replace ``stale`` (cas on its index); False when
-    another publisher changed the key first."""
+) -> int:
+    """Create the record (cas=0), or replace ``stale`` (cas on its index); the ModifyIndex
+    written, 0 when another publisher changed the key first."""
     if stale is None:
-        return consul.kv_put(kv_key, record.to_json(), cas=0)
+        return _cas(consul, kv_key, record.to_json(), 0)
     # The CI policy's write on artifacts/ covers this as it covers the create: Consul's
     # rules cannot tell them apart, so a token that may publish may replace.
-    replaced = consul.kv_put(kv_key, record.to_json(), cas=stale.modify_index)
+    replaced = _cas(consul, kv_key, record.to_json(), stale.modify_index)
     if replaced:
         theirs = _record_of(stale, kv_key)
         log.warning(
@@ -802,6 +834,7 @@ def _withdraw_despite_signals(
     kv_key: str,
     record: ArtifactRecord,
     previous: bytes | None,
+    written: int,
     log: Any,
 ) -> str:
     """``_withdraw``, run to its end even when a signal arrives during it: it is raised
@@ -809,7 +842,7 @@ def _withdraw_despite_signals(
     interrupted: PublishInterrupted | None = None
     while True:
         try:
-            outcome = _withdraw(consul, kv_key, record, previous, log)
+            outcome = _withdraw(consul, kv_key, record, previous, written, log)
             break
         except PublishInterrupted as exc:
             interrupted = exc
@@ -824,14 +857,29 @@ def _withdraw(
     kv_key: str,
     record: ArtifactRecord,
     previous: bytes | None,
+    written: int,
     log: Any,
 ) -> str:
     """Remove the record this publish wrote (or put back the stale one it replaced) when
-    its upload did not complete; what it did, in words for the operator."""
+    its upload did not complete; what it did, in words for the operator.
+
+    Only its own write is touched: a CAS on ``written``, the ModifyIndex it wrote. Another
+    publish of the same bytes that took the record over (``_adopt``) wrote it again, and
+    reports it as published: it is left alone. When the write's answer was lost (0), the
+    record is this publish's only if it holds its bytes and, for a create, was never
+    written again since (ModifyIndex == CreateIndex).
+    """
     try:
         entry = consul.kv_get(kv_key)
         if entry is None or entry.value != record.to_json():
             return f"{kv_key} did not hold its record: nothing to withdraw"
+        if written == 0 and previous is None and entry.modify_index == entry.create_index:
+            written = entry.modify_index
+        elif written == 0 and previous is not None:
+            written = entry.modify_index  # a replacement's answer lost: its bytes decide
+        if entry.modify_index != written:
+            log.warning("artifact_record_adopted", key=kv_key)
+            return f"{kv_key} was adopted by another publish of the same bytes; left it"
         # The upload may have reached S3 all the same (its answer or the HEAD after it lost).
         remains = (
             f"; its object {record.url} may remain: the next publish of this id re-uses it "
@@ -922,13 +970,6 @@ def _ensure_uploaded(
         log.info("artifact_upload_reused", url=url)
         return
     log.info("artifact_uploaded", url=url, size=size)
-
-
-def _read_record(consul: ConsulClient, kv_key: str) -> ArtifactRecord | None:
-    entry = consul.kv_get(kv_key)
-    if entry is None:
-        return None
-    return ArtifactRecord.from_json(entry.value, where=kv_key)
 
 
 def _progress_of(progress: ProgressFn | None, total: int) -> Callable[[int], None] | None:

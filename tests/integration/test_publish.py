@@ -723,6 +723,41 @@ class TestPublishInterrupted:
         assert s3_object(s3_settings, artifact) is None
         assert events_for(consul, artifact) == []
 
+    def test_a_retry_that_adopted_the_record_keeps_it_when_the_original_is_cancelled(
+        self,
+        config_data: dict[str, Any],
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        """A Buildkite retry (B) finds the record of the job it retries (A, stuck in its
+        upload) with the same bytes, uploads and reports "published"; then A is cancelled:
+        A must not withdraw the record B reported."""
+        with StallingS3(s3_settings.endpoint_url or "") as slow:
+            proc = start_publish(
+                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
+                tmp_path,
+                src,
+                "adopted-1",
+            )
+            try:
+                assert slow.put_started.wait(30), "the upload never started"
+                record = publish(config, src, artifact_id="adopted-1")  # B, the retry
+                proc.send_signal(signal.SIGTERM)  # A, cancelled
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        assert proc.returncode == 143, err
+        assert "was adopted by another publish of the same bytes; left it" in err
+        assert kv_record(consul, "adopted-1") == record
+        obj = s3_object(s3_settings, "adopted-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
+
     def test_a_record_left_by_a_killed_publish_is_replaced_by_the_next(
         self,
         config_data: dict[str, Any],
