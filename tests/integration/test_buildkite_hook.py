@@ -192,6 +192,28 @@ class TestBuildkitePostCommand:
         assert record(consul, f"feature-login-4{COMMIT[1:8]}") is None
         check_sourced_shell(mode, result)
 
+    @pytest.mark.parametrize(
+        "allowed", ["main\nrelease/*", "main,\trelease/*\n", "x y\n\nrelease/*"]
+    )
+    def test_every_line_of_the_allow_list_counts(
+        self, mode: str, checkout: Path, tmp_path: Path, allowed: str
+    ) -> None:
+        """Commas, spaces, tabs and newlines all separate entries: a YAML block scalar in the
+        pipeline's env gives one entry a line. (A stub watcherctl: only the choice is tested.)"""
+        stub = tmp_path / "watcherctl-stub"
+        stub.write_text('#!/bin/sh\necho "stub watcherctl $*"\n')
+        stub.chmod(0o755)
+        env = buildkite_env(
+            tmp_path / "unused.yaml",
+            BUILDKITE_BRANCH="release/2.0",
+            WATCHER_CTL=str(stub),
+            WATCHER_PUBLISH_BRANCHES=allowed,
+        )
+        result = run_hook(mode, checkout, **env)
+        assert result.returncode == 0, result.stderr
+        assert "stub watcherctl publish web" in result.stdout, result.stdout
+        check_sourced_shell(mode, result)
+
     def test_pull_request_build_does_nothing(
         self,
         mode: str,
