@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -1468,6 +1469,11 @@ class AppAgent:
             else:  # no hook to run: both phases in one write
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("staged", "post_release")
+            # A hook that would run after the commit but cannot (a typo in the config's
+            # path, a release hook left without its x bit): a "no" now, before anything
+            # switches, not a failure after the whole fleet flipped (and again in the
+            # automatic rollback).
+            _check_runnable(self.app, self.engine.layout.release_dir(rec.release))
             why = self.store.check_sessions(joined, pre.members)
             if why is not None:
                 refused = True
@@ -2149,6 +2155,32 @@ def decided_by(member: KVEntry) -> dict[str, str]:
 
 ABORT_ESTABLISHED = "the deploy was aborted"  # why a host stops staging: others said no
 ABORT_REQUESTED = "abort requested"  # ... or an operator asked (`watcherctl abort`, the API)
+
+
+# The hooks of a commit, run after the flip: what a host checks it can start before it
+# acks ready.
+AFTER_COMMIT_PHASES = ("post_symlink", "validate")
+
+
+def _check_runnable(app: AppConfig, release_dir: Path) -> None:
+    """Raise ``HookError`` for the first hook of ``AFTER_COMMIT_PHASES`` that cannot be
+    started: no such file, not a regular file, or not executable."""
+    for phase in AFTER_COMMIT_PHASES:
+        for argv in hook_commands(app, phase, release_dir):
+            path = Path(argv[0])
+            if not path.exists():
+                why = "does not exist" if not path.is_symlink() else "is a dangling symlink"
+            elif not path.is_file():
+                why = "is not a regular file"
+            elif not os.access(path, os.X_OK):
+                why = "is not executable"
+            else:
+                continue
+            raise HookError(
+                phase,
+                str(path),
+                f"{why}: it would fail after the commit, so this host says no before it",
+            )
 
 
 def _stopped_state(why: str) -> str:

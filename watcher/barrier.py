@@ -1567,7 +1567,9 @@ class DeployStore:
                 else "rolled_back"
             )
             first = acks[validate_failed[0]]
-            reason = f"validate failed on {', '.join(validate_failed)}: {first.error}".strip()
+            reason = (
+                f"failed after the commit on {', '.join(validate_failed)}: {first.error}".strip()
+            )
         elif verdict.outcome == COMMIT:
             result, reason = "committed", verdict.reason
         else:

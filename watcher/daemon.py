@@ -704,6 +704,7 @@ class Daemon:
             apps=sorted(self.config.apps),
             consul=self.config.consul.base_url,
         )
+        _log_config_warnings(self.config)
         self._build_agents()
         server = None
         if self.config.daemon.listen:
@@ -1021,6 +1022,7 @@ class Daemon:
                 note="these settings take effect at the next restart",
             )
         self.config = new
+        _log_config_warnings(new)
         log.info("config_reloaded", source=new.source)
         self.notifier.ready()
 
@@ -1125,3 +1127,14 @@ def run_daemon(config: Config, args: Any) -> int:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def _log_config_warnings(config: Config) -> None:
+    """What `watcher check-config` warns of (a hook path that does not exist, a user this
+    host lacks), in the log at start and at each reload: a typo there used to be found
+    only when the hook ran, after the fleet had switched. Consul's TTL minimum is check-
+    config's to ask the agent about; a session it refuses is logged anyway."""
+    from watcher.daemon_cli import config_warnings
+
+    for warning in config_warnings(config, session_ttl=False):
+        log.warning("config_warning", source=config.source, warning=warning)

@@ -112,12 +112,17 @@ def agent_session_ttl_min(config: Config) -> float | None:
         client.close()
 
 
-def config_warnings(config: Config, *, agent_ttl_min: float | None = None) -> list[str]:
+def config_warnings(
+    config: Config, *, agent_ttl_min: float | None = None, session_ttl: bool = True
+) -> list[str]:
     """Things that are valid but will not work on this host as it stands (warn, don't fail).
-    ``agent_ttl_min``: the Consul agent's ``session_ttl_min``, when it could be asked."""
+    ``agent_ttl_min``: the Consul agent's ``session_ttl_min``, when it could be asked;
+    ``session_ttl``: False leaves the TTL out (the daemon's log: no guess without the agent)."""
     warnings: list[str] = []
     ttl = config.daemon.session_ttl
-    if agent_ttl_min is not None:
+    if not session_ttl:
+        pass
+    elif agent_ttl_min is not None:
         if ttl < agent_ttl_min:
             warnings.append(
                 f"daemon.session_ttl: {ttl:g}s is below the session_ttl_min the Consul agent "

@@ -246,6 +246,29 @@ class TestValidateFailure:
         assert f"  {bad}: failed_after_commit: validate hook " in again.stdout, again.stdout
         assert "    | GET /healthz -> 502 Bad Gateway\n" in again.stdout, again.stdout
 
+    def test_a_hook_after_the_commit_that_cannot_start_is_a_no_before_it(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """A typo in host-2's post_symlink path: the deploy used to commit, every host
+        switched, host-2 failed after the commit and the fleet rolled back (whose own
+        post_symlink failed the same way). Now host-2 says no before the commit, naming
+        the hook; its log warned of the path at start."""
+        typo = tmp_path / "hooks" / "restart-servce"
+        fleet = make_fleet(hosts={1: {"hooks": {"post_symlink": [str(typo)]}}})
+        bad = fleet.watchers[1]
+        warned = [e for e in bad.log_events("config_warning") if str(typo) in e["warning"]]
+        assert warned and "does not exist" in warned[0]["warning"], bad.log_text()[-2000:]
+        result = fleet.watchers[0].ctl("deploy", "web", fleet.publish("v1").id, check=False)
+        summary = json.loads(result.stdout)
+        assert result.returncode != 0 and summary["result"] == "aborted", summary
+        error = summary["hosts"][bad.name]["error"]
+        assert f"post_symlink hook {typo}: does not exist" in error, error
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, None)
+        # Fixed (the hook exists now): the next deploy commits.
+        hook(typo, "exit 0\n")
+        deploy_ok(fleet, fleet.publish("v2").id)
+
 
 # --- 2. raw events and rollback ----------------------------------------------------------------
 
