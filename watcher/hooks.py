@@ -35,10 +35,14 @@ PIPE_GRACE = 2.0
 #: A failure keeps at most this much of the end of the output (lines, then characters).
 TAIL_LINES = 40
 TAIL_CHARS = 4096
-#: Longer output lines are split; one hook logs at most MAX_LOGGED_LINES lines (journald
-#: rate-limits a unit anyway), the rest is counted and the tail is still kept.
+#: Longer output lines are split; one hook run logs at most MAX_LOGGED_LINES lines and
+#: MAX_LOGGED_BYTES bytes of output, whichever comes first (journald rate-limits a unit
+#: anyway, and one 50 MB line would otherwise be logged as ~41 MB): the rest is counted,
+#: one ``hook_output_truncated`` line says how much was not logged, and the tail is still
+#: kept.
 MAX_LINE_BYTES = 4096
 MAX_LOGGED_LINES = 10_000
+MAX_LOGGED_BYTES = 1024 * 1024
 #: How a hook that was started ended (``run_hooks``'s ``on_result``; a metric label): by
 #: itself with status 0, by itself otherwise (or it could not start), at its timeout, or
 #: stopped by ``cancel``.
@@ -329,6 +333,9 @@ class _HookProcess:
         self.kill_grace = kill_grace
         self.cancel = cancel
         self.lines = 0
+        self.bytes = 0  # of output, newlines not counted
+        self.logged_lines = 0
+        self.logged_bytes = 0
         self.stopped_by = ""  # HOOK_TIMEOUT or HOOK_CANCELLED once ``wait`` stopped it
         self._partial = b""
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -440,8 +447,14 @@ class _HookProcess:
         if self._partial:
             self._emit(self._partial)
             self._partial = b""
-        if self.lines > MAX_LOGGED_LINES:
-            self.log.warning("hook_output_truncated", lines=self.lines, logged=MAX_LOGGED_LINES)
+        if self.logged_lines < self.lines:
+            self.log.warning(
+                "hook_output_truncated",
+                lines=self.lines,
+                logged=self.logged_lines,
+                not_logged_lines=self.lines - self.logged_lines,
+                not_logged_bytes=self.bytes - self.logged_bytes,
+            )
         return stopped
 
     def _drain(self, pipe: Any) -> None:
@@ -474,10 +487,19 @@ class _HookProcess:
 
     def _emit(self, raw: bytes) -> None:
         for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
-            line = raw[start : start + MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r")
+            piece = raw[start : start + MAX_LINE_BYTES]
+            line = piece.decode("utf-8", "replace").rstrip("\r")
             self.lines += 1
+            self.bytes += len(piece)
             self._tail.append(line)
-            if self.lines <= MAX_LOGGED_LINES:
+            # Once one line is not logged, none after it is: the log never skips a part.
+            if (
+                self.logged_lines == self.lines - 1
+                and self.logged_lines < MAX_LOGGED_LINES
+                and self.logged_bytes + len(piece) <= MAX_LOGGED_BYTES
+            ):
+                self.logged_lines += 1
+                self.logged_bytes += len(piece)
                 self.log.info("hook_output", line=line)
 
 

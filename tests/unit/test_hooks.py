@@ -514,6 +514,40 @@ class TestOutput:
         assert len(tail) <= hooks.TAIL_CHARS
         assert set(tail.splitlines()[-2]) == {"y"}
 
+    def test_one_huge_line_logs_at_most_the_byte_cap_then_says_how_much_was_not(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        # 3 MB without a newline: 733 pieces of 4 KiB, far below the line cap, used to be
+        # logged whole (a 50 MB line: ~41 MB of log per run per host).
+        hook = write_script(
+            tmp_path / "hooks" / "flood",
+            "head -c 3000000 /dev/zero | tr '\\0' y\necho\necho THE-END\nexit 7\n",
+        )
+        app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+        with capture_logs() as logs, pytest.raises(HookError) as info:
+            run_hooks(app, "post_release", make_ctx(release_dir))
+        logged = [e["line"] for e in logs if e["event"] == "hook_output"]
+        logged_bytes = sum(len(line) for line in logged)
+        assert 0 < logged_bytes <= 1024 * 1024  # docs/hooks.md: 1 MiB a run
+        assert set("".join(logged)) == {"y"}, "THE-END comes after what was not logged"
+        [truncated] = [e for e in logs if e["event"] == "hook_output_truncated"]
+        assert truncated["logged"] == len(logged)
+        assert truncated["not_logged_bytes"] == 3_000_000 + len("THE-END") - logged_bytes
+        assert truncated["not_logged_lines"] == truncated["lines"] - len(logged)
+        assert info.value.output_tail.endswith("\nTHE-END")
+
+    def test_short_output_is_logged_whole_without_a_truncation_line(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        hook = write_script(tmp_path / "hooks" / "talk", "seq 1 2000\n")
+        app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+        with capture_logs() as logs:
+            run_hooks(app, "post_release", make_ctx(release_dir))
+        assert [e["line"] for e in logs if e["event"] == "hook_output"] == [
+            str(i) for i in range(1, 2001)
+        ]
+        assert not [e for e in logs if e["event"] == "hook_output_truncated"]
+
 
 @pytest.fixture
 def throwaway_user() -> Iterator[pwd.struct_passwd]:
