@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import grp
 import os
 import pwd
+import re
 import selectors
 import signal
 import subprocess
@@ -291,6 +293,8 @@ def _run_one(
     except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the env
         who = f" as {identity.name}" if identity.popen else ""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+            reason = _missing_interpreter(Path(argv[0]), release_dir) or reason
         raise HookError(phase, name, f"cannot start{who}: {reason}") from None
     run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace, cancel=cancel)
     outcome = run.wait()
@@ -304,6 +308,39 @@ def _run_one(
         raise HookError(phase, name, outcome, output_tail=tail, result=result)
     log.info("hook_finished", took_ms=round(duration * 1000), output_lines=run.lines)
     return HookResult(phase=phase, hook=name, duration=duration, output_lines=run.lines)
+
+
+#: How much of a file the kernel reads for its ``#!`` line (BINPRM_BUF_SIZE, Linux >= 5.1).
+SHEBANG_BYTES = 256
+
+
+def _missing_interpreter(path: Path, cwd: Path) -> str | None:
+    """Why an existing ``path`` that exec refused with ENOENT cannot start, when its ``#!``
+    line is the cause: the interpreter it names does not exist, or that line ends with a
+    carriage return (a file saved with CRLF line endings: the kernel looks for ``sh\\r``).
+    None when the file cannot be read, has no ``#!`` line, or names one that exists."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(SHEBANG_BYTES)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    # As the kernel reads it: blanks before the interpreter, which ends at a blank or the
+    # end of the line; a carriage return is no blank to it.
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    interpreter = re.split(rb"[ \t\0]", line, maxsplit=1)[0].decode("utf-8", "replace")
+    if not interpreter or (cwd / interpreter).exists():  # relative: from the working dir
+        return None
+    bare = interpreter.rstrip("\r")
+    if bare != interpreter and (cwd / bare).exists():
+        return (
+            f"its #! line ends with a carriage return (the file has CRLF line endings), so "
+            f"the interpreter it names is {bare} followed by \\r, which does not exist: "
+            f"save the file with LF line endings (e.g. dos2unix)"
+        )
+    shown = interpreter.replace("\r", "\\r")
+    return f"its interpreter {shown} (from the #! line) does not exist"
 
 
 def _describe_status(returncode: int) -> str:
@@ -606,6 +643,9 @@ def run_in_release(
         ):
             proc.wait()
     except OSError as exc:
-        raise HookError("exec", argv[0], f"cannot start: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOENT and "/" in argv[0]:  # a path, not a command on PATH
+            reason = _missing_interpreter(release_dir / argv[0], release_dir) or reason
+        raise HookError("exec", argv[0], f"cannot start: {reason}") from None
     code = proc.returncode
     return 128 - code if code < 0 else code

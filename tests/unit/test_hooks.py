@@ -235,6 +235,43 @@ class TestOrderAndDiscovery:
         with pytest.raises(HookError, match=r"^validate hook /nonexistent/check: not found$"):
             run_hooks(app, "validate", make_ctx(release_dir))
 
+    def write_raw(self, path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode())
+        path.chmod(0o755)
+
+    @pytest.mark.parametrize(
+        "shebang", ["#!/usr/bin/nonexistent-interp", "#! /usr/bin/nonexistent-interp -e"]
+    )
+    def test_a_missing_interpreter_is_named(
+        self, tmp_path: Path, release_dir: Path, shebang: str
+    ) -> None:
+        # The kernel says ENOENT for the interpreter: "No such file or directory" reads
+        # as if the hook itself were missing, and it is there.
+        self.write_raw(release_dir / ".watcher/hooks/post_release", f"{shebang}\necho hi\n")
+        with pytest.raises(HookError) as info:
+            run_hooks(make_app(tmp_path), "post_release", make_ctx(release_dir))
+        assert str(info.value) == (
+            "post_release hook .watcher/hooks/post_release: cannot start: its interpreter"
+            " /usr/bin/nonexistent-interp (from the #! line) does not exist"
+        )
+        assert info.value.result == "failed"
+
+    def test_a_shebang_with_crlf_line_endings_says_so(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        hook = tmp_path / "hooks" / "check"
+        self.write_raw(hook, "#!/bin/sh\r\necho hi\r\n")
+        app = make_app(tmp_path, {"validate": ((str(hook),),)})
+        with pytest.raises(HookError) as info:
+            run_hooks(app, "validate", make_ctx(release_dir))
+        assert str(info.value) == (
+            f"validate hook {hook}: cannot start: its #! line ends with a carriage return"
+            " (the file has CRLF line endings), so the interpreter it names is /bin/sh"
+            " followed by \\r, which does not exist: save the file with LF line endings"
+            " (e.g. dos2unix)"
+        )
+
     def test_release_hook_linking_outside_the_release_is_refused(
         self, tmp_path: Path, release_dir: Path
     ) -> None:
@@ -676,6 +713,17 @@ class TestRunInRelease:
         assert proc.stdout == "after 4\n"
         ignored = int((release_dir / "sigign.txt").read_text().split()[1], 16)
         assert not ignored & (1 << (2 - 1)), "the command inherited an ignored SIGINT"
+
+    def test_a_script_whose_interpreter_is_missing(self, tmp_path: Path, release_dir: Path) -> None:
+        (release_dir / "bin").mkdir()
+        (release_dir / "bin/tool").write_text("#!/opt/nonexistent/python3\nprint(1)\n")
+        (release_dir / "bin/tool").chmod(0o755)
+        with pytest.raises(HookError) as info:
+            run_in_release(make_app(tmp_path), release_dir, ["bin/tool"])
+        assert str(info.value) == (
+            "command bin/tool: cannot start: its interpreter /opt/nonexistent/python3"
+            " (from the #! line) does not exist"
+        )
 
     def test_missing_command(self, tmp_path: Path, release_dir: Path) -> None:
         with pytest.raises(HookError) as info:
