@@ -273,6 +273,32 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: its options and its positionals mix freely.
+
+    Plain argparse takes a command's positionals in runs: in `gc web --dry-run host-1`, the
+    run `web` fills APP and an empty NODE list, and `host-1` is left over ("unrecognized
+    arguments"); so is DEPLOY in `abort web --reason R DEPLOY`. Every command is parsed as
+    ``parse_known_intermixed_args`` does (options first, then the positionals left), except
+    one that takes the rest of the line as it is (`exec`'s ``-- CMD``), which argparse
+    cannot intermix.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        whole = (argparse.REMAINDER, argparse.PARSER)
+        if self._intermixing or any(a.nargs in whole for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls this twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def command_of(argv: Sequence[str]) -> str | None:
     """The command ``argv`` names (global options may come before it), or None."""
     skip = False
@@ -295,7 +321,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
     modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
     for name in modules:
         importlib.import_module(name).register(sub, common)

@@ -151,7 +151,7 @@ class TestRetiringAHost:
         assert stale, f"the setup left no stale ack: {acked}"
 
         keys_before = progress_keys(fleet, gone.name)
-        dry = gc(w0, gone.name, "--dry-run")
+        dry = gc(w0, "--dry-run", gone.name)  # the flag before the node: README's "before or after"
         assert dry.returncode == 0, dry
         plan = json.loads(dry.stdout)["nodes"][gone.name]
         assert plan["deploys_deleted"] == sorted(stale)

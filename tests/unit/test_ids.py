@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +244,46 @@ class TestGlobalOptions:
     def test_exec_options_before_the_separator(self) -> None:
         args = ctl.build_parser().parse_args(["-c", "F", "exec", "web", "--", "ls", "-c", "x"])
         assert args.config == "F" and args.command[-3:] == ["ls", "-c", "x"]
+
+
+class TestOptionsAmongPositionals:
+    """A command's options go anywhere among its positionals (README: `gc APP [NODE ...]
+    [--dry-run]`), not only after the last one: argparse alone leaves a NODE or DEPLOY
+    that follows an option over as "unrecognized arguments"."""
+
+    @pytest.mark.parametrize(
+        ("argv", "expected"),
+        [
+            (["gc", "web", "--dry-run", "host-1"], {"nodes": ["host-1"], "dry_run": True}),
+            (["gc", "web", "-c", "F", "host-9"], {"nodes": ["host-9"], "config": "F"}),
+            (
+                ["gc", "web", "host-1", "--dry-run", "host-2", "--json"],
+                {"nodes": ["host-1", "host-2"], "dry_run": True, "json": True},
+            ),
+            (["gc", "--dry-run", "web"], {"app": "web", "nodes": [], "dry_run": True}),
+            (["gc", "web", "--", "host-1"], {"nodes": ["host-1"], "dry_run": False}),
+            (
+                ["abort", "web", "--reason", "bad build", "d-1"],
+                {"deploy": "web", "second": "d-1", "reason": "bad build"},
+            ),
+            (["abort", "web", "-c", "F", "d-1"], {"deploy": "web", "second": "d-1"}),
+            (["abort", "--app", "web", "d-1"], {"deploy": "d-1", "second": None}),
+            (["status", "--fleet", "web"], {"app": "web", "fleet": True}),
+        ],
+    )
+    def test_options_between_positionals(self, argv: list[str], expected: dict[str, Any]) -> None:
+        args = ctl.build_parser(argv[0]).parse_args(argv)
+        assert {k: getattr(args, k) for k in expected} == expected
+
+    def test_a_word_too_many_is_still_refused(self) -> None:
+        result = run_ctl("gc", "web", "--dry-run", "host-1", "--bogus")
+        assert result.returncode == 2
+        assert b"unrecognized arguments: --bogus" in result.stderr
+        result = run_ctl("history", "web", "--limit", "3", "extra")
+        assert result.returncode == 2
+        assert b"watcherctl history: error: unrecognized arguments: extra" in result.stderr
+
+    def test_exec_keeps_its_command_as_given(self) -> None:
+        args = ctl.build_parser().parse_args(["exec", "web", "--", "ls", "--json", "web"])
+        assert args.app == "web" and args.command == ["ls", "--json", "web"]
+        assert args.json is False
