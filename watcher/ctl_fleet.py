@@ -42,10 +42,12 @@ from watcher.ctl import (
     exit_code_for,
     free_text_argument,
     release_argument,
+    release_name_slip,
     table,
     user_at_host,
 )
 from watcher.errors import (
+    ArtifactNotFound,
     ConsulError,
     ConsulPermissionDenied,
     ConsulRequestError,
@@ -243,7 +245,16 @@ def deploy_request(
 ) -> DeployRecord:
     """The record of a new deploy of ``artifact_id`` (watcherctl deploy and the web API);
     ``hosts``: the host records when the caller read them."""
-    artifact = resolve_artifact(store, artifact_id)
+    try:
+        artifact = resolve_artifact(store, artifact_id)
+    except ArtifactNotFound as exc:
+        slip = release_name_slip(artifact_id, store.artifact)
+        if not slip:
+            raise
+        raise ArtifactNotFound(
+            f"{exc}: {slip} (or, to go back to that very release, roll back with --to "
+            f"{artifact_id})"
+        ) from None
     release, resume_of = None, None
     if resume:
         resume_of, release = _resumable(store, artifact_id)

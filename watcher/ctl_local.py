@@ -25,6 +25,7 @@ from watcher.ctl import (
     artifact_id_argument,
     free_text_argument,
     release_argument,
+    release_name_slip,
     table,
     user_at_host,
 )
@@ -469,13 +470,13 @@ def cmd_setup_release(ctx: CtlContext) -> int:
     try:
         store = DeployStore(consul, config.kv_prefix, app.name)
         record = store.artifact(ctx.args.artifact)
+        slip = "" if record else release_name_slip(ctx.args.artifact, store.artifact)
     finally:
         consul.close()
     if record is None:
         key = Keys(config.kv_prefix, app.name).artifact(ctx.args.artifact)
-        raise ArtifactNotFound(
-            f"app {app.name}: unknown artifact {ctx.args.artifact} (no record at {key})"
-        )
+        message = f"app {app.name}: unknown artifact {ctx.args.artifact} (no record at {key})"
+        raise ArtifactNotFound(f"{message}: {slip}" if slip else message)
     from watcher.artifacts import ArtifactCache
     from watcher.s3 import S3Store
 

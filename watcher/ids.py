@@ -98,6 +98,16 @@ def check_release_input(value: object) -> str:
     return name
 
 
+def artifact_of_release(value: object) -> str | None:
+    """The artifact id a release name ends with (``<YYYYmmddTHHMMSSZ>-<artifact id>``, as
+    ``check_release_input`` takes one), or None when ``value`` is no release name."""
+    try:
+        name = check_release_input(value)
+    except InvalidName:
+        return None
+    return name[len("YYYYmmddTHHMMSSZ-") :]
+
+
 def check_commit(value: object) -> str:
     """A full commit SHA; a short one gets "too short" (CI must pass the whole SHA)."""
     if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]+", value):

@@ -159,6 +159,28 @@ class TestBadIdsTouchNothing:
             assert "Traceback" not in result.stderr
         assert site.tree() == before
 
+    def test_a_release_name_where_an_artifact_goes_names_its_artifact(self, site: Site) -> None:
+        """`deploy web <release>` (pasted from `history` or `releases`) says which artifact
+        the release is of, when that one is known; exit 2 as for any unknown artifact."""
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        before = site.tree()
+        release = f"20261205T055803Z-{ARTIFACT}"
+        for command in ("deploy", "setup-release"):
+            result = site.ctl(command, "web", release)
+            assert result.returncode == 2, result.stderr
+            assert f"unknown artifact {release} (no record at" in result.stderr, result.stderr
+            assert f"that is a release name; its artifact is {ARTIFACT}" in result.stderr
+            assert "Traceback" not in result.stderr
+        deploy = site.ctl("deploy", "web", release)
+        assert f"roll back with --to {release})" in deploy.stderr, deploy.stderr
+        # Not a release name, or one whose artifact is unknown too: the plain message.
+        for given in ("20261205T055803Z-main-00000000", "main-00000000", "20261399T000000Z-x"):
+            result = site.ctl("deploy", "web", given)
+            assert result.returncode == 2, result.stderr
+            assert f"unknown artifact {given} (no record at" in result.stderr, result.stderr
+            assert "release name" not in result.stderr, result.stderr
+        assert site.tree() == before
+
     def test_a_release_no_deploy_names_is_bad_input(self, site: Site) -> None:
         """Exit 2, like an unknown artifact: nothing in KV names it (a typo, usually)."""
         before = site.tree()

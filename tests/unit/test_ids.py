@@ -287,3 +287,18 @@ class TestOptionsAmongPositionals:
         args = ctl.build_parser().parse_args(["exec", "web", "--", "ls", "--json", "web"])
         assert args.app == "web" and args.command == ["ls", "--json", "web"]
         assert args.json is False
+
+
+class TestArtifactOfRelease:
+    @pytest.mark.parametrize(
+        ("given", "artifact"),
+        [
+            ("20261205T055803Z-main-fb04dcb6", "main-fb04dcb6"),
+            ("20261205T055803Z-20261205T055803Z-x", "20261205T055803Z-x"),
+            ("main-fb04dcb6", None),
+            ("20261399T000000Z-main-fb04dcb6", None),  # no such time: not a release name
+            ("20261205T055803Z-", None),
+        ],
+    )
+    def test_the_artifact_a_release_name_ends_with(self, given: str, artifact: str | None) -> None:
+        assert ids.artifact_of_release(given) == artifact
