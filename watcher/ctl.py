@@ -312,6 +312,80 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _option_of(parser: argparse.ArgumentParser, arg: str) -> argparse.Action | None:
+    """The option of ``parser`` that ``arg`` gives (``--limit``, ``--limit=5``, ``-cFILE``,
+    or an abbreviation argparse takes, ``--fle``), or None."""
+    actions = parser._option_string_actions
+    if arg.startswith("--"):
+        name = arg.split("=", 1)[0]
+        if name in actions:
+            return actions[name]
+        found = {id(a): a for s, a in actions.items() if s.startswith("--") and s.startswith(name)}
+        return next(iter(found.values())) if len(found) == 1 else None
+    return actions.get(arg[:2])
+
+
+def _values_taken(action: argparse.Action, arg: str) -> int:
+    """How many of the next arguments ``action`` given as ``arg`` takes as its values."""
+    attached = "=" in arg if arg.startswith("--") else len(arg) > 2
+    if action.nargs == 0 or attached:
+        return 0
+    return action.nargs if isinstance(action.nargs, int) else 1
+
+
+def misplaced_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.ArgumentParser, str] | None:
+    """The command's parser and what to say when options of that command come before it
+    (``watcherctl --fleet status``): argparse would only call them unrecognized, with the
+    usage of the command that lists them. None when there are none (anything else before
+    the command is left to argparse to judge)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    before: list[str] = []
+    skip = 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg == "--":
+            return None
+        elif arg in commands.choices:
+            command = arg
+            break
+        elif arg.startswith("-") and (action := _option_of(parser, arg)) is not None:
+            skip = _values_taken(action, arg)
+        before.append(arg)
+    else:
+        return None
+    sub = commands.choices[command]
+    own: list[str] = []  # the command's options given before it, with their values
+    kept: list[str] = []  # the global options given before it, with theirs
+    names: list[str] = []
+    i = 0
+    while i < len(before):
+        arg = before[i]
+        if not arg.startswith("-") or arg == "-":
+            return None  # a word before the command: argparse's error
+        action = _option_of(parser, arg)
+        mine = action is None
+        if mine:
+            action = _option_of(sub, arg)
+        if action is None:
+            return None  # an option of neither: argparse's error
+        taken = _values_taken(action, arg)
+        (own if mine else kept).extend(before[i : i + 1 + taken])
+        if mine:
+            names.append(arg.split("=", 1)[0])
+        i += 1 + taken
+    if not names:
+        return None
+    fixed = shlex.join(["watcherctl", *kept, command, *own, *argv[len(before) + 1 :]])
+    if len(names) == 1:
+        return sub, f"{names[0]} is an option of {command!r}: put it after the command ({fixed})"
+    return sub, (
+        f"{', '.join(names)} are options of {command!r}: put them after the command ({fixed})"
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of ``command``'s module only when it names one."""
     common = argparse.ArgumentParser(add_help=False)
@@ -463,6 +537,10 @@ def _main(argv: Sequence[str] | None) -> int:
         print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if misplaced := misplaced_options(parser, argv):
+            # Said with the command's usage, which lists the option.
+            command_parser, message = misplaced
+            command_parser.error(message)
         args, extra = parser.parse_known_args(argv)
         if extra:
             # Said with the command's own usage (`history web extra`), not the top level's.

@@ -193,6 +193,28 @@ class TestTheCliRefusesBadInputWithExit2:
             # an extra word is the command's error, with its usage (not the top level's)
             (["history", "web", "extra"], "watcherctl history: error: unrecognized arguments"),
             (["status", "--lmit", "3"], "usage: watcherctl status"),
+            # a command's own option before the command: said so, with the line to run
+            (
+                ["--fleet", "status", "-c", "F"],
+                "watcherctl status: error: --fleet is an option of 'status': put it after "
+                "the command (watcherctl status --fleet -c F)",
+            ),
+            (
+                ["--json", "--limit", "5", "history", "web"],
+                "--limit is an option of 'history': put it after the command "
+                "(watcherctl --json history --limit 5 web)",
+            ),
+            (
+                ["--dry-run", "-c", "F", "gc", "web", "host-1"],
+                "--dry-run is an option of 'gc': put it after the command "
+                "(watcherctl -c F gc --dry-run web host-1)",
+            ),
+            (
+                ["--local", "--to=20260101T000000Z-x", "rollback", "web"],
+                "--local, --to are options of 'rollback': put them after the command "
+                "(watcherctl rollback --local --to=20260101T000000Z-x web)",
+            ),
+            (["--bogus", "status"], "watcherctl status: error: unrecognized arguments: --bogus"),
         ],
     )
     def test_usage_errors(self, argv: list[str | bytes], message: str) -> None:
