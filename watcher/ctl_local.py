@@ -50,7 +50,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import ReleaseEngine, ReleaseInfo
+from watcher.releases import Hold, ReleaseEngine, ReleaseInfo
 
 if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
     from watcher.artifacts import ArtifactCache
@@ -367,13 +367,15 @@ def rollback_local(ctx: CtlContext) -> int:
         # Hold first: if the flip then fails, the host is held where it was (and says so);
         # the other way round a failed hold would leave a flip the daemon undoes at once.
         previous_hold = engine.held()
-        hold = engine.hold(f"local rollback to {target}", by)
+        hold = engine.hold(_local_rollback_reason(previous_hold, target), by)
         if before != target:
             try:
                 engine.flip(target)
             except ReleaseError:
                 if previous_hold is None:
                     engine.release_hold()
+                else:  # the hold that was there, as it was (its time is now's)
+                    engine.hold(previous_hold.reason, previous_hold.by)
                 raise
     data = {
         "app": app.name,
@@ -381,6 +383,7 @@ def rollback_local(ctx: CtlContext) -> int:
         "to": target,
         "flipped": before != target,
         "hold": hold.to_dict(),
+        "previous_hold": previous_hold.to_dict() if previous_hold else None,
         "hooks": "ok",
         "watcher_told": False,
     }
@@ -415,6 +418,18 @@ def rollback_local(ctx: CtlContext) -> int:
 
     ctx.emit(data, human)
     return code
+
+
+def _local_rollback_reason(previous: Hold | None, target: str) -> str:
+    """The reason of the hold a local rollback places. A hold already on the host (an
+    operator's `hold --reason`, or an earlier local rollback) stays in it, with who placed
+    it: `release-hold` and `status` must still say why the host was held in the first place.
+    """
+    reason = f"local rollback to {target}"
+    if previous is None:
+        return reason
+    by = f" (by {previous.by})" if previous.by else ""
+    return f"{previous.reason}{by}; then {reason}"
 
 
 def _check_target(engine: ReleaseEngine, target: str) -> None:

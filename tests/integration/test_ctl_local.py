@@ -227,6 +227,24 @@ class TestRollbackLocal:
         assert (data["from"], data["to"], data["flipped"]) == (release_of(3), release_of(1), True)
         assert host.engine.current_release() == release_of(1)
 
+    def test_on_a_held_host_the_operators_reason_is_kept(self, host: Host) -> None:
+        """A local rollback on a host already held used to replace the hold's reason with
+        its own: `release-hold` then named only the rollback, and why the host was held
+        was lost."""
+        assert host.ctl("hold", "web", "--reason", "testing hold").returncode == 0
+        first = host.engine.held()
+        assert first is not None
+        data = host.ctl_json("rollback", "web", "--local")
+        assert data["flipped"] is True and host.engine.current_release() == release_of(3)
+        expected = f"testing hold (by {first.by}); then local rollback to {release_of(3)}"
+        assert data["hold"]["reason"] == expected
+        assert data["previous_hold"]["reason"] == "testing hold"
+        hold = host.engine.held()
+        assert hold is not None and hold.reason == expected
+        released = host.ctl("release-hold", "web")
+        assert released.returncode == 0, released
+        assert f"released ({expected}, by " in released.stdout, released.stdout
+
     def test_missing_or_incomplete_target_is_refused(self, host: Host) -> None:
         missing = "20991231T235959Z-build-99"
         result = host.ctl("rollback", "web", "--local", "--to", missing)
