@@ -24,6 +24,7 @@ from watcher.ctl import (
     CtlContext,
     artifact_id_argument,
     free_text_argument,
+    prune_blocked_remedy,
     release_argument,
     release_name_slip,
     table,
@@ -661,6 +662,7 @@ def cmd_prune(ctx: CtlContext) -> int:
         "kept": dict(sorted(plan.keep.items())),
         "held_back": list(plan.held_back),
         "prefetched_removed": list(plan.remove_prefetched),
+        "remedy": prune_blocked_remedy(engine.app.name) if plan.blocked else None,
     }
 
     def human(d: dict[str, Any]) -> str:
@@ -670,6 +672,7 @@ def cmd_prune(ctx: CtlContext) -> int:
                 f"prune of {d['app']} blocked, no release removed: {d['blocked']}",
                 f"held back (would go once every process can be read): "
                 f"{', '.join(d['held_back']) or 'nothing'}",
+                f"to unblock: {ctx.with_config(prune_blocked_remedy(d['app']))}",
             ]
         else:
             lines = [f"{verb}: {', '.join(d['removed']) or 'nothing'}"]

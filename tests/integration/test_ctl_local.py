@@ -394,6 +394,13 @@ class TestPrune:
         lines = result.stdout.splitlines()
         assert lines[0].startswith("prune of web blocked, no release removed: cannot read"), lines
         assert lines[1] == f"held back (would go once every process can be read): {r[1]}, {r[2]}"
+        # what to do about it, with the command to run (and the -c given)
+        assert lines[2] == (
+            "to unblock: prune must read every process's /proc entries: give the watcher "
+            "CAP_SYS_PTRACE (systemd/watcher.service keeps it; a container needs --cap-add "
+            f"SYS_PTRACE), and run `watcherctl prune web -c {host.config_path}` as root with "
+            "that capability"
+        ), lines
         assert "kept:" in lines and "previous" in result.stdout, result.stdout
         data = json.loads(
             subprocess.run(
@@ -405,6 +412,7 @@ class TestPrune:
             ).stdout
         )
         assert data["blocked"] and data["removed"] == [] and data["held_back"] == [r[1], r[2]]
+        assert "CAP_SYS_PTRACE" in data["remedy"]
         assert data["kept"][r[4]] == "current" and data["kept"][r[3]] == "previous"
         assert host.names() == before
 

@@ -1070,6 +1070,8 @@ class TestPruneBlocked:
             assert releases[0] in local["staged"]  # the one that would have gone
             human = w.ctl("status", as_json=False).stdout
             assert "  prune       BLOCKED: cannot read /proc entries of pid" in human, human
+            assert "to unblock: prune must read every process's /proc entries" in human, human
+            assert f"`watcherctl prune web -c {w.config_path}` as root" in human, human
             text = metrics_text(w.health_port())
             assert 'watcher_prune_blocked{app="web"} 1.0' in text, text
 
