@@ -67,6 +67,7 @@ from watcher.records import (
     FAILED_AFTER_COMMIT,
     FAILING_STATES,
     LIVE,
+    READY,
     ArtifactRecord,
     DeployRecord,
     HostRecord,
@@ -523,7 +524,8 @@ def _wait_after_start(
             print(f"{_human_summary(data)}\n{hint}")
         return EXIT_STILL_RUNNING
     ctx.emit(data, _human_summary)
-    return EXIT_OK if view.outcome.result == "committed" else EXIT_FAILED
+    # A host left on the old release is not a deploy done: a script must not read "ok".
+    return EXIT_OK if view.outcome.result == "committed" and not data["not_live"] else EXIT_FAILED
 
 
 def _wait_for_outcome(
@@ -590,6 +592,13 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         ),
         "result": view.outcome.result if view.outcome else None,
         "reason": view.outcome.reason if view.outcome else "",
+        # Committed, but these expected hosts ended before they switched (their watcher
+        # stopped after its ready ack): the fleet is split until they converge.
+        "not_live": (
+            [n for n in rec.expected if (p := view.nodes.get(n)) and p.state in (READY, COMMITTED)]
+            if view.outcome and view.outcome.result == "committed"
+            else []
+        ),
         "rollback_deploy": view.outcome.rollback_deploy if view.outcome else None,
         # Records under decisions/ or outcomes/ that the acks contradict (DESIGN.md 6.4.3).
         "distrusted": list(view.distrusted),
@@ -668,6 +677,12 @@ def _human_summary(data: dict[str, Any]) -> str:
         lines.append(f"  reason: {data['reason']}")
     if data.get("rollback_deploy"):
         lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
+    if data.get("not_live"):
+        lines.append(
+            f"  NOT LIVE: {', '.join(data['not_live'])}: acked ready, then its watcher stopped "
+            "before it switched; it still serves its old release and switches when its "
+            "watcher is back (`status --fleet` shows where it stands)"
+        )
     return "\n".join(lines)
 
 
@@ -746,6 +761,8 @@ def _detail(d: dict[str, Any], failures: str) -> str:
     """History's DETAIL: the failing hosts, else why it did not commit, and any record
     that contradicts the acks."""
     parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
+    if d.get("not_live"):
+        parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
     parts += [n for n in d["distrusted"] if n not in parts[0]]
     return "; ".join(p for p in parts if p)
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
-from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
+from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.ctl import main as ctl_main
@@ -830,6 +830,59 @@ class TestAbortRace:
         dead.start()
         fleet.wait_members(len(fleet.watchers))
         deploy_ok(fleet, fleet.publish("v2").id)  # the gate is open now
+
+    def test_a_commit_with_a_host_that_died_after_its_ready_ack_is_not_reported_done(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """host-3 acks ready at once, its watcher is killed, the others finish later: the
+        deploy commits (a ready ack is a yes, whoever dies after it) and host-3 stays on
+        its old release until its watcher is back. `deploy` said "committed", exit 0."""
+        gate = tmp_path / "gate"
+        gated = hook(
+            tmp_path / "hooks" / "post-release-gated",
+            f'for i in $(seq 600); do [ -e "{gate}" ] && exit 0; sleep 0.1; done\nexit 1\n',
+        )
+        slow = {"hooks": {"post_release": gated}}
+        fleet = make_fleet(hosts={0: slow, 1: slow})
+        gate.touch()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        gate.unlink()
+        v2 = fleet.publish("v2")
+        dead = fleet.watchers[2]
+        proc = subprocess.Popen(
+            [
+                str(BIN / "watcherctl"),
+                "deploy",
+                "web",
+                v2.id,
+                "-c",
+                str(fleet.watchers[0].config_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=fleet.watchers[0].env(),
+        )
+        wait_for(lambda: fleet.inflight() is not None, 20, "the deploy started", fleet)
+        deploy_id = str(fleet.inflight())
+
+        def dead_is_ready() -> bool:
+            entry = fleet.kv.kv_get(fleet.keys.progress(deploy_id, dead.name))
+            return entry is not None and json.loads(entry.value or b"{}").get("state") == READY
+
+        wait_for(dead_is_ready, 20, "host-3 acked ready", fleet)
+        dead.kill()
+        gate.touch()
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 1, (out, err)
+        assert f"{deploy_id}: committed" in out, out
+        assert f"NOT LIVE: {dead.name}: acked ready, then its watcher stopped" in out, out
+        row = history(fleet)[deploy_id]
+        assert row["result"] == "committed" and row["not_live"] == [dead.name], row
+        assert dead.current() == rel1
+        dead.start()
+        fleet.wait_members(len(fleet.watchers))
+        wait_for(everyone_on(fleet, release_of(fleet, deploy_id)), 30, "host-3 converged", fleet)
 
 
 def silent_member(fleet: Fleet) -> str:
