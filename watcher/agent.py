@@ -2033,16 +2033,19 @@ class AppAgent:
     def prefetch(self, artifact_id: str) -> None:
         """Download, verify and (per config) pre-extract an announced artifact (worker)."""
         started = time.monotonic()
-        for attempt in range(5):
-            try:
-                record = self.store.artifact(artifact_id)
-            except PayloadError as exc:
-                self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
-                return
-            if record is not None:
-                break
-            time.sleep(0.2 * (attempt + 1))
-        else:
+        # Publish writes the record before it uploads and announces: it is there when the
+        # event comes. No retries with sleeps: any token that may fire `build-finished`
+        # can name builds that do not exist, and each used to hold one of the two prefetch
+        # workers (shared by every app) for ~3 s, 30 of them delaying a real build ~43 s.
+        # A second read, consistent, covers a stale answer around a leader election.
+        try:
+            record = self.store.artifact(artifact_id) or self.store.artifact(
+                artifact_id, consistent=True
+            )
+        except PayloadError as exc:
+            self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+            return
+        if record is None:
             # A warning, not an error: anyone who may fire `build-finished` can name a build
             # that does not exist, and every host would log it; nothing here is broken.
             self.log.warning(

@@ -522,8 +522,8 @@ class DeployStore:
             out[node] = record
         return out, bad
 
-    def artifact(self, artifact_id: str) -> ArtifactRecord | None:
-        entry = self.consul.kv_get(self.keys.artifact(artifact_id))
+    def artifact(self, artifact_id: str, *, consistent: bool = False) -> ArtifactRecord | None:
+        entry = self.consul.kv_get(self.keys.artifact(artifact_id), consistent=consistent)
         if entry is None:
             return None
         record = ArtifactRecord.from_json(entry.value, where=entry.key)

@@ -354,6 +354,31 @@ class TestRawEventsAndRollback:
             assert skipped["level"] == "warning" and "main-0badc0de" in skipped["reason"]
             assert not events_named(w, "prefetch_failed")
 
+    def test_builds_that_do_not_exist_do_not_hold_up_a_real_one(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        """30 `build-finished` events naming builds nobody published, then a real one: each
+        bogus id held one of the two prefetch workers for ~3 s of retries (a real build
+        came ~43 s later); now it costs two reads."""
+        fleet = make_fleet()
+        for n in range(30):
+            payload = json.dumps({"app": "web", "artifact": f"main-{n:08x}"})
+            fire(consul_bin, fleet.cluster.hosts[0], "build-finished", payload)
+        real = fleet.publish("v1", announce=True)
+        t0 = time.monotonic()
+        wait_for(
+            lambda: all(
+                any(e.get("artifact") == real.id for e in events_named(w, "prefetched"))
+                for w in fleet.watchers
+            ),
+            30,  # 45 s of retries (30 x 3 s on two workers) before
+            "every host prefetched the real build",
+            fleet,
+        )
+        print(f"prefetched {time.monotonic() - t0:.1f} s after its event")
+        for w in fleet.watchers:
+            assert events_named(w, "prefetch_skipped"), w.name  # (gossip may drop some)
+
 
 # --- 3. bad payloads ---------------------------------------------------------------------------
 
