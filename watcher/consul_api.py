@@ -357,8 +357,23 @@ def _chain(exc: BaseException) -> list[BaseException]:
             current = inner
             continue
         nxt = next((a for a in getattr(current, "args", ()) if isinstance(a, BaseException)), None)
-        current = nxt or current.__cause__ or current.__context__
+        current = nxt or current.__cause__ or _transport_context(current)
     return out
+
+
+def _transport_context(exc: BaseException) -> BaseException | None:
+    """The exception ``exc`` was raised while handling, when it is part of the same
+    transport failure (the socket's, urllib3's, requests'); not one the caller was handling
+    when it called Consul (an S3 error whose cleanup reads KV: "cannot reach Consul ...:
+    An error occurred (503) when calling the HeadObject operation")."""
+    context = exc.__context__
+    if context is None or exc.__suppress_context__:
+        return None
+    module = type(context).__module__.split(".", 1)[0]
+    return context if isinstance(context, OSError) or module in _TRANSPORT_MODULES else None
+
+
+_TRANSPORT_MODULES = frozenset({"urllib3", "requests", "http", "ssl", "socket"})
 
 
 def _reason(exc: BaseException) -> str:

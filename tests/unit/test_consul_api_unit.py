@@ -21,6 +21,7 @@ from watcher.consul_api import (
     ConsulEvent,
     KVEntry,
     TxnOp,
+    _reason,
     blocking_timeout,
     classify_response,
     go_duration,
@@ -524,3 +525,36 @@ class TestStatusFromPyConsul:
         with pytest.raises(ConsulRequestError, match="over Consul's user event size limit"):
             self.client(address).event_fire("deploy", b"x" * 400)
         assert len(script.seen) == 1
+
+
+class _ClientError(Exception):
+    """Stands for botocore's ClientError (an S3 answer), which is no OSError."""
+
+
+_ClientError.__module__ = "botocore.exceptions"
+
+
+class TestTheReasonOfATransportFailure:
+    def test_it_is_not_the_error_the_caller_was_handling(self) -> None:
+        """publish withdraws its record while it handles an S3 error: a Consul failure
+        then read "cannot reach Consul ...: An error occurred (503) when calling the
+        HeadObject operation", the S3 error found through ``__context__``."""
+        try:
+            raise _ClientError("An error occurred (503) when calling the HeadObject operation")
+        except _ClientError:
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError as exc:
+                refused = exc
+        assert _reason(refused) == "[Errno 111] Connection refused"
+
+    def test_it_follows_the_transports_own_context(self) -> None:
+        try:
+            try:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            except OSError:
+                raise RuntimeError("")  # noqa: B904 (implicit context, as urllib3 raises some)
+        except RuntimeError as outer:
+            wrapped = outer
+        assert isinstance(wrapped.__context__, ConnectionResetError)
+        assert _reason(wrapped) == "[Errno 104] Connection reset by peer"
