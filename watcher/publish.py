@@ -689,7 +689,19 @@ def _publish(
                         _adopt(consul, kv_key, won, artifact_id)
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
-                s3_key = store.parse_url(record.url, app=app)
+                try:
+                    s3_key = store.parse_url(record.url, app=app)
+                except ArtifactRefused as exc:
+                    if wrote:
+                        raise
+                    # Another publish's record of the same bytes (one with another s3
+                    # prefix, say, before the config was fixed): the record is the problem.
+                    raise ArtifactRefused(
+                        f"{exc}: the existing record {kv_key} of artifact {artifact_id} "
+                        "points there (a publish with another s3 bucket or prefix wrote it); "
+                        "publish under another --artifact-id, or delete that record "
+                        f"(consul kv delete {kv_key}) if no host uses it"
+                    ) from None
                 # Holding the record it wrote, with no pin of other bytes, this publish may
                 # replace an object of other bytes: an orphan of a failed or cancelled
                 # publish (its record withdrawn), which no host can have verified.

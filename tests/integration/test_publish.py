@@ -186,6 +186,24 @@ class TestPublish:
         assert kv_record(consul, "idem-1") == first
         assert len(events_for(consul, "idem-1", count=2)) == 2  # re-announced
 
+    def test_a_record_published_with_another_prefix_is_named_as_the_problem(
+        self, config_data: dict[str, Any], src: Path
+    ) -> None:
+        """A first publish with a wrong s3.prefix, then the fixed config: the same bytes
+        find that record, whose url is outside the prefix; the refusal says the record is
+        the problem and what to do, not only that the url is outside the prefix."""
+        wrong = parse_config(
+            {**config_data, "s3": {**config_data["s3"], "prefix": "builds"}}, env={}
+        )
+        publish(wrong, src, artifact_id="prefix-1")
+        with pytest.raises(ArtifactRefused) as caught:
+            publish(parse_config(config_data, env={}), src, artifact_id="prefix-1")
+        message = str(caught.value)
+        assert "outside the configured prefix" in message, message
+        key = "watcher/apps/web/artifacts/prefix-1"
+        assert f"the existing record {key} of artifact prefix-1 points there" in message
+        assert f"consul kv delete {key}" in message, message
+
     def test_other_content_under_an_existing_id_is_refused(
         self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
     ) -> None:
