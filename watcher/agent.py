@@ -1646,6 +1646,13 @@ class AppAgent:
                 return
             flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
+            if moved_at is not None and any(
+                hook_commands(self.app, phase, release_dir) for phase in AFTER_COMMIT_PHASES
+            ):
+                # Hooks after the flip can take a while (a health check waits for the app):
+                # the host record names the release `current` is on now, not only with the
+                # live ack (one write more, only where such hooks run).
+                self._write_host(rec.release, force=True)
             if hook_commands(self.app, "post_symlink", release_dir):
                 self.journal.done("flipped")
             else:  # no hook to run: both phases in one write

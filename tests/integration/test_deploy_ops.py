@@ -909,6 +909,32 @@ class TestAbortRace:
         fleet.wait_members(len(fleet.watchers))
         wait_for(everyone_on(fleet, release_of(fleet, deploy_id)), 30, "host-3 converged", fleet)
 
+    def test_status_fleet_names_the_new_release_while_validate_runs(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """Every host's `validate` waits for a gate: the hosts have switched, and `status
+        --fleet` says so (it showed the old release until each host's live ack)."""
+        gate = tmp_path / "gate"
+        gated = hook(
+            tmp_path / "hooks" / "validate-gated",
+            f'for i in $(seq 600); do [ -e "{gate}" ] && exit 0; sleep 0.1; done\nexit 1\n',
+        )
+        fleet = make_fleet(app_extra={"hooks": {"validate": gated}})
+        gate.touch()
+        deploy_ok(fleet, fleet.publish("v1").id)
+        gate.unlink()
+        started = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish("v2").id, "--no-wait")
+        release = started["release"]
+        wait_for(everyone_on(fleet, release), 30, "every host switched", fleet)
+
+        def rows() -> dict[str, Any]:
+            return dict(fleet.watchers[0].ctl_json("status", "--fleet")["web"]["hosts"])
+
+        wait_for(lambda: {r["release"] for r in rows().values()} == {release}, 10, "records", fleet)
+        assert fleet.outcome(started["deploy"]) is None  # validate still waits
+        gate.touch()
+        assert fleet.wait_outcome(started["deploy"])["result"] == "committed"
+
 
 def silent_member(fleet: Fleet) -> str:
     """Member key ``silent-1`` held by a TTL-only session with no daemon behind it (what a
