@@ -970,6 +970,10 @@ def _ensure_uploaded(
             tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
         )
     head = store.head(s3_key)
+    if not created and head is not None and head.get("sha256") not in (sha256, "", None):
+        # Another publish of other bytes put its object there first (If-None-Match kept
+        # it): the id is taken, which is not a corrupt upload.
+        raise _refuse_existing(artifact_id, str(head.get("sha256")), sha256, url)
     if head is None or head.get("size") != size or head.get("sha256") != sha256:
         got = "nothing" if head is None else f"size {head.get('size')} sha256 {head.get('sha256')}"
         if created and head is not None and head.get("sha256") == sha256:

@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
 from watcher.config import Limits
-from watcher.errors import ArtifactRefused, ConfigError
+from watcher.errors import ArtifactIdTaken, ArtifactRefused, ConfigError
 from watcher.publish import (
     Manifest,
     PublishInterrupted,
+    _ensure_uploaded,
     build_tarball,
     load_manifest,
     signals_interrupt_publish,
@@ -411,3 +413,42 @@ class TestSignalsInterruptPublish:
         finally:
             signal.signal(signal.SIGTERM, before_term)
             signal.signal(signal.SIGHUP, before_hup)
+
+
+class _RacedStore:
+    """S3 where another publish of other bytes creates the object between this publish's
+    HEAD (nothing there) and its PUT (If-None-Match: * keeps theirs)."""
+
+    def __init__(self) -> None:
+        self.heads = 0
+
+    def url_for(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+    def head(self, key: str) -> dict[str, object] | None:
+        self.heads += 1
+        return None if self.heads == 1 else {"size": 7, "sha256": "f" * 64, "etag": "x"}
+
+    def create_file(self, *args: object, **kwargs: object) -> bool:
+        return False
+
+    def delete(self, key: str) -> None:
+        raise AssertionError("another publish's object must stay")
+
+
+class TestTheObjectRace:
+    def test_losing_it_is_the_id_taken_not_a_corrupt_upload(self, tmp_path: Path) -> None:
+        tarball = tmp_path / "a.tar.gz"
+        tarball.write_bytes(b"ours")
+        with pytest.raises(ArtifactIdTaken) as caught:
+            _ensure_uploaded(
+                _RacedStore(),  # type: ignore[arg-type]
+                "web/a.tar.gz",
+                tarball,
+                "main-1",
+                "0" * 64,
+                4,
+                None,
+                structlog.get_logger(),
+            )
+        assert "f" * 64 in str(caught.value) and "did not verify" not in str(caught.value)
