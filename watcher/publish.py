@@ -740,7 +740,17 @@ def _publish(
                 log.info("artifact_already_published", sha256=sha256)
             else:
                 log.info("artifact_published", sha256=sha256, size=size, url=record.url)
-            consul.event_fire(BUILD_FINISHED, payload)
+            try:
+                consul.event_fire(BUILD_FINISHED, payload)
+            except WatcherError as exc:
+                if len(exc.args) == 1 and not isinstance(exc, PublishInterrupted):
+                    # The step fails, but the build is there: say so, and what is left.
+                    exc.args = (
+                        f"{exc.args[0]}; the artifact itself is complete (record {kv_key}, "
+                        f"object {record.url}) and can be deployed; hosts prefetch it only "
+                        "once announced: publish it again to announce it",
+                    )
+                raise
             return record
         except PublishInterrupted as exc:
             exc.outcome = exc.outcome or done

@@ -456,6 +456,33 @@ class TestPrivilegeIsLeast:
                     ci.event_fire(name, b'{"app": "web"}')
         assert acl_fleet.fleet.inflight() is None
 
+    def test_a_ci_token_without_the_event_rule_is_told_the_artifact_is_complete(
+        self, acl_fleet: AclFleet, cluster: ConsulCluster
+    ) -> None:
+        """Consul refuses the announcement: the step fails (exit 3), and says the record and
+        the object are there and the build can be deployed (it only said "refused")."""
+        prefix = acl_fleet.fleet.kv_prefix
+        rules = render("ci", prefix, "web").split('event "build-finished"')[0]
+        token, _ = create_token(cluster.server, f"ci-no-event-{prefix}", rules)
+        config = acl_fleet._config_with(acl_fleet.fleet.watchers[0], token, "ci-no-event.yaml")
+        src = acl_fleet.fleet.workdir / "checkout-no-event"
+        src.mkdir()
+        (src / "index.html").write_text("<h1>no event</h1>\n")
+        result = acl_fleet.ctl(
+            config,
+            "publish",
+            "web",
+            str(src),
+            "--branch",
+            "main",
+            "--commit",
+            "c" * 40,
+            check=False,
+        )
+        assert result.returncode == 3, result
+        assert "the artifact itself is complete" in result.stderr, result.stderr
+        assert acl_fleet.fleet.kv.kv_get(acl_fleet.fleet.keys.artifact("main-cccccccc"))
+
     def test_operator_token_cannot_flip_or_forge(
         self, acl_fleet: AclFleet, cluster: ConsulCluster
     ) -> None:
