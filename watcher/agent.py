@@ -77,7 +77,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import ReleaseEngine
+from watcher.releases import AppLayout, ReleaseEngine
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
@@ -1473,7 +1473,7 @@ class AppAgent:
             # path, a release hook left without its x bit): a "no" now, before anything
             # switches, not a failure after the whole fleet flipped (and again in the
             # automatic rollback).
-            _check_runnable(self.app, self.engine.layout.release_dir(rec.release))
+            _check_runnable(self.app, self.engine.layout, rec.release)
             why = self.store.check_sessions(joined, pre.members)
             if why is not None:
                 refused = True
@@ -1617,7 +1617,8 @@ class AppAgent:
                     artifact = self._record_of(rec)
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
-                        self.engine.stage(artifact, rec.release, rec.id)
+                        # committed: the acks establish it (``_act_on``)
+                        self.engine.stage(artifact, rec.release, rec.id, replace_live=True)
                 if not self.journal.has("post_release"):
                     failed = self._post_release_before_flip(joined, ctx)
                 moved_at = None
@@ -1646,13 +1647,6 @@ class AppAgent:
                 return
             flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
-            if moved_at is not None and any(
-                hook_commands(self.app, phase, release_dir) for phase in AFTER_COMMIT_PHASES
-            ):
-                # Hooks after the flip can take a while (a health check waits for the app):
-                # the host record names the release `current` is on now, not only with the
-                # live ack (one write more, only where such hooks run).
-                self._write_host(rec.release, force=True)
             if hook_commands(self.app, "post_symlink", release_dir):
                 self.journal.done("flipped")
             else:  # no hook to run: both phases in one write
@@ -1669,6 +1663,12 @@ class AppAgent:
                 self.journal.done("post_symlink")
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.clear_backup()
+            if hook_commands(self.app, "validate", self.engine.layout.release_dir(rec.release)):
+                # A health check can take a while: the host record names the release
+                # `current` is on now, not only with the live ack (one write more, only
+                # where validate runs; after post_symlink, which a slow Consul must not
+                # delay).
+                self._write_host(rec.release, force=True)
             self._run_hooks("validate", ctx)
         except (WatcherError, OSError) as exc:
             self.log.error("apply_failed", deploy=rec.id, error=str(exc))
@@ -1947,7 +1947,8 @@ class AppAgent:
             if not journal.has("staged"):
                 self._download(artifact, rec.release)
                 with self.engine.lock(owner="converge"):
-                    self.engine.stage(artifact, rec.release, rec.id)
+                    # committed: ``store.committed`` established it before this task
+                    self.engine.stage(artifact, rec.release, rec.id, replace_live=True)
                 journal.done("staged")
             if not journal.has("post_release"):
                 self._post_release(rec, ctx, journal)
@@ -2172,12 +2173,16 @@ ABORT_REQUESTED = "abort requested"  # ... or an operator asked (`watcherctl abo
 AFTER_COMMIT_PHASES = ("post_symlink", "validate")
 
 
-def _check_runnable(app: AppConfig, release_dir: Path) -> None:
+def _check_runnable(app: AppConfig, layout: AppLayout, release: str) -> None:
     """Raise ``HookError`` for the first hook of ``AFTER_COMMIT_PHASES`` that cannot be
-    started: no such file, not a regular file, or not executable."""
+    started: no such file, not a regular file, or not executable. A config hook that lives
+    in the release `current` serves (``/srv/web/current/bin/reload``, or through another
+    symlink into ``releases/``) is looked for in the new release: that is where it runs
+    from after the flip (a deploy may be the one that brings it)."""
+    release_dir = layout.release_dir(release)
     for phase in AFTER_COMMIT_PHASES:
         for argv in hook_commands(app, phase, release_dir):
-            path = Path(argv[0])
+            path = _after_the_flip(Path(argv[0]), layout, release_dir)
             if not path.exists():
                 why = "does not exist" if not path.is_symlink() else "is a dangling symlink"
             elif not path.is_file():
@@ -2191,6 +2196,18 @@ def _check_runnable(app: AppConfig, release_dir: Path) -> None:
                 str(path),
                 f"{why}: it would fail after the commit, so this host says no before it",
             )
+
+
+def _after_the_flip(path: Path, layout: AppLayout, release_dir: Path) -> Path:
+    """Where ``path`` will be once `current` names ``release_dir``."""
+    with contextlib.suppress(ValueError):
+        return release_dir / path.relative_to(layout.current)
+    rest = Path(os.path.realpath(path))
+    with contextlib.suppress(ValueError):
+        parts = rest.relative_to(layout.releases_dir).parts
+        if len(parts) > 1:
+            return release_dir.joinpath(*parts[1:])
+    return path
 
 
 def _stopped_state(why: str) -> str:

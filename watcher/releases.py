@@ -345,15 +345,27 @@ class ReleaseEngine:
         return _link_release(self.layout.current)
 
     def live_problem(self, release: str | None = None) -> str | None:
-        """Why the release ``current`` names (or ``release``) is not a complete tree here,
-        or None: a directory removed or emptied by hand leaves ``current`` dangling."""
+        """Why the release ``current`` names (or ``release``) is broken here, or None: its
+        directory or its release.json gone (removed or emptied by hand), or a release.json
+        that is not a valid one of this release. None too when it cannot tell: a read that
+        failed for another reason (a user without access, EIO, EMFILE) says nothing of the
+        tree, and a live tree is never judged broken on it."""
         release = release if release is not None else self.current_release()
-        if release is None or self.is_complete(release):
+        if release is None:
             return None
         where = self.layout.release_dir(release)
-        if not where.exists():
-            return f"{where} does not exist"
-        return f"{where} has no complete {RELEASE_JSON}"
+        try:
+            _load_release_json(where, release)
+        except FileNotFoundError:
+            if not where.exists() and not where.is_symlink():
+                return f"{where} does not exist"
+            return f"{where} has no {RELEASE_JSON}"
+        except ReleaseError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno not in (errno.ELOOP, errno.ENOTDIR):
+                return None
+            return str(exc)
+        return None
 
     def backup_release(self) -> str | None:
         return _link_release(self.layout.current_backup)
@@ -495,9 +507,16 @@ class ReleaseEngine:
         *,
         cancel: CancelFn | None = None,
         progress: ProgressFn | None = None,
+        replace_live: bool = False,
     ) -> Path:
         """``releases/<release>`` from the artifact: reused, renamed from prefetched/, or
         extracted from the (downloaded, verified) artifact.
+
+        ``replace_live``: the tree ``current`` names may be replaced when it is broken (gone,
+        or without its release.json: ``live_problem``), which only a host moving to a
+        *committed* deploy may ask for (convergence, the apply); a deploy not yet decided
+        must never put other bytes, or bytes before their ``post_release``, under the name
+        ``current`` serves.
 
         ``cancel()`` is polled between download and extraction chunks (well under a second
         apart); when it returns True, ``StagingCancelled`` is raised and the temp dir is
@@ -505,7 +524,7 @@ class ReleaseEngine:
         most every 0.25 s and once at the end. An artifact this host refused before (by
         sha256, see ``Refusal``) is refused at once with the original reason.
         """
-        reused = self._reuse(record, release)
+        reused = self._reuse(record, release, replace_live=replace_live)
         if reused is not None:
             return reused
         if self.prefetched_path(record).is_dir():
@@ -526,9 +545,10 @@ class ReleaseEngine:
         *,
         cancel: CancelFn | None = None,
         progress: ProgressFn | None = None,
+        replace_live: bool = False,
     ) -> Path:
         """``stage`` from an already verified local artifact file (no S3)."""
-        reused = self._reuse(record, release)
+        reused = self._reuse(record, release, replace_live=replace_live)
         if reused is not None:
             return reused
         if self.prefetched_path(record).is_dir():
@@ -693,7 +713,9 @@ class ReleaseEngine:
                 needed.add(str(info["sha256"]))
         return needed
 
-    def _reuse(self, record: ArtifactRecord, release: str) -> Path | None:
+    def _reuse(
+        self, record: ArtifactRecord, release: str, *, replace_live: bool = False
+    ) -> Path | None:
         final = self.layout.release_dir(release)
         if not final.exists() and not final.is_symlink():
             return None
@@ -706,9 +728,19 @@ class ReleaseEngine:
                 )
             self.log.info("release_reused", release=release, artifact=record.id)
             return final
-        # Also when `current` names it: a tree without its release.json was removed or
-        # emptied by hand (staging renames complete trees into place), and the host already
-        # serves nothing from it; the fresh tree takes its name and `current` resolves again.
+        if release == self.current_release():
+            # A tree `current` names, without a release.json we can read: removed or emptied
+            # by hand (staging renames complete trees into place). Replaced only for a
+            # committed deploy, and only when it is broken for sure, not when the read
+            # failed for another reason (EIO, EMFILE: a live tree must not go for that).
+            problem = self.live_problem(release)
+            if not replace_live or problem is None:
+                why = problem or "its release.json cannot be read"
+                raise ReleaseError(
+                    f"release {release} is the live one and {why}: it is staged again only "
+                    "from the fleet's committed deploy (convergence), not by a deploy in "
+                    "progress"
+                )
         self._remove_tree(final)
         self.log.warning("incomplete_release_removed", release=release, path=str(final))
         return None

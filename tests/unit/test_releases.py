@@ -432,6 +432,49 @@ class TestPrefetched:
         assert list(engine.layout.prefetched_dir.iterdir()) == []
 
 
+class TestABrokenLiveTree:
+    """The tree `current` names, emptied by hand: only a committed deploy (``replace_live``,
+    convergence and the apply) stages it again; never a deploy still in progress (an
+    operator's request naming that release with other bytes would make the host serve them
+    before any commit), and never on a read that failed for another reason."""
+
+    def _live(self, engine: ReleaseEngine, tarball: Path) -> Path:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        live = engine.layout.release_dir(rel(1))
+        (live / ".watcher" / "release.json").unlink()
+        return live
+
+    def test_a_deploy_in_progress_does_not_replace_it(
+        self, engine: ReleaseEngine, tarball: Path, tmp_path: Path
+    ) -> None:
+        live = self._live(engine, tarball)
+        assert "has no" in str(engine.live_problem())
+        other = build_tarball(tmp_path / "other.tar.gz", {"app.txt": b"never committed\n"})
+        with pytest.raises(ReleaseError, match="is the live one"):
+            engine.stage_from_file(other, record_for(other, "evil-00000000"), rel(1), "d-2")
+        assert (live / "app.txt").read_bytes() == FILES["app.txt"]
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1", replace_live=True)
+        assert engine.live_problem() is None and (live / "app.txt").read_bytes() == FILES["app.txt"]
+
+    def test_a_read_that_failed_otherwise_keeps_it(
+        self, engine: ReleaseEngine, tarball: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        engine.flip(rel(1))
+        live = engine.layout.release_dir(rel(1))
+        (live / "written-by-the-app").write_text("keep me")
+
+        def eio(release_dir: Path, release: str) -> None:
+            raise ReleaseError("cannot read it: Input/output error") from OSError(5, "EIO")
+
+        monkeypatch.setattr("watcher.releases._load_release_json", eio)
+        assert engine.live_problem() is None  # cannot tell: not broken
+        with pytest.raises(ReleaseError, match="is the live one"):
+            engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1", replace_live=True)
+        assert (live / "written-by-the-app").read_text() == "keep me"
+
+
 class TestFlip:
     def test_round_trip(
         self, engine: ReleaseEngine, tarball: Path, tmp_path: Path, clock: Clock
