@@ -592,8 +592,9 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         ),
         "result": view.outcome.result if view.outcome else None,
         "reason": view.outcome.reason if view.outcome else "",
-        # Committed, but these expected hosts ended before they switched (their watcher
-        # stopped after its ready ack): the fleet is split until they converge.
+        # Committed, but these expected hosts had not switched when it ended (a watcher
+        # stopped after its ready ack, or still applying at the apply deadline): the
+        # fleet is split until they converge.
         "not_live": (
             [n for n in rec.expected if (p := view.nodes.get(n)) and p.state in (READY, COMMITTED)]
             if view.outcome and view.outcome.result == "committed"
@@ -679,9 +680,10 @@ def _human_summary(data: dict[str, Any]) -> str:
         lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
     if data.get("not_live"):
         lines.append(
-            f"  NOT LIVE: {', '.join(data['not_live'])}: acked ready, then its watcher stopped "
-            "before it switched; it still serves its old release and switches when its "
-            "watcher is back (`status --fleet` shows where it stands)"
+            f"  NOT LIVE: {', '.join(data['not_live'])}: acked ready but had not switched "
+            "when the deploy ended (its watcher stopped, or it was still applying at the "
+            "apply deadline); it converges to the fleet's release when its watcher runs "
+            "(`status --fleet` shows where it stands)"
         )
     return "\n".join(lines)
 

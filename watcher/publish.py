@@ -732,6 +732,17 @@ def _publish(
                     elif isinstance(exc, WatcherError) and len(exc.args) == 1:
                         exc.args = (f"{exc.args[0]}; {done}",)  # what the operator sees
                 raise
+            # The record may have changed while this publish uploaded: another publish of
+            # other bytes found no object yet, judged it stale and replaced it (and may be
+            # replacing the object now). Published only if it still names these bytes.
+            now = _record_of(consul.kv_get(kv_key), kv_key)
+            if now is None or now.sha256 != sha256 or now.url != record.url:
+                if now is None:
+                    raise ArtifactRefused(
+                        f"artifact {artifact_id}: {kv_key} is gone: another publish withdrew "
+                        "it while this one uploaded; publish again"
+                    )
+                raise _refuse_existing(artifact_id, now.sha256, sha256, kv_key)
             done = (
                 f"its record {kv_key} and its object were complete; build-finished may not "
                 "have been fired (publish it again to announce it)"
@@ -786,7 +797,8 @@ def _check_stale(
     except ArtifactRefused:
         raise refusal from None
     head = store.head(s3_key)
-    if head is not None and head.get("sha256") == record.sha256:
+    # An object without sha256 metadata was not put there by a publish: not an orphan of one
+    if head is not None and head.get("sha256") in (record.sha256, "", None):
         raise refusal
 
 
@@ -897,8 +909,10 @@ def _withdraw(
             return f"{kv_key} did not hold its record: nothing to withdraw"
         if written == 0 and previous is None and entry.modify_index == entry.create_index:
             written = entry.modify_index
-        elif written == 0 and previous is not None:
-            written = entry.modify_index  # a replacement's answer lost: its bytes decide
+        elif written == 0 and previous is not None and entry.flags == 0:
+            # A replacement's answer lost: its bytes decide, unless another publish of the
+            # same bytes adopted it since (``_adopt`` counts in the flags).
+            written = entry.modify_index
         if entry.modify_index != written:
             log.warning("artifact_record_adopted", key=kv_key)
             return f"{kv_key} was adopted by another publish of the same bytes; left it"

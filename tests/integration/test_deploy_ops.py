@@ -901,7 +901,7 @@ class TestAbortRace:
         out, err = proc.communicate(timeout=90)
         assert proc.returncode == 1, (out, err)
         assert f"{deploy_id}: committed" in out, out
-        assert f"NOT LIVE: {dead.name}: acked ready, then its watcher stopped" in out, out
+        assert f"NOT LIVE: {dead.name}: acked ready but had not switched" in out, out
         row = history(fleet)[deploy_id]
         assert row["result"] == "committed" and row["not_live"] == [dead.name], row
         assert dead.current() == rel1

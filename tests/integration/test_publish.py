@@ -256,6 +256,33 @@ class TestPublish:
         monkeypatch.undo()
         assert publish(config, src, artifact_id="race-1") == kv_record(consul, "race-1")
 
+    def test_a_record_replaced_while_this_publish_uploaded_is_not_reported_published(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """While this publish uploads, another publish of other bytes (a retry of a build
+        that is not reproducible) finds no object yet, judges the record stale and replaces
+        it: this publish used to report "published" over a record of other bytes."""
+        key = Keys("watcher", "web").artifact("mid-1")
+        real = S3Store.create_file
+
+        def replaced_meanwhile(self: S3Store, *args: Any, **kwargs: Any) -> bool:
+            created = real(self, *args, **kwargs)
+            entry = consul.kv_get(key)
+            assert entry is not None and entry.value is not None
+            theirs = {**json.loads(entry.value), "sha256": "e" * 64}
+            assert consul.kv_put(key, json.dumps(theirs).encode(), cas=entry.modify_index)
+            return created
+
+        monkeypatch.setattr(S3Store, "create_file", replaced_meanwhile)
+        with pytest.raises(ArtifactIdTaken) as err:
+            publish(config, src, artifact_id="mid-1")
+        assert "e" * 64 in str(err.value)
+        assert not events_for(consul, "mid-1")  # never announced
+
     def test_two_branches_that_give_one_id_are_told_apart_in_the_refusal(
         self, config: Config, consul: ConsulClient, src: Path
     ) -> None:
