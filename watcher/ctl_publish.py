@@ -107,7 +107,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--retry-for",
         default="30s",
         metavar="DURATION",
-        help="keep retrying an unreachable Consul or S3 this long (default 30s)",
+        help="keep retrying an unreachable Consul or S3 this long (default 30s); one S3 "
+        "request that gets no answer is given up after this long too (at least 5s)",
     )
     p.set_defaults(func=run_publish)
 

@@ -634,7 +634,11 @@ def _publish(
 
         consul = ConsulClient(config.consul, retry_deadline=retry_deadline)
         try:
-            store = S3Store(config.s3, retry_deadline=retry_deadline)
+            # One stalled request must not outlast --retry-for either: botocore's read
+            # timeout applies per attempt (30 s; `--retry-for 5s` took 30.4 s on a server
+            # that accepted and never answered). At least 5 s: a slow answer is no stall.
+            read_timeout = min(30.0, max(5.0, retry_deadline))
+            store = S3Store(config.s3, retry_deadline=retry_deadline, read_timeout=read_timeout)
             entry = consul.kv_get(kv_key)
             existing = _record_of(entry, kv_key)
             stale: KVEntry | None = None

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -453,6 +454,27 @@ class TestPublish:
 
         assert kv_record(consul, "nos3-1") is None
         assert events_for(consul, "nos3-1") == []
+
+    def test_an_s3_that_accepts_and_never_answers_is_given_up_within_retry_for(
+        self, config_data: dict[str, Any], consul: ConsulClient, src: Path
+    ) -> None:
+        """A server that accepts connections and never answers: `--retry-for 5s` took 30 s
+        (botocore's read timeout, per attempt); now one attempt waits at most max(5 s,
+        retry-for)."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        try:
+            config_data["s3"]["endpoint_url"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+            config = parse_config(config_data, env={})
+            started = time.monotonic()
+            with pytest.raises(S3Unavailable):
+                publish(config, src, artifact_id="stall-1", retry_deadline=5.0)
+            took = time.monotonic() - started
+        finally:
+            silent.close()
+        assert took < 20, f"gave up after {took:.1f} s"
+        assert kv_record(consul, "stall-1") is None  # withdrawn
 
     def test_no_consul_leaves_no_record_and_no_upload(
         self,
