@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ from watcher.errors import (
     ConsulError,
     ConsulUnavailable,
     DeployRefused,
+    FlipError,
     HookError,
     PayloadError,
     StagingCancelled,
@@ -77,7 +79,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import AppLayout, ReleaseEngine
+from watcher.releases import RELEASE_JSON, AppLayout, ReleaseEngine
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
@@ -1440,10 +1442,12 @@ class AppAgent:
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()
                 if live and live != rec.release:
-                    problem = self.engine.live_problem(live)
-                    if problem is None:
-                        self.engine.set_backup(live)
-                    else:
+                    try:
+                        self.engine.set_backup(live)  # reads the live release.json itself
+                    except FlipError:
+                        problem = self.engine.live_problem(live)
+                        if problem is None:
+                            raise
                         # Nothing to come back to: this deploy is what repairs the host
                         # (refusing here made every deploy abort on it).
                         self.log.warning("live_release_broken", release=live, problem=problem)
@@ -1901,7 +1905,14 @@ class AppAgent:
 
     def _live_broken(self, release: str) -> bool:
         """Whether the release ``current`` names has no complete tree here (reported once
-        per release)."""
+        per release). Asked at every idle reconcile: a regular file where its release.json
+        belongs is taken as complete at the cost of one ``lstat`` (the full, safe read only
+        when it is not)."""
+        with contextlib.suppress(OSError):
+            found = os.lstat(self.engine.layout.release_dir(release) / RELEASE_JSON)
+            if stat.S_ISREG(found.st_mode):
+                self._reported.discard(f"broken:{release}")
+                return False
         problem = self.engine.live_problem(release)
         if problem is not None:
             self._report_once(
