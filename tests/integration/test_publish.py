@@ -143,6 +143,14 @@ def s3_object(s3: S3Settings, artifact: str) -> dict[str, Any] | None:
     return {"body": got["Body"].read(), "metadata": got["Metadata"]}
 
 
+def put_object(s3: S3Settings, artifact: str, body: bytes, *, sha256: str) -> None:
+    """An object at ``artifact``'s key that no publish of this test uploaded."""
+    key = f"{s3.prefix}/web/{artifact}.tar.gz"
+    s3_client(s3.endpoint_url).put_object(
+        Bucket=s3.bucket, Key=key, Body=body, Metadata={"sha256": sha256}
+    )
+
+
 def nothing_written(consul: ConsulClient, s3: S3Settings, keys_before: list[str]) -> None:
     """No key added under the prefix since ``keys_before``, and no object in the bucket."""
     assert consul.kv_keys("watcher/", separator=None) == keys_before
@@ -304,12 +312,7 @@ class TestPublish:
     ) -> None:
         """No record and no pin names it: an orphan of a failed publish, nobody can have
         verified it; the publish that holds the record replaces it."""
-        s3_client(s3_settings.endpoint_url).put_object(
-            Bucket=s3_settings.bucket,
-            Key="artifacts/web/stray-1.tar.gz",
-            Body=b"not ours",
-            Metadata={"sha256": "0" * 64},
-        )
+        put_object(s3_settings, "stray-1", b"not ours", sha256="0" * 64)
         record = publish(config, src, artifact_id="stray-1")
         assert kv_record(consul, "stray-1") == record
         obj = s3_object(s3_settings, "stray-1")
@@ -320,12 +323,7 @@ class TestPublish:
     def test_an_orphan_a_host_pinned_is_not_replaced(
         self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
     ) -> None:
-        s3_client(s3_settings.endpoint_url).put_object(
-            Bucket=s3_settings.bucket,
-            Key="artifacts/web/stray-2.tar.gz",
-            Body=b"not ours",
-            Metadata={"sha256": "0" * 64},
-        )
+        put_object(s3_settings, "stray-2", b"not ours", sha256="0" * 64)
         pin = {"version": 1, "artifact": "stray-2", "sha256": "0" * 64, "size": 8}
         pin["url"] = f"s3://{s3_settings.bucket}/artifacts/web/stray-2.tar.gz"
         consul.kv_put(Keys("watcher", "web").pin("stray-2"), json.dumps(pin).encode())
@@ -880,12 +878,7 @@ class TestPublishInterrupted:
         the object's bytes are not the record's, so no host can have verified either."""
         stale = stale_record(s3_settings, "stale-3")
         consul.kv_put(Keys("watcher", "web").artifact("stale-3"), stale.to_json())
-        s3_client(s3_settings.endpoint_url).put_object(
-            Bucket=s3_settings.bucket,
-            Key="artifacts/web/stale-3.tar.gz",
-            Body=b"a failed publish's",
-            Metadata={"sha256": "cd" * 32},
-        )
+        put_object(s3_settings, "stale-3", b"a failed publish's", sha256="cd" * 32)
         record = publish(config, src, artifact_id="stale-3")
         assert kv_record(consul, "stale-3") == record
         obj = s3_object(s3_settings, "stale-3")
