@@ -733,8 +733,7 @@ def _publish(
                     done = _withdraw_despite_signals(consul, kv_key, record, previous, written, log)
                     if isinstance(exc, PublishInterrupted):
                         exc.outcome = done
-                    elif isinstance(exc, WatcherError) and len(exc.args) == 1:
-                        exc.args = (f"{exc.args[0]}; {done}",)  # what the operator sees
+                    _say_also(exc, done)
                 raise
             # The record may have changed while this publish uploaded: another publish of
             # other bytes found no object yet, judged it stale and replaced it (and may be
@@ -758,13 +757,13 @@ def _publish(
             try:
                 consul.event_fire(BUILD_FINISHED, payload)
             except WatcherError as exc:
-                if len(exc.args) == 1 and not isinstance(exc, PublishInterrupted):
-                    # The step fails, but the build is there: say so, and what is left.
-                    exc.args = (
-                        f"{exc.args[0]}; the artifact itself is complete (record {kv_key}, "
-                        f"object {record.url}) and can be deployed; hosts prefetch it only "
-                        "once announced: publish it again to announce it",
-                    )
+                # The step fails, but the build is there: say so, and what is left.
+                _say_also(
+                    exc,
+                    f"the artifact itself is complete (record {kv_key}, object {record.url}) "
+                    "and can be deployed; hosts prefetch it only once announced: publish it "
+                    "again to announce it",
+                )
                 raise
             return record
         except PublishInterrupted as exc:
@@ -772,6 +771,17 @@ def _publish(
             raise
         finally:
             consul.close()
+
+
+def _say_also(exc: BaseException, more: str) -> None:
+    """Add ``more`` to a failure's message, the one line the operator reads (a signal's
+    ``PublishInterrupted`` carries its ``outcome`` instead)."""
+    if (
+        isinstance(exc, WatcherError)
+        and not isinstance(exc, PublishInterrupted)
+        and len(exc.args) == 1
+    ):
+        exc.args = (f"{exc.args[0]}; {more}",)
 
 
 def _record_of(entry: KVEntry | None, kv_key: str) -> ArtifactRecord | None:
