@@ -767,7 +767,9 @@ class TestAbortRace:
         marks.mkdir()
         slow = hook(
             tmp_path / "hooks" / "post-release-slow",
-            f'sleep 120 &\necho $! > "{marks}/child.pid"\necho $$ > "{marks}/hook.pid"\nwait\n',
+            # Both pids are in place, whole, before child.pid appears (mv is atomic).
+            f'echo $$ > "{marks}/hook.pid"\nsleep 120 &\n'
+            f'echo $! > "{marks}/child.tmp"\nmv "{marks}/child.tmp" "{marks}/child.pid"\nwait\n',
         )
         timeouts = {"prepare": "60s", "apply": "60s", "hook": "90s"}
         fleet = make_fleet(hosts={1: {"hooks": {"post_release": slow}, "timeouts": timeouts}})
