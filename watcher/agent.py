@@ -37,6 +37,7 @@ from watcher.barrier import (
     PrepareRead,
     Verdict,
     Written,
+    still_uploading,
 )
 from watcher.config import AppConfig, Config, Timeouts
 from watcher.consul_api import KVEntry, TxnOp
@@ -2058,9 +2059,9 @@ class AppAgent:
         # workers (shared by every app) for ~3 s, 30 of them delaying a real build ~43 s.
         # A second read, consistent, covers a stale answer around a leader election.
         try:
-            record = self.store.artifact(artifact_id) or self.store.artifact(
-                artifact_id, consistent=True
-            )
+            record = self.store.artifact(artifact_id)
+            if record is None or record.uploading:
+                record = self.store.artifact(artifact_id, consistent=True)
         except PayloadError as exc:
             self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
             return
@@ -2071,6 +2072,13 @@ class AppAgent:
                 "prefetch_skipped",
                 artifact=artifact_id,
                 reason=f"no artifact record at {self.store.keys.artifact(artifact_id)}",
+            )
+            return
+        if record.uploading:
+            # Announced (a `consul event` by hand) before its publish finished: the publish
+            # announces it itself once the object is complete.
+            self.log.warning(
+                "prefetch_skipped", artifact=artifact_id, reason=still_uploading(record)
             )
             return
         try:

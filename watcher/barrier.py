@@ -1986,6 +1986,11 @@ class DeployStore:
                         f"{UNKNOWN_ARTIFACT} {artifact_id}"
                         if found is None
                         else self._pin_refusal(found)
+                        or (
+                            f"{REFUSED_ARTIFACT}: {still_uploading(found)}"
+                            if found.uploading
+                            else ""
+                        )
                     )
                     if found is None or reason:
                         now = utcnow()
@@ -2185,7 +2190,21 @@ def resolve_artifact(store: DeployStore, artifact_id: str) -> ArtifactRecord:
             f"{store.keys.artifact(artifact_id)}; was it published?)"
         )
     store.check_pin(record)
+    if record.uploading:
+        raise DeployRefused(f"app {store.app}: {still_uploading(record)}")
     return record
+
+
+def still_uploading(record: ArtifactRecord) -> str:
+    """Why a build whose publish has not finished is not deployed (its object may be
+    missing or partial: every host would fail to download it, and the deploy abort)."""
+    by = f" by {record.created_by}" if record.created_by else ""
+    since = f" since {record.created_at}" if record.created_at else ""
+    return (
+        f"artifact {record.id} is still being uploaded (its publish{by}{since} has not "
+        "finished); deploy it once it has (its build-finished event), or, if that publish "
+        "failed or was killed, publish it again"
+    )
 
 
 __all__ = [
@@ -2199,5 +2218,6 @@ __all__ = [
     "new_deploy_id",
     "resolve_artifact",
     "rollback_target",
+    "still_uploading",
     "summarize_states",
 ]

@@ -222,6 +222,7 @@ def run_publish(ctx: CtlContext) -> int:
             )
             return 128 + exc.signum
     data = {"app": args.app, **asdict(record)}
+    del data["uploading"]  # false once published: the output is as it always was
     ctx.emit(data, _human)
     return 0
 

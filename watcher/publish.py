@@ -16,7 +16,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -58,6 +58,9 @@ NO_MANIFEST_EXCLUDED = (".buildkite",)
 # Below this size an upload finishes before a progress line would be worth drawing.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
+# CASes that drop a record's `uploading` mark before giving up (each loses only to another
+# publish of the same bytes writing the record, which is rare and short).
+COMPLETE_TRIES = 5
 
 # Called as ``progress(bytes_sent, total_bytes)`` while the upload runs.
 ProgressFn = Callable[[int, int], None]
@@ -670,6 +673,7 @@ def _publish(
                         build_url=build_url,
                         created_at=iso(utcnow()),
                         created_by=created_by,
+                        uploading=True,
                     )
                     writing = True
                     written = _write_record(consul, kv_key, record, stale, log)
@@ -735,17 +739,12 @@ def _publish(
                         exc.outcome = done
                     _say_also(exc, done)
                 raise
-            # The record may have changed while this publish uploaded: another publish of
-            # other bytes found no object yet, judged it stale and replaced it (and may be
-            # replacing the object now). Published only if it still names these bytes.
-            now = _record_of(consul.kv_get(kv_key), kv_key)
-            if now is None or now.sha256 != sha256 or now.url != record.url:
-                if now is None:
-                    raise ArtifactRefused(
-                        f"artifact {artifact_id}: {kv_key} is gone: another publish withdrew "
-                        "it while this one uploaded; publish again"
-                    )
-                raise _refuse_existing(artifact_id, now.sha256, sha256, kv_key)
+            done = (
+                f"its object was uploaded and verified; its record {kv_key} may still say "
+                "it is uploading (no deploy takes it): publish it again to finish it"
+            )
+            _complete(consul, kv_key, artifact_id, sha256, record.url)
+            record = replace(record, uploading=False)
             done = (
                 f"its record {kv_key} and its object were complete; build-finished may not "
                 "have been fired (publish it again to announce it)"
@@ -771,6 +770,39 @@ def _publish(
             raise
         finally:
             consul.close()
+
+
+def _complete(consul: ConsulClient, kv_key: str, artifact_id: str, sha256: str, url: str) -> None:
+    """The object is uploaded and verified: drop the record's ``uploading`` mark, with a
+    CAS, so that deploys take the build (a record of an older publish has none).
+
+    The record may have changed while this publish uploaded: another publish of other
+    bytes found no object yet, judged it stale and replaced it (and may be replacing the
+    object now). Published only if it still names these bytes. The record is rewritten from
+    its own JSON, not from what this version parses of it: nothing else in it changes."""
+    for _ in range(COMPLETE_TRIES):
+        entry = consul.kv_get(kv_key)
+        now = _record_of(entry, kv_key)
+        if entry is None or now is None:
+            raise ArtifactRefused(
+                f"artifact {artifact_id}: {kv_key} is gone: another publish withdrew "
+                "it while this one uploaded; publish again"
+            )
+        if now.sha256 != sha256 or now.url != url:
+            raise _refuse_existing(artifact_id, now.sha256, sha256, kv_key)
+        if not now.uploading:
+            return
+        data = json.loads(entry.value or b"")
+        del data["uploading"]
+        value = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        # Its flags kept: they count adoptions (``_adopt``), and a publish that wrote
+        # this record withdraws only its own write, which this one replaces.
+        if _cas(consul, kv_key, value, entry.modify_index, entry.flags):
+            return
+    raise ArtifactRefused(
+        f"artifact {artifact_id}: {kv_key} kept changing while this publish marked it "
+        "complete; publish again"
+    )
 
 
 def _say_also(exc: BaseException, more: str) -> None:
@@ -919,7 +951,12 @@ def _withdraw(
     """
     try:
         entry = consul.kv_get(kv_key)
-        if entry is None or entry.value != record.to_json():
+        if entry is None:
+            return f"{kv_key} did not hold its record: nothing to withdraw"
+        if entry.value != record.to_json():
+            if _finished_by_another(entry, record):
+                log.warning("artifact_record_adopted", key=kv_key)
+                return f"{kv_key} was adopted by another publish of the same bytes; left it"
             return f"{kv_key} did not hold its record: nothing to withdraw"
         if written == 0 and previous is None and entry.modify_index == entry.create_index:
             written = entry.modify_index
@@ -949,6 +986,15 @@ def _withdraw(
             f"could not withdraw its record {kv_key} ({exc}); the next publish of this id "
             f"replaces it, or delete it: consul kv delete {kv_key}"
         )
+
+
+def _finished_by_another(entry: KVEntry, record: ArtifactRecord) -> bool:
+    """Whether ``entry`` is ``record`` with its ``uploading`` mark dropped (``_complete``)."""
+    try:
+        theirs = _record_of(entry, entry.key)
+    except PayloadError:
+        return False
+    return theirs is not None and replace(theirs, uploading=True) == record
 
 
 def _ensure_uploaded(

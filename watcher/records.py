@@ -352,6 +352,9 @@ class ArtifactRecord(Document):
     build_url: str = ""
     created_at: str = ""
     created_by: str = ""
+    #: Written by a publish before its upload, dropped once the object is uploaded and
+    #: verified: until then no deploy takes the build (its object may not exist yet).
+    uploading: bool = False
 
     def validate(self, label: str) -> None:
         _need(
@@ -378,6 +381,7 @@ class ArtifactRecord(Document):
                 label,
                 f"{name} must be a string without NUL bytes",
             )
+        _need(isinstance(self.uploading, bool), label, "uploading must be true or false")
 
 
 #: What stands for the part of a free text field a reader did not take.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,7 +13,14 @@ from structlog.testing import capture_logs
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, Joined, rollback_target
+from watcher.barrier import (
+    CONTESTED,
+    UNDECIDED,
+    DeployStore,
+    Joined,
+    resolve_artifact,
+    rollback_target,
+)
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import DeployInFlight, DeployRefused
 from watcher.records import (
@@ -147,6 +155,45 @@ class TestRawEvents:
         assert handle(b, "b") == "exists"
         outcome = store.outcome(event_id)
         assert outcome is not None and "unknown artifact main-deadbeef" in outcome.reason
+
+    def test_a_build_still_uploading_is_refused_for_what_it_is(self, store: DeployStore) -> None:
+        """A publish writes its record before it uploads: a raw `deploy` event, or a
+        `watcherctl deploy`, naming the build then is refused with that reason, and nothing
+        is started (every host's download would fail, and the deploy abort)."""
+        member(store, "a")
+        uploading = replace(
+            artifact("main-0ddba110"),
+            created_by="ci@build-7",
+            created_at="2026-12-05T09:00:00Z",
+            uploading=True,
+        )
+        store.consul.kv_put(store.keys.artifact(uploading.id), uploading.to_json())
+        event_id = "9d4f6c2a-1b3e-4f5a-8c7d-6e5f4a3b2c1d"
+        result = store.start_from_event(
+            event_id=event_id,
+            ltime=5,
+            kind="deploy",
+            artifact_id=uploading.id,
+            release=None,
+            by="a",
+            prepare_timeout=60,
+            apply_timeout=60,
+            history_keep=10,
+        )
+        said = (
+            "artifact main-0ddba110 is still being uploaded (its publish by ci@build-7 since "
+            "2026-12-05T09:00:00Z has not finished)"
+        )
+        assert result.startswith("refused: artifact refused: ") and said in result, result
+        assert store.inflight() == (None, 0)
+        outcome = store.outcome(event_id)
+        assert outcome is not None and outcome.result == "refused", outcome
+        assert said in outcome.reason and "publish it again" in outcome.reason
+        with pytest.raises(DeployRefused, match=re.escape(said)):
+            resolve_artifact(store, uploading.id)
+        done = replace(uploading, uploading=False)  # what its publish writes once uploaded
+        store.consul.kv_put(store.keys.artifact(done.id), done.to_json())
+        assert resolve_artifact(store, done.id) == done
 
     def test_an_events_seen_that_is_no_number_is_said_and_written_over(
         self, store: DeployStore

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +354,42 @@ class TestRawEventsAndRollback:
             [skipped] = events_named(w, "prefetch_skipped")
             assert skipped["level"] == "warning" and "main-0badc0de" in skipped["reason"]
             assert not events_named(w, "prefetch_failed")
+
+    def test_a_build_still_uploading_is_neither_prefetched_nor_deployed(
+        self, make_fleet: MakeFleet, consul_bin: str
+    ) -> None:
+        """A publish writes its record before it uploads, and marks it finished once the
+        object is uploaded and verified. Announced or deployed before that, every host's
+        download would fail (and the deploy abort): hosts skip it, `deploy` refuses it."""
+        fleet = make_fleet()
+        v1 = fleet.publish("v1")
+        key = fleet.keys.artifact(v1.id)
+        fleet.kv.kv_put(key, replace(v1, uploading=True, created_by="ci@build-7").to_json())
+        fire(
+            consul_bin,
+            fleet.cluster.hosts[0],
+            "build-finished",
+            json.dumps({"app": "web", "artifact": v1.id}),
+        )
+        wait_for(
+            lambda: all(events_named(w, "prefetch_skipped") for w in fleet.watchers),
+            30,
+            "every host skipped the prefetch",
+            fleet,
+        )
+        said = f"artifact {v1.id} is still being uploaded (its publish by ci@build-7 since "
+        for w in fleet.watchers:
+            [skipped] = events_named(w, "prefetch_skipped")
+            assert skipped["level"] == "warning" and said in skipped["reason"], skipped
+            assert not events_named(w, "prefetched") and not events_named(w, "prefetch_failed")
+        before = history(fleet)
+        refused = fleet.watchers[1].ctl("deploy", "web", v1.id, as_json=False, check=False)
+        assert refused.returncode == 4, refused.stderr
+        assert said in refused.stderr and "publish it again" in refused.stderr, refused.stderr
+        assert fleet.inflight() is None and history(fleet) == before
+        fleet.kv.kv_put(key, v1.to_json())  # its publish finished
+        release = deploy_ok(fleet, v1.id)
+        assert fleet.currents() == all_on(fleet, release)
 
     def test_builds_that_do_not_exist_do_not_hold_up_a_real_one(
         self, make_fleet: MakeFleet, consul_bin: str

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,8 @@ class TestPublish:
         assert stored.build_url == "https://buildkite.example/acme/web/builds/42"
         assert stored.created_at.endswith("Z") and stored.created_by == "ci@test"
         assert stored.format == "tar.gz"
+        raw = consul.kv_get(Keys("watcher", "web").artifact(ARTIFACT))
+        assert raw is not None and "uploading" not in json.loads(raw.value or b"")  # finished
 
         assert events_for(consul, ARTIFACT, count=1) == [{"app": "web", "artifact": ARTIFACT}]
 
@@ -731,6 +734,16 @@ def start_publish(
     )
 
 
+def watcherctl(
+    config_data: dict[str, Any], tmp_path: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    config_file = tmp_path / f"watcher-{uuid.uuid4().hex[:8]}.yaml"
+    config_file.write_text(json.dumps(config_data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUILDKITE", "CONSUL_"))}
+    argv = [str(WATCHERCTL), *args, "-c", str(config_file)]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
 def default_signals() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
@@ -822,6 +835,55 @@ class TestPublishInterrupted:
         assert kv_record(consul, "adopted-1") == record
         obj = s3_object(s3_settings, "adopted-1")
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
+
+    def test_a_build_is_not_deployable_until_its_upload_is_done(
+        self,
+        config_data: dict[str, Any],
+        config: Config,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        """The record, written before the upload (the permission check), says the build is
+        uploading until its object is uploaded and verified: `watcherctl deploy` refuses it
+        meanwhile (every host's download would fail, and the deploy abort). A publish
+        killed in between leaves it so; publishing the same tree again finishes it."""
+        with StallingS3(s3_settings.endpoint_url or "") as slow:
+            proc = start_publish(
+                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
+                tmp_path,
+                src,
+                "uploading-1",
+            )
+            try:
+                assert slow.put_started.wait(30), "the upload never started"
+                left = kv_record(consul, "uploading-1")
+                assert left is not None and left.uploading
+                deploy = watcherctl(config_data, tmp_path, "deploy", "web", "uploading-1")
+            finally:
+                proc.kill()  # SIGKILL: the record stays as it was
+                proc.wait()
+        assert deploy.returncode == 4, deploy.stderr  # refused
+        assert (
+            f"artifact uploading-1 is still being uploaded (its publish by {left.created_by} "
+            f"since {left.created_at} has not finished)"
+        ) in deploy.stderr, deploy.stderr
+        assert "publish it again" in deploy.stderr
+        assert consul.kv_get(Keys("watcher", "web").inflight) is None
+        assert events_for(consul, "uploading-1") == []
+
+        record = publish(config, src, artifact_id="uploading-1")  # the same tree again
+
+        assert record == replace(left, uploading=False)  # its record, taken over and finished
+        raw = consul.kv_get(Keys("watcher", "web").artifact("uploading-1"))
+        assert raw is not None and "uploading" not in json.loads(raw.value or b"")
+        assert kv_record(consul, "uploading-1") == record
+        obj = s3_object(s3_settings, "uploading-1")
+        assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
+        assert events_for(consul, "uploading-1", count=1) == [
+            {"app": "web", "artifact": "uploading-1"}
+        ]
 
     def test_a_record_left_by_a_killed_publish_is_replaced_by_the_next(
         self,

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +420,25 @@ class TestDeployApiWithAcls:
         assert v4.id in ids and len(ids) >= 4
         [b4] = [b for b in builds if b["id"] == v4.id]
         assert b4["size"] == v4.size and b4["commit"] == v4.commit and b4["branch"] == "main"
+        assert b4["uploading"] is False
+        # Its publish not finished: shown so, no deploy button, and a deploy refused (409).
+        key = env.fleet.keys.artifact(v4.id)
+        env.fleet.kv.kv_put(key, replace(v4, uploading=True).to_json())
+        try:
+            [b4] = [
+                b
+                for b in env.web.get("/api/v1/apps/web/builds").json()["builds"]
+                if b["id"] == v4.id
+            ]
+            assert b4["uploading"] is True
+            page = env.web.get("/apps/web").text
+            row = page.split(f'<tr data-artifact="{v4.id}">', 1)[1].split("</tr>", 1)[0]
+            assert ">uploading</span>" in row and 'data-action="deploy"' not in row, row
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v4.id}, env.web_operator)
+            assert r.status_code == 409, r.text
+            assert f"artifact {v4.id} is still being uploaded" in r.json()["error"], r.text
+        finally:
+            env.fleet.kv.kv_put(key, v4.to_json())
 
     def test_sse_pushes_the_deploy_in_flight(self, env: Env) -> None:
         v5 = env.fleet.publish("v5")

@@ -395,6 +395,15 @@ class TestRecords:
         short = NodeProgress.from_json(json.dumps({"node": "a", "state": "failed", "error": "e"}))
         assert short.error == "e"
 
+    def test_an_artifact_records_uploading_mark_is_true_or_false(self) -> None:
+        # Written by a publish before its upload; a record of an older publish has none.
+        doc = {"id": "main-15eb13af", "url": "s3://b/k", "sha256": "0" * 64, "size": 1}
+        assert ArtifactRecord.from_json(json.dumps(doc)).uploading is False
+        assert ArtifactRecord.from_json(json.dumps({**doc, "uploading": True})).uploading
+        for bad in ("no", 0, None):
+            with pytest.raises(PayloadError, match="uploading must be true or false"):
+                ArtifactRecord.from_json(json.dumps({**doc, "uploading": bad}))
+
     def test_a_request_names_at_most_max_expected_hosts(self) -> None:
         # Every reader of a deploy reads one key per expected host: a token's request with
         # 20,000 names made each page load send hundreds of Consul requests.

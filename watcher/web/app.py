@@ -462,6 +462,7 @@ def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
             "created_by": r.created_by,
             "created_at": r.created_at,
             "size": r.size,
+            "uploading": r.uploading,
             "prefetched_on": counts.get(r.id, 0),
         }
         for r in records[:BUILDS_LIMIT]
@@ -503,9 +504,10 @@ def live_snapshot(store: DeployStore) -> Snapshot:
 
 def sections_mark(store: DeployStore) -> str:
     """A digest of what the page's fleet and builds sections show (each watcher alive or
-    not, each host's release, hold, alarm and prefetched builds, the builds there are): the
-    live view sends it, and the page fetches those sections again when it changes (a host
-    going down or coming back, a new build), not on every ack of a deploy."""
+    not, each host's release, hold, alarm and prefetched builds, the builds there are and
+    their records' versions): the live view sends it, and the page fetches those sections
+    again when it changes (a host going down or coming back, a new build, a publish that
+    finished), not on every ack of a deploy."""
     members = store.members()
     hosts, unreadable = store.hosts_checked()
     rows = [
@@ -514,8 +516,11 @@ def sections_mark(store: DeployStore) -> str:
         else [n, n in members, unreadable.get(n, "")]
         for n in sorted(set(members) | set(hosts) | set(unreadable))
     ]
-    names = store.consul.kv_keys(store.keys.artifacts_prefix)
-    text = json.dumps([rows, names], separators=(",", ":"), default=str)
+    # Each record's index too: a build's publish finishing rewrites it (no longer uploading).
+    builds_now = [
+        (e.key, e.modify_index) for e in store.consul.kv_list(store.keys.artifacts_prefix)
+    ]
+    text = json.dumps([rows, builds_now], separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
