@@ -46,6 +46,12 @@ from watcher.records import (
 )
 
 CLUSTER = ClusterSpec(hosts=3, acl=True)
+# For tests that SIGSTOP watchers while other processes run: with the fleet's 3 s TTL a
+# stopped watcher's session goes 4.5-6 s after its last renewal, which a loaded runner's
+# few `watcherctl` starts can reach (the deploy then aborts for a lost member).
+LONG_SESSIONS = pytest.mark.parametrize(
+    "acl_fleet", [{"session_ttl": "30s"}], indirect=True, ids=["ttl30"]
+)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -645,6 +651,7 @@ class TestOneHostToken:
         slow_hook(fleet, "validate", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    @LONG_SESSIONS
     @pytest.mark.parametrize(
         ("hook_fails", "on_validate_failure"),
         [(False, "rollback"), (True, "rollback"), (True, "hold")],
@@ -708,7 +715,7 @@ class TestOneHostToken:
             assert x.txn(ops).ok
             release2 = str(forged.release)
         finally:
-            # Well within its session's TTL: the deploy's end waits for host-3's part.
+            # Within its session's TTL (LONG_SESSIONS): the deploy's end waits for host-3.
             os.killpg(me.proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=90)
         result = json.loads(out)
@@ -1097,6 +1104,7 @@ class TestReadersOfOutcomes:
         slow_hook(fleet, "post_release", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    @LONG_SESSIONS
     @pytest.mark.parametrize("recreated", [False, True], ids=["beside", "recreated"])
     def test_an_abort_written_before_any_ack_is_no_refusal(
         self, acl_fleet: AclFleet, recreated: bool
@@ -1153,6 +1161,7 @@ class TestReadersOfOutcomes:
         assert releases_of(fleet) != {release1}
         assert history_row(acl_fleet, deploy_id)["result"] == "committed"
 
+    @LONG_SESSIONS
     def test_an_outcome_written_before_a_host_joined_is_not_the_end(
         self, acl_fleet: AclFleet
     ) -> None:
