@@ -199,8 +199,18 @@ def write_config(fleet: Fleet, w: WatcherProc, ctl: Path) -> None:
 
 
 @pytest.fixture
-def rig(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Rig]:
-    fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=f"f{time.monotonic_ns()}")
+def rig(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Rig]:
+    """The fleet with its hook; an indirect parameter is the watchers' extra ``daemon``
+    settings."""
+    fleet = Fleet(
+        cluster,
+        s3_settings,
+        tmp_path,
+        kv_prefix=f"f{time.monotonic_ns()}",
+        daemon_extra=getattr(request, "param", {}),
+    )
     # Read KV through the server: the tests stop and cut off client agents.
     fleet.kv = consul_for(cluster.server)
     ctl = tmp_path / "ctl"
@@ -502,6 +512,9 @@ class TestRestart:
         assert json.loads((victim.state_dir / "session.json").read_text())["id"] == session
         rig.check_invariants()
 
+    # The restarted watcher must renew before Consul drops the session: with a 3 s TTL
+    # that is 4.5-6 s after its last renewal, close to a loaded runner's start-up.
+    @pytest.mark.parametrize("rig", [{"session_ttl": "10s"}], indirect=True, ids=["ttl10"])
     def test_sigkill_and_immediate_restart_reuses_the_session(self, rig: Rig) -> None:
         fleet = rig.fleet
         baseline(rig)

@@ -1111,10 +1111,12 @@ class TestHold:
     def test_held_host_aborts_the_deploy_and_hold_is_refused_while_ready_undecided(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
-        flag = tmp_path / "slow"
-        slow = hook(
+        flag, gate = tmp_path / "slow", tmp_path / "gate"
+        slow = hook(  # with the flag, it waits for the gate: the window the checks below need
             tmp_path / "hooks" / "post-release-slow",
-            f'if [ -e "{flag}" ]; then sleep 8; fi\n',  # the window the checks below need
+            f'if [ -e "{flag}" ]; then\n'
+            f'  for i in $(seq 600); do [ -e "{gate}" ] && exit 0; sleep 0.1; done\n'
+            "fi\n",
         )
         fleet = make_fleet(hosts={2: {"hooks": {"post_release": slow}}})
         held, slow_host = fleet.watchers[1], fleet.watchers[2]
@@ -1169,6 +1171,7 @@ class TestHold:
         assert fleet_view["deploy"]["id"] == deploy_id
         assert fleet_view["hosts"][held.name]["deploy_state"] == READY
         assert fleet_view["hosts"][slow_host.name]["deploy_state"] == "staging"
+        gate.touch()
 
         outcome = fleet.wait_outcome(deploy_id)
         assert outcome["result"] == "committed", outcome

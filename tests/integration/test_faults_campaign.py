@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from tests.faults import invariants as inv
 from tests.faults.campaign import FAULTS, Campaign
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import WatcherProc
+from tests.support.fleet import WatcherProc, wait_for
 from tests.support.s3server import S3Server
 
 pytestmark = pytest.mark.root
@@ -124,7 +123,11 @@ class TestCheckerDoesNotLie:
         with frozen(victim):
             shutil.copytree(victim.app_dir / "releases" / on, victim.app_dir / "releases" / fake)
             flip_by_hand(victim, fake)
-            time.sleep(0.3)  # the monitor samples every 20 ms
+            wait_for(  # the monitor's thread samples every 20 ms
+                lambda: fake in campaign.monitor.seen.get(victim.name, set()),
+                10,
+                "the monitor saw the flip",
+            )
             flip_by_hand(victim, on)
             shutil.rmtree(victim.app_dir / "releases" / fake)
         found = campaign.check(status_wait=0)

@@ -237,10 +237,11 @@ class TestRefusals:
     def test_a_host_the_deploy_in_flight_expects_is_kept(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
-        # host-1 takes its time in post_release; host-3 acks ready, then dies: the deploy
-        # still expects it (its ready ack counts), and gc must not pull it from under it.
+        # host-1 stays in post_release (until the abort below stops it); host-3 acks
+        # ready, then dies: the deploy still expects it (its ready ack counts), and gc
+        # must not pull it from under it.
         slow = tmp_path / "slow-post-release"
-        slow.write_text("#!/bin/sh\nsleep 18\n")
+        slow.write_text("#!/bin/sh\nsleep 120\n")
         slow.chmod(0o755)
         fleet = make_fleet(hosts={0: {"hooks": {"post_release": str(slow)}}})
         w0, gone = fleet.watchers[0], fleet.watchers[2]

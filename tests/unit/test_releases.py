@@ -557,13 +557,18 @@ class TestFlip:
         engine.stage_from_file(tarball, record, rel(1), "d-1")
         engine.stage_from_file(tarball, record, rel(2), "d-2")
         engine.flip(rel(1))
-        moment = time.time() + 0.6
+        moment = time.time() + 2.0
         flipper = threading.Thread(
             target=engine.flip, args=(rel(2),), kwargs={"not_before": moment}
         )
         flipper.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline and not (
+            engine.previous_release() == rel(1) and len(tmp_leftovers(engine.layout)) == 1
+        ):
+            time.sleep(0.01)
         # Waiting: `previous` and the new link are written, `current` has not moved.
+        assert time.time() < moment, "the new link came late: nothing left to check"
         assert engine.current_release() == rel(1)
         assert engine.previous_release() == rel(1)
         assert len(tmp_leftovers(engine.layout)) == 1

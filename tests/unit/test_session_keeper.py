@@ -148,8 +148,12 @@ def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
         while ("create", "refused") not in consul.calls:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.1)
+        # The keeper thread says so after the refused call (before it, health says
+        # "starting"): wait for health to name the refusal.
         healthy, details = k.health.check()
+        while "Invalid Session TTL" not in str(details) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            healthy, details = k.health.check()
     finally:
         k.stopping.set()
         k.join(5)

@@ -652,9 +652,12 @@ class TestLiveFeed:
 
         took = asyncio.run(watch())
         feed.stop()
-        paced = [b - a for a, b in itertools.pairwise(reads[READ_BURST:])]
-        assert len(paced) >= 2 and consul.index >= READ_BURST, reads
-        assert min(paced) >= 0.95 / READ_RATE, paced
+        paced = reads[READ_BURST:]
+        assert len(paced) >= 3 and consul.index >= READ_BURST, reads
+        # The rate, not each gap: a wait that overslept (a loaded machine) is made up by a
+        # shorter next one, and the gaps' sum telescopes to the paced reads' count.
+        mean = (paced[-1] - paced[0]) / (len(paced) - 1)
+        assert mean >= 0.9 / READ_RATE, [b - a for a, b in itertools.pairwise(paced)]
         assert len(reads) <= READ_BURST + READ_RATE * took + 1, (len(reads), took)
 
     def test_a_failing_read_is_said_and_the_feed_recovers_by_itself(self) -> None:
