@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher.agent import read_journal
-from watcher.barrier import DeployStore
+from watcher.barrier import DeployStore, still_uploading
 from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient
 from watcher.ctl import (
@@ -493,6 +493,8 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         key = Keys(config.kv_prefix, app.name).artifact(ctx.args.artifact)
         message = f"app {app.name}: unknown artifact {ctx.args.artifact} (no record at {key})"
         raise ArtifactNotFound(f"{message}: {slip}" if slip else message)
+    if record.uploading:
+        raise DeployRefused(f"app {app.name}: {still_uploading(record)}")
     from watcher.artifacts import ArtifactCache
     from watcher.s3 import S3Store
 

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -698,7 +699,14 @@ class TestSetupRelease:
             size=len(data),
             branch="master",
         )
-        assert consul.kv_put(Keys("watcher", "web").artifact(artifact), record.to_json())
+        key = Keys("watcher", "web").artifact(artifact)
+        # Its publish not finished yet: refused (exit 4), nothing fetched or staged.
+        assert consul.kv_put(key, replace(record, uploading=True).to_json())
+        early = h.ctl("setup-release", "web", artifact)
+        assert early.returncode == 4, early
+        assert f"artifact {artifact} is still being uploaded" in early.stderr, early.stderr
+        assert [n for n in h.names() if artifact in n] == []
+        assert consul.kv_put(key, record.to_json())
 
         started = datetime.now(UTC)
         out = h.ctl_json("setup-release", "web", artifact, "--keep-days", "3")
