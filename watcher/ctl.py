@@ -360,6 +360,7 @@ def misplaced_options(
     own: list[str] = []  # the command's options given before it, with their values
     kept: list[str] = []  # the global options given before it, with theirs
     names: list[str] = []
+    lacking: list[str] = []  # options given without their value
     i = 0
     while i < len(before):
         arg = before[i]
@@ -372,7 +373,16 @@ def misplaced_options(
         if action is None:
             return None  # an option of neither: argparse's error
         taken = _values_taken(action, arg)
-        (own if mine else kept).extend(before[i : i + 1 + taken])
+        values = before[i + 1 : i + 1 + taken]
+        if len(values) < taken or any(
+            _option_of(parser, v) or _option_of(sub, v) for v in values if v.startswith("-")
+        ):
+            # Its value left out (`--timeout --json deploy`): shown as a placeholder, not
+            # the next option taken for it.
+            values = [action.metavar if isinstance(action.metavar, str) else action.dest.upper()]
+            lacking.append(arg.split("=", 1)[0])
+            taken = 0
+        (own if mine else kept).extend([arg, *values])
         if mine:
             names.append(arg.split("=", 1)[0])
         i += 1 + taken
@@ -380,9 +390,14 @@ def misplaced_options(
         return None
     fixed = shlex.join(["watcherctl", *kept, command, *own, *argv[len(before) + 1 :]])
     if len(names) == 1:
-        return sub, f"{names[0]} is an option of {command!r}: put it after the command ({fixed})"
+        value = ", with its value" if lacking else ""
+        return sub, (
+            f"{names[0]} is an option of {command!r}: put it after the command{value} ({fixed})"
+        )
+    value = f", with a value for {', '.join(lacking)}" if lacking else ""
     return sub, (
-        f"{', '.join(names)} are options of {command!r}: put them after the command ({fixed})"
+        f"{', '.join(names)} are options of {command!r}: put them after the command{value} "
+        f"({fixed})"
     )
 
 

@@ -214,6 +214,18 @@ class TestTheCliRefusesBadInputWithExit2:
                 "--local, --to are options of 'rollback': put them after the command "
                 "(watcherctl rollback --local --to=20260101T000000Z-x web)",
             ),
+            # ... without its value: a placeholder, not the next option taken for it
+            (
+                ["--timeout", "--json", "deploy", "web", "main-1"],
+                "--timeout is an option of 'deploy': put it after the command, with its value "
+                "(watcherctl --json deploy --timeout TIMEOUT web main-1)",
+            ),
+            (
+                ["--no-wait", "--timeout", "deploy", "web", "main-1"],
+                "--no-wait, --timeout are options of 'deploy': put them after the command, "
+                "with a value for --timeout (watcherctl deploy --no-wait --timeout TIMEOUT "
+                "web main-1)",
+            ),
             (["--bogus", "status"], "watcherctl status: error: unrecognized arguments: --bogus"),
         ],
     )
