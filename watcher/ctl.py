@@ -467,16 +467,6 @@ def release_name_slip(given: str, artifact_record: Callable[[str], object]) -> s
     return f"that is a release name; its artifact is {artifact}"
 
 
-def prune_blocked_remedy(app: str) -> str:
-    """What to do about a blocked prune (README, "Prune"): it must read every process's
-    /proc entries, which for other users' processes takes CAP_SYS_PTRACE."""
-    return (
-        "prune must read every process's /proc entries: give the watcher CAP_SYS_PTRACE "
-        "(systemd/watcher.service keeps it; a container needs --cap-add SYS_PTRACE), and run "
-        f"`watcherctl prune {app}` as root with that capability"
-    )
-
-
 def exit_code_for(exc: WatcherError) -> int:
     # A name that does not exist is bad input, like an unknown app: 2.
     if isinstance(

@@ -41,7 +41,6 @@ from watcher.ctl import (
     deploy_id_argument,
     exit_code_for,
     free_text_argument,
-    prune_blocked_remedy,
     release_argument,
     release_name_slip,
     table,
@@ -1336,6 +1335,8 @@ def _human_status(data: dict[str, Any]) -> str:
         blocked = (a.get("daemon") or {}).get("prune_blocked") if d.get("running") else None
         if blocked and isinstance(blocked, str):
             lines.append(f"  prune       BLOCKED: {blocked[:300]}")
+            from watcher.releases import prune_blocked_remedy  # (status --fleet stays light)
+
             lines.append(f"              to unblock: {prune_blocked_remedy(name)}")
         hold = a["hold"]
         lines.append(

@@ -24,7 +24,6 @@ from watcher.ctl import (
     CtlContext,
     artifact_id_argument,
     free_text_argument,
-    prune_blocked_remedy,
     release_argument,
     release_name_slip,
     table,
@@ -51,7 +50,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import Hold, ReleaseEngine, ReleaseInfo
+from watcher.releases import Hold, ReleaseEngine, ReleaseInfo, prune_blocked_remedy
 
 if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
     from watcher.artifacts import ArtifactCache

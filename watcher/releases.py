@@ -289,6 +289,16 @@ def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str],
     return used, None
 
 
+def prune_blocked_remedy(app: str) -> str:
+    """What to do about a blocked prune (README, "Prune"): it must read every process's
+    /proc entries, which for other users' processes takes CAP_SYS_PTRACE."""
+    return (
+        "prune must read every process's /proc entries: give the watcher CAP_SYS_PTRACE "
+        "(systemd/watcher.service keeps it; a container needs --cap-add SYS_PTRACE), and run "
+        f"`watcherctl prune {app}` as root with that capability"
+    )
+
+
 class ReleaseEngine:
     """Releases of one app on this host.
 
@@ -1266,7 +1276,9 @@ class ReleaseEngine:
         if plan is None:
             plan = self.plan_prune(in_flight=in_flight)
         if plan.blocked is not None:
-            self.log.warning("prune_blocked", reason=plan.blocked)
+            self.log.warning(
+                "prune_blocked", reason=plan.blocked, remedy=prune_blocked_remedy(self.app.name)
+            )
         removed = [] if plan.blocked is not None else list(plan.remove)
         if dry_run:
             return removed

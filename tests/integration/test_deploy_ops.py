@@ -1220,6 +1220,8 @@ class TestPruneBlocked:
             assert f"`watcherctl prune web -c {w.config_path}` as root" in human, human
             text = metrics_text(w.health_port())
             assert 'watcher_prune_blocked{app="web"} 1.0' in text, text
+            said = w.log_events("prune_blocked")  # the log line says what to do, too
+            assert said and "give the watcher CAP_SYS_PTRACE" in said[-1]["remedy"], said
 
         says_blocked()
         # A restarted daemon says so before any deploy: the releases still pile up.
