@@ -45,6 +45,7 @@ from bench.harness import (  # noqa: E402
 from bench.run import consul_binary  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, WatcherProc, wait_for  # noqa: E402
+from tests.support.runner import stop_on_signals  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from watcher.config import S3Settings  # noqa: E402
 
@@ -225,4 +226,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     sys.exit(main())

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import use_bench_s3_credentials  # noqa: E402
 from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, consul_for  # noqa: E402
+from tests.support.runner import stop_on_signals  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from tests.support.web import WebServer  # noqa: E402
 from watcher.config import S3Settings  # noqa: E402
@@ -182,4 +183,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     sys.exit(main())

@@ -30,6 +30,7 @@ from bench.bench_deploy import idle_section, latency_section, scale_section  # n
 from bench.bench_flip import flip_section  # noqa: E402
 from bench.bench_stage import stage_section  # noqa: E402
 from bench.harness import Figure, Results, compile_package, machine, use_bench_s3_credentials  # noqa: E402
+from tests.support.runner import stop_on_signals  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from watcher.config import S3Settings, parse_flip_delay  # noqa: E402
 from watcher.log import configure_logging  # noqa: E402
@@ -215,4 +216,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     sys.exit(main())

@@ -36,6 +36,7 @@ from tests.faults import invariants as inv
 from tests.support.cluster import ClusterError, ClusterSpec, ConsulCluster, start_cluster
 from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, consul_for
+from tests.support.runner import stop_on_signals
 from tests.support.s3server import S3Server, s3_client
 from watcher.config import S3Settings
 
@@ -847,4 +848,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     sys.exit(main())

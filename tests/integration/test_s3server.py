@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from tests.support.s3server import S3Server, s3_client
 from watcher.config import S3Settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TestS3Server:
@@ -51,3 +59,81 @@ class TestS3Server:
         client.create_bucket(Bucket="after-restart")
         client.put_object(Bucket="after-restart", Key="k", Body=b"v")
         assert client.get_object(Bucket="after-restart", Key="k")["Body"].read() == b"v"
+
+
+RUNNER = """
+import sys, time
+from pathlib import Path
+from tests.support.runner import stop_on_signals
+from tests.support.s3server import S3Server
+if sys.argv[2] == "stop":
+    stop_on_signals()
+server = S3Server(Path(sys.argv[1]))
+try:
+    server.start()
+    print(server.proc.pid, flush=True)
+    time.sleep(60)
+finally:
+    print("cleaned up", flush=True)
+"""
+
+
+class TestRunnerStoppedBySignal:
+    """A bench or fault campaign ended by `timeout` (SIGTERM) or a closed terminal
+    (SIGHUP) stops the servers it started, as on Ctrl-C."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+    def test_its_s3_server_is_stopped(self, tmp_path: Path, signum: signal.Signals) -> None:
+        moto = self.run_and_signal(tmp_path, "stop", signum)
+        assert moto.poll_gone(), f"moto_server {moto.pid} outlived the runner"
+
+    def test_without_it_the_server_outlives_the_runner(self, tmp_path: Path) -> None:
+        # What the handler is for: the default action leaves moto running.
+        moto = self.run_and_signal(tmp_path, "default", signal.SIGTERM)
+        try:
+            assert not moto.poll_gone(1.0)
+        finally:
+            os.kill(moto.pid, signal.SIGKILL)
+
+    @staticmethod
+    def run_and_signal(tmp_path: Path, mode: str, signum: signal.Signals) -> _Pid:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RUNNER, str(tmp_path / "moto.log"), mode],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            pid = _Pid(int(proc.stdout.readline()))
+            proc.send_signal(signum)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if mode == "stop":
+            assert "cleaned up" in out and proc.returncode != 0, (proc.returncode, out)
+        else:
+            assert proc.returncode == -signum, proc.returncode
+        return pid
+
+
+class _Pid:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll_gone(self, timeout: float = 10.0) -> bool:
+        """Whether the process is gone (or a zombie) within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return True
+            if state == "Z":
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
