@@ -58,8 +58,8 @@ NO_MANIFEST_EXCLUDED = (".buildkite",)
 # Below this size an upload finishes before a progress line would be worth drawing.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
-# CASes that drop a record's `uploading` mark before giving up (each loses only to another
-# publish of the same bytes writing the record, which is rare and short).
+# CASes that drop a record's `uploading` mark, or take over a record of the same bytes,
+# before giving up (each loses only to another publish of the same bytes writing it).
 COMPLETE_TRIES = 5
 
 # Called as ``progress(bytes_sent, total_bytes)`` while the upload runs.
@@ -658,7 +658,7 @@ def _publish(
             record = existing
             try:
                 if record is not None and entry is not None:
-                    _adopt(consul, kv_key, entry, artifact_id)
+                    _adopt(consul, kv_key, entry, artifact_id, sha256)
                     done = f"it left the existing record {kv_key} as it was"
                 else:
                     record = ArtifactRecord(
@@ -694,7 +694,7 @@ def _publish(
                             raise _refuse_existing(
                                 artifact_id, winner.sha256, sha256, kv_key, (winner.branch, branch)
                             )
-                        _adopt(consul, kv_key, won, artifact_id)
+                        _adopt(consul, kv_key, won, artifact_id, sha256)
                         record = winner
                         done = f"it left the existing record {kv_key} as it was"
                 try:
@@ -857,18 +857,31 @@ def _cas(consul: ConsulClient, kv_key: str, value: bytes, index: int, flags: int
     return result.entries[0].modify_index if result.entries else 0
 
 
-def _adopt(consul: ConsulClient, kv_key: str, entry: KVEntry, artifact_id: str) -> None:
+def _adopt(
+    consul: ConsulClient, kv_key: str, entry: KVEntry, artifact_id: str, sha256: str
+) -> None:
     """Take over another publish's record of the same bytes: write it again as it is, with a
     CAS on its index, so that the publish that wrote it, stopped by a signal or a failure,
     no longer withdraws it (``_withdraw`` deletes only its own write): this publish reports
     the record as published, and it stays. The entry's flags (read by nobody) count the
-    adoptions: Consul keeps the ModifyIndex of a write of the same value and flags."""
-    flags = (entry.flags + 1) % 2**64 or 1
-    if entry.value is None or not _cas(consul, kv_key, entry.value, entry.modify_index, flags):
-        raise ArtifactRefused(
-            f"artifact {artifact_id}: another publish changed {kv_key} while this one took "
-            "it over; publish again"
-        )
+    adoptions: Consul keeps the ModifyIndex of a write of the same value and flags.
+
+    A CAS lost to another write of a record of the same bytes (a concurrent retry that took
+    it over too, the first publish finishing it) is tried again on that write: two retries
+    of one build both report it published."""
+    for _ in range(COMPLETE_TRIES):
+        flags = (entry.flags + 1) % 2**64 or 1
+        if entry.value is not None and _cas(consul, kv_key, entry.value, entry.modify_index, flags):
+            return
+        now = consul.kv_get(kv_key)
+        theirs = _record_of(now, kv_key)
+        if now is None or theirs is None or theirs.sha256 != sha256:
+            break
+        entry = now
+    raise ArtifactRefused(
+        f"artifact {artifact_id}: another publish changed {kv_key} while this one took "
+        "it over; publish again"
+    )
 
 
 def _write_record(

@@ -766,6 +766,47 @@ def stale_record(s3: S3Settings, artifact: str) -> ArtifactRecord:
     )
 
 
+class TestConcurrentRetries:
+    """Two retries of one build (same bytes) take over the record a stalled publish left at
+    once: the one whose CAS lost tries again on the other's write, and both report it
+    published (one failed with "publish again")."""
+
+    def test_a_lost_take_over_is_tried_again_on_the_same_bytes(
+        self, consul: ConsulClient, s3_settings: S3Settings
+    ) -> None:
+        key = Keys("watcher", "web").artifact("race-1")
+        left = replace(stale_record(s3_settings, "race-1"), uploading=True)
+        assert consul.kv_put(key, left.to_json())
+        read = consul.kv_get(key)  # what both retries read
+        assert read is not None
+        publish_module._adopt(consul, key, read, "race-1", left.sha256)  # the first retry
+        after_first = consul.kv_get(key)
+        assert after_first is not None and after_first.modify_index != read.modify_index
+
+        publish_module._adopt(consul, key, read, "race-1", left.sha256)  # the second
+
+        taken = consul.kv_get(key)
+        assert taken is not None and taken.value == left.to_json()
+        assert taken.modify_index != after_first.modify_index  # its own write now
+        assert taken.flags == after_first.flags + 1
+
+    @pytest.mark.parametrize("meanwhile", ["other bytes", "withdrawn"])
+    def test_a_record_of_other_bytes_or_none_is_not_taken_over(
+        self, consul: ConsulClient, s3_settings: S3Settings, meanwhile: str
+    ) -> None:
+        key = Keys("watcher", "web").artifact("race-2")
+        left = stale_record(s3_settings, "race-2")
+        assert consul.kv_put(key, left.to_json())
+        read = consul.kv_get(key)
+        assert read is not None
+        if meanwhile == "withdrawn":
+            consul.kv_delete(key)
+        else:
+            assert consul.kv_put(key, replace(left, sha256="cd" * 32).to_json())
+        with pytest.raises(ArtifactRefused, match="while this one took it over; publish again"):
+            publish_module._adopt(consul, key, read, "race-2", left.sha256)
+
+
 class TestPublishInterrupted:
     """A Buildkite cancel or job timeout sends SIGTERM in the middle of the upload: the record
     written before the upload must not stay behind without its object."""
