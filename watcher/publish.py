@@ -916,8 +916,14 @@ def _check_pin(consul: ConsulClient, pin_key: str, artifact_id: str, sha256: str
         return
     try:
         pin = PinRecord.from_json(entry.value, where=pin_key)
-    except PayloadError:
-        return  # an unreadable pin is the hosts' problem; they refuse and report it
+    except PayloadError as exc:
+        # Hosts refuse every record of the id while its pin does not parse: what this
+        # would publish could not be deployed, and nobody can tell what a host verified.
+        raise ArtifactRefused(
+            f"artifact {artifact_id}: its pin {pin_key} does not parse ({exc}); hosts "
+            "refuse to deploy the id until an admin repairs pins/: publish under another "
+            "--artifact-id meanwhile"
+        ) from None
     if pin.sha256 != sha256:
         raise _refuse_existing(artifact_id, pin.sha256, sha256, pin_key)
 

@@ -235,6 +235,21 @@ class TestPublish:
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == first.sha256
         assert len(events_for(consul, "clash-1")) == 1  # only the first publish's
 
+    def test_an_id_whose_pin_does_not_parse_is_refused_before_anything_is_written(
+        self, config: Config, consul: ConsulClient, s3_settings: S3Settings, src: Path
+    ) -> None:
+        """Hosts refuse every record of an id whose pin does not parse: publish says so
+        at once instead of uploading a build nobody can deploy."""
+        pin_key = Keys("watcher", "web").pin("badpin-1")
+        assert consul.kv_put(pin_key, b"{not json")
+        keys_before = consul.kv_keys("watcher/", separator=None)
+        with pytest.raises(ArtifactRefused) as err:
+            publish(config, src, artifact_id="badpin-1")
+        assert f"its pin {pin_key} does not parse" in str(err.value), err.value
+        assert "publish under another --artifact-id" in str(err.value)
+        nothing_written(consul, s3_settings, keys_before)
+        assert events_for(consul, "badpin-1") == []
+
     def test_a_rival_that_wrote_the_record_and_withdrew_it_is_told_apart(
         self,
         config: Config,
@@ -774,16 +789,16 @@ class TestConcurrentRetries:
     def test_a_lost_take_over_is_tried_again_on_the_same_bytes(
         self, consul: ConsulClient, s3_settings: S3Settings
     ) -> None:
-        key = Keys("watcher", "web").artifact("race-1")
-        left = replace(stale_record(s3_settings, "race-1"), uploading=True)
+        key = Keys("watcher", "web").artifact("retries-1")
+        left = replace(stale_record(s3_settings, "retries-1"), uploading=True)
         assert consul.kv_put(key, left.to_json())
         read = consul.kv_get(key)  # what both retries read
         assert read is not None
-        publish_module._adopt(consul, key, read, "race-1", left.sha256)  # the first retry
+        publish_module._adopt(consul, key, read, "retries-1", left.sha256)  # the first retry
         after_first = consul.kv_get(key)
         assert after_first is not None and after_first.modify_index != read.modify_index
 
-        publish_module._adopt(consul, key, read, "race-1", left.sha256)  # the second
+        publish_module._adopt(consul, key, read, "retries-1", left.sha256)  # the second
 
         taken = consul.kv_get(key)
         assert taken is not None and taken.value == left.to_json()
@@ -794,8 +809,8 @@ class TestConcurrentRetries:
     def test_a_record_of_other_bytes_or_none_is_not_taken_over(
         self, consul: ConsulClient, s3_settings: S3Settings, meanwhile: str
     ) -> None:
-        key = Keys("watcher", "web").artifact("race-2")
-        left = stale_record(s3_settings, "race-2")
+        key = Keys("watcher", "web").artifact("retries-2")
+        left = stale_record(s3_settings, "retries-2")
         assert consul.kv_put(key, left.to_json())
         read = consul.kv_get(key)
         assert read is not None
@@ -804,7 +819,7 @@ class TestConcurrentRetries:
         else:
             assert consul.kv_put(key, replace(left, sha256="cd" * 32).to_json())
         with pytest.raises(ArtifactRefused, match="while this one took it over; publish again"):
-            publish_module._adopt(consul, key, read, "race-2", left.sha256)
+            publish_module._adopt(consul, key, read, "retries-2", left.sha256)
 
 
 class TestPublishInterrupted:
