@@ -526,6 +526,10 @@ class _HookProcess:
         for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
             piece = raw[start : start + MAX_LINE_BYTES]
             line = piece.decode("utf-8", "replace").rstrip("\r")
+            if "\r" in line:
+                # A progress bar redrawn in place (`10%\r20%\r...`): what a terminal ends
+                # up showing, not every step escaped as \x0d.
+                line = line.rsplit("\r", 1)[1]
             self.lines += 1
             self.bytes += len(piece)
             self._tail.append(line)

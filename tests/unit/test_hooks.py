@@ -574,6 +574,25 @@ class TestOutput:
         assert truncated["not_logged_lines"] == truncated["lines"] - len(logged)
         assert info.value.output_tail.endswith("\nTHE-END")
 
+    def test_a_progress_bar_redrawn_in_place_is_shown_as_a_terminal_ends_it(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        # `\r` without `\n` (npm, curl, rsync --progress): the last state, not every step
+        # escaped as \x0d; a CRLF line ending is only an ending.
+        hook = write_script(
+            tmp_path / "hooks" / "bar",
+            "printf 'copying 10%%\\rcopying 50%%\\rcopying 100%%\\n'\n"
+            "printf 'done\\r\\n'\nexit 1\n",
+        )
+        app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+        with capture_logs() as logs, pytest.raises(HookError) as info:
+            run_hooks(app, "post_release", make_ctx(release_dir))
+        assert info.value.output_tail == "copying 100%\ndone"
+        assert [e["line"] for e in logs if e["event"] == "hook_output"] == [
+            "copying 100%",
+            "done",
+        ]
+
     def test_short_output_is_logged_whole_without_a_truncation_line(
         self, tmp_path: Path, release_dir: Path
     ) -> None:
