@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -17,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -749,6 +751,27 @@ def start_publish(
     )
 
 
+@contextlib.contextmanager
+def publish_held_in_upload(
+    config_data: dict[str, Any], tmp_path: Path, src: Path, artifact: str
+) -> Iterator[subprocess.Popen[str]]:
+    """`watcherctl publish` in a process of its own, held in its upload (its record written)
+    by a stalling S3 proxy for the block; killed at the end of it if it still runs."""
+    s3 = config_data["s3"]
+    with StallingS3(s3["endpoint_url"] or "") as slow:
+        held = {**config_data, "s3": {**s3, "endpoint_url": slow.endpoint_url}}
+        proc = start_publish(held, tmp_path, src, artifact)
+        try:
+            if not slow.put_started.wait(30):
+                ended = proc.communicate(timeout=30) if proc.poll() is not None else ""
+                raise AssertionError(f"the upload never started: {ended}")
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL: nothing of watcherctl runs any more
+                proc.wait()
+
+
 def watcherctl(
     config_data: dict[str, Any], tmp_path: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
@@ -837,18 +860,10 @@ class TestPublishInterrupted:
         tmp_path: Path,
     ) -> None:
         artifact = f"sig-{signum.name.lower()}"
-        with StallingS3(s3_settings.endpoint_url or "") as slow:
-            config_data["s3"]["endpoint_url"] = slow.endpoint_url
-            proc = start_publish(config_data, tmp_path, src, artifact)
-            try:
-                assert slow.put_started.wait(30), "the upload never started"
-                assert kv_record(consul, artifact) is not None  # written before the upload
-                proc.send_signal(signum)
-                _, err = proc.communicate(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        with publish_held_in_upload(config_data, tmp_path, src, artifact) as proc:
+            assert kv_record(consul, artifact) is not None  # written before the upload
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=30)
 
         assert proc.returncode == 128 + signum, err
         assert f"publish of web artifact {artifact} stopped by {signum.name}" in err
@@ -869,22 +884,10 @@ class TestPublishInterrupted:
         """A Buildkite retry (B) finds the record of the job it retries (A, stuck in its
         upload) with the same bytes, uploads and reports "published"; then A is cancelled:
         A must not withdraw the record B reported."""
-        with StallingS3(s3_settings.endpoint_url or "") as slow:
-            proc = start_publish(
-                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
-                tmp_path,
-                src,
-                "adopted-1",
-            )
-            try:
-                assert slow.put_started.wait(30), "the upload never started"
-                record = publish(config, src, artifact_id="adopted-1")  # B, the retry
-                proc.send_signal(signal.SIGTERM)  # A, cancelled
-                _, err = proc.communicate(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        with publish_held_in_upload(config_data, tmp_path, src, "adopted-1") as proc:
+            record = publish(config, src, artifact_id="adopted-1")  # B, the retry
+            proc.send_signal(signal.SIGTERM)  # A, cancelled
+            _, err = proc.communicate(timeout=30)
 
         assert proc.returncode == 143, err
         assert "was adopted by another publish of the same bytes; left it" in err
@@ -905,21 +908,11 @@ class TestPublishInterrupted:
         uploading until its object is uploaded and verified: `watcherctl deploy` refuses it
         meanwhile (every host's download would fail, and the deploy abort). A publish
         killed in between leaves it so; publishing the same tree again finishes it."""
-        with StallingS3(s3_settings.endpoint_url or "") as slow:
-            proc = start_publish(
-                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
-                tmp_path,
-                src,
-                "uploading-1",
-            )
-            try:
-                assert slow.put_started.wait(30), "the upload never started"
-                left = kv_record(consul, "uploading-1")
-                assert left is not None and left.uploading
-                deploy = watcherctl(config_data, tmp_path, "deploy", "web", "uploading-1")
-            finally:
-                proc.kill()  # SIGKILL: the record stays as it was
-                proc.wait()
+        with publish_held_in_upload(config_data, tmp_path, src, "uploading-1"):
+            left = kv_record(consul, "uploading-1")
+            assert left is not None and left.uploading
+            deploy = watcherctl(config_data, tmp_path, "deploy", "web", "uploading-1")
+        # (killed by SIGKILL there: the record stays as it was)
         assert deploy.returncode == 4, deploy.stderr  # refused
         assert (
             f"artifact uploading-1 is still being uploaded (its publish by {left.created_by} "
@@ -950,18 +943,8 @@ class TestPublishInterrupted:
         src: Path,
         tmp_path: Path,
     ) -> None:
-        with StallingS3(s3_settings.endpoint_url or "") as slow:
-            proc = start_publish(
-                {**config_data, "s3": {**config_data["s3"], "endpoint_url": slow.endpoint_url}},
-                tmp_path,
-                src,
-                "killed-1",
-            )
-            try:
-                assert slow.put_started.wait(30), "the upload never started"
-            finally:
-                proc.kill()  # SIGKILL: nothing of watcherctl runs any more
-                proc.wait()
+        with publish_held_in_upload(config_data, tmp_path, src, "killed-1"):
+            pass  # killed by SIGKILL at the end of the block
         left = kv_record(consul, "killed-1")
         assert left is not None and s3_object(s3_settings, "killed-1") is None
 
@@ -1013,21 +996,11 @@ class TestPublishInterrupted:
         stale = stale_record(s3_settings, "stale-2")
         consul.kv_put(Keys("watcher", "web").artifact("stale-2"), stale.to_json())
 
-        with StallingS3(s3_settings.endpoint_url or "") as slow:
-            config_data["s3"]["endpoint_url"] = slow.endpoint_url
-            proc = start_publish(config_data, tmp_path, src, "stale-2")
-            try:
-                assert slow.put_started.wait(30), "the upload never started: " + str(
-                    proc.communicate(timeout=30) if proc.poll() is not None else ""
-                )
-                replaced = kv_record(consul, "stale-2")
-                assert replaced is not None and replaced.sha256 != stale.sha256
-                proc.send_signal(signal.SIGTERM)
-                _, err = proc.communicate(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        with publish_held_in_upload(config_data, tmp_path, src, "stale-2") as proc:
+            replaced = kv_record(consul, "stale-2")
+            assert replaced is not None and replaced.sha256 != stale.sha256
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
 
         assert proc.returncode == 143, err
         assert "put back the record it replaced at watcher/apps/web/artifacts/stale-2" in err
