@@ -587,6 +587,7 @@ class DeployStore:
             refs = {"current": current.ref(), "previous": current.previous_ref()}
         except PayloadError as exc:
             return {"previous": f"`current.previous` does not parse: {exc}"}
+        hosts: dict[str, HostRecord] | None = None
         for what, ref in refs.items():
             if ref is None:
                 continue
@@ -617,7 +618,37 @@ class DeployStore:
                     f"{named} with CreateIndex {ref.create_index}, but its acks say "
                     f"{', '.join(map(str, sorted(acked)))}"
                 )
+            elif len(rec.expected) == 1:
+                if hosts is None:
+                    hosts = self.hosts_checked()[0]
+                if why := self.left_out(view, hosts):
+                    problems[what] = f"{named}, which {why}"
         return problems
+
+    def left_out(self, view: DeployView, hosts: Mapping[str, HostRecord] | None = None) -> str:
+        """Why the hosts a committed deploy did not expect do not follow it (DESIGN.md
+        6.4.5), or "": one host acked it alone while others were already in the fleet (their
+        first sessions, in their host records, older than its ack). Its token can write such
+        a deploy by itself; a deploy made while those hosts were away looks the same. Only
+        for a deploy of one expected host (two or more acks are trusted: each honest host
+        checked that no live member was left out). Reads the host records if not given."""
+        rec = view.record
+        if len(rec.expected) != 1 or not view.node_indexes:
+            return ""
+        acked_at = min(view.node_indexes.values())  # Consul's, not a claim of the ack
+        if hosts is None:
+            hosts = self.hosts_checked()[0]
+        others = sorted(
+            n for n, h in hosts.items() if n not in rec.expected and 0 < h.first_index < acked_at
+        )
+        if not others:
+            return ""
+        return (
+            f"only {rec.expected[0]} acked, while {', '.join(others)} "
+            f"{'was' if len(others) == 1 else 'were'} already in the fleet: they do not "
+            "follow it (one host's token can write such a deploy alone; if it was made while "
+            "they were away, deploy again to move every host)"
+        )
 
     def request(
         self, deploy_id: str, *, consistent: bool = False

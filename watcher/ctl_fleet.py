@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -711,13 +712,24 @@ def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[st
     """``deploy_history``, and why the history record was read as empty ("" if it was not)."""
     ids, problem = store.history_checked()
     rows = []
+    hosts: dict[str, HostRecord] | None = None
     for deploy_id in list(reversed(ids))[: max(limit, 1)]:
         try:
             view = store.view(deploy_id)
         except PayloadError:
             continue
-        if view is not None:
-            rows.append(deploy_summary(view.checked()))
+        if view is None:
+            continue
+        view = view.checked()
+        if len(view.record.expected) == 1 and view.verdict() == COMMIT:
+            # One host's ack alone: the hosts it left out do not follow it (6.4.5).
+            with contextlib.suppress(ConsulPermissionDenied):  # a token without hosts/
+                if hosts is None:
+                    hosts = store.hosts_checked()[0]
+                if why := store.left_out(view, hosts):
+                    note = f"committed, but {why}"
+                    view = replace(view, distrusted=(*view.distrusted, note))
+        rows.append(deploy_summary(view))
     return rows, problem
 
 

@@ -450,9 +450,21 @@ class TestOneHostToken:
             "commit_not_trusted",
             fleet,
         )
+        # Readers say so too: the fleet view (exit 1) and the history row, with the hosts
+        # left out; it used to show the forgery as the fleet's release, unflagged, and the
+        # honest hosts as the ones behind.
+        history = json.loads(x.kv_get(fleet.keys.history).value)  # type: ignore[union-attr]
+        history["deploys"].append(rec.id)
+        assert x.kv_put(fleet.keys.history, json.dumps(history).encode())
+        said = "only host-3 acked, while host-1, host-2 were already in the fleet"
+        status = fleet_status(acl_fleet)
+        assert said in status["current_problems"].get("current", ""), status
+        row = history_row(acl_fleet, rec.id)
+        assert any(said in note for note in row["distrusted"]), row
         # host-3's own daemon may follow its own forgery; the honest hosts never do.
         x.kv_delete(fleet.keys.current)
         next_deploy_works(acl_fleet, "v3")
+        assert not fleet_status(acl_fleet)["current_problems"]  # a fleet deploy: trusted
 
     def test_forged_commit_while_others_stage_flips_nobody(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
