@@ -506,6 +506,7 @@ def _wait_after_start(
         if ctx.args.timeout is not None
         else (parse_iso(record.apply_deadline) - datetime.now(UTC)).total_seconds() + 30
     )
+    waited_from = time.monotonic()
     view = _wait_for_outcome(ctx, store, record, deadline, {} if seen is None else seen)
     if view is None:
         gone = {"deploy": record.id, "kind": record.kind, "result": None}
@@ -523,9 +524,52 @@ def _wait_after_start(
         else:
             print(f"{_human_summary(data)}\n{hint}")
         return EXIT_STILL_RUNNING
+    if data.get("rollback_deploy"):
+        # Its result says the fleet goes back; only the rollback's own end says it did.
+        try:
+            rollback = store.view(data["rollback_deploy"])
+            if rollback is not None and rollback.outcome is None:
+                left = (
+                    deadline - (time.monotonic() - waited_from)
+                    if ctx.args.timeout is not None
+                    else (
+                        parse_iso(rollback.record.apply_deadline) - datetime.now(UTC)
+                    ).total_seconds()
+                    + 30
+                )
+                rollback = _wait_for_end(store, rollback.id, max(left, 0.0), ended=True)
+        except PayloadError:
+            rollback = None
+        data["rollback"] = rollback_summary(rollback, data["rollback_deploy"], view.record)
     ctx.emit(data, _human_summary)
     # A host left on the old release is not a deploy done: a script must not read "ok".
     return EXIT_OK if view.outcome.result == "committed" and not data["not_live"] else EXIT_FAILED
+
+
+def rollback_summary(
+    rollback: DeployView | None, rollback_id: str, failed: DeployRecord
+) -> dict[str, Any]:
+    """How the automatic rollback of ``failed`` (a deploy whose validate failed) ended:
+    its result (None while it runs) and what the fleet is left on, in words."""
+    if rollback is None:
+        return {
+            "deploy": rollback_id,
+            "result": None,
+            "note": "its request is gone or cannot be read",
+        }
+    rollback = rollback.checked()
+    result = rollback.outcome.result if rollback.outcome else None
+    if result == "committed":
+        note = f"every host is back on {rollback.record.release}"
+    elif result is None:
+        note = "still running (`status --fleet` shows where it stands)"
+    else:
+        why = rollback.outcome.reason if rollback.outcome else ""
+        note = (
+            f"{why}; the fleet stays on {failed.release}, which failed after the commit: "
+            "roll back by hand or deploy a fix"
+        ).lstrip("; ")
+    return {"deploy": rollback_id, "result": result, "note": note}
 
 
 def _wait_for_outcome(
@@ -676,7 +720,10 @@ def _human_summary(data: dict[str, Any]) -> str:
     ]
     if data.get("reason"):
         lines.append(f"  reason: {data['reason']}")
-    if data.get("rollback_deploy"):
+    if data.get("rollback"):
+        rb = data["rollback"]
+        lines.append(f"  fleet rollback {rb['deploy']}: {rb['result'] or 'running'}: {rb['note']}")
+    elif data.get("rollback_deploy"):
         lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
     if data.get("not_live"):
         lines.append(
@@ -729,7 +776,12 @@ def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[st
                 if why := store.left_out(view, hosts):
                     note = f"committed, but {why}"
                     view = replace(view, distrusted=(*view.distrusted, note))
-        rows.append(deploy_summary(view))
+        row = deploy_summary(view)
+        if row.get("rollback_deploy"):
+            with contextlib.suppress(PayloadError):
+                rollback = store.view(row["rollback_deploy"])
+                row["rollback"] = rollback_summary(rollback, row["rollback_deploy"], view.record)
+        rows.append(row)
     return rows, problem
 
 
@@ -776,6 +828,10 @@ def _detail(d: dict[str, Any], failures: str) -> str:
     parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
+    if (rb := d.get("rollback")) and rb["result"] != "committed":
+        parts.append(
+            f"its fleet rollback {rb['deploy']}: {rb['result'] or 'running'}: {rb['note']}"
+        )
     parts += [n for n in d["distrusted"] if n not in parts[0]]
     return "; ".join(p for p in parts if p)
 
@@ -937,13 +993,19 @@ def contested_reason(deploy_id: str) -> str:
     )
 
 
-def _wait_for_end(store: DeployStore, deploy_id: str, timeout: float) -> DeployView | None:
-    """The deploy (checked against its acks) once they decide it or it ended, else when
-    ``timeout`` runs out."""
+def _wait_for_end(
+    store: DeployStore, deploy_id: str, timeout: float, *, ended: bool = False
+) -> DeployView | None:
+    """The deploy (checked against its acks) once they decide it or it ended (``ended``:
+    once it ended), else when ``timeout`` runs out."""
     end = time.monotonic() + timeout
     index = 0
     view = _checked_view(store, deploy_id)
-    while view is not None and view.outcome is None and view.verdict() not in (ABORT, COMMIT):
+    while (
+        view is not None
+        and view.outcome is None
+        and (ended or view.verdict() not in (ABORT, COMMIT))
+    ):
         left = end - time.monotonic()
         if left <= 0:
             break

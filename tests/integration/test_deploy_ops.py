@@ -170,6 +170,12 @@ class TestValidateFailure:
         rel2 = summary["release"]
         rollback_id = summary["rollback_deploy"]
         assert rollback_id, summary
+        # `deploy` waited for the rollback's own end, and says it.
+        assert summary["rollback"] == {
+            "deploy": rollback_id,
+            "result": "committed",
+            "note": f"every host is back on {rel1}",
+        }, summary
         # Every host flipped to v2 (it was committed) before the fleet went back.
         assert summary["hosts"][bad]["state"] == "failed_after_commit"
         assert all(h["state"] == "live" for n, h in summary["hosts"].items() if n != bad)
@@ -213,6 +219,38 @@ class TestValidateFailure:
         same = fleet.watchers[0].ctl("rollback", "web", "--to", rel1, as_json=False)
         assert f"warning: the fleet is already on {rel1}" in same.stderr, same.stderr
         assert ": committed" in same.stdout, same.stdout
+
+    def test_an_automatic_rollback_that_aborts_is_said_where_the_deploy_is(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """host-2's validate fails on v2 and host-3's post_release refuses the rollback:
+        the deploy said rolled_back and "fleet rollback started", and history kept saying
+        rolled_back, while the fleet stayed on v2. Now `deploy` waits for the rollback's
+        end and says where the fleet is left; history's row says the same."""
+        refuses = hook(
+            tmp_path / "hooks" / "post-release-no-rollback", 'test "$WATCHER_KIND" != rollback\n'
+        )
+        fleet = make_fleet(
+            hosts={1: validate_fails_on_v2(tmp_path), 2: {"hooks": {"post_release": refuses}}}
+        )
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        deploy_ok(fleet, v1.id)
+
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False, as_json=False)
+        assert result.returncode == 1, result
+        rows = history(fleet)
+        [deploy_id] = [d for d, r in rows.items() if r["result"] == "rolled_back"]
+        rel2, rollback_id = rows[deploy_id]["release"], rows[deploy_id]["rollback_deploy"]
+        assert rows[rollback_id]["result"] == "aborted", rows[rollback_id]
+        said = f"the fleet stays on {rel2}, which failed after the commit"
+        assert f"  fleet rollback {rollback_id}: aborted: " in result.stdout, result.stdout
+        assert said in result.stdout, result.stdout
+        assert rows[deploy_id]["rollback"]["result"] == "aborted", rows[deploy_id]
+        assert said in rows[deploy_id]["rollback"]["note"]
+        text = fleet.watchers[0].ctl("history", "web", as_json=False).stdout
+        assert f"its fleet rollback {rollback_id}: aborted: " in text, text
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel2)
 
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path
