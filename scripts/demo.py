@@ -246,6 +246,11 @@ Press Ctrl-C to stop everything.""", flush=True)
     except KeyboardInterrupt:
         return 0 if _stop_asked else 130  # SIGTERM: the stop a script asks for, not an error
     finally:
+        # A second signal must not cut the stop short (`make` passes a SIGTERM on to this
+        # process, which a `kill` of the process group sent it already): every process
+        # below runs in a session of its own and would be left running.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         print("\nstopping ...", flush=True)
         if ui is not None:
             ui.stop()
@@ -284,11 +289,14 @@ _stop_asked = False
 def _interrupt(signum: int, frame: object) -> None:
     global _stop_asked
     _stop_asked = True
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # one stop; the next would cut it short
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)  # the terminal it ran in closed
     # Started in the background by a non-interactive shell (`make demo &` in a script),
     # Python inherits SIGINT ignored and `kill -INT` would do nothing: Ctrl-C's handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -146,12 +146,14 @@ def test_demo_stops_cleanly_on_ctrl_c(demo: Demo) -> None:
     assert "stopping ..." in demo.text()
 
 
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
 def test_sigterm_while_starting_stops_everything_with_exit_0(
-    consul_bin: str, loopback_base: str
+    consul_bin: str, loopback_base: str, signals: int
 ) -> None:
     """`kill` (SIGTERM, what a script or systemd sends) is the stop asked for: exit 0, not
     130, and what was started so far is gone, its work directory too. After the test
-    above, which freed the demo's addresses."""
+    above, which freed the demo's addresses. Twice: `kill` of `make demo`'s process group,
+    which make passes on, cut the stop short and left every process running."""
     proc = start_demo(consul_bin, loopback_base)
     out: list[str] = []
     try:
@@ -163,7 +165,9 @@ def test_sigterm_while_starting_stops_everything_with_exit_0(
         configs = "".join(out).split("  configs: ")[-1].split(", ")
         workdir = Path(configs[0]).parents[2]
         assert (workdir / "consul").is_dir(), "".join(out)
-        proc.send_signal(signal.SIGTERM)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
