@@ -452,6 +452,16 @@ def _start_and_wait(
             flush=True,
         )
         return EXIT_INTERRUPTED
+    except ConsulError as exc:
+        # Consul went away while this command waited: the deploy did not, and goes on
+        # (or waits for Consul) on every host.
+        print(
+            f"watcherctl: error: {exc}\nwatcherctl: lost Consul while waiting; "
+            f"{_interrupted_at(ctx, record, seen.get(VERDICT))}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_UNAVAILABLE
 
 
 #: The key of the wait's ``seen`` holding the verdict of the acks it read last.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import threading
 import time
 import urllib.error
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, consul_for, wait_for
+from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, consul_for, wait_for
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.records import ArtifactRecord
@@ -423,6 +424,39 @@ class TestAgentAway:
         wait_for(lambda: away.current() == release, 60, "the returning host applied it", fleet)
         rig.wait_states(deploy_id, [away], "live")
         assert fleet.currents() == {w.name: release for w in rig.watchers}
+        rig.check_invariants()
+
+    def test_deploy_that_loses_its_agent_while_waiting_says_the_deploy_goes_on(
+        self, rig: Rig
+    ) -> None:
+        """`watcherctl deploy` on host-3, whose Consul agent stops while it waits: it used
+        to end with Consul's error alone. The deploy goes on without the command, which
+        says so, with how to follow and abort it."""
+        fleet, cluster = rig.fleet, rig.cluster
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        asking = rig.watchers[2]
+        rig.hold(*rig.watchers)
+        argv = [str(BIN / "watcherctl"), "deploy", "web", v2.id, "-c", str(asking.config_path)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: rig.store.inflight()[0] is not None, 30, "the deploy started", fleet)
+            deploy_id = str(rig.store.inflight()[0])
+            rig.wait_hook_started(rig.watchers, deploy_id)
+            cluster.stop(asking.agent)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 3, err
+        assert "watcherctl: lost Consul while waiting; " in err, err
+        assert f"deploy {deploy_id} goes on across the fleet" in err, err
+        assert f"abort {deploy_id} --app web" in err, err
+        cluster.start(asking.agent)
+        rig.release(*rig.watchers)
+        fleet.wait_outcome(deploy_id, 90)
+        fleet.wait_idle(60)
         rig.check_invariants()
 
 
