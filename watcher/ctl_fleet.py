@@ -749,15 +749,19 @@ def _human_summary(data: dict[str, Any]) -> str:
 
 
 def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
-    """Every readable artifact record of the app, newest first (the web page's builds)."""
-    records: list[ArtifactRecord] = []
+    """Every readable artifact record of the app, newest first (the web page's builds):
+    by Consul's CreateIndex of the record, not by its `created_at`, which CI's token
+    writes (a record dated 9999 stayed on top, 30 of them hid every real build)."""
+    records: list[tuple[int, ArtifactRecord]] = []
     for entry in store.consul.kv_list(store.keys.artifacts_prefix):
         try:
-            records.append(ArtifactRecord.from_json(entry.value, where=entry.key))
+            records.append(
+                (entry.create_index, ArtifactRecord.from_json(entry.value, where=entry.key))
+            )
         except PayloadError:
             continue  # a record that does not parse is not a build anyone can deploy
-    records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-    return records
+    records.sort(key=lambda r: (r[0], r[1].id), reverse=True)
+    return [r for _, r in records]
 
 
 def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:

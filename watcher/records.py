@@ -341,6 +341,17 @@ def _need_deploy_id(value: object, label: str, name: str) -> None:
 class ArtifactRecord(Document):
     """``apps/<app>/artifacts/<id>``: where an artifact is and what it must hash to."""
 
+    # CI's token writes the record: its free text reaches the page, `deploy`'s refusals and
+    # a refused deploy's record (a 300 KB `created_by` made that txn too large for Consul).
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {
+        "branch": 500,
+        "commit": 100,
+        "build_number": 200,
+        "build_url": 4000,
+        "created_at": 100,
+        "created_by": 500,
+    }
+
     id: str
     url: str
     sha256: str

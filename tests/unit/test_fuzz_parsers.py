@@ -404,6 +404,13 @@ class TestRecords:
             with pytest.raises(PayloadError, match="uploading must be true or false"):
                 ArtifactRecord.from_json(json.dumps({**doc, "uploading": bad}))
 
+    def test_an_artifact_records_free_text_is_cut(self) -> None:
+        # CI's token writes it: a 300 KB `created_by` went into every refusal naming it,
+        # and made a refused deploy's txn too large for Consul.
+        doc = {"id": "main-15eb13af", "url": "s3://b/k", "sha256": "0" * 64, "size": 1}
+        record = ArtifactRecord.from_json(json.dumps({**doc, "created_by": "x" * 300_000}))
+        assert record.created_by == "x" * 500 + " [cut]"
+
     def test_a_request_names_at_most_max_expected_hosts(self) -> None:
         # Every reader of a deploy reads one key per expected host: a token's request with
         # 20,000 names made each page load send hundreds of Consul requests.
