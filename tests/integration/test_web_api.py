@@ -32,7 +32,7 @@ from watcher.config import S3Settings, load_config
 from watcher.consul_api import ConsulClient
 from watcher.ctl_fleet import abort_deploy
 from watcher.records import FAILED, LIVE, ArtifactRecord, Keys, NodeProgress
-from watcher.web.app import create_app, live_snapshot
+from watcher.web.app import create_app, live_snapshot, sections_mark
 from watcher.web.live import LiveFeed
 
 CLUSTER = ClusterSpec(hosts=3, acl=True)
@@ -428,7 +428,11 @@ class TestDeployApiWithAcls:
         assert b4["uploading"] is False
         # Its publish not finished: shown so, no deploy button, and a deploy refused (409).
         key = env.fleet.keys.artifact(v4.id)
+        store = DeployStore(env.fleet.kv, env.fleet.kv_prefix, "web")
+        mark = sections_mark(store)
         env.fleet.kv.kv_put(key, replace(v4, uploading=True).to_json())
+        # The same builds, one record rewritten: open pages fetch the builds again.
+        assert sections_mark(store) != mark
         try:
             [b4] = [
                 b

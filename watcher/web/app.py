@@ -516,11 +516,11 @@ def sections_mark(store: DeployStore) -> str:
         else [n, n in members, unreadable.get(n, "")]
         for n in sorted(set(members) | set(hosts) | set(unreadable))
     ]
-    # Each record's index too: a build's publish finishing rewrites it (no longer uploading).
-    builds_now = [
-        (e.key, e.modify_index) for e in store.consul.kv_list(store.keys.artifacts_prefix)
-    ]
-    text = json.dumps([rows, builds_now], separators=(",", ":"), default=str)
+    # The names, and Consul's index of the tree, which moves with any record rewritten (a
+    # publish finishing drops its `uploading` mark): not the records themselves, which
+    # nothing trims (3,000 of them: 39-62 ms a read, against 7-10 ms for the names).
+    index, names = store.consul.kv_keys_blocking(store.keys.artifacts_prefix, 0, 1.0)
+    text = json.dumps([rows, names, index], separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
