@@ -364,6 +364,23 @@ def rollback_local(ctx: CtlContext) -> int:
                 f"--to (see `watcherctl releases {app.name}`)"
             )
         _check_target(engine, target)
+        # A release an aborted deploy staged never ran its post_release hook here: what it
+        # needs before it serves (the flip of a deploy runs it first, so does convergence).
+        # Before the hold and the flip: if it fails, nothing changed.
+        prepared = "done before"
+        if before != target and not engine.post_release_done(target):
+            ctx_hooks = _hook_context(engine, target, kind="rollback-local", previous=before)
+            try:
+                run_hooks(app, "post_release", ctx_hooks)
+            except HookError as exc:
+                raise ReleaseError(
+                    f"app {app.name}: refusing to roll back to {target}: its post_release "
+                    f"hook had never run on this host, and it failed now: {exc}; nothing "
+                    "changed (no flip, no hold)"
+                    + (f"\n{exc.output_tail}" if exc.output_tail else "")
+                ) from None
+            engine.mark_post_release_done(target)
+            prepared = "ran before the flip (it had never run on this host)"
         # Hold first: if the flip then fails, the host is held where it was (and says so);
         # the other way round a failed hold would leave a flip the daemon undoes at once.
         previous_hold = engine.held()
@@ -385,6 +402,7 @@ def rollback_local(ctx: CtlContext) -> int:
         "hold": hold.to_dict(),
         "previous_hold": previous_hold.to_dict() if previous_hold else None,
         "hooks": "ok",
+        "post_release": prepared if before != target else "not run (no flip)",
         "watcher_told": False,
     }
     code = EXIT_OK
@@ -409,6 +427,8 @@ def rollback_local(ctx: CtlContext) -> int:
             f"  the watcher leaves {app.name} alone here until "
             f"`watcherctl release-hold {app.name}`",
         ]
+        if d["post_release"].startswith("ran "):
+            lines.insert(1, f"  post_release hook: {d['post_release']}")
         if d["hooks"] != "ok":
             lines.append(f"  hook FAILED after the flip: {d['hooks']}")
             if d.get("output_tail"):

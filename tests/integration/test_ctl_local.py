@@ -132,12 +132,19 @@ class Host:
         assert result.returncode == code, result
         return json.loads(result.stdout)
 
-    def stage(self, i: int, *, post_release: bool = True) -> str:
+    def stage(
+        self,
+        i: int,
+        *,
+        post_release: bool = True,
+        files: dict[str, str | bytes] | None = None,
+        executable: tuple[str, ...] = ("bin/hello",),
+    ) -> str:
         """Stage release ``i`` from a real tarball (as a deploy would, post_release done)."""
         release = release_of(i)
         data = make_tarball(
-            {"VERSION": f"v{i}\n", "bin/hello": "#!/bin/sh\necho hello\n"},
-            executable=("bin/hello",),
+            files or {"VERSION": f"v{i}\n", "bin/hello": "#!/bin/sh\necho hello\n"},
+            executable=executable,
         )
         path = self.root / "tarballs" / f"build-{i}.tar.gz"
         path.write_bytes(data)
@@ -227,6 +234,41 @@ class TestRollbackLocal:
         data = host.ctl_json("rollback", "web", "--local", "--to", release_of(1))
         assert (data["from"], data["to"], data["flipped"]) == (release_of(3), release_of(1), True)
         assert host.engine.current_release() == release_of(1)
+
+    def test_a_release_whose_post_release_never_ran_gets_it_before_the_flip(
+        self, host: Host, tmp_path: Path
+    ) -> None:
+        """An aborted deploy's staging never ran its post_release hook here: `rollback
+        --local --to` it flipped at once, to a tree never prepared (and the marker that
+        said so was gone once it was live). Now the hook runs first; if it fails, nothing
+        changes: no flip, no hold."""
+        ran, fail = tmp_path / "ran.log", tmp_path / "fail"
+        hook = (
+            f'#!/bin/sh\necho "$WATCHER_KIND $(basename "$WATCHER_RELEASE_DIR")" >> "{ran}"\n'
+            f'[ ! -e "{fail}" ]\n'
+        )
+        files: dict[str, str | bytes] = {"VERSION": "v6\n", ".watcher/hooks/post_release": hook}
+        executable = (".watcher/hooks/post_release",)
+        target = host.stage(6, post_release=False, files=files, executable=executable)
+        fail.touch()
+        refused = host.ctl("rollback", "web", "--local", "--to", target)
+        assert refused.returncode == 1, refused
+        assert "its post_release hook had never run on this host, and it failed now" in (
+            refused.stderr
+        ), refused.stderr
+        assert "nothing changed (no flip, no hold)" in refused.stderr
+        assert host.engine.current_release() == release_of(4) and host.engine.held() is None
+        fail.unlink()
+        data = host.ctl_json("rollback", "web", "--local", "--to", target)
+        assert data["post_release"] == "ran before the flip (it had never run on this host)"
+        assert host.engine.current_release() == target and host.engine.post_release_done(target)
+        assert ran.read_text().splitlines() == [f"rollback-local {target}"] * 2
+        # Back and forth again: it ran once, it does not run again.
+        host.ctl_json("rollback", "web", "--local", "--to", release_of(4))
+        assert host.ctl_json("rollback", "web", "--local", "--to", target)["post_release"] == (
+            "done before"
+        )
+        assert len(ran.read_text().splitlines()) == 2
 
     def test_on_a_held_host_the_operators_reason_is_kept(self, host: Host) -> None:
         """A local rollback on a host already held used to replace the hold's reason with
