@@ -221,10 +221,11 @@ class _Waiting:
 class HealthState:
     """What /health reports, updated by the daemon's threads; ``check`` is the HealthFn.
 
-    Unhealthy when: the daemon has no Consul session yet or lost it; the main loop has not
-    completed a cycle for ``loop_stall_after`` seconds; or a host acked ready in a deploy and
-    has not read its decision for ``undecided_after`` seconds (DESIGN.md 6.2 step 4: load
-    balancers must be able to drain a partitioned participant).
+    Unhealthy when: the daemon has no Consul session yet or lost it, or has not renewed it
+    for longer than its TTL (its agent away: Consul drops it at twice the TTL); the main
+    loop has not completed a cycle for ``loop_stall_after`` seconds; or a host acked ready in
+    a deploy and has not read its decision for ``undecided_after`` seconds (DESIGN.md 6.2
+    step 4: load balancers must be able to drain a partitioned participant).
     """
 
     def __init__(
@@ -250,6 +251,9 @@ class HealthState:
         # cut-off agent shows first in the session renewals, every TTL/2.
         self._ready: dict[str, _Waiting] = {}
         self._alarms: dict[str, str] = {}
+        # Since when the renewals of the session held fail (the clock's time), the last
+        # error, and the TTL: past it, said unhealthy (None while they succeed).
+        self._renew_failing: tuple[float, str, float] | None = None
 
     def alarm(self, app: str, reason: str) -> None:
         """A contested deploy or a refused convergence: unhealthy until an operator acts."""
@@ -272,6 +276,7 @@ class HealthState:
     def session_ok(self, session_id: str) -> None:
         with self._lock:
             self._session, self._session_problem = session_id, ""
+            self._renew_failing = None
             lifted = [a for a, w in self._waiting.items() if w.from_renewal]
             for app in lifted:
                 del self._waiting[app]
@@ -316,6 +321,15 @@ class HealthState:
     def session_lost(self, reason: str) -> None:
         with self._lock:
             self._session, self._session_problem = None, reason or "session lost"
+            self._renew_failing = None
+
+    def renewals_failing(self, since: float, error: str, ttl: float) -> None:
+        """A renewal of the session held failed (the call began at ``since``): once they
+        have failed for longer than ``ttl``, /health says so. The session may still exist,
+        but this host cannot take part in a deploy, and Consul drops it at twice the TTL."""
+        with self._lock:
+            first = self._renew_failing[0] if self._renew_failing else since
+            self._renew_failing = (first, error, ttl)
 
     def waiting_for_decision(self, app: str, deploy_id: str, *, since: float = 0.0) -> None:
         """This host acked ready in ``deploy_id`` and cannot read the decision: since
@@ -347,6 +361,14 @@ class HealthState:
             problems: list[str] = []
             if self._session is None:
                 problems.append(self._session_problem)
+            elif self._renew_failing is not None:
+                failing_since, error, ttl = self._renew_failing
+                if now - failing_since > ttl:
+                    problems.append(
+                        f"Consul session {self._session} not renewed for "
+                        f"{now - failing_since:.0f}s (its TTL is {ttl:g}s; Consul drops it "
+                        f"at twice that): {error}"
+                    )
             since = self._last_cycle if self._last_cycle is not None else self._started
             loop_age = now - since
             if loop_age > self.loop_stall_after:

@@ -385,6 +385,9 @@ class TestAgentAway:
         cluster.stop(away.agent)
         gone = wait_for(lambda: away.name not in fleet.members(), 30, "member key gone", fleet)
         print(f"\nstopped agent {away.name}: its member key went after {gone:.1f}s")
+        # Its /health says so (it said healthy for the whole outage): the renewals fail.
+        wait_for(lambda: rig.health(away)[0] == 503, 30, "unhealthy without its agent", fleet)
+        assert "not renewed for" in json.dumps(rig.health(away)[1]["problems"])
 
         v2 = fleet.publish("v2")
         refused = rig.watchers[0].ctl("deploy", "web", v2.id, "--no-wait", check=False)
@@ -401,6 +404,7 @@ class TestAgentAway:
         wait_for(lambda: away.current() == committed, 60, "the returning host converged", fleet)
         assert away.running()
         fleet.wait_members(3)
+        wait_for(lambda: rig.health(away)[0] == 200, 30, "healthy again", fleet)
 
         # Now the reverse: the host acks ready and its agent stops. Its ready ack stands
         # (the acks are the decision), so the others commit, and it flips when it is back.

@@ -302,6 +302,28 @@ class TestHealthState:
         assert not healthy
         assert details["problems"] == ["session invalidated by Consul"]
 
+    def test_renewals_failing_past_the_ttl(self) -> None:
+        # Its agent away: the session is not lost yet (Consul keeps it twice the TTL), but
+        # nothing renews it; /health said healthy for the whole outage.
+        state, clock = self.make()
+        state.session_ok("s")
+        state.loop_cycle()
+        state.renewals_failing(clock.now, "cannot reach Consul", ttl=10)
+        clock.now += 6
+        state.renewals_failing(clock.now, "cannot reach Consul (again)", ttl=10)
+        state.loop_cycle()
+        assert state.check()[0]  # within the TTL: one failed renewal leaves time for more
+        clock.now += 5
+        state.loop_cycle()
+        healthy, details = state.check()
+        assert not healthy
+        assert details["problems"] == [
+            "Consul session s not renewed for 11s (its TTL is 10s; Consul drops it at twice "
+            "that): cannot reach Consul (again)"
+        ]
+        state.session_ok("s")  # renewed
+        assert state.check()[0]
+
     def test_stuck_loop(self) -> None:
         state, clock = self.make()
         state.session_ok("s")
