@@ -468,6 +468,10 @@ class Daemon:
 
     def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
+        # What the settings a reload cannot change were at start: a reload compares with
+        # these, not with the file it loaded last (a second reload said nothing of what
+        # still needed a restart, and a file put back as it was running got a warning).
+        self.started_config = config
         self.config_path = config_path
         self.flags = Flags()
         self.metrics = Metrics()
@@ -966,35 +970,37 @@ class Daemon:
             log.error("reload_failed", error=str(exc))
             self.notifier.ready()
             return
-        if set(new.apps) != set(self.config.apps):
+        running = self.started_config
+        if set(new.apps) != set(self.agents):
             log.warning(
                 "reload_apps_changed",
                 note="adding or removing apps needs a restart",
-                old=sorted(self.config.apps),
+                running=sorted(self.agents),
                 new=sorted(new.apps),
             )
         fixed = {
-            "kv_prefix": (self.config.kv_prefix, new.kv_prefix),
-            "consul": (self.config.consul, new.consul),
-            "s3": (self.config.s3, new.s3),
-            "node": (self.config.node, new.node),
-            "daemon.state_dir": (self.config.daemon.state_dir, new.daemon.state_dir),
-            "daemon.listen": (self.config.daemon.listen, new.daemon.listen),
+            "kv_prefix": (running.kv_prefix, new.kv_prefix),
+            "consul": (running.consul, new.consul),
+            "s3": (running.s3, new.s3),
+            "node": (running.node, new.node),
+            "daemon.state_dir": (running.daemon.state_dir, new.daemon.state_dir),
+            "daemon.listen": (running.daemon.listen, new.daemon.listen),
             # Read once at start: the session keeper's TTL, /health's undecided threshold
             # and the handled-events file's size.
-            "daemon.session_ttl": (self.config.daemon.session_ttl, new.daemon.session_ttl),
+            "daemon.session_ttl": (running.daemon.session_ttl, new.daemon.session_ttl),
             "daemon.undecided_after": (
-                self.config.daemon.undecided_after,
+                running.daemon.undecided_after,
                 new.daemon.undecided_after,
             ),
             "daemon.handled_events_keep": (
-                self.config.daemon.handled_events_keep,
+                running.daemon.handled_events_keep,
                 new.daemon.handled_events_keep,
             ),
         }
         for name, agent in self.agents.items():
             if name in new.apps:
-                old, app = agent.app, new.apps[name]
+                # The values running for what needs a restart; the agent's app for the rest.
+                old, app = running.apps[name], new.apps[name]
                 fixed[f"apps.{name}.root"] = (old.root, app.root)
                 fixed[f"apps.{name}.artifact_cache_bytes"] = (
                     old.artifact_cache_bytes,
@@ -1004,7 +1010,7 @@ class Daemon:
                     old.timeouts.download,
                     app.timeouts.download,
                 )
-                if app.webhook != old.webhook:
+                if app.webhook != agent.app.webhook:
                     if agent.notifier is not None:
                         self._retired = [(n, w) for n, w in self._retired if not w.done]
                         self._retired.append((name, agent.notifier.sender))

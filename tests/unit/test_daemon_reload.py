@@ -64,6 +64,27 @@ class TestReload:
         assert restart_needed(logs) == [f"daemon.{setting}"]
         assert [e["event"] for e in logs][-1] == "config_reloaded"
 
+    def test_what_needs_a_restart_is_held_against_what_runs_not_the_last_file(
+        self, tmp_path: Path
+    ) -> None:
+        """A second reload said nothing of a setting still waiting for a restart, and a
+        file put back to what was running got a warning."""
+        path = tmp_path / "watcher.yaml"
+        data = base(tmp_path)
+        path.write_text(yaml.safe_dump(data))
+        daemon = Daemon(load_config(path), config_path=str(path))
+        data["daemon"]["undecided_after"] = "10s"
+        path.write_text(yaml.safe_dump(data))
+        for _ in range(2):  # said at every reload until the restart
+            with capture_logs() as logs:
+                daemon._reload()
+            assert restart_needed(logs) == ["daemon.undecided_after"]
+        data["daemon"]["undecided_after"] = "30s"  # what runs
+        path.write_text(yaml.safe_dump(data))
+        with capture_logs() as logs:
+            daemon._reload()
+        assert restart_needed(logs) == []
+
     def test_a_setting_read_on_every_use_needs_no_restart(self, tmp_path: Path) -> None:
         logs = reload_with(tmp_path, {"history_keep": 10})
         assert restart_needed(logs) == []
