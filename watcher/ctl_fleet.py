@@ -1395,6 +1395,17 @@ def _human_status(data: dict[str, Any]) -> str:
         else f"consul reachable at {c['address']}"
     )
     lines = [f"host {data['node'] or '?'}: {daemon}; {consul}"]
+    reload = d.get("reload") if d.get("running") else None
+    if isinstance(reload, dict):
+        if reload.get("error"):
+            lines.append(
+                f"  config reload FAILED at {reload.get('at')}: {ids.one_line(reload['error'])} "
+                "(the watcher runs on the config it had)"
+            )
+        if reload.get("needs_restart"):
+            lines.append(
+                "  config changes waiting for a restart: " + ", ".join(reload["needs_restart"])
+            )
     for name, a in data["apps"].items():
         lines.append(f"app {name}")
         lines.append(f"  current     {a['current'] or '-'}")

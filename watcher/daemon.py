@@ -472,6 +472,9 @@ class Daemon:
         # these, not with the file it loaded last (a second reload said nothing of what
         # still needed a restart, and a file put back as it was running got a warning).
         self.started_config = config
+        # The last reload, for status.json: when, its error (the daemon keeps the config it
+        # had), and the changed settings that wait for a restart. None: never reloaded.
+        self._reloaded: dict[str, Any] | None = None
         self.config_path = config_path
         self.flags = Flags()
         self.metrics = Metrics()
@@ -968,14 +971,16 @@ class Daemon:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
+            waiting = self._reloaded["needs_restart"] if self._reloaded else []
+            self._said_reload(str(exc), waiting)
             self.notifier.ready()
             return
         running = self.started_config
-        if set(new.apps) != set(self.agents):
+        if set(new.apps) != set(running.apps):
             log.warning(
                 "reload_apps_changed",
                 note="adding or removing apps needs a restart",
-                running=sorted(self.agents),
+                running=sorted(running.apps),
                 new=sorted(new.apps),
             )
         fixed = {
@@ -1020,6 +1025,8 @@ class Daemon:
                 agent.engine.app = app
                 agent.config = new
         ignored = sorted(key for key, (old_v, new_v) in fixed.items() if old_v != new_v)
+        if set(new.apps) != set(running.apps):
+            ignored.append("apps")
         if ignored:
             log.warning(
                 "reload_needs_restart",
@@ -1029,7 +1036,17 @@ class Daemon:
         self.config = new
         _log_config_warnings(new)
         log.info("config_reloaded", source=new.source)
+        self._said_reload("", ignored)
         self.notifier.ready()
+
+    def _said_reload(self, error: str, needs_restart: list[str]) -> None:
+        """What `watcherctl status` shows of the last reload (the log said it already)."""
+        self._reloaded = {
+            "at": iso(utcnow()),
+            "error": error[:2000],
+            "needs_restart": needs_restart,
+        }
+        self._write_status(force=True)
 
     def _write_status(self, *, force: bool = False) -> None:
         """``status.json`` for `watcherctl status`: rewritten when what it says of the apps,
@@ -1056,7 +1073,7 @@ class Daemon:
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):
                 apps[name]["downloading"] = downloads  # prefetch or prepare, with progress
-        said = (self._session_id(), healthy, apps, details["problems"])
+        said = (self._session_id(), healthy, apps, details["problems"], self._reloaded)
         if not force and said == self._status_said:
             self._status_held = False
             return
@@ -1077,6 +1094,7 @@ class Daemon:
             "problems": details["problems"],  # what /health says is wrong, for status
             "apps": apps,
             "last_cycle": self._last_line[:2000],
+            "reload": self._reloaded,
         }
         with contextlib.suppress(OSError):
             # A report for `watcherctl status`, rewritten on every change: no fsync.

@@ -108,6 +108,25 @@ class TestSystemdProtocol:
             "config_reloaded",
             fleet,
         )
+        # A reload of a file with a typo: the daemon keeps its config, and `status` (read
+        # with a good copy of the file) says so, not only the daemon's log.
+        good = w.config_path.read_text()
+        copy = w.config_path.with_name("good-copy.yaml")
+        copy.write_text(good)
+        w.config_path.write_text(good + "\nkeep_relases: 3\n")
+        try:
+            w.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(w.log_events("reload_failed")), 10, "reload_failed", fleet)
+            argv = [str(BIN / "watcherctl"), "status", "-c", str(copy)]
+
+            def said() -> str:
+                run = subprocess.run(argv, env=w.env(), capture_output=True, text=True)
+                return run.stdout
+
+            wait_for(lambda: "config reload FAILED at " in said(), 10, "status said it", fleet)
+            assert "keep_relases" in said() and "runs on the config it had" in said()
+        finally:
+            w.config_path.write_text(good)
 
         member = fleet.keys.member(w.name)
         assert fleet.kv.kv_get(member) is not None
