@@ -222,7 +222,7 @@ def cmd_deploy(ctx: CtlContext) -> int:
         return EXIT_USAGE
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
-    hosts = _host_records(store)
+    hosts = host_records(store)
     record = deploy_request(
         store,
         app,
@@ -323,7 +323,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
         return EXIT_USAGE
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
-    hosts = _host_records(store)
+    hosts = host_records(store)
     record, live = rollback_request(
         store,
         app,
@@ -389,7 +389,7 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
     return ""
 
 
-def _host_records(store: DeployStore) -> dict[str, HostRecord] | None:
+def host_records(store: DeployStore) -> dict[str, HostRecord] | None:
     """The app's host records, read once for a deploy or rollback (the known-host check and
     the held-host warning); None when they cannot be read: the check reads them again and
     says what is wrong."""
@@ -399,7 +399,7 @@ def _host_records(store: DeployStore) -> dict[str, HostRecord] | None:
         return None
 
 
-def _held_warning(
+def held_warning(
     hosts: Mapping[str, HostRecord] | None,
     record: DeployRecord,
     command_line: Callable[..., str],
@@ -424,7 +424,7 @@ def _start_and_wait(
     record: DeployRecord,
     hosts: Mapping[str, HostRecord] | None,
 ) -> int:
-    held = _held_warning(hosts, record, ctx.command_line)
+    held = held_warning(hosts, record, ctx.command_line)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:

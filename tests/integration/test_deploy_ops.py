@@ -1090,7 +1090,7 @@ class TestExpired:
 
 
 class TestHold:
-    def test_deploy_and_rollback_read_the_host_records_once(
+    def test_deploy_and_rollback_read_thehost_records_once(
         self, make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The known-host check and the held-host warning share one read of `hosts/`: the

@@ -31,7 +31,7 @@ from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
 from watcher.consul_api import ConsulClient
 from watcher.ctl_fleet import abort_deploy
-from watcher.records import FAILED, LIVE, ArtifactRecord, Keys, NodeProgress
+from watcher.records import FAILED, LIVE, ArtifactRecord, HostRecord, Keys, NodeProgress
 from watcher.web.app import create_app, live_snapshot, sections_mark
 from watcher.web.live import LiveFeed
 
@@ -247,6 +247,44 @@ class TestDeployApiWithAcls:
             env.gate.touch()
         assert env.fleet.wait_outcome(deploy)["result"] == "aborted"
         env.fleet.wait_idle()
+
+    def test_a_refusal_worded_for_watcherctl_names_the_apis_own_field(self, env: Env) -> None:
+        # App api has no daemons: one live member (a session the test holds) and a known
+        # host without one. The refusal said "pass --allow-missing", a CLI flag.
+        kv = env.fleet.kv
+        store = DeployStore(kv, env.fleet.kv_prefix, "api")
+        artifact = ArtifactRecord(
+            id="main-a11a11a1",
+            url="s3://b/artifacts/api/main-a11a11a1.tar.gz",
+            sha256="a" * 64,
+            size=1,
+        )
+        session = kv.session_create("test h1", 30, checks=[])
+        try:
+            assert kv.kv_put(store.keys.artifact(artifact.id), artifact.to_json())
+            assert kv.kv_put(store.keys.member("h1"), b"{}", acquire=session)
+            ghost = HostRecord(node="ghost", release=None, last_seen="2026-12-01T00:00:00Z")
+            assert kv.kv_put(store.keys.host("ghost"), ghost.to_json())
+            r = env.web.post(
+                "/api/v1/apps/api/deploys", {"artifact": artifact.id}, env.api_operator
+            )
+            assert r.status_code == 409, r.text
+            assert "ghost have no member key" in r.json()["error"], r.text
+            assert 'send "allow_missing": true' in r.json()["error"], r.text
+            assert "--allow-missing" not in r.json()["error"], r.text
+            # A held host: the deploy starts (it aborts on that host), with the warning
+            # `watcherctl deploy` prints (the API's was empty).
+            held = HostRecord(node="h1", release=None, last_seen=ghost.last_seen, hold="disk")
+            assert kv.kv_put(store.keys.host("h1"), held.to_json())
+            body = {"artifact": artifact.id, "allow_missing": True}
+            r = env.web.post("/api/v1/apps/api/deploys", body, env.api_operator)
+            assert r.status_code == 202, r.text
+            warning = r.json()["warning"]
+            assert "held, by their last records: h1: disk" in warning, r.text
+            assert "`watcherctl release-hold api` on the host lifts it" in warning, r.text
+        finally:
+            kv.session_destroy(session)
+            kv.kv_delete(store.keys.base + "/", recurse=True)
 
     def test_abort_of_a_contested_deploy_says_so_and_writes_nothing(self, env: Env) -> None:
         # App api has no daemons: the test writes a deploy whose acks contradict each

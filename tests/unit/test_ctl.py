@@ -191,7 +191,7 @@ def test_a_hold_reason_from_a_host_record_is_shown_short_and_inert() -> None:
     become 500 KB of warning on the operator's terminal."""
     from types import SimpleNamespace
 
-    from watcher.ctl_fleet import _held_warning
+    from watcher.ctl_fleet import held_warning
     from watcher.records import HostRecord
 
     hosts = {
@@ -199,7 +199,7 @@ def test_a_hold_reason_from_a_host_record_is_shown_short_and_inert() -> None:
         "host-2": HostRecord(node="host-2", release=None, last_seen="", hold="\x1b[2Jdisk"),
     }
     record = SimpleNamespace(expected=["host-1", "host-2"], kind="deploy", app="web")
-    warning = _held_warning(hosts, record, lambda *a: " ".join(a))  # type: ignore[arg-type]
+    warning = held_warning(hosts, record, lambda *a: " ".join(a))  # type: ignore[arg-type]
     assert len(warning) < 1000, len(warning)
     assert f"host-1: {'x' * 200}... (500000 characters); host-2: \\x1b[2Jdisk" in warning
 

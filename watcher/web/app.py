@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import shlex
 import time
 import typing
 import weakref
@@ -50,6 +51,8 @@ from watcher.ctl_fleet import (
     deploy_request,
     deploy_summary,
     fleet_status,
+    held_warning,
+    host_records,
     rollback_request,
     start_deploy,
 )
@@ -445,6 +448,11 @@ class WebState:
 # --- reads shared by the API, the page and the live feed --------------------------------------
 
 
+def _command(*args: str) -> str:
+    """A watcherctl command line, for a warning that names one to run on a host."""
+    return shlex.join(["watcherctl", *args])
+
+
 def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
     """Artifact records, newest first, with how many hosts have each prefetched."""
     counts: dict[str, int] = {}
@@ -830,7 +838,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     @app.exception_handler(DeployError)
     async def deploy_error(_: Request, exc: DeployError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=409)
+        # The refusal is worded for watcherctl: the API's own way of saying the same.
+        said = str(exc).replace("pass --allow-missing", 'send "allow_missing": true')
+        return JSONResponse({"error": said}, status_code=409)
 
     @app.exception_handler(RollbackTargetUnknown)
     async def unknown_release(_: Request, exc: RollbackTargetUnknown) -> JSONResponse:
@@ -1004,14 +1014,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
+        hosts = host_records(store)
         record = deploy_request(
             store,
             config.app(name),
             body.artifact,
             requested_by=caller.requested_by,
             allow_missing=body.allow_missing,
+            hosts=hosts,
         )
-        return _start(store, record, "deploy")
+        return _start(store, record, "deploy", held_warning(hosts, record, _command))
 
     @app.post(
         "/api/v1/apps/{app}/rollbacks",
@@ -1027,14 +1039,17 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
+        hosts = host_records(store)
         record, live = rollback_request(
             store,
             config.app(name),
             body.release,
             requested_by=caller.requested_by,
             allow_missing=body.allow_missing,
+            hosts=hosts,
         )
-        return _start(store, record, "rollback", live)
+        held = held_warning(hosts, record, _command)
+        return _start(store, record, "rollback", "; ".join(w for w in (live, held) if w))
 
     def _start(store: DeployStore, record: Any, action: str, note: str = "") -> dict[str, Any]:
         try:
