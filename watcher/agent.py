@@ -367,6 +367,9 @@ class AppAgent:
         # last write said is what _host_state says.
         self._host_lock = threading.Lock()
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
+        # The alarm raised because `current` names a deploy that left this host out
+        # (DESIGN.md 6.4.5), and that deploy: lifted once `current` names another.
+        self._left_out: tuple[str, str] | None = None
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._request_index: dict[str, int] = {}  # deploy -> its request key's CreateIndex
         self._coordinating: str | None = None
@@ -1081,6 +1084,15 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("hold_failed", error=str(exc))
         self._alarm(message)
+
+    def _lift_left_out_alarm(self) -> None:
+        assert self._left_out is not None
+        if self.status.alarm == self._left_out[1]:  # not a contested deploy's since
+            self.status.alarm = ""
+            if self.health is not None:
+                self.health.clear_alarm(self.app.name)
+            self.log.info("alarm_lifted", reason=self._left_out[1])
+        self._left_out = None
 
     def _alarm(self, message: str) -> None:
         self.status.alarm = message
@@ -1853,6 +1865,8 @@ class AppAgent:
 
     def _converge(self, cached: tuple[CurrentRecord | None, int] | None = None) -> str:
         current, _ = cached if cached is not None else self.store.current()
+        if self._left_out is not None and (current is None or current.deploy != self._left_out[0]):
+            self._lift_left_out_alarm()
         local = self.engine.current_release()
         self._write_host(local)
         if current is None:
@@ -1876,9 +1890,18 @@ class AppAgent:
         wait = self._converge_retry_at - time.monotonic()
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
-        joined = self.store.committed(
+        joined, left_out = self.store.committed_or_why(
             current.deploy, node=self.node, first_index=self.first_index()
         )
+        if joined is None and left_out:
+            # Not followed, and said where an operator looks (/health, status, the host
+            # record), not only in the log. No hold: this host stays where it is anyway,
+            # and a hold would make the deploy that moves every host abort here.
+            message = f"current names deploy {current.deploy}, which {left_out}: not followed"
+            if self._left_out is None or self._left_out[1] != message:
+                self._left_out = (current.deploy, message)
+                self._alarm(message)
+            return f"idle; {message}"
         if joined is None:
             self._report_once(
                 f"current:{current.deploy}",

@@ -1495,7 +1495,14 @@ class DeployStore:
         return TxnOp.cas(self.keys.decision(request.id), decision.to_json(), 0)
 
     def committed(self, deploy_id: str, *, node: str = "", first_index: int = 0) -> Joined | None:
-        """The deploy's request, if this host may trust that its commit predicate holds.
+        """``committed_or_why`` without the why."""
+        return self.committed_or_why(deploy_id, node=node, first_index=first_index)[0]
+
+    def committed_or_why(
+        self, deploy_id: str, *, node: str = "", first_index: int = 0
+    ) -> tuple[Joined | None, str]:
+        """The deploy's request, if this host may trust that its commit predicate holds;
+        else None and, when ``node`` was left out of it (below), why (else "").
 
         The request is rebuilt from the acks (never read from ``requests/``); the acks must
         agree on the request's CreateIndex, and that index must be older than every ack
@@ -1508,7 +1515,7 @@ class DeployStore:
         """
         found = self._embedded_requests(deploy_id)
         if len(found) != 1:
-            return None
+            return None, ""
         request, entries = found[0]
         digest = request.digest()
         claimed = set()
@@ -1519,20 +1526,18 @@ class DeployStore:
         oldest_ack = min(e.create_index for e in entries.values())
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
-            return None
+            return None, ""
         trusted_without_me = len(request.expected) >= 2 or first_index > oldest_ack
         if node and node not in request.expected and not trusted_without_me:
-            log.error(
-                "commit_not_trusted",
-                deploy=deploy_id,
-                node=node,
-                reason="this host was alive when the deploy was made but is not expected "
-                "in it (left out, or forged by one host)",
+            why = (
+                f"only {', '.join(request.expected)} acked, while this host was already in "
+                "the fleet (left out, or forged by one host's token)"
             )
-            return None
+            log.error("commit_not_trusted", deploy=deploy_id, node=node, reason=why)
+            return None, why
         joined = Joined(request, digest, next(iter(claimed)))
         verdict = self.establish(joined)
-        return joined if verdict.outcome == COMMIT else None
+        return (joined, "") if verdict.outcome == COMMIT else (None, "")
 
     def check_sessions(
         self, joined: Joined, members: Mapping[str, KVEntry] | None = None

@@ -450,6 +450,16 @@ class TestOneHostToken:
             "commit_not_trusted",
             fleet,
         )
+        # The hosts left out raise the alarm (DESIGN.md 6.4.5): /health, `status`, their
+        # host records; they used to log it only.
+        honest = fleet.watchers[0]
+
+        def alarm_said() -> str:
+            run = honest.ctl("status", check=False)
+            return json.dumps(json.loads(run.stdout)["daemon"].get("problems"))
+
+        wait_for(lambda: "only host-3 acked" in alarm_said(), 20, "the alarm", fleet)
+        assert f"current names deploy {rec.id}" in alarm_said()
         # Readers say so too: the fleet view (exit 1) and the history row, with the hosts
         # left out; it used to show the forgery as the fleet's release, unflagged, and the
         # honest hosts as the ones behind.
@@ -465,6 +475,7 @@ class TestOneHostToken:
         x.kv_delete(fleet.keys.current)
         next_deploy_works(acl_fleet, "v3")
         assert not fleet_status(acl_fleet)["current_problems"]  # a fleet deploy: trusted
+        wait_for(lambda: "only host-3 acked" not in alarm_said(), 20, "alarm lifted", fleet)
 
     def test_forged_commit_while_others_stage_flips_nobody(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
