@@ -11,6 +11,7 @@ they hold are in docs/design.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -2191,6 +2192,14 @@ def rollback_target(
             continue
         if release is None and before is None:
             _refuse_a_failed_previous(store, rec)
+        if len(rec.expected) == 1 and (view := store.view(deploy_id)) is not None:
+            with contextlib.suppress(ConsulPermissionDenied):  # a token without hosts/
+                if why := store.left_out(view):
+                    # The hosts it left out refuse it as a target: a round sure to abort.
+                    raise DeployRefused(
+                        f"app {store.app}: refusing to roll back to {rec.release} (deploy "
+                        f"{rec.id}), which {why}; roll back to another release with --to"
+                    )
         return ReleaseRef(
             release=rec.release,
             artifact=rec.artifact,

@@ -471,6 +471,12 @@ class TestOneHostToken:
         assert said in status["current_problems"].get("current", ""), status
         row = history_row(acl_fleet, rec.id)
         assert any(said in note for note in row["distrusted"]), row
+        # A rollback to it would abort on the hosts it left out: refused at once.
+        back = acl_fleet.operator("rollback", "web", "--to", rec.release, check=False)
+        assert back.returncode == 4, (back.stdout, back.stderr)
+        assert f"refusing to roll back to {rec.release} (deploy {rec.id}), which {said}" in (
+            back.stderr
+        ), back.stderr
         # host-3's own daemon may follow its own forgery; the honest hosts never do.
         x.kv_delete(fleet.keys.current)
         next_deploy_works(acl_fleet, "v3")
