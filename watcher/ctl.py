@@ -444,6 +444,23 @@ def free_text_argument(text: str) -> str:
 
 free_text_argument.__name__ = "free text"
 
+#: The most a --reason may say (a hold's or an abort's): `status`, `history` and the page
+#: show it in full, and 120 KB was taken.
+REASON_MAX = 1000
+
+
+def reason_argument(text: str) -> str:
+    """An argparse ``type=`` for --reason: free text, at most REASON_MAX characters."""
+    value = free_text_argument(text)
+    if len(value) > REASON_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{len(value)} characters, more than {REASON_MAX}: say why in one short line"
+        )
+    return value
+
+
+reason_argument.__name__ = "reason"
+
 artifact_id_argument = name_argument(ids.check_artifact_id)
 deploy_id_argument = name_argument(ids.check_deploy_id)
 release_argument = name_argument(ids.check_release_input)

@@ -41,7 +41,7 @@ from watcher.ctl import (
     artifact_id_argument,
     deploy_id_argument,
     exit_code_for,
-    free_text_argument,
+    reason_argument,
     release_argument,
     release_name_slip,
     table,
@@ -140,7 +140,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("second", nargs="?", type=deploy_id_argument, help=argparse.SUPPRESS)
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
     p.add_argument(
-        "--reason", default="", type=free_text_argument, help="why (kept in the deploy's record)"
+        "--reason", default="", type=reason_argument, help="why (kept in the deploy's record)"
     )
     p.set_defaults(func=cmd_abort)
 

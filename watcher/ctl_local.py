@@ -21,9 +21,10 @@ from watcher.ctl import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
+    REASON_MAX,
     CtlContext,
     artifact_id_argument,
-    free_text_argument,
+    reason_argument,
     release_argument,
     release_name_slip,
     table,
@@ -73,7 +74,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("app")
     p.add_argument(
-        "--reason", default="", type=free_text_argument, help="why (shown by status and releases)"
+        "--reason", default="", type=reason_argument, help="why (shown by status and releases)"
     )
     p.set_defaults(func=cmd_hold)
 
@@ -449,7 +450,13 @@ def _local_rollback_reason(previous: Hold | None, target: str) -> str:
     if previous is None:
         return reason
     by = f" (by {previous.by})" if previous.by else ""
-    return f"{previous.reason}{by}; then {reason}"
+    # Bounded: each local rollback on a held host adds to it, and it grew without end.
+    earlier = (
+        previous.reason
+        if len(previous.reason) <= REASON_MAX
+        else (f"{previous.reason[:REASON_MAX]} [cut]")
+    )
+    return f"{earlier}{by}; then {reason}"
 
 
 def _check_target(engine: ReleaseEngine, target: str) -> None:

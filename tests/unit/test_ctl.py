@@ -753,3 +753,16 @@ class TestUnexpectedErrors:
         assert "--debug" in err and len(err.splitlines()) == 1
         with pytest.raises(RuntimeError):
             main(["releases", "web", "--debug"])
+
+
+def test_a_held_hosts_local_rollbacks_keep_its_hold_reason_bounded() -> None:
+    """Each local rollback on a held host adds to the hold's reason: it grew without end."""
+    from watcher.ctl_local import _local_rollback_reason
+    from watcher.releases import Hold
+
+    reason = "disk maintenance"
+    for n in range(100):
+        reason = _local_rollback_reason(Hold(reason, "alice@h1", ""), f"2026010{n % 10}-r{n}")
+    assert reason.startswith("disk maintenance (by alice@h1); then local rollback to ")
+    assert reason.endswith("; then local rollback to 20260109-r99")
+    assert len(reason) < 1200 and " [cut] (by alice@h1)" in reason

@@ -188,6 +188,8 @@ class TestTheCliRefusesBadInputWithExit2:
             (["deploy", "web", "main-1", "--timeout", "inf"], "above 0, got 'inf'"),
             (["rollback", "web", "--timeout", "nan"], "above 0, got 'nan'"),
             (["history", "web", "--limit", "0"], "must be 1 or more"),
+            (["hold", "web", "--reason", "x" * 1001], "1001 characters, more than 1000"),
+            (["abort", "20260101T000000Z-abc123", "--reason", "x" * 1001], "more than 1000"),
             (["setup-release", "web", "main-1", "--keep-days", "inf"], "at most 36525 days"),
             (["setup-release", "web", "main-1", "--keep-days", "nan"], "at most 36525 days"),
             # an extra word is the command's error, with its usage (not the top level's)
