@@ -2192,9 +2192,11 @@ def rollback_target(
             continue
         if release is None and before is None:
             _refuse_a_failed_previous(store, rec)
-        if len(rec.expected) == 1 and (view := store.view(deploy_id)) is not None:
-            with contextlib.suppress(ConsulPermissionDenied):  # a token without hosts/
-                if why := store.left_out(view):
+        if len(rec.expected) == 1:
+            # (a token without hosts/, a record that does not read: the hosts judge it)
+            with contextlib.suppress(ConsulPermissionDenied, PayloadError):
+                view = store.view(deploy_id)
+                if view is not None and (why := store.left_out(view)):
                     # The hosts it left out refuse it as a target: a round sure to abort.
                     raise DeployRefused(
                         f"app {store.app}: refusing to roll back to {rec.release} (deploy "
