@@ -576,11 +576,14 @@ class DeployStore:
             report_skipped(entry, str(exc))
             return None, entry.modify_index
 
-    def check_current(self, current: CurrentRecord | None) -> dict[str, str]:
+    def check_current(
+        self, current: CurrentRecord | None, hosts: Mapping[str, HostRecord] | None = None
+    ) -> dict[str, str]:
         """What the acks say against ``current`` (DESIGN.md 6.4.6: a cache for readers that
         any host's token can rewrite): for "current" and "previous", a problem when the
         deploy it names is not a committed deploy of the release it names; {} when both
-        agree. Two round trips per deploy named."""
+        agree. Two round trips per deploy named (and the host records, unless ``hosts``
+        gives them, for a deploy one host acked alone)."""
         if current is None:
             return {}
         problems: dict[str, str] = {}
@@ -588,7 +591,6 @@ class DeployStore:
             refs = {"current": current.ref(), "previous": current.previous_ref()}
         except PayloadError as exc:
             return {"previous": f"`current.previous` does not parse: {exc}"}
-        hosts: dict[str, HostRecord] | None = None
         for what, ref in refs.items():
             if ref is None:
                 continue

@@ -1285,13 +1285,16 @@ def _in_doubt(app: dict[str, Any]) -> bool:
     )
 
 
-def fleet_release(store: DeployStore) -> dict[str, Any]:
+def fleet_release(
+    store: DeployStore, hosts: Mapping[str, HostRecord] | None = None
+) -> dict[str, Any]:
     """The fleet's release and the one before it, as `current` names them, each only
     when the acks of the deploy named commit that release (``DeployStore.check_current``):
     any host's token can rewrite `current`, and a reader must not report the fleet "on" a
-    release no host acked. ``current_problems`` says what did not agree."""
+    release no host acked. ``current_problems`` says what did not agree. ``hosts``: the
+    host records when the caller read them."""
     current, _ = store.current()
-    problems = store.check_current(current)
+    problems = store.check_current(current, hosts)
     previous = current.previous_ref() if current and "previous" not in problems else None
     return {
         "current": current.release if current and "current" not in problems else None,
@@ -1488,7 +1491,7 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
     """Every member and known host of one app, the fleet's release and the deploy in flight."""
     members = store.members()
     hosts, unreadable = store.hosts_checked()
-    fleet = fleet_release(store)
+    fleet = fleet_release(store, hosts)
     current = fleet["current"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)

@@ -243,11 +243,14 @@ class SessionKeeper(threading.Thread):
             except Exception as exc:  # ConsulError, or anything: the keeper must not die
                 self.metrics.session_renew_failures.inc()
                 log.warning("session_renew_failed", error=str(exc))
-                if isinstance(exc, ConsulError) and self.session_id is not None:
-                    began = exc.started_at or time.monotonic()
-                    self.health.renewals_failing(began, one_line(str(exc)), self.ttl)
-                    if self.health.renewal_failed(began):
-                        self.on_change()  # the loop rewrites status.json: `status` shows it
+                if (
+                    isinstance(exc, ConsulError)
+                    and self.session_id is not None
+                    and self.health.renewal_failed(
+                        exc.started_at or time.monotonic(), one_line(str(exc)), self.ttl
+                    )
+                ):
+                    self.on_change()  # the loop rewrites status.json: `status` shows it
                 if self.session_id is None:
                     # /health and `watcherctl status` say why this host cannot join (Consul
                     # refusing the TTL or the token), not only "no session yet".

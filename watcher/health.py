@@ -300,13 +300,19 @@ class HealthState:
         if lifted and self._metrics is not None:
             self._metrics.undecided.labels(app=app).set(0)
 
-    def renewal_failed(self, since: float) -> bool:
-        """A session renewal failed; the call began at ``since``. A host that waits for a
-        decision cannot read it either: undecided from then (or from when it began to wait),
-        without waiting for the loop's next read to time out as well. True when that started
-        a wait (status.json should say so)."""
+    def renewal_failed(self, since: float, error: str = "", ttl: float = 0.0) -> bool:
+        """A renewal of the session held failed; the call began at ``since``. A host that
+        waits for a decision cannot read it either: undecided from then (or from when it
+        began to wait), without waiting for the loop's next read to time out as well. True
+        when that started a wait (status.json should say so). With ``ttl``: once renewals
+        have failed for longer than that, /health says so with ``error`` (the session may
+        still exist, but this host can take part in no deploy, and Consul drops it at twice
+        the TTL)."""
         started: list[str] = []
         with self._lock:
+            if ttl:
+                first = self._renew_failing[0] if self._renew_failing else since
+                self._renew_failing = (first, error, ttl)
             for app, ready in self._ready.items():
                 if app not in self._waiting:
                     self._waiting[app] = _Waiting(
@@ -322,14 +328,6 @@ class HealthState:
         with self._lock:
             self._session, self._session_problem = None, reason or "session lost"
             self._renew_failing = None
-
-    def renewals_failing(self, since: float, error: str, ttl: float) -> None:
-        """A renewal of the session held failed (the call began at ``since``): once they
-        have failed for longer than ``ttl``, /health says so. The session may still exist,
-        but this host cannot take part in a deploy, and Consul drops it at twice the TTL."""
-        with self._lock:
-            first = self._renew_failing[0] if self._renew_failing else since
-            self._renew_failing = (first, error, ttl)
 
     def waiting_for_decision(self, app: str, deploy_id: str, *, since: float = 0.0) -> None:
         """This host acked ready in ``deploy_id`` and cannot read the decision: since

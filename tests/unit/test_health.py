@@ -308,9 +308,9 @@ class TestHealthState:
         state, clock = self.make()
         state.session_ok("s")
         state.loop_cycle()
-        state.renewals_failing(clock.now, "cannot reach Consul", ttl=10)
+        state.renewal_failed(clock.now, "cannot reach Consul", ttl=10)
         clock.now += 6
-        state.renewals_failing(clock.now, "cannot reach Consul (again)", ttl=10)
+        state.renewal_failed(clock.now, "cannot reach Consul (again)", ttl=10)
         state.loop_cycle()
         assert state.check()[0]  # within the TTL: one failed renewal leaves time for more
         clock.now += 5
