@@ -577,13 +577,17 @@ class DeployStore:
             return None, entry.modify_index
 
     def check_current(
-        self, current: CurrentRecord | None, hosts: Mapping[str, HostRecord] | None = None
+        self,
+        current: CurrentRecord | None,
+        hosts: Mapping[str, HostRecord] | None = None,
+        views: dict[str, DeployView] | None = None,
     ) -> dict[str, str]:
         """What the acks say against ``current`` (DESIGN.md 6.4.6: a cache for readers that
         any host's token can rewrite): for "current" and "previous", a problem when the
         deploy it names is not a committed deploy of the release it names; {} when both
         agree. Two round trips per deploy named (and the host records, unless ``hosts``
-        gives them, for a deploy one host acked alone)."""
+        gives them, for a deploy one host acked alone). ``views``, when given, gets the
+        views read ("current", "previous"), so a caller reads the acks once."""
         if current is None:
             return {}
         problems: dict[str, str] = {}
@@ -603,6 +607,8 @@ class DeployStore:
             if view is None:
                 problems[what] = f"{named}, which has no request and no acks"
                 continue
+            if views is not None:
+                views[what] = view
             verdict = judge(view.record, view.record.digest(), view.nodes)
             rec = view.record
             if verdict.outcome != COMMIT:

@@ -1269,15 +1269,18 @@ def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
 
 def _in_doubt(app: dict[str, Any]) -> bool:
     """Whether what one app's status shows includes a record shown NOT TRUSTED (the
-    acks contradict it), acks that contradict each other, a BROKEN ``inflight`` or a
-    ``current`` on this host whose tree is gone (``current_problem``): never
-    the state of a fleet left alone, so a script or a monitoring check must not read "ok"
+    acks contradict it), acks that contradict each other, a BROKEN ``inflight``, a
+    ``current`` on this host whose tree is gone (``current_problem``) or a fleet release
+    whose validate failed after its commit (``fleet_failed``): never the state of a
+    fleet left alone, so a script or a monitoring check must not read "ok"
     (exit 1, after everything is printed). Takes this host's (``fleet_problems``) and the
     fleet's (``current_problems``) shape."""
     dep = app.get("deploy") or {}
     return bool(
         app.get("fleet_problems")
         or app.get("current_problems")
+        or app.get("fleet_failed")
+        or app.get("current_failed")
         or app.get("current_problem")
         or dep.get("problem")
         or dep.get("distrusted")
@@ -1294,13 +1297,72 @@ def fleet_release(
     release no host acked. ``current_problems`` says what did not agree. ``hosts``: the
     host records when the caller read them."""
     current, _ = store.current()
-    problems = store.check_current(current, hosts)
+    views: dict[str, DeployView] = {}
+    problems = store.check_current(current, hosts, views)
     previous = current.previous_ref() if current and "previous" not in problems else None
+    trusted = current is not None and "current" not in problems
     return {
-        "current": current.release if current and "current" not in problems else None,
+        "current": current.release if current is not None and trusted else None,
         "previous": previous.release if previous else None,
         "current_problems": problems,
+        "current_failed": (
+            failed_release(store, views["current"]) if trusted and "current" in views else None
+        ),
     }
+
+
+def failed_release(store: DeployStore, view: DeployView) -> dict[str, Any] | None:
+    """When the fleet's release failed after its commit (its ``validate`` failed on some
+    host and no rollback has moved the fleet off it): the deploy, the hosts with their
+    errors (from their acks) and, when one was started, how the automatic rollback
+    stands. None when every host that acked it is fine."""
+    failed = {
+        node: ack.error
+        for node in view.record.expected
+        if (ack := view.nodes.get(node)) is not None and ack.state == FAILED_AFTER_COMMIT
+    }
+    if not failed:
+        return None
+    outcome = view.checked().outcome
+    rollback_id = outcome.rollback_deploy if outcome else None
+    rollback = None
+    if rollback_id:
+        with contextlib.suppress(PayloadError):
+            rollback = rollback_summary(store.view(rollback_id), rollback_id, view.record)
+    return {
+        "deploy": view.id,
+        "release": view.record.release,
+        "hosts": failed,
+        "rollback": rollback,
+    }
+
+
+def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
+    """``failed_release`` in words for `status`: what failed where and what to do."""
+    if not failed:
+        return []
+    hosts = "; ".join(
+        f"{node}: {ids.one_line(error) or 'no reason given'}"
+        for node, error in failed["hosts"].items()
+    )
+    lines = [
+        f"  FAILED AFTER COMMIT: release {failed['release']} (deploy {failed['deploy']}) "
+        f"failed its validate on {hosts}"
+    ]
+    rollback = failed.get("rollback")
+    if rollback and rollback["result"] is None:
+        lines.append(f"  its automatic rollback {rollback['deploy']} is running")
+    elif rollback and rollback["result"] != "committed":
+        lines.append(
+            f"  its automatic rollback {rollback['deploy']}: {rollback['result']}: "
+            f"{ids.one_line(rollback['note'])}"
+        )
+    else:
+        lines.append(
+            f"  the fleet stays on it: `watcherctl rollback {app}` or deploy a fix "
+            "(`watcherctl history` has the details)"
+        )
+    return lines
 
 
 def shown_decision(view: DeployView) -> str | None:
@@ -1317,6 +1379,8 @@ def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> 
     entry["fleet_current"] = fleet["current"]
     if fleet["current_problems"]:
         entry["fleet_problems"] = fleet["current_problems"]
+    if fleet["current_failed"]:
+        entry["fleet_failed"] = fleet["current_failed"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)
     if problem is not None:
@@ -1420,6 +1484,7 @@ def _human_status(data: dict[str, Any]) -> str:
         lines.append(f"  previous    {a['previous'] or '-'}")
         for what, problem in (a.get("fleet_problems") or {}).items():
             lines.append(f"  fleet {what:<9} NOT TRUSTED: {problem}")
+        lines += failed_release_lines(a.get("fleet_failed"), name)
         if (
             not a.get("fleet_error")
             and "fleet_current" in a
@@ -1561,6 +1626,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             out.append(head)
             # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
             out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
+            out += failed_release_lines(a.get("current_failed"), name)
             out += [f"  NOT TRUSTED: {n}" for n in (dep or {}).get("distrusted", ())]
             if not a["hosts"]:
                 base = f"{ctx.config.kv_prefix}/apps/{name}/"

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from fastapi.testclient import TestClient
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
 from watcher.barrier import DeployStore
-from watcher.config import S3Settings
+from watcher.config import S3Settings, load_config
 from watcher.ctl import main as ctl_main
 from watcher.daemon import TICK_IDLE
 from watcher.events import MAX_PAYLOAD
 from watcher.records import READY, parse_iso
+from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
 CONSUL_EVENT_LIMIT = 300  # bytes: Consul 1.22 refuses a larger user event payload (HTTP 413)
@@ -189,6 +192,9 @@ class TestValidateFailure:
         current, _ = store_of(fleet).current()
         assert current is not None and current.release == rel1 and current.deploy == rollback_id
         assert current.previous is not None and current.previous["release"] == rel2
+        # Back on v1: nothing failed about the fleet's release any more.
+        status = fleet.watchers[0].ctl("status", "web", "--fleet")
+        assert json.loads(status.stdout)["web"]["current_failed"] is None, status.stdout
 
         rows = history(fleet)
         failed = rows[summary["deploy"]]
@@ -251,6 +257,38 @@ class TestValidateFailure:
         assert f"its fleet rollback {rollback_id}: aborted: " in text, text
         fleet.wait_idle()
         assert fleet.currents() == all_on(fleet, rel2)
+        # `status --fleet`, the one command that says where every server stands, said
+        # "fleet on <v2>" and exited 0: nothing of the failed validate or the rollback.
+        bad = fleet.watchers[1].name
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert status.returncode == 1, status
+        assert (
+            f"  FAILED AFTER COMMIT: release {rel2} (deploy {deploy_id}) failed its validate "
+            f"on {bad}: validate hook " in status.stdout
+        ), status.stdout
+        assert f"  its automatic rollback {rollback_id}: aborted: " in status.stdout
+        data = json.loads(fleet.watchers[0].ctl("status", "web", "--fleet", check=False).stdout)
+        failed = data["web"]["current_failed"]
+        assert failed["deploy"] == deploy_id and list(failed["hosts"]) == [bad], failed
+        assert failed["rollback"]["result"] == "aborted", failed
+        # This host's own status says it too (host-3, whose post_release refused).
+        here = fleet.watchers[2].ctl("status", "web", check=False, as_json=False)
+        assert here.returncode == 1, here
+        assert f"  FAILED AFTER COMMIT: release {rel2}" in here.stdout, here.stdout
+        # And the page: a banner over the fleet, the rollback's note in its history row.
+        config_path = tmp_path / "web.yaml"
+        config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
+        app = create_app(load_config(config_path), listen_host="127.0.0.1")
+        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+            page = client.get("/apps/web")
+        assert page.status_code == 200, page.text
+        banner = re.search(
+            r'<p class="banner error failed-release"[^>]*>(.*?)</p>', page.text, re.S
+        )
+        assert banner, page.text
+        assert f"Release {rel2} (deploy {deploy_id}) failed its validate" in banner[1]
+        assert f"Its automatic rollback {rollback_id}: aborted: " in banner[1], banner[1]
+        assert f'class="rollback-note">its fleet rollback {rollback_id}: aborted: ' in page.text
 
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path
@@ -279,6 +317,10 @@ class TestValidateFailure:
         assert len(rows) == 2
         assert rows[summary["deploy"]]["result"] == "failed_after_commit"
         assert "502 Bad Gateway" in rows[summary["deploy"]]["hosts"][bad]["output_tail"]
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert status.returncode == 1, status
+        assert f"  FAILED AFTER COMMIT: release {rel2} " in status.stdout, status.stdout
+        assert "  the fleet stays on it: `watcherctl rollback web " in status.stdout
         # While it waits, `deploy` shows why the hook failed, not only its exit status.
         again = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False, as_json=False)
         assert again.returncode == 1, again
