@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,72 @@ class TestVerify:
         assert float(match.group(1)) <= 3.5, result.stdout
 
 
+HUP_CATCHER = """
+import pathlib, signal, sys, time
+seen = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGHUP, lambda *_: seen.write_text("HUP"))
+pathlib.Path(sys.argv[2]).write_text("up")
+time.sleep(60)
+"""
+
+
+class TestReload:
+    """`systemctl reload watcher` runs the unit's ExecReload lines one after the other and
+    stops at the first that fails (systemd.service(5)). Run here the same way, with the
+    unit's own command lines (the installed paths swapped for this checkout's), against a
+    process standing in for the daemon that records a SIGHUP."""
+
+    def reload(self, tmp_path: Path, config_text: str) -> tuple[list[int], str, bool]:
+        config = tmp_path / "watcher.yaml"
+        config.write_text(config_text)
+        seen, up = tmp_path / "hup", tmp_path / "up"
+        daemon = subprocess.Popen([sys.executable, "-c", HUP_CATCHER, str(seen), str(up)])
+        try:
+            for _ in range(200):
+                if up.exists():
+                    break
+                time.sleep(0.05)
+            codes, stderr = [], ""
+            for line in TestDirectives.unit["Service"]["ExecReload"]:
+                line = line.replace(INSTALLED_BIN, str(console_script()))
+                line = line.replace("/etc/watcher/watcher.yaml", str(config))
+                line = line.replace("$MAINPID", str(daemon.pid))
+                result = subprocess.run(
+                    shlex.split(line), capture_output=True, text=True, timeout=60, check=False
+                )
+                codes.append(result.returncode)
+                stderr += result.stderr
+                if result.returncode != 0:
+                    break
+            for _ in range(100):  # a signal is delivered, not waited for
+                if seen.exists() or codes[-1] != 0:
+                    break
+                time.sleep(0.05)
+            return codes, stderr, seen.exists()
+        finally:
+            daemon.kill()
+            daemon.wait()
+
+    def test_a_broken_file_fails_the_reload_and_the_daemon_is_not_signalled(
+        self, tmp_path: Path
+    ) -> None:
+        """It used to be `kill -HUP` alone: systemctl reported success and the daemon,
+        refusing the file, kept its old config, which only its log and `status` said."""
+        codes, stderr, hup = self.reload(
+            tmp_path, "s3:\n  bucket: b\napps:\n  web:\n    root: /srv/apps\n    keep: many\n"
+        )
+        assert codes == [2], (codes, stderr)
+        assert str(tmp_path / "watcher.yaml") in stderr and "apps.web.keep" in stderr, stderr
+        assert not hup
+
+    def test_a_good_file_is_checked_then_signalled(self, tmp_path: Path) -> None:
+        codes, stderr, hup = self.reload(
+            tmp_path, "s3:\n  bucket: b\napps:\n  web:\n    root: /srv/apps\n"
+        )
+        assert codes == [0, 0], (codes, stderr)
+        assert hup
+
+
 class TestDirectives:
     unit = parse_unit(UNIT.read_text())
 
@@ -125,7 +193,10 @@ class TestDirectives:
         assert self.service("Restart") == ["on-failure"]
         assert self.service("RestartSec") == ["5"]
         assert self.service("ExecStart") == [f"{INSTALLED_BIN} run -c /etc/watcher/watcher.yaml"]
-        assert self.service("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+        assert self.service("ExecReload") == [
+            f"{INSTALLED_BIN} check-config -c /etc/watcher/watcher.yaml",
+            "/bin/kill -HUP $MAINPID",
+        ]
         assert self.service("EnvironmentFile") == ["-/etc/watcher/watcher.env"]
         assert self.service("StateDirectory") == ["watcher"]
 
