@@ -271,6 +271,7 @@ def deploy_request(
         prepare_timeout=app.timeouts.prepare,
         apply_timeout=app.timeouts.apply,
         resume_of=resume_of,
+        allow_missing=allow_missing,
     )
 
 
@@ -363,6 +364,7 @@ def rollback_request(
         expected=expected,
         prepare_timeout=app.timeouts.prepare,
         apply_timeout=app.timeouts.apply,
+        allow_missing=allow_missing,
     )
     live = (
         f"the fleet is already on {record.release} (by `current`): this rollback stages and "
@@ -632,6 +634,8 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         "requested_by": rec.requested_by,
         "requested_at": rec.requested_at,
         "expected": rec.expected,
+        # Deployed with --allow-missing: known hosts without a watcher were not expected.
+        "allow_missing": rec.allow_missing,
         "resume_of": rec.resume_of,
         "rollback_of": rec.rollback_of,
         "decision": (
@@ -791,12 +795,30 @@ def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[st
                     note = f"committed, but {why}"
                     view = replace(view, distrusted=(*view.distrusted, note))
         row = deploy_summary(view)
+        if view.record.allow_missing:
+            # Which known hosts it left out: the request names only those it expected.
+            with contextlib.suppress(ConsulPermissionDenied):
+                if hosts is None:
+                    hosts = store.hosts_checked()[0]
+                row["left_out"] = left_out_hosts(view, hosts)
         if row.get("rollback_deploy"):
             with contextlib.suppress(PayloadError):
                 rollback = store.view(row["rollback_deploy"])
                 row["rollback"] = rollback_summary(rollback, row["rollback_deploy"], view.record)
         rows.append(row)
     return rows, problem
+
+
+def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[str]:
+    """The hosts known before ``view``'s request (their watcher's first session is older)
+    that it did not expect: with --allow-missing, those down or cut off when it started.
+    From today's host records: a host removed since is not named."""
+    expected = set(view.record.expected)
+    return sorted(
+        n
+        for n, h in hosts.items()
+        if n not in expected and 0 < h.first_index < (view.create_index or h.first_index)
+    )
 
 
 def cmd_history(ctx: CtlContext) -> int:
@@ -840,6 +862,9 @@ def _detail(d: dict[str, Any], failures: str) -> str:
     """History's DETAIL: the failing hosts, else why it did not commit, and any record
     that contradicts the acks."""
     parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
+    if d.get("allow_missing"):
+        left = d.get("left_out")
+        parts.append("--allow-missing" + (f": {', '.join(left)} not expected" if left else ""))
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
     if (rb := d.get("rollback")) and rb["result"] != "committed":

@@ -366,6 +366,11 @@ class TestConverge:
             lines = logs[w.name].read_text().splitlines()
             assert lines == [f"{p} deploy {deploy_id}" for p in phases], (w.name, lines)
         assert not logs[late.name].exists()
+        # History says who it left out: nothing else records that it ran without them.
+        [row] = [r for r in live[1].ctl_json("history", "web") if r["deploy"] == deploy_id]
+        assert row["allow_missing"] is True and row["left_out"] == [late.name], row
+        text = live[1].ctl("history", "web", as_json=False).stdout
+        assert f"--allow-missing: {late.name} not expected" in text, text
 
         late.start()
         wait_for(lambda: late.current() == release, 60, "the late host converged", fleet)
@@ -381,3 +386,4 @@ class TestConverge:
         )
         lines = logs[late.name].read_text().splitlines()
         assert lines == [f"{p} converge {deploy_id}" for p in phases], lines
+
