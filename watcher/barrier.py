@@ -16,7 +16,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -206,6 +206,7 @@ class DeployView:
     record: DeployRecord
     decision: Decision | None
     nodes: dict[str, NodeProgress]
+    #: The CreateIndex of each ack's key (Consul's, not a claim of the ack).
     node_indexes: dict[str, int]
     outcome: Outcome | None
     coordinator_session: str | None
@@ -634,13 +635,23 @@ class DeployStore:
                     problems[what] = f"{named}, which {why}"
         return problems
 
-    def left_out(self, view: DeployView, hosts: Mapping[str, HostRecord] | None = None) -> str:
+    def left_out(
+        self,
+        view: DeployView,
+        hosts: Mapping[str, HostRecord] | None = None,
+        among: Collection[str] | None = None,
+    ) -> str:
         """Why the hosts a committed deploy did not expect do not follow it (DESIGN.md
         6.4.5), or "": one host acked it alone while others were already in the fleet (their
         first sessions, in their host records, older than its ack). Its token can write such
         a deploy by itself; a deploy made while those hosts were away looks the same. Only
         for a deploy of one expected host (two or more acks are trusted: each honest host
-        checked that no live member was left out). Reads the host records if not given."""
+        checked that no live member was left out). Reads the host records if not given.
+        ``among``: only these hosts count (a rollback: the members it will expect).
+
+        The ack's CreateIndex, as the hosts judge it (``committed_or_why``): its
+        ModifyIndex moves with each later write of the ack (live after ready), which made a
+        host that joined between the two look left out to readers while it had followed."""
         rec = view.record
         if len(rec.expected) != 1 or not view.node_indexes:
             return ""
@@ -648,7 +659,11 @@ class DeployStore:
         if hosts is None:
             hosts = self.hosts_checked()[0]
         others = sorted(
-            n for n, h in hosts.items() if n not in rec.expected and 0 < h.first_index < acked_at
+            n
+            for n, h in hosts.items()
+            if n not in rec.expected
+            and 0 < h.first_index < acked_at
+            and (among is None or n in among)
         )
         if not others:
             return ""
@@ -864,7 +879,7 @@ class DeployStore:
             ack = parse_ack(e)
             if ack is not None and ack.node == node:
                 nodes[node] = ack
-                indexes[node] = e.modify_index if e else 0
+                indexes[node] = e.create_index if e else 0
         if rebuilt is not None:
             create_index = next((a.create_index for a in nodes.values() if a.create_index), 0)
         return DeployView(
@@ -2204,7 +2219,11 @@ def rollback_target(
             # (a token without hosts/, a record that does not read: the hosts judge it)
             with contextlib.suppress(ConsulPermissionDenied, PayloadError):
                 view = store.view(deploy_id)
-                if view is not None and (why := store.left_out(view)):
+                # Only the members: they are the hosts the rollback expects, and each
+                # judges the target for itself; a host down (or retired without `gc`)
+                # does not take part, and one that was expected in it follows it.
+                members = store.members()
+                if view is not None and (why := store.left_out(view, among=members)):
                     # The hosts it left out refuse it as a target: a round sure to abort.
                     raise DeployRefused(
                         f"app {store.app}: refusing to roll back to {rec.release} (deploy "

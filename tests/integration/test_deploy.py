@@ -387,3 +387,71 @@ class TestConverge:
         lines = logs[late.name].read_text().splitlines()
         assert lines == [f"{p} converge {deploy_id}" for p in phases], lines
 
+
+class TestOneHostDeploys:
+    """Deploys that expected one host: readers and rollbacks judge them as the hosts do."""
+
+    def test_a_host_that_joined_during_one_is_not_called_left_out(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        """host-2 starts for the first time while host-1, alone, runs its post_release:
+        host-2 follows the deploy (its first session is newer than host-1's ack, 6.4.5).
+        Readers measured the ack by its ModifyIndex (moved by the live write, after host-2
+        joined) and showed the fleet's release as NOT TRUSTED, "host-2 was already in the
+        fleet", while host-2 ran it."""
+        fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=f"w{time.monotonic_ns()}")
+        first, joiner = fleet.watchers[0], fleet.watchers[1]
+        gate, started = tmp_path / "gate", tmp_path / "hook-started"
+        hook = tmp_path / "post-release-gated"
+        hook.write_text(
+            f"#!/bin/sh\ntouch {started}\n"
+            f"for i in $(seq 600); do [ -e {gate} ] && exit 0; sleep 0.1; done\nexit 1\n"
+        )
+        hook.chmod(0o755)
+        fleet.write_config(first, {"hooks": {"post_release": str(hook)}})
+        try:
+            first.start()
+            fleet.wait_members(1)
+            v1 = fleet.publish("v1")
+            started_deploy = first.ctl_json("deploy", "web", v1.id, "--no-wait")
+            wait_for(started.exists, 60, "host-1's post_release running", fleet)
+            joiner.start()
+            fleet.wait_members(2)
+            gate.touch()
+            outcome = fleet.wait_outcome(started_deploy["deploy"])
+            assert outcome["result"] == "committed", outcome
+            release = started_deploy["release"]
+            wait_for(lambda: joiner.current() == release, 60, "host-2 followed it", fleet)
+            status = first.ctl("status", "web", "--fleet", check=False)
+            data = json.loads(status.stdout)["web"]
+            assert data["current_problems"] == {} and data["current"] == release, data
+            assert status.returncode == 0, status
+        finally:
+            fleet.stop()
+
+    def test_a_rollback_to_one_is_not_refused_for_hosts_that_are_down(self, fleet: Fleet) -> None:
+        """host-2 and host-3 are down; two deploys with --allow-missing ran on host-1 alone.
+        A rollback to the first was refused ("host-2, host-3 were already in the fleet")
+        although it expects host-1 only, which ran that deploy: the automatic rollback of a
+        failed validate was refused the same way. Hosts that are down take no part; when
+        back, they judge the target themselves."""
+        v1 = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish("v1").id)
+        assert v1["result"] == "committed", v1
+        for w in fleet.watchers[1:]:
+            w.stop()
+        fleet.wait_members(1)
+        solo = fleet.watchers[0]
+        first = solo.ctl_json("deploy", "web", fleet.publish("v2").id, "--allow-missing")
+        assert first["result"] == "committed" and first["expected"] == [solo.name], first
+        second = solo.ctl_json("deploy", "web", fleet.publish("v3").id, "--allow-missing")
+        assert second["result"] == "committed", second
+
+        back = solo.ctl("rollback", "web", "--to", first["release"], "--allow-missing", check=False)
+        assert back.returncode == 0, (back.stdout, back.stderr)
+        assert json.loads(back.stdout)["result"] == "committed", back.stdout
+        assert solo.current() == first["release"]
+        # History says each ran without the others, and names them.
+        rows = {r["deploy"]: r for r in solo.ctl_json("history", "web")}
+        left = [w.name for w in fleet.watchers[1:]]
+        assert rows[first["deploy"]]["allow_missing"] is True, rows[first["deploy"]]
+        assert rows[first["deploy"]]["left_out"] == left, rows[first["deploy"]]
