@@ -1203,7 +1203,9 @@ class AppAgent:
             self._mark_ended(deploy_id)
             self._idle_status()
             return "done"
-        if verdict.outcome == CONTESTED and self.status.alarm == "":
+        # Once per deploy (its journal says so after); not on whether some alarm is set: a
+        # left-out deploy's alarm (``_left_out``) must not keep this one from its hold.
+        if verdict.outcome == CONTESTED and journal.get("established") != CONTESTED:
             self._contested(joined, verdict.reason)
         pending = (
             []

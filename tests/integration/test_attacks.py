@@ -24,7 +24,7 @@ import pytest
 # The ACL fleet fixture is shared with test_deploy_acl (its name is a parameter below).
 from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noqa: F401
 from tests.support.cluster import ClusterSpec
-from tests.support.fleet import BIN, Fleet, wait_for
+from tests.support.fleet import BIN, Fleet, WatcherProc, wait_for
 from tests.support.s3server import s3_client
 from watcher.barrier import DeployStore, new_deploy_id
 from watcher.consul_api import ConsulClient, TxnOp
@@ -194,7 +194,10 @@ def fleet_status(acl: AclFleet) -> dict[str, Any]:
     app = dict(json.loads(result.stdout)["web"])
     deploy = app["deploy"] or {}
     doubt = bool(
-        app["current_problems"] or deploy.get("distrusted") or deploy.get("decision") == "contested"
+        app["current_problems"]
+        or app["current_failed"]
+        or deploy.get("distrusted")
+        or deploy.get("decision") == "contested"
     )
     assert result.returncode == (1 if doubt else 0), (result.returncode, app, result.stderr)
     return app
@@ -413,34 +416,49 @@ def forged_live_ack(fleet: Fleet, rec: DeployRecord, node: str, create_index: in
     )
 
 
+def forge_solo_deploy(acl: AclFleet, suffix: str, version: str) -> DeployRecord:
+    """host-3's token, alone: a request expecting host-3 only, its live ack and carried
+    copy, a commit decision, and `current` naming it."""
+    fleet = acl.fleet
+    v2 = acl.publish(version)
+    x = host_client(acl, 2)
+    me = "host-3"
+    rec = forged_request(fleet, suffix, {me: sessions(fleet)[me]}, v2)
+    assert x.kv_put(fleet.keys.request(rec.id), rec.to_json(), cas=0)
+    index = x.kv_get(fleet.keys.request(rec.id)).create_index  # type: ignore[union-attr]
+    ack = forged_live_ack(fleet, rec, me, index)
+    assert x.kv_put(fleet.keys.progress(rec.id, me), ack.to_json())
+    assert x.kv_put(fleet.keys.carried_request(rec.id, me), rec.canonical())
+    decision = Decision(outcome=COMMIT, reason="forged", by=me, at=iso(utcnow()))
+    assert x.kv_put(fleet.keys.decision(rec.id), decision.to_json())
+    current = CurrentRecord(
+        release=rec.release,
+        artifact=rec.artifact,
+        sha256=rec.sha256,
+        deploy=rec.id,
+        url=rec.url,
+        size=rec.size,
+        create_index=index,
+        digest=rec.digest(),
+    )
+    assert x.kv_put(fleet.keys.current, current.to_json())
+    return rec
+
+
+def left_out_alarm(w: WatcherProc) -> str:
+    """The problems ``w``'s `status` reports (its /health), as JSON text."""
+    run = w.ctl("status", check=False)
+    return json.dumps(json.loads(run.stdout)["daemon"].get("problems"))
+
+
 class TestOneHostToken:
     def test_a_solo_deploy_with_commit_and_current_moves_no_other_host(
         self, acl_fleet: AclFleet
     ) -> None:
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        v2 = acl_fleet.publish("v2")
         x = host_client(acl_fleet, 2)
-        me = "host-3"
-        rec = forged_request(fleet, "solo1", {me: sessions(fleet)[me]}, v2)
-        assert x.kv_put(fleet.keys.request(rec.id), rec.to_json(), cas=0)
-        index = x.kv_get(fleet.keys.request(rec.id)).create_index  # type: ignore[union-attr]
-        ack = forged_live_ack(fleet, rec, me, index)
-        assert x.kv_put(fleet.keys.progress(rec.id, me), ack.to_json())
-        assert x.kv_put(fleet.keys.carried_request(rec.id, me), rec.canonical())
-        decision = Decision(outcome=COMMIT, reason="forged", by=me, at=iso(utcnow()))
-        assert x.kv_put(fleet.keys.decision(rec.id), decision.to_json())
-        current = CurrentRecord(
-            release=rec.release,
-            artifact=rec.artifact,
-            sha256=rec.sha256,
-            deploy=rec.id,
-            url=rec.url,
-            size=rec.size,
-            create_index=index,
-            digest=rec.digest(),
-        )
-        assert x.kv_put(fleet.keys.current, current.to_json())
+        rec = forge_solo_deploy(acl_fleet, "solo1", "v2")
         time.sleep(4)
         for w in fleet.watchers[:2]:
             assert w.current() == release1, fleet.currents()
@@ -455,8 +473,7 @@ class TestOneHostToken:
         honest = fleet.watchers[0]
 
         def alarm_said() -> str:
-            run = honest.ctl("status", check=False)
-            return json.dumps(json.loads(run.stdout)["daemon"].get("problems"))
+            return left_out_alarm(honest)
 
         wait_for(lambda: "only host-3 acked" in alarm_said(), 20, "the alarm", fleet)
         assert f"current names deploy {rec.id}" in alarm_said()
@@ -482,6 +499,52 @@ class TestOneHostToken:
         next_deploy_works(acl_fleet, "v3")
         assert not fleet_status(acl_fleet)["current_problems"]  # a fleet deploy: trusted
         wait_for(lambda: "only host-3 acked" not in alarm_said(), 20, "alarm lifted", fleet)
+
+    def test_a_left_out_alarm_does_not_keep_a_contested_deploy_from_its_hold(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """host-1 carries the alarm of host-3's forged solo deploy when host-3's token
+        makes the next deploy contested. host-1, the coordinator, skipped its contested
+        hold because some alarm was set (DESIGN.md 6.4.4 wants a hold and an alarm), and
+        when `current` changed later the lifted alarm left it with neither."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        slow_hook(fleet, "validate", 6)  # the rewritten ack must land while hosts validate
+        forge_solo_deploy(acl_fleet, "solo2", "v2")
+        coordinator = fleet.watchers[0]
+        wait_for(lambda: "only host-3 acked" in left_out_alarm(coordinator), 30, "the alarm", fleet)
+        proc = start_deploy_async(acl_fleet, acl_fleet.publish("v3")["id"])
+        deploy_id = wait_request(fleet)
+        wait_for(
+            lambda: all(
+                ack_state(fleet, deploy_id, w.name) in ("committed", "live") for w in fleet.watchers
+            ),
+            30,
+            "every host committed",
+            fleet,
+        )
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.progress(deploy_id, "host-3"))
+        assert entry is not None and entry.value is not None
+        rewritten = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
+        assert x.kv_put(fleet.keys.progress(deploy_id, "host-3"), json.dumps(rewritten).encode())
+        assert fleet.wait_outcome(deploy_id, 40)["result"] == "contested"
+        proc.wait(timeout=60)
+        holds = coordinator.app_dir / ".state" / "holds.json"
+        wait_for(holds.exists, 20, "the coordinator's contested hold", fleet)
+        assert f"deploy {deploy_id} is contested" in holds.read_text(), holds.read_text()
+        wait_for(
+            lambda: f"deploy {deploy_id} is contested" in left_out_alarm(coordinator),
+            20,
+            "the contested alarm",
+            fleet,
+        )
+        for w in fleet.watchers:
+            if (w.app_dir / ".state" / "holds.json").exists():
+                w.ctl("release-hold", "web", as_json=False)
+        host_client(acl_fleet, 2).kv_delete(fleet.keys.current)
+        slow_hook(fleet, "validate", 0)
+        next_deploy_works(acl_fleet, "v4")
 
     def test_forged_commit_while_others_stage_flips_nobody(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
