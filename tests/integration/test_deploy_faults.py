@@ -31,18 +31,22 @@ REACTION = 3.0
 ABORT_BOUND = 2 * SESSION_TTL + REACTION
 
 HOOK = """#!/bin/sh
-# Test hook: $1 = node, $2 = phase. Logs to <ctl>/<node>.log; waits while <ctl>/hold-<node>
-# exists, giving up when the watcher that started it is gone (a SIGKILL leaves it orphaned).
+# Test hook: $1 = node, $2 = phase. Logs to <ctl>/<node>.log; post_release waits while
+# <ctl>/hold-<node> exists, post_symlink while <ctl>/hold-post_symlink-<node> does, giving
+# up when the watcher that started it is gone (a SIGKILL leaves it orphaned).
 ctl={ctl}
 node=$1
 phase=$2
 echo "$phase start $WATCHER_DEPLOY_ID $WATCHER_RELEASE" >> "$ctl/$node.log"
-if [ "$phase" = post_release ]; then
-  while [ -e "$ctl/hold-$node" ]; do
-    kill -0 "$PPID" 2>/dev/null || exit 70
-    sleep 0.05
-  done
-fi
+case "$phase" in
+  post_release) hold="$ctl/hold-$node" ;;
+  post_symlink) hold="$ctl/hold-post_symlink-$node" ;;
+  *) hold="" ;;
+esac
+while [ -n "$hold" ] && [ -e "$hold" ]; do
+  kill -0 "$PPID" 2>/dev/null || exit 70
+  sleep 0.05
+done
 echo "$phase end $WATCHER_DEPLOY_ID $WATCHER_RELEASE" >> "$ctl/$node.log"
 """
 
@@ -98,6 +102,15 @@ class Rig:
     def release(self, *ws: WatcherProc) -> None:
         for w in ws:
             (self.ctl / f"hold-{w.name}").unlink(missing_ok=True)
+
+    def hold_after_flip(self, *ws: WatcherProc) -> None:
+        """Hold ``ws`` in post_symlink: after their flip, before their live ack."""
+        for w in ws:
+            (self.ctl / f"hold-post_symlink-{w.name}").touch()
+
+    def release_after_flip(self, *ws: WatcherProc) -> None:
+        for w in ws:
+            (self.ctl / f"hold-post_symlink-{w.name}").unlink(missing_ok=True)
 
     def hook_lines(self, w: WatcherProc, phase: str, deploy_id: str) -> list[str]:
         try:
@@ -349,6 +362,12 @@ class TestCoordinatorKilled:
         rig.release(*others)
         rig.wait_states(deploy_id, others, "ready")
 
+        # Once the decision is written the coordinator goes on: it flips, acks live and,
+        # the others live too, writes the end itself. Between the decision and the SIGKILL
+        # below (the blocking query's answer, this process scheduled) a loaded runner can
+        # let it get that far, and then no other host ends anything. Held in post_symlink
+        # (after its flip, before its live ack), it cannot end the deploy before it dies.
+        rig.hold_after_flip(coordinator)
         decision_key = fleet.keys.decision(deploy_id)
         index, _ = fleet.kv.kv_get_blocking(decision_key, 0, 0.1)
         rig.release(coordinator)
@@ -370,6 +389,7 @@ class TestCoordinatorKilled:
             assert w.current() == release, w.name
         assert rig.states(deploy_id)[others[0].name] == "live"
         # The coordinator comes back and applies the commit it wrote.
+        rig.release_after_flip(coordinator)
         coordinator.start()
         wait_for(lambda: coordinator.current() == release, 30, "old coordinator converged", fleet)
         assert fleet.currents() == {w.name: release for w in rig.watchers}
