@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from watcher.log import configure_logging
 from watcher.releases import ReleaseEngine
 
 KILLS = 200
+RACE_FOR = 4.0  # seconds the prune/stage and flip loops race at least
+RACE_CAP = 60.0  # ... and at most, waiting for the race to have been exercised
 REPO = Path(__file__).parents[2]
 FORK = multiprocessing.get_context("fork")  # the child starts in ms: kills land mid-work
 
@@ -29,10 +33,23 @@ def _quiet_crash_loop(root: str, tarball: str, seed: int, conn: Connection) -> N
     crash_child.crash_loop(root, tarball, seed, conn)
 
 
-def _quiet_race(root: str, tarball: str, seconds: float, conn: Connection) -> None:
+def _quiet_race(
+    root: str,
+    tarball: str,
+    seconds: float,
+    conn: Connection,
+    stop: EventType,
+    staged: Synchronized[int],
+) -> None:
     configure_logging(level="error")
+
+    def count(n: int) -> None:
+        staged.value = n
+
     try:
-        conn.send(("ok", crash_child.race_prune_and_stage(root, tarball, seconds)))
+        conn.send(
+            ("ok", crash_child.race_prune_and_stage(root, tarball, seconds, stop.is_set, count))
+        )
     except BaseException as exc:
         conn.send(("error", repr(exc)))
         raise
@@ -128,15 +145,36 @@ def test_sigkill_at_random_points_never_breaks_current(app_root: tuple[Path, Pat
 
 def test_prune_and_stage_racing_flips_are_serialized(app_root: tuple[Path, Path]) -> None:
     root, tarball = app_root
-    seconds = 4.0
+    # Both sides race for at least RACE_FOR, then on until the race was exercised (enough
+    # releases staged, flips done and a flip refused on a pruned release), at most RACE_CAP:
+    # a fixed window gets fewer rounds on a loaded runner (the child also starts late).
+    stop = FORK.Event()
+    staged_so_far = FORK.Value("i", 0)
     parent_end, child_end = FORK.Pipe(duplex=False)
     child = FORK.Process(
-        target=_quiet_race, args=(str(root), str(tarball), seconds, child_end), daemon=True
+        target=_quiet_race,
+        args=(str(root), str(tarball), RACE_CAP, child_end, stop, staged_so_far),
+        daemon=True,
     )
     child.start()
     child_end.close()
+    started = time.monotonic()
+
+    def enough(done: int, refused: int) -> bool:
+        return (
+            time.monotonic() - started >= RACE_FOR
+            and staged_so_far.value >= 5
+            and done >= 10
+            and refused > 0
+        )
+
     try:
-        done, refused = crash_child.race_flips(str(root), time.monotonic() + seconds, seed=7)
+        try:
+            done, refused = crash_child.race_flips(
+                str(root), started + RACE_CAP, seed=7, enough=enough
+            )
+        finally:
+            stop.set()
         assert parent_end.poll(30), "race child did not report"
         status, staged = parent_end.recv()
     finally:

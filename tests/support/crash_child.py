@@ -11,6 +11,7 @@ import random
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -112,8 +113,15 @@ def crash_loop(root: str, tarball: str, seed: int, conn: Connection | None = Non
                 engine.release_hold()
 
 
-def race_prune_and_stage(root: str, tarball: str, seconds: float) -> int:
-    """The watcherctl side of the lock race: stage new releases and prune, under the lock.
+def race_prune_and_stage(
+    root: str,
+    tarball: str,
+    seconds: float,
+    stop: Callable[[], bool] = lambda: False,
+    staged: Callable[[int], None] = lambda n: None,
+) -> int:
+    """The watcherctl side of the lock race: stage new releases and prune, under the lock,
+    until ``stop()`` says so (at most ``seconds``); ``staged(n)`` after each release.
 
     Returns how many releases it staged; raises AssertionError on a broken invariant.
     """
@@ -122,7 +130,7 @@ def race_prune_and_stage(root: str, tarball: str, seconds: float) -> int:
     record = record_for(Path(tarball))
     deadline = time.monotonic() + seconds
     n = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop():
         n += 1
         with engine.lock(owner="watcherctl prune"):
             engine.stage_from_file(Path(tarball), record, release_name("race", n), f"d-{n}")
@@ -134,12 +142,19 @@ def race_prune_and_stage(root: str, tarball: str, seconds: float) -> int:
             previous = engine.previous_release()
             if previous is not None:
                 assert engine.is_complete(previous), f"previous {previous} was pruned"
+        staged(n)
         time.sleep(rng.uniform(0.02, 0.06))  # flock polling is not fair: let flips in
     return n
 
 
-def race_flips(root: str, until: float, seed: int) -> tuple[int, int]:
-    """The daemon side of the lock race: flip to a release picked without the lock.
+def race_flips(
+    root: str,
+    until: float,
+    seed: int,
+    enough: Callable[[int, int], bool] = lambda done, refused: False,
+) -> tuple[int, int]:
+    """The daemon side of the lock race: flip to a release picked without the lock, until
+    ``until`` or until ``enough(done, refused)``.
 
     Returns (flips done, flips refused). A refused flip must be to a release that is not
     complete at that moment; a done flip must leave ``current`` on a complete tree.
@@ -147,7 +162,7 @@ def race_flips(root: str, until: float, seed: int) -> tuple[int, int]:
     rng = random.Random(seed)
     engine = make_engine(Path(root))
     done = refused = 0
-    while time.monotonic() < until:
+    while time.monotonic() < until and not enough(done, refused):
         names = engine.release_names()  # racy on purpose: the lock decides
         if not names:
             continue
