@@ -141,6 +141,13 @@ def slow_hook(fleet: Fleet, phase: str, seconds: float, *, fail_on: str | None =
     fleet.wait_members(len(fleet.watchers))
 
 
+def gated_hook(fleet: Fleet, phase: str, gate: Path) -> None:
+    """Give every watcher a hook that waits until ``gate`` exists, then restart them."""
+    for w in fleet.watchers:
+        fleet.give_gated_hook(w, phase, gate)
+    fleet.wait_members(len(fleet.watchers))
+
+
 def start_deploy_async(
     acl: AclFleet, artifact_id: str, *, human: bool = False
 ) -> subprocess.Popen[str]:
@@ -1170,7 +1177,9 @@ class TestReadersOfOutcomes:
         abort the deploy it can still abort."""
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        slow_hook(fleet, "post_release", 4)
+        # Never opened: the hosts stay in post_release until the abort stops their hooks (a
+        # fixed slow hook could let them ack ready, and commit, before `abort` ran).
+        gated_hook(fleet, "post_release", fleet.workdir / "gate")
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"], human=True)
         deploy_id = wait_request(fleet)

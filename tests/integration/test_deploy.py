@@ -101,10 +101,14 @@ class TestHappyPath:
         assert len({deploy for _, deploy, _ in late}) <= 1, late
 
     def test_second_deploy_while_one_in_flight_is_refused(self, fleet: Fleet) -> None:
-        slow_prepare(fleet, fleet.watchers[1], 4)
+        # The first deploy stays in flight until the gate opens after the second `deploy`
+        # (a fixed slow hook could end before two `watcherctl` runs on a loaded runner).
+        gate = fleet.workdir / "gate"
+        gated_prepare(fleet, fleet.watchers[1], gate)
         v1 = fleet.publish("v1")
         first = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")
         second = fleet.watchers[2].ctl("deploy", "web", v1.id, "--no-wait", check=False)
+        gate.touch()
         assert second.returncode == 4, second
         assert first["deploy"] in second.stderr and "in flight" in second.stderr
         outcome = fleet.wait_outcome(first["deploy"])
@@ -265,6 +269,12 @@ def runs_of(got: dict[tuple[Any, ...], float]) -> dict[tuple[Any, ...], float]:
 
 def slow_prepare(fleet: Fleet, w: WatcherProc, seconds: float) -> None:
     fleet.give_hook(w, "post_release", seconds)
+    fleet.wait_members(len(fleet.watchers))
+
+
+def gated_prepare(fleet: Fleet, w: WatcherProc, gate: Path) -> None:
+    """``w``'s post_release waits until ``gate`` exists."""
+    fleet.give_gated_hook(w, "post_release", gate)
     fleet.wait_members(len(fleet.watchers))
 
 

@@ -151,8 +151,11 @@ class TestWebhookFromTheCoordinator:
         so each acks ``aborted`` with the operator's reason, and the message names no
         failing host (an alert on failing hosts must not page for a deliberate abort)."""
         fleet = make_fleet(cluster, s3_settings, tmp_path, receiver, "5s")
+        # Never opened: every host stays in post_release until the abort stops its hook (a
+        # fixed slow hook could end before `abort` ran on a loaded runner: a commit).
+        gate = tmp_path / "gate"
         for w in fleet.watchers:
-            fleet.give_hook(w, "post_release", 4)
+            fleet.give_gated_hook(w, "post_release", gate)
         fleet.start()
         try:
             v1 = fleet.publish("v1")

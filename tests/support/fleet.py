@@ -261,8 +261,21 @@ class Fleet:
     def give_hook(self, w: WatcherProc, phase: str, seconds: float, exit_code: int = 0) -> None:
         """Give ``w`` a ``phase`` hook that sleeps, then exits with ``exit_code``, and
         restart it (the caller waits for the members)."""
+        self._restart_with_hook(w, phase, f"sleep {seconds}\nexit {exit_code}\n")
+
+    def give_gated_hook(self, w: WatcherProc, phase: str, gate: Path, exit_code: int = 0) -> None:
+        """Give ``w`` a ``phase`` hook that waits until ``gate`` exists, then exits with
+        ``exit_code``, and restart it (the caller waits for the members). A test that needs
+        the hosts in that phase while it runs `watcherctl` opens the gate when done, instead
+        of counting on a hook's fixed sleep outlasting those runs on a loaded runner. An
+        abort stops the hook without the gate (the watcher cancels a running hook)."""
+        self._restart_with_hook(
+            w, phase, f'while [ ! -e "{gate}" ]; do sleep 0.05; done\nexit {exit_code}\n'
+        )
+
+    def _restart_with_hook(self, w: WatcherProc, phase: str, body: str) -> None:
         hook = w.root / f"{phase}-hook"
-        hook.write_text(f"#!/bin/sh\nsleep {seconds}\nexit {exit_code}\n")
+        hook.write_text(f"#!/bin/sh\n{body}")
         hook.chmod(0o755)
         self.write_config(w, {"hooks": {phase: str(hook)}})
         w.stop()
