@@ -15,10 +15,13 @@ A real 3-host cluster, ACLs off (as in the demo, where any client may write any 
 # ruff: noqa: F811  (the shared rig fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +31,7 @@ from tests.integration.test_deploy_faults import Rig, baseline, rig  # noqa: F40
 from tests.support.cluster import ClusterSpec
 from tests.support.fleet import WatcherProc, wait_for
 from watcher.consul_api import TxnOp
+from watcher.errors import ConsulError
 from watcher.records import (
     ABORTED,
     COMMIT,
@@ -110,6 +114,26 @@ def start_raw(rig: Rig, deploy_id: str, body: bytes) -> None:
         ]
     ).ok
     assert ok, "could not start the raw deploy"
+
+
+@contextlib.contextmanager
+def session_renewed(rig: Rig, session: str) -> Iterator[None]:
+    """Renew ``session`` every 0.5 s for as long as the block runs."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(ConsulError):
+                rig.fleet.kv.session_renew(session)
+            stop.wait(0.5)
+
+    renewer = threading.Thread(target=renew, name="session-renewer", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(10)
 
 
 def final_states(rig: Rig, deploy_id: str) -> dict[str, str]:
@@ -219,7 +243,26 @@ class TestWatcherKilled:
         victim.kill()
         if "wiped" in case:
             wipe_state(victim)
-        victim.start()
+            victim.start()
+        else:
+            # "Session kept" is a restart quick enough for Consul to still know the session
+            # (2x the 3 s TTL from the last renewal). A restart on a loaded runner (a Python
+            # start-up) can take longer, and then the session is gone: a new one, and an
+            # abort. The test renews it in the dead watcher's stead until the new process
+            # has looked for it, so it is there whatever the restart took.
+            looked = len(events(victim, "session_reused")) + len(events(victim, "session_created"))
+            with session_renewed(rig, named):
+                victim.start()
+                wait_for(
+                    lambda: (
+                        len(events(victim, "session_reused"))
+                        + len(events(victim, "session_created"))
+                        > looked
+                    ),
+                    60,
+                    "the restarted watcher looked for its session",
+                    fleet,
+                )
         rig.release(*rig.watchers)
         outcome = fleet.wait_outcome(deploy_id, 60)
         fleet.wait_idle(30)
