@@ -1303,6 +1303,19 @@ class TestPruneBlocked:
             said = w.log_events("prune_blocked")  # the log line says what to do, too
             assert said and "give the watcher CAP_SYS_PTRACE" in said[-1]["remedy"], said
 
+        # deploy_ok returns once the deploy ended and every host is on the release; host-2's
+        # prune runs after its own live ack (the end may come first), and status.json says
+        # what it found at the loop's next write: wait for that before looking at it all.
+        def blocked_now() -> str:
+            daemon = w.ctl_json("status")["apps"]["web"].get("daemon") or {}
+            return str(daemon.get("prune_blocked") or "")
+
+        wait_for(
+            lambda: "1 old release(s) kept that would go" in blocked_now(),
+            30,
+            "status.json says the prune after the last deploy was blocked",
+            fleet,
+        )
         says_blocked()
         # A restarted daemon says so before any deploy: the releases still pile up.
         w.stop()
