@@ -76,6 +76,8 @@ class WatcherProc:
     proc: subprocess.Popen[bytes] | None = None
     # run the daemon through this command (e.g. setpriv with fewer capabilities)
     prefix: tuple[str, ...] = ()
+    # where the log stood when the running process was started: what follows is its own
+    log_start: int = 0
 
     @property
     def name(self) -> str:
@@ -105,6 +107,7 @@ class WatcherProc:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
+            self.log_start = log.seek(0, os.SEEK_END)
             self.proc = subprocess.Popen(
                 [
                     *self.prefix,
@@ -168,10 +171,21 @@ class WatcherProc:
         except FileNotFoundError:
             return ""
 
-    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The JSON lines of its log, in order; only those of ``event`` when given."""
+    def log_events(
+        self, event: str | None = None, *, this_start: bool = False
+    ) -> list[dict[str, Any]]:
+        """The JSON lines of its log, in order; only those of ``event`` when given, only
+        those the process started last wrote with ``this_start``."""
+        text = self.log_text()
+        if this_start:
+            try:
+                with open(self.log_path, "rb") as log:
+                    log.seek(self.log_start)
+                    text = log.read().decode(errors="replace")
+            except FileNotFoundError:
+                text = ""
         out = []
-        for line in self.log_text().splitlines():
+        for line in text.splitlines():
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out if event is None else [e for e in out if e.get("event") == event]
@@ -179,10 +193,13 @@ class WatcherProc:
     def health_port(self, timeout: float = 30.0) -> int:
         """The port of /health and /metrics of the newest start, from its log: a daemon
         configured with ``listen: 127.0.0.1:0`` binds a free one itself (a port a test
-        picked and closed first can be taken meanwhile by any outgoing connection)."""
+        picked and closed first can be taken meanwhile by any outgoing connection). Only
+        what the running process logged counts: right after a restart the log still ends
+        with the previous process's port, closed now or taken by anything else, so this
+        waits for the new process to say its own."""
         deadline = time.monotonic() + timeout
         while True:
-            ports = [int(e["port"]) for e in self.log_events("health_listening")]
+            ports = [int(e["port"]) for e in self.log_events("health_listening", this_start=True)]
             if ports:
                 return ports[-1]
             if time.monotonic() > deadline:
