@@ -350,6 +350,26 @@ def _told_line(told: bool) -> str:
 # --- rollback --local --------------------------------------------------------------------
 
 
+def _refuse_hook_while_preparing(engine: ReleaseEngine, target: str) -> None:
+    """The post_release hook runs under the app's lock (a prune must not take its tree
+    meanwhile), for up to the hook timeout; a deploy this host is preparing needs that
+    lock to stage and gives up after ``locks.timeout`` (failing the deploy everywhere).
+    So not while one is being prepared here."""
+    journal = read_journal(engine.layout.state_dir)
+    if not journal or journal.get("finished") or journal.get("ended"):
+        return
+    if "post_release" in (journal.get("phases") or []):
+        return  # past its staging (and refused earlier if ready and undecided)
+    raise DeployRefused(
+        f"cannot roll back {engine.app.name} to {target} now: its post_release hook has "
+        f"never run on this host and would hold the app's lock while it runs, and this "
+        f"host is preparing deploy {journal.get('deploy')}, whose staging here needs that "
+        "lock (waiting for it longer than the lock timeout fails the deploy on every host); "
+        "wait for that deploy to end (or `watcherctl abort` it), or roll back to a release "
+        "whose post_release already ran here (`watcherctl releases` marks them)"
+    )
+
+
 def rollback_local(ctx: CtlContext) -> int:
     """Flip this host only to ``--to`` (default: the previous release) and hold it there."""
     engine = _engine(ctx)
@@ -370,6 +390,7 @@ def rollback_local(ctx: CtlContext) -> int:
         # Before the hold and the flip: if it fails, nothing changed.
         prepared = "done before"
         if before != target and not engine.post_release_done(target):
+            _refuse_hook_while_preparing(engine, target)
             ctx_hooks = _hook_context(engine, target, kind="rollback-local", previous=before)
             try:
                 run_hooks(app, "post_release", ctx_hooks)

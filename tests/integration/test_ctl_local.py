@@ -270,6 +270,26 @@ class TestRollbackLocal:
         )
         assert len(ran.read_text().splitlines()) == 2
 
+    def test_not_while_this_host_prepares_a_deploy(self, host: Host, tmp_path: Path) -> None:
+        """The hook runs under the app's lock, for up to the hook timeout; the deploy this
+        host is staging waits for that lock, gives up after the lock timeout and fails
+        everywhere. So refused, before anything runs."""
+        ran = tmp_path / "ran.log"
+        hook = f'#!/bin/sh\necho ran >> "{ran}"\n'
+        files: dict[str, str | bytes] = {"VERSION": "v6\n", ".watcher/hooks/post_release": hook}
+        target = host.stage(
+            6, post_release=False, files=files, executable=(".watcher/hooks/post_release",)
+        )
+        host.write_journal("20260101T000000Z-dddddd", release_of(5), ["prefetched"])
+        refused = host.ctl("rollback", "web", "--local", "--to", target)
+        assert refused.returncode == 4, refused
+        assert "is preparing deploy 20260101T000000Z-dddddd" in refused.stderr, refused.stderr
+        assert not ran.exists()
+        assert host.engine.current_release() == release_of(4) and host.engine.held() is None
+        # A release whose post_release ran here is no lock-holding work: allowed.
+        data = host.ctl_json("rollback", "web", "--local", "--to", release_of(3))
+        assert data["to"] == release_of(3) and data["flipped"], data
+
     def test_on_a_held_host_the_operators_reason_is_kept(self, host: Host) -> None:
         """A local rollback on a host already held used to replace the hold's reason with
         its own: `release-hold` then named only the rollback, and why the host was held
