@@ -32,6 +32,7 @@ from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactRefused,
     ConfigError,
+    ConsulError,
     PayloadError,
     WatcherError,
 )
@@ -741,9 +742,14 @@ def _publish(
                 raise
             done = (
                 f"its object was uploaded and verified; its record {kv_key} may still say "
-                "it is uploading (no deploy takes it): publish it again to finish it"
+                "it is uploading (no deploy takes it): publish the same file again to "
+                "finish it (it finds the object and only drops the mark)"
             )
-            _complete(consul, kv_key, artifact_id, sha256, record.url)
+            try:
+                _complete(consul, kv_key, artifact_id, sha256, record.url)
+            except ConsulError as exc:  # (a refusal of _complete says what happened itself)
+                _say_also(exc, done)
+                raise
             record = replace(record, uploading=False)
             done = (
                 f"its record {kv_key} and its object were complete; build-finished may not "

@@ -895,6 +895,33 @@ class TestPublishInterrupted:
         obj = s3_object(s3_settings, "adopted-1")
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
 
+    def test_consul_lost_as_the_mark_is_dropped_says_what_is_left(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Consul goes away between the verified upload and the CAS that drops the
+        record's ``uploading`` mark: the operator read only "Consul unavailable", while the
+        build stayed undeployable. The error says so and how to finish it, which works."""
+
+        def consul_gone(*_args: Any, **_kwargs: Any) -> None:
+            raise ConsulUnavailable("Consul agent at 127.0.0.1:8500 unreachable (test)")
+
+        monkeypatch.setattr(publish_module, "_complete", consul_gone)
+        with pytest.raises(ConsulUnavailable) as raised:
+            publish(config, src, artifact_id="unmarked-1")
+        said = str(raised.value)
+        assert "its object was uploaded and verified" in said, said
+        assert "publish the same file again to finish it" in said, said
+        left = kv_record(consul, "unmarked-1")
+        assert left is not None and left.uploading
+        monkeypatch.undo()
+        record = publish(config, src, artifact_id="unmarked-1")
+        assert record == replace(left, uploading=False)
+        assert kv_record(consul, "unmarked-1") == record
+
     def test_a_build_is_not_deployable_until_its_upload_is_done(
         self,
         config_data: dict[str, Any],
