@@ -571,10 +571,34 @@ def rollback_summary(
         }
     rollback = rollback.checked()
     result = rollback.outcome.result if rollback.outcome else None
+    back = rollback.record.release
+
+    def hosts_in(*states: str) -> str:
+        return ", ".join(
+            n
+            for n in rollback.record.expected
+            if (a := rollback.nodes.get(n)) and a.state in states
+        )
+
     if result == "committed":
-        note = f"every host is back on {rollback.record.release}"
+        behind = hosts_in(READY, COMMITTED)
+        note = f"every host is back on {back}" + (
+            f" but {behind}, not live on it when it ended (`status --fleet`)" if behind else ""
+        )
     elif result is None:
         note = "still running (`status --fleet` shows where it stands)"
+    elif result == "failed_after_commit":
+        # Committed: the fleet went back, and that release's validate failed somewhere too.
+        note = (
+            f"the fleet is back on {back}, whose validate failed too, on "
+            f"{hosts_in(FAILED_AFTER_COMMIT)}: look at those hosts"
+        )
+    elif result == "contested":
+        note = (
+            f"{rollback.outcome.reason if rollback.outcome else ''}; contested: each host "
+            f"stopped where it stood, held (on {back} or on {failed.release}; `status "
+            "--fleet` shows which)"
+        ).lstrip("; ")
     else:
         why = rollback.outcome.reason if rollback.outcome else ""
         note = (

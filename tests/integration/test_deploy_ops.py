@@ -290,6 +290,35 @@ class TestValidateFailure:
         assert f"Its automatic rollback {rollback_id}: aborted: " in banner[1], banner[1]
         assert f'class="rollback-note">its fleet rollback {rollback_id}: aborted: ' in page.text
 
+    def test_an_automatic_rollback_whose_validate_fails_too_says_where_the_fleet_is(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """host-2's validate fails on v2 and on the rollback as well: the rollback
+        committed (every host went back to v1), and `deploy` said "the fleet stays on v2,
+        which failed after the commit: roll back by hand"."""
+        script = hook(
+            tmp_path / "hooks" / "validate-host2-always",
+            'if grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" || [ "$WATCHER_KIND" = rollback ]; '
+            'then\n  echo "GET /healthz -> 502 Bad Gateway" >&2\n  exit 7\nfi\n',
+        )
+        fleet = make_fleet(hosts={1: {"hooks": {"validate": script}}})
+        bad = fleet.watchers[1].name
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = deploy_ok(fleet, v1.id)
+
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1, result
+        summary = json.loads(result.stdout)
+        assert summary["rollback"]["result"] == "failed_after_commit", summary
+        assert summary["rollback"]["note"] == (
+            f"the fleet is back on {rel1}, whose validate failed too, on {bad}: look at those hosts"
+        ), summary["rollback"]
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert status.returncode == 1, status
+        assert f"  FAILED AFTER COMMIT: release {rel1} (deploy " in status.stdout, status.stdout
+
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
