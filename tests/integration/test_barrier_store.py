@@ -531,3 +531,20 @@ class TestHistory:
         first = store.deploy_record(ids[0])
         assert first is not None and first.release is not None
         assert rollback_target(store, first.release).deploy == ids[0]
+
+
+class TestPageMark:
+    def test_an_app_without_builds_keeps_its_mark_while_other_keys_change(
+        self, store: DeployStore
+    ) -> None:
+        """The live page fetches its fleet and builds sections again when this mark
+        changes. For an app with no builds Consul answers the artifacts' key list with the
+        index of the whole store, so every write of any app moved it (every ack of every
+        deploy refetched both sections)."""
+        from watcher.web.app import sections_mark
+
+        before = sections_mark(store)
+        store.consul.kv_put(f"{store.keys.base}-elsewhere/other-app/ack", b"x")
+        assert sections_mark(store) == before
+        store.consul.kv_put(store.keys.artifact("main-15eb13af"), artifact().to_json())
+        assert sections_mark(store) != before
