@@ -394,9 +394,12 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
 def host_records(store: DeployStore) -> dict[str, HostRecord] | None:
     """The app's host records, read once for a deploy or rollback (the known-host check and
     the held-host warning); None when they cannot be read: the check reads them again and
-    says what is wrong."""
+    says what is wrong. Not when Consul does not answer: the read after it would retry as
+    long again (`deploy` said "retrying for up to 10s" and failed after 20)."""
     try:
         return store.hosts()
+    except ConsulUnavailable:
+        raise
     except (ConsulError, PayloadError):
         return None
 

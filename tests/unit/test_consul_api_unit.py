@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -558,3 +559,23 @@ class TestTheReasonOfATransportFailure:
             wrapped = outer
         assert isinstance(wrapped.__context__, ConnectionResetError)
         assert _reason(wrapped) == "[Errno 104] Connection reset by peer"
+
+
+class TestOneRetryWindowPerCommand:
+    def test_deploys_first_read_does_not_swallow_an_unreachable_consul(self) -> None:
+        """`deploy` read the host records first and took any Consul error as "cannot be
+        read, check later": with Consul down that spent one retry window (10 s) there and
+        another on the next read, so "retrying for up to 10s" failed after ~20 s."""
+        from watcher.barrier import DeployStore
+        from watcher.ctl_fleet import host_records
+
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        settings = ConsulSettings(address=f"127.0.0.1:{port}", timeout=0.5)
+        client = ConsulClient(settings, retry_deadline=0.2)
+        try:
+            with pytest.raises(ConsulUnavailable):
+                host_records(DeployStore(client, "watcher", "web"))
+        finally:
+            client.close()
