@@ -1098,6 +1098,18 @@ def _clear_stale_inflight(store: DeployStore, deploy_id: str) -> bool:
 # --- status ------------------------------------------------------------------------------
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is a process that has exited and waits for its parent to reap it (a
+    zombie, state Z or X in /proc): signal 0 still reaches it, but no daemon runs there.
+    False when /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[:1]  # after the command name, which may hold ")"
+    return state in (["Z"], ["X"])
+
+
 def daemon_status(state_dir: str) -> dict[str, Any]:
     """The daemon's own status file, and whether it is running."""
     path = Path(state_dir) / "status.json"
@@ -1116,9 +1128,9 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
     if pid > 0:  # kill(0 or -n) would probe a process group, not the daemon
         try:
             os.kill(pid, 0)
-            alive = True
+            alive = not _exited(pid)
         except PermissionError:
-            alive = True
+            alive = not _exited(pid)
         except (ProcessLookupError, OverflowError):
             alive = False
     age = (datetime.now(UTC) - updated_at).total_seconds()

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +349,26 @@ class TestDaemonStatusFile:
         assert status["running"] is False and status["reason"] == "process gone"
         # What a killed daemon's last write said of its health is not its health now.
         assert status["healthy"] is False
+
+    def test_a_killed_daemon_not_yet_reaped_is_gone(self, tmp_path: Path) -> None:
+        """A SIGKILLed watcher whose parent has not reaped it (a zombie) still takes
+        signal 0: `status` called it running until its status file aged (30 s)."""
+        from watcher.ctl_fleet import daemon_status
+
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        try:
+            for _ in range(200):  # exited, not reaped: Popen.poll() would reap it
+                if Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                    break
+                time.sleep(0.02)
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            (tmp_path / "status.json").write_text(
+                f'{{"pid": {child.pid}, "updated_at": "{now}", "healthy": true}}'
+            )
+            status = daemon_status(str(tmp_path))
+            assert status["running"] is False and status["reason"] == "process gone", status
+        finally:
+            child.wait()
 
     def test_a_live_pid_with_an_old_status_is_not_responding_not_gone(self, tmp_path: Path) -> None:
         # A SIGSTOPped or stuck daemon: its process exists, its status.json is old.
