@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
-from watcher.config import S3Settings
+from watcher.config import S3Settings, load_config
+from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
 
@@ -498,3 +501,11 @@ class TestOneHostDeploys:
         left = [w.name for w in fleet.watchers[1:]]
         assert rows[first["deploy"]]["allow_missing"] is True, rows[first["deploy"]]
         assert rows[first["deploy"]]["left_out"] == left, rows[first["deploy"]]
+        # The page's history row too.
+        config_path = fleet.workdir / "web.yaml"
+        config_path.write_text(yaml.safe_dump(fleet.config_for(solo)))
+        app = create_app(load_config(config_path), listen_host="127.0.0.1")
+        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+            page = client.get("/apps/web").text
+        said = f'<small class="allow-missing">--allow-missing: {", ".join(left)} not expected'
+        assert said in page, page
