@@ -458,15 +458,25 @@ def _start_and_wait(
         )
         return EXIT_INTERRUPTED
     except ConsulError as exc:
-        # Consul went away while this command waited: the deploy did not, and goes on
-        # (or waits for Consul) on every host.
+        # Consul went away (or refused a read) while this command waited: the deploy did
+        # not, and goes on (or waits for Consul) on every host.
         print(
-            f"watcherctl: error: {exc}\nwatcherctl: lost Consul while waiting; "
+            f"watcherctl: error: {exc}\nwatcherctl: {_wait_lost(exc)}; "
             f"{_interrupted_at(ctx, record, seen.get(VERDICT))}",
             file=sys.stderr,
             flush=True,
         )
         return EXIT_UNAVAILABLE
+
+
+def _wait_lost(exc: ConsulError) -> str:
+    """Why `deploy`'s wait stopped, in words that fit the error: not every Consul error
+    while waiting is Consul gone (a token that may start a deploy but not read its acks)."""
+    if isinstance(exc, ConsulUnavailable):
+        return "lost Consul while waiting"
+    if isinstance(exc, ConsulPermissionDenied):
+        return "this token may not read the deploy's records, so the wait stopped"
+    return "a read of the deploy's records failed, so the wait stopped"
 
 
 #: The key of the wait's ``seen`` holding the verdict of the acks it read last.

@@ -788,3 +788,16 @@ def test_a_held_hosts_local_rollbacks_keep_its_hold_reason_bounded() -> None:
     assert reason.startswith("disk maintenance (by alice@h1); then local rollback to ")
     assert reason.endswith("; then local rollback to 20260109-r99")
     assert len(reason) < 1200 and " [cut] (by alice@h1)" in reason
+
+
+class TestDeployWaitStopped:
+    def test_only_an_unavailable_consul_is_called_lost(self) -> None:
+        """Every Consul error in `deploy`'s wait was worded "lost Consul", a token that
+        may write a deploy but not read its acks included."""
+        from watcher.ctl_fleet import _wait_lost
+        from watcher.errors import ConsulError, ConsulPermissionDenied, ConsulUnavailable
+
+        assert _wait_lost(ConsulUnavailable("x")) == "lost Consul while waiting"
+        denied = _wait_lost(ConsulPermissionDenied("x"))
+        assert "lost" not in denied and "may not read" in denied
+        assert "lost" not in _wait_lost(ConsulError("x"))
