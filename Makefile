@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test demo lint typecheck bench fuzz faults consul venv clean
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || { scripts/install-system-deps --venv $(PYTHON) && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
