@@ -91,6 +91,8 @@ JOURNAL_NAME = "deploy.json"
 DURABLE_PHASES = frozenset({"post_release", "post_symlink", "aborted"})
 DURABLE_FIELDS = frozenset({"established"})
 CONVERGE_JOURNAL_NAME = "converge.json"
+#: When this host joined the app (its first member key's CreateIndex): ``first_index``.
+JOINED_FILE = "joined.json"
 APPLIED_NAME = "applied.json"
 STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
@@ -350,6 +352,7 @@ class AppAgent:
         self.health = health
         self._daemon_first_index = first_index
         self._kv_first_index: int | None = None
+        self._joined_index = self._read_joined_index()
         self._wake = wake
         self.notifier = notifier_for(app, metrics)  # chat webhook; None when not configured
         self.journal = Journal(engine.layout.state_dir)
@@ -418,6 +421,7 @@ class AppAgent:
         self.status.recheck_at = None  # set again below while a wait needs it
         if members is not None:
             self._member_entries = dict(members)
+            self._note_joined(members.get(self.node))
         self._watched = dict(watched or {})
         if self._task is not None and self._task.done():
             exc = self._task.exception()
@@ -1949,17 +1953,60 @@ class AppAgent:
         return False
 
     def first_index(self) -> int:
-        """The CreateIndex of this watcher's first session: the smaller of what this daemon
-        remembers and what its host record says (which survives a wiped ``.state/``)."""
+        """Since when this host is in this app's fleet (DESIGN.md 6.4.5): the CreateIndex of
+        its first member key of the app (``joined.json``). Before it has one: what its host
+        record says (written by earlier versions: their first session's index), else this
+        watcher's first session, the cautious answers.
+
+        Per app, not per daemon: a request expects the app's members only, so a host that
+        ran other apps long before it joined this one was not left out of this app's
+        earlier deploys. With the session's index, a host that added an app whose fleet had
+        one host refused that host's deploy as a forgery, and raised the alarm."""
+        if self._joined_index:
+            return self._joined_index
+        return self._recorded_first_index() or self._daemon_first_index()
+
+    def _recorded_first_index(self) -> int:
+        """The ``first_index`` of this host's record of the app (0: none, or unreadable);
+        read once."""
         if self._kv_first_index is None:
             try:
                 entry = self.store.consul.kv_get(self.store.keys.host(self.node))
                 record = HostRecord.from_json(entry.value) if entry else None
                 self._kv_first_index = record.first_index if record else 0
             except (ConsulError, PayloadError):
-                return self._daemon_first_index()
-        known = [i for i in (self._daemon_first_index(), self._kv_first_index) if i > 0]
-        return min(known) if known else 0
+                return 0
+        return self._kv_first_index
+
+    def _read_joined_index(self) -> int:
+        try:
+            data = json.loads((self.engine.layout.state_dir / JOINED_FILE).read_text())
+            return max(int(data["member_index"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _note_joined(self, entry: KVEntry | None) -> None:
+        """Journal when this host joined the app: the CreateIndex of the first member key
+        seen under its name (its token alone writes it), or what its host record of the
+        app already says if older (a host of an earlier version, or one whose ``.state/``
+        was wiped, was in the fleet before its current member key)."""
+        if self._joined_index or entry is None or entry.create_index <= 0:
+            return
+        self._recorded_first_index()
+        if self._kv_first_index is None:
+            return  # the record could not be read: not without it (the next step tries)
+        index = min(i for i in (entry.create_index, self._kv_first_index or 0) if i > 0)
+        try:
+            atomic_write_json(
+                self.engine.layout.state_dir / JOINED_FILE,
+                {"member_index": index},
+                durable=True,
+                parents=True,
+            )
+        except OSError as exc:  # tried again at the next step; meanwhile the cautious index
+            self.log.warning("joined_index_not_written", error=str(exc))
+            return
+        self._joined_index = index
 
     def _report_once(self, key: str, event: str, **fields: Any) -> None:
         if key not in self._reported:
@@ -2054,7 +2101,8 @@ class AppAgent:
             watcher_version=__version__,
             state=self.status.state,
             alarm=self.status.alarm,
-            first_index=self.first_index(),
+            # Since when it is in this app's fleet, for readers (0: not yet a member).
+            first_index=self._joined_index or self._recorded_first_index(),
             prefetched=self._prefetched_ids(),
             # who placed it too: `status --fleet`, the page and deploy's warning show it
             hold=f"{h.reason or 'held'} (by {h.by})" if (h := self.engine.held()) else "",

@@ -475,6 +475,42 @@ class TestOneHostDeploys:
         finally:
             fleet.stop()
 
+    def test_a_host_that_adds_the_app_follows_the_one_host_fleet_it_joins(
+        self, cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+    ) -> None:
+        """host-2's watcher has run another app for a while when web, deployed so far on
+        host-1 alone, is added to it. It took the deploy of host-1 for a forgery ("only
+        host-1 acked, while this host was already in the fleet": its first session, of
+        the other app's days, was older) and raised the alarm instead of converging; the
+        readers called the fleet's release NOT TRUSTED. What counts is when it joined web."""
+        fleet = Fleet(cluster, s3_settings, tmp_path, kv_prefix=f"w{time.monotonic_ns()}")
+        first, joiner = fleet.watchers[0], fleet.watchers[1]
+        other_only = fleet.config_for(joiner)
+        other_only["apps"] = {"other": {**other_only["apps"]["web"], "root": str(tmp_path / "o")}}
+        joiner.config_path.write_text(yaml.safe_dump(other_only))
+        try:
+            joiner.start()
+            wait_for(
+                lambda: (joiner.state_dir / "first_index.json").exists(),
+                30,
+                "host-2's first session (app other)",
+                fleet,
+            )
+            first.start()
+            fleet.wait_members(1)
+            deployed = first.ctl_json("deploy", "web", fleet.publish("v1").id)
+            assert deployed["result"] == "committed", deployed
+            joiner.stop()
+            fleet.write_config(joiner)  # web added
+            joiner.start()
+            wait_for(lambda: joiner.current() == deployed["release"], 60, "host-2 converged", fleet)
+            status = first.ctl("status", "web", "--fleet", check=False)
+            data = json.loads(status.stdout)["web"]
+            assert data["current_problems"] == {} and status.returncode == 0, data
+            assert not joiner.log_events("alarm"), joiner.log_events("alarm")
+        finally:
+            fleet.stop()
+
     def test_a_rollback_to_one_is_not_refused_for_hosts_that_are_down(self, fleet: Fleet) -> None:
         """host-2 and host-3 are down; two deploys with --allow-missing ran on host-1 alone.
         A rollback to the first was refused ("host-2, host-3 were already in the fleet")
