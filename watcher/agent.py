@@ -63,6 +63,7 @@ from watcher.records import (
     COMMITTED,
     FAILED,
     FAILED_AFTER_COMMIT,
+    INT_LIMIT,
     LIVE,
     NODE_FINAL_STATES,
     READY,
@@ -353,6 +354,7 @@ class AppAgent:
         self._daemon_first_index = first_index
         self._kv_first_index: int | None = None
         self._joined_index = self._read_joined_index()
+        self._joined_written = self._joined_index  # what joined.json holds
         self._wake = wake
         self.notifier = notifier_for(app, metrics)  # chat webhook; None when not configured
         self.journal = Journal(engine.layout.state_dir)
@@ -1908,6 +1910,9 @@ class AppAgent:
                 self._left_out = (current.deploy, message)
                 self._alarm(message)
             return f"idle; {message}"
+        if joined is not None and self._left_out is not None:
+            # Trusted now (this host learnt since when it is in the app): no longer an alarm.
+            self._lift_left_out_alarm()
         if joined is None:
             self._report_once(
                 f"current:{current.deploy}",
@@ -1954,9 +1959,11 @@ class AppAgent:
 
     def first_index(self) -> int:
         """Since when this host is in this app's fleet (DESIGN.md 6.4.5): the CreateIndex of
-        its first member key of the app (``joined.json``). Before it has one: what its host
-        record says (written by earlier versions: their first session's index), else this
-        watcher's first session, the cautious answers.
+        its first member key of the app (``joined.json``; the smallest seen, so Consul's
+        indexes going back, as in a cluster rebuilt from a snapshot, only make it more
+        cautious). Before it has one: the smaller of what its host record says (earlier
+        versions wrote their first session's index there) and this watcher's first
+        session, the cautious answer.
 
         Per app, not per daemon: a request expects the app's members only, so a host that
         ran other apps long before it joined this one was not left out of this app's
@@ -1964,49 +1971,72 @@ class AppAgent:
         one host refused that host's deploy as a forgery, and raised the alarm."""
         if self._joined_index:
             return self._joined_index
-        return self._recorded_first_index() or self._daemon_first_index()
+        known = [i for i in (self._recorded_first_index() or 0, self._daemon_first_index()) if i]
+        return min(known) if known else 0
 
-    def _recorded_first_index(self) -> int:
-        """The ``first_index`` of this host's record of the app (0: none, or unreadable);
-        read once."""
+    def _record_first_index(self) -> int:
+        """The ``first_index`` this host's record of the app says, for readers: when it
+        joined; 0 while it has not and no record says it has; the cautious value when its
+        record cannot be read (never 0 over a value that was there)."""
+        if self._joined_index:
+            return self._joined_index
+        recorded = self._recorded_first_index()
+        return self._daemon_first_index() if recorded is None else recorded
+
+    def _recorded_first_index(self) -> int | None:
+        """The ``first_index`` of this host's record of the app (0: no record), read once;
+        None when it cannot be read (tried again at the next call)."""
         if self._kv_first_index is None:
             try:
                 entry = self.store.consul.kv_get(self.store.keys.host(self.node))
                 record = HostRecord.from_json(entry.value) if entry else None
-                self._kv_first_index = record.first_index if record else 0
             except (ConsulError, PayloadError):
-                return 0
+                return None
+            self._kv_first_index = record.first_index if record else 0
         return self._kv_first_index
 
     def _read_joined_index(self) -> int:
+        """``joined.json``'s index; 0 when there is none or it is not a sane one (a file
+        edited by hand must not stop the daemon, nor make it trust every deploy)."""
         try:
             data = json.loads((self.engine.layout.state_dir / JOINED_FILE).read_text())
-            return max(int(data["member_index"]), 0)
-        except (OSError, ValueError, KeyError, TypeError):
+            value = data["member_index"]
+        except Exception:  # OSError, bad JSON, deep nesting, a list: none
             return 0
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT_LIMIT
+        return value if ok else 0
 
     def _note_joined(self, entry: KVEntry | None) -> None:
-        """Journal when this host joined the app: the CreateIndex of the first member key
-        seen under its name (its token alone writes it), or what its host record of the
-        app already says if older (a host of an earlier version, or one whose ``.state/``
-        was wiped, was in the fleet before its current member key)."""
-        if self._joined_index or entry is None or entry.create_index <= 0:
-            return
-        self._recorded_first_index()
-        if self._kv_first_index is None:
-            return  # the record could not be read: not without it (the next step tries)
-        index = min(i for i in (entry.create_index, self._kv_first_index or 0) if i > 0)
-        try:
-            atomic_write_json(
-                self.engine.layout.state_dir / JOINED_FILE,
-                {"member_index": index},
-                durable=True,
-                parents=True,
-            )
-        except OSError as exc:  # tried again at the next step; meanwhile the cautious index
-            self.log.warning("joined_index_not_written", error=str(exc))
-            return
-        self._joined_index = index
+        """Journal when this host joined the app: the CreateIndex of a member key of the app
+        held by this watcher's session (not any key under its name: a key its token wrote
+        for another session must not lower it for good), the smallest seen; at the first,
+        what its host record already says if older (a host of an earlier version, or one
+        whose ``.state/`` was wiped, was in the fleet before its current member key). Kept
+        in memory when the file cannot be written, and written at a later step."""
+        session = self.session()
+        if entry is not None and session and entry.session == session and entry.create_index > 0:
+            index = entry.create_index
+            if not self._joined_index:
+                recorded = self._recorded_first_index()
+                if recorded is None:
+                    return  # the record could not be read: not without it (next step)
+                index = min(i for i in (index, recorded) if i > 0)
+            if not self._joined_index or index < self._joined_index:
+                self._joined_index = index
+                with self._host_lock:
+                    self._host_state = None  # the host record says it at the next write
+        if self._joined_index and self._joined_index != self._joined_written:
+            try:
+                atomic_write_json(
+                    self.engine.layout.state_dir / JOINED_FILE,
+                    {"member_index": self._joined_index},
+                    durable=True,
+                    parents=True,
+                )
+            except OSError as exc:
+                self.log.warning("joined_index_not_written", error=str(exc))
+                return
+            self._joined_written = self._joined_index
 
     def _report_once(self, key: str, event: str, **fields: Any) -> None:
         if key not in self._reported:
@@ -2102,7 +2132,7 @@ class AppAgent:
             state=self.status.state,
             alarm=self.status.alarm,
             # Since when it is in this app's fleet, for readers (0: not yet a member).
-            first_index=self._joined_index or self._recorded_first_index(),
+            first_index=self._record_first_index(),
             prefetched=self._prefetched_ids(),
             # who placed it too: `status --fleet`, the page and deploy's warning show it
             hold=f"{h.reason or 'held'} (by {h.by})" if (h := self.engine.held()) else "",

@@ -642,9 +642,10 @@ class DeployStore:
         among: Collection[str] | None = None,
     ) -> str:
         """Why the hosts a committed deploy did not expect do not follow it (DESIGN.md
-        6.4.5), or "": one host acked it alone while others were already in the fleet (their
-        first sessions, in their host records, older than its ack). Its token can write such
-        a deploy by itself; a deploy made while those hosts were away looks the same. Only
+        6.4.5), or "": one host acked it alone while others were already in the fleet (the
+        ``first_index`` of their host records, when they joined the app, older than its
+        ack). Its token can write such a deploy by itself; a deploy made while those hosts
+        were away looks the same. Only
         for a deploy of one expected host (two or more acks are trusted: each honest host
         checked that no live member was left out). Reads the host records if not given.
         ``among``: only these hosts count (a rollback: the members it will expect).
@@ -1531,9 +1532,9 @@ class DeployStore:
         The request is rebuilt from the acks (never read from ``requests/``); the acks must
         agree on the request's CreateIndex, and that index must be older than every ack
         key (Consul's own indexes bound what an ack may claim). A deploy that does not
-        expect ``node`` is trusted only if this host did not exist yet when its acks were
-        written (``first_index``, the CreateIndex of its first session), or if two or more
-        hosts acked it: every honest expected host checked before its ready ack that no live
+        expect ``node`` is trusted only if this host was not in the app yet when its acks
+        were written (``first_index``: ``AppAgent.first_index``), or if two or more hosts
+        acked it: every honest expected host checked before its ready ack that no live
         member was left out (``check_sessions``), and one token speaks for one host only.
         So a deploy one host forged for itself alone moves nobody else (DESIGN.md 6.4.5).
         """
@@ -1609,7 +1610,7 @@ class DeployStore:
         """Write the outcome, clear ``inflight`` if it still names this deploy (or, after a
         validate failure, point it at a fleet rollback), append to history and trim.
         Returns (ended, rollback deploy id or None, the outcome's result). ``first_index``:
-        the CreateIndex of ``by``'s first session (``committed``), when known."""
+        since when ``by`` is in the app (``committed``), when known."""
         request = joined.request
         acks = verdict.acks
         hosts = {

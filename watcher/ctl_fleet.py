@@ -847,8 +847,9 @@ def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[st
 
 
 def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[str]:
-    """The hosts known before ``view``'s request (their watcher's first session is older)
-    that it did not expect: with --allow-missing, those down or cut off when it started.
+    """The hosts known before ``view``'s request (the ``first_index`` of their records,
+    when they joined the app, is older) that it did not expect: with --allow-missing,
+    those down or cut off when it started.
     From today's host records: a host removed since is not named."""
     expected = set(view.record.expected)
     return sorted(

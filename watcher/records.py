@@ -757,7 +757,7 @@ class HostRecord(Document):
     prefetched: list[str] = field(default_factory=list)
     hold: str = ""
     alarm: str = ""
-    first_index: int = 0  # the CreateIndex of this watcher's first session (6.4.5)
+    first_index: int = 0  # since when it is in this app's fleet (6.4.5; AppAgent.first_index)
 
     def validate(self, label: str) -> None:
         # node is a dict key of every reader (status, the barrier): a list there crashes them

@@ -1,0 +1,166 @@
+"""Since when a host is in an app's fleet (``AppAgent.first_index``, DESIGN.md 6.4.5): the
+pure bookkeeping, with a small stand-in for the KV reads it makes (the integration test
+``TestOneHostDeploys`` runs it against Consul)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from watcher import agent as agent_module
+from watcher.agent import JOINED_FILE, AppAgent
+from watcher.errors import ConsulUnavailable
+from watcher.records import HostRecord
+
+SESSION = "11111111-2222-3333-4444-555555555555"
+DAEMON_FIRST = 100  # the watcher's first session, in its days of other apps
+
+
+@dataclass
+class Entry:
+    value: bytes | None = None
+    create_index: int = 0
+    session: str | None = None
+
+
+class FakeKV:
+    """The host record read ``first_index`` makes; ``fail`` makes the next reads fail."""
+
+    def __init__(self, record_first_index: int | None = None) -> None:
+        self.record = (
+            None
+            if record_first_index is None
+            else HostRecord(
+                node="host-2", release=None, last_seen="x", first_index=record_first_index
+            ).to_json()
+        )
+        self.fail = 0
+
+    def kv_get(self, _key: str) -> Entry | None:
+        if self.fail:
+            self.fail -= 1
+            raise ConsulUnavailable("Consul at 127.0.0.1:8500 unreachable (test)")
+        return Entry(self.record, 1) if self.record is not None else None
+
+
+def make_agent(state_dir: Path, kv: FakeKV) -> AppAgent:
+    agent = AppAgent.__new__(AppAgent)  # only what first_index's bookkeeping touches
+    agent.node = "host-2"
+    agent.store = types.SimpleNamespace(
+        consul=kv, keys=types.SimpleNamespace(host=lambda node: f"hosts/{node}")
+    )
+    agent.engine = types.SimpleNamespace(layout=types.SimpleNamespace(state_dir=state_dir))
+    agent.session = lambda: SESSION
+    agent._daemon_first_index = lambda: DAEMON_FIRST
+    agent._kv_first_index = None
+    agent.log = types.SimpleNamespace(warning=lambda *_a, **_k: None)
+    agent._host_lock = threading.Lock()
+    agent._host_state = ("release", "", "")
+    agent._joined_index = agent._read_joined_index()
+    agent._joined_written = agent._joined_index
+    return agent
+
+
+def own_key(create_index: int) -> Entry:
+    return Entry(b"{}", create_index, SESSION)
+
+
+def journaled(state_dir: Path) -> Any:
+    path = state_dir / JOINED_FILE
+    return json.loads(path.read_text())["member_index"] if path.exists() else None
+
+
+class TestFirstIndex:
+    def test_a_new_app_counts_from_its_first_member_key(self, tmp_path: Path) -> None:
+        agent = make_agent(tmp_path, FakeKV())
+        assert agent.first_index() == DAEMON_FIRST  # before it joined: the cautious value
+        assert agent._record_first_index() == 0  # readers: not a member yet
+        agent._note_joined(own_key(5000))
+        assert agent.first_index() == 5000 == journaled(tmp_path)
+        assert agent._record_first_index() == 5000
+        assert agent._host_state is None  # the host record says it at the next write
+        # A restart reads it back; a later member key (a new session) changes nothing.
+        again = make_agent(tmp_path, FakeKV(5000))
+        again._note_joined(own_key(9000))
+        assert again.first_index() == 5000 == journaled(tmp_path)
+
+    def test_a_host_of_an_earlier_version_keeps_its_older_record(self, tmp_path: Path) -> None:
+        """Its record holds the session's index (older than its member key): no host trusts
+        more than before for an app it was already in."""
+        agent = make_agent(tmp_path, FakeKV(record_first_index=40))
+        assert agent.first_index() == 40  # the smaller of record and session
+        agent._note_joined(own_key(5000))
+        assert agent.first_index() == 40 == journaled(tmp_path)
+
+    def test_before_joining_a_record_says_no_more_than_the_session(self, tmp_path: Path) -> None:
+        # A record its own token rewrote to a huge index does not make it trust everything.
+        agent = make_agent(tmp_path, FakeKV(record_first_index=10**12))
+        assert agent.first_index() == DAEMON_FIRST
+
+    def test_an_unreadable_record_is_never_written_back_as_zero(self, tmp_path: Path) -> None:
+        """Upgraded host, record unreadable for a moment: nothing is noted, and the record
+        it writes says the cautious index, not 0 (a 0 there erased the only trace of when
+        it joined, and its next note took its newest member key)."""
+        kv = FakeKV(record_first_index=40)
+        agent = make_agent(tmp_path, kv)
+        kv.fail = 2
+        agent._note_joined(own_key(5000))
+        assert agent._joined_index == 0 and journaled(tmp_path) is None
+        assert agent._record_first_index() == DAEMON_FIRST
+        agent._note_joined(own_key(5000))  # readable again
+        assert agent.first_index() == 40
+
+    def test_a_note_the_disk_refused_is_kept_and_written_later(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        agent = make_agent(tmp_path, FakeKV())
+        real = agent_module.atomic_write_json
+
+        def full(*_args: Any, **_kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(agent_module, "atomic_write_json", full)
+        agent._note_joined(own_key(300))
+        assert agent.first_index() == 300 and journaled(tmp_path) is None
+        monkeypatch.setattr(agent_module, "atomic_write_json", real)
+        agent._note_joined(own_key(5000))  # a new session's key, the disk back
+        assert agent.first_index() == 300 == journaled(tmp_path)
+
+    def test_indexes_going_back_lower_it_other_sessions_keys_do_not(self, tmp_path: Path) -> None:
+        """A cluster rebuilt from a snapshot hands out indexes below the noted one: the
+        own key then lowers it (more cautious). A key its token wrote for another session
+        is not this watcher's membership."""
+        agent = make_agent(tmp_path, FakeKV())
+        agent._note_joined(own_key(5000))
+        agent._note_joined(Entry(b"{}", 20, "another-session"))
+        assert agent.first_index() == 5000
+        agent._note_joined(own_key(700))
+        assert agent.first_index() == 700 == journaled(tmp_path)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            '{"member_index": Infinity}',
+            '{"member_index": 1e300}',
+            '{"member_index": 18446744073709551616}',
+            '{"member_index": true}',
+            '{"member_index": -5}',
+            '{"member_index": "12"}',
+            "[" * 100_000,
+            "[]",
+            "",
+        ],
+    )
+    def test_a_joined_file_that_is_not_a_sane_index_is_none(
+        self, tmp_path: Path, text: str
+    ) -> None:
+        (tmp_path / JOINED_FILE).write_text(text)
+        agent = make_agent(tmp_path, FakeKV())
+        assert agent._joined_index == 0
+        assert agent.first_index() == DAEMON_FIRST
