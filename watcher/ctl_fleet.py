@@ -452,7 +452,7 @@ def _start_and_wait(
         return _wait_after_start(ctx, store, record, ring_doorbell(store, record), seen)
     except KeyboardInterrupt:
         print(
-            f"watcherctl: interrupted; {_interrupted_at(ctx, record, seen.get(VERDICT))}",
+            f"watcherctl: interrupted; {_interrupted_at(ctx, record, seen)}",
             file=sys.stderr,
             flush=True,
         )
@@ -462,7 +462,7 @@ def _start_and_wait(
         # not, and goes on (or waits for Consul) on every host.
         print(
             f"watcherctl: error: {exc}\nwatcherctl: {_wait_lost(exc)}; "
-            f"{_interrupted_at(ctx, record, seen.get(VERDICT))}",
+            f"{_interrupted_at(ctx, record, seen)}",
             file=sys.stderr,
             flush=True,
         )
@@ -481,11 +481,21 @@ def _wait_lost(exc: ConsulError) -> str:
 
 #: The key of the wait's ``seen`` holding the verdict of the acks it read last.
 VERDICT = "<verdict>"
+#: ... and the automatic rollback it waits for, once the deploy ended so.
+ROLLING_BACK = "<rolling back>"
 
 
-def _interrupted_at(ctx: CtlContext, record: DeployRecord, verdict: str | None) -> str:
-    """What a Ctrl-C during the wait leaves, by what the acks said at the last look."""
+def _interrupted_at(ctx: CtlContext, record: DeployRecord, seen: Mapping[str, str]) -> str:
+    """What a Ctrl-C (or losing Consul) during the wait leaves, by what the acks said at
+    the last look."""
     follow = ctx.command_line("status", record.app, "--fleet")
+    verdict = seen.get(VERDICT)
+    if rollback := seen.get(ROLLING_BACK):
+        return (
+            f"{record.kind} {record.id} failed its validate after the commit, and its "
+            f"automatic rollback {rollback} goes on across the fleet; follow it with "
+            f"`{follow}`"
+        )
     if verdict == COMMIT:
         back = ctx.command_line("rollback", record.app)
         return (
@@ -551,6 +561,8 @@ def _wait_after_start(
         return EXIT_STILL_RUNNING
     if data.get("rollback_deploy"):
         # Its result says the fleet goes back; only the rollback's own end says it did.
+        if seen is not None:  # an interrupt now leaves the rollback running, not the deploy
+            seen[ROLLING_BACK] = data["rollback_deploy"]
         try:
             rollback = store.view(data["rollback_deploy"])
             if rollback is not None and rollback.outcome is None:

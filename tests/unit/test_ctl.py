@@ -801,3 +801,25 @@ class TestDeployWaitStopped:
         denied = _wait_lost(ConsulPermissionDenied("x"))
         assert "lost" not in denied and "may not read" in denied
         assert "lost" not in _wait_lost(ConsulError("x"))
+
+
+class TestInterruptedWhileRollingBack:
+    def test_an_interrupt_during_the_automatic_rollback_names_it(self) -> None:
+        """`deploy` waits for the automatic rollback of a deploy whose validate failed; a
+        Ctrl-C (or Consul lost) there said the deploy "is committed ... undo it afterwards
+        with `watcherctl rollback`", while the rollback was running."""
+        from types import SimpleNamespace
+
+        from watcher.ctl_fleet import ROLLING_BACK, VERDICT, _interrupted_at
+
+        ctx = SimpleNamespace(command_line=lambda *argv: "watcherctl " + " ".join(argv))
+        record = SimpleNamespace(kind="deploy", id="20261205T120000Z-abcdef", app="web")
+        said = _interrupted_at(
+            ctx,  # type: ignore[arg-type]
+            record,  # type: ignore[arg-type]
+            {VERDICT: "commit", ROLLING_BACK: "20261205T120001Z-fedcba"},
+        )
+        assert "automatic rollback 20261205T120001Z-fedcba goes on" in said, said
+        assert "undo it afterwards" not in said
+        committed = _interrupted_at(ctx, record, {VERDICT: "commit"})  # type: ignore[arg-type]
+        assert "undo it afterwards with `watcherctl rollback web`" in committed, committed
