@@ -247,6 +247,10 @@ class TestValidateFailure:
         rows = history(fleet)
         [deploy_id] = [d for d, r in rows.items() if r["result"] == "rolled_back"]
         rel2, rollback_id = rows[deploy_id]["release"], rows[deploy_id]["rollback_deploy"]
+        # `deploy` reports the rollback once every host's ack is final; its end (which
+        # writes its history entry) may come a moment later.
+        fleet.wait_outcome(rollback_id)
+        rows = history(fleet)
         assert rows[rollback_id]["result"] == "aborted", rows[rollback_id]
         said = f"the fleet stays on {rel2}, which failed after the commit"
         assert f"  fleet rollback {rollback_id}: aborted: " in result.stdout, result.stdout
