@@ -2034,9 +2034,12 @@ class AppAgent:
                     parents=True,
                 )
             except OSError as exc:
-                self.log.warning("joined_index_not_written", error=str(exc))
+                if "joined" not in self._reported:  # once, not at every step it fails
+                    self._reported.add("joined")
+                    self.log.warning("joined_index_not_written", error=str(exc))
                 return
             self._joined_written = self._joined_index
+            self._reported.discard("joined")
 
     def _report_once(self, key: str, event: str, **fields: Any) -> None:
         if key not in self._reported:

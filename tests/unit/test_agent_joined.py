@@ -59,7 +59,10 @@ def make_agent(state_dir: Path, kv: FakeKV) -> AppAgent:
     agent.session = lambda: SESSION
     agent._daemon_first_index = lambda: DAEMON_FIRST
     agent._kv_first_index = None
-    agent.log = types.SimpleNamespace(warning=lambda *_a, **_k: None)
+    warnings: list[str] = []
+    agent.warnings = warnings  # type: ignore[attr-defined]
+    agent.log = types.SimpleNamespace(warning=lambda event, **_k: warnings.append(event))
+    agent._reported = set()
     agent._host_lock = threading.Lock()
     agent._host_state = ("release", "", "")
     agent._joined_index = agent._read_joined_index()
@@ -127,7 +130,9 @@ class TestFirstIndex:
 
         monkeypatch.setattr(agent_module, "atomic_write_json", full)
         agent._note_joined(own_key(300))
+        agent._note_joined(own_key(300))  # every step tries again; said once
         assert agent.first_index() == 300 and journaled(tmp_path) is None
+        assert agent.warnings == ["joined_index_not_written"]  # type: ignore[attr-defined]
         monkeypatch.setattr(agent_module, "atomic_write_json", real)
         agent._note_joined(own_key(5000))  # a new session's key, the disk back
         assert agent.first_index() == 300 == journaled(tmp_path)
