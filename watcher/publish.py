@@ -851,7 +851,32 @@ def _check_stale(
     head = store.head(s3_key)
     # An object without sha256 metadata was not put there by a publish: not an orphan of one
     if head is not None and head.get("sha256") in (record.sha256, "", None):
+        if (
+            record.uploading
+            and head.get("sha256") == record.sha256
+            and head.get("size") == record.size
+            and _finish_for_another(consul, kv_key, record)
+        ):
+            _say_also(
+                refusal,
+                f"that build's own publish had not finished (its record still said "
+                f"uploading), and its object verifies as a publish checks it (size and "
+                f"sha256): it is marked complete now, so build {record.sha256[:12]} can be "
+                "deployed",
+            )
         raise refusal
+
+
+def _finish_for_another(consul: ConsulClient, kv_key: str, record: ArtifactRecord) -> bool:
+    """Drop the ``uploading`` mark of another publish's record whose object is complete:
+    that publish was killed, or lost Consul, between its upload and its last step, and a
+    build of other bytes under the same id would otherwise leave it undeployable until
+    someone edited KV by hand. Whether it is marked complete now."""
+    try:
+        _complete(consul, kv_key, record.id, record.sha256, record.url)
+    except (ConsulError, ArtifactRefused):
+        return False  # changed meanwhile, or Consul gone: the refusal alone stands
+    return True
 
 
 def _cas(consul: ConsulClient, kv_key: str, value: bytes, index: int, flags: int = 0) -> int:

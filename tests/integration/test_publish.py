@@ -922,6 +922,37 @@ class TestPublishInterrupted:
         assert record == replace(left, uploading=False)
         assert kv_record(consul, "unmarked-1") == record
 
+    def test_other_bytes_under_the_id_finish_a_build_its_publish_left_uploading(
+        self,
+        config: Config,
+        consul: ConsulClient,
+        src: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A's publish uploaded and verified its object, then lost Consul before it dropped
+        the record's ``uploading`` mark. A rebuild of the same commit with other bytes (B)
+        is refused "id taken", as it must be; A stayed undeployable until someone edited KV
+        by hand. Its object verifies as a publish checks it: B's publish finishes A's
+        record, and says so in its refusal."""
+
+        def consul_gone(*_args: Any, **_kwargs: Any) -> None:
+            raise ConsulUnavailable("Consul agent at 127.0.0.1:8500 unreachable (test)")
+
+        monkeypatch.setattr(publish_module, "_complete", consul_gone)
+        with pytest.raises(ConsulUnavailable):
+            publish(config, src, artifact_id="rebuilt-1")
+        monkeypatch.undo()
+        left = kv_record(consul, "rebuilt-1")
+        assert left is not None and left.uploading
+
+        (src / "app.py").write_text("print('v1, built again with other bytes')\n")
+        with pytest.raises(ArtifactIdTaken) as raised:
+            publish(config, src, artifact_id="rebuilt-1")
+        said = str(raised.value)
+        assert f"artifact rebuilt-1 already exists with sha256 {left.sha256}" in said, said
+        assert "it is marked complete now" in said, said
+        assert kv_record(consul, "rebuilt-1") == replace(left, uploading=False)
+
     def test_a_build_is_not_deployable_until_its_upload_is_done(
         self,
         config_data: dict[str, Any],
