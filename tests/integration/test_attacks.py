@@ -452,6 +452,28 @@ def forge_solo_deploy(acl: AclFleet, suffix: str, version: str) -> DeployRecord:
     return rec
 
 
+def contest_after_commit(acl: AclFleet, version: str) -> tuple[subprocess.Popen[str], str]:
+    """Deploy ``version``; once every host committed, host-3's token rewrites its own ack
+    to failed (DESIGN.md 6.4.4: contested). The hosts' validate must still be running."""
+    fleet = acl.fleet
+    proc = start_deploy_async(acl, acl.publish(version)["id"])
+    deploy_id = wait_request(fleet)
+    wait_for(
+        lambda: all(
+            ack_state(fleet, deploy_id, w.name) in ("committed", "live") for w in fleet.watchers
+        ),
+        30,
+        "every host committed",
+        fleet,
+    )
+    x = host_client(acl, 2)
+    entry = x.kv_get(fleet.keys.progress(deploy_id, "host-3"))
+    assert entry is not None and entry.value is not None
+    rewritten = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
+    assert x.kv_put(fleet.keys.progress(deploy_id, "host-3"), json.dumps(rewritten).encode())
+    return proc, deploy_id
+
+
 def left_out_alarm(w: WatcherProc) -> str:
     """The problems ``w``'s `status` reports (its /health), as JSON text."""
     run = w.ctl("status", check=False)
@@ -520,21 +542,7 @@ class TestOneHostToken:
         forge_solo_deploy(acl_fleet, "solo2", "v2")
         coordinator = fleet.watchers[0]
         wait_for(lambda: "only host-3 acked" in left_out_alarm(coordinator), 30, "the alarm", fleet)
-        proc = start_deploy_async(acl_fleet, acl_fleet.publish("v3")["id"])
-        deploy_id = wait_request(fleet)
-        wait_for(
-            lambda: all(
-                ack_state(fleet, deploy_id, w.name) in ("committed", "live") for w in fleet.watchers
-            ),
-            30,
-            "every host committed",
-            fleet,
-        )
-        x = host_client(acl_fleet, 2)
-        entry = x.kv_get(fleet.keys.progress(deploy_id, "host-3"))
-        assert entry is not None and entry.value is not None
-        rewritten = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
-        assert x.kv_put(fleet.keys.progress(deploy_id, "host-3"), json.dumps(rewritten).encode())
+        proc, deploy_id = contest_after_commit(acl_fleet, "v3")
         assert fleet.wait_outcome(deploy_id, 40)["result"] == "contested"
         proc.wait(timeout=60)
         holds = coordinator.app_dir / ".state" / "holds.json"
@@ -721,22 +729,7 @@ class TestOneHostToken:
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
         slow_hook(fleet, "validate", 6)  # the forged ack must land while hosts validate
-        v2 = acl_fleet.publish("v2")
-        proc = start_deploy_async(acl_fleet, v2["id"])
-        deploy_id = wait_request(fleet)
-        wait_for(
-            lambda: all(
-                ack_state(fleet, deploy_id, w.name) in ("committed", "live") for w in fleet.watchers
-            ),
-            30,
-            "every host committed",
-            fleet,
-        )
-        x = host_client(acl_fleet, 2)
-        entry = x.kv_get(fleet.keys.progress(deploy_id, "host-3"))
-        assert entry is not None and entry.value is not None
-        rewritten = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
-        assert x.kv_put(fleet.keys.progress(deploy_id, "host-3"), json.dumps(rewritten).encode())
+        proc, deploy_id = contest_after_commit(acl_fleet, "v2")
         outcome = fleet.wait_outcome(deploy_id, 40)
         proc.wait(timeout=60)
         assert outcome["result"] == "contested", outcome

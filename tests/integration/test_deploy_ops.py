@@ -148,10 +148,12 @@ def raw_deploy_ok(fleet: Fleet, consul_bin: str, payload: dict[str, str], name: 
 # --- 1. validate fails after the flip ---------------------------------------------------------
 
 
-def validate_fails_on_v2(tmp_path: Path) -> dict[str, Any]:
+def validate_fails_on_v2(tmp_path: Path, *, and_on_rollback: bool = False) -> dict[str, Any]:
+    """A validate hook that fails on v2 (and, with ``and_on_rollback``, in any rollback)."""
+    rollback = ' || [ "$WATCHER_KIND" = rollback ]' if and_on_rollback else ""
     script = hook(
         tmp_path / "hooks" / "validate-host2",
-        'if grep -q v2 "$WATCHER_RELEASE_DIR/VERSION"; then\n'
+        f'if grep -q v2 "$WATCHER_RELEASE_DIR/VERSION"{rollback}; then\n'
         '  echo "GET /healthz -> 502 Bad Gateway" >&2\n  exit 7\nfi\n',
     )
     return {"hooks": {"validate": script}}
@@ -300,12 +302,7 @@ class TestValidateFailure:
         """host-2's validate fails on v2 and on the rollback as well: the rollback
         committed (every host went back to v1), and `deploy` said "the fleet stays on v2,
         which failed after the commit: roll back by hand"."""
-        script = hook(
-            tmp_path / "hooks" / "validate-host2-always",
-            'if grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" || [ "$WATCHER_KIND" = rollback ]; '
-            'then\n  echo "GET /healthz -> 502 Bad Gateway" >&2\n  exit 7\nfi\n',
-        )
-        fleet = make_fleet(hosts={1: {"hooks": {"validate": script}}})
+        fleet = make_fleet(hosts={1: validate_fails_on_v2(tmp_path, and_on_rollback=True)})
         bad = fleet.watchers[1].name
         v1, v2 = fleet.publish("v1"), fleet.publish("v2")
         rel1 = deploy_ok(fleet, v1.id)

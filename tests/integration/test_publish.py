@@ -772,6 +772,12 @@ def publish_held_in_upload(
                 proc.wait()
 
 
+def consul_gone_at_complete(*_args: Any, **_kwargs: Any) -> None:
+    """In place of ``publish._complete``: Consul lost between the verified upload and the
+    CAS that drops the record's ``uploading`` mark."""
+    raise ConsulUnavailable("Consul agent at 127.0.0.1:8500 unreachable (test)")
+
+
 def watcherctl(
     config_data: dict[str, Any], tmp_path: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
@@ -906,10 +912,7 @@ class TestPublishInterrupted:
         record's ``uploading`` mark: the operator read only "Consul unavailable", while the
         build stayed undeployable. The error says so and how to finish it, which works."""
 
-        def consul_gone(*_args: Any, **_kwargs: Any) -> None:
-            raise ConsulUnavailable("Consul agent at 127.0.0.1:8500 unreachable (test)")
-
-        monkeypatch.setattr(publish_module, "_complete", consul_gone)
+        monkeypatch.setattr(publish_module, "_complete", consul_gone_at_complete)
         with pytest.raises(ConsulUnavailable) as raised:
             publish(config, src, artifact_id="unmarked-1")
         said = str(raised.value)
@@ -935,10 +938,7 @@ class TestPublishInterrupted:
         by hand. Its object verifies as a publish checks it: B's publish finishes A's
         record, and says so in its refusal."""
 
-        def consul_gone(*_args: Any, **_kwargs: Any) -> None:
-            raise ConsulUnavailable("Consul agent at 127.0.0.1:8500 unreachable (test)")
-
-        monkeypatch.setattr(publish_module, "_complete", consul_gone)
+        monkeypatch.setattr(publish_module, "_complete", consul_gone_at_complete)
         with pytest.raises(ConsulUnavailable):
             publish(config, src, artifact_id="rebuilt-1")
         monkeypatch.undo()
