@@ -169,3 +169,86 @@ class TestFirstIndex:
         agent = make_agent(tmp_path, FakeKV())
         assert agent._joined_index == 0
         assert agent.first_index() == DAEMON_FIRST
+
+
+class TestLeftOutAlarm:
+    """The alarm a host raises for a one-host deploy it was left out of (DESIGN.md 6.4.5)
+    is lifted once the host learns it joined after that deploy: it then follows it."""
+
+    ACKED_AT = 60  # the one-host deploy's ack: after host-2 joined (40), before its session
+
+    def make(self, tmp_path: Path, kv: FakeKV) -> tuple[AppAgent, list[str], list[str]]:
+        agent = make_agent(tmp_path, kv)
+        cleared: list[str] = []
+        raised: list[str] = []
+        started: list[str] = []
+        joined = types.SimpleNamespace(id="d-solo", create_index=50, request=None)
+
+        def committed_or_why(deploy: str, *, node: str, first_index: int) -> Any:
+            assert deploy == "d-solo" and node == "host-2"
+            if first_index > self.ACKED_AT:
+                return None, "only host-3 acked"
+            return joined, ""
+
+        agent.store.committed_or_why = committed_or_why  # type: ignore[attr-defined]
+        agent.app = types.SimpleNamespace(name="web")
+        agent.status = agent_module.AgentStatus()
+        agent.health = types.SimpleNamespace(
+            clear_alarm=cleared.append, alarm=lambda app, message: raised.append(app)
+        )
+        agent.raised = raised  # type: ignore[attr-defined]
+        agent.log = types.SimpleNamespace(
+            info=lambda *_a, **_k: None,
+            error=lambda *_a, **_k: None,
+            warning=lambda *_a, **_k: None,
+        )
+        agent._left_out = None
+        agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
+        agent.engine.held = lambda: None  # type: ignore[attr-defined]
+        agent.converge_journal = types.SimpleNamespace(read=lambda: None)
+        agent.busy = lambda: False  # type: ignore[method-assign]
+        agent._converge_retry_at = 0.0
+        agent._write_host = lambda *_a, **_k: None  # type: ignore[method-assign]
+        agent._applied_index = lambda: 0  # type: ignore[method-assign]
+        agent._check_pin_of = lambda _request: None  # type: ignore[method-assign]
+        agent._start = lambda kind, deploy, _work: started.append(f"{kind} {deploy}") or kind  # type: ignore[method-assign]
+        return agent, cleared, started
+
+    def current(self) -> Any:
+        return types.SimpleNamespace(deploy="d-solo", release="r2"), 0
+
+    def test_lifted_once_the_host_learns_it_joined_before_the_deploy(self, tmp_path: Path) -> None:
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, started = self.make(tmp_path, kv)
+        kv.fail = 100  # its record unreadable at first: the cautious index, its session's
+        assert agent.first_index() == DAEMON_FIRST
+        said = agent._converge(self.current())
+        assert "only host-3 acked: not followed" in said
+        assert (
+            agent.status.alarm
+            == "current names deploy d-solo, which only host-3 acked: not followed"
+        )
+        assert started == [] and cleared == [] and agent.raised == ["web"]  # type: ignore[attr-defined]
+        agent._converge(self.current())  # said once, not raised again at every step
+        assert started == [] and cleared == [] and agent.raised == ["web"]  # type: ignore[attr-defined]
+
+        kv.fail = 0
+        agent._note_joined(own_key(5000))  # the record read: in the app since index 40
+        assert agent.first_index() == 40
+        assert agent._converge(self.current()) == "converge"
+        assert started == ["converge d-solo"]
+        assert agent.status.alarm == "" and cleared == ["web"]
+        assert agent._left_out is None
+
+    def test_a_contested_alarm_raised_since_is_not_lifted_with_it(self, tmp_path: Path) -> None:
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, _started = self.make(tmp_path, kv)
+        kv.fail = 100
+        agent._converge(self.current())
+        assert agent.status.alarm.startswith("current names deploy d-solo")
+        kv.fail = 0
+        agent.status.alarm = "deploy d-9 is contested: host-3's ack was rewritten"
+        agent._note_joined(own_key(5000))
+        agent._converge(self.current())
+        assert agent.status.alarm == "deploy d-9 is contested: host-3's ack was rewritten"
+        assert cleared == [] and agent._left_out is None
