@@ -591,11 +591,14 @@ class TestOneHostToken:
         rewriting its own ack), nobody runs the new release."""
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        # host-2 stages for 6 s (the window host-1 needs to heed the mark on a loaded
-        # machine), then its post_release fails.
+        # host-2 stages until host-1 has heeded the mark (or 30 s passed), then its
+        # post_release fails: a gate, not a fixed sleep that a loaded runner may outlast.
+        gate = fleet.workdir / "host-2-fails-now"
         for w in fleet.watchers:
-            slow = w.name == "host-2"
-            fleet.give_hook(w, "post_release", 6 if slow else 0, 3 if slow else 0)
+            if w.name == "host-2":
+                fleet.give_gated_hook(w, "post_release", gate, 3)
+            else:
+                fleet.give_hook(w, "post_release", 0)
         fleet.wait_members(3)
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])
@@ -622,11 +625,14 @@ class TestOneHostToken:
         assert x.kv_put(fleet.keys.member("host-3"), json.dumps(marked).encode())
         seen: set[str | None] = set()
         intents: set[str] = set()
-        end = time.monotonic() + 40
-        while fleet.outcome(deploy_id) is None and time.monotonic() < end:
+        marked_at = time.monotonic()
+        while fleet.outcome(deploy_id) is None and time.monotonic() < marked_at + 90:
             seen |= releases_of(fleet)
             intents.add(ack_state(fleet, deploy_id, "host-1"))
+            if "committed" in intents or time.monotonic() > marked_at + 30:
+                gate.touch()
             time.sleep(0.05)
+        gate.touch()
         proc.wait(timeout=60)
         outcome = fleet.wait_outcome(deploy_id)
         assert "committed" in intents, f"host-1 did not heed the mark: {intents}"
