@@ -71,6 +71,7 @@ from watcher.records import (
     ArtifactRecord,
     DeployRecord,
     HostRecord,
+    ReleaseRef,
     parse_iso,
 )
 
@@ -583,16 +584,22 @@ def _wait_after_start(
     return EXIT_OK if view.outcome.result == "committed" and not data["not_live"] else EXIT_FAILED
 
 
+#: ``rollback_summary``'s result for a rollback whose request is gone or cannot be read:
+#: not "running", which would have an operator wait for a deploy that ended long ago.
+UNKNOWN_ROLLBACK = "unknown"
+
+
 def rollback_summary(
     rollback: DeployView | None, rollback_id: str, failed: DeployRecord
 ) -> dict[str, Any]:
     """How the automatic rollback of ``failed`` (a deploy whose validate failed) ended:
-    its result (None while it runs) and what the fleet is left on, in words."""
+    its result (None while it runs; "unknown" when its request is gone or cannot be read,
+    as after history trimmed it) and what the fleet is left on, in words."""
     if rollback is None:
         return {
             "deploy": rollback_id,
-            "result": None,
-            "note": "its request is gone or cannot be read",
+            "result": UNKNOWN_ROLLBACK,
+            "note": f"its request is gone or cannot be read; the fleet stays on {failed.release}",
         }
     rollback = rollback.checked()
     result = rollback.outcome.result if rollback.outcome else None
@@ -1345,6 +1352,7 @@ def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
             "current": None,
             "previous": None,
             "current_problems": {},
+            "current_failed": None,
             "deploy": None,
             "hosts": None,
             "fleet_error": entry["fleet_error"],
@@ -1393,16 +1401,23 @@ def fleet_release(
         "previous": previous.release if previous else None,
         "current_problems": problems,
         "current_failed": (
-            failed_release(store, views["current"]) if trusted and "current" in views else None
+            failed_release(store, views["current"], previous)
+            if trusted and "current" in views
+            else None
         ),
     }
 
 
-def failed_release(store: DeployStore, view: DeployView) -> dict[str, Any] | None:
+def failed_release(
+    store: DeployStore, view: DeployView, previous: ReleaseRef | None = None
+) -> dict[str, Any] | None:
     """When the fleet's release failed after its commit (its ``validate`` failed on some
     host and no rollback has moved the fleet off it): the deploy, the hosts with their
-    errors (from their acks) and, when one was started, how the automatic rollback
-    stands. None when every host that acked it is fine."""
+    errors (from their acks), when one was started how the automatic rollback stands,
+    and ``roll_back``: the `watcherctl` line that rolls the fleet back (None when there
+    is no previous release). Its previous release is the one a plain `rollback` goes to,
+    refused when the fleet was rolled back from it (``_refuse_a_failed_previous``): the
+    line then names ``--to``. None when every host that acked it is fine."""
     failed = {
         node: ack.error
         for node in view.record.expected
@@ -1416,11 +1431,21 @@ def failed_release(store: DeployStore, view: DeployView) -> dict[str, Any] | Non
     if rollback_id:
         with contextlib.suppress(PayloadError):
             rollback = rollback_summary(store.view(rollback_id), rollback_id, view.record)
+    roll_back = None
+    if previous is not None:
+        roll_back = f"watcherctl rollback {store.app}"
+        before = None
+        with contextlib.suppress(PayloadError):
+            before = store.view(previous.deploy)
+        ended = before.checked().outcome if before is not None else None
+        if ended is not None and ended.result in ("rolled_back", "failed_after_commit"):
+            roll_back += " --to RELEASE"  # the previous one failed too: name a good one
     return {
         "deploy": view.id,
         "release": view.record.release,
         "hosts": failed,
         "rollback": rollback,
+        "roll_back": roll_back,
     }
 
 
@@ -1439,15 +1464,29 @@ def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
     rollback = failed.get("rollback")
     if rollback and rollback["result"] is None:
         lines.append(f"  its automatic rollback {rollback['deploy']} is running")
-    elif rollback and rollback["result"] != "committed":
+        return lines
+    if rollback and rollback["result"] != "committed":
         lines.append(
             f"  its automatic rollback {rollback['deploy']}: {rollback['result']}: "
             f"{ids.one_line(rollback['note'])}"
         )
+        if rollback["result"] == CONTESTED:  # hosts held where they stood: its note says
+            return lines
+    command = failed.get("roll_back")
+    if command is None:
+        lines.append(
+            "  the fleet stays on it: deploy a fix (no previous release is recorded to roll "
+            f"back to; `watcherctl history {app}` has the details)"
+        )
+    elif command.endswith("--to RELEASE"):
+        lines.append(
+            f"  the fleet stays on it: `{command}` (its previous release failed too: name "
+            f"one that passed, `watcherctl history {app}` lists them) or deploy a fix"
+        )
     else:
         lines.append(
-            f"  the fleet stays on it: `watcherctl rollback {app}` or deploy a fix "
-            "(`watcherctl history` has the details)"
+            f"  the fleet stays on it: `{command}` or deploy a fix "
+            f"(`watcherctl history {app}` has the details)"
         )
     return lines
 

@@ -273,10 +273,13 @@ class TestValidateFailure:
             f"on {bad}: validate hook " in status.stdout
         ), status.stdout
         assert f"  its automatic rollback {rollback_id}: aborted: " in status.stdout
+        # What to do, as a command that works: the previous release (v1) passed.
+        assert "  the fleet stays on it: `watcherctl rollback web -c " in status.stdout
         data = json.loads(fleet.watchers[0].ctl("status", "web", "--fleet", check=False).stdout)
         failed = data["web"]["current_failed"]
         assert failed["deploy"] == deploy_id and list(failed["hosts"]) == [bad], failed
         assert failed["rollback"]["result"] == "aborted", failed
+        assert failed["roll_back"] == "watcherctl rollback web", failed
         # This host's own status says it too (host-3, whose post_release refused).
         here = fleet.watchers[2].ctl("status", "web", check=False, as_json=False)
         assert here.returncode == 1, here
@@ -319,6 +322,11 @@ class TestValidateFailure:
         status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
         assert status.returncode == 1, status
         assert f"  FAILED AFTER COMMIT: release {rel1} (deploy " in status.stdout, status.stdout
+        # Its previous release is v2, the one rolled back from: a plain `rollback` is
+        # refused (exit 4), so what status suggests names the release.
+        assert "  the fleet stays on it: `watcherctl rollback web --to RELEASE" in status.stdout
+        plain = fleet.watchers[0].ctl("rollback", "web", check=False, as_json=False)
+        assert plain.returncode == 4, plain
 
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path

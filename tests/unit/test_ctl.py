@@ -823,3 +823,61 @@ class TestInterruptedWhileRollingBack:
         assert "undo it afterwards" not in said
         committed = _interrupted_at(ctx, record, {VERDICT: "commit"})  # type: ignore[arg-type]
         assert "undo it afterwards with `watcherctl rollback web`" in committed, committed
+
+
+class TestFailedAfterCommitLines:
+    """`status`'s FAILED AFTER COMMIT lines: how the automatic rollback stands and a
+    command that works."""
+
+    failed_record: Any = type("Failed", (), {"release": "r2"})()
+
+    def failed(self, rollback: dict[str, Any] | None, roll_back: str | None) -> dict[str, Any]:
+        return {
+            "deploy": "d2",
+            "release": "r2",
+            "hosts": {"h2": "validate hook exited 1"},
+            "rollback": rollback,
+            "roll_back": roll_back,
+        }
+
+    def test_a_rollback_whose_request_is_gone_is_not_running(self) -> None:
+        """History trimmed the rollback's request (deploys that moved nothing pushed it
+        out) while `current` still names the failed deploy: it said "is running", for
+        good."""
+        from watcher.ctl_fleet import failed_release_lines, rollback_summary
+
+        summary = rollback_summary(None, "d3", self.failed_record)
+        assert summary["result"] == "unknown"
+        lines = failed_release_lines(self.failed(summary, "watcherctl rollback web"), "web")
+        assert not any("running" in line for line in lines), lines
+        assert lines[1] == (
+            "  its automatic rollback d3: unknown: its request is gone or cannot be read; "
+            "the fleet stays on r2"
+        )
+        assert lines[2].startswith("  the fleet stays on it: `watcherctl rollback web` or ")
+
+    def test_the_command_names_a_release_when_the_previous_one_failed_too(self) -> None:
+        from watcher.ctl_fleet import failed_release_lines
+
+        lines = failed_release_lines(
+            self.failed(None, "watcherctl rollback web --to RELEASE"), "web"
+        )
+        assert lines[1].startswith(
+            "  the fleet stays on it: `watcherctl rollback web --to RELEASE` (its previous "
+            "release failed too"
+        ), lines
+        lines = failed_release_lines(self.failed(None, None), "web")
+        assert lines[1].startswith("  the fleet stays on it: deploy a fix (no previous release")
+        running = {"deploy": "d3", "result": None, "note": "still running"}
+        assert failed_release_lines(self.failed(running, "watcherctl rollback web"), "web")[1:] == [
+            "  its automatic rollback d3 is running"
+        ]
+
+    def test_without_consul_the_fleet_json_keeps_every_key(self) -> None:
+        """A script reads the same keys whether Consul answered or not (README)."""
+        from watcher.ctl_fleet import _unread_fleet
+
+        app = {"fleet_error": "Consul unreachable", "current": "r1"}
+        unread = _unread_fleet({"node": "h1", "apps": {"web": app}})["web"]
+        assert unread["current_failed"] is None and unread["current_problems"] == {}
+        assert {"current", "previous", "deploy", "hosts"} <= set(unread)
