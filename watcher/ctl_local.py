@@ -39,7 +39,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.fsutil import INSTANCE_LOCK, signal_watcher
+from watcher.fsutil import INSTANCE_LOCK, signal_watcher, watcher_runs
 from watcher.hooks import HookContext, run_hooks, run_in_release
 from watcher.records import (
     COMMIT,
@@ -354,12 +354,17 @@ def _refuse_hook_while_preparing(engine: ReleaseEngine, target: str) -> None:
     """The post_release hook runs under the app's lock (a prune must not take its tree
     meanwhile), for up to the hook timeout; a deploy this host is preparing needs that
     lock to stage and gives up after ``locks.timeout`` (failing the deploy everywhere).
-    So not while one is being prepared here."""
+    So not while one is being prepared here. A journal left by a watcher that is not
+    running (stopped or crashed while it prepared a deploy) is no deploy preparing now:
+    that watcher works it off when it starts, and stopped is when an operator reaches for
+    `rollback --local`."""
     journal = read_journal(engine.layout.state_dir)
     if not journal or journal.get("finished") or journal.get("ended"):
         return
     if "post_release" in (journal.get("phases") or []):
         return  # past its staging (and refused earlier if ready and undecided)
+    if not watcher_runs(engine.layout.state_dir / INSTANCE_LOCK):
+        return
     raise DeployRefused(
         f"cannot roll back {engine.app.name} to {target} now: its post_release hook has "
         f"never run on this host and would hold the app's lock while it runs, and this "

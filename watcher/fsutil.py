@@ -245,6 +245,37 @@ def holds_flock(pid: int, path: str | os.PathLike[str], proc: str = "/proc") -> 
     return False
 
 
+def _named_watcher(lock_path: str | os.PathLike[str]) -> int | None:
+    """The pid a `watcher run`'s INSTANCE_LOCK names (not whether it holds it), or None:
+    no file, another owner, this process, or a ``/proc`` of another pid namespace."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):  # noqa: PTH115
+            return None
+        with open(lock_path, "rb") as fh:
+            content = fh.read(256).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    pid_text, _, owner = content.partition(" ")
+    if owner != WATCHER_RUN_OWNER or not pid_text.isdigit() or len(pid_text) > 10:
+        return None
+    pid = int(pid_text)
+    if pid < 1 or pid == os.getpid():  # (pid 1 may be the watcher: in a container)
+        return None
+    return pid
+
+
+def watcher_runs(lock_path: str | os.PathLike[str]) -> bool:
+    """Whether a `watcher run` holds ``lock_path`` (an INSTANCE_LOCK) now: the pid the file
+    names holds its flock (``holds_flock``, read without taking it)."""
+    pid = _named_watcher(lock_path)
+    if pid is None:
+        return False
+    try:
+        return holds_flock(pid, lock_path)
+    except OSError:
+        return False
+
+
 def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None:
     """Send ``signum`` to the `watcher run` that holds ``lock_path`` (an INSTANCE_LOCK) and
     says it takes it; returns its pid, or None when none could be told (none runs, an older
@@ -259,18 +290,11 @@ def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None
     numbers would name other processes than ``pidfd_open``'s.
     """
     try:
-        if os.readlink("/proc/self") != str(os.getpid()):  # noqa: PTH115
-            return None
-        with open(lock_path, "rb") as fh:
-            content = fh.read(256).decode("utf-8", "replace").strip()
-        pid_text, _, owner = content.partition(" ")
-        if owner != WATCHER_RUN_OWNER or not pid_text.isdigit():
-            return None
-        pid = int(pid_text)
-        if pid < 1 or pid == os.getpid():  # (pid 1 may be the watcher: in a container)
+        pid = _named_watcher(lock_path)
+        if pid is None:
             return None
         pidfd = os.pidfd_open(pid)
-    except (OSError, ValueError):
+    except OSError:
         return None
     try:
         if not holds_flock(pid, lock_path):

@@ -34,6 +34,7 @@ from tests.support.s3server import s3_client
 from watcher.agent import JOURNAL_NAME
 from watcher.config import AppConfig, ConsulSettings, S3Settings, parse_config
 from watcher.consul_api import ConsulClient
+from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER
 from watcher.records import ArtifactRecord, Decision, Keys, iso, parse_iso, utcnow
 from watcher.releases import LinuxProcReader, ReleaseEngine, scan_release_usage
 
@@ -41,6 +42,25 @@ CLUSTER = ClusterSpec(hosts=1)
 WATCHERCTL = Path(sys.executable).parent / "watcherctl"
 DEAD_CONSUL = ConsulSettings(address="127.0.0.1:9")  # nothing listens: refused at once
 UNUSED_S3 = S3Settings(bucket="unused", prefix="artifacts")
+
+
+def hold_instance_lock(lock: Path) -> subprocess.Popen[bytes]:
+    """A process that holds ``lock`` as a running `watcher run` does (flock, then its pid
+    and owner in the file); the caller kills it."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.ftruncate(fd, 0)\n"
+        "os.write(fd, f'{os.getpid()} {sys.argv[2]}\\n'.encode())\n"
+        "print('held', flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock), WATCHER_RUN_OWNER], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
 
 
 @cache
@@ -281,14 +301,25 @@ class TestRollbackLocal:
             6, post_release=False, files=files, executable=(".watcher/hooks/post_release",)
         )
         host.write_journal("20260101T000000Z-dddddd", release_of(5), ["prefetched"])
-        refused = host.ctl("rollback", "web", "--local", "--to", target)
-        assert refused.returncode == 4, refused
-        assert "is preparing deploy 20260101T000000Z-dddddd" in refused.stderr, refused.stderr
-        assert not ran.exists()
-        assert host.engine.current_release() == release_of(4) and host.engine.held() is None
-        # A release whose post_release ran here is no lock-holding work: allowed.
-        data = host.ctl_json("rollback", "web", "--local", "--to", release_of(3))
-        assert data["to"] == release_of(3) and data["flipped"], data
+        watcher = hold_instance_lock(host.engine.layout.state_dir / INSTANCE_LOCK)
+        try:
+            refused = host.ctl("rollback", "web", "--local", "--to", target)
+            assert refused.returncode == 4, refused
+            assert "is preparing deploy 20260101T000000Z-dddddd" in refused.stderr, refused.stderr
+            assert not ran.exists()
+            assert host.engine.current_release() == release_of(4) and host.engine.held() is None
+            # A release whose post_release ran here is no lock-holding work: allowed.
+            data = host.ctl_json("rollback", "web", "--local", "--to", release_of(3))
+            assert data["to"] == release_of(3) and data["flipped"], data
+        finally:
+            watcher.kill()
+            watcher.wait()
+        # The watcher stopped (or crashed) while it prepared that deploy: its journal says
+        # "preparing" until it starts again, and no deploy is being staged meanwhile. It
+        # was refused, naming a deploy long ended, just when an operator needs --local.
+        data = host.ctl_json("rollback", "web", "--local", "--to", target)
+        assert data["to"] == target and data["flipped"], data
+        assert ran.read_text() == "ran\n"
 
     def test_on_a_held_host_the_operators_reason_is_kept(self, host: Host) -> None:
         """A local rollback on a host already held used to replace the hold's reason with

@@ -25,6 +25,7 @@ from watcher.fsutil import (
     fsync_dir,
     holds_flock,
     signal_watcher,
+    watcher_runs,
 )
 
 
@@ -335,3 +336,35 @@ class TestSignalWatcher:
         lock.write_text(content)
         assert signal_watcher(lock, signal.SIGUSR1) is None
         assert signal_watcher(tmp_path / "absent.lock", signal.SIGUSR1) is None
+
+
+class TestWatcherRuns:
+    """Whether a `watcher run` holds an app's instance lock now: `rollback --local` takes
+    a journal's "preparing" for a deploy being staged only then."""
+
+    def test_only_a_holder_the_file_names_runs(self, tmp_path: Path) -> None:
+        lock = tmp_path / "daemon.lock"
+        assert not watcher_runs(lock)  # no file
+        code = (
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, f'{os.getpid()} {sys.argv[2]}\\n'.encode())\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(lock), WATCHER_RUN_OWNER], stdout=subprocess.PIPE
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+            assert watcher_runs(lock)
+            lock.write_text(f"{proc.pid} watcher run\n")  # an older watcher's owner
+            assert not watcher_runs(lock)
+            lock.write_text(f"{'9' * 40} {WATCHER_RUN_OWNER}\n")
+            assert not watcher_runs(lock)
+        finally:
+            proc.kill()
+            proc.wait()
+        lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")  # stopped: its pid stays
+        assert not watcher_runs(lock)
