@@ -172,13 +172,14 @@ class CtlContext:
         return bool(getattr(self.args, "json", False))
 
     def emit(self, data: Any, human: Callable[[Any], str] | None = None) -> None:
-        """Print ``data`` as JSON with --json, else ``human(data)`` (or the JSON if none)."""
+        """Print ``data`` as JSON with --json, else ``human(data)`` (or the JSON if none),
+        each `watcherctl` command it suggests given this command's -c (``with_config``)."""
         if self.as_json or human is None:
             print(json.dumps(data, indent=2, sort_keys=True, default=str))
         else:
             text = human(data)
             if text:
-                print(text)
+                print(self.with_config(text))
 
 
 def operator_token(config: Config, env: Mapping[str, str]) -> Config:

@@ -375,6 +375,9 @@ class TestHold:
         data = host.ctl_json("hold", "web")
         assert data["replaced"]["reason"] == "investigating a leak"
         assert host.engine.held() is not None
+        # The command it suggests reads the config this one was given (README).
+        said = host.ctl("hold", "web")
+        assert "until `watcherctl release-hold web -c " in said.stdout, said.stdout
 
         result = host.ctl("release-hold", "web")
         assert result.returncode == 0 and "released" in result.stdout, result
