@@ -47,7 +47,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         f"hosts/ and progress/ ({ACL_DOC}).",
     )
     p.add_argument("app")
-    p.add_argument("nodes", nargs="*", metavar="NODE", type=node_argument, help="hosts to forget")
+    # default=[]: without it, Python 3.11 names NODE among the required arguments.
+    p.add_argument(
+        "nodes", nargs="*", default=[], metavar="NODE", type=node_argument, help="hosts to forget"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="say what would be deleted and kept; delete nothing"
     )

@@ -881,3 +881,14 @@ class TestFailedAfterCommitLines:
         unread = _unread_fleet({"node": "h1", "apps": {"web": app}})["web"]
         assert unread["current_failed"] is None and unread["current_problems"] == {}
         assert {"current", "previous", "deploy", "hosts"} <= set(unread)
+
+
+def test_gc_without_an_app_names_only_the_app_as_required(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """NODE is optional (`gc web` lists the hosts that are gone); Python 3.11's argparse
+    named it required too."""
+    with pytest.raises(SystemExit):
+        build_parser("gc").parse_args(["gc"])
+    assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: app")
+    assert build_parser("gc").parse_args(["gc", "web"]).nodes == []
