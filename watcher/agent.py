@@ -392,6 +392,8 @@ class AppAgent:
         self._wake_when_done = True  # the task's end wakes the loop (see _apply)
         self._looked_while_busy = False  # a step saw the task running: its end wakes the loop
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
+        # Deploys that expect another watcher of this node name (its member key's holder).
+        self._left_to_holder: dict[str, None] = {}
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
         self._waited: tuple[str, tuple[Any, ...], float, str] = ("", (), 0.0, "")
@@ -621,6 +623,23 @@ class AppAgent:
         if self.node not in request.expected:
             self.status.state = "not expected"
             return f"deploy {deploy_id}: {self._bystander(joined, inflight_index)}"
+        holder = self._member_entries.get(self.node)
+        if deploy_id in self._left_to_holder or (
+            read.own is None
+            and self._member_key_held_by_another()
+            and holder is not None
+            and request.sessions.get(self.node) == holder.session
+        ):
+            # The request expects the watcher that holds this node's member key, not this
+            # one (another watcher runs with this node name): its ack is not ours to write.
+            # A "failed: another session" here aborted every deploy the real one staged.
+            # Only before any ack of this node: one there may be this host's own, written
+            # before a restart that wiped .state/ while its old session lives on.
+            self._left_to_holder[deploy_id] = None
+            while len(self._left_to_holder) > 8:
+                del self._left_to_holder[next(iter(self._left_to_holder))]
+            self.status.state = "not expected"
+            return f"deploy {deploy_id}: expects the other watcher of node {self.node}; left to it"
         if read.prepared is not None:
             self._prepared[deploy_id] = read.prepared
         own = read.own
@@ -2112,7 +2131,21 @@ class AppAgent:
 
     # --- host record and prefetch -----------------------------------------------------
 
+    def _member_key_held_by_another(self) -> bool:
+        """Whether the members watch last saw this node's member key held by a session
+        that is not this watcher's: another watcher runs with this node name (a config
+        copied from a host, its ``node`` kept), or this one restarted and its old session
+        has not expired yet. Its host record is then not this watcher's to write."""
+        mine = self._member_entries.get(self.node)
+        session = self.session()
+        return bool(mine is not None and mine.session and session and mine.session != session)
+
     def _write_host(self, release: str | None, *, force: bool = False) -> None:
+        if self._member_key_held_by_another():
+            # Another watcher of this node would overwrite the record of the one that
+            # holds the key (`status --fleet` then showed the host on no release until
+            # that one changed something). Written once this watcher holds it.
+            return
         with self._host_lock:
             hold = self.engine.held()
             state = (release, self.status.alarm, hold.reason if hold else "")

@@ -497,6 +497,7 @@ class Daemon:
         self.node = ""
         self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
         self.cache = WatchCache()
+        self._member_refused: dict[str, str] = {}  # app -> the session said to hold its key
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
@@ -888,11 +889,43 @@ class Daemon:
             body = MemberRecord(self.node, __version__, iso(utcnow())).to_json()
             if agent.store.consul.kv_put(agent.store.keys.member(self.node), body, acquire=session):
                 log.info("member_key_acquired", app=agent.app.name, session=session)
+                self._member_refused.pop(agent.app.name, None)
                 # Read once now; the cache stays the watch's (it sees this change itself).
                 members = agent.store.members()
             else:
-                log.warning("member_key_not_acquired", app=agent.app.name, session=session)
+                self._member_not_acquired(agent, session, mine)
         return members
+
+    def _member_not_acquired(self, agent: AppAgent, session: str, mine: KVEntry | None) -> None:
+        """Say once per holder (not at every step) why this watcher is not a member: which
+        session holds ``members/<node>``, and whose it is."""
+        holder = mine.session if mine is not None and mine.session else ""
+        if self._member_refused.get(agent.app.name) == holder:
+            return
+        self._member_refused[agent.app.name] = holder
+        whose = ""
+        if holder:
+            with contextlib.suppress(ConsulError):
+                info = agent.store.consul.session_info(holder) or {}
+                whose = (
+                    f" (session {info.get('Name', '?')!r} of Consul node {info.get('Node', '?')})"
+                )
+        log.warning(
+            "member_key_not_acquired",
+            app=agent.app.name,
+            session=session,
+            held_by=holder or "none (Consul's lock delay after a session ended)",
+            note=(
+                f"{agent.store.keys.member(self.node)} is held by session {holder}{whose}: "
+                f"another watcher runs with node {self.node} for app {agent.app.name} (a "
+                "config copied from a host with its node kept?), or this one restarted and "
+                "its old session has not expired yet; this watcher writes no host record "
+                "and is expected by no deploy until it holds the key"
+                if holder
+                else "Consul refused the lock (its lock delay after the last holder's "
+                "session ended); tried again at the next step"
+            ),
+        )
 
     # --- events -----------------------------------------------------------------------
 

@@ -362,6 +362,52 @@ class TestFailures:
         assert states[bad_host] == "failed"
         assert all(s == "aborted" for n, s in states.items() if n != bad_host)
 
+    def test_a_second_watcher_with_a_hosts_node_name_changes_nothing(self, fleet: Fleet) -> None:
+        """A config copied from host-1, its `node` kept, run with another state_dir and
+        root: that watcher cannot take host-1's member key. It overwrote host-1's record
+        (`status --fleet` then showed host-1 on no release) and acked "failed: the request
+        names another session" in every deploy, aborting the ones host-1 staged."""
+        v1 = fleet.publish("v1")
+        first = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
+        assert first["result"] == "committed", first
+        fleet.wait_idle()
+        host1 = fleet.watchers[0]
+        before = fleet.kv.kv_get(fleet.keys.host(host1.name))
+        assert before is not None
+        twin_root = fleet.workdir / "twin"
+        twin_root.mkdir()
+        twin = WatcherProc(
+            host1.agent, twin_root, twin_root / "watcher.yaml", twin_root / "watcher.log", "web"
+        )
+        fleet.write_config(twin)
+        twin.start()
+        try:
+            wait_for(
+                lambda: bool(twin.log_events("member_key_not_acquired")),
+                30,
+                "the twin's warning",
+                fleet,
+            )
+            said = twin.log_events("member_key_not_acquired")
+            holder = fleet.kv.kv_get(fleet.keys.member(host1.name))
+            assert holder is not None and said[0]["held_by"] == holder.session, said
+            assert "another watcher runs with node host-1" in said[0]["note"], said
+            # It converges its own root (its disk, nobody else's) and writes no record.
+            wait_for(lambda: bool(twin.log_events("converged")), 30, "the twin converged", fleet)
+            record = fleet.kv.kv_get(fleet.keys.host(host1.name))
+            assert record is not None and record.modify_index == before.modify_index, record
+
+            v2 = fleet.publish("v2")
+            second = fleet.watchers[1].ctl_json("deploy", "web", v2.id)
+            assert second["result"] == "committed", second
+            fleet.wait_idle()
+            assert fleet.currents() == {w.name: second["release"] for w in fleet.watchers}
+            assert len(twin.log_events("member_key_not_acquired")) == 1  # said once
+        finally:
+            twin.stop()
+        record = fleet.kv.kv_get(fleet.keys.host(host1.name))
+        assert record is not None and json.loads(record.value)["release"] == second["release"]
+
     def test_unknown_artifact_is_refused_before_anything_is_written(self, fleet: Fleet) -> None:
         result = fleet.watchers[0].ctl("deploy", "web", "main-00000000", check=False)
         assert result.returncode != 0
