@@ -16,6 +16,7 @@ from tests.support.deploys import start_deploy
 from watcher.barrier import (
     CONTESTED,
     UNDECIDED,
+    AbortRequested,
     DeployStore,
     Joined,
     resolve_artifact,
@@ -245,6 +246,41 @@ class TestAcks:
         got, _ = store.ack("d1", "n1")
         assert got is not None and got.state == STAGING
         assert ack(store, joined, "n1", FAILED)  # saying no needs no session
+
+    def test_ready_with_the_named_session_once_it_lost_the_member_key(
+        self, store: DeployStore
+    ) -> None:
+        """The named session itself, but no longer holding the member key (destroyed, as
+        by a stale process's deadline; or alive while the key was deleted and taken by
+        another): the check rides in the ack's txn (DESIGN.md 6.4.1), not only in Python
+        before it, where the session given is compared with the one named."""
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        assert ack(store, joined, "n1", STAGING)
+        store.consul.session_destroy(s)
+        assert not ack(store, joined, "n1", READY, s)
+        got, _ = store.ack("d1", "n1")
+        assert got is not None and got.state == STAGING
+
+        alive = member(store, "n2")
+        joined = start_other(store, "d2", {"n2": alive})
+        assert ack(store, joined, "n2", STAGING)
+        assert store.consul.kv_delete(store.keys.member("n2"))
+        member(store, "n2")  # another session takes the key while ``alive`` lives on
+        assert not ack(store, joined, "n2", READY, alive)
+        got, _ = store.ack("d2", "n2")
+        assert got is not None and got.state == STAGING
+
+    def test_a_ready_ack_cannot_land_beside_an_abort_request(self, store: DeployStore) -> None:
+        """An abort request written before the ready ack wins, in the ack's own txn."""
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        assert ack(store, joined, "n1", STAGING)
+        assert store.request_abort("d1", "stop", by="op")
+        with pytest.raises(AbortRequested):
+            store.write_progress("d1", "n1", READY, joined=joined, session=s, sha256=SHA)
+        got, _ = store.ack("d1", "n1")
+        assert got is not None and got.state == STAGING
 
 
 class TestEstablish:
