@@ -81,7 +81,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import RELEASE_JSON, AppLayout, ReleaseEngine
+from watcher.releases import RELEASE_JSON, AppLayout, ReleaseEngine, fleet_releases
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
@@ -392,6 +392,8 @@ class AppAgent:
         self._wake_when_done = True  # the task's end wakes the loop (see _apply)
         self._looked_while_busy = False  # a step saw the task running: its end wakes the loop
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
+        # The fleet's `current` as the loop last saw it: a prune keeps what it names.
+        self._fleet_current: CurrentRecord | None = None
         # Deploys that expect another watcher of this node name (its member key's holder).
         self._left_to_holder: dict[str, None] = {}
         self._inflight_index = 0
@@ -427,6 +429,8 @@ class AppAgent:
             self._member_entries = dict(members)
             self._note_joined(members.get(self.node))
         self._watched = dict(watched or {})
+        if current is not None:
+            self._fleet_current = current[0]
         if self._task is not None and self._task.done():
             exc = self._task.exception()
             if exc is not None:
@@ -1848,12 +1852,13 @@ class AppAgent:
         in_flight = (
             {str(journal["request"]["release"])} if journal and "request" in journal else set()
         )
+        fleet = fleet_releases(self._fleet_current)
         try:
             if dry_run:
-                plan = self.engine.plan_prune(in_flight=in_flight)  # reads only: no lock
+                plan = self.engine.plan_prune(in_flight=in_flight, fleet=fleet)  # no lock
             else:
                 with self.engine.lock(owner="prune after deploy"):
-                    plan = self.engine.plan_prune(in_flight=in_flight)
+                    plan = self.engine.plan_prune(in_flight=in_flight, fleet=fleet)
                     self.engine.prune(plan=plan)
         except (WatcherError, OSError, KeyError, TypeError) as exc:
             self.log.warning("prune_failed", error=str(exc))

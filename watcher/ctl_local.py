@@ -51,13 +51,21 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import Hold, ReleaseEngine, ReleaseInfo, prune_blocked_remedy
+from watcher.releases import (
+    Hold,
+    ReleaseEngine,
+    ReleaseInfo,
+    fleet_releases,
+    prune_blocked_remedy,
+)
 
 if TYPE_CHECKING:  # boto3 is imported only by the commands that talk to S3
     from watcher.artifacts import ArtifactCache
 
 #: How long a command that must ask Consul whether a deploy is decided keeps retrying.
 CONSUL_CHECK_DEADLINE = 3.0
+#: How long `prune` retries reading the fleet's `current` (it goes on without it).
+PRUNE_CONSUL_DEADLINE = 1.0
 #: Exit status of ``exec`` when the command cannot be started (like a shell).
 EXIT_CANNOT_RUN = 127
 DEFAULT_KEEP_DAYS = 7.0
@@ -695,17 +703,39 @@ def cmd_exec(ctx: CtlContext) -> int:
 # --- prune -------------------------------------------------------------------------------
 
 
+def _fleet_releases(ctx: CtlContext, app: AppConfig) -> tuple[dict[str, str], str]:
+    """What the fleet's ``current`` names (``fleet_releases``), read quickly; and why it
+    could not be read ("" when it was): a prune to free a full disk must not wait on a
+    Consul that is away, nor fail for it."""
+    consul = ConsulClient(ctx.config.consul, retry_deadline=PRUNE_CONSUL_DEADLINE)
+    try:
+        current, _ = DeployStore(consul, ctx.config.kv_prefix, app.name).current()
+    except (ConsulError, PayloadError) as exc:
+        return {}, str(exc)
+    finally:
+        consul.close()
+    return fleet_releases(current), ""
+
+
 def cmd_prune(ctx: CtlContext) -> int:
     engine = _engine(ctx)
     dry_run = bool(ctx.args.dry_run)
     # A dry run writes nothing, not even the lock file (a user who may not write the app's
     # .state/ can still ask): it plans without the lock, and a real prune plans again
     # under it.
+    fleet, fleet_unread = _fleet_releases(ctx, engine.app)
+    if fleet_unread:
+        print(
+            f"watcherctl: warning: the fleet's release and rollback target could not be read "
+            f"({fleet_unread}): only this host's own current and previous are kept for them",
+            file=sys.stderr,
+            flush=True,
+        )
     lock = contextlib.nullcontext() if dry_run else engine.lock(owner=_lock_owner("prune"))
     with lock:
         in_flight = _journal_release(engine)
         protect = {in_flight} if in_flight else set()
-        plan = engine.plan_prune(in_flight=protect)
+        plan = engine.plan_prune(in_flight=protect, fleet=fleet)
         # the plan shown is the plan carried out: one /proc scan, under the lock
         removed = engine.prune(dry_run=dry_run, plan=plan)  # [] when the plan is blocked
     data = {

@@ -13,7 +13,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -27,6 +27,7 @@ from watcher.errors import (
     ArtifactIntegrityError,
     FlipError,
     LockTimeout,
+    PayloadError,
     ReleaseError,
     ReleaseNotFound,
     StagingCancelled,
@@ -35,7 +36,15 @@ from watcher.errors import (
 )
 from watcher.fsutil import TMP_PREFIX, AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
 from watcher.log import get_logger
-from watcher.records import SHA256_RE, ArtifactRecord, check_release, iso, parse_iso, utcnow
+from watcher.records import (
+    SHA256_RE,
+    ArtifactRecord,
+    CurrentRecord,
+    check_release,
+    iso,
+    parse_iso,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from watcher.artifacts import ArtifactCache
@@ -287,6 +296,22 @@ def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str],
         except OSError as exc:
             return used, f"cannot read /proc entries of pid {pid}: {exc}"
     return used, None
+
+
+def fleet_releases(current: CurrentRecord | None) -> dict[str, str]:
+    """What a prune keeps for the fleet (``plan_prune``'s ``fleet``): the release the
+    fleet's ``current`` names and its previous one, where `watcherctl rollback` goes.
+    Any host's token can write ``current``: a forged one can only make a prune keep more."""
+    if current is None:
+        return {}
+    kept = {current.release: "the fleet's release"}
+    try:
+        previous = current.previous_ref()
+    except PayloadError:
+        previous = None
+    if previous is not None:
+        kept.setdefault(previous.release, "the fleet's previous release (rollback target)")
+    return kept
 
 
 def prune_blocked_remedy(app: str) -> str:
@@ -1188,16 +1213,22 @@ class ReleaseEngine:
 
     # -- prune ---------------------------------------------------------------------------
 
-    def plan_prune(self, *, in_flight: Iterable[str] = ()) -> PrunePlan:
-        """Decide what prune removes (DESIGN.md section 2).
+    def plan_prune(
+        self, *, in_flight: Iterable[str] = (), fleet: Mapping[str, str] | None = None
+    ) -> PrunePlan:
+        """Decide what prune removes (DESIGN.md section 2). ``fleet``: releases the fleet's
+        ``current`` names (its release and its previous one, the target of `watcherctl
+        rollback`), with why; kept like this host's own current and previous, which differ
+        from them on a host that converged across two fleet changes or rolled back alone.
 
         Which releases running processes use (a scan of every process in /proc, a few ms)
         is looked up only when the other rules would remove something: that protection
         can only turn a removal into a keep. Most deploys prune nothing.
         """
         in_flight = set(in_flight)
+        fleet = dict(fleet or {})
         infos = self.list_releases()
-        plan = self._plan_prune(infos, in_flight, used=set())
+        plan = self._plan_prune(infos, in_flight, used=set(), fleet=fleet)
         if not plan.remove:
             return plan  # pre-extracted trees need no scan: nothing runs from them
         used, blocker = scan_release_usage(self.proc_reader, str(self.layout.releases_dir))
@@ -1211,11 +1242,17 @@ class ReleaseEngine:
                 remove_prefetched=plan.remove_prefetched,
                 held_back=plan.remove,
             )
-        return self._plan_prune(infos, in_flight, used=used)
+        return self._plan_prune(infos, in_flight, used=used, fleet=fleet)
 
     def _plan_prune(
-        self, infos: list[ReleaseInfo], in_flight: set[str], *, used: set[str]
+        self,
+        infos: list[ReleaseInfo],
+        in_flight: set[str],
+        *,
+        used: set[str],
+        fleet: Mapping[str, str] | None = None,
     ) -> PrunePlan:
+        fleet = fleet or {}
         plan = PrunePlan()
         now = self.clock()
         protected: dict[str, str] = {}
@@ -1230,6 +1267,8 @@ class ReleaseEngine:
                 protected[name] = "previous"
             elif name in in_flight:
                 protected[name] = "in flight"
+            elif name in fleet:
+                protected[name] = fleet[name]
             elif pin is not None and pin > now:
                 protected[name] = f"pinned until {info.pinned_until}"
             elif name in used:

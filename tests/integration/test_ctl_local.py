@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +35,16 @@ from watcher.agent import JOURNAL_NAME
 from watcher.config import AppConfig, ConsulSettings, S3Settings, parse_config
 from watcher.consul_api import ConsulClient
 from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER
-from watcher.records import ArtifactRecord, Decision, Keys, iso, parse_iso, utcnow
+from watcher.records import (
+    ArtifactRecord,
+    CurrentRecord,
+    Decision,
+    Keys,
+    ReleaseRef,
+    iso,
+    parse_iso,
+    utcnow,
+)
 from watcher.releases import LinuxProcReader, ReleaseEngine, scan_release_usage
 
 CLUSTER = ClusterSpec(hosts=1)
@@ -764,6 +773,49 @@ class TestHoldUndecided:
         data = h.ctl_json("hold", "web", "--reason", "after the decision")
         assert data["hold"]["reason"] == "after the decision"
         assert h.engine.held() is not None
+
+
+class TestPruneKeepsTheFleets:
+    def test_the_fleets_rollback_target_is_kept(
+        self, cluster: ConsulCluster, consul: ConsulClient, tmp_path: Path
+    ) -> None:
+        """This host's own previous is not where `watcherctl rollback` goes once it rolled
+        back alone, or converged across two fleet changes: the fleet's `current.previous`
+        was pruned, and a fleet rollback then had to fetch it again (aborting everywhere
+        when S3 or the object was gone)."""
+        h = Host(tmp_path, consul=cluster.hosts[0].consul_settings())
+        for i in range(1, 6):
+            h.stage(i)
+        for i in range(1, 5):
+            h.flip(release_of(i))  # this host: current 4, previous 3
+
+        def ref(i: int) -> dict[str, Any]:
+            deploy = f"20260101T0000{i:02d}Z-abcdef"
+            return asdict(ReleaseRef(release_of(i), f"build-{i}", "a" * 64, deploy))
+
+        fields = {k: v for k, v in ref(4).items() if k != "format"}
+        current = CurrentRecord(**fields, previous=ref(1))
+        key = Keys("watcher", "web").current
+        assert consul.kv_put(key, current.to_json())
+        try:
+            data = h.ctl_json("prune", "web", "--dry-run", own_proc=True)
+            assert data["removed"] == [release_of(2)], data
+            assert data["kept"][release_of(1)] == "the fleet's previous release (rollback target)"
+            assert data["kept"][release_of(3)] == "previous"
+        finally:
+            consul.kv_delete(key)
+        # Consul away: said, and the prune goes on with this host's own (a prune that frees
+        # a full disk must not wait on it, nor fail for it).
+        (tmp_path / "away").mkdir()
+        away = Host(tmp_path / "away")
+        for i in range(1, 6):
+            away.stage(i)
+        for i in range(1, 5):
+            away.flip(release_of(i))
+        result = away.ctl("prune", "web", "--dry-run", own_proc=True)
+        assert result.returncode == 0, result
+        assert "the fleet's release and rollback target could not be read" in result.stderr
+        assert f"would remove: {release_of(1)}, {release_of(2)}" in result.stdout, result.stdout
 
 
 class TestSetupRelease:

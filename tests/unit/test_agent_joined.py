@@ -252,3 +252,44 @@ class TestLeftOutAlarm:
         agent._converge(self.current())
         assert agent.status.alarm == "deploy d-9 is contested: host-3's ack was rewritten"
         assert cleared == [] and agent._left_out is None
+
+
+def test_a_prune_keeps_what_the_fleets_current_names(tmp_path: Path) -> None:
+    """The fleet's rollback target (`current.previous`) is kept like this host's own
+    previous, from the `current` the loop last saw: no read of its own."""
+    from watcher.records import CurrentRecord
+
+    agent = AppAgent.__new__(AppAgent)
+    asked: list[dict[str, str]] = []
+
+    def plan_prune(*, in_flight: set[str], fleet: dict[str, str]) -> Any:
+        asked.append(fleet)
+        return types.SimpleNamespace(blocked=None, held_back=[])
+
+    agent.engine = types.SimpleNamespace(plan_prune=plan_prune)
+    agent.journal = types.SimpleNamespace(read=lambda: None)
+    agent.status = agent_module.AgentStatus()
+    agent.metrics = None
+    agent.app = types.SimpleNamespace(name="web")
+    agent._fleet_current = CurrentRecord(
+        release="20260101T000004Z-b-4",
+        artifact="b-4",
+        sha256="a" * 64,
+        deploy="20260101T000004Z-abcdef",
+        previous={
+            "release": "20260101T000001Z-b-1",
+            "artifact": "b-1",
+            "sha256": "a" * 64,
+            "deploy": "20260101T000001Z-abcdef",
+        },
+    )
+    agent._prune(dry_run=True)
+    assert asked == [
+        {
+            "20260101T000004Z-b-4": "the fleet's release",
+            "20260101T000001Z-b-1": "the fleet's previous release (rollback target)",
+        }
+    ]
+    agent._fleet_current = None
+    agent._prune(dry_run=True)
+    assert asked[-1] == {}

@@ -1240,3 +1240,11 @@ class TestScanReleaseUsage:
         finally:
             os.chdir(old)
         assert (used, blocker) == ({"r1"}, None)
+
+
+def test_a_prune_keeps_the_releases_the_fleet_names(five: ReleaseEngine) -> None:
+    five.flip(rel(5))
+    plan = five.plan_prune(fleet={rel(1): "the fleet's previous release (rollback target)"})
+    assert plan.keep[rel(1)] == "the fleet's previous release (rollback target)"
+    assert five.prune(plan=plan) == [rel(2), rel(3)]
+    assert rel(1) in five.release_names()
