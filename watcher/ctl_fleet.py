@@ -1611,11 +1611,15 @@ def _human_status(data: dict[str, Any]) -> str:
         for what, problem in (a.get("fleet_problems") or {}).items():
             lines.append(f"  fleet {what:<9} NOT TRUSTED: {problem}")
         lines += failed_release_lines(a.get("fleet_failed"), name)
+        dep = a.get("deploy") or {}
+        committing = dep.get("release") if dep.get("decision") == COMMIT else None
         if (
             not a.get("fleet_error")
             and "fleet_current" in a
             and not (a.get("fleet_problems") or {}).get("current")
             and a["fleet_current"] != a["current"]
+            # flipped to a committed deploy's release: `current` names it at its end
+            and (committing is None or a["current"] != committing)
         ):
             lines.append(f"  fleet is on {a['fleet_current'] or '-'} (this host differs)")
         if a["backup"]:
@@ -1686,6 +1690,12 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
     current = fleet["current"]
     inflight, _ = store.inflight()
     view, problem = _inflight_view(store, inflight)
+    # A deploy in flight whose acks say commit: its release is the fleet's from the moment
+    # the hosts flip, though `current` names it only once the deploy ends (after every
+    # post-commit hook): a host already on it is not off the fleet's release.
+    committing = (
+        view.record.release if view is not None and shown_decision(view) == COMMIT else None
+    )
     rows = {}
     for node in sorted(set(members) | set(hosts) | set(unreadable)):
         host = hosts.get(node)
@@ -1703,7 +1713,9 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
             "member": node in members,
             "deploy_state": state,
             "last_seen": host.last_seen if host else None,
-            "on_fleet_release": bool(host and current and host.release == current),
+            "on_fleet_release": bool(
+                host and current and host.release in (current, committing or current)
+            ),
             "hold": host.hold if host else "",
             "prefetched": list(host.prefetched) if host else [],
             # Why its host record was skipped: its row then says nothing of its release.

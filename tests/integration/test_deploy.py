@@ -70,6 +70,47 @@ class TestHappyPath:
         for w in fleet.watchers:
             assert not w.log_events("decision_not_obeyed"), w
 
+    def test_hosts_on_a_committed_deploys_release_are_on_the_fleets(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
+        """`current` names a committed deploy's release only at its end, after every
+        post-commit hook: meanwhile `status --fleet` starred every host already live on it
+        as "not on the fleet's release", and their `status` said "this host differs"."""
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = fleet.watchers[0].ctl_json("deploy", "web", v1.id)["release"]
+        fleet.wait_idle()
+        slow = fleet.watchers[1]
+        gate = tmp_path / "validated"
+        fleet.give_gated_hook(slow, "validate", gate)
+        fleet.wait_members(3)
+        started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--no-wait")
+        deploy_id, rel2 = started["deploy"], started["release"]
+        try:
+
+            def states() -> dict[str, str]:
+                out = {}
+                for w in fleet.watchers:
+                    e = fleet.kv.kv_get(fleet.keys.progress(deploy_id, w.name))
+                    out[w.name] = json.loads(e.value)["state"] if e and e.value else ""
+                return out
+
+            wait_for(
+                lambda: all(s == "live" for n, s in states().items() if n != slow.name),
+                30,
+                "the other hosts live, the slow one validating",
+                fleet,
+            )
+            data = fleet.watchers[0].ctl_json("status", "web", "--fleet")["web"]
+            assert data["current"] == rel1 and data["deploy"]["decision"] == "commit", data
+            for node, h in data["hosts"].items():
+                assert h["release"] == rel2 and h["on_fleet_release"], (node, data)
+            text = fleet.watchers[2].ctl("status", "web", as_json=False).stdout
+            assert "this host differs" not in text, text
+            assert fleet.inflight() == deploy_id  # still in flight: the check above meant it
+        finally:
+            gate.touch()
+        fleet.wait_outcome(deploy_id)
+
     def test_every_host_goes_idle_when_the_end_lands(self, fleet: Fleet) -> None:
         """A host that does not coordinate does not wake itself after its apply: it
         finishes its part in the step the end's watches wake. When `inflight` is already
