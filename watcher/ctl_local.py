@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -145,8 +146,40 @@ def _positive_days(text: str) -> float:
     return days
 
 
-def _engine(ctx: CtlContext, cache: ArtifactCache | None = None) -> ReleaseEngine:
-    return ReleaseEngine(ctx.app(ctx.args.app), cache)
+def _engine(
+    ctx: CtlContext, cache: ArtifactCache | None = None, *, command: str = ""
+) -> ReleaseEngine:
+    """The app's release engine, on the root the file names. ``command``: what this
+    command does there that the running watcher must see (a hold, a flip, a prune): refused
+    while that watcher still works on another root (``_root_waits_for_restart``)."""
+    app = ctx.app(ctx.args.app)
+    waiting = _root_waits_for_restart(ctx, app)
+    if waiting and command:
+        raise DeployRefused(f"{waiting}: {command} would act where it does not look")
+    if waiting:
+        print(f"watcherctl: warning: {waiting}: this shows the new root", file=sys.stderr)
+    return ReleaseEngine(app, cache)
+
+
+def _root_waits_for_restart(ctx: CtlContext, app: AppConfig) -> str:
+    """Why the running watcher does not work on the root the file names for ``app`` (its
+    ``apps.<app>.root`` changed, and a reload keeps the root a watcher started with), or
+    "". A hold placed on the new root was reported placed and never obeyed."""
+    state_dir = Path(ctx.config.daemon.state_dir)
+    if not watcher_runs(state_dir / INSTANCE_LOCK):
+        return ""
+    try:
+        reload = json.loads((state_dir / "status.json").read_text()).get("reload") or {}
+        waiting = list(reload.get("needs_restart") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return ""
+    if f"apps.{app.name}.root" not in waiting:
+        return ""
+    return (
+        f"app {app.name}: the running watcher still works on the root it started with: "
+        f"apps.{app.name}.root changed in the config and takes effect at its restart "
+        "(`systemctl restart watcher`)"
+    )
 
 
 def _lock_owner(command: str) -> str:
@@ -289,7 +322,7 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
 
 
 def cmd_hold(ctx: CtlContext) -> int:
-    engine = _engine(ctx)
+    engine = _engine(ctx, command="a hold")
     by = user_at_host()
     reason = ctx.args.reason or f"held by {by}"
     with engine.lock(owner=_lock_owner("hold")):
@@ -318,7 +351,7 @@ def cmd_hold(ctx: CtlContext) -> int:
 
 
 def cmd_release_hold(ctx: CtlContext) -> int:
-    engine = _engine(ctx)
+    engine = _engine(ctx, command="releasing a hold")
     with engine.lock(owner=_lock_owner("release-hold")):
         removed = engine.release_hold()
     data = {
@@ -385,7 +418,7 @@ def _refuse_hook_while_preparing(engine: ReleaseEngine, target: str) -> None:
 
 def rollback_local(ctx: CtlContext) -> int:
     """Flip this host only to ``--to`` (default: the previous release) and hold it there."""
-    engine = _engine(ctx)
+    engine = _engine(ctx, command="a local rollback")
     app = engine.app
     by = user_at_host()
     with engine.lock(owner=_lock_owner("rollback --local")):
@@ -718,8 +751,8 @@ def _fleet_releases(ctx: CtlContext, app: AppConfig) -> tuple[dict[str, str], st
 
 
 def cmd_prune(ctx: CtlContext) -> int:
-    engine = _engine(ctx)
     dry_run = bool(ctx.args.dry_run)
+    engine = _engine(ctx, command="" if dry_run else "a prune")
     # A dry run writes nothing, not even the lock file (a user who may not write the app's
     # .state/ can still ask): it plans without the lock, and a real prune plans again
     # under it.

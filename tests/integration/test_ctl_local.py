@@ -394,6 +394,37 @@ class TestHold:
         result = host.ctl("release-hold", "web")
         assert result.returncode == 0 and "was not held" in result.stdout, result
 
+    def test_refused_while_the_watcher_works_on_another_root(self, host: Host) -> None:
+        """`apps.web.root` changed and reloaded: the watcher keeps the root it started
+        with until a restart, `watcherctl` reads the file. A hold was reported placed on
+        the new root, never seen by the watcher, and the next deploy moved the host."""
+        state = host.root / "state"
+        state.mkdir(exist_ok=True)
+        status = {"reload": {"at": "x", "error": "", "needs_restart": ["apps.web.root"]}}
+        (state / "status.json").write_text(json.dumps(status))
+        watcher = hold_instance_lock(state / INSTANCE_LOCK)
+        try:
+            for args in (
+                ("hold", "web"),
+                ("release-hold", "web"),
+                ("rollback", "web", "--local"),
+                ("prune", "web"),
+            ):
+                refused = host.ctl(*args)
+                assert refused.returncode == 4, (args, refused)
+                assert "the running watcher still works on the root it started with" in (
+                    refused.stderr
+                ), refused.stderr
+                assert "`systemctl restart watcher`" in refused.stderr
+            assert host.engine.held() is None and host.engine.current_release() == release_of(4)
+            shown = host.ctl("releases", "web")
+            assert shown.returncode == 0 and "this shows the new root" in shown.stderr, shown
+        finally:
+            watcher.kill()
+            watcher.wait()
+        # Restarted (no watcher holds the lock now, the file is its last word): allowed.
+        assert host.ctl("hold", "web").returncode == 0
+
     def test_hold_refused_when_ready_and_consul_unreachable(self, host: Host) -> None:
         host.write_journal("20260101T000000Z-aaaaaa", release_of(5), ["staged", "post_release"])
         result = host.ctl("hold", "web")
