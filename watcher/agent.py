@@ -749,6 +749,10 @@ class AppAgent:
                 if self.health is not None:
                     self.health.clear_alarm(self.app.name)
                 return "contested deploy released by an operator"
+            if not self.status.alarm and self.engine.held() is not None:
+                # Restarted while held for it: the hold is on disk, the alarm was in memory
+                # (DESIGN.md 6.4.4 wants both: /health 503, the alarm metric, the record).
+                self._alarm(f"deploy {deploy_id} is contested: {journal.get('reason', '')}")
             end = self._after_own_part(deploy_id, inflight_index)
             return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:

@@ -640,6 +640,19 @@ class TestOneHostToken:
         assert outcome["result"] == "contested", outcome
         fleet.wait_idle()
         assert releases_of(fleet) == {release1}
+        # Held and alarmed; and still alarmed after a restart (the hold is on disk, the
+        # alarm was only in memory: /health said 200 after it).
+        held = next(w for w in fleet.watchers if (w.app_dir / ".state" / "holds.json").exists())
+        wait_for(lambda: "is contested" in left_out_alarm(held), 30, "the alarm", fleet)
+        held.stop()
+        held.start()
+        fleet.wait_members(3)
+        wait_for(
+            lambda: f"deploy {deploy_id} is contested" in left_out_alarm(held),
+            30,
+            "the alarm after a restart",
+            fleet,
+        )
         for w in fleet.watchers:
             if (w.app_dir / ".state" / "holds.json").exists():
                 w.ctl("release-hold", "web", as_json=False)
