@@ -325,6 +325,12 @@ class TestTheDescriptionTellsTheTruth:
             (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
             # deeper than Python's json takes (RecursionError), within MAX_BODY
             (b"[" * 5000 + b"]" * 5000, 400, "malformed JSON body: it does not parse"),
+            # JSON keeps the last of two: this deployed main-2. Ambiguous: refused.
+            (
+                b'{"artifact": "main-1", "artifact": "main-2"}',
+                400,
+                "malformed JSON body: 'artifact' given twice",
+            ),
         ],
     )
     def test_a_write_without_a_content_type_is_read_as_json(
@@ -379,6 +385,10 @@ class TestTheDescriptionTellsTheTruth:
         r = client.request(method, path)
         assert r.status_code == 405
         assert r.headers["allow"] == allow
+        if method != "HEAD":
+            assert r.json()["error"] == (
+                f"{method} is not allowed on '{path}' (it takes: {allow})"
+            ), r.text
 
 
 class TestWhoIsLocal:

@@ -585,6 +585,33 @@ def _duration(summary: dict[str, Any]) -> str:
 # --- the app ----------------------------------------------------------------------------------
 
 
+class _KeyTwice(ValueError):
+    pass
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _KeyTwice(f"{ids.shown(key)} given twice")
+        seen[key] = value
+    return seen
+
+
+def _key_given_twice(body: bytes) -> str:
+    """What is wrong with a body that gives one key twice; "" for any other body (one that
+    does not parse is the route's to refuse, with its own words)."""
+    if not body:
+        return ""
+    try:
+        json.loads(body, object_pairs_hook=_no_key_twice)
+    except _KeyTwice as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return ""
+    return ""
+
+
 class BodyLimit:
     """Refuse a request body over ``limit`` bytes with 413, whether or not it says its length."""
 
@@ -622,6 +649,16 @@ class BodyLimit:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
+        twice = _key_given_twice(body) if scope.get("method") in ("POST", "PUT", "PATCH") else ""
+        if twice:
+            # JSON parsers keep the last of two equal keys: a body that names two artifacts
+            # deployed the second. Ambiguous, so refused (as the config refuses them).
+            await JSONResponse(
+                {"error": f"malformed JSON body: {twice}"},
+                status_code=400,
+                headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
+            )(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -817,7 +854,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if exc.status_code == 405:
             # Every method the path takes (RFC 9110: Allow), not only those of the first
             # route that matched it: GET and POST of one path are two routes.
-            headers["Allow"] = ", ".join(allowed_methods(request.url.path))
+            allowed = ", ".join(allowed_methods(request.url.path))
+            headers["Allow"] = allowed
+            detail = (
+                f"{request.method} is not allowed on {request.url.path[:300]!r} "
+                f"(it takes: {allowed})"
+            )
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
 
     def allowed_methods(path: str) -> list[str]:
