@@ -28,6 +28,7 @@ from watcher.consul_api import ConsulClient
 from watcher.records import ArtifactRecord, Keys, iso, utcnow
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 SESSION_TTL = 3.0  # seconds: a dead watcher's member key goes after ~2x this
 
 
@@ -103,6 +104,9 @@ class WatcherProc:
             env.pop(var, None)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack into the log
+        # The checkout these tests are in, not whichever one the virtualenv's editable
+        # install points at: run from a git worktree, the daemons ran the other code.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self) -> None:
