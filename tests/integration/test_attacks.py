@@ -41,6 +41,7 @@ from watcher.records import (
     NodeProgress,
     Outcome,
     PinRecord,
+    ReleaseRef,
     iso,
     utcnow,
 )
@@ -313,6 +314,52 @@ class TestOperatorToken:
         outcome = fleet.wait_outcome(rec.id, 40)
         assert outcome["result"] == "aborted", outcome
         assert "host-3" in outcome["reason"], outcome
+        assert releases_of(fleet) == {release1}
+        fleet.wait_idle()
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_a_rollback_to_a_release_that_never_committed_is_refused_by_every_host(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """`watcherctl rollback` goes only to a committed deploy's release, but an operator's
+        token can write any request: the hosts check the target themselves (its acks must
+        commit it), or a raw rollback would put the fleet on a release that never passed
+        the barrier. Nothing tested that host-side check."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        live = sessions(fleet)
+        aborted = forged_request(
+            fleet, "leftout2", {n: s for n, s in live.items() if n != "host-3"}, v2
+        )
+        start_as_operator(acl_fleet, aborted)
+        assert fleet.wait_outcome(aborted.id, 40)["result"] == "aborted"
+        fleet.wait_idle()
+        target = ReleaseRef(
+            aborted.release,
+            aborted.artifact,
+            aborted.sha256,
+            aborted.id,
+            aborted.url,
+            aborted.size,
+        )
+        rollback = store_with(fleet.kv, fleet).new_record(
+            deploy_id="rbforged1",
+            kind="rollback",
+            artifact=target,
+            release=aborted.release,
+            requested_by="mallory",
+            expected=live,
+            prepare_timeout=60,
+            apply_timeout=60,
+        )
+        start_as_operator(acl_fleet, rollback)
+        outcome = fleet.wait_outcome(rollback.id, 40)
+        assert outcome["result"] == "aborted", outcome
+        for node, host in outcome["hosts"].items():
+            assert host["state"] in ("refused", "failed", "aborted"), (node, outcome)
+        said = [h.get("error", "") for h in outcome["hosts"].values()]
+        assert any(f"{aborted.id} is not a committed deploy" in e for e in said), outcome
         assert releases_of(fleet) == {release1}
         fleet.wait_idle()
         next_deploy_works(acl_fleet, "v3")
