@@ -1322,6 +1322,39 @@ class TestReadersOfOutcomes:
         assert history_row(acl_fleet, deploy_id)["result"] == "committed"
 
     @LONG_SESSIONS
+    def test_a_request_rewritten_before_a_host_joined_is_refused_by_it(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """A host takes part only in a request whose ModifyIndex is its CreateIndex
+        (DESIGN.md 6.4.2): rewritten, its hosts may have read two versions. host-1 is
+        stopped until the operator's token has written the request again (one field
+        changed: Consul 1.22 leaves the indexes of a write of the same bytes alone, and
+        then every host reads the same request anyway): host-1 refuses it, naming the
+        rewrite, rather than ack the second version and let the digests disagree. Nothing
+        tested that rule."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        v2 = acl_fleet.publish("v2")
+        late = fleet.watchers[0]
+        assert late.proc is not None
+        rec = forged_request(fleet, "rewritten1", sessions(fleet), v2)
+        os.killpg(late.proc.pid, signal.SIGSTOP)
+        try:
+            start_as_operator(acl_fleet, rec)
+            again = replace(rec, requested_by="mallory, again")
+            assert operator_client(acl_fleet).kv_put(fleet.keys.request(rec.id), again.to_json())
+        finally:
+            os.killpg(late.proc.pid, signal.SIGCONT)
+        outcome = fleet.wait_outcome(rec.id, 60)
+        assert outcome["result"] == "aborted", outcome
+        host1 = outcome["hosts"]["host-1"]
+        assert host1["state"] == "refused", outcome
+        assert "request was rewritten after it was created" in host1.get("error", ""), outcome
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release1}
+        next_deploy_works(acl_fleet, "v3")
+
+    @LONG_SESSIONS
     def test_an_outcome_written_before_a_host_joined_is_not_the_end(
         self, acl_fleet: AclFleet
     ) -> None:
