@@ -143,6 +143,10 @@ class Verdict:
         return bool(session) and entry is not None and entry.session == session
 
 
+#: ``requested_by`` of a request a raw `consul event` started (it expects the live members).
+RAW_EVENT_BY = "consul event "
+
+
 class AbortRequested(DeployRefused):
     """A ready ack met an abort request (``requests/<id>/abort``) in its own txn."""
 
@@ -2066,7 +2070,7 @@ class DeployStore:
                             kind=kind,
                             artifact=ref,
                             release=None,
-                            requested_by=f"consul event {event_id}",
+                            requested_by=f"{RAW_EVENT_BY}{event_id}",
                             expected=members,
                             prepare_timeout=prepare_timeout,
                             apply_timeout=apply_timeout,
@@ -2096,7 +2100,7 @@ class DeployStore:
                 kind=kind,
                 artifact=target,
                 release=target.release if isinstance(target, ReleaseRef) else None,
-                requested_by=f"consul event {event_id}",
+                requested_by=f"{RAW_EVENT_BY}{event_id}",
                 expected=members,
                 prepare_timeout=prepare_timeout,
                 apply_timeout=apply_timeout,

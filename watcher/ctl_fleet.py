@@ -18,6 +18,7 @@ from typing import Any
 from watcher import ids
 from watcher.barrier import (
     CONTESTED,
+    RAW_EVENT_BY,
     UNDECIDED,
     DeployStore,
     DeployView,
@@ -915,13 +916,25 @@ def cmd_history(ctx: CtlContext) -> int:
     return EXIT_FAILED if problem else EXIT_OK
 
 
+def allow_missing_label(row: dict[str, Any]) -> str:
+    """How a history row that expected the live members only says so: "--allow-missing"
+    for a request with that flag, "live members only" for a raw `consul event` deploy,
+    which always expects those (nobody passed a flag). Shown only when a known host was
+    left out: with nobody left out, it says nothing."""
+    by = row.get("requested_by")
+    return (
+        "live members only"
+        if isinstance(by, str) and by.startswith(RAW_EVENT_BY)
+        else ("--allow-missing")
+    )
+
+
 def _detail(d: dict[str, Any], failures: str) -> str:
     """History's DETAIL: the failing hosts, else why it did not commit, and any record
     that contradicts the acks."""
     parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
-    if d.get("allow_missing"):
-        left = d.get("left_out")
-        parts.append("--allow-missing" + (f": {', '.join(left)} not expected" if left else ""))
+    if d.get("allow_missing") and (left := d.get("left_out")):
+        parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
     if (rb := d.get("rollback")) and rb["result"] != "committed":

@@ -892,3 +892,32 @@ def test_gc_without_an_app_names_only_the_app_as_required(
         build_parser("gc").parse_args(["gc"])
     assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: app")
     assert build_parser("gc").parse_args(["gc", "web"]).nodes == []
+
+
+@pytest.mark.parametrize(
+    ("by", "left", "said"),
+    [
+        ("alice@host-1", ["host-3"], "--allow-missing: host-3 not expected"),
+        # a raw `consul event` deploy expects the live members: nobody passed a flag
+        ("consul event 7f3c9e2a", ["host-3"], "live members only: host-3 not expected"),
+        ("consul event 7f3c9e2a", [], None),  # nobody left out: nothing to say
+        ("alice@host-1", [], None),
+    ],
+)
+def test_history_says_who_a_live_members_only_deploy_left_out(
+    by: str, left: list[str], said: str | None
+) -> None:
+    from watcher.ctl_fleet import _detail
+
+    row = {
+        "result": "committed",
+        "reason": "",
+        "allow_missing": True,
+        "requested_by": by,
+        "distrusted": [],
+    }
+    detail = _detail({**row, "left_out": left}, "")
+    if said is None:
+        assert "allow-missing" not in detail and "live members" not in detail, detail
+    else:
+        assert said in detail, detail

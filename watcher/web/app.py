@@ -45,6 +45,7 @@ from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
+    allow_missing_label,
     artifact_records,
     contested_reason,
     deploy_history_checked,
@@ -675,6 +676,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     state = WebState(config, listen_host=listen_host)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["size"] = _human_size
+    templates.env.globals["allow_missing_label"] = allow_missing_label
     templates.env.filters["duration"] = _duration
     templates.env.filters["short_time"] = _short_time
     templates.env.filters["timeline"] = _timeline
