@@ -26,13 +26,14 @@ from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
+    ConsulError,
     ConsulPermissionDenied,
     DeployInFlight,
     DeployRefused,
     PayloadError,
     RollbackTargetUnknown,
 )
-from watcher.ids import one_line_short, shown
+from watcher.ids import artifact_of_release, one_line_short, shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -2048,7 +2049,7 @@ class DeployStore:
                     # unknown artifact, so history and every host say why, not only the
                     # host that read the event first.
                     reason = (
-                        f"{UNKNOWN_ARTIFACT} {artifact_id}"
+                        f"{UNKNOWN_ARTIFACT} {artifact_id}{self._release_name_slip(artifact_id)}"
                         if found is None
                         else self._pin_refusal(found)
                         or (
@@ -2085,7 +2086,7 @@ class DeployStore:
                             evict=self._surplus_refusals(pre.history, rec.id, history_keep),
                         )
                         if self.consul.txn([seen_op, *refused, *history]).ok:
-                            return UNKNOWN_ARTIFACT if found is None else f"refused: {reason}"
+                            return f"refused: {reason}"  # the same words on every host
                         continue
                     target = found
             except (DeployRefused, PayloadError, ArtifactIntegrityError) as exc:
@@ -2125,6 +2126,22 @@ class DeployStore:
                 )
                 return f"refused: {self._in_flight(inflight)}"
         return "lost race"
+
+    def _release_name_slip(self, given: str) -> str:
+        """For a raw deploy event naming a release (pasted from `history`) where an
+        artifact goes: what to add to "unknown artifact GIVEN" ("" otherwise)."""
+        artifact = artifact_of_release(given)
+        if artifact is None:
+            return ""
+        try:
+            if self.artifact(artifact) is None:
+                return ""
+        except (ConsulError, PayloadError):
+            return ""
+        return (
+            f"; that is a release name: its artifact is {artifact} (a deploy event names "
+            "an artifact, a rollback event a release)"
+        )
 
     def _pin_refusal(self, record: ArtifactRecord) -> str:
         """Why ``record`` may not be deployed (its sha256 is not the one pinned), or ""."""

@@ -944,7 +944,11 @@ class Daemon:
             log.error("event_failed", event_id=event.id, name=event.name, error=str(exc))
             counted, result = EVENT_FAILED, f"failed: {exc}"
         self.metrics.events_handled.labels(name=name, result=counted).inc()
-        log.info("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
+        # A refused or failed event is something to look at (a typo in a build id fired
+        # by hand): a warning, as a dropped one is.
+        failed = counted in (EVENT_REFUSED, EVENT_FAILED) or result.startswith("refused")
+        said = log.warning if failed else log.info
+        said("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
         # A prefetch wakes the loop itself when done; a deploy id only rang the bell.
         needs = result not in ("woken", "prefetching")
         return f"event {event.name} {event.id[:8]}: {result}", needs
@@ -996,7 +1000,8 @@ class Daemon:
             view = agent.store.view(req.event_id)
             view = view.checked() if view is not None else None
             if view is not None and view.decision is not None and view.decision.outcome == ABORT:
-                return counted, f"failed: {view.decision.reason}"
+                # As the host that wrote the refusal says it (and as a warning).
+                return counted, f"refused: {view.decision.reason}"
         return counted, result
 
     # --- reload, status, stop -------------------------------------------------------------

@@ -147,7 +147,8 @@ class TestRawEvents:
             def deploy_record(self, deploy_id: str) -> DeployRecord | None:
                 if not self.looked:
                     self.looked = True
-                    assert handle(store, "a") == "unknown artifact"  # host A, in between
+                    said = handle(store, "a")  # host A, in between
+                    assert said.startswith("refused: unknown artifact "), said
                     return None
                 return super().deploy_record(deploy_id)
 
@@ -213,7 +214,7 @@ class TestRawEvents:
                 apply_timeout=60,
                 history_keep=10,
             )
-        assert result == "unknown artifact"  # acted on, not taken for history
+        assert result == "refused: unknown artifact main-deadbeef"  # acted on, not history
         said = [e for e in logs if e["event"] == "events_seen_unreadable"]
         assert said and said[0]["value"] == "abc", logs
         entry = store.consul.kv_get(store.keys.events_seen)
@@ -552,7 +553,7 @@ class TestHistory:
             if ltime % 2:
                 assert result.startswith("refused: artifact refused: "), result
             else:
-                assert result == "unknown artifact"
+                assert result.startswith("refused: unknown artifact "), result
         history = store.history()
         assert [i for i in history if i in ids] == ids  # every deploy is still listed
         assert [i for i in history if i in events] == events[-6:]

@@ -600,10 +600,13 @@ class TestBadPayloads:
         assert shown.distrusted == (), shown
 
         def says_why(w: WatcherProc) -> bool:  # every host logs the reason, not only the first
+            # in the same words on every host (the writer said "unknown artifact" alone),
+            # and as a warning: a refused event is something to look at
             return any(
                 e.get("event") == "event_handled"
                 and e.get("event_id") == unknown
-                and "unknown artifact" in str(e.get("result"))
+                and e.get("result") == "refused: unknown artifact main-deadbeef"
+                and e.get("level") == "warning"
                 for e in w.log_events()
             )
 
@@ -619,6 +622,12 @@ class TestBadPayloads:
         good = raw_deploy_ok(fleet, consul_bin, {"app": "web", "artifact": v1.id}, "deploy")
         assert {h["state"] for h in history(fleet)[good]["hosts"].values()} == {"live"}
         assert all(w.running() for w in fleet.watchers)
+        # A release name pasted where the artifact goes: the refusal names the artifact.
+        release = history(fleet)[good]["release"]
+        pasted = fire(consul_bin, agent, "deploy", json.dumps({"app": "web", "artifact": release}))
+        outcome = fleet.wait_outcome(pasted)
+        assert outcome["result"] == "refused", outcome
+        assert f"that is a release name: its artifact is {v1.id}" in outcome["reason"], outcome
 
     def test_oversized_payload_is_dropped(self, make_fleet: MakeFleet, consul_bin: str) -> None:
         # An otherwise valid deploy padded to just under what Consul still delivers: the
