@@ -647,7 +647,9 @@ def _publish(
             existing = _record_of(entry, kv_key)
             stale: KVEntry | None = None
             if entry is not None and existing is not None and existing.sha256 != sha256:
-                _check_stale(consul, store, existing, keys.pin(artifact_id), kv_key, sha256, branch)
+                _check_stale(
+                    consul, store, existing, keys.pin(artifact_id), kv_key, sha256, branch, payload
+                )
                 stale, existing = entry, None
             _check_pin(consul, keys.pin(artifact_id), artifact_id, sha256)
             # Whether this publish wrote the record (``writing``: the write may have reached
@@ -836,11 +838,13 @@ def _check_stale(
     kv_key: str,
     sha256: str,
     branch: str = "",
+    announce: bytes = b"",
 ) -> None:
     """Refuse to replace ``record`` (other bytes) unless it is stale: its object is missing
     or holds other bytes than the record says (an orphan of a publish that failed after
     putting the record back), and no host pinned the id, so nobody has or can have verified
-    its bytes."""
+    its bytes. ``announce``: the ``build-finished`` payload fired for that record when this
+    refusal finishes it (its own publish never got to fire it)."""
     refusal = _refuse_existing(record.id, record.sha256, sha256, kv_key, (record.branch, branch))
     if consul.kv_get(pin_key) is not None:
         raise refusal
@@ -857,12 +861,18 @@ def _check_stale(
             and head.get("size") == record.size
             and _finish_for_another(consul, kv_key, record)
         ):
+            announced = "and announced (hosts prefetch it)"
+            if announce:
+                try:
+                    consul.event_fire(BUILD_FINISHED, announce)
+                except WatcherError:
+                    announced = "not announced (hosts fetch it when it is deployed)"
             _say_also(
                 refusal,
                 f"that build's own publish had not finished (its record still said "
                 f"uploading), and its object verifies as a publish checks it (size and "
-                f"sha256): it is marked complete now, so build {record.sha256[:12]} can be "
-                "deployed",
+                f"sha256): it is marked complete now, {announced}, so build "
+                f"{record.sha256[:12]} can be deployed",
             )
         raise refusal
 
@@ -874,8 +884,8 @@ def _finish_for_another(consul: ConsulClient, kv_key: str, record: ArtifactRecor
     someone edited KV by hand. Whether it is marked complete now."""
     try:
         _complete(consul, kv_key, record.id, record.sha256, record.url)
-    except (ConsulError, ArtifactRefused):
-        return False  # changed meanwhile, or Consul gone: the refusal alone stands
+    except (ConsulError, ArtifactRefused, PayloadError):
+        return False  # changed (or unreadable) meanwhile, or Consul gone: the refusal stands
     return True
 
 
@@ -1006,7 +1016,7 @@ def _withdraw(
         if entry.value != record.to_json():
             if _finished_by_another(entry, record):
                 log.warning("artifact_record_adopted", key=kv_key)
-                return f"{kv_key} was adopted by another publish of the same bytes; left it"
+                return f"{kv_key} was finished by another publish (its object verified); left it"
             return f"{kv_key} did not hold its record: nothing to withdraw"
         if written == 0 and previous is None and entry.modify_index == entry.create_index:
             written = entry.modify_index

@@ -896,7 +896,7 @@ class TestPublishInterrupted:
             _, err = proc.communicate(timeout=30)
 
         assert proc.returncode == 143, err
-        assert "was adopted by another publish of the same bytes; left it" in err
+        assert "was finished by another publish (its object verified); left it" in err
         assert kv_record(consul, "adopted-1") == record
         obj = s3_object(s3_settings, "adopted-1")
         assert obj is not None and hashlib.sha256(obj["body"]).hexdigest() == record.sha256
@@ -950,8 +950,10 @@ class TestPublishInterrupted:
             publish(config, src, artifact_id="rebuilt-1")
         said = str(raised.value)
         assert f"artifact rebuilt-1 already exists with sha256 {left.sha256}" in said, said
-        assert "it is marked complete now" in said, said
+        assert "it is marked complete now, and announced (hosts prefetch it)" in said, said
         assert kv_record(consul, "rebuilt-1") == replace(left, uploading=False)
+        # Its own publish never fired build-finished: the refusal that finished it did.
+        assert len(events_for(consul, "rebuilt-1", count=1)) == 1
 
     def test_a_build_is_not_deployable_until_its_upload_is_done(
         self,
