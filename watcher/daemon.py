@@ -680,12 +680,16 @@ class Daemon:
         same config would reuse this one's session, take part in its deploys a second time
         and, when stopped, destroy the session this one holds: it stops here, before any
         request to Consul."""
-        paths = [self.state_dir / INSTANCE_LOCK] + [
-            AppLayout.for_app(app).state_dir / INSTANCE_LOCK for app in self.config.apps.values()
+        paths = [(self.state_dir / INSTANCE_LOCK, "the instance lock in daemon.state_dir")] + [
+            (
+                AppLayout.for_app(app).state_dir / INSTANCE_LOCK,
+                f"the instance lock under apps.{name}.root",
+            )
+            for name, app in self.config.apps.items()
         ]
         held: list[AppLock] = []
-        for path in paths:
-            lock = AppLock(path, timeout=0, owner=WATCHER_RUN_OWNER)
+        for path, what in paths:
+            lock = AppLock(path, timeout=0, owner=WATCHER_RUN_OWNER, what=what)
             try:
                 lock.acquire()
             except LockTimeout:

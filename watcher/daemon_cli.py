@@ -135,10 +135,14 @@ def config_warnings(
             f"session_ttl_min ({CONSUL_SESSION_TTL_MIN:g}s): Consul refuses such a session "
             '("Invalid Session TTL") unless its servers set session_ttl_min lower'
         )
+    if problem := _not_writable(Path(config.daemon.state_dir)):
+        warnings.append(f"daemon.state_dir: {problem}")
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
         if not root.is_dir():
             warnings.append(f"apps.{name}.root: {root} does not exist (yet)")
+        if problem := _not_writable(root):
+            warnings.append(f"apps.{name}.root: {problem}")
         if app.user:
             try:
                 pwd.getpwnam(app.user)
@@ -154,12 +158,37 @@ def config_warnings(
                 path = Path(argv[0])
                 where = f"apps.{name}.hooks.{phase}[{i}]"
                 if not path.exists():
-                    warnings.append(f"{where}: {path} does not exist")
+                    first, _, rest = argv[0].partition(" ")
+                    hint = (
+                        f" (if {rest.split()[0]!r} is an argument, write the hook as a list: "
+                        f"[{first}, ...])"
+                        if len(argv) == 1 and rest.strip() and Path(first).exists()
+                        else ""
+                    )
+                    warnings.append(f"{where}: {path} does not exist{hint}")
                 elif path.is_dir():
                     warnings.append(f"{where}: {path} is a directory, not an executable file")
                 elif not path.is_file() or not os.access(path, os.X_OK):
                     warnings.append(f"{where}: {path} is not executable")
     return warnings
+
+
+def _not_writable(directory: Path) -> str:
+    """Why this user could not create or write ``directory`` (the watcher writes its
+    state, locks and releases there), or "": the directory when it exists, else the
+    nearest one above it that does (where it would be made)."""
+    here = directory
+    while not here.exists() and here.parent != here:
+        here = here.parent
+    if not here.is_dir():
+        return f"{here} is not a directory"
+    if os.access(here, os.W_OK | os.X_OK):
+        return ""
+    made = "" if here == directory else f" (where {directory} would be made)"
+    return (
+        f"{here}{made} is not writable by this user (uid {os.geteuid()}): the watcher "
+        "writes there; run check-config as the daemon's user to know"
+    )
 
 
 def check_config(args: argparse.Namespace) -> int:

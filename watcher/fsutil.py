@@ -137,7 +137,12 @@ class AppLock:
     """
 
     def __init__(
-        self, layout_or_path: HasLockFile | str | os.PathLike[str], *, timeout: float, owner: str
+        self,
+        layout_or_path: HasLockFile | str | os.PathLike[str],
+        *,
+        timeout: float,
+        owner: str,
+        what: str = "the app lock",
     ) -> None:
         if isinstance(layout_or_path, str | os.PathLike):
             self.path = Path(layout_or_path)
@@ -145,6 +150,7 @@ class AppLock:
             self.path = Path(layout_or_path.lock_file)
         self.timeout = timeout
         self.owner = owner
+        self.what = what  # for a message: which lock, named as the config names its place
         self._fd: int | None = None
 
     @property
@@ -162,9 +168,16 @@ class AppLock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                hint = (
+                    " (even root may not write there: a read-only mount, root_squash, or a "
+                    "capability dropped?)"
+                    if os.geteuid() == 0
+                    else " (run as root, or as the daemon's user?)"
+                )
             raise ReleaseError(
-                f"cannot open the app lock {self.path}: {exc.strerror or exc}"
-                + (" (run as root, or as the daemon's user?)" if exc.errno == errno.EACCES else "")
+                f"cannot open {self.what} {self.path}: {exc.strerror or exc}{hint}"
             ) from None
         deadline = time.monotonic() + self.timeout
         try:

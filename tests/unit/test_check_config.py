@@ -291,6 +291,44 @@ class TestCheckConfig:
         ]
         assert "Consul's default session_ttl_min (10s)" in daemon_cli.config_warnings(config)[0]
 
+    def test_places_the_watcher_cannot_write_and_a_hook_with_its_arguments_in_one_string(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """check-config said OK where `watcher run` then failed on a lock it could not
+        create; and a hook written "/bin/true --quiet" was only "does not exist"."""
+        (tmp_path / "a-file").write_text("")
+        (tmp_path / "ro").mkdir()
+        config = parse_config(
+            {
+                "s3": {"bucket": "b"},
+                "daemon": {"state_dir": str(tmp_path / "a-file" / "state")},
+                "apps": {
+                    "web": {
+                        "root": str(tmp_path / "ro" / "srv"),
+                        "hooks": {"validate": "/bin/true --quiet"},
+                    }
+                },
+            },
+            env={},
+        )
+        real_access = os.access
+        read_only = str(tmp_path / "ro")  # root may write anywhere: this user may not here
+        monkeypatch.setattr(
+            daemon_cli.os,
+            "access",
+            lambda path, mode: False if str(path) == read_only else real_access(path, mode),
+        )
+        said = daemon_cli.config_warnings(config, session_ttl=False)
+        assert f"daemon.state_dir: {tmp_path}/a-file is not a directory" in said, said
+        assert (
+            f"apps.web.root: {tmp_path}/ro (where {tmp_path}/ro/srv would be made) is not "
+            f"writable by this user (uid {os.geteuid()})"
+        ) in " ".join(said), said
+        assert (
+            "apps.web.hooks.validate[0]: /bin/true --quiet does not exist (if '--quiet' is an "
+            "argument, write the hook as a list: [/bin/true, ...])"
+        ) in said, said
+
     def test_run_refuses_a_bad_config_before_anything_else(self, tmp_path: Path) -> None:
         bad = tmp_path / "w.yaml"
         bad.write_text("apps: {}\n")

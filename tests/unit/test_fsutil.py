@@ -146,6 +146,10 @@ class TestAppLock:
         with pytest.raises(ReleaseError, match=r"cannot open the app lock .*state/lock"):
             lock.acquire()
         assert not lock.locked
+        # The daemon's instance locks say which setting names their place.
+        named = AppLock(tmp_path / "state" / "lock", timeout=1, owner="t", what="the lock in x.y")
+        with pytest.raises(ReleaseError, match=r"cannot open the lock in x\.y .*state/lock"):
+            named.acquire()
 
     def test_second_holder_times_out_naming_path_and_owner(self, tmp_path: Path) -> None:
         lock_path = tmp_path / ".state" / "lock"
