@@ -563,6 +563,21 @@ def _traceback_if(debug: bool) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = command_of(argv)
+    if command == "help":  # `watcherctl help deploy`, as git and consul take it
+        at = argv.index("help")
+        argv = [*argv[:at], *argv[at + 1 :], "--help"]
+        command = command_of(argv)
+    if command is not None and command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        print(
+            f"watcherctl: error: no command {ids.shown(command)}"
+            + (f"; did you mean {close[0]}?" if close else "")
+            + f" (the commands: {', '.join(COMMANDS)}; `watcherctl --help` says what each does)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     parser = build_parser(command)
     if command is None and not {"-h", "--help", "--version"} & set(argv):
         # No command at all (a first try): the commands, not only "COMMAND is required".
@@ -578,7 +593,12 @@ def _main(argv: Sequence[str] | None) -> int:
         if extra:
             # Said with the command's own usage (`history web extra`), not the top level's.
             commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+            said = f"unrecognized arguments: {' '.join(extra)}"
+            if args.command == "rollback" and ids.artifact_of_release(extra[0]) is not None:
+                said += (
+                    f" (a release goes with --to: `watcherctl rollback {args.app} --to {extra[0]}`)"
+                )
+            commands.choices[args.command].error(said)
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)
         sys.stdout.flush()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -921,3 +921,41 @@ def test_history_says_who_a_live_members_only_deploy_left_out(
         assert "allow-missing" not in detail and "live members" not in detail, detail
     else:
         assert said in detail, detail
+
+
+class TestWhatANewcomerTypesFirst:
+    """`watcherctl` run as a process, as a newcomer types it: mistakes get a way on."""
+
+    @staticmethod
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        repo = Path(__file__).resolve().parents[2]
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "watcherctl"), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+            timeout=60,
+            check=False,
+        )
+
+    def test_a_misspelled_command_is_named_with_the_close_one(self) -> None:
+        said = self.run("stauts", "--fleet")
+        assert said.returncode == 2, said
+        assert said.stderr.startswith(
+            "watcherctl: error: no command 'stauts'; did you mean status? (the commands: "
+        ), said.stderr
+        far = self.run("frobnicate")
+        assert far.returncode == 2 and "did you mean" not in far.stderr, far.stderr
+
+    def test_help_command_is_the_commands_help(self) -> None:
+        said = self.run("help", "deploy")
+        assert said.returncode == 0, said
+        assert said.stdout.startswith("usage: watcherctl deploy "), said.stdout
+
+    def test_a_release_given_to_rollback_without_to(self) -> None:
+        said = self.run("rollback", "web", "20261205T145949Z-main-3bfc2695")
+        assert said.returncode == 2, said
+        assert (
+            "(a release goes with --to: `watcherctl rollback web --to "
+            "20261205T145949Z-main-3bfc2695`)"
+        ) in said.stderr, said.stderr
