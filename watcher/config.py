@@ -1055,6 +1055,10 @@ def load_config(
     """Read and validate a config file (default: $WATCHER_CONFIG or /etc/watcher/watcher.yaml);
     ``apps_required`` as in ``parse_config``."""
     env = os.environ if env is None else env
+    if path is not None and str(path) == "":
+        # `-c "$CONFIG"` with the variable unset: not the default, which may be another
+        # fleet's file.
+        raise ConfigError("-c", ["an empty path was given (an unset variable?)"])
     source = str(path or env.get("WATCHER_CONFIG") or DEFAULT_PATH)
     try:
         text = Path(source).read_text(encoding="utf-8")

@@ -509,3 +509,14 @@ class TestWhatRunWouldFailOn:
                 load_config(path)
             except ConfigError as exc:
                 assert exc.problems and all(isinstance(p, str) for p in exc.problems)
+
+
+def test_an_empty_config_path_is_an_error_not_the_default() -> None:
+    """`-c "$CONFIG"` with the variable unset read /etc/watcher/watcher.yaml, which may be
+    another fleet's."""
+    from watcher.config import load_config
+
+    with pytest.raises(ConfigError) as raised:
+        load_config("", env={"WATCHER_CONFIG": "/nonexistent/other.yaml"})
+    assert raised.value.problems == ["an empty path was given (an unset variable?)"]
+    assert raised.value.source == "-c"
