@@ -30,11 +30,12 @@ import yaml
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import make_tarball
+from tests.support.locks import hold_instance_lock
 from tests.support.s3server import s3_client
 from watcher.agent import JOURNAL_NAME
 from watcher.config import AppConfig, ConsulSettings, S3Settings, parse_config
 from watcher.consul_api import ConsulClient
-from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER
+from watcher.fsutil import INSTANCE_LOCK
 from watcher.records import (
     ArtifactRecord,
     CurrentRecord,
@@ -51,25 +52,6 @@ CLUSTER = ClusterSpec(hosts=1)
 WATCHERCTL = Path(sys.executable).parent / "watcherctl"
 DEAD_CONSUL = ConsulSettings(address="127.0.0.1:9")  # nothing listens: refused at once
 UNUSED_S3 = S3Settings(bucket="unused", prefix="artifacts")
-
-
-def hold_instance_lock(lock: Path) -> subprocess.Popen[bytes]:
-    """A process that holds ``lock`` as a running `watcher run` does (flock, then its pid
-    and owner in the file); the caller kills it."""
-    code = (
-        "import fcntl, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.ftruncate(fd, 0)\n"
-        "os.write(fd, f'{os.getpid()} {sys.argv[2]}\\n'.encode())\n"
-        "print('held', flush=True)\n"
-        "while True: time.sleep(1)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(lock), WATCHER_RUN_OWNER], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-    return proc
 
 
 @cache

@@ -86,16 +86,10 @@ class TestHappyPath:
         started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--no-wait")
         deploy_id, rel2 = started["deploy"], started["release"]
         try:
-
-            def states() -> dict[str, str]:
-                out = {}
-                for w in fleet.watchers:
-                    e = fleet.kv.kv_get(fleet.keys.progress(deploy_id, w.name))
-                    out[w.name] = json.loads(e.value)["state"] if e and e.value else ""
-                return out
-
             wait_for(
-                lambda: all(s == "live" for n, s in states().items() if n != slow.name),
+                lambda: all(
+                    s == "live" for n, s in fleet.ack_states(deploy_id).items() if n != slow.name
+                ),
                 30,
                 "the other hosts live, the slow one validating",
                 fleet,
@@ -183,11 +177,7 @@ class TestHappyPath:
             waiting = [f.watchers[0], f.watchers[2]]
 
             def states() -> dict[str, str]:
-                out = {}
-                for w in f.watchers:
-                    e = f.kv.kv_get(f.keys.progress(deploy_id, w.name))
-                    out[w.name] = json.loads(e.value)["state"] if e and e.value else ""
-                return out
+                return f.ack_states(deploy_id)
 
             # Every KV write this deploy makes before the wait is done: the slow host's
             # staging ack (0.5 s into its prepare) and both ready acks. A write answers the

@@ -368,6 +368,14 @@ class Fleet:
 
     # --- reading state ------------------------------------------------------------------
 
+    def ack_states(self, deploy_id: str) -> dict[str, str]:
+        """Each watcher's ack state in ``deploy_id`` ("" before its first ack)."""
+        out = {}
+        for w in self.watchers:
+            e = self.kv.kv_get(self.keys.progress(deploy_id, w.name))
+            out[w.name] = json.loads(e.value)["state"] if e and e.value else ""
+        return out
+
     def currents(self) -> dict[str, str | None]:
         return {w.name: w.current() for w in self.watchers}
 

@@ -15,6 +15,7 @@ from subprocess import Popen
 
 import pytest
 
+from tests.support.locks import hold_instance_lock
 from watcher.errors import LockTimeout, ReleaseError
 from watcher.fsutil import (
     WATCHER_RUN_OWNER,
@@ -349,19 +350,8 @@ class TestWatcherRuns:
     def test_only_a_holder_the_file_names_runs(self, tmp_path: Path) -> None:
         lock = tmp_path / "daemon.lock"
         assert not watcher_runs(lock)  # no file
-        code = (
-            "import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "os.write(fd, f'{os.getpid()} {sys.argv[2]}\\n'.encode())\n"
-            "print('held', flush=True)\n"
-            "time.sleep(60)\n"
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(lock), WATCHER_RUN_OWNER], stdout=subprocess.PIPE
-        )
+        proc = hold_instance_lock(lock)
         try:
-            assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
             assert watcher_runs(lock)
             lock.write_text(f"{proc.pid} watcher run\n")  # an older watcher's owner
             assert not watcher_runs(lock)
