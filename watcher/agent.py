@@ -92,6 +92,9 @@ JOURNAL_NAME = "deploy.json"
 DURABLE_PHASES = frozenset({"post_release", "post_symlink", "aborted"})
 DURABLE_FIELDS = frozenset({"established"})
 CONVERGE_JOURNAL_NAME = "converge.json"
+#: Seconds past twice the session TTL after which another session holding this node's
+#: member key cannot be one this watcher left behind (a restart that wiped .state/).
+TWIN_MARGIN = 10.0
 #: When this host joined the app (its first member key's CreateIndex): ``first_index``.
 JOINED_FILE = "joined.json"
 APPLIED_NAME = "applied.json"
@@ -394,8 +397,10 @@ class AppAgent:
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
         # The fleet's `current` as the loop last saw it: a prune keeps what it names.
         self._fleet_current: CurrentRecord | None = None
-        # Deploys that expect another watcher of this node name (its member key's holder).
-        self._left_to_holder: dict[str, None] = {}
+        # Deploys that expect another watcher of this node name: its member key's holder.
+        self._left_to_holder: dict[str, str] = {}
+        # That other session, and since when the members watch shows it holding the key.
+        self._other_holder: tuple[str, float] | None = None
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
         self._waited: tuple[str, tuple[Any, ...], float, str] = ("", (), 0.0, "")
@@ -428,6 +433,13 @@ class AppAgent:
         if members is not None:
             self._member_entries = dict(members)
             self._note_joined(members.get(self.node))
+            mine = members.get(self.node)
+            if not self._member_key_held_by_another():
+                self._other_holder = None
+            elif mine is not None and (
+                self._other_holder is None or self._other_holder[0] != mine.session
+            ):
+                self._other_holder = (mine.session or "", time.monotonic())
         self._watched = dict(watched or {})
         if current is not None:
             self._fleet_current = current[0]
@@ -628,22 +640,33 @@ class AppAgent:
             self.status.state = "not expected"
             return f"deploy {deploy_id}: {self._bystander(joined, inflight_index)}"
         holder = self._member_entries.get(self.node)
-        if deploy_id in self._left_to_holder or (
-            read.own is None
-            and self._member_key_held_by_another()
+        if (
+            self._member_key_held_by_another()
             and holder is not None
+            and holder.session
             and request.sessions.get(self.node) == holder.session
+            and (
+                read.own is None
+                or self._left_to_holder.get(deploy_id) == holder.session
+                or self._held_by_a_twin()
+            )
         ):
             # The request expects the watcher that holds this node's member key, not this
             # one (another watcher runs with this node name): its ack is not ours to write.
             # A "failed: another session" here aborted every deploy the real one staged.
-            # Only before any ack of this node: one there may be this host's own, written
-            # before a restart that wiped .state/ while its old session lives on.
-            self._left_to_holder[deploy_id] = None
+            # Not when an ack of the node is there already and the holder may be this
+            # host's own old session (a restart that wiped .state/: that ack is this
+            # host's, and it follows it), unless that holder has outlived any session left
+            # behind. Left to it while it holds the key; a bystander meanwhile (it ends a
+            # deploy past its deadline, as any host not expected).
+            self._left_to_holder[deploy_id] = holder.session
             while len(self._left_to_holder) > 8:
                 del self._left_to_holder[next(iter(self._left_to_holder))]
             self.status.state = "not expected"
-            return f"deploy {deploy_id}: expects the other watcher of node {self.node}; left to it"
+            return (
+                f"deploy {deploy_id}: expects the other watcher of node {self.node}; "
+                + self._bystander(joined, inflight_index)
+            )
         if read.prepared is not None:
             self._prepared[deploy_id] = read.prepared
         own = read.own
@@ -1771,7 +1794,7 @@ class AppAgent:
         # wake-up of the loop for it (its next tick marks the journal finished).
         self._wake_when_done = coordinating
         self._observe("apply", started)
-        self._prune()
+        self._prune(committed=(rec.id, rec.release))
         self.log.info(
             "deploy_live" if state == LIVE else "deploy_failed_after_commit",
             deploy=rec.id,
@@ -1848,15 +1871,26 @@ class AppAgent:
                 time.monotonic() - started
             )
 
-    def _prune(self, *, dry_run: bool = False) -> None:
+    def _prune(self, *, dry_run: bool = False, committed: tuple[str, str] | None = None) -> None:
         """Keep the newest ``keep_releases`` after a deploy (the engine's protections apply).
         ``dry_run``: only learn whether a prune would be blocked (at start: releases left
-        piling up by an earlier run are shown before the next deploy)."""
+        piling up by an earlier run are shown before the next deploy). ``committed``: the
+        deploy and release this host just applied, which its end makes the fleet's
+        ``current`` (the one it replaces becoming ``previous``): kept as the fleet's."""
         journal = self.journal.read()
         in_flight = (
             {str(journal["request"]["release"])} if journal and "request" in journal else set()
         )
-        fleet = fleet_releases(self._fleet_current)
+        seen = self._fleet_current
+        fleet = fleet_releases(seen)
+        if committed is not None and (
+            seen is None or (committed[0] != seen.deploy and committed[1] != seen.release)
+        ):
+            # Its end is still to come: `current` will name it, and the one seen now
+            # becomes `previous` (the one before that goes).
+            fleet = {committed[1]: "the fleet's release"}
+            if seen is not None:
+                fleet[seen.release] = "the fleet's previous release (rollback target)"
         try:
             if dry_run:
                 plan = self.engine.plan_prune(in_flight=in_flight, fleet=fleet)  # no lock
@@ -2139,6 +2173,15 @@ class AppAgent:
         return None
 
     # --- host record and prefetch -----------------------------------------------------
+
+    def _held_by_a_twin(self) -> bool:
+        """Whether the other session holding this node's member key has held it longer
+        than a session this watcher left behind can live (twice the TTL, Consul's grace,
+        and a margin): it is another live watcher's, not this host's old one."""
+        if self._other_holder is None:
+            return False
+        ttl = self.config.daemon.session_ttl
+        return time.monotonic() - self._other_holder[1] > 2 * ttl + TWIN_MARGIN
 
     def _member_key_held_by_another(self) -> bool:
         """Whether the members watch last saw this node's member key held by a session

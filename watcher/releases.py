@@ -1267,7 +1267,7 @@ class ReleaseEngine:
                 protected[name] = "previous"
             elif name in in_flight:
                 protected[name] = "in flight"
-            elif name in fleet:
+            elif name in fleet and info.complete:  # a half-staged tree serves no rollback
                 protected[name] = fleet[name]
             elif pin is not None and pin > now:
                 protected[name] = f"pinned until {info.pinned_until}"

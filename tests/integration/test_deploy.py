@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,7 +17,15 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet, WatcherProc, consul_requests, metrics_text, wait_for
+from tests.support.fleet import (
+    SESSION_TTL,
+    Fleet,
+    WatcherProc,
+    consul_requests,
+    metrics_text,
+    wait_for,
+)
+from watcher.agent import TWIN_MARGIN
 from watcher.config import S3Settings, load_config
 from watcher.web.app import create_app
 
@@ -434,10 +444,37 @@ class TestFailures:
             fleet.wait_idle()
             assert fleet.currents() == {w.name: second["release"] for w in fleet.watchers}
             assert len(twin.log_events("member_key_not_acquired")) == 1  # said once
+
+            # Past twice the session TTL and a margin, the holder cannot be a session this
+            # watcher left behind: a deploy it first sees after host-1's ack (it was
+            # stopped meanwhile) is host-1's too; it vetoed that one over host-1's ack.
+            started_at = _when(said[0]["timestamp"])
+            time.sleep(max(0.0, started_at + 2 * SESSION_TTL + TWIN_MARGIN + 1 - time.time()))
+            assert twin.proc is not None
+            os.killpg(twin.proc.pid, signal.SIGSTOP)
+            try:
+                v3 = fleet.publish("v3")
+                third = fleet.watchers[1].ctl_json("deploy", "web", v3.id, "--no-wait")
+                wait_for(
+                    lambda: fleet.ack_states(third["deploy"])[host1.name] not in ("", "staging"),
+                    30,
+                    "host-1 acked",
+                    fleet,
+                )
+            finally:
+                os.killpg(twin.proc.pid, signal.SIGCONT)
+            assert fleet.wait_outcome(third["deploy"])["result"] == "committed"
+            left = f"deploy {third['deploy']}: expects the other watcher of node {host1.name}"
+            wait_for(
+                lambda: any(left in str(e.get("outcome")) for e in twin.log_events("cycle")),
+                30,
+                "the twin leaving the deploy to host-1",
+                fleet,
+            )
         finally:
             twin.stop()
         record = fleet.kv.kv_get(fleet.keys.host(host1.name))
-        assert record is not None and json.loads(record.value)["release"] == second["release"]
+        assert record is not None and json.loads(record.value)["release"] == third["release"]
 
     def test_unknown_artifact_is_refused_before_anything_is_written(self, fleet: Fleet) -> None:
         result = fleet.watchers[0].ctl("deploy", "web", "main-00000000", check=False)

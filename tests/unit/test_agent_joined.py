@@ -290,6 +290,67 @@ def test_a_prune_keeps_what_the_fleets_current_names(tmp_path: Path) -> None:
             "20260101T000001Z-b-1": "the fleet's previous release (rollback target)",
         }
     ]
+    # Just applied a deploy whose end has not come yet: `current` will name it, and the
+    # release `current` names now becomes its `previous` (the one before goes).
+    agent._prune(dry_run=True, committed=("20260101T000005Z-abcdef", "20260101T000005Z-b-5"))
+    assert asked[-1] == {
+        "20260101T000005Z-b-5": "the fleet's release",
+        "20260101T000004Z-b-4": "the fleet's previous release (rollback target)",
+    }
+    # ... and once `current` names it (the end came first), as it says.
+    agent._prune(dry_run=True, committed=("20260101T000004Z-abcdef", "20260101T000004Z-b-4"))
+    assert asked[-1] == asked[0]
     agent._fleet_current = None
     agent._prune(dry_run=True)
     assert asked[-1] == {}
+
+
+class TestAnotherWatcherOfThisNode:
+    """A deploy whose request names the session holding this node's member key, which is
+    not this watcher's (`_join`)."""
+
+    S1, S2 = "s1" * 18, "s2" * 18
+
+    class Proceeded(Exception):
+        pass
+
+    def agent(self, calls: list[str]) -> AppAgent:
+        from watcher.barrier import JoinRead
+
+        req = types.SimpleNamespace(
+            expected=["host-1"], sessions={"host-1": self.S1}, digest=lambda: "d", as_dict=dict
+        )
+        entry = types.SimpleNamespace(create_index=10, modify_index=10, session=None)
+        a = AppAgent.__new__(AppAgent)
+        a.node, a.status = "host-1", agent_module.AgentStatus()
+        a.store = types.SimpleNamespace(
+            join_read=lambda d, n, artifact=None: JoinRead(req, entry, "", False, None, 0)
+        )
+        a._left_to_holder = {}
+        a._other_holder = None
+        a._last_prefetched = "x"
+        a._prepared, a._own, a._known, a._request_index = {}, {}, {}, {}
+        a.session = lambda: self.S2  # type: ignore[method-assign]
+        a._bystander = lambda *_a, **_k: calls.append("bystander") or "not expected; waiting"  # type: ignore[method-assign]
+
+        def begin(*_a: Any, **_k: Any) -> None:
+            raise self.Proceeded
+
+        a.journal = types.SimpleNamespace(begin=begin)
+        return a
+
+    def test_left_to_the_holder_while_it_holds_the_key_then_taken_up(self) -> None:
+        """A one-host fleet's watcher restarted with .state/ wiped (a new session) while
+        the request names its old one: left to that session while it lives, as a
+        bystander; once it expired and this watcher holds the key, the deploy is this
+        host's again (it refuses it: another session). It stayed 'left to it' for good,
+        blocking every deploy behind its `inflight`."""
+        calls: list[str] = []
+        a = self.agent(calls)
+        a._member_entries = {"host-1": types.SimpleNamespace(session=self.S1)}
+        said = a._join("D", 5)
+        assert said.startswith("deploy D: expects the other watcher of node host-1"), said
+        assert calls == ["bystander"]
+        a._member_entries = {"host-1": types.SimpleNamespace(session=self.S2)}
+        with pytest.raises(self.Proceeded):
+            a._join("D", 5)

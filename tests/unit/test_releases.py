@@ -1248,3 +1248,12 @@ def test_a_prune_keeps_the_releases_the_fleet_names(five: ReleaseEngine) -> None
     assert plan.keep[rel(1)] == "the fleet's previous release (rollback target)"
     assert five.prune(plan=plan) == [rel(2), rel(3)]
     assert rel(1) in five.release_names()
+
+
+def test_a_half_staged_tree_the_fleet_names_still_goes(five: ReleaseEngine) -> None:
+    """Only a complete release serves a rollback: an interrupted staging of that name is
+    removed as before (the fleet's rollback restages it)."""
+    five.flip(rel(5))
+    (five.layout.releases_dir / rel(9)).mkdir()  # no release.json: never completed
+    plan = five.plan_prune(fleet={rel(9): "the fleet's previous release (rollback target)"})
+    assert rel(9) in plan.remove and rel(9) not in plan.keep
