@@ -567,7 +567,10 @@ def _main(argv: Sequence[str] | None) -> int:
         at = argv.index("help")
         argv = [*argv[:at], *argv[at + 1 :], "--help"]
         command = command_of(argv)
-    if command is not None and command not in COMMANDS:
+    words = [a for a in argv if not a.startswith("-")]
+    if command is not None and command not in COMMANDS and not set(words) & set(COMMANDS):
+        # No word names a command (an option's value before one is not a command either:
+        # `--limit 5 history web`, `--conf FILE status`).
         import difflib
 
         close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
@@ -595,8 +598,14 @@ def _main(argv: Sequence[str] | None) -> int:
             commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             said = f"unrecognized arguments: {' '.join(extra)}"
             if args.command == "rollback" and ids.artifact_of_release(extra[0]) is not None:
+                line = [
+                    "rollback",
+                    args.app,
+                    *(["--local"] if getattr(args, "local", False) else []),
+                ]
                 said += (
-                    f" (a release goes with --to: `watcherctl rollback {args.app} --to {extra[0]}`)"
+                    " (a release goes with --to: "
+                    f"`{CtlContext(args).command_line(*line, '--to', extra[0])}`)"
                 )
             commands.choices[args.command].error(said)
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)

@@ -600,7 +600,7 @@ def rollback_summary(
         return {
             "deploy": rollback_id,
             "result": UNKNOWN_ROLLBACK,
-            "note": f"its request is gone or cannot be read; the fleet stays on {failed.release}",
+            "note": "its request is gone or cannot be read: how it ended is not known here",
         }
     rollback = rollback.checked()
     result = rollback.outcome.result if rollback.outcome else None
@@ -1414,7 +1414,9 @@ def fleet_release(
         "previous": previous.release if previous else None,
         "current_problems": problems,
         "current_failed": (
-            failed_release(store, views["current"], previous)
+            failed_release(
+                store, views["current"], previous, previous_untrusted="previous" in problems
+            )
             if trusted and "current" in views
             else None
         ),
@@ -1422,7 +1424,11 @@ def fleet_release(
 
 
 def failed_release(
-    store: DeployStore, view: DeployView, previous: ReleaseRef | None = None
+    store: DeployStore,
+    view: DeployView,
+    previous: ReleaseRef | None = None,
+    *,
+    previous_untrusted: bool = False,
 ) -> dict[str, Any] | None:
     """When the fleet's release failed after its commit (its ``validate`` failed on some
     host and no rollback has moved the fleet off it): the deploy, the hosts with their
@@ -1445,7 +1451,9 @@ def failed_release(
         with contextlib.suppress(PayloadError):
             rollback = rollback_summary(store.view(rollback_id), rollback_id, view.record)
     roll_back = None
-    if previous is not None:
+    if previous_untrusted:  # `current.previous` names what its acks do not commit
+        roll_back = f"watcherctl rollback {store.app} --to RELEASE"
+    elif previous is not None:
         roll_back = f"watcherctl rollback {store.app}"
         before = None
         with contextlib.suppress(PayloadError):
@@ -1493,8 +1501,9 @@ def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
         )
     elif command.endswith("--to RELEASE"):
         lines.append(
-            f"  the fleet stays on it: `{command}` (its previous release failed too: name "
-            f"one that passed, `watcherctl history {app}` lists them) or deploy a fix"
+            f"  the fleet stays on it: `{command}` (its previous release failed too, or is "
+            f"not trusted: name one that passed, `watcherctl history {app}` lists them) or "
+            "deploy a fix"
         )
     else:
         lines.append(

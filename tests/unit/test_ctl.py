@@ -851,8 +851,8 @@ class TestFailedAfterCommitLines:
         lines = failed_release_lines(self.failed(summary, "watcherctl rollback web"), "web")
         assert not any("running" in line for line in lines), lines
         assert lines[1] == (
-            "  its automatic rollback d3: unknown: its request is gone or cannot be read; "
-            "the fleet stays on r2"
+            "  its automatic rollback d3: unknown: its request is gone or cannot be read: how "
+            "it ended is not known here"
         )
         assert lines[2].startswith("  the fleet stays on it: `watcherctl rollback web` or ")
 
@@ -864,7 +864,7 @@ class TestFailedAfterCommitLines:
         )
         assert lines[1].startswith(
             "  the fleet stays on it: `watcherctl rollback web --to RELEASE` (its previous "
-            "release failed too"
+            "release failed too, or is not trusted"
         ), lines
         lines = failed_release_lines(self.failed(None, None), "web")
         assert lines[1].startswith("  the fleet stays on it: deploy a fix (no previous release")
@@ -959,3 +959,8 @@ class TestWhatANewcomerTypesFirst:
             "(a release goes with --to: `watcherctl rollback web --to "
             "20261205T145949Z-main-3bfc2695`)"
         ) in said.stderr, said.stderr
+        # --local and -c kept: pasted, it must not become a fleet rollback of another config
+        local = self.run("rollback", "web", "--local", "20261205T145949Z-main-3bfc2695", "-c", "F")
+        assert (
+            "`watcherctl rollback web --local --to 20261205T145949Z-main-3bfc2695 -c F`"
+        ) in local.stderr, local.stderr
