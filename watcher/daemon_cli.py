@@ -178,10 +178,13 @@ def _not_writable(directory: Path) -> str:
     state, locks and releases there), or "": the directory when it exists, else the
     nearest one above it that does (where it would be made)."""
     here = directory
-    while not here.exists() and here.parent != here:
-        here = here.parent
-    if not here.is_dir():
-        return f"{here} is not a directory"
+    try:
+        while not here.exists() and here.parent != here:
+            here = here.parent
+        if not here.is_dir():
+            return f"{here} is not a directory"
+    except OSError as exc:  # a parent this user may not enter: it cannot look further
+        return f"{here} cannot be looked into by this user: {exc.strerror or exc}"
     if os.access(here, os.W_OK | os.X_OK):
         return ""
     made = "" if here == directory else f" (where {directory} would be made)"

@@ -279,12 +279,24 @@ def _named_watcher(lock_path: str | os.PathLike[str]) -> int | None:
 
 def watcher_runs(lock_path: str | os.PathLike[str]) -> bool:
     """Whether a `watcher run` holds ``lock_path`` (an INSTANCE_LOCK) now: the pid the file
-    names holds its flock (``holds_flock``, read without taking it)."""
+    names holds its flock (``holds_flock``, read without taking it); when that cannot be
+    read (another user's process), whether that pid lives."""
     pid = _named_watcher(lock_path)
     if pid is None:
         return False
     try:
         return holds_flock(pid, lock_path)
+    except PermissionError:
+        # Another user's process (a watcher run as root, asked by a user): whether it
+        # holds the lock cannot be read. The callers refuse what a running watcher makes
+        # unsafe: while that pid lives, take it for running.
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        return True
     except OSError:
         return False
 

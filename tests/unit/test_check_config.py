@@ -329,6 +329,23 @@ class TestCheckConfig:
             "argument, write the hook as a list: [/bin/true, ...])"
         ) in said, said
 
+    def test_a_parent_this_user_may_not_enter_is_a_warning_not_a_crash(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A non-root check-config of a state_dir under a root-only 0700 directory: the
+        look up the tree raised PermissionError (exit 1, "unexpected")."""
+        locked = tmp_path / "root-only"
+        real_exists = Path.exists
+
+        def exists(self: Path) -> bool:
+            if self.is_relative_to(locked) and self != locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_exists(self)
+
+        monkeypatch.setattr(Path, "exists", exists)
+        said = daemon_cli._not_writable(locked / "state")
+        assert said.startswith(f"{locked}/state cannot be looked into by this user"), said
+
     def test_run_refuses_a_bad_config_before_anything_else(self, tmp_path: Path) -> None:
         bad = tmp_path / "w.yaml"
         bad.write_text("apps: {}\n")

@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
+from typing import Any
 
 import pytest
 
 from tests.support.locks import hold_instance_lock
+from watcher import fsutil
 from watcher.errors import LockTimeout, ReleaseError
 from watcher.fsutil import (
     WATCHER_RUN_OWNER,
@@ -362,3 +364,22 @@ class TestWatcherRuns:
             proc.wait()
         lock.write_text(f"{proc.pid} {WATCHER_RUN_OWNER}\n")  # stopped: its pid stays
         assert not watcher_runs(lock)
+
+    def test_another_users_watcher_whose_fds_cannot_be_read_counts_as_running(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A user asking of a root watcher cannot read its /proc fds: taken for running
+        while its pid lives (the callers refuse what a running watcher makes unsafe)."""
+        lock = tmp_path / "daemon.lock"
+        proc = hold_instance_lock(lock)
+        try:
+
+            def unreadable(pid: int, path: Any) -> bool:
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(fsutil, "holds_flock", unreadable)
+            assert watcher_runs(lock)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not watcher_runs(lock)  # that pid is gone
