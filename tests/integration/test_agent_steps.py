@@ -336,10 +336,10 @@ def test_a_step_that_finds_the_apply_still_running_is_taken_again_when_it_ends(
     pruning, go_on = threading.Event(), threading.Event()
     prune = agent._prune
 
-    def slow_prune() -> None:
+    def slow_prune(**kwargs: Any) -> None:
         pruning.set()
         go_on.wait(30)
-        prune()
+        prune(**kwargs)
 
     monkeypatch.setattr(agent, "_prune", slow_prune)
     assert "prepare started" in rig.step()
