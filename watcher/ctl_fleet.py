@@ -922,11 +922,8 @@ def allow_missing_label(row: dict[str, Any]) -> str:
     which always expects those (nobody passed a flag). Shown only when a known host was
     left out: with nobody left out, it says nothing."""
     by = row.get("requested_by")
-    return (
-        "live members only"
-        if isinstance(by, str) and by.startswith(RAW_EVENT_BY)
-        else ("--allow-missing")
-    )
+    raw = isinstance(by, str) and by.startswith(RAW_EVENT_BY)
+    return "live members only" if raw else "--allow-missing"
 
 
 def _detail(d: dict[str, Any], failures: str) -> str:

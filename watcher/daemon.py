@@ -924,7 +924,7 @@ class Daemon:
                 f"another watcher runs with node {self.node} for app {agent.app.name} (a "
                 "config copied from a host with its node kept?), or this one restarted and "
                 "its old session has not expired yet; this watcher writes no host record "
-                "and is expected by no deploy until it holds the key"
+                "and leaves the deploys that name that session to it"
                 if holder
                 else "Consul refused the lock (its lock delay after the last holder's "
                 "session ended); tried again at the next step"
@@ -1004,8 +1004,9 @@ class Daemon:
             view = agent.store.view(req.event_id)
             view = view.checked() if view is not None else None
             if view is not None and view.decision is not None and view.decision.outcome == ABORT:
-                # As the host that wrote the refusal says it (and as a warning).
-                return counted, f"refused: {view.decision.reason}"
+                # A refusal as the host that wrote it says it (and as a warning).
+                refused = view.outcome is not None and view.outcome.result == "refused"
+                return counted, f"{'refused' if refused else 'failed'}: {view.decision.reason}"
         return counted, result
 
     # --- reload, status, stop -------------------------------------------------------------
