@@ -575,6 +575,10 @@ def _hook_context(
 def cmd_setup_release(ctx: CtlContext) -> int:
     config = ctx.config
     app = ctx.app(ctx.args.app)
+    if waiting := _root_waits_for_restart(ctx, app):
+        raise DeployRefused(
+            f"{waiting}: staging and pinning a release would act where it does not look"
+        )
     consul = ConsulClient(config.consul, on_retry=ctx.consul_retry_notice)
     try:
         store = DeployStore(consul, config.kv_prefix, app.name)

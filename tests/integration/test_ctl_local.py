@@ -391,6 +391,7 @@ class TestHold:
                 ("release-hold", "web"),
                 ("rollback", "web", "--local"),
                 ("prune", "web"),
+                ("setup-release", "web", "main-abc12345"),
             ):
                 refused = host.ctl(*args)
                 assert refused.returncode == 4, (args, refused)
