@@ -16,7 +16,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,14 +26,13 @@ from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
-    ConsulError,
     ConsulPermissionDenied,
     DeployInFlight,
     DeployRefused,
     PayloadError,
     RollbackTargetUnknown,
 )
-from watcher.ids import artifact_of_release, one_line_short, shown
+from watcher.ids import one_line_short, release_name_slip, shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -84,6 +83,18 @@ REFUSALS_KEPT = 10
 # an unknown artifact, or one whose record differs from its pin.
 UNKNOWN_ARTIFACT = "unknown artifact"
 REFUSED_ARTIFACT = "artifact refused"
+
+
+def _unknown_artifact(artifact_id: str, artifact_record: Callable[[str], object]) -> str:
+    """The reason a raw deploy event of an artifact id no record has is refused, with a hint
+    when the id is a release name (pasted from `history`)."""
+    slip = release_name_slip(artifact_id, artifact_record)
+    if not slip:
+        return f"{UNKNOWN_ARTIFACT} {artifact_id}"
+    return (
+        f"{UNKNOWN_ARTIFACT} {artifact_id} ({slip}: a deploy event names an artifact, a "
+        "rollback event a release)"
+    )
 
 
 def new_deploy_id(now: datetime | None = None) -> str:
@@ -2049,7 +2060,7 @@ class DeployStore:
                     # unknown artifact, so history and every host say why, not only the
                     # host that read the event first.
                     reason = (
-                        f"{UNKNOWN_ARTIFACT} {artifact_id}{self._release_name_slip(artifact_id)}"
+                        _unknown_artifact(artifact_id, self.artifact)
                         if found is None
                         else self._pin_refusal(found)
                         or (
@@ -2126,22 +2137,6 @@ class DeployStore:
                 )
                 return f"refused: {self._in_flight(inflight)}"
         return "lost race"
-
-    def _release_name_slip(self, given: str) -> str:
-        """For a raw deploy event naming a release (pasted from `history`) where an
-        artifact goes: what to add to "unknown artifact GIVEN" ("" otherwise)."""
-        artifact = artifact_of_release(given)
-        if artifact is None:
-            return ""
-        try:
-            if self.artifact(artifact) is None:
-                return ""
-        except (ConsulError, PayloadError):
-            return ""
-        return (
-            f"; that is a release name: its artifact is {artifact} (a deploy event names "
-            "an artifact, a rollback event a release)"
-        )
 
     def _pin_refusal(self, record: ArtifactRecord) -> str:
         """Why ``record`` may not be deployed (its sha256 is not the one pinned), or ""."""

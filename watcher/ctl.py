@@ -469,22 +469,6 @@ release_argument.__name__ = "release name"
 commit_argument = name_argument(ids.check_commit)
 
 
-def release_name_slip(given: str, artifact_record: Callable[[str], object]) -> str:
-    """What to add to "unknown artifact GIVEN" when GIVEN is a release name (pasted from
-    `history` or `releases` where an artifact id goes) whose artifact ``artifact_record``
-    finds (not None); "" otherwise, and when it cannot tell (the hint is a courtesy: the
-    error it adds to stays the one to report)."""
-    artifact = ids.artifact_of_release(given)
-    if artifact is None:
-        return ""
-    try:
-        if artifact_record(artifact) is None:
-            return ""
-    except WatcherError:
-        return ""
-    return f"that is a release name; its artifact is {artifact}"
-
-
 def exit_code_for(exc: WatcherError) -> int:
     # A name that does not exist is bad input, like an unknown app: 2.
     if isinstance(

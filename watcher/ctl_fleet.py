@@ -44,7 +44,6 @@ from watcher.ctl import (
     exit_code_for,
     reason_argument,
     release_argument,
-    release_name_slip,
     table,
     user_at_host,
 )
@@ -252,7 +251,7 @@ def deploy_request(
     try:
         artifact = resolve_artifact(store, artifact_id)
     except ArtifactNotFound as exc:
-        slip = release_name_slip(artifact_id, store.artifact)
+        slip = ids.release_name_slip(artifact_id, store.artifact)
         if not slip:
             raise
         raise ArtifactNotFound(

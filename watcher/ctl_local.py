@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from watcher import ids
 from watcher.agent import read_journal
 from watcher.barrier import DeployStore, still_uploading
 from watcher.config import AppConfig
@@ -27,7 +28,6 @@ from watcher.ctl import (
     artifact_id_argument,
     reason_argument,
     release_argument,
-    release_name_slip,
     table,
     user_at_host,
 )
@@ -583,7 +583,7 @@ def cmd_setup_release(ctx: CtlContext) -> int:
     try:
         store = DeployStore(consul, config.kv_prefix, app.name)
         record = store.artifact(ctx.args.artifact)
-        slip = "" if record else release_name_slip(ctx.args.artifact, store.artifact)
+        slip = "" if record else ids.release_name_slip(ctx.args.artifact, store.artifact)
     finally:
         consul.close()
     if record is None:

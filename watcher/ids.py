@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import datetime
 
-from watcher.errors import PayloadError
+from watcher.errors import PayloadError, WatcherError
 
 ARTIFACT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 DEPLOY_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -106,6 +107,22 @@ def artifact_of_release(value: object) -> str | None:
     except InvalidName:
         return None
     return name[len("YYYYmmddTHHMMSSZ-") :]
+
+
+def release_name_slip(given: str, artifact_record: Callable[[str], object]) -> str:
+    """What to add to "unknown artifact GIVEN" when GIVEN is a release name (pasted from
+    `history` or `releases` where an artifact id goes) whose artifact ``artifact_record``
+    finds (not None); "" otherwise, and when it cannot tell (the hint is a courtesy: the
+    error it adds to stays the one to report)."""
+    artifact = artifact_of_release(given)
+    if artifact is None:
+        return ""
+    try:
+        if artifact_record(artifact) is None:
+            return ""
+    except WatcherError:
+        return ""
+    return f"that is a release name; its artifact is {artifact}"
 
 
 def check_commit(value: object) -> str:

@@ -627,7 +627,7 @@ class TestBadPayloads:
         pasted = fire(consul_bin, agent, "deploy", json.dumps({"app": "web", "artifact": release}))
         outcome = fleet.wait_outcome(pasted)
         assert outcome["result"] == "refused", outcome
-        assert f"that is a release name: its artifact is {v1.id}" in outcome["reason"], outcome
+        assert f"that is a release name; its artifact is {v1.id}" in outcome["reason"], outcome
 
     def test_oversized_payload_is_dropped(self, make_fleet: MakeFleet, consul_bin: str) -> None:
         # An otherwise valid deploy padded to just under what Consul still delivers: the
