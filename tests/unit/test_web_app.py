@@ -221,6 +221,8 @@ class TestTheDescriptionTellsTheTruth:
         ("GET", "/metrics?token=x", "/metrics", {}, 400),
         ("GET", "/api/v1/apps/nope/fleet", "/api/v1/apps/{app}/fleet", {}, 404),
         ("GET", "/api/v1/apps/web/deploys?limit=0", "/api/v1/apps/{app}/deploys", {}, 422),
+        ("GET", "/api/v1/apps/web/deploys?limit=5&limit=6", "/api/v1/apps/{app}/deploys", {}, 400),
+        ("GET", "/api/v1/apps/web/deploys?limt=5", "/api/v1/apps/{app}/deploys", {}, 400),
         ("GET", "/api/v1/apps/web/deploys/-x", "/api/v1/apps/{app}/deploys/{deploy_id}", {}, 422),
         ("GET", "/api/v1/apps/web/fleet", "/api/v1/apps/{app}/fleet", {}, 503),
         ("GET", "/api/v1/apps/web/builds", "/api/v1/apps/{app}/builds", {}, 503),
@@ -282,6 +284,19 @@ class TestTheDescriptionTellsTheTruth:
         assert str(status) in documented, f"{method} {operation}: {status} not documented"
         schema = documented[str(status)]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+
+    def test_a_query_parameter_twice_or_unknown_is_refused_by_name(
+        self, client: TestClient
+    ) -> None:
+        # Either would otherwise answer as if read: one of the two limits, or the default.
+        r = client.get("/api/v1/apps/web/deploys?limit=5&limit=500")
+        assert r.status_code == 400
+        assert r.json()["error"] == "query parameter 'limit' given more than once: give it once"
+        r = client.get("/api/v1/apps/web/deploys?limt=5")
+        assert r.status_code == 400
+        assert r.json()["error"] == "unknown query parameter 'limt' (this endpoint takes limit)"
+        r = client.get("/api/v1/apps/web/fleet?x=1&x=2")
+        assert r.status_code == 400 and "'x' given more than once" in r.json()["error"]
 
     def test_healthz_answers_head(self, client: TestClient) -> None:
         r = client.head("/healthz")

@@ -794,6 +794,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 "a token in the URL is refused (URLs end up in logs and histories); "
                 "send it as Authorization: Bearer <token> or X-Consul-Token"
             )
+        given = [name for name, _ in request.query_params.multi_items()]
+        if twice := next((n for n in given if given.count(n) > 1), None):
+            # Frameworks keep one of the two (`?limit=5&limit=500`): which is a guess.
+            return 400, f"query parameter {ids.shown(twice)} given more than once: give it once"
         if request.method in SAFE_METHODS:
             return None
         origin = request.headers.get("origin")
@@ -935,6 +939,12 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
     )
     def get_history(app: AppName, request: Request, limit: Limit = HISTORY_LIMIT) -> dict[str, Any]:
+        if unknown := sorted(set(request.query_params) - {"limit"}):
+            # `?limt=5` would answer with the default 20, as if it had been read.
+            raise ApiError(
+                400,
+                f"unknown query parameter {ids.shown(unknown[0])} (this endpoint takes limit)",
+            )
         if not 1 <= limit <= HISTORY_MAX:
             raise ApiError(422, f"limit must be between 1 and {HISTORY_MAX}, got {limit}")
         store = state.store(app_name(app), state.reader(request))
