@@ -120,6 +120,7 @@ class TestRefusedBeforeConsul:
         r = client.get("/apps/api")
         assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
         assert "apps.api: no such app" in r.text and 'data-app=""' in r.text
+        assert "<title>error · release-watcher</title>" in r.text  # a tab, not " · ..."
 
     def test_wrong_types_name_the_field(self, client: TestClient) -> None:
         r = client.post("/api/v1/apps/web/deploys", json={"artifact": 5, "allow_missing": "x"})
