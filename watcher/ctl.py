@@ -535,6 +535,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = out, err
 
 
+def _option_slip(command_parser: argparse.ArgumentParser, extra: Sequence[str]) -> str:
+    """ " (did you mean --fleet?)" for the first unknown long option close to one the
+    command takes (`status --flet`), else ""."""
+    import difflib
+
+    given = next((e.partition("=")[0] for e in extra if e.startswith("--")), None)
+    if given is None:
+        return ""
+    known = [o for a in command_parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _traceback_if(debug: bool) -> None:
     """--debug adds the traceback of the error being handled; the message and the exit code
     stay what they are without it (a script run with --debug must see the same codes)."""
@@ -581,6 +594,7 @@ def _main(argv: Sequence[str] | None) -> int:
             # Said with the command's own usage (`history web extra`), not the top level's.
             commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             said = f"unrecognized arguments: {' '.join(extra)}"
+            said += _option_slip(commands.choices[args.command], extra)
             if args.command == "rollback" and ids.artifact_of_release(extra[0]) is not None:
                 line = [
                     "rollback",

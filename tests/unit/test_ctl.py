@@ -947,6 +947,23 @@ class TestWhatANewcomerTypesFirst:
         far = self.run("frobnicate")
         assert far.returncode == 2 and "did you mean" not in far.stderr, far.stderr
 
+    @pytest.mark.parametrize(
+        ("argv", "hint"),
+        [
+            (["status", "--flet"], "--flet (did you mean --fleet?)"),
+            (["history", "web", "--limt=5"], "--limt=5 (did you mean --limit?)"),
+            (["deploy", "web", "main-1", "--allow-mising"], "(did you mean --allow-missing?)"),
+        ],
+    )
+    def test_a_misspelled_option_is_named_with_the_close_one(
+        self, argv: list[str], hint: str
+    ) -> None:
+        said = self.run(*argv)
+        assert said.returncode == 2, said
+        assert said.stderr.rstrip().endswith(hint), said.stderr
+        far = self.run(argv[0], "--zzzzzz")
+        assert far.returncode == 2 and "did you mean" not in far.stderr, far.stderr
+
     def test_help_command_is_the_commands_help(self) -> None:
         said = self.run("help", "deploy")
         assert said.returncode == 0, said
