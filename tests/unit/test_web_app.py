@@ -126,6 +126,17 @@ class TestRefusedBeforeConsul:
         r = client.post("/api/v1/apps/web/deploys", json={"artifact": 5, "allow_missing": "x"})
         assert r.status_code == 422
         assert "artifact:" in r.json()["error"] and "allow_missing:" in r.json()["error"]
+        # what each was given, in JSON's words
+        assert "artifact: Input should be a valid string, got 5" in r.json()["error"]
+        assert "allow_missing: Input should be a valid boolean, got 'x'" in r.json()["error"]
+        r = client.post("/api/v1/apps/web/deploys", json=[{"artifact": "main-1"}])
+        assert r.status_code == 422
+        assert r.json()["error"] == (
+            "body: must be a JSON object (got an array) with the fields: allow_missing, artifact"
+        )
+        r = client.get("/api/v1/apps/web/deploys?limit=ten")
+        assert r.status_code == 422 and r.json()["error"].startswith("limit: "), r.text
+        assert r.json()["error"].endswith(", got 'ten'"), r.text
 
     @pytest.mark.parametrize(
         ("path", "body", "named"),

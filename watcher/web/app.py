@@ -599,6 +599,28 @@ def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in the words of JSON: 'an array', 'a string'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _given(value: object) -> str:
+    """ ", got 5" for a rejected value (what the field was given, shown short and escaped)."""
+    if isinstance(value, str):
+        return f", got {ids.shown(value)}"
+    if value is None or isinstance(value, bool | int | float):
+        return f", got {json.dumps(value)}"
+    return f", got {_json_kind(value)}"
+
+
 def _key_given_twice(body: bytes) -> str:
     """What is wrong with a body that gives one key twice; "" for any other body (one that
     does not parse is the route's to refuse, with its own words)."""
@@ -824,7 +846,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         problems = []
         unknown = False  # a field the body does not take (a typo): say which ones it takes
         for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            loc = [str(p) for p in err.get("loc", ())]
+            where = ".".join(loc[1:] if loc[:1] in (["body"], ["query"]) else loc) or "body"
             if err.get("type") == "json_invalid":
                 ctx = err.get("ctx") or {}
                 problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
@@ -837,8 +860,13 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             elif err.get("type") == "extra_forbidden":
                 unknown = True
                 problems.append(f"{where}: unknown field")
+            elif where == "body" and err.get("type") == "model_attributes_type":
+                problems.append(
+                    f"body: must be a JSON object (got {_json_kind(err.get('input'))}) with the "
+                    f"fields: {', '.join(body_fields(request)) or 'none'}"
+                )
             else:
-                problems.append(f"{where}: {err.get('msg')}")
+                problems.append(f"{where}: {err.get('msg')}{_given(err.get('input'))}")
         if unknown:
             problems.append(f"the body takes: {', '.join(body_fields(request)) or 'no field'}")
         status = 400 if any(p.startswith("malformed") for p in problems) else 422
