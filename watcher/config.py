@@ -808,6 +808,18 @@ CONSUL_ENV_NAMES = {
 }
 
 
+FROM_ENV = " (from the environment): "
+
+
+def _where_wrong(source: str, problems: list[str]) -> tuple[str, list[str]]:
+    """The source and problems of a ConfigError: the file's, unless every problem is an
+    environment variable's (an operator's CONSUL_HTTP_TOKEN_FILE naming no file is not the
+    config file's fault, and its path in front of the message points at the wrong thing)."""
+    if all(FROM_ENV in p for p in problems):
+        return "environment", [p.replace(FROM_ENV, ": ", 1) for p in problems]
+    return source, problems
+
+
 def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """The Consul CLI's environment variables, with their usual meaning."""
     out: dict[str, Any] = {}
@@ -859,11 +871,13 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
             if key == "token_file":
                 merged.pop("token", None)
 
-    def name(key: str) -> str:
-        """Where a value came from, for its error: the file's key or the variable."""
+    def name(key: str, value: str = "") -> str:
+        """Where a value came from, for its error: the file's key or the variable (with
+        ``value`` when given: the file a token_file names)."""
+        shown = f" ({value})" if value else ""
         if key in from_env:
-            return f"{CONSUL_ENV_NAMES[key]} (from the environment)"
-        return f"consul.{key}"
+            return f"{CONSUL_ENV_NAMES[key]}{shown}{FROM_ENV[:-2]}"
+        return f"consul.{key}{shown}"
 
     address = r.get(
         merged,
@@ -883,8 +897,8 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     where = name("token")
     if token_file:
         # Named by the environment (CONSUL_HTTP_TOKEN_FILE) unless the file set it.
-        key = "consul.token_file" if d.get("token_file") else "CONSUL_HTTP_TOKEN_FILE"
-        where = f"{key} ({token_file})"
+        key = name("token_file")
+        where = name("token_file", token_file)
         try:
             token = read_token_file(token_file)
         except ValueError as exc:
@@ -1034,7 +1048,7 @@ def parse_config(
             if app is not None:
                 apps[app.name] = app
     if r.problems:
-        raise ConfigError(source, r.problems)
+        raise ConfigError(*_where_wrong(source, r.problems))
     return Config(
         source=source,
         node=node,

@@ -36,11 +36,15 @@ def with_app(**app: Any) -> dict[str, Any]:
     return minimal(apps={"web": {"root": "/srv", **app}})
 
 
-def problems(data: Any, env: dict[str, str] | None = None) -> list[str]:
+def problems(
+    data: Any, env: dict[str, str] | None = None, *, source: str = "test.yaml"
+) -> list[str]:
+    """The problems parse_config finds; ``source``: the one they are said of (the file's
+    path, or "environment" when every problem is an environment variable's)."""
     with pytest.raises(ConfigError) as info:
         parse_config(data, source="test.yaml", env=env or {})
-    assert info.value.source == "test.yaml"
-    assert str(info.value) == "test.yaml: " + "; ".join(info.value.problems)
+    assert info.value.source == source
+    assert str(info.value) == f"{source}: " + "; ".join(info.value.problems)
     return info.value.problems
 
 
@@ -772,7 +776,8 @@ class TestConsulEnvironment:
 
     def test_unreadable_token_file_names_the_variable_that_named_it(self, tmp_path: Path) -> None:
         env = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}
-        assert problems(minimal(), env=env) == [
+        # Said of the environment, not of the config file (which is not at fault).
+        assert problems(minimal(), env=env, source="environment") == [
             f"CONSUL_HTTP_TOKEN_FILE: cannot read {tmp_path / 'missing'}: No such file or directory"
         ]
 
@@ -783,9 +788,9 @@ class TestConsulEnvironment:
         assert problems(minimal(consul={"token_file": str(empty)}), env={}) == [
             f"consul.token_file: {empty} is empty (it should hold the token's SecretID)"
         ]
-        assert problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(empty)}) == [
-            f"CONSUL_HTTP_TOKEN_FILE: {empty} is empty (it should hold the token's SecretID)"
-        ]
+        assert problems(
+            minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(empty)}, source="environment"
+        ) == [f"CONSUL_HTTP_TOKEN_FILE: {empty} is empty (it should hold the token's SecretID)"]
 
     def test_a_token_file_holding_more_than_the_secret_is_refused_unechoed(
         self, tmp_path: Path
@@ -793,20 +798,28 @@ class TestConsulEnvironment:
         # `consul acl token create` prints a table; saved whole, it would reach an HTTP
         # header, and the error naming the header would print the secret.
         table = write(tmp_path / "token", "AccessorID: abc\nSecretID:   0d1e-secret\n")
-        (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(table)})
+        (problem,) = problems(
+            minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(table)}, source="environment"
+        )
         assert problem.startswith(f"CONSUL_HTTP_TOKEN_FILE ({table}): the token holds spaces")
         assert "secret" not in problem.replace("SecretID", "")
-        (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN": "a b"})
-        assert problem.startswith("CONSUL_HTTP_TOKEN (from the environment): the token holds")
+        (problem,) = problems(minimal(), env={"CONSUL_HTTP_TOKEN": "a b"}, source="environment")
+        assert problem.startswith("CONSUL_HTTP_TOKEN: the token holds")
+        # With a problem of the file's own, each is said of the file, the variable named.
+        both = problems(
+            minimal(s3={"bucket": 5}), env={"CONSUL_HTTP_TOKEN": "a b"}, source="test.yaml"
+        )
+        assert len(both) == 2 and both[1].startswith("s3.bucket: "), both
+        assert both[0].startswith("CONSUL_HTTP_TOKEN (from the environment): the token holds")
         data = minimal()
         data["consul"] = {"token": "a b"}
         (problem,) = problems(data, env={"CONSUL_HTTP_TOKEN": "fine"})
         assert problem.startswith("consul.token: the token holds spaces")
         binary = tmp_path / "binary"
         binary.write_bytes(b"\xff\xfe\x00")
-        assert problems(minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(binary)}) == [
-            f"CONSUL_HTTP_TOKEN_FILE: {binary} is not text (a token is one line)"
-        ]
+        assert problems(
+            minimal(), env={"CONSUL_HTTP_TOKEN_FILE": str(binary)}, source="environment"
+        ) == [f"CONSUL_HTTP_TOKEN_FILE: {binary} is not text (a token is one line)"]
 
     def test_tls_files(self, tmp_path: Path) -> None:
         ca, cert, key = (write(tmp_path / n, "x") for n in ("ca.pem", "cert.pem", "key.pem"))
@@ -826,8 +839,8 @@ class TestConsulEnvironment:
 
     def test_missing_ca_file(self, tmp_path: Path) -> None:
         env = {"CONSUL_CACERT": str(tmp_path / "nope.pem")}
-        assert problems(minimal(), env=env) == [
-            f"CONSUL_CACERT (from the environment): cannot read {tmp_path}/nope.pem"
+        assert problems(minimal(), env=env, source="environment") == [
+            f"CONSUL_CACERT: cannot read {tmp_path}/nope.pem"
         ]
 
     @pytest.mark.parametrize(
@@ -886,9 +899,11 @@ class TestConsulEnvironment:
 
     def test_bad_address_from_the_environment_is_reported(self) -> None:
         # Named by its variable: the value is not in the file the error is about.
-        found = problems(minimal(), env={"CONSUL_HTTP_ADDR": "not an address"})
+        found = problems(
+            minimal(), env={"CONSUL_HTTP_ADDR": "not an address"}, source="environment"
+        )
         assert len(found) == 1
-        assert found[0].startswith("CONSUL_HTTP_ADDR (from the environment): must be")
+        assert found[0].startswith("CONSUL_HTTP_ADDR: must be")
         assert "not an address" in found[0]
         data = minimal()
         data["consul"] = {"address": "not an address"}
