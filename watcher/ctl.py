@@ -43,7 +43,9 @@ COMMAND_MODULES = (
 # `status --fleet` does not pay for the hooks, archive and S3 code of the others. Any other
 # first argument (--help, a typo) loads them all. A test keeps this in step with the modules.
 COMMANDS = {
-    **dict.fromkeys(("status", "deploy", "rollback", "history", "abort"), "watcher.ctl_fleet"),
+    **dict.fromkeys(
+        ("status", "deploy", "rollback", "history", "builds", "abort"), "watcher.ctl_fleet"
+    ),
     **dict.fromkeys(
         ("releases", "hold", "release-hold", "setup-release", "exec", "prune"),
         "watcher.ctl_local",

@@ -124,6 +124,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(
+        "builds", parents=[common], help="the published builds, newest first: what to deploy"
+    )
+    p.add_argument("app")
+    p.add_argument("--limit", type=_positive_int, default=10, help="at most this many builds")
+    p.set_defaults(func=cmd_builds)
+
+    p = sub.add_parser(
         "abort",
         parents=[common],
         help="abort a deploy that is not decided yet",
@@ -822,6 +829,84 @@ def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
             continue  # a record that does not parse is not a build anyone can deploy
     records.sort(key=lambda r: (r[0], r[1].id), reverse=True)
     return [r for _, r in records]
+
+
+BUILDS_LIMIT = 30  # the builds the page and `watcherctl builds` list at most
+
+
+def build_rows(
+    store: DeployStore, fleet: dict[str, Any], limit: int = BUILDS_LIMIT
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` artifact records, with how many hosts have each prefetched and
+    whether the fleet's release (``current``) or the one before it (``previous``) is of it
+    (the page's builds and `watcherctl builds`)."""
+    counts: dict[str, int] = {}
+    for host in fleet["hosts"].values():
+        for artifact_id in host.get("prefetched") or []:
+            counts[artifact_id] = counts.get(artifact_id, 0) + 1
+    live = {
+        ids.artifact_of_release(fleet.get(key) or ""): key
+        for key in ("previous", "current")  # current wins when both are of one build
+        if not fleet.get("current_problems", {}).get(key)
+    }
+    return [
+        {
+            "id": r.id,
+            "branch": r.branch,
+            "commit": r.commit,
+            "build_number": r.build_number,
+            "build_url": r.build_url if r.build_url.startswith(("https://", "http://")) else "",
+            "created_by": r.created_by,
+            "created_at": r.created_at,
+            "size": r.size,
+            "uploading": r.uploading,
+            "prefetched_on": counts.get(r.id, 0),
+            "fleet": live.get(r.id, ""),
+        }
+        for r in artifact_records(store)[:limit]
+    ]
+
+
+def cmd_builds(ctx: CtlContext) -> int:
+    store = _store(ctx, ctx.args.app)
+    fleet = fleet_status(store)
+    rows = build_rows(store, fleet, ctx.args.limit)
+    hosts = len(fleet["hosts"])
+
+    def human(items: list[dict[str, Any]]) -> str:
+        if not items:
+            return (
+                f"no builds of {ctx.args.app} published (CI publishes them: `"
+                f"{ctx.command_line('publish', ctx.args.app, 'DIR')}`)"
+            )
+        cells = [
+            [
+                b["id"],
+                b["branch"] or "-",
+                b["commit"][:12] or "-",
+                b["build_number"] or "-",
+                b["created_at"] or "-",
+                f"{b['prefetched_on']}/{hosts}",
+                ", ".join(
+                    n
+                    for n in (
+                        {"current": "fleet's release", "previous": "fleet's previous"}.get(
+                            b["fleet"], ""
+                        ),
+                        "uploading" if b["uploading"] else "",
+                    )
+                    if n
+                )
+                or "-",
+            ]
+            for b in items
+        ]
+        return table(
+            cells, ["ARTIFACT", "BRANCH", "COMMIT", "BUILD", "PUBLISHED", "PREFETCHED", "NOTE"]
+        )
+
+    ctx.emit(rows, human)
+    return EXIT_OK
 
 
 def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:

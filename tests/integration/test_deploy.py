@@ -80,6 +80,32 @@ class TestHappyPath:
         for w in fleet.watchers:
             assert not w.log_events("decision_not_obeyed"), w
 
+    def test_builds_lists_what_there_is_to_deploy(self, fleet: Fleet) -> None:
+        w0 = fleet.watchers[0]
+        empty = w0.ctl("builds", "web", as_json=False).stdout
+        assert empty.startswith("no builds of web published"), empty
+        v1 = fleet.publish("v1", announce=True)
+        v2 = fleet.publish("v2")  # not announced: nobody prefetches it
+
+        def rows() -> dict[str, dict[str, object]]:
+            listed = w0.ctl_json("builds", "web")
+            assert [b["id"] for b in listed] == [v2.id, v1.id], listed  # newest first
+            return {b["id"]: b for b in listed}
+
+        wait_for(lambda: rows()[v1.id]["prefetched_on"] == 3, 30, "v1 prefetched on 3", fleet)
+        assert rows()[v2.id]["prefetched_on"] == 0 and rows()[v2.id]["fleet"] == ""
+        w0.ctl_json("deploy", "web", v1.id)
+        assert rows()[v1.id]["fleet"] == "current"
+        w0.ctl_json("deploy", "web", v2.id)
+        listed = rows()
+        assert (listed[v2.id]["fleet"], listed[v1.id]["fleet"]) == ("current", "previous")
+        text = w0.ctl("builds", "web", "--limit", "1", as_json=False).stdout.splitlines()
+        assert text[0].split() == [
+            "ARTIFACT", "BRANCH", "COMMIT", "BUILD", "PUBLISHED", "PREFETCHED", "NOTE"
+        ]  # fmt: skip
+        assert len(text) == 2 and text[1].startswith(v2.id), text
+        assert text[1].endswith("fleet's release"), text
+
     def test_hosts_on_a_committed_deploys_release_are_on_the_fleets(
         self, fleet: Fleet, tmp_path: Path
     ) -> None:

@@ -46,7 +46,7 @@ from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
     allow_missing_label,
-    artifact_records,
+    build_rows,
     contested_reason,
     deploy_history_checked,
     deploy_request,
@@ -80,7 +80,6 @@ MAX_BODY = 16 * 1024  # bytes: a write's JSON body is a few dozen; anything bigg
 HISTORY_LIMIT = 20
 HISTORY_MAX = 200  # the most deploys one history request may ask for
 LIVE_LOOKBACK = 5  # deploys of the history the live view tries when the newest cannot be read
-BUILDS_LIMIT = 30
 # FastAPI's 400 detail when parsing the body raised anything but a JSON decode error.
 UNPARSED_BODY = "There was an error parsing the body"
 SECTIONS_EVERY = 2.0  # seconds between reads of the fleet/builds digest during a deploy
@@ -452,30 +451,6 @@ class WebState:
 def _command(*args: str) -> str:
     """A watcherctl command line, for a warning that names one to run on a host."""
     return shlex.join(["watcherctl", *args])
-
-
-def builds(store: DeployStore, fleet: dict[str, Any]) -> list[dict[str, Any]]:
-    """Artifact records, newest first, with how many hosts have each prefetched."""
-    counts: dict[str, int] = {}
-    for host in fleet["hosts"].values():
-        for artifact_id in host.get("prefetched") or []:
-            counts[artifact_id] = counts.get(artifact_id, 0) + 1
-    records = artifact_records(store)
-    return [
-        {
-            "id": r.id,
-            "branch": r.branch,
-            "commit": r.commit,
-            "build_number": r.build_number,
-            "build_url": r.build_url if r.build_url.startswith(("https://", "http://")) else "",
-            "created_by": r.created_by,
-            "created_at": r.created_at,
-            "size": r.size,
-            "uploading": r.uploading,
-            "prefetched_on": counts.get(r.id, 0),
-        }
-        for r in records[:BUILDS_LIMIT]
-    ]
 
 
 def live_snapshot(store: DeployStore) -> Snapshot:
@@ -961,7 +936,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     def get_builds(app: AppName, request: Request) -> dict[str, Any]:
         store = state.store(app_name(app), state.reader(request))
-        return {"builds": builds(store, fleet_status(store))}
+        return {"builds": build_rows(store, fleet_status(store))}
 
     @app.get(
         "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
@@ -1252,7 +1227,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             history, history_problem = deploy_history_checked(store, HISTORY_LIMIT)
             ctx.update(
                 fleet=fleet,
-                builds=builds(store, fleet),
+                builds=build_rows(store, fleet),
                 history=history,
                 history_problem=history_problem,
                 live=live_snapshot(store),
