@@ -139,6 +139,7 @@ def follow_ups(fleet: Fleet, v2: str, src: Path) -> list[str]:
     return [
         f"{ctl} status",
         f"{ctl} status --fleet",
+        f"{ctl} builds web",
         f"{ctl} deploy web {v2}",
         f"{ctl} history web",
         f"{aws} {ctl} publish web {src} --branch main --commit {commit}",
