@@ -1239,7 +1239,22 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
     path = Path(state_dir) / "status.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        from watcher.fsutil import INSTANCE_LOCK, named_watcher, watcher_runs
+
+        lock = Path(state_dir) / INSTANCE_LOCK
+        if watcher_runs(lock) and (pid := named_watcher(lock)) is not None:
+            # Started, not yet ready: it writes its status once Consul gave it a session
+            # (an unknown token, an agent that does not answer keep it there).
+            return {
+                "running": False,
+                "starting": True,
+                "pid": pid,
+                "reason": f"no status at {path} yet: it writes one once Consul gave it a "
+                "session; its log says what it waits for (journalctl -u watcher)",
+            }
+        return {"running": False, "reason": f"no status at {path}"}
+    except ValueError:
         return {"running": False, "reason": f"no status at {path}"}
     except OSError as exc:  # a directory, root's file without sudo: say so, show the rest
         return {"running": False, "reason": f"cannot read {path}: {exc.strerror or exc}"}
@@ -1681,6 +1696,8 @@ def _human_status(data: dict[str, Any]) -> str:
         if d.get("running")
         else f"watcher NOT RESPONDING ({d.get('reason', '')})"
         if d.get("stuck")
+        else f"watcher STARTING (pid {d['pid']}), not ready: {d.get('reason', '')}"
+        if d.get("starting")
         else f"watcher NOT running ({d.get('reason', '')})"
     )
     c = data["consul"]
@@ -1696,7 +1713,8 @@ def _human_status(data: dict[str, Any]) -> str:
         if reload.get("error"):
             lines.append(
                 f"  config reload FAILED at {reload.get('at')}: {ids.one_line(reload['error'])} "
-                "(the watcher runs on the config it had)"
+                "(the watcher runs on the config it had; fix the file and reload: "
+                "systemctl reload watcher)"
             )
         if reload.get("needs_restart"):
             lines.append(

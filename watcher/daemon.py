@@ -33,6 +33,7 @@ from watcher.consul_api import ConsulClient, ConsulEvent, KVEntry
 from watcher.errors import (
     ConfigError,
     ConsulError,
+    ConsulPermissionDenied,
     ConsulTLSError,
     ConsulUnavailable,
     LockTimeout,
@@ -57,6 +58,7 @@ FIRST_SESSION_WAIT = 15.0  # seconds the loop waits at start for the first sessi
 ACK_WATCH_SETTLE = 0.1  # seconds the coordinator lets acks gather before it looks again
 LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
+REFUSED_RETRY = 10.0  # seconds between asks while Consul refuses the token (start, session)
 STATUS_FILE = "status.json"
 SESSION_FILE = "session.json"
 STATUS_HEARTBEAT = 10.0  # seconds between rewrites of status.json when nothing changed
@@ -130,6 +132,8 @@ class SessionKeeper(threading.Thread):
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             self.first_index = 0
         self._lock = threading.Lock()
+        # The failure logged last ((creating, error), when): said again only after a while.
+        self._said: tuple[tuple[bool, str], float] | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -242,7 +246,8 @@ class SessionKeeper(threading.Thread):
                     self.health.session_ok(current)
             except Exception as exc:  # ConsulError, or anything: the keeper must not die
                 self.metrics.session_renew_failures.inc()
-                log.warning("session_renew_failed", error=str(exc))
+                refused = isinstance(exc, ConsulPermissionDenied)
+                self._say_failure(exc, refused=refused)
                 if (
                     isinstance(exc, ConsulError)
                     and self.session_id is not None
@@ -262,9 +267,33 @@ class SessionKeeper(threading.Thread):
                     self.on_renew_failed()
                 except Exception as report_exc:  # a report must never stop the renewals
                     log.warning("status_not_written", error=str(report_exc))
-                self.stopping.wait(min(1.0, interval))
+                # A token Consul refuses stays refused until an operator changes it: asked
+                # again every 10 s, not every second.
+                self.stopping.wait(REFUSED_RETRY if refused else min(1.0, interval))
                 continue
+            self._said = None
             self.stopping.wait(interval)
+
+    def _say_failure(self, exc: Exception, *, refused: bool) -> None:
+        """Log a failed create or renewal; the same error again only once a minute (a token
+        Consul refuses would otherwise fill the journal a line a second)."""
+        creating = self.session_id is None
+        said = (creating, str(exc))
+        now = time.monotonic()
+        if self._said is not None and self._said[0] == said and now - self._said[1] < HEARTBEAT_LOG:
+            return
+        self._said = (said, now)
+        event = "session_create_failed" if creating else "session_renew_failed"
+        if refused:
+            log.error(
+                event,
+                error=str(exc),
+                note="Consul refused this watcher's token: it joins no deploy until the "
+                f"token may write a session on node {self.node} (docs/acl.md); asked again "
+                f"every {REFUSED_RETRY:g}s",
+            )
+        else:
+            log.warning(event, error=str(exc))
 
     def destroy(self) -> None:
         session_id = self.session_id
@@ -498,6 +527,7 @@ class Daemon:
         self._deploy_watch: dict[str, dict[str, threading.Event]] = {}
         self.cache = WatchCache()
         self._member_refused: dict[str, str] = {}  # app -> the session said to hold its key
+        self._refusal_said: dict[str, str] = {}  # app -> the token refusal logged last
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
@@ -584,9 +614,22 @@ class Daemon:
         if self.config.node:
             return self.config.node
         delay = 0.5
+        refused_said = False
         while not self.flags.stop.is_set():
             try:
                 return self.consul.agent_node_name()
+            except ConsulPermissionDenied as exc:
+                # Consul answered: its name for this node is what the token may not read.
+                if not refused_said:
+                    refused_said = True
+                    log.error(
+                        "consul_token_refused_at_start",
+                        error=str(exc),
+                        note="the watcher asks its Consul agent for the node name when the "
+                        "config sets no `node:`; set it, or give the token `agent` read on "
+                        f"its node (docs/acl.md); asked again every {REFUSED_RETRY:g}s",
+                    )
+                self.flags.stop.wait(REFUSED_RETRY)
             except ConsulError as exc:
                 log.warning("consul_unreachable_at_start", error=str(exc), retry_in_s=delay)
                 self.flags.stop.wait(delay)
@@ -848,6 +891,7 @@ class Daemon:
                 watched={k: v for k, v in seen.items() if v is not _MISSING},
             )
             self.health.decision_read(name)
+            self._token_refused(name, None)
             waiting = agent.status.undecided_since
             self.health.ready_waiting(name, agent.status.deploy if waiting else None, waiting)
             self._watch_deploy(agent)
@@ -855,6 +899,8 @@ class Daemon:
             return outcome
         except ConsulError as exc:
             self.metrics.consul_errors.labels(op="reconcile").inc()
+            if isinstance(exc, ConsulPermissionDenied):
+                self._token_refused(name, str(exc))
             undecided = agent.undecided_deploy()
             if undecided:
                 # Counted from when this attempt to read began (this reconcile, or the
@@ -882,6 +928,32 @@ class Daemon:
         except Exception as exc:  # one app's bug must not stop the others or the loop
             log.exception("reconcile_crashed", app=name, error=repr(exc))
             return f"error: {exc!r}"
+
+    def _token_refused(self, app: str, error: str | None) -> None:
+        """A step of ``app`` that Consul refused for the token's permissions (``error``), or
+        (None) one that went through: /health says so until one goes through, and the log
+        says it once at error level (a policy rendered for another app, node or kv_prefix
+        leaves this host out of every deploy, and the fleet may not even list it)."""
+        self.health.token_refused(app, error)
+        if error is None:
+            if self._refusal_said.pop(app, None) is not None:
+                log.info("consul_token_accepted", app=app)
+            return
+        if self._refusal_said.get(app) == error:
+            return
+        self._refusal_said[app] = error
+        log.error(
+            "consul_token_refused",
+            app=app,
+            node=self.node,
+            error=error,
+            note=(
+                f"this watcher takes part in no deploy of {app} until its token may read "
+                f"{self.config.kv_prefix}/apps/{app}/ and write this node's keys: a policy "
+                "rendered for this node and app (docs/acl.md; `watcher check-config` names "
+                "each key the token may not write)"
+            ),
+        )
 
     def _ensure_member(self, agent: AppAgent) -> dict[str, KVEntry]:
         """Hold ``members/<node>`` with this daemon's session; returns the live members."""

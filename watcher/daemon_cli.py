@@ -112,6 +112,106 @@ def agent_session_ttl_min(config: Config) -> float | None:
         client.close()
 
 
+#: A CAS index no key has: a write with it is checked against the token's ACL (a 403
+#: when the token may not write the key) and then never applied, whether the key exists or
+#: not. So `check-config` asks "may this token write here?" without writing anything.
+NEVER_INDEX = 2**63 - 1
+#: The deploy and artifact ids the write probes name (never created, see NEVER_INDEX).
+PROBE_DEPLOY, PROBE_ARTIFACT = "check-config-probe", "check-config-probe"
+
+
+def token_warnings(config: Config) -> list[str]:
+    """What the config's Consul token may not do that a watcher of this config needs, read
+    from Consul itself: read each app's keys, and write the ones a watcher of this node
+    writes (docs/acl.md's watcher policy). Consul answers each write with a CAS that never
+    applies, so nothing is written. A token rendered for another node, app or kv_prefix is
+    otherwise seen only once the watcher runs and takes part in no deploy."""
+    if not config.apps:
+        return []
+    from dataclasses import replace
+
+    from watcher.consul_api import ConsulClient
+    from watcher.errors import ConsulError, ConsulPermissionDenied, ConsulRequestError
+    from watcher.records import Keys
+
+    settings = replace(config.consul, timeout=min(config.consul.timeout, AGENT_LOOK_TIMEOUT))
+    unchecked = "consul: the token's permissions were not checked"
+    try:
+        client = ConsulClient(settings, retry_deadline=0)  # one attempt, nothing logged
+    except (ConsulError, OSError, ValueError) as exc:
+        return [f"{unchecked}: {exc}"]
+    try:
+        if config.consul.token:
+            try:
+                client.acl_token_self()  # any token Consul knows may read itself
+            except ConsulPermissionDenied as exc:
+                return [
+                    f"consul.token: Consul does not know this token ({exc}); give the "
+                    "SecretID of the host's watcher token (docs/acl.md)"
+                ]
+            except ConsulRequestError:
+                pass  # ACLs off: every request is allowed
+        node = config.node
+        if not node:
+            try:
+                node = client.agent_node_name()
+            except ConsulPermissionDenied as exc:
+                return [
+                    f"node: not set, and the token may not read its Consul agent's name "
+                    f"({exc}); set `node:` or give the token `agent` read on its node "
+                    "(docs/acl.md)"
+                ]
+        warnings = []
+        for name in sorted(config.apps):
+            keys = Keys(config.kv_prefix, name)
+            fix = (
+                f"a watcher policy rendered for node {node}, app {name} and kv_prefix "
+                f"{config.kv_prefix} (docs/acl.md)"
+            )
+            try:
+                client.kv_get(keys.current)
+            except ConsulPermissionDenied:
+                warnings.append(
+                    f"apps.{name}: the token may not read {keys.base}/: this watcher would "
+                    f"take part in no deploy of {name}; give it {fix}"
+                )
+                continue
+            denied = []
+            for key in (
+                keys.member(node),
+                keys.host(node),
+                keys.progress(PROBE_DEPLOY, node),
+                keys.pin(PROBE_ARTIFACT),
+                keys.coordinator(PROBE_DEPLOY),
+                keys.decision(PROBE_DEPLOY),
+                keys.outcome(PROBE_DEPLOY),
+                keys.current,
+                keys.events_seen,
+                keys.history,
+                keys.request(PROBE_DEPLOY),
+                keys.inflight,
+            ):
+                try:
+                    client.kv_put(key, b"", cas=NEVER_INDEX)
+                except ConsulPermissionDenied:
+                    denied.append(key.removeprefix(f"{keys.base}/"))
+            if denied:
+                what = (
+                    "no deploy would expect this host, and the fleet would not list it"
+                    if f"members/{node}" in denied
+                    else "its deploys would fail"
+                )
+                warnings.append(
+                    f"apps.{name}: the token may not write {', '.join(denied)} under "
+                    f"{keys.base}/: {what}; give it {fix}"
+                )
+        return warnings
+    except ConsulError as exc:
+        return [f"{unchecked}: {exc}"]
+    finally:
+        client.close()
+
+
 def config_warnings(
     config: Config, *, agent_ttl_min: float | None = None, session_ttl: bool = True
 ) -> list[str]:
@@ -201,7 +301,7 @@ def check_config(args: argparse.Namespace) -> int:
     # and any cluster that lowered it): ask the agent rather than warn on a guess.
     short_ttl = config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN
     agent_ttl_min = agent_session_ttl_min(config) if short_ttl else None
-    for warning in config_warnings(config, agent_ttl_min=agent_ttl_min):
+    for warning in [*config_warnings(config, agent_ttl_min=agent_ttl_min), *token_warnings(config)]:
         print(f"{config.source}: warning: {warning}", file=sys.stderr)
     names = ", ".join(sorted(config.apps))
     count = len(config.apps)

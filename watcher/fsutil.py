@@ -258,7 +258,7 @@ def holds_flock(pid: int, path: str | os.PathLike[str], proc: str = "/proc") -> 
     return False
 
 
-def _named_watcher(lock_path: str | os.PathLike[str]) -> int | None:
+def named_watcher(lock_path: str | os.PathLike[str]) -> int | None:
     """The pid a `watcher run`'s INSTANCE_LOCK names (not whether it holds it), or None:
     no file, another owner, this process, or a ``/proc`` of another pid namespace."""
     try:
@@ -281,7 +281,7 @@ def watcher_runs(lock_path: str | os.PathLike[str]) -> bool:
     """Whether a `watcher run` holds ``lock_path`` (an INSTANCE_LOCK) now: the pid the file
     names holds its flock (``holds_flock``, read without taking it); when that cannot be
     read (another user's process), whether that pid lives."""
-    pid = _named_watcher(lock_path)
+    pid = named_watcher(lock_path)
     if pid is None:
         return False
     try:
@@ -315,7 +315,7 @@ def signal_watcher(lock_path: str | os.PathLike[str], signum: int) -> int | None
     numbers would name other processes than ``pidfd_open``'s.
     """
     try:
-        pid = _named_watcher(lock_path)
+        pid = named_watcher(lock_path)
         if pid is None:
             return None
         pidfd = os.pidfd_open(pid)

@@ -251,6 +251,9 @@ class HealthState:
         # cut-off agent shows first in the session renewals, every TTL/2.
         self._ready: dict[str, _Waiting] = {}
         self._alarms: dict[str, str] = {}
+        # Apps whose last step Consul refused for this watcher's token: this host then takes
+        # part in no deploy of the app, and the fleet may not even see it.
+        self._refused: dict[str, str] = {}
         # Since when the renewals of the session held fail (the clock's time), the last
         # error, and the TTL: past it, said unhealthy (None while they succeed).
         self._renew_failing: tuple[float, str, float] | None = None
@@ -267,6 +270,15 @@ class HealthState:
             self._alarms.pop(app, None)
         if self._metrics is not None:
             self._metrics.alarm.labels(app=app).set(0)
+
+    def token_refused(self, app: str, error: str | None) -> None:
+        """The loop's last step for ``app`` was refused for this token's permissions
+        (``error``), or (None) went through."""
+        with self._lock:
+            if error is None:
+                self._refused.pop(app, None)
+            else:
+                self._refused[app] = error
 
     def loop_cycle(self) -> None:
         """The main loop completed a cycle."""
@@ -372,6 +384,11 @@ class HealthState:
             if loop_age > self.loop_stall_after:
                 problems.append(f"main loop has not completed a cycle for {loop_age:.0f}s")
             problems += [f"{app}: alarm: {why}" for app, why in sorted(self._alarms.items())]
+            problems += [
+                f"{app}: Consul refused this watcher's token, so it takes part in no deploy "
+                f"of {app}: {why}"
+                for app, why in sorted(self._refused.items())
+            ]
             undecided: dict[str, Any] = {}
             for app, waiting in sorted(self._waiting.items()):
                 waited = now - waiting.since

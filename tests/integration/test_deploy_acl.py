@@ -512,6 +512,82 @@ class TestPrivilegeIsLeast:
             with pytest.raises(ConsulPermissionDenied):
                 op.session_create("operator", 5)
 
+    def test_a_token_rendered_for_another_app_or_node_is_said_everywhere(
+        self, acl_fleet: AclFleet, cluster: ConsulCluster
+    ) -> None:
+        """The install review's case: a host whose token was rendered for a misspelt app
+        said it was healthy and logged nothing above info, while no deploy expected it and
+        the fleet did not list it. check-config, the watcher's log and /health (through
+        `watcherctl status`) now each say so; the watcher's own token passes all three."""
+        fleet = acl_fleet.fleet
+        w = fleet.watchers[2]
+
+        def check_config() -> str:
+            return subprocess.run(
+                [str(BIN / "watcher"), "check-config", "-c", str(w.config_path)],
+                capture_output=True,
+                text=True,
+                env=w.env(),
+                timeout=60,
+                check=True,
+            ).stderr
+
+        assert "token" not in check_config()  # its own token may do all it needs
+        base = f"{fleet.kv_prefix}/apps/web/"
+        refused = "Consul refused this watcher's token, so it takes part in no deploy of web"
+        cases = [
+            # (the policy's app and node, or None: a token Consul does not know; what
+            # check-config says; what `status` says; the log event said once, as an error)
+            (("wbe", w.name), f"apps.web: the token may not read {base}:", refused, None),
+            (
+                ("web", fleet.watchers[0].name),  # another host's: reads, writes its own keys
+                f"apps.web: the token may not write members/{w.name}, hosts/{w.name}, "
+                f"progress/{w.name}/check-config-probe under {base}: no deploy would expect "
+                "this host",
+                "no Consul session: ",
+                "session_create_failed",
+            ),
+            (
+                None,
+                "consul.token: Consul does not know this token",
+                "no Consul session: ",
+                "session_create_failed",
+            ),
+        ]
+        for policy, checked, said, event in cases:
+            if policy is None:
+                secret = str(uuid.uuid4())
+            else:
+                app, node = policy
+                secret, _ = create_token(
+                    cluster.server,
+                    f"wrong-{fleet.kv_prefix}-{app}-{node}",
+                    render("watcher", fleet.kv_prefix, app, node=node),
+                )
+            w.stop()
+            config = yaml.safe_load(w.config_path.read_text())
+            config["consul"]["token"] = secret
+            w.config_path.write_text(yaml.safe_dump(config))
+            assert checked in check_config(), policy
+            w.start()
+
+            def told(said: str = said) -> bool:
+                # 1 for the unhealthy watcher; 3 when its token cannot read `status`'s keys
+                status = w.ctl("status", "web", as_json=False, check=False)
+                return status.returncode in (1, 3) and said in status.stdout.split("\n")[0]
+
+            wait_for(told, 30, f"status names the refusal ({policy})", fleet)
+            time.sleep(3)  # cycles and retries go on: the refusal is logged once, not at each
+            errors = [e for e in w.log_events(this_start=True) if e.get("level") == "error"]
+            assert len(errors) == 1, errors
+            if event is None:
+                assert errors[0]["event"] == "consul_token_refused", errors
+                assert f"{base}members/{w.name}" in errors[0]["error"], errors
+            else:
+                assert errors[0]["event"] == event, errors
+            if policy is None:
+                assert "ACL not found" in errors[0]["error"], errors
+
 
 class TestDocumentedCommands:
     def test_cli_creates_and_updates_a_watcher_token(self, cluster: ConsulCluster) -> None:

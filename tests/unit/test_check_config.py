@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,7 @@ class TestCheckConfig:
     ) -> None:
         # No agent to ask (whatever listens on this machine): the default's warning.
         monkeypatch.setattr(daemon_cli, "agent_session_ttl_min", lambda _config: None)
+        monkeypatch.setattr(daemon_cli, "token_warnings", lambda _config: [])  # idem
         (tmp_path / "hook").write_text("#!/bin/sh\n")  # not executable
         (tmp_path / "hooks.d").mkdir()  # a directory
         good = tmp_path / "w.yaml"
@@ -273,6 +276,24 @@ class TestCheckConfig:
             "directory, not an executable file",
             f"{good}: warning: apps.web.hooks.validate[0]: {tmp_path}/hook is not executable",
         ]
+
+    def test_a_token_that_could_not_be_checked_is_said_so(self, tmp_path: Path) -> None:
+        # (What Consul answers is tests/integration/test_deploy_acl.py's.)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.close()  # nothing listens there now
+        config = parse_config(
+            {
+                "consul": {"address": f"127.0.0.1:{port}"},
+                "s3": {"bucket": "b"},
+                "apps": {"web": {"root": str(tmp_path)}},
+            },
+            env={},
+        )
+        (said,) = daemon_cli.token_warnings(config)
+        assert said.startswith("consul: the token's permissions were not checked: cannot "), said
+        assert daemon_cli.token_warnings(replace(config, apps={})) == []  # CI's config
 
     def test_the_ttl_is_checked_against_the_agents_minimum_when_known(self) -> None:
         config = parse_config(

@@ -350,6 +350,37 @@ class TestDaemonStatusFile:
         # What a killed daemon's last write said of its health is not its health now.
         assert status["healthy"] is False
 
+    def test_a_watcher_that_has_not_written_its_status_yet_is_starting(
+        self, tmp_path: Path
+    ) -> None:
+        """A watcher whose token Consul refuses, or whose agent does not answer, runs and
+        holds its instance lock before it writes status.json: `status` said "NOT running
+        (no status at ...)" of a process an operator could see in `ps`."""
+        from tests.support.locks import hold_instance_lock
+        from watcher.ctl_fleet import daemon_status
+        from watcher.fsutil import INSTANCE_LOCK
+
+        assert daemon_status(str(tmp_path))["reason"].startswith("no status at ")
+        watcher = hold_instance_lock(tmp_path / INSTANCE_LOCK)
+        try:
+            status = daemon_status(str(tmp_path))
+            assert status["starting"] is True and status["pid"] == watcher.pid, status
+            line = _human_status(
+                {
+                    "daemon": status,
+                    "consul": {"reachable": True, "address": "http://127.0.0.1:8500"},
+                    "node": "host-1",
+                    "apps": {},
+                }
+            ).splitlines()[0]
+            assert line.startswith(
+                f"host host-1: watcher STARTING (pid {watcher.pid}), not ready: no status at "
+            ), line
+        finally:
+            watcher.kill()
+            watcher.wait()
+        assert "starting" not in daemon_status(str(tmp_path))
+
     def test_a_killed_daemon_not_yet_reaped_is_gone(self, tmp_path: Path) -> None:
         """A SIGKILLed watcher whose parent has not reaped it (a zombie) still takes
         signal 0: `status` called it running until its status file aged (30 s)."""
