@@ -101,6 +101,7 @@ APPLIED_NAME = "applied.json"
 STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
 TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
+APPLIED_KEPT = 5  # deploys applied.json remembers: their acks are spared by every trim
 # The end of a commit writes `current` and deletes `inflight` in one txn, and their watches
 # answer a few ms apart: the loop waits this long for the `current` one before it reads.
 END_WATCH_GRACE = 0.5
@@ -409,6 +410,9 @@ class AppAgent:
         self._sessions_looked: tuple[str, tuple[str, ...], float] = ("", (), 0.0)
         self._task_started = 0.0
         self._trimmed_at = 0.0
+        # The deploys this host applied last, newest last (applied.json): their acks are
+        # never trimmed, whatever the shared `history` and `current` say.
+        self._applied_recently = self._read_applied_recently()
         self._cancel_reason = ""
         self._legacy_checked = False
 
@@ -1188,7 +1192,7 @@ class AppAgent:
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
-            self.store.trim_own_progress(self.node, keep=[joined.id])
+            self.store.trim_own_progress(self.node, keep=self._acks_to_keep(joined.id))
         return self._after_own_part(
             joined.id, inflight_index, cached[0] if cached and cached[0].end_read else None
         )
@@ -1912,13 +1916,37 @@ class AppAgent:
         """At start: whether a prune would be blocked now (status and the metric say so)."""
         self._prune(dry_run=True)
 
+    def _acks_to_keep(self, finished: str) -> list[str]:
+        """The deploys whose acks of this host's a trim must spare, known here rather than
+        from KV: `history` (its `trimmed` list) and `current` are keys any host's token
+        writes, and one host listing every deploy as trimmed, `current` made unreadable,
+        had every other host delete the acks that make the fleet's `current` and its
+        rollback target trusted (a host that came back then stayed on its old release).
+        So: the deploy just finished, the ones this host applied last, and the ones that
+        staged the releases it still has on disk (its live and previous ones)."""
+        keep = [finished, *self._applied_recently]
+        with contextlib.suppress(OSError, WatcherError):
+            keep += [info.deploy_id for info in self.engine.list_releases() if info.deploy_id]
+        return keep
+
+    def _read_applied_recently(self) -> list[str]:
+        try:
+            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+            recent = data.get("recent") or [data["deploy"]]
+            return [str(d) for d in recent if isinstance(d, str)][-APPLIED_KEPT:]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
     def _write_applied(self, joined: Joined) -> None:
+        recent = [d for d in self._applied_recently if d != joined.id] + [joined.id]
+        self._applied_recently = recent[-APPLIED_KEPT:]
         atomic_write_json(
             self.engine.layout.state_dir / APPLIED_NAME,
             {
                 "deploy": joined.id,
                 "create_index": joined.create_index,
                 "release": joined.request.release,
+                "recent": self._applied_recently,
             },
         )
 

@@ -405,6 +405,37 @@ class TestForgedWithoutAcls:
         next_deploy_works(rig, "v3")
 
 
+class TestTrimmedAcks:
+    def test_a_forged_trim_list_deletes_no_ack_the_fleets_releases_need(self, rig: Rig) -> None:
+        """The attack review's case: one host's token listed every deploy in `history` as
+        trimmed and made `current` unreadable, and at their next trim every other host
+        deleted its own acks of the fleet's `current` and `previous` deploys: `current`
+        turned untrusted, `rollback` had no target, and a host that came back stayed on
+        its old release. A host now spares the acks of what it applied and still has."""
+        fleet = rig.fleet
+        baseline(rig)
+        next_deploy_works(rig, "v2")
+        current, _ = rig.store.current()
+        assert current is not None and current.previous is not None
+        d2, d1 = current.deploy, str(current.previous["deploy"])
+        ids, _, _ = rig.store._history_doc()
+        assert {d1, d2} <= set(ids)
+        forged = json.dumps({"version": 2, "deploys": ids, "trimmed": ids}).encode()
+        assert fleet.kv.kv_put(fleet.keys.history, forged)
+        assert fleet.kv.kv_put(fleet.keys.current, b"not json")
+        for w in rig.watchers:  # a host trims at the first end after its start
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        next_deploy_works(rig, "v3")
+        fleet.wait_idle()
+        for deploy_id in (d1, d2):
+            for w in rig.watchers:
+                ack, _ = rig.store.ack(deploy_id, w.name)
+                assert ack is not None and ack.state == LIVE, (deploy_id, w.name, ack)
+        no_crash(rig)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
