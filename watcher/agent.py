@@ -55,6 +55,7 @@ from watcher.errors import (
 )
 from watcher.fsutil import append_bytes, atomic_write_json
 from watcher.hooks import HookContext, hook_commands, run_hooks
+from watcher.ids import shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -1403,6 +1404,13 @@ class AppAgent:
                     f"rollback request differs from committed deploy {t.id}: release "
                     f"{rec.release} sha256 {rec.sha256} vs {t.release} sha256 {t.sha256}"
                 )
+            # watcherctl's rollback names no build; one that does names the target's.
+            if (rec.branch, rec.commit) not in (("", ""), (t.branch, t.commit)):
+                raise DeployRefused(
+                    f"rollback request says branch {shown(rec.branch)} commit "
+                    f"{shown(rec.commit)}, but committed deploy {t.id} was of branch "
+                    f"{shown(t.branch)} commit {shown(t.commit)}"
+                )
             # The content is read as the committed deploy read it (a rollback request
             # carries no format of its own).
             return replace(self._record_of(rec), format=t.format)
@@ -1433,6 +1441,14 @@ class AppAgent:
                 raise ArtifactIntegrityError(
                     f"artifact {rec.artifact}: request says sha256 {rec.sha256} ({rec.format}) "
                     f"but the record says sha256 {record.sha256} ({record.format})"
+                )
+            if (record.branch, record.commit) != (rec.branch, rec.commit):
+                # What hooks, the chat message and history say was deployed: the request
+                # (an operator's token writes it) must say what CI recorded.
+                raise DeployRefused(
+                    f"artifact {rec.artifact}: request says branch {shown(rec.branch)} commit "
+                    f"{shown(rec.commit)}, but the record says branch {shown(record.branch)} "
+                    f"commit {shown(record.commit)}"
                 )
         return self._record_of(rec)
 

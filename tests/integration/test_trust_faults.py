@@ -470,7 +470,8 @@ class TestBadInput:
         no_crash(rig)
 
     @pytest.mark.parametrize(
-        "what", ["not json", "another app", "another release", "an unknown node"]
+        "what",
+        ["not json", "another app", "another release", "an unknown node", "another commit"],
     )
     def test_a_bad_request_is_never_obeyed(self, rig: Rig, what: str) -> None:
         fleet = rig.fleet
@@ -485,6 +486,11 @@ class TestBadInput:
         elif what == "another release":
             rec = request_for(rig, deploy_id, v2, release=f"20200101T000000Z-{v2.id}")
             body = rec.to_json()
+        elif what == "another commit":
+            # What hooks and history would say was deployed: not what CI recorded.
+            rec = request_for(rig, deploy_id, v2)
+            body = json.dumps({**rec.as_dict(), "branch": "hotfix;$(id)", "commit": "0" * 40})
+            body = body.encode()
         else:
             live = sessions(rig)
             rec = request_for(rig, deploy_id, v2, expected={**live, "ghost": str(uuid.uuid4())})
@@ -503,6 +509,9 @@ class TestBadInput:
             )
         elif what == "another release":
             assert "release" in outcome["reason"], outcome
+        elif what == "another commit":
+            assert "request says branch 'hotfix;$(id)' commit '0000" in outcome["reason"], outcome
+            assert "but the record says branch 'main'" in outcome["reason"], outcome
         else:  # the hosts' own acks end as aborted; the decision record keeps why
             decision = fleet.decision(deploy_id)
             assert decision is not None and "ghost" in decision["reason"], decision
