@@ -822,11 +822,12 @@ def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
     records: list[tuple[int, ArtifactRecord]] = []
     for entry in store.consul.kv_list(store.keys.artifacts_prefix):
         try:
-            records.append(
-                (entry.create_index, ArtifactRecord.from_json(entry.value, where=entry.key))
-            )
+            record = ArtifactRecord.from_json(entry.value, where=entry.key)
         except PayloadError:
             continue  # a record that does not parse is not a build anyone can deploy
+        if entry.key.rsplit("/", 1)[-1] != record.id:
+            continue  # planted under another id: a deploy of its id reads another key
+        records.append((entry.create_index, record))
     records.sort(key=lambda r: (r[0], r[1].id), reverse=True)
     return [r for _, r in records]
 

@@ -302,6 +302,9 @@ class TestDeployApiWithAcls:
             for node, state in (("h1", LIVE), ("h2", FAILED)):
                 ack = NodeProgress(node=node, state=state, deploy=joined.id, digest=joined.digest)
                 assert kv.kv_put(store.keys.progress(joined.id, node), ack.to_json())
+            # The live view says contested, with no abort button (it said "undecided").
+            shown = live_snapshot(store)["deploy"]
+            assert shown["contested"] and not shown["undecided"], shown
             r = env.web.post(f"/api/v1/apps/api/deploys/{joined.id}/abort", {}, env.api_operator)
             assert r.status_code == 409, r.text
             assert f"deploy {joined.id} is contested" in r.json()["error"]

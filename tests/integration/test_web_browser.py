@@ -218,9 +218,15 @@ class TestThePage:
         page.set_viewport_size({"width": 1000, "height": 640})
         assert page.evaluate("window.__no_reload") == 1, "the page reloaded"
 
-        # Roll back from the page (the token is kept for this browser session).
-        page.locator("#history button[data-action=rollback]").last.click()
-        confirm_write(page, None)
+        # Roll back from the page (the token is kept for this browser session), with the
+        # button that names the previous release: it sends that release, not "whatever is
+        # previous when this lands" (a deploy made while the dialog is open would be undone).
+        previous = page.locator("#history > p button[data-action=rollback]")
+        expect(previous).to_contain_text(first["release"])
+        previous.click()
+        with page.expect_request(lambda r: r.method == "POST") as sent:
+            confirm_write(page, None)
+        assert json.loads(sent.value.post_data or "") == {"release": first["release"]}
         expect(page.locator("#message")).to_contain_text("rollback")
         expect(newest.locator(".kind")).to_have_text("rollback", timeout=60_000)
         expect(newest.locator(".outcome")).to_contain_text("committed", timeout=60_000)
@@ -238,6 +244,20 @@ class TestThePage:
         build_row.locator("button[data-action=deploy]").click()
         confirm_write(page, None)
         expect(page.locator("#live .state-staging")).to_have_count(3)
+        # An abort the API could not settle yet (a host that acked ready went silent) is
+        # not shown as done: the answer is fed to the page once.
+        page.route(
+            "**/abort",
+            lambda route: route.fulfill(
+                status=200,
+                content_type="application/json",
+                body=json.dumps({"deploy": "x", "aborted": False, "result": "undecided"}),
+            ),
+            times=1,
+        )
+        page.locator("#live button[data-action=abort]").click()
+        confirm_write(page, None)
+        expect(page.locator("#message")).to_contain_text("not decided yet (undecided)")
         page.locator("#live button[data-action=abort]").click()
         confirm_write(page, None)
         expect(page.locator("#message")).to_contain_text("aborted")
@@ -251,6 +271,71 @@ class TestThePage:
         outcome_text = newest.locator(".outcome").inner_text()
         assert outcome_text.count(operator_who) == 1, outcome_text
         assert set(fleet.currents().values()) == {first["release"]}
+
+        # A deploy the API starts with a warning shows it; one refused for a host that is
+        # down asks again, naming it, and sends allow_missing only then (answers fed).
+        refused = (
+            "app web: known host(s) host-9 have no member key (watcher down or cut off); "
+            'start them or send "allow_missing": true to deploy to the 3 live member(s) only'
+        )
+        started = {
+            "deploy": "d",
+            "kind": "deploy",
+            "release": "r",
+            "requested_by": operator_who,
+            "warning": "held, by their last records: host-2: maintenance",
+        }
+        answers = iter([(409, {"error": refused}), (202, started), (202, started)])
+        bodies: list[object] = []
+
+        def answer(route: object) -> None:
+            status, doc = next(answers)
+            bodies.append(json.loads(route.request.post_data or ""))  # type: ignore[attr-defined]
+            route.fulfill(  # type: ignore[attr-defined]
+                status=status, content_type="application/json", body=json.dumps(doc)
+            )
+
+        page.route("**/api/v1/apps/web/deploys", answer)
+        build_row.locator("button[data-action=deploy]").click()
+        confirm_write(page, None)
+        expect(page.locator("#write-what")).to_contain_text(
+            "known host(s) host-9 have no member key (watcher down or cut off). Deploy to "
+            "the live members only?"
+        )
+        confirm_write(page, None)
+        expect(page.locator("#message")).to_contain_text(
+            "Warning: held, by their last records: host-2: maintenance"
+        )
+        assert bodies == [
+            {"artifact": builds[1].id},
+            {"artifact": builds[1].id, "allow_missing": True},
+        ], bodies
+        page.unroute("**/api/v1/apps/web/deploys")
+
+        # A hidden tab lets its live stream go (a browser holds about 6 connections per
+        # server: a 7th tab would not load) and catches up once shown again.
+        def streams() -> float:
+            for line in web.get("/metrics").text.splitlines():
+                if line.startswith('watcher_web_sse_clients{app="web"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        assert streams() == 1.0
+        visibility = """(hidden) => {
+            Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+            document.dispatchEvent(new Event("visibilitychange"));
+        }"""
+        page.evaluate(visibility, True)
+        wait_for(lambda: streams() == 0.0, 20, "the hidden tab's stream closed")
+        host_key = fleet.keys.host(fleet.watchers[1].name)
+        before = fleet.kv.kv_get(host_key)
+        assert before is not None and before.value is not None
+        held = {**json.loads(before.value), "hold": "changed while hidden"}
+        fleet.kv.kv_put(host_key, json.dumps(held).encode())
+        page.evaluate(visibility, False)
+        expect(page.locator("#fleet")).to_contain_text("changed while hidden")
+        wait_for(lambda: streams() == 1.0, 20, "the stream back once shown")
+        fleet.kv.kv_put(host_key, before.value)
 
         # A phone: nothing wider than the screen but the scrolling tables.
         page.set_viewport_size({"width": 390, "height": 800})

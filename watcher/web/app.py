@@ -39,7 +39,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
-from watcher.barrier import DeployStore, summarize_states
+from watcher.barrier import CONTESTED, DeployStore, summarize_states
 from watcher.config import Config
 from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
@@ -55,6 +55,7 @@ from watcher.ctl_fleet import (
     held_warning,
     host_records,
     rollback_request,
+    shown_decision,
     start_deploy,
 )
 from watcher.errors import (
@@ -475,7 +476,10 @@ def live_snapshot(store: DeployStore) -> Snapshot:
             view = view.checked()
             summary = deploy_summary(view)
             summary["states"] = summarize_states(view)
-            summary["undecided"] = view.decision is None
+            shown_as = shown_decision(view)
+            # Contested is no decision either, but no abort ends it (DESIGN.md 6.4.5).
+            summary["contested"] = shown_as == CONTESTED
+            summary["undecided"] = shown_as is None
             break
     return {
         "app": store.app,

@@ -98,11 +98,30 @@ function connectLive() {
   streamWithFetch("/api/v1/apps/" + encodeURIComponent(app) + "/live");
 }
 
+// A browser opens about 6 connections per server over HTTP/1.1 and each live view holds
+// one: a 7th tab would never load, and a write from any of them would wait behind the
+// streams. So a hidden tab lets its stream go, and catches up when it is shown again.
+function whenVisible() {
+  if (!document.hidden) return Promise.resolve();
+  return new Promise((resolve) => {
+    const shown = () => {
+      if (document.hidden) return;
+      document.removeEventListener("visibilitychange", shown);
+      resolve();
+    };
+    document.addEventListener("visibilitychange", shown);
+  });
+}
+
 async function streamWithFetch(url) {
   for (;;) {
     let reader = null;
+    await whenVisible();
+    const hidden = new AbortController();
+    const onHide = () => { if (document.hidden) hidden.abort(); };
+    document.addEventListener("visibilitychange", onHide);
     try {
-      const resp = await fetch(url, { headers: authHeaders() });
+      const resp = await fetch(url, { headers: authHeaders(), signal: hidden.signal });
       if (!resp.ok) {
         const err = await resp.json().catch(() => ({ error: resp.statusText }));
         consulStatus(err.error || ("HTTP " + resp.status));
@@ -126,9 +145,11 @@ async function streamWithFetch(url) {
         }
       }
     } catch (e) {
-      consulStatus("lost the connection to watcher web; reconnecting");
       stale = true;
+      if (hidden.signal.aborted) continue;  // hidden: let go, caught up once shown
+      consulStatus("lost the connection to watcher web; reconnecting");
     } finally {
+      document.removeEventListener("visibilitychange", onHide);
       // An event that did not parse leaves the stream open: close it before the next one,
       // or every retry would hold one of the server's per-caller slots (and the browser's).
       if (reader) reader.cancel().catch(() => {});
@@ -145,6 +166,7 @@ function askDialog(question, wantToken) {
   const label = document.getElementById("token-label");
   const input = document.getElementById("token-input");
   label.hidden = !wantToken;
+  document.getElementById("token-hint").hidden = !wantToken;
   input.value = "";
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
@@ -158,7 +180,7 @@ function askDialog(question, wantToken) {
   });
 }
 
-async function write(button) {
+async function write(button, allowMissing) {
   const action = button.dataset.action;
   const base = "/api/v1/apps/" + encodeURIComponent(app);
   let url, payload, question;
@@ -166,11 +188,18 @@ async function write(button) {
     url = base + "/deploys"; payload = { artifact: button.dataset.artifact };
     question = "Deploy " + button.dataset.artifact + " to every host of " + app + "?";
   } else if (action === "rollback") {
-    url = base + "/rollbacks"; payload = button.dataset.release ? { release: button.dataset.release } : {};
-    question = "Roll " + app + " back to " + (button.dataset.release || "the previous release") + "?";
+    // The release the button names, never "whatever is previous when the request lands": a
+    // deploy made while the dialog was open would otherwise be undone.
+    url = base + "/rollbacks"; payload = { release: button.dataset.release };
+    question = "Roll " + app + " back to " + button.dataset.release + "?";
   } else {
     url = base + "/deploys/" + encodeURIComponent(button.dataset.deploy) + "/abort"; payload = {};
     question = "Abort deploy " + button.dataset.deploy + "?";
+  }
+  if (allowMissing) {
+    payload.allow_missing = true;
+    question = allowMissing + " " + (action === "deploy" ? "Deploy" : "Roll back") +
+      " to the live members only? The hosts named keep their release and follow the fleet when their watcher is back.";
   }
   // With Consul's ACLs off a token proves nothing and writes are local only: none asked.
   if (!(await askDialog(question, !token() && body.dataset.acls !== "off"))) return;
@@ -188,10 +217,22 @@ async function write(button) {
   }
   if (!resp.ok) {
     if (resp.status === 401 || resp.status === 403) { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
+    // Known hosts without a member key: the API asks for allow_missing, which this page
+    // sends only when asked again, naming them.
+    if (resp.status === 409 && !allowMissing && action !== "abort" && /"allow_missing": true/.test(data.error || "")) {
+      say("");
+      return write(button, data.error.split(";")[0] + ".");
+    }
     return say(data.error || ("HTTP " + resp.status), true);
   }
-  if (action === "abort") say("deploy " + data.deploy + " aborted");
-  else say(data.kind + " " + data.deploy + " of " + data.release + " started by " + data.requested_by);
+  if (action === "abort") {
+    say(data.aborted ? "deploy " + data.deploy + " aborted"
+      : "abort of deploy " + data.deploy + " requested; not decided yet (" + data.result +
+        "): a host that acked ready before it can still decide it; the live view shows how it ends");
+  } else {
+    say(data.kind + " " + data.deploy + " of " + data.release + " started by " + data.requested_by +
+      (data.warning ? ". Warning: " + data.warning : ""), !!data.warning);
+  }
 }
 
 document.addEventListener("click", (ev) => {
