@@ -891,12 +891,32 @@ class ReleaseEngine:
                 shutil.rmtree(inside)
             target = self.layout.shared_dir / rel
             if not target.exists() and not target.is_symlink():
-                target.mkdir(parents=True, exist_ok=True)
+                self._make_shared(target)
             # releases/<tmp>/<rel> and releases/<release>/<rel> are at the same depth
             start = self.layout.releases_dir / "x" / Path(rel).parent
             inside.symlink_to(os.path.relpath(target, start))
             touched.add(parent)
         return touched
+
+    def _make_shared(self, target: Path) -> None:
+        """Create a shared path the app writes into (``log``, ``public/uploads``), owned by
+        the app's user: made by root, the app could not write its own log. Only the path
+        itself is given away; the directories above it stay the daemon's (a user-owned one
+        there could be swapped for a symlink, and the next mkdir under it would follow).
+        The chown goes through a descriptor opened without following a symlink."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(mode=0o777 & ~self.app.umask)
+        except FileExistsError:
+            return  # made meanwhile (by the app, or another staging): left as it is
+        uid, gid = self._owner()
+        if uid is None and gid is None:
+            return
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        finally:
+            os.close(fd)
 
     def _extract(
         self,

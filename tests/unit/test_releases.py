@@ -403,6 +403,24 @@ class TestPrefetched:
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, 0o755)
         assert (path / "app.txt").stat().st_uid == nobody.pw_uid
 
+    def test_shared_paths_it_creates_belong_to_the_apps_user(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        """The install review's case: `user: www-data` with `shared: [log]` got a root-owned
+        shared/log, and the app could not write its log. The path itself is the app's; the
+        directories above it stay the daemon's; one that exists is left as it is."""
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown to the app's user)")
+        nobody = pwd.getpwnam("nobody")
+        engine = make_engine(tmp_path, clock, user="nobody", shared=("log", "var/uploads", "etc"))
+        (engine.layout.shared_dir / "etc").mkdir(parents=True)  # the operator's, kept
+        engine.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        shared = engine.layout.shared_dir
+        for path, uid in (("log", nobody.pw_uid), ("var/uploads", nobody.pw_uid), ("var", 0)):
+            st = (shared / path).stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o755), path
+        assert (shared / "etc").stat().st_uid == 0
+
     def test_unknown_app_user_leaves_no_temporary_tree(
         self, tmp_path: Path, clock: Clock, tarball: Path
     ) -> None:
