@@ -661,7 +661,7 @@ class TestDocumentedCommands:
     def test_render_help_shows_every_role(self, flag: str) -> None:
         result = subprocess.run([str(RENDER), flag], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result
-        for role in ("watcher", "operator", "ci"):
+        for role in ("watcher", "operator", "ci", "web"):
             assert f"render-policy {role} " in result.stdout, result.stdout
         assert "consul acl policy create -rules -" in result.stdout
         assert "set -euo" not in result.stdout and "#" not in result.stdout

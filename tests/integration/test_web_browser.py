@@ -94,9 +94,7 @@ class TestThePage:
         watchers = {n: secret for n, (secret, _) in made.items()}
         operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
         operator_who = f"release-watcher test: alice-{prefix}"
-        reader, _ = create_token(
-            server, f"reader-{prefix}", f'key_prefix "{prefix}/apps/" {{ policy = "read" }}\n'
-        )
+        reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
         fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
         gates = {}
         for w in fleet.watchers:

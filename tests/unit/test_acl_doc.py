@@ -27,7 +27,7 @@ def doc_rows(role: str) -> list[str]:
     """The table rows under 'The rules, rule by rule' that follow the role's heading line."""
     text = (DOCS / "acl.md").read_text()
     section = text.split("## The rules, rule by rule", 1)[1].split("\n## ", 1)[0]
-    label = {"watcher": "Watcher (", "operator": "Operator (", "ci": "CI ("}[role]
+    label = {"watcher": "Watcher (", "operator": "Operator (", "ci": "CI (", "web": "Web ("}[role]
     block = section.split(label, 1)[1]
     rows = []
     for line in block.splitlines()[1:]:
@@ -47,7 +47,7 @@ def doc_form(kind: str, path: str) -> str:
     return '"' + path.replace("${NODE}", "<node>") + '"'
 
 
-@pytest.mark.parametrize("role", ["watcher", "operator", "ci"])
+@pytest.mark.parametrize("role", ["watcher", "operator", "ci", "web"])
 def test_every_template_rule_is_in_the_doc(role: str) -> None:
     rows = doc_rows(role)
     for kind, path, policy in template_rules(role):
@@ -58,7 +58,7 @@ def test_every_template_rule_is_in_the_doc(role: str) -> None:
         assert any(kind in r.split("|")[1] for r in matching), (role, kind, form)
 
 
-@pytest.mark.parametrize("role", ["watcher", "operator", "ci"])
+@pytest.mark.parametrize("role", ["watcher", "operator", "ci", "web"])
 def test_the_doc_names_no_rule_the_template_lacks(role: str) -> None:
     granted = {doc_form(kind, path) for kind, path, _ in template_rules(role)}
     for row in doc_rows(role):
