@@ -537,7 +537,7 @@ def _wait_after_start(
     )
     if ctx.args.no_wait:
         if not ctx.as_json:
-            print(started)
+            print(f"{started}\n{_follow_or_abort(ctx, record)}")
         ctx.emit({"deploy": record.id, "release": record.release, "state": "started"}, lambda d: "")
         return EXIT_OK
     if ctx.as_json:  # stdout says nothing until the end: the id goes to stderr at once

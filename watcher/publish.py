@@ -34,6 +34,7 @@ from watcher.errors import (
     ConfigError,
     ConsulError,
     PayloadError,
+    S3NotFound,
     WatcherError,
 )
 from watcher.log import get_logger
@@ -737,7 +738,11 @@ def _publish(
                     wrote or (writing and isinstance(exc, PublishInterrupted))
                 ):
                     previous = None if stale is None else stale.value
-                    done = _withdraw_despite_signals(consul, kv_key, record, previous, written, log)
+                    # No bucket: nothing was uploaded, so no object can remain.
+                    nothing_sent = isinstance(exc, S3NotFound)
+                    done = _withdraw_despite_signals(
+                        consul, kv_key, record, previous, written, log, nothing_sent
+                    )
                     if isinstance(exc, PublishInterrupted):
                         exc.outcome = done
                     _say_also(exc, done)
@@ -976,13 +981,14 @@ def _withdraw_despite_signals(
     previous: bytes | None,
     written: int,
     log: Any,
+    nothing_sent: bool = False,
 ) -> str:
     """``_withdraw``, run to its end even when a signal arrives during it: it is raised
     once at most (``signals_interrupt_publish``), afterwards, with the outcome."""
     interrupted: PublishInterrupted | None = None
     while True:
         try:
-            outcome = _withdraw(consul, kv_key, record, previous, written, log)
+            outcome = _withdraw(consul, kv_key, record, previous, written, log, nothing_sent)
             break
         except PublishInterrupted as exc:
             interrupted = exc
@@ -999,9 +1005,11 @@ def _withdraw(
     previous: bytes | None,
     written: int,
     log: Any,
+    nothing_sent: bool = False,
 ) -> str:
     """Remove the record this publish wrote (or put back the stale one it replaced) when
-    its upload did not complete; what it did, in words for the operator.
+    its upload did not complete; what it did, in words for the operator (``nothing_sent``:
+    the upload cannot have reached S3, so its object is not said to remain).
 
     Only its own write is touched: a CAS on ``written``, the ModifyIndex it wrote. Another
     publish of the same bytes that took the record over (``_adopt``) wrote it again, and
@@ -1029,8 +1037,10 @@ def _withdraw(
             return f"{kv_key} was adopted by another publish of the same bytes; left it"
         # The upload may have reached S3 all the same (its answer or the HEAD after it lost).
         remains = (
-            f"; its object {record.url} may remain: the next publish of this id re-uses it "
-            "(same bytes) or replaces it"
+            ""
+            if nothing_sent
+            else f"; its object {record.url} may remain: the next publish of this id re-uses "
+            "it (same bytes) or replaces it"
         )
         if previous is None:
             if consul.kv_delete(kv_key, cas=entry.modify_index):

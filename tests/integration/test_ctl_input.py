@@ -370,6 +370,21 @@ class TestWhatTheMessagesSuggest:
         assert aborted.returncode == 0, aborted.stderr
         assert site.kv.kv_get(site.keys.abort_request(deploy)) is not None
 
+    def test_a_deploy_started_without_waiting_names_how_to_follow_and_abort_it(
+        self, site: Site
+    ) -> None:
+        plant_artifact(site, site.keys.artifact(ARTIFACT))
+        started = site.ctl("deploy", "web", ARTIFACT, "--no-wait")
+        assert started.returncode == 0, started.stderr
+        deploy = site.kv.kv_get(site.keys.inflight)
+        assert deploy is not None and deploy.value
+        assert started.stdout.startswith(f"deploy {deploy.value.decode()}: "), started.stdout
+        status = suggested(started.stdout, "status")
+        assert site.ctl(*status).returncode in (0, 1), status  # 1: the stand-in member
+        aborted = site.ctl(*suggested(started.stdout, "abort"))
+        assert aborted.returncode == 0, aborted.stderr
+        assert site.kv.kv_get(site.keys.abort_request(deploy.value.decode())) is not None
+
     def test_abort_of_an_app_names_its_deploy_in_flight(self, site: Site) -> None:
         # `abort web`: "web" is a valid deploy id, but it is the app; say so, and what to run.
         none = site.ctl("abort", "web")

@@ -38,6 +38,7 @@ from watcher.errors import (
     ConfigError,
     ConsulUnavailable,
     PayloadError,
+    S3Error,
     S3Unavailable,
 )
 from watcher.publish import BUILD_FINISHED, publish_artifact
@@ -352,6 +353,25 @@ class TestPublish:
         assert kv_record(consul, "stray-2") is None
         obj = s3_object(s3_settings, "stray-2")
         assert obj is not None and obj["body"] == b"not ours"
+
+    def test_a_missing_bucket_withdraws_the_record_and_says_no_object_remains(
+        self,
+        cluster: ConsulCluster,
+        s3_settings: S3Settings,
+        consul: ConsulClient,
+        src: Path,
+        tmp_path: Path,
+    ) -> None:
+        """The install review's first publish (the bucket not created yet) said its object
+        'may remain': nothing can have been uploaded to a bucket that does not exist."""
+        missing = replace(s3_settings, bucket=f"no-such-bucket-{uuid.uuid4().hex[:8]}")
+        config = parse_config(write_config(cluster, missing, tmp_path / "srv"), env={})
+        with pytest.raises(S3Error) as err:
+            publish(config, src, artifact_id="nobucket-1")
+        said = str(err.value)
+        key = Keys("watcher", "web").artifact("nobucket-1")
+        assert f"withdrew its record {key}" in said and "may remain" not in said, said
+        assert kv_record(consul, "nobucket-1") is None
 
     def test_a_failed_verification_leaves_an_object_the_next_build_replaces(
         self,
