@@ -55,7 +55,7 @@ from watcher.errors import (
 )
 from watcher.fsutil import append_bytes, atomic_write_json
 from watcher.hooks import HookContext, hook_commands, run_hooks
-from watcher.ids import shown
+from watcher.ids import one_line, shown
 from watcher.log import get_logger
 from watcher.records import (
     ABORT,
@@ -326,6 +326,9 @@ class AgentStatus:
     # Why the last prune (after a deploy, or planned at start) removed no release although
     # some were past `keep_releases` ("" when it could): releases pile up while it is set.
     prune_blocked: str = ""
+    # The last prefetch that failed ("<artifact>: <error>"; "" once one succeeds): only the
+    # journal said it, and the next deploy of that build then found out (a wrong bucket).
+    prefetch_failed: str = ""
     watch: tuple[str, ...] = ()  # KV keys the daemon should hold blocking queries on
     watch_index: int = 0  # the index a new watch of a prefix there starts from
     recheck_at: float | None = None  # monotonic time the loop must look again by
@@ -2285,6 +2288,11 @@ class AppAgent:
         )
         return list(dict.fromkeys(names))[:PREFETCHED_LISTED]
 
+    def _prefetch_failed(self, artifact_id: str, exc: Exception) -> None:
+        self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+        self.status.prefetch_failed = f"{artifact_id}: {one_line(str(exc))[:500]}"
+        self._wake()  # status.json says it (the loop writes it)
+
     def prefetch(self, artifact_id: str) -> None:
         """Download, verify and (per config) pre-extract an announced artifact (worker)."""
         started = time.monotonic()
@@ -2298,7 +2306,7 @@ class AppAgent:
             if record is None or record.uploading:
                 record = self.store.artifact(artifact_id, consistent=True)
         except PayloadError as exc:
-            self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+            self._prefetch_failed(artifact_id, exc)
             return
         if record is None:
             # A warning, not an error: anyone who may fire `build-finished` can name a build
@@ -2323,12 +2331,13 @@ class AppAgent:
             if self.app.prefetch == "extract":
                 self.engine.drop_stale_prefetched()
         except (WatcherError, OSError) as exc:
-            self.log.error("prefetch_failed", artifact=artifact_id, error=str(exc))
+            self._prefetch_failed(artifact_id, exc)
             return
         except Exception as exc:  # a bug: said here, since the pool's future is never read
             self.log.exception("prefetch_crashed", artifact=artifact_id, error=repr(exc))
             return
         self._last_prefetched = artifact_id  # the likely next deploy: its join reads it
+        self.status.prefetch_failed = ""
         # The builds page counts prefetched artifacts: the loop rewrites the host record.
         # Not from this thread: a release read here may be flipped by a deploy before
         # this write lands, and a stale record would then stay (written on change only).

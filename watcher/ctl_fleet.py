@@ -1768,6 +1768,9 @@ def _human_status(data: dict[str, Any]) -> str:
         downloads = (a.get("daemon") or {}).get("downloading") if d.get("running") else None
         for artifact, got in sorted(downloads.items() if isinstance(downloads, dict) else []):
             lines.append(f"  downloading {artifact}: {_progress(got)}")
+        failed = (a.get("daemon") or {}).get("prefetch_failed") if d.get("running") else None
+        if failed and isinstance(failed, str):
+            lines.append(f"  prefetch    FAILED for {ids.one_line(failed)[:600]}")
         dep = a.get("deploy")
         # Only from a running daemon: a stopped one's last status.json is history.
         undecided = a.get("undecided") if d.get("running") else None

@@ -1187,6 +1187,7 @@ class Daemon:
                 "undecided": undecided,
                 "converge_error": agent.status.converge_error,
                 "prune_blocked": agent.status.prune_blocked,
+                "prefetch_failed": agent.status.prefetch_failed,
             }
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):

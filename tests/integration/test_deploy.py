@@ -80,6 +80,28 @@ class TestHappyPath:
         for w in fleet.watchers:
             assert not w.log_events("decision_not_obeyed"), w
 
+    def test_a_failed_prefetch_shows_in_the_hosts_status(self, fleet: Fleet) -> None:
+        """The install review's host with a wrong bucket: its prefetch failed in the
+        journal only, and the next deploy of that build found out."""
+        w = fleet.watchers[2]
+        config = fleet.config_for(w)
+        config["s3"]["bucket"] = "no-such-bucket-here"
+        w.config_path.write_text(yaml.safe_dump(config))
+        w.stop()
+        w.start()
+        fleet.wait_members(3)
+        record = fleet.publish("v1", announce=True)
+
+        def said() -> str:
+            return w.ctl("status", "web", as_json=False, check=False).stdout
+
+        wait_for(lambda: "prefetch    FAILED for " in said(), 30, "the failure in status", fleet)
+        line = next(x for x in said().splitlines() if "prefetch    FAILED" in x)
+        assert line.startswith(f"  prefetch    FAILED for {record.id}: "), line
+        assert "no-such-bucket-here" in line or "not found" in line, line
+        healthy = fleet.watchers[0].ctl("status", "web", as_json=False, check=False).stdout
+        assert "FAILED" not in healthy, healthy
+
     def test_builds_lists_what_there_is_to_deploy(self, fleet: Fleet) -> None:
         w0 = fleet.watchers[0]
         empty = w0.ctl("builds", "web", as_json=False).stdout
