@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import threading
@@ -413,7 +414,7 @@ class AppAgent:
         # when) a staging host last established on that: see _named_session_gone
         self._sessions_looked: tuple[str, tuple[str, ...], float] = ("", (), 0.0)
         self._task_started = 0.0
-        self._trimmed_at = 0.0
+        self._trimmed_at = -math.inf  # the first end after a start trims
         # The deploys this host applied last, newest last (applied.json): their acks are
         # never trimmed, whatever the shared `history` and `current` say.
         self._applied_recently = self._read_applied_recently()
@@ -1532,6 +1533,8 @@ class AppAgent:
                 )
             if pre.pin is None:
                 self.store.write_pin(artifact, by=self.node)
+            if self.status.prefetch_failed.startswith(f"{artifact.id}: "):
+                self.status.prefetch_failed = ""  # this deploy fetched it after all
             self._check_cancel()
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()

@@ -354,14 +354,22 @@ def rollback_request(
     requested_by: str,
     allow_missing: bool,
     hosts: Mapping[str, HostRecord] | None = None,
+    previous: str | None = None,
 ) -> tuple[DeployRecord, str]:
     """The record of a fleet rollback to ``release`` (default: the previous one), and a
     warning when that is the release `current` already names: a whole round (staging,
     acks, a flip to the same tree) for nothing, usually a slip of the operator's (the
     wrong release pasted from `history`). Not a refusal: `current` is a reader's copy
-    (DESIGN.md 6.4), and a host that is not on it converges anyway."""
+    (DESIGN.md 6.4), and a host that is not on it converges anyway. ``previous``: the
+    previous release as the caller saw it (the page's button): refused once it is
+    another."""
     current, _ = store.current()
     target = rollback_target(store, release, current=current)
+    if previous is not None and target.release != previous:
+        raise DeployRefused(
+            f"app {store.app}: the previous release is now {target.release}, not {previous}: "
+            "the fleet moved since you looked; look again and choose"
+        )
     expected = store.expected_members(allow_missing=allow_missing, hosts=hosts)
     record = store.new_record(
         deploy_id=new_deploy_id(),

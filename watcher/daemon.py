@@ -267,9 +267,12 @@ class SessionKeeper(threading.Thread):
                     self.on_renew_failed()
                 except Exception as report_exc:  # a report must never stop the renewals
                     log.warning("status_not_written", error=str(report_exc))
-                # A token Consul refuses stays refused until an operator changes it: asked
-                # again every 10 s, not every second.
-                self.stopping.wait(REFUSED_RETRY if refused else min(1.0, interval))
+                # A token Consul refuses for a new session stays refused until an operator
+                # changes it: asked again every 10 s, not every second. Not a held session's
+                # renewal: a refusal there may pass (an agent cut off from the servers under
+                # ACL down_policy deny), and the session lapses at twice its TTL.
+                creating = self.session_id is None
+                self.stopping.wait(REFUSED_RETRY if refused and creating else min(1.0, interval))
                 continue
             self._said = None
             self.stopping.wait(interval)

@@ -910,11 +910,13 @@ class ReleaseEngine:
         except FileExistsError:
             return  # made meanwhile (by the app, or another staging): left as it is
         uid, gid = self._owner()
-        if uid is None and gid is None:
-            return
         fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            # The mode mkdir got was masked by the process's umask too (the unit's 0022):
+            # the app's umask ("0002": its group writes the log) is the one that counts.
+            os.fchmod(fd, 0o777 & ~self.app.umask)
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
         finally:
             os.close(fd)
 

@@ -420,7 +420,13 @@ class TestTrimmedAcks:
         d2, d1 = current.deploy, str(current.previous["deploy"])
         ids, _, _ = rig.store._history_doc()
         assert {d1, d2} <= set(ids)
-        forged = json.dumps({"version": 2, "deploys": ids, "trimmed": ids}).encode()
+        # An old ack of each host no release or applied.json knows: the trim still takes it.
+        old = "20200101T000000Z-0ld0ld"
+        for w in rig.watchers:
+            ack = NodeProgress(node=w.name, state=LIVE, deploy=old)
+            assert fleet.kv.kv_put(fleet.keys.progress(old, w.name), ack.to_json())
+        trimmed = [old, *ids]
+        forged = json.dumps({"version": 2, "deploys": ids, "trimmed": trimmed}).encode()
         assert fleet.kv.kv_put(fleet.keys.history, forged)
         assert fleet.kv.kv_put(fleet.keys.current, b"not json")
         for w in rig.watchers:  # a host trims at the first end after its start
@@ -433,6 +439,8 @@ class TestTrimmedAcks:
             for w in rig.watchers:
                 ack, _ = rig.store.ack(deploy_id, w.name)
                 assert ack is not None and ack.state == LIVE, (deploy_id, w.name, ack)
+        for w in rig.watchers:  # the trim ran
+            assert fleet.kv.kv_get(fleet.keys.progress(old, w.name)) is None, w.name
         no_crash(rig)
 
 

@@ -338,6 +338,24 @@ class TestDeployApiWithAcls:
         assert f"the fleet is already on {previous}" in r.json()["warning"], r.json()
         assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
         env.fleet.wait_idle()
+        # The page's previous-release button: a plain rollback (its checks apply), only to
+        # the release the page showed; a deploy made since would be undone otherwise.
+        now = json.loads(env.fleet.kv.kv_get(env.keys().current).value)["previous"]["release"]
+        stale = {"previous": f"20200101T000000Z-{v6.id}"}
+        r = env.web.post("/api/v1/apps/web/rollbacks", stale, env.web_operator)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == (
+            f"app web: the previous release is now {now}, not {stale['previous']}: the fleet "
+            "moved since you looked; look again and choose"
+        )
+        both = {"previous": now, "release": now}
+        r = env.web.post("/api/v1/apps/web/rollbacks", both, env.web_operator)
+        assert r.status_code == 422 and "not both" in r.json()["error"], r.text
+        assert env.fleet.inflight() is None
+        r = env.web.post("/api/v1/apps/web/rollbacks", {"previous": now}, env.web_operator)
+        assert r.status_code == 202 and r.json()["release"] == now, r.text
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
 
     def test_a_rewritten_current_is_shown_as_not_trusted(self, env: Env) -> None:
         """Any host's token can rewrite `current`: the API and the page must not report

@@ -224,7 +224,7 @@ class TestThePage:
         previous.click()
         with page.expect_request(lambda r: r.method == "POST") as sent:
             confirm_write(page, None)
-        assert json.loads(sent.value.post_data or "") == {"release": first["release"]}
+        assert json.loads(sent.value.post_data or "") == {"previous": first["release"]}
         expect(page.locator("#message")).to_contain_text("rollback")
         expect(newest.locator(".kind")).to_have_text("rollback", timeout=60_000)
         expect(newest.locator(".outcome")).to_contain_text("committed", timeout=60_000)
@@ -330,8 +330,11 @@ class TestThePage:
         assert before is not None and before.value is not None
         held = {**json.loads(before.value), "hold": "changed while hidden"}
         fleet.kv.kv_put(host_key, json.dumps(held).encode())
+        build_row.locator("button[data-action=deploy]").focus()  # a keyboard user's place
         page.evaluate(visibility, False)
         expect(page.locator("#fleet")).to_contain_text("changed while hidden")
+        # the sections were swapped for fresh ones: the same button has the focus again
+        assert page.evaluate("document.activeElement.dataset.artifact") == builds[1].id
         wait_for(lambda: streams() == 1.0, 20, "the stream back once shown")
         fleet.kv.kv_put(host_key, before.value)
 

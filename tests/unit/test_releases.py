@@ -420,6 +420,14 @@ class TestPrefetched:
             st = (shared / path).stat()
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o755), path
         assert (shared / "etc").stat().st_uid == 0
+        # The app's umask, not the daemon's (0022 under its unit): its group writes the log.
+        old = os.umask(0o022)
+        try:
+            group = make_engine(tmp_path / "g", clock, user="nobody", umask=0o002)
+            group.stage_from_file(tarball, record_for(tarball), rel(1), "d-1")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((group.layout.shared_dir / "log").stat().st_mode) == 0o775
 
     def test_unknown_app_user_leaves_no_temporary_tree(
         self, tmp_path: Path, clock: Clock, tarball: Path

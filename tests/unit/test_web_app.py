@@ -134,6 +134,8 @@ class TestRefusedBeforeConsul:
         assert r.json()["error"] == (
             "body: must be a JSON object (got an array) with the fields: allow_missing, artifact"
         )
+        r = client.post("/api/v1/apps/web/deploys", json={"allow_missing": True})
+        assert r.json()["error"] == "artifact: Field required", r.text  # no "got an object"
         r = client.get("/api/v1/apps/web/deploys?limit=ten")
         assert r.status_code == 422 and r.json()["error"].startswith("limit: "), r.text
         assert r.json()["error"].endswith(", got 'ten'"), r.text

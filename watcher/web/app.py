@@ -198,6 +198,15 @@ class RollbackBody(WriteBody):
         max_length=160,
         json_schema_extra={"pattern": f"^{ids.RELEASE_PATTERN}$"},
     )
+    previous: str | None = Field(
+        default=None,
+        description="instead of `release`: roll back to the previous release, as without "
+        "`release` (refused when that release ended rolled back or failed after its "
+        "commit), only if it is still this one (a deploy made since would be undone): "
+        + ids.RELEASE_RULE,
+        max_length=160,
+        json_schema_extra={"pattern": f"^{ids.RELEASE_PATTERN}$"},
+    )
     allow_missing: bool = False
 
 
@@ -844,6 +853,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                     f"body: must be a JSON object (got {_json_kind(err.get('input'))}) with the "
                     f"fields: {', '.join(body_fields(request)) or 'none'}"
                 )
+            elif err.get("type") == "missing":  # its input is the whole body: say nothing
+                problems.append(f"{where}: {err.get('msg')}")
             else:
                 problems.append(f"{where}: {err.get('msg')}{_given(err.get('input'))}")
         if unknown:
@@ -1096,10 +1107,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     def post_rollback(app: AppName, body: RollbackBody, request: Request) -> dict[str, Any]:
         name = app_name(app)
-        if body.release is not None:
-            valid(
-                ids.check_release_input, body.release, "release", "a release name", ids.RELEASE_RULE
-            )
+        if body.release is not None and body.previous is not None:
+            raise ApiError(422, "give release or previous, not both")
+        for field, given in (("release", body.release), ("previous", body.previous)):
+            if given is not None:
+                valid(ids.check_release_input, given, field, "a release name", ids.RELEASE_RULE)
         caller = state.writer(request)
         store = state.store(name, caller.consul)
         hosts = host_records(store)
@@ -1110,6 +1122,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             requested_by=caller.requested_by,
             allow_missing=body.allow_missing,
             hosts=hosts,
+            previous=body.previous,
         )
         held = held_warning(hosts, record, _command)
         return _start(store, record, "rollback", "; ".join(w for w in (live, held) if w))

@@ -61,6 +61,9 @@ async function refreshOnce() {
   const fresh = doc.getElementById("content");
   const here = document.getElementById("content");
   if (!fresh) return;
+  // A keyboard user's place: the same button in the fresh sections gets the focus back.
+  const focused = document.activeElement;
+  const place = focused && here.contains(focused) && focused.matches("button") ? focusKey(focused) : null;
   if (!here.querySelector("#fleet") || !fresh.querySelector("#fleet")) {
     here.innerHTML = fresh.innerHTML;
   } else {
@@ -68,8 +71,17 @@ async function refreshOnce() {
       here.querySelector("#" + id).innerHTML = fresh.querySelector("#" + id).innerHTML;
     }
   }
+  if (place) {
+    const again = [...here.querySelectorAll("button")].find((b) => focusKey(b) === place);
+    if (again) again.focus();
+  }
   const status = doc.getElementById("consul-status");
   consulStatus(status && !status.hidden ? status.textContent : "");
+}
+
+function focusKey(button) {
+  const d = button.dataset;
+  return [button.closest("section")?.id, d.action, d.artifact, d.release, d.deploy, button.id].join("|");
 }
 
 function onSnapshot(snap) {
@@ -189,9 +201,12 @@ async function write(button, allowMissing) {
     question = "Deploy " + button.dataset.artifact + " to every host of " + app + "?";
   } else if (action === "rollback") {
     // The release the button names, never "whatever is previous when the request lands": a
-    // deploy made while the dialog was open would otherwise be undone.
-    url = base + "/rollbacks"; payload = { release: button.dataset.release };
-    question = "Roll " + app + " back to " + button.dataset.release + "?";
+    // deploy made while the dialog was open would otherwise be undone. The previous-release
+    // button sends it as `previous`: the server's checks of a plain rollback still apply.
+    const previous = button.dataset.previous;
+    url = base + "/rollbacks";
+    payload = previous ? { previous: previous } : { release: button.dataset.release };
+    question = "Roll " + app + " back to " + (previous || button.dataset.release) + "?";
   } else {
     url = base + "/deploys/" + encodeURIComponent(button.dataset.deploy) + "/abort"; payload = {};
     question = "Abort deploy " + button.dataset.deploy + "?";
