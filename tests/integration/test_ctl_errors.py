@@ -207,7 +207,8 @@ class TestEventNotFired:
                 assert result.returncode == 0, result.stderr
                 [warning] = result.stderr.splitlines()
                 assert warning.startswith("watcherctl: warning: event not fired"), warning
-                assert "warning" not in result.stdout
+                assert "watcherctl: warning" not in result.stdout
+                assert "event not fired" not in result.stdout
                 if as_json:
                     assert json.loads(result.stdout)["state"] == "started"
                 assert admin.kv_get(f"{app}/inflight") is not None
