@@ -315,11 +315,13 @@ class TestDeployApiWithAcls:
             kv.kv_delete(store.keys.base + "/", recurse=True)
 
     def test_rollback_through_the_api(self, env: Env) -> None:
-        v6 = env.fleet.publish("v6")
-        r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v6.id}, env.web_operator)
-        assert r.status_code == 202, r.text
-        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
-        env.fleet.wait_idle()
+        # Two deploys of its own: run alone, the module's fleet has no previous release yet.
+        for version in ("v6-before", "v6"):
+            v6 = env.fleet.publish(version)
+            r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v6.id}, env.web_operator)
+            assert r.status_code == 202, r.text
+            assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+            env.fleet.wait_idle()
         current = env.fleet.kv.kv_get(env.keys().current)
         assert current is not None and current.value is not None
         previous = json.loads(current.value)["previous"]["release"]
