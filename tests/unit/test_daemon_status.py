@@ -28,6 +28,7 @@ class FakeStatus:
     converge_error: str | None = None
     recheck_at: float | None = None
     prune_blocked: str = ""
+    prefetch_failed: str = ""
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TestStatusFile:
             "undecided": None,
             "converge_error": None,
             "prune_blocked": "",
+            "prefetch_failed": "",
         }
         # a change right after: held back, and the loop is told to come back for it
         agent.status.state = "ready"

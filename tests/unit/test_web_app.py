@@ -147,7 +147,11 @@ class TestRefusedBeforeConsul:
             (
                 "/api/v1/apps/web/rollbacks",
                 {"relase": "20261203T052701Z-main-3bfc2695", "x": 1},
-                ["relase: unknown field", "x: unknown field", "takes: allow_missing, release"],
+                [
+                    "relase: unknown field",
+                    "x: unknown field",
+                    "takes: allow_missing, previous, release",
+                ],
             ),
             (
                 DEPLOYS,
