@@ -1555,23 +1555,26 @@ def failed_release(
     if rollback_id:
         with contextlib.suppress(PayloadError):
             rollback = rollback_summary(store.view(rollback_id), rollback_id, view.record)
-    roll_back = None
-    if previous_untrusted:  # `current.previous` names what its acks do not commit
-        roll_back = f"watcherctl rollback {store.app} --to RELEASE"
-    elif previous is not None:
-        roll_back = f"watcherctl rollback {store.app}"
+    # Whether a plain rollback (to `current.previous`) is refused: its acks do not commit
+    # it, or the fleet was rolled back from it (its deploy ended rolled back or failed
+    # after its commit): the line then names --to, and the page offers no such button.
+    plain_refused = previous_untrusted
+    if previous is not None and not previous_untrusted:
         before = None
         with contextlib.suppress(PayloadError):
             before = store.view(previous.deploy)
         ended = before.checked().outcome if before is not None else None
-        if ended is not None and ended.result in ("rolled_back", "failed_after_commit"):
-            roll_back += " --to RELEASE"  # the previous one failed too: name a good one
+        plain_refused = ended is not None and ended.result in ("rolled_back", "failed_after_commit")
+    roll_back = None
+    if previous is not None or previous_untrusted:
+        roll_back = f"watcherctl rollback {store.app}" + (" --to RELEASE" if plain_refused else "")
     return {
         "deploy": view.id,
         "release": view.record.release,
         "hosts": failed,
         "rollback": rollback,
         "roll_back": roll_back,
+        "plain_rollback_refused": plain_refused,
     }
 
 

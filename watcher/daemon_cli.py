@@ -11,11 +11,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watcher import __version__
 from watcher.config import Config, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.log import configure_logging
+
+if TYPE_CHECKING:  # the daemon's and Consul's modules load only where a command needs them
+    from watcher.consul_api import ConsulClient
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -91,17 +95,24 @@ CONSUL_SESSION_TTL_MIN = 10.0
 AGENT_LOOK_TIMEOUT = 2.0
 
 
-def agent_session_ttl_min(config: Config) -> float | None:
-    """The ``session_ttl_min`` of the Consul agent the config names, None when it cannot
-    be asked (not running here, a token without agent read) or does not say."""
+def _quick_client(config: Config) -> ConsulClient:
+    """A client for check-config's questions: one attempt each, within AGENT_LOOK_TIMEOUT,
+    nothing logged (a retry would make a missing agent a wait)."""
     from dataclasses import replace
 
     from watcher.consul_api import ConsulClient
-    from watcher.errors import ConsulError
 
     settings = replace(config.consul, timeout=min(config.consul.timeout, AGENT_LOOK_TIMEOUT))
+    return ConsulClient(settings, retry_deadline=0)
+
+
+def agent_session_ttl_min(config: Config) -> float | None:
+    """The ``session_ttl_min`` of the Consul agent the config names, None when it cannot
+    be asked (not running here, a token without agent read) or does not say."""
+    from watcher.errors import ConsulError
+
     try:
-        client = ConsulClient(settings, retry_deadline=0)  # one attempt, nothing logged
+        client = _quick_client(config)
     except (ConsulError, OSError, ValueError):
         return None
     try:
@@ -128,16 +139,12 @@ def token_warnings(config: Config) -> list[str]:
     otherwise seen only once the watcher runs and takes part in no deploy."""
     if not config.apps:
         return []
-    from dataclasses import replace
-
-    from watcher.consul_api import ConsulClient
     from watcher.errors import ConsulError, ConsulPermissionDenied, ConsulRequestError
     from watcher.records import Keys
 
-    settings = replace(config.consul, timeout=min(config.consul.timeout, AGENT_LOOK_TIMEOUT))
     unchecked = "consul: the token's permissions were not checked"
     try:
-        client = ConsulClient(settings, retry_deadline=0)  # one attempt, nothing logged
+        client = _quick_client(config)
     except (ConsulError, OSError, ValueError) as exc:
         return [f"{unchecked}: {exc}"]
     try:

@@ -280,6 +280,7 @@ class TestValidateFailure:
         assert failed["deploy"] == deploy_id and list(failed["hosts"]) == [bad], failed
         assert failed["rollback"]["result"] == "aborted", failed
         assert failed["roll_back"] == "watcherctl rollback web", failed
+        assert failed["plain_rollback_refused"] is False, failed
         # This host's own status says it too (host-3, whose post_release refused).
         here = fleet.watchers[2].ctl("status", "web", check=False, as_json=False)
         assert here.returncode == 1, here
@@ -327,6 +328,8 @@ class TestValidateFailure:
         assert "  the fleet stays on it: `watcherctl rollback web --to RELEASE" in status.stdout
         plain = fleet.watchers[0].ctl("rollback", "web", check=False, as_json=False)
         assert plain.returncode == 4, plain
+        data = json.loads(fleet.watchers[0].ctl("status", "web", "--fleet", check=False).stdout)
+        assert data["web"]["current_failed"]["plain_rollback_refused"] is True, data
 
     def test_on_validate_failure_hold_leaves_every_host_on_the_new_release(
         self, make_fleet: MakeFleet, tmp_path: Path
