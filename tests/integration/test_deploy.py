@@ -25,6 +25,7 @@ from tests.support.fleet import (
     metrics_text,
     wait_for,
 )
+from tests.support.s3server import s3_client
 from watcher.agent import TWIN_MARGIN
 from watcher.config import S3Settings, load_config
 from watcher.web.app import create_app
@@ -101,6 +102,34 @@ class TestHappyPath:
         assert "no-such-bucket-here" in line or "not found" in line, line
         healthy = fleet.watchers[0].ctl("status", "web", as_json=False, check=False).stdout
         assert "FAILED" not in healthy, healthy
+
+    def test_a_deploy_that_fetched_the_build_clears_its_failed_prefetch(self, fleet: Fleet) -> None:
+        """A prefetch that failed while the object was away (a bucket being repaired) is
+        no longer shown once a deploy downloaded that build after all."""
+        record = fleet.publish("v1")
+        s3 = s3_client(str(fleet.s3.endpoint_url))
+        key = record.url.removeprefix(f"s3://{fleet.s3.bucket}/")
+        body = s3.get_object(Bucket=fleet.s3.bucket, Key=key)["Body"].read()
+        s3.delete_object(Bucket=fleet.s3.bucket, Key=key)
+        fleet.kv.event_fire(
+            "build-finished", json.dumps({"app": fleet.app, "artifact": record.id}).encode()
+        )
+
+        def said(w: WatcherProc) -> str:
+            return w.ctl("status", "web", as_json=False, check=False).stdout
+
+        for w in fleet.watchers:
+            wait_for(
+                lambda w=w: f"prefetch    FAILED for {record.id}: " in said(w),
+                30,
+                f"the failed prefetch in {w.name}'s status",
+                fleet,
+            )
+        s3.put_object(Bucket=fleet.s3.bucket, Key=key, Body=body)
+        fleet.watchers[0].ctl_json("deploy", "web", record.id)
+        for w in fleet.watchers:
+            assert (w.app_dir / "current" / "VERSION").read_text() == "v1\n", w
+            wait_for(lambda w=w: "FAILED" not in said(w), 10, f"{w.name}'s status clear", fleet)
 
     def test_builds_lists_what_there_is_to_deploy(self, fleet: Fleet) -> None:
         w0 = fleet.watchers[0]
