@@ -287,13 +287,22 @@ class SessionKeeper(threading.Thread):
             return
         self._said = (said, now)
         event = "session_create_failed" if creating else "session_renew_failed"
-        if refused:
+        if refused and creating:
             log.error(
                 event,
                 error=str(exc),
                 note="Consul refused this watcher's token: it joins no deploy until the "
                 f"token may write a session on node {self.node} (docs/acl.md); asked again "
                 f"every {REFUSED_RETRY:g}s",
+            )
+        elif refused:
+            log.error(
+                event,
+                error=str(exc),
+                note="Consul refused this watcher's token to renew its session "
+                "(docs/acl.md); asked again within a second; Consul drops the session "
+                f"~{2 * self.ttl:g}s after its last renewal, and this host then takes part "
+                "in no deploy until it holds a new one",
             )
         else:
             log.warning(event, error=str(exc))

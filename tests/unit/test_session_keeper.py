@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from watcher.daemon import SESSION_FILE, SessionKeeper
-from watcher.errors import ConsulRequestError
+from structlog.testing import capture_logs
+
+from watcher.daemon import REFUSED_RETRY, SESSION_FILE, SessionKeeper
+from watcher.errors import ConsulPermissionDenied, ConsulRequestError
 from watcher.health import HealthState, Metrics
 
 
@@ -161,3 +163,77 @@ def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
     assert details["problems"] == [
         "no Consul session: Invalid Session TTL '3000000000', must be between [10s=24h0m0s]"
     ]
+
+
+DENIED = "Permission denied: token with AccessorID 'x' lacks permission 'session:write'"
+
+
+class RecordedWaits(threading.Event):
+    """The keeper's stop event, noting how long each wait between two asks was meant to be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(-1.0 if timeout is None else timeout)
+        return super().wait(min(timeout, 0.05) if timeout is not None else None)
+
+
+def test_a_refused_create_is_asked_again_only_every_refused_retry(tmp_path: Path) -> None:
+    """A token Consul refuses for a new session stays refused until someone changes it:
+    the keeper does not ask every second."""
+
+    class Refusing(ScriptedConsul):
+        def session_create(self, name: str, ttl: float, **_: Any) -> str:
+            self.calls.append(("create", "refused"))
+            raise ConsulPermissionDenied(DENIED)
+
+    consul = Refusing(set())
+    k = keeper(consul, tmp_path)
+    k.stopping = waits = RecordedWaits()
+    k.start()
+    try:
+        deadline = time.monotonic() + 5
+        while consul.calls.count(("create", "refused")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        k.stopping.set()
+        k.join(5)
+    assert consul.calls.count(("create", "refused")) >= 3, consul.calls
+    assert REFUSED_RETRY >= 5 and waits.waits[:2] == [REFUSED_RETRY] * 2, waits.waits
+
+
+def test_a_refused_renewal_of_a_held_session_is_asked_again_soon(tmp_path: Path) -> None:
+    """A refused renewal may pass (an agent cut off from its servers under ACL down_policy
+    deny) and the session lapses at twice its TTL: asked again within a second, not in
+    REFUSED_RETRY, and the session kept meanwhile."""
+
+    class RefusingRenewals(ScriptedConsul):
+        refusals = 2
+
+        def session_renew(self, sid: str) -> bool:
+            if self.refusals:
+                self.refusals -= 1
+                self.calls.append(("renew", "refused"))
+                raise ConsulPermissionDenied(DENIED)
+            return super().session_renew(sid)
+
+    consul = RefusingRenewals({"s1"})
+    keep(tmp_path, "s1")
+    k = keeper(consul, tmp_path)
+    k.stopping = waits = RecordedWaits()
+    k._set("s1")
+    with capture_logs() as logs:
+        k.start()
+        try:
+            assert consul.renewed.wait(5), consul.calls
+        finally:
+            k.stopping.set()
+            k.join(5)
+    assert consul.calls.count(("renew", "refused")) == 2, consul.calls
+    said = [e for e in logs if e["event"] == "session_renew_failed"]
+    assert len(said) == 1, logs  # the same refusal again is not said again
+    assert "asked again within a second" in said[0]["note"], said
+    assert len(waits.waits) >= 2 and all(0 < w <= 1.0 for w in waits.waits[:2]), waits.waits
+    assert k.session_id == "s1" and consul.created == 0, consul.calls
