@@ -23,6 +23,22 @@ _SHAPES: dict[str, tuple[frozenset[str], ...]] = {
 }
 
 
+class _KeyTwice(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    data: dict[str, object] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _KeyTwice(repr(key))
+        data[key] = value
+    return data
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_once)
+
+
 @dataclass(frozen=True)
 class EventRequest:
     """A validated event: what it asks for."""
@@ -49,8 +65,16 @@ def parse_event(
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError(f"{where}: payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        text = payload.decode("utf-8")  # RFC 8259 8.1: json.loads would also take UTF-16/32
+    except UnicodeDecodeError:
+        raise PayloadError(f"{where}: payload is not UTF-8: {payload[:80]!r}") from None
+    try:
+        data = _DECODER.decode(text)
+    except _KeyTwice as exc:
+        # {"artifact": "a", "artifact": "b"} would deploy b: what one reader sees as a and
+        # another as b is refused, as the web API refuses it.
+        raise PayloadError(f"{where}: payload gives {exc} twice") from None
+    except ValueError:
         raise PayloadError(f"{where}: payload is not JSON: {payload[:80]!r}") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise PayloadError(f"{where}: payload must be a JSON object of strings")

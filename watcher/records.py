@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
@@ -203,12 +203,22 @@ class Keys:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_REQUIRED_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELD_NAMES.get(cls)
     if names is None:
         names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _required_names(cls: type) -> tuple[str, ...]:
+    names = _REQUIRED_NAMES.get(cls)
+    if names is None:
+        names = _REQUIRED_NAMES[cls] = tuple(
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        )
     return names
 
 
@@ -272,6 +282,11 @@ class Document:
                 kwargs[name] = (
                     f"{CUT_MARK} {value[-limit:]}" if tail else f"{value[:limit]} {CUT_MARK}"
                 )
+        missing = [name for name in _required_names(cls) if name not in kwargs]
+        if missing:
+            raise PayloadError(
+                f"{label}: missing field{'s' if len(missing) > 1 else ''} " + ", ".join(missing)
+            )
         try:
             obj = cls(**kwargs)
         except TypeError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 import types
 import typing
@@ -220,6 +221,24 @@ class TestEventPayloads:
         sep = (", ", ": ") if spaces else (",", ":")
         self.check(name, json.dumps(doc, separators=sep).encode())
 
+    @pytest.mark.parametrize(
+        ("payload", "said"),
+        [
+            # what one reader takes as the first and another as the last is refused
+            (b'{"app":"web","artifact":"x-1","artifact":"main-fb04dcb6"}', "'artifact' twice"),
+            # RFC 8259 8.1: JSON between systems is UTF-8 (json.loads takes UTF-16 too)
+            ('{"app":"web","artifact":"main-fb04dcb6"}'.encode("utf-16"), "is not UTF-8"),
+            (b'{"app":"web","artifact":"main-\xff"}', "is not UTF-8"),
+        ],
+    )
+    def test_examples_refused(self, payload: bytes, said: str) -> None:
+        with pytest.raises(PayloadError, match=re.escape(said)):
+            parse_event("ev-1", "deploy", 7, payload, self.APPS)
+
+    def test_a_plain_payload_still_parses(self) -> None:
+        got = parse_event("ev-1", "deploy", 7, b'{"app": "web", "artifact": "main-1"}', ["web"])
+        assert (got.app, got.artifact) == ("web", "main-1")
+
 
 # ---------------------------------------------------------------- KV records
 
@@ -293,6 +312,15 @@ def conforms(value: Any, hint: Any) -> bool:
 
 
 class TestRecords:
+    def test_missing_fields_are_named(self) -> None:
+        """Not Python's "__init__() missing 11 required positional arguments": the web
+        API's 502 and watcherctl show this message."""
+        with pytest.raises(PayloadError) as caught:
+            ArtifactRecord.from_json(b'{"id": "main-1", "size": 3}', where="apps/web/x")
+        assert str(caught.value) == "ArtifactRecord at apps/web/x: missing fields url, sha256"
+        with pytest.raises(PayloadError, match=r"at k: missing field sha256$"):
+            ArtifactRecord.from_json(b'{"id":"main-1","url":"s3://b/k","size":3}', where="k")
+
     def check(self, cls: type[Document], raw: bytes | str | None) -> None:
         what = f"record {cls.__name__}"
         record = expect_clean(what, PayloadError, lambda: cls.from_json(raw, where="k"), raw)
