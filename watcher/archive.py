@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gzip
@@ -73,6 +74,11 @@ def over_ratio(declared: int, packed: int, max_ratio: float) -> bool:
 
 
 _FREE_CHECK_EVERY = _CHUNK  # bytes written between two looks at the free space (one fstatvfs)
+_FREE_CHECK_ENTRIES = 256  # entries created between two such looks (a tree of empty dirs)
+# What one created entry (a directory, symlink or file) is charged against the disk budget
+# beyond its data: a block of the filesystem (an empty directory takes one, a long symlink
+# target one): a tree of thousands of empty directories used to cost nothing.
+ENTRY_COST = 4096
 _PROGRESS_EVERY = 0.25  # seconds between two calls of ``progress``
 
 #: ``cancel()``: True when the extraction should stop (checked between chunks and members).
@@ -106,18 +112,36 @@ class DiskBudget:
     allowed: int
     fraction: float
     reserve: int
+    #: Free inodes (``f_favail``) and how many entries may be created: ``disk_fraction`` of
+    #: them. None: the filesystem has no fixed count (btrfs says 0 of 0).
+    inodes_free: int | None = None
+    inodes_allowed: int | None = None
 
     @classmethod
     def of(cls, fd: int, *, fraction: float, reserve: int) -> DiskBudget:
         st = os.fstatvfs(fd)
         free = st.f_bavail * st.f_frsize
         allowed = max(0, min(int(free * fraction), free - reserve))
-        return cls(free=free, allowed=allowed, fraction=fraction, reserve=reserve)
+        inodes = st.f_favail if st.f_files > 0 else None
+        return cls(
+            free=free,
+            allowed=allowed,
+            fraction=fraction,
+            reserve=reserve,
+            inodes_free=inodes,
+            inodes_allowed=None if inodes is None else int(inodes * fraction),
+        )
 
     def describe(self) -> str:
         return (
             f"{self.allowed} bytes may be used: {self.free} free, limits disk_fraction "
             f"{self.fraction:g} and disk_reserve {self.reserve}"
+        )
+
+    def describe_inodes(self) -> str:
+        return (
+            f"{self.inodes_allowed} entries may be created: {self.inodes_free} free inodes, "
+            f"limit disk_fraction {self.fraction:g}"
         )
 
 
@@ -156,12 +180,16 @@ def extract_archive(
     Limits, each checked the moment it is crossed (declared sizes at each header, written
     bytes at each chunk), so a bomb is stopped before it costs much:
 
-    - ``max_members``, ``max_bytes``: counts of the archive itself;
+    - ``max_members``, ``max_bytes``: counts of the archive itself; ``max_members`` also
+      caps the entries created, the directories the members' paths imply included (a
+      few KB of members named ``a/b/c/.../x`` imply hundreds of thousands);
     - ``max_ratio``: file data declared over the archive's size on disk (past
       ``RATIO_FLOOR`` bytes), refusing highly compressible bombs at their headers;
-    - ``disk_fraction`` / ``disk_reserve``: when ``disk_fraction`` is given, file data may
-      not pass ``DiskBudget.allowed`` of ``dest``'s filesystem, and the extraction stops
-      when the free space falls under ``disk_reserve`` (other writers, block overhead).
+    - ``disk_fraction`` / ``disk_reserve``: when ``disk_fraction`` is given, file data plus
+      ``ENTRY_COST`` per created entry may not pass ``DiskBudget.allowed`` of ``dest``'s
+      filesystem, the entries not ``disk_fraction`` of its free inodes, and the
+      extraction stops when the free space falls under ``disk_reserve`` (other writers,
+      block overhead; looked at every 1 MiB written and every 256 entries).
 
     ``cancel`` is called between members and between 1 MiB chunks of a member; when it
     returns True the extraction stops with ``StagingCancelled``. ``progress`` gets
@@ -406,6 +434,10 @@ class _LimitedStream:
             )
 
 
+class _Loop(Exception):
+    """More symlinks followed than the kernel would (a loop, or a chain too long)."""
+
+
 class _TreeRules:
     """What an archive's members may be, as far as their names, kinds and symlink targets
     tell: the extractor's rules that need no file system, which ``check_members`` applies
@@ -497,18 +529,50 @@ class _TreeRules:
                 raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
 
     def _check_links(self) -> None:
-        """Resolve every symlink through the others, now that every member is known."""
+        """Resolve every symlink through the others, now that every member is known. Each
+        symlink is resolved once (``_resolve``): a chain of symlinks that each point through
+        the one before used to be walked again for every link into it, hours of CPU for a
+        1 MB archive."""
+        resolved: dict[_Parts, tuple[_Parts, str | None, int]] = {}
         for parts, target in self.links.items():
-            self._check_link_resolution(parts, target)
+            self._checking_link()
+            try:
+                self._resolve(parts, resolved, 0)
+            except _Loop:
+                raise ArchiveRefused(f"symlink {'/'.join(parts)!r} -> {target!r} loops") from None
 
-    def _check_link_resolution(self, parts: _Parts, target: str) -> None:
-        """Resolve a symlink like the kernel would, through the archive's other symlinks."""
+    def _checking_link(self) -> None:
+        """Called before each symlink is resolved (the extractor checks for a cancel)."""
+
+    def _resolve(
+        self, parts: _Parts, resolved: dict[_Parts, tuple[_Parts, str | None, int]], depth: int
+    ) -> tuple[_Parts, str | None, int]:
+        """Where the symlink ``parts`` leads, like the kernel would resolve it through the
+        archive's other symlinks: the path, its kind (None: nothing of the archive there)
+        and the symlinks followed. Refuses a target that leaves the release, loops, or uses
+        '..' after something that is not a directory."""
+        done = resolved.get(parts)
+        if done is not None:
+            return done
+        target = self.links[parts]
         name = "/".join(parts)
-        cur = list(parts[:-1])
-        pending = [p for p in reversed(target.split("/")) if p not in ("", ".")]
+        if depth > _MAX_LINK_HOPS:
+            raise _Loop
+        comps = [p for p in target.split("/") if p not in ("", ".")]
+        cur: list[str] = list(parts[:-1])
+        kind: str | None = _DIR
         hops = 0
-        while pending:
-            comp = pending.pop()
+        for i, comp in enumerate(comps):
+            if kind != _DIR:
+                # A file, or nothing of the archive: the kernel goes no further than here,
+                # so no symlink of the archive is reached; only a '..' would matter.
+                if ".." in comps[i:]:
+                    raise ArchiveRefused(
+                        f"symlink {name!r} -> {target!r} uses '..' after "
+                        f"{'/'.join(cur)!r}, which is not a directory of the release"
+                    )
+                cur.extend(comps[i:])
+                break
             if comp == "..":
                 if not cur:
                     raise ArchiveRefused(
@@ -519,21 +583,16 @@ class _TreeRules:
             nxt = (*cur, comp)
             kind = self.kinds.get(nxt)
             if kind == _SYMLINK:
-                hops += 1
+                via, kind, followed = self._resolve(nxt, resolved, depth + 1)
+                hops += followed + 1
                 if hops > _MAX_LINK_HOPS:
-                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} loops")
-                via = self.links[nxt]
-                if via.startswith("/"):  # pragma: no cover - refused when it was extracted
-                    raise ArchiveRefused(f"symlink {name!r} -> {target!r} leaves the release")
-                pending.extend(p for p in reversed(via.split("/")) if p not in ("", "."))
+                    raise _Loop
+                cur = list(via)
                 continue
-            if kind != _DIR and ".." in pending:
-                raise ArchiveRefused(
-                    f"symlink {name!r} -> {target!r} uses '..' after "
-                    f"{'/'.join(nxt)!r}, which is not a directory of the "
-                    f"release"
-                )
             cur.append(comp)
+        found = (tuple(cur), kind, hops)
+        resolved[parts] = found
+        return found
 
 
 def check_members(members: Iterable[tuple[str, str, str]]) -> None:
@@ -601,6 +660,8 @@ class _Extractor(_TreeRules):
         self.dir_meta: dict[_Parts, tuple[int, int | None]] = {}  # dir -> (mode, mtime)
         self.fds: OrderedDict[_Parts, int] = OrderedDict()
         self.members = 0
+        self.entries = 0  # created on disk: members and the directories they imply
+        self.next_free_entries = _FREE_CHECK_ENTRIES
         self.declared = 0
         self.written = 0
         self.last: str | None = None  # the last member read, for "after member" in errors
@@ -701,6 +762,7 @@ class _Extractor(_TreeRules):
         """Create missing parent directories (u+rwx, mode set at the end); the parent's fd."""
         for i in range(self._known_prefix(parts) + 1, len(parts)):
             sub = parts[:i]
+            self._charge_entry(name)
             with self._writing(name):
                 os.mkdir(sub[-1], 0o700, dir_fd=self._dir_fd(sub[:-1]))
             self.kinds[sub] = _DIR
@@ -711,6 +773,7 @@ class _Extractor(_TreeRules):
         self, name: str, parts: _Parts, parent_fd: int, mode: int, mtime: int | None
     ) -> None:
         if parts not in self.kinds:
+            self._charge_entry(name)
             with self._writing(name):
                 os.mkdir(parts[-1], 0o700, dir_fd=parent_fd)
             self.kinds[parts] = _DIR
@@ -720,6 +783,7 @@ class _Extractor(_TreeRules):
         self, name: str, parts: _Parts, parent_fd: int, target: str, mtime: int | None
     ) -> None:
         self._check_symlink(name, parts, target)
+        self._charge_entry(name)
         with self._writing(name):
             os.symlink(target, parts[-1], dir_fd=parent_fd)
             if self.owner is not None:
@@ -744,6 +808,7 @@ class _Extractor(_TreeRules):
                 f"hardlink {name!r} -> {target!r}: the target is not an "
                 f"earlier regular file of the archive"
             )
+        self._charge_entry(name)
         with self._writing(name):
             src_fd = self._dir_fd(tparts[:-1])
             os.link(
@@ -758,6 +823,7 @@ class _Extractor(_TreeRules):
     def _make_file(
         self, name: str, parts: _Parts, parent_fd: int, m: tarfile.TarInfo, mtime: int | None
     ) -> None:
+        self._charge_entry(name)
         with self._writing(name):
             fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent_fd)
         self.kinds[parts] = _FILE
@@ -787,6 +853,29 @@ class _Extractor(_TreeRules):
         finally:
             os.close(fd)
 
+    def _charge_entry(self, name: str) -> None:
+        """Count one entry about to be created for member ``name`` (itself, or a directory
+        its path implies) against ``max_members`` and the disk budget."""
+        self.entries += 1
+        if self.entries > self.max_members:
+            raise ArchiveRefused(
+                f"archive creates more than {self.max_members} entries, its members and the "
+                f"directories their paths imply (limit max_members); refused at {_shown(name)}"
+            )
+        budget = self.budget
+        if budget is None:
+            return
+        if budget.inodes_allowed is not None and self.entries > budget.inodes_allowed:
+            raise ArchiveDoesNotFit(
+                f"archive creates more than {budget.inodes_allowed} entries by member "
+                f"{_shown(name)}: they do not fit in the free inodes of the filesystem of "
+                f"{self.dest} ({budget.describe_inodes()})"
+            )
+        self._check_written(name)
+        if self.entries >= self.next_free_entries:
+            self.next_free_entries = self.entries + _FREE_CHECK_ENTRIES
+            self._check_free(name)
+
     def _check_written(self, name: str) -> None:
         if self.written > self.max_bytes:
             raise ArchiveRefused(
@@ -796,22 +885,33 @@ class _Extractor(_TreeRules):
         budget = self.budget
         if budget is None:
             return
-        if self.written > budget.allowed:
+        used = self.written + self.entries * ENTRY_COST
+        if used > budget.allowed:
             raise ArchiveDoesNotFit(
-                f"archive wrote {self.written} bytes by member {name!r}: it does not fit "
-                f"on the filesystem of {self.dest} ({budget.describe()})"
+                f"archive wrote {self.written} bytes and {self.entries} entries (counted "
+                f"{ENTRY_COST} bytes each) by member {_shown(name)}: it does not fit on the "
+                f"filesystem of {self.dest} ({budget.describe()})"
             )
         if self.written >= self.next_free_check:
             self.next_free_check = self.written + _FREE_CHECK_EVERY
-            with self._writing(name):
-                st = os.fstatvfs(self.root_fd)
-            free = st.f_bavail * st.f_frsize
-            if free < budget.reserve:
-                raise ArchiveDoesNotFit(
-                    f"free space on the filesystem of {self.dest} fell to {free} bytes, "
-                    f"under disk_reserve {budget.reserve}, after {self.written} bytes "
-                    f"at member {name!r}"
-                )
+            self._check_free(name)
+
+    def _check_free(self, name: str) -> None:
+        """What other writers (and block overhead) left: stop under ``disk_reserve``."""
+        budget = self.budget
+        assert budget is not None
+        with self._writing(name):
+            st = os.fstatvfs(self.root_fd)
+        free = st.f_bavail * st.f_frsize
+        if free < budget.reserve:
+            raise ArchiveDoesNotFit(
+                f"free space on the filesystem of {self.dest} fell to {free} bytes, "
+                f"under disk_reserve {budget.reserve}, after {self.written} bytes and "
+                f"{self.entries} entries at member {_shown(name)}"
+            )
+
+    def _checking_link(self) -> None:
+        self._poll()
 
     def _poll(self) -> None:
         """Stop when the caller cancels; report progress every ``_PROGRESS_EVERY`` seconds."""
@@ -946,8 +1046,14 @@ class _Extractor(_TreeRules):
             yield
         except OSError as exc:
             if exc.errno in _FULL_DISK:
+                what = "disk full"
+                with contextlib.suppress(OSError):
+                    st = os.fstatvfs(self.root_fd)
+                    if st.f_files > 0 and st.f_favail == 0:
+                        what = "no free inode left"  # ENOSPC too, with blocks to spare
                 raise StagingError(
-                    f"disk full while extracting {member!r} into {self.dest}: "
+                    f"{what} while extracting {member!r} into {self.dest} "
+                    f"({self.entries} entries created): "
                     f"{exc.strerror} (errno {errno.errorcode[exc.errno]})"
                 ) from exc
             raise StagingError(

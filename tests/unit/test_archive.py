@@ -26,8 +26,16 @@ from tests.support.hostile_archives import (
     make_tar,
     make_tar_gz,
 )
-from watcher.archive import MAX_PATH_DEPTH, ExtractStats, extract_archive, sync_tree
-from watcher.errors import ArchiveRefused, StagingError
+from watcher.archive import (
+    ENTRY_COST,
+    MAX_PATH_DEPTH,
+    DiskBudget,
+    ExtractStats,
+    _TreeRules,
+    extract_archive,
+    sync_tree,
+)
+from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingError
 
 CORPUS = hostile_archives()
 MTIME = 1_600_000_000
@@ -510,3 +518,86 @@ class TestErrors:
         with pytest.raises(StagingError):
             extract(make_tar_gz([Entry("lib", kind="dir"), Entry("lib/x", data=b"x")]), dest)
         assert sorted(p.name for p in (tmp / "outside").iterdir()) == ["secret"]
+
+
+class TestBombsOfEntries:
+    """The artifact review's archives: a few KB that cost a host its disk, inodes or CPU."""
+
+    def test_directories_a_path_implies_count_against_max_members(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        # 3 members and the 3 x 30 directories their paths imply: 93 entries
+        chain = "/".join(["d"] * 29)
+        data = make_tar_gz([Entry(f"{i}/{chain}/f", data=b"x") for i in range(3)])
+        with pytest.raises(ArchiveRefused, match=r"creates more than 92 entries.*max_members"):
+            extract(data, sandbox[1], max_members=92)
+        _, dest = sandbox
+        for d in dest.iterdir():  # a fresh dest: the caller removes a failed one
+            subprocess.run(["rm", "-rf", str(d)], check=True)
+        assert extract(data, dest, max_members=93) == ExtractStats(members=3, bytes=3)
+
+    def test_empty_directories_and_symlinks_are_charged_a_block(
+        self, sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """File data alone was budgeted: 24,000 empty directories filled a filesystem
+        under disk_reserve, and a full inode table read as "disk full"."""
+        _, dest = sandbox
+        data = make_tar_gz([Entry(f"d{i}", kind="dir") for i in range(300)])
+
+        def small(fd: int, *, fraction: float, reserve: int) -> DiskBudget:
+            return DiskBudget(
+                free=10**9, allowed=100 * ENTRY_COST, fraction=fraction, reserve=reserve
+            )
+
+        monkeypatch.setattr(DiskBudget, "of", staticmethod(small))
+        with pytest.raises(ArchiveDoesNotFit, match=r"101 entries \(counted 4096 bytes each\)"):
+            extract(data, dest, disk_fraction=1)
+
+        def few_inodes(fd: int, *, fraction: float, reserve: int) -> DiskBudget:
+            return DiskBudget(
+                free=10**9,
+                allowed=10**9,
+                fraction=fraction,
+                reserve=reserve,
+                inodes_free=400,
+                inodes_allowed=200,
+            )
+
+        monkeypatch.setattr(DiskBudget, "of", staticmethod(few_inodes))
+        for d in dest.iterdir():
+            d.rmdir()
+        with pytest.raises(ArchiveDoesNotFit, match=r"more than 200 entries .* free inodes"):
+            extract(data, dest, disk_fraction=1)
+
+    def test_a_chain_of_symlinks_is_resolved_once_not_once_per_link_into_it(
+        self, sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """38 symlinks, each through the next plus 126 components that do not exist, and
+        300 links into the chain: each of those was walked through the whole chain again
+        (~0.2 s of CPU a link here; a 1.2 MB archive of them, ~10 hours)."""
+        tail = "/".join(["m"] * 126)
+        entries = [
+            Entry(f"c{k:02d}", kind="symlink", target=f"c{k + 1:02d}/{tail}") for k in range(38)
+        ]
+        entries.append(Entry("c38", kind="symlink", target=tail))
+        entries += [Entry(f"u{i:04d}", kind="symlink", target="c00") for i in range(300)]
+        walked: list[tuple[str, ...]] = []
+        resolve = _TreeRules._resolve
+
+        def counted(self: _TreeRules, parts: Any, resolved: Any, depth: int) -> Any:
+            if parts not in resolved:
+                walked.append(parts)
+            return resolve(self, parts, resolved, depth)
+
+        monkeypatch.setattr(_TreeRules, "_resolve", counted)
+        extract(make_tar_gz(entries), sandbox[1])
+        assert len(walked) == len(set(walked)) == 339, len(walked)  # each link walked once
+        assert (sandbox[1] / "u0299").readlink() == Path("c00")
+
+    def test_a_long_chain_of_symlinks_is_refused_as_the_kernel_would(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        entries = [Entry(f"c{k:02d}", kind="symlink", target=f"c{k + 1:02d}") for k in range(45)]
+        entries.append(Entry("c45", kind="dir"))
+        with pytest.raises(ArchiveRefused, match=r"symlink 'c00' -> 'c01' loops"):
+            extract(make_tar_gz(entries), sandbox[1])
