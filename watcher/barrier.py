@@ -1106,8 +1106,15 @@ class DeployStore:
             )
         return members
 
-    def start(self, record: DeployRecord, **_ignored: Any) -> bool:
+    def start(
+        self, record: DeployRecord, *, current_index: int | None = None, **_ignored: Any
+    ) -> bool:
         """Create ``inflight`` and the request in one txn; refuse if one is in flight.
+
+        ``current_index``: the ModifyIndex of ``current`` the request was made from (a
+        rollback's target is its ``previous``); the txn also checks it is unchanged, since
+        a deploy that ends between that read and this write rewrites ``current`` and clears
+        ``inflight`` in one txn, and the rollback would go to the release before that deploy.
 
         Returns False when this same deploy was already started by someone else.
         """
@@ -1115,6 +1122,12 @@ class DeployStore:
             TxnOp.cas(self.keys.inflight, record.id.encode(), 0),
             TxnOp.cas(self.keys.request(record.id), record.to_json(), 0),
         ]
+        if current_index is not None:
+            ops.append(
+                TxnOp.check_index(self.keys.current, current_index)
+                if current_index
+                else TxnOp.check_not_exists(self.keys.current)
+            )
         result = self.consul.txn(ops)
         if result.ok:
             log.info(
@@ -1131,6 +1144,13 @@ class DeployStore:
             raise self._in_flight(current_id)
         if current_id == record.id:
             return False
+        if current_index is not None and self.current()[1] != current_index:
+            raise DeployRefused(
+                f"app {self.app}: the fleet's current release changed while this "
+                f"{record.kind} was being prepared (a deploy ended meanwhile), so its target "
+                f"{record.release} may no longer be what you meant; nothing was started: "
+                "look again and run it again"
+            )
         raise DeployRefused(
             f"app {self.app}: could not start deploy {record.id}: "
             f"{result.errors or 'txn rolled back'}"

@@ -333,7 +333,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
     app = ctx.app(args.app)
     store = _store(ctx, args.app)
     hosts = host_records(store)
-    record, live = rollback_request(
+    record, live, current_index = rollback_request(
         store,
         app,
         args.to,
@@ -343,7 +343,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
     )
     if live:
         print(f"watcherctl: warning: {live}", file=sys.stderr, flush=True)
-    return _start_and_wait(ctx, store, record, hosts)
+    return _start_and_wait(ctx, store, record, hosts, current_index=current_index)
 
 
 def rollback_request(
@@ -355,15 +355,16 @@ def rollback_request(
     allow_missing: bool,
     hosts: Mapping[str, HostRecord] | None = None,
     previous: str | None = None,
-) -> tuple[DeployRecord, str]:
+) -> tuple[DeployRecord, str, int]:
     """The record of a fleet rollback to ``release`` (default: the previous one), and a
     warning when that is the release `current` already names: a whole round (staging,
     acks, a flip to the same tree) for nothing, usually a slip of the operator's (the
     wrong release pasted from `history`). Not a refusal: `current` is a reader's copy
     (DESIGN.md 6.4), and a host that is not on it converges anyway. ``previous``: the
     previous release as the caller saw it (the page's button): refused once it is
-    another."""
-    current, _ = store.current()
+    another. The third value: the ModifyIndex of `current` it was made from, for
+    ``DeployStore.start`` to check (a deploy that ends meanwhile moves `previous`)."""
+    current, current_index = store.current()
     target = rollback_target(store, release, current=current)
     if previous is not None and target.release != previous:
         raise DeployRefused(
@@ -388,12 +389,18 @@ def rollback_request(
         if current is not None and current.release == record.release
         else ""
     )
-    return record, live
+    return record, live, current_index
 
 
-def start_deploy(store: DeployStore, record: DeployRecord, *, history_keep: int) -> str:
+def start_deploy(
+    store: DeployStore,
+    record: DeployRecord,
+    *,
+    history_keep: int,
+    current_index: int | None = None,
+) -> str:
     """Write the deploy (one txn), then ring the doorbell; returns a warning or ""."""
-    store.start(record, history_keep=history_keep)
+    store.start(record, history_keep=history_keep, current_index=current_index)
     return ring_doorbell(store, record)
 
 
@@ -444,12 +451,16 @@ def _start_and_wait(
     store: DeployStore,
     record: DeployRecord,
     hosts: Mapping[str, HostRecord] | None,
+    *,
+    current_index: int | None = None,
 ) -> int:
     held = held_warning(hosts, record, ctx.command_line)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:
-        store.start(record, history_keep=ctx.config.daemon.history_keep)
+        store.start(
+            record, history_keep=ctx.config.daemon.history_keep, current_index=current_index
+        )
     except KeyboardInterrupt:
         # The write may have reached Consul before its answer did: say which id to look for.
         print(

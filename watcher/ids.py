@@ -18,6 +18,19 @@ ARTIFACT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 DEPLOY_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 RELEASE_PATTERN = r"[0-9]{8}T[0-9]{6}Z-" + ARTIFACT_ID_PATTERN  # ASCII: \d takes any digit
 COMMIT_LENGTHS = (40, 64)  # SHA-1 and SHA-256 object names
+# A release name whose time exists (``check_release_input``), as a regular expression for
+# descriptions (the web API's OpenAPI: a client generated from it must not send a name the
+# server refuses as "not a date and time"). Years 0001-9999, Gregorian leap years.
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DAY = (
+    r"(?:(?:0[13578]|1[02])(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)(?:0[1-9]|[12][0-9]|30)"
+    r"|02(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+RELEASE_INPUT_PATTERN = (
+    rf"(?:{_YEAR}{_DAY}|{_LEAP}0229)T(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]Z-"
+    + ARTIFACT_ID_PATTERN
+)
 
 ARTIFACT_ID_RULE = (
     "1 to 128 characters, letters, digits, '.', '_' or '-', starting with a letter or "
@@ -164,6 +177,11 @@ def check_free_text(value: str) -> str:
 
 # The bidirectional embeddings, overrides and isolates (Trojan Source, CVE-2021-42574).
 _BIDI_CONTROLS = frozenset((*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+# The same rule as a regular expression, for descriptions (the web API's OpenAPI): the
+# control characters (Unicode's Cc) but tab, the bidirectional controls. Not surrogates,
+# which no text in UTF-8 holds (only a JSON escape can), and which regex engines that
+# work on code points (Rust's, which schemathesis validates with) cannot name.
+FREE_TEXT_PATTERN = r"[^\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*"
 
 # C0 and C1 control characters but newline and tab, each to its escape (ESC -> "\x1b"),
 # and the bidirectional controls, which reorder what a terminal shows.

@@ -105,6 +105,35 @@ class TestStart:
             store.expected_members(allow_missing=True)
         assert store.inflight() == (None, 0)
 
+    @pytest.mark.parametrize("current_before", [True, False])
+    def test_a_rollback_made_from_a_current_that_changed_is_not_started(
+        self, store: DeployStore, current_before: bool
+    ) -> None:
+        """The race review: a rollback asked for as a deploy ended took its target from
+        `current` read before that deploy's end (which rewrites `current` and clears
+        `inflight` in one txn) and took the fleet back two releases."""
+        s = member(store, "n1")
+        if current_before:
+            assert store.consul.kv_put(store.keys.current, b'{"before": 1}')
+        _, read_index = store.current()
+        assert store.consul.kv_put(store.keys.current, b'{"a deploy": "ended"}')
+        record = store.new_record(
+            deploy_id="rb1",
+            kind="rollback",
+            artifact=artifact(),
+            release=None,
+            requested_by="tests",
+            expected={"n1": s},
+            prepare_timeout=60,
+            apply_timeout=60,
+        )
+        with pytest.raises(DeployRefused, match="current release changed while this rollback"):
+            store.start(record, current_index=read_index)
+        assert store.inflight() == (None, 0)
+        assert store.request("rb1", consistent=True)[0] is None  # nothing was written
+        assert store.start(record, current_index=store.current()[1])  # read again: started
+        assert store.inflight()[0] == "rb1"
+
     def test_garbage_inflight_is_cleared_and_recorded(self, store: DeployStore) -> None:
         assert store.consul.kv_put(store.keys.inflight, b"no-such-deploy")
         inflight, index = store.inflight(consistent=True)

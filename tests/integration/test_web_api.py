@@ -159,6 +159,11 @@ class TestDeployApiWithAcls:
 
         r = env.web.post(path, {"artifact": v1.id}, token=str(uuid.uuid4()))
         assert r.status_code == 401 and "ACL not found" in error_of(r), r.text
+        assert r.headers["www-authenticate"].startswith("Bearer "), r.headers
+        # a read with a token Consul does not know is the same 401, not Consul's 403
+        r = env.web.get("/api/v1/apps/web/fleet", token=str(uuid.uuid4()))
+        assert r.status_code == 401 and "does not know this token" in error_of(r), r.text
+        assert r.headers["www-authenticate"].startswith("Bearer "), r.headers
 
         r = env.web.post(path, {"artifact": v1.id}, token=env.reader)
         assert r.status_code == 403, r.text

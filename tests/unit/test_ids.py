@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +92,33 @@ class TestRules:
         # Other format characters stay: an emoji's zero-width joiner, Arabic text.
         kept = "rollback \U0001f468\u200d\U0001f4bb \u0645\u0631\u062d\u0628\u0627\tok"
         assert ids.check_free_text(kept) == kept
+
+    def test_the_release_input_pattern_says_which_times_exist(self) -> None:
+        """The API's description of a rollback's release: a name it allows and the server
+        refuses as "not a date and time" was schemathesis's failure (00000000T000000Z)."""
+        pattern = re.compile(ids.RELEASE_INPUT_PATTERN)
+        years = (0, 1, 4, 10, 100, 400, 1000, 1900, 1970, 2000, 2023, 2024, 2100, 2400, 9999)
+        times = ("000000", "235959", "240000", "006000", "000060", "120000")
+        for year, month, day, time in itertools.product(years, range(14), range(33), times):
+            name = f"{year:04d}{month:02d}{day:02d}T{time}Z-main-1"
+            try:
+                taken = ids.check_release_input(name) == name
+            except PayloadError:
+                taken = False
+            assert taken == bool(pattern.fullmatch(name)), name
+
+    def test_the_free_text_pattern_says_what_the_check_takes(self) -> None:
+        """The web API's description gives the rule as a pattern: a client generated from
+        it (or schemathesis) must not send what the server refuses, nor be told a reason
+        it may send is invalid."""
+        pattern = re.compile(ids.FREE_TEXT_PATTERN)
+        for code in (*range(0xD800), *range(0xE000, 0x110000)):  # surrogates: not text
+            char = chr(code)
+            try:
+                taken = ids.check_free_text(char) == char
+            except PayloadError:
+                taken = False
+            assert taken == bool(pattern.fullmatch(char)), hex(code)
 
     def test_commit(self) -> None:
         with pytest.raises(PayloadError, match="too short, need the full commit SHA"):

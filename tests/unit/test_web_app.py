@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from watcher.web.app import (
     SECURITY_HEADERS,
     SSE_MAX_PER_CALLER,
     SSE_MAX_STREAMS,
+    SSE_RETRY_AFTER,
     WebState,
     _duration,
     _short_time,
@@ -109,6 +111,71 @@ class TestRefusedBeforeConsul:
     def test_a_malformed_authorization_header(self, client: TestClient) -> None:
         r = client.get("/api/v1/apps/web/fleet", headers={"Authorization": "Basic dXNlcjpw"})
         assert r.status_code == 401 and "Bearer" in r.json()["error"]
+
+    def test_a_401_names_its_scheme(self, client: TestClient) -> None:
+        # RFC 9110 15.5.2: a 401 must carry WWW-Authenticate
+        r = client.get(FLEET, headers={"Authorization": "Basic dXNlcjpw"})
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'Bearer realm="release-watcher"'
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            [("Authorization", "Bearer a-token"), ("X-Consul-Token", "another")],
+            [("Authorization", "Bearer a-token"), ("Authorization", "Bearer another")],
+            [("X-Consul-Token", "a-token"), ("X-Consul-Token", "a-token")],
+        ],
+    )
+    def test_two_tokens_are_refused(
+        self, client: TestClient, headers: list[tuple[str, str]]
+    ) -> None:
+        """Consul takes X-Consul-Token over Authorization, other servers the other way:
+        which token acts would be a guess."""
+        for path in (FLEET, DEPLOYS):
+            write = path == DEPLOYS
+            r = client.request(
+                "POST" if write else "GET",
+                path,
+                headers=headers,
+                json={"artifact": "main-1"} if write else None,
+            )
+            assert r.status_code == 400, (path, r.text)
+            assert "carries 2 tokens" in r.json()["error"], r.text
+
+    @pytest.mark.parametrize(
+        ("body", "said"),
+        [
+            (b'{"artifact": "main-\xff"}', "not UTF-8 (byte 0xff at offset 19)"),
+            ('{"artifact": "main-1"}'.encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
+            (b'{"artifact": NaN}', "NaN is not a JSON value"),
+            (
+                b'{"artifact": "main-1", "allow_missing": -Infinity}',
+                "-Infinity is not a JSON value",
+            ),
+        ],
+    )
+    def test_what_json_is_not_is_a_400(self, client: TestClient, body: bytes, said: str) -> None:
+        # RFC 8259: JSON between systems is UTF-8, and has no NaN; Python's parser takes
+        # both, which read as "nested too deeply?" or a 422 that showed "got NaN"
+        r = client.post(DEPLOYS, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == f"malformed JSON body: {said}"
+        # a BOM before UTF-8 is still taken (it reaches Consul, which is not there)
+        r = client.post(DEPLOYS, content=b'\xef\xbb\xbf{"artifact": "main-1"}')
+        assert r.status_code == 503, r.text
+
+    def test_a_trailing_slash_is_no_redirect_built_from_host(self, client: TestClient) -> None:
+        """Starlette's default answered /fleet/ with a 307 to http://<Host>/fleet (another
+        site's name when the Host said so) and a POST was sent again."""
+        evil = {"Host": "evil.example"}
+        r = client.get(FLEET + "/", headers=evil, follow_redirects=False)
+        assert r.status_code == 404 and "location" not in r.headers, r.headers
+        assert f"without the trailing slash: '{FLEET}'" in r.json()["error"]
+        r = client.post(DEPLOYS + "/", json={"artifact": "main-1"}, follow_redirects=False)
+        assert r.status_code == 404 and "location" not in r.headers
+        # the page typed with a slash: sent to it, as a path of this server
+        r = client.get("/apps/web/", headers=evil, follow_redirects=False)
+        assert r.status_code == 308 and r.headers["location"] == "/apps/web", r.headers
 
     def test_unknown_route_and_app(self, client: TestClient) -> None:
         r = client.get("/api/v1/nothing")
@@ -224,6 +291,34 @@ class TestRefusedBeforeConsul:
         ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
         assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
         assert client.head("/healthz").status_code == 200
+
+    def test_the_openapi_says_how_to_authenticate_and_what_a_body_may_hold(
+        self, client: TestClient
+    ) -> None:
+        """The conformance review: no security scheme (a generated client or Swagger's
+        Authorize cannot send the token), and two bodies schemathesis built from the
+        description, valid there, that the server refuses (a control character in a
+        reason; release and previous together)."""
+        spec = client.get("/openapi.json").json()
+        schemes = spec["components"]["securitySchemes"]
+        assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+        assert (schemes["consulToken"]["in"], schemes["consulToken"]["name"]) == (
+            "header",
+            "X-Consul-Token",
+        )
+        for path, ops in spec["paths"].items():
+            for op in ops.values():
+                wanted = [{"bearer": []}, {"consulToken": []}, {}] if "/api/" in path else []
+                assert op["security"] == wanted, path
+        bodies = spec["components"]["schemas"]
+        reason = bodies["AbortBody"]["properties"]["reason"]["pattern"]
+        assert re.search(reason, "wrong build\tsee #ops") and not re.search(reason, "8\x07")
+        both = {"release": "20261203T000000Z-main-1", "previous": "20261203T000000Z-main-2"}
+        assert bodies["RollbackBody"]["not"]["required"] == sorted(both, reverse=True)
+        r = client.post("/api/v1/apps/web/rollbacks", json=both)
+        assert r.status_code == 422 and "not both" in r.json()["error"], r.text
+        live = spec["paths"]["/api/v1/apps/{app}/live"]["get"]["responses"]
+        assert list(live["200"]["content"]) == ["text/event-stream"] and "429" in live
 
 
 class TestTheDescriptionTellsTheTruth:
@@ -398,9 +493,10 @@ class TestTheDescriptionTellsTheTruth:
         assert bodies["DeployBody"]["properties"]["artifact"]["pattern"] == (
             f"^{ids.ARTIFACT_ID_PATTERN}$"
         )
-        assert bodies["RollbackBody"]["properties"]["release"]["pattern"] == (
-            f"^{ids.RELEASE_PATTERN}$"
-        )
+        for field in ("release", "previous"):  # a time that exists (check_release_input)
+            assert bodies["RollbackBody"]["properties"][field]["pattern"] == (
+                f"^{ids.RELEASE_INPUT_PATTERN}$"
+            )
 
     @pytest.mark.parametrize(
         ("method", "path", "allow"),
@@ -560,6 +656,7 @@ class TestWhoIsLocal:
         try:
             r = client.get("/api/v1/apps/web/live")
             assert r.status_code == 503 and "live streams are open" in r.json()["error"]
+            assert r.headers["retry-after"] == str(SSE_RETRY_AFTER)
         finally:
             state.streams = 0
 
@@ -571,8 +668,10 @@ class TestWhoIsLocal:
         state.streams_of["local"] = SSE_MAX_PER_CALLER
         try:
             r = client.get("/api/v1/apps/web/live")
-            assert r.status_code == 503, r.text
+            # 429: this caller's limit (RFC 6585), not the server's; told when to retry
+            assert r.status_code == 429, r.text
             assert "live streams of this caller are open" in r.json()["error"]
+            assert r.headers["retry-after"] == str(SSE_RETRY_AFTER)
         finally:
             state.streams_of.clear()
         with client.stream("GET", "/api/v1/apps/web/live") as r:  # below it: served

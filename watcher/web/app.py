@@ -89,6 +89,7 @@ SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not anoth
 # Live streams one caller (one token; or this host's callers without one) may hold at once:
 # a reader cannot take every slot and leave the on-call's page without its live view.
 SSE_MAX_PER_CALLER = 20
+SSE_RETRY_AFTER = 10  # seconds a refused stream is told to wait (Retry-After of its 429/503)
 # Headers a proxy adds: a request that carries one came through a proxy, not from this host.
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
@@ -136,7 +137,8 @@ class ErrorBody(BaseModel):
 
 # What each error status means here; each route lists the ones it can answer.
 ERROR_MEANINGS = {
-    400: "a token in the URL (refused on every path), or a body that is not JSON",
+    400: "a token in the URL (refused on every path), two tokens in one request, or a "
+    "body that is not JSON (UTF-8, each key once)",
     401: "a token is needed (the request did not come from this host), it is malformed, or "
     "Consul does not know it",
     403: "Consul refused the token, or a write came from another origin",
@@ -145,8 +147,10 @@ ERROR_MEANINGS = {
     413: f"a body over {MAX_BODY} bytes",
     415: "a write's body that is not application/json",
     422: "a parameter or body field that breaks its rule (the message states the rule)",
+    429: "this caller's live streams are all open (Retry-After says when to try again)",
     502: "Consul answered with an error, or a record in Consul does not parse",
-    503: "Consul cannot be reached (or, for the live feed, too many streams are open)",
+    503: "Consul cannot be reached (or, for the live feed, the server's streams are all "
+    "open; Retry-After says when to try again)",
 }
 
 
@@ -162,10 +166,22 @@ WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 502, 503)
 class ApiError(Exception):
     """An HTTP error with a one-line reason; the JSON body is ``{"error": reason}``."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
+
+
+def error_response(status: int, reason: str, *, retry_after: int | None = None) -> JSONResponse:
+    """An error's answer: a 401 says which scheme it wants (RFC 9110 15.5.2: it must),
+    a 429 or 503 of the live feed when to try again."""
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="release-watcher"'
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
 # --- request bodies (the OpenAPI description is generated from these) -----------------------
@@ -196,7 +212,7 @@ class RollbackBody(WriteBody):
         description="a release the fleet committed (default: the previous one): "
         + ids.RELEASE_RULE,
         max_length=160,
-        json_schema_extra={"pattern": f"^{ids.RELEASE_PATTERN}$"},
+        json_schema_extra={"pattern": f"^{ids.RELEASE_INPUT_PATTERN}$"},
     )
     previous: str | None = Field(
         default=None,
@@ -205,16 +221,29 @@ class RollbackBody(WriteBody):
         "commit), only if it is still this one (a deploy made since would be undone): "
         + ids.RELEASE_RULE,
         max_length=160,
-        json_schema_extra={"pattern": f"^{ids.RELEASE_PATTERN}$"},
+        json_schema_extra={"pattern": f"^{ids.RELEASE_INPUT_PATTERN}$"},
     )
     allow_missing: bool = False
+
+    # Both given is a 422: said in the description too, so a client generated from it (or
+    # a fuzzer) does not send what the server refuses.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["release", "previous"],
+                "properties": {"release": {"type": "string"}, "previous": {"type": "string"}},
+            }
+        }
+    )
 
 
 class AbortBody(WriteBody):
     reason: str = Field(
         default="",
         max_length=500,
-        description="why, one line of printable text (no control character but tab)",
+        description="why, one line of printable text (no control character but tab, no "
+        "bidirectional control)",
+        json_schema_extra={"pattern": f"^{ids.FREE_TEXT_PATTERN}$"},
     )
 
     @field_validator("reason")
@@ -280,6 +309,15 @@ def same_origin(origin: str, host_header: str) -> bool:
 
 def bearer_token(request: Request) -> str | None:
     """The caller's Consul token from ``Authorization: Bearer`` or ``X-Consul-Token``."""
+    given = request.headers.getlist("authorization") + request.headers.getlist("x-consul-token")
+    if len(given) > 1:
+        # Consul reads X-Consul-Token first, other servers Authorization: which one acts
+        # is a guess, and a proxy may have added one.
+        raise ApiError(
+            400,
+            f"the request carries {len(given)} tokens (Authorization and X-Consul-Token "
+            "headers): send one",
+        )
     auth = request.headers.get("authorization", "")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -288,6 +326,14 @@ def bearer_token(request: Request) -> str | None:
         return _token_shape(value.strip())
     token = request.headers.get("x-consul-token", "").strip()
     return _token_shape(token) if token else None
+
+
+def _caller_token(request: Request) -> bool:
+    """Whether the request carries a token of its own (a well-formed one)."""
+    try:
+        return bearer_token(request) is not None
+    except ApiError:
+        return False
 
 
 def _token_shape(token: str) -> str:
@@ -609,14 +655,31 @@ def _given(value: object) -> str:
     return f", got {_json_kind(value)}"
 
 
-def _key_given_twice(body: bytes) -> str:
-    """What is wrong with a body that gives one key twice; "" for any other body (one that
-    does not parse is the route's to refuse, with its own words)."""
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_key_twice, parse_constant=_no_constant)
+
+
+def _body_problem(body: bytes) -> str:
+    """What is wrong with a write's body that Python's parser would take but JSON does not
+    (RFC 8259): bytes that are not UTF-8 (json.loads also reads UTF-16 and -32), NaN or
+    Infinity, one key given twice; "" for any other body (one that does not parse is the
+    route's to refuse, with its own words)."""
     if not body:
         return ""
     try:
-        json.loads(body, object_pairs_hook=_no_key_twice)
-    except _KeyTwice as exc:
+        text = body.decode("utf-8").removeprefix("\ufeff")  # a BOM is tolerated
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
+    try:
+        _STRICT.decode(text)
+    except (_KeyTwice, _NotJson) as exc:
         return str(exc)
     except (ValueError, RecursionError):
         return ""
@@ -660,12 +723,12 @@ class BodyLimit:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
-        twice = _key_given_twice(body) if scope.get("method") in ("POST", "PUT", "PATCH") else ""
-        if twice:
+        wrong = _body_problem(body) if scope.get("method") in ("POST", "PUT", "PATCH") else ""
+        if wrong:
             # JSON parsers keep the last of two equal keys: a body that names two artifacts
             # deployed the second. Ambiguous, so refused (as the config refuses them).
             await JSONResponse(
-                {"error": f"malformed JSON body: {twice}"},
+                {"error": f"malformed JSON body: {wrong}"},
                 status_code=400,
                 headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
             )(scope, receive, send)
@@ -712,6 +775,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         redoc_url=None,
     )
     app.state.web = state
+    # No 307 from /fleet/ to /fleet built from the Host header (and a POST sent again):
+    # an unknown path is a 404 that says which one was meant (http_error).
+    app.router.redirect_slashes = False
     generated = app.openapi
 
     def openapi_with_app_names() -> dict[str, Any]:
@@ -719,10 +785,32 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         only values: a client learns them from the description, not from 404s."""
         if app.openapi_schema is None:
             spec = generated()
-            for operation in (op for ops in spec["paths"].values() for op in ops.values()):
-                for param in operation.get("parameters", ()):
-                    if param.get("in") == "path" and param.get("name") == "app":
-                        param["schema"]["enum"] = sorted(config.apps)
+            for path, ops in spec["paths"].items():
+                for operation in ops.values():
+                    for param in operation.get("parameters", ()):
+                        if param.get("in") == "path" and param.get("name") == "app":
+                            param["schema"]["enum"] = sorted(config.apps)
+                    # A token is needed off this host, and for writes when ACLs are on
+                    # ({}: none, a local request; docs/web.md says who may do what).
+                    operation["security"] = (
+                        [{"bearer": []}, {"consulToken": []}, {}]
+                        if path.startswith("/api/")
+                        else []
+                    )
+            spec.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "your Consul ACL token: Authorization: Bearer <token>",
+                },
+                "consulToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Consul-Token",
+                    "description": "your Consul ACL token, as Consul's own API takes it",
+                },
+            }
+            spec["servers"] = [{"url": "/"}]
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -827,7 +915,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        return error_response(exc.status, exc.reason, retry_after=exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -871,10 +959,26 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             # RecursionError, for a body nested deeper than Python's json takes.
             detail = "malformed JSON body: it does not parse (nested too deeply?)"
         if exc.status_code == 404 and detail == "Not Found":
-            detail = (
-                f"no such path: {ids.shown(request.url.path)} (the API is under /api/v1/, "
-                "described at /openapi.json; the page is / and /apps/<app>)"
-            )
+            path = request.url.path
+            bare = path.rstrip("/")
+            if bare and bare != path and not bare.startswith("//") and allowed_methods(bare):
+                if request.method in ("GET", "HEAD") and not path.startswith("/api/"):
+                    # The page typed with a slash: where it is, as a path on this server
+                    # (never a name taken from the Host header).
+                    return JSONResponse(
+                        {"error": f"the page is at {ids.shown(bare)}"},
+                        status_code=308,
+                        headers={"Location": bare},
+                    )
+                detail = (
+                    f"no such path: {ids.shown(path)} (without the trailing slash: "
+                    f"{ids.shown(bare)})"
+                )
+            else:
+                detail = (
+                    f"no such path: {ids.shown(path)} (the API is under /api/v1/, "
+                    "described at /openapi.json; the page is / and /apps/<app>)"
+                )
         if exc.status_code == 405:
             # Every method the path takes (RFC 9110: Allow), not only those of the first
             # route that matched it: GET and POST of one path are two routes.
@@ -897,8 +1001,13 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         )
 
     @app.exception_handler(ConsulError)
-    async def consul_error(_: Request, exc: ConsulError) -> JSONResponse:
+    async def consul_error(request: Request, exc: ConsulError) -> JSONResponse:
         if isinstance(exc, ConsulPermissionDenied):
+            if "acl not found" in str(exc).lower() and _caller_token(request):
+                # The caller's token is unknown to Consul: who they are is not known (a
+                # write says so from its token lookup, a 401 too), not a refusal of a
+                # known token.
+                return error_response(401, f"Consul does not know this token: {exc}")
             return JSONResponse({"error": str(exc)}, status_code=403)
         if isinstance(exc, ConsulRequestError):
             return JSONResponse({"error": str(exc)}, status_code=502)
@@ -986,7 +1095,15 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         LIVE,
         summary="Server-sent events: the deploy in flight, pushed on every change",
         response_class=StreamingResponse,
-        responses=READ_ERRORS,
+        responses={
+            **READ_ERRORS,
+            **errors(429),
+            200: {
+                "description": "a stream of `event: live` with one line of JSON each "
+                "(docs/web.md), and a comment every 15 s",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
     )
     async def live(app: AppName, request: Request) -> StreamingResponse:
         name = app_name(app)
@@ -999,14 +1116,19 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         caller = "local" if token is None else hashlib.sha256(token.encode()).hexdigest()
         if state.streams_of.get(caller, 0) >= SSE_MAX_PER_CALLER:
             raise ApiError(
-                503,
+                429,
                 f"{SSE_MAX_PER_CALLER} live streams of this caller are open (a caller is "
                 "its token, or every caller on this host without one; a page holds one, "
                 "and one whose client is gone is freed when a write to it fails, minutes "
                 "later for a peer that vanished from the network); close one and try again",
+                retry_after=SSE_RETRY_AFTER,
             )
         if state.streams >= SSE_MAX_STREAMS:
-            raise ApiError(503, f"{SSE_MAX_STREAMS} live streams are open; try again later")
+            raise ApiError(
+                503,
+                f"{SSE_MAX_STREAMS} live streams are open; try again later",
+                retry_after=SSE_RETRY_AFTER,
+            )
         # The slot is taken here, before the response starts (a burst of connects could all
         # pass the check otherwise), and given back once: by the stream when it ends, or
         # when the stream object is dropped without ever running.
@@ -1115,7 +1237,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         caller = state.writer(request)
         store = state.store(name, caller.consul)
         hosts = host_records(store)
-        record, live = rollback_request(
+        record, live, current_index = rollback_request(
             store,
             config.app(name),
             body.release,
@@ -1125,11 +1247,24 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             previous=body.previous,
         )
         held = held_warning(hosts, record, _command)
-        return _start(store, record, "rollback", "; ".join(w for w in (live, held) if w))
+        note = "; ".join(w for w in (live, held) if w)
+        return _start(store, record, "rollback", note, current_index=current_index)
 
-    def _start(store: DeployStore, record: Any, action: str, note: str = "") -> dict[str, Any]:
+    def _start(
+        store: DeployStore,
+        record: Any,
+        action: str,
+        note: str = "",
+        *,
+        current_index: int | None = None,
+    ) -> dict[str, Any]:
         try:
-            warning = start_deploy(store, record, history_keep=config.daemon.history_keep)
+            warning = start_deploy(
+                store,
+                record,
+                history_keep=config.daemon.history_keep,
+                current_index=current_index,
+            )
             warning = "; ".join(w for w in (note, warning) if w)
         except Exception:
             state.writes.labels(app=store.app, action=action, result="refused").inc()
@@ -1203,7 +1338,13 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/metrics",
         summary="Prometheus metrics of this server",
         response_class=Response,
-        responses=errors(400),
+        responses={
+            **errors(400),
+            200: {
+                "description": "the Prometheus text format (docs/metrics.md)",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            },
+        },
     )
     async def metrics() -> Response:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
