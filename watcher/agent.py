@@ -1594,6 +1594,12 @@ class AppAgent:
                 )
                 self._observe("prepare", started)
                 return
+            hold = self.engine.held()
+            if hold is not None:
+                # Placed while this host staged (`watcherctl hold`, `rollback --local`):
+                # checked again just before the ack, or the commit would override it.
+                refused = True
+                raise DeployRefused(f"held: {hold.reason} (by {hold.by}), placed while staging")
             if utcnow() >= self._deadlines(rec)[0]:
                 raise DeployRefused("prepare deadline passed before this host was ready")
         except (_Cancelled, StagingCancelled):

@@ -283,8 +283,10 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
     if "post_release" not in phases:
         print(
             f"watcherctl: warning: this host is preparing deploy {deploy} of {app} "
-            f"(phases done: {', '.join(map(str, phases)) or 'none'}); it will still take "
-            "part in that deploy",
+            f"(phases done: {', '.join(map(str, phases)) or 'none'}); its watcher looks for "
+            "a hold again just before it acks, and then refuses that deploy (held), which "
+            "aborts it for the whole fleet; a host that acked ready first takes part in it "
+            "(`watcherctl status` shows which)",
             file=sys.stderr,
         )
         return

@@ -192,6 +192,38 @@ class TestHappyPath:
             gate.touch()
         fleet.wait_outcome(deploy_id)
 
+    def test_a_hold_placed_while_the_host_stages_makes_it_refuse(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
+        """The race review: `hold` (and `rollback --local`) while this host ran its
+        post_release hook said it was placed, then the host acked ready, the fleet committed
+        and the host flipped past its own hold. The watcher looks again before its ack."""
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = fleet.watchers[0].ctl_json("deploy", "web", v1.id)["release"]
+        fleet.wait_idle()
+        slow = fleet.watchers[1]
+        gate = tmp_path / "staged"
+        fleet.give_gated_hook(slow, "post_release", gate)
+        fleet.wait_members(3)
+        deploy_id = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--no-wait")["deploy"]
+        try:
+            wait_for(
+                lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
+                30,
+                "the slow host in its post_release hook",
+                fleet,
+            )
+            placed = slow.ctl("hold", "web", "--reason", "stop here", as_json=False)
+            assert "refuses that deploy (held)" in placed.stderr, placed.stderr
+        finally:
+            gate.touch()
+        result = fleet.wait_outcome(deploy_id)
+        assert result["result"] == "aborted", result
+        ack = fleet.kv.kv_get(fleet.keys.progress(deploy_id, slow.name))
+        assert ack is not None and b"held: stop here" in ack.value, ack
+        fleet.wait_idle()
+        assert set(fleet.currents().values()) == {rel1}  # nobody moved
+
     def test_every_host_goes_idle_when_the_end_lands(self, fleet: Fleet) -> None:
         """A host that does not coordinate does not wake itself after its apply: it
         finishes its part in the step the end's watches wake. When `inflight` is already
