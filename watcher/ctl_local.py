@@ -187,8 +187,12 @@ def _lock_owner(command: str) -> str:
 
 
 def _journal_release(engine: ReleaseEngine) -> str | None:
+    """The release of the deploy this host's journal is in: the journaled request's (the
+    journal holds the request whole; its top level has no release, which this read for
+    years, so `releases` never marked the release in flight and prune did not keep it)."""
     journal = read_journal(engine.layout.state_dir)
-    release = journal.get("release") if journal else None
+    request = journal.get("request") if journal else None
+    release = request.get("release") if isinstance(request, dict) else None
     return release if isinstance(release, str) and release else None
 
 
@@ -628,6 +632,7 @@ def cmd_setup_release(ctx: CtlContext) -> int:
             keep_until = max(keep_until, pinned) if pinned is not None else keep_until
         engine.pin(release, keep_until)
     post_done = reused is not None and reused.post_release_done
+    preparing = _preparing_deploy_of(engine, release) if not post_done else ""
     data: dict[str, Any] = {
         "app": app.name,
         "artifact": record.id,
@@ -635,10 +640,19 @@ def cmd_setup_release(ctx: CtlContext) -> int:
         "path": str(path),
         "pinned_until": iso(keep_until),
         "reused": reused is not None,
-        "post_release": ("skipped" if ctx.args.no_hooks else "done before" if post_done else "ok"),
+        "post_release": (
+            "skipped"
+            if ctx.args.no_hooks
+            else "done before"
+            if post_done
+            else f"left to this host's watcher, which is preparing deploy {preparing} of this "
+            "release and runs it there"
+            if preparing
+            else "ok"
+        ),
     }
     code = EXIT_OK
-    if not ctx.args.no_hooks and not post_done:
+    if not ctx.args.no_hooks and not post_done and not preparing:
         try:
             run_hooks(
                 app,
@@ -670,6 +684,25 @@ def cmd_setup_release(ctx: CtlContext) -> int:
 
     ctx.emit(data, human)
     return code
+
+
+def _preparing_deploy_of(engine: ReleaseEngine, release: str) -> str:
+    """The deploy this host's running watcher is preparing on ``release`` and has not run
+    its post_release hook for yet, or "": the race review's setup-release of the build
+    being deployed ran a second post_release on the same tree at the same time (two
+    migrations at once)."""
+    if not watcher_runs(engine.layout.state_dir / INSTANCE_LOCK):
+        return ""
+    journal = read_journal(engine.layout.state_dir)
+    if (
+        not journal
+        or journal.get("finished")
+        or journal.get("ended")
+        or _journal_release(engine) != release
+        or "post_release" in (journal.get("phases") or [])
+    ):
+        return ""
+    return str(journal.get("deploy") or "")
 
 
 def _staged_release_of(engine: ReleaseEngine, record: ArtifactRecord) -> ReleaseInfo | None:

@@ -177,7 +177,8 @@ class Host:
 
     def write_journal(self, deploy: str, release: str, phases: list[str], **more: Any) -> None:
         path = self.engine.layout.state_dir / JOURNAL_NAME
-        data = {"deploy": deploy, "release": release, "kind": "deploy", "phases": phases}
+        # as the watcher writes it: the request whole, which names the release
+        data = {"deploy": deploy, "request": {"release": release}, "phases": phases}
         path.write_text(json.dumps({**data, **more}))
 
     def names(self) -> list[str]:

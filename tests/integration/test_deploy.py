@@ -224,6 +224,36 @@ class TestHappyPath:
         fleet.wait_idle()
         assert set(fleet.currents().values()) == {rel1}  # nobody moved
 
+    def test_setup_release_of_the_build_a_deploy_stages_leaves_the_hook_to_it(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
+        """The race review: both ran post_release on the same tree at the same time."""
+        v1 = fleet.publish("v1", announce=True)
+        slow = fleet.watchers[1]
+        gate = tmp_path / "staged"
+        fleet.give_gated_hook(slow, "post_release", gate)
+        fleet.wait_members(3)
+        deploy_id = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
+        try:
+            wait_for(
+                lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
+                30,
+                "the slow host in its post_release hook",
+                fleet,
+            )
+            # the gated hook would block this command until the gate opens
+            got = json.loads(slow.ctl("setup-release", "web", v1.id, timeout=30).stdout)
+            assert got["reused"] is True, got
+            assert got["post_release"].startswith("left to this host's watcher"), got
+            assert deploy_id in got["post_release"], got
+            # and `releases` marks the deploy's release in flight (read from the real
+            # journal: the request in it names the release)
+            rows = {r["release"]: r for r in slow.ctl_json("releases", "web")}
+            assert rows[got["release"]]["in_flight"] is True, rows
+        finally:
+            gate.touch()
+        assert fleet.wait_outcome(deploy_id)["result"] == "committed"
+
     def test_every_host_goes_idle_when_the_end_lands(self, fleet: Fleet) -> None:
         """A host that does not coordinate does not wake itself after its apply: it
         finishes its part in the step the end's watches wake. When `inflight` is already
