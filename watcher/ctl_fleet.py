@@ -1126,7 +1126,7 @@ def cmd_abort(ctx: CtlContext) -> int:
             print(
                 f"watcherctl: {contested_reason(deploy_id)}"
                 if what == CONTESTED
-                else f"watcherctl: deploy {deploy_id} is {what}: too late to abort (every "
+                else f"watcherctl: deploy {deploy_id} is committed: too late to abort (every "
                 "host had acked ready)"
                 if what in ("commit", "committed")
                 else f"watcherctl: deploy {deploy_id} has ended ({what}): nothing to abort",
