@@ -892,8 +892,11 @@ class ReleaseEngine:
             target = self.layout.shared_dir / rel
             if not target.exists() and not target.is_symlink():
                 self._make_shared(target)
-            # releases/<tmp>/<rel> and releases/<release>/<rel> are at the same depth
-            start = self.layout.releases_dir / "x" / Path(rel).parent
+            # releases/<tmp>/<rel> and releases/<release>/<rel> are at the same depth. From
+            # where the link really lands: a symlink of the release on the way (`public ->
+            # .`, `public -> build/public`) puts it at another depth than `rel` says, and
+            # a link counted from `rel` pointed outside the app's directory or nowhere.
+            start = self.layout.releases_dir / "x" / os.path.relpath(real_parent, real_tree)
             inside.symlink_to(os.path.relpath(target, start))
             touched.add(parent)
         return touched

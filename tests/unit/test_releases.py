@@ -249,6 +249,37 @@ class TestStaging:
         assert (engine.layout.shared_dir / "log" / "app.log").read_text() == "line\n"
         assert uploads.resolve() == (engine.layout.shared_dir / "var" / "uploads").resolve()
 
+    @pytest.mark.parametrize("link", [".", "build/public"])
+    def test_a_shared_path_under_a_symlink_of_the_release_still_lands_in_shared(
+        self, tmp_path: Path, clock: Clock, link: str
+    ) -> None:
+        """The artifact review: with `public -> .` in the archive and shared
+        `public/uploads`, the link was counted from `public/` but landed one level up:
+        `../../../shared/public/uploads` from releases/<r>/ left the app's directory
+        (`public -> build/public`: it pointed nowhere)."""
+        engine = make_engine(tmp_path, clock, shared=("public/uploads",))
+        src = tmp_path / "build.tar.gz"
+        with tarfile.open(src, "w:gz") as tf:
+            if link != ".":
+                for d in ("build", "build/public"):
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tf.addfile(info)
+            info = tarfile.TarInfo("public")
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tf.addfile(info)
+            data = b"ok\n"
+            info = tarfile.TarInfo("index.html")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        path = engine.stage_from_file(src, record_for(src), rel(1), "d-1")
+        uploads = path / "public" / "uploads"
+        assert uploads.is_symlink()
+        shared = (engine.layout.shared_dir / "public" / "uploads").resolve()
+        assert uploads.resolve() == shared, (uploads.readlink(), shared)
+        (uploads / "a.png").write_bytes(b"png")
+        assert (shared / "a.png").read_bytes() == b"png"
+
     def test_shared_file_is_kept_and_linked(
         self, tmp_path: Path, clock: Clock, tarball: Path
     ) -> None:
