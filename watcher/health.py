@@ -521,6 +521,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _not_allowed(self) -> None:
+        """A method HTTP knows that no path here takes: 405 with Allow (RFC 9110 15.5.6),
+        not http.server's 501, which says the method is unknown. Its body is not read, so
+        the connection is closed after the answer."""
+        body = f"{self.command} is not allowed here: GET or HEAD\n".encode()
+        self.close_connection = True
+        self.send_response(405)
+        self.send_header("Allow", "GET, HEAD")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
     def _health(self, fn: HealthFn) -> None:
         try:
             healthy, details = fn()

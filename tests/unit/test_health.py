@@ -149,6 +149,16 @@ class TestHealthServer:
         status, _, _ = get(server.port, "/nope")
         assert status == 404
 
+    @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+    def test_a_method_no_path_takes_is_405_with_allow(
+        self, server: HealthServer, method: str
+    ) -> None:
+        # http.server answers 501 ("Unsupported method"), which says HTTP has no such one
+        status, headers, body = get(server.port, "/health", method=method)
+        assert status == 405 and headers["allow"] == "GET, HEAD", (status, headers)
+        assert body == f"{method} is not allowed here: GET or HEAD\n".encode()
+        assert get(server.port, "/health")[0] == 200  # the server still answers
+
     def test_stop_closes_the_port(self, metrics: Metrics, health_fn: Switch) -> None:
         srv = HealthServer("127.0.0.1:0", health_fn, metrics)
         srv.start()
