@@ -122,7 +122,8 @@ def created_by(env: Mapping[str, str]) -> str:
     who = " ".join(part for part in (name, f"<{email}>" if email else "") if part)
     if env.get("BUILDKITE") == "true" or who:
         pipeline = env.get("BUILDKITE_PIPELINE_SLUG") or "unknown-pipeline"
-        build = f"buildkite:{pipeline}#{env.get('BUILDKITE_BUILD_NUMBER', '')}"
+        number = env.get("BUILDKITE_BUILD_NUMBER", "").strip()
+        build = f"buildkite:{pipeline}#{number}" if number else f"buildkite:{pipeline}"
         return f"{who} via {build}" if who else build
     return user_at_host()
 
@@ -221,6 +222,17 @@ def run_publish(ctx: CtlContext) -> int:
                 file=sys.stderr,
             )
             return 128 + exc.signum
+    if branch and record.branch != branch:
+        # The same bytes published before from another branch whose name gives the same id
+        # (`a/b` and `a-b`; two names of only non-ASCII letters): the record, which deploys
+        # and hooks read, keeps that branch. Exit 0: this build is what the id holds.
+        print(
+            f"watcherctl: warning: artifact {record.id} was published before from branch "
+            f"{record.branch!r} with these very bytes, and its record keeps that branch; "
+            f"this build's branch {branch!r} gives the same id (every character outside "
+            "[A-Za-z0-9._-] becomes '-'): give it its own with --artifact-id",
+            file=sys.stderr,
+        )
     data = {"app": args.app, **asdict(record)}
     del data["uploading"]  # false once published: the output is as it always was
     ctx.emit(data, _human)

@@ -584,6 +584,18 @@ class TestPublishCommand:
         assert human.returncode == 0, human.stderr
         assert "published web artifact feature-x-15eb13af" in human.stdout
         assert f"sha256  {data['sha256']}" in human.stdout
+        assert "warning" not in human.stderr, human.stderr  # the same branch: nothing to say
+
+        # Another branch whose name gives the same id, same bytes: published (the id holds
+        # this build), with a warning that the record keeps the first branch.
+        env["BUILDKITE_BRANCH"] = "feature-x"
+        twin = publish_human()
+        assert twin.returncode == 0, twin.stderr
+        assert "was published before from branch 'feature/x'" in twin.stderr, twin.stderr
+        assert "this build's branch 'feature-x' gives the same id" in twin.stderr
+        kept = kv_record(consul, "feature-x-15eb13af")
+        assert kept is not None and kept.branch == "feature/x", kept
+        env["BUILDKITE_BRANCH"] = "feature/x"
 
         # The same id with other bytes: refused because of state (4, not 1: nothing failed),
         # saying how to publish this build after all.

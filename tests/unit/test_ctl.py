@@ -1012,3 +1012,12 @@ class TestWhatANewcomerTypesFirst:
         assert (
             "`watcherctl rollback web --local --to 20261205T145949Z-main-3bfc2695 -c F`"
         ) in local.stderr, local.stderr
+
+
+def test_created_by_names_no_empty_build_number() -> None:
+    from watcher.ctl_publish import created_by
+
+    env = {"BUILDKITE": "true", "BUILDKITE_PIPELINE_SLUG": "my-pipeline"}
+    assert created_by({**env, "BUILDKITE_BUILD_NUMBER": "7"}) == "buildkite:my-pipeline#7"
+    assert created_by({**env, "BUILDKITE_BUILD_NUMBER": ""}) == "buildkite:my-pipeline"
+    assert created_by(env) == "buildkite:my-pipeline"
