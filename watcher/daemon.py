@@ -1290,5 +1290,5 @@ def _log_config_warnings(config: Config) -> None:
     config's to ask the agent about; a session it refuses is logged anyway."""
     from watcher.daemon_cli import config_warnings
 
-    for warning in config_warnings(config, session_ttl=False):
+    for warning in config_warnings(config, session_ttl=False, advice=False):
         log.warning("config_warning", source=config.source, warning=warning)

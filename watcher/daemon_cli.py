@@ -220,11 +220,18 @@ def token_warnings(config: Config) -> list[str]:
 
 
 def config_warnings(
-    config: Config, *, agent_ttl_min: float | None = None, session_ttl: bool = True
+    config: Config,
+    *,
+    agent_ttl_min: float | None = None,
+    session_ttl: bool = True,
+    advice: bool = True,
 ) -> list[str]:
     """Things that are valid but will not work on this host as it stands (warn, don't fail).
     ``agent_ttl_min``: the Consul agent's ``session_ttl_min``, when it could be asked;
-    ``session_ttl``: False leaves the TTL out (the daemon's log: no guess without the agent)."""
+    ``session_ttl``: False leaves the TTL out (the daemon's log: no guess without the agent);
+    ``advice``: also what works but is risky (hooks as root, a umask that leaves files
+    writable by all), which check-config says and the daemon's log does not repeat at
+    every start (a hook run as root is a documented choice)."""
     warnings: list[str] = []
     ttl = config.daemon.session_ttl
     if not session_ttl:
@@ -260,6 +267,21 @@ def config_warnings(
                 grp.getgrnam(app.group)
             except KeyError:
                 warnings.append(f'apps.{name}.group: no group "{app.group}" on this host')
+        if advice and not app.user and os.geteuid() == 0:
+            # Valid (docs/hooks.md: what needs root), but the release's own hooks are
+            # whatever CI packed: with root they can read this host's Consul token and S3
+            # credentials, so the CI role becomes every host's root.
+            warnings.append(
+                f"apps.{name}.user: not set, so hooks run as root, the release's own "
+                ".watcher/hooks included (what CI packed can then read this host's Consul "
+                "token and S3 credentials); set a user the app runs as (docs/hooks.md)"
+            )
+        if advice and not app.umask & 0o002:
+            warnings.append(
+                f"apps.{name}.umask: {app.umask:04o} leaves files of the release that the "
+                "archive marks 0777 (and directories) writable by every user of this host; "
+                "0022 or 0002 is usual"
+            )
         for phase, commands in sorted(app.hooks.items()):
             for i, argv in enumerate(commands):
                 path = Path(argv[0])

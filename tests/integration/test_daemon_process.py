@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import os
 import signal
@@ -304,7 +305,8 @@ class TestCheckConfigAsksTheAgent:
                         "consul": consul,
                         "s3": {"bucket": "b"},
                         "daemon": {"session_ttl": "3s"},
-                        "apps": {"web": {"root": str(tmp_path)}},
+                        # with its user: no advice against hooks run as root either
+                        "apps": {"web": {"root": str(tmp_path), "user": getpass.getuser()}},
                     }
                 )
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from watcher import daemon_cli
 from watcher.config import (
     DEFAULT_PATH,
     AppConfig,
+    Config,
     ConsulSettings,
     DaemonSettings,
     Limits,
@@ -304,13 +306,33 @@ class TestCheckConfig:
             },
             env={},
         )
-        assert daemon_cli.config_warnings(config, agent_ttl_min=1.0) == []
-        assert daemon_cli.config_warnings(config, agent_ttl_min=5.0) == [
+        assert daemon_cli.config_warnings(config, agent_ttl_min=1.0, advice=False) == []
+        assert daemon_cli.config_warnings(config, agent_ttl_min=5.0, advice=False) == [
             "daemon.session_ttl: 3s is below the session_ttl_min the Consul agent at "
             "http://127.0.0.1:8500 is set to (5s): Consul refuses such a session "
             '("Invalid Session TTL")'
         ]
         assert "Consul's default session_ttl_min (10s)" in daemon_cli.config_warnings(config)[0]
+
+    def test_hooks_as_root_and_a_umask_that_leaves_files_writable_are_advised_against(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The artifact review: without `user` the release's own hooks, whatever CI
+        packed, ran as root; `umask: "0000"` made the archive's 0777 files writable by all;
+        check-config said OK to both. Advice of check-config, not the daemon's log."""
+
+        def config(**app: Any) -> Config:
+            return parse_config(
+                {"s3": {"bucket": "b"}, "apps": {"web": {"root": "/", **app}}}, env={}
+            )
+
+        monkeypatch.setattr(daemon_cli.os, "geteuid", lambda: 0)
+        said = daemon_cli.config_warnings(config(umask="0000"), agent_ttl_min=1.0)
+        assert any(w.startswith("apps.web.user: not set, so hooks run as root") for w in said)
+        assert any(w.startswith("apps.web.umask: 0000 leaves files") for w in said), said
+        assert daemon_cli.config_warnings(config(umask="0000"), advice=False, agent_ttl_min=1) == []
+        user = pwd.getpwuid(os.getuid()).pw_name
+        assert daemon_cli.config_warnings(config(user=user, umask="0002"), agent_ttl_min=1) == []
 
     def test_places_the_watcher_cannot_write_and_a_hook_with_its_arguments_in_one_string(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
