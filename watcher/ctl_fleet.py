@@ -834,18 +834,27 @@ def _human_summary(data: dict[str, Any]) -> str:
 # --- history / abort ---------------------------------------------------------------------
 
 
-def artifact_records(store: DeployStore) -> list[ArtifactRecord]:
+def artifact_records(
+    store: DeployStore, unreadable: list[str] | None = None
+) -> list[ArtifactRecord]:
     """Every readable artifact record of the app, newest first (the web page's builds):
     by Consul's CreateIndex of the record, not by its `created_at`, which CI's token
-    writes (a record dated 9999 stayed on top, 30 of them hid every real build)."""
+    writes (a record dated 9999 stayed on top, 30 of them hid every real build).
+    ``unreadable`` gets what is wrong with each record left out, so a reader can say so."""
     records: list[tuple[int, ArtifactRecord]] = []
     for entry in store.consul.kv_list(store.keys.artifacts_prefix):
         try:
             record = ArtifactRecord.from_json(entry.value, where=entry.key)
-        except PayloadError:
-            continue  # a record that does not parse is not a build anyone can deploy
+        except PayloadError as exc:
+            # Not a build anyone can deploy (a deploy of it is refused, saying why)
+            if unreadable is not None:
+                unreadable.append(str(exc))
+            continue
         if entry.key.rsplit("/", 1)[-1] != record.id:
-            continue  # planted under another id: a deploy of its id reads another key
+            # planted under another id: a deploy of its id reads another key
+            if unreadable is not None:
+                unreadable.append(f"{entry.key}: names artifact {record.id!r}, not its key's")
+            continue
         records.append((entry.create_index, record))
     records.sort(key=lambda r: (r[0], r[1].id), reverse=True)
     return [r for _, r in records]
@@ -855,11 +864,14 @@ BUILDS_LIMIT = 30  # the builds the page and `watcherctl builds` list at most
 
 
 def build_rows(
-    store: DeployStore, fleet: dict[str, Any], limit: int = BUILDS_LIMIT
+    store: DeployStore,
+    fleet: dict[str, Any],
+    limit: int = BUILDS_LIMIT,
+    unreadable: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` artifact records, with how many hosts have each prefetched and
     whether the fleet's release (``current``) or the one before it (``previous``) is of it
-    (the page's builds and `watcherctl builds`)."""
+    (the page's builds and `watcherctl builds`); ``unreadable``: as ``artifact_records``."""
     counts: dict[str, int] = {}
     for host in fleet["hosts"].values():
         for artifact_id in host.get("prefetched") or []:
@@ -883,15 +895,23 @@ def build_rows(
             "prefetched_on": counts.get(r.id, 0),
             "fleet": live.get(r.id, ""),
         }
-        for r in artifact_records(store)[:limit]
+        for r in artifact_records(store, unreadable)[:limit]
     ]
 
 
 def cmd_builds(ctx: CtlContext) -> int:
     store = _store(ctx, ctx.args.app)
     fleet = fleet_status(store)
-    rows = build_rows(store, fleet, ctx.args.limit)
+    unreadable: list[str] = []
+    rows = build_rows(store, fleet, ctx.args.limit, unreadable)
     hosts = len(fleet["hosts"])
+    if unreadable:  # stderr: stdout stays the list, for scripts
+        print(
+            f"watcherctl: warning: {len(unreadable)} artifact record(s) of {ctx.args.app} "
+            f"cannot be read and are not listed: {'; '.join(unreadable[:5])}"
+            + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""),
+            file=sys.stderr,
+        )
 
     def human(items: list[dict[str, Any]]) -> str:
         if not items:

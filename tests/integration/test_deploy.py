@@ -157,6 +157,19 @@ class TestHappyPath:
         assert len(text) == 2 and text[1].startswith(v2.id), text
         assert text[1].endswith("fleet's release"), text
 
+        # A record that does not read is left out, and said to be (it vanished silently)
+        fleet.kv.kv_put(fleet.keys.artifact("broken-1"), b"\xff\xfe not json")
+        said = w0.ctl("builds", "web", as_json=False)
+        assert "1 artifact record(s) of web cannot be read" in said.stderr, said.stderr
+        assert "broken-1" in said.stderr and "broken-1" not in said.stdout
+        config_path = fleet.workdir / "builds.yaml"
+        config_path.write_text(yaml.safe_dump(fleet.config_for(w0)))
+        app = create_app(load_config(config_path), listen_host="127.0.0.1")
+        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+            got = client.get("/api/v1/apps/web/builds").json()
+        assert [b["id"] for b in got["builds"]] == [v2.id, v1.id], got
+        assert len(got["unreadable"]) == 1 and "broken-1" in got["unreadable"][0], got
+
     def test_hosts_on_a_committed_deploys_release_are_on_the_fleets(
         self, fleet: Fleet, tmp_path: Path
     ) -> None:

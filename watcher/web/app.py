@@ -1060,7 +1060,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     )
     def get_builds(app: AppName, request: Request) -> dict[str, Any]:
         store = state.store(app_name(app), state.reader(request))
-        return {"builds": build_rows(store, fleet_status(store))}
+        unreadable: list[str] = []
+        rows = build_rows(store, fleet_status(store), unreadable=unreadable)
+        # Records left out, each with what is wrong (a deploy of one is refused, saying so)
+        return {"builds": rows, "unreadable": unreadable}
 
     @app.get(
         "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
