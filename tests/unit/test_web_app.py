@@ -11,6 +11,7 @@ import gc
 import itertools
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -707,6 +708,26 @@ class TestWhoIsLocal:
             gc.collect()
             time.sleep(0.05)
         assert state.streams == 0 and state.streams_of == {}
+
+    def test_a_stopping_server_ends_its_streams_properly(self, client: TestClient) -> None:
+        """The conformance review: on SIGTERM uvicorn waits 3 s for open connections, and
+        a stream never ends by itself, so it was cut in the middle of its chunked body
+        (httpx-sse: "incomplete chunked read"). Told to stop, each stream ends."""
+        state = client.app.state.web  # type: ignore[attr-defined]
+        rest: list[str] = []
+        try:
+            with client.stream("GET", "/api/v1/apps/web/live") as r:
+                lines = r.iter_lines()
+                assert next(lines) == "retry: 2000"
+                reader = threading.Thread(target=lambda: rest.extend(lines), daemon=True)
+                reader.start()
+                time.sleep(0.2)
+                assert reader.is_alive()  # an open stream: it would wait for the next event
+                state.close_streams()
+                reader.join(10)
+                assert not reader.is_alive(), "the stream did not end"
+        finally:
+            state.closing = False
 
     def test_host_and_origin_parsing(self) -> None:
         assert host_name("[::1]:8710") == "::1" and host_name("LocalHost:80") == "localhost"

@@ -369,6 +369,7 @@ class WebState:
         self.acls_enabled: bool | None = None  # None: not known yet (Consul unreachable)
         self.feeds: dict[str, LiveFeed] = {}
         self.streams = 0  # live streams open (changed on the event loop only)
+        self.closing = False  # the server is stopping: live streams end (close_streams)
         self.streams_of: dict[str, int] = {}  # the same, by caller (see live)
         disable_created_metrics()  # type: ignore[no-untyped-call]  # as the daemon
         self.registry = CollectorRegistry(auto_describe=True)
@@ -390,6 +391,17 @@ class WebState:
             ["app", "action", "result"],
             registry=self.registry,
         )
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close_streams(self) -> None:
+        """End every live stream now (the server is stopping): each ends its response
+        properly, so a client sees the end of the stream and reconnects, instead of a
+        connection cut in the middle of its chunked body after the graceful timeout."""
+        self.closing = True
+        for feed in list(self.feeds.values()):
+            feed.wake_subscribers()
 
     def is_local(self, request: Request) -> bool:
         """Whether the loopback trust applies to this request: the server is bound to loopback,
@@ -1186,12 +1198,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         gauge.inc()
         try:
             yield "retry: 2000\n\n"
-            while not await request.is_disconnected():
+            while not state.is_closing() and not await request.is_disconnected():
                 try:
                     item = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
                 except TimeoutError:
                     yield ": keepalive\n\n"
                     continue
+                if state.is_closing():
+                    break
                 yield item.event
         finally:
             feed.unsubscribe(queue)

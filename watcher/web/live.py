@@ -105,6 +105,18 @@ class LiveFeed:
     def stop(self) -> None:
         self._stop.set()
 
+    def wake_subscribers(self) -> None:
+        """Give every subscriber the latest snapshot again (from any thread): a stream's
+        loop then looks whether the server is closing."""
+        with self._lock:
+            item = self._latest
+            targets = list(self._subscribers)
+        if item is None:
+            item = Published({}, "")
+        for loop, queue in targets:
+            with contextlib.suppress(RuntimeError):  # that client's loop is closed
+                loop.call_soon_threadsafe(_offer, queue, item)
+
     # --- the watcher thread ---------------------------------------------------------------
 
     def _publish(self, snap: Snapshot) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
@@ -73,6 +75,20 @@ def run_web(config: Config, listen: str) -> int:
             sock.close()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also ends the live streams when told to stop (SIGTERM,
+    Ctrl-C): it waits for open connections before it stops, and a stream never ends by
+    itself."""
+
+    def __init__(self, config: uvicorn.Config, *, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
 def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket]) -> int:
     app = create_app(config, listen_host=host)
     state = app.state.web
@@ -101,14 +117,15 @@ def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket])
         )
     log.info("web_listening", url=f"http://{listen}/", acls=acls, loopback=loopback)
     print(f"watcher web: serving http://{listen}/", file=sys.stderr, flush=True)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             log_level="warning",
             access_log=False,
             proxy_headers=False,
             timeout_graceful_shutdown=3,
-        )
+        ),
+        on_exit=state.close_streams,
     )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops it, as uvicorn.run() took it
         server.run(sockets=sockets)
