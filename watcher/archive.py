@@ -571,7 +571,9 @@ class _TreeRules:
                         f"symlink {name!r} -> {target!r} uses '..' after "
                         f"{'/'.join(cur)!r}, which is not a directory of the release"
                     )
-                cur.extend(comps[i:])
+                # What follows is never looked up: kept, each link into this one would add
+                # its own rest again (a chain of them: thousands of components a link,
+                # gigabytes for a 2.5 MB archive of symlinks)
                 break
             if comp == "..":
                 if not cur:

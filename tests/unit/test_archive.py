@@ -32,6 +32,7 @@ from watcher.archive import (
     DiskBudget,
     ExtractStats,
     _TreeRules,
+    check_members,
     extract_archive,
     sync_tree,
 )
@@ -593,6 +594,22 @@ class TestBombsOfEntries:
         extract(make_tar_gz(entries), sandbox[1])
         assert len(walked) == len(set(walked)) == 339, len(walked)  # each link walked once
         assert (sandbox[1] / "u0299").readlink() == Path("c00")
+
+    def test_what_follows_a_missing_path_is_not_kept_for_every_link_into_it(self) -> None:
+        """The commit review: each link's resolution past a path the archive does not
+        have kept its remaining components, and a link into it added its own: ~40 KB a
+        link, 815 MB for 20,000 links (a 247 KB archive), gigabytes at max_members."""
+        x = "/".join(["x"] * 127)
+        members = [("L0", "symlink", "n/" + "/".join(["x"] * 126))]
+        members += [(f"L{i}", "symlink", f"L{i - 1}/{x}") for i in range(1, 39)]
+        members += [(f"K{k}", "symlink", f"L38/{x}") for k in range(2000)]
+        tracemalloc.start()
+        try:
+            check_members(members)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 1024 * 1024, f"peak {peak} bytes for 2039 symlinks"
 
     def test_a_long_chain_of_symlinks_is_refused_as_the_kernel_would(
         self, sandbox: tuple[Path, Path]
