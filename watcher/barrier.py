@@ -2068,11 +2068,22 @@ class DeployStore:
             seen_op = TxnOp.cas(
                 self.keys.events_seen, str(ltime).encode(), entry.modify_index if entry else 0
             )
+            current_check: list[dict[str, Any]] = []
             try:
                 members = self.expected_members(allow_missing=True)
                 target: ArtifactRecord | ReleaseRef
                 if kind == "rollback":
-                    target = rollback_target(self, release)
+                    current, current_index = self.current()
+                    target = rollback_target(self, release, current=current)
+                    if release is None:
+                        # Its target is `previous` as read: a deploy that ends before the
+                        # txn below moves it (as for watcherctl's, DeployStore.start); the
+                        # txn then fails and the next round reads `current` again.
+                        current_check = [
+                            TxnOp.check_index(self.keys.current, current_index)
+                            if current_index
+                            else TxnOp.check_not_exists(self.keys.current)
+                        ]
                 else:
                     assert artifact_id is not None
                     found = self.artifact(artifact_id)
@@ -2142,6 +2153,7 @@ class DeployStore:
                 TxnOp.cas(self.keys.inflight, rec.id.encode(), 0),
                 TxnOp.cas(self.keys.request(rec.id), rec.to_json(), 0),
                 seen_op,
+                *current_check,
             ]
             if self.consul.txn(ops).ok:
                 log.info("deploy_started", app=self.app, deploy=rec.id, kind=kind, by=by)

@@ -355,7 +355,7 @@ def rollback_request(
     allow_missing: bool,
     hosts: Mapping[str, HostRecord] | None = None,
     previous: str | None = None,
-) -> tuple[DeployRecord, str, int]:
+) -> tuple[DeployRecord, str, int | None]:
     """The record of a fleet rollback to ``release`` (default: the previous one), and a
     warning when that is the release `current` already names: a whole round (staging,
     acks, a flip to the same tree) for nothing, usually a slip of the operator's (the
@@ -363,7 +363,8 @@ def rollback_request(
     (DESIGN.md 6.4), and a host that is not on it converges anyway. ``previous``: the
     previous release as the caller saw it (the page's button): refused once it is
     another. The third value: the ModifyIndex of `current` it was made from, for
-    ``DeployStore.start`` to check (a deploy that ends meanwhile moves `previous`)."""
+    ``DeployStore.start`` to check (a deploy that ends meanwhile moves `previous`); None
+    for a named ``release``, whose target does not depend on `current`."""
     current, current_index = store.current()
     target = rollback_target(store, release, current=current)
     if previous is not None and target.release != previous:
@@ -389,7 +390,7 @@ def rollback_request(
         if current is not None and current.release == record.release
         else ""
     )
-    return record, live, current_index
+    return record, live, current_index if release is None else None
 
 
 def start_deploy(

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
+from watcher import barrier
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
 from watcher.ctl import main as ctl_main
@@ -396,6 +397,44 @@ class TestValidateFailure:
 
 
 class TestRawEventsAndRollback:
+    def test_a_raw_rollback_takes_previous_as_it_is_when_it_starts(
+        self, make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The commit review: a raw `rollback` event read `current`, and a deploy that
+        ended before its txn (rewriting `current`, clearing `inflight`) left it going to
+        the release before that deploy: two releases back. The txn now checks `current`
+        and the next round reads it again."""
+        fleet = make_fleet()
+        v1, v2, v3 = fleet.publish("v1"), fleet.publish("v2"), fleet.publish("v3")
+        deploy_ok(fleet, v1.id)
+        rel2 = deploy_ok(fleet, v2.id)
+        real = barrier.rollback_target
+        ended: list[str] = []
+
+        def a_deploy_ends_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            target = real(*args, **kwargs)
+            if not ended:  # once: v3 is deployed and ends after the target was read
+                ended.append(deploy_ok(fleet, v3.id))
+            return target
+
+        monkeypatch.setattr(barrier, "rollback_target", a_deploy_ends_meanwhile)
+        event_id = "5f1c0b3e-1d2a-4c5b-8e7f-0a1b2c3d4e5f"
+        started = store_of(fleet).start_from_event(
+            event_id=event_id,
+            ltime=10**6,
+            kind="rollback",
+            artifact_id=None,
+            release=None,
+            by=fleet.watchers[1].name,
+            prepare_timeout=60,
+            apply_timeout=60,
+            history_keep=50,
+        )
+        assert started == "started" and ended, started
+        # the previous release of v3's deploy (v2), not of v2's (v1)
+        assert release_of(fleet, event_id) == rel2
+        assert fleet.wait_outcome(event_id)["result"] == "committed"
+
     def test_raw_deploy_event_then_rollbacks(self, make_fleet: MakeFleet, consul_bin: str) -> None:
         fleet = make_fleet()
         v1, v2 = fleet.publish("v1"), fleet.publish("v2")
