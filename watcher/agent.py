@@ -1594,10 +1594,14 @@ class AppAgent:
                 )
                 self._observe("prepare", started)
                 return
-            hold = self.engine.held()
+            # A hold placed while this host staged (`watcherctl hold`, `rollback --local`):
+            # looked for again just before the ack, or the commit would override it. Under
+            # the app's lock, which those take to read the journal and write the hold: one
+            # placed before this look is seen here; one placed after it finds post_release
+            # journaled above, and is refused there while this deploy is undecided.
+            with self.engine.lock(owner=f"hold check of deploy {rec.id}"):
+                hold = self.engine.held()
             if hold is not None:
-                # Placed while this host staged (`watcherctl hold`, `rollback --local`):
-                # checked again just before the ack, or the commit would override it.
                 refused = True
                 raise DeployRefused(f"held: {hold.reason} (by {hold.by}), placed while staging")
             if utcnow() >= self._deadlines(rec)[0]:
