@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher import ids
-from watcher.agent import read_journal
+from watcher.agent import CONVERGE_JOURNAL_NAME, read_journal
 from watcher.barrier import DeployStore, still_uploading
 from watcher.config import AppConfig
 from watcher.consul_api import ConsulClient
@@ -196,17 +196,34 @@ def _journal_release(engine: ReleaseEngine) -> str | None:
     return release if isinstance(release, str) and release else None
 
 
+def _converge_journal(engine: ReleaseEngine) -> tuple[str, str, list[str]] | None:
+    """(deploy, release, phases) of the convergence this host's watcher is catching up
+    with (``.state/converge.json``: a committed deploy staged and flipped without a
+    barrier), or None."""
+    journal = read_journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
+    release = journal.get("release") if journal else None
+    if not journal or not isinstance(release, str) or not release:
+        return None
+    return str(journal.get("deploy") or ""), release, list(journal.get("phases") or [])
+
+
+def _releases_in_flight(engine: ReleaseEngine) -> set[str]:
+    """The releases this host's deploy and convergence journals are working on."""
+    converging = _converge_journal(engine)
+    return {r for r in (_journal_release(engine), converging and converging[1]) if r}
+
+
 # --- releases ----------------------------------------------------------------------------
 
 
 def cmd_releases(ctx: CtlContext) -> int:
     engine = _engine(ctx)
-    in_flight = _journal_release(engine)
+    in_flight = _releases_in_flight(engine)
     now = utcnow()
     rows = []
     for info in engine.list_releases():
         row = info.to_dict()
-        row["in_flight"] = info.release == in_flight
+        row["in_flight"] = info.release in in_flight
         row["markers"] = _markers(info, in_flight, now)
         rows.append(row)
 
@@ -234,7 +251,7 @@ def cmd_releases(ctx: CtlContext) -> int:
     return EXIT_OK
 
 
-def _markers(info: ReleaseInfo, in_flight: str | None, now: datetime) -> list[str]:
+def _markers(info: ReleaseInfo, in_flight: set[str], now: datetime) -> list[str]:
     out = []
     if info.is_current:
         out.append("current")
@@ -254,7 +271,7 @@ def _markers(info: ReleaseInfo, in_flight: str | None, now: datetime) -> list[st
         out.append("incomplete")
     elif info.kept_for_resume:
         out.append("post_release not run")
-    if info.release == in_flight:
+    if info.release in in_flight:
         out.append("in-flight")
     return out
 
@@ -693,6 +710,10 @@ def _preparing_deploy_of(engine: ReleaseEngine, release: str) -> str:
     migrations at once)."""
     if not watcher_runs(engine.layout.state_dir / INSTANCE_LOCK):
         return ""
+    converging = _converge_journal(engine)
+    if converging and converging[1] == release and "post_release" not in converging[2]:
+        # a convergence runs post_release without the app's lock, as a deploy does
+        return f"{converging[0]} (catching up with it)"
     journal = read_journal(engine.layout.state_dir)
     if (
         not journal
@@ -805,9 +826,7 @@ def cmd_prune(ctx: CtlContext) -> int:
         )
     lock = contextlib.nullcontext() if dry_run else engine.lock(owner=_lock_owner("prune"))
     with lock:
-        in_flight = _journal_release(engine)
-        protect = {in_flight} if in_flight else set()
-        plan = engine.plan_prune(in_flight=protect, fleet=fleet)
+        plan = engine.plan_prune(in_flight=_releases_in_flight(engine), fleet=fleet)
         # the plan shown is the plan carried out: one /proc scan, under the lock
         removed = engine.prune(dry_run=dry_run, plan=plan)  # [] when the plan is blocked
     data = {

@@ -32,7 +32,7 @@ from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import make_tarball
 from tests.support.locks import hold_instance_lock
 from tests.support.s3server import s3_client
-from watcher.agent import JOURNAL_NAME
+from watcher.agent import CONVERGE_JOURNAL_NAME, JOURNAL_NAME
 from watcher.config import AppConfig, ConsulSettings, S3Settings, parse_config
 from watcher.consul_api import ConsulClient
 from watcher.fsutil import INSTANCE_LOCK
@@ -542,6 +542,23 @@ class TestPrune:
         data = host.ctl_json("prune", "web", own_proc=True)
         assert data["removed"] == [release_of(1)]
         assert data["kept"][release_of(2)] == "in flight"
+
+    def test_the_release_a_convergence_works_on_is_kept_and_marked(self, host: Host) -> None:
+        """The commit review: only the deploy journal was read; a host catching up with a
+        committed deploy journals to converge.json (its release at the top level)."""
+        path = host.engine.layout.state_dir / CONVERGE_JOURNAL_NAME
+        path.write_text(
+            json.dumps(
+                {"deploy": "20260101T000000Z-dddddd", "release": release_of(2), "phases": []}
+            )
+        )
+        data = host.ctl_json("prune", "web", "--dry-run", own_proc=True)
+        assert data["kept"][release_of(2)] == "in flight", data
+        rows = {r["release"]: r for r in host.ctl_json("releases", "web")}
+        assert (
+            rows[release_of(2)]["in_flight"] is True
+            and "in-flight" in rows[release_of(2)]["markers"]
+        )
 
     def test_prune_waits_for_a_flip_holding_the_lock(self, host: Host) -> None:
         """The flip happens while prune waits for the lock: prune sees the new current."""
