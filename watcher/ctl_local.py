@@ -663,7 +663,8 @@ def cmd_setup_release(ctx: CtlContext) -> int:
             else "done before"
             if post_done
             else f"left to this host's watcher, which is preparing deploy {preparing} of this "
-            "release and runs it there"
+            "release and runs it there (if that deploy ends before its hook runs, run "
+            "setup-release again)"
             if preparing
             else "ok"
         ),

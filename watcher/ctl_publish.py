@@ -20,7 +20,7 @@ from watcher.ctl import (
 )
 from watcher.errors import ConfigError, PayloadError
 from watcher.ids import ARTIFACT_ID_RULE, check_commit, shown
-from watcher.records import MANIFEST_PATH
+from watcher.records import CUT_MARK, MANIFEST_PATH
 
 
 def branch_argument(text: str) -> str:
@@ -222,7 +222,13 @@ def run_publish(ctx: CtlContext) -> int:
                 file=sys.stderr,
             )
             return 128 + exc.signum
-    if branch and record.branch != branch:
+    if (
+        args.artifact_id is None  # an id of its own: the branch did not make it
+        and branch
+        and record.branch
+        and not record.branch.endswith(CUT_MARK)  # a long branch kept cut (records.py)
+        and record.branch != branch
+    ):
         # The same bytes published before from another branch whose name gives the same id
         # (`a/b` and `a-b`; two names of only non-ASCII letters): the record, which deploys
         # and hooks read, keeps that branch. Exit 0: this build is what the id holds.

@@ -65,7 +65,8 @@ def parse_event(
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError(f"{where}: payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
     try:
-        text = payload.decode("utf-8")  # RFC 8259 8.1: json.loads would also take UTF-16/32
+        # RFC 8259 8.1: json.loads would also take UTF-16/32; a UTF-8 BOM is tolerated
+        text = payload.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise PayloadError(f"{where}: payload is not UTF-8: {payload[:80]!r}") from None
     try:

@@ -493,6 +493,9 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
+PATHS = ("/health", "/health/serving", "/metrics")  # what the daemon's server answers
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = REQUEST_DEADLINE  # and the whole request within REQUEST_DEADLINE (setup)
@@ -523,12 +526,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         """A method HTTP knows that no path here takes: 405 with Allow (RFC 9110 15.5.6),
-        not http.server's 501, which says the method is unknown. Its body is not read, so
-        the connection is closed after the answer."""
-        body = f"{self.command} is not allowed here: GET or HEAD\n".encode()
+        not http.server's 501, which says the method is unknown; 404 for a path that is not
+        here at all. Its body is not read, so the connection is closed after the answer."""
+        known = self.path.split("?", 1)[0] in PATHS
+        body = (
+            f"{self.command} is not allowed here: GET or HEAD\n"
+            if known
+            else "not found: try /health, /health/serving or /metrics\n"
+        ).encode()
         self.close_connection = True
-        self.send_response(405)
-        self.send_header("Allow", "GET, HEAD")
+        self.send_response(405 if known else 404)
+        if known:
+            self.send_header("Allow", "GET, HEAD")
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")

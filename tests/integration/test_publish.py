@@ -595,6 +595,10 @@ class TestPublishCommand:
         assert "this build's branch 'feature-x' gives the same id" in twin.stderr
         kept = kv_record(consul, "feature-x-15eb13af")
         assert kept is not None and kept.branch == "feature/x", kept
+        # with an id of its own, the branch made no id: nothing to warn of
+        argv = [str(WATCHERCTL), "publish", "web", str(src), "--artifact-id", "feature-x-15eb13af"]
+        named = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert named.returncode == 0 and "warning" not in named.stderr, named
         env["BUILDKITE_BRANCH"] = "feature/x"
 
         # The same id with other bytes: refused because of state (4, not 1: nothing failed),

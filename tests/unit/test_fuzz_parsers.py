@@ -238,6 +238,8 @@ class TestEventPayloads:
     def test_a_plain_payload_still_parses(self) -> None:
         got = parse_event("ev-1", "deploy", 7, b'{"app": "web", "artifact": "main-1"}', ["web"])
         assert (got.app, got.artifact) == ("web", "main-1")
+        bom = b'\xef\xbb\xbf{"app": "web", "artifact": "main-1"}'  # a UTF-8 BOM: taken
+        assert parse_event("ev-1", "deploy", 7, bom, ["web"]).artifact == "main-1"
 
 
 # ---------------------------------------------------------------- KV records

@@ -158,6 +158,7 @@ class TestHealthServer:
         assert status == 405 and headers["allow"] == "GET, HEAD", (status, headers)
         assert body == f"{method} is not allowed here: GET or HEAD\n".encode()
         assert get(server.port, "/health")[0] == 200  # the server still answers
+        assert get(server.port, "/nope", method=method)[0] == 404  # not here: no Allow
 
     def test_stop_closes_the_port(self, metrics: Metrics, health_fn: Switch) -> None:
         srv = HealthServer("127.0.0.1:0", health_fn, metrics)

@@ -177,6 +177,14 @@ class TestRefusedBeforeConsul:
         # the page typed with a slash: sent to it, as a path of this server
         r = client.get("/apps/web/", headers=evil, follow_redirects=False)
         assert r.status_code == 308 and r.headers["location"] == "/apps/web", r.headers
+        # a name that is not ASCII is encoded (it was a 500: the header cannot hold it)
+        r = client.get("/apps/%E6%97%A5/", follow_redirects=False)
+        assert r.status_code == 308 and r.headers["location"] == "/apps/%E6%97%A5", r.headers
+        r = client.get("/apps/a%0d%0aSet-Cookie:%20x=1/", follow_redirects=False)
+        assert r.status_code == 308 and "\r" not in r.headers["location"], r.headers
+        for other in ("/metrics/", "/healthz/", "/openapi.json/"):  # not pages: a 404
+            r = client.get(other, follow_redirects=False)
+            assert r.status_code == 404 and "location" not in r.headers, (other, r.headers)
 
     def test_unknown_route_and_app(self, client: TestClient) -> None:
         r = client.get("/api/v1/nothing")
@@ -542,6 +550,7 @@ class TestWhoIsLocal:
         assert "not addressed to a loopback name" in r.json()["error"]
         page = client.get("/apps/web", headers={"Host": host})
         assert page.status_code == 401 and "A token is needed" in page.text
+        assert page.headers["www-authenticate"] == 'Bearer realm="release-watcher"'
         assert 'data-needs-token="yes"' in page.text
         r = client.post(
             "/api/v1/apps/web/deploys", json={"artifact": "main-1"}, headers={"Host": host}

@@ -10,6 +10,7 @@ import re
 import shlex
 import time
 import typing
+import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -173,12 +174,15 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+UNAUTHORIZED = 'Bearer realm="release-watcher"'  # a 401's WWW-Authenticate (RFC 9110 15.5.2)
+
+
 def error_response(status: int, reason: str, *, retry_after: int | None = None) -> JSONResponse:
     """An error's answer: a 401 says which scheme it wants (RFC 9110 15.5.2: it must),
     a 429 or 503 of the live feed when to try again."""
     headers = {}
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="release-watcher"'
+        headers["WWW-Authenticate"] = UNAUTHORIZED
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     return JSONResponse({"error": reason}, status_code=status, headers=headers)
@@ -974,13 +978,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             path = request.url.path
             bare = path.rstrip("/")
             if bare and bare != path and not bare.startswith("//") and allowed_methods(bare):
-                if request.method in ("GET", "HEAD") and not path.startswith("/api/"):
+                if request.method in ("GET", "HEAD") and path.startswith("/apps/"):
                     # The page typed with a slash: where it is, as a path on this server
-                    # (never a name taken from the Host header).
+                    # (never a name taken from the Host header), encoded as a URL's path
+                    # is (an app name is ASCII; anything else is its 404 to say).
                     return JSONResponse(
                         {"error": f"the page is at {ids.shown(bare)}"},
                         status_code=308,
-                        headers={"Location": bare},
+                        headers={"Location": urllib.parse.quote(bare, safe="/")},
                     )
                 detail = (
                     f"no such path: {ids.shown(path)} (without the trailing slash: "
@@ -1414,7 +1419,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             ctx["error"] = str(exc)
         except PayloadError as exc:
             status, ctx["error"] = 502, f"unreadable record in Consul: {exc}"
-        return templates.TemplateResponse(request, "app.html", ctx, status_code=status)
+        response = templates.TemplateResponse(request, "app.html", ctx, status_code=status)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = UNAUTHORIZED
+        return response
 
     # HEAD wherever GET is (RFC 9110 wants it of every server: `curl -I`, uptime checks),
     # with the status a GET would get; uvicorn sends no body. Each its own route, out of
