@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import errno
 import io
 import lzma
 import os
@@ -26,6 +27,7 @@ from tests.support.hostile_archives import (
     make_tar,
     make_tar_gz,
 )
+from watcher import archive
 from watcher.archive import (
     ENTRY_COST,
     MAX_PATH_DEPTH,
@@ -618,3 +620,118 @@ class TestBombsOfEntries:
         entries.append(Entry("c45", kind="dir"))
         with pytest.raises(ArchiveRefused, match=r"symlink 'c00' -> 'c01' loops"):
             extract(make_tar_gz(entries), sandbox[1])
+
+
+def _pax(records: bytes, *, is_global: bool = False) -> bytes:
+    """A pax header (extended, or global) holding ``records`` as they are."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XGLTYPE if is_global else tarfile.XHDTYPE
+    info.size = len(records)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+
+
+class TestPaxHeaders:
+    """The second artifact review: Python 3.11 before 3.11.10 parses a malformed pax header
+    in quadratic time and memory (CVE-2024-6232: 1.2 KB of archive took 1 GB), and copies a
+    global header's keys twice for every later member (200,000 keys: 45 ms a member)."""
+
+    def test_a_malformed_pax_header_is_refused_before_tarfile_parses_it(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        bomb = gzip_bytes(_pax(b"2 " * 16384 + b"=\n") + make_tar([Entry("f", data=b"x")]))
+        assert len(bomb) < 1024
+        tracemalloc.start()
+        try:
+            with pytest.raises(ArchiveRefused, match="malformed record at byte 0"):
+                extract(bomb, sandbox[1])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 1024 * 1024, peak  # tarfile's parse of it: ~260 MB
+
+    @pytest.mark.parametrize(
+        ("records", "said"),
+        [
+            (b"13 path=name", "malformed record"),  # no newline
+            (b"12 path=name\n", "malformed record"),  # a length that is not the record's
+            (b"11 pathname\n", "malformed record"),  # no '='
+            (b"9 =value\n", "malformed record"),  # no keyword
+        ],
+    )
+    def test_each_record_must_be_one(
+        self, sandbox: tuple[Path, Path], records: bytes, said: str
+    ) -> None:
+        data = gzip_bytes(_pax(records) + make_tar([Entry("f", data=b"x")]))
+        with pytest.raises(ArchiveRefused, match=said):
+            extract(data, sandbox[1])
+
+    def test_a_global_header_of_many_keys_is_refused(self, sandbox: tuple[Path, Path]) -> None:
+        records = b"".join(b"%d k%03d=v\n" % (len(b"k000=v\n") + 3, i) for i in range(33))
+        data = gzip_bytes(_pax(records, is_global=True) + make_tar([Entry("f", data=b"x")]))
+        with pytest.raises(ArchiveRefused, match=r"global pax header .* more than 32 records"):
+            extract(data, sandbox[1])
+
+    def test_what_tar_writers_write_is_taken(self, sandbox: tuple[Path, Path]) -> None:
+        """git archive's global comment, GNU tar's per-member times and a long path."""
+        comment = b"52 comment=" + b"8" * 40 + b"\n"
+        path = "d/" + "x" * 200
+        record = f"path={path}\n".encode()
+        size = len(record) + 4
+        size = len(record) + len(str(size)) + 1
+        per_member = f"{size} ".encode() + record + b"30 mtime=1796507390.487718123\n"
+        data = gzip_bytes(
+            _pax(comment, is_global=True)
+            + _pax(per_member)
+            + make_tar([Entry("short", data=b"hi")])
+        )
+        extract(data, sandbox[1])
+        assert (sandbox[1] / path).read_bytes() == b"hi"
+
+
+class TestOtherCosts:
+    def test_more_links_to_one_file_than_the_filesystem_takes_is_a_refusal(
+        self, sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """ext4 takes 65,000 links to a file: past it, a StagingError was retried (the
+        archive downloaded and extracted again) rather than remembered as refused."""
+        real = os.link
+
+        def emlink(src: Any, dst: Any, **kw: Any) -> None:
+            if str(dst) == "h2":
+                raise OSError(errno.EMLINK, "Too many links")
+            real(src, dst, **kw)
+
+        monkeypatch.setattr(os, "link", emlink)
+        data = make_tar_gz(
+            [Entry("f", data=b"x")]
+            + [Entry(f"h{i}", kind="hardlink", target="f") for i in range(3)]
+        )
+        with pytest.raises(ArchiveRefused, match="'h2' -> 'f': more links to one file than"):
+            extract(data, sandbox[1])
+
+    def test_names_and_targets_together_are_bounded(
+        self, sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(archive, "MAX_NAME_BYTES", 4096)
+        entries = [Entry(f"{'n' * 200}{i}", data=b"") for i in range(30)]
+        with pytest.raises(
+            ArchiveRefused, match=r"pass 4096 bytes by member 'n+'\.\.\. \(limit MAX_NAME_BYTES\)"
+        ):
+            extract(make_tar_gz(entries), sandbox[1])
+
+    def test_deep_chains_of_directories_are_finished_without_reopening_each_level(
+        self, sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Finished by depth, each 128-deep chain was opened from the root again for each
+        level (65 opens a directory); in path order, about two."""
+        chains = [Entry("/".join([f"c{i}"] + ["d"] * 127), kind="dir") for i in range(4)]
+        opened = [0]
+        real = os.open
+
+        def counted(*args: Any, **kw: Any) -> int:
+            opened[0] += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(os, "open", counted)
+        extract(make_tar_gz(chains), sandbox[1])
+        assert opened[0] < 4 * 128 * 4, opened[0]  # by depth: ~4 * 128 * 65
