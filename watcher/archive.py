@@ -475,7 +475,7 @@ def _check_pax(data: bytes, name: str, *, is_global: bool) -> None:
     limit = _PAX_GLOBAL_MAX_RECORDS if is_global else _PAX_MAX_RECORDS
     pos = records = 0
     while pos < len(data):
-        if not data[pos:].strip(b"\0"):
+        if data[pos] == 0 and not data[pos:].strip(b"\0"):
             break  # padding some writers leave inside the declared size
         found = _PAX_LENGTH.match(data, pos)
         length = int(found.group()[:-1]) if found else 0
