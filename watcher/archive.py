@@ -598,7 +598,7 @@ class _TreeRules:
 
     def _check_symlink(self, name: str, parts: _Parts, target: str) -> None:
         """Refuse a symlink target that is empty, absolute, too long or climbs out by itself
-        (through other symlinks: ``_check_link_resolution``, once every member is known)."""
+        (through other symlinks: ``_resolve``, once every member is known)."""
         if not target or "\x00" in target:
             raise ArchiveRefused(f"symlink {name!r} has an empty or invalid target {target!r}")
         self._count_name(name, target)
@@ -625,10 +625,11 @@ class _TreeRules:
         the one before used to be walked again for every link into it, hours of CPU for a
         1 MB archive."""
         resolved: dict[_Parts, tuple[_Parts, str | None, int]] = {}
+        paths: dict[_Parts, _Parts] = {}
         for parts, target in self.links.items():
             self._checking_link()
             try:
-                self._resolve(parts, resolved, 0)
+                self._resolve(parts, resolved, paths, 0)
             except _Loop:
                 raise ArchiveRefused(f"symlink {'/'.join(parts)!r} -> {target!r} loops") from None
 
@@ -636,54 +637,59 @@ class _TreeRules:
         """Called before each symlink is resolved (the extractor checks for a cancel)."""
 
     def _resolve(
-        self, parts: _Parts, resolved: dict[_Parts, tuple[_Parts, str | None, int]], depth: int
+        self,
+        parts: _Parts,
+        resolved: dict[_Parts, tuple[_Parts, str | None, int]],
+        paths: dict[_Parts, _Parts],
+        depth: int,
     ) -> tuple[_Parts, str | None, int]:
         """Where the symlink ``parts`` leads, like the kernel would resolve it through the
-        archive's other symlinks: the path, its kind (None: nothing of the archive there)
-        and the symlinks followed. Refuses a target that leaves the release, loops, or uses
-        '..' after something that is not a directory."""
+        archive's other symlinks: the directory (``()`` when it leads to no directory: what
+        follows is never looked up), its kind (None: nothing of the archive there) and the
+        symlinks followed. Refuses a target that leaves the release, loops, or uses '..'
+        after something that is not a directory. Each directory path it keeps is one object
+        (``paths``) for every link that leads there: 200,000 links into one deep directory
+        kept a copy each."""
         done = resolved.get(parts)
         if done is not None:
             return done
         target = self.links[parts]
-        name = "/".join(parts)
         if depth > _MAX_LINK_HOPS:
             raise _Loop
         comps = [sys.intern(p) for p in target.split("/") if p not in ("", ".")]
-        cur: list[str] = list(parts[:-1])
+        cur: _Parts = parts[:-1]
         kind: str | None = _DIR
+        last: _Parts = cur  # the path looked up last (for a message)
         hops = 0
         for i, comp in enumerate(comps):
             if kind != _DIR:
                 # A file, or nothing of the archive: the kernel goes no further than here,
-                # so no symlink of the archive is reached; only a '..' would matter.
+                # so no symlink of the archive is reached; only a '..' would matter. What
+                # follows is never looked up, so it is not kept.
                 if ".." in comps[i:]:
                     raise ArchiveRefused(
-                        f"symlink {name!r} -> {target!r} uses '..' after "
-                        f"{'/'.join(cur)!r}, which is not a directory of the release"
+                        f"symlink {'/'.join(parts)!r} -> {target!r} uses '..' after "
+                        f"{'/'.join(last)!r}, which is not a directory of the release"
                     )
-                # What follows is never looked up: kept, each link into this one would add
-                # its own rest again (a chain of them: thousands of components a link,
-                # gigabytes for a 2.5 MB archive of symlinks)
                 break
             if comp == "..":
                 if not cur:
                     raise ArchiveRefused(
-                        f"symlink {name!r} -> {target!r} leaves the release through other symlinks"
+                        f"symlink {'/'.join(parts)!r} -> {target!r} leaves the release "
+                        "through other symlinks"
                     )
-                cur.pop()
+                cur = cur[:-1]
                 continue
-            nxt = (*cur, comp)
-            kind = self.kinds.get(nxt)
+            last = (*cur, comp)
+            kind = self.kinds.get(last)
             if kind == _SYMLINK:
-                via, kind, followed = self._resolve(nxt, resolved, depth + 1)
+                cur, kind, followed = self._resolve(last, resolved, paths, depth + 1)
                 hops += followed + 1
                 if hops > _MAX_LINK_HOPS:
                     raise _Loop
-                cur = list(via)
                 continue
-            cur.append(comp)
-        found = (tuple(cur), kind, hops)
+            cur = last
+        found = (paths.setdefault(cur, cur) if kind == _DIR else (), kind, hops)
         resolved[parts] = found
         return found
 

@@ -587,10 +587,10 @@ class TestBombsOfEntries:
         walked: list[tuple[str, ...]] = []
         resolve = _TreeRules._resolve
 
-        def counted(self: _TreeRules, parts: Any, resolved: Any, depth: int) -> Any:
+        def counted(self: _TreeRules, parts: Any, resolved: Any, *rest: Any) -> Any:
             if parts not in resolved:
                 walked.append(parts)
-            return resolve(self, parts, resolved, depth)
+            return resolve(self, parts, resolved, *rest)
 
         monkeypatch.setattr(_TreeRules, "_resolve", counted)
         extract(make_tar_gz(entries), sandbox[1])
@@ -612,6 +612,20 @@ class TestBombsOfEntries:
         finally:
             tracemalloc.stop()
         assert peak < 16 * 1024 * 1024, f"peak {peak} bytes for 2039 symlinks"
+
+    def test_links_into_one_deep_directory_share_its_path(self) -> None:
+        """The second artifact review's case: 20,000 links into one 127-deep directory
+        kept a tuple of its path each (~15 KB a link with the target); one object now."""
+        deep = "/".join(["d"] * 127)
+        members = [(deep, "directory", ""), ("s", "symlink", deep)]
+        members += [(f"u{i}", "symlink", "s") for i in range(10000)]
+        tracemalloc.start()
+        try:
+            check_members(members)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * 1024 * 1024, f"peak {peak} bytes for 10001 symlinks"
 
     def test_a_long_chain_of_symlinks_is_refused_as_the_kernel_would(
         self, sandbox: tuple[Path, Path]
