@@ -188,8 +188,8 @@ def _lock_owner(command: str) -> str:
 
 def _journal_release(engine: ReleaseEngine) -> str | None:
     """The release of the deploy this host's journal is in: the journaled request's (the
-    journal holds the request whole; its top level has no release, which this read for
-    years, so `releases` never marked the release in flight and prune did not keep it)."""
+    journal holds the request whole; its top level has no release, which this read before,
+    so `releases` never marked the release in flight and prune did not keep it)."""
     journal = read_journal(engine.layout.state_dir)
     request = journal.get("request") if journal else None
     release = request.get("release") if isinstance(request, dict) else None
