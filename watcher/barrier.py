@@ -1123,11 +1123,7 @@ class DeployStore:
             TxnOp.cas(self.keys.request(record.id), record.to_json(), 0),
         ]
         if current_index is not None:
-            ops.append(
-                TxnOp.check_index(self.keys.current, current_index)
-                if current_index
-                else TxnOp.check_not_exists(self.keys.current)
-            )
+            ops.append(TxnOp.unchanged(self.keys.current, current_index))
         result = self.consul.txn(ops)
         if result.ok:
             log.info(
@@ -1687,11 +1683,7 @@ class DeployStore:
         # An outcome record already there without the end's other writes was not written by
         # an end (any host's token can write one): written over, checked against its index
         # (two hosts ending at once: the history's CAS lets one of them through).
-        ops: list[dict[str, Any]] = [
-            TxnOp.check_index(self.keys.outcome(request.id), outcome_index)
-            if outcome_index
-            else TxnOp.check_not_exists(self.keys.outcome(request.id))
-        ]
+        ops: list[dict[str, Any]] = [TxnOp.unchanged(self.keys.outcome(request.id), outcome_index)]
         rollback_id: str | None = None
         if result == "rolled_back":
             rollback_id, rb_ops, note = self._auto_rollback(joined, verdict, by=by)
@@ -2079,11 +2071,7 @@ class DeployStore:
                         # Its target is `previous` as read: a deploy that ends before the
                         # txn below moves it (as for watcherctl's, DeployStore.start); the
                         # txn then fails and the next round reads `current` again.
-                        current_check = [
-                            TxnOp.check_index(self.keys.current, current_index)
-                            if current_index
-                            else TxnOp.check_not_exists(self.keys.current)
-                        ]
+                        current_check = [TxnOp.unchanged(self.keys.current, current_index)]
                 else:
                     assert artifact_id is not None
                     found = self.artifact(artifact_id)

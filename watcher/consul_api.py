@@ -212,6 +212,12 @@ class TxnOp:
         return TxnOp._kv("check-not-exists", key)
 
     @staticmethod
+    def unchanged(key: str, index: int) -> dict[str, Any]:
+        """``key`` is as read at ModifyIndex ``index`` (0: it did not exist). Consul asks
+        write permission for check-not-exists, read for check-index (docs/acl.md)."""
+        return TxnOp.check_index(key, index) if index else TxnOp.check_not_exists(key)
+
+    @staticmethod
     def check_session(key: str, session: str) -> dict[str, Any]:
         return TxnOp._kv("check-session", key, Session=session)
 

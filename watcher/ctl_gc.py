@@ -401,16 +401,8 @@ def guard_ops(
     asks write permission for a check-not-exists: the token needs write on the member key
     and ``inflight`` too, though gc never writes them (docs/acl.md)."""
     keys = store.keys
-    member = (
-        TxnOp.check_index(keys.member(plan.node), plan.member_index)
-        if plan.member_index
-        else TxnOp.check_not_exists(keys.member(plan.node))
-    )
-    flight = (
-        TxnOp.check_index(keys.inflight, inflight_index)
-        if inflight_index
-        else TxnOp.check_not_exists(keys.inflight)
-    )
+    member = TxnOp.unchanged(keys.member(plan.node), plan.member_index)
+    flight = TxnOp.unchanged(keys.inflight, inflight_index)
     host = (
         TxnOp.delete_cas(keys.host(plan.node), plan.host_index)
         if first and plan.host_index
