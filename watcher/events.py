@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from watcher.errors import PayloadError
-from watcher.records import DEPLOY_ID_RE, check_artifact_id, check_release
+from watcher.records import DEPLOY_ID_RE, KeyTwice, check_artifact_id, check_release, no_key_twice
 
 EVENT_NAMES = ("build-finished", "deploy", "rollback")
 # Under Consul's own 300-byte user event limit; the largest valid payload is 235 bytes.
@@ -23,20 +23,7 @@ _SHAPES: dict[str, tuple[frozenset[str], ...]] = {
 }
 
 
-class _KeyTwice(ValueError):
-    """A JSON object names the same key twice."""
-
-
-def _once(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    data: dict[str, object] = {}
-    for key, value in pairs:
-        if key in data:
-            raise _KeyTwice(repr(key))
-        data[key] = value
-    return data
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_once)
+_DECODER = json.JSONDecoder(object_pairs_hook=no_key_twice)
 
 
 @dataclass(frozen=True)
@@ -71,10 +58,10 @@ def parse_event(
         raise PayloadError(f"{where}: payload is not UTF-8: {payload[:80]!r}") from None
     try:
         data = _DECODER.decode(text)
-    except _KeyTwice as exc:
+    except KeyTwice as exc:
         # {"artifact": "a", "artifact": "b"} would deploy b: what one reader sees as a and
         # another as b is refused, as the web API refuses it.
-        raise PayloadError(f"{where}: payload gives {exc} twice") from None
+        raise PayloadError(f"{where}: payload gives {exc.key!r} twice") from None
     except ValueError:
         raise PayloadError(f"{where}: payload is not JSON: {payload[:80]!r}") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):

@@ -303,8 +303,34 @@ def _need(cond: bool, label: str, message: str) -> None:
         raise PayloadError(f"{label}: {message}")
 
 
+class NotJson(ValueError):
+    """What Python's JSON parser takes and JSON (RFC 8259) is not: NaN, Infinity, and
+    (``STRICT_JSON``) an object naming one key twice."""
+
+
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+    raise NotJson(f"{name} is not a JSON value")
+
+
+class KeyTwice(NotJson):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{ids.shown(key)} given twice")
+        self.key = key
+
+
+def no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An ``object_pairs_hook``: one key given twice is refused (parsers keep the last of
+    them, others the first: `{"artifact": "a", "artifact": "b"}` reads as either)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise KeyTwice(key)
+        data[key] = value
+    return data
+
+
+# What the web API and event payloads read from outside: no constant, no key twice.
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=no_key_twice, parse_constant=_no_constant)
 
 
 def _finite(text: str) -> float:

@@ -72,7 +72,7 @@ from watcher.errors import (
     RollbackTargetUnknown,
 )
 from watcher.log import get_logger
-from watcher.records import parse_iso
+from watcher.records import STRICT_JSON, NotJson, parse_iso
 from watcher.web.live import LiveFeed, Snapshot
 
 log = get_logger(module="web")
@@ -636,19 +636,6 @@ def _duration(summary: dict[str, Any]) -> str:
 # --- the app ----------------------------------------------------------------------------------
 
 
-class _KeyTwice(ValueError):
-    pass
-
-
-def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _KeyTwice(f"{ids.shown(key)} given twice")
-        seen[key] = value
-    return seen
-
-
 def _json_kind(value: object) -> str:
     """What a JSON value is, in the words of JSON: 'an array', 'a string'..."""
     if value is None:
@@ -671,17 +658,6 @@ def _given(value: object) -> str:
     return f", got {_json_kind(value)}"
 
 
-class _NotJson(ValueError):
-    pass
-
-
-def _no_constant(name: str) -> Any:
-    raise _NotJson(f"{name} is not a JSON value")
-
-
-_STRICT = json.JSONDecoder(object_pairs_hook=_no_key_twice, parse_constant=_no_constant)
-
-
 def _body_problem(body: bytes) -> str:
     """What is wrong with a write's body that Python's parser would take but JSON does not
     (RFC 8259): bytes that are not UTF-8 (json.loads also reads UTF-16 and -32), NaN or
@@ -694,8 +670,8 @@ def _body_problem(body: bytes) -> str:
     except UnicodeDecodeError as exc:
         return f"not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
     try:
-        _STRICT.decode(text)
-    except (_KeyTwice, _NotJson) as exc:
+        STRICT_JSON.decode(text)
+    except NotJson as exc:
         return str(exc)
     except (ValueError, RecursionError):
         return ""
