@@ -33,6 +33,26 @@ from watcher.web.app import create_app
 CLUSTER = ClusterSpec(hosts=3)
 
 
+def deploy_held_in_post_release(fleet: Fleet, slow: WatcherProc, gate: Path, artifact: str) -> str:
+    """Start a deploy of ``artifact`` (--no-wait) with ``slow`` held in its post_release
+    hook until ``gate`` exists; returns the deploy id once ``slow`` acks staging (the
+    caller opens the gate)."""
+    fleet.give_gated_hook(slow, "post_release", gate)
+    fleet.wait_members(3)
+    deploy_id = str(fleet.watchers[0].ctl_json("deploy", "web", artifact, "--no-wait")["deploy"])
+    try:
+        wait_for(
+            lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
+            30,
+            "the slow host in its post_release hook",
+            fleet,
+        )
+    except BaseException:
+        gate.touch()
+        raise
+    return deploy_id
+
+
 @pytest.fixture
 def fleet(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Fleet]:
     # Each test gets its own KV prefix, app roots and bucket on the module's cluster.
@@ -214,18 +234,9 @@ class TestHappyPath:
         v1, v2 = fleet.publish("v1"), fleet.publish("v2")
         rel1 = fleet.watchers[0].ctl_json("deploy", "web", v1.id)["release"]
         fleet.wait_idle()
-        slow = fleet.watchers[1]
-        gate = tmp_path / "staged"
-        fleet.give_gated_hook(slow, "post_release", gate)
-        fleet.wait_members(3)
-        deploy_id = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--no-wait")["deploy"]
+        slow, gate = fleet.watchers[1], tmp_path / "staged"
+        deploy_id = deploy_held_in_post_release(fleet, slow, gate, v2.id)
         try:
-            wait_for(
-                lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
-                30,
-                "the slow host in its post_release hook",
-                fleet,
-            )
             placed = slow.ctl("hold", "web", "--reason", "stop here", as_json=False)
             assert "refuses that deploy (held)" in placed.stderr, placed.stderr
         finally:
@@ -242,18 +253,9 @@ class TestHappyPath:
     ) -> None:
         """The race review: both ran post_release on the same tree at the same time."""
         v1 = fleet.publish("v1", announce=True)
-        slow = fleet.watchers[1]
-        gate = tmp_path / "staged"
-        fleet.give_gated_hook(slow, "post_release", gate)
-        fleet.wait_members(3)
-        deploy_id = fleet.watchers[0].ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
+        slow, gate = fleet.watchers[1], tmp_path / "staged"
+        deploy_id = deploy_held_in_post_release(fleet, slow, gate, v1.id)
         try:
-            wait_for(
-                lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
-                30,
-                "the slow host in its post_release hook",
-                fleet,
-            )
             # the gated hook would block this command until the gate opens
             got = json.loads(slow.ctl("setup-release", "web", v1.id, timeout=30).stdout)
             assert got["reused"] is True, got
