@@ -26,8 +26,10 @@ from tests.support.fleet import (
     wait_for,
 )
 from tests.support.s3server import s3_client
-from watcher.agent import TWIN_MARGIN
+from watcher.agent import TWIN_MARGIN, read_journal
 from watcher.config import S3Settings, load_config
+from watcher.fsutil import AppLock, atomic_write_json
+from watcher.releases import AppLayout
 from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -221,9 +223,14 @@ class TestHappyPath:
             text = fleet.watchers[2].ctl("status", "web", as_json=False).stdout
             assert "this host differs" not in text, text
             assert fleet.inflight() == deploy_id  # still in flight: the check above meant it
+            # An abort now is too late: refused (exit 4), nothing written.
+            late = fleet.watchers[2].ctl("abort", deploy_id, as_json=False, check=False)
+            assert late.returncode == 4 and late.stdout == "", late
+            assert f"deploy {deploy_id} is committed: too late to abort" in late.stderr, late
+            assert fleet.kv.kv_get(fleet.keys.abort_request(deploy_id)) is None
         finally:
             gate.touch()
-        fleet.wait_outcome(deploy_id)
+        assert fleet.wait_outcome(deploy_id)["result"] == "committed"
 
     def test_a_hold_placed_while_the_host_stages_makes_it_refuse(
         self, fleet: Fleet, tmp_path: Path
@@ -239,6 +246,48 @@ class TestHappyPath:
         try:
             placed = slow.ctl("hold", "web", "--reason", "stop here", as_json=False)
             assert "refuses that deploy (held)" in placed.stderr, placed.stderr
+        finally:
+            gate.touch()
+        result = fleet.wait_outcome(deploy_id)
+        assert result["result"] == "aborted", result
+        ack = fleet.kv.kv_get(fleet.keys.progress(deploy_id, slow.name))
+        assert ack is not None and b"held: stop here" in ack.value, ack
+        fleet.wait_idle()
+        assert set(fleet.currents().values()) == {rel1}  # nobody moved
+
+    def test_a_hold_written_under_the_lock_as_the_host_finishes_staging_is_seen(
+        self, fleet: Fleet, tmp_path: Path
+    ) -> None:
+        """The commit review: `hold` reads the journal and writes the hold under the app's
+        lock; the host's look for a hold before its ack, made without that lock, could
+        fall between the two (the journal read before post_release was journaled, the hold
+        written after the look) and the host acked ready past the hold. Here the test is
+        that `hold`: it holds the lock across the host's last step of staging."""
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        rel1 = fleet.watchers[0].ctl_json("deploy", "web", v1.id)["release"]
+        fleet.wait_idle()
+        slow, gate = fleet.watchers[1], tmp_path / "staged"
+        deploy_id = deploy_held_in_post_release(fleet, slow, gate, v2.id)
+        layout = AppLayout(slow.app_dir)
+
+        def phases() -> list[str]:
+            return list((read_journal(layout.state_dir) or {}).get("phases") or [])
+
+        try:
+            # staged (which takes the lock) and in the hook (which runs without it)
+            wait_for(lambda: "staged" in phases(), 30, "the slow host in its hook", fleet)
+            with AppLock(layout, timeout=10, owner="test as watcherctl hold"):
+                assert "post_release" not in phases()
+                gate.touch()
+                wait_for(
+                    lambda: "post_release" in phases(),
+                    30,
+                    "the slow host's post_release journaled",
+                    fleet,
+                )
+                time.sleep(0.5)  # the host is at its look for a hold now, or past it
+                hold = {"reason": "stop here", "by": "tests", "at": "2026-01-01T00:00:00Z"}
+                atomic_write_json(layout.holds_file, {"version": 1, "hold": hold})
         finally:
             gate.touch()
         result = fleet.wait_outcome(deploy_id)
