@@ -22,7 +22,9 @@ from watcher.barrier import (
     resolve_artifact,
     rollback_target,
 )
+from watcher.config import parse_config
 from watcher.consul_api import ConsulClient, TxnOp
+from watcher.ctl_fleet import rollback_request
 from watcher.errors import DeployInFlight, DeployRefused
 from watcher.records import (
     ABORT,
@@ -443,14 +445,22 @@ def acked_deploys(store: DeployStore, node: str) -> set[str]:
 
 class TestHistory:
     @staticmethod
-    def deploy_n(store: DeployStore, n: int, *, keep: int, redeploy: bool = False) -> list[str]:
+    def deploy_n(
+        store: DeployStore, n: int, *, keep: int, redeploy: bool = False, first: int = 0
+    ) -> list[str]:
         """``n`` committed deploys by one member ``n1``, each of its own release (a release
         named like the live one does not move ``current.previous``); with ``redeploy``,
-        every one after the second redeploys the second's release."""
-        s = member(store, "n1")
+        every one after the second redeploys the second's release. ``first``: the number
+        of the first (``d<first>``); past 0, ``n1`` is the member made by the first call."""
+        if first:
+            held = store.consul.kv_get(store.keys.member("n1"))
+            assert held is not None and held.session
+            s = held.session
+        else:
+            s = member(store, "n1")
         ids: list[str] = []
         over: dict[str, str] = {}
-        for i in range(n):
+        for i in range(first, first + n):
             store.consul.kv_delete(store.keys.inflight)
             art = artifact(f"main-{min(i, 1) if redeploy else i:08x}")
             joined = start_deploy(store, f"d{i}", {"n1": s}, art, **over)
@@ -537,6 +547,30 @@ class TestHistory:
         store.trim_own_progress("n1")
         assert "d0" in acked_deploys(store, "n1")
         assert rollback_target(store, None).deploy == "d0"
+
+    def test_a_rollback_to_a_named_release_does_not_depend_on_current(
+        self, store: DeployStore
+    ) -> None:
+        """A plain rollback's target is `current`'s previous, so its start checks that
+        `current` is as read; one `--to` a release does not depend on `current` and is
+        started whatever ended meanwhile."""
+        app = parse_config({"s3": {"bucket": "b"}, "apps": {"web": {"root": "/srv"}}}).app("web")
+        self.deploy_n(store, 3, keep=10)
+        first = store.deploy_record("d0")
+        assert first is not None
+        plain, _, plain_index = rollback_request(
+            store, app, None, requested_by="tests", allow_missing=False
+        )
+        named, _, named_index = rollback_request(
+            store, app, first.release, requested_by="tests", allow_missing=False
+        )
+        assert plain_index == store.current()[1] and named_index is None
+        self.deploy_n(store, 1, keep=10, first=3)  # one ends between the read and the start
+        with pytest.raises(DeployRefused, match="current release changed"):
+            store.start(plain, current_index=plain_index)
+        store.start(named, current_index=named_index)
+        inflight, _ = store.inflight()
+        assert inflight == named.id and named.release == first.release
 
     def test_a_history_nested_thousands_deep_is_skipped_not_a_crash(
         self, store: DeployStore
