@@ -850,6 +850,29 @@ class TestPruneKeepsTheFleets:
         assert f"would remove: {release_of(1)}, {release_of(2)}" in result.stdout, result.stdout
 
 
+def upload_hooked_build(s3_settings: S3Settings) -> ArtifactRecord:
+    """A build whose post_release hook writes ``hooked`` (release and kind) into its tree,
+    uploaded to S3; its record is not written."""
+    artifact = f"master-{uuid.uuid4().hex[:8]}"
+    hook = '#!/bin/sh\necho "$WATCHER_RELEASE $WATCHER_KIND" > "$WATCHER_RELEASE_DIR/hooked"\n'
+    data = make_tarball(
+        {"VERSION": "setup\n", ".watcher/hooks/post_release": hook},
+        executable=(".watcher/hooks/post_release",),
+    )
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"{s3_settings.prefix}/web/{artifact}.tar.gz"
+    s3_client(str(s3_settings.endpoint_url)).put_object(
+        Bucket=s3_settings.bucket, Key=key, Body=data, Metadata={"sha256": sha}
+    )
+    return ArtifactRecord(
+        id=artifact,
+        url=f"s3://{s3_settings.bucket}/{key}",
+        sha256=sha,
+        size=len(data),
+        branch="master",
+    )
+
+
 class TestSetupRelease:
     def test_stages_pins_and_survives_prune(
         self,
@@ -861,24 +884,8 @@ class TestSetupRelease:
         h = Host(tmp_path, consul=cluster.hosts[0].consul_settings(), s3=s3_settings, keep=1)
         h.stage(1)
         h.flip(release_of(1))
-        artifact = f"master-{uuid.uuid4().hex[:8]}"
-        hook = '#!/bin/sh\necho "$WATCHER_RELEASE $WATCHER_KIND" > "$WATCHER_RELEASE_DIR/hooked"\n'
-        data = make_tarball(
-            {"VERSION": "setup\n", ".watcher/hooks/post_release": hook},
-            executable=(".watcher/hooks/post_release",),
-        )
-        sha = hashlib.sha256(data).hexdigest()
-        key = f"{s3_settings.prefix}/web/{artifact}.tar.gz"
-        s3_client(str(s3_settings.endpoint_url)).put_object(
-            Bucket=s3_settings.bucket, Key=key, Body=data, Metadata={"sha256": sha}
-        )
-        record = ArtifactRecord(
-            id=artifact,
-            url=f"s3://{s3_settings.bucket}/{key}",
-            sha256=sha,
-            size=len(data),
-            branch="master",
-        )
+        record = upload_hooked_build(s3_settings)
+        artifact, sha = record.id, record.sha256
         key = Keys("watcher", "web").artifact(artifact)
         # Its publish not finished yet: refused (exit 4), nothing fetched or staged.
         assert consul.kv_put(key, replace(record, uploading=True).to_json())
@@ -932,3 +939,41 @@ class TestSetupRelease:
 
         result = h.ctl("setup-release", "web", "master-deadbeef")
         assert result.returncode == 2 and "unknown artifact master-deadbeef" in result.stderr
+
+    def test_leaves_the_hook_to_a_convergence_of_that_release(
+        self,
+        cluster: ConsulCluster,
+        consul: ConsulClient,
+        s3_settings: S3Settings,
+        tmp_path: Path,
+    ) -> None:
+        """A host catching up with a committed deploy runs its post_release as a deploy
+        does (``.state/converge.json``): setup-release of that build meanwhile leaves the
+        hook to it, as it does for a deploy being prepared."""
+        h = Host(tmp_path, consul=cluster.hosts[0].consul_settings(), s3=s3_settings)
+        h.stage(1)
+        h.flip(release_of(1))
+        record = upload_hooked_build(s3_settings)
+        assert consul.kv_put(Keys("watcher", "web").artifact(record.id), record.to_json())
+        release = h.ctl_json("setup-release", "web", record.id, "--no-hooks")["release"]
+        hooked = h.engine.layout.release_dir(release) / "hooked"
+        journal = h.engine.layout.state_dir / CONVERGE_JOURNAL_NAME
+        deploy = "20260101T000000Z-eeeeee"
+        journal.write_text(json.dumps({"deploy": deploy, "release": release, "phases": []}))
+        watcher = hold_instance_lock(h.engine.layout.state_dir / INSTANCE_LOCK)
+        try:
+            out = h.ctl_json("setup-release", "web", record.id)
+            assert out["reused"] is True and out["release"] == release, out
+            assert out["post_release"].startswith(
+                f"left to this host's watcher, which is preparing deploy {deploy} (catching "
+                "up with it) of this release"
+            ), out
+            assert not hooked.exists()
+            # its hook journaled: nothing to leave to it
+            phases = ["staged", "post_release"]
+            journal.write_text(json.dumps({"deploy": deploy, "release": release, "phases": phases}))
+            assert h.ctl_json("setup-release", "web", record.id)["post_release"] == "ok"
+            assert hooked.read_text() == f"{release} setup-release\n"
+        finally:
+            watcher.kill()
+            watcher.wait()
