@@ -376,6 +376,8 @@ class AppAgent:
         self._task: Future[None] | None = None
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
+        # How far the running extraction got: (deploy, bytes, members), as last reported.
+        self._extracted: tuple[str, int, int] = ("", 0, 0)
         self._host_state: tuple[str | None, str, str] | None = None
         # The loop and the worker both write the host record: one at a time, and what the
         # last write said is what _host_state says.
@@ -819,6 +821,12 @@ class AppAgent:
                     artifact = joined.request.artifact
                     if cache is not None and (trouble := cache.trouble(artifact)):
                         why += f"; still downloading {artifact}, {trouble}"
+                    extracted = self._extracted
+                    if extracted[0] == deploy_id and "staged" not in journal.get("phases", []):
+                        why += (
+                            f"; extracting {artifact}: {extracted[1]} bytes in "
+                            f"{extracted[2]} members so far"
+                        )
                 elif moved:
                     why = "inflight moved to another deploy"
                 else:
@@ -1694,6 +1702,7 @@ class AppAgent:
         last = [time.monotonic()]
 
         def report(written: int, members: int) -> None:
+            self._extracted = (joined.id, written, members)  # for a deadline's message
             now = time.monotonic()
             if now - last[0] < STAGING_REPORT_EVERY:
                 return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +147,32 @@ def w0_deploy(fleet: Fleet, artifact_id: str) -> dict[str, object]:
     out = fleet.watchers[0].ctl("deploy", "web", artifact_id, check=False)
     data: dict[str, object] = json.loads(out.stdout)
     return data
+
+
+def test_a_prepare_deadline_during_extraction_says_how_far_it_got(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path
+) -> None:
+    """The deadline's "no" names the extraction and how far it got, not only "phases
+    done: none": too big an artifact for the prepare timeout, or a slow disk?"""
+    fleet = Fleet(
+        cluster,
+        s3_settings,
+        tmp_path,
+        kv_prefix=f"d{time.monotonic_ns()}",
+        app_extra={"prefetch": "off", "timeouts": {"prepare": "3s", "apply": "6s"}},
+    )
+    fleet.start()
+    try:
+        big = fleet.publish("big", files=big_files())
+        started = fleet.watchers[0].ctl_json("deploy", "web", big.id, "--no-wait")
+        outcome = fleet.wait_outcome(started["deploy"], 60)
+        assert outcome["result"] == "aborted", outcome
+        errors = [str(a.get("error") or "") for a in acks(fleet, started["deploy"]).values()]
+        cut = [e for e in errors if "prepare deadline passed during prepare" in e]
+        assert cut, errors  # on these machines no host extracts 40,000 files in 3 s
+        for error in cut:
+            found = re.search(rf"; extracting {big.id}: (\d+) bytes in (\d+) members so far", error)
+            assert found and int(found[2]) > 0, error
+        fleet.wait_idle(30)
+    finally:
+        fleet.stop()
