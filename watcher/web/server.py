@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from watcher.config import Config
 from watcher.daemon_cli import EXIT_CONFIG
@@ -16,6 +20,79 @@ from watcher.log import get_logger
 from watcher.web.app import create_app, is_loopback
 
 log = get_logger(module="web")
+
+#: Seconds a client has to send a whole request (head and body), from its connection or
+#: the end of the answer before; then the connection is closed. An answer that takes
+#: longer (a live stream) is not cut: only a request not yet received is.
+REQUEST_DEADLINE = 10.0
+#: Connections open at once; one more is answered 503 and closed at once. Below the fd
+#: limit (1024 without the unit's LimitNOFILE), so that accept() never fails: at the
+#: limit asyncio logged a traceback per retry, 150 MB in 30 s (the DoS review).
+MAX_CONNECTIONS = 512
+_BUSY_BODY = b"too many connections to this server: retry in a few seconds\n"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Retry-After: 5\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+_CAPPED_LOG_EVERY = 60.0  # seconds between two log lines about refused connections
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with what it lacks for a port others can reach: a
+    deadline for each request to arrive whole (uvicorn times out only an idle kept-alive
+    connection: one that sends a byte, or never ends its headers or its body, is held for
+    ever) and a cap on open connections. The daemon's health endpoint has both too."""
+
+    refused = 0  # connections refused over the cap since the last log line (all instances)
+    logged_at = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._refuse_busy()
+            return
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_deadline()  # the next request on this kept-alive connection
+
+    def _refuse_busy(self) -> None:
+        self.transport.write(_BUSY)
+        self.transport.close()
+        cls = _GuardedH11
+        cls.refused += 1
+        now = time.monotonic()
+        if now - cls.logged_at >= _CAPPED_LOG_EVERY:
+            log.warning(
+                "web_connections_capped", refused=cls.refused, max_connections=MAX_CONNECTIONS
+            )
+            cls.refused, cls.logged_at = 0, now
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._request_too_slow)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            return  # received whole (DONE, or MUST_CLOSE after it): its answer takes its time
+        with contextlib.suppress(h11.LocalProtocolError):
+            self.conn.send(h11.ConnectionClosed())
+        self.transport.close()
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -120,6 +197,7 @@ def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket])
     server = _Server(
         uvicorn.Config(
             app,
+            http=_GuardedH11,
             log_level="warning",
             access_log=False,
             proxy_headers=False,
