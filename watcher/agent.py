@@ -41,7 +41,7 @@ from watcher.barrier import (
     still_uploading,
 )
 from watcher.config import AppConfig, Config, Timeouts
-from watcher.consul_api import KVEntry, TxnOp
+from watcher.consul_api import MAX_TXN_OPS, KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -1205,7 +1205,9 @@ class AppAgent:
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
-            self.store.trim_own_progress(self.node, keep=self._acks_to_keep(joined.id))
+            deleted = self.store.trim_own_progress(self.node, keep=self._acks_to_keep(joined.id))
+            if deleted >= MAX_TXN_OPS:
+                self._trimmed_at = -math.inf  # more left: again at the next end
         return self._after_own_part(
             joined.id, inflight_index, cached[0] if cached and cached[0].end_read else None
         )
@@ -1964,10 +1966,19 @@ class AppAgent:
         had every other host delete the acks that make the fleet's `current` and its
         rollback target trusted (a host that came back then stayed on its old release).
         So: the deploy just finished, the ones this host applied last, and the ones that
-        staged the releases it still has on disk (its live and previous ones)."""
+        staged its live, previous and backup releases (not every release on disk: with
+        prune blocked, that was every deploy's, and nothing was ever trimmed)."""
         keep = [finished, *self._applied_recently]
-        with contextlib.suppress(OSError, WatcherError):
-            keep += [info.deploy_id for info in self.engine.list_releases() if info.deploy_id]
+        engine = self.engine
+        for release in {
+            engine.current_release(),
+            engine.previous_release(),
+            engine.backup_release(),
+        }:
+            with contextlib.suppress(OSError, WatcherError):
+                info = engine.release_info(release) if release else None
+                if info and isinstance(info.get("deploy_id"), str):
+                    keep.append(info["deploy_id"])
         return keep
 
     def _read_applied_recently(self) -> list[str]:

@@ -1948,20 +1948,30 @@ class DeployStore:
         return out
 
     def trim_own_progress(self, node: str, *, keep: Iterable[str] = ()) -> int:
-        """Delete this node's acks of deploys the end of a deploy trimmed from the history
-        (never those named by ``current`` or ``current.previous``, nor ``keep``: converge
-        and deploys in flight check them)."""
-        _, trimmed, _ = self._history_doc(consistent=True)
-        if not trimmed:
-            return 0
-        spare = set(keep) | self._protected(self._end_read().current)
+        """Delete this node's acks of deploys that are over and out of the history: those
+        the end of a deploy trimmed (listed in ``trimmed``), and those no longer in the
+        history whose request is gone (it left ``trimmed``, which keeps the last
+        ``TRIMMED_KEEP``, before this host trimmed: a host away, or many deploys in one
+        trim's interval; left, they stayed for ever). Never those named by ``current`` or
+        ``current.previous``, nor ``keep``: converge and deploys in flight check them (a
+        deploy in flight has its request). At most one txn: the number deleted, which is
+        ``MAX_TXN_OPS`` when more may be left."""
+        deploys, trimmed, _ = self._history_doc(consistent=True)
         prefix = self.keys.node_progress_prefix(node)
-        stale = [
-            k
-            for k in self.consul.kv_keys(prefix, separator=None)
-            if (deploy := k[len(prefix) :].split("/")[0]) in trimmed and deploy not in spare
-        ]
-        ops = [TxnOp.delete(k) for k in stale[:MAX_TXN_OPS]]
+        mine = [(k, k[len(prefix) :].split("/")[0]) for k in self.consul.kv_keys(prefix, None)]
+        spare = set(keep) | set(deploys)
+        over = {d for _, d in mine if d not in spare}
+        if not over:
+            return 0
+        over -= self._protected(self._end_read().current)
+        if not over <= set(trimmed):
+            # Listed after this node's acks: a deploy that started since has its request.
+            start = len(self.keys.requests_prefix)
+            requested = {
+                k[start:].split("/")[0] for k in self.consul.kv_keys(self.keys.requests_prefix)
+            }
+            over = {d for d in over if d in trimmed or d not in requested}
+        ops = [TxnOp.delete(k) for k, d in mine if d in over][:MAX_TXN_OPS]
         if ops and self.consul.txn(ops).ok:
             return len(ops)
         return 0

@@ -798,6 +798,29 @@ class TestListReleases:
         assert infos[rel(2)].to_dict()["deploy_id"] == "d-2"
 
 
+def test_the_acks_a_trim_spares_are_of_the_live_previous_and_backup_releases(
+    engine: ReleaseEngine, tarball: Path, clock: Clock
+) -> None:
+    """Not of every release on disk: with prune blocked (a process whose /proc entries
+    cannot be read), that was every deploy's, and the soak review saw no ack trimmed."""
+    from watcher.agent import AppAgent
+
+    record = record_for(tarball)
+    for n in range(1, 7):
+        engine.stage_from_file(tarball, record, rel(n), f"d-{n}")
+        clock.tick()
+    for n in (3, 4, 5):
+        engine.mark_post_release_done(rel(n))
+        engine.flip(rel(n))
+    engine.set_backup(rel(3))
+    agent = AppAgent.__new__(AppAgent)  # only what _acks_to_keep reads
+    agent.engine = engine
+    agent._applied_recently = ["d-applied"]
+    assert sorted(agent._acks_to_keep("d-finished")) == sorted(
+        ["d-finished", "d-applied", "d-3", "d-4", "d-5"]
+    )
+
+
 class TestDropRelease:
     def test_drop(self, engine: ReleaseEngine, tarball: Path) -> None:
         record = record_for(tarball)
