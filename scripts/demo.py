@@ -40,6 +40,7 @@ from tests.support.fleet import Fleet, wait_for  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from tests.support.web import WebServer  # noqa: E402
 from watcher.config import S3Settings  # noqa: E402
+from watcher.releases import LinuxProcReader  # noqa: E402
 
 LOOPBACK = os.environ.get("DEMO_LOOPBACK", "127.0.10")
 WEB_PORT = 8080
@@ -55,6 +56,25 @@ def say(text: str) -> None:
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def unreadable_processes() -> list[str]:
+    """Names of the processes whose /proc entries even root cannot read here (on a
+    Firecracker VM, pid 1: its init): each would block every prune (README, "Prune")."""
+    if os.geteuid() != 0:
+        return []  # then most processes are: the daemon must run as root to prune anyway
+    reader, names = LinuxProcReader(), set()
+    for pid in reader.pids():
+        try:
+            reader.cwd(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except OSError:
+            try:
+                names.add(reader.comm(pid))
+            except OSError:
+                continue
+    return sorted(names)
 
 
 def serve_current(ip: str, current: Path) -> ThreadingHTTPServer:
@@ -182,8 +202,13 @@ def main() -> int:
         settings = S3Settings(bucket="demo-artifacts", prefix="artifacts",
                               region="us-east-1", endpoint_url=s3.endpoint_url)
         validate = [str(HEALTH_HOOK)]
+        app_extra: dict[str, object] = {"keep_releases": 3}
+        if shielded := unreadable_processes():
+            app_extra["prune_ignore"] = shielded
+            print(f"  this machine's {', '.join(shielded)} cannot be read even by root: "
+                  "the demo's config names it in prune_ignore (README, \"Prune\")")
         fleet = Fleet(cluster, settings, workdir / "hosts", kv_prefix="watcher",
-                      app_extra={"keep_releases": 3})
+                      app_extra=app_extra)
         for w in fleet.watchers:
             hook = validate + [f"HEALTH_URL=http://{w.agent.ip}:{WEB_PORT}/health",
                                "HEALTH_TIMEOUT=10"]

@@ -155,6 +155,9 @@ class WebhookSettings:
     retries: int = 2
 
 
+COMM_MAX = 15  # bytes of a process's name the kernel keeps (/proc/PID/comm)
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """One app on this host."""
@@ -168,6 +171,9 @@ class AppConfig:
     prefetch: str = "extract"
     on_validate_failure: str = "rollback"
     shared: tuple[str, ...] = ()
+    #: Names (``/proc/PID/comm``) of processes whose /proc entries this host cannot read
+    #: and that never use this app's releases (a VM's init): prune does not stop at them.
+    prune_ignore: tuple[str, ...] = ()
     artifact_cache_bytes: int = 5 * 1024**3
     aborted_staging_max_age: float = 7 * 86400.0
     flip_delay: float = FLIP_DELAY
@@ -599,6 +605,30 @@ def _is_executable_file(path: str) -> bool:
     return Path(path).is_file() and os.access(path, os.X_OK)
 
 
+def _read_prune_ignore(r: _Reader, raw: Any, path: str) -> tuple[str, ...]:
+    """``apps.<app>.prune_ignore``: process names as the kernel keeps them (``comm``: 1 to
+    15 bytes), for processes prune cannot read and may pass over."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.fail(path, f"must be a list of process names (as /proc/PID/comm shows), got {_show(raw)}")
+        return ()
+    names: list[str] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str) or not item or "\n" in item or "\x00" in item:
+            r.fail(f"{path}[{i}]", f"must be a process name, got {_show(item)}")
+        elif len(item.encode()) > COMM_MAX:
+            kept = item.encode()[:COMM_MAX].decode(errors="ignore")
+            r.fail(
+                f"{path}[{i}]",
+                f"{_show(item)} is longer than the {COMM_MAX} bytes the kernel keeps of a "
+                f"process's name: it would never match; write {_show(kept)}",
+            )
+        else:
+            names.append(item)
+    return tuple(names)
+
+
 def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     path = f"apps.{name}"
     if not isinstance(name, str) or not APP_NAME_RE.match(name):
@@ -616,6 +646,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             "prefetch",
             "on_validate_failure",
             "shared",
+            "prune_ignore",
             "artifact_cache_bytes",
             "aborted_staging_max_age",
             "flip_delay",
@@ -718,6 +749,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     return AppConfig(
         name=name,
         root=root,
+        prune_ignore=_read_prune_ignore(r, d.get("prune_ignore"), f"{path}.prune_ignore"),
         keep_releases=r.get(d, "keep_releases", path, 5, _int_at_least(1), "an integer >= 1"),
         user=r.get(d, "user", path, None, _string, "a user name"),
         group=r.get(d, "group", path, None, _string, "a group name"),

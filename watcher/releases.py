@@ -13,7 +13,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -212,6 +212,7 @@ class ProcReader(Protocol):
     """
 
     def pids(self) -> list[int]: ...
+    def comm(self, pid: int) -> str: ...
     def cwd(self, pid: int) -> str: ...
     def fd_targets(self, pid: int) -> list[str]: ...
     def mapped_paths(self, pid: int) -> list[str]: ...
@@ -229,6 +230,11 @@ class LinuxProcReader:
 
     def pids(self) -> list[int]:
         return [int(name) for name in os.listdir(self.root) if name.isdigit()]  # noqa: PTH208
+
+    def comm(self, pid: int) -> str:
+        """The process's name (readable where its cwd, fds and maps are not)."""
+        with open(f"{self.root}/{pid}/comm", "rb") as fh:
+            return fh.read().rstrip(b"\n").decode("utf-8", "replace")
 
     def cwd(self, pid: int) -> str:
         return os.readlink(f"{self.root}/{pid}/cwd")  # noqa: PTH115
@@ -265,11 +271,14 @@ class LinuxProcReader:
         return [p.decode("utf-8", "replace") for p in paths]
 
 
-def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str], str | None]:
+def scan_release_usage(
+    reader: ProcReader, releases_dir: str, ignore: Collection[str] = ()
+) -> tuple[set[str], str | None]:
     """Names of releases under ``releases_dir`` that some process uses (cwd, open, mapped).
 
     Returns ``(used, blocker)``; ``blocker`` is set when a live process could not be read,
-    which means it might use any release.
+    which means it might use any release, unless its name is in ``ignore`` (the app's
+    ``prune_ignore``: the operator says it never uses them).
     """
     prefix = os.path.realpath(releases_dir).rstrip("/") + "/"
     used: set[str] = set()
@@ -294,7 +303,13 @@ def scan_release_usage(reader: ProcReader, releases_dir: str) -> tuple[set[str],
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited while we looked
         except OSError as exc:
-            return used, f"cannot read /proc entries of pid {pid}: {exc}"
+            try:
+                name = reader.comm(pid)
+            except OSError:
+                name = ""
+            if name and name in ignore:
+                continue
+            return used, f"cannot read /proc entries of pid {pid} ({name or 'name unknown'}): {exc}"
     return used, None
 
 
@@ -320,7 +335,9 @@ def prune_blocked_remedy(app: str) -> str:
     return (
         "prune must read every process's /proc entries: give the watcher CAP_SYS_PTRACE "
         "(systemd/watcher.service keeps it; a container needs --cap-add SYS_PTRACE), and run "
-        f"`watcherctl prune {app}` as root with that capability"
+        f"`watcherctl prune {app}` as root with that capability; a process even that cannot "
+        "read (a VM's init here, another user namespace's) and that never uses the app's "
+        f"releases can be named in apps.{app}.prune_ignore"
     )
 
 
@@ -1256,7 +1273,9 @@ class ReleaseEngine:
         plan = self._plan_prune(infos, in_flight, used=set(), fleet=fleet)
         if not plan.remove:
             return plan  # pre-extracted trees need no scan: nothing runs from them
-        used, blocker = scan_release_usage(self.proc_reader, str(self.layout.releases_dir))
+        used, blocker = scan_release_usage(
+            self.proc_reader, str(self.layout.releases_dir), self.app.prune_ignore
+        )
         if blocker is not None:
             # No release goes (any may be in use), but stale pre-extracted trees still do:
             # where /proc cannot be read (a container without CAP_SYS_PTRACE) they would

@@ -462,8 +462,8 @@ class TestErrorsNameTheirPath:
                 with_app(keep=3),
                 "apps.web.keep",
                 "aborted_staging_max_age, artifact_cache_bytes, flip_delay, group, hooks, "
-                "keep_releases, limits, on_validate_failure, prefetch, raw_events, root, shared, "
-                "timeouts, umask, user, webhook",
+                "keep_releases, limits, on_validate_failure, prefetch, prune_ignore, raw_events, "
+                "root, shared, timeouts, umask, user, webhook",
             ),
             (
                 with_app(timeouts={"hooks": 1}),
@@ -919,3 +919,28 @@ def test_app_config_is_constructible_directly() -> None:
     """Other modules' tests build AppConfig by hand; the defaults must stay usable."""
     app = AppConfig(name="web", root="/srv")
     assert app.hooks == {} and app.timeouts.hook == 300.0
+
+
+class TestPruneIgnore:
+    def test_names_as_the_kernel_keeps_them(self) -> None:
+        app = parse_config(with_app(prune_ignore=["process_api", "init"]), env={}).app("web")
+        assert app.prune_ignore == ("process_api", "init")
+        assert parse_config(minimal(), env={}).app("web").prune_ignore == ()
+
+    @pytest.mark.parametrize(
+        ("value", "where", "said"),
+        [
+            ("process_api", "apps.web.prune_ignore", "must be a list of process names"),
+            ([""], "apps.web.prune_ignore[0]", "must be a process name"),
+            ([5], "apps.web.prune_ignore[0]", "must be a process name, got 5"),
+            (
+                ["ok", "a-very-long-process-name"],
+                "apps.web.prune_ignore[1]",
+                "longer than the 15 bytes the kernel keeps of a process's name: it would "
+                'never match; write "a-very-long-pro"',
+            ),
+        ],
+    )
+    def test_what_is_wrong_and_where(self, value: Any, where: str, said: str) -> None:
+        found = problems(with_app(prune_ignore=value))
+        assert len(found) == 1 and found[0].startswith(where) and said in found[0], found

@@ -15,6 +15,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -113,6 +114,9 @@ class FakeProc:
         if isinstance(value, BaseException):
             raise value
         return value
+
+    def comm(self, pid: int) -> str:
+        return str(self._get(pid, "comm") or f"proc{pid}")
 
     def cwd(self, pid: int) -> str:
         return str(self._get(pid, "cwd"))
@@ -1195,6 +1199,27 @@ class TestPrune:
         assert five.prune() == []
         assert five.prune(dry_run=True) == []
         assert len(five.release_names()) == 5
+
+    def test_an_unreadable_process_the_app_names_in_prune_ignore_does_not_block(
+        self, five: ReleaseEngine
+    ) -> None:
+        """This machine's pid 1 (a VM's init) cannot be read even by root with
+        CAP_SYS_PTRACE: every prune was blocked and the releases piled up (the soak review:
+        851 on each host after 1,000 deploys). The operator may say it uses no release."""
+        five.flip(rel(5))
+        denied = PermissionError(13, "Permission denied", "/proc/1/cwd")
+        five.proc_reader = FakeProc(
+            {1: {"cwd": denied, "comm": "process_api"}, 42: {"cwd": "/", "comm": "sleep"}}
+        )
+        plan = five.plan_prune()
+        assert plan.blocked is not None and "pid 1 (process_api): " in plan.blocked, plan
+        five.app = replace(five.app, prune_ignore=("process_api",))
+        # only the processes it names: another one that cannot be read still blocks
+        five.proc_reader.procs[43] = {"cwd": denied, "comm": "sshd"}
+        plan = five.plan_prune()
+        assert plan.blocked is not None and "pid 43 (sshd): " in plan.blocked, plan
+        del five.proc_reader.procs[43]
+        assert five.prune() == [rel(1), rel(2), rel(3)]
 
     def test_nothing_to_remove_reads_no_process(self, five: ReleaseEngine) -> None:
         """The /proc scan (and with it an unreadable process's veto) only matters when
