@@ -1203,6 +1203,7 @@ class AppAgent:
         cached = self._verdicts.get(joined.id)
         for memo in (self._known, self._own, self._verdicts, self._prepared):
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
+        self._resumed.discard(joined.id)  # (it grew by an id a deploy: the soak review)
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
             deleted = self.store.trim_own_progress(self.node, keep=self._acks_to_keep(joined.id))
@@ -1966,19 +1967,14 @@ class AppAgent:
         had every other host delete the acks that make the fleet's `current` and its
         rollback target trusted (a host that came back then stayed on its old release).
         So: the deploy just finished, the ones this host applied last, and the ones that
-        staged its live, previous and backup releases (not every release on disk: with
-        prune blocked, that was every deploy's, and nothing was ever trimmed)."""
+        staged its live, previous and backup releases and the newest ``keep_releases`` on
+        disk (not every release on disk: with prune blocked, that was every deploy's, and
+        nothing was ever trimmed)."""
         keep = [finished, *self._applied_recently]
-        engine = self.engine
-        for release in {
-            engine.current_release(),
-            engine.previous_release(),
-            engine.backup_release(),
-        }:
-            with contextlib.suppress(OSError, WatcherError):
-                info = engine.release_info(release) if release else None
-                if info and isinstance(info.get("deploy_id"), str):
-                    keep.append(info["deploy_id"])
+        with contextlib.suppress(OSError, WatcherError):
+            staged = [i for i in self.engine.list_releases() if i.complete and i.deploy_id]
+            keep += [i.deploy_id for i in staged if i.is_current or i.is_previous or i.is_backup]
+            keep += [i.deploy_id for i in staged[-self.app.keep_releases :]]
         return keep
 
     def _read_applied_recently(self) -> list[str]:

@@ -802,11 +802,12 @@ class TestListReleases:
         assert infos[rel(2)].to_dict()["deploy_id"] == "d-2"
 
 
-def test_the_acks_a_trim_spares_are_of_the_live_previous_and_backup_releases(
+def test_the_acks_a_trim_spares_are_of_the_live_previous_backup_and_newest_releases(
     engine: ReleaseEngine, tarball: Path, clock: Clock
 ) -> None:
     """Not of every release on disk: with prune blocked (a process whose /proc entries
-    cannot be read), that was every deploy's, and the soak review saw no ack trimmed."""
+    cannot be read), that was every deploy's, and the soak review saw no ack trimmed; the
+    newest ``keep_releases`` are what prune would keep."""
     from watcher.agent import AppAgent
 
     record = record_for(tarball)
@@ -819,10 +820,16 @@ def test_the_acks_a_trim_spares_are_of_the_live_previous_and_backup_releases(
     engine.set_backup(rel(3))
     agent = AppAgent.__new__(AppAgent)  # only what _acks_to_keep reads
     agent.engine = engine
+    agent.app = engine.app  # keep_releases: 2
     agent._applied_recently = ["d-applied"]
-    assert sorted(agent._acks_to_keep("d-finished")) == sorted(
-        ["d-finished", "d-applied", "d-3", "d-4", "d-5"]
-    )
+    assert set(agent._acks_to_keep("d-finished")) == {
+        "d-finished",
+        "d-applied",
+        "d-3",  # backup
+        "d-4",  # previous
+        "d-5",  # live
+        "d-6",  # the newest two
+    }
 
 
 class TestDropRelease:
