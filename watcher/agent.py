@@ -1206,7 +1206,11 @@ class AppAgent:
         self._resumed.discard(joined.id)  # (it grew by an id a deploy: the soak review)
         if time.monotonic() - self._trimmed_at > TRIM_EVERY:
             self._trimmed_at = time.monotonic()
-            deleted = self.store.trim_own_progress(self.node, keep=self._acks_to_keep(joined.id))
+            deleted = self.store.trim_own_progress(
+                self.node,
+                keep=self._acks_to_keep(joined.id),
+                history_keep=self.config.daemon.history_keep,
+            )
             if deleted >= MAX_TXN_OPS:
                 self._trimmed_at = -math.inf  # more left: again at the next end
         return self._after_own_part(

@@ -1947,34 +1947,65 @@ class DeployStore:
                 out.add(prev["deploy"])
         return out
 
-    def trim_own_progress(self, node: str, *, keep: Iterable[str] = ()) -> int:
+    def trim_own_progress(
+        self, node: str, *, keep: Iterable[str] = (), history_keep: int = 0
+    ) -> int:
         """Delete this node's acks of deploys that are over and out of the history: those
-        the end of a deploy trimmed (listed in ``trimmed``), and those no longer in the
-        history whose request is gone (it left ``trimmed``, which keeps the last
-        ``TRIMMED_KEEP``, before this host trimmed: a host away, or many deploys in one
-        trim's interval; left, they stayed for ever). Never those named by ``current`` or
-        ``current.previous``, nor ``keep``: converge and deploys in flight check them (a
-        deploy in flight has its request). At most one txn: the number deleted, which is
-        ``MAX_TXN_OPS`` when more may be left."""
-        deploys, trimmed, _ = self._history_doc(consistent=True)
+        the end of a deploy trimmed (listed in ``trimmed``), and those that left
+        ``trimmed`` (it keeps the last ``TRIMMED_KEEP``) before this host trimmed (a host
+        away, many deploys in one trim's interval), which stayed for ever
+        (``_left_trimmed``). Never those named by ``inflight``, ``current`` or
+        ``current.previous``, nor ``keep``: converge and deploys in flight check them. At
+        most one txn: the number deleted, which is ``MAX_TXN_OPS`` when more may be left."""
+        end = self._end_read()
         prefix = self.keys.node_progress_prefix(node)
         mine = [(k, k[len(prefix) :].split("/")[0]) for k in self.consul.kv_keys(prefix, None)]
-        spare = set(keep) | set(deploys)
+        spare = set(keep) | set(end.history) | self._protected(end.current)
+        spare.add(end.inflight or "")
         over = {d for _, d in mine if d not in spare}
-        if not over:
-            return 0
-        over -= self._protected(self._end_read().current)
-        if not over <= set(trimmed):
-            # Listed after this node's acks: a deploy that started since has its request.
-            start = len(self.keys.requests_prefix)
-            requested = {
-                k[start:].split("/")[0] for k in self.consul.kv_keys(self.keys.requests_prefix)
-            }
-            over = {d for d in over if d in trimmed or d not in requested}
+        left = sorted(over - set(end.trimmed))
+        if left:
+            over -= set(left)
+            if history_keep and len(end.history) >= history_keep:
+                over |= self._left_trimmed(node, left, end.history[0])
         ops = [TxnOp.delete(k) for k, d in mine if d in over][:MAX_TXN_OPS]
         if ops and self.consul.txn(ops).ok:
             return len(ops)
         return 0
+
+    def _left_trimmed(self, node: str, candidates: list[str], oldest: str) -> set[str]:
+        """Of ``candidates`` (deploys neither in a full history nor listed as trimmed), those
+        whose request is gone and whose ack by ``node`` was written before the request of
+        ``oldest``, the oldest deploy the history holds: a whole history of deploys has
+        ended since. A deploy whose request was deleted by hand before its end (DESIGN.md
+        6.4.2: that changes nothing) keeps its acks until then, and once a later deploy
+        committed, a host undecided on it takes it for over (``end_seen``)."""
+        start = len(self.keys.requests_prefix)
+        requested = {
+            k[start:].split("/")[0] for k in self.consul.kv_keys(self.keys.requests_prefix)
+        }
+        candidates = [d for d in candidates if d not in requested and DEPLOY_ID_RE.match(d)][
+            : MAX_TXN_OPS - 1
+        ]
+        if not candidates:
+            return set()
+        try:
+            floor, *acks = self._read_txn(
+                [
+                    TxnOp.get_or_empty(self.keys.request(oldest)),
+                    *(TxnOp.get_or_empty(self.keys.progress(d, node)) for d in candidates),
+                ],
+                consistent=True,
+            )
+        except PayloadError:
+            return set()  # a read refused: left for the next trim
+        if floor is None or not floor.create_index:
+            return set()  # the oldest deploy's request is gone too: nothing to go by
+        return {
+            d
+            for d, ack in zip(candidates, acks, strict=True)
+            if ack is not None and 0 < ack.create_index < floor.create_index
+        }
 
     def clear_inflight(
         self, deploy_id: str, index: int, reason: str, *, by: str, ended: bool = False

@@ -535,9 +535,9 @@ class TestHistory:
     ) -> None:
         """The soak review: `trimmed` keeps the last 64 ids, and a host trims at most every
         10 minutes: ids that left it before this host's trim (a host away, a busy hour)
-        left their acks for ever (855 deploys' of 966 after 1,005 operations). Gone from
-        the history and without a request: over. A deploy in flight (its request there,
-        not in the history yet) keeps its acks."""
+        left their acks for ever (855 deploys' of 966 after 1,005 operations). Gone from a
+        full history, without a request, and acked before the oldest deploy it holds
+        began: over. A deploy in flight (its request there) keeps its acks."""
         self.deploy_n(store, 4, keep=1)
         assert acked_deploys(store, "n1") == {"d0", "d1", "d2", "d3"}
         body = {"version": 2, "deploys": ["d3"], "trimmed": []}  # d0, d1 fell out of it
@@ -545,9 +545,34 @@ class TestHistory:
         s = store.consul.kv_get(store.keys.member("n1")).session  # type: ignore[union-attr]
         flying = start_deploy(store, "d9", {"n1": s}, artifact("main-00000009"))
         assert ack(store, flying, "n1", READY, s)
-        assert store.trim_own_progress("n1") >= 2
+        # a history shorter than history_keep says nothing of what ended before it
+        assert store.trim_own_progress("n1", history_keep=2) == 0
+        assert store.trim_own_progress("n1", history_keep=1) >= 2
         # d2: current.previous; d3: in the history; d9: in flight
         assert acked_deploys(store, "n1") == {"d2", "d3", "d9"}
+
+    def test_a_deploy_whose_request_was_deleted_before_its_end_keeps_its_acks(
+        self, store: DeployStore
+    ) -> None:
+        """The commit review: deleting `requests/<id>` changes nothing (DESIGN.md 6.4.2),
+        and an operator's token may. n1's "no" is the only ack that establishes the abort
+        of dx, where n2 is still staging: deleted, n2's ready ack would leave dx
+        undecided for good. dx is not in the history (never ended) and was started after
+        the oldest deploy it holds: kept, with or without `inflight` naming it."""
+        self.deploy_n(store, 2, keep=10)
+        s1 = store.consul.kv_get(store.keys.member("n1")).session  # type: ignore[union-attr]
+        s2 = member(store, "n2")
+        store.consul.kv_delete(store.keys.inflight)
+        dx = start_deploy(store, "dx", {"n1": s1, "n2": s2}, artifact("main-000000aa"))
+        assert store.write_progress("dx", "n2", STAGING, joined=dx)
+        assert ack(store, dx, "n1", FAILED)
+        assert store.consul.kv_delete(store.keys.request("dx"))
+        for _ in ("inflight naming it", "inflight deleted too"):
+            assert store.trim_own_progress("n1", keep=["dy"], history_keep=2) == 0
+            assert "dx" in acked_deploys(store, "n1")
+            store.consul.kv_delete(store.keys.inflight)
+        assert ack(store, dx, "n2", READY, s2)
+        assert store.establish(dx).outcome == ABORT
 
     def test_the_release_a_rollback_goes_to_stays_through_redeploys_of_the_live_one(
         self, store: DeployStore
