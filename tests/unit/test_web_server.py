@@ -13,17 +13,24 @@ from typing import Any
 
 import pytest
 import uvicorn
+from structlog.testing import capture_logs
 
 from watcher.web import server as web_server
 from watcher.web.server import _GuardedH11, bind_listen
 
 DEADLINE = 0.6
+LINGER = 0.5
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``/slow`` answers after 2 s (longer than the deadline), anything else at once; the
-    body is read whole first."""
+    """``/early`` answers 413 without reading the body; ``/slow`` reads it, then answers
+    after 1.7 s (longer than the deadline); anything else reads it and answers at once."""
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/early":  # answered before the body is read, as a 413 is
+        headers = [(b"content-length", b"3")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": b"big"})
         return
     while (await receive()).get("more_body"):
         pass
@@ -39,6 +46,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     monkeypatch.setattr(web_server, "REQUEST_DEADLINE", DEADLINE)
     monkeypatch.setattr(web_server, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(web_server, "LINGER", LINGER)
+    monkeypatch.setattr(web_server, "_CAPPED_LOG_EVERY", 1.0)
     [sock] = bind_listen("127.0.0.1", 0)
     server = uvicorn.Server(
         uvicorn.Config(app, http=_GuardedH11, log_level="warning", timeout_keep_alive=30)
@@ -116,15 +125,46 @@ class TestRequestDeadline:
             assert closed_after(conn) < DEADLINE + 3
 
 
+class TestAnsweredEarly:
+    def test_a_client_that_sends_its_whole_body_first_gets_the_answer(self, port: int) -> None:
+        """Closed with the body unread, the kernel sent a reset and http.client or
+        requests never saw the 413 (0 of 10 with 10 MB, the commit review)."""
+        body = b"x" * 10_000_000
+        with connect(port) as conn:
+            head = f"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            conn.sendall(head.encode() + body)
+            answer = read_all(conn)
+        assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b"\r\n\r\nbig"), answer
+
+    def test_a_body_that_goes_on_after_the_answer_is_read_for_a_while_only(self, port: int) -> None:
+        with connect(port) as conn:
+            conn.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                while time.monotonic() - started < LINGER + 5:
+                    conn.sendall(b"x" * 65536)
+                    time.sleep(0.01)
+                pytest.fail("still open")
+            assert time.monotonic() - started < LINGER + 5
+
+
 class TestConnectionCap:
     def test_one_over_the_cap_gets_a_503_and_the_slot_comes_back(self, port: int) -> None:
         held = [connect(port) for _ in range(3)]
         try:
             time.sleep(0.2)  # accepted
-            with connect(port) as extra:
-                answer = read_all(extra)
-            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
-            assert b"Retry-After: 5\r\n" in answer and b"Connection: close\r\n" in answer
+            with capture_logs() as logs:
+                for _ in range(4):
+                    with connect(port) as extra:
+                        # the request sent before the answer is read: not a reset
+                        extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200)
+                        answer = read_all(extra)
+                    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+                    assert b"Retry-After: 5\r\n" in answer and b"Connection: close\r\n" in answer
+                first = [e["refused"] for e in logs if e["event"] == "web_connections_capped"]
+                time.sleep(1.5)  # _CAPPED_LOG_EVERY: the rest of the minute, summed
+                later = [e["refused"] for e in logs if e["event"] == "web_connections_capped"]
+            assert first == [1] and later == [1, 3], later
         finally:
             for conn in held:
                 conn.close()

@@ -698,9 +698,10 @@ class BodyLimit:
         too_big = JSONResponse(
             {"error": f"request body over {self.limit} bytes"},
             status_code=413,
-            # outside the guard; and the connection closes after it, or the server reads
-            # the rest of the body to throw it away (5 GB in 2-3 s of CPU, the DoS review)
-            headers={**SECURITY_HEADERS, "Cache-Control": "no-store", "Connection": "close"},
+            # outside the guard; the rest of the body is read and thrown away for LINGER
+            # seconds (web/server.py), not for as long as it comes (5 GB in 2-3 s of CPU,
+            # the DoS review), then the connection closes
+            headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
         )
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await too_big(scope, receive, send)

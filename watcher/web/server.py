@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 import sys
-import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -36,7 +35,40 @@ _BUSY = (
     + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
     + _BUSY_BODY
 )
+#: Seconds a connection answered before it sent all it meant to (a 413 before the end of
+#: its body, a 503 over the cap) is still read, the bytes thrown away, before it is
+#: closed: closed with bytes unread, the kernel sends a reset, and a client that sends its
+#: whole request before it reads never saw the answer (the commit review: a 10 MB body
+#: got 0 of 10 413s). Bounded, where an endless body would be read for ever.
+LINGER = 2.0
+#: Refused connections kept open for LINGER at once, past MAX_CONNECTIONS; more are closed
+#: at once (the file descriptors stay under 1024 with Consul's few).
+LINGERING_MAX = 128
 _CAPPED_LOG_EVERY = 60.0  # seconds between two log lines about refused connections
+
+
+class _Refusals:
+    """Connections refused over the cap, logged at the first and then once a minute with
+    how many came in it (never a line per connection: that is what filled the disk)."""
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def count(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.unlogged += 1
+        if self.timer is None:
+            self._flush(loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.unlogged:
+            self.timer = None  # a quiet minute: the next refusal is logged at once
+            return
+        log.warning(
+            "web_connections_capped", refused=self.unlogged, max_connections=MAX_CONNECTIONS
+        )
+        self.unlogged = 0
+        self.timer = loop.call_later(_CAPPED_LOG_EVERY, self._flush, loop)
 
 
 class _GuardedH11(H11Protocol):
@@ -45,11 +77,9 @@ class _GuardedH11(H11Protocol):
     connection: one that sends a byte, or never ends its headers or its body, is held for
     ever) and a cap on open connections. The daemon's health endpoint has both too."""
 
-    refused = 0  # connections refused over the cap since the last log line (all instances)
-    logged_at = 0.0
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
+        self._busy = False
         super().connection_made(transport)
         if len(self.connections) > MAX_CONNECTIONS:
             self._refuse_busy()
@@ -60,26 +90,38 @@ class _GuardedH11(H11Protocol):
         self._disarm_deadline()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._busy:
+            return  # answered 503 already: read and thrown away until the close
+        super().data_received(data)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._arm_deadline()  # the next request on this kept-alive connection
+        # The next request on this kept-alive connection; or the rest of a body answered
+        # before it ended (a 413), read and thrown away for a while.
+        self._arm_deadline(LINGER if self.conn.their_state is h11.SEND_BODY else None)
 
     def _refuse_busy(self) -> None:
+        self._busy = True
         self.transport.write(_BUSY)
-        self.transport.close()
-        cls = _GuardedH11
-        cls.refused += 1
-        now = time.monotonic()
-        if now - cls.logged_at >= _CAPPED_LOG_EVERY:
-            log.warning(
-                "web_connections_capped", refused=cls.refused, max_connections=MAX_CONNECTIONS
-            )
-            cls.refused, cls.logged_at = 0, now
+        if len(self.connections) > MAX_CONNECTIONS + LINGERING_MAX or not (
+            self.transport.can_write_eof()
+        ):
+            self.transport.close()  # a flood: its file descriptors matter more than its 503s
+        else:
+            self.transport.write_eof()  # the answer ends here; the request is still read
+            self._deadline = self.loop.call_later(LINGER, self.transport.close)
+        refusals = getattr(self.server_state, "refusals", None)
+        if refusals is None:
+            refusals = self.server_state.refusals = _Refusals()  # type: ignore[attr-defined]
+        refusals.count(self.loop)
 
-    def _arm_deadline(self) -> None:
+    def _arm_deadline(self, seconds: float | None = None) -> None:
         self._disarm_deadline()
         if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._request_too_slow)
+            self._deadline = self.loop.call_later(
+                REQUEST_DEADLINE if seconds is None else seconds, self._request_too_slow
+            )
 
     def _disarm_deadline(self) -> None:
         if self._deadline is not None:
