@@ -66,7 +66,9 @@ def unreadable_processes() -> list[str]:
     reader, names = LinuxProcReader(), set()
     for pid in reader.pids():
         try:
-            reader.cwd(pid)
+            reader.cwd(pid)  # what prune reads of each process
+            reader.fd_targets(pid)
+            reader.mapped_paths(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue
         except OSError:

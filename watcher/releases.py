@@ -35,6 +35,7 @@ from watcher.errors import (
     WatcherError,
 )
 from watcher.fsutil import TMP_PREFIX, AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
+from watcher.ids import shown
 from watcher.log import get_logger
 from watcher.records import (
     SHA256_RE,
@@ -309,7 +310,9 @@ def scan_release_usage(
                 name = ""
             if name and name in ignore:
                 continue
-            return used, f"cannot read /proc entries of pid {pid} ({name or 'name unknown'}): {exc}"
+            # comm is the process's own to set: shown escaped (a newline would forge a line)
+            named = shown(name) if name else "name unknown"
+            return used, f"cannot read /proc entries of pid {pid} ({named}): {exc}"
     return used, None
 
 

@@ -170,9 +170,15 @@ def test_a_prepare_deadline_during_extraction_says_how_far_it_got(
         errors = [str(a.get("error") or "") for a in acks(fleet, started["deploy"]).values()]
         cut = [e for e in errors if "prepare deadline passed during prepare" in e]
         assert cut, errors  # on these machines no host extracts 40,000 files in 3 s
-        for error in cut:
-            found = re.search(rf"; extracting {big.id}: (\d+) bytes in (\d+) members so far", error)
-            assert found and int(found[2]) > 0, error
+        # (a host on a loaded machine may still be downloading then, or not yet have
+        # reported: its message has no extraction part)
+        extracting = [
+            found
+            for e in cut
+            if (found := re.search(rf"; extracting {big.id}: (\d+) bytes in (\d+) members", e))
+        ]
+        assert extracting, cut
+        assert all(int(found[2]) > 0 for found in extracting), cut
         fleet.wait_idle(30)
     finally:
         fleet.stop()

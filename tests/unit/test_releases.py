@@ -1219,12 +1219,15 @@ class TestPrune:
             {1: {"cwd": denied, "comm": "process_api"}, 42: {"cwd": "/", "comm": "sleep"}}
         )
         plan = five.plan_prune()
-        assert plan.blocked is not None and "pid 1 (process_api): " in plan.blocked, plan
+        assert plan.blocked is not None and "pid 1 ('process_api'): " in plan.blocked, plan
         five.app = replace(five.app, prune_ignore=("process_api",))
         # only the processes it names: another one that cannot be read still blocks
         five.proc_reader.procs[43] = {"cwd": denied, "comm": "sshd"}
         plan = five.plan_prune()
-        assert plan.blocked is not None and "pid 43 (sshd): " in plan.blocked, plan
+        assert plan.blocked is not None and "pid 43 ('sshd'): " in plan.blocked, plan
+        # a name is the process's own to set: shown escaped, never a line of its own
+        five.proc_reader.procs[43]["comm"] = "x\nprune: ok"
+        assert "pid 43 ('x\\nprune: ok'): " in str(five.plan_prune().blocked)
         del five.proc_reader.procs[43]
         assert five.prune() == [rel(1), rel(2), rel(3)]
 
