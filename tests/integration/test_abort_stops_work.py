@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,20 +31,29 @@ def big_files() -> dict[str, bytes]:
     return {f"data/{i:05d}.bin": os.urandom(MEMBER_BYTES) for i in range(MEMBERS)}
 
 
-@pytest.fixture
-def fleet(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Fleet]:
+@contextmanager
+def fleet_without_prefetch(
+    cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path, prepare: str
+) -> Iterator[Fleet]:
+    """A fleet of its own KV prefix that extracts at the deploy (prefetch off)."""
     f = Fleet(
         cluster,
         s3_settings,
         tmp_path,
         kv_prefix=f"a{time.monotonic_ns()}",
-        app_extra={"prefetch": "off", "timeouts": {"prepare": "120s", "apply": "60s"}},
+        app_extra={"prefetch": "off", "timeouts": {"prepare": prepare, "apply": "60s"}},
     )
     f.start()
     try:
         yield f
     finally:
         f.stop()
+
+
+@pytest.fixture
+def fleet(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Fleet]:
+    with fleet_without_prefetch(cluster, s3_settings, tmp_path, "120s") as f:
+        yield f
 
 
 def temp_dirs(fleet: Fleet) -> list[Path]:
@@ -154,15 +164,7 @@ def test_a_prepare_deadline_during_extraction_says_how_far_it_got(
 ) -> None:
     """The deadline's "no" names the extraction and how far it got, not only "phases
     done: none": too big an artifact for the prepare timeout, or a slow disk?"""
-    fleet = Fleet(
-        cluster,
-        s3_settings,
-        tmp_path,
-        kv_prefix=f"d{time.monotonic_ns()}",
-        app_extra={"prefetch": "off", "timeouts": {"prepare": "3s", "apply": "6s"}},
-    )
-    fleet.start()
-    try:
+    with fleet_without_prefetch(cluster, s3_settings, tmp_path, "3s") as fleet:
         big = fleet.publish("big", files=big_files())
         started = fleet.watchers[0].ctl_json("deploy", "web", big.id, "--no-wait")
         outcome = fleet.wait_outcome(started["deploy"], 60)
@@ -180,5 +182,3 @@ def test_a_prepare_deadline_during_extraction_says_how_far_it_got(
         assert extracting, cut
         assert all(int(found[2]) > 0 for found in extracting), cut
         fleet.wait_idle(30)
-    finally:
-        fleet.stop()

@@ -55,6 +55,16 @@ def deploy_held_in_post_release(fleet: Fleet, slow: WatcherProc, gate: Path, art
     return deploy_id
 
 
+def assert_refused_as_held(fleet: Fleet, deploy_id: str, slow: WatcherProc, live: str) -> None:
+    """The deploy aborted on ``slow``'s hold ("stop here") and nobody left ``live``."""
+    result = fleet.wait_outcome(deploy_id)
+    assert result["result"] == "aborted", result
+    ack = fleet.kv.kv_get(fleet.keys.progress(deploy_id, slow.name))
+    assert ack is not None and b"held: stop here" in ack.value, ack
+    fleet.wait_idle()
+    assert set(fleet.currents().values()) == {live}  # nobody moved
+
+
 @pytest.fixture
 def fleet(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Iterator[Fleet]:
     # Each test gets its own KV prefix, app roots and bucket on the module's cluster.
@@ -248,12 +258,7 @@ class TestHappyPath:
             assert "refuses that deploy (held)" in placed.stderr, placed.stderr
         finally:
             gate.touch()
-        result = fleet.wait_outcome(deploy_id)
-        assert result["result"] == "aborted", result
-        ack = fleet.kv.kv_get(fleet.keys.progress(deploy_id, slow.name))
-        assert ack is not None and b"held: stop here" in ack.value, ack
-        fleet.wait_idle()
-        assert set(fleet.currents().values()) == {rel1}  # nobody moved
+        assert_refused_as_held(fleet, deploy_id, slow, rel1)
 
     def test_a_hold_written_under_the_lock_as_the_host_finishes_staging_is_seen(
         self, fleet: Fleet, tmp_path: Path
@@ -290,12 +295,7 @@ class TestHappyPath:
                 atomic_write_json(layout.holds_file, {"version": 1, "hold": hold})
         finally:
             gate.touch()
-        result = fleet.wait_outcome(deploy_id)
-        assert result["result"] == "aborted", result
-        ack = fleet.kv.kv_get(fleet.keys.progress(deploy_id, slow.name))
-        assert ack is not None and b"held: stop here" in ack.value, ack
-        fleet.wait_idle()
-        assert set(fleet.currents().values()) == {rel1}  # nobody moved
+        assert_refused_as_held(fleet, deploy_id, slow, rel1)
 
     def test_setup_release_of_the_build_a_deploy_stages_leaves_the_hook_to_it(
         self, fleet: Fleet, tmp_path: Path
