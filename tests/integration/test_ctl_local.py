@@ -520,7 +520,9 @@ class TestPrune:
             "to unblock: prune must read every process's /proc entries: give the watcher "
             "CAP_SYS_PTRACE (systemd/watcher.service keeps it; a container needs --cap-add "
             f"SYS_PTRACE), and run `watcherctl prune web -c {host.config_path}` as root with "
-            "that capability"
+            "that capability; a process even that cannot read (a VM's init here, another "
+            "user namespace's) and that never uses the app's releases can be named in "
+            "apps.web.prune_ignore"
         ), lines
         assert "kept:" in lines and "previous" in result.stdout, result.stdout
         data = json.loads(
