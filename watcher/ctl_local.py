@@ -191,7 +191,9 @@ def _journal_release(engine: ReleaseEngine) -> str | None:
     journal holds the request whole; its top level has no release, which this read before,
     so `releases` never marked the release in flight and prune did not keep it)."""
     journal = read_journal(engine.layout.state_dir)
-    request = journal.get("request") if journal else None
+    if not journal or journal.get("finished") or journal.get("ended"):
+        return None  # this host's part is over (the journal stays until the next deploy)
+    request = journal.get("request")
     release = request.get("release") if isinstance(request, dict) else None
     return release if isinstance(release, str) and release else None
 

@@ -545,6 +545,17 @@ class TestPrune:
         assert data["removed"] == [release_of(1)]
         assert data["kept"][release_of(2)] == "in flight"
 
+    def test_the_release_of_a_finished_part_is_not_in_flight(self, host: Host) -> None:
+        """The second soak: an idle host's `releases` marked its current release "in-flight"
+        (the journal stays, marked finished, until the next deploy)."""
+        phases = ["staged", "post_release", "flipped"]
+        host.write_journal("20260101T000000Z-cccccc", release_of(4), phases, finished=True)
+        rows = {r["release"]: r for r in host.ctl_json("releases", "web")}
+        assert rows[release_of(4)]["in_flight"] is False, rows[release_of(4)]
+        host.write_journal("20260101T000000Z-cccccc", release_of(2), ["staged"], finished=True)
+        data = host.ctl_json("prune", "web", "--dry-run", own_proc=True)
+        assert release_of(2) not in data["kept"], data
+
     def test_the_release_a_convergence_works_on_is_kept_and_marked(self, host: Host) -> None:
         """The commit review: only the deploy journal was read; a host catching up with a
         committed deploy journals to converge.json (its release at the top level)."""
