@@ -103,6 +103,10 @@ APPLIED_NAME = "applied.json"
 STAGING_ACK_AFTER = 0.5  # seconds of preparing after which the host writes its staging ack
 ABORT_POLL_AFTER = 1.0  # seconds of staging after which the loop polls for an abort request
 TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deploys
+# ... or this many of its parts in deploys, whichever comes first: at a deploy a second,
+# 600 s left ~4,600 keys in KV between two trims (the second soak), and ids left
+# `trimmed` (the last 64) before a host trimmed them
+TRIM_AFTER_PARTS = 32
 APPLIED_KEPT = 5  # deploys applied.json remembers: their acks are spared by every trim
 # The end of a commit writes `current` and deletes `inflight` in one txn, and their watches
 # answer a few ms apart: the loop waits this long for the `current` one before it reads.
@@ -417,6 +421,7 @@ class AppAgent:
         self._sessions_looked: tuple[str, tuple[str, ...], float] = ("", (), 0.0)
         self._task_started = 0.0
         self._trimmed_at = -math.inf  # the first end after a start trims
+        self._parts_since_trim = 0
         # The deploys this host applied last, newest last (applied.json): their acks are
         # never trimmed, whatever the shared `history` and `current` say.
         self._applied_recently = self._read_applied_recently()
@@ -1204,8 +1209,12 @@ class AppAgent:
         for memo in (self._known, self._own, self._verdicts, self._prepared):
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         self._resumed.discard(joined.id)  # (it grew by an id a deploy: the soak review)
-        if time.monotonic() - self._trimmed_at > TRIM_EVERY:
-            self._trimmed_at = time.monotonic()
+        self._parts_since_trim += 1
+        if (
+            time.monotonic() - self._trimmed_at > TRIM_EVERY
+            or self._parts_since_trim >= TRIM_AFTER_PARTS
+        ):
+            self._trimmed_at, self._parts_since_trim = time.monotonic(), 0
             deleted = self.store.trim_own_progress(
                 self.node,
                 keep=self._acks_to_keep(joined.id),
