@@ -941,14 +941,16 @@ class DeployStore:
         found = self._embedded_requests(deploy_id)
         return found[0][0] if len(found) == 1 else None
 
+    def names_under(self, prefix: str) -> set[str]:
+        """The names one level below ``prefix`` (a key's or a sub-tree's: ``requests/<id>``
+        and ``requests/<id>/abort`` both name ``<id>``), from one keys read."""
+        names = (k[len(prefix) :].split("/")[0] for k in self.consul.kv_keys(prefix))
+        return {n for n in names if n}
+
     def _embedded_requests(self, deploy_id: str) -> list[tuple[DeployRecord, dict[str, KVEntry]]]:
         """Distinct requests carried by acks of ``deploy_id``, each with the ack entries
         (of nodes it expects) that carry it."""
-        nodes = [
-            k[len(self.keys.progress_prefix) :].rstrip("/")
-            for k in self.consul.kv_keys(self.keys.progress_prefix, separator="/")
-        ]
-        nodes = [n for n in nodes if n]
+        nodes = sorted(self.names_under(self.keys.progress_prefix))
         ops = []
         for n in nodes:
             ops.append(TxnOp.get_or_empty(self.keys.progress(deploy_id, n)))
@@ -1980,10 +1982,7 @@ class DeployStore:
         ended since. A deploy whose request was deleted by hand before its end (DESIGN.md
         6.4.2: that changes nothing) keeps its acks until then, and once a later deploy
         committed, a host undecided on it takes it for over (``end_seen``)."""
-        start = len(self.keys.requests_prefix)
-        requested = {
-            k[start:].split("/")[0] for k in self.consul.kv_keys(self.keys.requests_prefix)
-        }
+        requested = self.names_under(self.keys.requests_prefix)
         candidates = [d for d in candidates if d not in requested and DEPLOY_ID_RE.match(d)][
             : MAX_TXN_OPS - 1
         ]

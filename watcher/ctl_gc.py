@@ -164,9 +164,7 @@ def needed_deploys(store: DeployStore, inflight: str | None) -> Needed:
 
 
 def progress_nodes(store: DeployStore) -> set[str]:
-    prefix = store.keys.progress_prefix
-    names = (k[len(prefix) :].rstrip("/") for k in store.consul.kv_keys(prefix, separator="/"))
-    return {n for n in names if NODE_RE.match(n)}
+    return {n for n in store.names_under(store.keys.progress_prefix) if NODE_RE.match(n)}
 
 
 def host_record_nodes(store: DeployStore) -> set[str]:

@@ -186,11 +186,11 @@ def _lock_owner(command: str) -> str:
     return f"watcherctl {command} by {user_at_host()} (pid {os.getpid()})"
 
 
-def _journal_release(engine: ReleaseEngine) -> str | None:
-    """The release of the deploy this host's journal is in: the journaled request's (the
-    journal holds the request whole; its top level has no release, which this read before,
-    so `releases` never marked the release in flight and prune did not keep it)."""
-    journal = read_journal(engine.layout.state_dir)
+def _journal_release(journal: dict[str, Any] | None) -> str | None:
+    """The release of the deploy this host's journal (``read_journal``) is in: the
+    journaled request's (the journal holds the request whole; its top level has no
+    release, which this read before, so `releases` never marked the release in flight and
+    prune did not keep it)."""
     if not journal or journal.get("finished") or journal.get("ended"):
         return None  # this host's part is over (the journal stays until the next deploy)
     request = journal.get("request")
@@ -212,7 +212,8 @@ def _converge_journal(engine: ReleaseEngine) -> tuple[str, str, list[str]] | Non
 def _releases_in_flight(engine: ReleaseEngine) -> set[str]:
     """The releases this host's deploy and convergence journals are working on."""
     converging = _converge_journal(engine)
-    return {r for r in (_journal_release(engine), converging and converging[1]) if r}
+    deploying = _journal_release(read_journal(engine.layout.state_dir))
+    return {r for r in (deploying, converging and converging[1]) if r}
 
 
 # --- releases ----------------------------------------------------------------------------
@@ -718,15 +719,9 @@ def _preparing_deploy_of(engine: ReleaseEngine, release: str) -> str:
         # a convergence runs post_release without the app's lock, as a deploy does
         return f"{converging[0]} (catching up with it)"
     journal = read_journal(engine.layout.state_dir)
-    if (
-        not journal
-        or journal.get("finished")
-        or journal.get("ended")
-        or _journal_release(engine) != release
-        or "post_release" in (journal.get("phases") or [])
-    ):
-        return ""
-    return str(journal.get("deploy") or "")
+    if journal is None or _journal_release(journal) != release:
+        return ""  # no deploy, this host's part in it over, or another release's
+    return "" if "post_release" in (journal.get("phases") or []) else str(journal["deploy"])
 
 
 def _staged_release_of(engine: ReleaseEngine, record: ArtifactRecord) -> ReleaseInfo | None:
