@@ -107,6 +107,32 @@ TRIM_EVERY = 600.0  # seconds between trims of this host's acks of trimmed deplo
 # 600 s left ~4,600 keys in KV between two trims (the second soak), and ids left
 # `trimmed` (the last 64) before a host trimmed them
 TRIM_AFTER_PARTS = 32
+
+
+class TrimClock:
+    """When a host trims its acks (``DeployStore.trim_own_progress``): at its first deploy
+    end after a start, then every ``TRIM_EVERY`` seconds or ``TRIM_AFTER_PARTS`` of its
+    parts in deploys, whichever comes first; and again at the next end when a trim filled
+    its one txn (more may be left)."""
+
+    def __init__(self) -> None:
+        self._at = -math.inf  # the first end after a start trims
+        self._parts = 0
+
+    def part_done(self, now: float) -> bool:
+        """One part ended at ``now`` (monotonic): whether to trim now."""
+        self._parts += 1
+        if now - self._at > TRIM_EVERY or self._parts >= TRIM_AFTER_PARTS:
+            self._at, self._parts = now, 0
+            return True
+        return False
+
+    def trimmed(self, deleted: int) -> None:
+        """The trim deleted ``deleted`` keys: a full txn means again at the next end."""
+        if deleted >= MAX_TXN_OPS:
+            self._at = -math.inf
+
+
 APPLIED_KEPT = 5  # deploys applied.json remembers: their acks are spared by every trim
 # The end of a commit writes `current` and deletes `inflight` in one txn, and their watches
 # answer a few ms apart: the loop waits this long for the `current` one before it reads.
@@ -420,8 +446,7 @@ class AppAgent:
         # when) a staging host last established on that: see _named_session_gone
         self._sessions_looked: tuple[str, tuple[str, ...], float] = ("", (), 0.0)
         self._task_started = 0.0
-        self._trimmed_at = -math.inf  # the first end after a start trims
-        self._parts_since_trim = 0
+        self._trim_clock = TrimClock()
         # The deploys this host applied last, newest last (applied.json): their acks are
         # never trimmed, whatever the shared `history` and `current` say.
         self._applied_recently = self._read_applied_recently()
@@ -1209,19 +1234,14 @@ class AppAgent:
         for memo in (self._known, self._own, self._verdicts, self._prepared):
             memo.pop(joined.id, None)  # bounded: nothing of a finished deploy stays here
         self._resumed.discard(joined.id)  # (it grew by an id a deploy: the soak review)
-        self._parts_since_trim += 1
-        if (
-            time.monotonic() - self._trimmed_at > TRIM_EVERY
-            or self._parts_since_trim >= TRIM_AFTER_PARTS
-        ):
-            self._trimmed_at, self._parts_since_trim = time.monotonic(), 0
-            deleted = self.store.trim_own_progress(
-                self.node,
-                keep=self._acks_to_keep(joined.id),
-                history_keep=self.config.daemon.history_keep,
+        if self._trim_clock.part_done(time.monotonic()):
+            self._trim_clock.trimmed(
+                self.store.trim_own_progress(
+                    self.node,
+                    keep=self._acks_to_keep(joined.id),
+                    history_keep=self.config.daemon.history_keep,
+                )
             )
-            if deleted >= MAX_TXN_OPS:
-                self._trimmed_at = -math.inf  # more left: again at the next end
         return self._after_own_part(
             joined.id, inflight_index, cached[0] if cached and cached[0].end_read else None
         )
