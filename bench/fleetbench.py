@@ -57,6 +57,7 @@ class Usage:
     requests: float
     ns_before_read: int = 0  # the same from its threads' schedstat, in nanoseconds
     ns_after_read: int = 0
+    renewals: float = 0  # of ``requests``, its session renewals (every TTL/2, deploy or not)
 
 
 def cpu_between(start: Usage, end: Usage) -> float:
@@ -137,13 +138,14 @@ class BenchFleet:
         for w in self.watchers:
             assert w.proc is not None
             cpu_before, ns_before = cpu_seconds(w.proc.pid), thread_cpu_ns(w.proc.pid)
-            requests = sum(self.requests(w).values())
+            requests = self.requests(w)
             out[w.name] = Usage(
                 cpu_before,
                 cpu_seconds(w.proc.pid),
-                requests,
+                sum(requests.values()),
                 ns_before,
                 thread_cpu_ns(w.proc.pid),
+                requests.get("session_renew", 0),
             )
         return out
 
