@@ -692,6 +692,29 @@ class TestNotOnLoopback:
             r = c.get("/api/v1/apps/web/live", headers={"X-Consul-Token": env.api_operator})
             assert r.status_code == 403
 
+    def test_the_page_takes_another_token_after_a_refused_one(self, env: Env) -> None:
+        # The page answered 403 with an empty body for a token Consul does not know, and a
+        # reload the same: nothing said what was wrong, nothing offered another token.
+        app = create_app(load_config(env.web.config), listen_host="192.0.2.10")
+        made_up = {"Authorization": f"Bearer {uuid.uuid4()}"}
+        with TestClient(app) as c:
+            for method in (c.get, c.head):
+                r = method("/apps/web", headers=made_up)
+                assert r.status_code == 401, r.text
+                assert r.headers["www-authenticate"] == 'Bearer realm="release-watcher"'
+            r = c.get("/apps/web", headers=made_up)
+            assert "Consul does not know this token" in r.text
+            assert 'id="enter-token"' in r.text and 'data-needs-token="yes"' in r.text
+            # Known to Consul, without read on app web: Consul's refusal, and the button.
+            r = c.get("/apps/web", headers={"X-Consul-Token": env.api_operator})
+            assert r.status_code == 403 and "this Consul token may not read" in r.text, r.text
+            assert "This token cannot read web" in r.text and 'id="enter-token"' in r.text
+            # The list of apps reads no key, but a made-up token is not taken for one.
+            r = c.get("/api/v1/apps", headers=made_up)
+            assert r.status_code == 401 and "does not know this token" in error_of(r)
+            r = c.get("/api/v1/apps", headers={"X-Consul-Token": env.reader})
+            assert r.status_code == 200 and r.json() == {"apps": ["api", "web"]}, r.text
+
 
 class TestLiveFeed:
     """One blocking-query watcher per app feeds every client; it does not poll."""

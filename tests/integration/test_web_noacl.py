@@ -54,6 +54,12 @@ class TestAclsOff:
                 r = c.get(path, headers={"X-Consul-Token": "made-up"})
                 assert r.status_code == 403, (path, r.text)
                 assert "ACLs disabled, so a token proves nothing" in r.json()["error"]
+                # Nor does none: the same 403, not a 401 asking for a token.
+                r = c.get(path)
+                assert r.status_code == 403, (path, r.text)
+                assert "ACLs disabled, so a token proves nothing" in r.json()["error"]
+            r = c.get("/apps/web")
+            assert r.status_code == 403 and 'id="enter-token"' not in r.text, r.text
         assert fleet.inflight() is None
 
         # Nor does a page whose DNS name was rebound to a loopback bind (Host: its name).

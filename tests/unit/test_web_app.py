@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import itertools
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from fastapi.testclient import TestClient
 from watcher import ids
 from watcher.config import parse_config
 from watcher.errors import ConsulUnavailable
+from watcher.web import app as web_app
 from watcher.web.app import (
     MAX_BODY,
     MAX_QUERY,
@@ -43,6 +46,7 @@ from watcher.web.live import READ_BURST, READ_RATE, LiveFeed
 
 LOCAL = "http://127.0.0.1:8710"
 FLEET = "/api/v1/apps/web/fleet"
+STATIC = Path(web_app.__file__).parent / "static"
 DEPLOYS = "/api/v1/apps/web/deploys"
 ABORT = "/api/v1/apps/web/deploys/20261202T224412Z-abcdef/abort"
 
@@ -392,7 +396,23 @@ class TestTheDescriptionTellsTheTruth:
         ("POST", ABORT, "/api/v1/apps/{app}/deploys/{deploy_id}/abort", {"json": {}}, 503),
         ("GET", "/api/v1/apps/web/fleet", "/api/v1/apps/{app}/fleet", {"params": LONG_QUERY}, 414),
         ("POST", DEPLOYS, "/api/v1/apps/{app}/deploys", {"params": LONG_QUERY}, 414),
+        ("GET", "/api/v1/apps", "/api/v1/apps", {"params": LONG_QUERY}, 414),
+        ("GET", "/healthz", "/healthz", {"params": LONG_QUERY}, 414),
+        ("GET", "/metrics", "/metrics", {"params": LONG_QUERY}, 414),
     ]
+
+    def test_every_operation_lists_the_414_that_every_path_answers(
+        self, client: TestClient
+    ) -> None:
+        # (the web review found /api/v1/apps, /healthz and /metrics without it)
+        spec = client.get("/openapi.json").json()
+        missing = [
+            f"{method.upper()} {path}"
+            for path, operations in spec["paths"].items()
+            for method, operation in operations.items()
+            if "414" not in operation["responses"]
+        ]
+        assert missing == []
 
     @pytest.mark.parametrize(("method", "url", "operation", "kw", "status"), CASES)
     def test_each_error_is_documented_for_its_operation(
@@ -443,6 +463,44 @@ class TestTheDescriptionTellsTheTruth:
         assert r.json()["error"] == (
             f"a query string over {MAX_QUERY} bytes is refused (the API takes `limit`)"
         )
+
+    def test_a_static_file_says_which_methods_it_takes(self, client: TestClient) -> None:
+        for method in ("POST", "DELETE"):
+            for path in ("/static/app.js", "/static/nope"):
+                r = client.request(method, path)
+                assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers
+                assert r.json()["error"].endswith("(it takes: GET, HEAD)")
+
+    def test_the_page_names_its_script_and_style_by_content(self, client: TestClient) -> None:
+        # After an upgrade a browser that cached app.js (heuristically: no Cache-Control
+        # there) ran the old script against the new page; a new file is a new URL.
+        page = client.get("/apps/web", headers={"Host": "127.0.0.1:8710"}).text
+        urls = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+        assert sorted(u.split("?")[0] for u in urls) == ["/static/app.js", "/static/style.css"]
+        for url in urls:
+            name = url.split("?")[0].rsplit("/", 1)[1]
+            digest = hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:12]
+            assert url.endswith(f"?v={digest}")
+            assert client.get(url).status_code == 200
+
+    def test_an_unknown_app_name_is_shown_escaped(self, client: TestClient) -> None:
+        # The JSON carried a raw U+202E (right-to-left override) to terminals and logs.
+        r = client.get("/api/v1/apps/%E2%80%AE/fleet")
+        error = r.json()["error"]
+        assert r.status_code == 404 and "\u202e" not in error, error
+        assert error == "no such app: '\\u202e' (configured: web)"
+        r = client.get("/api/v1/apps/nope/fleet")
+        assert r.json()["error"].startswith("apps.nope: no such app")
+
+    def test_two_tokens_are_named_as_they_came(self, client: TestClient) -> None:
+        cases = [
+            ([("Authorization", "Bearer a"), ("Authorization", "Bearer b")], "2 Authorization"),
+            ([("X-Consul-Token", "a"), ("X-Consul-Token", "b")], "2 X-Consul-Token"),
+            ([("Authorization", "Bearer a"), ("X-Consul-Token", "b")], "Authorization and X"),
+        ]
+        for headers, said in cases:
+            r = client.get(FLEET, headers=headers)
+            assert r.status_code == 400 and said in r.json()["error"], r.text
 
     def test_healthz_answers_head(self, client: TestClient) -> None:
         r = client.head("/healthz")

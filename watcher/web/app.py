@@ -317,15 +317,17 @@ def same_origin(origin: str, host_header: str) -> bool:
 
 def bearer_token(request: Request) -> str | None:
     """The caller's Consul token from ``Authorization: Bearer`` or ``X-Consul-Token``."""
-    given = request.headers.getlist("authorization") + request.headers.getlist("x-consul-token")
+    bearer = request.headers.getlist("authorization")
+    given = bearer + request.headers.getlist("x-consul-token")
     if len(given) > 1:
         # Consul reads X-Consul-Token first, other servers Authorization: which one acts
         # is a guess, and a proxy may have added one.
-        raise ApiError(
-            400,
-            f"the request carries {len(given)} tokens (Authorization and X-Consul-Token "
-            "headers): send one",
+        headers = (
+            "Authorization and X-Consul-Token headers"
+            if bearer and len(bearer) < len(given)
+            else f"{len(given)} {'Authorization' if bearer else 'X-Consul-Token'} headers"
         )
+        raise ApiError(400, f"the request carries {len(given)} tokens ({headers}): send one")
     auth = request.headers.get("authorization", "")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -342,6 +344,16 @@ def _caller_token(request: Request) -> bool:
         return bearer_token(request) is not None
     except ApiError:
         return False
+
+
+def _token_unknown(request: Request, exc: ConsulError) -> bool:
+    """Consul's refusal says the caller's own token is unknown to it ("ACL not found"): who
+    the caller is, is not known (a 401), where a known token's refusal is a 403."""
+    return (
+        isinstance(exc, ConsulPermissionDenied)
+        and "acl not found" in str(exc).lower()
+        and _caller_token(request)
+    )
 
 
 def _token_shape(token: str) -> str:
@@ -457,17 +469,19 @@ class WebState:
     def reader(self, request: Request) -> ConsulClient:
         """The client for a read: the server's own token on loopback, else the caller's."""
         token = bearer_token(request)
+        local = self.is_local(request)
+        if not local and self.probe_acls() is False:
+            # Consul takes any token then: one made up (or set by a page a DNS name
+            # rebound to this server) would read what only local callers may. Without
+            # one, the same 403, as a write's: a 401 asked for a token that cannot help.
+            raise ApiError(
+                403,
+                "Consul has ACLs disabled, so a token proves nothing; reads are served "
+                f"only to requests from this host ({self.not_local_because(request)})",
+            )
         if token is not None:
-            if not self.is_local(request) and self.probe_acls() is False:
-                # Consul takes any token then: one made up (or set by a page a DNS name
-                # rebound to this server) would read what only local callers may.
-                raise ApiError(
-                    403,
-                    "Consul has ACLs disabled, so a token proves nothing; reads are served "
-                    f"only to requests from this host ({self.not_local_because(request)})",
-                )
             return self.caller_client(request, token)
-        if not self.is_local(request):
+        if not local:
             raise ApiError(
                 401,
                 f"{self.not_local_because(request)}: reads need a Consul ACL token with "
@@ -744,6 +758,18 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _static_urls() -> typing.Callable[[str], str]:
+    """``/static/<name>?v=<its digest>``: the page names its script and style sheet by
+    content, so a browser that cached them (no Cache-Control there, heuristics) fetches
+    the new ones after an upgrade instead of running an old script against a new page."""
+    digests = {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+        for f in (HERE / "static").iterdir()
+        if f.is_file()
+    }
+    return lambda name: f"/static/{name}?v={digests[name]}"
+
+
 def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     state = WebState(config, listen_host=listen_host)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -756,6 +782,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     # control and bidirectional characters escaped, as watcherctl shows it: raw, an ESC or
     # a U+202E reorders or hides what the page says around it.
     templates.env.finalize = _printable
+    templates.env.globals["static_url"] = _static_urls()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -998,6 +1025,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
 
     def allowed_methods(path: str) -> list[str]:
+        if path.startswith("/static/"):
+            return ["GET", "HEAD"]  # the mount's (its 405 had an empty Allow)
         return sorted(
             {
                 method
@@ -1009,12 +1038,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     @app.exception_handler(ConsulError)
     async def consul_error(request: Request, exc: ConsulError) -> JSONResponse:
+        if _token_unknown(request, exc):
+            # (a write says so from its token lookup, a 401 too)
+            return error_response(401, f"Consul does not know this token: {exc}")
         if isinstance(exc, ConsulPermissionDenied):
-            if "acl not found" in str(exc).lower() and _caller_token(request):
-                # The caller's token is unknown to Consul: who they are is not known (a
-                # write says so from its token lookup, a 401 too), not a refusal of a
-                # known token.
-                return error_response(401, f"Consul does not know this token: {exc}")
             return JSONResponse({"error": str(exc)}, status_code=403)
         if isinstance(exc, ConsulRequestError):
             return JSONResponse({"error": str(exc)}, status_code=502)
@@ -1042,16 +1069,27 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         try:
             config.app(name)
         except ConfigError as exc:
-            raise ApiError(404, "; ".join(exc.problems)) from None
+            if name.isprintable() and len(name) <= 64:
+                raise ApiError(404, "; ".join(exc.problems)) from None
+            # The JSON would carry a U+202E or an ESC raw, to a terminal or a log viewer
+            # (the page escapes it): shown escaped and cut, as a bad deploy id is.
+            known = ", ".join(sorted(config.apps)) or "none"
+            raise ApiError(404, f"no such app: {ids.shown(name)} (configured: {known})") from None
         return name
 
     # --- reads -------------------------------------------------------------------------
 
     @app.get(
-        "/api/v1/apps", summary="The apps this server knows", responses=errors(400, 401, 403, 503)
+        "/api/v1/apps",
+        summary="The apps this server knows",
+        responses=errors(400, 401, 403, 414, 503),
     )
     def list_apps(request: Request) -> dict[str, Any]:
-        state.reader(request)
+        reader = state.reader(request)
+        if reader is not state.consul and state.probe_acls():
+            # No key is read here: Consul is asked whether it knows the caller's token at
+            # all, so a made-up one is the 401 every other read answers, not a 200.
+            reader.acl_token_self()
         return {"apps": sorted(config.apps)}
 
     @app.get(
@@ -1341,7 +1379,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     @app.get(
         "/healthz",
         summary="The server is up (does not ask Consul)",
-        responses=errors(400),
+        responses=errors(400, 414),
     )
     async def healthz() -> dict[str, Any]:  # async: never queued behind Consul-bound reads
         return {"ok": True, "version": __version__}
@@ -1351,7 +1389,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         summary="Prometheus metrics of this server",
         response_class=Response,
         responses={
-            **errors(400),
+            **errors(400, 414),
             200: {
                 "description": "the Prometheus text format (docs/metrics.md)",
                 "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
@@ -1383,7 +1421,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             "app": name if known or name in config.apps else "",
             "loopback": state.is_local(request),
             "error": "",
-            "needs_token": False,
+            "needs_token": False,  # the page offers to take a token (another one)
+            "token_refused": False,  # ... because Consul refused the one it read with
             # ACLs off: writes take no token (local only), so the page asks for none.
             "acls_off": state.acls_enabled is False,
         }
@@ -1405,8 +1444,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         except ApiError as exc:
             status, ctx["needs_token"], ctx["error"] = exc.status, exc.status == 401, exc.reason
         except ConsulError as exc:
-            status = 403 if isinstance(exc, ConsulPermissionDenied) else 503
-            ctx["error"] = str(exc)
+            # As the API answers: a token Consul does not know is a 401, one it knows
+            # without read on the app a 403; either way the page takes another token
+            # (it showed an empty page, and a reload the same, until the review of the
+            # page with real clients).
+            if _token_unknown(request, exc):
+                status, ctx["error"] = 401, f"Consul does not know this token: {exc}"
+                ctx["needs_token"] = True
+            elif isinstance(exc, ConsulPermissionDenied):
+                status, ctx["error"] = 403, str(exc)
+                ctx["needs_token"] = ctx["token_refused"] = True
+            else:
+                status, ctx["error"] = 503, str(exc)
         except PayloadError as exc:
             status, ctx["error"] = 502, f"unreadable record in Consul: {exc}"
         response = templates.TemplateResponse(request, "app.html", ctx, status_code=status)

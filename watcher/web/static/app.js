@@ -12,6 +12,9 @@ let stale = false;  // the sections may have missed a change (Consul was down, t
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 function authHeaders() { const t = token(); return t ? { "Authorization": "Bearer " + t } : {}; }
 function showTokenState() { document.getElementById("forget-token").hidden = !token(); }
+// Consul refused the token the page reads with (unknown to it, or without read on the app):
+// dropped, as a refused write drops it, so that a reload does not send it again.
+function dropToken() { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
 
 function say(text, isError) {
   const el = document.getElementById("message");
@@ -56,7 +59,10 @@ function refreshSections() {
 }
 
 async function refreshOnce() {
+  const sent = token();
   const resp = await fetch(location.pathname, { headers: authHeaders() });
+  // The answer is the page with Consul's refusal and a button to enter another token.
+  if ((resp.status === 401 || resp.status === 403) && sent && sent === token()) dropToken();
   const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
   const fresh = doc.getElementById("content");
   const here = document.getElementById("content");
@@ -105,9 +111,26 @@ function onSnapshot(snap) {
 
 // The live view reads the event stream with fetch, not EventSource: fetch sends the
 // Authorization header, and EventSource gives up for good on the first answer that is not
-// a 200 (a 503 when the server's streams are all taken) while this loop retries.
+// a 200 (a 503 when the server's streams are all taken) while this loop retries. One loop
+// a page: asked again (a token entered or forgotten), it drops its connection and opens
+// another with the token the page now has.
+let liveLoop = null;
+let liveConnection = null;  // the AbortController of the loop's open connection
+let liveStopped = false;
 function connectLive() {
-  streamWithFetch("/api/v1/apps/" + encodeURIComponent(app) + "/live");
+  liveStopped = false;
+  if (liveLoop) { liveConnection?.abort(); return; }
+  liveLoop = streamWithFetch("/api/v1/apps/" + encodeURIComponent(app) + "/live")
+    .finally(() => { liveLoop = null; });
+}
+function stopLive() { liveStopped = true; liveConnection?.abort(); }
+// After the sections were fetched again with the page's token (one entered or forgotten):
+// stream with it, or not at all where the page now asks for a token. In this order, not
+// at once: a stream refused after the page dropped the token would say only that a token
+// is needed, over Consul's refusal of the one entered.
+function followLive() {
+  if (!app) return;
+  if (document.getElementById("token-needed")) stopLive(); else connectLive();
 }
 
 // A browser opens about 6 connections per server over HTTP/1.1 and each live view holds
@@ -129,16 +152,24 @@ async function streamWithFetch(url) {
   for (;;) {
     let reader = null;
     await whenVisible();
-    const hidden = new AbortController();
+    if (liveStopped) return;
+    const hidden = new AbortController();  // hidden, or connectLive asked for another
+    liveConnection = hidden;
     const onHide = () => { if (document.hidden) hidden.abort(); };
     document.addEventListener("visibilitychange", onHide);
     try {
+      const sent = token();
       const resp = await fetch(url, { headers: authHeaders(), signal: hidden.signal });
       if (!resp.ok) {
         const err = await resp.json().catch(() => ({ error: resp.statusText }));
         consulStatus(err.error || ("HTTP " + resp.status));
         stale = true;
-        if (resp.status === 401 || resp.status === 403 || resp.status === 404) return;
+        if (resp.status === 401 || resp.status === 403) {
+          // The page's sections get the same refusal and the button for another token.
+          if (sent && sent === token()) { dropToken(); refreshSections(); }
+          return;
+        }
+        if (resp.status === 404) return;
       } else {
         reader = resp.body.getReader();
         const decoder = new TextDecoder();
@@ -161,6 +192,7 @@ async function streamWithFetch(url) {
       if (hidden.signal.aborted) continue;  // hidden: let go, caught up once shown
       consulStatus("lost the connection to watcher web; reconnecting");
     } finally {
+      liveConnection = null;
       document.removeEventListener("visibilitychange", onHide);
       // An event that did not parse leaves the stream open: close it before the next one,
       // or every retry would hold one of the server's per-caller slots (and the browser's).
@@ -231,7 +263,7 @@ async function write(button, allowMissing) {
     return say("watcher web did not answer: " + e, true);
   }
   if (!resp.ok) {
-    if (resp.status === 401 || resp.status === 403) { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
+    if (resp.status === 401 || resp.status === 403) dropToken();
     // Known hosts without a member key: the API asks for allow_missing, which this page
     // sends only when asked again, naming them.
     if (resp.status === 409 && !allowMissing && action !== "abort" && /"allow_missing": true/.test(data.error || "")) {
@@ -254,10 +286,14 @@ document.addEventListener("click", (ev) => {
   const button = ev.target.closest("button");
   if (!button) return;
   if (button.classList.contains("write")) write(button);
-  else if (button.id === "forget-token") { sessionStorage.removeItem(TOKEN_KEY); showTokenState(); }
+  else if (button.id === "forget-token") {
+    dropToken();
+    // Shown as this browser now reads: without a token, the page asks for one where it must.
+    refreshSections().then(followLive);
+  }
   else if (button.id === "enter-token") {
     askDialog("Your Consul ACL token, to read " + app + ":", true).then((ok) => {
-      if (ok) { refreshSections(); connectLive(); }
+      if (ok) refreshSections().then(followLive);
     });
   }
 });
