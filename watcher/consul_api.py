@@ -389,6 +389,23 @@ def _reason(exc: BaseException) -> str:
     return " ".join(reason.split())[:300]
 
 
+_UNRESOLVED = ("name or service not known", "name resolution", "nodename nor servname")
+
+
+def _unreachable_hint(exc: TransportError, timeout: float) -> str:
+    """What to look at when a request got no answer. "Is the agent running?" blamed a
+    running agent when the Consul servers behind it hung (it takes the connection and
+    waits for them), and a typo'd host name (a review with a stopped server, 2026-12-06)."""
+    if exc.sent and exc.timeout:
+        return (
+            f"the agent took the request but gave no answer in {timeout:g} s: it is stuck, "
+            "or the Consul servers behind it do not answer (KV needs a leader)"
+        )
+    if any(s in str(exc).lower() for s in _UNRESOLVED):
+        return "is the address right? its host name does not resolve"
+    return "is the agent running?"
+
+
 T = TypeVar("T")
 
 if TYPE_CHECKING:
@@ -767,7 +784,7 @@ class ConsulClient:
                 ) from exc
             error = ConsulUnavailable(
                 f"cannot reach Consul at {self.address} for {what}: connection {kind}: "
-                f"{_reason(exc)} (is the agent running?)"
+                f"{_reason(exc)} ({_unreachable_hint(exc, timeout)})"
             )
             raise _Transient(error) from exc
         except binascii.Error as exc:  # py-consul's base64 decoding of KV values

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import itertools
 import json
 import os
 import re
@@ -53,6 +54,8 @@ COMMANDS = {
     "publish": "watcher.ctl_publish",
     "gc": "watcher.ctl_gc",
 }
+#: Words people type for a command by another name (the suggestion after "no command").
+MEANT = {"unhold": "release-hold", "log": "history"}
 
 # Exit codes: 0 ok, 1 the operation failed (also a path it cannot use, or a bug), 2 bad
 # usage or config, 3 Consul or S3 unreachable or refused, 4 refused because of state
@@ -572,7 +575,12 @@ def _main(argv: Sequence[str] | None) -> int:
         # `--limit 5 history web`, `--conf FILE status`).
         import difflib
 
-        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        # `unhold` is closer to hold by letters than to release-hold, its meaning.
+        close = (
+            [MEANT[command]]
+            if command in MEANT
+            else difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        )
         print(
             f"watcherctl: error: no command {ids.shown(command)}"
             + (f"; did you mean {close[0]}?" if close else "")
@@ -582,6 +590,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     parser = build_parser(command)
     if command is None and not {"-h", "--help", "--version"} & set(argv):
+        taken = next((v for o, v in itertools.pairwise(argv) if o in ("-c", "--config")), None)
+        if taken in COMMANDS:
+            # `-c status`: a file name forgotten, or "$CONFIG" unset and unquoted.
+            print(
+                f"watcherctl: error: -c took {taken!r} as the config file, so no command is "
+                f"left: give the file after -c (`watcherctl -c FILE {taken} ...`), or leave "
+                "-c out for $WATCHER_CONFIG or /etc/watcher/watcher.yaml",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         # No command at all (a first try): the commands, not only "COMMAND is required".
         print(parser.format_help(), file=sys.stderr)
         print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)

@@ -69,6 +69,7 @@ from watcher.records import (
     LIVE,
     READY,
     ArtifactRecord,
+    CurrentRecord,
     DeployRecord,
     HostRecord,
     ReleaseRef,
@@ -240,6 +241,8 @@ def cmd_deploy(ctx: CtlContext) -> int:
         resume=args.resume,
         hosts=hosts,
     )
+    if again := redeploy_warning(store, record):
+        print(f"watcherctl: warning: {again}", file=sys.stderr, flush=True)
     return _start_and_wait(ctx, store, record, hosts)
 
 
@@ -384,13 +387,45 @@ def rollback_request(
         apply_timeout=app.timeouts.apply,
         allow_missing=allow_missing,
     )
-    live = (
-        f"the fleet is already on {record.release} (by `current`): this rollback stages and "
-        "flips to the same release; abort it if that was not meant"
-        if current is not None and current.release == record.release
-        else ""
-    )
+    live = ""
+    if current is not None and current.release == record.release:
+        live = (
+            f"the fleet is already on {record.release} (by `current`): this rollback stages "
+            "and flips to the same release; abort it if that was not meant"
+        )
+    elif current is not None and _same_build(current, record):
+        # The build the fleet runs was deployed again (a "restart"): the release before
+        # it is that same build, and a rollback in an incident then changed nothing.
+        live = (
+            f"{record.release} is of the build the fleet runs ({current.artifact}, deployed "
+            f"again as {current.release}): this rollback brings back the same code; to go "
+            "back to an older build, roll back to its release by name (`--to RELEASE`; "
+            "`history` lists them); abort this one if that was not meant"
+        )
     return record, live, current_index if release is None else None
+
+
+def _same_build(current: CurrentRecord, record: DeployRecord) -> bool:
+    return current.artifact == record.artifact or current.sha256 == record.sha256
+
+
+def redeploy_warning(store: DeployStore, record: DeployRecord) -> str:
+    """A warning for a deploy of the build the fleet already runs, or "": it is then also
+    the release a plain rollback goes back to. Not a refusal: a redeploy is how some
+    restart a fleet or repair a host's tree. `current` is read for it (a reader's copy,
+    enough for a warning); unreadable, no warning."""
+    try:
+        current, _ = store.current()
+    except (ConsulError, PayloadError):
+        return ""
+    if current is None or not _same_build(current, record) or current.release == record.release:
+        return ""  # (the same release name, within a second: `previous` stays where it was)
+    return (
+        f"the fleet already runs {current.artifact} (release {current.release}): deployed "
+        f"again, the release before it is that same build, so a plain `rollback` would "
+        "bring back this code, not the build before it (roll back with --to for that); "
+        "abort it if that was not meant"
+    )
 
 
 def start_deploy(
@@ -585,7 +620,8 @@ def _wait_after_start(
             ctx.emit(data)
             print(hint, file=sys.stderr)
         else:
-            print(f"{_human_summary(data)}\n{hint}")
+            print(_human_summary(data), flush=True)
+            print(hint, file=sys.stderr)  # as the Ctrl-C hint: stdout is the summary
         return EXIT_STILL_RUNNING
     if data.get("rollback_deploy"):
         # Its result says the fleet goes back; only the rollback's own end says it did.

@@ -33,6 +33,7 @@ from watcher.ctl import (
 )
 from watcher.errors import (
     ArtifactNotFound,
+    ConfigError,
     ConsulError,
     DeployRefused,
     HookError,
@@ -153,6 +154,17 @@ def _engine(
     command does there that the running watcher must see (a hold, a flip, a prune): refused
     while that watcher still works on another root (``_root_waits_for_restart``)."""
     app = ctx.app(ctx.args.app)
+    if command and not Path(app.root).is_dir():
+        # A workstation's config (docs/acl.md: `root: /nonexistent`) held nothing: the
+        # hold went into a tree made for it under /, reported placed, obeyed by no one.
+        raise ConfigError(
+            ctx.config.source,
+            [
+                f"apps.{app.name}.root: {app.root} does not exist on this host, so this is "
+                f"not a host of {app.name}: {command} is made on a host that runs its "
+                "watcher (on a new host, start the watcher first: it makes the tree)"
+            ],
+        )
     waiting = _root_waits_for_restart(ctx, app)
     if waiting and command:
         raise DeployRefused(f"{waiting}: {command} would act where it does not look")
@@ -407,7 +419,12 @@ def _tell_watcher(engine: ReleaseEngine) -> bool:
 
 def _told_line(told: bool) -> str:
     if told:
-        return "  told the running watcher: the fleet sees it in its host record now"
+        # Told, not seen: the record is written by the watcher, once Consul takes it (a
+        # hung agent: not for a while; `status --fleet` shows when).
+        return (
+            "  told the running watcher: it writes it into its host record, which `deploy` "
+            "and `status --fleet` read, as soon as Consul takes it"
+        )
     return (
         "  no running watcher here could be told (none runs, or it is another user's): the "
         "fleet sees it in the host record when the watcher next looks (within 15 s)"

@@ -435,6 +435,34 @@ class TestRawEventsAndRollback:
         assert release_of(fleet, event_id) == rel2
         assert fleet.wait_outcome(event_id)["result"] == "committed"
 
+    def test_a_redeploy_of_the_live_build_warns_and_so_does_the_rollback_after_it(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """The careless-operator review: the live build deployed again (a "restart") made
+        the release before it that same build, and `rollback` then said committed and
+        changed no code, without a word. Both commands now say so as they start."""
+        fleet = make_fleet()
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        deploy_ok(fleet, v1.id)
+        rel2 = deploy_ok(fleet, v2.id)
+        w = fleet.watchers[0]
+        # A release is named by the second it was asked for: within the same second the
+        # redeploy is the live release itself, and `previous` does not move.
+        time.sleep(1.1)
+        again = w.ctl("deploy", "web", v2.id, as_json=False)
+        assert ": committed" in again.stdout, again.stdout
+        assert f"warning: the fleet already runs {v2.id} (release {rel2})" in again.stderr
+        assert "a plain `rollback` would bring back this code" in again.stderr, again.stderr
+        fleet.wait_idle()
+        back = w.ctl("rollback", "web", as_json=False)
+        assert ": committed" in back.stdout, back.stdout
+        assert f"{rel2} is of the build the fleet runs ({v2.id}, deployed again as" in back.stderr
+        assert "`--to RELEASE`" in back.stderr, back.stderr
+        fleet.wait_idle()
+        # A deploy of another build says nothing of the kind.
+        other = w.ctl("deploy", "web", v1.id, as_json=False)
+        assert "already runs" not in other.stderr, other.stderr
+
     def test_raw_deploy_event_then_rollbacks(self, make_fleet: MakeFleet, consul_bin: str) -> None:
         fleet = make_fleet()
         v1, v2 = fleet.publish("v1"), fleet.publish("v2")

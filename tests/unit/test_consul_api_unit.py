@@ -403,9 +403,16 @@ class TestRetryPolicy:
         script, address = scripted
         script.delay = 0.8
         client = ConsulClient(ConsulSettings(address=address, timeout=0.5), retry_deadline=1.5)
-        with pytest.raises(ConsulUnavailable, match="timed out"):
+        with pytest.raises(ConsulUnavailable, match="timed out") as info:
             client.kv_get("k")
         assert len(script.seen) >= 2
+        # The agent took the connection: not "is the agent running?", but what to look at.
+        assert "is the agent running" not in str(info.value)
+        assert "gave no answer in 0.5 s: it is stuck, or the Consul servers" in str(info.value)
+
+    def test_a_name_that_does_not_resolve_says_so(self) -> None:
+        with pytest.raises(ConsulUnavailable, match="host name does not resolve"):
+            self.client("nosuchhost.invalid:8500", deadline=1.0).kv_get("k")
 
     def test_a_timed_out_txn_is_not_retried(self, scripted: tuple[Script, str]) -> None:
         script, address = scripted

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from watcher import __version__
 from watcher.barrier import DeployView
@@ -219,6 +220,46 @@ def test_no_command_lists_the_commands(capsys: pytest.CaptureFixture[str], argv:
     for command in COMMANDS:
         assert f"\n    {command} " in captured.err, command
     assert captured.err.endswith("watcherctl: error: name a COMMAND (above)\n")
+
+
+@pytest.mark.parametrize("argv", [["-c", "status", "--fleet"], ["--config", "deploy"]])
+def test_a_command_taken_as_the_config_file_is_said(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    # `-c $CONFIG status` with CONFIG unset printed the whole help and "name a COMMAND".
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"watcherctl: error: -c took {argv[1]!r} as the config file"), err
+    assert "Commands:" not in err and "name a COMMAND" not in err
+
+
+def test_unhold_is_taken_for_release_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["unhold", "web"]) == EXIT_USAGE
+    assert "no command 'unhold'; did you mean release-hold?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["hold", "web"], ["release-hold", "web"], ["prune", "web"]])
+def test_a_tree_that_is_not_there_is_no_host_of_the_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A workstation's config (docs/acl.md's `root: /nonexistent`): `hold` made the tree
+    under / and said the hold was placed, on a machine no watcher of the app runs on."""
+    root = tmp_path / "nonexistent"
+    config = tmp_path / "w.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "consul": {"address": "127.0.0.1:9"},
+                "s3": {"bucket": "b"},
+                "daemon": {"state_dir": str(tmp_path / "state")},
+                "apps": {"web": {"root": str(root)}},
+            }
+        )
+    )
+    assert main([*command, "-c", str(config)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"apps.web.root: {root} does not exist on this host" in err, err
+    assert not root.exists()
 
 
 def test_a_failed_hooks_tail_is_shown_short_and_inert() -> None:

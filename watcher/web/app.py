@@ -55,6 +55,7 @@ from watcher.ctl_fleet import (
     fleet_status,
     held_warning,
     host_records,
+    redeploy_warning,
     rollback_request,
     shown_decision,
     start_deploy,
@@ -1269,7 +1270,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             allow_missing=body.allow_missing,
             hosts=hosts,
         )
-        return _start(store, record, "deploy", held_warning(hosts, record, _command))
+        notes = (redeploy_warning(store, record), held_warning(hosts, record, _command))
+        return _start(store, record, "deploy", "; ".join(n for n in notes if n))
 
     @app.post(
         "/api/v1/apps/{app}/rollbacks",
