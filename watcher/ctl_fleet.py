@@ -769,6 +769,17 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         ),
         "result": view.outcome.result if view.outcome else None,
         "reason": view.outcome.reason if view.outcome else "",
+        # Someone asked for an abort (`abort`, the page): who and why, also when another
+        # cause decided it first (a host gone), which `reason` then names instead.
+        "abort_requested": (
+            None
+            if view.abort_requested is None
+            else {
+                "by": view.abort_requested.by,
+                "at": view.abort_requested.at,
+                "reason": view.abort_requested.reason,
+            }
+        ),
         # Committed, but these expected hosts had not switched when it ended (a watcher
         # stopped after its ready ack, or still applying at the apply deadline): the
         # fleet is split until they converge.
@@ -1087,6 +1098,12 @@ def allow_missing_label(row: dict[str, Any]) -> str:
     return "live members only" if raw else "--allow-missing"
 
 
+def abort_requested_label(asked: Mapping[str, Any]) -> str:
+    """ "abort requested by WHO: WHY", as history and the page show it."""
+    why = f": {asked['reason']}" if asked.get("reason") else ""
+    return f"abort requested by {asked['by']}{why}"
+
+
 def _detail(d: dict[str, Any], failures: str) -> str:
     """History's DETAIL: the failing hosts, else why it did not commit, and any record
     that contradicts the acks."""
@@ -1095,6 +1112,8 @@ def _detail(d: dict[str, Any], failures: str) -> str:
         parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
+    if asked := d.get("abort_requested"):
+        parts.append(abort_requested_label(asked))
     if (rb := d.get("rollback")) and rb["result"] != "committed":
         parts.append(
             f"its fleet rollback {rb['deploy']}: {rb['result'] or 'running'}: {rb['note']}"

@@ -1025,6 +1025,14 @@ class TestAbortRace:
         assert "wrong build" in again.stdout and "nothing to do" in again.stdout, again.stdout
         assert f"(by {getpass.getuser()}@" in again.stdout, again.stdout  # who asked, not a host
         assert fleet.watchers[2].ctl_json("abort", deploy_id)["already"] is True
+        # History says who asked and why (it named only the decision's reason, which is
+        # another cause when one decided it first: a host gone; the CLI review).
+        row = history(fleet)[deploy_id]
+        assert row["abort_requested"]["reason"] == "wrong build", row
+        assert row["abort_requested"]["by"].startswith(f"{getpass.getuser()}@"), row
+        listed = fleet.watchers[2].ctl("history", "web", as_json=False).stdout
+        assert f"abort requested by {getpass.getuser()}@" in listed, listed
+        assert ": wrong build" in listed, listed
 
         def gone(pid: int) -> bool:
             try:

@@ -46,6 +46,7 @@ from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
+    abort_requested_label,
     allow_missing_label,
     build_rows,
     contested_reason,
@@ -776,6 +777,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["size"] = _human_size
     templates.env.globals["allow_missing_label"] = allow_missing_label
+    templates.env.globals["abort_requested_label"] = abort_requested_label
     templates.env.filters["duration"] = _duration
     templates.env.filters["short_time"] = _short_time
     templates.env.filters["timeline"] = _timeline
