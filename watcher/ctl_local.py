@@ -362,7 +362,7 @@ def _refuse_if_ready_undecided(ctx: CtlContext, engine: ReleaseEngine, action: s
 def cmd_hold(ctx: CtlContext) -> int:
     engine = _engine(ctx, command="a hold")
     by = user_at_host()
-    reason = ctx.args.reason or f"held by {by}"
+    reason = ctx.args.reason or "no reason given"  # who placed it is kept beside it (by)
     with engine.lock(owner=_lock_owner("hold")):
         _refuse_if_ready_undecided(ctx, engine, "hold")
         replaced = engine.held()
