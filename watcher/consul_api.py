@@ -94,6 +94,8 @@ DEFAULT_BLOCKING_WAIT = 300.0
 MAX_RETRY_SLEEP = 2.0
 #: Shortest per-attempt timeout when the retry deadline is almost spent.
 MIN_ATTEMPT_TIMEOUT = 0.5
+#: Seconds without an answer after which a client with ``on_retry`` says it waits.
+SLOW_AFTER = 3.0
 
 log = get_logger(component="consul")
 
@@ -766,6 +768,9 @@ class ConsulClient:
             remaining = deadline_at - time.monotonic()
             timeout = max(min(timeout, remaining), MIN_ATTEMPT_TIMEOUT)
         connect_timeout = min(self.settings.timeout, timeout)
+        slow = (
+            self._slow_notice(what, deadline_at) if wait is None and timeout > SLOW_AFTER else None
+        )
         try:
             with _attempt_timeout(connect_timeout, timeout):
                 return call()
@@ -808,6 +813,31 @@ class ConsulClient:
             if is_transient_status(status, body):
                 raise _Transient(mapped) from exc
             raise mapped from exc
+        finally:
+            if slow is not None:
+                slow.cancel()
+
+    def _slow_notice(self, what: str, deadline_at: float) -> threading.Timer | None:
+        """For a client with ``on_retry`` (watcherctl): a hung agent (or a hung server
+        behind it) takes the connection and answers nothing, and the first attempt then
+        waits out the whole retry budget: 10 s of silence before the error (the CLI
+        review). Said after ``SLOW_AFTER`` s instead, once, as a first retry is."""
+        if self._on_retry is None:
+            return None
+
+        def tell() -> None:
+            notice, self._on_retry = self._on_retry, None
+            if notice is not None:
+                notice(
+                    f"no answer yet from Consul at {self.address} for {what} after "
+                    f"{SLOW_AFTER:g} s",
+                    max(deadline_at - time.monotonic(), 0.0),
+                )
+
+        timer = threading.Timer(SLOW_AFTER, tell)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def _call(
         self,

@@ -446,6 +446,30 @@ class TestRetryPolicy:
         assert error.startswith("cannot reach Consul at http://127.0.0.1:9 for kv get k")
         assert 0.0 < left <= 1.0
 
+    def test_a_slow_answer_is_said_while_it_is_awaited(
+        self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A hung agent: the first attempt waited out the whole budget in silence (10 s).
+        from watcher import consul_api
+
+        monkeypatch.setattr(consul_api, "SLOW_AFTER", 0.3)
+        script, address = scripted
+        script.answers = [(404, "")]  # no such key (Consul's 404, with its index)
+        told: list[tuple[str, float]] = []
+        client = ConsulClient(
+            ConsulSettings(address=address, timeout=3.0),
+            retry_deadline=3.0,
+            on_retry=lambda error, left: told.append((error, left)),
+        )
+        client.kv_get("fast")
+        assert told == []  # an answer in time: nothing said
+        script.delay = 1.0
+        client.kv_get("slow")  # answered after 1 s: said once, while it waited
+        client.kv_get("slow")
+        [(error, left)] = told
+        assert error == f"no answer yet from Consul at http://{address} for kv get slow after 0.3 s"
+        assert 2.0 < left <= 3.0
+
     def test_unreachable_address_fails_fast(self) -> None:
         started = time.monotonic()
         with pytest.raises(ConsulUnavailable, match=r"127\.0\.0\.1:9 .*is the agent running"):
