@@ -1318,16 +1318,22 @@ def _clear_stale_inflight(store: DeployStore, deploy_id: str) -> bool:
 # --- status ------------------------------------------------------------------------------
 
 
+def _proc_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (R, S, D, T, t, Z, X ...); "" when /proc
+    cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    state = stat.rpartition(")")[2].split()[:1]  # after the command name, which may hold ")"
+    return state[0] if state else ""
+
+
 def _exited(pid: int) -> bool:
     """Whether ``pid`` is a process that has exited and waits for its parent to reap it (a
     zombie, state Z or X in /proc): signal 0 still reaches it, but no daemon runs there.
     False when /proc cannot say."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rpartition(")")[2].split()[:1]  # after the command name, which may hold ")"
-    return state in (["Z"], ["X"])
+    return _proc_state(pid) in ("Z", "X")
 
 
 def daemon_status(state_dir: str) -> dict[str, Any]:
@@ -1369,12 +1375,18 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
         except (ProcessLookupError, OverflowError):
             alive = False
     age = (datetime.now(UTC) - updated_at).total_seconds()
-    data["running"] = alive and age < DAEMON_STALE_AFTER
+    # Stopped (SIGSTOP, a debugger): it was shown running until its status file was 30 s
+    # old, while the fleet already saw it down (the CLI review); /proc says so at once.
+    stopped = alive and _proc_state(pid) in ("T", "t")
+    data["running"] = alive and not stopped and age < DAEMON_STALE_AFTER
     data["age_s"] = round(age, 1)
     if not data["running"]:
         data["reason"] = (
             "process gone"
             if not alive
+            else f"pid {pid} is stopped (SIGSTOP, or a debugger): it does nothing until it "
+            f"is continued (kill -CONT {pid})"
+            if stopped
             else f"pid {pid} exists but has not updated its status for {age:.0f}s: stopped or stuck"
         )
         data["stuck"] = alive

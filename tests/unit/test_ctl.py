@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import signal
 import subprocess
@@ -1062,3 +1063,32 @@ def test_created_by_names_no_empty_build_number() -> None:
     assert created_by({**env, "BUILDKITE_BUILD_NUMBER": "7"}) == "buildkite:my-pipeline#7"
     assert created_by({**env, "BUILDKITE_BUILD_NUMBER": ""}) == "buildkite:my-pipeline"
     assert created_by(env) == "buildkite:my-pipeline"
+
+
+def test_a_stopped_watcher_is_not_shown_running(tmp_path: Path) -> None:
+    """SIGSTOPped, a watcher's status file stays fresh for up to 30 s: `status` on its host
+    said "watcher running" while `status --fleet` already showed it down (the CLI review)."""
+    from watcher.ctl_fleet import daemon_status
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        (tmp_path / "status.json").write_text(json.dumps({"pid": proc.pid, "updated_at": now}))
+        assert daemon_status(str(tmp_path))["running"] is True
+        proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while (data := daemon_status(str(tmp_path)))["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the kernel stops it at its next return to user space
+        assert data["running"] is False and data["stuck"] is True, data
+        assert data["reason"] == (
+            f"pid {proc.pid} is stopped (SIGSTOP, or a debugger): it does nothing until it is "
+            f"continued (kill -CONT {proc.pid})"
+        )
+        proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while not (data := daemon_status(str(tmp_path)))["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert data["running"] is True, data
+    finally:
+        proc.kill()
+        proc.wait()
