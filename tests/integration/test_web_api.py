@@ -668,6 +668,14 @@ class TestDeployApiWithAcls:
         assert env.web.get("/api/v1/apps/web/deploys", env.reader).json()["problem"] == ""
 
 
+def app_with_token(env: Env, token: str) -> Any:
+    """The web app of ``env``'s config, on loopback, reading with ``token``."""
+    config = load_config(env.web.config)
+    return create_app(
+        replace(config, consul=replace(config.consul, token=token)), listen_host="127.0.0.1"
+    )
+
+
 class TestNotOnLoopback:
     """Bound to another address, every read needs a token with read on that app."""
 
@@ -710,6 +718,20 @@ class TestNotOnLoopback:
             assert r.status_code == 403 and "this Consul token may not read" in r.text, r.text
             assert "This token cannot read web" in r.text and 'id="enter-token"' in r.text
             # The list of apps reads no key, but a made-up token is not taken for one.
+            r = c.get("/api/v1/apps", headers=made_up)
+            assert r.status_code == 401, r.text
+        # On a loopback page: a stale token of the browser's is said unknown (reads from
+        # this host need none), and the server's own token refused is said to be its own.
+        local = "http://127.0.0.1:8710"
+        with TestClient(app_with_token(env, env.reader), base_url=local) as c:
+            r = c.get("/apps/web", headers=made_up)
+            assert r.status_code == 401 and "Consul does not know this token</h2>" in r.text
+            assert "not bound to loopback" not in r.text
+        with TestClient(app_with_token(env, env.api_operator), base_url=local) as c:
+            r = c.get("/apps/web")
+            assert r.status_code == 403, r.text
+            assert "This server's token cannot read web" in r.text, r.text
+        with TestClient(app, base_url="http://192.0.2.10:8710") as c:
             r = c.get("/api/v1/apps", headers=made_up)
             assert r.status_code == 401 and "does not know this token" in error_of(r)
             r = c.get("/api/v1/apps", headers={"X-Consul-Token": env.reader})

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ import yaml
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
-from tests.support.cluster import ClusterSpec, ConsulCluster
+from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
 from tests.support.web import WebServer
@@ -396,6 +396,12 @@ class TestThePage:
         fleet.kv.kv_put(key, entry.value)
 
 
+def revoke(agent: Agent, accessor: str) -> None:
+    """Delete the token with this AccessorID (with the management token)."""
+    status, raw = agent.request("DELETE", f"/v1/acl/token/{accessor}", b"")
+    assert status == 200, raw
+
+
 class TestTheToken:
     def test_a_refused_token_is_dropped_and_another_one_taken(
         self,
@@ -414,6 +420,7 @@ class TestTheToken:
         watchers = {n: secret for n, (secret, _) in made.items()}
         reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
         api_only, _ = create_token(server, f"api-{prefix}", render("web", prefix, "api"))
+        mine, mine_id = create_token(server, f"mine-{prefix}", render("web", prefix, "web"))
         fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
         config = fleet.config_for(fleet.watchers[0])
         config["consul"]["token"] = reader
@@ -421,7 +428,9 @@ class TestTheToken:
         web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
         web.start()
         try:
-            self._scenario(page, f"http://{NETWORK_NAME}:{web.port}/apps/web", reader, api_only)
+            url = f"http://{NETWORK_NAME}:{web.port}/apps/web"
+            self._scenario(page, url, reader, api_only)
+            self._revoked_while_streaming(page, mine, lambda: revoke(server, mine_id))
         except BaseException:
             print(web.log())
             raise
@@ -463,3 +472,19 @@ class TestTheToken:
         expect(needed).to_have_text("A token is needed")
         expect(page.locator("#fleet")).to_have_count(0)
         assert page.evaluate(stored) is None
+
+    def _revoked_while_streaming(
+        self, page: Page, token: str, revoke_it: Callable[[], None]
+    ) -> None:
+        """A token revoked while its stream is open: the server checks it only when the
+        stream opens, so the page must let the stream go once a refresh is refused (a
+        review saw the page ask for a token while the stream went on with the old one)."""
+        page.click("#enter-token")
+        confirm_write(page, token)
+        expect(page.locator("#fleet")).to_be_visible()
+        page.wait_for_function("() => liveConnection !== null && liveLoop !== null")
+        revoke_it()
+        page.evaluate("refreshSections()")  # what a change of the fleet or builds starts
+        expect(page.locator("#token-needed h2")).to_have_text("A token is needed")
+        expect(page.locator("#consul-status")).to_contain_text("does not know this token")
+        page.wait_for_function("() => liveLoop === null && liveConnection === null")

@@ -67,6 +67,9 @@ async function refreshOnce() {
   const fresh = doc.getElementById("content");
   const here = document.getElementById("content");
   if (!fresh) return;
+  // The page asks for a token now (this one refused, revoked meanwhile): the live stream
+  // that opened with it goes too; the server checks a stream's token only when it opens.
+  if (fresh.querySelector("#token-needed")) stopLive();
   // A keyboard user's place: the same button in the fresh sections gets the focus back.
   const focused = document.activeElement;
   const place = focused && here.contains(focused) && focused.matches("button") ? focusKey(focused) : null;
