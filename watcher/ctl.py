@@ -540,6 +540,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = out, err
 
 
+def _config_given(argv: Sequence[str]) -> tuple[str, str | None]:
+    """(the option as typed, its value) of the first -c / --config / --config=X."""
+    for option, value in itertools.pairwise([*argv, ""]):
+        if option in ("-c", "--config"):
+            return option, value
+        if option.startswith("--config="):
+            return "--config", option.partition("=")[2]
+    return "-c", None
+
+
 def _option_slip(command_parser: argparse.ArgumentParser, extra: Sequence[str]) -> str:
     """ " (did you mean --fleet?)" for the first unknown long option close to one the
     command takes (`status --flet`), else ""."""
@@ -570,6 +580,16 @@ def _main(argv: Sequence[str] | None) -> int:
         argv = [*argv[:at], *argv[at + 1 :], "--help"]
         command = command_of(argv)
     words = [a for a in argv if not a.startswith("-")]
+    option, taken = _config_given(argv)
+    if taken in COMMANDS and (command is None or command not in COMMANDS):
+        # `-c status`, `-c $CONFIG hold web` with CONFIG unset: the file name forgotten.
+        print(
+            f"watcherctl: error: {option} took {taken!r} as the config file, so the command "
+            f"is missing: give the file after {option} (`watcherctl {option} FILE {taken} "
+            "...`), or leave it out for $WATCHER_CONFIG or /etc/watcher/watcher.yaml",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if command is not None and command not in COMMANDS and not set(words) & set(COMMANDS):
         # No word names a command (an option's value before one is not a command either:
         # `--limit 5 history web`, `--conf FILE status`).
@@ -590,16 +610,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     parser = build_parser(command)
     if command is None and not {"-h", "--help", "--version"} & set(argv):
-        taken = next((v for o, v in itertools.pairwise(argv) if o in ("-c", "--config")), None)
-        if taken in COMMANDS:
-            # `-c status`: a file name forgotten, or "$CONFIG" unset and unquoted.
-            print(
-                f"watcherctl: error: -c took {taken!r} as the config file, so no command is "
-                f"left: give the file after -c (`watcherctl -c FILE {taken} ...`), or leave "
-                "-c out for $WATCHER_CONFIG or /etc/watcher/watcher.yaml",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
         # No command at all (a first try): the commands, not only "COMMAND is required".
         print(parser.format_help(), file=sys.stderr)
         print("watcherctl: error: name a COMMAND (above)", file=sys.stderr)

@@ -241,9 +241,7 @@ def cmd_deploy(ctx: CtlContext) -> int:
         resume=args.resume,
         hosts=hosts,
     )
-    if again := redeploy_warning(store, record):
-        print(f"watcherctl: warning: {again}", file=sys.stderr, flush=True)
-    return _start_and_wait(ctx, store, record, hosts)
+    return _start_and_wait(ctx, store, record, hosts, started=redeploy_warning(store, record))
 
 
 def deploy_request(
@@ -344,9 +342,7 @@ def cmd_rollback(ctx: CtlContext) -> int:
         allow_missing=args.allow_missing,
         hosts=hosts,
     )
-    if live:
-        print(f"watcherctl: warning: {live}", file=sys.stderr, flush=True)
-    return _start_and_wait(ctx, store, record, hosts, current_index=current_index)
+    return _start_and_wait(ctx, store, record, hosts, current_index=current_index, started=live)
 
 
 def rollback_request(
@@ -489,7 +485,10 @@ def _start_and_wait(
     hosts: Mapping[str, HostRecord] | None,
     *,
     current_index: int | None = None,
+    started: str = "",
 ) -> int:
+    """``started``: a warning said once the deploy started (its "abort it if that was not
+    meant" would be wrong of a deploy refused)."""
     held = held_warning(hosts, record, ctx.command_line)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
@@ -507,6 +506,8 @@ def _start_and_wait(
             flush=True,
         )
         return EXIT_INTERRUPTED
+    if started:
+        print(f"watcherctl: warning: {started}", file=sys.stderr, flush=True)
     # From here on the deploy runs on every host whatever this process does: the user must
     # always learn its id, and how to follow and abort it (firing the event included: it
     # can take a moment, and an interrupt there stops nothing either).

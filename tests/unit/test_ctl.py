@@ -223,15 +223,25 @@ def test_no_command_lists_the_commands(capsys: pytest.CaptureFixture[str], argv:
     assert captured.err.endswith("watcherctl: error: name a COMMAND (above)\n")
 
 
-@pytest.mark.parametrize("argv", [["-c", "status", "--fleet"], ["--config", "deploy"]])
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["-c", "status", "--fleet"], "-c took 'status'"),
+        (["--config", "deploy"], "--config took 'deploy'"),
+        (["-c", "status", "web"], "-c took 'status'"),
+        (["--json", "-c", "hold", "web"], "-c took 'hold'"),
+        (["--config=history", "web"], "--config took 'history'"),
+    ],
+)
 def test_a_command_taken_as_the_config_file_is_said(
-    capsys: pytest.CaptureFixture[str], argv: list[str]
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
 ) -> None:
-    # `-c $CONFIG status` with CONFIG unset printed the whole help and "name a COMMAND".
+    # `-c $CONFIG status` with CONFIG unset printed the whole help and "name a COMMAND",
+    # with an app after it "invalid choice: 'web'".
     assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert err.startswith(f"watcherctl: error: -c took {argv[1]!r} as the config file"), err
-    assert "Commands:" not in err and "name a COMMAND" not in err
+    assert err.startswith(f"watcherctl: error: {said} as the config file"), err
+    assert "Commands:" not in err and "invalid choice" not in err
 
 
 def test_unhold_is_taken_for_release_hold(capsys: pytest.CaptureFixture[str]) -> None:
