@@ -154,23 +154,29 @@ def _engine(
     command does there that the running watcher must see (a hold, a flip, a prune): refused
     while that watcher still works on another root (``_root_waits_for_restart``)."""
     app = ctx.app(ctx.args.app)
-    if command and not Path(app.root).is_dir():
-        # A workstation's config (docs/acl.md: `root: /nonexistent`) held nothing: the
-        # hold went into a tree made for it under /, reported placed, obeyed by no one.
-        raise ConfigError(
-            ctx.config.source,
-            [
-                f"apps.{app.name}.root: {app.root} does not exist on this host, so this is "
-                f"not a host of {app.name}: {command} is made on a host that runs its "
-                "watcher (on a new host, start the watcher first: it makes the tree)"
-            ],
-        )
+    if command:
+        _need_root(ctx, app, command)
     waiting = _root_waits_for_restart(ctx, app)
     if waiting and command:
         raise DeployRefused(f"{waiting}: {command} would act where it does not look")
     if waiting:
         print(f"watcherctl: warning: {waiting}: this shows the new root", file=sys.stderr)
     return ReleaseEngine(app, cache)
+
+
+def _need_root(ctx: CtlContext, app: AppConfig, what: str) -> None:
+    """Refuse ``what`` where the app's root does not exist: not a host of the app. A
+    workstation's config (docs/acl.md: `root: /nonexistent`) held nothing: the hold went
+    into a tree made for it under /, reported placed, obeyed by no one (the CLI review)."""
+    if not Path(app.root).is_dir():
+        raise ConfigError(
+            ctx.config.source,
+            [
+                f"apps.{app.name}.root: {app.root} does not exist on this host, so this is "
+                f"not a host of {app.name}: {what} belongs on a host that runs its "
+                "watcher (on a new host, start the watcher first: it makes the tree)"
+            ],
+        )
 
 
 def _root_waits_for_restart(ctx: CtlContext, app: AppConfig) -> str:
@@ -787,6 +793,7 @@ def cmd_exec(ctx: CtlContext) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    _need_root(ctx, ctx.app(ctx.args.app), "exec")  # (its lock would make the tree)
     engine = _engine(ctx)
     app = engine.app
     with contextlib.ExitStack() as stack:

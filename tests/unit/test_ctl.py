@@ -249,7 +249,10 @@ def test_unhold_is_taken_for_release_hold(capsys: pytest.CaptureFixture[str]) ->
     assert "no command 'unhold'; did you mean release-hold?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["hold", "web"], ["release-hold", "web"], ["prune", "web"]])
+@pytest.mark.parametrize(
+    "command",
+    [["hold", "web"], ["release-hold", "web"], ["prune", "web"], ["exec", "web", "--", "true"]],
+)
 def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command: list[str]) -> None:
     """A workstation's config (docs/acl.md's `root: /nonexistent`): `hold` made the tree
     under / and said the hold was placed, on a machine no watcher of the app runs on."""
@@ -268,7 +271,7 @@ def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command:
     # A process of its own: the command sets up logging on its stderr, which outlives
     # a capsys stream and would break the tests after it.
     said = subprocess.run(
-        [str(Path(sys.executable).parent / "watcherctl"), *command, "-c", str(config)],
+        [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), *command],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
