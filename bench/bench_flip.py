@@ -13,9 +13,7 @@ run: unlink `current`, then symlink it again (what ``ln -sfn`` does).
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +23,7 @@ import time
 from pathlib import Path
 
 from bench.harness import Figure, Results, RoundFailed
-
-NGINX = "/usr/sbin/nginx"
+from tests.support.nginx import Nginx, NginxFailed
 
 FLIPPER = textwrap.dedent(
     """
@@ -66,82 +63,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Nginx:
-    """nginx in the foreground, on 127.0.0.1:<port>, serving ``root``; no caches."""
-
-    def __init__(self, work: Path, root: Path) -> None:
-        self.work = work
-        self.root = root
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        if not Path(NGINX).exists():
-            raise RoundFailed(f"{NGINX} is missing: run scripts/install-bench-deps")
-        conf = self.work / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(
-            textwrap.dedent(
-                f"""
-                {user}
-                worker_processes 1;
-                pid {self.work}/nginx.pid;
-                error_log {self.work}/error.log warn;
-                events {{ worker_connections 256; }}
-                http {{
-                    access_log off;
-                    client_body_temp_path {self.work}/body;
-                    proxy_temp_path {self.work}/proxy;
-                    fastcgi_temp_path {self.work}/fastcgi;
-                    uwsgi_temp_path {self.work}/uwsgi;
-                    scgi_temp_path {self.work}/scgi;
-                    open_file_cache off;
-                    keepalive_requests 1000000;
-                    server {{
-                        listen 127.0.0.1:{self.port};
-                        root {self.root};
-                        location / {{ }}
-                    }}
-                }}
-                """
-            )
-        )
-        self.proc = subprocess.Popen(
-            [
-                NGINX,
-                "-e",
-                str(self.work / "error.log"),
-                "-p",
-                str(self.work),
-                "-c",
-                str(conf),
-                "-g",
-                "daemon off;",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RoundFailed(f"nginx exited {self.proc.returncode}: {err.strip()[-300:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RoundFailed("nginx did not listen within 10 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+def serving(work: Path, root: Path) -> Nginx:
+    """nginx serving ``root`` on a free port; no caches."""
+    return Nginx(
+        work,
+        free_port(),
+        server=f"root {root};\nlocation / {{ }}",
+        http="open_file_cache off;\nkeepalive_requests 1000000;",
+    )
 
 
 def hammer(port: int, path: str, valid: set[bytes], total: int, threads: int) -> tuple[int, int]:
@@ -238,8 +167,11 @@ def flip_section(
     for d in (work, root, *root.rglob("*")):
         if d.is_dir():
             d.chmod(0o755)
-    nginx = Nginx(work, root / "web")
-    nginx.start()
+    nginx = serving(work, root / "web")
+    try:
+        nginx.start()
+    except NginxFailed as exc:
+        raise RoundFailed(str(exc)) from None
     try:
         for method in ("ours", "unlink+symlink"):
             ready, stop = work / f"ready-{method}", work / f"stop-{method}"

@@ -7,14 +7,9 @@ A review of the page with real clients followed the docs of the time (only
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,12 +19,12 @@ import yaml
 from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet
+from tests.support.nginx import Nginx, NginxFailed
 from tests.support.s3server import S3Server
 from tests.support.web import WebServer, free_port
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=1, acl=True)
-NGINX = "/usr/sbin/nginx"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web.md"
 DOCUMENTED_UPSTREAM = "http://127.0.0.1:8710"
 
@@ -43,80 +38,12 @@ def documented_location() -> str:
     return str(blocks[0])
 
 
-@pytest.fixture
-def nginx_in_front(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """(its work directory, its port); the upstream written into ``upstream.conf`` by the
-    test before ``start``."""
-    if not os.access(NGINX, os.X_OK):
-        pytest.fail(f"{NGINX} is missing: run scripts/install-system-deps", pytrace=False)
-    work = tmp_path / "nginx"
-    work.mkdir()
-    yield work, free_port()
-
-
-def start_nginx(work: Path, port: int, upstream: str) -> subprocess.Popen[bytes]:
-    location = documented_location().replace(DOCUMENTED_UPSTREAM, upstream)
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = work / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(
-            f"""
-            {user}
-            worker_processes 1;
-            pid {work}/nginx.pid;
-            error_log {work}/error.log warn;
-            events {{ worker_connections 64; }}
-            http {{
-                access_log off;
-                client_body_temp_path {work}/body;
-                proxy_temp_path {work}/proxy;
-                fastcgi_temp_path {work}/fastcgi;
-                uwsgi_temp_path {work}/uwsgi;
-                scgi_temp_path {work}/scgi;
-                server {{
-                    listen 127.0.0.1:{port};
-            """
-        )
-        + location
-        + "\n    }\n}\n"
-    )
-    proc = subprocess.Popen(
-        [
-            NGINX,
-            "-e",
-            str(work / "error.log"),
-            "-p",
-            str(work),
-            "-c",
-            str(conf),
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            pytest.fail(f"nginx exited {proc.returncode}: {err.strip()[-500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail("nginx did not listen within 10 s")
-
-
 class TestBehindNginx:
     def test_the_documented_proxy_serves_reads_writes_and_the_stream(
         self,
         cluster: ConsulCluster,
         s3_server: S3Server,
         tmp_path: Path,
-        nginx_in_front: tuple[Path, int],
     ) -> None:
         prefix = f"p{time.monotonic_ns()}"
         server = cluster.server
@@ -129,10 +56,15 @@ class TestBehindNginx:
         config["consul"]["token"] = reader
         (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
         web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
-        work, port = nginx_in_front
         web.start()
-        nginx = start_nginx(work, port, web.url)
-        proxy = f"http://127.0.0.1:{port}"
+        location = documented_location().replace(DOCUMENTED_UPSTREAM, web.url)
+        nginx = Nginx(tmp_path / "nginx", free_port(), server=location)
+        try:
+            nginx.start()
+        except NginxFailed as exc:
+            web.stop()
+            pytest.fail(str(exc), pytrace=False)
+        proxy = f"http://127.0.0.1:{nginx.port}"
         try:
             with httpx.Client(base_url=proxy, timeout=30) as c:
                 # Its clients are not local: a read needs their token.
@@ -165,12 +97,8 @@ class TestBehindNginx:
                 assert took < 5, f"the first event took {took:.1f} s through the proxy"
         except BaseException:
             print(web.log())
-            print((work / "error.log").read_text() if (work / "error.log").exists() else "")
+            print(nginx.error_log())
             raise
         finally:
-            nginx.terminate()
-            try:
-                nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
+            nginx.stop()
             web.stop()
