@@ -1113,8 +1113,10 @@ def _detail(d: dict[str, Any], failures: str) -> str:
         parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
-    if asked := d.get("abort_requested"):
-        parts.append(abort_requested_label(asked))
+    if (asked := d.get("abort_requested")) and (said := abort_requested_label(asked)) not in (
+        parts[0]
+    ):  # (not again where the abort request is what decided it: the reason says it)
+        parts.append(said)
     if (rb := d.get("rollback")) and rb["result"] != "committed":
         parts.append(
             f"its fleet rollback {rb['deploy']}: {rb['result'] or 'running'}: {rb['note']}"

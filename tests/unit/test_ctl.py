@@ -1112,3 +1112,25 @@ def test_a_stopped_watcher_is_not_shown_running(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_history_names_an_abort_request_that_did_not_decide_the_deploy() -> None:
+    """A host gone decided the abort first: the operator's request and reason were
+    nowhere in history (the CLI review). Where the request decided it, the reason already
+    names it, and it is not said twice."""
+    from watcher.ctl_fleet import _detail
+
+    asked = {"by": "alice@ops", "at": "2026-12-06T03:00:00Z", "reason": "wrong build"}
+    row: dict[str, Any] = {
+        "result": "aborted",
+        "reason": "expected node(s) host-3 lost the session",
+        "abort_requested": asked,
+        "distrusted": [],
+    }
+    assert _detail(row, "") == (
+        "expected node(s) host-3 lost the session; abort requested by alice@ops: wrong build"
+    )
+    row["reason"] = "node host-1 aborted: abort requested by alice@ops: wrong build"
+    assert _detail(row, "") == row["reason"]
+    row["abort_requested"] = None
+    assert _detail(row, "") == row["reason"]
