@@ -37,14 +37,17 @@ CLUSTER = ClusterSpec(hosts=3)
 
 def deploy_held_in_post_release(fleet: Fleet, slow: WatcherProc, gate: Path, artifact: str) -> str:
     """Start a deploy of ``artifact`` (--no-wait) with ``slow`` held in its post_release
-    hook until ``gate`` exists; returns the deploy id once ``slow`` acks staging (the
-    caller opens the gate)."""
+    hook until ``gate`` exists; returns the deploy id once ``slow`` acks staging and its
+    hook runs (the caller opens the gate). The staging ack alone comes after 0.5 s of
+    preparing, which on a loaded runner can be before the tree is staged: a
+    `setup-release` then found nothing to reuse (CI, 2026-12-06)."""
     fleet.give_gated_hook(slow, "post_release", gate)
     fleet.wait_members(3)
     deploy_id = str(fleet.watchers[0].ctl_json("deploy", "web", artifact, "--no-wait")["deploy"])
+    started = Path(f"{gate}.started")
     try:
         wait_for(
-            lambda: fleet.ack_states(deploy_id)[slow.name] == "staging",
+            lambda: started.exists() and fleet.ack_states(deploy_id)[slow.name] == "staging",
             30,
             "the slow host in its post_release hook",
             fleet,

@@ -289,9 +289,13 @@ class Fleet:
         ``exit_code``, and restart it (the caller waits for the members). A test that needs
         the hosts in that phase while it runs `watcherctl` opens the gate when done, instead
         of counting on a hook's fixed sleep outlasting those runs on a loaded runner. An
-        abort stops the hook without the gate (the watcher cancels a running hook)."""
+        abort stops the hook without the gate (the watcher cancels a running hook). The
+        hook touches ``<gate>.started`` first: the host is in that phase from then on."""
         self._restart_with_hook(
-            w, phase, f'while [ ! -e "{gate}" ]; do sleep 0.05; done\nexit {exit_code}\n'
+            w,
+            phase,
+            f'touch "{gate}.started"\n'
+            f'while [ ! -e "{gate}" ]; do sleep 0.05; done\nexit {exit_code}\n',
         )
 
     def _restart_with_hook(self, w: WatcherProc, phase: str, body: str) -> None:
