@@ -1332,13 +1332,6 @@ def _proc_state(pid: int) -> str:
     return state[0] if state else ""
 
 
-def _exited(pid: int) -> bool:
-    """Whether ``pid`` is a process that has exited and waits for its parent to reap it (a
-    zombie, state Z or X in /proc): signal 0 still reaches it, but no daemon runs there.
-    False when /proc cannot say."""
-    return _proc_state(pid) in ("Z", "X")
-
-
 def daemon_status(state_dir: str) -> dict[str, Any]:
     """The daemon's own status file, and whether it is running."""
     path = Path(state_dir) / "status.json"
@@ -1368,19 +1361,25 @@ def daemon_status(state_dir: str) -> dict[str, Any]:
         updated_at = parse_iso(data["updated_at"])
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
         return {"running": False, "reason": f"unreadable status at {path}"}
+    state = ""  # of the pid in /proc, read once: "" when it is gone or /proc cannot say
     alive = False
     if pid > 0:  # kill(0 or -n) would probe a process group, not the daemon
         try:
             os.kill(pid, 0)
-            alive = not _exited(pid)
+            alive = True
         except PermissionError:
-            alive = not _exited(pid)
+            alive = True
         except (ProcessLookupError, OverflowError):
-            alive = False
+            pass
+    if alive:
+        state = _proc_state(pid)
+        # A zombie (Z, X) has exited and waits for its parent to reap it: signal 0 still
+        # reaches it, but no daemon runs there.
+        alive = state not in ("Z", "X")
     age = (datetime.now(UTC) - updated_at).total_seconds()
     # Stopped (SIGSTOP, a debugger): it was shown running until its status file was 30 s
     # old, while the fleet already saw it down (the CLI review); /proc says so at once.
-    stopped = alive and _proc_state(pid) in ("T", "t")
+    stopped = alive and state in ("T", "t")
     data["running"] = alive and not stopped and age < DAEMON_STALE_AFTER
     data["age_s"] = round(age, 1)
     if not data["running"]:

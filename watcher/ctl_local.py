@@ -744,7 +744,9 @@ def _preparing_deploy_of(engine: ReleaseEngine, release: str) -> str:
     journal = read_journal(engine.layout.state_dir)
     if journal is None or _journal_release(journal) != release:
         return ""  # no deploy, this host's part in it over, or another release's
-    return "" if "post_release" in (journal.get("phases") or []) else str(journal["deploy"])
+    if "post_release" in (journal.get("phases") or []):
+        return ""
+    return str(journal.get("deploy") or "")
 
 
 def _staged_release_of(engine: ReleaseEngine, record: ArtifactRecord) -> ReleaseInfo | None:
