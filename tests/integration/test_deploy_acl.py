@@ -69,6 +69,15 @@ def watcher_tokens(server: Agent, hosts: list[Agent], prefix: str) -> dict[str, 
     }
 
 
+def watcher_token_fleet(
+    cluster: ConsulCluster, s3: S3Settings, workdir: Path, prefix: str, **kw: Any
+) -> Fleet:
+    """A fleet under ``prefix`` whose hosts each hold a token of the watcher policy."""
+    made = watcher_tokens(cluster.server, cluster.hosts, prefix)
+    watchers = {n: secret for n, (secret, _) in made.items()}
+    return Fleet(cluster, s3, workdir, kv_prefix=prefix, consul_tokens=watchers, **kw)
+
+
 @dataclass
 class Tokens:
     watchers: dict[str, str]  # node -> its watcher token

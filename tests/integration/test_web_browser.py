@@ -11,14 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
+from tests.integration.test_deploy_acl import create_token, render, watcher_token_fleet
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import Fleet, wait_for
 from tests.support.s3server import S3Server, s3_client
-from tests.support.web import WebServer
+from tests.support.web import WebServer, reader_web
 from watcher.config import S3Settings
 from watcher.records import parse_iso
 
@@ -94,20 +93,15 @@ class TestThePage:
         s3_client(s3_server.endpoint_url).create_bucket(Bucket=bucket)
         s3 = S3Settings(bucket, "artifacts", "us-east-1", s3_server.endpoint_url)
         server = cluster.server
-        made = watcher_tokens(server, cluster.hosts, prefix)
-        watchers = {n: secret for n, (secret, _) in made.items()}
         operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
         operator_who = f"release-watcher test: alice-{prefix}"
         reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
-        fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
+        fleet = watcher_token_fleet(cluster, s3, tmp_path, prefix)
         gates = {}
         for w in fleet.watchers:
             hook, gates[w.name] = gated_hook(tmp_path, w.name)
             fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
-        config = fleet.config_for(fleet.watchers[0])
-        config["consul"]["token"] = reader
-        (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
-        web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
+        web = reader_web(fleet, reader, tmp_path)
         fleet.start()
         web.start()
         try:
@@ -416,16 +410,10 @@ class TestTheToken:
         prefix = f"t{time.monotonic_ns()}"
         server = cluster.server
         s3 = S3Settings("unused", "artifacts", "us-east-1", s3_server.endpoint_url)
-        made = watcher_tokens(server, cluster.hosts, prefix)
-        watchers = {n: secret for n, (secret, _) in made.items()}
         reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
         api_only, _ = create_token(server, f"api-{prefix}", render("web", prefix, "api"))
         mine, mine_id = create_token(server, f"mine-{prefix}", render("web", prefix, "web"))
-        fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
-        config = fleet.config_for(fleet.watchers[0])
-        config["consul"]["token"] = reader
-        (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
-        web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
+        web = reader_web(watcher_token_fleet(cluster, s3, tmp_path, prefix), reader, tmp_path)
         web.start()
         try:
             url = f"http://{NETWORK_NAME}:{web.port}/apps/web"

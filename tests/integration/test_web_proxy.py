@@ -14,14 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
+from tests.integration.test_deploy_acl import create_token, render, watcher_token_fleet
 from tests.support.cluster import ClusterSpec, ConsulCluster
-from tests.support.fleet import Fleet
 from tests.support.nginx import Nginx, NginxFailed
 from tests.support.s3server import S3Server
-from tests.support.web import WebServer, free_port
+from tests.support.web import free_port, reader_web
 from watcher.config import S3Settings
 
 CLUSTER = ClusterSpec(hosts=1, acl=True)
@@ -47,15 +45,10 @@ class TestBehindNginx:
     ) -> None:
         prefix = f"p{time.monotonic_ns()}"
         server = cluster.server
-        watchers = {n: s for n, (s, _) in watcher_tokens(server, cluster.hosts, prefix).items()}
         reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
         operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
         s3 = S3Settings("unused", "artifacts", "us-east-1", s3_server.endpoint_url)
-        fleet = Fleet(cluster, s3, tmp_path, kv_prefix=prefix, consul_tokens=watchers)
-        config = fleet.config_for(fleet.watchers[0])
-        config["consul"]["token"] = reader
-        (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
-        web = WebServer(tmp_path / "web.yaml", tmp_path / "web.log")
+        web = reader_web(watcher_token_fleet(cluster, s3, tmp_path, prefix), reader, tmp_path)
         web.start()
         location = documented_location().replace(DOCUMENTED_UPSTREAM, web.url)
         nginx = Nginx(tmp_path / "nginx", free_port(), server=location)

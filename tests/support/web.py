@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
-from tests.support.fleet import BIN
+from tests.support.fleet import BIN, Fleet
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -103,3 +104,12 @@ class WebServer:
             if "content" in kw:
                 return c.post(path, **kw)
             return c.post(path, json=body)
+
+
+def reader_web(fleet: Fleet, token: str, workdir: Path) -> WebServer:
+    """A `watcher web` (not started) with the config of ``fleet``'s first host, reading
+    with ``token``; its config and log in ``workdir``."""
+    config = fleet.config_for(fleet.watchers[0])
+    config["consul"]["token"] = token
+    (workdir / "web.yaml").write_text(yaml.safe_dump(config))
+    return WebServer(workdir / "web.yaml", workdir / "web.log")
