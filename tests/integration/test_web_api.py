@@ -21,7 +21,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from tests.integration.test_deploy_acl import create_token, render, watcher_tokens
+from tests.integration.test_deploy_acl import api, create_token, render, watcher_tokens
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
 from tests.support.fleet import BIN, Fleet, wait_for
@@ -32,6 +32,7 @@ from watcher.config import S3Settings, load_config
 from watcher.consul_api import ConsulClient
 from watcher.ctl_fleet import abort_deploy
 from watcher.records import FAILED, LIVE, ArtifactRecord, HostRecord, Keys, NodeProgress
+from watcher.web import app as web_app
 from watcher.web.app import create_app, live_snapshot, sections_mark
 from watcher.web.live import LiveFeed
 
@@ -736,6 +737,68 @@ class TestNotOnLoopback:
             assert r.status_code == 401 and "does not know this token" in error_of(r)
             r = c.get("/api/v1/apps", headers={"X-Consul-Token": env.reader})
             assert r.status_code == 200 and r.json() == {"apps": ["api", "web"]}, r.text
+
+    def test_a_stream_ends_once_its_token_may_no_longer_read(
+        self, env: Env, cluster: ConsulCluster, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The commit review: the server asked Consul about a stream's token only when it
+        opened, so a token revoked or stripped of its read went on getting every deploy's
+        state for as long as its client kept the stream (the page let its own go, a raw
+        client did not)."""
+        monkeypatch.setattr(web_app, "SSE_TOKEN_RECHECK", 1.0)
+        monkeypatch.setattr(web_app, "SSE_KEEPALIVE", 0.3)
+        server = cluster.server
+        rules = f'key_prefix "{env.fleet.kv_prefix}/apps/" {{ policy = "read" }}\n'
+        made = {
+            what: create_token(server, f"live-{what}-{uuid.uuid4().hex[:8]}", rules)
+            for what in ("kept", "revoked", "stripped")
+        }
+
+        def revoke(accessor: str) -> None:
+            status, raw = server.request("DELETE", f"/v1/acl/token/{accessor}", b"")
+            assert status == 200, raw
+
+        def strip(accessor: str) -> None:  # its one policy deleted: known, reads nothing
+            token = api(server, "GET", f"/v1/acl/token/{accessor}", {})
+            status, raw = server.request(
+                "DELETE", f"/v1/acl/policy/{token['Policies'][0]['ID']}", b""
+            )
+            assert status == 200, raw
+
+        changes = {"kept": None, "revoked": revoke, "stripped": strip}
+        app = create_app(load_config(env.web.config), listen_host="192.0.2.10")
+        with TestClient(app) as c:
+            for what, (secret, accessor) in made.items():
+                auth = {"Authorization": f"Bearer {secret}"}
+                with c.stream("GET", "/api/v1/apps/web/live", headers=auth) as stream:
+                    assert stream.status_code == 200, (what, stream.read())
+                    lines = stream.iter_lines()
+                    assert any(line == "event: live" for line in lines), what
+                    change = changes[what]
+                    if change is not None:
+                        change(accessor)
+                    events, end = [], time.monotonic() + (4 if change is None else 20)
+                    for line in lines:
+                        events.append(line)
+                        if line == "event: refused" or time.monotonic() > end:
+                            break
+                    if change is None:  # three checks passed: the stream goes on
+                        assert "event: refused" not in events, events
+                        assert events.count(": keepalive") >= 5, events
+                        continue
+                    assert events[-1] == "event: refused", (what, events[-5:])
+                    refused = json.loads(next(lines).removeprefix("data: "))
+                    rest = list(lines)  # the server ends the stream after it
+                assert rest == [""], (what, rest)
+                if what == "revoked":
+                    assert refused["status"] == 401, refused
+                    assert "does not know this token" in refused["error"], refused
+                else:
+                    assert refused["status"] == 403, refused
+                    assert "Permission denied" in refused["error"], refused
+                # And a new stream with it is refused at once, as the page's reconnect is.
+                r = c.get("/api/v1/apps/web/live", headers=auth)
+                assert r.status_code == refused["status"], r.text
 
 
 class TestLiveFeed:

@@ -419,6 +419,7 @@ class TestTheToken:
             url = f"http://{NETWORK_NAME}:{web.port}/apps/web"
             self._scenario(page, url, reader, api_only)
             self._revoked_while_streaming(page, mine, lambda: revoke(server, mine_id))
+            self._refused_on_the_stream(page, reader)
         except BaseException:
             print(web.log())
             raise
@@ -464,8 +465,8 @@ class TestTheToken:
     def _revoked_while_streaming(
         self, page: Page, token: str, revoke_it: Callable[[], None]
     ) -> None:
-        """A token revoked while its stream is open: the server checks it only when the
-        stream opens, so the page must let the stream go once a refresh is refused (a
+        """A token revoked while its stream is open: the server asks about it again only
+        every 30 s, so the page lets the stream go at once when a refresh is refused (a
         review saw the page ask for a token while the stream went on with the old one)."""
         page.click("#enter-token")
         confirm_write(page, token)
@@ -476,3 +477,28 @@ class TestTheToken:
         expect(page.locator("#token-needed h2")).to_have_text("A token is needed")
         expect(page.locator("#consul-status")).to_contain_text("does not know this token")
         page.wait_for_function("() => liveLoop === null && liveConnection === null")
+
+    def _refused_on_the_stream(self, page: Page, token: str) -> None:
+        """The server asks Consul again about an open stream's token (every 30 s) and ends
+        the stream with `event: refused` once Consul refuses it: the page drops the token
+        and asks for another, as for a refused connect (the event is served here by the
+        browser's route: the server's side is test_web_api's)."""
+        page.click("#enter-token")
+        confirm_write(page, token)
+        expect(page.locator("#fleet")).to_be_visible()
+        page.wait_for_function("() => liveConnection !== null && liveLoop !== null")
+        refusal = {"status": 403, "error": "Permission denied: token lacks 'key:read'"}
+        page.route(
+            "**/api/v1/apps/web/live",
+            lambda route: route.fulfill(
+                status=200,
+                headers={"Content-Type": "text/event-stream"},
+                body=f"retry: 2000\n\nevent: refused\ndata: {json.dumps(refusal)}\n\n",
+            ),
+        )
+        page.evaluate("connectLive()")  # its next connection gets the routed stream
+        page.wait_for_function("() => liveLoop === null && liveConnection === null")
+        assert page.evaluate("() => sessionStorage.getItem('watcher-consul-token')") is None
+        # Without the token (the server would still take it), this name needs one.
+        expect(page.locator("#token-needed h2")).to_have_text("A token is needed")
+        page.unroute("**/api/v1/apps/web/live")

@@ -75,7 +75,7 @@ from watcher.errors import (
 )
 from watcher.log import get_logger
 from watcher.records import STRICT_JSON, NotJson, parse_iso
-from watcher.web.live import LiveFeed, Snapshot
+from watcher.web.live import LiveFeed, Published, Snapshot
 
 log = get_logger(module="web")
 
@@ -96,6 +96,10 @@ SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not anoth
 # a reader cannot take every slot and leave the on-call's page without its live view.
 SSE_MAX_PER_CALLER = 20
 SSE_RETRY_AFTER = 10  # seconds a refused stream is told to wait (Retry-After of its 429/503)
+# A stream opened with a token reads with the server's own client (one watcher per app), so
+# the caller's read is asked of Consul again this often: a token revoked or stripped of its
+# read loses its stream within about this much (plus a keep-alive), not when it closes.
+SSE_TOKEN_RECHECK = 30.0
 # Headers a proxy adds: a request that carries one came through a proxy, not from this host.
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
@@ -1208,7 +1212,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 if left:
                     state.streams_of[caller] = left
 
-        stream = _sse(feed, request, release)
+        stream = _sse(feed, request, release, token)
         weakref.finalize(stream, release)
         return StreamingResponse(
             stream,
@@ -1233,23 +1237,49 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         )
         return snap
 
+    def _refusal(app: str, token: str) -> tuple[int, str] | None:
+        """Consul's refusal of ``token``'s read of ``app`` now (status and reason), or None
+        while it may read (or while Consul does not answer: the feed says that itself)."""
+        client = state.client(token)
+        try:
+            state.store(app, client).inflight()
+        except ConsulPermissionDenied as exc:
+            unknown = "acl not found" in str(exc).lower()
+            return (401, f"Consul does not know this token: {exc}") if unknown else (403, str(exc))
+        except ConsulError:
+            return None
+        finally:
+            client.close()
+        return None
+
     async def _sse(
-        feed: LiveFeed, request: Request, release: Callable[[], None]
+        feed: LiveFeed, request: Request, release: Callable[[], None], token: str | None
     ) -> AsyncIterator[str]:
         queue = feed.subscribe()
         gauge = state.sse_clients.labels(app=feed.app)
         gauge.inc()
+        checked = time.monotonic()
         try:
             yield "retry: 2000\n\n"
             while not state.is_closing() and not await request.is_disconnected():
                 try:
-                    item = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                    item: Published | None = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
                 except TimeoutError:
-                    yield ": keepalive\n\n"
-                    continue
+                    item = None
                 if state.is_closing():
                     break
-                yield item.event
+                if token is not None and time.monotonic() - checked >= SSE_TOKEN_RECHECK:
+                    checked = time.monotonic()
+                    refused = await asyncio.to_thread(_refusal, feed.app, token)
+                    if refused is not None:
+                        # Said before the end, for a client that reads it; the page's next
+                        # connect gets the same refusal as a 401 or 403.
+                        status, reason = refused
+                        body = json.dumps({"status": status, "error": reason})
+                        yield f"event: refused\ndata: {body}\n\n"
+                        log.info("live_stream_token_refused", app=feed.app, status=status)
+                        break
+                yield ": keepalive\n\n" if item is None else item.event
         finally:
             feed.unsubscribe(queue)
             gauge.dec()

@@ -68,7 +68,7 @@ async function refreshOnce() {
   const here = document.getElementById("content");
   if (!fresh) return;
   // The page asks for a token now (this one refused, revoked meanwhile): the live stream
-  // that opened with it goes too; the server checks a stream's token only when it opens.
+  // that opened with it goes too (the server asks Consul about it again only every 30 s).
   if (fresh.querySelector("#token-needed")) stopLive();
   // A keyboard user's place: the same button in the fresh sections gets the focus back.
   const focused = document.activeElement;
@@ -183,10 +183,21 @@ async function streamWithFetch(url) {
           buffer += decoder.decode(value, { stream: true });
           let cut;
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
-            const block = buffer.slice(0, cut);
+            const block = buffer.slice(0, cut).split("\n");
             buffer = buffer.slice(cut + 2);
-            const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-            if (data) onSnapshot(JSON.parse(data));
+            const event = (block.find((l) => l.startsWith("event: ")) || "event: message").slice(7);
+            const data = block.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+            if (!data) continue;
+            if (event === "live") onSnapshot(JSON.parse(data));
+            if (event === "refused") {
+              // The server asked Consul again and the token may no longer read this app
+              // (revoked, its policy changed): the same as a refused connect.
+              // The server ends the stream after it; with another token by now, the loop
+              // connects again with that one.
+              consulStatus(JSON.parse(data).error);
+              stale = true;
+              if (sent && sent === token()) { dropToken(); refreshSections(); return; }
+            }
           }
         }
       }
