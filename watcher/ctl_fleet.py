@@ -2042,4 +2042,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
         return "\n".join(out)
 
     ctx.emit(data, lambda d: ctx.with_config(human(d)))
-    return EXIT_FAILED if any(map(_in_doubt, data.values())) else EXIT_OK
+    # An app no host has joined (a kv_prefix or app name the hosts do not use, or none set
+    # up yet) is not a fleet to read "ok" from: a check that runs this would pass on a typo.
+    nobody = any(not a["hosts"] for a in data.values())
+    return EXIT_FAILED if nobody or any(map(_in_doubt, data.values())) else EXIT_OK
