@@ -624,6 +624,9 @@ def _hook_context(
 def cmd_setup_release(ctx: CtlContext) -> int:
     config = ctx.config
     app = ctx.app(ctx.args.app)
+    # Before Consul or S3 is asked: a workstation's config would otherwise download the
+    # artifact into a tree made for it and pin a release no watcher will ever serve.
+    _need_root(ctx, app, "setup-release")
     if waiting := _root_waits_for_restart(ctx, app):
         raise DeployRefused(
             f"{waiting}: staging and pinning a release would act where it does not look"

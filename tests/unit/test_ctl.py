@@ -251,7 +251,14 @@ def test_unhold_is_taken_for_release_hold(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize(
     "command",
-    [["hold", "web"], ["release-hold", "web"], ["prune", "web"], ["exec", "web", "--", "true"]],
+    [
+        ["hold", "web"],
+        ["release-hold", "web"],
+        ["prune", "web"],
+        ["exec", "web", "--", "true"],
+        ["rollback", "web", "--local"],
+        ["setup-release", "web", "main-0123abcd"],
+    ],
 )
 def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command: list[str]) -> None:
     """A workstation's config (docs/acl.md's `root: /nonexistent`): `hold` made the tree
