@@ -89,6 +89,13 @@ class ConsulSettings:
     key_file: str | None = None
     verify: bool = True
     timeout: float = 10.0
+    # Where ``token`` came from (a key of the file or an environment variable), for the
+    # message when Consul refuses it; "" without a token.
+    token_from: str = field(default="", compare=False)
+    # The Consul CLI's variables set in the environment to another value than the file's
+    # key, which wins (a warning: CONSUL_HTTP_ADDR pointing at one cluster while the file
+    # names another did nothing, silently).
+    env_overridden: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def base_url(self) -> str:
@@ -843,6 +850,21 @@ CONSUL_ENV_NAMES = {
 FROM_ENV = " (from the environment): "
 
 
+def env_overridden_warnings(config: Config, *, leave: frozenset[str] = frozenset()) -> list[str]:
+    """A Consul CLI variable set to another value than the file's key, which wins (the
+    file is like the CLI's flags): said, not silently dropped. ``leave``: the variables
+    the caller takes over the file itself (watcherctl's operator token)."""
+    keys = {var: key for key, var in CONSUL_ENV_NAMES.items()}
+    return [
+        f"consul.{keys[var]}: the file's value is used, not {var} of the environment, "
+        "which names another"
+        + (" address" if var == "CONSUL_HTTP_ADDR" else "")
+        + " (unset it, or remove the key from the file to use it)"
+        for var in config.consul.env_overridden
+        if var not in leave
+    ]
+
+
 def _where_wrong(source: str, problems: list[str]) -> tuple[str, list[str]]:
     """The source and problems of a ConfigError: the file's, unless every problem is an
     environment variable's (an operator's CONSUL_HTTP_TOKEN_FILE naming no file is not the
@@ -884,6 +906,13 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     )
     merged: dict[str, Any] = _consul_from_env(env)
     from_env = set(merged)
+    overridden = tuple(
+        sorted(
+            CONSUL_ENV_NAMES[key]
+            for key, value in merged.items()
+            if key in d and d[key] is not None and _differs(key, d[key], value)
+        )
+    )
     # The file is like the CLI's flags: an explicit value there wins over the environment.
     for key in (
         "address",
@@ -956,7 +985,24 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         key_file=files["key_file"],
         verify=r.get(merged, "verify", "consul", True, _bool, "true or false"),
         timeout=r.get(merged, "timeout", "consul", 10.0, parse_duration, 'a duration like "10s"'),
+        token_from=where if token is not None else "",
+        env_overridden=overridden,
     )
+
+
+def _differs(key: str, file_value: Any, env_value: Any) -> bool:
+    """Whether the file's ``key`` names another thing than the environment's variable (an
+    address with and without http:// or a trailing slash is the same one). Only the keys
+    that name something: ``verify`` is a yes or no either way."""
+    if key == "verify" or not isinstance(file_value, str) or not isinstance(env_value, str):
+        return False
+    if key == "address":
+        return _bare(file_value) != _bare(env_value)
+    return file_value != env_value
+
+
+def _bare(address: str) -> str:
+    return address.removeprefix("http://").rstrip("/")
 
 
 def parse_config(

@@ -16,12 +16,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from watcher import __version__, ids
-from watcher.config import AppConfig, Config, load_config, read_token_file, token_problem
+from watcher.config import (
+    AppConfig,
+    Config,
+    env_overridden_warnings,
+    load_config,
+    read_token_file,
+    token_problem,
+)
 from watcher.errors import (
     ArtifactIdTaken,
     ArtifactNotFound,
     ConfigError,
     ConsulError,
+    ConsulPermissionDenied,
     DeployError,
     DeployNotFound,
     LockTimeout,
@@ -112,6 +120,10 @@ class CtlContext:
             warning = sudo_token_warning(config, os.environ) if self.writes_consul else None
             if warning:
                 print(f"watcherctl: warning: {warning}", file=sys.stderr, flush=True)
+            # The exported token is taken over the file's (operator_token): said only of
+            # the variables that are not.
+            for said in env_overridden_warnings(config, leave=OPERATOR_TOKEN_VARS):
+                print(f"watcherctl: warning: {config.source}: {said}", file=sys.stderr, flush=True)
             self._config = operator_token(config, os.environ)
         return self._config
 
@@ -187,6 +199,9 @@ class CtlContext:
                 print(self.with_config(text))
 
 
+OPERATOR_TOKEN_VARS = frozenset({"CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"})
+
+
 def operator_token(config: Config, env: Mapping[str, str]) -> Config:
     """watcherctl acts with the operator's own token when one is exported.
 
@@ -210,7 +225,23 @@ def operator_token(config: Config, env: Mapping[str, str]) -> Config:
         raise ConfigError(where, [problem])
     if token is None or token == config.consul.token:
         return config
-    return replace(config, consul=replace(config.consul, token=token))
+    where += " (from the environment)"
+    return replace(config, consul=replace(config.consul, token=token, token_from=where))
+
+
+def token_sent(config: Config) -> str:
+    """Which token a command sent Consul, for the line after Consul refused it: an
+    operator with several (theirs exported, the host's in the file) cannot tell which."""
+    consul = config.consul
+    if not consul.token:
+        return (
+            "none (Consul's anonymous token): export your own as CONSUL_HTTP_TOKEN or "
+            f"CONSUL_HTTP_TOKEN_FILE, or set consul.token_file in {config.source}"
+        )
+    if consul.token_from.startswith("consul."):  # "consul.token_file (/etc/...)"
+        key, _, file = consul.token_from.partition(" ")
+        return f"{key} of {config.source}" + (f" {file}" if file else "")
+    return consul.token_from
 
 
 def sudo_token_warning(config: Config, env: Mapping[str, str]) -> str | None:
@@ -661,6 +692,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(f"watcherctl: error: {exc.source}: {problem}", file=sys.stderr)
         else:  # every command it suggests with the -c given
             print(f"watcherctl: error: {ctx.with_config(str(exc))}", file=sys.stderr)
+        if isinstance(exc, ConsulPermissionDenied) and ctx._config is not None:
+            print(f"watcherctl: the token sent: {token_sent(ctx._config)}", file=sys.stderr)
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("watcherctl: interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from watcher import __version__
-from watcher.config import Config, load_config
+from watcher.config import Config, env_overridden_warnings, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.log import configure_logging
 
@@ -249,6 +249,7 @@ def config_warnings(
             f"session_ttl_min ({CONSUL_SESSION_TTL_MIN:g}s): Consul refuses such a session "
             '("Invalid Session TTL") unless its servers set session_ttl_min lower'
         )
+    warnings += env_overridden_warnings(config)
     if problem := _not_writable(Path(config.daemon.state_dir)):
         warnings.append(f"daemon.state_dir: {problem}")
     for name, app in sorted(config.apps.items()):

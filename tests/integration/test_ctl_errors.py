@@ -26,6 +26,7 @@ def run_ctl(
     *args: str,
     debug: bool = False,
     extra: dict[str, object] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "watcher.yaml"
     config.write_text(
@@ -41,7 +42,7 @@ def run_ctl(
     argv = [str(BIN / "watcherctl"), *args, "-c", str(config)]
     if debug:
         argv.append("--debug")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})}
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
@@ -62,8 +63,41 @@ class TestConsulErrors:
         }
         result = run_ctl(tmp_path, consul, "history", "web")
         assert result.returncode == 3
-        line = one_line_error(result)
+        line, sent = result.stderr.strip().splitlines()
         assert "token" in line and agent.http_addr.split("://")[-1] in line
+        assert "Traceback" not in result.stderr
+        # Which token it was: an operator may hold several (theirs, the host's).
+        config = tmp_path / "watcher.yaml"
+        assert sent == f"watcherctl: the token sent: consul.token of {config}", sent
+
+    def test_a_refused_token_is_named_by_where_it_came_from(
+        self, cluster: ConsulCluster, tmp_path: Path
+    ) -> None:
+        """The careless-operator review: Consul's refusal did not say which token was sent,
+        the one exported or the file's (watcherctl prefers the exported one)."""
+        agent = cluster.hosts[0]
+        made_up = "00000000-0000-0000-0000-000000000000"
+        (tmp_path / "host-token").write_text(made_up + "\n")
+        consul = {"address": agent.http_addr, "ca_file": cluster.ca_file}
+        cases = [
+            ({"token_file": str(tmp_path / "host-token")}, {}, "consul.token_file of "),
+            ({"token": cluster.management_token}, {"CONSUL_HTTP_TOKEN": made_up}, ""),
+            ({}, {}, ""),
+        ]
+        said = []
+        for extra_consul, env, _ in cases:
+            result = run_ctl(tmp_path, {**consul, **extra_consul}, "history", "web", env=env)
+            assert result.returncode == 3, result
+            said.append(result.stderr.strip().splitlines()[-1])
+        config = tmp_path / "watcher.yaml"
+        assert said == [
+            f"watcherctl: the token sent: consul.token_file of {config} "
+            f"({tmp_path / 'host-token'})",
+            "watcherctl: the token sent: CONSUL_HTTP_TOKEN (from the environment)",
+            "watcherctl: the token sent: none (Consul's anonymous token): export your own "
+            "as CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE, or set consul.token_file in "
+            f"{config}",
+        ], said
 
     def test_wrong_ca(self, cluster: ConsulCluster, consul_bin: str, tmp_path: Path) -> None:
         other_ca, _ = make_ca(consul_bin, tmp_path / "other-ca")
@@ -255,9 +289,10 @@ class TestTokenThatMayNotReadMembers:
         result = run_ctl(
             tmp_path, consul, "deploy", "web", "main-15eb13af", "--no-wait", extra=base
         )
-        line = one_line_error(result)
+        line, sent = result.stderr.strip().splitlines()
         assert result.returncode == 3, result.stderr
         assert f"may not read {app}/{denied}/" in line, line
+        assert sent == f"watcherctl: the token sent: consul.token of {tmp_path / 'watcher.yaml'}"
         assert "is any daemon running" not in line
         # `status --fleet` shows this host's part, as `status` does, then why the fleet's is not.
         result = run_ctl(tmp_path, consul, "status", "--fleet", extra=base)

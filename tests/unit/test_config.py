@@ -18,6 +18,7 @@ from watcher.config import (
     DaemonSettings,
     Limits,
     Timeouts,
+    env_overridden_warnings,
     load_config,
     parse_config,
     parse_duration,
@@ -891,6 +892,33 @@ class TestConsulEnvironment:
         assert consul.token == "file-token-file"
         env2 = {"CONSUL_HTTP_TOKEN_FILE": str(token_file)}
         assert parse(minimal(consul={"token": "t"}), env=env2).consul.token == "t"
+
+    def test_a_variable_the_file_overrides_is_named_for_a_warning(self, tmp_path: Path) -> None:
+        """The careless-operator review: CONSUL_HTTP_ADDR naming one cluster while the file
+        names another did nothing, and nothing said so."""
+        ca = write(tmp_path / "ca.pem", "x")
+        env = {
+            "CONSUL_HTTP_ADDR": "https://10.0.0.9:8501",
+            "CONSUL_HTTP_TOKEN": "env-token",
+            "CONSUL_CACERT": str(ca),
+            "CONSUL_HTTP_SSL_VERIFY": "false",  # a yes or no: not a thing named
+        }
+        file = {"address": "127.0.0.5:8500", "token": "file-token", "verify": True}
+        config = parse(minimal(consul=file), env=env)
+        assert config.consul.env_overridden == ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN")
+        assert config.consul.token_from == "consul.token"
+        assert env_overridden_warnings(config, leave=frozenset({"CONSUL_HTTP_TOKEN"})) == [
+            "consul.address: the file's value is used, not CONSUL_HTTP_ADDR of the "
+            "environment, which names another address (unset it, or remove the key from "
+            "the file to use it)"
+        ]
+        # The same address spelled otherwise, the same token, or nothing in the file: none.
+        same = {"address": "http://10.0.0.9:8501/", "token": "env-token"}
+        env["CONSUL_HTTP_ADDR"] = "10.0.0.9:8501"
+        assert parse(minimal(consul=same), env=env).consul.env_overridden == ()
+        consul = parse(minimal(), env=env).consul
+        assert consul.env_overridden == ()
+        assert consul.token_from == "CONSUL_HTTP_TOKEN (from the environment)"
 
     def test_environment_fills_what_the_file_leaves_out(self) -> None:
         env = {"CONSUL_HTTP_TOKEN": "env-token"}

@@ -290,6 +290,44 @@ def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command:
     assert not root.exists()
 
 
+def test_an_address_in_the_environment_the_file_overrides_is_warned_of(tmp_path: Path) -> None:
+    """CONSUL_HTTP_ADDR naming another cluster than the file did nothing, silently; an
+    exported token is taken over the file's, so it is not warned of."""
+    config = tmp_path / "w.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "consul": {"address": "127.0.0.1:9", "token": "host-token"},
+                "s3": {"bucket": "b"},
+                "daemon": {"state_dir": str(tmp_path / "state")},
+                "apps": {"web": {"root": str(tmp_path / "srv")}},
+            }
+        )
+    )
+    (tmp_path / "srv").mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "CONSUL_HTTP_ADDR": "consul.prod.example:8500",
+        "CONSUL_HTTP_TOKEN": "operator-token",
+    }
+    said = subprocess.run(
+        [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), "hold", "web"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert said.returncode == 0, said
+    warnings = [line for line in said.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        f"watcherctl: warning: {config}: consul.address: the file's value is used, not "
+        "CONSUL_HTTP_ADDR of the environment, which names another address (unset it, or "
+        "remove the key from the file to use it)"
+    ], said.stderr
+
+
 def test_a_failed_hooks_tail_is_shown_short_and_inert() -> None:
     tail = "starting\n\nGET /health\nHTTP 502 \x1b[31mBad Gateway\x1b[0m\n" + "x" * 500 + "\n"
     assert _tail_lines(tail) == [
