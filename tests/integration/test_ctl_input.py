@@ -94,6 +94,7 @@ def site(cluster: ConsulCluster, s3_settings: S3Settings, tmp_path: Path) -> Ite
             }
         )
     )
+    (tmp_path / "srv").mkdir()  # a host of the app (its watcher made the tree)
     kv = ConsulClient(agent.consul_settings())
     keys = Keys(prefix, "web")
     session = kv.session_create("watcher stand-in", 30.0)
