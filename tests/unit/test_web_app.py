@@ -220,6 +220,14 @@ class TestRefusedBeforeConsul:
         r = client.get("/api/v1/apps/web/deploys?limit=ten")
         assert r.status_code == 422 and r.json()["error"].startswith("limit: "), r.text
         assert r.json()["error"].endswith(", got 'ten'"), r.text
+        for given in ("5.0", "+5", " 5", "5e0", "\u0665"):  # an integer's other spellings
+            r = client.get("/api/v1/apps/web/deploys", params={"limit": given})
+            assert r.status_code == 422, (given, r.text)
+            assert r.json()["error"].startswith("limit: "), r.text
+        r = client.get("/api/v1/apps/web/deploys?limit=5.0")  # was read as 5
+        assert r.json()["error"] == (
+            "limit: must be a whole number of deploys in digits, got '5.0'"
+        ), r.text
 
     @pytest.mark.parametrize(
         ("path", "body", "named"),

@@ -1134,6 +1134,13 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 400,
                 f"unknown query parameter {ids.shown(unknown[0])} (this endpoint takes limit)",
             )
+        raw = request.query_params.get("limit")
+        if raw is not None and not re.fullmatch(r"[0-9]+", raw):
+            # Taken as an integer, "5.0" and " 5" passed as 5: a number of deploys is written
+            # with digits only, and what else was sent is said.
+            raise ApiError(
+                422, f"limit: must be a whole number of deploys in digits, got {ids.shown(raw)}"
+            )
         if not 1 <= limit <= HISTORY_MAX:
             raise ApiError(422, f"limit must be between 1 and {HISTORY_MAX}, got {limit}")
         store = state.store(app_name(app), state.reader(request))
