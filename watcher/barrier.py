@@ -1904,7 +1904,10 @@ class DeployStore:
             except PayloadError:
                 continue
             ops += [
-                TxnOp.delete_tree(self.keys.request(old)),
+                # The request and its abort key: a tree delete of the bare name would also
+                # take every request whose id starts with it (deploy-1 took deploy-12).
+                TxnOp.delete(self.keys.request(old)),
+                TxnOp.delete_tree(self.keys.request(old) + "/"),
                 TxnOp.delete(self.keys.decision(old)),
                 TxnOp.delete(self.keys.outcome(old)),
                 TxnOp.delete(self.keys.coordinator(old)),

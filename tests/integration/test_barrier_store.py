@@ -18,6 +18,7 @@ from watcher.barrier import (
     UNDECIDED,
     AbortRequested,
     DeployStore,
+    EndRead,
     Joined,
     resolve_artifact,
     rollback_target,
@@ -692,3 +693,21 @@ class TestPageMark:
         assert sections_mark(store) == before
         store.consul.kv_put(store.keys.artifact("main-15eb13af"), artifact().to_json())
         assert sections_mark(store) != before
+
+
+def test_trimming_a_deploy_leaves_the_requests_whose_ids_start_with_its(
+    store: DeployStore,
+) -> None:
+    """The attacker review: the trim deleted `requests/<id>` as a tree without its slash,
+    so trimming deploy-1 also deleted deploy-12's request (and its abort key)."""
+    keys, kv = store.keys, store.consul
+    for deploy_id in ("deploy-1", "deploy-12", "deploy-1x"):
+        assert kv.kv_put(keys.request(deploy_id), b"{}")
+        assert kv.kv_put(keys.abort_request(deploy_id), b"{}")
+    pre = EndRead(None, 0, None, 0, ["deploy-1", "deploy-12", "deploy-1x"], [], 0)
+    ops = store._history_ops(pre, [], keep=2, protected=set())
+    assert kv.txn(ops).ok
+    left = sorted(
+        e.key.removeprefix(keys.requests_prefix) for e in kv.kv_list(keys.requests_prefix)
+    )
+    assert left == ["deploy-12", "deploy-12/abort", "deploy-1x", "deploy-1x/abort"], left
