@@ -29,7 +29,7 @@ from watcher.barrier import (
     summarize_states,
 )
 from watcher.config import AppConfig
-from watcher.consul_api import ConsulClient, TxnOp
+from watcher.consul_api import ConsulClient, KVEntry, TxnOp
 from watcher.ctl import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -61,7 +61,9 @@ from watcher.errors import (
 )
 from watcher.records import (
     ABORT,
+    ABORT_ACK_STATES,
     ABORTED,
+    ACKED_READY_STATES,
     COMMIT,
     COMMITTED,
     FAILED_AFTER_COMMIT,
@@ -74,6 +76,7 @@ from watcher.records import (
     HostRecord,
     ReleaseRef,
     parse_iso,
+    utcnow,
 )
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
@@ -150,6 +153,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--app", help="the deploy's app (default: found among the configured apps)")
     p.add_argument(
         "--reason", default="", type=reason_argument, help="why (kept in the deploy's record)"
+    )
+    p.add_argument(
+        "--end-sessions",
+        action="store_true",
+        help="past the deploy's apply deadline: end the sessions of the expected hosts that "
+        "hold it undecided (neither acked nor let their session go), which aborts it; needs "
+        "a token with session write on those hosts' nodes",
     )
     p.set_defaults(func=cmd_abort)
 
@@ -1175,7 +1185,23 @@ def cmd_abort(ctx: CtlContext) -> int:
                 )
                 return EXIT_OK
             continue
+        ended: dict[str, str] = {}
+        if ctx.args.end_sessions:
+            view = store.view(deploy_id)
+            checked = view.checked() if view is not None else None
+            if checked is not None and _decided(checked) is None:
+                stalled = stalled_by(checked, store.members())
+                if not stalled:
+                    raise DeployRefused(
+                        f"app {name}: deploy {deploy_id} is not stalled (no expected host "
+                        "holds it past its apply deadline, "
+                        f"{ids.one_line(checked.record.apply_deadline)}): no session ended; "
+                        f"`{ctx.command_line('abort', name, deploy_id)}` asks the hosts"
+                    )
+                store.request_abort(deploy_id, ctx.args.reason or "", by=user_at_host())
+                ended = end_stalled_sessions(store, deploy_id)
         what, view, asked = abort_deploy(store, deploy_id, ctx.args.reason or "", by=user_at_host())
+        asked = asked or bool(ended)
         if what == "aborted":
             # Aborted before this command asked: said so (with who and why), still exit 0:
             # what the operator wanted holds.
@@ -1184,12 +1210,32 @@ def cmd_abort(ctx: CtlContext) -> int:
                 if asked
                 else f"deploy {deploy_id} was already aborted{_why_aborted(view)}: nothing to do"
             )
+            if ended:
+                said += f" (ended the session of {', '.join(sorted(ended))})"
             ctx.emit(
-                {"deploy": deploy_id, "app": name, "aborted": True, "already": not asked},
+                {
+                    "deploy": deploy_id,
+                    "app": name,
+                    "aborted": True,
+                    "already": not asked,
+                    "ended_sessions": ended,
+                },
                 lambda _: said,  # noqa: B023 (called before the loop moves on)
             )
             return EXIT_OK
         data = {"deploy": deploy_id, "app": name, "aborted": False, "decision": what}
+        stalled = (
+            stalled_by(view, store.members()) if what == UNDECIDED and view is not None else {}
+        )
+        if stalled:
+            # Asked for, and nobody left who may honor it: said, and not "ok" to a script.
+            command = ctx.command_line("abort", name, deploy_id, "--end-sessions")
+            data["stalled"] = stalled
+            if ctx.as_json:
+                ctx.emit(data)
+            line = stalled_line(name, deploy_id, stalled, command)
+            print(f"watcherctl: abort requested, but {line}", file=sys.stderr)
+            return EXIT_REFUSED
         if what == UNDECIDED:
             ctx.emit(
                 data,
@@ -1240,6 +1286,64 @@ def _app_hint(ctx: CtlContext, name: str) -> str:
         return f"{usage}; no deploy of {name} is in flight, nothing to abort"
     command = ctx.command_line("abort", name, inflight)
     return f"{usage}; to abort its deploy in flight: `{command}`"
+
+
+def stalled_by(
+    view: DeployView, members: Mapping[str, KVEntry], now: datetime | None = None
+) -> dict[str, str]:
+    """The expected nodes that hold a deploy undecided past its apply deadline (node -> the
+    session its request named): each has neither acked ready nor said no, while that
+    session still holds its member key. By then every host running the watcher has acked
+    or let its session go (its own daemon ends it once stuck past the prepare deadline,
+    DESIGN.md 6.4.7): that node's watcher is stopped, or its token is used by something
+    else, and only the end of that session (the abort clause) ends the deploy. Empty
+    before the deadline and once the acks decide it."""
+    if view.verdict() != UNDECIDED or (now or utcnow()) < parse_iso(view.record.apply_deadline):
+        return {}
+    stalled = {}
+    for node in view.record.expected:
+        ack = view.nodes.get(node)
+        if ack is not None and ack.state in ACKED_READY_STATES | ABORT_ACK_STATES:
+            continue
+        named = view.record.sessions.get(node)
+        entry = members.get(node)
+        if named and entry is not None and entry.session == named:
+            stalled[node] = named
+    return stalled
+
+
+def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: str) -> str:
+    """What `status` and `abort` say of a deploy ``stalled_by`` ``stalled``."""
+    nodes = ", ".join(sorted(stalled))
+    verb = "holds" if len(stalled) == 1 else "hold"
+    return (
+        f"deploy {deploy_id} of {app} is STALLED past its apply deadline: {nodes} {verb} the "
+        "session the request named and never acked (a watcher stopped, or that token used "
+        "by something else); hosts that acked ready can no longer honor an abort request, "
+        f"and only the end of that session ends the deploy: `{command}` (a token with "
+        "session write on that node, docs/acl.md)"
+    )
+
+
+def end_stalled_sessions(store: DeployStore, deploy_id: str) -> dict[str, str]:
+    """Destroy the sessions that hold ``deploy_id`` undecided past its apply deadline (read
+    again here, consistently): each one's end makes the abort clause hold (DESIGN.md
+    6.4.3), and a node that acked ready meanwhile is not among them (its ready ack stands).
+    Returns what was ended (node -> session)."""
+    view = store.view(deploy_id)
+    if view is None:
+        return {}
+    stalled = stalled_by(view.checked(), store.members(consistent=True))
+    for node, session in sorted(stalled.items()):
+        try:
+            store.consul.session_destroy(session)
+        except ConsulPermissionDenied as exc:
+            raise ConsulPermissionDenied(
+                f"{exc}; ending {node}'s session {session} needs a token with "
+                f'`session "{node}" {{ policy = "write" }}` (or a management token), '
+                "docs/acl.md"
+            ) from None
+    return stalled
 
 
 def abort_deploy(
@@ -1598,6 +1702,7 @@ def _in_doubt(app: dict[str, Any]) -> bool:
         or app.get("current_problem")
         or dep.get("problem")
         or dep.get("distrusted")
+        or dep.get("stalled")
         or dep.get("decision") == CONTESTED
     )
 
@@ -1967,6 +2072,9 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
                 "release": view.record.release,
                 "decision": shown_decision(view),
                 "distrusted": list(view.distrusted),
+                "apply_deadline": view.record.apply_deadline,
+                # Past that deadline, the nodes that hold it undecided (node -> session).
+                "stalled": stalled_by(view, members),
             }
             if view
             else problem
@@ -1999,6 +2107,9 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     f"(decision {dep['decision'] or 'pending'})"
                 )
             out.append(head)
+            if dep and dep.get("stalled"):
+                command = ctx.command_line("abort", name, dep["id"], "--end-sessions")
+                out.append("  " + stalled_line(name, dep["id"], dep["stalled"], command))
             # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
             out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
             out += failed_release_lines(a.get("current_failed"), name)

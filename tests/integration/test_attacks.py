@@ -8,11 +8,13 @@ expected host did not ack, and the next normal deploy works.
 # ruff: noqa: F811  (the shared acl_fleet fixture is imported, then named as a parameter)
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 # The ACL fleet fixture is shared with test_deploy_acl (its name is a parameter below).
 from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noqa: F401
@@ -205,6 +208,7 @@ def fleet_status(acl: AclFleet) -> dict[str, Any]:
         app["current_problems"]
         or app["current_failed"]
         or deploy.get("distrusted")
+        or deploy.get("stalled")
         or deploy.get("decision") == "contested"
     )
     assert result.returncode == (1 if doubt else 0), (result.returncode, app, result.stderr)
@@ -1433,3 +1437,77 @@ class TestReadersOfCurrent:
         # (its `previous` is the record it replaced: still reported, never obeyed)
         problems = fleet_status(acl_fleet)["current_problems"]
         assert "current" not in problems and evil in problems["previous"], problems
+
+
+def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_session_ends(
+    acl_fleet: AclFleet,
+) -> None:
+    """The attacker review: host-3's token kept its named session alive (renewed by hand,
+    its watcher stopped) and never acked. The others acked ready and can no longer honor an
+    abort request, and no host ends such a deploy: `inflight` held every later deploy and
+    rollback, `abort` exited 0 having changed nothing, and `status --fleet` said nothing.
+    Now status shows it STALLED past the apply deadline (exit 1), abort says why it cannot
+    help (exit 4), and `abort --end-sessions` with a token that may end host-3's session
+    aborts it (the session clause, DESIGN.md 6.4.3); the operator's own token may not."""
+    fleet = acl_fleet.fleet
+    _, _, release1 = baseline(acl_fleet)
+    me = fleet.watchers[2]
+    named = sessions(fleet)[me.name]
+    x = host_client(acl_fleet, 2)
+    stop = threading.Event()
+
+    def renew() -> None:  # the attacker, with host-3's token
+        while not stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                x.session_renew(named)
+
+    short = yaml.safe_load(acl_fleet.operator_config.read_text())
+    short["apps"]["web"]["timeouts"] = {"prepare": "3s", "apply": "3s", "hook": "3s"}
+    hurried = fleet.workdir / "operator-short.yaml"
+    hurried.write_text(yaml.safe_dump(short))
+    admin = dict(short, consul={**short["consul"], "token": fleet.cluster.management_token})
+    admin_config = fleet.workdir / "admin.yaml"
+    admin_config.write_text(yaml.safe_dump(admin))
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    assert me.proc is not None
+    os.killpg(me.proc.pid, signal.SIGSTOP)
+    try:
+        v2 = acl_fleet.publish("v2")
+        started = json.loads(acl_fleet.ctl(hurried, "deploy", "web", v2["id"], "--no-wait").stdout)
+        deploy_id = started["deploy"]
+        others = [w.name for w in fleet.watchers if w is not me]
+        wait_for(
+            lambda: all(fleet.ack_states(deploy_id)[n] == "ready" for n in others),
+            30,
+            "the other hosts ready",
+            fleet,
+        )
+        wait_for(lambda: fleet_status(acl_fleet)["deploy"]["stalled"], 30, "stalled", fleet)
+        assert fleet_status(acl_fleet)["deploy"]["stalled"] == {me.name: named}
+        text = human_fleet_status(acl_fleet)
+        assert f"deploy {deploy_id} of web is STALLED past its apply deadline: host-3 holds" in (
+            text
+        ), text
+        # A plain abort is asked for, and said to change nothing: not exit 0.
+        plain = acl_fleet.operator("abort", "web", deploy_id, check=False)
+        assert plain.returncode == 4, (plain.stdout, plain.stderr)
+        assert "abort requested, but deploy" in plain.stderr, plain.stderr
+        assert "--end-sessions" in plain.stderr, plain.stderr
+        # The operator's token may not end another node's session: said, nothing ended.
+        refused = acl_fleet.operator("abort", "web", deploy_id, "--end-sessions", check=False)
+        assert refused.returncode == 3, (refused.stdout, refused.stderr)
+        assert 'session "host-3" { policy = "write" }' in refused.stderr, refused.stderr
+        assert fleet.inflight() == deploy_id and fleet.outcome(deploy_id) is None
+        ended = acl_fleet.ctl(admin_config, "abort", "web", deploy_id, "--end-sessions")
+        said = json.loads(ended.stdout)
+        assert said["aborted"] is True and said["ended_sessions"] == {me.name: named}, said
+        assert fleet.wait_outcome(deploy_id)["result"] == "aborted"
+        wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
+        assert {n: fleet.currents()[n] for n in others} == dict.fromkeys(others, release1)
+    finally:
+        stop.set()
+        os.killpg(me.proc.pid, signal.SIGCONT)
+    fleet.wait_members(len(fleet.watchers))
+    fleet.wait_idle()
+    next_deploy_works(acl_fleet, "v3")
