@@ -1860,6 +1860,12 @@ def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> 
             "this_host": state,
             "states": summarize_states(view),
             "distrusted": list(view.distrusted),
+            # Members are read only past the apply deadline of an undecided deploy.
+            "stalled": (
+                stalled_by(view, store.members())
+                if view.verdict() == UNDECIDED and utcnow() >= parse_iso(view.record.apply_deadline)
+                else {}
+            ),
         }
 
 
@@ -2008,6 +2014,10 @@ def _human_status(data: dict[str, Any]) -> str:
                 f"this host {state}; decision {dep['decision'] or 'pending'}"
             )
             lines += [f"              NOT TRUSTED: {n}" for n in dep.get("distrusted", ())]
+            if dep.get("stalled"):
+                command = f"watcherctl abort {name} {dep['id']} --end-sessions"
+                line = stalled_line(name, dep["id"], dep["stalled"], command)
+                lines.append(f"              {line}")
         else:
             lines.append("  deploy      none in flight")
     return "\n".join(lines)

@@ -1489,6 +1489,10 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
         assert f"deploy {deploy_id} of web is STALLED past its apply deadline: host-3 holds" in (
             text
         ), text
+        # And on a host that acked ready (its monitoring runs `status`): exit 1, said why.
+        host = fleet.watchers[0].ctl("status", "web", check=False, as_json=False)
+        assert host.returncode == 1, (host.stdout, host.stderr)
+        assert f"watcherctl abort web {deploy_id} --end-sessions" in host.stdout, host.stdout
         # A plain abort is asked for, and said to change nothing: not exit 0.
         plain = acl_fleet.operator("abort", "web", deploy_id, check=False)
         assert plain.returncode == 4, (plain.stdout, plain.stderr)
