@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 # The ACL fleet fixture is shared with test_deploy_acl (its name is a parameter below).
 from tests.integration.test_deploy_acl import AclFleet, acl_fleet, client  # noqa: F401
@@ -30,6 +31,7 @@ from tests.support.cluster import ClusterSpec
 from tests.support.fleet import BIN, Fleet, WatcherProc, wait_for
 from tests.support.s3server import s3_client
 from watcher.barrier import DeployStore, new_deploy_id
+from watcher.config import load_config
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import ConsulPermissionDenied
 from watcher.records import (
@@ -48,6 +50,7 @@ from watcher.records import (
     iso,
     utcnow,
 )
+from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3, acl=True)
 # For tests that SIGSTOP watchers while other processes run: with the fleet's 3 s TTL a
@@ -1493,6 +1496,12 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
         host = fleet.watchers[0].ctl("status", "web", check=False, as_json=False)
         assert host.returncode == 1, (host.stdout, host.stderr)
         assert f"watcherctl abort web {deploy_id} --end-sessions" in host.stdout, host.stdout
+        # And on the page (served with the operator's token, read from this host).
+        page = create_app(load_config(acl_fleet.operator_config), listen_host="127.0.0.1")
+        with TestClient(page, base_url="http://127.0.0.1:8710") as c:
+            r = c.get("/apps/web")
+        assert r.status_code == 200, r.text
+        assert f"Deploy {deploy_id} is stalled past its apply deadline: host-3 holds" in r.text
         # A plain abort is asked for, and said to change nothing: not exit 0.
         plain = acl_fleet.operator("abort", "web", deploy_id, check=False)
         assert plain.returncode == 4, (plain.stdout, plain.stderr)
