@@ -906,11 +906,14 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
     )
     merged: dict[str, Any] = _consul_from_env(env)
     from_env = set(merged)
+    # The file's token and token_file both override either variable (one token is sent).
+    file_token = {k: d[k] for k in ("token", "token_file") if d.get(k) is not None}
     overridden = tuple(
         sorted(
             CONSUL_ENV_NAMES[key]
             for key, value in merged.items()
-            if key in d and d[key] is not None and _differs(key, d[key], value)
+            if (key in d and d[key] is not None and _differs(key, d[key], value))
+            or (key in ("token", "token_file") and file_token and file_token.get(key) != value)
         )
     )
     # The file is like the CLI's flags: an explicit value there wins over the environment.
@@ -992,7 +995,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
 
 def _differs(key: str, file_value: Any, env_value: Any) -> bool:
     """Whether the file's ``key`` names another thing than the environment's variable (an
-    address with and without http:// or a trailing slash is the same one). Only the keys
+    address with and without its scheme or a trailing slash is the same one). Only the keys
     that name something: ``verify`` is a yes or no either way."""
     if key == "verify" or not isinstance(file_value, str) or not isinstance(env_value, str):
         return False
@@ -1002,7 +1005,8 @@ def _differs(key: str, file_value: Any, env_value: Any) -> bool:
 
 
 def _bare(address: str) -> str:
-    return address.removeprefix("http://").rstrip("/")
+    """host:port of an address (its scheme is a separate setting, CONSUL_HTTP_SSL's)."""
+    return address.partition("://")[2].rstrip("/") if "://" in address else address.rstrip("/")
 
 
 def parse_config(

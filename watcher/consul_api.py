@@ -1119,6 +1119,24 @@ class ConsulClient:
         _, data = self._kv_read(prefix, params, what=what)
         return self._names(data, what)
 
+    def kv_keys_checked(self, prefix: str) -> tuple[list[str], bool]:
+        """The names one level under ``prefix`` (sub-trees as "dir/"), and whether Consul
+        left some out because the token may not read them (as ``kv_list_checked``)."""
+        what = f"kv keys {prefix}"
+        resp = self._direct(
+            "GET",
+            f"/v1/kv/{self._kv_key(prefix)}",
+            what=what,
+            params=[("keys", "1"), ("separator", "/")],
+            allow=(404,),
+        )
+        headers = {str(k).lower(): str(v) for k, v in dict(resp.headers).items()}
+        filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
+        if resp.code == 404:
+            self._check_not_found(resp, what)
+            return [], filtered
+        return self._names(self._json(resp, what), what), filtered
+
     def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[str]]:
         """A watch on a whole tree: wakes on any write or delete under ``prefix``, at any
         depth, but carries only the names one level down (sub-trees collapse to "dir/").

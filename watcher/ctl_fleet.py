@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +75,17 @@ from watcher.records import (
     DeployRecord,
     HostRecord,
     ReleaseRef,
+    iso,
     parse_iso,
     utcnow,
 )
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
+# Seconds past a deploy's apply deadline before a host that holds it undecided is called
+# STALLED: a host stuck in its prepare gives up its session PREPARE_GRACE (10 s) after its
+# own prepare deadline, noticed within half a session TTL (the renewer), and its clock may
+# run a little behind the requester's. The word leads to ending sessions, so it waits.
+STALL_MARGIN = 40.0
 DAEMON_STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as down
 
 
@@ -1185,23 +1191,9 @@ def cmd_abort(ctx: CtlContext) -> int:
                 )
                 return EXIT_OK
             continue
-        ended: dict[str, str] = {}
         if ctx.args.end_sessions:
-            view = store.view(deploy_id)
-            checked = view.checked() if view is not None else None
-            if checked is not None and _decided(checked) is None:
-                stalled = stalled_by(checked, store.members())
-                if not stalled:
-                    raise DeployRefused(
-                        f"app {name}: deploy {deploy_id} is not stalled (no expected host "
-                        "holds it past its apply deadline, "
-                        f"{ids.one_line(checked.record.apply_deadline)}): no session ended; "
-                        f"`{ctx.command_line('abort', name, deploy_id)}` asks the hosts"
-                    )
-                store.request_abort(deploy_id, ctx.args.reason or "", by=user_at_host())
-                ended = end_stalled_sessions(store, deploy_id)
+            return _end_sessions(ctx, store, deploy_id)
         what, view, asked = abort_deploy(store, deploy_id, ctx.args.reason or "", by=user_at_host())
-        asked = asked or bool(ended)
         if what == "aborted":
             # Aborted before this command asked: said so (with who and why), still exit 0:
             # what the operator wanted holds.
@@ -1210,16 +1202,8 @@ def cmd_abort(ctx: CtlContext) -> int:
                 if asked
                 else f"deploy {deploy_id} was already aborted{_why_aborted(view)}: nothing to do"
             )
-            if ended:
-                said += f" (ended the session of {', '.join(sorted(ended))})"
             ctx.emit(
-                {
-                    "deploy": deploy_id,
-                    "app": name,
-                    "aborted": True,
-                    "already": not asked,
-                    "ended_sessions": ended,
-                },
+                {"deploy": deploy_id, "app": name, "aborted": True, "already": not asked},
                 lambda _: said,  # noqa: B023 (called before the loop moves on)
             )
             return EXIT_OK
@@ -1263,6 +1247,59 @@ def cmd_abort(ctx: CtlContext) -> int:
     )
 
 
+def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
+    """`abort APP DEPLOY --end-sessions`: end the sessions that hold a stalled deploy
+    undecided (``end_stalled_sessions``), then wait for the acks to decide it. Also for a
+    deploy a host it did not expect ended as ``expired`` while hosts that acked ready in
+    it still wait: its acks are undecided all the same."""
+    name = store.app
+    view = store.view(deploy_id)
+    checked = view.checked() if view is not None else None
+    if checked is None or checked.verdict() != UNDECIDED:
+        what = (
+            "has no record" if checked is None else f"is decided by its acks ({checked.verdict()})"
+        )
+        raise DeployRefused(f"app {name}: deploy {deploy_id} {what}: no session ended")
+    if not stalled_by(checked, store.members()):
+        after = parse_iso(checked.record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
+        raise DeployRefused(
+            f"app {name}: deploy {deploy_id} is not stalled (no expected host holds its "
+            f"session without acking, {STALL_MARGIN:g} s past the apply deadline: from "
+            f"{iso(after)}): no session ended; "
+            f"`{ctx.command_line('abort', name, deploy_id)}` asks the hosts"
+        )
+    store.request_abort(deploy_id, ctx.args.reason or "", by=user_at_host())
+    ended, refused = end_stalled_sessions(store, deploy_id)
+    if refused and not ended:
+        raise ConsulPermissionDenied(refused)
+    after_end = _wait_for_end(store, deploy_id, ABORT_WAIT) if ended else checked
+    verdict = after_end.verdict() if after_end is not None else UNDECIDED
+    nodes = ", ".join(sorted(ended))
+    data: dict[str, Any] = {
+        "deploy": deploy_id,
+        "app": name,
+        "aborted": verdict == ABORT,
+        "ended_sessions": ended,
+        "decision": verdict,
+    }
+    if verdict == ABORT:
+        said = f"deploy {deploy_id} aborted: ended the session of {nodes}"
+    elif verdict == COMMIT:
+        said = (
+            f"deploy {deploy_id} committed: {nodes} acked ready before its session ended "
+            "(its watcher takes a new session)"
+        )
+    else:
+        said = (
+            f"ended the session of {nodes}; the hosts have not decided deploy {deploy_id} "
+            f"yet (watch `{ctx.command_line('history', name)}`)"
+        )
+    if refused:
+        said += f"; not every session: {refused}"
+    ctx.emit(data, lambda _: said)
+    return EXIT_OK if not refused and verdict != COMMIT else EXIT_REFUSED
+
+
 def _why_aborted(view: DeployView | None) -> str:
     """ " (by WHO: WHY)" of the abort someone asked for, else " (WHY)" of the decision."""
     if view is None:
@@ -1288,6 +1325,13 @@ def _app_hint(ctx: CtlContext, name: str) -> str:
     return f"{usage}; to abort its deploy in flight: `{command}`"
 
 
+def past_stall_margin(record: DeployRecord, now: datetime | None = None) -> bool:
+    """Whether ``STALL_MARGIN`` has passed since ``record``'s apply deadline (by this
+    machine's clock)."""
+    deadline = parse_iso(record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
+    return (now or utcnow()) >= deadline
+
+
 def stalled_by(
     view: DeployView, members: Mapping[str, KVEntry], now: datetime | None = None
 ) -> dict[str, str]:
@@ -1295,10 +1339,11 @@ def stalled_by(
     session its request named): each has neither acked ready nor said no, while that
     session still holds its member key. By then every host running the watcher has acked
     or let its session go (its own daemon ends it once stuck past the prepare deadline,
-    DESIGN.md 6.4.7): that node's watcher is stopped, or its token is used by something
-    else, and only the end of that session (the abort clause) ends the deploy. Empty
-    before the deadline and once the acks decide it."""
-    if view.verdict() != UNDECIDED or (now or utcnow()) < parse_iso(view.record.apply_deadline):
+    DESIGN.md 6.4.7): that node's watcher is stopped or hung, its clock far behind, or its
+    token used by something else, and only the end of that session (the abort clause)
+    ends the deploy. Empty before ``STALL_MARGIN`` past the deadline, and once the acks
+    decide it (an ``expired`` outcome record does not: the acks still do not)."""
+    if view.verdict() != UNDECIDED or not past_stall_margin(view.record, now):
         return {}
     stalled = {}
     for node in view.record.expected:
@@ -1318,32 +1363,86 @@ def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: 
     verb = "holds" if len(stalled) == 1 else "hold"
     return (
         f"deploy {deploy_id} of {app} is STALLED past its apply deadline: {nodes} {verb} the "
-        "session the request named and never acked (a watcher stopped, or that token used "
-        "by something else); hosts that acked ready can no longer honor an abort request, "
-        f"and only the end of that session ends the deploy: `{command}` (a token with "
-        "session write on that node, docs/acl.md)"
+        "session the request named and has acked neither ready nor failed (a watcher "
+        "stopped or hung, a clock far behind, or that token used by something else); hosts "
+        "that acked ready can no longer honor an abort request, and only the end of that "
+        f"session ends the deploy: `{command}` (a token with session write on that node, "
+        "docs/acl.md)"
     )
 
 
-def end_stalled_sessions(store: DeployStore, deploy_id: str) -> dict[str, str]:
-    """Destroy the sessions that hold ``deploy_id`` undecided past its apply deadline (read
-    again here, consistently): each one's end makes the abort clause hold (DESIGN.md
-    6.4.3), and a node that acked ready meanwhile is not among them (its ready ack stands).
-    Returns what was ended (node -> session)."""
+def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
+    """What ending ``node``'s ``session`` would abort besides this deploy: the session is
+    the host's for every app (one per daemon), so each app whose member key it holds
+    loses that host, and a deploy in flight there that expects it without its ready ack
+    aborts, unless that one is stalled by it too. Empty when nothing else would."""
+    apps_prefix = store.keys.base.rsplit("/", 1)[0] + "/"
+    names, filtered = store.consul.kv_keys_checked(apps_prefix)
+    if filtered:
+        return [
+            f"this token may not read every app under {apps_prefix}, so what else {node}'s "
+            "session holds cannot be seen; use a token that reads them all and may write "
+            f'that node\'s sessions (`session "{node}" {{ policy = "write" }}`; the '
+            "management token)"
+        ]
+    said = []
+    for name in sorted(n[len(apps_prefix) :].rstrip("/") for n in names if n.endswith("/")):
+        if name == store.app or not name:
+            continue
+        other = DeployStore(store.consul, apps_prefix.rsplit("/apps/", 1)[0], name)
+        members = other.members(consistent=True)
+        if node not in members or members[node].session != session:
+            continue
+        inflight, _ = other.inflight(consistent=True)
+        view = other.view(inflight) if inflight else None
+        if view is None:
+            continue
+        checked = view.checked()
+        ack = checked.nodes.get(node)
+        if (
+            checked.verdict() != UNDECIDED
+            or node not in checked.record.expected
+            or (ack is not None and ack.state in ACKED_READY_STATES | ABORT_ACK_STATES)
+        ):
+            continue
+        if node not in stalled_by(checked, members):
+            said.append(
+                f"deploy {checked.id} of app {name}, which expects {node} and is not stalled, "
+                "would abort too"
+            )
+    return said
+
+
+def end_stalled_sessions(store: DeployStore, deploy_id: str) -> tuple[dict[str, str], str]:
+    """Destroy the sessions that hold ``deploy_id`` undecided past its apply deadline, read
+    again here from consistent members: each one's end makes the abort clause hold
+    (DESIGN.md 6.4.3). A node that acks ready before its session ends keeps its ack (the
+    ready txn checks the session), so the deploy may commit instead. Refused (DeployRefused)
+    when ending one would also abort a deploy of another app that is not stalled.
+    Returns what was ended (node -> session) and, when Consul refused one, why (the rest
+    are not tried; those already ended stay ended)."""
     view = store.view(deploy_id)
-    if view is None:
-        return {}
-    stalled = stalled_by(view.checked(), store.members(consistent=True))
+    stalled = stalled_by(view.checked(), store.members(consistent=True)) if view else {}
+    for node, session in sorted(stalled.items()):
+        if others := _elsewhere(store, node, session):
+            raise DeployRefused(
+                f"app {store.app}: {node}'s session {session} is its watcher's for every app, "
+                f"and ending it would do more than end deploy {deploy_id}: "
+                + "; ".join(others)
+                + "; nothing was ended"
+            )
+    ended: dict[str, str] = {}
     for node, session in sorted(stalled.items()):
         try:
             store.consul.session_destroy(session)
         except ConsulPermissionDenied as exc:
-            raise ConsulPermissionDenied(
+            return ended, (
                 f"{exc}; ending {node}'s session {session} needs a token with "
                 f'`session "{node}" {{ policy = "write" }}` (or a management token), '
                 "docs/acl.md"
-            ) from None
-    return stalled
+            )
+        ended[node] = session
+    return ended, ""
 
 
 def abort_deploy(
@@ -1863,7 +1962,7 @@ def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> 
             # Members are read only past the apply deadline of an undecided deploy.
             "stalled": (
                 stalled_by(view, store.members())
-                if view.verdict() == UNDECIDED and utcnow() >= parse_iso(view.record.apply_deadline)
+                if view.verdict() == UNDECIDED and past_stall_margin(view.record)
                 else {}
             ),
         }

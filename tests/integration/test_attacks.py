@@ -1486,7 +1486,8 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
             "the other hosts ready",
             fleet,
         )
-        wait_for(lambda: fleet_status(acl_fleet)["deploy"]["stalled"], 30, "stalled", fleet)
+        # STALLED only STALL_MARGIN (40 s) past the apply deadline (6 s after the start).
+        wait_for(lambda: fleet_status(acl_fleet)["deploy"]["stalled"], 90, "stalled", fleet)
         assert fleet_status(acl_fleet)["deploy"]["stalled"] == {me.name: named}
         text = human_fleet_status(acl_fleet)
         assert f"deploy {deploy_id} of web is STALLED past its apply deadline: host-3 holds" in (
@@ -1502,16 +1503,56 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
             r = c.get("/apps/web")
         assert r.status_code == 200, r.text
         assert f"Deploy {deploy_id} is stalled past its apply deadline: host-3 holds" in r.text
+        # The API's abort is a 409 that says why, not a 200 that changed nothing.
+        with TestClient(page, base_url="http://127.0.0.1:8710") as c:
+            auth = {"Authorization": f"Bearer {acl_fleet.tokens.operator}"}
+            r = c.post(f"/api/v1/apps/web/deploys/{deploy_id}/abort", json={}, headers=auth)
+        assert r.status_code == 409 and "--end-sessions" in r.json()["error"], r.text
         # A plain abort is asked for, and said to change nothing: not exit 0.
         plain = acl_fleet.operator("abort", "web", deploy_id, check=False)
         assert plain.returncode == 4, (plain.stdout, plain.stderr)
         assert "abort requested, but deploy" in plain.stderr, plain.stderr
         assert "--end-sessions" in plain.stderr, plain.stderr
-        # The operator's token may not end another node's session: said, nothing ended.
+        # host-3's session is its watcher's for every app: with it also a member of app api,
+        # in a deploy there that is not stalled, ending it would abort that one too.
+        api = DeployStore(fleet.kv, fleet.kv_prefix, "api")
+        other = api.new_record(
+            deploy_id=new_deploy_id(),
+            kind="deploy",
+            artifact=ArtifactRecord.from_dict(v2),
+            release=None,
+            requested_by="someone",
+            expected={me.name: named},
+            prepare_timeout=600,
+            apply_timeout=600,
+        )
+        assert fleet.kv.kv_put(api.keys.member(me.name), b"{}", acquire=named)
+        assert fleet.kv.txn(
+            [
+                TxnOp.cas(api.keys.inflight, other.id.encode(), 0),
+                TxnOp.cas(api.keys.request(other.id), other.to_json(), 0),
+            ]
+        ).ok
+        # The operator's token (app web only) cannot see that: said, nothing ended.
+        refused = acl_fleet.operator("abort", "web", deploy_id, "--end-sessions", check=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert "may not read every app under" in refused.stderr, refused.stderr
+        assert 'session "host-3" { policy = "write" }' in refused.stderr, refused.stderr
+        refused = acl_fleet.ctl(
+            admin_config, "abort", "web", deploy_id, "--end-sessions", check=False
+        )
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert f"deploy {other.id} of app api, which expects host-3 and is not stalled, would " in (
+            refused.stderr
+        )
+        assert "nothing was ended" in refused.stderr, refused.stderr
+        assert fleet.kv.txn([TxnOp.delete_tree(api.keys.base + "/")]).ok
+        # Then the operator's token sees every app, and Consul refuses its session destroy.
         refused = acl_fleet.operator("abort", "web", deploy_id, "--end-sessions", check=False)
         assert refused.returncode == 3, (refused.stdout, refused.stderr)
         assert 'session "host-3" { policy = "write" }' in refused.stderr, refused.stderr
         assert fleet.inflight() == deploy_id and fleet.outcome(deploy_id) is None
+        assert sessions(fleet)[me.name] == named
         ended = acl_fleet.ctl(admin_config, "abort", "web", deploy_id, "--end-sessions")
         said = json.loads(ended.stdout)
         assert said["aborted"] is True and said["ended_sessions"] == {me.name: named}, said

@@ -912,8 +912,14 @@ class TestConsulEnvironment:
             "environment, which names another address (unset it, or remove the key from "
             "the file to use it)"
         ]
+        # The file's token_file overrides an exported token as well (one token is sent).
+        (tmp_path / "tok").write_text("file-token\n")
+        by_file = {"token_file": str(tmp_path / "tok")}
+        assert parse(minimal(consul=by_file), env=env).consul.env_overridden == (
+            "CONSUL_HTTP_TOKEN",
+        )
         # The same address spelled otherwise, the same token, or nothing in the file: none.
-        same = {"address": "http://10.0.0.9:8501/", "token": "env-token"}
+        same = {"address": "https://10.0.0.9:8501/", "token": "env-token"}
         env["CONSUL_HTTP_ADDR"] = "10.0.0.9:8501"
         assert parse(minimal(consul=same), env=env).consul.env_overridden == ()
         consul = parse(minimal(), env=env).consul

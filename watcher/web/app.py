@@ -40,7 +40,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
-from watcher.barrier import CONTESTED, DeployStore, summarize_states
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, summarize_states
 from watcher.config import Config
 from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
@@ -56,9 +56,12 @@ from watcher.ctl_fleet import (
     fleet_status,
     held_warning,
     host_records,
+    past_stall_margin,
     redeploy_warning,
     rollback_request,
     shown_decision,
+    stalled_by,
+    stalled_line,
     start_deploy,
 )
 from watcher.errors import (
@@ -582,6 +585,15 @@ def live_snapshot(store: DeployStore) -> Snapshot:
             # Contested is no decision either, but no abort ends it (DESIGN.md 6.4.5).
             summary["contested"] = shown_as == CONTESTED
             summary["undecided"] = shown_as is None
+            # Past its apply deadline, whoever holds it undecided (members read only then;
+            # the feed reads again at least every BLOCK_WAIT, so an open page sees it come).
+            summary["stalled"] = (
+                stalled_by(view, store.members())
+                if deploy_id == inflight
+                and view.verdict() == UNDECIDED
+                and past_stall_margin(view.record)
+                else {}
+            )
             break
     return {
         "app": store.app,
@@ -1409,7 +1421,15 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             raise ApiError(409, contested_reason(deploy_id))
         if settled != "undecided":
             raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
-        what, _, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
+        what, after, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
+        stalled = stalled_by(after, store.members()) if what == "undecided" and after else {}
+        if stalled:
+            # Requested, and nobody left who may honor it: a 409 that says why, not a 200.
+            state.writes.labels(app=name, action="abort", result="stalled").inc()
+            command = shlex.join(["watcherctl", "abort", name, deploy_id, "--end-sessions"])
+            raise ApiError(
+                409, "abort requested, but " + stalled_line(name, deploy_id, stalled, command)
+            )
         if what in ("aborted", "undecided"):
             state.writes.labels(app=name, action="abort", result=what).inc()
             log.info("web_deploy_aborted", app=name, deploy=deploy_id, by=caller.requested_by)
