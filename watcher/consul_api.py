@@ -1088,19 +1088,23 @@ class ConsulClient:
         them (its ``X-Consul-Results-Filtered-By-Acls`` header): an empty or short list
         then says nothing about what exists."""
         what = f"kv list {prefix}"
+        data, filtered = self._kv_read_checked(prefix, [("recurse", "")], what)
+        return (self._entries(data, what) if data is not None else []), filtered
+
+    def _kv_read_checked(
+        self, prefix: str, params: list[tuple[str, Any]], what: str
+    ) -> tuple[Any, bool]:
+        """One GET of ``/v1/kv/<prefix>``: (the JSON answer or None on 404, whether Consul
+        filtered it by the token's ACLs)."""
         resp = self._direct(
-            "GET",
-            f"/v1/kv/{self._kv_key(prefix)}",
-            what=what,
-            params=[("recurse", "")],
-            allow=(404,),
+            "GET", f"/v1/kv/{self._kv_key(prefix)}", what=what, params=params, allow=(404,)
         )
         headers = {str(k).lower(): str(v) for k, v in dict(resp.headers).items()}
         filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
         if resp.code == 404:
             self._check_not_found(resp, what)
-            return [], filtered
-        return self._entries(self._json(resp, what), what), filtered
+            return None, filtered
+        return self._json(resp, what), filtered
 
     def kv_list_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[KVEntry]]:
         """Blocking ``kv_list``: wait up to ``wait`` s for a change under ``prefix``."""
@@ -1123,19 +1127,9 @@ class ConsulClient:
         """The names one level under ``prefix`` (sub-trees as "dir/"), and whether Consul
         left some out because the token may not read them (as ``kv_list_checked``)."""
         what = f"kv keys {prefix}"
-        resp = self._direct(
-            "GET",
-            f"/v1/kv/{self._kv_key(prefix)}",
-            what=what,
-            params=[("keys", "1"), ("separator", "/")],
-            allow=(404,),
-        )
-        headers = {str(k).lower(): str(v) for k, v in dict(resp.headers).items()}
-        filtered = headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
-        if resp.code == 404:
-            self._check_not_found(resp, what)
-            return [], filtered
-        return self._names(self._json(resp, what), what), filtered
+        params: list[tuple[str, Any]] = [("keys", "1"), ("separator", "/")]
+        data, filtered = self._kv_read_checked(prefix, params, what)
+        return (self._names(data, what) if data is not None else []), filtered
 
     def kv_keys_blocking(self, prefix: str, index: int, wait: float) -> tuple[int, list[str]]:
         """A watch on a whole tree: wakes on any write or delete under ``prefix``, at any
