@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 from watcher import __version__
 from watcher.barrier import DeployView
 from watcher.config import Config, parse_config
+from watcher.consul_api import KVEntry
 from watcher.ctl import (
     COMMANDS,
     EXIT_FAILED,
@@ -35,7 +36,15 @@ from watcher.ctl import (
     sudo_token_warning,
 )
 from watcher.ctl import table as render_table
-from watcher.ctl_fleet import _human_status, _local_app, _progress, _tail_lines, progress_lines
+from watcher.ctl_fleet import (
+    STALL_MARGIN,
+    _human_status,
+    _local_app,
+    _progress,
+    _tail_lines,
+    progress_lines,
+    stalled_by,
+)
 from watcher.errors import (
     ConfigError,
     ConsulUnavailable,
@@ -1179,3 +1188,43 @@ def test_history_names_an_abort_request_that_did_not_decide_the_deploy() -> None
     assert _detail(row, "") == row["reason"]
     row["abort_requested"] = None
     assert _detail(row, "") == row["reason"]
+
+
+def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack() -> None:
+    """`stalled_by`: past the apply deadline plus its margin, and only while the acks
+    decide nothing, a node is stalled when the session its request named still holds its
+    member key and it has acked neither ready nor failed."""
+    rec = DeployRecord(
+        id="20260101T000000Z-abc123",
+        app="web",
+        kind="deploy",
+        artifact="main-15eb13af",
+        sha256="0" * 64,
+        release="20260101T000000Z-main-15eb13af",
+        requested_by="alice",
+        requested_at="2026-01-01T00:00:00Z",
+        expected=["a", "b", "c", "d"],
+        sessions={"a": "s-a", "b": "s-b", "c": "s-c", "d": "s-d"},
+        prepare_deadline="2026-01-01T00:10:00Z",
+        apply_deadline="2026-01-01T00:20:00Z",
+    )
+    digest = rec.digest()
+
+    def member(node: str, session: str) -> KVEntry:
+        return KVEntry(f"w/apps/web/members/{node}", b"{}", 1, 1, 1, session, 0)
+
+    ready = NodeProgress(node="a", state="ready", digest=digest)
+    staging = NodeProgress(node="b", state="staging")
+    nodes = {"a": ready, "b": staging}
+    view = DeployView(rec, None, nodes, {}, None, None)
+    # c: no ack, its named session holds its key; d: its key held by another session.
+    members = {n: member(n, f"s-{n}") for n in "abc"} | {"d": member("d", "s-new")}
+    at = datetime(2026, 1, 1, 0, 20, 0, tzinfo=UTC)
+    assert stalled_by(view, members, now=at + timedelta(seconds=STALL_MARGIN - 1)) == {}
+    later = at + timedelta(seconds=STALL_MARGIN)
+    assert stalled_by(view, members, now=later) == {"b": "s-b", "c": "s-c"}
+    # An ack that says no decides it (abort): nobody is stalled then.
+    failed = DeployView(
+        rec, None, {**nodes, "c": NodeProgress(node="c", state="failed")}, {}, None, None
+    )
+    assert stalled_by(failed, members, now=later) == {}
