@@ -857,8 +857,7 @@ def env_overridden_warnings(config: Config, *, leave: frozenset[str] = frozenset
     keys = {var: key for key, var in CONSUL_ENV_NAMES.items()}
     return [
         f"consul.{keys[var]}: the file's value is used, not {var} of the environment, "
-        "which names another"
-        + (" address" if var == "CONSUL_HTTP_ADDR" else "")
+        + ("which names another address" if var == "CONSUL_HTTP_ADDR" else "which differs")
         + " (unset it, or remove the key from the file to use it)"
         for var in config.consul.env_overridden
         if var not in leave
