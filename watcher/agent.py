@@ -1767,6 +1767,7 @@ class AppAgent:
         ctx = self._hook_context(rec)
         decided_at = flipped_at = iso(utcnow())
         failed: HookError | None = None
+        flipped_from = ""  # the release `current` left here, when this call flipped it
         if not self.journal.has("flipped"):
             try:
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
@@ -1780,8 +1781,10 @@ class AppAgent:
                 moved_at = None
                 if failed is None:
                     with self.engine.lock(owner=f"deploy {rec.id}"):
-                        if self.engine.current_release() != rec.release:
+                        live = self.engine.current_release()
+                        if live != rec.release:
                             self.engine.flip(rec.release, not_before=flip_at)
+                            flipped_from = live or ""
                             # When `current` moved (renamed, its directory synced), not
                             # after the bookkeeping below: applied.json costs two fsyncs.
                             moved_at = iso(utcnow())
@@ -1831,7 +1834,7 @@ class AppAgent:
             state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
-        self._applied(joined, started, state, error, tail, timings)
+        self._applied(joined, started, state, error, tail, timings, flipped_from)
 
     def _applied(
         self,
@@ -1841,6 +1844,7 @@ class AppAgent:
         error: str,
         tail: str,
         timings: dict[str, str],
+        flipped_from: str = "",
     ) -> None:
         """The end of this host's apply: its live (or failed_after_commit) ack, with its
         host record in the same txn, then the prune."""
@@ -1862,6 +1866,7 @@ class AppAgent:
             extra_ops=[TxnOp.set(self.store.keys.host(self.node), host.to_json())],
             establish=coordinating,
             outcome=coordinating,
+            flipped_from=flipped_from,
         )
         if written is not None:
             with self._host_lock:

@@ -42,6 +42,7 @@ from watcher.records import (
     COMMIT,
     DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
+    LIVE,
     MAX_EXPECTED,
     NEXT_STATES,
     NODE_FINAL_STATES,
@@ -608,6 +609,7 @@ class DeployStore:
         if current is None:
             return {}
         problems: dict[str, str] = {}
+        current_view: DeployView | None = None
         try:
             refs = {"current": current.ref(), "previous": current.previous_ref()}
         except PayloadError as exc:
@@ -649,6 +651,19 @@ class DeployStore:
                     hosts = self.hosts_checked()[0]
                 if why := self.left_out(view, hosts):
                     problems[what] = f"{named}, which {why}"
+            if what == "current" and "current" not in problems:
+                current_view = view
+        previous = refs["previous"]
+        if (
+            previous is not None
+            and "previous" not in problems
+            and current_view is not None
+            and (why := flipped_elsewhere(current_view, previous.release))
+        ):
+            problems["previous"] = (
+                f"`previous` names release {previous.release} of deploy "
+                f"{previous.deploy}, but {why}"
+            )
         return problems
 
     def left_out(
@@ -1217,6 +1232,7 @@ class DeployStore:
         members: bool = True,
         extra_ops: list[dict[str, Any]] | None = None,
         before_ready: bool = False,
+        flipped_from: str = "",
     ) -> Written | None:
         """Move this node's ack forward (CAS on the KV record's own index, never on what
         ``.state/`` remembers); a ready ack also checks that the session the request named
@@ -1280,6 +1296,7 @@ class DeployStore:
                 request=request,
                 staged_bytes=staged[0] if staged else (old.staged_bytes if old else 0),
                 staged_members=staged[1] if staged else (old.staged_members if old else 0),
+                flipped_from=flipped_from or (old.flipped_from if old else ""),
             )
             ops = [TxnOp.cas(key, new.to_json(), old_index)]
             if state == READY and joined is not None:
@@ -2253,6 +2270,40 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
 _READ: Any = object()  # rollback_target's ``current`` when the caller has not read it
 
 
+def flipped_elsewhere(view: DeployView, previous: str) -> str:
+    """Why ``previous`` (the release `current.previous` names) is not what the hosts that
+    went live in ``view``'s deploy (the one `current` names) flipped from, by their own
+    acks, or "". Any host's token can rewrite `current.previous` (a plain rollback then
+    went two releases back, the attacker review); each ack is its node's. Hosts that
+    flipped from different releases make "previous" ambiguous too. Acks of older versions,
+    and of hosts that did not flip in it, say nothing."""
+    froms: dict[str, list[str]] = {}
+    for node, ack in sorted(view.nodes.items()):
+        if ack.flipped_from and ack.state in (LIVE, FAILED_AFTER_COMMIT):
+            froms.setdefault(ack.flipped_from, []).append(node)
+    if not froms or set(froms) == {previous}:
+        return ""
+    said = "; ".join(f"{release} ({', '.join(nodes)})" for release, nodes in sorted(froms.items()))
+    return f"the hosts that went live in deploy {view.id} flipped from: {said}"
+
+
+def _refuse_a_previous_the_acks_deny(
+    store: DeployStore, current: CurrentRecord | None, target: DeployRecord
+) -> None:
+    """A plain rollback goes to `current.previous` only where the hosts that went live in
+    the deploy `current` names flipped from that release (``flipped_elsewhere``)."""
+    if current is None:
+        return
+    with contextlib.suppress(PayloadError):
+        view = store.view(current.deploy)
+        if view is not None and (why := flipped_elsewhere(view, target.release)):
+            raise DeployRefused(
+                f"app {store.app}: refusing a plain rollback: `current.previous` names "
+                f"release {target.release} (deploy {target.id}), but {why}; name the "
+                "release to roll back to with --to"
+            )
+
+
 def rollback_target(
     store: DeployStore,
     release: str | None,
@@ -2295,6 +2346,7 @@ def rollback_target(
             continue
         if release is None and before is None:
             _refuse_a_failed_previous(store, rec)
+            _refuse_a_previous_the_acks_deny(store, current, rec)
         if len(rec.expected) == 1:
             # (a token without hosts/, a record that does not read: the hosts judge it)
             with contextlib.suppress(ConsulPermissionDenied, PayloadError):

@@ -645,7 +645,11 @@ class NodeProgress(Document):
     """
 
     # The daemon writes at most 2,000 and 4,000 characters (``write_progress``).
-    TEXT_LIMITS: ClassVar[dict[str, int]] = {"error": 4000, "output_tail": 8000}
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {
+        "error": 4000,
+        "output_tail": 8000,
+        "flipped_from": 200,
+    }
     TAIL_FIELDS: ClassVar[frozenset[str]] = frozenset({"output_tail"})
 
     node: str
@@ -661,6 +665,11 @@ class NodeProgress(Document):
     request: dict[str, Any] | None = None
     staged_bytes: int = 0
     staged_members: int = 0
+    # With the live (or failed_after_commit) ack of a host that flipped in this deploy:
+    # the release `current` named on it just before ("" otherwise, and in acks of older
+    # versions). Node-owned: `current.previous`, which any host's token can rewrite, is
+    # checked against it (DeployStore.check_current, rollback_target).
+    flipped_from: str = ""
 
     def validate(self, label: str) -> None:
         _need(
@@ -683,7 +692,7 @@ class NodeProgress(Document):
             label,
             "staged_bytes and staged_members must be integers",
         )
-        for name in ("error", "output_tail", "release", "sha256", "deploy"):
+        for name in ("error", "output_tail", "release", "sha256", "deploy", "flipped_from"):
             _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
 
     def acked_ready(self, digest: str) -> bool:

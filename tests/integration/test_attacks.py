@@ -760,6 +760,55 @@ class TestOneHostToken:
         assert releases_of(fleet) == {release2}
         next_deploy_works(acl_fleet, "v3")
 
+    def test_previous_pointed_two_releases_back_is_refused_for_a_plain_rollback(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The attacker review: host-3's token rewrote `current.previous` to the deploy
+        before the previous one (really committed); `status --fleet` showed it as the
+        fleet's previous and the operator's plain `rollback` committed it, two releases
+        back. Each host's live ack now says which release it flipped from."""
+        fleet = acl_fleet.fleet
+        v1, first, release1 = baseline(acl_fleet)
+        release2 = next_deploy_works(acl_fleet, "v2")
+        release3 = next_deploy_works(acl_fleet, "v3")
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        current = json.loads(entry.value)
+        assert current["previous"]["release"] == release2
+        acks = {
+            w.name: json.loads(
+                fleet.kv.kv_get(fleet.keys.progress(current["deploy"], w.name)).value
+            )
+            for w in fleet.watchers
+        }
+        assert {a["flipped_from"] for a in acks.values()} == {release2}, acks
+        # The entry the end of v2's deploy wrote: release1's deploy, really committed.
+        two_back = {
+            **current["previous"],
+            "deploy": first["deploy"],
+            "release": release1,
+            "artifact": v1["id"],
+            "sha256": v1["sha256"],
+            "create_index": 0,
+        }
+        forged = {**current, "previous": two_back}
+        forged.pop("version", None)
+        assert x.kv_put(fleet.keys.current, json.dumps(forged).encode())
+        status = fleet_status(acl_fleet)
+        assert (status["current"], status["previous"]) == (release3, None), status
+        problem = status["current_problems"]["previous"]
+        assert f"flipped from: {release2} (host-1, host-2, host-3)" in problem, problem
+        refused = acl_fleet.operator("rollback", "web", check=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert "refusing a plain rollback" in refused.stderr, refused.stderr
+        assert releases_of(fleet) == {release3}
+        # Named, the release before is rolled back to as usual.
+        rolled = json.loads(acl_fleet.operator("rollback", "web", "--to", release2).stdout)
+        assert rolled["result"] == "committed", rolled
+        fleet.wait_idle()
+        assert releases_of(fleet) == {release2}
+
     def test_current_claiming_a_later_create_index_is_written_anew(
         self, acl_fleet: AclFleet
     ) -> None:

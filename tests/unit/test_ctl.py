@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from watcher import __version__
-from watcher.barrier import DeployView
+from watcher.barrier import DeployView, flipped_elsewhere
 from watcher.config import Config, parse_config
 from watcher.consul_api import KVEntry
 from watcher.ctl import (
@@ -1228,3 +1228,33 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
         rec, None, {**nodes, "c": NodeProgress(node="c", state="failed")}, {}, None, None
     )
     assert stalled_by(failed, members, now=later) == {}
+
+
+def test_previous_is_what_every_host_that_went_live_flipped_from() -> None:
+    """`flipped_elsewhere`: the live acks (node-owned) against `current.previous` (any
+    host's token rewrites it); acks without the field (older versions) say nothing."""
+    rec = DeployRecord(
+        id="20260101T000000Z-abc123",
+        app="web",
+        kind="deploy",
+        artifact="main-15eb13af",
+        sha256="0" * 64,
+        release="20260101T000000Z-main-15eb13af",
+        requested_by="alice",
+        requested_at="2026-01-01T00:00:00Z",
+        expected=["a", "b", "c"],
+        prepare_deadline="2026-01-01T00:10:00Z",
+        apply_deadline="2026-01-01T00:20:00Z",
+    )
+    r1, r2 = "20251231T000000Z-main-aaaaaaaa", "20251231T120000Z-main-bbbbbbbb"
+
+    def view(froms: dict[str, str]) -> DeployView:
+        nodes = {n: NodeProgress(node=n, state="live", flipped_from=f) for n, f in froms.items()}
+        return DeployView(rec, None, nodes, {}, None, None)
+
+    assert flipped_elsewhere(view({"a": r2, "b": r2, "c": ""}), r2) == ""
+    assert flipped_elsewhere(view({"a": "", "b": ""}), r1) == ""
+    said = flipped_elsewhere(view({"a": r2, "b": r2, "c": r1}), r1)
+    assert said == (
+        f"the hosts that went live in deploy {rec.id} flipped from: {r1} (c); {r2} (a, b)"
+    )
