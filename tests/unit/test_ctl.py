@@ -347,10 +347,9 @@ def test_a_failed_hooks_tail_is_shown_short_and_inert() -> None:
     assert _tail_lines("") == [] and _tail_lines("\n \n") == []
 
 
-def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None:
-    """One read often brings the decision and the decider's commit intent (one txn): the
-    decision line comes before every state that follows it, after those that led to it."""
-    rec = DeployRecord(
+def a_record(expected: list[str], **more: Any) -> DeployRecord:
+    """A deploy request of app web from 2026-01-01 (prepare by 00:10, apply by 00:20)."""
+    return DeployRecord(
         id="20260101T000000Z-abc123",
         app="web",
         kind="deploy",
@@ -359,10 +358,17 @@ def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None
         release="20260101T000000Z-main-15eb13af",
         requested_by="alice",
         requested_at="2026-01-01T00:00:00Z",
-        expected=["a", "b", "c"],
+        expected=expected,
         prepare_deadline="2026-01-01T00:10:00Z",
         apply_deadline="2026-01-01T00:20:00Z",
+        **more,
     )
+
+
+def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None:
+    """One read often brings the decision and the decider's commit intent (one txn): the
+    decision line comes before every state that follows it, after those that led to it."""
+    rec = a_record(["a", "b", "c"])
 
     def view(states: dict[str, str], decision: str | None) -> DeployView:
         nodes = {n: NodeProgress(node=n, state=s) for n, s in states.items()}
@@ -1194,20 +1200,7 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
     """`stalled_by`: past the apply deadline plus its margin, and only while the acks
     decide nothing, a node is stalled when the session its request named still holds its
     member key and it has acked neither ready nor failed."""
-    rec = DeployRecord(
-        id="20260101T000000Z-abc123",
-        app="web",
-        kind="deploy",
-        artifact="main-15eb13af",
-        sha256="0" * 64,
-        release="20260101T000000Z-main-15eb13af",
-        requested_by="alice",
-        requested_at="2026-01-01T00:00:00Z",
-        expected=["a", "b", "c", "d"],
-        sessions={"a": "s-a", "b": "s-b", "c": "s-c", "d": "s-d"},
-        prepare_deadline="2026-01-01T00:10:00Z",
-        apply_deadline="2026-01-01T00:20:00Z",
-    )
+    rec = a_record(["a", "b", "c", "d"], sessions={"a": "s-a", "b": "s-b", "c": "s-c", "d": "s-d"})
     digest = rec.digest()
 
     def member(node: str, session: str) -> KVEntry:
@@ -1233,19 +1226,7 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
 def test_previous_is_what_every_host_that_went_live_flipped_from() -> None:
     """`flipped_elsewhere`: the live acks (node-owned) against `current.previous` (any
     host's token rewrites it); acks without the field (older versions) say nothing."""
-    rec = DeployRecord(
-        id="20260101T000000Z-abc123",
-        app="web",
-        kind="deploy",
-        artifact="main-15eb13af",
-        sha256="0" * 64,
-        release="20260101T000000Z-main-15eb13af",
-        requested_by="alice",
-        requested_at="2026-01-01T00:00:00Z",
-        expected=["a", "b", "c"],
-        prepare_deadline="2026-01-01T00:10:00Z",
-        apply_deadline="2026-01-01T00:20:00Z",
-    )
+    rec = a_record(["a", "b", "c"])
     r1, r2 = "20251231T000000Z-main-aaaaaaaa", "20251231T120000Z-main-bbbbbbbb"
 
     def view(froms: dict[str, str]) -> DeployView:
