@@ -1208,9 +1208,7 @@ def cmd_abort(ctx: CtlContext) -> int:
             )
             return EXIT_OK
         data = {"deploy": deploy_id, "app": name, "aborted": False, "decision": what}
-        stalled = (
-            stalled_by(view, store.members()) if what == UNDECIDED and view is not None else {}
-        )
+        stalled = stalled_in(store, view) if what == UNDECIDED else {}
         if stalled:
             # Asked for, and nobody left who may honor it: said, and not "ok" to a script.
             command = ctx.command_line("abort", name, deploy_id, "--end-sessions")
@@ -1260,7 +1258,9 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
             "has no record" if checked is None else f"is decided by its acks ({checked.verdict()})"
         )
         raise DeployRefused(f"app {name}: deploy {deploy_id} {what}: no session ended")
-    if not stalled_by(checked, store.members()):
+    # Consistent members: what the sessions' end is decided on.
+    stalled = stalled_in(store, checked, consistent=True)
+    if not stalled:
         after = parse_iso(checked.record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
         raise DeployRefused(
             f"app {name}: deploy {deploy_id} is not stalled (no expected host holds its "
@@ -1269,7 +1269,7 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
             f"`{ctx.command_line('abort', name, deploy_id)}` asks the hosts"
         )
     store.request_abort(deploy_id, ctx.args.reason or "", by=user_at_host())
-    ended, refused = end_stalled_sessions(store, deploy_id)
+    ended, refused = end_stalled_sessions(store, deploy_id, stalled)
     if refused and not ended:
         raise ConsulPermissionDenied(refused)
     after_end = _wait_for_end(store, deploy_id, ABORT_WAIT) if ended else checked
@@ -1357,6 +1357,17 @@ def stalled_by(
     return stalled
 
 
+def stalled_in(
+    store: DeployStore, view: DeployView | None, *, consistent: bool = False
+) -> dict[str, str]:
+    """``stalled_by`` of ``view``, the members read from ``store`` only where it can name
+    someone (an undecided deploy past its margin): every other read of a deploy pays
+    nothing for it."""
+    if view is None or view.verdict() != UNDECIDED or not past_stall_margin(view.record):
+        return {}
+    return stalled_by(view, store.members(consistent=consistent))
+
+
 def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: str) -> str:
     """What `status` and `abort` say of a deploy ``stalled_by`` ``stalled``."""
     nodes = ", ".join(sorted(stalled))
@@ -1413,16 +1424,16 @@ def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
     return said
 
 
-def end_stalled_sessions(store: DeployStore, deploy_id: str) -> tuple[dict[str, str], str]:
-    """Destroy the sessions that hold ``deploy_id`` undecided past its apply deadline, read
-    again here from consistent members: each one's end makes the abort clause hold
-    (DESIGN.md 6.4.3). A node that acks ready before its session ends keeps its ack (the
-    ready txn checks the session), so the deploy may commit instead. Refused (DeployRefused)
-    when ending one would also abort a deploy of another app that is not stalled.
-    Returns what was ended (node -> session) and, when Consul refused one, why (the rest
-    are not tried; those already ended stay ended)."""
-    view = store.view(deploy_id)
-    stalled = stalled_by(view.checked(), store.members(consistent=True)) if view else {}
+def end_stalled_sessions(
+    store: DeployStore, deploy_id: str, stalled: Mapping[str, str]
+) -> tuple[dict[str, str], str]:
+    """Destroy the sessions ``stalled`` (``stalled_in`` of ``deploy_id``, read from
+    consistent members): each one's end makes the abort clause hold (DESIGN.md 6.4.3). A
+    node that acks ready before its session ends keeps its ack (the ready txn checks the
+    session), so the deploy may commit instead. Refused (DeployRefused) when ending one
+    would also abort a deploy of another app that is not stalled. Returns what was ended
+    (node -> session) and, when Consul refused one, why (the rest are not tried; those
+    already ended stay ended)."""
     for node, session in sorted(stalled.items()):
         if others := _elsewhere(store, node, session):
             raise DeployRefused(
@@ -1960,11 +1971,7 @@ def _fleet_part(store: DeployStore, node: str | None, entry: dict[str, Any]) -> 
             "states": summarize_states(view),
             "distrusted": list(view.distrusted),
             # Members are read only past the apply deadline of an undecided deploy.
-            "stalled": (
-                stalled_by(view, store.members())
-                if view.verdict() == UNDECIDED and past_stall_margin(view.record)
-                else {}
-            ),
+            "stalled": stalled_in(store, view),
         }
 
 

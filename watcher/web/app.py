@@ -40,7 +40,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, summarize_states
+from watcher.barrier import CONTESTED, DeployStore, summarize_states
 from watcher.config import Config
 from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
@@ -56,11 +56,10 @@ from watcher.ctl_fleet import (
     fleet_status,
     held_warning,
     host_records,
-    past_stall_margin,
     redeploy_warning,
     rollback_request,
     shown_decision,
-    stalled_by,
+    stalled_in,
     stalled_line,
     start_deploy,
 )
@@ -587,13 +586,7 @@ def live_snapshot(store: DeployStore) -> Snapshot:
             summary["undecided"] = shown_as is None
             # Past its apply deadline, whoever holds it undecided (members read only then;
             # the feed reads again at least every BLOCK_WAIT, so an open page sees it come).
-            summary["stalled"] = (
-                stalled_by(view, store.members())
-                if deploy_id == inflight
-                and view.verdict() == UNDECIDED
-                and past_stall_margin(view.record)
-                else {}
-            )
+            summary["stalled"] = stalled_in(store, view) if deploy_id == inflight else {}
             break
     return {
         "app": store.app,
@@ -1422,7 +1415,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if settled != "undecided":
             raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
         what, after, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
-        stalled = stalled_by(after, store.members()) if what == "undecided" and after else {}
+        stalled = stalled_in(store, after) if what == "undecided" else {}
         if stalled:
             # Requested, and nobody left who may honor it: a 409 that says why, not a 200.
             state.writes.labels(app=name, action="abort", result="stalled").inc()
