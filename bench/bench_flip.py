@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from bench.harness import Figure, Results, RoundFailed
 from tests.support.nginx import Nginx, NginxFailed
+from tests.support.s3server import free_port
 
 FLIPPER = textwrap.dedent(
     """
@@ -55,12 +55,6 @@ FLIPPER = textwrap.dedent(
     print(flips)
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serving(work: Path, root: Path) -> Nginx:

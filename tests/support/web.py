@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,12 +13,7 @@ import httpx
 import yaml
 
 from tests.support.fleet import BIN, Fleet
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from tests.support.s3server import free_port
 
 
 class WebServer:
