@@ -416,6 +416,10 @@ class AppAgent:
         # The alarm raised because `current` names a deploy that left this host out
         # (DESIGN.md 6.4.5), and that deploy: lifted once `current` names another.
         self._left_out: tuple[str, str] | None = None
+        # What the last look for a committed deploy later than ``current`` found (from the
+        # acks, ``newest_committed``), for (the deploy `current` named, this host's release):
+        # looked for once after start, and again only when this host is behind `current`.
+        self._acks_looked: tuple[tuple[str | None, str | None], Joined | None] | None = None
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._request_index: dict[str, int] = {}  # deploy -> its request key's CreateIndex
         self._coordinating: str | None = None
@@ -2053,27 +2057,52 @@ class AppAgent:
             self._lift_left_out_alarm()
         local = self.engine.current_release()
         self._write_host(local)
-        if current is None:
+        first_look = self._acks_looked is None
+        if current is None and not first_look:
             return "idle (no committed release yet)"
         journal = self.converge_journal.read()
-        unfinished = journal is not None and journal.get("release") == current.release
+        fleet_release = current.release if current is not None else None
+        unfinished = journal is not None and journal.get("release") == fleet_release
         # `current` names the fleet's release but its tree is gone or incomplete (removed
         # by hand, a disk repaired): the host serves nothing, and every deploy would abort
         # on it. Staged again from the committed deploy, like any host that is behind.
-        broken = local == current.release and local is not None and self._live_broken(local)
-        if local == current.release and not unfinished and not broken:
+        broken = local == fleet_release and local is not None and self._live_broken(local)
+        on_current = local == fleet_release and not unfinished and not broken
+        if on_current and not first_look:
             self.status.converge_error = ""
             self._converge_failures = 0
             return "idle"
-        if (local != current.release or broken) and self.engine.held() is not None:
+        if not on_current and current is not None and self.engine.held() is not None:
             if broken:
                 return f"held; the live release {local} is not complete here"
-            return f"held (fleet is on {current.release}, this host on {local})"
+            return f"held (fleet is on {fleet_release}, this host on {local})"
         if self.busy():
             return "converging"
         wait = self._converge_retry_at - time.monotonic()
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
+        later = self._later_than_current(current, local)
+        if later is not None:
+            if self.engine.held() is not None:
+                return f"held (the acks commit {later.request.release}, this host on {local})"
+            try:
+                self._check_pin_of(later.request)
+            except ArtifactIntegrityError as exc:
+                self._report_once(
+                    f"pin:{later.id}", "current_not_obeyed", deploy=later.id, reason=str(exc)
+                )
+                return f"idle; {exc}"
+            return self._start(
+                "converge",
+                later.id,
+                lambda: self._converge_to(later, current.deploy if current else None),
+            )
+        if current is None:
+            return "idle (no committed release yet)"
+        if on_current:
+            self.status.converge_error = ""
+            self._converge_failures = 0
+            return "idle"
         joined, left_out = self.store.committed_or_why(
             current.deploy, node=self.node, first_index=self.first_index()
         )
@@ -2112,7 +2141,53 @@ class AppAgent:
                 f"pin:{joined.id}", "current_not_obeyed", deploy=joined.id, reason=str(exc)
             )
             return f"idle; {exc}"
-        return self._start("converge", joined.id, lambda: self._converge_to(joined))
+        return self._start("converge", joined.id, lambda: self._converge_to(joined, joined.id))
+
+    def _later_than_current(
+        self, current: CurrentRecord | None, local: str | None
+    ) -> Joined | None:
+        """A committed deploy later than both the one ``current`` names and the one this
+        host is on, by the acks (``DeployStore.newest_committed``), or None. ``current`` is
+        any host's word (DESIGN.md 6.4.6): pointed back at an older committed deploy, or
+        at the release of a host that was away, it would leave that host behind the fleet.
+
+        Looked for once after start (a host that was away may find `current` naming its
+        own release), and whenever this host is behind `current`; not after each deploy
+        this host applied (``_converge`` is idle then), so a deploy costs no more. Once per
+        (`current`'s deploy, this host's release): a converge that fails and retries does
+        not look again. A read that fails counts as nothing found, and is tried again."""
+        key = (current.deploy if current else None, local)
+        if self._acks_looked is not None and self._acks_looked[0] == key:
+            return self._acks_looked[1]
+        above = self._applied_index()
+        try:
+            if current is not None and current.create_index > above:
+                # the deploy `current` names, by its acks (its CreateIndex field is a claim)
+                pointed = self.store.committed(
+                    current.deploy, node=self.node, first_index=self.first_index()
+                )
+                if pointed is not None:
+                    above = max(above, pointed.create_index)
+            later = self.store.newest_committed(
+                above, node=self.node, first_index=self.first_index()
+            )
+        except (ConsulError, PayloadError) as exc:
+            self.log.warning("later_deploys_not_read", error=str(exc))
+            return None
+        if later is not None and (current is None or later.id != current.deploy):
+            self._report_once(
+                f"later:{later.id}",
+                "current_not_obeyed",
+                deploy=current.deploy if current else None,
+                reason=(
+                    f"the acks commit a later deploy {later.id} (release "
+                    f"{later.request.release}): that one is followed"
+                ),
+            )
+        else:
+            later = None
+        self._acks_looked = (key, later)
+        return later
 
     def _live_broken(self, release: str) -> bool:
         """Whether the release ``current`` names has no complete tree here (reported once
@@ -2222,12 +2297,14 @@ class AppAgent:
             self._reported.add(key)
             self.log.error(event, **fields)
 
-    def _converge_to(self, joined: Joined) -> None:
+    def _converge_to(self, joined: Joined, pointed: str | None) -> None:
         """Stage and flip to a committed deploy's release, without a new barrier.
 
         Journaled like a deploy (``.state/converge.json``): after a crash, the phases that
         did not finish run again, and a failing ``validate`` is retried with backoff and
-        shown in `status` until it passes.
+        shown in `status` until it passes. ``pointed``: the deploy `current` named when
+        this converge began (``joined``'s own, unless the acks gave a later one): the flip
+        is skipped if `current` has moved since.
         """
         rec = joined.request
         journal = self.converge_journal
@@ -2247,7 +2324,7 @@ class AppAgent:
                 self._post_release(rec, ctx, journal)
             if not journal.has("flipped"):
                 with self.engine.lock(owner="converge"):
-                    reason = self._converge_blocked(joined)
+                    reason = self._converge_blocked(pointed)
                     if reason is not None:
                         self.log.info("converge_skipped", release=rec.release, reason=reason)
                         journal.clear(rec.id)
@@ -2273,8 +2350,9 @@ class AppAgent:
         self.log.info("converged", release=rec.release, deploy=rec.id)
         self._prune()
 
-    def _converge_blocked(self, joined: Joined) -> str | None:
-        """Why not to flip now (checked under the app lock, just before the flip)."""
+    def _converge_blocked(self, pointed: str | None) -> str | None:
+        """Why not to flip now (checked under the app lock, just before the flip):
+        ``pointed`` is the deploy `current` named when the converge began."""
         hold = self.engine.held()
         if hold is not None:
             return f"held: {hold.reason}"
@@ -2282,7 +2360,7 @@ class AppAgent:
         if inflight is not None:
             return f"deploy {inflight} started meanwhile"
         now, _ = self.store.current()
-        if now is None or now.deploy != joined.id:
+        if (now.deploy if now else None) != pointed:
             return f"the fleet moved on to {now.release if now else 'nothing'}"
         return None
 

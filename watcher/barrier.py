@@ -46,6 +46,7 @@ from watcher.records import (
     MAX_EXPECTED,
     NEXT_STATES,
     NODE_FINAL_STATES,
+    NODE_RE,
     READY,
     STAGING,
     AbortRequest,
@@ -607,7 +608,10 @@ class DeployStore:
         gives them, for a deploy one host acked alone). ``views``, when given, gets the
         views read ("current", "previous"), so a caller reads the acks once."""
         if current is None:
-            return {}
+            later = self._later_than(None, 0)
+            if not later:
+                return {}
+            return {"current": f"`current` is missing, but {later}"}
         problems: dict[str, str] = {}
         current_view: DeployView | None = None
         try:
@@ -664,7 +668,33 @@ class DeployStore:
                 f"`previous` names release {previous.release} of deploy "
                 f"{previous.deploy}, but {why}"
             )
+        if current_view is not None:
+            acked_at = max((a.create_index for a in current_view.nodes.values()), default=0)
+            if later := self._later_than(current, acked_at):
+                problems["current"] = (
+                    f"`current` names release {current.release} of deploy {current.deploy}, "
+                    f"but {later}"
+                )
         return problems
+
+    def _later_than(self, current: CurrentRecord | None, acked_at: int) -> str:
+        """For readers: "the acks commit a later deploy ..." when they commit a deploy
+        later than ``current``'s (``newest_committed``; ``acked_at``: its CreateIndex by
+        its acks), else "". Not the deploy in flight, nor one that `current` names by the
+        time it is found: a deploy's acks commit it before its end writes `current`, and
+        a reader must not call the fleet's release untrusted in between."""
+        try:
+            later = self.newest_committed(acked_at)
+        except PayloadError:
+            return ""  # the acks could not be read: what `current` says is not contradicted
+        if later is None:
+            return ""
+        now, _ = self.current()
+        if later.id == self.inflight()[0] or (now.deploy if now else None) != (
+            current.deploy if current else None
+        ):
+            return ""
+        return f"the acks commit a later deploy {later.id} (release {later.request.release})"
 
     def left_out(
         self,
@@ -962,10 +992,13 @@ class DeployStore:
         names = (k[len(prefix) :].split("/")[0] for k in self.consul.kv_keys(prefix))
         return {n for n in names if n}
 
-    def _embedded_requests(self, deploy_id: str) -> list[tuple[DeployRecord, dict[str, KVEntry]]]:
+    def _embedded_requests(
+        self, deploy_id: str, among: Collection[str] | None = None
+    ) -> list[tuple[DeployRecord, dict[str, KVEntry]]]:
         """Distinct requests carried by acks of ``deploy_id``, each with the ack entries
-        (of nodes it expects) that carry it."""
-        nodes = sorted(self.names_under(self.keys.progress_prefix))
+        (of nodes it expects) that carry it; the acks of ``among`` (default: every node
+        with acks, from one keys read)."""
+        nodes = sorted(self.names_under(self.keys.progress_prefix) if among is None else among)
         ops = []
         for n in nodes:
             ops.append(TxnOp.get_or_empty(self.keys.progress(deploy_id, n)))
@@ -1570,12 +1603,24 @@ class DeployStore:
             )
         return TxnOp.cas(self.keys.decision(request.id), decision.to_json(), 0)
 
-    def committed(self, deploy_id: str, *, node: str = "", first_index: int = 0) -> Joined | None:
+    def committed(
+        self,
+        deploy_id: str,
+        *,
+        node: str = "",
+        first_index: int = 0,
+        nodes: Collection[str] | None = None,
+    ) -> Joined | None:
         """``committed_or_why`` without the why."""
-        return self.committed_or_why(deploy_id, node=node, first_index=first_index)[0]
+        return self.committed_or_why(deploy_id, node=node, first_index=first_index, nodes=nodes)[0]
 
     def committed_or_why(
-        self, deploy_id: str, *, node: str = "", first_index: int = 0
+        self,
+        deploy_id: str,
+        *,
+        node: str = "",
+        first_index: int = 0,
+        nodes: Collection[str] | None = None,
     ) -> tuple[Joined | None, str]:
         """The deploy's request, if this host may trust that its commit predicate holds;
         else None and, when ``node`` was left out of it (below), why (else "").
@@ -1588,8 +1633,9 @@ class DeployStore:
         acked it: every honest expected host checked before its ready ack that no live
         member was left out (``check_sessions``), and one token speaks for one host only.
         So a deploy one host forged for itself alone moves nobody else (DESIGN.md 6.4.5).
+        ``nodes``: the nodes whose acks to read (default: every node with acks).
         """
-        found = self._embedded_requests(deploy_id)
+        found = self._embedded_requests(deploy_id, nodes)
         if len(found) != 1:
             return None, ""
         request, entries = found[0]
@@ -1850,6 +1896,67 @@ class DeployStore:
             return False, None
         acked = self.committed(current.deploy, node=node, first_index=first_index)
         return acked is not None and acked.create_index > create_index, acked
+
+    def acked_deploys(self) -> dict[str, list[str]]:
+        """Every deploy with acks, and the nodes that acked it (sorted), from one keys read
+        of the progress tree (acks live as long as the history keeps their deploy)."""
+        prefix = self.keys.progress_prefix
+        found: dict[str, list[str]] = {}
+        for key in self.consul.kv_keys(prefix, None):
+            node, _, deploy_id = key[len(prefix) :].partition("/")
+            if NODE_RE.match(node) and DEPLOY_ID_RE.match(deploy_id):
+                found.setdefault(deploy_id, []).append(node)
+        return {d: sorted(nodes) for d, nodes in found.items()}
+
+    def newest_committed(
+        self, above: int, *, node: str = "", first_index: int = 0
+    ) -> Joined | None:
+        """The committed deploy with the highest CreateIndex above ``above``, found from the
+        acks alone; None when there is none. ``current`` is a pointer any host's token can
+        rewrite (DESIGN.md 6.4.6): pointed back at an older committed deploy, it would
+        steer a host that was away there and keep it there, and a reader would call that
+        older release the fleet's.
+
+        Each deploy is ranked by the CreateIndex its acks claim: two acks a deploy, of
+        two nodes (this host's own first), the higher claim that Consul's own index of its
+        ack bounds. One token writes one node's acks, so it can raise a deploy of its own
+        making (whose commit predicate then fails) but not hide a later one. A deploy only
+        one node acked is ranked only when that node is ``node``: others trust it only as
+        a host that joined after it (``committed_or_why``), which ``current`` then names.
+        The predicate is established (``committed``) from the highest rank down, until one
+        holds. Two round trips (a keys read, one txn), and two more for each deploy ranked
+        above ``above``: none when ``above`` is the newest committed deploy's and no later
+        one aborted."""
+        acked = {
+            d: nodes
+            for d, nodes in self.acked_deploys().items()
+            if len(nodes) >= 2 or node in nodes
+        }
+        picked = [
+            (d, (([node] if node in nodes else []) + [n for n in nodes if n != node])[:2])
+            for d, nodes in sorted(acked.items())
+        ]
+        ops = [TxnOp.get_or_empty(self.keys.progress(d, n)) for d, two in picked for n in two]
+        entries = iter(self._read_txn(ops, consistent=True)) if ops else iter(())
+        ranked: list[tuple[int, str]] = []
+        for d, two in picked:
+            claims = [0]
+            for n in two:
+                entry = next(entries)
+                ack = parse_ack(entry, node=n, deploy=d)
+                if (
+                    entry is not None
+                    and ack is not None
+                    and 0 < ack.create_index < entry.create_index
+                ):
+                    claims.append(ack.create_index)
+            if max(claims) > above:
+                ranked.append((max(claims), d))
+        for _, d in sorted(ranked, reverse=True):
+            joined = self.committed(d, node=node, first_index=first_index, nodes=acked[d])
+            if joined is not None and joined.create_index > above:
+                return joined
+        return None
 
     def _auto_rollback(
         self, joined: Joined, verdict: Verdict, *, by: str
@@ -2304,6 +2411,24 @@ def _refuse_a_previous_the_acks_deny(
             )
 
 
+def _refuse_a_current_behind_the_acks(store: DeployStore, current: CurrentRecord | None) -> None:
+    """A plain rollback goes to the release before the fleet's: not when `current` names a
+    deploy older than one the acks commit later (a host's token pointed it back, DESIGN.md
+    6.4.6), whose ``previous`` would take the fleet two or more releases back."""
+    if current is None:
+        return
+    with contextlib.suppress(PayloadError):
+        pointed = store.committed(current.deploy)
+        later = store.newest_committed(pointed.create_index) if pointed is not None else None
+        if later is not None:
+            raise DeployRefused(
+                f"app {store.app}: refusing a plain rollback: `current` names release "
+                f"{current.release} (deploy {current.deploy}), but the acks commit a later "
+                f"deploy {later.id} (release {later.request.release}); name the release to "
+                "roll back to with --to"
+            )
+
+
 def rollback_target(
     store: DeployStore,
     release: str | None,
@@ -2347,6 +2472,7 @@ def rollback_target(
         if release is None and before is None:
             _refuse_a_failed_previous(store, rec)
             _refuse_a_previous_the_acks_deny(store, current, rec)
+            _refuse_a_current_behind_the_acks(store, current)
         if len(rec.expected) == 1:
             # (a token without hosts/, a record that does not read: the hosts judge it)
             with contextlib.suppress(ConsulPermissionDenied, PayloadError):

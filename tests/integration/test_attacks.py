@@ -760,6 +760,69 @@ class TestOneHostToken:
         assert releases_of(fleet) == {release2}
         next_deploy_works(acl_fleet, "v3")
 
+    def test_current_pointed_back_does_not_steer_a_host_that_was_away(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """While host-1 is away, two deploys commit without it, and host-3's token writes
+        back the `current` of the first of them: host-1, back, would stop at that older
+        deploy, and a plain rollback would go two releases back. Then, host-1 away again
+        for one deploy, the `current` of the release host-1 is on: it would stay there.
+        Both times it follows the newest deploy the acks commit, `status --fleet` does not
+        call the older release the fleet's, and the rollback is refused."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        away = fleet.watchers[0]
+        x = host_client(acl_fleet, 2)
+
+        def deploy_without_away(version: str) -> dict[str, Any]:
+            art = acl_fleet.publish(version)
+            shown = acl_fleet.operator("deploy", "web", art["id"], "--allow-missing")
+            result: dict[str, Any] = json.loads(shown.stdout)
+            assert result["result"] == "committed", result
+            return result
+
+        def current_now() -> bytes:
+            entry = x.kv_get(fleet.keys.current)
+            assert entry is not None and entry.value is not None
+            return entry.value
+
+        def back_on(release: str) -> None:
+            away.start()
+            fleet.wait_members(3)
+
+            def converged() -> list[str]:
+                return [e["release"] for e in away.log_events("converged", this_start=True)]
+
+            wait_for(lambda: bool(converged()), 30, "host-1 converged", fleet)
+            assert converged() == [release]  # never to the one `current` named
+            assert fleet.currents()[away.name] == release
+
+        away.stop()
+        deploy_without_away("v2")
+        replayed = current_now()  # v2's deploy, `previous` v1's
+        third = deploy_without_away("v3")
+        assert x.kv_put(fleet.keys.current, replayed)
+        status = fleet_status(acl_fleet)
+        assert status["current"] is None, status
+        problem = status["current_problems"]["current"]
+        assert f"later deploy {third['deploy']} (release {third['release']})" in problem, status
+        # A plain rollback would go to v1, two releases back: refused, --to named.
+        refused = acl_fleet.operator("rollback", "web", check=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert f"the acks commit a later deploy {third['deploy']}" in refused.stderr
+        assert "--to" in refused.stderr
+        back_on(third["release"])
+        assert releases_of(fleet) == {third["release"]}
+
+        next_deploy_works(acl_fleet, "v4")
+        replayed = current_now()  # v4's deploy, which host-1 is on
+        away.stop()
+        fifth = deploy_without_away("v5")
+        assert x.kv_put(fleet.keys.current, replayed)
+        back_on(fifth["release"])
+        assert releases_of(fleet) == {fifth["release"]}
+        next_deploy_works(acl_fleet, "v6")
+
     def test_previous_pointed_two_releases_back_is_refused_for_a_plain_rollback(
         self, acl_fleet: AclFleet
     ) -> None:

@@ -380,6 +380,39 @@ class TestTrust:
         late = store.committed("evil", node="n9", first_index=10**12)
         assert late is not None and late.request.expected == ["x"]
 
+    def test_the_newest_committed_deploy_is_found_from_the_acks_alone(
+        self, store: DeployStore
+    ) -> None:
+        """What a host that was away follows when `current` (any host's word) points back:
+        the committed deploy with the highest CreateIndex by its acks. A later deploy that
+        aborted, and one that n2's token made for n2 alone, rank above it and are passed."""
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+
+        def deploy(deploy_id: str, states: dict[str, str]) -> Joined:
+            joined = start(store, deploy_id, {n: sessions[n] for n in states})
+            for node, state in states.items():
+                assert ack(store, joined, node, state, sessions[node])
+            assert store.consul.kv_delete(store.keys.inflight)
+            return joined
+
+        first = deploy("d1", {"n1": READY, "n2": READY})
+        second = deploy("d2", {"n1": READY, "n2": READY})
+        aborted = deploy("d3", {"n1": READY, "n2": FAILED})
+        solo = deploy("d4", {"n2": READY})
+        assert first.create_index < second.create_index < aborted.create_index
+        assert set(store.acked_deploys()) == {"d1", "d2", "d3", "d4"}
+        newest = store.newest_committed(0, node="n1", first_index=1)
+        assert newest is not None and (newest.id, newest.create_index) == (
+            "d2",
+            second.create_index,
+        )
+        assert store.newest_committed(first.create_index, node="n1", first_index=1) == newest
+        assert store.newest_committed(second.create_index, node="n1", first_index=1) is None
+        # n2's own deploy is one it follows; readers (no node) pass it, as n1 does.
+        mine = store.newest_committed(0, node="n2", first_index=1)
+        assert mine is not None and (mine.id, mine.create_index) == ("d4", solo.create_index)
+        assert store.newest_committed(0) == newest
+
     def test_two_requests_for_one_id_rebuild_nothing(self, store: DeployStore) -> None:
         sessions = {n: member(store, n) for n in ("n1", "n2")}
         joined = start(store, "d1", sessions)

@@ -208,6 +208,9 @@ class TestLeftOutAlarm:
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
         agent.busy = lambda: False  # type: ignore[method-assign]
         agent._converge_retry_at = 0.0
+        agent._acks_looked = None
+        # No later deploy by the acks (``newest_committed``, tested on a real Consul).
+        agent._later_than_current = lambda _current, _local: None  # type: ignore[method-assign]
         agent._write_host = lambda *_a, **_k: None  # type: ignore[method-assign]
         agent._applied_index = lambda: 0  # type: ignore[method-assign]
         agent._check_pin_of = lambda _request: None  # type: ignore[method-assign]
