@@ -31,6 +31,7 @@ from watcher import PROTOCOL_VERSION, __version__
 from watcher.barrier import (
     CONTESTED,
     UNDECIDED,
+    WAIT_RECHECK,
     AbortRequested,
     DeployStore,
     DeployView,
@@ -137,11 +138,9 @@ APPLIED_KEPT = 5  # deploys applied.json remembers: their acks are spared by eve
 # The end of a commit writes `current` and deletes `inflight` in one txn, and their watches
 # answer a few ms apart: the loop waits this long for the `current` one before it reads.
 END_WATCH_GRACE = 0.5
-# A ready host waiting for the others' acks wakes on the members watch (the decided mark of
-# the host that decides, and the sessions the abort clause looks at): it reads the acks
-# again only when that changed, or after this long. A wait longer than DECISION_WATCH_AFTER
-# also watches the decision key (the record of a decider that could not write its mark).
-WAIT_RECHECK = 15.0
+# A ready host waiting for the others' acks reads them again after WAIT_RECHECK (barrier).
+# A wait longer than DECISION_WATCH_AFTER also watches the decision key (the record of a
+# decider that could not write its mark).
 DECISION_WATCH_AFTER = 1.0
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)

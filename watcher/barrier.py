@@ -73,6 +73,11 @@ log = get_logger(module="barrier")
 
 # Verdicts of ``establish`` (DESIGN.md 6.4.3 and 6.4.4).
 UNDECIDED, CONTESTED = "undecided", "contested"
+# A ready host waiting for the others' acks wakes on the members watch (the decided mark of
+# the host that decides, and the sessions the abort clause looks at): it reads the acks
+# again only when that changed, or after this long. A session that ends without holding
+# its member key changes nothing it watches: the hosts see its end within this time.
+WAIT_RECHECK = 15.0
 # How many history entries one end of a deploy trims at most (the rest go next time).
 TRIM_PER_END = 6
 # How many trimmed ids the history remembers, so that every host deletes its own acks.

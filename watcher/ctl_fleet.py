@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +20,7 @@ from watcher.barrier import (
     CONTESTED,
     RAW_EVENT_BY,
     UNDECIDED,
+    WAIT_RECHECK,
     DeployStore,
     DeployView,
     judge,
@@ -1259,7 +1260,14 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
         )
         raise DeployRefused(f"app {name}: deploy {deploy_id} {what}: no session ended")
     # Consistent members: what the sessions' end is decided on.
-    stalled = stalled_in(store, checked, consistent=True)
+    members = store.members(consistent=True)
+    stalled = stalled_by(checked, members, alive=named_alive(store, checked, members))
+    # A session that holds no member key ends without a change the waiting hosts watch:
+    # they see it at their next look (WAIT_RECHECK), which the wait below covers.
+    keyless = any(
+        (e := members.get(node)) is None or e.session != session
+        for node, session in stalled.items()
+    )
     if not stalled:
         after = parse_iso(checked.record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
         raise DeployRefused(
@@ -1272,7 +1280,8 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
     ended, refused = end_stalled_sessions(store, deploy_id, stalled)
     if refused and not ended:
         raise ConsulPermissionDenied(refused)
-    after_end = _wait_for_end(store, deploy_id, ABORT_WAIT) if ended else checked
+    wait = ABORT_WAIT + (WAIT_RECHECK if keyless else 0.0)
+    after_end = _wait_for_end(store, deploy_id, wait) if ended else checked
     verdict = after_end.verdict() if after_end is not None else UNDECIDED
     nodes = ", ".join(sorted(ended))
     data: dict[str, Any] = {
@@ -1333,11 +1342,16 @@ def past_stall_margin(record: DeployRecord, now: datetime | None = None) -> bool
 
 
 def stalled_by(
-    view: DeployView, members: Mapping[str, KVEntry], now: datetime | None = None
+    view: DeployView,
+    members: Mapping[str, KVEntry],
+    now: datetime | None = None,
+    alive: Collection[str] = (),
 ) -> dict[str, str]:
     """The expected nodes that hold a deploy undecided past its apply deadline (node -> the
     session its request named): each has neither acked ready nor said no, while that
-    session still holds its member key. By then every host running the watcher has acked
+    session still holds its member key, or lives without it (``alive``: what
+    ``named_alive`` found; renewed by hand, it keeps the abort clause from holding just
+    the same). By then every host running the watcher has acked
     or let its session go (its own daemon ends it once stuck past the prepare deadline,
     DESIGN.md 6.4.7): that node's watcher is stopped or hung, its clock far behind, or its
     token used by something else, and only the end of that session (the abort clause)
@@ -1345,27 +1359,59 @@ def stalled_by(
     decide it (an ``expired`` outcome record does not: the acks still do not)."""
     if view.verdict() != UNDECIDED or not past_stall_margin(view.record, now):
         return {}
-    stalled = {}
-    for node in view.record.expected:
-        ack = view.nodes.get(node)
-        if ack is not None and ack.state in ACKED_READY_STATES | ABORT_ACK_STATES:
-            continue
-        named = view.record.sessions.get(node)
+    return {
+        node: named
+        for node, named in _unacked_named(view).items()
+        if named in alive or ((entry := members.get(node)) is not None and entry.session == named)
+    }
+
+
+def _unacked_named(view: DeployView) -> dict[str, str]:
+    """Expected node -> the session its request named, for nodes that acked neither ready
+    nor no."""
+    done = ACKED_READY_STATES | ABORT_ACK_STATES
+    return {
+        node: named
+        for node in view.record.expected
+        if (named := view.record.sessions.get(node))
+        and ((ack := view.nodes.get(node)) is None or ack.state not in done)
+    }
+
+
+def named_alive(
+    store: DeployStore,
+    view: DeployView,
+    members: Mapping[str, KVEntry],
+    now: datetime | None = None,
+) -> set[str]:
+    """The sessions ``view``'s request named for nodes that have not acked and that do not
+    hold their member key, which Consul still has: a session renewed by hand after it let
+    the key go (a stopped watcher's, by its host's token). Read (one ``session/info`` each)
+    only for a deploy ``stalled_by`` could name, past its margin; a token that may not read
+    sessions sees none (Consul hides them), docs/acl.md."""
+    if view.verdict() != UNDECIDED or not past_stall_margin(view.record, now):
+        return set()
+    found = set()
+    for node, named in _unacked_named(view).items():
         entry = members.get(node)
-        if named and entry is not None and entry.session == named:
-            stalled[node] = named
-    return stalled
+        if entry is not None and entry.session == named:
+            continue
+        with contextlib.suppress(ConsulPermissionDenied):
+            if store.consul.session_info(named, consistent=True) is not None:
+                found.add(named)
+    return found
 
 
 def stalled_in(
     store: DeployStore, view: DeployView | None, *, consistent: bool = False
 ) -> dict[str, str]:
-    """``stalled_by`` of ``view``, the members read from ``store`` only where it can name
-    someone (an undecided deploy past its margin): every other read of a deploy pays
-    nothing for it."""
+    """``stalled_by`` of ``view``, the members (and named sessions) read from ``store`` only
+    where it can name someone (an undecided deploy past its margin): every other read of
+    a deploy pays nothing for it."""
     if view is None or view.verdict() != UNDECIDED or not past_stall_margin(view.record):
         return {}
-    return stalled_by(view, store.members(consistent=consistent))
+    members = store.members(consistent=consistent)
+    return stalled_by(view, members, alive=named_alive(store, view, members))
 
 
 def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: str) -> str:
@@ -1416,7 +1462,7 @@ def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
             or (ack is not None and ack.state in ACKED_READY_STATES | ABORT_ACK_STATES)
         ):
             continue
-        if node not in stalled_by(checked, members):
+        if node not in stalled_by(checked, members, alive=named_alive(other, checked, members)):
             said.append(
                 f"deploy {checked.id} of app {name}, which expects {node} and is not stalled, "
                 "would abort too"
@@ -2190,7 +2236,7 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
                 "distrusted": list(view.distrusted),
                 "apply_deadline": view.record.apply_deadline,
                 # Past that deadline, the nodes that hold it undecided (node -> session).
-                "stalled": stalled_by(view, members),
+                "stalled": stalled_by(view, members, alive=named_alive(store, view, members)),
             }
             if view
             else problem

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1554,6 +1555,42 @@ class TestReadersOfCurrent:
         assert "current" not in problems and evil in problems["previous"], problems
 
 
+@contextlib.contextmanager
+def a_watcher_stopped_and_its_session_renewed(
+    acl: AclFleet,
+) -> Iterator[tuple[WatcherProc, str, Path, Path]]:
+    """The attacker of the stalled deploys: host-3's watcher stopped (SIGSTOP) and the
+    session it holds renewed by hand with its token, until the block ends (then it runs
+    again). Yields host-3, that session, an operator config with 3 s timeouts, and the same
+    with the management token (the one that may end any host's session)."""
+    fleet = acl.fleet
+    me = fleet.watchers[2]
+    named = sessions(fleet)[me.name]
+    x = host_client(acl, 2)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                x.session_renew(named)
+
+    short = yaml.safe_load(acl.operator_config.read_text())
+    short["apps"]["web"]["timeouts"] = {"prepare": "3s", "apply": "3s", "hook": "3s"}
+    hurried = fleet.workdir / "operator-short.yaml"
+    hurried.write_text(yaml.safe_dump(short))
+    admin = dict(short, consul={**short["consul"], "token": fleet.cluster.management_token})
+    admin_config = fleet.workdir / "admin.yaml"
+    admin_config.write_text(yaml.safe_dump(admin))
+    threading.Thread(target=renew, daemon=True).start()
+    assert me.proc is not None
+    os.killpg(me.proc.pid, signal.SIGSTOP)
+    try:
+        yield me, named, hurried, admin_config
+    finally:
+        stop.set()
+        os.killpg(me.proc.pid, signal.SIGCONT)
+
+
 def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_session_ends(
     acl_fleet: AclFleet,
 ) -> None:
@@ -1566,28 +1603,7 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
     aborts it (the session clause, DESIGN.md 6.4.3); the operator's own token may not."""
     fleet = acl_fleet.fleet
     _, _, release1 = baseline(acl_fleet)
-    me = fleet.watchers[2]
-    named = sessions(fleet)[me.name]
-    x = host_client(acl_fleet, 2)
-    stop = threading.Event()
-
-    def renew() -> None:  # the attacker, with host-3's token
-        while not stop.wait(0.5):
-            with contextlib.suppress(Exception):
-                x.session_renew(named)
-
-    short = yaml.safe_load(acl_fleet.operator_config.read_text())
-    short["apps"]["web"]["timeouts"] = {"prepare": "3s", "apply": "3s", "hook": "3s"}
-    hurried = fleet.workdir / "operator-short.yaml"
-    hurried.write_text(yaml.safe_dump(short))
-    admin = dict(short, consul={**short["consul"], "token": fleet.cluster.management_token})
-    admin_config = fleet.workdir / "admin.yaml"
-    admin_config.write_text(yaml.safe_dump(admin))
-    renewer = threading.Thread(target=renew, daemon=True)
-    renewer.start()
-    assert me.proc is not None
-    os.killpg(me.proc.pid, signal.SIGSTOP)
-    try:
+    with a_watcher_stopped_and_its_session_renewed(acl_fleet) as (me, named, hurried, admin_config):
         v2 = acl_fleet.publish("v2")
         started = json.loads(acl_fleet.ctl(hurried, "deploy", "web", v2["id"], "--no-wait").stdout)
         deploy_id = started["deploy"]
@@ -1671,9 +1687,50 @@ def test_a_host_that_keeps_its_session_and_never_acks_stalls_only_until_its_sess
         assert fleet.wait_outcome(deploy_id)["result"] == "aborted"
         wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
         assert {n: fleet.currents()[n] for n in others} == dict.fromkeys(others, release1)
-    finally:
-        stop.set()
-        os.killpg(me.proc.pid, signal.SIGCONT)
+    fleet.wait_members(len(fleet.watchers))
+    fleet.wait_idle()
+    next_deploy_works(acl_fleet, "v3")
+
+
+def test_a_named_session_kept_alive_without_its_member_key_is_shown_stalled_and_ended(
+    acl_fleet: AclFleet,
+) -> None:
+    """As above, and host-3's token also lets the member key go once the deploy started:
+    the named session, alive without the key, still keeps the abort clause from holding.
+    `stalled_by` went by the member key alone: nothing was shown STALLED and
+    `abort --end-sessions` refused. A token that may read sessions now sees it (the
+    operator's policy has no session rule: Consul hides sessions from it, docs/acl.md)."""
+    fleet = acl_fleet.fleet
+    _, _, release1 = baseline(acl_fleet)
+    x = host_client(acl_fleet, 2)
+    with a_watcher_stopped_and_its_session_renewed(acl_fleet) as (me, named, hurried, admin):
+        v2 = acl_fleet.publish("v2")
+        started = json.loads(acl_fleet.ctl(hurried, "deploy", "web", v2["id"], "--no-wait").stdout)
+        deploy_id = started["deploy"]
+        others = [w.name for w in fleet.watchers if w is not me]
+        wait_for(
+            lambda: all(fleet.ack_states(deploy_id)[n] == "ready" for n in others),
+            30,
+            "the other hosts ready",
+            fleet,
+        )
+        assert x.kv_put(fleet.keys.member(me.name), b"{}", release=named)
+        assert me.name not in fleet.members()
+
+        def shown() -> dict[str, Any]:
+            status = json.loads(
+                acl_fleet.ctl(admin, "status", "web", "--fleet", check=False).stdout
+            )
+            return dict(status["web"]["deploy"] or {})
+
+        wait_for(lambda: bool(shown().get("stalled")), 90, "stalled", fleet)
+        assert shown()["stalled"] == {me.name: named}
+        assert fleet.inflight() == deploy_id and sessions(fleet).get(me.name) is None
+        ended = json.loads(acl_fleet.ctl(admin, "abort", "web", deploy_id, "--end-sessions").stdout)
+        assert ended["aborted"] is True and ended["ended_sessions"] == {me.name: named}, ended
+        assert fleet.wait_outcome(deploy_id)["result"] == "aborted"
+        wait_for(lambda: fleet.inflight() is None, 30, "inflight cleared", fleet)
+        assert {n: fleet.currents()[n] for n in others} == dict.fromkeys(others, release1)
     fleet.wait_members(len(fleet.watchers))
     fleet.wait_idle()
     next_deploy_works(acl_fleet, "v3")

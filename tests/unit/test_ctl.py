@@ -1221,6 +1221,13 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
         rec, None, {**nodes, "c": NodeProgress(node="c", state="failed")}, {}, None, None
     )
     assert stalled_by(failed, members, now=later) == {}
+    # d's named session alive without its key (``named_alive`` read it): stalled as well;
+    # a's is not, whatever is said of it: it acked ready.
+    assert stalled_by(view, members, now=later, alive={"s-d", "s-a"}) == {
+        "b": "s-b",
+        "c": "s-c",
+        "d": "s-d",
+    }
 
 
 def test_previous_is_what_every_host_that_went_live_flipped_from() -> None:
