@@ -2081,6 +2081,9 @@ class AppAgent:
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
         later = self._later_than_current(current, local)
+        if later is not None and later.request.release == local:
+            # On it already (its applied.json lost or older): `current` is behind this host.
+            return f"idle; the acks commit {later.id}, which this host is on: current not obeyed"
         if later is not None:
             if self.engine.held() is not None:
                 return f"held (the acks commit {later.request.release}, this host on {local})"

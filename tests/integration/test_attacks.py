@@ -814,6 +814,22 @@ class TestOneHostToken:
         assert "--to" in refused.stderr
         back_on(third["release"])
         assert releases_of(fleet) == {third["release"]}
+        # Its `.state/applied.json` lost, host-1 no longer knows which deploy it is on:
+        # the acks tell it that `current` is behind it, and it stays.
+        away.stop()
+        (away.app_dir / ".state" / "applied.json").unlink()
+        away.start()
+        wait_for(
+            lambda: any(
+                "which this host is on: current not obeyed" in str(e.get("outcome"))
+                for e in away.log_events("cycle", this_start=True)
+            ),
+            30,
+            "host-1 idle on its release",
+            fleet,
+        )
+        assert not away.log_events("converged", this_start=True)
+        assert releases_of(fleet) == {third["release"]}
 
         next_deploy_works(acl_fleet, "v4")
         replayed = current_now()  # v4's deploy, which host-1 is on
