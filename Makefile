@@ -47,6 +47,7 @@ bench: $(STAMP) consul
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/run.py $(BENCH_ARGS)
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_web.py
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_predicate.py
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python bench/bench_newest.py
 
 # Randomized fault deploys on a real 5-host cluster; FAULTS_ARGS="--deploys 200 --seed N".
 faults: $(STAMP) consul

@@ -1909,9 +1909,16 @@ class DeployStore:
         found: dict[str, list[str]] = {}
         for key in self.consul.kv_keys(prefix, None):
             node, _, deploy_id = key[len(prefix) :].partition("/")
-            if NODE_RE.match(node) and DEPLOY_ID_RE.match(deploy_id):
+            if "/" not in deploy_id:  # not the request a ready ack carries beside it
                 found.setdefault(deploy_id, []).append(node)
-        return {d: sorted(nodes) for d, nodes in found.items()}
+        # Each name checked once (a fleet's keys repeat a few names thousands of times).
+        named = {n for nodes in found.values() for n in nodes}
+        good = {n for n in named if NODE_RE.match(n)}
+        return {
+            d: sorted(n for n in nodes if n in good)
+            for d, nodes in found.items()
+            if DEPLOY_ID_RE.match(d)
+        }
 
     def newest_committed(
         self, above: int, *, node: str = "", first_index: int = 0
