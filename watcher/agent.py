@@ -69,6 +69,7 @@ from watcher.records import (
     INT_LIMIT,
     LIVE,
     NODE_FINAL_STATES,
+    PREFETCHED_LISTED,
     READY,
     REFUSED,
     STAGING,
@@ -143,7 +144,6 @@ END_WATCH_GRACE = 0.5
 # decider that could not write its mark).
 DECISION_WATCH_AFTER = 1.0
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
-PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.

@@ -438,6 +438,7 @@ class ArtifactRecord(Document):
 
 #: What stands for the part of a free text field a reader did not take.
 CUT_MARK = "[cut]"
+PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 
 #: Integers in records are sizes, counts and Consul's indexes (uint64): anything past this
 #: is garbage, and an int too large for a float crashed the readers that format it.
@@ -795,7 +796,18 @@ class Outcome(Document):
 class HostRecord(Document):
     """``apps/<app>/hosts/<node>``: persistent, so a dead host still shows in status."""
 
-    TEXT_LIMITS: ClassVar[dict[str, int]] = {"hold": 2000, "alarm": 2000}
+    # Every field is its host's token's word, shown by `status --fleet`, the page and its
+    # live feed: none is taken longer than a watcher writes it (`prefetched`: the first
+    # PREFETCHED_LISTED ids, each at most ID_SHOWN characters).
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {
+        "hold": 2000,
+        "alarm": 2000,
+        "release": 200,
+        "last_seen": 64,
+        "watcher_version": 100,
+        "state": 200,
+    }
+    ID_SHOWN: ClassVar[int] = 200
 
     node: str
     release: str | None
@@ -808,6 +820,17 @@ class HostRecord(Document):
     hold: str = ""
     alarm: str = ""
     first_index: int = 0  # since when it is in this app's fleet (6.4.5; AppAgent.first_index)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, label: str = "") -> Self:
+        listed = data.get("prefetched") if isinstance(data, dict) else None
+        if isinstance(listed, list) and (
+            len(listed) > PREFETCHED_LISTED
+            or any(isinstance(p, str) and len(p) > cls.ID_SHOWN for p in listed)
+        ):
+            cut = [p[: cls.ID_SHOWN] if isinstance(p, str) else p for p in listed]
+            data = {**data, "prefetched": cut[:PREFETCHED_LISTED]}
+        return super().from_dict(data, label=label)
 
     def validate(self, label: str) -> None:
         # node is a dict key of every reader (status, the barrier): a list there crashes them

@@ -421,6 +421,31 @@ class TestRecords:
             json.dumps({"node": "a", "release": None, "last_seen": "", "hold": "h" * 3000})
         )
         assert host.hold == "h" * 2000 + " [cut]"
+        # Every field of a host record: status --fleet, the page and its feed show them.
+        host = HostRecord.from_json(
+            json.dumps(
+                {
+                    "node": "a",
+                    "release": "r" * 500_000,
+                    "last_seen": "l" * 1000,
+                    "watcher_version": "v" * 1000,
+                    "state": "s" * 500_000,
+                    "prefetched": [f"main-{i:08x}" for i in range(5000)] + ["x" * 500_000],
+                }
+            )
+        )
+        assert host.release == "r" * 200 + " [cut]" and host.state == "s" * 200 + " [cut]"
+        assert host.last_seen == "l" * 64 + " [cut]"
+        assert host.watcher_version == "v" * 100 + " [cut]"
+        assert host.prefetched == [f"main-{i:08x}" for i in range(20)]
+        long_id = HostRecord.from_json(
+            json.dumps({"node": "a", "release": None, "last_seen": "", "prefetched": ["x" * 999]})
+        )
+        assert long_id.prefetched == ["x" * 200]
+        with pytest.raises(PayloadError, match="prefetched must be a list of artifact ids"):
+            HostRecord.from_json(
+                json.dumps({"node": "a", "release": None, "last_seen": "", "prefetched": [1]})
+            )
         assert NodeProgress.from_json(ack.to_json()) == ack  # cut once, not again
         short = NodeProgress.from_json(json.dumps({"node": "a", "state": "failed", "error": "e"}))
         assert short.error == "e"
