@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from watcher import PROTOCOL_VERSION
+from watcher.config import HISTORY_MAX
 from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArtifactIntegrityError,
@@ -1064,6 +1065,16 @@ class DeployStore:
             trimmed = [
                 i for i in data.get("trimmed", []) if isinstance(i, str) and DEPLOY_ID_RE.match(i)
             ]
+            if len(ids) > HISTORY_MAX or len(trimmed) > TRIMMED_KEEP:
+                # Padded by a token that may write it (any host's): the newest are taken, and
+                # the next end writes the key back that short (its txn must fit Consul's).
+                report_skipped(
+                    entry,
+                    f"{len(ids)} deploys and {len(trimmed)} trimmed ids, more than "
+                    f"{HISTORY_MAX} and {TRIMMED_KEEP}: the newest taken",
+                    warning=True,
+                )
+                ids, trimmed = ids[-HISTORY_MAX:], trimmed[-TRIMMED_KEEP:]
             return ids, trimmed, ""
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             # RecursionError: arrays nested thousands deep, which any host's token can write

@@ -25,6 +25,10 @@ VALIDATE_FAILURE_MODES = ("rollback", "hold")
 FLIP_DELAY = 0.2
 FLIP_DELAY_MAX = 5.0
 MAX_NESTING = 32  # levels of YAML collections; a real config needs 6
+# The most deploys an app's history keeps (`daemon.history_keep`), and the most of them a
+# host reads from that key: any host's token writes it, and a padded list (18,000 ids) made
+# the end's txn too large for Consul, so no deploy ended (the attacker review).
+HISTORY_MAX = 1000
 # \Z, not $: "$" also matches before a final newline ("web\n" would pass).
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}\Z")
@@ -335,6 +339,17 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return repr(value)
+
+
+def _int_between(minimum: int, maximum: int) -> Callable[[Any], int]:
+    at_least = _int_at_least(minimum)
+
+    def convert(value: Any) -> int:
+        if at_least(value) > maximum:
+            raise ValueError
+        return int(value)
+
+    return convert
 
 
 def _int_at_least(minimum: int) -> Callable[[Any], int]:
@@ -1099,7 +1114,14 @@ def parse_config(
             dd, "session_ttl", "daemon", 15.0, parse_duration, 'a duration like "15s"'
         ),
         listen=listen,
-        history_keep=r.get(dd, "history_keep", "daemon", 50, _int_at_least(2), "an integer >= 2"),
+        history_keep=r.get(
+            dd,
+            "history_keep",
+            "daemon",
+            50,
+            _int_between(2, HISTORY_MAX),
+            f"an integer from 2 to {HISTORY_MAX}",
+        ),
         undecided_after=r.get(
             dd, "undecided_after", "daemon", 30.0, parse_duration, 'a duration like "30s"'
         ),

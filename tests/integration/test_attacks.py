@@ -32,7 +32,7 @@ from tests.support.cluster import ClusterSpec
 from tests.support.fleet import BIN, Fleet, WatcherProc, wait_for
 from tests.support.s3server import s3_client
 from watcher.barrier import DeployStore, new_deploy_id
-from watcher.config import load_config
+from watcher.config import HISTORY_MAX, load_config
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import ConsulPermissionDenied
 from watcher.records import (
@@ -1125,6 +1125,36 @@ class TestOneHostToken:
         proc.wait(timeout=60)
         assert outcome["result"] == "committed", outcome
         x.session_destroy(session)
+        next_deploy_works(acl_fleet, "v3")
+
+    def test_a_padded_history_does_not_keep_deploys_from_ending(self, acl_fleet: AclFleet) -> None:
+        """The attacker review: host-3's token padded `history` with 18,000 deploy ids
+        (~470 KB). Every end rewrites that key, and the txn grew past Consul's limit (HTTP
+        413): the next deploy's hosts went live, but no end was ever written, `inflight`
+        stayed, and every later deploy was refused. Now a host reads at most HISTORY_MAX
+        ids (the newest) and the end writes the key back that short."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.history)
+        assert entry is not None and entry.value is not None
+        doc = json.loads(entry.value)
+        padding = [f"20200101T000000Z-{i:06x}" for i in range(18_000)]
+        assert x.kv_put(
+            fleet.keys.history, json.dumps({**doc, "deploys": padding + doc["deploys"]}).encode()
+        )
+        art = acl_fleet.publish("v2")
+        result = json.loads(
+            acl_fleet.operator("deploy", "web", art["id"], "--timeout", "60").stdout
+        )
+        assert result["result"] == "committed", result
+        wait_for(lambda: fleet.inflight() is None, 30, "the deploy ended", fleet)
+        assert fleet.outcome(result["deploy"]) is not None
+        entry = x.kv_get(fleet.keys.history)
+        assert entry is not None and entry.value is not None
+        written = json.loads(entry.value)["deploys"]
+        assert len(written) <= HISTORY_MAX and written[-1] == result["deploy"], len(written)
+        assert history_row(acl_fleet, result["deploy"])["result"] == "committed"
         next_deploy_works(acl_fleet, "v3")
 
     def test_events_seen_at_the_maximum_does_not_silence_raw_events(

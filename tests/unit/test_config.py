@@ -403,7 +403,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (minimal(daemon={"session_ttl": "0.5s"}), "daemon.session_ttl: must be between 1s and 24h"),
     (
         minimal(daemon={"history_keep": "all"}),
-        'daemon.history_keep: must be an integer >= 2, got "all"',
+        'daemon.history_keep: must be an integer from 2 to 1000, got "all"',
+    ),
+    (
+        # any host's token writes the history: hosts read at most HISTORY_MAX ids of it
+        minimal(daemon={"history_keep": 1001}),
+        "daemon.history_keep: must be an integer from 2 to 1000, got 1001",
     ),
     (
         minimal(daemon={"handled_events_keep": 100}),
@@ -433,7 +438,7 @@ class TestErrorsNameTheirPath:
             }
         )
         assert found == [
-            "daemon.history_keep: must be an integer >= 2, got 0",
+            "daemon.history_keep: must be an integer from 2 to 1000, got 0",
             'apps.web.keep_releases: must be an integer >= 1, got "five"',
             'apps.api.root: must be an absolute directory path, got "rel"',
             'apps.api.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "x"',
