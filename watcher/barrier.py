@@ -647,9 +647,14 @@ class DeployStore:
                     f"{named}, but that deploy's acked request is release {rec.release} "
                     f"(artifact {rec.artifact})"
                 )
-            elif ref.create_index and ref.create_index not in (
-                acked := {a.create_index for a in view.nodes.values()}
-            ):
+            elif len(acked := {a.create_index for a in view.nodes.values()}) != 1:
+                # One host rewrote its ack's claim after the commit: a veto of the deploy
+                # for those who judge it now, and its CreateIndex is nobody's to take.
+                problems[what] = (
+                    f"{named}, whose acks claim different CreateIndexes "
+                    f"({', '.join(map(str, sorted(acked)))}): an ack was rewritten"
+                )
+            elif ref.create_index and ref.create_index not in acked:
                 # The end of a later deploy keeps a `current` with a higher CreateIndex: a
                 # forged one would look later than every deploy to come.
                 problems[what] = (
@@ -675,7 +680,8 @@ class DeployStore:
                 f"{previous.deploy}, but {why}"
             )
         if current_view is not None:
-            acked_at = max((a.create_index for a in current_view.nodes.values()), default=0)
+            # the one CreateIndex its acks claim (checked above)
+            acked_at = next(iter({a.create_index for a in current_view.nodes.values()}))
             if later := self._later_than(current, acked_at):
                 problems["current"] = (
                     f"`current` names release {current.release} of deploy {current.deploy}, "
@@ -2435,21 +2441,32 @@ def _refuse_a_previous_the_acks_deny(
 
 
 def _refuse_a_current_behind_the_acks(store: DeployStore, current: CurrentRecord | None) -> None:
-    """A plain rollback goes to the release before the fleet's: not when `current` names a
-    deploy older than one the acks commit later (a host's token pointed it back, DESIGN.md
-    6.4.6), whose ``previous`` would take the fleet two or more releases back."""
+    """A plain rollback goes to the release before the fleet's, which only a `current`
+    naming the newest committed deploy gives: refused when the deploy it names is not
+    committed by its acks (a forged id, or an ack rewritten since: its ``previous`` is
+    anybody's word), or when the acks commit a later one (`current` pointed back, DESIGN.md
+    6.4.6): either way ``previous`` could take the fleet two or more releases back."""
     if current is None:
         return
-    with contextlib.suppress(PayloadError):
+    refusal = (
+        f"app {store.app}: refusing a plain rollback: `current` names release "
+        f"{current.release} (deploy {current.deploy}), "
+    )
+    try:
         pointed = store.committed(current.deploy)
         later = store.newest_committed(pointed.create_index) if pointed is not None else None
-        if later is not None:
-            raise DeployRefused(
-                f"app {store.app}: refusing a plain rollback: `current` names release "
-                f"{current.release} (deploy {current.deploy}), but the acks commit a later "
-                f"deploy {later.id} (release {later.request.release}); name the release to "
-                "roll back to with --to"
-            )
+    except PayloadError as exc:
+        raise DeployRefused(f"{refusal}which cannot be checked: {exc}") from None
+    if pointed is None:
+        raise DeployRefused(
+            f"{refusal}which its acks do not commit (a forged record, or an ack rewritten "
+            "since); name the release to roll back to with --to"
+        )
+    if later is not None:
+        raise DeployRefused(
+            f"{refusal}but the acks commit a later deploy {later.id} (release "
+            f"{later.request.release}); name the release to roll back to with --to"
+        )
 
 
 def rollback_target(

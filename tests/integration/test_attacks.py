@@ -840,6 +840,42 @@ class TestOneHostToken:
         assert releases_of(fleet) == {fifth["release"]}
         next_deploy_works(acl_fleet, "v6")
 
+    def test_a_plain_rollback_needs_current_to_name_a_deploy_its_acks_commit(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The attacker review, on v1, v2, v3: host-3's token wrote `current` naming (a) a
+        deploy id no host acked, with v1's as its `previous`, or (b) v2's deploy again
+        after giving its own ack of v2 another CreateIndex claim. In (b) `status --fleet`
+        said nothing (the claim it took hid v3) and in both a plain rollback went to v1,
+        two releases back. Now both are refused, and (b) is shown NOT TRUSTED."""
+        fleet = acl_fleet.fleet
+        baseline(acl_fleet)
+        x = host_client(acl_fleet, 2)
+        next_deploy_works(acl_fleet, "v2")
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        of_v2 = entry.value  # names v2's deploy, `previous` v1's
+        release3 = next_deploy_works(acl_fleet, "v3")
+        forged = {**json.loads(of_v2), "deploy": "nosuchdeploy"}
+        assert x.kv_put(fleet.keys.current, json.dumps(forged).encode())
+        refused = acl_fleet.operator("rollback", "web", check=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert "(deploy nosuchdeploy), which its acks do not commit" in refused.stderr
+        assert x.kv_put(fleet.keys.current, of_v2)
+        key = fleet.keys.progress(json.loads(of_v2)["deploy"], "host-3")
+        entry = x.kv_get(key)
+        assert entry is not None and entry.value is not None
+        ack = json.loads(entry.value)
+        assert x.kv_put(key, json.dumps({**ack, "create_index": ack["create_index"] - 1}).encode())
+        status = fleet_status(acl_fleet)
+        assert status["current"] is None, status
+        assert "claim different CreateIndexes" in status["current_problems"]["current"], status
+        refused = acl_fleet.operator("rollback", "web", check=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert "which its acks do not commit" in refused.stderr, refused.stderr
+        assert releases_of(fleet) == {release3}
+        next_deploy_works(acl_fleet, "v4")
+
     def test_previous_pointed_two_releases_back_is_refused_for_a_plain_rollback(
         self, acl_fleet: AclFleet
     ) -> None:
