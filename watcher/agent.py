@@ -419,6 +419,9 @@ class AppAgent:
         # acks, ``newest_committed``), for (the deploy `current` named, this host's release):
         # looked for once after start, and again only when this host is behind `current`.
         self._acks_looked: tuple[tuple[str | None, str | None], Joined | None] | None = None
+        # (release, CreateIndex) of the deploy this host is on, by its own acks, when its
+        # applied.json does not say (``_applied_index``).
+        self._own_index: tuple[str, int] | None = None
         self._own: dict[str, str] = {}  # deploy -> this host's last ack state (write-through)
         self._request_index: dict[str, int] = {}  # deploy -> its request key's CreateIndex
         self._coordinating: str | None = None
@@ -2040,13 +2043,28 @@ class AppAgent:
         )
 
     def _applied_index(self) -> int:
+        """The CreateIndex of the deploy this host is on: from ``applied.json``, or, when
+        that is gone or names another release (a wiped ``.state/``, an earlier version),
+        from this host's own live acks (``DeployStore.own_live_index``, read once per
+        release). Without it, a `current` pointed back at an older deploy moved such a
+        host backwards once a forged ack had vetoed the deploy it was on (the attacker
+        review). 0 when neither says."""
+        local = self.engine.current_release()
         try:
             data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-            if data.get("release") == self.engine.current_release():
+            if data.get("release") == local:
                 return int(data["create_index"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
-        return 0
+        if local is None:
+            return 0
+        if self._own_index is None or self._own_index[0] != local:
+            try:
+                self._own_index = (local, self.store.own_live_index(self.node, local))
+            except (ConsulError, PayloadError) as exc:
+                self.log.warning("own_acks_not_read", error=str(exc))
+                return 0
+        return self._own_index[1]
 
     # --- converge --------------------------------------------------------------------
 

@@ -1919,6 +1919,32 @@ class DeployStore:
         acked = self.committed(current.deploy, node=node, first_index=first_index)
         return acked is not None and acked.create_index > create_index, acked
 
+    def own_live_index(self, node: str, release: str) -> int:
+        """The highest CreateIndex that ``node``'s own live (or failed_after_commit) acks of
+        deploys of ``release`` claim: which deploy put it on that release, by its own word
+        (only its token writes its keys), for a host whose ``applied.json`` is gone. 0 when
+        none says. Two round trips (its keys, one txn of its acks)."""
+        prefix = self.keys.node_progress_prefix(node)
+        ids = [k[len(prefix) :] for k in self.consul.kv_keys(prefix, None)]
+        ids = [d for d in ids if "/" not in d and DEPLOY_ID_RE.match(d)]
+        if not ids:
+            return 0
+        entries = self._read_txn(
+            [TxnOp.get_or_empty(self.keys.progress(d, node)) for d in ids], consistent=True
+        )
+        best = 0
+        for deploy_id, entry in zip(ids, entries, strict=True):
+            ack = parse_ack(entry, node=node, deploy=deploy_id)
+            if (
+                entry is not None
+                and ack is not None
+                and ack.state in (LIVE, FAILED_AFTER_COMMIT)
+                and ack.release == release
+                and 0 < ack.create_index < entry.create_index
+            ):
+                best = max(best, ack.create_index)
+        return best
+
     def acked_deploys(self) -> dict[str, list[str]]:
         """Every deploy with acks, and the nodes that acked it (sorted), from one keys read
         of the progress tree (acks live as long as the history keeps their deploy)."""

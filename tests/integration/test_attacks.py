@@ -840,6 +840,47 @@ class TestOneHostToken:
         assert releases_of(fleet) == {fifth["release"]}
         next_deploy_works(acl_fleet, "v6")
 
+    def test_a_host_without_its_applied_json_does_not_go_back_to_an_older_deploy(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The attacker review: on v2, host-1's `.state/applied.json` gone, host-3's token
+        gave its own ack of v2 another CreateIndex claim (a veto of v2 for whoever judges
+        it now) and wrote v1's `current` back. Host-1, restarted, had nothing to hold v1
+        against and converged back to it: the fleet split. Its own live ack of v2 says
+        which deploy it is on."""
+        fleet = acl_fleet.fleet
+        x = host_client(acl_fleet, 2)
+        baseline(acl_fleet)
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        of_v1 = entry.value
+        release2 = next_deploy_works(acl_fleet, "v2")
+        entry = x.kv_get(fleet.keys.current)
+        assert entry is not None and entry.value is not None
+        v2 = json.loads(entry.value)["deploy"]
+        away = fleet.watchers[0]
+        away.stop()
+        (away.app_dir / ".state" / "applied.json").unlink()
+        key = fleet.keys.progress(v2, "host-3")
+        entry = x.kv_get(key)
+        assert entry is not None and entry.value is not None
+        ack = json.loads(entry.value)
+        assert x.kv_put(key, json.dumps({**ack, "create_index": ack["create_index"] - 1}).encode())
+        assert x.kv_put(fleet.keys.current, of_v1)
+        away.start()
+        fleet.wait_members(3)
+        wait_for(
+            lambda: any(
+                "older deploy" in str(e.get("outcome"))
+                for e in away.log_events("cycle", this_start=True)
+            ),
+            30,
+            "host-1 refusing the older deploy",
+            fleet,
+        )
+        assert not away.log_events("converged", this_start=True)
+        assert releases_of(fleet) == {release2}
+
     def test_a_plain_rollback_needs_current_to_name_a_deploy_its_acks_commit(
         self, acl_fleet: AclFleet
     ) -> None:
