@@ -1397,7 +1397,9 @@ def named_alive(
         if entry is not None and entry.session == named:
             continue
         with contextlib.suppress(ConsulPermissionDenied):
-            if store.consul.session_info(named, consistent=True) is not None:
+            info = store.consul.session_info(named, consistent=True)
+            # Another node's session, named by a forged request, stalls nothing of this node.
+            if info is not None and info.get("Node") == node:
                 found.add(named)
     return found
 
@@ -1481,6 +1483,17 @@ def end_stalled_sessions(
     (node -> session) and, when Consul refused one, why (the rest are not tried; those
     already ended stay ended)."""
     for node, session in sorted(stalled.items()):
+        info = store.consul.session_info(session, consistent=True)
+        on = info.get("Node") if info is not None else node
+        if on != node:
+            # A request any host's token can write named it: ending it would end that node's
+            # watcher session, and abort whatever it takes part in (the attacker review).
+            raise DeployRefused(
+                f"app {store.app}: the session {session} deploy {deploy_id}'s request names "
+                f"for {node} is Consul node {on}'s, not {node}'s (a forged request, or a "
+                f"watcher whose `node` setting is not its agent's name): nothing was ended; "
+                "`consul session destroy` ends it if you are sure"
+            )
         if others := _elsewhere(store, node, session):
             raise DeployRefused(
                 f"app {store.app}: {node}'s session {session} is its watcher's for every app, "

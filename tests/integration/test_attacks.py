@@ -1857,3 +1857,34 @@ def test_a_named_session_kept_alive_without_its_member_key_is_shown_stalled_and_
     fleet.wait_members(len(fleet.watchers))
     fleet.wait_idle()
     next_deploy_works(acl_fleet, "v3")
+
+
+def test_end_sessions_never_ends_a_session_of_another_node(acl_fleet: AclFleet) -> None:
+    """The attacker review: host-3's token wrote a request that expects host-3 alone but
+    names host-1's session for it, its deadlines long past. `abort` called host-3 STALLED,
+    and `abort --end-sessions` with the management token destroyed host-1's session
+    (which aborts whatever host-1 takes part in). A session of another Consul node stalls
+    nothing of host-3's."""
+    fleet = acl_fleet.fleet
+    v1, _, release1 = baseline(acl_fleet)
+    x = host_client(acl_fleet, 2)
+    of_host1 = sessions(fleet)["host-1"]
+    past = utcnow() - timedelta(minutes=10)
+    rec = replace(
+        forged_request(fleet, new_deploy_id(past), {"host-3": of_host1}, v1),
+        requested_at=iso(past),
+        prepare_deadline=iso(past + timedelta(seconds=30)),
+        apply_deadline=iso(past + timedelta(seconds=60)),
+    )
+    assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
+    admin = yaml.safe_load(acl_fleet.operator_config.read_text())
+    admin["consul"]["token"] = fleet.cluster.management_token
+    admin_config = fleet.workdir / "admin.yaml"
+    admin_config.write_text(yaml.safe_dump(admin))
+    shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
+    assert shown.returncode == 4, (shown.stdout, shown.stderr)
+    assert "is not stalled" in shown.stderr, shown.stderr
+    assert sessions(fleet)["host-1"] == of_host1
+    assert fleet.kv.session_info(of_host1) is not None
+    assert releases_of(fleet) == {release1}
+    next_deploy_works(acl_fleet, "v2")

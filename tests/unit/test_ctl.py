@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from watcher.ctl_fleet import (
     _local_app,
     _progress,
     _tail_lines,
+    end_stalled_sessions,
     progress_lines,
     stalled_by,
 )
@@ -1228,6 +1230,22 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
         "c": "s-c",
         "d": "s-d",
     }
+
+
+def test_a_session_of_another_node_is_never_ended_as_a_stalled_ones() -> None:
+    """`end_stalled_sessions` destroys a session only on the node it is said to stall: a
+    request any host's token can write may name another node's session (the attacker
+    review ended host-1's session as host-3's)."""
+    destroyed: list[str] = []
+    infos = {"s-1": {"Node": "host-1"}, "s-3": {"Node": "host-3"}}
+    consul = types.SimpleNamespace(
+        session_info=lambda sid, consistent=False: infos.get(sid),
+        session_destroy=destroyed.append,
+    )
+    store = types.SimpleNamespace(app="web", consul=consul)
+    with pytest.raises(DeployRefused, match="is Consul node host-1's, not host-3's"):
+        end_stalled_sessions(store, "d1", {"host-3": "s-1"})  # type: ignore[arg-type]
+    assert destroyed == []
 
 
 def test_previous_is_what_every_host_that_went_live_flipped_from() -> None:
