@@ -1733,7 +1733,7 @@ class DeployStore:
         request = joined.request
         acks = verdict.acks
         hosts = {
-            n: {"state": a.state, "error": a.error, **a.timings} for n, a in sorted(acks.items())
+            n: {**a.timings, "state": a.state, "error": a.error} for n, a in sorted(acks.items())
         }
         validate_failed = sorted(n for n, a in acks.items() if a.state == FAILED_AFTER_COMMIT)
         if verdict.outcome == ABORT:

@@ -645,12 +645,24 @@ class NodeProgress(Document):
     did not take part can rebuild the request from any ack (DESIGN.md 6.4.2).
     """
 
-    # The daemon writes at most 2,000 and 4,000 characters (``write_progress``).
+    # The daemon writes at most 2,000 and 4,000 characters (``write_progress``); the rest
+    # are names, digests and timestamps, cut far above what it writes.
     TEXT_LIMITS: ClassVar[dict[str, int]] = {
         "error": 4000,
         "output_tail": 8000,
         "flipped_from": 200,
+        "release": 200,
+        "sha256": 100,
+        "deploy": 100,
+        "digest": 100,
     }
+    # ``timings``: what the daemon writes is a few "<phase>_at" timestamps. The end copies
+    # every host's into the outcome, in a txn Consul caps at 512 KB: one host's token
+    # padding its own (450 KB) made every end fail, so no deploy ended (the attacker
+    # review). Entries past these bounds are dropped on read.
+    TIMINGS_KEPT: ClassVar[int] = 16
+    TIMING_NAME_RE: ClassVar[re.Pattern[str]] = re.compile(r"^[a-z][a-z0-9_]{0,39}\Z")
+    TIMING_VALUE_MAX: ClassVar[int] = 64
     TAIL_FIELDS: ClassVar[frozenset[str]] = frozenset({"output_tail"})
 
     node: str
@@ -695,6 +707,20 @@ class NodeProgress(Document):
         )
         for name in ("error", "output_tail", "release", "sha256", "deploy", "flipped_from"):
             _need(isinstance(getattr(self, name), str), label, f"{name} must be a string")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, label: str = "") -> Self:
+        timings = data.get("timings") if isinstance(data, dict) else None
+        # (a value that is no string is refused by ``validate``, as before)
+        if isinstance(timings, dict) and all(isinstance(v, str) for v in timings.values()):
+            kept = {
+                k: v
+                for k, v in timings.items()
+                if cls.TIMING_NAME_RE.match(k) and len(v) <= cls.TIMING_VALUE_MAX
+            }
+            if len(kept) != len(timings) or len(kept) > cls.TIMINGS_KEPT:
+                data = {**data, "timings": dict(list(kept.items())[: cls.TIMINGS_KEPT])}
+        return super().from_dict(data, label=label)
 
     def acked_ready(self, digest: str) -> bool:
         return self.state in ACKED_READY_STATES and self.digest == digest

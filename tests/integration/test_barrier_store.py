@@ -523,6 +523,30 @@ class TestHistory:
         assert store.ack("d0", "n1")[0] is None
         assert store.ack("d3", "n1")[0] is not None
 
+    def test_an_ack_padded_by_its_own_host_does_not_keep_the_end_from_being_written(
+        self, store: DeployStore
+    ) -> None:
+        """The attacker review: n2's token padded its own live ack's timings to 450 KB;
+        the end copies every host's timings into the outcome, and its txn went past
+        Consul's limit, so the deploy never ended. Timings are cut on read."""
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        for n in sessions:
+            assert ack(store, joined, n, READY, sessions[n])
+        verdict = store.establish(joined)
+        assert verdict.outcome == COMMIT
+        live, _ = store.ack("d1", "n2")
+        assert live is not None
+        padded = replace(live, timings={**live.timings, "pad": "x" * 450_000})
+        assert store.consul.kv_put(store.keys.progress("d1", "n2"), padded.to_json())
+        ended, _, _ = store.end(
+            joined, store.establish(joined), by="n1", history_keep=5, on_validate_failure="rollback"
+        )
+        assert ended
+        outcome = store.outcome("d1")
+        assert outcome is not None and "pad" not in outcome.hosts["n2"]
+        assert store.inflight()[0] is None
+
     def test_a_late_end_leaves_current_on_the_later_deploy(self, store: DeployStore) -> None:
         """Deploy A commits, someone deletes ``inflight`` before A's end, B commits and
         ends; A's end, written late, must not point ``current`` back at A (B is later by

@@ -447,6 +447,28 @@ class TestRecords:
                 json.dumps({"node": "a", "release": None, "last_seen": "", "prefetched": [1]})
             )
         assert NodeProgress.from_json(ack.to_json()) == ack  # cut once, not again
+        # timings: the end copies every host's into the outcome, in one txn Consul caps at
+        # 512 KB; a host's token padded its own, and no deploy ended (the attacker review).
+        padded = NodeProgress.from_json(
+            json.dumps(
+                {
+                    "node": "a",
+                    "state": "live",
+                    "release": "r" * 300,
+                    "timings": {
+                        "live_at": "2026-12-06T10:00:00.000Z",
+                        "pad": "x" * 450_000,
+                        "Not a name": "1",
+                        **{f"t{i}_at": "1" for i in range(40)},
+                    },
+                }
+            )
+        )
+        assert padded.release == "r" * 200 + " [cut]"
+        assert len(padded.timings) == 16 and padded.timings["live_at"].startswith("2026")
+        assert "pad" not in padded.timings and "Not a name" not in padded.timings
+        with pytest.raises(PayloadError, match="timings must map names to strings"):
+            NodeProgress.from_json(json.dumps({"node": "a", "state": "live", "timings": {"a": 1}}))
         short = NodeProgress.from_json(json.dumps({"node": "a", "state": "failed", "error": "e"}))
         assert short.error == "e"
 
