@@ -1027,12 +1027,31 @@ class DeployStore:
                 continue
             by_digest.setdefault(ack.digest, (request, {}))[1][node] = entry
         if len(by_digest) > 1:
+            # One token can write an ack carrying a request of its own making for an id
+            # it took no part in (itself added to the expected set): the second attacker
+            # round made a committed deploy "two requests" that way, and a host that was
+            # away then converged to the deploy before it. Only a request whose every
+            # expected node carries it can be the deploy; one of two or more nodes, when
+            # another is complete alone (a token acks for its own node only).
+            complete = [
+                (request, entries)
+                for request, entries in by_digest.values()
+                if set(request.expected) <= set(entries)
+            ]
+            shared = [c for c in complete if len(c[0].expected) >= 2]
+            chosen = shared if len(shared) == 1 else complete if len(complete) == 1 else []
             log.error(
                 "acks_disagree",
                 deploy=deploy_id,
                 digests=sorted(by_digest),
-                note="acks carry different requests for one id; none is trusted",
+                note=(
+                    "acks carry different requests for one id; only the one every "
+                    "node it expects acked is taken"
+                    if chosen
+                    else "acks carry different requests for one id; none is trusted"
+                ),
             )
+            return chosen
         return list(by_digest.values())
 
     def history(self) -> list[str]:

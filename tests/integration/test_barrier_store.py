@@ -413,6 +413,38 @@ class TestTrust:
         assert mine is not None and (mine.id, mine.create_index) == ("d4", solo.create_index)
         assert store.newest_committed(0) == newest
 
+    def test_an_ack_of_a_node_that_took_no_part_does_not_unmake_a_commit(
+        self, store: DeployStore
+    ) -> None:
+        """The second attacker round: after d1 committed on n1 and n2, n3's token wrote a
+        live ack of d1 carrying d1's request with n3 added to its expected set. Two
+        requests for one id rebuilt nothing, so `committed(d1)` failed and a host that
+        was away converged to the deploy before it. Only a request every node it expects
+        carries is the deploy."""
+        sessions = {n: member(store, n) for n in ("n1", "n2")}
+        joined = start(store, "d1", sessions)
+        for n in sessions:
+            assert ack(store, joined, n, READY, sessions[n])
+        forged = DeployRecord.from_dict(
+            joined.request.as_dict()
+            | {"expected": ["n1", "n2", "n3"], "sessions": {**sessions, "n3": "s-n3"}}
+        )
+        raw_ack(
+            store,
+            "d1",
+            "n3",
+            NodeProgress(
+                node="n3",
+                state=LIVE,
+                digest=forged.digest(),
+                create_index=joined.create_index,
+                request=forged.as_dict(),
+            ),
+        )
+        found = store.committed("d1", node="n9", first_index=1)
+        assert found is not None and found.digest == joined.digest
+        assert store.newest_committed(0) == found
+
     def test_two_requests_for_one_id_rebuild_nothing(self, store: DeployStore) -> None:
         sessions = {n: member(store, n) for n in ("n1", "n2")}
         joined = start(store, "d1", sessions)
