@@ -1269,7 +1269,9 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
         for node, session in stalled.items()
     )
     if not stalled:
-        after = parse_iso(checked.record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
+        rec = checked.record
+        last = max(parse_iso(rec.apply_deadline), parse_iso(rec.prepare_deadline))
+        after = last + timedelta(seconds=STALL_MARGIN)
         raise DeployRefused(
             f"app {name}: deploy {deploy_id} is not stalled (no expected host holds its "
             f"session without acking, {STALL_MARGIN:g} s past the apply deadline: from "
@@ -1335,10 +1337,12 @@ def _app_hint(ctx: CtlContext, name: str) -> str:
 
 
 def past_stall_margin(record: DeployRecord, now: datetime | None = None) -> bool:
-    """Whether ``STALL_MARGIN`` has passed since ``record``'s apply deadline (by this
-    machine's clock)."""
-    deadline = parse_iso(record.apply_deadline) + timedelta(seconds=STALL_MARGIN)
-    return (now or utcnow()) >= deadline
+    """Whether ``STALL_MARGIN`` has passed since ``record``'s apply deadline, and its
+    prepare deadline (by this machine's clock). A request is anybody's word: one whose
+    apply deadline came before its prepare deadline made a host still honestly staging
+    look stalled (the second attacker round)."""
+    last = max(parse_iso(record.apply_deadline), parse_iso(record.prepare_deadline))
+    return (now or utcnow()) >= last + timedelta(seconds=STALL_MARGIN)
 
 
 def stalled_by(

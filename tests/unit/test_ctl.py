@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1230,6 +1231,18 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
         "c": "s-c",
         "d": "s-d",
     }
+
+
+def test_a_request_whose_apply_deadline_precedes_its_prepare_deadline_stalls_nobody_early() -> None:
+    """A request is anybody's word: with its apply deadline before its prepare deadline, a
+    host still staging (honestly, before its prepare deadline) looked stalled."""
+    rec = a_record(["a"], sessions={"a": "s-a"})
+    rec = replace(rec, prepare_deadline="2026-01-01T01:00:00Z")  # apply by 00:20
+    view = DeployView(rec, None, {}, {}, None, None)
+    members = {"a": KVEntry("w/apps/web/members/a", b"{}", 1, 1, 1, "s-a", 0)}
+    at = datetime(2026, 1, 1, 1, 0, 0, tzinfo=UTC)
+    assert stalled_by(view, members, now=at + timedelta(seconds=STALL_MARGIN - 1)) == {}
+    assert stalled_by(view, members, now=at + timedelta(seconds=STALL_MARGIN)) == {"a": "s-a"}
 
 
 def test_a_session_of_another_node_is_never_ended_as_a_stalled_ones() -> None:
