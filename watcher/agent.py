@@ -2054,8 +2054,8 @@ class AppAgent:
             data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
             if data.get("release") == local:
                 return int(data["create_index"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # (AttributeError: valid JSON that is no object)
         if local is None:
             return 0
         if self._own_index is None or self._own_index[0] != local:
@@ -2344,7 +2344,7 @@ class AppAgent:
                 self._post_release(rec, ctx, journal)
             if not journal.has("flipped"):
                 with self.engine.lock(owner="converge"):
-                    reason = self._converge_blocked(pointed)
+                    reason = self._converge_blocked(joined, pointed)
                     if reason is not None:
                         self.log.info("converge_skipped", release=rec.release, reason=reason)
                         journal.clear(rec.id)
@@ -2370,9 +2370,10 @@ class AppAgent:
         self.log.info("converged", release=rec.release, deploy=rec.id)
         self._prune()
 
-    def _converge_blocked(self, pointed: str | None) -> str | None:
+    def _converge_blocked(self, joined: Joined, pointed: str | None) -> str | None:
         """Why not to flip now (checked under the app lock, just before the flip):
-        ``pointed`` is the deploy `current` named when the converge began."""
+        ``pointed`` is the deploy `current` named when the converge began; `current`
+        naming ``joined`` by now (its end written meanwhile) is no reason."""
         hold = self.engine.held()
         if hold is not None:
             return f"held: {hold.reason}"
@@ -2380,7 +2381,7 @@ class AppAgent:
         if inflight is not None:
             return f"deploy {inflight} started meanwhile"
         now, _ = self.store.current()
-        if (now.deploy if now else None) != pointed:
+        if (now.deploy if now else None) not in (pointed, joined.id):
             return f"the fleet moved on to {now.release if now else 'nothing'}"
         return None
 

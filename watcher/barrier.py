@@ -2026,11 +2026,20 @@ class DeployStore:
                     claims.append(ack.create_index)
             if max(claims) > above:
                 ranked.append((max(claims), d))
-        for _, d in sorted(ranked, reverse=True):
+        # The highest *established* index wins: a rank is a claim, and one token can raise
+        # the claim of its own ack of an older committed deploy it took no part in (its
+        # ack is then not among those ``committed`` counts). So every deploy ranked above
+        # the best found so far is still established.
+        best: Joined | None = None
+        for rank, d in sorted(ranked, reverse=True):
+            if best is not None and rank <= best.create_index:
+                break
             joined = self.committed(d, node=node, first_index=first_index, nodes=acked[d])
-            if joined is not None and joined.create_index > above:
-                return joined
-        return None
+            if joined is not None and joined.create_index > max(
+                above, best.create_index if best else 0
+            ):
+                best = joined
+        return best
 
     def _auto_rollback(
         self, joined: Joined, verdict: Verdict, *, by: str
@@ -2502,6 +2511,12 @@ def _refuse_a_current_behind_the_acks(store: DeployStore, current: CurrentRecord
         later = store.newest_committed(pointed.create_index) if pointed is not None else None
     except PayloadError as exc:
         raise DeployRefused(f"{refusal}which cannot be checked: {exc}") from None
+    if later is not None:
+        # The deploy in flight, committed before its end writes `current`, or a `current`
+        # that moved since it was read: those refusals say so themselves (the start).
+        now, _ = store.current()
+        if later.id == store.inflight()[0] or (now.deploy if now else None) != current.deploy:
+            return
     if pointed is None:
         raise DeployRefused(
             f"{refusal}which its acks do not commit (a forged record, or an ack rewritten "

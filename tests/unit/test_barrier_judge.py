@@ -615,3 +615,37 @@ class TestJournalOnAFullDisk:
         with pytest.raises(OSError):
             journal.begin("d2")
         assert journal.read() is not None and journal.read()["deploy"] == "d1"
+
+
+def test_the_newest_committed_deploy_is_the_highest_established_not_the_highest_claimed() -> None:
+    """`newest_committed` ranks deploys by what two of their acks claim, and one token can
+    raise the claim of its own ack of an older deploy it took no part in (that ack is not
+    among those the commit counts): the code review's D8 ranked above D9 and was taken.
+    Every deploy ranked above the best established so far is still established."""
+    store = DeployStore(None, "w", "web")  # type: ignore[arg-type]  # no call to Consul
+    claims = {"d8": 900, "d9": 90, "d7": 70}  # d8's rank: the forged claim of h3's ack
+    established = {"d8": 80, "d9": 90, "d7": 70}
+    asked: list[str] = []
+
+    def read_txn(ops: list[dict[str, Any]], *, consistent: bool = False) -> list[KVEntry]:
+        out = []
+        for op in ops:
+            key = op["KV"]["Key"]
+            deploy_id = key.rsplit("/", 1)[1]
+            node = key.rsplit("/", 2)[1]
+            ack = NodeProgress(node=node, state=LIVE, create_index=claims[deploy_id])
+            out.append(KVEntry(key, ack.to_json(), 10**6, 10**6, 0, None, 0))  # key at 10**6
+        return out
+
+    def committed(deploy_id: str, **_: Any) -> Joined:
+        asked.append(deploy_id)
+        rec = dataclasses.replace(request(["h1", "h3"]), id=deploy_id)
+        return Joined(rec, rec.digest(), established[deploy_id])
+
+    store.acked_deploys = lambda: {d: ["h1", "h3"] for d in claims}  # type: ignore[method-assign]
+    store._read_txn = read_txn  # type: ignore[method-assign]
+    store.committed = committed  # type: ignore[method-assign]
+    newest = store.newest_committed(0)
+    assert newest is not None and newest.id == "d9", newest
+    assert asked == ["d8", "d9"]  # d7 ranks below d9's established index: not read
+    assert store.newest_committed(90) is None
