@@ -1993,14 +1993,15 @@ class DeployStore:
 
         Each deploy is ranked by the CreateIndex its acks claim: two acks a deploy, of
         two nodes (this host's own first), the higher claim that Consul's own index of its
-        ack bounds. One token writes one node's acks, so it can raise a deploy of its own
-        making (whose commit predicate then fails) but not hide a later one. A deploy only
-        one node acked is ranked only when that node is ``node``: others trust it only as
-        a host that joined after it (``committed_or_why``), which ``current`` then names.
-        The predicate is established (``committed``) from the highest rank down, until one
-        holds. Two round trips (a keys read, one txn), and two more for each deploy ranked
-        above ``above``: none when ``above`` is the newest committed deploy's and no later
-        one aborted."""
+        ack bounds. One token writes one node's acks, so it can raise the rank of a deploy
+        (one of its own making, or an older one it took no part in) but not lower that of
+        a later one below what its honest acks claim. A deploy only one node acked is
+        ranked only when that node is ``node``: others trust it only as a host that joined
+        after it (``committed_or_why``), which ``current`` then names. The predicate is
+        established (``committed``) from the highest rank down, while a rank is above the
+        best index established so far. Two round trips (a keys read, one txn), and two
+        more for each deploy established: none when ``above`` is the newest committed
+        deploy's and no later one aborted."""
         acked = {
             d: nodes
             for d, nodes in self.acked_deploys().items()
