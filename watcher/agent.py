@@ -2105,18 +2105,7 @@ class AppAgent:
         if later is not None:
             if self.engine.held() is not None:
                 return f"held (the acks commit {later.request.release}, this host on {local})"
-            try:
-                self._check_pin_of(later.request)
-            except ArtifactIntegrityError as exc:
-                self._report_once(
-                    f"pin:{later.id}", "current_not_obeyed", deploy=later.id, reason=str(exc)
-                )
-                return f"idle; {exc}"
-            return self._start(
-                "converge",
-                later.id,
-                lambda: self._converge_to(later, current.deploy if current else None),
-            )
+            return self._start_converge(later, current.deploy if current else None)
         if current is None:
             return "idle (no committed release yet)"
         if on_current:
@@ -2154,6 +2143,11 @@ class AppAgent:
                 reason="it is older than the deploy this host is on",
             )
             return f"idle; current names an older deploy {current.deploy}: not obeyed"
+        return self._start_converge(joined, joined.id)
+
+    def _start_converge(self, joined: Joined, pointed: str | None) -> str:
+        """Converge to ``joined``, a deploy this host established as committed, unless its
+        artifact's pin refuses it; ``pointed``: the deploy `current` names now."""
         try:
             self._check_pin_of(joined.request)
         except ArtifactIntegrityError as exc:
@@ -2161,7 +2155,7 @@ class AppAgent:
                 f"pin:{joined.id}", "current_not_obeyed", deploy=joined.id, reason=str(exc)
             )
             return f"idle; {exc}"
-        return self._start("converge", joined.id, lambda: self._converge_to(joined, joined.id))
+        return self._start("converge", joined.id, lambda: self._converge_to(joined, pointed))
 
     def _later_than_current(
         self, current: CurrentRecord | None, local: str | None
