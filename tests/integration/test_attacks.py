@@ -529,6 +529,27 @@ def contest_after_commit(acl: AclFleet, version: str) -> tuple[subprocess.Popen[
     return proc, deploy_id
 
 
+def said_in_a_cycle(fleet: Fleet, w: WatcherProc, said: str) -> None:
+    """Wait until a cycle of ``w`` since its last start says ``said`` in its outcome."""
+    wait_for(
+        lambda: any(said in str(e.get("outcome")) for e in w.log_events("cycle", this_start=True)),
+        30,
+        f"{w.name} saying {said!r}",
+        fleet,
+    )
+
+
+def veto_own_ack(acl: AclFleet, deploy_id: str) -> None:
+    """host-3's token gives its own ack of ``deploy_id`` another CreateIndex claim: the
+    acks no longer agree, a veto of that deploy for whoever judges it from now on."""
+    x = host_client(acl, 2)
+    key = acl.fleet.keys.progress(deploy_id, "host-3")
+    entry = x.kv_get(key)
+    assert entry is not None and entry.value is not None
+    ack = json.loads(entry.value)
+    assert x.kv_put(key, json.dumps({**ack, "create_index": ack["create_index"] - 1}).encode())
+
+
 def left_out_alarm(w: WatcherProc) -> str:
     """The problems ``w``'s `status` reports (its /health), as JSON text."""
     run = w.ctl("status", check=False)
@@ -819,15 +840,7 @@ class TestOneHostToken:
         away.stop()
         (away.app_dir / ".state" / "applied.json").unlink()
         away.start()
-        wait_for(
-            lambda: any(
-                "which this host is on: current not obeyed" in str(e.get("outcome"))
-                for e in away.log_events("cycle", this_start=True)
-            ),
-            30,
-            "host-1 idle on its release",
-            fleet,
-        )
+        said_in_a_cycle(fleet, away, "which this host is on: current not obeyed")
         assert not away.log_events("converged", this_start=True)
         assert releases_of(fleet) == {third["release"]}
 
@@ -861,23 +874,11 @@ class TestOneHostToken:
         away = fleet.watchers[0]
         away.stop()
         (away.app_dir / ".state" / "applied.json").unlink()
-        key = fleet.keys.progress(v2, "host-3")
-        entry = x.kv_get(key)
-        assert entry is not None and entry.value is not None
-        ack = json.loads(entry.value)
-        assert x.kv_put(key, json.dumps({**ack, "create_index": ack["create_index"] - 1}).encode())
+        veto_own_ack(acl_fleet, v2)
         assert x.kv_put(fleet.keys.current, of_v1)
         away.start()
         fleet.wait_members(3)
-        wait_for(
-            lambda: any(
-                "older deploy" in str(e.get("outcome"))
-                for e in away.log_events("cycle", this_start=True)
-            ),
-            30,
-            "host-1 refusing the older deploy",
-            fleet,
-        )
+        said_in_a_cycle(fleet, away, "older deploy")
         assert not away.log_events("converged", this_start=True)
         assert releases_of(fleet) == {release2}
 
@@ -903,11 +904,7 @@ class TestOneHostToken:
         assert refused.returncode == 4, (refused.stdout, refused.stderr)
         assert "(deploy nosuchdeploy), which its acks do not commit" in refused.stderr
         assert x.kv_put(fleet.keys.current, of_v2)
-        key = fleet.keys.progress(json.loads(of_v2)["deploy"], "host-3")
-        entry = x.kv_get(key)
-        assert entry is not None and entry.value is not None
-        ack = json.loads(entry.value)
-        assert x.kv_put(key, json.dumps({**ack, "create_index": ack["create_index"] - 1}).encode())
+        veto_own_ack(acl_fleet, json.loads(of_v2)["deploy"])
         status = fleet_status(acl_fleet)
         assert status["current"] is None, status
         assert "claim different CreateIndexes" in status["current_problems"]["current"], status
