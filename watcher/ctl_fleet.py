@@ -2238,6 +2238,8 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
                 host and current and host.release in (current, committing or current)
             ),
             "hold": host.hold if host else "",
+            # What stopped it (a contested deploy, one it does not follow): its /health.
+            "alarm": host.alarm if host else "",
             "prefetched": list(host.prefetched) if host else [],
             # Why its host record was skipped: its row then says nothing of its release.
             "record_problem": unreadable.get(node, ""),
@@ -2324,6 +2326,11 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             if drift:
                 out.append("  * not on the fleet's release")
             out += [
+                f"  ALARM on {ids.one_line(h['node'])}: {ids.one_line(h['alarm'])}"
+                for h in a["hosts"].values()
+                if h.get("alarm")
+            ]
+            out += [
                 f"  UNREADABLE host record of {ids.one_line(h['node'])}: "
                 f"{ids.one_line(h['record_problem'])}"
                 for h in a["hosts"].values()
@@ -2335,4 +2342,6 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
     # An app no host has joined (a kv_prefix or app name the hosts do not use, or none set
     # up yet) is not a fleet to read "ok" from: a check that runs this would pass on a typo.
     nobody = any(not a["hosts"] for a in data.values())
-    return EXIT_FAILED if nobody or any(map(_in_doubt, data.values())) else EXIT_OK
+    # A host that raised the alarm stopped where it stands until an operator looks.
+    alarmed = any(h.get("alarm") for a in data.values() for h in a["hosts"].values())
+    return EXIT_FAILED if nobody or alarmed or any(map(_in_doubt, data.values())) else EXIT_OK

@@ -214,6 +214,7 @@ def fleet_status(acl: AclFleet) -> dict[str, Any]:
         or deploy.get("distrusted")
         or deploy.get("stalled")
         or deploy.get("decision") == "contested"
+        or any(h["alarm"] for h in app["hosts"].values())
     )
     assert result.returncode == (1 if doubt else 0), (result.returncode, app, result.stderr)
     return app

@@ -642,6 +642,14 @@ class TestDeployApiWithAcls:
             page = env.web.get("/apps/web", env.reader).text
             assert "by \\u202eevil\\x1b[31m red" in page, page
             assert "\u202e" not in page and "\x1b" not in page
+            # A host's alarm (it stopped where it stands): its row shows it, escaped too.
+            lone["alarm"] = "current names deploy X, <b>which</b> \u202e: not followed"
+            assert kv.kv_put(keys.host(host), json.dumps(lone).encode())
+            rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
+            assert rows[host]["alarm"] == lone["alarm"], rows
+            page = env.web.get("/apps/web", env.reader).text
+            assert '<span class="tag bad">alarm</span> current names deploy X, &lt;b&gt;' in page
+            assert "which&lt;/b&gt; \\u202e: not followed" in page, page
             shown = env.web.get(f"/api/v1/apps/web/deploys/{deploy}", env.reader).json()
             assert shown["hosts"][host]["state"] == "live", shown["hosts"][host]
             assert shown["hosts"][host]["output_tail"] == "", shown["hosts"][host]
