@@ -412,9 +412,10 @@ class AppAgent:
         # last write said is what _host_state says.
         self._host_lock = threading.Lock()
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
-        # The alarm raised because `current` names a deploy that left this host out
-        # (DESIGN.md 6.4.5), and that deploy: lifted once `current` names another.
-        self._left_out: tuple[str, str] | None = None
+        # The alarm raised because `current` names a deploy this host does not follow
+        # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
+        # 6.4.4), and that deploy: lifted once `current` names another.
+        self._not_followed: tuple[str, str] | None = None
         # What the last look for a committed deploy later than ``current`` found (from the
         # acks, ``newest_committed``), for (the deploy `current` named, this host's release):
         # looked for once after start, and again only when this host is behind `current`.
@@ -1194,14 +1195,14 @@ class AppAgent:
             self.log.error("hold_failed", error=str(exc))
         self._alarm(message)
 
-    def _lift_left_out_alarm(self) -> None:
-        assert self._left_out is not None
-        if self.status.alarm == self._left_out[1]:  # not a contested deploy's since
+    def _lift_not_followed_alarm(self) -> None:
+        assert self._not_followed is not None
+        if self.status.alarm == self._not_followed[1]:  # not a contested deploy's since
             self.status.alarm = ""
             if self.health is not None:
                 self.health.clear_alarm(self.app.name)
-            self.log.info("alarm_lifted", reason=self._left_out[1])
-        self._left_out = None
+            self.log.info("alarm_lifted", reason=self._not_followed[1])
+        self._not_followed = None
 
     def _alarm(self, message: str) -> None:
         self.status.alarm = message
@@ -1319,7 +1320,7 @@ class AppAgent:
             self._idle_status()
             return "done"
         # Once per deploy (its journal says so after); not on whether some alarm is set: a
-        # left-out deploy's alarm (``_left_out``) must not keep this one from its hold.
+        # not-followed deploy's alarm (``_not_followed``) must not keep this one from its hold.
         if verdict.outcome == CONTESTED and journal.get("established") != CONTESTED:
             self._contested(joined, verdict.reason)
         pending = (
@@ -2070,8 +2071,10 @@ class AppAgent:
 
     def _converge(self, cached: tuple[CurrentRecord | None, int] | None = None) -> str:
         current, _ = cached if cached is not None else self.store.current()
-        if self._left_out is not None and (current is None or current.deploy != self._left_out[0]):
-            self._lift_left_out_alarm()
+        if self._not_followed is not None and (
+            current is None or current.deploy != self._not_followed[0]
+        ):
+            self._lift_not_followed_alarm()
         local = self.engine.current_release()
         self._write_host(local)
         first_look = self._acks_looked is None
@@ -2112,21 +2115,23 @@ class AppAgent:
             self.status.converge_error = ""
             self._converge_failures = 0
             return "idle"
-        joined, left_out = self.store.committed_or_why(
+        joined, why = self.store.committed_or_why(
             current.deploy, node=self.node, first_index=self.first_index()
         )
-        if joined is None and left_out:
-            # Not followed, and said where an operator looks (/health, status, the host
-            # record), not only in the log. No hold: this host stays where it is anyway,
-            # and a hold would make the deploy that moves every host abort here.
-            message = f"current names deploy {current.deploy}, which {left_out}: not followed"
-            if self._left_out is None or self._left_out[1] != message:
-                self._left_out = (current.deploy, message)
+        if joined is None and why:
+            # Left out of it, or an ack changed after its commit while the other hosts
+            # run it (contested): not followed, and said where an operator looks
+            # (/health, status, the host record), not only in the log. No hold: this host
+            # stays where it is anyway, and a hold would make the deploy that moves every
+            # host abort here.
+            message = f"current names deploy {current.deploy}, which {why}: not followed"
+            if self._not_followed is None or self._not_followed[1] != message:
+                self._not_followed = (current.deploy, message)
                 self._alarm(message)
             return f"idle; {message}"
-        if joined is not None and self._left_out is not None:
+        if joined is not None and self._not_followed is not None:
             # Trusted now (this host learnt since when it is in the app): no longer an alarm.
-            self._lift_left_out_alarm()
+            self._lift_not_followed_alarm()
         if joined is None:
             self._report_once(
                 f"current:{current.deploy}",

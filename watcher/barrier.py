@@ -368,6 +368,11 @@ def _outcome_agrees(
     return result != "refused" or no_acks
 
 
+#: Acks of a host that established the commit itself: ``committed`` (written just before
+#: its flip), ``live``, ``failed_after_commit``. Evidence of a commit (DESIGN.md 6.4.4).
+APPLIED = ACKED_READY_STATES - {READY}
+
+
 def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | None]) -> Verdict:
     """The commit / abort / contested predicate over one read of the acks (pure)."""
     expected = request.expected
@@ -385,9 +390,7 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     applied = sorted(
         n
         for n in expected
-        if (a := acks.get(n)) is not None
-        and a.digest == digest
-        and a.state in (ACKED_READY_STATES - {READY})
+        if (a := acks.get(n)) is not None and a.digest == digest and a.state in APPLIED
     )
     commit_evidence = bool(expected) and len(ready) == len(expected)
     abort_evidence = bool(vetoes or foreign)
@@ -1681,15 +1684,15 @@ class DeployStore:
             return None, ""
         request, entries = found[0]
         digest = request.digest()
-        claimed = set()
-        for entry in entries.values():
-            ack = parse_ack(entry)
-            if ack is not None:
-                claimed.add(ack.create_index)
+        acks = {n: a for n, e in entries.items() if (a := parse_ack(e)) is not None}
+        claimed = {a.create_index for a in acks.values()}
+        # Expected hosts whose own ack says they flipped: each established the commit
+        # first, so if the acks do not commit the deploy now, one changed after it.
+        flipped = sorted(n for n, a in acks.items() if a.digest == digest and a.state in APPLIED)
         oldest_ack = min(e.create_index for e in entries.values())
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
-            return None, ""
+            return None, _changed_after_commit(flipped, "its acks claim different CreateIndexes")
         trusted_without_me = len(request.expected) >= 2 or first_index > oldest_ack
         if node and node not in request.expected and not trusted_without_me:
             why = (
@@ -1700,7 +1703,19 @@ class DeployStore:
             return None, why
         joined = Joined(request, digest, next(iter(claimed)))
         verdict = self.establish(joined)
-        return (joined, "") if verdict.outcome == COMMIT else (None, "")
+        if verdict.outcome == COMMIT:
+            return joined, ""
+        unready = [
+            n
+            for n in request.expected
+            if (a := verdict.acks.get(n)) is None or not a.acked_ready(digest)
+        ]
+        detail = (
+            verdict.reason
+            if verdict.outcome != UNDECIDED or not unready
+            else f"no ready ack of {', '.join(unready)}"
+        )
+        return None, _changed_after_commit(flipped, detail)
 
     def check_sessions(
         self, joined: Joined, members: Mapping[str, KVEntry] | None = None
@@ -2425,6 +2440,20 @@ class DeployStore:
             TxnOp.cas(self.keys.decision(rec.id), decision.to_json(), 0),
             TxnOp.set(self.keys.outcome(rec.id), outcome.to_json()),
         ]
+
+
+def _changed_after_commit(flipped: Collection[str], detail: str) -> str:
+    """Why a host does not follow a deploy whose acks say that ``flipped`` hosts flipped
+    to it though they do not commit it (``detail``): "" when none did. Only a changed ack
+    makes that (DESIGN.md 6.4.4, contested): the hosts that took part see it and hold, a
+    host that was away sees only a deploy it cannot trust while the fleet runs it."""
+    if not flipped:
+        return ""
+    return (
+        f"{', '.join(flipped)} flipped to, but whose acks no longer commit it ({detail}): "
+        "an ack changed after the commit (contested), and the fleet is split until the "
+        "next deploy"
+    )
 
 
 def _overtaken(current: CurrentRecord, create_index: int) -> bool:

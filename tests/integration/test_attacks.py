@@ -1020,6 +1020,53 @@ class TestOneHostToken:
         slow_hook(fleet, "validate", 0)
         next_deploy_works(acl_fleet, "v3")
 
+    @pytest.mark.parametrize("change", ["deleted", "failed", "claim"])
+    def test_own_ack_changed_after_the_commit_alarms_a_host_that_was_away(
+        self, acl_fleet: AclFleet, change: str
+    ) -> None:
+        """While host-1 is away, v2 commits on host-2 and host-3; then host-3's token
+        deletes its own ack of v2, rewrites it to failed, or gives it another CreateIndex
+        claim (DESIGN.md 6.4.4: a changed ack). host-1, back, cannot trust v2 and stays
+        on v1, so the fleet is split: it only logged that `current` was not obeyed, and
+        `status` on it said nothing. It must raise the alarm (its /health, `status`),
+        naming the host that flipped; the next deploy moves every host and lifts it."""
+        fleet = acl_fleet.fleet
+        _, _, release1 = baseline(acl_fleet)
+        away = fleet.watchers[0]
+        away.stop()
+        art = acl_fleet.publish("v2")
+        shown = acl_fleet.operator("deploy", "web", art["id"], "--allow-missing")
+        second = json.loads(shown.stdout)
+        assert second["result"] == "committed", second
+        key = fleet.keys.progress(second["deploy"], "host-3")
+        x = host_client(acl_fleet, 2)
+        if change == "deleted":
+            assert x.kv_delete(key)
+        elif change == "failed":
+            entry = x.kv_get(key)
+            assert entry is not None and entry.value is not None
+            forged = {**json.loads(entry.value), "state": FAILED, "error": "forged"}
+            assert x.kv_put(key, json.dumps(forged).encode())
+        else:
+            veto_own_ack(acl_fleet, second["deploy"])
+        away.start()
+        fleet.wait_members(3)
+        wait_for(lambda: "flipped to, but" in left_out_alarm(away), 30, "host-1's alarm", fleet)
+        alarm = left_out_alarm(away)
+        assert f"current names deploy {second['deploy']}" in alarm, alarm
+        assert "host-2" in alarm and "not followed" in alarm, alarm
+        assert fleet.currents()[away.name] == release1
+        wait_for(
+            lambda: "flipped to, but" in fleet_status(acl_fleet)["hosts"][away.name]["alarm"],
+            20,
+            "host-1's alarm in `status --fleet`",
+            fleet,
+        )
+        assert f"ALARM on {away.name}: current names deploy" in human_fleet_status(acl_fleet)
+        assert not away.log_events("converged", this_start=True)
+        next_deploy_works(acl_fleet, "v3")
+        wait_for(lambda: "flipped to, but" not in left_out_alarm(away), 20, "alarm lifted", fleet)
+
     @LONG_SESSIONS
     @pytest.mark.parametrize(
         ("hook_fails", "on_validate_failure"),

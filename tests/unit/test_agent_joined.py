@@ -202,7 +202,7 @@ class TestLeftOutAlarm:
             error=lambda *_a, **_k: None,
             warning=lambda *_a, **_k: None,
         )
-        agent._left_out = None
+        agent._not_followed = None
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
         agent.engine.held = lambda: None  # type: ignore[attr-defined]
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
@@ -241,7 +241,7 @@ class TestLeftOutAlarm:
         assert agent._converge(self.current()) == "converge"
         assert started == ["converge d-solo"]
         assert agent.status.alarm == "" and cleared == ["web"]
-        assert agent._left_out is None
+        assert agent._not_followed is None
 
     def test_a_contested_alarm_raised_since_is_not_lifted_with_it(self, tmp_path: Path) -> None:
         kv = FakeKV(record_first_index=40)
@@ -254,7 +254,7 @@ class TestLeftOutAlarm:
         agent._note_joined(own_key(5000))
         agent._converge(self.current())
         assert agent.status.alarm == "deploy d-9 is contested: host-3's ack was rewritten"
-        assert cleared == [] and agent._left_out is None
+        assert cleared == [] and agent._not_followed is None
 
 
 def test_a_prune_keeps_what_the_fleets_current_names(tmp_path: Path) -> None:
