@@ -2114,6 +2114,14 @@ class DeployStore:
             protected = self._protected(pre.current)
         keep_back = [d for d in dropped if d in protected]
         dropped = [d for d in dropped if d not in protected]
+        # Kept at the front, they must not make the list longer than a read takes
+        # (HISTORY_MAX, with history_keep at it): the oldest others make room. That only
+        # happens when nothing else dropped out, so those go with this end's trim.
+        over = len(keep_back) + len(ids) - HISTORY_MAX
+        if over > 0:
+            cut = [i for i in ids if i not in protected][:over]
+            dropped += cut
+            ids = [i for i in ids if i not in cut]
         ids = keep_back + ids
         later = dropped[TRIM_PER_END:]
         # Each host deletes its own acks of the ids listed as trimmed (trim_own_progress).

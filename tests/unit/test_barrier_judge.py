@@ -16,8 +16,8 @@ import pytest
 
 from watcher import agent as agent_module
 from watcher.agent import JOURNAL_NAME, Journal, decided_by, parse_journal
-from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, DeployView, Joined, judge
-from watcher.config import Timeouts
+from watcher.barrier import CONTESTED, UNDECIDED, DeployStore, DeployView, EndRead, Joined, judge
+from watcher.config import HISTORY_MAX, Timeouts
 from watcher.consul_api import KVEntry
 from watcher.errors import PayloadError
 from watcher.fsutil import append_bytes, atomic_write_json
@@ -649,3 +649,28 @@ def test_the_newest_committed_deploy_is_the_highest_established_not_the_highest_
     assert newest is not None and newest.id == "d9", newest
     assert asked == ["d8", "d9"]  # d7 ranks below d9's established index: not read
     assert store.newest_committed(90) is None
+
+
+def written_history(ops: list[dict[str, Any]]) -> list[str]:
+    """The ``deploys`` of the history an end's ops write (the first op, a CAS)."""
+    return list(json.loads(base64.b64decode(ops[0]["KV"]["Value"]))["deploys"])
+
+
+@pytest.mark.parametrize("protected_back", [1, 2])
+def test_an_end_never_writes_a_history_longer_than_a_read_takes(protected_back: int) -> None:
+    """The code review: with `history_keep` at HISTORY_MAX, the end kept the protected
+    ids (the deploys `current` and `previous` name) at the front of a full list, and wrote
+    HISTORY_MAX + 1 or + 2 ids: every read then cut it and warned of padding. The oldest
+    other ids make room, and are trimmed now."""
+    store = DeployStore(None, "w", "web")  # type: ignore[arg-type]  # no call to Consul
+    ids = [f"d-{n:04d}" for n in range(HISTORY_MAX)]
+    protected = set(ids[:protected_back])
+    pre = EndRead(None, 0, None, 0, ids, [], 7)
+    ops = store._history_ops(pre, ["d-new"], keep=HISTORY_MAX, protected=protected)
+    written = written_history(ops)
+    assert len(written) == HISTORY_MAX, len(written)
+    assert written[:protected_back] == ids[:protected_back] and written[-1] == "d-new"
+    gone = sorted(set(ids) - set(written))
+    assert gone == [ids[protected_back]], gone  # the oldest id not protected
+    deleted = {op["KV"]["Key"] for op in ops[1:]}
+    assert {store.keys.request(g) for g in gone} <= deleted, deleted
