@@ -1261,7 +1261,7 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
         raise DeployRefused(f"app {name}: deploy {deploy_id} {what}: no session ended")
     # Consistent members: what the sessions' end is decided on.
     members = store.members(consistent=True)
-    stalled = stalled_by(checked, members, alive=named_alive(store, checked, members))
+    stalled = stalled_in(store, checked, members=members)
     # A session that holds no member key ends without a change the waiting hosts watch:
     # they see it at their next look (WAIT_RECHECK), which the wait below covers.
     keyless = any(
@@ -1354,7 +1354,7 @@ def stalled_by(
     """The expected nodes that hold a deploy undecided past its apply deadline (node -> the
     session its request named): each has neither acked ready nor said no, while that
     session still holds its member key, or lives without it (``alive``: what
-    ``named_alive`` found; renewed by hand, it keeps the abort clause from holding just
+    ``_named_alive`` found; renewed by hand, it keeps the abort clause from holding just
     the same). By then every host running the watcher has acked
     or let its session go (its own daemon ends it once stuck past the prepare deadline,
     DESIGN.md 6.4.7): that node's watcher is stopped or hung, its clock far behind, or its
@@ -1382,19 +1382,12 @@ def _unacked_named(view: DeployView) -> dict[str, str]:
     }
 
 
-def named_alive(
-    store: DeployStore,
-    view: DeployView,
-    members: Mapping[str, KVEntry],
-    now: datetime | None = None,
-) -> set[str]:
+def _named_alive(store: DeployStore, view: DeployView, members: Mapping[str, KVEntry]) -> set[str]:
     """The sessions ``view``'s request named for nodes that have not acked and that do not
     hold their member key, which Consul still has: a session renewed by hand after it let
-    the key go (a stopped watcher's, by its host's token). Read (one ``session/info`` each)
-    only for a deploy ``stalled_by`` could name, past its margin; a token that may not read
-    sessions sees none (Consul hides them), docs/acl.md."""
-    if view.verdict() != UNDECIDED or not past_stall_margin(view.record, now):
-        return set()
+    the key go (a stopped watcher's, by its host's token). One ``session/info`` each; asked
+    by ``stalled_in`` only for a deploy ``stalled_by`` could name, past its margin. A token
+    that may not read sessions sees none (Consul hides them), docs/acl.md."""
     found = set()
     for node, named in _unacked_named(view).items():
         entry = members.get(node)
@@ -1409,15 +1402,22 @@ def named_alive(
 
 
 def stalled_in(
-    store: DeployStore, view: DeployView | None, *, consistent: bool = False
+    store: DeployStore,
+    view: DeployView | None,
+    *,
+    members: Mapping[str, KVEntry] | None = None,
+    consistent: bool = False,
 ) -> dict[str, str]:
-    """``stalled_by`` of ``view``, the members (and named sessions) read from ``store`` only
+    """``stalled_by`` of ``view``, with the named sessions that live without their member
+    key (``_named_alive``). The members (unless given) and those sessions are read only
     where it can name someone (an undecided deploy past its margin): every other read of
     a deploy pays nothing for it."""
-    if view is None or view.verdict() != UNDECIDED or not past_stall_margin(view.record):
+    now = utcnow()
+    if view is None or view.verdict() != UNDECIDED or not past_stall_margin(view.record, now):
         return {}
-    members = store.members(consistent=consistent)
-    return stalled_by(view, members, alive=named_alive(store, view, members))
+    if members is None:
+        members = store.members(consistent=consistent)
+    return stalled_by(view, members, now, alive=_named_alive(store, view, members))
 
 
 def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: str) -> str:
@@ -1468,7 +1468,7 @@ def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
             or (ack is not None and ack.state in ACKED_READY_STATES | ABORT_ACK_STATES)
         ):
             continue
-        if node not in stalled_by(checked, members, alive=named_alive(other, checked, members)):
+        if node not in stalled_in(other, checked, members=members):
             said.append(
                 f"deploy {checked.id} of app {name}, which expects {node} and is not stalled, "
                 "would abort too"
@@ -2255,7 +2255,7 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
                 "distrusted": list(view.distrusted),
                 "apply_deadline": view.record.apply_deadline,
                 # Past that deadline, the nodes that hold it undecided (node -> session).
-                "stalled": stalled_by(view, members, alive=named_alive(store, view, members)),
+                "stalled": stalled_in(store, view, members=members),
             }
             if view
             else problem
