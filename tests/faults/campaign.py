@@ -254,7 +254,7 @@ class Report:
 
 def _doubt_of(data: dict[str, Any]) -> str:
     """What made `status --fleet` exit 1, from its JSON: the records it did not trust, a
-    contested or BROKEN deploy."""
+    contested or BROKEN deploy, a host's alarm."""
     app = data.get(APP) or {}
     dep = app.get("deploy") or {}
     said = [*(app.get("current_problems") or {}).values(), *(dep.get("distrusted") or ())]
@@ -262,6 +262,11 @@ def _doubt_of(data: dict[str, Any]) -> str:
         said.append(str(dep["problem"]))
     if dep.get("decision") == "contested":
         said.append(f"deploy {dep.get('id')} contested")
+    said += [
+        f"alarm on {node}: {host['alarm']}"
+        for node, host in (app.get("hosts") or {}).items()
+        if isinstance(host, dict) and host.get("alarm")
+    ]
     return "; ".join(str(x) for x in said)[:300] or "exit 1 with nothing named"
 
 

@@ -145,6 +145,10 @@ class TestStatusInDoubt:
         assert _doubt_of({APP: {"deploy": {"problem": "`inflight` holds no deploy id"}}}) == (
             "`inflight` holds no deploy id"
         )
+        hosts = {"h1": {"alarm": ""}, "h2": {"alarm": "current names deploy d9, which ..."}}
+        assert _doubt_of({APP: {"deploy": None, "hosts": hosts}}) == (
+            "alarm on h2: current names deploy d9, which ..."
+        )
         report = Report(seed=7, hosts=5)
         plan = Plan(
             n=3, fault="none", victim=0, coordinator=False, delay=0, hold=0, starter=0, times=None
