@@ -1020,9 +1020,17 @@ def deploy_history(store: DeployStore, limit: int) -> list[dict[str, Any]]:
     return deploy_history_checked(store, limit)[0]
 
 
-def deploy_history_checked(store: DeployStore, limit: int) -> tuple[list[dict[str, Any]], str]:
-    """``deploy_history``, and why the history record was read as empty ("" if it was not)."""
+def deploy_history_checked(
+    store: DeployStore, limit: int, *, in_flight: bool = False
+) -> tuple[list[dict[str, Any]], str]:
+    """``deploy_history``, and why the history record was read as empty ("" if it was not).
+    ``in_flight``: the deploy in flight first (its end adds it to the history; until then
+    `history` would show the one before, whose id an operator then passed to `abort`)."""
     ids, problem = store.history_checked()
+    if in_flight:
+        inflight = store.inflight()[0]
+        if inflight is not None and inflight not in ids:
+            ids = [*ids, inflight]
     rows = []
     hosts: dict[str, HostRecord] | None = None
     for deploy_id in list(reversed(ids))[: max(limit, 1)]:
@@ -1071,7 +1079,7 @@ def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[st
 
 def cmd_history(ctx: CtlContext) -> int:
     store = _store(ctx, ctx.args.app)
-    rows, problem = deploy_history_checked(store, ctx.args.limit)
+    rows, problem = deploy_history_checked(store, ctx.args.limit, in_flight=True)
     if problem:  # not "no deploys recorded": the list is unknown (exit 1, as for distrust)
         print(
             f"watcherctl: warning: the history of {ctx.args.app} cannot be read ({problem}); "

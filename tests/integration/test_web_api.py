@@ -227,6 +227,12 @@ class TestDeployApiWithAcls:
             r = env.web.post("/api/v1/apps/web/deploys", {"artifact": v3.id}, env.web_operator)
             assert r.status_code == 202, r.text
             deploy = r.json()["deploy"]
+            # While it is in flight, history lists it first (it listed the deploy before,
+            # whose id an operator passed to abort: "too late").
+            listed = env.web.get("/api/v1/apps/web/deploys?limit=1", env.reader).json()
+            assert [d["deploy"] for d in listed["deploys"]] == [deploy], listed
+            assert listed["deploys"][0]["result"] is None, listed
+            assert env.history()[0]["deploy"] == deploy
             abort = f"/api/v1/apps/web/deploys/{deploy}/abort"
             r = env.web.post(abort, {"reason": "no"}, env.reader)
             assert r.status_code == 403, r.text

@@ -1149,7 +1149,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if not 1 <= limit <= HISTORY_MAX:
             raise ApiError(422, f"limit must be between 1 and {HISTORY_MAX}, got {limit}")
         store = state.store(app_name(app), state.reader(request))
-        rows, problem = deploy_history_checked(store, limit)
+        rows, problem = deploy_history_checked(store, limit, in_flight=True)
         return {"deploys": rows, "problem": problem}
 
     @app.get(
