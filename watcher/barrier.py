@@ -641,10 +641,20 @@ class DeployStore:
                 continue
             if views is not None:
                 views[what] = view
-            verdict = judge(view.record, view.record.digest(), view.nodes)
             rec = view.record
+            digest = rec.digest()
+            verdict = judge(rec, digest, view.nodes)
             if verdict.outcome != COMMIT:
-                problems[what] = f"{named}, which the acks do not commit ({verdict.outcome})"
+                flipped = [
+                    n
+                    for n, a in sorted(view.nodes.items())
+                    if a.digest == digest and a.state in APPLIED
+                ]
+                # As a host that was away says it (``committed_or_why``): not "undecided".
+                changed = _changed_after_commit(flipped, verdict.reason)
+                problems[what] = f"{named}, which " + (
+                    changed or f"the acks do not commit ({verdict.outcome})"
+                )
             elif (rec.release, rec.artifact, rec.sha256) != (ref.release, ref.artifact, ref.sha256):
                 problems[what] = (
                     f"{named}, but that deploy's acked request is release {rec.release} "
@@ -1692,7 +1702,9 @@ class DeployStore:
         oldest_ack = min(e.create_index for e in entries.values())
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
-            return None, _changed_after_commit(flipped, "its acks claim different CreateIndexes")
+            return None, _split(
+                _changed_after_commit(flipped, "its acks claim different CreateIndexes")
+            )
         trusted_without_me = len(request.expected) >= 2 or first_index > oldest_ack
         if node and node not in request.expected and not trusted_without_me:
             why = (
@@ -1715,7 +1727,7 @@ class DeployStore:
             if verdict.outcome != UNDECIDED or not unready
             else f"no ready ack of {', '.join(unready)}"
         )
-        return None, _changed_after_commit(flipped, detail)
+        return None, _split(_changed_after_commit(flipped, detail))
 
     def check_sessions(
         self, joined: Joined, members: Mapping[str, KVEntry] | None = None
@@ -2459,9 +2471,13 @@ def _changed_after_commit(flipped: Collection[str], detail: str) -> str:
         return ""
     return (
         f"{', '.join(flipped)} flipped to, but whose acks no longer commit it ({detail}): "
-        "an ack changed after the commit (contested), and the fleet is split until the "
-        "next deploy"
+        "an ack changed after the commit (contested)"
     )
+
+
+def _split(why: str) -> str:
+    """``why`` a host behind the fleet does not follow `current`, with what that leaves."""
+    return f"{why}, and the fleet is split until the next deploy" if why else ""
 
 
 def _overtaken(current: CurrentRecord, create_index: int) -> bool:

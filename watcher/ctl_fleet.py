@@ -2286,7 +2286,9 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             head = (
                 f"app {name}: fleet release UNKNOWN"
                 if "current" in problems
-                else f"app {name}: fleet on {a['current'] or '-'}"
+                else f"app {name}: fleet on {a['current']}"
+                if a["current"]
+                else f"app {name}: no release deployed yet"
             )
             if dep and dep.get("problem"):
                 head += f"; inflight {_human_inflight_problem(dep)}"
@@ -2333,11 +2335,17 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             )
             if drift:
                 out.append("  * not on the fleet's release")
-            out += [
-                f"  ALARM on {ids.one_line(h['node'])}: {ids.one_line(h['alarm'])}"
-                for h in a["hosts"].values()
-                if h.get("alarm")
-            ]
+            for h in a["hosts"].values():
+                # Its last record's, for a host whose watcher is down: said, not counted.
+                stale = "" if h["member"] else " (its last record; watcher DOWN)"
+                if h.get("hold"):
+                    out.append(
+                        f"  HELD on {ids.one_line(h['node'])}{stale}: {ids.one_line(h['hold'])}"
+                    )
+                if h.get("alarm"):
+                    out.append(
+                        f"  ALARM on {ids.one_line(h['node'])}{stale}: {ids.one_line(h['alarm'])}"
+                    )
             out += [
                 f"  UNREADABLE host record of {ids.one_line(h['node'])}: "
                 f"{ids.one_line(h['record_problem'])}"
@@ -2350,6 +2358,9 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
     # An app no host has joined (a kv_prefix or app name the hosts do not use, or none set
     # up yet) is not a fleet to read "ok" from: a check that runs this would pass on a typo.
     nobody = any(not a["hosts"] for a in data.values())
-    # A host that raised the alarm stopped where it stands until an operator looks.
-    alarmed = any(h.get("alarm") for a in data.values() for h in a["hosts"].values())
+    # A live host that raised the alarm stopped where it stands until an operator looks (a
+    # host down is shown with exit 0, as ever: its record's alarm is from before).
+    alarmed = any(
+        h.get("alarm") and h["member"] for a in data.values() for h in a["hosts"].values()
+    )
     return EXIT_FAILED if nobody or alarmed or any(map(_in_doubt, data.values())) else EXIT_OK

@@ -214,7 +214,7 @@ def fleet_status(acl: AclFleet) -> dict[str, Any]:
         or deploy.get("distrusted")
         or deploy.get("stalled")
         or deploy.get("decision") == "contested"
-        or any(h["alarm"] for h in app["hosts"].values())
+        or any(h["alarm"] and h["member"] for h in app["hosts"].values())
     )
     assert result.returncode == (1 if doubt else 0), (result.returncode, app, result.stderr)
     return app
@@ -1015,6 +1015,19 @@ class TestOneHostToken:
         held = [w for w in fleet.watchers if (w.app_dir / ".state" / "holds.json").exists()]
         assert held, "a contested deploy holds the host that saw it"
         assert any("alarm" in w.log_text() for w in fleet.watchers)
+        # `status --fleet` names each hold and alarm (it said "alive, held" only).
+        wait_for(
+            lambda: all(
+                f"HELD on {w.name}: deploy {deploy_id} is contested"
+                in human_fleet_status(acl_fleet)
+                and f"ALARM on {w.name}: deploy {deploy_id} is contested"
+                in human_fleet_status(acl_fleet)
+                for w in held
+            ),
+            20,
+            "the holds and alarms in status --fleet",
+            fleet,
+        )
         for w in held:
             w.ctl("release-hold", "web", as_json=False)
         slow_hook(fleet, "validate", 0)
@@ -1063,6 +1076,19 @@ class TestOneHostToken:
             fleet,
         )
         assert f"ALARM on {away.name}: current names deploy" in human_fleet_status(acl_fleet)
+        # Readers say it as host-1 does (they said "undecided" next to its "contested").
+        problem = fleet_status(acl_fleet)["current_problems"]["current"]
+        said = "claim different CreateIndexes" if change == "claim" else "host-2 flipped to, but"
+        assert said in problem, problem
+        if change == "deleted":
+            # Down, its record's alarm is from before: shown as such, not counted (exit 0
+            # for a host down, as ever; fleet_status checks the exit code).
+            away.stop()
+            wait_for(lambda: not fleet_status(acl_fleet)["hosts"][away.name]["member"], 30, "down")
+            shown = human_fleet_status(acl_fleet)
+            assert f"ALARM on {away.name} (its last record; watcher DOWN): " in shown, shown
+            away.start()
+            fleet.wait_members(3)
         assert not away.log_events("converged", this_start=True)
         next_deploy_works(acl_fleet, "v3")
         wait_for(lambda: "flipped to, but" not in left_out_alarm(away), 20, "alarm lifted", fleet)

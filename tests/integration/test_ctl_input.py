@@ -291,8 +291,9 @@ class TestBrokenInflight:
 
         self._run_cure(site, consul_bin, cure)
         assert site.kv.kv_get(site.keys.inflight) is None
-        deploy, human, _ = self._status(site)
+        deploy, human, fleet = self._status(site)
         assert deploy is None and "none in flight" in human
+        assert "app web: no release deployed yet" in fleet, fleet  # was "fleet on -"
 
 
 def suggested(text: str, command: str) -> list[str]:
