@@ -433,11 +433,17 @@ def redeploy_warning(store: DeployStore, record: DeployRecord) -> str:
         return ""
     if current is None or not _same_build(current, record) or current.release == record.release:
         return ""  # (the same release name, within a second: `previous` stays where it was)
+    runs = (
+        f"the fleet already runs {current.artifact}"
+        if current.artifact == record.artifact
+        # Another build of the same bytes (published again under another commit).
+        else f"{record.artifact} has the same contents (sha256) as {current.artifact}, which "
+        "the fleet runs"
+    )
     return (
-        f"the fleet already runs {current.artifact} (release {current.release}): deployed "
-        f"again, the release before it is that same build, so a plain `rollback` would "
-        "bring back this code, not the build before it (roll back with --to for that); "
-        "abort it if that was not meant"
+        f"{runs} (release {current.release}): deployed again, the release before it is "
+        "that same code, so a plain `rollback` would bring back this code, not the build "
+        "before it (roll back with --to for that); abort it if that was not meant"
     )
 
 

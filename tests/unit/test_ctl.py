@@ -46,6 +46,7 @@ from watcher.ctl_fleet import (
     _tail_lines,
     end_stalled_sessions,
     progress_lines,
+    redeploy_warning,
     stalled_by,
 )
 from watcher.errors import (
@@ -1277,3 +1278,28 @@ def test_previous_is_what_every_host_that_went_live_flipped_from() -> None:
     assert said == (
         f"the hosts that went live in deploy {rec.id} flipped from: {r1} (c); {r2} (a, b)"
     )
+
+
+def test_a_redeploy_warning_names_the_build_asked_for() -> None:
+    """The newcomer pass: the demo's `publish` of the same tree under another commit made a
+    second build with the same bytes; deploying it warned "the fleet already runs
+    <the other build>", a build nobody had asked for."""
+    current = types.SimpleNamespace(
+        artifact="main-fb04dcb6", sha256="a" * 64, release="20261206T120000Z-main-fb04dcb6"
+    )
+    store = types.SimpleNamespace(current=lambda: (current, 7))
+    twin = types.SimpleNamespace(
+        artifact="main-574e1771", sha256="a" * 64, release="20261206T120100Z-main-574e1771"
+    )
+    said = redeploy_warning(store, twin)  # type: ignore[arg-type]
+    assert said.startswith(
+        "main-574e1771 has the same contents (sha256) as main-fb04dcb6, which the fleet runs "
+        "(release 20261206T120000Z-main-fb04dcb6): deployed again"
+    ), said
+    again = types.SimpleNamespace(
+        artifact="main-fb04dcb6", sha256="a" * 64, release="20261206T120100Z-main-fb04dcb6"
+    )
+    said = redeploy_warning(store, again)  # type: ignore[arg-type]
+    assert said.startswith("the fleet already runs main-fb04dcb6 (release "), said
+    other = types.SimpleNamespace(artifact="main-1", sha256="b" * 64, release="r-other")
+    assert redeploy_warning(store, other) == ""  # type: ignore[arg-type]
