@@ -475,6 +475,13 @@ def rollback_local(ctx: CtlContext) -> int:
         before = engine.current_release()
         target = ctx.args.to or engine.previous_release()
         if target is None:
+            others = [r for r in engine.release_names() if r != before]
+            if not others:
+                # "name one with --to (see releases)" sent a newcomer to an empty list.
+                raise ReleaseNotFound(
+                    f"app {app.name}: no release to roll back to on this host"
+                    + (f" (only {before}, the live one)" if before else " (none staged yet)")
+                )
             raise ReleaseNotFound(
                 f"app {app.name}: no previous release recorded on this host; name one with "
                 f"--to (see `watcherctl releases {app.name}`)"

@@ -331,6 +331,21 @@ class TestRollbackLocal:
         assert released.returncode == 0, released
         assert f"released ({expected}, by " in released.stdout, released.stdout
 
+    def test_nothing_to_roll_back_to_says_so(self, tmp_path: Path) -> None:
+        """The newcomer pass: on a host with no release but the live one (or none), it
+        said "name one with --to (see `watcherctl releases web`)", a list with nothing in
+        it to name."""
+        h = Host(tmp_path)
+        result = h.ctl("rollback", "web", "--local")
+        assert result.returncode == 2, result
+        assert "no release to roll back to on this host (none staged yet)" in result.stderr
+        h.stage(1)
+        h.flip(release_of(1))
+        result = h.ctl("rollback", "web", "--local")
+        assert result.returncode == 2, result
+        assert f"(only {release_of(1)}, the live one)" in result.stderr, result.stderr
+        assert "--to" not in result.stderr and h.engine.held() is None
+
     def test_missing_or_incomplete_target_is_refused(self, host: Host) -> None:
         missing = "20991231T235959Z-build-99"
         result = host.ctl("rollback", "web", "--local", "--to", missing)
