@@ -145,6 +145,20 @@ END_WATCH_GRACE = 0.5
 DECISION_WATCH_AFTER = 1.0
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
+#: Characters of an alarm (and of a contested deploy's hold) kept: its text names hosts of
+#: a request any host's token can write (up to 1,000 names), and it goes to /health, the
+#: log and the host record at every raise (a forged one made 77 KB records; the attacker
+#: review). Records cut it at 2,000 on read.
+ALARM_MAX = 1000
+
+
+def alarm_text(message: str) -> str:
+    """``message`` cut to ``ALARM_MAX`` characters, with its length said."""
+    if len(message) <= ALARM_MAX:
+        return message
+    return f"{message[:ALARM_MAX]}... [{len(message)} characters, cut]"
+
+
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
 PREPARE_GRACE = 10.0
@@ -416,6 +430,9 @@ class AppAgent:
         # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
         # 6.4.4), and that deploy: lifted once `current` names another.
         self._not_followed: tuple[str, str] | None = None
+        # The alarm raised for a contested deploy (its hold's reason): lifted once an
+        # operator released the hold (``_lift_released_contested_alarm``).
+        self._contested_alarm = ""
         # What the last look for a committed deploy later than ``current`` found (from the
         # acks, ``newest_committed``), for (the deploy `current` named, this host's release):
         # looked for once after start, and again only when this host is behind `current`.
@@ -824,6 +841,7 @@ class AppAgent:
                 # Restarted while held for it: the hold is on disk, the alarm was in memory
                 # (DESIGN.md 6.4.4 wants both: /health 503, the alarm metric, the record).
                 self._alarm(f"deploy {deploy_id} is contested: {journal.get('reason', '')}")
+                self._contested_alarm = self.status.alarm
             end = self._after_own_part(deploy_id, inflight_index)
             return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:
@@ -1186,7 +1204,7 @@ class AppAgent:
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
         self.journal.update(established=CONTESTED, established_at=iso(utcnow()), reason=reason)
-        message = f"deploy {joined.id} is contested: {reason}"
+        message = alarm_text(f"deploy {joined.id} is contested: {reason}")
         try:
             with self.engine.lock(owner=f"contested {joined.id}"):
                 if self.engine.held() is None:
@@ -1194,6 +1212,24 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("hold_failed", error=str(exc))
         self._alarm(message)
+        self._contested_alarm = message
+
+    def _lift_released_contested_alarm(self) -> None:
+        """The alarm of a contested deploy, once an operator released its hold. The deploy's
+        own step lifts it too, but a host that found the deploy contested after its part
+        was done never steps through that deploy again: its alarm stayed (/health 503,
+        `status --fleet` exit 1) until the watcher restarted (the attacker review)."""
+        if (
+            self._contested_alarm
+            and self.status.alarm == self._contested_alarm
+            and self.engine.held() is None
+        ):
+            self.status.alarm = ""
+            if self.health is not None:
+                self.health.clear_alarm(self.app.name)
+            self.log.info("alarm_lifted", reason=self._contested_alarm, note="hold released")
+        if self.status.alarm != self._contested_alarm:
+            self._contested_alarm = ""
 
     def _lift_not_followed_alarm(self) -> None:
         assert self._not_followed is not None
@@ -1205,6 +1241,7 @@ class AppAgent:
         self._not_followed = None
 
     def _alarm(self, message: str) -> None:
+        message = alarm_text(message)
         self.status.alarm = message
         self.log.error("alarm", reason=message)
         if self.health is not None:
@@ -2071,6 +2108,7 @@ class AppAgent:
 
     def _converge(self, cached: tuple[CurrentRecord | None, int] | None = None) -> str:
         current, _ = cached if cached is not None else self.store.current()
+        self._lift_released_contested_alarm()
         if self._not_followed is not None and (
             current is None or current.deploy != self._not_followed[0]
         ):
@@ -2124,8 +2162,16 @@ class AppAgent:
             # (/health, status, the host record), not only in the log. No hold: this host
             # stays where it is anyway, and a hold would make the deploy that moves every
             # host abort here.
-            message = f"current names deploy {current.deploy}, which {why}: not followed"
-            if self._not_followed is None or self._not_followed[1] != message:
+            message = alarm_text(
+                f"current names deploy {current.deploy}, which {why}: not followed"
+            )
+            # Again when another alarm took its place meanwhile (a contested deploy's, its
+            # hold released since): /health and the record must say this one.
+            if (
+                self._not_followed is None
+                or self._not_followed[1] != message
+                or self.status.alarm != message
+            ):
                 self._not_followed = (current.deploy, message)
                 self._alarm(message)
             return f"idle; {message}"

@@ -16,7 +16,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -1677,7 +1677,9 @@ class DeployStore:
         nodes: Collection[str] | None = None,
     ) -> tuple[Joined | None, str]:
         """The deploy's request, if this host may trust that its commit predicate holds;
-        else None and, when ``node`` was left out of it (below), why (else "").
+        else None and, when ``node`` was left out of it (below), or an expected host's own
+        ack says it flipped to it (an ack changed after the commit, or that host forged
+        it: ``_changed_after_commit``), why (else "").
 
         The request is rebuilt from the acks (never read from ``requests/``); the acks must
         agree on the request's CreateIndex, and that index must be older than every ack
@@ -1725,7 +1727,7 @@ class DeployStore:
         detail = (
             verdict.reason
             if verdict.outcome != UNDECIDED or not unready
-            else f"no ready ack of {', '.join(unready)}"
+            else f"no ready ack of {some_of(unready)}"
         )
         return None, _split(_changed_after_commit(flipped, detail))
 
@@ -2462,17 +2464,33 @@ class DeployStore:
         ]
 
 
-def _changed_after_commit(flipped: Collection[str], detail: str) -> str:
+def _changed_after_commit(flipped: Sequence[str], detail: str) -> str:
     """Why a host does not follow a deploy whose acks say that ``flipped`` hosts flipped
     to it though they do not commit it (``detail``): "" when none did. Only a changed ack
     makes that (DESIGN.md 6.4.4, contested): the hosts that took part see it and hold, a
     host that was away sees only a deploy it cannot trust while the fleet runs it."""
     if not flipped:
         return ""
-    return (
-        f"{', '.join(flipped)} flipped to, but whose acks no longer commit it ({detail}): "
+    # One host alone may also have forged the deploy and its own ack with its token.
+    how = (
         "an ack changed after the commit (contested)"
+        if len(flipped) > 1
+        else f"an ack changed after the commit (contested), or {flipped[0]}'s token forged it"
     )
+    if len(detail) > DETAIL_SHOWN:  # names of a request any host's token can write
+        detail = f"{detail[:DETAIL_SHOWN]}..."
+    return f"{some_of(flipped)} flipped to, but whose acks no longer commit it ({detail}): {how}"
+
+
+#: Characters of a verdict's reason shown inside another message, and names listed.
+DETAIL_SHOWN = 300
+NAMES_SHOWN = 5
+
+
+def some_of(names: Sequence[str]) -> str:
+    """The first ``NAMES_SHOWN`` of ``names``, and how many more."""
+    more = len(names) - NAMES_SHOWN
+    return ", ".join(names[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _split(why: str) -> str:

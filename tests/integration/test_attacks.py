@@ -1030,6 +1030,14 @@ class TestOneHostToken:
         )
         for w in held:
             w.ctl("release-hold", "web", as_json=False)
+        # Released, the alarms go too: a host that found it contested after its own part
+        # kept its alarm (/health 503, `status --fleet` exit 1) until a restart.
+        wait_for(
+            lambda: not any(h["alarm"] for h in fleet_status(acl_fleet)["hosts"].values()),
+            30,
+            "the alarms lifted once the holds were released",
+            fleet,
+        )
         slow_hook(fleet, "validate", 0)
         next_deploy_works(acl_fleet, "v3")
 

@@ -203,6 +203,7 @@ class TestLeftOutAlarm:
             warning=lambda *_a, **_k: None,
         )
         agent._not_followed = None
+        agent._contested_alarm = ""
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
         agent.engine.held = lambda: None  # type: ignore[attr-defined]
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
@@ -255,6 +256,48 @@ class TestLeftOutAlarm:
         agent._converge(self.current())
         assert agent.status.alarm == "deploy d-9 is contested: host-3's ack was rewritten"
         assert cleared == [] and agent._not_followed is None
+
+    def test_a_released_contested_alarm_is_lifted_and_the_other_raised_again(
+        self, tmp_path: Path
+    ) -> None:
+        """The attacker review: a host that found a deploy contested after its own part
+        kept that alarm once an operator released the hold (/health 503, `status --fleet`
+        exit 1, until a restart), and the not-followed alarm it had raised before never
+        came back: it was "said already"."""
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, _started = self.make(tmp_path, kv)
+        kv.fail = 100
+        agent._converge(self.current())
+        followed = agent.status.alarm
+        assert followed.startswith("current names deploy d-solo")
+        held: list[Any] = [object()]
+        agent.engine.held = lambda: held[0]  # type: ignore[attr-defined]
+        agent._contested_alarm = agent.status.alarm = "deploy d-9 is contested: host-3 ..."
+        agent._converge(self.current())  # held: stays
+        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..." and cleared == []
+        held[0] = None  # `release-hold`
+        agent._converge(self.current())
+        assert cleared == ["web"] and agent._contested_alarm == ""
+        assert agent.status.alarm == followed  # raised again, not left unsaid
+        assert agent.raised == ["web", "web"]  # type: ignore[attr-defined]
+
+
+def test_an_alarm_is_cut_and_names_are_counted_not_listed() -> None:
+    """The attacker review: a forged request of 600 long names made each host store a 77 KB
+    alarm, and write it into its host record at every raise."""
+    from watcher.barrier import _changed_after_commit
+
+    names = [f"n{i:04d}" + "x" * 120 for i in range(600)]
+    why = _changed_after_commit(names, "no ready ack of " + ", ".join(names))
+    assert len(why) < 2000 and "and 595 more" in why, len(why)
+    alone = _changed_after_commit(["host-3"], "no ready ack of host-1")
+    assert alone.endswith(
+        "an ack changed after the commit (contested), or host-3's token forged it"
+    )
+    assert _changed_after_commit([], "anything") == ""
+    cut = agent_module.alarm_text("a" * 5000)
+    assert len(cut) < agent_module.ALARM_MAX + 50 and cut.endswith("[5000 characters, cut]")
+    assert agent_module.alarm_text("short") == "short"
 
 
 def test_a_prune_keeps_what_the_fleets_current_names(tmp_path: Path) -> None:
