@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -85,7 +86,7 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import RELEASE_JSON, AppLayout, ReleaseEngine, fleet_releases
+from watcher.releases import RELEASE_JSON, AppLayout, Hold, ReleaseEngine, fleet_releases
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
@@ -153,10 +154,21 @@ ALARM_MAX = 1000
 
 
 def alarm_text(message: str) -> str:
-    """``message`` cut to ``ALARM_MAX`` characters, with its length said."""
+    """``message`` cut to ``ALARM_MAX`` characters, its length said inside them. Cutting a
+    cut text changes nothing: an alarm is compared with the one raised before."""
     if len(message) <= ALARM_MAX:
         return message
-    return f"{message[:ALARM_MAX]}... [{len(message)} characters, cut]"
+    said = f"... [{len(message)} characters, cut]"
+    return message[: ALARM_MAX - len(said)] + said
+
+
+def _contested_hold(hold: Hold, node: str) -> bool:
+    """Whether ``hold`` is the one this node's watcher placed for a contested deploy
+    (``AppAgent._contested``): on this host's disk, in words of its own."""
+    return (
+        hold.by == f"watcher on {node}"
+        and re.match(r"deploy \S+ is contested: ", hold.reason) is not None
+    )
 
 
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
@@ -833,9 +845,7 @@ class AppAgent:
                 # An operator looked and released the hold: this host is done with it.
                 self._count_part(joined, CONTESTED)
                 self.journal.update(finished=True)
-                self.status.alarm = ""
-                if self.health is not None:
-                    self.health.clear_alarm(self.app.name)
+                self._clear_alarm(self.status.alarm, note="hold released")
                 return "contested deploy released by an operator"
             if not self.status.alarm and self.engine.held() is not None:
                 # Restarted while held for it: the hold is on disk, the alarm was in memory
@@ -1212,33 +1222,37 @@ class AppAgent:
         except (WatcherError, OSError) as exc:
             self.log.error("hold_failed", error=str(exc))
         self._alarm(message)
-        self._contested_alarm = message
+        # Lifted with the hold it goes with; with none placed (its write failed), never
+        # by "no hold now": the alarm is then all there is to say it.
+        self._contested_alarm = self.status.alarm if self.engine.held() is not None else ""
 
     def _lift_released_contested_alarm(self) -> None:
         """The alarm of a contested deploy, once an operator released its hold. The deploy's
         own step lifts it too, but a host that found the deploy contested after its part
         was done never steps through that deploy again: its alarm stayed (/health 503,
         `status --fleet` exit 1) until the watcher restarted (the attacker review)."""
-        if (
-            self._contested_alarm
-            and self.status.alarm == self._contested_alarm
-            and self.engine.held() is None
-        ):
-            self.status.alarm = ""
-            if self.health is not None:
-                self.health.clear_alarm(self.app.name)
-            self.log.info("alarm_lifted", reason=self._contested_alarm, note="hold released")
+        hold = self.engine.held()
+        if hold is not None and not self.status.alarm and _contested_hold(hold, self.node):
+            # Restarted while held for a contested deploy it judged after its own part:
+            # the hold is on disk, the alarm was in memory (DESIGN.md 6.4.4 wants both).
+            self._alarm(hold.reason)
+            self._contested_alarm = self.status.alarm
+        if self._contested_alarm and self.status.alarm == self._contested_alarm and hold is None:
+            self._clear_alarm(self._contested_alarm, note="hold released")
         if self.status.alarm != self._contested_alarm:
             self._contested_alarm = ""
 
     def _lift_not_followed_alarm(self) -> None:
         assert self._not_followed is not None
         if self.status.alarm == self._not_followed[1]:  # not a contested deploy's since
-            self.status.alarm = ""
-            if self.health is not None:
-                self.health.clear_alarm(self.app.name)
-            self.log.info("alarm_lifted", reason=self._not_followed[1])
+            self._clear_alarm(self._not_followed[1])
         self._not_followed = None
+
+    def _clear_alarm(self, reason: str, **note: str) -> None:
+        self.status.alarm = ""
+        if self.health is not None:
+            self.health.clear_alarm(self.app.name)
+        self.log.info("alarm_lifted", reason=reason, **note)
 
     def _alarm(self, message: str) -> None:
         message = alarm_text(message)

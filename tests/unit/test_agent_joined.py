@@ -4,6 +4,7 @@ pure bookkeeping, with a small stand-in for the KV reads it makes (the integrati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import types
@@ -257,6 +258,64 @@ class TestLeftOutAlarm:
         assert agent.status.alarm == "deploy d-9 is contested: host-3's ack was rewritten"
         assert cleared == [] and agent._not_followed is None
 
+    def test_a_long_alarm_is_raised_once_and_lifted_when_current_moves(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: cutting an alarm's text twice changed it, so a long one never
+        equalled the one raised before: raised again at every cycle, and never lifted."""
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, _started = self.make(tmp_path, kv)
+        long_why = "host-2 flipped to, but " + "x" * 1500
+        trusted = types.SimpleNamespace(id="d-next", create_index=50, request=None)
+        agent.store.committed_or_why = lambda deploy, **_k: (  # type: ignore[attr-defined]
+            (None, long_why) if deploy == "d-solo" else (trusted, "")
+        )
+        for _ in range(3):
+            agent._converge(self.current())
+        assert agent.raised == ["web"], agent.raised  # type: ignore[attr-defined]
+        assert len(agent.status.alarm) == agent_module.ALARM_MAX
+        agent._converge((types.SimpleNamespace(deploy="d-next", release="r3"), 0))
+        assert cleared == ["web"] and agent.status.alarm == ""
+
+    def test_a_contested_alarm_with_no_hold_placed_stays(self, tmp_path: Path) -> None:
+        """The code review: its hold's write failed, the contested alarm was lifted at the
+        next cycle for "no hold now", and nothing said the deploy was contested."""
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, _started = self.make(tmp_path, kv)
+        agent.journal = types.SimpleNamespace(update=lambda **_k: None)  # type: ignore[assignment]
+
+        def no_hold(*_a: Any, **_k: Any) -> None:
+            raise OSError("read-only file system")
+
+        agent.engine.hold = no_hold  # type: ignore[attr-defined]
+        agent.engine.lock = lambda **_k: contextlib.nullcontext()  # type: ignore[attr-defined]
+        agent._contested(types.SimpleNamespace(id="d-9"), "host-3 ...")  # type: ignore[arg-type]
+        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..."
+        kv.fail = 0
+        agent._converge((None, 0))
+        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..." and cleared == []
+
+    def test_a_contested_hold_found_after_a_restart_raises_its_alarm_again(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: a host that found a deploy contested after its own part, then
+        restarted, kept the hold on disk but no alarm (/health 200, `status --fleet` 0)."""
+        from watcher.releases import Hold
+
+        kv = FakeKV(record_first_index=40)
+        agent, _cleared, _started = self.make(tmp_path, kv)
+        reason = "deploy d-9 is contested: acks contradict each other"
+        own = Hold(reason=reason, by="watcher on host-2", at="2026-12-06T12:00:00Z")
+        agent.engine.held = lambda: own  # type: ignore[attr-defined]
+        agent._converge(self.current())
+        assert agent.status.alarm == reason and agent._contested_alarm == reason
+        # An operator's hold of the same words is not the watcher's: no alarm from it.
+        agent2, _, _ = self.make(tmp_path / "b", kv)
+        theirs = Hold(reason=reason, by="alice@laptop", at=own.at)
+        agent2.engine.held = lambda: theirs  # type: ignore[attr-defined]
+        agent2._converge(self.current())
+        assert agent2.status.alarm == ""
+
     def test_a_released_contested_alarm_is_lifted_and_the_other_raised_again(
         self, tmp_path: Path
     ) -> None:
@@ -296,7 +355,8 @@ def test_an_alarm_is_cut_and_names_are_counted_not_listed() -> None:
     )
     assert _changed_after_commit([], "anything") == ""
     cut = agent_module.alarm_text("a" * 5000)
-    assert len(cut) < agent_module.ALARM_MAX + 50 and cut.endswith("[5000 characters, cut]")
+    assert len(cut) == agent_module.ALARM_MAX and cut.endswith("[5000 characters, cut]")
+    assert agent_module.alarm_text(cut) == cut  # compared with the alarm raised before
     assert agent_module.alarm_text("short") == "short"
 
 
