@@ -395,11 +395,11 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     commit_evidence = bool(expected) and len(ready) == len(expected)
     abort_evidence = bool(vetoes or foreign)
     if (commit_evidence or applied) and abort_evidence:
-        changed = ", ".join(vetoes + foreign)
+        # (names counted past a few: a request any host's token writes may list 1,000)
         return Verdict(
             CONTESTED,
-            f"acks contradict each other: {changed} vetoed or named another request "
-            f"while {', '.join(applied or ready)} acked ready (an ack was rewritten)",
+            f"acks contradict each other: {some_of(vetoes + foreign)} vetoed or named another "
+            f"request while {some_of(applied or ready)} acked ready (an ack was rewritten)",
         )
     if commit_evidence:
         return Verdict(COMMIT, f"all {len(expected)} expected nodes acked ready")
@@ -412,7 +412,7 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
         more = f" (and {others} more)" if others else ""
         return Verdict(ABORT, f"node {vetoes[0]} {first.state}: {why}{more}")
     if foreign:
-        return Verdict(ABORT, f"node(s) {', '.join(foreign)} acked another request")
+        return Verdict(ABORT, f"node(s) {some_of(foreign)} acked another request")
     if not expected:
         return Verdict(ABORT, "no expected nodes")
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
@@ -645,13 +645,8 @@ class DeployStore:
             digest = rec.digest()
             verdict = judge(rec, digest, view.nodes)
             if verdict.outcome != COMMIT:
-                flipped = [
-                    n
-                    for n, a in sorted(view.nodes.items())
-                    if a.digest == digest and a.state in APPLIED
-                ]
                 # As a host that was away says it (``committed_or_why``): not "undecided".
-                changed = _changed_after_commit(flipped, verdict.reason)
+                changed = _not_committed_why(rec, digest, view.nodes, verdict)
                 problems[what] = f"{named}, which " + (
                     changed or f"the acks do not commit ({verdict.outcome})"
                 )
@@ -1565,7 +1560,7 @@ class DeployStore:
             return None
         return Verdict(
             ABORT,
-            f"expected node(s) {', '.join(dead)} lost the session named for them before acking",
+            f"expected node(s) {some_of(dead)} lost the session named for them before acking",
         )
 
     def record_decision(
@@ -1700,12 +1695,13 @@ class DeployStore:
         claimed = {a.create_index for a in acks.values()}
         # Expected hosts whose own ack says they flipped: each established the commit
         # first, so if the acks do not commit the deploy now, one changed after it.
-        flipped = sorted(n for n, a in acks.items() if a.digest == digest and a.state in APPLIED)
         oldest_ack = min(e.create_index for e in entries.values())
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
             return None, _split(
-                _changed_after_commit(flipped, "its acks claim different CreateIndexes")
+                _changed_after_commit(
+                    _flipped(acks, digest), "its acks claim different CreateIndexes"
+                )
             )
         trusted_without_me = len(request.expected) >= 2 or first_index > oldest_ack
         if node and node not in request.expected and not trusted_without_me:
@@ -1719,17 +1715,10 @@ class DeployStore:
         verdict = self.establish(joined)
         if verdict.outcome == COMMIT:
             return joined, ""
-        unready = [
-            n
-            for n in request.expected
-            if (a := verdict.acks.get(n)) is None or not a.acked_ready(digest)
-        ]
-        detail = (
-            verdict.reason
-            if verdict.outcome != UNDECIDED or not unready
-            else f"no ready ack of {some_of(unready)}"
+        # Who flipped by the acks read for the claims; what is missing by the verdict's read.
+        return None, _split(
+            _not_committed_why(request, digest, verdict.acks, verdict, _flipped(acks, digest))
         )
-        return None, _split(_changed_after_commit(flipped, detail))
 
     def check_sessions(
         self, joined: Joined, members: Mapping[str, KVEntry] | None = None
@@ -2130,7 +2119,9 @@ class DeployStore:
         dropped = [d for d in dropped if d not in protected]
         # Kept at the front, they must not make the list longer than a read takes
         # (HISTORY_MAX, with history_keep at it): the oldest others make room. That only
-        # happens when nothing else dropped out, so those go with this end's trim.
+        # happens when nothing else dropped out, so those go with this end's trim, and no
+        # backlog (``later``) is written: the list read held at most HISTORY_MAX ids, and
+        # this end adds one and trims at least one of the rest whenever any dropped out.
         over = len(keep_back) + len(ids) - HISTORY_MAX
         if over > 0:
             cut = [i for i in ids if i not in protected][:over]
@@ -2462,6 +2453,32 @@ class DeployStore:
             TxnOp.cas(self.keys.decision(rec.id), decision.to_json(), 0),
             TxnOp.set(self.keys.outcome(rec.id), outcome.to_json()),
         ]
+
+
+def _flipped(acks: Mapping[str, NodeProgress], digest: str) -> list[str]:
+    """The nodes whose own ack says they established the commit of ``digest`` (APPLIED)."""
+    return sorted(n for n, a in acks.items() if a.digest == digest and a.state in APPLIED)
+
+
+def _not_committed_why(
+    request: DeployRecord,
+    digest: str,
+    acks: Mapping[str, NodeProgress],
+    verdict: Verdict,
+    flipped: Sequence[str] | None = None,
+) -> str:
+    """``_changed_after_commit`` of a deploy ``verdict`` does not commit, as hosts and
+    readers say it: for an undecided one, whose ready ack is missing. ``flipped``: from
+    another read of the acks (default: ``acks``)."""
+    unready = [
+        n for n in request.expected if (a := acks.get(n)) is None or not a.acked_ready(digest)
+    ]
+    detail = (
+        verdict.reason
+        if verdict.outcome != UNDECIDED or not unready
+        else f"no ready ack of {some_of(unready)}"
+    )
+    return _changed_after_commit(_flipped(acks, digest) if flipped is None else flipped, detail)
 
 
 def _changed_after_commit(flipped: Sequence[str], detail: str) -> str:
