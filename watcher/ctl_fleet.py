@@ -1032,11 +1032,11 @@ def deploy_history_checked(
     """``deploy_history``, and why the history record was read as empty ("" if it was not).
     ``in_flight``: the deploy in flight first (its end adds it to the history; until then
     `history` would show the one before, whose id an operator then passed to `abort`)."""
+    # `inflight` first: a deploy that ends between the two reads is then in the history.
+    inflight = store.inflight()[0] if in_flight else None
     ids, problem = store.history_checked()
-    if in_flight:
-        inflight = store.inflight()[0]
-        if inflight is not None and inflight not in ids:
-            ids = [*ids, inflight]
+    if inflight is not None and inflight not in ids:
+        ids = [*ids, inflight]
     rows = []
     hosts: dict[str, HostRecord] | None = None
     for deploy_id in list(reversed(ids))[: max(limit, 1)]:
@@ -1044,8 +1044,8 @@ def deploy_history_checked(
             view = store.view(deploy_id)
         except PayloadError:
             continue
-        if view is None:
-            continue
+        if view is None or (deploy_id == inflight and view.outcome is not None):
+            continue  # (an `inflight` left naming a deploy that ended is not in flight)
         view = view.checked()
         if len(view.record.expected) == 1 and view.verdict() == COMMIT:
             # One host's ack alone: the hosts it left out do not follow it (6.4.5).
@@ -1089,7 +1089,7 @@ def cmd_history(ctx: CtlContext) -> int:
     if problem:  # not "no deploys recorded": the list is unknown (exit 1, as for distrust)
         print(
             f"watcherctl: warning: the history of {ctx.args.app} cannot be read ({problem}); "
-            "no deploy can be listed until the next deploy's end writes it anew",
+            "no deploy that ended can be listed until the next deploy's end writes it anew",
             file=sys.stderr,
         )
 
