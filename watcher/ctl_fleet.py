@@ -2344,14 +2344,14 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             for h in a["hosts"].values():
                 # Its last record's, for a host whose watcher is down: said, not counted.
                 stale = "" if h["member"] else " (its last record; watcher DOWN)"
-                if h.get("hold"):
-                    out.append(
-                        f"  HELD on {ids.one_line(h['node'])}{stale}: {ids.one_line(h['hold'])}"
-                    )
-                if h.get("alarm"):
-                    out.append(
-                        f"  ALARM on {ids.one_line(h['node'])}{stale}: {ids.one_line(h['alarm'])}"
-                    )
+                node, hold, alarm = ids.one_line(h["node"]), h.get("hold"), h.get("alarm")
+                if hold and alarm and hold.startswith(alarm):  # a contested deploy's (by ...)
+                    out.append(f"  ALARM on {node}{stale}, HELD for it: {ids.one_line(hold)}")
+                    continue
+                if hold:
+                    out.append(f"  HELD on {node}{stale}: {ids.one_line(hold)}")
+                if alarm:
+                    out.append(f"  ALARM on {node}{stale}: {ids.one_line(alarm)}")
             out += [
                 f"  UNREADABLE host record of {ids.one_line(h['node'])}: "
                 f"{ids.one_line(h['record_problem'])}"

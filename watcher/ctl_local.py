@@ -475,7 +475,7 @@ def rollback_local(ctx: CtlContext) -> int:
         before = engine.current_release()
         target = ctx.args.to or engine.previous_release()
         if target is None:
-            others = [r for r in engine.release_names() if r != before]
+            others = [r for r in engine.release_names() if r != before and engine.is_complete(r)]
             if not others:
                 # "name one with --to (see releases)" sent a newcomer to an empty list.
                 raise ReleaseNotFound(

@@ -254,7 +254,7 @@ class Report:
 
 def _doubt_of(data: dict[str, Any]) -> str:
     """What made `status --fleet` exit 1, from its JSON: the records it did not trust, a
-    contested or BROKEN deploy, a host's alarm."""
+    contested or BROKEN deploy, a live host's alarm."""
     app = data.get(APP) or {}
     dep = app.get("deploy") or {}
     said = [*(app.get("current_problems") or {}).values(), *(dep.get("distrusted") or ())]
@@ -265,7 +265,7 @@ def _doubt_of(data: dict[str, Any]) -> str:
     said += [
         f"alarm on {node}: {host['alarm']}"
         for node, host in (app.get("hosts") or {}).items()
-        if isinstance(host, dict) and host.get("alarm")
+        if isinstance(host, dict) and host.get("alarm") and host.get("member")
     ]
     return "; ".join(str(x) for x in said)[:300] or "exit 1 with nothing named"
 

@@ -1018,9 +1018,7 @@ class TestOneHostToken:
         # `status --fleet` names each hold and alarm (it said "alive, held" only).
         wait_for(
             lambda: all(
-                f"HELD on {w.name}: deploy {deploy_id} is contested"
-                in human_fleet_status(acl_fleet)
-                and f"ALARM on {w.name}: deploy {deploy_id} is contested"
+                f"ALARM on {w.name}, HELD for it: deploy {deploy_id} is contested"
                 in human_fleet_status(acl_fleet)
                 for w in held
             ),

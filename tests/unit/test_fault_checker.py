@@ -145,7 +145,11 @@ class TestStatusInDoubt:
         assert _doubt_of({APP: {"deploy": {"problem": "`inflight` holds no deploy id"}}}) == (
             "`inflight` holds no deploy id"
         )
-        hosts = {"h1": {"alarm": ""}, "h2": {"alarm": "current names deploy d9, which ..."}}
+        hosts = {
+            "h1": {"alarm": "", "member": True},
+            "h2": {"alarm": "current names deploy d9, which ...", "member": True},
+            "h3": {"alarm": "its last record's, down", "member": False},  # not counted
+        }
         assert _doubt_of({APP: {"deploy": None, "hosts": hosts}}) == (
             "alarm on h2: current names deploy d9, which ..."
         )
