@@ -1693,8 +1693,6 @@ class DeployStore:
         digest = request.digest()
         acks = {n: a for n, e in entries.items() if (a := parse_ack(e)) is not None}
         claimed = {a.create_index for a in acks.values()}
-        # Expected hosts whose own ack says they flipped: each established the commit
-        # first, so if the acks do not commit the deploy now, one changed after it.
         oldest_ack = min(e.create_index for e in entries.values())
         if len(claimed) != 1 or not 0 < next(iter(claimed)) < oldest_ack:
             log.error("acks_disagree", deploy=deploy_id, note="create_index claims do not hold")
@@ -1715,7 +1713,9 @@ class DeployStore:
         verdict = self.establish(joined)
         if verdict.outcome == COMMIT:
             return joined, ""
-        # Who flipped by the acks read for the claims; what is missing by the verdict's read.
+        # Expected hosts whose own ack says they flipped each established the commit first:
+        # not committed now, one ack changed after it (who flipped: by the acks read for the
+        # claims; what is missing: by the verdict's read).
         return None, _split(
             _not_committed_why(request, digest, verdict.acks, verdict, _flipped(acks, digest))
         )
@@ -2483,9 +2483,10 @@ def _not_committed_why(
 
 def _changed_after_commit(flipped: Sequence[str], detail: str) -> str:
     """Why a host does not follow a deploy whose acks say that ``flipped`` hosts flipped
-    to it though they do not commit it (``detail``): "" when none did. Only a changed ack
-    makes that (DESIGN.md 6.4.4, contested): the hosts that took part see it and hold, a
-    host that was away sees only a deploy it cannot trust while the fleet runs it."""
+    to it though they do not commit it (``detail``): "" when none did. An ack changed after
+    the commit makes that (DESIGN.md 6.4.4, contested: the hosts that took part see it and
+    hold, a host that was away sees only a deploy it cannot trust while the fleet runs it),
+    or, with one host alone flipped, that host's token forging the deploy."""
     if not flipped:
         return ""
     # One host alone may also have forged the deploy and its own ack with its token.
