@@ -1035,17 +1035,22 @@ def deploy_history_checked(
     # `inflight` first: a deploy that ends between the two reads is then in the history.
     inflight = store.inflight()[0] if in_flight else None
     ids, problem = store.history_checked()
-    if inflight is not None and inflight not in ids:
-        ids = [*ids, inflight]
+    added = inflight if inflight is not None and inflight not in ids else None
+    shown = ([added] if added else []) + list(reversed(ids))
     rows = []
     hosts: dict[str, HostRecord] | None = None
-    for deploy_id in list(reversed(ids))[: max(limit, 1)]:
+    for deploy_id in shown[: max(limit, 1)]:
         try:
-            view = store.view(deploy_id)
+            view: DeployView | None = store.view(deploy_id)
         except PayloadError:
+            view = None
+        if deploy_id == added and (view is None or view.outcome is not None):
+            # Not to list as in flight: ended since the history was read (its end adds it
+            # there: read it again), no record (an `inflight` a host is about to clear),
+            # or an `inflight` left naming an old deploy. The history alone, then.
+            return deploy_history_checked(store, limit)
+        if view is None:
             continue
-        if view is None or (deploy_id == inflight and view.outcome is not None):
-            continue  # (an `inflight` left naming a deploy that ended is not in flight)
         view = view.checked()
         if len(view.record.expected) == 1 and view.verdict() == COMMIT:
             # One host's ack alone: the hosts it left out do not follow it (6.4.5).

@@ -454,6 +454,38 @@ class TestOperatorToken:
             assert fleet.kv.kv_get(fleet.keys.outcome(ghost)) is not None
         next_deploy_works(acl_fleet, "v2")
 
+    def test_a_stale_or_forged_inflight_does_not_change_what_history_lists(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The second attacker round: `history` lists the deploy `inflight` names first,
+        but an `inflight` naming the last deploy (ended, in the history) hid that deploy,
+        and one naming no deploy took a --limit slot: `history --limit 1` listed nothing.
+        With every watcher stopped nobody clears such an `inflight`."""
+        from watcher.ctl_fleet import deploy_history_checked
+
+        fleet = acl_fleet.fleet
+        first = baseline(acl_fleet)[1]["deploy"]
+        next_deploy_works(acl_fleet, "v2")
+        ids = json.loads(fleet.kv.kv_get(fleet.keys.history).value)["deploys"]  # type: ignore[union-attr]
+        assert ids[0] == first and len(ids) == 2, ids
+        for w in fleet.watchers:
+            w.stop()
+        try:
+            reader = store_with(operator_client(acl_fleet), fleet)
+            x = host_client(acl_fleet, 2)
+            for named in (ids[-1], ids[0], new_deploy_id(), "../x"):
+                assert x.kv_put(fleet.keys.inflight, named.encode())
+                for limit in (1, 2, 10):
+                    rows, _ = deploy_history_checked(reader, limit, in_flight=True)
+                    listed = [r["deploy"] for r in rows]
+                    assert listed == list(reversed(ids))[:limit], (named, limit, listed)
+        finally:
+            fleet.kv.kv_delete(fleet.keys.inflight)
+            for w in fleet.watchers:
+                w.start()
+            fleet.wait_members(3)
+        next_deploy_works(acl_fleet, "v3")
+
     def test_garbage_in_inflight_is_cleared(self, acl_fleet: AclFleet) -> None:
         fleet = acl_fleet.fleet
         baseline(acl_fleet)
