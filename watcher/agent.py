@@ -1215,16 +1215,18 @@ class AppAgent:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
         self.journal.update(established=CONTESTED, established_at=iso(utcnow()), reason=reason)
         message = alarm_text(f"deploy {joined.id} is contested: {reason}")
+        placed = False
         try:
             with self.engine.lock(owner=f"contested {joined.id}"):
                 if self.engine.held() is None:
                     self.engine.hold(message, by=f"watcher on {self.node}")
+                    placed = True
         except (WatcherError, OSError) as exc:
             self.log.error("hold_failed", error=str(exc))
         self._alarm(message)
-        # Lifted with the hold it goes with; with none placed (its write failed), never
-        # by "no hold now": the alarm is then all there is to say it.
-        self._contested_alarm = self.status.alarm if self.engine.held() is not None else ""
+        # Lifted with the hold it placed; with none (its write failed, or another hold was
+        # there, whose release says nothing of this deploy), never by "no hold now".
+        self._contested_alarm = self.status.alarm if placed else ""
 
     def _lift_released_contested_alarm(self) -> None:
         """The alarm of a contested deploy, once an operator released its hold. The deploy's
@@ -1252,7 +1254,8 @@ class AppAgent:
         self.status.alarm = ""
         if self.health is not None:
             self.health.clear_alarm(self.app.name)
-        self.log.info("alarm_lifted", reason=reason, **note)
+        if reason:
+            self.log.info("alarm_lifted", reason=reason, **note)
 
     def _alarm(self, message: str) -> None:
         message = alarm_text(message)

@@ -2497,7 +2497,12 @@ def _changed_after_commit(flipped: Sequence[str], detail: str) -> str:
     )
     if len(detail) > DETAIL_SHOWN:  # names of a request any host's token can write
         detail = f"{detail[:DETAIL_SHOWN]}..."
-    return f"{some_of(flipped)} flipped to, but whose acks no longer commit it ({detail}): {how}"
+    # "by its own ack": a claim of that host's token, which may be all there is of it.
+    own = "its own ack" if len(flipped) == 1 else "their own acks"
+    return (
+        f"by {own} {some_of(flipped)} flipped to, but whose acks no longer commit it "
+        f"({detail}): {how}"
+    )
 
 
 #: Characters of a verdict's reason shown inside another message, and names listed.
@@ -2512,8 +2517,9 @@ def some_of(names: Sequence[str]) -> str:
 
 
 def _split(why: str) -> str:
-    """``why`` a host behind the fleet does not follow `current`, with what that leaves."""
-    return f"{why}, and the fleet is split until the next deploy" if why else ""
+    """``why`` a host behind `current` does not follow it, with what that leaves (not "the
+    fleet is split": with a forged deploy nobody moved)."""
+    return f"{why}; this host stays where it is until the next deploy" if why else ""
 
 
 def _overtaken(current: CurrentRecord, create_index: int) -> bool:

@@ -294,6 +294,14 @@ class TestLeftOutAlarm:
         kv.fail = 0
         agent._converge((None, 0))
         assert agent.status.alarm == "deploy d-9 is contested: host-3 ..." and cleared == []
+        # An operator's hold there before (the second attacker round): not the one placed
+        # for it, so its release does not lift the contested alarm either.
+        operators: list[Any] = [object()]
+        agent.engine.held = lambda: operators[0]  # type: ignore[attr-defined]
+        agent._contested(types.SimpleNamespace(id="d-10"), "host-3 ...")  # type: ignore[arg-type]
+        operators[0] = None
+        agent._converge((None, 0))
+        assert agent.status.alarm == "deploy d-10 is contested: host-3 ..." and cleared == []
 
     def test_a_contested_hold_found_after_a_restart_raises_its_alarm_again(
         self, tmp_path: Path
