@@ -738,8 +738,11 @@ def _publish(
                     wrote or (writing and isinstance(exc, PublishInterrupted))
                 ):
                     previous = None if stale is None else stale.value
-                    # No bucket: nothing was uploaded, so no object can remain.
-                    nothing_sent = isinstance(exc, S3NotFound)
+                    # No bucket, or S3 failed the first look: nothing was uploaded, so no
+                    # object can remain.
+                    nothing_sent = isinstance(exc, S3NotFound) or bool(
+                        getattr(exc, "nothing_sent", False)
+                    )
                     done = _withdraw_despite_signals(
                         consul, kv_key, record, previous, written, log, nothing_sent
                     )
@@ -1088,7 +1091,12 @@ def _ensure_uploaded(
     the refusal if one did). Without it, an object of other bytes is refused.
     """
     url = store.url_for(s3_key)
-    head = store.head(s3_key)
+    try:
+        head = store.head(s3_key)
+    except WatcherError as exc:
+        # Before any upload: no object of this publish can remain (said so, not "may").
+        exc.nothing_sent = True  # type: ignore[attr-defined]
+        raise
     theirs = str((head or {}).get("sha256") or "(none recorded)")
     same = head is not None and head.get("sha256") == sha256 and head.get("size") == size
     if head is not None and not same and replace_orphan is not None:

@@ -373,6 +373,24 @@ class TestPublish:
         assert f"withdrew its record {key}" in said and "may remain" not in said, said
         assert kv_record(consul, "nobucket-1") is None
 
+    def test_s3_failing_the_first_look_says_no_object_remains(
+        self, config: Config, consul: ConsulClient, src: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The newcomer pass: S3 failing the HEAD before any upload, the publish still said
+        its object "may remain", though nothing was sent."""
+
+        def head_503(self: S3Store, key: str) -> dict[str, Any] | None:
+            raise S3Unavailable("S3 unavailable: HEAD: 503: Service Unavailable")
+
+        monkeypatch.setattr(S3Store, "head", head_503)
+        with pytest.raises(S3Unavailable) as err:
+            publish(config, src, artifact_id="nohead-1")
+        key = Keys("watcher", "web").artifact("nohead-1")
+        assert f"withdrew its record {key}" in str(err.value), str(err.value)
+        assert "may remain" not in str(err.value), str(err.value)
+        assert kv_record(consul, "nohead-1") is None
+        monkeypatch.undo()
+
     def test_a_failed_verification_leaves_an_object_the_next_build_replaces(
         self,
         config: Config,
