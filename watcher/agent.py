@@ -445,6 +445,10 @@ class AppAgent:
         # The alarm raised for a contested deploy (its hold's reason): lifted once an
         # operator released the hold (``_lift_released_contested_alarm``).
         self._contested_alarm = ""
+        # Whether the hold on disk was looked at once after start, for a contested one
+        # whose alarm a restart lost (after that, holds.json is read only while a
+        # contested alarm waits for its release, not at every idle cycle).
+        self._start_hold_seen = False
         # What the last look for a committed deploy later than ``current`` found (from the
         # acks, ``newest_committed``), for (the deploy `current` named, this host's release):
         # looked for once after start, and again only when this host is behind `current`.
@@ -1233,12 +1237,16 @@ class AppAgent:
         own step lifts it too, but a host that found the deploy contested after its part
         was done never steps through that deploy again: its alarm stayed (/health 503,
         `status --fleet` exit 1) until the watcher restarted (the attacker review)."""
+        if self._start_hold_seen and not self._contested_alarm:
+            return
         hold = self.engine.held()
-        if hold is not None and not self.status.alarm and _contested_hold(hold, self.node):
-            # Restarted while held for a contested deploy it judged after its own part:
-            # the hold is on disk, the alarm was in memory (DESIGN.md 6.4.4 wants both).
-            self._alarm(hold.reason)
-            self._contested_alarm = self.status.alarm
+        if not self._start_hold_seen:
+            self._start_hold_seen = True
+            if hold is not None and not self.status.alarm and _contested_hold(hold, self.node):
+                # Restarted while held for a contested deploy it judged after its own part:
+                # the hold is on disk, the alarm was in memory (DESIGN.md 6.4.4 wants both).
+                self._alarm(hold.reason)
+                self._contested_alarm = self.status.alarm
         if self._contested_alarm and self.status.alarm == self._contested_alarm and hold is None:
             self._clear_alarm(self._contested_alarm, note="hold released")
         if self.status.alarm != self._contested_alarm:

@@ -205,6 +205,7 @@ class TestLeftOutAlarm:
         )
         agent._not_followed = None
         agent._contested_alarm = ""
+        agent._start_hold_seen = False
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
         agent.engine.held = lambda: None  # type: ignore[attr-defined]
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
