@@ -2142,7 +2142,8 @@ def _human_status(data: dict[str, Any]) -> str:
             )
         lines.append(f"  previous    {a['previous'] or '-'}")
         for what, problem in (a.get("fleet_problems") or {}).items():
-            lines.append(f"  fleet {what:<9} NOT TRUSTED: {problem}")
+            # in the label column, as `current` and `previous` above it
+            lines.append(f"  {'fleet':<11} {what} NOT TRUSTED: {problem}")
         lines += failed_release_lines(a.get("fleet_failed"), name)
         dep = a.get("deploy") or {}
         committing = dep.get("release") if dep.get("decision") == COMMIT else None

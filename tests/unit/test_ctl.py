@@ -629,6 +629,31 @@ class TestDownloadProgress:
         assert "downloading" not in _human_status(data)
 
 
+class TestFleetRecordNotTrusted:
+    def test_keeps_the_label_column(self) -> None:
+        app = {
+            "current": "r1",
+            "previous": None,
+            "backup": None,
+            "staged": ["r1"],
+            "hold": None,
+            "prefetched": [],
+            "fleet_current": None,
+            "fleet_problems": {"current": "no ack of deploy d-1 commits it"},
+        }
+        data: dict[str, Any] = {
+            "node": "h1",
+            "daemon": {"running": False, "reason": "process gone"},
+            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
+            "apps": {"web": app},
+        }
+        lines = _human_status(data).splitlines()
+        shown = next(line for line in lines if "NOT TRUSTED" in line)
+        assert shown == "  fleet       current NOT TRUSTED: no ack of deploy d-1 commits it"
+        # the value starts where `current` and `previous` put theirs
+        assert shown.index("current") == lines[lines.index("app web") + 1].index("r1")
+
+
 class TestPrefetchedOnThisHost:
     def test_named_by_artifact_id_newest_first_extracted_marked(self, tmp_path: Path) -> None:
         config = parse_config(
