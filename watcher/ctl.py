@@ -377,7 +377,7 @@ def misplaced_options(
     (``watcherctl --fleet status``): argparse would only call them unrecognized, with the
     usage of the command that lists them. None when there are none (anything else before
     the command is left to argparse to judge)."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = subcommands(parser)
     before: list[str] = []
     skip = 0
     for arg in argv:
@@ -385,7 +385,7 @@ def misplaced_options(
             skip -= 1
         elif arg == "--":
             return None
-        elif arg in commands.choices:
+        elif arg in commands:
             command = arg
             break
         elif arg.startswith("-") and (action := _option_of(parser, arg)) is not None:
@@ -393,7 +393,7 @@ def misplaced_options(
         before.append(arg)
     else:
         return None
-    sub = commands.choices[command]
+    sub = commands[command]
     own: list[str] = []  # the command's options given before it, with their values
     kept: list[str] = []  # the global options given before it, with theirs
     names: list[str] = []
@@ -603,6 +603,11 @@ def _traceback_if(debug: bool) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser under the top-level ``parser``, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = command_of(argv)
@@ -653,9 +658,8 @@ def _main(argv: Sequence[str] | None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:
             # Said with the command's own usage (`history web extra`), not the top level's.
-            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             said = f"unrecognized arguments: {' '.join(extra)}"
-            said += _option_slip(commands.choices[args.command], extra)
+            said += _option_slip(subcommands(parser)[args.command], extra)
             if args.command == "rollback" and ids.artifact_of_release(extra[0]) is not None:
                 line = [
                     "rollback",
@@ -666,7 +670,7 @@ def _main(argv: Sequence[str] | None) -> int:
                     " (a release goes with --to: "
                     f"`{CtlContext(args).command_line(*line, '--to', extra[0])}`)"
                 )
-            commands.choices[args.command].error(said)
+            subcommands(parser)[args.command].error(said)
     except SystemExit as exc:  # --help, or a usage error (already printed, exit 2)
         sys.stdout.flush()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -684,7 +688,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _traceback_if(args.debug)
         if isinstance(exc, ConfigError) and exc.source.startswith("watcherctl "):
             # A command's own options (publish's, checked after argparse): as argparse says
-            # its errors, "watcherctl publish: error: ...".
+            # its errors, its usage first, then "watcherctl publish: error: ...".
+            subcommands(parser)[args.command].print_usage(sys.stderr)
             for problem in exc.problems:
                 print(f"{exc.source}: error: {problem}", file=sys.stderr)
         elif isinstance(exc, ConfigError) and len(exc.problems) > 1:

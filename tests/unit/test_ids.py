@@ -282,6 +282,31 @@ class TestTheCliRefusesBadInputWithExit2:
         assert result.returncode == 2, result.stderr
         assert "$BUILDKITE_COMMIT: invalid commit '15eb13a': too short" in result.stderr
 
+    def test_publish_without_branch_or_commit_says_so_under_its_usage(self, tmp_path: Path) -> None:
+        # What a newcomer gets when typing publish outside Buildkite: the options named, as
+        # argparse's own errors come, with the usage that lists them.
+        config = tmp_path / "w.yaml"
+        config.write_text("s3: {bucket: b}\napps:\n  web: {root: /srv}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE_")}
+        result = subprocess.run(
+            [str(WATCHERCTL), "publish", "web", str(tmp_path), "-c", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith("usage: watcherctl publish "), result.stderr
+        assert "[--branch BRANCH]" in result.stderr and "[--commit COMMIT]" in result.stderr
+        assert lines[-2:] == [
+            "watcherctl publish: error: --branch (or $BUILDKITE_BRANCH) is required without "
+            "--artifact-id",
+            "watcherctl publish: error: --commit (or $BUILDKITE_COMMIT) is required without "
+            "--artifact-id",
+        ], result.stderr
+
 
 class TestGlobalOptions:
     """-c, --json and --debug before or after the command (`make demo` prints them before)."""
