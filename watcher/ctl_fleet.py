@@ -7,9 +7,10 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -482,22 +483,20 @@ def host_records(store: DeployStore) -> dict[str, HostRecord] | None:
         return None
 
 
-def held_warning(
-    hosts: Mapping[str, HostRecord] | None,
-    record: DeployRecord,
-    command_line: Callable[..., str],
-) -> str:
+def held_warning(hosts: Mapping[str, HostRecord] | None, record: DeployRecord) -> str:
     """The expected hosts whose last host record shows a hold: each refuses its part, so
     the deploy aborts. A warning, not a refusal: the record lags a `release-hold` by up to
-    a daemon cycle, and a stale one must not block the deploy that follows it."""
+    a daemon cycle, and a stale one must not block the deploy that follows it. The command
+    it names runs on those hosts, so it carries no -c of the one that deploys (an
+    operator's own config, or in the demo another host's)."""
     held = {n: r.hold for n, r in (hosts or {}).items() if r.hold and n in record.expected}
     if not held:
         return ""
     names = "; ".join(f"{n}: {ids.one_line_short(why)}" for n, why in sorted(held.items()))
     return (
         f"held, by their last records: {names}. A held host refuses its part and the "
-        f"{record.kind} aborts (`{command_line('release-hold', record.app)}` on the host "
-        "lifts it)"
+        f"{record.kind} aborts (`{shlex.join(['watcherctl', 'release-hold', record.app])}` "
+        "on the host lifts it)"
     )
 
 
@@ -512,7 +511,7 @@ def _start_and_wait(
 ) -> int:
     """``started``: a warning said once the deploy started (its "abort it if that was not
     meant" would be wrong of a deploy refused)."""
-    held = held_warning(hosts, record, ctx.command_line)
+    held = held_warning(hosts, record)
     if held:
         print(f"watcherctl: warning: {held}", file=sys.stderr, flush=True)
     try:

@@ -1340,6 +1340,8 @@ class TestHold:
         assert result.returncode == 1, result
         # warned before it started: the held host refuses its part
         assert f"held, by their last records: {held.name}: disk maintenance (by " in result.stderr
+        # to run on the held host: not with the -c of the host that deployed
+        assert "(`watcherctl release-hold web` on the host lifts it)" in result.stderr
         summary = json.loads(result.stdout)
         assert summary["result"] == "aborted"
         assert held.name in summary["reason"] and "held" in summary["reason"], summary

@@ -216,9 +216,11 @@ def test_a_hold_reason_from_a_host_record_is_shown_short_and_inert() -> None:
         "host-2": HostRecord(node="host-2", release=None, last_seen="", hold="\x1b[2Jdisk"),
     }
     record = SimpleNamespace(expected=["host-1", "host-2"], kind="deploy", app="web")
-    warning = held_warning(hosts, record, lambda *a: " ".join(a))  # type: ignore[arg-type]
+    warning = held_warning(hosts, record)  # type: ignore[arg-type]
     assert len(warning) < 1000, len(warning)
     assert f"host-1: {'x' * 200}... (500000 characters); host-2: \\x1b[2Jdisk" in warning
+    # run on the held hosts: without the -c of the command that deploys (another host's)
+    assert warning.endswith("(`watcherctl release-hold web` on the host lifts it)"), warning
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

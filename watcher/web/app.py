@@ -553,11 +553,6 @@ class WebState:
 # --- reads shared by the API, the page and the live feed --------------------------------------
 
 
-def _command(*args: str) -> str:
-    """A watcherctl command line, for a warning that names one to run on a host."""
-    return shlex.join(["watcherctl", *args])
-
-
 def live_snapshot(store: DeployStore) -> Snapshot:
     """The deploy in flight (else the last one), as the live view pushes it.
 
@@ -1321,7 +1316,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             allow_missing=body.allow_missing,
             hosts=hosts,
         )
-        notes = (redeploy_warning(store, record), held_warning(hosts, record, _command))
+        notes = (redeploy_warning(store, record), held_warning(hosts, record))
         return _start(store, record, "deploy", "; ".join(n for n in notes if n))
 
     @app.post(
@@ -1349,7 +1344,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             hosts=hosts,
             previous=body.previous,
         )
-        held = held_warning(hosts, record, _command)
+        held = held_warning(hosts, record)
         note = "; ".join(w for w in (live, held) if w)
         return _start(store, record, "rollback", note, current_index=current_index)
 
