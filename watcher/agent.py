@@ -445,6 +445,10 @@ class AppAgent:
         # The alarm raised for a contested deploy (its hold's reason): lifted once an
         # operator released the hold (``_lift_released_contested_alarm``).
         self._contested_alarm = ""
+        # The contested deploy whose hold this watcher has not placed yet (its write failed,
+        # or an operator's hold was there first): placed once it can be, and only the
+        # release of a placed hold lifts the alarm. Empty: placed, or no such alarm.
+        self._contested_unplaced = ""
         # Whether the hold on disk was looked at once after start, for a contested one
         # whose alarm a restart lost (after that, holds.json is read only while a
         # contested alarm waits for its release, not at every idle cycle).
@@ -845,17 +849,28 @@ class AppAgent:
         established = journal.get("established")
         if established == CONTESTED:
             self.status.state = "contested"
-            if self.engine.held() is None and self.store.outcome(deploy_id) is not None:
+            # Journals of before `held` was written: their hold was placed or was there.
+            placed = journal.get("held", True)
+            hold = self.engine.held()
+            if hold is None and placed and self.store.outcome(deploy_id) is not None:
                 # An operator looked and released the hold: this host is done with it.
                 self._count_part(joined, CONTESTED)
                 self.journal.update(finished=True)
                 self._clear_alarm(self.status.alarm, note="hold released")
                 return "contested deploy released by an operator"
-            if not self.status.alarm and self.engine.held() is not None:
+            message = alarm_text(f"deploy {deploy_id} is contested: {journal.get('reason', '')}")
+            if hold is None and not placed and self._hold_contested(deploy_id, message):
+                # Its write had failed, or an operator's hold was there and is gone now:
+                # the hold of DESIGN.md 6.4.4 is placed now, and its release lifts the alarm.
+                self.journal.update(held=True)
+                placed, hold = True, self.engine.held()
+                self._contested_unplaced = ""
+            if not self.status.alarm and (hold is not None or not placed):
                 # Restarted while held for it: the hold is on disk, the alarm was in memory
                 # (DESIGN.md 6.4.4 wants both: /health 503, the alarm metric, the record).
-                self._alarm(f"deploy {deploy_id} is contested: {journal.get('reason', '')}")
+                self._alarm(message)
                 self._contested_alarm = self.status.alarm
+                self._contested_unplaced = "" if placed else deploy_id
             end = self._after_own_part(deploy_id, inflight_index)
             return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:
@@ -1217,20 +1232,31 @@ class AppAgent:
 
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
-        self.journal.update(established=CONTESTED, established_at=iso(utcnow()), reason=reason)
         message = alarm_text(f"deploy {joined.id} is contested: {reason}")
-        placed = False
+        placed = self._hold_contested(joined.id, message)
+        self._alarm(message)
+        # Lifted with the hold it placed. With none placed (its write failed, or another
+        # hold was there, whose release says nothing of this deploy), never by "no hold
+        # now": the hold is placed as soon as it can be (``_lift_released_contested_alarm``)
+        # and its release lifts the alarm.
+        self._contested_alarm = self.status.alarm
+        self._contested_unplaced = "" if placed else joined.id
+        # Last: on a full disk this write fails too, after the alarm is up.
+        self.journal.update(
+            established=CONTESTED, established_at=iso(utcnow()), reason=reason, held=placed
+        )
+
+    def _hold_contested(self, deploy_id: str, message: str) -> bool:
+        """Place the hold of contested deploy ``deploy_id`` unless a hold is there; whether
+        it placed it (a failed write is logged: the alarm says the rest)."""
         try:
-            with self.engine.lock(owner=f"contested {joined.id}"):
+            with self.engine.lock(owner=f"contested {deploy_id}"):
                 if self.engine.held() is None:
                     self.engine.hold(message, by=f"watcher on {self.node}")
-                    placed = True
+                    return True
         except (WatcherError, OSError) as exc:
-            self.log.error("hold_failed", error=str(exc))
-        self._alarm(message)
-        # Lifted with the hold it placed; with none (its write failed, or another hold was
-        # there, whose release says nothing of this deploy), never by "no hold now".
-        self._contested_alarm = self.status.alarm if placed else ""
+            self.log.error("hold_failed", deploy=deploy_id, error=str(exc))
+        return False
 
     def _lift_released_contested_alarm(self) -> None:
         """The alarm of a contested deploy, once an operator released its hold. The deploy's
@@ -1242,15 +1268,38 @@ class AppAgent:
         hold = self.engine.held()
         if not self._start_hold_seen:
             self._start_hold_seen = True
-            if hold is not None and not self.status.alarm and _contested_hold(hold, self.node):
+            journal = self.journal.read() or {}
+            if self.status.alarm:
+                pass  # raised since the start: whatever it is, it is said
+            elif hold is not None and _contested_hold(hold, self.node):
                 # Restarted while held for a contested deploy it judged after its own part:
                 # the hold is on disk, the alarm was in memory (DESIGN.md 6.4.4 wants both).
                 self._alarm(hold.reason)
                 self._contested_alarm = self.status.alarm
+                self._contested_unplaced = ""
+            elif journal.get("established") == CONTESTED and journal.get("held") is False:
+                # ... and one whose hold it could not place: its journal says so.
+                deploy_id = str(journal.get("deploy"))
+                reason = journal.get("reason", "")
+                self._alarm(alarm_text(f"deploy {deploy_id} is contested: {reason}"))
+                self._contested_alarm = self.status.alarm
+                self._contested_unplaced = deploy_id
         if self._contested_alarm and self.status.alarm == self._contested_alarm and hold is None:
-            self._clear_alarm(self._contested_alarm, note="hold released")
+            if not self._contested_unplaced:
+                self._clear_alarm(self._contested_alarm, note="hold released")
+            elif self._hold_contested(self._contested_unplaced, self._contested_alarm):
+                # Its hold was never placed (the write failed, or an operator's hold was
+                # there first and is released now): placed now, so that the host stays
+                # where it stands and an operator's `release-hold` is what lifts the alarm
+                # (it stayed until a restart, the previous stop's note).
+                deploy_id, self._contested_unplaced = self._contested_unplaced, ""
+                if (self.journal.read() or {}).get("deploy") == deploy_id:
+                    try:  # after a restart the hold on disk says it (``_contested_hold``)
+                        self.journal.update(held=True)
+                    except OSError as exc:
+                        self.log.warning("journal_failed", deploy=deploy_id, error=str(exc))
         if self.status.alarm != self._contested_alarm:
-            self._contested_alarm = ""
+            self._contested_alarm = self._contested_unplaced = ""
 
     def _lift_not_followed_alarm(self) -> None:
         assert self._not_followed is not None

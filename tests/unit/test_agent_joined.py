@@ -204,8 +204,9 @@ class TestLeftOutAlarm:
             warning=lambda *_a, **_k: None,
         )
         agent._not_followed = None
-        agent._contested_alarm = ""
+        agent._contested_alarm = agent._contested_unplaced = ""
         agent._start_hold_seen = False
+        agent.journal = types.SimpleNamespace(read=lambda: None)  # type: ignore[assignment]
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
         agent.engine.held = lambda: None  # type: ignore[attr-defined]
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
@@ -278,31 +279,129 @@ class TestLeftOutAlarm:
         agent._converge((types.SimpleNamespace(deploy="d-next", release="r3"), 0))
         assert cleared == ["web"] and agent.status.alarm == ""
 
-    def test_a_contested_alarm_with_no_hold_placed_stays(self, tmp_path: Path) -> None:
-        """The code review: its hold's write failed, the contested alarm was lifted at the
-        next cycle for "no hold now", and nothing said the deploy was contested."""
-        kv = FakeKV(record_first_index=40)
+    def contested_without_its_hold(
+        self, tmp_path: Path, kv: FakeKV, deploy: str = "d-9"
+    ) -> tuple[AppAgent, list[str], list[Any], list[str]]:
+        """An agent in ``deploy`` (its journal's) whose holds.json is ``holds[0]``; its writes
+        fail while ``disk`` says so."""
+        from watcher.releases import Hold
+
         agent, cleared, _started = self.make(tmp_path, kv)
-        agent.journal = types.SimpleNamespace(update=lambda **_k: None)  # type: ignore[assignment]
+        journal: dict[str, Any] = {"deploy": deploy}
+        agent.journal = types.SimpleNamespace(  # type: ignore[assignment]
+            update=journal.update, read=lambda: journal
+        )
+        holds: list[Any] = [None]
+        disk = ["read-only file system"]
 
-        def no_hold(*_a: Any, **_k: Any) -> None:
-            raise OSError("read-only file system")
+        def hold(reason: str, by: str) -> Hold:
+            if disk[0]:
+                raise OSError(disk[0])
+            holds[0] = Hold(reason=reason, by=by, at="2026-12-06T12:00:00Z")
+            return holds[0]  # type: ignore[no-any-return]
 
-        agent.engine.hold = no_hold  # type: ignore[attr-defined]
+        agent.engine.hold = hold  # type: ignore[attr-defined]
+        agent.engine.held = lambda: holds[0]  # type: ignore[attr-defined]
         agent.engine.lock = lambda **_k: contextlib.nullcontext()  # type: ignore[attr-defined]
+        return agent, cleared, holds, disk
+
+    def test_a_contested_alarm_whose_hold_failed_stays_until_its_hold_is_placed_and_released(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: its hold's write failed, the contested alarm was lifted at the
+        next cycle for "no hold now", and nothing said the deploy was contested. Then (the
+        previous stop's note) it stayed until a restart: no hold to release."""
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, holds, disk = self.contested_without_its_hold(tmp_path, kv)
         agent._contested(types.SimpleNamespace(id="d-9"), "host-3 ...")  # type: ignore[arg-type]
-        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..."
-        kv.fail = 0
+        alarm = "deploy d-9 is contested: host-3 ..."
+        assert agent.status.alarm == alarm and holds == [None]
+        assert agent.journal.read()["held"] is False
+        agent._converge((None, 0))  # the disk still refuses: the alarm stays, no hold
+        assert agent.status.alarm == alarm and cleared == [] and holds == [None]
+        disk[0] = ""
+        agent._converge((None, 0))  # placed at the next cycle that can
+        assert holds[0].reason == alarm and holds[0].by == "watcher on host-2"
+        assert agent.status.alarm == alarm and cleared == []
+        assert agent.journal.read()["held"] is True
+        holds[0] = None  # `release-hold`
         agent._converge((None, 0))
-        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..." and cleared == []
-        # An operator's hold there before (the second attacker round): not the one placed
-        # for it, so its release does not lift the contested alarm either.
-        operators: list[Any] = [object()]
-        agent.engine.held = lambda: operators[0]  # type: ignore[attr-defined]
+        assert agent.status.alarm == "" and cleared == ["web"]
+
+    def test_a_contested_alarm_under_an_operators_hold_gets_its_own_hold_when_that_goes(
+        self, tmp_path: Path
+    ) -> None:
+        """An operator's hold there before (the second attacker round): its release says
+        nothing of this deploy, so it does not lift the alarm; the contested deploy's own
+        hold is placed then, whose release does (it stayed until a restart before)."""
+        from watcher.releases import Hold
+
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, holds, disk = self.contested_without_its_hold(tmp_path, kv, "d-10")
+        disk[0] = ""
+        holds[0] = operators = Hold(reason="disk swap", by="alice@laptop", at="")
         agent._contested(types.SimpleNamespace(id="d-10"), "host-3 ...")  # type: ignore[arg-type]
-        operators[0] = None
+        alarm = "deploy d-10 is contested: host-3 ..."
+        assert agent.status.alarm == alarm and holds[0] is operators
         agent._converge((None, 0))
-        assert agent.status.alarm == "deploy d-10 is contested: host-3 ..." and cleared == []
+        assert agent.status.alarm == alarm and holds[0] is operators
+        holds[0] = None  # the operator releases theirs
+        agent._converge((None, 0))
+        assert agent.status.alarm == alarm and cleared == []
+        assert holds[0] is not None and holds[0].reason == alarm
+        holds[0] = None  # and then the contested deploy's
+        agent._converge((None, 0))
+        assert agent.status.alarm == "" and cleared == ["web"]
+
+    def test_a_contested_alarm_whose_hold_failed_is_raised_again_after_a_restart(
+        self, tmp_path: Path
+    ) -> None:
+        kv = FakeKV(record_first_index=40)
+        agent, _cleared, holds, _disk = self.contested_without_its_hold(tmp_path, kv)
+        agent._contested(types.SimpleNamespace(id="d-9"), "host-3 ...")  # type: ignore[arg-type]
+        journal = agent.journal.read()
+        # A new process: the journal on disk, no alarm in memory, still no hold.
+        again, _, _, disk = self.contested_without_its_hold(tmp_path / "b", kv)
+        again.journal.read().update(journal, finished=True)
+        again._converge(self.current())
+        assert again.status.alarm == "deploy d-9 is contested: host-3 ..." and holds == [None]
+        disk[0] = ""
+        again._converge(self.current())
+        assert again.engine.held().reason == again.status.alarm  # type: ignore[attr-defined]
+
+    def test_a_contested_deploy_still_stepped_places_its_hold_once_it_can(
+        self, tmp_path: Path
+    ) -> None:
+        """The deploy's own step: a hold that was never placed is not an operator's release
+        ("no hold" once the deploy had its outcome ended this host's part, lifting the
+        alarm); the hold is placed at the next step that can, and its release ends it."""
+        from watcher.releases import Hold
+
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, holds, disk = self.contested_without_its_hold(tmp_path, kv, "d-10")
+        holds[0] = Hold(reason="disk swap", by="alice@laptop", at="")  # the operator's
+        joined = types.SimpleNamespace(id="d-10", create_index=50, request=None)
+        agent._contested(joined, "host-3 ...")  # type: ignore[arg-type]
+        alarm = "deploy d-10 is contested: host-3 ..."
+        agent.store.outcome = lambda _deploy: {"result": "contested"}  # type: ignore[attr-defined]
+        agent._after_own_part = lambda *_a: "waiting"  # type: ignore[method-assign]
+        counted: list[str] = []
+        agent._count_part = lambda _joined, part: counted.append(part)  # type: ignore[method-assign]
+
+        def step() -> str:
+            return agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
+
+        assert step() == "contested; held, waiting for an operator (waiting)"
+        holds[0] = None  # the operator releases theirs
+        disk[0] = "no space left on device"
+        assert step().startswith("contested; held") and agent.status.alarm == alarm
+        assert holds == [None] and counted == [] and cleared == []
+        disk[0] = ""
+        assert step().startswith("contested; held") and holds[0].reason == alarm
+        assert agent.journal.read()["held"] is True
+        holds[0] = None  # `release-hold` of the contested deploy's own hold
+        assert step() == "contested deploy released by an operator"
+        assert agent.status.alarm == "" and cleared == ["web"] and counted == ["contested"]
 
     def test_a_contested_hold_found_after_a_restart_raises_its_alarm_again(
         self, tmp_path: Path
