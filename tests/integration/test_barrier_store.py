@@ -783,6 +783,18 @@ class TestPageMark:
         store.consul.kv_put(store.keys.artifact("main-15eb13af"), artifact().to_json())
         assert sections_mark(store) != before
 
+    def test_current_rewritten_alone_moves_the_mark(self, store: DeployStore) -> None:
+        """Any host's token can rewrite `current` (the fleet section then shows it NOT
+        TRUSTED); no host record changes with it, and open pages kept the old section."""
+        from watcher.web.app import sections_mark
+
+        before = sections_mark(store)
+        forged = {"version": 2, "deploy": "20261206T120000Z-ab12cd", "release": "r-forged"}
+        store.consul.kv_put(store.keys.current, json.dumps(forged).encode())
+        after = sections_mark(store)
+        assert after != before
+        assert sections_mark(store) == after  # a mark, not a counter
+
 
 def test_trimming_a_deploy_leaves_the_requests_whose_ids_start_with_its(
     store: DeployStore,

@@ -595,10 +595,14 @@ def live_snapshot(store: DeployStore) -> Snapshot:
 def sections_mark(store: DeployStore) -> str:
     """A digest of what the page's fleet and builds sections show (each watcher alive or
     not, each host's release, hold, alarm and prefetched builds, the builds there are and
-    their records' versions): the live view sends it, and the page fetches those sections
-    again when it changes (a host going down or coming back, a new build, a publish that
-    finished), not on every ack of a deploy."""
+    their records' versions, the version of `current`): the live view sends it, and the
+    page fetches those sections again when it changes (a host going down or coming back, a
+    new build, a publish that finished, `current` rewritten), not on every ack of a deploy.
+    An ack changed after a commit shows through the alarms it makes the hosts raise."""
     members = store.members()
+    # Any host's token can rewrite `current` alone: the fleet section says NOT TRUSTED
+    # then, and an open page did not show it until some host record changed.
+    _, current_index = store.current()
     hosts, unreadable = store.hosts_checked()
     rows = [
         [n, n in members, h.release, h.hold, h.alarm, list(h.prefetched)]
@@ -612,7 +616,9 @@ def sections_mark(store: DeployStore) -> str:
     # With no key under the prefix (and none deleted) Consul answers with the index of the
     # whole KV store, which every ack of every app moves: no builds, no index.
     index, names = store.consul.kv_keys_blocking(store.keys.artifacts_prefix, 0, 1.0)
-    text = json.dumps([rows, names, index if names else 0], separators=(",", ":"), default=str)
+    text = json.dumps(
+        [rows, names, index if names else 0, current_index], separators=(",", ":"), default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
