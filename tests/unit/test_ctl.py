@@ -610,45 +610,39 @@ class TestDownloadProgress:
         assert _progress(got) == text
 
     def test_shown_only_while_the_daemon_runs(self) -> None:
-        app = {
-            "current": "r1",
-            "previous": None,
-            "backup": None,
-            "staged": ["r1"],
-            "hold": None,
-            "prefetched": [],
-            "daemon": {"downloading": {"main-15eb13af": {"have": 1_000_000, "size": 2_000_000}}},
-        }
-        data: dict[str, Any] = {
-            "node": "h1",
-            "daemon": {"running": True, "pid": 1},
-            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
-            "apps": {"web": app},
-        }
+        downloading = {"main-15eb13af": {"have": 1_000_000, "size": 2_000_000}}
+        data = host_status(daemon={"downloading": downloading})
+        data["daemon"] = {"running": True, "pid": 1}
         line = "  downloading main-15eb13af: 1.0 of 2.0 MB (50%)"
         assert line in _human_status(data).splitlines()
         data["daemon"] = {"running": False, "reason": "process gone"}
         assert "downloading" not in _human_status(data)
 
 
+def host_status(**app: Any) -> dict[str, Any]:
+    """What `status --json` gives of host h1 with app web on r1 (``app``: more of it) and
+    its watcher not running."""
+    web = {
+        "current": "r1",
+        "previous": None,
+        "backup": None,
+        "staged": ["r1"],
+        "hold": None,
+        "prefetched": [],
+        **app,
+    }
+    return {
+        "node": "h1",
+        "daemon": {"running": False, "reason": "process gone"},
+        "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
+        "apps": {"web": web},
+    }
+
+
 class TestFleetRecordNotTrusted:
     def test_keeps_the_label_column(self) -> None:
-        app = {
-            "current": "r1",
-            "previous": None,
-            "backup": None,
-            "staged": ["r1"],
-            "hold": None,
-            "prefetched": [],
-            "fleet_current": None,
-            "fleet_problems": {"current": "no ack of deploy d-1 commits it"},
-        }
-        data: dict[str, Any] = {
-            "node": "h1",
-            "daemon": {"running": False, "reason": "process gone"},
-            "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
-            "apps": {"web": app},
-        }
+        problems = {"current": "no ack of deploy d-1 commits it"}
+        data = host_status(fleet_current=None, fleet_problems=problems)
         lines = _human_status(data).splitlines()
         shown = next(line for line in lines if "NOT TRUSTED" in line)
         assert shown == "  fleet       current NOT TRUSTED: no ack of deploy d-1 commits it"
@@ -693,29 +687,16 @@ class TestStatusWithoutTheFleet:
     flight", never a fleet release."""
 
     def test_unknown_is_not_none(self) -> None:
-        app = {
-            "current": "r1",
-            "previous": None,
-            "backup": None,
-            "staged": ["r1"],
-            "hold": None,
-            "prefetched": [],
-            "daemon": None,
-            "fleet_current": None,
-            "deploy": None,
-            "fleet_error": "Consul unreachable",
+        data = host_status(
+            daemon=None, fleet_current=None, deploy=None, fleet_error="Consul unreachable"
+        )
+        data["consul"] = {
+            "address": "http://127.0.0.1:8500",
+            "reachable": False,
+            "error": "connection refused",
+            "problem": "Consul unreachable",
         }
-        data: dict[str, Any] = {
-            "node": "h1",
-            "daemon": {"running": False, "reason": "process gone"},
-            "consul": {
-                "address": "http://127.0.0.1:8500",
-                "reachable": False,
-                "error": "connection refused",
-                "problem": "Consul unreachable",
-            },
-            "apps": {"web": app},
-        }
+        app = data["apps"]["web"]
         text = _human_status(data)
         assert "  deploy      unknown (Consul unreachable)" in text.splitlines()
         assert "consul UNREACHABLE at http://127.0.0.1:8500: connection refused" in text

@@ -267,35 +267,31 @@ class TestTheCliRefusesBadInputWithExit2:
         assert message in err, err
         assert "Traceback" not in err and result.stdout == b""
 
-    def test_publish_commit_from_the_environment_is_checked_too(self, tmp_path: Path) -> None:
+    @staticmethod
+    def publish(tmp_path: Path, **buildkite: str) -> subprocess.CompletedProcess[str]:
+        """`watcherctl publish web` of ``tmp_path`` with only ``buildkite``'s BUILDKITE_*
+        variables (an S3 that is never reached: each run ends at its options)."""
         config = tmp_path / "w.yaml"
         config.write_text("s3: {bucket: b}\napps:\n  web: {root: /srv}\n")
-        env = dict(os.environ, BUILDKITE_BRANCH="main", BUILDKITE_COMMIT="15eb13a")
-        result = subprocess.run(
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE_")}
+        return subprocess.run(
             [str(WATCHERCTL), "publish", "web", str(tmp_path), "-c", str(config)],
             capture_output=True,
             text=True,
-            env=env,
+            env={**env, **buildkite},
             timeout=60,
             check=False,
         )
+
+    def test_publish_commit_from_the_environment_is_checked_too(self, tmp_path: Path) -> None:
+        result = self.publish(tmp_path, BUILDKITE_BRANCH="main", BUILDKITE_COMMIT="15eb13a")
         assert result.returncode == 2, result.stderr
         assert "$BUILDKITE_COMMIT: invalid commit '15eb13a': too short" in result.stderr
 
     def test_publish_without_branch_or_commit_says_so_under_its_usage(self, tmp_path: Path) -> None:
         # What a newcomer gets when typing publish outside Buildkite: the options named, as
         # argparse's own errors come, with the usage that lists them.
-        config = tmp_path / "w.yaml"
-        config.write_text("s3: {bucket: b}\napps:\n  web: {root: /srv}\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDKITE_")}
-        result = subprocess.run(
-            [str(WATCHERCTL), "publish", "web", str(tmp_path), "-c", str(config)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        result = self.publish(tmp_path)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.splitlines()
         assert lines[0].startswith("usage: watcherctl publish "), result.stderr
