@@ -1128,7 +1128,7 @@ class ReleaseEngine:
         if lay.current.is_symlink():
             cur = self.current_release()
             if cur is None or not _valid_name(cur) or not self.is_complete(cur):
-                attempt(f"repair {lay.current}", lambda: self._repair_current(cur))
+                actions.append(self._broken_current(cur))
         elif lay.current.exists():
             actions.append(f"{lay.current} is not a symlink; left alone")
             self.log.error("current_not_a_symlink", path=str(lay.current))
@@ -1166,15 +1166,18 @@ class ReleaseEngine:
         self._remove_tree(self.layout.releases_dir / name)
         return f"removed incomplete release {name}"
 
-    def _repair_current(self, broken: str | None) -> str:
-        candidates = [self.previous_release(), self.backup_release()]
-        for cand in candidates:
-            if cand and cand != broken and _valid_name(cand) and self.is_complete(cand):
-                self._swap_link(self.layout.current, cand)
-                self.log.error("current_repaired", broken=broken, release=cand)
-                return f"current pointed at incomplete {broken}; pointed it at {cand}"
+    def _broken_current(self, broken: str | None) -> str:
+        """`current` names no complete release: a flip never points it at one, so its tree
+        was removed or emptied by hand. Left as it is, as while the watcher runs: the
+        watcher stages the fleet's committed release again (``AppAgent._converge``), unless
+        the app is held here. Pointing it at `previous` or the backup here, at start, moved
+        a held host, and any host, to an older release than the fleet's without a look at
+        the acks (DESIGN.md 6.4.6), and `status` then called it healthy."""
         self.log.error("current_broken", release=broken)
-        return f"current points at incomplete {broken} and no complete previous release exists"
+        return (
+            f"current points at incomplete {broken}: left as it is (the watcher stages the "
+            "fleet's release again unless the app is held here)"
+        )
 
     # -- holds, pins, post_release bookkeeping -------------------------------------------
 

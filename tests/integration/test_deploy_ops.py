@@ -1488,6 +1488,48 @@ class TestLiveTreeRemovedByHand:
         assert w.current() == rel1
         deploy_ok(fleet, fleet.publish("v2").id)
 
+    def test_at_start_a_held_host_stays_and_none_goes_back_to_previous(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """The operator review: removed while the watcher was stopped, with a `previous` on
+        disk, its start pointed `current` back at that older release, held or not: the
+        fleet split, and `status` said exit 0."""
+        fleet = make_fleet()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        rel2 = deploy_ok(fleet, fleet.publish("v2").id)
+        w = fleet.watchers[2]
+        w.ctl("hold", "web", "--reason", "debugging")
+        w.stop()
+        shutil.rmtree(w.app_dir / "releases" / rel2)
+        w.start()
+        fleet.wait_members(len(fleet.watchers))
+        wait_for(
+            lambda: json.loads(w.ctl("status", check=False).stdout)["daemon"].get("running"),
+            20,
+            "status.json",
+            fleet,
+        )
+        status = w.ctl("status", check=False)
+        assert status.returncode == 1, status
+        local = json.loads(status.stdout)["apps"]["web"]
+        assert local["current"] == rel2 and "does not exist" in local["current_problem"], local
+        assert local["previous"] == rel1
+        time.sleep(2)  # a few reconciles: still where it was, held
+        assert w.current() == rel2 and not (w.app_dir / "current" / "index.html").exists()
+        assert not w.log_events("release_flipped", this_start=True), w.log_text()[-3000:]
+        w.ctl("release-hold", "web")
+        index = w.app_dir / "current" / "index.html"
+        wait_for(index.exists, TICK_IDLE + 30, "host-3's live tree staged again", fleet)
+        assert w.current() == rel2 and index.read_text() == "<h1>v2</h1>\n"
+        # Not held: the same at start, without waiting for a hold's release.
+        w.stop()
+        shutil.rmtree(w.app_dir / "releases" / rel2)
+        w.start()
+        wait_for(index.exists, 30, "host-3's live tree staged again at start", fleet)
+        assert w.current() == rel2
+        flips = w.log_events("release_flipped", this_start=True)
+        assert [f.get("release") for f in flips] == [rel2], flips
+
     def test_a_deploy_started_on_a_broken_live_tree_commits(self, make_fleet: MakeFleet) -> None:
         fleet = make_fleet()
         rel1 = deploy_ok(fleet, fleet.publish("v1").id)

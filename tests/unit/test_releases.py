@@ -34,6 +34,7 @@ from watcher.errors import (
 )
 from watcher.records import ArtifactRecord
 from watcher.releases import (
+    RELEASE_JSON,
     RELEASE_JSON_MAX_BYTES,
     AppLayout,
     LinuxProcReader,
@@ -676,9 +677,13 @@ class TestRecover:
         assert assert_current_complete(engine) == rel(1)
         assert engine.recover() == []
 
-    def test_dangling_current_goes_back_to_previous(
+    def test_a_broken_current_is_left_for_the_fleets_release_not_pointed_back(
         self, engine: ReleaseEngine, tarball: Path
     ) -> None:
+        """The operator review: at start, a live tree emptied by hand made `current` go back
+        to `previous`, even on a held host: an older release than the fleet's, never asked
+        of the acks, and `status` called it healthy. The watcher, running, stages the
+        fleet's release again (tested on a real fleet); at start it is left for that."""
         record = record_for(tarball)
         engine.stage_from_file(tarball, record, rel(1), "d-1")
         engine.stage_from_file(tarball, record, rel(2), "d-2")
@@ -686,14 +691,18 @@ class TestRecover:
         engine.flip(rel(2))
         (engine.layout.release_dir(rel(2)) / ".watcher" / "release.json").unlink()
         actions = engine.recover()
-        assert any(f"pointed it at {rel(1)}" in a for a in actions)
-        assert assert_current_complete(engine) == rel(1)
-        assert engine.release_names() == [rel(1)]  # the broken one went
+        assert actions == [
+            f"current points at incomplete {rel(2)}: left as it is (the watcher stages the "
+            "fleet's release again unless the app is held here)"
+        ]
+        assert engine.current_release() == rel(2) and engine.previous_release() == rel(1)
+        assert engine.live_problem() == f"{engine.layout.release_dir(rel(2))} has no {RELEASE_JSON}"
+        assert engine.release_names() == [rel(1), rel(2)]  # its tree, for the stage again
 
     def test_dangling_current_without_previous_is_reported(self, engine: ReleaseEngine) -> None:
         engine.layout.current.symlink_to(f"releases/{rel(1)}")
         actions = engine.recover()
-        assert any("no complete previous release" in a for a in actions)
+        assert any(f"current points at incomplete {rel(1)}" in a for a in actions)
         assert engine.layout.current.is_symlink()
 
     def test_backup_removed_unless_deploy_in_flight(
@@ -896,7 +905,7 @@ class TestReleaseJsonFromTheAppsUser:
         with pytest.raises(FlipError, match="no complete"):
             engine.flip(rel(1))
 
-    def test_current_whose_release_json_is_a_fifo_is_repaired_at_start(
+    def test_current_whose_release_json_is_a_fifo_is_found_broken_at_start(
         self, engine: ReleaseEngine, tarball: Path
     ) -> None:
         self.staged(engine, tarball, 1)
@@ -908,8 +917,8 @@ class TestReleaseJsonFromTheAppsUser:
         result = self.info_in_thread(engine.recover, path)
         actions = result["value"]
         assert isinstance(actions, list)
-        assert any(f"pointed it at {rel(1)}" in a for a in actions)
-        assert assert_current_complete(engine) == rel(1)
+        assert any(f"current points at incomplete {rel(2)}" in a for a in actions)
+        assert engine.current_release() == rel(2)  # the watcher stages it again
 
     @pytest.mark.parametrize("target", ["/dev/zero", "elsewhere.json"])
     def test_a_symlink_is_not_followed(
