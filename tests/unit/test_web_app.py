@@ -153,6 +153,21 @@ class TestRefusedBeforeConsul:
         [
             (b'{"artifact": "main-\xff"}', "not UTF-8 (byte 0xff at offset 19)"),
             ('{"artifact": "main-1"}'.encode("utf-16"), "not UTF-8 (byte 0xff at offset 0)"),
+            # Without a BOM, UTF-16 of ASCII is valid UTF-8, and json.loads read it as UTF-16:
+            # past the check of keys given twice (the second artifact was deployed).
+            (
+                '{"artifact": "main-1", "artifact": "main-2"}'.encode("utf-16-le"),
+                "not UTF-8 (a NUL byte at offset 1: UTF-16 or UTF-32 text? JSON is sent as UTF-8)",
+            ),
+            (
+                '{"artifact": NaN}'.encode("utf-32-be"),
+                "not UTF-8 (a NUL byte at offset 0: UTF-16 or UTF-32 text? JSON is sent as UTF-8)",
+            ),
+            # Where a body does not parse (the sentence was cut at "starting at").
+            (
+                b'{"artifact": "main-1',
+                "Unterminated string starting at: line 1 column 14 (character 13)",
+            ),
             (b'{"artifact": NaN}', "NaN is not a JSON value"),
             (
                 b'{"artifact": "main-1", "allow_missing": -Infinity}',
@@ -170,6 +185,44 @@ class TestRefusedBeforeConsul:
         r = client.post(DEPLOYS, content=b'\xef\xbb\xbf{"artifact": "main-1"}')
         assert r.status_code == 503, r.text
 
+    @pytest.mark.parametrize(
+        ("method", "headers"),
+        [
+            # RFC 9112 3.2: the first Host made it local (served), whatever the second said
+            ("GET", [("Host", "localhost"), ("Host", "evil.example")]),
+            ("POST", [("Origin", "http://testserver"), ("Origin", "http://evil.example")]),
+            ("POST", [("Content-Type", "application/json"), ("Content-Type", "text/plain")]),
+            ("GET", [("X-Forwarded-Host", "a"), ("X-Forwarded-Host", "b")]),
+        ],
+    )
+    def test_a_header_a_check_reads_given_twice_is_a_400(
+        self, client: TestClient, method: str, headers: list[tuple[str, str]]
+    ) -> None:
+        path = DEPLOYS if method == "POST" else FLEET
+        r = client.request(method, path, headers=headers, content=b'{"artifact": "main-1"}')
+        assert r.status_code == 400, r.text
+        name = headers[0][0].lower()
+        assert r.json()["error"] == f"header {name} given more than once: give it once"
+
+    @pytest.mark.parametrize("path", ["/api/v1/apps/web%2Frollbacks", "/api/v1/apps/web%2ffleet"])
+    def test_an_encoded_slash_is_refused_not_routed(self, client: TestClient, path: str) -> None:
+        """Routing reads the path decoded: `web%2Frollbacks` started a rollback (202)."""
+        r = client.post(path, json={}) if "rollbacks" in path else client.get(path)
+        assert r.status_code == 400, r.text
+        assert "an encoded slash (%2F) in the path is refused" in r.json()["error"]
+
+    def test_a_charset_other_than_utf8_is_a_415(self, client: TestClient) -> None:
+        for charset in ("utf-16", '"latin1"'):
+            ctype = f"application/json; charset={charset}"
+            r = client.post(
+                DEPLOYS, content=b'{"artifact": "main-1"}', headers={"Content-Type": ctype}
+            )
+            assert r.status_code == 415, r.text
+            assert "a write's body is JSON in UTF-8, got charset" in r.json()["error"], r.text
+        ctype = "application/json; charset=UTF-8"
+        r = client.post(DEPLOYS, content=b'{"artifact": "main-1"}', headers={"Content-Type": ctype})
+        assert r.status_code == 503, r.text  # taken: Consul is not there
+
     def test_a_trailing_slash_is_no_redirect_built_from_host(self, client: TestClient) -> None:
         """Starlette's default answered /fleet/ with a 307 to http://<Host>/fleet (another
         site's name when the Host said so) and a POST was sent again."""
@@ -182,11 +235,18 @@ class TestRefusedBeforeConsul:
         # the page typed with a slash: sent to it, as a path of this server
         r = client.get("/apps/web/", headers=evil, follow_redirects=False)
         assert r.status_code == 308 and r.headers["location"] == "/apps/web", r.headers
-        # a name that is not ASCII is encoded (it was a 500: the header cannot hold it)
-        r = client.get("/apps/%E6%97%A5/", follow_redirects=False)
-        assert r.status_code == 308 and r.headers["location"] == "/apps/%E6%97%A5", r.headers
-        r = client.get("/apps/a%0d%0aSet-Cookie:%20x=1/", follow_redirects=False)
-        assert r.status_code == 308 and "\r" not in r.headers["location"], r.headers
+        # Only an app's name is sent on: what no app can be named is a 404 (it was a 500 for
+        # a name the header cannot hold; then `..` went to `/apps/..`, which a client reads
+        # as `/`, an escaped name came back escaped twice, and CR LF were dropped).
+        for path in (
+            "/apps/%E6%97%A5/",
+            "/apps/a%0d%0aSet-Cookie:%20x=1/",
+            "/apps/%2e%2e/",
+            "/apps/%5C%5Cevil.example/",
+        ):
+            r = client.get(path, follow_redirects=False)
+            assert r.status_code == 404 and "location" not in r.headers, (path, r.headers)
+            assert "without the trailing slash" in r.json()["error"], r.text
         for other in ("/metrics/", "/healthz/", "/openapi.json/"):  # not pages: a 404
             r = client.get(other, follow_redirects=False)
             assert r.status_code == 404 and "location" not in r.headers, (other, r.headers)

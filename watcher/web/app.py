@@ -10,7 +10,6 @@ import re
 import shlex
 import time
 import typing
-import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from watcher import __version__, ids
 from watcher.barrier import CONTESTED, DeployStore, summarize_states
-from watcher.config import Config
+from watcher.config import APP_NAME_RE, Config
 from watcher.consul_api import ConsulClient
 from watcher.ctl import user_at_host
 from watcher.ctl_fleet import (
@@ -695,6 +694,21 @@ def _given(value: object) -> str:
     return f", got {_json_kind(value)}"
 
 
+# Request headers that must come once: Host (RFC 9112 3.2), and those a check reads while
+# something else may act on another copy (Origin, Content-Type, X-Forwarded-Host). Two
+# tokens are refused where tokens are read (``bearer_token``).
+ONCE_HEADERS = ("host", "origin", "content-type", "x-forwarded-host")
+
+
+def _charset(params: str) -> str | None:
+    """The charset a Content-Type's parameters name, lower case (None: none named)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 def _body_problem(body: bytes) -> str:
     """What is wrong with a write's body that Python's parser would take but JSON does not
     (RFC 8259): bytes that are not UTF-8 (json.loads also reads UTF-16 and -32), NaN or
@@ -706,12 +720,23 @@ def _body_problem(body: bytes) -> str:
         text = body.decode("utf-8").removeprefix("\ufeff")  # a BOM is tolerated
     except UnicodeDecodeError as exc:
         return f"not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
+    if (nul := body.find(b"\x00")) >= 0:
+        # No JSON text holds a NUL byte (in a string it is written \u0000), but UTF-16 and
+        # UTF-32 text without a BOM is mostly NULs and valid UTF-8: json.loads then read it
+        # as UTF-16, past the checks below (a key given twice deployed the second one).
+        return (
+            f"not UTF-8 (a NUL byte at offset {nul}: UTF-16 or UTF-32 text? JSON is sent as UTF-8)"
+        )
     try:
         STRICT_JSON.decode(text)
     except NotJson as exc:
         return str(exc)
+    except json.JSONDecodeError as exc:
+        # Where, which the route's own parse does not say ("Unterminated string starting
+        # at", cut there).
+        return f"{exc.msg}: line {exc.lineno} column {exc.colno} (character {exc.pos})"
     except (ValueError, RecursionError):
-        return ""
+        return ""  # nested too deeply: the route says so
     return ""
 
 
@@ -755,7 +780,14 @@ class BodyLimit:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
-        wrong = _body_problem(body) if scope.get("method") in ("POST", "PUT", "PATCH") else ""
+        ctype = headers.get(b"content-type", b"application/json").partition(b";")[0]
+        wrong = (
+            _body_problem(body)
+            # (a body of another type is refused as such, 415, by the guard)
+            if scope.get("method") in ("POST", "PUT", "PATCH")
+            and ctype.strip().lower() == b"application/json"
+            else ""
+        )
         if wrong:
             # JSON parsers keep the last of two equal keys: a body that names two artifacts
             # deployed the second. Ambiguous, so refused (as the config refuses them).
@@ -933,9 +965,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
 
     def refusal(request: Request) -> tuple[int, str] | None:
         """What is refused before any route runs: long query strings, tokens in URLs,
-        parameters given twice, cross-site writes."""
+        parameters or headers given twice, encoded slashes, cross-site writes."""
         if len(request.scope.get("query_string") or b"") > MAX_QUERY:
             return 414, f"a query string over {MAX_QUERY} bytes is refused (the API takes `limit`)"
+        for name in ONCE_HEADERS:
+            if len(request.headers.getlist(name)) > 1:
+                # RFC 9112 3.2 (Host); for the others, which one a check read and which one
+                # acted is a guess (the first Host decided "local", the first Origin passed).
+                return 400, f"header {name} given more than once: give it once"
+        if b"%2f" in (request.scope.get("raw_path") or b"").lower():
+            # Routing reads the path decoded: /api/v1/apps/web%2Frollbacks started a
+            # rollback, which a proxy that guards the raw path would not have seen as one.
+            return 400, "an encoded slash (%2F) in the path is refused: write / itself"
         if any("token" in name.lower() for name in request.query_params):
             return 400, (
                 "a token in the URL is refused (URLs end up in logs and histories); "
@@ -960,8 +1001,17 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             # A browser sends Origin with every POST: another site's page cannot write here.
             return 403, f"a write from another origin ({ids.shown(origin)}) is refused"
         ctype = request.headers.get("content-type")
-        if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
-            return 415, f"a write's body must be application/json, got {ids.shown(ctype)}"
+        if ctype is not None:
+            media, _, params = ctype.partition(";")
+            if media.strip().lower() != "application/json":
+                return 415, f"a write's body must be application/json, got {ids.shown(ctype)}"
+            charset = _charset(params)
+            if charset not in (None, "utf-8", "utf8"):
+                # The body is read as UTF-8 whatever this says (RFC 8259): say so, not guess.
+                return 415, (
+                    f"a write's body is JSON in UTF-8, got charset {ids.shown(charset)} "
+                    f"in {ids.shown(ctype)}"
+                )
         return None
 
     # --- error mapping -----------------------------------------------------------------
@@ -1015,14 +1065,20 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             path = request.url.path
             bare = path.rstrip("/")
             if bare and bare != path and not bare.startswith("//") and allowed_methods(bare):
-                if request.method in ("GET", "HEAD") and path.startswith("/apps/"):
+                page = re.fullmatch(r"/apps/([^/]+)", bare)
+                if (
+                    request.method in ("GET", "HEAD")
+                    and page is not None
+                    and APP_NAME_RE.match(page[1]) is not None
+                ):
                     # The page typed with a slash: where it is, as a path on this server
-                    # (never a name taken from the Host header), encoded as a URL's path
-                    # is (an app name is ASCII; anything else is its 404 to say).
+                    # (never a name taken from the Host header). Only for an app's name,
+                    # which a URL's path carries as it is: `..` went to `/apps/..` (which
+                    # a client reads as `/`), an escaped name came back escaped twice.
                     return JSONResponse(
                         {"error": f"the page is at {ids.shown(bare)}"},
                         status_code=308,
-                        headers={"Location": urllib.parse.quote(bare, safe="/")},
+                        headers={"Location": bare},
                     )
                 detail = (
                     f"no such path: {ids.shown(path)} (without the trailing slash: "
