@@ -181,10 +181,19 @@ class TestDeployApiWithAcls:
         assert r.status_code == 403, r.text
         assert "Permission denied" in error_of(r)
         # The api operator gets past Consul's ACLs, and is refused for a stated reason.
+        refused = 'watcher_web_writes_total{action="deploy",app="api",result="refused"}'
+
+        def counted() -> float:
+            line = [x for x in env.web.get("/metrics").text.splitlines() if x.startswith(refused)]
+            return float(line[0].split()[-1]) if line else 0.0
+
+        was = counted()
         r = env.web.post("/api/v1/apps/api/deploys", {"artifact": "main-0000"}, env.api_operator)
         assert r.status_code == 404, r.text
         assert "unknown artifact main-0000" in error_of(r)
         assert env.written("api") == before
+        # counted as refused (only the start's own refusals were, not an unknown artifact)
+        assert counted() == was + 1
 
     def test_deploy_shows_in_watcherctl_history_with_the_tokens_description(self, env: Env) -> None:
         v2 = env.fleet.publish("v2")

@@ -79,7 +79,10 @@ def test_label_values_are_the_ones_the_code_uses() -> None:
         and "decide," not in phases
     )
     # An abort that was not established within the request's wait answers "undecided".
-    assert "`undecided`" in doc_row("watcher_web_writes_total")
+    writes = doc_row("watcher_web_writes_total")
+    assert all(
+        f"`{v}`" in writes for v in ("started", "aborted", "undecided", "stalled", "refused")
+    )
     assert "`reconcile`" in doc_row("watcher_consul_errors_total")
     deploys = doc_row("watcher_deploys_total")
     for value in ("committed", "failed_after_commit", "aborted", "contested"):

@@ -96,6 +96,12 @@ class TestRefusedBeforeConsul:
         # refused outside the guard that adds them: the headers every answer carries
         assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
         assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+        # A GET's body too, on every path: and the description says so of each operation.
+        assert client.request("GET", "/healthz", content=body).status_code == 413
+        spec = client.get("/openapi.json").json()
+        for path, operations in spec["paths"].items():
+            for method, operation in operations.items():
+                assert "413" in operation["responses"], (method, path)
 
     def test_the_anonymous_token_names_nobody(self, client: TestClient) -> None:
         for header in ({"Authorization": "Bearer anonymous"}, {"X-Consul-Token": "anonymous"}):
@@ -357,6 +363,9 @@ class TestRefusedBeforeConsul:
         assert r.status_code == 503 and "cannot reach Consul" in r.json()["error"]
         page = client.get("/apps/web")
         assert page.status_code == 503 and "cannot reach Consul" in page.text
+        # when to ask again (it had none: a probe asked again at once)
+        assert r.headers["Retry-After"] == page.headers["Retry-After"] == "5"
+        assert client.head("/apps/web").headers["Retry-After"] == "5"
 
     def test_the_openapi_lists_exactly_the_api_routes(self, client: TestClient) -> None:
         spec = client.get("/openapi.json").json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -11,7 +12,7 @@ import shlex
 import time
 import typing
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,6 +98,7 @@ SSE_MAX_STREAMS = 200  # live streams open at once; one more is a 503, not anoth
 # a reader cannot take every slot and leave the on-call's page without its live view.
 SSE_MAX_PER_CALLER = 20
 SSE_RETRY_AFTER = 10  # seconds a refused stream is told to wait (Retry-After of its 429/503)
+CONSUL_RETRY_AFTER = 5  # seconds (Retry-After of a 503: Consul did not answer)
 # A stream opened with a token reads with the server's own client (one watcher per app), so
 # the caller's read is asked of Consul again this often: a token revoked or stripped of its
 # read loses its stream within about this much (plus a keep-alive), not when it closes.
@@ -155,7 +157,7 @@ ERROR_MEANINGS = {
     403: "Consul refused the token, or a write came from another origin",
     404: "no such app, deploy, artifact or release",
     409: "refused because of state: a deploy in flight, a hold, a deploy already decided",
-    413: f"a body over {MAX_BODY} bytes",
+    413: f"a body over {MAX_BODY} bytes (refused on every path, whatever the method)",
     414: f"a query string over {MAX_QUERY} bytes (refused on every path)",
     415: "a write's body that is not application/json",
     422: "a parameter or body field that breaks its rule (the message states the rule)",
@@ -167,8 +169,11 @@ ERROR_MEANINGS = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error statuses ``codes``."""
-    return {c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]} for c in codes}
+    """OpenAPI ``responses`` for the error statuses ``codes``, and 413, which every path
+    answers to a body too big (a GET's included)."""
+    return {
+        c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]} for c in sorted({*codes, 413})
+    }
 
 
 READ_ERRORS = errors(400, 401, 403, 404, 414, 422, 502, 503)
@@ -1121,7 +1126,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             return JSONResponse({"error": str(exc)}, status_code=403)
         if isinstance(exc, ConsulRequestError):
             return JSONResponse({"error": str(exc)}, status_code=502)
-        return JSONResponse({"error": str(exc)}, status_code=503)
+        # Consul did not answer (after the client's own retries): a client or an uptime
+        # probe may ask again, not at once (RFC 9110 10.2.3).
+        return error_response(503, str(exc), retry_after=CONSUL_RETRY_AFTER)
 
     @app.exception_handler(DeployError)
     async def deploy_error(_: Request, exc: DeployError) -> JSONResponse:
@@ -1369,15 +1376,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
-        hosts = host_records(store)
-        record = deploy_request(
-            store,
-            config.app(name),
-            body.artifact,
-            requested_by=caller.requested_by,
-            allow_missing=body.allow_missing,
-            hosts=hosts,
-        )
+        with refusals_counted(name, "deploy"):
+            hosts = host_records(store)
+            record = deploy_request(
+                store,
+                config.app(name),
+                body.artifact,
+                requested_by=caller.requested_by,
+                allow_missing=body.allow_missing,
+                hosts=hosts,
+            )
         notes = (redeploy_warning(store, record), held_warning(hosts, record))
         return _start(store, record, "deploy", "; ".join(n for n in notes if n))
 
@@ -1396,19 +1404,33 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 valid(ids.check_release_input, given, field, "a release name", ids.RELEASE_RULE)
         caller = state.writer(request)
         store = state.store(name, caller.consul)
-        hosts = host_records(store)
-        record, live, current_index = rollback_request(
-            store,
-            config.app(name),
-            body.release,
-            requested_by=caller.requested_by,
-            allow_missing=body.allow_missing,
-            hosts=hosts,
-            previous=body.previous,
-        )
+        with refusals_counted(name, "rollback"):
+            hosts = host_records(store)
+            record, live, current_index = rollback_request(
+                store,
+                config.app(name),
+                body.release,
+                requested_by=caller.requested_by,
+                allow_missing=body.allow_missing,
+                hosts=hosts,
+                previous=body.previous,
+            )
         held = held_warning(hosts, record)
         note = "; ".join(w for w in (live, held) if w)
         return _start(store, record, "rollback", note, current_index=current_index)
+
+    @contextlib.contextmanager
+    def refusals_counted(app: str, action: str) -> Iterator[None]:
+        """Count as `refused` a write whose token Consul took and that was answered no
+        (an unknown artifact or release, a host left out, a deploy already decided): only
+        the refusals of the start itself were counted. Not Consul failing (503), nor a
+        record that does not parse (502)."""
+        try:
+            yield
+        except (ApiError, DeployError, RollbackTargetUnknown, ArtifactError) as exc:
+            if not isinstance(exc, ApiError) or exc.status < 500:
+                state.writes.labels(app=app, action=action, result="refused").inc()
+            raise
 
     def _start(
         store: DeployStore,
@@ -1462,15 +1484,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         store = state.store(name, caller.consul)
         # The request names who (``by``): every reader says "by WHO: WHY" from the two.
         reason = body.reason.strip() if body else ""
-        view = store.view(deploy_id)
-        if view is None:
-            raise ApiError(404, f"app {name}: no deploy {deploy_id}")
-        view = view.checked()
-        settled = view.outcome.result if view.outcome else view.verdict()
-        if settled == "contested":
-            raise ApiError(409, contested_reason(deploy_id))
-        if settled != "undecided":
-            raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
+        with refusals_counted(name, "abort"):
+            view = store.view(deploy_id)
+            if view is None:
+                raise ApiError(404, f"app {name}: no deploy {deploy_id}")
+            view = view.checked()
+            settled = view.outcome.result if view.outcome else view.verdict()
+            if settled == "contested":
+                raise ApiError(409, contested_reason(deploy_id))
+            if settled != "undecided":
+                raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
         what, after, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
         stalled = stalled_in(store, after) if what == "undecided" else {}
         if stalled:
@@ -1581,6 +1604,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         response = templates.TemplateResponse(request, "app.html", ctx, status_code=status)
         if status == 401:
             response.headers["WWW-Authenticate"] = UNAUTHORIZED
+        elif status == 503:  # as the API's (an uptime check probes the page with HEAD)
+            response.headers["Retry-After"] = str(CONSUL_RETRY_AFTER)
         return response
 
     # HEAD wherever GET is (RFC 9110 wants it of every server: `curl -I`, uptime checks),
