@@ -856,6 +856,10 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         # Swagger UI and ReDoc load their scripts from a CDN: the page must work offline.
         docs_url=None,
         redoc_url=None,
+        # operationIds a generated client names its calls by: `get_fleet`, not FastAPI's
+        # `get_fleet_api_v1_apps__app__fleet_get` (the outside review's client had
+        # `GetFleetApiV1AppsAppFleetGetResponseGetFleetApiV1AppsAppFleetGet`).
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.web = state
     # No 307 from /fleet/ to /fleet built from the Host header (and a POST sent again):
