@@ -892,12 +892,24 @@ def _human_summary(data: dict[str, Any]) -> str:
         lines.append(f"  fleet rollback {rb['deploy']}: {rb['result'] or 'running'}: {rb['note']}")
     elif data.get("rollback_deploy"):
         lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
-    if data.get("not_live"):
+    hosts = data.get("hosts") or {}
+    took = [n for n in data.get("not_live") or () if hosts.get(n, {}).get("state") == COMMITTED]
+    behind = [n for n in data.get("not_live") or () if n not in took]
+    why = "its watcher stopped, or it was still applying at the apply deadline"
+    if behind:
         lines.append(
-            f"  NOT LIVE: {', '.join(data['not_live'])}: acked ready but had not switched "
-            "when the deploy ended (its watcher stopped, or it was still applying at the "
-            "apply deadline); it converges to the fleet's release when its watcher runs "
-            "(`status --fleet` shows where it stands)"
+            f"  NOT LIVE: {', '.join(behind)}: acked ready but had not switched when the "
+            f"deploy ended ({why}); it converges to the fleet's release when its watcher "
+            "runs (`status --fleet` shows where it stands)"
+        )
+    if took:
+        # Its intent is written before its flip, its live ack after `validate`: it may serve
+        # the new release already (an operator read "had not switched" of such a host).
+        lines.append(
+            f"  NOT LIVE: {', '.join(took)}: had taken the commit but not reported live when "
+            f"the deploy ended ({why}); it may serve the new release before its `validate` "
+            "passed, and finishes the switch when its watcher runs (`status --fleet` shows "
+            "where it stands)"
         )
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from watcher.ctl import table as render_table
 from watcher.ctl_fleet import (
     STALL_MARGIN,
     _human_status,
+    _human_summary,
     _local_app,
     _progress,
     _tail_lines,
@@ -637,6 +638,22 @@ def host_status(**app: Any) -> dict[str, Any]:
         "consul": {"address": "http://127.0.0.1:8500", "reachable": True, "error": ""},
         "apps": {"web": web},
     }
+
+
+def test_not_live_tells_a_host_that_took_the_commit_from_one_that_had_not_switched() -> None:
+    """The operator review: a watcher killed during `validate` had flipped (its intent is
+    written before the flip, its live ack after `validate`), and the deploy said it "had
+    not switched", while it served the new release."""
+    data = {
+        "deploy": "d-1",
+        "result": "committed",
+        "not_live": ["host-2", "host-3"],
+        "hosts": {"host-2": {"state": "committed"}, "host-3": {"state": "ready"}},
+    }
+    lines = _human_summary(data).splitlines()
+    assert lines[1].startswith("  NOT LIVE: host-3: acked ready but had not switched when")
+    assert lines[2].startswith("  NOT LIVE: host-2: had taken the commit but not reported live")
+    assert "it may serve the new release before its `validate` passed" in lines[2]
 
 
 class TestFleetRecordNotTrusted:
