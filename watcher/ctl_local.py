@@ -402,11 +402,18 @@ def cmd_release_hold(ctx: CtlContext) -> int:
         "app": engine.app.name,
         "released": removed.to_dict() if removed else None,
         "watcher_told": _tell_watcher(engine) if removed else False,
+        # Not held here: where it is, by the host records (run on the wrong host, it only
+        # said "not held on this host").
+        "held_elsewhere": _held_elsewhere(ctx, engine.app.name) if removed is None else {},
     }
 
     def human(d: dict[str, Any]) -> str:
         if removed is None:
-            return f"{d['app']} was not held on this host"
+            said = f"{d['app']} was not held on this host"
+            if d["held_elsewhere"]:
+                held = "; ".join(f"{n}: {why}" for n, why in sorted(d["held_elsewhere"].items()))
+                said += f"; held, by their host records, on {held} (run it there)"
+            return said
         return (
             f"hold on {d['app']} released ({removed.reason}, by {removed.by}); the watcher "
             f"converges it to the fleet's release again\n{_told_line(d['watcher_told'])}"
@@ -414,6 +421,19 @@ def cmd_release_hold(ctx: CtlContext) -> int:
 
     ctx.emit(data, human)
     return EXIT_OK
+
+
+def _held_elsewhere(ctx: CtlContext, app: str) -> dict[str, str]:
+    """The other hosts whose records show a hold on ``app``, each with its reason (short);
+    {} when Consul does not answer within a few seconds: a hint, not the command's work."""
+    from watcher.ctl_fleet import _consul, daemon_status
+
+    node = ctx.config.node or daemon_status(ctx.config.daemon.state_dir).get("node")
+    try:
+        hosts = DeployStore(_consul(ctx, quick=True), ctx.config.kv_prefix, app).hosts()
+    except (ConsulError, PayloadError):
+        return {}
+    return {n: ids.one_line_short(r.hold) for n, r in hosts.items() if r.hold and n != node}
 
 
 def _tell_watcher(engine: ReleaseEngine) -> bool:

@@ -1342,6 +1342,14 @@ class TestHold:
         assert f"held, by their last records: {held.name}: disk maintenance (by " in result.stderr
         # to run on the held host: not with the -c of the host that deployed
         assert "(`watcherctl release-hold web` on the host lifts it)" in result.stderr
+        # Run on another host, `release-hold` says where the hold is (it said "not held on
+        # this host" only).
+        wrong = fleet.watchers[0].ctl("release-hold", "web", as_json=False).stdout
+        assert wrong.startswith(
+            f"web was not held on this host; held, by their host records, on {held.name}: "
+            "disk maintenance (by "
+        ), wrong
+        assert wrong.rstrip().endswith("(run it there)"), wrong
         summary = json.loads(result.stdout)
         assert summary["result"] == "aborted"
         assert held.name in summary["reason"] and "held" in summary["reason"], summary
