@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -319,7 +320,11 @@ class _Reader:
         try:
             return convert(data[key])
         except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999, 10**400
-            self.fail(name or _join(path, key), f"must be {expected}, got {_show(data[key])}")
+            said = f"must be {expected}, got {_show(data[key])}"
+            if isinstance(data[key], bool) and expected.startswith("one of "):
+                # `prefetch: yes` read as True: the user wrote a word, not a boolean.
+                said += " (YAML reads yes, no, on and off unquoted as true or false: quote it)"
+            self.fail(name or _join(path, key), said)
             return default
 
 
@@ -469,6 +474,10 @@ def _url_parts(value: Any) -> urllib.parse.SplitResult:
     if parts.query or parts.fragment or "@" in parts.netloc or not parts.hostname:
         raise ValueError
     _ = parts.port  # raises ValueError for a port that is not a number in 0-65535
+    if re.fullmatch(r"[0-9.]+", parts.hostname):
+        # Digits and dots are an IPv4 address or nothing (`999.1.1.1:80` passed the check
+        # and failed only at `watcher run`): no host name is all digits.
+        ipaddress.IPv4Address(parts.hostname)  # AddressValueError is a ValueError
     return parts
 
 

@@ -521,6 +521,32 @@ class TestErrorsNameTheirPath:
         assert parse(minimal(daemon={"listen": False})).daemon.listen is None
         assert parse(minimal(daemon={"listen": "0.0.0.0:1"})).daemon.listen == "0.0.0.0:1"
 
+    @pytest.mark.parametrize("where", ["999.1.1.1:80", "10.0.0:80", "8500"])
+    def test_an_address_of_digits_is_an_ipv4_address_or_refused(self, where: str) -> None:
+        """The operator review: `check-config` said OK of `999.1.1.1:80`, which failed only
+        at `watcher run`."""
+        said = problems(minimal(daemon={"listen": where}))
+        assert len(said) == 1 and said[0].startswith("daemon.listen: must be"), said
+        assert said[0].endswith(f'got "{where}"'), said
+        said = problems(minimal(consul={"address": where}))
+        assert len(said) == 1 and said[0].startswith("consul.address: must be"), said
+        assert parse(minimal(consul={"address": "10.0.0.1:8500"})).consul.address
+
+    def test_a_yaml_boolean_where_a_word_goes_says_why(self, tmp_path: Path) -> None:
+        # `prefetch: yes` is True to YAML: the message said "got True" of what was "yes".
+        path = write(
+            tmp_path / "w.yaml", "s3: {bucket: b}\napps:\n  web: {root: /srv, prefetch: yes}\n"
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        [said] = info.value.problems
+        assert said.startswith("apps.web.prefetch: must be one of extract, download, off, got True")
+        assert said.endswith("(YAML reads yes, no, on and off unquoted as true or false: quote it)")
+        # not where a boolean is what is asked for
+        assert problems(with_app(raw_events="no")) == [
+            'apps.web.raw_events: must be true or false, got "no"'
+        ]
+
 
 class TestFiles:
     def test_load_from_a_file(self, tmp_path: Path) -> None:
