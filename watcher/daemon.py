@@ -77,6 +77,10 @@ OLD_EVENTS_FILE = "events.json"  # no longer written
 #: handles (any agent can fire one: never a label of its own).
 EVENT_ACTED, EVENT_DUPLICATE, EVENT_HISTORY = "acted", "duplicate", "history"
 EVENT_REFUSED, EVENT_FAILED, EVENT_INVALID = "refused", "failed", "invalid"
+# What the log says of a `deploy` event that names a deploy id (the one `watcherctl`
+# fires after its KV write): a wake-up, not a deploy; nothing looks the id up (it said
+# "woken", which read as if the deploy it named had been acted on).
+DOORBELL = "a wake-up only: the loop reads inflight (what is in flight, whatever id it names)"
 _STARTED_AS = {
     "started": EVENT_ACTED,
     "exists": EVENT_DUPLICATE,
@@ -1038,7 +1042,7 @@ class Daemon:
         said = log.warning if failed else log.info
         said("event_handled", event_id=event.id, name=event.name, app=req.app, result=result)
         # A prefetch wakes the loop itself when done; a deploy id only rang the bell.
-        needs = result not in ("woken", "prefetching")
+        needs = result not in (DOORBELL, "prefetching")
         return f"event {event.name} {event.id[:8]}: {result}", needs
 
     def _act_on(self, req: EventRequest) -> tuple[str, str]:
@@ -1053,7 +1057,7 @@ class Daemon:
         if req.deploy:
             # The doorbell `watcherctl` rings after its KV write: the loop reads `inflight`
             # anyway (the watch usually got there first), so there is nothing to look up.
-            return EVENT_ACTED, "woken"
+            return EVENT_ACTED, DOORBELL
         app = agent.app
         if not app.raw_events:
             # Consul's event ACLs are not per app: a token that may fire `deploy` for one

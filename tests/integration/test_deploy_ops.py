@@ -27,7 +27,7 @@ from watcher import barrier
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings, load_config
 from watcher.ctl import main as ctl_main
-from watcher.daemon import TICK_IDLE
+from watcher.daemon import DOORBELL, TICK_IDLE
 from watcher.events import MAX_PAYLOAD
 from watcher.records import READY, parse_iso
 from watcher.web.app import create_app
@@ -686,6 +686,20 @@ class TestBadPayloads:
             "every host logging why the deploy failed",
             fleet,
         )
+        # A deploy id is a doorbell: nothing looks it up, and the log says so (it said
+        # "woken" of an id no deploy has, as if that deploy had been acted on).
+        bell = fire(consul_bin, agent, "deploy", '{"app":"web","deploy":"20261206T120000Z-ab12cd"}')
+
+        def rang(w: WatcherProc) -> bool:
+            return any(
+                e.get("event") == "event_handled"
+                and e.get("event_id") == bell
+                and e.get("result") == DOORBELL
+                for e in w.log_events()
+            )
+
+        wait_for(lambda: all(rang(w) for w in fleet.watchers), 15, "the doorbell logged", fleet)
+        assert fleet.inflight() is None
 
         # The daemons kept running: a valid raw deploy still goes through.
         v1 = fleet.publish("v1")
