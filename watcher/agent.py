@@ -162,6 +162,12 @@ def alarm_text(message: str) -> str:
     return message[: ALARM_MAX - len(said)] + said
 
 
+def _hold_shown(hold: Hold | None) -> str:
+    """A hold as the host record says it, with who placed it (`status --fleet`, the page
+    and deploy's warning show it); "" for none."""
+    return f"{hold.reason or 'held'} (by {hold.by})" if hold else ""
+
+
 def _contested_hold(hold: Hold, node: str) -> bool:
     """Whether ``hold`` is the one this node's watcher placed for a contested deploy
     (``AppAgent._contested``): on this host's disk, in words of its own."""
@@ -379,6 +385,9 @@ class AgentStatus:
     coordinating: bool = False
     coordinator_unknown: bool = False
     alarm: str = ""
+    # Why the live release is not served here (its tree removed or emptied by hand; "" when
+    # it is): in the host record, so that `status --fleet` shows it, not only `status`.
+    broken: str = ""
     # Why the last prune (after a deploy, or planned at start) removed no release although
     # some were past `keep_releases` ("" when it could): releases pile up while it is set.
     prune_blocked: str = ""
@@ -433,10 +442,12 @@ class AppAgent:
         self._cancel = threading.Event()
         # How far the running extraction got: (deploy, bytes, members), as last reported.
         self._extracted: tuple[str, int, int] = ("", 0, 0)
-        self._host_state: tuple[str | None, str, str] | None = None
+        # (release, alarm, hold, broken) as the host record says them
+        self._host_state: tuple[str | None, str, str, str] | None = None
         # The loop and the worker both write the host record: one at a time, and what the
         # last write said is what _host_state says.
         self._host_lock = threading.Lock()
+        self._broken_of: str | None = None  # the release ``status.broken`` speaks of
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         # The alarm raised because `current` names a deploy this host does not follow
         # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
@@ -1988,7 +1999,7 @@ class AppAgent:
         )
         if written is not None:
             with self._host_lock:
-                self._host_state = (host.release, host.alarm, host.hold)
+                self._host_state = (host.release, host.alarm, host.hold, host.broken)
             if written.verdict is not None:
                 self._verdicts[rec.id] = (written.verdict, marker)
                 self.status.watch_index = written.index
@@ -2188,6 +2199,9 @@ class AppAgent:
         ):
             self._lift_not_followed_alarm()
         local = self.engine.current_release()
+        # Before the host record, which says it (a host serving nothing showed as fine in
+        # `status --fleet`, the operator review).
+        live_broken = local is not None and self._live_broken(local)
         self._write_host(local)
         first_look = self._acks_looked is None
         if current is None and not first_look:
@@ -2198,7 +2212,7 @@ class AppAgent:
         # `current` names the fleet's release but its tree is gone or incomplete (removed
         # by hand, a disk repaired): the host serves nothing, and every deploy would abort
         # on it. Staged again from the committed deploy, like any host that is behind.
-        broken = local == fleet_release and local is not None and self._live_broken(local)
+        broken = local == fleet_release and live_broken
         on_current = local == fleet_release and not unfinished and not broken
         if on_current and not first_look:
             self.status.converge_error = ""
@@ -2333,6 +2347,7 @@ class AppAgent:
         per release). Asked at every idle reconcile: a regular file where its release.json
         belongs is taken as complete at the cost of one ``lstat`` (the full, safe read only
         when it is not)."""
+        self.status.broken, self._broken_of = "", release
         with contextlib.suppress(OSError):
             found = os.lstat(self.engine.layout.release_dir(release) / RELEASE_JSON)
             if stat.S_ISREG(found.st_mode):
@@ -2343,6 +2358,7 @@ class AppAgent:
             self._report_once(
                 f"broken:{release}", "live_release_broken", release=release, problem=problem
             )
+            self.status.broken = f"live release {release} is not complete here: {problem}"
             return True
         self._reported.discard(f"broken:{release}")
         return False
@@ -2531,8 +2547,8 @@ class AppAgent:
             # that one changed something). Written once this watcher holds it.
             return
         with self._host_lock:
-            hold = self.engine.held()
-            state = (release, self.status.alarm, hold.reason if hold else "")
+            hold = _hold_shown(self.engine.held())
+            state = (release, self.status.alarm, hold, self._broken_for(release))
             if not force and state == self._host_state:
                 return  # written on change only: an idle host sends Consul nothing
             record = self._host_record(release)
@@ -2555,8 +2571,14 @@ class AppAgent:
             first_index=self._record_first_index(),
             prefetched=self._prefetched_ids(),
             # who placed it too: `status --fleet`, the page and deploy's warning show it
-            hold=f"{h.reason or 'held'} (by {h.by})" if (h := self.engine.held()) else "",
+            hold=_hold_shown(self.engine.held()),
+            broken=self._broken_for(release),
         )
+
+    def _broken_for(self, release: str | None) -> str:
+        """Why ``release`` is not served here, as the last look found (``_live_broken``);
+        "" for another release (a deploy flipped away from the broken one since)."""
+        return self.status.broken if release is not None and release == self._broken_of else ""
 
     def _prefetched_ids(self) -> list[str]:
         """Artifact ids held verified here (cache file or pre-extracted tree), newest first."""

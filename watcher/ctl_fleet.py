@@ -2271,6 +2271,8 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
             "hold": host.hold if host else "",
             # What stopped it (a contested deploy, one it does not follow): its /health.
             "alarm": host.alarm if host else "",
+            # Its live release not served there (its tree removed by hand): "" when it is.
+            "broken": host.broken if host else "",
             "prefetched": list(host.prefetched) if host else [],
             # Why its host record was skipped: its row then says nothing of its release.
             "record_problem": unreadable.get(node, ""),
@@ -2369,6 +2371,11 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                     out.append(f"  HELD on {node}{stale}: {ids.one_line(hold)}")
                 if alarm:
                     out.append(f"  ALARM on {node}{stale}: {ids.one_line(alarm)}")
+                if h.get("broken"):
+                    out.append(
+                        f"  BROKEN on {node}{stale}: {ids.one_line(h['broken'])} (it serves "
+                        "nothing; the watcher stages it again unless the app is held there)"
+                    )
             out += [
                 f"  UNREADABLE host record of {ids.one_line(h['node'])}: "
                 f"{ids.one_line(h['record_problem'])}"
@@ -2384,6 +2391,8 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
     # A live host that raised the alarm stopped where it stands until an operator looks (a
     # host down is shown with exit 0, as ever: its record's alarm is from before).
     alarmed = any(
-        h.get("alarm") and h["member"] for a in data.values() for h in a["hosts"].values()
+        (h.get("alarm") or h.get("broken")) and h["member"]
+        for a in data.values()
+        for h in a["hosts"].values()
     )
     return EXIT_FAILED if nobody or alarmed or any(map(_in_doubt, data.values())) else EXIT_OK

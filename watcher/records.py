@@ -828,6 +828,7 @@ class HostRecord(Document):
     TEXT_LIMITS: ClassVar[dict[str, int]] = {
         "hold": 2000,
         "alarm": 2000,
+        "broken": 2000,
         "release": 200,
         "last_seen": 64,
         "watcher_version": 100,
@@ -846,6 +847,9 @@ class HostRecord(Document):
     hold: str = ""
     alarm: str = ""
     first_index: int = 0  # since when it is in this app's fleet (6.4.5; AppAgent.first_index)
+    # Why the release `current` names is not served here (its tree removed or emptied by
+    # hand); "" while it is. Readers of older watchers' records get "".
+    broken: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, label: str = "") -> Self:
@@ -874,6 +878,7 @@ class HostRecord(Document):
             "prefetched must be a list of artifact ids",
         )
         _need(isinstance(self.hold, str) and isinstance(self.alarm, str), label, "bad hold")
+        _need(isinstance(self.broken, str), label, "broken must be a string")
         _need(_is_int(self.first_index), label, "first_index must be an integer")
 
 

@@ -1539,10 +1539,24 @@ class TestLiveTreeRemovedByHand:
         time.sleep(2)  # a few reconciles: still where it was, held
         assert w.current() == rel2 and not (w.app_dir / "current" / "index.html").exists()
         assert not w.log_events("release_flipped", this_start=True), w.log_text()[-3000:]
+        # Every host's `status --fleet` says so (it showed host-3 on the fleet's release,
+        # exit 0, while it served nothing).
+        shown = fleet.watchers[0].ctl("status", "--fleet", as_json=False, check=False)
+        assert shown.returncode == 1, shown
+        assert (
+            f"  BROKEN on {w.name}: live release {rel2} is not complete here: "
+            f"{w.app_dir / 'releases' / rel2} does not exist (it serves nothing;"
+        ) in shown.stdout, shown.stdout
         w.ctl("release-hold", "web")
         index = w.app_dir / "current" / "index.html"
         wait_for(index.exists, TICK_IDLE + 30, "host-3's live tree staged again", fleet)
         assert w.current() == rel2 and index.read_text() == "<h1>v2</h1>\n"
+        wait_for(
+            lambda: fleet.watchers[0].ctl("status", "--fleet", check=False).returncode == 0,
+            20,
+            "the record says it serves again (exit 0)",
+            fleet,
+        )
         # Not held: the same at start, without waiting for a hold's release.
         w.stop()
         shutil.rmtree(w.app_dir / "releases" / rel2)

@@ -665,6 +665,15 @@ class TestDeployApiWithAcls:
             page = env.web.get("/apps/web", env.reader).text
             assert '<span class="tag bad">alarm</span> current names deploy X, &lt;b&gt;' in page
             assert "which&lt;/b&gt; \\u202e: not followed" in page, page
+            # Its live tree gone (it serves nothing): the API and its row say so, escaped.
+            lone["broken"] = "live release r <i>2</i> is not complete here: gone"
+            assert kv.kv_put(keys.host(host), json.dumps(lone).encode())
+            rows = env.web.get("/api/v1/apps/web/fleet", env.reader).json()["hosts"]
+            assert rows[host]["broken"] == lone["broken"], rows
+            page = env.web.get("/apps/web", env.reader).text
+            assert (
+                '<span class="tag bad">serves nothing</span> live release r &lt;i&gt;2' in page
+            ), page
             shown = env.web.get(f"/api/v1/apps/web/deploys/{deploy}", env.reader).json()
             assert shown["hosts"][host]["state"] == "live", shown["hosts"][host]
             assert shown["hosts"][host]["output_tail"] == "", shown["hosts"][host]

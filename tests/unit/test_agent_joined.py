@@ -208,6 +208,7 @@ class TestLeftOutAlarm:
         agent._start_hold_seen = False
         agent.journal = types.SimpleNamespace(read=lambda: None)  # type: ignore[assignment]
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
+        agent._live_broken = lambda _release: False  # type: ignore[method-assign]
         agent.engine.held = lambda: None  # type: ignore[attr-defined]
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
         agent.busy = lambda: False  # type: ignore[method-assign]

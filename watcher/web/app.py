@@ -598,18 +598,19 @@ def live_snapshot(store: DeployStore) -> Snapshot:
 
 def sections_mark(store: DeployStore) -> str:
     """A digest of what the page's fleet and builds sections show (each watcher alive or
-    not, each host's release, hold, alarm and prefetched builds, the builds there are and
-    their records' versions, the version of `current`): the live view sends it, and the
-    page fetches those sections again when it changes (a host going down or coming back, a
-    new build, a publish that finished, `current` rewritten), not on every ack of a deploy.
-    An ack changed after a commit shows through the alarms it makes the hosts raise."""
+    not, each host's release, hold, alarm, broken tree and prefetched builds, the builds
+    there are and their records' versions, the version of `current`): the live view sends
+    it, and the page fetches those sections again when it changes (a host going down or
+    coming back, a new build, a publish that finished, `current` rewritten), not on every
+    ack of a deploy. An ack changed after a commit shows through the alarms it makes the
+    hosts raise."""
     members = store.members()
     # Any host's token can rewrite `current` alone: the fleet section says NOT TRUSTED
     # then, and an open page did not show it until some host record changed.
     _, current_index = store.current()
     hosts, unreadable = store.hosts_checked()
     rows = [
-        [n, n in members, h.release, h.hold, h.alarm, list(h.prefetched)]
+        [n, n in members, h.release, h.hold, h.alarm, h.broken, list(h.prefetched)]
         if (h := hosts.get(n))
         else [n, n in members, unreadable.get(n, "")]
         for n in sorted(set(members) | set(hosts) | set(unreadable))
