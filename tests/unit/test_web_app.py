@@ -534,6 +534,17 @@ class TestTheDescriptionTellsTheTruth:
         r = client.get("/api/v1/apps/web/deploys?limt=5")
         assert r.status_code == 400
         assert r.json()["error"] == "unknown query parameter 'limt' (this endpoint takes limit)"
+        # Nor elsewhere (`/builds?limit=5` answered 30 rows, as if read), HEAD included.
+        for method in ("GET", "HEAD"):
+            r = client.request(method, "/api/v1/apps/web/builds?limit=5")
+            assert r.status_code == 400, r
+        r = client.get("/api/v1/apps/web/builds?limit=5")
+        said = "unknown query parameter 'limit' (this endpoint takes no query parameter)"
+        assert r.json()["error"] == said
+        r = client.post("/api/v1/apps/web/deploys?dry_run=1", json={"artifact": "main-1"})
+        assert r.status_code == 400 and "'dry_run'" in r.json()["error"], r.text
+        # The page and the plain endpoints are not the API: a cache-buster there is taken.
+        assert client.get("/healthz?_=1").status_code == 200
         r = client.get("/api/v1/apps/web/fleet?x=1&x=2")
         assert r.status_code == 400 and "'x' given more than once" in r.json()["error"]
         # the second of many, each a distinct name but the last

@@ -108,6 +108,7 @@ FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-rea
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LIVE = "/api/v1/apps/{app}/live"  # the server-sent events: no HEAD
+HISTORY_PATH = re.compile(r"/api/v1/apps/[^/]+/deploys")  # the one that takes `limit`
 # Every answer: never framed (no clickjacking of the buttons), types never sniffed.
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
@@ -1000,6 +1001,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                     f"query parameter {ids.shown(name)} given more than once: give it once"
                 )
             given.add(name)
+        path = request.url.path
+        if given and path.startswith("/api/v1/"):
+            # `/deploys?limt=5` answered with the default 20, `/builds?limit=5` with 30, each
+            # as if read: a parameter the endpoint does not take is said, not ignored.
+            reads = request.method in ("GET", "HEAD")
+            takes = {"limit"} if reads and HISTORY_PATH.fullmatch(path) else set()
+            if unknown := sorted(given - takes):
+                return 400, (
+                    f"unknown query parameter {ids.shown(unknown[0])} (this endpoint takes "
+                    + (", ".join(sorted(takes)) or "no query parameter")
+                    + ")"
+                )
         if request.method in SAFE_METHODS:
             return None
         origin = request.headers.get("origin")
@@ -1202,12 +1215,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         "/api/v1/apps/{app}/deploys", summary="Deploy history, newest first", responses=READ_ERRORS
     )
     def get_history(app: AppName, request: Request, limit: Limit = HISTORY_LIMIT) -> dict[str, Any]:
-        if unknown := sorted(set(request.query_params) - {"limit"}):
-            # `?limt=5` would answer with the default 20, as if it had been read.
-            raise ApiError(
-                400,
-                f"unknown query parameter {ids.shown(unknown[0])} (this endpoint takes limit)",
-            )
+        # (a parameter it does not take is refused before: ``refusal``)
         raw = request.query_params.get("limit")
         if raw is not None and not re.fullmatch(r"[0-9]+", raw):
             # Taken as an integer, "5.0" and " 5" passed as 5: a number of deploys is written
