@@ -881,8 +881,10 @@ class Daemon:
         self.metrics.loop_cycles.inc()
         line = "; ".join(p for p in parts if p)
         now = time.monotonic()
-        changed = line != self._last_line
-        if changed or now - self._last_logged > HEARTBEAT_LOG:
+        # A cycle that only dropped bad events says nothing of its own (their `event_dropped`
+        # lines did): it logged `"outcome": ""`, then the line before it again.
+        changed = bool(line) and line != self._last_line
+        if line and (changed or now - self._last_logged > HEARTBEAT_LOG):
             log.info("cycle", outcome=line)
             self._last_line, self._last_logged = line, now
         if now - self._status_written > STATUS_HEARTBEAT:

@@ -106,6 +106,24 @@ class TestStatusFile:
         assert written(daemon)["state"] == "ready"
         assert not daemon._status_held
 
+    def test_a_cycle_that_only_dropped_bad_events_logs_no_empty_line(self, daemon: Daemon) -> None:
+        """The operator review: after bad events, `cycle` lines said `"outcome": ""`, and
+        the line before them again."""
+        from structlog.testing import capture_logs
+
+        from watcher.consul_api import ConsulEvent
+
+        daemon._reconcile = lambda agent: "idle"  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            daemon._cycle()
+            bad = ConsulEvent("e1", "deploy", b"{", 1, "", "", "")
+            daemon.events.put(bad)
+            daemon._cycle(reconcile=False)
+            daemon._cycle()
+        cycles = [e["outcome"] for e in logs if e["event"] == "cycle"]
+        assert cycles == ["web: idle"], cycles
+        assert [e["event_id"] for e in logs if e["event"] == "event_dropped"] == ["e1"]
+
     def test_the_end_of_a_deploy_is_written_at_once(self, daemon: Daemon) -> None:
         agent = in_deploy(daemon, "live")
         # idle again (no deploy, nothing running): nothing to wait for, written now
