@@ -229,6 +229,50 @@ class TestRefusedBeforeConsul:
         r = client.post(DEPLOYS, content=b'{"artifact": "main-1"}', headers={"Content-Type": ctype})
         assert r.status_code == 503, r.text  # taken: Consul is not there
 
+    @pytest.mark.parametrize(
+        ("target", "status"),
+        [
+            (b"http://127.0.0.1:8710/healthz", 200),
+            (b"http://evil.example/api/v1/apps/web/fleet", 401),
+        ],
+    )
+    def test_an_absolute_form_target_is_its_path_and_its_host(
+        self, client: TestClient, target: bytes, status: int
+    ) -> None:
+        """RFC 9112 3.2.2: a server MUST accept `GET http://host/path`; the HTTP parser
+        passes the whole URL on as the path, which was a 404 for `/http://...`. Its
+        authority is the Host (not a local read for another name)."""
+        import asyncio
+
+        sent: list[dict[str, Any]] = []
+        app = client.app
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": target.decode(),
+            "raw_path": target,
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"localhost")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8710),
+            "state": {},
+        }
+        asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+        # 200: routed by its path; 401: the Host header said localhost, the target another
+        # name (a read by that header would be local: a 503, this client's Consul is down)
+        assert sent[0]["status"] == status, sent
+
     def test_a_trailing_slash_is_no_redirect_built_from_host(self, client: TestClient) -> None:
         """Starlette's default answered /fleet/ with a 307 to http://<Host>/fleet (another
         site's name when the Host said so) and a POST was sent again."""

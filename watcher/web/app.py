@@ -11,6 +11,7 @@ import re
 import shlex
 import time
 import typing
+import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -747,6 +748,32 @@ def _body_problem(body: bytes) -> str:
     return ""
 
 
+class AbsoluteForm:
+    """A request target in absolute form (`GET http://127.0.0.1:8710/healthz HTTP/1.1`),
+    which RFC 9112 3.2.2 says a server MUST accept, taken as its path, with the target's
+    authority as its Host (the Host header is then ignored): the server's HTTP parser
+    passes the whole URL on as the path, a 404 for `/http://...`. A browser never sends
+    this form; a proxy or a hand-written client may."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith(("http://", "https://")):
+            target = urllib.parse.urlsplit(path)
+            raw = scope.get("raw_path") or path.encode()
+            raw_target = urllib.parse.urlsplit(raw)
+            headers = [(k, v) for k, v in scope.get("headers") or () if k != b"host"]
+            scope = {
+                **scope,
+                "path": target.path or "/",
+                "raw_path": raw_target.path or b"/",
+                "headers": [*headers, (b"host", target.netloc.encode())],
+            }
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuse a request body over ``limit`` bytes with 413, whether or not it says its length."""
 
@@ -960,6 +987,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.add_middleware(AbsoluteForm)  # outermost: every check after it sees the path
 
     def route_of(scope: Scope) -> Any:
         """The route a request's metric label names when routing set none (a request refused
