@@ -52,6 +52,7 @@ from watcher.errors import (
     DeployRefused,
     FlipError,
     HookError,
+    LockTimeout,
     PayloadError,
     StagingCancelled,
     WatcherError,
@@ -86,7 +87,14 @@ from watcher.records import (
     release_name,
     utcnow,
 )
-from watcher.releases import RELEASE_JSON, AppLayout, Hold, ReleaseEngine, fleet_releases
+from watcher.releases import (
+    RELEASE_JSON,
+    AppLayout,
+    Hold,
+    ReleaseEngine,
+    fleet_releases,
+    is_release_name,
+)
 from watcher.webhook import notifier_for
 
 JOURNAL_NAME = "deploy.json"
@@ -168,6 +176,15 @@ def _hold_shown(hold: Hold | None) -> str:
     return f"{hold.reason or 'held'} (by {hold.by})" if hold else ""
 
 
+def _contested_hold_of(hold: Hold | None, node: str, deploy_id: str) -> bool:
+    """Whether ``hold`` is the one this node's watcher placed for contested ``deploy_id``."""
+    return (
+        hold is not None
+        and _contested_hold(hold, node)
+        and hold.reason.startswith(f"deploy {deploy_id} is contested: ")
+    )
+
+
 def _contested_hold(hold: Hold, node: str) -> bool:
     """Whether ``hold`` is the one this node's watcher placed for a contested deploy
     (``AppAgent._contested``): on this host's disk, in words of its own."""
@@ -177,6 +194,10 @@ def _contested_hold(hold: Hold, node: str) -> bool:
     )
 
 
+# Seconds the loop waits for the app's lock to place a contested deploy's hold it could
+# not place before (a convergence that stages holds the lock for as long as that takes:
+# the next cycle tries again).
+LOOP_LOCK_WAIT = 0.5
 # After prepare_deadline plus this grace, a host that has not acked gives up its session
 # (DESIGN.md 6.4.7), which makes the abort clause fire for everyone.
 PREPARE_GRACE = 10.0
@@ -385,9 +406,6 @@ class AgentStatus:
     coordinating: bool = False
     coordinator_unknown: bool = False
     alarm: str = ""
-    # Why the live release is not served here (its tree removed or emptied by hand; "" when
-    # it is): in the host record, so that `status --fleet` shows it, not only `status`.
-    broken: str = ""
     # Why the last prune (after a deploy, or planned at start) removed no release although
     # some were past `keep_releases` ("" when it could): releases pile up while it is set.
     prune_blocked: str = ""
@@ -447,7 +465,8 @@ class AppAgent:
         # The loop and the worker both write the host record: one at a time, and what the
         # last write said is what _host_state says.
         self._host_lock = threading.Lock()
-        self._broken_of: str | None = None  # the release ``status.broken`` speaks of
+        # (release, why it is not served here) as the last look found; None: served
+        self._broken: tuple[str, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
         # The alarm raised because `current` names a deploy this host does not follow
         # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
@@ -459,7 +478,7 @@ class AppAgent:
         # The contested deploy whose hold this watcher has not placed yet (its write failed,
         # or an operator's hold was there first): placed once it can be, and only the
         # release of a placed hold lifts the alarm. Empty: placed, or no such alarm.
-        self._contested_unplaced = ""
+        self._contested_unplaced: tuple[str, str] | None = None
         # Whether the hold on disk was looked at once after start, for a contested one
         # whose alarm a restart lost (after that, holds.json is read only while a
         # contested alarm waits for its release, not at every idle cycle).
@@ -860,9 +879,14 @@ class AppAgent:
         established = journal.get("established")
         if established == CONTESTED:
             self.status.state = "contested"
-            # Journals of before `held` was written: their hold was placed or was there.
-            placed = journal.get("held", True)
             hold = self.engine.held()
+            # Journals of before `held` was written: their hold was placed or was there. Its
+            # own hold on disk is placed whatever the journal says (that write is deferred
+            # on a full disk, and a second look at the deploy found its own hold "there").
+            placed = journal.get("held", True)
+            if not placed and _contested_hold_of(hold, self.node, deploy_id):
+                placed = True
+                self.journal.update(held=True)  # so its release is taken as one
             if hold is None and placed and self.store.outcome(deploy_id) is not None:
                 # An operator looked and released the hold: this host is done with it.
                 self._count_part(joined, CONTESTED)
@@ -870,18 +894,22 @@ class AppAgent:
                 self._clear_alarm(self.status.alarm, note="hold released")
                 return "contested deploy released by an operator"
             message = alarm_text(f"deploy {deploy_id} is contested: {journal.get('reason', '')}")
-            if hold is None and not placed and self._hold_contested(deploy_id, message):
+            if (
+                hold is None
+                and not placed
+                and self._hold_contested(deploy_id, message, wait=LOOP_LOCK_WAIT)
+            ):
                 # Its write had failed, or an operator's hold was there and is gone now:
                 # the hold of DESIGN.md 6.4.4 is placed now, and its release lifts the alarm.
                 self.journal.update(held=True)
                 placed, hold = True, self.engine.held()
-                self._contested_unplaced = ""
+                self._contested_unplaced = None
             if not self.status.alarm and (hold is not None or not placed):
                 # Restarted while held for it: the hold is on disk, the alarm was in memory
                 # (DESIGN.md 6.4.4 wants both: /health 503, the alarm metric, the record).
                 self._alarm(message)
                 self._contested_alarm = self.status.alarm
-                self._contested_unplaced = "" if placed else deploy_id
+                self._contested_unplaced = None if placed else (deploy_id, message)
             end = self._after_own_part(deploy_id, inflight_index)
             return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:
@@ -1251,20 +1279,27 @@ class AppAgent:
         # now": the hold is placed as soon as it can be (``_lift_released_contested_alarm``)
         # and its release lifts the alarm.
         self._contested_alarm = self.status.alarm
-        self._contested_unplaced = "" if placed else joined.id
+        self._contested_unplaced = None if placed else (joined.id, message)
         # Last: on a full disk this write fails too, after the alarm is up.
         self.journal.update(
             established=CONTESTED, established_at=iso(utcnow()), reason=reason, held=placed
         )
 
-    def _hold_contested(self, deploy_id: str, message: str) -> bool:
+    def _hold_contested(self, deploy_id: str, message: str, *, wait: float | None = None) -> bool:
         """Place the hold of contested deploy ``deploy_id`` unless a hold is there; whether
-        it placed it (a failed write is logged: the alarm says the rest)."""
+        this deploy's hold is there now (placed here, or before: its own, found again when
+        the deploy is looked at again). A failed write is logged: the alarm says the rest.
+        ``wait``: how long to wait for the app's lock (the loop's retries wait little: a
+        convergence that stages holds it)."""
         try:
-            with self.engine.lock(owner=f"contested {deploy_id}"):
-                if self.engine.held() is None:
+            with self.engine.lock(owner=f"contested {deploy_id}", timeout=wait):
+                hold = self.engine.held()
+                if hold is None:
                     self.engine.hold(message, by=f"watcher on {self.node}")
                     return True
+                return _contested_hold_of(hold, self.node, deploy_id)
+        except LockTimeout:
+            self.log.info("hold_deferred", deploy=deploy_id, reason="the app's lock is busy")
         except (WatcherError, OSError) as exc:
             self.log.error("hold_failed", deploy=deploy_id, error=str(exc))
         return False
@@ -1274,7 +1309,7 @@ class AppAgent:
         own step lifts it too, but a host that found the deploy contested after its part
         was done never steps through that deploy again: its alarm stayed (/health 503,
         `status --fleet` exit 1) until the watcher restarted (the attacker review)."""
-        if self._start_hold_seen and not self._contested_alarm:
+        if self._start_hold_seen and not self._contested_alarm and not self._contested_unplaced:
             return
         hold = self.engine.held()
         if not self._start_hold_seen:
@@ -1287,30 +1322,31 @@ class AppAgent:
                 # the hold is on disk, the alarm was in memory (DESIGN.md 6.4.4 wants both).
                 self._alarm(hold.reason)
                 self._contested_alarm = self.status.alarm
-                self._contested_unplaced = ""
+                self._contested_unplaced = None
             elif journal.get("established") == CONTESTED and journal.get("held") is False:
                 # ... and one whose hold it could not place: its journal says so.
                 deploy_id = str(journal.get("deploy"))
                 reason = journal.get("reason", "")
                 self._alarm(alarm_text(f"deploy {deploy_id} is contested: {reason}"))
                 self._contested_alarm = self.status.alarm
-                self._contested_unplaced = deploy_id
-        if self._contested_alarm and self.status.alarm == self._contested_alarm and hold is None:
-            if not self._contested_unplaced:
-                self._clear_alarm(self._contested_alarm, note="hold released")
-            elif self._hold_contested(self._contested_unplaced, self._contested_alarm):
-                # Its hold was never placed (the write failed, or an operator's hold was
-                # there first and is released now): placed now, so that the host stays
-                # where it stands and an operator's `release-hold` is what lifts the alarm
-                # (it stayed until a restart, the previous stop's note).
-                deploy_id, self._contested_unplaced = self._contested_unplaced, ""
+                self._contested_unplaced = (deploy_id, self.status.alarm)
+        if self._contested_unplaced and hold is None:
+            # Its hold was never placed (the write failed, or an operator's hold was there
+            # first and is released now): placed now, so that the host stays where it
+            # stands and an operator's `release-hold` is what lifts the alarm (it stayed
+            # until a restart, the previous stop's note). Also when another alarm took the
+            # slot meanwhile (`current` naming that deploy, not followed): the hold is the
+            # contested deploy's own record on this host.
+            deploy_id, message = self._contested_unplaced
+            if self._hold_contested(deploy_id, message, wait=LOOP_LOCK_WAIT):
+                self._contested_unplaced = None
                 if (self.journal.read() or {}).get("deploy") == deploy_id:
-                    try:  # after a restart the hold on disk says it (``_contested_hold``)
-                        self.journal.update(held=True)
-                    except OSError as exc:
-                        self.log.warning("journal_failed", deploy=deploy_id, error=str(exc))
+                    # (deferred on a full disk; after a restart the hold on disk says it)
+                    self.journal.update(held=True)
+        elif self._contested_alarm and self.status.alarm == self._contested_alarm and hold is None:
+            self._clear_alarm(self._contested_alarm, note="hold released")
         if self.status.alarm != self._contested_alarm:
-            self._contested_alarm = self._contested_unplaced = ""
+            self._contested_alarm = ""
 
     def _lift_not_followed_alarm(self) -> None:
         assert self._not_followed is not None
@@ -2200,8 +2236,10 @@ class AppAgent:
             self._lift_not_followed_alarm()
         local = self.engine.current_release()
         # Before the host record, which says it (a host serving nothing showed as fine in
-        # `status --fleet`, the operator review).
-        live_broken = local is not None and self._live_broken(local)
+        # `status --fleet`, the operator review). A link to what is not a release's name
+        # (`ln -sfn releases/hotfix current` by hand) is not the fleet's release either: the
+        # convergence below replaces it (looking it up raised, at every reconcile).
+        live_broken = local is not None and is_release_name(local) and self._live_broken(local)
         self._write_host(local)
         first_look = self._acks_looked is None
         if current is None and not first_look:
@@ -2347,7 +2385,7 @@ class AppAgent:
         per release). Asked at every idle reconcile: a regular file where its release.json
         belongs is taken as complete at the cost of one ``lstat`` (the full, safe read only
         when it is not)."""
-        self.status.broken, self._broken_of = "", release
+        self._broken = None
         with contextlib.suppress(OSError):
             found = os.lstat(self.engine.layout.release_dir(release) / RELEASE_JSON)
             if stat.S_ISREG(found.st_mode):
@@ -2358,7 +2396,8 @@ class AppAgent:
             self._report_once(
                 f"broken:{release}", "live_release_broken", release=release, problem=problem
             )
-            self.status.broken = f"live release {release} is not complete here: {problem}"
+            # one assignment: the worker's host record reads it without the loop's lock
+            self._broken = (release, f"live release {release} is not complete here: {problem}")
             return True
         self._reported.discard(f"broken:{release}")
         return False
@@ -2578,7 +2617,8 @@ class AppAgent:
     def _broken_for(self, release: str | None) -> str:
         """Why ``release`` is not served here, as the last look found (``_live_broken``);
         "" for another release (a deploy flipped away from the broken one since)."""
-        return self.status.broken if release is not None and release == self._broken_of else ""
+        broken = self._broken
+        return broken[1] if broken is not None and release == broken[0] else ""
 
     def _prefetched_ids(self) -> list[str]:
         """Artifact ids held verified here (cache file or pre-extracted tree), newest first."""

@@ -1127,14 +1127,14 @@ class ReleaseEngine:
                     attempt(f"remove leftover {path}", partial(_remove_or_raise, path, "leftover"))
         if lay.current.is_symlink():
             cur = self.current_release()
-            if cur is None or not _valid_name(cur) or not self.is_complete(cur):
+            if cur is None or not is_release_name(cur) or not self.is_complete(cur):
                 actions.append(self._broken_current(cur))
         elif lay.current.exists():
             actions.append(f"{lay.current} is not a symlink; left alone")
             self.log.error("current_not_a_symlink", path=str(lay.current))
         if lay.current_backup.is_symlink() or lay.current_backup.exists():
             backup = self.backup_release()
-            broken = backup is None or not _valid_name(backup) or not self.is_complete(backup)
+            broken = backup is None or not is_release_name(backup) or not self.is_complete(backup)
             if not deploy_in_flight or broken:
                 attempt(f"remove {lay.current_backup}", self._remove_backup)
         current = self.current_release()
@@ -1174,9 +1174,16 @@ class ReleaseEngine:
         a held host, and any host, to an older release than the fleet's without a look at
         the acks (DESIGN.md 6.4.6), and `status` then called it healthy."""
         self.log.error("current_broken", release=broken)
+        if broken is None or not is_release_name(broken):
+            try:
+                what = f"{str(self.layout.current.readlink())!r}, not a release"
+            except OSError as exc:
+                what = f"nothing it can read ({exc})"
+        else:
+            what = f"incomplete {broken}"
         return (
-            f"current points at incomplete {broken}: left as it is (the watcher stages the "
-            "fleet's release again unless the app is held here)"
+            f"current points at {what}: left as it is (the watcher stages the fleet's "
+            "release again unless the app is held here)"
         )
 
     # -- holds, pins, post_release bookkeeping -------------------------------------------
@@ -1440,7 +1447,8 @@ def _check_cancel(cancel: CancelFn | None, what: str) -> None:
         raise StagingCancelled(f"{what} cancelled")
 
 
-def _valid_name(release: str) -> bool:
+def is_release_name(release: str) -> bool:
+    """Whether ``release`` is a release's name (``check_release``), not raising."""
     try:
         check_release(release)
     except WatcherError:

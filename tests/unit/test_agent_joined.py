@@ -204,7 +204,7 @@ class TestLeftOutAlarm:
             warning=lambda *_a, **_k: None,
         )
         agent._not_followed = None
-        agent._contested_alarm = agent._contested_unplaced = ""
+        agent._contested_alarm, agent._contested_unplaced = "", None
         agent._start_hold_seen = False
         agent.journal = types.SimpleNamespace(read=lambda: None)  # type: ignore[assignment]
         agent.engine.current_release = lambda: "r1"  # type: ignore[attr-defined]
@@ -403,6 +403,64 @@ class TestLeftOutAlarm:
         holds[0] = None  # `release-hold` of the contested deploy's own hold
         assert step() == "contested deploy released by an operator"
         assert agent.status.alarm == "" and cleared == ["web"] and counted == ["contested"]
+
+    def test_a_contested_deploy_looked_at_again_finds_its_own_hold_placed(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: its journal write failed after the hold (a full disk), the next
+        cycle judged the deploy again and found a hold "there": its own, taken as not
+        placed, so `release-hold` placed it again and had to be run twice."""
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, holds, disk = self.contested_without_its_hold(tmp_path, kv)
+        disk[0] = ""
+        joined = types.SimpleNamespace(id="d-9")
+        agent._contested(joined, "host-3 ...")  # type: ignore[arg-type]
+        agent._contested(joined, "host-3 ...")  # type: ignore[arg-type]
+        assert agent._contested_unplaced is None and agent.journal.read()["held"] is True
+        # and a journal that says not placed (its write deferred) next to its own hold
+        agent.journal.read()["held"] = False
+        joined = types.SimpleNamespace(id="d-9", create_index=50, request=None)
+        agent.store.outcome = lambda _deploy: {"result": "contested"}  # type: ignore[attr-defined]
+        agent._after_own_part = lambda *_a: "waiting"  # type: ignore[method-assign]
+        agent._count_part = lambda *_a: None  # type: ignore[method-assign]
+        step = agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
+        assert step.startswith("contested; held")
+        holds[0] = None  # one `release-hold`
+        step = agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
+        assert step == "contested deploy released by an operator" and holds == [None]
+        assert agent.status.alarm == "" and cleared == ["web"]
+
+    def test_a_hold_not_placed_is_placed_after_another_alarm_took_the_slot(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: the not-followed alarm (`current` naming the contested deploy)
+        replaced the contested one, and the hold that could not be written was then never
+        placed: only a restart placed it."""
+        kv = FakeKV(record_first_index=40)
+        agent, _cleared, holds, disk = self.contested_without_its_hold(tmp_path, kv)
+        agent._contested(types.SimpleNamespace(id="d-9"), "host-3 ...")  # type: ignore[arg-type]
+        kv.fail = 100
+        agent._converge(self.current())  # `current` names d-solo: not followed
+        assert agent.status.alarm.startswith("current names deploy d-solo"), agent.status.alarm
+        assert holds == [None]
+        disk[0] = ""
+        agent._converge(self.current())
+        assert holds[0] is not None and holds[0].reason == "deploy d-9 is contested: host-3 ..."
+
+    def test_current_linked_by_hand_to_what_is_no_release_is_converged_not_raised_on(
+        self, tmp_path: Path
+    ) -> None:
+        """The code review: `ln -sfn releases/hotfix current`, and every reconcile raised
+        (InvalidName) on the look for a broken live tree: the host never converged."""
+        from watcher.releases import AppLayout
+
+        kv = FakeKV(record_first_index=40)
+        agent, _cleared, started = self.make(tmp_path, kv)
+        del agent._live_broken  # the real look
+        agent.engine.layout = AppLayout(tmp_path / "web")  # type: ignore[attr-defined]
+        agent.engine.current_release = lambda: "hotfix"  # type: ignore[attr-defined]
+        agent._converge(self.current())
+        assert started == ["converge d-solo"]
 
     def test_a_contested_hold_found_after_a_restart_raises_its_alarm_again(
         self, tmp_path: Path

@@ -699,6 +699,13 @@ class TestRecover:
         assert engine.live_problem() == f"{engine.layout.release_dir(rel(2))} has no {RELEASE_JSON}"
         assert engine.release_names() == [rel(1), rel(2)]  # its tree, for the stage again
 
+    def test_current_pointed_at_what_is_no_release_is_named(self, engine: ReleaseEngine) -> None:
+        engine.layout.current.symlink_to("/srv/by-hand")
+        assert engine.recover() == [
+            "current points at '/srv/by-hand', not a release: left as it is (the watcher "
+            "stages the fleet's release again unless the app is held here)"
+        ]
+
     def test_dangling_current_without_previous_is_reported(self, engine: ReleaseEngine) -> None:
         engine.layout.current.symlink_to(f"releases/{rel(1)}")
         actions = engine.recover()
