@@ -198,7 +198,7 @@ class TestRefusedBeforeConsul:
             ("GET", [("Host", "localhost"), ("Host", "evil.example")]),
             ("POST", [("Origin", "http://testserver"), ("Origin", "http://evil.example")]),
             ("POST", [("Content-Type", "application/json"), ("Content-Type", "text/plain")]),
-            ("GET", [("X-Forwarded-Host", "a"), ("X-Forwarded-Host", "b")]),
+            ("POST", [("X-Forwarded-Host", "a"), ("X-Forwarded-Host", "b")]),
         ],
     )
     def test_a_header_a_check_reads_given_twice_is_a_400(
@@ -218,16 +218,23 @@ class TestRefusedBeforeConsul:
         assert "an encoded slash (%2F) in the path is refused" in r.json()["error"]
 
     def test_a_charset_other_than_utf8_is_a_415(self, client: TestClient) -> None:
-        for charset in ("utf-16", '"latin1"'):
+        utf16 = '{"artifact": "main-1"}'.encode("utf-16")
+        for charset, body in (("utf-16", utf16), ('"latin1"', b'{"artifact": "main-1"}')):
+            ctype = f"application/json; charset={charset}"
+            r = client.post(DEPLOYS, content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 415, r.text  # (the body's own 400 would hide why)
+            assert "a write's body is JSON in UTF-8, got charset" in r.json()["error"], r.text
+        for charset in ("UTF-8", "us-ascii"):  # ASCII is UTF-8
             ctype = f"application/json; charset={charset}"
             r = client.post(
                 DEPLOYS, content=b'{"artifact": "main-1"}', headers={"Content-Type": ctype}
             )
-            assert r.status_code == 415, r.text
-            assert "a write's body is JSON in UTF-8, got charset" in r.json()["error"], r.text
-        ctype = "application/json; charset=UTF-8"
-        r = client.post(DEPLOYS, content=b'{"artifact": "main-1"}', headers={"Content-Type": ctype})
-        assert r.status_code == 503, r.text  # taken: Consul is not there
+            assert r.status_code == 503, r.text  # taken: Consul is not there
+            assert r.headers["Retry-After"] == "5"  # a write's 503 says when too
+        # A proxy that adds its own X-Forwarded-Host to a read: only writes read it (a
+        # forwarded read needs a token: the 401, not the 400 of a header given twice).
+        xfh = [("X-Forwarded-Host", "a"), ("X-Forwarded-Host", "b")]
+        assert client.get(FLEET, headers=xfh).status_code == 401
 
     @pytest.mark.parametrize(
         ("target", "status"),
@@ -589,6 +596,9 @@ class TestTheDescriptionTellsTheTruth:
         assert r.status_code == 400 and "'dry_run'" in r.json()["error"], r.text
         # The page and the plain endpoints are not the API: a cache-buster there is taken.
         assert client.get("/healthz?_=1").status_code == 200
+        # A path no route has is its 404, naming the path (not "this endpoint takes").
+        r = client.get("/api/v1/apps/web/deploys/?limit=5")
+        assert r.status_code == 404 and "without the trailing slash" in r.json()["error"], r.text
         r = client.get("/api/v1/apps/web/fleet?x=1&x=2")
         assert r.status_code == 400 and "'x' given more than once" in r.json()["error"]
         # the second of many, each a distinct name but the last

@@ -530,7 +530,11 @@ class WebState:
             )
         acls = self.probe_acls()
         if acls is None:
-            raise ApiError(503, f"Consul at {self.settings.base_url} is unreachable")
+            raise ApiError(
+                503,
+                f"Consul at {self.settings.base_url} is unreachable",
+                retry_after=CONSUL_RETRY_AFTER,
+            )
         if not acls:
             if not local:
                 raise ApiError(
@@ -708,6 +712,10 @@ def _given(value: object) -> str:
 ONCE_HEADERS = ("host", "origin", "content-type", "x-forwarded-host")
 
 
+# A Content-Type's charset that the body, read as UTF-8, agrees with (ASCII is UTF-8).
+UTF8_CHARSETS = (None, "utf-8", "utf8", "us-ascii", "ascii")
+
+
 def _charset(params: str) -> str | None:
     """The charset a Content-Type's parameters name, lower case (None: none named)."""
     for param in params.split(";"):
@@ -814,12 +822,13 @@ class BodyLimit:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         body = b"".join(chunks)
-        ctype = headers.get(b"content-type", b"application/json").partition(b";")[0]
+        media, _, params = headers.get(b"content-type", b"application/json").partition(b";")
         wrong = (
             _body_problem(body)
-            # (a body of another type is refused as such, 415, by the guard)
+            # (a body of another type or charset is refused as such, 415, by the guard)
             if scope.get("method") in ("POST", "PUT", "PATCH")
-            and ctype.strip().lower() == b"application/json"
+            and media.strip().lower() == b"application/json"
+            and _charset(params.decode("latin-1")) in UTF8_CHARSETS
             else ""
         )
         if wrong:
@@ -1008,6 +1017,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         if len(request.scope.get("query_string") or b"") > MAX_QUERY:
             return 414, f"a query string over {MAX_QUERY} bytes is refused (the API takes `limit`)"
         for name in ONCE_HEADERS:
+            if name == "x-forwarded-host" and request.method in SAFE_METHODS:
+                continue  # read for writes only: a proxy that adds its own is no matter then
             if len(request.headers.getlist(name)) > 1:
                 # RFC 9112 3.2 (Host); for the others, which one a check read and which one
                 # acted is a guess (the first Host decided "local", the first Origin passed).
@@ -1030,7 +1041,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 )
             given.add(name)
         path = request.url.path
-        if given and path.startswith("/api/v1/"):
+        if given and path.startswith("/api/v1/") and allowed_methods(path):
+            # (a path no route has is its 404 to say, naming the path)
             # `/deploys?limt=5` answered with the default 20, `/builds?limit=5` with 30, each
             # as if read: a parameter the endpoint does not take is said, not ignored.
             reads = request.method in ("GET", "HEAD")
@@ -1057,7 +1069,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             if media.strip().lower() != "application/json":
                 return 415, f"a write's body must be application/json, got {ids.shown(ctype)}"
             charset = _charset(params)
-            if charset not in (None, "utf-8", "utf8"):
+            if charset not in UTF8_CHARSETS:
                 # The body is read as UTF-8 whatever this says (RFC 8259): say so, not guess.
                 return 415, (
                     f"a write's body is JSON in UTF-8, got charset {ids.shown(charset)} "
@@ -1489,6 +1501,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 current_index=current_index,
             )
             warning = "; ".join(w for w in (note, warning) if w)
+        except ConsulError:
+            raise  # Consul failing is no refusal (docs/metrics.md)
         except Exception:
             state.writes.labels(app=store.app, action=action, result="refused").inc()
             raise
