@@ -476,8 +476,8 @@ class AppAgent:
         # operator released the hold (``_lift_released_contested_alarm``).
         self._contested_alarm = ""
         # The contested deploy whose hold this watcher has not placed yet (its write failed,
-        # or an operator's hold was there first): placed once it can be, and only the
-        # release of a placed hold lifts the alarm. Empty: placed, or no such alarm.
+        # or an operator's hold was there first), and the hold's reason: placed once it can
+        # be, and only the release of a placed hold lifts the alarm. None: placed, or none.
         self._contested_unplaced: tuple[str, str] | None = None
         # Whether the hold on disk was looked at once after start, for a contested one
         # whose alarm a restart lost (after that, holds.json is read only while a
