@@ -1493,19 +1493,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         *,
         current_index: int | None = None,
     ) -> dict[str, Any]:
-        try:
+        with refusals_counted(store.app, action):  # (Consul failing is no refusal)
             warning = start_deploy(
                 store,
                 record,
                 history_keep=config.daemon.history_keep,
                 current_index=current_index,
             )
-            warning = "; ".join(w for w in (note, warning) if w)
-        except ConsulError:
-            raise  # Consul failing is no refusal (docs/metrics.md)
-        except Exception:
-            state.writes.labels(app=store.app, action=action, result="refused").inc()
-            raise
+        warning = "; ".join(w for w in (note, warning) if w)
         state.writes.labels(app=store.app, action=action, result="started").inc()
         log.info(
             "web_deploy_started",
