@@ -93,7 +93,6 @@ from watcher.releases import (
     Hold,
     ReleaseEngine,
     fleet_releases,
-    is_release_name,
 )
 from watcher.webhook import notifier_for
 
@@ -885,7 +884,7 @@ class AppAgent:
             # on a full disk, and a second look at the deploy found its own hold "there").
             placed = journal.get("held", True)
             if not placed and _contested_hold_of(hold, self.node, deploy_id):
-                placed = True
+                placed, self._contested_unplaced = True, None
                 self.journal.update(held=True)  # so its release is taken as one
             if hold is None and placed and self.store.outcome(deploy_id) is not None:
                 # An operator looked and released the hold: this host is done with it.
@@ -1272,7 +1271,9 @@ class AppAgent:
     def _contested(self, joined: Joined, reason: str) -> None:
         """Stop where it stands: no flip, no post_abort, no tree removed; hold and alarm."""
         message = alarm_text(f"deploy {joined.id} is contested: {reason}")
-        placed = self._hold_contested(joined.id, message)
+        # (the loop's thread: a lock held by a prune after this host's part is waited for
+        # briefly, and the next cycle places the hold if it is not placed now)
+        placed = self._hold_contested(joined.id, message, wait=LOOP_LOCK_WAIT)
         self._alarm(message)
         # Lifted with the hold it placed. With none placed (its write failed, or another
         # hold was there, whose release says nothing of this deploy), never by "no hold
@@ -1330,7 +1331,13 @@ class AppAgent:
                 self._alarm(alarm_text(f"deploy {deploy_id} is contested: {reason}"))
                 self._contested_alarm = self.status.alarm
                 self._contested_unplaced = (deploy_id, self.status.alarm)
-        if self._contested_unplaced and hold is None:
+        if self._contested_unplaced and _contested_hold_of(
+            hold, self.node, self._contested_unplaced[0]
+        ):
+            # Its own hold is on disk after all (its write raised after the rename, say):
+            # placed, so that one release of it is enough.
+            self._contested_unplaced = None
+        elif self._contested_unplaced and hold is None:
             # Its hold was never placed (the write failed, or an operator's hold was there
             # first and is released now): placed now, so that the host stays where it
             # stands and an operator's `release-hold` is what lifts the alarm (it stayed
@@ -1352,6 +1359,12 @@ class AppAgent:
         assert self._not_followed is not None
         if self.status.alarm == self._not_followed[1]:  # not a contested deploy's since
             self._clear_alarm(self._not_followed[1])
+            hold = self.engine.held()
+            if hold is not None and _contested_hold(hold, self.node):
+                # Held for a contested deploy whose alarm this one took the slot of (the
+                # hold placed meanwhile, say): its alarm again, as DESIGN.md 6.4.4 wants both.
+                self._alarm(hold.reason)
+                self._contested_alarm = self.status.alarm
         self._not_followed = None
 
     def _clear_alarm(self, reason: str, **note: str) -> None:
@@ -2236,10 +2249,10 @@ class AppAgent:
             self._lift_not_followed_alarm()
         local = self.engine.current_release()
         # Before the host record, which says it (a host serving nothing showed as fine in
-        # `status --fleet`, the operator review). A link to what is not a release's name
-        # (`ln -sfn releases/hotfix current` by hand) is not the fleet's release either: the
-        # convergence below replaces it (looking it up raised, at every reconcile).
-        live_broken = local is not None and is_release_name(local) and self._live_broken(local)
+        # `status --fleet`, the operator review). (A link made by hand to what is no
+        # release, `releases/hotfix`, is no release here: None, which the convergence below
+        # replaces.)
+        live_broken = local is not None and self._live_broken(local)
         self._write_host(local)
         first_look = self._acks_looked is None
         if current is None and not first_look:

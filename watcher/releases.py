@@ -431,7 +431,7 @@ class ReleaseEngine:
             name = self.layout.previous_file.read_text().strip()
         except FileNotFoundError:
             return None
-        return name or None
+        return name if name and is_release_name(name) else None
 
     def release_names(self) -> list[str]:
         """Names of every directory under ``releases/`` (complete or not), sorted."""
@@ -1547,12 +1547,15 @@ def _file_kind(mode: int) -> str:
 
 
 def _link_release(link: Path) -> str | None:
+    """The release ``link`` points at; None for none, or for what is no release's name (a
+    link made by hand, `releases/hotfix`: a name the hooks' context, `previous` and the
+    release paths would refuse, so a convergence or a deploy failed on it, for good)."""
     try:
         target = str(link.readlink())
     except OSError:
         return None
     parts = Path(os.path.normpath(target)).parts
-    if len(parts) >= 2 and parts[-2] == "releases":
+    if len(parts) >= 2 and parts[-2] == "releases" and is_release_name(parts[-1]):
         return parts[-1]
     return None
 

@@ -446,19 +446,49 @@ class TestLeftOutAlarm:
         disk[0] = ""
         agent._converge(self.current())
         assert holds[0] is not None and holds[0].reason == "deploy d-9 is contested: host-3 ..."
+        # `current` moves on: the not-followed alarm goes, and the contested deploy's comes
+        # back with its hold (the second code review: held, and no alarm said why).
+        trusted = types.SimpleNamespace(id="d-next", create_index=60, request=None)
+        agent.store.committed_or_why = lambda deploy, **_k: (trusted, "")  # type: ignore[attr-defined]
+        agent._converge((types.SimpleNamespace(deploy="d-next", release="r3"), 0))
+        assert agent.status.alarm == "deploy d-9 is contested: host-3 ..."
+
+    def test_a_hold_written_though_its_write_raised_is_released_once(self, tmp_path: Path) -> None:
+        """The second code review: the hold renamed into place, then its write raised (the
+        directory's fsync): taken as not placed, so its release placed it again."""
+        from watcher.releases import Hold
+
+        kv = FakeKV(record_first_index=40)
+        agent, cleared, holds, _disk = self.contested_without_its_hold(tmp_path, kv)
+
+        def hold_then_raise(reason: str, by: str) -> Hold:
+            holds[0] = Hold(reason=reason, by=by, at="")
+            raise OSError("EIO on fsync")
+
+        agent.engine.hold = hold_then_raise  # type: ignore[attr-defined]
+        agent._contested(types.SimpleNamespace(id="d-9"), "host-3 ...")  # type: ignore[arg-type]
+        assert agent._contested_unplaced is not None and holds[0] is not None
+        agent._converge((None, 0))
+        assert agent._contested_unplaced is None
+        holds[0] = None  # one `release-hold`
+        agent._converge((None, 0))
+        assert holds == [None] and agent.status.alarm == "" and cleared == ["web"]
 
     def test_current_linked_by_hand_to_what_is_no_release_is_converged_not_raised_on(
         self, tmp_path: Path
     ) -> None:
         """The code review: `ln -sfn releases/hotfix current`, and every reconcile raised
         (InvalidName) on the look for a broken live tree: the host never converged."""
-        from watcher.releases import AppLayout
+        from watcher.releases import AppLayout, _link_release
 
         kv = FakeKV(record_first_index=40)
         agent, _cleared, started = self.make(tmp_path, kv)
         del agent._live_broken  # the real look
-        agent.engine.layout = AppLayout(tmp_path / "web")  # type: ignore[attr-defined]
-        agent.engine.current_release = lambda: "hotfix"  # type: ignore[attr-defined]
+        layout = AppLayout(tmp_path / "web")
+        layout.app_dir.mkdir()
+        layout.current.symlink_to("releases/hotfix")
+        agent.engine.layout = layout  # type: ignore[attr-defined]
+        agent.engine.current_release = lambda: _link_release(layout.current)  # type: ignore[attr-defined]
         agent._converge(self.current())
         assert started == ["converge d-solo"]
 

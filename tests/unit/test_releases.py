@@ -706,6 +706,15 @@ class TestRecover:
             "stages the fleet's release again unless the app is held here)"
         ]
 
+    def test_a_link_made_by_hand_to_no_release_names_none(self, engine: ReleaseEngine) -> None:
+        """The second code review: `releases/hotfix` was taken as a release's name, and the
+        hooks' context (`previous_release_dir`), a flip's `previous` and every release path
+        then refused it: a convergence or a deploy failed on it at every try."""
+        engine.layout.current.symlink_to("releases/hotfix")
+        engine.layout.previous_file.write_text("hotfix\n")
+        assert engine.current_release() is None and engine.previous_release() is None
+        assert engine.recover()[0].startswith("current points at 'releases/hotfix', not a release")
+
     def test_dangling_current_without_previous_is_reported(self, engine: ReleaseEngine) -> None:
         engine.layout.current.symlink_to(f"releases/{rel(1)}")
         actions = engine.recover()
