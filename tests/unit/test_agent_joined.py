@@ -8,6 +8,7 @@ import contextlib
 import json
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,16 @@ class TestLeftOutAlarm:
         again._converge(self.current())
         assert again.engine.held().reason == again.status.alarm  # type: ignore[attr-defined]
 
+    @staticmethod
+    def stepping(agent: AppAgent, joined: Any) -> tuple[Callable[[], str], list[str]]:
+        """A step of contested deploy ``joined`` (its outcome written, this host's part
+        done), and the parts it counts."""
+        agent.store.outcome = lambda _deploy: {"result": "contested"}  # type: ignore[attr-defined]
+        agent._after_own_part = lambda *_a: "waiting"  # type: ignore[method-assign]
+        counted: list[str] = []
+        agent._count_part = lambda _joined, part: counted.append(part)  # type: ignore[method-assign]
+        return lambda: agent._drive(joined, agent.journal.read(), None, 0), counted
+
     def test_a_contested_deploy_still_stepped_places_its_hold_once_it_can(
         self, tmp_path: Path
     ) -> None:
@@ -384,14 +395,7 @@ class TestLeftOutAlarm:
         joined = types.SimpleNamespace(id="d-10", create_index=50, request=None)
         agent._contested(joined, "host-3 ...")  # type: ignore[arg-type]
         alarm = "deploy d-10 is contested: host-3 ..."
-        agent.store.outcome = lambda _deploy: {"result": "contested"}  # type: ignore[attr-defined]
-        agent._after_own_part = lambda *_a: "waiting"  # type: ignore[method-assign]
-        counted: list[str] = []
-        agent._count_part = lambda _joined, part: counted.append(part)  # type: ignore[method-assign]
-
-        def step() -> str:
-            return agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
-
+        step, counted = self.stepping(agent, joined)
         assert step() == "contested; held, waiting for an operator (waiting)"
         holds[0] = None  # the operator releases theirs
         disk[0] = "no space left on device"
@@ -419,15 +423,10 @@ class TestLeftOutAlarm:
         assert agent._contested_unplaced is None and agent.journal.read()["held"] is True
         # and a journal that says not placed (its write deferred) next to its own hold
         agent.journal.read()["held"] = False
-        joined = types.SimpleNamespace(id="d-9", create_index=50, request=None)
-        agent.store.outcome = lambda _deploy: {"result": "contested"}  # type: ignore[attr-defined]
-        agent._after_own_part = lambda *_a: "waiting"  # type: ignore[method-assign]
-        agent._count_part = lambda *_a: None  # type: ignore[method-assign]
-        step = agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
-        assert step.startswith("contested; held")
+        step, _counted = self.stepping(agent, types.SimpleNamespace(id="d-9", create_index=50))
+        assert step().startswith("contested; held")
         holds[0] = None  # one `release-hold`
-        step = agent._drive(joined, agent.journal.read(), None, 0)  # type: ignore[arg-type]
-        assert step == "contested deploy released by an operator" and holds == [None]
+        assert step() == "contested deploy released by an operator" and holds == [None]
         assert agent.status.alarm == "" and cleared == ["web"]
 
     def test_a_hold_not_placed_is_placed_after_another_alarm_took_the_slot(
