@@ -738,11 +738,9 @@ def _publish(
                     wrote or (writing and isinstance(exc, PublishInterrupted))
                 ):
                     previous = None if stale is None else stale.value
-                    # No bucket, or S3 failed the first look: nothing was uploaded, so no
-                    # object can remain.
-                    nothing_sent = isinstance(exc, S3NotFound) or bool(
-                        getattr(exc, "nothing_sent", False)
-                    )
+                    # S3 failed the first look, or there is no bucket: nothing was uploaded,
+                    # so no object can remain (``_ensure_uploaded`` marks such an error).
+                    nothing_sent = bool(getattr(exc, "nothing_sent", False))
                     done = _withdraw_despite_signals(
                         consul, kv_key, record, previous, written, log, nothing_sent
                     )
@@ -1128,9 +1126,14 @@ def _ensure_uploaded(
         return
     else:
         # If-None-Match: * never overwrites an object, whoever uploaded it meanwhile.
-        created = store.create_file(
-            tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
-        )
+        try:
+            created = store.create_file(
+                tarball, s3_key, sha256=sha256, progress=_progress_of(progress, size)
+            )
+        except S3NotFound as exc:
+            # No bucket (a HEAD cannot tell one from a missing object): nothing was stored.
+            exc.nothing_sent = True  # type: ignore[attr-defined]
+            raise
     head = store.head(s3_key)
     if not created and head is not None and head.get("sha256") not in (sha256, "", None):
         # Another publish of other bytes put its object there first (If-None-Match kept
