@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.harness import RoundFailed, cpu_seconds, flip_times, thread_cpu_ns
 from tests.support.cluster import Agent, ConsulCluster
+from tests.support.procs import die_with_parent
 from tests.support.fleet import (
     Fleet,
     WatcherProc,
@@ -259,6 +260,7 @@ class NaivePeers:
                         stderr=subprocess.STDOUT,
                         env=env,
                         start_new_session=True,
+                        preexec_fn=die_with_parent,
                     )
                 )
         time.sleep(1.0)  # each watch made its first (non-blocking) query and now blocks

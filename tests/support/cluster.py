@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import die_with_parent
 from watcher.config import ConsulSettings
 
 DATACENTER = "dc1"
@@ -168,13 +168,6 @@ def _json(agent: Agent, path: str) -> Any:
     if status != 200:
         return None
     return json.loads(body)
-
-
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
-    """Have the kernel SIGKILL the agent when the test process dies, however it dies."""
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _kill_everything() -> None:
@@ -428,7 +421,7 @@ class ConsulCluster:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig,
+                preexec_fn=die_with_parent,
             )
         with _LIVE_LOCK:
             _LIVE.add(agent.proc)

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Agent, ConsulCluster
+from tests.support.procs import die_with_parent
 from tests.support.s3server import s3_client
 from watcher.config import ConsulSettings, S3Settings
 from watcher.consul_api import ConsulClient
@@ -122,6 +123,7 @@ class WatcherProc:
                 stderr=subprocess.STDOUT,
                 env=self.env(),
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def running(self) -> bool:

@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from tests.support.procs import die_with_parent
+
 NGINX = "/usr/sbin/nginx"
 
 
@@ -62,6 +64,7 @@ class Nginx:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import die_with_parent
+
 START_TIMEOUT = 30.0
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
@@ -96,6 +98,7 @@ class S3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         _LIVE.add(self.proc)
         deadline = time.monotonic() + START_TIMEOUT

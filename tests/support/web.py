@@ -13,6 +13,7 @@ import httpx
 import yaml
 
 from tests.support.fleet import BIN, Fleet
+from tests.support.procs import die_with_parent
 from tests.support.s3server import free_port
 
 
@@ -50,6 +51,7 @@ class WebServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         end = time.monotonic() + timeout
         while time.monotonic() < end:

@@ -1,0 +1,21 @@
+"""What every long-lived process the tests, the demo and the bench start shares."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+
+__all__ = ["die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """``preexec_fn``: have the kernel SIGKILL the child when the process that started it
+    dies, however it dies (a SIGKILLed `make demo` or pytest leaves no watcher, agent or S3
+    server behind). The children run in their own sessions, so a signal to the parent's
+    process group does not reach them; this does. The kernel sends it when the *thread*
+    that forked the child exits: start them from a thread that outlives them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
