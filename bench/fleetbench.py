@@ -25,7 +25,6 @@ from pathlib import Path
 
 from bench.harness import RoundFailed, cpu_seconds, flip_times, thread_cpu_ns
 from tests.support.cluster import Agent, ConsulCluster
-from tests.support.procs import die_with_parent
 from tests.support.fleet import (
     Fleet,
     WatcherProc,
@@ -34,6 +33,7 @@ from tests.support.fleet import (
     metrics_text,
     wait_for,
 )
+from tests.support.procs import die_with_parent
 from watcher.records import ArtifactRecord, parse_iso
 
 NAIVE_EVENT = "bench-naive-deploy"  # not a name the watchers act on
