@@ -355,9 +355,12 @@ class ArtifactCache:
                     )
                     if isinstance(exc, _Restart):  # pragma: no cover - only inherited once
                         raise
-                    raise type(exc)(
-                        f"{reason} (on a fresh download; the first attempt failed too: {first})"
-                    ) from exc
+                    again = (
+                        "the same on a fresh download"
+                        if reason == first
+                        else f"on a fresh download; the first attempt failed too: {first}"
+                    )
+                    raise type(exc)(f"{reason} ({again})") from exc
                 first = reason
                 log.warning(
                     "artifact_fetch_retry_fresh",
@@ -532,7 +535,8 @@ class ArtifactCache:
                 close()
             raise ArtifactIntegrityError(
                 f"artifact {record.id} from {record.url}: size mismatch: expected "
-                f"{record.size} bytes, the object has {total}; partial removed"
+                f"{record.size} bytes, the object has {total}"
+                + ("; partial removed" if have else "; nothing downloaded")
             )
         os.lseek(fd, have, os.SEEK_SET)
         try:

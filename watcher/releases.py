@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -145,7 +146,10 @@ class Refusal:
     ``kind`` is ``"archive"`` (the extractor refused its content: remembered while the
     app's archive limits and the extractor's rules, ``archive.RULES``, stay the same) or
     ``"integrity"`` (size or sha256 did not match twice: remembered for
-    ``INTEGRITY_REFUSAL_TTL``).
+    ``INTEGRITY_REFUSAL_TTL``, and only for a record naming the same ``source``, the url
+    and size that served other bytes: a record of any id may claim any sha256, and one
+    that claims a good build's with another size or url must not make hosts refuse that
+    build).
     """
 
     sha256: str
@@ -154,6 +158,7 @@ class Refusal:
     reason: str
     at: str
     limits: str = ""
+    source: str = ""
 
     def error(self, record: ArtifactRecord, memory: Path) -> WatcherError:
         """The error a new attempt at the same sha256 gets at once: the original reason,
@@ -656,12 +661,17 @@ class ReleaseEngine:
 
     # -- refused artifacts ---------------------------------------------------------------
 
-    def refusal(self, sha256: str, fmt: str = "tar.gz") -> Refusal | None:
+    def refusal(
+        self, sha256: str, fmt: str = "tar.gz", *, source: str | None = None
+    ) -> Refusal | None:
         """The remembered refusal of this sha256 read as ``fmt``, if it still holds (see
-        ``Refusal``)."""
+        ``Refusal``); an integrity refusal only for the same ``source`` (``_source``), when
+        one is given."""
         entry = self._read_refusals().get(sha256)
         if entry is None:
             return None
+        if entry.kind == "integrity" and source is not None and entry.source != source:
+            return None  # another url or size than the one that served other bytes
         if entry.kind == "archive" and entry.limits != self._limits_key(fmt):
             # The limits or the rules (archive.RULES: this version accepts what an older
             # one refused) changed since, or the same bytes are now read as another format
@@ -676,7 +686,7 @@ class ReleaseEngine:
 
     def check_not_refused(self, record: ArtifactRecord) -> None:
         """Raise the original refusal of ``record.sha256`` when this host remembers one."""
-        entry = self.refusal(record.sha256, record.format)
+        entry = self.refusal(record.sha256, record.format, source=_source(record))
         if entry is not None:
             self.log.warning(
                 "artifact_refused_again",
@@ -705,6 +715,7 @@ class ReleaseEngine:
             reason=reason,
             at=iso(self.clock()),
             limits=self._limits_key(record.format) if kind == "archive" else "",
+            source=_source(record) if kind == "integrity" else "",
         )
         try:
             with _REFUSED_LOCK:
@@ -742,6 +753,7 @@ class ReleaseEngine:
                 entry = Refusal(
                     **{k: str(item[k]) for k in ("sha256", "artifact", "kind", "reason", "at")},
                     limits=str(item.get("limits", "")),
+                    source=str(item.get("source", "")),
                 )
             except KeyError:
                 continue
@@ -970,6 +982,19 @@ class ReleaseEngine:
                 progress=progress,
             )
         except ArchiveRefused as exc:
+            got = _sha256_of(Path(archive_path))
+            if got != record.sha256:
+                # Not the bytes that were verified: the copy changed on this host's disk
+                # since (a bad sector, a hand edit). Remembering a refusal of the artifact
+                # from it would refuse its good bytes for good; the next try downloads it.
+                cached = self.cache is not None and archive_path == self.cache.path_for(record)
+                self._drop_cached(record, Path(archive_path))
+                raise StagingError(
+                    f"artifact {record.id}: {archive_path} no longer holds the bytes verified "
+                    f"as sha256 {record.sha256[:12]} ({_sha_shown(got)}): it changed on this "
+                    f"host's disk ({exc}); not remembered as refused"
+                    + (", the copy removed: the next try downloads it again" if cached else "")
+                ) from exc
             if self._remember_refusal(record, "archive", str(exc)):
                 # Not when the memory could not be saved: every later try would download
                 # the whole artifact again to refuse it again.
@@ -1454,6 +1479,27 @@ def is_release_name(release: str) -> bool:
     except WatcherError:
         return False
     return True
+
+
+def _source(record: ArtifactRecord) -> str:
+    """Where an artifact's bytes come from, as an integrity refusal remembers it."""
+    return f"{record.url} size={record.size}"
+
+
+def _sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes; "" when it cannot be read."""
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                hasher.update(chunk)
+    except OSError:
+        return ""
+    return hasher.hexdigest()
+
+
+def _sha_shown(sha256: str) -> str:
+    return f"now sha256 {sha256[:12]}" if sha256 else "now unreadable"
 
 
 def _read_json(path: Path) -> Any:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from watcher.errors import (
     S3NotFound,
     S3Unavailable,
     StagingCancelled,
+    StagingError,
 )
 from watcher.records import ArtifactRecord
 from watcher.releases import ReleaseEngine
@@ -52,6 +55,20 @@ def publish(
     store.upload_file(src, key, sha256=sha)
     record = ArtifactRecord(id=artifact_id, url=store.url_for(key), sha256=sha, size=size)
     return record, data
+
+
+def publish_tarball(store: S3Store, tmp_path: Path) -> ArtifactRecord:
+    """A real release archive (``index.html``) in the S3 server, and its record."""
+    src = tmp_path / "build.tar.gz"
+    with tarfile.open(src, "w:gz") as tf:
+        info = tarfile.TarInfo("index.html")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"v1\n"))
+    data = src.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    key = store.key_for("web", "master-15eb13af", "tar.gz")
+    store.upload_file(src, key, sha256=sha)
+    return ArtifactRecord(id="master-15eb13af", url=store.url_for(key), sha256=sha, size=len(data))
 
 
 def dir_listing(cache: ArtifactCache) -> list[str]:
@@ -474,7 +491,7 @@ class TestTransientCorruption:
         retry = [e for e in logs if e["event"] == "artifact_fetch_retry_fresh"]
         assert len(retry) == 1 and "access denied" in retry[0]["error"]
 
-    def test_corrupt_twice_fails_and_names_both_attempts(
+    def test_corrupt_twice_fails_and_says_the_fresh_download_failed_alike(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
     ) -> None:
         record, _ = publish(make_store(s3_settings), tmp_path)
@@ -483,8 +500,8 @@ class TestTransientCorruption:
         with capture_logs() as logs, pytest.raises(ArtifactIntegrityError) as caught:
             cache.fetch(record)
         message = str(caught.value)
-        assert message.count("sha256 mismatch") == 2
-        assert "on a fresh download; the first attempt failed too" in message
+        assert message.count("sha256 mismatch") == 1  # the same reason, not said twice
+        assert message.endswith("(the same on a fresh download)")
         assert [r.fault for r in proxy.requests if r.method == "GET"] == ["corrupt", "corrupt"]
         assert [e["event"] for e in logs if e["event"].startswith("artifact_fetch")] == [
             "artifact_fetch_retry_fresh",
@@ -498,7 +515,7 @@ class TestTransientCorruption:
         record, _ = publish(make_store(s3_settings), tmp_path)
         proxy.fail(403, times=None)
         cache = proxied_cache(s3_settings, proxy, tmp_path / "app")
-        with pytest.raises(S3AccessDenied, match="the first attempt failed too"):
+        with pytest.raises(S3AccessDenied, match=r"\(the same on a fresh download\)$"):
             cache.fetch(record)
         assert len([r for r in proxy.requests if r.method == "GET"]) == 2
         assert dir_listing(cache) == []
@@ -520,7 +537,7 @@ class TestEngineOverS3:
         proxy.corrupt(times=None)
         cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
         engine = self.engine(cache, tmp_path)
-        with pytest.raises(ArtifactIntegrityError, match="first attempt failed too"):
+        with pytest.raises(ArtifactIntegrityError, match="the same on a fresh download"):
             engine.prefetch(record)
         asked = len(proxy.requests)
         assert asked == 2
@@ -567,6 +584,51 @@ class TestEngineOverS3:
         with pytest.raises(ArchiveRefused, match="gzip"):
             engine.prefetch(record)
         assert len(proxy.requests) == asked  # judged again from the copy, not downloaded
+
+    def test_a_bad_record_claiming_a_good_builds_sha256_does_not_get_it_refused(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        """A record of any id may claim any sha256 (a CI token writes artifacts/): one that
+        names a good build's bytes with another size is refused, and remembered, for its
+        own url and size only; the good build still stages on every host."""
+        good = publish_tarball(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        engine.fetch(good)  # verified in the cache, not pre-extracted
+        bad = dataclasses.replace(good, id="evil-00000001", size=good.size + 1)
+        with pytest.raises(ArtifactIntegrityError, match="size"):
+            engine.fetch(bad)
+        asked = len(proxy.requests)
+        with pytest.raises(ArtifactIntegrityError, match="was refused on this host"):
+            engine.fetch(bad)  # its own refusal still holds, without a request
+        assert len(proxy.requests) == asked
+
+        release = "20261201T120000Z-master-15eb13af"
+        engine.stage(good, release, "d1")
+
+        assert (engine.layout.releases_dir / release / "index.html").read_bytes() == b"v1\n"
+
+    def test_a_cached_copy_changed_on_disk_is_downloaded_again_not_refused(
+        self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
+    ) -> None:
+        """The cache's copy damaged after its verification (same size, other bytes): the
+        extractor's refusal is of those bytes, not of the artifact, so nothing is
+        remembered, the copy goes, and the next try downloads and stages it."""
+        good = publish_tarball(make_store(s3_settings), tmp_path)
+        cache = proxied_cache(s3_settings, proxy, tmp_path / "web")
+        engine = self.engine(cache, tmp_path)
+        copy = engine.fetch(good)
+        copy.write_bytes(b"x" * good.size)
+        release = "20261201T120000Z-master-15eb13af"
+
+        with pytest.raises(StagingError, match="changed on this host's disk") as caught:
+            engine.stage(good, release, "d1")
+
+        assert "the copy removed: the next try downloads it again" in str(caught.value)
+        assert engine.refusal(good.sha256) is None
+        assert dir_listing(cache) == []
+        engine.stage(good, release, "d1")
+        assert (engine.layout.releases_dir / release / "index.html").read_bytes() == b"v1\n"
 
     def test_cancelled_download_stops_and_resumes_later(
         self, s3_settings: S3Settings, proxy: FaultyS3Proxy, tmp_path: Path
