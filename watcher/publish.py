@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -259,6 +260,8 @@ class _Entry:
     size: int = 0
     mode: int = 0o644
     target: str = ""
+    #: A file's identity and mtime when it was selected: what it must still be when packed.
+    stamp: tuple[int, int, int] = (0, 0, 0)
 
 
 def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_Entry]:
@@ -316,7 +319,14 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
                 entry = _Entry(rel, "symlink", Path(child.path), mode=0o777, target=target)
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                entry = _Entry(rel, "file", Path(child.path), size=st.st_size, mode=mode)
+                entry = _Entry(
+                    rel,
+                    "file",
+                    Path(child.path),
+                    size=st.st_size,
+                    mode=mode,
+                    stamp=(st.st_dev, st.st_ino, st.st_mtime_ns),
+                )
             else:
                 raise ArtifactRefused(
                     f"refusing to publish {src}: {rel} is not a regular file, directory or "
@@ -486,10 +496,44 @@ def _add(tar: tarfile.TarFile, entry: _Entry, mtime: int) -> None:
         info.type = tarfile.REGTYPE
         info.size = entry.size
         try:
-            with open(entry.path, "rb") as f:
-                tar.addfile(info, f)
+            # Not following a symlink, not waiting on a FIFO: the file selected may have
+            # been replaced by either since (a build step still writing the tree).
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _changed(entry, "it is a symlink now") from None
             raise ArtifactRefused(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as f:
+            _check_unchanged(entry, os.fstat(fd))
+            try:
+                tar.addfile(info, f)
+                grew = f.read(1) != b""
+            except OSError as exc:
+                _check_unchanged(entry, os.fstat(fd))  # shrunk while read: say that
+                raise ArtifactRefused(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+            _check_unchanged(entry, os.fstat(fd))  # written to while read
+            if grew:
+                raise _changed(entry, f"more than the {entry.size} bytes it had")
+
+
+def _check_unchanged(entry: _Entry, st: os.stat_result) -> None:
+    """Refuse a file that is not the one selected, or was written to since: its archive
+    would hold bytes of no one moment of the tree (a bundle cut short)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise _changed(entry, "it is no regular file now")
+    if (st.st_dev, st.st_ino) != entry.stamp[:2]:
+        raise _changed(entry, "replaced by another file")
+    if st.st_size != entry.size:
+        raise _changed(entry, f"{st.st_size} bytes now, {entry.size} when selected")
+    if st.st_mtime_ns != entry.stamp[2]:
+        raise _changed(entry, "written to since it was selected")
+
+
+def _changed(entry: _Entry, what: str) -> ArtifactRefused:
+    return ArtifactRefused(
+        f"{entry.path} changed while being packed ({what}); publish again once whatever "
+        "writes the tree is done"
+    )
 
 
 def tty_progress(stream: IO[str] | None = None) -> ProgressFn | None:

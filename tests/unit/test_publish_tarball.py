@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from watcher import publish as publish_module
 from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
 from watcher.config import Limits
 from watcher.errors import ArtifactIdTaken, ArtifactRefused, ConfigError
@@ -341,6 +342,91 @@ class TestBuildTarball:
         build_tarball(src, load_manifest(src), out)
         with gzip.open(out) as gz:
             assert len(gz.read()) % 512 == 0
+
+
+def _swap_to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _replace_by_rename(path: Path) -> None:
+    os.link(path, path.with_name("kept"))  # the old inode stays: its number is not reused
+    new = path.with_name("new")
+    new.write_text("X = 1\n")
+    new.rename(path)
+
+
+def _rewrite_same_size(path: Path) -> None:
+    path.write_text("X = 2\n")
+    os.utime(path, ns=(1, 1))
+
+
+class TestATreeChangedWhileBeingPacked:
+    """A build step still writing the tree after the files were selected: the archive
+    would hold bytes of no one moment (a bundle cut at its selected size), a file from
+    outside the tree through a symlink, or wait forever on a FIFO. The test changes the
+    tree at the one moment between selecting and packing (the members check)."""
+
+    @pytest.fixture
+    def change_before_packing(self, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+        changes: list[object] = []
+        check = publish_module._check_members
+
+        def check_then_change(src: Path, entries: list[object]) -> None:
+            check(src, entries)  # type: ignore[arg-type]
+            for change in changes:
+                change()  # type: ignore[operator]
+
+        monkeypatch.setattr(publish_module, "_check_members", check_then_change)
+        return changes
+
+    @pytest.mark.parametrize(
+        ("change", "what"),
+        [
+            (lambda f: f.write_text("X = 1\n" * 1000), "6000 bytes now, 6 when selected"),
+            (lambda f: f.write_text(""), "0 bytes now, 6 when selected"),
+            (_rewrite_same_size, "written to since it was selected"),
+            (lambda f: (f.unlink(), f.symlink_to("/etc/passwd")), "it is a symlink now"),
+            (_swap_to_fifo, "it is no regular file now"),
+            (_replace_by_rename, "replaced by another file"),
+        ],
+        ids=["grew", "shrank", "rewritten", "symlink", "fifo", "replaced"],
+    )
+    def test_it_is_refused_saying_which_file_and_how(
+        self, tmp_path: Path, change_before_packing: list[object], change: object, what: str
+    ) -> None:
+        src = make_tree(tmp_path / "src")
+        target = src / "lib/util.py"
+        change_before_packing.append(lambda: change(target))  # type: ignore[operator]
+        out = tmp_path / "a.tar.gz"
+        signal.alarm(10)  # a FIFO opened for reading would block: fail, do not hang
+        try:
+            with pytest.raises(ArtifactRefused) as caught:
+                build_tarball(src, load_manifest(src), out)
+        finally:
+            signal.alarm(0)
+        assert str(caught.value) == (
+            f"{target} changed while being packed ({what}); publish again once whatever "
+            "writes the tree is done"
+        )
+        assert not out.exists() and list(tmp_path.glob(".a.tar.gz.*")) == []
+
+    def test_a_file_that_grows_while_it_is_read_is_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        src = make_tree(tmp_path / "src")
+        target = src / "lib/util.py"
+        add = tarfile.TarFile.addfile
+
+        def add_then_append(self: tarfile.TarFile, info: tarfile.TarInfo, f: object = None) -> None:
+            add(self, info, f)  # type: ignore[arg-type]
+            if info.name == "lib/util.py":
+                with target.open("a") as more:
+                    more.write("Y = 2\n")
+
+        monkeypatch.setattr(tarfile.TarFile, "addfile", add_then_append)
+        with pytest.raises(ArtifactRefused, match="changed while being packed"):
+            build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
 
 
 class FakeTTY(io.StringIO):
