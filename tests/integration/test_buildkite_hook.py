@@ -214,6 +214,25 @@ class TestBuildkitePostCommand:
         assert "stub watcherctl publish web" in result.stdout, result.stdout
         check_sourced_shell(mode, result)
 
+    @pytest.mark.parametrize("allowed", ["", " ", ",\n"])
+    def test_an_emptied_allow_list_publishes_nothing(
+        self, mode: str, checkout: Path, tmp_path: Path, allowed: str
+    ) -> None:
+        """Emptying the list is how an operator turns publishing off: never the default."""
+        stub = tmp_path / "watcherctl-stub"
+        stub.write_text('#!/bin/sh\necho "stub watcherctl $*"\n')
+        stub.chmod(0o755)
+        env = buildkite_env(
+            tmp_path / "unused.yaml", WATCHER_CTL=str(stub), WATCHER_PUBLISH_BRANCHES=allowed
+        )
+        result = run_hook(mode, checkout, **env)
+        assert result.returncode == 0, result.stderr
+        assert "stub watcherctl" not in result.stdout, result.stdout
+        assert "WATCHER_PUBLISH_BRANCHES is set but names no branch; not publishing" in (
+            result.stdout
+        )
+        check_sourced_shell(mode, result)
+
     def test_pull_request_build_does_nothing(
         self,
         mode: str,
