@@ -58,6 +58,8 @@ ALWAYS_EXCLUDED = (".git",)
 # Also left out when there is no manifest: CI configuration (Buildkite's pipeline and
 # repository hooks), which has no business on the servers.
 NO_MANIFEST_EXCLUDED = (".buildkite",)
+# A manifest is a few lines of patterns; one bigger than this is no manifest.
+MANIFEST_MAX_BYTES = 1024 * 1024
 # Below this size an upload finishes before a progress line would be worth drawing.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 COMMIT_RE = re.compile(r"[0-9a-fA-F]{8,64}")
@@ -219,15 +221,31 @@ def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
     path = Path(src_dir) / MANIFEST_PATH
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # Not waiting on a FIFO, nor reading a device (a link to /dev/zero) without end.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return Manifest(
             source=f"{source} (absent: everything but .git and .buildkite)",
             exclude=NO_MANIFEST_EXCLUDED,
         )
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(source, [f"cannot read: {reason}"]) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(source, ["cannot read: not a regular file"])
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise ConfigError(
+            source, [f"more than {MANIFEST_MAX_BYTES} bytes: no manifest is that long"]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(source, ["cannot read: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -3,6 +3,7 @@ how a publish turns signals into an exception it can clean up after."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -10,6 +11,7 @@ import os
 import signal
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,22 @@ def make_tree(root: Path) -> Path:
         "include: ['**']\nexclude: ['tests/**', 'docs/**', '__pycache__']\n"
     )
     return root
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10) -> Iterator[None]:
+    """Fail (not hang) a test whose code would block, e.g. opening a FIFO to read it."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def sha_of(path: Path) -> str:
@@ -117,6 +135,35 @@ class TestLoadManifest:
             load_manifest(tmp_path)
         assert str(tmp_path / ".watcher/manifest.yaml") in str(err.value)
         assert problem in str(err.value)
+
+    @pytest.mark.parametrize(
+        ("make", "problem"),
+        [
+            (lambda m: m.symlink_to("/dev/zero"), "cannot read: not a regular file"),
+            (lambda m: os.mkfifo(m), "cannot read: not a regular file"),
+            (lambda m: m.mkdir(), "cannot read: not a regular file"),
+            (lambda m: m.write_bytes(b"#" * (2 << 20)), "more than 1048576 bytes"),
+            (lambda m: m.write_bytes(b"include: ['\xff']\n"), "cannot read: not UTF-8 text"),
+        ],
+        ids=["device", "fifo", "directory", "huge", "latin-1"],
+    )
+    def test_a_manifest_that_is_no_small_text_file_is_refused_at_once(
+        self, tmp_path: Path, make: object, problem: str
+    ) -> None:
+        (tmp_path / ".watcher").mkdir()
+        manifest = tmp_path / ".watcher/manifest.yaml"
+        make(manifest)  # type: ignore[operator]
+        with no_hang(), pytest.raises(ConfigError) as err:
+            load_manifest(tmp_path)
+        assert str(err.value).startswith(str(manifest))
+        assert problem in str(err.value)
+
+    def test_a_manifest_linked_to_a_file_in_the_tree_is_read(self, tmp_path: Path) -> None:
+        (tmp_path / "deploy").mkdir()
+        (tmp_path / "deploy/manifest.yaml").write_text("include: ['app/**']\n")
+        (tmp_path / ".watcher").mkdir()
+        (tmp_path / ".watcher/manifest.yaml").symlink_to("../deploy/manifest.yaml")
+        assert load_manifest(tmp_path).include == ("app/**",)
 
 
 class TestBuildTarball:
@@ -399,12 +446,8 @@ class TestATreeChangedWhileBeingPacked:
         target = src / "lib/util.py"
         change_before_packing.append(lambda: change(target))  # type: ignore[operator]
         out = tmp_path / "a.tar.gz"
-        signal.alarm(10)  # a FIFO opened for reading would block: fail, do not hang
-        try:
-            with pytest.raises(ArtifactRefused) as caught:
-                build_tarball(src, load_manifest(src), out)
-        finally:
-            signal.alarm(0)
+        with no_hang(), pytest.raises(ArtifactRefused) as caught:
+            build_tarball(src, load_manifest(src), out)
         assert str(caught.value) == (
             f"{target} changed while being packed ({what}); publish again once whatever "
             "writes the tree is done"
