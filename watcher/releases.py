@@ -870,7 +870,10 @@ class ReleaseEngine:
         """Link shared/, write release.json last, sync, rename into ``releases/<release>``."""
         final = self.layout.release_dir(release)
         try:
-            touched = self._link_shared(tmp)
+            try:
+                touched = self._link_shared(tmp)
+            except StagingError as exc:
+                raise StagingError(f"staging {release}: {exc}") from None
             meta_dir = tmp / ".watcher"
             if meta_dir.is_symlink() or (meta_dir.exists() and not meta_dir.is_dir()):
                 raise StagingError(f"{release}: the archive's .watcher is not a directory")
@@ -911,7 +914,14 @@ class ReleaseEngine:
         for rel in self.app.shared:
             inside = tree / rel
             parent = inside.parent
-            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise StagingError(
+                    f"shared path {rel} (the app's shared setting): a part of "
+                    f"{parent.relative_to(tree)} in the release is no directory (a file, or a "
+                    "symlink to none): the archive and the setting do not fit together"
+                ) from None
             real_parent = os.path.realpath(parent)
             if real_parent != real_tree and not real_parent.startswith(real_tree + "/"):
                 raise StagingError(

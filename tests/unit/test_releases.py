@@ -285,6 +285,29 @@ class TestStaging:
         (uploads / "a.png").write_bytes(b"png")
         assert (shared / "a.png").read_bytes() == b"png"
 
+    @pytest.mark.parametrize("link", ["build/public", "index.html"], ids=["dangling", "file"])
+    def test_a_shared_path_under_a_symlink_to_no_directory_says_so(
+        self, tmp_path: Path, clock: Clock, link: str
+    ) -> None:
+        engine = make_engine(tmp_path, clock, shared=("public/uploads",))
+        src = tmp_path / "build.tar.gz"
+        with tarfile.open(src, "w:gz") as tf:
+            data = b"ok\n"
+            info = tarfile.TarInfo("index.html")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo("public")
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tf.addfile(info)
+        with pytest.raises(StagingError) as caught:
+            engine.stage_from_file(src, record_for(src), rel(1), "d-1")
+        assert str(caught.value) == (
+            f"staging {rel(1)}: shared path public/uploads (the app's shared setting): a part of public in the "
+            "release is no directory (a file, or a symlink to none): the archive and the "
+            "setting do not fit together"
+        )
+        assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
+
     def test_shared_file_is_kept_and_linked(
         self, tmp_path: Path, clock: Clock, tarball: Path
     ) -> None:
