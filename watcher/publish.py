@@ -329,7 +329,13 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             if stat.S_ISLNK(st.st_mode):
                 target = str(Path(child.path).readlink())
                 resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-                if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                if target.startswith("/"):
+                    raise ArtifactRefused(
+                        f"refusing to publish {src}: symlink {rel} -> {target} is absolute: "
+                        "on the hosts it would point at their own filesystem, not into the "
+                        "release (make it relative)"
+                    )
+                if resolved == ".." or resolved.startswith("../"):
                     raise ArtifactRefused(
                         f"refusing to publish {src}: symlink {rel} -> {target} points "
                         "outside the tree"
