@@ -11,7 +11,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -730,3 +730,12 @@ def _os_error(exc: OSError) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def committed_end(app: str, hosts: Iterable[str]) -> str:
+    """How a committed deploy still in flight ends: only a running watcher of ``app`` ends
+    it (DESIGN.md 6.4.7), so one whose every host stopped running it stays in flight."""
+    return (
+        f"It ends once the watchers of {app} that run on its hosts ({', '.join(hosts)}) have "
+        f"applied it, or past its apply deadline at any watcher of {app} that runs"
+    )

@@ -42,6 +42,7 @@ from watcher.ctl import (
     EXIT_USAGE,
     CtlContext,
     artifact_id_argument,
+    committed_end,
     deploy_id_argument,
     exit_code_for,
     reason_argument,
@@ -1265,7 +1266,7 @@ def cmd_abort(ctx: CtlContext) -> int:
                 f"watcherctl: {contested_reason(deploy_id)}"
                 if what == CONTESTED
                 else f"watcherctl: deploy {deploy_id} is committed: too late to abort (every "
-                "host had acked ready)"
+                f"host had acked ready){_not_ended(name, what, view)}"
                 if what in ("commit", "committed")
                 else f"watcherctl: deploy {deploy_id} has ended ({what}): nothing to abort",
                 file=sys.stderr,
@@ -1364,6 +1365,28 @@ def _app_hint(ctx: CtlContext, name: str) -> str:
         return f"{usage}; no deploy of {name} is in flight, nothing to abort"
     command = ctx.command_line("abort", name, inflight)
     return f"{usage}; to abort its deploy in flight: `{command}`"
+
+
+def not_ended(view: DeployView | None, now: datetime | None = None) -> list[str]:
+    """The expected hosts of a deploy the acks commit that is still in flight (no outcome)
+    ``STALL_MARGIN`` past its apply deadline; [] otherwise. Every watcher of the app ends
+    such a deploy by then (an expected host once it applied it or past that deadline, any
+    other past it, DESIGN.md 6.4.7): none runs, its every host stopped running the app."""
+    if (
+        view is None
+        or view.outcome is not None
+        or view.verdict() != COMMIT
+        or not past_stall_margin(view.record, now)
+    ):
+        return []
+    return list(view.record.expected)
+
+
+def _not_ended(app: str, what: str, view: DeployView | None) -> str:
+    """What `abort` adds of a committed deploy that has not ended well past its apply
+    deadline: which watchers end it."""
+    hosts = not_ended(view) if what == COMMIT else []
+    return f"; not ended past its apply deadline. {committed_end(app, hosts)}" if hosts else ""
 
 
 def past_stall_margin(record: DeployRecord, now: datetime | None = None) -> bool:
@@ -1906,6 +1929,7 @@ def _in_doubt(app: dict[str, Any]) -> bool:
         or dep.get("problem")
         or dep.get("distrusted")
         or dep.get("stalled")
+        or dep.get("not_ended")
         or dep.get("decision") == CONTESTED
     )
 
@@ -2289,6 +2313,8 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
                 "apply_deadline": view.record.apply_deadline,
                 # Past that deadline, the nodes that hold it undecided (node -> session).
                 "stalled": stalled_in(store, view, members=members),
+                # Committed, and not ended well past it: no watcher of the app runs.
+                "not_ended": not_ended(view),
             }
             if view
             else problem
@@ -2326,6 +2352,12 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             if dep and dep.get("stalled"):
                 command = ctx.command_line("abort", name, dep["id"], "--end-sessions")
                 out.append("  " + stalled_line(name, dep["id"], dep["stalled"], command))
+            if dep and dep.get("not_ended"):
+                out.append(
+                    f"  NOT ENDED: deploy {dep['id']} is committed and still in flight past "
+                    f"its apply deadline: no watcher of {name} has ended it (none runs, or "
+                    "each is held or busy). " + committed_end(name, dep["not_ended"])
+                )
             # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
             out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
             out += failed_release_lines(a.get("current_failed"), name)

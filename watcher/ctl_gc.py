@@ -19,9 +19,9 @@ from typing import Any
 from watcher import ids
 from watcher.barrier import DeployStore
 from watcher.consul_api import MAX_TXN_OPS, ConsulClient, KVEntry, TxnOp
-from watcher.ctl import EXIT_OK, CtlContext, table
+from watcher.ctl import EXIT_OK, CtlContext, committed_end, table
 from watcher.errors import ConfigError, ConsulPermissionDenied, DeployRefused, PayloadError
-from watcher.records import DEPLOY_ID_RE, NODE_RE, HostRecord
+from watcher.records import COMMIT, DEPLOY_ID_RE, NODE_RE, HostRecord
 
 #: Why an ack is kept, in the order a deploy is classed (the first that applies).
 KEPT_INFLIGHT = "in flight"
@@ -371,6 +371,13 @@ def plan_forget(store: DeployStore, nodes: list[str]) -> tuple[list[NodePlan], i
     inflight, inflight_index = store.inflight(consistent=True)
     expected = set(inflight_expected(store, inflight))
     waited = [n for n in nodes if n in expected]
+    if waited and inflight and (committed := _committed(store, inflight)):
+        # Too late for abort; the hosts end it, and only a running watcher can.
+        raise DeployRefused(
+            f"app {store.app}: the deploy in flight, {inflight}, expects {', '.join(waited)} "
+            f"and is committed: no abort can end it. {committed_end(store.app, committed)}; "
+            "then run gc again; nothing was deleted"
+        )
     if waited:
         raise DeployRefused(
             f"app {store.app}: the deploy in flight, {inflight}, expects "
@@ -380,6 +387,16 @@ def plan_forget(store: DeployStore, nodes: list[str]) -> tuple[list[NodePlan], i
         )
     needed = needed_deploys(store, inflight)
     return [plan_node(store, n, needed, hosts) for n in nodes], inflight_index
+
+
+def _committed(store: DeployStore, deploy_id: str) -> list[str]:
+    """The expected hosts of ``deploy_id`` if the acks read commit it (a reader's view),
+    else []."""
+    try:
+        view = store.view(deploy_id)
+    except PayloadError:
+        return []
+    return list(view.record.expected) if view is not None and view.verdict() == COMMIT else []
 
 
 @dataclass

@@ -115,9 +115,11 @@ class SessionKeeper(threading.Thread):
         on_change: Callable[[], None],
         give_up: Callable[[], bool] = lambda: False,
         on_renew_failed: Callable[[], None] = lambda: None,
+        on_reused: Callable[[str], None] = lambda session_id: None,
     ) -> None:
         super().__init__(name="session", daemon=True)
         self.give_up = give_up
+        self.on_reused = on_reused
         self.on_renew_failed = on_renew_failed
         self.consul = consul
         self.node = node
@@ -164,6 +166,7 @@ class SessionKeeper(threading.Thread):
             if info and info.get("Node") == kept_on and self.consul.session_renew(kept):
                 log.info("session_reused", session=kept)
                 self._note_first_index(info)
+                self.on_reused(kept)
                 return kept
             self._abandon(kept)
         session_id = self.consul.session_create(
@@ -687,6 +690,35 @@ class Daemon:
     def _session_id(self) -> str | None:
         return self.keeper.session_id if self.keeper else None
 
+    def _leave_departed_apps(self, session: str) -> None:
+        """The session kept across a restart (a stop with a deploy in flight, a SIGKILL)
+        still holds ``members/<node>`` of any app removed from the config meanwhile: that
+        app's fleet would list this host as alive, expect it in every deploy and wait for
+        acks it never writes. Its member key goes (its host record stays, for `watcherctl
+        gc APP NODE`). One read of the apps' names and one of each such member key, only
+        when a session is reused. A token that may not read them leaves them: said."""
+        prefix = f"{self.config.kv_prefix.strip('/')}/apps/"
+        try:
+            names = self.consul.kv_keys(prefix)
+        except ConsulError as exc:
+            log.warning("departed_apps_not_checked", error=str(exc))
+            return
+        for name in names:
+            app = name.removeprefix(prefix).removesuffix("/")
+            if not name.endswith("/") or not app or "/" in app or app in self.config.apps:
+                continue
+            key = f"{prefix}{app}/members/{self.node}"
+            try:
+                entry = self.consul.kv_get(key)
+                if entry is None or entry.session != session:
+                    continue
+                left = self.consul.kv_delete(key, cas=entry.modify_index)
+            except ConsulError as exc:
+                log.warning("member_key_not_released", app=app, key=key, error=str(exc))
+                continue
+            if left:
+                log.info("member_key_released", app=app, key=key, reason="not in the config")
+
     def _start_watches(self) -> None:
         stopping = self.flags.stop
         for name, agent in self.agents.items():
@@ -800,6 +832,7 @@ class Daemon:
             self.wake,
             give_up=lambda: any(a.must_give_up_session() for a in self.agents.values()),
             on_renew_failed=self._write_status,
+            on_reused=self._leave_departed_apps,
         )
         self.keeper.start()
         handled = HandledEvents(self.config.daemon.handled_events_keep)

@@ -198,6 +198,39 @@ class TestOneDaemonPerHost:
         assert not w.log_events("session_lost")
 
 
+class TestAnAppRemovedFromTheConfig:
+    def test_a_reused_session_lets_go_of_its_member_key(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
+    ) -> None:
+        """The session outlives a SIGKILL (and a stop with a deploy in flight): restarted
+        without an app, the watcher must not stay that app's live member, expected in its
+        every deploy and never acking (the operator review: a deploy stuck in flight)."""
+        fleet, w, _, _ = daemon
+        data = yaml.safe_load(w.config_path.read_text())
+        data["apps"]["api"] = {"root": str(tmp_path / "api-srv")}
+        w.config_path.write_text(yaml.safe_dump(data))
+        w.kill()
+        w.start()
+        api_member = f"{fleet.kv_prefix}/apps/api/members/{w.name}"
+        web_member = fleet.keys.member(w.name)
+        wait_for(lambda: fleet.kv.kv_get(api_member) is not None, 20, "api's member key", fleet)
+        session = json.loads((w.state_dir / "session.json").read_text())["id"]
+
+        del data["apps"]["api"]
+        w.config_path.write_text(yaml.safe_dump(data))
+        w.kill()
+        w.start()
+        wait_for(
+            lambda: bool(w.log_events("watcher_ready", this_start=True)), 20, "ready again", fleet
+        )
+
+        assert [e["session"] for e in w.log_events("session_reused", this_start=True)] == [session]
+        assert fleet.kv.kv_get(api_member) is None
+        assert [e["app"] for e in w.log_events("member_key_released", this_start=True)] == ["api"]
+        web = fleet.kv.kv_get(web_member)
+        assert web is not None and web.session == session
+
+
 class TestHealthEndpoint:
     def test_healthy_with_a_session_and_metrics_exported(
         self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int]

@@ -277,6 +277,45 @@ class TestRefusals:
         # The aborted deploy is in history: its ack stays.
         assert acked_deploys(fleet, gone.name) == {deploy_id}
 
+    def test_a_host_a_committed_deploy_expects_is_kept_and_abort_is_not_offered(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        # host-1 and host-3 wait in post_symlink (after the commit, never interrupted);
+        # host-3 dies there. gc used to send the operator to `abort`, which refuses a
+        # committed deploy: the operator review found no way out offered at all.
+        gate = tmp_path / "gate"
+        hooks = {}
+        for n in (0, 2):
+            hook = tmp_path / f"post-symlink-{n}"
+            hook.write_text(
+                f'#!/bin/sh\ntouch "{gate}.started-{n}"\n'
+                f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+            )
+            hook.chmod(0o755)
+            hooks[n] = {"hooks": {"post_symlink": str(hook)}}
+        fleet = make_fleet(hosts=hooks)
+        w0, gone = fleet.watchers[0], fleet.watchers[2]
+        v1 = fleet.publish("v1")
+        deploy_id = w0.ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
+        started = tmp_path / "gate.started-2"
+        wait_for(started.exists, 30, "host-3 in its post_symlink hook", fleet)
+        gone.kill()
+        fleet.wait_members(2)
+        assert fleet.inflight() == deploy_id
+
+        refused = gc(w0, gone.name)
+
+        assert refused.returncode == 4, refused
+        assert (
+            f"the deploy in flight, {deploy_id}, expects {gone.name} and is committed: no "
+            "abort can end it. It ends once the watchers of web that run on its hosts "
+            "(host-1, host-2, host-3) have applied it, or past its apply deadline at any "
+            "watcher of web that runs; then run gc again"
+        ) in refused.stderr, refused.stderr
+        assert "abort" not in refused.stderr.split("no abort can end it", 1)[1]
+        gate.touch()
+        fleet.wait_idle(30)
+
     def test_a_host_coming_back_or_a_deploy_starting_stops_the_deletes(
         self, make_fleet: MakeFleet
     ) -> None:

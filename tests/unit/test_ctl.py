@@ -32,6 +32,7 @@ from watcher.ctl import (
     CtlContext,
     build_parser,
     command_of,
+    committed_end,
     exit_code_for,
     main,
     operator_token,
@@ -46,6 +47,7 @@ from watcher.ctl_fleet import (
     _progress,
     _tail_lines,
     end_stalled_sessions,
+    not_ended,
     progress_lines,
     redeploy_warning,
     stalled_by,
@@ -1257,6 +1259,29 @@ def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack()
         "c": "s-c",
         "d": "s-d",
     }
+
+
+def test_a_committed_deploy_not_ended_past_its_margin_names_the_hosts_that_end_it() -> None:
+    """Every running watcher of the app ends a committed deploy by its apply deadline: one
+    still in flight past the margin has no watcher left (its only host removed the app
+    while a stop kept its session, the operator review), and `status` must say which
+    watchers end it, not show it as fine."""
+    rec = a_record(["a", "b"], sessions={"a": "s-a", "b": "s-b"})
+    digest = rec.digest()
+    ready = {n: NodeProgress(node=n, state="ready", digest=digest) for n in "ab"}
+    view = DeployView(rec, None, ready, {}, None, None)
+    at = datetime(2026, 1, 1, 0, 20, 0, tzinfo=UTC)  # its apply deadline
+    assert not_ended(view, now=at + timedelta(seconds=STALL_MARGIN - 1)) == []
+    later = at + timedelta(seconds=STALL_MARGIN)
+    assert not_ended(view, now=later) == ["a", "b"]
+    undecided = DeployView(rec, None, {"a": ready["a"]}, {}, None, None)
+    assert not_ended(undecided, now=later) == []  # STALLED's business, not this
+    ended = replace(view, outcome=object())  # type: ignore[arg-type]
+    assert not_ended(ended, now=later) == []
+    assert committed_end("web", ["a", "b"]) == (
+        "It ends once the watchers of web that run on its hosts (a, b) have applied it, or "
+        "past its apply deadline at any watcher of web that runs"
+    )
 
 
 def test_a_request_whose_apply_deadline_precedes_its_prepare_deadline_stalls_nobody_early() -> None:
