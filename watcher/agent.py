@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -2714,6 +2715,14 @@ class AppAgent:
     def shutdown(self, wait: bool) -> None:
         # The step in progress finishes (a hook is not interrupted); the journal resumes it.
         self._worker.shutdown(wait=wait, cancel_futures=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the step in progress to finish; whether it has."""
+        task = self._task
+        if task is None:
+            return True
+        wait_for_futures([task], timeout=timeout)
+        return task.done()
 
     def has_deploy_in_flight(self) -> bool:
         """Part of a deploy that is not over (expected in it, preparing, or applying)."""

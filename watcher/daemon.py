@@ -54,6 +54,9 @@ from watcher.webhook import DRAIN_AT_STOP, WebhookSender, notifier_for
 TICK = 1.0  # seconds between reconciles while a deploy is in flight (deadlines, retries)
 TICK_IDLE = 15.0  # ... and when idle: watches wake the loop on every change that matters
 WATCH_WAIT = 20.0  # blocking query wait
+# At a stop, while a step runs its hooks: systemd's stop timeout, asked for anew every
+# third of it (EXTEND_TIMEOUT_USEC counts from when systemd reads it).
+STOP_EXTEND = 30.0
 FIRST_SESSION_WAIT = 15.0  # seconds the loop waits at start for the first session attempt
 ACK_WATCH_SETTLE = 0.1  # seconds the coordinator lets acks gather before it looks again
 LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
@@ -1279,8 +1282,14 @@ class Daemon:
         self._prefetch.shutdown(wait=False, cancel_futures=True)
         in_flight = False
         for agent in self.agents.values():
+            agent.shutdown(wait=False)
             if agent.busy():
                 log.info("waiting_for_task", app=agent.app.name)
+            # A step may run several hooks, each up to its timeout, longer together than
+            # the unit's TimeoutStopSec: systemd is asked for more while one runs.
+            while agent.busy():
+                self.notifier.extend_timeout(STOP_EXTEND)
+                agent.wait_idle(STOP_EXTEND / 3)
             agent.shutdown(wait=True)
             in_flight = in_flight or agent.has_deploy_in_flight()
         if self.keeper is not None:

@@ -140,6 +140,37 @@ class TestSystemdProtocol:
         assert not (w.state_dir / "session.json").exists()
 
 
+class TestAStopWhileAHookRuns:
+    def test_systemd_is_asked_for_more_time_until_the_step_is_done(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
+    ) -> None:
+        """A step's hooks may together run longer than the unit's TimeoutStopSec (each has
+        its own timeout): a stop waits for them, so it must ask for more time, as the unit
+        file says it does (the operator review found it never did)."""
+        fleet, w, listener, _ = daemon
+        gate = tmp_path / "gate"
+        fleet.give_gated_hook(w, "post_release", gate)
+        fleet.wait_members(1)
+        v1 = fleet.publish("v1")
+        w.ctl_json("deploy", "web", v1.id, "--no-wait")
+        started = gate.with_name("gate.started")
+        wait_for(started.exists, 30, "the post_release hook started", fleet)
+        listener.drain()
+        listener.messages.clear()
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: listener.saw("STOPPING=1"), 10, "STOPPING=1", fleet)
+        wait_for(
+            lambda: any("EXTEND_TIMEOUT_USEC=30000000" in m.split("\n") for m in listener.drain()),
+            10,
+            "EXTEND_TIMEOUT_USEC while the hook runs",
+            fleet,
+        )
+        assert w.running()  # still waiting for the hook
+        gate.touch()
+        assert w.proc.wait(30) == 0
+
+
 class TestOneDaemonPerHost:
     def test_a_second_watcher_run_stops_before_touching_the_first_ones_session(
         self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
