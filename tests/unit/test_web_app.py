@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from watcher import ids
+from watcher.barrier import DeployView
 from watcher.config import parse_config
 from watcher.errors import ConsulUnavailable
+from watcher.records import DeployRecord, NodeProgress
 from watcher.web import app as web_app
 from watcher.web.app import (
     MAX_BODY,
@@ -1152,3 +1155,45 @@ class TestHelpers:
         assert _duration(deploy) == "5.0s"
         refused = {**deploy, "hosts": {}, "result": "refused"}
         assert _duration(refused) == "5.0s"
+
+
+def test_a_committed_deploy_no_watcher_ends_is_said_on_the_page(client: TestClient) -> None:
+    """The page says what `status --fleet` says (NOT ENDED): a committed deploy still in
+    flight well past its apply deadline, and which watchers end it."""
+    record = DeployRecord(
+        id="20260101T000000Z-abc123",
+        app="web",
+        kind="deploy",
+        artifact="main-15eb13af",
+        sha256="0" * 64,
+        release="20260101T000000Z-main-15eb13af",
+        requested_by="alice",
+        requested_at="2026-01-01T00:00:00Z",
+        expected=["host-1", "host-2"],
+        prepare_deadline="2026-01-01T00:10:00Z",
+        apply_deadline="2026-01-01T00:20:00Z",
+    )
+    ready = {
+        n: NodeProgress(node=n, state="ready", digest=record.digest()) for n in record.expected
+    }
+    view = DeployView(record, None, ready, {}, None, None)
+    store = types.SimpleNamespace(
+        app="web", inflight=lambda: (record.id, 7), history=lambda: [], view=lambda _: view
+    )
+
+    snap = web_app.live_snapshot(store)  # type: ignore[arg-type]
+    html = client.app.state.templates.get_template("_live.html").render(  # type: ignore[attr-defined]
+        app="web", live=snap, loopback=True
+    )
+
+    assert snap["deploy"]["not_ended"] == ["host-1", "host-2"]
+    assert (
+        f"Deploy {record.id} is committed and still in flight past its apply deadline: no "
+        "watcher of web has ended it"
+    ) in html
+    assert "that run on its hosts (host-1, host-2) have applied it" in html
+    snap["deploy"]["not_ended"] = []
+    html = client.app.state.templates.get_template("_live.html").render(  # type: ignore[attr-defined]
+        app="web", live=snap, loopback=True
+    )
+    assert "still in flight past its apply deadline" not in html

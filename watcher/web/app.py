@@ -44,7 +44,7 @@ from watcher import __version__, ids
 from watcher.barrier import CONTESTED, DeployStore, summarize_states
 from watcher.config import APP_NAME_RE, Config
 from watcher.consul_api import ConsulClient
-from watcher.ctl import user_at_host
+from watcher.ctl import committed_end, user_at_host
 from watcher.ctl_fleet import (
     abort_deploy,
     abort_requested_label,
@@ -57,6 +57,7 @@ from watcher.ctl_fleet import (
     fleet_status,
     held_warning,
     host_records,
+    not_ended,
     redeploy_warning,
     rollback_request,
     shown_decision,
@@ -592,6 +593,8 @@ def live_snapshot(store: DeployStore) -> Snapshot:
             # Past its apply deadline, whoever holds it undecided (members read only then;
             # the feed reads again at least every BLOCK_WAIT, so an open page sees it come).
             summary["stalled"] = stalled_in(store, view) if deploy_id == inflight else {}
+            # Committed, and still in flight well past that deadline: no watcher ends it.
+            summary["not_ended"] = not_ended(view) if deploy_id == inflight else []
             break
     return {
         "app": store.app,
@@ -870,6 +873,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     templates.env.filters["size"] = _human_size
     templates.env.globals["allow_missing_label"] = allow_missing_label
     templates.env.globals["abort_requested_label"] = abort_requested_label
+    templates.env.globals["committed_end"] = committed_end
     templates.env.filters["duration"] = _duration
     templates.env.filters["short_time"] = _short_time
     templates.env.filters["timeline"] = _timeline
@@ -900,6 +904,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     app.state.web = state
+    app.state.templates = templates
     # No 307 from /fleet/ to /fleet built from the Host header (and a POST sent again):
     # an unknown path is a 404 that says which one was meant (http_error).
     app.router.redirect_slashes = False
