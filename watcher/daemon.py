@@ -700,7 +700,8 @@ class Daemon:
         acks it never writes. Its member key goes (its host record stays, for `watcherctl
         gc APP NODE`). One read of the apps' names and one of each such member key, only
         when a session is reused. A token that may not read them leaves them: said."""
-        prefix = f"{self.config.kv_prefix.strip('/')}/apps/"
+        # The prefix and apps it runs with: a reload's new ones wait for the restart.
+        prefix = f"{self.started_config.kv_prefix.strip('/')}/apps/"
         try:
             names = self.consul.kv_keys(prefix)
         except ConsulError as exc:
@@ -708,7 +709,7 @@ class Daemon:
             return
         for name in names:
             app = name.removeprefix(prefix).removesuffix("/")
-            if not name.endswith("/") or not app or "/" in app or app in self.config.apps:
+            if not name.endswith("/") or not app or "/" in app or app in self.agents:
                 continue
             key = f"{prefix}{app}/members/{self.node}"
             try:
