@@ -133,6 +133,7 @@ class SessionKeeper(threading.Thread):
         self.on_change = on_change
         self.stopping = threading.Event()
         self._id: str | None = None
+        self._reused: str | None = None  # the session obtain() reused, for on_reused
         # Set once the first attempt to obtain a session is over (reused, created or failed).
         self.first_attempt = threading.Event()
         try:
@@ -169,7 +170,7 @@ class SessionKeeper(threading.Thread):
             if info and info.get("Node") == kept_on and self.consul.session_renew(kept):
                 log.info("session_reused", session=kept)
                 self._note_first_index(info)
-                self.on_reused(kept)
+                self._reused = kept
                 return kept
             self._abandon(kept)
         session_id = self.consul.session_create(
@@ -189,6 +190,18 @@ class SessionKeeper(threading.Thread):
         )
         log.info("session_created", session=session_id, ttl_s=self.ttl)
         return session_id
+
+    def _after_reuse(self) -> None:
+        """``on_reused`` of the session ``obtain`` reused, once the session is the daemon's
+        (the loop may resume a deploy with it meanwhile); what goes wrong there is said,
+        never retried in a loop."""
+        session_id, self._reused = self._reused, None
+        if session_id is None:
+            return
+        try:
+            self.on_reused(session_id)
+        except Exception as exc:  # a clean-up: the session stands whatever happens here
+            log.error("after_session_reuse_failed", session=session_id, error=repr(exc))
 
     def _abandon(self, session_id: str) -> None:
         """Destroy a session of this daemon's that it will not use again. One that still
@@ -236,12 +249,14 @@ class SessionKeeper(threading.Thread):
                     self.on_change()
                     continue
                 if current is None:
+                    self._reused = None
                     try:
                         self._set(self.obtain())
                     finally:
                         self.first_attempt.set()
                     self.health.session_ok(str(self.session_id))
                     self.on_change()
+                    self._after_reuse()
                 elif not self.consul.session_renew(current):
                     if not self._lost(current):
                         self.stopping.wait(min(1.0, interval))  # renew again soon
@@ -703,10 +718,18 @@ class Daemon:
         # The prefix and apps it runs with: a reload's new ones wait for the restart.
         prefix = f"{self.started_config.kv_prefix.strip('/')}/apps/"
         try:
-            names = self.consul.kv_keys(prefix)
+            names, filtered = self.consul.kv_keys_checked(prefix)
         except ConsulError as exc:
             log.warning("departed_apps_not_checked", error=str(exc))
             return
+        if filtered:
+            log.warning(
+                "departed_apps_partly_checked",
+                prefix=prefix,
+                note="this watcher's token may not list every app: a member key of an app "
+                "removed from both this config and this token's policy stays until this "
+                "session ends (a stop with no deploy in flight ends it)",
+            )
         for name in names:
             app = name.removeprefix(prefix).removesuffix("/")
             if not name.endswith("/") or not app or "/" in app or app in self.agents:
@@ -718,10 +741,14 @@ class Daemon:
                     continue
                 left = self.consul.kv_delete(key, cas=entry.modify_index)
             except ConsulError as exc:
-                log.warning("member_key_not_released", app=app, key=key, error=str(exc))
+                # Refused by the token: the app stays this host's until the session ends.
+                said = log.error if isinstance(exc, ConsulPermissionDenied) else log.warning
+                said("member_key_not_released", app=app, key=key, error=str(exc))
                 continue
             if left:
                 log.info("member_key_released", app=app, key=key, reason="not in the config")
+            else:
+                log.warning("member_key_not_released", app=app, key=key, error="changed meanwhile")
 
     def _start_watches(self) -> None:
         stopping = self.flags.stop

@@ -131,6 +131,36 @@ def test_a_kept_session_still_good_is_reused(tmp_path: Path) -> None:
     assert not [c for c in consul.calls if c[0] in ("destroy", "create")], consul.calls
 
 
+def test_a_reused_session_is_the_daemons_before_its_clean_up_runs_and_survives_it(
+    tmp_path: Path,
+) -> None:
+    """The clean-up after a reuse (member keys of apps no longer run) makes Consul
+    requests: the loop must not wait for them to get the session (a resumed deploy is
+    refused without it), and a clean-up that raises must not cost the session."""
+    consul = ScriptedConsul({"s1"})
+    keep(tmp_path, "s1")
+    seen: list[tuple[str, str | None, bool]] = []
+    k = keeper(consul, tmp_path)
+
+    def on_reused(sid: str) -> None:
+        seen.append((sid, k.session_id, k.first_attempt.is_set()))
+        raise RuntimeError("Consul said something odd")
+
+    k.on_reused = on_reused
+    k.start()
+    try:
+        assert consul.renewed.wait(5), consul.calls
+        assert k.first_attempt.wait(5)
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        k.stopping.set()
+        k.join(5)
+    assert seen == [("s1", "s1", True)]
+    assert k.session_id == "s1" and consul.created == 0, consul.calls
+
+
 def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
     """Consul refusing the session (a TTL below its session_ttl_min, a token for another
     node): /health and `watcherctl status` name Consul's reason, not "no session yet"."""
