@@ -43,6 +43,7 @@ from watcher.errors import (
 from watcher.events import EVENT_NAMES, EventRequest, HandledEvents, parse_event
 from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER, AppLock, atomic_write_json
 from watcher.health import HealthServer, HealthState, Metrics
+from watcher.hooks import running_hooks
 from watcher.ids import one_line
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
@@ -1313,11 +1314,13 @@ class Daemon:
             agent.shutdown(wait=False)
             if agent.busy():
                 log.info("waiting_for_task", app=agent.app.name)
-            # A step may run several hooks, each up to its timeout, longer together than
-            # the unit's TimeoutStopSec: systemd is asked for more while one runs.
+            # A step may run several hooks, each up to its own timeout, longer together
+            # than the unit's TimeoutStopSec: systemd is asked for more while a hook runs
+            # (the rest of a step, a download say, has the unit's timeout as before).
             while agent.busy():
-                self.notifier.extend_timeout(STOP_EXTEND)
-                agent.wait_idle(STOP_EXTEND / 3)
+                if running_hooks():
+                    self.notifier.extend_timeout(STOP_EXTEND)
+                agent.wait_idle(STOP_EXTEND / 3 if running_hooks() else 1.0)
             agent.shutdown(wait=True)
             in_flight = in_flight or agent.has_deploy_in_flight()
         if self.keeper is not None:

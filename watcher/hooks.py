@@ -44,6 +44,30 @@ TAIL_CHARS = 4096
 #: kept.
 MAX_LINE_BYTES = 4096
 MAX_LOGGED_LINES = 10_000
+
+_running = 0  # hook processes of this daemon running now (``running_hooks``)
+_running_lock = threading.Lock()
+
+
+def running_hooks() -> int:
+    """How many hook processes run now, in every app: a stop asks systemd for more time
+    only while one does (a download or an extraction gets the unit's own timeout)."""
+    with _running_lock:
+        return _running
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    global _running
+    with _running_lock:
+        _running += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running -= 1
+
+
 MAX_LOGGED_BYTES = 1024 * 1024
 #: How a hook that was started ended (``run_hooks``'s ``on_result``; a metric label): by
 #: itself with status 0, by itself otherwise (or it could not start), at its timeout, or
@@ -277,27 +301,28 @@ def _run_one(
         raise HookError(phase, name, f"release directory {release_dir} does not exist")
     started = time.monotonic()
     log.info("hook_started", timeout=timeout)
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=release_dir,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            umask=app.umask,
-            **identity.popen,
-        )
-    except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the env
-        who = f" as {identity.name}" if identity.popen else ""
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
-            reason = _missing_interpreter(Path(argv[0]), release_dir) or reason
-        raise HookError(phase, name, f"cannot start{who}: {reason}") from None
-    run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace, cancel=cancel)
-    outcome = run.wait()
+    with _counted():  # from before its start: what asks it to stop sees it
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=release_dir,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                umask=app.umask,
+                **identity.popen,
+            )
+        except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the env
+            who = f" as {identity.name}" if identity.popen else ""
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+                reason = _missing_interpreter(Path(argv[0]), release_dir) or reason
+            raise HookError(phase, name, f"cannot start{who}: {reason}") from None
+        run = _HookProcess(proc, log, timeout=timeout, kill_grace=kill_grace, cancel=cancel)
+        outcome = run.wait()
     duration = time.monotonic() - started
     tail = run.tail()
     if outcome is not None or proc.returncode != 0:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import uuid
@@ -23,7 +24,7 @@ from structlog.testing import capture_logs
 from watcher import hooks
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import HookError
-from watcher.hooks import HookContext, hook_commands, run_hooks, run_in_release
+from watcher.hooks import HookContext, hook_commands, run_hooks, run_in_release, running_hooks
 from watcher.log import configure_logging
 
 ALL_VARS = (
@@ -147,6 +148,29 @@ class TestEnvironment:
         assert (release_dir / "release.txt").read_text() == evil
         assert (release_dir / "arg.txt").read_text() == evil
         assert not marker.exists()
+
+
+def test_running_hooks_counts_the_hook_processes_running_now(
+    tmp_path: Path, release_dir: Path
+) -> None:
+    """What a stop asks systemd for more time on: a hook running, not any step."""
+    gate = tmp_path / "gate"
+    hook = write_script(
+        tmp_path / "hook", f'touch "{gate}.started"\nwhile [ ! -e "{gate}" ]; do sleep 0.02; done\n'
+    )
+    app = make_app(tmp_path, {"post_release": ((str(hook),),)})
+    assert running_hooks() == 0
+    runner = threading.Thread(target=run_hooks, args=(app, "post_release", make_ctx(release_dir)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not gate.with_name("gate.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running_hooks() == 1
+    finally:
+        gate.touch()
+        runner.join(10)
+    assert running_hooks() == 0
 
 
 class TestOrderAndDiscovery:
