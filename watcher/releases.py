@@ -993,6 +993,10 @@ class ReleaseEngine:
             )
         except ArchiveRefused as exc:
             got = _sha256_of(Path(archive_path))
+            if not got and (remembered := self.refusal(record.sha256, record.format)):
+                # Gone because another staging of the same copy refused it first (a
+                # prefetch and a deploy at once) and removed it: its refusal is this one.
+                raise remembered.error(record, self.layout.refused_file) from exc
             if got != record.sha256:
                 # Not the bytes that were verified: the copy changed on this host's disk
                 # since (a bad sector, a hand edit). Remembering a refusal of the artifact

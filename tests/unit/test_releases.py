@@ -23,6 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support.hostile_archives import hostile_archives
+from watcher import releases as releases_module
 from watcher.archive import RULES
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import (
@@ -302,9 +303,9 @@ class TestStaging:
         with pytest.raises(StagingError) as caught:
             engine.stage_from_file(src, record_for(src), rel(1), "d-1")
         assert str(caught.value) == (
-            f"staging {rel(1)}: shared path public/uploads (the app's shared setting): a part of public in the "
-            "release is no directory (a file, or a symlink to none): the archive and the "
-            "setting do not fit together"
+            f"staging {rel(1)}: shared path public/uploads (the app's shared setting): a "
+            "part of public in the release is no directory (a file, or a symlink to none): "
+            "the archive and the setting do not fit together"
         )
         assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
 
@@ -1049,6 +1050,23 @@ class TestRefusedArchivesAreRemembered:
         assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
         with pytest.raises(ArchiveRefused, match="was refused on this host"):
             engine.stage_from_file(archive, record, rel(2), "d-2")
+
+    def test_a_copy_another_staging_refused_and_removed_meanwhile_is_that_refusal(
+        self, engine: ReleaseEngine, tarball: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A prefetch and a deploy extract the same cached copy at once: the first to be
+        refused remembers it and removes the copy, and the second, finding no bytes to
+        check, must give that refusal, not say the copy changed on disk."""
+        record = record_for(tarball)
+
+        def refused_by_the_other(archive: Path, *args: object, **kw: object) -> None:
+            engine._remember_refusal(record, "archive", "member 'x' is hostile")
+            archive.unlink()
+            raise ArchiveRefused("member 'x' is hostile")
+
+        monkeypatch.setattr(releases_module, "extract_archive", refused_by_the_other)
+        with pytest.raises(ArchiveRefused, match="was refused on this host"):
+            engine.stage_from_file(tarball, record, rel(1), "d-1")
 
     def test_bytes_refused_as_one_format_are_judged_again_as_another(
         self, engine: ReleaseEngine, tarball: Path
