@@ -667,22 +667,24 @@ class ReleaseEngine:
         """The remembered refusal of this sha256 read as ``fmt``, if it still holds (see
         ``Refusal``); an integrity refusal only for the same ``source`` (``_source``), when
         one is given."""
-        entry = self._read_refusals().get(sha256)
-        if entry is None:
-            return None
-        if entry.kind == "integrity" and source is not None and entry.source != source:
-            return None  # another url or size than the one that served other bytes
-        if entry.kind == "archive" and entry.limits != self._limits_key(fmt):
-            # The limits or the rules (archive.RULES: this version accepts what an older
-            # one refused) changed since, or the same bytes are now read as another format
-            # (a record that named the wrong one was fixed): judge the archive again.
-            return None
-        if entry.kind == "integrity":
-            at = _parse_time(entry.at)
-            age = (self.clock() - at).total_seconds() if at else INTEGRITY_REFUSAL_TTL
-            if age >= INTEGRITY_REFUSAL_TTL:
-                return None
-        return entry
+        entries = self._read_refusals()
+        candidates = [entries.get((sha256, "archive", ""))] + [
+            e
+            for e in reversed(entries.values())  # the newest download's first
+            if e.sha256 == sha256 and e.kind == "integrity" and source in (None, e.source)
+        ]
+        return next((e for e in candidates if e is not None and self._holds(e, fmt)), None)
+
+    def _holds(self, entry: Refusal, fmt: str) -> bool:
+        """Whether a remembered refusal still holds for bytes read as ``fmt``."""
+        if entry.kind == "archive":
+            # Not when the limits or the rules (archive.RULES: this version accepts what an
+            # older one refused) changed since, or the same bytes are now read as another
+            # format (a record that named the wrong one was fixed): judged again then.
+            return entry.limits == self._limits_key(fmt)
+        at = _parse_time(entry.at)
+        age = (self.clock() - at).total_seconds() if at else INTEGRITY_REFUSAL_TTL
+        return age < INTEGRITY_REFUSAL_TTL
 
     def check_not_refused(self, record: ArtifactRecord) -> None:
         """Raise the original refusal of ``record.sha256`` when this host remembers one."""
@@ -701,9 +703,10 @@ class ReleaseEngine:
         """Drop a remembered refusal; False when there was none."""
         with _REFUSED_LOCK:
             entries = self._read_refusals()
-            if entries.pop(sha256, None) is None:
+            kept = {key: e for key, e in entries.items() if e.sha256 != sha256}
+            if len(kept) == len(entries):
                 return False
-            self._write_refusals(entries)
+            self._write_refusals(kept)
         return True
 
     def _remember_refusal(self, record: ArtifactRecord, kind: str, reason: str) -> bool:
@@ -720,10 +723,13 @@ class ReleaseEngine:
         try:
             with _REFUSED_LOCK:
                 entries = self._read_refusals()
-                entries.pop(record.sha256, None)
-                entries[record.sha256] = entry  # newest last
-                while len(entries) > REFUSED_KEEP:
-                    entries.pop(next(iter(entries)))
+                key = _refusal_key(entry)
+                entries.pop(key, None)
+                entries[key] = entry  # newest last
+                # The newest of each kind: records naming other urls for one sha256 (any
+                # CI token may write them) cannot push an archive's refusal out.
+                while sum(e.kind == kind for e in entries.values()) > REFUSED_KEEP:
+                    entries.pop(next(k for k, e in entries.items() if e.kind == kind))
                 self._write_refusals(entries)
         except OSError as exc:  # the refusal itself still reaches the caller
             self.log.error("artifact_refusal_not_saved", artifact=record.id, error=str(exc))
@@ -740,10 +746,11 @@ class ReleaseEngine:
             f"ratio={lim.max_ratio:g}"
         )
 
-    def _read_refusals(self) -> dict[str, Refusal]:
+    def _read_refusals(self) -> dict[tuple[str, str, str], Refusal]:
+        """The remembered refusals, oldest first, by ``_refusal_key``."""
         data = _read_json(self.layout.refused_file)
         raw = data.get("refused") if isinstance(data, dict) else None
-        out: dict[str, Refusal] = {}
+        out: dict[tuple[str, str, str], Refusal] = {}
         if not isinstance(raw, list):
             return out
         for item in raw:
@@ -758,10 +765,10 @@ class ReleaseEngine:
             except KeyError:
                 continue
             if SHA256_RE.match(entry.sha256) and entry.kind in ("archive", "integrity"):
-                out[entry.sha256] = entry
+                out[_refusal_key(entry)] = entry
         return out
 
-    def _write_refusals(self, entries: dict[str, Refusal]) -> None:
+    def _write_refusals(self, entries: dict[tuple[str, str, str], Refusal]) -> None:
         self.layout.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             self.layout.refused_file,
@@ -1493,6 +1500,13 @@ def is_release_name(release: str) -> bool:
     except WatcherError:
         return False
     return True
+
+
+def _refusal_key(entry: Refusal) -> tuple[str, str, str]:
+    """One remembered refusal per sha256 of an archive, and per sha256 and source of a
+    download: a record naming a bomb's sha256 with another url must not replace the
+    bomb's refusal (each host would download and judge it again)."""
+    return (entry.sha256, entry.kind, entry.source if entry.kind == "integrity" else "")
 
 
 def _source(record: ArtifactRecord) -> str:

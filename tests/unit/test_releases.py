@@ -1068,6 +1068,31 @@ class TestRefusedArchivesAreRemembered:
         with pytest.raises(ArchiveRefused, match="was refused on this host"):
             engine.stage_from_file(tarball, record, rel(1), "d-1")
 
+    def test_records_claiming_a_refused_archives_sha256_cannot_push_its_refusal_out(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        """Any CI token may write records naming a known bomb's sha256 with other urls:
+        each one's failed download is remembered beside the bomb's refusal, never over it
+        (every host would download and judge the bomb again)."""
+        bomb = record_for(tarball)
+        engine._remember_refusal(bomb, "archive", "member 'x': ratio over 200")
+        for n in range(releases_module.REFUSED_KEEP + 1):
+            other = dataclasses.replace(bomb, id=f"evil-{n:08d}", size=bomb.size + 1 + n)
+            engine._remember_refusal(other, "integrity", "size mismatch")
+        refusal = engine.refusal(bomb.sha256, bomb.format, source=releases_module._source(bomb))
+        assert refusal is not None and refusal.kind == "archive"
+        with pytest.raises(ArchiveRefused, match="ratio over 200"):
+            engine.stage_from_file(tarball, bomb, rel(1), "d-1")
+        # The integrity entries are kept per url and size, the newest REFUSED_KEEP of them.
+        last = dataclasses.replace(
+            bomb, id="evil-last", size=bomb.size + 1 + releases_module.REFUSED_KEEP
+        )
+        # (read as a tar, the archive's refusal, made for tar.gz, does not hold)
+        held = engine.refusal(bomb.sha256, "tar", source=releases_module._source(last))
+        assert held is not None and held.kind == "integrity"
+        first = dataclasses.replace(bomb, id="evil-first", size=bomb.size + 1)
+        assert engine.refusal(bomb.sha256, "tar", source=releases_module._source(first)) is None
+
     def test_bytes_refused_as_one_format_are_judged_again_as_another(
         self, engine: ReleaseEngine, tarball: Path
     ) -> None:
