@@ -29,6 +29,7 @@ from watcher.config import APP_NAME_RE, Config, Limits
 from watcher.consul_api import ConsulClient, KVEntry, TxnOp
 from watcher.errors import (
     ArchiveRefused,
+    ArtifactError,
     ArtifactIdTaken,
     ArtifactIntegrityError,
     ArtifactRefused,
@@ -449,6 +450,11 @@ def build_tarball(
             raw.flush()
             os.fsync(raw.fileno())
         Path(tmp_name).replace(out)
+    except OSError as exc:  # writing it: the source files' errors are ArtifactRefused
+        Path(tmp_name).unlink(missing_ok=True)
+        raise ArtifactError(
+            f"cannot write the artifact in {out.parent}: {exc.strerror or exc}"
+        ) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -529,15 +535,33 @@ def _add(tar: tarfile.TarFile, entry: _Entry, mtime: int) -> None:
             raise ArtifactRefused(f"cannot read {entry.path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "rb") as f:
             _check_unchanged(entry, os.fstat(fd))
+            source = _Source(f, entry.path)
             try:
-                tar.addfile(info, f)
-                grew = f.read(1) != b""
+                tar.addfile(info, source)
+                grew = source.read(1) != b""
             except OSError as exc:
-                _check_unchanged(entry, os.fstat(fd))  # shrunk while read: say that
-                raise ArtifactRefused(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+                if exc.errno is not None:
+                    raise  # writing the artifact (a full disk): build_tarball says so
+                # tarfile's "unexpected end of data": shrunk while read, said as such
+                _check_unchanged(entry, os.fstat(fd))
+                raise ArtifactRefused(f"cannot read {entry.path}: {exc}") from None
             _check_unchanged(entry, os.fstat(fd))  # written to while read
             if grew:
                 raise _changed(entry, f"more than the {entry.size} bytes it had")
+
+
+class _Source:
+    """A file being packed: its read errors are said as such (not as the artifact's
+    writes: a full disk under the output is not the source file's fault)."""
+
+    def __init__(self, f: IO[bytes], path: Path) -> None:
+        self.f, self.path = f, path
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.f.read(size)
+        except OSError as exc:
+            raise ArtifactRefused(f"cannot read {self.path}: {exc.strerror or exc}") from None
 
 
 def _check_unchanged(entry: _Entry, st: os.stat_result) -> None:

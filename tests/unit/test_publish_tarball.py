@@ -3,7 +3,7 @@ how a publish turns signals into an exception it can clean up after."""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -11,7 +11,6 @@ import os
 import signal
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import structlog
 from watcher import publish as publish_module
 from watcher.archive import MAX_PATH_DEPTH, RATIO_FLOOR
 from watcher.config import Limits
-from watcher.errors import ArtifactIdTaken, ArtifactRefused, ConfigError
+from watcher.errors import ArtifactError, ArtifactIdTaken, ArtifactRefused, ConfigError
 from watcher.publish import (
     Manifest,
     PublishInterrupted,
@@ -56,22 +55,6 @@ def make_tree(root: Path) -> Path:
         "include: ['**']\nexclude: ['tests/**', 'docs/**', '__pycache__']\n"
     )
     return root
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10) -> Iterator[None]:
-    """Fail (not hang) a test whose code would block, e.g. opening a FIFO to read it."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def sha_of(path: Path) -> str:
@@ -147,13 +130,14 @@ class TestLoadManifest:
         ],
         ids=["device", "fifo", "directory", "huge", "latin-1"],
     )
+    @pytest.mark.timeout(10)  # a FIFO opened to be read would block: fail, do not hang
     def test_a_manifest_that_is_no_small_text_file_is_refused_at_once(
         self, tmp_path: Path, make: object, problem: str
     ) -> None:
         (tmp_path / ".watcher").mkdir()
         manifest = tmp_path / ".watcher/manifest.yaml"
         make(manifest)  # type: ignore[operator]
-        with no_hang(), pytest.raises(ConfigError) as err:
+        with pytest.raises(ConfigError) as err:
             load_manifest(tmp_path)
         assert str(err.value).startswith(str(manifest))
         assert problem in str(err.value)
@@ -420,6 +404,28 @@ def _rewrite_same_size(path: Path) -> None:
     os.utime(path, ns=(1, 1))
 
 
+def test_a_full_disk_under_the_artifact_is_said_as_such_not_as_a_source_file_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while the tarball is written was reported as 'cannot read <a source file>'
+    (the code review)."""
+    src = make_tree(tmp_path / "src")
+
+    def full(self: object, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(publish_module._HashingWriter, "write", full)
+    out = tmp_path / "out" / "a.tar.gz"
+    out.parent.mkdir()
+    with pytest.raises(ArtifactError) as caught:
+        build_tarball(src, load_manifest(src), out)
+    assert str(caught.value) == (
+        f"cannot write the artifact in {out.parent}: No space left on device"
+    )
+    assert not isinstance(caught.value, ArtifactRefused)
+    assert list(out.parent.iterdir()) == []
+
+
 class TestATreeChangedWhileBeingPacked:
     """A build step still writing the tree after the files were selected: the archive
     would hold bytes of no one moment (a bundle cut at its selected size), a file from
@@ -451,6 +457,7 @@ class TestATreeChangedWhileBeingPacked:
         ],
         ids=["grew", "shrank", "rewritten", "symlink", "fifo", "replaced"],
     )
+    @pytest.mark.timeout(10)  # a FIFO opened to be read would block: fail, do not hang
     def test_it_is_refused_saying_which_file_and_how(
         self, tmp_path: Path, change_before_packing: list[object], change: object, what: str
     ) -> None:
@@ -458,7 +465,7 @@ class TestATreeChangedWhileBeingPacked:
         target = src / "lib/util.py"
         change_before_packing.append(lambda: change(target))  # type: ignore[operator]
         out = tmp_path / "a.tar.gz"
-        with no_hang(), pytest.raises(ArtifactRefused) as caught:
+        with pytest.raises(ArtifactRefused) as caught:
             build_tarball(src, load_manifest(src), out)
         assert str(caught.value) == (
             f"{target} changed while being packed ({what}); publish again once whatever "
