@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import signal
+from collections.abc import Callable
 
 __all__ = ["die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here, in the parent: a dlopen() in the child of a process with threads (between
+# fork and exec) could wait for ever on a loader lock another thread held at the fork.
+_PRCTL = _prctl()
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -17,5 +29,5 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
     server behind). The children run in their own sessions, so a signal to the parent's
     process group does not reach them; this does. The kernel sends it when the *thread*
     that forked the child exits: start them from a thread that outlives them."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
