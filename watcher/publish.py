@@ -222,7 +222,10 @@ def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
     path = Path(src_dir) / MANIFEST_PATH
     source = str(path)
     try:
-        # Not waiting on a FIFO, nor reading a device (a link to /dev/zero) without end.
+        # Not waiting on a FIFO, nor reading a device (a link to /dev/zero) without end,
+        # nor even opening one (opening some devices does something): looked at first.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(source, ["cannot read: not a regular file"])
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return Manifest(
@@ -231,7 +234,7 @@ def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
         )
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since it was looked at
         os.close(fd)
         raise ConfigError(source, ["cannot read: not a regular file"])
     with os.fdopen(fd, "rb") as f:
