@@ -728,10 +728,6 @@ def _os_error(exc: OSError) -> str:
     return f"{what}: {exc.strerror or exc}"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def committed_end(app: str, hosts: Iterable[str]) -> str:
     """How a committed deploy still in flight ends: only a running watcher of ``app`` ends
     it (DESIGN.md 6.4.7), so one whose every host stopped running it stays in flight."""
@@ -739,3 +735,7 @@ def committed_end(app: str, hosts: Iterable[str]) -> str:
         f"It ends once the watchers of {app} that run on its hosts ({', '.join(hosts)}) have "
         f"applied it, or past its apply deadline at any watcher of {app} that runs"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -923,11 +923,13 @@ class ReleaseEngine:
             parent = inside.parent
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP):
+                    raise
                 raise StagingError(
                     f"shared path {rel} (the app's shared setting): a part of "
-                    f"{parent.relative_to(tree)} in the release is no directory (a file, or a "
-                    "symlink to none): the archive and the setting do not fit together"
+                    f"{parent.relative_to(tree)} in the release is no directory (a file, a "
+                    "symlink to none, or a loop): the archive and the setting do not fit together"
                 ) from None
             real_parent = os.path.realpath(parent)
             if real_parent != real_tree and not real_parent.startswith(real_tree + "/"):

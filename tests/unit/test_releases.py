@@ -304,8 +304,8 @@ class TestStaging:
             engine.stage_from_file(src, record_for(src), rel(1), "d-1")
         assert str(caught.value) == (
             f"staging {rel(1)}: shared path public/uploads (the app's shared setting): a "
-            "part of public in the release is no directory (a file, or a symlink to none): "
-            "the archive and the setting do not fit together"
+            "part of public in the release is no directory (a file, a symlink to none, or a "
+            "loop): the archive and the setting do not fit together"
         )
         assert engine.release_names() == [] and tmp_leftovers(engine.layout) == []
 
