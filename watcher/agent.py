@@ -343,6 +343,11 @@ class Journal:
                 self._cache = None
                 self._on_disk = None
 
+    def forget(self) -> None:
+        """The file was moved away: no journal from now on (nothing written)."""
+        with self._changing:
+            self._cache, self._loaded, self._on_disk, self._joined = None, True, None, None
+
     def _write(self, data: dict[str, Any], *, durable: bool = True) -> None:
         try:
             with self._changing:
@@ -526,6 +531,41 @@ class AppAgent:
         self._applied_recently = self._read_applied_recently()
         self._cancel_reason = ""
         self._legacy_checked = False
+        # Who journals here: a journal of another node name or KV prefix (the config
+        # changed across the restart) is that identity's, never resumed as this one's.
+        self._scope = f"{node} {store.keys.base}"
+        for journal in (self.journal, self.converge_journal):
+            self._set_aside_foreign(journal)
+
+    def _set_aside_foreign(self, journal: Journal) -> None:
+        """Move a journal written under another node name or KV prefix out of the way
+        (``<name>.set-aside``), saying so: resumed, its deploy's request does not expect
+        this node (every step refused, the session given up at every prepare deadline,
+        the operator review's rename) or is not under this prefix (its records written
+        where no request is). This host then converges as a new one."""
+        try:
+            data = journal.read()
+        except OSError:
+            return  # read again, and said, by the step that needs it
+        scope = data.get("scope") if data else None
+        if not isinstance(scope, str) or scope == self._scope:
+            return  # none, this watcher's, or an older version's (no scope: as before)
+        aside = journal.path.with_name(journal.path.name + ".set-aside")
+        try:
+            journal.path.replace(aside)
+        except OSError as exc:
+            self.log.error("journal_not_set_aside", journal=str(journal.path), error=str(exc))
+            return
+        journal.forget()
+        self.log.warning(
+            "journal_set_aside",
+            journal=str(aside),
+            deploy=str(data.get("deploy", "")) if data else "",
+            written_as=scope,
+            running_as=self._scope,
+            note="the config's node or kv_prefix changed across the restart: that deploy "
+            "is the old identity's; this host converges to the fleet's release as a new one",
+        )
 
     # --- the loop's entry point -------------------------------------------------------
 
@@ -802,7 +842,9 @@ class AppAgent:
         while len(self._request_index) > 8:  # only deploys this host is in matter
             del self._request_index[next(iter(self._request_index))]
         try:
-            self.journal.begin(deploy_id, **joined.to_journal(), established=None)
+            self.journal.begin(
+                deploy_id, **joined.to_journal(), established=None, scope=self._scope
+            )
         except OSError as exc:
             # No journal, no safe resume (a full disk, a read-only .state/): say no now
             # rather than leave the fleet waiting for this host until the deadline.
@@ -2516,7 +2558,7 @@ class AppAgent:
         """
         rec = joined.request
         journal = self.converge_journal
-        journal.begin(rec.id, release=rec.release)
+        journal.begin(rec.id, release=rec.release, scope=self._scope)
         try:
             artifact = self._record_of(rec)
             self.engine.in_flight_artifacts.add(artifact.sha256)

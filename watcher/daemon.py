@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -120,14 +121,19 @@ class SessionKeeper(threading.Thread):
         give_up: Callable[[], bool] = lambda: False,
         on_renew_failed: Callable[[], None] = lambda: None,
         on_reused: Callable[[str], None] = lambda session_id: None,
+        kv_prefix: str = "",
     ) -> None:
         super().__init__(name="session", daemon=True)
+        self.kv_prefix = kv_prefix
         self.give_up = give_up
         self.on_reused = on_reused
         self.on_renew_failed = on_renew_failed
         self.consul = consul
         self.node = node
         self.ttl = ttl
+        # The TTL of the session held: a reused one keeps the TTL it was made with (a
+        # restart that raised session_ttl renews it as often as that one needs).
+        self.held_ttl = ttl
         self.path = state_dir / SESSION_FILE
         self.health = health
         self.metrics = metrics
@@ -140,7 +146,11 @@ class SessionKeeper(threading.Thread):
         try:
             saved_first = json.loads(self.path.with_name(FIRST_INDEX_FILE).read_text())
             self.first_index = int(saved_first["first_index"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            # Another node name's (the config's `node` changed): this one is a new host,
+            # whose sessions begin now (DESIGN.md 6.4.5), not when the old name's did.
+            if saved_first.get("node", node) != node:
+                self.first_index = 0
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             self.first_index = 0
         self._lock = threading.Lock()
         # The failure logged last ((creating, error), when): said again only after a while.
@@ -160,8 +170,25 @@ class SessionKeeper(threading.Thread):
         try:
             saved = json.loads(self.path.read_text())
             kept, kept_on = str(saved["id"]), str(saved["consul_node"])
+            # Made for another node name or KV prefix (the config changed across the
+            # restart): its member keys and the deploys that name it are the old
+            # identity's; reused, this watcher would hold them as if it were still that.
+            other = [
+                f"{field} {saved[field]!r}"
+                for field, now in (("node", self.node), ("kv_prefix", self.kv_prefix))
+                if field in saved and saved[field] != now
+            ]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            kept, kept_on = "", ""
+            kept, kept_on, other = "", "", []
+        if kept and other:
+            log.warning(
+                "session_not_reused",
+                session=kept,
+                reason=f"made for {', '.join(other)}; this watcher runs with node "
+                f"{self.node!r} and kv_prefix {self.kv_prefix!r}",
+            )
+            self._abandon(kept)
+            kept = ""
         if kept:
             # Consul's node of the session (the agent's name, which `node:` in the config
             # may override for the fleet), so compare with what it was created on.
@@ -172,11 +199,13 @@ class SessionKeeper(threading.Thread):
                 log.info("session_reused", session=kept)
                 self._note_first_index(info)
                 self._reused = kept
+                self.held_ttl = min(self.ttl, _ttl_seconds(info.get("TTL")) or self.ttl)
                 return kept
             self._abandon(kept)
         session_id = self.consul.session_create(
             f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
         )
+        self.held_ttl = self.ttl
         info = self.consul.session_info(session_id) or {}
         self._note_first_index(info)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +214,7 @@ class SessionKeeper(threading.Thread):
             {
                 "id": session_id,
                 "node": self.node,
+                "kv_prefix": self.kv_prefix,
                 "consul_node": info.get("Node", ""),
                 "created_at": iso(utcnow()),
             },
@@ -231,13 +261,16 @@ class SessionKeeper(threading.Thread):
         if index and (self.first_index == 0 or index < self.first_index):
             self.first_index = index
             with contextlib.suppress(OSError):
-                atomic_write_json(self.path.with_name(FIRST_INDEX_FILE), {"first_index": index})
+                atomic_write_json(
+                    self.path.with_name(FIRST_INDEX_FILE), {"first_index": index, "node": self.node}
+                )
 
     def run(self) -> None:
-        # Every TTL/2, as Consul's own Go API renews: Consul keeps a session at least its
-        # TTL past the last renewal, so one failed renewal still leaves time for another.
-        interval = max(self.ttl / 2.0, 0.3)
         while not self.stopping.is_set():
+            # Every TTL/2 (of the session held), as Consul's own Go API renews: Consul keeps
+            # a session at least its TTL past the last renewal, so one failed renewal still
+            # leaves time for another.
+            interval = max(self.held_ttl / 2.0, 0.3)
             try:
                 current = self.session_id
                 if current is not None and self.give_up():
@@ -301,7 +334,7 @@ class SessionKeeper(threading.Thread):
                 self.stopping.wait(REFUSED_RETRY if refused and creating else min(1.0, interval))
                 continue
             self._said = None
-            self.stopping.wait(interval)
+            self.stopping.wait(max(self.held_ttl / 2.0, 0.3))
 
     def _say_failure(self, exc: Exception, *, refused: bool) -> None:
         """Log a failed create or renewal; the same error again only once a minute (a token
@@ -865,6 +898,7 @@ class Daemon:
             give_up=lambda: any(a.must_give_up_session() for a in self.agents.values()),
             on_renew_failed=self._write_status,
             on_reused=self._leave_departed_apps,
+            kv_prefix=self.config.kv_prefix,
         )
         self.keeper.start()
         handled = HandledEvents(self.config.daemon.handled_events_keep)
@@ -1348,6 +1382,17 @@ class Daemon:
             left = sender.drain(end - time.monotonic())
             if left:
                 log.error("webhook_unsent_at_stop", app=name, messages=left, waited=DRAIN_AT_STOP)
+
+
+def _ttl_seconds(text: Any) -> float | None:
+    """Consul's TTL of a session ("15s", "1m30s", "1h0m0s"), in seconds; None when not."""
+    if not isinstance(text, str) or not text:
+        return None
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts) or None
 
 
 def run_daemon(config: Config, args: Any) -> int:

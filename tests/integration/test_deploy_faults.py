@@ -525,6 +525,41 @@ class TestRestart:
         assert [r for _, r in handled].count("started") == 1, handled
         rig.check_invariants()
 
+    def test_a_host_renamed_while_ready_comes_back_as_a_new_host_and_follows_the_commit(
+        self, rig: Rig
+    ) -> None:
+        """The operator review: a host stopped while ready in a deploy and started with
+        another `node` reused its session (both names alive) and resumed the old name's
+        journal, refused every step and gave its session up at every prepare deadline; the
+        fleet flipped without it. The old identity's session and journal stay behind now:
+        its ready ack still counts, and the new name follows the commit as a new host."""
+        fleet = rig.fleet
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        renamed = rig.watchers[1]
+        others = [w for w in rig.watchers if w is not renamed]
+        rig.hold(*others)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        wait_for(lambda: rig.states(deploy_id).get(renamed.name) == "ready", 30, "ready", fleet)
+        assert renamed.stop(60) == 0
+        data = yaml.safe_load(renamed.config_path.read_text())
+        data["node"] = "host-9"
+        renamed.config_path.write_text(yaml.safe_dump(data))
+        renamed.start()
+        wait_for(
+            lambda: bool(renamed.log_events("watcher_ready", this_start=True)), 20, "ready", fleet
+        )
+        assert renamed.log_events("session_not_reused", this_start=True)
+        [aside] = renamed.log_events("journal_set_aside", this_start=True)
+        assert aside["deploy"] == deploy_id
+        rig.release(*others)
+
+        assert fleet.wait_outcome(deploy_id)["result"] == "committed"
+        wait_for(lambda: renamed.current() == release, 30, "the renamed host on it", fleet)
+        assert set(fleet.currents().values()) == {release}
+        members = fleet.kv.kv_list(fleet.keys.members_prefix)
+        assert sorted(e.key.rsplit("/", 1)[1] for e in members) == ["host-1", "host-3", "host-9"]
+
     def test_sigterm_during_prepare_then_start_resumes_the_deploy(self, rig: Rig) -> None:
         fleet = rig.fleet
         baseline(rig)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from watcher.daemon import REFUSED_RETRY, SESSION_FILE, SessionKeeper
@@ -159,6 +160,67 @@ def test_a_reused_session_is_the_daemons_before_its_clean_up_runs_and_survives_i
         k.join(5)
     assert seen == [("s1", "s1", True)]
     assert k.session_id == "s1" and consul.created == 0, consul.calls
+
+
+@pytest.mark.parametrize(
+    ("saved", "why"),
+    [
+        ({"node": "host-3"}, "node 'host-3'"),
+        ({"node": "host-1", "kv_prefix": "watcher2"}, "kv_prefix 'watcher2'"),
+    ],
+    ids=["renamed", "other-prefix"],
+)
+def test_a_session_kept_for_another_node_or_prefix_is_not_reused(
+    tmp_path: Path, saved: dict[str, str], why: str
+) -> None:
+    """The config's node or kv_prefix changed across a restart (the operator review): the
+    old session holds the old identity's member keys and is named in its deploys; reused,
+    the watcher stayed that identity too (both names 'alive', every deploy refused)."""
+    consul = ScriptedConsul({"s1"})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / SESSION_FILE).write_text(
+        json.dumps({"id": "s1", "consul_node": "agent-1", **saved})
+    )
+    k = keeper(consul, tmp_path)
+    k.kv_prefix = "watcher"
+    with capture_logs() as logs:
+        assert k.obtain() == "new-1"
+    assert consul.calls.index(("destroy", "s1")) < consul.calls.index(("create", "new-1"))
+    [said] = [e for e in logs if e["event"] == "session_not_reused"]
+    assert why in said["reason"]
+    written = json.loads((tmp_path / SESSION_FILE).read_text())
+    assert (written["node"], written["kv_prefix"]) == ("host-1", "watcher")
+
+
+def test_a_reused_session_is_renewed_as_often_as_its_own_ttl_needs(tmp_path: Path) -> None:
+    """session_ttl raised from 10 s to 60 s across a quick restart: the session kept its
+    10 s TTL, and renewed every 30 s it lapsed (the deploy the restart kept aborted)."""
+
+    class WithTtl(ScriptedConsul):
+        def session_info(self, sid: str, *, consistent: bool = False) -> dict[str, Any] | None:
+            info = super().session_info(sid, consistent=consistent)
+            return None if info is None else {**info, "TTL": "10s"}
+
+    consul = WithTtl({"s1"})
+    keep(tmp_path, "s1")
+    k = keeper(consul, tmp_path)
+    k.ttl = k.held_ttl = 60.0
+    assert k.obtain() == "s1"
+    assert k.held_ttl == 10.0
+    assert k.obtain() == "s1"  # the saved file still names it: reused again
+    consul.alive.clear()
+    assert k.obtain() == "new-1" and k.held_ttl == 60.0
+
+
+def test_the_first_session_of_another_node_name_is_not_this_ones(tmp_path: Path) -> None:
+    """A renamed host is a new host (DESIGN.md 6.4.5): the old name's first session does
+    not make it one that was alive when a deploy it is not expected in was made."""
+    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7, "node": "host-3"}))
+    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 0
+    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7, "node": "host-1"}))
+    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 7
+    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7}))  # older file
+    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 7
 
 
 def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
