@@ -463,6 +463,10 @@ class AppAgent:
         self._task: Future[None] | None = None
         self._task_key: tuple[str, str] | None = None
         self._cancel = threading.Event()
+        # Set by a stop: a prepare still staging stops before its ready ack (not in a hook),
+        # unacked, for the restart to resume from the journal; a stopped watcher must not
+        # tie the fleet to a commit it will not apply until it runs again.
+        self._stopping = threading.Event()
         # How far the running extraction got: (deploy, bytes, members), as last reported.
         self._extracted: tuple[str, int, int] = ("", 0, 0)
         # (release, alarm, hold, broken) as the host record says them
@@ -1780,14 +1784,14 @@ class AppAgent:
             self.engine.in_flight_artifacts.add(artifact.sha256)
             if not self._quick(artifact, rec.release):
                 self._show_staging(joined)  # a download or an extraction: shown at once
-            self._download(artifact, rec.release)
-            self._check_cancel()
+            self._download(artifact, rec.release, self._staging_cancelled)
+            self._check_cancel(stopping=True)
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.stage(
                     artifact,
                     rec.release,
                     rec.id,
-                    cancel=self._cancel.is_set,
+                    cancel=self._staging_cancelled,
                     progress=self._staging_progress(joined),
                 )
             info = self.engine.release_info(rec.release) or {}
@@ -1800,7 +1804,7 @@ class AppAgent:
                 self.store.write_pin(artifact, by=self.node)
             if self.status.prefetch_failed.startswith(f"{artifact.id}: "):
                 self.status.prefetch_failed = ""  # this deploy fetched it after all
-            self._check_cancel()
+            self._check_cancel(stopping=True)
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 live = self.engine.current_release()
                 if live and live != rec.release:
@@ -1814,7 +1818,7 @@ class AppAgent:
                         # (refusing here made every deploy abort on it).
                         self.log.warning("live_release_broken", release=live, problem=problem)
                         self.engine.clear_backup()
-            self._check_cancel()
+            self._check_cancel(stopping=True)
             hooks = hook_commands(
                 self.app, "post_release", self.engine.layout.release_dir(rec.release)
             )
@@ -1872,6 +1876,11 @@ class AppAgent:
             if utcnow() >= self._deadlines(rec)[0]:
                 raise DeployRefused("prepare deadline passed before this host was ready")
         except (_Cancelled, StagingCancelled):
+            if self._stopping.is_set() and not self._cancel.is_set():
+                # The watcher stops: no ack, nothing undone; the restart resumes it from
+                # the journal (a download from its partial file).
+                self.log.info("prepare_paused", deploy=rec.id, reason="the watcher stops")
+                return
             # Without a reason the loop cancelled it on an abort it established.
             why = self._cancel_reason or ABORT_ESTABLISHED
             self.log.info("prepare_cancelled", deploy=rec.id, reason=why)
@@ -1903,6 +1912,9 @@ class AppAgent:
                 timings={"failed_at": iso(utcnow())},
             )
             self._observe("prepare", started)
+            return
+        if self._stopping.is_set():  # a last look: staged, but not acked by a stopping one
+            self.log.info("prepare_paused", deploy=rec.id, reason="the watcher stops")
             return
         marker = self._wake_marker(rec.id)  # before the txn: what its verdict read covers
         lock = []
@@ -1936,14 +1948,17 @@ class AppAgent:
         )
         self._observe("prepare", started)
 
-    def _download(self, artifact: ArtifactRecord, release: str) -> None:
+    def _download(
+        self, artifact: ArtifactRecord, release: str, cancel: Callable[[], bool] | None = None
+    ) -> None:
         """Fetch the artifact outside the app lock, so operators are not locked out for the
-        length of a download; staging then finds it in the cache."""
+        length of a download; staging then finds it in the cache. ``cancel``: the abort's
+        (a prepare's also stops for a stop: ``_staging_cancelled``)."""
         if self.engine.cache is None or self.engine.is_complete(release):
             return
         if self.engine.prefetched_path(artifact).is_dir():
             return
-        self.engine.fetch(artifact, cancel=self._cancel.is_set)
+        self.engine.fetch(artifact, cancel=cancel or self._cancel.is_set)
 
     def _quick(self, artifact: ArtifactRecord, release: str) -> bool:
         """Whether staging is a rename (pre-extracted, or the release is already there)."""
@@ -1976,8 +1991,12 @@ class AppAgent:
             self._cancel_reason = reason
             self._cancel.set()
 
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
+    def _staging_cancelled(self) -> bool:
+        """A prepare's download and extraction stop for an abort and for a stop alike."""
+        return self._cancel.is_set() or self._stopping.is_set()
+
+    def _check_cancel(self, *, stopping: bool = False) -> None:
+        if self._cancel.is_set() or (stopping and self._stopping.is_set()):
             raise _Cancelled
 
     def _apply(self, joined: Joined, flip_at: float | None = None) -> None:
@@ -2755,7 +2774,9 @@ class AppAgent:
         )
 
     def shutdown(self, wait: bool) -> None:
-        # The step in progress finishes (a hook is not interrupted); the journal resumes it.
+        # The step in progress finishes (a hook is not interrupted), but a prepare stops
+        # before its ready ack; the journal resumes it.
+        self._stopping.set()
         self._worker.shutdown(wait=wait, cancel_futures=True)
 
     def wait_idle(self, timeout: float) -> bool:

@@ -588,6 +588,11 @@ class TestRestart:
         assert time.monotonic() - signalled >= 0.5
         events = [e.get("event") for e in victim.log_events()]
         assert "session_kept" in events and "session_destroyed" not in events
+        # Staged, its hook done, but a stopping watcher does not ack ready: the fleet must
+        # not commit on a host that is not running to apply it (the operator review).
+        its = [e.get("event") for e in victim.log_events() if e.get("deploy") == deploy_id]
+        assert "prepare_paused" in its and "prepare_ready" not in its, its
+        assert rig.states(deploy_id).get(victim.name) != "ready"
 
         victim.start()
         wait_for(
@@ -596,7 +601,14 @@ class TestRestart:
             "session reused",
             fleet,
         )
-        assert rig.states(deploy_id)[victim.name] == "ready"
+        wait_for(
+            lambda: rig.states(deploy_id).get(victim.name) == "ready",
+            20,
+            "the restarted host acks ready",
+            fleet,
+        )
+        # Resumed from its journal: the hook that finished before the stop did not run again.
+        assert len(rig.hook_lines(victim, "post_release start", deploy_id)) == 1
         rig.release(*rig.watchers)
         outcome = fleet.wait_outcome(deploy_id)
         assert outcome["result"] == "committed", outcome

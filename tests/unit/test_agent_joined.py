@@ -629,6 +629,7 @@ class TestAnotherWatcherOfThisNode:
             join_read=lambda d, n, artifact=None: JoinRead(req, entry, "", False, None, 0)
         )
         a._left_to_holder = {}
+        a._scope = "host-1 watcher/apps/web"
         a._other_holder = None
         a._last_prefetched = "x"
         a._prepared, a._own, a._known, a._request_index = {}, {}, {}, {}
