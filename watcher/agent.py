@@ -552,14 +552,15 @@ class AppAgent:
         except OSError:
             return  # read again, and said, by the step that needs it
         scope = data.get("scope") if data else None
-        if not isinstance(scope, str) or scope == self._scope:
-            return  # none, this watcher's, or an older version's (no scope: as before)
-        aside = journal.path.with_name(journal.path.name + ".set-aside")
+        if not isinstance(scope, str) or scope == self._scope or (data or {}).get("finished"):
+            return  # none, this watcher's, an older version's (no scope: as before), or done
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+        aside = journal.path.with_name(f"{journal.path.name}.set-aside-{stamp}")
         try:
             journal.path.replace(aside)
         except OSError as exc:
+            # Never resumed as this identity's all the same: the next begin writes over it.
             self.log.error("journal_not_set_aside", journal=str(journal.path), error=str(exc))
-            return
         journal.forget()
         self.log.warning(
             "journal_set_aside",
@@ -1935,6 +1936,11 @@ class AppAgent:
             who = f" by {abort.by}: {abort.reason}".rstrip(": ") if abort else ""
             self._ack(joined, ABORTED, error=f"{ABORT_REQUESTED}{who}", before_ready=True)
             return
+        if self._stopping.is_set():
+            # The stop came during the ack's own request: acked all the same (the window
+            # is that one request); the fleet may commit on this host, which applies it
+            # only when its watcher runs again.
+            self.log.warning("ready_acked_while_stopping", deploy=rec.id)
         if written is not None and written.extras and lock:
             self._coordinating = rec.id
         if written is not None and written.verdict is not None:

@@ -146,11 +146,7 @@ class SessionKeeper(threading.Thread):
         try:
             saved_first = json.loads(self.path.with_name(FIRST_INDEX_FILE).read_text())
             self.first_index = int(saved_first["first_index"])
-            # Another node name's (the config's `node` changed): this one is a new host,
-            # whose sessions begin now (DESIGN.md 6.4.5), not when the old name's did.
-            if saved_first.get("node", node) != node:
-                self.first_index = 0
-        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             self.first_index = 0
         self._lock = threading.Lock()
         # The failure logged last ((creating, error), when): said again only after a while.
@@ -200,6 +196,11 @@ class SessionKeeper(threading.Thread):
                 self._note_first_index(info)
                 self._reused = kept
                 self.held_ttl = min(self.ttl, _ttl_seconds(info.get("TTL")) or self.ttl)
+                if saved.get("kv_prefix") != self.kv_prefix:
+                    # An older version's file: say whose it is now, so that a later change
+                    # of prefix is seen (a reused session may live on for many deploys).
+                    with contextlib.suppress(OSError):
+                        atomic_write_json(self.path, {**saved, "kv_prefix": self.kv_prefix})
                 return kept
             self._abandon(kept)
         session_id = self.consul.session_create(
@@ -261,9 +262,7 @@ class SessionKeeper(threading.Thread):
         if index and (self.first_index == 0 or index < self.first_index):
             self.first_index = index
             with contextlib.suppress(OSError):
-                atomic_write_json(
-                    self.path.with_name(FIRST_INDEX_FILE), {"first_index": index, "node": self.node}
-                )
+                atomic_write_json(self.path.with_name(FIRST_INDEX_FILE), {"first_index": index})
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -311,7 +310,7 @@ class SessionKeeper(threading.Thread):
                     isinstance(exc, ConsulError)
                     and self.session_id is not None
                     and self.health.renewal_failed(
-                        exc.started_at or time.monotonic(), one_line(str(exc)), self.ttl
+                        exc.started_at or time.monotonic(), one_line(str(exc)), self.held_ttl
                     )
                 ):
                     self.on_change()  # the loop rewrites status.json: `status` shows it
@@ -1343,20 +1342,7 @@ class Daemon:
             for stop_event in watches.values():
                 stop_event.set()
         self._prefetch.shutdown(wait=False, cancel_futures=True)
-        in_flight = False
-        for agent in self.agents.values():
-            agent.shutdown(wait=False)
-            if agent.busy():
-                log.info("waiting_for_task", app=agent.app.name)
-            # A step may run several hooks, each up to its own timeout, longer together
-            # than the unit's TimeoutStopSec: systemd is asked for more while a hook runs
-            # (the rest of a step, a download say, has the unit's timeout as before).
-            while agent.busy():
-                if running_hooks():
-                    self.notifier.extend_timeout(STOP_EXTEND)
-                agent.wait_idle(STOP_EXTEND / 3 if running_hooks() else 1.0)
-            agent.shutdown(wait=True)
-            in_flight = in_flight or agent.has_deploy_in_flight()
+        in_flight = stop_agents(list(self.agents.values()), self.notifier)
         if self.keeper is not None:
             if in_flight:
                 # Keep the session: a quick restart reuses it and resumes the deploy.
@@ -1382,6 +1368,28 @@ class Daemon:
             left = sender.drain(end - time.monotonic())
             if left:
                 log.error("webhook_unsent_at_stop", app=name, messages=left, waited=DRAIN_AT_STOP)
+
+
+def stop_agents(agents: list[AppAgent], notifier: SystemdNotifier) -> bool:
+    """Stop every app's worker for a shutdown; whether one has a deploy in flight. Every
+    app is told first (a prepare stops before its ready ack: told only once the app
+    before it was done, a second app's prepare acked ready meanwhile, the code review),
+    then each is waited for. A step may run several hooks, each up to its own timeout,
+    longer together than the unit's TimeoutStopSec: systemd is asked for more while a hook
+    runs (the rest of a step, a download say, has the unit's timeout as before)."""
+    for agent in agents:
+        agent.shutdown(wait=False)
+    in_flight = False
+    for agent in agents:
+        if agent.busy():
+            log.info("waiting_for_task", app=agent.app.name)
+        while agent.busy():
+            if running_hooks():
+                notifier.extend_timeout(STOP_EXTEND)
+            agent.wait_idle(STOP_EXTEND / 3 if running_hooks() else 1.0)
+        agent.shutdown(wait=True)
+        in_flight = in_flight or agent.has_deploy_in_flight()
+    return in_flight
 
 
 def _ttl_seconds(text: Any) -> float | None:

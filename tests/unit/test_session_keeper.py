@@ -132,6 +132,20 @@ def test_a_kept_session_still_good_is_reused(tmp_path: Path) -> None:
     assert not [c for c in consul.calls if c[0] in ("destroy", "create")], consul.calls
 
 
+def test_a_session_reused_from_an_older_file_is_marked_with_its_prefix(tmp_path: Path) -> None:
+    """A session reused across the upgrade (an older session.json, no kv_prefix) may live
+    on for many deploys: a later restart with another prefix must still see it is not
+    this one's (the code review)."""
+    consul = ScriptedConsul({"s1"})
+    keep(tmp_path, "s1")
+    k = keeper(consul, tmp_path)
+    k.kv_prefix = "watcher"
+    assert k.obtain() == "s1"
+    assert json.loads((tmp_path / SESSION_FILE).read_text())["kv_prefix"] == "watcher"
+    k.kv_prefix = "watcher2"
+    assert k.obtain() == "new-1"
+
+
 def test_a_reused_session_is_the_daemons_before_its_clean_up_runs_and_survives_it(
     tmp_path: Path,
 ) -> None:
@@ -210,17 +224,6 @@ def test_a_reused_session_is_renewed_as_often_as_its_own_ttl_needs(tmp_path: Pat
     assert k.obtain() == "s1"  # the saved file still names it: reused again
     consul.alive.clear()
     assert k.obtain() == "new-1" and k.held_ttl == 60.0
-
-
-def test_the_first_session_of_another_node_name_is_not_this_ones(tmp_path: Path) -> None:
-    """A renamed host is a new host (DESIGN.md 6.4.5): the old name's first session does
-    not make it one that was alive when a deploy it is not expected in was made."""
-    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7, "node": "host-3"}))
-    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 0
-    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7, "node": "host-1"}))
-    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 7
-    (tmp_path / "first_index.json").write_text(json.dumps({"first_index": 7}))  # older file
-    assert keeper(ScriptedConsul(set()), tmp_path).first_index == 7
 
 
 def test_a_session_consul_refuses_is_what_health_says(tmp_path: Path) -> None:
