@@ -23,11 +23,12 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from tests.unit.test_ctl import a_record
 from watcher import ids
 from watcher.barrier import DeployView
 from watcher.config import parse_config
 from watcher.errors import ConsulUnavailable
-from watcher.records import DeployRecord, NodeProgress
+from watcher.records import NodeProgress
 from watcher.web import app as web_app
 from watcher.web.app import (
     MAX_BODY,
@@ -1160,19 +1161,7 @@ class TestHelpers:
 def test_a_committed_deploy_no_watcher_ends_is_said_on_the_page(client: TestClient) -> None:
     """The page says what `status --fleet` says (NOT ENDED): a committed deploy still in
     flight well past its apply deadline, and which watchers end it."""
-    record = DeployRecord(
-        id="20260101T000000Z-abc123",
-        app="web",
-        kind="deploy",
-        artifact="main-15eb13af",
-        sha256="0" * 64,
-        release="20260101T000000Z-main-15eb13af",
-        requested_by="alice",
-        requested_at="2026-01-01T00:00:00Z",
-        expected=["host-1", "host-2"],
-        prepare_deadline="2026-01-01T00:10:00Z",
-        apply_deadline="2026-01-01T00:20:00Z",
-    )
+    record = a_record(["host-1", "host-2"])  # apply deadline 2026-01-01 00:20
     ready = {
         n: NodeProgress(node=n, state="ready", digest=record.digest()) for n in record.expected
     }
