@@ -542,11 +542,11 @@ class AppAgent:
             self._set_aside_foreign(journal)
 
     def _set_aside_foreign(self, journal: Journal) -> None:
-        """Move a journal written under another node name or KV prefix out of the way
-        (``<name>.set-aside``), saying so: resumed, its deploy's request does not expect
-        this node (every step refused, the session given up at every prepare deadline,
-        the operator review's rename) or is not under this prefix (its records written
-        where no request is). This host then converges as a new one."""
+        """Move an unfinished journal written under another node name or KV prefix out of
+        the way (``<name>.set-aside-<time>``), saying so: resumed, its deploy's request does
+        not expect this node (every step refused, the session given up at every prepare
+        deadline, the operator review's rename) or is not under this prefix (its records
+        written where no request is). This host then converges as any host does."""
         try:
             data = journal.read()
         except OSError:
@@ -569,7 +569,8 @@ class AppAgent:
             written_as=scope,
             running_as=self._scope,
             note="the config's node or kv_prefix changed across the restart: that deploy "
-            "is the old identity's; this host converges to the fleet's release as a new one",
+            "is the old identity's, never resumed as this one's; this host converges to "
+            "the fleet's release from what it runs now",
         )
 
     # --- the loop's entry point -------------------------------------------------------

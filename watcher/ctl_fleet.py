@@ -1369,9 +1369,10 @@ def _app_hint(ctx: CtlContext, name: str) -> str:
 
 def not_ended(view: DeployView | None, now: datetime | None = None) -> list[str]:
     """The expected hosts of a deploy the acks commit that is still in flight (no outcome)
-    ``STALL_MARGIN`` past its apply deadline; [] otherwise. Every watcher of the app ends
-    such a deploy by then (an expected host once it applied it or past that deadline, any
-    other past it, DESIGN.md 6.4.7): none runs, its every host stopped running the app."""
+    ``STALL_MARGIN`` past its apply deadline; [] otherwise. Every running watcher of the
+    app that is not held or in a hook ends such a deploy by then (an expected host once it
+    applied it or past that deadline, any other past it, DESIGN.md 6.4.7): none does, its
+    every host stopped running the app, say."""
     if (
         view is None
         or view.outcome is not None

@@ -44,30 +44,6 @@ TAIL_CHARS = 4096
 #: kept.
 MAX_LINE_BYTES = 4096
 MAX_LOGGED_LINES = 10_000
-
-_running = 0  # hook processes of this daemon running now (``running_hooks``)
-_running_lock = threading.Lock()
-
-
-def running_hooks() -> int:
-    """How many hook processes run now, in every app: a stop asks systemd for more time
-    only while one does (a download or an extraction gets the unit's own timeout)."""
-    with _running_lock:
-        return _running
-
-
-@contextlib.contextmanager
-def _counted() -> Iterator[None]:
-    global _running
-    with _running_lock:
-        _running += 1
-    try:
-        yield
-    finally:
-        with _running_lock:
-            _running -= 1
-
-
 MAX_LOGGED_BYTES = 1024 * 1024
 #: How a hook that was started ended (``run_hooks``'s ``on_result``; a metric label): by
 #: itself with status 0, by itself otherwise (or it could not start), at its timeout, or
@@ -127,6 +103,29 @@ class _Identity:
     popen: Mapping[str, Any]
     home: str
     name: str
+
+
+_running = 0  # hook processes of this daemon running now (``running_hooks``)
+_running_lock = threading.Lock()
+
+
+def running_hooks() -> int:
+    """How many hook processes run now, in every app: a stop asks systemd for more time
+    only while one does (a download or an extraction gets the unit's own timeout)."""
+    with _running_lock:
+        return _running
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    global _running
+    with _running_lock:
+        _running += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running -= 1
 
 
 def _check_phase(phase: str) -> None:
