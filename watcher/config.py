@@ -433,6 +433,16 @@ def parse_duration(value: Any, *, zero: bool = False) -> float:
     return seconds
 
 
+def _duration_at_least(minimum: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            raise ValueError
+        return seconds
+
+    return convert
+
+
 def parse_flip_delay(value: Any) -> float:
     """``flip_delay``: a duration from 0 (each host flips as soon as it can) to
     ``FLIP_DELAY_MAX`` seconds."""
@@ -732,11 +742,14 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     )
     tp = f"{path}.timeouts"
     duration = 'a duration (seconds, or like "30s", "5m")'
+    # Under a second, every download, hook, prepare or apply would run out before it began
+    # (`prepare: 1ms` for `1m`, passed by check-config, aborted every deploy).
+    step = 'a duration of at least 1 s (like "30s", "5m"; "ms" is milliseconds)'
     timeouts = Timeouts(
-        download=r.get(t, "download", tp, Timeouts.download, parse_duration, duration),
-        hook=r.get(t, "hook", tp, Timeouts.hook, parse_duration, duration),
-        prepare=r.get(t, "prepare", tp, Timeouts.prepare, parse_duration, duration),
-        apply=r.get(t, "apply", tp, Timeouts.apply, parse_duration, duration),
+        download=r.get(t, "download", tp, Timeouts.download, _duration_at_least(1.0), step),
+        hook=r.get(t, "hook", tp, Timeouts.hook, _duration_at_least(1.0), step),
+        prepare=r.get(t, "prepare", tp, Timeouts.prepare, _duration_at_least(1.0), step),
+        apply=r.get(t, "apply", tp, Timeouts.apply, _duration_at_least(1.0), step),
         lock=r.get(t, "lock", tp, Timeouts.lock, parse_duration, duration),
     )
     lim = r.section(

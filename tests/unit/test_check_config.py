@@ -176,8 +176,8 @@ class TestCheckConfig:
         assert proc.stdout == ""
         assert proc.stderr.splitlines() == [
             f"{bad}: s3.bukcet: unknown key (known: bucket, endpoint_url, prefix, region)",
-            f'{bad}: apps.web.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), '
-            'got "soon"',
+            f'{bad}: apps.web.timeouts.hook: must be a duration of at least 1 s (like "30s", '
+            '"5m"; "ms" is milliseconds), got "soon"',
             f'{bad}: apps.web.keep_releases: must be an integer >= 1, got "five"',
         ]
 

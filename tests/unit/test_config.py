@@ -285,7 +285,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ),
     (
         with_app(timeouts={"hook": "0s"}),
-        'apps.web.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "0s"',
+        'apps.web.timeouts.hook: must be a duration of at least 1 s (like "30s", "5m"; "ms" '
+        'is milliseconds), got "0s"',
     ),
     (
         with_app(timeouts={"lock": -1}),
@@ -441,7 +442,8 @@ class TestErrorsNameTheirPath:
             "daemon.history_keep: must be an integer from 2 to 1000, got 0",
             'apps.web.keep_releases: must be an integer >= 1, got "five"',
             'apps.api.root: must be an absolute directory path, got "rel"',
-            'apps.api.timeouts.hook: must be a duration (seconds, or like "30s", "5m"), got "x"',
+            'apps.api.timeouts.hook: must be a duration of at least 1 s (like "30s", "5m"; '
+            '"ms" is milliseconds), got "x"',
         ]
 
     @pytest.mark.parametrize(
@@ -711,6 +713,18 @@ class TestDurationsAndSizes:
         assert [p.split(":")[0] for p in problems(with_app(flip_delay=value))] == [
             "apps.web.flip_delay"
         ]
+
+    @pytest.mark.parametrize("key", ["prepare", "apply", "hook", "download"])
+    def test_a_step_timeout_under_a_second_is_refused_saying_what_ms_is(self, key: str) -> None:
+        """`prepare: 1ms` for `1m` passed check-config and aborted every deploy (the
+        operator review); `lock` may be short (it is a wait, not a step)."""
+        found = problems(with_app(timeouts={key: "1ms"}))
+        assert found == [
+            f'apps.web.timeouts.{key}: must be a duration of at least 1 s (like "30s", '
+            '"5m"; "ms" is milliseconds), got "1ms"'
+        ]
+        timeouts = parse(with_app(timeouts={key: "1s", "lock": "250ms"})).app("web").timeouts
+        assert (getattr(timeouts, key), timeouts.lock) == (1.0, 0.25)
 
     def test_non_finite_durations_are_refused_in_the_file(self) -> None:
         data = yaml.safe_load("timeouts: {hook: .inf, apply: .nan}")
