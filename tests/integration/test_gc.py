@@ -295,25 +295,27 @@ class TestRefusals:
             hooks[n] = {"hooks": {"post_symlink": str(hook)}}
         fleet = make_fleet(hosts=hooks)
         w0, gone = fleet.watchers[0], fleet.watchers[2]
-        v1 = fleet.publish("v1")
-        deploy_id = w0.ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
-        started = tmp_path / "gate.started-2"
-        wait_for(started.exists, 30, "host-3 in its post_symlink hook", fleet)
-        gone.kill()
-        fleet.wait_members(2)
-        assert fleet.inflight() == deploy_id
+        try:
+            v1 = fleet.publish("v1")
+            deploy_id = w0.ctl_json("deploy", "web", v1.id, "--no-wait")["deploy"]
+            started = tmp_path / "gate.started-2"
+            wait_for(started.exists, 30, "host-3 in its post_symlink hook", fleet)
+            gone.kill()
+            fleet.wait_members(2)
+            assert fleet.inflight() == deploy_id
 
-        refused = gc(w0, gone.name)
+            refused = gc(w0, gone.name)
 
-        assert refused.returncode == 4, refused
-        assert (
-            f"the deploy in flight, {deploy_id}, expects {gone.name} and is committed: no "
-            "abort can end it. It ends once the watchers of web that run on its hosts "
-            "(host-1, host-2, host-3) have applied it, or past its apply deadline at any "
-            "watcher of web that runs; then run gc again"
-        ) in refused.stderr, refused.stderr
-        assert "abort" not in refused.stderr.split("no abort can end it", 1)[1]
-        gate.touch()
+            assert refused.returncode == 4, refused
+            assert (
+                f"the deploy in flight, {deploy_id}, expects {gone.name} and is committed: no "
+                "abort can end it. It ends once the watchers of web that run on its hosts "
+                "(host-1, host-2, host-3) have applied it, or past its apply deadline at any "
+                "watcher of web that runs; then run gc again"
+            ) in refused.stderr, refused.stderr
+            assert "abort" not in refused.stderr.split("no abort can end it", 1)[1]
+        finally:
+            gate.touch()  # the killed host's hook outlives its watcher: let it end
         fleet.wait_idle(30)
 
     def test_a_host_coming_back_or_a_deploy_starting_stops_the_deletes(
