@@ -1482,7 +1482,7 @@ class TestReadersOfHostRecords:
 class TestReadersOfOutcomes:
     @pytest.mark.parametrize("forged", ["committed", "aborted"])
     def test_a_forged_outcome_is_not_what_deploy_reports(
-        self, acl_fleet: AclFleet, forged: str
+        self, acl_fleet: AclFleet, forged: str, tmp_path: Path
     ) -> None:
         """host-3's token writes ``outcomes/<id>`` while the hosts still stage: a commit
         while host-2 will fail, or an abort while every host will ack ready. The daemons
@@ -1490,14 +1490,24 @@ class TestReadersOfOutcomes:
         acts on) must say what the acks say, not what the record says."""
         fleet = acl_fleet.fleet
         _, _, release1 = baseline(acl_fleet)
-        slow_hook(fleet, "post_release", 3, fail_on="host-2" if forged == "committed" else None)
+        # The hosts stage until the record is there and `watcherctl deploy` had a moment to
+        # read it (a fixed 3 s hook let a slow CI runner's end write over it first).
+        gate = tmp_path / "gate"
+        for w in fleet.watchers:
+            failing = forged == "committed" and w.name == "host-2"
+            fleet.give_gated_hook(w, "post_release", gate, 3 if failing else 0)
+        fleet.wait_members(len(fleet.watchers))
         v2 = acl_fleet.publish("v2")
         proc = start_deploy_async(acl_fleet, v2["id"])
         deploy_id = wait_request(fleet)
         every_host_joined(fleet, deploy_id)  # a record then lands while they stage
         x = host_client(acl_fleet, 2)
         record = Outcome(result=forged, at=iso(utcnow()), by="host-1", reason="forged")
-        assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json(), cas=0)
+        try:
+            assert x.kv_put(fleet.keys.outcome(deploy_id), record.to_json(), cas=0)
+            time.sleep(1.0)
+        finally:
+            gate.touch()
         out, err = proc.communicate(timeout=90)
         result = json.loads(out)
         wait_for(
