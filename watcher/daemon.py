@@ -225,15 +225,20 @@ class SessionKeeper(threading.Thread):
 
     def _after_reuse(self) -> None:
         """``on_reused`` of the session ``obtain`` reused, once the session is the daemon's
-        (the loop may resume a deploy with it meanwhile); what goes wrong there is said,
-        never retried in a loop."""
+        (the loop may resume a deploy with it meanwhile), on a thread of its own: its
+        Consul requests (one per app in KV) must not hold back this thread's renewals.
+        What goes wrong there is said, never retried in a loop."""
         session_id, self._reused = self._reused, None
         if session_id is None:
             return
-        try:
-            self.on_reused(session_id)
-        except Exception as exc:  # a clean-up: the session stands whatever happens here
-            log.error("after_session_reuse_failed", session=session_id, error=repr(exc))
+
+        def run() -> None:
+            try:
+                self.on_reused(session_id)
+            except Exception as exc:  # a clean-up: the session stands whatever happens
+                log.error("after_session_reuse_failed", session=session_id, error=repr(exc))
+
+        threading.Thread(target=run, name="after-session-reuse", daemon=True).start()
 
     def _abandon(self, session_id: str) -> None:
         """Destroy a session of this daemon's that it will not use again. One that still

@@ -256,7 +256,8 @@ class TestAnAppRemovedFromTheConfig:
         )
 
         assert [e["session"] for e in w.log_events("session_reused", this_start=True)] == [session]
-        assert fleet.kv.kv_get(api_member) is None
+        # let go of on a thread of its own, beside the session's renewals
+        wait_for(lambda: fleet.kv.kv_get(api_member) is None, 10, "api's key released", fleet)
         assert [e["app"] for e in w.log_events("member_key_released", this_start=True)] == ["api"]
         web = fleet.kv.kv_get(web_member)
         assert web is not None and web.session == session
