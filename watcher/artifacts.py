@@ -49,6 +49,7 @@ from watcher.errors import (
     S3Unavailable,
     StagingCancelled,
 )
+from watcher.fsutil import sha256_of
 from watcher.log import get_logger
 from watcher.records import ArtifactRecord
 from watcher.s3 import S3Store
@@ -162,15 +163,12 @@ class ArtifactCache:
         path = self.path_for(record)
         if not self.is_cached(record):
             raise ArtifactError(f"artifact {record.id} is not cached at {path}")
-        hasher = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
-                hasher.update(chunk)
-        if hasher.hexdigest() != record.sha256:
+        got = sha256_of(path, HASH_CHUNK)
+        if got != record.sha256:
             path.unlink(missing_ok=True)
             raise ArtifactIntegrityError(
                 f"cached artifact {record.id} at {path}: sha256 mismatch: expected "
-                f"{record.sha256}, got {hasher.hexdigest()} (file removed)"
+                f"{record.sha256}, got {got} (file removed)"
             )
         return path
 

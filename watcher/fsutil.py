@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -23,6 +24,16 @@ _POLL_INTERVAL = 0.02
 # which says it takes SIGUSR1 as "look now" (`watcherctl hold` sends it).
 INSTANCE_LOCK = "daemon.lock"
 WATCHER_RUN_OWNER = "watcher run (SIGUSR1: look now)"
+
+
+def sha256_of(path: str | os.PathLike[str], chunk: int = 1024 * 1024) -> str:
+    """The sha256 of a file's bytes, read ``chunk`` bytes at a time (OSError as open
+    and read raise it)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            hasher.update(data)
+    return hasher.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

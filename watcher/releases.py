@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import hashlib
 import json
 import os
 import pwd
@@ -35,7 +34,14 @@ from watcher.errors import (
     StagingError,
     WatcherError,
 )
-from watcher.fsutil import TMP_PREFIX, AppLock, atomic_write_bytes, atomic_write_json, fsync_dir
+from watcher.fsutil import (
+    TMP_PREFIX,
+    AppLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    sha256_of,
+)
 from watcher.ids import shown
 from watcher.log import get_logger
 from watcher.records import (
@@ -1518,14 +1524,10 @@ def _source(record: ArtifactRecord) -> str:
 
 def _sha256_of(path: Path) -> str:
     """The sha256 of a file's bytes; "" when it cannot be read."""
-    hasher = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1024 * 1024):
-                hasher.update(chunk)
+        return sha256_of(path)
     except OSError:
         return ""
-    return hasher.hexdigest()
 
 
 def _sha_shown(sha256: str) -> str:
