@@ -41,6 +41,7 @@ from watcher.records import (
     ABORTED,
     ACKED_READY_STATES,
     COMMIT,
+    COMMITTED,
     DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
     LIVE,
@@ -1792,7 +1793,10 @@ class DeployStore:
         else:
             result, reason = "expired", "no verdict before the apply deadline"
         if expired and verdict.outcome == COMMIT:
-            pending = [n for n in request.expected if acks.get(n) and acks[n].state == READY]
+            # Ready, or its intent written (switched or switching, hooks still running).
+            pending = [
+                n for n in request.expected if acks.get(n) and acks[n].state in (READY, COMMITTED)
+            ]
             if pending:
                 reason += f"; still not live at the apply deadline: {', '.join(pending)}"
         if verdict.end_read is not None:
