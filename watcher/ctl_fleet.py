@@ -1985,6 +1985,10 @@ def failed_release(
         return None
     outcome = view.checked().outcome
     rollback_id = outcome.rollback_deploy if outcome else None
+    # Ended "committed": no host's validate had failed when the deploy ended (past its
+    # apply deadline, or without a host whose watcher had stopped, that failed once back);
+    # only the end starts an automatic rollback, so none was started.
+    after_end = outcome is not None and outcome.result == "committed"
     rollback = None
     if rollback_id:
         with contextlib.suppress(PayloadError):
@@ -2009,6 +2013,7 @@ def failed_release(
         "rollback": rollback,
         "roll_back": roll_back,
         "plain_rollback_refused": plain_refused,
+        "after_end": after_end,
     }
 
 
@@ -2035,6 +2040,11 @@ def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
         )
         if rollback["result"] == CONTESTED:  # hosts held where they stood: its note says
             return lines
+    if failed.get("after_end"):
+        lines.append(
+            "  no automatic rollback: the deploy had already ended (committed) when this "
+            "validate failed; only a failure reported before the end rolls the fleet back"
+        )
     command = failed.get("roll_back")
     if command is None:
         lines.append(

@@ -369,6 +369,62 @@ class TestValidateFailure:
         assert f"  {bad}: failed_after_commit: validate hook " in again.stdout, again.stdout
         assert "    | GET /healthz -> 502 Bad Gateway\n" in again.stdout, again.stdout
 
+    def test_a_validate_that_fails_after_the_deploy_ended_says_no_rollback_was_started(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """host-2's validate of v2 is still running at the apply deadline: the deploy ends
+        committed with host-2 not live, then the validate fails. The end is what starts an
+        automatic rollback, so none starts; README said a validate failure rolls the fleet
+        back. `status --fleet` and the page now say that none was started, and why."""
+        gate = tmp_path / "gate"
+        late = hook(
+            tmp_path / "hooks" / "validate-late",
+            'grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" || exit 0\n'
+            f'for i in $(seq 600); do [ -e "{gate}" ] && break; sleep 0.1; done\n'
+            'echo "GET /healthz -> 502 Bad Gateway" >&2\nexit 7\n',
+        )
+        fleet = make_fleet(
+            app_extra={"timeouts": {"prepare": 3, "apply": 3}},
+            hosts={1: {"hooks": {"validate": late}}},
+        )
+        bad = fleet.watchers[1].name
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        deploy_ok(fleet, v1.id)
+        started = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--no-wait")
+        deploy_id, rel2 = started["deploy"], started["release"]
+        outcome = fleet.wait_outcome(deploy_id, timeout=40)
+        assert outcome["result"] == "committed", outcome
+        assert f"still not live at the apply deadline: {bad}" in outcome["reason"], outcome
+        gate.touch()
+
+        def failed_ack() -> bool:
+            entry = fleet.kv.kv_get(fleet.keys.progress(deploy_id, bad))
+            state = json.loads(entry.value or b"{}").get("state") if entry else None
+            return state == "failed_after_commit"
+
+        wait_for(failed_ack, 30, "host-2 acked failed_after_commit", fleet)
+        fleet.wait_idle()
+        time.sleep(1.5)  # nothing starts a rollback: give it a moment to (wrongly) do so
+        assert fleet.inflight() is None and len(history(fleet)) == 2
+        assert fleet.currents() == all_on(fleet, rel2)
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert status.returncode == 1, status
+        assert f"  FAILED AFTER COMMIT: release {rel2} (deploy {deploy_id})" in status.stdout
+        assert (
+            "  no automatic rollback: the deploy had already ended (committed) when this "
+            "validate failed" in status.stdout
+        ), status.stdout
+        assert "  the fleet stays on it: `watcherctl rollback web -c " in status.stdout
+        data = json.loads(fleet.watchers[0].ctl("status", "web", "--fleet", check=False).stdout)
+        failed = data["web"]["current_failed"]
+        assert failed["after_end"] is True and list(failed["hosts"]) == [bad], failed
+        config_path = tmp_path / "web.yaml"
+        config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
+        app = create_app(load_config(config_path), listen_host="127.0.0.1")
+        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+            page = client.get("/apps/web")
+        assert "No automatic rollback: the deploy had already ended" in page.text, page.text
+
     def test_a_hook_after_the_commit_that_cannot_start_is_a_no_before_it(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
