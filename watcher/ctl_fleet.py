@@ -1310,7 +1310,7 @@ def _end_sessions(ctx: CtlContext, store: DeployStore, deploy_id: str) -> int:
             f"`{ctx.command_line('abort', name, deploy_id)}` asks the hosts"
         )
     store.request_abort(deploy_id, ctx.args.reason or "", by=user_at_host())
-    ended, refused = end_stalled_sessions(store, deploy_id, stalled)
+    ended, refused = end_stalled_sessions(store, deploy_id, stalled, members)
     if refused and not ended:
         raise ConsulPermissionDenied(refused)
     wait = ABORT_WAIT + (WAIT_RECHECK if keyless else 0.0)
@@ -1488,11 +1488,13 @@ def stalled_line(app: str, deploy_id: str, stalled: Mapping[str, str], command: 
     )
 
 
-def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
+def _elsewhere(store: DeployStore, node: str, session: str, *, foreign: bool = False) -> list[str]:
     """What ending ``node``'s ``session`` would abort besides this deploy: the session is
     the host's for every app (one per daemon), so each app whose member key it holds
     loses that host, and a deploy in flight there that expects it without its ready ack
-    aborts, unless that one is stalled by it too. Empty when nothing else would."""
+    aborts, unless that one is stalled by it too. ``foreign``: the session is on another
+    Consul node than ``node``; a member key of another node it holds in any app says it
+    may be that node's watcher's. Empty when nothing else would."""
     apps_prefix = store.keys.base.rsplit("/", 1)[0] + "/"
     names, filtered = store.consul.kv_keys_checked(apps_prefix)
     if filtered:
@@ -1508,6 +1510,12 @@ def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
             continue
         other = DeployStore(store.consul, apps_prefix.rsplit("/apps/", 1)[0], name)
         members = other.members(consistent=True)
+        theirs = sorted(m for m, e in members.items() if e.session == session and m != node)
+        if foreign and theirs:
+            said.append(
+                f"it holds app {name}'s member key of {', '.join(theirs)}: it may be "
+                f"{theirs[0]}'s watcher's session, not {node}'s"
+            )
         if node not in members or members[node].session != session:
             continue
         inflight, _ = other.inflight(consistent=True)
@@ -1531,28 +1539,44 @@ def _elsewhere(store: DeployStore, node: str, session: str) -> list[str]:
 
 
 def end_stalled_sessions(
-    store: DeployStore, deploy_id: str, stalled: Mapping[str, str]
+    store: DeployStore,
+    deploy_id: str,
+    stalled: Mapping[str, str],
+    members: Mapping[str, KVEntry],
 ) -> tuple[dict[str, str], str]:
-    """Destroy the sessions ``stalled`` (``stalled_in`` of ``deploy_id``, read from
-    consistent members): each one's end makes the abort clause hold (DESIGN.md 6.4.3). A
-    node that acks ready before its session ends keeps its ack (the ready txn checks the
-    session), so the deploy may commit instead. Refused (DeployRefused) when ending one
-    would also abort a deploy of another app that is not stalled. Returns what was ended
-    (node -> session) and, when Consul refused one, why (the rest are not tried; those
-    already ended stay ended)."""
+    """Destroy the sessions ``stalled`` (``stalled_in`` of ``deploy_id``, read with
+    ``members``, the app's consistent members): each one's end makes the abort clause hold
+    (DESIGN.md 6.4.3). A node that acks ready before its session ends keeps its ack (the
+    ready txn checks the session), so the deploy may commit instead. Refused
+    (DeployRefused) when a session may be another host's, or ending one would also abort
+    a deploy of another app that is not stalled. Returns what was ended (node -> session)
+    and, when Consul refused one, why (the rest are not tried; those already ended stay
+    ended)."""
+    agent_of: dict[str, str] = {}
     for node, session in sorted(stalled.items()):
         info = store.consul.session_info(session, consistent=True)
-        on = info.get("Node") if info is not None else node
-        if on != node:
-            # A request any host's token can write named it: ending it would end that node's
-            # watcher session, and abort whatever it takes part in (the attacker review).
+        on = agent_of[node] = str(info.get("Node") if info is not None else node)
+        # A request any host's token can write names the sessions: one of another node
+        # would end that node's watcher session, and abort whatever it takes part in (the
+        # attacker review). A watcher whose `node` setting is not its agent's name makes
+        # its session on the agent's node: it is that watcher's when it holds the node's
+        # member key (only that node's token may write it) and no other node's anywhere.
+        entry = members.get(node)
+        theirs = sorted(m for m, e in members.items() if e.session == session and m != node)
+        if on != node and (entry is None or entry.session != session or theirs):
+            why = (
+                f"it also holds the member key of {', '.join(theirs)}"
+                if theirs
+                else f"it does not hold {node}'s member key"
+            )
             raise DeployRefused(
                 f"app {store.app}: the session {session} deploy {deploy_id}'s request names "
-                f"for {node} is Consul node {on}'s, not {node}'s (a forged request, or a "
-                f"watcher whose `node` setting is not its agent's name): nothing was ended; "
-                "`consul session destroy` ends it if you are sure"
+                f"for {node} is Consul node {on}'s, not {node}'s, and {why} (a forged "
+                "request, or a watcher whose `node` setting is not its agent's name that is "
+                "not running): nothing was ended; `consul session destroy` ends it if you "
+                "are sure"
             )
-        if others := _elsewhere(store, node, session):
+        if others := _elsewhere(store, node, session, foreign=on != node):
             raise DeployRefused(
                 f"app {store.app}: {node}'s session {session} is its watcher's for every app, "
                 f"and ending it would do more than end deploy {deploy_id}: "
@@ -1566,7 +1590,7 @@ def end_stalled_sessions(
         except ConsulPermissionDenied as exc:
             return ended, (
                 f"{exc}; ending {node}'s session {session} needs a token with "
-                f'`session "{node}" {{ policy = "write" }}` (or a management token), '
+                f'`session "{agent_of[node]}" {{ policy = "write" }}` (or a management token), '
                 "docs/acl.md"
             )
         ended[node] = session

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,13 @@ from fastapi.testclient import TestClient
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
 from watcher import barrier
-from watcher.barrier import DeployStore
+from watcher.barrier import DeployStore, new_deploy_id
 from watcher.config import S3Settings, load_config
+from watcher.consul_api import TxnOp
 from watcher.ctl import main as ctl_main
 from watcher.daemon import DOORBELL, TICK_IDLE
 from watcher.events import MAX_PAYLOAD
-from watcher.records import READY, parse_iso
+from watcher.records import READY, parse_iso, utcnow
 from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -1319,6 +1321,54 @@ class TestExpired:
         assert (row["result"], row["distrusted"]) == ("aborted", []), row
         assert "lost the session" in row["decision"]["reason"], row
         fleet.start()
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+
+    def test_end_sessions_ends_a_stalled_member_named_other_than_its_agent(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """A member whose `node` setting is not its agent's name (documented as allowed)
+        holds its member key with a session on the agent's node. STALLED, the only way out
+        is `abort --end-sessions`, which refused it as another node's session. It holds
+        that member key and no other: ended now, and the deploy aborts."""
+        fleet = make_fleet()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        for w in fleet.watchers:
+            w.stop()
+        fleet.wait_members(0)
+        session = silent_member(fleet)
+        agent_node = (fleet.kv.session_info(session) or {}).get("Node")
+        assert agent_node and agent_node != "silent-1"
+        store = store_of(fleet)
+        # A request made 10 minutes ago: its deadlines long past, stalled at once.
+        record = store.new_record(
+            deploy_id=new_deploy_id(),
+            kind="deploy",
+            artifact=fleet.publish("v2"),
+            release=None,
+            requested_by="someone",
+            expected={"silent-1": session},
+            prepare_timeout=60,
+            apply_timeout=60,
+            now=utcnow() - timedelta(minutes=10),
+        )
+        assert fleet.kv.txn(
+            [
+                TxnOp.cas(fleet.keys.inflight, record.id.encode(), 0),
+                TxnOp.cas(fleet.keys.request(record.id), record.to_json(), 0),
+            ]
+        ).ok
+        shown = fleet.watchers[0].ctl("status", "web", "--fleet", check=False)
+        status = json.loads(shown.stdout)
+        assert status["web"]["deploy"]["stalled"] == {"silent-1": session}, status
+        result = fleet.watchers[0].ctl("abort", "web", record.id, "--end-sessions", check=False)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        said = json.loads(result.stdout)
+        assert said["ended_sessions"] == {"silent-1": session}, said
+        assert fleet.kv.session_info(session) is None
+        # No watcher runs to decide it yet; the first that starts does (the session clause).
+        fleet.start()
+        assert fleet.wait_outcome(record.id)["result"] == "aborted"
         fleet.wait_idle()
         assert fleet.currents() == all_on(fleet, rel1)
 

@@ -15,11 +15,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import yaml
 
-from watcher import __version__
+from watcher import __version__, ctl_fleet
 from watcher.barrier import DeployView, flipped_elsewhere
 from watcher.config import Config, parse_config
 from watcher.consul_api import KVEntry
@@ -60,7 +61,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.records import Decision, DeployRecord, NodeProgress
+from watcher.records import Decision, DeployRecord, Keys, NodeProgress
 
 
 class TTY(io.StringIO):
@@ -1307,8 +1308,60 @@ def test_a_session_of_another_node_is_never_ended_as_a_stalled_ones() -> None:
         session_destroy=destroyed.append,
     )
     store = types.SimpleNamespace(app="web", consul=consul)
+    members = {"host-1": a_member("host-1", "s-1"), "host-3": a_member("host-3", "s-3")}
     with pytest.raises(DeployRefused, match="is Consul node host-1's, not host-3's"):
-        end_stalled_sessions(store, "d1", {"host-3": "s-1"})  # type: ignore[arg-type]
+        end_stalled_sessions(store, "d1", {"host-3": "s-1"}, members)  # type: ignore[arg-type]
+    assert destroyed == []
+
+
+def a_member(node: str, session: str, app: str = "web") -> KVEntry:
+    return KVEntry(f"w/apps/{app}/members/{node}", b"{}", 1, 1, 1, session, 0)
+
+
+def test_a_stalled_watcher_named_other_than_its_agent_has_its_session_ended() -> None:
+    """A watcher whose `node` setting is not its agent's name (allowed, documented) makes
+    its session on the agent's node: `abort --end-sessions`, the only way out of STALLED,
+    refused it as another node's (the operator review). Its session holds its own member
+    key and no other node's: ended. One that also holds another node's key, in this app or
+    another, may be that node's watcher's: refused, nothing ended."""
+    destroyed: list[str] = []
+    infos = {"s-3": {"Node": "ip-10-0-0-3"}, "s-1": {"Node": "host-1"}}
+    apps = {"web": {}, "api": {}}  # app -> members
+    consul = types.SimpleNamespace(
+        session_info=lambda sid, consistent=False: infos.get(sid),
+        session_destroy=destroyed.append,
+        kv_keys_checked=lambda prefix: ([f"w/apps/{a}/" for a in apps], False),
+    )
+
+    def members_of(app: str) -> Any:
+        return lambda consistent=False: apps[app]
+
+    store = types.SimpleNamespace(
+        app="web", consul=consul, keys=Keys("w", "web"), members=members_of("web")
+    )
+    apps["web"] = {"web-3": a_member("web-3", "s-3"), "host-1": a_member("host-1", "s-1")}
+    with patch.object(ctl_fleet, "DeployStore") as other:
+        other.side_effect = lambda consul, prefix, app: types.SimpleNamespace(
+            members=members_of(app), inflight=lambda consistent=False: (None, 0)
+        )
+        ended, refused = end_stalled_sessions(  # type: ignore[arg-type]
+            store, "d1", {"web-3": "s-3"}, apps["web"]
+        )
+        assert (ended, refused, destroyed) == ({"web-3": "s-3"}, "", ["s-3"])
+        destroyed.clear()
+        # Its member key held by another session: nothing says the session is web-3's.
+        taken = {**apps["web"], "web-3": a_member("web-3", "s-other")}
+        with pytest.raises(DeployRefused, match="does not hold web-3's member key"):
+            end_stalled_sessions(store, "d1", {"web-3": "s-3"}, taken)  # type: ignore[arg-type]
+        # The session also holds another node's key, here or in another app: refused.
+        shared = {**apps["web"], "web-4": a_member("web-4", "s-3")}
+        with pytest.raises(DeployRefused, match="also holds the member key of web-4"):
+            end_stalled_sessions(store, "d1", {"web-3": "s-3"}, shared)  # type: ignore[arg-type]
+        apps["api"] = {"api-9": a_member("api-9", "s-3", "api")}
+        with pytest.raises(DeployRefused, match="holds app api's member key of api-9"):
+            end_stalled_sessions(  # type: ignore[arg-type]
+                store, "d1", {"web-3": "s-3"}, apps["web"]
+            )
     assert destroyed == []
 
 
