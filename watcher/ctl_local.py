@@ -485,6 +485,28 @@ def _refuse_hook_while_preparing(engine: ReleaseEngine, target: str) -> None:
     )
 
 
+def _refuse_while_validating(engine: ReleaseEngine) -> None:
+    """A running watcher between its flip and its live (or failed) ack is running the
+    hooks after the switch (post_symlink, validate): a local flip then ran a second
+    validate beside the deploy's, and the host ended failed after commit (the operator
+    review). Not when no watcher runs: it works the journal off when it starts."""
+    journal = read_journal(engine.layout.state_dir)
+    if not journal or journal.get("finished") or journal.get("ended"):
+        return
+    phases = journal.get("phases") or []
+    if "flipped" not in phases or "applied" in phases:
+        return
+    if not watcher_runs(engine.layout.state_dir / INSTANCE_LOCK):
+        return
+    raise DeployRefused(
+        f"cannot roll back {engine.app.name} now: this host has switched to deploy "
+        f"{journal.get('deploy')}'s release and its watcher is running the hooks after the "
+        "switch (post_symlink, validate); a local rollback would run beside them. Retry "
+        "once `watcherctl status` shows this host live or failed (a failed validate rolls "
+        "the fleet back by itself unless the app says `on_validate_failure: hold`)"
+    )
+
+
 def rollback_local(ctx: CtlContext) -> int:
     """Flip this host only to ``--to`` (default: the previous release) and hold it there."""
     engine = _engine(ctx, command="a local rollback")
@@ -492,6 +514,7 @@ def rollback_local(ctx: CtlContext) -> int:
     by = user_at_host()
     with engine.lock(owner=_lock_owner("rollback --local")):
         _refuse_if_ready_undecided(ctx, engine, "roll back")
+        _refuse_while_validating(engine)
         before = engine.current_release()
         target = ctx.args.to or engine.previous_release()
         if target is None:

@@ -1248,8 +1248,21 @@ class TestAbortRace:
 
         wait_for(lambda: {r["release"] for r in rows().values()} == {release}, 10, "records", fleet)
         assert fleet.outcome(started["deploy"]) is None  # validate still waits
+        # A local rollback now ran a second validate beside the deploy's, and the host
+        # ended failed after commit (the operator review): refused while the watcher runs
+        # its hooks after the switch; nothing changed.
+        host = fleet.watchers[0]
+        refused = host.ctl("rollback", "web", "--local", check=False, as_json=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert "its watcher is running the hooks after the switch" in refused.stderr
+        assert host.current() == release
+        assert host.ctl_json("status", "web")["apps"]["web"]["hold"] is None
         gate.touch()
         assert fleet.wait_outcome(started["deploy"])["result"] == "committed"
+        assert {h["state"] for h in history(fleet)[started["deploy"]]["hosts"].values()} == {"live"}
+        # Once live, it goes through.
+        back = host.ctl_json("rollback", "web", "--local")
+        assert back["flipped"] is True and back["to"] != release, back
 
 
 def silent_member(fleet: Fleet) -> str:
