@@ -204,6 +204,10 @@ PREPARE_GRACE = 10.0
 # A request dated further ahead of this host's clock is refused: its deadlines are clamped
 # from requested_at (DESIGN.md 6.1), and hosts need NTP (README.md, "Deadlines").
 MAX_REQUEST_AHEAD = 300.0
+# A request this host first saw more than this after its `requested_at` (by the two
+# clocks): a "prepare deadline passed" then names both times, as a requester's clock
+# behind this host's reads exactly like a deadline that ran out (the operator review).
+LATE_SIGHT_NOTE_AFTER = 30.0
 
 
 def read_journal(state_dir: Path, name: str = JOURNAL_NAME) -> dict[str, Any] | None:
@@ -988,6 +992,7 @@ class AppAgent:
                     task = self._task_key[0] if self._task_key else "prepare"
                     done = ", ".join(journal.get("phases", [])) or "none"
                     why = f"prepare deadline passed during {task} (phases done: {done})"
+                    why += late_sight_note(journal, joined.request)
                     cache = self.engine.cache
                     artifact = joined.request.artifact
                     if cache is not None and (trouble := cache.trouble(artifact)):
@@ -1026,8 +1031,12 @@ class AppAgent:
                     return "preparing"
             elif past_prepare or moved:
                 why = "prepare deadline passed" if past_prepare else "inflight moved on"
+                note = late_sight_note(journal, joined.request) if past_prepare else ""
                 self._ack(
-                    joined, FAILED, error=f"{why} before this host was ready", before_ready=True
+                    joined,
+                    FAILED,
+                    error=f"{why} before this host was ready{note}",
+                    before_ready=True,
                 )
                 own = self._own.get(deploy_id, own)
             elif deploy_id not in self._resumed and self._decided(joined):
@@ -1876,7 +1885,10 @@ class AppAgent:
                 refused = True
                 raise DeployRefused(f"held: {hold.reason} (by {hold.by}), placed while staging")
             if utcnow() >= self._deadlines(rec)[0]:
-                raise DeployRefused("prepare deadline passed before this host was ready")
+                raise DeployRefused(
+                    "prepare deadline passed before this host was ready"
+                    + late_sight_note(self.journal.read() or {}, rec)
+                )
         except (_Cancelled, StagingCancelled):
             if self._stopping.is_set() and not self._cancel.is_set():
                 # The watcher stops: no ack, nothing undone; the restart resumes it from
@@ -2824,6 +2836,27 @@ class AppAgent:
         return clamped_deadlines(
             rec.requested_at, rec.prepare_deadline, rec.apply_deadline, self.app.timeouts
         )
+
+
+def late_sight_note(journal: Mapping[str, Any], rec: DeployRecord) -> str:
+    """What a "prepare deadline passed" adds when this host first saw the request (its
+    journal's ``started_at``, by its clock) more than ``LATE_SIGHT_NOTE_AFTER`` after the
+    request's ``requested_at`` (by the requester's clock): both times, and the causes that
+    look alike from here. "" otherwise, or when the journal does not say."""
+    try:
+        seen = parse_iso(str(journal["started_at"]))
+        requested = parse_iso(rec.requested_at)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return ""
+    late = (seen - requested).total_seconds()
+    if late <= LATE_SIGHT_NOTE_AFTER:
+        return ""
+    return (
+        f"; this host first saw the request at {iso(seen)} by its clock, {late:.0f} s after "
+        f"its requested_at {rec.requested_at} by the requester's clock: one of the two "
+        "clocks is off (hosts and the machines that deploy need NTP), or this host's "
+        "watcher was not running when the deploy started"
+    )
 
 
 def clamped_deadlines(

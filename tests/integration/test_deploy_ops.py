@@ -1337,6 +1337,44 @@ class TestExpired:
         fleet.wait_idle()
         assert fleet.currents() == all_on(fleet, rel1)
 
+    def test_a_requester_clock_behind_is_named_in_the_hosts_no(self, make_fleet: MakeFleet) -> None:
+        """A requester whose clock is 200 s behind the hosts' writes a request whose
+        prepare deadline (60 s) has passed by theirs: every host acked "prepare deadline
+        passed before this host was ready" and nothing said why (the operator review).
+        The no now names both times and the causes that look alike."""
+        fleet = make_fleet()
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        store = store_of(fleet)
+        members = {n: e.session or "" for n, e in store.members(consistent=True).items()}
+        record = store.new_record(
+            deploy_id=new_deploy_id(),
+            kind="deploy",
+            artifact=fleet.publish("v2"),
+            release=None,
+            requested_by="someone",
+            expected=members,
+            prepare_timeout=60,
+            apply_timeout=60,
+            now=utcnow() - timedelta(seconds=200),
+        )
+        assert fleet.kv.txn(
+            [
+                TxnOp.cas(fleet.keys.inflight, record.id.encode(), 0),
+                TxnOp.cas(fleet.keys.request(record.id), record.to_json(), 0),
+            ]
+        ).ok
+        assert fleet.wait_outcome(record.id)["result"] == "aborted"
+        for w in fleet.watchers:
+            entry = fleet.kv.kv_get(fleet.keys.progress(record.id, w.name))
+            ack = json.loads(entry.value if entry and entry.value else b"{}")
+            assert ack.get("state") == "failed", (w.name, ack)
+            error = ack.get("error", "")
+            assert error.startswith("prepare deadline passed before this host was ready; "), ack
+            assert "s after its requested_at " + record.requested_at in error, error
+            assert "one of the two clocks is off" in error, error
+        fleet.wait_idle()
+        assert fleet.currents() == all_on(fleet, rel1)
+
     def test_end_sessions_ends_a_stalled_member_named_other_than_its_agent(
         self, make_fleet: MakeFleet
     ) -> None:

@@ -360,6 +360,23 @@ class TestRequest:
             parse_iso(end),
         )
 
+    def test_a_request_first_seen_late_names_both_clocks(self) -> None:
+        """A "prepare deadline passed" of a request this host first saw more than 30 s
+        after its `requested_at`: a requester's clock behind reads exactly like a deadline
+        that ran out, so the no names both times."""
+        rec = request(["a"])  # requested 00:00
+        note = agent_module.late_sight_note
+        assert note({"started_at": "2026-12-01T00:00:30Z"}, rec) == ""
+        said = note({"started_at": "2026-12-01T00:03:20Z"}, rec)
+        assert said == (
+            "; this host first saw the request at 2026-12-01T00:03:20.000Z by its clock, "
+            f"200 s after its requested_at {rec.requested_at} by the requester's clock: one "
+            "of the two clocks is off (hosts and the machines that deploy need NTP), or this "
+            "host's watcher was not running when the deploy started"
+        )
+        # A journal that does not say (an older one, garbage): nothing added.
+        assert note({}, rec) == "" and note({"started_at": "yesterday"}, rec) == ""
+
 
 class TestDecidedMark:
     """The decider's mark on its own member key (docs/design.md R5): what it writes, when
