@@ -682,13 +682,21 @@ class TestTheDescriptionTellsTheTruth:
         urls = [u.replace("{app}", "nope") for u in urls]
         for url in sorted(set(urls)):
             head = client.head(url)
-            if url.endswith("/live"):  # a HEAD would hold a stream's slot for nothing
-                assert head.status_code == 405 and head.headers["allow"] == "GET", url
-                continue
             got = client.get(url)
             assert head.status_code == got.status_code, (url, head, got)
             assert head.content == b"", url
         assert client.head("/api/v1/apps/web/fleet").status_code == 503
+
+    def test_the_live_stream_answers_head_without_taking_a_slot(self, client: TestClient) -> None:
+        """`curl -I` of the live stream was a 405. Its HEAD says what a GET would start
+        (a stream), with no body, and takes none of the caller's stream slots: more HEADs
+        than a caller may hold streams all answer."""
+        for _ in range(SSE_MAX_PER_CALLER + 5):
+            head = client.head("/api/v1/apps/web/live")
+            assert head.status_code == 200, head.text
+            assert head.headers["content-type"].startswith("text/event-stream")
+            assert head.headers["cache-control"] == "no-store" and head.content == b""
+        assert client.head("/api/v1/apps/nope/live").status_code == 404
 
     @pytest.mark.parametrize(
         ("body", "status", "says"),

@@ -109,7 +109,7 @@ SSE_TOKEN_RECHECK = 30.0
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})  # metric label; anything else: other
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-LIVE = "/api/v1/apps/{app}/live"  # the server-sent events: no HEAD
+LIVE = "/api/v1/apps/{app}/live"  # the server-sent events: a HEAD of its own
 HISTORY_PATH = re.compile(r"/api/v1/apps/[^/]+/deploys")  # the one that takes `limit`
 # Every answer: never framed (no clickjacking of the buttons), types never sniffed.
 SECURITY_HEADERS = {
@@ -1354,6 +1354,18 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    @app.head(LIVE, include_in_schema=False)
+    async def live_head(app: AppName, request: Request) -> Response:
+        """What a GET would answer, without its stream (`curl -I`, an uptime check): the
+        same read check, no slot taken, no body."""
+        name = app_name(app)
+        if bearer_token(request) is not None or not state.is_local(request):
+            await asyncio.to_thread(state.store(name, state.reader(request)).inflight)
+        return Response(
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
     marks: dict[str, tuple[float, str]] = {}  # app -> (when, the sections' digest)
 
     def _snapshot_with_html(store: DeployStore) -> Snapshot:
@@ -1666,8 +1678,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     # HEAD wherever GET is (RFC 9110 wants it of every server: `curl -I`, uptime checks),
     # with the status a GET would get; uvicorn sends no body. Each its own route, out of
     # the schema: one route with both methods gave both operations one operationId, which
-    # OpenAPI forbids (client generators stop there). Not the live stream: a HEAD would
-    # take a stream's slot for an answer that carries nothing.
+    # OpenAPI forbids (client generators stop there). Not the live stream: its HEAD is
+    # its own route (``live_head``), which takes no stream's slot.
     for route in list(app.routes):
         if isinstance(route, APIRoute) and route.methods == {"GET"} and route.path != LIVE:
             app.add_api_route(
