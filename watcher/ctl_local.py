@@ -71,6 +71,7 @@ PRUNE_CONSUL_DEADLINE = 1.0
 #: Exit status of ``exec`` when the command cannot be started (like a shell).
 EXIT_CANNOT_RUN = 127
 DEFAULT_KEEP_DAYS = 7.0
+LOCAL_ROLLBACK = "local rollback to "  # what a local rollback's hold says
 MAX_KEEP_DAYS = 36525  # a century: a pin that long is a mistake, a longer one overflows
 
 
@@ -372,6 +373,10 @@ def cmd_hold(ctx: CtlContext) -> int:
     with engine.lock(owner=_lock_owner("hold")):
         _refuse_if_ready_undecided(ctx, engine, "hold")
         replaced = engine.held()
+        if replaced is not None and LOCAL_ROLLBACK in replaced.reason:
+            # The host is off the fleet's release by hand: that stays said, or `status`
+            # and `release-hold` would give only the new reason (the operator review).
+            reason = f"{reason}; earlier: {_bounded_reason(replaced)}"
         hold = engine.hold(reason, by)
     data = {
         "app": engine.app.name,
@@ -612,17 +617,19 @@ def _local_rollback_reason(previous: Hold | None, target: str) -> str:
     operator's `hold --reason`, or an earlier local rollback) stays in it, with who placed
     it: `release-hold` and `status` must still say why the host was held in the first place.
     """
-    reason = f"local rollback to {target}"
+    reason = f"{LOCAL_ROLLBACK}{target}"
     if previous is None:
         return reason
-    by = f" (by {previous.by})" if previous.by else ""
-    # Bounded: each local rollback on a held host adds to it, and it grew without end.
-    earlier = (
-        previous.reason
-        if len(previous.reason) <= REASON_MAX
-        else (f"{previous.reason[:REASON_MAX]} [cut]")
-    )
-    return f"{earlier}{by}; then {reason}"
+    return f"{_bounded_reason(previous)}; then {reason}"
+
+
+def _bounded_reason(hold: Hold) -> str:
+    """An earlier hold's reason and who placed it, as a later hold's reason keeps them:
+    bounded, as each local rollback on a held host adds to it (it grew without end)."""
+    by = f" (by {hold.by})" if hold.by else ""
+    if len(hold.reason) <= REASON_MAX:
+        return f"{hold.reason}{by}"
+    return f"{hold.reason[:REASON_MAX]} [cut]{by}"
 
 
 def _check_target(engine: ReleaseEngine, target: str) -> None:

@@ -362,6 +362,27 @@ class TestRollbackLocal:
         assert host.engine.current_release() == release_of(4)
         assert host.engine.held() is None
 
+    def test_a_hold_over_a_local_rollback_keeps_saying_the_host_was_rolled_back(
+        self, host: Host
+    ) -> None:
+        """`hold --reason` on a host a local rollback holds replaced the reason: `status`
+        and `release-hold` no longer said the host runs an older release by hand (the
+        operator review). The new reason comes first, the rollback's stays after it."""
+        assert host.ctl("rollback", "web", "--local").returncode == 0
+        first = host.engine.held()
+        assert first is not None
+        data = host.ctl_json("hold", "web", "--reason", "disk check")
+        assert data["replaced"]["reason"] == first.reason
+        assert data["hold"]["reason"] == (f"disk check; earlier: {first.reason} (by {first.by})"), (
+            data
+        )
+        hold = host.engine.held()
+        assert hold is not None and hold.reason == data["hold"]["reason"]
+        # A plain hold replaced by another is replaced, as before.
+        host.ctl_json("release-hold", "web")
+        host.ctl_json("hold", "web", "--reason", "one")
+        assert host.ctl_json("hold", "web", "--reason", "two")["hold"]["reason"] == "two"
+
     def test_second_rollback_to_missing_release_keeps_the_first(self, host: Host) -> None:
         assert host.ctl("rollback", "web", "--local").returncode == 0
         result = host.ctl("rollback", "web", "--local", "--to", "20991231T235959Z-gone")
