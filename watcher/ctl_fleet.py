@@ -2172,7 +2172,10 @@ def _human_status(data: dict[str, Any]) -> str:
     d = data["daemon"]
     problems = "; ".join(map(ids.one_line, d.get("problems") or ())) or "see its /health"
     daemon = (
-        f"watcher running (pid {d['pid']}) but UNHEALTHY: {problems}"
+        f"watcher STOPPING (pid {d['pid']}) since {d['stopping']}: it finishes the step in "
+        "progress (a hook may run to its timeout) and starts none"
+        if d.get("running") and d.get("stopping")
+        else f"watcher running (pid {d['pid']}) but UNHEALTHY: {problems}"
         if d.get("running") and d.get("healthy") is False
         else f"watcher running (pid {d['pid']})"
         if d.get("running")

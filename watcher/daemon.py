@@ -616,6 +616,7 @@ class Daemon:
         # The loop writes status.json; the session keeper too, while renewals fail.
         self._status_lock = threading.Lock()
         self._status_closed = False
+        self._stopping_at = ""  # when the stop began: status.json says it until the end
         self._wake_lock = threading.Lock()
         self._dirty = False  # a wake-up other than an event's since the last cycle
         self._signal_fd = -1  # the handlers' end of the pipe to the signal relay
@@ -1335,6 +1336,9 @@ class Daemon:
             "apps": apps,
             "last_cycle": self._last_line[:2000],
             "reload": self._reloaded,
+            # Stopping: it finishes the step in progress (a hook may run for minutes) and
+            # takes no new one; `status` said "running" all that while.
+            "stopping": self._stopping_at or None,
         }
         with contextlib.suppress(OSError):
             # A report for `watcherctl status`, rewritten on every change: no fsync.
@@ -1347,7 +1351,10 @@ class Daemon:
             for stop_event in watches.values():
                 stop_event.set()
         self._prefetch.shutdown(wait=False, cancel_futures=True)
-        in_flight = stop_agents(list(self.agents.values()), self.notifier)
+        self._stopping_at = iso(utcnow())
+        self._status_written = time.monotonic()
+        self._write_status(force=True)
+        in_flight = stop_agents(list(self.agents.values()), self.notifier, self._stopping_status)
         if self.keeper is not None:
             if in_flight:
                 # Keep the session: a quick restart reuses it and resumes the deploy.
@@ -1363,6 +1370,14 @@ class Daemon:
             (self.state_dir / STATUS_FILE).unlink()
         log.info("watcher_stopped")
 
+    def _stopping_status(self) -> None:
+        """status.json while the stop waits for a step to finish: rewritten (``stopping``
+        in it) every STATUS_HEARTBEAT, as the loop no longer does, so that a long hook does
+        not make `status` call the stopping watcher stuck."""
+        if time.monotonic() - self._status_written >= STATUS_HEARTBEAT:
+            self._status_written = time.monotonic()
+            self._write_status(force=True)
+
     def _drain_webhooks(self) -> None:
         """Give queued chat messages (a deploy's "committed" most often) DRAIN_AT_STOP
         seconds, all apps together, before the process exits without them."""
@@ -1375,13 +1390,16 @@ class Daemon:
                 log.error("webhook_unsent_at_stop", app=name, messages=left, waited=DRAIN_AT_STOP)
 
 
-def stop_agents(agents: list[AppAgent], notifier: SystemdNotifier) -> bool:
+def stop_agents(
+    agents: list[AppAgent], notifier: SystemdNotifier, tick: Callable[[], None] = lambda: None
+) -> bool:
     """Stop every app's worker for a shutdown; whether one has a deploy in flight. Every
     app is told first (a prepare stops before its ready ack: told only once the app
     before it was done, a second app's prepare acked ready meanwhile, the code review),
     then each is waited for. A step may run several hooks, each up to its own timeout,
     longer together than the unit's TimeoutStopSec: systemd is asked for more while a hook
-    runs (the rest of a step, a download say, has the unit's timeout as before)."""
+    runs (the rest of a step, a download say, has the unit's timeout as before). ``tick``:
+    called between waits (the status file's heartbeat)."""
     for agent in agents:
         agent.shutdown(wait=False)
     in_flight = False
@@ -1389,6 +1407,7 @@ def stop_agents(agents: list[AppAgent], notifier: SystemdNotifier) -> bool:
         if agent.busy():
             log.info("waiting_for_task", app=agent.app.name)
         while agent.busy():
+            tick()
             if running_hooks():
                 notifier.extend_timeout(STOP_EXTEND)
             agent.wait_idle(STOP_EXTEND / 3 if running_hooks() else 1.0)

@@ -167,6 +167,12 @@ class TestAStopWhileAHookRuns:
             fleet,
         )
         assert w.running()  # still waiting for the hook
+        # `status` said "watcher running" all that while: it says it stops, and why it
+        # has not yet.
+        status = w.ctl("status", "web", check=False, as_json=False)
+        assert "watcher STOPPING (pid " in status.stdout, status.stdout
+        assert "it finishes the step in progress" in status.stdout, status.stdout
+        assert w.ctl_json("status", "web")["daemon"]["stopping"], "no `stopping` in the JSON"
         gate.touch()
         assert w.proc.wait(30) == 0
 
