@@ -30,7 +30,7 @@ from watcher.barrier import (
     rollback_target,
     summarize_states,
 )
-from watcher.config import AppConfig
+from watcher.config import AppConfig, Config
 from watcher.consul_api import ConsulClient, KVEntry, TxnOp
 from watcher.ctl import (
     EXIT_FAILED,
@@ -1854,6 +1854,14 @@ def _host_status(
         daemon.update(problems=mine, healthy=not mine)
     consul = _consul(ctx, quick=True)
     node = config.node or daemon.get("node")
+    waiting = running_settings(config, daemon)
+    if waiting:
+        # The running watcher's, not the file's: what this host does until its restart.
+        daemon["config_waiting"] = waiting
+        node = str(daemon.get("node") or node)
+        kv_prefix = waiting.get("kv_prefix", {}).get("running", config.kv_prefix)
+    else:
+        kv_prefix = config.kv_prefix
     data: dict[str, Any] = {
         "node": node,
         "daemon": daemon,
@@ -1869,7 +1877,10 @@ def _host_status(
         data["consul"].update(_consul_failure(unreachable))
     failure: WatcherError | None = unreachable
     for name in names:
-        entry = _local_app(config.apps[name], daemon)
+        app = config.apps[name]
+        if (root := waiting.get(f"apps.{name}.root")) is not None:
+            app = replace(app, root=root["running"])
+        entry = _local_app(app, daemon)
         # Unknown until read: the keys are always there, null with the reason when unread.
         entry.update(fleet_current=None, deploy=None, fleet_error=None)
         if isinstance(failure, ConsulError):  # one wait for an unreachable Consul is enough
@@ -1879,7 +1890,7 @@ def _host_status(
                 if node is None:
                     node = consul.agent_node_name()
                     data["node"] = node
-                _fleet_part(DeployStore(consul, config.kv_prefix, name), node, entry)
+                _fleet_part(DeployStore(consul, kv_prefix, name), node, entry)
             except ConsulError as exc:
                 failure = exc
                 data["consul"].update(_consul_failure(exc))
@@ -1903,6 +1914,32 @@ def _host_status(
     # not a host left alone in a good state, whatever the fleet's part says.
     unhealthy = daemon.get("healthy") is False
     return EXIT_FAILED if unhealthy or any(map(_in_doubt, data["apps"].values())) else EXIT_OK
+
+
+def running_settings(config: Config, daemon: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The settings a running watcher works with that the config file now gives otherwise
+    (``node``, ``kv_prefix``, an app's ``root``: each takes effect at its restart), as
+    setting -> {"running", "file"}. `status` showed the file's (another root's releases,
+    another prefix's fleet) as this host's while the watcher still ran on the old ones."""
+    if not daemon.get("running"):
+        return {}
+    said: dict[str, dict[str, str]] = {}
+    raw = daemon.get("apps")
+    apps: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    pairs = [
+        ("node", daemon.get("node"), config.node),
+        ("kv_prefix", daemon.get("kv_prefix"), config.kv_prefix),
+    ]
+    pairs += [
+        (f"apps.{name}.root", (apps.get(name) or {}).get("root"), app.root)
+        for name, app in config.apps.items()
+        if isinstance(apps.get(name), dict)
+    ]
+    for setting, running, file in pairs:
+        # An older watcher's file does not say it; a node left to the agent's name is none.
+        if isinstance(running, str) and running and file and running != file:
+            said[setting] = {"running": running, "file": file}
+    return said
 
 
 def _consul_failure(exc: ConsulError) -> dict[str, Any]:
@@ -2205,6 +2242,12 @@ def _human_status(data: dict[str, Any]) -> str:
             lines.append(
                 "  config changes waiting for a restart: " + ", ".join(reload["needs_restart"])
             )
+    for setting, values in (d.get("config_waiting") or {}).items():
+        lines.append(
+            f"  {setting}: the running watcher works with {values['running']} (shown here); "
+            f"the config file's {values['file']} takes effect at its restart "
+            "(systemctl restart watcher)"
+        )
     for name, a in data["apps"].items():
         lines.append(f"app {name}")
         lines.append(f"  current     {a['current'] or '-'}")

@@ -1310,6 +1310,7 @@ class Daemon:
                 "converge_error": agent.status.converge_error,
                 "prune_blocked": agent.status.prune_blocked,
                 "prefetch_failed": agent.status.prefetch_failed,
+                "root": agent.app.root,  # what it works on until a restart (`status`)
             }
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):
@@ -1329,6 +1330,7 @@ class Daemon:
             "version": 1,
             "pid": os.getpid(),
             "node": self.node,
+            "kv_prefix": self.config.kv_prefix,
             "updated_at": iso(utcnow()),
             "session": said[0],
             "healthy": healthy,

@@ -177,6 +177,45 @@ class TestAStopWhileAHookRuns:
         assert w.proc.wait(30) == 0
 
 
+class TestStatusWhileARestartIsPending:
+    def test_status_shows_what_the_running_watcher_works_on(
+        self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
+    ) -> None:
+        """`root`, `kv_prefix` and `node` take effect at a restart. Changed in the file, not
+        yet restarted: `status` described the file's root (no release) and prefix (no
+        fleet) as this host's, while the watcher still served the old ones (the operator
+        review). It shows what runs, and says what waits for the restart."""
+        fleet, w, _, _ = daemon
+        fleet.wait_members(1)
+        release = w.ctl_json("deploy", "web", fleet.publish("v1").id)["release"]
+        fleet.wait_idle()
+        good = w.config_path.read_text()
+        config = yaml.safe_load(good)
+        old_root, old_prefix = config["apps"]["web"]["root"], config["kv_prefix"]
+        new_root = tmp_path / "new-root"
+        new_root.mkdir()
+        config["apps"]["web"]["root"] = str(new_root)
+        config["kv_prefix"] = f"{old_prefix}-moved"
+        w.config_path.write_text(yaml.safe_dump(config))
+        try:
+            status = w.ctl("status", "web", as_json=False)
+            assert f"  current     {release}" in status.stdout, status.stdout
+            assert (
+                f"  apps.web.root: the running watcher works with {old_root} (shown here); "
+                f"the config file's {new_root} takes effect at its restart" in status.stdout
+            ), status.stdout
+            assert f"  kv_prefix: the running watcher works with {old_prefix} " in status.stdout
+            data = w.ctl_json("status", "web")
+            assert data["apps"]["web"]["fleet_current"] == release, data  # the running prefix
+            assert data["daemon"]["config_waiting"] == {
+                "kv_prefix": {"running": old_prefix, "file": f"{old_prefix}-moved"},
+                "apps.web.root": {"running": old_root, "file": str(new_root)},
+            }, data["daemon"]
+        finally:
+            w.config_path.write_text(good)
+        assert "config_waiting" not in w.ctl_json("status", "web")["daemon"]
+
+
 class TestOneDaemonPerHost:
     def test_a_second_watcher_run_stops_before_touching_the_first_ones_session(
         self, daemon: tuple[Fleet, WatcherProc, NotifyListener, int], tmp_path: Path
