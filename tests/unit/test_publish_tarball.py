@@ -490,6 +490,31 @@ class TestATreeChangedWhileBeingPacked:
         with pytest.raises(ArtifactRefused, match="changed while being packed"):
             build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
 
+    def test_a_file_with_more_bytes_than_its_size_says_is_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file that reads longer than its stat size (a filesystem whose sizes are not
+        its contents, as /proc's or some FUSE mounts'): tarfile packs the size's bytes
+        only, a bundle cut short. Refused, with how many bytes it had."""
+        src = make_tree(tmp_path / "src")
+        target = src / "lib/util.py"
+        real = publish_module._Source
+
+        class Longer(real):  # type: ignore[misc,valid-type]
+            def read(self, size: int = -1) -> bytes:
+                data: bytes = super().read(size)
+                if not data and self.path == target and not getattr(self, "more", False):
+                    self.more = True
+                    return b"\n"
+                return data
+
+        monkeypatch.setattr(publish_module, "_Source", Longer)
+        size = target.stat().st_size
+        with pytest.raises(
+            ArtifactRefused, match=f"changed while being packed \\(more than the {size} bytes"
+        ):
+            build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz")
+
 
 class FakeTTY(io.StringIO):
     def isatty(self) -> bool:
