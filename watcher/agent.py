@@ -2168,7 +2168,8 @@ class AppAgent:
                 deploy=rec.id,
                 reason=(
                     "a ready ack in this host's name that this watcher has no journal of: "
-                    "another holder of its token wrote it, or .state/ was removed"
+                    "another holder of its token wrote it, or .state/ was removed (or is "
+                    "another one: the app's `root` changed across a restart)"
                 ),
             )
         if hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
