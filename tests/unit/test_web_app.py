@@ -666,9 +666,7 @@ class TestTheDescriptionTellsTheTruth:
         r = client.head("/healthz")
         assert r.status_code == 200 and r.content == b""
 
-    def test_every_get_but_the_live_stream_answers_head_as_a_get_would(
-        self, client: TestClient
-    ) -> None:
+    def test_every_get_answers_head_as_a_get_would(self, client: TestClient) -> None:
         gets = [
             r.path
             for r in client.app.routes  # type: ignore[attr-defined]
@@ -762,7 +760,7 @@ class TestTheDescriptionTellsTheTruth:
         [
             ("PUT", DEPLOYS, "GET, HEAD, POST"),
             ("DELETE", "/api/v1/apps/web/fleet", "GET, HEAD"),
-            ("POST", "/api/v1/apps/web/live", "GET"),
+            ("POST", "/api/v1/apps/web/live", "GET, HEAD"),
             ("GET", ABORT, "POST"),
             ("TRACE", "/healthz", "GET, HEAD"),
         ],
