@@ -1555,12 +1555,24 @@ def end_stalled_sessions(
     agent_of: dict[str, str] = {}
     for node, session in sorted(stalled.items()):
         info = store.consul.session_info(session, consistent=True)
-        on = agent_of[node] = str(info.get("Node") if info is not None else node)
-        # A request any host's token can write names the sessions: one of another node
-        # would end that node's watcher session, and abort whatever it takes part in (the
-        # attacker review). A watcher whose `node` setting is not its agent's name makes
-        # its session on the agent's node: it is that watcher's when it holds the node's
-        # member key (only that node's token may write it) and no other node's anywhere.
+        on = agent_of[node] = str(info.get("Node") or node if info is not None else node)
+        # A request any host's token can write names the sessions, and a host's token may
+        # acquire its own member key with any session it can read: one of another node
+        # would end that node's watcher session (and abort whatever it takes part in, the
+        # attacker review), or another service's lock. A watcher names its session
+        # "watcher <node>", which only a token with session write on the Consul node it
+        # is made on can: on its own agent's node, whatever its `node` setting.
+        name = info.get("Name") if info is not None else None
+        if info is not None and name != f"watcher {node}":
+            raise DeployRefused(
+                f"app {store.app}: the session {session} deploy {deploy_id}'s request names "
+                f"for {node} is named {ids.one_line(str(name))!r} (Consul node {on}), not "
+                f"'watcher {node}' as that node's watcher names its session: a forged "
+                "request or member key, or another service's session: nothing was ended; "
+                "`consul session destroy` ends it if you are sure"
+            )
+        # On another Consul node (a watcher whose `node` setting is not its agent's name):
+        # it also holds the node's member key and no other node's anywhere.
         entry = members.get(node)
         theirs = sorted(m for m, e in members.items() if e.session == session and m != node)
         if on != node and (entry is None or entry.session != session or theirs):

@@ -1978,6 +1978,53 @@ def test_a_named_session_kept_alive_without_its_member_key_is_shown_stalled_and_
     next_deploy_works(acl_fleet, "v3")
 
 
+def test_end_sessions_never_ends_another_services_session_a_host_attached_to_its_member_key(
+    acl_fleet: AclFleet,
+) -> None:
+    """A host's token may acquire its own member key with any session it can read (every
+    node's, `session_prefix "" read`). host-3's, its watcher stopped, attached another
+    service's lock session (on host-2's node) to members/host-3 and wrote a back-dated
+    request naming it for host-3: STALLED, and `abort --end-sessions`, which now ends a
+    session of another Consul node that holds only that node's member key (a watcher whose
+    `node` setting is not its agent's name), destroyed the lock (the code review). A
+    watcher names its session "watcher <node>": refused, the lock kept."""
+    fleet = acl_fleet.fleet
+    v1, _, release1 = baseline(acl_fleet)
+    victim = fleet.watchers[2]
+    victim.stop()
+    fleet.wait_members(2)
+    lock_key = f"{fleet.kv_prefix}-service/leader"
+    lock = fleet.kv.session_create("vault-ha-lock", 60, checks=[])
+    try:
+        assert fleet.kv.kv_put(lock_key, b"leader", acquire=lock)
+        x = host_client(acl_fleet, 2)
+        assert x.kv_put(fleet.keys.member(victim.name), b"{}", acquire=lock)
+        past = utcnow() - timedelta(minutes=10)
+        rec = replace(
+            forged_request(fleet, new_deploy_id(past), {victim.name: lock}, v1),
+            requested_at=iso(past),
+            prepare_deadline=iso(past + timedelta(seconds=30)),
+            apply_deadline=iso(past + timedelta(seconds=60)),
+        )
+        assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
+        admin = yaml.safe_load(acl_fleet.operator_config.read_text())
+        admin["consul"]["token"] = fleet.cluster.management_token
+        admin_config = fleet.workdir / "admin.yaml"
+        admin_config.write_text(yaml.safe_dump(admin))
+        shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
+        assert shown.returncode == 4, (shown.stdout, shown.stderr)
+        assert "named 'vault-ha-lock'" in shown.stderr, shown.stderr
+        assert fleet.kv.session_info(lock) is not None
+        held = fleet.kv.kv_get(lock_key)
+        assert held is not None and held.session == lock
+    finally:
+        fleet.kv.session_destroy(lock)
+    victim.start()
+    fleet.wait_members(3)
+    assert releases_of(fleet) == {release1}
+    next_deploy_works(acl_fleet, "v2")
+
+
 def test_end_sessions_never_ends_a_session_of_another_node(acl_fleet: AclFleet) -> None:
     """The attacker review: host-3's token wrote a request that expects host-3 alone but
     names host-1's session for it, its deadlines long past. `abort` called host-3 STALLED,

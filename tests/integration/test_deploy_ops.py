@@ -1268,7 +1268,7 @@ class TestAbortRace:
 def silent_member(fleet: Fleet) -> str:
     """Member key ``silent-1`` held by a TTL-only session with no daemon behind it (what a
     host's token alone can make); returns the session."""
-    session = fleet.kv.session_create("silent member", 60, checks=[])
+    session = fleet.kv.session_create("watcher silent-1", 60, checks=[])
     member = fleet.keys.member("silent-1")
     assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
     return session

@@ -1302,15 +1302,24 @@ def test_a_session_of_another_node_is_never_ended_as_a_stalled_ones() -> None:
     request any host's token can write may name another node's session (the attacker
     review ended host-1's session as host-3's)."""
     destroyed: list[str] = []
-    infos = {"s-1": {"Node": "host-1"}, "s-3": {"Node": "host-3"}}
+    infos = {
+        "s-1": {"Node": "host-1", "Name": "watcher host-1"},
+        "s-3": {"Node": "host-3", "Name": "watcher host-3"},
+    }
     consul = types.SimpleNamespace(
         session_info=lambda sid, consistent=False: infos.get(sid),
         session_destroy=destroyed.append,
     )
     store = types.SimpleNamespace(app="web", consul=consul)
     members = {"host-1": a_member("host-1", "s-1"), "host-3": a_member("host-3", "s-3")}
-    with pytest.raises(DeployRefused, match="is Consul node host-1's, not host-3's"):
+    with pytest.raises(DeployRefused, match=r"named 'watcher host-1' \(Consul node host-1\)"):
         end_stalled_sessions(store, "d1", {"host-3": "s-1"}, members)  # type: ignore[arg-type]
+    # Another service's lock on host-3's own node, held by host-3's member key (its token
+    # may acquire it with any session it can read): not a watcher's session, refused.
+    infos["s-v"] = {"Node": "host-3", "Name": "vault-ha-lock"}
+    members["host-3"] = a_member("host-3", "s-v")
+    with pytest.raises(DeployRefused, match="named 'vault-ha-lock'"):
+        end_stalled_sessions(store, "d1", {"host-3": "s-v"}, members)  # type: ignore[arg-type]
     assert destroyed == []
 
 
@@ -1325,7 +1334,11 @@ def test_a_stalled_watcher_named_other_than_its_agent_has_its_session_ended() ->
     key and no other node's: ended. One that also holds another node's key, in this app or
     another, may be that node's watcher's: refused, nothing ended."""
     destroyed: list[str] = []
-    infos = {"s-3": {"Node": "ip-10-0-0-3"}, "s-1": {"Node": "host-1"}}
+    infos = {
+        "s-3": {"Node": "ip-10-0-0-3", "Name": "watcher web-3"},
+        "s-1": {"Node": "host-1", "Name": "watcher host-1"},
+        "s-lock": {"Node": "ip-10-0-0-3", "Name": "consul lock"},
+    }
     apps = {"web": {}, "api": {}}  # app -> members
     consul = types.SimpleNamespace(
         session_info=lambda sid, consistent=False: infos.get(sid),
@@ -1349,6 +1362,11 @@ def test_a_stalled_watcher_named_other_than_its_agent_has_its_session_ended() ->
         )
         assert (ended, refused, destroyed) == ({"web-3": "s-3"}, "", ["s-3"])
         destroyed.clear()
+        # A session of that node that no watcher of web-3 made (a lock web-3's token
+        # attached to its member key, say): refused.
+        locked = {**apps["web"], "web-3": a_member("web-3", "s-lock")}
+        with pytest.raises(DeployRefused, match="named 'consul lock'"):
+            end_stalled_sessions(store, "d1", {"web-3": "s-lock"}, locked)  # type: ignore[arg-type]
         # Its member key held by another session: nothing says the session is web-3's.
         taken = {**apps["web"], "web-3": a_member("web-3", "s-other")}
         with pytest.raises(DeployRefused, match="does not hold web-3's member key"):
