@@ -1870,7 +1870,7 @@ def _host_status(
     if waiting:
         # The running watcher's, not the file's: what this host does until its restart.
         daemon["config_waiting"] = waiting
-        node = str(daemon.get("node") or node)
+        node = daemon.get("node") or node
         kv_prefix = waiting.get("kv_prefix", {}).get("running", config.kv_prefix)
     else:
         kv_prefix = config.kv_prefix

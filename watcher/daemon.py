@@ -1310,7 +1310,9 @@ class Daemon:
                 "converge_error": agent.status.converge_error,
                 "prune_blocked": agent.status.prune_blocked,
                 "prefetch_failed": agent.status.prefetch_failed,
-                "root": agent.app.root,  # what it works on until a restart (`status`)
+                # What it works on until a restart (`status`): a reload keeps the root
+                # (and the prefix below) it started with, whatever the file says now.
+                "root": started.root if (started := self.started_config.apps.get(name)) else "",
             }
             cache = agent.engine.cache
             if cache is not None and (downloads := cache.downloads()):
@@ -1330,7 +1332,7 @@ class Daemon:
             "version": 1,
             "pid": os.getpid(),
             "node": self.node,
-            "kv_prefix": self.config.kv_prefix,
+            "kv_prefix": self.started_config.kv_prefix,
             "updated_at": iso(utcnow()),
             "session": said[0],
             "healthy": healthy,

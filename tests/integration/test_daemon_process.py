@@ -198,6 +198,11 @@ class TestStatusWhileARestartIsPending:
         config["kv_prefix"] = f"{old_prefix}-moved"
         w.config_path.write_text(yaml.safe_dump(config))
         try:
+            # Reloaded too (edit, then `systemctl reload`, the usual way): the status file
+            # said the file's root and prefix once the reload had taken them in.
+            assert w.proc is not None
+            w.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(w.log_events("reload_needs_restart")), 10, "reloaded", fleet)
             status = w.ctl("status", "web", as_json=False)
             assert f"  current     {release}" in status.stdout, status.stdout
             assert (

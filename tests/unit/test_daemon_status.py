@@ -37,17 +37,11 @@ class FakeEngine:
 
 
 @dataclass
-class FakeApp:
-    root: str = "/srv"
-
-
-@dataclass
 class FakeAgent:
     """What the daemon's status code reads of an app's agent."""
 
     status: FakeStatus = field(default_factory=FakeStatus)
     engine: FakeEngine = field(default_factory=FakeEngine)
-    app: FakeApp = field(default_factory=FakeApp)
 
     def busy(self) -> bool:
         return False
@@ -96,7 +90,7 @@ class TestStatusFile:
             "converge_error": None,
             "prune_blocked": "",
             "prefetch_failed": "",
-            "root": "/srv",
+            "root": daemon.started_config.apps["web"].root,
         }
         # a change right after: held back, and the loop is told to come back for it
         agent.status.state = "ready"
