@@ -225,7 +225,28 @@ def _consul(ctx: CtlContext, *, quick: bool = False) -> ConsulClient:
 
 def _store(ctx: CtlContext, app: str) -> DeployStore:
     ctx.app(app)  # a clear error for an unknown app
+    _warn_of_a_pending_prefix(ctx)
     return DeployStore(_consul(ctx), ctx.config.kv_prefix, app)
+
+
+_PREFIX_WARNED: list[str] = []  # once per process
+
+
+def _warn_of_a_pending_prefix(ctx: CtlContext) -> None:
+    """The fleet commands read the config file's ``kv_prefix``. On a host whose running
+    watcher started with another one (the change waits for its restart), `status --fleet`
+    said "no host" and `history` "no deploys" without a word why (the operator review)."""
+    if _PREFIX_WARNED:
+        return
+    _PREFIX_WARNED.append(ctx.config.kv_prefix)
+    waiting = running_settings(ctx.config, daemon_status(ctx.config.daemon.state_dir))
+    if (prefix := waiting.get("kv_prefix")) is not None:
+        print(
+            f"watcherctl: warning: this host's running watcher works with kv_prefix "
+            f"{prefix['running']} until its restart; this command reads the config file's "
+            f"{prefix['file']}",
+            file=sys.stderr,
+        )
 
 
 # --- deploy / rollback -----------------------------------------------------------------
@@ -2417,6 +2438,7 @@ def fleet_status(store: DeployStore) -> dict[str, Any]:
 
 
 def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
+    _warn_of_a_pending_prefix(ctx)
     consul = _consul(ctx, quick=True)
     data: dict[str, Any] = {}
     for name in names:

@@ -212,6 +212,15 @@ class TestStatusWhileARestartIsPending:
             assert f"  kv_prefix: the running watcher works with {old_prefix} " in status.stdout
             data = w.ctl_json("status", "web")
             assert data["apps"]["web"]["fleet_current"] == release, data  # the running prefix
+            # The fleet commands read the file's prefix (a workstation's config is theirs),
+            # and say that the watcher here works with another.
+            fleet_view = w.ctl("status", "--fleet", check=False, as_json=False)
+            assert (
+                f"watcherctl: warning: this host's running watcher works with kv_prefix "
+                f"{old_prefix} until its restart; this command reads the config file's "
+                f"{old_prefix}-moved" in fleet_view.stderr
+            ), fleet_view.stderr
+            assert "running watcher works with kv_prefix" in w.ctl("history", "web").stderr
             assert data["daemon"]["config_waiting"] == {
                 "kv_prefix": {"running": old_prefix, "file": f"{old_prefix}-moved"},
                 "apps.web.root": {"running": old_root, "file": str(new_root)},
