@@ -1380,6 +1380,9 @@ class Daemon:
         not make `status` call the stopping watcher stuck."""
         if time.monotonic() - self._status_written >= STATUS_HEARTBEAT:
             self._status_written = time.monotonic()
+            # The loop has ended on purpose: a stop that waits for a long hook is no stalled
+            # loop (it made `status` call the watcher unhealthy past loop_stall_after).
+            self.health.loop_cycle()
             self._write_status(force=True)
 
     def _drain_webhooks(self) -> None:

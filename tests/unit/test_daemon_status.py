@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from watcher.config import parse_config
-from watcher.daemon import STATUS_FILE, STATUS_MIN_INTERVAL, Daemon
+from watcher.daemon import STATUS_FILE, STATUS_HEARTBEAT, STATUS_MIN_INTERVAL, Daemon
 from watcher.errors import (
     ConsulPermissionDenied,
     ConsulRequestError,
@@ -174,3 +174,20 @@ class TestCycleLine:
         monkeypatch.setattr(daemon, "_ensure_member", fail)
         line = daemon._reconcile(agent)  # type: ignore[arg-type]
         assert line == f"consul {said}: {error}"
+
+
+def test_a_stop_waiting_for_a_long_hook_is_no_stalled_loop(daemon: Daemon) -> None:
+    """The loop ends when a stop begins; a stop waits for the step in progress (a hook may
+    run to its timeout, 300 s by default). Past loop_stall_after (120 s) the status file's
+    heartbeat said the watcher unhealthy ("main loop has not completed a cycle"), and
+    `status` exited 1 (the code review). The stop's heartbeat counts as the loop's."""
+    daemon.health.session_ok("s1")
+    daemon.health.loop_cycle()
+    daemon.health.loop_stall_after = 0.5  # seconds, for this test
+    time.sleep(0.6)
+    assert not daemon.health.check()[0]  # what a stop past that looked like
+    daemon._stopping_at = "2026-12-06T22:00:00.000Z"
+    daemon._status_written = time.monotonic() - STATUS_HEARTBEAT
+    daemon._stopping_status()
+    data = json.loads((daemon.state_dir / STATUS_FILE).read_text())
+    assert data["stopping"] == "2026-12-06T22:00:00.000Z" and data["healthy"] is True, data
