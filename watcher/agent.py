@@ -2069,6 +2069,15 @@ class AppAgent:
                 self.journal.done("flipped")
             else:  # no hook to run: both phases in one write
                 self.journal.done("flipped", "post_symlink")
+        elif moved := self._moved_by_hand(rec.release):
+            # Back after a stop between the flip and the live ack, and an operator rolled
+            # this host back meanwhile (`rollback --local`, allowed while no watcher runs):
+            # its hooks ran against that tree and it acked live for a release it did not
+            # serve (the operator review). It did not go live; the hold stays.
+            self.log.error("apply_moved_by_hand", deploy=rec.id, error=moved)
+            timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
+            self._applied(joined, started, FAILED_AFTER_COMMIT, moved, "", timings)
+            return
         state, error, tail = LIVE, "", ""
         try:
             if self.metrics is not None:
@@ -2094,6 +2103,19 @@ class AppAgent:
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
         self._applied(joined, started, state, error, tail, timings, flipped_from)
+
+    def _moved_by_hand(self, release: str) -> str:
+        """Why this host is not on ``release`` after its journal's flip to it: `current`
+        names another release and a hold is placed (a local rollback); "" otherwise."""
+        with self.engine.lock(owner="apply resume check"):
+            live, hold = self.engine.current_release(), self.engine.held()
+        if live == release or hold is None:
+            return ""
+        return (
+            f"current was moved to {live or 'nothing'} on this host after its switch to "
+            f"{release}, and it is held ({hold.reason}, by {hold.by}): the hooks after the "
+            "switch (post_symlink, validate) did not run"
+        )
 
     def _applied(
         self,

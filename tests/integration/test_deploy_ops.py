@@ -427,6 +427,41 @@ class TestValidateFailure:
             page = client.get("/apps/web")
         assert "No automatic rollback: the deploy had already ended" in page.text, page.text
 
+    def test_a_host_rolled_back_by_hand_while_its_watcher_was_down_mid_validate_is_not_live(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """host-2's watcher is killed during its validate (after its switch); an operator
+        rolls host-2 back by hand (`rollback --local`, allowed while no watcher runs) and
+        starts the watcher again. It ran the deploy's validate against the rolled-back
+        tree and acked live for a release it did not serve (the operator review). Now it
+        acks failed after the commit, says why, and stays where the operator put it."""
+        gate = tmp_path / "gate"
+        fleet = make_fleet(app_extra={"on_validate_failure": "hold"})
+        victim = fleet.watchers[1]
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        fleet.give_gated_hook(victim, "validate", gate)
+        fleet.wait_members(len(fleet.watchers))
+        started = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish("v2").id, "--no-wait")
+        deploy_id, rel2 = started["deploy"], started["release"]
+        wait_for(gate.with_name("gate.started").exists, 30, "host-2 in its validate", fleet)
+        victim.kill()
+        gate.touch()  # validates pass from now on: the local rollback's, the deploy's
+        back = victim.ctl_json("rollback", "web", "--local")
+        assert back["flipped"] is True and back["to"] == rel1, back
+        victim.start()
+        outcome = fleet.wait_outcome(deploy_id, timeout=60)
+        assert outcome["result"] == "failed_after_commit", outcome
+        ack = outcome["hosts"][victim.name]
+        assert ack["state"] == "failed_after_commit", outcome
+        assert ack["error"].startswith(
+            f"current was moved to {rel1} on this host after its switch to {rel2}, and it "
+            "is held (local rollback to "
+        ), ack
+        assert victim.current() == rel1
+        status = victim.ctl("status", "web", check=False)
+        assert status.returncode == 1, status  # FAILED AFTER COMMIT: the fleet's release
+        assert "local rollback to" in json.loads(status.stdout)["apps"]["web"]["hold"]["reason"]
+
     def test_a_hook_after_the_commit_that_cannot_start_is_a_no_before_it(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
