@@ -2619,7 +2619,8 @@ class AppAgent:
         """
         rec = joined.request
         journal = self.converge_journal
-        journal.begin(rec.id, release=rec.release, scope=self._scope)
+        if journal.begin(rec.id, release=rec.release, scope=self._scope).get("hooks_failed"):
+            journal.update(hooks_failed="")  # a retry: its hooks run again (`rollback --local`)
         try:
             artifact = self._record_of(rec)
             self.engine.in_flight_artifacts.add(artifact.sha256)
@@ -2649,6 +2650,10 @@ class AppAgent:
                 journal.done("post_symlink")
             self._run_hooks("validate", ctx)
         except (WatcherError, OSError) as exc:
+            # Said in the journal: `rollback --local` goes through between two tries (an
+            # operator's way out of a release that keeps failing here), not during one.
+            with contextlib.suppress(OSError):
+                journal.update(hooks_failed=str(exc)[:500] or type(exc).__name__)
             self._converge_failures += 1
             delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)
             self._converge_retry_at = time.monotonic() + delay

@@ -495,20 +495,31 @@ def _refuse_while_validating(engine: ReleaseEngine) -> None:
     hooks after the switch (post_symlink, validate): a local flip then ran a second
     validate beside the deploy's, and the host ended failed after commit (the operator
     review). Not when no watcher runs: it works the journal off when it starts."""
-    journal = read_journal(engine.layout.state_dir)
-    if not journal or journal.get("finished") or journal.get("ended"):
-        return
+    state_dir = engine.layout.state_dir
+    journal = read_journal(state_dir) or {}
     phases = journal.get("phases") or []
-    if "flipped" not in phases or "applied" in phases:
+    deploy = (
+        not journal.get("finished")
+        and not journal.get("ended")
+        and "flipped" in phases
+        and "applied" not in phases
+    )
+    # A convergence to a committed deploy (after a release-hold, say) runs them too; one
+    # whose hooks failed waits to try again: a local rollback then is the way out.
+    converge = read_journal(state_dir, CONVERGE_JOURNAL_NAME) or {}
+    converging = "flipped" in (converge.get("phases") or []) and not converge.get("hooks_failed")
+    if not (deploy or converging) or not watcher_runs(state_dir / INSTANCE_LOCK):
         return
-    if not watcher_runs(engine.layout.state_dir / INSTANCE_LOCK):
-        return
+    what = (
+        f"has switched to deploy {journal.get('deploy')}'s release"
+        if deploy
+        else f"is converging to {converge.get('release')} (deploy {converge.get('deploy')})"
+    )
     raise DeployRefused(
-        f"cannot roll back {engine.app.name} now: this host has switched to deploy "
-        f"{journal.get('deploy')}'s release and its watcher is running the hooks after the "
-        "switch (post_symlink, validate); a local rollback would run beside them. Retry "
-        "once `watcherctl status` shows this host live or failed (a failed validate rolls "
-        "the fleet back by itself unless the app says `on_validate_failure: hold`)"
+        f"cannot roll back {engine.app.name} now: this host {what} and its watcher is "
+        "running the hooks after the switch (post_symlink, validate); a local rollback "
+        "would run beside them. Retry once `watcherctl status` shows this host live or "
+        "failed"
     )
 
 

@@ -427,6 +427,60 @@ class TestValidateFailure:
             page = client.get("/apps/web")
         assert "No automatic rollback: the deploy had already ended" in page.text, page.text
 
+    def test_rollback_local_waits_for_a_convergence_s_hooks_after_the_switch(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """A host that missed a deploy converges to it when its watcher is back: flip, then
+        validate. A local rollback then ran a second validate beside the convergence's,
+        which logged "converged" with `current` already back (the operator review):
+        refused while those hooks run; it goes through once they are done."""
+        gate = tmp_path / "gate"
+        fleet = make_fleet()
+        victim = fleet.watchers[1]
+        deploy_ok(fleet, fleet.publish("v1").id)
+        victim.stop()
+        fleet.wait_members(len(fleet.watchers) - 1)
+        v2 = fleet.publish("v2")
+        result = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing")
+        assert result["result"] == "committed", result
+        fleet.give_gated_hook(victim, "validate", gate)  # starts it again
+        wait_for(gate.with_name("gate.started").exists, 30, "host-2 in its validate", fleet)
+        refused = victim.ctl("rollback", "web", "--local", check=False, as_json=False)
+        assert refused.returncode == 4, (refused.stdout, refused.stderr)
+        assert f"is converging to {result['release']} (deploy {result['deploy']})" in (
+            refused.stderr
+        ), refused.stderr
+        assert victim.current() == result["release"]
+        gate.touch()
+        wait_for(lambda: bool(victim.log_events("converged")), 30, "host-2 converged", fleet)
+        back = victim.ctl_json("rollback", "web", "--local")
+        assert back["flipped"] is True and back["to"] != result["release"], back
+
+    def test_rollback_local_is_the_way_out_of_a_convergence_whose_validate_fails(
+        self, make_fleet: MakeFleet
+    ) -> None:
+        """Between two tries of a convergence whose validate fails here, a local rollback
+        goes through (not refused as a convergence running its hooks), and holds the host
+        so that no further try starts."""
+        fleet = make_fleet()
+        victim = fleet.watchers[1]
+        rel1 = deploy_ok(fleet, fleet.publish("v1").id)
+        victim.stop()
+        fleet.wait_members(len(fleet.watchers) - 1)
+        result = fleet.watchers[0].ctl_json(
+            "deploy", "web", fleet.publish("v2").id, "--allow-missing"
+        )
+        fleet._restart_with_hook(
+            victim, "validate", 'grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" && exit 3\nexit 0\n'
+        )
+        wait_for(lambda: bool(victim.log_events("converge_failed")), 30, "a failed try", fleet)
+        back = victim.ctl_json("rollback", "web", "--local")
+        assert back["flipped"] is True and back["to"] == rel1, back
+        tries = len(victim.log_events("converge_failed"))
+        time.sleep(3)  # the next try was due within 2-4 s: held, none starts
+        assert len(victim.log_events("converge_failed")) == tries
+        assert victim.current() == rel1 != result["release"]
+
     def test_a_host_rolled_back_by_hand_while_its_watcher_was_down_mid_validate_is_not_live(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:
