@@ -2547,14 +2547,30 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
     rollback (nor a deleted record hide a real one)."""
     view = store.view(rec.id)
     outcome = view.checked().outcome if view is not None else None
-    if outcome is None or outcome.result not in ("rolled_back", "failed_after_commit"):
+    if outcome is not None and outcome.result in ("rolled_back", "failed_after_commit"):
+        said = f"ended {outcome.result} with ({outcome.reason[:300]})"
+    elif view is not None and (failed := failed_after_commit_on(view)):
+        # Its validate failed only after the deploy had ended `committed` (at its apply
+        # deadline): no automatic rollback, and the acks say it all the same.
+        said = f"ended committed, whose validate failed after its end on {', '.join(failed)}"
+    else:
         return
     raise DeployRefused(
         f"app {store.app}: the previous release {rec.release} is the one deploy {rec.id} "
-        f"ended {outcome.result} with ({outcome.reason[:300]}); name the release to roll "
+        f"{said}; name the release to roll "
         f"back to (`watcherctl rollback {store.app} --to RELEASE`; `watcherctl history "
         f"{store.app}` lists them), or --to {rec.release} to go back to it all the same"
     )
+
+
+def failed_after_commit_on(view: DeployView) -> list[str]:
+    """The expected nodes whose own ack in ``view``'s deploy says its release failed after
+    the commit here (a validate or post_symlink), whenever that was."""
+    return [
+        node
+        for node in view.record.expected
+        if (ack := view.nodes.get(node)) is not None and ack.state == FAILED_AFTER_COMMIT
+    ]
 
 
 _READ: Any = object()  # rollback_target's ``current`` when the caller has not read it

@@ -24,6 +24,7 @@ from watcher.barrier import (
     WAIT_RECHECK,
     DeployStore,
     DeployView,
+    failed_after_commit_on,
     judge,
     new_deploy_id,
     resolve_artifact,
@@ -2070,11 +2071,7 @@ def failed_release(
     is no previous release). Its previous release is the one a plain `rollback` goes to,
     refused when the fleet was rolled back from it (``_refuse_a_failed_previous``): the
     line then names ``--to``. None when every host that acked it is fine."""
-    failed = {
-        node: ack.error
-        for node in view.record.expected
-        if (ack := view.nodes.get(node)) is not None and ack.state == FAILED_AFTER_COMMIT
-    }
+    failed = {node: view.nodes[node].error for node in failed_after_commit_on(view)}
     if not failed:
         return None
     outcome = view.checked().outcome
@@ -2096,7 +2093,9 @@ def failed_release(
         with contextlib.suppress(PayloadError):
             before = store.view(previous.deploy)
         ended = before.checked().outcome if before is not None else None
-        plain_refused = ended is not None and ended.result in ("rolled_back", "failed_after_commit")
+        plain_refused = (
+            ended is not None and ended.result in ("rolled_back", "failed_after_commit")
+        ) or (before is not None and bool(failed_after_commit_on(before)))
     roll_back = None
     if previous is not None or previous_untrusted:
         roll_back = f"watcherctl rollback {store.app}" + (" --to RELEASE" if plain_refused else "")
@@ -2137,7 +2136,7 @@ def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
     if failed.get("after_end"):
         lines.append(
             "  no automatic rollback: the deploy had already ended (committed) when this "
-            "validate failed; only a failure reported before the end rolls the fleet back"
+            "validate failed"
         )
     command = failed.get("roll_back")
     if command is None:

@@ -426,6 +426,16 @@ class TestValidateFailure:
         with TestClient(app, base_url="http://127.0.0.1:8710") as client:
             page = client.get("/apps/web")
         assert "No automatic rollback: the deploy had already ended" in page.text, page.text
+        # The next release passes; a plain `rollback` from it would go back to the one that
+        # failed here after its end: refused like one that failed before it (the operator
+        # review), naming why.
+        deploy_ok(fleet, fleet.publish("v3").id)
+        plain = fleet.watchers[0].ctl("rollback", "web", check=False, as_json=False)
+        assert plain.returncode == 4, (plain.stdout, plain.stderr)
+        assert (
+            f"the previous release {rel2} is the one deploy {deploy_id} ended committed, whose "
+            f"validate failed after its end on {bad}" in plain.stderr
+        ), plain.stderr
 
     def test_rollback_local_waits_for_a_convergence_s_hooks_after_the_switch(
         self, make_fleet: MakeFleet, tmp_path: Path
