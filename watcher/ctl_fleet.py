@@ -932,7 +932,7 @@ def _human_summary(data: dict[str, Any]) -> str:
             f"  NOT LIVE: {', '.join(took)}: had taken the commit but not reported live when "
             f"the deploy ended ({why}); it may serve the new release before its `validate` "
             "passed, and finishes the switch when its watcher runs (`status --fleet` shows "
-            "where it stands)"
+            "where it stands); a validate that fails there now starts no automatic rollback"
         )
     return "\n".join(lines)
 
@@ -1183,6 +1183,9 @@ def _detail(d: dict[str, Any], failures: str) -> str:
         parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
         parts.append(f"not live when it ended: {', '.join(d['not_live'])}")
+    late = [n for n, h in (d.get("hosts") or {}).items() if h.get("state") == FAILED_AFTER_COMMIT]
+    if d["result"] == "committed" and late:
+        parts.append(f"failed after its end on {', '.join(late)}: no automatic rollback")
     if (asked := d.get("abort_requested")) and (said := abort_requested_label(asked)) not in (
         parts[0]
     ):  # (not again where the abort request is what decided it: the reason says it)
@@ -1998,6 +2001,7 @@ def _unread_fleet(data: dict[str, Any]) -> dict[str, Any]:
             "previous": None,
             "current_problems": {},
             "current_failed": None,
+            "current_not_live": [],
             "deploy": None,
             "hosts": None,
             "fleet_error": entry["fleet_error"],
@@ -2054,7 +2058,35 @@ def fleet_release(
             if trusted and "current" in views
             else None
         ),
+        "current_not_live": (
+            not_live_after_end(views["current"], hosts)
+            if trusted and "current" in views and hosts is not None
+            else []
+        ),
     }
+
+
+def not_live_after_end(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[str]:
+    """Expected hosts of ``view``'s deploy (the one `current` names) that took its commit
+    (or acked ready) and have not said live or failed: still running their hooks after the
+    switch past the deploy's end, or their watcher stopped. A validate failing there now
+    starts no automatic rollback, and nothing said so between the end and that (the
+    operator review). A host that converged since says so in its host record (on the
+    release, its state no longer the deploy's): a convergence writes no ack."""
+    said = []
+    for node in view.record.expected:
+        ack = view.nodes.get(node)
+        if ack is None or ack.state not in (READY, COMMITTED):
+            continue
+        host = hosts.get(node)
+        converged = (
+            host is not None
+            and host.release == view.record.release
+            and host.state not in (READY, COMMITTED)
+        )
+        if not converged:
+            said.append(node)
+    return said
 
 
 def failed_release(
@@ -2475,6 +2507,13 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
             out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
             out += failed_release_lines(a.get("current_failed"), name)
+            if late := a.get("current_not_live"):
+                out.append(
+                    f"  NOT LIVE yet: {', '.join(late)}: took the commit of {a['current']} and "
+                    "has not said live or failed (still running its hooks after the switch "
+                    "past the deploy's end, or its watcher stopped); a validate failing there "
+                    "now starts no automatic rollback"
+                )
             out += [f"  NOT TRUSTED: {n}" for n in (dep or {}).get("distrusted", ())]
             if not a["hosts"]:
                 base = f"{ctx.config.kv_prefix}/apps/{name}/"

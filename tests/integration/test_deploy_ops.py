@@ -397,6 +397,13 @@ class TestValidateFailure:
         outcome = fleet.wait_outcome(deploy_id, timeout=40)
         assert outcome["result"] == "committed", outcome
         assert f"still not live at the apply deadline: {bad}" in outcome["reason"], outcome
+        # Between the end and the failure, `status --fleet` said nothing of host-2.
+        shown = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False)
+        assert (
+            f"  NOT LIVE yet: {bad}: took the commit of {rel2} and has not said live or "
+            "failed" in shown.stdout
+        ), shown.stdout
+        assert "now starts no automatic rollback" in shown.stdout
         gate.touch()
 
         def failed_ack() -> bool:
@@ -420,12 +427,15 @@ class TestValidateFailure:
         data = json.loads(fleet.watchers[0].ctl("status", "web", "--fleet", check=False).stdout)
         failed = data["web"]["current_failed"]
         assert failed["after_end"] is True and list(failed["hosts"]) == [bad], failed
+        assert data["web"]["current_not_live"] == [], data["web"]
         config_path = tmp_path / "web.yaml"
         config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
         app = create_app(load_config(config_path), listen_host="127.0.0.1")
         with TestClient(app, base_url="http://127.0.0.1:8710") as client:
             page = client.get("/apps/web")
         assert "No automatic rollback: the deploy had already ended" in page.text, page.text
+        text = fleet.watchers[0].ctl("history", "web", as_json=False).stdout
+        assert f"failed after its end on {bad}: no automatic rollback" in text, text
         # The next release passes; a plain `rollback` from it would go back to the one that
         # failed here after its end: refused like one that failed before it (the operator
         # review), naming why.
@@ -1320,9 +1330,22 @@ class TestAbortRace:
         row = history(fleet)[deploy_id]
         assert row["result"] == "committed" and row["not_live"] == [dead.name], row
         assert dead.current() == rel1
+        not_live = fleet.watchers[0].ctl_json("status", "web", "--fleet")["web"]
+        assert not_live["current_not_live"] == [dead.name], not_live
         dead.start()
         fleet.wait_members(len(fleet.watchers))
         wait_for(everyone_on(fleet, release_of(fleet, deploy_id)), 30, "host-3 converged", fleet)
+        # Converged: its ack stays ready (a convergence writes none), its record says it.
+        wait_for(
+            lambda: (
+                not fleet.watchers[0].ctl_json("status", "web", "--fleet")["web"][
+                    "current_not_live"
+                ]
+            ),
+            15,
+            "host-3 no longer shown not live",
+            fleet,
+        )
 
     def test_status_fleet_names_the_new_release_while_validate_runs(
         self, make_fleet: MakeFleet, tmp_path: Path
