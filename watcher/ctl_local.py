@@ -72,6 +72,7 @@ PRUNE_CONSUL_DEADLINE = 1.0
 EXIT_CANNOT_RUN = 127
 DEFAULT_KEEP_DAYS = 7.0
 LOCAL_ROLLBACK = "local rollback to "  # what a local rollback's hold says
+EARLIER = "; earlier: "  # a hold over it keeps that reason after this
 MAX_KEEP_DAYS = 36525  # a century: a pin that long is a mistake, a longer one overflows
 
 
@@ -376,7 +377,9 @@ def cmd_hold(ctx: CtlContext) -> int:
         if replaced is not None and LOCAL_ROLLBACK in replaced.reason:
             # The host is off the fleet's release by hand: that stays said, or `status`
             # and `release-hold` would give only the new reason (the operator review).
-            reason = f"{reason}; earlier: {_bounded_reason(replaced)}"
+            # Once: a hold over such a hold keeps what that one kept, not itself as well.
+            _, kept, earlier = replaced.reason.partition(EARLIER)
+            reason = f"{reason}{EARLIER}{earlier if kept else _bounded_reason(replaced)}"
         hold = engine.hold(reason, by)
     data = {
         "app": engine.app.name,

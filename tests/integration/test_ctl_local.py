@@ -378,6 +378,9 @@ class TestRollbackLocal:
         )
         hold = host.engine.held()
         assert hold is not None and hold.reason == data["hold"]["reason"]
+        # Once more: the local rollback's reason stays, once (it nested every earlier hold).
+        again = host.ctl_json("hold", "web", "--reason", "still checking")["hold"]["reason"]
+        assert again == f"still checking; earlier: {first.reason} (by {first.by})", again
         # A plain hold replaced by another is replaced, as before.
         host.ctl_json("release-hold", "web")
         host.ctl_json("hold", "web", "--reason", "one")
