@@ -939,6 +939,9 @@ class TestWhoIsLocal:
             assert r.status_code == 429, r.text
             assert "live streams of this caller are open" in r.json()["error"]
             assert r.headers["retry-after"] == str(SSE_RETRY_AFTER)
+            # Its HEAD says what the GET would get (it answered 200, the operator review).
+            head = client.head("/api/v1/apps/web/live")
+            assert head.status_code == 429 and head.headers["retry-after"] == str(SSE_RETRY_AFTER)
         finally:
             state.streams_of.clear()
         with client.stream("GET", "/api/v1/apps/web/live") as r:  # below it: served

@@ -1287,21 +1287,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             raise ApiError(404, f"app {app}: no deploy {deploy_id}")
         return deploy_summary(view.checked())
 
-    @app.get(
-        LIVE,
-        summary="Server-sent events: the deploy in flight, pushed on every change",
-        response_class=StreamingResponse,
-        responses={
-            **READ_ERRORS,
-            **errors(429),
-            200: {
-                "description": "a stream of `event: live` with one line of JSON each "
-                "(docs/web.md), and a comment every 15 s",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            },
-        },
-    )
-    async def live(app: AppName, request: Request) -> StreamingResponse:
+    async def _may_stream(app: str, request: Request) -> tuple[str, str, str | None]:
+        """The live stream's checks, for its GET and its HEAD alike: (app, caller, token),
+        or the ApiError the GET answers (the HEAD answered 200 where a GET got 429)."""
         name = app_name(app)
         if bearer_token(request) is not None or not state.is_local(request):
             # Not local: the caller proves read on this app once, with their token.
@@ -1325,6 +1313,24 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 f"{SSE_MAX_STREAMS} live streams are open; try again later",
                 retry_after=SSE_RETRY_AFTER,
             )
+        return name, caller, token
+
+    @app.get(
+        LIVE,
+        summary="Server-sent events: the deploy in flight, pushed on every change",
+        response_class=StreamingResponse,
+        responses={
+            **READ_ERRORS,
+            **errors(429),
+            200: {
+                "description": "a stream of `event: live` with one line of JSON each "
+                "(docs/web.md), and a comment every 15 s",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def live(app: AppName, request: Request) -> StreamingResponse:
+        name, caller, token = await _may_stream(app, request)
         # The slot is taken here, before the response starts (a burst of connects could all
         # pass the check otherwise), and given back once: by the stream when it ends, or
         # when the stream object is dropped without ever running.
@@ -1357,10 +1363,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     @app.head(LIVE, include_in_schema=False)
     async def live_head(app: AppName, request: Request) -> Response:
         """What a GET would answer, without its stream (`curl -I`, an uptime check): the
-        same read check, no slot taken, no body."""
-        name = app_name(app)
-        if bearer_token(request) is not None or not state.is_local(request):
-            await asyncio.to_thread(state.store(name, state.reader(request)).inflight)
+        same checks, no slot taken, no body."""
+        await _may_stream(app, request)
         return Response(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
