@@ -595,6 +595,17 @@ def rollback_local(ctx: CtlContext) -> int:
     if before != target:
         try:
             _run_after_flip(app, engine, target, before)
+        except KeyboardInterrupt:
+            # Only "interrupted" was said, of a host already flipped and held (the operator
+            # review): where it was left, and how to undo it.
+            _tell_watcher(engine)
+            print(
+                f"watcherctl: interrupted during the hooks after the flip: this host is on "
+                f"{target} and held ({hold.reason}); the hooks did not finish. `watcherctl "
+                f"release-hold {app.name}` gives it back to the fleet",
+                file=sys.stderr,
+            )
+            raise
         except HookError as exc:
             data["hooks"] = str(exc)
             data["output_tail"] = exc.output_tail

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -361,6 +362,40 @@ class TestRollbackLocal:
             assert result.returncode == 2 and "not to --local" in result.stderr, result
         assert host.engine.current_release() == release_of(4)
         assert host.engine.held() is None
+
+    def test_ctrl_c_during_the_hooks_after_the_flip_says_where_the_host_was_left(
+        self, host: Host, tmp_path: Path
+    ) -> None:
+        """Ctrl-C while the local rollback's validate ran said only "interrupted", of a
+        host already flipped and held (the operator review)."""
+        started = tmp_path / "validate.started"
+        files: dict[str, str | bytes] = {
+            "VERSION": "v6\n",
+            ".watcher/hooks/validate": f'#!/bin/sh\ntouch "{started}"\nsleep 30\n',
+        }
+        target = host.stage(6, files=files, executable=(".watcher/hooks/validate",))
+        proc = subprocess.Popen(
+            host.argv("rollback", "web", "--local", "--to", target),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=host.env(),
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert started.exists(), "the validate hook never started"
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130, err
+        assert f"this host is on {target} and held (local rollback to {target})" in err, err
+        assert "`watcherctl release-hold web` gives it back to the fleet" in err, err
+        assert host.engine.current_release() == target and host.engine.held() is not None
 
     def test_a_hold_over_a_local_rollback_keeps_saying_the_host_was_rolled_back(
         self, host: Host
