@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Protocol, cast
 
 from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingCancelled, StagingError
+from watcher.gunzip import GzipReader
 from watcher.log import get_logger
 
 __all__ = [
@@ -98,7 +99,7 @@ log = get_logger(module="archive")
 
 
 class TarStream(Protocol):
-    """An uncompressed tar stream read forward: a file, a ``GzipFile``, a zstd reader."""
+    """An uncompressed tar stream read forward: a file, a ``GzipReader``, a zstd reader."""
 
     def read(self, size: int = ..., /) -> bytes: ...
     def seek(self, offset: int, whence: int = ..., /) -> int: ...
@@ -196,9 +197,11 @@ def extract_archive(
       extraction stops when the free space falls under ``disk_reserve`` (other writers,
       block overhead; looked at every 1 MiB written and every 256 entries).
 
-    ``cancel`` is called between members and between 1 MiB chunks of a member; when it
-    returns True the extraction stops with ``StagingCancelled``. ``progress`` gets
-    ``(bytes_written, members_so_far)`` at most every 0.25 s and once at the end.
+    ``cancel`` is called between members, between 1 MiB chunks of a member and, for a
+    gzip archive, after every 64 KiB read from it (a header's name or comment, or the padding
+    between members, can be megabytes long); when it returns True the extraction stops with
+    ``StagingCancelled``. ``progress`` gets ``(bytes_written, members_so_far)`` at most every
+    0.25 s and once at the end.
 
     Raises ``ArchiveRefused`` (naming the member) for a hostile or broken archive,
     ``ArchiveDoesNotFit`` when it does not fit the disk budget, ``StagingCancelled``, and
@@ -217,7 +220,7 @@ def extract_archive(
         _check_kind(archive, raw, fmt)
         stream: TarStream = raw
         if fmt in ("tar.gz", "tgz"):
-            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+            stream = GzipReader(raw)
         stats = extract_stream(
             stream,
             dest,
@@ -296,6 +299,10 @@ def extract_stream(
         cancel=cancel,
         progress=progress,
     )
+    if isinstance(stream, GzipReader):
+        # for every 64 KiB it reads: a gzip header's name or the padding between members can
+        # be megabytes, skipped before tarfile sees a byte of the tar
+        stream.poll = extractor._poll
     try:
         stats = extractor.run()
     finally:

@@ -6,8 +6,10 @@ import gzip
 import io
 import os
 import random
+import struct
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,38 @@ def gzip_bytes(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
+def gzip_member(
+    data: bytes,
+    *,
+    name: bytes | None = None,
+    comment: bytes | None = None,
+    extra: bytes | None = None,
+    header_crc: bool = False,
+    flags: int = 0,
+    level: int = 6,
+) -> bytes:
+    """One gzip member of ``data`` whose header, written by hand, has the optional fields
+    given (RFC 1952: FEXTRA, FNAME, FCOMMENT, FHCRC) and the other ``flags`` bits."""
+    plain = gzip.compress(data, compresslevel=level, mtime=0)
+    assert plain[3] == 0  # 10 bytes of header, no optional field
+    fields = b""
+    if extra is not None:
+        flags |= 0x04
+        fields += struct.pack("<H", len(extra)) + extra
+    if name is not None:
+        flags |= 0x08
+        fields += name + b"\0"
+    if comment is not None:
+        flags |= 0x10
+        fields += comment + b"\0"
+    if header_crc:
+        flags |= 0x02
+    header = plain[:3] + bytes([flags]) + plain[4:10] + fields
+    if header_crc:
+        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    return header + plain[10:]
+
+
 def _gnu_longname_bomb(size: int) -> bytes:
     """A GNU long-name header announcing ``size`` bytes of name: tarfile would read it whole."""
     info = tarfile.TarInfo("././@LongLink")
@@ -128,6 +162,12 @@ def _zip_file() -> bytes:
 def _bad_crc() -> bytes:
     good = bytearray(make_tar_gz([Entry("a.txt", data=b"hello\n")]))
     good[-8] ^= 0xFF  # the gzip trailer: CRC32, then ISIZE
+    return bytes(good)
+
+
+def _bad_length() -> bytes:
+    good = bytearray(make_tar_gz([Entry("a.txt", data=b"hello\n")]))
+    good[-1] ^= 0x01  # the trailer's ISIZE, little-endian: its top byte
     return bytes(good)
 
 
@@ -322,6 +362,22 @@ def hostile_archives() -> list[tuple[str, bytes, str]]:
             "no end-of-archive marker",
         ),
         ("gzip_crc_mismatch", _bad_crc(), "CRC check failed"),
+        ("gzip_length_mismatch", _bad_length(), "Incorrect length of data produced"),
+        (
+            "gzip_reserved_flag_bits",  # RFC 1952: a decompressor must refuse them
+            gzip_member(make_tar([Entry("a.txt", data=b"hello\n")]), flags=0x20),
+            "reserved flag bits set (flags 0x20) in the header of gzip member 1",
+        ),
+        (
+            "gzip_second_member_truncated",
+            gzip_bytes(good_tar[:1024]) + gzip_bytes(good_tar[1024:])[:-12],
+            "Compressed file ended before the end-of-stream marker",
+        ),
+        (
+            "gzip_trailing_garbage",
+            gzip_bytes(good_tar) + b"\0" * 100 + b"garbage",
+            "Not a gzipped file",
+        ),
         (
             "members_hidden_after_end_marker",
             gzip_bytes(make_tar([Entry("a", data=b"1")]) + make_tar([Entry("b", data=b"2")])),

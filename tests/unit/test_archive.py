@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import errno
 import io
+import itertools
 import lzma
 import os
 import re
@@ -23,6 +25,7 @@ from tests.support.hostile_archives import (
     Entry,
     deep_path,
     gzip_bytes,
+    gzip_member,
     hostile_archives,
     make_tar,
     make_tar_gz,
@@ -38,10 +41,11 @@ from watcher.archive import (
     extract_archive,
     sync_tree,
 )
-from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingError
+from watcher.errors import ArchiveDoesNotFit, ArchiveRefused, StagingCancelled, StagingError
 
 CORPUS = hostile_archives()
 MTIME = 1_600_000_000
+MiB = 1024 * 1024
 
 
 def snapshot(top: Path, *, skip: Path | None = None) -> dict[str, tuple[object, ...]]:
@@ -749,3 +753,97 @@ class TestOtherCosts:
         monkeypatch.setattr(os, "open", counted)
         extract(make_tar_gz(chains), sandbox[1])
         assert opened[0] < 4 * 128 * 4, opened[0]  # by depth: ~4 * 128 * 65
+
+
+def read_offset(path: Path) -> int:
+    """How far this process's open descriptor of ``path`` has read it (Linux fdinfo)."""
+    target = path.resolve()
+    for link in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if link.readlink() == target:
+                info = (Path("/proc/self/fdinfo") / link.name).read_text()
+                found = re.search(r"^pos:\s*(\d+)", info, re.MULTILINE)
+                assert found is not None
+                return int(found.group(1))
+    raise AssertionError(f"{path} is not open")
+
+
+class TestGzipLayer:
+    """What the gzip reader under the extractor takes: CPython's GzipFile read a header's
+    name, and the zero padding after a member, a byte at a time, before any of our code ran
+    (10 MB: over a second, no cancel seen meanwhile)."""
+
+    def archive(self, tmp: Path, data: bytes) -> Path:
+        path = tmp / "archive.tar.gz"
+        path.write_bytes(data)
+        return path
+
+    def test_a_cancel_is_seen_while_a_huge_header_name_is_skipped(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        tmp, dest = sandbox
+        tar = make_tar([Entry("a.txt", data=b"hi")])
+        path = self.archive(tmp, gzip_member(tar, name=b"n" * 10 * MiB))
+        seen: list[int] = []
+
+        def cancel() -> bool:
+            seen.append(read_offset(path))
+            return True
+
+        with pytest.raises(StagingCancelled, match="after 0 members and 0 bytes"):
+            extract_archive(
+                path,
+                dest,
+                fmt="tar.gz",
+                max_members=10,
+                max_bytes=10**6,
+                umask=0o022,
+                cancel=cancel,
+            )
+        assert seen[0] < MiB, seen  # the old reader: past the 10 MB name
+
+    def test_a_cancel_is_seen_while_huge_padding_after_a_member_is_skipped(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        tmp, dest = sandbox
+        path = self.archive(tmp, make_tar_gz([Entry("a.txt", data=b"hi")]) + bytes(20 * MiB))
+        seen: list[int] = []
+
+        def cancel() -> bool:
+            seen.append(read_offset(path))
+            return seen[-1] > MiB
+
+        with pytest.raises(StagingCancelled):  # the old reader: extracted, all 20 MB read
+            extract_archive(
+                path,
+                dest,
+                fmt="tar.gz",
+                max_members=10,
+                max_bytes=10**6,
+                umask=0o022,
+                cancel=cancel,
+            )
+        assert seen[-1] < 2 * MiB, seen
+
+    def test_a_huge_header_name_comment_and_padding_are_extracted(
+        self, sandbox: tuple[Path, Path]
+    ) -> None:
+        tar = make_tar([Entry("a.txt", data=b"hi"), Entry("b.txt", data=b"there")])
+        first = gzip_member(tar[:700], name=b"n" * 10 * MiB, extra=b"x" * 65_535)
+        second = gzip_member(tar[700:], comment=b"c" * 10 * MiB, header_crc=True)
+        stats = extract(first + bytes(10 * MiB) + second + bytes(10 * MiB), sandbox[1])
+        assert stats == ExtractStats(members=2, bytes=7)
+        assert (sandbox[1] / "b.txt").read_bytes() == b"there"
+
+    def test_a_tar_split_across_many_members_is_extracted(self, sandbox: tuple[Path, Path]) -> None:
+        tar = make_tar([Entry(f"f{i}", data=bytes([i]) * (i * 1000)) for i in range(20)])
+        cuts = [0, 1, 511, 513, 40_000, 40_001, 90_000, len(tar)]
+        data = b"".join(gzip_member(tar[a:b]) for a, b in itertools.pairwise(cuts))
+        assert extract(data, sandbox[1]).members == 20
+        assert (sandbox[1] / "f19").read_bytes() == bytes([19]) * 19_000
+
+    def test_a_bomb_is_still_refused_by_its_ratio(self, sandbox: tuple[Path, Path]) -> None:
+        data = make_tar_gz([Entry("zeros", data=bytes(64 * MiB))])  # about 64 KB
+        with pytest.raises(ArchiveRefused, match="a compression ratio over 100"):
+            extract(data, sandbox[1], max_ratio=100)
+        assert not (sandbox[1] / "zeros").exists()
