@@ -82,6 +82,7 @@ from watcher.records import (
     iso,
     parse_iso,
     utcnow,
+    watcher_session_name,
 )
 
 ABORT_WAIT = 10.0  # seconds `abort` waits to say whether the deploy ended aborted
@@ -1578,27 +1579,33 @@ def end_stalled_sessions(
     and, when Consul refused one, why (the rest are not tried; those already ended stay
     ended)."""
     agent_of: dict[str, str] = {}
+    prefix = store.keys.base.rsplit("/apps/", 1)[0]
     for node, session in sorted(stalled.items()):
         info = store.consul.session_info(session, consistent=True)
         on = agent_of[node] = str(info.get("Node") or node if info is not None else node)
         # A request any host's token can write names the sessions, and a host's token may
         # acquire its own member key with any session it can read: one of another node
         # would end that node's watcher session (and abort whatever it takes part in, the
-        # attacker review), or another service's lock. A watcher names its session
-        # "watcher <node>", which only a token with session write on the Consul node it
-        # is made on can: on its own agent's node, whatever its `node` setting.
+        # attacker review), or another service's lock, or another fleet's watcher session.
+        # A watcher names its session after its node and this fleet's prefix, which only a
+        # token with session write on the Consul node it is made on can: its own agent's
+        # node, whatever its `node` setting. Older watchers named it "watcher <node>": such
+        # a session counts only while it holds the node's member key in this app.
         name = info.get("Name") if info is not None else None
-        if info is not None and name != f"watcher {node}":
+        entry = members.get(node)
+        legacy = name == f"watcher {node}" and entry is not None and entry.session == session
+        wanted = watcher_session_name(node, prefix)
+        if info is not None and name != wanted and not legacy:
             raise DeployRefused(
                 f"app {store.app}: the session {session} deploy {deploy_id}'s request names "
                 f"for {node} is named {ids.one_line(str(name))!r} (Consul node {on}), not "
-                f"'watcher {node}' as that node's watcher names its session: a forged "
-                "request or member key, or another service's session: nothing was ended; "
-                "`consul session destroy` ends it if you are sure"
+                f"{wanted!r} as that node's watcher of this fleet names its session: a "
+                "forged request or member key, another fleet's watcher, or another "
+                "service's session: nothing was ended; `consul session destroy` ends it if "
+                "you are sure"
             )
         # On another Consul node (a watcher whose `node` setting is not its agent's name):
         # it also holds the node's member key and no other node's anywhere.
-        entry = members.get(node)
         theirs = sorted(m for m, e in members.items() if e.session == session and m != node)
         if on != node and (entry is None or entry.session != session or theirs):
             why = (

@@ -48,7 +48,7 @@ from watcher.hooks import running_hooks
 from watcher.ids import one_line
 from watcher.log import get_logger
 from watcher.notify import SystemdNotifier
-from watcher.records import ABORT, MemberRecord, iso, utcnow
+from watcher.records import ABORT, MemberRecord, iso, utcnow, watcher_session_name
 from watcher.releases import AppLayout, ReleaseEngine
 from watcher.s3 import S3Store
 from watcher.webhook import DRAIN_AT_STOP, WebhookSender, notifier_for
@@ -204,7 +204,10 @@ class SessionKeeper(threading.Thread):
                 return kept
             self._abandon(kept)
         session_id = self.consul.session_create(
-            f"watcher {self.node}", self.ttl, behavior="delete", lock_delay=0
+            watcher_session_name(self.node, self.kv_prefix),
+            self.ttl,
+            behavior="delete",
+            lock_delay=0,
         )
         self.held_ttl = self.ttl
         info = self.consul.session_info(session_id) or {}

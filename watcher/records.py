@@ -107,6 +107,14 @@ def artifact_id_for(branch: str, commit: str) -> str:
     return check_artifact_id(sanitize_branch(branch)[: 128 - len(suffix)] + suffix)
 
 
+def watcher_session_name(node: str, kv_prefix: str) -> str:
+    """The name a watcher gives its Consul session: its node and its fleet's prefix. Only
+    a token with session write on the Consul node a session is made on can name it, which
+    `abort --end-sessions` takes as the evidence that a session is that node's watcher's
+    in this fleet (a session of another fleet's watcher of the same node is not)."""
+    return f"watcher {node} under {kv_prefix.strip('/')}/"
+
+
 class Keys:
     """KV paths of one app under the configured prefix (layout version 2, DESIGN.md 4).
 

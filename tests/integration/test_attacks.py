@@ -50,6 +50,7 @@ from watcher.records import (
     ReleaseRef,
     iso,
     utcnow,
+    watcher_session_name,
 )
 from watcher.web.app import create_app
 
@@ -1989,6 +1990,57 @@ def test_end_sessions_never_ends_another_services_session_a_host_attached_to_its
         fleet.kv.session_destroy(lock)
     victim.start()
     fleet.wait_members(3)
+    assert releases_of(fleet) == {release1}
+    next_deploy_works(acl_fleet, "v2")
+
+
+def test_end_sessions_never_ends_another_fleets_watcher_session_of_the_same_node(
+    acl_fleet: AclFleet,
+) -> None:
+    """Another fleet (another kv_prefix) on the same Consul runs a watcher of host-1 too.
+    host-3's token wrote a back-dated request in this fleet expecting host-1 and naming that
+    watcher's session: STALLED (the session is host-1's node's and alive), and
+    `--end-sessions` ended it while its name said only "watcher host-1" (the second code
+    review). Sessions are named after the fleet's prefix now: refused, the session kept."""
+    fleet = acl_fleet.fleet
+    v1, _, release1 = baseline(acl_fleet)
+    other_prefix = f"{fleet.kv_prefix}-other"
+    admin_on_host1 = client(fleet.watchers[0].agent, fleet.cluster.management_token)
+    # What a watcher of this version or an older one names its session: each is refused.
+    theirs = admin_on_host1.session_create("watcher host-1", 60, checks=[])
+    named = admin_on_host1.session_create(watcher_session_name("host-1", other_prefix), 60)
+    other_member = f"{other_prefix}/apps/web/members/host-1"
+    try:
+        assert admin_on_host1.kv_put(other_member, b"{}", acquire=theirs)
+        x = host_client(acl_fleet, 2)
+        past = utcnow() - timedelta(minutes=10)
+        rec = replace(
+            forged_request(fleet, new_deploy_id(past), {"host-1": theirs}, v1),
+            requested_at=iso(past),
+            prepare_deadline=iso(past + timedelta(seconds=30)),
+            apply_deadline=iso(past + timedelta(seconds=60)),
+        )
+        assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
+        admin = yaml.safe_load(acl_fleet.operator_config.read_text())
+        admin["consul"]["token"] = fleet.cluster.management_token
+        admin_config = fleet.workdir / "admin.yaml"
+        admin_config.write_text(yaml.safe_dump(admin))
+        shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
+        assert shown.returncode == 4, (shown.stdout, shown.stderr)
+        assert "named 'watcher host-1' (Consul node host-1)" in shown.stderr, shown.stderr
+        assert admin_on_host1.session_info(theirs) is not None
+        assert admin_on_host1.kv_get(other_member) is not None
+        # The same with a session named as this version names it, of the other fleet.
+        again = replace(rec, id=new_deploy_id(past), sessions={"host-1": named})
+        assert x.kv_put(fleet.keys.request(again.id), again.to_json())
+        shown = acl_fleet.ctl(admin_config, "abort", "web", again.id, "--end-sessions", check=False)
+        assert shown.returncode == 4, (shown.stdout, shown.stderr)
+        assert f"named 'watcher host-1 under {other_prefix}/'" in shown.stderr, shown.stderr
+        assert admin_on_host1.session_info(named) is not None
+    finally:
+        admin_on_host1.session_destroy(theirs)
+        admin_on_host1.session_destroy(named)
+        admin_on_host1.close()
     assert releases_of(fleet) == {release1}
     next_deploy_works(acl_fleet, "v2")
 

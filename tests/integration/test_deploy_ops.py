@@ -31,7 +31,7 @@ from watcher.consul_api import TxnOp
 from watcher.ctl import main as ctl_main
 from watcher.daemon import DOORBELL, TICK_IDLE
 from watcher.events import MAX_PAYLOAD
-from watcher.records import READY, parse_iso, utcnow
+from watcher.records import READY, parse_iso, utcnow, watcher_session_name
 from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -1390,7 +1390,8 @@ class TestAbortRace:
 def silent_member(fleet: Fleet) -> str:
     """Member key ``silent-1`` held by a TTL-only session with no daemon behind it (what a
     host's token alone can make); returns the session."""
-    session = fleet.kv.session_create("watcher silent-1", 60, checks=[])
+    name = watcher_session_name("silent-1", fleet.kv_prefix)
+    session = fleet.kv.session_create(name, 60, checks=[])
     member = fleet.keys.member("silent-1")
     assert fleet.kv.kv_put(member, b'{"version": 2, "node": "silent-1"}', acquire=session)
     return session

@@ -1303,17 +1303,36 @@ def test_a_session_of_another_node_is_never_ended_as_a_stalled_ones() -> None:
     review ended host-1's session as host-3's)."""
     destroyed: list[str] = []
     infos = {
-        "s-1": {"Node": "host-1", "Name": "watcher host-1"},
-        "s-3": {"Node": "host-3", "Name": "watcher host-3"},
+        "s-1": {"Node": "host-1", "Name": "watcher host-1 under w/"},
+        "s-3": {"Node": "host-3", "Name": "watcher host-3 under w/"},
     }
     consul = types.SimpleNamespace(
         session_info=lambda sid, consistent=False: infos.get(sid),
         session_destroy=destroyed.append,
+        kv_keys_checked=lambda prefix: (["w/apps/web/"], False),
     )
-    store = types.SimpleNamespace(app="web", consul=consul)
+    store = types.SimpleNamespace(app="web", consul=consul, keys=Keys("w", "web"))
     members = {"host-1": a_member("host-1", "s-1"), "host-3": a_member("host-3", "s-3")}
-    with pytest.raises(DeployRefused, match=r"named 'watcher host-1' \(Consul node host-1\)"):
+    with pytest.raises(
+        DeployRefused, match=r"named 'watcher host-1 under w/' \(Consul node host-1\)"
+    ):
         end_stalled_sessions(store, "d1", {"host-3": "s-1"}, members)  # type: ignore[arg-type]
+    # Another fleet's watcher of host-1 on host-1's own node (its session is named after
+    # that fleet's prefix): not this fleet's, refused (the second code review ended it).
+    infos["s-other"] = {"Node": "host-1", "Name": "watcher host-1 under otherfleet/"}
+    with pytest.raises(DeployRefused, match="named 'watcher host-1 under otherfleet/'"):
+        end_stalled_sessions(store, "d1", {"host-1": "s-other"}, members)  # type: ignore[arg-type]
+    # An older watcher's "watcher <node>": only while it holds the node's key in this app.
+    infos["s-old"] = {"Node": "host-1", "Name": "watcher host-1"}
+    with pytest.raises(DeployRefused, match="named 'watcher host-1'"):
+        end_stalled_sessions(store, "d1", {"host-1": "s-old"}, members)  # type: ignore[arg-type]
+    held = {**members, "host-1": a_member("host-1", "s-old")}
+    assert end_stalled_sessions(store, "d1", {"host-1": "s-old"}, held) == (  # type: ignore[arg-type]
+        {"host-1": "s-old"},
+        "",
+    )
+    assert destroyed == ["s-old"]
+    destroyed.clear()
     # Another service's lock on host-3's own node, held by host-3's member key (its token
     # may acquire it with any session it can read): not a watcher's session, refused.
     infos["s-v"] = {"Node": "host-3", "Name": "vault-ha-lock"}
@@ -1335,8 +1354,8 @@ def test_a_stalled_watcher_named_other_than_its_agent_has_its_session_ended() ->
     another, may be that node's watcher's: refused, nothing ended."""
     destroyed: list[str] = []
     infos = {
-        "s-3": {"Node": "ip-10-0-0-3", "Name": "watcher web-3"},
-        "s-1": {"Node": "host-1", "Name": "watcher host-1"},
+        "s-3": {"Node": "ip-10-0-0-3", "Name": "watcher web-3 under w/"},
+        "s-1": {"Node": "host-1", "Name": "watcher host-1 under w/"},
         "s-lock": {"Node": "ip-10-0-0-3", "Name": "consul lock"},
     }
     apps = {"web": {}, "api": {}}  # app -> members
