@@ -2027,6 +2027,7 @@ class AppAgent:
         decided_at = flipped_at = iso(utcnow())
         failed: HookError | None = None
         flipped_from = ""  # the release `current` left here, when this call flipped it
+        switched_again = False  # flipped once more after a stop (its post_symlink again)
         if not self.journal.has("flipped"):
             try:
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
@@ -2069,15 +2070,33 @@ class AppAgent:
                 self.journal.done("flipped")
             else:  # no hook to run: both phases in one write
                 self.journal.done("flipped", "post_symlink")
-        elif moved := self._moved_by_hand(rec.release):
-            # Back after a stop between the flip and the live ack, and an operator rolled
-            # this host back meanwhile (`rollback --local`, allowed while no watcher runs):
-            # its hooks ran against that tree and it acked live for a release it did not
-            # serve (the operator review). It did not go live; the hold stays.
-            self.log.error("apply_moved_by_hand", deploy=rec.id, error=moved)
-            timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
-            self._applied(joined, started, FAILED_AFTER_COMMIT, moved, "", timings)
-            return
+        else:
+            # Back after a stop between the flip and the live ack: an operator may have
+            # moved `current` meanwhile (`rollback --local`, allowed while no watcher runs),
+            # and the hooks ran against that tree and it acked live for a release it did
+            # not serve (the operator review).
+            try:
+                with self.engine.lock(owner=f"deploy {rec.id}"):
+                    live, hold = self.engine.current_release(), self.engine.held()
+                    if live != rec.release and hold is None:
+                        # The hold released since: the switch again, and its hooks again.
+                        self.engine.flip(rec.release)
+                        self.log.warning("apply_switched_again", deploy=rec.id, moved_to=live)
+                        flipped_from, switched_again = live or "", True
+            except (WatcherError, OSError) as exc:
+                self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
+                return
+            if live != rec.release and hold is not None:
+                # It did not go live, and the hold stays.
+                moved = (
+                    f"current was moved to {live or 'nothing'} on this host after its switch "
+                    f"to {rec.release}, and it is held ({hold.reason}, by {hold.by}): the "
+                    "hooks after the switch (post_symlink, validate) did not run"
+                )
+                self.log.error("apply_moved_by_hand", deploy=rec.id, error=moved)
+                timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
+                self._applied(joined, started, FAILED_AFTER_COMMIT, moved, "", timings)
+                return
         state, error, tail = LIVE, "", ""
         try:
             if self.metrics is not None:
@@ -2085,7 +2104,7 @@ class AppAgent:
                 # At the flip, not at the loop's next step: a scrape after this host's
                 # live ack (after `deploy` said committed) names the new release.
                 self.metrics.set_current_release(self.app.name, rec.release)
-            if not self.journal.has("post_symlink"):
+            if switched_again or not self.journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
                 self.journal.done("post_symlink")
             with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -2094,7 +2113,10 @@ class AppAgent:
                 # A health check can take a while: the host record names the release
                 # `current` is on now, not only with the live ack (one write more, only
                 # where validate runs; after post_symlink, which a slow Consul must not
-                # delay).
+                # delay). Its state says it is applying (committed, its intent written before
+                # any flip), also when the loop has not said so yet after a restart: readers
+                # tell it from a host that converged (`status --fleet`'s NOT LIVE yet).
+                self.status.state = COMMITTED
                 self._write_host(rec.release, force=True)
             self._run_hooks("validate", ctx)
         except (WatcherError, OSError) as exc:
@@ -2103,19 +2125,6 @@ class AppAgent:
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
         self._applied(joined, started, state, error, tail, timings, flipped_from)
-
-    def _moved_by_hand(self, release: str) -> str:
-        """Why this host is not on ``release`` after its journal's flip to it: `current`
-        names another release and a hold is placed (a local rollback); "" otherwise."""
-        with self.engine.lock(owner="apply resume check"):
-            live, hold = self.engine.current_release(), self.engine.held()
-        if live == release or hold is None:
-            return ""
-        return (
-            f"current was moved to {live or 'nothing'} on this host after its switch to "
-            f"{release}, and it is held ({hold.reason}, by {hold.by}): the hooks after the "
-            "switch (post_symlink, validate) did not run"
-        )
 
     def _applied(
         self,
@@ -2619,8 +2628,12 @@ class AppAgent:
         """
         rec = joined.request
         journal = self.converge_journal
-        if journal.begin(rec.id, release=rec.release, scope=self._scope).get("hooks_failed"):
-            journal.update(hooks_failed="")  # a retry: its hooks run again (`rollback --local`)
+        # Which watcher process tries it, and whether its last try's hooks failed: what
+        # `rollback --local` goes by (refused during a try of the running watcher only).
+        began = journal.begin(rec.id, release=rec.release, scope=self._scope, pid=os.getpid())
+        if began.get("hooks_failed") or began.get("pid") != os.getpid():
+            journal.update(hooks_failed="", pid=os.getpid())
+        switched_again = False
         try:
             artifact = self._record_of(rec)
             self.engine.in_flight_artifacts.add(artifact.sha256)
@@ -2645,7 +2658,23 @@ class AppAgent:
                     self._write_applied(joined)
                 journal.done("flipped")
                 self._write_host(rec.release, force=True)
-            if not journal.has("post_symlink"):
+            else:
+                # A try after a stop or a failed one: `current` moved back meanwhile (a
+                # `rollback --local`, its hold released since) would have its hooks run
+                # against that tree and "converged" logged (the second code review).
+                with self.engine.lock(owner="converge"):
+                    if self.engine.current_release() != rec.release:
+                        reason = self._converge_blocked(joined, pointed)
+                        if reason is not None:
+                            self.log.info("converge_skipped", release=rec.release, reason=reason)
+                            journal.clear(rec.id)
+                            return
+                        self.engine.flip(rec.release)
+                        self._write_applied(joined)
+                        switched_again = True
+                if switched_again:
+                    self._write_host(rec.release, force=True)
+            if switched_again or not journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
                 journal.done("post_symlink")
             self._run_hooks("validate", ctx)

@@ -41,7 +41,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.fsutil import INSTANCE_LOCK, signal_watcher, watcher_runs
+from watcher.fsutil import INSTANCE_LOCK, named_watcher, signal_watcher, watcher_runs
 from watcher.hooks import HookContext, run_hooks, run_in_release
 from watcher.records import (
     COMMIT,
@@ -509,9 +509,16 @@ def _refuse_while_validating(engine: ReleaseEngine) -> None:
     )
     # A convergence to a committed deploy (after a release-hold, say) runs them too; one
     # whose hooks failed waits to try again: a local rollback then is the way out.
+    # A journal of a watcher process that is gone (killed mid-try, the host held since so
+    # that no try follows) is no convergence running: refused for good, it said "retry".
+    lock = state_dir / INSTANCE_LOCK
     converge = read_journal(state_dir, CONVERGE_JOURNAL_NAME) or {}
-    converging = "flipped" in (converge.get("phases") or []) and not converge.get("hooks_failed")
-    if not (deploy or converging) or not watcher_runs(state_dir / INSTANCE_LOCK):
+    converging = (
+        "flipped" in (converge.get("phases") or [])
+        and not converge.get("hooks_failed")
+        and converge.get("pid") == named_watcher(lock)
+    )
+    if not (deploy or converging) or not watcher_runs(lock):
         return
     what = (
         f"has switched to deploy {journal.get('deploy')}'s release"

@@ -453,8 +453,11 @@ class TestValidateFailure:
         """A host that missed a deploy converges to it when its watcher is back: flip, then
         validate. A local rollback then ran a second validate beside the convergence's,
         which logged "converged" with `current` already back (the operator review):
-        refused while those hooks run; it goes through once they are done."""
-        gate = tmp_path / "gate"
+        refused while those hooks run. A convergence whose watcher was killed mid-try, the
+        host held since (so no try follows), refused every local rollback for good; and
+        one resumed after a local rollback and a release-hold validated the rolled-back
+        tree and said converged (the second code review)."""
+        gate, runs = tmp_path / "gate", tmp_path / "validate.log"
         fleet = make_fleet()
         victim = fleet.watchers[1]
         deploy_ok(fleet, fleet.publish("v1").id)
@@ -463,18 +466,31 @@ class TestValidateFailure:
         v2 = fleet.publish("v2")
         result = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing")
         assert result["result"] == "committed", result
-        fleet.give_gated_hook(victim, "validate", gate)  # starts it again
+        release = result["release"]
+        fleet._restart_with_hook(  # starts it again
+            victim,
+            "validate",
+            f'echo "$WATCHER_KIND $(cat "$WATCHER_CURRENT/VERSION")" >> "{runs}"\n'
+            f'touch "{gate}.started"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n',
+        )
         wait_for(gate.with_name("gate.started").exists, 30, "host-2 in its validate", fleet)
         refused = victim.ctl("rollback", "web", "--local", check=False, as_json=False)
         assert refused.returncode == 4, (refused.stdout, refused.stderr)
-        assert f"is converging to {result['release']} (deploy {result['deploy']})" in (
-            refused.stderr
-        ), refused.stderr
-        assert victim.current() == result["release"]
-        gate.touch()
-        wait_for(lambda: bool(victim.log_events("converged")), 30, "host-2 converged", fleet)
+        assert f"is converging to {release} (deploy {result['deploy']})" in refused.stderr
+        assert victim.current() == release
+        # Killed mid-try, held while down: no try follows, and a local rollback goes through.
+        victim.kill()
+        victim.ctl_json("hold", "web", "--reason", "looking at it")
+        victim.start()
+        gate.touch()  # validates pass from now on
         back = victim.ctl_json("rollback", "web", "--local")
-        assert back["flipped"] is True and back["to"] != result["release"], back
+        assert back["flipped"] is True and back["to"] != release, back
+        # Released: the convergence switches again before its hooks, and converges.
+        victim.ctl_json("release-hold", "web")
+        wait_for(lambda: victim.current() == release, 30, "host-2 on the release again", fleet)
+        wait_for(lambda: bool(victim.log_events("converged")), 30, "host-2 converged", fleet)
+        said = runs.read_text().splitlines()
+        assert "converge v1" not in said and said[-1] == "converge v2", said
 
     def test_rollback_local_is_the_way_out_of_a_convergence_whose_validate_fails(
         self, make_fleet: MakeFleet
@@ -535,6 +551,26 @@ class TestValidateFailure:
         status = victim.ctl("status", "web", check=False)
         assert status.returncode == 1, status  # FAILED AFTER COMMIT: the fleet's release
         assert "local rollback to" in json.loads(status.stdout)["apps"]["web"]["hold"]["reason"]
+        # The same, but the hold released before the watcher is back: it ran the hooks
+        # against the rolled-back tree and acked live (the second code review). It
+        # switches again, runs them there, and is live on the release.
+        victim.ctl_json("release-hold", "web")
+        wait_for(lambda: victim.current() == rel2, 30, "host-2 converged to v2", fleet)
+        fleet.wait_idle()
+        gate.unlink()
+        gate.with_name("gate.started").unlink()
+        started = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish("v3").id, "--no-wait")
+        wait_for(gate.with_name("gate.started").exists, 30, "host-2 in its validate", fleet)
+        victim.kill()
+        gate.touch()
+        victim.ctl_json("rollback", "web", "--local")
+        victim.ctl_json("release-hold", "web")
+        victim.start()
+        outcome = fleet.wait_outcome(started["deploy"], timeout=60)
+        assert outcome["result"] == "committed", outcome
+        assert outcome["hosts"][victim.name]["state"] == "live", outcome
+        assert victim.current() == started["release"]
+        assert victim.log_events("apply_switched_again", this_start=True), "no second switch"
 
     def test_a_hook_after_the_commit_that_cannot_start_is_a_no_before_it(
         self, make_fleet: MakeFleet, tmp_path: Path
