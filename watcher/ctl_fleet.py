@@ -2083,14 +2083,12 @@ def not_live_after_end(view: DeployView, hosts: Mapping[str, HostRecord]) -> lis
     said = []
     for node in view.record.expected:
         ack = view.nodes.get(node)
-        if ack is None or ack.state not in (READY, COMMITTED):
-            continue
         host = hosts.get(node)
-        converged = (
-            host is not None
-            and host.release == view.record.release
-            and host.state not in (READY, COMMITTED)
-        )
+        # No host record: retired (`gc` deletes it and keeps the acks), or one that does
+        # not parse; `status --fleet` lists neither among the hosts.
+        if ack is None or ack.state not in (READY, COMMITTED) or host is None:
+            continue
+        converged = host.release == view.record.release and host.state not in (READY, COMMITTED)
         if not converged:
             said.append(node)
     return said
@@ -2516,10 +2514,10 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             out += failed_release_lines(a.get("current_failed"), name)
             if late := a.get("current_not_live"):
                 out.append(
-                    f"  NOT LIVE yet: {', '.join(late)}: took the commit of {a['current']} and "
-                    "has not said live or failed (still running its hooks after the switch "
-                    "past the deploy's end, or its watcher stopped); a validate failing there "
-                    "now starts no automatic rollback"
+                    f"  NOT LIVE yet: {', '.join(late)}: acked {a['current']} but has not said "
+                    "live or failed (its watcher stopped, or it still runs its hooks after "
+                    "the switch past the deploy's end); a validate failing there now starts "
+                    "no automatic rollback"
                 )
             out += [f"  NOT TRUSTED: {n}" for n in (dep or {}).get("distrusted", ())]
             if not a["hosts"]:

@@ -400,8 +400,7 @@ class TestValidateFailure:
         # Between the end and the failure, `status --fleet` said nothing of host-2.
         shown = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False)
         assert (
-            f"  NOT LIVE yet: {bad}: took the commit of {rel2} and has not said live or "
-            "failed" in shown.stdout
+            f"  NOT LIVE yet: {bad}: acked {rel2} but has not said live or failed" in shown.stdout
         ), shown.stdout
         assert "now starts no automatic rollback" in shown.stdout
         gate.touch()
@@ -1371,7 +1370,7 @@ class TestAbortRace:
         dead.start()
         fleet.wait_members(len(fleet.watchers))
         wait_for(everyone_on(fleet, release_of(fleet, deploy_id)), 30, "host-3 converged", fleet)
-        # Converged: its ack stays ready (a convergence writes none), its record says it.
+        # Back: it resumes the apply (or converges: its record says so) and is not listed.
         wait_for(
             lambda: (
                 not fleet.watchers[0].ctl_json("status", "web", "--fleet")["web"][

@@ -49,6 +49,7 @@ from watcher.ctl_fleet import (
     _tail_lines,
     end_stalled_sessions,
     not_ended,
+    not_live_after_end,
     progress_lines,
     redeploy_warning,
     stalled_by,
@@ -61,7 +62,7 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.records import Decision, DeployRecord, Keys, NodeProgress
+from watcher.records import Decision, DeployRecord, HostRecord, Keys, NodeProgress
 
 
 class TTY(io.StringIO):
@@ -1443,3 +1444,27 @@ def test_a_redeploy_warning_names_the_build_asked_for() -> None:
     assert said.startswith("the fleet already runs main-fb04dcb6 (release "), said
     other = types.SimpleNamespace(artifact="main-1", sha256="b" * 64, release="r-other")
     assert redeploy_warning(store, other) == ""  # type: ignore[arg-type]
+
+
+def test_not_live_after_the_end_names_only_hosts_still_applying_or_stopped() -> None:
+    """`current_not_live`: the hosts of the deploy `current` names that acked it and have
+    not said live or failed. Not one whose record says it converged since (a convergence
+    writes no ack), nor one retired by `gc` (its record deleted, its acks kept: the second
+    code review saw it listed though the table no longer showed it)."""
+    rec = a_record(["a", "b", "c", "d", "e", "f"])
+    states = {"a": "live", "b": "committed", "c": "ready", "d": "committed", "e": "ready"}
+    nodes = {n: NodeProgress(node=n, state=st) for n, st in states.items()}
+    view = DeployView(rec, None, nodes, {}, None, None)
+    old, new = "20251231T000000Z-main-0000aaaa", rec.release
+
+    def host(node: str, release: str, state: str = "") -> HostRecord:
+        return HostRecord(node=node, release=release, last_seen="2026-01-01T00:30:00Z", state=state)
+
+    hosts = {
+        "a": host("a", new, "live"),
+        "b": host("b", new, "committed"),  # switched, its validate still running
+        "c": host("c", old),  # stopped after its ready ack
+        "d": host("d", new),  # converged since its watcher came back: state ""
+        "f": host("f", old),  # no ack at all (left out, or never acked)
+    }  # e: retired with `gc`, no record
+    assert not_live_after_end(view, hosts) == ["b", "c"]
