@@ -2552,7 +2552,7 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
     elif view is not None and (failed := failed_after_commit_on(view)):
         # Its validate failed only after the deploy had ended `committed` (at its apply
         # deadline): no automatic rollback, and the acks say it all the same.
-        said = f"ended committed, whose validate failed after its end on {', '.join(failed)}"
+        said = f"ended committed, and failed after its commit on {', '.join(failed)} later"
     else:
         return
     raise DeployRefused(

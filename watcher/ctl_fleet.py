@@ -244,9 +244,10 @@ def _warn_of_a_pending_prefix(ctx: CtlContext) -> None:
     waiting = running_settings(ctx.config, daemon_status(ctx.config.daemon.state_dir))
     if (prefix := waiting.get("kv_prefix")) is not None:
         print(
-            f"watcherctl: warning: this host's running watcher works with kv_prefix "
-            f"{prefix['running']} until its restart; this command reads the config file's "
-            f"{prefix['file']}",
+            f"watcherctl: warning: the watcher running with this config's state_dir "
+            f"({ctx.config.daemon.state_dir}) works with kv_prefix {prefix['running']} (a "
+            "change of it takes effect at the watcher's restart); this command reads the "
+            f"config file's {prefix['file']}",
             file=sys.stderr,
         )
 

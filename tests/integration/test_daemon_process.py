@@ -215,12 +215,11 @@ class TestStatusWhileARestartIsPending:
             # The fleet commands read the file's prefix (a workstation's config is theirs),
             # and say that the watcher here works with another.
             fleet_view = w.ctl("status", "--fleet", check=False, as_json=False)
-            assert (
-                f"watcherctl: warning: this host's running watcher works with kv_prefix "
-                f"{old_prefix} until its restart; this command reads the config file's "
-                f"{old_prefix}-moved" in fleet_view.stderr
+            assert f"works with kv_prefix {old_prefix} (a change of it takes effect at the " in (
+                fleet_view.stderr
             ), fleet_view.stderr
-            assert "running watcher works with kv_prefix" in w.ctl("history", "web").stderr
+            assert f"this command reads the config file's {old_prefix}-moved" in fleet_view.stderr
+            assert "watcher running with this config's state_dir" in w.ctl("history", "web").stderr
             assert data["daemon"]["config_waiting"] == {
                 "kv_prefix": {"running": old_prefix, "file": f"{old_prefix}-moved"},
                 "apps.web.root": {"running": old_root, "file": str(new_root)},

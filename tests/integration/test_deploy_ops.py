@@ -442,8 +442,8 @@ class TestValidateFailure:
         plain = fleet.watchers[0].ctl("rollback", "web", check=False, as_json=False)
         assert plain.returncode == 4, (plain.stdout, plain.stderr)
         assert (
-            f"the previous release {rel2} is the one deploy {deploy_id} ended committed, whose "
-            f"validate failed after its end on {bad}" in plain.stderr
+            f"the previous release {rel2} is the one deploy {deploy_id} ended committed, and "
+            f"failed after its commit on {bad} later" in plain.stderr
         ), plain.stderr
 
     def test_rollback_local_waits_for_a_convergence_s_hooks_after_the_switch(
