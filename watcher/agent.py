@@ -58,7 +58,7 @@ from watcher.errors import (
     StagingCancelled,
     WatcherError,
 )
-from watcher.fsutil import append_bytes, atomic_write_json
+from watcher.fsutil import append_bytes, atomic_write_json, process_started
 from watcher.hooks import HookContext, hook_commands, run_hooks
 from watcher.ids import one_line, shown
 from watcher.log import get_logger
@@ -2027,7 +2027,6 @@ class AppAgent:
         decided_at = flipped_at = iso(utcnow())
         failed: HookError | None = None
         flipped_from = ""  # the release `current` left here, when this call flipped it
-        switched_again = False  # flipped once more after a stop (its post_symlink again)
         if not self.journal.has("flipped"):
             try:
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
@@ -2074,24 +2073,26 @@ class AppAgent:
             # Back after a stop between the flip and the live ack: an operator may have
             # moved `current` meanwhile (`rollback --local`, allowed while no watcher runs),
             # and the hooks ran against that tree and it acked live for a release it did
-            # not serve (the operator review).
+            # not serve (the operator review). It did not go live: no hook runs, the ack
+            # says so. Not switched again (the third review: with the hold released, that
+            # went back to a release the fleet had rolled away from since): convergence
+            # takes the host where the fleet is, with its checks, unless it is held.
             try:
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     live, hold = self.engine.current_release(), self.engine.held()
-                    if live != rec.release and hold is None:
-                        # The hold released since: the switch again, and its hooks again.
-                        self.engine.flip(rec.release)
-                        self.log.warning("apply_switched_again", deploy=rec.id, moved_to=live)
-                        flipped_from, switched_again = live or "", True
             except (WatcherError, OSError) as exc:
-                self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
+                self.log.error("apply_resume_failed", deploy=rec.id, error=str(exc), retry=True)
                 return
-            if live != rec.release and hold is not None:
-                # It did not go live, and the hold stays.
+            if live != rec.release:
+                now = (
+                    f"it is held ({hold.reason}, by {hold.by})"
+                    if hold is not None
+                    else "the hold was released since: it converges to the fleet's release"
+                )
                 moved = (
                     f"current was moved to {live or 'nothing'} on this host after its switch "
-                    f"to {rec.release}, and it is held ({hold.reason}, by {hold.by}): the "
-                    "hooks after the switch (post_symlink, validate) did not run"
+                    f"to {rec.release}, and {now}; the hooks after the switch (post_symlink, "
+                    "validate) did not run"
                 )
                 self.log.error("apply_moved_by_hand", deploy=rec.id, error=moved)
                 timings = {"decided_at": decided_at, "failed_at": iso(utcnow())}
@@ -2104,7 +2105,7 @@ class AppAgent:
                 # At the flip, not at the loop's next step: a scrape after this host's
                 # live ack (after `deploy` said committed) names the new release.
                 self.metrics.set_current_release(self.app.name, rec.release)
-            if switched_again or not self.journal.has("post_symlink"):
+            if not self.journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
                 self.journal.done("post_symlink")
             with self.engine.lock(owner=f"deploy {rec.id}"):
@@ -2630,9 +2631,10 @@ class AppAgent:
         journal = self.converge_journal
         # Which watcher process tries it, and whether its last try's hooks failed: what
         # `rollback --local` goes by (refused during a try of the running watcher only).
-        began = journal.begin(rec.id, release=rec.release, scope=self._scope, pid=os.getpid())
-        if began.get("hooks_failed") or began.get("pid") != os.getpid():
-            journal.update(hooks_failed="", pid=os.getpid())
+        me = {"pid": os.getpid(), "pid_started": process_started(os.getpid())}
+        began = journal.begin(rec.id, release=rec.release, scope=self._scope, **me)
+        if began.get("hooks_failed") or any(began.get(k) != v for k, v in me.items()):
+            journal.update(hooks_failed="", **me)
         switched_again = False
         try:
             artifact = self._record_of(rec)
@@ -2669,12 +2671,17 @@ class AppAgent:
                             self.log.info("converge_skipped", release=rec.release, reason=reason)
                             journal.clear(rec.id)
                             return
+                        # Its hooks run again after this switch, also after a stop.
+                        phases = journal.read() or {}
+                        journal.update(
+                            phases=[p for p in phases.get("phases", []) if p != "post_symlink"]
+                        )
                         self.engine.flip(rec.release)
                         self._write_applied(joined)
                         switched_again = True
                 if switched_again:
                     self._write_host(rec.release, force=True)
-            if switched_again or not journal.has("post_symlink"):
+            if not journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
                 journal.done("post_symlink")
             self._run_hooks("validate", ctx)

@@ -41,7 +41,13 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.fsutil import INSTANCE_LOCK, named_watcher, signal_watcher, watcher_runs
+from watcher.fsutil import (
+    INSTANCE_LOCK,
+    named_watcher,
+    process_started,
+    signal_watcher,
+    watcher_runs,
+)
 from watcher.hooks import HookContext, run_hooks, run_in_release
 from watcher.records import (
     COMMIT,
@@ -513,10 +519,12 @@ def _refuse_while_validating(engine: ReleaseEngine) -> None:
     # that no try follows) is no convergence running: refused for good, it said "retry".
     lock = state_dir / INSTANCE_LOCK
     converge = read_journal(state_dir, CONVERGE_JOURNAL_NAME) or {}
+    pid = named_watcher(lock)
     converging = (
         "flipped" in (converge.get("phases") or [])
         and not converge.get("hooks_failed")
-        and converge.get("pid") == named_watcher(lock)
+        and pid is not None
+        and (converge.get("pid"), converge.get("pid_started")) == (pid, process_started(pid))
     )
     if not (deploy or converging) or not watcher_runs(lock):
         return

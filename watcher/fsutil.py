@@ -288,6 +288,17 @@ def named_watcher(lock_path: str | os.PathLike[str]) -> int | None:
     return pid
 
 
+def process_started(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat`` field 22), or
+    None: with its pid it names one process, also where pids are reused (a container's
+    watcher is pid 1 at every start)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def watcher_runs(lock_path: str | os.PathLike[str]) -> bool:
     """Whether a `watcher run` holds ``lock_path`` (an INSTANCE_LOCK) now: the pid the file
     names holds its flock (``holds_flock``, read without taking it); when that cannot be

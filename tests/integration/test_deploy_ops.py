@@ -481,6 +481,12 @@ class TestValidateFailure:
         victim.kill()
         victim.ctl_json("hold", "web", "--reason", "looking at it")
         victim.start()
+        wait_for(
+            lambda: victim.ctl("status", "web", check=False).returncode != 3,
+            30,
+            "host-2's watcher up again",
+            fleet,
+        )
         gate.touch()  # validates pass from now on
         back = victim.ctl_json("rollback", "web", "--local")
         assert back["flipped"] is True and back["to"] != release, back
@@ -551,10 +557,12 @@ class TestValidateFailure:
         assert status.returncode == 1, status  # FAILED AFTER COMMIT: the fleet's release
         assert "local rollback to" in json.loads(status.stdout)["apps"]["web"]["hold"]["reason"]
         # The same, but the hold released before the watcher is back: it ran the hooks
-        # against the rolled-back tree and acked live (the second code review). It
-        # switches again, runs them there, and is live on the release.
+        # against the rolled-back tree and acked live (the second code review). It says
+        # it did not go live, runs no hook, and converges to the fleet's release (not
+        # switched back by the deploy: the fleet may have moved on since, the third).
         victim.ctl_json("release-hold", "web")
         wait_for(lambda: victim.current() == rel2, 30, "host-2 converged to v2", fleet)
+        wait_for(lambda: bool(victim.log_events("converged")), 30, "its hooks done", fleet)
         fleet.wait_idle()
         gate.unlink()
         gate.with_name("gate.started").unlink()
@@ -566,10 +574,13 @@ class TestValidateFailure:
         victim.ctl_json("release-hold", "web")
         victim.start()
         outcome = fleet.wait_outcome(started["deploy"], timeout=60)
-        assert outcome["result"] == "committed", outcome
-        assert outcome["hosts"][victim.name]["state"] == "live", outcome
-        assert victim.current() == started["release"]
-        assert victim.log_events("apply_switched_again", this_start=True), "no second switch"
+        ack = outcome["hosts"][victim.name]
+        assert ack["state"] == "failed_after_commit", outcome
+        assert (
+            "and the hold was released since: it converges to the fleet's release" in ack["error"]
+        ), ack
+        rel3 = started["release"]
+        wait_for(lambda: victim.current() == rel3, 30, "host-2 converged to v3", fleet)
 
     def test_a_hook_after_the_commit_that_cannot_start_is_a_no_before_it(
         self, make_fleet: MakeFleet, tmp_path: Path
