@@ -123,6 +123,30 @@ def forged_request(
     )
 
 
+def long_past_request(
+    fleet: Fleet, expected: dict[str, str], artifact: dict[str, Any]
+) -> DeployRecord:
+    """``forged_request`` made ten minutes ago, its deadlines long past: a node it names
+    that holds its session without acking is STALLED at once."""
+    past = utcnow() - timedelta(minutes=10)
+    return replace(
+        forged_request(fleet, new_deploy_id(past), expected, artifact),
+        requested_at=iso(past),
+        prepare_deadline=iso(past + timedelta(seconds=30)),
+        apply_deadline=iso(past + timedelta(seconds=60)),
+    )
+
+
+def management_config(acl: AclFleet) -> Path:
+    """The operator's config with the management token (the one that may end any host's
+    session)."""
+    admin = yaml.safe_load(acl.operator_config.read_text())
+    admin["consul"]["token"] = acl.fleet.cluster.management_token
+    path = acl.fleet.workdir / "admin.yaml"
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
 def start_as_operator(acl: AclFleet, rec: DeployRecord) -> None:
     """Write ``rec`` and ``inflight`` in one txn with the operator's token, as a watcherctl
     of someone else's would (no check of what the request says)."""
@@ -1968,18 +1992,9 @@ def test_end_sessions_never_ends_another_services_session_a_host_attached_to_its
         assert fleet.kv.kv_put(lock_key, b"leader", acquire=lock)
         x = host_client(acl_fleet, 2)
         assert x.kv_put(fleet.keys.member(victim.name), b"{}", acquire=lock)
-        past = utcnow() - timedelta(minutes=10)
-        rec = replace(
-            forged_request(fleet, new_deploy_id(past), {victim.name: lock}, v1),
-            requested_at=iso(past),
-            prepare_deadline=iso(past + timedelta(seconds=30)),
-            apply_deadline=iso(past + timedelta(seconds=60)),
-        )
+        rec = long_past_request(fleet, {victim.name: lock}, v1)
         assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
-        admin = yaml.safe_load(acl_fleet.operator_config.read_text())
-        admin["consul"]["token"] = fleet.cluster.management_token
-        admin_config = fleet.workdir / "admin.yaml"
-        admin_config.write_text(yaml.safe_dump(admin))
+        admin_config = management_config(acl_fleet)
         shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
         assert shown.returncode == 4, (shown.stdout, shown.stderr)
         assert "named 'vault-ha-lock'" in shown.stderr, shown.stderr
@@ -2013,25 +2028,16 @@ def test_end_sessions_never_ends_another_fleets_watcher_session_of_the_same_node
     try:
         assert admin_on_host1.kv_put(other_member, b"{}", acquire=theirs)
         x = host_client(acl_fleet, 2)
-        past = utcnow() - timedelta(minutes=10)
-        rec = replace(
-            forged_request(fleet, new_deploy_id(past), {"host-1": theirs}, v1),
-            requested_at=iso(past),
-            prepare_deadline=iso(past + timedelta(seconds=30)),
-            apply_deadline=iso(past + timedelta(seconds=60)),
-        )
+        rec = long_past_request(fleet, {"host-1": theirs}, v1)
         assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
-        admin = yaml.safe_load(acl_fleet.operator_config.read_text())
-        admin["consul"]["token"] = fleet.cluster.management_token
-        admin_config = fleet.workdir / "admin.yaml"
-        admin_config.write_text(yaml.safe_dump(admin))
+        admin_config = management_config(acl_fleet)
         shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
         assert shown.returncode == 4, (shown.stdout, shown.stderr)
         assert "named 'watcher host-1' (Consul node host-1)" in shown.stderr, shown.stderr
         assert admin_on_host1.session_info(theirs) is not None
         assert admin_on_host1.kv_get(other_member) is not None
         # The same with a session named as this version names it, of the other fleet.
-        again = replace(rec, id=new_deploy_id(past), sessions={"host-1": named})
+        again = long_past_request(fleet, {"host-1": named}, v1)
         assert x.kv_put(fleet.keys.request(again.id), again.to_json())
         shown = acl_fleet.ctl(admin_config, "abort", "web", again.id, "--end-sessions", check=False)
         assert shown.returncode == 4, (shown.stdout, shown.stderr)
@@ -2055,18 +2061,9 @@ def test_end_sessions_never_ends_a_session_of_another_node(acl_fleet: AclFleet) 
     v1, _, release1 = baseline(acl_fleet)
     x = host_client(acl_fleet, 2)
     of_host1 = sessions(fleet)["host-1"]
-    past = utcnow() - timedelta(minutes=10)
-    rec = replace(
-        forged_request(fleet, new_deploy_id(past), {"host-3": of_host1}, v1),
-        requested_at=iso(past),
-        prepare_deadline=iso(past + timedelta(seconds=30)),
-        apply_deadline=iso(past + timedelta(seconds=60)),
-    )
+    rec = long_past_request(fleet, {"host-3": of_host1}, v1)
     assert x.kv_put(fleet.keys.request(rec.id), rec.to_json())
-    admin = yaml.safe_load(acl_fleet.operator_config.read_text())
-    admin["consul"]["token"] = fleet.cluster.management_token
-    admin_config = fleet.workdir / "admin.yaml"
-    admin_config.write_text(yaml.safe_dump(admin))
+    admin_config = management_config(acl_fleet)
     shown = acl_fleet.ctl(admin_config, "abort", "web", rec.id, "--end-sessions", check=False)
     assert shown.returncode == 4, (shown.stdout, shown.stderr)
     assert "is not stalled" in shown.stderr, shown.stderr

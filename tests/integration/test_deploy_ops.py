@@ -23,15 +23,22 @@ import yaml
 from fastapi.testclient import TestClient
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
+from tests.support.deploys import start_deploy
 from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, metrics_text, wait_for
 from watcher import barrier
 from watcher.barrier import DeployStore, new_deploy_id
 from watcher.config import S3Settings, load_config
-from watcher.consul_api import TxnOp
 from watcher.ctl import main as ctl_main
 from watcher.daemon import DOORBELL, TICK_IDLE
 from watcher.events import MAX_PAYLOAD
-from watcher.records import READY, parse_iso, utcnow, watcher_session_name
+from watcher.records import (
+    READY,
+    ArtifactRecord,
+    DeployRecord,
+    parse_iso,
+    utcnow,
+    watcher_session_name,
+)
 from watcher.web.app import create_app
 
 CLUSTER = ClusterSpec(hosts=3)
@@ -1443,6 +1450,15 @@ def silent_member(fleet: Fleet) -> str:
     return session
 
 
+def start_dated(
+    fleet: Fleet, artifact: ArtifactRecord, expected: dict[str, str], ago: timedelta
+) -> DeployRecord:
+    """A deploy request made ``ago`` by the requester's clock (60 s to prepare, 60 to
+    apply), written with `inflight` as `watcherctl deploy` writes them."""
+    when = utcnow() - ago
+    return start_deploy(store_of(fleet), new_deploy_id(), expected, artifact, now=when).request
+
+
 class TestExpired:
     def test_a_member_that_never_acks_is_ended_past_the_apply_deadline_by_a_bystander(
         self, make_fleet: MakeFleet
@@ -1513,25 +1529,8 @@ class TestExpired:
         The no now names both times and the causes that look alike."""
         fleet = make_fleet()
         rel1 = deploy_ok(fleet, fleet.publish("v1").id)
-        store = store_of(fleet)
-        members = {n: e.session or "" for n, e in store.members(consistent=True).items()}
-        record = store.new_record(
-            deploy_id=new_deploy_id(),
-            kind="deploy",
-            artifact=fleet.publish("v2"),
-            release=None,
-            requested_by="someone",
-            expected=members,
-            prepare_timeout=60,
-            apply_timeout=60,
-            now=utcnow() - timedelta(seconds=200),
-        )
-        assert fleet.kv.txn(
-            [
-                TxnOp.cas(fleet.keys.inflight, record.id.encode(), 0),
-                TxnOp.cas(fleet.keys.request(record.id), record.to_json(), 0),
-            ]
-        ).ok
+        members = {n: e.session or "" for n, e in store_of(fleet).members(consistent=True).items()}
+        record = start_dated(fleet, fleet.publish("v2"), members, timedelta(seconds=200))
         assert fleet.wait_outcome(record.id)["result"] == "aborted"
         for w in fleet.watchers:
             entry = fleet.kv.kv_get(fleet.keys.progress(record.id, w.name))
@@ -1559,25 +1558,10 @@ class TestExpired:
         session = silent_member(fleet)
         agent_node = (fleet.kv.session_info(session) or {}).get("Node")
         assert agent_node and agent_node != "silent-1"
-        store = store_of(fleet)
         # A request made 10 minutes ago: its deadlines long past, stalled at once.
-        record = store.new_record(
-            deploy_id=new_deploy_id(),
-            kind="deploy",
-            artifact=fleet.publish("v2"),
-            release=None,
-            requested_by="someone",
-            expected={"silent-1": session},
-            prepare_timeout=60,
-            apply_timeout=60,
-            now=utcnow() - timedelta(minutes=10),
+        record = start_dated(
+            fleet, fleet.publish("v2"), {"silent-1": session}, timedelta(minutes=10)
         )
-        assert fleet.kv.txn(
-            [
-                TxnOp.cas(fleet.keys.inflight, record.id.encode(), 0),
-                TxnOp.cas(fleet.keys.request(record.id), record.to_json(), 0),
-            ]
-        ).ok
         shown = fleet.watchers[0].ctl("status", "web", "--fleet", check=False)
         status = json.loads(shown.stdout)
         assert status["web"]["deploy"]["stalled"] == {"silent-1": session}, status

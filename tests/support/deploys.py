@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from typing import Any
 
 from watcher.barrier import DeployStore, Joined
@@ -14,9 +15,11 @@ def start_deploy(
     deploy_id: str,
     sessions: dict[str, str],
     artifact: ArtifactRecord,
+    now: datetime | None = None,
     **over: Any,
 ) -> Joined:
     """Write the request for ``sessions``' nodes and `inflight`; return it as a host joins it.
+    ``now``: when the requester's clock says it was made (its deadlines follow from it).
     ``over``: fields of the request set otherwise (as another watcherctl would write them)."""
     record = store.new_record(
         deploy_id=deploy_id,
@@ -27,6 +30,7 @@ def start_deploy(
         expected=sessions,
         prepare_timeout=60,
         apply_timeout=60,
+        now=now,
     )
     if over:
         record = dataclasses.replace(record, **over)
