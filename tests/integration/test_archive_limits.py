@@ -343,12 +343,12 @@ class TestCancel:
         record = record_for(bomb)
         polls = 0
 
-        def cancel() -> bool:  # polled before each member and after each 1 MiB chunk
-            nonlocal polls
+        def cancel() -> bool:  # polled before each member, after each 1 MiB chunk written
+            nonlocal polls  # and each 64 KiB the gzip reader takes from the file
             polls += 1
             return polls > 5
 
-        with pytest.raises(StagingCancelled, match="cancelled after 1 members and 5242880 bytes"):
+        with pytest.raises(StagingCancelled, match=r"cancelled after 1 members and \d+ bytes"):
             engine.prefetch_extract(bomb, record, cancel=cancel)
         assert leftovers(engine) == []
         assert not engine.prefetched_path(record).exists()

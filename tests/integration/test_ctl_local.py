@@ -381,6 +381,9 @@ class TestRollbackLocal:
             text=True,
             env=host.env(),
             start_new_session=True,
+            # A shell that starts jobs without job control (CI's) has them ignore SIGINT,
+            # and Python keeps an ignored SIGINT ignored: a terminal's Ctrl-C is SIG_DFL.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 20
