@@ -2672,10 +2672,8 @@ class AppAgent:
                             journal.clear(rec.id)
                             return
                         # Its hooks run again after this switch, also after a stop.
-                        phases = journal.read() or {}
-                        journal.update(
-                            phases=[p for p in phases.get("phases", []) if p != "post_symlink"]
-                        )
+                        done = (journal.read() or {}).get("phases", [])
+                        journal.update(phases=[p for p in done if p != "post_symlink"])
                         self.engine.flip(rec.release)
                         self._write_applied(joined)
                         switched_again = True

@@ -2545,15 +2545,8 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
     operator names the release. The outcome as the acks vouch for it (``checked``): any
     host's token can write the record, and a forged failure must not block the plain
     rollback (nor a deleted record hide a real one)."""
-    view = store.view(rec.id)
-    outcome = view.checked().outcome if view is not None else None
-    if outcome is not None and outcome.result in ("rolled_back", "failed_after_commit"):
-        said = f"ended {outcome.result} with ({outcome.reason[:300]})"
-    elif view is not None and (failed := failed_after_commit_on(view)):
-        # Its validate failed only after the deploy had ended `committed` (at its apply
-        # deadline): no automatic rollback, and the acks say it all the same.
-        said = f"ended committed, and failed after its commit on {', '.join(failed)} later"
-    else:
+    said = failed_deploy(store.view(rec.id))
+    if not said:
         return
     raise DeployRefused(
         f"app {store.app}: the previous release {rec.release} is the one deploy {rec.id} "
@@ -2561,6 +2554,22 @@ def _refuse_a_failed_previous(store: DeployStore, rec: DeployRecord) -> None:
         f"back to (`watcherctl rollback {store.app} --to RELEASE`; `watcherctl history "
         f"{store.app}` lists them), or --to {rec.release} to go back to it all the same"
     )
+
+
+def failed_deploy(view: DeployView | None) -> str:
+    """How ``view``'s deploy failed its release, as its acks vouch for it ("ended
+    rolled_back with (...)"), or "" when it did not: what makes a plain rollback to its
+    release refused (``_refuse_a_failed_previous``), and `status` suggest ``--to``."""
+    if view is None:
+        return ""
+    outcome = view.checked().outcome
+    if outcome is not None and outcome.result in ("rolled_back", "failed_after_commit"):
+        return f"ended {outcome.result} with ({outcome.reason[:300]})"
+    if failed := failed_after_commit_on(view):
+        # Its validate failed only after the deploy had ended `committed` (at its apply
+        # deadline): no automatic rollback, and the acks say it all the same.
+        return f"ended committed, and failed after its commit on {', '.join(failed)} later"
+    return ""
 
 
 def failed_after_commit_on(view: DeployView) -> list[str]:

@@ -25,6 +25,7 @@ from watcher.barrier import (
     DeployStore,
     DeployView,
     failed_after_commit_on,
+    failed_deploy,
     judge,
     new_deploy_id,
     resolve_artifact,
@@ -2130,10 +2131,7 @@ def failed_release(
         before = None
         with contextlib.suppress(PayloadError):
             before = store.view(previous.deploy)
-        ended = before.checked().outcome if before is not None else None
-        plain_refused = (
-            ended is not None and ended.result in ("rolled_back", "failed_after_commit")
-        ) or (before is not None and bool(failed_after_commit_on(before)))
+        plain_refused = bool(failed_deploy(before))
     roll_back = None
     if previous is not None or previous_untrusted:
         roll_back = f"watcherctl rollback {store.app}" + (" --to RELEASE" if plain_refused else "")
