@@ -14,6 +14,7 @@ import stat
 import subprocess
 import tarfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,20 @@ def sandbox(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path, dest
 
 
-def extract(data: bytes, dest: Path, *, fmt: str = "tar.gz", **kw: int) -> ExtractStats:
+def extract(
+    data: bytes,
+    dest: Path,
+    *,
+    fmt: str = "tar.gz",
+    cancel: Callable[[], bool] | None = None,
+    **kw: int,
+) -> ExtractStats:
+    """Extract ``data`` as an archive written to ``<tmp>/archive.<fmt>`` (``sandbox``)."""
     archive = dest.parent.parent.parent / f"archive.{fmt}"
     archive.write_bytes(data)
     limits: dict[str, int] = {"max_members": 1000, "max_bytes": 64 * 1024 * 1024, "umask": 0o022}
     limits.update(kw)
-    return extract_archive(archive, dest, fmt=fmt, **limits)
+    return extract_archive(archive, dest, fmt=fmt, cancel=cancel, **limits)
 
 
 class TestHostileCorpus:
@@ -773,17 +782,12 @@ class TestGzipLayer:
     name, and the zero padding after a member, a byte at a time, before any of our code ran
     (10 MB: over a second, no cancel seen meanwhile)."""
 
-    def archive(self, tmp: Path, data: bytes) -> Path:
-        path = tmp / "archive.tar.gz"
-        path.write_bytes(data)
-        return path
-
     def test_a_cancel_is_seen_while_a_huge_header_name_is_skipped(
         self, sandbox: tuple[Path, Path]
     ) -> None:
         tmp, dest = sandbox
         tar = make_tar([Entry("a.txt", data=b"hi")])
-        path = self.archive(tmp, gzip_member(tar, name=b"n" * 10 * MiB))
+        path = tmp / "archive.tar.gz"  # where ``extract`` writes it
         seen: list[int] = []
 
         def cancel() -> bool:
@@ -791,38 +795,23 @@ class TestGzipLayer:
             return True
 
         with pytest.raises(StagingCancelled, match="after 0 members and 0 bytes"):
-            extract_archive(
-                path,
-                dest,
-                fmt="tar.gz",
-                max_members=10,
-                max_bytes=10**6,
-                umask=0o022,
-                cancel=cancel,
-            )
+            extract(gzip_member(tar, name=b"n" * 10 * MiB), dest, cancel=cancel)
         assert seen[0] < MiB, seen  # the old reader: past the 10 MB name
 
     def test_a_cancel_is_seen_while_huge_padding_after_a_member_is_skipped(
         self, sandbox: tuple[Path, Path]
     ) -> None:
         tmp, dest = sandbox
-        path = self.archive(tmp, make_tar_gz([Entry("a.txt", data=b"hi")]) + bytes(20 * MiB))
+        path = tmp / "archive.tar.gz"  # where ``extract`` writes it
         seen: list[int] = []
 
         def cancel() -> bool:
             seen.append(read_offset(path))
             return seen[-1] > MiB
 
+        data = make_tar_gz([Entry("a.txt", data=b"hi")]) + bytes(20 * MiB)
         with pytest.raises(StagingCancelled):  # the old reader: extracted, all 20 MB read
-            extract_archive(
-                path,
-                dest,
-                fmt="tar.gz",
-                max_members=10,
-                max_bytes=10**6,
-                umask=0o022,
-                cancel=cancel,
-            )
+            extract(data, dest, cancel=cancel)
         assert seen[-1] < 2 * MiB, seen
 
     def test_a_huge_header_name_comment_and_padding_are_extracted(
