@@ -154,6 +154,9 @@ END_WATCH_GRACE = 0.5
 DECISION_WATCH_AFTER = 1.0
 STAGING_REPORT_EVERY = 2.0  # seconds between progress writes while a release is extracted
 CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergence failures
+#: Seconds between attempts of a committed deploy's switch that keeps failing before `current`
+#: moved (a full disk, a directory made by hand where `current` should be): 1, 2, 4... s.
+APPLY_BACKOFF_MAX = 30.0
 #: Characters of an alarm (and of a contested deploy's hold) kept: its text names hosts of
 #: a request any host's token can write (up to 1,000 names), and it goes to /health, the
 #: log and the host record at every raise (a forged one made 77 KB records; the attacker
@@ -412,6 +415,9 @@ class AgentStatus:
     state: str = ""
     undecided_since: float | None = None
     converge_error: str = ""
+    # A committed deploy's switch that failed before `current` moved ("<release>: <error>";
+    # "" once it moved): the host retries it with a growing pause, `status` says why.
+    apply_error: str = ""
     coordinating: bool = False
     coordinator_unknown: bool = False
     alarm: str = ""
@@ -461,6 +467,8 @@ class AppAgent:
         self.converge_journal = Journal(engine.layout.state_dir, CONVERGE_JOURNAL_NAME)
         self._converge_failures = 0
         self._converge_retry_at = 0.0
+        # (deploy id, failures, monotonic time of the next try) of a switch that failed
+        self._apply_retry: tuple[str, int, float] | None = None
         self.log = get_logger(app=app.name, node=node)
         self.status = AgentStatus()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"app-{app.name}")
@@ -966,6 +974,12 @@ class AppAgent:
             return f"contested; held, waiting for an operator ({end})"
         if established == COMMIT:
             if not self.journal.has("applied"):
+                retry = self._apply_retry
+                if retry is not None and retry[0] == deploy_id and not self.busy():
+                    wait = retry[2] - time.monotonic()
+                    if wait > 0:
+                        self.status.recheck_at = retry[2]
+                        return f"switch failed, retry in {wait:.0f}s: {self.status.apply_error}"
                 return self._start("apply", deploy_id, lambda: self._apply(joined))
             return self._finish_part(joined, inflight_id, inflight_index)
         if established == ABORT:
@@ -2050,9 +2064,11 @@ class AppAgent:
                         self._write_applied(joined)
             except (WatcherError, OSError) as exc:
                 # Nothing changed yet (S3 unreachable, the lock busy, the flip refused):
-                # not a failure after commit; the next cycle retries, until the apply
-                # deadline.
-                self.log.error("flip_failed", deploy=rec.id, error=str(exc), retry=True)
+                # not a failure after commit. Retried for as long as it fails (the fleet
+                # committed: this host's place is on it), after a growing pause: a failure
+                # that lasts (a full disk, a directory where `current` should be) must not
+                # spin the loop and flood the log.
+                self._switch_failed(rec, "flip_failed", exc)
                 return
             if failed is not None:
                 # `current` stays where it is: the ack says so, convergence retries. Not
@@ -2063,6 +2079,7 @@ class AppAgent:
                 tail = failed.output_tail
                 self._applied(joined, started, FAILED_AFTER_COMMIT, error, tail, timings)
                 return
+            self._apply_retry, self.status.apply_error = None, ""
             flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
             if hook_commands(self.app, "post_symlink", release_dir):
@@ -2081,7 +2098,7 @@ class AppAgent:
                 with self.engine.lock(owner=f"deploy {rec.id}"):
                     live, hold = self.engine.current_release(), self.engine.held()
             except (WatcherError, OSError) as exc:
-                self.log.error("apply_resume_failed", deploy=rec.id, error=str(exc), retry=True)
+                self._switch_failed(rec, "apply_resume_failed", exc)
                 return
             if live != rec.release:
                 now = (
@@ -2126,6 +2143,17 @@ class AppAgent:
         timings = {"decided_at": decided_at, "flipped_at": flipped_at}
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
         self._applied(joined, started, state, error, tail, timings, flipped_from)
+
+    def _switch_failed(self, rec: DeployRecord, event: str, exc: Exception) -> None:
+        """A committed deploy's switch failed before `current` moved: the next try after
+        1, 2, 4... s (up to APPLY_BACKOFF_MAX), said in the log and in `status`."""
+        failures = (
+            self._apply_retry[1] + 1 if self._apply_retry and self._apply_retry[0] == rec.id else 1
+        )
+        delay = min(2.0 ** (failures - 1), APPLY_BACKOFF_MAX)
+        self._apply_retry = (rec.id, failures, time.monotonic() + delay)
+        self.status.apply_error = f"{rec.release}: {exc}"
+        self.log.error(event, deploy=rec.id, error=str(exc), retry_in_s=delay, failures=failures)
 
     def _applied(
         self,

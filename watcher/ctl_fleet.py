@@ -2393,6 +2393,17 @@ def _human_status(data: dict[str, Any]) -> str:
                 lines.append(f"              {line}")
         else:
             lines.append("  deploy      none in flight")
+        daemon_app = (a.get("daemon") or {}) if d.get("running") else {}
+        for label, key, what in (
+            ("switch", "apply_error", "the switch to a committed release"),
+            ("converge", "converge_error", "the move to the fleet's release"),
+        ):
+            error = daemon_app.get(key)
+            if error and isinstance(error, str):
+                lines.append(
+                    f"  {label:<11} FAILED, retried with a growing pause: {what} "
+                    f"({ids.one_line(error)[:600]})"
+                )
     return "\n".join(lines)
 
 

@@ -1311,6 +1311,7 @@ class Daemon:
                 "state": agent.status.state,
                 "undecided": undecided,
                 "converge_error": agent.status.converge_error,
+                "apply_error": agent.status.apply_error,
                 "prune_blocked": agent.status.prune_blocked,
                 "prefetch_failed": agent.status.prefetch_failed,
                 # What it works on until a restart (`status`): a reload keeps the root

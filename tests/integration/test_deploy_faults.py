@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -481,6 +482,53 @@ class TestAgentAway:
         rig.release(*rig.watchers)
         fleet.wait_outcome(deploy_id, 90)
         fleet.wait_idle(60)
+        rig.check_invariants()
+
+
+class TestSwitchFails:
+    def test_a_switch_that_keeps_failing_pauses_between_tries_and_says_why(self, rig: Rig) -> None:
+        """A committed deploy's switch that fails before `current` moved (here a directory
+        an operator made where the symlink was: the rename cannot replace it) is retried
+        after 1, 2, 4... s, not at once by every cycle; `status` says why; once the
+        directory is gone the next try switches and the host goes live."""
+        fleet = rig.fleet
+        baseline(rig)
+        v2 = fleet.publish("v2")
+        victim = rig.watchers[1]
+        others = [w for w in rig.watchers if w is not victim]
+        rig.hold(victim)
+        deploy_id, release = rig.deploy(rig.watchers[0], v2)
+        rig.wait_hook_started([victim], deploy_id)
+        current = victim.app_dir / "current"
+        current.unlink()
+        current.mkdir()
+        (current / "index.html").write_text("copied by hand\n")
+        rig.release(victim)
+
+        wait_for(lambda: all(w.current() == release for w in others), 30, "others flip", fleet)
+        wait_for(lambda: bool(victim.log_events("flip_failed")), 30, f"{victim.name} fails", fleet)
+        time.sleep(6.0)
+        failed = victim.log_events("flip_failed")
+        # Tries at +0, +1, +3 (+7) s: a retry by every cycle made hundreds here.
+        assert 2 <= len(failed) <= 4, [e.get("retry_in_s") for e in failed]
+        assert [e["retry_in_s"] for e in failed[:3]] == [1.0, 2.0, 4.0][: len(failed[:3])]
+        assert "Is a directory" in failed[0]["error"], failed[0]
+
+        def says_why() -> bool:
+            shown = victim.ctl("status", as_json=False, check=False).stdout
+            return "switch      FAILED, retried with a growing pause" in shown and (
+                "Is a directory" in shown
+            )
+
+        wait_for(says_why, 20, f"{victim.name}'s status names the failed switch", fleet)
+        assert rig.states(deploy_id)[victim.name] == "committed"  # its intent; not live
+
+        shutil.rmtree(current)  # the operator mends it
+        wait_for(lambda: victim.current() == release, 40, f"{victim.name} switches", fleet)
+        outcome = fleet.wait_outcome(deploy_id)
+        assert outcome["result"] == "committed", outcome
+        assert rig.states(deploy_id) == {w.name: "live" for w in rig.watchers}
+        wait_for(lambda: not says_why(), 20, "the failed switch no longer shown", fleet)
         rig.check_invariants()
 
 

@@ -624,6 +624,23 @@ class TestDownloadProgress:
         assert "downloading" not in _human_status(data)
 
 
+class TestRetriedFailures:
+    @pytest.mark.parametrize(
+        ("key", "label"), [("apply_error", "switch"), ("converge_error", "converge")]
+    )
+    def test_a_running_watcher_retrying_a_failure_says_it(self, key: str, label: str) -> None:
+        """A switch or a convergence that keeps failing: `status` said only that the fleet
+        is elsewhere, not why this host is not on it."""
+        error = "r2: cannot point /srv/web/current at releases/r2: [Errno 21] Is a directory"
+        data = host_status(daemon={key: error})
+        data["daemon"] = {"running": True, "pid": 1}
+        shown = [line for line in _human_status(data).splitlines() if "FAILED" in line]
+        assert len(shown) == 1 and shown[0].startswith(f"  {label:<11} FAILED"), shown
+        assert "Is a directory" in shown[0]
+        data["daemon"] = {"running": False, "reason": "process gone"}  # history, not now
+        assert "FAILED" not in _human_status(data)
+
+
 def host_status(**app: Any) -> dict[str, Any]:
     """What `status --json` gives of host h1 with app web on r1 (``app``: more of it) and
     its watcher not running."""

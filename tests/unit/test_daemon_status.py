@@ -26,6 +26,7 @@ class FakeStatus:
     deploy: str | None = None
     state: str = "idle"
     converge_error: str | None = None
+    apply_error: str = ""
     recheck_at: float | None = None
     prune_blocked: str = ""
     prefetch_failed: str = ""
@@ -88,6 +89,7 @@ class TestStatusFile:
             "state": "staging",
             "undecided": None,
             "converge_error": None,
+            "apply_error": "",
             "prune_blocked": "",
             "prefetch_failed": "",
             "root": daemon.started_config.apps["web"].root,
