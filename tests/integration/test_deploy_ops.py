@@ -473,12 +473,21 @@ class TestValidateFailure:
         result = fleet.watchers[0].ctl_json("deploy", "web", v2.id, "--allow-missing")
         assert result["result"] == "committed", result
         release = result["release"]
-        fleet._restart_with_hook(  # starts it again
-            victim,
-            "validate",
-            f'echo "$WATCHER_KIND $(cat "$WATCHER_CURRENT/VERSION")" >> "{runs}"\n'
-            f'touch "{gate}.started"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n',
-        )
+        hooks = {}
+        for phase, body in (
+            (
+                "post_symlink",
+                'echo "post_symlink $WATCHER_KIND $(cat "$WATCHER_CURRENT/VERSION")"',
+            ),
+            ("validate", 'echo "$WATCHER_KIND $(cat "$WATCHER_CURRENT/VERSION")"'),
+        ):
+            hooks[phase] = str(victim.root / f"{phase}-hook")
+            Path(hooks[phase]).write_text(f'#!/bin/sh\n{body} >> "{runs}"\n')
+            Path(hooks[phase]).chmod(0o755)
+        with open(hooks["validate"], "a") as hook:
+            hook.write(f'touch "{gate}.started"\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+        fleet.write_config(victim, {"hooks": hooks})
+        victim.start()
         wait_for(gate.with_name("gate.started").exists, 30, "host-2 in its validate", fleet)
         refused = victim.ctl("rollback", "web", "--local", check=False, as_json=False)
         assert refused.returncode == 4, (refused.stdout, refused.stderr)
@@ -503,6 +512,10 @@ class TestValidateFailure:
         wait_for(lambda: bool(victim.log_events("converged")), 30, "host-2 converged", fleet)
         said = runs.read_text().splitlines()
         assert "converge v1" not in said and said[-1] == "converge v2", said
+        # post_symlink ran after each switch to the release: before the kill, and again
+        # after the switch back over the local rollback (its journal entry dropped).
+        after_switch = [line for line in said if line.startswith("post_symlink converge")]
+        assert after_switch == ["post_symlink converge v2"] * 2, said
 
     def test_rollback_local_is_the_way_out_of_a_convergence_whose_validate_fails(
         self, make_fleet: MakeFleet
