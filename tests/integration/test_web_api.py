@@ -488,8 +488,12 @@ class TestDeployApiWithAcls:
                 for path, method in sorted(served)
                 if method == "GET" and not path.endswith("/live")
             ]
+            live = c.head("/api/v1/apps/web/live")  # over uvicorn: answered, not streamed
         for head in heads:
             assert head.status_code == 200 and head.content == b"", (head.url, head)
+        assert live.status_code == 200 and live.content == b"", live
+        assert live.headers["content-type"].startswith("text/event-stream"), live.headers
+        assert "content-length" not in live.headers, live.headers
         assert heads[1].headers["content-type"].startswith("text/html"), heads[1].headers
         # Each POST documents its JSON body.
         for path, method in served:

@@ -694,6 +694,8 @@ class TestTheDescriptionTellsTheTruth:
             assert head.status_code == 200, head.text
             assert head.headers["content-type"].startswith("text/event-stream")
             assert head.headers["cache-control"] == "no-store" and head.content == b""
+            # a GET streams with no length: the HEAD does not claim an empty one
+            assert "content-length" not in head.headers, head.headers
         assert client.head("/api/v1/apps/nope/live").status_code == 404
 
     @pytest.mark.parametrize(

@@ -1365,10 +1365,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         """What a GET would answer, without its stream (`curl -I`, an uptime check): the
         same checks, no slot taken, no body."""
         await _may_stream(app, request)
-        return Response(
+        head = Response(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+        # A GET streams with no length: a HEAD's `content-length: 0` said the stream was
+        # empty (RFC 9110 9.3.2: the fields a GET would send, or none).
+        del head.headers["content-length"]
+        return head
 
     marks: dict[str, tuple[float, str]] = {}  # app -> (when, the sections' digest)
 
