@@ -975,7 +975,9 @@ class AppAgent:
         if established == COMMIT:
             if not self.journal.has("applied"):
                 retry = self._apply_retry
-                if retry is not None and retry[0] == deploy_id and not self.busy():
+                if retry is not None and retry[0] != deploy_id:  # another deploy's
+                    retry, self._apply_retry, self.status.apply_error = None, None, ""
+                if retry is not None and not self.busy():
                     wait = retry[2] - time.monotonic()
                     if wait > 0:
                         self.status.recheck_at = retry[2]
@@ -2169,6 +2171,7 @@ class AppAgent:
         host record in the same txn, then the prune."""
         rec = joined.request
         self.status.state = state
+        self._apply_retry, self.status.apply_error = None, ""
         # The host record rides in the same txn; it names what `current` is on here.
         host = self._host_record(self.engine.current_release())
         # The coordinator reads what the end needs in the same txn (the acks, the outcome,
