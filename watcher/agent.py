@@ -157,6 +157,7 @@ CONVERGE_BACKOFF_MAX = 60.0  # seconds between attempts after repeated convergen
 #: Seconds between attempts of a committed deploy's switch that keeps failing before `current`
 #: moved (a full disk, a directory made by hand where `current` should be): 1, 2, 4... s.
 APPLY_BACKOFF_MAX = 30.0
+TASK_BACKOFF_MAX = 30.0  # ... and of a task that raised (``AppAgent._task_backoff``)
 #: Characters of an alarm (and of a contested deploy's hold) kept: its text names hosts of
 #: a request any host's token can write (up to 1,000 names), and it goes to /health, the
 #: log and the host record at every raise (a forged one made 77 KB records; the attacker
@@ -469,6 +470,8 @@ class AppAgent:
         self._converge_retry_at = 0.0
         # (deploy id, failures, monotonic time of the next try) of a switch that failed
         self._apply_retry: tuple[str, int, float] | None = None
+        # (kind, deploy id, failures, monotonic time of the next try) of a task that raised
+        self._task_failed: tuple[str, str, int, float] | None = None
         self.log = get_logger(app=app.name, node=node)
         self.status = AgentStatus()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"app-{app.name}")
@@ -1603,6 +1606,12 @@ class AppAgent:
     def _start(self, kind: str, deploy_id: str, fn: Callable[[], None]) -> str:
         if self.busy():
             return f"{self._task_key[0] if self._task_key else 'task'} running"
+        failed = self._task_failed
+        if failed is not None and failed[:2] == (kind, deploy_id):
+            wait = failed[3] - time.monotonic()
+            if wait > 0:
+                self.status.recheck_at = failed[3]
+                return f"{kind} failed, retry in {wait:.0f}s"
         if kind not in ("abort",):
             self._cancel.clear()
             self._cancel_reason = ""
@@ -1610,22 +1619,35 @@ class AppAgent:
         self._task_started = time.monotonic()
         self._wake_when_done = True
         self._looked_while_busy = False
-        self._task = self._worker.submit(self._guard, kind, fn)
+        self._task = self._worker.submit(self._guard, kind, fn, deploy_id)
         return f"{kind} started"
 
-    def _guard(self, kind: str, fn: Callable[[], None]) -> None:
+    def _guard(self, kind: str, fn: Callable[[], None], deploy_id: str = "") -> None:
         try:
             fn()
+            if self._task_failed is not None and self._task_failed[:2] == (kind, deploy_id):
+                self._task_failed = None
         except ConsulError as exc:
             # KV unreachable mid-task: the next reconcile picks up from the journal.
             self.log.warning("task_interrupted", task=kind, error=str(exc))
+            self._task_backoff(kind, deploy_id)
         except Exception as exc:  # a task must never take the worker thread down
             self.log.exception("task_failed", task=kind, error=repr(exc))
+            self._task_backoff(kind, deploy_id)
         finally:
             self.engine.in_flight_artifacts.clear()
             if self._wake_when_done:
                 self._wake()  # the loop takes the next step now, not on its next tick
             self._wake_when_done = True
+
+    def _task_backoff(self, kind: str, deploy_id: str) -> None:
+        """A task that raised is started again after 1, 2, 4... s (at most TASK_BACKOFF_MAX),
+        not by the loop's next step at once: a cause that lasts (a write Consul refuses
+        while its reads pass, a full state disk, a bug) would spin the loop and the log."""
+        failed = self._task_failed
+        failures = failed[2] + 1 if failed is not None and failed[:2] == (kind, deploy_id) else 1
+        delay = min(2.0 ** (failures - 1), TASK_BACKOFF_MAX)
+        self._task_failed = (kind, deploy_id, failures, time.monotonic() + delay)
 
     # --- prepare / apply / abort (worker thread) ---------------------------------------
 
