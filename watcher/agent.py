@@ -979,7 +979,8 @@ class AppAgent:
             if not self.journal.has("applied"):
                 retry = self._apply_retry
                 if retry is not None and retry[0] != deploy_id:  # another deploy's
-                    retry, self._apply_retry, self.status.apply_error = None, None, ""
+                    retry, self._apply_retry = None, None
+                    self._failing("switch", "")
                 if retry is not None and not self.busy():
                     wait = retry[2] - time.monotonic()
                     if wait > 0:
@@ -2103,7 +2104,8 @@ class AppAgent:
                 tail = failed.output_tail
                 self._applied(joined, started, FAILED_AFTER_COMMIT, error, tail, timings)
                 return
-            self._apply_retry, self.status.apply_error = None, ""
+            self._apply_retry = None
+            self._failing("switch", "")
             flipped_at = moved_at or iso(utcnow())
             release_dir = self.engine.layout.release_dir(rec.release)
             if hook_commands(self.app, "post_symlink", release_dir):
@@ -2176,8 +2178,18 @@ class AppAgent:
         )
         delay = min(2.0 ** (failures - 1), APPLY_BACKOFF_MAX)
         self._apply_retry = (rec.id, failures, time.monotonic() + delay)
-        self.status.apply_error = f"{rec.release}: {exc}"
+        self._failing("switch", f"{rec.release}: {exc}")
         self.log.error(event, deploy=rec.id, error=str(exc), retry_in_s=delay, failures=failures)
+
+    def _failing(self, step: str, error: str) -> None:
+        """``error`` ("" when none) of a ``switch`` or ``converge`` that is retried: for
+        `status` (status.json) and the ``watcher_retrying`` gauge."""
+        if step == "switch":
+            self.status.apply_error = error
+        else:
+            self.status.converge_error = error
+        if self.metrics is not None:
+            self.metrics.retrying.labels(app=self.app.name, step=step).set(1 if error else 0)
 
     def _applied(
         self,
@@ -2193,7 +2205,8 @@ class AppAgent:
         host record in the same txn, then the prune."""
         rec = joined.request
         self.status.state = state
-        self._apply_retry, self.status.apply_error = None, ""
+        self._apply_retry = None
+        self._failing("switch", "")
         # The host record rides in the same txn; it names what `current` is on here.
         host = self._host_record(self.engine.current_release())
         # The coordinator reads what the end needs in the same txn (the acks, the outcome,
@@ -2433,10 +2446,11 @@ class AppAgent:
         broken = local == fleet_release and live_broken
         on_current = local == fleet_release and not unfinished and not broken
         if on_current and not first_look:
-            self.status.converge_error = ""
+            self._failing("converge", "")
             self._converge_failures = 0
             return "idle"
         if not on_current and current is not None and self.engine.held() is not None:
+            self._failing("converge", "")  # held: not retried, `status` shows the hold
             if broken:
                 return f"held; the live release {local} is not complete here"
             return f"held (fleet is on {fleet_release}, this host on {local})"
@@ -2456,7 +2470,7 @@ class AppAgent:
         if current is None:
             return "idle (no committed release yet)"
         if on_current:
-            self.status.converge_error = ""
+            self._failing("converge", "")
             self._converge_failures = 0
             return "idle"
         joined, why = self.store.committed_or_why(
@@ -2744,11 +2758,11 @@ class AppAgent:
             self._converge_failures += 1
             delay = min(2.0**self._converge_failures, CONVERGE_BACKOFF_MAX)
             self._converge_retry_at = time.monotonic() + delay
-            self.status.converge_error = f"{rec.release}: {exc}"
+            self._failing("converge", f"{rec.release}: {exc}")
             self.log.error("converge_failed", release=rec.release, error=str(exc), retry_in_s=delay)
             return
         journal.clear(rec.id)
-        self.status.converge_error = ""
+        self._failing("converge", "")
         self._converge_failures = 0
         self.log.info("converged", release=rec.release, deploy=rec.id)
         self._prune()

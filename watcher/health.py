@@ -147,6 +147,13 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.retrying = Gauge(
+            "watcher_retrying",
+            "1 while a committed switch (step=switch) or a convergence (step=converge) of the "
+            "app fails here and is retried with a growing pause (`watcherctl status` says why)",
+            ["app", "step"],
+            registry=r,
+        )
         self.loop_cycles = Counter("watcher_loop_cycles", "Main loop cycles", registry=r)
         self.undecided = Gauge(
             "watcher_undecided",

@@ -521,6 +521,17 @@ class TestSwitchFails:
             )
 
         wait_for(says_why, 20, f"{victim.name}'s status names the failed switch", fleet)
+        gauge = 'watcher_retrying{app="web",step="switch"}'
+
+        def retrying() -> str:
+            url = f"http://127.0.0.1:{victim.health_port()}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+            return next(
+                (line.split()[-1] for line in text.splitlines() if line.startswith(gauge)), ""
+            )
+
+        assert retrying() == "1.0"
         assert rig.states(deploy_id)[victim.name] == "committed"  # its intent; not live
 
         shutil.rmtree(current)  # the operator mends it
@@ -529,6 +540,7 @@ class TestSwitchFails:
         assert outcome["result"] == "committed", outcome
         assert rig.states(deploy_id) == {w.name: "live" for w in rig.watchers}
         wait_for(lambda: not says_why(), 20, "the failed switch no longer shown", fleet)
+        assert retrying() == "0.0"
         rig.check_invariants()
 
 

@@ -535,11 +535,19 @@ class TestValidateFailure:
             victim, "validate", 'grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" && exit 3\nexit 0\n'
         )
         wait_for(lambda: bool(victim.log_events("converge_failed")), 30, "a failed try", fleet)
+        failing = "  converge    FAILED, retried with a growing pause"
+
+        def status() -> str:
+            return victim.ctl("status", "web", check=False, as_json=False).stdout
+
+        wait_for(lambda: failing in status(), 20, "status shows the failing convergence", fleet)
         back = victim.ctl_json("rollback", "web", "--local")
         assert back["flipped"] is True and back["to"] == rel1, back
         tries = len(victim.log_events("converge_failed"))
         time.sleep(3)  # the next try was due within 2-4 s: held, none starts
         assert len(victim.log_events("converge_failed")) == tries
+        # held: no longer retried, and no longer said to be (the hold is shown instead)
+        wait_for(lambda: failing not in status(), 20, "the failure no longer shown", fleet)
         assert victim.current() == rel1 != result["release"]
 
     def test_a_host_rolled_back_by_hand_while_its_watcher_was_down_mid_validate_is_not_live(
