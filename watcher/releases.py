@@ -1396,6 +1396,14 @@ class ReleaseEngine:
             else:
                 plan.remove.append(name)
         counted_names = {i.release for i in counted}
+        # `deploy --resume` takes up only the newest deploy of a build, and only if it was
+        # aborted: an older aborted staging of the same build is never resumed (ten aborted
+        # deploys of one build kept ten trees for a week, the operator review).
+        resumable: dict[str, tuple[str, str]] = {}
+        for info in infos:
+            if info.complete and info.kept_for_resume:
+                mark = (info.staged_at, info.release)
+                resumable[info.artifact] = max(resumable.get(info.artifact, mark), mark)
         for info in infos:
             name = info.release
             if name in counted_names:
@@ -1406,7 +1414,8 @@ class ReleaseEngine:
                 plan.remove.append(name)
             else:
                 staged = _parse_time(info.staged_at)
-                if staged is not None and now - staged < max_age:
+                newest = resumable.get(info.artifact, ("", ""))[1] == name
+                if newest and staged is not None and now - staged < max_age:
                     plan.keep[name] = "aborted staging kept for resume"
                 else:
                     plan.remove.append(name)

@@ -1369,6 +1369,29 @@ class TestPrune:
         assert engine.prune() == [rel(4)]
         assert engine.release_names() == [rel(2), rel(3)]
 
+    def test_only_the_newest_aborted_staging_of_a_build_is_kept(
+        self, tmp_path: Path, clock: Clock, tarball: Path
+    ) -> None:
+        """`deploy --resume` resumes the newest deploy of a build only: ten aborted deploys
+        of one build kept ten trees for a week (the operator review). One per build."""
+        engine = make_engine(tmp_path, clock, aborted_staging_max_age=3600.0)
+        record = record_for(tarball)
+        other_tb = build_tarball(tmp_path / "other.tar.gz", {"f": b"other"})
+        other = record_for(other_tb, "feature-0000beef")
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.mark_post_release_done(rel(1))
+        engine.flip(rel(1))
+        for n in (2, 3, 4):  # three aborted deploys of one build, post_release never ran
+            clock.tick()
+            engine.stage_from_file(tarball, record, rel(n), f"d-{n}")
+        clock.tick()
+        engine.stage_from_file(other_tb, other, rel(5, "feature-0000beef"), "d-5")
+        plan = engine.plan_prune()
+        assert plan.keep[rel(4)] == "aborted staging kept for resume"
+        assert plan.keep[rel(5, "feature-0000beef")] == "aborted staging kept for resume"
+        assert engine.prune() == [rel(2), rel(3)]
+        assert engine.release_names() == [rel(1), rel(4), rel(5, "feature-0000beef")]
+
     def test_stale_prefetched_trees_go(self, five: ReleaseEngine, tmp_path: Path) -> None:
         five.flip(rel(5))
         for n in range(4):
