@@ -71,6 +71,7 @@ from watcher.records import (
     ACKED_READY_STATES,
     COMMIT,
     COMMITTED,
+    DEPLOY_ID_RE,
     FAILED_AFTER_COMMIT,
     FAILING_STATES,
     LIVE,
@@ -1074,11 +1075,38 @@ def deploy_history_checked(
     ids, problem = store.history_checked()
     added = inflight if inflight is not None and inflight not in ids else None
     shown = ([added] if added else []) + list(reversed(ids))
+    # The history record is a list any host's token may rewrite (docs/acl.md): held against
+    # the requests in KV (one keys read), a deploy that ended but is not listed is shown
+    # from its records, and listed ones without any are counted (the operator test: a hand
+    # edit hid deploys, and 20,000 made-up ids read as "no deploys recorded").
+    listed = set(shown)
+    unlisted = sorted(
+        (
+            d
+            for d in store.names_under(store.keys.requests_prefix)
+            if d not in listed and DEPLOY_ID_RE.fullmatch(d)
+        ),
+        reverse=True,
+    )
+    views: dict[str, DeployView | None] = {}
+    omitted = []
+    for deploy_id in unlisted[: max(limit, 1)]:
+        with contextlib.suppress(PayloadError):
+            views[deploy_id] = seen = store.view(deploy_id)
+            if seen is not None and seen.outcome is not None:  # ended; in flight: not yet
+                omitted.append(deploy_id)
+    if omitted:
+        shown = sorted(set(shown) | set(omitted), reverse=True)
+        if added in shown:  # the deploy in flight first, as without them
+            shown = [added, *(d for d in shown if d != added)]
     rows = []
     hosts: dict[str, HostRecord] | None = None
+    no_record = []
     for deploy_id in shown[: max(limit, 1)]:
         try:
-            view: DeployView | None = store.view(deploy_id)
+            view: DeployView | None = (
+                views[deploy_id] if deploy_id in views else store.view(deploy_id)
+            )
         except PayloadError:
             view = None
         if deploy_id == added and (view is None or view.outcome is not None):
@@ -1087,6 +1115,7 @@ def deploy_history_checked(
             # or an `inflight` left naming an old deploy. The history alone, then.
             return deploy_history_checked(store, limit)
         if view is None:
+            no_record.append(deploy_id)
             continue
         view = view.checked()
         if len(view.record.expected) == 1 and view.verdict() == COMMIT:
@@ -1108,8 +1137,23 @@ def deploy_history_checked(
             with contextlib.suppress(PayloadError):
                 rollback = store.view(row["rollback_deploy"])
                 row["rollback"] = rollback_summary(rollback, row["rollback_deploy"], view.record)
+        if deploy_id in omitted:
+            row["unlisted"] = True
         rows.append(row)
-    return rows, problem
+    notes = [f"{problem}: the next deploy's end writes it anew"] if problem else []
+    if omitted:
+        notes.append(
+            f"{store.keys.history} leaves out {len(omitted)} deploy(s) that ended, whose "
+            f"records are in KV ({', '.join(omitted[:5])}{', ...' if len(omitted) > 5 else ''}"
+            "): shown from their records; whoever wrote it last left them out"
+        )
+    if no_record:
+        notes.append(
+            f"{len(no_record)} deploy(s) listed in {store.keys.history} have no record in KV "
+            f"({', '.join(no_record[:5])}{', ...' if len(no_record) > 5 else ''}): not shown; "
+            "their requests were deleted, or the list was written by hand"
+        )
+    return rows, "; ".join(notes)
 
 
 def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[str]:
@@ -1128,10 +1172,10 @@ def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[st
 def cmd_history(ctx: CtlContext) -> int:
     store = _store(ctx, ctx.args.app)
     rows, problem = deploy_history_checked(store, ctx.args.limit, in_flight=True)
-    if problem:  # not "no deploys recorded": the list is unknown (exit 1, as for distrust)
+    if problem:  # not "no deploys recorded": the list is in doubt (exit 1, as for distrust)
         print(
-            f"watcherctl: warning: the history of {ctx.args.app} cannot be read ({problem}); "
-            "no deploy that ended can be listed until the next deploy's end writes it anew",
+            f"watcherctl: warning: the history record of {ctx.args.app} is not to be "
+            f"trusted: {problem}",
             file=sys.stderr,
         )
 
@@ -1145,6 +1189,9 @@ def cmd_history(ctx: CtlContext) -> int:
                 for n, h in d["hosts"].items()
                 if h["state"] in FAILING_STATES
             )
+            detail = _detail(d, failures)
+            if d.get("unlisted"):
+                detail = "NOT IN THE HISTORY RECORD" + (f"; {detail}" if detail else "")
             out.append(
                 [
                     d["deploy"],
@@ -1153,7 +1200,7 @@ def cmd_history(ctx: CtlContext) -> int:
                     d["requested_by"],
                     d["requested_at"],
                     d["result"] or "in flight",
-                    _detail(d, failures),
+                    detail,
                 ]
             )
         return table(out, ["DEPLOY", "KIND", "RELEASE", "BY", "AT", "RESULT", "DETAIL"])

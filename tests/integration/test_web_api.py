@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import threading
 import time
@@ -690,16 +691,41 @@ class TestDeployApiWithAcls:
         assert kv.kv_put(keys.history, b"not json")
         try:
             listed = env.web.get("/api/v1/apps/web/deploys", env.reader).json()
-            assert listed["deploys"] == [] and keys.history in listed["problem"], listed
+            # The deploys that ended are still shown, from their own records, marked.
+            assert keys.history in listed["problem"], listed
+            assert "is not a JSON object" in listed["problem"], listed
+            assert listed["deploys"] and all(d["unlisted"] for d in listed["deploys"]), listed
             page = env.web.get("/apps/web", env.reader).text
             assert 'class="banner error history-problem"' in page, page
+            assert "not in the history record: shown from its own records" in page
             argv = [str(BIN / "watcherctl"), "history", "web", "-c", str(env.operator_config)]
             ctl = subprocess.run(
                 argv, capture_output=True, text=True, env=env.fleet.watchers[0].env(), timeout=60
             )
             assert ctl.returncode == 1, (ctl.stdout, ctl.stderr)
-            assert "the history of web cannot be read" in ctl.stderr, ctl.stderr
+            assert "the history record of web is not to be trusted" in ctl.stderr, ctl.stderr
             assert "no deploys of web recorded" not in ctl.stdout, ctl.stdout
+            assert "NOT IN THE HISTORY RECORD" in ctl.stdout, ctl.stdout
+            # Parsed, but written by hand: two ended deploys left out, and made-up ids.
+            data = json.loads(history.value)
+            hidden = data["deploys"][-3:-1]
+            made_up = [f"20260101T0000{n // 100:02d}Z-{n:06x}" for n in range(300)]
+            data["deploys"] = [d for d in data["deploys"] if d not in hidden] + made_up
+            assert kv.kv_put(keys.history, json.dumps(data).encode())
+            listed = env.web.get("/api/v1/apps/web/deploys?limit=200", env.reader).json()
+            rows = {d["deploy"]: d for d in listed["deploys"]}
+            assert set(hidden) <= set(rows), (hidden, list(rows))
+            assert all(rows[d]["unlisted"] for d in hidden)
+            assert not any(rows[d].get("unlisted") for d in set(rows) - set(hidden)), rows
+            assert "leaves out 2 deploy(s) that ended" in listed["problem"], listed
+            # the made-up ids in the window asked for (200 rows), after the real ones
+            found = re.search(r"(\d+) deploy\(s\) listed in \S+ have no record", listed["problem"])
+            assert found and int(found[1]) == 200 - len(rows), listed["problem"]
+            ctl = subprocess.run(
+                argv, capture_output=True, text=True, env=env.fleet.watchers[0].env(), timeout=60
+            )
+            assert ctl.returncode == 1 and "have no record in KV" in ctl.stderr, ctl.stderr
+            assert ctl.stdout.count("NOT IN THE HISTORY RECORD") == 2, ctl.stdout
         finally:
             assert kv.kv_put(keys.history, history.value)
         assert env.web.get("/api/v1/apps/web/deploys", env.reader).json()["problem"] == ""
