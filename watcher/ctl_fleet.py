@@ -874,9 +874,15 @@ def progress_lines(view: DeployView, seen: dict[str, str]) -> list[str]:
     before: list[str] = []
     after: list[str] = []
     for node, progress in sorted(view.nodes.items()):
-        if seen.get(node) == progress.state:
+        shown = seen.get(node)
+        if shown == progress.state:
             continue
         seen[node] = progress.state
+        past_ready = ACKED_READY_STATES | {COMMITTED}
+        if progress.state in past_ready - {READY} and shown not in past_ready:
+            # Its ready ack came and went between two reads (the operator test saw a host
+            # go from staging to the decision with no line of its own): it was there.
+            before.append(f"  {node}: {READY}")
         detail = f": {ids.one_line(progress.error)}" if progress.error else ""
         lines = [f"  {node}: {progress.state}{detail}"]
         lines += [f"    | {line}" for line in _tail_lines(progress.output_tail)]

@@ -402,6 +402,16 @@ def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None
         "  a: live",
         "  b: committed",
     ]
+    # A host whose ready ack passed between two reads: its ready line all the same, first.
+    seen = {}
+    progress_lines(view({"a": "ready", "b": "staging", "c": "ready"}, None), seen)
+    jumped = progress_lines(view({"a": "ready", "b": "committed", "c": "ready"}, "commit"), seen)
+    assert jumped == ["  b: ready", "  decision: commit (every host ready)", "  b: committed"]
+    seen = {}
+    assert progress_lines(view({"a": "live", "b": "live", "c": "live"}, "commit"), seen)[:2] == [
+        "  a: ready",
+        "  b: ready",
+    ]
     # An operator's abort request: the hosts' "no" (aborted, with the request) comes first.
     seen = {}
     asked = view({"a": "ready", "b": "staging", "c": "staging"}, None)
