@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from watcher import __version__, ids
 from watcher.config import (
@@ -322,11 +322,14 @@ class _CommandParser(argparse.ArgumentParser):
     """
 
     _intermixing = False
+    _given: Sequence[str] = ()  # the words given to this command, for ``error``
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         whole = (argparse.REMAINDER, argparse.PARSER)
+        if not self._intermixing:
+            self._given = list(args or ())
         if self._intermixing or any(a.nargs in whole for a in self._get_positional_actions()):
             return super().parse_known_args(args, namespace)
         self._intermixing = True  # parse_known_intermixed_args calls this twice
@@ -334,6 +337,33 @@ class _CommandParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, and for a missing positional which words were taken as which
+        (`deploy main-fb04dcb6`, the app forgotten: "required: artifact" said nothing of
+        the build being read as the app, the operator test)."""
+        if message.startswith("the following arguments are required: "):
+            names = [str(a.metavar or a.dest).upper() for a in self._get_positional_actions()]
+            words = self._positional_words()
+            if words and names:
+                took = ", ".join(
+                    f"{ids.shown(w)} as {n}" for w, n in zip(words, names, strict=False)
+                )
+                message += f" (it took {took}; the command is `{self.prog} {' '.join(names)}`)"
+        super().error(message)
+
+    def _positional_words(self) -> list[str]:
+        """The words of ``_given`` that no option takes (as argparse reads them)."""
+        words, skip = [], False
+        for word in self._given:
+            if skip or word == "--":
+                skip = False
+            elif word.startswith("-") and len(word) > 1:
+                action = self._option_string_actions.get(word.partition("=")[0])
+                skip = action is not None and action.nargs != 0 and "=" not in word
+            else:
+                words.append(word)
+        return words
 
 
 def command_of(argv: Sequence[str]) -> str | None:

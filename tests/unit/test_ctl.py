@@ -1096,6 +1096,28 @@ class TestFailedAfterCommitLines:
         assert {"current", "previous", "deploy", "hosts"} <= set(unread)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deploy", "main-fb04dcb6"],
+        ["deploy", "--timeout", "30", "main-fb04dcb6"],  # an option's value is not taken
+        ["deploy", "main-fb04dcb6", "--timeout=30"],
+    ],
+)
+def test_a_missing_positional_says_which_word_was_taken_as_what(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """The operator test: `deploy main-fb04dcb6` (the app forgotten) said only "required:
+    artifact", not that the build had been read as the app."""
+    with pytest.raises(SystemExit):
+        build_parser("deploy").parse_args(argv)
+    err = capsys.readouterr().err.rstrip()
+    assert err.endswith(
+        "the following arguments are required: artifact (it took 'main-fb04dcb6' as APP; "
+        "the command is `watcherctl deploy APP ARTIFACT`)"
+    ), err
+
+
 def test_gc_without_an_app_names_only_the_app_as_required(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
