@@ -214,6 +214,9 @@ class TestLeftOutAlarm:
         agent.converge_journal = types.SimpleNamespace(read=lambda: None)
         agent.busy = lambda: False  # type: ignore[method-assign]
         agent._converge_retry_at = 0.0
+        agent._converge_failures = 0
+        agent._apply_retry = None
+        agent.metrics = None
         agent._acks_looked = None
         # No later deploy by the acks (``newest_committed``, tested on a real Consul).
         agent._later_than_current = lambda _current, _local: None  # type: ignore[method-assign]
