@@ -1078,6 +1078,13 @@ class DeployStore:
         ids, trimmed = self._history_of(entry)
         return ids, trimmed, entry.modify_index if entry else 0
 
+    def ended_ids(self) -> set[str]:
+        """Deploys with both a request and an outcome in KV (two keys reads): those that
+        ended and are not trimmed yet, listed in ``history`` or not."""
+        return self.names_under(self.keys.requests_prefix) & self.names_under(
+            f"{self.keys.base}/outcomes/"
+        )
+
     def history_checked(self) -> tuple[list[str], str]:
         """``history()``, and why the record was read as empty when it does not parse
         ("" when it does): readers say so instead of "no deploys recorded"."""
@@ -1853,7 +1860,8 @@ class DeployStore:
             protected = self._protected(nxt) | ({pre.current.deploy} if pre.current else set())
         # Only this deploy: an automatic rollback enters the history at its own end (the
         # history is what says an end was written).
-        ops += self._history_ops(pre, [request.id], history_keep, protected)
+        relisted = self._unlisted_requests(pre, request.id)
+        ops += self._history_ops(pre, [request.id], history_keep, protected, relisted=relisted)
         if not self.consul.txn(ops).ok:
             return False, None, result
         log.info(
@@ -2100,6 +2108,23 @@ class DeployStore:
         ]
         return rollback_id, ops, ""
 
+    def _unlisted_requests(self, pre: EndRead, ending: str) -> list[str]:
+        """The deploys with a request in KV that the history read in ``pre`` does not list
+        (one keys read), oldest first by id: a list that did not parse, or was rewritten by
+        hand, left them out, and what is not listed is never trimmed. The end lists them
+        again (before its own deploy), so `history` shows them and the trim takes them in
+        turn (the code review: a list read as empty left every deploy before it in KV)."""
+        known = {*pre.history, *pre.trimmed, ending, pre.inflight}
+        prefix = self.keys.requests_prefix
+        found = sorted(  # a request's own key (an abort key alone is no deploy)
+            d
+            for k in self.consul.kv_keys(prefix)
+            if (d := k[len(prefix) :]) not in known and DEPLOY_ID_RE.match(d)
+        )
+        if found:
+            log.warning("history_relisted", app=self.app, count=len(found), deploys=found[-20:])
+        return found[-HISTORY_MAX:]
+
     def _history_ops(
         self,
         pre: EndRead,
@@ -2107,12 +2132,14 @@ class DeployStore:
         keep: int,
         protected: set[str] | None = None,
         evict: Iterable[str] = (),
+        relisted: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
         """Append ``add`` to the history and trim what falls out of it, ``evict`` first
         (never the deploys ``current`` names): requests, decisions, outcomes and
-        coordinator keys here; each host trims its own progress (``trim_own_progress``)."""
+        coordinator keys here; each host trims its own progress (``trim_own_progress``).
+        ``relisted``: deploys in KV the list left out, put back in front of it."""
         ids, trimmed, index = pre.history, pre.trimmed, pre.history_index
-        ids = [i for i in ids if i not in add] + add
+        ids = [*relisted, *(i for i in ids if i not in add), *add]
         evict = set(evict) - set(add)
         gone = [i for i in ids if i in evict]
         ids = [i for i in ids if i not in evict]

@@ -1078,41 +1078,34 @@ def deploy_history_checked(
     `history` would show the one before, whose id an operator then passed to `abort`)."""
     # `inflight` first: a deploy that ends between the two reads is then in the history.
     inflight = store.inflight()[0] if in_flight else None
+    # The history record is a list any host's token may rewrite (docs/acl.md): it is held
+    # against the deploys that ended in KV (the operator test: a hand edit hid deploys, and
+    # 20,000 made-up ids read as "no deploys recorded"). Read before the list: a deploy
+    # whose end (outcome and list in one txn) falls between the reads is in the list.
+    ended = store.ended_ids()
     ids, problem = store.history_checked()
     added = inflight if inflight is not None and inflight not in ids else None
     shown = ([added] if added else []) + list(reversed(ids))
-    # The history record is a list any host's token may rewrite (docs/acl.md): held against
-    # the requests in KV (one keys read), a deploy that ended but is not listed is shown
-    # from its records, and listed ones without any are counted (the operator test: a hand
-    # edit hid deploys, and 20,000 made-up ids read as "no deploys recorded").
     listed = set(shown)
-    unlisted = sorted(
-        (
-            d
-            for d in store.names_under(store.keys.requests_prefix)
-            if d not in listed and DEPLOY_ID_RE.fullmatch(d)
-        ),
-        reverse=True,
-    )
-    views: dict[str, DeployView | None] = {}
-    omitted = []
-    for deploy_id in unlisted[: max(limit, 1)]:
-        with contextlib.suppress(PayloadError):
-            views[deploy_id] = seen = store.view(deploy_id)
-            if seen is not None and seen.outcome is not None:  # ended; in flight: not yet
-                omitted.append(deploy_id)
-    if omitted:
-        shown = sorted(set(shown) | set(omitted), reverse=True)
-        if added in shown:  # the deploy in flight first, as without them
-            shown = [added, *(d for d in shown if d != added)]
-    rows = []
+    limit = max(limit, 1)
+    candidates = sorted(d for d in ended if d not in listed and DEPLOY_ID_RE.fullmatch(d))
+    omitted: dict[str, DeployView] = {}
+    unreadable = []
+    for deploy_id in candidates[-limit:]:  # (the next deploy's end lists them again)
+        try:
+            found = store.view(deploy_id)
+        except PayloadError:
+            found = None
+        if found is None or found.outcome is None:
+            unreadable.append(deploy_id)
+        else:
+            omitted[deploy_id] = found
+    rows: list[tuple[bool, int, dict[str, Any]]] = []  # (in flight, CreateIndex, row)
     hosts: dict[str, HostRecord] | None = None
     no_record = []
-    for deploy_id in shown[: max(limit, 1)]:
+    for deploy_id in [*shown[:limit], *omitted]:
         try:
-            view: DeployView | None = (
-                views[deploy_id] if deploy_id in views else store.view(deploy_id)
-            )
+            view: DeployView | None = omitted.get(deploy_id) or store.view(deploy_id)
         except PayloadError:
             view = None
         if deploy_id == added and (view is None or view.outcome is not None):
@@ -1145,21 +1138,38 @@ def deploy_history_checked(
                 row["rollback"] = rollback_summary(rollback, row["rollback_deploy"], view.record)
         if deploy_id in omitted:
             row["unlisted"] = True
-        rows.append(row)
-    notes = [f"{problem}: the next deploy's end writes it anew"] if problem else []
+        rows.append((deploy_id == added, view.create_index, row))
+    if omitted:  # newest first by when Consul got each request (raw events' ids are UUIDs)
+        rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    out = [r[2] for r in rows][:limit]
+    notes = (
+        [f"{problem}: shown from the deploys' own records; the next deploy's end writes it anew"]
+        if problem
+        else []
+    )
     if omitted:
         notes.append(
-            f"{store.keys.history} leaves out {len(omitted)} deploy(s) that ended, whose "
-            f"records are in KV ({', '.join(omitted[:5])}{', ...' if len(omitted) > 5 else ''}"
-            "): shown from their records; whoever wrote it last left them out"
+            f"{store.keys.history} leaves out {len(omitted)} deploy(s) that ended "
+            f"({_some(list(omitted))}), shown from their own records: the list was "
+            "written by hand, or by a token that may write it; the next deploy's end lists "
+            "them again"
+        )
+    if unreadable:
+        notes.append(
+            f"{len(unreadable)} deploy record(s) not listed in {store.keys.history} cannot "
+            f"be read ({_some(unreadable)})"
         )
     if no_record:
         notes.append(
             f"{len(no_record)} deploy(s) listed in {store.keys.history} have no record in KV "
-            f"({', '.join(no_record[:5])}{', ...' if len(no_record) > 5 else ''}): not shown; "
-            "their requests were deleted, or the list was written by hand"
+            f"({_some(no_record)}): not shown; their requests were deleted, or the list was "
+            "written by hand"
         )
-    return rows, "; ".join(notes)
+    return out, "; ".join(notes)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def left_out_hosts(view: DeployView, hosts: Mapping[str, HostRecord]) -> list[str]:

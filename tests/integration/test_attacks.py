@@ -1374,6 +1374,48 @@ class TestOneHostToken:
         assert row["result"] == "committed", row
         next_deploy_works(acl_fleet, "v3")
 
+    def test_a_history_rewritten_by_a_host_hides_no_deploy_and_heals(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The operator test: a host token removed ids from `history` and they were gone
+        from `history`, the API and the page (exit 0). Now a deploy that ended and is left
+        out is shown from its own records and said (exit 1), also behind request keys a
+        host may write to crowd the check (the code review); a list that does not parse is
+        written anew by the next end, with the deploys before it listed again, after
+        which `history` is quiet again (the code review: a list read as empty left every
+        deploy before it out for good)."""
+        fleet = acl_fleet.fleet
+        _, first, _ = baseline(acl_fleet)
+        second = deploy(acl_fleet, acl_fleet.publish("v2")["id"])
+        x = host_client(acl_fleet, 2)
+        entry = x.kv_get(fleet.keys.history)
+        assert entry is not None and entry.value is not None
+        doc = json.loads(entry.value)
+        doc["deploys"] = [d for d in doc["deploys"] if d != first["deploy"]]
+        assert x.kv_put(fleet.keys.history, json.dumps(doc).encode())
+        for n in range(25):  # made-up keys sorting after every id: not deploys that ended
+            assert x.kv_put(fleet.keys.request(f"zz{n:02d}") + "/abort", b"{}")
+        shown = acl_fleet.operator("history", "web", "--limit", "5", check=False)
+        assert shown.returncode == 1, (shown.stdout, shown.stderr)
+        assert f"leaves out 1 deploy(s) that ended ({first['deploy']})" in shown.stderr
+        rows = json.loads(shown.stdout)
+        assert [r["deploy"] for r in rows] == [second["deploy"], first["deploy"]], rows
+        assert rows[1]["unlisted"] is True and "unlisted" not in rows[0], rows
+        # A list that does not parse: every deploy still shown, then the next end heals it.
+        assert x.kv_put(fleet.keys.history, b"not json")
+        shown = acl_fleet.operator("history", "web", check=False)
+        assert shown.returncode == 1 and "is not a JSON object" in shown.stderr, shown.stderr
+        listed = {r["deploy"] for r in json.loads(shown.stdout)}
+        assert {first["deploy"], second["deploy"]} <= listed, listed
+        next_deploy_works(acl_fleet, "v3")
+        shown = acl_fleet.operator("history", "web", check=False)
+        assert shown.returncode == 0, (shown.stdout, shown.stderr)
+        rows = json.loads(shown.stdout)
+        assert [r["deploy"] for r in rows[1:]] == [second["deploy"], first["deploy"]], rows
+        assert not any(r.get("unlisted") for r in rows), rows
+        listed = json.loads(x.kv_get(fleet.keys.history).value)["deploys"]  # type: ignore[union-attr]
+        assert listed[-3:] == [first["deploy"], second["deploy"], rows[0]["deploy"]], listed
+
     def test_events_seen_at_the_maximum_does_not_silence_raw_events(
         self, acl_fleet: AclFleet
     ) -> None:
