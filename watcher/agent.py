@@ -736,6 +736,9 @@ class AppAgent:
         return True
 
     def _idle_status(self) -> None:
+        if self._apply_retry is not None:  # its journal is gone (cleared, unreadable)
+            self._apply_retry = None
+            self._failing("switch", "")
         self.status.deploy, self.status.state = None, ""
         self.status.undecided_since = None
         self.status.coordinating = self.status.coordinator_unknown = False
@@ -2066,6 +2069,7 @@ class AppAgent:
         decided_at = flipped_at = iso(utcnow())
         failed: HookError | None = None
         flipped_from = ""  # the release `current` left here, when this call flipped it
+        moved_at: str | None = None  # when this call moved `current`
         if not self.journal.has("flipped"):
             try:
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
@@ -2076,7 +2080,6 @@ class AppAgent:
                         self.engine.stage(artifact, rec.release, rec.id, replace_live=True)
                 if not self.journal.has("post_release"):
                     failed = self._post_release_before_flip(joined, ctx)
-                moved_at = None
                 if failed is None:
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         live = self.engine.current_release()
@@ -2093,7 +2096,10 @@ class AppAgent:
                 # committed: this host's place is on it), after a growing pause: a failure
                 # that lasts (a full disk, a directory where `current` should be) must not
                 # spin the loop and flood the log.
-                self._switch_failed(rec, "flip_failed", exc)
+                if moved_at is None:
+                    self._switch_failed(rec, "flip_failed", exc)
+                else:  # `current` moved, applied.json not written: the retry writes it
+                    self._switch_failed(rec, "applied_not_written", exc, switched=True)
                 return
             if failed is not None:
                 # `current` stays where it is: the ack says so, convergence retries. Not
@@ -2170,15 +2176,19 @@ class AppAgent:
         timings["live_at" if state == LIVE else "failed_at"] = iso(utcnow())
         self._applied(joined, started, state, error, tail, timings, flipped_from)
 
-    def _switch_failed(self, rec: DeployRecord, event: str, exc: Exception) -> None:
-        """A committed deploy's switch failed before `current` moved: the next try after
-        1, 2, 4... s (up to APPLY_BACKOFF_MAX), said in the log and in `status`."""
+    def _switch_failed(
+        self, rec: DeployRecord, event: str, exc: Exception, *, switched: bool = False
+    ) -> None:
+        """A committed deploy's switch failed before `current` moved (``switched``: right
+        after it, the record of it not written): the next try after 1, 2, 4... s (up to
+        APPLY_BACKOFF_MAX), said in the log and in `status`."""
         failures = (
             self._apply_retry[1] + 1 if self._apply_retry and self._apply_retry[0] == rec.id else 1
         )
         delay = min(2.0 ** (failures - 1), APPLY_BACKOFF_MAX)
         self._apply_retry = (rec.id, failures, time.monotonic() + delay)
-        self._failing("switch", f"{rec.release}: {exc}")
+        what = f"current is on it, but the record of the switch: {exc}" if switched else exc
+        self._failing("switch", f"{rec.release}: {what}")
         self.log.error(event, deploy=rec.id, error=str(exc), retry_in_s=delay, failures=failures)
 
     def _failing(self, step: str, error: str) -> None:
@@ -2450,7 +2460,9 @@ class AppAgent:
             self._converge_failures = 0
             return "idle"
         if not on_current and current is not None and self.engine.held() is not None:
-            self._failing("converge", "")  # held: not retried, `status` shows the hold
+            # Held: not retried (`status` shows the hold); its release tries again at once.
+            self._failing("converge", "")
+            self._converge_failures, self._converge_retry_at = 0, 0.0
             if broken:
                 return f"held; the live release {local} is not complete here"
             return f"held (fleet is on {fleet_release}, this host on {local})"
