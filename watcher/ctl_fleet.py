@@ -878,8 +878,7 @@ def progress_lines(view: DeployView, seen: dict[str, str]) -> list[str]:
         if shown == progress.state:
             continue
         seen[node] = progress.state
-        past_ready = ACKED_READY_STATES | {COMMITTED}
-        if progress.state in past_ready - {READY} and shown not in past_ready:
+        if progress.state in ACKED_READY_STATES - {READY} and shown not in ACKED_READY_STATES:
             # Its ready ack came and went between two reads (the operator test saw a host
             # go from staging to the decision with no line of its own): it was there.
             before.append(f"  {node}: {READY}")
