@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -531,6 +532,7 @@ class TestValidateFailure:
         result = fleet.watchers[0].ctl_json(
             "deploy", "web", fleet.publish("v2").id, "--allow-missing"
         )
+        fleet.daemon_extra["listen"] = "127.0.0.1:0"  # its /metrics (the port from its log)
         fleet._restart_with_hook(
             victim, "validate", 'grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" && exit 3\nexit 0\n'
         )
@@ -540,7 +542,15 @@ class TestValidateFailure:
         def status() -> str:
             return victim.ctl("status", "web", check=False, as_json=False).stdout
 
+        def retrying() -> str:
+            url = f"http://127.0.0.1:{victim.health_port()}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+            gauge = 'watcher_retrying{app="web",step="converge"}'
+            return next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(gauge)), "")
+
         wait_for(lambda: failing in status(), 20, "status shows the failing convergence", fleet)
+        assert retrying() == "1.0"
         back = victim.ctl_json("rollback", "web", "--local")
         assert back["flipped"] is True and back["to"] == rel1, back
         tries = len(victim.log_events("converge_failed"))
@@ -548,6 +558,7 @@ class TestValidateFailure:
         assert len(victim.log_events("converge_failed")) == tries
         # held: no longer retried, and no longer said to be (the hold is shown instead)
         wait_for(lambda: failing not in status(), 20, "the failure no longer shown", fleet)
+        assert retrying() == "0.0"
         assert victim.current() == rel1 != result["release"]
 
     def test_a_host_rolled_back_by_hand_while_its_watcher_was_down_mid_validate_is_not_live(
