@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from tests.support.cluster import ClusterSpec, ConsulCluster, start_cluster
 from tests.support.s3server import S3Server, s3_client
+from watcher import log as watcher_log
 from watcher.config import S3Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +28,20 @@ FAKE_AWS_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 _LOOPBACK_RE = re.compile(r"^127\.\d{1,3}\.\d{1,3}$")
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each test starts with structlog's defaults: a command run in-process by an earlier
+    test (watcherctl logs at "error") filtered the warnings a later test's
+    ``capture_logs`` looks for (a run of test_web_api.py, then test_barrier_store.py)."""
+    # Set up before the test (a module's fixtures, torn down after the last test's own,
+    # may run commands too); watcher.log holds a configuration back until structlog is
+    # first used and drops calls below its level meanwhile: that too.
+    watcher_log._pending = None
+    if (structlog := sys.modules.get("structlog")) is not None:
+        structlog.reset_defaults()
+    yield
 
 
 @pytest.fixture(scope="session")
