@@ -88,6 +88,30 @@ NO_APPS_HINT = (
 )
 
 
+#: The commands that read one app and take the config's only app when none is named (the
+#: operator test: `history` and `releases` wanted APP where `status` did not).
+ONE_APP_COMMANDS = frozenset({"history", "builds", "releases"})
+ONE_APP_HELP = "the app (may be left out when the config has only one)"
+
+
+class AppNeeded(ConfigError):
+    """A command of ONE_APP_COMMANDS without APP, and the config has not exactly one app."""
+
+    def __init__(self, command: str, config: Config) -> None:
+        known = ", ".join(sorted(config.apps))
+        super().__init__(
+            config.source,
+            [
+                f"name the app: `watcherctl {command} APP` ({config.source} has {known})"
+                if known
+                else f"{config.source} lists no apps ({NO_APPS_HINT})"
+            ],
+        )
+
+    def __str__(self) -> str:
+        return self.problems[0]
+
+
 class UnknownApp(ConfigError):
     """A command names an app the config does not have: the user's typo, not the file's."""
 
@@ -711,6 +735,10 @@ def _main(argv: Sequence[str] | None) -> int:
     configure_logging(level="debug" if args.debug else "error", stream=sys.stderr)
     ctx = CtlContext(args)
     try:
+        if command in ONE_APP_COMMANDS and args.app is None:  # (exec's args.command is its own)
+            if len(ctx.config.apps) != 1:
+                raise AppNeeded(command, ctx.config)
+            args.app = next(iter(ctx.config.apps))
         code: int = args.func(ctx)
         sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
         return code

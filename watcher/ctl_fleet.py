@@ -42,6 +42,7 @@ from watcher.ctl import (
     EXIT_STILL_RUNNING,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    ONE_APP_HELP,
     CtlContext,
     artifact_id_argument,
     committed_end,
@@ -136,14 +137,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "history", parents=[common], help="who deployed what, when, and how it ended"
     )
-    p.add_argument("app")
+    p.add_argument("app", nargs="?", help=ONE_APP_HELP)
     p.add_argument("--limit", type=_positive_int, default=20, help="at most this many deploys")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(
         "builds", parents=[common], help="the published builds, newest first: what to deploy"
     )
-    p.add_argument("app")
+    p.add_argument("app", nargs="?", help=ONE_APP_HELP)
     p.add_argument("--limit", type=_positive_int, default=10, help="at most this many builds")
     p.set_defaults(func=cmd_builds)
 

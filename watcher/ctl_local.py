@@ -23,6 +23,7 @@ from watcher.ctl import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
+    ONE_APP_HELP,
     REASON_MAX,
     CtlContext,
     artifact_id_argument,
@@ -84,7 +85,7 @@ MAX_KEEP_DAYS = 36525  # a century: a pin that long is a mistake, a longer one o
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("releases", parents=[common], help="the releases staged on this host")
-    p.add_argument("app")
+    p.add_argument("app", nargs="?", help=ONE_APP_HELP)
     p.set_defaults(func=cmd_releases)
 
     p = sub.add_parser(

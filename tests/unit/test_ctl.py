@@ -310,6 +310,40 @@ def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command:
     assert not root.exists()
 
 
+def test_a_command_of_one_app_takes_the_only_app_when_none_is_named(tmp_path: Path) -> None:
+    """The operator test: `releases` and `history` wanted APP where `status` did not, with
+    one app configured. With two, the message names them (exit 2)."""
+    (tmp_path / "srv").mkdir()
+
+    def run(apps: list[str], *command: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "w.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "consul": {"address": "127.0.0.1:9"},
+                    "s3": {"bucket": "b"},
+                    "daemon": {"state_dir": str(tmp_path / "state")},
+                    "apps": {a: {"root": str(tmp_path / "srv")} for a in apps},
+                }
+            )
+        )
+        return subprocess.run(  # its own process: the command sets up logging on stderr
+            [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            timeout=60,
+            check=False,
+        )
+
+    one = run(["web"], "releases")
+    assert one.returncode == 0 and "no releases of web under" in one.stdout, one
+    two = run(["web", "api"], "releases")
+    assert two.returncode == EXIT_USAGE, two
+    assert "name the app: `watcherctl releases APP -c " in two.stderr, two.stderr
+    assert "has api, web)" in two.stderr, two.stderr
+
+
 def test_an_address_in_the_environment_the_file_overrides_is_warned_of(tmp_path: Path) -> None:
     """CONSUL_HTTP_ADDR naming another cluster than the file did nothing, silently; an
     exported token is taken over the file's, so it is not warned of."""
