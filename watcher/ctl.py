@@ -94,37 +94,26 @@ ONE_APP_COMMANDS = frozenset({"history", "builds", "releases"})
 ONE_APP_HELP = "the app (may be left out when the config has only one)"
 
 
-class AppNeeded(ConfigError):
-    """A command of ONE_APP_COMMANDS without APP, and the config has not exactly one app."""
+class UnknownApp(ConfigError):
+    """A command names an app the config does not have: the user's typo, not the file's.
+    ``name`` None: a command of ONE_APP_COMMANDS named none, and the config has not
+    exactly one (``command``)."""
 
-    def __init__(self, command: str, config: Config) -> None:
+    def __init__(self, name: str | None, config: Config, *, command: str = "") -> None:
         known = ", ".join(sorted(config.apps))
-        super().__init__(
-            config.source,
-            [
+        if name is None:
+            problem = (
                 f"name the app: `watcherctl {command} APP` ({config.source} has {known})"
                 if known
                 else f"{config.source} lists no apps ({NO_APPS_HINT})"
-            ],
-        )
-
-    def __str__(self) -> str:
-        return self.problems[0]
-
-
-class UnknownApp(ConfigError):
-    """A command names an app the config does not have: the user's typo, not the file's."""
-
-    def __init__(self, name: str, config: Config) -> None:
-        known = ", ".join(sorted(config.apps))
-        super().__init__(
-            config.source,
-            [
+            )
+        else:
+            problem = (
                 f"no app {name!r} in {config.source} (configured: {known})"
                 if known
                 else f"no app {name!r} in {config.source}: it lists no apps ({NO_APPS_HINT})"
-            ],
-        )
+            )
+        super().__init__(config.source, [problem])
 
     def __str__(self) -> str:
         return self.problems[0]
@@ -737,7 +726,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if command in ONE_APP_COMMANDS and args.app is None:  # (exec's args.command is its own)
             if len(ctx.config.apps) != 1:
-                raise AppNeeded(command, ctx.config)
+                raise UnknownApp(None, ctx.config, command=command)
             args.app = next(iter(ctx.config.apps))
         code: int = args.func(ctx)
         sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit

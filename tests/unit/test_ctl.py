@@ -269,6 +269,33 @@ def test_unhold_is_taken_for_release_hold(capsys: pytest.CaptureFixture[str]) ->
     assert "no command 'unhold'; did you mean release-hold?" in capsys.readouterr().err
 
 
+def watcherctl_of(
+    tmp_path: Path, roots: dict[str, Path], *command: str
+) -> subprocess.CompletedProcess[str]:
+    """`watcherctl -c CONFIG COMMAND` with a config of ``roots`` (app -> root), Consul
+    nowhere; in a process of its own: the command sets up logging on its stderr, which
+    outlives a capsys stream and would break the tests after it."""
+    config = tmp_path / "w.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "consul": {"address": "127.0.0.1:9"},
+                "s3": {"bucket": "b"},
+                "daemon": {"state_dir": str(tmp_path / "state")},
+                "apps": {app: {"root": str(root)} for app, root in roots.items()},
+            }
+        )
+    )
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -284,27 +311,7 @@ def test_a_tree_that_is_not_there_is_no_host_of_the_app(tmp_path: Path, command:
     """A workstation's config (docs/acl.md's `root: /nonexistent`): `hold` made the tree
     under / and said the hold was placed, on a machine no watcher of the app runs on."""
     root = tmp_path / "nonexistent"
-    config = tmp_path / "w.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "consul": {"address": "127.0.0.1:9"},
-                "s3": {"bucket": "b"},
-                "daemon": {"state_dir": str(tmp_path / "state")},
-                "apps": {"web": {"root": str(root)}},
-            }
-        )
-    )
-    # A process of its own: the command sets up logging on its stderr, which outlives
-    # a capsys stream and would break the tests after it.
-    said = subprocess.run(
-        [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), *command],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        timeout=60,
-        check=False,
-    )
+    said = watcherctl_of(tmp_path, {"web": root}, *command)
     assert said.returncode == EXIT_USAGE, said
     assert f"apps.web.root: {root} does not exist on this host" in said.stderr, said.stderr
     assert not root.exists()
@@ -316,25 +323,7 @@ def test_a_command_of_one_app_takes_the_only_app_when_none_is_named(tmp_path: Pa
     (tmp_path / "srv").mkdir()
 
     def run(apps: list[str], *command: str) -> subprocess.CompletedProcess[str]:
-        config = tmp_path / "w.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "consul": {"address": "127.0.0.1:9"},
-                    "s3": {"bucket": "b"},
-                    "daemon": {"state_dir": str(tmp_path / "state")},
-                    "apps": {a: {"root": str(tmp_path / "srv")} for a in apps},
-                }
-            )
-        )
-        return subprocess.run(  # its own process: the command sets up logging on stderr
-            [str(Path(sys.executable).parent / "watcherctl"), "-c", str(config), *command],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-            timeout=60,
-            check=False,
-        )
+        return watcherctl_of(tmp_path, dict.fromkeys(apps, tmp_path / "srv"), *command)
 
     one = run(["web"], "releases")
     assert one.returncode == 0 and "no releases of web under" in one.stdout, one
