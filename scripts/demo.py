@@ -170,6 +170,7 @@ def follow_ups(fleet: Fleet, v2: str, src: Path) -> list[str]:
 
 
 def main() -> int:
+    global _stopping
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-keep", action="store_true",
                         help="stop everything after the scripted part")
@@ -272,13 +273,11 @@ Press Ctrl-C to stop everything.""", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        _stopping = True  # first: no call (where a signal is handled) before it
         return 0 if _stop_asked else 130  # SIGTERM: the stop a script asks for, not an error
     finally:
-        # A second signal must not cut the stop short (`make` passes a SIGTERM on to this
-        # process, which a `kill` of the process group sent it already): every process
-        # below runs in a session of its own and would be left running.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        _stopping = True
+        _stop_interrupting()
         print("\nstopping ...", flush=True)
         if ui is not None:
             ui.stop()
@@ -311,21 +310,56 @@ def kill_leftovers(workdir: Path) -> None:
             continue  # gone meanwhile, or not ours to read
 
 
-_stop_asked = False
+_stop_asked = False  # by SIGTERM or SIGHUP: exit 0 (Ctrl-C's SIGINT: 130)
+_stopping = False  # the stop has begun: no more raises
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """The first SIGTERM, SIGHUP or SIGINT raises KeyboardInterrupt, and raises it again
+    every half second until the stop has begun (``_stopping``): a raise that lands in a
+    ``__del__``, a weakref callback or an at-fork callback (logging's runs in every Popen)
+    is printed as "Exception ignored" and lost, and the demo ran on with later signals
+    ignored. Later signals are ignored: the next would cut the stop short."""
     global _stop_asked
-    _stop_asked = True
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # one stop; the next would cut it short
+    if _stopping:
+        return
+    _stop_asked = _stop_asked or signum != signal.SIGINT
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _interrupt_again)
+    signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
     raise KeyboardInterrupt
 
 
+def _interrupt_again(signum: int, frame: object) -> None:
+    if not _stopping:
+        raise KeyboardInterrupt
+
+
+def _stop_interrupting() -> None:
+    """Called once ``_stopping`` is set: no signal may cut the stop short (`make` passes a
+    SIGTERM on to this process, which a `kill` of the process group sent it already, and
+    every process below runs in a session of its own and would be left running)."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for sig in (*STOP_SIGNALS, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def install_stop_signals() -> None:
+    # SIGHUP: the terminal it ran in closed. SIGINT: started in the background by a
+    # non-interactive shell (`make demo &` in a script), Python inherits SIGINT ignored and
+    # `kill -INT` would do nothing.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)  # the terminal it ran in closed
-    # Started in the background by a non-interactive shell (`make demo &` in a script),
-    # Python inherits SIGINT ignored and `kill -INT` would do nothing: Ctrl-C's handler.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(main())
+    install_stop_signals()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # raised again after main's own stop had run (see _interrupt)
+        code = 0 if _stop_asked else 130
+    sys.exit(code)
