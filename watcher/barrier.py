@@ -378,10 +378,12 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     """The commit / abort / contested predicate over one read of the acks (pure)."""
     expected = request.expected
     ready = [n for n in expected if (a := acks.get(n)) is not None and a.acked_ready(digest)]
-    # The first veto named is a host's own failure, not the abort intents that follow it.
+    # The first veto named is a host's own failure, not the abort intents that follow it;
+    # of intents alone, the first written (the decider's, whose reason the decision record
+    # holds: the later ones quote it), so the outcome names the host the decision named.
     vetoes = sorted(
         (n for n in expected if (a := acks.get(n)) is not None and a.state in ABORT_ACK_STATES),
-        key=lambda n: (acks[n].state == ABORTED, n),  # type: ignore[union-attr]
+        key=lambda n: _veto_order(n, acks[n]),  # type: ignore[arg-type]
     )
     foreign = sorted(
         n
@@ -417,6 +419,14 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     if not expected:
         return Verdict(ABORT, "no expected nodes")
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
+
+
+def _veto_order(node: str, ack: NodeProgress) -> tuple[bool, str, str]:
+    """Failures first, then abort intents by their ``aborted_at`` (an intent without one,
+    e.g. an older version's, last), then by name."""
+    if ack.state != ABORTED:
+        return (False, "", node)
+    return (True, ack.timings.get("aborted_at") or "~", node)
 
 
 _SKIPPED: OrderedDict[tuple[str, int], None] = OrderedDict()

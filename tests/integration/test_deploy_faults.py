@@ -298,6 +298,10 @@ class TestDeadWatcher:
 
         outcome = fleet.wait_outcome(deploy_id)
         assert outcome["result"] == "aborted" and victim.name in outcome["reason"], outcome
+        # The outcome names the host the decision named (the decider's intent), not the
+        # first host by name, which only quoted it.
+        decided = (decision["reason"], f"node {decision['by']} aborted: {decision['reason']}")
+        assert outcome["reason"] in decided, (outcome, decision)
         fleet.wait_idle()
         assert fleet.currents() == {w.name: v1 for w in rig.watchers}
         for w in others:  # post_release ran there, so post_abort did too

@@ -102,6 +102,27 @@ class TestJudge:
         acks["b"] = ack("b", REFUSED, d)
         assert judge(req, d, acks).reason.endswith("(and 1 more)")
 
+    def test_of_abort_intents_alone_the_first_written_is_named(self) -> None:
+        """The decision named the host that established the abort first; the outcome,
+        judged later from all the acks, named the first by name, which only quoted it."""
+        req = request(["host-0", "host-1", "host-2", "host-3"])
+        d = req.digest()
+        first = dataclasses.replace(
+            ack("host-2", ABORTED, d),
+            error="host-3's session ended",
+            timings={"aborted_at": "2026-12-01T00:00:01.000Z"},
+        )
+        follower = dataclasses.replace(
+            ack("host-1", ABORTED, d),
+            error="node host-2 aborted: host-3's session ended",
+            timings={"aborted_at": "2026-12-01T00:00:01.040Z"},
+        )
+        acks = {"host-1": follower, "host-2": first}
+        assert judge(req, d, acks).reason == "node host-2 aborted: host-3's session ended"
+        # an intent that says no time (an older version's) comes after those that do
+        acks["host-0"] = ack("host-0", ABORTED, d)
+        assert judge(req, d, acks).reason.startswith("node host-2 aborted")
+
     def test_an_ack_for_another_digest_aborts(self) -> None:
         req = request(["a", "b"])
         d = req.digest()
