@@ -1083,9 +1083,9 @@ def deploy_history_checked(
     # 20,000 made-up ids read as "no deploys recorded"). Read before the list: a deploy
     # whose end (outcome and list in one txn) falls between the reads is in the list.
     ended = store.ended_ids()
-    ids, problem = store.history_checked()
-    added = inflight if inflight is not None and inflight not in ids else None
-    shown = ([added] if added else []) + list(reversed(ids))
+    history, problem = store.history_checked()
+    added = inflight if inflight is not None and inflight not in history else None
+    shown = ([added] if added else []) + list(reversed(history))
     listed = set(shown)
     limit = max(limit, 1)
     candidates = sorted(d for d in ended if d not in listed and DEPLOY_ID_RE.fullmatch(d))
@@ -1102,19 +1102,22 @@ def deploy_history_checked(
             omitted[deploy_id] = found
     rows: list[tuple[bool, int, dict[str, Any]]] = []  # (in flight, CreateIndex, row)
     hosts: dict[str, HostRecord] | None = None
-    no_record = []
+    no_record: list[str] = []
+    unparsed: dict[str, str] = {}
     for deploy_id in [*shown[:limit], *omitted]:
         try:
             view: DeployView | None = omitted.get(deploy_id) or store.view(deploy_id)
-        except PayloadError:
+        except PayloadError as exc:
             view = None
+            unparsed[deploy_id] = ids.one_line(str(exc))
         if deploy_id == added and (view is None or view.outcome is not None):
             # Not to list as in flight: ended since the history was read (its end adds it
             # there: read it again), no record (an `inflight` a host is about to clear),
             # or an `inflight` left naming an old deploy. The history alone, then.
             return deploy_history_checked(store, limit)
         if view is None:
-            no_record.append(deploy_id)
+            if deploy_id not in unparsed:
+                no_record.append(deploy_id)
             continue
         view = view.checked()
         if len(view.record.expected) == 1 and view.verdict() == COMMIT:
@@ -1164,6 +1167,12 @@ def deploy_history_checked(
             f"{len(no_record)} deploy(s) listed in {store.keys.history} have no record in KV "
             f"({_some(no_record)}): not shown; their requests were deleted, or the list was "
             "written by hand"
+        )
+    if unparsed:
+        notes.append(
+            f"{len(unparsed)} deploy(s) listed in {store.keys.history} have a record that does "
+            f"not parse ({_some(list(unparsed))}): not shown; the first: "
+            f"{next(iter(unparsed.values()))}"
         )
     return out, "; ".join(notes)
 

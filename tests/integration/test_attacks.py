@@ -1415,6 +1415,14 @@ class TestOneHostToken:
         assert not any(r.get("unlisted") for r in rows), rows
         listed = json.loads(x.kv_get(fleet.keys.history).value)["deploys"]  # type: ignore[union-attr]
         assert listed[-3:] == [first["deploy"], second["deploy"], rows[0]["deploy"]], listed
+        # A listed deploy whose request no longer parses (the admin's token wrote it) is
+        # said as such, with the key and why, not as a deploy without a record.
+        assert fleet.kv.kv_put(fleet.keys.request(first["deploy"]), b"{not json")
+        shown = acl_fleet.operator("history", "web", check=False)
+        assert shown.returncode == 1, (shown.stdout, shown.stderr)
+        assert f"have a record that does not parse ({first['deploy']})" in shown.stderr
+        assert fleet.keys.request(first["deploy"]) in shown.stderr, shown.stderr
+        assert "no record in KV" not in shown.stderr, shown.stderr
 
     def test_events_seen_at_the_maximum_does_not_silence_raw_events(
         self, acl_fleet: AclFleet
