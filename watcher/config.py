@@ -324,8 +324,21 @@ class _Reader:
             if isinstance(data[key], bool) and expected.startswith("one of "):
                 # `prefetch: yes` read as True: the user wrote a word, not a boolean.
                 said += " (YAML reads yes, no, on and off unquoted as true or false: quote it)"
+            elif isinstance(data[key], int | float) and convert is _string:
+                said += f" (YAML read it as {_yaml_kind(data[key])}: quote it)"
             self.fail(name or _join(path, key), said)
             return default
+
+
+def _yaml_kind(value: Any) -> str:
+    """What YAML made of an unquoted scalar, in its own words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return f"a {type(value).__name__}"
 
 
 def _join(path: str, key: str) -> str:
@@ -672,7 +685,15 @@ def _read_prune_ignore(r: _Reader, raw: Any, path: str) -> tuple[str, ...]:
 
 def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
     path = f"apps.{name}"
-    if not isinstance(name, str) or not APP_NAME_RE.match(name):
+    if not isinstance(name, str):
+        # `123:`, `true:`, `null:` (or `~:`) unquoted: YAML's number, boolean or null.
+        spelled = "null" if name is None else str(name).lower() if isinstance(name, bool) else name
+        r.fail(
+            f"apps.{spelled}",
+            f"an app name must be a string; YAML read this key as {_yaml_kind(name)}: quote it",
+        )
+        return None
+    if not APP_NAME_RE.match(name):
         r.fail(path, "app names must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
         return None
     d = r.section(
@@ -790,6 +811,22 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
             'a size (bytes, or like "512M", "2GiB")',
         ),
     )
+    umask = r.get(
+        d,
+        "umask",
+        path,
+        0o022,
+        _umask,
+        'an octal umask like "0022" (quoted: YAML reads 27 as twenty-seven)',
+    )
+    if umask & 0o500:
+        # Files are created ``mode & ~umask``: the app (their owner) could not read its own
+        # release, or run its scripts; it shows only when a hook or the app fails.
+        r.fail(
+            f"{path}.umask",
+            f"{umask:04o} takes {'read' if umask & 0o400 else 'execute'} permission from "
+            "the files' owner: the app could not use its own release (0022 or 0027 is usual)",
+        )
     return AppConfig(
         name=name,
         root=root,
@@ -797,14 +834,7 @@ def _read_app(r: _Reader, name: Any, data: Any) -> AppConfig | None:
         keep_releases=r.get(d, "keep_releases", path, 5, _int_at_least(1), "an integer >= 1"),
         user=r.get(d, "user", path, None, _string, "a user name"),
         group=r.get(d, "group", path, None, _string, "a group name"),
-        umask=r.get(
-            d,
-            "umask",
-            path,
-            0o022,
-            _umask,
-            'an octal umask like "0022" (quoted: YAML reads 27 as twenty-seven)',
-        ),
+        umask=umask,
         prefetch=r.get(
             d,
             "prefetch",
@@ -910,13 +940,21 @@ def _where_wrong(source: str, problems: list[str]) -> tuple[str, list[str]]:
     return source, problems
 
 
+TRUE_WORDS = ("1", "t", "true", "yes")  # CONSUL_HTTP_SSL's (strconv.ParseBool's, and yes/no)
+FALSE_WORDS = ("0", "f", "false", "no")
+
+
 def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """The Consul CLI's environment variables, with their usual meaning."""
     out: dict[str, Any] = {}
     if env.get("CONSUL_HTTP_ADDR"):
         out["address"] = env["CONSUL_HTTP_ADDR"]
-    if env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "t", "true", "yes"):
+    ssl = env.get("CONSUL_HTTP_SSL", "").strip().lower()
+    if ssl in TRUE_WORDS:
         out["scheme"] = "https"
+    elif ssl and ssl not in FALSE_WORDS:
+        # Read as "no" it would send the token in clear text: the Consul CLI refuses it too.
+        out["ssl"] = env["CONSUL_HTTP_SSL"]
     # Consul's own precedence: CONSUL_HTTP_TOKEN_FILE wins over CONSUL_HTTP_TOKEN.
     if env.get("CONSUL_HTTP_TOKEN_FILE"):
         out["token_file"] = env["CONSUL_HTTP_TOKEN_FILE"]
@@ -941,6 +979,12 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         {"address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify", "timeout"},
     )
     merged: dict[str, Any] = _consul_from_env(env)
+    if "ssl" in merged:
+        r.fail(
+            f"CONSUL_HTTP_SSL{FROM_ENV[:-2]}",
+            f"must be true or false (1, t, true, yes or 0, f, false, no), got "
+            f"{_show(merged.pop('ssl'))}: taken for false, it would send the token unencrypted",
+        )
     from_env = set(merged)
     # The file's token and token_file both override either variable (one token is sent).
     file_token = {k: d[k] for k in ("token", "token_file") if d.get(k) is not None}
@@ -1172,6 +1216,18 @@ def parse_config(
             app = _read_app(r, name, app_data)
             if app is not None:
                 apps[app.name] = app
+    state = Path(os.path.normpath(daemon.state_dir))
+    for app in apps.values():
+        app_dir = Path(os.path.normpath(app.app_dir))
+        if state == app_dir or app_dir in state.parents:
+            # Both keep an instance lock there: the daemon would find its own lock taken
+            # ("another watcher runs") and stop at every start.
+            r.fail(
+                "daemon.state_dir",
+                f"{daemon.state_dir} is inside app {app.name}'s directory {app_dir} "
+                "(its releases, cache and .state/): give the daemon a directory of its own, "
+                f"like {DaemonSettings.state_dir}",
+            )
     if r.problems:
         raise ConfigError(*_where_wrong(source, r.problems))
     return Config(

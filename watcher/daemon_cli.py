@@ -254,7 +254,7 @@ def config_warnings(
         warnings.append(f"daemon.state_dir: {problem}")
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
-        if not root.is_dir():
+        if not root.exists():
             warnings.append(f"apps.{name}.root: {root} does not exist (yet)")
         if problem := _not_writable(root):
             warnings.append(f"apps.{name}.root: {problem}")
@@ -303,6 +303,23 @@ def config_warnings(
     return warnings
 
 
+def path_errors(config: Config) -> list[str]:
+    """The directories of ``config`` that can never be made or used: a file where the
+    directory, or one above it, must be. Also among ``config_warnings`` (the daemon's log
+    says them; its start then fails), but check-config refuses them: a `reload` must not
+    pass a config that cannot start."""
+    named = [("daemon.state_dir", config.daemon.state_dir)]
+    named += [(f"apps.{name}.root", app.root) for name, app in sorted(config.apps.items())]
+    return [
+        f"{where}: {problem}"
+        for where, directory in named
+        if (problem := _not_writable(Path(directory))).endswith(NOT_A_DIRECTORY)
+    ]
+
+
+NOT_A_DIRECTORY = " is not a directory"
+
+
 def _not_writable(directory: Path) -> str:
     """Why this user could not create or write ``directory`` (the watcher writes its
     state, locks and releases there), or "": the directory when it exists, else the
@@ -312,7 +329,8 @@ def _not_writable(directory: Path) -> str:
         while not here.exists() and here.parent != here:
             here = here.parent
         if not here.is_dir():
-            return f"{here} is not a directory"
+            made = "" if here == directory else f" (where {directory} would be made)"
+            return f"{here}{made}{NOT_A_DIRECTORY}"
     except OSError as exc:  # a parent this user may not enter: it cannot look further
         return f"{here} cannot be looked into by this user: {exc.strerror or exc}"
     if os.access(here, os.W_OK | os.X_OK):
@@ -331,8 +349,14 @@ def check_config(args: argparse.Namespace) -> int:
     # and any cluster that lowered it): ask the agent rather than warn on a guess.
     short_ttl = config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN
     agent_ttl_min = agent_session_ttl_min(config) if short_ttl else None
+    errors = path_errors(config)
     for warning in [*config_warnings(config, agent_ttl_min=agent_ttl_min), *token_warnings(config)]:
-        print(f"{config.source}: warning: {warning}", file=sys.stderr)
+        if warning not in errors:
+            print(f"{config.source}: warning: {warning}", file=sys.stderr)
+    if errors:
+        for error in errors:
+            print(f"{config.source}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     names = ", ".join(sorted(config.apps))
     count = len(config.apps)
     print(f"{config.source}: OK ({count} app{'s' if count != 1 else ''}: {names})")

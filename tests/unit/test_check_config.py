@@ -181,6 +181,34 @@ class TestCheckConfig:
             f'{bad}: apps.web.keep_releases: must be an integer >= 1, got "five"',
         ]
 
+    def test_a_file_where_a_directory_must_be_fails_the_check(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The newcomer test: such a config passed with a warning (exit 0), and `watcher
+        run` (or the `reload` that trusts the check) then failed at every start; and a
+        root that is a file was also said not to exist."""
+        (tmp_path / "a-file").write_text("")
+        config = tmp_path / "watcher.yaml"
+        config.write_text(
+            f"s3: {{bucket: b}}\ndaemon: {{state_dir: {tmp_path}/a-file/state}}\n"
+            f"apps:\n  web: {{root: {tmp_path}/a-file, user: nobody}}\n"
+            f"  api: {{root: {tmp_path}/srv, user: nobody}}\n"
+        )
+        assert daemon_cli.main(["check-config", "-c", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"{config}: daemon.state_dir: {tmp_path}/a-file (where {tmp_path}/a-file/state would "
+            "be made) is not a directory\n"
+        ) in err, err
+        assert f"{config}: apps.web.root: {tmp_path}/a-file is not a directory\n" in err, err
+        assert "apps.web.root" not in err.replace(f"apps.web.root: {tmp_path}/a-file is not", ""), (
+            err
+        )
+        assert f"warning: apps.api.root: {tmp_path}/srv does not exist (yet)" in err, err
+        # Without the file in the way the same config passes (the rest are warnings).
+        config.write_text(config.read_text().replace("a-file", "dir"))
+        assert daemon_cli.main(["check-config", "-c", str(config)]) == 0, capsys.readouterr().err
+
     def test_malformed_yaml_names_line_and_column(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -362,7 +390,10 @@ class TestCheckConfig:
             lambda path, mode: False if str(path) == read_only else real_access(path, mode),
         )
         said = daemon_cli.config_warnings(config, session_ttl=False)
-        assert f"daemon.state_dir: {tmp_path}/a-file is not a directory" in said, said
+        assert (
+            f"daemon.state_dir: {tmp_path}/a-file (where {tmp_path}/a-file/state would be made) "
+            "is not a directory"
+        ) in said, said
         assert (
             f"apps.web.root: {tmp_path}/ro (where {tmp_path}/ro/srv would be made) is not "
             f"writable by this user (uid {os.geteuid()})"

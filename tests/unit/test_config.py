@@ -223,7 +223,38 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (with_app(keep_releases=True), "apps.web.keep_releases: must be an integer >= 1, got True"),
     (with_app(keep_releases=2.5), "apps.web.keep_releases: must be an integer >= 1, got 2.5"),
     (with_app(root="srv"), 'apps.web.root: must be an absolute directory path, got "srv"'),
-    (with_app(user=1000), "apps.web.user: must be a user name, got 1000"),
+    (
+        with_app(user=1000),
+        "apps.web.user: must be a user name, got 1000 (YAML read it as the number 1000: quote it)",
+    ),
+    (
+        with_app(umask="0777"),
+        "apps.web.umask: 0777 takes read permission from the files' owner: the app could not "
+        "use its own release (0022 or 0027 is usual)",
+    ),
+    (
+        with_app(umask="0177"),
+        "apps.web.umask: 0177 takes execute permission from the files' owner: the app could "
+        "not use its own release (0022 or 0027 is usual)",
+    ),
+    (
+        {"s3": {"bucket": "b"}, "apps": {123: {"root": "/srv"}}},
+        "apps.123: an app name must be a string; YAML read this key as the number 123: quote it",
+    ),
+    (
+        {"s3": {"bucket": "b"}, "apps": {None: {"root": "/srv"}}},
+        "apps.null: an app name must be a string; YAML read this key as null: quote it",
+    ),
+    (
+        {"s3": {"bucket": "b"}, "apps": {True: {"root": "/srv"}}},
+        "apps.true: an app name must be a string; YAML read this key as the boolean true: quote it",
+    ),
+    (
+        {"s3": {"bucket": "b"}, "daemon": {"state_dir": "/srv/web/.state"}, **with_app()},
+        "daemon.state_dir: /srv/web/.state is inside app web's directory /srv/web (its "
+        "releases, cache and .state/): give the daemon a directory of its own, like "
+        "/var/lib/watcher",
+    ),
     (
         with_app(umask="abc"),
         'apps.web.umask: must be an octal umask like "0022" (quoted: YAML reads 27 as '
@@ -365,9 +396,15 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (minimal(apps=["web"]), "apps: must be a mapping with at least one app"),
     (minimal(s3={"prefix": "x"}), "s3.bucket: is required"),
     (minimal(s3={"bucket": ""}), 's3.bucket: must be a bucket name, got ""'),
-    (minimal(s3={"bucket": "b", "region": 5}), "s3.region: must be a region name, got 5"),
+    (
+        minimal(s3={"bucket": "b", "region": 5}),
+        "s3.region: must be a region name, got 5 (YAML read it as the number 5: quote it)",
+    ),
     (minimal(node="bad node"), 'node: must match [A-Za-z0-9][A-Za-z0-9._-]*, got "bad node"'),
-    (minimal(node=7), "node: must be a node name, got 7"),
+    (
+        minimal(node=7),
+        "node: must be a node name, got 7 (YAML read it as the number 7: quote it)",
+    ),
     (minimal(node="web-1\n"), 'node: must match [A-Za-z0-9][A-Za-z0-9._-]*, got "web-1\\n"'),
     (
         minimal(kv_prefix="bad prefix!"),
@@ -800,6 +837,21 @@ class TestConsulEnvironment:
     def test_http_ssl_variable(self) -> None:
         env = {"CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_SSL": "true"}
         assert parse(minimal(), env=env).consul.base_url == "https://127.0.0.1:8501"
+
+    @pytest.mark.parametrize("value", ["maybe", "on", "enabled", "2"])
+    def test_an_http_ssl_value_that_is_neither_true_nor_false_is_refused(self, value: str) -> None:
+        """The newcomer test: any such value meant plain HTTP, the token sent unencrypted
+        (the Consul CLI refuses it)."""
+        env = {"CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_SSL": value}
+        with pytest.raises(ConfigError) as info:
+            parse(minimal(), env=env)
+        assert info.value.problems == [
+            "CONSUL_HTTP_SSL: must be true or false (1, t, true, yes or 0, f, false, no), got "
+            f'"{value}": taken for false, it would send the token unencrypted'
+        ], info.value.problems
+        for plain in ("false", "0", "No", " f "):
+            env["CONSUL_HTTP_SSL"] = plain
+            assert parse(minimal(), env=env).consul.base_url == "http://127.0.0.1:8501"
 
     def test_token(self) -> None:
         assert parse(minimal(), env={"CONSUL_HTTP_TOKEN": "s3cr3t"}).consul.token == "s3cr3t"
