@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from watcher.config import parse_duration
+from watcher.config import APP_NAME_RE, parse_duration
 from watcher.ctl import (
     CtlContext,
     artifact_id_argument,
@@ -144,6 +146,9 @@ def _from_env(
         return None
 
 
+APP_NAME_RULE = "letters, digits, '.', '_' and '-', at most 64, not starting with . _ or -"
+
+
 def run_publish(ctx: CtlContext) -> int:
     args = ctx.args
     env = os.environ
@@ -173,6 +178,21 @@ def run_publish(ctx: CtlContext) -> int:
     except ValueError:
         problems.append(f'--retry-for must be a duration like "30s", got "{args.retry_for}"')
         retry_for = 30.0
+    # `publish DIR APP`: said as such, before a warning that it publishes to app DIR.
+    swapped = (
+        APP_NAME_RE.match(args.dir) and not os.path.lexists(args.dir) and Path(args.app).is_dir()
+    )
+    hint = (
+        f": APP comes first (watcherctl publish {args.dir} {shlex.quote(args.app)})"
+        if swapped
+        else ""
+    )
+    if not APP_NAME_RE.match(args.app):
+        problems.insert(0, f"{args.app!r} is not an app name ({APP_NAME_RULE}){hint}")
+    elif swapped:
+        problems.insert(
+            0, f"DIR {args.dir!r} does not exist and APP {args.app!r} is a directory{hint}"
+        )
     if problems:
         raise ConfigError("watcherctl publish", problems)
     apps = ctx.config.apps

@@ -142,6 +142,17 @@ class Manifest:
         """True when ``rel`` is selected: included (itself or a parent) and not excluded."""
         return not self.excluded(rel) and any(_matches(p, rel) for p in self.include)
 
+    def excluded_itself(self, rel: str) -> bool:
+        """``excluded`` for a walk that has checked every parent of ``rel`` already (and
+        not entered an excluded one): ``rel`` itself. Each parent again made a walk of a
+        tree N deep cost N^3 (1,200 levels: 38 s)."""
+        return any(_glob_to_regex(p).fullmatch(rel) for p in (*ALWAYS_EXCLUDED, *self.exclude))
+
+    def included_itself(self, rel: str) -> bool:
+        """Whether an include pattern matches ``rel`` itself (``included`` also takes a
+        matching parent: a walk passes that down)."""
+        return any(_glob_to_regex(p).fullmatch(rel) for p in self.include)
+
 
 def _matches(pattern: str, rel: str) -> bool:
     rx = _glob_to_regex(pattern)
@@ -221,6 +232,12 @@ def load_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
     but ``.git`` and ``.buildkite``"."""
     path = Path(src_dir) / MANIFEST_PATH
     source = str(path)
+    try:
+        os.scandir(src_dir).close()  # DIR itself unreadable: said of DIR, not of a manifest
+    except PermissionError as exc:
+        raise ConfigError(str(src_dir), [f"cannot read: {exc.strerror or exc}"]) from None
+    except OSError:
+        pass  # (missing, not a directory: the caller says so)
     try:
         # Not waiting on a FIFO, nor reading a device (a link to /dev/zero) without end,
         # nor even opening one (opening some devices does something): looked at first.
@@ -306,15 +323,22 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             if parent not in entries:
                 entries[parent] = _Entry(parent, "dir", src / parent, mode=0o755)
 
-    def walk(directory: Path, prefix: str) -> None:
+    def walk(directory: Path, prefix: str, included_above: bool) -> None:
+        """``included_above``: a parent directory matched an include pattern (none of them
+        is excluded: the walk does not enter an excluded one)."""
         try:
             children = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
             raise ArtifactRefused(f"cannot read {directory}: {exc.strerror or exc}") from None
         for child in children:
             rel = f"{prefix}{child.name}"
-            if manifest.excluded(rel):
+            if manifest.excluded_itself(rel):
                 continue
+            included = included_above or manifest.included_itself(rel)
+            if rel.count("/") >= MAX_PATH_DEPTH and included:
+                # Said now, not after the whole tree was read: a tree 1,200 deep spent 18 s
+                # of CPU and then failed with a RecursionError.
+                raise _too_deep(src, rel)
             try:
                 st = child.stat(follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == skipped:
@@ -323,12 +347,12 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             except OSError as exc:
                 raise ArtifactRefused(f"cannot read {child.path}: {exc.strerror or exc}") from None
             if stat.S_ISDIR(st.st_mode):
-                if manifest.included(rel) and empty:
+                if included and empty:
                     add_parents(rel)
                     entries[rel] = _Entry(rel, "dir", Path(child.path), mode=0o755)
-                walk(Path(child.path), rel + "/")
+                pending.append((Path(child.path), rel + "/", included))
                 continue
-            if not manifest.included(rel):
+            if not included:
                 continue
             if stat.S_ISLNK(st.st_mode):
                 target = str(Path(child.path).readlink())
@@ -363,7 +387,9 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             add_parents(rel)
             entries[rel] = entry
 
-    walk(src, "")
+    pending = [(src, "", False)]  # a stack, not recursion: a tree may be deeper than Python's
+    while pending:
+        walk(*pending.pop())
     return [entries[k] for k in sorted(entries, key=lambda r: r.split("/"))]
 
 
@@ -506,10 +532,14 @@ def _check_tree_limits(
         )
     deep = next((e.rel for e in entries if e.rel.count("/") + 1 > MAX_PATH_DEPTH), None)
     if deep is not None:
-        raise ArtifactRefused(
-            f"refusing to publish {src}: {deep[:200]!r} has more than {MAX_PATH_DEPTH} path "
-            "components, which hosts refuse to extract"
-        )
+        raise _too_deep(src, deep)
+
+
+def _too_deep(src: Path, rel: str) -> ArtifactRefused:
+    return ArtifactRefused(
+        f"refusing to publish {src}: {rel[:200]!r} has more than {MAX_PATH_DEPTH} path "
+        "components, which hosts refuse to extract"
+    )
 
 
 def _add(tar: tarfile.TarFile, entry: _Entry, mtime: int) -> None:

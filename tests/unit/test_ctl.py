@@ -1013,6 +1013,35 @@ class TestUnexpectedErrors:
             main(["releases", "web", "--debug"])
 
 
+@pytest.mark.parametrize(
+    ("first", "said"),
+    [
+        ("src/sub", "'src/sub' is not an app name (letters, digits, "),
+        ("src", "DIR 'web' does not exist and APP 'src' is a directory"),
+    ],
+)
+def test_publish_with_dir_and_app_swapped_is_one_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    first: str,
+    said: str,
+) -> None:
+    """The newcomer test: `publish src/sym web` warned that it publishes to app
+    'src/sym', then failed on the app name (exit 1); `publish src web` warned of app
+    'src', then said "web: no such directory"."""
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    config = tmp_path / "w.yaml"
+    config.write_text(f"s3: {{bucket: b}}\napps: {{web: {{root: {tmp_path}}}}}\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["publish", first, "web", "--artifact-id", "main-1", "-c", str(config)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"watcherctl publish: error: {said}" in err, err
+    assert f"APP comes first (watcherctl publish web {first})" in err, err
+    assert "warning" not in err, err
+
+
 def test_a_held_hosts_local_rollbacks_keep_its_hold_reason_bounded() -> None:
     """Each local rollback on a held host adds to the hold's reason: it grew without end."""
     from watcher.ctl_local import _local_rollback_reason

@@ -9,9 +9,11 @@ import hashlib
 import io
 import os
 import signal
+import subprocess
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -141,6 +143,28 @@ class TestLoadManifest:
             load_manifest(tmp_path)
         assert str(err.value).startswith(str(manifest))
         assert problem in str(err.value)
+
+    def test_an_unreadable_dir_is_said_of_the_dir_not_of_a_manifest(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The newcomer test: DIR mode 000 (as another user than root) was said as
+        "DIR/.watcher/manifest.yaml: cannot read: Permission denied", a file it never wrote.
+        (Root reads anything: the refusal is the kernel's, made here.)"""
+        src = make_tree(tmp_path / "src")
+        scandir = os.scandir
+
+        def refused(path: Any = ".") -> Any:
+            if str(path) == str(src):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return scandir(path)
+
+        monkeypatch.setattr("watcher.publish.os.scandir", refused)
+        with pytest.raises(ConfigError) as info:
+            load_manifest(src)
+        assert (info.value.source, info.value.problems) == (
+            str(src),
+            ["cannot read: Permission denied"],
+        )
 
     def test_a_manifest_linked_to_a_file_in_the_tree_is_read(self, tmp_path: Path) -> None:
         (tmp_path / "deploy").mkdir()
@@ -343,6 +367,37 @@ class TestBuildTarball:
         (deep / "f").write_text("x")
         with pytest.raises(ArtifactRefused, match=rf"more than {MAX_PATH_DEPTH} path components"):
             build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz", limits=Limits())
+
+    def test_a_tree_deeper_than_python_recurses_is_refused_as_soon_as_seen(
+        self, tmp_path: Path
+    ) -> None:
+        """The newcomer test: 1,200 levels failed with a RecursionError after 18 s of CPU
+        (the walk recursed, and the depth was checked after it). Also a subtree the
+        manifest leaves out is walked without recursion."""
+        src = make_tree(tmp_path / "src")
+        deep = src
+        for _ in range(1200):  # (mkdir's parents=True, and shutil.rmtree, recurse as deep)
+            deep = deep / "d"
+            deep.mkdir()
+        (deep / "f").write_text("x")
+        try:
+            started = time.process_time()
+            with pytest.raises(
+                ArtifactRefused, match=rf"'d/d/d.*' has more than {MAX_PATH_DEPTH} "
+            ):
+                build_tarball(src, load_manifest(src), tmp_path / "a.tar.gz", limits=Limits())
+            assert time.process_time() - started < 5, "the whole tree was read first"
+            # Not included (walked all the same: an included name may lie below): no error,
+            # and no parent matched again at each level (38 s of CPU at 1,200 levels).
+            (src / ".watcher" / "manifest.yaml").write_text("include: ['app.py']\n")
+            started = time.process_time()
+            _, _, members = build_tarball(
+                src, load_manifest(src), tmp_path / "b.tar.gz", limits=Limits()
+            )
+            assert members == ["app.py"], members
+            assert time.process_time() - started < 5, "each level matched its parents again"
+        finally:
+            subprocess.run(["rm", "-rf", str(src / "d")], check=True)
 
     def test_a_compression_ratio_hosts_call_a_bomb_is_refused(self, tmp_path: Path) -> None:
         src = make_tree(tmp_path / "src")
