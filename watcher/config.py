@@ -97,6 +97,8 @@ class ConsulSettings:
     # Where ``token`` came from (a key of the file or an environment variable), for the
     # message when Consul refuses it; "" without a token.
     token_from: str = field(default="", compare=False)
+    # The file the token was read from (token_file or CONSUL_HTTP_TOKEN_FILE), or None.
+    token_file: str | None = field(default=None, compare=False)
     # The Consul CLI's variables set in the environment to another value than the file's
     # key, which wins (a warning: CONSUL_HTTP_ADDR pointing at one cluster while the file
     # names another did nothing, silently).
@@ -247,6 +249,10 @@ def _construct_unique_mapping(
 ) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            # `<<: *defaults`: the merged keys are defaults the mapping's own override
+            # (construct_mapping merges them), not duplicates.
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
@@ -1069,6 +1075,7 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         verify=r.get(merged, "verify", "consul", True, _bool, "true or false"),
         timeout=r.get(merged, "timeout", "consul", 10.0, parse_duration, 'a duration like "10s"'),
         token_from=where if token is not None else "",
+        token_file=token_file if token is not None else None,
         env_overridden=overridden,
     )
 

@@ -7,6 +7,7 @@ import grp
 import importlib
 import os
 import pwd
+import stat
 import sys
 import traceback
 from collections.abc import Sequence
@@ -250,6 +251,8 @@ def config_warnings(
             '("Invalid Session TTL") unless its servers set session_ttl_min lower'
         )
     warnings += env_overridden_warnings(config)
+    if advice:
+        warnings += _token_readable_warnings(config)
     if problem := _not_writable(Path(config.daemon.state_dir)):
         warnings.append(f"daemon.state_dir: {problem}")
     for name, app in sorted(config.apps.items()):
@@ -301,6 +304,28 @@ def config_warnings(
                 elif not path.is_file() or not os.access(path, os.X_OK):
                     warnings.append(f"{where}: {path} is not executable")
     return warnings
+
+
+def _token_readable_warnings(config: Config) -> list[str]:
+    """A token file, or a config file holding the token itself, that other users of this
+    host may read: whoever reads it acts as this host (README, "Set-up")."""
+    consul = config.consul
+    if consul.token_file:
+        path, where = consul.token_file, "consul.token_file"
+    elif consul.token is not None and consul.token_from == "consul.token":  # noqa: S105 - a key name
+        path, where = config.source, "consul.token"
+    else:
+        return []
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return []  # (an unreadable file was refused with the config)
+    if not mode & 0o077:
+        return []
+    return [
+        f"{where}: {path} is mode {stat.S_IMODE(mode):04o}: other users of this host can "
+        "read the token, and act as this host with it (chmod 0600)"
+    ]
 
 
 def path_errors(config: Config) -> list[str]:

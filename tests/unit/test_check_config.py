@@ -403,6 +403,34 @@ class TestCheckConfig:
             "argument, write the hook as a list: [/bin/true, ...])"
         ) in said, said
 
+    def test_a_token_other_users_may_read_is_warned_of(self, tmp_path: Path) -> None:
+        """The newcomer test: a token_file of mode 0644 passed without a word, while the
+        README says whoever reads it acts as this host."""
+        token = tmp_path / "token"
+        token.write_text("tok-1\n")
+        base = {"s3": {"bucket": "b"}, "apps": {"web": {"root": str(tmp_path)}}}
+        for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
+            token.chmod(mode)
+            config = parse_config({**base, "consul": {"token_file": str(token)}}, env={})
+            said = daemon_cli.config_warnings(config, session_ttl=False)
+            line = (
+                f"consul.token_file: {token} is mode {mode:04o}: other users of this host can "
+                "read the token, and act as this host with it (chmod 0600)"
+            )
+            assert (line in said) is warned, (mode, said)
+        # A token written in the config file itself: the config file's mode counts.
+        path = tmp_path / "watcher.yaml"
+        path.write_text(yaml.safe_dump({**base, "consul": {"token": "tok-1"}}))
+        path.chmod(0o644)
+        said = daemon_cli.config_warnings(load_config(path, env={}), session_ttl=False)
+        assert any(w.startswith(f"consul.token: {path} is mode 0644") for w in said), said
+        # ... and not when the token comes from the environment.
+        path.write_text(yaml.safe_dump(base))
+        said = daemon_cli.config_warnings(
+            load_config(path, env={"CONSUL_HTTP_TOKEN": "tok-2"}), session_ttl=False
+        )
+        assert not any("is mode 0" in w for w in said), said
+
     def test_a_parent_this_user_may_not_enter_is_a_warning_not_a_crash(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -652,6 +652,25 @@ class TestFiles:
         assert problem.startswith("line 5, column 3: ")
         assert 'duplicate key "web"' in problem
 
+    def test_a_merge_key_shares_an_apps_settings_and_its_own_keys_win(self, tmp_path: Path) -> None:
+        """The newcomer test: `<<: *defaults` failed with "could not determine a
+        constructor for the tag 'tag:yaml.org,2002:merge'" (the duplicate-key check
+        constructed the merge key as a key). A key written twice is still refused."""
+        text = (
+            "s3: {bucket: b}\napps:\n  web: &defaults\n    root: /srv\n    keep_releases: 3\n"
+            "  api:\n    <<: *defaults\n    keep_releases: 4\n"
+        )
+        apps = load_config(write(tmp_path / "w.yaml", text), env={}).apps
+        assert [(a.name, a.root, a.keep_releases) for a in apps.values()] == [
+            ("web", "/srv", 3),
+            ("api", "/srv", 4),
+        ]
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path / "w.yaml", text + "    keep_releases: 5\n"), env={})
+        assert info.value.problems == [
+            'line 9, column 5: invalid YAML: duplicate key "keep_releases"'
+        ], info.value.problems
+
     def test_missing_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(tmp_path / "nope.yaml", env={})
