@@ -872,6 +872,19 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         self._instance_locks = self._hold_instance_locks()
+        # Bound before anything else is asked or made (Consul's node name, each app's
+        # directories): a port in use refuses the start with nothing created but the locks.
+        server = None
+        if self.config.daemon.listen:
+            server = HealthServer(
+                self.config.daemon.listen, self.health.check, self.metrics, self.health.serving
+            )
+            try:
+                server.start()
+            except ConfigError as exc:  # said as every config error: the file, then the key
+                raise ConfigError(
+                    self.config.source, [f"{exc.source}: {p}" for p in exc.problems]
+                ) from None
         self.node = self._resolve_node()
         if not self.node:
             return 0
@@ -884,17 +897,6 @@ class Daemon:
         )
         _log_config_warnings(self.config)
         self._build_agents()
-        server = None
-        if self.config.daemon.listen:
-            server = HealthServer(
-                self.config.daemon.listen, self.health.check, self.metrics, self.health.serving
-            )
-            try:
-                server.start()
-            except ConfigError as exc:  # said as every config error: the file, then the key
-                raise ConfigError(
-                    self.config.source, [f"{exc.source}: {p}" for p in exc.problems]
-                ) from None
         self.keeper = SessionKeeper(
             self.consul,
             self.node,

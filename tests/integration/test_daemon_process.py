@@ -278,6 +278,14 @@ class TestOneDaemonPerHost:
         assert result.stderr.strip().splitlines()[-1] == (
             f"{third}: daemon.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
         ), result.stderr
+        # Refused before it made the app's directories (the newcomer test found them made
+        # by such a start): only the instance locks are there.
+        made = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "other-root").rglob("*"))
+        assert made == [
+            "other-root/web",
+            "other-root/web/.state",
+            "other-root/web/.state/daemon.lock",
+        ], made
 
         # The first daemon kept its session and its member key, and is healthy.
         again = fleet.kv.kv_get(member)
