@@ -32,7 +32,7 @@ from watcher.barrier import (
     rollback_target,
     summarize_states,
 )
-from watcher.config import AppConfig, Config
+from watcher.config import AppConfig, Config, parse_duration
 from watcher.consul_api import ConsulClient, KVEntry, TxnOp
 from watcher.ctl import (
     EXIT_FAILED,
@@ -189,17 +189,22 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
         "--timeout",
         type=_timeout_seconds,
         default=None,
-        help="seconds to wait for the outcome (default: the deploy's deadlines)",
+        help='seconds (or "90s", "5m") to wait for the outcome (default: the deploy\'s deadlines)',
     )
 
 
 def _timeout_seconds(text: str) -> float:
     """``--timeout``: a finite number of seconds above 0 (nan would return at once while
-    the deploy goes on)."""
+    the deploy goes on), or a duration as the config and ``--retry-for`` write one."""
     try:
         seconds = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        try:
+            seconds = parse_duration(text, zero=True)  # 0s: said "above 0" below
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f'not a number of seconds nor a duration like "90s" or "5m": {text!r}'
+            ) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
     return seconds

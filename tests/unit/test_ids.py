@@ -216,6 +216,11 @@ class TestTheCliRefusesBadInputWithExit2:
             (["deploy", "web", "main-1", "--timeout", "nan"], "above 0, got 'nan'"),
             (["deploy", "web", "main-1", "--timeout", "inf"], "above 0, got 'inf'"),
             (["rollback", "web", "--timeout", "nan"], "above 0, got 'nan'"),
+            (
+                ["deploy", "web", "main-1", "--timeout", "soon"],
+                'not a number of seconds nor a duration like "90s" or "5m": \'soon\'',
+            ),
+            (["deploy", "web", "main-1", "--timeout", "0s"], "above 0, got '0s'"),
             (["history", "web", "--limit", "0"], "must be 1 or more"),
             (["hold", "web", "--reason", "x" * 1001], "1001 characters, more than 1000"),
             (["abort", "20260101T000000Z-abc123", "--reason", "x" * 1001], "more than 1000"),
