@@ -946,6 +946,9 @@ def _where_wrong(source: str, problems: list[str]) -> tuple[str, list[str]]:
     return source, problems
 
 
+#: What the watcher makes and manages in ``<root>/<app>`` (releases.AppLayout).
+MANAGED_APP_DIRS = (".state", "releases", "artifacts", "prefetched", "shared")
+
 TRUE_WORDS = ("1", "t", "true", "yes")  # CONSUL_HTTP_SSL's (strconv.ParseBool's, and yes/no)
 FALSE_WORDS = ("0", "f", "false", "no")
 
@@ -985,11 +988,15 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
         {"address", "token", "token_file", "ca_file", "cert_file", "key_file", "verify", "timeout"},
     )
     merged: dict[str, Any] = _consul_from_env(env)
-    if "ssl" in merged:
+    ssl = merged.pop("ssl", None)
+    written = d.get("address") if d.get("address") is not None else merged.get("address")
+    if ssl is not None and not str(written or "").startswith(("http://", "https://")):
+        # It decides the scheme here: read as "no" (the Consul CLI warns and does), the
+        # token would go unencrypted where https may have been meant.
         r.fail(
             f"CONSUL_HTTP_SSL{FROM_ENV[:-2]}",
-            f"must be true or false (1, t, true, yes or 0, f, false, no), got "
-            f"{_show(merged.pop('ssl'))}: taken for false, it would send the token unencrypted",
+            f"must be true or false (1, t, true, yes or 0, f, false, no), got {_show(ssl)}: "
+            "read as false it would send the token unencrypted",
         )
     from_env = set(merged)
     # The file's token and token_file both override either variable (one token is sent).
@@ -1223,18 +1230,21 @@ def parse_config(
             app = _read_app(r, name, app_data)
             if app is not None:
                 apps[app.name] = app
-    state = Path(os.path.normpath(daemon.state_dir))
+    state = Path(os.path.realpath(daemon.state_dir))
     for app in apps.values():
-        app_dir = Path(os.path.normpath(app.app_dir))
-        if state == app_dir or app_dir in state.parents:
-            # Both keep an instance lock there: the daemon would find its own lock taken
-            # ("another watcher runs") and stop at every start.
-            r.fail(
-                "daemon.state_dir",
-                f"{daemon.state_dir} is inside app {app.name}'s directory {app_dir} "
-                "(its releases, cache and .state/): give the daemon a directory of its own, "
-                f"like {DaemonSettings.state_dir}",
-            )
+        app_dir = Path(os.path.realpath(app.app_dir))
+        for managed in MANAGED_APP_DIRS:
+            inside = app_dir / managed
+            if state == inside or inside in state.parents:
+                # `.state` holds the app's own instance lock: the daemon would find its
+                # lock taken ("another watcher runs") at every start. The others are trees
+                # the watcher removes from (prune, the cache, prefetch).
+                r.fail(
+                    "daemon.state_dir",
+                    f"{daemon.state_dir} is inside {inside}, which app {app.name}'s watcher "
+                    "keeps for itself: give the daemon a directory of its own, like "
+                    f"{DaemonSettings.state_dir}",
+                )
     if r.problems:
         raise ConfigError(*_where_wrong(source, r.problems))
     return Config(

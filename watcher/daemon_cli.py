@@ -257,9 +257,10 @@ def config_warnings(
         warnings.append(f"daemon.state_dir: {problem}")
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
-        if not root.exists():
+        problem = _not_writable(root)
+        if not root.exists() and not problem.endswith(NOT_A_DIRECTORY):
             warnings.append(f"apps.{name}.root: {root} does not exist (yet)")
-        if problem := _not_writable(root):
+        if problem:
             warnings.append(f"apps.{name}.root: {problem}")
         if app.user:
             try:
@@ -311,7 +312,8 @@ def _token_readable_warnings(config: Config) -> list[str]:
     host may read: whoever reads it acts as this host (README, "Set-up")."""
     consul = config.consul
     if consul.token_file:
-        path, where = consul.token_file, "consul.token_file"
+        path = consul.token_file
+        where = consul.token_from.split(" (", 1)[0]  # the key, or CONSUL_HTTP_TOKEN_FILE
     elif consul.token is not None and consul.token_from == "consul.token":  # noqa: S105 - a key name
         path, where = config.source, "consul.token"
     else:
@@ -320,11 +322,11 @@ def _token_readable_warnings(config: Config) -> list[str]:
         mode = Path(path).stat().st_mode
     except OSError:
         return []  # (an unreadable file was refused with the config)
-    if not mode & 0o077:
-        return []
+    if not mode & 0o004:
+        return []  # (group read is a choice: a daemon run as a user of the file's group)
     return [
-        f"{where}: {path} is mode {stat.S_IMODE(mode):04o}: other users of this host can "
-        "read the token, and act as this host with it (chmod 0600)"
+        f"{where}: {path} is mode {stat.S_IMODE(mode):04o}: every user of this host can "
+        "read the token and act as this host with it (chmod 0600, or 0640 for a group)"
     ]
 
 

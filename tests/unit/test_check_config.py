@@ -193,6 +193,7 @@ class TestCheckConfig:
             f"s3: {{bucket: b}}\ndaemon: {{state_dir: {tmp_path}/a-file/state}}\n"
             f"apps:\n  web: {{root: {tmp_path}/a-file, user: nobody}}\n"
             f"  api: {{root: {tmp_path}/srv, user: nobody}}\n"
+            f"  db: {{root: {tmp_path}/a-file/db, user: nobody}}\n"
         )
         assert daemon_cli.main(["check-config", "-c", str(config)]) == 2
         err = capsys.readouterr().err
@@ -205,6 +206,11 @@ class TestCheckConfig:
             err
         )
         assert f"warning: apps.api.root: {tmp_path}/srv does not exist (yet)" in err, err
+        assert (
+            f"{config}: apps.db.root: {tmp_path}/a-file (where {tmp_path}/a-file/db would be "
+            "made) is not a directory\n"
+        ) in err, err
+        assert "apps.db.root: " + f"{tmp_path}/a-file/db does not exist" not in err, err
         # Without the file in the way the same config passes (the rest are warnings).
         config.write_text(config.read_text().replace("a-file", "dir"))
         assert daemon_cli.main(["check-config", "-c", str(config)]) == 0, capsys.readouterr().err
@@ -409,15 +415,19 @@ class TestCheckConfig:
         token = tmp_path / "token"
         token.write_text("tok-1\n")
         base = {"s3": {"bucket": "b"}, "apps": {"web": {"root": str(tmp_path)}}}
-        for mode, warned in ((0o644, True), (0o640, True), (0o600, False)):
+        for mode, warned in ((0o644, True), (0o604, True), (0o640, False), (0o600, False)):
             token.chmod(mode)
             config = parse_config({**base, "consul": {"token_file": str(token)}}, env={})
             said = daemon_cli.config_warnings(config, session_ttl=False)
             line = (
-                f"consul.token_file: {token} is mode {mode:04o}: other users of this host can "
-                "read the token, and act as this host with it (chmod 0600)"
+                f"consul.token_file: {token} is mode {mode:04o}: every user of this host can "
+                "read the token and act as this host with it (chmod 0600, or 0640 for a group)"
             )
             assert (line in said) is warned, (mode, said)
+        token.chmod(0o644)  # named by the environment: said so
+        config = parse_config({**base}, env={"CONSUL_HTTP_TOKEN_FILE": str(token)})
+        said = daemon_cli.config_warnings(config, session_ttl=False)
+        assert any(w.startswith(f"CONSUL_HTTP_TOKEN_FILE: {token} is mode 0644") for w in said)
         # A token written in the config file itself: the config file's mode counts.
         path = tmp_path / "watcher.yaml"
         path.write_text(yaml.safe_dump({**base, "consul": {"token": "tok-1"}}))

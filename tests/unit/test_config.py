@@ -251,8 +251,14 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"s3": {"bucket": "b"}, "daemon": {"state_dir": "/srv/web/.state"}, **with_app()},
-        "daemon.state_dir: /srv/web/.state is inside app web's directory /srv/web (its "
-        "releases, cache and .state/): give the daemon a directory of its own, like "
+        "daemon.state_dir: /srv/web/.state is inside /srv/web/.state, which app web's "
+        "watcher keeps for itself: give the daemon a directory of its own, like "
+        "/var/lib/watcher",
+    ),
+    (
+        {"s3": {"bucket": "b"}, "daemon": {"state_dir": "/srv/web/releases/s"}, **with_app()},
+        "daemon.state_dir: /srv/web/releases/s is inside /srv/web/releases, which app web's "
+        "watcher keeps for itself: give the daemon a directory of its own, like "
         "/var/lib/watcher",
     ),
     (
@@ -866,11 +872,23 @@ class TestConsulEnvironment:
             parse(minimal(), env=env)
         assert info.value.problems == [
             "CONSUL_HTTP_SSL: must be true or false (1, t, true, yes or 0, f, false, no), got "
-            f'"{value}": taken for false, it would send the token unencrypted'
+            f'"{value}": read as false it would send the token unencrypted'
         ], info.value.problems
         for plain in ("false", "0", "No", " f "):
             env["CONSUL_HTTP_SSL"] = plain
             assert parse(minimal(), env=env).consul.base_url == "http://127.0.0.1:8501"
+        # Where an address names its scheme, the variable decides nothing: not refused.
+        env = {"CONSUL_HTTP_SSL": value}
+        consul = parse(minimal(consul={"address": "https://c:8501"}), env=env).consul
+        assert consul.base_url == "https://c:8501"
+        env["CONSUL_HTTP_ADDR"] = "http://127.0.0.1:8500"
+        assert parse(minimal(), env=env).consul.base_url == "http://127.0.0.1:8500"
+
+    def test_a_state_dir_beside_the_watchers_own_directories_is_fine(self) -> None:
+        """Only the trees the watcher keeps for itself in <root>/<app> are refused."""
+        for state_dir in ("/srv/web/watcher-state", "/srv/web", "/srv", "/srv/webx/.state"):
+            config = parse({**with_app(), "daemon": {"state_dir": state_dir}})
+            assert config.daemon.state_dir == state_dir
 
     def test_token(self) -> None:
         assert parse(minimal(), env={"CONSUL_HTTP_TOKEN": "s3cr3t"}).consul.token == "s3cr3t"
