@@ -179,8 +179,13 @@ def run_publish(ctx: CtlContext) -> int:
         problems.append(f'--retry-for must be a duration like "30s", got "{args.retry_for}"')
         retry_for = 30.0
     # `publish DIR APP`: said as such, before a warning that it publishes to app DIR.
+    # Not when APP is one of the config's apps: `publish web dist` with dist/ missing (a
+    # failed build) and a web/ source directory is no swap.
     swapped = (
-        APP_NAME_RE.match(args.dir) and not os.path.lexists(args.dir) and Path(args.app).is_dir()
+        APP_NAME_RE.match(args.dir)
+        and not os.path.lexists(args.dir)
+        and Path(args.app).is_dir()
+        and args.app not in ctx.config.apps
     )
     hint = (
         f": APP comes first (watcherctl publish {args.dir} {shlex.quote(args.app)})"

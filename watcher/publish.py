@@ -323,6 +323,9 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             if parent not in entries:
                 entries[parent] = _Entry(parent, "dir", src / parent, mode=0o755)
 
+    def too_deep(rel: str) -> bool:
+        return rel.count("/") + 1 > MAX_PATH_DEPTH
+
     def walk(directory: Path, prefix: str, included_above: bool) -> None:
         """``included_above``: a parent directory matched an include pattern (none of them
         is excluded: the walk does not enter an excluded one)."""
@@ -335,10 +338,6 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
             if manifest.excluded_itself(rel):
                 continue
             included = included_above or manifest.included_itself(rel)
-            if rel.count("/") >= MAX_PATH_DEPTH and included:
-                # Said now, not after the whole tree was read: a tree 1,200 deep spent 18 s
-                # of CPU and then failed with a RecursionError.
-                raise _too_deep(src, rel)
             try:
                 st = child.stat(follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == skipped:
@@ -346,6 +345,11 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
                 empty = stat.S_ISDIR(st.st_mode) and _is_empty_dir(child.path, skipped)
             except OSError as exc:
                 raise ArtifactRefused(f"cannot read {child.path}: {exc.strerror or exc}") from None
+            if included and (empty or not stat.S_ISDIR(st.st_mode)) and too_deep(rel):
+                # A member: said now, not after the whole tree was read (a tree 1,200 deep
+                # spent 18 s of CPU and then failed with a RecursionError). A directory
+                # with content is no member: only what it holds may be too deep.
+                raise _too_deep(src, rel)
             if stat.S_ISDIR(st.st_mode):
                 if included and empty:
                     add_parents(rel)

@@ -1040,6 +1040,12 @@ def test_publish_with_dir_and_app_swapped_is_one_usage_error(
     assert f"watcherctl publish: error: {said}" in err, err
     assert f"APP comes first (watcherctl publish web {first})" in err, err
     assert "warning" not in err, err
+    # APP one of the config's apps, DIR missing (a failed build), a directory named as the
+    # app beside it: no swap suggested (it would publish the sources as app 'dist').
+    (tmp_path / "web").mkdir()
+    assert main(["publish", "web", "dist", "--artifact-id", "main-1", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "comes first" not in err and "dist: no such directory" in err, err
 
 
 def test_a_held_hosts_local_rollbacks_keep_its_hold_reason_bounded() -> None:

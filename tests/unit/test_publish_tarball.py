@@ -396,6 +396,13 @@ class TestBuildTarball:
             )
             assert members == ["app.py"], members
             assert time.process_time() - started < 5, "each level matched its parents again"
+            # Deep directories whose content is all left out are no members: not refused
+            # (the review of the first version of this check: it refused them).
+            (src / ".watcher" / "manifest.yaml").write_text("exclude: ['f']\n")
+            _, _, members = build_tarball(
+                src, load_manifest(src), tmp_path / "c.tar.gz", limits=Limits()
+            )
+            assert "app.py" in members and not any(m.startswith("d/") for m in members)
         finally:
             subprocess.run(["rm", "-rf", str(src / "d")], check=True)
 
