@@ -332,7 +332,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _interrupt_again(signum: int, frame: object) -> None:
-    if not _stopping:
+    # Not while a KeyboardInterrupt is being handled (an `except` or `finally` on its way
+    # up, a cluster's own clean-up among them): that raise was not lost.
+    if not _stopping and sys.exc_info()[0] is not KeyboardInterrupt:
         raise KeyboardInterrupt
 
 
@@ -360,6 +362,8 @@ if __name__ == "__main__":
     install_stop_signals()
     try:
         code = main()
-    except KeyboardInterrupt:  # raised again after main's own stop had run (see _interrupt)
+    except KeyboardInterrupt:  # before main's own stop (or raised again after it)
+        _stopping = True
+        _stop_interrupting()
         code = 0 if _stop_asked else 130
     sys.exit(code)
