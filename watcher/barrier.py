@@ -374,8 +374,14 @@ def _outcome_agrees(
 APPLIED = ACKED_READY_STATES - {READY}
 
 
-def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | None]) -> Verdict:
-    """The commit / abort / contested predicate over one read of the acks (pure)."""
+def judge(
+    request: DeployRecord,
+    digest: str,
+    acks: Mapping[str, NodeProgress | None],
+    indexes: Mapping[str, int] | None = None,
+) -> Verdict:
+    """The commit / abort / contested predicate over one read of the acks (pure).
+    ``indexes``: each ack's ModifyIndex, when read with them (which intent came first)."""
     expected = request.expected
     ready = [n for n in expected if (a := acks.get(n)) is not None and a.acked_ready(digest)]
     # The first veto named is a host's own failure, not the abort intents that follow it;
@@ -383,7 +389,7 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     # holds: the later ones quote it), so the outcome names the host the decision named.
     vetoes = sorted(
         (n for n in expected if (a := acks.get(n)) is not None and a.state in ABORT_ACK_STATES),
-        key=lambda n: _veto_order(n, acks[n]),  # type: ignore[arg-type]
+        key=lambda n: _veto_order(n, acks[n], indexes),  # type: ignore[arg-type]
     )
     foreign = sorted(
         n
@@ -421,12 +427,17 @@ def judge(request: DeployRecord, digest: str, acks: Mapping[str, NodeProgress | 
     return Verdict(UNDECIDED, f"{len(ready)} of {len(expected)} acked ready")
 
 
-def _veto_order(node: str, ack: NodeProgress) -> tuple[bool, str, str]:
-    """Failures first, then abort intents by their ``aborted_at`` (an intent without one,
-    e.g. an older version's, last), then by name."""
+def _veto_order(
+    node: str, ack: NodeProgress, indexes: Mapping[str, int] | None
+) -> tuple[bool, int, str, str]:
+    """Failures first, then abort intents in the order Consul took them (ModifyIndex,
+    when known: the decider's is in the decision's own txn), else by their ``aborted_at``
+    (each host's clock; an intent without one, e.g. an older version's, last), then by
+    name."""
     if ack.state != ABORTED:
-        return (False, "", node)
-    return (True, ack.timings.get("aborted_at") or "~", node)
+        return (False, 0, "", node)
+    index = (indexes or {}).get(node) or 2**63
+    return (True, index, ack.timings.get("aborted_at") or "~", node)
 
 
 _SKIPPED: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -1514,7 +1525,7 @@ class DeployStore:
             elif entry.key.startswith(self.keys.members_prefix):
                 member_entries.append(entry)
         members = self._members_from(member_entries)
-        verdict = judge(request, joined.digest, acks)
+        verdict = judge(request, joined.digest, acks, indexes)
         if verdict.outcome == UNDECIDED and session_clause:
             verdict = self._session_clause(joined, acks, members) or verdict
         end_read = self._end_read_of(*end_entries) if end_seen == len(end_keys) else None

@@ -122,6 +122,14 @@ class TestJudge:
         # an intent that says no time (an older version's) comes after those that do
         acks["host-0"] = ack("host-0", ABORTED, d)
         assert judge(req, d, acks).reason.startswith("node host-2 aborted")
+        # Read with their ModifyIndexes (the establish's read), Consul's order counts, not
+        # the hosts' clocks (a follower's clock behind the decider's).
+        acks["host-1"] = dataclasses.replace(
+            follower, timings={"aborted_at": "2026-12-01T00:00:00.500Z"}
+        )
+        assert judge(req, d, acks).reason.startswith("node host-1 aborted")
+        indexes = {"host-0": 0, "host-1": 120, "host-2": 117}
+        assert judge(req, d, acks, indexes).reason == "node host-2 aborted: host-3's session ended"
 
     def test_an_ack_for_another_digest_aborts(self) -> None:
         req = request(["a", "b"])
