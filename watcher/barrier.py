@@ -560,6 +560,15 @@ class DeployStore:
             node = entry.key[len(self.keys.hosts_prefix) :]
             if not node or "/" in node:
                 continue
+            if not NODE_RE.fullmatch(node):
+                # No watcher writes such a key, and `gc` cannot name it: counted as a known
+                # host, it refused every deploy until removed by hand (the web API review).
+                bad[node] = (
+                    f"{one_line_short(entry.key)}: not a node name, so no watcher's record "
+                    "(not counted as a known host; remove the key with `consul kv delete`)"
+                )
+                report_skipped(entry, bad[node], warning=True)
+                continue
             try:
                 record = HostRecord.from_json(entry.value, where=entry.key)
             except PayloadError as exc:
