@@ -179,6 +179,7 @@ class TestRefusedBeforeConsul:
                 "Unterminated string starting at: line 1 column 14 (character 13)",
             ),
             (b'{"artifact": NaN}', "NaN is not a JSON value"),
+            (b'{"artifact": ' + b"1" * 4301 + b"}", "a number of more than 4300 digits"),
             (
                 b'{"artifact": "main-1", "allow_missing": -Infinity}',
                 "-Infinity is not a JSON value",
@@ -331,6 +332,17 @@ class TestRefusedBeforeConsul:
         # what each was given, in JSON's words
         assert "artifact: Input should be a valid string, got 5" in r.json()["error"]
         assert "allow_missing: Input should be a valid boolean, got 'x'" in r.json()["error"]
+        # numbers shown short, and as written (the API review: 4,000 digits echoed whole,
+        # 1e400 shown as Infinity)
+        body = b'{"artifact": ' + b"7" * 4000 + b', "allow_missing": 1e400}'
+        r = client.post(
+            "/api/v1/apps/web/deploys", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 422, r.text
+        assert "artifact: Input should be a valid string, got a number of 4000 digits" in r.text
+        assert "allow_missing: Input should be a valid boolean, got a number beyond a float" in (
+            r.text
+        )
         r = client.post("/api/v1/apps/web/deploys", json=[{"artifact": "main-1"}])
         assert r.status_code == 422
         assert r.json()["error"] == (

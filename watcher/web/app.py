@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import shlex
+import sys
 import time
 import typing
 import urllib.parse
@@ -704,8 +706,11 @@ def _given(value: object) -> str:
     """ ", got 5" for a rejected value (what the field was given, shown short and escaped)."""
     if isinstance(value, str):
         return f", got {ids.shown(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ", got a number beyond a float's range"  # 1e400 (json.dumps: "Infinity")
     if value is None or isinstance(value, bool | int | float):
-        return f", got {json.dumps(value)}"
+        text = json.dumps(value)
+        return f", got {text}" if len(text) <= 40 else f", got a number of {len(text)} digits"
     return f", got {_json_kind(value)}"
 
 
@@ -754,7 +759,12 @@ def _body_problem(body: bytes) -> str:
         # Where, which the route's own parse does not say ("Unterminated string starting
         # at", cut there).
         return f"{exc.msg}: line {exc.lineno} column {exc.colno} (character {exc.pos})"
-    except (ValueError, RecursionError):
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            # Python's limit on the digits of an int (it said "nested too deeply?").
+            return f"a number of more than {sys.get_int_max_str_digits()} digits"
+        return ""
+    except RecursionError:
         return ""  # nested too deeply: the route says so
     return ""
 
