@@ -5,6 +5,7 @@ ASGI app (the guard does not depend on the app), with the limits made small."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -123,6 +124,31 @@ class TestRequestDeadline:
                     answer += chunk
             conn.sendall(b"GET /c HTTP/1.1\r\nHost: x\r\n")  # and never ends
             assert closed_after(conn) < DEADLINE + 3
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1a\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_a_request_the_http_parser_refuses_is_a_json_400_with_the_apps_headers(
+    port: int, request_bytes: bytes
+) -> None:
+    """The web API review: these got uvicorn's text/plain "Invalid HTTP request received."
+    without the headers every other answer carries (nosniff, the CSP)."""
+    with connect(port) as conn:
+        conn.sendall(request_bytes)
+        answer = read_all(conn)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    lines = head.decode().lower().split("\r\n")
+    assert "content-type: application/json" in lines, head
+    assert "x-content-type-options: nosniff" in lines, head
+    assert any(line.startswith("content-security-policy: ") for line in lines), head
+    assert json.loads(body)["error"].startswith("malformed HTTP request"), body
 
 
 class TestAnsweredEarly:

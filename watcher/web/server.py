@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from watcher.config import Config
 from watcher.daemon_cli import EXIT_CONFIG
 from watcher.log import get_logger
-from watcher.web.app import create_app, is_loopback
+from watcher.web.app import SECURITY_HEADERS, create_app, is_loopback
 
 log = get_logger(module="web")
 
@@ -100,6 +101,26 @@ class _GuardedH11(H11Protocol):
         # The next request on this kept-alive connection; or the rest of a body answered
         # before it ended (a 413), read and thrown away for a while.
         self._arm_deadline(LINGER if self.conn.their_state is h11.SEND_BODY else None)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 itself refuses (a Host given twice, a Content-Length that is not
+        a number, a byte a request line may not hold): uvicorn answers it in plain text
+        without the app's headers; here as JSON, like every other error of the API."""
+        body = json.dumps(
+            {"error": "malformed HTTP request (refused by the HTTP parser: " + msg + ")"}
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"connection", b"close"),
+            *((name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _refuse_busy(self) -> None:
         self._busy = True
