@@ -26,6 +26,7 @@ import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -312,6 +313,7 @@ def kill_leftovers(workdir: Path) -> None:
 
 _stop_asked = False  # by SIGTERM or SIGHUP: exit 0 (Ctrl-C's SIGINT: 130)
 _stopping = False  # the stop has begun: no more raises
+_stop_signalled = False  # a stop signal came: its raise may be dropped, then repeated
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -320,9 +322,10 @@ def _interrupt(signum: int, frame: object) -> None:
     ``__del__``, a weakref callback or an at-fork callback (logging's runs in every Popen)
     is printed as "Exception ignored" and lost, and the demo ran on with later signals
     ignored. Later signals are ignored: the next would cut the stop short."""
-    global _stop_asked
+    global _stop_asked, _stop_signalled
     if _stopping:
         return
+    _stop_signalled = True
     _stop_asked = _stop_asked or signum != signal.SIGINT
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -356,6 +359,18 @@ def install_stop_signals() -> None:
     # `kill -INT` would do nothing.
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
+    sys.unraisablehook = _unraisable
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Python prints a raise it drops ("Exception ignored in ...", a traceback); a stop's
+    own is repeated (``_interrupt``): not shown, it would read as a crash."""
+    if unraisable.exc_type is KeyboardInterrupt and _stop_signalled:
+        return
+    _default_unraisablehook(unraisable)
 
 
 if __name__ == "__main__":

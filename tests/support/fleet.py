@@ -280,6 +280,7 @@ class Fleet:
 
     def write_config(self, w: WatcherProc, app_extra: dict[str, Any] | None = None) -> None:
         w.config_path.write_text(yaml.safe_dump(self.config_for(w, app_extra)))
+        w.config_path.chmod(0o600)  # it may hold the host's token, as a real one does
 
     def give_hook(self, w: WatcherProc, phase: str, seconds: float, exit_code: int = 0) -> None:
         """Give ``w`` a ``phase`` hook that sleeps, then exits with ``exit_code``, and

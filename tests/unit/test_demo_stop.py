@@ -52,9 +52,12 @@ def test_a_stop_whose_raise_was_dropped_still_comes(sig: str, asked: bool) -> No
         except KeyboardInterrupt:
             print("stopped after", round(time.monotonic() - start, 1), "asked", demo._stop_asked)
     """)
-    assert "Exception ignored" in child.stderr, child.stderr  # the first raise was dropped
     assert child.stdout.startswith("stopped after "), child.stdout + child.stderr
-    assert float(child.stdout.split()[2]) < 2.0, child.stdout
+    # the first raise was dropped (it would have stopped the sleep at once): the repeat's
+    assert 0.4 <= float(child.stdout.split()[2]) < 2.0, child.stdout
+    # ... and Python's "Exception ignored" traceback of the drop is not shown (a crash to
+    # the eye of whoever stopped the demo)
+    assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr
     assert child.stdout.split()[-1] == str(asked)  # SIGTERM/SIGHUP exit 0, Ctrl-C 130
 
 
