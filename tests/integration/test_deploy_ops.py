@@ -1905,6 +1905,10 @@ class TestLiveTreeRemovedByHand:
         w.start()
         wait_for(index.exists, 30, "host-3's live tree staged again at start", fleet)
         assert w.current() == rel2
+        # `current` already names it: the tree is served from its rename into place, a
+        # moment before the flip's own rename is done and logged (a CI run read the log in
+        # between).
+        wait_for(lambda: w.log_events("release_flipped", this_start=True), 10, "the flip", fleet)
         flips = w.log_events("release_flipped", this_start=True)
         assert [f.get("release") for f in flips] == [rel2], flips
 
