@@ -32,6 +32,8 @@ MAX_NESTING = 32  # levels of YAML collections; a real config needs 6
 HISTORY_MAX = 1000
 # \Z, not $: "$" also matches before a final newline ("web\n" would pass).
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+#: APP_NAME_RE in words, for a message.
+APP_NAME_RULE = "letters, digits, '.', '_' and '-', at most 64, not starting with . _ or -"
 KV_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}\Z")
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # one word of printable ASCII: a SecretID

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from watcher.config import APP_NAME_RE, parse_duration
+from watcher.config import APP_NAME_RE, APP_NAME_RULE, parse_duration
 from watcher.ctl import (
     CtlContext,
     artifact_id_argument,
@@ -144,9 +144,6 @@ def _from_env(
     except argparse.ArgumentTypeError as exc:
         problems.append(f"${name}: {exc}")
         return None
-
-
-APP_NAME_RULE = "letters, digits, '.', '_' and '-', at most 64, not starting with . _ or -"
 
 
 def run_publish(ctx: CtlContext) -> int:

@@ -135,28 +135,24 @@ class Manifest:
 
     def excluded(self, rel: str) -> bool:
         """True when ``rel`` (a ``/``-separated path) or one of its parents is excluded."""
-        patterns = (*ALWAYS_EXCLUDED, *self.exclude)
-        return any(_matches(p, rel) for p in patterns)
+        return any(self.excluded_itself(p) for p in _self_and_parents(rel))
 
     def included(self, rel: str) -> bool:
         """True when ``rel`` is selected: included (itself or a parent) and not excluded."""
-        return not self.excluded(rel) and any(_matches(p, rel) for p in self.include)
+        return not self.excluded(rel) and any(
+            self.included_itself(p) for p in _self_and_parents(rel)
+        )
 
     def excluded_itself(self, rel: str) -> bool:
-        """``excluded`` for a walk that has checked every parent of ``rel`` already (and
-        not entered an excluded one): ``rel`` itself. Each parent again made a walk of a
-        tree N deep cost N^3 (1,200 levels: 38 s)."""
+        """Whether an exclude pattern (or ``.git``) matches ``rel`` itself: what a walk
+        asks, having asked it of every parent already and entered none excluded (asking
+        of each parent again made a walk of a tree N deep cost N^3: 38 s at 1,200)."""
         return any(_glob_to_regex(p).fullmatch(rel) for p in (*ALWAYS_EXCLUDED, *self.exclude))
 
     def included_itself(self, rel: str) -> bool:
-        """Whether an include pattern matches ``rel`` itself (``included`` also takes a
-        matching parent: a walk passes that down)."""
+        """Whether an include pattern matches ``rel`` itself (a walk passes a parent's
+        match down)."""
         return any(_glob_to_regex(p).fullmatch(rel) for p in self.include)
-
-
-def _matches(pattern: str, rel: str) -> bool:
-    rx = _glob_to_regex(pattern)
-    return any(rx.fullmatch(p) for p in _self_and_parents(rel))
 
 
 def _self_and_parents(rel: str) -> list[str]:
