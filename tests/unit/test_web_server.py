@@ -151,6 +151,26 @@ def test_a_request_the_http_parser_refuses_is_a_json_400_with_the_apps_headers(
     assert json.loads(body)["error"].startswith("malformed HTTP request"), body
 
 
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(
+    port: int,
+) -> None:
+    """RFC 9112 6.1: the server MUST close the connection after such a request. h11 read
+    the body as chunked and answered the request hidden behind it on the same connection,
+    where a proxy that reads by Content-Length sees it as body (request smuggling)."""
+    with connect(port) as conn:
+        conn.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answer = read_all(conn)
+    assert b"/smuggled" not in answer and answer.count(b"HTTP/1.1 ") == 1, answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert "connection: close" in head.decode().lower().split("\r\n"), head
+    error = json.loads(body)["error"]
+    assert "both Content-Length and Transfer-Encoding" in error, error
+
+
 class TestAnsweredEarly:
     def test_a_client_that_sends_its_whole_body_first_gets_the_answer(self, port: int) -> None:
         """Closed with the body unread, the kernel sent a reset and http.client or
