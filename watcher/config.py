@@ -246,14 +246,18 @@ class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc,valid-type]
     """A safe loader that refuses a key given twice in one mapping (YAML keeps the last)."""
 
 
-def _construct_unique_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
+def _refuse_duplicate_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool) -> None:
     seen: set[Any] = set()
-    for key_node, _value in node.value:
+    for key_node, value_node in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             # `<<: *defaults`: the merged keys are defaults the mapping's own override
-            # (construct_mapping merges them), not duplicates.
+            # (construct_mapping merges them), not duplicates. A mapping written inline
+            # there (`<<: {a: 1, a: 2}`, or in a list) is merged from its nodes, never
+            # constructed as a mapping of its own: its keys are checked here.
+            inline = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for merged in inline:
+                if isinstance(merged, yaml.MappingNode):
+                    _refuse_duplicate_keys(loader, merged, deep)
             continue
         key = loader.construct_object(key_node, deep=deep)
         try:
@@ -265,6 +269,12 @@ def _construct_unique_mapping(
             raise yaml.constructor.ConstructorError(
                 None, None, f'duplicate key "{key}"', key_node.start_mark
             )
+
+
+def _construct_unique_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    _refuse_duplicate_keys(loader, node, deep)
     mapping: dict[Any, Any] = loader.construct_mapping(node, deep=deep)
     return mapping
 

@@ -677,6 +677,25 @@ class TestFiles:
             'line 9, column 5: invalid YAML: duplicate key "keep_releases"'
         ], info.value.problems
 
+    @pytest.mark.parametrize(
+        ("merge", "where"),
+        [
+            ("{keep_releases: 3, keep_releases: 4}", "line 4, column 28"),
+            ("[{root: /opt}, {keep_releases: 3, keep_releases: 4}]", "line 4, column 43"),
+            ("\n      <<: {root: /opt, root: /srv}", "line 5, column 24"),
+        ],
+    )
+    def test_a_key_given_twice_in_an_inline_merged_mapping_is_refused(
+        self, tmp_path: Path, merge: str, where: str
+    ) -> None:
+        """The review: `<<: {a: 1, a: 2}` took the first value without a word (the
+        inline mapping is merged from its nodes, never built as a mapping of its own)."""
+        text = f"s3: {{bucket: b}}\napps:\n  web:\n    <<: {merge}\n    umask: '022'\n"
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path / "w.yaml", text), env={})
+        [problem] = info.value.problems
+        assert problem.startswith(where + ": invalid YAML: duplicate key "), problem
+
     def test_missing_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(tmp_path / "nope.yaml", env={})
