@@ -1356,10 +1356,16 @@ def cmd_abort(ctx: CtlContext) -> int:
             print(f"watcherctl: abort requested, but {line}", file=sys.stderr)
             return EXIT_REFUSED
         if what == UNDECIDED:
+            data["already"] = not asked
+            said = (
+                f"abort of {deploy_id} requested"
+                if asked
+                else f"an abort of {deploy_id} was already requested{_why_aborted(view)}"
+            )
             ctx.emit(
                 data,
                 lambda d: (
-                    f"watcherctl: abort of {d['deploy']} requested; hosts honor it "
+                    f"watcherctl: {said}; hosts honor it "  # noqa: B023 (called at once)
                     f"before they ack ready (watch `{ctx.command_line('history', d['app'])}`)"
                 ),
             )
@@ -1725,7 +1731,8 @@ def abort_deploy(
 ) -> tuple[str, DeployView | None, bool]:
     """Request the abort (``requests/<id>/abort``) and wait up to ``wait`` s for the acks to
     settle: ("aborted" | "committed" | another outcome | "undecided", the deploy, whether
-    the abort was requested: False when the deploy was decided before). Every expected
+    this call wrote the request: False when the deploy was decided before, or when someone
+    had asked already, whose request stands: its ``by`` and reason). Every expected
     host honors the request until it acks ready; after that it is too late. A contested
     deploy ("contested") is left alone: it has stopped, and an abort changes nothing
     there."""
@@ -1737,9 +1744,9 @@ def abort_deploy(
         if (decided := _decided(checked)) is not None:
             # Nothing to ask: no abort record written (a read-only token gets the answer too).
             return decided, checked, False
-    store.request_abort(deploy_id, reason, by=by)
+    asked = store.request_abort(deploy_id, reason, by=by)
     view = _wait_for_end(store, deploy_id, wait)
-    return _decided(view) or UNDECIDED, view, True
+    return _decided(view) or UNDECIDED, view, asked
 
 
 def _decided(view: DeployView | None) -> str | None:

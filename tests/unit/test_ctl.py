@@ -47,6 +47,7 @@ from watcher.ctl_fleet import (
     _local_app,
     _progress,
     _tail_lines,
+    abort_deploy,
     end_stalled_sessions,
     not_ended,
     not_live_after_end,
@@ -62,7 +63,14 @@ from watcher.errors import (
     ReleaseError,
     ReleaseNotFound,
 )
-from watcher.records import Decision, DeployRecord, HostRecord, Keys, NodeProgress
+from watcher.records import (
+    AbortRequest,
+    Decision,
+    DeployRecord,
+    HostRecord,
+    Keys,
+    NodeProgress,
+)
 
 
 class TTY(io.StringIO):
@@ -397,6 +405,38 @@ def a_record(expected: list[str], **more: Any) -> DeployRecord:
         apply_deadline="2026-01-01T00:20:00Z",
         **more,
     )
+
+
+def test_a_second_abort_is_told_that_the_first_one_stands() -> None:
+    """Two aborts at once (two tabs, two operators): the request is written only where
+    none is (CAS 0), so the first one's `by` and reason stand. The second was answered as
+    if it had asked (`abort` said "deploy X aborted", the API logged its caller as the
+    one who aborted)."""
+    rec = a_record(["a", "b"])
+    requests: dict[str, AbortRequest] = {}
+
+    class Store:
+        keys = Keys("w", "web")
+        consul = None  # a wait of 0 s reads nothing more
+
+        def view(self, deploy_id: str) -> DeployView:
+            return DeployView(
+                rec, None, {}, {}, None, None, abort_requested=requests.get(deploy_id)
+            )
+
+        def request_abort(self, deploy_id: str, reason: str, *, by: str) -> bool:
+            if deploy_id in requests:
+                return False
+            requests[deploy_id] = AbortRequest(by=by, at="t", reason=reason)
+            return True
+
+    store: Any = Store()
+    what, view, asked = abort_deploy(store, rec.id, "wrong build", by="alice", wait=0)
+    assert (what, asked) == ("undecided", True)
+    what, view, asked = abort_deploy(store, rec.id, "other", by="bob", wait=0)
+    assert (what, asked) == ("undecided", False)
+    assert view is not None and view.abort_requested == requests[rec.id]
+    assert (requests[rec.id].by, requests[rec.id].reason) == ("alice", "wrong build")
 
 
 def test_the_wait_shows_the_decision_before_the_intents_that_follow_it() -> None:

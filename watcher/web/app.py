@@ -1579,7 +1579,9 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 raise ApiError(409, contested_reason(deploy_id))
             if settled != "undecided":
                 raise ApiError(409, f"deploy {deploy_id} is already decided: {settled}")
-        what, after, _ = abort_deploy(store, deploy_id, reason, by=caller.requested_by, wait=5.0)
+        what, after, asked = abort_deploy(
+            store, deploy_id, reason, by=caller.requested_by, wait=5.0
+        )
         stalled = stalled_in(store, after) if what == "undecided" else {}
         if stalled:
             # Requested, and nobody left who may honor it: a 409 that says why, not a 200.
@@ -1590,8 +1592,22 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             )
         if what in ("aborted", "undecided"):
             state.writes.labels(app=name, action="abort", result=what).inc()
-            log.info("web_deploy_aborted", app=name, deploy=deploy_id, by=caller.requested_by)
-            return {"deploy": deploy_id, "aborted": what == "aborted", "result": what}
+            # Two aborts at once: the first request stands (written only where none is), so
+            # the second caller is told whose it is, and the log does not name them for it.
+            first = after.abort_requested if after is not None and not asked else None
+            log.info(
+                "web_deploy_aborted" if asked else "web_abort_already_requested",
+                app=name,
+                deploy=deploy_id,
+                by=caller.requested_by,
+                **({"requested_by": first.by} if first is not None else {}),
+            )
+            return {
+                "deploy": deploy_id,
+                "aborted": what == "aborted",
+                "result": what,
+                "already_requested_by": first.by if first is not None else None,
+            }
         state.writes.labels(app=name, action="abort", result="refused").inc()
         if what == "contested":
             raise ApiError(409, contested_reason(deploy_id))

@@ -287,8 +287,9 @@ async function write(button, allowMissing) {
     return say(data.error || ("HTTP " + resp.status), true);
   }
   if (action === "abort") {
-    say(data.aborted ? "deploy " + data.deploy + " aborted"
-      : "abort of deploy " + data.deploy + " requested; not decided yet (" + data.result +
+    const first = data.already_requested_by ? " (asked first by " + data.already_requested_by + ")" : "";
+    say(data.aborted ? "deploy " + data.deploy + " aborted" + first
+      : "abort of deploy " + data.deploy + " requested" + first + "; not decided yet (" + data.result +
         "): a host that acked ready before it can still decide it; the live view shows how it ends");
   } else {
     say(data.kind + " " + data.deploy + " of " + data.release + " started by " + data.requested_by +
