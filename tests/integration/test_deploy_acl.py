@@ -30,10 +30,14 @@ RENDER = ACL_DIR / "render-policy"
 DENIED = re.compile(r"ACL token lacks permission|ACL not found", re.IGNORECASE)
 
 
-def render(role: str, kv_prefix: str, *apps: str, node: str | None = None) -> str:
+def render(
+    role: str, kv_prefix: str, *apps: str, node: str | None = None, agents: tuple[str, ...] = ()
+) -> str:
     argv = [str(RENDER), role, "--kv-prefix", kv_prefix]
     if node:
         argv += ["--node", node]
+    for agent in agents:
+        argv += ["--agent", agent]
     return subprocess.run(
         [*argv, *apps], capture_output=True, text=True, check=True, timeout=10
     ).stdout
@@ -192,7 +196,9 @@ def acl_fleet(
     prefix = f"w{time.monotonic_ns()}"
     server = cluster.server
     made = watcher_tokens(server, cluster.hosts, prefix)
-    made["operator"] = create_token(server, f"operator-{prefix}", render("operator", prefix, "web"))
+    # Read on the agent raw_deploy fires through (the raw `consul event` CLI reads it).
+    operator_rules = render("operator", prefix, "web", agents=(cluster.hosts[1].name,))
+    made["operator"] = create_token(server, f"operator-{prefix}", operator_rules)
     made["ci"] = create_token(server, f"ci-{prefix}", render("ci", prefix, "web"))
     tokens = Tokens(
         watchers={a.name: made[a.name][0] for a in cluster.hosts},
@@ -520,6 +526,18 @@ class TestPrivilegeIsLeast:
                 op.event_fire("build-finished", b'{"app": "web", "artifact": "x"}')
             with pytest.raises(ConsulPermissionDenied):
                 op.session_create("operator", 5)
+        # Read on the agent it fires raw events through (--agent), on no other: agent read
+        # also streams an agent's log, and the server's holds every token it refused, whole
+        # (the attacker review: with `agent_prefix ""` any operator read them).
+        for agent, allowed in ((cluster.hosts[1], True), (cluster.server, False)):
+            status, body = agent.request(
+                "GET", "/v1/agent/self", token=acl_fleet.tokens.operator
+            )
+            assert (status == 200) is allowed, (agent.name, status, body[:200])
+        status, body = cluster.server.request(
+            "GET", "/v1/agent/monitor?loglevel=debug", token=acl_fleet.tokens.operator
+        )
+        assert status == 403, (status, body[:200])
 
     def test_a_token_rendered_for_another_app_or_node_is_said_everywhere(
         self, acl_fleet: AclFleet, cluster: ConsulCluster
@@ -662,6 +680,8 @@ class TestDocumentedCommands:
             (["operator", "web", "we/b"], 'app "we/b"'),
             (["watcher", "--node", "host-1;x", "web"], "--node"),
             (["admin", "web"], "usage"),
+            (["ci", "--agent", "host-1", "web"], "--agent is for the operator role only"),
+            (["operator", "--agent", "host 1", "web"], '--agent "host 1"'),
         ],
     )
     def test_render_refuses_bad_input(self, argv: list[str], message: str) -> None:
