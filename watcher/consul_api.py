@@ -311,6 +311,20 @@ _PERMANENT_500 = (
 )
 
 
+def _denied(address: str, what: str, message: str) -> ConsulPermissionDenied:
+    """A refusal of the token, said as Consul says it: unknown ("ACL not found") or lacking
+    a permission (which one: Consul's message, quoted after it)."""
+    lowered = message.lower()
+    why = (
+        "the ACL token is unknown to Consul"
+        if "acl not found" in lowered
+        else "the ACL token lacks a permission"
+        if "permission denied" in lowered or "lacks permission" in lowered
+        else "the ACL token lacks permission or is unknown"
+    )
+    return ConsulPermissionDenied(f"Consul at {address} refused {what}: {why} ({message})")
+
+
 def classify_response(status: int, body: str, *, what: str, address: str) -> ConsulError | None:
     """Map an HTTP answer of Consul to the project's error, or None when it is a success.
 
@@ -320,18 +334,12 @@ def classify_response(status: int, body: str, *, what: str, address: str) -> Con
         return None
     message = _consul_message(body)
     if status == 403:
-        return ConsulPermissionDenied(
-            f"Consul at {address} refused {what}: the ACL token lacks permission or is "
-            f"unknown ({message})"
-        )
+        return _denied(address, what, message)
     if status == 429 or status >= 500:
         lowered = message.lower()
         if status >= 500 and any(p in lowered for p in _PERMANENT_500):
             if "permission denied" in lowered or "acl not found" in lowered:
-                return ConsulPermissionDenied(
-                    f"Consul at {address} refused {what}: the ACL token lacks permission or "
-                    f"is unknown ({message})"
-                )
+                return _denied(address, what, message)
             return ConsulRequestError(f"Consul at {address} refused {what}: {message}")
         return ConsulUnavailable(
             f"Consul at {address} failed {what}: HTTP {status}: {message} "
@@ -1223,10 +1231,7 @@ class ConsulClient:
                 if "permission denied" in w.lower() or "acl not found" in w.lower()
             ]
             if denied:
-                raise ConsulPermissionDenied(
-                    f"Consul at {self.address} refused {what}: the ACL token lacks permission "
-                    f"or is unknown ({_consul_message(denied[0])})"
-                )
+                raise _denied(self.address, what, _consul_message(denied[0]))
             return TxnResult(ok=False, entries=[], errors=errors)
         entries = [KVEntry.from_json(r["KV"]) for r in data.get("Results") or [] if "KV" in r]
         return TxnResult(ok=True, entries=entries, errors=[])

@@ -129,7 +129,7 @@ class TestWithoutAToken:
     def test_unknown_token_is_denied(self, cluster: ConsulCluster) -> None:
         settings = dataclasses.replace(cluster.hosts[0].consul_settings(), token=str(uuid.uuid4()))
         client = ConsulClient(settings, retry_deadline=2.0)
-        with pytest.raises(ConsulPermissionDenied, match="lacks permission or is unknown"):
+        with pytest.raises(ConsulPermissionDenied, match="the ACL token is unknown to Consul"):
             client.acl_token_self()
         with pytest.raises(ConsulPermissionDenied):
             client.kv_get("rwtest/x")

@@ -192,8 +192,27 @@ class TestErrorMapping:
             address=self.addr,
         )
         assert isinstance(err, ConsulPermissionDenied)
-        assert "kv put watcher/k" in str(err) and "lacks permission or is unknown" in str(err)
+        assert "kv put watcher/k" in str(err) and "lacks a permission (Permiss" in str(err)
         assert self.addr in str(err)
+
+    @pytest.mark.parametrize(
+        ("status", "body", "said"),
+        [
+            (403, "ACL not found", "the ACL token is unknown to Consul (ACL not found)"),
+            (500, "rpc error: ACL not found", "the ACL token is unknown to Consul"),
+            (403, "Permission denied: token lacks 'key:read' on \"k\"", "lacks a permission"),
+            (500, "rpc error making call: Permission denied", "lacks a permission"),
+            (403, "Forbidden", "the ACL token lacks permission or is unknown (Forbidden)"),
+        ],
+    )
+    def test_a_refusal_says_which_of_unknown_or_lacking_consul_said(
+        self, status: int, body: str, said: str
+    ) -> None:
+        """The attacker review: every refusal said "lacks permission or is unknown", also
+        when Consul's own text, quoted after it, said which."""
+        err = classify_response(status, body, what="kv get watcher/k", address=self.addr)
+        assert isinstance(err, ConsulPermissionDenied)
+        assert said in str(err), err
 
     def test_400_is_a_request_error_with_consuls_message(self) -> None:
         err = classify_response(
