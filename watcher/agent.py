@@ -826,6 +826,7 @@ class AppAgent:
             and request.sessions.get(self.node) == holder.session
             and (
                 read.own is None
+                or read.own.state == STAGING
                 or self._left_to_holder.get(deploy_id) == holder.session
                 or self._held_by_a_twin()
             )
@@ -833,11 +834,15 @@ class AppAgent:
             # The request expects the watcher that holds this node's member key, not this
             # one (another watcher runs with this node name): its ack is not ours to write.
             # A "failed: another session" here aborted every deploy the real one staged.
-            # Not when an ack of the node is there already and the holder may be this
-            # host's own old session (a restart that wiped .state/: that ack is this
-            # host's, and it follows it), unless that holder has outlived any session left
-            # behind. Left to it while it holds the key; a bystander meanwhile (it ends a
-            # deploy past its deadline, as any host not expected).
+            # Not when an ack of the node past staging is there already and the holder may
+            # be this host's own old session (a restart that wiped .state/: that ack is
+            # this host's, and it follows it), unless that holder has outlived any session
+            # left behind. A staging ack is left to the holder too: it is the real host's
+            # prepare under way (a refusal over it aborted a good deploy whenever the other
+            # watcher read it before that host acked ready: a CI run of 3817298), and
+            # an old session's staging is one no process can finish: its end aborts the
+            # deploy (DESIGN.md 6.4.3). Left to it while it holds the key; a bystander
+            # meanwhile (it ends a deploy past its deadline, as any host not expected).
             self._left_to_holder[deploy_id] = holder.session
             while len(self._left_to_holder) > 8:
                 del self._left_to_holder[next(iter(self._left_to_holder))]

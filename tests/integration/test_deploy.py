@@ -613,12 +613,17 @@ class TestFailures:
         """A config copied from host-1, its `node` kept, run with another state_dir and
         root: that watcher cannot take host-1's member key. It overwrote host-1's record
         (`status --fleet` then showed host-1 on no release) and acked "failed: the request
-        names another session" in every deploy, aborting the ones host-1 staged."""
+        names another session" in every deploy, aborting the ones host-1 staged: also, once
+        that was mended, each whose staging ack it read first (a CI run)."""
+        host1 = fleet.watchers[0]
+        gate = fleet.workdir / "host-1-post-release.gate"
+        gate.touch()  # open: host-1's post_release waits only while it is gone
+        fleet.give_gated_hook(host1, "post_release", gate)
+        fleet.wait_members(3)
         v1 = fleet.publish("v1")
         first = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
         assert first["result"] == "committed", first
         fleet.wait_idle()
-        host1 = fleet.watchers[0]
         before = fleet.kv.kv_get(fleet.keys.host(host1.name))
         assert before is not None
         twin_root = fleet.workdir / "twin"
@@ -644,9 +649,35 @@ class TestFailures:
             record = fleet.kv.kv_get(fleet.keys.host(host1.name))
             assert record is not None and record.modify_index == before.modify_index, record
 
+            # The twin first reads the next deploy while host-1's ack says staging (it is
+            # stopped until then; host-1 waits in its post_release meanwhile).
             v2 = fleet.publish("v2")
-            second = fleet.watchers[1].ctl_json("deploy", "web", v2.id)
-            assert second["result"] == "committed", second
+            assert twin.proc is not None
+            gate.unlink()
+            started = Path(f"{gate}.started")
+            started.unlink(missing_ok=True)
+            os.killpg(twin.proc.pid, signal.SIGSTOP)
+            try:
+                second = fleet.watchers[1].ctl_json("deploy", "web", v2.id, "--no-wait")
+                wait_for(started.exists, 30, "host-1 in its post_release", fleet)
+                wait_for(
+                    lambda: fleet.ack_states(second["deploy"])[host1.name] == "staging",
+                    30,
+                    "host-1's staging ack",
+                    fleet,
+                )
+            finally:
+                os.killpg(twin.proc.pid, signal.SIGCONT)
+            left = f"deploy {second['deploy']}: expects the other watcher of node {host1.name}"
+            wait_for(
+                lambda: any(left in str(e.get("outcome")) for e in twin.log_events("cycle")),
+                30,
+                "the twin leaving the staging deploy to host-1",
+                fleet,
+            )
+            gate.touch()
+            ended = fleet.wait_outcome(second["deploy"])
+            assert ended["result"] == "committed", ended
             fleet.wait_idle()
             assert fleet.currents() == {w.name: second["release"] for w in fleet.watchers}
             assert len(twin.log_events("member_key_not_acquired")) == 1  # said once
