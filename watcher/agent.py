@@ -105,9 +105,6 @@ JOURNAL_NAME = "deploy.json"
 DURABLE_PHASES = frozenset({"post_release", "post_symlink", "aborted"})
 DURABLE_FIELDS = frozenset({"established"})
 CONVERGE_JOURNAL_NAME = "converge.json"
-#: Seconds past twice the session TTL after which another session holding this node's
-#: member key cannot be one this watcher left behind (a restart that wiped .state/).
-TWIN_MARGIN = 10.0
 #: When this host joined the app (its first member key's CreateIndex): ``first_index``.
 JOINED_FILE = "joined.json"
 APPLIED_NAME = "applied.json"
@@ -533,10 +530,6 @@ class AppAgent:
         self._member_entries: dict[str, KVEntry] = {}  # the members as the loop last saw them
         # The fleet's `current` as the loop last saw it: a prune keeps what it names.
         self._fleet_current: CurrentRecord | None = None
-        # Deploys that expect another watcher of this node name: its member key's holder.
-        self._left_to_holder: dict[str, str] = {}
-        # That other session, and since when the members watch shows it holding the key.
-        self._other_holder: tuple[str, float] | None = None
         self._inflight_index = 0
         # (deploy, what woke this host then, when, why undecided): see _still_waiting
         self._waited: tuple[str, tuple[Any, ...], float, str] = ("", (), 0.0, "")
@@ -609,13 +602,6 @@ class AppAgent:
         if members is not None:
             self._member_entries = dict(members)
             self._note_joined(members.get(self.node))
-            mine = members.get(self.node)
-            if not self._member_key_held_by_another():
-                self._other_holder = None
-            elif mine is not None and (
-                self._other_holder is None or self._other_holder[0] != mine.session
-            ):
-                self._other_holder = (mine.session or "", time.monotonic())
         self._watched = dict(watched or {})
         if current is not None:
             self._fleet_current = current[0]
@@ -824,28 +810,19 @@ class AppAgent:
             and holder is not None
             and holder.session
             and request.sessions.get(self.node) == holder.session
-            and (
-                read.own is None
-                or read.own.state == STAGING
-                or self._left_to_holder.get(deploy_id) == holder.session
-                or self._held_by_a_twin()
-            )
         ):
             # The request expects the watcher that holds this node's member key, not this
-            # one (another watcher runs with this node name): its ack is not ours to write.
-            # A "failed: another session" here aborted every deploy the real one staged.
-            # Not when an ack of the node past staging is there already and the holder may
-            # be this host's own old session (a restart that wiped .state/: that ack is
-            # this host's, and it follows it), unless that holder has outlived any session
-            # left behind. A staging ack is left to the holder too: it is the real host's
-            # prepare under way (a refusal over it aborted a good deploy whenever the other
-            # watcher read it before that host acked ready: a CI run of 3817298), and
-            # an old session's staging is one no process can finish: its end aborts the
-            # deploy (DESIGN.md 6.4.3). Left to it while it holds the key; a bystander
-            # meanwhile (it ends a deploy past its deadline, as any host not expected).
-            self._left_to_holder[deploy_id] = holder.session
-            while len(self._left_to_holder) > 8:
-                del self._left_to_holder[next(iter(self._left_to_holder))]
+            # one: another watcher runs with this node name (a config copied from a host),
+            # or this one restarted with .state/ wiped and its old session lives on. Either
+            # way its ack is not this watcher's to write, whatever it says: a "failed:
+            # another session" here aborted every deploy the real one staged (also over a
+            # staging ack it read first, a CI run of 3817298), and following a ready ack as
+            # its own would stage, flip and run hooks on this root and write that host's
+            # intent and live acks. A bystander while that session holds the key (it ends a
+            # deploy past its deadline, as any host not expected). An old session of this
+            # host ends within twice the TTL: this watcher then takes the key and the
+            # deploy is its own again, its ack to follow (a ready one) or, if that session
+            # ended before a ready ack, an abort by the session clause (DESIGN.md 6.4.3).
             self.status.state = "not expected"
             return (
                 f"deploy {deploy_id}: expects the other watcher of node {self.node}; "
@@ -2800,15 +2777,6 @@ class AppAgent:
         return None
 
     # --- host record and prefetch -----------------------------------------------------
-
-    def _held_by_a_twin(self) -> bool:
-        """Whether the other session holding this node's member key has held it longer
-        than a session this watcher left behind can live (twice the TTL, Consul's grace,
-        and a margin): it is another live watcher's, not this host's old one."""
-        if self._other_holder is None:
-            return False
-        ttl = self.config.daemon.session_ttl
-        return time.monotonic() - self._other_holder[1] > 2 * ttl + TWIN_MARGIN
 
     def _member_key_held_by_another(self) -> bool:
         """Whether the members watch last saw this node's member key held by a session

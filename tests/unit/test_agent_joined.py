@@ -18,7 +18,7 @@ import pytest
 from watcher import agent as agent_module
 from watcher.agent import JOINED_FILE, AppAgent
 from watcher.errors import ConsulUnavailable
-from watcher.records import HostRecord
+from watcher.records import HostRecord, NodeProgress
 
 SESSION = "11111111-2222-3333-4444-555555555555"
 DAEMON_FIRST = 100  # the watcher's first session, in its days of other apps
@@ -619,7 +619,7 @@ class TestAnotherWatcherOfThisNode:
     class Proceeded(Exception):
         pass
 
-    def agent(self, calls: list[str]) -> AppAgent:
+    def agent(self, calls: list[str], own: str | None = None) -> AppAgent:
         from watcher.barrier import JoinRead
 
         req = types.SimpleNamespace(
@@ -629,11 +629,11 @@ class TestAnotherWatcherOfThisNode:
         a = AppAgent.__new__(AppAgent)
         a.node, a.status = "host-1", agent_module.AgentStatus()
         a.store = types.SimpleNamespace(
-            join_read=lambda d, n, artifact=None: JoinRead(req, entry, "", False, None, 0)
+            join_read=lambda d, n, artifact=None: JoinRead(
+                req, entry, "", False, NodeProgress(node=n, state=own) if own else None, 7
+            )
         )
-        a._left_to_holder = {}
         a._scope = "host-1 watcher/apps/web"
-        a._other_holder = None
         a._last_prefetched = "x"
         a._prepared, a._own, a._known, a._request_index = {}, {}, {}, {}
         a.session = lambda: self.S2  # type: ignore[method-assign]
@@ -660,3 +660,16 @@ class TestAnotherWatcherOfThisNode:
         a._member_entries = {"host-1": types.SimpleNamespace(session=self.S2)}
         with pytest.raises(self.Proceeded):
             a._join("D", 5)
+
+    @pytest.mark.parametrize("own", ["staging", "ready"])
+    def test_left_to_the_holder_whatever_the_nodes_ack_says(self, own: str) -> None:
+        """The node's ack is the holder's, not this watcher's: a twin that read it first
+        refused over a staging ack (aborting a good deploy: a CI run of 3817298) and took
+        a ready one as its own (it would have staged, flipped and written that host's
+        intent and live acks; the review of the fix)."""
+        calls: list[str] = []
+        a = self.agent(calls, own=own)
+        a._member_entries = {"host-1": types.SimpleNamespace(session=self.S1)}
+        said = a._join("D", 5)
+        assert said.startswith("deploy D: expects the other watcher of node host-1"), said
+        assert calls == ["bystander"]
