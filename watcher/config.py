@@ -248,8 +248,17 @@ class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc,valid-type]
 
 def _refuse_duplicate_keys(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool) -> None:
     seen: set[Any] = set()
+    merges = 0
     for key_node, value_node in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
+            merges += 1
+            if merges > 1:  # the first one's keys would win silently: `<<: [*a, *b]` says it
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    'duplicate key "<<" (merge several mappings with one: <<: [*a, *b])',
+                    key_node.start_mark,
+                )
             # `<<: *defaults`: the merged keys are defaults the mapping's own override
             # (construct_mapping merges them), not duplicates. A mapping written inline
             # there (`<<: {a: 1, a: 2}`, or in a list) is merged from its nodes, never

@@ -683,6 +683,7 @@ class TestFiles:
             ("{keep_releases: 3, keep_releases: 4}", "line 4, column 28"),
             ("[{root: /opt}, {keep_releases: 3, keep_releases: 4}]", "line 4, column 43"),
             ("\n      <<: {root: /opt, root: /srv}", "line 5, column 24"),
+            ("{root: /opt}\n    <<: {keep_releases: 3}", "line 5, column 5"),
         ],
     )
     def test_a_key_given_twice_in_an_inline_merged_mapping_is_refused(
