@@ -1596,7 +1596,11 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             # the second caller is told whose it is, and the log does not name them for it.
             first = after.abort_requested if after is not None and not asked else None
             log.info(
-                "web_deploy_aborted" if asked else "web_abort_already_requested",
+                "web_deploy_aborted"
+                if asked
+                else "web_abort_already_requested"
+                if first is not None
+                else "web_deploy_found_decided",  # between the check above and the write
                 app=name,
                 deploy=deploy_id,
                 by=caller.requested_by,
