@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -648,62 +648,48 @@ class TestFailures:
             record = fleet.kv.kv_get(fleet.keys.host(host1.name))
             assert record is not None and record.modify_index == before.modify_index, record
 
-            # The twin first reads the next deploy while host-1's ack says staging (it is
-            # stopped until then; host-1 waits in its post_release meanwhile).
-            v2 = fleet.publish("v2")
-            assert twin.proc is not None
-            gate.unlink()
-            started = Path(f"{gate}.started")
-            started.unlink(missing_ok=True)
-            os.killpg(twin.proc.pid, signal.SIGSTOP)
-            try:
-                second = fleet.watchers[1].ctl_json("deploy", "web", v2.id, "--no-wait")
-                wait_for(started.exists, 30, "host-1 in its post_release", fleet)
+            def first_read_when(
+                version: str, acked: Callable[[str], bool], what: str
+            ) -> dict[str, Any]:
+                """A deploy the twin first reads once host-1's ack is ``what`` (it is
+                stopped until then); it leaves it to host-1. What `deploy` printed."""
+                record = fleet.publish(version)
+                assert twin.proc is not None
+                os.killpg(twin.proc.pid, signal.SIGSTOP)
+                try:
+                    deploy = fleet.watchers[1].ctl_json("deploy", "web", record.id, "--no-wait")
+                    wait_for(
+                        lambda: acked(fleet.ack_states(deploy["deploy"])[host1.name]),
+                        30,
+                        f"host-1's ack {what}",
+                        fleet,
+                    )
+                finally:
+                    os.killpg(twin.proc.pid, signal.SIGCONT)
+                left = f"deploy {deploy['deploy']}: expects the other watcher of node {host1.name}"
                 wait_for(
-                    lambda: fleet.ack_states(second["deploy"])[host1.name] == "staging",
+                    lambda: any(left in str(e.get("outcome")) for e in twin.log_events("cycle")),
                     30,
-                    "host-1's staging ack",
+                    f"the twin leaving the deploy to host-1 (its ack {what})",
                     fleet,
                 )
-            finally:
-                os.killpg(twin.proc.pid, signal.SIGCONT)
-            left = f"deploy {second['deploy']}: expects the other watcher of node {host1.name}"
-            wait_for(
-                lambda: any(left in str(e.get("outcome")) for e in twin.log_events("cycle")),
-                30,
-                "the twin leaving the staging deploy to host-1",
-                fleet,
-            )
+                return deploy
+
+            # Read first while host-1's ack says staging (host-1 waits in its post_release
+            # meanwhile): the twin acked "refused" for host-1 over it (a CI run).
+            gate.unlink()
+            second = first_read_when("v2", lambda s: s == "staging", "staging")
             gate.touch()
-            ended = fleet.wait_outcome(second["deploy"])
-            assert ended["result"] == "committed", ended
+            assert fleet.wait_outcome(second["deploy"])["result"] == "committed"
             fleet.wait_idle()
             assert fleet.currents() == {w.name: second["release"] for w in fleet.watchers}
             assert len(twin.log_events("member_key_not_acquired")) == 1  # said once
 
-            # A deploy it first sees after host-1 acked past staging (it was stopped
-            # meanwhile) is host-1's too: it vetoed one over host-1's ack, then (a fix
-            # later) took a ready ack for its own, to stage, flip and write host-1's acks.
-            os.killpg(twin.proc.pid, signal.SIGSTOP)
-            try:
-                v3 = fleet.publish("v3")
-                third = fleet.watchers[1].ctl_json("deploy", "web", v3.id, "--no-wait")
-                wait_for(
-                    lambda: fleet.ack_states(third["deploy"])[host1.name] not in ("", "staging"),
-                    30,
-                    "host-1 acked",
-                    fleet,
-                )
-            finally:
-                os.killpg(twin.proc.pid, signal.SIGCONT)
+            # Read first once host-1 acked past staging: it vetoed one over host-1's ack,
+            # then (a fix later) took a ready ack for its own, to stage, flip and write
+            # host-1's acks.
+            third = first_read_when("v3", lambda s: s not in ("", "staging"), "past staging")
             assert fleet.wait_outcome(third["deploy"])["result"] == "committed"
-            left = f"deploy {third['deploy']}: expects the other watcher of node {host1.name}"
-            wait_for(
-                lambda: any(left in str(e.get("outcome")) for e in twin.log_events("cycle")),
-                30,
-                "the twin leaving the deploy to host-1",
-                fleet,
-            )
         finally:
             twin.stop()
         record = fleet.kv.kv_get(fleet.keys.host(host1.name))
