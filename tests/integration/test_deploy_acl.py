@@ -529,7 +529,7 @@ class TestPrivilegeIsLeast:
             with pytest.raises(ConsulPermissionDenied):
                 op.session_create("operator", 5)
         # Read on the agent it fires raw events through (--agent), on no other: agent read
-        # also streams an agent's log, and the server's holds every token it refused, whole
+        # also streams an agent's log, and the server's holds a token it refused, whole
         # (the attacker review: with `agent_prefix ""` any operator read them).
         for agent, allowed in ((cluster.hosts[1], True), (cluster.server, False)):
             status, body = agent.request("GET", "/v1/agent/self", token=acl_fleet.tokens.operator)
