@@ -298,6 +298,8 @@ def go_duration(text: str) -> float:
     return sum(float(n) * _GO_UNITS[u] for n, u in parts)
 
 
+# How Consul's text says the token was refused (a 403, a 500 from an RPC, a txn's error).
+_DENIALS = ("permission denied", "acl not found")
 # Consul answers 500 for a few requests that will never succeed when repeated.
 _PERMANENT_500 = (
     "invalid session",
@@ -306,9 +308,13 @@ _PERMANENT_500 = (
     "invalid behavior",
     "session ttl",
     "invalid ttl",
-    "permission denied",
-    "acl not found",
+    *_DENIALS,
 )
+
+
+def _is_denial(text: str) -> bool:
+    lowered = text.lower()
+    return any(d in lowered for d in _DENIALS)
 
 
 def _denied(address: str, what: str, message: str) -> ConsulPermissionDenied:
@@ -338,7 +344,7 @@ def classify_response(status: int, body: str, *, what: str, address: str) -> Con
     if status == 429 or status >= 500:
         lowered = message.lower()
         if status >= 500 and any(p in lowered for p in _PERMANENT_500):
-            if "permission denied" in lowered or "acl not found" in lowered:
+            if _is_denial(message):
                 return _denied(address, what, message)
             return ConsulRequestError(f"Consul at {address} refused {what}: {message}")
         return ConsulUnavailable(
@@ -1225,11 +1231,7 @@ class ConsulClient:
                 (int(e.get("OpIndex", -1)), str(e.get("What", "")))
                 for e in data.get("Errors") or []
             ]
-            denied = [
-                w
-                for _, w in errors
-                if "permission denied" in w.lower() or "acl not found" in w.lower()
-            ]
+            denied = [w for _, w in errors if _is_denial(w)]
             if denied:
                 raise _denied(self.address, what, _consul_message(denied[0]))
             return TxnResult(ok=False, entries=[], errors=errors)
