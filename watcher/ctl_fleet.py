@@ -335,6 +335,22 @@ def deploy_request(
     )
 
 
+def fleet_still_on(store: DeployStore, release: str) -> int:
+    """The ModifyIndex of `current` while it names ``release``, the fleet's release as the
+    caller saw it (the page's deploy button), for ``DeployStore.start`` to check; refused
+    once it names another: a deploy chosen from a page shown before another deploy ended
+    would otherwise replace that deploy's release unseen (a downgrade, from a second tab)."""
+    current, index = store.current()
+    now = current.release if current is not None else None
+    if now != release:
+        said = now or ("unreadable" if index else "none yet")
+        raise DeployRefused(
+            f"app {store.app}: the fleet's release is now {said}, not {release}: the fleet "
+            "moved since you looked; look again and choose"
+        )
+    return index
+
+
 def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:
     for deploy_id in reversed(store.history()):
         view = store.view(deploy_id)

@@ -381,6 +381,55 @@ class TestDeployApiWithAcls:
         assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
         env.fleet.wait_idle()
 
+    def test_a_deploy_from_a_page_shown_before_another_deploy_ended_is_refused(
+        self, env: Env
+    ) -> None:
+        """The page sends the release it shows the fleet on (`current`): a second tab that
+        still shows the fleet on the release before another deploy must not replace that
+        deploy's release unseen (a downgrade); the deploy starts while it still holds."""
+        before = env.fleet.publish("v7-before")
+        r = env.web.post("/api/v1/apps/web/deploys", {"artifact": before.id}, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
+        seen = r.json()["release"]
+        newer, older = env.fleet.publish("v7-newer"), env.fleet.publish("v7-older")
+        # The first tab deploys, looking at the fleet on `seen`: started.
+        first = {"artifact": newer.id, "current": seen}
+        r = env.web.post("/api/v1/apps/web/deploys", first, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
+        now = r.json()["release"]
+        # The second tab was shown the fleet on `seen` too: refused, nothing started.
+        stale = {"artifact": older.id, "current": seen}
+        r = env.web.post("/api/v1/apps/web/deploys", stale, env.web_operator)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == (
+            f"app web: the fleet's release is now {now}, not {seen}: the fleet moved since "
+            "you looked; look again and choose"
+        )
+        assert env.fleet.inflight() is None
+        assert set(env.fleet.currents().values()) == {now}
+        bad = {"artifact": older.id, "current": "../x"}
+        r = env.web.post("/api/v1/apps/web/deploys", bad, env.web_operator)
+        assert r.status_code == 422 and "current" in r.json()["error"], r.text
+        # A rollback from that tab (the history's button, to a named release; the previous
+        # release's): refused alike, though the release it names was committed.
+        for body in ({"release": seen}, {"previous": seen}):
+            r = env.web.post(
+                "/api/v1/apps/web/rollbacks", {**body, "current": seen}, env.web_operator
+            )
+            assert r.status_code == 409, (body, r.text)
+            assert f"the fleet's release is now {now}, not {seen}" in r.json()["error"], r.text
+        assert env.fleet.inflight() is None
+        assert set(env.fleet.currents().values()) == {now}
+        # Looked again: started.
+        r = env.web.post("/api/v1/apps/web/deploys", {**stale, "current": now}, env.web_operator)
+        assert r.status_code == 202, r.text
+        assert env.fleet.wait_outcome(r.json()["deploy"])["result"] == "committed"
+        env.fleet.wait_idle()
+
     def test_a_rewritten_current_is_shown_as_not_trusted(self, env: Env) -> None:
         """Any host's token can rewrite `current`: the API and the page must not report
         the fleet on a release the acks of its deploy did not commit."""

@@ -351,7 +351,8 @@ class TestRefusedBeforeConsul:
         r = client.post("/api/v1/apps/web/deploys", json=[{"artifact": "main-1"}])
         assert r.status_code == 422
         assert r.json()["error"] == (
-            "body: must be a JSON object (got an array) with the fields: allow_missing, artifact"
+            "body: must be a JSON object (got an array) with the fields: allow_missing, "
+            "artifact, current"
         )
         r = client.post("/api/v1/apps/web/deploys", json={"allow_missing": True})
         assert r.json()["error"] == "artifact: Field required", r.text  # no "got an object"
@@ -377,13 +378,13 @@ class TestRefusedBeforeConsul:
                 [
                     "relase: unknown field",
                     "x: unknown field",
-                    "takes: allow_missing, previous, release",
+                    "takes: allow_missing, current, previous, release",
                 ],
             ),
             (
                 DEPLOYS,
                 {"artifact": "main-1", "allow-missing": True},
-                ["allow-missing: unknown field", "takes: allow_missing, artifact"],
+                ["allow-missing: unknown field", "takes: allow_missing, artifact, current"],
             ),
             (ABORT, {"reasn": "typo"}, ["reasn: unknown field", "takes: reason"]),
         ],
@@ -724,7 +725,7 @@ class TestTheDescriptionTellsTheTruth:
                 b"",
                 400,
                 "malformed JSON body: empty; the body is a JSON object with the fields: "
-                "allow_missing, artifact",
+                "allow_missing, artifact, current",
             ),
             (b'{"artifact": ""}', 422, "artifact: '' (empty) is not an artifact id"),
             # deeper than Python's json takes (RecursionError), within MAX_BODY

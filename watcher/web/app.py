@@ -57,6 +57,7 @@ from watcher.ctl_fleet import (
     deploy_request,
     deploy_summary,
     fleet_status,
+    fleet_still_on,
     held_warning,
     host_records,
     not_ended,
@@ -220,6 +221,16 @@ class WriteBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+CURRENT_FIELD = Field(
+    default=None,
+    description="the fleet's release as the caller saw it (the page sends the one it shows): "
+    "the write starts only while `current` still names it, else 409 (a deploy that ended "
+    "since is not replaced unseen); absent: no such check, as with watcherctl: " + ids.RELEASE_RULE,
+    max_length=160,
+    json_schema_extra={"pattern": f"^{ids.RELEASE_INPUT_PATTERN}$"},
+)
+
+
 class DeployBody(WriteBody):
     artifact: str = Field(
         description=f"an artifact id: {ids.ARTIFACT_ID_RULE}",
@@ -229,6 +240,7 @@ class DeployBody(WriteBody):
     allow_missing: bool = Field(
         default=False, description="deploy to the live members even if known hosts are down"
     )
+    current: str | None = CURRENT_FIELD
 
 
 class RollbackBody(WriteBody):
@@ -249,6 +261,7 @@ class RollbackBody(WriteBody):
         json_schema_extra={"pattern": f"^{ids.RELEASE_INPUT_PATTERN}$"},
     )
     allow_missing: bool = False
+    current: str | None = CURRENT_FIELD
 
     # Both given is a 422: said in the description too, so a client generated from it (or
     # a fuzzer) does not send what the server refuses.
@@ -1462,9 +1475,14 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         valid(
             ids.check_artifact_id, body.artifact, "artifact", "an artifact id", ids.ARTIFACT_ID_RULE
         )
+        if body.current is not None:
+            valid(
+                ids.check_release_input, body.current, "current", "a release name", ids.RELEASE_RULE
+            )
         caller = state.writer(request)
         store = state.store(name, caller.consul)
         with refusals_counted(name, "deploy"):
+            current_index = None if body.current is None else fleet_still_on(store, body.current)
             hosts = host_records(store)
             record = deploy_request(
                 store,
@@ -1475,7 +1493,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                 hosts=hosts,
             )
         notes = (redeploy_warning(store, record), held_warning(hosts, record))
-        return _start(store, record, "deploy", "; ".join(n for n in notes if n))
+        note = "; ".join(n for n in notes if n)
+        return _start(store, record, "deploy", note, current_index=current_index)
 
     @app.post(
         "/api/v1/apps/{app}/rollbacks",
@@ -1487,12 +1506,16 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         name = app_name(app)
         if body.release is not None and body.previous is not None:
             raise ApiError(422, "give release or previous, not both")
-        for field, given in (("release", body.release), ("previous", body.previous)):
-            if given is not None:
-                valid(ids.check_release_input, given, field, "a release name", ids.RELEASE_RULE)
+        given = (("release", body.release), ("previous", body.previous), ("current", body.current))
+        for field, value in given:
+            if value is not None:
+                valid(ids.check_release_input, value, field, "a release name", ids.RELEASE_RULE)
         caller = state.writer(request)
         store = state.store(name, caller.consul)
         with refusals_counted(name, "rollback"):
+            # The index the caller's view was checked at, when it gave one: a change of
+            # `current` after it (even before the target is read) refuses the start.
+            seen = None if body.current is None else fleet_still_on(store, body.current)
             hosts = host_records(store)
             record, live, current_index = rollback_request(
                 store,
@@ -1505,7 +1528,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             )
         held = held_warning(hosts, record)
         note = "; ".join(w for w in (live, held) if w)
-        return _start(store, record, "rollback", note, current_index=current_index)
+        index = seen if seen is not None else current_index
+        return _start(store, record, "rollback", note, current_index=index)
 
     @contextlib.contextmanager
     def refusals_counted(app: str, action: str) -> Iterator[None]:

@@ -257,6 +257,14 @@ async function write(button, allowMissing) {
     url = base + "/deploys/" + encodeURIComponent(button.dataset.deploy) + "/abort"; payload = {};
     question = "Abort deploy " + button.dataset.deploy + "?";
   }
+  // A deploy or rollback only from the release this page shows the fleet on at the click:
+  // once another deploy has ended since (another tab, another operator), the API refuses
+  // it rather than replace that deploy's release unseen.
+  const shown = document.querySelector("#fleet .release[data-release]");
+  if (action !== "abort" && shown && shown.dataset.release) {
+    payload.current = shown.dataset.release;
+    question = question.slice(0, -1) + " (now on " + payload.current + ")?";
+  }
   if (allowMissing) {
     payload.allow_missing = true;
     question = allowMissing + " " + (action === "deploy" ? "Deploy" : "Roll back") +
