@@ -871,6 +871,11 @@ class Daemon:
 
     def run(self) -> int:
         self._install_signals()
+        from watcher.daemon_cli import untrusted_app_dirs
+
+        # Before the first write under an app's directory (the instance lock).
+        if unsafe := untrusted_app_dirs(self.config):
+            raise ConfigError(self.config.source, unsafe)
         self._instance_locks = self._hold_instance_locks()
         # Bound before anything else is asked or made (Consul's node name, each app's
         # directories): a port in use refuses the start with nothing created but the locks.

@@ -341,7 +341,26 @@ def path_errors(config: Config) -> list[str]:
         f"{where}: {problem}"
         for where, directory in named
         if (problem := _not_writable(Path(directory))).endswith(NOT_A_DIRECTORY)
-    ]
+    ] + untrusted_app_dirs(config)
+
+
+def untrusted_app_dirs(config: Config) -> list[str]:
+    """Each app directory another user could redirect the daemon's writes in
+    (``untrusted_dir``): the daemon refuses to start with one, and check-config says so."""
+    from watcher.releases import untrusted_dir
+
+    problems = []
+    for name, app in sorted(config.apps.items()):
+        if problem := untrusted_dir(app.app_dir):
+            problems.append(
+                f"apps.{name}.root: {problem}: another user could put a symlink where the "
+                f"watcher writes in {app.app_dir} (releases/, .state/) and have it, as "
+                "root, chown or write what that points at; make the directory root's and "
+                "writable by root only (chown root:root, chmod go-w); an app's user writes "
+                "in its shared paths (`shared`, systemd/watcher.example.yaml), not in the "
+                "app directory"
+            )
+    return problems
 
 
 NOT_A_DIRECTORY = " is not a directory"

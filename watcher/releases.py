@@ -117,6 +117,78 @@ class AppLayout:
             d.mkdir(parents=True, exist_ok=True)
 
 
+def untrusted_dir(app_dir: str | os.PathLike[str]) -> str:
+    """Why a user other than root and this process's could redirect the daemon's writes
+    under ``app_dir`` ("" when none can): a directory that holds it (up from /, as
+    written and as resolved) or one the daemon keeps in it (``releases/``, ``.state/``,
+    ...) owned by such a user, or writable by one (others, or a group other than root's
+    and this process's, without the sticky bit of /tmp). Its owner may rename
+    ``releases/`` or ``.state/`` away and put a symlink or a directory of its own there;
+    the daemon, as root, would chown, chmod and write through it (the attacker review: a
+    staged tree's chown turned a root directory over to the app's user). The app's user
+    writes in its shared paths, never in these."""
+    trusted = {0, os.geteuid()}
+    base = Path(os.path.abspath(app_dir))  # noqa: PTH100 - as written: not resolved
+    lay = AppLayout(base)
+    own = (lay.releases_dir, lay.prefetched_dir, lay.artifacts_dir, lay.state_dir)
+    real = Path(os.path.realpath(base))
+    chains = [[base, *base.parents], [real, *real.parents]]
+    for kept in own:
+        resolved = Path(os.path.realpath(kept))  # (moved to another disk by a symlink)
+        chains.append([kept, resolved, *resolved.parents])
+    seen: set[Path] = set()
+    for chain in chains:
+        for here in chain:
+            if here in seen:
+                continue
+            seen.add(here)
+            try:
+                st = here.lstat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # made by the daemon, as root, when it starts (or a file in the way:
+                # said by check-config's own check)
+            except OSError as exc:
+                return f"{here} cannot be looked at: {exc.strerror or exc}"
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid not in trusted:
+                    return f"{here} is a symlink owned by {_user_name(st.st_uid)}"
+                continue  # its directory is in the chain; its target in the resolved one
+            if st.st_uid not in trusted:
+                return f"{here} is owned by {_user_name(st.st_uid)}"
+            group = st.st_mode & 0o020 and st.st_gid not in (0, os.getegid())
+            if (st.st_mode & 0o002 or group) and not st.st_mode & stat.S_ISVTX:
+                who = "every user" if st.st_mode & 0o002 else f"group {_group_name(st.st_gid)}"
+                return f"{here} is mode {stat.S_IMODE(st.st_mode):04o}: writable by {who}"
+    return ""
+
+
+def _set_dir_owner(tree: Path, mode: int, uid: int | None, gid: int | None) -> None:
+    """chmod and chown ``tree`` through a descriptor opened without following a symlink:
+    a symlink put in its place fails the step (ELOOP) instead of handing its target over
+    (the directories above are checked at start: ``untrusted_dir``)."""
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+    finally:
+        os.close(fd)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
 @dataclass(frozen=True)
 class ReleaseInfo:
     """One directory under ``releases/`` as ``watcherctl releases`` shows it."""
@@ -1056,15 +1128,12 @@ class ReleaseEngine:
 
     def _private(self, tree: Path) -> None:
         """Take the tree's root back after extraction (an archive's ./ entry may set it)."""
-        os.chown(tree, os.geteuid(), os.getegid())
-        tree.chmod(0o700)
+        _set_dir_owner(tree, 0o700, os.geteuid(), os.getegid())
 
     def _seal(self, tree: Path) -> None:
         """The staged tree's root gets the app's owner and the umask's mode."""
         uid, gid = self._owner()
-        tree.chmod(0o777 & ~self.app.umask)
-        if uid is not None or gid is not None:
-            os.chown(tree, -1 if uid is None else uid, -1 if gid is None else gid)
+        _set_dir_owner(tree, 0o777 & ~self.app.umask, uid, gid)
 
     def _owner(self) -> tuple[int | None, int | None]:
         uid = gid = None

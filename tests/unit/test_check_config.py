@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -457,6 +458,40 @@ class TestCheckConfig:
         monkeypatch.setattr(Path, "exists", exists)
         said = daemon_cli._not_writable(locked / "state")
         assert said.startswith(f"{locked}/state cannot be looked into by this user"), said
+
+    def test_an_app_directory_another_user_owns_fails_the_check_and_the_start(
+        self, tmp_path: Path
+    ) -> None:
+        """The attacker review: the app's user, owning the app directory (as an example of
+        the tmpfiles file suggested), put a symlink where the daemon, as root, chowned a
+        staged tree, and got a root directory. Refused before anything is written there."""
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown to another user)")
+        nobody = pwd.getpwnam("nobody")
+        app_dir = tmp_path / "srv" / "web"
+        app_dir.mkdir(parents=True)
+        config = tmp_path / "w.yaml"
+        config.write_text(
+            f"s3: {{bucket: b}}\ndaemon: {{state_dir: {tmp_path}/state}}\n"
+            f"apps: {{web: {{root: {tmp_path}/srv, user: nobody}}}}\n"
+        )
+        assert daemon_cli.untrusted_app_dirs(load_config(str(config))) == []
+        os.chown(app_dir, nobody.pw_uid, nobody.pw_gid)
+        said = f"{config}: apps.web.root: {app_dir} is owned by nobody (uid {nobody.pw_uid}): "
+        check = run_watcher("check-config", "-c", str(config))
+        assert check.returncode == 2, check.stderr
+        assert said in check.stderr and "chmod go-w" in check.stderr, check.stderr
+        run = run_watcher("run", "-c", str(config))  # before Consul is asked anything
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+        assert list(app_dir.iterdir()) == [], "written under the app directory"
+        nogroup = grp.getgrnam("nogroup").gr_gid
+        os.chown(app_dir, 0, nogroup)
+        app_dir.chmod(0o775)  # its group may write
+        check = run_watcher("check-config", "-c", str(config))
+        assert f"{app_dir} is mode 0775: writable by group nogroup (gid {nogroup})" in (
+            check.stderr
+        )
 
     def test_run_refuses_a_bad_config_before_anything_else(self, tmp_path: Path) -> None:
         bad = tmp_path / "w.yaml"

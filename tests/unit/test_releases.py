@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ from watcher.releases import (
     LinuxProcReader,
     ReleaseEngine,
     scan_release_usage,
+    untrusted_dir,
 )
 
 T0 = datetime(2026, 11, 26, 14, 0, 0, tzinfo=UTC)
@@ -1486,3 +1488,67 @@ def test_a_half_staged_tree_the_fleet_names_still_goes(five: ReleaseEngine) -> N
     (five.layout.releases_dir / rel(9)).mkdir()  # no release.json: never completed
     plan = five.plan_prune(fleet={rel(9): "the fleet's previous release (rollback target)"})
     assert rel(9) in plan.remove and rel(9) not in plan.keep
+
+
+class TestUntrustedDir:
+    """Where the daemon writes as root, no other user may put a symlink: the attacker
+    review turned a root directory over to the app's user by swapping a staged tree for a
+    symlink in a `releases/` of its own, made in an app directory it owned."""
+
+    @pytest.fixture
+    def app_dir(self, tmp_path: Path) -> Path:
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown to another user)")
+        app_dir = tmp_path / "srv" / "web"
+        for d in (app_dir / "releases", app_dir / ".state"):
+            d.mkdir(parents=True)
+        return app_dir
+
+    def test_directories_of_root_and_a_sticky_one_are_trusted(self, app_dir: Path) -> None:
+        assert untrusted_dir(app_dir) == ""
+        app_dir.parent.chmod(0o1777)  # as /tmp: nobody renames what root owns in it
+        assert untrusted_dir(app_dir) == ""
+        assert untrusted_dir(app_dir / "not-made-yet") == ""  # made by the daemon, as root
+
+    @pytest.mark.parametrize("where", ["", "releases", ".state", ".."])
+    def test_one_owned_by_another_user_is_named(self, app_dir: Path, where: str) -> None:
+        nobody = pwd.getpwnam("nobody")
+        path = app_dir / where if where != ".." else app_dir.parent
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        said = untrusted_dir(app_dir)
+        assert said == f"{path} is owned by nobody (uid {nobody.pw_uid})", said
+
+    @pytest.mark.parametrize(("mode", "group"), [(0o777, "root"), (0o775, "nogroup")])
+    def test_one_others_may_write_is_named(self, app_dir: Path, mode: int, group: str) -> None:
+        releases = app_dir / "releases"
+        releases.chmod(mode)
+        gid = grp.getgrnam(group).gr_gid
+        os.chown(releases, 0, gid)
+        who = "every user" if mode & 0o002 else f"group {group} (gid {gid})"
+        said = untrusted_dir(app_dir)
+        assert said == f"{releases} is mode {mode:04o}: writable by {who}", said
+        if group == "nogroup":  # root's group writing (a umask of 0002) is root writing
+            os.chown(releases, 0, 0)
+            assert untrusted_dir(app_dir) == ""
+
+    def test_through_a_symlink_the_directories_it_resolves_to_count(
+        self, app_dir: Path, tmp_path: Path
+    ) -> None:
+        nobody = pwd.getpwnam("nobody")
+        disk = tmp_path / "disk"
+        (disk / "web-releases").mkdir(parents=True)
+        (app_dir / "releases").rmdir()
+        (app_dir / "releases").symlink_to(disk / "web-releases")  # moved to another disk
+        assert untrusted_dir(app_dir) == ""
+        os.chown(disk, nobody.pw_uid, nobody.pw_gid)
+        assert untrusted_dir(app_dir) == f"{disk} is owned by nobody (uid {nobody.pw_uid})"
+        os.chown(disk, 0, 0)
+        os.lchown(app_dir / "releases", nobody.pw_uid, nobody.pw_gid)
+        said = untrusted_dir(app_dir)
+        assert said == f"{app_dir}/releases is a symlink owned by nobody (uid {nobody.pw_uid})"
+        # The app's root given as a symlink: the directories it resolves to count too.
+        os.lchown(app_dir / "releases", 0, 0)
+        link = tmp_path / "link"
+        link.symlink_to(app_dir.parent)
+        os.chown(app_dir.parent, nobody.pw_uid, nobody.pw_gid)
+        assert untrusted_dir(link / "web").endswith(f"is owned by nobody (uid {nobody.pw_uid})")
