@@ -1869,6 +1869,8 @@ class AppAgent:
                 except HookError:
                     self._check_cancel()  # stopped: the deploy no longer needs it
                     raise
+                _check_still_staged(self.engine, rec.release)
+                self._check_hooks_kept_current("post_release", rec.release, live)
                 self.engine.mark_post_release_done(rec.release)
                 self.journal.done("post_release")
             else:  # no hook to run: both phases in one write
@@ -2054,14 +2056,22 @@ class AppAgent:
         moved_at: str | None = None  # when this call moved `current`
         if not self.journal.has("flipped"):
             try:
+                restaged = False
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
                     artifact = self._record_of(rec)
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         # committed: the acks establish it (``_act_on``)
                         self.engine.stage(artifact, rec.release, rec.id, replace_live=True)
+                    restaged = True
                 if not self.journal.has("post_release"):
                     failed = self._post_release_before_flip(joined, ctx)
+                elif restaged:
+                    # The tree post_release ran on is gone (removed by hand after the ready
+                    # ack): the one staged again has not had it (the attacker review: it was
+                    # switched to without, its virtualenv never built).
+                    self.log.warning("post_release_again", deploy=rec.id, release=rec.release)
+                    failed = self._post_release_or_error(rec, ctx)
                 if failed is None:
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         live = self.engine.current_release()
@@ -2138,6 +2148,7 @@ class AppAgent:
                 self.metrics.set_current_release(self.app.name, rec.release)
             if not self.journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
+                self._check_hooks_kept_current("post_symlink", rec.release, rec.release)
                 self.journal.done("post_symlink")
             with self.engine.lock(owner=f"deploy {rec.id}"):
                 self.engine.clear_backup()
@@ -2151,6 +2162,7 @@ class AppAgent:
                 self.status.state = COMMITTED
                 self._write_host(rec.release, force=True)
             self._run_hooks("validate", ctx)
+            self._check_hooks_kept_current("validate", rec.release, rec.release)
         except (WatcherError, OSError) as exc:
             self.log.error("apply_failed", deploy=rec.id, error=str(exc))
             state, error, tail = FAILED_AFTER_COMMIT, str(exc), getattr(exc, "output_tail", "")
@@ -2264,6 +2276,30 @@ class AppAgent:
             )
         if hook_commands(self.app, "post_release", self.engine.layout.release_dir(rec.release)):
             self.log.warning("post_release_before_flip", deploy=rec.id, release=rec.release)
+        return self._post_release_or_error(rec, ctx)
+
+    def _check_hooks_kept_current(self, phase: str, release: str, expected: str | None) -> None:
+        """After ``phase``'s hooks for ``release``: ``current`` still names ``expected``, as
+        when they started. A hook that switched it (a
+        "roll myself back" post_symlink; a post_release that switched to the release not
+        committed yet, a deploy tool's habit) left the host off the fleet's release while
+        its ack said live or ready; and convergence, taking it back at once, ran the hook
+        again: ~50 switches a second, hooks included, with no pause (the attacker review).
+        A ``HookError``: the step fails (convergence retries with backoff)."""
+        commands = hook_commands(self.app, phase, self.engine.layout.release_dir(release))
+        if not commands:
+            return
+        live = self.engine.current_release()
+        if live != expected:
+            raise HookError(
+                phase,
+                ", ".join(argv[0] for argv in commands),
+                f"current names {live or 'nothing'} after the hooks ran, not "
+                f"{expected or 'nothing'}: a hook must not switch current (the watcher "
+                "does), and this host does not serve what its ack would say",
+            )
+
+    def _post_release_or_error(self, rec: DeployRecord, ctx: HookContext) -> HookError | None:
         try:
             self._post_release(rec, ctx, self.journal)
         except HookError as exc:
@@ -2277,6 +2313,7 @@ class AppAgent:
         never run here. The prepare runs it itself (it can be cancelled, and journals it
         together with the staging when there is no hook)."""
         self._run_hooks("post_release", ctx)
+        _check_still_staged(self.engine, rec.release)
         self.engine.mark_post_release_done(rec.release)
         journal.done("post_release")
 
@@ -2742,8 +2779,10 @@ class AppAgent:
                     self._write_host(rec.release, force=True)
             if not journal.has("post_symlink"):
                 self._run_hooks("post_symlink", ctx)
+                self._check_hooks_kept_current("post_symlink", rec.release, rec.release)
                 journal.done("post_symlink")
             self._run_hooks("validate", ctx)
+            self._check_hooks_kept_current("validate", rec.release, rec.release)
         except (WatcherError, OSError) as exc:
             # Said in the journal: `rollback --local` goes through between two tries (an
             # operator's way out of a release that keeps failing here), not during one.
@@ -3020,6 +3059,20 @@ ABORT_REQUESTED = "abort requested"  # ... or an operator asked (`watcherctl abo
 # The hooks of a commit, run after the flip: what a host checks it can start before it
 # acks ready.
 AFTER_COMMIT_PHASES = ("post_symlink", "validate")
+
+
+def _check_still_staged(engine: ReleaseEngine, release: str) -> None:
+    """After ``post_release``: the tree it ran on is still a complete release. A hook that
+    removed it (or someone, by hand, while it ran) made a host ack ready with nothing on
+    disk, and the flip then staged a tree no post_release had run on (the attacker
+    review). A ``HookError``: the step fails, naming the phase."""
+    if not engine.is_complete(release):
+        raise HookError(
+            "post_release",
+            str(engine.layout.release_dir(release)),
+            "the release directory is gone or incomplete after the hooks ran (a hook removed "
+            "it, or someone did meanwhile): nothing to switch to",
+        )
 
 
 def _check_runnable(app: AppConfig, layout: AppLayout, release: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -607,6 +608,131 @@ class TestFailures:
         states = {n: h["state"] for n, h in summary["hosts"].items()}
         assert states[bad_host] == "failed"
         assert all(s == "aborted" for n, s in states.items() if n != bad_host)
+
+    def test_a_release_tree_gone_after_post_release_is_never_switched_to_unbuilt(
+        self, fleet: Fleet
+    ) -> None:
+        """The attacker review: a tree removed by hand after its host acked ready was staged
+        again at the flip and switched to without post_release (a virtualenv never built);
+        and a post_release that removed its own release acked ready with nothing on disk."""
+        gate = fleet.workdir / "host-2-post-release.gate"
+        build = 'touch "$WATCHER_RELEASE_DIR/built"\n'
+        for w in fleet.watchers:
+            body = build
+            if w is fleet.watchers[1]:  # holds the deploy undecided until the gate opens
+                body += f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+            hook = w.root / "post-release"
+            hook.write_text(f"#!/bin/sh\n{body}")
+            hook.chmod(0o755)
+            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        host1 = fleet.watchers[0]
+        v1 = fleet.publish("v1")
+        started = json.loads(host1.ctl("deploy", "web", v1.id, "--no-wait").stdout)
+        deploy_id, release = started["deploy"], started["release"]
+        wait_for(
+            lambda: fleet.ack_states(deploy_id).get(host1.name) == "ready",
+            30,
+            "host-1 ready",
+            fleet,
+        )
+        tree = host1.app_dir / "releases" / release
+        assert (tree / "built").exists()
+        shutil.rmtree(tree)  # by hand, while the others stage
+        gate.touch()
+        assert fleet.wait_outcome(deploy_id)["result"] == "committed"
+        fleet.wait_idle()
+        assert set(fleet.currents().values()) == {release}
+        assert (host1.app_dir / "current" / "built").exists(), "switched to an unbuilt tree"
+        assert host1.log_events("post_release_again"), host1.log_text()
+
+        # A post_release that removes its own release: that host says no, nobody switches.
+        hook = fleet.watchers[2].root / "post-release"
+        hook.write_text('#!/bin/sh\nrm -rf "$WATCHER_RELEASE_DIR"\n')
+        v2 = fleet.publish("v2")
+        result = host1.ctl("deploy", "web", v2.id, check=False)
+        assert result.returncode == 1, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "aborted", summary
+        said = summary["hosts"][fleet.watchers[2].name]
+        assert said["state"] == "failed", summary
+        assert "release directory is gone or incomplete after the hooks ran" in said["error"]
+        fleet.wait_idle()
+        assert set(fleet.currents().values()) == {release}
+
+    def test_a_hook_that_switches_current_fails_its_step_instead_of_looping(
+        self, fleet: Fleet
+    ) -> None:
+        """The attacker review: a post_symlink that points `current` back at the release
+        before (a "roll myself back" habit) left its host off the release while its ack said
+        live, and convergence, taking it back, ran the hook again: ~50 switches a second,
+        the hook each time, with no pause."""
+        host1 = fleet.watchers[0]
+        v1 = fleet.publish("v1")
+        assert host1.ctl_json("deploy", "web", v1.id)["result"] == "committed"
+        fleet.wait_idle()
+        back = (
+            'prev="$WATCHER_PREVIOUS_RELEASE_DIR"; [ -n "$prev" ] && ln -sfn "$prev" '
+            '"$WATCHER_CURRENT.x" && mv -T "$WATCHER_CURRENT.x" "$WATCHER_CURRENT"; exit 0\n'
+        )
+        hook = host1.root / "post-symlink"
+        hook.write_text(f"#!/bin/sh\n{back}")
+        hook.chmod(0o755)
+        for w in fleet.watchers:  # no automatic rollback: the host's own steps are watched
+            settings: dict[str, object] = {"on_validate_failure": "hold"}
+            if w is host1:
+                settings["hooks"] = {"post_symlink": str(hook)}
+            fleet.write_config(w, settings)
+            w.stop()
+            w.start()
+        fleet.wait_members(3)
+        v2 = fleet.publish("v2")
+        result = host1.ctl("deploy", "web", v2.id, check=False)
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "failed_after_commit", summary
+        said = summary["hosts"][host1.name]
+        assert said["state"] == "failed_after_commit", summary
+        assert "a hook must not switch current" in said["error"], said
+        flips = len(host1.log_events("release_flipped"))
+        time.sleep(4)  # convergence tries it again: after a pause, not in a loop
+        again = len(host1.log_events("release_flipped")) - flips
+        assert again <= 4, f"{again} switches in 4 s\n{host1.log_text()[-3000:]}"
+        failed = host1.log_events("converge_failed")
+        assert failed and "a hook must not switch current" in failed[-1]["error"], failed
+
+    def test_a_post_release_that_switches_to_the_new_release_is_a_no(self, fleet: Fleet) -> None:
+        """The attacker review: a post_release that points `current` at the release it
+        built (a deploy tool's habit) acked ready while serving a release nobody had
+        committed. It says no now: the deploy aborts, and that host goes back."""
+        host2 = fleet.watchers[1]
+        v1 = fleet.publish("v1")
+        first = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
+        assert first["result"] == "committed"
+        fleet.wait_idle()
+        hook = host2.root / "post-release"
+        hook.write_text(
+            '#!/bin/sh\nln -sfn "releases/$WATCHER_RELEASE" "$WATCHER_CURRENT.x" && '
+            'mv -T "$WATCHER_CURRENT.x" "$WATCHER_CURRENT"\n'
+        )
+        hook.chmod(0o755)
+        fleet.write_config(host2, {"hooks": {"post_release": str(hook)}})
+        host2.stop()
+        host2.start()
+        fleet.wait_members(3)
+        v2 = fleet.publish("v2")
+        result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        summary = json.loads(result.stdout)
+        assert summary["result"] == "aborted", summary
+        said = summary["hosts"][host2.name]
+        assert said["state"] == "failed" and "a hook must not switch current" in said["error"]
+        wait_for(
+            lambda: set(fleet.currents().values()) == {first["release"]},
+            30,
+            "every host on v1's release again",
+            fleet,
+        )
 
     def test_a_second_watcher_with_a_hosts_node_name_changes_nothing(self, fleet: Fleet) -> None:
         """A config copied from host-1, its `node` kept, run with another state_dir and
