@@ -304,7 +304,19 @@ def config_warnings(
                     warnings.append(f"{where}: {path} is a directory, not an executable file")
                 elif not path.is_file() or not os.access(path, os.X_OK):
                     warnings.append(f"{where}: {path} is not executable")
+                elif not app.user and os.geteuid() == 0 and (problem := _untrusted_hook(path)):
+                    warnings.append(
+                        f"{where}: {problem}: the hook runs as root at every deploy, so who "
+                        "may change it is root on this host; make it and the directories "
+                        "above it root's and writable by root only"
+                    )
     return warnings
+
+
+def _untrusted_hook(path: Path) -> str:
+    from watcher.releases import untrusted_path  # (only for a hook run as root)
+
+    return untrusted_path(path)
 
 
 def _token_readable_warnings(config: Config) -> list[str]:

@@ -127,7 +127,6 @@ def untrusted_dir(app_dir: str | os.PathLike[str]) -> str:
     the daemon, as root, would chown, chmod and write through it (the attacker review: a
     staged tree's chown turned a root directory over to the app's user). The app's user
     writes in its shared paths, never in these."""
-    trusted = {0, os.geteuid()}
     base = Path(os.path.abspath(app_dir))  # noqa: PTH100 - as written: not resolved
     lay = AppLayout(base)
     own = (lay.releases_dir, lay.prefetched_dir, lay.artifacts_dir, lay.state_dir)
@@ -136,6 +135,20 @@ def untrusted_dir(app_dir: str | os.PathLike[str]) -> str:
     for kept in own:
         resolved = Path(os.path.realpath(kept))  # (moved to another disk by a symlink)
         chains.append([kept, resolved, *resolved.parents])
+    return _first_untrusted(chains)
+
+
+def untrusted_path(path: str | os.PathLike[str]) -> str:
+    """Why a user other than root and this process's could change what ``path`` runs (a
+    hook the daemon starts as root), or "": it or a directory above it, as written and as
+    resolved, owned by or writable by such a user (``untrusted_dir``'s rules)."""
+    base = Path(os.path.abspath(path))  # noqa: PTH100 - as written: not resolved
+    real = Path(os.path.realpath(base))
+    return _first_untrusted([[base, *base.parents], [real, *real.parents]])
+
+
+def _first_untrusted(chains: list[list[Path]]) -> str:
+    trusted = {0, os.geteuid()}
     seen: set[Path] = set()
     for chain in chains:
         for here in chain:

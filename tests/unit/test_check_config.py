@@ -369,6 +369,41 @@ class TestCheckConfig:
         user = pwd.getpwuid(os.getuid()).pw_name
         assert daemon_cli.config_warnings(config(user=user, umask="0002"), agent_ttl_min=1) == []
 
+    def test_a_root_hook_another_user_may_change_is_warned_of(self, tmp_path: Path) -> None:
+        """The attacker review: a hook of mode 0777 run as root passed check-config: any
+        user of the host could write it and be root at the next deploy."""
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root (chown to another user)")
+        hooks = tmp_path / "hooks"
+        hooks.mkdir()
+        hook = hooks / "reload"
+        hook.write_text("#!/bin/sh\n")
+        hook.chmod(0o755)
+
+        def said(**app: Any) -> list[str]:
+            config = parse_config(
+                {
+                    "s3": {"bucket": "b"},
+                    "apps": {"web": {"root": "/", "hooks": {"post_symlink": str(hook)}, **app}},
+                },
+                env={},
+            )
+            return [w for w in daemon_cli.config_warnings(config, advice=False) if "hooks" in w]
+
+        assert said() == []
+        hook.chmod(0o777)
+        where = "apps.web.hooks.post_symlink[0]"
+        assert said() == [
+            f"{where}: {hook} is mode 0777: writable by every user: the hook runs as root "
+            "at every deploy, so who may change it is root on this host; make it and the "
+            "directories above it root's and writable by root only"
+        ]
+        assert said(user="nobody") == []  # run as that user: no one gains root by it
+        hook.chmod(0o755)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(hooks, nobody.pw_uid, nobody.pw_gid)  # may swap the file for its own
+        assert said()[0].startswith(f"{where}: {hooks} is owned by nobody"), said()
+
     def test_places_the_watcher_cannot_write_and_a_hook_with_its_arguments_in_one_string(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
