@@ -186,6 +186,10 @@ def _need_root(ctx: CtlContext, app: AppConfig, what: str) -> None:
                 "watcher (on a new host, start the watcher first: it makes the tree)"
             ],
         )
+    from watcher.daemon_cli import untrusted_app_dir
+
+    if problem := untrusted_app_dir(app):  # as the watcher refuses to start there
+        raise ConfigError(ctx.config.source, [problem])
 
 
 def _root_waits_for_restart(ctx: CtlContext, app: AppConfig) -> str:

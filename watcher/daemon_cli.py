@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from watcher import __version__
-from watcher.config import Config, env_overridden_warnings, load_config
+from watcher.config import AppConfig, Config, env_overridden_warnings, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.log import configure_logging
 
@@ -359,20 +359,24 @@ def path_errors(config: Config) -> list[str]:
 def untrusted_app_dirs(config: Config) -> list[str]:
     """Each app directory another user could redirect the daemon's writes in
     (``untrusted_dir``): the daemon refuses to start with one, and check-config says so."""
+    return [p for _, app in sorted(config.apps.items()) if (p := untrusted_app_dir(app))]
+
+
+def untrusted_app_dir(app: AppConfig) -> str:
+    """``untrusted_dir`` of ``app``'s directory, said as a config problem ("" if none); also
+    what watcherctl's commands that write there refuse."""
     from watcher.releases import untrusted_dir
 
-    problems = []
-    for name, app in sorted(config.apps.items()):
-        if problem := untrusted_dir(app.app_dir):
-            problems.append(
-                f"apps.{name}.root: {problem}: another user could put a symlink where the "
-                f"watcher writes in {app.app_dir} (releases/, .state/) and have it, as "
-                "root, chown or write what that points at; make the directory root's and "
-                "writable by root only (chown root:root, chmod go-w); an app's user writes "
-                "in its shared paths (`shared`, systemd/watcher.example.yaml), not in the "
-                "app directory"
-            )
-    return problems
+    problem = untrusted_dir(app.app_dir)
+    if not problem:
+        return ""
+    return (
+        f"apps.{app.name}.root: {problem}: another user could put a symlink where the "
+        f"watcher writes in {app.app_dir} (releases/, .state/) and have it, as root, chown "
+        "or write what that points at; make the directory root's and writable by root "
+        "only (chown root:root, chmod go-w); an app's user writes in its shared paths "
+        "(`shared`, systemd/watcher.example.yaml), not in the app directory"
+    )
 
 
 NOT_A_DIRECTORY = " is not a directory"

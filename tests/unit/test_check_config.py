@@ -519,6 +519,16 @@ class TestCheckConfig:
         run = run_watcher("run", "-c", str(config))  # before Consul is asked anything
         assert run.returncode == 2 and said in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
+        # And watcherctl's commands that write there, as root (a hold, rollback --local).
+        ctl = subprocess.run(
+            [str(WATCHER.parent / "watcherctl"), "hold", "web", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+            check=False,
+        )
+        assert ctl.returncode == 2 and said in ctl.stderr, ctl.stderr
         assert list(app_dir.iterdir()) == [], "written under the app directory"
         nogroup = grp.getgrnam("nogroup").gr_gid
         os.chown(app_dir, 0, nogroup)
