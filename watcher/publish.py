@@ -299,10 +299,18 @@ class _Entry:
     stamp: tuple[int, int, int] = (0, 0, 0)
 
 
-def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_Entry]:
+def _select(
+    src: Path,
+    manifest: Manifest,
+    skip: Path | None = None,
+    limits: Limits | None = None,
+    whose: str = "",
+) -> list[_Entry]:
     """The members to archive, parents before children, in a stable order; ``skip``: a
     directory left out as if it were not there (publish's scratch directory, which a
-    ``$TMPDIR`` inside the tree puts in it)."""
+    ``$TMPDIR`` inside the tree puts in it). With ``limits``, the walk stops once it has
+    more members than hosts extract: a wrong directory (`publish web /`) is refused then,
+    not after all of it was held in memory (the attacker review)."""
     entries: dict[str, _Entry] = {}
     skipped: tuple[int, int] | None = None
     if skip is not None:
@@ -390,6 +398,11 @@ def _select(src: Path, manifest: Manifest, skip: Path | None = None) -> list[_En
     pending = [(src, "", False)]  # a stack, not recursion: a tree may be deeper than Python's
     while pending:
         walk(*pending.pop())
+        if limits is not None and len(entries) > limits.max_members:
+            raise ArtifactRefused(
+                f"refusing to publish {src}: more members than the {limits.max_members} "
+                f"hosts extract (limits.max_members{whose}); the walk stopped there"
+            )
     return [entries[k] for k in sorted(entries, key=lambda r: r.split("/"))]
 
 
@@ -457,7 +470,7 @@ def build_tarball(
         raise ConfigError(
             str(src), ["no such directory" if not src.exists() else "not a directory"]
         )
-    entries = _select(src, manifest, None if skip is None else Path(skip))
+    entries = _select(src, manifest, None if skip is None else Path(skip), limits, limits_from)
     if not any(e.kind != "dir" for e in entries):
         raise ConfigError(manifest.source, [f"manifest matched no files in {src}"])
     declared = sum(e.size for e in entries)  # bytes of file data

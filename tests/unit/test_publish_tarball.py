@@ -340,7 +340,7 @@ class TestBuildTarball:
         out.unlink()
         with pytest.raises(
             ArtifactRefused,
-            match=rf"{len(members)} members, over the {len(members) - 1} hosts extract "
+            match=rf"more members than the {len(members) - 1} hosts extract "
             r"\(limits.max_members of app web\)",
         ):
             build_tarball(
@@ -351,6 +351,31 @@ class TestBuildTarball:
                 limits_from=" of app web",
             )
         assert not out.exists()
+
+    def test_a_tree_far_over_the_members_limit_is_not_read_to_its_end(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`publish web /` by mistake: refused once the walk passes the limit, not after the
+        whole filesystem was listed into memory (the attacker review)."""
+        src = tmp_path / "src"
+        for i in range(20):
+            for j in range(20):
+                (src / f"d{i:02}" / f"s{j:02}").mkdir(parents=True)
+                (src / f"d{i:02}" / f"s{j:02}" / "f").write_text("x")
+        listed: list[str] = []
+        real_scandir = os.scandir
+
+        def scandir(path: Any) -> Any:
+            listed.append(str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(publish_module.os, "scandir", scandir)
+        with pytest.raises(ArtifactRefused, match="more members than the 10 hosts extract"):
+            build_tarball(
+                src, load_manifest(src), tmp_path / "a.tar.gz", limits=Limits(max_members=10)
+            )
+        assert len(listed) < 100, len(listed)  # ~840 to read it all (each directory is
+        # listed when walked, and when its parent's walk asks whether it is empty)
 
     def test_more_bytes_than_hosts_extract_is_refused(self, tmp_path: Path) -> None:
         src = make_tree(tmp_path / "src")
