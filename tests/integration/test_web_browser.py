@@ -302,7 +302,7 @@ class TestThePage:
         page.click("#write-confirm")
         expect(page.locator("#write-what")).to_contain_text(
             "known host(s) host-9 have no member key (watcher down or cut off). Deploy to "
-            "the live members only?"
+            f"the live members only (the fleet on {first['release']})?"
         )
         confirm_write(page, None)
         expect(page.locator("#message")).to_contain_text(

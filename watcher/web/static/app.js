@@ -238,7 +238,7 @@ function askDialog(question, wantToken) {
   });
 }
 
-async function write(button, allowMissing) {
+async function write(button, allowMissing, seen) {
   const action = button.dataset.action;
   const base = "/api/v1/apps/" + encodeURIComponent(app);
   let url, payload, question;
@@ -260,15 +260,18 @@ async function write(button, allowMissing) {
   // A deploy or rollback only from the release this page shows the fleet on at the click:
   // once another deploy has ended since (another tab, another operator), the API refuses
   // it rather than replace that deploy's release unseen.
+  // Asked again (allow_missing): the release of the first question, not one shown since.
   const shown = document.querySelector("#fleet .release[data-release]");
-  if (action !== "abort" && shown && shown.dataset.release) {
-    payload.current = shown.dataset.release;
-    question = question.slice(0, -1) + " (now on " + payload.current + ")?";
+  const current = seen !== undefined ? seen : (shown && shown.dataset.release) || "";
+  if (action !== "abort" && current) {
+    payload.current = current;
+    question = question.slice(0, -1) + " (now on " + current + ")?";
   }
   if (allowMissing) {
     payload.allow_missing = true;
     question = allowMissing + " " + (action === "deploy" ? "Deploy" : "Roll back") +
-      " to the live members only? The hosts named keep their release and follow the fleet when their watcher is back.";
+      " to the live members only" + (current ? " (the fleet on " + current + ")" : "") +
+      "? The hosts named keep their release and follow the fleet when their watcher is back.";
   }
   // With Consul's ACLs off a token proves nothing and writes are local only: none asked.
   if (!(await askDialog(question, !token() && body.dataset.acls !== "off"))) return;
@@ -290,7 +293,7 @@ async function write(button, allowMissing) {
     // sends only when asked again, naming them.
     if (resp.status === 409 && !allowMissing && action !== "abort" && /"allow_missing": true/.test(data.error || "")) {
       say("");
-      return write(button, data.error.split(";")[0] + ".");
+      return write(button, data.error.split(";")[0] + ".", current);
     }
     return say(data.error || ("HTTP " + resp.status), true);
   }
