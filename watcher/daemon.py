@@ -877,6 +877,10 @@ class Daemon:
         if unsafe := untrusted_app_dirs(self.config):
             raise ConfigError(self.config.source, unsafe)
         self._instance_locks = self._hold_instance_locks()
+        # Again, now that the locks made the app directories: one that another user made
+        # first (in a sticky root such as /tmp) is that user's.
+        if unsafe := untrusted_app_dirs(self.config):
+            raise ConfigError(self.config.source, unsafe)
         # Bound before anything else is asked or made (Consul's node name, each app's
         # directories): a port in use refuses the start with nothing created but the locks.
         server = None

@@ -304,7 +304,7 @@ def config_warnings(
                     warnings.append(f"{where}: {path} is a directory, not an executable file")
                 elif not path.is_file() or not os.access(path, os.X_OK):
                     warnings.append(f"{where}: {path} is not executable")
-                elif not app.user and os.geteuid() == 0 and (problem := _untrusted_hook(path)):
+                elif not app.user and os.geteuid() == 0 and (problem := _untrusted_hook(argv)):
                     warnings.append(
                         f"{where}: {problem}: the hook runs as root at every deploy, so who "
                         "may change it is root on this host; make it and the directories "
@@ -313,10 +313,13 @@ def config_warnings(
     return warnings
 
 
-def _untrusted_hook(path: Path) -> str:
+def _untrusted_hook(argv: tuple[str, ...]) -> str:
+    """``untrusted_path`` of the hook's program and of each argument that names an existing
+    file (the script of ``[/bin/sh, /srv/web/shared/reload.sh]``), "; "-joined."""
     from watcher.releases import untrusted_path  # (only for a hook run as root)
 
-    return untrusted_path(path)
+    files = [argv[0], *(a for a in argv[1:] if a.startswith("/") and Path(a).is_file())]
+    return "; ".join(dict.fromkeys(p for f in files for p in untrusted_path(f)))
 
 
 def _token_readable_warnings(config: Config) -> list[str]:
@@ -367,15 +370,18 @@ def untrusted_app_dir(app: AppConfig) -> str:
     what watcherctl's commands that write there refuse."""
     from watcher.releases import untrusted_dir
 
-    problem = untrusted_dir(app.app_dir)
-    if not problem:
+    problems = untrusted_dir(app.app_dir)
+    if not problems:
         return ""
     return (
-        f"apps.{app.name}.root: {problem}: another user could put a symlink where the "
-        f"watcher writes in {app.app_dir} (releases/, .state/) and have it, as root, chown "
-        "or write what that points at; make the directory root's and writable by root "
-        "only (chown root:root, chmod go-w); an app's user writes in its shared paths "
-        "(`shared`, systemd/watcher.example.yaml), not in the app directory"
+        f"apps.{app.name}.root: {'; '.join(problems)}: another user could put a symlink "
+        f"where the watcher writes in {app.app_dir} (releases/, .state/, shared/) and have "
+        "it, as root, chown or write what that points at; make each of these root's and "
+        "writable by root only (chown root:root, chmod go-w, no ACL entry that lets another "
+        "write; a tmpfiles.d line that gives one to another user sets it again at each "
+        "boot), or choose a root below directories only root may change; an app's user "
+        "writes in its shared paths (`shared`, systemd/watcher.example.yaml), not in the "
+        "app directory"
     )
 
 

@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -117,62 +118,133 @@ class AppLayout:
             d.mkdir(parents=True, exist_ok=True)
 
 
-def untrusted_dir(app_dir: str | os.PathLike[str]) -> str:
+def untrusted_dir(app_dir: str | os.PathLike[str]) -> list[str]:
     """Why a user other than root and this process's could redirect the daemon's writes
-    under ``app_dir`` ("" when none can): a directory that holds it (up from /, as
-    written and as resolved) or one the daemon keeps in it (``releases/``, ``.state/``,
-    ...) owned by such a user, or writable by one (others, or a group other than root's
-    and this process's, without the sticky bit of /tmp). Its owner may rename
-    ``releases/`` or ``.state/`` away and put a symlink or a directory of its own there;
-    the daemon, as root, would chown, chmod and write through it (the attacker review: a
-    staged tree's chown turned a root directory over to the app's user). The app's user
-    writes in its shared paths, never in these."""
-    base = Path(os.path.abspath(app_dir))  # noqa: PTH100 - as written: not resolved
-    lay = AppLayout(base)
-    own = (lay.releases_dir, lay.prefetched_dir, lay.artifacts_dir, lay.state_dir)
-    real = Path(os.path.realpath(base))
-    chains = [[base, *base.parents], [real, *real.parents]]
-    for kept in own:
-        resolved = Path(os.path.realpath(kept))  # (moved to another disk by a symlink)
-        chains.append([kept, resolved, *resolved.parents])
-    return _first_untrusted(chains)
+    under ``app_dir`` ([] when none can): the app directory or one the daemon keeps in it
+    (``releases/``, ``.state/``, ``shared/``, ...), or a directory or symlink met on the way
+    to one of them (each symlink followed in turn), owned by such a user or writable by one
+    (others; a group other than root's and this process's; a POSIX ACL entry), where a
+    sticky bit (/tmp) makes a directory above the app's fine, not the app's own. Such a
+    user may rename ``releases/`` or ``.state/`` away and put a symlink or a directory of
+    its own there; the daemon, as root, would chown, chmod and write through it (the
+    attacker review: a staged tree's chown turned a root directory over to the app's
+    user). The app's user writes in its shared paths, never in these."""
+    lay = AppLayout(_absolute(app_dir))
+    involved: dict[Path, bool] = {}
+    for kept in (
+        lay.app_dir,
+        lay.releases_dir,
+        lay.prefetched_dir,
+        lay.artifacts_dir,
+        lay.state_dir,
+        lay.shared_dir,
+    ):
+        _involved(kept, involved)
+    return _untrusted(involved)
 
 
-def untrusted_path(path: str | os.PathLike[str]) -> str:
+def untrusted_path(path: str | os.PathLike[str]) -> list[str]:
     """Why a user other than root and this process's could change what ``path`` runs (a
-    hook the daemon starts as root), or "": it or a directory above it, as written and as
-    resolved, owned by or writable by such a user (``untrusted_dir``'s rules)."""
-    base = Path(os.path.abspath(path))  # noqa: PTH100 - as written: not resolved
-    real = Path(os.path.realpath(base))
-    return _first_untrusted([[base, *base.parents], [real, *real.parents]])
+    hook the daemon starts as root), [] if none: ``untrusted_dir``'s rules, the file itself
+    taken as the app directory is (no sticky bit makes it fine)."""
+    involved: dict[Path, bool] = {}
+    _involved(_absolute(path), involved)
+    return _untrusted(involved)
 
 
-def _first_untrusted(chains: list[list[Path]]) -> str:
-    trusted = {0, os.geteuid()}
-    seen: set[Path] = set()
-    for chain in chains:
-        for here in chain:
-            if here in seen:
-                continue
-            seen.add(here)
-            try:
-                st = here.lstat()
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # made by the daemon, as root, when it starts (or a file in the way:
-                # said by check-config's own check)
-            except OSError as exc:
-                return f"{here} cannot be looked at: {exc.strerror or exc}"
-            if stat.S_ISLNK(st.st_mode):
-                if st.st_uid not in trusted:
-                    return f"{here} is a symlink owned by {_user_name(st.st_uid)}"
-                continue  # its directory is in the chain; its target in the resolved one
-            if st.st_uid not in trusted:
-                return f"{here} is owned by {_user_name(st.st_uid)}"
-            group = st.st_mode & 0o020 and st.st_gid not in (0, os.getegid())
-            if (st.st_mode & 0o002 or group) and not st.st_mode & stat.S_ISVTX:
-                who = "every user" if st.st_mode & 0o002 else f"group {_group_name(st.st_gid)}"
-                return f"{here} is mode {stat.S_IMODE(st.st_mode):04o}: writable by {who}"
-    return ""
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(path) if Path(path).is_absolute() else Path.cwd() / path
+
+
+def _involved(path: Path, into: dict[Path, bool], hops: int = 0) -> None:
+    """Each path met resolving ``path`` (absolute), one component and one symlink at a
+    time, into ``into``: True for what ``path`` names in the end (``path`` itself, or the
+    last target of its symlinks), False for a directory or symlink above it. An owner of a
+    symlink met in between, or of the directory that holds it, could point it elsewhere."""
+    parts = path.parts
+    here = Path(parts[0])
+    into.setdefault(here, False)
+    for i, name in enumerate(parts[1:], start=1):
+        last = i == len(parts) - 1
+        step = here / name
+        into[step] = into.get(step, False) or last
+        try:
+            is_link = step.is_symlink()
+        except OSError:
+            return
+        if not is_link:
+            if not step.exists():
+                return  # nothing further yet (made by the daemon, as root)
+            here = step
+            continue
+        if hops >= 40:  # as the kernel's ELOOP
+            return
+        try:
+            target = step.readlink()
+        except OSError:
+            return
+        rest = parts[i + 1 :]
+        _involved(
+            Path(here, target, *rest) if not target.is_absolute() else Path(target, *rest),
+            into,
+            hops + 1,
+        )
+        return
+
+
+def _untrusted(involved: dict[Path, bool]) -> list[str]:
+    trusted, groups = {0, os.geteuid()}, {0, os.getegid()}
+    problems: list[str] = []
+    for here, final in involved.items():
+        try:
+            st = here.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made by the daemon, as root, when it starts (or a file in the way:
+            # said by check-config's own check)
+        except OSError as exc:
+            problems.append(f"{here} cannot be looked at: {exc.strerror or exc}")
+            continue
+        if st.st_uid not in trusted:
+            link = "a symlink " if stat.S_ISLNK(st.st_mode) else ""
+            problems.append(f"{here} is {link}owned by {_user_name(st.st_uid)}")
+            continue
+        if stat.S_ISLNK(st.st_mode) or (st.st_mode & stat.S_ISVTX and not final):
+            continue  # a symlink's own mode means nothing; a sticky /tmp above is fine
+        if st.st_mode & 0o002:
+            problems.append(
+                f"{here} is mode {stat.S_IMODE(st.st_mode):04o}: writable by every user"
+            )
+        elif st.st_mode & 0o020 and st.st_gid not in groups:
+            who = f"group {_group_name(st.st_gid)}"
+            problems.append(f"{here} is mode {stat.S_IMODE(st.st_mode):04o}: writable by {who}")
+        else:
+            problems += [
+                f"{here} has a POSIX ACL entry: {w}" for w in _acl_writers(here, trusted, groups)
+            ]
+    return problems
+
+
+# POSIX ACL xattr (linux/posix_acl_xattr.h): a u32 version, then (u16 tag, u16 perm, u32 id)
+ACL_TAG_USER, ACL_TAG_GROUP, ACL_PERM_WRITE = 0x02, 0x08, 0x02
+
+
+def _acl_writers(path: Path, users: set[int], groups: set[int]) -> list[str]:
+    """Who a POSIX ACL of ``path`` lets write besides ``users`` and ``groups`` (``setfacl
+    -m u:www-data:rwx``: the mode then shows only the mask as its group bits)."""
+    try:
+        raw = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    except OSError:
+        return []  # none (ENODATA), or a filesystem without ACLs
+    writers = []
+    for off in range(4, len(raw) - 7, 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, off)
+        if not perm & ACL_PERM_WRITE:
+            continue
+        if tag == ACL_TAG_USER and ident not in users:
+            writers.append(f"user {_user_name(ident)} may write")
+        elif tag == ACL_TAG_GROUP and ident not in groups:
+            writers.append(f"group {_group_name(ident)} may write")
+    return writers
 
 
 def _set_dir_owner(tree: Path, mode: int, uid: int | None, gid: int | None) -> None:

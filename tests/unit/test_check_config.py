@@ -403,6 +403,24 @@ class TestCheckConfig:
         nobody = pwd.getpwnam("nobody")
         os.chown(hooks, nobody.pw_uid, nobody.pw_gid)  # may swap the file for its own
         assert said()[0].startswith(f"{where}: {hooks} is owned by nobody"), said()
+        os.chown(hooks, 0, 0)
+        # A script given to an interpreter is what runs: checked as the program is.
+        script = hooks / "reload.sh"
+        script.write_text("nginx -s reload\n")
+        script.chmod(0o666)
+        config = parse_config(
+            {
+                "s3": {"bucket": "b"},
+                "apps": {"web": {"root": "/", "hooks": {"validate": [["/bin/sh", str(script)]]}}},
+            },
+            env={},
+        )
+        warned = [w for w in daemon_cli.config_warnings(config, advice=False) if "hooks" in w]
+        assert warned == [
+            f"apps.web.hooks.validate[0]: {script} is mode 0666: writable by every user: the "
+            "hook runs as root at every deploy, so who may change it is root on this host; "
+            "make it and the directories above it root's and writable by root only"
+        ], warned
 
     def test_places_the_watcher_cannot_write_and_a_hook_with_its_arguments_in_one_string(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import grp
 import hashlib
 import io
@@ -10,6 +11,7 @@ import json
 import os
 import pwd
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -43,6 +45,7 @@ from watcher.releases import (
     ReleaseEngine,
     scan_release_usage,
     untrusted_dir,
+    untrusted_path,
 )
 
 T0 = datetime(2026, 11, 26, 14, 0, 0, tzinfo=UTC)
@@ -1504,19 +1507,24 @@ class TestUntrustedDir:
             d.mkdir(parents=True)
         return app_dir
 
-    def test_directories_of_root_and_a_sticky_one_are_trusted(self, app_dir: Path) -> None:
-        assert untrusted_dir(app_dir) == ""
+    def test_directories_of_root_and_a_sticky_one_above_are_trusted(self, app_dir: Path) -> None:
+        assert untrusted_dir(app_dir) == []
         app_dir.parent.chmod(0o1777)  # as /tmp: nobody renames what root owns in it
-        assert untrusted_dir(app_dir) == ""
-        assert untrusted_dir(app_dir / "not-made-yet") == ""  # made by the daemon, as root
+        assert untrusted_dir(app_dir) == []
+        assert untrusted_dir(app_dir / "not-made-yet") == []  # made by the daemon, as root
+        # The app's own directory sticky is not fine: anyone may make a name in it that
+        # the daemon makes later (current_backup, a release to stage).
+        app_dir.chmod(0o1777)
+        assert untrusted_dir(app_dir) == [f"{app_dir} is mode 1777: writable by every user"]
 
-    @pytest.mark.parametrize("where", ["", "releases", ".state", ".."])
+    @pytest.mark.parametrize("where", ["", "releases", ".state", "shared", ".."])
     def test_one_owned_by_another_user_is_named(self, app_dir: Path, where: str) -> None:
         nobody = pwd.getpwnam("nobody")
         path = app_dir / where if where != ".." else app_dir.parent
+        path.mkdir(exist_ok=True)
         os.chown(path, nobody.pw_uid, nobody.pw_gid)
         said = untrusted_dir(app_dir)
-        assert said == f"{path} is owned by nobody (uid {nobody.pw_uid})", said
+        assert said == [f"{path} is owned by nobody (uid {nobody.pw_uid})"], said
 
     @pytest.mark.parametrize(("mode", "group"), [(0o777, "root"), (0o775, "nogroup")])
     def test_one_others_may_write_is_named(self, app_dir: Path, mode: int, group: str) -> None:
@@ -1526,12 +1534,38 @@ class TestUntrustedDir:
         os.chown(releases, 0, gid)
         who = "every user" if mode & 0o002 else f"group {group} (gid {gid})"
         said = untrusted_dir(app_dir)
-        assert said == f"{releases} is mode {mode:04o}: writable by {who}", said
+        assert said == [f"{releases} is mode {mode:04o}: writable by {who}"], said
         if group == "nogroup":  # root's group writing (a umask of 0002) is root writing
             os.chown(releases, 0, 0)
-            assert untrusted_dir(app_dir) == ""
+            assert untrusted_dir(app_dir) == []
 
-    def test_through_a_symlink_the_directories_it_resolves_to_count(
+    def test_an_acl_entry_that_lets_another_user_write_is_named(
+        self, app_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`setfacl -m u:www-data:rwx`: the mode shows only the ACL's mask (0775, group
+        root), which the group rule alone took as root's own group writing."""
+        nobody = pwd.getpwnam("nobody")
+        entries = [(0x01, 7, 0xFFFFFFFF), (0x02, 7, nobody.pw_uid), (0x04, 5, 0xFFFFFFFF)]
+        entries += [(0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)]
+        acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+        try:
+            os.setxattr(app_dir, "system.posix_acl_access", acl)
+        except OSError as exc:  # a filesystem without ACLs here: the same bytes, read back
+            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            app_dir.chmod(0o775)
+            real = os.getxattr
+            monkeypatch.setattr(
+                releases_module.os,
+                "getxattr",
+                lambda p, name, **kw: acl if Path(p) == app_dir else real(p, name, **kw),
+            )
+        assert stat.S_IMODE(app_dir.stat().st_mode) == 0o775
+        assert untrusted_dir(app_dir) == [
+            f"{app_dir} has a POSIX ACL entry: user nobody (uid {nobody.pw_uid}) may write"
+        ]
+
+    def test_each_symlink_on_the_way_counts_and_what_it_resolves_to(
         self, app_dir: Path, tmp_path: Path
     ) -> None:
         nobody = pwd.getpwnam("nobody")
@@ -1539,16 +1573,32 @@ class TestUntrustedDir:
         (disk / "web-releases").mkdir(parents=True)
         (app_dir / "releases").rmdir()
         (app_dir / "releases").symlink_to(disk / "web-releases")  # moved to another disk
-        assert untrusted_dir(app_dir) == ""
+        assert untrusted_dir(app_dir) == []
         os.chown(disk, nobody.pw_uid, nobody.pw_gid)
-        assert untrusted_dir(app_dir) == f"{disk} is owned by nobody (uid {nobody.pw_uid})"
+        assert untrusted_dir(app_dir) == [f"{disk} is owned by nobody (uid {nobody.pw_uid})"]
         os.chown(disk, 0, 0)
         os.lchown(app_dir / "releases", nobody.pw_uid, nobody.pw_gid)
         said = untrusted_dir(app_dir)
-        assert said == f"{app_dir}/releases is a symlink owned by nobody (uid {nobody.pw_uid})"
-        # The app's root given as a symlink: the directories it resolves to count too.
+        assert said == [f"{app_dir}/releases is a symlink owned by nobody (uid {nobody.pw_uid})"]
         os.lchown(app_dir / "releases", 0, 0)
-        link = tmp_path / "link"
-        link.symlink_to(app_dir.parent)
-        os.chown(app_dir.parent, nobody.pw_uid, nobody.pw_gid)
-        assert untrusted_dir(link / "web").endswith(f"is owned by nobody (uid {nobody.pw_uid})")
+        # A root given through two symlinks: the directory holding the second one counts,
+        # though it is neither on the path as written nor on the one resolved.
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        (mnt / "x").symlink_to(app_dir.parent)
+        (tmp_path / "link").symlink_to(mnt / "x")
+        assert untrusted_dir(tmp_path / "link" / "web") == []
+        os.chown(mnt, nobody.pw_uid, nobody.pw_gid)  # may point x elsewhere
+        assert untrusted_dir(tmp_path / "link" / "web") == [
+            f"{mnt} is owned by nobody (uid {nobody.pw_uid})"
+        ]
+
+    def test_a_file_others_may_write_is_named_even_sticky(self, tmp_path: Path) -> None:
+        if os.geteuid() != 0:
+            pytest.fail("this test needs root")
+        hook = tmp_path / "hook"
+        hook.write_text("#!/bin/sh\n")
+        hook.chmod(0o1777)
+        assert untrusted_path(hook) == [f"{hook} is mode 1777: writable by every user"]
+        hook.chmod(0o755)
+        assert untrusted_path(hook) == []
