@@ -2056,20 +2056,19 @@ class AppAgent:
         moved_at: str | None = None  # when this call moved `current`
         if not self.journal.has("flipped"):
             try:
-                restaged = False
                 if not self.engine.is_complete(rec.release):  # lost .state/ or the tree
                     artifact = self._record_of(rec)
                     self._download(artifact, rec.release)
                     with self.engine.lock(owner=f"deploy {rec.id}"):
                         # committed: the acks establish it (``_act_on``)
                         self.engine.stage(artifact, rec.release, rec.id, replace_live=True)
-                    restaged = True
                 if not self.journal.has("post_release"):
                     failed = self._post_release_before_flip(joined, ctx)
-                elif restaged:
+                elif not self.engine.post_release_done(rec.release):
                     # The tree post_release ran on is gone (removed by hand after the ready
-                    # ack): the one staged again has not had it (the attacker review: it was
-                    # switched to without, its virtualenv never built).
+                    # ack): the one staged again has not had it, also after a crash during
+                    # this run of it (the attacker review: it was switched to without, its
+                    # virtualenv never built). The tree's own marker says, not the journal.
                     self.log.warning("post_release_again", deploy=rec.id, release=rec.release)
                     failed = self._post_release_or_error(rec, ctx)
                 if failed is None:
@@ -2290,14 +2289,21 @@ class AppAgent:
         if not commands:
             return
         live = self.engine.current_release()
-        if live != expected:
-            raise HookError(
-                phase,
-                ", ".join(argv[0] for argv in commands),
-                f"current names {live or 'nothing'} after the hooks ran, not "
-                f"{expected or 'nothing'}: a hook must not switch current (the watcher "
-                "does), and this host does not serve what its ack would say",
-            )
+        if live == expected:
+            return
+        hold = self.engine.held()
+        why = (
+            # `rollback --local` while the hooks ran: the hold says so (the code review)
+            f"moved while they ran, held here ({hold.reason}, by {hold.by})"
+            if hold is not None
+            else "a hook must not switch current (the watcher does)"
+        )
+        raise HookError(
+            phase,
+            ", ".join(argv[0] for argv in commands),
+            f"current names {live or 'nothing'} after the hooks ran, not "
+            f"{expected or 'nothing'}: {why}; this host does not serve what its ack would say",
+        )
 
     def _post_release_or_error(self, rec: DeployRecord, ctx: HookContext) -> HookError | None:
         try:
@@ -2312,8 +2318,10 @@ class AppAgent:
         the tree and in ``journal``: a convergence's, or a deploy's apply that finds it was
         never run here. The prepare runs it itself (it can be cancelled, and journals it
         together with the staging when there is no hook)."""
+        before = self.engine.current_release()
         self._run_hooks("post_release", ctx)
         _check_still_staged(self.engine, rec.release)
+        self._check_hooks_kept_current("post_release", rec.release, before)
         self.engine.mark_post_release_done(rec.release)
         journal.done("post_release")
 

@@ -1067,6 +1067,10 @@ class ReleaseEngine:
             else:
                 for d in {tmp, *touched}:
                     fsync_dir(d)
+            # A new tree has not had its post_release, whatever an old one of the same
+            # name had (removed by hand after its host acked ready): gone before the rename,
+            # so a crash between the two leaves no tree said to have had it.
+            (self.layout.post_release_dir / release).unlink(missing_ok=True)
             tmp.rename(final)
             fsync_dir(self.layout.releases_dir)
         except OSError as exc:

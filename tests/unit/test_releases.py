@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pwd
+import shutil
 import stat
 import struct
 import subprocess
@@ -429,6 +430,26 @@ class TestStaging:
         engine.stage(record_for(tarball), rel(2), "d-2")
         assert protected[-1] == {record_for(tarball).sha256}  # the live release's artifact
         assert (path / "app.txt").read_bytes() == FILES["app.txt"]
+
+
+class TestPostReleaseMarker:
+    def test_a_tree_staged_again_has_not_had_its_post_release(
+        self, engine: ReleaseEngine, tarball: Path
+    ) -> None:
+        """A tree removed by hand after its host acked ready is staged again at the flip:
+        the marker of the old tree must not say the new one had its post_release (a crash
+        during its run again then switched to it unbuilt: the code review)."""
+        record = record_for(tarball)
+        engine.stage_from_file(tarball, record, rel(1), "d-1")
+        engine.mark_post_release_done(rel(1))
+        assert engine.post_release_done(rel(1))
+        shutil.rmtree(engine.layout.release_dir(rel(1)))
+        engine.stage_from_file(tarball, record, rel(1), "d-1")  # extracted again
+        assert engine.is_complete(rel(1))
+        assert not engine.post_release_done(rel(1))
+        engine.mark_post_release_done(rel(1))
+        engine.stage_from_file(tarball, record, rel(1), "d-1")  # the same tree: reused
+        assert engine.post_release_done(rel(1))
 
 
 class TestPrefetched:
