@@ -2279,12 +2279,12 @@ class AppAgent:
 
     def _check_hooks_kept_current(self, phase: str, release: str, expected: str | None) -> None:
         """After ``phase``'s hooks for ``release``: ``current`` still names ``expected``, as
-        when they started. A hook that switched it (a
-        "roll myself back" post_symlink; a post_release that switched to the release not
-        committed yet, a deploy tool's habit) left the host off the fleet's release while
-        its ack said live or ready; and convergence, taking it back at once, ran the hook
-        again: ~50 switches a second, hooks included, with no pause (the attacker review).
-        A ``HookError``: the step fails (convergence retries with backoff)."""
+        when they started. A hook that switched it (a "roll myself back" post_symlink; a
+        post_release that switched to the release not committed yet, a deploy tool's
+        habit) left the host off the fleet's release while its ack said live or ready; and
+        convergence, taking it back at once, ran the hook again: ~50 switches a second,
+        hooks included, with no pause (the attacker review). A ``HookError``: the step
+        fails (convergence retries with backoff)."""
         commands = hook_commands(self.app, phase, self.engine.layout.release_dir(release))
         if not commands:
             return
