@@ -711,15 +711,12 @@ class TestFailures:
         first = fleet.watchers[0].ctl_json("deploy", "web", v1.id)
         assert first["result"] == "committed"
         fleet.wait_idle()
-        hook = host2.root / "post-release"
-        hook.write_text(
-            '#!/bin/sh\nln -sfn "releases/$WATCHER_RELEASE" "$WATCHER_CURRENT.x" && '
-            'mv -T "$WATCHER_CURRENT.x" "$WATCHER_CURRENT"\n'
+        fleet.restart_with_hook(
+            host2,
+            "post_release",
+            'ln -sfn "releases/$WATCHER_RELEASE" "$WATCHER_CURRENT.x" && '
+            'mv -T "$WATCHER_CURRENT.x" "$WATCHER_CURRENT"\n',
         )
-        hook.chmod(0o755)
-        fleet.write_config(host2, {"hooks": {"post_release": str(hook)}})
-        host2.stop()
-        host2.start()
         fleet.wait_members(3)
         v2 = fleet.publish("v2")
         result = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)

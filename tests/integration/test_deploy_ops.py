@@ -533,7 +533,7 @@ class TestValidateFailure:
             "deploy", "web", fleet.publish("v2").id, "--allow-missing"
         )
         fleet.daemon_extra["listen"] = "127.0.0.1:0"  # its /metrics (the port from its log)
-        fleet._restart_with_hook(
+        fleet.restart_with_hook(
             victim, "validate", 'grep -q v2 "$WATCHER_RELEASE_DIR/VERSION" && exit 3\nexit 0\n'
         )
         wait_for(lambda: bool(victim.log_events("converge_failed")), 30, "a failed try", fleet)

@@ -285,7 +285,7 @@ class Fleet:
     def give_hook(self, w: WatcherProc, phase: str, seconds: float, exit_code: int = 0) -> None:
         """Give ``w`` a ``phase`` hook that sleeps, then exits with ``exit_code``, and
         restart it (the caller waits for the members)."""
-        self._restart_with_hook(w, phase, f"sleep {seconds}\nexit {exit_code}\n")
+        self.restart_with_hook(w, phase, f"sleep {seconds}\nexit {exit_code}\n")
 
     def give_gated_hook(self, w: WatcherProc, phase: str, gate: Path, exit_code: int = 0) -> None:
         """Give ``w`` a ``phase`` hook that waits until ``gate`` exists, then exits with
@@ -294,14 +294,16 @@ class Fleet:
         of counting on a hook's fixed sleep outlasting those runs on a loaded runner. An
         abort stops the hook without the gate (the watcher cancels a running hook). The
         hook touches ``<gate>.started`` first: the host is in that phase from then on."""
-        self._restart_with_hook(
+        self.restart_with_hook(
             w,
             phase,
             f'touch "{gate}.started"\n'
             f'while [ ! -e "{gate}" ]; do sleep 0.05; done\nexit {exit_code}\n',
         )
 
-    def _restart_with_hook(self, w: WatcherProc, phase: str, body: str) -> None:
+    def restart_with_hook(self, w: WatcherProc, phase: str, body: str) -> None:
+        """Give ``w`` a ``phase`` hook of ``body`` (a /bin/sh script) and restart it (the
+        caller waits for the members)."""
         hook = w.root / f"{phase}-hook"
         hook.write_text(f"#!/bin/sh\n{body}")
         hook.chmod(0o755)
