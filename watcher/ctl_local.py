@@ -698,8 +698,17 @@ def _check_target(engine: ReleaseEngine, target: str) -> None:
 def _run_after_flip(app: AppConfig, engine: ReleaseEngine, target: str, before: str | None) -> None:
     """The post_symlink and validate hooks, as after any flip (DESIGN.md section 7)."""
     ctx = _hook_context(engine, target, kind="rollback-local", previous=before)
-    run_hooks(app, "post_symlink", ctx)
-    run_hooks(app, "validate", ctx)
+    for phase in ("post_symlink", "validate"):
+        run_hooks(app, phase, ctx)
+        # As the watcher checks after its own flips: a hook that switched `current` left
+        # this host elsewhere than this command says (the session's review).
+        if (now := engine.current_release()) != target:
+            raise HookError(
+                phase,
+                "(the app's hooks)",
+                f"current names {now or 'nothing'} after the hooks ran, not {target}: a "
+                "hook must not switch current",
+            )
 
 
 def _hook_context(

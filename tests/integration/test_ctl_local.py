@@ -400,6 +400,24 @@ class TestRollbackLocal:
         assert "`watcherctl release-hold web` gives it back to the fleet" in err, err
         assert host.engine.current_release() == target and host.engine.held() is not None
 
+    def test_a_hook_that_switches_current_back_is_a_failure_said(self, host: Host) -> None:
+        """As the watcher's own flips: a release's post_symlink that points `current`
+        elsewhere left this command saying "rolled back to" a release not served."""
+        files: dict[str, str | bytes] = {
+            "VERSION": "v6\n",
+            ".watcher/hooks/post_symlink": (
+                '#!/bin/sh\nln -sfn "$WATCHER_PREVIOUS_RELEASE_DIR" "$WATCHER_CURRENT.x" && '
+                'mv -T "$WATCHER_CURRENT.x" "$WATCHER_CURRENT"\n'
+            ),
+        }
+        target = host.stage(6, files=files, executable=(".watcher/hooks/post_symlink",))
+        result = host.ctl("rollback", "web", "--local", "--to", target)
+        assert result.returncode == 1, result
+        assert (
+            f"hook FAILED after the flip: post_symlink hook (the app's hooks): current names "
+            f"{release_of(4)} after the hooks ran, not {target}"
+        ) in result.stdout, result.stdout
+
     def test_a_hold_over_a_local_rollback_keeps_saying_the_host_was_rolled_back(
         self, host: Host
     ) -> None:
