@@ -915,10 +915,23 @@ def _read_webhook(r: _Reader, data: Any, path: str) -> WebhookSettings | None:
         return None
     url = r.get(d, "url", path, "", _string, "an http(s) URL")
     parsed = urllib.parse.urlsplit(url)
+    # Said without its path or query: a chat webhook's secret is in them (the attacker
+    # review: a typo in the scheme printed it whole, to the journal at each reload).
+    shown = _show(f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}/..." if url else url)
+    try:
+        port_ok = parsed.port is None or parsed.port > 0
+    except ValueError:
+        port_ok = False
     if "url" not in d:
         r.fail(f"{path}.url", "is required")
     elif parsed.scheme not in ("http", "https") or not parsed.hostname:
-        r.fail(f"{path}.url", f"must be an http:// or https:// URL with a host, got {_show(url)}")
+        r.fail(f"{path}.url", f"must be an http:// or https:// URL with a host, got {shown}")
+    elif "@" in parsed.netloc:
+        # urllib sends no user:password of a URL (it took it for a port, and said the
+        # password in its error, logged at each message: the attacker review).
+        r.fail(f"{path}.url", "must not hold a user or password (put the secret in the path)")
+    elif not port_ok:
+        r.fail(f"{path}.url", f"has no valid port: {shown}")
     timeout = r.get(d, "timeout", path, 5.0, parse_duration, 'a duration like "5s"')
     if timeout <= 0 or timeout > 60:
         r.fail(f"{path}.timeout", f"must be between 0 and 60 seconds, got {timeout:g}")

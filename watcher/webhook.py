@@ -8,6 +8,7 @@ retries; failures are logged and counted, never raised.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import queue
 import re
@@ -123,7 +124,7 @@ class WebhookSender:
                 method="POST",
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.settings.timeout) as resp:  # noqa: S310
+                with _OPENER.open(request, timeout=self.settings.timeout) as resp:
                     resp.read(1024)
                 self._count("webhook_sent")
                 log.info(
@@ -134,7 +135,9 @@ class WebhookSender:
                 error = f"HTTP {exc.code}"
                 if 400 <= exc.code < 500 and exc.code != 429:
                     break  # the receiver refuses this message; sending it again changes nothing
-            except (OSError, ValueError) as exc:  # refused, reset, timed out, bad answer
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                # refused, reset, timed out, an answer that is not HTTP (BadStatusLine: it
+                # was neither counted nor retried, the attacker review)
                 error = f"{type(exc).__name__}: {exc}"
         self._count("webhook_failures", "http" if error.startswith("HTTP") else "network")
         log.error(
@@ -146,6 +149,18 @@ class WebhookSender:
             attempts=attempt + 1,
         )
         return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is a failure, not a GET of wherever it points: the message (a POST body)
+    would be lost and counted as sent, and the receiver could point the daemon at any
+    host it can reach (the attacker review)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 class DeployNotifier:

@@ -14,6 +14,8 @@ class Receiver:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.status = 200
+        self.location = ""  # a Location header to answer with (a redirect)
+        self.gets: list[str] = []  # paths asked for with GET (where a redirect would lead)
         self.hang = threading.Event()  # set: every request waits until `release` is set
         self.release = threading.Event()
         self.arrived = threading.Semaphore(0)
@@ -28,8 +30,15 @@ class Receiver:
                     receiver.release.wait(30)
                 receiver.bodies.append(body)
                 self.send_response(receiver.status)
+                if receiver.location:
+                    self.send_header("Location", receiver.location)
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            def do_GET(self) -> None:
+                receiver.gets.append(self.path)
+                self.send_response(200)
+                self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass

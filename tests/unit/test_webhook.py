@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,6 +79,23 @@ class TestWebhookConfig:
         with pytest.raises(ConfigError, match=r"apps.web.webhook.url: is required"):
             self.parse({"timeout": "1s"})
 
+    def test_a_url_is_never_said_with_its_secret(self) -> None:
+        """The attacker review: a scheme typo printed the whole URL (a Slack webhook's
+        secret is its path) to the journal at each reload; a user:password in it, which
+        urllib never sends, was said in the error logged at every message."""
+        secret = "T000/B000/XXXXSECRETXXXX"
+        with pytest.raises(ConfigError) as err:
+            self.parse({"url": f"htps://hooks.slack.com/services/{secret}"})
+        assert 'got "htps://hooks.slack.com/..."' in str(err.value), err.value
+        assert secret not in str(err.value)
+        with pytest.raises(ConfigError) as err:
+            self.parse({"url": "https://bot:S3CRETPASS@hooks.example.com/hook"})
+        assert "must not hold a user or password" in str(err.value)
+        assert "S3CRETPASS" not in str(err.value)
+        for port in ("44x3", "99999"):
+            with pytest.raises(ConfigError, match="has no valid port"):
+                self.parse({"url": f"https://hooks.example.com:{port}/{secret}"})
+
 
 class TestWebhookSender:
     def test_posts_json_with_text(self, receiver: Receiver) -> None:
@@ -95,6 +114,45 @@ class TestWebhookSender:
         failures = metrics.webhook_failures.labels(app="web", reason="http")
         wait_until(lambda: failures._value.get() == 1)
         assert len(receiver.bodies) == 3  # the first try and two retries
+
+    def test_a_redirect_is_a_failure_and_is_not_followed(self, receiver: Receiver) -> None:
+        """It was followed, as a GET to wherever it pointed (any host the daemon reaches),
+        the message lost and counted as sent (the attacker review)."""
+        receiver.status = 302
+        receiver.location = receiver.url.replace("/hook", "/internal-admin?x=1")
+        metrics = Metrics()
+        sender = WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web", metrics=metrics)
+        sender.send({"text": "x", "event": "committed"})
+        failures = metrics.webhook_failures.labels(app="web", reason="http")
+        wait_until(lambda: failures._value.get() == 1)
+        assert receiver.gets == [] and metrics.webhook_sent.labels(app="web")._value.get() == 0
+
+    def test_an_answer_that_is_not_http_is_retried_and_counted(self) -> None:
+        """BadStatusLine is no OSError: it was neither retried nor counted (the review)."""
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        served: list[int] = []
+
+        def answer() -> None:
+            while len(served) < 2:
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HELLO\r\n\r\n")
+                served.append(1)
+
+        threading.Thread(target=answer, daemon=True).start()
+        metrics = Metrics()
+        sender = WebhookSender(
+            WebhookSettings(f"http://127.0.0.1:{port}/hook", 2.0, 1), app="web", metrics=metrics
+        )
+        try:
+            sender.send({"text": "x"})
+            failures = metrics.webhook_failures.labels(app="web", reason="network")
+            wait_until(lambda: failures._value.get() == 1)
+            assert len(served) == 2  # the first try and its retry
+        finally:
+            server.close()
 
     def test_a_refusing_receiver_is_counted(self) -> None:
         metrics = Metrics()
