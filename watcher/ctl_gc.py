@@ -549,7 +549,10 @@ def _human_forget(
     if not dry_run:
         lines.append(
             "A host forgotten by mistake comes back by itself when its watcher starts (it "
-            "writes its host record and member key again and converges to the fleet's release)."
+            "writes its host record and member key again and converges to the fleet's release; "
+            "not to a release whose deploy one host alone acked, as in a fleet of two, which "
+            "any host's token could have written: it raises an alarm instead, and the next "
+            "deploy with it back brings it along)."
         )
     return "\n".join(lines)
 
