@@ -59,7 +59,13 @@ from watcher.errors import (
     WatcherError,
 )
 from watcher.fsutil import append_bytes, atomic_write_json, process_started
-from watcher.hooks import HookContext, hook_commands, run_hooks
+from watcher.hooks import (
+    HOOK_MOVED_CURRENT,
+    HookContext,
+    current_moved,
+    hook_commands,
+    run_hooks,
+)
 from watcher.ids import one_line, shown
 from watcher.log import get_logger
 from watcher.records import (
@@ -2302,13 +2308,14 @@ class AppAgent:
             # `rollback --local` while the hooks ran: the hold says so (the code review)
             f"moved while they ran, held here ({hold.reason}, by {hold.by})"
             if hold is not None
-            else "a hook must not switch current (the watcher does)"
+            else f"{HOOK_MOVED_CURRENT} (the watcher does)"
         )
-        raise HookError(
+        raise current_moved(
             phase,
             ", ".join(argv[0] for argv in commands),
-            f"current names {live or 'nothing'} after the hooks ran, not "
-            f"{expected or 'nothing'}: {why}; this host does not serve what its ack would say",
+            live,
+            expected,
+            f"{why}; this host does not serve what its ack would say",
         )
 
     def _post_release_or_error(self, rec: DeployRecord, ctx: HookContext) -> HookError | None:

@@ -49,7 +49,13 @@ from watcher.fsutil import (
     signal_watcher,
     watcher_runs,
 )
-from watcher.hooks import HookContext, run_hooks, run_in_release
+from watcher.hooks import (
+    HOOK_MOVED_CURRENT,
+    HookContext,
+    current_moved,
+    run_hooks,
+    run_in_release,
+)
 from watcher.records import (
     COMMIT,
     ArtifactRecord,
@@ -703,12 +709,7 @@ def _run_after_flip(app: AppConfig, engine: ReleaseEngine, target: str, before: 
         # As the watcher checks after its own flips: a hook that switched `current` left
         # this host elsewhere than this command says (the session's review).
         if (now := engine.current_release()) != target:
-            raise HookError(
-                phase,
-                "(the app's hooks)",
-                f"current names {now or 'nothing'} after the hooks ran, not {target}: a "
-                "hook must not switch current",
-            )
+            raise current_moved(phase, "(the app's hooks)", now, target, HOOK_MOVED_CURRENT)
 
 
 def _hook_context(

@@ -201,6 +201,24 @@ def base_environ(identity_home: str, identity_name: str) -> dict[str, str]:
     return env
 
 
+#: Why a move of `current` during a phase's hooks fails that step (docs/hooks.md).
+HOOK_MOVED_CURRENT = "a hook must not switch current"
+
+
+def current_moved(
+    phase: str, hooks: str, now: str | None, expected: str | None, why: str
+) -> HookError:
+    """The step's failure when `current` names ``now`` after ``phase``'s hooks (``hooks``,
+    for the message) instead of ``expected``: the watcher's checks after its own switches
+    and `watcherctl rollback --local`'s say it alike."""
+    return HookError(
+        phase,
+        hooks,
+        f"current names {now or 'nothing'} after the hooks ran, not {expected or 'nothing'}: "
+        + why,
+    )
+
+
 def _hook_name(argv0: str, release_dir: Path) -> str:
     """How a hook is named in logs and errors: release hooks relative to the release."""
     try:
