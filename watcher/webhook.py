@@ -12,6 +12,7 @@ import http.client
 import json
 import queue
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -29,6 +30,8 @@ QUEUE_MAX = 100  # messages waiting for a slow receiver; past that new ones are 
 RETRY_BASE = 0.5  # seconds before the first retry, doubled each time
 SENT_KEEP = 256  # (deploy, event) pairs remembered so that each event is sent once
 DRAIN_AT_STOP = 5.0  # seconds a stopping daemon gives its queued messages, all apps together
+TEXT_HOSTS = 10  # failing hosts named in the chat text; the rest are counted ("and 3 more")
+TEXT_ERROR = 300  # characters of one host's error (or the reason) in the chat text
 
 
 _CLOSE: dict[str, Any] = {}  # the queue's last item when a sender is closed
@@ -114,6 +117,7 @@ class WebhookSender:
     def _post(self, message: dict[str, Any]) -> bool:
         body = json.dumps(message, separators=(",", ":")).encode()
         error = ""
+        timeout = self.settings.timeout
         for attempt in range(self.settings.retries + 1):
             if attempt:
                 time.sleep(RETRY_BASE * 2 ** (attempt - 1))
@@ -123,22 +127,40 @@ class WebhookSender:
                 headers={"Content-Type": "application/json", "User-Agent": "release-watcher"},
                 method="POST",
             )
+            # ``timeout`` bounds each connect and read, not the request: a receiver that
+            # answers a byte at a time held the thread 20 s against a 1 s timeout (the
+            # review). The watchdog shuts the socket down when the whole POST is over it.
+            watchdog = _Watchdog(timeout)
             try:
-                with _OPENER.open(request, timeout=self.settings.timeout) as resp:
+                try:
+                    resp = _opener(watchdog).open(request, timeout=timeout)
+                except urllib.error.HTTPError as exc:
+                    exc.close()
+                    error = f"HTTP {exc.code}"
+                    if 400 <= exc.code < 500 and exc.code != 429:
+                        break  # the receiver refuses this message; sending it again changes nothing
+                    continue
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    # refused, reset, timed out, an answer that is not HTTP (BadStatusLine:
+                    # it was neither counted nor retried, the attacker review)
+                    error = (
+                        f"no whole answer within the timeout ({timeout:g} s)"
+                        if watchdog.fired
+                        else f"{type(exc).__name__}: {exc}"
+                    )
+                    continue
+                # A 2xx status line and headers: the receiver took the message. Its body
+                # is read only within what is left of the timeout, and no error in it
+                # sends the message again.
+                with contextlib.suppress(OSError, ValueError, http.client.HTTPException), resp:
                     resp.read(1024)
-                self._count("webhook_sent")
-                log.info(
-                    "webhook_sent", app=self.app, notice=message.get("event"), attempts=attempt + 1
-                )
-                return True
-            except urllib.error.HTTPError as exc:
-                error = f"HTTP {exc.code}"
-                if 400 <= exc.code < 500 and exc.code != 429:
-                    break  # the receiver refuses this message; sending it again changes nothing
-            except (OSError, ValueError, http.client.HTTPException) as exc:
-                # refused, reset, timed out, an answer that is not HTTP (BadStatusLine: it
-                # was neither counted nor retried, the attacker review)
-                error = f"{type(exc).__name__}: {exc}"
+            finally:
+                watchdog.cancel()
+            self._count("webhook_sent")
+            log.info(
+                "webhook_sent", app=self.app, notice=message.get("event"), attempts=attempt + 1
+            )
+            return True
         self._count("webhook_failures", "http" if error.startswith("HTTP") else "network")
         log.error(
             "webhook_failed",
@@ -160,7 +182,80 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _Watchdog:
+    """Shuts the sockets of one POST down once ``seconds`` have passed since it began:
+    a read then fails at once, however the receiver paces its bytes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _connected(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            late = self.fired
+        if late:  # fired while it connected
+            _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> Any:
+        """``base`` whose sockets this watchdog shuts down: each one as ``connect`` leaves
+        it (TLS or plain; urllib drops the connection's reference once the answer has
+        begun, the response reads on). A TLS handshake is bounded by ``timeout`` per read
+        only."""
+        watchdog = self
+
+        class Watched(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                watchdog._connected(self.sock)
+
+        return Watched
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        # socket's own shutdown, also for a TLS socket: ``SSLSocket.shutdown`` drops its
+        # TLS state, which the thread reading on it is still using. A socket closed
+        # since has no descriptor left (EBADF): nobody else's is touched.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _TimedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self._watchdog = watchdog
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._watchdog.connection(http.client.HTTPConnection), req)
+
+
+class _TimedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self._watchdog = watchdog
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        return super().do_open(self._watchdog.connection(http_class), req, **kwargs)
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment included) with no redirects, its
+    connections watched by ``watchdog``."""
+    return urllib.request.build_opener(_NoRedirect, _TimedHTTP(watchdog), _TimedHTTPS(watchdog))
 
 
 class DeployNotifier:
@@ -208,9 +303,16 @@ class DeployNotifier:
         reason = view.decision.reason if view.decision is not None else ""
         text = f"[{rec.app}] {what} (deploy {rec.id}, requested by {rec.requested_by})"
         if event in ("aborted", "contested"):
-            text += f": {reason}" if reason else ""
+            # What hosts wrote is cut in the text (a host's error may be 4,000 characters,
+            # and a fleet of them made a message chats refuse); the fields keep it whole.
+            text += f": {ids.one_line_short(reason, TEXT_ERROR)}" if reason else ""
             if failing:
-                text += "; failing: " + "; ".join(f"{n}: {e}" for n, e in failing.items())
+                named = list(failing.items())[:TEXT_HOSTS]
+                text += "; failing: " + "; ".join(
+                    f"{n}: {ids.one_line_short(e, TEXT_ERROR)}" for n, e in named
+                )
+                if len(failing) > TEXT_HOSTS:
+                    text += f"; and {len(failing) - TEXT_HOSTS} more failing hosts"
         self.sender.send(
             {
                 "text": chat_text(text),
@@ -246,14 +348,13 @@ def notifier_for(
 
 
 # What Mattermost-like chats read in a webhook's text beside Slack's markup: a mention
-# of everyone (``@channel``, ``@all``, ``@here``; Slack too when the hook links names) and
-# a Markdown link ``[text](url)``. A zero-width space after the ``@`` or between ``]``
-# and ``(`` leaves them shown as written, inert.
-# Letters and digits only around it: Mattermost trims ``_`` and punctuation off a mention
-# (``_@channel_`` pings), so ``\w`` and ``\b``, which take ``_`` for a letter, fall short.
-_CHAT_MENTION = re.compile(
-    r"(?<![A-Za-z0-9])@(?=(?:channel|all|here|everyone)(?![A-Za-z0-9]))", re.IGNORECASE
-)
+# (``@channel``, ``@here``, a person's ``@alice`` or a group's; Slack too when the hook
+# links names) and a Markdown link ``[text](url)``. A zero-width space after the ``@`` or
+# between ``]`` and ``(`` leaves them shown as written, inert. Every ``@`` that starts a
+# name is one: nothing a host wrote may page a person. Only letters and digits before it
+# keep it (``ops@example.com``): Mattermost trims ``_`` and punctuation off a mention
+# (``_@channel_`` pings), so ``\b``, which takes ``_`` for a letter, falls short.
+_CHAT_MENTION = re.compile(r"(?<![A-Za-z0-9])@(?=[\w.\-])")
 _ZWSP = "\u200b"
 
 

@@ -154,6 +154,89 @@ class TestWebhookSender:
         finally:
             server.close()
 
+    def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_at_the_timeout(self) -> None:
+        """``timeout`` bounds the whole POST, not each read: a receiver that sent a byte
+        every 0.2 s held the thread 20 s against a 1 s timeout, then counted as sent."""
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        stop = threading.Event()
+
+        def dribble() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                        if stop.wait(0.2):
+                            return
+                        try:
+                            conn.sendall(bytes([byte]))
+                        except OSError:
+                            break
+
+        threading.Thread(target=dribble, daemon=True).start()
+        metrics = Metrics()
+        sender = WebhookSender(
+            WebhookSettings(f"http://127.0.0.1:{port}/hook", 1.0, 1), app="web", metrics=metrics
+        )
+        try:
+            started = time.monotonic()
+            sender.send({"text": "x"})
+            failures = metrics.webhook_failures.labels(app="web", reason="network")
+            wait_until(lambda: failures._value.get() == 1, timeout=15)
+            took = time.monotonic() - started
+            # two tries of 1 s and the 0.5 s pause between them; the answer takes 7.6 s
+            assert took < 4.0, took
+            assert metrics.webhook_sent.labels(app="web")._value.get() == 0
+        finally:
+            stop.set()
+            server.close()
+
+    def test_a_slow_body_after_a_2xx_is_sent_once(self) -> None:
+        """The status line says the receiver took the message: a body that dribbles past
+        the timeout is cut, and the message is counted sent, not posted again."""
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        posts: list[int] = []
+        stop = threading.Event()
+
+        def answer() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    posts.append(1)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                    for _ in range(100):
+                        if stop.wait(0.2):
+                            return
+                        try:
+                            conn.sendall(b"y")
+                        except OSError:
+                            break
+
+        threading.Thread(target=answer, daemon=True).start()
+        metrics = Metrics()
+        sender = WebhookSender(
+            WebhookSettings(f"http://127.0.0.1:{port}/hook", 1.0, 2), app="web", metrics=metrics
+        )
+        try:
+            started = time.monotonic()
+            sender.send({"text": "x"})
+            wait_until(lambda: metrics.webhook_sent.labels(app="web")._value.get() == 1)
+            assert time.monotonic() - started < 3.0
+            time.sleep(0.5)
+            assert posts == [1]
+        finally:
+            stop.set()
+            server.close()
+
     def test_a_refusing_receiver_is_counted(self) -> None:
         metrics = Metrics()
         # A port nothing listens on: connection refused.
@@ -290,6 +373,24 @@ class TestDeployNotifier:
         assert body["failing_hosts"] == {"h2": "post_release: status 3"}
         assert "h2: post_release: status 3" in body["text"]
 
+    def test_the_chat_text_names_ten_failing_hosts_and_cuts_each_error(
+        self, receiver: Receiver
+    ) -> None:
+        """Every host may write a 4,000-character error: 40 of them made a 160 KB chat
+        message (the review). The text names ten, each cut; the fields keep them whole."""
+        notifier = DeployNotifier(WebhookSender(WebhookSettings(receiver.url, 2.0, 0), app="web"))
+        states = {f"h{i:02d}": ("failed", f"h{i:02d} says " + "x" * 3990) for i in range(40)}
+        notifier.ended(view("abort", states), "aborted", node="h00")
+        wait_until(lambda: len(receiver.bodies) == 1)
+        [body] = receiver.bodies
+        text = body["text"]
+        assert len(text) < 5000, len(text)
+        assert "h09: h09 says xxx" in text and "h10:" not in text
+        assert text.endswith("; and 30 more failing hosts")
+        assert "(3999 characters)" in text  # "h00 says " and 3,990 x
+        assert len(body["failing_hosts"]) == 40
+        assert body["failing_hosts"]["h39"] == "h39 says " + "x" * 3990
+
     def test_what_hosts_wrote_is_escaped_in_the_chat_text(self, receiver: Receiver) -> None:
         """A host's error (any host's token writes its own) cannot ping the channel, hide a
         link or carry a terminal escape in the text chats show; the structured fields keep
@@ -314,9 +415,14 @@ class TestDeployNotifier:
         text = chat_text("@channel @ALL see @here: [details](https://evil.example) @alice")
         assert text == (
             "@\u200bchannel @\u200bALL see @\u200bhere: "
-            "[details]\u200b(https://evil.example) @alice"
+            "[details]\u200b(https://evil.example) @\u200balice"
         )
-        assert chat_text("mail ops@all.example, @channels") == "mail ops@all.example, @channels"
+        # A person or a group is paged as well as everyone: none of them, from what hosts
+        # wrote (the review). An address is not a mention and stays whole.
+        assert chat_text("mail ops@all.example, @channels, @on-call, @jörg") == (
+            "mail ops@all.example, @\u200bchannels, @\u200bon-call, @\u200björg"
+        )
+        assert chat_text("requested by alice@web-1 (web)") == "requested by alice@web-1 (web)"
         # Mattermost trims underscores off a mention: those ping too.
         assert chat_text("_@channel @here__ (@all)") == (
             "_@\u200bchannel @\u200bhere__ (@\u200ball)"
