@@ -1197,6 +1197,8 @@ class DeployStore:
                 "url": artifact.url,
                 "size": artifact.size,
                 "format": artifact.format,  # a rollback of a rollback reads it right too
+                "branch": artifact.branch,
+                "commit": artifact.commit,
             }
         return DeployRecord(
             id=check_deploy_id(deploy_id),
@@ -2779,6 +2781,8 @@ def rollback_target(
             create_index=joined.create_index,
             digest=joined.digest,
             format=rec.format,
+            branch=rec.branch,
+            commit=rec.commit,
         )
     if release is not None and not candidates:
         raise RollbackTargetUnknown(

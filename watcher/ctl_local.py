@@ -717,11 +717,21 @@ def _hook_context(
 ) -> HookContext:
     lay = engine.layout
     info = engine.release_info(release) or {}
+
+    def said(key: str) -> str:
+        # release.json is in the tree the app's user owns: only a string an environment
+        # can carry, else nothing (a NUL made the hook's start fail)
+        value = info.get(key)
+        return value if isinstance(value, str) and "\0" not in value else ""
+
     return HookContext(
         app=engine.app.name,
-        deploy_id=str(info.get("deploy_id", "")),
+        deploy_id=said("deploy_id"),
         kind=kind,
-        artifact=str(info.get("artifact", "")),
+        artifact=said("artifact"),
+        # as staged (a tree staged before release.json kept them has neither)
+        commit=said("commit"),
+        branch=said("branch"),
         release=release,
         release_dir=str(lay.release_dir(release)),
         previous_release_dir=str(lay.release_dir(previous)) if previous else "",

@@ -470,6 +470,10 @@ class ReleaseRef(Document):
     create_index: int = 0
     digest: str = ""
     format: str = "tar.gz"
+    # What the build was made from, as the committed request says (a rollback's hooks get
+    # them as WATCHER_BRANCH and WATCHER_COMMIT, like the deploy's own hooks did).
+    branch: str = ""
+    commit: str = ""
 
     def validate(self, label: str) -> None:
         _need(self.format in ("tar.gz", "tar"), label, f"unknown format {self.format!r}")
@@ -484,7 +488,7 @@ class ReleaseRef(Document):
             f"invalid deploy id {self.deploy!r}",
         )
         _need(_is_int(self.create_index), label, "create_index must be an integer")
-        _need_strings(self, label, "artifact", "sha256", "url", "digest")
+        _need_strings(self, label, "artifact", "sha256", "url", "digest", "branch", "commit")
         _need(_is_int(self.size), label, "size must be an integer")
 
 

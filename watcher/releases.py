@@ -1058,6 +1058,8 @@ class ReleaseEngine:
                     "deploy_id": deploy_id,
                     "size": record.size,
                     "format": record.format,
+                    "branch": record.branch,
+                    "commit": record.commit,
                     "staged_at": iso(self.clock()),
                 },
             )

@@ -682,6 +682,45 @@ class TestHistory:
         assert "d0" in acked_deploys(store, "n1")
         assert rollback_target(store, None).deploy == "d0"
 
+    def test_a_rollback_names_the_branch_and_commit_of_its_target(self, store: DeployStore) -> None:
+        """The docs review: a rollback's hooks got WATCHER_BRANCH and WATCHER_COMMIT empty
+        (its request had neither), though the deploy it goes back to named both."""
+        s = member(store, "n1")
+        commits = {"d0": "a" * 40, "d1": "b" * 40}
+        for i, (deploy_id, sha) in enumerate(commits.items()):
+            store.consul.kv_delete(store.keys.inflight)
+            art = ArtifactRecord(
+                id=f"main-{sha[:8]}",
+                url="s3://b/a/web/x.tar.gz",
+                sha256=SHA,
+                size=1,
+                branch=f"release/{i}",
+                commit=sha,
+            )
+            joined = start_deploy(store, deploy_id, {"n1": s}, art)
+            assert ack(store, joined, "n1", READY, s)
+            verdict = store.establish(joined)
+            assert verdict.outcome == COMMIT
+            assert store.end(
+                joined, verdict, by="n1", history_keep=10, on_validate_failure="rollback"
+            )[0]
+        first = store.deploy_record("d0")
+        assert first is not None
+        # current.previous, and the release named
+        for target in (rollback_target(store, None), rollback_target(store, first.release)):
+            assert (target.deploy, target.branch, target.commit) == ("d0", "release/0", "a" * 40)
+            rb = store.new_record(
+                deploy_id="d2",
+                kind="rollback",
+                artifact=target,
+                release=target.release,
+                requested_by="tests",
+                expected={"n1": s},
+                prepare_timeout=60,
+                apply_timeout=60,
+            )
+            assert (rb.branch, rb.commit) == ("release/0", "a" * 40)
+
     def test_a_rollback_to_a_named_release_does_not_depend_on_current(
         self, store: DeployStore
     ) -> None:

@@ -151,6 +151,8 @@ class Host:
         post_release: bool = True,
         files: dict[str, str | bytes] | None = None,
         executable: tuple[str, ...] = ("bin/hello",),
+        branch: str = "",
+        commit: str = "",
     ) -> str:
         """Stage release ``i`` from a real tarball (as a deploy would, post_release done)."""
         release = release_of(i)
@@ -165,6 +167,8 @@ class Host:
             url=f"s3://unused/artifacts/web/build-{i}.tar.gz",
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),
+            branch=branch,
+            commit=commit,
         )
         with self.engine.lock(owner="test"):
             self.engine.stage_from_file(path, record, release, f"deploy-{i}")
@@ -282,6 +286,31 @@ class TestRollbackLocal:
             "done before"
         )
         assert len(ran.read_text().splitlines()) == 2
+
+    def test_the_hooks_are_told_the_build_the_release_was_made_from(
+        self, host: Host, tmp_path: Path
+    ) -> None:
+        """The docs review: WATCHER_BRANCH and WATCHER_COMMIT were empty here; release.json
+        keeps them from the staging. It is in the tree the app's user owns: a value no
+        environment can carry (a NUL) is left out, not a failed hook start."""
+        told = tmp_path / "told"
+        hook = f'#!/bin/sh\necho "$WATCHER_ARTIFACT|$WATCHER_BRANCH|$WATCHER_COMMIT" >> "{told}"\n'
+        files: dict[str, str | bytes] = {"VERSION": "v6\n", ".watcher/hooks/post_symlink": hook}
+        target = host.stage(
+            6,
+            files=files,
+            executable=(".watcher/hooks/post_symlink",),
+            branch="main",
+            commit="c0ffee" * 6 + "0000",
+        )
+        assert host.ctl("rollback", "web", "--local", "--to", target).returncode == 0
+        assert told.read_text() == f"build-6|main|{'c0ffee' * 6}0000\n"
+        meta = host.engine.layout.release_dir(target) / ".watcher" / "release.json"
+        data = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**data, "branch": "main\u0000x", "commit": ["not", "text"]}))
+        assert host.ctl("rollback", "web", "--local", "--to", release_of(4)).returncode == 0
+        assert host.ctl("rollback", "web", "--local", "--to", target).returncode == 0
+        assert told.read_text().splitlines()[-1] == "build-6||"
 
     def test_not_while_this_host_prepares_a_deploy(self, host: Host, tmp_path: Path) -> None:
         """The hook runs under the app's lock, for up to the hook timeout; the deploy this
