@@ -1123,9 +1123,16 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
 
 def _differs(key: str, file_value: Any, env_value: Any) -> bool:
     """Whether the file's ``key`` names another thing than the environment's variable (an
-    address with and without its scheme or a trailing slash is the same one). Only the keys
-    that name something: ``verify`` is a yes or no either way."""
-    if key == "verify" or not isinstance(file_value, str) or not isinstance(env_value, str):
+    address with and without its scheme or a trailing slash is the same one). ``verify``:
+    a yes against a no (the file's ``verify: false`` silently beat CONSUL_HTTP_SSL_VERIFY,
+    the docs review)."""
+    if key == "verify":
+        return (
+            isinstance(file_value, bool)
+            and isinstance(env_value, bool)
+            and (file_value != env_value)
+        )
+    if not isinstance(file_value, str) or not isinstance(env_value, str):
         return False
     if key == "address":
         return _bare(file_value) != _bare(env_value)

@@ -1055,7 +1055,7 @@ class TestConsulEnvironment:
             "CONSUL_HTTP_ADDR": "https://10.0.0.9:8501",
             "CONSUL_HTTP_TOKEN": "env-token",
             "CONSUL_CACERT": str(ca),
-            "CONSUL_HTTP_SSL_VERIFY": "false",  # a yes or no: not a thing named
+            "CONSUL_HTTP_SSL_VERIFY": "yes",  # the file's true, said otherwise: the same
         }
         file = {"address": "127.0.0.5:8500", "token": "file-token", "verify": True}
         config = parse(minimal(consul=file), env=env)
@@ -1066,6 +1066,17 @@ class TestConsulEnvironment:
             "environment, which names another address (unset it, or remove the key from "
             "the file to use it)"
         ]
+        # A no against the file's yes, or a yes against its no, is said too (the docs
+        # review: the file's `verify: false` silently beat CONSUL_HTTP_SSL_VERIFY=true).
+        for written, exported in ((True, "false"), (False, "1")):
+            env_verify = {**env, "CONSUL_HTTP_SSL_VERIFY": exported}
+            verify = parse(minimal(consul={**file, "verify": written}), env=env_verify).consul
+            assert verify.verify is written
+            assert "CONSUL_HTTP_SSL_VERIFY" in verify.env_overridden
+            assert (
+                "consul.verify: the file's value is used, not CONSUL_HTTP_SSL_VERIFY of the "
+                "environment, which differs (unset it, or remove the key from the file to use it)"
+            ) in env_overridden_warnings(dataclasses.replace(config, consul=verify))
         # The file's token_file overrides an exported token as well (one token is sent).
         (tmp_path / "tok").write_text("file-token\n")
         by_file = {"token_file": str(tmp_path / "tok")}
