@@ -205,6 +205,12 @@ class TestDirectives:
 
         assert self.service("RestartPreventExitStatus") == [str(EXIT_CONFIG)]
 
+    def test_a_hook_the_oom_killer_ends_does_not_stop_the_service(self) -> None:
+        """Hooks share the cgroup: under OOMPolicy=stop (systemd's default) one hook
+        killed for memory stopped the daemon, mid-step."""
+        assert self.service("OOMPolicy") == ["continue"]
+        assert self.service("Restart") == ["on-failure"]
+
     def test_stop_waits_for_a_hook_in_flight(self) -> None:
         """TimeoutStopSec covers the default hook timeout with a margin."""
         assert self.service("KillMode") == ["mixed"]
