@@ -335,20 +335,25 @@ def deploy_request(
     )
 
 
-def fleet_still_on(store: DeployStore, release: str) -> int:
+def fleet_still_on(store: DeployStore, release: str) -> int | None:
     """The ModifyIndex of `current` while it names ``release``, the fleet's release as the
     caller saw it (the page's deploy button), for ``DeployStore.start`` to check; refused
     once it names another: a deploy chosen from a page shown before another deploy ended
-    would otherwise replace that deploy's release unseen (a downgrade, from a second tab)."""
+    would otherwise replace that deploy's release unseen (a downgrade, from a second tab).
+
+    ``""``: the caller saw the fleet on no release yet (its first deploy). Checked here
+    only, not again in the start's txn (None): that would be Consul's check-not-exists,
+    which asks for write permission on `current`, and an operator's token has none. What
+    is left is a deploy ending between this read and the start, milliseconds apart."""
     current, index = store.current()
     now = current.release if current is not None else None
-    if now != release:
+    if now != (release or None) or (not release and index):
         said = now or ("unreadable" if index else "none yet")
         raise DeployRefused(
-            f"app {store.app}: the fleet's release is now {said}, not {release}: the fleet "
-            "moved since you looked; look again and choose"
+            f"app {store.app}: the fleet's release is now {said}, not {release or 'none yet'}: "
+            "the fleet moved since you looked; look again and choose"
         )
-    return index
+    return index or None
 
 
 def _resumable(store: DeployStore, artifact_id: str) -> tuple[str, str]:

@@ -411,6 +411,19 @@ class TestDeployApiWithAcls:
         )
         assert env.fleet.inflight() is None
         assert set(env.fleet.currents().values()) == {now}
+        # A tab shown the fleet on no release yet (its first deploy), once one has ended:
+        # refused alike, for a deploy and a rollback.
+        for path, body in (
+            ("deploys", {"artifact": older.id, "current": ""}),
+            ("rollbacks", {"release": seen, "current": ""}),
+        ):
+            r = env.web.post(f"/api/v1/apps/web/{path}", body, env.web_operator)
+            assert r.status_code == 409, r.text
+            assert r.json()["error"] == (
+                f"app web: the fleet's release is now {now}, not none yet: the fleet moved "
+                "since you looked; look again and choose"
+            )
+        assert env.fleet.inflight() is None
         bad = {"artifact": older.id, "current": "../x"}
         r = env.web.post("/api/v1/apps/web/deploys", bad, env.web_operator)
         assert r.status_code == 422 and "current" in r.json()["error"], r.text

@@ -27,7 +27,8 @@ from tests.unit.test_ctl import a_record
 from watcher import ids
 from watcher.barrier import DeployView
 from watcher.config import parse_config
-from watcher.errors import ConsulUnavailable
+from watcher.ctl_fleet import fleet_still_on
+from watcher.errors import ConsulUnavailable, DeployRefused
 from watcher.records import NodeProgress
 from watcher.web import app as web_app
 from watcher.web.app import (
@@ -1141,6 +1142,27 @@ class TestLiveFeed:
 
 
 class TestHelpers:
+    def test_the_fleets_release_as_the_caller_saw_it(self) -> None:
+        """``current`` of a deploy or rollback: the release the page showed, ``""`` for
+        none yet (a fleet's first deploy); what it is now decides, and only a release
+        named is checked again in the start's txn (an operator's token may not ask
+        Consul's check-not-exists of `current`)."""
+
+        def store(release: str | None, index: int) -> Any:
+            now = None if release is None else types.SimpleNamespace(release=release)
+            return types.SimpleNamespace(app="web", current=lambda: (now, index))
+
+        assert fleet_still_on(store(None, 0), "") is None
+        assert fleet_still_on(store("r1", 7), "r1") == 7
+        for (release, index), seen, said in (
+            (("r1", 7), "", "now r1, not none yet"),
+            ((None, 0), "r1", "now none yet, not r1"),
+            ((None, 9), "", "now unreadable, not none yet"),  # there, and does not parse
+            (("r2", 8), "r1", "now r2, not r1"),
+        ):
+            with pytest.raises(DeployRefused, match=f"the fleet's release is {said}: the fleet"):
+                fleet_still_on(store(release, index), seen)
+
     def test_is_loopback(self) -> None:
         assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
         assert is_loopback("127.0.13.2")

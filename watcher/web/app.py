@@ -225,9 +225,10 @@ CURRENT_FIELD = Field(
     default=None,
     description="the fleet's release as the caller saw it (the page sends the one it shows): "
     "the write starts only while `current` still names it, else 409 (a deploy that ended "
-    "since is not replaced unseen); absent: no such check, as with watcherctl: " + ids.RELEASE_RULE,
+    'since is not replaced unseen); "" for a fleet on no release yet; absent: no such '
+    "check, as with watcherctl: " + ids.RELEASE_RULE,
     max_length=160,
-    json_schema_extra={"pattern": f"^{ids.RELEASE_INPUT_PATTERN}$"},
+    json_schema_extra={"pattern": f"^(?:{ids.RELEASE_INPUT_PATTERN})?$"},
 )
 
 
@@ -1475,7 +1476,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         valid(
             ids.check_artifact_id, body.artifact, "artifact", "an artifact id", ids.ARTIFACT_ID_RULE
         )
-        if body.current is not None:
+        if body.current:  # "": the fleet was on no release yet
             valid(
                 ids.check_release_input, body.current, "current", "a release name", ids.RELEASE_RULE
             )
@@ -1508,7 +1509,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
             raise ApiError(422, "give release or previous, not both")
         given = (("release", body.release), ("previous", body.previous), ("current", body.current))
         for field, value in given:
-            if value is not None:
+            if value is not None and (value or field != "current"):  # current "": none yet
                 valid(ids.check_release_input, value, field, "a release name", ids.RELEASE_RULE)
         caller = state.writer(request)
         store = state.store(name, caller.consul)

@@ -261,11 +261,14 @@ async function write(button, allowMissing, seen) {
   // once another deploy has ended since (another tab, another operator), the API refuses
   // it rather than replace that deploy's release unseen.
   // Asked again (allow_missing): the release of the first question, not one shown since.
+  // "" is a fleet on no release yet (its first deploy): sent too, so that a tab shown it
+  // before a first deploy ended cannot deploy over that one unseen. No release shown (the
+  // fleet's is unreadable): nothing sent, no check.
   const shown = document.querySelector("#fleet .release[data-release]");
-  const current = seen !== undefined ? seen : (shown && shown.dataset.release) || "";
-  if (action !== "abort" && current) {
+  const current = seen !== undefined ? seen : shown ? shown.dataset.release : undefined;
+  if (action !== "abort" && current !== undefined) {
     payload.current = current;
-    question = question.slice(0, -1) + " (now on " + current + ")?";
+    question = question.slice(0, -1) + " (now on " + (current || "nothing yet") + ")?";
   }
   if (allowMissing) {
     payload.allow_missing = true;
