@@ -63,6 +63,7 @@ FIRST_SESSION_WAIT = 15.0  # seconds the loop waits at start for the first sessi
 ACK_WATCH_SETTLE = 0.1  # seconds the coordinator lets acks gather before it looks again
 LOOP_RETRY_DEADLINE = 2.0  # seconds a Consul call of the daemon retries before giving up
 HEARTBEAT_LOG = 60.0  # an unchanged cycle outcome is logged again after this long
+_COUNTDOWN = re.compile(r"retry in \d+s")
 REFUSED_RETRY = 10.0  # seconds between asks while Consul refuses the token (start, session)
 STATUS_FILE = "status.json"
 SESSION_FILE = "session.json"
@@ -537,6 +538,7 @@ class EventWatcher(threading.Thread):
 
     def run(self) -> None:
         index: str | None = None
+        failing = ""  # the error said last; "" while the watch works
         while not self.stopping.is_set():
             try:
                 if index is None:
@@ -549,9 +551,16 @@ class EventWatcher(threading.Thread):
                     index=index, wait=WATCH_WAIT, skip=self.handled
                 )
             except Exception as exc:  # Consul unreachable, or anything: retry
-                log.warning("event_watch_failed", error=str(exc))
+                # Said once while it lasts, and again when it changes: a refused token or
+                # a stopped agent logged a line a second for as long (the ACL review).
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.warning("event_watch_failed", error=failing, retry_every="1s")
                 self.stopping.wait(1.0)
                 continue
+            if failing:
+                failing = ""
+                log.info("event_watch_recovered")
             if new_index == index:
                 continue
             index = new_index
@@ -609,6 +618,7 @@ class Daemon:
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
+        self._last_gist = ""  # the line logged last, its retry countdown left out
         # Senders a reload replaced, with messages still queued: a stop drains them too.
         self._retired: list[tuple[str, WebhookSender]] = []
         self._last_logged = 0.0
@@ -1002,9 +1012,14 @@ class Daemon:
         # A cycle that only dropped bad events says nothing of its own (their `event_dropped`
         # lines did): it logged `"outcome": ""`, then the line before it again.
         changed = bool(line) and line != self._last_line
-        if line and (changed or now - self._last_logged > HEARTBEAT_LOG):
+        # A retry's countdown ("retry in 9s", "8s" ...) is not news: the line logged once a
+        # second while Consul refused a token (the ACL review).
+        gist = _COUNTDOWN.sub("retry in", line)
+        if line and (gist != self._last_gist or now - self._last_logged > HEARTBEAT_LOG):
             log.info("cycle", outcome=line)
-            self._last_line, self._last_logged = line, now
+            self._last_gist, self._last_logged = gist, now
+        if line:
+            self._last_line = line
         if now - self._status_written > STATUS_HEARTBEAT:
             self._status_written = now
             self._write_status(force=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from watcher.config import parse_config
 from watcher.consul_api import ConsulEvent
@@ -127,3 +128,28 @@ class TestEventsHandled:
         seen |= {r for _, r in handle(daemon, "rollback", {"app": "web"})}
         seen |= {r for _, r in handle(daemon, "deploy", b"{")}
         assert seen == DOCUMENTED
+
+
+class TestCycleLog:
+    def test_a_retry_countdown_is_not_logged_each_second(
+        self, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While Consul refused a token the loop logged "prepare failed, retry in 9s",
+        "8s" ... once a second (the ACL review): the countdown is not news, another
+        outcome is."""
+        lines = iter(
+            [f"prepare failed, retry in {n}s" for n in range(9, 0, -1)]
+            + ["prepare failed, retry in 9s: disk full", "idle", "idle"]
+        )
+        monkeypatch.setattr(daemon, "_reconcile", lambda agent: next(lines))
+        monkeypatch.setattr(daemon, "_write_status", lambda **kw: None)
+        monkeypatch.setattr(daemon, "_download_shown", lambda: False)
+        with capture_logs() as logs:
+            for _ in range(12):
+                daemon._cycle()
+        assert [e["outcome"] for e in logs if e["event"] == "cycle"] == [
+            "web: prepare failed, retry in 9s",
+            "web: prepare failed, retry in 9s: disk full",
+            "web: idle",
+        ]
+        assert daemon._last_line == "web: idle"

@@ -6,6 +6,8 @@ import queue
 import threading
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from watcher.consul_api import ConsulEvent
 from watcher.daemon import EventWatcher
 from watcher.events import HandledEvents
@@ -81,3 +83,46 @@ def test_handled_ids_are_bounded() -> None:
     assert handled.add(f"id-{n}" for n in range(300)) is True
     assert "id-43" not in handled and "id-44" in handled and "id-299" in handled
     assert handled.add(["id-299", "id-44"]) is False
+
+
+def test_a_failing_agent_is_said_once_while_it_lasts() -> None:
+    """A refused token or a stopped agent logged `event_watch_failed` once a second for as
+    long as it lasted (the ACL review): now once, again when the error changes, and once
+    when the watch works again. It still asks every second."""
+
+    class FailingAgent(ScriptedAgent):
+        def __init__(self) -> None:
+            super().__init__([], [event(1)])
+            self.errors = ["403 refused"] * 5 + ["connection refused"] * 3
+            self.asked = 0
+
+        def event_list(
+            self, *, index: str | None = None, wait: float | None = None, skip: Any = ()
+        ) -> tuple[str, list[ConsulEvent]]:
+            self.asked += 1
+            if self.errors:
+                raise ConnectionError(self.errors.pop(0))
+            return super().event_list(index=index, wait=wait, skip=skip)
+
+    class Quick(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            return super().wait(0.001)
+
+    agent = FailingAgent()
+    out: queue.Queue[ConsulEvent] = queue.Queue()
+    stopping = Quick()
+    with capture_logs() as logs:
+        watcher = EventWatcher(agent, HandledEvents(256), out, lambda: None, stopping)  # type: ignore[arg-type]
+        watcher.start()
+        assert agent.done.wait(10)
+        stopping.set()
+        watcher.join(5)
+    said = [(e["event"], e.get("error")) for e in logs if e["event"].startswith("event_watch")]
+    assert said == [
+        ("event_watch_failed", "403 refused"),
+        ("event_watch_failed", "connection refused"),
+        ("event_watch_recovered", None),
+        ("event_watch_failed", "script over"),
+    ]
+    assert agent.asked == 8 + 3  # every failure asked again; then primed, one event, over
+    assert [e.id for e in [out.get_nowait() for _ in range(out.qsize())]] == ["id-1"]
