@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to serve on (default: 127.0.0.1:8710, loopback)",
     )
+    web.add_argument(
+        "--root-path",
+        default="",
+        metavar="PATH",
+        help="the path a reverse proxy serves the page under, such as /watcher "
+        "(default: none, the root of its host; docs/web.md)",
+    )
     return parser
 
 
@@ -450,14 +457,16 @@ def run(args: argparse.Namespace) -> int:
 def web(args: argparse.Namespace) -> int:
     """`watcher web`: FastAPI is imported here only, so the daemon never loads it."""
     config = load_config(args.config)
+    from watcher.web.app import check_root_path
     from watcher.web.server import parse_listen, run_web
 
     try:
         parse_listen(args.listen)
+        root = check_root_path(args.root_path)
     except ValueError as exc:
         print(f"watcher web: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return run_web(config, args.listen)
+    return run_web(config, args.listen, root_path=root)
 
 
 COMMANDS = {"run": run, "check-config": check_config, "web": web}

@@ -27,13 +27,15 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "web.md"
 DOCUMENTED_UPSTREAM = "http://127.0.0.1:8710"
 
 
-def documented_location() -> str:
-    """The nginx block of docs/web.md's "Behind a reverse proxy"."""
+def documented_locations() -> list[str]:
+    """The nginx blocks of docs/web.md's "Behind a reverse proxy": at the root of a site,
+    then under a path (``/watcher/``)."""
     section = DOCS.read_text().split("## Behind a reverse proxy", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```nginx\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, "docs/web.md: one nginx block under 'Behind a reverse proxy'"
-    assert DOCUMENTED_UPSTREAM in blocks[0]
-    return str(blocks[0])
+    blocks = [str(b) for b in re.findall(r"```nginx\n(.*?)```", section, re.S)]
+    assert len(blocks) == 2, "docs/web.md: two nginx blocks under 'Behind a reverse proxy'"
+    assert blocks[0].startswith("location / {") and blocks[1].startswith("location /watcher/ {")
+    assert all(DOCUMENTED_UPSTREAM in b for b in blocks)
+    return blocks
 
 
 class TestBehindNginx:
@@ -50,7 +52,7 @@ class TestBehindNginx:
         s3 = S3Settings("unused", "artifacts", "us-east-1", s3_server.endpoint_url)
         web = reader_web(watcher_token_fleet(cluster, s3, tmp_path, prefix), reader, tmp_path)
         web.start()
-        location = documented_location().replace(DOCUMENTED_UPSTREAM, web.url)
+        location = documented_locations()[0].replace(DOCUMENTED_UPSTREAM, web.url)
         nginx = Nginx(tmp_path / "nginx", free_port(), server=location)
         try:
             nginx.start()
@@ -72,9 +74,13 @@ class TestBehindNginx:
                 write = {"Authorization": f"Bearer {operator}", "Origin": proxy}
                 r = c.post(abort, json={}, headers=write)
                 assert r.status_code == 404, r.text
-                # Another site's page is still refused.
+                # Another site's page is still refused, saying what was compared.
                 r = c.post(abort, json={}, headers={**write, "Origin": "http://evil.example"})
                 assert r.status_code == 403 and "another origin" in r.json()["error"], r.text
+                assert (
+                    f"this server was reached as '{web.url.removeprefix('http://')}' (Host) "
+                    f"and '127.0.0.1:{nginx.port}' (X-Forwarded-Host)"
+                ) in r.json()["error"], r.text
 
                 # The live stream comes through at once, not held in nginx's buffers.
                 started = time.monotonic()
@@ -88,6 +94,65 @@ class TestBehindNginx:
                             break
                 took = time.monotonic() - started
                 assert took < 5, f"the first event took {took:.1f} s through the proxy"
+        except BaseException:
+            print(web.log())
+            print(nginx.error_log())
+            raise
+        finally:
+            nginx.stop()
+            web.stop()
+
+    def test_under_a_path_with_root_path_the_page_its_writes_and_stream_stay_under_it(
+        self,
+        cluster: ConsulCluster,
+        s3_server: S3Server,
+        tmp_path: Path,
+    ) -> None:
+        """The proxy review: under `location /watcher/` the page named its style sheet,
+        script, links and requests at the site's root (404s: an unstyled page without its
+        script), and the slash's redirect left the path."""
+        prefix = f"p{time.monotonic_ns()}"
+        server = cluster.server
+        reader, _ = create_token(server, f"reader-{prefix}", render("web", prefix, "web"))
+        operator, _ = create_token(server, f"alice-{prefix}", render("operator", prefix, "web"))
+        s3 = S3Settings("unused", "artifacts", "us-east-1", s3_server.endpoint_url)
+        fleet = watcher_token_fleet(cluster, s3, tmp_path, prefix)
+        web = reader_web(fleet, reader, tmp_path, args=("--root-path", "/watcher"))
+        web.start()
+        location = documented_locations()[1].replace(DOCUMENTED_UPSTREAM, web.url)
+        nginx = Nginx(tmp_path / "nginx", free_port(), server=location)
+        try:
+            nginx.start()
+        except NginxFailed as exc:
+            web.stop()
+            pytest.fail(str(exc), pytrace=False)
+        proxy = f"http://127.0.0.1:{nginx.port}"
+        auth = {"Authorization": f"Bearer {reader}"}
+        try:
+            with httpx.Client(base_url=proxy, timeout=30) as c:
+                r = c.get("/watcher/apps/web", headers=auth)
+                assert r.status_code == 200, r.text
+                assert 'data-root="/watcher"' in r.text
+                refs = re.findall(r'(?:href|src)="(/[^"]*)"', r.text)
+                assert refs and all(ref.startswith("/watcher/") for ref in refs), refs
+                for ref in refs:  # the style sheet, the script, the nav, the API's spec
+                    assert c.get(ref, headers=auth).status_code == 200, ref
+                r = c.get("/watcher/apps/web/", headers=auth)
+                assert r.status_code == 308 and r.headers["location"] == "/watcher/apps/web"
+                deploy = f"20261206T000000Z-{uuid.uuid4().hex[:8]}"
+                abort = f"/watcher/api/v1/apps/web/deploys/{deploy}/abort"
+                write = {"Authorization": f"Bearer {operator}", "Origin": proxy}
+                r = c.post(abort, json={}, headers=write)
+                assert r.status_code == 404, r.text
+                started = time.monotonic()
+                with c.stream("GET", "/watcher/api/v1/apps/web/live", headers=auth) as stream:
+                    assert stream.status_code == 200
+                    seen = ""
+                    for chunk in stream.iter_text():
+                        seen += chunk
+                        if "event: live" in seen and "\n\n" in seen.split("event: live", 1)[1]:
+                            break
+                assert time.monotonic() - started < 5
         except BaseException:
             print(web.log())
             print(nginx.error_log())

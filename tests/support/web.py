@@ -20,8 +20,11 @@ from tests.support.s3server import free_port
 class WebServer:
     """`watcher web -c CONFIG --listen HOST:PORT` as a subprocess."""
 
-    def __init__(self, config: Path, log_path: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, config: Path, log_path: Path, host: str = "127.0.0.1", args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
+        self.args = args  # more of `watcher web`'s options
         self.log_path = log_path
         self.host = host
         self.port = free_port(host)
@@ -46,6 +49,7 @@ class WebServer:
                     str(self.config),
                     "--listen",
                     f"{self.host}:{self.port}",
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -102,10 +106,10 @@ class WebServer:
             return c.post(path, json=body)
 
 
-def reader_web(fleet: Fleet, token: str, workdir: Path) -> WebServer:
+def reader_web(fleet: Fleet, token: str, workdir: Path, args: tuple[str, ...] = ()) -> WebServer:
     """A `watcher web` (not started) with the config of ``fleet``'s first host, reading
-    with ``token``; its config and log in ``workdir``."""
+    with ``token``; its config and log in ``workdir``; ``args``: more options."""
     config = fleet.config_for(fleet.watchers[0])
     config["consul"]["token"] = token
     (workdir / "web.yaml").write_text(yaml.safe_dump(config))
-    return WebServer(workdir / "web.yaml", workdir / "web.log")
+    return WebServer(workdir / "web.yaml", workdir / "web.log", args=args)

@@ -42,6 +42,7 @@ from watcher.web.app import (
     _duration,
     _short_time,
     _timeline,
+    check_root_path,
     create_app,
     host_name,
     is_loopback,
@@ -81,6 +82,80 @@ def client() -> Iterator[TestClient]:
         # Host, "testserver", is not one, and a loopback bind trusts only requests for one).
         with TestClient(create_app(config, listen_host="127.0.0.1"), base_url=LOCAL) as c:
             yield c
+
+
+class TestUnderARootPath:
+    """Behind a proxy that serves the page under a path (the proxy review: its style
+    sheet, script, links, live stream, writes and the slash's redirect all left it)."""
+
+    @pytest.fixture(scope="class")
+    def under(self) -> Iterator[TestClient]:
+        config = parse_config(
+            {
+                "consul": {"address": dead_address(), "timeout": "1s"},
+                "s3": {"bucket": "b"},
+                "apps": {"web": {"root": "/srv"}},
+            },
+            env={},
+        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(web_app, "WEB_CONSUL_TIMEOUT", 1.0)
+            page = create_app(config, listen_host="127.0.0.1", root_path="/ops/watcher/")
+            with TestClient(page, base_url=LOCAL) as c:
+                yield c
+
+    # what a proxy that strips the prefix sends, and one that passes the path on whole
+    @pytest.mark.parametrize("prefix", ["", "/ops/watcher"])
+    def test_every_link_of_the_page_carries_the_path(self, under: TestClient, prefix: str) -> None:
+        r = under.get(prefix + "/apps/web")
+        assert r.status_code in (200, 503), r.text  # this client's Consul is down
+        html = r.text
+        assert 'data-root="/ops/watcher"' in html
+        assert re.search(r'href="/ops/watcher/static/style\.css\?v=\w+"', html), html
+        assert re.search(r'src="/ops/watcher/static/app\.js\?v=\w+"', html), html
+        assert 'href="/ops/watcher/apps/web"' in html
+        assert 'href="/ops/watcher/openapi.json"' in html
+        assert not re.search(r'(?:href|src)="/(?!ops/watcher/)', html), html
+        assert under.get(prefix + "/static/app.js").status_code == 200
+        spec = under.get(prefix + "/openapi.json").json()
+        assert spec["servers"] == [{"url": "/ops/watcher"}]
+        r = under.get(prefix + "/apps/web/", follow_redirects=False)
+        assert r.status_code == 308 and r.headers["location"] == "/ops/watcher/apps/web"
+        error = under.get(prefix + "/nope").json()["error"]
+        assert error == (
+            "no such path: '/ops/watcher/nope' (the API is under /ops/watcher/api/v1/, "
+            "described at /ops/watcher/openapi.json; the page is /ops/watcher/ and "
+            "/ops/watcher/apps/<app>)"
+        )
+
+    def test_the_script_asks_under_it(self) -> None:
+        script = (Path(web_app.__file__).parent / "static" / "app.js").read_text()
+        assert 'const root = body.dataset.root || "";' in script
+        # every request the script makes: under the root, or the page's own location
+        assert re.findall(r'(?:fetch|streamWithFetch)\(\s*"/', script) == []
+        assert re.findall(r'= "/api/', script) == []
+
+    @pytest.mark.parametrize(
+        ("given", "root"), [("", ""), ("/", ""), ("/watcher", "/watcher"), ("/w/x/", "/w/x")]
+    )
+    def test_the_root_path_given(self, given: str, root: str) -> None:
+        assert check_root_path(given) == root
+
+    @pytest.mark.parametrize(
+        ("given", "said"),
+        [
+            ("watcher", "is not a URL path like /watcher"),
+            ("/a b", "is not a URL path"),
+            ("/w/../x", "no '.' or '..' part"),
+            ("//evil.example", "is not a URL path"),
+            ("/w?x=1", "is not a URL path"),
+            ("/api/x", "starts like this server's own paths (/api/...)"),
+            ("/apps", "starts like this server's own paths"),
+        ],
+    )
+    def test_a_root_path_that_cannot_be_one_is_said(self, given: str, said: str) -> None:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            check_root_path(given)
 
 
 class TestRefusedBeforeConsul:

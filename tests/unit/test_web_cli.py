@@ -45,6 +45,18 @@ class TestListen:
         assert main(["web", "-c", str(config), "--listen", "nope"]) == 2
         assert "--listen must be HOST:PORT" in capsys.readouterr().err
 
+    def test_a_bad_root_path_exits_2_saying_why(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = tmp_path / "w.yaml"
+        config.write_text(CONFIG)
+        assert main(["web", "-c", str(config), "--root-path", "watcher"]) == 2
+        assert capsys.readouterr().err == (
+            "watcher web: error: --root-path: 'watcher' is not a URL path like /watcher or "
+            "/ops/deploys (letters, digits, '.', '_', '~' and '-' between slashes, no '.' or "
+            "'..' part)\n"
+        )
+
     def test_bad_config_exits_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = tmp_path / "w.yaml"
         config.write_text(CONFIG.replace("{root: /srv}", "{root: /srv, webhook: {url: 'ftp://x'}}"))

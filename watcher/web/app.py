@@ -879,8 +879,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def _static_urls() -> typing.Callable[[str], str]:
-    """``/static/<name>?v=<its digest>``: the page names its script and style sheet by
+def _static_urls(root: str) -> typing.Callable[[str], str]:
+    """``<root>/static/<name>?v=<its digest>``: the page names its script and style sheet by
     content, so a browser that cached them (no Cache-Control there, heuristics) fetches
     the new ones after an upgrade instead of running an old script against a new page."""
     digests = {
@@ -888,12 +888,62 @@ def _static_urls() -> typing.Callable[[str], str]:
         for f in (HERE / "static").iterdir()
         if f.is_file()
     }
-    return lambda name: f"/static/{name}?v={digests[name]}"
+    return lambda name: f"{root}/static/{name}?v={digests[name]}"
 
 
-def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
+#: The first segments of this server's own paths: a root path starting with one would
+#: take a path of the server for the proxy's prefix.
+OWN_SEGMENTS = frozenset({"apps", "api", "static", "openapi.json", "healthz", "metrics"})
+_ROOT_PATH = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
+
+
+def check_root_path(value: str) -> str:
+    """``--root-path``: the path a reverse proxy serves this server under (``/watcher``),
+    without its trailing slash; "" for none (``/`` too). ValueError says what is wrong."""
+    bare = value.strip().rstrip("/")
+    if not bare:
+        return ""
+    segments = bare.split("/")[1:]
+    if not _ROOT_PATH.fullmatch(bare) or any(seg in (".", "..") for seg in segments):
+        raise ValueError(
+            f"--root-path: {value!r} is not a URL path like /watcher or /ops/deploys "
+            "(letters, digits, '.', '_', '~' and '-' between slashes, no '.' or '..' part)"
+        )
+    if segments[0] in OWN_SEGMENTS:
+        raise ValueError(
+            f"--root-path: {value!r} starts like this server's own paths (/{segments[0]}/...): "
+            "choose another, such as /watcher"
+        )
+    return bare
+
+
+class StripRoot:
+    """Under ``--root-path /watcher``: a request whose path still carries the prefix (a
+    proxy that passes the path on whole, ``proxy_pass http://127.0.0.1:8710;``) is served
+    as the path after it, like one from a proxy that strips it (``.../8710/;``)."""
+
+    def __init__(self, app: ASGIApp, root: str) -> None:
+        self.app = app
+        self.root = root
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        root = self.root
+        if root and (path == root or path.startswith(root + "/")):
+            raw = scope.get("raw_path") or path.encode()
+            if raw.startswith(root.encode()):
+                raw = raw[len(root) :] or b"/"
+            scope = {**scope, "path": path[len(root) :] or "/", "raw_path": raw}
+        await self.app(scope, receive, send)
+
+
+def create_app(config: Config, *, listen_host: str = "127.0.0.1", root_path: str = "") -> FastAPI:
+    """The page and the API. ``root_path``: the path a reverse proxy serves them under
+    (``check_root_path``), which every link, redirect and the page's requests carry."""
+    root = check_root_path(root_path)
     state = WebState(config, listen_host=listen_host)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["root"] = root
     templates.env.filters["size"] = _human_size
     templates.env.globals["allow_missing_label"] = allow_missing_label
     templates.env.globals["abort_requested_label"] = abort_requested_label
@@ -905,7 +955,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
     # control and bidirectional characters escaped, as watcherctl shows it: raw, an ESC or
     # a U+202E reorders or hides what the page says around it.
     templates.env.finalize = _printable
-    templates.env.globals["static_url"] = _static_urls()
+    templates.env.globals["static_url"] = _static_urls(root)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -964,7 +1014,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                     "description": "your Consul ACL token, as Consul's own API takes it",
                 },
             }
-            spec["servers"] = [{"url": "/"}]
+            spec["servers"] = [{"url": root or "/"}]
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -1025,6 +1075,8 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    if root:
+        app.add_middleware(StripRoot, root=root)  # inside AbsoluteForm: the path it made
     app.add_middleware(AbsoluteForm)  # outermost: every check after it sees the path
 
     def route_of(scope: Scope) -> Any:
@@ -1091,7 +1143,19 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
         names = (request.headers.get("host", ""), request.headers.get("x-forwarded-host", ""))
         if origin is not None and not any(n and same_origin(origin, n) for n in names):
             # A browser sends Origin with every POST: another site's page cannot write here.
-            return 403, f"a write from another origin ({ids.shown(origin)}) is refused"
+            # Said with the names compared: a proxy's `Host $host` drops the port the
+            # browser's Origin keeps (the proxy review).
+            reached = " and ".join(
+                f"{ids.shown(n)} ({h})"
+                for n, h in zip(names, ("Host", "X-Forwarded-Host"), strict=True)
+                if n
+            )
+            return 403, (
+                f"a write from another origin ({ids.shown(origin)}) is refused: this server "
+                f"was reached as {reached or 'nothing (no Host header)'}; behind a proxy, "
+                "pass the host and port the browser used: proxy_set_header X-Forwarded-Host "
+                "$http_host (docs/web.md)"
+            )
         ctype = request.headers.get("content-type")
         if ctype is not None:
             media, _, params = ctype.partition(";")
@@ -1168,18 +1232,19 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1") -> FastAPI:
                     # which a URL's path carries as it is: `..` went to `/apps/..` (which
                     # a client reads as `/`), an escaped name came back escaped twice.
                     return JSONResponse(
-                        {"error": f"the page is at {ids.shown(bare)}"},
+                        {"error": f"the page is at {ids.shown(root + bare)}"},
                         status_code=308,
-                        headers={"Location": bare},
+                        headers={"Location": root + bare},
                     )
                 detail = (
-                    f"no such path: {ids.shown(path)} (without the trailing slash: "
-                    f"{ids.shown(bare)})"
+                    f"no such path: {ids.shown(root + path)} (without the trailing slash: "
+                    f"{ids.shown(root + bare)})"
                 )
             else:
                 detail = (
-                    f"no such path: {ids.shown(path)} (the API is under /api/v1/, "
-                    "described at /openapi.json; the page is / and /apps/<app>)"
+                    f"no such path: {ids.shown(root + path)} (the API is under "
+                    f"{root}/api/v1/, described at {root}/openapi.json; the page is "
+                    f"{root}/ and {root}/apps/<app>)"
                 )
         if exc.status_code == 405:
             # Every method the path takes (RFC 9110: Allow), not only those of the first

@@ -228,7 +228,7 @@ def cannot_listen(listen: str, exc: OSError) -> str:
     return f"cannot listen on {listen}: {why[:1].lower()}{why[1:]} (choose another with --listen)"
 
 
-def run_web(config: Config, listen: str) -> int:
+def run_web(config: Config, listen: str, *, root_path: str = "") -> int:
     """Serve until stopped; EXIT_CONFIG, having said why, when ``listen`` cannot be bound.
 
     The socket is bound here, before anything is announced, and handed to uvicorn: bound by
@@ -241,7 +241,7 @@ def run_web(config: Config, listen: str) -> int:
         print(f"watcher web: error: {cannot_listen(listen, exc)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     try:
-        return _serve(config, listen, host, sockets)
+        return _serve(config, listen, host, sockets, root_path)
     finally:
         for sock in sockets:
             sock.close()
@@ -261,8 +261,10 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket]) -> int:
-    app = create_app(config, listen_host=host)
+def _serve(
+    config: Config, listen: str, host: str, sockets: list[socket.socket], root_path: str
+) -> int:
+    app = create_app(config, listen_host=host, root_path=root_path)
     state = app.state.web
     acls = state.probe_acls()
     loopback = is_loopback(host)
@@ -288,7 +290,8 @@ def _serve(config: Config, listen: str, host: str, sockets: list[socket.socket])
             flush=True,
         )
     log.info("web_listening", url=f"http://{listen}/", acls=acls, loopback=loopback)
-    print(f"watcher web: serving http://{listen}/", file=sys.stderr, flush=True)
+    under = f" (its links under {root_path}/, as the proxy serves it)" if root_path else ""
+    print(f"watcher web: serving http://{listen}/{under}", file=sys.stderr, flush=True)
     server = _Server(
         uvicorn.Config(
             app,

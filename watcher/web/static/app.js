@@ -5,6 +5,8 @@
 const TOKEN_KEY = "watcher-consul-token";
 const body = document.body;
 const app = body.dataset.app;
+// The path a reverse proxy serves this server under (`watcher web --root-path`), "" for none.
+const root = body.dataset.root || "";
 let lastInflight;  // undefined until the first snapshot
 let lastSections;  // the digest of the fleet and builds sections the server last sent
 let stale = false;  // the sections may have missed a change (Consul was down, the stream broke)
@@ -123,7 +125,7 @@ let liveStopped = false;
 function connectLive() {
   liveStopped = false;
   if (liveLoop) { liveConnection?.abort(); return; }
-  liveLoop = streamWithFetch("/api/v1/apps/" + encodeURIComponent(app) + "/live")
+  liveLoop = streamWithFetch(root + "/api/v1/apps/" + encodeURIComponent(app) + "/live")
     .finally(() => { liveLoop = null; });
 }
 function stopLive() { liveStopped = true; liveConnection?.abort(); }
@@ -240,7 +242,7 @@ function askDialog(question, wantToken) {
 
 async function write(button, allowMissing, seen) {
   const action = button.dataset.action;
-  const base = "/api/v1/apps/" + encodeURIComponent(app);
+  const base = root + "/api/v1/apps/" + encodeURIComponent(app);
   let url, payload, question;
   if (action === "deploy") {
     url = base + "/deploys"; payload = { artifact: button.dataset.artifact };
