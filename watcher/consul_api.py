@@ -324,6 +324,11 @@ def _denied(address: str, what: str, message: str) -> ConsulPermissionDenied:
     why = (
         "the ACL token is unknown to Consul"
         if "acl not found" in lowered
+        # Consul acted with its anonymous token: no token was sent (the ACL review: "the
+        # token lacks a permission" sent a newcomer looking at a token never configured)
+        else "no ACL token was sent (none configured), and Consul's anonymous token lacks "
+        "a permission"
+        if "anonymous token" in lowered
         else "the ACL token lacks a permission"
         if "permission denied" in lowered or "lacks permission" in lowered
         else "the ACL token lacks permission or is unknown"

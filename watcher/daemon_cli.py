@@ -167,21 +167,25 @@ def token_warnings(config: Config) -> list[str]:
             except ConsulRequestError:
                 pass  # ACLs off: every request is allowed
         node = config.node
+        warnings = []
         if not node:
             try:
                 node = client.agent_node_name()
             except ConsulPermissionDenied as exc:
-                return [
+                # The keys of no node then, but every other: an operator's token, or one of
+                # another app, said only this, which pointed at agent read (the ACL review).
+                warnings.append(
                     f"node: not set, and the token may not read its Consul agent's name "
-                    f"({exc}); set `node:` or give the token `agent` read on its node "
-                    "(docs/acl.md)"
-                ]
-        warnings = []
+                    f"({exc}): the watcher would not start; set `node:` or give the token "
+                    "`agent` read on its node (docs/acl.md). The keys of this node were "
+                    "not checked"
+                )
+                node = ""
         for name in sorted(config.apps):
             keys = Keys(config.kv_prefix, name)
             fix = (
-                f"a watcher policy rendered for node {node}, app {name} and kv_prefix "
-                f"{config.kv_prefix} (docs/acl.md)"
+                f"a watcher policy rendered for node {node or '<this host>'}, app {name} and "
+                f"kv_prefix {config.kv_prefix} (docs/acl.md)"
             )
             try:
                 client.kv_get(keys.current)
@@ -192,10 +196,9 @@ def token_warnings(config: Config) -> list[str]:
                 )
                 continue
             denied = []
+            mine = (keys.member(node), keys.host(node), keys.progress(PROBE_DEPLOY, node))
             for key in (
-                keys.member(node),
-                keys.host(node),
-                keys.progress(PROBE_DEPLOY, node),
+                *(mine if node else ()),
                 keys.pin(PROBE_ARTIFACT),
                 keys.coordinator(PROBE_DEPLOY),
                 keys.decision(PROBE_DEPLOY),

@@ -111,6 +111,11 @@ class TestWithoutAToken:
     def test_kv_read_and_write_are_denied(self, anonymous: ConsulClient, prefix: str) -> None:
         with pytest.raises(ConsulPermissionDenied, match=f"kv get {prefix}k.*lacks permission"):
             anonymous.kv_get(prefix + "k")
+        with pytest.raises(
+            ConsulPermissionDenied,
+            match="no ACL token was sent \\(none configured\\), and Consul's anonymous token",
+        ):
+            anonymous.kv_get(prefix + "k")
         with pytest.raises(ConsulPermissionDenied, match=f"kv put {prefix}k"):
             anonymous.kv_put(prefix + "k", b"v")
 

@@ -619,6 +619,41 @@ class TestPrivilegeIsLeast:
                 assert "ACL not found" in errors[0]["error"], errors
 
 
+class TestCheckConfigWithoutNode:
+    def test_an_operators_token_in_a_watcher_config_without_node_is_said(
+        self, acl_fleet: AclFleet
+    ) -> None:
+        """The ACL review: with `node:` left unset (the example's), check-config stopped at
+        the agent's name and said only to give the token agent read; for an operator's
+        token put in a host's config that was the wrong fix. The app's keys are still
+        checked, and the watcher's work it may not do is said."""
+        fleet = acl_fleet.fleet
+        w = fleet.watchers[2]  # the operator's token reads no agent but host-2's
+        config = fleet.config_for(w)
+        config["consul"]["token"] = acl_fleet.tokens.operator
+        config.pop("node", None)
+        path = fleet.workdir / "no-node.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [str(BIN / "watcher"), "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            env=w.env(),
+            timeout=60,
+            check=True,
+        )
+        said = result.stderr
+        assert "node: not set, and the token may not read its Consul agent's name" in said
+        assert "The keys of this node were not checked" in said
+        base = f"{fleet.kv_prefix}/apps/web/"
+        assert (
+            "apps.web: the token may not write pins/check-config-probe, "
+            "coordinator/check-config-probe, decisions/check-config-probe, "
+            f"outcomes/check-config-probe, current, events_seen, history under {base}: its "
+            "deploys would fail; give it a watcher policy rendered for node <this host>"
+        ) in said, said
+
+
 class TestDocumentedCommands:
     def test_cli_creates_and_updates_a_watcher_token(self, cluster: ConsulCluster) -> None:
         # The commands docs/acl.md gives (render | consul acl policy create, token create,
