@@ -519,6 +519,12 @@ def ring_doorbell(store: DeployStore, record: DeployRecord) -> str:
     payload = json.dumps({"app": store.app, "deploy": record.id}, separators=(",", ":"))
     try:  # the event is only a doorbell: every daemon already watches `inflight`
         store.consul.event_fire(record.kind, payload.encode())
+    except ConsulPermissionDenied as exc:
+        # Consul's answer to a refused event is a bare "Permission denied" (the ACL review)
+        return (
+            f"event not fired ({exc}; it takes event write on {record.kind!r}, which the "
+            "operator policy of docs/acl.md grants); daemons learn of the deploy from KV anyway"
+        )
     except ConsulError as exc:
         return f"event not fired ({exc}); daemons learn of the deploy from KV anyway"
     return ""

@@ -241,6 +241,8 @@ class TestEventNotFired:
                 assert result.returncode == 0, result.stderr
                 [warning] = result.stderr.splitlines()
                 assert warning.startswith("watcherctl: warning: event not fired"), warning
+                # Consul's own answer is a bare "Permission denied": what it takes is said
+                assert "it takes event write on 'deploy'" in warning, warning
                 assert "watcherctl: warning" not in result.stdout
                 assert "event not fired" not in result.stdout
                 if as_json:
