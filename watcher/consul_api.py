@@ -92,6 +92,7 @@ MAX_TXN_OPS = 128  # Consul v1.22 (older servers: 64)
 DEFAULT_BLOCKING_WAIT = 300.0
 #: Ceiling of one retry back-off sleep.
 MAX_RETRY_SLEEP = 2.0
+RETRY_SAID_EVERY = 60.0  # a retry for the same failure is warned of again after this long
 #: Shortest per-attempt timeout when the retry deadline is almost spent.
 MIN_ATTEMPT_TIMEOUT = 0.5
 #: Seconds without an answer after which a client with ``on_retry`` says it waits.
@@ -759,6 +760,11 @@ class ConsulClient:
         self._token = settings.token
         self._http = _http_client(settings)
         self._py: Any = None
+        # The failure the last `consul_retry` warning said, and when: the same one again
+        # (whichever request met it) is a debug line for RETRY_SAID_EVERY. A stopped
+        # agent made ~9 warnings a second, one per retry of each watch (the review).
+        self._retry_said: tuple[str, float] | None = None
+        self._retry_lock = threading.Lock()
 
     @property
     def _consul(self) -> Any:
@@ -926,11 +932,19 @@ class ConsulClient:
             if notice is not None:
                 error = exc.error if isinstance(exc, _Transient) else exc
                 notice(str(error), max(deadline_at - time.monotonic(), 0.0))
-            log.warning(
+            text = str(exc)
+            cause = text.replace(what, "...")  # the same failure of another request
+            now = time.monotonic()
+            with self._retry_lock:
+                said = self._retry_said
+                again = said is not None and said[0] == cause and now - said[1] < RETRY_SAID_EVERY
+                if not again:
+                    self._retry_said = (cause, now)
+            (log.debug if again else log.warning)(
                 "consul_retry",
                 what=what,
                 attempt=state.attempt_number,
-                error=str(exc),
+                error=text,
                 sleep=round(state.upcoming_sleep, 3),
             )
 

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -712,26 +712,39 @@ def _run_after_flip(app: AppConfig, engine: ReleaseEngine, target: str, before: 
             raise current_moved(phase, "(the app's hooks)", now, target, HOOK_MOVED_CURRENT)
 
 
+def _branch(value: object) -> object:
+    """A branch as an artifact record may hold it: printable text of at most 500
+    characters (the record's own limit)."""
+    if not isinstance(value, str) or len(value) > 500:
+        raise PayloadError("not a branch")
+    return ids.check_free_text(value)
+
+
 def _hook_context(
     engine: ReleaseEngine, release: str, *, kind: str, previous: str | None
 ) -> HookContext:
     lay = engine.layout
     info = engine.release_info(release) or {}
 
-    def said(key: str) -> str:
-        # release.json is in the tree the app's user owns: only a string an environment
-        # can carry, else nothing (a NUL made the hook's start fail)
+    def said(key: str, check: Callable[[object], object]) -> str:
+        # release.json is in the tree the app's user owns: a value as the watcher writes
+        # it (the rules of the record it came from), else nothing. A NUL, a lone surrogate
+        # or 128 KiB made the hook's start fail (the reviews).
         value = info.get(key)
-        return value if isinstance(value, str) and "\0" not in value else ""
+        try:
+            check(value)
+        except PayloadError:  # ids' InvalidName too
+            return ""
+        return value if isinstance(value, str) else ""
 
     return HookContext(
         app=engine.app.name,
-        deploy_id=said("deploy_id"),
+        deploy_id=said("deploy_id", ids.check_deploy_id),
         kind=kind,
-        artifact=said("artifact"),
+        artifact=said("artifact", ids.check_artifact_id),
         # as staged (a tree staged before release.json kept them has neither)
-        commit=said("commit"),
-        branch=said("branch"),
+        commit=said("commit", lambda v: v == "" or ids.check_commit(v)),
+        branch=said("branch", _branch),
         release=release,
         release_dir=str(lay.release_dir(release)),
         previous_release_dir=str(lay.release_dir(previous)) if previous else "",

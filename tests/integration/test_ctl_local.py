@@ -307,10 +307,16 @@ class TestRollbackLocal:
         assert told.read_text() == f"build-6|main|{'c0ffee' * 6}0000\n"
         meta = host.engine.layout.release_dir(target) / ".watcher" / "release.json"
         data = json.loads(meta.read_text())
-        meta.write_text(json.dumps({**data, "branch": "main\u0000x", "commit": ["not", "text"]}))
-        assert host.ctl("rollback", "web", "--local", "--to", release_of(4)).returncode == 0
-        assert host.ctl("rollback", "web", "--local", "--to", target).returncode == 0
-        assert told.read_text().splitlines()[-1] == "build-6||"
+        for branch, commit in (
+            ("main\u0000x", ["not", "text"]),
+            ("\ud800", "x" * 200_000),  # no UTF-8, over what an environment takes
+            ("m" * 501, "c0ffee"),  # over a record's branch, a short commit
+        ):
+            meta.write_text(json.dumps({**data, "branch": branch, "commit": commit}))
+            assert host.ctl("rollback", "web", "--local", "--to", release_of(4)).returncode == 0
+            done = host.ctl("rollback", "web", "--local", "--to", target)
+            assert done.returncode == 0, done.stderr
+            assert told.read_text().splitlines()[-1] == "build-6||", branch
 
     def test_not_while_this_host_prepares_a_deploy(self, host: Host, tmp_path: Path) -> None:
         """The hook runs under the app's lock, for up to the hook timeout; the deploy this

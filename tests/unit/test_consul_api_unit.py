@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from structlog.testing import capture_logs
 
+from watcher import consul_api
 from watcher.config import ConsulSettings
 from watcher.consul_api import (
     MAX_TXN_OPS,
@@ -303,6 +305,31 @@ class TestRetryPolicy:
         script.answers = [(503, "busy"), (500, "No cluster leader"), (200, "true")]
         assert self.client(address).kv_put("k", b"v") is True
         assert len(script.seen) == 3
+
+    def test_the_same_failure_is_warned_of_once_a_minute_whichever_request(
+        self, scripted: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stopped agent made ~9 `consul_retry` warnings a second, one per retry of each
+        watch (the review): the same failure again is a debug line for a minute, another
+        failure is a warning at once."""
+        script, address = scripted
+        client = self.client(address)
+        with capture_logs() as logs:
+            for answers, key in (
+                ([(503, "busy"), (503, "busy"), (200, "true")], "a/b"),
+                ([(503, "busy"), (200, "true")], "c/d"),  # the same failure, another key
+                ([(500, "No cluster leader"), (200, "true")], "a/b"),
+            ):
+                script.answers = answers
+                assert client.kv_put(key, b"v") is True
+            warned = [(e["what"], e["error"]) for e in logs if e["log_level"] == "warning"]
+            assert [w for w, _ in warned] == ["kv put a/b", "kv put a/b"], warned
+            assert "No cluster leader" in warned[1][1]
+            assert len([e for e in logs if e["event"] == "consul_retry"]) == 4
+            monkeypatch.setattr(consul_api, "RETRY_SAID_EVERY", 0.0)  # a minute later
+            script.answers = [(500, "No cluster leader"), (200, "true")]
+            assert client.kv_put("c/d", b"v") is True
+            assert logs[-1]["log_level"] == "warning" and logs[-1]["what"] == "kv put c/d"
 
     def test_4xx_is_never_retried(self, scripted: tuple[Script, str]) -> None:
         script, address = scripted

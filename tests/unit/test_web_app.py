@@ -104,10 +104,9 @@ class TestUnderARootPath:
             with TestClient(page, base_url=LOCAL) as c:
                 yield c
 
-    # what a proxy that strips the prefix sends, and one that passes the path on whole
-    @pytest.mark.parametrize("prefix", ["", "/ops/watcher"])
-    def test_every_link_of_the_page_carries_the_path(self, under: TestClient, prefix: str) -> None:
-        r = under.get(prefix + "/apps/web")
+    def test_every_link_of_the_page_carries_the_path(self, under: TestClient) -> None:
+        # what the proxy sends: the path after the prefix
+        r = under.get("/apps/web")
         assert r.status_code in (200, 503), r.text  # this client's Consul is down
         html = r.text
         assert 'data-root="/ops/watcher"' in html
@@ -116,17 +115,24 @@ class TestUnderARootPath:
         assert 'href="/ops/watcher/apps/web"' in html
         assert 'href="/ops/watcher/openapi.json"' in html
         assert not re.search(r'(?:href|src)="/(?!ops/watcher/)', html), html
-        assert under.get(prefix + "/static/app.js").status_code == 200
-        spec = under.get(prefix + "/openapi.json").json()
+        assert under.get("/static/app.js").status_code == 200
+        spec = under.get("/openapi.json").json()
         assert spec["servers"] == [{"url": "/ops/watcher"}]
-        r = under.get(prefix + "/apps/web/", follow_redirects=False)
+        r = under.get("/apps/web/", follow_redirects=False)
         assert r.status_code == 308 and r.headers["location"] == "/ops/watcher/apps/web"
-        error = under.get(prefix + "/nope").json()["error"]
+        error = under.get("/nope").json()["error"]
         assert error == (
             "no such path: '/ops/watcher/nope' (the API is under /ops/watcher/api/v1/, "
             "described at /ops/watcher/openapi.json; the page is /ops/watcher/ and "
             "/ops/watcher/apps/<app>)"
         )
+
+    def test_a_path_that_still_carries_it_is_no_second_address(self, under: TestClient) -> None:
+        """One page at two addresses stepped around a proxy's rule written for one of them
+        (`/watcher/watcher/metrics` past a `location = /watcher/metrics` deny, the review)."""
+        for path in ("/ops/watcher/metrics", "/ops/watcher/apps/web", "/ops/watcher"):
+            r = under.get(path, follow_redirects=False)
+            assert r.status_code == 404, (path, r.status_code)
 
     def test_the_script_asks_under_it(self) -> None:
         script = (Path(web_app.__file__).parent / "static" / "app.js").read_text()

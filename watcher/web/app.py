@@ -917,29 +917,12 @@ def check_root_path(value: str) -> str:
     return bare
 
 
-class StripRoot:
-    """Under ``--root-path /watcher``: a request whose path still carries the prefix (a
-    proxy that passes the path on whole, ``proxy_pass http://127.0.0.1:8710;``) is served
-    as the path after it, like one from a proxy that strips it (``.../8710/;``)."""
-
-    def __init__(self, app: ASGIApp, root: str) -> None:
-        self.app = app
-        self.root = root
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        root = self.root
-        if root and (path == root or path.startswith(root + "/")):
-            raw = scope.get("raw_path") or path.encode()
-            if raw.startswith(root.encode()):
-                raw = raw[len(root) :] or b"/"
-            scope = {**scope, "path": path[len(root) :] or "/", "raw_path": raw}
-        await self.app(scope, receive, send)
-
-
 def create_app(config: Config, *, listen_host: str = "127.0.0.1", root_path: str = "") -> FastAPI:
     """The page and the API. ``root_path``: the path a reverse proxy serves them under
-    (``check_root_path``), which every link, redirect and the page's requests carry."""
+    (``check_root_path``), which every link, redirect and the page's requests carry. The
+    proxy strips it: a request is served by its path after it, never both with and
+    without it (one path with two addresses would step around a proxy rule on one of them,
+    the review)."""
     root = check_root_path(root_path)
     state = WebState(config, listen_host=listen_host)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -1075,8 +1058,6 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1", root_path: str
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
-    if root:
-        app.add_middleware(StripRoot, root=root)  # inside AbsoluteForm: the path it made
     app.add_middleware(AbsoluteForm)  # outermost: every check after it sees the path
 
     def route_of(scope: Scope) -> Any:
