@@ -22,7 +22,7 @@ from typing import Any
 from watcher import ids
 from watcher.config import AppConfig, WebhookSettings
 from watcher.log import get_logger
-from watcher.records import FAILING_STATES
+from watcher.records import CUT_MARK, FAILING_STATES
 
 log = get_logger(module="webhook")
 
@@ -32,6 +32,7 @@ SENT_KEEP = 256  # (deploy, event) pairs remembered so that each event is sent o
 DRAIN_AT_STOP = 5.0  # seconds a stopping daemon gives its queued messages, all apps together
 TEXT_HOSTS = 10  # failing hosts named in the chat text; the rest are counted ("and 3 more")
 TEXT_ERROR = 300  # characters of one host's error (or the reason) in the chat text
+FIELD_TEXT = 2000  # characters of one host's error (or the reason) in the JSON fields
 
 
 _CLOSE: dict[str, Any] = {}  # the queue's last item when a sender is closed
@@ -129,7 +130,8 @@ class WebhookSender:
             )
             # ``timeout`` bounds each connect and read, not the request: a receiver that
             # answers a byte at a time held the thread 20 s against a 1 s timeout (the
-            # review). The watchdog shuts the socket down when the whole POST is over it.
+            # review). The watchdog, started with the try, shuts its socket down once
+            # the try is over it (a socket still connecting is bounded by the timeout).
             watchdog = _Watchdog(timeout)
             try:
                 try:
@@ -295,16 +297,19 @@ class DeployNotifier:
         self._sent[key] = None
         while len(self._sent) > SENT_KEEP:
             self._sent.pop(next(iter(self._sent)))
+        # The fields keep what hosts wrote up to FIELD_TEXT characters each (a host's
+        # error may be 4,000, a reason 8,000: 40 failing hosts made a 160 KB body).
         failing = {
             n: p.error or p.state
             for n, p in sorted(view.nodes.items())
             if p.state in FAILING_STATES
         }
         reason = view.decision.reason if view.decision is not None else ""
-        text = f"[{rec.app}] {what} (deploy {rec.id}, requested by {rec.requested_by})"
+        by = ids.one_line_short(rec.requested_by, TEXT_ERROR)
+        text = f"[{rec.app}] {what} (deploy {rec.id}, requested by {by})"
         if event in ("aborted", "contested"):
-            # What hosts wrote is cut in the text (a host's error may be 4,000 characters,
-            # and a fleet of them made a message chats refuse); the fields keep it whole.
+            # What hosts wrote is cut shorter in the text (a fleet of 4,000-character
+            # errors made a message chats refuse).
             text += f": {ids.one_line_short(reason, TEXT_ERROR)}" if reason else ""
             if failing:
                 named = list(failing.items())[:TEXT_HOSTS]
@@ -325,12 +330,16 @@ class DeployNotifier:
                 "requested_by": rec.requested_by,
                 "requested_at": rec.requested_at,
                 "expected": list(rec.expected),
-                "reason": reason,
-                "failing_hosts": failing,
+                "reason": _cut(reason, FIELD_TEXT),
+                "failing_hosts": {n: _cut(e, FIELD_TEXT) for n, e in failing.items()},
                 "hosts": {n: p.state for n, p in sorted(view.nodes.items())},
                 "by": node,
             }
         )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]} {CUT_MARK}"
 
 
 def notifier_for(
