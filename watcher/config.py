@@ -1010,8 +1010,12 @@ def _consul_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     ):
         if env.get(var):
             out[key] = env[var]
-    if env.get("CONSUL_HTTP_SSL_VERIFY"):
-        out["verify"] = env["CONSUL_HTTP_SSL_VERIFY"].lower() not in ("0", "f", "false", "no")
+    verify = env.get("CONSUL_HTTP_SSL_VERIFY", "").strip().lower()
+    if verify in TRUE_WORDS or verify in FALSE_WORDS:
+        out["verify"] = verify in TRUE_WORDS
+    elif verify:
+        # `off` was read as true, silently (the review); the Consul CLI refuses it
+        out["verify_unread"] = env["CONSUL_HTTP_SSL_VERIFY"]
     return out
 
 
@@ -1031,6 +1035,12 @@ def _read_consul(r: _Reader, data: Any, env: Mapping[str, str]) -> ConsulSetting
             f"CONSUL_HTTP_SSL{FROM_ENV[:-2]}",
             f"must be true or false (1, t, true, yes or 0, f, false, no), got {_show(ssl)}: "
             "read as false it would send the token unencrypted",
+        )
+    unread = merged.pop("verify_unread", None)
+    if unread is not None and d.get("verify") is None:
+        r.fail(
+            f"CONSUL_HTTP_SSL_VERIFY{FROM_ENV[:-2]}",
+            f"must be true or false (1, t, true, yes or 0, f, false, no), got {_show(unread)}",
         )
     from_env = set(merged)
     # The file's token and token_file both override either variable (one token is sent).

@@ -1017,6 +1017,22 @@ class TestConsulEnvironment:
         env = {"CONSUL_HTTP_SSL_VERIFY": value}
         assert parse(minimal(), env=env).consul.verify is verify
 
+    @pytest.mark.parametrize("value", ["off", "on", "disable", "nope"])
+    def test_an_ssl_verify_that_is_no_yes_or_no_is_said(self, value: str) -> None:
+        """`off` was read as true, silently (the review): the Consul CLI refuses it, and
+        so does the config now, unless the file says `verify:` itself."""
+        with pytest.raises(ConfigError) as err:
+            parse(minimal(), env={"CONSUL_HTTP_SSL_VERIFY": value})
+        # said of the environment, not of the file
+        assert (err.value.source, err.value.problems) == (
+            "environment",
+            [
+                "CONSUL_HTTP_SSL_VERIFY: must be true or false (1, t, true, yes or 0, f, "
+                f'false, no), got "{value}"'
+            ],
+        )
+        assert parse(minimal(consul={"verify": False}), env={"CONSUL_HTTP_SSL_VERIFY": value})
+
     def test_the_file_wins_over_the_environment(self, tmp_path: Path) -> None:
         ca_env, ca_file = write(tmp_path / "env-ca.pem", "x"), write(tmp_path / "ca.pem", "x")
         token_file = write(tmp_path / "token", "file-token-file\n")
