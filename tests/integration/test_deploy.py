@@ -890,6 +890,35 @@ class TestConverge:
         assert lines == [f"{p} converge {deploy_id}" for p in phases], lines
 
 
+class TestRollbackHooks:
+    def test_a_fleet_rollbacks_hooks_are_told_the_build_it_goes_back_to(self, fleet: Fleet) -> None:
+        """The docs review: a rollback's hooks got WATCHER_BRANCH and WATCHER_COMMIT empty
+        (its request had neither); the hosts take such a request and tell its hooks."""
+        log = fleet.workdir / "build-hook.log"
+        hook = fleet.workdir / "log-build"
+        hook.write_text(
+            f'#!/bin/sh\necho "$WATCHER_PHASE $WATCHER_KIND $WATCHER_BRANCH $WATCHER_COMMIT"'
+            f' >> "{log}"\n'
+        )
+        hook.chmod(0o755)
+        for w in fleet.watchers:
+            w.stop()
+            fleet.write_config(w, {"hooks": {"post_release": str(hook)}})
+            w.start()
+        fleet.wait_members(len(fleet.watchers))
+        v1, v2 = fleet.publish("v1"), fleet.publish("v2")
+        for build in (v1, v2):
+            result = fleet.watchers[0].ctl_json("deploy", "web", build.id)
+            assert result["result"] == "committed", result
+            fleet.wait_idle()
+        result = fleet.watchers[1].ctl_json("rollback", "web")
+        assert result["result"] == "committed", result
+        lines = log.read_text().splitlines()
+        hosts = len(fleet.watchers)
+        assert lines[-hosts:] == [f"post_release rollback main {v1.commit}"] * hosts, lines
+        assert lines[hosts : 2 * hosts] == [f"post_release deploy main {v2.commit}"] * hosts
+
+
 class TestOneHostDeploys:
     """Deploys that expected one host: readers and rollbacks judge them as the hosts do."""
 
