@@ -216,8 +216,8 @@ class _Watchdog:
     def connection(self, base: type[http.client.HTTPConnection]) -> Any:
         """``base`` whose sockets this watchdog shuts down: each one as ``connect`` leaves
         it (TLS or plain; urllib drops the connection's reference once the answer has
-        begun, the response reads on). A TLS handshake is bounded by ``timeout`` per read
-        only."""
+        begun, the response reads on). A TLS handshake, inside ``connect``, is bounded by
+        the socket's own timeout (CPython's, for the handshake as a whole)."""
         watchdog = self
 
         class Watched(base):  # type: ignore[valid-type,misc]
