@@ -63,8 +63,8 @@ def dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"  # closed again: connection refused
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
+def local_client(root_path: str = "") -> Iterator[TestClient]:
+    """A client of the app on a loopback bind whose Consul is never there."""
     config = parse_config(
         {
             "consul": {"address": dead_address(), "timeout": "1s"},
@@ -80,8 +80,14 @@ def client() -> Iterator[TestClient]:
         patch.setattr(web_app, "WEB_CONSUL_TIMEOUT", 1.0)
         # As a browser on this host would ask: for a loopback name (TestClient's default
         # Host, "testserver", is not one, and a loopback bind trusts only requests for one).
-        with TestClient(create_app(config, listen_host="127.0.0.1"), base_url=LOCAL) as c:
+        page = create_app(config, listen_host="127.0.0.1", root_path=root_path)
+        with TestClient(page, base_url=LOCAL) as c:
             yield c
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    yield from local_client()
 
 
 class TestUnderARootPath:
@@ -90,19 +96,7 @@ class TestUnderARootPath:
 
     @pytest.fixture(scope="class")
     def under(self) -> Iterator[TestClient]:
-        config = parse_config(
-            {
-                "consul": {"address": dead_address(), "timeout": "1s"},
-                "s3": {"bucket": "b"},
-                "apps": {"web": {"root": "/srv"}},
-            },
-            env={},
-        )
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(web_app, "WEB_CONSUL_TIMEOUT", 1.0)
-            page = create_app(config, listen_host="127.0.0.1", root_path="/ops/watcher/")
-            with TestClient(page, base_url=LOCAL) as c:
-                yield c
+        yield from local_client("/ops/watcher/")
 
     def test_every_link_of_the_page_carries_the_path(self, under: TestClient) -> None:
         # what the proxy sends: the path after the prefix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -35,6 +36,40 @@ def wait_until(cond: Any, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def dribbling(head: bytes, then: bytes) -> Iterator[tuple[str, list[int]]]:
+    """A receiver that answers each POST with ``head`` at once, then ``then`` a byte every
+    0.2 s; yields its URL and a list that grows by one per POST it took."""
+    server = socket.create_server(("127.0.0.1", 0))
+    posts: list[int] = []
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                posts.append(1)
+                try:
+                    conn.sendall(head)
+                    for byte in then:
+                        if stop.wait(0.2):
+                            return
+                        conn.sendall(bytes([byte]))
+                except OSError:
+                    continue
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook", posts
+    finally:
+        stop.set()
+        server.close()
 
 
 def view(decision: str | None = None, states: dict[str, tuple[str, str]] | None = None) -> Any:
@@ -158,32 +193,9 @@ class TestWebhookSender:
     def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_at_the_timeout(self) -> None:
         """``timeout`` bounds the whole POST, not each read: a receiver that sent a byte
         every 0.2 s held the thread 20 s against a 1 s timeout, then counted as sent."""
-        server = socket.create_server(("127.0.0.1", 0))
-        port = server.getsockname()[1]
-        stop = threading.Event()
-
-        def dribble() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.recv(65536)
-                    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
-                        if stop.wait(0.2):
-                            return
-                        try:
-                            conn.sendall(bytes([byte]))
-                        except OSError:
-                            break
-
-        threading.Thread(target=dribble, daemon=True).start()
         metrics = Metrics()
-        sender = WebhookSender(
-            WebhookSettings(f"http://127.0.0.1:{port}/hook", 1.0, 1), app="web", metrics=metrics
-        )
-        try:
+        with dribbling(b"", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as (url, _):
+            sender = WebhookSender(WebhookSettings(url, 1.0, 1), app="web", metrics=metrics)
             started = time.monotonic()
             sender.send({"text": "x"})
             failures = metrics.webhook_failures.labels(app="web", reason="network")
@@ -192,51 +204,20 @@ class TestWebhookSender:
             # two tries of 1 s and the 0.5 s pause between them; the answer takes 7.6 s
             assert took < 4.0, took
             assert metrics.webhook_sent.labels(app="web")._value.get() == 0
-        finally:
-            stop.set()
-            server.close()
 
     def test_a_slow_body_after_a_2xx_is_sent_once(self) -> None:
         """The status line says the receiver took the message: a body that dribbles past
         the timeout is cut, and the message is counted sent, not posted again."""
-        server = socket.create_server(("127.0.0.1", 0))
-        port = server.getsockname()[1]
-        posts: list[int] = []
-        stop = threading.Event()
-
-        def answer() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.recv(65536)
-                    posts.append(1)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-                    for _ in range(100):
-                        if stop.wait(0.2):
-                            return
-                        try:
-                            conn.sendall(b"y")
-                        except OSError:
-                            break
-
-        threading.Thread(target=answer, daemon=True).start()
         metrics = Metrics()
-        sender = WebhookSender(
-            WebhookSettings(f"http://127.0.0.1:{port}/hook", 1.0, 2), app="web", metrics=metrics
-        )
-        try:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+        with dribbling(head, b"y" * 100) as (url, posts):
+            sender = WebhookSender(WebhookSettings(url, 1.0, 2), app="web", metrics=metrics)
             started = time.monotonic()
             sender.send({"text": "x"})
             wait_until(lambda: metrics.webhook_sent.labels(app="web")._value.get() == 1)
             assert time.monotonic() - started < 3.0
             time.sleep(0.5)
             assert posts == [1]
-        finally:
-            stop.set()
-            server.close()
 
     def test_a_refusing_receiver_is_counted(self) -> None:
         metrics = Metrics()
