@@ -968,7 +968,8 @@ class TestPruneKeepsTheFleets:
             deploy = f"20260101T0000{i:02d}Z-abcdef"
             return asdict(ReleaseRef(release_of(i), f"build-{i}", "a" * 64, deploy))
 
-        fields = {k: v for k, v in ref(4).items() if k != "format"}
+        # `current` is a ReleaseRef's fields but the build's (format, branch, commit)
+        fields = {k: v for k, v in ref(4).items() if k not in ("format", "branch", "commit")}
         current = CurrentRecord(**fields, previous=ref(1))
         key = Keys("watcher", "web").current
         assert consul.kv_put(key, current.to_json())
