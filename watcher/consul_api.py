@@ -68,7 +68,7 @@ from watcher.errors import (
     ConsulTLSError,
     ConsulUnavailable,
 )
-from watcher.log import get_logger
+from watcher.log import Repeats, get_logger
 
 __all__ = [
     "MAX_TXN_OPS",
@@ -760,11 +760,10 @@ class ConsulClient:
         self._token = settings.token
         self._http = _http_client(settings)
         self._py: Any = None
-        # The failure the last `consul_retry` warning said, and when: the same one again
-        # (whichever request met it) is a debug line for RETRY_SAID_EVERY. A stopped
-        # agent made ~9 warnings a second, one per retry of each watch (the review).
-        self._retry_said: tuple[str, float] | None = None
-        self._retry_lock = threading.Lock()
+        # The failure the last `consul_retry` warning said: the same one again (whichever
+        # request met it) is a debug line for RETRY_SAID_EVERY. A stopped agent made ~9
+        # warnings a second, one per retry of each watch (the review).
+        self._retry_said = Repeats(RETRY_SAID_EVERY)
 
     @property
     def _consul(self) -> Any:
@@ -933,14 +932,9 @@ class ConsulClient:
                 error = exc.error if isinstance(exc, _Transient) else exc
                 notice(str(error), max(deadline_at - time.monotonic(), 0.0))
             text = str(exc)
-            cause = text.replace(what, "...")  # the same failure of another request
-            now = time.monotonic()
-            with self._retry_lock:
-                said = self._retry_said
-                again = said is not None and said[0] == cause and now - said[1] < RETRY_SAID_EVERY
-                if not again:
-                    self._retry_said = (cause, now)
-            (log.debug if again else log.warning)(
+            # the same failure of another request is no news
+            news = self._retry_said.news(text.replace(what, "..."))
+            (log.warning if news else log.debug)(
                 "consul_retry",
                 what=what,
                 attempt=state.attempt_number,

@@ -713,9 +713,9 @@ def _run_after_flip(app: AppConfig, engine: ReleaseEngine, target: str, before: 
 
 
 def _branch(value: object) -> object:
-    """A branch as an artifact record may hold it: printable text of at most 500
-    characters (the record's own limit)."""
-    if not isinstance(value, str) or len(value) > 500:
+    """A branch as an artifact record may hold it: printable text within the record's
+    own limit."""
+    if not isinstance(value, str) or len(value) > ArtifactRecord.TEXT_LIMITS["branch"]:
         raise PayloadError("not a branch")
     return ids.check_free_text(value)
 

@@ -46,7 +46,7 @@ from watcher.fsutil import INSTANCE_LOCK, WATCHER_RUN_OWNER, AppLock, atomic_wri
 from watcher.health import HealthServer, HealthState, Metrics
 from watcher.hooks import running_hooks
 from watcher.ids import one_line
-from watcher.log import get_logger
+from watcher.log import Repeats, get_logger
 from watcher.notify import SystemdNotifier
 from watcher.records import ABORT, MemberRecord, iso, utcnow, watcher_session_name
 from watcher.releases import AppLayout, ReleaseEngine
@@ -150,8 +150,8 @@ class SessionKeeper(threading.Thread):
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             self.first_index = 0
         self._lock = threading.Lock()
-        # The failure logged last ((creating, error), when): said again only after a while.
-        self._said: tuple[tuple[bool, str], float] | None = None
+        # The failure logged last, (creating, error): said again only after a while.
+        self._said = Repeats(HEARTBEAT_LOG)
 
     @property
     def session_id(self) -> str | None:
@@ -341,18 +341,15 @@ class SessionKeeper(threading.Thread):
                 creating = self.session_id is None
                 self.stopping.wait(REFUSED_RETRY if refused and creating else min(1.0, interval))
                 continue
-            self._said = None
+            self._said.clear()
             self.stopping.wait(max(self.held_ttl / 2.0, 0.3))
 
     def _say_failure(self, exc: Exception, *, refused: bool) -> None:
         """Log a failed create or renewal; the same error again only once a minute (a token
         Consul refuses would otherwise fill the journal a line a second)."""
         creating = self.session_id is None
-        said = (creating, str(exc))
-        now = time.monotonic()
-        if self._said is not None and self._said[0] == said and now - self._said[1] < HEARTBEAT_LOG:
+        if not self._said.news((creating, str(exc))):
             return
-        self._said = (said, now)
         event = "session_create_failed" if creating else "session_renew_failed"
         if refused and creating:
             log.error(
@@ -538,7 +535,7 @@ class EventWatcher(threading.Thread):
 
     def run(self) -> None:
         index: str | None = None
-        failing = ""  # the error said last; "" while the watch works
+        failing = Repeats()  # the error said last, until the watch works again
         while not self.stopping.is_set():
             try:
                 if index is None:
@@ -553,13 +550,11 @@ class EventWatcher(threading.Thread):
             except Exception as exc:  # Consul unreachable, or anything: retry
                 # Said once while it lasts, and again when it changes: a refused token or
                 # a stopped agent logged a line a second for as long (the ACL review).
-                if str(exc) != failing:
-                    failing = str(exc)
-                    log.warning("event_watch_failed", error=failing, retry_every="1s")
+                if failing.news(str(exc)):
+                    log.warning("event_watch_failed", error=str(exc), retry_every="1s")
                 self.stopping.wait(1.0)
                 continue
-            if failing:
-                failing = ""
+            if failing.clear():
                 log.info("event_watch_recovered")
             if new_index == index:
                 continue
@@ -618,10 +613,9 @@ class Daemon:
         self._prefetch = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
         self._prefetches: set[Future[None]] = set()  # queued or running
         self._last_line = ""
-        self._last_gist = ""  # the line logged last, its retry countdown left out
+        self._cycle_said = Repeats(HEARTBEAT_LOG)  # the line logged last, its countdown left out
         # Senders a reload replaced, with messages still queued: a stop drains them too.
         self._retired: list[tuple[str, WebhookSender]] = []
-        self._last_logged = 0.0
         self._status_written = 0.0  # the last heartbeat rewrite
         self._status_at = -STATUS_MIN_INTERVAL  # the last rewrite of any kind
         self._status_held = False  # a change not written yet (STATUS_MIN_INTERVAL)
@@ -1014,11 +1008,9 @@ class Daemon:
         changed = bool(line) and line != self._last_line
         # A retry's countdown ("retry in 9s", "8s" ...) is not news: the line logged once a
         # second while Consul refused a token (the ACL review).
-        gist = _COUNTDOWN.sub("retry in", line)
-        if line and (gist != self._last_gist or now - self._last_logged > HEARTBEAT_LOG):
-            log.info("cycle", outcome=line)
-            self._last_gist, self._last_logged = gist, now
         if line:
+            if self._cycle_said.news(_COUNTDOWN.sub("retry in", line)):
+                log.info("cycle", outcome=line)
             self._last_line = line
         if now - self._status_written > STATUS_HEARTBEAT:
             self._status_written = now

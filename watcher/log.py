@@ -8,6 +8,8 @@ A configuration asked for before that is applied then.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from types import ModuleType
 from typing import Any
 
@@ -123,3 +125,34 @@ def _drop(*args: Any, **kwargs: Any) -> None:
 def get_logger(**context: Any) -> Any:
     """A structlog logger bound to ``context``."""
     return _Logger(context)
+
+
+class Repeats:
+    """Whether a message is news: not the one said last, or said over ``every`` seconds
+    ago (None: said again only once another came between). A refused token or a stopped
+    agent would otherwise fill the journal a line a second. Safe across threads."""
+
+    def __init__(self, every: float | None = None) -> None:
+        self.every = every
+        self._last: tuple[object, float] | None = None
+        self._lock = threading.Lock()
+
+    def news(self, what: object) -> bool:
+        """Whether ``what`` is to be said now; if so, it is the one said last from now on."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last
+            if (
+                last is not None
+                and last[0] == what
+                and (self.every is None or now - last[1] < self.every)
+            ):
+                return False
+            self._last = (what, now)
+            return True
+
+    def clear(self) -> bool:
+        """Forget what was said (it stopped); whether anything was."""
+        with self._lock:
+            said, self._last = self._last is not None, None
+            return said

@@ -285,11 +285,8 @@ class Document:
                 kwargs[name] = data[name]
         for name, limit in cls.TEXT_LIMITS.items():
             value = kwargs.get(name)
-            if isinstance(value, str) and len(value) > limit:
-                tail = name in cls.TAIL_FIELDS
-                kwargs[name] = (
-                    f"{CUT_MARK} {value[-limit:]}" if tail else f"{value[:limit]} {CUT_MARK}"
-                )
+            if isinstance(value, str):
+                kwargs[name] = cut_text(value, limit, tail=name in cls.TAIL_FIELDS)
         missing = [name for name in _required_names(cls) if name not in kwargs]
         if missing:
             raise PayloadError(
@@ -446,6 +443,16 @@ class ArtifactRecord(Document):
 
 #: What stands for the part of a free text field a reader did not take.
 CUT_MARK = "[cut]"
+
+
+def cut_text(value: str, limit: int, *, tail: bool = False) -> str:
+    """``value`` cut to its first (``tail``: last) ``limit`` characters, CUT_MARK where
+    the rest was."""
+    if len(value) <= limit:
+        return value
+    return f"{CUT_MARK} {value[-limit:]}" if tail else f"{value[:limit]} {CUT_MARK}"
+
+
 PREFETCHED_LISTED = 20  # artifact ids a host record lists as prefetched (newest first)
 
 #: Integers in records are sizes, counts and Consul's indexes (uint64): anything past this

@@ -22,7 +22,7 @@ from typing import Any
 from watcher import ids
 from watcher.config import AppConfig, WebhookSettings
 from watcher.log import get_logger
-from watcher.records import CUT_MARK, FAILING_STATES
+from watcher.records import FAILING_STATES, cut_text
 
 log = get_logger(module="webhook")
 
@@ -236,22 +236,23 @@ def _shut(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-class _TimedHTTP(urllib.request.HTTPHandler):
-    def __init__(self, watchdog: _Watchdog) -> None:
-        super().__init__()
-        self._watchdog = watchdog
+class _Watched(urllib.request.AbstractHTTPHandler):
+    """An http(s) handler whose connections ``watchdog`` shuts down (one per try)."""
 
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._watchdog.connection(http.client.HTTPConnection), req)
-
-
-class _TimedHTTPS(urllib.request.HTTPSHandler):
     def __init__(self, watchdog: _Watchdog) -> None:
         super().__init__()
         self._watchdog = watchdog
 
     def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
         return super().do_open(self._watchdog.connection(http_class), req, **kwargs)
+
+
+class _TimedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _TimedHTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
 
 
 def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
@@ -330,16 +331,12 @@ class DeployNotifier:
                 "requested_by": rec.requested_by,
                 "requested_at": rec.requested_at,
                 "expected": list(rec.expected),
-                "reason": _cut(reason, FIELD_TEXT),
-                "failing_hosts": {n: _cut(e, FIELD_TEXT) for n, e in failing.items()},
+                "reason": cut_text(reason, FIELD_TEXT),
+                "failing_hosts": {n: cut_text(e, FIELD_TEXT) for n, e in failing.items()},
                 "hosts": {n: p.state for n, p in sorted(view.nodes.items())},
                 "by": node,
             }
         )
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]} {CUT_MARK}"
 
 
 def notifier_for(

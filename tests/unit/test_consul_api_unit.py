@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import pytest
 from structlog.testing import capture_logs
 
-from watcher import consul_api
 from watcher.config import ConsulSettings
 from watcher.consul_api import (
     MAX_TXN_OPS,
@@ -326,7 +325,7 @@ class TestRetryPolicy:
             assert [w for w, _ in warned] == ["kv put a/b", "kv put a/b"], warned
             assert "No cluster leader" in warned[1][1]
             assert len([e for e in logs if e["event"] == "consul_retry"]) == 4
-            monkeypatch.setattr(consul_api, "RETRY_SAID_EVERY", 0.0)  # a minute later
+            monkeypatch.setattr(client._retry_said, "every", 0.0)  # a minute later
             script.answers = [(500, "No cluster leader"), (200, "true")]
             assert client.kv_put("c/d", b"v") is True
             assert logs[-1]["log_level"] == "warning" and logs[-1]["what"] == "kv put c/d"
