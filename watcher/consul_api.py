@@ -334,7 +334,9 @@ def _denied(address: str, what: str, message: str) -> ConsulPermissionDenied:
         if "permission denied" in lowered or "lacks permission" in lowered
         else "the ACL token lacks permission or is unknown"
     )
-    return ConsulPermissionDenied(f"Consul at {address} refused {what}: {why} ({message})")
+    denied = ConsulPermissionDenied(f"Consul at {address} refused {what}: {why} ({message})")
+    denied.unknown_token = "acl not found" in lowered
+    return denied
 
 
 def classify_response(status: int, body: str, *, what: str, address: str) -> ConsulError | None:

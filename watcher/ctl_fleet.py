@@ -51,6 +51,7 @@ from watcher.ctl import (
     reason_argument,
     release_argument,
     table,
+    token_sent,
     user_at_host,
 )
 from watcher.errors import (
@@ -612,6 +613,8 @@ def _start_and_wait(
             file=sys.stderr,
             flush=True,
         )
+        if isinstance(exc, ConsulPermissionDenied):  # as every other refusal says it
+            print(f"watcherctl: the token sent: {token_sent(ctx.config)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 
@@ -621,6 +624,8 @@ def _wait_lost(exc: ConsulError) -> str:
     if isinstance(exc, ConsulUnavailable):
         return "lost Consul while waiting"
     if isinstance(exc, ConsulPermissionDenied):
+        if exc.unknown_token:  # deleted (or expired) since the start
+            return "Consul no longer knows this token, so the wait stopped"
         return "this token may not read the deploy's records, so the wait stopped"
     return "a read of the deploy's records failed, so the wait stopped"
 

@@ -139,14 +139,18 @@ NEVER_INDEX = 2**63 - 1
 PROBE_DEPLOY, PROBE_ARTIFACT = "check-config-probe", "check-config-probe"
 
 
-def token_warnings(config: Config) -> list[str]:
+def token_problems(config: Config) -> tuple[list[str], list[str]]:
     """What the config's Consul token may not do that a watcher of this config needs, read
-    from Consul itself: read each app's keys, and write the ones a watcher of this node
-    writes (docs/acl.md's watcher policy). Consul answers each write with a CAS that never
-    applies, so nothing is written. A token rendered for another node, app or kv_prefix is
-    otherwise seen only once the watcher runs and takes part in no deploy."""
+    from Consul itself, as (errors, warnings): read each app's keys, and write the ones a
+    watcher of this node writes (docs/acl.md's watcher policy). Consul answers each write
+    with a CAS that never applies, so nothing is written. A token rendered for another node,
+    app or kv_prefix is otherwise seen only once the watcher runs and takes part in no
+    deploy. A token Consul does not know is the one error: no policy can make it work, and
+    a `reload` that took it would leave this host out of every deploy (the old token may
+    still work); a permission may be granted later, and an agent that does not answer now
+    may tomorrow, so those are warnings."""
     if not config.apps:
-        return []
+        return [], []
     from watcher.errors import ConsulError, ConsulPermissionDenied, ConsulRequestError
     from watcher.records import Keys
 
@@ -154,16 +158,17 @@ def token_warnings(config: Config) -> list[str]:
     try:
         client = _quick_client(config)
     except (ConsulError, OSError, ValueError) as exc:
-        return [f"{unchecked}: {exc}"]
+        return [], [f"{unchecked}: {exc}"]
     try:
         if config.consul.token:
             try:
                 client.acl_token_self()  # any token Consul knows may read itself
             except ConsulPermissionDenied as exc:
-                return [
+                unknown = (
                     f"consul.token: Consul does not know this token ({exc}); give the "
                     "SecretID of the host's watcher token (docs/acl.md)"
-                ]
+                )
+                return [unknown], []
             except ConsulRequestError:
                 pass  # ACLs off: every request is allowed
         node = config.node
@@ -223,9 +228,9 @@ def token_warnings(config: Config) -> list[str]:
                     f"apps.{name}: the token may not write {', '.join(denied)} under "
                     f"{keys.base}/: {what}; give it {fix}"
                 )
-        return warnings
+        return [], warnings
     except ConsulError as exc:
-        return [f"{unchecked}: {exc}"]
+        return [], [f"{unchecked}: {exc}"]
     finally:
         client.close()
 
@@ -427,8 +432,9 @@ def check_config(args: argparse.Namespace) -> int:
     # and any cluster that lowered it): ask the agent rather than warn on a guess.
     short_ttl = config.daemon.session_ttl < CONSUL_SESSION_TTL_MIN
     agent_ttl_min = agent_session_ttl_min(config) if short_ttl else None
-    errors = path_errors(config)
-    for warning in [*config_warnings(config, agent_ttl_min=agent_ttl_min), *token_warnings(config)]:
+    token_errors, token_warnings = token_problems(config)
+    errors = path_errors(config) + token_errors
+    for warning in [*config_warnings(config, agent_ttl_min=agent_ttl_min), *token_warnings]:
         if warning not in errors:
             print(f"{config.source}: warning: {warning}", file=sys.stderr)
     if errors:

@@ -66,6 +66,10 @@ class ConsulUnavailable(ConsulError):
 class ConsulPermissionDenied(ConsulError):
     """Consul refused the ACL token for this request."""
 
+    #: Consul does not know the token ("ACL not found": deleted, expired, mistyped), rather
+    #: than the token lacking a permission.
+    unknown_token: bool = False
+
 
 class ConsulTLSError(ConsulError):
     """The TLS connection to Consul failed (certificate, CA or handshake)."""

@@ -383,6 +383,61 @@ class TestWithLeastPrivilege:
         acl_fleet.assert_no_denials()
 
 
+class TestATokenDeletedWhileDeployWaits:
+    def test_the_wait_stops_saying_the_token_is_gone_and_which_was_sent(
+        self, acl_fleet: AclFleet, cluster: ConsulCluster
+    ) -> None:
+        """The ACL review: an operator's token deleted while `deploy` waited stopped the
+        wait as "this token may not read the deploy's records" (it could, until deleted)
+        and, unlike every other refusal, did not say which token was sent. The deploy goes
+        on without the command and commits."""
+        fleet = acl_fleet.fleet
+        v1 = acl_fleet.publish("v1")
+        gate = fleet.workdir / "validate-gate"
+        for w in fleet.watchers:
+            fleet.give_gated_hook(w, "validate", gate)
+        fleet.wait_members(3)
+        # A token of its own, deleted below; on the server's agent, which resolves tokens
+        # itself (a client agent keeps a deleted one for its token_ttl, 30 s by default).
+        rules = render("operator", fleet.kv_prefix, "web", agents=(cluster.hosts[1].name,))
+        secret, accessor = create_token(cluster.server, f"doomed-{fleet.kv_prefix}", rules)
+        config = fleet.config_for(fleet.watchers[0])
+        config["consul"] = {"address": cluster.server.http_addr, "token": secret}
+        path = fleet.workdir / "doomed.yaml"
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        deploy = subprocess.Popen(
+            [str(BIN / "watcherctl"), "deploy", "web", v1["id"], "-c", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=fleet.watchers[0].env(),
+        )
+        try:
+            wait_for(lambda: Path(f"{gate}.started").exists(), 30, "a host in validate", fleet)
+            status, body = cluster.server.request("DELETE", f"/v1/acl/token/{accessor}")
+            assert status == 200, (status, body[:200])
+            gate.touch()  # the hosts go on: the acks change and the wait reads again
+            out, err = deploy.communicate(timeout=60)
+        finally:
+            gate.touch()
+            if deploy.poll() is None:
+                deploy.kill()
+                deploy.wait()
+        assert deploy.returncode == 3, (deploy.returncode, out, err)
+        lines = err.splitlines()
+        assert "the ACL token is unknown to Consul (ACL not found)" in lines[0], err
+        assert lines[1].startswith(
+            "watcherctl: Consul no longer knows this token, so the wait stopped; "
+        ), err
+        assert lines[-1] == f"watcherctl: the token sent: consul.token of {path}", err
+        fleet.wait_idle()  # the deploy went on without the command, and committed
+        current = fleet.kv.kv_get(fleet.keys.current)
+        assert current is not None and current.value is not None
+        assert json.loads(current.value)["artifact"] == v1["id"]
+        assert len(set(fleet.currents().values())) == 1, fleet.currents()
+
+
 class TestPrivilegeIsLeast:
     def test_watcher_token_stays_inside_its_app_and_node(
         self, acl_fleet: AclFleet, cluster: ConsulCluster
@@ -549,15 +604,16 @@ class TestPrivilegeIsLeast:
         fleet = acl_fleet.fleet
         w = fleet.watchers[2]
 
-        def check_config() -> str:
-            return subprocess.run(
+        def check_config(exit_code: int = 0) -> str:
+            done = subprocess.run(
                 [str(BIN / "watcher"), "check-config", "-c", str(w.config_path)],
                 capture_output=True,
                 text=True,
                 env=w.env(),
                 timeout=60,
-                check=True,
-            ).stderr
+            )
+            assert done.returncode == exit_code, (done.returncode, done.stderr)
+            return done.stderr
 
         # its own token may do all it needs (the advice against hooks as root aside: the
         # test's apps have no user)
@@ -598,7 +654,9 @@ class TestPrivilegeIsLeast:
             config = yaml.safe_load(w.config_path.read_text())
             config["consul"]["token"] = secret
             w.config_path.write_text(yaml.safe_dump(config))
-            assert checked in check_config(), policy
+            # A token Consul does not know fails the check (a reload would not take it); a
+            # permission that is missing is a warning (exit 0), as it may be granted later.
+            assert checked in check_config(2 if policy is None else 0), policy
             w.start()
 
             def told(said: str = said) -> bool:

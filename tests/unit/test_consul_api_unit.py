@@ -214,6 +214,7 @@ class TestErrorMapping:
         err = classify_response(status, body, what="kv get watcher/k", address=self.addr)
         assert isinstance(err, ConsulPermissionDenied)
         assert said in str(err), err
+        assert err.unknown_token is ("unknown to Consul" in said), err
 
     def test_400_is_a_request_error_with_consuls_message(self) -> None:
         err = classify_response(

@@ -1111,6 +1111,9 @@ class TestDeployWaitStopped:
         assert _wait_lost(ConsulUnavailable("x")) == "lost Consul while waiting"
         denied = _wait_lost(ConsulPermissionDenied("x"))
         assert "lost" not in denied and "may not read" in denied
+        deleted = ConsulPermissionDenied("x")
+        deleted.unknown_token = True  # "ACL not found": the token was deleted since the start
+        assert _wait_lost(deleted) == "Consul no longer knows this token, so the wait stopped"
         assert "lost" not in _wait_lost(ConsulError("x"))
 
 
