@@ -782,6 +782,21 @@ class TestDocumentedCommands:
         assert result.returncode == 2
         assert message in result.stderr and not result.stdout
 
+    def test_a_rendered_policy_says_what_it_was_rendered_for(self) -> None:
+        """The ACL review: the template's "or replace ${APP} ... by hand" was rendered too,
+        into "or replace prod, web and host-1 by hand". Comments keep the placeholders; the
+        second line names what the rules were rendered for, once per app."""
+        policy = render("watcher", "prod", "web", "api", node="host-1")
+        comments = [line for line in policy.splitlines() if line.lstrip().startswith("#")]
+        rules = [line for line in policy.splitlines() if not line.lstrip().startswith("#")]
+        assert "# Rendered for kv_prefix prod, app web, node host-1." in comments
+        assert "# Rendered for kv_prefix prod, app api, node host-1." in comments
+        assert any("${KV_PREFIX}" in line for line in comments), comments
+        assert not any("$" in line for line in rules), rules
+        assert 'key "prod/apps/api/members/host-1" {' in rules
+        (line,) = [x for x in render("ci", "w", "web").splitlines() if "Rendered" in x]
+        assert line == "# Rendered for kv_prefix w, app web."
+
     @pytest.mark.parametrize("flag", ["-h", "--help"])
     def test_render_help_shows_every_role(self, flag: str) -> None:
         result = subprocess.run([str(RENDER), flag], capture_output=True, text=True, check=False)
