@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
@@ -171,7 +172,11 @@ class AppLock:
     def acquire(self) -> None:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this AppLock")
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        # Never through a symlink: the holder truncates and writes the file, and a daemon
+        # run as root would do it to whatever one points at (/etc/shadow), should another
+        # user have put one there (a directory it could write, or made first in a race
+        # with the start's ownership checks).
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             try:
                 fd = os.open(self.path, flags, 0o644)
@@ -179,6 +184,8 @@ class AppLock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ReleaseError(self._not_made_here("a symbolic link")) from None
             hint = ""
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 hint = (
@@ -192,6 +199,7 @@ class AppLock:
             ) from None
         deadline = time.monotonic() + self.timeout
         try:
+            self._check_made_here(fd)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -214,6 +222,28 @@ class AppLock:
             os.pwrite(fd, f"{os.getpid()} {self.owner}\n".encode(), 0)
         except OSError:
             pass  # the owner note is informational; the flock is what excludes
+
+    def _check_made_here(self, fd: int) -> None:
+        """Refuse a lock file that is not a plain file of this user with one name: another
+        user's file, a FIFO or a device, or a hard link to a file elsewhere, which the
+        holder would truncate."""
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+            return
+        what = (
+            "not a plain file"
+            if not stat.S_ISREG(st.st_mode)
+            else f"owned by uid {st.st_uid}, not this process's {os.geteuid()}"
+            if st.st_uid != os.geteuid()
+            else f"a file with {st.st_nlink} names (a hard link)"
+        )
+        raise ReleaseError(self._not_made_here(what))
+
+    def _not_made_here(self, what: str) -> str:
+        return (
+            f"cannot use {self.what} {self.path}: it is {what}; the watcher makes its locks "
+            "itself, so someone else put this one there: see who before removing it"
+        )
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
