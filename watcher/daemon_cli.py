@@ -270,6 +270,16 @@ def config_warnings(
         warnings += _token_readable_warnings(config)
     if problem := _not_writable(Path(config.daemon.state_dir)):
         warnings.append(f"daemon.state_dir: {problem}")
+    if unsafe := _untrusted_state_dir(config.daemon.state_dir):
+        # Not refused as an app directory is (nothing there is run, chowned or switched
+        # to, and the locks refuse a link), but the session the watcher reuses at its
+        # start and what `watcherctl status` shows are read from there.
+        warnings.append(
+            f"daemon.state_dir: {unsafe}: another user could replace the files the watcher "
+            "keeps there (the Consul session it takes up again at a restart, the status "
+            "`watcherctl status` shows); make it and the directories above it root's (or "
+            "the daemon's user's) and writable by that user only"
+        )
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
         problem = _not_writable(root)
@@ -326,6 +336,13 @@ def config_warnings(
                         "above it root's and writable by root only"
                     )
     return warnings
+
+
+def _untrusted_state_dir(state_dir: str) -> str:
+    """``untrusted_path`` of the daemon's state directory, "; "-joined ("" if none)."""
+    from watcher.releases import untrusted_path
+
+    return "; ".join(untrusted_path(state_dir))
 
 
 def _untrusted_hook(argv: tuple[str, ...]) -> str:

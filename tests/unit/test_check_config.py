@@ -465,6 +465,39 @@ class TestCheckConfig:
             "argument, write the hook as a list: [/bin/true, ...])"
         ) in said, said
 
+    def test_a_state_dir_other_users_may_write_is_warned_of(self, tmp_path: Path) -> None:
+        """The watcher takes up the Consul session named in its state_dir again at a start,
+        and `watcherctl status` shows the status kept there: another user who may write
+        there could replace both. Warned of (check-config, the daemon's log), as the app
+        directories' check would refuse it; a fine one says nothing."""
+        state = tmp_path / "state"
+        state.mkdir()
+        state.chmod(0o777)
+        config = parse_config(
+            {
+                "s3": {"bucket": "b"},
+                "daemon": {"state_dir": str(state)},
+                "apps": {"web": {"root": str(tmp_path / "srv")}},
+            },
+            env={},
+        )
+        said = [w for w in daemon_cli.config_warnings(config) if w.startswith("daemon.state_dir")]
+        assert said == [
+            f"daemon.state_dir: {state} is mode 0777: writable by every user: another user "
+            "could replace the files the watcher keeps there (the Consul session it takes up "
+            "again at a restart, the status `watcherctl status` shows); make it and the "
+            "directories above it root's (or the daemon's user's) and writable by that user "
+            "only"
+        ], said
+        state.chmod(0o755)
+        assert not [
+            w for w in daemon_cli.config_warnings(config) if w.startswith("daemon.state_dir")
+        ]
+        missing = replace(config, daemon=replace(config.daemon, state_dir=str(tmp_path / "x")))
+        assert not [
+            w for w in daemon_cli.config_warnings(missing) if w.startswith("daemon.state_dir")
+        ]
+
     def test_a_token_other_users_may_read_is_warned_of(self, tmp_path: Path) -> None:
         """The newcomer test: a token_file of mode 0644 passed without a word, while the
         README says whoever reads it acts as this host."""
