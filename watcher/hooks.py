@@ -497,7 +497,12 @@ class _HookProcess:
                     self.log.warning("hook_cancelled")
                     self._stop(signal.SIGTERM)
                     term_at = now
-                if stopped is None and now >= deadline:
+                # A hook that has exited ended by itself, however late this sees it: after
+                # a pause of the daemon (SIGSTOP, a VM frozen) past the deadline, the pipe's
+                # end-of-file may not have been read yet (epoll_wait answers EINTR at the
+                # SIGCONT, and Python's select then returns nothing), and a validate that
+                # passed in 4 s was told as "timed out after 20s" (the status review).
+                if stopped is None and not exited and now >= deadline:
                     stopped = f"timed out after {self.timeout:g}s"
                     self.stopped_by = HOOK_TIMEOUT
                     self.log.warning("hook_timeout", timeout=self.timeout)

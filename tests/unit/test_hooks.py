@@ -6,6 +6,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,49 @@ class TestFailures:
 
         results = run_hooks(app, "post_release", make_ctx(release_dir), cancel=cancel)
         assert [r.output_lines for r in results] == [1]
+
+    def test_a_hook_that_ended_while_the_daemon_was_paused_did_not_time_out(
+        self, tmp_path: Path, release_dir: Path
+    ) -> None:
+        """The status review: the daemon SIGSTOPped while its validate hook ran (a hook of
+        4 s, a timeout of 20 s), resumed 22 s later: the hook had exited 0, and the first
+        look after the pause found the deadline passed before it read the pipe's end (the
+        select, interrupted by the SIGCONT, returned nothing): "timed out after 20s", a
+        good release reported as failed after its commit. The runner here is a process of
+        its own, stopped and continued as the daemon was."""
+        hook = write_script(
+            tmp_path / "hooks" / "short", f"touch {tmp_path}/started\nsleep 0.3\necho ok\n"
+        )
+        runner = f"""
+import sys
+from pathlib import Path
+sys.path[:0] = [{str(Path(__file__).resolve().parents[2])!r}]
+from tests.unit.test_hooks import make_app, make_ctx
+from watcher.errors import HookError
+from watcher.hooks import run_hooks
+app = make_app(Path({str(tmp_path)!r}), {{"validate": (({str(hook)!r},),)}}, hook_timeout=1.0)
+try:
+    results = run_hooks(app, "validate", make_ctx(Path({str(release_dir)!r})))
+    print("ok", [r.output_lines for r in results])
+except HookError as exc:
+    print("failed:", exc)
+"""
+        proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "started").exists():
+                assert time.monotonic() < deadline, "the hook never started"
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGSTOP)  # paused in its wait, the hook running on
+            time.sleep(2.0)  # the hook ends (0.3 s); its deadline (1 s) passes
+            proc.send_signal(signal.SIGCONT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert out.strip().splitlines()[-1] == "ok [1]", out
 
     def test_timeout_escalates_to_sigkill(self, tmp_path: Path, release_dir: Path) -> None:
         hook = write_script(
