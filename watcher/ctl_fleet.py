@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -1246,12 +1247,7 @@ def cmd_history(ctx: CtlContext) -> int:
             return f"no deploys of {ctx.args.app} recorded" if not problem else ""
         out = []
         for d in items:
-            failures = "; ".join(
-                f"{n}: {h['state']}" + (f": {h['error']}" if h["error"] else "")
-                for n, h in d["hosts"].items()
-                if h["state"] in FAILING_STATES
-            )
-            detail = _detail(d, failures)
+            detail = _detail(d)
             if d.get("unlisted"):
                 detail = "NOT IN THE HISTORY RECORD" + (f"; {detail}" if detail else "")
             out.append(
@@ -1287,10 +1283,21 @@ def abort_requested_label(asked: Mapping[str, Any]) -> str:
     return f"abort requested by {asked['by']}{why}"
 
 
-def _detail(d: dict[str, Any], failures: str) -> str:
-    """History's DETAIL: the failing hosts, else why it did not commit, and any record
-    that contradicts the acks."""
-    parts = [failures or (d["reason"] if d["result"] != "committed" else "")]
+def _detail(d: dict[str, Any]) -> str:
+    """History's DETAIL: why it did not commit, then the failing hosts that reason does not
+    name (a committed deploy, or one in flight: the failing hosts), and any record that
+    contradicts the acks. The reason comes first: a host's own failure written after the
+    deploy was decided is not its cause (a host whose session was lost, frozen or its
+    token revoked, acked "failed: prepare deadline passed" once back, and history showed
+    that instead of the lost session that decided it: the status review)."""
+    failing = {n: h for n, h in (d.get("hosts") or {}).items() if h["state"] in FAILING_STATES}
+    reason = d["reason"] if d["result"] not in (None, "committed") else ""
+    if reason:
+        failing = {n: h for n, h in failing.items() if not _names(reason, n)}
+    failures = [
+        f"{n}: {h['state']}" + (f": {h['error']}" if h["error"] else "") for n, h in failing.items()
+    ]
+    parts = ["; ".join([reason, *failures] if reason else failures)]
     if d.get("allow_missing") and (left := d.get("left_out")):
         parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
@@ -1308,6 +1315,11 @@ def _detail(d: dict[str, Any], failures: str) -> str:
         )
     parts += [n for n in d["distrusted"] if n not in parts[0]]
     return "; ".join(p for p in parts if p)
+
+
+def _names(text: str, node: str) -> bool:
+    """Whether ``text`` names ``node`` as a word of its own (host-1 is not in host-10)."""
+    return re.search(rf"(?<![\w.-]){re.escape(node)}(?![\w.-])", text) is not None
 
 
 def cmd_abort(ctx: CtlContext) -> int:

@@ -1714,7 +1714,7 @@ class TestHold:
         assert fleet.currents() == all_on(fleet, rel1)
         # `history` names the host that said no and why, as for a failed one.
         text = held.ctl("history", "web", as_json=False).stdout
-        assert f"{held.name}: refused" in text and "held" in text, text
+        assert f"node {held.name} refused: " in text and "held" in text, text
         status = held.ctl_json("status")
         assert status["apps"]["web"]["hold"]["reason"] == "disk maintenance"
         held.ctl_json("release-hold", "web")

@@ -1252,7 +1252,7 @@ def test_history_says_who_a_live_members_only_deploy_left_out(
         "requested_by": by,
         "distrusted": [],
     }
-    detail = _detail({**row, "left_out": left}, "")
+    detail = _detail({**row, "left_out": left})
     if said is None:
         assert "allow-missing" not in detail and "live members" not in detail, detail
     else:
@@ -1370,13 +1370,52 @@ def test_history_names_an_abort_request_that_did_not_decide_the_deploy() -> None
         "abort_requested": asked,
         "distrusted": [],
     }
-    assert _detail(row, "") == (
+    assert _detail(row) == (
         "expected node(s) host-3 lost the session; abort requested by alice@ops: wrong build"
     )
     row["reason"] = "node host-1 aborted: abort requested by alice@ops: wrong build"
-    assert _detail(row, "") == row["reason"]
+    assert _detail(row) == row["reason"]
     row["abort_requested"] = None
-    assert _detail(row, "") == row["reason"]
+    assert _detail(row) == row["reason"]
+
+
+def test_history_says_what_decided_an_abort_before_what_hosts_said_later() -> None:
+    """The status review, on a real fleet: a host frozen (or its token revoked, or its
+    agent stopped) lost its session and the abort was decided on that; back after the
+    prepare deadline, the host acked "failed: prepare deadline passed", and history showed
+    only that. The reason comes first; a failing host it does not name is said after it;
+    one it names is not said twice; host-1 is not named by host-10."""
+    from watcher.ctl_fleet import _detail
+
+    def host(state: str, error: str = "") -> dict[str, str]:
+        return {"state": state, "error": error, "output_tail": ""}
+
+    row: dict[str, Any] = {
+        "result": "aborted",
+        "reason": "expected node(s) host-3 lost the session",
+        "distrusted": [],
+        "hosts": {
+            "host-1": host("aborted", "aborted by the decision"),
+            "host-3": host("failed", "prepare deadline passed before this host was ready"),
+        },
+    }
+    assert _detail(row) == "expected node(s) host-3 lost the session"
+    row["reason"] = "node host-10 failed: validate hook v: exited with status 1"
+    row["hosts"]["host-10"] = host("failed", "validate hook v: exited with status 1")
+    assert _detail(row) == (
+        "node host-10 failed: validate hook v: exited with status 1; host-3: failed: "
+        "prepare deadline passed before this host was ready"
+    )
+    # In flight, or committed: no reason, the failing hosts as before.
+    row.update(result=None, reason="")
+    assert _detail(row) == (
+        "host-3: failed: prepare deadline passed before this host was ready; host-10: "
+        "failed: validate hook v: exited with status 1"
+    )
+    row.update(result="committed", hosts={"host-2": host("failed_after_commit", "boom")})
+    assert _detail(row) == (
+        "host-2: failed_after_commit: boom; failed after its end on host-2: no automatic rollback"
+    )
 
 
 def test_stalled_names_only_a_node_that_holds_its_named_session_without_an_ack() -> None:
