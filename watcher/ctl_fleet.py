@@ -623,7 +623,12 @@ def _wait_lost(exc: ConsulError) -> str:
     """Why `deploy`'s wait stopped, in words that fit the error: not every Consul error
     while waiting is Consul gone (a token that may start a deploy but not read its acks)."""
     if isinstance(exc, ConsulUnavailable):
-        return "lost Consul while waiting"
+        # The commands that follow need an agent that answers: typed here as printed, they
+        # failed the same way (the status review).
+        return (
+            "lost Consul while waiting (the commands named here need a Consul agent that "
+            "answers: this host's once it is back, or another host's)"
+        )
     if isinstance(exc, ConsulPermissionDenied):
         if exc.unknown_token:  # deleted (or expired) since the start
             return "Consul no longer knows this token, so the wait stopped"
@@ -966,12 +971,19 @@ def _human_summary(data: dict[str, Any]) -> str:
     hosts = data.get("hosts") or {}
     took = [n for n in data.get("not_live") or () if hosts.get(n, {}).get("state") == COMMITTED]
     behind = [n for n in data.get("not_live") or () if n not in took]
-    why = "its watcher stopped, or it was still applying at the apply deadline"
+    # Not only a stopped watcher: one running whose agent is down or whose token Consul
+    # refuses looks the same from here, and restarting it changes nothing (the status
+    # review, on a fleet whose token was deleted).
+    why = (
+        "its watcher stopped or lost Consul (its agent down or cut off, its token refused), "
+        "or it was still applying at the apply deadline"
+    )
     if behind:
         lines.append(
             f"  NOT LIVE: {', '.join(behind)}: acked ready but had not switched when the "
-            f"deploy ended ({why}); it converges to the fleet's release when its watcher "
-            "runs (`status --fleet` shows where it stands)"
+            f"deploy ended ({why}); it converges to the fleet's release once its watcher "
+            "runs with Consul again (`status --fleet` shows where it stands, `status` on "
+            "that host why)"
         )
     if took:
         # Its intent is written before its flip, its live ack after `validate`: it may serve
@@ -979,8 +991,9 @@ def _human_summary(data: dict[str, Any]) -> str:
         lines.append(
             f"  NOT LIVE: {', '.join(took)}: had taken the commit but not reported live when "
             f"the deploy ended ({why}); it may serve the new release before its `validate` "
-            "passed, and finishes the switch when its watcher runs (`status --fleet` shows "
-            "where it stands); a validate that fails there now starts no automatic rollback"
+            "passed, and finishes the switch once its watcher runs with Consul again "
+            "(`status --fleet` shows where it stands, `status` on that host why); a validate "
+            "that fails there now starts no automatic rollback"
         )
     return "\n".join(lines)
 
@@ -2688,6 +2701,16 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
             )
             if drift:
                 out.append("  * not on the fleet's release")
+            if down := [ids.one_line(h["node"]) for h in a["hosts"].values() if not h["member"]]:
+                # What the fleet's view can say of it: no session. A watcher that runs but
+                # whose agent is down or whose token is refused shows the same, and a
+                # restart of it would not help (the status review).
+                out.append(
+                    f"  DOWN: {', '.join(down)}: no Consul session (its watcher stopped or "
+                    "frozen, its Consul agent down or cut off, or its token refused: "
+                    f"`{ctx.command_line('status', name)}` on that host says which); its "
+                    "RELEASE and DEPLOY are what it last recorded"
+                )
             for h in a["hosts"].values():
                 # Its last record's, for a host whose watcher is down: said, not counted.
                 stale = "" if h["member"] else " (its last record; watcher DOWN)"

@@ -479,7 +479,7 @@ class TestAgentAway:
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 3, err
-        assert "watcherctl: lost Consul while waiting; " in err, err
+        assert "watcherctl: lost Consul while waiting (the commands named here need " in err, err
         assert f"deploy {deploy_id} goes on across the fleet" in err, err
         assert f"abort {deploy_id} --app web" in err, err
         cluster.start(asking.agent)

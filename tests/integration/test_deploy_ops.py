@@ -1417,6 +1417,14 @@ class TestAbortRace:
         assert dead.current() == rel1
         not_live = fleet.watchers[0].ctl_json("status", "web", "--fleet")["web"]
         assert not_live["current_not_live"] == [dead.name], not_live
+        # Once its session is gone the fleet's view says so, and what it may be: the status
+        # review read "DOWN" with no reason for a watcher that ran, its token refused.
+        wait_for(lambda: dead.name not in fleet.members(), 30, "host-3's session gone", fleet)
+        text = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False, check=False)
+        assert (
+            f"  DOWN: {dead.name}: no Consul session (its watcher stopped or frozen, its "
+            "Consul agent down or cut off, or its token refused: `watcherctl status web"
+        ) in text.stdout, text.stdout
         dead.start()
         fleet.wait_members(len(fleet.watchers))
         wait_for(everyone_on(fleet, release_of(fleet, deploy_id)), 30, "host-3 converged", fleet)

@@ -1108,7 +1108,10 @@ class TestDeployWaitStopped:
         from watcher.ctl_fleet import _wait_lost
         from watcher.errors import ConsulError, ConsulPermissionDenied, ConsulUnavailable
 
-        assert _wait_lost(ConsulUnavailable("x")) == "lost Consul while waiting"
+        assert _wait_lost(ConsulUnavailable("x")) == (
+            "lost Consul while waiting (the commands named here need a Consul agent that "
+            "answers: this host's once it is back, or another host's)"
+        )
         denied = _wait_lost(ConsulPermissionDenied("x"))
         assert "lost" not in denied and "may not read" in denied
         deleted = ConsulPermissionDenied("x")
