@@ -2658,7 +2658,17 @@ def flipped_elsewhere(view: DeployView, previous: str) -> str:
     if not froms or set(froms) == {previous}:
         return ""
     said = "; ".join(f"{release} ({', '.join(nodes)})" for release, nodes in sorted(froms.items()))
-    return f"the hosts that went live in deploy {view.id} flipped from: {said}"
+    why = f"the hosts that went live in deploy {view.id} flipped from: {said}"
+    others = sorted(n for release, nodes in froms.items() if release != previous for n in nodes)
+    if len(froms.get(previous, ())) > len(others):
+        # Most hosts agree with the record: the others may have been off the fleet's
+        # release when that deploy started, which the status review did by hand (`ln
+        # -sfn`) and was read as a rewritten record.
+        why += (
+            f" ({some_of(others)} may have been on another release when it started: "
+            "`current` changed by hand, or `rollback --local`)"
+        )
+    return why
 
 
 def _refuse_a_previous_the_acks_deny(
