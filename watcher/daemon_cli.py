@@ -164,6 +164,8 @@ def token_problems(config: Config) -> tuple[list[str], list[str]]:
             try:
                 client.acl_token_self()  # any token Consul knows may read itself
             except ConsulPermissionDenied as exc:
+                if not exc.unknown_token:  # a proxy's 403 on /v1/acl/, not Consul's word
+                    return [], [f"{unchecked}: {exc}"]
                 unknown = (
                     f"consul.token: Consul does not know this token ({exc}); give the "
                     "SecretID of the host's watcher token (docs/acl.md)"

@@ -334,6 +334,75 @@ class TestCheckConfig:
         assert said.startswith("consul: the token's permissions were not checked: cannot "), said
         assert daemon_cli.token_problems(replace(config, apps={})) == ([], [])  # CI's config
 
+    @pytest.mark.parametrize(
+        ("status", "body", "unknown"),
+        [
+            (403, "ACL not found", True),
+            (403, "Forbidden", False),
+            (403, "Permission denied", False),
+        ],
+    )
+    def test_only_consuls_acl_not_found_makes_an_unknown_token(
+        self, tmp_path: Path, status: int, body: str, unknown: bool
+    ) -> None:
+        """A token Consul does not know fails the check (a reload would take a token with
+        which the host joins no deploy); any other refusal of /v1/acl/token/self (a proxy
+        that keeps /v1/acl/ to itself answered 403 "Forbidden") is not Consul saying so:
+        the review of the first version, which failed the check, and so `systemctl reload`,
+        for a working token behind such a proxy."""
+        import http.server
+        import threading
+
+        class FakeConsul(http.server.BaseHTTPRequestHandler):
+            def answer(self, code: int, text: str) -> None:
+                data = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/v1/acl/token/self"):
+                    self.answer(status, body)
+                else:
+                    self.answer(404, "")  # no `current` yet: read, not refused
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.answer(200, "false")  # the CAS that never applies
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeConsul)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            config = parse_config(
+                {
+                    "node": "host-1",
+                    "consul": {"address": f"127.0.0.1:{server.server_port}", "token": "t"},
+                    "s3": {"bucket": "b"},
+                    "apps": {"web": {"root": str(tmp_path)}},
+                },
+                env={},
+            )
+            errors, warnings = daemon_cli.token_problems(config)
+        finally:
+            server.shutdown()
+            server.server_close()
+        if unknown:
+            assert errors == [
+                "consul.token: Consul does not know this token (Consul at "
+                f"http://127.0.0.1:{server.server_port} refused acl token self: the ACL token "
+                "is unknown to Consul (ACL not found)); give the SecretID of the host's "
+                "watcher token (docs/acl.md)"
+            ], errors
+            assert warnings == []
+        else:
+            assert errors == []
+            (said,) = warnings
+            assert said.startswith("consul: the token's permissions were not checked: "), said
+
     def test_the_ttl_is_checked_against_the_agents_minimum_when_known(self) -> None:
         config = parse_config(
             {
