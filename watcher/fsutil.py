@@ -164,6 +164,7 @@ class AppLock:
         self.owner = owner
         self.what = what  # for a message: which lock, named as the config names its place
         self._fd: int | None = None
+        self._noted = False  # the owner note was written (and is cleared at release)
 
     @property
     def locked(self) -> bool:
@@ -199,7 +200,7 @@ class AppLock:
             ) from None
         deadline = time.monotonic() + self.timeout
         try:
-            self._check_made_here(fd)
+            note = self._check_made_here(fd)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -217,48 +218,59 @@ class AppLock:
             os.close(fd)
             raise
         self._fd = fd
+        self._noted = note
+        if not note:
+            return  # the flock excludes all the same; a waiter names no holder
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.owner}\n".encode(), 0)
         except OSError:
             pass  # the owner note is informational; the flock is what excludes
 
-    def _check_made_here(self, fd: int) -> None:
-        """Refuse a lock file that is not a plain file of this user with one name: another
-        user's file, a FIFO or a device, or a hard link to a file elsewhere, which the
-        holder would truncate."""
+    def _check_made_here(self, fd: int) -> bool:
+        """Refuse a lock that is not a plain file (a FIFO, a device: the watcher never
+        makes one); whether the owner note may be written into it: not into a file with
+        another name too, which may be a hard link to a file elsewhere (where the kernel
+        lets users link others' files), or a `cp -al` snapshot's, whose copy the note would
+        change. Another user's plain file is only truncated: harmless, and the lock of an
+        earlier run under another `User=`."""
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
-            return
-        what = (
-            "not a plain file"
-            if not stat.S_ISREG(st.st_mode)
-            else f"owned by uid {st.st_uid}, not this process's {os.geteuid()}"
-            if st.st_uid != os.geteuid()
-            else f"a file with {st.st_nlink} names (a hard link)"
-        )
-        raise ReleaseError(self._not_made_here(what))
+        if not stat.S_ISREG(st.st_mode):
+            raise ReleaseError(self._not_made_here("not a plain file"))
+        return st.st_nlink == 1
 
     def _not_made_here(self, what: str) -> str:
         return (
-            f"cannot use {self.what} {self.path}: it is {what}; the watcher makes its locks "
-            "itself, so someone else put this one there: see who before removing it"
+            f"cannot use {self.what} {self.path}: it is {what}, which the watcher never makes "
+            "(its locks are plain files): find out what put it there before removing it"
         )
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        if self._noted:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         os.close(fd)  # closing the last fd drops the flock
 
     def holder(self) -> str:
-        """``"<pid> <owner>"`` as written by the current holder; best effort, may be ""."""
+        """``"<pid> <owner>"`` as written by the current holder; best effort, may be "".
+        Not from a file with another name (its holder wrote no note there, and what it
+        holds is another file's, which no message should quote)."""
         try:
-            return self.path.read_text(errors="replace").strip()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return ""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return ""
+            return os.read(fd, 4096).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> AppLock:
         self.acquire()
