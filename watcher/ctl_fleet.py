@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -1297,20 +1296,22 @@ def abort_requested_label(asked: Mapping[str, Any]) -> str:
 
 
 def _detail(d: dict[str, Any]) -> str:
-    """History's DETAIL: why it did not commit, then the failing hosts that reason does not
-    name (a committed deploy, or one in flight: the failing hosts), and any record that
-    contradicts the acks. The reason comes first: a host's own failure written after the
-    deploy was decided is not its cause (a host whose session was lost, frozen or its
-    token revoked, acked "failed: prepare deadline passed" once back, and history showed
-    that instead of the lost session that decided it: the status review)."""
+    """History's DETAIL: for an aborted deploy, why (what decided it) and then the failing
+    hosts but the one that reason quotes; otherwise the failing hosts, else why it did not
+    commit; then any record that contradicts the acks. An abort's reason comes first: a
+    host's own failure written after the abort was decided is not its cause (a host whose
+    session was lost, frozen or its token revoked, acked "failed: prepare deadline passed"
+    once back, and history showed that instead of the lost session: the status review)."""
     failing = {n: h for n, h in (d.get("hosts") or {}).items() if h["state"] in FAILING_STATES}
-    reason = d["reason"] if d["result"] not in (None, "committed") else ""
-    if reason:
-        failing = {n: h for n, h in failing.items() if not _names(reason, n)}
+    reason = d["reason"] if d["result"] != "committed" else ""
+    if d["result"] == "aborted" and reason:
+        # The one host whose error the reason carries ("node host-1 failed: ..."), once.
+        failing = {n: h for n, h in failing.items() if not reason.startswith(f"node {n} ")}
     failures = [
         f"{n}: {h['state']}" + (f": {h['error']}" if h["error"] else "") for n, h in failing.items()
     ]
-    parts = ["; ".join([reason, *failures] if reason else failures)]
+    first = [reason, *failures] if d["result"] == "aborted" and reason else failures or [reason]
+    parts = ["; ".join(p for p in first if p)]
     if d.get("allow_missing") and (left := d.get("left_out")):
         parts.append(f"{allow_missing_label(d)}: {', '.join(left)} not expected")
     if d.get("not_live"):
@@ -1328,11 +1329,6 @@ def _detail(d: dict[str, Any]) -> str:
         )
     parts += [n for n in d["distrusted"] if n not in parts[0]]
     return "; ".join(p for p in parts if p)
-
-
-def _names(text: str, node: str) -> bool:
-    """Whether ``text`` names ``node`` as a word of its own (host-1 is not in host-10)."""
-    return re.search(rf"(?<![\w.-]){re.escape(node)}(?![\w.-])", text) is not None
 
 
 def cmd_abort(ctx: CtlContext) -> int:
@@ -2708,12 +2704,14 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                 out.append(
                     f"  DOWN: {', '.join(down)}: no Consul session (its watcher stopped or "
                     "frozen, its Consul agent down or cut off, or its token refused: "
-                    f"`{ctx.command_line('status', name)}` on that host says which); its "
-                    "RELEASE and DEPLOY are what it last recorded"
+                    # Not in backticks: `with_config` would add this command's -c, a
+                    # path on this host (the diff review).
+                    f"'watcherctl status {name}' on that host, with its config, says "
+                    "which); its RELEASE and DEPLOY are what it last recorded"
                 )
             for h in a["hosts"].values():
                 # Its last record's, for a host whose watcher is down: said, not counted.
-                stale = "" if h["member"] else " (its last record; watcher DOWN)"
+                stale = "" if h["member"] else " (its last record; DOWN)"
                 node, hold, alarm = ids.one_line(h["node"]), h.get("hold"), h.get("alarm")
                 if hold and alarm and hold.startswith(alarm):  # a contested deploy's (by ...)
                     out.append(f"  ALARM on {node}{stale}, HELD for it: {ids.one_line(hold)}")

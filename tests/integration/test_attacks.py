@@ -1149,7 +1149,7 @@ class TestOneHostToken:
             away.stop()
             wait_for(lambda: not fleet_status(acl_fleet)["hosts"][away.name]["member"], 30, "down")
             shown = human_fleet_status(acl_fleet)
-            assert f"ALARM on {away.name} (its last record; watcher DOWN): " in shown, shown
+            assert f"ALARM on {away.name} (its last record; DOWN): " in shown, shown
             away.start()
             fleet.wait_members(3)
         assert not away.log_events("converged", this_start=True)

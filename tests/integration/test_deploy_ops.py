@@ -1423,7 +1423,9 @@ class TestAbortRace:
         text = fleet.watchers[0].ctl("status", "web", "--fleet", as_json=False, check=False)
         assert (
             f"  DOWN: {dead.name}: no Consul session (its watcher stopped or frozen, its "
-            "Consul agent down or cut off, or its token refused: `watcherctl status web"
+            "Consul agent down or cut off, or its token refused: 'watcherctl status web' on "
+            "that host, with its config, says which); its RELEASE and DEPLOY are what it last "
+            "recorded"
         ) in text.stdout, text.stdout
         dead.start()
         fleet.wait_members(len(fleet.watchers))

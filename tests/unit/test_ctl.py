@@ -1386,34 +1386,49 @@ def test_history_says_what_decided_an_abort_before_what_hosts_said_later() -> No
     """The status review, on a real fleet: a host frozen (or its token revoked, or its
     agent stopped) lost its session and the abort was decided on that; back after the
     prepare deadline, the host acked "failed: prepare deadline passed", and history showed
-    only that. The reason comes first; a failing host it does not name is said after it;
-    one it names is not said twice; host-1 is not named by host-10."""
+    only that. An abort's reason comes first, the failing hosts after it but the one whose
+    error it quotes; other results list every failing host, as before (the review of the
+    first version: it dropped every host a reason named, host-2's own error from
+    "failed after the commit on host-1, host-2: <host-1's>", and a node named `web` from
+    a reason quoting /srv/web)."""
     from watcher.ctl_fleet import _detail
 
     def host(state: str, error: str = "") -> dict[str, str]:
         return {"state": state, "error": error, "output_tail": ""}
 
+    late = "prepare deadline passed before this host was ready"
     row: dict[str, Any] = {
         "result": "aborted",
         "reason": "expected node(s) host-3 lost the session",
         "distrusted": [],
         "hosts": {
             "host-1": host("aborted", "aborted by the decision"),
-            "host-3": host("failed", "prepare deadline passed before this host was ready"),
+            "host-3": host("failed", late),
         },
     }
-    assert _detail(row) == "expected node(s) host-3 lost the session"
-    row["reason"] = "node host-10 failed: validate hook v: exited with status 1"
-    row["hosts"]["host-10"] = host("failed", "validate hook v: exited with status 1")
+    assert _detail(row) == f"expected node(s) host-3 lost the session; host-3: failed: {late}"
+    row["reason"] = "node host-10 failed: prepare hook /srv/web/p: disk full (and 1 more)"
+    row["hosts"]["host-10"] = host("failed", "prepare hook /srv/web/p: disk full")
+    row["hosts"]["web"] = host("failed", "disk full")
     assert _detail(row) == (
-        "node host-10 failed: validate hook v: exited with status 1; host-3: failed: "
-        "prepare deadline passed before this host was ready"
+        "node host-10 failed: prepare hook /srv/web/p: disk full (and 1 more); host-3: "
+        f"failed: {late}; web: failed: disk full"
     )
-    # In flight, or committed: no reason, the failing hosts as before.
+    # In flight: the failing hosts.
     row.update(result=None, reason="")
+    assert _detail(row).startswith(f"host-3: failed: {late}; host-10: failed: prepare hook")
+    # After the commit, on two hosts: each host's own error, as before.
+    row.update(
+        result="rolled_back",
+        reason="failed after the commit on host-1, host-2: validate: exited 1",
+        hosts={
+            "host-1": host("failed_after_commit", "validate: exited 1"),
+            "host-2": host("failed_after_commit", "validate: timed out after 20s"),
+        },
+    )
     assert _detail(row) == (
-        "host-3: failed: prepare deadline passed before this host was ready; host-10: "
-        "failed: validate hook v: exited with status 1"
+        "host-1: failed_after_commit: validate: exited 1; host-2: failed_after_commit: "
+        "validate: timed out after 20s"
     )
     row.update(result="committed", hosts={"host-2": host("failed_after_commit", "boom")})
     assert _detail(row) == (
