@@ -274,7 +274,7 @@ def config_warnings(
         warnings.append(f"daemon.state_dir: {problem}")
     if unsafe := _untrusted_state_dir(config.daemon.state_dir):
         # Not refused as an app directory is (nothing there is run, chowned or switched
-        # to, and the locks refuse a link), but the session the watcher reuses at its
+        # to, and the locks refuse a symlink), but the session the watcher reuses at its
         # start and what `watcherctl status` shows are read from there.
         warnings.append(
             f"daemon.state_dir: {unsafe}: another user could replace the files the watcher "
