@@ -154,9 +154,7 @@ class TestAppLock:
         with pytest.raises(ReleaseError, match=r"cannot open the lock in x\.y .*state/lock"):
             named.acquire()
 
-    def test_a_lock_through_a_link_is_refused_or_left_untouched(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_a_lock_through_a_link_is_refused_or_left_untouched(self, tmp_path: Path) -> None:
         """The holder truncates its lock file and writes its pid there: through a symlink
         (or a hard link), a daemon run as root did it to whatever that named. A symlink (or
         a FIFO) is refused; a file with a second name (a hard link, or a `cp -al`
