@@ -18,6 +18,7 @@ import yaml
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, Fleet, WatcherProc, wait_for
+from tests.support.procs import reaped
 from watcher.config import ConsulSettings, S3Settings
 from watcher.consul_api import ConsulClient, TxnOp
 from watcher.errors import ConsulPermissionDenied
@@ -413,17 +414,14 @@ class TestATokenDeletedWhileDeployWaits:
             text=True,
             env=fleet.watchers[0].env(),
         )
-        try:
-            wait_for(lambda: Path(f"{gate}.started").exists(), 30, "a host in validate", fleet)
-            status, body = cluster.server.request("DELETE", f"/v1/acl/token/{accessor}")
-            assert status == 200, (status, body[:200])
-            gate.touch()  # the hosts go on: the acks change and the wait reads again
+        with reaped(deploy):
+            try:
+                wait_for(lambda: Path(f"{gate}.started").exists(), 30, "a host in validate", fleet)
+                status, body = cluster.server.request("DELETE", f"/v1/acl/token/{accessor}")
+                assert status == 200, (status, body[:200])
+            finally:
+                gate.touch()  # the hosts go on: the acks change and the wait reads again
             out, err = deploy.communicate(timeout=60)
-        finally:
-            gate.touch()
-            if deploy.poll() is None:
-                deploy.kill()
-                deploy.wait()
         assert deploy.returncode == 3, (deploy.returncode, out, err)
         lines = err.splitlines()
         assert "the ACL token is unknown to Consul (ACL not found)" in lines[0], err

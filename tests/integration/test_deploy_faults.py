@@ -20,6 +20,7 @@ import yaml
 
 from tests.support.cluster import ClusterSpec, ConsulCluster
 from tests.support.fleet import BIN, SESSION_TTL, Fleet, WatcherProc, consul_for, wait_for
+from tests.support.procs import reaped
 from watcher.barrier import DeployStore
 from watcher.config import S3Settings
 from watcher.records import ArtifactRecord
@@ -468,16 +469,12 @@ class TestAgentAway:
         rig.hold(*rig.watchers)
         argv = [str(BIN / "watcherctl"), "deploy", "web", v2.id, "-c", str(asking.config_path)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with reaped(proc):
             wait_for(lambda: rig.store.inflight()[0] is not None, 30, "the deploy started", fleet)
             deploy_id = str(rig.store.inflight()[0])
             rig.wait_hook_started(rig.watchers, deploy_id)
             cluster.stop(asking.agent)
             _, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == 3, err
         assert "watcherctl: lost Consul while waiting (the commands named here need " in err, err
         assert f"deploy {deploy_id} goes on across the fleet" in err, err

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "reaped"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,3 +34,15 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
     that forked the child exits: start them from a thread that outlives them."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """``proc`` for a test's ``with`` block: killed and reaped when the block leaves it
+    running (an assertion or a timeout inside), left as it is when it has exited."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -22,6 +22,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from tests.support.memory import least_peak
+from tests.support.procs import reaped
 from watcher import hooks
 from watcher.config import AppConfig, Timeouts
 from watcher.errors import HookError
@@ -440,7 +441,7 @@ except HookError as exc:
     print("failed:", exc)
 """
         proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, text=True)
-        try:
+        with reaped(proc):
             deadline = time.monotonic() + 30
             while not (tmp_path / "started").exists():
                 assert time.monotonic() < deadline, "the hook never started"
@@ -450,10 +451,6 @@ except HookError as exc:
             time.sleep(2.0)  # the hook ends (0.3 s); its deadline (1 s) passes
             proc.send_signal(signal.SIGCONT)
             out, _ = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert out.strip().splitlines()[-1] == "ok [1]", out
 
     def test_timeout_escalates_to_sigkill(self, tmp_path: Path, release_dir: Path) -> None:
