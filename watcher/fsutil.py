@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from watcher.errors import LockTimeout, ReleaseError
+from watcher.ids import one_line_short
 
 TMP_PREFIX = ".tmp-"
 _POLL_INTERVAL = 0.02
@@ -257,7 +258,9 @@ class AppLock:
     def holder(self) -> str:
         """``"<pid> <owner>"`` as written by the current holder; best effort, may be "".
         Not from a file with another name (its holder wrote no note there, and what it
-        holds is another file's, which no message should quote)."""
+        holds is another file's, which no message should quote). Its first line only,
+        escaped and cut: it is quoted in messages on a terminal, and whoever can write the
+        file (the app's user, a process that wrote it before it was locked) chose it."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -266,7 +269,8 @@ class AppLock:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 return ""
-            return os.read(fd, 4096).decode(errors="replace").strip()
+            text = os.read(fd, 4096).decode(errors="replace").strip()
+            return one_line_short(text.split("\n", 1)[0].strip())
         except OSError:
             return ""
         finally:

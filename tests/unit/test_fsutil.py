@@ -206,6 +206,19 @@ class TestAppLock:
             assert again.locked
         assert not again.locked
 
+    def test_a_waiter_quotes_the_holders_first_line_escaped(self, tmp_path: Path) -> None:
+        """What the file says is quoted in a message on a terminal: its first line, with
+        escape sequences shown, not a screen cleared or a line forged after it."""
+        lock_path = tmp_path / "lock"
+        with AppLock(lock_path, timeout=0, owner="t") as held:
+            assert held.locked
+            lock_path.write_text("4242 \x1b[2Jevil\nwatcher: forged line\n" + "x" * 5000)
+            with pytest.raises(LockTimeout) as info:
+                AppLock(lock_path, timeout=0, owner="daemon").acquire()
+        message = str(info.value)
+        assert "held by 4242 \\x1b[2Jevil" in message, message
+        assert "\x1b" not in message and "\n" not in message and "forged" not in message
+
     def test_makes_its_directory_only_when_it_is_missing(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
