@@ -495,6 +495,8 @@ class AppAgent:
         # (release, why it is not served here) as the last look found; None: served
         self._broken: tuple[str, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
+        # (this host's release, the fleet's) when `current` was last seen moved off it
+        self._moved_here: tuple[str, str | None] | None = None
         # The alarm raised because `current` names a deploy this host does not follow
         # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
         # 6.4.4), and that deploy: lifted once `current` names another.
@@ -2498,6 +2500,7 @@ class AppAgent:
         if on_current and not first_look:
             self._failing("converge", "")
             self._converge_failures = 0
+            self._moved_here = None
             return "idle"
         if not on_current and current is not None and self.engine.held() is not None:
             # Held: not retried (`status` shows the hold); its release tries again at once.
@@ -2508,6 +2511,7 @@ class AppAgent:
             return f"held (fleet is on {fleet_release}, this host on {local})"
         if self.busy():
             return "converging"
+        self._say_moved_here(local, fleet_release)
         wait = self._converge_retry_at - time.monotonic()
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
@@ -2567,6 +2571,36 @@ class AppAgent:
             )
             return f"idle; current names an older deploy {current.deploy}: not obeyed"
         return self._start_converge(joined, joined.id)
+
+    def _say_moved_here(self, local: str | None, fleet_release: str | None) -> None:
+        """Log, once each time it happens, that this host's `current` was moved off the
+        fleet's release after the watcher had put it there (``applied.json`` names the
+        fleet's release, the link another): repointed by hand, or a `rollback --local`
+        whose hold was released since. The convergence that follows puts the fleet's
+        release back and runs its hooks again; an operator who moved it by hand must be
+        able to find why it moved back (the status review). A host that missed a deploy
+        is behind, not moved: its ``applied.json`` names its own release."""
+        if local is None or local == fleet_release or self._moved_here == (local, fleet_release):
+            return
+        try:
+            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+            applied = data.get("release")
+        except (OSError, ValueError, AttributeError):
+            return
+        if applied != fleet_release:
+            return
+        self._moved_here = (local, fleet_release)
+        self.log.warning(
+            "current_moved_here",
+            release=local,
+            fleet_release=fleet_release,
+            reason=(
+                f"`current` was moved to {local} outside a deploy (by hand, or a `rollback "
+                f"--local` whose hold was released): the watcher puts the fleet's release "
+                f"{fleet_release} back, its hooks run as converge; `watcherctl hold` keeps a "
+                "host where it is"
+            ),
+        )
 
     def _start_converge(self, joined: Joined, pointed: str | None) -> str:
         """Converge to ``joined``, a deploy this host established as committed, unless its

@@ -888,6 +888,35 @@ class TestConverge:
         )
         lines = logs[late.name].read_text().splitlines()
         assert lines == [f"{p} converge {deploy_id}" for p in phases], lines
+        # Behind, not moved: nothing to explain.
+        assert not late.log_events("current_moved_here")
+
+    def test_a_current_moved_by_hand_is_put_back_and_the_log_says_why(self, fleet: Fleet) -> None:
+        """The status review: `current` repointed by hand on one host was put back to the
+        fleet's release, its hooks run again, and nothing said why it moved back."""
+        releases = []
+        for version in ("v1", "v2"):
+            result = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish(version).id)
+            assert result["result"] == "committed", result
+            releases.append(result["release"])
+        fleet.wait_idle()
+        old, new = releases
+        host = fleet.watchers[1]
+        link = host.app_dir / "current.by-hand"
+        link.symlink_to(Path("releases") / old)
+        link.rename(host.app_dir / "current")
+        wait_for(
+            lambda: bool(host.log_events("converged")) and host.current() == new,
+            60,
+            "the fleet's release put back",
+            fleet,
+        )
+        [moved] = host.log_events("current_moved_here")
+        assert (moved["release"], moved["fleet_release"]) == (old, new), moved
+        assert "outside a deploy" in moved["reason"] and "watcherctl hold" in moved["reason"]
+        for w in fleet.watchers:
+            if w is not host:
+                assert not w.log_events("current_moved_here"), w.name
 
 
 class TestRollbackHooks:
