@@ -25,9 +25,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two pytest-xdist workers, a test file each at a time (its cluster is module-scoped):
+# most of an integration test is waiting on Consul, a host or a deadline, so two run in
+# little more than the time of one. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) consul lint typecheck
 	scripts/install-system-deps
-	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/pytest $(PYTEST_ARGS)
+	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP) consul
 	CONSUL_BIN=$$(scripts/install-consul) $(BIN)/python scripts/demo.py $(DEMO_ARGS)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,28 @@ def consul_bin() -> str:
 
 @pytest.fixture(scope="session")
 def loopback_base() -> str:
-    """The first three octets of the cluster's addresses ($WATCHER_TEST_LOOPBACK)."""
+    """The first three octets of the cluster's addresses ($WATCHER_TEST_LOOPBACK). Each
+    pytest-xdist worker takes its own: worker N adds N to the second octet (127.0.7 is
+    worker 0's, 127.1.7 worker 1's), so two workers' clusters never share an address."""
     base = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
     if not _LOOPBACK_RE.match(base):
         pytest.fail(f'WATCHER_TEST_LOOPBACK must look like "127.0.0", got "{base}"', pytrace=False)
-    return base
+    return worker_loopback(base, os.environ.get("PYTEST_XDIST_WORKER", ""))
+
+
+def worker_loopback(base: str, worker: str) -> str:
+    """``base`` for the pytest-xdist worker named ``worker`` ("gw3"; "" without xdist)."""
+    if not worker:
+        return base
+    _, second, third = base.split(".")
+    octet = int(second) + int(worker.removeprefix("gw"))
+    if octet > 255:
+        pytest.fail(
+            f"WATCHER_TEST_LOOPBACK={base} leaves no address for worker {worker} "
+            "(it adds its number to the second octet): use a lower one",
+            pytrace=False,
+        )
+    return f"127.{octet}.{third}"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +135,30 @@ def s3_settings(s3_server: S3Server) -> S3Settings:
     return S3Settings(
         bucket=bucket, prefix="artifacts", region="us-east-1", endpoint_url=s3_server.endpoint_url
     )
+
+
+_FUZZ_INPUTS: Counter[str] = Counter()
+_FUZZ_PROFILES: set[str] = set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Sum what tests/unit/test_fuzz_parsers.py recorded of its inputs (from every worker)."""
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == "fuzz_inputs" and isinstance(value, dict):
+            counts = dict(value)
+            _FUZZ_PROFILES.add(str(counts.pop("profile", "?")))
+            _FUZZ_INPUTS.update(counts)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FUZZ_INPUTS:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(_FUZZ_INPUTS.items()))
+        terminalreporter.write_line(
+            f"fuzz profile {'/'.join(sorted(_FUZZ_PROFILES))}: "
+            f"{sum(_FUZZ_INPUTS.values())} inputs ran ({counts})"
+        )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -81,18 +81,14 @@ RECORD_CLASSES: tuple[type[Document], ...] = (
 INPUTS: Counter[str] = Counter()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_inputs(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print how many inputs each parser got (the long run's proof of its size)."""
+@pytest.fixture(autouse=True)
+def report_inputs(record_property: Callable[[str, object], None]) -> Iterator[None]:
+    """Say how many inputs each parser got (the long run's proof of its size): recorded on
+    the test's report, summed and printed at the end of the run by tests/conftest.py
+    (with pytest-xdist a worker's own output is never shown)."""
+    before = INPUTS.copy()
     yield
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(INPUTS.items()))
-    line = f"fuzz profile {PROFILE}: {sum(INPUTS.values())} inputs ran ({counts})"
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        print("\n" + line, flush=True)
+    record_property("fuzz_inputs", {"profile": PROFILE, **(INPUTS - before)})
 
 
 def expect_clean(
