@@ -281,6 +281,14 @@ def config_warnings(
             "keeps there (the Consul session it takes up again at a restart, the status "
             "`watcherctl status` shows); make it and the directories above it root's (or "
             "the daemon's user's) and writable by that user only"
+            + (
+                # `sudo watcher check-config` on a host whose watcher runs as another user
+                # (README: `User=` in a drop-in), whose state_dir that user owns.
+                " (a watcher run as another user, `User=`, trusts that user: run "
+                "check-config as it)"
+                if os.geteuid() == 0 and " owned by " in unsafe
+                else ""
+            )
         )
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)

@@ -562,6 +562,14 @@ class TestCheckConfig:
         assert not [
             w for w in daemon_cli.config_warnings(config) if w.startswith("daemon.state_dir")
         ]
+        if os.geteuid() == 0:
+            # Another user's, as with `User=`: said how to check it as that user.
+            os.chown(state, 65534, 65534)
+            [said_owned] = [
+                w for w in daemon_cli.config_warnings(config) if w.startswith("daemon.state_dir")
+            ]
+            assert f"{state} is owned by " in said_owned, said_owned
+            assert said_owned.endswith("trusts that user: run check-config as it)"), said_owned
         missing = replace(config, daemon=replace(config.daemon, state_dir=str(tmp_path / "x")))
         assert not [
             w for w in daemon_cli.config_warnings(missing) if w.startswith("daemon.state_dir")
