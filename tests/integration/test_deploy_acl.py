@@ -772,6 +772,7 @@ class TestDocumentedCommands:
             (["watcher", "--node", "host-1;x", "web"], "--node"),
             (["admin", "web"], "usage"),
             (["ci", "--agent", "host-1", "web"], "--agent is for the operator role only"),
+            (["operator", "--node", "host-1", "web"], "--node is for the watcher role only"),
             (["operator", "--agent", "host 1", "web"], '--agent "host 1"'),
         ],
     )
