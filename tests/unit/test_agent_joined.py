@@ -218,6 +218,7 @@ class TestLeftOutAlarm:
         agent._apply_retry = None
         agent.metrics = None
         agent._acks_looked = None
+        agent._moved_here = None
         # No later deploy by the acks (``newest_committed``, tested on a real Consul).
         agent._later_than_current = lambda _current, _local: None  # type: ignore[method-assign]
         agent._write_host = lambda *_a, **_k: None  # type: ignore[method-assign]
