@@ -95,7 +95,8 @@ class TestUnderARootPath:
     sheet, script, links, live stream, writes and the slash's redirect all left it)."""
 
     @pytest.fixture(scope="class")
-    def under(self) -> Iterator[TestClient]:
+    @classmethod
+    def under(cls) -> Iterator[TestClient]:
         yield from local_client("/ops/watcher/")
 
     def test_every_link_of_the_page_carries_the_path(self, under: TestClient) -> None:
