@@ -495,8 +495,8 @@ class AppAgent:
         # (release, why it is not served here) as the last look found; None: served
         self._broken: tuple[str, str] | None = None
         self._reported: set[str] = set()  # problems logged once (not obeyed, not parsed)
-        # (this host's release, the fleet's) when `current` was last seen moved off it
-        self._moved_here: tuple[str, str | None] | None = None
+        # (this host's release, the one converged to) when `current` was last seen moved
+        self._moved_here: tuple[str | None, str] | None = None
         # The alarm raised because `current` names a deploy this host does not follow
         # (it left this host out, DESIGN.md 6.4.5, or an ack changed after its commit,
         # 6.4.4), and that deploy: lifted once `current` names another.
@@ -2511,7 +2511,6 @@ class AppAgent:
             return f"held (fleet is on {fleet_release}, this host on {local})"
         if self.busy():
             return "converging"
-        self._say_moved_here(local, fleet_release)
         wait = self._converge_retry_at - time.monotonic()
         if wait > 0:
             return f"converge failed, retry in {wait:.0f}s: {self.status.converge_error}"
@@ -2572,36 +2571,6 @@ class AppAgent:
             return f"idle; current names an older deploy {current.deploy}: not obeyed"
         return self._start_converge(joined, joined.id)
 
-    def _say_moved_here(self, local: str | None, fleet_release: str | None) -> None:
-        """Log, once each time it happens, that this host's `current` was moved off the
-        fleet's release after the watcher had put it there (``applied.json`` names the
-        fleet's release, the link another): repointed by hand, or a `rollback --local`
-        whose hold was released since. The convergence that follows puts the fleet's
-        release back and runs its hooks again; an operator who moved it by hand must be
-        able to find why it moved back (the status review). A host that missed a deploy
-        is behind, not moved: its ``applied.json`` names its own release."""
-        if local is None or local == fleet_release or self._moved_here == (local, fleet_release):
-            return
-        try:
-            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-            applied = data.get("release")
-        except (OSError, ValueError, AttributeError):
-            return
-        if applied != fleet_release:
-            return
-        self._moved_here = (local, fleet_release)
-        self.log.warning(
-            "current_moved_here",
-            release=local,
-            fleet_release=fleet_release,
-            reason=(
-                f"`current` was moved to {local} outside a deploy (by hand, or a `rollback "
-                f"--local` whose hold was released): the watcher puts the fleet's release "
-                f"{fleet_release} back, its hooks run as converge; `watcherctl hold` keeps a "
-                "host where it is"
-            ),
-        )
-
     def _start_converge(self, joined: Joined, pointed: str | None) -> str:
         """Converge to ``joined``, a deploy this host established as committed, unless its
         artifact's pin refuses it; ``pointed``: the deploy `current` names now."""
@@ -2612,7 +2581,46 @@ class AppAgent:
                 f"pin:{joined.id}", "current_not_obeyed", deploy=joined.id, reason=str(exc)
             )
             return f"idle; {exc}"
+        self._say_moved_here(joined.request.release)
         return self._start("converge", joined.id, lambda: self._converge_to(joined, pointed))
+
+    def _say_moved_here(self, target: str) -> None:
+        """Log, once each time it happens, that this host's `current` was moved since the
+        watcher last switched it (``applied.json`` names another release than the link
+        does) and is now put back: repointed or removed by hand, or a `rollback --local`
+        whose hold was released since. The convergence runs the release's hooks again; an
+        operator who moved it by hand must be able to find why it moved back (the status
+        review). Not for a host that missed a deploy (its ``applied.json`` names the
+        release it is on), nor for a switch to ``target`` whose record a crash cut short
+        (the link names ``target`` already), nor after a wiped ``.state/``."""
+        local = self.engine.current_release()
+        if local == target or self._moved_here == (local, target):
+            return
+        try:
+            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+            applied = data.get("release")
+        except (OSError, ValueError, AttributeError):
+            return
+        if not isinstance(applied, str) or applied == local:
+            return
+        self._moved_here = (local, target)
+        moved = (
+            f"`current` was moved to {local}"
+            if local is not None
+            else "`current` was removed or pointed at no release of this app"
+        )
+        self.log.warning(
+            "current_moved_here",
+            release=local,
+            applied=applied,
+            fleet_release=target,
+            reason=(
+                f"{moved} after the watcher had switched it to {applied} (by hand, or a "
+                f"`rollback --local` whose hold was released): the watcher converges to "
+                f"the fleet's release {target}, its hooks run as converge; `watcherctl "
+                "hold` keeps a host where it is"
+            ),
+        )
 
     def _later_than_current(
         self, current: CurrentRecord | None, local: str | None

@@ -912,8 +912,21 @@ class TestConverge:
             fleet,
         )
         [moved] = host.log_events("current_moved_here")
-        assert (moved["release"], moved["fleet_release"]) == (old, new), moved
-        assert "outside a deploy" in moved["reason"] and "watcherctl hold" in moved["reason"]
+        assert (moved["release"], moved["applied"], moved["fleet_release"]) == (old, new, new)
+        assert "by hand" in moved["reason"] and "watcherctl hold" in moved["reason"], moved
+        # Pointed at no release at all (a directory of the operator's own): said too.
+        (host.app_dir / "hotfix").mkdir()
+        link.symlink_to("hotfix")
+        link.rename(host.app_dir / "current")
+        wait_for(
+            lambda: len(host.log_events("converged")) == 2 and host.current() == new,
+            60,
+            "the fleet's release put back again",
+            fleet,
+        )
+        [_, moved] = host.log_events("current_moved_here")
+        assert (moved["release"], moved["fleet_release"]) == (None, new), moved
+        assert moved["reason"].startswith("`current` was removed or pointed at no release")
         for w in fleet.watchers:
             if w is not host:
                 assert not w.log_events("current_moved_here"), w.name
