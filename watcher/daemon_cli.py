@@ -281,14 +281,7 @@ def config_warnings(
             "keeps there (the Consul session it takes up again at a restart, the status "
             "`watcherctl status` shows); make it and the directories above it root's (or "
             "the daemon's user's) and writable by that user only"
-            + (
-                # `sudo watcher check-config` on a host whose watcher runs as another user
-                # (README: `User=` in a drop-in), whose state_dir that user owns.
-                " (a watcher run as another user, `User=`, trusts that user: run "
-                "check-config as it)"
-                if os.geteuid() == 0 and " owned by " in unsafe
-                else ""
-            )
+            + _state_dir_owner_hint(config.daemon.state_dir, unsafe)
         )
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
@@ -346,6 +339,30 @@ def config_warnings(
                         "above it root's and writable by root only"
                     )
     return warnings
+
+
+def _state_dir_owner_hint(state_dir: str, unsafe: str) -> str:
+    """For `sudo watcher check-config` on a host whose watcher runs as another user
+    (README: `User=` in a drop-in): when the one problem is that the state_dir itself is
+    another user's, that user may be the daemon's. Not for a directory above it, or a
+    state_dir writable by others besides: those are problems whoever runs the daemon."""
+    if os.geteuid() != 0 or "; " in unsafe:
+        return ""
+    prefix = f"{Path(state_dir).absolute()} is owned by "
+    if not unsafe.startswith(prefix):
+        return ""
+    try:
+        uid = Path(state_dir).lstat().st_uid
+    except OSError:
+        return ""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"#{uid}"  # sudo -u takes a uid so
+    return (
+        f" (if the watcher runs as {user}, `User=`, that is its own: run check-config as "
+        f"that user, `sudo -u {user} watcher check-config`)"
+    )
 
 
 def _untrusted_state_dir(state_dir: str) -> str:

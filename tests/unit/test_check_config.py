@@ -569,7 +569,24 @@ class TestCheckConfig:
                 w for w in daemon_cli.config_warnings(config) if w.startswith("daemon.state_dir")
             ]
             assert f"{state} is owned by " in said_owned, said_owned
-            assert said_owned.endswith("trusts that user: run check-config as it)"), said_owned
+            user = pwd.getpwuid(65534).pw_name
+            assert said_owned.endswith(
+                f"(if the watcher runs as {user}, `User=`, that is its own: run check-config "
+                f"as that user, `sudo -u {user} watcher check-config`)"
+            ), said_owned
+            # A directory above it another user's: a problem whoever runs it, no such hint.
+            os.chown(state, 0, 0)
+            os.chown(tmp_path, 65534, 65534)
+            try:
+                [said_above] = [
+                    w
+                    for w in daemon_cli.config_warnings(config)
+                    if w.startswith("daemon.state_dir")
+                ]
+            finally:
+                os.chown(tmp_path, 0, 0)
+            assert f"{tmp_path} is owned by " in said_above, said_above
+            assert "sudo -u" not in said_above, said_above
         missing = replace(config, daemon=replace(config.daemon, state_dir=str(tmp_path / "x")))
         assert not [
             w for w in daemon_cli.config_warnings(missing) if w.startswith("daemon.state_dir")
