@@ -66,10 +66,13 @@ def consul_bin() -> str:
 
 @pytest.fixture(scope="session")
 def loopback_base() -> str:
-    """The first three octets of the cluster's addresses ($WATCHER_TEST_LOOPBACK). Each
-    pytest-xdist worker takes its own: worker N adds N to the second octet (127.0.7 is
-    worker 0's, 127.1.7 worker 1's), so two workers' clusters never share an address."""
-    base = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
+    """The first three octets of the cluster's addresses ($WATCHER_TEST_LOOPBACK, by
+    default 127.0.20: not 127.0.0, whose server would answer on 127.0.0.1:8500, Consul's
+    default address, which unit tests running beside it in another worker use as "no
+    agent here", and where a developer's own agent may listen). Each pytest-xdist worker
+    takes its own: worker N adds N to the second octet (127.0.7 is worker 0's, 127.1.7
+    worker 1's), so two workers' clusters never share an address."""
+    base = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.20")
     if not _LOOPBACK_RE.match(base):
         pytest.fail(f'WATCHER_TEST_LOOPBACK must look like "127.0.0", got "{base}"', pytrace=False)
     return worker_loopback(base, os.environ.get("PYTEST_XDIST_WORKER", ""))
