@@ -184,7 +184,9 @@ class TestLeftOutAlarm:
         cleared: list[str] = []
         raised: list[str] = []
         started: list[str] = []
-        joined = types.SimpleNamespace(id="d-solo", create_index=50, request=None)
+        joined = types.SimpleNamespace(
+            id="d-solo", create_index=50, request=types.SimpleNamespace(release="r2")
+        )
 
         def committed_or_why(deploy: str, *, node: str, first_index: int) -> Any:
             assert deploy == "d-solo" and node == "host-2"
@@ -274,7 +276,9 @@ class TestLeftOutAlarm:
         kv = FakeKV(record_first_index=40)
         agent, cleared, _started = self.make(tmp_path, kv)
         long_why = "host-2 flipped to, but " + "x" * 1500
-        trusted = types.SimpleNamespace(id="d-next", create_index=50, request=None)
+        trusted = types.SimpleNamespace(
+            id="d-next", create_index=50, request=types.SimpleNamespace(release="r3")
+        )
         agent.store.committed_or_why = lambda deploy, **_k: (  # type: ignore[attr-defined]
             (None, long_why) if deploy == "d-solo" else (trusted, "")
         )
