@@ -198,7 +198,7 @@ def main() -> int:
                 raise
             print(f"demo: {str(exc).split(' (')[0]}: another demo (or test run) uses "
                   f"{LOOPBACK}.x; stop it, or pick another base: "
-                  "DEMO_LOOPBACK=127.0.20 make demo", file=sys.stderr)
+                  "DEMO_LOOPBACK=127.0.30 make demo", file=sys.stderr)
             return 1
         s3 = S3Server(workdir / "moto.log")
         s3.start()
