@@ -2425,12 +2425,21 @@ class AppAgent:
             keep += [i.deploy_id for i in staged[-self.app.keep_releases :]]
         return keep
 
-    def _read_applied_recently(self) -> list[str]:
+    def _applied_record(self) -> dict[str, Any]:
+        """``applied.json`` as written by ``_write_applied``; {} when it is missing or is
+        not a JSON object (an earlier version's, or damaged)."""
         try:
             data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _read_applied_recently(self) -> list[str]:
+        data = self._applied_record()
+        try:
             recent = data.get("recent") or [data["deploy"]]
             return [str(d) for d in recent if isinstance(d, str)][-APPLIED_KEPT:]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError):
             return []
 
     def _write_applied(self, joined: Joined) -> None:
@@ -2454,12 +2463,10 @@ class AppAgent:
         host backwards once a forged ack had vetoed the deploy it was on (the attacker
         review). 0 when neither says."""
         local = self.engine.current_release()
-        try:
-            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-            if data.get("release") == local:
+        data = self._applied_record()
+        if data.get("release") == local:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 return int(data["create_index"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # (AttributeError: valid JSON that is no object)
         if local is None:
             return 0
         if self._own_index is None or self._own_index[0] != local:
@@ -2596,11 +2603,7 @@ class AppAgent:
         local = self.engine.current_release()
         if local == target or self._moved_here == (local, target):
             return
-        try:
-            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-            applied = data.get("release")
-        except (OSError, ValueError, AttributeError):
-            return
+        applied = self._applied_record().get("release")
         if not isinstance(applied, str) or applied == local:
             return
         self._moved_here = (local, target)
