@@ -272,7 +272,8 @@ def config_warnings(
         warnings += _token_readable_warnings(config)
     if problem := _not_writable(Path(config.daemon.state_dir)):
         warnings.append(f"daemon.state_dir: {problem}")
-    if unsafe := _untrusted_state_dir(config.daemon.state_dir):
+    if problems := _untrusted_state_dir(config.daemon.state_dir):
+        unsafe = "; ".join(problems)
         # Not refused as an app directory is (nothing there is run, chowned or switched
         # to, and the locks refuse a symlink), but the session the watcher reuses at its
         # start and what `watcherctl status` shows are read from there.
@@ -281,7 +282,7 @@ def config_warnings(
             "keeps there (the Consul session it takes up again at a restart, the status "
             "`watcherctl status` shows); make it and the directories above it root's (or "
             "the daemon's user's) and writable by that user only"
-            + _state_dir_owner_hint(config.daemon.state_dir, unsafe)
+            + _state_dir_owner_hint(config.daemon.state_dir, problems)
         )
     for name, app in sorted(config.apps.items()):
         root = Path(app.root)
@@ -341,19 +342,19 @@ def config_warnings(
     return warnings
 
 
-def _state_dir_owner_hint(state_dir: str, unsafe: str) -> str:
+def _state_dir_owner_hint(state_dir: str, problems: list[str]) -> str:
     """For `sudo watcher check-config` on a host whose watcher runs as another user
     (README: `User=` in a drop-in): when the one problem is that the state_dir itself is
-    another user's, that user may be the daemon's. Not for a directory above it, or a
-    state_dir writable by others besides: those are problems whoever runs the daemon."""
-    if os.geteuid() != 0 or "; " in unsafe:
-        return ""
-    prefix = f"{Path(state_dir).absolute()} is owned by "
-    if not unsafe.startswith(prefix):
+    another user's (``untrusted_path`` then names it and nothing under it), that user
+    may be the daemon's. Not for a directory above it, or more than one problem: those
+    are problems whoever runs the daemon."""
+    if os.geteuid() != 0 or len(problems) != 1:
         return ""
     try:
         uid = Path(state_dir).lstat().st_uid
     except OSError:
+        return ""
+    if uid == 0:
         return ""
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -365,11 +366,11 @@ def _state_dir_owner_hint(state_dir: str, unsafe: str) -> str:
     )
 
 
-def _untrusted_state_dir(state_dir: str) -> str:
-    """``untrusted_path`` of the daemon's state directory, "; "-joined ("" if none)."""
+def _untrusted_state_dir(state_dir: str) -> list[str]:
+    """``untrusted_path`` of the daemon's state directory ([] if none)."""
     from watcher.releases import untrusted_path
 
-    return "; ".join(untrusted_path(state_dir))
+    return untrusted_path(state_dir)
 
 
 def _untrusted_hook(argv: tuple[str, ...]) -> str:
