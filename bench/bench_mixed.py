@@ -43,7 +43,7 @@ from bench.harness import (  # noqa: E402
     use_bench_s3_credentials,
 )
 from bench.run import consul_binary  # noqa: E402
-from tests.support.cluster import ClusterSpec, start_cluster  # noqa: E402
+from tests.support.cluster import ClusterSpec, loopback_from_env, start_cluster  # noqa: E402
 from tests.support.fleet import Fleet, WatcherProc, wait_for  # noqa: E402
 from tests.support.runner import stop_on_signals  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
@@ -156,7 +156,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.hosts < 3 or args.deploys < 1 or args.runs < 1:
         parser.error("--hosts must be at least 3, --deploys and --runs at least 1")
-    loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
+    loopback = loopback_from_env("bench")
     consul_bin = consul_binary()
     use_bench_s3_credentials()
     compile_package()  # this checkout's half, as export() compiles the other

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.cluster import ClusterSpec, start_cluster
+from tests.support.cluster import ClusterSpec, loopback_from_env, start_cluster
 from watcher.barrier import DeployStore, Joined
 from watcher.consul_api import ConsulClient, TxnOp, request_counts
 from watcher.records import READY, ArtifactRecord, NodeProgress
@@ -86,7 +86,7 @@ def timed(call: Callable[[], object]) -> tuple[float, int, object]:
 
 def main() -> int:
     consul_bin = os.environ.get("CONSUL_BIN") or "consul"
-    loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
+    loopback = loopback_from_env("bench")
     work = Path(tempfile.mkdtemp(prefix="bench-newest-"))
     cluster = start_cluster(ClusterSpec(hosts=1), work, consul_bin, loopback)
     rows = []

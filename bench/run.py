@@ -4,7 +4,7 @@
                                   [--flip-delay DURATION]
 
 Sets up what it measures: a Consul cluster per section (on $WATCHER_TEST_LOOPBACK, default
-127.0.0) and one moto S3 server. Prints one table of medians over rounds, with the ratio to
+127.0.40) and one moto S3 server. Prints one table of medians over rounds, with the ratio to
 the baseline, and writes the same figures as JSON under bench/results/ (not committed).
 A round that does not do what it measures fails its figures (no median) and the run exits
 1. ``--quick`` runs small sizes and few rounds, for trying the bench itself out.
@@ -30,6 +30,7 @@ from bench.bench_deploy import idle_section, latency_section, scale_section  # n
 from bench.bench_flip import flip_section  # noqa: E402
 from bench.bench_stage import stage_section  # noqa: E402
 from bench.harness import Figure, Results, compile_package, machine, use_bench_s3_credentials  # noqa: E402
+from tests.support.cluster import loopback_from_env  # noqa: E402
 from tests.support.runner import stop_on_signals  # noqa: E402
 from tests.support.s3server import S3Server, s3_client  # noqa: E402
 from watcher.config import S3Settings, parse_flip_delay  # noqa: E402
@@ -76,7 +77,7 @@ def main() -> int:
     configure_logging(level="warning")
     compile_package()
     q = args.quick
-    loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
+    loopback = loopback_from_env("bench")
     consul_bin = consul_binary()
     use_bench_s3_credentials()
     results = Results(

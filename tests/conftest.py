@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import uuid
@@ -14,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import ClusterSpec, ConsulCluster, start_cluster
+from tests.support.cluster import (
+    DEFAULT_LOOPBACK,
+    LOOPBACK_RE,
+    ClusterSpec,
+    ConsulCluster,
+    start_cluster,
+)
 from tests.support.s3server import S3Server, s3_client
 from watcher import log as watcher_log
 from watcher.config import S3Settings
@@ -28,7 +33,6 @@ FAKE_AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-_LOOPBACK_RE = re.compile(r"^127\.\d{1,3}\.\d{1,3}$")
 
 
 @pytest.fixture(autouse=True)
@@ -72,8 +76,8 @@ def loopback_base() -> str:
     agent here", and where a developer's own agent may listen). Each pytest-xdist worker
     takes its own: worker N adds N to the second octet (127.0.7 is worker 0's, 127.1.7
     worker 1's), so two workers' clusters never share an address."""
-    base = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.20")
-    if not _LOOPBACK_RE.match(base):
+    base = os.environ.get("WATCHER_TEST_LOOPBACK", DEFAULT_LOOPBACK["test"])
+    if not LOOPBACK_RE.match(base) or any(int(o) > 255 for o in base.split(".")):
         pytest.fail(f'WATCHER_TEST_LOOPBACK must look like "127.0.0", got "{base}"', pytrace=False)
     return worker_loopback(base, os.environ.get("PYTEST_XDIST_WORKER", ""))
 

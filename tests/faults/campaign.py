@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults import invariants as inv
-from tests.support.cluster import ClusterError, ClusterSpec, ConsulCluster, start_cluster
+from tests.support.cluster import (
+    ClusterError,
+    ClusterSpec,
+    ConsulCluster,
+    loopback_from_env,
+    start_cluster,
+)
 from tests.support.faulty_s3 import FaultyS3Proxy
 from tests.support.fleet import SESSION_TTL, Fleet, WatcherProc, consul_for
 from tests.support.runner import stop_on_signals
@@ -813,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    loopback = os.environ.get("WATCHER_TEST_LOOPBACK", "127.0.0")
+    loopback = loopback_from_env("faults")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     numbers = args.only if args.only is not None else list(range(1, args.deploys + 1))
     print(

@@ -322,7 +322,7 @@ class TestCancel:
             stop.set()
             thread.join()
 
-        assert took < 1.0, f"stopped {took:.2f}s after the cancel"
+        assert took < 1.5, f"stopped {took:.2f}s after the cancel"
         assert len(reports) <= (time.monotonic() - began) * 4 + 1  # at most 4 a second
         assert "cancelled after 1 members" in str(caught.value)
         assert reports and reports[0][0] > 0 and reports[0][1] == 1

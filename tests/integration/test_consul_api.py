@@ -154,7 +154,7 @@ class TestBlockingKV:
         started = time.monotonic()
         same, entry = c1.kv_get_blocking(key, index, 1.0)
         took = time.monotonic() - started
-        assert 0.9 <= took < 3.0
+        assert 0.9 <= took < 4.0  # the wait plus Consul's jitter (wait/16), under load
         assert same == index
         assert entry is not None and entry.value == b"v1"
 
@@ -403,7 +403,7 @@ class TestEvents:
         index, _ = c1.event_list(name)
         started = time.monotonic()
         same, _ = c1.event_list(name, index=index, wait=1.0)
-        assert 0.9 <= time.monotonic() - started < 3.0
+        assert 0.9 <= time.monotonic() - started < 4.0
         assert same == index
 
     def test_index_changes_with_each_event(self, c1: ConsulClient) -> None:

@@ -6,11 +6,13 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -45,6 +47,29 @@ _LIVE_LOCK = threading.Lock()
 
 class ClusterError(RuntimeError):
     """The test cluster could not be started or did not reach the expected state."""
+
+
+LOOPBACK_RE = re.compile(r"^127\.\d{1,3}\.\d{1,3}$")
+
+# Each runner's own default base, so that `make test`, `make demo`, `make bench` and
+# `make faults` can run side by side, and none takes 127.0.0.1:8500, where Consul's
+# default address (and a developer's own agent) is.
+DEFAULT_LOOPBACK = {"test": "127.0.20", "bench": "127.0.40", "faults": "127.0.50"}
+
+
+def loopback_from_env(runner: str) -> str:
+    """For a runner's main (bench, faults): $WATCHER_TEST_LOOPBACK (the first three octets
+    of the cluster's addresses) or the runner's default; a value not of the form 127.N.N
+    is refused on stderr with exit status 2, before anything starts."""
+    base = os.environ.get("WATCHER_TEST_LOOPBACK", DEFAULT_LOOPBACK[runner])
+    if not LOOPBACK_RE.match(base) or any(int(o) > 255 for o in base.split(".")):
+        print(
+            f"make {runner}: WATCHER_TEST_LOOPBACK must look like "
+            f'"{DEFAULT_LOOPBACK[runner]}" (127.N.N), got "{base}"',
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return base
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from bench.harness import (
     run_rounds,
     thread_cpu_ns,
 )
+from tests.support.cluster import loopback_from_env
 
 HOSTS = ["host-1", "host-2", "host-3"]
 
@@ -159,3 +160,31 @@ def test_thread_cpu_counts_every_live_thread_to_the_nanosecond() -> None:
     finally:
         stop.set()
         worker.join()
+
+
+class TestLoopbackFromEnv:
+    """`make bench` and `make faults` take their own default addresses, apart from the
+    tests', the demo's and Consul's default (127.0.0.1:8500), and refuse a bad one."""
+
+    def test_each_runner_has_its_own_default_base(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("WATCHER_TEST_LOOPBACK", raising=False)
+        bases = {runner: loopback_from_env(runner) for runner in ("test", "bench", "faults")}
+        assert len(set(bases.values()) | {"127.0.0", "127.0.10"}) == 5, bases
+
+    def test_the_environment_moves_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("WATCHER_TEST_LOOPBACK", "127.3.7")
+        assert loopback_from_env("bench") == "127.3.7"
+
+    @pytest.mark.parametrize("bad", ["10.0.0", "127.0.300", "127.0.0.1", "127.0", " 127.0.4"])
+    def test_a_bad_base_is_refused_before_anything_starts(
+        self,
+        bad: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setenv("WATCHER_TEST_LOOPBACK", bad)
+        with pytest.raises(SystemExit) as exc:
+            loopback_from_env("faults")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f'got "{bad}"' in err and "make faults: WATCHER_TEST_LOOPBACK" in err
