@@ -246,6 +246,26 @@ class DeployView:
     #: The CreateIndex of ``decision``'s key: a refusal at the start writes the request
     #: and its abort records in one txn (one index), which a record forged later cannot.
     decision_index: int = 0
+    #: The ModifyIndex of each ack's key and of ``outcome``'s (Consul's Raft order, not
+    #: a claim of a record): an ack changed after the outcome was written is one a host
+    #: wrote after the deploy ended (a host's ack is rewritten only when its state moves).
+    #: 0 for an outcome ``checked`` rebuilt from the acks.
+    ack_indexes: dict[str, int] = field(default_factory=dict)
+    outcome_index: int = 0
+
+    def live_after_end(self) -> list[str]:
+        """Expected hosts whose ack says live but was written after the outcome: not
+        live when the deploy ended (a host past the apply deadline, or whose watcher was
+        stopped, that finished its apply later). Empty when the outcome is not a record."""
+        if not self.outcome_index:
+            return []
+        return [
+            n
+            for n in self.record.expected
+            if (a := self.nodes.get(n)) is not None
+            and a.state == LIVE
+            and self.ack_indexes.get(n, 0) > self.outcome_index
+        ]
 
     @property
     def id(self) -> str:
@@ -331,7 +351,13 @@ class DeployView:
             outcome = Outcome(result=result, at=at, by="", reason="; ".join([why, *notes]))
         if notes == list(self.distrusted) and outcome is self.outcome and decision is self.decision:
             return self
-        return replace(self, decision=decision, outcome=outcome, distrusted=tuple(notes))
+        return replace(
+            self,
+            decision=decision,
+            outcome=outcome,
+            distrusted=tuple(notes),
+            outcome_index=self.outcome_index if outcome is self.outcome else 0,
+        )
 
 
 #: The verdicts of the acks (DESIGN.md 6.4.3) behind each result an honest host writes.
@@ -988,11 +1014,13 @@ class DeployStore:
         abort = self._doc(AbortRequest, entries[3])
         nodes: dict[str, NodeProgress] = {}
         indexes: dict[str, int] = {}
+        modified: dict[str, int] = {}
         for node, e in zip(record.expected, entries[4:], strict=True):
             ack = parse_ack(e)
             if ack is not None and ack.node == node:
                 nodes[node] = ack
                 indexes[node] = e.create_index if e else 0
+                modified[node] = e.modify_index if e else 0
         if rebuilt is not None:
             create_index = next((a.create_index for a in nodes.values() if a.create_index), 0)
         return DeployView(
@@ -1005,6 +1033,8 @@ class DeployStore:
             create_index,
             abort,
             decision_index=entries[0].create_index if decision is not None and entries[0] else 0,
+            ack_indexes=modified,
+            outcome_index=entries[1].modify_index if outcome is not None and entries[1] else 0,
         )
 
     @staticmethod

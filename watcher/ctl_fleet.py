@@ -837,6 +837,7 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
     """The deploy as `deploy --json`, `history` and the web API report it: ``view`` is a
     checked one (``DeployView.checked``)."""
     rec = view.record
+    late = view.live_after_end()
     return {
         "deploy": rec.id,
         "app": rec.app,
@@ -875,9 +876,14 @@ def deploy_summary(view: DeployView) -> dict[str, Any]:
         ),
         # Committed, but these expected hosts had not switched when it ended (a watcher
         # stopped after its ready ack, or still applying at the apply deadline): the
-        # fleet is split until they converge.
+        # fleet is split until they converge. Also the hosts that said live only after
+        # the end (by Consul's index): history must not forget the split once they finish.
         "not_live": (
-            [n for n in rec.expected if (p := view.nodes.get(n)) and p.state in (READY, COMMITTED)]
+            [
+                n
+                for n in rec.expected
+                if ((p := view.nodes.get(n)) and p.state in (READY, COMMITTED)) or n in late
+            ]
             if view.outcome and view.outcome.result == "committed"
             else []
         ),
@@ -968,8 +974,10 @@ def _human_summary(data: dict[str, Any]) -> str:
     elif data.get("rollback_deploy"):
         lines.append(f"  fleet rollback started: {data['rollback_deploy']}")
     hosts = data.get("hosts") or {}
-    took = [n for n in data.get("not_live") or () if hosts.get(n, {}).get("state") == COMMITTED]
-    behind = [n for n in data.get("not_live") or () if n not in took]
+    not_live = data.get("not_live") or ()
+    took = [n for n in not_live if hosts.get(n, {}).get("state") == COMMITTED]
+    later = [n for n in not_live if hosts.get(n, {}).get("state") == LIVE]
+    behind = [n for n in not_live if n not in took and n not in later]
     # Not only a stopped watcher: one running whose agent is down or whose token Consul
     # refuses looks the same from here, and restarting it changes nothing (the status
     # review, on a fleet whose token was deleted).
@@ -993,6 +1001,11 @@ def _human_summary(data: dict[str, Any]) -> str:
             "passed, and finishes the switch once its watcher runs with Consul again "
             "(`status --fleet` shows where it stands, `status` on that host why); a validate "
             "that fails there now starts no automatic rollback"
+        )
+    if later:
+        lines.append(
+            f"  NOT LIVE when it ended: {', '.join(later)}: said live on it only after the "
+            "deploy ended (still applying at the apply deadline, or its watcher back later)"
         )
     return "\n".join(lines)
 

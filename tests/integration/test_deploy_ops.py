@@ -1441,6 +1441,13 @@ class TestAbortRace:
             "host-3 no longer shown not live",
             fleet,
         )
+        # History keeps what was so when it ended, whether host-3 resumed its apply (its
+        # live ack written after the outcome) or converged (no ack): it lost host-3 once
+        # its live ack came (here, a resumed apply: its ack says live).
+        row = history(fleet)[deploy_id]
+        assert row["result"] == "committed" and row["not_live"] == [dead.name], row
+        text = fleet.watchers[0].ctl("history", "web", as_json=False).stdout
+        assert f"not live when it ended: {dead.name}" in text, text
 
     def test_status_fleet_names_the_new_release_while_validate_runs(
         self, make_fleet: MakeFleet, tmp_path: Path

@@ -48,6 +48,7 @@ from watcher.ctl_fleet import (
     _progress,
     _tail_lines,
     abort_deploy,
+    deploy_summary,
     end_stalled_sessions,
     not_ended,
     not_live_after_end,
@@ -70,6 +71,7 @@ from watcher.records import (
     HostRecord,
     Keys,
     NodeProgress,
+    Outcome,
 )
 
 
@@ -1659,6 +1661,40 @@ def test_a_redeploy_warning_names_the_build_asked_for() -> None:
     assert said.startswith("the fleet already runs main-fb04dcb6 (release "), said
     other = types.SimpleNamespace(artifact="main-1", sha256="b" * 64, release="r-other")
     assert redeploy_warning(store, other) == ""  # type: ignore[arg-type]
+
+
+def test_history_keeps_a_host_that_said_live_only_after_the_end_as_not_live() -> None:
+    """A host still applying at the apply deadline (or whose watcher came back later)
+    writes its live ack after the end: history listed it "not live when it ended" only
+    until then. Consul's index of its ack against the outcome's keeps it listed; an ack
+    written before the outcome, or an outcome rebuilt from the acks, lists nobody."""
+    rec = a_record(["a", "b", "c"])
+    digest = rec.digest()
+    states = {"a": "live", "b": "live", "c": "ready"}
+    nodes = {n: NodeProgress(node=n, state=st, digest=digest) for n, st in states.items()}
+    end = Outcome(result="committed", at="2026-01-01T00:20:01Z", by="a", reason="ok")
+    view = DeployView(
+        rec, None, nodes, {}, end, None, ack_indexes={"a": 10, "b": 30, "c": 12}, outcome_index=20
+    )
+    assert view.live_after_end() == ["b"]
+    data = deploy_summary(view.checked())
+    assert data["not_live"] == ["b", "c"]
+    lines = _human_summary(data).splitlines()
+    assert any(line.startswith("  NOT LIVE: c: acked ready but had not switched") for line in lines)
+    assert "  NOT LIVE when it ended: b: said live on it only after the deploy ended" in (
+        "\n".join(lines)
+    )
+    # b's live ack before the end (index 15 < 20): live when it ended.
+    early = replace(view, ack_indexes={"a": 10, "b": 15, "c": 12})
+    assert deploy_summary(early.checked())["not_live"] == ["c"]
+    # No outcome record (readers rebuild it from the acks): no index to hold them against.
+    rebuilt = replace(view, outcome=None, outcome_index=0, nodes={**nodes, "c": nodes["a"]})
+    checked = rebuilt.checked()
+    assert checked.outcome is not None and checked.outcome.result == "committed"
+    assert deploy_summary(checked)["not_live"] == []
+    # An outcome record the acks contradict is dropped with its index.
+    forged = replace(view, outcome=replace(end, result="aborted")).checked()
+    assert forged.outcome_index == 0 and forged.live_after_end() == []
 
 
 def test_not_live_after_the_end_names_only_hosts_still_applying_or_stopped() -> None:
