@@ -2296,8 +2296,12 @@ def failed_release(
     }
 
 
-def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
-    """``failed_release`` in words for `status`: what failed where and what to do."""
+def failed_release_lines(
+    failed: dict[str, Any] | None, app: str, in_flight: dict[str, Any] | None = None
+) -> list[str]:
+    """``failed_release`` in words for `status`: what failed where and what to do.
+    ``in_flight``: the app's deploy in flight (``deploy`` of `status`): while another one
+    runs, it is what moves the fleet, and a rollback would be refused (one in flight)."""
     if not failed:
         return []
     hosts = "; ".join(
@@ -2324,6 +2328,24 @@ def failed_release_lines(failed: dict[str, Any] | None, app: str) -> list[str]:
             "  no automatic rollback: the deploy had already ended (committed) when this "
             "validate failed"
         )
+    moving = (
+        in_flight if in_flight and in_flight.get("id") not in (None, failed["deploy"]) else None
+    )
+    if moving is not None and moving.get("release"):
+        decided = moving.get("decision")
+        lines.append(
+            f"  {moving.get('kind') or 'deploy'} {moving['id']} of {moving['release']} is in "
+            "flight: "
+            + (
+                "committed, it moves the fleet off it"
+                if decided == COMMIT
+                else "once it commits, it moves the fleet off it"
+                if not decided
+                else f"its decision is {decided}"
+            )
+        )
+        if decided in (None, COMMIT):
+            return lines
     command = failed.get("roll_back")
     if command is None:
         lines.append(
@@ -2478,7 +2500,7 @@ def _human_status(data: dict[str, Any]) -> str:
         for what, problem in (a.get("fleet_problems") or {}).items():
             # in the label column, as `current` and `previous` above it
             lines.append(f"  {'fleet':<11} {what} NOT TRUSTED: {problem}")
-        lines += failed_release_lines(a.get("fleet_failed"), name)
+        lines += failed_release_lines(a.get("fleet_failed"), name, a.get("deploy"))
         dep = a.get("deploy") or {}
         committing = dep.get("release") if dep.get("decision") == COMMIT else None
         if (
@@ -2671,7 +2693,7 @@ def _fleet_status(ctx: CtlContext, names: list[str]) -> int:
                 )
             # A record the acks contradict is shown for what it is (DESIGN.md 6.4.3).
             out += [f"  NOT TRUSTED: {p}" for p in problems.values()]
-            out += failed_release_lines(a.get("current_failed"), name)
+            out += failed_release_lines(a.get("current_failed"), name, dep)
             if late := a.get("current_not_live"):
                 out.append(
                     f"  NOT LIVE yet: {', '.join(late)}: acked {a['current']} but has not said "

@@ -311,6 +311,61 @@ class TestValidateFailure:
         assert f"Its automatic rollback {rollback_id}: aborted: " in banner[1], banner[1]
         assert f'class="rollback-note">its fleet rollback {rollback_id}: aborted: ' in page.text
 
+    def test_a_failed_release_s_banner_names_the_deploy_that_moves_the_fleet_off_it(
+        self, make_fleet: MakeFleet, tmp_path: Path
+    ) -> None:
+        """v2 failed its validate on host-2 and the fleet holds on it
+        (``on_validate_failure: hold``). While the next deploy (v3) prepares, `status
+        --fleet` and the page told the operator to roll back, which is refused while a
+        deploy is in flight: they now name that deploy as what moves the fleet."""
+        gate = tmp_path / "gate"
+        slow = hook(
+            tmp_path / "hooks" / "post-release-v3",
+            'grep -q v3 "$WATCHER_RELEASE_DIR/VERSION" || exit 0\n'
+            f'for i in $(seq 600); do [ -e "{gate}" ] && break; sleep 0.1; done\n',
+        )
+        fleet = make_fleet(
+            app_extra={"on_validate_failure": "hold"},
+            hosts={1: validate_fails_on_v2(tmp_path), 2: {"hooks": {"post_release": slow}}},
+        )
+        v1, v2, v3 = fleet.publish("v1"), fleet.publish("v2"), fleet.publish("v3")
+        deploy_ok(fleet, v1.id)
+        failed = fleet.watchers[0].ctl("deploy", "web", v2.id, check=False)
+        assert json.loads(failed.stdout)["result"] == "failed_after_commit", failed.stdout
+        fleet.wait_idle()
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert "  the fleet stays on it: `watcherctl rollback web -c " in status.stdout
+        try:
+            started = fleet.watchers[0].ctl_json("deploy", "web", v3.id, "--no-wait")
+            deploy_id, rel3 = started["deploy"], started["release"]
+            status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+            assert status.returncode == 1, status  # still a failed release until then
+            assert "  FAILED AFTER COMMIT: release " in status.stdout, status.stdout
+            assert (
+                f"  deploy {deploy_id} of {rel3} is in flight: once it commits, it moves the "
+                "fleet off it" in status.stdout
+            ), status.stdout
+            assert "the fleet stays on it" not in status.stdout, status.stdout
+            here = fleet.watchers[1].ctl("status", "web", check=False, as_json=False)
+            assert f"  deploy {deploy_id} of {rel3} is in flight: " in here.stdout, here.stdout
+            config_path = tmp_path / "web.yaml"
+            config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
+            app = create_app(load_config(config_path), listen_host="127.0.0.1")
+            with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+                page = client.get("/apps/web")
+            banner = re.search(
+                r'<p class="banner error failed-release"[^>]*>(.*?)</p>', page.text, re.S
+            )
+            assert banner, page.text
+            assert f"deploy {deploy_id} of {rel3} is in flight: once it commits" in banner[1]
+            assert "The fleet stays on it" not in banner[1], banner[1]
+        finally:
+            gate.touch()
+        assert fleet.wait_outcome(deploy_id)["result"] == "committed"
+        fleet.wait_idle()
+        status = fleet.watchers[0].ctl("status", "web", "--fleet", check=False, as_json=False)
+        assert status.returncode == 0 and "FAILED AFTER COMMIT" not in status.stdout, status
+
     def test_an_automatic_rollback_whose_validate_fails_too_says_where_the_fleet_is(
         self, make_fleet: MakeFleet, tmp_path: Path
     ) -> None:

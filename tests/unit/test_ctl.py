@@ -1192,6 +1192,27 @@ class TestFailedAfterCommitLines:
             "  its automatic rollback d3 is running"
         ]
 
+    def test_a_deploy_in_flight_is_what_moves_the_fleet_not_a_rollback(self) -> None:
+        """The banner told the operator to roll back while the next deploy, in flight,
+        was moving the fleet off the failed release (a rollback would be refused then)."""
+        from watcher.ctl_fleet import failed_release_lines
+
+        failed = self.failed(None, "watcherctl rollback web")
+        nxt = {"id": "d4", "kind": "deploy", "release": "r4", "decision": None}
+        lines = failed_release_lines(failed, "web", nxt)
+        assert lines[1:] == [
+            "  deploy d4 of r4 is in flight: once it commits, it moves the fleet off it"
+        ]
+        lines = failed_release_lines(failed, "web", {**nxt, "decision": "commit"})
+        assert lines[1:] == ["  deploy d4 of r4 is in flight: committed, it moves the fleet off it"]
+        aborting = failed_release_lines(failed, "web", {**nxt, "decision": "abort"})
+        assert aborting[1] == "  deploy d4 of r4 is in flight: its decision is abort"
+        assert aborting[2].startswith("  the fleet stays on it: `watcherctl rollback web` or ")
+        # The failed deploy itself, or an inflight record that does not parse: as before.
+        for same in ({**nxt, "id": "d2"}, {"id": "d5", "problem": "BROKEN"}, None):
+            lines = failed_release_lines(failed, "web", same)
+            assert lines[1].startswith("  the fleet stays on it: `watcherctl rollback web`"), lines
+
     def test_without_consul_the_fleet_json_keeps_every_key(self) -> None:
         """A script reads the same keys whether Consul answered or not (README)."""
         from watcher.ctl_fleet import _unread_fleet
