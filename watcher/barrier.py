@@ -1416,7 +1416,15 @@ class DeployStore:
                 old = parse_ack(entry, node=node, deploy=deploy_id)
                 old_index = entry.modify_index if entry else 0
             old_state = old.state if old else ""
-            if old_state == state and staged is None and not establish:
+            # The same state again is no write: a retry of a write whose answer was lost.
+            # Not even to establish, once the apply has ended here (live, or failed after
+            # the commit): readers take an ack changed after the outcome for one written
+            # after the deploy ended (``DeployView.live_after_end``).
+            if (
+                old_state == state
+                and staged is None
+                and (not establish or state in (LIVE, FAILED_AFTER_COMMIT))
+            ):
                 return Written(old, old_index, None) if old is not None else None
             if before_ready and old_state not in ("", STAGING):
                 log.info(

@@ -30,6 +30,7 @@ from watcher.errors import DeployInFlight, DeployRefused
 from watcher.records import (
     ABORT,
     COMMIT,
+    COMMITTED,
     FAILED,
     LIVE,
     MAX_EXPECTED,
@@ -303,6 +304,23 @@ class TestAcks:
         assert not ack(store, joined, "n2", READY, alive)
         got, _ = store.ack("d2", "n2")
         assert got is not None and got.state == STAGING
+
+    def test_a_live_ack_written_again_keeps_its_index(self, store: DeployStore) -> None:
+        """The coordinator's live ack, retried after Consul's answer was lost, rewrote the
+        ack with new timings when it asked for the verdict too: its index then came after
+        an outcome written meanwhile, and history read that host as not live when the
+        deploy ended (the diff review)."""
+        s = member(store, "n1")
+        joined = start(store, "d1", {"n1": s})
+        for state in (READY, COMMITTED, LIVE):
+            assert ack(store, joined, "n1", state, s)
+        _, index = store.ack("d1", "n1")
+        again = store.write_progress(
+            "d1", "n1", LIVE, joined=joined, timings={"live_at": "later"}, establish=True
+        )
+        assert again is not None and again.index == index and again.ack.state == LIVE
+        got, now = store.ack("d1", "n1")
+        assert now == index and got is not None and got.timings.get("live_at") != "later"
 
     def test_a_ready_ack_cannot_land_beside_an_abort_request(self, store: DeployStore) -> None:
         """An abort request written before the ready ack wins, in the ack's own txn."""
