@@ -1004,8 +1004,8 @@ def _human_summary(data: dict[str, Any]) -> str:
         )
     if later:
         lines.append(
-            f"  NOT LIVE when it ended: {', '.join(later)}: said live on it only after the "
-            "deploy ended (still applying at the apply deadline, or its watcher back later)"
+            f"  NOT LIVE when it ended: {', '.join(later)}: acked live only after the deploy "
+            "ended (still applying at the apply deadline, or its watcher back later)"
         )
     return "\n".join(lines)
 
@@ -2341,7 +2341,9 @@ def failed_release_lines(
                 if decided == COMMIT
                 else "once it commits, it moves the fleet off it"
                 if not decided
-                else f"its decision is {decided}"
+                else "aborted; once it has ended:"
+                if decided == ABORT
+                else f"{decided} (its acks contradict each other); once it has ended:"
             )
         )
         if decided in (None, COMMIT):

@@ -1500,6 +1500,7 @@ class TestAbortRace:
         # live ack written after the outcome) or converged (no ack): it lost host-3 once
         # its live ack came (here, a resumed apply: its ack says live).
         row = history(fleet)[deploy_id]
+        assert row["hosts"][dead.name]["state"] == "live", row  # the case the index tells
         assert row["result"] == "committed" and row["not_live"] == [dead.name], row
         text = fleet.watchers[0].ctl("history", "web", as_json=False).stdout
         assert f"not live when it ended: {dead.name}" in text, text

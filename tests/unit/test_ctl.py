@@ -1206,8 +1206,13 @@ class TestFailedAfterCommitLines:
         lines = failed_release_lines(failed, "web", {**nxt, "decision": "commit"})
         assert lines[1:] == ["  deploy d4 of r4 is in flight: committed, it moves the fleet off it"]
         aborting = failed_release_lines(failed, "web", {**nxt, "decision": "abort"})
-        assert aborting[1] == "  deploy d4 of r4 is in flight: its decision is abort"
+        assert aborting[1] == "  deploy d4 of r4 is in flight: aborted; once it has ended:"
         assert aborting[2].startswith("  the fleet stays on it: `watcherctl rollback web` or ")
+        contested = failed_release_lines(failed, "web", {**nxt, "decision": "contested"})
+        assert contested[1] == (
+            "  deploy d4 of r4 is in flight: contested (its acks contradict each other); "
+            "once it has ended:"
+        )
         # The failed deploy itself, or an inflight record that does not parse: as before.
         for same in ({**nxt, "id": "d2"}, {"id": "d5", "problem": "BROKEN"}, None):
             lines = failed_release_lines(failed, "web", same)
@@ -1702,7 +1707,7 @@ def test_history_keeps_a_host_that_said_live_only_after_the_end_as_not_live() ->
     assert data["not_live"] == ["b", "c"]
     lines = _human_summary(data).splitlines()
     assert any(line.startswith("  NOT LIVE: c: acked ready but had not switched") for line in lines)
-    assert "  NOT LIVE when it ended: b: said live on it only after the deploy ended" in (
+    assert "  NOT LIVE when it ended: b: acked live only after the deploy ended" in (
         "\n".join(lines)
     )
     # b's live ack before the end (index 15 < 20): live when it ended.

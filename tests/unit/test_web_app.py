@@ -1313,3 +1313,45 @@ def test_a_committed_deploy_no_watcher_ends_is_said_on_the_page(client: TestClie
         app="web", live=snap, loopback=True
     )
     assert "still in flight past its apply deadline" not in html
+
+
+def test_a_failed_release_s_banner_names_a_deploy_in_flight(client: TestClient) -> None:
+    """The page says what `status --fleet` says of a failed release while another deploy
+    is in flight: what moves the fleet, and no rollback advice unless it aborts."""
+    failed = {
+        "deploy": "d2",
+        "release": "r2",
+        "hosts": {"host-2": "validate hook exited 7"},
+        "rollback": None,
+        "after_end": False,
+    }
+    fleet = {"current": "r2", "previous": "r1", "current_problems": {}, "hosts": {}}
+
+    def banner(deploy: dict[str, Any] | None) -> str:
+        html = client.app.state.templates.get_template("app.html").render(  # type: ignore[attr-defined]
+            app="web",
+            fleet={**fleet, "current_failed": failed, "deploy": deploy},
+            live={"deploy": None},
+            builds=[],
+            history=[],
+        )
+        found = re.search(r'<p class="banner error failed-release"[^>]*>(.*?)</p>', html, re.S)
+        assert found, html
+        return " ".join(re.sub(r"<[^>]+>", "", found[1]).split())
+
+    nxt = {"id": "d4", "kind": "deploy", "release": "r4", "decision": None}
+    said = banner(nxt)
+    assert "deploy d4 of r4 is in flight: once it commits, it moves the fleet off it." in said
+    assert "The fleet stays on it" not in said
+    said = banner({**nxt, "decision": "commit"})
+    assert "deploy d4 of r4 is in flight: committed, it moves the fleet off it." in said
+    said = banner({**nxt, "decision": "abort"})
+    assert (
+        "deploy d4 of r4 is in flight: aborted; once it has ended: The fleet stays on it: "
+        "roll back or deploy a fix." in said
+    ), said
+    said = banner({**nxt, "decision": "contested"})
+    assert "in flight: contested (its acks contradict each other); once it has ended:" in said
+    for none in (None, {**nxt, "id": "d2"}, {"id": "d5", "problem": "BROKEN"}):
+        said = banner(none)
+        assert "in flight" not in said and "The fleet stays on it: roll back" in said, said
