@@ -77,7 +77,7 @@ def loopback_base() -> str:
     takes its own: worker N adds N to the second octet (127.0.7 is worker 0's, 127.1.7
     worker 1's), so two workers' clusters never share an address."""
     base = os.environ.get("WATCHER_TEST_LOOPBACK", DEFAULT_LOOPBACK["test"])
-    if not LOOPBACK_RE.match(base) or any(int(o) > 255 for o in base.split(".")):
+    if not LOOPBACK_RE.fullmatch(base) or any(int(o) > 255 for o in base.split(".")):
         pytest.fail(f'WATCHER_TEST_LOOPBACK must look like "127.0.0", got "{base}"', pytrace=False)
     return worker_loopback(base, os.environ.get("PYTEST_XDIST_WORKER", ""))
 

@@ -62,7 +62,7 @@ def loopback_from_env(runner: str) -> str:
     of the cluster's addresses) or the runner's default; a value not of the form 127.N.N
     is refused on stderr with exit status 2, before anything starts."""
     base = os.environ.get("WATCHER_TEST_LOOPBACK", DEFAULT_LOOPBACK[runner])
-    if not LOOPBACK_RE.match(base) or any(int(o) > 255 for o in base.split(".")):
+    if not LOOPBACK_RE.fullmatch(base) or any(int(o) > 255 for o in base.split(".")):
         print(
             f"make {runner}: WATCHER_TEST_LOOPBACK must look like "
             f'"{DEFAULT_LOOPBACK[runner]}" (127.N.N), got "{base}"',

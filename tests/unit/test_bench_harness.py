@@ -175,7 +175,9 @@ class TestLoopbackFromEnv:
         monkeypatch.setenv("WATCHER_TEST_LOOPBACK", "127.3.7")
         assert loopback_from_env("bench") == "127.3.7"
 
-    @pytest.mark.parametrize("bad", ["10.0.0", "127.0.300", "127.0.0.1", "127.0", " 127.0.4"])
+    @pytest.mark.parametrize(
+        "bad", ["10.0.0", "127.0.300", "127.0.0.1", "127.0", " 127.0.4", "127.0.40\n"]
+    )
     def test_a_bad_base_is_refused_before_anything_starts(
         self,
         bad: str,
