@@ -2443,14 +2443,17 @@ class AppAgent:
             return []
 
     def _write_applied(self, joined: Joined) -> None:
-        recent = [d for d in self._applied_recently if d != joined.id] + [joined.id]
+        self._record_applied(joined.id, joined.create_index, joined.request.release)
+
+    def _record_applied(self, deploy_id: str, create_index: int, release: str) -> None:
+        recent = [d for d in self._applied_recently if d != deploy_id] + [deploy_id]
         self._applied_recently = recent[-APPLIED_KEPT:]
         atomic_write_json(
             self.engine.layout.state_dir / APPLIED_NAME,
             {
-                "deploy": joined.id,
-                "create_index": joined.create_index,
-                "release": joined.request.release,
+                "deploy": deploy_id,
+                "create_index": create_index,
+                "release": release,
                 "recent": self._applied_recently,
             },
         )
@@ -2471,10 +2474,19 @@ class AppAgent:
             return 0
         if self._own_index is None or self._own_index[0] != local:
             try:
-                self._own_index = (local, self.store.own_live_index(self.node, local))
+                index, deploy_id = self.store.own_live_index(self.node, local)
             except (ConsulError, PayloadError) as exc:
                 self.log.warning("own_acks_not_read", error=str(exc))
                 return 0
+            self._own_index = (local, index)
+            if index and not data:
+                # applied.json gone (a wiped `.state/`): written again from this host's own
+                # ack, so that `current` moved by hand later is said (``_say_moved_here``).
+                try:
+                    self._record_applied(deploy_id, index, local)
+                    self.log.info("applied_record_restored", deploy=deploy_id, release=local)
+                except OSError as exc:
+                    self.log.warning("applied_record_not_restored", error=str(exc))
         return self._own_index[1]
 
     # --- converge --------------------------------------------------------------------

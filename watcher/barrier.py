@@ -2038,20 +2038,20 @@ class DeployStore:
         acked = self.committed(current.deploy, node=node, first_index=first_index)
         return acked is not None and acked.create_index > create_index, acked
 
-    def own_live_index(self, node: str, release: str) -> int:
+    def own_live_index(self, node: str, release: str) -> tuple[int, str]:
         """The highest CreateIndex that ``node``'s own live (or failed_after_commit) acks of
-        deploys of ``release`` claim: which deploy put it on that release, by its own word
-        (only its token writes its keys), for a host whose ``applied.json`` is gone. 0 when
-        none says. Two round trips (its keys, one txn of its acks)."""
+        deploys of ``release`` claim, and that deploy: which deploy put it on that release,
+        by its own word (only its token writes its keys), for a host whose ``applied.json``
+        is gone. (0, "") when none says. Two round trips (its keys, one txn of its acks)."""
         prefix = self.keys.node_progress_prefix(node)
         ids = [k[len(prefix) :] for k in self.consul.kv_keys(prefix, None)]
         ids = [d for d in ids if "/" not in d and DEPLOY_ID_RE.match(d)]
         if not ids:
-            return 0
+            return 0, ""
         entries = self._read_txn(
             [TxnOp.get_or_empty(self.keys.progress(d, node)) for d in ids], consistent=True
         )
-        best = 0
+        best = (0, "")
         for deploy_id, entry in zip(ids, entries, strict=True):
             ack = parse_ack(entry, node=node, deploy=deploy_id)
             if (
@@ -2061,7 +2061,7 @@ class DeployStore:
                 and ack.release == release
                 and 0 < ack.create_index < entry.create_index
             ):
-                best = max(best, ack.create_index)
+                best = max(best, (ack.create_index, deploy_id))
         return best
 
     def acked_deploys(self) -> dict[str, list[str]]:

@@ -931,6 +931,46 @@ class TestConverge:
             if w is not host:
                 assert not w.log_events("current_moved_here"), w.name
 
+    def test_a_wiped_state_dir_still_says_a_current_moved_by_hand(self, fleet: Fleet) -> None:
+        """A host whose `.state/` was wiped (its watcher stopped) had no applied.json: a
+        `current` moved by hand after that was put back with no word. It writes it again
+        from its own live ack, once back."""
+        releases = []
+        for version in ("v1", "v2"):
+            result = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish(version).id)
+            assert result["result"] == "committed", result
+            releases.append(result["release"])
+        fleet.wait_idle()
+        old, new = releases
+        host = fleet.watchers[2]
+        assert host.current() == new
+        host.stop()
+        shutil.rmtree(host.app_dir / ".state")
+        host.start()
+        fleet.wait_members(len(fleet.watchers))
+        wait_for(
+            lambda: bool(host.log_events("applied_record_restored", this_start=True)),
+            30,
+            "applied.json written again",
+            fleet,
+        )
+        [restored] = host.log_events("applied_record_restored", this_start=True)
+        assert restored["release"] == new, restored
+        applied = json.loads((host.app_dir / ".state" / "applied.json").read_text())
+        assert applied["release"] == new and applied["deploy"] == restored["deploy"], applied
+        link = host.app_dir / "current.by-hand"
+        link.symlink_to(Path("releases") / old)
+        link.rename(host.app_dir / "current")
+        wait_for(
+            lambda: bool(host.log_events("current_moved_here", this_start=True)),
+            60,
+            "the move said",
+            fleet,
+        )
+        [moved] = host.log_events("current_moved_here", this_start=True)
+        assert (moved["release"], moved["applied"], moved["fleet_release"]) == (old, new, new)
+        wait_for(lambda: host.current() == new, 60, "the fleet's release put back", fleet)
+
 
 class TestRollbackHooks:
     def test_a_fleet_rollbacks_hooks_are_told_the_build_it_goes_back_to(self, fleet: Fleet) -> None:
