@@ -910,7 +910,7 @@ class TestWhoIsLocal:
             started = time.monotonic()
             r = client.request(method, path, headers={"Host": "attacker.example"})
             assert r.status_code == 401, (path, r.text)
-            assert time.monotonic() - started < 0.5, path
+            assert time.monotonic() - started < 2.0, path  # not Consul's 3.5 s
 
     @pytest.mark.parametrize(
         "header", ["X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host"]

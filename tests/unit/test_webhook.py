@@ -268,7 +268,7 @@ class TestWebhookSender:
             sender.send({"text": str(i)})  # the queue is full now
         started = time.monotonic()
         sender.close()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # not the receiver's 30 s
         receiver.release.set()
         sender._thread.join(20)
         assert not sender._thread.is_alive()
