@@ -845,6 +845,24 @@ def hooks_logging_kind(fleet: Fleet, w: WatcherProc) -> Path:
     return log
 
 
+def two_releases(fleet: Fleet) -> tuple[str, str]:
+    """v1 then v2 deployed (both committed), every host idle: their release names."""
+    releases = []
+    for version in ("v1", "v2"):
+        result = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish(version).id)
+        assert result["result"] == "committed", result
+        releases.append(result["release"])
+    fleet.wait_idle()
+    return releases[0], releases[1]
+
+
+def logged_once(fleet: Fleet, w: WatcherProc, event: str) -> dict[str, Any]:
+    """The one ``event`` its watcher logged since its last start, waited for (60 s)."""
+    wait_for(lambda: bool(w.log_events(event, this_start=True)), 60, f"{w.name}: {event}", fleet)
+    [logged] = w.log_events(event, this_start=True)
+    return logged
+
+
 class TestConverge:
     def test_a_host_that_missed_a_deploy_runs_its_hooks_as_converge(self, fleet: Fleet) -> None:
         """Hooks can tell a late catch-up from the live deploy: the hosts in the deploy
@@ -894,13 +912,7 @@ class TestConverge:
     def test_a_current_moved_by_hand_is_put_back_and_the_log_says_why(self, fleet: Fleet) -> None:
         """The status review: `current` repointed by hand on one host was put back to the
         fleet's release, its hooks run again, and nothing said why it moved back."""
-        releases = []
-        for version in ("v1", "v2"):
-            result = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish(version).id)
-            assert result["result"] == "committed", result
-            releases.append(result["release"])
-        fleet.wait_idle()
-        old, new = releases
+        old, new = two_releases(fleet)
         host = fleet.watchers[1]
         link = host.app_dir / "current.by-hand"
         link.symlink_to(Path("releases") / old)
@@ -935,39 +947,21 @@ class TestConverge:
         """A host whose `.state/` was wiped (its watcher stopped) had no applied.json: a
         `current` moved by hand after that was put back with no word. It writes it again
         from its own live ack, once back."""
-        releases = []
-        for version in ("v1", "v2"):
-            result = fleet.watchers[0].ctl_json("deploy", "web", fleet.publish(version).id)
-            assert result["result"] == "committed", result
-            releases.append(result["release"])
-        fleet.wait_idle()
-        old, new = releases
+        old, new = two_releases(fleet)
         host = fleet.watchers[2]
         assert host.current() == new
         host.stop()
         shutil.rmtree(host.app_dir / ".state")
         host.start()
         fleet.wait_members(len(fleet.watchers))
-        wait_for(
-            lambda: bool(host.log_events("applied_record_restored", this_start=True)),
-            30,
-            "applied.json written again",
-            fleet,
-        )
-        [restored] = host.log_events("applied_record_restored", this_start=True)
+        restored = logged_once(fleet, host, "applied_record_restored")
         assert restored["release"] == new, restored
         applied = json.loads((host.app_dir / ".state" / "applied.json").read_text())
         assert applied["release"] == new and applied["deploy"] == restored["deploy"], applied
         link = host.app_dir / "current.by-hand"
         link.symlink_to(Path("releases") / old)
         link.rename(host.app_dir / "current")
-        wait_for(
-            lambda: bool(host.log_events("current_moved_here", this_start=True)),
-            60,
-            "the move said",
-            fleet,
-        )
-        [moved] = host.log_events("current_moved_here", this_start=True)
+        moved = logged_once(fleet, host, "current_moved_here")
         assert (moved["release"], moved["applied"], moved["fleet_release"]) == (old, new, new)
         wait_for(lambda: host.current() == new, 60, "the fleet's release put back", fleet)
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from httpx import Response
 
 from tests.support.cluster import Agent, ClusterSpec, ConsulCluster
 from tests.support.deploys import start_deploy
@@ -170,6 +171,15 @@ def validate_fails_on_v2(tmp_path: Path, *, and_on_rollback: bool = False) -> di
     return {"hooks": {"validate": script}}
 
 
+def fleet_page(fleet: Fleet, tmp_path: Path) -> Response:
+    """The app's page, as `watcher web` with the first host's config serves it."""
+    config_path = tmp_path / "web.yaml"
+    config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
+    app = create_app(load_config(config_path), listen_host="127.0.0.1")
+    with TestClient(app, base_url="http://127.0.0.1:8710") as client:
+        return client.get("/apps/web")
+
+
 class TestValidateFailure:
     def test_validate_failure_on_one_host_rolls_the_fleet_back(
         self, make_fleet: MakeFleet, tmp_path: Path
@@ -297,11 +307,7 @@ class TestValidateFailure:
         assert here.returncode == 1, here
         assert f"  FAILED AFTER COMMIT: release {rel2}" in here.stdout, here.stdout
         # And the page: a banner over the fleet, the rollback's note in its history row.
-        config_path = tmp_path / "web.yaml"
-        config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
-        app = create_app(load_config(config_path), listen_host="127.0.0.1")
-        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
-            page = client.get("/apps/web")
+        page = fleet_page(fleet, tmp_path)
         assert page.status_code == 200, page.text
         banner = re.search(
             r'<p class="banner error failed-release"[^>]*>(.*?)</p>', page.text, re.S
@@ -348,11 +354,7 @@ class TestValidateFailure:
             assert "the fleet stays on it" not in status.stdout, status.stdout
             here = fleet.watchers[1].ctl("status", "web", check=False, as_json=False)
             assert f"  deploy {deploy_id} of {rel3} is in flight: " in here.stdout, here.stdout
-            config_path = tmp_path / "web.yaml"
-            config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
-            app = create_app(load_config(config_path), listen_host="127.0.0.1")
-            with TestClient(app, base_url="http://127.0.0.1:8710") as client:
-                page = client.get("/apps/web")
+            page = fleet_page(fleet, tmp_path)
             banner = re.search(
                 r'<p class="banner error failed-release"[^>]*>(.*?)</p>', page.text, re.S
             )
@@ -490,11 +492,7 @@ class TestValidateFailure:
         failed = data["web"]["current_failed"]
         assert failed["after_end"] is True and list(failed["hosts"]) == [bad], failed
         assert data["web"]["current_not_live"] == [], data["web"]
-        config_path = tmp_path / "web.yaml"
-        config_path.write_text(yaml.safe_dump(fleet.config_for(fleet.watchers[0])))
-        app = create_app(load_config(config_path), listen_host="127.0.0.1")
-        with TestClient(app, base_url="http://127.0.0.1:8710") as client:
-            page = client.get("/apps/web")
+        page = fleet_page(fleet, tmp_path)
         assert "No automatic rollback: the deploy had already ended" in page.text, page.text
         text = fleet.watchers[0].ctl("history", "web", as_json=False).stdout
         assert f"failed after its end on {bad}: no automatic rollback" in text, text
