@@ -2480,14 +2480,39 @@ class AppAgent:
                 return 0
             self._own_index = (local, index)
             if index and not data:
-                # applied.json gone (a wiped `.state/`): written again from this host's own
-                # ack, so that `current` moved by hand later is said (``_say_moved_here``).
-                try:
-                    self._record_applied(deploy_id, index, local)
-                    self.log.info("applied_record_restored", deploy=deploy_id, release=local)
-                except OSError as exc:
-                    self.log.warning("applied_record_not_restored", error=str(exc))
+                self._restore_applied(deploy_id, index, local)
         return self._own_index[1]
+
+    def _restore_applied(self, deploy_id: str, index: int, local: str) -> None:
+        """applied.json gone (a wiped `.state/`) or not JSON: written again from this
+        host's own live ack of ``deploy_id``, so that `current` moved by hand from now on
+        is said (``_say_moved_here``). Under the app's lock, as every other write of it,
+        and only while the link still names ``local`` and the file is still lost (not
+        after a read error: an applied.json that names another release than the link is
+        the evidence of a hand edit). A move made while the state was gone cannot be told
+        from the watcher's own, and is taken as it is."""
+        try:
+            with self.engine.lock(owner="applied.json restore", timeout=1.0):
+                if self.engine.current_release() != local or not self._applied_lost():
+                    return
+                self._record_applied(deploy_id, index, local)
+        except (OSError, LockTimeout) as exc:
+            self.log.warning("applied_record_not_restored", error=str(exc))
+            return
+        self.log.info("applied_record_restored", deploy=deploy_id, release=local)
+
+    def _applied_lost(self) -> bool:
+        """Whether applied.json is missing or is not a JSON object; False when it cannot be
+        read for another reason (a read error says nothing of its content)."""
+        try:
+            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        except ValueError:
+            return True
+        return not isinstance(data, dict)
 
     # --- converge --------------------------------------------------------------------
 

@@ -678,3 +678,22 @@ class TestAnotherWatcherOfThisNode:
         said = a._join("D", 5)
         assert said.startswith("deploy D: expects the other watcher of node host-1"), said
         assert calls == ["bystander"]
+
+
+def test_applied_json_counts_as_lost_only_when_missing_or_not_an_object(tmp_path: Path) -> None:
+    """A wiped `.state/` gets applied.json written again from the host's own ack; a read
+    error is no reason to: the file may name another release than the link, which is
+    the evidence of a hand edit (the review of that change)."""
+    fake: Any = types.SimpleNamespace(
+        engine=types.SimpleNamespace(layout=types.SimpleNamespace(state_dir=tmp_path))
+    )
+    path = tmp_path / agent_module.APPLIED_NAME
+    assert AppAgent._applied_lost(fake) is True  # missing
+    for lost in ("not json", "[1, 2]", '"r1"', "\udcff"):
+        path.write_text(lost, errors="surrogateescape")
+        assert AppAgent._applied_lost(fake) is True, lost
+    path.write_text('{"release": "r1", "deploy": "d1", "create_index": 7}')
+    assert AppAgent._applied_lost(fake) is False
+    path.unlink()
+    path.mkdir()  # cannot be read (EISDIR): nothing said of its content
+    assert AppAgent._applied_lost(fake) is False
