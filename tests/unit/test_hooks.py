@@ -529,7 +529,7 @@ except HookError as exc:
         app = make_app(tmp_path, {"post_symlink": ((str(hook),),)})
         started = time.monotonic()
         run_hooks(app, "post_symlink", make_ctx(release_dir))
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 1.8  # under PIPE_GRACE (2 s)
         child = int((release_dir / "child.pid").read_text())
         try:
             assert pid_alive(child)
