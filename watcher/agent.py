@@ -2426,11 +2426,20 @@ class AppAgent:
         return keep
 
     def _applied_record(self) -> dict[str, Any]:
-        """``applied.json`` as written by ``_write_applied``; {} when it is missing or is
-        not a JSON object (an earlier version's, or damaged)."""
+        """``applied.json`` as written by ``_write_applied``; {} when it is missing, is not
+        a JSON object (an earlier version's, or damaged) or cannot be read."""
+        return self._read_applied() or {}
+
+    def _read_applied(self) -> dict[str, Any] | None:
+        """``applied.json``; {} when it is missing or not a JSON object, None when it cannot
+        be read for another reason (a read error says nothing of its content)."""
         try:
             data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            return None
+        except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -2493,26 +2502,13 @@ class AppAgent:
         from the watcher's own, and is taken as it is."""
         try:
             with self.engine.lock(owner="applied.json restore", timeout=1.0):
-                if self.engine.current_release() != local or not self._applied_lost():
+                if self.engine.current_release() != local or self._read_applied() != {}:
                     return
                 self._record_applied(deploy_id, index, local)
         except (OSError, LockTimeout) as exc:
             self.log.warning("applied_record_not_restored", error=str(exc))
             return
         self.log.info("applied_record_restored", deploy=deploy_id, release=local)
-
-    def _applied_lost(self) -> bool:
-        """Whether applied.json is missing or is not a JSON object; False when it cannot be
-        read for another reason (a read error says nothing of its content)."""
-        try:
-            data = json.loads((self.engine.layout.state_dir / APPLIED_NAME).read_text())
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        except ValueError:
-            return True
-        return not isinstance(data, dict)
 
     # --- converge --------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from watcher.records import (
     ABORT_ACK_STATES,
     ABORTED,
     ACKED_READY_STATES,
+    APPLIED_STATES,
     COMMIT,
     COMMITTED,
     DEPLOY_ID_RE,
@@ -1420,11 +1421,7 @@ class DeployStore:
             # Not even to establish, once the apply has ended here (live, or failed after
             # the commit): readers take an ack changed after the outcome for one written
             # after the deploy ended (``DeployView.live_after_end``).
-            if (
-                old_state == state
-                and staged is None
-                and (not establish or state in (LIVE, FAILED_AFTER_COMMIT))
-            ):
+            if old_state == state and staged is None and (not establish or state in APPLIED_STATES):
                 return Written(old, old_index, None) if old is not None else None
             if before_ready and old_state not in ("", STAGING):
                 log.info(
@@ -2057,7 +2054,7 @@ class DeployStore:
             if (
                 entry is not None
                 and ack is not None
-                and ack.state in (LIVE, FAILED_AFTER_COMMIT)
+                and ack.state in APPLIED_STATES
                 and ack.release == release
                 and 0 < ack.create_index < entry.create_index
             ):
@@ -2691,7 +2688,7 @@ def flipped_elsewhere(view: DeployView, previous: str) -> str:
     and of hosts that did not flip in it, say nothing."""
     froms: dict[str, list[str]] = {}
     for node, ack in sorted(view.nodes.items()):
-        if ack.flipped_from and ack.state in (LIVE, FAILED_AFTER_COMMIT):
+        if ack.flipped_from and ack.state in APPLIED_STATES:
             froms.setdefault(ack.flipped_from, []).append(node)
     if not froms or set(froms) == {previous}:
         return ""

@@ -2296,6 +2296,36 @@ def failed_release(
     }
 
 
+#: What a deploy in flight does to a failed release, by its decision (None: undecided).
+_IN_FLIGHT_SAYS = {
+    None: "once it commits, it moves the fleet off it",
+    COMMIT: "committed, it moves the fleet off it",
+    ABORT: "aborted; once it has ended:",
+}
+
+
+def in_flight_note(
+    failed: Mapping[str, Any], in_flight: Mapping[str, Any] | None
+) -> tuple[str, bool]:
+    """What another deploy in flight (``deploy`` of `status`) does to the release that
+    ``failed``, and whether it settles what to do (undecided or committed: it moves the
+    fleet, and a rollback would be refused while it runs); ("", False) without one. The
+    words of `status` and of the page."""
+    if not in_flight or in_flight.get("id") in (None, failed["deploy"]):
+        return "", False
+    if not in_flight.get("release"):  # an inflight that does not parse
+        return "", False
+    decided = in_flight.get("decision")
+    says = _IN_FLIGHT_SAYS.get(
+        decided, f"{decided} (its acks contradict each other); once it has ended:"
+    )
+    kind = in_flight.get("kind") or "deploy"
+    return (
+        f"{kind} {in_flight['id']} of {in_flight['release']} is in flight: {says}",
+        decided in (None, COMMIT),
+    )
+
+
 def failed_release_lines(
     failed: dict[str, Any] | None, app: str, in_flight: dict[str, Any] | None = None
 ) -> list[str]:
@@ -2328,25 +2358,10 @@ def failed_release_lines(
             "  no automatic rollback: the deploy had already ended (committed) when this "
             "validate failed"
         )
-    moving = (
-        in_flight if in_flight and in_flight.get("id") not in (None, failed["deploy"]) else None
-    )
-    if moving is not None and moving.get("release"):
-        decided = moving.get("decision")
-        lines.append(
-            f"  {moving.get('kind') or 'deploy'} {moving['id']} of {moving['release']} is in "
-            "flight: "
-            + (
-                "committed, it moves the fleet off it"
-                if decided == COMMIT
-                else "once it commits, it moves the fleet off it"
-                if not decided
-                else "aborted; once it has ended:"
-                if decided == ABORT
-                else f"{decided} (its acks contradict each other); once it has ended:"
-            )
-        )
-        if decided in (None, COMMIT):
+    note, settles = in_flight_note(failed, in_flight)
+    if note:
+        lines.append(f"  {note}")
+        if settles:
             return lines
     command = failed.get("roll_back")
     if command is None:

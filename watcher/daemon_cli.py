@@ -272,7 +272,9 @@ def config_warnings(
         warnings += _token_readable_warnings(config)
     if problem := _not_writable(Path(config.daemon.state_dir)):
         warnings.append(f"daemon.state_dir: {problem}")
-    if problems := _untrusted_state_dir(config.daemon.state_dir):
+    from watcher.releases import untrusted_path  # (only for check-config)
+
+    if problems := untrusted_path(config.daemon.state_dir):
         unsafe = "; ".join(problems)
         # Not refused as an app directory is (nothing there is run, chowned or switched
         # to, and the locks refuse a symlink), but the session the watcher reuses at its
@@ -364,13 +366,6 @@ def _state_dir_owner_hint(state_dir: str, problems: list[str]) -> str:
         f" (if the watcher runs as {user}, `User=`, that is its own: run check-config as "
         f"that user, `sudo -u {user} watcher check-config`)"
     )
-
-
-def _untrusted_state_dir(state_dir: str) -> list[str]:
-    """``untrusted_path`` of the daemon's state directory ([] if none)."""
-    from watcher.releases import untrusted_path
-
-    return untrusted_path(state_dir)
 
 
 def _untrusted_hook(argv: tuple[str, ...]) -> str:

@@ -47,13 +47,15 @@ ABORT_ACK_STATES = frozenset({FAILED, REFUSED, ABORTED})
 #: A host that failed or said no itself: what `history` and the chat message name. Not
 #: ``aborted``: that host only followed an abort another host's ack caused.
 FAILING_STATES = frozenset({FAILED, REFUSED, FAILED_AFTER_COMMIT})
+#: The end of a host's apply: it switched and said how its hooks after the switch went.
+APPLIED_STATES = frozenset({LIVE, FAILED_AFTER_COMMIT})
 NEXT_STATES: dict[str, frozenset[str]] = {
     # A quick prepare acks ready without writing staging first (one write less); a slow
     # one writes staging with its progress.
     "": frozenset({STAGING, READY, FAILED, REFUSED, ABORTED}),
     STAGING: frozenset({READY, FAILED, REFUSED, ABORTED}),
     READY: frozenset({COMMITTED, ABORTED}),
-    COMMITTED: frozenset({LIVE, FAILED_AFTER_COMMIT}),
+    COMMITTED: APPLIED_STATES,
 }
 COMMIT, ABORT = "commit", "abort"
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")

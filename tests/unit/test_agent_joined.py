@@ -688,12 +688,12 @@ def test_applied_json_counts_as_lost_only_when_missing_or_not_an_object(tmp_path
         engine=types.SimpleNamespace(layout=types.SimpleNamespace(state_dir=tmp_path))
     )
     path = tmp_path / agent_module.APPLIED_NAME
-    assert AppAgent._applied_lost(fake) is True  # missing
+    assert AppAgent._read_applied(fake) == {}  # missing
     for lost in ("not json", "[1, 2]", '"r1"', "\udcff"):
         path.write_text(lost, errors="surrogateescape")
-        assert AppAgent._applied_lost(fake) is True, lost
+        assert AppAgent._read_applied(fake) == {}, lost
     path.write_text('{"release": "r1", "deploy": "d1", "create_index": 7}')
-    assert AppAgent._applied_lost(fake) is False
+    assert AppAgent._read_applied(fake) == {"release": "r1", "deploy": "d1", "create_index": 7}
     path.unlink()
     path.mkdir()  # cannot be read (EISDIR): nothing said of its content
-    assert AppAgent._applied_lost(fake) is False
+    assert AppAgent._read_applied(fake) is None

@@ -60,6 +60,7 @@ from watcher.ctl_fleet import (
     fleet_still_on,
     held_warning,
     host_records,
+    in_flight_note,
     not_ended,
     redeploy_warning,
     rollback_request,
@@ -930,6 +931,7 @@ def create_app(config: Config, *, listen_host: str = "127.0.0.1", root_path: str
     templates.env.filters["size"] = _human_size
     templates.env.globals["allow_missing_label"] = allow_missing_label
     templates.env.globals["abort_requested_label"] = abort_requested_label
+    templates.env.globals["in_flight_note"] = in_flight_note
     templates.env.globals["committed_end"] = committed_end
     templates.env.filters["duration"] = _duration
     templates.env.filters["short_time"] = _short_time
